@@ -1,0 +1,1 @@
+"""MoLink master core: group membership, placement, scheduler, relay and the HTTP API."""

@@ -1,0 +1,299 @@
+"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+Contract
+--------
+Every body is parsed once into a typed pydantic model (unknown fields, wrong types and
+out-of-range values are 400s) and turned into :class:`~master_core.request.SamplingParams`.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with the
+status that names who is at fault (4xx: the client; 503: the group cannot serve).  Streaming
+responses are Server-Sent Events ending in ``data: [DONE]``; a client that goes away cancels
+its request (its KV cache is freed).  Request text is never logged, only lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import Engine, RequestRejected
+from .request import FinishEvent, Request, SamplingParams, TokenEvent
+
+log = logging.getLogger("molink.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status)
+
+
+# --------------------------------------------------------------------------- bodies
+
+StopField = Union[None, Annotated[str, Field(max_length=256)], Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)]]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    stop: StopField = None
+    stream: bool = False
+    stream_options: dict[Literal["include_usage"], bool] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
+
+
+class CompletionBody(_Common):
+    prompt: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: Literal[False] = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Annotated[str, Field(max_length=10_000_000)]
+    name: Annotated[str, Field(max_length=64)] | None = None
+
+
+class ChatBody(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class Api:
+    def __init__(self, engine: Engine, model_id: str) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.created = int(time.time())
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+        ]
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "molink"}
+
+    async def health(self, request: web.Request) -> web.Response:
+        g = self.engine.group
+        body = {
+            "status": "ok" if g.serving.is_set() else "unavailable",
+            "problem": g.problem,
+            "model": self.model_id,
+            "epoch": g.epoch,
+            "workers": g.describe(),
+            "running": len(self.engine.running),
+            "queued": len(self.engine.waiting),
+            "tokens_generated": self.engine.tokens_generated,
+        }
+        return web.json_response(body, status=200 if g.serving.is_set() else 503)
+
+    async def _parse(self, request: web.Request, cls: type[BaseModel]) -> Any:
+        raw = await request.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not valid UTF-8") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        try:
+            body = cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"]) or None
+            raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+        if body.model != self.model_id:
+            raise ApiError(404, f"model {body.model!r} does not exist; this group serves {self.model_id!r}", param="model", code="model_not_found")
+        return body
+
+    def _params(self, body: _Common, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        cfg = self.engine.config
+        mt = max_tokens if max_tokens is not None else cfg.default_max_tokens
+        if mt > cfg.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {mt} exceeds the limit of {cfg.max_tokens_limit}", param="max_tokens")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return SamplingParams(
+            max_tokens=mt,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=stop,
+            ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logprobs=logprobs,
+        )
+
+    def _submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        if not self.engine.group.serving.is_set() and self.engine.group.problem and "waiting" not in self.engine.group.problem:
+            raise ApiError(503, f"the group cannot serve: {self.engine.group.problem}", "service_unavailable")
+        vocab = self.engine.group.model_config.vocab_size  # type: ignore[attr-defined]
+        if any(t >= vocab for t in prompt):
+            raise ApiError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
+        try:
+            return self.engine.submit(prompt, params)
+        except RequestRejected as e:
+            raise ApiError(e.status, str(e), "invalid_request_error" if e.status < 429 else "rate_limit_error", code=e.code) from None
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body: CompletionBody = await self._parse(request, CompletionBody)
+        prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer(body.prompt)["input_ids"]
+        params = self._params(body, body.max_tokens, body.logprobs)
+        req = self._submit(list(prompt), params)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        return await self._respond(request, req, body, rid, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body: ChatBody = await self._parse(request, ChatBody)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        try:
+            text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # template errors (e.g. roles the template refuses)
+            raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
+        prompt = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        req = self._submit(list(prompt), self._params(body, max_tokens, logprobs))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await self._respond(request, req, body, rid, chat=True)
+
+    # ------------------------------------------------------------------ responses
+    def _usage(self, req: Request) -> dict:
+        p, c = len(req.prompt), len(req.output)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _logprob_entry(self, ev: TokenEvent) -> dict:
+        tok = self.engine.tokenizer.convert_ids_to_tokens(ev.token_id) if ev.token_id >= 0 else ""
+        top = [{"token": self.engine.tokenizer.convert_ids_to_tokens(i), "logprob": lp} for i, lp in (ev.top_logprobs or [])]
+        return {"token": tok, "logprob": ev.logprob, "top_logprobs": top}
+
+    async def _respond(self, request: web.Request, req: Request, body: _Common, rid: str, chat: bool) -> web.StreamResponse:
+        if body.stream:
+            return await self._stream(request, req, body, rid, chat)
+        texts: list[str] = []
+        lps: list[dict] = []
+        try:
+            while True:
+                ev = await req.events.get()
+                if isinstance(ev, FinishEvent):
+                    break
+                texts.append(ev.text)
+                if ev.logprob is not None and ev.token_id >= 0:
+                    lps.append(self._logprob_entry(ev))
+        finally:
+            self.engine.cancel(req)  # no-op when finished; frees the KV if the client left
+        if ev.reason == "error":
+            raise ApiError(503, f"the request failed in the pipeline: {ev.error}", "service_unavailable")
+        text = "".join(texts)
+        if chat:
+            choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": ev.reason}
+            choice["logprobs"] = {"content": lps} if req.params.logprobs is not None else None
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": ev.reason}
+            choice["logprobs"] = _legacy_logprobs(lps) if req.params.logprobs is not None else None
+            obj = "text_completion"
+        return web.json_response(
+            {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_id, "choices": [choice], "usage": self._usage(req)}
+        )
+
+    async def _stream(self, request: web.Request, req: Request, body: _Common, rid: str, chat: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+        include_usage = bool(body.stream_options and body.stream_options.get("include_usage"))
+
+        async def send(choice: dict | None, usage: dict | None = None) -> None:
+            payload: dict = {"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [choice] if choice else []}
+            if include_usage:
+                payload["usage"] = usage
+            await resp.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+        try:
+            if chat:
+                await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+            while True:
+                ev = await req.events.get()
+                if isinstance(ev, FinishEvent):
+                    break
+                if not ev.text and ev.logprob is None:
+                    continue
+                lp = self._logprob_entry(ev) if ev.logprob is not None and ev.token_id >= 0 else None
+                if chat:
+                    await send({"index": 0, "delta": {"content": ev.text}, "logprobs": {"content": [lp]} if lp else None, "finish_reason": None})
+                else:
+                    await send({"index": 0, "text": ev.text, "logprobs": _legacy_logprobs([lp]) if lp else None, "finish_reason": None})
+            if ev.reason == "error":
+                await resp.write(f"data: {json.dumps({'error': {'message': ev.error, 'type': 'service_unavailable', 'param': None, 'code': None}})}\n\n".encode())
+            else:
+                final = {"index": 0, "finish_reason": ev.reason, "logprobs": None}
+                final.update({"delta": {}} if chat else {"text": ""})
+                await send(final)
+                if include_usage:
+                    await send(None, self._usage(req))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            log.info("client left during request %d; cancelled", req.id)
+        finally:
+            self.engine.cancel(req)
+        return resp
+
+
+def _legacy_logprobs(entries: list[dict]) -> dict:
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": [],
+    }
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every failure becomes an OpenAI-shaped JSON error; nothing escapes as an HTML page."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPRequestEntityTooLarge:
+        return ApiError(413, "the request body is too large", code="request_too_large").response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return ApiError(e.status, e.reason or "error").response()
+    except Exception:
+        log.exception("internal error on %s", request.path)
+        return ApiError(500, "internal error", "server_error").response()

@@ -1,0 +1,52 @@
+"""The master's one typed configuration; defaults documented beside each field.
+
+Contract: built once per process (by the command line or a test) and read everywhere else;
+nothing in ``master_core`` reads ``os.environ``.  ``validate()`` raises ``ValueError`` with one
+clear line for an inconsistent configuration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    model: str = "default"  # checkpoint folder, hub id, or "default" (embedded SmolLM2-135M-Instruct)
+    host: str = "127.0.0.1"  # API, dashboard and tunnel address; loopback unless an API key is set
+    port: int = 8000  # 0 picks a free port (tests)
+    min_workers: int = 1  # serve once this many workers have joined
+    api_key: str | None = None  # required for any non-loopback host
+    max_batch_tokens: int = 512  # tokens in one pipeline step (prefill chunk budget), per micro-batch
+    max_running: int = 64  # requests decoding at once
+    max_queued: int = 256  # requests waiting beyond those; more get HTTP 429
+    max_prompt_tokens: int = 8192  # longer prompts get HTTP 400 (also bounded by the model's context)
+    max_tokens_limit: int = 4096  # largest max_tokens a client may ask for
+    default_max_tokens: int = 256  # when a request does not say
+    max_body_bytes: int = 4 * 1024 * 1024  # larger HTTP bodies get 413
+    max_kv_tokens: int = 65536  # KV cache cap per stage, in tokens
+    microbatches: int | None = None  # micro-batches in flight; None: one per stage
+    assign_timeout: float = 900.0  # seconds a worker may take to load its layers
+    heartbeat: float = 5.0  # seconds between tunnel pings
+    step_retries: int = 3  # times a request is replayed after a failed step before it fails
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} out of range")
+        if self.min_workers < 1:
+            raise ValueError("--min-workers must be at least 1")
+        if not _is_loopback(self.host) and not self.api_key:
+            raise ValueError(f"binding {self.host} exposes the API beyond this machine: set an API key (--api-key)")
+        for name in ("max_batch_tokens", "max_running", "max_queued", "max_prompt_tokens", "max_tokens_limit", "max_kv_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,302 @@
+"""The serving loop: admit requests, run micro-batches through the pipeline, sample, stream.
+
+Contract
+--------
+``Engine.submit(prompt_ids, params)`` checks limits (raising :class:`RequestRejected` with an
+HTTP-like status) and returns a :class:`~master_core.request.Request` whose ``events`` queue
+yields :class:`TokenEvent`s and one final :class:`FinishEvent`.  ``Engine.cancel`` stops a
+request; its KV cache is freed on every stage as soon as no step of it is in flight.
+
+``Engine.run()`` keeps ``slots`` micro-batch lanes busy (one per stage unless configured):
+each lane asks the scheduler (:func:`~master_core.scheduler.plan_microbatch`) for a
+micro-batch of requests not already in flight, relays it stage by stage through the tunnels
+(the master forwards activations from stage i to i+1), samples the last stage's logits, and
+folds the results back.  New requests join at the next step; finished ones leave.  When the
+group changes epoch (a worker left or joined) every running request is replayed from its
+tokens, so clients see no error; a request whose steps keep failing fails alone.  Admission
+reserves ``prompt + max_tokens`` KV tokens per running request, so a stage's budget is never
+exceeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from worker_core.wire import ProtocolError, Segment, Step
+
+from .config import MasterConfig
+from .group import Group
+from .link import LinkGone, StepFailed, WorkerLink, next_step_id
+from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
+from .sampling import sample
+from .scheduler import Candidate, Chunk, microbatch_share, plan_microbatch
+from .text import TextStream
+
+log = logging.getLogger("molink.engine")
+
+
+class RequestRejected(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class Engine:
+    def __init__(self, config: MasterConfig, group: Group, tokenizer: Any, eos_ids: set[int], context_length: int) -> None:
+        self.config = config
+        self.group = group
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.context_length = context_length
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self.in_flight: set[int] = set()
+        self._texts: dict[int, TextStream] = {}
+        self._order: dict[int, int] = {}
+        self._admitted = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.clock = time.monotonic
+        # counters for /health and the dashboard
+        self.tokens_generated = 0
+        self.requests_finished = 0
+        self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
+        group.on_reset(self._on_reset)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        if not prompt:
+            raise RequestRejected(400, "the prompt is empty")
+        if len(prompt) > self.config.max_prompt_tokens:
+            raise RequestRejected(400, f"prompt has {len(prompt)} tokens; the limit is {self.config.max_prompt_tokens}", "context_length_exceeded")
+        if len(prompt) + params.max_tokens > self.context_length:
+            raise RequestRejected(
+                400,
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.context_length}",
+                "context_length_exceeded",
+            )
+        if self.group.serving.is_set() and len(prompt) + params.max_tokens > self.group.kv_tokens:
+            raise RequestRejected(400, f"prompt + max_tokens exceeds the group's KV capacity of {self.group.kv_tokens} tokens")
+        if len(self.waiting) >= self.config.max_queued:
+            raise RequestRejected(429, "too many queued requests; retry later", "rate_limit_exceeded")
+        req = Request(prompt=list(prompt), params=params)
+        req.arrival = self.clock()
+        self._texts[req.id] = TextStream(self.tokenizer, params.stop)
+        self.waiting.append(req)
+        self._wake.set()
+        log.info("request %d queued: %d prompt tokens, max_tokens %d", req.id, len(prompt), params.max_tokens)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        if req.finished:
+            return
+        self._finish(req, RequestState.CANCELLED, "cancelled")
+
+    def _finish(self, req: Request, state: RequestState, reason: str, error: str | None = None) -> None:
+        if req.finished:
+            return
+        if req.state is RequestState.QUEUED and req in self.waiting:
+            self.waiting.remove(req)
+        req.move(state)
+        req.finish_reason = reason
+        req.finished_at = self.clock()
+        text = self._texts.pop(req.id, None)
+        tail = text.flush() if text is not None else ""
+        if tail:
+            req.events.put_nowait(TokenEvent(-1, tail))
+        req.events.put_nowait(FinishEvent(reason, error))
+        if req.id in self.running:
+            del self.running[req.id]
+            if req.id not in self.in_flight:
+                self._free_everywhere([req.id])
+        self.requests_finished += 1
+        n = len(req.output)
+        if req.first_token_at is not None:
+            self.recent.append(
+                {
+                    "at": req.finished_at,
+                    "tokens": n,
+                    "ttft": req.first_token_at - req.arrival,
+                    "tpot": (req.finished_at - req.first_token_at) / max(1, n - 1),
+                }
+            )
+        log.info("request %d %s (%s): %d tokens", req.id, state.value, reason, n)
+
+    def _free_everywhere(self, ids: list[int]) -> None:
+        for link in self.group.stages:
+            asyncio.get_running_loop().create_task(link.free(ids))
+
+    def _on_reset(self) -> None:
+        """Epoch change: every stage's KV is gone; replay running requests from their tokens."""
+        for req in self.running.values():
+            req.computed = 0
+        self._wake.set()
+
+    def _admit(self) -> None:
+        if not self.group.serving.is_set():
+            return
+        reserved = sum(r.kv_need for r in self.running.values())
+        while self.waiting and len(self.running) < self.config.max_running:
+            req = self.waiting[0]
+            if req.kv_need > self.group.kv_tokens:
+                self.waiting.popleft()
+                req.state = RequestState.QUEUED
+                self._finish(req, RequestState.FAILED, "error", f"needs {req.kv_need} KV tokens; the group holds {self.group.kv_tokens}")
+                continue
+            if reserved + req.kv_need > self.group.kv_tokens:
+                break
+            self.waiting.popleft()
+            req.move(RequestState.RUNNING)
+            self.running[req.id] = req
+            self._order[req.id] = self._admitted
+            self._admitted += 1
+            reserved += req.kv_need
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def slots(self) -> int:
+        return self.config.microbatches or max(1, len(self.group.stages))
+
+    async def run(self) -> None:
+        """Keep one lane task per micro-batch slot alive until cancelled."""
+        lanes: dict[int, asyncio.Task] = {}
+        try:
+            while True:
+                for i in range(self.slots):
+                    t = lanes.get(i)
+                    if t is not None and t.done() and not t.cancelled() and t.exception() is not None:
+                        log.error("lane %d crashed: %r", i, t.exception())
+                    if t is None or t.done():
+                        lanes[i] = asyncio.create_task(self._lane(i))
+                await asyncio.sleep(0.2)
+        finally:
+            for t in lanes.values():
+                t.cancel()
+
+    async def _lane(self, index: int) -> None:
+        while True:
+            if index >= self.slots:
+                return
+            await self.group.serving.wait()
+            self._admit()
+            epoch, stages = self.group.epoch, list(self.group.stages)
+            candidates = [
+                Candidate(r.id, r.computed, len(r.tokens), self._order[r.id])
+                for r in self.running.values()
+                if r.id not in self.in_flight
+            ]
+            chunks = plan_microbatch(
+                candidates,
+                token_budget=self.config.max_batch_tokens,
+                max_requests=microbatch_share(len(self.running), self.slots),
+            )
+            if not chunks or not stages:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            ids = [c.request_id for c in chunks]
+            self.in_flight.update(ids)
+            try:
+                logits = await self._relay(stages, epoch, chunks)
+                self._apply(epoch, chunks, logits)
+            except (LinkGone, StepFailed) as e:
+                self._step_failed(epoch, chunks, e)
+            except ProtocolError as e:  # _relay already dropped the worker that sent it
+                log.error("bad result in the pipeline: %s", e)
+                self._step_failed(epoch, chunks, e)
+            finally:
+                self.in_flight.difference_update(ids)
+                done = [i for i in ids if i not in self.running]
+                if done and self.group.epoch == epoch:
+                    self._free_everywhere(done)
+                self._wake.set()
+
+    async def _relay(self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk]) -> torch.Tensor:
+        segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
+        ids: list[int] = []
+        for c in chunks:
+            ids.extend(self.running[c.request_id].tokens[c.start : c.start + c.length])
+        x = torch.tensor(ids, dtype=torch.int64)  # [T]
+        total = len(ids)
+        for i, link in enumerate(stages):
+            result = await link.call(Step(next_step_id(), epoch, segments, x))
+            x = result.tensor  # hidden [T, hidden] or logits [n, vocab]
+            last = i == len(stages) - 1
+            expect = (sum(c.want_logits for c in chunks), self.group.model_config.vocab_size) if last else (total, self.group.model_config.hidden_size)  # type: ignore[attr-defined]
+            if tuple(x.shape) != expect or not x.is_floating_point():
+                link.close_with(f"returned {list(x.shape)} {x.dtype}, expected {list(expect)}")
+                raise ProtocolError(f"worker {link.name} returned a tensor of shape {list(x.shape)}, expected {list(expect)}")
+        return x
+
+    def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor) -> None:
+        if self.group.epoch != epoch:
+            return  # computed on a pipeline that no longer exists; the requests are replayed
+        row = 0
+        now = self.clock()
+        for c in chunks:
+            req = self.running.get(c.request_id)
+            if c.want_logits:
+                row += 1
+            if req is None or req.finished:
+                continue
+            req.computed = c.start + c.length
+            req.retries = 0
+            if not c.want_logits or req.computed < len(req.tokens):
+                continue
+            s = sample(logits[row - 1], req.params, req.generator, req.output)
+            req.tokens.append(s.token_id)
+            self.tokens_generated += 1
+            if req.first_token_at is None:
+                req.first_token_at = now
+            self._emit(req, s.token_id, s.logprob, s.top_logprobs)
+
+    def _emit(self, req: Request, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
+        p = req.params
+        is_eos = token in self.eos_ids and not p.ignore_eos
+        if is_eos or token in p.stop_token_ids:
+            req.events.put_nowait(TokenEvent(token, "", logprob, top))
+            self._finish(req, RequestState.DONE, "stop")
+            return
+        delta, stopped = self._texts[req.id].push(token)
+        req.events.put_nowait(TokenEvent(token, delta, logprob, top))
+        if stopped:
+            self._finish(req, RequestState.DONE, "stop")
+        elif len(req.output) >= p.max_tokens or len(req.tokens) >= self.context_length:
+            self._finish(req, RequestState.DONE, "length")
+
+    def _step_failed(self, epoch: int, chunks: list[Chunk], error: Exception) -> None:
+        log.warning("step failed (%s); replaying %d request(s)", error, len(chunks))
+        if self.group.epoch != epoch:
+            return  # the reset already scheduled a replay
+        for c in chunks:
+            req = self.running.get(c.request_id)
+            if req is None:
+                continue
+            req.retries += 1
+            if req.retries > self.config.step_retries:
+                self._finish(req, RequestState.FAILED, "error", f"pipeline step failed {req.retries} times: {error}")
+            else:
+                req.computed = 0  # replay from scratch: the stages' caches of it are reset by start=0
+
+    # ------------------------------------------------------------------ helpers
+    async def generate(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
+        """Run one request to the end: (token ids, text, finish reason).  For tests and tools."""
+        req = self.submit(prompt, params)
+        text = []
+        while True:
+            ev = await req.events.get()
+            if isinstance(ev, FinishEvent):
+                if ev.reason == "error":
+                    raise RuntimeError(ev.error)
+                return req.output, "".join(text), ev.reason
+            text.append(ev.text)

@@ -1,0 +1,178 @@
+"""The master's end of one worker tunnel.
+
+Contract
+--------
+A :class:`WorkerLink` wraps an accepted WebSocket whose first frame was a valid ``Hello``.
+Lifecycle (``LinkState``): ``CONNECTING -> READY -> DRAINING -> GONE`` (READY may go back to
+CONNECTING when a new assignment is being loaded; any state may go to GONE).  ``assign``
+sends an ``Assign`` and waits for the matching ``Ready``; ``call`` sends a ``Step`` and waits
+for its ``Result``.  ``run_reader`` reads frames until the tunnel ends: a malformed frame or
+an unexpected message is a :class:`~worker_core.wire.ProtocolError`, which closes this link
+(with a log line) and fails everything waiting on it with :class:`LinkGone`; nothing else in
+the process is affected.  A ``Failure`` naming a step fails that step's caller with
+:class:`StepFailed`.  Measured per link: compute seconds of the last steps, the round trip
+beyond compute, and bytes each way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from enum import Enum
+
+from aiohttp import WSMsgType, web
+
+from worker_core.wire import Assign, Failure, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
+
+log = logging.getLogger("molink.link")
+
+
+class LinkState(Enum):
+    CONNECTING = "connecting"
+    READY = "ready"
+    DRAINING = "draining"
+    GONE = "gone"
+
+
+class LinkGone(Exception):
+    """The worker's tunnel closed (or was closed for a protocol error)."""
+
+
+class StepFailed(Exception):
+    """The worker refused or failed one step; the tunnel stays up."""
+
+
+_step_ids = itertools.count(1)
+
+
+class WorkerLink:
+    def __init__(self, ws: web.WebSocketResponse, hello: Hello, peer: str, max_frame_bytes: int) -> None:
+        self.ws = ws
+        self.hello = hello
+        self.peer = peer
+        self.name = hello.name
+        self.max_frame_bytes = max_frame_bytes
+        self.state = LinkState.CONNECTING
+        self.assignment: Assign | None = None
+        self.ready: Ready | None = None
+        self.gone_reason: str | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ready_waiter: asyncio.Future | None = None
+        self._send_lock = asyncio.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.compute_seconds: deque[float] = deque(maxlen=64)  # per step, as the worker measured
+        self.overhead_seconds: deque[float] = deque(maxlen=64)  # round trip minus compute
+        self.steps = 0
+
+    def __repr__(self) -> str:
+        return f"WorkerLink({self.name!r}, {self.state.value})"
+
+    # ------------------------------------------------------------------ sending
+    async def _send(self, msg: object) -> None:
+        if self.state is LinkState.GONE:
+            raise LinkGone(f"worker {self.name} is gone: {self.gone_reason}")
+        frame = encode(msg)  # type: ignore[arg-type]
+        async with self._send_lock:
+            try:
+                await self.ws.send_bytes(frame)
+            except (ConnectionError, RuntimeError) as e:
+                self.close_with(f"send failed: {e}")
+                raise LinkGone(f"worker {self.name}: {e}") from None
+        self.bytes_sent += len(frame)
+
+    async def assign(self, assignment: Assign, timeout: float) -> Ready:
+        self.state = LinkState.CONNECTING
+        self.assignment = assignment
+        self._ready_waiter = asyncio.get_running_loop().create_future()
+        await self._send(assignment)
+        ready = await asyncio.wait_for(self._ready_waiter, timeout)
+        self.ready = ready
+        self.state = LinkState.READY
+        return ready
+
+    async def call(self, step: Step) -> Result:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[step.step_id] = fut
+        t0 = time.perf_counter()
+        try:
+            await self._send(step)
+            result: Result = await fut
+        finally:
+            self._pending.pop(step.step_id, None)
+        self.steps += 1
+        self.compute_seconds.append(result.compute_seconds)
+        self.overhead_seconds.append(max(0.0, time.perf_counter() - t0 - result.compute_seconds))
+        return result
+
+    async def free(self, request_ids: list[int]) -> None:
+        if request_ids and self.state is not LinkState.GONE:
+            try:
+                await self._send(Free(tuple(request_ids)))
+            except LinkGone:
+                pass
+
+    # ------------------------------------------------------------------ receiving
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, Result):
+            fut = self._pending.get(msg.step_id)
+            if fut is None:
+                raise ProtocolError(f"result for unknown step {msg.step_id}")
+            if not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, Ready):
+            waiter = self._ready_waiter
+            if waiter is None or self.assignment is None or msg.epoch != self.assignment.epoch:
+                raise ProtocolError(f"unexpected Ready for epoch {msg.epoch}")
+            if not waiter.done():
+                waiter.set_result(msg)
+        elif isinstance(msg, Failure):
+            fut = self._pending.get(msg.step_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(StepFailed(f"{self.name}: {msg.message}"))
+            elif self._ready_waiter is not None and not self._ready_waiter.done():
+                self._ready_waiter.set_exception(StepFailed(f"{self.name}: {msg.message}"))
+            else:
+                log.warning("worker %s reports: %s", self.name, msg.message)
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} from a worker")
+
+    async def run_reader(self) -> None:
+        try:
+            async for frame in self.ws:
+                if frame.type != WSMsgType.BINARY:
+                    if frame.type in (WSMsgType.ERROR, WSMsgType.CLOSE, WSMsgType.CLOSING):
+                        break
+                    raise ProtocolError(f"unexpected {frame.type.name} frame")
+                self.bytes_received += len(frame.data)
+                self._dispatch(decode(frame.data, self.max_frame_bytes))
+            self.close_with("tunnel closed")
+        except ProtocolError as e:
+            log.error("worker %s (%s) sent a bad frame, dropping it: %s", self.name, self.peer, e)
+            self.close_with(f"protocol error: {e}")
+            await self.ws.close(code=1002, message=b"protocol error")
+        except (ConnectionError, asyncio.CancelledError) as e:
+            self.close_with(f"connection lost: {type(e).__name__}")
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    def close_with(self, reason: str) -> None:
+        if self.state is LinkState.GONE:
+            return
+        self.state = LinkState.GONE
+        self.gone_reason = reason
+        if not self.ws.closed:
+            asyncio.get_running_loop().create_task(self.ws.close(code=1002 if "protocol" in reason else 1000))
+        err = LinkGone(f"worker {self.name}: {reason}")
+        for fut in list(self._pending.values()):
+            if not fut.done():
+                fut.set_exception(err)
+        if self._ready_waiter is not None and not self._ready_waiter.done():
+            self._ready_waiter.set_exception(err)
+
+
+def next_step_id() -> int:
+    return next(_step_ids)

@@ -1,0 +1,107 @@
+"""A generation request and its lifecycle.
+
+Contract: :class:`SamplingParams` is the checked, typed form of what a client asked for;
+:class:`Request` is one request's state as the engine sees it.  The lifecycle is
+``QUEUED -> RUNNING -> DONE | FAILED | CANCELLED`` (``RUNNING -> QUEUED`` when its KV cache is
+dropped and it must be recomputed); :meth:`Request.move` is the only way to change it and
+refuses any other transition.  ``tokens`` is prompt + output; ``computed`` counts the leading
+tokens whose KV cache every stage holds, so the next input is ``tokens[computed:]``: a long
+run of it is a prefill, one token is a decode step.  Knows nothing about I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+class RequestState(Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+_ALLOWED = {
+    RequestState.QUEUED: {RequestState.RUNNING, RequestState.FAILED, RequestState.CANCELLED},
+    RequestState.RUNNING: {RequestState.QUEUED, RequestState.DONE, RequestState.FAILED, RequestState.CANCELLED},
+}
+FINAL = frozenset({RequestState.DONE, RequestState.FAILED, RequestState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16  # new tokens at most
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus mass kept, (0, 1]
+    seed: int | None = None  # same seed + same prompt -> same tokens
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides EOS
+    ignore_eos: bool = False  # keep going past EOS (benchmarks, tests)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the top N
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # text that became final with this token (may be "")
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" | "length" | "error" | "cancelled"
+    error: str | None = None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)  # prompt + output
+    computed: int = 0  # leading tokens whose KV every stage holds
+    state: RequestState = RequestState.QUEUED
+    finish_reason: str | None = None
+    retries: int = 0
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    arrival: float = 0.0  # seconds (engine clock)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed)
+        else:
+            self.generator.seed()
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt) :]
+
+    @property
+    def kv_need(self) -> int:
+        """Tokens of KV this request may hold at most (its reservation)."""
+        return len(self.prompt) + self.params.max_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL
+
+    def move(self, to: RequestState) -> None:
+        if to not in _ALLOWED.get(self.state, ()):
+            raise RuntimeError(f"request {self.id}: illegal transition {self.state.value} -> {to.value}")
+        self.state = to

@@ -1,0 +1,141 @@
+"""The master process: one aiohttp server on one port for worker tunnels and the HTTP API.
+
+Contract
+--------
+``Master(config)``; ``await start()`` resolves the model (folder, hub id or the embedded
+default), loads its tokenizer and config (never its weights: workers hold those), and
+listens on ``config.host:config.port`` (``port`` 0 picks a free one; ``master.port`` tells).
+Workers dial ``ws://HOST:PORT/v1/tunnel``; the first frame must be a ``Hello`` within
+``HELLO_TIMEOUT`` seconds, or the connection is closed.  ``await stop()`` closes tunnels
+and the listener.  The model's weights never pass through this process in this version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiohttp import WSMsgType, web
+
+from worker_core import model_source
+from worker_core.shard import load_config
+from worker_core.wire import Hello, ProtocolError, decode, frame_bound
+
+from .api import Api, error_middleware
+from .config import MasterConfig
+from .engine import Engine
+from .group import Group
+from .link import WorkerLink
+
+log = logging.getLogger("molink.master")
+
+HELLO_TIMEOUT = 10.0  # seconds
+
+
+def load_tokenizer(folder: Path):  # -> PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def eos_token_ids(folder: Path, tokenizer) -> set[int]:
+    """Every token id that ends generation: tokenizer EOS plus generation_config's list."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(folder)
+        eos = gen.eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    except OSError:
+        pass
+    return ids
+
+
+class Master:
+    def __init__(self, config: MasterConfig) -> None:
+        config.validate()
+        self.config = config
+        self.port = config.port
+        self._runner: web.AppRunner | None = None
+        self._engine_task: asyncio.Task | None = None
+        self._handlers: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        cfg = self.config
+        folder = await asyncio.to_thread(model_source.resolve, cfg.model)
+        self.folder = folder
+        self.model_id = model_source.display_name(cfg.model, folder)
+        model_config = await asyncio.to_thread(load_config, folder)
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, folder)
+        # workers resolve the same source themselves: the default model from their own package,
+        # a folder by path (same machine or shared disk), a hub id from the hub.
+        ref = cfg.model if cfg.model == model_source.DEFAULT else str(folder)
+        self.group = Group(cfg, ref, model_config)
+        context = int(getattr(model_config, "max_position_embeddings", 2048) or 2048)
+        self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), context)
+        self.max_frame = frame_bound(cfg.max_batch_tokens, model_config.hidden_size, model_config.vocab_size)
+        self.api = Api(self.engine, self.model_id)
+
+        app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[error_middleware])
+        app.add_routes([web.get("/v1/tunnel", self._tunnel), *self.api.routes()])
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._engine_task = asyncio.create_task(self.engine.run())
+        log.info("master for %s listening on http://%s:%d (%d layers; waiting for %d worker(s))", self.model_id, cfg.host, self.port, self.group.num_layers, cfg.min_workers)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=self.config.heartbeat)
+        await ws.prepare(request)
+        peer = request.remote or "?"
+        try:
+            frame = await ws.receive(timeout=HELLO_TIMEOUT)
+            if frame.type != WSMsgType.BINARY:
+                raise ProtocolError(f"expected Hello, got a {frame.type.name} frame")
+            hello = decode(frame.data, self.max_frame)
+            if not isinstance(hello, Hello):
+                raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
+        except (ProtocolError, asyncio.TimeoutError) as e:
+            log.error("tunnel from %s refused: %s", peer, e or "no Hello in time")
+            await ws.close(code=1002, message=b"protocol error")
+            return ws
+        link = WorkerLink(ws, hello, peer, self.max_frame)
+        self.group.add(link)
+        try:
+            await link.run_reader()
+        finally:
+            link.close_with(link.gone_reason or "tunnel closed")
+            self.group.remove(link)
+        return ws
+
+    async def wait_serving(self, timeout: float) -> None:
+        await asyncio.wait_for(self.group.serving.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._engine_task:
+            self._engine_task.cancel()
+        for link in list(self.group.links):
+            await link.ws.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+
+async def run_master(config: MasterConfig, started: asyncio.Event | None = None) -> None:
+    master = Master(config)
+    await master.start()
+    if started is not None:
+        started.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await master.stop()

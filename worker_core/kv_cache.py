@@ -1,0 +1,148 @@
+"""Per-request KV caches of one stage, and the packed view a mixed micro-batch attends through.
+
+Contract
+--------
+* :class:`KVStore` owns, for every live request, one key and one value buffer per local layer
+  (``[kv_heads, capacity, head_dim]``, grown by doubling).  It knows the committed length of
+  each request and the total number of cached tokens, which never exceeds ``budget_tokens``.
+* :class:`PackedCache` is built for one step.  The step's tokens of all its segments are
+  packed into one sequence of T tokens (batch size 1); transformers' attention modules call
+  :meth:`PackedCache.update` once per layer with the new keys/values ``[1, kv_heads, T, d]``.
+  It appends each segment's slice to its request's buffers and returns the keys/values of all
+  segments' requests, concatenated in segment order: ``[1, kv_heads, sum(L_i), d]`` with
+  ``L_i = start_i + length_i``.  :func:`packed_mask` gives the matching block-diagonal causal
+  mask, so no token ever sees another request's keys.
+* Lengths are committed only by :meth:`PackedCache.commit` after every layer ran, so a step
+  that fails midway leaves the committed state as it was (its partial writes lie beyond the
+  committed lengths and are overwritten next time).
+* Knows nothing about models, the network or the master.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class KVBudgetExceeded(Exception):
+    """A step would hold more cached tokens than the stage's budget."""
+
+
+@dataclass
+class RequestKV:
+    """KV buffers of one request on this stage."""
+
+    length: int = 0  # committed tokens
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [kv_heads, cap, d]
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v ([kv_heads, n, d]) at positions [start, start+n); return views of
+        positions [0, start+n)."""
+        end = start + k.shape[1]
+        kb, vb = self.keys.get(layer), self.values.get(layer)
+        if kb is None or kb.shape[1] < end:
+            cap = max(16, end, 2 * (kb.shape[1] if kb is not None else 0))
+            nk = k.new_empty((k.shape[0], cap, k.shape[2]))
+            nv = v.new_empty((v.shape[0], cap, v.shape[2]))
+            if kb is not None and start:
+                nk[:, :start] = kb[:, :start]
+                nv[:, :start] = vb[:, :start]  # type: ignore[index]
+            self.keys[layer], self.values[layer] = kb, vb = nk, nv
+        kb[:, start:end] = k
+        vb[:, start:end] = v  # type: ignore[index]
+        return kb[:, :end], vb[:, :end]  # type: ignore[index]
+
+
+class KVStore:
+    """All requests' caches on one stage, within a token budget."""
+
+    def __init__(self, budget_tokens: int) -> None:
+        self.budget_tokens = budget_tokens
+        self._requests: dict[int, RequestKV] = {}
+
+    def length(self, request_id: int) -> int:
+        r = self._requests.get(request_id)
+        return r.length if r is not None else 0
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(r.length for r in self._requests.values())
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def get_or_create(self, request_id: int) -> RequestKV:
+        r = self._requests.get(request_id)
+        if r is None:
+            r = self._requests[request_id] = RequestKV()
+        return r
+
+    def free(self, request_ids: tuple[int, ...] | list[int]) -> None:
+        for rid in request_ids:
+            self._requests.pop(rid, None)
+
+    def clear(self) -> None:
+        self._requests.clear()
+
+
+@dataclass(frozen=True)
+class PackedSegment:
+    request: RequestKV
+    start: int  # position of the first new token
+    offset: int  # index of the first new token in the packed sequence
+    length: int
+
+
+class PackedCache:
+    """The cache object handed to transformers' layers for one packed step."""
+
+    def __init__(self, segments: list[PackedSegment]) -> None:
+        self.segments = segments
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states, value_states: [1, kv_heads, T, d]
+        ks, vs = [], []
+        for s in self.segments:
+            k, v = s.request.write(
+                layer_idx,
+                s.start,
+                key_states[0, :, s.offset : s.offset + s.length],
+                value_states[0, :, s.offset : s.offset + s.length],
+            )
+            ks.append(k)
+            vs.append(v)
+        if len(ks) == 1:
+            return ks[0].unsqueeze(0), vs[0].unsqueeze(0)
+        return torch.cat(ks, dim=1).unsqueeze(0), torch.cat(vs, dim=1).unsqueeze(0)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # for code that asks; packed: total keys
+        return sum(s.start + s.length for s in self.segments)
+
+    def commit(self) -> None:
+        for s in self.segments:
+            s.request.length = s.start + s.length
+
+
+def packed_mask(
+    starts: list[int], lengths: list[int], window: int | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive attention mask [1, 1, T, sum(start+length)] for a packed step: token j of
+    segment i (position starts[i]+j) sees positions 0..starts[i]+j of its own request only,
+    and with a sliding ``window`` only the last ``window`` of those (itself included)."""
+    total_q = sum(lengths)
+    total_k = sum(s + n for s, n in zip(starts, lengths))
+    mask = torch.full((total_q, total_k), torch.finfo(dtype).min, dtype=dtype, device=device)
+    q0 = k0 = 0
+    for s, n in zip(starts, lengths):
+        qpos = torch.arange(s, s + n, device=device).unsqueeze(1)
+        kpos = torch.arange(s + n, device=device).unsqueeze(0)
+        allowed = kpos <= qpos
+        if window is not None:
+            allowed &= kpos > qpos - window
+        mask[q0 : q0 + n, k0 : k0 + s + n].masked_fill_(allowed, 0.0)
+        q0 += n
+        k0 += s + n
+    return mask.view(1, 1, total_q, total_k)

@@ -1,0 +1,55 @@
+"""Turn a model source string into a local checkpoint folder.
+
+Contract: ``resolve(src)`` accepts
+* ``default``: the embedded SmolLM2-135M-Instruct, converted once into the user cache;
+* a path to a folder holding ``config.json`` and safetensors weights;
+* a Hugging Face hub id ``owner/name``: downloaded (config, tokenizer, safetensors only) with
+  ``huggingface_hub`` where the machine is online, or taken from its local hub cache.
+It returns an absolute folder path, or raises :class:`ModelSourceError` with one clear line.
+``display_name(src, folder)`` is the model id the API reports.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DEFAULT = "default"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be turned into a checkpoint folder."""
+
+
+def resolve(src: str) -> Path:
+    if src == DEFAULT:
+        from .default_model import ensure_default_model
+
+        return ensure_default_model()
+    path = Path(src).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            raise ModelSourceError(f"{path}: a GGUF file is not a servable source yet; give a safetensors checkpoint folder")
+        if not (path / "config.json").exists():
+            raise ModelSourceError(f"{path}: not a checkpoint folder (no config.json)")
+        return path.resolve()
+    if _HUB_ID.match(src):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(src, allow_patterns=_HUB_PATTERNS))
+        except Exception as e:  # offline, unknown repo, gated model ...
+            raise ModelSourceError(f"cannot fetch {src!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    raise ModelSourceError(f"{src!r} is neither 'default', an existing folder, nor a hub id like owner/name")
+
+
+def display_name(src: str, folder: Path) -> str:
+    if src == DEFAULT:
+        from .default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    if _HUB_ID.match(src) and not Path(src).expanduser().exists():
+        return src
+    return folder.name

@@ -1,0 +1,204 @@
+"""Load one contiguous range of decoder layers of a Hugging Face checkpoint, and nothing more.
+
+Contract
+--------
+``load_shard(folder, start, end, device, dtype)`` returns a :class:`Shard` holding decoder
+layers ``[start, end)`` (renumbered from 0, so each shard has its own cache indices), the input
+embeddings when ``start == 0``, the final norm and LM head when ``end == num_layers``, and the
+rotary embedding.  The skeleton is built on the ``meta`` device and only the tensors of the
+range are read from the safetensors files (``safe_open``), so a stage's memory is its share of
+the checkpoint.  Tied embeddings (no ``lm_head.weight`` in the file) are read from the input
+embedding's tensor.  Any tensor the range needs but the checkpoint lacks is a clear
+:class:`ShardError`.  The model's own classes (from ``transformers``) do the maths.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+log = logging.getLogger("molink.shard")
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class ShardError(Exception):
+    """The checkpoint cannot provide the requested layer range."""
+
+
+@dataclass
+class Shard:
+    config: object  # transformers PretrainedConfig of the whole model
+    layer_start: int
+    layer_end: int
+    num_layers: int
+    embed: nn.Module | None  # first stage only
+    layers: nn.ModuleList  # local index i is global layer layer_start + i
+    windows: list[int | None]  # sliding window of each local layer (None: full attention)
+    rotary: nn.Module | None
+    norm: nn.Module | None  # last stage only
+    lm_head: nn.Module | None  # last stage only
+    device: torch.device
+    dtype: torch.dtype
+    weight_bytes: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.layer_start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layer_end == self.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)  # type: ignore[attr-defined]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)  # type: ignore[attr-defined]
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Map every tensor name of a safetensors checkpoint (single file or sharded) to its file."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / fname for name, fname in weight_map.items()}
+    single = folder / WEIGHTS_NAME
+    if not single.exists():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise ShardError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (found: {', '.join(found[:10]) or 'nothing'})")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_config(folder: Path) -> object:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _decoder(model: nn.Module) -> tuple[nn.Module, str, str]:
+    """The base model, its attribute path, and the attribute name of its layer list."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    base = getattr(model, prefix, None)
+    if base is None:
+        raise ShardError(f"{type(model).__name__}: no base model at {prefix!r}")
+    n = model.config.num_hidden_layers
+    for attr in ("layers", "h", "blocks"):
+        lst = getattr(base, attr, None)
+        if isinstance(lst, nn.ModuleList) and len(lst) == n:
+            return base, prefix, attr
+    raise ShardError(f"{type(model).__name__}: cannot find its list of {n} decoder layers")
+
+
+def _layer_window(config: object, layer: nn.Module, global_idx: int) -> int | None:
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        return window if layer_types[global_idx] == "sliding_attention" else None
+    return window
+
+
+def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: torch.dtype) -> Shard:
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(folder)
+    num_layers = int(config.num_hidden_layers)  # type: ignore[attr-defined]
+    if not 0 <= start < end <= num_layers:
+        raise ShardError(f"layer range [{start}, {end}) outside a model of {num_layers} layers")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    base, prefix, layers_attr = _decoder(model)
+    all_layers = getattr(base, layers_attr)
+    windows = [_layer_window(config, all_layers[g], g) for g in range(start, end)]
+    kept = nn.ModuleList(all_layers[start:end])
+    for local, layer in enumerate(kept):
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = local
+    setattr(base, layers_attr, kept)
+
+    is_first, is_last = start == 0, end == num_layers
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    norm = getattr(base, "norm", None)
+    if not is_first:
+        _detach(model, embed_name)
+    if not is_last:
+        if head_name:
+            _detach(model, head_name)
+        if norm is not None:
+            _detach(model, f"{prefix}.norm")
+
+    # Which checkpoint tensor fills which local parameter.
+    files = checkpoint_files(folder)
+    layer_re = re.compile(rf"^{re.escape(prefix)}\.{layers_attr}\.(\d+)\.(.*)$")
+    wanted: dict[str, str] = {}
+    for local_name in model.state_dict().keys():
+        m = layer_re.match(local_name)
+        src = f"{prefix}.{layers_attr}.{int(m.group(1)) + start}.{m.group(2)}" if m else local_name
+        wanted[local_name] = src
+    if head_name and is_last and f"{head_name}.weight" in wanted and wanted[f"{head_name}.weight"] not in files:
+        wanted[f"{head_name}.weight"] = f"{embed_name}.weight"  # tied embeddings
+    missing = [src for src in wanted.values() if src not in files]
+    if missing:
+        raise ShardError(f"checkpoint {folder} lacks {len(missing)} tensors of layers [{start}, {end}), e.g. {missing[:3]}")
+
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for local_name, src in wanted.items():
+        by_file.setdefault(files[src], []).append((local_name, src))
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for local_name, src in names:
+                state[local_name] = f.get_tensor(src).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:
+        rotary = type(rotary)(config=config).to(device)  # buffers were on meta; rebuild them
+        base.rotary_emb = rotary
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise ShardError(f"{type(model).__name__}: tensors left unloaded: {leftovers[:5]}")
+    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    log.info("loaded layers [%d, %d) of %d from %s: %.1f MB", start, end, num_layers, folder, weight_bytes / 1e6)
+    return Shard(
+        config=config,
+        layer_start=start,
+        layer_end=end,
+        num_layers=num_layers,
+        embed=embed if is_first else None,
+        layers=kept,
+        windows=windows,
+        rotary=rotary,
+        norm=norm if is_last else None,
+        lm_head=head if is_last else None,
+        device=device,
+        dtype=dtype,
+        weight_bytes=weight_bytes,
+    )
+
+
+def _detach(model: nn.Module, dotted: str) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, None)

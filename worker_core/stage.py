@@ -1,0 +1,124 @@
+"""Run steps of one pipeline stage: a packed micro-batch in, hidden states or logits out.
+
+Contract
+--------
+``StageRunner(shard, kv_tokens, max_batch_tokens).run(segments, tensor)`` executes one step.
+The step packs segments of different requests (prefill chunks and single decode tokens,
+each at its own positions) into one sequence and runs one forward over the stage's layers,
+each request attending only to its own KV cache (see :mod:`worker_core.kv_cache`).
+
+* input: token ids ``[T] int64`` on the first stage, hidden states ``[T, hidden]`` elsewhere.
+* output: hidden states ``[T, hidden]``, or on the last stage float32 logits
+  ``[segments wanting logits, vocab]`` (the last token of each such segment).
+
+Every segment must continue its request exactly where the stage's cache ends
+(``start == cached length``); a request starting at 0 replaces any old cache of that id.
+Checks run before any state changes; a rejected step raises :class:`StepRejected` and
+leaves all caches as they were.  ``free`` drops requests' caches.  Not thread-safe: one
+caller runs steps in order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .kv_cache import KVStore, PackedCache, PackedSegment, packed_mask
+from .shard import Shard
+from .wire import Segment
+
+
+class StepRejected(Exception):
+    """The step does not fit this stage's state (unknown position, budget, shape)."""
+
+
+class StageRunner:
+    def __init__(self, shard: Shard, kv_tokens: int, max_batch_tokens: int) -> None:
+        self.shard = shard
+        self.kv = KVStore(kv_tokens)
+        self.max_batch_tokens = max_batch_tokens
+        self.last_compute_seconds = 0.0
+
+    # ----------------------------------------------------------------- checks
+    def _check(self, segments: tuple[Segment, ...], tensor: torch.Tensor) -> int:
+        sh = self.shard
+        total = sum(s.length for s in segments)
+        if total > self.max_batch_tokens:
+            raise StepRejected(f"step of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
+        if sh.is_first:
+            if tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.shape[0] != total:
+                raise StepRejected(f"first stage expects token ids [{total}] int64, got {list(tensor.shape)} {tensor.dtype}")
+            if total and (int(tensor.min()) < 0 or int(tensor.max()) >= sh.vocab_size):
+                raise StepRejected("token id outside the vocabulary")
+        else:
+            if not tensor.is_floating_point() or tensor.dim() != 2 or tuple(tensor.shape) != (total, sh.hidden_size):
+                raise StepRejected(f"expects hidden states [{total}, {sh.hidden_size}], got {list(tensor.shape)} {tensor.dtype}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise StepRejected("hidden states contain NaN or infinity")
+        added = 0
+        for s in segments:
+            have = self.kv.length(s.request_id)
+            if s.start != 0 and s.start != have:
+                raise StepRejected(f"request {s.request_id}: step starts at {s.start} but this stage holds {have} tokens")
+            added += s.start + s.length - (have if s.start else 0)
+        if self.kv.used_tokens + added > self.kv.budget_tokens:
+            raise StepRejected(f"KV budget of {self.kv.budget_tokens} tokens exceeded (in use {self.kv.used_tokens}, step adds {added})")
+        return total
+
+    # ----------------------------------------------------------------- the step
+    @torch.inference_mode()
+    def run(self, segments: tuple[Segment, ...], tensor: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        sh = self.shard
+        self._check(segments, tensor)
+        for s in segments:
+            if s.start == 0:
+                self.kv.free([s.request_id])
+        packed, offset = [], 0
+        for s in segments:
+            packed.append(PackedSegment(self.kv.get_or_create(s.request_id), s.start, offset, s.length))
+            offset += s.length
+        cache = PackedCache(packed)
+
+        x = tensor.to(sh.device)
+        if sh.is_first:
+            hidden = sh.embed(x).unsqueeze(0)  # type: ignore[misc]  # [1, T, hidden]
+        else:
+            hidden = x.to(sh.dtype).unsqueeze(0)
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
+        pos_emb = sh.rotary(hidden, positions) if sh.rotary is not None else None
+        starts, lengths = [s.start for s in segments], [s.length for s in segments]
+        masks: dict[int | None, torch.Tensor] = {}
+        for layer, window in zip(sh.layers, sh.windows):
+            if window not in masks:
+                masks[window] = packed_mask(starts, lengths, window, sh.dtype, sh.device)
+            out = layer(
+                hidden,
+                attention_mask=masks[window],
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                position_embeddings=pos_emb,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
+        cache.commit()
+
+        hidden = hidden[0]  # [T, hidden]
+        if sh.is_last:
+            ends, end = [], 0
+            for s in segments:
+                end += s.length
+                if s.want_logits:
+                    ends.append(end - 1)
+            rows = hidden[torch.tensor(ends, dtype=torch.long, device=sh.device)]
+            result = sh.lm_head(sh.norm(rows)).float()  # type: ignore[misc]  # [n, vocab]
+        else:
+            result = hidden
+        if sh.device.type == "cuda":
+            torch.cuda.synchronize(sh.device)
+        self.last_compute_seconds = time.perf_counter() - t0
+        return result.cpu()
+
+    def free(self, request_ids: tuple[int, ...]) -> None:
+        self.kv.free(request_ids)

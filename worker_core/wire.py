@@ -1,0 +1,360 @@
+"""The MoLink wire protocol: every message that crosses a worker tunnel, and nothing else.
+
+Contract
+--------
+* One binary frame per message::
+
+      b"MLK" | version: u8 | kind: u8 | header_len: u32 (big endian) | header | payload
+
+  ``header`` is UTF-8 JSON (at most ``MAX_HEADER_BYTES``) holding the message's fields;
+  ``payload`` is the raw bytes of at most one tensor, described in the header by
+  ``{"dtype": str, "shape": [int, ...]}``.  Tensors are rebuilt with ``torch.frombuffer``:
+  network bytes are never unpickled or ``torch.load``-ed.
+* :func:`decode` parses a frame into one of the typed message classes below, checking every
+  field (types, ranges, lengths, dtype, shape against byte length, the frame size limit).  Any
+  defect raises :class:`ProtocolError`; the caller closes that one connection.  ``assert`` is
+  never used for validation.
+* :func:`encode` is its inverse.  ``decode(encode(m)) == m`` for every valid message.
+* Semantic checks that need state (is this request id known? is this the right hidden size?)
+  belong to the receiver, which also answers with :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Union
+
+import torch
+
+PROTOCOL_VERSION = 1
+MAGIC = b"MLK"
+_PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
+
+MAX_HEADER_BYTES = 256 * 1024
+MAX_FRAME_BYTES = 1 << 30  # absolute ceiling; connections use a tighter computed bound
+MAX_TENSOR_DIMS = 4
+MAX_SEGMENTS = 4096
+MAX_NAME_CHARS = 128
+MAX_POSITION = 1 << 24  # tokens; no real context is longer
+MAX_ID = (1 << 63) - 1
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+class ProtocolError(Exception):
+    """A peer sent a frame that breaks this protocol; drop that peer, nothing else."""
+
+
+class Kind(IntEnum):
+    HELLO = 1
+    ASSIGN = 2
+    READY = 3
+    STEP = 4
+    RESULT = 5
+    FREE = 6
+    FAILURE = 7
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Hello:
+    """worker -> master, first frame: who I am and what I can hold."""
+
+    name: str
+    device: str  # "cpu" | "cuda:0" ...
+    device_name: str  # human readable, e.g. "NVIDIA GeForce RTX 3080" or the CPU model
+    total_memory: int  # bytes usable for weights + KV on the device
+    free_memory: int  # bytes free now
+    dtype: str  # compute dtype the worker will use, one of DTYPES
+
+
+@dataclass(frozen=True)
+class Assign:
+    """master -> worker: load decoder layers [layer_start, layer_end) of ``model``."""
+
+    epoch: int  # placement generation; steps of older epochs are refused
+    model: str  # checkpoint folder the worker can read
+    layer_start: int
+    layer_end: int
+    num_layers: int  # layers in the whole model
+    max_batch_tokens: int  # upper bound on tokens in one step
+    kv_tokens: int  # KV cache budget of this stage, in tokens over all requests
+
+
+@dataclass(frozen=True)
+class Ready:
+    """worker -> master: the assignment of ``epoch`` is loaded."""
+
+    epoch: int
+    hidden_size: int
+    vocab_size: int
+    load_seconds: float
+    weight_bytes: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens ``[start, start + length)`` of one request inside a step."""
+
+    request_id: int
+    start: int  # position of the first token of this segment
+    length: int
+    want_logits: bool  # last stage: return logits of the segment's last token
+
+
+@dataclass(frozen=True)
+class Step:
+    """master -> worker: run these segments.  tensor: token ids [T] int64 on the first stage,
+    hidden states [T, hidden] elsewhere (T = sum of segment lengths)."""
+
+    step_id: int
+    epoch: int
+    segments: tuple[Segment, ...]
+    tensor: torch.Tensor = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Result:
+    """worker -> master: output of ``step_id``.  tensor: hidden [T, hidden] or, on the last
+    stage, logits [number of segments wanting logits, vocab]."""
+
+    step_id: int
+    epoch: int
+    compute_seconds: float
+    tensor: torch.Tensor = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Free:
+    """master -> worker: drop the KV cache of these requests (unknown ids are ignored)."""
+
+    request_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """either way: a request-level or step-level failure the peer should know about."""
+
+    message: str
+    step_id: int = -1
+
+
+Message = Union[Hello, Assign, Ready, Step, Result, Free, Failure]
+
+
+# --------------------------------------------------------------------------- field parsing
+
+
+def _int(h: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_ID) -> int:
+    v = h.get(key)
+    if type(v) is not int or not lo <= v <= hi:
+        raise ProtocolError(f"field {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _float(h: dict[str, Any], key: str) -> float:
+    v = h.get(key)
+    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+        raise ProtocolError(f"field {key!r} must be a finite non-negative number, got {v!r}")
+    return float(v)
+
+
+def _str(h: dict[str, Any], key: str, max_chars: int = MAX_NAME_CHARS) -> str:
+    v = h.get(key)
+    if type(v) is not str or len(v) > max_chars:
+        raise ProtocolError(f"field {key!r} must be a string of at most {max_chars} chars")
+    return v
+
+
+def _bool(h: dict[str, Any], key: str) -> bool:
+    v = h.get(key)
+    if type(v) is not bool:
+        raise ProtocolError(f"field {key!r} must be a boolean")
+    return v
+
+
+def _dtype_name(h: dict[str, Any], key: str) -> str:
+    v = _str(h, key)
+    if v not in DTYPES:
+        raise ProtocolError(f"field {key!r}: unsupported dtype {v!r}")
+    return v
+
+
+def _segments(h: dict[str, Any]) -> tuple[Segment, ...]:
+    raw = h.get("segments")
+    if type(raw) is not list or not 1 <= len(raw) <= MAX_SEGMENTS:
+        raise ProtocolError(f"'segments' must be a list of 1..{MAX_SEGMENTS} entries")
+    out = []
+    seen: set[int] = set()
+    for s in raw:
+        if type(s) is not dict:
+            raise ProtocolError("a segment must be an object")
+        seg = Segment(
+            request_id=_int(s, "request_id"),
+            start=_int(s, "start", 0, MAX_POSITION),
+            length=_int(s, "length", 1, MAX_POSITION),
+            want_logits=_bool(s, "want_logits"),
+        )
+        if seg.request_id in seen:
+            raise ProtocolError(f"request {seg.request_id} appears twice in one step")
+        seen.add(seg.request_id)
+        out.append(seg)
+    return tuple(out)
+
+
+def _tensor_from(h: dict[str, Any], payload: memoryview) -> torch.Tensor:
+    spec = h.get("tensor")
+    if type(spec) is not dict:
+        raise ProtocolError("missing tensor description")
+    dtype = DTYPES[_dtype_name(spec, "dtype")]
+    shape = spec.get("shape")
+    if (
+        type(shape) is not list
+        or not 1 <= len(shape) <= MAX_TENSOR_DIMS
+        or any(type(d) is not int or not 0 <= d <= MAX_FRAME_BYTES for d in shape)
+    ):
+        raise ProtocolError(f"bad tensor shape {shape!r}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes != len(payload):
+        raise ProtocolError(f"tensor {shape} {spec['dtype']} needs {nbytes} bytes, frame has {len(payload)}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(payload), dtype=dtype).reshape(shape)
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
+    if t.dtype not in DTYPE_NAMES:
+        raise ValueError(f"cannot send dtype {t.dtype}")
+    t = t.detach().contiguous().cpu()
+    spec = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
+    return spec, t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize one message to one frame."""
+    payload = b""
+    if isinstance(msg, Hello):
+        kind, h = Kind.HELLO, {k: getattr(msg, k) for k in ("name", "device", "device_name", "total_memory", "free_memory", "dtype")}
+    elif isinstance(msg, Assign):
+        kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens")}
+    elif isinstance(msg, Ready):
+        kind, h = Kind.READY, {k: getattr(msg, k) for k in ("epoch", "hidden_size", "vocab_size", "load_seconds", "weight_bytes")}
+    elif isinstance(msg, Step):
+        spec, payload = _tensor_bytes(msg.tensor)
+        segs = [{"request_id": s.request_id, "start": s.start, "length": s.length, "want_logits": s.want_logits} for s in msg.segments]
+        kind, h = Kind.STEP, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs, "tensor": spec}
+    elif isinstance(msg, Result):
+        spec, payload = _tensor_bytes(msg.tensor)
+        kind, h = Kind.RESULT, {"step_id": msg.step_id, "epoch": msg.epoch, "compute_seconds": msg.compute_seconds, "tensor": spec}
+    elif isinstance(msg, Free):
+        kind, h = Kind.FREE, {"request_ids": list(msg.request_ids)}
+    elif isinstance(msg, Failure):
+        kind, h = Kind.FAILURE, {"message": msg.message, "step_id": msg.step_id}
+    else:
+        raise TypeError(f"not a wire message: {type(msg).__name__}")
+    header = json.dumps(h, separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER_BYTES:
+        raise ValueError("header too large")
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, len(header)) + header + payload
+
+
+def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
+    """Parse and check one frame; raise :class:`ProtocolError` on any defect."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError("expected a binary frame")
+    view = memoryview(frame)
+    if len(view) > max_frame_bytes:
+        raise ProtocolError(f"frame of {len(view)} bytes exceeds the limit of {max_frame_bytes}")
+    if len(view) < _PREFIX.size:
+        raise ProtocolError("frame shorter than its prefix")
+    magic, version, kind_raw, hlen = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise ProtocolError("bad magic: not a MoLink frame")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} unsupported (this side speaks {PROTOCOL_VERSION})")
+    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(view):
+        raise ProtocolError("bad header length")
+    try:
+        kind = Kind(kind_raw)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind_raw}") from None
+    try:
+        h = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"header is not valid JSON: {e}") from None
+    if type(h) is not dict:
+        raise ProtocolError("header must be a JSON object")
+    payload = view[_PREFIX.size + hlen :]
+    if kind not in (Kind.STEP, Kind.RESULT) and len(payload):
+        raise ProtocolError(f"{kind.name} carries no payload")
+
+    if kind is Kind.HELLO:
+        return Hello(
+            name=_str(h, "name"),
+            device=_str(h, "device"),
+            device_name=_str(h, "device_name", 256),
+            total_memory=_int(h, "total_memory"),
+            free_memory=_int(h, "free_memory"),
+            dtype=_dtype_name(h, "dtype"),
+        )
+    if kind is Kind.ASSIGN:
+        a = Assign(
+            epoch=_int(h, "epoch"),
+            model=_str(h, "model", 4096),
+            layer_start=_int(h, "layer_start", 0, 1 << 16),
+            layer_end=_int(h, "layer_end", 1, 1 << 16),
+            num_layers=_int(h, "num_layers", 1, 1 << 16),
+            max_batch_tokens=_int(h, "max_batch_tokens", 1, MAX_POSITION),
+            kv_tokens=_int(h, "kv_tokens", 1, MAX_ID),
+        )
+        if not a.layer_start < a.layer_end <= a.num_layers:
+            raise ProtocolError("layer range out of bounds")
+        return a
+    if kind is Kind.READY:
+        return Ready(
+            epoch=_int(h, "epoch"),
+            hidden_size=_int(h, "hidden_size", 1, 1 << 20),
+            vocab_size=_int(h, "vocab_size", 1, 1 << 24),
+            load_seconds=_float(h, "load_seconds"),
+            weight_bytes=_int(h, "weight_bytes"),
+        )
+    if kind is Kind.STEP:
+        segments = _segments(h)
+        return Step(step_id=_int(h, "step_id"), epoch=_int(h, "epoch"), segments=segments, tensor=_tensor_from(h, payload))
+    if kind is Kind.RESULT:
+        return Result(
+            step_id=_int(h, "step_id"),
+            epoch=_int(h, "epoch"),
+            compute_seconds=_float(h, "compute_seconds"),
+            tensor=_tensor_from(h, payload),
+        )
+    if kind is Kind.FREE:
+        ids = h.get("request_ids")
+        if type(ids) is not list or len(ids) > 1 << 16 or any(type(i) is not int or not 0 <= i <= MAX_ID for i in ids):
+            raise ProtocolError("'request_ids' must be a list of non-negative integers")
+        return Free(request_ids=tuple(ids))
+    return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
+
+
+def frame_bound(max_batch_tokens: int, hidden_size: int, vocab_size: int, itemsize: int = 4) -> int:
+    """Largest legitimate frame (bytes) for a pipeline with these dimensions: the bigger of a
+    full hidden-state step and a logits result for every token, plus header room."""
+    tensor = max_batch_tokens * max(hidden_size, vocab_size) * itemsize
+    return min(MAX_FRAME_BYTES, tensor + MAX_HEADER_BYTES + _PREFIX.size)
