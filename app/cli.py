@@ -1,0 +1,101 @@
+"""The `molink` command line: a thin frontend over master_core and worker_core.
+
+Contract: ``main(argv)`` parses arguments into the process's typed config and runs one
+subcommand; it returns the exit code.  A bad argument or an unusable setting prints one
+line to stderr and exits 2 (no traceback); Ctrl-C or SIGTERM stops cleanly with 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Awaitable, Callable
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="molink", description="Pool consumer GPUs to serve one large language model.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("master", help="run the master: scheduler, relay and OpenAI-compatible API")
+    m.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (SmolLM2-135M-Instruct)")
+    m.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    m.add_argument("--port", type=int, default=8000, help="port for the API and worker tunnels (default 8000)")
+    m.add_argument("--min-workers", type=int, default=1, help="serve once this many workers joined (default 1)")
+    m.add_argument("--api-key", default=None, help="required to bind a non-loopback address")
+
+    w = sub.add_parser("worker", help="serve the layers the master assigns, over a tunnel dialled out to it")
+    w.add_argument("--master", required=True, help="HOST:PORT of the master")
+    w.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    w.add_argument("--name", default=None, help="name shown to the group (default: host name)")
+
+    d = sub.add_parser("demo", help="master + 3 local workers on the default model; ask one question")
+    d.add_argument("--serve", action="store_true", help="keep the API up until interrupted")
+    d.add_argument("--port", type=int, default=8000, help="API port with --serve (default 8000)")
+    d.add_argument("--workers", type=int, default=3, help="local worker processes (default 3)")
+    d.add_argument("--model", default="default", help=argparse.SUPPRESS)
+    d.add_argument("--question", default="What is the capital of France? Answer in one sentence.", help="the chat question")
+    d.add_argument("--max-tokens", type=int, default=64, help="answer length limit (default 64)")
+    return p
+
+
+def _run(coro_fn: Callable[[], Awaitable[int | None]]) -> int:
+    """Run a coroutine until it ends, Ctrl-C, or SIGTERM; return its exit code."""
+
+    async def wrapper() -> int:
+        task = asyncio.ensure_future(coro_fn())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, task.cancel)
+            except (NotImplementedError, RuntimeError):  # Windows: KeyboardInterrupt instead
+                pass
+        try:
+            return int(await task or 0)
+        except asyncio.CancelledError:
+            return 0
+
+    try:
+        return asyncio.run(wrapper())
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "master":
+            from master_core.config import MasterConfig
+            from master_core.server import run_master
+
+            cfg = MasterConfig(model=args.model, host=args.host, port=args.port, min_workers=args.min_workers, api_key=args.api_key)
+            cfg.validate()
+            return _run(lambda: run_master(cfg))
+        if args.command == "worker":
+            from worker_core import device
+            from worker_core.worker import WorkerConfig, serve
+
+            device.pick(args.device)  # fail fast on a device that does not exist
+            wcfg = WorkerConfig(master=args.master, device=args.device, **({"name": args.name} if args.name else {}))
+            return _run(lambda: serve(wcfg))
+        if args.command == "demo":
+            from .demo import DemoOptions, run_demo
+
+            opts = DemoOptions(serve=args.serve, port=args.port, workers=args.workers, model=args.model, question=args.question, max_tokens=args.max_tokens)
+            return _run(lambda: run_demo(opts))
+    except ValueError as e:  # config and device errors carry one clear line
+        print(f"molink: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""An in-process group for tests: a master and N workers on 127.0.0.1, real tunnels.
+
+``async with Cluster(folder, workers=3) as c:`` starts a :class:`master_core.server.Master`
+on a free port and N worker tasks (``worker_core.worker.serve``) that dial it over real
+WebSockets, waits (bounded) until the pipeline serves, and stops everything on exit.
+``run(coro)`` runs a coroutine with an overall time bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any, Awaitable, TypeVar
+
+from master_core.config import MasterConfig
+from master_core.server import Master
+from worker_core.worker import WorkerConfig, serve
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], timeout: float = 300.0) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+class Cluster:
+    def __init__(self, folder: Path | str, workers: int = 3, **master: Any) -> None:
+        master.setdefault("min_workers", workers)
+        self.config = MasterConfig(model=str(folder), port=0, heartbeat=2.0, **master)
+        self.n = workers
+        self.tasks: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> "Cluster":
+        self.master = Master(self.config)
+        await self.master.start()
+        for i in range(self.n):
+            self.add_worker(f"w{i}")
+        await self.settled(self.n)
+        return self
+
+    async def settled(self, stages: int, timeout: float = 120.0) -> None:
+        """Wait until the pipeline serves on ``stages`` stages."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self.master.group.serving.is_set() and len(self.master.group.stages) == stages):
+            if loop.time() > deadline:
+                raise TimeoutError(f"group not serving on {stages} stages: {self.master.group.problem}")
+            await asyncio.sleep(0.02)
+
+    def add_worker(self, name: str, **kw: Any) -> asyncio.Task:
+        cfg = WorkerConfig(master=self.master.address, device="cpu", name=name, reconnect=False, **kw)
+        t = asyncio.create_task(serve(cfg))
+        self.tasks.append(t)
+        return t
+
+    @property
+    def engine(self):
+        return self.master.engine
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.master.address}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.master.stop()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def greedy(max_tokens: int, **kw: Any):
+    from master_core.request import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)

@@ -1,0 +1,100 @@
+"""The HTTP API over a real group of a tiny model: answers, streaming, and 4xx for bad bodies."""
+
+import json
+
+import aiohttp
+import pytest
+
+from harness import Cluster, run
+from tiny_models import make_tiny_checkpoint, reference_greedy
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("api") / "llama", num_layers=4, seed=3)
+
+
+BAD_BODIES = [
+    b"",
+    b"not json",
+    b"\xff\xfe\xfd",
+    b"[1, 2]",
+    b'"just a string"',
+    json.dumps({"prompt": "hi"}).encode(),  # no model
+    json.dumps({"model": "MODEL", "prompt": "hi", "max_tokens": -1}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "max_tokens": "ten"}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "max_tokens": 10**12}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "temperature": 99}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "top_p": 0}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "unknown_field": 1}).encode(),
+    json.dumps({"model": "MODEL", "prompt": ""}).encode(),
+    json.dumps({"model": "MODEL", "prompt": [10**9]}).encode(),
+    json.dumps({"model": "MODEL", "prompt": [-1]}).encode(),
+    json.dumps({"model": "MODEL", "prompt": {"a": 1}}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "stop": ["a"] * 50}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "n": 3}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "stream": "yes please"}).encode(),
+]
+
+
+def test_models_health_and_bad_bodies(ckpt):
+    async def main():
+        async with Cluster(ckpt, workers=2) as c, aiohttp.ClientSession() as http:
+            model = c.master.model_id
+            async with http.get(f"{c.base_url}/v1/models") as r:
+                assert r.status == 200 and (await r.json())["data"][0]["id"] == model
+            async with http.get(f"{c.base_url}/health") as r:
+                h = await r.json()
+                assert r.status == 200 and h["status"] == "ok" and len(h["workers"]) == 2
+            for body in BAD_BODIES:
+                body = body.replace(b"MODEL", model.encode())
+                for path in ("/v1/completions", "/v1/chat/completions"):
+                    async with http.post(c.base_url + path, data=body, headers={"Content-Type": "application/json"}) as r:
+                        assert 400 <= r.status < 500, (path, body[:80], r.status)
+                        err = (await r.json())["error"]
+                        assert err["message"] and err["type"]
+            async with http.post(f"{c.base_url}/v1/completions", json={"model": "nope", "prompt": "x"}) as r:
+                assert r.status == 404 and (await r.json())["error"]["code"] == "model_not_found"
+            async with http.post(f"{c.base_url}/v1/completions", data=b"x" * (5 * 1024 * 1024)) as r:
+                assert r.status == 413
+            async with http.post(f"{c.base_url}/v1/chat/completions", json={"model": model, "messages": []}) as r:
+                assert r.status == 400
+            # still serving a well-formed request
+            async with http.post(f"{c.base_url}/v1/completions", json={"model": model, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}) as r:
+                assert r.status == 200
+                assert (await r.json())["usage"]["prompt_tokens"] == 3
+
+    run(main())
+
+
+def test_completions_match_reference_streaming_and_not(ckpt):
+    prompt = [9, 8, 7, 6, 5, 4]
+    ref = reference_greedy(ckpt, prompt, 12)
+
+    async def main():
+        async with Cluster(ckpt, workers=3) as c, aiohttp.ClientSession() as http:
+            tok = c.engine.tokenizer
+            body = {"model": c.master.model_id, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            async with http.post(f"{c.base_url}/v1/completions", json=body) as r:
+                assert r.status == 200
+                data = await r.json()
+            assert data["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True)
+            assert data["choices"][0]["finish_reason"] == "length"
+            assert data["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
+            pieces, final = [], None
+            async with http.post(f"{c.base_url}/v1/completions", json=body | {"stream": True}) as r:
+                assert r.headers["Content-Type"].startswith("text/event-stream")
+                async for line in r.content:
+                    line = line.decode().strip()
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        ch = json.loads(line[6:])["choices"][0]
+                        pieces.append(ch["text"])
+                        final = ch["finish_reason"] or final
+            assert "".join(pieces) == data["choices"][0]["text"] and final == "length"
+            chat = {"model": c.master.model_id, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+            async with http.post(f"{c.base_url}/v1/chat/completions", json=chat) as r:
+                assert r.status == 200
+                msg = (await r.json())["choices"][0]["message"]
+                assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+
+    run(main())

@@ -1,0 +1,100 @@
+"""The distributed engine gives exactly the tokens single-process transformers gives."""
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from harness import Cluster, greedy, run
+from tiny_models import make_tiny_checkpoint, reference_greedy
+from worker_core.wire import Hello, encode
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: make_tiny_checkpoint(arch, root / arch, num_layers=4, seed=1) for arch in ("llama", "qwen2", "mistral", "qwen3")}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    return {arch: [reference_greedy(path, p, 24) for p in PROMPTS] for arch, path in checkpoints.items()}
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_matches_transformers(checkpoints, references, arch, stages):
+    async def main():
+        async with Cluster(checkpoints[arch], workers=stages) as c:
+            assert len(c.master.group.stages) == stages
+            return [(await c.engine.generate(p, greedy(24)))[0] for p in PROMPTS]
+
+    assert run(main()) == references[arch]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_more_families_across_three_stages(checkpoints, references, arch):
+    async def main():
+        async with Cluster(checkpoints[arch], workers=3) as c:
+            return await asyncio.gather(*(c.engine.generate(p, greedy(24)) for p in PROMPTS))
+
+    assert [r[0] for r in run(main())] == references[arch]
+
+
+def test_concurrent_requests_equal_their_solo_runs(checkpoints):
+    path = checkpoints["llama"]
+    lengths = [1, 3, 9, 17, 33, 50, 70, 120]
+    max_tokens = [5, 30, 12, 1, 25, 8, 20, 16]
+    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(n)] for i, n in enumerate(lengths)]
+    solo = [reference_greedy(path, p, m) for p, m in zip(prompts, max_tokens)]
+
+    async def main():
+        # a small step budget forces chunked prefill and mixed prefill/decode micro-batches
+        async with Cluster(path, workers=3, max_batch_tokens=24) as c:
+            together = await asyncio.gather(*(c.engine.generate(p, greedy(m)) for p, m in zip(prompts, max_tokens)))
+            alone = [(await c.engine.generate(p, greedy(m)))[0] for p, m in zip(prompts[:3], max_tokens[:3])]
+            return [t[0] for t in together], alone
+
+    together, alone = run(main())
+    assert together == solo
+    assert alone == solo[:3]
+
+
+def test_worker_sending_garbage_is_dropped_and_serving_goes_on(checkpoints, references):
+    path = checkpoints["llama"]
+
+    async def main():
+        async with Cluster(path, workers=2) as c:
+            before = (await c.engine.generate(PROMPTS[0], greedy(24)))[0]
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"ws://{c.master.address}/v1/tunnel") as ws:
+                    await ws.send_bytes(encode(Hello("evil", "cpu", "cpu", 10**12, 10**12, "float32")))
+                    await ws.send_bytes(b"MLK\x01\x07\x00\x00\x00\x05{bad}")  # malformed header
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+            await c.master.wait_serving(60)
+            assert [w["name"] for w in c.master.group.describe()] == ["w0", "w1"]
+            after = await asyncio.gather(*(c.engine.generate(p, greedy(24)) for p in PROMPTS))
+            return before, [a[0] for a in after]
+
+    before, after = run(main())
+    assert before == references["llama"][0]
+    assert after == references["llama"]
+
+
+def test_worker_loss_mid_generation_replays_transparently(checkpoints, references):
+    path = checkpoints["llama"]
+
+    async def main():
+        async with Cluster(path, workers=3, min_workers=2) as c:
+            gens = [asyncio.create_task(c.engine.generate(p, greedy(24))) for p in PROMPTS]
+            while c.engine.tokens_generated < 10:
+                await asyncio.sleep(0.01)
+            c.tasks[1].cancel()  # worker w1 disappears
+            results = await asyncio.gather(*gens)
+            assert len(c.master.group.stages) == 2
+            return [r[0] for r in results]
+
+    assert run(main()) == references["llama"]

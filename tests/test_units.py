@@ -1,0 +1,95 @@
+"""Pure pieces of the master: placement, scheduler, sampling, text streaming, request lifecycle."""
+
+import pytest
+import torch
+
+from master_core.placement import PlacementError, kv_token_budget, place_layers
+from master_core.request import Request, RequestState, SamplingParams
+from master_core.sampling import sample
+from master_core.scheduler import Candidate, Chunk, microbatch_share, plan_microbatch
+from master_core.text import TextStream
+
+
+def test_placement_proportional_and_contiguous():
+    assert place_layers(30, [8, 8, 8]) == [(0, 10), (10, 20), (20, 30)]
+    assert place_layers(30, [24, 8, 6]) == [(0, 19), (19, 25), (25, 30)]
+    assert place_layers(2, [1, 5, 3]) == [None, (0, 1), (1, 2)]
+    assert place_layers(3, [1000, 1, 1]) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(PlacementError):
+        place_layers(4, [])
+    with pytest.raises(PlacementError):
+        place_layers(4, [3, 0])
+
+
+def test_kv_budget():
+    assert kv_token_budget(10_000, 2_000, 4, cap=10**9) == 1000
+    assert kv_token_budget(10_000, 2_000, 4, cap=100) == 100
+    assert kv_token_budget(1_000, 5_000, 4, cap=100) == 1
+
+
+def test_scheduler_decodes_first_then_chunked_prefill():
+    cands = [Candidate(1, 0, 100, 0), Candidate(2, 9, 10, 1), Candidate(3, 0, 5, 2), Candidate(4, 4, 5, 3)]
+    plan = plan_microbatch(cands, token_budget=32, max_requests=8)
+    assert plan == [Chunk(2, 9, 1, True), Chunk(4, 4, 1, True), Chunk(1, 0, 30, False)]
+    plan = plan_microbatch(cands, token_budget=200, max_requests=8)
+    assert plan[2:] == [Chunk(1, 0, 100, True), Chunk(3, 0, 5, True)]
+    assert plan_microbatch(cands, token_budget=200, max_requests=1) == [Chunk(2, 9, 1, True)]
+    assert plan_microbatch([], token_budget=10, max_requests=3) == []
+    assert microbatch_share(10, 3) == 4 and microbatch_share(0, 3) == 1
+
+
+def test_sampling_greedy_seeded_and_top_p():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    g = torch.Generator()
+    assert sample(logits, SamplingParams(temperature=0), g, []).token_id == 1
+    def draws(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [sample(logits, SamplingParams(temperature=1.0), gen, []).token_id for _ in range(30)]
+
+    assert draws(7) == draws(7) and len(set(draws(7))) > 1
+    # top_p tiny keeps only the most likely token
+    assert {sample(logits, SamplingParams(temperature=1.0, top_p=0.01), g, []).token_id for _ in range(20)} == {1}
+    # a frequency penalty moves greedy away from a repeated token
+    assert sample(logits, SamplingParams(temperature=0, frequency_penalty=1.0), g, [1]).token_id == 3
+    s = sample(logits, SamplingParams(temperature=0, logprobs=2), g, [])
+    assert [t for t, _ in s.top_logprobs] == [1, 3]
+    assert s.logprob == pytest.approx(torch.log_softmax(logits, 0)[1].item())
+
+
+class CharTok:
+    """decode() of ids that are code points; 0 stands for half of a multi-byte character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) if i else "\ufffd" for i in ids)
+
+
+def test_text_stream_stop_strings_and_holdback():
+    t = TextStream(CharTok(), stop=("END",))
+    out = []
+    for ch in "hello EN":
+        d, stopped = t.push(ord(ch))
+        out.append(d)
+        assert not stopped
+    assert "".join(out) == "hello "  # "EN" could begin the stop string: held back
+    d, stopped = t.push(ord("D"))
+    assert stopped and "".join(out) + d == "hello "
+    t2 = TextStream(CharTok(), stop=("END",))
+    text = "".join(t2.push(ord(c))[0] for c in "ENx") + t2.flush()
+    assert text == "ENx"
+
+
+def test_text_stream_holds_back_incomplete_characters():
+    t = TextStream(CharTok())
+    assert t.push(ord("a")) == ("a", False)
+    assert t.push(0) == ("", False)  # ends in U+FFFD: not final yet
+
+
+def test_request_lifecycle_refuses_illegal_moves():
+    r = Request(prompt=[1, 2], params=SamplingParams(max_tokens=3, seed=1))
+    assert r.state is RequestState.QUEUED and r.kv_need == 5
+    r.move(RequestState.RUNNING)
+    r.move(RequestState.QUEUED)
+    r.move(RequestState.RUNNING)
+    r.move(RequestState.DONE)
+    with pytest.raises(RuntimeError):
+        r.move(RequestState.RUNNING)

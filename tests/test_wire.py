@@ -1,0 +1,107 @@
+"""Wire protocol: every message round-trips; every defect is a ProtocolError, never a crash."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from worker_core import wire
+from worker_core.wire import (
+    Assign, Failure, Free, Hello, ProtocolError, Ready, Result, Segment, Step, decode, encode,
+)
+
+MESSAGES = [
+    Hello("w1", "cpu", "x86_64", 10**10, 5 * 10**9, "float32"),
+    Assign(3, "/models/x", 0, 10, 30, 512, 4096),
+    Ready(3, 576, 49152, 1.5, 123456),
+    Free((1, 2, 3)),
+    Failure("boom", 7),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_plain_messages_round_trip(msg):
+    assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensor_messages_round_trip(dtype):
+    segs = (Segment(1, 0, 3, False), Segment(9, 40, 1, True))
+    x = torch.randn(4, 8).to(dtype)
+    got = decode(encode(Step(5, 2, segs, x)))
+    assert isinstance(got, Step) and got.segments == segs and got.step_id == 5 and got.epoch == 2
+    assert got.tensor.dtype == dtype and torch.equal(got.tensor, x)
+    ids = torch.tensor([1, 2, 3, 4])
+    r = decode(encode(Result(5, 2, 0.25, ids)))
+    assert isinstance(r, Result) and torch.equal(r.tensor, ids) and r.compute_seconds == 0.25
+
+
+def _frame(kind, header, payload=b"", version=wire.PROTOCOL_VERSION, magic=b"MLK"):
+    h = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack(">3sBBI", magic, version, kind, len(h)) + h + payload
+
+
+def _step_header(**over):
+    h = {"step_id": 1, "epoch": 0, "segments": [{"request_id": 1, "start": 0, "length": 2, "want_logits": True}],
+         "tensor": {"dtype": "int64", "shape": [2]}}
+    h.update(over)
+    return h
+
+
+GOOD_PAYLOAD = torch.tensor([1, 2]).numpy().tobytes()
+
+BAD_FRAMES = {
+    "empty": b"",
+    "short": b"MLK",
+    "bad magic": _frame(wire.Kind.FREE, {"request_ids": []}, magic=b"XYZ"),
+    "future version": _frame(wire.Kind.FREE, {"request_ids": []}, version=99),
+    "unknown kind": _frame(200, {}),
+    "header length beyond frame": struct.pack(">3sBBI", b"MLK", 1, 6, 1000) + b"{}",
+    "header not json": _frame(wire.Kind.FREE, b"{not json"),
+    "header not utf8": _frame(wire.Kind.FREE, b"\xff\xfe"),
+    "header is a list": _frame(wire.Kind.FREE, []),
+    "free ids not ints": _frame(wire.Kind.FREE, {"request_ids": ["a"]}),
+    "free negative id": _frame(wire.Kind.FREE, {"request_ids": [-1]}),
+    "free with payload": _frame(wire.Kind.FREE, {"request_ids": []}, b"xx"),
+    "hello missing field": _frame(wire.Kind.HELLO, {"name": "x"}),
+    "hello bool as int": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": True, "free_memory": 1, "dtype": "float32"}),
+    "hello bad dtype": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "object"}),
+    "hello huge name": _frame(wire.Kind.HELLO, {"name": "x" * 10000, "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "float32"}),
+    "assign inverted range": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 5, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4}),
+    "ready nan": _frame(wire.Kind.READY, b'{"epoch":1,"hidden_size":4,"vocab_size":4,"load_seconds":NaN,"weight_bytes":1}'),
+    "step payload too short": _frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD[:-1]),
+    "step payload too long": _frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD + b"\0"),
+    "step no tensor": _frame(wire.Kind.STEP, _step_header(tensor=None), GOOD_PAYLOAD),
+    "step bad dtype": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "complex64", "shape": [2]}), GOOD_PAYLOAD),
+    "step negative dim": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "int64", "shape": [-2]}), GOOD_PAYLOAD),
+    "step too many dims": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "int64", "shape": [1, 1, 1, 1, 2]}), GOOD_PAYLOAD),
+    "step shape float": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "int64", "shape": [2.0]}), GOOD_PAYLOAD),
+    "step no segments": _frame(wire.Kind.STEP, _step_header(segments=[]), GOOD_PAYLOAD),
+    "step duplicate request": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": 0, "length": 1, "want_logits": True}] * 2), GOOD_PAYLOAD),
+    "step zero length": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": 0, "length": 0, "want_logits": True}]), GOOD_PAYLOAD),
+    "step negative start": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": -1, "length": 2, "want_logits": True}]), GOOD_PAYLOAD),
+    "step want_logits int": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": 0, "length": 2, "want_logits": 1}]), GOOD_PAYLOAD),
+    "step segment not object": _frame(wire.Kind.STEP, _step_header(segments=[5]), GOOD_PAYLOAD),
+    "deep json": _frame(wire.Kind.FREE, b"[" * 100000 + b"]" * 100000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FRAMES))
+def test_bad_frames_are_protocol_errors(name):
+    with pytest.raises(ProtocolError):
+        decode(BAD_FRAMES[name])
+
+
+def test_frame_size_limit():
+    frame = encode(Step(1, 0, (Segment(1, 0, 1000, True),), torch.zeros(1000, dtype=torch.int64)))
+    decode(frame, max_frame_bytes=len(frame))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(frame, max_frame_bytes=len(frame) - 1)
+
+
+def test_decoded_tensor_is_writable_copy():
+    frame = encode(Result(1, 0, 0.0, torch.ones(3)))
+    t = decode(frame).tensor
+    t += 1  # must not touch the frame's bytes
+    assert torch.equal(decode(frame).tensor, torch.ones(3))

@@ -1,0 +1,134 @@
+"""Tiny random-weight Hugging Face checkpoints, built offline in fixtures.
+
+Contract: ``make_tiny_checkpoint(arch, path, num_layers=4, seed=0, tie_embeddings=False,
+sharded=False)`` writes a complete checkpoint folder (config, generation config, safetensors
+weights — one file, or several with an index when ``sharded`` — and a byte-level BPE
+tokenizer trained offline with ``tokenizers``, with a chat template) that transformers loads
+with no network.  The same arguments give the same files.  ``reference_greedy(path, prompt,
+n)`` is the single-process transformers answer: exactly ``n`` greedy new tokens (EOS does
+not stop it; the engine under test must be told ``ignore_eos`` for a comparison).
+Adding a family is one entry in ``_FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+VOCAB = 384
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+)
+
+# arch -> (config class name, model class name, extra config)
+_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 32}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+}
+ARCHITECTURES: tuple[str, ...] = tuple(_FAMILIES)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+
+_WORDS = (
+    "the a group of friends pools their graphics cards to serve one large model over slow home links "
+    "every machine runs a worker that dials out to the master which schedules batches and streams tokens "
+    "layers are cut into ranges and activations travel from stage to stage until logits come back"
+).split()
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(_WORDS[int(i)] for i in torch.randint(len(_WORDS), (12,), generator=g)) for _ in range(300)]
+    tok.train_from_iterator(lines, trainer)
+    return tok.to_str()
+
+
+def _save_tokenizer(path: Path) -> int:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return len(fast)
+
+
+def make_tiny_checkpoint(
+    arch: str, path: Path, *, num_layers: int = 4, seed: int = 0, tie_embeddings: bool = False, sharded: bool = False
+) -> Path:
+    import transformers
+
+    if arch not in _FAMILIES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    cfg_name, model_name, extra = _FAMILIES[arch]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = _save_tokenizer(path)
+    config = getattr(transformers, cfg_name)(
+        vocab_size=vocab,
+        num_hidden_layers=num_layers,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **_COMMON,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    kwargs: dict[str, Any] = {"max_shard_size": "100KB"} if sharded else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@functools.lru_cache(maxsize=64)
+def _load(path: str) -> Callable:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def reference_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    model = _load(str(path))
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt_ids) :].tolist()
