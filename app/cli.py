@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8000, help="API port with --serve (default 8000)")
     d.add_argument("--workers", type=int, default=3, help="local worker processes (default 3)")
     d.add_argument("--model", default="default", help=argparse.SUPPRESS)
-    d.add_argument("--question", default="What is the capital of France? Answer in one sentence.", help="the chat question")
+    d.add_argument("--question", default="Explain in three sentences why the sky is blue.", help="the chat question")
     d.add_argument("--max-tokens", type=int, default=64, help="answer length limit (default 64)")
     return p
 
@@ -67,7 +67,8 @@ def _run(coro_fn: Callable[[], Awaitable[int | None]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        # the demo prints its own story; its log is for warnings unless -v
+        level=logging.DEBUG if args.verbose else (logging.WARNING if args.command == "demo" else logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -29,7 +29,7 @@ class DemoOptions:
     port: int = 8000
     workers: int = 3
     model: str = "default"
-    question: str = "What is the capital of France? Answer in one sentence."
+    question: str = "Explain in three sentences why the sky is blue."
     max_tokens: int = 64
     startup_timeout: float = 600.0  # seconds for workers to join and load
 

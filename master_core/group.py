@@ -41,6 +41,7 @@ class Group:
         self._listeners: list[Callable[[], None]] = []
         self._replan_lock = asyncio.Lock()
         self._replan_task: asyncio.Task | None = None
+        self.closing = False  # set by the master on shutdown: departures are expected then
 
     def on_reset(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -56,6 +57,8 @@ class Group:
     def remove(self, link: WorkerLink) -> None:
         if link in self.links:
             self.links.remove(link)
+            if self.closing:
+                return
             log.warning("worker %s left: %s", link.name, link.gone_reason)
             if link in self.stages or not self.serving.is_set():
                 self._schedule_replan()

@@ -122,6 +122,7 @@ class Master:
         await asyncio.wait_for(self.group.serving.wait(), timeout)
 
     async def stop(self) -> None:
+        self.group.closing = True
         if self._engine_task:
             self._engine_task.cancel()
         for link in list(self.group.links):

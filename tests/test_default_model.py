@@ -1,0 +1,149 @@
+"""The embedded default model: atomic lossless conversion, and 3 stages = one process."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from harness import Cluster, greedy, run
+from tiny_models import reference_greedy
+from worker_core import default_model
+from worker_core.default_model import MARKER, default_model_dir, ensure_default_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    t0 = time.perf_counter()
+    folder = ensure_default_model(root)
+    return root, folder, time.perf_counter() - t0
+
+
+def test_conversion_is_complete_and_lossless(converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, folder, _ = converted
+    assert folder == default_model_dir(root)
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", MARKER):
+        assert (folder / name).is_file(), name
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    gguf = default_model._gguf_path()
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).state_dict()
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        assert all(f.get_tensor(n).dtype == torch.float32 for n in names[:5])
+        for n in ("model.embed_tokens.weight", "model.layers.7.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+            assert torch.equal(f.get_tensor(n), ref[n]), n
+    assert len(names) == len([k for k in ref if k != "lm_head.weight"])
+
+
+def test_second_call_does_not_convert(converted, monkeypatch):
+    root, folder, _ = converted
+
+    def boom(*a):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(default_model, "_convert", boom)
+    t0 = time.perf_counter()
+    assert ensure_default_model(root) == folder
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_interrupted_conversion_never_looks_complete(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupted(gguf, out):
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # the user pressed Ctrl-C midway
+
+    monkeypatch.setattr(default_model, "_convert", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_default_model(tmp_path)
+    final = default_model_dir(tmp_path)
+    assert not final.exists() and not calls[0].exists()
+    # a final folder without the marker (e.g. copied by hand, or an old crash) is redone
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    monkeypatch.undo()
+    folder = ensure_default_model(tmp_path)
+    assert (folder / MARKER).exists() and (folder / "model.safetensors").exists()
+
+
+def test_default_model_three_stages_matches_transformers():
+    folder = ensure_default_model()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}], add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    ref = reference_greedy(folder, prompt, 32)
+
+    async def main():
+        async with Cluster("default", workers=3) as c:
+            assert [l.assignment.layer_end - l.assignment.layer_start for l in c.master.group.stages] == [10, 10, 10]
+            return (await c.engine.generate(prompt, greedy(32)))[0]
+
+    assert run(main()) == ref
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_command_answers_and_exits_zero():
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "--max-tokens", "12"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "stage 0:" in out.stdout and "stage 2:" in out.stdout and "layers [20, 30)" in out.stdout
+    assert "tokens/s" in out.stdout
+
+
+def test_demo_serve_stops_every_process_on_sigterm():
+    import psutil
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "demo", "--serve", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if json.load(r)["status"] == "ok":
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 4}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.load(r)["usage"]["completion_tokens"] >= 1
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()

