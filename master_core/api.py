@@ -12,11 +12,13 @@ its request (its KV cache is freed).  Request text is never logged, only lengths
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,7 +57,7 @@ class _Common(BaseModel):
     stream_options: dict[Literal["include_usage"], bool] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=8)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
 
@@ -118,7 +120,10 @@ class Api:
         return web.json_response(body, status=200 if g.serving.is_set() else 503)
 
     async def _parse(self, request: web.Request, cls: type[BaseModel]) -> Any:
-        raw = await request.read()
+        try:
+            raw = await asyncio.wait_for(request.read(), self.engine.config.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.engine.config.body_timeout:.0f} s", code="request_timeout") from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -155,6 +160,19 @@ class Api:
             logprobs=logprobs,
         )
 
+    def _submit_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[Request]:
+        """Submit ``n`` choices (seeds seed, seed+1, ...); all or none are queued."""
+        reqs: list[Request] = []
+        try:
+            for i in range(n):
+                p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                reqs.append(self._submit(prompt, p))
+        except ApiError:
+            for r in reqs:
+                self.engine.cancel(r)
+            raise
+        return reqs
+
     def _submit(self, prompt: list[int], params: SamplingParams) -> Request:
         if not self.engine.group.serving.is_set() and self.engine.group.problem and "waiting" not in self.engine.group.problem:
             raise ApiError(503, f"the group cannot serve: {self.engine.group.problem}", "service_unavailable")
@@ -169,10 +187,8 @@ class Api:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: CompletionBody = await self._parse(request, CompletionBody)
         prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer(body.prompt)["input_ids"]
-        params = self._params(body, body.max_tokens, body.logprobs)
-        req = self._submit(list(prompt), params)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        return await self._respond(request, req, body, rid, chat=False)
+        reqs = self._submit_n(list(prompt), self._params(body, body.max_tokens, body.logprobs), body.n or 1)
+        return await self._respond(request, reqs, body, f"cmpl-{uuid.uuid4().hex}", chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatBody = await self._parse(request, ChatBody)
@@ -184,13 +200,12 @@ class Api:
         prompt = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        req = self._submit(list(prompt), self._params(body, max_tokens, logprobs))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        return await self._respond(request, req, body, rid, chat=True)
+        reqs = self._submit_n(list(prompt), self._params(body, max_tokens, logprobs), body.n or 1)
+        return await self._respond(request, reqs, body, f"chatcmpl-{uuid.uuid4().hex}", chat=True)
 
     # ------------------------------------------------------------------ responses
-    def _usage(self, req: Request) -> dict:
-        p, c = len(req.prompt), len(req.output)
+    def _usage(self, reqs: list[Request]) -> dict:
+        p, c = len(reqs[0].prompt), sum(len(r.output) for r in reqs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _logprob_entry(self, ev: TokenEvent) -> dict:
@@ -198,37 +213,72 @@ class Api:
         top = [{"token": self.engine.tokenizer.convert_ids_to_tokens(i), "logprob": lp} for i, lp in (ev.top_logprobs or [])]
         return {"token": tok, "logprob": ev.logprob, "top_logprobs": top}
 
-    async def _respond(self, request: web.Request, req: Request, body: _Common, rid: str, chat: bool) -> web.StreamResponse:
-        if body.stream:
-            return await self._stream(request, req, body, rid, chat)
-        texts: list[str] = []
-        lps: list[dict] = []
-        try:
+    async def _events(self, reqs: list[Request]) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+        """Events of all choices as they come, tagged with the choice index."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, r: Request) -> None:
             while True:
-                ev = await req.events.get()
+                ev = await r.events.get()
+                await merged.put((i, ev))
                 if isinstance(ev, FinishEvent):
-                    break
-                texts.append(ev.text)
-                if ev.logprob is not None and ev.token_id >= 0:
-                    lps.append(self._logprob_entry(ev))
+                    return
+
+        pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+        try:
+            left = len(reqs)
+            while left:
+                i, ev = await merged.get()
+                left -= isinstance(ev, FinishEvent)
+                yield i, ev
         finally:
-            self.engine.cancel(req)  # no-op when finished; frees the KV if the client left
-        if ev.reason == "error":
-            raise ApiError(503, f"the request failed in the pipeline: {ev.error}", "service_unavailable")
-        text = "".join(texts)
-        if chat:
-            choice: dict = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": ev.reason}
-            choice["logprobs"] = {"content": lps} if req.params.logprobs is not None else None
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": ev.reason}
-            choice["logprobs"] = _legacy_logprobs(lps) if req.params.logprobs is not None else None
-            obj = "text_completion"
+            for t in pumps:
+                t.cancel()
+
+    async def _respond(self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool) -> web.StreamResponse:
+        try:
+            if body.stream:
+                return await self._stream(request, reqs, body, rid, chat)
+            return await self._collect(reqs, rid, chat)
+        finally:
+            for r in reqs:
+                self.engine.cancel(r)  # no-op when finished; frees the KV cache if the client left
+
+    async def _collect(self, reqs: list[Request], rid: str, chat: bool) -> web.Response:
+        texts: list[list[str]] = [[] for _ in reqs]
+        lps: list[list[dict]] = [[] for _ in reqs]
+        finish: list[FinishEvent | None] = [None for _ in reqs]
+        async for i, ev in self._events(reqs):
+            if isinstance(ev, FinishEvent):
+                finish[i] = ev
+                continue
+            texts[i].append(ev.text)
+            if ev.logprob is not None and ev.token_id >= 0:
+                lps[i].append(self._logprob_entry(ev))
+        failed = [f for f in finish if f is not None and f.reason == "error"]
+        if failed:
+            raise ApiError(503, f"the request failed in the pipeline: {failed[0].error}", "service_unavailable")
+        choices = []
+        for i, r in enumerate(reqs):
+            text, reason = "".join(texts[i]), finish[i].reason  # type: ignore[union-attr]
+            if chat:
+                lp: Any = {"content": lps[i]} if r.params.logprobs is not None else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason})
+            else:
+                lp = _legacy_logprobs(lps[i]) if r.params.logprobs is not None else None
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
         return web.json_response(
-            {"id": rid, "object": obj, "created": int(time.time()), "model": self.model_id, "choices": [choice], "usage": self._usage(req)}
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": self.model_id,
+                "choices": choices,
+                "usage": self._usage(reqs),
+            }
         )
 
-    async def _stream(self, request: web.Request, req: Request, body: _Common, rid: str, chat: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -243,32 +293,34 @@ class Api:
 
         try:
             if chat:
-                await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-            while True:
-                ev = await req.events.get()
+                for i in range(len(reqs)):
+                    await send({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+            error = None
+            async for i, ev in self._events(reqs):
                 if isinstance(ev, FinishEvent):
-                    break
+                    if ev.reason == "error":
+                        error = ev.error
+                        continue
+                    final: dict = {"index": i, "finish_reason": ev.reason, "logprobs": None}
+                    final.update({"delta": {}} if chat else {"text": ""})
+                    await send(final)
+                    continue
                 if not ev.text and ev.logprob is None:
                     continue
                 lp = self._logprob_entry(ev) if ev.logprob is not None and ev.token_id >= 0 else None
                 if chat:
-                    await send({"index": 0, "delta": {"content": ev.text}, "logprobs": {"content": [lp]} if lp else None, "finish_reason": None})
+                    await send({"index": i, "delta": {"content": ev.text}, "logprobs": {"content": [lp]} if lp else None, "finish_reason": None})
                 else:
-                    await send({"index": 0, "text": ev.text, "logprobs": _legacy_logprobs([lp]) if lp else None, "finish_reason": None})
-            if ev.reason == "error":
-                await resp.write(f"data: {json.dumps({'error': {'message': ev.error, 'type': 'service_unavailable', 'param': None, 'code': None}})}\n\n".encode())
-            else:
-                final = {"index": 0, "finish_reason": ev.reason, "logprobs": None}
-                final.update({"delta": {}} if chat else {"text": ""})
-                await send(final)
-                if include_usage:
-                    await send(None, self._usage(req))
+                    await send({"index": i, "text": ev.text, "logprobs": _legacy_logprobs([lp]) if lp else None, "finish_reason": None})
+            if error is not None:
+                err = {"error": {"message": f"the request failed in the pipeline: {error}", "type": "service_unavailable", "param": None, "code": None}}
+                await resp.write(f"data: {json.dumps(err)}\n\n".encode())
+            elif include_usage:
+                await send(None, self._usage(reqs))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (ConnectionResetError, ConnectionError):
-            log.info("client left during request %d; cancelled", req.id)
-        finally:
-            self.engine.cancel(req)
+        except ConnectionError:
+            log.info("client left during a streamed request; cancelled")
         return resp
 
 

@@ -17,7 +17,9 @@ class MasterConfig:
     host: str = "127.0.0.1"  # API, dashboard and tunnel address; loopback unless an API key is set
     port: int = 8000  # 0 picks a free port (tests)
     min_workers: int = 1  # serve once this many workers have joined
-    api_key: str | None = None  # required for any non-loopback host
+    api_key: str | None = None  # required for any non-loopback host; /v1/* then needs "Authorization: Bearer <key>"
+    allowed_hosts: tuple[str, ...] = ()  # extra Host names the API and dashboard answer to (loopback always)
+    body_timeout: float = 30.0  # seconds to receive a whole request body (slow-loris bodies get 408)
     max_batch_tokens: int = 512  # tokens in one pipeline step (prefill chunk budget), per micro-batch
     max_running: int = 64  # requests decoding at once
     max_queued: int = 256  # requests waiting beyond those; more get HTTP 429

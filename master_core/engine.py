@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,7 +68,12 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
+        self._finish_hooks: list[Callable[[dict], None]] = []
         group.on_reset(self._on_reset)
+
+    def on_finish(self, hook: Callable[[dict], None]) -> None:
+        """Call ``hook(record)`` for every request that produced tokens and ended."""
+        self._finish_hooks.append(hook)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
@@ -119,14 +124,15 @@ class Engine:
         self.requests_finished += 1
         n = len(req.output)
         if req.first_token_at is not None:
-            self.recent.append(
-                {
-                    "at": req.finished_at,
-                    "tokens": n,
-                    "ttft": req.first_token_at - req.arrival,
-                    "tpot": (req.finished_at - req.first_token_at) / max(1, n - 1),
-                }
-            )
+            record = {
+                "at": req.finished_at,
+                "tokens": n,
+                "ttft": req.first_token_at - req.arrival,
+                "tpot": (req.finished_at - req.first_token_at) / max(1, n - 1),
+            }
+            self.recent.append(record)
+            for hook in self._finish_hooks:
+                hook(record)
         log.info("request %d %s (%s): %d tokens", req.id, state.value, reason, n)
 
     def _free_everywhere(self, ids: list[int]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
@@ -24,13 +25,17 @@ from worker_core.wire import Hello, ProtocolError, decode, frame_bound
 
 from .api import Api, error_middleware
 from .config import MasterConfig
+from .dashboard import Dashboard
 from .engine import Engine
 from .group import Group
 from .link import WorkerLink
+from .metrics import Metrics
+from .security import GuardPolicy, guard_middleware
 
 log = logging.getLogger("molink.master")
 
 HELLO_TIMEOUT = 10.0  # seconds
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def load_tokenizer(folder: Path):  # -> PreTrainedTokenizerBase
@@ -79,16 +84,31 @@ class Master:
         self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), context)
         self.max_frame = frame_bound(cfg.max_batch_tokens, model_config.hidden_size, model_config.vocab_size)
         self.api = Api(self.engine, self.model_id)
+        self.dashboard = Dashboard(self.engine, self.model_id, ASSETS / "dashboard")
+        self.metrics = Metrics(self.engine)
+        self.dashboard_token = secrets.token_urlsafe(24)  # new every launch
 
-        app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[error_middleware])
-        app.add_routes([web.get("/v1/tunnel", self._tunnel), *self.api.routes()])
+        self._policy: GuardPolicy | None = None
+        app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[error_middleware, guard_middleware(lambda: self._policy)])
+        app.add_routes(
+            [web.get("/v1/tunnel", self._tunnel), *self.api.routes(), *self.dashboard.routes(), web.get("/metrics", self.metrics.handler)]
+        )
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # the guard needs the real port, known only now (port 0 picks one)
+        self._policy = GuardPolicy.build(cfg.host, self.port, cfg.allowed_hosts, cfg.api_key, self.dashboard_token)
         self._engine_task = asyncio.create_task(self.engine.run())
+        self.dashboard.start()
         log.info("master for %s listening on http://%s:%d (%d layers; waiting for %d worker(s))", self.model_id, cfg.host, self.port, self.group.num_layers, cfg.min_workers)
+        log.info("dashboard: %s", self.dashboard_url)
+
+    @property
+    def dashboard_url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        return f"http://{host}:{self.port}/dashboard?token={self.dashboard_token}"
 
     @property
     def address(self) -> str:
@@ -123,6 +143,7 @@ class Master:
 
     async def stop(self) -> None:
         self.group.closing = True
+        self.dashboard.stop()
         if self._engine_task:
             self._engine_task.cancel()
         for link in list(self.group.links):

@@ -32,7 +32,7 @@ BAD_BODIES = [
     json.dumps({"model": "MODEL", "prompt": [-1]}).encode(),
     json.dumps({"model": "MODEL", "prompt": {"a": 1}}).encode(),
     json.dumps({"model": "MODEL", "prompt": "hi", "stop": ["a"] * 50}).encode(),
-    json.dumps({"model": "MODEL", "prompt": "hi", "n": 3}).encode(),
+    json.dumps({"model": "MODEL", "prompt": "hi", "n": 9}).encode(),
     json.dumps({"model": "MODEL", "prompt": "hi", "stream": "yes please"}).encode(),
 ]
 

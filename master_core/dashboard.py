@@ -1,0 +1,133 @@
+"""The local dashboard: a page in ``assets/dashboard`` and the JSON state it polls.
+
+Contract: ``Dashboard(engine, model_id, assets_dir)`` serves ``/dashboard`` (the page),
+``/dashboard/static/{name}`` (its script and style; no CDN: machines are often offline) and
+``/dashboard/api/state`` (members, pipeline, time series, queue, recent errors).  ``start()``
+samples the engine once a second into ten minutes of history.  Access control (Host,
+Origin, token) is :mod:`master_core.security`'s job.  Knows nothing about Qt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from statistics import mean
+
+from aiohttp import web
+
+from .engine import Engine
+
+HISTORY = 600  # samples, one per second
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last warnings and errors of the ``molink`` loggers (never prompt text)."""
+
+    def __init__(self, size: int = 50) -> None:
+        super().__init__(level=logging.WARNING)
+        self.items: deque[dict] = deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.items.append({"at": record.created, "level": record.levelname.lower(), "source": record.name, "message": record.getMessage()[:500]})
+
+
+class Dashboard:
+    def __init__(self, engine: Engine, model_id: str, assets_dir: Path) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self.assets = assets_dir
+        self.series: deque[dict] = deque(maxlen=HISTORY)
+        self.errors = RecentErrors()
+        logging.getLogger("molink").addHandler(self.errors)
+        self._task: asyncio.Task | None = None
+        self._last_tokens = 0
+        self._last_at = time.monotonic()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/dashboard", self.page),
+            web.get("/dashboard/static/{name}", self.static),
+            web.get("/dashboard/api/state", self.state),
+        ]
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._sample_forever())
+
+    def stop(self) -> None:
+        logging.getLogger("molink").removeHandler(self.errors)
+        if self._task:
+            self._task.cancel()
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.sample()
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        e = self.engine
+        dt = max(1e-6, now - self._last_at)
+        fresh = [r for r in e.recent if r["at"] > self._last_at - 1e-9]
+        self.series.append(
+            {
+                "t": time.time(),
+                "tokens_per_s": (e.tokens_generated - self._last_tokens) / dt,
+                "ttft": mean(r["ttft"] for r in fresh) if fresh else None,
+                "tpot": mean(r["tpot"] for r in fresh if r["tokens"] > 1) if any(r["tokens"] > 1 for r in fresh) else None,
+                "running": len(e.running),
+                "queued": len(e.waiting),
+            }
+        )
+        self._last_tokens, self._last_at = e.tokens_generated, now
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(self.assets / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in ("app.js", "style.css", "molink.svg"):
+            raise web.HTTPNotFound()
+        path = self.assets / name if name != "molink.svg" else self.assets.parent / name
+        return web.FileResponse(path)
+
+    async def state(self, request: web.Request) -> web.Response:
+        e, g = self.engine, self.engine.group
+        members = g.describe()
+        pipeline = []
+        for link in g.stages:
+            a = link.assignment
+            overhead = mean(link.overhead_seconds) if link.overhead_seconds else None
+            compute = mean(link.compute_seconds) if link.compute_seconds else None
+            moved = link.bytes_sent + link.bytes_received
+            busy = sum(link.overhead_seconds)
+            pipeline.append(
+                {
+                    "name": link.name,
+                    "layers": [a.layer_start, a.layer_end] if a else None,
+                    "compute_ms": compute * 1e3 if compute is not None else None,
+                    "rtt_ms": overhead * 1e3 if overhead is not None else None,
+                    "mbps": 8 * moved / busy / 1e6 if busy > 0 and link.steps >= len(link.overhead_seconds) else None,
+                }
+            )
+        queue = [
+            {"id": r.id, "state": r.state.value, "prompt_tokens": len(r.prompt), "output_tokens": len(r.output), "max_tokens": r.params.max_tokens}
+            for r in [*e.running.values(), *e.waiting]
+        ]
+        return web.json_response(
+            {
+                "model": self.model_id,
+                "status": "serving" if g.serving.is_set() else "not serving",
+                "problem": g.problem,
+                "epoch": g.epoch,
+                "members": members,
+                "pipeline": pipeline,
+                "series": list(self.series),
+                "queue": queue,
+                "errors": list(self.errors.items)[::-1],
+                "totals": {"tokens": e.tokens_generated, "requests": e.requests_finished},
+            },
+            headers={"Cache-Control": "no-store"},
+        )
