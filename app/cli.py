@@ -25,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     m.add_argument("--port", type=int, default=8000, help="port for the API and worker tunnels (default 8000)")
     m.add_argument("--min-workers", type=int, default=1, help="serve once this many workers joined (default 1)")
-    m.add_argument("--api-key", default=None, help="required to bind a non-loopback address")
+    m.add_argument("--api-key", default=None, help="API key; binding a non-loopback address needs one (else the stored key is used)")
+    m.add_argument("--allow-host", action="append", default=[], help="extra Host name the API and dashboard answer to")
+
+    k = sub.add_parser("api-key", help="print the stored API key, or make a new one with --new")
+    k.add_argument("--new", action="store_true", help="create and store a new key")
 
     w = sub.add_parser("worker", help="serve the layers the master assigns, over a tunnel dialled out to it")
     w.add_argument("--master", required=True, help="HOST:PORT of the master")
@@ -64,6 +68,12 @@ def _run(coro_fn: Callable[[], Awaitable[int | None]]) -> int:
         return 0
 
 
+def _config_dir():  # -> Path
+    import platformdirs
+
+    return platformdirs.user_config_path("molink")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -77,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             from master_core.config import MasterConfig
             from master_core.server import run_master
 
-            cfg = MasterConfig(model=args.model, host=args.host, port=args.port, min_workers=args.min_workers, api_key=args.api_key)
+            from master_core.config import is_loopback
+            from master_core.secrets_store import load_api_key
+
+            key = args.api_key or (None if is_loopback(args.host) else load_api_key(_config_dir()))
+            cfg = MasterConfig(
+                model=args.model, host=args.host, port=args.port, min_workers=args.min_workers, api_key=key, allowed_hosts=tuple(args.allow_host)
+            )
             cfg.validate()
             return _run(lambda: run_master(cfg))
         if args.command == "worker":
@@ -87,6 +103,19 @@ def main(argv: list[str] | None = None) -> int:
             device.pick(args.device)  # fail fast on a device that does not exist
             wcfg = WorkerConfig(master=args.master, device=args.device, **({"name": args.name} if args.name else {}))
             return _run(lambda: serve(wcfg))
+        if args.command == "api-key":
+            from master_core.secrets_store import create_api_key, load_api_key
+
+            if args.new:
+                key, where = create_api_key(_config_dir())
+                print(f"{key}\n(stored in {where})")
+                return 0
+            key = load_api_key(_config_dir())
+            if key is None:
+                print("molink: no API key stored; make one with `molink api-key --new`", file=sys.stderr)
+                return 1
+            print(key)
+            return 0
         if args.command == "demo":
             from .demo import DemoOptions, run_demo
 

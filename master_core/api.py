@@ -45,7 +45,7 @@ StopField = Union[None, Annotated[str, Field(max_length=256)], Annotated[list[An
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -69,7 +69,7 @@ class CompletionBody(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant", "developer"]
     content: Annotated[str, Field(max_length=10_000_000)]
     name: Annotated[str, Field(max_length=64)] | None = None

@@ -38,14 +38,14 @@ class MasterConfig:
             raise ValueError(f"port {self.port} out of range")
         if self.min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
-        if not _is_loopback(self.host) and not self.api_key:
-            raise ValueError(f"binding {self.host} exposes the API beyond this machine: set an API key (--api-key)")
+        if not is_loopback(self.host) and not self.api_key:
+            raise ValueError(f"binding {self.host} exposes the API beyond this machine: give --api-key, or store a key with `molink api-key --new`")
         for name in ("max_batch_tokens", "max_running", "max_queued", "max_prompt_tokens", "max_tokens_limit", "max_kv_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -50,7 +50,8 @@ function render(s) {
   if (s.pipeline.length) {
     pipe.append(el("div", { class: "stage master" }, el("div", { class: "name" }, "master"), el("div", { class: "muted" }, "tokens in, logits out")));
     s.pipeline.forEach((p, i) => {
-      pipe.append(el("div", { class: "link" }, el("span", { class: "arrow" }, "⟶"), `${fmt(p.rtt_ms)} ms RTT`, `${fmt(p.mbps)} Mbit/s`));
+      pipe.append(el("div", { class: "link" }, el("span", { class: "arrow" }, "⟶"),
+        el("span", {}, `${fmt(p.rtt_ms)} ms RTT`), el("span", {}, `${fmt(p.mbps)} Mbit/s`)));
       pipe.append(el("div", { class: "stage", "data-stage": i },
         el("div", { class: "name" }, p.name),
         el("div", { class: "layers" }, `layers ${p.layers[0]}–${p.layers[1] - 1}`),
