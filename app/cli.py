@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--master", required=True, help="HOST:PORT of the master")
     w.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     w.add_argument("--name", default=None, help="name shown to the group (default: host name)")
+    w.add_argument("--link-delay-ms", type=float, default=0.0, help="emulate this one-way link delay per direction (measurement)")
+    w.add_argument("--link-mbps", type=float, default=None, help="emulate this link bandwidth per direction, Mbit/s (measurement)")
+    w.add_argument("--threads", type=int, default=None, help="torch CPU threads for this worker")
 
     d = sub.add_parser("demo", help="master + 3 local workers on the default model; ask one question")
     d.add_argument("--serve", action="store_true", help="keep the API up until interrupted")
@@ -101,7 +104,14 @@ def main(argv: list[str] | None = None) -> int:
             from worker_core.worker import WorkerConfig, serve
 
             device.pick(args.device)  # fail fast on a device that does not exist
-            wcfg = WorkerConfig(master=args.master, device=args.device, **({"name": args.name} if args.name else {}))
+            wcfg = WorkerConfig(
+                master=args.master,
+                device=args.device,
+                link_delay_ms=args.link_delay_ms,
+                link_mbps=args.link_mbps,
+                threads=args.threads,
+                **({"name": args.name} if args.name else {}),
+            )
             return _run(lambda: serve(wcfg))
         if args.command == "api-key":
             from master_core.secrets_store import create_api_key, load_api_key

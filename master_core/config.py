@@ -20,6 +20,7 @@ class MasterConfig:
     api_key: str | None = None  # required for any non-loopback host; /v1/* then needs "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] = ()  # extra Host names the API and dashboard answer to (loopback always)
     body_timeout: float = 30.0  # seconds to receive a whole request body (slow-loris bodies get 408)
+    logits_topk: int = 64  # the last stage returns only the top-k logits per row (0: all; see sampling)
     max_batch_tokens: int = 512  # tokens in one pipeline step (prefill chunk budget), per micro-batch
     max_running: int = 64  # requests decoding at once
     max_queued: int = 256  # requests waiting beyond those; more get HTTP 429
@@ -28,7 +29,8 @@ class MasterConfig:
     default_max_tokens: int = 256  # when a request does not say
     max_body_bytes: int = 4 * 1024 * 1024  # larger HTTP bodies get 413
     max_kv_tokens: int = 65536  # KV cache cap per stage, in tokens
-    microbatches: int | None = None  # micro-batches in flight; None: one per stage
+    policy: str = "full"  # scheduling policy: full | no-chunking | fixed-microbatches | single-microbatch
+    microbatches: int | None = None  # force this many micro-batches in flight (None: the policy decides)
     assign_timeout: float = 900.0  # seconds a worker may take to load its layers
     heartbeat: float = 5.0  # seconds between tunnel pings
     step_retries: int = 3  # times a request is replayed after a failed step before it fails
@@ -40,6 +42,10 @@ class MasterConfig:
             raise ValueError("--min-workers must be at least 1")
         if not is_loopback(self.host) and not self.api_key:
             raise ValueError(f"binding {self.host} exposes the API beyond this machine: give --api-key, or store a key with `molink api-key --new`")
+        from .scheduler import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         for name in ("max_batch_tokens", "max_running", "max_queued", "max_prompt_tokens", "max_tokens_limit", "max_kv_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

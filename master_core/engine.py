@@ -34,11 +34,25 @@ from .config import MasterConfig
 from .group import Group
 from .link import LinkGone, StepFailed, WorkerLink, next_step_id
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
-from .sampling import sample
-from .scheduler import Candidate, Chunk, microbatch_share, plan_microbatch
+from .sampling import candidates, sample
+from .costs import CostSnapshot
+from .scheduler import (
+    Candidate,
+    Chunk,
+    KVView,
+    Policy,
+    admit_and_preempt,
+    chunk_tokens,
+    microbatch_count,
+    microbatch_share,
+    plan_microbatch,
+    policy,
+)
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")
+
+PROFILE_REQUEST_ID = (1 << 62) + 1  # never a real request id
 
 
 class RequestRejected(Exception):
@@ -57,16 +71,19 @@ class Engine:
         self.context_length = context_length
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
-        self.in_flight: set[int] = set()
+        self.policy: Policy = policy(config.policy, config.max_batch_tokens)
         self._texts: dict[int, TextStream] = {}
         self._order: dict[int, int] = {}
         self._admitted = 0
         self._wake = asyncio.Event()
+        self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
         self._tasks: list[asyncio.Task] = []
         self.clock = time.monotonic
         # counters for /health and the dashboard
         self.tokens_generated = 0
         self.requests_finished = 0
+        self.preemptions = 0
+        self.steps_run = 0
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
         self._finish_hooks: list[Callable[[dict], None]] = []
         group.on_reset(self._on_reset)
@@ -119,7 +136,7 @@ class Engine:
         req.events.put_nowait(FinishEvent(reason, error))
         if req.id in self.running:
             del self.running[req.id]
-            if req.id not in self.in_flight:
+            if req.in_flight == 0:
                 self._free_everywhere([req.id])
         self.requests_finished += 1
         n = len(req.output)
@@ -137,45 +154,78 @@ class Engine:
 
     def _free_everywhere(self, ids: list[int]) -> None:
         for link in self.group.stages:
-            asyncio.get_running_loop().create_task(link.free(ids))
+            link.free(ids)
 
     def _on_reset(self) -> None:
         """Epoch change: every stage's KV is gone; replay running requests from their tokens."""
         for req in self.running.values():
-            req.computed = 0
+            req.computed = req.scheduled = 0
+        self._profiled.clear()  # the new pipeline is profiled before it serves
         self._wake.set()
 
     def _admit(self) -> None:
+        """Admission control and preemption (decided by the scheduler, done here)."""
         if not self.group.serving.is_set():
             return
-        reserved = sum(r.kv_need for r in self.running.values())
-        while self.waiting and len(self.running) < self.config.max_running:
-            req = self.waiting[0]
-            if req.kv_need > self.group.kv_tokens:
-                self.waiting.popleft()
-                req.state = RequestState.QUEUED
-                self._finish(req, RequestState.FAILED, "error", f"needs {req.kv_need} KV tokens; the group holds {self.group.kv_tokens}")
-                continue
-            if reserved + req.kv_need > self.group.kv_tokens:
-                break
-            self.waiting.popleft()
+        running = [KVView(r.id, len(r.tokens), self._order[r.id], r.in_flight > 0) for r in self.running.values()]
+        waiting = [(r.id, len(r.tokens)) for r in self.waiting]
+        admit, preempt = admit_and_preempt(running, waiting, self.group.kv_tokens, self.config.max_running)
+        for rid in preempt:
+            req = self.running.pop(rid)
+            req.move(RequestState.QUEUED)
+            req.computed = req.scheduled = 0
+            self.waiting.appendleft(req)
+            self.preemptions += 1
+            self._free_everywhere([rid])
+            log.info("request %d preempted (KV budget %d tokens); it will be recomputed", rid, self.group.kv_tokens)
+        by_id = {r.id: r for r in self.waiting}
+        for rid in admit:
+            req = by_id[rid]
+            self.waiting.remove(req)
             req.move(RequestState.RUNNING)
             self.running[req.id] = req
             self._order[req.id] = self._admitted
             self._admitted += 1
-            reserved += req.kv_need
 
     # ------------------------------------------------------------------ the loop
+    def set_policy(self, p: Policy) -> None:
+        """Switch the scheduling policy (benchmarks compare policies on one live group)."""
+        self.policy = p
+        self._wake.set()
+
+    def costs(self) -> CostSnapshot | None:
+        """The measured costs of the current pipeline, or None before they are known."""
+        stages = self.group.stages
+        fits = [(l.stage_cost.estimate(), l.link_cost.estimate()) for l in stages]
+        if not stages or any(s is None or k is None for s, k in fits):
+            return None
+        mc = self.group.model_config
+        item = 2 if stages[0].hello.dtype in ("float16", "bfloat16") else 4
+        return CostSnapshot(
+            stage_fixed=tuple(s[0] for s, _ in fits),  # type: ignore[index]
+            stage_per_token=tuple(s[1] for s, _ in fits),  # type: ignore[index]
+            link_rtt=tuple(k[0] for _, k in fits),  # type: ignore[index]
+            link_bandwidth=tuple(k[1] for _, k in fits),  # type: ignore[index]
+            hidden_bytes_per_token=int(mc.hidden_size) * item,  # type: ignore[attr-defined]
+            logits_bytes_per_row=4 * (1 + 2 * self.config.logits_topk if 0 < self.config.logits_topk < mc.vocab_size else mc.vocab_size),  # type: ignore[attr-defined]
+        )
+
     @property
     def slots(self) -> int:
-        return self.config.microbatches or max(1, len(self.group.stages))
+        if self.config.microbatches:
+            return self.config.microbatches
+        return microbatch_count(self.policy, self.costs(), max(1, len(self.group.stages)), len(self.running))
 
     async def run(self) -> None:
-        """Keep one lane task per micro-batch slot alive until cancelled."""
+        """Keep one lane task per micro-batch slot alive until cancelled; profile each new pipeline."""
         lanes: dict[int, asyncio.Task] = {}
+        profiled = -1
         try:
             while True:
-                for i in range(self.slots):
+                if self.group.serving.is_set() and profiled != self.group.epoch:
+                    profiled = self.group.epoch
+                    await self._profile()
+                for i in range(self.policy.max_microbatches):
                     t = lanes.get(i)
                     if t is not None and t.done() and not t.cancelled() and t.exception() is not None:
                         log.error("lane %d crashed: %r", i, t.exception())
@@ -186,23 +236,36 @@ class Engine:
             for t in lanes.values():
                 t.cancel()
 
+    async def _profile(self) -> None:
+        """Start-up profile: a few steps of different sizes give the cost model its first fit."""
+        epoch, stages = self.group.epoch, list(self.group.stages)
+        rid = PROFILE_REQUEST_ID
+        try:
+            for n in (1, 16, 64, 1, 16, 64):
+                n = max(1, min(n, self.config.max_batch_tokens, self.group.kv_tokens // 2))
+                chunk = Chunk(rid, 0, n, True)
+                await self._relay(stages, epoch, [chunk], {rid: [1] * n})
+            for link in stages:
+                link.free([rid])
+        except (LinkGone, StepFailed, ProtocolError) as e:
+            log.warning("start-up profile failed: %s", e)
+        finally:
+            self._profiled.set()
+
     async def _lane(self, index: int) -> None:
         while True:
-            if index >= self.slots:
-                return
             await self.group.serving.wait()
+            await self._profiled.wait()
+            if index >= self.slots and index > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                continue
             self._admit()
             epoch, stages = self.group.epoch, list(self.group.stages)
-            candidates = [
-                Candidate(r.id, r.computed, len(r.tokens), self._order[r.id])
-                for r in self.running.values()
-                if r.id not in self.in_flight
-            ]
-            chunks = plan_microbatch(
-                candidates,
-                token_budget=self.config.max_batch_tokens,
-                max_requests=microbatch_share(len(self.running), self.slots),
-            )
+            chunks = self._plan()
             if not chunks or not stages:
                 self._wake.clear()
                 try:
@@ -210,35 +273,52 @@ class Engine:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            ids = [c.request_id for c in chunks]
-            self.in_flight.update(ids)
+            reqs = [self.running[c.request_id] for c in chunks]
+            for c, r in zip(chunks, reqs):
+                r.scheduled = c.start + c.length
+                r.in_flight += 1
+            self.steps_run += 1
             try:
-                logits = await self._relay(stages, epoch, chunks)
+                tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
+                logits = await self._relay(stages, epoch, chunks, tokens)
+                for r in reqs:
+                    r.in_flight -= 1
                 self._apply(epoch, chunks, logits)
-            except (LinkGone, StepFailed) as e:
-                self._step_failed(epoch, chunks, e)
-            except ProtocolError as e:  # _relay already dropped the worker that sent it
-                log.error("bad result in the pipeline: %s", e)
+            except (LinkGone, StepFailed, ProtocolError) as e:
+                for r in reqs:
+                    r.in_flight -= 1
                 self._step_failed(epoch, chunks, e)
             finally:
-                self.in_flight.difference_update(ids)
-                done = [i for i in ids if i not in self.running]
+                done = [r.id for r in reqs if r.id not in self.running and r.in_flight == 0]
                 if done and self.group.epoch == epoch:
                     self._free_everywhere(done)
                 self._wake.set()
 
-    async def _relay(self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk]) -> torch.Tensor:
+    def _plan(self) -> list[Chunk]:
+        slots = self.slots
+        candidates = [
+            Candidate(r.id, r.scheduled, len(r.tokens), self._order[r.id], r.in_flight) for r in self.running.values()
+        ]
+        share = microbatch_share(len(self.running), slots)
+        ready_decodes = sum(1 for c in candidates if c.total - c.scheduled == 1 and c.in_flight == 0)
+        decodes = min(share, ready_decodes)
+        prefill = chunk_tokens(self.policy, self.costs(), decodes, slots)
+        return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=self.policy.min_chunk)
+
+    async def _relay(self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], tokens: dict[int, list[int]]) -> torch.Tensor:
         segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
         ids: list[int] = []
         for c in chunks:
-            ids.extend(self.running[c.request_id].tokens[c.start : c.start + c.length])
+            ids.extend(tokens[c.request_id])
         x = torch.tensor(ids, dtype=torch.int64)  # [T]
         total = len(ids)
         for i, link in enumerate(stages):
-            result = await link.call(Step(next_step_id(), epoch, segments, x))
+            result = await link.call(Step(next_step_id(), epoch, segments, x, self.config.logits_topk))
             x = result.tensor  # hidden [T, hidden] or logits [n, vocab]
             last = i == len(stages) - 1
-            expect = (sum(c.want_logits for c in chunks), self.group.model_config.vocab_size) if last else (total, self.group.model_config.hidden_size)  # type: ignore[attr-defined]
+            mc = self.group.model_config
+            row = 1 + 2 * self.config.logits_topk if 0 < self.config.logits_topk < mc.vocab_size else mc.vocab_size  # type: ignore[attr-defined]
+            expect = (sum(c.want_logits for c in chunks), row) if last else (total, mc.hidden_size)  # type: ignore[attr-defined]
             if tuple(x.shape) != expect or not x.is_floating_point():
                 link.close_with(f"returned {list(x.shape)} {x.dtype}, expected {list(expect)}")
                 raise ProtocolError(f"worker {link.name} returned a tensor of shape {list(x.shape)}, expected {list(expect)}")
@@ -253,13 +333,14 @@ class Engine:
             req = self.running.get(c.request_id)
             if c.want_logits:
                 row += 1
-            if req is None or req.finished:
-                continue
-            req.computed = c.start + c.length
+            if req is None or req.finished or req.scheduled < c.start + c.length:
+                continue  # gone, or reset for a replay meanwhile
+            req.computed = max(req.computed, c.start + c.length)
             req.retries = 0
             if not c.want_logits or req.computed < len(req.tokens):
                 continue
-            s = sample(logits[row - 1], req.params, req.generator, req.output)
+            values, ids, lse = candidates(logits[row - 1], self.config.logits_topk)
+            s = sample(values, ids, lse, req.params, req.generator, req.output)
             req.tokens.append(s.token_id)
             self.tokens_generated += 1
             if req.first_token_at is None:
@@ -292,7 +373,8 @@ class Engine:
             if req.retries > self.config.step_retries:
                 self._finish(req, RequestState.FAILED, "error", f"pipeline step failed {req.retries} times: {error}")
             else:
-                req.computed = 0  # replay from scratch: the stages' caches of it are reset by start=0
+                # replay from scratch once its other chunks are out: start=0 resets the stages' caches
+                req.computed = req.scheduled = 0
 
     # ------------------------------------------------------------------ helpers
     async def generate(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:

@@ -27,6 +27,8 @@ from aiohttp import WSMsgType, web
 
 from worker_core.wire import Assign, Failure, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
 
+from .costs import LinkCost, StageCost
+
 log = logging.getLogger("molink.link")
 
 
@@ -62,27 +64,35 @@ class WorkerLink:
         self._pending: dict[int, asyncio.Future] = {}
         self._ready_waiter: asyncio.Future | None = None
         self._send_lock = asyncio.Lock()
+        self._frees: list[int] = []  # request ids to free before the next step
+        self._flush_task: asyncio.Task | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.compute_seconds: deque[float] = deque(maxlen=64)  # per step, as the worker measured
-        self.overhead_seconds: deque[float] = deque(maxlen=64)  # round trip minus compute
+        self.overhead_seconds: deque[float] = deque(maxlen=64)  # round trip minus time at the worker
         self.steps = 0
+        self.stage_cost = StageCost()  # forward seconds vs tokens, measured
+        self.link_cost = LinkCost()  # network seconds vs bytes, measured
+        self.compute_total = 0.0  # seconds of forward work done for us
+        self.step_bytes_total = 0  # bytes of steps and results carried
 
     def __repr__(self) -> str:
         return f"WorkerLink({self.name!r}, {self.state.value})"
 
     # ------------------------------------------------------------------ sending
-    async def _send(self, msg: object) -> None:
+    async def _send(self, msg: object) -> int:
         if self.state is LinkState.GONE:
             raise LinkGone(f"worker {self.name} is gone: {self.gone_reason}")
         frame = encode(msg)  # type: ignore[arg-type]
         async with self._send_lock:
             try:
+                await self._send_frees_locked()
                 await self.ws.send_bytes(frame)
             except (ConnectionError, RuntimeError) as e:
                 self.close_with(f"send failed: {e}")
                 raise LinkGone(f"worker {self.name}: {e}") from None
         self.bytes_sent += len(frame)
+        return len(frame)
 
     async def assign(self, assignment: Assign, timeout: float) -> Ready:
         self.state = LinkState.CONNECTING
@@ -99,21 +109,43 @@ class WorkerLink:
         self._pending[step.step_id] = fut
         t0 = time.perf_counter()
         try:
-            await self._send(step)
+            sent = await self._send(step)
             result: Result = await fut
         finally:
             self._pending.pop(step.step_id, None)
+        network = max(0.0, time.perf_counter() - t0 - result.worker_seconds)
+        moved = sent + result.tensor.numel() * result.tensor.element_size()
         self.steps += 1
         self.compute_seconds.append(result.compute_seconds)
-        self.overhead_seconds.append(max(0.0, time.perf_counter() - t0 - result.compute_seconds))
+        self.overhead_seconds.append(network)
+        self.stage_cost.observe(sum(s.length for s in step.segments), result.compute_seconds)
+        self.link_cost.observe(moved, network)
+        self.compute_total += result.compute_seconds
+        self.step_bytes_total += moved
         return result
 
-    async def free(self, request_ids: list[int]) -> None:
-        if request_ids and self.state is not LinkState.GONE:
-            try:
-                await self._send(Free(tuple(request_ids)))
-            except LinkGone:
-                pass
+    def free(self, request_ids: list[int]) -> None:
+        """Drop these requests' KV caches on the worker.  The ``Free`` frame goes out before any
+        step sent after this call (so the worker's budget is right for it), or within a moment
+        when no step follows."""
+        if not request_ids or self.state is LinkState.GONE:
+            return
+        self._frees.extend(request_ids)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_frees())
+
+    async def _flush_frees(self) -> None:
+        async with self._send_lock:
+            await self._send_frees_locked()
+
+    async def _send_frees_locked(self) -> None:
+        if not self._frees or self.state is LinkState.GONE:
+            return
+        ids, self._frees = tuple(self._frees), []
+        try:
+            await self.ws.send_bytes(encode(Free(ids)))
+        except (ConnectionError, RuntimeError) as e:
+            self.close_with(f"send failed: {e}")
 
     # ------------------------------------------------------------------ receiving
     def _dispatch(self, msg: object) -> None:

@@ -2,11 +2,12 @@
 
 Contract: :class:`SamplingParams` is the checked, typed form of what a client asked for;
 :class:`Request` is one request's state as the engine sees it.  The lifecycle is
-``QUEUED -> RUNNING -> DONE | FAILED | CANCELLED`` (``RUNNING -> QUEUED`` when its KV cache is
-dropped and it must be recomputed); :meth:`Request.move` is the only way to change it and
+``QUEUED -> RUNNING -> DONE | FAILED | CANCELLED`` (``RUNNING -> QUEUED`` when it is preempted:
+its KV cache is dropped and it is recomputed later); :meth:`Request.move` is the only way to change it and
 refuses any other transition.  ``tokens`` is prompt + output; ``computed`` counts the leading
-tokens whose KV cache every stage holds, so the next input is ``tokens[computed:]``: a long
-run of it is a prefill, one token is a decode step.  Knows nothing about I/O.
+tokens whose KV cache every stage holds and ``scheduled`` those already sent (computed or in
+flight), so the next input is ``tokens[scheduled:]``: a long run of it is a prefill, one
+token is a decode step.  Knows nothing about I/O.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)  # prompt + output
     computed: int = 0  # leading tokens whose KV every stage holds
+    scheduled: int = 0  # leading tokens handed to the pipeline (computed or in flight)
+    in_flight: int = 0  # chunks of it in the pipeline now
     state: RequestState = RequestState.QUEUED
     finish_reason: str | None = None
     retries: int = 0

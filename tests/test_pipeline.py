@@ -98,3 +98,36 @@ def test_worker_loss_mid_generation_replays_transparently(checkpoints, reference
             return [r[0] for r in results]
 
     assert run(main()) == references["llama"]
+
+
+def test_kv_pressure_preempts_and_recomputes_with_identical_tokens(checkpoints):
+    path = checkpoints["llama"]
+    prompts = [[(5 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate([60, 45, 70, 30, 55, 20])]
+    max_tokens = [30, 25, 20, 30, 15, 30]
+    solo = [reference_greedy(path, p, m) for p, m in zip(prompts, max_tokens)]
+
+    async def main():
+        # 160 tokens of KV per stage: room for about two of these requests at once
+        async with Cluster(path, workers=3, max_kv_tokens=160, max_batch_tokens=32) as c:
+            together = await asyncio.gather(*(c.engine.generate(p, greedy(m)) for p, m in zip(prompts, max_tokens)))
+            return [t[0] for t in together], c.engine.preemptions
+
+    together, preemptions = run(main())
+    assert together == solo
+    assert preemptions > 0
+
+
+def test_policies_give_identical_tokens(checkpoints, references):
+    from master_core.scheduler import POLICIES, policy
+
+    async def main():
+        out = {}
+        async with Cluster(checkpoints["qwen2"], workers=3, max_batch_tokens=64) as c:
+            for name in POLICIES:
+                c.engine.set_policy(policy(name, 64))
+                res = await asyncio.gather(*(c.engine.generate(p, greedy(24)) for p in PROMPTS))
+                out[name] = [r[0] for r in res]
+        return out
+
+    for name, tokens in run(main()).items():
+        assert tokens == references["qwen2"], name

@@ -5,7 +5,7 @@ import torch
 
 from master_core.placement import PlacementError, kv_token_budget, place_layers
 from master_core.request import Request, RequestState, SamplingParams
-from master_core.sampling import sample
+from master_core.sampling import candidates, sample as sample_row
 from master_core.scheduler import Candidate, Chunk, microbatch_share, plan_microbatch
 from master_core.text import TextStream
 
@@ -29,12 +29,13 @@ def test_kv_budget():
 
 def test_scheduler_decodes_first_then_chunked_prefill():
     cands = [Candidate(1, 0, 100, 0), Candidate(2, 9, 10, 1), Candidate(3, 0, 5, 2), Candidate(4, 4, 5, 3)]
-    plan = plan_microbatch(cands, token_budget=32, max_requests=8)
+    plan = plan_microbatch(cands, max_decodes=8, prefill_tokens=30)
     assert plan == [Chunk(2, 9, 1, True), Chunk(4, 4, 1, True), Chunk(1, 0, 30, False)]
-    plan = plan_microbatch(cands, token_budget=200, max_requests=8)
+    plan = plan_microbatch(cands, max_decodes=8, prefill_tokens=200)
     assert plan[2:] == [Chunk(1, 0, 100, True), Chunk(3, 0, 5, True)]
-    assert plan_microbatch(cands, token_budget=200, max_requests=1) == [Chunk(2, 9, 1, True)]
-    assert plan_microbatch([], token_budget=10, max_requests=3) == []
+    assert plan_microbatch(cands, max_decodes=1, prefill_tokens=0, min_chunk=0) == [Chunk(2, 9, 1, True)]
+    assert plan_microbatch(cands, max_decodes=1, prefill_tokens=0, min_chunk=4)[1:] == [Chunk(1, 0, 4, False)]
+    assert plan_microbatch([], max_decodes=3, prefill_tokens=10) == []
     assert microbatch_share(10, 3) == 4 and microbatch_share(0, 3) == 1
 
 
@@ -54,6 +55,23 @@ def test_sampling_greedy_seeded_and_top_p():
     s = sample(logits, SamplingParams(temperature=0, logprobs=2), g, [])
     assert [t for t, _ in s.top_logprobs] == [1, 3]
     assert s.logprob == pytest.approx(torch.log_softmax(logits, 0)[1].item())
+
+
+def sample(logits, params, gen, previous, topk=0):
+    if topk:
+        v, i = torch.topk(logits, topk)
+        row = torch.cat([torch.logsumexp(logits, 0, keepdim=True), v, i.float()])
+    else:
+        row = logits
+    return sample_row(*candidates(row, topk), params, gen, previous)
+
+
+def test_topk_rows_give_the_same_greedy_token_and_logprobs():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    p = SamplingParams(temperature=0, logprobs=3)
+    full, top = sample(logits, p, torch.Generator(), []), sample(logits, p, torch.Generator(), [], topk=8)
+    assert full.token_id == top.token_id and full.logprob == pytest.approx(top.logprob, abs=1e-5)
+    assert [t for t, _ in full.top_logprobs] == [t for t, _ in top.top_logprobs]
 
 
 class CharTok:

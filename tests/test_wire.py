@@ -33,7 +33,7 @@ def test_tensor_messages_round_trip(dtype):
     assert isinstance(got, Step) and got.segments == segs and got.step_id == 5 and got.epoch == 2
     assert got.tensor.dtype == dtype and torch.equal(got.tensor, x)
     ids = torch.tensor([1, 2, 3, 4])
-    r = decode(encode(Result(5, 2, 0.25, ids)))
+    r = decode(encode(Result(5, 2, 0.25, 0.5, ids)))
     assert isinstance(r, Result) and torch.equal(r.tensor, ids) and r.compute_seconds == 0.25
 
 
@@ -101,7 +101,7 @@ def test_frame_size_limit():
 
 
 def test_decoded_tensor_is_writable_copy():
-    frame = encode(Result(1, 0, 0.0, torch.ones(3)))
+    frame = encode(Result(1, 0, 0.0, 0.0, torch.ones(3)))
     t = decode(frame).tensor
     t += 1  # must not touch the frame's bytes
     assert torch.equal(decode(frame).tensor, torch.ones(3))

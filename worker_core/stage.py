@@ -9,7 +9,8 @@ each request attending only to its own KV cache (see :mod:`worker_core.kv_cache`
 
 * input: token ids ``[T] int64`` on the first stage, hidden states ``[T, hidden]`` elsewhere.
 * output: hidden states ``[T, hidden]``, or on the last stage float32 logits
-  ``[segments wanting logits, vocab]`` (the last token of each such segment).
+  ``[segments wanting logits, vocab]`` (the last token of each such segment), or with
+  ``topk`` = k only the packed top-k rows ``[n, 1 + 2k]`` (see ``wire.Result``).
 
 Every segment must continue its request exactly where the stage's cache ends
 (``start == cached length``); a request starting at 0 replaces any old cache of that id.
@@ -68,7 +69,7 @@ class StageRunner:
 
     # ----------------------------------------------------------------- the step
     @torch.inference_mode()
-    def run(self, segments: tuple[Segment, ...], tensor: torch.Tensor) -> torch.Tensor:
+    def run(self, segments: tuple[Segment, ...], tensor: torch.Tensor, topk: int = 0) -> torch.Tensor:
         t0 = time.perf_counter()
         sh = self.shard
         self._check(segments, tensor)
@@ -113,6 +114,10 @@ class StageRunner:
                     ends.append(end - 1)
             rows = hidden[torch.tensor(ends, dtype=torch.long, device=sh.device)]
             result = sh.lm_head(sh.norm(rows)).float()  # type: ignore[misc]  # [n, vocab]
+            if 0 < topk < result.shape[-1]:
+                values, ids = torch.topk(result, topk, dim=-1)  # [n, k] descending
+                lse = torch.logsumexp(result, dim=-1, keepdim=True)  # [n, 1]
+                result = torch.cat([lse, values, ids.float()], dim=-1)  # [n, 1 + 2k]
         else:
             result = hidden
         if sh.device.type == "cuda":

@@ -41,6 +41,7 @@ MAX_SEGMENTS = 4096
 MAX_NAME_CHARS = 128
 MAX_POSITION = 1 << 24  # tokens; no real context is longer
 MAX_ID = (1 << 63) - 1
+MAX_TOPK = 4096  # logits per row a last stage may be asked for
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -118,22 +119,27 @@ class Segment:
 @dataclass(frozen=True)
 class Step:
     """master -> worker: run these segments.  tensor: token ids [T] int64 on the first stage,
-    hidden states [T, hidden] elsewhere (T = sum of segment lengths)."""
+    hidden states [T, hidden] elsewhere (T = sum of segment lengths).  ``topk`` > 0 asks the
+    last stage for only the k largest logits of each row (see :class:`Result`)."""
 
     step_id: int
     epoch: int
     segments: tuple[Segment, ...]
     tensor: torch.Tensor = field(compare=False)
+    topk: int = 0
 
 
 @dataclass(frozen=True)
 class Result:
     """worker -> master: output of ``step_id``.  tensor: hidden [T, hidden] or, on the last
-    stage, logits [number of segments wanting logits, vocab]."""
+    stage, for the n segments wanting logits: logits [n, vocab] float32, or with ``topk`` = k
+    the packed rows [n, 1 + 2k] float32 = (logsumexp of the full row, the k largest logits in
+    descending order, their token ids as exact integers)."""
 
     step_id: int
     epoch: int
-    compute_seconds: float
+    compute_seconds: float  # the forward itself
+    worker_seconds: float  # from the step's arrival at the worker to its result (queue + compute)
     tensor: torch.Tensor = field(compare=False)
 
 
@@ -259,10 +265,16 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Step):
         spec, payload = _tensor_bytes(msg.tensor)
         segs = [{"request_id": s.request_id, "start": s.start, "length": s.length, "want_logits": s.want_logits} for s in msg.segments]
-        kind, h = Kind.STEP, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs, "tensor": spec}
+        kind, h = Kind.STEP, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs, "topk": msg.topk, "tensor": spec}
     elif isinstance(msg, Result):
         spec, payload = _tensor_bytes(msg.tensor)
-        kind, h = Kind.RESULT, {"step_id": msg.step_id, "epoch": msg.epoch, "compute_seconds": msg.compute_seconds, "tensor": spec}
+        kind, h = Kind.RESULT, {
+            "step_id": msg.step_id,
+            "epoch": msg.epoch,
+            "compute_seconds": msg.compute_seconds,
+            "worker_seconds": msg.worker_seconds,
+            "tensor": spec,
+        }
     elif isinstance(msg, Free):
         kind, h = Kind.FREE, {"request_ids": list(msg.request_ids)}
     elif isinstance(msg, Failure):
@@ -337,12 +349,19 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         )
     if kind is Kind.STEP:
         segments = _segments(h)
-        return Step(step_id=_int(h, "step_id"), epoch=_int(h, "epoch"), segments=segments, tensor=_tensor_from(h, payload))
+        return Step(
+            step_id=_int(h, "step_id"),
+            epoch=_int(h, "epoch"),
+            segments=segments,
+            tensor=_tensor_from(h, payload),
+            topk=_int(h, "topk", 0, MAX_TOPK),
+        )
     if kind is Kind.RESULT:
         return Result(
             step_id=_int(h, "step_id"),
             epoch=_int(h, "epoch"),
             compute_seconds=_float(h, "compute_seconds"),
+            worker_seconds=_float(h, "worker_seconds"),
             tensor=_tensor_from(h, payload),
         )
     if kind is Kind.FREE:

@@ -25,6 +25,7 @@ import aiohttp
 
 from . import device as devices
 from . import model_source
+from .shaper import LinkShaper
 from .shard import load_shard
 from .stage import StageRunner, StepRejected
 from .wire import Assign, Failure, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
@@ -42,13 +43,17 @@ class WorkerConfig:
     reconnect: bool = True  # dial again after the tunnel drops
     heartbeat: float = 5.0  # seconds between pings; a dead master is noticed within ~2x this
     retry_seconds: float = 1.0  # first reconnect delay, doubled up to 30 s
+    link_delay_ms: float = 0.0  # emulated one-way delay per direction (measurement only)
+    link_mbps: float | None = None  # emulated bandwidth per direction in Mbit/s (None: unlimited)
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
 
 
 class _Session:
     """State of one tunnel connection."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, executor: ThreadPoolExecutor, shards: dict, device: str) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, executor: ThreadPoolExecutor, shards: dict, device: str, uplink: LinkShaper) -> None:
         self.ws = ws
+        self.uplink = uplink
         self.executor = executor
         self.shards = shards  # (model, start, end) -> Shard, kept across reconnects
         self.device = device
@@ -56,9 +61,9 @@ class _Session:
         self.epoch = -1
 
     async def send(self, msg: object) -> None:
-        await self.ws.send_bytes(encode(msg))  # type: ignore[arg-type]
+        await self.uplink.put(encode(msg))  # type: ignore[arg-type]
 
-    async def handle(self, msg: object) -> None:
+    async def handle(self, msg: object, arrived: float) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(msg, Assign):
             t0 = time.perf_counter()
@@ -83,7 +88,7 @@ class _Session:
                 return
             runner = self.runner
             try:
-                out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor)
+                out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk)
             except StepRejected as e:
                 await self.send(Failure(str(e), msg.step_id))
                 return
@@ -91,7 +96,7 @@ class _Session:
                 log.exception("step %d failed", msg.step_id)
                 await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
                 return
-            await self.send(Result(msg.step_id, msg.epoch, runner.last_compute_seconds, out))
+            await self.send(Result(msg.step_id, msg.epoch, runner.last_compute_seconds, time.perf_counter() - arrived, out))
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)
@@ -107,34 +112,48 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url, max_msg_size=CONNECT_FRAME_LIMIT, compress=0, heartbeat=config.heartbeat) as ws:
             log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
-            session = _Session(ws, executor, shards, config.device)
+            delay = config.link_delay_ms / 1000.0
+            rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
+            uplink = LinkShaper(delay, rate, ws.send_bytes)
+            session = _Session(ws, executor, shards, config.device, uplink)
             await session.send(
                 Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, info.free_memory, _dtype_name(info))
             )
             queue: asyncio.Queue = asyncio.Queue()
 
+            async def arrive(data: bytes) -> None:
+                queue.put_nowait((data, time.perf_counter()))
+
+            downlink = LinkShaper(delay, rate, arrive)
+
             async def execute() -> None:
                 while True:
-                    item = await queue.get()
-                    await session.handle(item)
+                    data, arrived = await queue.get()
+                    try:
+                        msg = decode(data)
+                        await session.handle(msg, arrived)
+                    except ProtocolError as e:
+                        log.error("protocol error from the master, closing the tunnel: %s", e)
+                        await ws.close(code=1002, message=b"protocol error")
+                        return
 
             runner_task = asyncio.create_task(execute())
             try:
                 async for frame in ws:
-                    if runner_task.done():
-                        break
                     if frame.type != aiohttp.WSMsgType.BINARY:
                         if frame.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING):
                             break
                         raise ProtocolError(f"unexpected {frame.type.name} frame")
-                    queue.put_nowait(decode(frame.data))
-                if runner_task.done() and runner_task.exception():
+                    await downlink.put(frame.data)
+                if runner_task.done() and not runner_task.cancelled() and runner_task.exception():
                     raise runner_task.exception()  # type: ignore[misc]
             except ProtocolError as e:
                 log.error("protocol error from the master, closing the tunnel: %s", e)
                 await ws.close(code=1002, message=str(e)[:100].encode())
             finally:
                 runner_task.cancel()
+                uplink.close()
+                downlink.close()
 
 
 def _dtype_name(info: devices.DeviceInfo) -> str:
@@ -144,6 +163,10 @@ def _dtype_name(info: devices.DeviceInfo) -> str:
 
 
 async def serve(config: WorkerConfig) -> None:
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-stage")
     shards: dict = {}
     delay = config.retry_seconds
