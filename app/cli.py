@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="default", help=argparse.SUPPRESS)
     d.add_argument("--question", default="Explain in three sentences why the sky is blue.", help="the chat question")
     d.add_argument("--max-tokens", type=int, default=64, help="answer length limit (default 64)")
+    b = sub.add_parser("bench", help="compare scheduling policies on emulated links (or --simulate a 70B model on GPUs)")
+    b.add_argument("--simulate", action="store_true", help="use the simulator with a modelled 70B-class model on 4 and 8 GPUs")
+    b.add_argument("--profiles", default="wan,slow", help="link profiles: lan (1 Gbit/s, 0.5 ms), wan (100 Mbit/s, 20 ms), slow (20 Mbit/s, 40 ms)")
+    b.add_argument("--policies", default="full,no-chunking,fixed-microbatches,single-microbatch", help="scheduling policies to compare")
+    b.add_argument("--requests", type=int, default=None, help="requests per run (default 24; 400 with --simulate)")
+    b.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (default 2; 1 with --simulate)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="bench-results", help="folder for bench.json and the plots")
     return p
 
 
@@ -126,6 +134,28 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(key)
             return 0
+        if args.command == "bench":
+            from pathlib import Path
+
+            from .bench import PROFILES, BenchOptions, run_bench
+
+            profiles = tuple(x for x in args.profiles.split(",") if x)
+            policies = tuple(x for x in args.policies.split(",") if x)
+            from master_core.scheduler import POLICIES
+
+            bad = [x for x in profiles if x not in PROFILES] + [x for x in policies if x not in POLICIES]
+            if bad:
+                raise ValueError(f"unknown profile or policy: {', '.join(bad)}")
+            bopts = BenchOptions(
+                profiles=profiles,
+                policies=policies,
+                requests=args.requests or (400 if args.simulate else 24),
+                rate=args.rate or (1.0 if args.simulate else 2.0),
+                seed=args.seed,
+                simulate=args.simulate,
+                out=Path(args.out),
+            )
+            return _run(lambda: run_bench(bopts))
         if args.command == "demo":
             from .demo import DemoOptions, run_demo
 
