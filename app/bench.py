@@ -42,6 +42,7 @@ class BenchOptions:
     rate: float = 2.0  # requests per second (Poisson)
     seed: int = 0
     simulate: bool = False
+    single: bool = False  # one request at a time vs single-process transformers
     out: Path = field(default_factory=lambda: Path("bench-results"))
     model: str = "default"
     workers: int = 3
@@ -126,7 +127,7 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         first = next(iter(outputs.values()))
         identical = all(o == first for o in outputs.values())
         costs = master.engine.costs()
-        calibration = _calibrate(costs, master.group.kv_tokens, workload, results.get("full"), cfg.max_batch_tokens) if costs else None
+        calibration = calibrate(costs, master.group.kv_tokens, workload, results, cfg.max_batch_tokens) if costs else None
         return {"profile": profile, "mbps": mbps, "rtt_s": rtt, "policies": results, "tokens_identical": identical,
                 "measured_costs": costs.__dict__ if costs else None, "calibration": calibration}
     finally:
@@ -140,12 +141,82 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
                 p.kill()
 
 
-def _calibrate(costs: CostSnapshot, kv_tokens: int, workload: list[BenchRequest], real: dict | None, max_batch_tokens: int) -> dict | None:
-    if real is None:
-        return None
-    sim = simulate(SimModel(costs, kv_tokens, cores=os.cpu_count() or 1), workload, policy("full", max_batch_tokens))
-    keys = ("output_tokens_per_s", "ttft_p50", "tpot_p50")
-    return {k: {"real": real[k], "simulated": sim[k], "error": (sim[k] - real[k]) / real[k]} for k in keys if real.get(k)}
+def calibrate(costs: CostSnapshot, kv_tokens: int, workload: list[BenchRequest], real: dict[str, dict], max_batch_tokens: int) -> dict:
+    """Simulate every policy with the costs measured in the real run, on the same workload,
+    and report the simulator's error against the real figures.  The measured stage times
+    already include the CPU contention between the local stages, so cores are not modelled
+    again."""
+    out: dict = {}
+    for name, r in real.items():
+        sim = simulate(SimModel(costs, kv_tokens), workload, policy(name, max_batch_tokens))
+        out[name] = {
+            k: {"real": r[k], "simulated": sim[k], "error": (sim[k] - r[k]) / r[k]}
+            for k in ("output_tokens_per_s", "ttft_p50", "tpot_p50")
+            if r.get(k)
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- one request
+
+
+async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: int = 500) -> dict:
+    """One request at a time: decode tokens/s and TTFT of a ``long_prompt``-token prompt, for
+    the 3-stage pipeline (unshaped local tunnels) and single-process transformers, same run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from worker_core import model_source
+
+    folder = model_source.resolve(opts.model)
+    rng = random.Random(opts.seed)
+    short = [rng.randrange(1000, 40000) for _ in range(16)]
+    long = [rng.randrange(1000, 40000) for _ in range(long_prompt)]
+
+    def hf_run() -> dict:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            model.generate(torch.tensor([short]), max_new_tokens=4, do_sample=False)  # warm-up
+            t0 = time.perf_counter()
+            model.generate(torch.tensor([short]), max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            one = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(torch.tensor([short]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            total = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.generate(torch.tensor([long]), max_new_tokens=1, do_sample=False)
+            ttft = time.perf_counter() - t0
+        return {"decode_tokens_per_s": (new_tokens - 1) / (total - one), "ttft_long_s": ttft}
+
+    hf = await asyncio.to_thread(hf_run)
+    master = Master(MasterConfig(model=opts.model, port=0, min_workers=opts.workers))
+    await master.start()
+    cmd = [sys.executable, "-m", "app.cli", "worker", "--master", master.address, "--device", "cpu"]
+    procs = [subprocess.Popen([*cmd, "--name", f"stage-{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(opts.workers)]
+    try:
+        while not (master.group.serving.is_set() and master.engine._profiled.is_set()):
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a worker exited")
+            await asyncio.sleep(0.2)
+        greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        await master.engine.generate(short, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        req = master.engine.submit(short, greedy)
+        times = []
+        while not isinstance(ev := await req.events.get(), FinishEvent):
+            times.append(time.perf_counter())
+        t0 = time.perf_counter()
+        req = master.engine.submit(long, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        while not isinstance(await req.events.get(), FinishEvent):
+            pass
+        ttft = time.perf_counter() - t0
+        ours = {"decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]), "ttft_long_s": ttft, "stages": len(master.group.stages)}
+    finally:
+        await master.stop()
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+    return {"new_tokens": new_tokens, "long_prompt_tokens": long_prompt, "transformers": hf, "molink": ours,
+            "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]}
 
 
 # --------------------------------------------------------------------------- simulation
@@ -224,6 +295,14 @@ async def run_bench(opts: BenchOptions) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()}, "created": time.time()}
     rows: list[tuple[str, str, dict]] = []
+    if opts.single:
+        res = await single_request(opts)
+        (opts.out / "single.json").write_text(json.dumps(res, indent=2))
+        hf, ours = res["transformers"], res["molink"]
+        print(f"decode tokens/s, one request: molink {ours['stages']} stages {ours['decode_tokens_per_s']:.1f}, "
+              f"transformers one process {hf['decode_tokens_per_s']:.1f} (ratio {res['decode_ratio']:.2f})")
+        print(f"time to first token, {res['long_prompt_tokens']}-token prompt: molink {ours['ttft_long_s']:.2f} s, transformers {hf['ttft_long_s']:.2f} s")
+        return 0
     if opts.simulate:
         workload = make_workload(opts.requests, opts.rate, opts.seed)
         report["simulated"] = []
@@ -247,7 +326,8 @@ async def run_bench(opts: BenchOptions) -> int:
     print(_table(rows))
     for r in report.get("real", []):
         print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
-        for k, v in (r["calibration"] or {}).items():
-            print(f"  simulator calibration {k}: real {v['real']:.4g}, simulated {v['simulated']:.4g} ({v['error']:+.0%})")
+        for name, figures in (r["calibration"] or {}).items():
+            errs = ", ".join(f"{k} {v['error']:+.0%}" for k, v in figures.items())
+            print(f"  simulator error vs real, {name}: {errs}")
     print(f"wrote {opts.out / name} and plots in {opts.out}")
     return 0

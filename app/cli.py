@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--policies", default="full,no-chunking,fixed-microbatches,single-microbatch", help="scheduling policies to compare")
     b.add_argument("--requests", type=int, default=None, help="requests per run (default 24; 400 with --simulate)")
     b.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (default 2; 1 with --simulate)")
+    b.add_argument("--single", action="store_true", help="one request at a time: 3 stages vs single-process transformers")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default="bench-results", help="folder for bench.json and the plots")
     return p
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         # the demo prints its own story; its log is for warnings unless -v
-        level=logging.DEBUG if args.verbose else (logging.WARNING if args.command == "demo" else logging.INFO),
+        level=logging.DEBUG if args.verbose else (logging.WARNING if args.command in ("demo", "bench") else logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate=args.rate or (1.0 if args.simulate else 2.0),
                 seed=args.seed,
                 simulate=args.simulate,
+                single=args.single,
                 out=Path(args.out),
             )
             return _run(lambda: run_bench(bopts))

@@ -99,17 +99,15 @@ class Dashboard:
         pipeline = []
         for link in g.stages:
             a = link.assignment
-            overhead = mean(link.overhead_seconds) if link.overhead_seconds else None
             compute = mean(link.compute_seconds) if link.compute_seconds else None
-            moved = link.bytes_sent + link.bytes_received
-            busy = sum(link.overhead_seconds)
+            net = link.link_cost.estimate()  # (rtt seconds, bytes/s) fitted from real steps
             pipeline.append(
                 {
                     "name": link.name,
                     "layers": [a.layer_start, a.layer_end] if a else None,
                     "compute_ms": compute * 1e3 if compute is not None else None,
-                    "rtt_ms": overhead * 1e3 if overhead is not None else None,
-                    "mbps": 8 * moved / busy / 1e6 if busy > 0 and link.steps >= len(link.overhead_seconds) else None,
+                    "rtt_ms": net[0] * 1e3 if net else None,
+                    "mbps": net[1] * 8 / 1e6 if net and net[1] != float("inf") else None,
                 }
             )
         queue = [

@@ -257,21 +257,13 @@ class Engine:
             await self.group.serving.wait()
             await self._profiled.wait()
             if index >= self.slots and index > 0:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.5)
-                except asyncio.TimeoutError:
-                    pass
+                await self._nap(0.5)  # this lane is not needed now
                 continue
             self._admit()
             epoch, stages = self.group.epoch, list(self.group.stages)
             chunks = self._plan()
             if not chunks or not stages:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-                except asyncio.TimeoutError:
-                    pass
+                await self._nap(1.0)
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             for c, r in zip(chunks, reqs):
@@ -293,6 +285,14 @@ class Engine:
                 if done and self.group.epoch == epoch:
                     self._free_everywhere(done)
                 self._wake.set()
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep until something changes (a step ends, a request arrives) or ``seconds`` pass."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def _plan(self) -> list[Chunk]:
         slots = self.slots

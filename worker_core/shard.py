@@ -14,6 +14,8 @@ embedding's tensor.  Any tensor the range needs but the checkpoint lacks is a cl
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import re
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from . import checkpoint_keys
 
 log = logging.getLogger("molink.shard")
 
@@ -43,12 +47,18 @@ class Shard:
     embed: nn.Module | None  # first stage only
     layers: nn.ModuleList  # local index i is global layer layer_start + i
     windows: list[int | None]  # sliding window of each local layer (None: full attention)
+    layer_types: list[str | None]  # config.layer_types of each local layer, where the family has them
     rotary: nn.Module | None
     norm: nn.Module | None  # last stage only
     lm_head: nn.Module | None  # last stage only
     device: torch.device
     dtype: torch.dtype
     weight_bytes: int
+
+    @functools.cached_property
+    def rotary_per_layer_type(self) -> bool:
+        """The rotary embedding takes the layer type (Gemma 3's local/global frequencies)."""
+        return self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
 
     @property
     def is_first(self) -> bool:
@@ -85,7 +95,8 @@ def load_config(folder: Path) -> object:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
-    config._attn_implementation = "sdpa"
+    # SDPA takes our packed block-diagonal mask; attention soft-capping (Gemma 2) needs eager
+    config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     return config
 
 
@@ -127,6 +138,8 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
     base, prefix, layers_attr = _decoder(model)
     all_layers = getattr(base, layers_attr)
     windows = [_layer_window(config, all_layers[g], g) for g in range(start, end)]
+    types = getattr(config, "layer_types", None)
+    layer_types = [types[g] if types else None for g in range(start, end)]
     kept = nn.ModuleList(all_layers[start:end])
     for local, layer in enumerate(kept):
         for m in layer.modules():
@@ -139,43 +152,52 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    norm = getattr(base, "norm", None)
+    norm_attr = next((a for a in ("norm", "final_layernorm", "ln_f", "norm_f") if getattr(base, a, None) is not None), None)
+    norm = getattr(base, norm_attr) if norm_attr else None
     if not is_first:
         _detach(model, embed_name)
     if not is_last:
         if head_name:
             _detach(model, head_name)
         if norm is not None:
-            _detach(model, f"{prefix}.norm")
+            _detach(model, f"{prefix}.{norm_attr}")
 
-    # Which checkpoint tensor fills which local parameter.
+    # Which checkpoint tensors fill which local parameter.
     files = checkpoint_files(folder)
     layer_re = re.compile(rf"^{re.escape(prefix)}\.{layers_attr}\.(\d+)\.(.*)$")
-    wanted: dict[str, str] = {}
+    plan: dict[str, tuple[str, list[str]]] = {}
+    missing: list[str] = []
     for local_name in model.state_dict().keys():
         m = layer_re.match(local_name)
-        src = f"{prefix}.{layers_attr}.{int(m.group(1)) + start}.{m.group(2)}" if m else local_name
-        wanted[local_name] = src
-    if head_name and is_last and f"{head_name}.weight" in wanted and wanted[f"{head_name}.weight"] not in files:
-        wanted[f"{head_name}.weight"] = f"{embed_name}.weight"  # tied embeddings
-    missing = [src for src in wanted.values() if src not in files]
+        name = f"{prefix}.{layers_attr}.{int(m.group(1)) + start}.{m.group(2)}" if m else local_name
+        if head_name and local_name == f"{head_name}.weight" and name not in files:
+            name = f"{embed_name}.weight"  # tied embeddings
+        found = checkpoint_keys.sources(name, files)
+        if found is None:
+            missing.append(name)
+        else:
+            plan[local_name] = found
     if missing:
         raise ShardError(f"checkpoint {folder} lacks {len(missing)} tensors of layers [{start}, {end}), e.g. {missing[:3]}")
 
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for local_name, src in wanted.items():
-        by_file.setdefault(files[src], []).append((local_name, src))
-    for path, names in by_file.items():
+    needed = sorted({k for _, keys in plan.values() for k in keys})
+    loaded: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key in needed:
+        by_file.setdefault(files[key], []).append(key)
+    for path, keys in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for local_name, src in names:
-                state[local_name] = f.get_tensor(src).to(device=device, dtype=dtype)
+            for key in keys:
+                loaded[key] = f.get_tensor(key)
+    state = {
+        local_name: checkpoint_keys.build(kind, [loaded[k] for k in keys]).to(device=device, dtype=dtype)
+        for local_name, (kind, keys) in plan.items()
+    }
+    del loaded
     model.load_state_dict(state, strict=True, assign=True)
 
+    _materialize_buffers(model, device)
     rotary = getattr(base, "rotary_emb", None)
-    if rotary is not None:
-        rotary = type(rotary)(config=config).to(device)  # buffers were on meta; rebuild them
-        base.rotary_emb = rotary
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise ShardError(f"{type(model).__name__}: tensors left unloaded: {leftovers[:5]}")
@@ -189,6 +211,7 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
         embed=embed if is_first else None,
         layers=kept,
         windows=windows,
+        layer_types=layer_types,
         rotary=rotary,
         norm=norm if is_last else None,
         lm_head=head if is_last else None,
@@ -196,6 +219,32 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
         dtype=dtype,
         weight_bytes=weight_bytes,
     )
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Give the non-persistent buffers (rotary frequencies, embedding scales ...) their values.
+
+    They are not in checkpoints, so they are still on ``meta``.  The model's own
+    ``_init_weights`` knows how to fill them; it is run on each such module with the module's
+    loaded parameters swapped out for meta stand-ins, so they cannot be touched."""
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        meta = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+        if not meta:
+            continue
+        for k in meta:
+            b = module._buffers[k]
+            module._buffers[k] = torch.empty(b.shape, dtype=b.dtype, device=device)
+        params = dict(module._parameters)
+        for k, p in params.items():
+            if p is not None:
+                module._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+        try:
+            if init is None:
+                raise ShardError(f"{type(model).__name__} cannot initialise {type(module).__name__}'s buffers {meta}")
+            init(module)
+        finally:
+            module._parameters.update(params)
 
 
 def _detach(model: nn.Module, dotted: str) -> None:

@@ -88,19 +88,23 @@ class StageRunner:
         else:
             hidden = x.to(sh.dtype).unsqueeze(0)
         positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
-        pos_emb = sh.rotary(hidden, positions) if sh.rotary is not None else None
         starts, lengths = [s.start for s in segments], [s.length for s in segments]
         masks: dict[int | None, torch.Tensor] = {}
-        for layer, window in zip(sh.layers, sh.windows):
+        pos_embs: dict[str | None, object] = {}
+        for layer, window, kind in zip(sh.layers, sh.windows, sh.layer_types):
             if window not in masks:
                 masks[window] = packed_mask(starts, lengths, window, sh.dtype, sh.device)
+            if kind not in pos_embs:  # Gemma 3: local and global layers rotate differently
+                pos_embs[kind] = None if sh.rotary is None else (
+                    sh.rotary(hidden, positions, kind) if sh.rotary_per_layer_type else sh.rotary(hidden, positions)
+                )
             out = layer(
                 hidden,
                 attention_mask=masks[window],
                 position_ids=positions,
                 cache=cache,
                 use_cache=True,
-                position_embeddings=pos_emb,
+                position_embeddings=pos_embs[kind],
             )
             hidden = out[0] if isinstance(out, tuple) else out
         cache.commit()
@@ -114,6 +118,7 @@ class StageRunner:
                     ends.append(end - 1)
             rows = hidden[torch.tensor(ends, dtype=torch.long, device=sh.device)]
             result = sh.lm_head(sh.norm(rows)).float()  # type: ignore[misc]  # [n, vocab]
+            result = _finish_logits(sh.config, result)
             if 0 < topk < result.shape[-1]:
                 values, ids = torch.topk(result, topk, dim=-1)  # [n, k] descending
                 lse = torch.logsumexp(result, dim=-1, keepdim=True)  # [n, 1]
@@ -127,3 +132,15 @@ class StageRunner:
 
     def free(self, request_ids: tuple[int, ...]) -> None:
         self.kv.free(request_ids)
+
+
+def _finish_logits(config: object, logits: torch.Tensor) -> torch.Tensor:
+    """What some families do to logits after the LM head (their ``ForCausalLM.forward``):
+    Cohere scales them (``logit_scale``), Gemma 2 soft-caps them (``final_logit_softcapping``)."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits

@@ -70,13 +70,18 @@ class _Session:
             key = (msg.model, msg.layer_start, msg.layer_end)
             shard = self.shards.get(key)
             if shard is None:
-                info = devices.pick(self.device)
-                folder = await loop.run_in_executor(self.executor, model_source.resolve, msg.model)
                 self.runner = None
                 self.shards.clear()  # one shard at a time: free the old range first
-                shard = await loop.run_in_executor(
-                    self.executor, load_shard, folder, msg.layer_start, msg.layer_end, info.device, info.dtype
-                )
+                try:
+                    info = devices.pick(self.device)
+                    folder = await loop.run_in_executor(self.executor, model_source.resolve, msg.model)
+                    shard = await loop.run_in_executor(
+                        self.executor, load_shard, folder, msg.layer_start, msg.layer_end, info.device, info.dtype
+                    )
+                except Exception as e:  # tell the master why, instead of leaving it waiting
+                    log.exception("cannot load layers [%d, %d)", msg.layer_start, msg.layer_end)
+                    await self.send(Failure(f"cannot load layers [{msg.layer_start}, {msg.layer_end}): {type(e).__name__}: {e}"[:4000]))
+                    return
                 self.shards[key] = shard
             self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
             self.epoch = msg.epoch

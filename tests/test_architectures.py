@@ -1,0 +1,100 @@
+"""Model coverage: every supported family, split across 3 stages with concurrent requests,
+gives exactly single-process transformers' greedy tokens.  The README's coverage table is
+generated from the lists here and checked by this file."""
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from harness import Cluster, greedy, run
+from tiny_models import ARCHITECTURES, make_tiny_checkpoint, reference_greedy
+
+# families of the MoLink list that are not served yet, and why (shown in the README)
+LEFT_OUT = {
+    "deepseek_v3": "fails inside the shard path (interleaved rotary embedding shapes differ from transformers' own forward); under investigation",
+    "gpt2": "needs an adapter: learned position embeddings (wpe) and the transformer.h block signature",
+    "falcon": "needs an adapter: ALiBi / rotary variants and the transformer.h block signature",
+    "bloom": "needs an adapter: ALiBi bias folded into the packed mask, word-embedding layer norm",
+    "internlm2": "not native in transformers (remote code only); MoLink never runs trust_remote_code",
+}
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]  # the last one exceeds the 32-token sliding windows
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_three_stages_concurrent_match_transformers(tmp_path, arch):
+    path = make_tiny_checkpoint(arch, tmp_path / arch, num_layers=4, seed=7)
+    want = [reference_greedy(path, p, 16) for p in PROMPTS]
+
+    async def main():
+        async with Cluster(path, workers=3) as c:
+            res = await asyncio.gather(*(c.engine.generate(p, greedy(16)) for p in PROMPTS))
+            return [r[0] for r in res]
+
+    assert run(main()) == want
+
+
+def test_sharded_checkpoint_across_three_stages(tmp_path):
+    path = make_tiny_checkpoint("llama", tmp_path / "sharded", num_layers=4, seed=8, sharded=True)
+    assert (path / "model.safetensors.index.json").exists()
+    want = [reference_greedy(path, p, 12) for p in PROMPTS]
+
+    async def main():
+        async with Cluster(path, workers=3) as c:
+            return [r[0] for r in await asyncio.gather(*(c.engine.generate(p, greedy(12)) for p in PROMPTS))]
+
+    assert run(main()) == want
+
+
+def test_unsupported_weight_format_is_a_clear_error(tmp_path):
+    from worker_core.shard import ShardError, load_shard
+
+    path = make_tiny_checkpoint("llama", tmp_path / "bin", num_layers=2)
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    import torch
+
+    with pytest.raises(ShardError, match="no model.safetensors"):
+        load_shard(path, 0, 1, torch.device("cpu"), torch.float32)
+
+
+def coverage_table() -> str:
+    rows = ["| architecture | status |", "| --- | --- |"]
+    rows += [f"| {a} | served: 3 stages token-identical to transformers (tested) |" for a in ARCHITECTURES]
+    rows += [f"| {a} | not yet: {why} |" for a, why in LEFT_OUT.items()]
+    return "\n".join(rows)
+
+
+def test_readme_coverage_table_is_current():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- arch-table:start -->\n(.*?)\n<!-- arch-table:end -->", text, re.S)
+    assert m, "README.md lacks the arch-table markers"
+    assert m.group(1) == coverage_table(), "README table out of date; expected:\n" + coverage_table()
+
+
+def test_a_stage_holds_only_its_own_tensors(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from worker_core.shard import load_shard
+
+    path = make_tiny_checkpoint("qwen2", tmp_path / "mem", num_layers=6, seed=9)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+
+    def nbytes(pred):
+        total = 0
+        for k, shape in sizes.items():
+            if pred(k):
+                n = 1
+                for d in shape:
+                    n *= d
+                total += 4 * n
+        return total
+
+    middle = load_shard(path, 2, 4, torch.device("cpu"), torch.float32)
+    held = sum(p.numel() * p.element_size() for p in middle.layers.parameters())
+    assert middle.embed is None and middle.lm_head is None and middle.norm is None
+    assert held == middle.weight_bytes == nbytes(lambda k: k.startswith(("model.layers.2.", "model.layers.3.")))
+    assert held < nbytes(lambda k: True) / 2

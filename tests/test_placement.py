@@ -1,0 +1,51 @@
+"""Placement for unequal machines, against hand-computed optima."""
+
+import pytest
+
+from master_core.placement import Member, ModelShape, PlacementError, plan_pipeline
+
+GB = 10**9
+# 40 layers of 0.5 GB, embeddings and head 1 GB each, no KV reserve (kept out for hand maths)
+SHAPE = ModelShape(num_layers=40, layer_bytes=GB // 2, first_bytes=GB, last_bytes=GB, kv_bytes_per_layer=0)
+
+
+def test_24gb_fast_8gb_slow_6gb_fast():
+    # by hand: with the 6 GB member in the middle it holds 12 layers; the slow one (3 s/layer)
+    # takes 7 at the end; the big fast one takes 21 first: slowest stage 21 s. Putting the
+    # 6 GB member at either end costs it 2 layers (the head/embeddings) and the best is 23 s.
+    members = [Member("A-24GB-fast", 24 * GB, 1.0), Member("B-8GB-slow", 8 * GB, 3.0), Member("C-6GB-fast", 6 * GB, 1.0)]
+    plan = plan_pipeline(SHAPE, members)
+    assert plan.step_seconds == pytest.approx(21.0)
+    assert plan.order == ("A-24GB-fast", "C-6GB-fast", "B-8GB-slow")
+    assert plan.ranges == ((0, 21), (21, 33), (33, 40))
+
+
+def test_equal_members_split_evenly():
+    members = [Member(f"m{i}", 24 * GB, 1.0) for i in range(4)]
+    plan = plan_pipeline(SHAPE, members)
+    assert plan.step_seconds == pytest.approx(10.0)
+    assert [b - a for a, b in plan.ranges] == [10, 10, 10, 10]
+
+
+def test_slow_link_member_gets_fewer_layers():
+    members = [Member("near", 24 * GB, 1.0, link_seconds=0.0), Member("far", 24 * GB, 1.0, link_seconds=10.0)]
+    plan = plan_pipeline(SHAPE, members)
+    assert plan.step_seconds == pytest.approx(25.0)  # near 25 layers; far 15 layers + 10 s of link
+    assert dict(zip(plan.order, [b - a for a, b in plan.ranges])) == {"near": 25, "far": 15}
+
+
+def test_infeasible_group_says_what_is_missing():
+    with pytest.raises(PlacementError, match=r"holds 14.0 GB but the model needs 22.0 GB.*8.0 GB more"):
+        plan_pipeline(SHAPE, [Member("a", 8 * GB, 1.0), Member("b", 6 * GB, 1.0)])
+    # enough memory in total, but no member can take the 6 GB head with a layer
+    big_head = ModelShape(num_layers=4, layer_bytes=GB, first_bytes=GB, last_bytes=6 * GB, kv_bytes_per_layer=0)
+    with pytest.raises(PlacementError, match="no split fits"):
+        plan_pipeline(big_head, [Member(f"m{i}", 5 * GB, 1.0) for i in range(3)])
+
+
+def test_kv_reserve_counts_against_memory():
+    shape = ModelShape(num_layers=10, layer_bytes=GB, first_bytes=0, last_bytes=0, kv_bytes_per_layer=GB)
+    plan = plan_pipeline(shape, [Member("a", 12 * GB, 1.0), Member("b", 12 * GB, 1.0)])
+    assert [b - a for a, b in plan.ranges] == [5, 5]
+    with pytest.raises(PlacementError):
+        plan_pipeline(shape, [Member("a", 10 * GB, 1.0), Member("b", 9 * GB, 1.0)])

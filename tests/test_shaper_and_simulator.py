@@ -1,0 +1,85 @@
+"""The link shaper keeps its delay and rate; the simulator runs the real scheduler sensibly."""
+
+import asyncio
+import time
+
+from harness import run
+from master_core.costs import CostSnapshot
+from master_core.scheduler import policy
+from master_core.simulator import SimModel, simulate
+from master_core.workload import make_workload, percentile, summarize
+from worker_core.shaper import LinkShaper
+
+
+def test_shaper_delay_and_rate():
+    async def main():
+        got: list[tuple[float, int]] = []
+
+        async def deliver(frame: bytes) -> None:
+            got.append((time.perf_counter(), len(frame)))
+
+        shaper = LinkShaper(0.05, 1_000_000, deliver)  # 50 ms, 1 MB/s
+        t0 = time.perf_counter()
+        await shaper.put(b"x" * 100)  # tiny: ~50 ms
+        await shaper.put(b"y" * 200_000)  # 200 ms on the wire behind it
+        await shaper.put(b"z" * 10)  # waits behind the big one
+        while len(got) < 3:
+            await asyncio.sleep(0.005)
+        shaper.close()
+        return [t - t0 for t, _ in got], [n for _, n in got]
+
+    times, sizes = run(main(), timeout=10)
+    assert sizes == [100, 200_000, 10]  # in order
+    assert 0.045 <= times[0] < 0.15
+    assert 0.245 <= times[1] < 0.40  # 0.2 s serialisation + 0.05 s delay
+    assert times[2] >= times[1]
+
+
+def test_shaper_off_is_a_passthrough():
+    async def main():
+        got = []
+
+        async def deliver(frame: bytes) -> None:
+            got.append(frame)
+
+        s = LinkShaper(0.0, None, deliver)
+        await s.put(b"a")
+        return got
+
+    assert run(main(), timeout=5) == [b"a"]
+
+
+def model(mbps: float, rtt: float, stages: int = 4) -> SimModel:
+    c = CostSnapshot((0.01,) * stages, (1e-4,) * stages, (rtt,) * stages, (mbps * 1e6 / 8,) * stages, 16384, 516)
+    return SimModel(c, kv_tokens=100_000)
+
+
+def test_simulator_finishes_every_request_deterministically():
+    wl = make_workload(60, 2.0, seed=3)
+    a = simulate(model(100, 0.02), wl, policy("full", 1024))
+    b = simulate(model(100, 0.02), wl, policy("full", 1024))
+    assert a == b
+    assert a["output_tokens"] == sum(w.output_tokens for w in wl) and a["requests"] == 60
+    assert a["fraction_of_bound"] <= 1.0 + 1e-9
+
+
+def test_simulated_techniques_help_on_slow_links():
+    wl = make_workload(80, 4.0, seed=1)
+    res = {p: simulate(model(20, 0.04), wl, policy(p, 1024)) for p in ("full", "no-chunking", "single-microbatch")}
+    assert res["full"]["output_tokens_per_s"] > 1.5 * res["single-microbatch"]["output_tokens_per_s"]
+    assert res["full"]["tpot_p99"] < 0.6 * res["no-chunking"]["tpot_p99"]
+
+
+def test_simulator_respects_a_small_kv_budget():
+    wl = make_workload(30, 5.0, seed=2)
+    m = model(1000, 0.001)
+    small = SimModel(m.costs, kv_tokens=1200)
+    r = simulate(small, wl, policy("full", 512))
+    assert r["output_tokens"] == sum(w.output_tokens for w in wl)
+
+
+def test_summary_and_percentiles():
+    assert percentile([3, 1, 2], 50) == 2 and percentile([], 50) is None and percentile(list(range(100)), 99) == 98
+    s = summarize([0.0, 1.0], [[0.5, 0.6, 0.7], [1.5, 2.0]], 5000, [1.0, 2.5])
+    assert s["output_tokens"] == 5 and s["seconds"] == 2.0 and s["ttft_p50"] == 0.5
+    assert s["pipeline_bound_tokens_per_s"] == 2.0 and s["bytes_per_output_token"] == 1000
