@@ -174,8 +174,10 @@ class Api:
         return reqs
 
     def _submit(self, prompt: list[int], params: SamplingParams) -> Request:
-        if not self.engine.group.serving.is_set() and self.engine.group.problem and "waiting" not in self.engine.group.problem:
-            raise ApiError(503, f"the group cannot serve: {self.engine.group.problem}", "service_unavailable")
+        g = self.engine.group
+        if not g.serving.is_set() and (len(g.live_links()) < self.engine.config.min_workers or not g.problem or "loading" not in g.problem):
+            # no pipeline and none being built (a re-plan in progress queues the request instead)
+            raise ApiError(503, f"the group cannot serve now: {g.problem or 'no pipeline'}", "service_unavailable")
         vocab = self.engine.group.model_config.vocab_size  # type: ignore[attr-defined]
         if any(t >= vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")

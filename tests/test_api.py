@@ -1,5 +1,6 @@
 """The HTTP API over a real group of a tiny model: answers, streaming, and 4xx for bad bodies."""
 
+import asyncio
 import json
 
 import aiohttp
@@ -96,5 +97,28 @@ def test_completions_match_reference_streaming_and_not(ckpt):
                 assert r.status == 200
                 msg = (await r.json())["choices"][0]["message"]
                 assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+
+    run(main())
+
+
+def test_queue_full_is_429_and_no_workers_is_503(ckpt):
+    async def main():
+        async with Cluster(ckpt, workers=1, max_running=1, max_queued=1) as c, aiohttp.ClientSession() as http:
+            body = {"model": c.master.model_id, "prompt": [5, 6, 7], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+            rs = await asyncio.gather(*(http.post(f"{c.base_url}/v1/completions", json=body) for _ in range(5)))
+            statuses = sorted(r.status for r in rs)
+            errors = [await r.json() for r in rs if r.status == 429]
+            for r in rs:
+                r.release()
+            assert statuses.count(200) >= 1 and statuses.count(429) >= 3
+            assert errors[0]["error"]["type"] == "rate_limit_error"
+            c.tasks[0].cancel()  # the only worker leaves
+            await asyncio.gather(*c.tasks, return_exceptions=True)
+            for _ in range(100):
+                if not c.master.group.live_links():
+                    break
+                await asyncio.sleep(0.05)
+            async with http.post(f"{c.base_url}/v1/completions", json=body) as r:
+                assert r.status == 503 and (await r.json())["error"]["type"] == "service_unavailable"
 
     run(main())
