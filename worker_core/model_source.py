@@ -3,6 +3,8 @@
 Contract: ``resolve(src)`` accepts
 * ``default``: the embedded SmolLM2-135M-Instruct, converted once into the user cache;
 * a path to a folder holding ``config.json`` and safetensors weights;
+* a path to a ``.gguf`` file: converted once (atomically, through transformers) to a float32
+  safetensors folder in the user cache;
 * a Hugging Face hub id ``owner/name``: downloaded (config, tokenizer, safetensors only) with
   ``huggingface_hub`` where the machine is online, or taken from its local hub cache.
 It returns an absolute folder path, or raises :class:`ModelSourceError` with one clear line.
@@ -31,7 +33,14 @@ def resolve(src: str) -> Path:
     path = Path(src).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            raise ModelSourceError(f"{path}: a GGUF file is not a servable source yet; give a safetensors checkpoint folder")
+            from .default_model import ensure_converted, gguf_model_dir
+
+            try:  # converted once, through transformers, to a float32 safetensors folder in the cache
+                return ensure_converted(path.resolve(), gguf_model_dir(path.resolve()))
+            except Exception as e:
+                raise ModelSourceError(f"{path}: transformers cannot read this GGUF file: {type(e).__name__}: {e}") from None
+        if path.is_file():
+            raise ModelSourceError(f"{path}: unsupported model file; give a GGUF file or a checkpoint folder (config.json + safetensors)")
         if not (path / "config.json").exists():
             raise ModelSourceError(f"{path}: not a checkpoint folder (no config.json)")
         return path.resolve()

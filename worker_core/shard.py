@@ -45,6 +45,8 @@ class Shard:
     layer_end: int
     num_layers: int
     embed: nn.Module | None  # first stage only
+    pos_embed: nn.Module | None  # first stage, families with learned positions (GPT-2 wpe)
+    embed_norm: nn.Module | None  # first stage, families that normalise embeddings (Bloom)
     layers: nn.ModuleList  # local index i is global layer layer_start + i
     windows: list[int | None]  # sliding window of each local layer (None: full attention)
     layer_types: list[str | None]  # config.layer_types of each local layer, where the family has them
@@ -54,6 +56,12 @@ class Shard:
     device: torch.device
     dtype: torch.dtype
     weight_bytes: int
+
+    @functools.cached_property
+    def layer_args(self) -> frozenset[str]:
+        """Keyword names the decoder layers take (the cache is ``cache`` or ``layer_past``;
+        ALiBi families take ``alibi``)."""
+        return frozenset(inspect.signature(self.layers[0].forward).parameters) if len(self.layers) else frozenset()
 
     @functools.cached_property
     def rotary_per_layer_type(self) -> bool:
@@ -133,7 +141,13 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
     if not 0 <= start < end <= num_layers:
         raise ShardError(f"layer range [{start}, {end}) outside a model of {num_layers} layers")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as e:  # the family has no SDPA path (e.g. Bloom): its eager attention takes the mask too
+            if "scaled_dot_product_attention" not in str(e):
+                raise
+            config._attn_implementation = "eager"
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     base, prefix, layers_attr = _decoder(model)
     all_layers = getattr(base, layers_attr)
@@ -154,8 +168,14 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
     norm_attr = next((a for a in ("norm", "final_layernorm", "ln_f", "norm_f") if getattr(base, a, None) is not None), None)
     norm = getattr(base, norm_attr) if norm_attr else None
+    pos_embed = getattr(base, "wpe", None)
+    embed_norm = getattr(base, "word_embeddings_layernorm", None)
     if not is_first:
         _detach(model, embed_name)
+        if pos_embed is not None:
+            _detach(model, f"{prefix}.wpe")
+        if embed_norm is not None:
+            _detach(model, f"{prefix}.word_embeddings_layernorm")
     if not is_last:
         if head_name:
             _detach(model, head_name)
@@ -209,6 +229,8 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
         layer_end=end,
         num_layers=num_layers,
         embed=embed if is_first else None,
+        pos_embed=pos_embed if is_first else None,
+        embed_norm=embed_norm if is_first else None,
         layers=kept,
         windows=windows,
         layer_types=layer_types,

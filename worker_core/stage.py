@@ -83,12 +83,20 @@ class StageRunner:
         cache = PackedCache(packed)
 
         x = tensor.to(sh.device)
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
         if sh.is_first:
             hidden = sh.embed(x).unsqueeze(0)  # type: ignore[misc]  # [1, T, hidden]
+            if sh.pos_embed is not None:  # learned absolute positions (GPT-2)
+                hidden = hidden + sh.pos_embed(positions)
+            if sh.embed_norm is not None:  # Bloom
+                hidden = sh.embed_norm(hidden)
         else:
             hidden = x.to(sh.dtype).unsqueeze(0)
-        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
         starts, lengths = [s.start for s in segments], [s.length for s in segments]
+        extra: dict[str, object] = {}
+        if "alibi" in sh.layer_args:  # Bloom, Falcon-ALiBi: a per-head bias on key positions
+            extra["alibi"] = packed_alibi(sh.config, starts, lengths, sh.dtype, sh.device)
+        cache_arg = "layer_past" if "layer_past" in sh.layer_args and "cache" not in sh.layer_args else "cache"
         masks: dict[int | None, torch.Tensor] = {}
         pos_embs: dict[str | None, object] = {}
         for layer, window, kind in zip(sh.layers, sh.windows, sh.layer_types):
@@ -102,9 +110,10 @@ class StageRunner:
                 hidden,
                 attention_mask=masks[window],
                 position_ids=positions,
-                cache=cache,
                 use_cache=True,
                 position_embeddings=pos_embs[kind],
+                **{cache_arg: cache},
+                **extra,
             )
             hidden = out[0] if isinstance(out, tuple) else out
         cache.commit()
@@ -144,3 +153,18 @@ def _finish_logits(config: object, logits: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def packed_alibi(config: object, starts: list[int], lengths: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """ALiBi biases for a packed step: [heads, 1, sum(start+length)], slope_h times each key's
+    position within its own request (a per-query constant shift does not change softmax)."""
+    if getattr(config, "model_type", "") == "falcon" and not getattr(config, "alibi", False):
+        return None
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    heads = int(getattr(config, "n_head", None) or getattr(config, "num_attention_heads"))
+    total = sum(s + n for s, n in zip(starts, lengths))
+    one = build_alibi_tensor(torch.ones(1, total, device=device), heads, torch.float32)  # [heads, 1, total]
+    slopes = one[:, :, 1:2] if total > 1 else torch.zeros(heads, 1, 1, device=device)
+    kpos = torch.cat([torch.arange(s + n, device=device) for s, n in zip(starts, lengths)]).float()
+    return (slopes * kpos.view(1, 1, -1)).to(dtype)
