@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="default", help=argparse.SUPPRESS)
     d.add_argument("--question", default="Explain in three sentences why the sky is blue.", help="the chat question")
     d.add_argument("--max-tokens", type=int, default=64, help="answer length limit (default 64)")
+    pr = sub.add_parser("probe", help="show what this machine can offer: GPUs, memory, CPU, measured speed, link to a master")
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    pr.add_argument("--master", default=None, help="HOST:PORT of a master to time the round trip to")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+
     b = sub.add_parser("bench", help="compare scheduling policies on emulated links (or --simulate a 70B model on GPUs)")
     b.add_argument("--simulate", action="store_true", help="use the simulator with a modelled 70B-class model on 4 and 8 GPUs")
     b.add_argument("--profiles", default="wan,slow", help="link profiles: lan (1 Gbit/s, 0.5 ms), wan (100 Mbit/s, 20 ms), slow (20 Mbit/s, 40 ms)")
@@ -134,6 +139,25 @@ def main(argv: list[str] | None = None) -> int:
                 print("molink: no API key stored; make one with `molink api-key --new`", file=sys.stderr)
                 return 1
             print(key)
+            return 0
+        if args.command == "probe":
+            import json
+
+            from worker_core.probe import probe
+
+            pr = probe(args.device, args.master)
+            if args.json:
+                print(json.dumps(pr.as_dict(), indent=2))
+                return 0
+            for g in pr.gpus:
+                print(f"GPU {g.index}: {g.name}, {g.free_memory / 2**30:.1f} of {g.total_memory / 2**30:.1f} GiB free, "
+                      f"compute {g.compute_capability}, driver {g.driver}")
+            if not pr.gpus:
+                print("GPU: none found (no NVIDIA driver): a worker here computes on the CPU")
+            print(f"CPU: {pr.cpu}, {pr.cpu_cores} cores; RAM {pr.ram_available / 2**30:.1f} of {pr.ram_total / 2**30:.1f} GiB available")
+            print(f"compute: {pr.device} in {pr.dtype}, {pr.matmul_gflops:.1f} GFLOP/s measured (128x2048 @ 2048x2048)")
+            if args.master:
+                print(f"link to {args.master}: " + (f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"))
             return 0
         if args.command == "bench":
             from pathlib import Path

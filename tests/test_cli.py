@@ -33,3 +33,34 @@ def test_unknown_device_and_bad_model_fail_in_one_line(capsys):
     assert cli.main(["master", "--model", "/no/such/folder", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "neither 'default', an existing folder, nor a hub id" in err and "Traceback" not in err
+
+
+def test_probe_without_gpu_reports_cpu_and_measures(capsys):
+    import json
+
+    from worker_core.probe import nvidia_gpus, probe
+
+    assert nvidia_gpus() == []  # no NVIDIA driver on the test machines: no GPU, no error
+    p = probe("cpu", master="127.0.0.1:9")  # nothing listens on port 9: unreachable, not an error
+    assert p.device == "cpu" and p.cpu_cores >= 1 and p.ram_total > p.ram_available > 0
+    assert p.matmul_gflops > 0.1 and p.rtt_ms is None
+    assert cli.main(["probe", "--device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["device"] == "cpu" and data["gpus"] == []
+
+
+def test_probe_times_the_round_trip_to_a_master(tmp_path):
+    from harness import Cluster, run
+    from tiny_models import make_tiny_checkpoint
+    from worker_core.probe import master_rtt_ms
+
+    ckpt = make_tiny_checkpoint("llama", tmp_path / "m", num_layers=2)
+
+    async def main():
+        async with Cluster(ckpt, workers=1) as c:
+            import asyncio
+
+            return await asyncio.to_thread(master_rtt_ms, c.master.address)
+
+    rtt = run(main())
+    assert rtt is not None and 0 < rtt < 1000

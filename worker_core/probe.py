@@ -1,0 +1,130 @@
+"""What this machine can offer the group: GPUs, memory, CPU, a measured speed, the link.
+
+Contract: ``probe(device="auto", master=None)`` returns a :class:`Probe`.  GPUs come from NVML
+(package ``nvidia-ml-py``, module ``pynvml``): name, total/free memory, compute capability
+and driver; no driver or no library means no GPU, never an error.  RAM and CPU come from
+``psutil``.  ``matmul_gflops`` is measured here: a short burst of ``[128 x 2048] @
+[2048 x 2048]`` matrix products on the chosen device in its compute dtype (a decode-like
+shape).  With ``master`` (``host:port``), ``rtt_ms`` is the best of five HTTP round trips to
+its ``/health``; bandwidth is measured by the master on real traffic, not here.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+
+from . import device as devices
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    total_memory: int  # bytes
+    free_memory: int  # bytes
+    compute_capability: str
+    driver: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    gpus: list[Gpu] = field(default_factory=list)
+    ram_total: int = 0  # bytes
+    ram_available: int = 0  # bytes
+    cpu: str = ""
+    cpu_cores: int = 0
+    device: str = "cpu"  # what a worker here would compute on
+    dtype: str = "float32"
+    matmul_gflops: float = 0.0
+    rtt_ms: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def nvidia_gpus() -> list[Gpu]:
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no device: a CPU machine
+        return []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append(Gpu(i, name.decode() if isinstance(name, bytes) else name, int(mem.total), int(mem.free), f"{major}.{minor}",
+                           driver.decode() if isinstance(driver, bytes) else driver))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def matmul_gflops(info: devices.DeviceInfo, seconds: float = 0.3) -> float:
+    a = torch.randn(128, 2048, device=info.device, dtype=info.dtype)
+    b = torch.randn(2048, 2048, device=info.device, dtype=info.dtype)
+    (a @ b).sum().item()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        c = a @ b
+        n += 1
+    c.sum().item()  # waits for the device
+    return n * 2 * 128 * 2048 * 2048 / (time.perf_counter() - t0) / 1e9
+
+
+def master_rtt_ms(master: str, tries: int = 5) -> float | None:
+    best = None
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(f"http://{master}/health", timeout=5) as r:
+                r.read()
+        except urllib.error.HTTPError:  # 503 while the group forms still measures the round trip
+            pass
+        except OSError:
+            return None
+        dt = (time.perf_counter() - t0) * 1000
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def probe(device: str = "auto", master: str | None = None) -> Probe:
+    info = devices.pick(device)
+    vm = psutil.virtual_memory()
+    from .wire import DTYPE_NAMES
+
+    return Probe(
+        gpus=nvidia_gpus(),
+        ram_total=vm.total,
+        ram_available=vm.available,
+        cpu=_cpu_name(),
+        cpu_cores=os.cpu_count() or 1,
+        device=str(info.device),
+        dtype=DTYPE_NAMES[info.dtype],
+        matmul_gflops=matmul_gflops(info),
+        rtt_ms=master_rtt_ms(master) if master else None,
+    )
