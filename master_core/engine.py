@@ -83,7 +83,6 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.preemptions = 0
-        self.steps_run = 0
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
         self._finish_hooks: list[Callable[[dict], None]] = []
         group.on_reset(self._on_reset)
@@ -269,7 +268,6 @@ class Engine:
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length
                 r.in_flight += 1
-            self.steps_run += 1
             try:
                 tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
                 logits = await self._relay(stages, epoch, chunks, tokens)

@@ -105,7 +105,7 @@ class Group:
                                     num_layers=self.num_layers,
                                     max_batch_tokens=self.config.max_batch_tokens,
                                     kv_tokens=kv_token_budget(
-                                        l.hello.free_memory, _weight_guess(l, a, b, self), kv_bytes * (b - a), self.config.max_kv_tokens
+                                        l.hello.free_memory, _weight_guess(a, b, self), kv_bytes * (b - a), self.config.max_kv_tokens
                                     ),
                                 ),
                                 self.config.assign_timeout,
@@ -169,7 +169,7 @@ def _kv_bytes_per_token(cfg: object) -> int:
     return 2 * int(heads) * int(head_dim) * 4
 
 
-def _weight_guess(link: WorkerLink, a: int, b: int, group: Group) -> int:
+def _weight_guess(a: int, b: int, group: Group) -> int:
     """Rough float32 weight bytes of layers [a, b) (12 h^2 per layer), for KV sizing only."""
     h = int(group.model_config.hidden_size)  # type: ignore[attr-defined]
     return (b - a) * 12 * h * h * 4

@@ -69,7 +69,6 @@ class WorkerLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.compute_seconds: deque[float] = deque(maxlen=64)  # per step, as the worker measured
-        self.overhead_seconds: deque[float] = deque(maxlen=64)  # round trip minus time at the worker
         self.steps = 0
         self.stage_cost = StageCost()  # forward seconds vs tokens, measured
         self.link_cost = LinkCost()  # network seconds vs bytes, measured
@@ -117,7 +116,6 @@ class WorkerLink:
         moved = sent + result.tensor.numel() * result.tensor.element_size()
         self.steps += 1
         self.compute_seconds.append(result.compute_seconds)
-        self.overhead_seconds.append(network)
         self.stage_cost.observe(sum(s.length for s in step.segments), result.compute_seconds)
         self.link_cost.observe(moved, network)
         self.compute_total += result.compute_seconds
