@@ -268,16 +268,24 @@ class Engine:
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length
                 r.in_flight += 1
+            failure: Exception | None = None
             try:
                 tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
                 logits = await self._relay(stages, epoch, chunks, tokens)
-                for r in reqs:
-                    r.in_flight -= 1
-                self._apply(epoch, chunks, logits)
             except (LinkGone, StepFailed, ProtocolError) as e:
+                failure = e
+            finally:
                 for r in reqs:
                     r.in_flight -= 1
-                self._step_failed(epoch, chunks, e)
+            try:
+                if failure is not None:
+                    self._step_failed(epoch, chunks, failure)
+                else:
+                    self._apply(epoch, chunks, logits)
+            except Exception as e:  # a bug must cost these requests, not the lane or anyone else
+                log.exception("micro-batch bookkeeping failed")
+                for r in reqs:
+                    self._finish(r, RequestState.FAILED, "error", f"internal error: {type(e).__name__}")
             finally:
                 done = [r.id for r in reqs if r.id not in self.running and r.in_flight == 0]
                 if done and self.group.epoch == epoch:
@@ -337,13 +345,17 @@ class Engine:
             req.retries = 0
             if not c.want_logits or req.computed < len(req.tokens):
                 continue
-            values, ids, lse = candidates(logits[row - 1], self.config.logits_topk)
-            s = sample(values, ids, lse, req.params, req.generator, req.output)
-            req.tokens.append(s.token_id)
-            self.tokens_generated += 1
-            if req.first_token_at is None:
-                req.first_token_at = now
-            self._emit(req, s.token_id, s.logprob, s.top_logprobs)
+            try:
+                values, ids, lse = candidates(logits[row - 1], self.config.logits_topk)
+                s = sample(values, ids, lse, req.params, req.generator, req.output)
+                req.tokens.append(s.token_id)
+                self.tokens_generated += 1
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                self._emit(req, s.token_id, s.logprob, s.top_logprobs)
+            except Exception as e:  # a bug costs this request only
+                log.exception("request %d: sampling or streaming failed", req.id)
+                self._finish(req, RequestState.FAILED, "error", f"internal error: {type(e).__name__}")
 
     def _emit(self, req: Request, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
         p = req.params

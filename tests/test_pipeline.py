@@ -131,3 +131,33 @@ def test_policies_give_identical_tokens(checkpoints, references):
 
     for name, tokens in run(main()).items():
         assert tokens == references["qwen2"], name
+
+
+def test_an_internal_error_fails_only_its_request(checkpoints, references, monkeypatch):
+    import master_core.engine as engine_mod
+
+    real_sample = engine_mod.sample
+    poisoned = {}
+
+    def flaky(values, ids, lse, params, generator, previous):
+        if params.seed == 666:
+            raise RuntimeError("boom")
+        return real_sample(values, ids, lse, params, generator, previous)
+
+    monkeypatch.setattr(engine_mod, "sample", flaky)
+
+    async def main():
+        async with Cluster(checkpoints["llama"], workers=2) as c:
+            bad = c.engine.submit(PROMPTS[1], greedy(24, seed=666))
+            good = await asyncio.gather(*(c.engine.generate(p, greedy(24)) for p in PROMPTS))
+            while True:
+                ev = await bad.events.get()
+                if type(ev).__name__ == "FinishEvent":
+                    poisoned["reason"] = ev.reason
+                    break
+            again = (await c.engine.generate(PROMPTS[0], greedy(24)))[0]
+            return [g[0] for g in good], again, len(c.engine.running)
+
+    good, again, running = run(main())
+    assert good == references["llama"] and again == references["llama"][0]
+    assert poisoned["reason"] == "error" and running == 0
