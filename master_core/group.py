@@ -4,7 +4,8 @@ Contract
 --------
 :class:`Group` holds every connected :class:`~master_core.link.WorkerLink` in join order.
 Whenever membership changes it re-plans: if at least ``min_workers`` live links exist it
-places layer ranges (:func:`~master_core.placement.place_layers`), bumps ``epoch``, sends each
+plans the pipeline order and layer ranges from each member's offered memory and measured
+speed (:func:`~master_core.placement.plan_pipeline`), bumps ``epoch``, sends each
 chosen worker its ``Assign`` and waits for every ``Ready``; then ``stages`` is the pipeline in
 order and ``serving`` is set.  While re-planning, or when too few workers remain, ``serving``
 is clear and ``stages`` empty.  Listeners registered with ``on_reset`` are called on every
@@ -21,9 +22,11 @@ from worker_core.wire import Assign
 
 from .config import MasterConfig
 from .link import LinkGone, LinkState, StepFailed, WorkerLink
-from .placement import PlacementError, kv_token_budget, place_layers
+from .placement import Member, ModelShape, PlacementError, kv_token_budget, plan_pipeline
 
 log = logging.getLogger("molink.group")
+
+KV_RESERVE_TOKENS = 2048  # KV room every stage must have beside its weights, in tokens
 
 
 class Group:
@@ -32,6 +35,9 @@ class Group:
         self.model_ref = model_ref  # what workers resolve: a folder path, hub id, or "default"
         self.model_config = model_config
         self.num_layers = int(model_config.num_hidden_layers)  # type: ignore[attr-defined]
+        self.layer_params: list[int] = []  # parameters per layer, embeddings, head (set by the master)
+        self.embed_params = 0
+        self.head_params = 0
         self.links: list[WorkerLink] = []
         self.stages: list[WorkerLink] = []
         self.epoch = 0
@@ -85,12 +91,11 @@ class Group:
                     return
                 epoch = self.epoch
                 try:
-                    ranges = place_layers(self.num_layers, [l.hello.free_memory for l in live])
+                    chosen = self._place(live)
                 except PlacementError as e:
-                    self.problem = str(e)
+                    self.problem = f"the group cannot hold the model: {e}"
                     log.error("cannot place the model: %s", e)
                     return
-                chosen = [(l, r) for l, r in zip(live, ranges) if r is not None]
                 kv_bytes = _kv_bytes_per_token(self.model_config)
                 self.problem = "loading layers on workers"
                 try:
@@ -141,6 +146,26 @@ class Group:
                 )
                 return
 
+    def _place(self, live: list[WorkerLink]) -> list[tuple[WorkerLink, tuple[int, int]]]:
+        """Pipeline order and ranges from each member's memory and measured speed."""
+        item = {"float32": 4, "float16": 2, "bfloat16": 2}
+        layer_params = max(self.layer_params) if self.layer_params else 0
+        itemsize = max(item.get(l.hello.dtype, 4) for l in live)
+        shape = ModelShape(
+            num_layers=self.num_layers,
+            layer_bytes=layer_params * itemsize,
+            first_bytes=self.embed_params * itemsize,
+            last_bytes=self.head_params * itemsize,
+            kv_bytes_per_layer=_kv_bytes_per_token(self.model_config) * KV_RESERVE_TOKENS,
+        )
+        # a start-up burst on CPUs that several workers share measures the contention, not
+        # the machine: speeds are used only when every member computes on its own GPU
+        on_gpus = all(l.hello.device.startswith("cuda") for l in live)
+        speeds = _relative_times([l.hello.gflops for l in live]) if on_gpus else [1.0] * len(live)
+        members = [Member(str(i), l.hello.free_memory, t) for i, (l, t) in enumerate(zip(live, speeds))]
+        plan = plan_pipeline(shape, members)
+        return [(live[int(name)], rng) for name, rng in zip(plan.order, plan.ranges)]
+
     def describe(self) -> list[dict]:
         """Members as plain data (for /health and the dashboard)."""
         out = []
@@ -160,6 +185,22 @@ class Group:
                 }
             )
         return out
+
+
+def _relative_times(gflops: list[float]) -> list[float]:
+    """Relative time per layer of each member from its measured speed.  A start-up burst is
+    noisy (members often share a machine or warm up), so speeds within a factor of two of the
+    group's median count as equal; only clearly faster or slower machines get more or fewer
+    layers."""
+    known = sorted(g for g in gflops if g > 0)
+    if not known:
+        return [1.0] * len(gflops)
+    median = known[len(known) // 2]
+    out = []
+    for g in gflops:
+        ratio = g / median if g > 0 else 1.0
+        out.append(1.0 if 0.5 <= ratio <= 2.0 else 1.0 / ratio)
+    return out
 
 
 def _kv_bytes_per_token(cfg: object) -> int:

@@ -1,54 +1,25 @@
-"""Place contiguous ranges of decoder layers on workers in proportion to what each can hold.
+"""Place contiguous ranges of decoder layers on the members of a group.
 
-Contract: pure.  ``place_layers(num_layers, capacities)`` takes each worker's usable memory
-(bytes, in pipeline order) and returns one ``(start, end)`` range per worker used, covering
-``[0, num_layers)`` in order, every range non-empty, sizes proportional to capacity (largest
-remainder rounding).  With more workers than layers only the largest ``num_layers`` take part;
-the result then lists ``None`` for the others.  ``kv_token_budget`` turns memory left after
-weights into a KV cache size in tokens.
+Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV cache size
+in tokens.
 
-``plan_pipeline(shape, members)`` is the planner for unequal machines: given each member's
-memory, measured speed and link, it picks the pipeline order and contiguous ranges that
-minimise the slowest stage (so maximise throughput), honouring every member's memory
-(weights, embeddings on the first stage, head on the last, a KV reserve per layer), or
-raises :class:`PlacementError` saying what is missing.
+``plan_pipeline(shape, members)``: given each member's memory, measured speed and link, it
+picks the pipeline order and contiguous ranges that minimise the slowest stage (so maximise
+throughput), honouring every member's memory (weights, embeddings on the first stage, head
+on the last, a KV reserve per layer); among equally fast plans it prefers the one in which
+every member takes part.  Raises :class:`PlacementError` saying what is missing.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 
 class PlacementError(ValueError):
     """The group cannot hold the model."""
-
-
-def place_layers(num_layers: int, capacities: Sequence[int]) -> list[tuple[int, int] | None]:
-    if num_layers < 1:
-        raise PlacementError("a model needs at least one layer")
-    if not capacities:
-        raise PlacementError("no workers to place layers on")
-    if any(c <= 0 for c in capacities):
-        raise PlacementError("every worker must report positive memory")
-    order = sorted(range(len(capacities)), key=lambda i: -capacities[i])
-    used = sorted(order[:num_layers])
-    total = sum(capacities[i] for i in used)
-    shares = {i: num_layers * capacities[i] / total for i in used}
-    counts = {i: max(1, int(shares[i])) for i in used}
-    while sum(counts.values()) > num_layers:  # too many after the minimum of one each
-        i = max((i for i in used if counts[i] > 1), key=lambda i: counts[i] - shares[i])
-        counts[i] -= 1
-    while sum(counts.values()) < num_layers:  # largest remainder first
-        i = max(used, key=lambda i: shares[i] - counts[i])
-        counts[i] += 1
-    out: list[tuple[int, int] | None] = [None] * len(capacities)
-    start = 0
-    for i in used:
-        out[i] = (start, start + counts[i])
-        start += counts[i]
-    return out
 
 
 def kv_token_budget(free_bytes: int, weight_bytes: int, bytes_per_token: int, cap: int) -> int:
@@ -88,28 +59,61 @@ def _stage_bytes(shape: ModelShape, layers: int, first: bool, last: bool) -> int
     return layers * (shape.layer_bytes + shape.kv_bytes_per_layer) + (shape.first_bytes if first else 0) + (shape.last_bytes if last else 0)
 
 
+def _max_layers(shape: ModelShape, m: Member, limit: float, first: bool, last: bool) -> int:
+    """Most layers ``m`` can take within time ``limit`` and its memory, at that position."""
+    per = shape.layer_bytes + shape.kv_bytes_per_layer
+    room = m.memory - (shape.first_bytes if first else 0) - (shape.last_bytes if last else 0)
+    by_mem = room // per if room >= 0 else -1
+    by_time = math.floor((limit - m.link_seconds) / m.seconds_per_layer + 1e-9) if m.seconds_per_layer > 0 else shape.num_layers
+    return max(0, min(shape.num_layers, by_mem, by_time))
+
+
 def _fits_order(shape: ModelShape, members: Sequence[Member], limit: float) -> list[int] | None:
     """Greedy: each member in turn takes as many layers as time ``limit`` and its memory
-    allow; None when the layers do not all fit."""
+    allow (members may be left out); None when the layers do not all fit."""
     left = shape.num_layers
     counts: list[int] = []
-    for i, m in enumerate(members):
-        last_possible = i == len(members) - 1
-        best = 0
-        for n in range(left, 0, -1):
-            is_last = n == left
-            if m.link_seconds + n * m.seconds_per_layer > limit + 1e-12:
-                continue
-            if _stage_bytes(shape, n, not counts or all(c == 0 for c in counts), is_last) <= m.memory:
-                best = n
-                break
-        counts.append(best)
-        left -= best
-        if left == 0:
+    for m in members:
+        first = not any(counts)
+        if _max_layers(shape, m, limit, first, True) >= left:
+            counts.append(left)  # it can finish the model: it is the last stage
             return counts + [0] * (len(members) - len(counts))
-        if last_possible:
-            return None
+        take = min(_max_layers(shape, m, limit, first, False), left - 1)
+        counts.append(take)
+        left -= take
     return None
+
+
+def _spread_over_all(shape: ModelShape, members: Sequence[Member], limit: float) -> list[int] | None:
+    """Every member takes part (first is first, last is last): start from what each could take
+    within ``limit`` and give back the surplus from the slowest stages; None if impossible."""
+    n = len(members)
+    caps = [_max_layers(shape, m, limit, i == 0, i == n - 1) for i, m in enumerate(members)]
+    if min(caps) < 1 or sum(caps) < shape.num_layers or n > shape.num_layers:
+        return None
+    counts = list(caps)
+    for _ in range(sum(caps) - shape.num_layers):
+        i = max((i for i in range(n) if counts[i] > 1), key=lambda i: members[i].link_seconds + counts[i] * members[i].seconds_per_layer)
+        counts[i] -= 1
+    return counts
+
+
+def _bottleneck(fill, shape: ModelShape, order: Sequence[Member]) -> tuple[float, list[int]] | None:
+    """Smallest time limit under which ``fill`` places every layer, and its counts."""
+    hi = max(m.link_seconds + shape.num_layers * m.seconds_per_layer for m in order)
+    if fill(shape, order, hi) is None:
+        return None
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if fill(shape, order, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    counts = fill(shape, order, hi)
+    if counts is None:
+        return None
+    return max(m.link_seconds + c * m.seconds_per_layer for m, c in zip(order, counts) if c > 0), counts
 
 
 def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: int = 7) -> Plan:
@@ -136,27 +140,19 @@ def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: 
         orders = [sorted(members, key=lambda m: m.seconds_per_layer)]
     best: Plan | None = None
     for order in orders:
-        hi = max(m.link_seconds + shape.num_layers * m.seconds_per_layer for m in order)
-        if _fits_order(shape, order, hi) is None:
-            continue
-        lo = 0.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if _fits_order(shape, order, mid) is None:
-                lo = mid
-            else:
-                hi = mid
-        counts = _fits_order(shape, order, hi)
-        if counts is None:  # cannot happen: hi stays feasible; skip the order rather than crash
-            continue
-        used = [(m, c) for m, c in zip(order, counts) if c > 0]
-        ranges, start = [], 0
-        for _, c in used:
-            ranges.append((start, start + c))
-            start += c
-        step = max(m.link_seconds + c * m.seconds_per_layer for m, c in used)
-        if best is None or step < best.step_seconds - 1e-12:
-            best = Plan(tuple(m.name for m, _ in used), tuple(ranges), step)
+        # prefer every member taking part when that is as fast as leaving some out
+        for fill in (_spread_over_all, _fits_order):
+            found = _bottleneck(fill, shape, order)
+            if found is None:
+                continue
+            step, counts = found
+            if best is None or step < best.step_seconds - 1e-9:
+                used = [(m, c) for m, c in zip(order, counts) if c > 0]
+                ranges, start = [], 0
+                for _, c in used:
+                    ranges.append((start, start + c))
+                    start += c
+                best = Plan(tuple(m.name for m, _ in used), tuple(ranges), step)
     if best is None:
         largest = max(members, key=lambda m: m.memory)
         raise PlacementError(

@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from worker_core import model_source
-from worker_core.shard import load_config
+from worker_core.shard import load_config, parameter_counts
 from worker_core.wire import Hello, ProtocolError, decode, frame_bound
 
 from .api import Api, error_middleware
@@ -80,6 +80,8 @@ class Master:
         # a folder by path (same machine or shared disk), a hub id from the hub.
         ref = cfg.model if cfg.model == model_source.DEFAULT else str(folder)
         self.group = Group(cfg, ref, model_config)
+        layers, embed, head = await asyncio.to_thread(parameter_counts, folder)
+        self.group.layer_params, self.group.embed_params, self.group.head_params = layers, embed, head
         context = int(getattr(model_config, "max_position_embeddings", 2048) or 2048)
         self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), context)
         self.max_frame = frame_bound(cfg.max_batch_tokens, model_config.hidden_size, model_config.vocab_size)

@@ -28,7 +28,8 @@ def run(coro: Awaitable[T], timeout: float = 300.0) -> T:
 
 
 class Cluster:
-    def __init__(self, folder: Path | str, workers: int = 3, **master: Any) -> None:
+    def __init__(self, folder: Path | str, workers: int = 3, worker_options: list[dict] | None = None, **master: Any) -> None:
+        self.worker_options = worker_options or [{} for _ in range(workers)]
         master.setdefault("min_workers", workers)
         self.config = MasterConfig(model=str(folder), port=0, heartbeat=2.0, **master)
         self.n = workers
@@ -38,7 +39,7 @@ class Cluster:
         self.master = Master(self.config)
         await self.master.start()
         for i in range(self.n):
-            self.add_worker(f"w{i}")
+            self.add_worker(f"w{i}", **self.worker_options[i])
         await self.settled(self.n)
         return self
 

@@ -49,3 +49,54 @@ def test_kv_reserve_counts_against_memory():
     assert [b - a for a, b in plan.ranges] == [5, 5]
     with pytest.raises(PlacementError):
         plan_pipeline(shape, [Member("a", 10 * GB, 1.0), Member("b", 9 * GB, 1.0)])
+
+
+def test_group_places_by_offered_memory_and_explains_what_is_missing(tmp_path):
+    import asyncio
+
+    from harness import Cluster, greedy, run
+    from master_core.config import MasterConfig
+    from master_core.server import Master
+    from tiny_models import make_tiny_checkpoint, reference_greedy
+    from worker_core.worker import WorkerConfig, serve
+
+    path = make_tiny_checkpoint("llama", tmp_path / "m", num_layers=4, seed=3)
+    prompt = [7, 8, 9, 10]
+    want = reference_greedy(path, prompt, 10)
+
+    async def unequal():
+        # w1 offers room for one layer (plus its KV reserve) only
+        opts = [{"memory_limit": 64 * 2**20}, {"memory_limit": 800_000}, {"memory_limit": 64 * 2**20}]
+        async with Cluster(path, workers=3, worker_options=opts) as c:
+            sizes = {l.name: l.assignment.layer_end - l.assignment.layer_start for l in c.master.group.stages}
+            return sizes, (await c.engine.generate(prompt, greedy(10)))[0]
+
+    sizes, got = run(unequal())
+    assert sizes["w1"] == 1 and sum(sizes.values()) == 4 and len(sizes) == 3
+    assert got == want
+
+    async def too_small():
+        master = Master(MasterConfig(model=str(path), port=0, min_workers=1))
+        await master.start()
+        task = asyncio.create_task(serve(WorkerConfig(master=master.address, device="cpu", name="tiny", reconnect=False, memory_limit=300_000)))
+        try:
+            for _ in range(200):
+                if master.group.problem and "cannot hold" in master.group.problem:
+                    return master.group.problem
+                await asyncio.sleep(0.05)
+            return master.group.problem
+        finally:
+            await master.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    problem = run(too_small())
+    assert "cannot hold the model" in problem and "GB more" in problem
+
+
+def test_relative_times_ignore_noise_but_not_real_differences():
+    from master_core.group import _relative_times
+
+    assert _relative_times([70.0, 95.0, 60.0]) == [1.0, 1.0, 1.0]  # within 2x of the median: equal
+    assert _relative_times([100.0, 100.0, 20.0]) == [1.0, 1.0, 5.0]  # a clearly slower member
+    assert _relative_times([0.0, 0.0]) == [1.0, 1.0]  # unknown speeds

@@ -3,22 +3,11 @@
 import pytest
 import torch
 
-from master_core.placement import PlacementError, kv_token_budget, place_layers
+from master_core.placement import kv_token_budget
 from master_core.request import Request, RequestState, SamplingParams
 from master_core.sampling import candidates, sample as sample_row
 from master_core.scheduler import Candidate, Chunk, microbatch_share, plan_microbatch
 from master_core.text import TextStream
-
-
-def test_placement_proportional_and_contiguous():
-    assert place_layers(30, [8, 8, 8]) == [(0, 10), (10, 20), (20, 30)]
-    assert place_layers(30, [24, 8, 6]) == [(0, 19), (19, 25), (25, 30)]
-    assert place_layers(2, [1, 5, 3]) == [None, (0, 1), (1, 2)]
-    assert place_layers(3, [1000, 1, 1]) == [(0, 1), (1, 2), (2, 3)]
-    with pytest.raises(PlacementError):
-        place_layers(4, [])
-    with pytest.raises(PlacementError):
-        place_layers(4, [3, 0])
 
 
 def test_kv_budget():

@@ -12,7 +12,7 @@ from worker_core.wire import (
 )
 
 MESSAGES = [
-    Hello("w1", "cpu", "x86_64", 10**10, 5 * 10**9, "float32"),
+    Hello("w1", "cpu", "x86_64", 10**10, 5 * 10**9, "float32", 75.5),
     Assign(3, "/models/x", 0, 10, 30, 512, 4096),
     Ready(3, 576, 49152, 1.5, 123456),
     Free((1, 2, 3)),
@@ -65,9 +65,9 @@ BAD_FRAMES = {
     "free negative id": _frame(wire.Kind.FREE, {"request_ids": [-1]}),
     "free with payload": _frame(wire.Kind.FREE, {"request_ids": []}, b"xx"),
     "hello missing field": _frame(wire.Kind.HELLO, {"name": "x"}),
-    "hello bool as int": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": True, "free_memory": 1, "dtype": "float32"}),
-    "hello bad dtype": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "object"}),
-    "hello huge name": _frame(wire.Kind.HELLO, {"name": "x" * 10000, "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "float32"}),
+    "hello bool as int": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": True, "free_memory": 1, "dtype": "float32", "gflops": 1.0}),
+    "hello bad dtype": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "object", "gflops": 1.0}),
+    "hello huge name": _frame(wire.Kind.HELLO, {"name": "x" * 10000, "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "float32", "gflops": 1.0}),
     "assign inverted range": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 5, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4}),
     "ready nan": _frame(wire.Kind.READY, b'{"epoch":1,"hidden_size":4,"vocab_size":4,"load_seconds":NaN,"weight_bytes":1}'),
     "step payload too short": _frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD[:-1]),

@@ -273,3 +273,32 @@ def _detach(model: nn.Module, dotted: str) -> None:
     parent_name, _, attr = dotted.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, None)
+
+
+def parameter_counts(folder: Path) -> tuple[list[int], int, int]:
+    """(parameters of each decoder layer, of the input embeddings, of the LM head) from the
+    checkpoint's headers only (no tensor is read).  A tied head counts as the embeddings."""
+    files = checkpoint_files(folder)
+    layer_re = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+    per_layer: dict[int, int] = {}
+    embed = head = other = 0
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                n = 1
+                for d in f.get_slice(name).get_shape():
+                    n *= d
+                m = layer_re.search(name)
+                if m:
+                    per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + n
+                elif "embed" in name or name.endswith(("wte.weight", "word_embeddings.weight")):
+                    embed += n
+                elif "lm_head" in name:
+                    head += n
+                else:
+                    other += n
+    layers = [per_layer[i] for i in sorted(per_layer)]
+    return layers, embed + other, head or embed

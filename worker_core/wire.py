@@ -78,8 +78,9 @@ class Hello:
     device: str  # "cpu" | "cuda:0" ...
     device_name: str  # human readable, e.g. "NVIDIA GeForce RTX 3080" or the CPU model
     total_memory: int  # bytes usable for weights + KV on the device
-    free_memory: int  # bytes free now
+    free_memory: int  # bytes this worker offers for weights + KV
     dtype: str  # compute dtype the worker will use, one of DTYPES
+    gflops: float = 0.0  # measured matmul speed at start-up (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def encode(msg: Message) -> bytes:
     """Serialize one message to one frame."""
     payload = b""
     if isinstance(msg, Hello):
-        kind, h = Kind.HELLO, {k: getattr(msg, k) for k in ("name", "device", "device_name", "total_memory", "free_memory", "dtype")}
+        kind, h = Kind.HELLO, {k: getattr(msg, k) for k in ("name", "device", "device_name", "total_memory", "free_memory", "dtype", "gflops")}
     elif isinstance(msg, Assign):
         kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens")}
     elif isinstance(msg, Ready):
@@ -325,6 +326,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             total_memory=_int(h, "total_memory"),
             free_memory=_int(h, "free_memory"),
             dtype=_dtype_name(h, "dtype"),
+            gflops=_float(h, "gflops"),
         )
     if kind is Kind.ASSIGN:
         a = Assign(

@@ -46,6 +46,7 @@ class WorkerConfig:
     link_delay_ms: float = 0.0  # emulated one-way delay per direction (measurement only)
     link_mbps: float | None = None  # emulated bandwidth per direction in Mbit/s (None: unlimited)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    memory_limit: int | None = None  # bytes offered to the group (None: all that is free)
 
 
 class _Session:
@@ -111,8 +112,9 @@ class _Session:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
 
 
-async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict) -> None:
+async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, gflops: float) -> None:
     info = devices.pick(config.device)
+    offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)
     url = f"ws://{config.master}/v1/tunnel"
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url, max_msg_size=CONNECT_FRAME_LIMIT, compress=0, heartbeat=config.heartbeat) as ws:
@@ -122,7 +124,7 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
             uplink = LinkShaper(delay, rate, ws.send_bytes)
             session = _Session(ws, executor, shards, config.device, uplink)
             await session.send(
-                Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, info.free_memory, _dtype_name(info))
+                Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, offered, _dtype_name(info), gflops)
             )
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -174,12 +176,15 @@ async def serve(config: WorkerConfig) -> None:
         torch.set_num_threads(config.threads)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-stage")
     shards: dict = {}
+    from .probe import matmul_gflops
+
+    gflops = await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, devices.pick(config.device), 0.2)
     delay = config.retry_seconds
     try:
         while True:
             t0 = time.monotonic()
             try:
-                await _connect_once(config, executor, shards)
+                await _connect_once(config, executor, shards, gflops)
                 log.warning("tunnel to %s closed", config.master)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 log.warning("cannot reach master %s: %s", config.master, e)
