@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--link-delay-ms", type=float, default=0.0, help="emulate this one-way link delay per direction (measurement)")
     w.add_argument("--link-mbps", type=float, default=None, help="emulate this link bandwidth per direction, Mbit/s (measurement)")
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads for this worker")
+    w.add_argument("--memory-limit", type=float, default=None, help="GB of memory to offer the group (default: all that is free)")
 
     d = sub.add_parser("demo", help="master + 3 local workers on the default model; ask one question")
     d.add_argument("--serve", action="store_true", help="keep the API up until interrupted")
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 link_delay_ms=args.link_delay_ms,
                 link_mbps=args.link_mbps,
                 threads=args.threads,
+                memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
                 **({"name": args.name} if args.name else {}),
             )
             return _run(lambda: serve(wcfg))
