@@ -31,8 +31,31 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("api-key", help="print the stored API key, or make a new one with --new")
     k.add_argument("--new", action="store_true", help="create and store a new key")
 
+    g = sub.add_parser("group", help="a paired group: create it, hand out pairing codes, list or remove members")
+    gsub = g.add_subparsers(dest="group_command", required=True)
+    gc = gsub.add_parser("create", help="make a group on this machine, run its master, print a pairing code")
+    gc.add_argument("--model", default="default", help="checkpoint folder, .gguf file, hub id, or 'default'")
+    gc.add_argument("--host", default="0.0.0.0", help="address of the group port (default all interfaces)")
+    gc.add_argument("--port", type=int, default=7733, help="group port: pairing and worker tunnels (default 7733)")
+    gc.add_argument("--api-port", type=int, default=8000, help="OpenAI-compatible API on 127.0.0.1 (default 8000)")
+    gc.add_argument("--name", default="", help="group name shown to joiners (default: host name)")
+    gc.add_argument("--min-workers", type=int, default=1, help="serve once this many workers joined (default 1)")
+    for verb, text in (("code", "print a fresh pairing code"), ("members", "list the group's members")):
+        gsub.add_parser(verb, help=text).add_argument("--data-dir", default=None, help="the group's folder (default: the user data folder)")
+    gr = gsub.add_parser("remove", help="revoke a member at once")
+    gr.add_argument("member", help="member name, as `molink group members` shows it")
+    gr.add_argument("--data-dir", default=None, help="the group's folder")
+    gc.add_argument("--data-dir", default=None, help="folder for the group's state (default: the user data folder)")
+
+    j = sub.add_parser("join", help="pair this machine with a group using the code its owner read to you")
+    j.add_argument("code", help="the pairing code, e.g. 47-8203-1956")
+    j.add_argument("--master", default=None, help="HOST:PORT of the group port (default: found on the LAN by mDNS)")
+    j.add_argument("--data-dir", default=None, help="folder for this machine's identity and membership (default: the user data folder)")
+    j.add_argument("--name", default=None, help="name to show the group (default: host name)")
+
     w = sub.add_parser("worker", help="serve the layers the master assigns, over a tunnel dialled out to it")
-    w.add_argument("--master", required=True, help="HOST:PORT of the master")
+    w.add_argument("--master", default=None, help="HOST:PORT of an unpaired loopback master (plain, unauthenticated: tests only)")
+    w.add_argument("--data-dir", default=None, help="the joined group's folder (default: the user data folder)")
     w.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     w.add_argument("--name", default=None, help="name shown to the group (default: host name)")
     w.add_argument("--link-delay-ms", type=float, default=0.0, help="emulate this one-way link delay per direction (measurement)")
@@ -114,13 +137,78 @@ def main(argv: list[str] | None = None) -> int:
             )
             cfg.validate()
             return _run(lambda: run_master(cfg))
+        if args.command == "group":
+            from . import group
+
+            if args.group_command == "create":
+                from master_core.config import MasterConfig
+
+                cfg = MasterConfig(
+                    model=args.model,
+                    port=args.api_port,
+                    min_workers=args.min_workers,
+                    data_dir=str(group.data_dir(args.data_dir)),
+                    group_host=args.host,
+                    group_port=args.port,
+                    group_name=args.name,
+                )
+                cfg.validate()
+                return _run(lambda: group.create(cfg))
+            folder = group.data_dir(args.data_dir)
+            try:
+                if args.group_command == "code":
+                    print(f"Pairing code: {group.admin(folder, 'POST', '/admin/code')['code']}")
+                    print("  (single use, valid 5 minutes)")
+                elif args.group_command == "members":
+                    info = group.admin(folder, "GET", "/admin/members")
+                    print(f"group {info['group']!r}: {len(info['members'])} member(s)")
+                    for m in info["members"]:
+                        print(f"  {m['name']:<24} {'connected' if m['connected'] else 'offline':<10} certificate {m['fingerprint'][:16]}")
+                else:
+                    group.admin(folder, "DELETE", f"/admin/members/{args.member}")
+                    print(f"removed {args.member}: its certificate is no longer accepted")
+            except group.GroupCommandError as e:
+                print(f"molink: {e}", file=sys.stderr)
+                return 1
+            return 0
+        if args.command == "join":
+            from . import group
+
+            async def joining() -> int:
+                try:
+                    print(await group.join(args.code, args.master, group.data_dir(args.data_dir), args.name))
+                    return 0
+                except group.GroupCommandError as e:
+                    print(f"molink: cannot join: {e}", file=sys.stderr)
+                    return 1
+
+            return _run(joining)
         if args.command == "worker":
             from worker_core import device
             from worker_core.worker import WorkerConfig, serve
 
             device.pick(args.device)  # fail fast on a device that does not exist
+            tls, master, folder = None, args.master, None
+            if master is None:
+                from worker_core.identity import client_context, load_or_create
+                from worker_core.pairing import JoinedGroup, PairingError
+
+                from .group import data_dir
+
+                folder = data_dir(args.data_dir)
+                try:
+                    joined = JoinedGroup.load(folder)
+                except PairingError as e:
+                    raise ValueError(str(e)) from None
+                identity = load_or_create(folder / "identity", joined.name)
+                tls = client_context(identity, joined.master_cert)
+                host = f"[{joined.master_host}]" if ":" in joined.master_host else joined.master_host
+                master = f"{host}:{joined.master_port}"
+                args.name = args.name or joined.name
             wcfg = WorkerConfig(
-                master=args.master,
+                master=master,
+                tls=tls,
+                weights_dir=folder / "weights" if folder else None,
                 device=args.device,
                 link_delay_ms=args.link_delay_ms,
                 link_mbps=args.link_mbps,

@@ -34,9 +34,16 @@ class MasterConfig:
     assign_timeout: float = 900.0  # seconds a worker may take to load its layers
     heartbeat: float = 5.0  # seconds between tunnel pings
     step_retries: int = 3  # times a request is replayed after a failed step before it fails
+    # a paired group (``molink group create``): state lives in data_dir; workers pair, then
+    # open mutually authenticated TLS tunnels on group_host:group_port and receive their
+    # weights from the master.  None: plain tunnels on the API port, loopback only (tests).
+    data_dir: str | None = None
+    group_host: str = "0.0.0.0"  # address of the group port (tunnels and pairing)
+    group_port: int = 7733  # 0 picks a free port (tests)
+    group_name: str = ""  # shown to joiners (default: this machine's host name)
 
     def validate(self) -> None:
-        if not 0 <= self.port <= 65535:
+        if not 0 <= self.port <= 65535 or not 0 <= self.group_port <= 65535:
             raise ValueError(f"port {self.port} out of range")
         if self.min_workers < 1:
             raise ValueError("--min-workers must be at least 1")

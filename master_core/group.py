@@ -18,10 +18,12 @@ import asyncio
 import logging
 from typing import Callable
 
+from worker_core.weights import manifest_digest
 from worker_core.wire import Assign
 
 from .config import MasterConfig
 from .link import LinkGone, LinkState, StepFailed, WorkerLink
+from .weight_source import WeightSource
 from .placement import Member, ModelShape, PlacementError, kv_token_budget, plan_pipeline
 
 log = logging.getLogger("molink.group")
@@ -48,6 +50,14 @@ class Group:
         self._replan_lock = asyncio.Lock()
         self._replan_task: asyncio.Task | None = None
         self.closing = False  # set by the master on shutdown: departures are expected then
+        self.weights: WeightSource | None = None  # set in a paired group: workers get weights from us
+
+    async def _delivery(self, start: int, end: int) -> dict[str, object]:
+        """Assign fields that make the master deliver the range's weights (paired groups)."""
+        if self.weights is None:
+            return {}
+        config_json, specs = await asyncio.to_thread(self.weights.manifest, start, end)
+        return {"model": manifest_digest(config_json, specs), "config_json": config_json, "manifest": tuple(specs)}
 
     def on_reset(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -72,6 +82,7 @@ class Group:
     def _schedule_replan(self) -> None:
         self._invalidate()
         self._replan_task = asyncio.get_running_loop().create_task(self._replan())
+        self._replan_task.add_done_callback(_log_failure)
 
     def _invalidate(self) -> None:
         self.serving.clear()
@@ -98,26 +109,20 @@ class Group:
                     return
                 kv_bytes = _kv_bytes_per_token(self.model_config)
                 self.problem = "loading layers on workers"
-                try:
-                    readies = await asyncio.gather(
-                        *(
-                            l.assign(
-                                Assign(
-                                    epoch=epoch,
-                                    model=self.model_ref,
-                                    layer_start=a,
-                                    layer_end=b,
-                                    num_layers=self.num_layers,
-                                    max_batch_tokens=self.config.max_batch_tokens,
-                                    kv_tokens=kv_token_budget(
-                                        l.hello.free_memory, _weight_guess(a, b, self), kv_bytes * (b - a), self.config.max_kv_tokens
-                                    ),
-                                ),
-                                self.config.assign_timeout,
-                            )
-                            for l, (a, b) in chosen
-                        )
+                assignments = []
+                for l, (a, b) in chosen:
+                    try:
+                        fields = {"model": self.model_ref, **await self._delivery(a, b)}
+                    except Exception as e:  # an unreadable checkpoint: nothing a re-plan can fix
+                        self.problem = f"cannot prepare the weights of layers [{a}, {b}): {type(e).__name__}: {e}"
+                        log.exception("cannot prepare the weights of layers [%d, %d)", a, b)
+                        return
+                    kv = kv_token_budget(l.hello.free_memory, _weight_guess(a, b, self), kv_bytes * (b - a), self.config.max_kv_tokens)
+                    assignments.append(
+                        Assign(epoch=epoch, layer_start=a, layer_end=b, num_layers=self.num_layers, max_batch_tokens=self.config.max_batch_tokens, kv_tokens=kv, **fields)  # type: ignore[arg-type]
                     )
+                try:
+                    readies = await asyncio.gather(*(l.assign(asg, self.config.assign_timeout) for (l, _), asg in zip(chosen, assignments)))
                 except (LinkGone, StepFailed, asyncio.TimeoutError) as e:
                     log.warning("assignment failed, re-planning: %s", e or type(e).__name__)
                     for l, _ in chosen:
@@ -214,3 +219,8 @@ def _weight_guess(a: int, b: int, group: Group) -> int:
     """Rough float32 weight bytes of layers [a, b) (12 h^2 per layer), for KV sizing only."""
     h = int(group.model_config.hidden_size)  # type: ignore[attr-defined]
     return (b - a) * 12 * h * h * 4
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("re-planning failed", exc_info=task.exception())

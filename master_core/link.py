@@ -25,9 +25,12 @@ from enum import Enum
 
 from aiohttp import WSMsgType, web
 
-from worker_core.wire import Assign, Failure, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
+from worker_core.wire import Assign, Chunk, Failure, Fetch, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
 
 from .costs import LinkCost, StageCost
+from .weight_source import WeightSource
+
+MAX_FETCHES = 32  # weight chunk requests one worker may have open at once
 
 log = logging.getLogger("molink.link")
 
@@ -51,11 +54,15 @@ _step_ids = itertools.count(1)
 
 
 class WorkerLink:
-    def __init__(self, ws: web.WebSocketResponse, hello: Hello, peer: str, max_frame_bytes: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, hello: Hello, peer: str, max_frame_bytes: int, weights: WeightSource | None = None) -> None:
         self.ws = ws
         self.hello = hello
         self.peer = peer
         self.name = hello.name
+        self.weights = weights  # paired groups: this worker may fetch the weights of its assignment
+        self.member: str | None = None  # paired groups: the member this tunnel authenticated as
+        self._fetches: set[asyncio.Task] = set()
+        self.weight_bytes_sent = 0
         self.max_frame_bytes = max_frame_bytes
         self.state = LinkState.CONNECTING
         self.assignment: Assign | None = None
@@ -159,6 +166,14 @@ class WorkerLink:
                 raise ProtocolError(f"unexpected Ready for epoch {msg.epoch}")
             if not waiter.done():
                 waiter.set_result(msg)
+        elif isinstance(msg, Fetch):
+            if self.weights is None or self.assignment is None or not any(t.sha256 == msg.sha256 for t in self.assignment.manifest):
+                raise ProtocolError("Fetch of a tensor outside this worker's assignment")
+            if len(self._fetches) >= MAX_FETCHES:
+                raise ProtocolError(f"more than {MAX_FETCHES} weight chunks asked for at once")
+            task = asyncio.get_running_loop().create_task(self._serve_chunk(msg))
+            self._fetches.add(task)
+            task.add_done_callback(self._fetches.discard)
         elif isinstance(msg, Failure):
             fut = self._pending.get(msg.step_id)
             if fut is not None and not fut.done():
@@ -169,6 +184,22 @@ class WorkerLink:
                 log.warning("worker %s reports: %s", self.name, msg.message)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from a worker")
+
+    async def _serve_chunk(self, msg: Fetch) -> None:
+        weights = self.weights
+        if weights is None:  # checked by _dispatch
+            return
+        try:
+            data, sha = await asyncio.to_thread(weights.read, msg.sha256, msg.offset, msg.length)
+        except (ValueError, OSError) as e:
+            log.error("worker %s asked for weights we cannot give: %s", self.name, e)
+            self.close_with(f"protocol error: {e}")
+            return
+        try:
+            await self._send(Chunk(msg.sha256, msg.offset, sha, data))
+            self.weight_bytes_sent += len(data)
+        except LinkGone:
+            pass
 
     async def run_reader(self) -> None:
         try:
@@ -202,6 +233,8 @@ class WorkerLink:
                 fut.set_exception(err)
         if self._ready_waiter is not None and not self._ready_waiter.done():
             self._ready_waiter.set_exception(err)
+        for task in list(self._fetches):
+            task.cancel()
 
 
 def next_step_id() -> int:

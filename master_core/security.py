@@ -8,6 +8,8 @@ the worker tunnel (which issue 4 secures with mutual TLS):
 * a request carrying an ``Origin`` must come from the same origin: a foreign page gets 403.
   No CORS header is ever sent, so browsers keep foreign pages out of the responses too;
 * with an API key configured, ``/v1/*`` requires ``Authorization: Bearer <key>`` (401 else);
+* ``/admin/*`` (paired groups: pairing codes, members) requires ``Authorization: Bearer
+  <admin token>``, the per-launch token the master writes to its data directory (0600);
 * ``/dashboard`` and its data require the per-launch dashboard token (``?token=`` on the
   page, the ``X-MoLink-Token`` header on its data requests), or 401; its static script and
   style (no secrets) do not.
@@ -34,13 +36,14 @@ class GuardPolicy:
     hosts: frozenset[str]  # lower-case host names (without port) this server answers to
     api_key: str | None
     dashboard_token: str
+    admin_token: str = ""  # /admin/* (paired groups) needs "Authorization: Bearer <token>"
 
     @staticmethod
-    def build(bind_host: str, port: int, allowed_hosts: tuple[str, ...], api_key: str | None, dashboard_token: str) -> "GuardPolicy":
+    def build(bind_host: str, port: int, allowed_hosts: tuple[str, ...], api_key: str | None, dashboard_token: str, admin_token: str = "") -> "GuardPolicy":
         names = {*LOOPBACK_NAMES, *(h.lower() for h in allowed_hosts)}
         if bind_host not in ("0.0.0.0", "::"):
             names.add(f"[{bind_host}]" if ":" in bind_host else bind_host.lower())
-        return GuardPolicy(port, frozenset(names), api_key, dashboard_token)
+        return GuardPolicy(port, frozenset(names), api_key, dashboard_token, admin_token)
 
     def host_ok(self, host: str | None) -> bool:
         """``host`` is a Host header: ``name:port`` or ``[v6]:port`` (port omitted only for 80)."""
@@ -86,6 +89,10 @@ def guard_middleware(current: Callable[[], GuardPolicy | None]) -> Any:
             scheme, _, key = auth.partition(" ")
             if scheme.lower() != "bearer" or not _equal(key.strip(), policy.api_key):
                 return ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error", code="invalid_api_key").response()
+        if path.startswith("/admin/"):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if not policy.admin_token or scheme.lower() != "bearer" or not _equal(token.strip(), policy.admin_token):
+                return ApiError(401, "the admin API needs the token in the group's admin.json", "authentication_error").response()
         if path == "/dashboard" or (path.startswith("/dashboard/") and not path.startswith("/dashboard/static/")):
             token = request.query.get("token") or request.headers.get("X-MoLink-Token")
             if not _equal(token, policy.dashboard_token):

@@ -1,20 +1,35 @@
-"""The master process: one aiohttp server on one port for worker tunnels and the HTTP API.
+"""The master process: the HTTP API (and dashboard) and the worker tunnels.
 
 Contract
 --------
 ``Master(config)``; ``await start()`` resolves the model (folder, hub id or the embedded
-default), loads its tokenizer and config (never its weights: workers hold those), and
-listens on ``config.host:config.port`` (``port`` 0 picks a free one; ``master.port`` tells).
-Workers dial ``ws://HOST:PORT/v1/tunnel``; the first frame must be a ``Hello`` within
-``HELLO_TIMEOUT`` seconds, or the connection is closed.  ``await stop()`` closes tunnels
-and the listener.  The model's weights never pass through this process in this version.
+default), loads its tokenizer and config, and serves the API on ``config.host:config.port``
+(``port`` 0 picks a free one; ``master.port`` tells).
+
+Two ways in for workers:
+
+* a paired group (``config.data_dir`` set): the group port (:class:`~master_core.group_port.
+  GroupPort`, mutual TLS, members pinned by certificate) takes pairings and tunnels; workers
+  receive the weights of their range from this process (:class:`~master_core.weight_source.
+  WeightSource`).  The API port gains ``/admin/*`` (code, members, remove), which needs the
+  per-launch admin token written to ``data_dir/admin.json`` (mode 0600) for the CLI.  The
+  group is announced on the LAN by mDNS.
+* otherwise, plain unauthenticated ``ws://HOST:PORT/v1/tunnel`` on the API port, only when
+  that port is bound to loopback (tests, the demo), with a loud warning.
+
+A tunnel's first frame must be a ``Hello`` within ``HELLO_TIMEOUT`` seconds, or it is closed.
+``await stop()`` closes tunnels and listeners.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import os
 import secrets
+import socket
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
@@ -24,7 +39,7 @@ from worker_core.shard import load_config, parameter_counts
 from worker_core.wire import Hello, ProtocolError, decode, frame_bound
 
 from .api import Api, error_middleware
-from .config import MasterConfig
+from .config import MasterConfig, is_loopback
 from .dashboard import Dashboard
 from .engine import Engine
 from .group import Group
@@ -90,18 +105,29 @@ class Master:
         self.metrics = Metrics(self.engine)
         self.dashboard_token = secrets.token_urlsafe(24)  # new every launch
 
+        self.admin_token = secrets.token_urlsafe(24)  # new every launch
+        self.group_port = None
+        self._advertiser = None
         self._policy: GuardPolicy | None = None
         app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[error_middleware, guard_middleware(lambda: self._policy)])
-        app.add_routes(
-            [web.get("/v1/tunnel", self._tunnel), *self.api.routes(), *self.dashboard.routes(), web.get("/metrics", self.metrics.handler)]
-        )
+        app.add_routes([*self.api.routes(), *self.dashboard.routes(), web.get("/metrics", self.metrics.handler)])
+        if cfg.data_dir is not None:
+            await self._start_group(Path(cfg.data_dir), folder)
+            app.add_routes(self._admin_routes())
+        elif is_loopback(cfg.host):
+            app.add_routes([web.get("/v1/tunnel", self._plain_tunnel)])
+            log.warning("UNAUTHENTICATED plain worker tunnels on %s: any local process can join; for tests and the demo only", cfg.host)
+        else:
+            log.warning("no worker tunnels: %s is not loopback and this master has no paired group (molink group create)", cfg.host)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         # the guard needs the real port, known only now (port 0 picks one)
-        self._policy = GuardPolicy.build(cfg.host, self.port, cfg.allowed_hosts, cfg.api_key, self.dashboard_token)
+        self._policy = GuardPolicy.build(cfg.host, self.port, cfg.allowed_hosts, cfg.api_key, self.dashboard_token, self.admin_token)
+        if cfg.data_dir is not None:
+            self._write_admin_file(Path(cfg.data_dir))
         self._engine_task = asyncio.create_task(self.engine.run())
         self.dashboard.start()
         log.info("master for %s listening on http://%s:%d (%d layers; waiting for %d worker(s))", self.model_id, cfg.host, self.port, self.group.num_layers, cfg.min_workers)
@@ -116,7 +142,75 @@ class Master:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+    # ------------------------------------------------------------------ paired group
+    async def _start_group(self, data_dir: Path, folder: Path) -> None:
+        from worker_core.discovery import Advertiser
+        from worker_core.identity import load_or_create
+
+        from .group_port import GroupPort
+        from .invitations import Invitations
+        from .members import Members
+        from .weight_source import WeightSource
+
+        cfg = self.config
+        identity = await asyncio.to_thread(load_or_create, data_dir / "identity", "molink-master")
+        self.members = Members.open(data_dir, identity, cfg.group_name or socket.gethostname())
+        self.invitations = Invitations()
+        self.group.weights = await asyncio.to_thread(WeightSource, folder, data_dir / "hashes.json")
+        self.group_port = GroupPort(identity, self.members, self.invitations, self._accept_tunnel)
+        await self.group_port.start(cfg.group_host, cfg.group_port)
+        self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)
+        await self._advertiser.start()
+        log.info("group %r: pairing and mutual-TLS tunnels on %s:%d (%d member(s))", self.members.group, cfg.group_host, self.group_port.port, len(self.members.members()))
+
+    def _write_admin_file(self, data_dir: Path) -> None:
+        path = data_dir / "admin.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"api": f"127.0.0.1:{self.port}" if self.config.host in ("0.0.0.0", "::") else f"{self.config.host}:{self.port}", "token": self.admin_token, "pid": os.getpid()}, f)
+        os.replace(tmp, path)
+
+    def new_code(self) -> str:
+        import time
+
+        return self.invitations.issue(time.monotonic())
+
+    def remove_member(self, name: str) -> bool:
+        if not self.members.remove(name):
+            return False
+        for link in list(self.group.links):
+            if link.member == name:
+                link.close_with("removed from the group")
+        return True
+
+    def _admin_routes(self) -> list[web.RouteDef]:
+        async def code(request: web.Request) -> web.Response:
+            from .invitations import Refused
+
+            try:
+                return web.json_response({"code": self.new_code(), "expires_in": 300})
+            except Refused as e:
+                return web.json_response({"error": str(e)}, status=429)
+
+        async def members(request: web.Request) -> web.Response:
+            online = {l.member for l in self.group.live_links()}
+            rows = [{"name": m.name, "fingerprint": m.fingerprint, "joined": m.joined, "connected": m.name in online} for m in self.members.members()]
+            return web.json_response({"group": self.members.group, "members": rows})
+
+        async def remove(request: web.Request) -> web.Response:
+            name = request.match_info["name"]
+            if not self.remove_member(name):
+                return web.json_response({"error": f"no member named {name!r}"}, status=404)
+            return web.json_response({"removed": name})
+
+        return [web.post("/admin/code", code), web.get("/admin/members", members), web.delete("/admin/members/{name}", remove)]
+
+    # ------------------------------------------------------------------ tunnels
+    async def _plain_tunnel(self, request: web.Request) -> web.StreamResponse:
+        return await self._accept_tunnel(request, None)
+
+    async def _accept_tunnel(self, request: web.Request, member: str | None) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=self.config.heartbeat)
         await ws.prepare(request)
         peer = request.remote or "?"
@@ -131,7 +225,10 @@ class Master:
             log.error("tunnel from %s refused: %s", peer, e or "no Hello in time")
             await ws.close(code=1002, message=b"protocol error")
             return ws
-        link = WorkerLink(ws, hello, peer, self.max_frame)
+        if member is not None:
+            hello = dataclasses.replace(hello, name=member)  # the group knows it by its member name
+        link = WorkerLink(ws, hello, peer, self.max_frame, self.group.weights)
+        link.member = member
         self.group.add(link)
         try:
             await link.run_reader()
@@ -146,6 +243,10 @@ class Master:
     async def stop(self) -> None:
         self.group.closing = True
         self.dashboard.stop()
+        if self._advertiser is not None:
+            await self._advertiser.stop()
+        if self.group_port is not None:
+            await self.group_port.stop()
         if self._engine_task:
             self._engine_task.cancel()
         for link in list(self.group.links):

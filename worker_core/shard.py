@@ -133,10 +133,28 @@ def _layer_window(config: object, layer: nn.Module, global_idx: int) -> int | No
     return window
 
 
-def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: torch.dtype) -> Shard:
+@dataclass
+class _Skeleton:
+    """A range's model on ``meta`` and the checkpoint tensors that fill it."""
+
+    config: object
+    model: nn.Module
+    base: nn.Module
+    kept: nn.ModuleList
+    windows: list[int | None]
+    layer_types: list[str | None]
+    embed: nn.Module
+    pos_embed: nn.Module | None
+    embed_norm: nn.Module | None
+    norm: nn.Module | None
+    head: nn.Module | None
+    num_layers: int
+    plan: dict[str, tuple[str, list[str]]]  # local parameter -> (how to build it, checkpoint keys)
+
+
+def _skeleton(config: object, names: set[str] | dict, start: int, end: int, dtype: torch.dtype, where: object) -> _Skeleton:
     from transformers import AutoModelForCausalLM
 
-    config = load_config(folder)
     num_layers = int(config.num_hidden_layers)  # type: ignore[attr-defined]
     if not 0 <= start < end <= num_layers:
         raise ShardError(f"layer range [{start}, {end}) outside a model of {num_layers} layers")
@@ -146,7 +164,7 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
         except ValueError as e:  # the family has no SDPA path (e.g. Bloom): its eager attention takes the mask too
             if "scaled_dot_product_attention" not in str(e):
                 raise
-            config._attn_implementation = "eager"
+            config._attn_implementation = "eager"  # type: ignore[attr-defined]
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     base, prefix, layers_attr = _decoder(model)
@@ -183,22 +201,35 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
             _detach(model, f"{prefix}.{norm_attr}")
 
     # Which checkpoint tensors fill which local parameter.
-    files = checkpoint_files(folder)
     layer_re = re.compile(rf"^{re.escape(prefix)}\.{layers_attr}\.(\d+)\.(.*)$")
     plan: dict[str, tuple[str, list[str]]] = {}
     missing: list[str] = []
     for local_name in model.state_dict().keys():
         m = layer_re.match(local_name)
         name = f"{prefix}.{layers_attr}.{int(m.group(1)) + start}.{m.group(2)}" if m else local_name
-        if head_name and local_name == f"{head_name}.weight" and name not in files:
+        if head_name and local_name == f"{head_name}.weight" and name not in names:
             name = f"{embed_name}.weight"  # tied embeddings
-        found = checkpoint_keys.sources(name, files)
+        found = checkpoint_keys.sources(name, names)  # type: ignore[arg-type]
         if found is None:
             missing.append(name)
         else:
             plan[local_name] = found
     if missing:
-        raise ShardError(f"checkpoint {folder} lacks {len(missing)} tensors of layers [{start}, {end}), e.g. {missing[:3]}")
+        raise ShardError(f"checkpoint {where} lacks {len(missing)} tensors of layers [{start}, {end}), e.g. {missing[:3]}")
+    return _Skeleton(config, model, base, kept, windows, layer_types, embed, pos_embed, embed_norm, norm, head, num_layers, plan)
+
+
+def needed_tensors(folder: Path, start: int, end: int) -> list[str]:
+    """Names of the checkpoint tensors that layers ``[start, end)`` read (headers only)."""
+    sk = _skeleton(load_config(folder), checkpoint_files(folder), start, end, torch.float32, folder)
+    return sorted({k for _, keys in sk.plan.values() for k in keys})
+
+
+def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: torch.dtype) -> Shard:
+    files = checkpoint_files(folder)
+    sk = _skeleton(load_config(folder), files, start, end, dtype, folder)
+    config, model, base, plan, num_layers = sk.config, sk.model, sk.base, sk.plan, sk.num_layers
+    is_first, is_last = start == 0, end == num_layers
 
     needed = sorted({k for _, keys in plan.values() for k in keys})
     loaded: dict[str, torch.Tensor] = {}
@@ -228,15 +259,15 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
         layer_start=start,
         layer_end=end,
         num_layers=num_layers,
-        embed=embed if is_first else None,
-        pos_embed=pos_embed if is_first else None,
-        embed_norm=embed_norm if is_first else None,
-        layers=kept,
-        windows=windows,
-        layer_types=layer_types,
+        embed=sk.embed if is_first else None,
+        pos_embed=sk.pos_embed if is_first else None,
+        embed_norm=sk.embed_norm if is_first else None,
+        layers=sk.kept,
+        windows=sk.windows,
+        layer_types=sk.layer_types,
         rotary=rotary,
-        norm=norm if is_last else None,
-        lm_head=head if is_last else None,
+        norm=sk.norm if is_last else None,
+        lm_head=sk.head if is_last else None,
         device=device,
         dtype=dtype,
         weight_bytes=weight_bytes,

@@ -8,7 +8,7 @@ Contract
 
   ``header`` is UTF-8 JSON (at most ``MAX_HEADER_BYTES``) holding the message's fields;
   ``payload`` is the raw bytes of at most one tensor, described in the header by
-  ``{"dtype": str, "shape": [int, ...]}``.  Tensors are rebuilt with ``torch.frombuffer``:
+  ``{"dtype": str, "shape": [int, ...]}`` (a weight ``Chunk`` carries plain bytes instead).  Tensors are rebuilt with ``torch.frombuffer``:
   network bytes are never unpickled or ``torch.load``-ed.
 * :func:`decode` parses a frame into one of the typed message classes below, checking every
   field (types, ranges, lengths, dtype, shape against byte length, the frame size limit).  Any
@@ -30,11 +30,15 @@ from typing import Any, Union
 
 import torch
 
+from .weights import TensorSpec
+
 PROTOCOL_VERSION = 1
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
 MAX_HEADER_BYTES = 256 * 1024
+MAX_ASSIGN_HEADER_BYTES = 16 * 1024 * 1024  # an Assign carries the range's tensor manifest
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # weight bytes in one Chunk
 MAX_FRAME_BYTES = 1 << 30  # absolute ceiling; connections use a tighter computed bound
 MAX_TENSOR_DIMS = 4
 MAX_SEGMENTS = 4096
@@ -65,6 +69,8 @@ class Kind(IntEnum):
     RESULT = 5
     FREE = 6
     FAILURE = 7
+    FETCH = 8
+    CHUNK = 9
 
 
 # --------------------------------------------------------------------------- messages
@@ -94,6 +100,10 @@ class Assign:
     num_layers: int  # layers in the whole model
     max_batch_tokens: int  # upper bound on tokens in one step
     kv_tokens: int  # KV cache budget of this stage, in tokens over all requests
+    # weights delivered by the master (paired groups): the model's config.json and the
+    # tensors of this range; empty: the worker reads ``model`` itself
+    config_json: str = ""
+    manifest: tuple[TensorSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,7 +169,27 @@ class Failure:
     step_id: int = -1
 
 
-Message = Union[Hello, Assign, Ready, Step, Result, Free, Failure]
+@dataclass(frozen=True)
+class Fetch:
+    """worker -> master: send bytes ``[offset, offset + length)`` of the tensor with this hash
+    (one listed in the current Assign's manifest)."""
+
+    sha256: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """master -> worker: the bytes a ``Fetch`` asked for, with their own SHA-256."""
+
+    sha256: str  # the tensor's
+    offset: int
+    chunk_sha256: str
+    data: bytes = field(repr=False)
+
+
+Message = Union[Hello, Assign, Ready, Step, Result, Free, Failure, Fetch, Chunk]
 
 
 # --------------------------------------------------------------------------- field parsing
@@ -198,6 +228,23 @@ def _dtype_name(h: dict[str, Any], key: str) -> str:
     if v not in DTYPES:
         raise ProtocolError(f"field {key!r}: unsupported dtype {v!r}")
     return v
+
+
+def _sha(h: dict[str, Any], key: str) -> str:
+    v = h.get(key)
+    if type(v) is not str or len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+        raise ProtocolError(f"field {key!r} must be a hex SHA-256")
+    return v
+
+
+def _manifest(h: dict[str, Any]) -> tuple[TensorSpec, ...]:
+    raw = h.get("manifest", [])
+    if type(raw) is not list or len(raw) > 1 << 18:
+        raise ProtocolError("'manifest' must be a list of tensor specs")
+    try:
+        return tuple(TensorSpec.parse(x) for x in raw)
+    except ValueError as e:
+        raise ProtocolError(f"bad manifest entry: {e}") from None
 
 
 def _segments(h: dict[str, Any]) -> tuple[Segment, ...]:
@@ -260,7 +307,8 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Hello):
         kind, h = Kind.HELLO, {k: getattr(msg, k) for k in ("name", "device", "device_name", "total_memory", "free_memory", "dtype", "gflops")}
     elif isinstance(msg, Assign):
-        kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens")}
+        kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens", "config_json")}
+        h["manifest"] = [s.as_json() for s in msg.manifest]
     elif isinstance(msg, Ready):
         kind, h = Kind.READY, {k: getattr(msg, k) for k in ("epoch", "hidden_size", "vocab_size", "load_seconds", "weight_bytes")}
     elif isinstance(msg, Step):
@@ -280,10 +328,14 @@ def encode(msg: Message) -> bytes:
         kind, h = Kind.FREE, {"request_ids": list(msg.request_ids)}
     elif isinstance(msg, Failure):
         kind, h = Kind.FAILURE, {"message": msg.message, "step_id": msg.step_id}
+    elif isinstance(msg, Fetch):
+        kind, h = Kind.FETCH, {"sha256": msg.sha256, "offset": msg.offset, "length": msg.length}
+    elif isinstance(msg, Chunk):
+        kind, h, payload = Kind.CHUNK, {"sha256": msg.sha256, "offset": msg.offset, "chunk_sha256": msg.chunk_sha256}, msg.data
     else:
         raise TypeError(f"not a wire message: {type(msg).__name__}")
     header = json.dumps(h, separators=(",", ":")).encode()
-    if len(header) > MAX_HEADER_BYTES:
+    if len(header) > (MAX_ASSIGN_HEADER_BYTES if kind is Kind.ASSIGN else MAX_HEADER_BYTES):
         raise ValueError("header too large")
     return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, len(header)) + header + payload
 
@@ -302,12 +354,12 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         raise ProtocolError("bad magic: not a MoLink frame")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} unsupported (this side speaks {PROTOCOL_VERSION})")
-    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(view):
-        raise ProtocolError("bad header length")
     try:
         kind = Kind(kind_raw)
     except ValueError:
         raise ProtocolError(f"unknown message kind {kind_raw}") from None
+    if hlen > (MAX_ASSIGN_HEADER_BYTES if kind is Kind.ASSIGN else MAX_HEADER_BYTES) or _PREFIX.size + hlen > len(view):
+        raise ProtocolError("bad header length")
     try:
         h = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -315,7 +367,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
     if type(h) is not dict:
         raise ProtocolError("header must be a JSON object")
     payload = view[_PREFIX.size + hlen :]
-    if kind not in (Kind.STEP, Kind.RESULT) and len(payload):
+    if kind not in (Kind.STEP, Kind.RESULT, Kind.CHUNK) and len(payload):
         raise ProtocolError(f"{kind.name} carries no payload")
 
     if kind is Kind.HELLO:
@@ -337,6 +389,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             num_layers=_int(h, "num_layers", 1, 1 << 16),
             max_batch_tokens=_int(h, "max_batch_tokens", 1, MAX_POSITION),
             kv_tokens=_int(h, "kv_tokens", 1, MAX_ID),
+            config_json=_str(h, "config_json", 1 << 20),
+            manifest=_manifest(h),
         )
         if not a.layer_start < a.layer_end <= a.num_layers:
             raise ProtocolError("layer range out of bounds")
@@ -371,6 +425,12 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         if type(ids) is not list or len(ids) > 1 << 16 or any(type(i) is not int or not 0 <= i <= MAX_ID for i in ids):
             raise ProtocolError("'request_ids' must be a list of non-negative integers")
         return Free(request_ids=tuple(ids))
+    if kind is Kind.FETCH:
+        return Fetch(sha256=_sha(h, "sha256"), offset=_int(h, "offset"), length=_int(h, "length", 1, MAX_CHUNK_BYTES))
+    if kind is Kind.CHUNK:
+        if len(payload) > MAX_CHUNK_BYTES:
+            raise ProtocolError("chunk too large")
+        return Chunk(sha256=_sha(h, "sha256"), offset=_int(h, "offset"), chunk_sha256=_sha(h, "chunk_sha256"), data=bytes(payload))
     return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
 
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 
@@ -28,11 +30,13 @@ from . import model_source
 from .shaper import LinkShaper
 from .shard import load_shard
 from .stage import StageRunner, StepRejected
-from .wire import Assign, Failure, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
+from .weights import WeightCache
+from .wire import Assign, Chunk, Failure, Fetch, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
 
 log = logging.getLogger("molink.worker")
 
 CONNECT_FRAME_LIMIT = 512 * 1024 * 1024  # bytes; frames beyond this are refused by aiohttp
+CHUNK_TIMEOUT = 120.0  # seconds to wait for one weight chunk
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,19 @@ class WorkerConfig:
     link_mbps: float | None = None  # emulated bandwidth per direction in Mbit/s (None: unlimited)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     memory_limit: int | None = None  # bytes offered to the group (None: all that is free)
+    tls: ssl.SSLContext | None = None  # paired group: mutual TLS pinned to the master (None: plain, loopback only)
+    weights_dir: Path | None = None  # cache of weights the master delivers (None: the user cache)
 
 
 class _Session:
     """State of one tunnel connection."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, executor: ThreadPoolExecutor, shards: dict, device: str, uplink: LinkShaper) -> None:
+    def __init__(
+        self, ws: aiohttp.ClientWebSocketResponse, executor: ThreadPoolExecutor, shards: dict, device: str, uplink: LinkShaper, weights: WeightCache
+    ) -> None:
         self.ws = ws
+        self.weights = weights
+        self._chunks: dict[tuple[str, int], asyncio.Future] = {}
         self.uplink = uplink
         self.executor = executor
         self.shards = shards  # (model, start, end) -> Shard, kept across reconnects
@@ -63,6 +73,38 @@ class _Session:
 
     async def send(self, msg: object) -> None:
         await self.uplink.put(encode(msg))  # type: ignore[arg-type]
+
+    async def request_chunk(self, sha256: str, offset: int, length: int) -> tuple[bytes, str]:
+        fut = asyncio.get_running_loop().create_future()
+        self._chunks[(sha256, offset)] = fut
+        try:
+            await self.send(Fetch(sha256, offset, length))
+            chunk: Chunk = await asyncio.wait_for(fut, CHUNK_TIMEOUT)
+            return chunk.data, chunk.chunk_sha256
+        finally:
+            self._chunks.pop((sha256, offset), None)
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        fut = self._chunks.get((chunk.sha256, chunk.offset))
+        if fut is None or fut.done():
+            log.debug("late or unasked weight chunk ignored")
+            return
+        fut.set_result(chunk)
+
+    async def _resolve(self, msg: Assign) -> Path:
+        """The checkpoint folder for an assignment: delivered weights, or the model source."""
+        if not msg.manifest:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, model_source.resolve, msg.model)
+        specs = list(msg.manifest)
+        missing = self.weights.missing(specs)
+        if missing:
+            total = sum(s.nbytes for s in missing)
+            log.info("fetching %d tensors (%.1f MB) of layers [%d, %d) from the master", len(missing), total / 1e6, msg.layer_start, msg.layer_end)
+            t0 = time.perf_counter()
+            received = await self.weights.fetch(specs, self.request_chunk)
+            dt = time.perf_counter() - t0
+            log.info("weights received: %.1f MB in %.2f s (%.1f MB/s)", received / 1e6, dt, received / 1e6 / max(dt, 1e-9))
+        return self.weights.folder(msg.model, msg.config_json, specs)
 
     async def handle(self, msg: object, arrived: float) -> None:
         loop = asyncio.get_running_loop()
@@ -75,7 +117,7 @@ class _Session:
                 self.shards.clear()  # one shard at a time: free the old range first
                 try:
                     info = devices.pick(self.device)
-                    folder = await loop.run_in_executor(self.executor, model_source.resolve, msg.model)
+                    folder = await self._resolve(msg)
                     shard = await loop.run_in_executor(
                         self.executor, load_shard, folder, msg.layer_start, msg.layer_end, info.device, info.dtype
                     )
@@ -112,32 +154,45 @@ class _Session:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
 
 
-async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, gflops: float) -> None:
+async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, gflops: float, weights: WeightCache) -> None:
     info = devices.pick(config.device)
     offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)
-    url = f"ws://{config.master}/v1/tunnel"
+    if config.tls is not None:
+        from .pairing import TUNNEL_SNI
+
+        url, tls = f"wss://{config.master}/v1/tunnel", {"ssl": config.tls, "server_hostname": TUNNEL_SNI}
+    else:
+        url, tls = f"ws://{config.master}/v1/tunnel", {}
     async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(url, max_msg_size=CONNECT_FRAME_LIMIT, compress=0, heartbeat=config.heartbeat) as ws:
+        async with http.ws_connect(url, max_msg_size=CONNECT_FRAME_LIMIT, compress=0, heartbeat=config.heartbeat, **tls) as ws:
             log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
             delay = config.link_delay_ms / 1000.0
             rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
             uplink = LinkShaper(delay, rate, ws.send_bytes)
-            session = _Session(ws, executor, shards, config.device, uplink)
+            session = _Session(ws, executor, shards, config.device, uplink, weights)
             await session.send(
                 Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, offered, _dtype_name(info), gflops)
             )
             queue: asyncio.Queue = asyncio.Queue()
 
             async def arrive(data: bytes) -> None:
-                queue.put_nowait((data, time.perf_counter()))
+                try:
+                    msg: object = decode(data)
+                except ProtocolError as e:
+                    msg = e
+                if isinstance(msg, Chunk):  # weights arrive while an Assign is being handled
+                    session.on_chunk(msg)
+                else:
+                    queue.put_nowait((msg, time.perf_counter()))
 
             downlink = LinkShaper(delay, rate, arrive)
 
             async def execute() -> None:
                 while True:
-                    data, arrived = await queue.get()
+                    msg, arrived = await queue.get()
                     try:
-                        msg = decode(data)
+                        if isinstance(msg, ProtocolError):
+                            raise msg
                         await session.handle(msg, arrived)
                     except ProtocolError as e:
                         log.error("protocol error from the master, closing the tunnel: %s", e)
@@ -163,6 +218,12 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
                 downlink.close()
 
 
+def _default_weights_dir() -> Path:
+    import platformdirs
+
+    return platformdirs.user_cache_path("molink") / "delivered"
+
+
 def _dtype_name(info: devices.DeviceInfo) -> str:
     from .wire import DTYPE_NAMES
 
@@ -179,12 +240,15 @@ async def serve(config: WorkerConfig) -> None:
     from .probe import matmul_gflops
 
     gflops = await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, devices.pick(config.device), 0.2)
+    weights = WeightCache(config.weights_dir or _default_weights_dir())
+    if config.tls is None:
+        log.warning("UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; for loopback tests only", config.master)
     delay = config.retry_seconds
     try:
         while True:
             t0 = time.monotonic()
             try:
-                await _connect_once(config, executor, shards, gflops)
+                await _connect_once(config, executor, shards, gflops, weights)
                 log.warning("tunnel to %s closed", config.master)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 log.warning("cannot reach master %s: %s", config.master, e)

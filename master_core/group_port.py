@@ -1,0 +1,145 @@
+"""The group port: where paired machines open their tunnels and new machines pair.
+
+Contract
+--------
+``GroupPort(identity, members, invitations, accept_tunnel)`` serves, on one TLS 1.3 port:
+
+* ``/v1/pair``: the master's side of pairing (``worker_core.pairing``), for clients that
+  connect with the TLS server name ``molink-pair`` and no client certificate.  Codes come from
+  ``invitations`` (single use, expiry, burn after failed attempts); a successful pairing adds
+  the joiner to ``members`` and tells it the master's certificate.
+* ``/v1/tunnel``: worker tunnels.  The handshake itself accepts only the current members'
+  certificates (each new handshake is switched to ``members.tls_context``, so a removed
+  member's next handshake fails); a client without a certificate is refused with 403.
+  ``accept_tunnel(request, member_name)`` then runs the tunnel.
+
+Every pairing outcome is logged without the code.  ``start(host, port)`` binds;
+``port`` tells the bound port; ``stop()`` closes the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from typing import Awaitable, Callable
+
+from aiohttp import WSMsgType, web
+
+from worker_core.identity import Identity, check_cert_pem, der_fingerprint, server_context
+from worker_core.pairing import PAIR_SNI, PAIRING_VERSION, PairingError, PairingSession, b64, unb64
+
+from .invitations import Invitations, Refused
+from .members import Members
+
+log = logging.getLogger("molink.group_port")
+
+PAIR_TIMEOUT = 30.0  # seconds for each pairing message
+
+
+class GroupPort:
+    def __init__(
+        self,
+        identity: Identity,
+        members: Members,
+        invitations: Invitations,
+        accept_tunnel: Callable[[web.Request, str], Awaitable[web.StreamResponse]],
+    ) -> None:
+        self.identity = identity
+        self.members = members
+        self.invitations = invitations
+        self.accept_tunnel = accept_tunnel
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._pairing_ctx = server_context(identity, [])  # no client certificate accepted
+        self._base = server_context(identity, [])
+        self._base.sni_callback = self._switch
+
+    def _switch(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.context = self._pairing_ctx if server_name == PAIR_SNI else self.members.tls_context
+
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application(client_max_size=64 * 1024)
+        app.add_routes([web.get("/v1/pair", self._pair), web.get("/v1/tunnel", self._tunnel)])
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=self._base)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+        sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = sslobj.getpeercert(binary_form=True) if sslobj else None
+        member = self.members.member_for(der_fingerprint(der)) if der else None
+        if member is None:
+            log.warning("tunnel from %s refused: no member certificate", request.remote)
+            raise web.HTTPForbidden(text="pair this machine first (molink join CODE)")
+        return await self.accept_tunnel(request, member.name)
+
+    async def _pair(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=64 * 1024, heartbeat=None)
+        await ws.prepare(request)
+        peer = request.remote or "?"
+        nameplate: str | None = None
+        succeeded = False
+        try:
+            first = await self._receive(ws)
+            nameplate = first.get("nameplate")
+            if first.get("type") != "pake" or first.get("version") != PAIRING_VERSION or not isinstance(nameplate, str):
+                raise PairingError("malformed pairing request")
+            try:
+                code = self.invitations.begin(nameplate, time.monotonic())
+            except Refused as e:
+                nameplate = None  # nothing begun: nothing to count
+                raise PairingError(str(e)) from None
+            session = PairingSession(code, master=True)
+            session.finish(unb64(first.get("pake")))
+            await ws.send_json({"type": "pake", "pake": b64(session.outbound), "confirm": b64(session.confirmation())})
+            second = await self._receive(ws)
+            if second.get("type") != "confirm" or not session.check_peer_confirmation(unb64(second.get("confirm"))):
+                raise PairingError("wrong pairing code")
+            sealed = session.open(second.get("sealed"))
+            asked, cert = sealed.get("name"), sealed.get("cert")
+            if not isinstance(asked, str) or len(asked) > 128:
+                raise PairingError("malformed joiner name")
+            try:
+                cert = check_cert_pem(cert)  # type: ignore[arg-type]
+            except ValueError as e:
+                raise PairingError(f"joiner certificate: {e}") from None
+            name = self.members.add(asked, cert)
+            self.invitations.succeed(nameplate)
+            succeeded = True
+            await ws.send_json({"type": "welcome", "sealed": session.seal({"group": self.members.group, "cert": self.identity.cert_pem, "name": name})})
+            log.info("pairing from %s succeeded: member %s", peer, name)
+        except (PairingError, asyncio.TimeoutError, ConnectionError) as e:
+            reason = str(e) if isinstance(e, PairingError) else "pairing timed out or the joiner left"
+            log.warning("pairing from %s failed: %s", peer, reason)
+            if not ws.closed:
+                try:
+                    await ws.send_json({"type": "error", "reason": reason})
+                except ConnectionError:
+                    pass
+        finally:
+            if nameplate is not None and not succeeded:
+                self.invitations.fail(nameplate)
+            await ws.close()
+        return ws
+
+    @staticmethod
+    async def _receive(ws: web.WebSocketResponse) -> dict:
+        msg = await ws.receive(timeout=PAIR_TIMEOUT)
+        if msg.type != WSMsgType.TEXT:
+            raise PairingError("the joiner left" if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED) else "malformed pairing message")
+        try:
+            obj = json.loads(msg.data)
+        except ValueError:
+            raise PairingError("malformed pairing message") from None
+        if not isinstance(obj, dict):
+            raise PairingError("malformed pairing message")
+        return obj

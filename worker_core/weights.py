@@ -1,0 +1,245 @@
+"""Weights delivered over the tunnel: the tensor manifest, the worker's disk cache, the fetcher.
+
+Contract
+--------
+A model is described to a worker by a manifest: the model's ``config.json`` text and, for
+each tensor its layer range needs, a :class:`TensorSpec` (checkpoint name, safetensors dtype,
+shape, byte length, SHA-256 of the bytes).  ``WeightCache(root)`` keeps every tensor in its own
+one-tensor safetensors file under ``root/tensors``, named by tensor name and content hash, so
+a later assignment (another range, a restart) fetches only what is missing: never more than
+the range needs, never twice.
+
+``await cache.fetch(specs, request)`` gets the missing tensors, ``window`` chunks of
+``CHUNK`` bytes in flight at once over all of them.  ``request(sha256, offset, length)``
+returns ``(data, chunk_sha256)``; a chunk whose bytes do not match its hash (or the wrong
+length) is asked for again (up to ``CHUNK_RETRIES`` times).  Chunks are written in order to
+``<file>.part``, so an interrupted fetch resumes from the verified prefix on disk; a finished
+file is checked against the tensor's hash before it is renamed into place (a mismatch removes
+it and raises :class:`WeightError`).  ``cache.folder(digest, config_json, specs)`` then writes
+a checkpoint folder (``config.json`` + ``model.safetensors.index.json`` pointing at the cached
+files) that :func:`worker_core.shard.load_shard` reads like any other.
+
+``read_locations(path)`` parses a safetensors file's header (a local file, never network
+bytes): tensor name -> (dtype, shape, first byte, end byte) in the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+log = logging.getLogger("molink.weights")
+
+CHUNK = 1 << 20  # bytes per chunk request
+CHUNK_RETRIES = 3
+SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"})
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+class WeightError(Exception):
+    """Weights could not be delivered intact."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype, e.g. "F32"
+    shape: tuple[int, ...]
+    nbytes: int
+    sha256: str  # hex digest of the tensor's bytes
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes, "sha256": self.sha256}
+
+    @staticmethod
+    def parse(raw: object) -> "TensorSpec":
+        """From a peer's JSON; ValueError on any defect."""
+        if not isinstance(raw, dict):
+            raise ValueError("a tensor spec must be an object")
+        name, dtype, shape, nbytes, sha = raw.get("name"), raw.get("dtype"), raw.get("shape"), raw.get("nbytes"), raw.get("sha256")
+        if not isinstance(name, str) or not 0 < len(name) <= 512:
+            raise ValueError("bad tensor name")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"bad tensor dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
+            raise ValueError("bad tensor shape")
+        if type(nbytes) is not int or not 0 <= nbytes <= 1 << 40:
+            raise ValueError("bad tensor size")
+        if not isinstance(sha, str) or not _SHA.match(sha):
+            raise ValueError("bad tensor hash")
+        return TensorSpec(name, dtype, tuple(shape), nbytes, sha)
+
+
+def manifest_digest(config_json: str, specs: list[TensorSpec]) -> str:
+    h = hashlib.sha256(config_json.encode())
+    for s in sorted(specs, key=lambda s: s.name):
+        h.update(f"\n{s.name}\t{s.sha256}".encode())
+    return h.hexdigest()
+
+
+def read_locations(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 * 1024 * 1024:
+            raise WeightError(f"{path}: safetensors header too large")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        out[name] = (info["dtype"], tuple(info["shape"]), base + begin, base + end)
+    return out
+
+
+def _header(spec: TensorSpec) -> bytes:
+    body = json.dumps({spec.name: {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [0, spec.nbytes]}}).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+ChunkRequest = Callable[[str, int, int], Awaitable[tuple[bytes, str]]]
+
+
+class _Download:
+    """One tensor being written, chunks in order, hash computed on the way."""
+
+    def __init__(self, spec: TensorSpec, final: Path) -> None:
+        self.spec = spec
+        self.final = final
+        self.part = final.with_name(final.name + ".part")
+        header = _header(spec)
+        self.hlen = len(header)
+        self.hasher = hashlib.sha256()
+        done = 0
+        if self.part.exists():  # resume from the verified, in-order prefix
+            done = max(0, min(self.part.stat().st_size - self.hlen, spec.nbytes)) // CHUNK * CHUNK
+            with open(self.part, "rb") as f:
+                f.seek(self.hlen)
+                left = done
+                while left:
+                    block = f.read(min(left, 1 << 24))
+                    if not block:
+                        break
+                    self.hasher.update(block)
+                    left -= len(block)
+        self.file = open(self.part, "r+b" if self.part.exists() else "w+b")
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.truncate(self.hlen + done)
+        self.file.seek(self.hlen + done)
+        self.written = done
+        self.resumed = done
+        self.waiting: dict[int, bytes] = {}  # offset -> verified bytes not yet writable
+
+    def offsets(self) -> list[int]:
+        return list(range(self.written, self.spec.nbytes, CHUNK))
+
+    def put(self, offset: int, data: bytes) -> None:
+        self.waiting[offset] = data
+        while self.written in self.waiting:
+            block = self.waiting.pop(self.written)
+            self.file.write(block)
+            self.hasher.update(block)
+            self.written += len(block)
+
+    def finish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if self.hasher.hexdigest() != self.spec.sha256:
+            self.part.unlink(missing_ok=True)
+            raise WeightError(f"tensor {self.spec.name}: bytes do not match the manifest's hash; removed, will fetch again")
+        os.replace(self.part, self.final)
+
+    def abandon(self) -> None:
+        self.file.flush()
+        self.file.close()
+
+
+class WeightCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tensors = root / "tensors"
+        self.models = root / "models"
+
+    def path(self, spec: TensorSpec) -> Path:
+        tag = hashlib.sha256(spec.name.encode()).hexdigest()[:16]
+        return self.tensors / spec.sha256[:2] / f"{tag}-{spec.sha256}.safetensors"
+
+    def missing(self, specs: list[TensorSpec]) -> list[TensorSpec]:
+        return [s for s in specs if not self.path(s).exists()]
+
+    async def fetch(self, specs: list[TensorSpec], request: ChunkRequest, window: int = 8) -> int:
+        """Fetch what is missing; return the bytes received."""
+        todo = self.missing(specs)
+        if not todo:
+            return 0
+        downloads = []
+        for spec in todo:
+            final = self.path(spec)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            downloads.append(_Download(spec, final))
+        slots = asyncio.Semaphore(window)
+        received = 0
+        failed = False
+
+        async def one(d: _Download, offset: int) -> None:
+            nonlocal received, failed
+            length = min(CHUNK, d.spec.nbytes - offset)
+            try:
+                for attempt in range(CHUNK_RETRIES + 1):
+                    data, chunk_sha = await request(d.spec.sha256, offset, length)
+                    received += len(data)
+                    if len(data) == length and hashlib.sha256(data).hexdigest() == chunk_sha:
+                        d.put(offset, data)
+                        return
+                    log.warning("chunk %d of %s arrived damaged (attempt %d); asking again", offset // CHUNK, d.spec.name, attempt + 1)
+                raise WeightError(f"chunk {offset // CHUNK} of {d.spec.name} arrived damaged {CHUNK_RETRIES + 1} times")
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                slots.release()
+
+        tasks: list[asyncio.Task] = []
+        try:
+            for d in downloads:
+                for offset in d.offsets():
+                    await slots.acquire()
+                    if failed:
+                        slots.release()
+                        break
+                    tasks.append(asyncio.ensure_future(one(d, offset)))
+            await asyncio.gather(*tasks)
+            for d in downloads:
+                d.finish()
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for d in downloads:
+                if not d.file.closed:
+                    d.abandon()
+            raise
+        return received
+
+    def folder(self, digest: str, config_json: str, specs: list[TensorSpec]) -> Path:
+        """A checkpoint folder over the cached tensors of ``specs`` (all must be cached)."""
+        folder = self.models / digest
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(config_json)
+        weight_map = {s.name: os.path.relpath(self.path(s), folder) for s in specs}
+        tmp = folder / "index.tmp"
+        tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        tmp.replace(folder / "model.safetensors.index.json")
+        return folder
