@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=64, help="answer length limit (default 64)")
     pr = sub.add_parser("probe", help="show what this machine can offer: GPUs, memory, CPU, measured speed, link to a master")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    pr.add_argument("--master", default=None, help="HOST:PORT of a master to time the round trip to")
+    pr.add_argument("--master", default=None, help="HOST:PORT of a plain loopback master to time the round trip to")
+    pr.add_argument("--data-dir", default=None, help="a joined machine's folder: measure the link to its group's master (RTT, bandwidth)")
     pr.add_argument("--json", action="store_true", help="print JSON")
 
     b = sub.add_parser("bench", help="compare scheduling policies on emulated links (or --simulate a 70B model on GPUs)")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         # the demo prints its own story; its log is for warnings unless -v
-        level=logging.DEBUG if args.verbose else (logging.WARNING if args.command in ("demo", "bench") else logging.INFO),
+        level=logging.DEBUG if args.verbose else (logging.WARNING if args.command in ("demo", "bench", "join") or getattr(args, "group_command", "create") != "create" else logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -235,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
 
             from worker_core.probe import probe
 
-            pr = probe(args.device, args.master)
+            group_dir = None
+            if args.master is None:
+                from worker_core.pairing import MEMBERSHIP_FILE
+
+                from .group import data_dir
+
+                candidate = data_dir(args.data_dir)
+                group_dir = candidate if (candidate / MEMBERSHIP_FILE).exists() else None
+            pr = probe(args.device, args.master, group_dir)
             if args.json:
                 print(json.dumps(pr.as_dict(), indent=2))
                 return 0
@@ -246,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("GPU: none found (no NVIDIA driver): a worker here computes on the CPU")
             print(f"CPU: {pr.cpu}, {pr.cpu_cores} cores; RAM {pr.ram_available / 2**30:.1f} of {pr.ram_total / 2**30:.1f} GiB available")
             print(f"compute: {pr.device} in {pr.dtype}, {pr.matmul_gflops:.1f} GFLOP/s measured (128x2048 @ 2048x2048)")
-            if args.master:
-                print(f"link to {args.master}: " + (f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"))
+            if args.master or group_dir:
+                where = args.master or "the group's master"
+                link = f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"
+                if pr.bandwidth_mbps is not None:
+                    link += f", {pr.bandwidth_mbps:.0f} Mbit/s download"
+                print(f"link to {where}: {link}")
             return 0
         if args.command == "bench":
             from pathlib import Path

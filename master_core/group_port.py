@@ -12,6 +12,7 @@ Contract
   certificates (each new handshake is switched to ``members.tls_context``, so a removed
   member's next handshake fails); a client without a certificate is refused with 403.
   ``accept_tunnel(request, member_name)`` then runs the tunnel.
+* ``/v1/probe?bytes=N``: members time their link (round trip, download bandwidth).
 
 Every pairing outcome is logged without the code.  ``start(host, port)`` binds;
 ``port`` tells the bound port; ``stop()`` closes the listener.
@@ -62,7 +63,7 @@ class GroupPort:
 
     async def start(self, host: str, port: int) -> None:
         app = web.Application(client_max_size=64 * 1024)
-        app.add_routes([web.get("/v1/pair", self._pair), web.get("/v1/tunnel", self._tunnel)])
+        app.add_routes([web.get("/v1/pair", self._pair), web.get("/v1/tunnel", self._tunnel), web.get("/v1/probe", self._probe)])
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self._base)
@@ -73,14 +74,35 @@ class GroupPort:
         if self._runner:
             await self._runner.cleanup()
 
-    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+    def _member(self, request: web.Request) -> str:
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = sslobj.getpeercert(binary_form=True) if sslobj else None
         member = self.members.member_for(der_fingerprint(der)) if der else None
         if member is None:
-            log.warning("tunnel from %s refused: no member certificate", request.remote)
+            log.warning("%s from %s refused: no member certificate", request.path, request.remote)
             raise web.HTTPForbidden(text="pair this machine first (molink join CODE)")
-        return await self.accept_tunnel(request, member.name)
+        return member.name
+
+    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+        return await self.accept_tunnel(request, self._member(request))
+
+    async def _probe(self, request: web.Request) -> web.StreamResponse:
+        """Members measure their link: ``?bytes=N`` (at most 64 MiB) of zeros."""
+        self._member(request)
+        try:
+            n = int(request.query.get("bytes", "0"))
+        except ValueError:
+            n = -1
+        if not 0 <= n <= 64 * 1024 * 1024:
+            raise web.HTTPBadRequest(text="bytes must be 0..67108864")
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)})
+        await resp.prepare(request)
+        block = bytes(min(n, 1 << 20))
+        while n > 0:
+            await resp.write(block[: min(n, len(block))])
+            n -= len(block)
+        await resp.write_eof()
+        return resp
 
     async def _pair(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=64 * 1024, heartbeat=None)

@@ -5,8 +5,11 @@ Contract: ``probe(device="auto", master=None)`` returns a :class:`Probe`.  GPUs 
 and driver; no driver or no library means no GPU, never an error.  RAM and CPU come from
 ``psutil``.  ``matmul_gflops`` is measured here: a short burst of ``[128 x 2048] @
 [2048 x 2048]`` matrix products on the chosen device in its compute dtype (a decode-like
-shape).  With ``master`` (``host:port``), ``rtt_ms`` is the best of five HTTP round trips to
-its ``/health``; bandwidth is measured by the master on real traffic, not here.
+shape).  With ``master`` (``host:port`` of a plain loopback master), ``rtt_ms`` is the best
+of five HTTP round trips to its ``/health``.  With ``group`` (the data folder of a joined
+machine), the link is measured over the group's mutual-TLS port: ``rtt_ms`` the best of five
+empty ``/v1/probe`` round trips on one connection, ``bandwidth_mbps`` the download speed of
+``PROBE_BYTES`` from the master.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import platform
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -44,6 +48,7 @@ class Probe:
     dtype: str = "float32"
     matmul_gflops: float = 0.0
     rtt_ms: float | None = None
+    bandwidth_mbps: float | None = None  # master -> this machine, Mbit/s (groups only)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +106,44 @@ def master_rtt_ms(master: str, tries: int = 5) -> float | None:
     return best
 
 
+PROBE_BYTES = 8 * 1024 * 1024
+
+
+def group_link(data_dir: Path) -> tuple[float | None, float | None]:
+    """(round trip ms, download Mbit/s) to the joined group's master; (None, None) if unreachable."""
+    import asyncio
+
+    import aiohttp
+
+    from .identity import client_context, load_or_create
+    from .pairing import TUNNEL_SNI, JoinedGroup
+
+    joined = JoinedGroup.load(data_dir)
+    ctx = client_context(load_or_create(data_dir / "identity", joined.name), joined.master_cert)
+    host = f"[{joined.master_host}]" if ":" in joined.master_host else joined.master_host
+    url = f"https://{host}:{joined.master_port}/v1/probe"
+
+    async def measure() -> tuple[float, float]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            rtts = []
+            for _ in range(6):  # the first pays the handshake
+                t0 = time.perf_counter()
+                async with http.get(url, params={"bytes": "0"}, ssl=ctx, server_hostname=TUNNEL_SNI) as r:
+                    r.raise_for_status()
+                    await r.read()
+                rtts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            async with http.get(url, params={"bytes": str(PROBE_BYTES)}, ssl=ctx, server_hostname=TUNNEL_SNI) as r:
+                r.raise_for_status()
+                n = len(await r.read())
+            return min(rtts[1:]) * 1000, n * 8 / (time.perf_counter() - t0) / 1e6
+
+    try:
+        return asyncio.run(measure())
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        return None, None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -112,8 +155,9 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def probe(device: str = "auto", master: str | None = None) -> Probe:
+def probe(device: str = "auto", master: str | None = None, group: Path | None = None) -> Probe:
     info = devices.pick(device)
+    rtt, mbps = group_link(group) if group is not None else (master_rtt_ms(master) if master else None, None)
     vm = psutil.virtual_memory()
     from .wire import DTYPE_NAMES
 
@@ -126,5 +170,6 @@ def probe(device: str = "auto", master: str | None = None) -> Probe:
         device=str(info.device),
         dtype=DTYPE_NAMES[info.dtype],
         matmul_gflops=matmul_gflops(info),
-        rtt_ms=master_rtt_ms(master) if master else None,
+        rtt_ms=rtt,
+        bandwidth_mbps=mbps,
     )

@@ -75,14 +75,21 @@ class _Session:
         await self.uplink.put(encode(msg))  # type: ignore[arg-type]
 
     async def request_chunk(self, sha256: str, offset: int, length: int) -> tuple[bytes, str]:
-        fut = asyncio.get_running_loop().create_future()
-        self._chunks[(sha256, offset)] = fut
+        """One chunk from the master.  Tensors with equal bytes (e.g. norm weights of ones)
+        share a hash: a request already open for the same bytes is awaited, not sent again."""
+        key = (sha256, offset)
+        fut = self._chunks.get(key)
+        owner = fut is None
+        if fut is None:
+            fut = self._chunks[key] = asyncio.get_running_loop().create_future()
         try:
-            await self.send(Fetch(sha256, offset, length))
-            chunk: Chunk = await asyncio.wait_for(fut, CHUNK_TIMEOUT)
+            if owner:
+                await self.send(Fetch(sha256, offset, length))
+            chunk: Chunk = await asyncio.wait_for(asyncio.shield(fut), CHUNK_TIMEOUT)
             return chunk.data, chunk.chunk_sha256
         finally:
-            self._chunks.pop((sha256, offset), None)
+            if owner:
+                self._chunks.pop(key, None)
 
     def on_chunk(self, chunk: Chunk) -> None:
         fut = self._chunks.get((chunk.sha256, chunk.offset))
@@ -218,6 +225,16 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
                 downlink.close()
 
 
+def _tls_hint(config: WorkerConfig, e: BaseException) -> str:
+    if config.tls is None:
+        return ""
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return " (its certificate is not the one this machine paired with: refusing it)"
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return " (the master closed the TLS handshake: if this machine was removed from the group, pair again with `molink join CODE`)"
+    return ""
+
+
 def _default_weights_dir() -> Path:
     import platformdirs
 
@@ -251,7 +268,7 @@ async def serve(config: WorkerConfig) -> None:
                 await _connect_once(config, executor, shards, gflops, weights)
                 log.warning("tunnel to %s closed", config.master)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                log.warning("cannot reach master %s: %s", config.master, e)
+                log.warning("cannot reach master %s: %s%s", config.master, e, _tls_hint(config, e))
             if not config.reconnect:
                 return
             if time.monotonic() - t0 > 10:

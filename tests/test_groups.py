@@ -1,0 +1,299 @@
+"""Paired groups: pairing codes, mutual-TLS tunnels, revocation, pinning, mDNS, and the
+whole story through the command line (create, two joins, two workers, a chat answer)."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from harness import run
+from master_core.config import MasterConfig
+from master_core.invitations import MAX_FAILURES, TTL, Invitations, InvitationState, Refused
+from master_core.server import Master
+from tiny_models import make_tiny_checkpoint, reference_greedy
+from worker_core.identity import client_context, load_or_create
+from worker_core.pairing import PairingError, PairingSession, join, parse_code
+from worker_core.worker import WorkerConfig, serve
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt"), num_layers=4)
+
+
+# ---------------------------------------------------------------- codes and the PAKE, pure
+
+
+def test_codes_are_single_use_expire_and_burn_after_five_failures():
+    inv = Invitations()
+    code = inv.issue(now=0.0)
+    nameplate, normalised = parse_code(code.replace("-", " "))
+    assert normalised == code and len(code.replace("-", "")) == 10
+    assert inv.begin(nameplate, now=1.0) == code
+    inv.succeed(nameplate)
+    with pytest.raises(Refused, match="already used"):
+        inv.begin(nameplate, now=2.0)
+
+    code = inv.issue(now=0.0)
+    nameplate = code[:2]
+    with pytest.raises(Refused, match="expired"):
+        inv.begin(nameplate, now=TTL + 1)
+
+    code = inv.issue(now=0.0)
+    nameplate = code[:2]
+    for _ in range(MAX_FAILURES):
+        inv.begin(nameplate, now=1.0)
+        inv.fail(nameplate)
+    assert inv.state(nameplate) is InvitationState.BURNED
+    with pytest.raises(Refused, match="burned"):
+        inv.begin(nameplate, now=2.0)  # the 6th attempt, even with the right code
+    with pytest.raises(Refused, match="no such"):
+        inv.begin("00", now=2.0)
+    for bad in ("", "12-34", "abcdefghij", "01-2345-6789", "12-3456-78901"):
+        with pytest.raises(PairingError):
+            parse_code(bad)
+
+
+def test_pake_confirms_only_with_the_same_code():
+    a, b = PairingSession("47-1234-5678", master=False), PairingSession("47-1234-5678", master=True)
+    a.finish(b.outbound)
+    b.finish(a.outbound)
+    assert a.check_peer_confirmation(b.confirmation()) and b.check_peer_confirmation(a.confirmation())
+    assert b.open(a.seal({"x": 1})) == {"x": 1}
+    c, d = PairingSession("47-1234-5678", master=False), PairingSession("47-1234-5679", master=True)
+    c.finish(d.outbound)
+    d.finish(c.outbound)
+    assert not c.check_peer_confirmation(d.confirmation()) and not d.check_peer_confirmation(c.confirmation())
+    with pytest.raises(PairingError):
+        d.open(c.seal({"x": 1}))
+
+
+# ---------------------------------------------------------------- a paired master in process
+
+
+def _config(ckpt, data_dir, group_port=0, **kw):
+    return MasterConfig(model=str(ckpt), port=0, data_dir=str(data_dir), group_host="127.0.0.1", group_port=group_port, heartbeat=2.0, **kw)
+
+
+async def _raw_tls(port: int, ctx: ssl.SSLContext) -> bytes:
+    """Open TLS with ``ctx`` (server name of member tunnels), send a bare request, return the
+    first bytes answered; a refused handshake raises or reads nothing."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="molink"), 10)
+    try:
+        writer.write(b"GET /v1/tunnel HTTP/1.1\r\nHost: molink\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(64), 10)
+    finally:
+        writer.close()
+
+
+def test_pairing_right_wrong_burned_expired_over_the_network(ckpt, tmp_path):
+    async def main():
+        master = Master(_config(ckpt, tmp_path / "m"))
+        await master.start()
+        try:
+            port = master.group_port.port
+            me = load_or_create(tmp_path / "a" / "identity", "alice")
+            code = master.new_code()
+            wrong = code[:-1] + ("0" if code[-1] != "0" else "1")
+            with pytest.raises(PairingError, match="wrong pairing code"):
+                await join("127.0.0.1", port, wrong, "alice", me.cert_pem)
+            joined = await join("127.0.0.1", port, code, "alice", me.cert_pem)
+            assert joined.name == "alice" and joined.master_cert == master.members.identity.cert_pem
+            assert [m.name for m in master.members.members()] == ["alice"]
+            with pytest.raises(PairingError, match="already used"):
+                await join("127.0.0.1", port, code, "alice", me.cert_pem)
+
+            code = master.new_code()
+            bad = code[:-1] + ("0" if code[-1] != "0" else "1")
+            for _ in range(MAX_FAILURES):
+                with pytest.raises(PairingError, match="wrong pairing code"):
+                    await join("127.0.0.1", port, bad, "mallory", me.cert_pem)
+            with pytest.raises(PairingError, match="burned"):
+                await join("127.0.0.1", port, code, "bob", me.cert_pem)  # 6th attempt, right code
+
+            code = master.new_code()
+            master.invitations._by_nameplate[code[:2]].issued -= TTL + 1  # issued over 5 minutes ago
+            with pytest.raises(PairingError, match="expired"):
+                await join("127.0.0.1", port, code, "bob", me.cert_pem)
+            assert [m.name for m in master.members.members()] == ["alice"]
+        finally:
+            await master.stop()
+
+    run(main(), 120)
+
+
+def test_only_members_complete_the_handshake_removal_is_immediate_and_master_is_pinned(ckpt, tmp_path):
+    async def main():
+        master = Master(_config(ckpt, tmp_path / "m", min_workers=1))
+        await master.start()
+        port = master.group_port.port
+        alice = load_or_create(tmp_path / "a" / "identity", "alice")
+        stranger = load_or_create(tmp_path / "s" / "identity", "stranger")
+        joined = await join("127.0.0.1", port, master.new_code(), "alice", alice.cert_pem)
+        worker = None
+        try:
+            # a member: the handshake completes and HTTP answers
+            assert (await _raw_tls(port, client_context(alice, joined.master_cert))).startswith(b"HTTP/1.1")
+            # a machine that never paired: the server refuses its certificate in the handshake
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                answer = await _raw_tls(port, client_context(stranger, joined.master_cert))
+                assert answer == b""  # TLS 1.3: the client may see the refusal only as a closed stream
+                raise ConnectionError("closed")
+
+            # the member's worker serves, with weights delivered by the master
+            cfg = WorkerConfig(master=f"127.0.0.1:{port}", device="cpu", tls=client_context(alice, joined.master_cert), reconnect=False, weights_dir=tmp_path / "a" / "weights")
+            worker = asyncio.create_task(serve(cfg))
+            await asyncio.wait_for(master.group.serving.wait(), 60)
+            assert [l.member for l in master.group.stages] == ["alice"]
+            assert master.group.stages[0].weight_bytes_sent > 0
+            assert list((tmp_path / "a" / "weights" / "tensors").rglob("*.safetensors"))
+
+            # removal: the live tunnel closes at once and the next handshake fails
+            assert master.remove_member("alice")
+            await asyncio.wait_for(worker, 10)
+            assert not master.group.live_links()
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                if await _raw_tls(port, client_context(alice, joined.master_cert)) == b"":
+                    raise ConnectionError("closed")
+        finally:
+            if worker:
+                worker.cancel()
+            await master.stop()
+
+        # another master (another certificate) on the same address: the pinned worker refuses it
+        impostor = Master(_config(ckpt, tmp_path / "other", group_port=port))
+        await impostor.start()
+        try:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await _raw_tls(port, client_context(alice, joined.master_cert))
+        finally:
+            await impostor.stop()
+
+    run(main(), 180)
+
+
+def test_mdns_finds_the_group(ckpt, tmp_path):
+    from worker_core.discovery import browse
+
+    async def main():
+        master = Master(_config(ckpt, tmp_path / "m", group_name="mdns-test-group"))
+        await master.start()
+        try:
+            found = await browse(3.0)
+            mine = [f for f in found if f[2] == "mdns-test-group"]
+            assert mine and mine[0][0] == ["127.0.0.1"] and mine[0][1] == master.group_port.port
+        finally:
+            await master.stop()
+        assert not [f for f in await browse(2.0) if f[2] == "mdns-test-group"]  # withdrawn on stop
+
+    run(main(), 60)
+
+
+# ---------------------------------------------------------------- the command line, end to end
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _molink(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no {prefix!r} line; output:\n{''.join(seen)}")
+
+
+def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
+    group_port, api_port = _free_port(), _free_port()
+    master_dir = tmp_path / "master"
+    procs = []
+    try:
+        master = _molink("group", "create", "--model", str(ckpt), "--host", "127.0.0.1", "--port", str(group_port), "--api-port", str(api_port),
+                         "--data-dir", str(master_dir), "--min-workers", "2", "--name", "e2e-group")
+        procs.append(master)
+        code = _wait_line(master, "Pairing code:", 120).split()[-1]
+        # the first machine finds the master by mDNS, the second is told where it is
+        first = subprocess.run([sys.executable, "-m", "app.cli", "join", code, "--data-dir", str(tmp_path / "w1"), "--name", "alice"],
+                               capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0, first.stderr
+        assert "Joined group 'e2e-group' as 'alice'" in first.stdout
+        again = subprocess.run([sys.executable, "-m", "app.cli", "join", code, "--master", f"127.0.0.1:{group_port}", "--data-dir", str(tmp_path / "w2")],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "already used" in again.stderr and "Traceback" not in again.stderr
+        assert len(again.stderr.strip().splitlines()) == 1
+        code2 = subprocess.run([sys.executable, "-m", "app.cli", "group", "code", "--data-dir", str(master_dir)], capture_output=True, text=True, timeout=30)
+        assert code2.returncode == 0, code2.stderr
+        second = subprocess.run([sys.executable, "-m", "app.cli", "join", code2.stdout.split()[2], "--master", f"127.0.0.1:{group_port}",
+                                 "--data-dir", str(tmp_path / "w2"), "--name", "bob"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+
+        for d in ("w1", "w2"):  # neither worker can read the model: only the master holds it
+            procs.append(_molink("worker", "--data-dir", str(tmp_path / d), "--device", "cpu", "--threads", "1"))
+        api = f"http://127.0.0.1:{api_port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=5) as r:
+                    break  # 200: serving
+            except urllib.error.HTTPError as e:  # 503 until both workers hold their layers
+                problem = json.loads(e.read()).get("problem")
+            assert time.monotonic() < deadline, f"group never served: {problem}"
+            time.sleep(0.5)
+
+        probe = subprocess.run([sys.executable, "-m", "app.cli", "probe", "--device", "cpu", "--json", "--data-dir", str(tmp_path / "w1")],
+                               capture_output=True, text=True, timeout=60)
+        link = json.loads(probe.stdout)
+        assert link["rtt_ms"] > 0 and link["bandwidth_mbps"] > 1, probe.stderr  # measured over the mutual-TLS group port
+
+        members = subprocess.run([sys.executable, "-m", "app.cli", "group", "members", "--data-dir", str(master_dir)], capture_output=True, text=True, timeout=30)
+        assert "alice" in members.stdout and "bob" in members.stdout and members.stdout.count("connected") == 2
+
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        messages = [{"role": "user", "content": "hello there"}]
+        body = {"model": "x", "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        with urllib.request.urlopen(urllib.request.Request(f"{api}/v1/models"), timeout=10) as r:
+            body["model"] = json.loads(r.read())["data"][0]["id"]
+        req = urllib.request.Request(f"{api}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+        want = tok.decode(reference_greedy(ckpt, list(prompt), 6), skip_special_tokens=True)
+        assert answer == want
+        for d in ("w1", "w2"):
+            assert list((tmp_path / d / "weights" / "tensors").rglob("*.safetensors")), "weights were delivered"
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
