@@ -7,7 +7,7 @@ import pytest
 
 from harness import Cluster, greedy, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
-from worker_core.wire import Hello, encode
+from worker_core.wire import Fetch, Hello, encode
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
 
@@ -73,6 +73,12 @@ def test_worker_sending_garbage_is_dropped_and_serving_goes_on(checkpoints, refe
                     await ws.send_bytes(encode(Hello("evil", "cpu", "cpu", 10**12, 10**12, "float32")))
                     await ws.send_bytes(b"MLK\x01\x07\x00\x00\x00\x05{bad}")  # malformed header
                     msg = await ws.receive(timeout=10)
+                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+                async with http.ws_connect(f"ws://{c.master.address}/v1/tunnel") as ws:  # asks for weights it was never offered
+                    await ws.send_bytes(encode(Hello("greedy", "cpu", "cpu", 10**12, 10**12, "float32")))
+                    await ws.send_bytes(encode(Fetch("ab" * 32, 0, 1 << 20)))
+                    while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                        pass  # an Assign may come first
                     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
             await c.master.wait_serving(60)
             assert sorted(w["name"] for w in c.master.group.describe()) == ["w0", "w1"]

@@ -7,13 +7,19 @@ import pytest
 import torch
 
 from worker_core import wire
+from worker_core.weights import TensorSpec
 from worker_core.wire import (
-    Assign, Failure, Free, Hello, ProtocolError, Ready, Result, Segment, Step, decode, encode,
+    Assign, Chunk, Failure, Fetch, Free, Hello, ProtocolError, Ready, Result, Segment, Step, decode, encode,
 )
+
+SHA = "ab" * 32
 
 MESSAGES = [
     Hello("w1", "cpu", "x86_64", 10**10, 5 * 10**9, "float32", 75.5),
     Assign(3, "/models/x", 0, 10, 30, 512, 4096),
+    Assign(3, "d" * 64, 0, 10, 30, 512, 4096, '{"a": 1}', (TensorSpec("model.norm.weight", "BF16", (576,), 1152, SHA),)),
+    Fetch(SHA, 1 << 20, 1 << 20),
+    Chunk(SHA, 0, "cd" * 32, b"\x00\x01weights"),
     Ready(3, 576, 49152, 1.5, 123456),
     Free((1, 2, 3)),
     Failure("boom", 7),
@@ -83,6 +89,18 @@ BAD_FRAMES = {
     "step negative start": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": -1, "length": 2, "want_logits": True}]), GOOD_PAYLOAD),
     "step want_logits int": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": 0, "length": 2, "want_logits": 1}]), GOOD_PAYLOAD),
     "step segment not object": _frame(wire.Kind.STEP, _step_header(segments=[5]), GOOD_PAYLOAD),
+    "fetch bad hash": _frame(wire.Kind.FETCH, {"sha256": "xyz", "offset": 0, "length": 1}),
+    "fetch upper-case hash": _frame(wire.Kind.FETCH, {"sha256": "AB" * 32, "offset": 0, "length": 1}),
+    "fetch zero length": _frame(wire.Kind.FETCH, {"sha256": SHA, "offset": 0, "length": 0}),
+    "fetch huge length": _frame(wire.Kind.FETCH, {"sha256": SHA, "offset": 0, "length": 1 << 30}),
+    "fetch with payload": _frame(wire.Kind.FETCH, {"sha256": SHA, "offset": 0, "length": 1}, b"x"),
+    "chunk too large": _frame(wire.Kind.CHUNK, {"sha256": SHA, "offset": 0, "chunk_sha256": SHA}, b"\0" * (wire.MAX_CHUNK_BYTES + 1)),
+    "chunk no hash": _frame(wire.Kind.CHUNK, {"sha256": SHA, "offset": 0}, b"x"),
+    "assign manifest not list": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 0, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4, "config_json": "", "manifest": {}}),
+    "assign manifest bad dtype": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 0, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4, "config_json": "",
+                                                          "manifest": [{"name": "w", "dtype": "PICKLE", "shape": [1], "nbytes": 1, "sha256": SHA}]}),
+    "assign manifest negative size": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 0, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4, "config_json": "",
+                                                              "manifest": [{"name": "w", "dtype": "F32", "shape": [1], "nbytes": -4, "sha256": SHA}]}),
     "deep json": _frame(wire.Kind.FREE, b"[" * 100000 + b"]" * 100000),
 }
 
