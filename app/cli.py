@@ -103,6 +103,9 @@ def _run(coro_fn: Callable[[], Awaitable[int | None]]) -> int:
             return int(await task or 0)
         except asyncio.CancelledError:
             return 0
+        except OSError as e:  # a port in use, an unreachable address: one line, no traceback
+            print(f"molink: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+            return 2
 
     try:
         return asyncio.run(wrapper())

@@ -64,3 +64,20 @@ def test_probe_times_the_round_trip_to_a_master(tmp_path):
 
     rtt = run(main())
     assert rtt is not None and 0 < rtt < 1000
+
+
+def test_port_in_use_is_one_line(capsys, tmp_path):
+    import socket
+
+    from tiny_models import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint("llama", tmp_path / "ckpt", num_layers=2)
+    capsys.readouterr()  # the fixture's own progress output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        code = cli.main(["group", "create", "--model", str(ckpt), "--host", "127.0.0.1", "--port", str(busy), "--api-port", "0", "--data-dir", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert code == 2 and "address already in use" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
