@@ -201,6 +201,48 @@ def test_mdns_finds_the_group(ckpt, tmp_path):
     run(main(), 60)
 
 
+def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_correctly(ckpt, tmp_path):
+    from harness import greedy
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
+    want = [reference_greedy(ckpt, p, 64) for p in prompts]
+
+    async def main():
+        master = Master(_config(ckpt, tmp_path / "m", min_workers=1))
+        await master.start()
+        port = master.group_port.port
+        tasks = []
+        try:
+            async def member(name: str) -> None:
+                ident = load_or_create(tmp_path / name / "identity", name)
+                joined = await join("127.0.0.1", port, master.new_code(), name, ident.cert_pem)
+                cfg = WorkerConfig(master=f"127.0.0.1:{port}", device="cpu", tls=client_context(ident, joined.master_cert),
+                                   reconnect=False, weights_dir=tmp_path / name / "weights")
+                tasks.append(asyncio.create_task(serve(cfg)))
+
+            await member("alice")
+            await asyncio.wait_for(master.group.serving.wait(), 60)
+            gens = [asyncio.create_task(master.engine.generate(p, greedy(64))) for p in prompts]
+            while master.engine.tokens_generated < 10:
+                await asyncio.sleep(0.01)
+            await member("bob")  # joins mid-generation: re-plan, bob fetches his layers, requests replay
+            while len(master.group.links) < 2:
+                await asyncio.sleep(0.005)
+            assert not all(g.done() for g in gens), "the join came too late to test anything"
+            results = await asyncio.wait_for(asyncio.gather(*gens), 120)
+            await asyncio.wait_for(master.group.serving.wait(), 60)
+            return [r[0] for r in results], [l.member for l in master.group.stages]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await master.stop()
+
+    got, stages = run(main(), 240)
+    assert got == want
+    assert sorted(stages) == ["alice", "bob"] and list((tmp_path / "bob" / "weights" / "tensors").rglob("*.safetensors"))
+
+
 # ---------------------------------------------------------------- the command line, end to end
 
 
