@@ -10,6 +10,13 @@ read by one task and executed in arrival order by another, so heartbeats are ans
 step computes.  A malformed frame from the master closes the tunnel with a log line; the
 worker then reconnects.  The loaded shard is kept across reconnects when the next assignment
 is the same model and range (its KV caches are dropped: the master replays).
+
+In a paired group (``tls`` set) the tunnel is ``wss://`` with this machine's certificate,
+trusting only the pinned master certificate, and an ``Assign`` with a manifest is served from
+weights the master delivers (``Fetch``/``Chunk``, see :mod:`worker_core.weights`), cached in
+``weights_dir``; ``Chunk`` frames bypass the in-order queue, since they arrive while that
+``Assign`` is being handled.  Without ``tls`` the tunnel is plain ``ws://`` (loopback tests),
+with a warning.
 """
 
 from __future__ import annotations
