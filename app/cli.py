@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"group {info['group']!r}: {len(info['members'])} member(s)")
                     for m in info["members"]:
                         print(f"  {m['name']:<24} {'connected' if m['connected'] else 'offline':<10} certificate {m['fingerprint'][:16]}")
+                        if m.get("worker"):
+                            print(f"    {group.describe_worker(m['worker'])}")
                 else:
                     group.admin(folder, "DELETE", f"/admin/members/{args.member}")
                     print(f"removed {args.member}: its certificate is no longer accepted")

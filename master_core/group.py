@@ -4,8 +4,8 @@ Contract
 --------
 :class:`Group` holds every connected :class:`~master_core.link.WorkerLink` in join order.
 Whenever membership changes it re-plans: if at least ``min_workers`` live links exist it
-plans the pipeline order and layer ranges from each member's offered memory and measured
-speed (:func:`~master_core.placement.plan_pipeline`), bumps ``epoch``, sends each
+plans the pipeline order and layer ranges from each member's offered memory, measured
+speed and announced link (:func:`planner_members`, :func:`~master_core.placement.plan_pipeline`), bumps ``epoch``, sends each
 chosen worker its ``Assign`` and waits for every ``Ready``; then ``stages`` is the pipeline in
 order and ``serving`` is set.  While re-planning, or when too few workers remain, ``serving``
 is clear and ``stages`` empty.  Listeners registered with ``on_reset`` are called on every
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 from worker_core.weights import manifest_digest
-from worker_core.wire import Assign
+from worker_core.wire import Assign, Hello
 
 from .config import MasterConfig
 from .link import LinkGone, LinkState, StepFailed, WorkerLink
@@ -152,7 +152,7 @@ class Group:
                 return
 
     def _place(self, live: list[WorkerLink]) -> list[tuple[WorkerLink, tuple[int, int]]]:
-        """Pipeline order and ranges from each member's memory and measured speed."""
+        """Pipeline order and ranges from each member's memory, measured speed and link."""
         item = {"float32": 4, "float16": 2, "bfloat16": 2}
         layer_params = max(self.layer_params) if self.layer_params else 0
         itemsize = max(item.get(l.hello.dtype, 4) for l in live)
@@ -163,11 +163,8 @@ class Group:
             last_bytes=self.head_params * itemsize,
             kv_bytes_per_layer=_kv_bytes_per_token(self.model_config) * KV_RESERVE_TOKENS,
         )
-        # a start-up burst on CPUs that several workers share measures the contention, not
-        # the machine: speeds are used only when every member computes on its own GPU
-        on_gpus = all(l.hello.device.startswith("cuda") for l in live)
-        speeds = _relative_times([l.hello.gflops for l in live]) if on_gpus else [1.0] * len(live)
-        members = [Member(str(i), l.hello.free_memory, t) for i, (l, t) in enumerate(zip(live, speeds))]
+        hidden = int(self.model_config.hidden_size)  # type: ignore[attr-defined]
+        members = planner_members([l.hello for l in live], layer_params, hidden, itemsize)
         plan = plan_pipeline(shape, members)
         return [(live[int(name)], rng) for name, rng in zip(plan.order, plan.ranges)]
 
@@ -183,6 +180,13 @@ class Group:
                     "device": l.hello.device,
                     "device_name": l.hello.device_name,
                     "free_memory": l.hello.free_memory,
+                    "gflops": round(l.hello.gflops, 1),
+                    "compute_capability": l.hello.compute_capability,
+                    "driver": l.hello.driver,
+                    "ram_total": l.hello.ram_total,
+                    "cpu_cores": l.hello.cpu_cores,
+                    "rtt_ms": round(l.hello.rtt_ms, 2),
+                    "link_mbps": round(l.hello.link_mbps, 1),
                     "state": l.state.value,
                     "layers": [a.layer_start, a.layer_end] if a else None,
                     "stage": self.stages.index(l) if l in self.stages else None,
@@ -190,6 +194,37 @@ class Group:
                 }
             )
         return out
+
+
+REF_ROWS = 32  # the reference step the planner times: one micro-batch of 32 rows
+LINK_NOISE = 0.010  # seconds: link times closer than this to the group's best count as equal
+
+
+def planner_members(hellos: Sequence[Hello], layer_params: int, hidden_size: int, itemsize: int) -> list[Member]:
+    """Planner members (named by index) from what the workers announced.
+
+    Times are for a reference step of ``REF_ROWS`` rows.  Compute per layer is
+    ``2 * layer_params * REF_ROWS`` FLOPs at the member's measured GFLOP/s, where members whose
+    speeds are within a factor of two of the group's median count as equal; a start-up burst
+    on CPUs that several workers share measures the contention, not the machine, so speeds
+    are used only when every member computes on its own GPU (else all run at the median).
+    The link time is the announced round trip plus the step's activations in and out at the
+    announced bandwidth (the master relays: both cross the member's link); unknown parts count
+    zero.  Links are counted from the group's best and differences under ``LINK_NOISE`` are
+    dropped.  When no member measured its speed, times are relative and links are left out."""
+    on_gpus = all(h.device.startswith("cuda") for h in hellos)
+    rel = _relative_times([h.gflops for h in hellos]) if on_gpus else [1.0] * len(hellos)
+    known = sorted(h.gflops for h in hellos if h.gflops > 0)
+    if not known or layer_params <= 0:
+        return [Member(str(i), h.free_memory, t) for i, (h, t) in enumerate(zip(hellos, rel))]
+    base = 2 * layer_params * REF_ROWS / (known[len(known) // 2] * 1e9)  # seconds per layer at the median speed
+    activations = 2 * REF_ROWS * hidden_size * itemsize * 8  # bits in and out
+    links = [h.rtt_ms / 1000 + (activations / (h.link_mbps * 1e6) if h.link_mbps > 0 else 0.0) for h in hellos]
+    best = min(links)
+    # a time added to every stage changes no choice, so links count from the best one; a
+    # short measurement on a busy machine is noisy, so a link within LINK_NOISE of the best counts as equal
+    extra = [x - best if x - best > LINK_NOISE else 0.0 for x in links]
+    return [Member(str(i), h.free_memory, t * base, x) for i, (h, t, x) in enumerate(zip(hellos, rel, extra))]
 
 
 def _relative_times(gflops: list[float]) -> list[float]:

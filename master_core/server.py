@@ -195,7 +195,11 @@ class Master:
 
         async def members(request: web.Request) -> web.Response:
             online = {l.member for l in self.group.live_links()}
-            rows = [{"name": m.name, "fingerprint": m.fingerprint, "joined": m.joined, "connected": m.name in online} for m in self.members.members()]
+            announced = {d["name"]: d for d in self.group.describe()}
+            rows = [
+                {"name": m.name, "fingerprint": m.fingerprint, "joined": m.joined, "connected": m.name in online, "worker": announced.get(m.name)}
+                for m in self.members.members()
+            ]
             return web.json_response({"group": self.members.group, "members": rows})
 
         async def remove(request: web.Request) -> web.Response:

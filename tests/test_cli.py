@@ -52,18 +52,17 @@ def test_probe_without_gpu_reports_cpu_and_measures(capsys):
 def test_probe_times_the_round_trip_to_a_master(tmp_path):
     from harness import Cluster, run
     from tiny_models import make_tiny_checkpoint
-    from worker_core.probe import master_rtt_ms
+    from worker_core.probe import measure_link
 
     ckpt = make_tiny_checkpoint("llama", tmp_path / "m", num_layers=2)
 
     async def main():
         async with Cluster(ckpt, workers=1) as c:
-            import asyncio
+            return await measure_link(f"http://{c.master.address}")
 
-            return await asyncio.to_thread(master_rtt_ms, c.master.address)
-
-    rtt = run(main())
+    rtt, mbps = run(main())
     assert rtt is not None and 0 < rtt < 1000
+    assert mbps is None  # a plain master has no bandwidth probe
 
 
 def test_port_in_use_is_one_line(capsys, tmp_path):

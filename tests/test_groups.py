@@ -4,6 +4,7 @@ whole story through the command line (create, two joins, two workers, a chat ans
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -314,6 +315,11 @@ def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
 
         members = subprocess.run([sys.executable, "-m", "app.cli", "group", "members", "--data-dir", str(master_dir)], capture_output=True, text=True, timeout=30)
         assert "alice" in members.stdout and "bob" in members.stdout and members.stdout.count("connected") == 2
+        # what each worker announced: its device and speed, and the link it measured before dialling
+        announced = re.findall(r"GFLOP/s, RAM \d+ GB, \d+ cores; link ([\d.]+) ms, (\d+) Mbit/s; layers \[(\d+), (\d+)\)", members.stdout)
+        assert len(announced) == 2, members.stdout
+        assert all(float(rtt) > 0 and int(mbps) > 1 for rtt, mbps, _, _ in announced)
+        assert sorted(int(b) - int(a) for _, _, a, b in announced) == [2, 2]  # 4 layers over 2 equal members
 
         from transformers import AutoTokenizer
 

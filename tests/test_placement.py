@@ -100,3 +100,43 @@ def test_relative_times_ignore_noise_but_not_real_differences():
     assert _relative_times([70.0, 95.0, 60.0]) == [1.0, 1.0, 1.0]  # within 2x of the median: equal
     assert _relative_times([100.0, 100.0, 20.0]) == [1.0, 1.0, 5.0]  # a clearly slower member
     assert _relative_times([0.0, 0.0]) == [1.0, 1.0]  # unknown speeds
+
+
+def _hello(name, device="cuda:0", gflops=10_000.0, memory=24 * GB, rtt_ms=0.0, mbps=0.0):
+    from worker_core.wire import Hello
+
+    return Hello(name, device, "gpu", memory, memory, "float16", gflops, rtt_ms=rtt_ms, link_mbps=mbps)
+
+
+def test_announced_links_and_speeds_become_planner_times():
+    from master_core.group import LINK_NOISE, REF_ROWS, planner_members
+
+    # a layer of 10^8 parameters at 10 TFLOP/s: 2e8 * 32 / 1e13 = 0.64 ms per reference step;
+    # a 4096-wide float16 step in and out is 2 * 32 * 4096 * 2 * 8 = 4.19 Mbit
+    hellos = [_hello("lan", rtt_ms=1.0, mbps=1000.0), _hello("far", rtt_ms=40.0, mbps=20.0), _hello("unmeasured"), _hello("slow", gflops=2_000.0)]
+    m = planner_members(hellos, 10**8, 4096, 2)
+    per_layer = 2 * 10**8 * REF_ROWS / 1e13
+    assert [x.seconds_per_layer for x in m] == pytest.approx([per_layer, per_layer, per_layer, 5 * per_layer])
+    # links count from the best one (unmeasured: 0 s) and closer than 10 ms to it count as equal
+    bits = 2 * REF_ROWS * 4096 * 2 * 8
+    assert [x.link_seconds for x in m] == pytest.approx([0.0, 0.040 + bits / 20e6, 0.0, 0.0])
+    assert 0.001 + bits / 1e9 < LINK_NOISE < 0.040
+    # CPU members: start-up bursts measure contention, so speeds count equal; links still count
+    cpu = planner_members([_hello("a", "cpu", 50.0, rtt_ms=30.0), _hello("b", "cpu", 10.0, rtt_ms=1.0)], 10**6, 576, 4)
+    assert cpu[0].seconds_per_layer == cpu[1].seconds_per_layer and cpu[0].link_seconds == pytest.approx(0.029)
+    # nobody measured a speed: relative times, links left out (no common unit)
+    rel = planner_members([_hello("a", gflops=0.0, rtt_ms=30.0), _hello("b", gflops=0.0)], 10**6, 576, 4)
+    assert [(x.seconds_per_layer, x.link_seconds) for x in rel] == [(1.0, 0.0), (1.0, 0.0)]
+
+
+def test_a_member_on_a_slow_link_gets_fewer_layers_from_what_it_announced():
+    from master_core.group import planner_members
+
+    # 32 layers of 10^8 parameters, three equal GPUs; one is 40 ms / 20 Mbit/s away:
+    # its link costs 40 + 210 = 250 ms per reference step, the others ~0.7 ms per layer
+    shape = ModelShape(num_layers=32, layer_bytes=2 * 10**8, first_bytes=10**9, last_bytes=10**9, kv_bytes_per_layer=0)
+    hellos = [_hello("a", rtt_ms=0.5, mbps=1000.0), _hello("far", rtt_ms=40.0, mbps=20.0), _hello("b", rtt_ms=0.5, mbps=1000.0)]
+    plan = plan_pipeline(shape, planner_members(hellos, 10**8, 4096, 2))
+    counts = {hellos[int(n)].name: b - a for n, (a, b) in zip(plan.order, plan.ranges)}
+    assert counts.get("far", 0) < counts["a"] and counts.get("far", 0) < counts["b"]
+    assert sum(counts.values()) == 32

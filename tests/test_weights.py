@@ -94,3 +94,34 @@ def test_chunk_damaged_every_time_fails_and_wrong_tensor_hash_is_not_kept(tmp_pa
         asyncio.run(cache.fetch([lying], src))
     final = cache.path(lying)
     assert not final.exists() and not final.with_name(final.name + ".part").exists()
+
+
+def test_prune_keeps_the_assignment_and_as_much_recent_weight_then_frees_the_rest(tmp_path):
+    import os
+    import time
+
+    def blob(i: int, n: int) -> bytes:
+        return bytes([i]) * n
+
+    layers = {f"model.layers.{i}.w": blob(i, 1000) for i in range(6)}
+    specs = {n: _spec(n, d) for n, d in layers.items()}
+    cache = WeightCache(tmp_path)
+    asyncio.run(cache.fetch(list(specs.values()), Source(layers)))
+    old = [specs[f"model.layers.{i}.w"] for i in range(6)]
+    for age, spec in enumerate(old):  # layer 0 used last, layer 5 longest ago
+        t = time.time() - 100 * (age + 1)
+        os.utime(cache.path(spec), (t, t))
+    stale_folder = cache.folder("stale", "{}", old)
+    (cache.path(old[0]).with_name("junk.safetensors.part")).write_bytes(b"x" * 10)
+
+    keep = old[4:]  # the new assignment: layers 4 and 5
+    size = cache.path(old[0]).stat().st_size  # each file: 1000 bytes and its header
+    freed = cache.prune(keep)
+    left = {s.name for s in old if cache.path(s).exists()}
+    # kept: the assignment, and the two most recently used others (0, 1): as many bytes again
+    assert left == {"model.layers.0.w", "model.layers.1.w", "model.layers.4.w", "model.layers.5.w"}
+    assert freed == 2 * size + 10  # layers 2, 3 and the partial download
+    assert not stale_folder.exists()  # its index pointed at removed tensors
+    assert cache.missing(keep) == [] and time.time() - cache.path(old[5]).stat().st_mtime < 60  # marked used
+    current = cache.folder("current", "{}", keep)
+    assert cache.prune(keep) == 0 and current.exists()  # pruning again changes nothing

@@ -16,6 +16,7 @@ SHA = "ab" * 32
 
 MESSAGES = [
     Hello("w1", "cpu", "x86_64", 10**10, 5 * 10**9, "float32", 75.5),
+    Hello("w2", "cuda:0", "NVIDIA GeForce RTX 3080", 10**10, 9 * 10**9, "bfloat16", 2e4, "8.6", "550.54.14", 32 * 10**9, 16, 21.5, 93.2),
     Assign(3, "/models/x", 0, 10, 30, 512, 4096),
     Assign(3, "d" * 64, 0, 10, 30, 512, 4096, '{"a": 1}', (TensorSpec("model.norm.weight", "BF16", (576,), 1152, SHA),)),
     Fetch(SHA, 1 << 20, 1 << 20),
@@ -56,6 +57,7 @@ def _step_header(**over):
 
 
 GOOD_PAYLOAD = torch.tensor([1, 2]).numpy().tobytes()
+HELLO = json.loads(encode(MESSAGES[1])[9:])  # a valid Hello header, to spoil one field at a time
 
 BAD_FRAMES = {
     "empty": b"",
@@ -63,7 +65,7 @@ BAD_FRAMES = {
     "bad magic": _frame(wire.Kind.FREE, {"request_ids": []}, magic=b"XYZ"),
     "future version": _frame(wire.Kind.FREE, {"request_ids": []}, version=99),
     "unknown kind": _frame(200, {}),
-    "header length beyond frame": struct.pack(">3sBBI", b"MLK", 1, 6, 1000) + b"{}",
+    "header length beyond frame": struct.pack(">3sBBI", b"MLK", wire.PROTOCOL_VERSION, 6, 1000) + b"{}",
     "header not json": _frame(wire.Kind.FREE, b"{not json"),
     "header not utf8": _frame(wire.Kind.FREE, b"\xff\xfe"),
     "header is a list": _frame(wire.Kind.FREE, []),
@@ -71,9 +73,14 @@ BAD_FRAMES = {
     "free negative id": _frame(wire.Kind.FREE, {"request_ids": [-1]}),
     "free with payload": _frame(wire.Kind.FREE, {"request_ids": []}, b"xx"),
     "hello missing field": _frame(wire.Kind.HELLO, {"name": "x"}),
-    "hello bool as int": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": True, "free_memory": 1, "dtype": "float32", "gflops": 1.0}),
-    "hello bad dtype": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "object", "gflops": 1.0}),
-    "hello huge name": _frame(wire.Kind.HELLO, {"name": "x" * 10000, "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "float32", "gflops": 1.0}),
+    "hello without link fields": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "float32", "gflops": 1.0}),
+    "hello negative rtt": _frame(wire.Kind.HELLO, dict(HELLO, rtt_ms=-1.0)),
+    "hello infinite bandwidth": _frame(wire.Kind.HELLO, b'{"name":"x","device":"cpu","device_name":"c","total_memory":1,"free_memory":1,"dtype":"float32","gflops":1,'
+                                                        b'"compute_capability":"","driver":"","ram_total":1,"cpu_cores":1,"rtt_ms":1,"link_mbps":Infinity}'),
+    "hello long driver": _frame(wire.Kind.HELLO, dict(HELLO, driver="9" * 1000)),
+    "hello bool as int": _frame(wire.Kind.HELLO, dict(HELLO, total_memory=True)),
+    "hello bad dtype": _frame(wire.Kind.HELLO, dict(HELLO, dtype="object")),
+    "hello huge name": _frame(wire.Kind.HELLO, dict(HELLO, name="x" * 10000)),
     "assign inverted range": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 5, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4}),
     "ready nan": _frame(wire.Kind.READY, b'{"epoch":1,"hidden_size":4,"vocab_size":4,"load_seconds":NaN,"weight_bytes":1}'),
     "step payload too short": _frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD[:-1]),
@@ -109,6 +116,10 @@ BAD_FRAMES = {
 def test_bad_frames_are_protocol_errors(name):
     with pytest.raises(ProtocolError):
         decode(BAD_FRAMES[name])
+
+
+def test_the_valid_hello_header_used_above_decodes():
+    assert decode(_frame(wire.Kind.HELLO, HELLO)) == MESSAGES[1]  # so each spoiled copy fails for its one defect
 
 
 def test_frame_size_limit():

@@ -14,17 +14,25 @@ empty ``/v1/probe`` round trips on one connection, ``bandwidth_mbps`` the downlo
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import platform
+import ssl
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
 
 from . import device as devices
+
+if TYPE_CHECKING:
+    from .pairing import JoinedGroup
+
+log = logging.getLogger("molink.probe")
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,20 @@ def nvidia_gpus() -> list[Gpu]:
         pynvml.nvmlShutdown()
 
 
+def device_facts(info: devices.DeviceInfo) -> dict:
+    """What a worker announces besides its memory and speed: compute capability and driver of
+    its CUDA device (empty on a CPU or without NVML), system RAM and CPU cores."""
+    gpu = None
+    if info.device.type == "cuda":
+        gpu = next((g for g in nvidia_gpus() if g.index == (info.device.index or 0)), None)
+    return {
+        "compute_capability": gpu.compute_capability if gpu else "",
+        "driver": gpu.driver if gpu else "",
+        "ram_total": psutil.virtual_memory().total,
+        "cpu_cores": os.cpu_count() or 1,
+    }
+
+
 def matmul_gflops(info: devices.DeviceInfo, seconds: float = 0.3) -> float:
     a = torch.randn(128, 2048, device=info.device, dtype=info.dtype)
     b = torch.randn(2048, 2048, device=info.device, dtype=info.dtype)
@@ -90,58 +112,60 @@ def matmul_gflops(info: devices.DeviceInfo, seconds: float = 0.3) -> float:
     return n * 2 * 128 * 2048 * 2048 / (time.perf_counter() - t0) / 1e9
 
 
-def master_rtt_ms(master: str, tries: int = 5) -> float | None:
-    best = None
-    for _ in range(tries):
-        t0 = time.perf_counter()
-        try:
-            with urllib.request.urlopen(f"http://{master}/health", timeout=5) as r:
-                r.read()
-        except urllib.error.HTTPError:  # 503 while the group forms still measures the round trip
-            pass
-        except OSError:
-            return None
-        dt = (time.perf_counter() - t0) * 1000
-        best = dt if best is None else min(best, dt)
-    return best
+PROBE_BYTES = 8 * 1024 * 1024  # `molink probe` downloads this much to time the link
+WORKER_PROBE_BYTES = 2 * 1024 * 1024  # a worker, before each tunnel, downloads this much
 
 
-PROBE_BYTES = 8 * 1024 * 1024
+async def measure_link(base_url: str, tls: ssl.SSLContext | None = None, nbytes: int = PROBE_BYTES) -> tuple[float | None, float | None]:
+    """(round trip ms, download Mbit/s) to a master; None where it could not be measured.
+
+    ``base_url`` is ``https://host:port`` of a group port (``tls`` this member's client
+    context): the round trip is the best of five empty ``/v1/probe`` requests on one
+    connection (after one that pays the handshake), the bandwidth a download of ``nbytes``.
+    A plain ``http://`` master (loopback tests) has only ``/health``: round trip only."""
+    import aiohttp
+
+    from .pairing import TUNNEL_SNI
+
+    kw: dict = {"ssl": tls, "server_hostname": TUNNEL_SNI} if tls is not None else {}
+    group = tls is not None
+    url = f"{base_url}/v1/probe" if group else f"{base_url}/health"
+    rtt = mbps = None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            rtts = []
+            for _ in range(6):  # the first pays the connection (and TLS handshake)
+                t0 = time.perf_counter()
+                async with http.get(url, params={"bytes": "0"} if group else None, **kw) as r:
+                    if group:  # a plain master answers 503 while its group forms: still a round trip
+                        r.raise_for_status()
+                    await r.read()
+                rtts.append(time.perf_counter() - t0)
+            rtt = min(rtts[1:]) * 1000
+            if group and nbytes > 0:
+                t0 = time.perf_counter()
+                async with http.get(url, params={"bytes": str(nbytes)}, **kw) as r:
+                    r.raise_for_status()
+                    n = len(await r.read())
+                mbps = n * 8 / (time.perf_counter() - t0) / 1e6
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+        log.debug("link to %s not measured: %s", base_url, e)
+    return rtt, mbps
+
+
+def group_base_url(joined: "JoinedGroup") -> str:
+    host = f"[{joined.master_host}]" if ":" in joined.master_host else joined.master_host
+    return f"https://{host}:{joined.master_port}"
 
 
 def group_link(data_dir: Path) -> tuple[float | None, float | None]:
-    """(round trip ms, download Mbit/s) to the joined group's master; (None, None) if unreachable."""
-    import asyncio
-
-    import aiohttp
-
+    """(round trip ms, download Mbit/s) to the joined group's master; None if unreachable."""
     from .identity import client_context, load_or_create
-    from .pairing import TUNNEL_SNI, JoinedGroup
+    from .pairing import JoinedGroup
 
     joined = JoinedGroup.load(data_dir)
     ctx = client_context(load_or_create(data_dir / "identity", joined.name), joined.master_cert)
-    host = f"[{joined.master_host}]" if ":" in joined.master_host else joined.master_host
-    url = f"https://{host}:{joined.master_port}/v1/probe"
-
-    async def measure() -> tuple[float, float]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            rtts = []
-            for _ in range(6):  # the first pays the handshake
-                t0 = time.perf_counter()
-                async with http.get(url, params={"bytes": "0"}, ssl=ctx, server_hostname=TUNNEL_SNI) as r:
-                    r.raise_for_status()
-                    await r.read()
-                rtts.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            async with http.get(url, params={"bytes": str(PROBE_BYTES)}, ssl=ctx, server_hostname=TUNNEL_SNI) as r:
-                r.raise_for_status()
-                n = len(await r.read())
-            return min(rtts[1:]) * 1000, n * 8 / (time.perf_counter() - t0) / 1e6
-
-    try:
-        return asyncio.run(measure())
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-        return None, None
+    return asyncio.run(measure_link(group_base_url(joined), ctx))
 
 
 def _cpu_name() -> str:
@@ -157,7 +181,10 @@ def _cpu_name() -> str:
 
 def probe(device: str = "auto", master: str | None = None, group: Path | None = None) -> Probe:
     info = devices.pick(device)
-    rtt, mbps = group_link(group) if group is not None else (master_rtt_ms(master) if master else None, None)
+    if group is not None:
+        rtt, mbps = group_link(group)
+    else:
+        rtt, mbps = asyncio.run(measure_link(f"http://{master}")) if master else (None, None)
     vm = psutil.virtual_memory()
     from .wire import DTYPE_NAMES
 

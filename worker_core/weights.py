@@ -17,7 +17,8 @@ length) is asked for again (up to ``CHUNK_RETRIES`` times).  Chunks are written 
 file is checked against the tensor's hash before it is renamed into place (a mismatch removes
 it and raises :class:`WeightError`).  ``cache.folder(digest, config_json, specs)`` then writes
 a checkpoint folder (``config.json`` + ``model.safetensors.index.json`` pointing at the cached
-files) that :func:`worker_core.shard.load_shard` reads like any other.
+files) that :func:`worker_core.shard.load_shard` reads like any other.  ``cache.prune(specs)``
+bounds the disk used: the assigned tensors plus at most as many bytes of recently used others.
 
 ``read_locations(path)`` parses a safetensors file's header (a local file, never network
 bytes): tensor name -> (dtype, shape, first byte, end byte) in the file.
@@ -232,6 +233,52 @@ class WeightCache:
                     d.abandon()
             raise
         return received
+
+    def prune(self, keep: list[TensorSpec]) -> int:
+        """Bound the cache after an assignment: the tensors of ``keep`` stay (and are marked
+        used), and of the rest only the most recently used, up to as many bytes as ``keep``
+        holds, so a range that moves back and forth is not fetched again each time; older
+        tensors, partial downloads and model folders over removed tensors are deleted.
+        Returns the bytes freed.  A file the OS will not delete now (open elsewhere) stays."""
+        wanted = {self.path(s) for s in keep}
+        budget = 0
+        others = []
+        for f in self.tensors.glob("*/*.safetensors*") if self.tensors.exists() else ():
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            if f in wanted:
+                os.utime(f)
+                budget += st.st_size
+            else:
+                others.append((st.st_mtime, st.st_size, f))
+        freed = 0
+        for _, size, f in sorted(others, reverse=True):  # newest first
+            if budget >= size and not f.name.endswith(".part"):
+                budget -= size
+                continue
+            try:
+                f.unlink()
+                freed += size
+            except OSError as e:
+                log.debug("cannot remove %s now: %s", f, e)
+        for index in self.models.glob("*/model.safetensors.index.json") if self.models.exists() else ():
+            try:
+                paths = json.loads(index.read_text())["weight_map"].values()
+                stale = not all((index.parent / p).exists() for p in paths)
+            except (OSError, ValueError, KeyError, AttributeError):
+                stale = True
+            if stale:
+                try:
+                    for f in index.parent.iterdir():
+                        f.unlink(missing_ok=True)
+                    index.parent.rmdir()
+                except OSError as e:
+                    log.debug("cannot remove %s now: %s", index.parent, e)
+        if freed:
+            log.info("weight cache: freed %.1f MB of tensors no longer assigned", freed / 1e6)
+        return freed
 
     def folder(self, digest: str, config_json: str, specs: list[TensorSpec]) -> Path:
         """A checkpoint folder over the cached tensors of ``specs`` (all must be cached)."""

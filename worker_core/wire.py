@@ -21,6 +21,7 @@ Contract
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -32,7 +33,7 @@ import torch
 
 from .weights import TensorSpec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -87,6 +88,12 @@ class Hello:
     free_memory: int  # bytes this worker offers for weights + KV
     dtype: str  # compute dtype the worker will use, one of DTYPES
     gflops: float = 0.0  # measured matmul speed at start-up (0: unknown)
+    compute_capability: str = ""  # CUDA devices, e.g. "8.6" ("" on a CPU)
+    driver: str = ""  # NVIDIA driver version ("" on a CPU)
+    ram_total: int = 0  # bytes of system memory
+    cpu_cores: int = 0
+    rtt_ms: float = 0.0  # measured round trip to the master just before this tunnel (0: unknown)
+    link_mbps: float = 0.0  # measured master -> worker bandwidth, Mbit/s (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -301,11 +308,14 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
     return spec, t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+HELLO_FIELDS = tuple(f.name for f in dataclasses.fields(Hello))
+
+
 def encode(msg: Message) -> bytes:
     """Serialize one message to one frame."""
     payload = b""
     if isinstance(msg, Hello):
-        kind, h = Kind.HELLO, {k: getattr(msg, k) for k in ("name", "device", "device_name", "total_memory", "free_memory", "dtype", "gflops")}
+        kind, h = Kind.HELLO, {k: getattr(msg, k) for k in HELLO_FIELDS}
     elif isinstance(msg, Assign):
         kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens", "config_json")}
         h["manifest"] = [s.as_json() for s in msg.manifest]
@@ -379,6 +389,12 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             free_memory=_int(h, "free_memory"),
             dtype=_dtype_name(h, "dtype"),
             gflops=_float(h, "gflops"),
+            compute_capability=_str(h, "compute_capability", 16),
+            driver=_str(h, "driver", 64),
+            ram_total=_int(h, "ram_total"),
+            cpu_cores=_int(h, "cpu_cores", 0, 1 << 16),
+            rtt_ms=_float(h, "rtt_ms"),
+            link_mbps=_float(h, "link_mbps"),
         )
     if kind is Kind.ASSIGN:
         a = Assign(

@@ -3,7 +3,9 @@
 Contract
 --------
 ``serve(config)`` runs until cancelled (or, with ``reconnect=False``, until the tunnel
-closes).  Per connection: send :class:`~worker_core.wire.Hello`; then, in order, apply
+closes).  Per connection: measure the link to the master (round trip, and
+bandwidth over a group port), then send :class:`~worker_core.wire.Hello` with it, the device,
+its measured speed and its memory; then, in order, apply
 ``Assign`` (load the layer range, answer ``Ready``), ``Step`` (answer ``Result``, or
 ``Failure`` naming the step when the step does not fit this stage), and ``Free``.  Frames are
 read by one task and executed in arrival order by another, so heartbeats are answered while a
@@ -34,6 +36,7 @@ import aiohttp
 
 from . import device as devices
 from . import model_source
+from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .shaper import LinkShaper
 from .shard import load_shard
 from .stage import StageRunner, StepRejected
@@ -118,6 +121,7 @@ class _Session:
             received = await self.weights.fetch(specs, self.request_chunk)
             dt = time.perf_counter() - t0
             log.info("weights received: %.1f MB in %.2f s (%.1f MB/s)", received / 1e6, dt, received / 1e6 / max(dt, 1e-9))
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.weights.prune, specs)
         return self.weights.folder(msg.model, msg.config_json, specs)
 
     async def handle(self, msg: object, arrived: float) -> None:
@@ -168,9 +172,20 @@ class _Session:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
 
 
-async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, gflops: float, weights: WeightCache) -> None:
+async def _link(config: WorkerConfig) -> tuple[float, float]:
+    """(round trip ms, Mbit/s) to the master as the tunnel will see it: measured just before
+    dialling (0 where unknown), with an emulated delay and rate applied on top."""
+    rtt, mbps = await measure_link(f"{'https' if config.tls else 'http'}://{config.master}", config.tls, WORKER_PROBE_BYTES)
+    rtt = (rtt or 0.0) + (2 * config.link_delay_ms if rtt is not None else 0.0)
+    if config.link_mbps:
+        mbps = min(mbps, config.link_mbps) if mbps else config.link_mbps
+    return rtt, mbps or 0.0
+
+
+async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache) -> None:
     info = devices.pick(config.device)
     offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)
+    rtt, mbps = await _link(config)
     if config.tls is not None:
         from .pairing import TUNNEL_SNI
 
@@ -185,7 +200,7 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
             uplink = LinkShaper(delay, rate, ws.send_bytes)
             session = _Session(ws, executor, shards, config.device, uplink, weights)
             await session.send(
-                Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, offered, _dtype_name(info), gflops)
+                Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, offered, _dtype_name(info), rtt_ms=rtt, link_mbps=mbps, **facts)
             )
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -261,9 +276,8 @@ async def serve(config: WorkerConfig) -> None:
         torch.set_num_threads(config.threads)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-stage")
     shards: dict = {}
-    from .probe import matmul_gflops
-
-    gflops = await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, devices.pick(config.device), 0.2)
+    info = devices.pick(config.device)
+    facts = dict(device_facts(info), gflops=await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, info, 0.2))
     weights = WeightCache(config.weights_dir or _default_weights_dir())
     if config.tls is None:
         log.warning("UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; for loopback tests only", config.master)
@@ -272,7 +286,7 @@ async def serve(config: WorkerConfig) -> None:
         while True:
             t0 = time.monotonic()
             try:
-                await _connect_once(config, executor, shards, gflops, weights)
+                await _connect_once(config, executor, shards, facts, weights)
                 log.warning("tunnel to %s closed", config.master)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 log.warning("cannot reach master %s: %s%s", config.master, e, _tls_hint(config, e))

@@ -61,7 +61,10 @@ function render(s) {
 
   const mb = $("members").tBodies[0];
   mb.replaceChildren(...s.members.map((m) => el("tr", {},
-    el("td", {}, m.name), el("td", {}, `${m.device_name} (${m.device})`), el("td", {}, gb(m.free_memory)),
+    el("td", {}, m.name),
+    el("td", {}, `${m.device_name} (${m.device}${m.compute_capability ? `, compute ${m.compute_capability}, driver ${m.driver}` : ""})`),
+    el("td", {}, gb(m.free_memory)), el("td", {}, `${fmt(m.gflops)} GFLOP/s`),
+    el("td", {}, m.rtt_ms ? `${fmt(m.rtt_ms)} ms${m.link_mbps ? ` · ${fmt(m.link_mbps)} Mbit/s` : ""}` : "–"),
     el("td", {}, m.state), el("td", {}, m.layers ? `[${m.layers[0]}, ${m.layers[1]})` : "–"), el("td", {}, m.steps))));
 
   const series = s.series;
