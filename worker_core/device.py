@@ -28,6 +28,18 @@ class DeviceInfo:
     free_memory: int  # bytes
 
 
+def cpu_name() -> str:
+    """The processor's model name (e.g. "AMD Ryzen 7 5800X 8-Core Processor") where the OS says it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
 def pick(spec: str = "auto") -> DeviceInfo:
     spec = spec.strip().lower()
     if spec == "auto":
@@ -36,7 +48,7 @@ def pick(spec: str = "auto") -> DeviceInfo:
         spec = "cuda:0"
     if spec == "cpu":
         vm = psutil.virtual_memory()
-        return DeviceInfo(torch.device("cpu"), torch.float32, platform.processor() or platform.machine() or "CPU", vm.total, vm.available)
+        return DeviceInfo(torch.device("cpu"), torch.float32, cpu_name(), vm.total, vm.available)
     if spec.startswith("cuda:") and spec[5:].isdigit():
         idx = int(spec[5:])
         if not torch.cuda.is_available() or idx >= torch.cuda.device_count():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import platform
 import ssl
 import time
 from dataclasses import asdict, dataclass, field
@@ -168,17 +167,6 @@ def group_link(data_dir: Path) -> tuple[float | None, float | None]:
     return asyncio.run(measure_link(group_base_url(joined), ctx))
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def probe(device: str = "auto", master: str | None = None, group: Path | None = None) -> Probe:
     info = devices.pick(device)
     if group is not None:
@@ -192,7 +180,7 @@ def probe(device: str = "auto", master: str | None = None, group: Path | None = 
         gpus=nvidia_gpus(),
         ram_total=vm.total,
         ram_available=vm.available,
-        cpu=_cpu_name(),
+        cpu=devices.cpu_name(),
         cpu_cores=os.cpu_count() or 1,
         device=str(info.device),
         dtype=DTYPE_NAMES[info.dtype],
