@@ -57,7 +57,7 @@ class Group:
         if self.weights is None:
             return {}
         config_json, specs = await asyncio.to_thread(self.weights.manifest, start, end)
-        return {"model": manifest_digest(config_json, specs), "config_json": config_json, "manifest": tuple(specs)}
+        return {"model": manifest_digest(config_json, specs), "config_json": config_json, "manifest": tuple(specs), "hub": self.weights.hub}
 
     def on_reset(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

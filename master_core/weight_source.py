@@ -2,7 +2,9 @@
 
 Contract
 --------
-``WeightSource(folder, hash_cache)`` serves the safetensors checkpoint in ``folder``.
+``WeightSource(folder, hash_cache, hub)`` serves the safetensors checkpoint in ``folder``; with
+``hub`` (``owner/name@commit``, the folder being that hub snapshot) every spec also says which
+repository file holds the tensor and at what byte offset, so a worker may read it from the hub.
 ``manifest(start, end)`` (blocking: call it in a thread) returns ``(config_json, specs)`` for
 the tensors layers ``[start, end)`` need (see ``worker_core.shard.needed_tensors``), hashing
 each tensor once; hashes are remembered in ``hash_cache`` (a JSON file keyed by file path,
@@ -27,9 +29,10 @@ log = logging.getLogger("molink.weight_source")
 
 
 class WeightSource:
-    def __init__(self, folder: Path, hash_cache: Path | None) -> None:
+    def __init__(self, folder: Path, hash_cache: Path | None, hub: str = "") -> None:
         self.folder = folder
         self.hash_cache = hash_cache
+        self.hub = hub  # "owner/name@commit" when folder is a hub snapshot: specs then say where each tensor lies
         self.config_json = (folder / "config.json").read_text()
         files = checkpoint_files(folder)
         self._where: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}  # name -> file, dtype, shape, begin, end
@@ -75,7 +78,8 @@ class WeightSource:
             before = len(self._hashes)
             for name in names:
                 path, dtype, shape, begin, stop = self._where[name]
-                spec = TensorSpec(name, dtype, shape, stop - begin, self._sha(name))
+                where = {"file": path.relative_to(self.folder).as_posix(), "offset": begin} if self.hub else {}
+                spec = TensorSpec(name, dtype, shape, stop - begin, self._sha(name), **where)
                 self._by_sha[spec.sha256] = (path, begin, stop)
                 specs.append(spec)
             if self.hash_cache is not None and len(self._hashes) != before:

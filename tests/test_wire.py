@@ -19,6 +19,7 @@ MESSAGES = [
     Hello("w2", "cuda:0", "NVIDIA GeForce RTX 3080", 10**10, 9 * 10**9, "bfloat16", 2e4, "8.6", "550.54.14", 32 * 10**9, 16, 21.5, 93.2),
     Assign(3, "/models/x", 0, 10, 30, 512, 4096),
     Assign(3, "d" * 64, 0, 10, 30, 512, 4096, '{"a": 1}', (TensorSpec("model.norm.weight", "BF16", (576,), 1152, SHA),)),
+    Assign(3, "d" * 64, 0, 10, 30, 512, 4096, "{}", (TensorSpec("w", "F16", (4,), 8, SHA, "model-00001-of-00002.safetensors", 4096),), "owner/name@" + "0" * 40),
     Fetch(SHA, 1 << 20, 1 << 20),
     Chunk(SHA, 0, "cd" * 32, b"\x00\x01weights"),
     Ready(3, 576, 49152, 1.5, 123456),
@@ -57,7 +58,8 @@ def _step_header(**over):
 
 
 GOOD_PAYLOAD = torch.tensor([1, 2]).numpy().tobytes()
-HELLO = json.loads(encode(MESSAGES[1])[9:])  # a valid Hello header, to spoil one field at a time
+HELLO = json.loads(encode(MESSAGES[1])[9:])  # valid headers, to spoil one field at a time
+ASSIGN = json.loads(encode(MESSAGES[4])[9:])
 
 BAD_FRAMES = {
     "empty": b"",
@@ -108,6 +110,10 @@ BAD_FRAMES = {
                                                           "manifest": [{"name": "w", "dtype": "PICKLE", "shape": [1], "nbytes": 1, "sha256": SHA}]}),
     "assign manifest negative size": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 0, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4, "config_json": "",
                                                               "manifest": [{"name": "w", "dtype": "F32", "shape": [1], "nbytes": -4, "sha256": SHA}]}),
+    "assign bad hub ref": _frame(wire.Kind.ASSIGN, dict(ASSIGN, hub="owner/name@main")),
+    "assign tensor file escapes": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="../../etc/passwd")])),
+    "assign tensor file absolute": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="/etc/passwd")])),
+    "assign tensor offset negative": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], offset=-1)])),
     "deep json": _frame(wire.Kind.FREE, b"[" * 100000 + b"]" * 100000),
 }
 
@@ -118,8 +124,9 @@ def test_bad_frames_are_protocol_errors(name):
         decode(BAD_FRAMES[name])
 
 
-def test_the_valid_hello_header_used_above_decodes():
+def test_the_valid_headers_used_above_decode():
     assert decode(_frame(wire.Kind.HELLO, HELLO)) == MESSAGES[1]  # so each spoiled copy fails for its one defect
+    assert decode(_frame(wire.Kind.ASSIGN, ASSIGN)) == MESSAGES[4]
 
 
 def test_frame_size_limit():

@@ -8,6 +8,7 @@ Contract: ``resolve(src)`` accepts
 * a Hugging Face hub id ``owner/name``: downloaded (config, tokenizer, safetensors only) with
   ``huggingface_hub`` where the machine is online, or taken from its local hub cache.
 It returns an absolute folder path, or raises :class:`ModelSourceError` with one clear line.
+``hub_ref(src, folder)`` names the exact hub snapshot (``owner/name@commit``) a hub id resolved to.
 ``display_name(src, folder)`` is the model id the API reports.
 """
 
@@ -52,6 +53,15 @@ def resolve(src: str) -> Path:
         except Exception as e:  # offline, unknown repo, gated model ...
             raise ModelSourceError(f"cannot fetch {src!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     raise ModelSourceError(f"{src!r} is neither 'default', an existing folder, nor a hub id like owner/name")
+
+
+def hub_ref(src: str, folder: Path) -> str:
+    """``owner/name@commit`` when ``folder`` is the hub snapshot ``src`` resolved to, else ""."""
+    if not _HUB_ID.match(src) or Path(src).expanduser().exists():
+        return ""
+    if folder.parent.name != "snapshots" or not re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return ""
+    return f"{src}@{folder.name}"
 
 
 def display_name(src: str, folder: Path) -> str:

@@ -43,6 +43,7 @@ CHUNK = 1 << 20  # bytes per chunk request
 CHUNK_RETRIES = 3
 SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"})
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+_REPO_FILE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")
 
 
 class WeightError(Exception):
@@ -56,9 +57,14 @@ class TensorSpec:
     shape: tuple[int, ...]
     nbytes: int
     sha256: str  # hex digest of the tensor's bytes
+    # where the same bytes lie in the model's hub repository (models from the hub only):
+    # ``[offset, offset + nbytes)`` of ``file``
+    file: str = ""
+    offset: int = 0
 
     def as_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes, "sha256": self.sha256}
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes, "sha256": self.sha256}
+        return out | ({"file": self.file, "offset": self.offset} if self.file else {})
 
     @staticmethod
     def parse(raw: object) -> "TensorSpec":
@@ -76,7 +82,12 @@ class TensorSpec:
             raise ValueError("bad tensor size")
         if not isinstance(sha, str) or not _SHA.match(sha):
             raise ValueError("bad tensor hash")
-        return TensorSpec(name, dtype, tuple(shape), nbytes, sha)
+        file, offset = raw.get("file", ""), raw.get("offset", 0)
+        if not isinstance(file, str) or len(file) > 512 or (file and not _REPO_FILE.match(file)) or ".." in file.split("/"):
+            raise ValueError("bad tensor file: a relative path in the repository")
+        if type(offset) is not int or not 0 <= offset <= 1 << 48:
+            raise ValueError("bad tensor offset")
+        return TensorSpec(name, dtype, tuple(shape), nbytes, sha, file, offset)
 
 
 def manifest_digest(config_json: str, specs: list[TensorSpec]) -> str:
@@ -179,6 +190,13 @@ class WeightCache:
 
     def missing(self, specs: list[TensorSpec]) -> list[TensorSpec]:
         return [s for s in specs if not self.path(s).exists()]
+
+    def discard_partial(self, specs: list[TensorSpec]) -> None:
+        """Forget partial downloads of ``specs`` (their prefix came from a source whose chunks
+        carry no hash, so it must not be resumed as verified)."""
+        for s in specs:
+            p = self.path(s)
+            p.with_name(p.name + ".part").unlink(missing_ok=True)
 
     async def fetch(self, specs: list[TensorSpec], request: ChunkRequest, window: int = 8) -> int:
         """Fetch what is missing; return the bytes received."""

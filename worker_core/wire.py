@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -35,6 +36,7 @@ from .weights import TensorSpec
 
 PROTOCOL_VERSION = 2
 MAGIC = b"MLK"
+HUB_REF = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+@[0-9a-f]{40}$")
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
 MAX_HEADER_BYTES = 256 * 1024
@@ -111,6 +113,9 @@ class Assign:
     # tensors of this range; empty: the worker reads ``model`` itself
     config_json: str = ""
     manifest: tuple[TensorSpec, ...] = ()
+    # "owner/name@commit" when the model comes from the hub: the worker may read the
+    # manifest's tensors from there (each spec's file and offset) before asking the master
+    hub: str = ""
 
 
 @dataclass(frozen=True)
@@ -317,7 +322,7 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Hello):
         kind, h = Kind.HELLO, {k: getattr(msg, k) for k in HELLO_FIELDS}
     elif isinstance(msg, Assign):
-        kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens", "config_json")}
+        kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens", "config_json", "hub")}
         h["manifest"] = [s.as_json() for s in msg.manifest]
     elif isinstance(msg, Ready):
         kind, h = Kind.READY, {k: getattr(msg, k) for k in ("epoch", "hidden_size", "vocab_size", "load_seconds", "weight_bytes")}
@@ -407,7 +412,10 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             kv_tokens=_int(h, "kv_tokens", 1, MAX_ID),
             config_json=_str(h, "config_json", 1 << 20),
             manifest=_manifest(h),
+            hub=_str(h, "hub", 512),
         )
+        if a.hub and not HUB_REF.match(a.hub):
+            raise ProtocolError("'hub' must be owner/name@<40-hex commit>")
         if not a.layer_start < a.layer_end <= a.num_layers:
             raise ProtocolError("layer range out of bounds")
         return a

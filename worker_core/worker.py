@@ -16,7 +16,8 @@ is the same model and range (its KV caches are dropped: the master replays).
 In a paired group (``tls`` set) the tunnel is ``wss://`` with this machine's certificate,
 trusting only the pinned master certificate, and an ``Assign`` with a manifest is served from
 weights the master delivers (``Fetch``/``Chunk``, see :mod:`worker_core.weights`), cached in
-``weights_dir``; ``Chunk`` frames bypass the in-order queue, since they arrive while that
+``weights_dir`` (for a model from the hub, read from the hub first where this machine can,
+see :mod:`worker_core.hub_ranges`); ``Chunk`` frames bypass the in-order queue, since they arrive while that
 ``Assign`` is being handled.  Without ``tls`` the tunnel is plain ``ws://`` (loopback tests),
 with a warning.
 """
@@ -36,6 +37,7 @@ import aiohttp
 
 from . import device as devices
 from . import model_source
+from .hub_ranges import fetch_from_hub
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .shaper import LinkShaper
 from .shard import load_shard
@@ -113,6 +115,8 @@ class _Session:
         if not msg.manifest:
             return await asyncio.get_running_loop().run_in_executor(self.executor, model_source.resolve, msg.model)
         specs = list(msg.manifest)
+        if msg.hub:  # spare the master's uplink: read what the hub can give first
+            await fetch_from_hub(self.weights, specs, msg.hub)
         missing = self.weights.missing(specs)
         if missing:
             total = sum(s.nbytes for s in missing)
