@@ -4,10 +4,18 @@ Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV c
 in tokens.
 
 ``plan_pipeline(shape, members)``: given each member's memory, measured speed and link, it
-picks the pipeline order and contiguous ranges that minimise the slowest stage (so maximise
+picks the pipeline order and contiguous ranges that minimise the busiest resource (so maximise
 throughput), honouring every member's memory (weights, embeddings on the first stage, head
 on the last, a KV reserve per layer); among equally fast plans it prefers the one in which
 every member takes part.  Raises :class:`PlacementError` saying what is missing.
+
+The cost model is a pipeline kept full by micro-batches: a stage's compute and its link's
+transfers overlap (the worker reads the next frame while it computes), so a step's time is
+the slowest of every used stage's compute (its layers times its time per layer) and every
+used member's link time.  A link's time does not depend on how many layers sit behind it
+(the activations are the same size), so a slow link never changes how many layers a member
+gets; it decides whether the member is worth using: a member whose link is slower than what
+the others reach without it is left out when memory allows.
 """
 
 from __future__ import annotations
@@ -64,7 +72,9 @@ def _max_layers(shape: ModelShape, m: Member, limit: float, first: bool, last: b
     per = shape.layer_bytes + shape.kv_bytes_per_layer
     room = m.memory - (shape.first_bytes if first else 0) - (shape.last_bytes if last else 0)
     by_mem = room // per if room >= 0 else -1
-    by_time = math.floor((limit - m.link_seconds) / m.seconds_per_layer + 1e-9) if m.seconds_per_layer > 0 else shape.num_layers
+    if m.link_seconds > limit + 1e-12:
+        return 0  # its link alone is slower than the limit: it cannot be a stage
+    by_time = math.floor(limit / m.seconds_per_layer + 1e-9) if m.seconds_per_layer > 0 else shape.num_layers
     return max(0, min(shape.num_layers, by_mem, by_time))
 
 
@@ -93,14 +103,14 @@ def _spread_over_all(shape: ModelShape, members: Sequence[Member], limit: float)
         return None
     counts = list(caps)
     for _ in range(sum(caps) - shape.num_layers):
-        i = max((i for i in range(n) if counts[i] > 1), key=lambda i: members[i].link_seconds + counts[i] * members[i].seconds_per_layer)
+        i = max((i for i in range(n) if counts[i] > 1), key=lambda i: counts[i] * members[i].seconds_per_layer)
         counts[i] -= 1
     return counts
 
 
 def _bottleneck(fill, shape: ModelShape, order: Sequence[Member]) -> tuple[float, list[int]] | None:
     """Smallest time limit under which ``fill`` places every layer, and its counts."""
-    hi = max(m.link_seconds + shape.num_layers * m.seconds_per_layer for m in order)
+    hi = max(max(m.link_seconds, shape.num_layers * m.seconds_per_layer) for m in order)
     if fill(shape, order, hi) is None:
         return None
     lo = 0.0
@@ -113,7 +123,7 @@ def _bottleneck(fill, shape: ModelShape, order: Sequence[Member]) -> tuple[float
     counts = fill(shape, order, hi)
     if counts is None:
         return None
-    return max(m.link_seconds + c * m.seconds_per_layer for m, c in zip(order, counts) if c > 0), counts
+    return max(max(m.link_seconds, c * m.seconds_per_layer) for m, c in zip(order, counts) if c > 0), counts
 
 
 def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: int = 7) -> Plan:
