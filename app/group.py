@@ -74,7 +74,7 @@ def describe_worker(w: dict) -> str:
     """One line of what a connected worker announced (a row of the master's ``describe()``)."""
     gpu = f", compute {w['compute_capability']}, driver {w['driver']}" if w.get("compute_capability") else ""
     link = f"{w['rtt_ms']:.1f} ms" + (f", {w['link_mbps']:.0f} Mbit/s" if w.get("link_mbps") else "") if w.get("rtt_ms") else "not measured"
-    layers = f"layers [{w['layers'][0]}, {w['layers'][1]})" if w.get("layers") else "no layers"
+    layers = f"layers [{w['layers'][0]}, {w['layers'][1]})" if w.get("layers") else f"no layers ({w.get('standby') or 'not placed yet'})"
     return (
         f"{w['device_name']} ({w['device']}{gpu}), {w['free_memory'] / 1e9:.1f} GB offered, "
         f"{w['gflops']:.0f} GFLOP/s, RAM {w['ram_total'] / 1e9:.0f} GB, {w['cpu_cores']} cores; link {link}; {layers}"

@@ -51,6 +51,7 @@ class Group:
         self._replan_task: asyncio.Task | None = None
         self.closing = False  # set by the master on shutdown: departures are expected then
         self.weights: WeightSource | None = None  # set in a paired group: workers get weights from us
+        self.standby: dict[str, str] = {}  # live members the last plan left out -> why
 
     async def _delivery(self, start: int, end: int) -> dict[str, object]:
         """Assign fields that make the master deliver the range's weights (paired groups)."""
@@ -166,6 +167,13 @@ class Group:
         hidden = int(self.model_config.hidden_size)  # type: ignore[attr-defined]
         members = planner_members([l.hello for l in live], layer_params, hidden, itemsize)
         plan = plan_pipeline(shape, members)
+        self.standby = {}
+        for m, l in zip(members, live):
+            if m.name not in plan.order:
+                why = (f"its link ({m.link_seconds * 1000:.0f} ms per step) is slower than the pipeline without it ({plan.step_seconds * 1000:.0f} ms)"
+                       if m.link_seconds > plan.step_seconds else "the others hold the model as fast without it")
+                self.standby[l.name] = why
+                log.info("%s stands by: %s", l.name, why)
         return [(live[int(name)], rng) for name, rng in zip(plan.order, plan.ranges)]
 
     def describe(self) -> list[dict]:
@@ -190,6 +198,7 @@ class Group:
                     "state": l.state.value,
                     "layers": [a.layer_start, a.layer_end] if a else None,
                     "stage": self.stages.index(l) if l in self.stages else None,
+                    "standby": self.standby.get(l.name) if l not in self.stages else None,
                     "steps": l.steps,
                 }
             )

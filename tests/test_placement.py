@@ -152,3 +152,27 @@ def test_announced_links_decide_who_is_worth_using():
     small = [_hello("a", memory=4 * GB, rtt_ms=0.5, mbps=1000.0), _hello("far", rtt_ms=40.0, mbps=20.0), _hello("b", memory=4 * GB, rtt_ms=0.5, mbps=1000.0)]
     plan = plan_pipeline(shape, planner_members(small, 10**8, 4096, 2))
     assert "1" in plan.order and len(plan.order) == 3
+
+
+def test_a_member_behind_a_slow_link_stands_by_and_says_why(tmp_path):
+    import asyncio
+
+    from harness import Cluster, greedy, run
+    from tiny_models import make_tiny_checkpoint, reference_greedy
+
+    path = make_tiny_checkpoint("llama", tmp_path / "m", num_layers=4, seed=5)
+    prompt = [3, 4, 5, 6]
+
+    async def main():
+        async with Cluster(path, workers=2) as c:
+            c.add_worker("far", link_delay_ms=300)  # it announces a 600 ms round trip
+            while not (len(c.master.group.links) == 3 and c.master.group.serving.is_set()):
+                await asyncio.sleep(0.02)
+            members = {m["name"]: m for m in c.master.group.describe()}
+            return members, (await c.engine.generate(prompt, greedy(8)))[0]
+
+    members, got = run(main())
+    assert members["far"]["rtt_ms"] >= 600 and members["far"]["layers"] is None
+    assert "its link" in members["far"]["standby"] and "slower than the pipeline without it" in members["far"]["standby"]
+    assert members["w0"]["layers"] and members["w1"]["layers"] and members["w0"]["standby"] is None
+    assert got == reference_greedy(path, prompt, 8)
