@@ -3,7 +3,8 @@
 Contract
 --------
 :class:`Group` holds every connected :class:`~master_core.link.WorkerLink` in join order.
-Whenever membership changes it re-plans: if at least ``min_workers`` live links exist it
+Whenever membership changes it re-plans (unless a newcomer would only stand by: then the
+running pipeline is left alone): if at least ``min_workers`` live links exist it
 plans the pipeline order and layer ranges from each member's offered memory, measured
 speed and announced link (:func:`planner_members`, :func:`~master_core.placement.plan_pipeline`), bumps ``epoch``, sends each
 chosen worker its ``Assign`` and waits for every ``Ready``; then ``stages`` is the pipeline in
@@ -69,7 +70,22 @@ class Group:
     def add(self, link: WorkerLink) -> None:
         self.links.append(link)
         log.info("worker %s joined from %s (%s, %.1f GB free)", link.name, link.peer, link.hello.device_name, link.hello.free_memory / 1e9)
+        if self._plan_unchanged():
+            log.info("the pipeline stays as it is: %s stands by (%s)", link.name, self.standby.get(link.name))
+            return
         self._schedule_replan()
+
+    def _plan_unchanged(self) -> bool:
+        """Serving, and a plan with the current members would keep every stage and range (the
+        newcomer stands by): nothing needs to move."""
+        if not self.serving.is_set() or not self.stages:
+            return False
+        try:
+            chosen = self._place(self.live_links())
+        except PlacementError:
+            return False
+        current = [(l, (l.assignment.layer_start, l.assignment.layer_end)) for l in self.stages if l.assignment]
+        return chosen == current
 
     def remove(self, link: WorkerLink) -> None:
         if link in self.links:

@@ -165,13 +165,17 @@ def test_a_member_behind_a_slow_link_stands_by_and_says_why(tmp_path):
 
     async def main():
         async with Cluster(path, workers=2) as c:
+            epoch = c.master.group.epoch
+            running = asyncio.create_task(c.engine.generate(prompt, greedy(40)))
             c.add_worker("far", link_delay_ms=300)  # it announces a 600 ms round trip
             while not (len(c.master.group.links) == 3 and c.master.group.serving.is_set()):
                 await asyncio.sleep(0.02)
             members = {m["name"]: m for m in c.master.group.describe()}
-            return members, (await c.engine.generate(prompt, greedy(8)))[0]
+            moved = c.master.group.epoch != epoch  # a standby newcomer moves nothing
+            return members, (await c.engine.generate(prompt, greedy(8)))[0], (await running)[0], moved
 
-    members, got = run(main())
+    members, got, longer, moved = run(main())
+    assert not moved and longer == reference_greedy(path, prompt, 40)
     assert members["far"]["rtt_ms"] >= 600 and members["far"]["layers"] is None
     assert "its link" in members["far"]["standby"] and "slower than the pipeline without it" in members["far"]["standby"]
     assert members["w0"]["layers"] and members["w1"]["layers"] and members["w0"]["standby"] is None
