@@ -1,12 +1,13 @@
 """Workers read their tensors from a model's hub repository by range requests, else from the master.
 
 The hub is a local aiohttp server shaped like the real one (``/{repo}/resolve/{commit}/{file}``
-redirecting to a file server that honours ``Range``), reached through ``$HF_ENDPOINT``."""
+redirecting to a file server that honours ``Range``), reached through ``huggingface_hub``'s configured endpoint."""
 
 import asyncio
 
 import pytest
 from aiohttp import web
+from huggingface_hub import constants
 
 from harness import run
 from master_core.weight_source import WeightSource
@@ -99,7 +100,7 @@ def test_worker_reads_exactly_its_tensors_from_the_hub(snapshot, tmp_path, monke
     specs, master, asked = _master(snapshot)
 
     async def main():
-        monkeypatch.setenv("HF_ENDPOINT", await hub.start())
+        monkeypatch.setattr(constants, "ENDPOINT", await hub.start())
         try:
             cache = WeightCache(tmp_path)
             got = await fetch_from_hub(cache, specs, HUB)
@@ -123,7 +124,7 @@ def test_hub_trouble_falls_back_to_the_master(snapshot, tmp_path, monkeypatch, c
         endpoint = await hub.start()
         if mode == "offline":
             await hub.runner.cleanup()  # nobody listens there any more
-        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
         try:
             cache = WeightCache(tmp_path)
             got = await fetch_from_hub(cache, specs, HUB)
@@ -164,7 +165,7 @@ def test_paired_workers_of_a_hub_model_take_their_layers_from_the_hub(snapshot, 
     hub = FakeHub(snapshot)
 
     async def main():
-        monkeypatch.setenv("HF_ENDPOINT", await hub.start())
+        monkeypatch.setattr(constants, "ENDPOINT", await hub.start())
         master = Master(_config(snapshot, tmp_path / "m", min_workers=2))
         await master.start()
         master.group.weights.hub = HUB

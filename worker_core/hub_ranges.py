@@ -10,8 +10,8 @@ whole-tensor SHA-256 of the manifest (which the master computed) vouches for the
 tensor that fails it, and any error at all (offline, unknown or gated repository, a server
 that ignores ``Range``), ends the attempt: partial downloads are discarded and the function
 returns, logging why.  It returns the bytes received; whatever is still missing the caller
-fetches from the master.  The endpoint is ``$HF_ENDPOINT`` (default ``https://huggingface.co``),
-the token the one ``huggingface_hub`` knows (``$HF_TOKEN`` or a stored login), if any.
+fetches from the master.  The endpoint and token are the ones ``huggingface_hub`` is configured
+with (``HF_ENDPOINT``, default ``https://huggingface.co``; ``HF_TOKEN`` or a stored login).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 from urllib.parse import quote
 
@@ -37,6 +36,16 @@ class HubError(Exception):
     """The hub did not serve a range as asked."""
 
 
+def _endpoint() -> str:
+    """The hub's address as ``huggingface_hub`` configures it (``HF_ENDPOINT``, else the hub)."""
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT.rstrip("/")
+    except ImportError:
+        return "https://huggingface.co"
+
+
 def _token() -> str | None:
     try:
         from huggingface_hub import get_token
@@ -51,7 +60,7 @@ class _Ranges:
 
     def __init__(self, http: aiohttp.ClientSession, hub: str, specs: list[TensorSpec]) -> None:
         repo, commit = hub.rsplit("@", 1)
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        endpoint = _endpoint()
         self.base = f"{endpoint}/{repo}/resolve/{commit}/"
         self.http = http
         self.where = {s.sha256: s for s in specs}
