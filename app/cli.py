@@ -208,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError(str(e)) from None
                 identity = load_or_create(folder / "identity", joined.name)
                 tls = client_context(identity, joined.master_cert)
-                host = f"[{joined.master_host}]" if ":" in joined.master_host else joined.master_host
-                master = f"{host}:{joined.master_port}"
+                master = joined.master_address
                 args.name = args.name or joined.name
             wcfg = WorkerConfig(
                 master=master,

@@ -53,6 +53,7 @@ class Group:
         self.closing = False  # set by the master on shutdown: departures are expected then
         self.weights: WeightSource | None = None  # set in a paired group: workers get weights from us
         self.standby: dict[str, str] = {}  # live members the last plan left out -> why
+        self._planned: tuple[tuple[WorkerLink, ...], list] | None = None  # the last plan and the links it was made for
 
     async def _delivery(self, start: int, end: int) -> dict[str, object]:
         """Assign fields that make the master deliver the range's weights (paired groups)."""
@@ -169,7 +170,11 @@ class Group:
                 return
 
     def _place(self, live: list[WorkerLink]) -> list[tuple[WorkerLink, tuple[int, int]]]:
-        """Pipeline order and ranges from each member's memory, measured speed and link."""
+        """Pipeline order and ranges from each member's memory, measured speed and link.
+        A link's announcement never changes, so a plan is remembered for its set of links
+        (a join checks it, and the re-plan that may follow uses it)."""
+        if self._planned is not None and self._planned[0] == tuple(live):
+            return self._planned[1]
         item = {"float32": 4, "float16": 2, "bfloat16": 2}
         layer_params = max(self.layer_params) if self.layer_params else 0
         itemsize = max(item.get(l.hello.dtype, 4) for l in live)
@@ -190,7 +195,9 @@ class Group:
                        if m.link_seconds > plan.step_seconds else "the others hold the model as fast without it")
                 self.standby[l.name] = why
                 log.info("%s stands by: %s", l.name, why)
-        return [(live[int(name)], rng) for name, rng in zip(plan.order, plan.ranges)]
+        chosen = [(live[int(name)], rng) for name, rng in zip(plan.order, plan.ranges)]
+        self._planned = (tuple(live), chosen)
+        return chosen
 
     def describe(self) -> list[dict]:
         """Members as plain data (for /health and the dashboard)."""

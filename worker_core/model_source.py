@@ -18,7 +18,9 @@ import re
 from pathlib import Path
 
 DEFAULT = "default"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_REPO = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
+_HUB_ID = re.compile(f"^{_HUB_REPO}$")
+HUB_REF = re.compile(f"^{_HUB_REPO}@[0-9a-f]{{40}}$")  # a hub snapshot: owner/name@commit
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
@@ -59,9 +61,8 @@ def hub_ref(src: str, folder: Path) -> str:
     """``owner/name@commit`` when ``folder`` is the hub snapshot ``src`` resolved to, else ""."""
     if not _HUB_ID.match(src) or Path(src).expanduser().exists():
         return ""
-    if folder.parent.name != "snapshots" or not re.fullmatch(r"[0-9a-f]{40}", folder.name):
-        return ""
-    return f"{src}@{folder.name}"
+    ref = f"{src}@{folder.name}"
+    return ref if folder.parent.name == "snapshots" and HUB_REF.match(ref) else ""
 
 
 def display_name(src: str, folder: Path) -> str:

@@ -149,6 +149,12 @@ class JoinedGroup:
     master_port: int
     master_cert: str  # PEM, pinned
 
+    @property
+    def master_address(self) -> str:
+        """``host:port`` of the master, an IPv6 host in brackets (for URLs)."""
+        host = f"[{self.master_host}]" if ":" in self.master_host else self.master_host
+        return f"{host}:{self.master_port}"
+
     def save(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         tmp = data_dir / (MEMBERSHIP_FILE + ".tmp")

@@ -21,15 +21,11 @@ import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 import torch
 
 from . import device as devices
-
-if TYPE_CHECKING:
-    from .pairing import JoinedGroup
 
 log = logging.getLogger("molink.probe")
 
@@ -152,11 +148,6 @@ async def measure_link(base_url: str, tls: ssl.SSLContext | None = None, nbytes:
     return rtt, mbps
 
 
-def group_base_url(joined: "JoinedGroup") -> str:
-    host = f"[{joined.master_host}]" if ":" in joined.master_host else joined.master_host
-    return f"https://{host}:{joined.master_port}"
-
-
 def group_link(data_dir: Path) -> tuple[float | None, float | None]:
     """(round trip ms, download Mbit/s) to the joined group's master; None if unreachable."""
     from .identity import client_context, load_or_create
@@ -164,7 +155,7 @@ def group_link(data_dir: Path) -> tuple[float | None, float | None]:
 
     joined = JoinedGroup.load(data_dir)
     ctx = client_context(load_or_create(data_dir / "identity", joined.name), joined.master_cert)
-    return asyncio.run(measure_link(group_base_url(joined), ctx))
+    return asyncio.run(measure_link(f"https://{joined.master_address}", ctx))
 
 
 def probe(device: str = "auto", master: str | None = None, group: Path | None = None) -> Probe:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -32,11 +31,11 @@ from typing import Any, Union
 
 import torch
 
+from .model_source import HUB_REF
 from .weights import TensorSpec
 
 PROTOCOL_VERSION = 2
 MAGIC = b"MLK"
-HUB_REF = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+@[0-9a-f]{40}$")
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
 MAX_HEADER_BYTES = 256 * 1024
