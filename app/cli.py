@@ -3,6 +3,11 @@
 Contract: ``main(argv)`` parses arguments into the process's typed config and runs one
 subcommand; it returns the exit code.  A bad argument or an unusable setting prints one
 line to stderr and exits 2 (no traceback); Ctrl-C or SIGTERM stops cleanly with 0.
+
+``--supervised`` (``worker``, ``master``, ``group create``): the process is run by the MoLink
+app: commands on stdin, ``@molink`` events on stdout, and nothing else on stdout (prints go
+to stderr); the protocol is :mod:`worker_core.control`.  ``app`` starts the tray app
+(:mod:`app.desktop.main`, imported only then).
 """
 
 from __future__ import annotations
@@ -12,7 +17,12 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+if TYPE_CHECKING:
+    from worker_core.control import Control, Events
+
+SUPERVISED_HELP = "controlled by the MoLink app: commands on stdin, events on stdout; exits when stdin closes"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--min-workers", type=int, default=1, help="serve once this many workers joined (default 1)")
     m.add_argument("--api-key", default=None, help="API key; binding a non-loopback address needs one (else the stored key is used)")
     m.add_argument("--allow-host", action="append", default=[], help="extra Host name the API and dashboard answer to")
+    m.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
 
     k = sub.add_parser("api-key", help="print the stored API key, or make a new one with --new")
     k.add_argument("--new", action="store_true", help="create and store a new key")
@@ -40,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--api-port", type=int, default=8000, help="OpenAI-compatible API on 127.0.0.1 (default 8000)")
     gc.add_argument("--name", default="", help="group name shown to joiners (default: host name)")
     gc.add_argument("--min-workers", type=int, default=1, help="serve once this many workers joined (default 1)")
+    gc.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     for verb, text in (("code", "print a fresh pairing code"), ("members", "list the group's members")):
         gsub.add_parser(verb, help=text).add_argument("--data-dir", default=None, help="the group's folder (default: the user data folder)")
     gr = gsub.add_parser("remove", help="revoke a member at once")
@@ -62,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--link-mbps", type=float, default=None, help="emulate this link bandwidth per direction, Mbit/s (measurement)")
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads for this worker")
     w.add_argument("--memory-limit", type=float, default=None, help="GB of memory to offer the group (default: all that is free)")
+    w.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
+
+    a = sub.add_parser("app", help="the MoLink desktop app: a tray icon that shares this PC's GPU and hosts groups")
+    a.add_argument("--selftest", action="store_true", help="start, check the app's parts and exit (0: all good)")
+    a.add_argument("--background", action="store_true", help="start in the tray without opening a window (used at login)")
+    a.add_argument("link", nargs="?", default=None, help="a molink://join?... link to open")
 
     d = sub.add_parser("demo", help="master + 3 local workers on the default model; ask one question")
     d.add_argument("--serve", action="store_true", help="keep the API up until interrupted")
@@ -70,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="default", help=argparse.SUPPRESS)
     d.add_argument("--question", default="Explain in three sentences why the sky is blue.", help="the chat question")
     d.add_argument("--max-tokens", type=int, default=64, help="answer length limit (default 64)")
+    st = sub.add_parser("selftest", help="split the default model over 2 local workers, check 8 greedy tokens against one process")
+    st.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     pr = sub.add_parser("probe", help="show what this machine can offer: GPUs, memory, CPU, measured speed, link to a master")
     pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     pr.add_argument("--master", default=None, help="HOST:PORT of a plain loopback master to time the round trip to")
@@ -88,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(coro_fn: Callable[[], Awaitable[int | None]]) -> int:
-    """Run a coroutine until it ends, Ctrl-C, or SIGTERM; return its exit code."""
+def _run(coro_fn: Callable[[], Awaitable[int | None]], events: "Events | None" = None) -> int:
+    """Run a coroutine until it ends, Ctrl-C, or SIGTERM; return its exit code.  A failure
+    the user should see is also an ``error`` event when supervised."""
 
     async def wrapper() -> int:
         task = asyncio.ensure_future(coro_fn())
@@ -104,7 +125,10 @@ def _run(coro_fn: Callable[[], Awaitable[int | None]]) -> int:
         except asyncio.CancelledError:
             return 0
         except OSError as e:  # a port in use, an unreachable address: one line, no traceback
-            print(f"molink: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+            line = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+            print(f"molink: {line}", file=sys.stderr)
+            if events is not None:
+                events.emit("error", message=line)
             return 2
 
     try:
@@ -119,8 +143,32 @@ def _config_dir():  # -> Path
     return platformdirs.user_config_path("molink")
 
 
+def _supervise(args: argparse.Namespace) -> "tuple[Control | None, Events | None]":
+    """Supervised: the control channel on stdin, events on the real stdout, and every other
+    write to stdout sent to stderr (stdout then carries events only)."""
+    if not getattr(args, "supervised", False):
+        return None, None
+    from worker_core.control import Control, Events
+
+    events = Events(sys.stdout)
+    sys.stdout = sys.stderr
+    return Control(), events
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from .selftest import SelftestOptions, run_selftest
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # it prints its own story
+    return run_selftest(SelftestOptions(device=args.device))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "app":  # the tray app: Qt, no engine in this process
+        from app.desktop.main import main as app_main
+
+        return app_main(args)
+    control, events = _supervise(args)
     logging.basicConfig(
         # the demo prints its own story; its log is for warnings unless -v
         level=logging.DEBUG if args.verbose else (logging.WARNING if args.command in ("demo", "bench", "join") or getattr(args, "group_command", "create") != "create" else logging.INFO),
@@ -140,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, host=args.host, port=args.port, min_workers=args.min_workers, api_key=key, allowed_hosts=tuple(args.allow_host)
             )
             cfg.validate()
-            return _run(lambda: run_master(cfg))
+            return _run(lambda: run_master(cfg, control=control, events=events), events)
         if args.command == "group":
             from . import group
 
@@ -157,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                     group_name=args.name,
                 )
                 cfg.validate()
-                return _run(lambda: group.create(cfg))
+                return _run(lambda: group.create(cfg, control, events), events)
             folder = group.data_dir(args.data_dir)
             try:
                 if args.group_command == "code":
@@ -221,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
                 **({"name": args.name} if args.name else {}),
             )
-            return _run(lambda: serve(wcfg))
+            return _run(lambda: serve(wcfg, control, events), events)
         if args.command == "api-key":
             from master_core.secrets_store import create_api_key, load_api_key
 
@@ -294,8 +342,14 @@ def main(argv: list[str] | None = None) -> int:
 
             opts = DemoOptions(serve=args.serve, port=args.port, workers=args.workers, model=args.model, question=args.question, max_tokens=args.max_tokens)
             return _run(lambda: run_demo(opts))
+        if args.command == "selftest":
+            return _selftest(args)
     except ValueError as e:  # config and device errors carry one clear line
         print(f"molink: {e}", file=sys.stderr)
+        if events is not None:
+            from worker_core.control import one_line
+
+            events.emit("error", message=one_line(str(e)))
         return 2
     return 2
 

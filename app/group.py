@@ -3,8 +3,10 @@
 Contract
 --------
 ``data_dir(arg)`` is the folder holding this machine's identity, group state and weight cache
-(``--data-dir``, default the user data folder).  ``create(cfg)`` runs a paired master until
-cancelled and prints ``Pairing code: <code>`` once it listens.  ``admin(data_dir, method,
+(``--data-dir``, default the user data folder).  ``create(cfg, control=None, events=None)`` runs
+a paired master until cancelled (or, supervised, until a control command: see
+:mod:`worker_core.control`) and prints ``Pairing code: <code>`` once it listens (supervised:
+it also emits the ``listening`` event, and ``stopping`` when it stops).  ``admin(data_dir, method,
 path)`` calls the running master's admin API with the token it wrote to ``admin.json``.
 ``join(code, master, data_dir, name)`` pairs this machine and saves the membership.  Every
 failure is a :class:`GroupCommandError` with one line for the user.
@@ -32,19 +34,23 @@ def data_dir(arg: str | None) -> Path:
     return platformdirs.user_data_path("molink")
 
 
-async def create(cfg) -> int:  # cfg: master_core.config.MasterConfig
-    from master_core.server import Master
+async def create(cfg, control=None, events=None) -> int:  # MasterConfig, control.Control | None, control.Events | None
+    from master_core.server import Master, serve_until_stopped
+    from worker_core.control import Events
 
+    events = events or Events()
     master = Master(cfg)
     await master.start()
+    events.emit("listening", **master.listening_info())
     try:
         gp = master.group_port
         print(f"Group {master.members.group!r}: {len(master.members.members())} member(s); model {master.model_id}", flush=True)
         print(f"Group port {cfg.group_host}:{gp.port if gp else '?'}; API http://{cfg.host}:{master.port}/v1; dashboard {master.dashboard_url}", flush=True)
         print(f"Pairing code: {master.new_code()}", flush=True)
         print("  (single use, valid 5 minutes; on another machine: molink join CODE; another code: molink group code)", flush=True)
-        await asyncio.Event().wait()
+        await serve_until_stopped(control)
     finally:
+        events.emit("stopping")
         await master.stop()
     return 0
 
@@ -82,6 +88,18 @@ def describe_worker(w: dict) -> str:
 
 
 async def join(code: str, master: str | None, folder: Path, name: str | None) -> str:
+    joined = await pair_with_group(code, master, folder, name)
+    joined.save(folder)
+    return (
+        f"Joined group {joined.group!r} as {joined.name!r} (master {joined.master_address}). "
+        f"Share your GPU with: molink worker --data-dir {folder}"
+    )
+
+
+async def pair_with_group(code: str, master: str | None, folder: Path, name: str | None):  # -> JoinedGroup
+    """Pair with the master at ``master`` (HOST:PORT) or, when None, each master found on the
+    LAN by mDNS in turn; return the membership (not yet saved).  This machine's identity is
+    made in ``folder`` on first use."""
     from worker_core.identity import load_or_create
     from worker_core.pairing import PairingError, join as pair, parse_code
 
@@ -101,7 +119,7 @@ async def join(code: str, master: str | None, folder: Path, name: str | None) ->
         for addresses, port, _group in candidates:
             for host in addresses:
                 try:
-                    joined = await pair(host, port, code, name or socket.gethostname(), identity.cert_pem)
+                    return await pair(host, port, code, name or socket.gethostname(), identity.cert_pem)
                 except PairingError as e:
                     last = e
                     if "cannot pair with" in str(e):
@@ -109,8 +127,6 @@ async def join(code: str, master: str | None, folder: Path, name: str | None) ->
                     if "no such pairing code" in str(e):
                         break  # another group's master: try the next master
                     raise
-                joined.save(folder)
-                return f"Joined group {joined.group!r} as {joined.name!r} (master {host}:{port}). Share your GPU with: molink worker --data-dir {folder}"
         raise GroupCommandError(str(last) if last else "no master answered")
     except PairingError as e:
         raise GroupCommandError(str(e)) from None

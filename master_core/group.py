@@ -11,6 +11,13 @@ chosen worker its ``Assign`` and waits for every ``Ready``; then ``stages`` is t
 order and ``serving`` is set.  While re-planning, or when too few workers remain, ``serving``
 is clear and ``stages`` empty.  Listeners registered with ``on_reset`` are called on every
 epoch change (the engine then replays running requests: all KV caches are gone).
+
+A worker may ask to leave (wire ``Leave``; :meth:`Group.leave`).  Now: its link closes with
+"left the group" and is removed at once (re-plan, replay).  ``finish``: a link serving a stage
+while requests run moves to DRAINING: no placement chooses it any more, it keeps serving the
+current pipeline until every request running when the Leave arrived has ended (as
+``running_requests``, set by the master, tells) or ``finish_timeout`` passes, then it leaves
+the same way.  Placement only ever considers links in CONNECTING or READY.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import asyncio
 import logging
 from typing import Callable, Sequence
 
+from worker_core.control import FINISH_TIMEOUT
 from worker_core.weights import manifest_digest
 from worker_core.wire import Assign, Hello
 
@@ -54,6 +62,9 @@ class Group:
         self.weights: WeightSource | None = None  # set in a paired group: workers get weights from us
         self.standby: dict[str, str] = {}  # live members the last plan left out -> why
         self._planned: tuple[tuple[WorkerLink, ...], list] | None = None  # the last plan and the links it was made for
+        self.running_requests: Callable[[], set[int]] = set  # ids of the requests running now (set by the master)
+        self.finish_timeout = FINISH_TIMEOUT  # seconds a finishing worker is kept for its running requests
+        self._drains: set[asyncio.Task] = set()
 
     async def _delivery(self, start: int, end: int) -> dict[str, object]:
         """Assign fields that make the master deliver the range's weights (paired groups)."""
@@ -68,7 +79,12 @@ class Group:
     def live_links(self) -> list[WorkerLink]:
         return [l for l in self.links if l.state is not LinkState.GONE]
 
+    def placeable_links(self) -> list[WorkerLink]:
+        """Live links a placement may choose: not leaving."""
+        return [l for l in self.links if l.placeable]
+
     def add(self, link: WorkerLink) -> None:
+        link.on_leave = self.leave
         self.links.append(link)
         log.info("worker %s joined from %s (%s, %.1f GB free)", link.name, link.peer, link.hello.device_name, link.hello.free_memory / 1e9)
         if self._plan_unchanged():
@@ -82,11 +98,49 @@ class Group:
         if not self.serving.is_set() or not self.stages:
             return False
         try:
-            chosen = self._place(self.live_links())
+            chosen = self._place(self.placeable_links())
         except PlacementError:
             return False
         current = [(l, (l.assignment.layer_start, l.assignment.layer_end)) for l in self.stages if l.assignment]
         return chosen == current
+
+    def leave(self, link: WorkerLink, finish: bool) -> None:
+        """The worker of ``link`` asked to leave: now, or (``finish``) after the requests
+        running at this moment have ended."""
+        if link.state is LinkState.GONE or link not in self.links or (finish and link.state is LinkState.DRAINING):
+            return  # gone, or already finishing
+        if finish and link.state is LinkState.READY and link in self.stages and self.serving.is_set():
+            running = self.running_requests()
+            if running:
+                link.move(LinkState.DRAINING)
+                log.info("worker %s leaves after %d running request(s) end (at most %.0f s)",
+                         link.name, len(running), self.finish_timeout)
+                task = asyncio.get_running_loop().create_task(self._drain(link, running))
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+                task.add_done_callback(_log_failure)
+                return
+        self._depart(link)
+
+    async def _drain(self, link: WorkerLink, running: set[int]) -> None:
+        """Keep a DRAINING link serving until ``running`` requests end, it stops being a stage
+        (a re-plan happened meanwhile), it is gone, or ``finish_timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.finish_timeout
+        while link.state is LinkState.DRAINING and link in self.stages and running & self.running_requests():
+            if loop.time() >= deadline:
+                log.warning("worker %s: requests still running after %.0f s; it leaves anyway",
+                            link.name, self.finish_timeout)
+                break
+            await asyncio.sleep(0.05)
+        self._depart(link)
+
+    def _depart(self, link: WorkerLink) -> None:
+        """Close a leaving link and remove it at once (before any lane sees the closed link
+        under the old epoch): the re-plan and the replay start now."""
+        if link.state is not LinkState.GONE:
+            link.close_with("left the group")
+        self.remove(link)
 
     def remove(self, link: WorkerLink) -> None:
         if link in self.links:
@@ -114,7 +168,7 @@ class Group:
             if self.serving.is_set():
                 return
             while True:
-                live = self.live_links()
+                live = self.placeable_links()
                 if len(live) < self.config.min_workers:
                     self.problem = f"waiting for workers: {len(live)} of {self.config.min_workers} joined"
                     return

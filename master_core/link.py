@@ -4,7 +4,11 @@ Contract
 --------
 A :class:`WorkerLink` wraps an accepted WebSocket whose first frame was a valid ``Hello``.
 Lifecycle (``LinkState``): ``CONNECTING -> READY -> DRAINING -> GONE`` (READY may go back to
-CONNECTING when a new assignment is being loaded; any state may go to GONE).  ``assign``
+CONNECTING when a new assignment is being loaded; any state may go to GONE); :meth:`WorkerLink.move`
+is the only way to change it and refuses any other transition.  DRAINING: the worker asked
+to leave once the running requests end (``Leave(finish=True)``); it keeps serving the current
+pipeline but no new placement may choose it.  A ``Leave`` from the worker is handed to
+``on_leave(link, finish)`` (set by the group; without one the link closes at once).  ``assign``
 sends an ``Assign`` and waits for the matching ``Ready``; ``call`` sends a ``Step`` and waits
 for its ``Result``.  ``run_reader`` reads frames until the tunnel ends: a malformed frame or
 an unexpected message is a :class:`~worker_core.wire.ProtocolError`, which closes this link
@@ -22,10 +26,13 @@ import logging
 import time
 from collections import deque
 from enum import Enum
+from typing import Callable
 
 from aiohttp import WSMsgType, web
 
-from worker_core.wire import Assign, Chunk, Failure, Fetch, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
+from worker_core.wire import (
+    Assign, Chunk, Failure, Fetch, Free, Hello, Leave, ProtocolError, Ready, Result, Step, decode, encode,
+)
 
 from .costs import LinkCost, StageCost
 from .weight_source import WeightSource
@@ -40,6 +47,14 @@ class LinkState(Enum):
     READY = "ready"
     DRAINING = "draining"
     GONE = "gone"
+
+
+_MOVES: dict[LinkState, frozenset[LinkState]] = {
+    LinkState.CONNECTING: frozenset({LinkState.READY, LinkState.DRAINING, LinkState.GONE}),
+    LinkState.READY: frozenset({LinkState.CONNECTING, LinkState.DRAINING, LinkState.GONE}),
+    LinkState.DRAINING: frozenset({LinkState.GONE}),
+    LinkState.GONE: frozenset(),
+}
 
 
 class LinkGone(Exception):
@@ -65,6 +80,7 @@ class WorkerLink:
         self.weight_bytes_sent = 0
         self.max_frame_bytes = max_frame_bytes
         self.state = LinkState.CONNECTING
+        self.on_leave: Callable[[WorkerLink, bool], None] | None = None  # the group's handler of a Leave
         self.assignment: Assign | None = None
         self.ready: Ready | None = None
         self.gone_reason: str | None = None
@@ -85,6 +101,19 @@ class WorkerLink:
     def __repr__(self) -> str:
         return f"WorkerLink({self.name!r}, {self.state.value})"
 
+    def move(self, to: LinkState) -> None:
+        """The one place the lifecycle changes; an illegal move is a bug (ValueError)."""
+        if to is self.state:
+            return
+        if to not in _MOVES[self.state]:
+            raise ValueError(f"worker {self.name}: cannot go from {self.state.value} to {to.value}")
+        self.state = to
+
+    @property
+    def placeable(self) -> bool:
+        """May a new placement choose this link (connected, not leaving)?"""
+        return self.state in (LinkState.CONNECTING, LinkState.READY)
+
     # ------------------------------------------------------------------ sending
     async def _send(self, msg: object) -> int:
         if self.state is LinkState.GONE:
@@ -101,13 +130,16 @@ class WorkerLink:
         return len(frame)
 
     async def assign(self, assignment: Assign, timeout: float) -> Ready:
-        self.state = LinkState.CONNECTING
+        if not self.placeable:
+            raise LinkGone(f"worker {self.name} is {self.state.value}: {self.gone_reason or 'leaving'}")
+        self.move(LinkState.CONNECTING)
         self.assignment = assignment
         self._ready_waiter = asyncio.get_running_loop().create_future()
         await self._send(assignment)
         ready = await asyncio.wait_for(self._ready_waiter, timeout)
         self.ready = ready
-        self.state = LinkState.READY
+        if self.state is LinkState.CONNECTING:  # not if it began to leave meanwhile
+            self.move(LinkState.READY)
         return ready
 
     async def call(self, step: Step) -> Result:
@@ -154,7 +186,15 @@ class WorkerLink:
 
     # ------------------------------------------------------------------ receiving
     def _dispatch(self, msg: object) -> None:
-        if isinstance(msg, Result):
+        if self.state is LinkState.GONE:
+            return  # closing: frames still in flight (a late Result) concern nobody
+        if isinstance(msg, Leave):
+            log.info("worker %s asks to leave%s", self.name, " once the running requests end" if msg.finish else "")
+            if self.on_leave is not None:
+                self.on_leave(self, msg.finish)
+            else:
+                self.close_with("left the group")
+        elif isinstance(msg, Result):
             fut = self._pending.get(msg.step_id)
             if fut is None:
                 raise ProtocolError(f"result for unknown step {msg.step_id}")
@@ -223,10 +263,11 @@ class WorkerLink:
     def close_with(self, reason: str) -> None:
         if self.state is LinkState.GONE:
             return
-        self.state = LinkState.GONE
+        self.move(LinkState.GONE)
         self.gone_reason = reason
         if not self.ws.closed:
-            asyncio.get_running_loop().create_task(self.ws.close(code=1002 if "protocol" in reason else 1000))
+            code = 1002 if "protocol" in reason else 1000
+            asyncio.get_running_loop().create_task(self.ws.close(code=code, message=reason.encode()[:120]))
         err = LinkGone(f"worker {self.name}: {reason}")
         for fut in list(self._pending.values()):
             if not fut.done():

@@ -18,7 +18,10 @@ Two ways in for workers:
   that port is bound to loopback (tests, the demo), with a loud warning.
 
 A tunnel's first frame must be a ``Hello`` within ``HELLO_TIMEOUT`` seconds, or it is closed.
-``await stop()`` closes tunnels and listeners.
+``await stop()`` closes tunnels and listeners.  ``listening_info()`` is the body of the
+supervised ``listening`` event (see :mod:`worker_core.control`).  ``run_master(config,
+control=, events=)`` serves until cancelled or, supervised, until a control command
+(``stop`` or ``finish``), then stops and returns 0.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from worker_core import model_source
+from worker_core.control import Control, Events
 from worker_core.shard import load_config, parameter_counts
 from worker_core.wire import Hello, ProtocolError, decode, frame_bound
 
@@ -99,6 +103,7 @@ class Master:
         self.group.layer_params, self.group.embed_params, self.group.head_params = layers, embed, head
         context = int(getattr(model_config, "max_position_embeddings", 2048) or 2048)
         self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), context)
+        self.group.running_requests = lambda: set(self.engine.running)  # a finishing worker waits for these
         self.max_frame = frame_bound(cfg.max_batch_tokens, model_config.hidden_size, model_config.vocab_size)
         self.api = Api(self.engine, self.model_id)
         self.dashboard = Dashboard(self.engine, self.model_id, ASSETS / "dashboard")
@@ -141,6 +146,19 @@ class Master:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    def listening_info(self) -> dict:
+        """Where this master listens, as the supervised ``listening`` event reports it."""
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        paired = self.config.data_dir is not None
+        return {
+            "api": f"{host}:{self.port}",
+            "dashboard": self.dashboard_url,
+            "group_port": self.group_port.port if self.group_port is not None else None,
+            "group": self.members.group if paired else None,
+            "model": self.model_id,
+            "admin_token": self.admin_token if paired else None,
+        }
 
     # ------------------------------------------------------------------ paired group
     async def _start_group(self, data_dir: Path, folder: Path) -> None:
@@ -255,17 +273,33 @@ class Master:
         if self._engine_task:
             self._engine_task.cancel()
         for link in list(self.group.links):
-            await link.ws.close()
+            await link.ws.close(message=b"the master stopped")
         if self._runner:
             await self._runner.cleanup()
 
 
-async def run_master(config: MasterConfig, started: asyncio.Event | None = None) -> None:
+async def run_master(
+    config: MasterConfig, started: asyncio.Event | None = None, control: Control | None = None, events: Events | None = None
+) -> int:
+    events = events or Events()
     master = Master(config)
     await master.start()
+    events.emit("listening", **master.listening_info())
     if started is not None:
         started.set()
     try:
-        await asyncio.Event().wait()
+        await serve_until_stopped(control)
     finally:
+        events.emit("stopping")
         await master.stop()
+    return 0
+
+
+async def serve_until_stopped(control: Control | None) -> None:
+    """Wait until cancelled or, supervised, until any control command (a master treats
+    ``finish`` as ``stop``)."""
+    if control is None:
+        await asyncio.Event().wait()
+        return
+    cmd = await control.next()
+    log.info("control: %s: stopping", cmd.value)

@@ -9,7 +9,7 @@ import torch
 from worker_core import wire
 from worker_core.weights import TensorSpec
 from worker_core.wire import (
-    Assign, Chunk, Failure, Fetch, Free, Hello, ProtocolError, Ready, Result, Segment, Step, decode, encode,
+    Assign, Chunk, Failure, Fetch, Free, Hello, Leave, ProtocolError, Ready, Result, Segment, Step, decode, encode,
 )
 
 SHA = "ab" * 32
@@ -25,6 +25,8 @@ MESSAGES = [
     Ready(3, 576, 49152, 1.5, 123456),
     Free((1, 2, 3)),
     Failure("boom", 7),
+    Leave(False),
+    Leave(True),
 ]
 
 
@@ -114,6 +116,10 @@ BAD_FRAMES = {
     "assign tensor file escapes": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="../../etc/passwd")])),
     "assign tensor file absolute": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="/etc/passwd")])),
     "assign tensor offset negative": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], offset=-1)])),
+    "leave finish missing": _frame(wire.Kind.LEAVE, {}),
+    "leave finish not bool": _frame(wire.Kind.LEAVE, {"finish": 1}),
+    "leave finish string": _frame(wire.Kind.LEAVE, {"finish": "true"}),
+    "leave with payload": _frame(wire.Kind.LEAVE, {"finish": True}, b"x"),
     "deep json": _frame(wire.Kind.FREE, b"[" * 100000 + b"]" * 100000),
 }
 

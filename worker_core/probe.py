@@ -1,8 +1,9 @@
 """What this machine can offer the group: GPUs, memory, CPU, a measured speed, the link.
 
-Contract: ``probe(device="auto", master=None)`` returns a :class:`Probe`.  GPUs come from NVML
-(package ``nvidia-ml-py``, module ``pynvml``): name, total/free memory, compute capability
-and driver; no driver or no library means no GPU, never an error.  RAM and CPU come from
+Contract: ``probe(device="auto", master=None)`` returns a :class:`Probe`.  GPUs come from
+:func:`worker_core.gpus.list_gpus` (NVML, no torch; re-exported here as ``nvidia_gpus`` and
+``Gpu``): name, total/free memory, compute capability and driver; no driver or no library means
+no GPU, never an error.  RAM and CPU come from
 ``psutil``.  ``matmul_gflops`` is measured here: a short burst of ``[128 x 2048] @
 [2048 x 2048]`` matrix products on the chosen device in its compute dtype (a decode-like
 shape).  With ``master`` (``host:port`` of a plain loopback master), ``rtt_ms`` is the best
@@ -26,18 +27,10 @@ import psutil
 import torch
 
 from . import device as devices
+from .gpus import GpuInfo as Gpu
+from .gpus import list_gpus as nvidia_gpus
 
 log = logging.getLogger("molink.probe")
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int
-    name: str
-    total_memory: int  # bytes
-    free_memory: int  # bytes
-    compute_capability: str
-    driver: str
 
 
 @dataclass(frozen=True)
@@ -55,30 +48,6 @@ class Probe:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def nvidia_gpus() -> list[Gpu]:
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no device: a CPU machine
-        return []
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            name = pynvml.nvmlDeviceGetName(h)
-            out.append(Gpu(i, name.decode() if isinstance(name, bytes) else name, int(mem.total), int(mem.free), f"{major}.{minor}",
-                           driver.decode() if isinstance(driver, bytes) else driver))
-        return out
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def device_facts(info: devices.DeviceInfo) -> dict:

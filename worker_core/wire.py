@@ -34,7 +34,7 @@ import torch
 from .model_source import HUB_REF
 from .weights import TensorSpec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: Leave
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -73,6 +73,7 @@ class Kind(IntEnum):
     FAILURE = 7
     FETCH = 8
     CHUNK = 9
+    LEAVE = 10
 
 
 # --------------------------------------------------------------------------- messages
@@ -200,7 +201,16 @@ class Chunk:
     data: bytes = field(repr=False)
 
 
-Message = Union[Hello, Assign, Ready, Step, Result, Free, Failure, Fetch, Chunk]
+@dataclass(frozen=True)
+class Leave:
+    """worker -> master: this worker leaves the group.  ``finish`` False: now (the master
+    re-plans without it and replays the running requests); True: once the requests running
+    when this arrives have ended (bounded by the master).  The master then closes the tunnel."""
+
+    finish: bool
+
+
+Message = Union[Hello, Assign, Ready, Step, Result, Free, Failure, Fetch, Chunk, Leave]
 
 
 # --------------------------------------------------------------------------- field parsing
@@ -346,6 +356,8 @@ def encode(msg: Message) -> bytes:
         kind, h = Kind.FETCH, {"sha256": msg.sha256, "offset": msg.offset, "length": msg.length}
     elif isinstance(msg, Chunk):
         kind, h, payload = Kind.CHUNK, {"sha256": msg.sha256, "offset": msg.offset, "chunk_sha256": msg.chunk_sha256}, msg.data
+    elif isinstance(msg, Leave):
+        kind, h = Kind.LEAVE, {"finish": msg.finish}
     else:
         raise TypeError(f"not a wire message: {type(msg).__name__}")
     header = json.dumps(h, separators=(",", ":")).encode()
@@ -454,6 +466,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         if len(payload) > MAX_CHUNK_BYTES:
             raise ProtocolError("chunk too large")
         return Chunk(sha256=_sha(h, "sha256"), offset=_int(h, "offset"), chunk_sha256=_sha(h, "chunk_sha256"), data=bytes(payload))
+    if kind is Kind.LEAVE:
+        return Leave(finish=_bool(h, "finish"))
     return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
 
 

@@ -2,8 +2,13 @@
 
 Contract
 --------
-``serve(config)`` runs until cancelled (or, with ``reconnect=False``, until the tunnel
-closes).  Per connection: measure the link to the master (round trip, and
+``serve(config, control=None, events=None)`` runs until cancelled (or, with
+``reconnect=False``, until the tunnel closes).  Supervised (``control`` given, see
+:mod:`worker_core.control`), a ``stop`` or ``finish`` command makes a connected worker send
+``Leave`` and wait (bounded) for the master to close the tunnel; it never reconnects after
+that, and ``serve`` returns (after the ``left`` event).  Not connected, it returns at once.
+``events`` receives the worker's events (connecting, connected, serving, stats,
+disconnected, left, error).  Per connection: measure the link to the master (round trip, and
 bandwidth over a group port), then send :class:`~worker_core.wire.Hello` with it, the device,
 its measured speed and its memory; then, in order, apply
 ``Assign`` (load the layer range, answer ``Ready``), ``Step`` (answer ``Result``, or
@@ -37,13 +42,14 @@ import aiohttp
 
 from . import device as devices
 from . import model_source
+from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, STATS_INTERVAL, Command, Control, Events, one_line
 from .hub_ranges import fetch_from_hub
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .shaper import LinkShaper
 from .shard import load_shard
 from .stage import StageRunner, StepRejected
 from .weights import WeightCache
-from .wire import Assign, Chunk, Failure, Fetch, Free, Hello, ProtocolError, Ready, Result, Step, decode, encode
+from .wire import Assign, Chunk, Failure, Fetch, Free, Hello, Leave, ProtocolError, Ready, Result, Step, decode, encode
 
 log = logging.getLogger("molink.worker")
 
@@ -67,12 +73,43 @@ class WorkerConfig:
     weights_dir: Path | None = None  # cache of weights the master delivers (None: the user cache)
 
 
+class _Run:
+    """What outlives one tunnel: events, work counters, the live session, the leave."""
+
+    def __init__(self, events: Events) -> None:
+        self.events = events
+        self.steps = 0  # steps this process computed
+        self.tokens = 0  # rows (tokens) of those steps
+        self.session: _Session | None = None  # the tunnel that is up (Hello sent), if any
+        self.connected = False  # the current dial attempt reached the master
+        self.leaving: Command | None = None  # a leave was asked for: never dial again
+
+    async def report_stats(self) -> None:
+        """A ``stats`` event every STATS_INTERVAL seconds (until cancelled)."""
+        loop = asyncio.get_running_loop()
+        last_t, last_tokens = loop.time(), self.tokens
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            now = loop.time()
+            rate = (self.tokens - last_tokens) / max(now - last_t, 1e-9)
+            last_t, last_tokens = now, self.tokens
+            self.events.emit("stats", steps=self.steps, tokens=self.tokens, tokens_per_s=round(rate, 2))
+
+
 class _Session:
     """State of one tunnel connection."""
 
     def __init__(
-        self, ws: aiohttp.ClientWebSocketResponse, executor: ThreadPoolExecutor, shards: dict, device: str, uplink: LinkShaper, weights: WeightCache
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        executor: ThreadPoolExecutor,
+        shards: dict,
+        device: str,
+        uplink: LinkShaper,
+        weights: WeightCache,
+        run: _Run,
     ) -> None:
+        self.run = run
         self.ws = ws
         self.weights = weights
         self._chunks: dict[tuple[str, int], asyncio.Future] = {}
@@ -145,13 +182,17 @@ class _Session:
                     )
                 except Exception as e:  # tell the master why, instead of leaving it waiting
                     log.exception("cannot load layers [%d, %d)", msg.layer_start, msg.layer_end)
-                    await self.send(Failure(f"cannot load layers [{msg.layer_start}, {msg.layer_end}): {type(e).__name__}: {e}"[:4000]))
+                    why = f"cannot load layers [{msg.layer_start}, {msg.layer_end}): {type(e).__name__}: {e}"
+                    self.run.events.emit("error", message=one_line(why))
+                    await self.send(Failure(why[:4000]))
                     return
                 self.shards[key] = shard
             self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
             self.epoch = msg.epoch
             await self.send(Ready(msg.epoch, shard.hidden_size, shard.vocab_size, time.perf_counter() - t0, shard.weight_bytes))
             log.info("serving layers [%d, %d) of %d (epoch %d)", msg.layer_start, msg.layer_end, msg.num_layers, msg.epoch)
+            layers = [msg.layer_start, msg.layer_end]
+            self.run.events.emit("serving", layers=layers, num_layers=msg.num_layers, epoch=msg.epoch)
         elif isinstance(msg, Step):
             if self.runner is None or msg.epoch != self.epoch:
                 await self.send(Failure(f"step of epoch {msg.epoch} but this worker serves epoch {self.epoch}", msg.step_id))
@@ -166,6 +207,8 @@ class _Session:
                 log.exception("step %d failed", msg.step_id)
                 await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
                 return
+            self.run.steps += 1
+            self.run.tokens += sum(seg.length for seg in msg.segments)
             await self.send(Result(msg.step_id, msg.epoch, runner.last_compute_seconds, time.perf_counter() - arrived, out))
         elif isinstance(msg, Free):
             if self.runner is not None:
@@ -186,7 +229,11 @@ async def _link(config: WorkerConfig) -> tuple[float, float]:
     return rtt, mbps or 0.0
 
 
-async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache) -> None:
+async def _connect_once(
+    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: _Run
+) -> str:
+    """One tunnel, from dialling to its end; returns why it ended."""
+    run.events.emit("connecting", master=config.master)
     info = devices.pick(config.device)
     offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)
     rtt, mbps = await _link(config)
@@ -199,13 +246,12 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url, max_msg_size=CONNECT_FRAME_LIMIT, compress=0, heartbeat=config.heartbeat, **tls) as ws:
             log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
+            run.connected = True
+            run.events.emit("connected", master=config.master)
             delay = config.link_delay_ms / 1000.0
             rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
             uplink = LinkShaper(delay, rate, ws.send_bytes)
-            session = _Session(ws, executor, shards, config.device, uplink, weights)
-            await session.send(
-                Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, offered, _dtype_name(info), rtt_ms=rtt, link_mbps=mbps, **facts)
-            )
+            session = _Session(ws, executor, shards, config.device, uplink, weights, run)
             queue: asyncio.Queue = asyncio.Queue()
 
             async def arrive(data: bytes) -> None:
@@ -232,11 +278,24 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
                         await ws.close(code=1002, message=b"protocol error")
                         return
 
-            runner_task = asyncio.create_task(execute())
+            reason = "tunnel closed"
+            runner_task = stats_task = None
             try:
-                async for frame in ws:
+                await session.send(
+                    Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, offered, _dtype_name(info), rtt_ms=rtt, link_mbps=mbps, **facts)
+                )
+                run.session = session
+                runner_task = asyncio.create_task(execute())
+                stats_task = asyncio.create_task(run.report_stats()) if run.events.enabled else None
+                while True:
+                    frame = await ws.receive()
                     if frame.type != aiohttp.WSMsgType.BINARY:
-                        if frame.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING):
+                        if frame.type is aiohttp.WSMsgType.CLOSE:
+                            why = frame.extra if isinstance(frame.extra, str) and frame.extra else ""
+                            reason = "closed by the master: " + (why or f"code {frame.data}")
+                            break
+                        if frame.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                            reason = f"connection lost: {ws.exception() or frame.type.name.lower()}"
                             break
                         raise ProtocolError(f"unexpected {frame.type.name} frame")
                     await downlink.put(frame.data)
@@ -244,11 +303,20 @@ async def _connect_once(config: WorkerConfig, executor: ThreadPoolExecutor, shar
                     raise runner_task.exception()  # type: ignore[misc]
             except ProtocolError as e:
                 log.error("protocol error from the master, closing the tunnel: %s", e)
+                reason = f"protocol error: {e}"
                 await ws.close(code=1002, message=str(e)[:100].encode())
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                reason = f"connection lost: {e or type(e).__name__}"
+                raise
             finally:
-                runner_task.cancel()
+                run.session = None
+                for t in (runner_task, stats_task):
+                    if t is not None:
+                        t.cancel()
                 uplink.close()
                 downlink.close()
+                run.events.emit("disconnected", reason=one_line(reason))
+            return reason
 
 
 def _tls_hint(config: WorkerConfig, e: BaseException) -> str:
@@ -273,32 +341,98 @@ def _dtype_name(info: devices.DeviceInfo) -> str:
     return DTYPE_NAMES[info.dtype]
 
 
-async def serve(config: WorkerConfig) -> None:
+async def serve(config: WorkerConfig, control: Control | None = None, events: Events | None = None) -> None:
+    run = _Run(events or Events())
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-stage")
-    shards: dict = {}
-    info = devices.pick(config.device)
-    facts = dict(device_facts(info), gflops=await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, info, 0.2))
-    weights = WeightCache(config.weights_dir or _default_weights_dir())
-    if config.tls is None:
-        log.warning("UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; for loopback tests only", config.master)
+    dial: asyncio.Task | None = None
+    obey: asyncio.Task | None = None
+    try:
+        shards: dict = {}
+        info = devices.pick(config.device)
+        facts = dict(device_facts(info), gflops=await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, info, 0.2))
+        weights = WeightCache(config.weights_dir or _default_weights_dir())
+        if config.tls is None:
+            log.warning("UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; for loopback tests only", config.master)
+        dial = asyncio.create_task(_dial(config, executor, shards, facts, weights, run))
+        if control is not None:
+            obey = asyncio.create_task(_obey(control, run, dial))
+        await asyncio.wait([dial])  # ends by itself (no reconnect, or after a leave) or cancelled by _obey
+        if not dial.cancelled() and dial.exception() is not None:
+            raise dial.exception()  # type: ignore[misc]
+        if run.leaving is not None:
+            log.info("left the group")
+            run.events.emit("left")
+    finally:
+        for t in (obey, dial):
+            if t is not None and not t.done():
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _dial(
+    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: _Run
+) -> None:
+    """Dial, serve, and dial again after a drop (doubling the delay up to 30 s), until a leave
+    was asked for or, with ``reconnect=False``, after the first tunnel."""
     delay = config.retry_seconds
+    while True:
+        t0 = time.monotonic()
+        run.connected = False
+        try:
+            reason = await _connect_once(config, executor, shards, facts, weights, run)
+            log.warning("tunnel to %s closed: %s", config.master, reason)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            log.warning("cannot reach master %s: %s%s", config.master, e, _tls_hint(config, e))
+            if not run.connected:
+                why = f"cannot reach the master {config.master}: {e or type(e).__name__}{_tls_hint(config, e)}"
+                run.events.emit("error", message=one_line(why))
+        if run.leaving is not None or not config.reconnect:
+            return
+        if time.monotonic() - t0 > 10:
+            delay = config.retry_seconds
+        await asyncio.sleep(delay)
+        delay = min(30.0, delay * 2)
+
+
+async def _obey(control: Control, run: _Run, dial: asyncio.Task) -> None:
+    """Carry out control commands.  Connected: send ``Leave`` and give the master a bounded
+    time to close the tunnel (``dial`` then ends by itself); past the bound, or not connected,
+    cancel ``dial``.  A ``stop`` after a ``finish`` leaves at once."""
+    loop = asyncio.get_running_loop()
+    deadline: asyncio.TimerHandle | None = None
     try:
         while True:
-            t0 = time.monotonic()
-            try:
-                await _connect_once(config, executor, shards, facts, weights)
-                log.warning("tunnel to %s closed", config.master)
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                log.warning("cannot reach master %s: %s%s", config.master, e, _tls_hint(config, e))
-            if not config.reconnect:
+            cmd = await control.next()
+            if run.leaving is Command.STOP or cmd is run.leaving:
+                continue  # already leaving at least this fast
+            run.leaving = cmd
+            session = run.session
+            if session is None:  # not connected: nobody to tell
+                log.info("%s while not connected: exiting", cmd.value)
+                dial.cancel()
                 return
-            if time.monotonic() - t0 > 10:
-                delay = config.retry_seconds
-            await asyncio.sleep(delay)
-            delay = min(30.0, delay * 2)
+            finish = cmd is Command.FINISH
+            log.info("leaving the group%s", " once the running requests end" if finish else "")
+            try:
+                await asyncio.wait_for(session.send(Leave(finish)), LEAVE_TIMEOUT)
+            except (ConnectionError, RuntimeError, OSError, asyncio.TimeoutError) as e:
+                log.warning("cannot tell the master we leave (%s): closing the tunnel", e or type(e).__name__)
+                dial.cancel()
+                return
+            if deadline is not None:
+                deadline.cancel()
+            deadline = loop.call_later(LEAVE_TIMEOUT + (FINISH_TIMEOUT if finish else 0.0), _give_up, dial)
     finally:
-        executor.shutdown(wait=False, cancel_futures=True)
+        if deadline is not None:
+            deadline.cancel()
+
+
+def _give_up(dial: asyncio.Task) -> None:
+    if not dial.done():
+        log.warning("the master did not close the tunnel in time after our leave: closing it")
+        dial.cancel()

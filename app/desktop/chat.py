@@ -1,0 +1,872 @@
+"""The chat window: a multi-turn conversation with the group, streamed from the master's API.
+
+Contract
+--------
+``ChatWindow(target)`` talks to one master's OpenAI-compatible API (``ChatTarget``: base URL and
+optional API key, sent as ``Authorization: Bearer``).  Each turn POSTs the whole history to
+``/v1/chat/completions`` with ``stream: true`` through ``QNetworkAccessManager`` and reads the
+Server-Sent Events on ``readyRead`` (no threads, no asyncio); tokens are shown as they arrive,
+the answer being re-rendered as Markdown at most ``RENDER_HZ`` times a second.
+
+* ``ask(text)`` is the Send button's code path (tests and the self-test use it); it returns
+  False (and emits ``failed``) when nothing was sent.  Signals: ``token_received(str)`` per
+  text piece, ``answer_finished(str)`` with the whole answer, ``failed(str)`` with one sentence,
+  ``stopped(str)`` with the partial answer, ``target_changed(ChatTarget)`` when the user picks
+  another master with **Change…** (storing it, key included, is the controller's job).
+* ``stop()`` aborts the reply: the master cancels a request whose client went away.
+  ``new_chat()`` clears the history; ``copy_markdown(last_only)`` puts Markdown on the clipboard.
+* While visible, ``/health`` is polled every ``HEALTH_PERIOD_MS`` (each poll bounded by
+  ``HEALTH_TIMEOUT_MS``): the status line shows the model, tokens/s and "served by N PCs"; while
+  the group cannot serve, input and Send are disabled and the reason is one sentence.
+* Every failure (HTTP error with OpenAI's error body, unreachable master, a stream ending in an
+  error or cut off) is one sentence in the window; the failed question goes back to the input
+  box and the conversation stays usable.
+
+The request body, the reading of a stream chunk, error sentences, ``/health`` and the tokens/s
+maths are pure functions at the top of this module; the SSE framing is :mod:`.sse`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QCloseEvent, QColor, QFont, QGuiApplication, QHideEvent, QImage, QKeyEvent, QShowEvent
+from PySide6.QtGui import QTextBlockFormat, QTextCharFormat, QTextCursor, QTextDocument
+from PySide6.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMenu,
+    QPlainTextEdit,
+    QPushButton,
+    QTextBrowser,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .sse import DataEvent, DoneEvent, ErrorEvent, SseParser
+
+log = logging.getLogger("molink.chat")
+
+DEFAULT_MAX_TOKENS = 512  # answer length limit sent with each turn
+HEALTH_PERIOD_MS = 2000  # /health poll period while the window is visible
+HEALTH_TIMEOUT_MS = 5000  # bound on one /health or /v1/models request
+STREAM_IDLE_TIMEOUT_MS = 300_000  # a chat reply that sends no byte for this long fails (queued requests wait)
+RENDER_HZ = 20  # re-renders of the answer being written, per second at most
+MAX_ERROR_BODY = 64 * 1024  # bytes of an HTTP error body kept to read its message
+DEFAULT_PORT = 8000  # the API port when an address has none
+
+Role = Literal["user", "assistant"]
+
+
+# =========================================================================== pure: no Qt below until the window
+
+
+@dataclass(frozen=True)
+class ChatTarget:
+    base_url: str  # e.g. "http://127.0.0.1:8000", no trailing slash
+    api_key: str | None = None  # sent as "Authorization: Bearer <key>"
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: Role
+    content: str
+
+
+def parse_target(address: str, api_key: str | None = None) -> ChatTarget:
+    """What the user typed (``host``, ``host:port``, ``http(s)://host:port``) as a target, or ValueError."""
+    text = address.strip()
+    if not text:
+        raise ValueError("Type the master's address, for example 192.168.1.20:8000.")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"The address must start with http:// or https://, not {parts.scheme}://.")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("The port in that address is not a number between 0 and 65535.") from None
+    host = parts.hostname
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{address.strip()!r} is not an address of a master.")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("Give only the master's address and port, without a path.")
+    netloc = f"[{host}]" if ":" in host else host
+    port = port if port is not None else (DEFAULT_PORT if parts.scheme == "http" else 443)
+    key = (api_key or "").strip() or None
+    return ChatTarget(f"{parts.scheme}://{netloc}:{port}", key)
+
+
+def chat_body(
+    model: str, history: list[Turn], max_tokens: int = DEFAULT_MAX_TOKENS, extra: dict[str, Any] | None = None
+) -> dict:
+    """The streamed chat request for the whole history; ``extra`` fields (e.g. ``temperature``) win."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": t.role, "content": t.content} for t in history],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body.update(extra or {})
+    return body
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one streamed ``chat.completion.chunk`` (or an error event) says."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int | None = None  # from the final usage chunk
+    error: str | None = None  # one sentence
+
+
+def read_chunk(data: dict) -> Chunk:
+    """Read the first choice's text, the finish reason, usage, or an ``{"error": ...}`` event."""
+    err = data.get("error")
+    if err is not None:
+        msg = err.get("message") if isinstance(err, dict) else err
+        why = f"The group failed while answering: {msg}" if msg else "The group failed while answering"
+        return Chunk(error=sentence(why))
+    text, finish = "", None
+    choices = data.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            text = delta["content"]
+        if isinstance(choice.get("finish_reason"), str):
+            finish = choice["finish_reason"]
+    usage = data.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return Chunk(text=text, finish_reason=finish, completion_tokens=tokens if isinstance(tokens, int) else None)
+
+
+def sentence(text: str, limit: int = 300) -> str:
+    """One line, one sentence: whitespace folded, bounded, ending with a full stop."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    if text and text[-1] not in ".!?…":
+        text += "."
+    return text[:1].upper() + text[1:]
+
+
+def error_sentence(status: int, body: bytes) -> str:
+    """An HTTP error answer (OpenAI's ``{"error": {"message": ...}}`` or anything else) as one sentence."""
+    msg = None
+    try:
+        data = json.loads(body.decode("utf-8"))
+        err = data.get("error") if isinstance(data, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else None
+    except (ValueError, RecursionError):
+        pass
+    if status == 401:
+        return sentence(f"The master refused the API key ({msg or 'HTTP 401'}); use Change… to enter the right one")
+    if status in (429, 503):
+        return sentence(f"The group cannot answer now: {msg or f'HTTP {status}'}")
+    if msg:
+        return sentence(f"The master refused the request (HTTP {status}): {msg}")
+    return sentence(f"The master answered HTTP {status}")
+
+
+def unreachable_sentence(base_url: str, why: str | None = None) -> str:
+    return sentence(f"Cannot reach the master at {base_url}" + (f" ({why})" if why else ""))
+
+
+@dataclass(frozen=True)
+class HealthView:
+    serving: bool
+    reason: str | None = None  # one sentence when not serving
+    pcs: int = 0  # workers that hold a pipeline stage
+    model: str | None = None
+
+
+def parse_health(status: int | None, body: bytes, base_url: str, network_error: str | None = None) -> HealthView:
+    """A ``/health`` answer (status None: no HTTP answer at all) as what the window shows."""
+    if status is None:
+        return HealthView(False, unreachable_sentence(base_url, network_error))
+    if status in (401, 403):
+        return HealthView(False, error_sentence(status, body))
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        return HealthView(False, sentence(f"The master at {base_url} sent an unreadable health answer (HTTP {status})"))
+    workers = data.get("workers")
+    workers = workers if isinstance(workers, list) else []
+    pcs = sum(1 for w in workers if isinstance(w, dict) and isinstance(w.get("stage"), int))
+    model = data.get("model") if isinstance(data.get("model"), str) else None
+    if status == 200 and data.get("status") == "ok":
+        return HealthView(True, None, pcs, model)
+    problem = data.get("problem")
+    why = sentence(f"The group cannot answer now: {problem}" if problem else "The group cannot answer now")
+    return HealthView(False, why, pcs, model)
+
+
+@dataclass
+class TokenMeter:
+    """Tokens/s of one answer: pieces counted as they arrive, over the time from the first to the last.
+
+    Times are in seconds (any monotonic clock); the usage count of the final chunk, when the
+    master sends one, replaces the piece count.
+    """
+
+    first: float | None = None
+    last: float | None = None
+    pieces: int = 0
+    final_tokens: int | None = None
+
+    def token(self, now: float) -> None:
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.pieces += 1
+
+    def rate(self) -> float | None:
+        """tokens/s, or None before two tokens (one token has no duration)."""
+        tokens = self.final_tokens if self.final_tokens is not None else self.pieces
+        if self.first is None or self.last is None or tokens < 2 or self.last <= self.first:
+            return None
+        return (tokens - 1) / (self.last - self.first)
+
+
+def status_text(model: str | None, rate: float | None, pcs: int | None) -> str:
+    parts = [f"Model: {model}" if model else "Model: …"]
+    if rate is not None:
+        parts.append(f"{rate:.1f} tokens/s")
+    if pcs:
+        parts.append(f"served by {pcs} PC" + ("" if pcs == 1 else "s"))
+    return " · ".join(parts)
+
+
+def transcript_markdown(history: list[Turn], last_only: bool = False) -> str:
+    """The conversation (or its last answer) as Markdown text."""
+    if last_only:
+        answers = [t.content for t in history if t.role == "assistant"]
+        return answers[-1] if answers else ""
+    return "\n\n".join(f"**{'You' if t.role == 'user' else 'Assistant'}:**\n\n{t.content}" for t in history)
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"  # asking /v1/models for the model name before the first turn
+    STREAMING = "streaming"
+
+
+_MOVES: dict[Phase, set[Phase]] = {
+    Phase.IDLE: {Phase.CONNECTING, Phase.STREAMING},
+    Phase.CONNECTING: {Phase.STREAMING, Phase.IDLE},
+    Phase.STREAMING: {Phase.IDLE},
+}
+
+
+@dataclass
+class _Answer:
+    """The answer being streamed."""
+
+    reply: QNetworkReply | None = None
+    parser: SseParser = field(default_factory=SseParser)
+    text: list[str] = field(default_factory=list)
+    meter: TokenMeter = field(default_factory=TokenMeter)
+    done: bool = False  # [DONE] arrived
+    error: str | None = None  # the stream said it failed, or could not be read
+    error_body: bytearray = field(default_factory=bytearray)
+    stopping: bool = False
+
+
+# =========================================================================== the window
+
+_NETWORK_WHY = {
+    QNetworkReply.NetworkError.ConnectionRefusedError: "connection refused",
+    QNetworkReply.NetworkError.HostNotFoundError: "unknown host",
+    QNetworkReply.NetworkError.TimeoutError: "no answer in time",
+    QNetworkReply.NetworkError.OperationCanceledError: "no answer in time",
+    QNetworkReply.NetworkError.RemoteHostClosedError: "the master closed the connection",
+    QNetworkReply.NetworkError.SslHandshakeFailedError: "the TLS handshake failed",
+    QNetworkReply.NetworkError.NetworkSessionFailedError: "no network",
+}
+
+
+class _InputBox(QPlainTextEdit):
+    """Enter sends, Shift+Enter is a new line."""
+
+    submitted = Signal()
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
+        shift = event.modifiers() & Qt.KeyboardModifier.ShiftModifier
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and not shift:
+            self.submitted.emit()
+            return
+        super().keyPressEvent(event)
+
+
+class _Transcript(QTextBrowser):
+    """The conversation view; it loads no resources: an answer's ``![](file:///...)`` reads no file.
+
+    (A null answer would let QTextDocument fall back to reading local files, so images get a
+    blank 1x1 image and anything else an empty text.)
+    """
+
+    def loadResource(self, kind: int, name: QUrl) -> Any:  # noqa: N802 - Qt override
+        if kind == QTextDocument.ResourceType.ImageResource.value:
+            blank = QImage(1, 1, QImage.Format.Format_ARGB32)
+            blank.fill(0)
+            return blank
+        return ""
+
+
+class TargetDialog(QDialog):
+    """Type another master's address and API key; ``chosen(ChatTarget)`` on OK."""
+
+    chosen = Signal(object)
+
+    def __init__(self, current: ChatTarget | None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Chat with another master")
+        self.address = QLineEdit(current.base_url if current else "")
+        self.address.setPlaceholderText("192.168.1.20:8000")
+        self.api_key = QLineEdit(current.api_key or "" if current else "")
+        self.api_key.setEchoMode(QLineEdit.EchoMode.Password)
+        self.api_key.setPlaceholderText("none (a master on this PC needs none)")
+        self.error = QLabel()
+        self.error.setWordWrap(True)
+        self.error.setStyleSheet("color: #c62828;")
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        self.buttons.accepted.connect(self._ok)
+        self.buttons.rejected.connect(self.reject)
+        form = QFormLayout(self)
+        form.addRow("Master address", self.address)
+        form.addRow("API key", self.api_key)
+        form.addRow(self.error)
+        form.addRow(self.buttons)
+
+    def _ok(self) -> None:
+        try:
+            target = parse_target(self.address.text(), self.api_key.text())
+        except ValueError as e:
+            self.error.setText(str(e))
+            return
+        self.chosen.emit(target)
+        self.accept()
+
+
+class ChatWindow(QWidget):
+    token_received = Signal(str)
+    answer_finished = Signal(str)
+    failed = Signal(str)
+    stopped = Signal(str)
+    target_changed = Signal(ChatTarget)
+
+    def __init__(self, target: ChatTarget | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("MoLink chat")
+        self.resize(720, 640)
+        self.max_tokens = DEFAULT_MAX_TOKENS
+        self.extra_body: dict[str, Any] = {}  # more request fields (tests: temperature, ignore_eos)
+        self.last_request_body: dict | None = None
+        self._target: ChatTarget | None = None
+        self._history: list[Turn] = []
+        self._phase = Phase.IDLE
+        self._answer: _Answer | None = None
+        self._model: str | None = None
+        self._health: HealthView | None = None  # None: not known yet
+        self._health_reply: QNetworkReply | None = None
+        self._models_reply: QNetworkReply | None = None
+        self._rate: float | None = None
+        self._answer_pos = 0  # document position where the current answer's text starts
+        self._net = QNetworkAccessManager(self)
+        self._build()
+        self._poll = QTimer(self)
+        self._poll.setInterval(HEALTH_PERIOD_MS)
+        self._poll.timeout.connect(self.poll_health)
+        self._render_timer = QTimer(self)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(1000 // RENDER_HZ)
+        self._render_timer.timeout.connect(self._render_answer)
+        self.set_target(target)
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        self.target_label = QLabel()
+        self.target_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.change_button = QPushButton("Change…")
+        self.change_button.clicked.connect(self.open_change_dialog)
+        top = QHBoxLayout()
+        top.addWidget(self.target_label, 1)
+        top.addWidget(self.change_button)
+
+        self.transcript = _Transcript()
+        self.transcript.setOpenExternalLinks(True)
+        self.transcript.setPlaceholderText("Ask the group anything. Enter sends, Shift+Enter starts a new line.")
+
+        self.status_label = QLabel(status_text(None, None, None))
+        self.reason_label = QLabel()
+        self.reason_label.setWordWrap(True)
+        self.reason_label.setStyleSheet("color: #c62828;")
+        self.reason_label.hide()
+        self.error_label = QLabel()
+        self.error_label.setWordWrap(True)
+        self.error_label.setStyleSheet("color: #c62828;")
+        self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.error_label.hide()
+
+        self.input = _InputBox()
+        self.input.setPlaceholderText("Message the group")
+        self.input.setFixedHeight(80)
+        self.input.submitted.connect(self._send_clicked)
+        self.send_button = QPushButton("Send")
+        self.send_button.setDefault(True)
+        self.send_button.clicked.connect(self._send_clicked)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.clicked.connect(self.stop)
+        self.new_button = QPushButton("New chat")
+        self.new_button.clicked.connect(self.new_chat)
+        self.copy_button = QToolButton()
+        self.copy_button.setText("Copy")
+        self.copy_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
+        self.copy_button.clicked.connect(lambda: self.copy_markdown(False))
+        menu = QMenu(self.copy_button)
+        menu.addAction("Copy conversation", lambda: self.copy_markdown(False))
+        menu.addAction("Copy last answer", lambda: self.copy_markdown(True))
+        self.copy_button.setMenu(menu)
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.new_button)
+        buttons.addWidget(self.copy_button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.send_button)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addWidget(self.transcript, 1)
+        lay.addWidget(self.status_label)
+        lay.addWidget(self.reason_label)
+        lay.addWidget(self.error_label)
+        lay.addWidget(self.input)
+        lay.addLayout(buttons)
+        self.setFocusProxy(self.input)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def target(self) -> ChatTarget | None:
+        return self._target
+
+    @property
+    def history(self) -> tuple[Turn, ...]:
+        return tuple(self._history)
+
+    def is_busy(self) -> bool:
+        return self._phase is not Phase.IDLE
+
+    def can_send(self) -> bool:
+        return self._target is not None and (self._health is None or self._health.serving) and not self.is_busy()
+
+    def set_target(self, target: ChatTarget | None) -> None:
+        if target == self._target and target is not None:
+            return
+        if self.is_busy():
+            self.stop()
+        self._target = target
+        self._model, self._health, self._rate = None, None, None
+        stale = (self._health_reply, self._models_reply)
+        self._health_reply = self._models_reply = None  # first: an aborted reply's finished is then ignored
+        for reply in stale:
+            if reply is not None:
+                reply.abort()
+        if target is None:
+            self.target_label.setText("Connected to: nothing yet")
+        else:
+            host = urlsplit(target.base_url).hostname or ""
+            local = host in ("127.0.0.1", "localhost", "::1")  # never through a proxy
+            kind = QNetworkProxy.ProxyType.NoProxy if local else QNetworkProxy.ProxyType.DefaultProxy
+            self._net.setProxy(QNetworkProxy(kind))
+            keyed = " (with API key)" if target.api_key else ""
+            self.target_label.setText(f"Connected to: {target.base_url}{keyed}")
+            self._fetch_model()
+            if self.isVisible():
+                self.poll_health()
+        self._update_controls()
+
+    def ask(self, text: str) -> bool:
+        """Send one user turn with the whole history.
+
+        Returns False when nothing was sent: empty text (silently), or busy, no target, or the group
+        known not to serve (``failed`` is emitted with the reason).
+        """
+        text = text.strip()
+        if not text:
+            return False
+        why = None
+        if self.is_busy():
+            why = "An answer is still being written; stop it first."
+        elif self._target is None:
+            why = "No group to chat with yet: create or join a group, or use Change… to choose a master."
+        elif self._health is not None and not self._health.serving:
+            why = self._health.reason or "The group cannot answer now."
+        if why is not None:
+            self._fail(why)
+            return False
+        self.error_label.hide()
+        self._history.append(Turn("user", text))
+        self._append_turn("user", text)
+        if self._model is None:
+            self._move(Phase.CONNECTING)
+            self._fetch_model()
+        else:
+            self._send()
+        return True
+
+    def stop(self) -> None:
+        """Stop the answer being written (the master cancels the request when its client goes)."""
+        if self._phase is Phase.CONNECTING:
+            self._move(Phase.IDLE)
+            self._drop_last_question()
+            return
+        answer = self._answer
+        if self._phase is not Phase.STREAMING or answer is None:
+            return
+        answer.stopping = True
+        if answer.reply is not None:
+            answer.reply.abort()  # finished follows (synchronously in Qt 6); _finish is idempotent
+        if self._answer is answer:
+            self._finish(answer)
+
+    def new_chat(self) -> None:
+        if self.is_busy():
+            self.stop()
+        self._history.clear()
+        self.transcript.clear()
+        self.error_label.hide()
+        self._rate = None
+        self._update_status()
+        self.input.setFocus()
+
+    def copy_markdown(self, last_only: bool = False) -> str:
+        text = transcript_markdown(self._history, last_only)
+        QGuiApplication.clipboard().setText(text)
+        return text
+
+    def open_change_dialog(self) -> TargetDialog:
+        dialog = TargetDialog(self._target, self)
+        dialog.chosen.connect(self._target_chosen)
+        dialog.open()
+        return dialog
+
+    # ------------------------------------------------------------------ health and model
+    def poll_health(self) -> None:
+        if self._target is None or self._health_reply is not None:
+            return
+        reply = self._net.get(self._request("/health", HEALTH_TIMEOUT_MS))
+        self._health_reply = reply
+        reply.finished.connect(lambda: self._health_done(reply))
+
+    def _health_done(self, reply: QNetworkReply) -> None:
+        reply.deleteLater()
+        if reply is not self._health_reply or self._target is None:
+            return
+        self._health_reply = None
+        status, body = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute), bytes(reply.readAll().data())
+        self._health = parse_health(status, body, self._target.base_url, None if status else self._why(reply))
+        if self._model is None and self._health.model:
+            self._set_model(self._health.model)
+        self._update_controls()
+
+    def _fetch_model(self) -> None:
+        if self._target is None or self._models_reply is not None:
+            return
+        reply = self._net.get(self._request("/v1/models", HEALTH_TIMEOUT_MS))
+        self._models_reply = reply
+        reply.finished.connect(lambda: self._models_done(reply))
+
+    def _models_done(self, reply: QNetworkReply) -> None:
+        reply.deleteLater()
+        if reply is not self._models_reply or self._target is None:
+            return
+        self._models_reply = None
+        status, body = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute), bytes(reply.readAll().data())
+        model, why = None, None
+        if status is None:
+            why = unreachable_sentence(self._target.base_url, self._why(reply))
+        elif status != 200:
+            why = error_sentence(status, body)
+        else:
+            try:
+                data = json.loads(body.decode("utf-8"))
+                model = data["data"][0]["id"]
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+                why = sentence(f"The master at {self._target.base_url} did not say which model it serves")
+        if isinstance(model, str) and model:
+            self._set_model(model)
+        if self._phase is Phase.CONNECTING:
+            if self._model is not None:
+                self._send()
+            else:
+                self._move(Phase.IDLE)
+                self._drop_last_question()
+                self._fail(why or "The master did not say which model it serves.")
+
+    def _set_model(self, model: str) -> None:
+        self._model = model
+        self._update_status()
+
+    # ------------------------------------------------------------------ one answer
+    def _send(self) -> None:
+        if self._target is None or self._model is None:
+            raise RuntimeError("chat window: a turn was sent without a target or a model")
+        body = chat_body(self._model, self._history, self.max_tokens, self.extra_body)
+        self.last_request_body = body
+        self._move(Phase.STREAMING)
+        answer = _Answer()
+        self._answer = answer
+        self._rate = None
+        self._append_turn("assistant", "")
+        req = self._request("/v1/chat/completions", STREAM_IDLE_TIMEOUT_MS)
+        req.setHeader(QNetworkRequest.KnownHeaders.ContentTypeHeader, "application/json")
+        req.setRawHeader(b"Accept", b"text/event-stream")
+        reply = self._net.post(req, QByteArray(json.dumps(body).encode("utf-8")))
+        answer.reply = reply
+        reply.readyRead.connect(lambda: self._read(answer))
+        reply.finished.connect(lambda: self._reply_finished(answer))
+        self._update_controls()
+        chars = sum(len(t.content) for t in self._history)
+        log.info("chat turn sent: %d messages, %d characters", len(self._history), chars)
+
+    def _read(self, answer: _Answer) -> None:
+        reply = answer.reply
+        if reply is None or answer is not self._answer or answer.stopping or answer.error is not None:
+            return
+        data = bytes(reply.readAll().data())
+        if not data:
+            return
+        status = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute)
+        if status != 200:
+            room = MAX_ERROR_BODY - len(answer.error_body)
+            answer.error_body += data[: max(room, 0)]
+            return
+        for event in answer.parser.feed(data):
+            if isinstance(event, DoneEvent):
+                answer.done = True
+            elif isinstance(event, ErrorEvent):
+                answer.error = sentence(f"The master sent a stream the chat cannot read: {event.message}")
+            elif isinstance(event, DataEvent):
+                chunk = read_chunk(event.data)
+                if chunk.error:
+                    answer.error = chunk.error
+                if chunk.completion_tokens is not None:
+                    answer.meter.final_tokens = chunk.completion_tokens
+                if chunk.text:
+                    answer.text.append(chunk.text)
+                    answer.meter.token(time.monotonic())
+                    self.token_received.emit(chunk.text)
+                    if answer is not self._answer or answer.stopping:  # a slot stopped it
+                        return
+            if answer.error is not None:
+                reply.abort()  # finished follows: _finish reports the error
+                return
+        self._rate = answer.meter.rate()
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
+    def _reply_finished(self, answer: _Answer) -> None:
+        if answer is self._answer:
+            self._read(answer)  # the last bytes (no-op when stopping or failed)
+            if answer is self._answer:
+                self._finish(answer)
+        if answer.reply is not None:
+            answer.reply.deleteLater()
+
+    def _finish(self, answer: _Answer) -> None:
+        """The reply ended (stopped, failed, or complete): decide which, once."""
+        self._answer = None
+        reply = answer.reply
+        text = "".join(answer.text)
+        self._render_timer.stop()
+        if answer.stopping:
+            if text:
+                self._history.append(Turn("assistant", text))
+            self._render_answer(text, note="(stopped)")
+            self._move(Phase.IDLE)
+            self.stopped.emit(text)
+            return
+        why = answer.error
+        if why is None and reply is not None:
+            status = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute)
+            if status is None:
+                why = unreachable_sentence(self._target.base_url if self._target else "?", self._why(reply))
+            elif status != 200:
+                why = error_sentence(status, bytes(answer.error_body))
+            elif not answer.done:
+                answer.parser.close()
+                why = "The answer was cut off: the master ended the stream before it was complete."
+        self._move(Phase.IDLE)
+        if why is not None:
+            self._drop_last_question()
+            self._fail(why)
+            return
+        self._rate = answer.meter.rate()
+        self._history.append(Turn("assistant", text))
+        self._render_answer(text)
+        self.answer_finished.emit(text)
+
+    # ------------------------------------------------------------------ rendering
+    def _append_turn(self, role: Role, text: str) -> None:
+        doc = self.transcript.document()
+        cursor = QTextCursor(doc)
+        cursor.movePosition(QTextCursor.MoveOperation.End)
+        if not doc.isEmpty():
+            cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
+            cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
+        header = QTextCharFormat()
+        header.setFontWeight(QFont.Weight.Bold)
+        header.setForeground(QColor("#1565c0" if role == "user" else "#2e7d32"))
+        cursor.insertText("You" if role == "user" else "Assistant", header)
+        cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
+        if role == "user":
+            quote = QTextBlockFormat()
+            quote.setLeftMargin(12)
+            cursor.setBlockFormat(quote)
+            cursor.insertText(text, QTextCharFormat())  # what the user typed, shown as typed
+        else:
+            self._answer_pos = cursor.position()
+            cursor.insertText("…", QTextCharFormat())
+        self._scroll_to_end()
+
+    def _render_answer(self, text: str | None = None, note: str | None = None) -> None:
+        """Re-render the answer being written (from its start to the end of the document) as Markdown."""
+        answer = self._answer
+        if text is None:
+            if answer is None:
+                return
+            text = "".join(answer.text)
+        bar = self.transcript.verticalScrollBar()
+        at_end = bar.value() >= bar.maximum() - 4
+        cursor = QTextCursor(self.transcript.document())
+        cursor.setPosition(self._answer_pos)
+        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        cursor.removeSelectedText()
+        cursor.setBlockFormat(QTextBlockFormat())
+        cursor.setCharFormat(QTextCharFormat())
+        if text:
+            cursor.insertMarkdown(text)
+        elif note is None:
+            cursor.insertText("…")
+        if note:
+            grey = QTextCharFormat()
+            grey.setForeground(QColor("#757575"))
+            grey.setFontItalic(True)
+            cursor.movePosition(QTextCursor.MoveOperation.End)
+            if text:
+                cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
+            cursor.insertText(note, grey)
+        self._update_status()
+        if at_end:
+            self._scroll_to_end()
+
+    def _render_all(self) -> None:
+        self.transcript.clear()
+        for turn in self._history:
+            self._append_turn(turn.role, turn.content)
+            if turn.role == "assistant":
+                self._render_answer(turn.content)
+
+    def _scroll_to_end(self) -> None:
+        bar = self.transcript.verticalScrollBar()
+        bar.setValue(bar.maximum())
+
+    # ------------------------------------------------------------------ state
+    def _move(self, to: Phase) -> None:
+        if to not in _MOVES[self._phase]:
+            raise RuntimeError(f"chat window: no move from {self._phase.value} to {to.value}")
+        self._phase = to
+        self._update_controls()
+
+    def _update_controls(self) -> None:
+        serving = self._target is not None and (self._health is None or self._health.serving)
+        reason = None
+        if self._target is None:
+            reason = "No group to chat with yet: create or join a group, or use Change… to choose a master."
+        elif self._health is not None and not self._health.serving:
+            reason = self._health.reason
+        self.reason_label.setText(reason or "")
+        self.reason_label.setVisible(reason is not None)
+        self.input.setEnabled(serving)
+        self.send_button.setEnabled(serving and not self.is_busy())
+        self.stop_button.setEnabled(self.is_busy())
+        self._update_status()
+
+    def _update_status(self) -> None:
+        pcs = self._health.pcs if self._health is not None else None
+        self.status_label.setText(status_text(self._model, self._rate, pcs))
+
+    def _fail(self, why: str) -> None:
+        why = sentence(why)
+        self.error_label.setText(why)
+        self.error_label.show()
+        log.info("chat: %s", why)
+        self.failed.emit(why)
+
+    def _drop_last_question(self) -> None:
+        """Take the failed question out of the history and put it back in the input box."""
+        if self._history and self._history[-1].role == "user":
+            question = self._history.pop().content
+            if not self.input.toPlainText().strip():
+                self.input.setPlainText(question)
+        self._render_all()
+
+    def _send_clicked(self) -> None:
+        if not self.send_button.isEnabled():
+            return
+        text = self.input.toPlainText()
+        if text.strip() and self.ask(text):
+            self.input.clear()
+
+    def _target_chosen(self, target: ChatTarget) -> None:
+        self.set_target(target)
+        self.target_changed.emit(target)
+
+    # ------------------------------------------------------------------ network helpers
+    def _request(self, path: str, timeout_ms: int) -> QNetworkRequest:
+        if self._target is None:
+            raise RuntimeError("chat window: a request without a target")
+        req = QNetworkRequest(QUrl(self._target.base_url + path))
+        req.setTransferTimeout(timeout_ms)
+        if self._target.api_key:
+            req.setRawHeader(b"Authorization", f"Bearer {self._target.api_key}".encode())
+        return req
+
+    @staticmethod
+    def _why(reply: QNetworkReply) -> str:
+        return _NETWORK_WHY.get(reply.error(), reply.errorString())
+
+    # ------------------------------------------------------------------ window events
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt override
+        super().showEvent(event)
+        self._poll.start()
+        self.poll_health()
+        self.input.setFocus()
+
+    def hideEvent(self, event: QHideEvent) -> None:  # noqa: N802 - Qt override
+        self._poll.stop()
+        super().hideEvent(event)
+
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt override
+        self._poll.stop()
+        super().closeEvent(event)

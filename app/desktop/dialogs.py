@@ -1,0 +1,532 @@
+"""The app's dialogs: create a group on this PC, join a group, show a pairing code, settings.
+
+Contract: each dialog is a non-modal ``QDialog`` over a :class:`~app.desktop.controller.
+Controller`; it only shows state and calls the controller (or, for pairing, runs the network
+exchange in a :class:`~app.desktop.background.Background` thread).  Every failure is one
+sentence in the dialog's ``error`` label, never a traceback.  Tests drive the dialogs through
+their widgets (``code``, ``address``, ``join_button`` ...) and signals.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QFont, QGuiApplication
+from PySide6.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QRadioButton,
+    QSpinBox,
+    QStackedWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .background import Background
+from .controller import Controller
+from .links import JoinLink
+
+PAIR_TIMEOUT = 40.0  # seconds for discovery plus one pairing exchange
+BROWSE_SECONDS = 3.0  # how long the LAN is listened to for masters
+
+
+def _error_label() -> QLabel:
+    label = QLabel()
+    label.setWordWrap(True)
+    label.setStyleSheet("color: #c62828;")
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+def _note(text: str) -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    return label
+
+
+def grouped_fingerprint(hex_digest: str, groups: int = 8) -> str:
+    """``ab12 cd34 …``: the first ``groups`` groups of four, easy to read aloud and compare."""
+    h = hex_digest.lower()
+    return " ".join(h[i : i + 4] for i in range(0, min(len(h), 4 * groups), 4))
+
+
+class PairingCodePanel(QWidget):
+    """A pairing code shown large, with Copy, its expiry, the join link and reachability help."""
+
+    new_code = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.code = QLabel("…")
+        font = QFont("monospace")
+        font.setStyleHint(QFont.StyleHint.Monospace)
+        font.setPointSize(30)
+        font.setBold(True)
+        self.code.setFont(font)
+        self.code.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.code.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.expiry = QLabel()
+        self.expiry.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.link = QLineEdit()
+        self.link.setReadOnly(True)
+        self.copy_button = QPushButton("Copy code")
+        self.copy_link_button = QPushButton("Copy link")
+        self.new_button = QPushButton("New code")
+        self.reach = _note("")
+        self.fingerprint = _note("")
+        self.error = _error_label()
+        self._expires_at = 0.0
+        self._timer = QTimer(self)
+        self._timer.timeout.connect(self._tick)
+        buttons = QHBoxLayout()
+        for b in (self.copy_button, self.copy_link_button, self.new_button):
+            buttons.addWidget(b)
+        lay = QVBoxLayout(self)
+        lay.addWidget(_note("Read this code to the friend who joins (it works once):"))
+        lay.addWidget(self.code)
+        lay.addWidget(self.expiry)
+        lay.addLayout(buttons)
+        lay.addWidget(_note("Or send them this link (MoLink opens it):"))
+        lay.addWidget(self.link)
+        lay.addWidget(self.fingerprint)
+        lay.addWidget(self.reach)
+        lay.addWidget(self.error)
+        self.copy_button.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.code.text()))
+        self.copy_link_button.clicked.connect(lambda: QGuiApplication.clipboard().setText(self.link.text()))
+        self.new_button.clicked.connect(self.new_code.emit)
+
+    def show_code(self, info: dict, master_fingerprint: str | None = None) -> None:
+        self.error.clear()
+        self.code.setText(str(info.get("code", "")))
+        self.link.setText(str(info.get("link", "")))
+        self._expires_at = time.monotonic() + float(info.get("expires_in") or 300)
+        self._tick()
+        self._timer.start(1000)
+        port, host = info.get("group_port"), info.get("host")
+        if master_fingerprint:
+            self.fingerprint.setText(f"This group's fingerprint: {grouped_fingerprint(master_fingerprint)} (a joining friend sees the same).")
+        self.reach.setText(
+            f"Friends on this network find the group by itself. Friends elsewhere need to reach this PC's group port: "
+            f"forward TCP port {port} on your router to this PC ({host}) and allow it in the firewall, then they join "
+            f"with your public address and port {port} in the address field (HOST:{port})."
+        )
+
+    def show_error(self, text: str) -> None:
+        self.error.setText(text)
+
+    def _tick(self) -> None:
+        left = self._expires_at - time.monotonic()
+        if left <= 0:
+            self.expiry.setText("This code has expired: make a new one.")
+            self._timer.stop()
+            return
+        self.expiry.setText(f"Valid for {int(left) // 60}:{int(left) % 60:02d} · single use")
+
+
+class CreateGroupDialog(QDialog):
+    """Choose the model, name and port; start the master; then show a pairing code."""
+
+    def __init__(self, controller: Controller, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Create a group on this PC")
+        self.c = controller
+        s = controller.settings
+        self.use_default = QRadioButton("The built-in model (SmolLM2-135M-Instruct, small, for trying MoLink)")
+        self.use_local = QRadioButton("A model on this PC (a checkpoint folder or a .gguf file)")
+        self.use_hub = QRadioButton("A model from Hugging Face (its id, e.g. Qwen/Qwen2.5-7B-Instruct)")
+        self.choice = QButtonGroup(self)
+        for i, b in enumerate((self.use_default, self.use_local, self.use_hub)):
+            self.choice.addButton(b, i)
+        self.local_path = QLineEdit()
+        self.browse = QPushButton("Browse…")
+        self.hub_id = QLineEdit()
+        self.name = QLineEdit(s.group_name or socket.gethostname())
+        self.port = QSpinBox()
+        self.port.setRange(1024, 65535)
+        self.port.setValue(s.group_port)
+        self.share_too = QCheckBox("Also share this PC's GPU with the group")
+        self.share_too.setChecked(True)
+        self.create_button = QPushButton("Create group")
+        self.create_button.setDefault(True)
+        self.status = _note("")
+        self.error = _error_label()
+        self.code_panel = PairingCodePanel()
+        self.stack = QStackedWidget()
+
+        model = s.model or "default"
+        if model == "default":
+            self.use_default.setChecked(True)
+        elif "/" in model and not model.startswith(("/", ".", "~")) and ":" not in model:
+            self.use_hub.setChecked(True)
+            self.hub_id.setText(model)
+        else:
+            self.use_local.setChecked(True)
+            self.local_path.setText(model)
+
+        form_page = QWidget()
+        form = QVBoxLayout(form_page)
+        form.addWidget(_note("This PC will run the group: it hands out pairing codes, plans which PC serves which layers, and answers chat and API requests."))
+        form.addWidget(self.use_default)
+        form.addWidget(self.use_local)
+        row = QHBoxLayout()
+        row.addWidget(self.local_path)
+        row.addWidget(self.browse)
+        form.addLayout(row)
+        form.addWidget(self.use_hub)
+        form.addWidget(self.hub_id)
+        fields = QFormLayout()
+        fields.addRow("Group name", self.name)
+        fields.addRow("Group port", self.port)
+        form.addLayout(fields)
+        form.addWidget(self.share_too)
+        form.addWidget(self.status)
+        form.addWidget(self.error)
+        form.addWidget(self.create_button)
+        self.stack.addWidget(form_page)
+        self.stack.addWidget(self.code_panel)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.stack)
+
+        self.browse.clicked.connect(self._browse)
+        self.create_button.clicked.connect(self.create)
+        self.code_panel.new_code.connect(controller.request_code)
+        controller.master_ready.connect(self._master_ready)
+        controller.master_failed.connect(self._failed)
+        controller.code_ready.connect(self._code_ready)
+        controller.code_failed.connect(self.code_panel.show_error)
+        self._self_join: Background | None = None
+
+    def model_source(self) -> str:
+        if self.use_local.isChecked():
+            return self.local_path.text().strip()
+        if self.use_hub.isChecked():
+            return self.hub_id.text().strip()
+        return "default"
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Model folder")
+        if path:
+            self.local_path.setText(path)
+
+    def create(self) -> None:
+        model = self.model_source()
+        if not model:
+            self.error.setText("Choose a model: a folder or .gguf file, or a Hugging Face id.")
+            return
+        self.error.clear()
+        self.create_button.setEnabled(False)
+        self.status.setText("Starting the group… (the first start converts or downloads the model and can take minutes)")
+        self.c.create_group(model, self.name.text().strip(), self.port.value())
+
+    def _failed(self, reason: str) -> None:
+        self.create_button.setEnabled(True)
+        self.status.clear()
+        self.error.setText(f"Cannot start the group: {reason}")
+
+    def _master_ready(self, info: dict) -> None:
+        self.status.setText("The group is running.")
+        if self.share_too.isChecked() and not self._joined_here(info):
+            self._join_own_group(info)
+        else:
+            self.c.request_code()
+
+    def _joined_here(self, info: dict) -> bool:
+        j = self.c.joined()
+        return j is not None and j.master_port == info.get("group_port") and j.master_host in ("127.0.0.1", "localhost")
+
+    def _join_own_group(self, info: dict) -> None:
+        """This PC's worker joins its own group with a code of its own, then shares."""
+        port = info.get("group_port")
+
+        def got_code(code_info: dict) -> None:
+            from app.group import pair_with_group
+
+            folder, name = self.c.paths.worker_dir, socket.gethostname()
+            self._self_join = Background(lambda: pair_with_group(code_info["code"], f"127.0.0.1:{port}", folder, name), PAIR_TIMEOUT, self)
+            self._self_join.done.connect(self._joined_own)
+            self._self_join.failed.connect(lambda why: (self.code_panel.show_error(f"This PC could not join its own group: {why}"), self.c.request_code()))
+            self._self_join.start()
+
+        self.c.request_code(got_code)
+
+    def _joined_own(self, joined) -> None:  # noqa: ANN001 - JoinedGroup
+        self.c.accept_join(joined, self.c.settings.memory_limit_gb)
+        self.c.request_code()
+
+    def _code_ready(self, info: dict) -> None:
+        from worker_core.identity import fingerprint, load_or_create
+
+        try:
+            fp = fingerprint(load_or_create(self.c.paths.master_dir / "identity", "molink-master").cert_pem)
+        except (OSError, ValueError):
+            fp = None
+        self.code_panel.show_code(info, fp)
+        self.stack.setCurrentWidget(self.code_panel)
+
+
+class ShowCodeDialog(QDialog):
+    """A fresh pairing code of the group this PC runs."""
+
+    def __init__(self, controller: Controller, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Pairing code")
+        self.c = controller
+        self.panel = PairingCodePanel()
+        QVBoxLayout(self).addWidget(self.panel)
+        self.panel.new_code.connect(controller.request_code)
+        controller.code_ready.connect(self._ready)
+        controller.code_failed.connect(self.panel.show_error)
+        controller.request_code()
+
+    def _ready(self, info: dict) -> None:
+        from worker_core.identity import fingerprint, load_or_create
+
+        try:
+            fp = fingerprint(load_or_create(self.c.paths.master_dir / "identity", "molink-master").cert_pem)
+        except (OSError, ValueError):
+            fp = None
+        self.panel.show_code(info, fp)
+
+
+class JoinDialog(QDialog):
+    """Pair with a group (code; a master found on the LAN or an address), confirm, share."""
+
+    joined = Signal(object)  # JoinedGroup, once the user started sharing
+
+    def __init__(self, controller: Controller, link: JoinLink | None = None, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Join a group")
+        self.c = controller
+        self.code = QLineEdit(link.code if link else "")
+        self.code.setPlaceholderText("47-8203-1956")
+        self.found = QListWidget()
+        self.found.setMaximumHeight(90)
+        self.refresh = QPushButton("Look again")
+        self.address = QLineEdit(link.master if link and link.master else "")
+        self.address.setPlaceholderText("HOST:PORT (leave empty to use a group found on this network)")
+        self.name = QLineEdit(socket.gethostname())
+        self.memory = QDoubleSpinBox()
+        self.memory.setRange(0, 4096)
+        self.memory.setDecimals(1)
+        self.memory.setSuffix(" GB")
+        self.memory.setSpecialValueText("all free memory")
+        self.memory.setValue(controller.settings.memory_limit_gb or 0)
+        self.join_button = QPushButton("Join")
+        self.join_button.setDefault(True)
+        self.status = _note("")
+        self.error = _error_label()
+        self.confirm_text = _note("")
+        self.share_button = QPushButton("Start sharing")
+        self.later_button = QPushButton("Not now")
+        self.stack = QStackedWidget()
+        self.paired = None  # JoinedGroup after a successful pairing
+
+        page1 = QWidget()
+        form = QFormLayout(page1)
+        form.addRow(_note("Ask the group's owner for a pairing code (they find it in their MoLink menu: Show a pairing code)."))
+        form.addRow("Pairing code", self.code)
+        lan = QHBoxLayout()
+        lan.addWidget(self.found)
+        lan.addWidget(self.refresh)
+        form.addRow("Groups on this network", lan)
+        form.addRow("Or the master's address", self.address)
+        form.addRow("This PC's name", self.name)
+        form.addRow("Offer at most", self.memory)
+        form.addRow(self.status)
+        form.addRow(self.error)
+        form.addRow(self.join_button)
+        page2 = QWidget()
+        lay2 = QVBoxLayout(page2)
+        lay2.addWidget(self.confirm_text)
+        row = QHBoxLayout()
+        row.addWidget(self.share_button)
+        row.addWidget(self.later_button)
+        lay2.addLayout(row)
+        self.stack.addWidget(page1)
+        self.stack.addWidget(page2)
+        QVBoxLayout(self).addWidget(self.stack)
+
+        self.refresh.clicked.connect(self.look_for_masters)
+        self.found.itemClicked.connect(self._pick)
+        self.join_button.clicked.connect(self.join)
+        self.code.returnPressed.connect(self.join)
+        self.share_button.clicked.connect(lambda: self._finish(True))
+        self.later_button.clicked.connect(lambda: self._finish(False))
+        self._browse: Background | None = None
+        self._pairing: Background | None = None
+
+    def look_for_masters(self) -> None:
+        from worker_core.discovery import browse
+
+        self.found.clear()
+        self.found.addItem("Looking…")
+        self.refresh.setEnabled(False)
+        self._browse = Background(lambda: browse(BROWSE_SECONDS), BROWSE_SECONDS + 10, self)
+        self._browse.done.connect(self._masters)
+        self._browse.failed.connect(lambda why: (self.found.clear(), self.found.addItem(f"Cannot look: {why}"), self.refresh.setEnabled(True)))
+        self._browse.start()
+
+    def _masters(self, found: list) -> None:
+        self.found.clear()
+        self.refresh.setEnabled(True)
+        if not found:
+            self.found.addItem("None found (mDNS may be blocked here: type the address)")
+            return
+        for addresses, port, group in found:
+            item = QListWidgetItem(f"{group or 'a group'} — {addresses[0]}:{port}")
+            item.setData(Qt.ItemDataRole.UserRole, f"{addresses[0]}:{port}")
+            self.found.addItem(item)
+
+    def _pick(self, item: QListWidgetItem) -> None:
+        address = item.data(Qt.ItemDataRole.UserRole)
+        if address:
+            self.address.setText(address)
+
+    def join(self) -> None:
+        from worker_core.pairing import PairingError, parse_code
+
+        code = self.code.text().strip()
+        try:
+            parse_code(code)
+        except PairingError as e:
+            self.error.setText(str(e))
+            return
+        self.error.clear()
+        self.join_button.setEnabled(False)
+        self.status.setText("Pairing…")
+        from app.group import pair_with_group
+
+        address = self.address.text().strip() or None
+        folder, name = self.c.paths.worker_dir, self.name.text().strip() or socket.gethostname()
+        self._pairing = Background(lambda: pair_with_group(code, address, folder, name), PAIR_TIMEOUT, self)
+        self._pairing.done.connect(self._paired)
+        self._pairing.failed.connect(self._failed)
+        self._pairing.start()
+
+    def _failed(self, why: str) -> None:
+        self.join_button.setEnabled(True)
+        self.status.clear()
+        self.error.setText(_friendly(why))
+
+    def _paired(self, joined) -> None:  # noqa: ANN001 - JoinedGroup
+        from worker_core.identity import fingerprint
+
+        self.paired = joined
+        self.c.paths.worker_dir.mkdir(parents=True, exist_ok=True)
+        joined.save(self.c.paths.worker_dir)  # the master has admitted this PC: keep the membership
+        self.confirm_text.setText(
+            f"This PC joined the group “{joined.group}” as “{joined.name}” (master {joined.master_address}).\n\n"
+            f"The master's fingerprint is {grouped_fingerprint(fingerprint(joined.master_cert))}. "
+            "If it differs from what the group's owner sees, choose Not now and tell them.\n\n"
+            f"Sharing offers {'all free memory' if not self.memory.value() else f'at most {self.memory.value():g} GB'} of this PC to the group."
+        )
+        self.stack.setCurrentIndex(1)
+
+    def _finish(self, share: bool) -> None:
+        if self.paired is not None:
+            self.c.accept_join(self.paired, self.memory.value() or None, share=share)
+            self.joined.emit(self.paired)
+        self.accept()
+
+
+def _friendly(why: str) -> str:
+    """The pairing failure as one sentence for people, not for the command line."""
+    low = why.lower()
+    if "wrong pairing code" in low:
+        return "That code is not right. Check it with the group's owner (codes work once and for 5 minutes)."
+    if "no such pairing code" in low or "expired" in low or "used" in low or "burned" in low:
+        return "That code is no longer valid (used, expired or tried too often). Ask the group's owner for a new one."
+    if "no molink group found" in low:
+        return "No group was found on this network. Type the master's address (HOST:PORT) given by the group's owner."
+    if "cannot pair with" in low or "no answer" in low:
+        return "The group's master cannot be reached at that address. Check the address, and that its group port is open."
+    if "host:port" in low:
+        return "The address must look like HOST:PORT, for example 192.168.1.20:7733."
+    return why[:1].upper() + why[1:]
+
+
+class SettingsDialog(QDialog):
+    """Memory budget, device, start at login, automatic pause, chat target, and where things are."""
+
+    def __init__(self, controller: Controller, secrets, autostart, parent: QWidget | None = None) -> None:  # noqa: ANN001
+        super().__init__(parent)
+        self.setWindowTitle("MoLink settings")
+        self.c, self.secrets, self.autostart = controller, secrets, autostart
+        s = controller.settings
+        self.memory = QDoubleSpinBox()
+        self.memory.setRange(0, 4096)
+        self.memory.setDecimals(1)
+        self.memory.setSuffix(" GB")
+        self.memory.setSpecialValueText("all free memory")
+        self.memory.setValue(s.memory_limit_gb or 0)
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cuda", "cpu"])
+        self.device.setCurrentText(s.device if s.device in ("auto", "cuda", "cpu") else "auto")
+        self.login = QCheckBox("Start MoLink when I log in")
+        self.login.setChecked(autostart.is_enabled() if autostart else False)
+        self.auto_pause = QCheckBox("Pause sharing while a game or another program uses the GPU heavily")
+        self.auto_pause.setChecked(s.auto_pause)
+        self.share_on_start = QCheckBox("Resume sharing when MoLink starts, if it was on")
+        self.share_on_start.setChecked(s.share_on_start)
+        self.chat_master = QLineEdit(s.chat_master)
+        self.chat_master.setPlaceholderText("this PC's group")
+        self.api_key = QLineEdit(secrets.get("chat-api-key") or "" if secrets else "")
+        self.api_key.setEchoMode(QLineEdit.EchoMode.Password)
+        self.warning = _error_label()
+        if secrets is not None and secrets.warning:
+            self.warning.setText(secrets.warning)
+        self.save_button = QPushButton("Save")
+        form = QFormLayout(self)
+        form.addRow("Offer at most", self.memory)
+        form.addRow("Compute on", self.device)
+        form.addRow(self.login)
+        form.addRow(self.auto_pause)
+        form.addRow(self.share_on_start)
+        form.addRow("Chat with the master at", self.chat_master)
+        form.addRow("Its API key", self.api_key)
+        form.addRow(self.warning)
+        form.addRow(_note(f"Logs: {controller.paths.logs_dir}\nData: {controller.paths.data_dir}"))
+        form.addRow(self.save_button)
+        self.save_button.clicked.connect(self.save)
+
+    def save(self) -> None:
+        from .settings import save
+
+        s = self.c.settings
+        s.memory_limit_gb = self.memory.value() or None
+        s.device = self.device.currentText()
+        s.auto_pause = self.auto_pause.isChecked()
+        s.share_on_start = self.share_on_start.isChecked()
+        s.chat_master = self.chat_master.text().strip()
+        s.start_at_login = self.login.isChecked()
+        if self.autostart is not None and self.autostart.is_enabled() != self.login.isChecked():
+            try:
+                self.autostart.set_enabled(self.login.isChecked())
+            except OSError as e:
+                self.warning.setText(f"Cannot change start at login: {e}")
+                return
+        if self.secrets is not None:
+            key = self.api_key.text().strip()
+            self.secrets.set("chat-api-key", key) if key else self.secrets.delete("chat-api-key")
+        try:
+            save(self.c.paths, s)
+        except OSError as e:
+            self.warning.setText(f"Cannot save the settings: {e}")
+            return
+        self.c.changed.emit()
+        self.accept()
+

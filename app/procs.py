@@ -1,0 +1,46 @@
+"""How to start an engine process (`molink master|worker|...`) from any frontend.
+
+Contract: ``engine_command(*args)`` is the argv that runs ``molink ARGS`` with the engine:
+from a source checkout or an installed package, this interpreter with ``-m app.cli``; from a
+frozen app (PyInstaller sets ``sys.frozen``), the engine runtime's interpreter named by
+:func:`engine_python` (see :mod:`app.runtime` when it exists), never ``sys.executable``, which
+is then the frozen app itself.  ``no_window_flags()`` is the ``creationflags`` that keep a
+console window from flashing on Windows (0 elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CREATE_NO_WINDOW = 0x08000000  # Windows process creation flag
+
+
+def engine_python() -> str:
+    """The interpreter that has the engine (torch, transformers) installed."""
+    if getattr(sys, "frozen", False):
+        from .runtime import runtime_python  # the per-user engine runtime of an installed app
+
+        return str(runtime_python())
+    return sys.executable
+
+
+def engine_command(*args: str) -> list[str]:
+    return [engine_python(), "-m", "app.cli", *args]
+
+
+def engine_env() -> dict[str, str]:
+    """Environment for engine children: unbuffered output (events and logs arrive as written)
+    and UTF-8 streams whatever the console code page."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    root = str(Path(__file__).resolve().parent.parent)
+    if not getattr(sys, "frozen", False):  # a source checkout: the children import our packages from here
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def no_window_flags() -> int:
+    return CREATE_NO_WINDOW if sys.platform == "win32" else 0

@@ -1,0 +1,156 @@
+"""The tray menu and window mode built from state, and the app's routing of commands (no engine)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtWidgets import QMenu
+
+from app.desktop.controller import Controller
+from app.desktop.main import Desktop
+from app.desktop.settings import Paths, Settings
+from app.desktop.state import Act, Sharing, TrayState, menu
+from app.desktop.tray import MainWindow, TrayView, fill_menu
+
+
+def texts(qmenu: QMenu) -> list[str]:
+    out = []
+    for a in qmenu.actions():
+        if a.isSeparator():
+            continue
+        if a.menu() is not None:
+            out += [f"{a.text()} ▸ {sub.text()}" for sub in a.menu().actions()]
+        else:
+            out.append(a.text())
+    return out
+
+
+def find(qmenu: QMenu, act: Act):
+    for a in qmenu.actions():
+        if a.menu() is not None:
+            hit = find(a.menu(), act)
+            if hit is not None:
+                return hit
+        elif a.data() == act.value:
+            return a
+    return None
+
+
+STATES = {
+    "alone": TrayState(gpu="CPU"),
+    "joined": TrayState(joined_group="Friends"),
+    "sharing": TrayState(sharing=Sharing.SHARING, joined_group="Friends", layers=(0, 15), num_layers=30),
+    "paused": TrayState(sharing=Sharing.PAUSED, joined_group="Friends", paused_until=float("inf")),
+    "problem": TrayState(sharing=Sharing.PROBLEM, joined_group="Friends", problem="cannot reach the master"),
+    "hosting": TrayState(hosting=True, master_ready=True, hosted_group="Friends", api_address="127.0.0.1:1"),
+}
+
+
+@pytest.mark.parametrize("name", list(STATES))
+def test_the_qt_menu_is_the_state_menu(qtbot, name):
+    state = STATES[name]
+    view = TrayView(lambda: state)
+    view.rebuild()
+    items = menu(state, time.time())
+    from app.desktop.state import action_texts
+
+    assert texts(view.menu) == action_texts(items)
+    share = find(view.menu, Act.SHARE)
+    assert share.isCheckable() and share.isChecked() == (state.sharing in (Sharing.SHARING, Sharing.PROBLEM))
+    assert share.isEnabled() == (state.joined_group is not None)
+    assert not view.tray.icon().isNull()
+    assert view.tray.toolTip().startswith("MoLink\n")
+
+
+def test_menu_actions_emit_their_command_and_the_menu_is_rebuilt_on_open(qtbot):
+    current = {"s": STATES["joined"]}
+    view = TrayView(lambda: current["s"])
+    got = []
+    view.triggered.connect(got.append)
+    find(view.menu, Act.SHARE).trigger()
+    find(view.menu, Act.PAUSE_HOUR).trigger()  # disabled actions do not fire
+    find(view.menu, Act.JOIN_GROUP).trigger()
+    assert got == [Act.SHARE, Act.JOIN_GROUP]
+    current["s"] = STATES["sharing"]
+    view.menu.aboutToShow.emit()
+    assert find(view.menu, Act.SHARE).isChecked()
+    assert texts(view.menu)[0].startswith("Sharing layers 0–14 of 30")
+
+
+def test_window_mode_has_the_same_controls(qtbot):
+    current = {"s": STATES["joined"]}
+    w = MainWindow(lambda: current["s"], "no tray here")
+    qtbot.addWidget(w)
+    got = []
+    w.triggered.connect(got.append)
+    assert w.share.isEnabled() and not w.share.isChecked()
+    w.share.click()
+    w.button(Act.JOIN_GROUP).click()
+    assert not w.button(Act.FINISH).isEnabled()
+    assert got == [Act.SHARE, Act.JOIN_GROUP]
+    current["s"] = STATES["sharing"]
+    w.refresh()
+    assert w.share.isChecked() and w.button(Act.FINISH).isEnabled()
+    assert "Sharing layers 0–14 of 30" in w.status.text()
+    current["s"] = STATES["problem"]
+    w.refresh()
+    assert "Problem: cannot reach the master" in w.status.text()
+    got.clear()
+    w.close()  # closing the window quits (there is no tray to keep the app)
+    assert got == [Act.QUIT]
+
+
+def test_fill_menu_builds_submenus(qtbot):
+    m = QMenu()
+    fill_menu(m, menu(STATES["sharing"], time.time()), lambda act: None)
+    assert "Pause sharing ▸ Until I resume" in texts(m)
+
+
+def test_desktop_routes_commands_without_a_group(qtbot, tmp_path):
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test GPU", probe_load=lambda pids: None)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True)
+    qtbot.addWidget(d.window)
+    d.handle(Act.SHARE)  # not in a group: nothing starts, the reason is kept
+    assert c.sharing is Sharing.OFF and c.worker is None and c.problem == "join or create a group first"
+    dlg = d.open_join(None)
+    qtbot.addWidget(dlg)
+    assert dlg.isVisible()
+    dlg.code.setText("12-34")
+    dlg.join()
+    assert "pairing code" in dlg.error.text().lower() and dlg.join_button.isEnabled()
+
+
+def test_the_tray_process_imports_no_torch():
+    code = (
+        "import sys, app.desktop.main, app.desktop.controller, app.desktop.dialogs, app.desktop.tray, "
+        "app.desktop.selftest, app.desktop.supervisor\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"QT_QPA_PLATFORM": "offscreen", "PATH": ""})
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_link_from_a_second_launch_opens_the_join_dialog_filled_in(qtbot, tmp_path):
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True)
+    qtbot.addWidget(d.window)
+    d.on_message("open molink://join?code=4782031956&master=192.168.1.20:7733&group=Friends")
+    dlg = d.dialogs["join"]
+    qtbot.addWidget(dlg)
+    assert dlg.isVisible() and dlg.code.text() == "47-8203-1956" and dlg.address.text() == "192.168.1.20:7733"
+    notes = []
+    d.window.notify = lambda title, msg: notes.append((title, msg))
+    d.on_message("open https://example.org/")
+    assert notes and notes[0][0] == "MoLink cannot open that link"
+
+
+def test_a_problem_shows_the_last_log_lines_in_the_menu(qtbot):
+    s = TrayState(sharing=Sharing.PROBLEM, joined_group="g", problem="the worker stopped", last_log=("line one", "CUDA out of memory"))
+    view = TrayView(lambda: s)
+    view.rebuild()
+    assert "Why? (last log lines) ▸ CUDA out of memory" in texts(view.menu)

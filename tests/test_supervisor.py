@@ -1,0 +1,98 @@
+"""The tray's child supervisor with small fake children: events, control channel, hard stop, crash restarts."""
+
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from app.desktop import supervisor as sup
+from app.desktop.supervisor import ChildState, Supervisor
+
+# a child that speaks the control protocol: prints events, obeys {"cmd": "stop"} and EOF
+OBEDIENT = textwrap.dedent(
+    """
+    import json, sys
+    print("@molink " + json.dumps({"event": "connected", "master": "x"}), flush=True)
+    print("a log line on stdout", flush=True)
+    print("a log line on stderr", file=sys.stderr, flush=True)
+    print("@molink not json", flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line).get("cmd")
+        print("@molink " + json.dumps({"event": "got", "cmd": cmd}), flush=True)
+        if cmd == "stop":
+            print("@molink " + json.dumps({"event": "left"}), flush=True)
+            sys.exit(0)
+    sys.exit(0)  # EOF: the parent is gone or asked us to stop
+    """
+)
+STUBBORN = "import time\nprint('ignoring everything', flush=True)\nwhile True: time.sleep(1)\n"
+CRASHER = "import sys\nprint('boom: the last words', file=sys.stderr, flush=True)\nsys.exit(3)\n"
+
+
+def child(tmp_path, code, name="c", restart=False):
+    return Supervisor(name, [sys.executable, "-c", code], tmp_path / f"{name}.log", restart=restart)
+
+
+def test_events_logs_and_graceful_stop(qtbot, tmp_path):
+    s = child(tmp_path, OBEDIENT)
+    events = []
+    s.event.connect(events.append)
+    with qtbot.waitSignal(s.event, timeout=10000):
+        s.start()
+    assert events[0] == {"event": "connected", "master": "x"}
+    qtbot.waitUntil(lambda: len(s.last_lines()) >= 3, timeout=10000)
+    assert set(s.last_lines()) == {"a log line on stdout", "a log line on stderr", "@molink not json"}
+    assert s.send("ping")
+    qtbot.waitUntil(lambda: {"event": "got", "cmd": "ping"} in events, timeout=10000)
+    with qtbot.waitSignal(s.stopped, timeout=10000) as stopped:
+        s.stop("stop", grace=10)
+    assert stopped.args == [0]
+    assert {"event": "left"} in events and s.state is ChildState.IDLE
+    log = (tmp_path / "c.log").read_text()
+    assert "a log line on stderr" in log
+    assert not [line for line in log.splitlines() if line[20:].startswith("@molink {")]  # events never reach the log
+
+
+def test_eof_alone_stops_an_obedient_child(qtbot, tmp_path):
+    s = child(tmp_path, OBEDIENT)
+    with qtbot.waitSignal(s.event, timeout=10000):
+        s.start()
+    with qtbot.waitSignal(s.stopped, timeout=10000) as stopped:
+        s.stop("unknown-command", grace=10)  # not "stop": only the closed stdin can end it ...
+        s._proc.closeWriteChannel()  # ... as when the tray itself dies
+    assert stopped.args == [0]
+
+
+def test_a_child_that_ignores_the_channel_is_ended_after_the_grace(qtbot, tmp_path):
+    s = child(tmp_path, STUBBORN)
+    s.start()
+    qtbot.waitUntil(lambda: s.last_lines() == ["ignoring everything"], timeout=10000)
+    with qtbot.waitSignal(s.stopped, timeout=10000):
+        s.stop("stop", grace=0.5)
+    assert "did not stop in time" in (tmp_path / "c.log").read_text()
+
+
+def test_a_crash_is_reported_with_its_last_lines_and_restarted_with_backoff(qtbot, tmp_path, monkeypatch):
+    monkeypatch.setattr(sup, "BACKOFF_FIRST", 0.2)
+    s = child(tmp_path, CRASHER, restart=True)
+    crashes = []
+    s.crashed.connect(lambda code, lines: crashes.append((code, lines)))
+    s.start()
+    qtbot.waitUntil(lambda: len(crashes) >= 2, timeout=15000)  # restarted after the first crash
+    assert crashes[0] == (3, ["boom: the last words"])
+    assert s._backoff >= 0.8  # doubled on each crash
+    with qtbot.waitSignal(s.stopped, timeout=10000):
+        s.stop()  # stopping while a restart is pending cancels it
+    assert s.state is ChildState.IDLE
+    n = len(crashes)
+    qtbot.wait(600)
+    assert len(crashes) == n
+
+
+def test_a_program_that_cannot_start_is_a_crash(qtbot, tmp_path):
+    s = Supervisor("missing", [str(tmp_path / "no-such-program")], tmp_path / "m.log", restart=False)
+    with qtbot.waitSignal(s.crashed, timeout=10000):
+        s.start()
+    assert "cannot start" in (tmp_path / "m.log").read_text()

@@ -1,0 +1,110 @@
+"""The tray's state machine and menu, as data (no Qt)."""
+
+import math
+
+import pytest
+
+from app.desktop.state import (
+    Act,
+    Action,
+    BadTransition,
+    IconKind,
+    Sharing,
+    Submenu,
+    TrayState,
+    action_texts,
+    icon_kind,
+    menu,
+    move,
+    status_line,
+)
+
+NOW = 1_800_000_000.0
+
+
+def actions(items):
+    out = {}
+    for it in items:
+        if isinstance(it, Action):
+            out.setdefault(it.act, it)
+        elif isinstance(it, Submenu):
+            for sub in it.items:
+                out[sub.act] = Action(sub.act, sub.text, sub.enabled and it.enabled, sub.checked)
+    return out
+
+
+def test_transitions_follow_the_table():
+    assert move(Sharing.OFF, Sharing.STARTING) is Sharing.STARTING
+    assert move(Sharing.SHARING, Sharing.STOPPING) is Sharing.STOPPING
+    assert move(Sharing.STOPPING, Sharing.PAUSED) is Sharing.PAUSED
+    assert move(Sharing.PAUSED, Sharing.STARTING) is Sharing.STARTING
+    for bad in [(Sharing.OFF, Sharing.SHARING), (Sharing.OFF, Sharing.PAUSED), (Sharing.PAUSED, Sharing.SHARING), (Sharing.STOPPING, Sharing.SHARING)]:
+        with pytest.raises(BadTransition):
+            move(*bad)
+
+
+def test_menu_when_not_in_a_group():
+    items = menu(TrayState(gpu="CPU"), NOW)
+    a = actions(items)
+    assert not a[Act.SHARE].enabled and a[Act.SHARE].checked is False
+    assert "join or create a group first" in a[Act.SHARE].text
+    assert not a[Act.PAUSE_HOUR].enabled and not a[Act.FINISH].enabled
+    assert a[Act.CREATE_GROUP].enabled and a[Act.JOIN_GROUP].enabled
+    assert not a[Act.OPEN_DASHBOARD].enabled and not a[Act.COPY_API].enabled
+    assert Act.SHOW_CODE not in a and Act.STOP_GROUP not in a
+    assert a[Act.QUIT].enabled and a[Act.SETTINGS].enabled and a[Act.OPEN_LOGS].enabled and a[Act.OPEN_CHAT].enabled
+    assert items[0].text == "Not sharing"
+
+
+def test_menu_while_sharing():
+    s = TrayState(sharing=Sharing.SHARING, joined_group="Friends", layers=(12, 24), num_layers=30, tokens_per_s=8.25)
+    a = actions(menu(s, NOW))
+    assert a[Act.SHARE].enabled and a[Act.SHARE].checked is True
+    assert a[Act.PAUSE_HOUR].enabled and a[Act.PAUSE_UNTIL_RESUMED].enabled and a[Act.FINISH].enabled
+    assert Act.RESUME not in a
+    line = status_line(s, NOW)
+    assert line == "Sharing layers 12–23 of 30 · group “Friends” · 8.2 tokens/s"
+    assert icon_kind(s) is IconKind.SHARING
+
+
+def test_menu_while_leaving_has_the_toggle_locked():
+    for st in (Sharing.STOPPING, Sharing.FINISHING):
+        a = actions(menu(TrayState(sharing=st, joined_group="g"), NOW))
+        assert not a[Act.SHARE].enabled and a[Act.SHARE].checked is True
+        assert not a[Act.FINISH].enabled
+
+
+def test_menu_when_paused_offers_resume():
+    s = TrayState(sharing=Sharing.PAUSED, joined_group="g", paused_until=math.inf)
+    a = actions(menu(s, NOW))
+    assert a[Act.RESUME].enabled and Act.PAUSE_HOUR not in a
+    assert a[Act.SHARE].checked is False
+    assert status_line(s, NOW).startswith("Paused until you resume")
+    assert icon_kind(s) is IconKind.PAUSED
+    timed = TrayState(sharing=Sharing.PAUSED, joined_group="g", paused_until=NOW + 3600)
+    assert "Paused until " in status_line(timed, NOW) and "resume" not in status_line(timed, NOW)
+
+
+def test_menu_when_hosting():
+    s = TrayState(hosting=True, hosted_group="Friends", master_ready=True, group_serving=True, members_online=2, members_total=3, api_address="127.0.0.1:8000")
+    a = actions(menu(s, NOW))
+    assert a[Act.OPEN_DASHBOARD].enabled and a[Act.COPY_API].enabled and a[Act.SHOW_CODE].enabled and a[Act.STOP_GROUP].enabled
+    assert Act.CREATE_GROUP not in a
+    assert "2 of 3 online" in status_line(s, NOW)
+    assert icon_kind(s) is IconKind.SHARING
+    starting = actions(menu(TrayState(hosting=True), NOW))
+    assert not starting[Act.SHOW_CODE].enabled and not starting[Act.OPEN_DASHBOARD].enabled
+
+
+def test_problem_state_shows_why_and_keeps_the_toggle_on():
+    s = TrayState(sharing=Sharing.PROBLEM, joined_group="g", problem="cannot reach the master")
+    a = actions(menu(s, NOW))
+    assert a[Act.SHARE].checked is True and a[Act.SHARE].enabled
+    assert status_line(s, NOW).startswith("Problem: cannot reach the master")
+    assert icon_kind(s) is IconKind.PROBLEM
+
+
+def test_action_texts_flatten_submenus():
+    texts = action_texts(menu(TrayState(joined_group="g"), NOW))
+    assert "Pause sharing ▸ For 1 hour" in texts and "Pause sharing ▸ Until I resume" in texts
+    assert texts[-1] == "Quit MoLink"
