@@ -192,3 +192,22 @@ def test_sharing_off_mid_answer_with_a_spare_keeps_the_answer_identical(qtbot, d
         except subprocess.TimeoutExpired:
             spare.kill()
             spare.wait()
+
+
+def test_create_on_a_port_in_use_is_one_sentence(qtbot, desk, ckpt):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        dlg = desk.open_create()
+        qtbot.addWidget(dlg)
+        dlg.use_local.setChecked(True)
+        dlg.local_path.setText(str(ckpt))
+        dlg.port.setValue(busy.getsockname()[1])
+        with qtbot.waitSignal(desk.c.master_failed, timeout=WAIT):
+            dlg.create()
+    text = dlg.error.text()
+    assert text.startswith("Cannot start the group: ") and "in use" in text.lower() and "Traceback" not in text
+    assert "\n" not in text and dlg.create_button.isEnabled()
+    assert not desk.c.snapshot().hosting

@@ -154,3 +154,26 @@ def test_a_problem_shows_the_last_log_lines_in_the_menu(qtbot):
     view = TrayView(lambda: s)
     view.rebuild()
     assert "Why? (last log lines) ▸ CUDA out of memory" in texts(view.menu)
+
+
+def test_quit_from_a_second_launch_ends_the_app_even_with_the_window_open(tmp_path):
+    # Qt 6's quit() asks windows to close first, and window mode turns a close into "quit?":
+    # the app must still end (the installer's uninstaller asks the running app to quit this way)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from PySide6.QtWidgets import QApplication\n"
+        "from PySide6.QtCore import QTimer\n"
+        "from app.desktop.controller import Controller\n"
+        "from app.desktop.main import Desktop\n"
+        "from app.desktop.settings import Paths, Settings\n"
+        "app = QApplication([])\n"
+        f"c = Controller(Paths.under(Path({str(tmp_path)!r})), Settings(), gpu='x', probe_load=lambda p: None)\n"
+        "d = Desktop(c, use_tray=False)\n"
+        "d.show()\n"
+        "QTimer.singleShot(300, lambda: d.on_message('quit'))\n"
+        "QTimer.singleShot(20000, lambda: sys.exit(3))\n"
+        "sys.exit(app.exec())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"QT_QPA_PLATFORM": "offscreen", "PATH": ""})
+    assert r.returncode == 0, r.stderr

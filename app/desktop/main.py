@@ -223,7 +223,11 @@ class Desktop(QObject):
     def _quit_now(self) -> None:
         if self.tray is not None:
             self.tray.hide()
-        QApplication.quit()
+        if self.window is not None:
+            self.window.hide()
+        # exit(), not quit(): Qt 6's quit() first asks every window to close, and the main
+        # window answers a close by asking to quit (window mode), which would cancel it
+        QApplication.exit(0)
 
 
 def _ask(question: str) -> bool:
