@@ -700,3 +700,36 @@ def test_windows_command_line_quoting():
     for bad in ([], [""], ['C:\\a"b.exe'], [r"C:\m.exe", "a\nb"]):
         with pytest.raises(ValueError):
             winauto.command_line(bad)
+
+
+def test_windows_job_object_with_a_fake_kernel32():
+    from app.desktop._windows_job import JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, ChildJob
+
+    class K32:
+        def __init__(self, assign_ok=True):
+            self.calls, self.assign_ok, self.flags = [], assign_ok, None
+
+        def CreateJobObjectW(self, a, b):
+            return 77
+
+        def SetInformationJobObject(self, handle, cls, info, size):
+            self.flags = info._obj.BasicLimitInformation.LimitFlags
+            return 1
+
+        def OpenProcess(self, access, inherit, pid):
+            self.calls.append(("open", pid))
+            return 5 if pid > 0 else 0
+
+        def AssignProcessToJobObject(self, job, process):
+            self.calls.append(("assign", job, process))
+            return self.assign_ok
+
+        def CloseHandle(self, h):
+            self.calls.append(("close", h))
+
+    k = K32()
+    job = ChildJob(k)
+    assert k.flags == JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+    assert job.add(1234) and k.calls == [("open", 1234), ("assign", 77, 5), ("close", 5)]
+    assert not job.add(0)  # a process that cannot be opened: False, no exception
+    assert not ChildJob(K32(assign_ok=False)).add(1)

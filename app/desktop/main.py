@@ -30,6 +30,7 @@ from .tray import MainWindow, TrayView
 log = logging.getLogger("molink.app")
 
 QUIT_DEADLINE_MS = int((STOP_GRACE + 10) * 1000)  # quit even if a child ignores its stop
+TRAY_RECHECK_MS = 5000  # window mode looks for a tray once more after this
 NO_TRAY_NOTE = (
     "Your desktop shows no tray icons, so MoLink runs in this window. On GNOME, the AppIndicator "
     "extension adds a tray; closing this window quits MoLink."
@@ -61,12 +62,23 @@ class Desktop(QObject):
         else:
             self.window = MainWindow(controller.snapshot, NO_TRAY_NOTE)
             self.window.triggered.connect(self.handle)
+            if use_tray is None:  # the tray host may start after us (a login session): look again
+                QTimer.singleShot(TRAY_RECHECK_MS, self._late_tray)
         controller.changed.connect(self._refresh)
         controller.notify.connect(self._notify)
         controller.quit_ready.connect(self._quit_now)
         self.dialogs: dict[str, QObject] = {}
         self.chat = None  # ChatWindow, made on first use
         self._quitting = False
+
+    def _late_tray(self) -> None:
+        if self.tray is not None or not QSystemTrayIcon.isSystemTrayAvailable():
+            return
+        self.tray = TrayView(self.c.snapshot, self)
+        self.tray.triggered.connect(self.handle)
+        self.tray.show()
+        if self.window is not None:
+            self.window.has_tray = True  # closing the window now only hides it
 
     def show(self, background: bool = False) -> None:
         if self.tray is not None:

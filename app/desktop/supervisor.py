@@ -17,6 +17,8 @@ see :mod:`worker_core.control` for the protocol) with :class:`QProcess`:
   ``restart=True``, the child is started again after a backoff doubling from
   ``BACKOFF_FIRST`` to ``BACKOFF_MAX`` seconds (reset after ``STABLE_AFTER`` seconds of running).
 * ``stopped(code)`` is emitted when a child that was asked to stop has exited.
+* On Windows each child is put in a kill-on-close Job Object (:mod:`._windows_job`), so it
+  cannot outlive a tray that crashed; elsewhere the closed stdin of a dead parent stops it.
 
 Qt objects only; everything happens on the Qt event loop, nothing blocks.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import deque
 from enum import Enum
@@ -42,6 +45,21 @@ BACKOFF_MAX = 60.0  # seconds; the longest wait between restarts
 STABLE_AFTER = 60.0  # seconds of running that reset the backoff
 LAST_LINES = 200  # log lines kept for the error view
 LOG_ROTATE_BYTES = 5 * 1024 * 1024  # a log file above this is moved to NAME.1 at start
+
+
+_job: object | None = None  # the Windows job object of this process's children, made on first use
+
+
+def _add_to_job(pid: int) -> None:
+    global _job
+    if sys.platform != "win32":
+        return
+    if _job is None:
+        from ._windows_job import child_job
+
+        _job = child_job() or False
+    if _job:
+        _job.add(pid)  # type: ignore[union-attr]
 
 
 class ChildState(Enum):
@@ -133,6 +151,7 @@ class Supervisor(QObject):
             proc.setCreateProcessArgumentsModifier(modifier)  # type: ignore[attr-defined]
         proc.readyReadStandardOutput.connect(lambda: self._read(QProcess.ProcessChannel.StandardOutput))
         proc.readyReadStandardError.connect(lambda: self._read(QProcess.ProcessChannel.StandardError))
+        proc.started.connect(lambda: _add_to_job(int(proc.processId())))
         proc.finished.connect(self._finished)
         proc.errorOccurred.connect(self._error)
         self._proc = proc

@@ -94,6 +94,7 @@ class MainWindow(QWidget):
         super().__init__()
         self.setWindowTitle("MoLink")
         self.snapshot = snapshot
+        self.has_tray = False  # a tray appeared later: closing hides instead of quitting
         self.setWindowIcon(icons.app_icon())
         self.status = QLabel()
         self.status.setWordWrap(True)
@@ -168,5 +169,7 @@ class MainWindow(QWidget):
         self.status.setText(f"{title}: {message}\n\n{self.status.text()}")
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        if self.has_tray:
+            return  # accepted: hidden, the tray stays
         event.ignore()
         self.triggered.emit(Act.QUIT)
