@@ -177,3 +177,17 @@ def test_quit_from_a_second_launch_ends_the_app_even_with_the_window_open(tmp_pa
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"QT_QPA_PLATFORM": "offscreen", "PATH": ""})
     assert r.returncode == 0, r.stderr
+
+
+def test_first_run_welcome_leads_to_join_or_create_and_is_shown_once(qtbot, tmp_path):
+    from app.desktop.settings import load
+
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True)
+    qtbot.addWidget(d.window)
+    w = d.welcome()
+    qtbot.addWidget(w)
+    assert load(c.paths).first_run_done
+    w.create_button.click()
+    assert d.dialogs["create"].isVisible() and not w.isVisible()
+    qtbot.addWidget(d.dialogs["create"])

@@ -530,3 +530,30 @@ class SettingsDialog(QDialog):
         self.c.changed.emit()
         self.accept()
 
+
+
+class WelcomeDialog(QDialog):
+    """First run: what MoLink does, and the two ways in (join or create); nothing starts by itself."""
+
+    chosen = Signal(str)  # "join" | "create" | "later"
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Welcome to MoLink")
+        lay = QVBoxLayout(self)
+        lay.addWidget(
+            _note(
+                "MoLink lets a group of friends pool their PCs to run a large language model none of them could run "
+                "alone. Each PC serves a part of the model; one PC runs the group.\n\n"
+                "Nothing is shared until you say so: MoLink lives in the tray (by the clock), and its menu has "
+                "“Share my GPU”, pause and stop. Start at login is off unless you turn it on in Settings."
+            )
+        )
+        row = QHBoxLayout()
+        self.join_button = QPushButton("Join a friend's group…")
+        self.create_button = QPushButton("Create a group on this PC…")
+        self.later_button = QPushButton("Later")
+        for b, what in ((self.join_button, "join"), (self.create_button, "create"), (self.later_button, "later")):
+            b.clicked.connect(lambda _=False, what=what: (self.chosen.emit(what), self.accept()))
+            row.addWidget(b)
+        lay.addLayout(row)

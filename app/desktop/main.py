@@ -158,6 +158,20 @@ class Desktop(QObject):
         d.activateWindow()  # type: ignore[attr-defined]
         return d
 
+    def welcome(self):  # noqa: ANN201
+        """The first-run dialog; remembered as done whatever the user picks."""
+        from .dialogs import WelcomeDialog
+        from .settings import save
+
+        d = self._dialog("welcome", WelcomeDialog)
+        d.chosen.connect(lambda what: self.open_join(None) if what == "join" else self.open_create() if what == "create" else None)
+        self.c.settings.first_run_done = True
+        try:
+            save(self.c.paths, self.c.settings)
+        except OSError as e:
+            log.warning("cannot save settings: %s", e)
+        return d
+
     def open_create(self):  # noqa: ANN201
         from .dialogs import CreateGroupDialog
 
@@ -305,9 +319,8 @@ def run_app(app: QApplication, paths: Paths, instance, link: str | None, backgro
         desk.on_message(f"open {link}")
     elif settings.share_on_start and controller.joined() is not None and controller.sharing is Sharing.OFF:
         controller.set_sharing(True)
-    elif controller.joined() is None and not background and not settings.first_run_done:
-        settings.first_run_done = True
-        desk.open_join(None) if desk.window is None else None
+    elif not background and not settings.first_run_done:
+        desk.welcome()
     if secrets.warning:
         desk._notify("MoLink", secrets.warning)
     return app.exec()
