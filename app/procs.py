@@ -5,16 +5,21 @@ from a source checkout or an installed package, this interpreter with ``-m app.c
 frozen app (PyInstaller sets ``sys.frozen``), the engine runtime's interpreter named by
 :func:`engine_python` (see :mod:`app.runtime` when it exists), never ``sys.executable``, which
 is then the frozen app itself.  ``no_window_flags()`` is the ``creationflags`` that keep a
-console window from flashing on Windows (0 elsewhere).
+console window from flashing on Windows (0 elsewhere).  ``start_local_workers`` and
+``stop_processes`` start and stop the local worker processes of the demo and the benchmark
+(stopped ones get ``STOP_GRACE`` seconds, then are killed).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 CREATE_NO_WINDOW = 0x08000000  # Windows process creation flag
+STOP_GRACE = 10.0  # seconds stopped processes get before they are killed
 
 
 def engine_python() -> str:
@@ -44,3 +49,33 @@ def engine_env() -> dict[str, str]:
 
 def no_window_flags() -> int:
     return CREATE_NO_WINDOW if sys.platform == "win32" else 0
+
+
+def start_local_workers(address: str, names: list[str], *extra: str) -> list[subprocess.Popen]:
+    """Worker processes on this machine's CPU dialling the plain loopback master at ``address``
+    (demo, benchmark), output discarded; ``extra`` are more ``molink worker`` arguments."""
+    return [
+        subprocess.Popen(
+            engine_command("worker", "--master", address, "--device", "cpu", "--name", name, *extra),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=engine_env(),
+            creationflags=no_window_flags(),
+        )
+        for name in names
+    ]
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE) -> None:
+    """Terminate ``procs``, wait up to ``grace`` seconds in all, kill what is left (blocking)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -29,9 +29,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
-from .procs import engine_command, engine_env, no_window_flags
+from .procs import engine_command, engine_env, no_window_flags, stop_processes
 
 QUESTION = "What is the capital of France?"
 WORKERS = 2
@@ -63,7 +63,9 @@ def versions() -> dict[str, str]:
     return {
         "molink": molink,
         "python": f"{platform.python_version()} ({sys.executable})",
-        "torch": f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else f"{torch.__version__} (CPU build)",
+        "torch": f"{torch.__version__} (CUDA {torch.version.cuda})"
+        if torch.version.cuda
+        else f"{torch.__version__} (CPU build)",
         "transformers": transformers.__version__,
         "os": f"{platform.system()} {platform.release()} {platform.machine()}",
     }
@@ -72,21 +74,14 @@ def versions() -> dict[str, str]:
 def _start_worker(address: str, device: str, name: str, log_file: Path) -> subprocess.Popen:
     cmd = engine_command("worker", "--master", address, "--device", device, "--name", name)
     with open(log_file, "wb") as log:  # the child keeps its own handle
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=engine_env(), creationflags=no_window_flags())
-
-
-def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=grace)
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=engine_env(),
+            creationflags=no_window_flags(),
+        )
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -130,10 +125,12 @@ def reference_tokens(folder: Path, prompt: list[int], tokens: int, device: str) 
             eos_token_id=None,
             pad_token_id=0,
         )
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
-async def _pipeline_tokens(folder: Path, prompt: list[int], opts: SelftestOptions, logs: Path, say) -> list[int]:  # noqa: ANN001
+async def _pipeline_tokens(
+    folder: Path, prompt: list[int], opts: SelftestOptions, logs: Path, say: Callable[[str], None]
+) -> list[int]:
     from master_core.config import MasterConfig
     from master_core.request import SamplingParams
     from master_core.server import Master
@@ -147,23 +144,26 @@ async def _pipeline_tokens(folder: Path, prompt: list[int], opts: SelftestOption
             procs.append(_start_worker(master.address, opts.device, f"selftest-{i + 1}", log_file))
         say(f"started {WORKERS} worker processes; waiting for the group (at most {opts.startup_timeout:.0f} s)")
         deadline = time.monotonic() + opts.startup_timeout
-        while not (master.group.serving.is_set() and len(master.group.stages) == WORKERS):
+        while not (master.group.serving and len(master.group.stages) == WORKERS):
             for p, log_file in zip(procs, log_files):
                 if p.poll() is not None:
                     raise SelftestFailed(f"a worker process exited with code {p.returncode}:\n{_tail(log_file)}")
             if time.monotonic() > deadline:
-                raise SelftestFailed(f"the group did not serve on {WORKERS} workers within {opts.startup_timeout:.0f} s "
-                                     f"({master.group.problem}):\n{_tail(log_files[0])}")
+                raise SelftestFailed(
+                    f"the group did not serve on {WORKERS} workers within {opts.startup_timeout:.0f} s "
+                    f"({master.group.problem}):\n{_tail(log_files[0])}"
+                )
             await asyncio.sleep(0.2)
         for i, link in enumerate(master.group.stages):
             a = link.assignment
-            say(f"stage {i}: {link.name} ({link.hello.device}) layers [{a.layer_start}, {a.layer_end})")  # type: ignore[union-attr]
+            where = f"layers [{a.layer_start}, {a.layer_end})"  # type: ignore[union-attr]
+            say(f"stage {i}: {link.name} ({link.hello.device}) {where}")
         params = SamplingParams(max_tokens=opts.tokens, temperature=0.0, ignore_eos=True)
         ids, _text, _reason = await asyncio.wait_for(master.engine.generate(prompt, params), opts.generate_timeout)
         return list(ids)
     finally:
         await master.stop()
-        await asyncio.to_thread(_stop, procs)
+        await asyncio.to_thread(stop_processes, procs)
 
 
 def run_selftest(opts: SelftestOptions, out: TextIO | None = None) -> int:

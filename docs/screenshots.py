@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from PySide6.QtCore import QPoint, QTimer
@@ -49,7 +48,12 @@ def main() -> int:
 
     def step() -> None:
         s = c.snapshot()
-        if state["phase"] == "create" and s.sharing is Sharing.SHARING and s.group_serving and create.code_panel.code.text() != "…":
+        if (
+            state["phase"] == "create"
+            and s.sharing is Sharing.SHARING
+            and s.group_serving
+            and create.code_panel.code.text() != "…"
+        ):
             state["phase"] = "shots"
             create.resize(560, 480)
             shot(create, "pairing-code")

@@ -18,30 +18,26 @@ import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal, Union
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .engine import Engine, RequestRejected
+from .errors import ApiError
 from .request import FinishEvent, Request, SamplingParams, TokenEvent
 
 log = logging.getLogger("molink.api")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return web.json_response(body, status=self.status)
-
-
 # --------------------------------------------------------------------------- bodies
 
-StopField = Union[None, Annotated[str, Field(max_length=256)], Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)]]
+StopField = (
+    None
+    | Annotated[str, Field(max_length=256)]
+    | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)]
+)
 
 
 class _Common(BaseModel):
@@ -63,7 +59,7 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    prompt: Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]]
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: Literal[False] = False
 
@@ -80,6 +76,9 @@ class ChatBody(_Common):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+Body = TypeVar("Body", bound=_Common)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -108,7 +107,8 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         g = self.engine.group
         body = {
-            "status": "ok" if g.serving.is_set() else "unavailable",
+            "status": "ok" if g.serving else "unavailable",
+            "state": g.state.value,
             "problem": g.problem,
             "model": self.model_id,
             "epoch": g.epoch,
@@ -117,13 +117,17 @@ class Api:
             "queued": len(self.engine.waiting),
             "tokens_generated": self.engine.tokens_generated,
         }
-        return web.json_response(body, status=200 if g.serving.is_set() else 503)
+        return web.json_response(body, status=200 if g.serving else 503)
 
-    async def _parse(self, request: web.Request, cls: type[BaseModel]) -> Any:
+    async def _parse(self, request: web.Request, cls: type[Body]) -> Body:
         try:
             raw = await asyncio.wait_for(request.read(), self.engine.config.body_timeout)
         except asyncio.TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {self.engine.config.body_timeout:.0f} s", code="request_timeout") from None
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {self.engine.config.body_timeout:.0f} s",
+                code="request_timeout",
+            ) from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -139,7 +143,12 @@ class Api:
             param = ".".join(str(p) for p in err["loc"]) or None
             raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
         if body.model != self.model_id:
-            raise ApiError(404, f"model {body.model!r} does not exist; this group serves {self.model_id!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {body.model!r} does not exist; this group serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
     def _params(self, body: _Common, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -175,16 +184,18 @@ class Api:
 
     def _submit(self, prompt: list[int], params: SamplingParams) -> Request:
         g = self.engine.group
-        if not g.serving.is_set() and (len(g.live_links()) < self.engine.config.min_workers or not g.problem or "loading" not in g.problem):
+        if not g.serving and (len(g.live_links()) < self.engine.config.min_workers or not g.state.building):
             # no pipeline and none being built (a re-plan in progress queues the request instead)
             raise ApiError(503, f"the group cannot serve now: {g.problem or 'no pipeline'}", "service_unavailable")
-        vocab = self.engine.group.model_config.vocab_size  # type: ignore[attr-defined]
+        vocab = g.dims.vocab_size
         if any(t >= vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
         try:
             return self.engine.submit(prompt, params)
         except RequestRejected as e:
-            raise ApiError(e.status, str(e), "invalid_request_error" if e.status < 429 else "rate_limit_error", code=e.code) from None
+            raise ApiError(
+                e.status, str(e), "invalid_request_error" if e.status < 429 else "rate_limit_error", code=e.code
+            ) from None
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: CompletionBody = await self._parse(request, CompletionBody)
@@ -194,7 +205,9 @@ class Api:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatBody = await self._parse(request, ChatBody)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
+        ]
         try:
             text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # template errors (e.g. roles the template refuses)
@@ -212,7 +225,10 @@ class Api:
 
     def _logprob_entry(self, ev: TokenEvent) -> dict:
         tok = self.engine.tokenizer.convert_ids_to_tokens(ev.token_id) if ev.token_id >= 0 else ""
-        top = [{"token": self.engine.tokenizer.convert_ids_to_tokens(i), "logprob": lp} for i, lp in (ev.top_logprobs or [])]
+        top = [
+            {"token": self.engine.tokenizer.convert_ids_to_tokens(i), "logprob": lp}
+            for i, lp in (ev.top_logprobs or [])
+        ]
         return {"token": tok, "logprob": ev.logprob, "top_logprobs": top}
 
     async def _events(self, reqs: list[Request]) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
@@ -236,8 +252,11 @@ class Api:
         finally:
             for t in pumps:
                 t.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
 
-    async def _respond(self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool) -> web.StreamResponse:
+    async def _respond(
+        self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool
+    ) -> web.StreamResponse:
         try:
             if body.stream:
                 return await self._stream(request, reqs, body, rid, chat)
@@ -249,23 +268,32 @@ class Api:
     async def _collect(self, reqs: list[Request], rid: str, chat: bool) -> web.Response:
         texts: list[list[str]] = [[] for _ in reqs]
         lps: list[list[dict]] = [[] for _ in reqs]
-        finish: list[FinishEvent | None] = [None for _ in reqs]
+        reasons: list[str] = ["" for _ in reqs]  # every choice ends with one FinishEvent
+        failed: str | None = None
         async for i, ev in self._events(reqs):
             if isinstance(ev, FinishEvent):
-                finish[i] = ev
+                reasons[i] = ev.reason
+                if ev.reason == "error" and failed is None:
+                    failed = ev.error
                 continue
             texts[i].append(ev.text)
             if ev.logprob is not None and ev.token_id >= 0:
                 lps[i].append(self._logprob_entry(ev))
-        failed = [f for f in finish if f is not None and f.reason == "error"]
-        if failed:
-            raise ApiError(503, f"the request failed in the pipeline: {failed[0].error}", "service_unavailable")
+        if failed is not None or "error" in reasons:
+            raise ApiError(503, f"the request failed in the pipeline: {failed}", "service_unavailable")
         choices = []
         for i, r in enumerate(reqs):
-            text, reason = "".join(texts[i]), finish[i].reason  # type: ignore[union-attr]
+            text, reason = "".join(texts[i]), reasons[i]
             if chat:
                 lp: Any = {"content": lps[i]} if r.params.logprobs is not None else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason})
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": reason,
+                    }
+                )
             else:
                 lp = _legacy_logprobs(lps[i]) if r.params.logprobs is not None else None
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
@@ -280,7 +308,9 @@ class Api:
             }
         )
 
-    async def _stream(self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -288,7 +318,13 @@ class Api:
         include_usage = bool(body.stream_options and body.stream_options.get("include_usage"))
 
         async def send(choice: dict | None, usage: dict | None = None) -> None:
-            payload: dict = {"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [choice] if choice else []}
+            payload: dict = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": self.model_id,
+                "choices": [choice] if choice else [],
+            }
             if include_usage:
                 payload["usage"] = usage
             await resp.write(f"data: {json.dumps(payload)}\n\n".encode())
@@ -296,7 +332,14 @@ class Api:
         try:
             if chat:
                 for i in range(len(reqs)):
-                    await send({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+                    await send(
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    )
             error = None
             async for i, ev in self._events(reqs):
                 if isinstance(ev, FinishEvent):
@@ -311,11 +354,32 @@ class Api:
                     continue
                 lp = self._logprob_entry(ev) if ev.logprob is not None and ev.token_id >= 0 else None
                 if chat:
-                    await send({"index": i, "delta": {"content": ev.text}, "logprobs": {"content": [lp]} if lp else None, "finish_reason": None})
+                    await send(
+                        {
+                            "index": i,
+                            "delta": {"content": ev.text},
+                            "logprobs": {"content": [lp]} if lp else None,
+                            "finish_reason": None,
+                        }
+                    )
                 else:
-                    await send({"index": i, "text": ev.text, "logprobs": _legacy_logprobs([lp]) if lp else None, "finish_reason": None})
+                    await send(
+                        {
+                            "index": i,
+                            "text": ev.text,
+                            "logprobs": _legacy_logprobs([lp]) if lp else None,
+                            "finish_reason": None,
+                        }
+                    )
             if error is not None:
-                err = {"error": {"message": f"the request failed in the pipeline: {error}", "type": "service_unavailable", "param": None, "code": None}}
+                err = {
+                    "error": {
+                        "message": f"the request failed in the pipeline: {error}",
+                        "type": "service_unavailable",
+                        "param": None,
+                        "code": None,
+                    }
+                }
                 await resp.write(f"data: {json.dumps(err)}\n\n".encode())
             elif include_usage:
                 await send(None, self._usage(reqs))

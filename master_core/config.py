@@ -48,12 +48,22 @@ class MasterConfig:
         if self.min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
         if not is_loopback(self.host) and not self.api_key:
-            raise ValueError(f"binding {self.host} exposes the API beyond this machine: give --api-key, or store a key with `molink api-key --new`")
+            raise ValueError(
+                f"binding {self.host} exposes the API beyond this machine: give --api-key, "
+                "or store a key with `molink api-key --new`"
+            )
         from .scheduler import POLICIES
 
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
-        for name in ("max_batch_tokens", "max_running", "max_queued", "max_prompt_tokens", "max_tokens_limit", "max_kv_tokens"):
+        for name in (
+            "max_batch_tokens",
+            "max_running",
+            "max_queued",
+            "max_prompt_tokens",
+            "max_tokens_limit",
+            "max_kv_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
 

@@ -3,7 +3,9 @@
 Contract: ``Dashboard(engine, model_id, assets_dir)`` serves ``/dashboard`` (the page),
 ``/dashboard/static/{name}`` (its script and style; no CDN: machines are often offline) and
 ``/dashboard/api/state`` (members, pipeline, time series, queue, recent errors).  ``start()``
-samples the engine once a second into ten minutes of history.  Access control (Host,
+samples the engine once a second into ten minutes of history; ``await stop()`` ends it.
+Recent errors come from one handler per process on the ``molink`` logger
+(:meth:`RecentErrors.installed`), never one per dashboard.  Access control (Host,
 Origin, token) is :mod:`master_core.security`'s job.  Knows nothing about Qt.
 """
 
@@ -21,6 +23,8 @@ from aiohttp import web
 from .engine import Engine
 
 HISTORY = 600  # samples, one per second
+SAMPLE_SECONDS = 1.0
+_RECENT: RecentErrors | None = None  # see RecentErrors.installed
 
 
 class RecentErrors(logging.Handler):
@@ -30,8 +34,25 @@ class RecentErrors(logging.Handler):
         super().__init__(level=logging.WARNING)
         self.items: deque[dict] = deque(maxlen=size)
 
+    @staticmethod
+    def installed() -> RecentErrors:
+        """The process's one handler on the ``molink`` logger, installed on first use: every
+        dashboard of this process reads it (a logger is process-global; so are its records)."""
+        global _RECENT
+        if _RECENT is None:
+            _RECENT = RecentErrors()
+            logging.getLogger("molink").addHandler(_RECENT)
+        return _RECENT
+
     def emit(self, record: logging.LogRecord) -> None:
-        self.items.append({"at": record.created, "level": record.levelname.lower(), "source": record.name, "message": record.getMessage()[:500]})
+        self.items.append(
+            {
+                "at": record.created,
+                "level": record.levelname.lower(),
+                "source": record.name,
+                "message": record.getMessage()[:500],
+            }
+        )
 
 
 class Dashboard:
@@ -40,8 +61,7 @@ class Dashboard:
         self.model_id = model_id
         self.assets = assets_dir
         self.series: deque[dict] = deque(maxlen=HISTORY)
-        self.errors = RecentErrors()
-        logging.getLogger("molink").addHandler(self.errors)
+        self.errors = RecentErrors.installed()
         self._task: asyncio.Task | None = None
         self._last_tokens = 0
         self._last_at = time.monotonic()
@@ -56,14 +76,14 @@ class Dashboard:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._sample_forever())
 
-    def stop(self) -> None:
-        logging.getLogger("molink").removeHandler(self.errors)
+    async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _sample_forever(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(SAMPLE_SECONDS)
             self.sample()
 
     def sample(self) -> None:
@@ -76,7 +96,9 @@ class Dashboard:
                 "t": time.time(),
                 "tokens_per_s": (e.tokens_generated - self._last_tokens) / dt,
                 "ttft": mean(r["ttft"] for r in fresh) if fresh else None,
-                "tpot": mean(r["tpot"] for r in fresh if r["tokens"] > 1) if any(r["tokens"] > 1 for r in fresh) else None,
+                "tpot": mean(r["tpot"] for r in fresh if r["tokens"] > 1)
+                if any(r["tokens"] > 1 for r in fresh)
+                else None,
                 "running": len(e.running),
                 "queued": len(e.waiting),
             }
@@ -111,13 +133,20 @@ class Dashboard:
                 }
             )
         queue = [
-            {"id": r.id, "state": r.state.value, "prompt_tokens": len(r.prompt), "output_tokens": len(r.output), "max_tokens": r.params.max_tokens}
+            {
+                "id": r.id,
+                "state": r.state.value,
+                "prompt_tokens": len(r.prompt),
+                "output_tokens": len(r.output),
+                "max_tokens": r.params.max_tokens,
+            }
             for r in [*e.running.values(), *e.waiting]
         ]
         return web.json_response(
             {
                 "model": self.model_id,
-                "status": "serving" if g.serving.is_set() else "not serving",
+                "status": "serving" if g.serving else "not serving",
+                "state": g.state.value,
                 "problem": g.problem,
                 "epoch": g.epoch,
                 "members": members,

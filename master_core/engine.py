@@ -5,54 +5,56 @@ Contract
 ``Engine.submit(prompt_ids, params)`` checks limits (raising :class:`RequestRejected` with an
 HTTP-like status) and returns a :class:`~master_core.request.Request` whose ``events`` queue
 yields :class:`TokenEvent`s and one final :class:`FinishEvent`.  ``Engine.cancel`` stops a
-request; its KV cache is freed on every stage as soon as no step of it is in flight.
+request; its KV cache is freed on every stage as soon as no step of it is in flight.  The
+engine owns its ids (requests and steps are numbered per engine, from 1).
 
 ``Engine.run()`` keeps ``slots`` micro-batch lanes busy (one per stage unless configured):
-each lane asks the scheduler (:func:`~master_core.scheduler.plan_microbatch`) for a
-micro-batch of requests not already in flight, relays it stage by stage through the tunnels
-(the master forwards activations from stage i to i+1), samples the last stage's logits, and
-folds the results back.  New requests join at the next step; finished ones leave.  When the
-group changes epoch (a worker left or joined) every running request is replayed from its
-tokens, so clients see no error; a request whose steps keep failing fails alone.  Admission
-reserves ``prompt + max_tokens`` KV tokens per running request, so a stage's budget is never
-exceeded.
+each lane asks the scheduler (:func:`~master_core.scheduler.next_microbatch`, the same call
+the simulator makes) for a micro-batch of requests not already in flight, relays it stage by
+stage through the tunnels (the master forwards activations from stage i to i+1), samples the
+last stage's logits, and folds the results back.  New requests join at the next step;
+finished ones leave.  When the group changes epoch (a worker left or joined) every running
+request is replayed from its tokens, so clients see no error; a request whose steps keep
+failing fails alone.  Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a
+request when every stage's KV budget holds its prompt plus one token for each running
+request; a running request that outgrows the budget preempts the youngest, which is
+recomputed later.  When ``run()`` is cancelled it cancels and awaits its lanes.
+
+Nothing per request outlives it: ``running`` and the text streams drop a request when it
+finishes (``held()`` counts what is held, for tests and diagnostics).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from worker_core.wire import ProtocolError, Segment, Step
+from worker_core.wire import CloseCode, ProtocolError, Segment, Step, itemsize, logits_row_width
 
 from .config import MasterConfig
+from .costs import CostSnapshot
 from .group import Group
-from .link import LinkGone, StepFailed, WorkerLink, next_step_id
+from .link import LinkGone, StepFailed, WorkerLink
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import candidates, sample
-from .costs import CostSnapshot
-from .scheduler import (
-    Candidate,
-    Chunk,
-    KVView,
-    Policy,
-    admit_and_preempt,
-    chunk_tokens,
-    microbatch_count,
-    microbatch_share,
-    plan_microbatch,
-    policy,
-)
+from .scheduler import Candidate, Chunk, KVView, Policy, admit_and_preempt, microbatch_count, next_microbatch, policy
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")
 
 PROFILE_REQUEST_ID = (1 << 62) + 1  # never a real request id
+PROFILE_SIZES = (1, 16, 64, 1, 16, 64)  # tokens of the start-up profile's steps: two fits of three sizes
+LANE_SUPERVISION = 0.2  # seconds between checks that every lane task is alive
+IDLE_LANE_NAP = 0.5  # seconds a lane beyond the current micro-batch count sleeps before looking again
+NOTHING_TO_DO_NAP = 1.0  # seconds a lane with nothing to send waits for a wake-up at most
 
 
 class RequestRejected(Exception):
@@ -63,21 +65,21 @@ class RequestRejected(Exception):
 
 
 class Engine:
-    def __init__(self, config: MasterConfig, group: Group, tokenizer: Any, eos_ids: set[int], context_length: int) -> None:
+    def __init__(self, config: MasterConfig, group: Group, tokenizer: Any, eos_ids: set[int]) -> None:
         self.config = config
         self.group = group
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.context_length = context_length
+        self.context_length = group.dims.max_positions
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.policy: Policy = policy(config.policy, config.max_batch_tokens)
-        self._texts: dict[int, TextStream] = {}
-        self._order: dict[int, int] = {}
+        self._texts: dict[int, TextStream] = {}  # request id -> its detokenizer, until it finishes
+        self._request_ids = itertools.count(1)
+        self._step_ids = itertools.count(1)
         self._admitted = 0
         self._wake = asyncio.Event()
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
-        self._tasks: list[asyncio.Task] = []
         self.clock = time.monotonic
         # counters for /health and the dashboard
         self.tokens_generated = 0
@@ -91,23 +93,39 @@ class Engine:
         """Call ``hook(record)`` for every request that produced tokens and ended."""
         self._finish_hooks.append(hook)
 
+    @property
+    def profiled(self) -> bool:
+        """The current pipeline's start-up profile is done (its costs are measured)."""
+        return self._profiled.is_set()
+
+    def held(self) -> dict[str, int]:
+        """Entries per request the engine holds now: all zero when no request is alive."""
+        return {"running": len(self.running), "waiting": len(self.waiting), "text_streams": len(self._texts)}
+
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
         if not prompt:
             raise RequestRejected(400, "the prompt is empty")
         if len(prompt) > self.config.max_prompt_tokens:
-            raise RequestRejected(400, f"prompt has {len(prompt)} tokens; the limit is {self.config.max_prompt_tokens}", "context_length_exceeded")
+            raise RequestRejected(
+                400,
+                f"prompt has {len(prompt)} tokens; the limit is {self.config.max_prompt_tokens}",
+                "context_length_exceeded",
+            )
         if len(prompt) + params.max_tokens > self.context_length:
             raise RequestRejected(
                 400,
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.context_length}",
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                f"of {self.context_length}",
                 "context_length_exceeded",
             )
-        if self.group.serving.is_set() and len(prompt) + params.max_tokens > self.group.kv_tokens:
-            raise RequestRejected(400, f"prompt + max_tokens exceeds the group's KV capacity of {self.group.kv_tokens} tokens")
+        if self.group.serving and len(prompt) + params.max_tokens > self.group.kv_tokens:
+            raise RequestRejected(
+                400, f"prompt + max_tokens exceeds the group's KV capacity of {self.group.kv_tokens} tokens"
+            )
         if len(self.waiting) >= self.config.max_queued:
             raise RequestRejected(429, "too many queued requests; retry later", "rate_limit_exceeded")
-        req = Request(prompt=list(prompt), params=params)
+        req = Request(next(self._request_ids), prompt=list(prompt), params=params)
         req.arrival = self.clock()
         self._texts[req.id] = TextStream(self.tokenizer, params.stop)
         self.waiting.append(req)
@@ -164,9 +182,9 @@ class Engine:
 
     def _admit(self) -> None:
         """Admission control and preemption (decided by the scheduler, done here)."""
-        if not self.group.serving.is_set():
+        if not self.group.serving:
             return
-        running = [KVView(r.id, len(r.tokens), self._order[r.id], r.in_flight > 0) for r in self.running.values()]
+        running = [KVView(r.id, len(r.tokens), r.order, r.in_flight > 0) for r in self.running.values()]
         waiting = [(r.id, len(r.tokens)) for r in self.waiting]
         admit, preempt = admit_and_preempt(running, waiting, self.group.kv_tokens, self.config.max_running)
         for rid in preempt:
@@ -183,7 +201,7 @@ class Engine:
             self.waiting.remove(req)
             req.move(RequestState.RUNNING)
             self.running[req.id] = req
-            self._order[req.id] = self._admitted
+            req.order = self._admitted
             self._admitted += 1
 
     # ------------------------------------------------------------------ the loop
@@ -195,33 +213,38 @@ class Engine:
     def costs(self) -> CostSnapshot | None:
         """The measured costs of the current pipeline, or None before they are known."""
         stages = self.group.stages
-        fits = [(l.stage_cost.estimate(), l.link_cost.estimate()) for l in stages]
-        if not stages or any(s is None or k is None for s, k in fits):
+        stage_fits = [link.stage_cost.estimate() for link in stages]
+        link_fits = [link.link_cost.estimate() for link in stages]
+        if not stages:
             return None
-        mc = self.group.model_config
-        item = 2 if stages[0].hello.dtype in ("float16", "bfloat16") else 4
+        stage_known = [f for f in stage_fits if f is not None]
+        link_known = [f for f in link_fits if f is not None]
+        if len(stage_known) < len(stages) or len(link_known) < len(stages):
+            return None
+        dims = self.group.dims
         return CostSnapshot(
-            stage_fixed=tuple(s[0] for s, _ in fits),  # type: ignore[index]
-            stage_per_token=tuple(s[1] for s, _ in fits),  # type: ignore[index]
-            link_rtt=tuple(k[0] for _, k in fits),  # type: ignore[index]
-            link_bandwidth=tuple(k[1] for _, k in fits),  # type: ignore[index]
-            hidden_bytes_per_token=int(mc.hidden_size) * item,  # type: ignore[attr-defined]
-            logits_bytes_per_row=4 * (1 + 2 * self.config.logits_topk if 0 < self.config.logits_topk < mc.vocab_size else mc.vocab_size),  # type: ignore[attr-defined]
+            stage_fixed=tuple(fixed for fixed, _ in stage_known),
+            stage_per_token=tuple(per for _, per in stage_known),
+            link_rtt=tuple(rtt for rtt, _ in link_known),
+            link_bandwidth=tuple(bw for _, bw in link_known),
+            hidden_bytes_per_token=dims.hidden_size * itemsize(stages[0].hello.dtype),
+            logits_bytes_per_row=4 * logits_row_width(self.config.logits_topk, dims.vocab_size),  # float32
         )
 
-    @property
-    def slots(self) -> int:
+    def slots(self, costs: CostSnapshot | None) -> int:
+        """Micro-batches to keep in flight now (configured, or the scheduler's choice)."""
         if self.config.microbatches:
             return self.config.microbatches
-        return microbatch_count(self.policy, self.costs(), max(1, len(self.group.stages)), len(self.running))
+        return microbatch_count(self.policy, costs, max(1, len(self.group.stages)), len(self.running))
 
     async def run(self) -> None:
-        """Keep one lane task per micro-batch slot alive until cancelled; profile each new pipeline."""
+        """Keep one lane task per micro-batch slot alive until cancelled; profile each new
+        pipeline.  Cancelled: cancel every lane and wait for them."""
         lanes: dict[int, asyncio.Task] = {}
         profiled = -1
         try:
             while True:
-                if self.group.serving.is_set() and profiled != self.group.epoch:
+                if self.group.serving and profiled != self.group.epoch:
                     profiled = self.group.epoch
                     await self._profile()
                 for i in range(self.policy.max_microbatches):
@@ -230,17 +253,18 @@ class Engine:
                         log.error("lane %d crashed: %r", i, t.exception())
                     if t is None or t.done():
                         lanes[i] = asyncio.create_task(self._lane(i))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(LANE_SUPERVISION)
         finally:
             for t in lanes.values():
                 t.cancel()
+            await asyncio.gather(*lanes.values(), return_exceptions=True)
 
     async def _profile(self) -> None:
         """Start-up profile: a few steps of different sizes give the cost model its first fit."""
         epoch, stages = self.group.epoch, list(self.group.stages)
         rid = PROFILE_REQUEST_ID
         try:
-            for n in (1, 16, 64, 1, 16, 64):
+            for n in PROFILE_SIZES:
                 n = max(1, min(n, self.config.max_batch_tokens, self.group.kv_tokens // 2))
                 chunk = Chunk(rid, 0, n, True)
                 await self._relay(stages, epoch, [chunk], {rid: [1] * n})
@@ -253,22 +277,25 @@ class Engine:
 
     async def _lane(self, index: int) -> None:
         while True:
-            await self.group.serving.wait()
+            await self.group.wait_serving()
             await self._profiled.wait()
-            if index >= self.slots and index > 0:
-                await self._nap(0.5)  # this lane is not needed now
+            costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
+            slots = self.slots(costs)
+            if index >= slots and index > 0:
+                await self._nap(IDLE_LANE_NAP)  # this lane is not needed now
                 continue
             self._admit()
             epoch, stages = self.group.epoch, list(self.group.stages)
-            chunks = self._plan()
+            chunks = self._plan(costs, slots)
             if not chunks or not stages:
-                await self._nap(1.0)
+                await self._nap(NOTHING_TO_DO_NAP)
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length
                 r.in_flight += 1
             failure: Exception | None = None
+            logits = None
             try:
                 tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
                 logits = await self._relay(stages, epoch, chunks, tokens)
@@ -278,8 +305,8 @@ class Engine:
                 for r in reqs:
                     r.in_flight -= 1
             try:
-                if failure is not None:
-                    self._step_failed(epoch, chunks, failure)
+                if failure is not None or logits is None:
+                    self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
                 else:
                     self._apply(epoch, chunks, logits)
             except Exception as e:  # a bug must cost these requests, not the lane or anyone else
@@ -295,39 +322,33 @@ class Engine:
     async def _nap(self, seconds: float) -> None:
         """Sleep until something changes (a step ends, a request arrives) or ``seconds`` pass."""
         self._wake.clear()
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
 
-    def _plan(self) -> list[Chunk]:
-        slots = self.slots
-        candidates = [
-            Candidate(r.id, r.scheduled, len(r.tokens), self._order[r.id], r.in_flight) for r in self.running.values()
-        ]
-        share = microbatch_share(len(self.running), slots)
-        ready_decodes = sum(1 for c in candidates if c.total - c.scheduled == 1 and c.in_flight == 0)
-        decodes = min(share, ready_decodes)
-        prefill = chunk_tokens(self.policy, self.costs(), decodes, slots)
-        return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=self.policy.min_chunk)
+    def _plan(self, costs: CostSnapshot | None, slots: int) -> list[Chunk]:
+        cands = [Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight) for r in self.running.values()]
+        return next_microbatch(self.policy, costs, cands, slots)
 
-    async def _relay(self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], tokens: dict[int, list[int]]) -> torch.Tensor:
+    async def _relay(
+        self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], tokens: dict[int, list[int]]
+    ) -> torch.Tensor:
         segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
         ids: list[int] = []
         for c in chunks:
             ids.extend(tokens[c.request_id])
         x = torch.tensor(ids, dtype=torch.int64)  # [T]
         total = len(ids)
+        dims = self.group.dims
+        row = logits_row_width(self.config.logits_topk, dims.vocab_size)
         for i, link in enumerate(stages):
-            result = await link.call(Step(next_step_id(), epoch, segments, x, self.config.logits_topk))
-            x = result.tensor  # hidden [T, hidden] or logits [n, vocab]
+            result = await link.call(Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk))
+            x = result.tensor  # hidden [T, hidden] or logits [n, row]
             last = i == len(stages) - 1
-            mc = self.group.model_config
-            row = 1 + 2 * self.config.logits_topk if 0 < self.config.logits_topk < mc.vocab_size else mc.vocab_size  # type: ignore[attr-defined]
-            expect = (sum(c.want_logits for c in chunks), row) if last else (total, mc.hidden_size)  # type: ignore[attr-defined]
+            expect = (sum(c.want_logits for c in chunks), row) if last else (total, dims.hidden_size)
             if tuple(x.shape) != expect or not x.is_floating_point():
-                link.close_with(f"returned {list(x.shape)} {x.dtype}, expected {list(expect)}")
-                raise ProtocolError(f"worker {link.name} returned a tensor of shape {list(x.shape)}, expected {list(expect)}")
+                why = f"returned a tensor of shape {list(x.shape)} {x.dtype}, expected {list(expect)}"
+                link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
+                raise ProtocolError(f"worker {link.name} {why}")
         return x
 
     def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor) -> None:

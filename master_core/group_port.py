@@ -21,18 +21,29 @@ Every pairing outcome is logged without the code.  ``start(host, port)`` binds;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
 from worker_core.identity import Identity, check_cert_pem, der_fingerprint, server_context
-from worker_core.pairing import PAIR_SNI, PAIRING_VERSION, PairingError, PairingSession, b64, unb64
+from worker_core.pairing import (
+    PAIR_SNI,
+    PAIRING_VERSION,
+    Malformed,
+    PairingError,
+    PairingSession,
+    Refused,
+    WrongCode,
+    b64,
+    unb64,
+)
 
-from .invitations import Invitations, Refused
+from .invitations import Invitations
 from .members import Members
 
 log = logging.getLogger("molink.group_port")
@@ -63,11 +74,14 @@ class GroupPort:
 
     async def start(self, host: str, port: int) -> None:
         app = web.Application(client_max_size=64 * 1024)
-        app.add_routes([web.get("/v1/pair", self._pair), web.get("/v1/tunnel", self._tunnel), web.get("/v1/probe", self._probe)])
+        app.add_routes(
+            [web.get("/v1/pair", self._pair), web.get("/v1/tunnel", self._tunnel), web.get("/v1/probe", self._probe)]
+        )
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self._base)
         await site.start()
+        # the bound port (0 picks one) is known only to the private server: aiohttp has no API for it
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
@@ -114,39 +128,46 @@ class GroupPort:
             first = await self._receive(ws)
             nameplate = first.get("nameplate")
             if first.get("type") != "pake" or first.get("version") != PAIRING_VERSION or not isinstance(nameplate, str):
-                raise PairingError("malformed pairing request")
+                raise Malformed("malformed pairing request")
             try:
                 code = self.invitations.begin(nameplate, time.monotonic())
-            except Refused as e:
+            except PairingError:
                 nameplate = None  # nothing begun: nothing to count
-                raise PairingError(str(e)) from None
+                raise
             session = PairingSession(code, master=True)
             session.finish(unb64(first.get("pake")))
             await ws.send_json({"type": "pake", "pake": b64(session.outbound), "confirm": b64(session.confirmation())})
             second = await self._receive(ws)
-            if second.get("type") != "confirm" or not session.check_peer_confirmation(unb64(second.get("confirm"))):
-                raise PairingError("wrong pairing code")
+            if second.get("type") != "confirm":
+                raise Malformed("malformed pairing confirmation")
+            if not session.check_peer_confirmation(unb64(second.get("confirm"))):
+                raise WrongCode("wrong pairing code")
             sealed = session.open(second.get("sealed"))
             asked, cert = sealed.get("name"), sealed.get("cert")
             if not isinstance(asked, str) or len(asked) > 128:
-                raise PairingError("malformed joiner name")
+                raise Malformed("malformed joiner name")
+            if not isinstance(cert, str):
+                raise Malformed("joiner certificate: not a PEM text")
             try:
-                cert = check_cert_pem(cert)  # type: ignore[arg-type]
+                cert = check_cert_pem(cert)
             except ValueError as e:
-                raise PairingError(f"joiner certificate: {e}") from None
+                raise Malformed(f"joiner certificate: {e}") from None
             name = self.members.add(asked, cert)
             self.invitations.succeed(nameplate)
             succeeded = True
-            await ws.send_json({"type": "welcome", "sealed": session.seal({"group": self.members.group, "cert": self.identity.cert_pem, "name": name})})
+            await ws.send_json(
+                {
+                    "type": "welcome",
+                    "sealed": session.seal({"group": self.members.group, "cert": self.identity.cert_pem, "name": name}),
+                }
+            )
             log.info("pairing from %s succeeded: member %s", peer, name)
         except (PairingError, asyncio.TimeoutError, ConnectionError) as e:
-            reason = str(e) if isinstance(e, PairingError) else "pairing timed out or the joiner left"
-            log.warning("pairing from %s failed: %s", peer, reason)
+            failure = e if isinstance(e, PairingError) else Refused("pairing timed out or the joiner left")
+            log.warning("pairing from %s failed: %s", peer, failure)
             if not ws.closed:
-                try:
-                    await ws.send_json({"type": "error", "reason": reason})
-                except ConnectionError:
-                    pass
+                with contextlib.suppress(ConnectionError):  # the joiner is gone: nobody to tell
+                    await ws.send_json({"type": "error", "reason": str(failure), "code": failure.code})
         finally:
             if nameplate is not None and not succeeded:
                 self.invitations.fail(nameplate)
@@ -157,7 +178,11 @@ class GroupPort:
     async def _receive(ws: web.WebSocketResponse) -> dict:
         msg = await ws.receive(timeout=PAIR_TIMEOUT)
         if msg.type != WSMsgType.TEXT:
-            raise PairingError("the joiner left" if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED) else "malformed pairing message")
+            raise PairingError(
+                "the joiner left"
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+                else "malformed pairing message"
+            )
         try:
             obj = json.loads(msg.data)
         except ValueError:

@@ -2,10 +2,12 @@
 
 Contract (pure: time is passed in, nothing is stored on disk)
 --------
-``Invitations.issue(now)`` makes a code (see ``worker_core.pairing``) on a free nameplate.
-A pairing attempt calls ``begin(nameplate, now)``, which returns the code to run SPAKE2 with
-and counts the attempt, or raises :class:`Refused` saying why: no such code, expired
-(``TTL`` seconds after issue), used, or burned (``MAX_FAILURES`` attempts failed).  The
+``Invitations.issue(now)`` makes a code (see ``worker_core.pairing``) on a free nameplate, or
+raises :class:`TooManyCodes`.  A pairing attempt calls ``begin(nameplate, now)``, which returns
+the code to run SPAKE2 with and counts the attempt, or raises the pairing error that says why
+(safe to show the joiner): :class:`~worker_core.pairing.UnknownCode` for no such code,
+:class:`~worker_core.pairing.Refused` for a code expired (``TTL`` seconds after issue), used, or
+burned (``MAX_FAILURES`` attempts failed).  The
 attempt then ends with ``succeed`` (the code is used: single use) or ``fail``; an attempt that
 never ends (the joiner vanished) counts as failed, because it was counted when it began.
 State of each invitation: ``OPEN -> USED | EXPIRED | BURNED``; retired ones stay known for
@@ -18,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from enum import Enum
 
-from worker_core.pairing import make_code
+from worker_core.pairing import Refused, UnknownCode, make_code
 
 TTL = 300.0  # seconds a code stays valid
 MAX_FAILURES = 5  # attempts that may fail before the code is burned
@@ -32,8 +34,8 @@ class InvitationState(Enum):
     BURNED = "burned"
 
 
-class Refused(Exception):
-    """This attempt may not run; the message is safe to show the joiner."""
+class TooManyCodes(Exception):
+    """Every nameplate has an open or recently retired code; the message is for the admin."""
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Invitations:
         self._tick(now)
         free = [n for n in range(10, 100) if str(n) not in self._by_nameplate]
         if not free:
-            raise Refused("too many pairing codes at once; wait for some to expire")
+            raise TooManyCodes("too many pairing codes at once; wait for some to expire")
         nameplate = secrets.choice(free)
         inv = Invitation(str(nameplate), make_code(nameplate), now)
         self._by_nameplate[inv.nameplate] = inv
@@ -70,7 +72,7 @@ class Invitations:
         self._tick(now)
         inv = self._by_nameplate.get(nameplate)
         if inv is None:
-            raise Refused("no such pairing code on this master")
+            raise UnknownCode("no such pairing code on this master")
         if inv.state is InvitationState.OPEN and inv.attempts >= MAX_FAILURES:
             inv.state = InvitationState.BURNED
         if inv.state is not InvitationState.OPEN:

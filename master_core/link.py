@@ -13,25 +13,40 @@ sends an ``Assign`` and waits for the matching ``Ready``; ``call`` sends a ``Ste
 for its ``Result``.  ``run_reader`` reads frames until the tunnel ends: a malformed frame or
 an unexpected message is a :class:`~worker_core.wire.ProtocolError`, which closes this link
 (with a log line) and fails everything waiting on it with :class:`LinkGone`; nothing else in
-the process is affected.  A ``Failure`` naming a step fails that step's caller with
-:class:`StepFailed`.  Measured per link: compute seconds of the last steps, the round trip
-beyond compute, and bytes each way.
+the process is affected.  ``close_with(reason, code)`` ends a link; the WebSocket close code
+is chosen by the caller from what happened (:class:`~worker_core.wire.CloseCode`), never from
+the reason's text.  Every task a link starts is kept and awaited by ``wait_closed()``.  A
+``Failure`` naming a step fails that step's caller with :class:`StepFailed`.  Measured per
+link: compute seconds of the last steps, the round trip beyond compute, and bytes each way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import Callable
 
 from aiohttp import WSMsgType, web
 
 from worker_core.wire import (
-    Assign, Chunk, Failure, Fetch, Free, Hello, Leave, ProtocolError, Ready, Result, Step, decode, encode,
+    Assign,
+    Chunk,
+    CloseCode,
+    Failure,
+    Fetch,
+    Free,
+    Hello,
+    Leave,
+    Message,
+    ProtocolError,
+    Ready,
+    Result,
+    Step,
+    decode,
+    encode,
 )
 
 from .costs import LinkCost, StageCost
@@ -65,18 +80,23 @@ class StepFailed(Exception):
     """The worker refused or failed one step; the tunnel stays up."""
 
 
-_step_ids = itertools.count(1)
-
-
 class WorkerLink:
-    def __init__(self, ws: web.WebSocketResponse, hello: Hello, peer: str, max_frame_bytes: int, weights: WeightSource | None = None) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        hello: Hello,
+        peer: str,
+        max_frame_bytes: int,
+        weights: WeightSource | None = None,
+    ) -> None:
         self.ws = ws
         self.hello = hello
         self.peer = peer
         self.name = hello.name
         self.weights = weights  # paired groups: this worker may fetch the weights of its assignment
         self.member: str | None = None  # paired groups: the member this tunnel authenticated as
-        self._fetches: set[asyncio.Task] = set()
+        self._fetches: set[asyncio.Task] = set()  # weight chunks being served
+        self._tasks: set[asyncio.Task] = set()  # every task this link started, awaited by wait_closed()
         self.weight_bytes_sent = 0
         self.max_frame_bytes = max_frame_bytes
         self.state = LinkState.CONNECTING
@@ -110,15 +130,21 @@ class WorkerLink:
         self.state = to
 
     @property
+    def pending(self) -> int:
+        """Steps sent and not answered yet, plus ``Free`` frames not sent yet (per-request
+        entries this link holds: none once every request has ended)."""
+        return len(self._pending) + len(self._frees)
+
+    @property
     def placeable(self) -> bool:
         """May a new placement choose this link (connected, not leaving)?"""
         return self.state in (LinkState.CONNECTING, LinkState.READY)
 
     # ------------------------------------------------------------------ sending
-    async def _send(self, msg: object) -> int:
+    async def _send(self, msg: Message) -> int:
         if self.state is LinkState.GONE:
             raise LinkGone(f"worker {self.name} is gone: {self.gone_reason}")
-        frame = encode(msg)  # type: ignore[arg-type]
+        frame = encode(msg)
         async with self._send_lock:
             try:
                 await self._send_frees_locked()
@@ -169,7 +195,7 @@ class WorkerLink:
             return
         self._frees.extend(request_ids)
         if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush_frees())
+            self._flush_task = self._spawn(self._flush_frees())
 
     async def _flush_frees(self) -> None:
         async with self._send_lock:
@@ -207,11 +233,15 @@ class WorkerLink:
             if not waiter.done():
                 waiter.set_result(msg)
         elif isinstance(msg, Fetch):
-            if self.weights is None or self.assignment is None or not any(t.sha256 == msg.sha256 for t in self.assignment.manifest):
+            if (
+                self.weights is None
+                or self.assignment is None
+                or not any(t.sha256 == msg.sha256 for t in self.assignment.manifest)
+            ):
                 raise ProtocolError("Fetch of a tensor outside this worker's assignment")
             if len(self._fetches) >= MAX_FETCHES:
                 raise ProtocolError(f"more than {MAX_FETCHES} weight chunks asked for at once")
-            task = asyncio.get_running_loop().create_task(self._serve_chunk(msg))
+            task = self._spawn(self._serve_chunk(msg))
             self._fetches.add(task)
             task.add_done_callback(self._fetches.discard)
         elif isinstance(msg, Failure):
@@ -233,7 +263,7 @@ class WorkerLink:
             data, sha = await asyncio.to_thread(weights.read, msg.sha256, msg.offset, msg.length)
         except (ValueError, OSError) as e:
             log.error("worker %s asked for weights we cannot give: %s", self.name, e)
-            self.close_with(f"protocol error: {e}")
+            self.close_with(f"protocol error: {e}", CloseCode.PROTOCOL_ERROR)
             return
         try:
             await self._send(Chunk(msg.sha256, msg.offset, sha, data))
@@ -253,21 +283,21 @@ class WorkerLink:
             self.close_with("tunnel closed")
         except ProtocolError as e:
             log.error("worker %s (%s) sent a bad frame, dropping it: %s", self.name, self.peer, e)
-            self.close_with(f"protocol error: {e}")
-            await self.ws.close(code=1002, message=b"protocol error")
+            self.close_with(f"protocol error: {e}", CloseCode.PROTOCOL_ERROR)
         except (ConnectionError, asyncio.CancelledError) as e:
             self.close_with(f"connection lost: {type(e).__name__}")
             if isinstance(e, asyncio.CancelledError):
                 raise
 
-    def close_with(self, reason: str) -> None:
+    def close_with(self, reason: str, code: CloseCode = CloseCode.NORMAL) -> None:
+        """End this link (GONE): fail everything waiting on it with :class:`LinkGone` and close
+        the WebSocket with ``code`` (``PROTOCOL_ERROR`` when the worker broke the protocol)."""
         if self.state is LinkState.GONE:
             return
         self.move(LinkState.GONE)
         self.gone_reason = reason
         if not self.ws.closed:
-            code = 1002 if "protocol" in reason else 1000
-            asyncio.get_running_loop().create_task(self.ws.close(code=code, message=reason.encode()[:120]))
+            self._spawn(self.ws.close(code=code, message=reason.encode()[:120]))
         err = LinkGone(f"worker {self.name}: {reason}")
         for fut in list(self._pending.values()):
             if not fut.done():
@@ -277,6 +307,14 @@ class WorkerLink:
         for task in list(self._fetches):
             task.cancel()
 
+    def _spawn(self, coro: Awaitable[object]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
-def next_step_id() -> int:
-    return next(_step_ids)
+    async def wait_closed(self) -> None:
+        """Await every task this link started (its close, pending ``Free`` frames, weight
+        chunks being served); call after :meth:`close_with`."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

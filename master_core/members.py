@@ -46,7 +46,7 @@ class Members:
         self.tls_context = self._context()
 
     @staticmethod
-    def open(data_dir: Path, identity: Identity, group_name: str) -> "Members":
+    def open(data_dir: Path, identity: Identity, group_name: str) -> Members:
         path = data_dir / GROUP_FILE
         if not path.exists():
             store = Members(path, identity, group_name, [])
@@ -54,10 +54,15 @@ class Members:
             return store
         try:
             raw = json.loads(path.read_text())
-            members = [Member(str(m["name"]), str(m["fingerprint"]), str(m["cert"]), float(m["joined"])) for m in raw["members"]]
+            members = [
+                Member(str(m["name"]), str(m["fingerprint"]), str(m["cert"]), float(m["joined"]))
+                for m in raw["members"]
+            ]
             return Members(path, identity, str(raw["group"]), members)
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); move it away to start a new group") from None
+            raise ValueError(
+                f"{path} is damaged ({type(e).__name__}: {e}); move it away to start a new group"
+            ) from None
 
     def members(self) -> list[Member]:
         return sorted(self._members.values(), key=lambda m: m.joined)

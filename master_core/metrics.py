@@ -7,9 +7,11 @@ histograms are fed by the engine's finish hook.  ``handler`` serves the text for
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .engine import Engine
 
@@ -20,23 +22,32 @@ class _EngineCollector:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         e, g = self.engine, self.engine.group
         yield CounterMetricFamily("molink_generated_tokens", "Tokens generated", value=e.tokens_generated)
-        yield CounterMetricFamily("molink_finished_requests", "Requests finished (any reason)", value=e.requests_finished)
+        yield CounterMetricFamily(
+            "molink_finished_requests", "Requests finished (any reason)", value=e.requests_finished
+        )
         yield GaugeMetricFamily("molink_running_requests", "Requests being generated", value=len(e.running))
         yield GaugeMetricFamily("molink_queued_requests", "Requests waiting for admission", value=len(e.waiting))
         yield GaugeMetricFamily("molink_workers", "Connected workers", value=len(g.links))
         yield GaugeMetricFamily("molink_pipeline_stages", "Stages of the serving pipeline", value=len(g.stages))
-        yield GaugeMetricFamily("molink_serving", "1 when the group serves", value=1 if g.serving.is_set() else 0)
+        yield GaugeMetricFamily("molink_serving", "1 when the group serves", value=1 if g.serving else 0)
 
 
 class Metrics:
     def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine))  # type: ignore[arg-type]
-        self.ttft = Histogram("molink_time_to_first_token_seconds", "Time to first token", buckets=_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("molink_time_per_output_token_seconds", "Time per output token after the first", buckets=_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
+        self.ttft = Histogram(
+            "molink_time_to_first_token_seconds", "Time to first token", buckets=_BUCKETS, registry=self.registry
+        )
+        self.tpot = Histogram(
+            "molink_time_per_output_token_seconds",
+            "Time per output token after the first",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
         engine.on_finish(self._observe)
 
     def _observe(self, record: dict) -> None:
@@ -45,4 +56,6 @@ class Metrics:
             self.tpot.observe(record["tpot"])
 
     async def handler(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )

@@ -1,7 +1,8 @@
 """Place contiguous ranges of decoder layers on the members of a group.
 
 Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV cache size
-in tokens.
+in tokens.  ``planner_members`` turns what the workers announced (memory offered, measured
+speed, measured link) into planner planner members timed on a reference step.
 
 ``plan_pipeline(shape, members)``: given each member's memory, measured speed and link, it
 picks the pipeline order and contiguous ranges that minimise the busiest resource (so maximise
@@ -22,8 +23,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Protocol
+
+BISECTION_STEPS = 60  # halvings of the bottleneck-time interval: below float resolution of any start
+TIME_SLACK = 1e-9  # seconds: rounding slack when a time limit is compared with layer counts or plans
+LINK_SLACK = 1e-12  # seconds: rounding slack when a member's link time is compared with the limit
+REF_ROWS = 32  # the reference step the planner times: one micro-batch of 32 rows
+LINK_NOISE = 0.010  # seconds: link times closer than this to the group's best count as equal
+KV_RESERVE_TOKENS = 2048  # KV room every stage must have beside its weights, in tokens
 
 
 class PlacementError(ValueError):
@@ -64,7 +73,11 @@ class Plan:
 
 
 def _stage_bytes(shape: ModelShape, layers: int, first: bool, last: bool) -> int:
-    return layers * (shape.layer_bytes + shape.kv_bytes_per_layer) + (shape.first_bytes if first else 0) + (shape.last_bytes if last else 0)
+    return (
+        layers * (shape.layer_bytes + shape.kv_bytes_per_layer)
+        + (shape.first_bytes if first else 0)
+        + (shape.last_bytes if last else 0)
+    )
 
 
 def _max_layers(shape: ModelShape, m: Member, limit: float, first: bool, last: bool) -> int:
@@ -72,9 +85,9 @@ def _max_layers(shape: ModelShape, m: Member, limit: float, first: bool, last: b
     per = shape.layer_bytes + shape.kv_bytes_per_layer
     room = m.memory - (shape.first_bytes if first else 0) - (shape.last_bytes if last else 0)
     by_mem = room // per if room >= 0 else -1
-    if m.link_seconds > limit + 1e-12:
+    if m.link_seconds > limit + LINK_SLACK:
         return 0  # its link alone is slower than the limit: it cannot be a stage
-    by_time = math.floor(limit / m.seconds_per_layer + 1e-9) if m.seconds_per_layer > 0 else shape.num_layers
+    by_time = math.floor(limit / m.seconds_per_layer + TIME_SLACK) if m.seconds_per_layer > 0 else shape.num_layers
     return max(0, min(shape.num_layers, by_mem, by_time))
 
 
@@ -114,7 +127,7 @@ def _bottleneck(fill, shape: ModelShape, order: Sequence[Member]) -> tuple[float
     if fill(shape, order, hi) is None:
         return None
     lo = 0.0
-    for _ in range(60):
+    for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
         if fill(shape, order, mid) is None:
             lo = mid
@@ -156,7 +169,7 @@ def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: 
             if found is None:
                 continue
             step, counts = found
-            if best is None or step < best.step_seconds - 1e-9:
+            if best is None or step < best.step_seconds - TIME_SLACK:
                 used = [(m, c) for m, c in zip(order, counts) if c > 0]
                 ranges, start = [], 0
                 for _, c in used:
@@ -167,7 +180,68 @@ def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: 
         largest = max(members, key=lambda m: m.memory)
         raise PlacementError(
             f"the memory adds up but no split fits: the embeddings ({shape.first_bytes / 1e9:.1f} GB) or the head "
-            f"({shape.last_bytes / 1e9:.1f} GB) with one layer need more than any member has free (largest: {largest.name}, "
-            f"{largest.memory / 1e9:.1f} GB)"
+            f"({shape.last_bytes / 1e9:.1f} GB) with one layer need more than any member has free "
+            f"(largest: {largest.name}, {largest.memory / 1e9:.1f} GB)"
         )
     return best
+
+
+# --------------------------------------------------------------------------- planner inputs
+
+
+class Announced(Protocol):
+    """What placement reads of a worker's announcement (``worker_core.wire.Hello``)."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def free_memory(self) -> int: ...
+    @property
+    def gflops(self) -> float: ...
+    @property
+    def rtt_ms(self) -> float: ...
+    @property
+    def link_mbps(self) -> float: ...
+
+
+def planner_members(hellos: Sequence[Announced], layer_params: int, hidden_size: int, itemsize: int) -> list[Member]:
+    """Planner members (named by index) from what the workers announced.
+
+    Times are for a reference step of ``REF_ROWS`` rows.  Compute per layer is
+    ``2 * layer_params * REF_ROWS`` FLOPs at the member's measured GFLOP/s, where members whose
+    speeds are within a factor of two of the group's median count as equal; a start-up burst
+    on CPUs that several workers share measures the contention, not the machine, so speeds
+    are used only when every member computes on its own GPU (else all run at the median).
+    The link time is the announced round trip plus the step's activations in and out at the
+    announced bandwidth (the master relays: both cross the member's link); unknown parts count
+    zero.  Links are counted from the group's best and differences under ``LINK_NOISE`` are
+    dropped.  When no member measured its speed, times are relative and links are left out."""
+    on_gpus = all(h.device.startswith("cuda") for h in hellos)
+    rel = relative_times([h.gflops for h in hellos]) if on_gpus else [1.0] * len(hellos)
+    known = sorted(h.gflops for h in hellos if h.gflops > 0)
+    if not known or layer_params <= 0:
+        return [Member(str(i), h.free_memory, t) for i, (h, t) in enumerate(zip(hellos, rel))]
+    base = 2 * layer_params * REF_ROWS / (known[len(known) // 2] * 1e9)  # seconds per layer at the median speed
+    activations = 2 * REF_ROWS * hidden_size * itemsize * 8  # bits in and out
+    links = [h.rtt_ms / 1000 + (activations / (h.link_mbps * 1e6) if h.link_mbps > 0 else 0.0) for h in hellos]
+    best = min(links)
+    # a time added to every stage changes no choice, so links count from the best one; a short
+    # measurement on a busy machine is noisy, so a link within LINK_NOISE of the best counts as equal
+    extra = [x - best if x - best > LINK_NOISE else 0.0 for x in links]
+    return [Member(str(i), h.free_memory, t * base, x) for i, (h, t, x) in enumerate(zip(hellos, rel, extra))]
+
+
+def relative_times(gflops: list[float]) -> list[float]:
+    """Relative time per layer of each member from its measured speed.  A start-up burst is
+    noisy (members often share a machine or warm up), so speeds within a factor of two of the
+    group's median count as equal; only clearly faster or slower machines get more or fewer
+    layers."""
+    known = sorted(g for g in gflops if g > 0)
+    if not known:
+        return [1.0] * len(gflops)
+    median = known[len(known) // 2]
+    out = []
+    for g in gflops:
+        ratio = g / median if g > 0 else 1.0
+        out.append(1.0 if 0.5 <= ratio <= 2.0 else 1.0 / ratio)
+    return out

@@ -7,13 +7,13 @@ its KV cache is dropped and it is recomputed later); :meth:`Request.move` is the
 refuses any other transition.  ``tokens`` is prompt + output; ``computed`` counts the leading
 tokens whose KV cache every stage holds and ``scheduled`` those already sent (computed or in
 flight), so the next input is ``tokens[scheduled:]``: a long run of it is a prefill, one
-token is a decode step.  Knows nothing about I/O.
+token is a decode step; ``order`` is its place in admission order, which the scheduler reads.
+Its ``id`` is given by the engine that owns it.  Knows nothing about I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -63,18 +63,16 @@ class FinishEvent:
     error: str | None = None
 
 
-_ids = itertools.count(1)
-
-
 @dataclass
 class Request:
+    id: int  # given by the engine that owns it
     prompt: list[int]
     params: SamplingParams
-    id: int = field(default_factory=lambda: next(_ids))
     tokens: list[int] = field(default_factory=list)  # prompt + output
     computed: int = 0  # leading tokens whose KV every stage holds
     scheduled: int = 0  # leading tokens handed to the pipeline (computed or in flight)
     in_flight: int = 0  # chunks of it in the pipeline now
+    order: int = -1  # admission order (smaller: admitted earlier), set each time it is admitted
     state: RequestState = RequestState.QUEUED
     finish_reason: str | None = None
     retries: int = 0
@@ -94,11 +92,6 @@ class Request:
     @property
     def output(self) -> list[int]:
         return self.tokens[len(self.prompt) :]
-
-    @property
-    def kv_need(self) -> int:
-        """Tokens of KV this request may hold at most (its reservation)."""
-        return len(self.prompt) + self.params.max_tokens
 
     @property
     def finished(self) -> bool:

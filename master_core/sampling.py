@@ -35,12 +35,21 @@ def candidates(row: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor
     return row, torch.arange(row.shape[0]), float(torch.logsumexp(row, dim=-1))
 
 
-def sample(values: torch.Tensor, ids: torch.Tensor, lse: float, params: SamplingParams, generator: torch.Generator, previous: list[int]) -> Sampled:
+def sample(
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    lse: float,
+    params: SamplingParams,
+    generator: torch.Generator,
+    previous: list[int],
+) -> Sampled:
     scores = values
     if previous and (params.presence_penalty or params.frequency_penalty):
         prev_ids, counts = torch.tensor(previous).unique(return_counts=True)
         hit = ids.unsqueeze(1) == prev_ids.unsqueeze(0)  # [k, distinct previous]
-        penalty = params.presence_penalty * hit.any(1).float() + params.frequency_penalty * (hit.float() @ counts.float())
+        penalty = params.presence_penalty * hit.any(1).float() + params.frequency_penalty * (
+            hit.float() @ counts.float()
+        )
         scores = values - penalty
     if params.temperature == 0:
         j = int(torch.argmax(scores))

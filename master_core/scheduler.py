@@ -12,10 +12,15 @@ Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes t
   micro-batch may carry, chosen just in time so that the chunk's extra time on the slowest
   resource fits in the gap before the next decode micro-batch needs it (``cycle / K`` minus
   the decode work there).  It follows the measured bandwidth: slower links, smaller chunks.
+* :func:`next_microbatch` — the engine's and the simulator's one call per micro-batch: its
+  share of the decode steps (:func:`microbatch_share`), its prefill budget
+  (:func:`chunk_tokens`), then :func:`plan_microbatch`.
 * :func:`plan_microbatch` — one micro-batch: every ready decode step first (a decode step
   never waits behind more than one prefill chunk), then prefill, oldest first, within the
   chunk budget; prefill always gets at least ``min_chunk`` tokens when it waits, so neither
   side starves.  A long prompt may have several chunks in flight (they travel in order).
+* :func:`step_bytes` — the byte model of one step on each stage's link (shared with the
+  simulator).
 * :func:`admit_and_preempt` — KV admission control: admit waiting requests while every
   stage's KV budget holds their prompt plus one decode token for each running request; when
   running requests outgrow the budget, preempt the youngest (their caches are dropped and
@@ -25,8 +30,8 @@ Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from .costs import CostSnapshot
 
@@ -65,6 +70,18 @@ class Candidate:
     order: int  # admission order, smaller is older
     in_flight: int = 0  # chunks of it in the pipeline now
 
+    @property
+    def ready_decode(self) -> bool:
+        """One token left to send and nothing of it in flight: its next step is a decode step."""
+        return self.total - self.scheduled == 1 and self.in_flight == 0
+
+    @property
+    def waiting_prefill(self) -> bool:
+        """Several tokens left to send (a prompt, or a replay).  A long prompt may have several
+        chunks in flight; a request reset to replay from position 0 waits until its old chunks
+        are out (a chunk at 0 resets the stages' caches)."""
+        return self.total - self.scheduled > 1 and (self.in_flight == 0 or self.scheduled > 0)
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -77,13 +94,24 @@ class Chunk:
 # --------------------------------------------------------------------------- timing model
 
 
+TOKEN_ID_BYTES = 8  # the first stage receives int64 token ids, not activations
+
+
+def step_bytes(c: CostSnapshot, stage: int, tokens: int, logits_rows: int) -> tuple[int, int]:
+    """(bytes into, bytes out of) ``stage`` for one step of ``tokens`` rows of which
+    ``logits_rows`` want logits: token ids into the first stage, activations between stages,
+    logits rows out of the last.  The one byte model of the scheduler and the simulator."""
+    inbound = tokens * (TOKEN_ID_BYTES if stage == 0 else c.hidden_bytes_per_token)
+    outbound = logits_rows * c.logits_bytes_per_row if stage == c.stages - 1 else tokens * c.hidden_bytes_per_token
+    return inbound, outbound
+
+
 def _resource_times(c: CostSnapshot, tokens: int, logits_rows: int) -> tuple[list[float], list[float]]:
     """Per stage: compute seconds and link-occupancy seconds of one step of ``tokens``."""
     compute = [c.stage_fixed[i] + c.stage_per_token[i] * tokens for i in range(c.stages)]
     link = []
     for i in range(c.stages):
-        inbound = tokens * (8 if i == 0 else c.hidden_bytes_per_token)
-        outbound = logits_rows * c.logits_bytes_per_row if i == c.stages - 1 else tokens * c.hidden_bytes_per_token
+        inbound, outbound = step_bytes(c, i, tokens, logits_rows)
         bw = c.link_bandwidth[i]
         link.append((inbound + outbound) / bw if math.isfinite(bw) and bw > 0 else 0.0)
     return compute, link
@@ -142,8 +170,8 @@ def plan_microbatch(
 ) -> list[Chunk]:
     """Decode steps first (at most ``max_decodes``), then prefill chunks within
     ``prefill_tokens`` (at least ``min_chunk`` when prefill waits)."""
-    decodes = sorted((c for c in candidates if c.total - c.scheduled == 1 and c.in_flight == 0), key=lambda c: c.order)
-    prefills = sorted((c for c in candidates if c.total - c.scheduled > 1 and (c.in_flight == 0 or c.scheduled > 0)), key=lambda c: c.order)
+    decodes = sorted((c for c in candidates if c.ready_decode), key=lambda c: c.order)
+    prefills = sorted((c for c in candidates if c.waiting_prefill), key=lambda c: c.order)
     chunks = [Chunk(c.request_id, c.scheduled, 1, True) for c in decodes[: max(0, max_decodes)]]
     budget = max(prefill_tokens, min_chunk if prefills else 0)
     for c in prefills:
@@ -158,6 +186,16 @@ def plan_microbatch(
 def microbatch_share(active: int, slots: int) -> int:
     """Decode steps per micro-batch so that ``slots`` micro-batches split ``active`` requests."""
     return max(1, math.ceil(active / max(1, slots)))
+
+
+def next_microbatch(p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate], slots: int) -> list[Chunk]:
+    """The next micro-batch of ``slots`` in flight over the running requests ``candidates``:
+    its share of the ready decode steps, then prefill within :func:`chunk_tokens`.  The engine
+    and the simulator both plan through this one function."""
+    share = microbatch_share(len(candidates), slots)
+    decodes = min(share, sum(1 for c in candidates if c.ready_decode))
+    prefill = chunk_tokens(p, costs, decodes, slots)
+    return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
 
 
 # --------------------------------------------------------------------------- KV memory

@@ -19,12 +19,13 @@ Keys and tokens are compared in constant time.  Errors are OpenAI-shaped JSON.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
-from .api import ApiError
+from .errors import ApiError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 TUNNEL_PATH = "/v1/tunnel"
@@ -39,7 +40,14 @@ class GuardPolicy:
     admin_token: str = ""  # /admin/* (paired groups) needs "Authorization: Bearer <token>"
 
     @staticmethod
-    def build(bind_host: str, port: int, allowed_hosts: tuple[str, ...], api_key: str | None, dashboard_token: str, admin_token: str = "") -> "GuardPolicy":
+    def build(
+        bind_host: str,
+        port: int,
+        allowed_hosts: tuple[str, ...],
+        api_key: str | None,
+        dashboard_token: str,
+        admin_token: str = "",
+    ) -> GuardPolicy:
         names = {*LOOPBACK_NAMES, *(h.lower() for h in allowed_hosts)}
         if bind_host not in ("0.0.0.0", "::"):
             names.add(f"[{bind_host}]" if ":" in bind_host else bind_host.lower())
@@ -78,29 +86,49 @@ def guard_middleware(current: Callable[[], GuardPolicy | None]) -> Any:
         policy = current()
         if policy is None:
             return ApiError(503, "starting up", "service_unavailable").response()
-        host = request.headers.get("Host")
+        host = request.headers.get("Host") or ""
         if not policy.host_ok(host):
-            return ApiError(421, f"this server does not answer to host {host!r}", "invalid_request_error", code="misdirected_request").response()
+            return ApiError(
+                421,
+                f"this server does not answer to host {host!r}",
+                "invalid_request_error",
+                code="misdirected_request",
+            ).response()
         origin = request.headers.get("Origin")
-        if origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"):  # type: ignore[union-attr]
-            return ApiError(403, "cross-origin requests are refused", "invalid_request_error", code="forbidden_origin").response()
+        if origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"):
+            return ApiError(
+                403, "cross-origin requests are refused", "invalid_request_error", code="forbidden_origin"
+            ).response()
         if path.startswith("/v1/") and policy.api_key is not None:
             auth = request.headers.get("Authorization", "")
             scheme, _, key = auth.partition(" ")
             if scheme.lower() != "bearer" or not _equal(key.strip(), policy.api_key):
-                return ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error", code="invalid_api_key").response()
+                return ApiError(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer <key>)",
+                    "authentication_error",
+                    code="invalid_api_key",
+                ).response()
         if path.startswith("/admin/"):
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if not policy.admin_token or scheme.lower() != "bearer" or not _equal(token.strip(), policy.admin_token):
-                return ApiError(401, "the admin API needs the token in the group's admin.json", "authentication_error").response()
+                return ApiError(
+                    401, "the admin API needs the token in the group's admin.json", "authentication_error"
+                ).response()
         if path == "/dashboard" or (path.startswith("/dashboard/") and not path.startswith("/dashboard/static/")):
             token = request.query.get("token") or request.headers.get("X-MoLink-Token")
             if not _equal(token, policy.dashboard_token):
-                return ApiError(401, "the dashboard needs the link printed at start-up (its token is missing or wrong)", "authentication_error").response()
+                return ApiError(
+                    401,
+                    "the dashboard needs the link printed at start-up (its token is missing or wrong)",
+                    "authentication_error",
+                ).response()
         response = await handler(request)
         if path.startswith("/dashboard"):
             response.headers["X-Frame-Options"] = "DENY"
-            response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
+            response.headers["Content-Security-Policy"] = (
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
+            )
             response.headers["Referrer-Policy"] = "no-referrer"
         return response
 

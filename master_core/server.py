@@ -39,16 +39,17 @@ from aiohttp import WSMsgType, web
 
 from worker_core import model_source
 from worker_core.control import Control, Events
-from worker_core.shard import load_config, parameter_counts
-from worker_core.wire import Hello, ProtocolError, decode, frame_bound
+from worker_core.wire import CloseCode, Hello, ProtocolError, decode, frame_bound
 
 from .api import Api, error_middleware
 from .config import MasterConfig, is_loopback
 from .dashboard import Dashboard
 from .engine import Engine
+from .errors import ApiError
 from .group import Group
 from .link import WorkerLink
 from .metrics import Metrics
+from .model_dims import ModelDims
 from .security import GuardPolicy, guard_middleware
 
 log = logging.getLogger("molink.master")
@@ -93,18 +94,15 @@ class Master:
         folder = await asyncio.to_thread(model_source.resolve, cfg.model)
         self.folder = folder
         self.model_id = model_source.display_name(cfg.model, folder)
-        model_config = await asyncio.to_thread(load_config, folder)
+        self.dims = await asyncio.to_thread(ModelDims.load, folder)  # parsed once, passed everywhere
         self.tokenizer = await asyncio.to_thread(load_tokenizer, folder)
         # workers resolve the same source themselves: the default model from their own package,
         # a folder by path (same machine or shared disk), a hub id from the hub.
         ref = cfg.model if cfg.model == model_source.DEFAULT else str(folder)
-        self.group = Group(cfg, ref, model_config)
-        layers, embed, head = await asyncio.to_thread(parameter_counts, folder)
-        self.group.layer_params, self.group.embed_params, self.group.head_params = layers, embed, head
-        context = int(getattr(model_config, "max_position_embeddings", 2048) or 2048)
-        self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), context)
+        self.group = Group(cfg, ref, self.dims)
+        self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer))
         self.group.running_requests = lambda: set(self.engine.running)  # a finishing worker waits for these
-        self.max_frame = frame_bound(cfg.max_batch_tokens, model_config.hidden_size, model_config.vocab_size)
+        self.max_frame = frame_bound(cfg.max_batch_tokens, self.dims.hidden_size, self.dims.vocab_size)
         self.api = Api(self.engine, self.model_id)
         self.dashboard = Dashboard(self.engine, self.model_id, ASSETS / "dashboard")
         self.metrics = Metrics(self.engine)
@@ -114,28 +112,46 @@ class Master:
         self.group_port = None
         self._advertiser = None
         self._policy: GuardPolicy | None = None
-        app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[error_middleware, guard_middleware(lambda: self._policy)])
+        app = web.Application(
+            client_max_size=cfg.max_body_bytes, middlewares=[error_middleware, guard_middleware(lambda: self._policy)]
+        )
         app.add_routes([*self.api.routes(), *self.dashboard.routes(), web.get("/metrics", self.metrics.handler)])
         if cfg.data_dir is not None:
             await self._start_group(Path(cfg.data_dir), folder)
             app.add_routes(self._admin_routes())
         elif is_loopback(cfg.host):
             app.add_routes([web.get("/v1/tunnel", self._plain_tunnel)])
-            log.warning("UNAUTHENTICATED plain worker tunnels on %s: any local process can join; for tests and the demo only", cfg.host)
+            log.warning(
+                "UNAUTHENTICATED plain worker tunnels on %s: any local process can join; for tests and the demo only",
+                cfg.host,
+            )
         else:
-            log.warning("no worker tunnels: %s is not loopback and this master has no paired group (molink group create)", cfg.host)
+            log.warning(
+                "no worker tunnels: %s is not loopback and this master has no paired group (molink group create)",
+                cfg.host,
+            )
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
         await site.start()
+        # the bound port (0 picks one) is known only to the private server: aiohttp has no API for it
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         # the guard needs the real port, known only now (port 0 picks one)
-        self._policy = GuardPolicy.build(cfg.host, self.port, cfg.allowed_hosts, cfg.api_key, self.dashboard_token, self.admin_token)
+        self._policy = GuardPolicy.build(
+            cfg.host, self.port, cfg.allowed_hosts, cfg.api_key, self.dashboard_token, self.admin_token
+        )
         if cfg.data_dir is not None:
             self._write_admin_file(Path(cfg.data_dir))
         self._engine_task = asyncio.create_task(self.engine.run())
         self.dashboard.start()
-        log.info("master for %s listening on http://%s:%d (%d layers; waiting for %d worker(s))", self.model_id, cfg.host, self.port, self.group.num_layers, cfg.min_workers)
+        log.info(
+            "master for %s listening on http://%s:%d (%d layers; waiting for %d worker(s))",
+            self.model_id,
+            cfg.host,
+            self.port,
+            self.dims.num_layers,
+            cfg.min_workers,
+        )
         log.info("dashboard: %s", self.dashboard_url)
 
     @property
@@ -162,9 +178,9 @@ class Master:
 
     # ------------------------------------------------------------------ paired group
     async def _start_group(self, data_dir: Path, folder: Path) -> None:
-        from worker_core.discovery import Advertiser
         from worker_core.identity import load_or_create
 
+        from .announce import Advertiser
         from .group_port import GroupPort
         from .invitations import Invitations
         from .members import Members
@@ -180,14 +196,29 @@ class Master:
         await self.group_port.start(cfg.group_host, cfg.group_port)
         self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)
         await self._advertiser.start()
-        log.info("group %r: pairing and mutual-TLS tunnels on %s:%d (%d member(s))", self.members.group, cfg.group_host, self.group_port.port, len(self.members.members()))
+        log.info(
+            "group %r: pairing and mutual-TLS tunnels on %s:%d (%d member(s))",
+            self.members.group,
+            cfg.group_host,
+            self.group_port.port,
+            len(self.members.members()),
+        )
 
     def _write_admin_file(self, data_dir: Path) -> None:
         path = data_dir / "admin.json"
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"api": f"127.0.0.1:{self.port}" if self.config.host in ("0.0.0.0", "::") else f"{self.config.host}:{self.port}", "token": self.admin_token, "pid": os.getpid()}, f)
+            json.dump(
+                {
+                    "api": f"127.0.0.1:{self.port}"
+                    if self.config.host in ("0.0.0.0", "::")
+                    else f"{self.config.host}:{self.port}",
+                    "token": self.admin_token,
+                    "pid": os.getpid(),
+                },
+                f,
+            )
         os.replace(tmp, path)
 
     def new_code(self) -> str:
@@ -205,18 +236,24 @@ class Master:
 
     def _admin_routes(self) -> list[web.RouteDef]:
         async def code(request: web.Request) -> web.Response:
-            from .invitations import Refused
+            from .invitations import TTL, TooManyCodes
 
             try:
-                return web.json_response({"code": self.new_code(), "expires_in": 300})
-            except Refused as e:
-                return web.json_response({"error": str(e)}, status=429)
+                return web.json_response({"code": self.new_code(), "expires_in": int(TTL)})
+            except TooManyCodes as e:
+                return ApiError(429, str(e), "rate_limit_error").response()
 
         async def members(request: web.Request) -> web.Response:
-            online = {l.member for l in self.group.live_links()}
+            online = {link.member for link in self.group.live_links()}
             announced = {d["name"]: d for d in self.group.describe()}
             rows = [
-                {"name": m.name, "fingerprint": m.fingerprint, "joined": m.joined, "connected": m.name in online, "worker": announced.get(m.name)}
+                {
+                    "name": m.name,
+                    "fingerprint": m.fingerprint,
+                    "joined": m.joined,
+                    "connected": m.name in online,
+                    "worker": announced.get(m.name),
+                }
                 for m in self.members.members()
             ]
             return web.json_response({"group": self.members.group, "members": rows})
@@ -224,10 +261,14 @@ class Master:
         async def remove(request: web.Request) -> web.Response:
             name = request.match_info["name"]
             if not self.remove_member(name):
-                return web.json_response({"error": f"no member named {name!r}"}, status=404)
+                return ApiError(404, f"no member named {name!r}", code="member_not_found").response()
             return web.json_response({"removed": name})
 
-        return [web.post("/admin/code", code), web.get("/admin/members", members), web.delete("/admin/members/{name}", remove)]
+        return [
+            web.post("/admin/code", code),
+            web.get("/admin/members", members),
+            web.delete("/admin/members/{name}", remove),
+        ]
 
     # ------------------------------------------------------------------ tunnels
     async def _plain_tunnel(self, request: web.Request) -> web.StreamResponse:
@@ -246,7 +287,7 @@ class Master:
                 raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         except (ProtocolError, asyncio.TimeoutError) as e:
             log.error("tunnel from %s refused: %s", peer, e or "no Hello in time")
-            await ws.close(code=1002, message=b"protocol error")
+            await ws.close(code=CloseCode.PROTOCOL_ERROR, message=b"protocol error")
             return ws
         if member is not None:
             hello = dataclasses.replace(hello, name=member)  # the group knows it by its member name
@@ -258,28 +299,37 @@ class Master:
         finally:
             link.close_with(link.gone_reason or "tunnel closed")
             self.group.remove(link)
+            await link.wait_closed()
         return ws
 
     async def wait_serving(self, timeout: float) -> None:
-        await asyncio.wait_for(self.group.serving.wait(), timeout)
+        await asyncio.wait_for(self.group.wait_serving(), timeout)
 
     async def stop(self) -> None:
-        self.group.closing = True
-        self.dashboard.stop()
+        """Close tunnels and listeners; every task this master started is awaited."""
+        await self.group.stop()
+        await self.dashboard.stop()
         if self._advertiser is not None:
             await self._advertiser.stop()
         if self.group_port is not None:
             await self.group_port.stop()
         if self._engine_task:
             self._engine_task.cancel()
-        for link in list(self.group.links):
-            await link.ws.close(message=b"the master stopped")
+            await asyncio.gather(self._engine_task, return_exceptions=True)
+        links = list(self.group.links)
+        for link in links:
+            link.close_with("the master stopped")
+        for link in links:
+            await link.wait_closed()
         if self._runner:
             await self._runner.cleanup()
 
 
 async def run_master(
-    config: MasterConfig, started: asyncio.Event | None = None, control: Control | None = None, events: Events | None = None
+    config: MasterConfig,
+    started: asyncio.Event | None = None,
+    control: Control | None = None,
+    events: Events | None = None,
 ) -> int:
     events = events or Events()
     master = Master(config)

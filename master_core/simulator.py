@@ -17,7 +17,9 @@ the engine makes them.  Only the physics is modelled:
 
 Because every resource is FIFO and micro-batches enter in the order they are planned, a
 micro-batch's whole journey can be booked when it is planned.  Sampling is not modelled:
-every request generates exactly its ``output_tokens``.  No clock, no I/O, no torch.
+every request generates exactly its ``output_tokens``.  No clock, no I/O, no torch.  Besides
+the benchmark figures the result has ``steps`` and ``peak_kv_tokens`` (the most KV tokens the
+running requests held or had in flight at once: what every stage's cache had to hold).
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 from .costs import CostSnapshot
-from .scheduler import Candidate, Chunk, KVView, Policy, admit_and_preempt, chunk_tokens, microbatch_count, microbatch_share, plan_microbatch
+from .scheduler import (
+    Candidate,
+    Chunk,
+    KVView,
+    Policy,
+    admit_and_preempt,
+    microbatch_count,
+    next_microbatch,
+    step_bytes,
+)
 from .workload import BenchRequest, summarize
 
 
@@ -86,8 +98,7 @@ class _Pipeline:
         """Book one micro-batch leaving the master at ``t``; return when its result is back."""
         c = self.m.costs
         for i in range(c.stages):
-            inbound = tokens * (8 if i == 0 else c.hidden_bytes_per_token)
-            outbound = logits_rows * c.logits_bytes_per_row if i == c.stages - 1 else tokens * c.hidden_bytes_per_token
+            inbound, outbound = step_bytes(c, i, tokens, logits_rows)
             arrive = self._send(self.down_free, self.busy_down, i, t, inbound)
             dur = c.stage_fixed[i] + c.stage_per_token[i] * tokens
             start = max(arrive, self.stage_free[i])
@@ -102,68 +113,92 @@ class _Pipeline:
 
 
 def simulate(model: SimModel, workload: list[BenchRequest], policy: Policy) -> dict:
-    c = model.costs
-    reqs = [_Req(spec=w, index=i, tokens=w.prompt_tokens) for i, w in enumerate(workload)]
-    waiting: list[_Req] = []
-    running: dict[int, _Req] = {}
-    pipe = _Pipeline(model)
-    events: list[tuple[float, int, str, object]] = []
-    seq = 0
+    run = _Run(model, workload, policy)
+    run.until_done()
+    return _metrics(run)
 
-    def push(t: float, kind: str, payload: object) -> None:
-        nonlocal seq
-        heapq.heappush(events, (t, seq, kind, payload))
-        seq += 1
 
-    for r in reqs:
-        push(r.spec.arrival, "arrive", r)
-    max_lanes = policy.max_microbatches if policy.dynamic else max(1, policy.fixed_microbatches or c.stages)
-    lane_busy = [False] * max_lanes
-    admitted = 0
-    steps = 0
-    now = 0.0
+class _Run:
+    """One simulation: the event queue (arrivals, micro-batch returns) and the requests' states.
+    Decisions are the scheduler's (``admit_and_preempt``, ``microbatch_count``, ``next_microbatch``)."""
 
-    def admit() -> None:
-        nonlocal admitted
-        views = [KVView(r.index, r.tokens, r.order, r.in_flight > 0) for r in running.values()]
-        adm, pre = admit_and_preempt(views, [(r.index, r.tokens) for r in waiting], model.kv_tokens, model.max_running)
-        for idx in pre:
-            r = running.pop(idx)
+    def __init__(self, model: SimModel, workload: list[BenchRequest], policy: Policy) -> None:
+        self.model = model
+        self.policy = policy
+        self.reqs = [_Req(spec=w, index=i, tokens=w.prompt_tokens) for i, w in enumerate(workload)]
+        self.waiting: list[_Req] = []
+        self.running: dict[int, _Req] = {}
+        self.pipe = _Pipeline(model)
+        self.events: list[tuple[float, int, str, object]] = []
+        self.seq = 0
+        stages = model.costs.stages
+        self.lane_busy = [False] * (
+            policy.max_microbatches if policy.dynamic else max(1, policy.fixed_microbatches or stages)
+        )
+        self.admitted = 0
+        self.steps = 0
+        self.peak_kv_tokens = 0  # most KV tokens the running requests held (or had in flight) at once
+        for r in self.reqs:
+            self._push(r.spec.arrival, "arrive", r)
+
+    def _push(self, t: float, kind: str, payload: object) -> None:
+        heapq.heappush(self.events, (t, self.seq, kind, payload))
+        self.seq += 1
+
+    def until_done(self) -> None:
+        while self.events:
+            now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrive":
+                self.waiting.append(cast(_Req, payload))
+            else:
+                lane, plan = cast(tuple[int, list[Chunk]], payload)
+                self.lane_busy[lane] = False
+                self._complete(now, plan)
+            self._try_lanes(now)
+        if self.running or self.waiting:
+            raise RuntimeError(
+                f"simulation ended with {len(self.running)} running and {len(self.waiting)} waiting requests"
+            )
+
+    def _admit(self) -> None:
+        views = [KVView(r.index, r.tokens, r.order, r.in_flight > 0) for r in self.running.values()]
+        waiting = [(r.index, r.tokens) for r in self.waiting]
+        admit, preempt = admit_and_preempt(views, waiting, self.model.kv_tokens, self.model.max_running)
+        for idx in preempt:
+            r = self.running.pop(idx)
             r.computed = r.scheduled = 0
-            waiting.insert(0, r)
-        for idx in adm:
-            r = next(x for x in waiting if x.index == idx)
-            waiting.remove(r)
-            r.order = admitted
-            admitted += 1
-            running[idx] = r
+            self.waiting.insert(0, r)
+        for idx in admit:
+            r = next(x for x in self.waiting if x.index == idx)
+            self.waiting.remove(r)
+            r.order = self.admitted
+            self.admitted += 1
+            self.running[idx] = r
 
-    def try_lanes(t: float) -> None:
-        nonlocal steps
-        admit()
-        slots = microbatch_count(policy, c, c.stages, len(running))
-        for lane in range(min(slots, max_lanes)):
-            if lane_busy[lane]:
+    def _try_lanes(self, t: float) -> None:
+        self._admit()
+        c = self.model.costs
+        slots = microbatch_count(self.policy, c, c.stages, len(self.running))
+        for lane in range(min(slots, len(self.lane_busy))):
+            if self.lane_busy[lane]:
                 continue
-            cands = [Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight) for r in running.values()]
-            share = microbatch_share(len(running), slots)
-            ready = sum(1 for x in cands if x.total - x.scheduled == 1 and x.in_flight == 0)
-            decodes = min(share, ready)
-            plan = plan_microbatch(cands, max_decodes=decodes, prefill_tokens=chunk_tokens(policy, c, decodes, slots), min_chunk=policy.min_chunk)
+            cands = [Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight) for r in self.running.values()]
+            plan = next_microbatch(self.policy, c, cands, slots)
             if not plan:
                 return
             for ch in plan:
-                r = running[ch.request_id]
+                r = self.running[ch.request_id]
                 r.scheduled = ch.start + ch.length
                 r.in_flight += 1
-            back = pipe.journey(t, sum(ch.length for ch in plan), sum(ch.want_logits for ch in plan))
-            lane_busy[lane] = True
-            steps += 1
-            push(back, "done", (lane, plan))
+            self.peak_kv_tokens = max(self.peak_kv_tokens, sum(r.scheduled for r in self.running.values()))
+            back = self.pipe.journey(t, sum(ch.length for ch in plan), sum(ch.want_logits for ch in plan))
+            self.lane_busy[lane] = True
+            self.steps += 1
+            self._push(back, "done", (lane, plan))
 
-    def complete(t: float, plan: list[Chunk]) -> None:
+    def _complete(self, t: float, plan: list[Chunk]) -> None:
         for ch in plan:
-            r = running.get(ch.request_id)
+            r = self.running.get(ch.request_id)
             if r is None:
                 continue
             r.in_flight -= 1
@@ -175,24 +210,13 @@ def simulate(model: SimModel, workload: list[BenchRequest], policy: Policy) -> d
                 r.token_times.append(t)
                 if r.generated >= r.spec.output_tokens:
                     r.done_at = t
-                    del running[r.index]
-
-    while events:
-        now, _, kind, payload = heapq.heappop(events)
-        if kind == "arrive":
-            waiting.append(payload)  # type: ignore[arg-type]
-        else:
-            lane, plan = payload  # type: ignore[misc]
-            lane_busy[lane] = False
-            complete(now, plan)
-        try_lanes(now)
-    if running or waiting:
-        raise RuntimeError(f"simulation ended with {len(running)} running and {len(waiting)} waiting requests")
-    return _metrics(reqs, pipe, model, steps)
+                    del self.running[r.index]
 
 
-def _metrics(reqs: list[_Req], pipe: _Pipeline, model: SimModel, steps: int) -> dict:
+def _metrics(run: _Run) -> dict:
+    pipe, model = run.pipe, run.model
     busy = pipe.busy_compute + pipe.busy_down + pipe.busy_up
     if model.cores:
         busy.append(sum(pipe.busy_compute) / model.cores)
-    return summarize([r.spec.arrival for r in reqs], [r.token_times for r in reqs], pipe.bytes, busy, {"steps": steps})
+    extra = {"steps": run.steps, "peak_kv_tokens": run.peak_kv_tokens}
+    return summarize([r.spec.arrival for r in run.reqs], [r.token_times for r in run.reqs], pipe.bytes, busy, extra)

@@ -23,7 +23,8 @@ import threading
 from pathlib import Path
 
 from worker_core.shard import checkpoint_files, needed_tensors
-from worker_core.weights import TensorSpec, read_locations
+from worker_core.weights import read_locations
+from worker_core.wire import TensorSpec
 
 log = logging.getLogger("molink.weight_source")
 
@@ -35,7 +36,9 @@ class WeightSource:
         self.hub = hub  # "owner/name@commit" when folder is a hub snapshot: specs then say where each tensor lies
         self.config_json = (folder / "config.json").read_text()
         files = checkpoint_files(folder)
-        self._where: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}  # name -> file, dtype, shape, begin, end
+        self._where: dict[
+            str, tuple[Path, str, tuple[int, ...], int, int]
+        ] = {}  # name -> file, dtype, shape, begin, end
         for path in sorted(set(files.values())):
             for name, (dtype, shape, begin, end) in read_locations(path).items():
                 self._where[name] = (path, dtype, shape, begin, end)

@@ -56,7 +56,11 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(
-    arrivals: list[float], token_times: list[list[float]], bytes_moved: int, busy: list[float], extra: dict | None = None
+    arrivals: list[float],
+    token_times: list[list[float]],
+    bytes_moved: int,
+    busy: list[float],
+    extra: dict | None = None,
 ) -> dict:
     """The benchmark figures of one run (times in seconds).
 

@@ -1,4 +1,9 @@
-"""Test session setup: no display, no hub, quiet tokenizers; shared fixtures."""
+"""Test session setup: no display, no hub, quiet tokenizers; ``tests/`` importable.
+
+The shared helpers are modules, not fixtures: :mod:`harness` (an in-process group, bounded
+runs) and :mod:`tiny_models` (tiny checkpoints, the transformers reference).  Tests marked
+``slow`` (real processes, real models, browsers) are left out by ``make test-fast``.
+"""
 
 import os
 import sys

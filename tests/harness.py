@@ -3,15 +3,17 @@
 ``async with Cluster(folder, workers=3) as c:`` starts a :class:`master_core.server.Master`
 on a free port and N worker tasks (``worker_core.worker.serve``) that dial it over real
 WebSockets, waits (bounded) until the pipeline serves, and stops everything on exit.
-``run(coro)`` runs a coroutine with an overall time bound.
+``run(coro)`` runs a coroutine with an overall time bound; ``paired_config`` is the
+configuration of a paired group's master on loopback; ``greedy`` the sampling of a
+comparison with transformers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Awaitable, TypeVar
+from typing import Any, TypeVar
 
 from master_core.config import MasterConfig
 from master_core.server import Master
@@ -28,14 +30,16 @@ def run(coro: Awaitable[T], timeout: float = 300.0) -> T:
 
 
 class Cluster:
-    def __init__(self, folder: Path | str, workers: int = 3, worker_options: list[dict] | None = None, **master: Any) -> None:
+    def __init__(
+        self, folder: Path | str, workers: int = 3, worker_options: list[dict] | None = None, **master: Any
+    ) -> None:
         self.worker_options = worker_options or [{} for _ in range(workers)]
         master.setdefault("min_workers", workers)
         self.config = MasterConfig(model=str(folder), port=0, heartbeat=2.0, **master)
         self.n = workers
         self.tasks: list[asyncio.Task] = []
 
-    async def __aenter__(self) -> "Cluster":
+    async def __aenter__(self) -> Cluster:
         self.master = Master(self.config)
         await self.master.start()
         for i in range(self.n):
@@ -47,7 +51,7 @@ class Cluster:
         """Wait until the pipeline serves on ``stages`` stages."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not (self.master.group.serving.is_set() and len(self.master.group.stages) == stages):
+        while not (self.master.group.serving and len(self.master.group.stages) == stages):
             if loop.time() > deadline:
                 raise TimeoutError(f"group not serving on {stages} stages: {self.master.group.problem}")
             await asyncio.sleep(0.02)
@@ -71,6 +75,19 @@ class Cluster:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def paired_config(folder: Path | str, data_dir: Path, group_port: int = 0, **kw: Any) -> MasterConfig:
+    """A paired group's master on loopback: free ports, state in ``data_dir``."""
+    return MasterConfig(
+        model=str(folder),
+        port=0,
+        data_dir=str(data_dir),
+        group_host="127.0.0.1",
+        group_port=group_port,
+        heartbeat=2.0,
+        **kw,
+    )
 
 
 def greedy(max_tokens: int, **kw: Any):

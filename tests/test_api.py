@@ -5,7 +5,6 @@ import json
 
 import aiohttp
 import pytest
-
 from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
@@ -50,7 +49,9 @@ def test_models_health_and_bad_bodies(ckpt):
             for body in BAD_BODIES:
                 body = body.replace(b"MODEL", model.encode())
                 for path in ("/v1/completions", "/v1/chat/completions"):
-                    async with http.post(c.base_url + path, data=body, headers={"Content-Type": "application/json"}) as r:
+                    async with http.post(
+                        c.base_url + path, data=body, headers={"Content-Type": "application/json"}
+                    ) as r:
                         assert 400 <= r.status < 500, (path, body[:80], r.status)
                         err = (await r.json())["error"]
                         assert err["message"] and err["type"]
@@ -61,7 +62,10 @@ def test_models_health_and_bad_bodies(ckpt):
             async with http.post(f"{c.base_url}/v1/chat/completions", json={"model": model, "messages": []}) as r:
                 assert r.status == 400
             # still serving a well-formed request
-            async with http.post(f"{c.base_url}/v1/completions", json={"model": model, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}) as r:
+            async with http.post(
+                f"{c.base_url}/v1/completions",
+                json={"model": model, "prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0},
+            ) as r:
                 assert r.status == 200
                 assert (await r.json())["usage"]["prompt_tokens"] == 3
 
@@ -69,13 +73,25 @@ def test_models_health_and_bad_bodies(ckpt):
 
 
 def test_completions_match_reference_streaming_and_not(ckpt):
+    from transformers import AutoTokenizer
+
     prompt = [9, 8, 7, 6, 5, 4]
     ref = reference_greedy(ckpt, prompt, 12)
+    messages = [{"role": "user", "content": "hello there"}]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    chat_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat_ref = reference_greedy(ckpt, tok(chat_text, add_special_tokens=False)["input_ids"], 5)
 
     async def main():
         async with Cluster(ckpt, workers=3) as c, aiohttp.ClientSession() as http:
             tok = c.engine.tokenizer
-            body = {"model": c.master.model_id, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            body = {
+                "model": c.master.model_id,
+                "prompt": prompt,
+                "max_tokens": 12,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             async with http.post(f"{c.base_url}/v1/completions", json=body) as r:
                 assert r.status == 200
                 data = await r.json()
@@ -92,11 +108,20 @@ def test_completions_match_reference_streaming_and_not(ckpt):
                         pieces.append(ch["text"])
                         final = ch["finish_reason"] or final
             assert "".join(pieces) == data["choices"][0]["text"] and final == "length"
-            chat = {"model": c.master.model_id, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+            chat = {
+                "model": c.master.model_id,
+                "messages": messages,
+                "max_tokens": 5,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             async with http.post(f"{c.base_url}/v1/chat/completions", json=chat) as r:
                 assert r.status == 200
-                msg = (await r.json())["choices"][0]["message"]
-                assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+                answer = await r.json()
+            msg = answer["choices"][0]["message"]
+            # the chat template applied by the master, then the same greedy tokens as transformers
+            assert msg["role"] == "assistant" and msg["content"] == tok.decode(chat_ref, skip_special_tokens=True)
+            assert answer["usage"]["completion_tokens"] == 5
 
     run(main())
 
@@ -104,7 +129,13 @@ def test_completions_match_reference_streaming_and_not(ckpt):
 def test_queue_full_is_429_and_no_workers_is_503(ckpt):
     async def main():
         async with Cluster(ckpt, workers=1, max_running=1, max_queued=1) as c, aiohttp.ClientSession() as http:
-            body = {"model": c.master.model_id, "prompt": [5, 6, 7], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+            body = {
+                "model": c.master.model_id,
+                "prompt": [5, 6, 7],
+                "max_tokens": 40,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             rs = await asyncio.gather(*(http.post(f"{c.base_url}/v1/completions", json=body) for _ in range(5)))
             statuses = sorted(r.status for r in rs)
             errors = [await r.json() for r in rs if r.status == 429]

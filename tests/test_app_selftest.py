@@ -8,8 +8,13 @@ import pytest
 pytest.importorskip("pytestqt")
 
 
+pytestmark = pytest.mark.slow  # the whole app with real engine children
+
+
 def test_app_selftest_creates_a_group_shares_and_chats():
-    r = subprocess.run([sys.executable, "-m", "app.cli", "app", "--selftest"], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "app.cli", "app", "--selftest"], capture_output=True, text=True, timeout=900
+    )
     out = r.stdout.splitlines()
     assert r.returncode == 0, r.stdout + r.stderr
     assert out[0] == "menu:" and "  Share my GPU (join or create a group first)" in out and "  Quit MoLink" in out

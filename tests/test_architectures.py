@@ -4,17 +4,21 @@ generated from the lists here and checked by this file."""
 
 import asyncio
 import re
+import sys
 from pathlib import Path
 
 import pytest
-
 from harness import Cluster, greedy, run
 from tiny_models import ARCHITECTURES, make_tiny_checkpoint, reference_greedy
+
+pytestmark = pytest.mark.slow  # 22 families on three stages, peak-memory subprocesses
 
 # families of the MoLink list that are not served yet, and why (shown in the README)
 LEFT_OUT = {
     "internlm2": "not native in transformers (remote code only); MoLink never runs trust_remote_code",
-    "state-space models (Mamba, RWKV)": "not decoder-layer transformers: their recurrent state is not a KV cache this engine splits",
+    "state-space models (Mamba, RWKV)": (
+        "not decoder-layer transformers: their recurrent state is not a KV cache this engine splits"
+    ),
 }
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]  # the last one exceeds the 32-token sliding windows
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +82,7 @@ def test_a_stage_holds_only_its_own_tensors(tmp_path):
 
     path = make_tiny_checkpoint("qwen2", tmp_path / "mem", num_layers=6, seed=9)
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
 
     def nbytes(pred):
         total = 0
@@ -118,16 +122,26 @@ def _peak_rss_loading(path, start: int, end: int) -> int:
         "touched = sum(float(t.double().sum()) for m in mods for t in m.parameters())  # page everything in\n"
         "print(kb('VmHWM') - base)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
     return int(out.stdout.split()[-1]) * 1024
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak from Linux's /proc/self/status")
 def test_stage_process_peak_memory_is_its_share(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=384, hidden_size=512, intermediate_size=1376, num_hidden_layers=16, num_attention_heads=8,
-                      num_key_value_heads=8, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=384,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "big")  # ~200 MB of float32 weights
     layer = 4 * (4 * 512 * 512 + 3 * 512 * 1376)  # bytes per decoder layer

@@ -253,10 +253,14 @@ class FakeMaster:
 
     def stream(self, pieces: list[str], tail: bytes = b"data: [DONE]\r\n\r\n", split: int = 7) -> None:
         """Script a stream of these text pieces, CRLF line ends, cut into ``split``-byte chunks."""
-        raw = b": hello\r\n\r\n" + b"".join(
-            b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}).encode() + b"\r\n\r\n"
-            for p in pieces
-        ) + tail
+        raw = (
+            b": hello\r\n\r\n"
+            + b"".join(
+                b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": p}}]}).encode() + b"\r\n\r\n"
+                for p in pieces
+            )
+            + tail
+        )
         self.chunks = [raw[i : i + split] for i in range(0, len(raw), split)]
 
     def close(self) -> None:
@@ -296,6 +300,7 @@ def greedy_reference(master: RealMaster, messages: list[dict], max_tokens: int) 
 # =========================================================================== against the real master
 
 
+@pytest.mark.slow
 def test_streamed_answer_arrives_token_by_token_and_equals_the_non_streamed_one(qtbot, master):
     w = make_window(qtbot, ChatTarget(master.url))
     assert w.windowTitle() == "MoLink chat"
@@ -317,6 +322,7 @@ def test_streamed_answer_arrives_token_by_token_and_equals_the_non_streamed_one(
     assert "the group of friends" in w.transcript.toPlainText()
 
 
+@pytest.mark.slow
 def test_second_turn_sends_the_whole_history(qtbot, master):
     w = make_window(qtbot, ChatTarget(master.url))
     w.max_tokens = 12
@@ -334,6 +340,7 @@ def test_second_turn_sends_the_whole_history(qtbot, master):
     assert len(w.history) == 4
 
 
+@pytest.mark.slow
 def test_stop_ends_the_stream_and_the_master_cancels_the_request(qtbot, master):
     w = make_window(qtbot, ChatTarget(master.url))
     long = CONTEXT - 32
@@ -365,6 +372,7 @@ def test_stop_ends_the_stream_and_the_master_cancels_the_request(qtbot, master):
     assert ask_and_wait(qtbot, w, "next")
 
 
+@pytest.mark.slow
 def test_disabled_with_reason_when_unreachable_then_enabled_when_the_group_serves(qtbot, master):
     closed = free_port()
     w = make_window(qtbot, ChatTarget(f"http://127.0.0.1:{closed}"))
@@ -381,6 +389,7 @@ def test_disabled_with_reason_when_unreachable_then_enabled_when_the_group_serve
     qtbot.waitUntil(lambda: "served by 1 PC" in w.status_label.text(), timeout=10_000)
 
 
+@pytest.mark.slow
 def test_http_error_is_one_sentence_and_the_chat_stays_usable(qtbot, master):
     w = make_window(qtbot, ChatTarget(master.url))
     w.max_tokens = 100_000

@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from harness import Cluster, greedy, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
+
 from worker_core import wire
 from worker_core.control import EVENT_PREFIX, BadCommand, Command, Control, Events, parse_command
 from worker_core.wire import Leave, ProtocolError, decode, encode
@@ -38,11 +38,15 @@ class Child:
 
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
-        self._stderr = open(log, "wb")
+        self._stderr = open(log, "wb")  # noqa: SIM115 - the child's stderr until stop() closes it
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", *args, "--supervised"],
-            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
         )
         self.events: list[tuple[float, dict]] = []
         self.other_stdout: list[str] = []
@@ -55,7 +59,7 @@ class Child:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             with self._cond:
                 if line.startswith(EVENT_PREFIX):
-                    self.events.append((time.monotonic(), json.loads(line[len(EVENT_PREFIX):])))
+                    self.events.append((time.monotonic(), json.loads(line[len(EVENT_PREFIX) :])))
                 else:
                     self.other_stdout.append(line)
                 self._cond.notify_all()
@@ -183,8 +187,15 @@ class Stream:
     token, the finish reason, the time it ended."""
 
     def __init__(self, api: str, model: str, prompt: list[int], max_tokens: int) -> None:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "ignore_eos": True, "logprobs": 0}
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+            "logprobs": 0,
+        }
         self.req = urllib.request.Request(
             f"http://{api}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
         )
@@ -276,8 +287,8 @@ def test_events_are_one_prefixed_json_line_each_and_disabled_writes_nothing():
     Events(buf).emit("serving", layers=[0, 4], num_layers=4, epoch=2)
     Events(buf).emit("error", message="a\nb")
     lines = buf.getvalue().splitlines()
-    assert len(lines) == 2 and all(l.startswith(EVENT_PREFIX) for l in lines)
-    first = json.loads(lines[0][len(EVENT_PREFIX):])
+    assert len(lines) == 2 and all(line.startswith(EVENT_PREFIX) for line in lines)
+    first = json.loads(lines[0][len(EVENT_PREFIX) :])
     assert first == {"event": "serving", "layers": [0, 4], "num_layers": 4, "epoch": 2}
     assert not Events().enabled
     Events().emit("left")  # no stream: nothing, no error
@@ -289,8 +300,8 @@ def test_leave_round_trips_and_a_bad_leave_is_a_protocol_error():
     frame = encode(Leave(True))
     header = frame[9:]
     spoiled = [
-        frame[:9 - 4] + len(b'{"finish":1}').to_bytes(4, "big") + b'{"finish":1}',  # not a boolean
-        frame[:9 - 4] + len(b"{}").to_bytes(4, "big") + b"{}",  # missing
+        frame[: 9 - 4] + len(b'{"finish":1}').to_bytes(4, "big") + b'{"finish":1}',  # not a boolean
+        frame[: 9 - 4] + len(b"{}").to_bytes(4, "big") + b"{}",  # missing
         frame + b"x",  # a payload
         frame[:3] + bytes([wire.PROTOCOL_VERSION - 1]) + frame[4:],  # an older peer
     ]
@@ -303,6 +314,7 @@ def test_leave_round_trips_and_a_bad_leave_is_a_protocol_error():
 # --------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.slow
 def test_worker_events_from_connecting_to_stats(spawn, master):
     assert master.info["api"].startswith("127.0.0.1:") and int(master.info["api"].split(":")[1]) > 0
     assert "token=" in master.info["dashboard"]
@@ -323,6 +335,7 @@ def test_worker_events_from_connecting_to_stats(spawn, master):
     wait_health(master.api, lambda h: h["workers"] == [], 30, "no workers")
 
 
+@pytest.mark.slow
 def test_bad_command_lines_are_ignored_then_stop_leaves_the_only_stage(spawn, master):
     w = start_worker(spawn, master, "beta")
     w.wait_event("serving", STARTUP)
@@ -345,6 +358,7 @@ def test_bad_command_lines_are_ignored_then_stop_leaves_the_only_stage(spawn, ma
     assert h["status"] == "unavailable"
 
 
+@pytest.mark.slow
 def test_leaving_mid_stream_loses_and_repeats_no_token(spawn, master, ckpt):
     n = 60
     want = reference_tokens(ckpt, n)
@@ -373,6 +387,7 @@ def stays_name(workers: dict, child: Child) -> str:
     return next(k for k, v in workers.items() if v is child)
 
 
+@pytest.mark.slow
 def test_finish_lets_the_running_request_end_on_the_same_pipeline_then_leaves(spawn, master, ckpt):
     n = 40
     want = reference_tokens(ckpt, n)
@@ -395,7 +410,7 @@ def test_finish_lets_the_running_request_end_on_the_same_pipeline_then_leaves(sp
     assert s.finish == "length" and [t for _, t in s.tokens] == want
     assert t_left > s.tokens[-1][0]  # it left after the last token
     for k, w in workers.items():  # no worker was re-assigned while the request ran
-        assert all(t > s.tokens[-1][0] for t, e in w.events[marks[k]:] if e["event"] == "serving"), k
+        assert all(t > s.tokens[-1][0] for t, e in w.events[marks[k] :] if e["event"] == "serving"), k
     h = wait_health(master.api, lambda h: h["status"] == "ok" and len(h["workers"]) == 1, 60, "serving without it")
     assert h["epoch"] > epoch and h["workers"][0]["name"] != name
     other = next(w for k, w in workers.items() if k != name)
@@ -405,6 +420,7 @@ def test_finish_lets_the_running_request_end_on_the_same_pipeline_then_leaves(sp
     wait_health(master.api, lambda h: h["workers"] == [], 30, "no workers")
 
 
+@pytest.mark.slow
 def test_eof_on_stdin_stops_a_worker_and_a_master(spawn, ckpt):
     m = spawn("master", "--model", str(ckpt), "--port", "0", "--min-workers", "1", name="m")
     _, ev = m.wait_event("listening", STARTUP)
@@ -419,6 +435,7 @@ def test_eof_on_stdin_stops_a_worker_and_a_master(spawn, ckpt):
     assert m.wait_exit(30) == 0
 
 
+@pytest.mark.slow
 def test_stop_while_not_connected_just_exits(spawn):
     w = spawn("worker", "--master", "127.0.0.1:9", "--device", "cpu", "--name", "theta", "--threads", "1", name="w")
     _, ev = w.wait_event("error", STARTUP)
@@ -445,14 +462,14 @@ def test_a_draining_worker_is_not_placed_again_when_the_group_replans(ckpt):
             gen = asyncio.create_task(c.engine.generate(PROMPT, greedy(40)))
             while c.engine.tokens_generated < 5:
                 await asyncio.sleep(0.01)
-            w0 = next(l for l in g.stages if l.name == "w0")
+            w0 = next(link for link in g.stages if link.name == "w0")
             g.leave(w0, True)
             assert w0.state is LinkState.DRAINING and w0 in g.stages and w0 not in g.placeable_links()
             epoch = g.epoch
             c.tasks[1].cancel()  # w1 disappears: a re-plan while w0 drains
-            while not (g.serving.is_set() and g.epoch > epoch):
+            while not (g.serving and g.epoch > epoch):
                 await asyncio.sleep(0.01)
-            stages = [l.name for l in g.stages]
+            stages = [link.name for link in g.stages]
             tokens = (await gen)[0]
             for _ in range(200):
                 if w0.state is LinkState.GONE:
@@ -465,9 +482,25 @@ def test_a_draining_worker_is_not_placed_again_when_the_group_replans(ckpt):
     assert state.value == "gone" and reason == "left the group"
 
 
+@pytest.mark.slow
 def test_group_create_reports_its_free_ports_and_admin_token_and_stops(spawn, ckpt, tmp_path):
-    m = spawn("group", "create", "--model", str(ckpt), "--port", "0", "--api-port", "0", "--host", "127.0.0.1",
-              "--name", "ctl-test", "--data-dir", str(tmp_path / "group"), name="group")
+    m = spawn(
+        "group",
+        "create",
+        "--model",
+        str(ckpt),
+        "--port",
+        "0",
+        "--api-port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--name",
+        "ctl-test",
+        "--data-dir",
+        str(tmp_path / "group"),
+        name="group",
+    )
     _, ev = m.wait_event("listening", STARTUP)
     assert ev["group"] == "ctl-test" and isinstance(ev["group_port"], int) and ev["group_port"] > 0
     assert ev["api"].startswith("127.0.0.1:") and ev["admin_token"] and ev["model"] == "llama"

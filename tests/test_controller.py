@@ -50,7 +50,13 @@ def make(qtbot, tmp_path, monkeypatch):
         paths = Paths.under(tmp_path / f"app{len(made)}")
         if joined:
             JoinedGroup("Friends", "me", "127.0.0.1", 7733, "cert").save(paths.worker_dir)
-        c = Controller(paths, Settings(), argv=lambda *a: [sys.executable, str(script), *a], gpu="test", probe_load=lambda pids: load)
+        c = Controller(
+            paths,
+            Settings(),
+            argv=lambda *a: [sys.executable, str(script), *a],
+            gpu="test",
+            probe_load=lambda pids: load,
+        )
         made.append(c)
         return c
 
@@ -136,12 +142,16 @@ def test_auto_pause_warns_pauses_and_resumes(qtbot, make):
     notes = []
     c.notify.connect(lambda title, msg: notes.append(title))
     c._on_tick()
-    assert c.snapshot().pause_warning and Act.KEEP_SHARING in [getattr(i, "act", None) for i in menu(c.snapshot(), time.time())]
+    assert c.snapshot().pause_warning and Act.KEEP_SHARING in [
+        getattr(i, "act", None) for i in menu(c.snapshot(), time.time())
+    ]
     time.sleep(0.3)
     c._on_tick()
     qtbot.waitUntil(lambda: c.sharing is Sharing.PAUSED, timeout=20000)
     assert notes == ["MoLink will pause sharing in 60 s", "MoLink paused sharing"]
-    c._probe_load = lambda pids: autopause.GpuLoad(utilization=3, foreign_processes=0, foreign_memory=0, fullscreen=False)
+    c._probe_load = lambda pids: autopause.GpuLoad(
+        utilization=3, foreign_processes=0, foreign_memory=0, fullscreen=False
+    )
     c._on_tick()
     time.sleep(0.3)
     c._on_tick()
@@ -167,3 +177,16 @@ def test_keep_sharing_and_manual_pause_win_over_automation(qtbot, make):
         c._on_tick()
         time.sleep(0.25)
     assert c.sharing is Sharing.PAUSED  # a manual pause is never lifted by the policy
+
+
+def test_no_engine_child_starts_before_the_runtime_is_ready(qtbot, make):
+    c = make()
+    asked = []
+    c.engine_ready = lambda: asked.append(1) or False  # the runtime dialog was cancelled
+    c.set_sharing(True)
+    assert asked and c.sharing is Sharing.OFF and c.worker is None
+    assert c.problem == "the engine runtime is not installed yet"
+    failed = []
+    c.master_failed.connect(failed.append)
+    c.create_group("default", "g", 7733)
+    assert failed == ["the engine runtime is not installed yet"] and c.master is None

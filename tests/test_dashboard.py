@@ -7,13 +7,21 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from harness import Cluster, greedy, run
 from tiny_models import make_tiny_checkpoint
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic", "--no-first-run",
-         "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 async def chromium(url: str, profile: Path, *extra: str, timeout: float = 90) -> str:
@@ -21,8 +29,14 @@ async def chromium(url: str, profile: Path, *extra: str, timeout: float = 90) ->
     if CHROMIUM is None:
         raise RuntimeError("chromium is not installed (apt-get install chromium; .ci/run does this)")
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=6000", *extra, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        CHROMIUM,
+        *FLAGS,
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=6000",
+        *extra,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -39,11 +53,12 @@ async def capture(url: str, profile: Path, png: Path) -> None:
 
 async def exercise(c: Cluster) -> None:
     """Some traffic, so the charts and counters have something to show."""
-    for round_ in range(3):
+    for _ in range(3):
         await asyncio.gather(*(c.engine.generate([5 + i, 6, 7, 8] * (1 + i), greedy(12)) for i in range(4)))
         c.master.dashboard.sample()
 
 
+@pytest.mark.slow
 def test_dashboard_in_chromium_shows_members_and_layers(tmp_path):
     ckpt = make_tiny_checkpoint("llama", tmp_path / "llama", num_layers=6, seed=4)
 
@@ -54,9 +69,8 @@ def test_dashboard_in_chromium_shows_members_and_layers(tmp_path):
             dom = await chromium(url, tmp_path / "profile", "--dump-dom")
             png = tmp_path / "dashboard.png"
             await capture(url, tmp_path / "profile2", png)
-            async with aiohttp.ClientSession() as http:
-                async with http.get(c.base_url + "/metrics") as r:
-                    metrics = await r.text()
+            async with aiohttp.ClientSession() as http, http.get(c.base_url + "/metrics") as r:
+                metrics = await r.text()
             return dom, png, metrics, c.master.group.describe()
 
     dom, png, metrics, members = run(main())
@@ -83,9 +97,11 @@ def test_dashboard_refuses_without_token_or_with_foreign_host(tmp_path):
                 async with http.get(url) as r:
                     assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
                     assert r.headers["X-Frame-Options"] == "DENY"
-                async with http.get(url, headers={"Host": "attacker.example:%d" % c.master.port}) as r:
+                async with http.get(url, headers={"Host": f"attacker.example:{c.master.port}"}) as r:
                     assert r.status == 421
-                async with http.get(url.replace("/dashboard?", "/dashboard/api/state?"), headers={"Origin": "http://attacker.example"}) as r:
+                async with http.get(
+                    url.replace("/dashboard?", "/dashboard/api/state?"), headers={"Origin": "http://attacker.example"}
+                ) as r:
                     assert r.status == 403
             return dom
 
@@ -99,11 +115,19 @@ if __name__ == "__main__":  # refresh docs/dashboard.png: python tests/test_dash
         tmp = Path(tempfile.mkdtemp())
         async with Cluster("default", workers=3) as c:
             for _ in range(4):
-                await asyncio.gather(*(c.engine.generate(c.engine.tokenizer("Tell me a story about " + w)["input_ids"], greedy(24))
-                                       for w in ("a cat", "the sea", "a robot")))
+                await asyncio.gather(
+                    *(
+                        c.engine.generate(c.engine.tokenizer("Tell me a story about " + w)["input_ids"], greedy(24))
+                        for w in ("a cat", "the sea", "a robot")
+                    )
+                )
                 c.master.dashboard.sample()
                 await asyncio.sleep(1)
-            await capture(c.master.dashboard_url, tmp / "profile", Path(__file__).resolve().parent.parent / "docs" / "dashboard.png")
+            await capture(
+                c.master.dashboard_url,
+                tmp / "profile",
+                Path(__file__).resolve().parent.parent / "docs" / "dashboard.png",
+            )
 
     run(shot())
     sys.exit(0)

@@ -1,6 +1,5 @@
 """The embedded default model: atomic lossless conversion, and 3 stages = one process."""
 
-import asyncio
 import json
 import os
 import signal
@@ -12,12 +11,15 @@ import urllib.request
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from harness import Cluster, greedy, run
+from safetensors import safe_open
 from tiny_models import reference_greedy
+
 from worker_core import default_model
 from worker_core.default_model import MARKER, default_model_dir, ensure_default_model
+
+pytestmark = pytest.mark.slow  # converts and runs the real SmolLM2-135M, spawns demo processes
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,13 +42,19 @@ def test_conversion_is_complete_and_lossless(converted):
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
     tok = AutoTokenizer.from_pretrained(folder)
-    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     gguf = default_model._gguf_path()
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).state_dict()
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         names = list(f.keys())
         assert all(f.get_tensor(n).dtype == torch.float32 for n in names[:5])
-        for n in ("model.embed_tokens.weight", "model.layers.7.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+        for n in (
+            "model.embed_tokens.weight",
+            "model.layers.7.self_attn.q_proj.weight",
+            "model.layers.29.mlp.down_proj.weight",
+        ):
             assert torch.equal(f.get_tensor(n), ref[n]), n
     assert len(names) == len([k for k in ref if k != "lm_head.weight"])
 
@@ -60,7 +68,7 @@ def test_second_call_does_not_convert(converted, monkeypatch):
     monkeypatch.setattr(default_model, "_convert", boom)
     t0 = time.perf_counter()
     assert ensure_default_model(root) == folder
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 5  # no conversion (boom above); a conversion takes far longer
 
 
 def test_interrupted_conversion_never_looks_complete(tmp_path, monkeypatch):
@@ -90,13 +98,15 @@ def test_default_model_three_stages_matches_transformers():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    text = tok.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}], add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Name three colours of the rainbow."}], add_generation_prompt=True, tokenize=False
+    )
     prompt = tok(text, add_special_tokens=False)["input_ids"]
     ref = reference_greedy(folder, prompt, 32)
 
     async def main():
         async with Cluster("default", workers=3) as c:
-            assert [l.assignment.layer_end - l.assignment.layer_start for l in c.master.group.stages] == [10, 10, 10]
+            assert [s.assignment.layer_end - s.assignment.layer_start for s in c.master.group.stages] == [10, 10, 10]
             return (await c.engine.generate(prompt, greedy(32)))[0]
 
     assert run(main()) == ref
@@ -110,19 +120,29 @@ def _free_port() -> int:
 
 def test_demo_command_answers_and_exits_zero():
     out = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--max-tokens", "12"], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "app.cli", "demo", "--max-tokens", "12"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "stage 0:" in out.stdout and "stage 2:" in out.stdout and "layers [20, 30)" in out.stdout
     assert "tokens/s" in out.stdout
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess there: no clean exit to check")
 def test_demo_serve_stops_every_process_on_sigterm():
     import psutil
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "demo", "--serve", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "demo", "--serve", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -135,7 +155,9 @@ def test_demo_serve_stops_every_process_on_sigterm():
                 pass
             time.sleep(0.5)
         body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 4}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.load(r)["usage"]["completion_tokens"] >= 1
         children = psutil.Process(proc.pid).children(recursive=True)

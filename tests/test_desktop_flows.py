@@ -14,11 +14,15 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
+from tiny_models import make_tiny_checkpoint
+
 from app.desktop.controller import Controller
 from app.desktop.main import Desktop
 from app.desktop.settings import Paths, Settings
 from app.desktop.state import Act, Sharing
-from tiny_models import make_tiny_checkpoint
+
+pytestmark = pytest.mark.slow  # the app with real engine children
+
 
 WAIT = 120_000  # ms: the longest any step here may take (model load on a busy 2-core machine)
 
@@ -47,7 +51,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture
 def desk(qtbot, tmp_path):
     c = Controller(Paths.under(tmp_path / "me"), Settings(), gpu="test", probe_load=lambda pids: None)
-    d = Desktop(c, use_tray=False, confirm=lambda q: True)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True, exit_app=lambda: None)
     yield d
     # every child stops through its control channel, bounded
     with qtbot.waitSignal(c.quit_ready, timeout=60_000, raising=False):
@@ -69,7 +73,9 @@ def _create(qtbot, d: Desktop, ckpt, share: bool = True) -> dict:
     dlg.share_too.setChecked(share)
     with qtbot.waitSignal(d.c.master_ready, timeout=WAIT) as ready:
         dlg.create()
-    qtbot.waitUntil(lambda: dlg.stack.currentWidget() is dlg.code_panel and "-" in dlg.code_panel.code.text(), timeout=WAIT)
+    qtbot.waitUntil(
+        lambda: dlg.stack.currentWidget() is dlg.code_panel and "-" in dlg.code_panel.code.text(), timeout=WAIT
+    )
     return {"info": ready.args[0], "dialog": dlg}
 
 
@@ -143,18 +149,31 @@ def test_sharing_off_mid_answer_with_a_spare_keeps_the_answer_identical(qtbot, d
     _pair_spare(codes[0]["code"], info["group_port"], spare_dir)
     spare = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker", "--data-dir", str(spare_dir), "--device", "cpu", "--supervised"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        qtbot.waitUntil(lambda: len(_get(api + "/health")["workers"]) == 2 and _get(api + "/health")["status"] == "ok", timeout=WAIT)
-        body = {"model": info["model"], "prompt": [5, 6, 7, 8, 9], "max_tokens": 450, "temperature": 0, "ignore_eos": True, "stream": True}
+        qtbot.waitUntil(
+            lambda: len(_get(api + "/health")["workers"]) == 2 and _get(api + "/health")["status"] == "ok", timeout=WAIT
+        )
+        body = {
+            "model": info["model"],
+            "prompt": [5, 6, 7, 8, 9],
+            "max_tokens": 450,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
 
         pieces: list[str] = []
         done = threading.Event()
         times: dict[str, float] = {}
 
         def stream() -> None:
-            req = urllib.request.Request(api + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                api + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=300) as r:
                 for raw in r:
                     line = raw.decode().strip()
@@ -180,7 +199,11 @@ def test_sharing_off_mid_answer_with_a_spare_keeps_the_answer_identical(qtbot, d
         # the fault-free answer, on the pipeline as it is now
         fault_free = json.loads(
             urllib.request.urlopen(
-                urllib.request.Request(api + "/v1/completions", json.dumps({**body, "stream": False}).encode(), {"Content-Type": "application/json"}),
+                urllib.request.Request(
+                    api + "/v1/completions",
+                    json.dumps({**body, "stream": False}).encode(),
+                    {"Content-Type": "application/json"},
+                ),
                 timeout=300,
             ).read()
         )["choices"][0]["text"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from app.desktop import autopause, autostart, links, secrets, settings
 from app.desktop import _windows_autostart as winauto
 from app.desktop import _windows_fullscreen as winfull
+from app.desktop import autopause, autostart, links, secrets, settings
 from app.desktop.autopause import AutoPause, Decision, GpuLoad
 from app.desktop.settings import Paths, Settings
 
@@ -49,13 +49,33 @@ def test_settings_defaults_and_round_trip(tmp_path):
     assert settings.load(paths) == Settings()
     s = Settings()
     assert (s.share_on_start, s.memory_limit_gb, s.device, s.auto_pause, s.start_at_login) == (
-        False, None, "auto", False, False)
+        False,
+        None,
+        "auto",
+        False,
+        False,
+    )
     assert (s.model, s.group_name, s.group_port, s.chat_master, s.paused_until, s.first_run_done) == (
-        "default", "", 7733, "", None, False)
-    custom = Settings(share_on_start=True, memory_limit_gb=6.5, device="cuda:1", auto_pause=True, start_at_login=True,
-                      model="Qwen/Qwen2.5-7B-Instruct", group_name="Friends ✓", group_port=8000,
-                      chat_master="10.0.0.2:8000",
-                      paused_until=math.inf, first_run_done=True)
+        "default",
+        "",
+        7733,
+        "",
+        None,
+        False,
+    )
+    custom = Settings(
+        share_on_start=True,
+        memory_limit_gb=6.5,
+        device="cuda:1",
+        auto_pause=True,
+        start_at_login=True,
+        model="Qwen/Qwen2.5-7B-Instruct",
+        group_name="Friends ✓",
+        group_port=8000,
+        chat_master="10.0.0.2:8000",
+        paused_until=math.inf,
+        first_run_done=True,
+    )
     settings.save(paths, custom)
     assert settings.load(paths) == custom
     custom.paused_until = 1_700_000_000.5
@@ -64,18 +84,21 @@ def test_settings_defaults_and_round_trip(tmp_path):
     assert [f.name for f in paths.config_dir.iterdir()] == ["settings.json"]  # no temporary file left
 
 
-@pytest.mark.parametrize("content", [
-    b"{not json",
-    b"[1, 2]",
-    b'{"share_on_start": "yes"}',
-    b'{"group_port": 70000}',
-    b'{"group_port": true}',
-    b'{"memory_limit_gb": -1}',
-    b'{"memory_limit_gb": NaN}',
-    b'{"paused_until": "tomorrow"}',
-    b'{"device": 3}',
-    b"\xff\xfe garbage",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"share_on_start": "yes"}',
+        b'{"group_port": 70000}',
+        b'{"group_port": true}',
+        b'{"memory_limit_gb": -1}',
+        b'{"memory_limit_gb": NaN}',
+        b'{"paused_until": "tomorrow"}',
+        b'{"device": 3}',
+        b"\xff\xfe garbage",
+    ],
+)
 def test_bad_settings_file_gives_defaults_and_is_kept(tmp_path, caplog, content):
     paths = Paths.under(tmp_path)
     paths.config_dir.mkdir(parents=True)
@@ -262,13 +285,16 @@ def test_secret_names_are_checked(tmp_path, name):
 
 
 # ====================================================================== links
-@pytest.mark.parametrize("link", [
-    links.JoinLink(code="47-8203-1956"),
-    links.JoinLink(code="47-8203-1956", master="192.168.1.20:7733"),
-    links.JoinLink(code="47-8203-1956", master="pc.example.org:443", group="Friends & Family / 100% ✓"),
-    links.JoinLink(code="10-0000-0000", master="[fe80::1]:7733", group="a=b&c=d?#"),
-    links.JoinLink(code="99-9999-9999", group="  spaced  "),
-])
+@pytest.mark.parametrize(
+    "link",
+    [
+        links.JoinLink(code="47-8203-1956"),
+        links.JoinLink(code="47-8203-1956", master="192.168.1.20:7733"),
+        links.JoinLink(code="47-8203-1956", master="pc.example.org:443", group="Friends & Family / 100% ✓"),
+        links.JoinLink(code="10-0000-0000", master="[fe80::1]:7733", group="a=b&c=d?#"),
+        links.JoinLink(code="99-9999-9999", group="  spaced  "),
+    ],
+)
 def test_link_round_trip(link):
     url = links.build_link(link)
     assert url.startswith("molink://join?code=")
@@ -278,44 +304,49 @@ def test_link_round_trip(link):
 
 def test_link_normalises_and_accepts_variants():
     want = links.JoinLink(code="47-8203-1956", master="192.168.1.20:7733")
-    for url in ["molink://join?code=4782031956&master=192.168.1.20:7733",
-                "MOLINK://JOIN/?code=47+8203+1956&master=192.168.1.20%3A7733",
-                "  molink:join?code=47-8203-1956&master=192.168.1.20:7733&future=1  "]:
+    for url in [
+        "molink://join?code=4782031956&master=192.168.1.20:7733",
+        "MOLINK://JOIN/?code=47+8203+1956&master=192.168.1.20%3A7733",
+        "  molink:join?code=47-8203-1956&master=192.168.1.20:7733&future=1  ",
+    ]:
         assert links.parse_link(url) == want
-    l = links.parse_link("molink://join?code=47-8203-1956&master=PC.Example.org:7733")
-    assert l.master == "pc.example.org:7733" and (l.host, l.port) == ("pc.example.org", 7733)
+    link = links.parse_link("molink://join?code=47-8203-1956&master=PC.Example.org:7733")
+    assert link.master == "pc.example.org:7733" and (link.host, link.port) == ("pc.example.org", 7733)
     v6 = links.parse_link("molink://join?code=47-8203-1956&master=[FE80:0:0::1]:80")
     assert (v6.master, v6.host, v6.port) == ("[fe80::1]:80", "fe80::1", 80)
 
 
-@pytest.mark.parametrize("url, words", [
-    ("https://join?code=4782031956", "molink://"),
-    ("molink://leave?code=4782031956", "only join"),
-    ("molink://join/extra?code=4782031956", "only join"),
-    ("molink://join", "no pairing code"),
-    ("molink://join?code=", "no pairing code"),
-    ("molink://join?code=12345", "not valid"),
-    ("molink://join?code=07-8203-1956", "not valid"),
-    ("molink://join?code=47-8203-195a", "not valid"),
-    ("molink://join?code=47-8203-1956&code=47-8203-1957", "more than once"),
-    ("molink://join?code=47-8203-1956&master=host", "master address"),
-    ("molink://join?code=47-8203-1956&master=host:0", "master address"),
-    ("molink://join?code=47-8203-1956&master=host:65536", "master address"),
-    ("molink://join?code=47-8203-1956&master=999.1.1.1:80", "master address"),
-    ("molink://join?code=47-8203-1956&master=[zz::1]:80", "master address"),
-    ("molink://join?code=47-8203-1956&master=a_b.c:80", "master address"),
-    ("molink://join?code=47-8203-1956&master=-bad.example:80", "master address"),
-    ("molink://join?code=47-8203-1956&master=user@host:80", "master address"),
-    ("molink://join?code=47-8203-1956&master=h%C3%A9:80", "master address"),
-    ("molink://join?code=47-8203-1956&group=" + "x" * 65, "1 to 64"),
-    ("molink://join?code=47-8203-1956&group=%0Aevil", "cannot be shown"),
-    ("molink://join?code=47-8203-1956&group=%E2%80%AEevil", "cannot be shown"),
-    ("molink://join?code=47-8203-1956&group=%FF", "not text"),
-    ("molink://join?code=47-8203-1956\n", None),  # trailing newline stripped: fine
-    ("molink://join?code=47-8203-1956\x00", "control"),
-    ("molink://join?" + "&".join(f"k{i}=v" for i in range(30)) + "&code=4782031956", "too many"),
-    ("molink://join?code=4782031956&pad=" + "x" * 3000, "too long"),
-])
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("https://join?code=4782031956", "molink://"),
+        ("molink://leave?code=4782031956", "only join"),
+        ("molink://join/extra?code=4782031956", "only join"),
+        ("molink://join", "no pairing code"),
+        ("molink://join?code=", "no pairing code"),
+        ("molink://join?code=12345", "not valid"),
+        ("molink://join?code=07-8203-1956", "not valid"),
+        ("molink://join?code=47-8203-195a", "not valid"),
+        ("molink://join?code=47-8203-1956&code=47-8203-1957", "more than once"),
+        ("molink://join?code=47-8203-1956&master=host", "master address"),
+        ("molink://join?code=47-8203-1956&master=host:0", "master address"),
+        ("molink://join?code=47-8203-1956&master=host:65536", "master address"),
+        ("molink://join?code=47-8203-1956&master=999.1.1.1:80", "master address"),
+        ("molink://join?code=47-8203-1956&master=[zz::1]:80", "master address"),
+        ("molink://join?code=47-8203-1956&master=a_b.c:80", "master address"),
+        ("molink://join?code=47-8203-1956&master=-bad.example:80", "master address"),
+        ("molink://join?code=47-8203-1956&master=user@host:80", "master address"),
+        ("molink://join?code=47-8203-1956&master=h%C3%A9:80", "master address"),
+        ("molink://join?code=47-8203-1956&group=" + "x" * 65, "1 to 64"),
+        ("molink://join?code=47-8203-1956&group=%0Aevil", "cannot be shown"),
+        ("molink://join?code=47-8203-1956&group=%E2%80%AEevil", "cannot be shown"),
+        ("molink://join?code=47-8203-1956&group=%FF", "not text"),
+        ("molink://join?code=47-8203-1956\n", None),  # trailing newline stripped: fine
+        ("molink://join?code=47-8203-1956\x00", "control"),
+        ("molink://join?" + "&".join(f"k{i}=v" for i in range(30)) + "&code=4782031956", "too many"),
+        ("molink://join?code=4782031956&pad=" + "x" * 3000, "too long"),
+    ],
+)
 def test_hostile_links(url, words):
     if words is None:
         assert links.parse_link(url).code == "47-8203-1956"
@@ -361,7 +392,12 @@ def test_busy_gpu_warns_then_pauses_then_resumes_with_hysteresis():
 def test_short_burst_does_not_pause():
     p = AutoPause()
     assert run(p, [(0, BUSY), (30, CLEAR), (61, BUSY), (100, BUSY), (121, BUSY)]) == [
-        Decision.WARN, Decision.NONE, Decision.WARN, Decision.NONE, Decision.PAUSE]
+        Decision.WARN,
+        Decision.NONE,
+        Decision.WARN,
+        Decision.NONE,
+        Decision.PAUSE,
+    ]
 
 
 def test_keep_sharing_skips_this_episode_only():
@@ -430,6 +466,7 @@ def fake_nvml(gpus: list[dict], *, init_fails: bool = False, shutdowns: list | N
             if h[kind] == "unsupported":
                 raise NVMLError_NotSupported("not supported")
             return [types.SimpleNamespace(pid=pid, usedGpuMemory=mem) for pid, mem in h[kind]]
+
         return get
 
     m.nvmlInit = init
@@ -437,8 +474,9 @@ def fake_nvml(gpus: list[dict], *, init_fails: bool = False, shutdowns: list | N
     m.nvmlSystemGetDriverVersion = lambda: b"555.42.02"
     m.nvmlDeviceGetCount = lambda: len(gpus)
     m.nvmlDeviceGetHandleByIndex = handle
-    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=h["total"], free=h["free"],
-                                                                used=h["total"] - h["free"])
+    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
+        total=h["total"], free=h["free"], used=h["total"] - h["free"]
+    )
     m.nvmlDeviceGetCudaComputeCapability = lambda h: h["cc"]
     m.nvmlDeviceGetName = lambda h: h["name"]
     m.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=h["util"], memory=0)
@@ -447,18 +485,33 @@ def fake_nvml(gpus: list[dict], *, init_fails: bool = False, shutdowns: list | N
     return m
 
 
-GPU_A = {"name": b"NVIDIA GeForce RTX 3060", "total": 12 << 30, "free": 11 << 30, "cc": (8, 6), "util": 80,
-         "graphics": [(10, None), (20, None)], "compute": [(30, 1 << 30), (10, 5 << 30)]}
-GPU_B = {"name": "NVIDIA GeForce GTX 1080", "total": 8 << 30, "free": 8 << 30, "cc": (6, 1), "util": 5,
-         "graphics": "unsupported", "compute": [(20, 256 << 20)]}
+GPU_A = {
+    "name": b"NVIDIA GeForce RTX 3060",
+    "total": 12 << 30,
+    "free": 11 << 30,
+    "cc": (8, 6),
+    "util": 80,
+    "graphics": [(10, None), (20, None)],
+    "compute": [(30, 1 << 30), (10, 5 << 30)],
+}
+GPU_B = {
+    "name": "NVIDIA GeForce GTX 1080",
+    "total": 8 << 30,
+    "free": 8 << 30,
+    "cc": (6, 1),
+    "util": 5,
+    "graphics": "unsupported",
+    "compute": [(20, 256 << 20)],
+}
 
 
 def test_probe_gpu_load_counts_foreign_processes(monkeypatch):
     shut = []
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([GPU_A, GPU_B], shutdowns=shut))
     load = autopause.probe_gpu_load({10})
-    assert load == GpuLoad(utilization=80.0, foreign_processes=2, foreign_memory=(1 << 30) + (256 << 20),
-                           fullscreen=False)
+    assert load == GpuLoad(
+        utilization=80.0, foreign_processes=2, foreign_memory=(1 << 30) + (256 << 20), fullscreen=False
+    )
     assert shut == [1]
     assert autopause.probe_gpu_load({10, 20, 30}).foreign_processes == 0
 
@@ -530,14 +583,16 @@ def test_probe_uses_gpus_module():
 
 
 def test_desktop_modules_do_not_import_torch():
-    code = ("import sys\n"
-            "import app.desktop.settings, app.desktop.secrets, app.desktop.autostart, app.desktop._windows_autostart\n"
-            "import app.desktop.single_instance, app.desktop.links, app.desktop.autopause\n"
-            "import app.desktop._windows_fullscreen\n"
-            "import app.desktop.icons, worker_core.gpus\n"
-            "worker_core.gpus.list_gpus(); app.desktop.autopause.probe_gpu_load(set())\n"
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
-            "print('heavy:', bad)\n")
+    code = (
+        "import sys\n"
+        "import app.desktop.settings, app.desktop.secrets, app.desktop.autostart, app.desktop._windows_autostart\n"
+        "import app.desktop.single_instance, app.desktop.links, app.desktop.autopause\n"
+        "import app.desktop._windows_fullscreen\n"
+        "import app.desktop.icons, worker_core.gpus\n"
+        "worker_core.gpus.list_gpus(); app.desktop.autopause.probe_gpu_load(set())\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "print('heavy:', bad)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "heavy: []"
@@ -575,11 +630,14 @@ def test_xdg_autostart_respects_the_desktops_off_switch(tmp_path, extra):
     assert a.is_enabled()
 
 
-@pytest.mark.parametrize("cmd", [
-    ["/usr/bin/molink-tray"],
-    ["/home/me/My Apps/molink", "--data", "/tmp/a b", "--name", "O'Brien"],
-    ["/opt/x", 'say "hi"', "$HOME", "`id`", "back\\slash", "100%", "a;b|c&d", "tab\there".replace("\t", " ")],
-])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["/usr/bin/molink-tray"],
+        ["/home/me/My Apps/molink", "--data", "/tmp/a b", "--name", "O'Brien"],
+        ["/opt/x", 'say "hi"', "$HOME", "`id`", "back\\slash", "100%", "a;b|c&d", "tab\there".replace("\t", " ")],
+    ],
+)
 def test_desktop_exec_quoting_round_trips(tmp_path, cmd):
     line = autostart.exec_line(cmd)
     assert autostart.parse_exec(line) == cmd
@@ -671,14 +729,17 @@ def test_windows_run_key_write_read_remove():
     assert reg.open_handles == 0  # every key closed
 
 
-@pytest.mark.parametrize("approved, enabled", [
-    (bytes([2]) + bytes(11), True),
-    (bytes([6]) + bytes(11), True),
-    (bytes([3]) + bytes(range(11)), False),
-    (bytes([1]) + bytes(11), False),
-    (b"", True),
-    ("weird", True),
-])
+@pytest.mark.parametrize(
+    "approved, enabled",
+    [
+        (bytes([2]) + bytes(11), True),
+        (bytes([6]) + bytes(11), True),
+        (bytes([3]) + bytes(range(11)), False),
+        (bytes([1]) + bytes(11), False),
+        (b"", True),
+        ("weird", True),
+    ],
+)
 def test_windows_startup_approved_is_respected_and_never_rewritten(approved, enabled):
     reg = FakeWinreg()
     a = winauto.WindowsRunKey(WIN_CMD, reg)

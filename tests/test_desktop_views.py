@@ -112,7 +112,7 @@ def test_fill_menu_builds_submenus(qtbot):
 
 def test_desktop_routes_commands_without_a_group(qtbot, tmp_path):
     c = Controller(Paths.under(tmp_path), Settings(), gpu="test GPU", probe_load=lambda pids: None)
-    d = Desktop(c, use_tray=False, confirm=lambda q: True)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True, exit_app=lambda: None)
     qtbot.addWidget(d.window)
     d.handle(Act.SHARE)  # not in a group: nothing starts, the reason is kept
     assert c.sharing is Sharing.OFF and c.worker is None and c.problem == "join or create a group first"
@@ -126,18 +126,24 @@ def test_desktop_routes_commands_without_a_group(qtbot, tmp_path):
 
 def test_the_tray_process_imports_no_torch():
     code = (
-        "import sys, app.desktop.main, app.desktop.controller, app.desktop.dialogs, app.desktop.tray, "
+        "import sys, app.cli, app.desktop.main, app.desktop.controller, app.desktop.dialogs, app.desktop.tray, "
         "app.desktop.selftest, app.desktop.supervisor\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"QT_QPA_PLATFORM": "offscreen", "PATH": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"QT_QPA_PLATFORM": "offscreen", "PATH": ""},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_a_link_from_a_second_launch_opens_the_join_dialog_filled_in(qtbot, tmp_path):
     c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
-    d = Desktop(c, use_tray=False, confirm=lambda q: True)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True, exit_app=lambda: None)
     qtbot.addWidget(d.window)
     d.on_message("open molink://join?code=4782031956&master=192.168.1.20:7733&group=Friends")
     dlg = d.dialogs["join"]
@@ -150,7 +156,12 @@ def test_a_link_from_a_second_launch_opens_the_join_dialog_filled_in(qtbot, tmp_
 
 
 def test_a_problem_shows_the_last_log_lines_in_the_menu(qtbot):
-    s = TrayState(sharing=Sharing.PROBLEM, joined_group="g", problem="the worker stopped", last_log=("line one", "CUDA out of memory"))
+    s = TrayState(
+        sharing=Sharing.PROBLEM,
+        joined_group="g",
+        problem="the worker stopped",
+        last_log=("line one", "CUDA out of memory"),
+    )
     view = TrayView(lambda: s)
     view.rebuild()
     assert "Why? (last log lines) ▸ CUDA out of memory" in texts(view.menu)
@@ -175,7 +186,13 @@ def test_quit_from_a_second_launch_ends_the_app_even_with_the_window_open(tmp_pa
         "QTimer.singleShot(20000, lambda: sys.exit(3))\n"
         "sys.exit(app.exec())\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={"QT_QPA_PLATFORM": "offscreen", "PATH": ""})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"QT_QPA_PLATFORM": "offscreen", "PATH": ""},
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -183,7 +200,7 @@ def test_first_run_welcome_leads_to_join_or_create_and_is_shown_once(qtbot, tmp_
     from app.desktop.settings import load
 
     c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
-    d = Desktop(c, use_tray=False, confirm=lambda q: True)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True, exit_app=lambda: None)
     qtbot.addWidget(d.window)
     w = d.welcome()
     qtbot.addWidget(w)
@@ -191,3 +208,23 @@ def test_first_run_welcome_leads_to_join_or_create_and_is_shown_once(qtbot, tmp_
     w.create_button.click()
     assert d.dialogs["create"].isVisible() and not w.isVisible()
     qtbot.addWidget(d.dialogs["create"])
+
+
+def test_pairing_failures_become_sentences_by_their_type():
+    from app.desktop.dialogs import _friendly
+    from app.group import BadAddress, GroupCommandError, NoGroupFound
+    from worker_core.pairing import Malformed, Refused, UnknownCode, Unreachable, WrongCode
+
+    # the message text is never what decides: each type says the same whatever its words
+    assert _friendly(WrongCode("anything")).startswith("That code is not right")
+    assert "for 5 minutes" in _friendly(WrongCode("x"))  # the codes' lifetime, from the master's TTL
+    for e in (UnknownCode("x"), Refused("wrong pairing code")):
+        assert _friendly(e).startswith("That code is no longer valid")
+    assert _friendly(NoGroupFound("x")).startswith("No group was found")
+    for e in (Unreachable("x"), TimeoutError("no answer within 20 seconds")):
+        assert _friendly(e).startswith("The group's master cannot be reached")
+    assert _friendly(BadAddress("no such pairing code")).startswith("The address must look like HOST:PORT")
+    # anything else is shown as it is, as a sentence
+    assert _friendly(Malformed("sealed pairing message does not open")) == "Sealed pairing message does not open"
+    assert _friendly(GroupCommandError("no master answered")) == "No master answered"
+    assert _friendly(OSError("disk full")) == "OSError: disk full"

@@ -13,18 +13,26 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-import aiohttp
 import pytest
-
-from harness import run
-from master_core.config import MasterConfig
-from master_core.invitations import MAX_FAILURES, TTL, Invitations, InvitationState, Refused
-from master_core.server import Master
+from harness import paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
+
+from master_core.invitations import MAX_FAILURES, TTL, Invitations, InvitationState
+from master_core.server import Master
 from worker_core.identity import client_context, load_or_create
-from worker_core.pairing import PairingError, PairingSession, join, parse_code
+from worker_core.pairing import (
+    Malformed,
+    NotACode,
+    PairingSession,
+    Refused,
+    UnknownCode,
+    Unreachable,
+    WrongCode,
+    join,
+    parse_code,
+    refusal,
+)
 from worker_core.worker import WorkerConfig, serve
 
 
@@ -59,11 +67,19 @@ def test_codes_are_single_use_expire_and_burn_after_five_failures():
     assert inv.state(nameplate) is InvitationState.BURNED
     with pytest.raises(Refused, match="burned"):
         inv.begin(nameplate, now=2.0)  # the 6th attempt, even with the right code
-    with pytest.raises(Refused, match="no such"):
+    with pytest.raises(UnknownCode, match="no such"):
         inv.begin("00", now=2.0)
     for bad in ("", "12-34", "abcdefghij", "01-2345-6789", "12-3456-78901"):
-        with pytest.raises(PairingError):
+        with pytest.raises(NotACode):
             parse_code(bad)
+
+
+def test_a_masters_error_code_picks_the_type_and_unknown_codes_are_refusals():
+    assert type(refusal("unknown_code", "x")) is UnknownCode and type(refusal("wrong_code", "x")) is WrongCode
+    assert type(refusal("malformed", "x")) is Malformed and type(refusal("refused", "x")) is Refused
+    for other in (None, 3, "unreachable", "something new"):
+        assert type(refusal(other, "the master refused: why")) is Refused
+    assert str(refusal("unknown_code", "the master refused: no such code")) == "the master refused: no such code"
 
 
 def test_pake_confirms_only_with_the_same_code():
@@ -76,21 +92,19 @@ def test_pake_confirms_only_with_the_same_code():
     c.finish(d.outbound)
     d.finish(c.outbound)
     assert not c.check_peer_confirmation(d.confirmation()) and not d.check_peer_confirmation(c.confirmation())
-    with pytest.raises(PairingError):
+    with pytest.raises(Malformed):
         d.open(c.seal({"x": 1}))
 
 
 # ---------------------------------------------------------------- a paired master in process
 
 
-def _config(ckpt, data_dir, group_port=0, **kw):
-    return MasterConfig(model=str(ckpt), port=0, data_dir=str(data_dir), group_host="127.0.0.1", group_port=group_port, heartbeat=2.0, **kw)
-
-
 async def _raw_tls(port: int, ctx: ssl.SSLContext) -> bytes:
     """Open TLS with ``ctx`` (server name of member tunnels), send a bare request, return the
     first bytes answered; a refused handshake raises or reads nothing."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="molink"), 10)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="molink"), 10
+    )
     try:
         writer.write(b"GET /v1/tunnel HTTP/1.1\r\nHost: molink\r\n\r\n")
         await writer.drain()
@@ -101,33 +115,37 @@ async def _raw_tls(port: int, ctx: ssl.SSLContext) -> bytes:
 
 def test_pairing_right_wrong_burned_expired_over_the_network(ckpt, tmp_path):
     async def main():
-        master = Master(_config(ckpt, tmp_path / "m"))
+        master = Master(paired_config(ckpt, tmp_path / "m"))
         await master.start()
         try:
             port = master.group_port.port
             me = load_or_create(tmp_path / "a" / "identity", "alice")
             code = master.new_code()
             wrong = code[:-1] + ("0" if code[-1] != "0" else "1")
-            with pytest.raises(PairingError, match="wrong pairing code"):
+            with pytest.raises(WrongCode, match="wrong pairing code"):
                 await join("127.0.0.1", port, wrong, "alice", me.cert_pem)
             joined = await join("127.0.0.1", port, code, "alice", me.cert_pem)
             assert joined.name == "alice" and joined.master_cert == master.members.identity.cert_pem
             assert [m.name for m in master.members.members()] == ["alice"]
-            with pytest.raises(PairingError, match="already used"):
+            with pytest.raises(Refused, match="already used"):
                 await join("127.0.0.1", port, code, "alice", me.cert_pem)
+            with pytest.raises(UnknownCode, match="no such pairing code"):
+                await join("127.0.0.1", port, "99-0000-0000" if code[:2] != "99" else "98-0000-0000", "x", me.cert_pem)
 
             code = master.new_code()
             bad = code[:-1] + ("0" if code[-1] != "0" else "1")
             for _ in range(MAX_FAILURES):
-                with pytest.raises(PairingError, match="wrong pairing code"):
+                with pytest.raises(WrongCode, match="wrong pairing code"):
                     await join("127.0.0.1", port, bad, "mallory", me.cert_pem)
-            with pytest.raises(PairingError, match="burned"):
+            with pytest.raises(Refused, match="burned"):
                 await join("127.0.0.1", port, code, "bob", me.cert_pem)  # 6th attempt, right code
 
             code = master.new_code()
             master.invitations._by_nameplate[code[:2]].issued -= TTL + 1  # issued over 5 minutes ago
-            with pytest.raises(PairingError, match="expired"):
+            with pytest.raises(Refused, match="expired"):
                 await join("127.0.0.1", port, code, "bob", me.cert_pem)
+            with pytest.raises(Unreachable, match="cannot pair with"):
+                await join("127.0.0.1", _free_port(), code, "bob", me.cert_pem)
             assert [m.name for m in master.members.members()] == ["alice"]
         finally:
             await master.stop()
@@ -135,9 +153,49 @@ def test_pairing_right_wrong_burned_expired_over_the_network(ckpt, tmp_path):
     run(main(), 120)
 
 
+def test_joining_by_lan_discovery_skips_unreachable_addresses_and_other_groups(ckpt, tmp_path, monkeypatch):
+    """``pair_with_group`` decides by the failure's type: an unreachable address moves on to the
+    master's next address, an unknown code (another group's master) to the next master."""
+    import worker_core.discovery
+    from app.group import NoGroupFound, pair_with_group
+
+    async def main():
+        ours, theirs = Master(paired_config(ckpt, tmp_path / "ours")), Master(paired_config(ckpt, tmp_path / "theirs"))
+        await ours.start()
+        await theirs.start()
+        try:
+            code = ours.new_code()
+            if code[:2] in theirs.invitations._by_nameplate:  # the other group must not know this nameplate
+                theirs.invitations._by_nameplate.pop(code[:2])
+            found = [
+                (["127.0.0.1"], theirs.group_port.port, "theirs"),  # answers: no such code
+                (["127.0.0.2", "127.0.0.1"], ours.group_port.port, "ours"),  # not bound on 127.0.0.2
+            ]
+
+            async def browse(seconds: float):
+                return found
+
+            monkeypatch.setattr(worker_core.discovery, "browse", browse)
+            joined = await pair_with_group(code, None, tmp_path / "me", "me")
+            assert joined.group == ours.members.group and joined.master_port == ours.group_port.port
+            assert [m.name for m in ours.members.members()] == ["me"] and theirs.members.members() == []
+
+            found[:] = [(["127.0.0.1"], theirs.group_port.port, "theirs")]
+            with pytest.raises(UnknownCode):
+                await pair_with_group(ours.new_code(), None, tmp_path / "me", "me")
+            found[:] = []
+            with pytest.raises(NoGroupFound):
+                await pair_with_group(ours.new_code(), None, tmp_path / "me", "me")
+        finally:
+            await ours.stop()
+            await theirs.stop()
+
+    run(main(), 120)
+
+
 def test_only_members_complete_the_handshake_removal_is_immediate_and_master_is_pinned(ckpt, tmp_path):
     async def main():
-        master = Master(_config(ckpt, tmp_path / "m", min_workers=1))
+        master = Master(paired_config(ckpt, tmp_path / "m", min_workers=1))
         await master.start()
         port = master.group_port.port
         alice = load_or_create(tmp_path / "a" / "identity", "alice")
@@ -154,10 +212,16 @@ def test_only_members_complete_the_handshake_removal_is_immediate_and_master_is_
                 raise ConnectionError("closed")
 
             # the member's worker serves, with weights delivered by the master
-            cfg = WorkerConfig(master=f"127.0.0.1:{port}", device="cpu", tls=client_context(alice, joined.master_cert), reconnect=False, weights_dir=tmp_path / "a" / "weights")
+            cfg = WorkerConfig(
+                master=f"127.0.0.1:{port}",
+                device="cpu",
+                tls=client_context(alice, joined.master_cert),
+                reconnect=False,
+                weights_dir=tmp_path / "a" / "weights",
+            )
             worker = asyncio.create_task(serve(cfg))
-            await asyncio.wait_for(master.group.serving.wait(), 60)
-            assert [l.member for l in master.group.stages] == ["alice"]
+            await asyncio.wait_for(master.group.wait_serving(), 60)
+            assert [s.member for s in master.group.stages] == ["alice"]
             assert master.group.stages[0].weight_bytes_sent > 0
             assert list((tmp_path / "a" / "weights" / "tensors").rglob("*.safetensors"))
 
@@ -174,7 +238,7 @@ def test_only_members_complete_the_handshake_removal_is_immediate_and_master_is_
             await master.stop()
 
         # another master (another certificate) on the same address: the pinned worker refuses it
-        impostor = Master(_config(ckpt, tmp_path / "other", group_port=port))
+        impostor = Master(paired_config(ckpt, tmp_path / "other", group_port=port))
         await impostor.start()
         try:
             with pytest.raises(ssl.SSLCertVerificationError):
@@ -189,7 +253,7 @@ def test_mdns_finds_the_group(ckpt, tmp_path):
     from worker_core.discovery import browse
 
     async def main():
-        master = Master(_config(ckpt, tmp_path / "m", group_name="mdns-test-group"))
+        master = Master(paired_config(ckpt, tmp_path / "m", group_name="mdns-test-group"))
         await master.start()
         try:
             found = await browse(3.0)
@@ -202,6 +266,7 @@ def test_mdns_finds_the_group(ckpt, tmp_path):
     run(main(), 60)
 
 
+@pytest.mark.slow
 def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_correctly(ckpt, tmp_path):
     from harness import greedy
 
@@ -209,20 +274,26 @@ def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_corr
     want = [reference_greedy(ckpt, p, 64) for p in prompts]
 
     async def main():
-        master = Master(_config(ckpt, tmp_path / "m", min_workers=1))
+        master = Master(paired_config(ckpt, tmp_path / "m", min_workers=1))
         await master.start()
         port = master.group_port.port
         tasks = []
         try:
+
             async def member(name: str) -> None:
                 ident = load_or_create(tmp_path / name / "identity", name)
                 joined = await join("127.0.0.1", port, master.new_code(), name, ident.cert_pem)
-                cfg = WorkerConfig(master=f"127.0.0.1:{port}", device="cpu", tls=client_context(ident, joined.master_cert),
-                                   reconnect=False, weights_dir=tmp_path / name / "weights")
+                cfg = WorkerConfig(
+                    master=f"127.0.0.1:{port}",
+                    device="cpu",
+                    tls=client_context(ident, joined.master_cert),
+                    reconnect=False,
+                    weights_dir=tmp_path / name / "weights",
+                )
                 tasks.append(asyncio.create_task(serve(cfg)))
 
             await member("alice")
-            await asyncio.wait_for(master.group.serving.wait(), 60)
+            await asyncio.wait_for(master.group.wait_serving(), 60)
             gens = [asyncio.create_task(master.engine.generate(p, greedy(64))) for p in prompts]
             while master.engine.tokens_generated < 10:
                 await asyncio.sleep(0.01)
@@ -231,8 +302,8 @@ def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_corr
                 await asyncio.sleep(0.005)
             assert not all(g.done() for g in gens), "the join came too late to test anything"
             results = await asyncio.wait_for(asyncio.gather(*gens), 120)
-            await asyncio.wait_for(master.group.serving.wait(), 60)
-            return [r[0] for r in results], [l.member for l in master.group.stages]
+            await asyncio.wait_for(master.group.wait_serving(), 60)
+            return [r[0] for r in results], [s.member for s in master.group.stages]
         finally:
             for t in tasks:
                 t.cancel()
@@ -241,7 +312,9 @@ def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_corr
 
     got, stages = run(main(), 240)
     assert got == want
-    assert sorted(stages) == ["alice", "bob"] and list((tmp_path / "bob" / "weights" / "tensors").rglob("*.safetensors"))
+    assert sorted(stages) == ["alice", "bob"] and list(
+        (tmp_path / "bob" / "weights" / "tensors").rglob("*.safetensors")
+    )
 
 
 # ---------------------------------------------------------------- the command line, end to end
@@ -255,7 +328,14 @@ def _free_port() -> int:
 
 def _molink(*args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
@@ -271,28 +351,85 @@ def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
     raise AssertionError(f"no {prefix!r} line; output:\n{''.join(seen)}")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess there: no clean exit to check")
 def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
     group_port, api_port = _free_port(), _free_port()
     master_dir = tmp_path / "master"
     procs = []
     try:
-        master = _molink("group", "create", "--model", str(ckpt), "--host", "127.0.0.1", "--port", str(group_port), "--api-port", str(api_port),
-                         "--data-dir", str(master_dir), "--min-workers", "2", "--name", "e2e-group")
+        master = _molink(
+            "group",
+            "create",
+            "--model",
+            str(ckpt),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(group_port),
+            "--api-port",
+            str(api_port),
+            "--data-dir",
+            str(master_dir),
+            "--min-workers",
+            "2",
+            "--name",
+            "e2e-group",
+        )
         procs.append(master)
         code = _wait_line(master, "Pairing code:", 120).split()[-1]
         # the first machine finds the master by mDNS, the second is told where it is
-        first = subprocess.run([sys.executable, "-m", "app.cli", "join", code, "--data-dir", str(tmp_path / "w1"), "--name", "alice"],
-                               capture_output=True, text=True, timeout=60)
+        first = subprocess.run(
+            [sys.executable, "-m", "app.cli", "join", code, "--data-dir", str(tmp_path / "w1"), "--name", "alice"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert first.returncode == 0, first.stderr
         assert "Joined group 'e2e-group' as 'alice'" in first.stdout
-        again = subprocess.run([sys.executable, "-m", "app.cli", "join", code, "--master", f"127.0.0.1:{group_port}", "--data-dir", str(tmp_path / "w2")],
-                               capture_output=True, text=True, timeout=60)
+        again = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "join",
+                code,
+                "--master",
+                f"127.0.0.1:{group_port}",
+                "--data-dir",
+                str(tmp_path / "w2"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert again.returncode == 1 and "already used" in again.stderr and "Traceback" not in again.stderr
         assert len(again.stderr.strip().splitlines()) == 1
-        code2 = subprocess.run([sys.executable, "-m", "app.cli", "group", "code", "--data-dir", str(master_dir)], capture_output=True, text=True, timeout=30)
+        code2 = subprocess.run(
+            [sys.executable, "-m", "app.cli", "group", "code", "--data-dir", str(master_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert code2.returncode == 0, code2.stderr
-        second = subprocess.run([sys.executable, "-m", "app.cli", "join", code2.stdout.split()[2], "--master", f"127.0.0.1:{group_port}",
-                                 "--data-dir", str(tmp_path / "w2"), "--name", "bob"], capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "join",
+                code2.stdout.split()[2],
+                "--master",
+                f"127.0.0.1:{group_port}",
+                "--data-dir",
+                str(tmp_path / "w2"),
+                "--name",
+                "bob",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 0, second.stderr
 
         for d in ("w1", "w2"):  # neither worker can read the model: only the master holds it
@@ -308,15 +445,28 @@ def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
             assert time.monotonic() < deadline, f"group never served: {problem}"
             time.sleep(0.5)
 
-        probe = subprocess.run([sys.executable, "-m", "app.cli", "probe", "--device", "cpu", "--json", "--data-dir", str(tmp_path / "w1")],
-                               capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(
+            [sys.executable, "-m", "app.cli", "probe", "--device", "cpu", "--json", "--data-dir", str(tmp_path / "w1")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         link = json.loads(probe.stdout)
-        assert link["rtt_ms"] > 0 and link["bandwidth_mbps"] > 1, probe.stderr  # measured over the mutual-TLS group port
+        assert link["rtt_ms"] > 0 and link["bandwidth_mbps"] > 1, (
+            probe.stderr
+        )  # measured over the mutual-TLS group port
 
-        members = subprocess.run([sys.executable, "-m", "app.cli", "group", "members", "--data-dir", str(master_dir)], capture_output=True, text=True, timeout=30)
+        members = subprocess.run(
+            [sys.executable, "-m", "app.cli", "group", "members", "--data-dir", str(master_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert "alice" in members.stdout and "bob" in members.stdout and members.stdout.count("connected") == 2
         # what each worker announced: its device and speed, and the link it measured before dialling
-        announced = re.findall(r"GFLOP/s, RAM \d+ GB, \d+ cores; link ([\d.]+) ms, (\d+) Mbit/s; layers \[(\d+), (\d+)\)", members.stdout)
+        announced = re.findall(
+            r"GFLOP/s, RAM \d+ GB, \d+ cores; link ([\d.]+) ms, (\d+) Mbit/s; layers \[(\d+), (\d+)\)", members.stdout
+        )
         assert len(announced) == 2, members.stdout
         assert all(float(rtt) > 0 and int(mbps) > 1 for rtt, mbps, _, _ in announced)
         assert sorted(int(b) - int(a) for _, _, a, b in announced) == [2, 2]  # 4 layers over 2 equal members
@@ -328,7 +478,9 @@ def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
         body = {"model": "x", "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
         with urllib.request.urlopen(urllib.request.Request(f"{api}/v1/models"), timeout=10) as r:
             body["model"] = json.loads(r.read())["data"][0]["id"]
-        req = urllib.request.Request(f"{api}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{api}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.loads(r.read())["choices"][0]["message"]["content"]
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -7,11 +7,11 @@ import asyncio
 
 import pytest
 from aiohttp import web
-from huggingface_hub import constants
-
 from harness import run
-from master_core.weight_source import WeightSource
+from huggingface_hub import constants
 from tiny_models import make_tiny_checkpoint
+
+from master_core.weight_source import WeightSource
 from worker_core import model_source
 from worker_core.hub_ranges import fetch_from_hub
 from worker_core.weights import WeightCache
@@ -54,11 +54,18 @@ class FakeHub:
             data = f.read(last - first + 1)
         if self.mode == "corrupt" and name == self.corrupt_file:
             data = bytes([data[0] ^ 1]) + data[1:]
-        return web.Response(status=206, body=data, headers={"Content-Range": f"bytes {first}-{last}/{path.stat().st_size}"})
+        return web.Response(
+            status=206, body=data, headers={"Content-Range": f"bytes {first}-{last}/{path.stat().st_size}"}
+        )
 
     async def start(self):
         app = web.Application()
-        app.add_routes([web.get("/{repo:[^/]+/[^/]+}/resolve/{commit}/{file:.+}", self.resolve), web.get("/cdn/{file:.+}", self.cdn)])
+        app.add_routes(
+            [
+                web.get("/{repo:[^/]+/[^/]+}/resolve/{commit}/{file:.+}", self.resolve),
+                web.get("/cdn/{file:.+}", self.cdn),
+            ]
+        )
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -137,10 +144,16 @@ def test_hub_trouble_falls_back_to_the_master(snapshot, tmp_path, monkeypatch, c
 
     cache, got, left, parts = run(main())
     assert got == 0 and left and parts == []  # the attempt ended and left nothing half-trusted
-    reason = {"corrupt": "do not match the manifest", "no-range": "HTTP 200 for a range request", "offline": "ClientConnectorError"}[mode]
+    reason = {
+        "corrupt": "do not match the manifest",
+        "no-range": "HTTP 200 for a range request",
+        "offline": "ClientConnectorError",
+    }[mode]
     assert reason in caplog.text
     assert set(asked) == {s.sha256 for s in left}  # the master sent exactly what was missing
-    assert hub.whole_files <= 8  # a server ignoring Range: dropped at its first answer (one window of requests in flight), bodies unread
+    assert (
+        hub.whole_files <= 8
+    )  # a server ignoring Range: dropped at its first answer (one window of requests in flight), bodies unread
     assert cache.missing(specs) == []
     _cached_bytes_equal_the_checkpoint(cache, specs, snapshot)
 
@@ -151,10 +164,10 @@ def test_paired_workers_of_a_hub_model_take_their_layers_from_the_hub(snapshot, 
     their ranges from the hub, the master sends no weights, and generation matches transformers."""
     import logging
 
-    from harness import greedy
-    from master_core.server import Master
-    from test_groups import _config
+    from harness import greedy, paired_config
     from tiny_models import reference_greedy
+
+    from master_core.server import Master
     from worker_core.identity import client_context, load_or_create
     from worker_core.pairing import join
     from worker_core.worker import WorkerConfig, serve
@@ -166,7 +179,7 @@ def test_paired_workers_of_a_hub_model_take_their_layers_from_the_hub(snapshot, 
 
     async def main():
         monkeypatch.setattr(constants, "ENDPOINT", await hub.start())
-        master = Master(_config(snapshot, tmp_path / "m", min_workers=2))
+        master = Master(paired_config(snapshot, tmp_path / "m", min_workers=2))
         await master.start()
         master.group.weights.hub = HUB
         tasks = []
@@ -174,10 +187,15 @@ def test_paired_workers_of_a_hub_model_take_their_layers_from_the_hub(snapshot, 
             for name in ("alice", "bob"):
                 ident = load_or_create(tmp_path / name / "identity", name)
                 joined = await join("127.0.0.1", master.group_port.port, master.new_code(), name, ident.cert_pem)
-                cfg = WorkerConfig(master=f"127.0.0.1:{master.group_port.port}", device="cpu", tls=client_context(ident, joined.master_cert),
-                                   reconnect=False, weights_dir=tmp_path / name / "weights")
+                cfg = WorkerConfig(
+                    master=f"127.0.0.1:{master.group_port.port}",
+                    device="cpu",
+                    tls=client_context(ident, joined.master_cert),
+                    reconnect=False,
+                    weights_dir=tmp_path / name / "weights",
+                )
                 tasks.append(asyncio.create_task(serve(cfg)))
-            await asyncio.wait_for(master.group.serving.wait(), 60)
+            await asyncio.wait_for(master.group.wait_serving(), 60)
             return (await master.engine.generate(prompt, greedy(12)))[0]
         finally:
             for t in tasks:
@@ -188,5 +206,7 @@ def test_paired_workers_of_a_hub_model_take_their_layers_from_the_hub(snapshot, 
 
     assert run(main(), 180) == want
     assert caplog.text.count("weights read from the hub") == 2
-    assert "the master sends them" not in caplog.text and "from the master" not in caplog.text  # no fallback, no master fetch
+    assert (
+        "the master sends them" not in caplog.text and "from the master" not in caplog.text
+    )  # no fallback, no master fetch
     assert hub.ranges and hub.whole_files == 0

@@ -54,18 +54,27 @@ def test_app_icon(qapp):
 
 
 def test_states_are_distinct_at_16_px(qapp):
-    imgs = {k: icons.tray_icon(k).pixmap(QSize(16, 16)).toImage().convertToFormat(QImage.Format.Format_ARGB32)
-            for k in IconKind}
+    imgs = {
+        k: icons.tray_icon(k).pixmap(QSize(16, 16)).toImage().convertToFormat(QImage.Format.Format_ARGB32)
+        for k in IconKind
+    }
 
     def differing(a: QImage, b: QImage) -> int:
-        return sum(1 for y in range(16) for x in range(16)
-                   if max(abs(a.pixelColor(x, y).red() - b.pixelColor(x, y).red()),
-                          abs(a.pixelColor(x, y).green() - b.pixelColor(x, y).green()),
-                          abs(a.pixelColor(x, y).blue() - b.pixelColor(x, y).blue())) > 48)
+        return sum(
+            1
+            for y in range(16)
+            for x in range(16)
+            if max(
+                abs(a.pixelColor(x, y).red() - b.pixelColor(x, y).red()),
+                abs(a.pixelColor(x, y).green() - b.pixelColor(x, y).green()),
+                abs(a.pixelColor(x, y).blue() - b.pixelColor(x, y).blue()),
+            )
+            > 48
+        )
 
     kinds = list(IconKind)
     for i, a in enumerate(kinds):
-        for b in kinds[i + 1:]:
+        for b in kinds[i + 1 :]:
             assert differing(imgs[a], imgs[b]) >= 12, (a, b)  # at least 12 of 256 pixels clearly differ
 
     def saturation(img: QImage) -> float:
@@ -113,8 +122,12 @@ def test_committed_pngs_match_their_svgs(qapp, monkeypatch):
             fresh = render.render(ROOT / "assets" / "icons" / f"{kind.value}.svg", size)
             fresh = fresh.convertToFormat(QImage.Format.Format_ARGB32)
             stored = QImage(str(icons.tray_icon_file(kind, size))).convertToFormat(QImage.Format.Format_ARGB32)
-            worst = max(abs(a - b) for y in range(size) for x in range(size)
-                        for a, b in zip(fresh.pixelColor(x, y).getRgb(), stored.pixelColor(x, y).getRgb()))
+            worst = max(
+                abs(a - b)
+                for y in range(size)
+                for x in range(size)
+                for a, b in zip(fresh.pixelColor(x, y).getRgb(), stored.pixelColor(x, y).getRgb())
+            )
             assert worst <= 8, f"{kind.value}-{size}.png is stale: run assets/icons/render.py"
 
 

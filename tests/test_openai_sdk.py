@@ -3,7 +3,6 @@
 import openai
 import pytest
 import torch
-
 from harness import Cluster, run
 from tiny_models import _load, make_tiny_checkpoint, reference_greedy
 
@@ -39,7 +38,9 @@ def test_sdk_completions_chat_streaming_usage(ckpt):
         # completions, prompt as token ids
         prompt = [11, 12, 13, 14, 15]
         ref = reference_greedy(ckpt, prompt, 16)
-        r = await client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+        r = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert r.choices[0].text == tok.decode(ref, skip_special_tokens=True)
         assert r.choices[0].finish_reason == "length"
         assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (5, 16, 21)
@@ -47,7 +48,10 @@ def test_sdk_completions_chat_streaming_usage(ckpt):
         ids = chat_prompt_ids(tok, "tell me about the pipeline")
         ref = reference_greedy(ckpt, ids, 20)
         r = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "tell me about the pipeline"}], max_completion_tokens=20, temperature=0,
+            model=model,
+            messages=[{"role": "user", "content": "tell me about the pipeline"}],
+            max_completion_tokens=20,
+            temperature=0,
             extra_body={"ignore_eos": True},
         )
         want = tok.decode(ref, skip_special_tokens=True)
@@ -55,8 +59,13 @@ def test_sdk_completions_chat_streaming_usage(ckpt):
         assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 20
         # chat, streaming, with the final usage chunk
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "tell me about the pipeline"}], max_tokens=20, temperature=0,
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            model=model,
+            messages=[{"role": "user", "content": "tell me about the pipeline"}],
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
         pieces, finish, usage = [], None, None
         async for chunk in stream:
@@ -68,7 +77,9 @@ def test_sdk_completions_chat_streaming_usage(ckpt):
         assert "".join(pieces) == want and finish == "length"
         assert usage.completion_tokens == 20 and usage.prompt_tokens == len(ids)
         # completions streaming
-        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=16, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         text = "".join([ch.text async for chunk in stream for ch in chunk.choices])
         assert text == tok.decode(reference_greedy(ckpt, prompt, 16), skip_special_tokens=True)
 
@@ -84,7 +95,14 @@ def test_sdk_stop_strings_cut_the_output(ckpt):
         assert stop and full.find(stop) >= 0
         want = full[: full.find(stop)]
         for stream in (False, True):
-            kw = dict(model=c.master.model_id, prompt=prompt, max_tokens=24, temperature=0, stop=[stop, "\u2603never"], extra_body={"ignore_eos": True})
+            kw = dict(
+                model=c.master.model_id,
+                prompt=prompt,
+                max_tokens=24,
+                temperature=0,
+                stop=[stop, "\u2603never"],
+                extra_body={"ignore_eos": True},
+            )
             if stream:
                 s = await client.completions.create(stream=True, **kw)
                 got, finish = "", None
@@ -102,7 +120,14 @@ def test_sdk_stop_strings_cut_the_output(ckpt):
 
 def test_sdk_seed_reproducible_and_n_choices(ckpt):
     async def fn(c, client):
-        kw = dict(model=c.master.model_id, prompt=[40, 41, 42], max_tokens=16, temperature=1.0, top_p=0.9, extra_body={"ignore_eos": True})
+        kw = dict(
+            model=c.master.model_id,
+            prompt=[40, 41, 42],
+            max_tokens=16,
+            temperature=1.0,
+            top_p=0.9,
+            extra_body={"ignore_eos": True},
+        )
         a = await client.completions.create(seed=1234, **kw)
         b = await client.completions.create(seed=1234, **kw)
         others = [await client.completions.create(seed=s, **kw) for s in (1, 2, 3)]
@@ -112,7 +137,9 @@ def test_sdk_seed_reproducible_and_n_choices(ckpt):
         assert sorted(ch.index for ch in n.choices) == [0, 1, 2]
         assert n.usage.completion_tokens == 48 and n.usage.prompt_tokens == 3
         again = await client.completions.create(seed=7, n=3, **kw)
-        assert [ch.text for ch in sorted(n.choices, key=lambda x: x.index)] == [ch.text for ch in sorted(again.choices, key=lambda x: x.index)]
+        assert [ch.text for ch in sorted(n.choices, key=lambda x: x.index)] == [
+            ch.text for ch in sorted(again.choices, key=lambda x: x.index)
+        ]
 
     with_client(ckpt, fn)
 
@@ -129,10 +156,22 @@ def test_sdk_logprobs_match_transformers(ckpt):
     async def fn(c, client):
         tok = c.engine.tokenizer
         r = await client.chat.completions.create(
-            model=c.master.model_id, messages=[{"role": "user", "content": "x"}], max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+            model=c.master.model_id,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=3,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
         )
         assert len(r.choices[0].logprobs.content) >= 1 and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
-        r = await client.completions.create(model=c.master.model_id, prompt=prompt, max_tokens=8, temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+        r = await client.completions.create(
+            model=c.master.model_id,
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0,
+            logprobs=3,
+            extra_body={"ignore_eos": True},
+        )
         lp = r.choices[0].logprobs
         assert lp.token_logprobs == pytest.approx(want, abs=1e-4)
         assert lp.tokens == tok.convert_ids_to_tokens(ref)

@@ -4,10 +4,10 @@ import asyncio
 
 import aiohttp
 import pytest
-
 from harness import Cluster, greedy, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
-from worker_core.wire import Fetch, Hello, encode
+
+from worker_core.wire import CloseCode, Fetch, Hello, Leave, encode
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
 
@@ -15,7 +15,10 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {arch: make_tiny_checkpoint(arch, root / arch, num_layers=4, seed=1) for arch in ("llama", "qwen2", "mistral", "qwen3")}
+    return {
+        arch: make_tiny_checkpoint(arch, root / arch, num_layers=4, seed=1)
+        for arch in ("llama", "qwen2", "mistral", "qwen3")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +76,26 @@ def test_worker_sending_garbage_is_dropped_and_serving_goes_on(checkpoints, refe
                     await ws.send_bytes(encode(Hello("evil", "cpu", "cpu", 10**12, 10**12, "float32")))
                     await ws.send_bytes(b"MLK\x01\x07\x00\x00\x00\x05{bad}")  # malformed header
                     msg = await ws.receive(timeout=10)
-                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
-                async with http.ws_connect(f"ws://{c.master.address}/v1/tunnel") as ws:  # asks for weights it was never offered
+                    # the close code says why, chosen by the error's type
+                    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, CloseCode.PROTOCOL_ERROR)
+                async with http.ws_connect(
+                    f"ws://{c.master.address}/v1/tunnel"
+                ) as ws:  # asks for weights it was never offered
                     await ws.send_bytes(encode(Hello("greedy", "cpu", "cpu", 10**12, 10**12, "float32")))
                     await ws.send_bytes(encode(Fetch("ab" * 32, 0, 1 << 20)))
                     while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
                         pass  # an Assign may come first
-                    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+                    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, CloseCode.PROTOCOL_ERROR)
+                async with http.ws_connect(f"ws://{c.master.address}/v1/tunnel") as ws:  # a polite goodbye
+                    await ws.send_bytes(encode(Hello("brief", "cpu", "cpu", 10**12, 10**12, "float32")))
+                    await ws.send_bytes(encode(Leave(finish=False)))
+                    while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                        pass
+                    assert (msg.type, msg.data, msg.extra) == (
+                        aiohttp.WSMsgType.CLOSE,
+                        CloseCode.NORMAL,
+                        "left the group",
+                    )
             await c.master.wait_serving(60)
             assert sorted(w["name"] for w in c.master.group.describe()) == ["w0", "w1"]
             after = await asyncio.gather(*(c.engine.generate(p, greedy(24)) for p in PROMPTS))
@@ -98,9 +114,13 @@ def test_worker_loss_mid_generation_replays_transparently(checkpoints, reference
             gens = [asyncio.create_task(c.engine.generate(p, greedy(24))) for p in PROMPTS]
             while c.engine.tokens_generated < 10:
                 await asyncio.sleep(0.01)
+            epoch = c.master.group.epoch
+            midway = [len(r.output) for r in c.engine.running.values()]
             c.tasks[1].cancel()  # worker w1 disappears
+            # the loss hit requests in the middle of their generation (so a replay must happen)
+            assert not all(g.done() for g in gens) and any(0 < n < 24 for n in midway)
             results = await asyncio.gather(*gens)
-            assert len(c.master.group.stages) == 2
+            assert len(c.master.group.stages) == 2 and c.master.group.epoch > epoch  # a new pipeline
             return [r[0] for r in results]
 
     assert run(main()) == references["llama"]
@@ -167,3 +187,52 @@ def test_an_internal_error_fails_only_its_request(checkpoints, references, monke
     good, again, running = run(main())
     assert good == references["llama"] and again == references["llama"][0]
     assert poisoned["reason"] == "error" and running == 0
+
+
+def test_a_long_run_leaves_nothing_behind(checkpoints):
+    """Many requests (finished, cancelled while queued or mid-generation, preempted): afterwards
+    the engine, the links and every stage's KV cache hold nothing per request, however many ran."""
+    import gc
+
+    from worker_core.kv_cache import KVStore
+
+    path = checkpoints["llama"]
+
+    def kv_entries() -> int:  # the in-process workers' caches
+        return sum(len(o) for o in gc.get_objects() if type(o) is KVStore)
+
+    async def settle(c: Cluster) -> tuple[dict, int, int]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            held = c.engine.held()
+            pending = sum(link.pending for link in c.master.group.stages)
+            kv = kv_entries()
+            if (not any(held.values()) and pending == 0 and kv == 0) or loop.time() > deadline:
+                return held, pending, kv
+            await asyncio.sleep(0.05)
+
+    async def wave(c: Cluster, i: int) -> None:
+        prompts = [[(7 * i + 3 * j + k) % 300 + 3 for k in range(10 + 7 * j)] for j in range(8)]
+        reqs = [c.engine.submit(p, greedy(12)) for p in prompts]
+        await asyncio.sleep(0.05)
+        c.engine.cancel(reqs[0])  # queued or just started
+        while len(reqs[1].output) < 3:
+            await asyncio.sleep(0.01)
+        c.engine.cancel(reqs[1])  # mid-generation
+        for r in reqs:
+            while not r.finished:
+                await asyncio.sleep(0.01)
+
+    async def main():
+        # a small KV budget: some of each wave's requests are preempted and recomputed
+        async with Cluster(path, workers=2, max_kv_tokens=200, max_batch_tokens=32) as c:
+            after = []
+            for i in range(5):
+                await wave(c, i)
+                after.append(await settle(c))
+            return after, c.engine.requests_finished, c.engine.preemptions
+
+    after, finished, preemptions = run(main())
+    assert finished == 40 and preemptions > 0
+    assert after == [({"running": 0, "waiting": 0, "text_streams": 0}, 0, 0)] * 5

@@ -4,6 +4,7 @@ import asyncio
 import time
 
 from harness import run
+
 from master_core.costs import CostSnapshot
 from master_core.scheduler import policy
 from master_core.simulator import SimModel, simulate
@@ -30,8 +31,9 @@ def test_shaper_delay_and_rate():
 
     times, sizes = run(main(), timeout=10)
     assert sizes == [100, 200_000, 10]  # in order
-    assert 0.045 <= times[0] < 0.15
-    assert 0.245 <= times[1] < 0.40  # 0.2 s serialisation + 0.05 s delay
+    # lower bounds are the physics (a delay never comes early); upper bounds allow a busy 2-core machine
+    assert 0.045 <= times[0] < 0.5
+    assert 0.245 <= times[1] < 0.75  # 0.2 s serialisation + 0.05 s delay
     assert times[2] >= times[1]
 
 
@@ -73,9 +75,13 @@ def test_simulated_techniques_help_on_slow_links():
 def test_simulator_respects_a_small_kv_budget():
     wl = make_workload(30, 5.0, seed=2)
     m = model(1000, 0.001)
-    small = SimModel(m.costs, kv_tokens=1200)
-    r = simulate(small, wl, policy("full", 512))
-    assert r["output_tokens"] == sum(w.output_tokens for w in wl)
+    assert max(w.prompt_tokens + w.output_tokens for w in wl) <= 1200  # each request fits alone
+    small = simulate(SimModel(m.costs, kv_tokens=1200), wl, policy("full", 512))
+    assert small["output_tokens"] == sum(w.output_tokens for w in wl)
+    # the KV every stage had to hold at once stayed within the budget (preempting when needed) ...
+    assert 0 < small["peak_kv_tokens"] <= 1200
+    # ... although this load holds far more when the budget allows it (the check can fail)
+    assert simulate(m, wl, policy("full", 512))["peak_kv_tokens"] > 2 * 1200
 
 
 def test_summary_and_percentiles():

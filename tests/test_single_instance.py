@@ -51,10 +51,16 @@ class Child:
 
     def __init__(self, tmp_path: Path, name: str, *messages: str) -> None:
         self.err_path = tmp_path / f"child-{uuid.uuid4().hex[:6]}.err"
-        self.err = open(self.err_path, "w")
+        self.err = open(self.err_path, "w")  # noqa: SIM115 - the child's stderr while it runs
         env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, name, str(tmp_path / "locks"), *messages], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, name, str(tmp_path / "locks"), *messages],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=env,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -70,8 +76,9 @@ class Child:
             try:
                 line = self.lines.get(timeout=max(0.01, left))
             except queue.Empty:
-                raise AssertionError(f"no {text!r} within {WAIT} s; saw {self.seen}; stderr: "
-                                     f"{self.err_path.read_text()[-2000:]}") from None
+                raise AssertionError(
+                    f"no {text!r} within {WAIT} s; saw {self.seen}; stderr: {self.err_path.read_text()[-2000:]}"
+                ) from None
             self.seen.append(line)
             if line == text:
                 return
@@ -157,8 +164,9 @@ def test_in_process_owner_emits_message_received(qtbot, children, tmp_path):
             sender = children(name, "open molink://join?code=12-3456-7890")
             # the sender blocks until we acknowledge, which needs this event loop: waitSignal runs it
         assert blocker.args == ["open molink://join?code=12-3456-7890"]
-        qtbot.waitUntil(lambda: "sent:True:open molink://join?code=12-3456-7890" in _drain(sender),
-                        timeout=int(WAIT * 1000))
+        qtbot.waitUntil(
+            lambda: "sent:True:open molink://join?code=12-3456-7890" in _drain(sender), timeout=int(WAIT * 1000)
+        )
     finally:
         si.release()
     assert not si.owner and SingleInstance(name, tmp_path / "locks").acquire()

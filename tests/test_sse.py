@@ -70,7 +70,7 @@ def test_events_are_returned_only_when_complete():
 
 def test_malformed_data_is_an_error_event_and_the_stream_goes_on():
     p = SseParser()
-    events = p.feed(b"data: {not json\n\ndata: [1, 2]\n\ndata: \xff\xfe\n\ndata: {\"ok\": true}\n\ndata: [DONE]\n\n")
+    events = p.feed(b'data: {not json\n\ndata: [1, 2]\n\ndata: \xff\xfe\n\ndata: {"ok": true}\n\ndata: [DONE]\n\n')
     assert [type(e) for e in events] == [ErrorEvent, ErrorEvent, ErrorEvent, DataEvent, DoneEvent]
     assert "not JSON" in events[0].message
     assert "list" in events[1].message

@@ -38,8 +38,8 @@ def child(tmp_path, code, name="c", restart=False):
 def test_events_logs_and_graceful_stop(qtbot, tmp_path):
     s = child(tmp_path, OBEDIENT)
     events = []
-    s.event.connect(events.append)
-    with qtbot.waitSignal(s.event, timeout=10000):
+    s.engine_event.connect(events.append)
+    with qtbot.waitSignal(s.engine_event, timeout=10000):
         s.start()
     assert events[0] == {"event": "connected", "master": "x"}
     qtbot.waitUntil(lambda: len(s.last_lines()) >= 3, timeout=10000)
@@ -57,7 +57,7 @@ def test_events_logs_and_graceful_stop(qtbot, tmp_path):
 
 def test_eof_alone_stops_an_obedient_child(qtbot, tmp_path):
     s = child(tmp_path, OBEDIENT)
-    with qtbot.waitSignal(s.event, timeout=10000):
+    with qtbot.waitSignal(s.engine_event, timeout=10000):
         s.start()
     with qtbot.waitSignal(s.stopped, timeout=10000) as stopped:
         s.stop("unknown-command", grace=10)  # not "stop": only the closed stdin can end it ...

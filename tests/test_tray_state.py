@@ -38,7 +38,12 @@ def test_transitions_follow_the_table():
     assert move(Sharing.SHARING, Sharing.STOPPING) is Sharing.STOPPING
     assert move(Sharing.STOPPING, Sharing.PAUSED) is Sharing.PAUSED
     assert move(Sharing.PAUSED, Sharing.STARTING) is Sharing.STARTING
-    for bad in [(Sharing.OFF, Sharing.SHARING), (Sharing.OFF, Sharing.PAUSED), (Sharing.PAUSED, Sharing.SHARING), (Sharing.STOPPING, Sharing.SHARING)]:
+    for bad in [
+        (Sharing.OFF, Sharing.SHARING),
+        (Sharing.OFF, Sharing.PAUSED),
+        (Sharing.PAUSED, Sharing.SHARING),
+        (Sharing.STOPPING, Sharing.SHARING),
+    ]:
         with pytest.raises(BadTransition):
             move(*bad)
 
@@ -86,9 +91,22 @@ def test_menu_when_paused_offers_resume():
 
 
 def test_menu_when_hosting():
-    s = TrayState(hosting=True, hosted_group="Friends", master_ready=True, group_serving=True, members_online=2, members_total=3, api_address="127.0.0.1:8000")
+    s = TrayState(
+        hosting=True,
+        hosted_group="Friends",
+        master_ready=True,
+        group_serving=True,
+        members_online=2,
+        members_total=3,
+        api_address="127.0.0.1:8000",
+    )
     a = actions(menu(s, NOW))
-    assert a[Act.OPEN_DASHBOARD].enabled and a[Act.COPY_API].enabled and a[Act.SHOW_CODE].enabled and a[Act.STOP_GROUP].enabled
+    assert (
+        a[Act.OPEN_DASHBOARD].enabled
+        and a[Act.COPY_API].enabled
+        and a[Act.SHOW_CODE].enabled
+        and a[Act.STOP_GROUP].enabled
+    )
     assert Act.CREATE_GROUP not in a
     assert "2 of 3 online" in status_line(s, NOW)
     assert icon_kind(s) is IconKind.SHARING

@@ -5,7 +5,8 @@ import torch
 
 from master_core.placement import kv_token_budget
 from master_core.request import Request, RequestState, SamplingParams
-from master_core.sampling import candidates, sample as sample_row
+from master_core.sampling import candidates
+from master_core.sampling import sample as sample_row
 from master_core.scheduler import Candidate, Chunk, microbatch_share, plan_microbatch
 from master_core.text import TextStream
 
@@ -32,6 +33,7 @@ def test_sampling_greedy_seeded_and_top_p():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
     g = torch.Generator()
     assert sample(logits, SamplingParams(temperature=0), g, []).token_id == 1
+
     def draws(seed):
         gen = torch.Generator().manual_seed(seed)
         return [sample(logits, SamplingParams(temperature=1.0), gen, []).token_id for _ in range(30)]
@@ -92,11 +94,67 @@ def test_text_stream_holds_back_incomplete_characters():
 
 
 def test_request_lifecycle_refuses_illegal_moves():
-    r = Request(prompt=[1, 2], params=SamplingParams(max_tokens=3, seed=1))
-    assert r.state is RequestState.QUEUED and r.kv_need == 5
+    r = Request(1, prompt=[1, 2], params=SamplingParams(max_tokens=3, seed=1))
+    assert r.state is RequestState.QUEUED and r.tokens == [1, 2]
     r.move(RequestState.RUNNING)
     r.move(RequestState.QUEUED)
     r.move(RequestState.RUNNING)
     r.move(RequestState.DONE)
     with pytest.raises(RuntimeError):
         r.move(RequestState.RUNNING)
+
+
+def test_group_state_moves_only_along_its_table_and_says_why():
+    import asyncio
+
+    from master_core.config import MasterConfig
+    from master_core.group import Group, GroupState
+    from master_core.model_dims import ModelDims
+
+    dims = ModelDims(4, 64, 384, 512, 256, (1000,) * 4, 500, 500)
+
+    async def main():
+        g = Group(MasterConfig(min_workers=2), "m", dims)
+        assert (g.state, g.serving, g.problem) == (GroupState.WAITING, False, "waiting for 2 worker(s)")
+        with pytest.raises(ValueError):
+            g.move(GroupState.SERVING)  # never straight from waiting
+        g.move(GroupState.PLACING, "placing")
+        assert g.state.building and not g.serving
+        g.move(GroupState.LOADING, "loading")
+        with pytest.raises(ValueError):
+            g.move(GroupState.WAITING)  # a failed load goes back through placing
+        waiter = asyncio.ensure_future(g.wait_serving())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        g.move(GroupState.SERVING, "ignored")
+        await asyncio.wait_for(waiter, 1)
+        assert g.serving and g.problem is None and not g.state.building
+        for illegal in (GroupState.LOADING, GroupState.WAITING, GroupState.CANNOT_PLACE):
+            with pytest.raises(ValueError):
+                g.move(illegal)
+        g.move(GroupState.PLACING, "a member left")
+        assert not g.serving and g.problem == "a member left"
+        g.move(GroupState.CANNOT_PLACE, "too small")
+        assert not g.state.building and g.problem == "too small"
+
+    asyncio.run(main())
+
+
+def test_model_dims_count_a_stage_from_the_checkpoint_and_refuse_a_config_without_sizes():
+    from types import SimpleNamespace
+
+    from master_core.model_dims import ModelDims
+
+    cfg = SimpleNamespace(
+        num_hidden_layers=3,
+        hidden_size=64,
+        vocab_size=384,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=None,
+    )
+    d = ModelDims.parse(cfg, ([10, 20, 30], 7, 5))
+    assert (d.max_positions, d.kv_bytes_per_token) == (2048, 2 * 2 * 16 * 4)  # head_dim 64 / 4
+    assert (d.stage_params(0, 1), d.stage_params(1, 2), d.stage_params(1, 3), d.stage_params(0, 3)) == (17, 20, 55, 72)
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelDims.parse(SimpleNamespace(num_hidden_layers=3, vocab_size=9, num_attention_heads=2), ([1], 1, 1))

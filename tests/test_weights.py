@@ -5,7 +5,8 @@ import hashlib
 
 import pytest
 
-from worker_core.weights import CHUNK, TensorSpec, WeightCache, WeightError, manifest_digest
+from worker_core.weights import CHUNK, WeightCache, WeightError, manifest_digest
+from worker_core.wire import TensorSpec
 
 
 def _spec(name: str, data: bytes) -> TensorSpec:

@@ -7,19 +7,59 @@ import pytest
 import torch
 
 from worker_core import wire
-from worker_core.weights import TensorSpec
 from worker_core.wire import (
-    Assign, Chunk, Failure, Fetch, Free, Hello, Leave, ProtocolError, Ready, Result, Segment, Step, decode, encode,
+    Assign,
+    Chunk,
+    Failure,
+    Fetch,
+    Free,
+    Hello,
+    Leave,
+    ProtocolError,
+    Ready,
+    Result,
+    Segment,
+    Step,
+    TensorSpec,
+    decode,
+    encode,
 )
 
 SHA = "ab" * 32
 
 MESSAGES = [
     Hello("w1", "cpu", "x86_64", 10**10, 5 * 10**9, "float32", 75.5),
-    Hello("w2", "cuda:0", "NVIDIA GeForce RTX 3080", 10**10, 9 * 10**9, "bfloat16", 2e4, "8.6", "550.54.14", 32 * 10**9, 16, 21.5, 93.2),
+    Hello(
+        "w2",
+        "cuda:0",
+        "NVIDIA GeForce RTX 3080",
+        10**10,
+        9 * 10**9,
+        "bfloat16",
+        2e4,
+        "8.6",
+        "550.54.14",
+        32 * 10**9,
+        16,
+        21.5,
+        93.2,
+    ),
     Assign(3, "/models/x", 0, 10, 30, 512, 4096),
-    Assign(3, "d" * 64, 0, 10, 30, 512, 4096, '{"a": 1}', (TensorSpec("model.norm.weight", "BF16", (576,), 1152, SHA),)),
-    Assign(3, "d" * 64, 0, 10, 30, 512, 4096, "{}", (TensorSpec("w", "F16", (4,), 8, SHA, "model-00001-of-00002.safetensors", 4096),), "owner/name@" + "0" * 40),
+    Assign(
+        3, "d" * 64, 0, 10, 30, 512, 4096, '{"a": 1}', (TensorSpec("model.norm.weight", "BF16", (576,), 1152, SHA),)
+    ),
+    Assign(
+        3,
+        "d" * 64,
+        0,
+        10,
+        30,
+        512,
+        4096,
+        "{}",
+        (TensorSpec("w", "F16", (4,), 8, SHA, "model-00001-of-00002.safetensors", 4096),),
+        "owner/name@" + "0" * 40,
+    ),
     Fetch(SHA, 1 << 20, 1 << 20),
     Chunk(SHA, 0, "cd" * 32, b"\x00\x01weights"),
     Ready(3, 576, 49152, 1.5, 123456),
@@ -53,8 +93,12 @@ def _frame(kind, header, payload=b"", version=wire.PROTOCOL_VERSION, magic=b"MLK
 
 
 def _step_header(**over):
-    h = {"step_id": 1, "epoch": 0, "segments": [{"request_id": 1, "start": 0, "length": 2, "want_logits": True}],
-         "tensor": {"dtype": "int64", "shape": [2]}}
+    h = {
+        "step_id": 1,
+        "epoch": 0,
+        "segments": [{"request_id": 1, "start": 0, "length": 2, "want_logits": True}],
+        "tensor": {"dtype": "int64", "shape": [2]},
+    }
     h.update(over)
     return h
 
@@ -77,45 +121,135 @@ BAD_FRAMES = {
     "free negative id": _frame(wire.Kind.FREE, {"request_ids": [-1]}),
     "free with payload": _frame(wire.Kind.FREE, {"request_ids": []}, b"xx"),
     "hello missing field": _frame(wire.Kind.HELLO, {"name": "x"}),
-    "hello without link fields": _frame(wire.Kind.HELLO, {"name": "x", "device": "cpu", "device_name": "c", "total_memory": 1, "free_memory": 1, "dtype": "float32", "gflops": 1.0}),
+    "hello without link fields": _frame(
+        wire.Kind.HELLO,
+        {
+            "name": "x",
+            "device": "cpu",
+            "device_name": "c",
+            "total_memory": 1,
+            "free_memory": 1,
+            "dtype": "float32",
+            "gflops": 1.0,
+        },
+    ),
     "hello negative rtt": _frame(wire.Kind.HELLO, dict(HELLO, rtt_ms=-1.0)),
-    "hello infinite bandwidth": _frame(wire.Kind.HELLO, b'{"name":"x","device":"cpu","device_name":"c","total_memory":1,"free_memory":1,"dtype":"float32","gflops":1,'
-                                                        b'"compute_capability":"","driver":"","ram_total":1,"cpu_cores":1,"rtt_ms":1,"link_mbps":Infinity}'),
+    "hello infinite bandwidth": _frame(
+        wire.Kind.HELLO,
+        b'{"name":"x","device":"cpu","device_name":"c","total_memory":1,"free_memory":1,"dtype":"float32","gflops":1,'
+        b'"compute_capability":"","driver":"","ram_total":1,"cpu_cores":1,"rtt_ms":1,"link_mbps":Infinity}',
+    ),
     "hello long driver": _frame(wire.Kind.HELLO, dict(HELLO, driver="9" * 1000)),
     "hello bool as int": _frame(wire.Kind.HELLO, dict(HELLO, total_memory=True)),
     "hello bad dtype": _frame(wire.Kind.HELLO, dict(HELLO, dtype="object")),
     "hello huge name": _frame(wire.Kind.HELLO, dict(HELLO, name="x" * 10000)),
-    "assign inverted range": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 5, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4}),
-    "ready nan": _frame(wire.Kind.READY, b'{"epoch":1,"hidden_size":4,"vocab_size":4,"load_seconds":NaN,"weight_bytes":1}'),
+    "assign inverted range": _frame(
+        wire.Kind.ASSIGN,
+        {
+            "epoch": 1,
+            "model": "m",
+            "layer_start": 5,
+            "layer_end": 2,
+            "num_layers": 8,
+            "max_batch_tokens": 4,
+            "kv_tokens": 4,
+        },
+    ),
+    "ready nan": _frame(
+        wire.Kind.READY, b'{"epoch":1,"hidden_size":4,"vocab_size":4,"load_seconds":NaN,"weight_bytes":1}'
+    ),
     "step payload too short": _frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD[:-1]),
     "step payload too long": _frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD + b"\0"),
     "step no tensor": _frame(wire.Kind.STEP, _step_header(tensor=None), GOOD_PAYLOAD),
     "step bad dtype": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "complex64", "shape": [2]}), GOOD_PAYLOAD),
     "step negative dim": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "int64", "shape": [-2]}), GOOD_PAYLOAD),
-    "step too many dims": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "int64", "shape": [1, 1, 1, 1, 2]}), GOOD_PAYLOAD),
+    "step too many dims": _frame(
+        wire.Kind.STEP, _step_header(tensor={"dtype": "int64", "shape": [1, 1, 1, 1, 2]}), GOOD_PAYLOAD
+    ),
     "step shape float": _frame(wire.Kind.STEP, _step_header(tensor={"dtype": "int64", "shape": [2.0]}), GOOD_PAYLOAD),
     "step no segments": _frame(wire.Kind.STEP, _step_header(segments=[]), GOOD_PAYLOAD),
-    "step duplicate request": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": 0, "length": 1, "want_logits": True}] * 2), GOOD_PAYLOAD),
-    "step zero length": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": 0, "length": 0, "want_logits": True}]), GOOD_PAYLOAD),
-    "step negative start": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": -1, "length": 2, "want_logits": True}]), GOOD_PAYLOAD),
-    "step want_logits int": _frame(wire.Kind.STEP, _step_header(segments=[{"request_id": 1, "start": 0, "length": 2, "want_logits": 1}]), GOOD_PAYLOAD),
+    "step duplicate request": _frame(
+        wire.Kind.STEP,
+        _step_header(segments=[{"request_id": 1, "start": 0, "length": 1, "want_logits": True}] * 2),
+        GOOD_PAYLOAD,
+    ),
+    "step zero length": _frame(
+        wire.Kind.STEP,
+        _step_header(segments=[{"request_id": 1, "start": 0, "length": 0, "want_logits": True}]),
+        GOOD_PAYLOAD,
+    ),
+    "step negative start": _frame(
+        wire.Kind.STEP,
+        _step_header(segments=[{"request_id": 1, "start": -1, "length": 2, "want_logits": True}]),
+        GOOD_PAYLOAD,
+    ),
+    "step want_logits int": _frame(
+        wire.Kind.STEP,
+        _step_header(segments=[{"request_id": 1, "start": 0, "length": 2, "want_logits": 1}]),
+        GOOD_PAYLOAD,
+    ),
     "step segment not object": _frame(wire.Kind.STEP, _step_header(segments=[5]), GOOD_PAYLOAD),
     "fetch bad hash": _frame(wire.Kind.FETCH, {"sha256": "xyz", "offset": 0, "length": 1}),
     "fetch upper-case hash": _frame(wire.Kind.FETCH, {"sha256": "AB" * 32, "offset": 0, "length": 1}),
     "fetch zero length": _frame(wire.Kind.FETCH, {"sha256": SHA, "offset": 0, "length": 0}),
     "fetch huge length": _frame(wire.Kind.FETCH, {"sha256": SHA, "offset": 0, "length": 1 << 30}),
     "fetch with payload": _frame(wire.Kind.FETCH, {"sha256": SHA, "offset": 0, "length": 1}, b"x"),
-    "chunk too large": _frame(wire.Kind.CHUNK, {"sha256": SHA, "offset": 0, "chunk_sha256": SHA}, b"\0" * (wire.MAX_CHUNK_BYTES + 1)),
+    "chunk too large": _frame(
+        wire.Kind.CHUNK, {"sha256": SHA, "offset": 0, "chunk_sha256": SHA}, b"\0" * (wire.MAX_CHUNK_BYTES + 1)
+    ),
     "chunk no hash": _frame(wire.Kind.CHUNK, {"sha256": SHA, "offset": 0}, b"x"),
-    "assign manifest not list": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 0, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4, "config_json": "", "manifest": {}}),
-    "assign manifest bad dtype": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 0, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4, "config_json": "",
-                                                          "manifest": [{"name": "w", "dtype": "PICKLE", "shape": [1], "nbytes": 1, "sha256": SHA}]}),
-    "assign manifest negative size": _frame(wire.Kind.ASSIGN, {"epoch": 1, "model": "m", "layer_start": 0, "layer_end": 2, "num_layers": 8, "max_batch_tokens": 4, "kv_tokens": 4, "config_json": "",
-                                                              "manifest": [{"name": "w", "dtype": "F32", "shape": [1], "nbytes": -4, "sha256": SHA}]}),
+    "assign manifest not list": _frame(
+        wire.Kind.ASSIGN,
+        {
+            "epoch": 1,
+            "model": "m",
+            "layer_start": 0,
+            "layer_end": 2,
+            "num_layers": 8,
+            "max_batch_tokens": 4,
+            "kv_tokens": 4,
+            "config_json": "",
+            "manifest": {},
+        },
+    ),
+    "assign manifest bad dtype": _frame(
+        wire.Kind.ASSIGN,
+        {
+            "epoch": 1,
+            "model": "m",
+            "layer_start": 0,
+            "layer_end": 2,
+            "num_layers": 8,
+            "max_batch_tokens": 4,
+            "kv_tokens": 4,
+            "config_json": "",
+            "manifest": [{"name": "w", "dtype": "PICKLE", "shape": [1], "nbytes": 1, "sha256": SHA}],
+        },
+    ),
+    "assign manifest negative size": _frame(
+        wire.Kind.ASSIGN,
+        {
+            "epoch": 1,
+            "model": "m",
+            "layer_start": 0,
+            "layer_end": 2,
+            "num_layers": 8,
+            "max_batch_tokens": 4,
+            "kv_tokens": 4,
+            "config_json": "",
+            "manifest": [{"name": "w", "dtype": "F32", "shape": [1], "nbytes": -4, "sha256": SHA}],
+        },
+    ),
     "assign bad hub ref": _frame(wire.Kind.ASSIGN, dict(ASSIGN, hub="owner/name@main")),
-    "assign tensor file escapes": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="../../etc/passwd")])),
-    "assign tensor file absolute": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="/etc/passwd")])),
-    "assign tensor offset negative": _frame(wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], offset=-1)])),
+    "assign tensor file escapes": _frame(
+        wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="../../etc/passwd")])
+    ),
+    "assign tensor file absolute": _frame(
+        wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], file="/etc/passwd")])
+    ),
+    "assign tensor offset negative": _frame(
+        wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], offset=-1)])
+    ),
     "leave finish missing": _frame(wire.Kind.LEAVE, {}),
     "leave finish not bool": _frame(wire.Kind.LEAVE, {"finish": 1}),
     "leave finish string": _frame(wire.Kind.LEAVE, {"finish": "true"}),
@@ -147,3 +281,33 @@ def test_decoded_tensor_is_writable_copy():
     t = decode(frame).tensor
     t += 1  # must not touch the frame's bytes
     assert torch.equal(decode(frame).tensor, torch.ones(3))
+
+
+def test_the_protocol_module_imports_only_the_standard_library_and_torch():
+    """Both sides import wire.py: it must not pull in the model resolver, the weight cache or
+    anything else of MoLink's."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    tree = ast.parse(Path(wire.__file__).read_text())
+    froms = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in froms if n.level == 0 and n.module}
+    assert not [n for n in froms if n.level > 0]  # no relative import of a sibling module
+    assert roots - set(sys.stdlib_module_names) <= {"torch", "numpy"}
+    assert "torch" in roots and "json" in roots  # the check sees the imports at all
+
+
+def test_the_workers_frame_limit_follows_the_model_like_the_masters():
+    # a tiny model: an Assign with its manifest (or a weight chunk) is the largest frame to accept
+    assert wire.worker_frame_bound(512, 64, 384) == wire.UNASSIGNED_FRAME_BYTES
+    # a big one: its steps and logits decide, exactly the master's bound for the same pipeline
+    big = wire.worker_frame_bound(512, 8192, 128_256)
+    assert big == wire.frame_bound(512, 8192, 128_256) > wire.UNASSIGNED_FRAME_BYTES
+    # a step that does not fit the pipeline's bound is refused before any tensor is built
+    bound = wire.worker_frame_bound(16, 64, 384)
+    rows = bound // (64 * 4) + 1
+    frame = encode(Step(1, 0, (Segment(1, 0, rows, True),), torch.zeros(rows, 64)))
+    with pytest.raises(ProtocolError, match="exceeds the limit"):
+        decode(frame, bound)

@@ -1,20 +1,22 @@
 """Tiny random-weight Hugging Face checkpoints, built offline in fixtures.
 
 Contract: ``make_tiny_checkpoint(arch, path, num_layers=4, seed=0, tie_embeddings=False,
-sharded=False)`` writes a complete checkpoint folder (config, generation config, safetensors
-weights — one file, or several with an index when ``sharded`` — and a byte-level BPE
-tokenizer trained offline with ``tokenizers``, with a chat template) that transformers loads
-with no network.  The same arguments give the same files.  ``reference_greedy(path, prompt,
-n)`` is the single-process transformers answer: exactly ``n`` greedy new tokens (EOS does
-not stop it; the engine under test must be told ``ignore_eos`` for a comparison).
+sharded=False, config=None)`` writes a complete checkpoint folder (config, generation config,
+safetensors weights — one file, or several with an index when ``sharded`` — and a byte-level
+BPE tokenizer trained offline with ``tokenizers``, with a chat template) that transformers
+loads with no network; ``config`` overrides fields of the family's config (e.g. more experts).
+The same arguments give the same files.  ``reference_greedy(path, prompt, n)`` is the
+single-process transformers answer: exactly ``n`` greedy new tokens (EOS does not stop it; the
+engine under test must be told ``ignore_eos`` for a comparison).
 Adding a family is one entry in ``_FAMILIES``.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -35,33 +37,96 @@ _FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 32}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
-        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64}),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64,
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    ),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 32, "query_pre_attn_scalar": 16}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 32, "query_pre_attn_scalar": 16}),
     "phi": ("PhiConfig", "PhiForCausalLM", {"partial_rotary_factor": 0.5}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_head": 4, "n_positions": 512, "n_inner": 128}),
     "bloom": ("BloomConfig", "BloomForCausalLM", {"n_head": 4}),
-    "falcon": ("FalconConfig", "FalconForCausalLM", {"num_kv_heads": 2, "new_decoder_architecture": True, "head_dim": ...}),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {"num_kv_heads": 2, "new_decoder_architecture": True, "head_dim": ...},
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", {}),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", {
-        "num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-        "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32,
-        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "head_dim": ...}),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
-        "num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-        "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32,
-        "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "head_dim": ...}),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        {
+            "num_key_value_heads": 4,
+            "kv_lora_rank": 32,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "head_dim": ...,
+        },
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            "num_key_value_heads": 4,
+            "kv_lora_rank": 32,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "head_dim": ...,
+        },
+    ),
 }
 ARCHITECTURES: tuple[str, ...] = tuple(_FAMILIES)
 
@@ -70,7 +135,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
 )
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a sentence reads better than a list of words
     "the a group of friends pools their graphics cards to serve one large model over slow home links "
     "every machine runs a worker that dials out to the master which schedules batches and streams tokens "
     "layers are cut into ranges and activations travel from stage to stage until logits come back"
@@ -112,7 +177,14 @@ def _save_tokenizer(path: Path) -> int:
 
 
 def make_tiny_checkpoint(
-    arch: str, path: Path, *, num_layers: int = 4, seed: int = 0, tie_embeddings: bool = False, sharded: bool = False
+    arch: str,
+    path: Path,
+    *,
+    num_layers: int = 4,
+    seed: int = 0,
+    tie_embeddings: bool = False,
+    sharded: bool = False,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     import transformers
 
@@ -129,7 +201,7 @@ def make_tiny_checkpoint(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        **{k: v for k, v in {**_COMMON, **extra}.items() if v is not ...},  # ... drops a common field
+        **{k: v for k, v in {**_COMMON, **extra, **(config or {})}.items() if v is not ...},  # ... drops a field
     )
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()

@@ -13,6 +13,7 @@ tensor from the loaded pieces.  This covers the Hugging Face layouts of Mixtral
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 
@@ -28,7 +29,7 @@ def _renamed(name: str) -> list[str]:
     return out
 
 
-def _expert_keys(prefix: str, names: tuple[str, ...], files: dict[str, object]) -> list[str] | None:
+def _expert_keys(prefix: str, names: tuple[str, ...], files: Collection[str]) -> list[str] | None:
     """``prefix.{e}.{name}.weight`` for e = 0.. as long as they exist, under one of ``names``."""
     for n in names:
         keys = []
@@ -41,7 +42,7 @@ def _expert_keys(prefix: str, names: tuple[str, ...], files: dict[str, object]) 
     return None
 
 
-def sources(name: str, files: dict[str, object]) -> tuple[str, list[str]] | None:
+def sources(name: str, files: Collection[str]) -> tuple[str, list[str]] | None:
     for cand in _renamed(name):
         if cand in files:
             return "copy", [cand]

@@ -20,13 +20,13 @@ harmlessly and it uses the winner's folder.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-import importlib.util
 from pathlib import Path
 
 log = logging.getLogger("molink.default_model")
@@ -89,7 +89,9 @@ def ensure_converted(gguf: Path, final: Path) -> Path:
     t0 = time.perf_counter()
     try:
         _convert(gguf, tmp)
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": gguf.name, "source_size": gguf.stat().st_size}))
+        (tmp / MARKER).write_text(
+            json.dumps({"format": FORMAT_VERSION, "source": gguf.name, "source_size": gguf.stat().st_size})
+        )
         if final.exists() and not _is_complete(final, gguf):
             shutil.rmtree(final, ignore_errors=True)  # incomplete or outdated: never used
         try:
@@ -130,7 +132,7 @@ def _convert(gguf: Path, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are plain float32 now
+        delattr(config, "quantization_config")  # the weights are plain float32 now
     config.dtype = torch.float32
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)

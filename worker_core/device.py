@@ -52,7 +52,8 @@ def pick(spec: str = "auto") -> DeviceInfo:
     if spec.startswith("cuda:") and spec[5:].isdigit():
         idx = int(spec[5:])
         if not torch.cuda.is_available() or idx >= torch.cuda.device_count():
-            raise DeviceError(f"device {spec!r} not available (torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 0} CUDA devices)")
+            seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise DeviceError(f"device {spec!r} not available (torch sees {seen} CUDA devices)")
         free, total = torch.cuda.mem_get_info(idx)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return DeviceInfo(torch.device(spec), dtype, torch.cuda.get_device_name(idx), total, free)

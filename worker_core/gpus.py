@@ -10,6 +10,7 @@ Importing this module is cheap (no torch, pynvml only on call), so the tray app 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -64,7 +65,5 @@ def list_gpus() -> list[GpuInfo]:
 
 
 def _shutdown(pynvml) -> None:  # noqa: ANN001  (the module)
-    try:
+    with contextlib.suppress(Exception):  # NVML half-initialised or gone: nothing to release
         pynvml.nvmlShutdown()
-    except Exception:
-        pass

@@ -24,7 +24,8 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .weights import TensorSpec, WeightCache, WeightError
+from .weights import WeightCache, WeightError
+from .wire import TensorSpec
 
 log = logging.getLogger("molink.hub")
 

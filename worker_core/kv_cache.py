@@ -26,10 +26,6 @@ from typing import Any
 import torch
 
 
-class KVBudgetExceeded(Exception):
-    """A step would hold more cached tokens than the stage's budget."""
-
-
 @dataclass
 class RequestKV:
     """KV buffers of one request on this stage."""
@@ -42,18 +38,20 @@ class RequestKV:
         """Write k, v ([kv_heads, n, d]) at positions [start, start+n); return views of
         positions [0, start+n)."""
         end = start + k.shape[1]
-        kb, vb = self.keys.get(layer), self.values.get(layer)
-        if kb is None or kb.shape[1] < end:
-            cap = max(16, end, 2 * (kb.shape[1] if kb is not None else 0))
-            nk = k.new_empty((k.shape[0], cap, k.shape[2]))
-            nv = v.new_empty((v.shape[0], cap, v.shape[2]))
-            if kb is not None and start:
-                nk[:, :start] = kb[:, :start]
-                nv[:, :start] = vb[:, :start]  # type: ignore[index]
-            self.keys[layer], self.values[layer] = kb, vb = nk, nv
+        old_k, old_v = self.keys.get(layer), self.values.get(layer)  # both or neither
+        if old_k is None or old_v is None or old_k.shape[1] < end:
+            cap = max(16, end, 2 * (old_k.shape[1] if old_k is not None else 0))
+            kb = k.new_empty((k.shape[0], cap, k.shape[2]))
+            vb = v.new_empty((v.shape[0], cap, v.shape[2]))
+            if old_k is not None and old_v is not None and start:
+                kb[:, :start] = old_k[:, :start]
+                vb[:, :start] = old_v[:, :start]
+            self.keys[layer], self.values[layer] = kb, vb
+        else:
+            kb, vb = old_k, old_v
         kb[:, start:end] = k
-        vb[:, start:end] = v  # type: ignore[index]
-        return kb[:, :end], vb[:, :end]  # type: ignore[index]
+        vb[:, start:end] = v
+        return kb[:, :end], vb[:, :end]
 
 
 class KVStore:
@@ -84,9 +82,6 @@ class KVStore:
         for rid in request_ids:
             self._requests.pop(rid, None)
 
-    def clear(self) -> None:
-        self._requests.clear()
-
 
 @dataclass(frozen=True)
 class PackedSegment:
@@ -102,7 +97,9 @@ class PackedCache:
     def __init__(self, segments: list[PackedSegment]) -> None:
         self.segments = segments
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [1, kv_heads, T, d]
         ks, vs = [], []
         for s in self.segments:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .wire import HUB_REF, HUB_REPO
+
 DEFAULT = "default"
-_HUB_REPO = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
-_HUB_ID = re.compile(f"^{_HUB_REPO}$")
-HUB_REF = re.compile(f"^{_HUB_REPO}@[0-9a-f]{{40}}$")  # a hub snapshot: owner/name@commit
+_HUB_ID = re.compile(f"^{HUB_REPO}$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
@@ -41,9 +41,13 @@ def resolve(src: str) -> Path:
             try:  # converted once, through transformers, to a float32 safetensors folder in the cache
                 return ensure_converted(path.resolve(), gguf_model_dir(path.resolve()))
             except Exception as e:
-                raise ModelSourceError(f"{path}: transformers cannot read this GGUF file: {type(e).__name__}: {e}") from None
+                raise ModelSourceError(
+                    f"{path}: transformers cannot read this GGUF file: {type(e).__name__}: {e}"
+                ) from None
         if path.is_file():
-            raise ModelSourceError(f"{path}: unsupported model file; give a GGUF file or a checkpoint folder (config.json + safetensors)")
+            raise ModelSourceError(
+                f"{path}: unsupported model file; give a GGUF file or a checkpoint folder (config.json + safetensors)"
+            )
         if not (path / "config.json").exists():
             raise ModelSourceError(f"{path}: not a checkpoint folder (no config.json)")
         return path.resolve()
@@ -53,7 +57,9 @@ def resolve(src: str) -> Path:
 
             return Path(snapshot_download(src, allow_patterns=_HUB_PATTERNS))
         except Exception as e:  # offline, unknown repo, gated model ...
-            raise ModelSourceError(f"cannot fetch {src!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise ModelSourceError(
+                f"cannot fetch {src!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
     raise ModelSourceError(f"{src!r} is neither 'default', an existing folder, nor a hub id like owner/name")
 
 

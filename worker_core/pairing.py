@@ -5,17 +5,23 @@ Contract
 A pairing code looks like ``47-8203-1956``: a public two-digit *nameplate* (which open
 invitation this is) and eight secret digits; the whole code (26.6 bits of secret) is the
 SPAKE2 password and is used for nothing else (never hashed, stored or sent).  ``parse_code``
-accepts it with any spaces or dashes and raises ``PairingError`` otherwise.
+accepts it with any spaces or dashes and raises :class:`NotACode` otherwise.
 
 The exchange, as JSON text frames over a WebSocket (``/v1/pair`` on the master's group port,
 TLS without client certificate):
 
 1. joiner -> master ``{"type": "pake", "version": 1, "nameplate", "pake"}``
-2. master -> joiner ``{"type": "pake", "pake", "confirm"}`` or ``{"type": "error", "reason"}``
+2. master -> joiner ``{"type": "pake", "pake", "confirm"}`` or ``{"type": "error", "reason", "code"}``
 3. joiner -> master ``{"type": "confirm", "confirm", "sealed"}``: sealed = this machine's
    name and certificate
 4. master -> joiner ``{"type": "welcome", "sealed"}``: sealed = the group's name, the
-   master's certificate and the member name given; or ``{"type": "error", "reason"}``
+   master's certificate and the member name given; or ``{"type": "error", "reason", "code"}``
+
+``reason`` is a sentence for people; ``code`` names the failure for programs (``unknown_code``,
+``wrong_code``, ``malformed`` or ``refused``; see :func:`refusal`).  Every failure on either side
+is a :class:`PairingError` subclass that says which it was: :class:`NotACode`,
+:class:`Unreachable`, :class:`UnknownCode`, :class:`WrongCode`, :class:`Refused`,
+:class:`Malformed`, :class:`Impostor`, :class:`NotJoined`.
 
 Both confirmations are HMACs under keys derived (HKDF-SHA256) from the SPAKE2 key and the
 transcript, so a wrong code is detected by both sides before anything sealed is opened, and a
@@ -47,7 +53,67 @@ _CODE_DIGITS = 10  # 2 nameplate + 8 secret
 
 
 class PairingError(Exception):
-    """Pairing failed; the message is one line meant for the user."""
+    """Pairing failed; the message is one line meant for the user.  The subclass says which
+    failure it was (callers decide by type, never by the text); ``code`` names it in the
+    master's ``error`` message."""
+
+    code = "refused"
+
+
+class NotACode(PairingError):
+    """The text typed is not a pairing code."""
+
+    code = "not_a_code"
+
+
+class Unreachable(PairingError):
+    """No pairing exchange with that address (refused, unreachable, TLS failure, timeout, dropped)."""
+
+    code = "unreachable"
+
+
+class UnknownCode(PairingError):
+    """That master has no open code on this nameplate (likely another group's master)."""
+
+    code = "unknown_code"
+
+
+class WrongCode(PairingError):
+    """The code's secret digits do not match (or someone is interfering)."""
+
+    code = "wrong_code"
+
+
+class Refused(PairingError):
+    """The master refused this attempt: the code was used, expired or burned, or the exchange broke."""
+
+    code = "refused"
+
+
+class Malformed(PairingError):
+    """A pairing message broke the protocol (or a sealed one did not open)."""
+
+    code = "malformed"
+
+
+class Impostor(PairingError):
+    """The TLS certificate seen is not the one the paired master sealed (someone is interfering)."""
+
+    code = "impostor"
+
+
+class NotJoined(PairingError):
+    """This machine's membership file is missing or damaged."""
+
+    code = "not_joined"
+
+
+_BY_CODE: dict[str, type[PairingError]] = {cls.code: cls for cls in (UnknownCode, WrongCode, Refused, Malformed)}
+
+
+def refusal(code: object, message: str) -> PairingError:
+    """The typed error for the master's ``error`` message (a code this side does not know: :class:`Refused`)."""
+    return _BY_CODE.get(code if isinstance(code, str) else "", Refused)(message)
 
 
 def make_code(nameplate: int) -> str:
@@ -61,7 +127,7 @@ def parse_code(text: str) -> tuple[str, str]:
     """(nameplate, normalised code) of a code as typed by a person."""
     digits = re.sub(r"[\s\-]", "", text or "")
     if not re.fullmatch(rf"\d{{{_CODE_DIGITS}}}", digits) or digits[0] == "0":
-        raise PairingError("a pairing code looks like 47-8203-1956 (ten digits)")
+        raise NotACode("a pairing code looks like 47-8203-1956 (ten digits)")
     return digits[:2], f"{digits[:2]}-{digits[2:6]}-{digits[6:]}"
 
 
@@ -71,11 +137,11 @@ def b64(data: bytes) -> str:
 
 def unb64(value: object, limit: int = 65536) -> bytes:
     if not isinstance(value, str) or len(value) > limit:
-        raise PairingError("malformed pairing message")
+        raise Malformed("malformed pairing message")
     try:
         return base64.b64decode(value, validate=True)
     except ValueError:
-        raise PairingError("malformed pairing message") from None
+        raise Malformed("malformed pairing message") from None
 
 
 class PairingSession:
@@ -98,14 +164,21 @@ class PairingSession:
         try:
             key = self._pake.finish(inbound)
         except (SPAKEError, ValueError, TypeError) as e:
-            raise PairingError(f"malformed pairing message ({type(e).__name__})") from None
+            raise Malformed(f"malformed pairing message ({type(e).__name__})") from None
         joiner_msg, master_msg = (inbound, self.outbound) if self.master else (self.outbound, inbound)
-        okm = HKDF(hashes.SHA256(), 128, salt=None, info=b"molink pairing v1|" + sha256(joiner_msg + master_msg).digest()).derive(key)
-        self._keys = {"confirm-master": okm[:32], "confirm-joiner": okm[32:64], "seal-joiner": okm[64:96], "seal-master": okm[96:]}
+        okm = HKDF(
+            hashes.SHA256(), 128, salt=None, info=b"molink pairing v1|" + sha256(joiner_msg + master_msg).digest()
+        ).derive(key)
+        self._keys = {
+            "confirm-master": okm[:32],
+            "confirm-joiner": okm[32:64],
+            "seal-joiner": okm[64:96],
+            "seal-master": okm[96:],
+        }
 
     def _k(self, name: str) -> bytes:
         if self._keys is None:
-            raise PairingError("pairing exchange not finished")
+            raise Malformed("pairing exchange not finished")
         return self._keys[name]
 
     def confirmation(self) -> bytes:
@@ -121,7 +194,9 @@ class PairingSession:
 
         side = "master" if self.master else "joiner"
         nonce = secrets.token_bytes(12)
-        return b64(nonce + AESGCM(self._k(f"seal-{side}")).encrypt(nonce, json.dumps(payload).encode(), b"molink pairing"))
+        return b64(
+            nonce + AESGCM(self._k(f"seal-{side}")).encrypt(nonce, json.dumps(payload).encode(), b"molink pairing")
+        )
 
     def open(self, sealed: object) -> dict:
         from cryptography.exceptions import InvalidTag
@@ -133,9 +208,9 @@ class PairingSession:
             data = AESGCM(self._k(f"seal-{side}")).decrypt(raw[:12], raw[12:], b"molink pairing")
             obj = json.loads(data)
         except (InvalidTag, ValueError):
-            raise PairingError("sealed pairing message does not open") from None
+            raise Malformed("sealed pairing message does not open") from None
         if not isinstance(obj, dict):
-            raise PairingError("malformed sealed pairing message")
+            raise Malformed("malformed sealed pairing message")
         return obj
 
 
@@ -162,7 +237,7 @@ class JoinedGroup:
         tmp.replace(data_dir / MEMBERSHIP_FILE)
 
     @staticmethod
-    def load(data_dir: Path) -> "JoinedGroup":
+    def load(data_dir: Path) -> JoinedGroup:
         path = data_dir / MEMBERSHIP_FILE
         try:
             raw = json.loads(path.read_text())
@@ -174,23 +249,29 @@ class JoinedGroup:
                 master_cert=str(raw["master_cert"]),
             )
         except FileNotFoundError:
-            raise PairingError(f"this machine has not joined a group ({path} is missing): run `molink join CODE`") from None
+            raise NotJoined(
+                f"this machine has not joined a group ({path} is missing): run `molink join CODE`"
+            ) from None
         except (ValueError, KeyError, TypeError) as e:
-            raise PairingError(f"{path} is damaged ({type(e).__name__}); join again with a fresh code") from None
+            raise NotJoined(f"{path} is damaged ({type(e).__name__}); join again with a fresh code") from None
 
 
 def _reply(msg: object, expected: str) -> dict:
     if not isinstance(msg, dict):
-        raise PairingError("malformed pairing message")
+        raise Malformed("malformed pairing message")
     if msg.get("type") == "error":
         reason = msg.get("reason")
-        raise PairingError(f"the master refused: {reason if isinstance(reason, str) else 'no reason'}"[:300])
+        raise refusal(
+            msg.get("code"), f"the master refused: {reason if isinstance(reason, str) else 'no reason'}"[:300]
+        )
     if msg.get("type") != expected:
-        raise PairingError(f"unexpected pairing message (wanted {expected!r})")
+        raise Malformed(f"unexpected pairing message (wanted {expected!r})")
     return msg
 
 
-async def join(host: str, port: int, code: str, identity_name: str, identity_cert: str, timeout: float = 20.0) -> JoinedGroup:
+async def join(
+    host: str, port: int, code: str, identity_name: str, identity_cert: str, timeout: float = 20.0
+) -> JoinedGroup:
     """Run the joiner's side against ``host:port``; return the membership to save."""
     import asyncio
 
@@ -202,32 +283,41 @@ async def join(host: str, port: int, code: str, identity_name: str, identity_cer
     session = PairingSession(normalised, master=False)
     url = f"wss://{host}:{port}/v1/pair"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-            async with http.ws_connect(url, ssl=_pairing_ssl(), server_hostname=PAIR_SNI, max_msg_size=1 << 20, heartbeat=None) as ws:
-                ssl_obj = ws.get_extra_info("ssl_object")
-                seen = der_fingerprint(ssl_obj.getpeercert(binary_form=True)) if ssl_obj else ""
-                await ws.send_json({"type": "pake", "version": PAIRING_VERSION, "nameplate": nameplate, "pake": b64(session.outbound)})
-                msg = _reply(await ws.receive_json(timeout=timeout), "pake")
-                session.finish(unb64(msg.get("pake")))
-                if not session.check_peer_confirmation(unb64(msg.get("confirm"))):
-                    await ws.close()
-                    raise PairingError("wrong pairing code (or someone is interfering)")
-                sealed = session.seal({"name": identity_name, "cert": identity_cert})
-                await ws.send_json({"type": "confirm", "confirm": b64(session.confirmation()), "sealed": sealed})
-                welcome = session.open(_reply(await ws.receive_json(timeout=timeout), "welcome").get("sealed"))
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
+            http.ws_connect(
+                url, ssl=_pairing_ssl(), server_hostname=PAIR_SNI, max_msg_size=1 << 20, heartbeat=None
+            ) as ws,
+        ):
+            ssl_obj = ws.get_extra_info("ssl_object")
+            seen = der_fingerprint(ssl_obj.getpeercert(binary_form=True)) if ssl_obj else ""
+            await ws.send_json(
+                {"type": "pake", "version": PAIRING_VERSION, "nameplate": nameplate, "pake": b64(session.outbound)}
+            )
+            msg = _reply(await ws.receive_json(timeout=timeout), "pake")
+            session.finish(unb64(msg.get("pake")))
+            if not session.check_peer_confirmation(unb64(msg.get("confirm"))):
+                await ws.close()
+                raise WrongCode("wrong pairing code (or someone is interfering)")
+            sealed = session.seal({"name": identity_name, "cert": identity_cert})
+            await ws.send_json({"type": "confirm", "confirm": b64(session.confirmation()), "sealed": sealed})
+            welcome = session.open(_reply(await ws.receive_json(timeout=timeout), "welcome").get("sealed"))
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, TypeError, ValueError) as e:
-        raise PairingError(f"cannot pair with {host}:{port}: {type(e).__name__}: {e}"[:300]) from None
+        raise Unreachable(f"cannot pair with {host}:{port}: {type(e).__name__}: {e}"[:300]) from None
     from .identity import check_cert_pem
 
     try:
-        master_cert = check_cert_pem(welcome.get("cert"))  # type: ignore[arg-type]
+        cert = welcome.get("cert")
+        if not isinstance(cert, str):
+            raise ValueError("no certificate")
+        master_cert = check_cert_pem(cert)
         group, name = welcome["group"], welcome["name"]
         if not isinstance(group, str) or not isinstance(name, str):
             raise ValueError("names must be strings")
     except (ValueError, KeyError) as e:
-        raise PairingError(f"the master sent a malformed welcome: {e}") from None
+        raise Malformed(f"the master sent a malformed welcome: {e}") from None
     if fingerprint(master_cert) != seen:
-        raise PairingError("the TLS certificate does not match the paired master (someone is interfering)")
+        raise Impostor("the TLS certificate does not match the paired master (someone is interfering)")
     return JoinedGroup(group=group, name=name, master_host=host, master_port=port, master_cert=master_cert)
 
 

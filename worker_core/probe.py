@@ -80,7 +80,9 @@ PROBE_BYTES = 8 * 1024 * 1024  # `molink probe` downloads this much to time the 
 WORKER_PROBE_BYTES = 2 * 1024 * 1024  # a worker, before each tunnel, downloads this much
 
 
-async def measure_link(base_url: str, tls: ssl.SSLContext | None = None, nbytes: int = PROBE_BYTES) -> tuple[float | None, float | None]:
+async def measure_link(
+    base_url: str, tls: ssl.SSLContext | None = None, nbytes: int = PROBE_BYTES
+) -> tuple[float | None, float | None]:
     """(round trip ms, download Mbit/s) to a master; None where it could not be measured.
 
     ``base_url`` is ``https://host:port`` of a group port (``tls`` this member's client

@@ -15,11 +15,13 @@ both off frames pass straight through.  ``close()`` stops the delivery task.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 
 class LinkShaper:
-    def __init__(self, delay_s: float, rate_bytes_per_s: float | None, deliver: Callable[[bytes], Awaitable[None]]) -> None:
+    def __init__(
+        self, delay_s: float, rate_bytes_per_s: float | None, deliver: Callable[[bytes], Awaitable[None]]
+    ) -> None:
         if delay_s < 0 or (rate_bytes_per_s is not None and rate_bytes_per_s <= 0):
             raise ValueError("link delay must be >= 0 and rate > 0")
         self.delay = delay_s

@@ -21,6 +21,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -40,7 +41,7 @@ class ShardError(Exception):
 
 @dataclass
 class Shard:
-    config: object  # transformers PretrainedConfig of the whole model
+    config: Any  # transformers PretrainedConfig of the whole model (family-specific attributes)
     layer_start: int
     layer_end: int
     num_layers: int
@@ -78,11 +79,11 @@ class Shard:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.config.hidden_size)  # type: ignore[attr-defined]
+        return int(self.config.hidden_size)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.config.vocab_size)  # type: ignore[attr-defined]
+        return int(self.config.vocab_size)
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -96,10 +97,10 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         raise ShardError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (found: {', '.join(found[:10]) or 'nothing'})")
     with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open is no dict (no __iter__)
 
 
-def load_config(folder: Path) -> object:
+def load_config(folder: Path) -> Any:  # a transformers PretrainedConfig
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
@@ -114,7 +115,8 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, str, str]:
     base = getattr(model, prefix, None)
     if base is None:
         raise ShardError(f"{type(model).__name__}: no base model at {prefix!r}")
-    n = model.config.num_hidden_layers
+    config: Any = model.config  # a transformers config (torch types Module attributes as tensors or modules)
+    n = config.num_hidden_layers
     for attr in ("layers", "h", "blocks"):
         lst = getattr(base, attr, None)
         if isinstance(lst, nn.ModuleList) and len(lst) == n:
@@ -122,7 +124,7 @@ def _decoder(model: nn.Module) -> tuple[nn.Module, str, str]:
     raise ShardError(f"{type(model).__name__}: cannot find its list of {n} decoder layers")
 
 
-def _layer_window(config: object, layer: nn.Module, global_idx: int) -> int | None:
+def _layer_window(config: Any, layer: nn.Module, global_idx: int) -> int | None:
     attn = getattr(layer, "self_attn", None)
     if attn is not None and hasattr(attn, "sliding_window"):
         return attn.sliding_window
@@ -137,7 +139,7 @@ def _layer_window(config: object, layer: nn.Module, global_idx: int) -> int | No
 class _Skeleton:
     """A range's model on ``meta`` and the checkpoint tensors that fill it."""
 
-    config: object
+    config: Any
     model: nn.Module
     base: nn.Module
     kept: nn.ModuleList
@@ -152,10 +154,12 @@ class _Skeleton:
     plan: dict[str, tuple[str, list[str]]]  # local parameter -> (how to build it, checkpoint keys)
 
 
-def _skeleton(config: object, names: set[str] | dict, start: int, end: int, dtype: torch.dtype, where: object) -> _Skeleton:
+def _skeleton(
+    config: Any, names: set[str] | dict, start: int, end: int, dtype: torch.dtype, where: object
+) -> _Skeleton:
     from transformers import AutoModelForCausalLM
 
-    num_layers = int(config.num_hidden_layers)  # type: ignore[attr-defined]
+    num_layers = int(config.num_hidden_layers)
     if not 0 <= start < end <= num_layers:
         raise ShardError(f"layer range [{start}, {end}) outside a model of {num_layers} layers")
     with torch.device("meta"):
@@ -164,7 +168,7 @@ def _skeleton(config: object, names: set[str] | dict, start: int, end: int, dtyp
         except ValueError as e:  # the family has no SDPA path (e.g. Bloom): its eager attention takes the mask too
             if "scaled_dot_product_attention" not in str(e):
                 raise
-            config._attn_implementation = "eager"  # type: ignore[attr-defined]
+            config._attn_implementation = "eager"
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     base, prefix, layers_attr = _decoder(model)
@@ -176,7 +180,7 @@ def _skeleton(config: object, names: set[str] | dict, start: int, end: int, dtyp
     for local, layer in enumerate(kept):
         for m in layer.modules():
             if hasattr(m, "layer_idx"):
-                m.layer_idx = local
+                setattr(m, "layer_idx", local)  # noqa: B010 - torch types Module.__setattr__ for tensors and modules
     setattr(base, layers_attr, kept)
 
     is_first, is_last = start == 0, end == num_layers
@@ -184,7 +188,9 @@ def _skeleton(config: object, names: set[str] | dict, start: int, end: int, dtyp
     embed_name = next(n for n, m in model.named_modules() if m is embed)
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    norm_attr = next((a for a in ("norm", "final_layernorm", "ln_f", "norm_f") if getattr(base, a, None) is not None), None)
+    norm_attr = next(
+        (a for a in ("norm", "final_layernorm", "ln_f", "norm_f") if getattr(base, a, None) is not None), None
+    )
     norm = getattr(base, norm_attr) if norm_attr else None
     pos_embed = getattr(base, "wpe", None)
     embed_norm = getattr(base, "word_embeddings_layernorm", None)
@@ -204,19 +210,23 @@ def _skeleton(config: object, names: set[str] | dict, start: int, end: int, dtyp
     layer_re = re.compile(rf"^{re.escape(prefix)}\.{layers_attr}\.(\d+)\.(.*)$")
     plan: dict[str, tuple[str, list[str]]] = {}
     missing: list[str] = []
-    for local_name in model.state_dict().keys():
+    for local_name in model.state_dict():
         m = layer_re.match(local_name)
         name = f"{prefix}.{layers_attr}.{int(m.group(1)) + start}.{m.group(2)}" if m else local_name
         if head_name and local_name == f"{head_name}.weight" and name not in names:
             name = f"{embed_name}.weight"  # tied embeddings
-        found = checkpoint_keys.sources(name, names)  # type: ignore[arg-type]
+        found = checkpoint_keys.sources(name, names)
         if found is None:
             missing.append(name)
         else:
             plan[local_name] = found
     if missing:
-        raise ShardError(f"checkpoint {where} lacks {len(missing)} tensors of layers [{start}, {end}), e.g. {missing[:3]}")
-    return _Skeleton(config, model, base, kept, windows, layer_types, embed, pos_embed, embed_norm, norm, head, num_layers, plan)
+        raise ShardError(
+            f"checkpoint {where} lacks {len(missing)} tensors of layers [{start}, {end}), e.g. {missing[:3]}"
+        )
+    return _Skeleton(
+        config, model, base, kept, windows, layer_types, embed, pos_embed, embed_norm, norm, head, num_layers, plan
+    )
 
 
 def needed_tensors(folder: Path, start: int, end: int) -> list[str]:
@@ -282,16 +292,18 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
     loaded parameters swapped out for meta stand-ins, so they cannot be touched."""
     init = getattr(model, "_init_weights", None)
     for module in model.modules():
-        meta = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
-        if not meta:
+        stand_ins = {k: b for k, b in module._buffers.items() if b is not None and b.is_meta}
+        if not stand_ins:
             continue
-        for k in meta:
-            b = module._buffers[k]
+        meta = list(stand_ins)
+        for k, b in stand_ins.items():
             module._buffers[k] = torch.empty(b.shape, dtype=b.dtype, device=device)
         params = dict(module._parameters)
         for k, p in params.items():
             if p is not None:
-                module._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+                module._parameters[k] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
+                )
         try:
             if init is None:
                 raise ShardError(f"{type(model).__name__} cannot initialise {type(module).__name__}'s buffers {meta}")

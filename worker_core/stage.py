@@ -22,6 +22,7 @@ caller runs steps in order.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -49,22 +50,29 @@ class StageRunner:
             raise StepRejected(f"step of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
         if sh.is_first:
             if tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.shape[0] != total:
-                raise StepRejected(f"first stage expects token ids [{total}] int64, got {list(tensor.shape)} {tensor.dtype}")
+                raise StepRejected(
+                    f"first stage expects token ids [{total}] int64, got {list(tensor.shape)} {tensor.dtype}"
+                )
             if total and (int(tensor.min()) < 0 or int(tensor.max()) >= sh.vocab_size):
                 raise StepRejected("token id outside the vocabulary")
         else:
             if not tensor.is_floating_point() or tensor.dim() != 2 or tuple(tensor.shape) != (total, sh.hidden_size):
-                raise StepRejected(f"expects hidden states [{total}, {sh.hidden_size}], got {list(tensor.shape)} {tensor.dtype}")
+                raise StepRejected(
+                    f"expects hidden states [{total}, {sh.hidden_size}], got {list(tensor.shape)} {tensor.dtype}"
+                )
             if not bool(torch.isfinite(tensor).all()):
                 raise StepRejected("hidden states contain NaN or infinity")
         added = 0
         for s in segments:
             have = self.kv.length(s.request_id)
             if s.start != 0 and s.start != have:
-                raise StepRejected(f"request {s.request_id}: step starts at {s.start} but this stage holds {have} tokens")
+                raise StepRejected(
+                    f"request {s.request_id}: step starts at {s.start} but this stage holds {have} tokens"
+                )
             added += s.start + s.length - (have if s.start else 0)
         if self.kv.used_tokens + added > self.kv.budget_tokens:
-            raise StepRejected(f"KV budget of {self.kv.budget_tokens} tokens exceeded (in use {self.kv.used_tokens}, step adds {added})")
+            in_use, budget = self.kv.used_tokens, self.kv.budget_tokens
+            raise StepRejected(f"KV budget of {budget} tokens exceeded (in use {in_use}, step adds {added})")
         return total
 
     # ----------------------------------------------------------------- the step
@@ -85,7 +93,9 @@ class StageRunner:
         x = tensor.to(sh.device)
         positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
         if sh.is_first:
-            hidden = sh.embed(x).unsqueeze(0)  # type: ignore[misc]  # [1, T, hidden]
+            if sh.embed is None:
+                raise RuntimeError("a first stage without input embeddings")  # load_shard always gives them
+            hidden = sh.embed(x).unsqueeze(0)  # [1, T, hidden]
             if sh.pos_embed is not None:  # learned absolute positions (GPT-2)
                 hidden = hidden + sh.pos_embed(positions)
             if sh.embed_norm is not None:  # Bloom
@@ -103,8 +113,12 @@ class StageRunner:
             if window not in masks:
                 masks[window] = packed_mask(starts, lengths, window, sh.dtype, sh.device)
             if kind not in pos_embs:  # Gemma 3: local and global layers rotate differently
-                pos_embs[kind] = None if sh.rotary is None else (
-                    sh.rotary(hidden, positions, kind) if sh.rotary_per_layer_type else sh.rotary(hidden, positions)
+                pos_embs[kind] = (
+                    None
+                    if sh.rotary is None
+                    else (
+                        sh.rotary(hidden, positions, kind) if sh.rotary_per_layer_type else sh.rotary(hidden, positions)
+                    )
                 )
             out = layer(
                 hidden,
@@ -120,13 +134,15 @@ class StageRunner:
 
         hidden = hidden[0]  # [T, hidden]
         if sh.is_last:
+            if sh.lm_head is None or sh.norm is None:
+                raise RuntimeError("a last stage without its final norm and LM head")  # load_shard gives both
             ends, end = [], 0
             for s in segments:
                 end += s.length
                 if s.want_logits:
                     ends.append(end - 1)
             rows = hidden[torch.tensor(ends, dtype=torch.long, device=sh.device)]
-            result = sh.lm_head(sh.norm(rows)).float()  # type: ignore[misc]  # [n, vocab]
+            result = sh.lm_head(sh.norm(rows)).float()  # [n, vocab]
             result = _finish_logits(sh.config, result)
             if 0 < topk < result.shape[-1]:
                 values, ids = torch.topk(result, topk, dim=-1)  # [n, k] descending
@@ -143,7 +159,7 @@ class StageRunner:
         self.kv.free(request_ids)
 
 
-def _finish_logits(config: object, logits: torch.Tensor) -> torch.Tensor:
+def _finish_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
     """What some families do to logits after the LM head (their ``ForCausalLM.forward``):
     Cohere scales them (``logit_scale``), Gemma 2 soft-caps them (``final_logit_softcapping``)."""
     scale = getattr(config, "logit_scale", None)
@@ -155,14 +171,16 @@ def _finish_logits(config: object, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def packed_alibi(config: object, starts: list[int], lengths: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def packed_alibi(
+    config: Any, starts: list[int], lengths: list[int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
     """ALiBi biases for a packed step: [heads, 1, sum(start+length)], slope_h times each key's
     position within its own request (a per-query constant shift does not change softmax)."""
     if getattr(config, "model_type", "") == "falcon" and not getattr(config, "alibi", False):
         return None
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-    heads = int(getattr(config, "n_head", None) or getattr(config, "num_attention_heads"))
+    heads = int(getattr(config, "n_head", None) or config.num_attention_heads)
     total = sum(s + n for s, n in zip(starts, lengths))
     one = build_alibi_tensor(torch.ones(1, total, device=device), heads, torch.float32)  # [heads, 1, total]
     slopes = one[:, :, 1:2] if total > 1 else torch.zeros(heads, 1, 1, device=device)

@@ -31,63 +31,20 @@ import hashlib
 import json
 import logging
 import os
-import re
 import struct
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
+
+from .wire import TensorSpec
 
 log = logging.getLogger("molink.weights")
 
 CHUNK = 1 << 20  # bytes per chunk request
 CHUNK_RETRIES = 3
-SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"})
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-_REPO_FILE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")
 
 
 class WeightError(Exception):
     """Weights could not be delivered intact."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # safetensors dtype, e.g. "F32"
-    shape: tuple[int, ...]
-    nbytes: int
-    sha256: str  # hex digest of the tensor's bytes
-    # where the same bytes lie in the model's hub repository (models from the hub only):
-    # ``[offset, offset + nbytes)`` of ``file``
-    file: str = ""
-    offset: int = 0
-
-    def as_json(self) -> dict:
-        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes, "sha256": self.sha256}
-        return out | ({"file": self.file, "offset": self.offset} if self.file else {})
-
-    @staticmethod
-    def parse(raw: object) -> "TensorSpec":
-        """From a peer's JSON; ValueError on any defect."""
-        if not isinstance(raw, dict):
-            raise ValueError("a tensor spec must be an object")
-        name, dtype, shape, nbytes, sha = raw.get("name"), raw.get("dtype"), raw.get("shape"), raw.get("nbytes"), raw.get("sha256")
-        if not isinstance(name, str) or not 0 < len(name) <= 512:
-            raise ValueError("bad tensor name")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"bad tensor dtype {dtype!r}")
-        if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
-            raise ValueError("bad tensor shape")
-        if type(nbytes) is not int or not 0 <= nbytes <= 1 << 40:
-            raise ValueError("bad tensor size")
-        if not isinstance(sha, str) or not _SHA.match(sha):
-            raise ValueError("bad tensor hash")
-        file, offset = raw.get("file", ""), raw.get("offset", 0)
-        if not isinstance(file, str) or len(file) > 512 or (file and not _REPO_FILE.match(file)) or ".." in file.split("/"):
-            raise ValueError("bad tensor file: a relative path in the repository")
-        if type(offset) is not int or not 0 <= offset <= 1 << 48:
-            raise ValueError("bad tensor offset")
-        return TensorSpec(name, dtype, tuple(shape), nbytes, sha, file, offset)
 
 
 def manifest_digest(config_json: str, specs: list[TensorSpec]) -> str:
@@ -114,7 +71,9 @@ def read_locations(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int
 
 
 def _header(spec: TensorSpec) -> bytes:
-    body = json.dumps({spec.name: {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [0, spec.nbytes]}}).encode()
+    body = json.dumps(
+        {spec.name: {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [0, spec.nbytes]}}
+    ).encode()
     body += b" " * (-len(body) % 8)
     return struct.pack("<Q", len(body)) + body
 
@@ -144,7 +103,8 @@ class _Download:
                         break
                     self.hasher.update(block)
                     left -= len(block)
-        self.file = open(self.part, "r+b" if self.part.exists() else "w+b")
+        # open while the download runs: finish() or abandon() closes it
+        self.file = open(self.part, "r+b" if self.part.exists() else "w+b")  # noqa: SIM115
         self.file.seek(0)
         self.file.write(header)
         self.file.truncate(self.hlen + done)
@@ -170,7 +130,9 @@ class _Download:
         self.file.close()
         if self.hasher.hexdigest() != self.spec.sha256:
             self.part.unlink(missing_ok=True)
-            raise WeightError(f"tensor {self.spec.name}: bytes do not match the manifest's hash; removed, will fetch again")
+            raise WeightError(
+                f"tensor {self.spec.name}: bytes do not match the manifest's hash; removed, will fetch again"
+            )
         os.replace(self.part, self.final)
 
     def abandon(self) -> None:
@@ -222,7 +184,12 @@ class WeightCache:
                     if len(data) == length and hashlib.sha256(data).hexdigest() == chunk_sha:
                         d.put(offset, data)
                         return
-                    log.warning("chunk %d of %s arrived damaged (attempt %d); asking again", offset // CHUNK, d.spec.name, attempt + 1)
+                    log.warning(
+                        "chunk %d of %s arrived damaged (attempt %d); asking again",
+                        offset // CHUNK,
+                        d.spec.name,
+                        attempt + 1,
+                    )
                 raise WeightError(f"chunk {offset // CHUNK} of {d.spec.name} arrived damaged {CHUNK_RETRIES + 1} times")
             except BaseException:
                 failed = True

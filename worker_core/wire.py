@@ -8,8 +8,9 @@ Contract
 
   ``header`` is UTF-8 JSON (at most ``MAX_HEADER_BYTES``) holding the message's fields;
   ``payload`` is the raw bytes of at most one tensor, described in the header by
-  ``{"dtype": str, "shape": [int, ...]}`` (a weight ``Chunk`` carries plain bytes instead).  Tensors are rebuilt with ``torch.frombuffer``:
-  network bytes are never unpickled or ``torch.load``-ed.
+  ``{"dtype": str, "shape": [int, ...]}`` (a weight ``Chunk`` carries plain bytes instead).
+  Tensors are rebuilt with ``torch.frombuffer``: network bytes are never unpickled or
+  ``torch.load``-ed.
 * :func:`decode` parses a frame into one of the typed message classes below, checking every
   field (types, ranges, lengths, dtype, shape against byte length, the frame size limit).  Any
   defect raises :class:`ProtocolError`; the caller closes that one connection.  ``assert`` is
@@ -17,6 +18,11 @@ Contract
 * :func:`encode` is its inverse.  ``decode(encode(m)) == m`` for every valid message.
 * Semantic checks that need state (is this request id known? is this the right hidden size?)
   belong to the receiver, which also answers with :class:`ProtocolError`.
+* The protocol's own vocabulary lives here too, so both sides share one definition: the
+  manifest entry :class:`TensorSpec`, the hub snapshot syntax ``HUB_REF``, tunnel close codes
+  (:class:`CloseCode`), dtype sizes (:func:`itemsize`), the logits row of a ``Result``
+  (:func:`logits_row_width`) and frame bounds (:func:`frame_bound`, :func:`worker_frame_bound`).
+* A leaf module: it imports only the standard library and torch, nothing of MoLink.
 """
 
 from __future__ import annotations
@@ -24,15 +30,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Union
+from typing import Any
 
 import torch
-
-from .model_source import HUB_REF
-from .weights import TensorSpec
 
 PROTOCOL_VERSION = 3  # 3: Leave
 MAGIC = b"MLK"
@@ -57,6 +61,34 @@ DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# a hub repository id (owner/name) and a hub snapshot (owner/name@commit) as ``Assign.hub`` carries
+# it; worker_core.model_source takes its hub-id syntax from here (one pattern for both)
+HUB_REPO = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
+HUB_REF = re.compile(f"^{HUB_REPO}@[0-9a-f]{{40}}$")
+SAFETENSORS_DTYPES = frozenset(
+    {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+)
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_REPO_FILE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of a tunnel, chosen by what ended it (never by message text)."""
+
+    NORMAL = 1000  # left, removed, stopped, lost
+    PROTOCOL_ERROR = 1002  # the peer broke this protocol
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a compute dtype named as in ``DTYPES`` (e.g. ``Hello.dtype``)."""
+    return DTYPES[dtype].itemsize
+
+
+def logits_row_width(topk: int, vocab_size: int) -> int:
+    """Float32 values in one logits row of a last stage's :class:`Result`: the packed
+    ``1 + 2k`` when ``0 < topk < vocab_size``, else the whole vocabulary."""
+    return 1 + 2 * topk if 0 < topk < vocab_size else vocab_size
 
 
 class ProtocolError(Exception):
@@ -96,6 +128,65 @@ class Hello:
     cpu_cores: int = 0
     rtt_ms: float = 0.0  # measured round trip to the master just before this tunnel (0: unknown)
     link_mbps: float = 0.0  # measured master -> worker bandwidth, Mbit/s (0: unknown)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a delivered layer range: an entry of an ``Assign`` manifest."""
+
+    name: str
+    dtype: str  # safetensors dtype, e.g. "F32"
+    shape: tuple[int, ...]
+    nbytes: int
+    sha256: str  # hex digest of the tensor's bytes
+    # where the same bytes lie in the model's hub repository (models from the hub only):
+    # ``[offset, offset + nbytes)`` of ``file``
+    file: str = ""
+    offset: int = 0
+
+    def as_json(self) -> dict:
+        out = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "sha256": self.sha256,
+        }
+        return out | ({"file": self.file, "offset": self.offset} if self.file else {})
+
+    @staticmethod
+    def parse(raw: object) -> TensorSpec:
+        """From a peer's JSON; ValueError on any defect."""
+        if not isinstance(raw, dict):
+            raise ValueError("a tensor spec must be an object")
+        name, dtype, shape, nbytes, sha = (
+            raw.get("name"),
+            raw.get("dtype"),
+            raw.get("shape"),
+            raw.get("nbytes"),
+            raw.get("sha256"),
+        )
+        if not isinstance(name, str) or not 0 < len(name) <= 512:
+            raise ValueError("bad tensor name")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"bad tensor dtype {dtype!r}")
+        if not isinstance(shape, list) or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
+            raise ValueError("bad tensor shape")
+        if type(nbytes) is not int or not 0 <= nbytes <= 1 << 40:
+            raise ValueError("bad tensor size")
+        if not isinstance(sha, str) or not _SHA.match(sha):
+            raise ValueError("bad tensor hash")
+        file, offset = raw.get("file", ""), raw.get("offset", 0)
+        if (
+            not isinstance(file, str)
+            or len(file) > 512
+            or (file and not _REPO_FILE.match(file))
+            or ".." in file.split("/")
+        ):
+            raise ValueError("bad tensor file: a relative path in the repository")
+        if type(offset) is not int or not 0 <= offset <= 1 << 48:
+            raise ValueError("bad tensor offset")
+        return TensorSpec(name, dtype, tuple(shape), nbytes, sha, file, offset)
 
 
 @dataclass(frozen=True)
@@ -210,7 +301,7 @@ class Leave:
     finish: bool
 
 
-Message = Union[Hello, Assign, Ready, Step, Result, Free, Failure, Fetch, Chunk, Leave]
+Message = Hello | Assign | Ready | Step | Result | Free | Failure | Fetch | Chunk | Leave
 
 
 # --------------------------------------------------------------------------- field parsing
@@ -225,7 +316,7 @@ def _int(h: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_ID) -> int:
 
 def _float(h: dict[str, Any], key: str) -> float:
     v = h.get(key)
-    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
         raise ProtocolError(f"field {key!r} must be a finite non-negative number, got {v!r}")
     return float(v)
 
@@ -302,8 +393,7 @@ def _tensor_from(h: dict[str, Any], payload: memoryview) -> torch.Tensor:
         or any(type(d) is not int or not 0 <= d <= MAX_FRAME_BYTES for d in shape)
     ):
         raise ProtocolError(f"bad tensor shape {shape!r}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = math.prod(shape) * itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes != len(payload):
         raise ProtocolError(f"tensor {shape} {spec['dtype']} needs {nbytes} bytes, frame has {len(payload)}")
     if nbytes == 0:
@@ -331,23 +421,51 @@ def encode(msg: Message) -> bytes:
     if isinstance(msg, Hello):
         kind, h = Kind.HELLO, {k: getattr(msg, k) for k in HELLO_FIELDS}
     elif isinstance(msg, Assign):
-        kind, h = Kind.ASSIGN, {k: getattr(msg, k) for k in ("epoch", "model", "layer_start", "layer_end", "num_layers", "max_batch_tokens", "kv_tokens", "config_json", "hub")}
+        kind, h = (
+            Kind.ASSIGN,
+            {
+                k: getattr(msg, k)
+                for k in (
+                    "epoch",
+                    "model",
+                    "layer_start",
+                    "layer_end",
+                    "num_layers",
+                    "max_batch_tokens",
+                    "kv_tokens",
+                    "config_json",
+                    "hub",
+                )
+            },
+        )
         h["manifest"] = [s.as_json() for s in msg.manifest]
     elif isinstance(msg, Ready):
-        kind, h = Kind.READY, {k: getattr(msg, k) for k in ("epoch", "hidden_size", "vocab_size", "load_seconds", "weight_bytes")}
+        kind, h = (
+            Kind.READY,
+            {k: getattr(msg, k) for k in ("epoch", "hidden_size", "vocab_size", "load_seconds", "weight_bytes")},
+        )
     elif isinstance(msg, Step):
         spec, payload = _tensor_bytes(msg.tensor)
-        segs = [{"request_id": s.request_id, "start": s.start, "length": s.length, "want_logits": s.want_logits} for s in msg.segments]
-        kind, h = Kind.STEP, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs, "topk": msg.topk, "tensor": spec}
+        segs = [
+            {"request_id": s.request_id, "start": s.start, "length": s.length, "want_logits": s.want_logits}
+            for s in msg.segments
+        ]
+        kind, h = (
+            Kind.STEP,
+            {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs, "topk": msg.topk, "tensor": spec},
+        )
     elif isinstance(msg, Result):
         spec, payload = _tensor_bytes(msg.tensor)
-        kind, h = Kind.RESULT, {
-            "step_id": msg.step_id,
-            "epoch": msg.epoch,
-            "compute_seconds": msg.compute_seconds,
-            "worker_seconds": msg.worker_seconds,
-            "tensor": spec,
-        }
+        kind, h = (
+            Kind.RESULT,
+            {
+                "step_id": msg.step_id,
+                "epoch": msg.epoch,
+                "compute_seconds": msg.compute_seconds,
+                "worker_seconds": msg.worker_seconds,
+                "tensor": spec,
+            },
+        )
     elif isinstance(msg, Free):
         kind, h = Kind.FREE, {"request_ids": list(msg.request_ids)}
     elif isinstance(msg, Failure):
@@ -355,7 +473,11 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Fetch):
         kind, h = Kind.FETCH, {"sha256": msg.sha256, "offset": msg.offset, "length": msg.length}
     elif isinstance(msg, Chunk):
-        kind, h, payload = Kind.CHUNK, {"sha256": msg.sha256, "offset": msg.offset, "chunk_sha256": msg.chunk_sha256}, msg.data
+        kind, h, payload = (
+            Kind.CHUNK,
+            {"sha256": msg.sha256, "offset": msg.offset, "chunk_sha256": msg.chunk_sha256},
+            msg.data,
+        )
     elif isinstance(msg, Leave):
         kind, h = Kind.LEAVE, {"finish": msg.finish}
     else:
@@ -465,14 +587,29 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
     if kind is Kind.CHUNK:
         if len(payload) > MAX_CHUNK_BYTES:
             raise ProtocolError("chunk too large")
-        return Chunk(sha256=_sha(h, "sha256"), offset=_int(h, "offset"), chunk_sha256=_sha(h, "chunk_sha256"), data=bytes(payload))
+        return Chunk(
+            sha256=_sha(h, "sha256"),
+            offset=_int(h, "offset"),
+            chunk_sha256=_sha(h, "chunk_sha256"),
+            data=bytes(payload),
+        )
     if kind is Kind.LEAVE:
         return Leave(finish=_bool(h, "finish"))
     return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
 
 
-def frame_bound(max_batch_tokens: int, hidden_size: int, vocab_size: int, itemsize: int = 4) -> int:
+def frame_bound(max_batch_tokens: int, hidden_size: int, vocab_size: int, element_bytes: int = 4) -> int:
     """Largest legitimate frame (bytes) for a pipeline with these dimensions: the bigger of a
     full hidden-state step and a logits result for every token, plus header room."""
-    tensor = max_batch_tokens * max(hidden_size, vocab_size) * itemsize
+    tensor = max_batch_tokens * max(hidden_size, vocab_size) * element_bytes
     return min(MAX_FRAME_BYTES, tensor + MAX_HEADER_BYTES + _PREFIX.size)
+
+
+# frames a worker must accept whatever the model: an Assign with its manifest, a weight Chunk
+UNASSIGNED_FRAME_BYTES = max(_PREFIX.size + MAX_ASSIGN_HEADER_BYTES, _PREFIX.size + MAX_HEADER_BYTES + MAX_CHUNK_BYTES)
+
+
+def worker_frame_bound(max_batch_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Largest frame a worker accepts once it serves a range of this model: the pipeline's
+    :func:`frame_bound` (the master's own limit), or an Assign or Chunk (``UNASSIGNED_FRAME_BYTES``)."""
+    return max(UNASSIGNED_FRAME_BYTES, frame_bound(max_batch_tokens, hidden_size, vocab_size))

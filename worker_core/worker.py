@@ -15,7 +15,10 @@ its measured speed and its memory; then, in order, apply
 ``Failure`` naming the step when the step does not fit this stage), and ``Free``.  Frames are
 read by one task and executed in arrival order by another, so heartbeats are answered while a
 step computes.  A malformed frame from the master closes the tunnel with a log line; the
-worker then reconnects.  The loaded shard is kept across reconnects when the next assignment
+worker then reconnects.  So does a frame larger than the model allows: until a range is served
+only an ``Assign`` or a weight ``Chunk`` fits, then the pipeline's own bound
+(:func:`~worker_core.wire.worker_frame_bound`, as the master bounds the worker's frames).
+The loaded shard is kept across reconnects when the next assignment
 is the same model and range (its KV caches are dropped: the master replays).
 
 In a paired group (``tls`` set) the tunnel is ``wss://`` with this machine's certificate,
@@ -31,17 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from . import device as devices
 from . import model_source
+from .config import WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, STATS_INTERVAL, Command, Control, Events, one_line
 from .hub_ranges import fetch_from_hub
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
@@ -49,28 +50,30 @@ from .shaper import LinkShaper
 from .shard import load_shard
 from .stage import StageRunner, StepRejected
 from .weights import WeightCache
-from .wire import Assign, Chunk, Failure, Fetch, Free, Hello, Leave, ProtocolError, Ready, Result, Step, decode, encode
+from .wire import (
+    DTYPE_NAMES,
+    MAX_FRAME_BYTES,
+    UNASSIGNED_FRAME_BYTES,
+    Assign,
+    Chunk,
+    Failure,
+    Fetch,
+    Free,
+    Hello,
+    Leave,
+    Message,
+    ProtocolError,
+    Ready,
+    Result,
+    Step,
+    decode,
+    encode,
+    worker_frame_bound,
+)
 
 log = logging.getLogger("molink.worker")
 
-CONNECT_FRAME_LIMIT = 512 * 1024 * 1024  # bytes; frames beyond this are refused by aiohttp
 CHUNK_TIMEOUT = 120.0  # seconds to wait for one weight chunk
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    master: str  # "host:port" of the master's tunnel endpoint
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    name: str = field(default_factory=socket.gethostname)
-    reconnect: bool = True  # dial again after the tunnel drops
-    heartbeat: float = 5.0  # seconds between pings; a dead master is noticed within ~2x this
-    retry_seconds: float = 1.0  # first reconnect delay, doubled up to 30 s
-    link_delay_ms: float = 0.0  # emulated one-way delay per direction (measurement only)
-    link_mbps: float | None = None  # emulated bandwidth per direction in Mbit/s (None: unlimited)
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
-    memory_limit: int | None = None  # bytes offered to the group (None: all that is free)
-    tls: ssl.SSLContext | None = None  # paired group: mutual TLS pinned to the master (None: plain, loopback only)
-    weights_dir: Path | None = None  # cache of weights the master delivers (None: the user cache)
 
 
 class _Run:
@@ -101,7 +104,7 @@ class _Session:
 
     def __init__(
         self,
-        ws: aiohttp.ClientWebSocketResponse,
+        ws: aiohttp.ClientWebSocketResponse[bool],
         executor: ThreadPoolExecutor,
         shards: dict,
         device: str,
@@ -119,9 +122,12 @@ class _Session:
         self.device = device
         self.runner: StageRunner | None = None
         self.epoch = -1
+        # frames accepted from the master: an Assign or a weight Chunk until a range is served, then
+        # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
+        self.max_frame = UNASSIGNED_FRAME_BYTES
 
-    async def send(self, msg: object) -> None:
-        await self.uplink.put(encode(msg))  # type: ignore[arg-type]
+    async def send(self, msg: Message) -> None:
+        await self.uplink.put(encode(msg))
 
     async def request_chunk(self, sha256: str, offset: int, length: int) -> tuple[bytes, str]:
         """One chunk from the master.  Tensors with equal bytes (e.g. norm weights of ones)
@@ -157,11 +163,19 @@ class _Session:
         missing = self.weights.missing(specs)
         if missing:
             total = sum(s.nbytes for s in missing)
-            log.info("fetching %d tensors (%.1f MB) of layers [%d, %d) from the master", len(missing), total / 1e6, msg.layer_start, msg.layer_end)
+            log.info(
+                "fetching %d tensors (%.1f MB) of layers [%d, %d) from the master",
+                len(missing),
+                total / 1e6,
+                msg.layer_start,
+                msg.layer_end,
+            )
             t0 = time.perf_counter()
             received = await self.weights.fetch(specs, self.request_chunk)
             dt = time.perf_counter() - t0
-            log.info("weights received: %.1f MB in %.2f s (%.1f MB/s)", received / 1e6, dt, received / 1e6 / max(dt, 1e-9))
+            log.info(
+                "weights received: %.1f MB in %.2f s (%.1f MB/s)", received / 1e6, dt, received / 1e6 / max(dt, 1e-9)
+            )
         await asyncio.get_running_loop().run_in_executor(self.executor, self.weights.prune, specs)
         return self.weights.folder(msg.model, msg.config_json, specs)
 
@@ -189,13 +203,20 @@ class _Session:
                 self.shards[key] = shard
             self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
             self.epoch = msg.epoch
-            await self.send(Ready(msg.epoch, shard.hidden_size, shard.vocab_size, time.perf_counter() - t0, shard.weight_bytes))
-            log.info("serving layers [%d, %d) of %d (epoch %d)", msg.layer_start, msg.layer_end, msg.num_layers, msg.epoch)
+            self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
+            await self.send(
+                Ready(msg.epoch, shard.hidden_size, shard.vocab_size, time.perf_counter() - t0, shard.weight_bytes)
+            )
+            log.info(
+                "serving layers [%d, %d) of %d (epoch %d)", msg.layer_start, msg.layer_end, msg.num_layers, msg.epoch
+            )
             layers = [msg.layer_start, msg.layer_end]
             self.run.events.emit("serving", layers=layers, num_layers=msg.num_layers, epoch=msg.epoch)
         elif isinstance(msg, Step):
             if self.runner is None or msg.epoch != self.epoch:
-                await self.send(Failure(f"step of epoch {msg.epoch} but this worker serves epoch {self.epoch}", msg.step_id))
+                await self.send(
+                    Failure(f"step of epoch {msg.epoch} but this worker serves epoch {self.epoch}", msg.step_id)
+                )
                 return
             runner = self.runner
             try:
@@ -209,7 +230,9 @@ class _Session:
                 return
             self.run.steps += 1
             self.run.tokens += sum(seg.length for seg in msg.segments)
-            await self.send(Result(msg.step_id, msg.epoch, runner.last_compute_seconds, time.perf_counter() - arrived, out))
+            await self.send(
+                Result(msg.step_id, msg.epoch, runner.last_compute_seconds, time.perf_counter() - arrived, out)
+            )
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)
@@ -222,7 +245,9 @@ class _Session:
 async def _link(config: WorkerConfig) -> tuple[float, float]:
     """(round trip ms, Mbit/s) to the master as the tunnel will see it: measured just before
     dialling (0 where unknown), with an emulated delay and rate applied on top."""
-    rtt, mbps = await measure_link(f"{'https' if config.tls else 'http'}://{config.master}", config.tls, WORKER_PROBE_BYTES)
+    rtt, mbps = await measure_link(
+        f"{'https' if config.tls else 'http'}://{config.master}", config.tls, WORKER_PROBE_BYTES
+    )
     rtt = (rtt or 0.0) + (2 * config.link_delay_ms if rtt is not None else 0.0)
     if config.link_mbps:
         mbps = min(mbps, config.link_mbps) if mbps else config.link_mbps
@@ -243,80 +268,93 @@ async def _connect_once(
         url, tls = f"wss://{config.master}/v1/tunnel", {"ssl": config.tls, "server_hostname": TUNNEL_SNI}
     else:
         url, tls = f"ws://{config.master}/v1/tunnel", {}
-    async with aiohttp.ClientSession() as http:
-        async with http.ws_connect(url, max_msg_size=CONNECT_FRAME_LIMIT, compress=0, heartbeat=config.heartbeat, **tls) as ws:
-            log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
-            run.connected = True
-            run.events.emit("connected", master=config.master)
-            delay = config.link_delay_ms / 1000.0
-            rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
-            uplink = LinkShaper(delay, rate, ws.send_bytes)
-            session = _Session(ws, executor, shards, config.device, uplink, weights, run)
-            queue: asyncio.Queue = asyncio.Queue()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, compress=0, heartbeat=config.heartbeat, **tls) as ws,
+    ):
+        log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
+        run.connected = True
+        run.events.emit("connected", master=config.master)
+        delay = config.link_delay_ms / 1000.0
+        rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
+        uplink = LinkShaper(delay, rate, ws.send_bytes)
+        session = _Session(ws, executor, shards, config.device, uplink, weights, run)
+        queue: asyncio.Queue = asyncio.Queue()
 
-            async def arrive(data: bytes) -> None:
-                try:
-                    msg: object = decode(data)
-                except ProtocolError as e:
-                    msg = e
-                if isinstance(msg, Chunk):  # weights arrive while an Assign is being handled
-                    session.on_chunk(msg)
-                else:
-                    queue.put_nowait((msg, time.perf_counter()))
-
-            downlink = LinkShaper(delay, rate, arrive)
-
-            async def execute() -> None:
-                while True:
-                    msg, arrived = await queue.get()
-                    try:
-                        if isinstance(msg, ProtocolError):
-                            raise msg
-                        await session.handle(msg, arrived)
-                    except ProtocolError as e:
-                        log.error("protocol error from the master, closing the tunnel: %s", e)
-                        await ws.close(code=1002, message=b"protocol error")
-                        return
-
-            reason = "tunnel closed"
-            runner_task = stats_task = None
+        async def arrive(data: bytes) -> None:
             try:
-                await session.send(
-                    Hello(config.name[:128], str(info.device), info.name[:256], info.total_memory, offered, _dtype_name(info), rtt_ms=rtt, link_mbps=mbps, **facts)
-                )
-                run.session = session
-                runner_task = asyncio.create_task(execute())
-                stats_task = asyncio.create_task(run.report_stats()) if run.events.enabled else None
-                while True:
-                    frame = await ws.receive()
-                    if frame.type != aiohttp.WSMsgType.BINARY:
-                        if frame.type is aiohttp.WSMsgType.CLOSE:
-                            why = frame.extra if isinstance(frame.extra, str) and frame.extra else ""
-                            reason = "closed by the master: " + (why or f"code {frame.data}")
-                            break
-                        if frame.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                            reason = f"connection lost: {ws.exception() or frame.type.name.lower()}"
-                            break
-                        raise ProtocolError(f"unexpected {frame.type.name} frame")
-                    await downlink.put(frame.data)
-                if runner_task.done() and not runner_task.cancelled() and runner_task.exception():
-                    raise runner_task.exception()  # type: ignore[misc]
+                msg: object = decode(data, session.max_frame)
             except ProtocolError as e:
-                log.error("protocol error from the master, closing the tunnel: %s", e)
-                reason = f"protocol error: {e}"
-                await ws.close(code=1002, message=str(e)[:100].encode())
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                reason = f"connection lost: {e or type(e).__name__}"
-                raise
-            finally:
-                run.session = None
-                for t in (runner_task, stats_task):
-                    if t is not None:
-                        t.cancel()
-                uplink.close()
-                downlink.close()
-                run.events.emit("disconnected", reason=one_line(reason))
-            return reason
+                msg = e
+            if isinstance(msg, Chunk):  # weights arrive while an Assign is being handled
+                session.on_chunk(msg)
+            else:
+                queue.put_nowait((msg, time.perf_counter()))
+
+        downlink = LinkShaper(delay, rate, arrive)
+
+        async def execute() -> None:
+            while True:
+                msg, arrived = await queue.get()
+                try:
+                    if isinstance(msg, ProtocolError):
+                        raise msg
+                    await session.handle(msg, arrived)
+                except ProtocolError as e:
+                    log.error("protocol error from the master, closing the tunnel: %s", e)
+                    await ws.close(code=1002, message=b"protocol error")
+                    return
+
+        reason = "tunnel closed"
+        runner_task = stats_task = None
+        try:
+            await session.send(
+                Hello(
+                    config.name[:128],
+                    str(info.device),
+                    info.name[:256],
+                    info.total_memory,
+                    offered,
+                    _dtype_name(info),
+                    rtt_ms=rtt,
+                    link_mbps=mbps,
+                    **facts,
+                )
+            )
+            run.session = session
+            runner_task = asyncio.create_task(execute())
+            stats_task = asyncio.create_task(run.report_stats()) if run.events.enabled else None
+            while True:
+                frame = await ws.receive()
+                if frame.type != aiohttp.WSMsgType.BINARY:
+                    if frame.type is aiohttp.WSMsgType.CLOSE:
+                        why = frame.extra if isinstance(frame.extra, str) and frame.extra else ""
+                        reason = "closed by the master: " + (why or f"code {frame.data}")
+                        break
+                    if frame.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                        reason = f"connection lost: {ws.exception() or frame.type.name.lower()}"
+                        break
+                    raise ProtocolError(f"unexpected {frame.type.name} frame")
+                await downlink.put(frame.data)
+            if runner_task.done() and not runner_task.cancelled() and (failed := runner_task.exception()):
+                raise failed
+        except ProtocolError as e:
+            log.error("protocol error from the master, closing the tunnel: %s", e)
+            reason = f"protocol error: {e}"
+            await ws.close(code=1002, message=str(e)[:100].encode())
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            reason = f"connection lost: {e or type(e).__name__}"
+            raise
+        finally:
+            run.session = None
+            tasks = [t for t in (runner_task, stats_task) if t is not None]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            uplink.close()
+            downlink.close()
+            run.events.emit("disconnected", reason=one_line(reason))
+        return reason
 
 
 def _tls_hint(config: WorkerConfig, e: BaseException) -> str:
@@ -325,7 +363,10 @@ def _tls_hint(config: WorkerConfig, e: BaseException) -> str:
     if isinstance(e, aiohttp.ClientConnectorCertificateError):
         return " (its certificate is not the one this machine paired with: refusing it)"
     if isinstance(e, aiohttp.ServerDisconnectedError):
-        return " (the master closed the TLS handshake: if this machine was removed from the group, pair again with `molink join CODE`)"
+        return (
+            " (the master closed the TLS handshake: if this machine was removed from the group, "
+            "pair again with `molink join CODE`)"
+        )
     return ""
 
 
@@ -336,8 +377,6 @@ def _default_weights_dir() -> Path:
 
 
 def _dtype_name(info: devices.DeviceInfo) -> str:
-    from .wire import DTYPE_NAMES
-
     return DTYPE_NAMES[info.dtype]
 
 
@@ -353,16 +392,23 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
     try:
         shards: dict = {}
         info = devices.pick(config.device)
-        facts = dict(device_facts(info), gflops=await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, info, 0.2))
+        facts = dict(
+            device_facts(info),
+            gflops=await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, info, 0.2),
+        )
         weights = WeightCache(config.weights_dir or _default_weights_dir())
         if config.tls is None:
-            log.warning("UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; for loopback tests only", config.master)
+            log.warning(
+                "UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; "
+                "for loopback tests only",
+                config.master,
+            )
         dial = asyncio.create_task(_dial(config, executor, shards, facts, weights, run))
         if control is not None:
             obey = asyncio.create_task(_obey(control, run, dial))
         await asyncio.wait([dial])  # ends by itself (no reconnect, or after a leave) or cancelled by _obey
-        if not dial.cancelled() and dial.exception() is not None:
-            raise dial.exception()  # type: ignore[misc]
+        if not dial.cancelled() and (failed := dial.exception()) is not None:
+            raise failed
         if run.leaving is not None:
             log.info("left the group")
             run.events.emit("left")

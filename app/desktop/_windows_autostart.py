@@ -89,8 +89,9 @@ class WindowsRunKey(Autostart):
             finally:
                 self.reg.CloseKey(key)
             if self.blocked_by_user():
-                log.info("MoLink's login entry is turned off in Task Manager; it stays off until the user "
-                         "turns it on there")
+                log.info(
+                    "MoLink's login entry is turned off in Task Manager; it stays off until the user turns it on there"
+                )
             return
         try:
             key = self.reg.OpenKey(self.reg.HKEY_CURRENT_USER, RUN_KEY, 0, self.reg.KEY_SET_VALUE)

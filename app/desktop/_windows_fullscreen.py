@@ -30,10 +30,9 @@ FULLSCREEN_STATES = frozenset({QUNS_BUSY, QUNS_RUNNING_D3D_FULL_SCREEN, QUNS_PRE
 def notification_state(shell32: Any | None = None) -> int | None:
     """The QUERY_USER_NOTIFICATION_STATE value, or None if it cannot be read."""
     try:
-        if shell32 is None:
-            shell32 = ctypes.windll.shell32  # type: ignore[attr-defined]  # Windows only
+        lib = shell32 if shell32 is not None else ctypes.windll.shell32  # type: ignore[attr-defined]  # Windows only
         state = ctypes.c_int(0)
-        hr = shell32.SHQueryUserNotificationState(ctypes.byref(state))
+        hr = lib.SHQueryUserNotificationState(ctypes.byref(state))
         if hr != 0:  # S_OK
             log.debug("SHQueryUserNotificationState failed: HRESULT %#x", hr & 0xFFFFFFFF)
             return None

@@ -34,6 +34,7 @@ graphics processes; a fullscreen game is still seen through ``fullscreen``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -127,10 +128,7 @@ class AutoPause:
         return load.foreign_processes > 0 and load.utilization is not None and load.utilization >= self.threshold_util
 
     def update(self, load: GpuLoad | None, now: float) -> Decision:
-        if load is None:
-            obs = _Obs.UNKNOWN
-        else:
-            obs = _Obs.BUSY if self.busy(load) else _Obs.CLEAR
+        obs = _Obs.UNKNOWN if load is None else _Obs.BUSY if self.busy(load) else _Obs.CLEAR
         phase, restart, decision = _NEXT[(self._phase, obs)]
         if restart:
             self._since = now
@@ -144,9 +142,7 @@ class AutoPause:
 
     def keep_sharing(self, now: float) -> None:
         """The user chose "Keep sharing": no pause for the current busy episode."""
-        if self._phase in (_Phase.WARNED, _Phase.IDLE, _Phase.KEPT_CLEARING):
-            self._phase, self._since = _Phase.KEPT, now
-        elif self.paused:  # keep sharing after the pause already happened: the caller resumes by hand
+        if self._phase in (_Phase.WARNED, _Phase.IDLE, _Phase.KEPT_CLEARING) or self.paused:
             self._phase, self._since = _Phase.KEPT, now
 
     def reset(self) -> None:
@@ -173,7 +169,7 @@ def probe_gpu_load(own_pids: set[int]) -> GpuLoad | None:
             for getter in (pynvml.nvmlDeviceGetGraphicsRunningProcesses, pynvml.nvmlDeviceGetComputeRunningProcesses):
                 try:
                     procs = getter(h)
-                except pynvml.NVMLError_NotSupported:
+                except pynvml.NVMLError_NotSupported:  # type: ignore[attr-defined]  # pynvml makes these at import
                     continue
                 for p in procs:
                     if p.pid in own_pids:
@@ -182,16 +178,18 @@ def probe_gpu_load(own_pids: set[int]) -> GpuLoad | None:
                     foreign[p.pid] = foreign.get(p.pid, 0) + max(0, used)
         if util is None:  # no GPU at all
             return _fullscreen_only()
-        return GpuLoad(utilization=util, foreign_processes=len(foreign), foreign_memory=sum(foreign.values()),
-                       fullscreen=fullscreen_app_running())
+        return GpuLoad(
+            utilization=util,
+            foreign_processes=len(foreign),
+            foreign_memory=sum(foreign.values()),
+            fullscreen=fullscreen_app_running(),
+        )
     except Exception as e:
         log.debug("NVML load unknown: %s", e)
         return None
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def _fullscreen_only() -> GpuLoad | None:

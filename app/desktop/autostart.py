@@ -162,17 +162,19 @@ class XdgAutostart(Autostart):
         return e.get("Hidden", "").lower() == "true" or e.get("X-GNOME-Autostart-enabled", "").lower() == "false"
 
     def content(self) -> str:
-        return "\n".join([
-            "[Desktop Entry]",
-            "Type=Application",
-            "Name=MoLink",
-            "Comment=Share this PC's GPU with your MoLink group",
-            f"Exec={exec_line(self.command)}",
-            "Icon=molink",
-            "Terminal=false",
-            "X-GNOME-Autostart-enabled=true",
-            "",
-        ])
+        return "\n".join(
+            [
+                "[Desktop Entry]",
+                "Type=Application",
+                "Name=MoLink",
+                "Comment=Share this PC's GPU with your MoLink group",
+                f"Exec={exec_line(self.command)}",
+                "Icon=molink",
+                "Terminal=false",
+                "X-GNOME-Autostart-enabled=true",
+                "",
+            ]
+        )
 
     def set_enabled(self, on: bool) -> None:
         if not on:
@@ -190,7 +192,7 @@ class XdgAutostart(Autostart):
 def for_this_os(command: list[str]) -> Autostart:
     """The login entry for this OS that starts ``command`` (e.g. ``[exe, "--background"]``)."""
     if sys.platform.startswith("win"):
-        import winreg  # type: ignore[import-not-found]  # Windows only
+        import winreg  # Windows only
 
         from ._windows_autostart import WindowsRunKey
 

@@ -37,8 +37,20 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import QCloseEvent, QColor, QFont, QGuiApplication, QHideEvent, QImage, QKeyEvent, QShowEvent
-from PySide6.QtGui import QTextBlockFormat, QTextCharFormat, QTextCursor, QTextDocument
+from PySide6.QtGui import (
+    QCloseEvent,
+    QColor,
+    QFont,
+    QGuiApplication,
+    QHideEvent,
+    QImage,
+    QKeyEvent,
+    QShowEvent,
+    QTextBlockFormat,
+    QTextCharFormat,
+    QTextCursor,
+    QTextDocument,
+)
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
 from PySide6.QtWidgets import (
     QDialog,
@@ -56,6 +68,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from master_core.config import MasterConfig
+
 from .sse import DataEvent, DoneEvent, ErrorEvent, SseParser
 
 log = logging.getLogger("molink.chat")
@@ -66,7 +80,7 @@ HEALTH_TIMEOUT_MS = 5000  # bound on one /health or /v1/models request
 STREAM_IDLE_TIMEOUT_MS = 300_000  # a chat reply that sends no byte for this long fails (queued requests wait)
 RENDER_HZ = 20  # re-renders of the answer being written, per second at most
 MAX_ERROR_BODY = 64 * 1024  # bytes of an HTTP error body kept to read its message
-DEFAULT_PORT = 8000  # the API port when an address has none
+DEFAULT_PORT = MasterConfig.port  # the API port when an address has none
 
 Role = Literal["user", "assistant"]
 

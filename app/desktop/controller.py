@@ -26,12 +26,13 @@ import logging
 import math
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from PySide6.QtCore import QByteArray, QObject, QTimer, QUrl, Signal
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequest
 
 from app.procs import engine_command
+from worker_core.control import FINISH_TIMEOUT, LEAVE_TIMEOUT
 
 from . import autopause, links
 from .settings import Paths, Settings, save
@@ -44,7 +45,8 @@ POLL_SECONDS = 2.0  # how often the local master's /health is read
 HTTP_TIMEOUT_MS = 5000  # every request to the local master
 PAUSE_CHECK_MS = 5000  # how often a timed pause and the auto-pause policy are looked at
 STOP_GRACE = 30.0  # seconds a child has to stop after being asked
-FINISH_GRACE = 330.0  # seconds a finishing worker may take (the master waits up to 300 s for its requests)
+# seconds a finishing worker may take: the master's bound for its requests, then its leave
+FINISH_GRACE = FINISH_TIMEOUT + LEAVE_TIMEOUT
 PAUSE_HOUR = 3600.0
 
 
@@ -92,6 +94,9 @@ class Controller(QObject):
         self._argv = argv
         self._gpu = gpu if gpu is not None else gpu_summary()
         self._probe_load = probe_load or (lambda pids: autopause.probe_gpu_load(pids))
+        # asked before any engine child starts: an installed app builds its engine runtime
+        # (a dialog) here; from source the engine is this interpreter
+        self.engine_ready: Callable[[], bool] = lambda: True
         self.sharing = Sharing.OFF
         self._after_stop = Sharing.OFF  # where a stopping worker lands: OFF or PAUSED
         self.paused_until: float | None = None
@@ -187,6 +192,10 @@ class Controller(QObject):
             return
         if self.sharing not in (Sharing.OFF, Sharing.PAUSED, Sharing.PROBLEM):
             return
+        if not self.engine_ready():
+            self.problem = "the engine runtime is not installed yet"
+            self.changed.emit()
+            return
         self.paused_until = None
         self._auto_paused = False
         self.problem = None
@@ -195,7 +204,7 @@ class Controller(QObject):
         self._remember(paused_until=None, share_on_start=True)
         if self.worker is None:
             self.worker = Supervisor("worker", self.worker_argv(), self.paths.logs_dir / "worker.log", parent=self)
-            self.worker.event.connect(self._worker_event)
+            self.worker.engine_event.connect(self._worker_event)
             self.worker.crashed.connect(self._worker_crashed)
             self.worker.stopped.connect(self._worker_stopped)
         else:
@@ -310,9 +319,14 @@ class Controller(QObject):
         decision = self.policy.update(self._probe_load(own), time.monotonic())
         if decision is autopause.Decision.WARN:
             self.changed.emit()
-            self.notify.emit("MoLink will pause sharing in 60 s", "Another program is using the GPU heavily. Choose “Keep sharing” in the menu to stay.")
+            self.notify.emit(
+                "MoLink will pause sharing in 60 s",
+                "Another program is using the GPU heavily. Choose “Keep sharing” in the menu to stay.",
+            )
         elif decision is autopause.Decision.PAUSE and self.sharing not in (Sharing.PAUSED,):
-            self.notify.emit("MoLink paused sharing", "Another program is using the GPU; sharing resumes when it is done.")
+            self.notify.emit(
+                "MoLink paused sharing", "Another program is using the GPU; sharing resumes when it is done."
+            )
             self.pause(None, auto=True)
             self._auto_paused = True
         elif decision is autopause.Decision.RESUME and self.sharing is Sharing.PAUSED and self._auto_paused:
@@ -332,14 +346,31 @@ class Controller(QObject):
         if self.hosting():
             self.master_failed.emit("this PC already runs a group")
             return
+        if not self.engine_ready():
+            self.master_failed.emit("the engine runtime is not installed yet")
+            return
         self._remember(model=model, group_name=name, group_port=port)
-        args = ["group", "create", "--model", model, "--port", str(port), "--api-port", "0", "--data-dir", str(self.paths.master_dir), "--supervised"]
+        args = [
+            "group",
+            "create",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--api-port",
+            "0",
+            "--data-dir",
+            str(self.paths.master_dir),
+            "--supervised",
+        ]
         if name:
             args += ["--name", name]
         self.master_info = None
         self.master_problem = None
-        self.master = Supervisor("master", self._argv(*args), self.paths.logs_dir / "master.log", restart=False, parent=self)
-        self.master.event.connect(self._master_event)
+        self.master = Supervisor(
+            "master", self._argv(*args), self.paths.logs_dir / "master.log", restart=False, parent=self
+        )
+        self.master.engine_event.connect(self._master_event)
         self.master.crashed.connect(self._master_crashed)
         self.master.stopped.connect(self._master_stopped)
         self.master.start()
@@ -407,7 +438,11 @@ class Controller(QObject):
                 info = self.master_info or {}
                 port = info.get("group_port")
                 host = _lan_address()
-                link = links.build_link(links.JoinLink(code=body["code"], master=f"{host}:{port}" if port else None, group=info.get("group")))
+                link = links.build_link(
+                    links.JoinLink(
+                        code=body["code"], master=f"{host}:{port}" if port else None, group=info.get("group")
+                    )
+                )
                 full = {**body, "link": link, "group": info.get("group"), "group_port": port, "host": host}
                 on_code(full) if on_code is not None else self.code_ready.emit(full)
             else:
@@ -511,4 +546,3 @@ def _lan_address() -> str:
         return "127.0.0.1"
     finally:
         s.close()
-

@@ -35,7 +35,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .background import Background
+from master_core.invitations import TTL
+
+from .background import Background, plain
 from .controller import Controller
 from .links import JoinLink
 
@@ -113,12 +115,14 @@ class PairingCodePanel(QWidget):
         self.error.clear()
         self.code.setText(str(info.get("code", "")))
         self.link.setText(str(info.get("link", "")))
-        self._expires_at = time.monotonic() + float(info.get("expires_in") or 300)
+        self._expires_at = time.monotonic() + float(info.get("expires_in") or TTL)
         self._tick()
         self._timer.start(1000)
         port, host = info.get("group_port"), info.get("host")
         if master_fingerprint:
-            self.fingerprint.setText(f"This group's fingerprint: {grouped_fingerprint(master_fingerprint)} (a joining friend sees the same).")
+            self.fingerprint.setText(
+                f"This group's fingerprint: {grouped_fingerprint(master_fingerprint)} (a joining friend sees the same)."
+            )
         self.reach.setText(
             f"Friends on this network find the group by itself. Friends elsewhere need to reach this PC's group port: "
             f"forward TCP port {port} on your router to this PC ({host}) and allow it in the firewall, then they join "
@@ -179,7 +183,12 @@ class CreateGroupDialog(QDialog):
 
         form_page = QWidget()
         form = QVBoxLayout(form_page)
-        form.addWidget(_note("This PC will run the group: it hands out pairing codes, plans which PC serves which layers, and answers chat and API requests."))
+        form.addWidget(
+            _note(
+                "This PC will run the group: it hands out pairing codes, plans which PC serves which layers, "
+                "and answers chat and API requests."
+            )
+        )
         form.addWidget(self.use_default)
         form.addWidget(self.use_local)
         row = QHBoxLayout()
@@ -229,7 +238,9 @@ class CreateGroupDialog(QDialog):
             return
         self.error.clear()
         self.create_button.setEnabled(False)
-        self.status.setText("Starting the group… (the first start converts or downloads the model and can take minutes)")
+        self.status.setText(
+            "Starting the group… (the first start converts or downloads the model and can take minutes)"
+        )
         self.c.create_group(model, self.name.text().strip(), self.port.value())
 
     def _failed(self, reason: str) -> None:
@@ -256,9 +267,16 @@ class CreateGroupDialog(QDialog):
             from app.group import pair_with_group
 
             folder, name = self.c.paths.worker_dir, socket.gethostname()
-            self._self_join = Background(lambda: pair_with_group(code_info["code"], f"127.0.0.1:{port}", folder, name), PAIR_TIMEOUT, self)
+            self._self_join = Background(
+                lambda: pair_with_group(code_info["code"], f"127.0.0.1:{port}", folder, name), PAIR_TIMEOUT, self
+            )
             self._self_join.done.connect(self._joined_own)
-            self._self_join.failed.connect(lambda why: (self.code_panel.show_error(f"This PC could not join its own group: {why}"), self.c.request_code()))
+            self._self_join.failed.connect(
+                lambda why: (
+                    self.code_panel.show_error(f"This PC could not join its own group: {why}"),
+                    self.c.request_code(),
+                )
+            )
             self._self_join.start()
 
         self.c.request_code(got_code)
@@ -337,7 +355,9 @@ class JoinDialog(QDialog):
 
         page1 = QWidget()
         form = QFormLayout(page1)
-        form.addRow(_note("Ask the group's owner for a pairing code (they find it in their MoLink menu: Show a pairing code)."))
+        form.addRow(
+            _note("Ask the group's owner for a pairing code (they find it in their MoLink menu: Show a pairing code).")
+        )
         form.addRow("Pairing code", self.code)
         lan = QHBoxLayout()
         lan.addWidget(self.found)
@@ -377,7 +397,9 @@ class JoinDialog(QDialog):
         self.refresh.setEnabled(False)
         self._browse = Background(lambda: browse(BROWSE_SECONDS), BROWSE_SECONDS + 10, self)
         self._browse.done.connect(self._masters)
-        self._browse.failed.connect(lambda why: (self.found.clear(), self.found.addItem(f"Cannot look: {why}"), self.refresh.setEnabled(True)))
+        self._browse.failed.connect(
+            lambda why: (self.found.clear(), self.found.addItem(f"Cannot look: {why}"), self.refresh.setEnabled(True))
+        )
         self._browse.start()
 
     def _masters(self, found: list) -> None:
@@ -412,7 +434,9 @@ class JoinDialog(QDialog):
 
         address = self.address.text().strip() or None
         folder, name = self.c.paths.worker_dir, self.name.text().strip() or socket.gethostname()
-        self._pairing = Background(lambda: pair_with_group(code, address, folder, name), PAIR_TIMEOUT, self)
+        self._pairing = Background(
+            lambda: pair_with_group(code, address, folder, name), PAIR_TIMEOUT, self, describe=_friendly
+        )
         self._pairing.done.connect(self._paired)
         self._pairing.failed.connect(self._failed)
         self._pairing.start()
@@ -420,7 +444,7 @@ class JoinDialog(QDialog):
     def _failed(self, why: str) -> None:
         self.join_button.setEnabled(True)
         self.status.clear()
-        self.error.setText(_friendly(why))
+        self.error.setText(why)
 
     def _paired(self, joined) -> None:  # noqa: ANN001 - JoinedGroup
         from worker_core.identity import fingerprint
@@ -432,7 +456,7 @@ class JoinDialog(QDialog):
             f"This PC joined the group “{joined.group}” as “{joined.name}” (master {joined.master_address}).\n\n"
             f"The master's fingerprint is {grouped_fingerprint(fingerprint(joined.master_cert))}. "
             "If it differs from what the group's owner sees, choose Not now and tell them.\n\n"
-            f"Sharing offers {'all free memory' if not self.memory.value() else f'at most {self.memory.value():g} GB'} of this PC to the group."
+            f"Sharing offers {_offer(self.memory.value())} of this PC to the group."
         )
         self.stack.setCurrentIndex(1)
 
@@ -443,19 +467,30 @@ class JoinDialog(QDialog):
         self.accept()
 
 
-def _friendly(why: str) -> str:
-    """The pairing failure as one sentence for people, not for the command line."""
-    low = why.lower()
-    if "wrong pairing code" in low:
-        return "That code is not right. Check it with the group's owner (codes work once and for 5 minutes)."
-    if "no such pairing code" in low or "expired" in low or "used" in low or "burned" in low:
+def _offer(limit_gb: float) -> str:
+    return f"at most {limit_gb:g} GB" if limit_gb else "all free memory"
+
+
+def _friendly(e: BaseException) -> str:
+    """A pairing failure as one sentence for people, not for the command line (by its type)."""
+    from app.group import BadAddress, NoGroupFound
+    from worker_core.pairing import Refused, UnknownCode, Unreachable, WrongCode
+
+    if isinstance(e, WrongCode):
+        return (
+            f"That code is not right. Check it with the group's owner (codes work once and for {TTL / 60:.0f} minutes)."
+        )
+    if isinstance(e, (UnknownCode, Refused)):
         return "That code is no longer valid (used, expired or tried too often). Ask the group's owner for a new one."
-    if "no molink group found" in low:
+    if isinstance(e, NoGroupFound):
         return "No group was found on this network. Type the master's address (HOST:PORT) given by the group's owner."
-    if "cannot pair with" in low or "no answer" in low:
-        return "The group's master cannot be reached at that address. Check the address, and that its group port is open."
-    if "host:port" in low:
+    if isinstance(e, (Unreachable, TimeoutError)):
+        return (
+            "The group's master cannot be reached at that address. Check the address, and that its group port is open."
+        )
+    if isinstance(e, BadAddress):
         return "The address must look like HOST:PORT, for example 192.168.1.20:7733."
+    why = plain(e)
     return why[:1].upper() + why[1:]
 
 
@@ -529,7 +564,6 @@ class SettingsDialog(QDialog):
             return
         self.c.changed.emit()
         self.accept()
-
 
 
 class WelcomeDialog(QDialog):

@@ -26,8 +26,16 @@ from PySide6.QtGui import QIcon
 
 from .state import IconKind
 
-__all__ = ["IconKind", "TRAY_SIZES", "APP_SIZES", "icons_dir", "tray_icon", "app_icon", "tray_icon_file",
-           "missing_files"]
+__all__ = [
+    "IconKind",
+    "TRAY_SIZES",
+    "APP_SIZES",
+    "icons_dir",
+    "tray_icon",
+    "app_icon",
+    "tray_icon_file",
+    "missing_files",
+]
 
 TRAY_SIZES = (16, 20, 24, 32, 40, 48, 64, 128, 256)  # as rendered by assets/icons/render.py
 APP_SIZES = (16, 22, 24, 32, 48, 64, 128, 256)

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TypeVar, cast
 
 from PySide6.QtCore import QObject, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QGuiApplication
-from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon, QWidget
 
 from . import icons, links
 from .controller import STOP_GRACE, Controller
 from .settings import Paths, Settings
 from .state import Act, Sharing
 from .tray import MainWindow, TrayView
+
+Dialog = TypeVar("Dialog", bound=QWidget)
 
 log = logging.getLogger("molink.app")
 
@@ -47,8 +50,13 @@ class Desktop(QObject):
         autostart=None,  # noqa: ANN001 - Autostart
         use_tray: bool | None = None,
         confirm: Callable[[str], bool] | None = None,
+        exit_app: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
+        # exit(), not quit(): Qt 6's quit() first asks every window to close, and the main
+        # window answers a close by asking to quit (window mode), which would cancel it.
+        # Tests pass their own: an exit() outside exec() makes the next event loop return at once.
+        self.exit_app = exit_app or (lambda: QApplication.exit(0))
         self.c = controller
         self.secrets = secrets
         self.autostart = autostart
@@ -67,7 +75,7 @@ class Desktop(QObject):
         controller.changed.connect(self._refresh)
         controller.notify.connect(self._notify)
         controller.quit_ready.connect(self._quit_now)
-        self.dialogs: dict[str, QObject] = {}
+        self.dialogs: dict[str, QWidget] = {}
         self.chat = None  # ChatWindow, made on first use
         self._quitting = False
 
@@ -93,7 +101,9 @@ class Desktop(QObject):
             self.window.refresh()
 
     def _notify(self, title: str, message: str) -> None:
-        (self.tray or self.window).notify(title, message)  # type: ignore[union-attr]
+        view = self.tray or self.window
+        if view is not None:
+            view.notify(title, message)
 
     # ------------------------------------------------------------------ commands
     def handle(self, act: Act) -> None:
@@ -139,24 +149,24 @@ class Desktop(QObject):
         elif act is Act.OPEN_LOGS:
             c.paths.logs_dir.mkdir(parents=True, exist_ok=True)
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(c.paths.logs_dir)))
-        elif act is Act.QUIT:
-            if self._confirm_group_stop("Quit MoLink? The group on this PC stops for everyone."):
-                self.quit()
+        elif act is Act.QUIT and self._confirm_group_stop("Quit MoLink? The group on this PC stops for everyone."):
+            self.quit()
 
     def _confirm_group_stop(self, question: str) -> bool:
         s = self.c.snapshot()
         others = (s.members_online or 0) - (1 if s.sharing in (Sharing.SHARING, Sharing.STARTING) else 0)
         return not s.hosting or others <= 0 or self.confirm(question + f" ({others} other PC(s) are connected.)")
 
-    def _dialog(self, key: str, make: Callable[[], QObject]):  # noqa: ANN202
+    def _dialog(self, key: str, make: Callable[[], Dialog]) -> Dialog:
+        """The open dialog of this kind (raised), or a new one from ``make``."""
         d = self.dialogs.get(key)
-        if d is None or not d.isVisible():  # type: ignore[attr-defined]
+        if d is None or not d.isVisible():
             d = make()
             self.dialogs[key] = d
-        d.show()  # type: ignore[attr-defined]
-        d.raise_()  # type: ignore[attr-defined]
-        d.activateWindow()  # type: ignore[attr-defined]
-        return d
+        d.show()
+        d.raise_()
+        d.activateWindow()
+        return cast(Dialog, d)  # the dialog under ``key`` is always what ``make`` builds
 
     def welcome(self):  # noqa: ANN201
         """The first-run dialog; remembered as done whatever the user picks."""
@@ -164,7 +174,9 @@ class Desktop(QObject):
         from .settings import save
 
         d = self._dialog("welcome", WelcomeDialog)
-        d.chosen.connect(lambda what: self.open_join(None) if what == "join" else self.open_create() if what == "create" else None)
+        d.chosen.connect(
+            lambda what: self.open_join(None) if what == "join" else self.open_create() if what == "create" else None
+        )
         self.c.settings.first_run_done = True
         try:
             save(self.c.paths, self.c.settings)
@@ -251,9 +263,7 @@ class Desktop(QObject):
             self.tray.hide()
         if self.window is not None:
             self.window.hide()
-        # exit(), not quit(): Qt 6's quit() first asks every window to close, and the main
-        # window answers a close by asking to quit (window mode), which would cancel it
-        QApplication.exit(0)
+        self.exit_app()
 
 
 def _ask(question: str) -> bool:
@@ -264,7 +274,7 @@ def _streams(logs_dir: Path) -> None:
     """A windowed build has no stdout/stderr (None): give them a file so nothing crashes writing."""
     if sys.stdout is None or sys.stderr is None:
         logs_dir.mkdir(parents=True, exist_ok=True)
-        f = open(logs_dir / "app-console.log", "a", encoding="utf-8", buffering=1)
+        f = open(logs_dir / "app-console.log", "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - for the process's lifetime
         sys.stdout = sys.stdout or f
         sys.stderr = sys.stderr or f
 
@@ -286,7 +296,8 @@ def main(args) -> int:  # noqa: ANN001 - argparse.Namespace from app.cli
     paths = Paths.default()
     _streams(paths.logs_dir)
     _logging(paths.logs_dir)
-    app = QApplication.instance() or QApplication(sys.argv[:1])
+    existing = QApplication.instance()
+    app = existing if isinstance(existing, QApplication) else QApplication(sys.argv[:1])
     app.setApplicationName("MoLink")
     app.setWindowIcon(icons.app_icon())
     app.setQuitOnLastWindowClosed(False)
@@ -310,6 +321,10 @@ def run_app(app: QApplication, paths: Paths, instance, link: str | None, backgro
 
     settings: Settings = load(paths)
     controller = Controller(paths, settings)
+    if getattr(sys, "frozen", False):  # the installed app: engine children run from the per-user runtime
+        from .runtime_dialog import ensure_runtime
+
+        controller.engine_ready = lambda: ensure_runtime(None)
     secrets = SecretStore(paths.config_dir)
     autostart = for_this_os([*_app_command(), "--background"])
     desk = Desktop(controller, secrets, autostart)

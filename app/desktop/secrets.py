@@ -148,11 +148,15 @@ class SecretStore:
             log.warning("system keyring not usable (%s); secrets go to %s", why, self.fallback_file)
         self._backend = None
         if self._windows:
-            self._warning = (f"The Windows Credential Manager is not available; secrets are stored unencrypted in "
-                            f"{self.fallback_file}.")
+            self._warning = (
+                f"The Windows Credential Manager is not available; secrets are stored unencrypted in "
+                f"{self.fallback_file}."
+            )
         else:
-            self._warning = (f"The system keyring is not available; secrets are stored in {self.fallback_file}, "
-                            f"readable by your user account only.")
+            self._warning = (
+                f"The system keyring is not available; secrets are stored in {self.fallback_file}, "
+                f"readable by your user account only."
+            )
 
     # ------------------------------------------------------------------ file
     def _read_file(self) -> dict[str, str]:

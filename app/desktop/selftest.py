@@ -33,7 +33,9 @@ def run(model: str = "default", root: Path | None = None, out=None) -> int:  # n
     from PySide6.QtCore import QTimer, qInstallMessageHandler
 
     # the offscreen platform says, for every window, what it cannot do (raise, size hints): noise here
-    qInstallMessageHandler(lambda _kind, _ctx, msg: None if "This plugin does not support" in msg else print(msg, file=sys.stderr))
+    qInstallMessageHandler(
+        lambda _kind, _ctx, msg: None if "This plugin does not support" in msg else print(msg, file=sys.stderr)
+    )
     from PySide6.QtWidgets import QApplication
 
     from .controller import Controller
@@ -92,8 +94,10 @@ def run(model: str = "default", root: Path | None = None, out=None) -> int:  # n
             return
         if s.sharing is Sharing.SHARING and s.group_serving:
             asked["done"] = True
-            say(f"sharing: {s.layers and f'layers {s.layers[0]}-{s.layers[1] - 1}'} of {s.num_layers}; group serving "
-                f"({time.monotonic() - t0:.0f} s)")
+            say(
+                f"sharing: {s.layers and f'layers {s.layers[0]}-{s.layers[1] - 1}'} of {s.num_layers}; group serving "
+                f"({time.monotonic() - t0:.0f} s)"
+            )
             ask()
 
     def ask() -> None:

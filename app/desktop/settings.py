@@ -25,6 +25,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, TypeGuard
+
+from master_core.config import MasterConfig
 
 log = logging.getLogger("molink.settings")
 
@@ -43,7 +46,7 @@ class Settings:
     start_at_login: bool = False  # mirrors the OS autostart entry; the OS state wins when they differ
     model: str = "default"  # last model chosen when creating a group
     group_name: str = ""  # last group name chosen when creating a group
-    group_port: int = 7733  # TCP port of a group hosted on this PC
+    group_port: int = MasterConfig.group_port  # TCP port of a group hosted on this PC
     chat_master: str = ""  # host:port of a remote master for the chat window; "" = this PC's master
     paused_until: float | None = None  # epoch seconds the pause ends; math.inf = until the user resumes
     first_run_done: bool = False  # the first-run wizard was completed
@@ -94,11 +97,11 @@ class _BadSettings(ValueError):
     pass
 
 
-def _is_number(v: object) -> bool:
+def _is_number(v: object) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check(name: str, v: object) -> object:
+def _check(name: str, v: object) -> Any:  # the type of the field ``name``
     """The value of field ``name`` as read from JSON, or _BadSettings."""
     if name in ("share_on_start", "auto_pause", "start_at_login", "first_run_done"):
         if isinstance(v, bool):

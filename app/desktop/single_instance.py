@@ -90,8 +90,11 @@ class SingleInstance(QObject):
         server.setSocketOptions(QLocalServer.SocketOption.UserAccessOption)
         QLocalServer.removeServer(self.name)  # a socket left by a crashed instance; we hold the lock
         if not server.listen(self.name):
-            log.warning("instance channel %s unavailable (%s); later launches cannot reach this one",
-                        self.name, server.errorString())
+            log.warning(
+                "instance channel %s unavailable (%s); later launches cannot reach this one",
+                self.name,
+                server.errorString(),
+            )
             server.deleteLater()
             return True
         server.newConnection.connect(self._on_connection)
@@ -191,4 +194,3 @@ class SingleInstance(QObject):
 
 def _left(deadline: QDeadlineTimer) -> int:
     return max(0, int(deadline.remainingTime()))
-

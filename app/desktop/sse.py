@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 MAX_LINE = 1 << 20  # bytes: a longer line is reported as an error and skipped
 
@@ -43,7 +43,7 @@ class ErrorEvent:
     message: str  # one sentence, e.g. "the stream sent data that is not JSON: ..."
 
 
-SseEvent = Union[DataEvent, DoneEvent, ErrorEvent]
+SseEvent = DataEvent | DoneEvent | ErrorEvent
 
 
 class SseParser:

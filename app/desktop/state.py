@@ -100,7 +100,7 @@ class Separator:
 @dataclass(frozen=True)
 class Submenu:
     text: str
-    items: tuple["Item", ...]
+    items: tuple[Item, ...]
     enabled: bool = True
 
 
@@ -161,7 +161,9 @@ def status_line(s: TrayState, now: float) -> str:
     if group:
         parts.append(f"group “{group}”")
     if s.members_online is not None:
-        parts.append(f"{s.members_online} of {s.members_total} online" if s.members_total else f"{s.members_online} online")
+        parts.append(
+            f"{s.members_online} of {s.members_total} online" if s.members_total else f"{s.members_online} online"
+        )
     if s.tokens_per_s:
         parts.append(f"{s.tokens_per_s:.1f} tokens/s")
     return " · ".join(parts)
@@ -215,7 +217,12 @@ def menu(s: TrayState, now: float) -> list[Item]:
             )
         )
     if s.problem and s.last_log:
-        items.append(Submenu("Why? (last log lines)", tuple(Action(Act.STATUS, line[:120], enabled=False) for line in s.last_log[-8:])))
+        items.append(
+            Submenu(
+                "Why? (last log lines)",
+                tuple(Action(Act.STATUS, line[:120], enabled=False) for line in s.last_log[-8:]),
+            )
+        )
     if s.pause_warning:
         items.append(Action(Act.KEEP_SHARING, "Keep sharing (the GPU is busy: pausing in a minute)"))
     items += [

@@ -6,7 +6,7 @@ Contract
 see :mod:`worker_core.control` for the protocol) with :class:`QProcess`:
 
 * ``start()`` starts it (no console window on Windows; explicit pipes for all three streams).
-* Each stdout line ``@molink {json}`` is parsed and emitted as ``event(dict)``; every other
+* Each stdout line ``@molink {json}`` is parsed and emitted as ``engine_event(dict)``; every other
   line of stdout and stderr goes to the log file and to the ring of ``last_lines()``.  Event
   lines never reach the log (they may carry the master's admin token).
 * ``send(cmd)`` writes ``{"cmd": cmd}`` to the child's stdin.
@@ -25,6 +25,7 @@ Qt objects only; everything happens on the Qt event loop, nothing blocks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -70,12 +71,14 @@ class ChildState(Enum):
 
 
 class Supervisor(QObject):
-    event = Signal(dict)
+    engine_event = Signal(dict)  # one parsed @molink event line
     crashed = Signal(int, list)  # exit code, last lines
     stopped = Signal(int)  # exit code of a child that was asked to stop
     started = Signal()
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, restart: bool = True, parent: QObject | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, restart: bool = True, parent: QObject | None = None
+    ) -> None:
         super().__init__(parent)
         self.name = name
         self.argv = list(argv)
@@ -83,6 +86,7 @@ class Supervisor(QObject):
         self.restart = restart
         self.state = ChildState.IDLE
         self._proc: QProcess | None = None
+        self._spent: QProcess | None = None  # the last exited process (see _finished)
         self._lines: deque[str] = deque(maxlen=LAST_LINES)
         self._partial = {QProcess.ProcessChannel.StandardOutput: b"", QProcess.ProcessChannel.StandardError: b""}
         self._backoff = BACKOFF_FIRST
@@ -136,6 +140,9 @@ class Supervisor(QObject):
 
     # ------------------------------------------------------------------ process
     def _start_process(self) -> None:
+        if self._spent is not None:
+            self._spent.deleteLater()
+            self._spent = None
         self._open_log()
         proc = QProcess(self)
         env = QProcessEnvironment()
@@ -145,6 +152,7 @@ class Supervisor(QObject):
         proc.setProcessChannelMode(QProcess.ProcessChannelMode.SeparateChannels)
         flags = no_window_flags()
         if flags:  # Windows: no console window flashing up for the engine
+
             def modifier(args, flags=flags):  # noqa: ANN001 - QProcess.CreateProcessArguments
                 args.flags |= flags
 
@@ -183,7 +191,7 @@ class Supervisor(QObject):
             except ValueError:
                 ev = None
             if isinstance(ev, dict) and isinstance(ev.get("event"), str):
-                self.event.emit(ev)
+                self.engine_event.emit(ev)
                 return
         self._lines.append(text)
         self._write_log(text)
@@ -195,7 +203,9 @@ class Supervisor(QObject):
             self._read(channel)
         self._kill_timer.stop()
         proc, self._proc = self._proc, None
-        proc.deleteLater()
+        # kept until the next start, then deleted there: a deleteLater() from inside this
+        # QProcess's own finished/errorOccurred signal crashed Qt (SIGBUS) in the tests
+        self._spent = proc
         asked = self.state is ChildState.STOPPING
         self._write_log(f"--- {self.name} exited with code {code}")
         if asked:
@@ -231,16 +241,15 @@ class Supervisor(QObject):
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             if self.log_path.exists() and self.log_path.stat().st_size > LOG_ROTATE_BYTES:
                 self.log_path.replace(self.log_path.with_name(self.log_path.name + ".1"))
-            self._log_file = open(self.log_path, "a", encoding="utf-8", buffering=1)
+            # open for the supervisor's lifetime; close() closes it
+            self._log_file = open(self.log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         except OSError as e:
             log.warning("cannot write the log %s: %s", self.log_path, e)
 
     def _write_log(self, text: str) -> None:
         if self._log_file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
-            except OSError:
-                pass
 
     def close(self) -> None:
         if self._log_file is not None:

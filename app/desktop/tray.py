@@ -11,14 +11,14 @@ AppIndicator extension); closing that window quits the app.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QAction, QCloseEvent
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QMenu, QPushButton, QSystemTrayIcon, QVBoxLayout, QWidget
 
 from . import icons
-from .state import Act, Action, Item, Separator, Submenu, TrayState, icon_kind, menu, status_line, tooltip
+from .state import Act, Action, Item, Separator, Submenu, TrayState, icon_kind, menu, tooltip
 
 
 def fill_menu(qmenu: QMenu, items: list[Item], on: Callable[[Act], None], enabled: bool = True) -> None:
@@ -125,10 +125,13 @@ class MainWindow(QWidget):
         self.log.setText("\n".join(s.last_log[-5:]) if s.problem and s.last_log else "")
         while self.buttons.count():
             item = self.buttons.takeAt(0)
+            if item is None:
+                break
             layout = item.layout()
             if layout is not None:
                 while layout.count():
-                    w = layout.takeAt(0).widget()
+                    inner = layout.takeAt(0)
+                    w = inner.widget() if inner is not None else None
                     if w is not None:
                         w.setParent(None)
                         w.deleteLater()

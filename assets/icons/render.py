@@ -125,9 +125,12 @@ def preview(path: Path) -> None:
                 p.drawImage(label_w + si * cell, y, QImage(str(HERE / f"{state}-{size}.png")))
             x = label_w + len(sizes) * cell
             for size in (16, 24):
-                big = QImage(str(HERE / f"{state}-{size}.png")).scaled(size * zoom, size * zoom,
-                                                                       Qt.AspectRatioMode.IgnoreAspectRatio,
-                                                                       Qt.TransformationMode.FastTransformation)
+                big = QImage(str(HERE / f"{state}-{size}.png")).scaled(
+                    size * zoom,
+                    size * zoom,
+                    Qt.AspectRatioMode.IgnoreAspectRatio,
+                    Qt.TransformationMode.FastTransformation,
+                )
                 p.drawImage(x, y, big)
                 x += size * zoom + 12
     p.end()
@@ -150,8 +153,10 @@ def main() -> None:
     write_ico(HERE / "molink.ico", [app_images[s] for s in ICO_SIZES])
     preview(ROOT / "docs" / "icons-preview.png")
     del app
-    print(f"wrote {len(STATES) * len(TRAY_SIZES)} tray PNGs, {len(APP_SIZES)} app PNGs, molink.ico "
-          "and docs/icons-preview.png")
+    print(
+        f"wrote {len(STATES) * len(TRAY_SIZES)} tray PNGs, {len(APP_SIZES)} app PNGs, molink.ico "
+        "and docs/icons-preview.png"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""The model's dimensions as the master uses them, parsed once from the checkpoint.
+
+Contract
+--------
+``ModelDims.parse(config, counts)`` turns a transformers config (any family) and the
+checkpoint's parameter counts (:func:`worker_core.shard.parameter_counts`) into a frozen,
+typed record; it is the only code in ``master_core`` that reads the config object.  A missing
+or non-positive dimension is a ``ValueError`` with one line.  ``ModelDims.load(folder)``
+(blocking: call it in a thread) does both from a checkpoint folder.  The master parses once at
+start and passes the record to the group, the engine and the API.
+
+Sizes are counted from what the checkpoint really holds: ``stage_params(start, end)`` is the
+parameters a stage serving layers ``[start, end)`` loads (its layers, plus the embeddings on
+the first stage and the head on the last), so mixture-of-experts layers count every expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONTEXT = 2048  # tokens, for configs that name no maximum position
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    num_layers: int  # decoder layers
+    hidden_size: int  # activation width between stages
+    vocab_size: int  # logits per row
+    max_positions: int  # context length in tokens (prompt + output)
+    kv_bytes_per_token: int  # K and V of one token in one layer at float32 (an upper bound for every dtype)
+    layer_params: tuple[int, ...]  # parameters of each decoder layer, from the checkpoint's headers
+    embed_params: int  # input embeddings and other weights outside the layers (first stage)
+    head_params: int  # LM head (the embeddings again when tied) and final norm (last stage)
+
+    @staticmethod
+    def parse(config: Any, counts: tuple[Sequence[int], int, int]) -> ModelDims:
+        """From a transformers config and ``(per-layer, embedding, head)`` parameter counts."""
+
+        def positive(name: str, value: object) -> int:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"the model config has no usable {name} ({value!r})")
+            return value
+
+        heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+        hidden = positive("hidden_size", getattr(config, "hidden_size", None))
+        attention_heads = positive("num_attention_heads", getattr(config, "num_attention_heads", None))
+        head_dim = getattr(config, "head_dim", None) or hidden // attention_heads
+        layers, embed, head = counts
+        return ModelDims(
+            num_layers=positive("num_hidden_layers", getattr(config, "num_hidden_layers", None)),
+            hidden_size=hidden,
+            vocab_size=positive("vocab_size", getattr(config, "vocab_size", None)),
+            max_positions=int(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT),
+            kv_bytes_per_token=2 * positive("key/value heads", heads) * positive("head_dim", head_dim) * 4,
+            layer_params=tuple(int(n) for n in layers),
+            embed_params=int(embed),
+            head_params=int(head),
+        )
+
+    @staticmethod
+    def load(folder: Path) -> ModelDims:
+        """Parse the checkpoint in ``folder`` (its config and safetensors headers; blocking)."""
+        from worker_core.shard import load_config, parameter_counts
+
+        return ModelDims.parse(load_config(folder), parameter_counts(folder))
+
+    @property
+    def largest_layer_params(self) -> int:
+        return max(self.layer_params, default=0)
+
+    def stage_params(self, start: int, end: int) -> int:
+        """Parameters a stage serving layers ``[start, end)`` holds."""
+        first = self.embed_params if start == 0 else 0
+        last = self.head_params if end == self.num_layers else 0
+        return sum(self.layer_params[start:end]) + first + last

@@ -1,0 +1,456 @@
+"""Fault tolerance with real processes (issue 14): kill -9, freeze and cut a worker mid-stream.
+
+Each scenario starts a real `molink master` and `molink worker` processes on 127.0.0.1 (tiny
+checkpoint, every worker behind its own TCP proxy: :class:`app.chaos.LocalGroup`), runs 8
+concurrent streams (4 greedy, 4 seeded) once fault-free and once with the fault, and compares
+the tokens each client received.  What today's engine already does is asserted; what the issue
+asks and the engine does not do yet is asserted too, as ``xfail(strict=True)``, so it turns
+into a failure the day it starts to pass unnoticed.  Plus the helpers themselves (process
+control, the proxy) and `molink chaos` end to end on a small workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from harness import Cluster, run
+from tiny_models import make_tiny_checkpoint, reference_greedy
+
+from app.chaos import HealthLog, Job, LocalGroup, StreamRecord, run_workload
+from app.procctl import freeze, kill_hard, thaw
+from app.tcp_proxy import CutMode, TcpProxy
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP = 180.0  # seconds for a group of fresh processes on a busy 2-core machine
+N_TOKENS = 60  # per stream: long enough (with a 20 ms link delay) for a fault to land mid-stream
+STREAMS = 8
+DETECT_BOUND = 3.0  # seconds: the issue's detection requirement
+FREEZE_SECONDS = 10.0
+WORDS = shlex.split("layers travel from stage to stage until logits come back over slow home links")
+JOBS = [
+    Job(i, " ".join(WORDS[: 3 + i]), N_TOKENS, 0.0 if i % 2 == 0 else 0.8, None if i % 2 == 0 else 1000 + i)
+    for i in range(STREAMS)
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("chaos") / "llama", num_layers=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return tmp_path_factory.mktemp("chaos-logs")
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (bounded) for ``cond``; TimeoutError, not AssertionError: a scenario that cannot be
+    set up must be an error, never an expected failure of an ``xfail(raises=AssertionError)``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def health_now(g: LocalGroup) -> dict:
+    h = await g.health()
+    if h is None:
+        raise RuntimeError("the master does not answer /health")
+    return h
+
+
+@dataclass
+class Outcome:
+    reference: list[StreamRecord]
+    faulty: list[StreamRecord]
+    tokens_at_fault: list[int]
+    detect: float | None  # seconds from the fault to the master's epoch change on /health
+    reformed: bool  # every worker holds layers again at the end
+    extra: dict = field(default_factory=dict)
+
+
+async def spare_scenario(
+    ckpt: Path, log_dir: Path, fault: Callable[[LocalGroup], Awaitable[None]], comes_back: bool = True
+) -> Outcome:
+    """3 workers, the master serves with 2 (a spare): fault-free run, then the same 8 streams
+    with ``fault`` applied to worker 1 once every stream has 5 tokens; with ``comes_back``, then
+    wait (bounded) for the worker to hold layers again."""
+    async with LocalGroup(str(ckpt), 3, 2, log_dir, link_delay_ms=20, startup_timeout=STARTUP) as g:
+        reference = await run_workload(g.api, g.model_id, JOBS, STREAMS, 120)
+        await g.wait_whole(60)
+        health = HealthLog(g)
+        health.start()
+        live: list[StreamRecord] = []
+        task = asyncio.create_task(run_workload(g.api, g.model_id, JOBS, STREAMS, 120, live))
+        try:
+            await until(lambda: len(live) == STREAMS and all(len(r.tokens) >= 5 for r in live), 60, "5 tokens each")
+            epoch, at = (await health_now(g))["epoch"], time.monotonic()
+            tokens_at_fault = [len(r.tokens) for r in live]
+            await fault(g)
+            faulty = await asyncio.wait_for(task, 150)
+            reformed = False
+            if comes_back:
+                with contextlib.suppress(TimeoutError):
+                    await g.wait_whole(90)
+                    reformed = True
+            async with aiohttp.ClientSession() as http, http.get(f"http://{g.api}/metrics") as r:
+                metrics = await r.text()
+        finally:
+            task.cancel()  # a no-op once it ended
+            await asyncio.gather(task, return_exceptions=True)
+            await health.stop()
+        detect = health.first_epoch_after(at, epoch, time.monotonic())
+        return Outcome(
+            reference,
+            faulty,
+            tokens_at_fault,
+            None if detect is None else detect - at,
+            reformed,
+            {"metrics": metrics, "changes": health.changes},
+        )
+
+
+def assert_identical(o: Outcome) -> None:
+    assert all(r.completed for r in o.reference), [r.error for r in o.reference]
+    assert all(0 < n < N_TOKENS for n in o.tokens_at_fault), o.tokens_at_fault  # the fault landed mid-stream
+    for ref, got in zip(o.reference, o.faulty):
+        assert got.completed, f"stream {got.index}: {got.error}"
+        assert len(got.tokens) == N_TOKENS, f"stream {got.index}: {len(got.tokens)} tokens"
+        assert got.tokens == ref.tokens, f"stream {got.index} differs from the fault-free run"
+
+
+def transformers_tokens(ckpt: Path, job: Job) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    return tok.convert_ids_to_tokens(reference_greedy(ckpt, tok(job.prompt)["input_ids"], job.max_tokens))
+
+
+# --------------------------------------------------------------------------- helpers under test
+
+
+def test_procctl_freezes_thaws_and_kills_a_real_process():
+    p = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"])
+    try:
+        proc = psutil.Process(p.pid)
+        freeze(p.pid)
+        deadline = time.monotonic() + 10
+        while proc.status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline, proc.status()
+            time.sleep(0.01)
+        thaw(p.pid)
+        while proc.status() == psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline, proc.status()
+            time.sleep(0.01)
+        kill_hard(p.pid)
+        assert p.wait(10) == -9
+        with pytest.raises(ProcessLookupError):
+            kill_hard(p.pid)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def test_tcp_proxy_forwards_cuts_refuses_blackholes_and_closes():
+    async def main():
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with_data = True
+            while with_data:
+                data = await reader.read(1024)
+                with_data = bool(data)
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        proxy = TcpProxy("127.0.0.1", port)
+        await proxy.start()
+        try:
+
+            async def roundtrip(payload: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+                r, w = await asyncio.open_connection("127.0.0.1", proxy.listen_port)
+                w.write(payload)
+                await w.drain()
+                return r, w, await asyncio.wait_for(r.readexactly(len(payload)), 5)
+
+            r, w, got = await roundtrip(b"hello")
+            assert got == b"hello" and proxy.connections == 1
+            assert proxy.cut(CutMode.RST) == 1
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(r.readexactly(1), 5)
+            w.close()
+            proxy.refuse()
+            r, w = await asyncio.open_connection("127.0.0.1", proxy.listen_port)
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                w.write(b"x")
+                await w.drain()
+                await asyncio.wait_for(r.readexactly(1), 5)
+            w.close()
+            assert proxy.refused == 1
+            proxy.accept()
+            r, w, got = await roundtrip(b"again")
+            assert got == b"again"
+            assert proxy.blackhole() == 1
+            w.write(b"lost")
+            await w.drain()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(r.readexactly(1), 0.5)
+            assert proxy.connections == 1  # still open, silently useless
+            w.close()
+        finally:
+            await proxy.close()
+            server.close()
+            await server.wait_closed()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", proxy.listen_port)
+        return proxy.bytes_up, proxy.bytes_down
+
+    up, down = run(main(), 60)
+    assert up == len(b"hello") + len(b"again") and down == up
+
+
+# --------------------------------------------------------------------------- kill -9 with a spare
+
+
+@pytest.fixture(scope="module")
+def killed(ckpt, logs) -> Outcome:
+    async def fault(g: LocalGroup) -> None:
+        await g.kill(1)
+
+    return run(spare_scenario(ckpt, logs / "kill", fault, comes_back=False), 400)
+
+
+def test_kill_9_of_a_worker_mid_stream_with_a_spare_loses_and_repeats_no_token(ckpt, killed):
+    assert_identical(killed)
+    for job, ref in zip(JOBS, killed.reference):  # the fault-free run itself is right
+        if job.temperature == 0:
+            assert ref.tokens == transformers_tokens(ckpt, job), f"stream {job.index}"
+    assert killed.detect is not None and killed.detect <= DETECT_BOUND, killed.detect
+
+
+# --------------------------------------------------------------------------- SIGSTOP 10 s, SIGCONT
+
+
+@pytest.fixture(scope="module")
+def frozen(ckpt, logs) -> Outcome:
+    async def fault(g: LocalGroup) -> None:
+        g.freeze(1)
+        await asyncio.sleep(FREEZE_SECONDS)
+        g.thaw(1)
+
+    return run(spare_scenario(ckpt, logs / "freeze", fault), 400)
+
+
+def test_sigstop_10_s_then_sigcont_mid_stream_with_a_spare_loses_and_repeats_no_token(frozen):
+    assert_identical(frozen)
+    assert frozen.detect is not None, "the frozen worker was never dropped"
+    assert frozen.reformed, "the thawed worker did not rejoin"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 14: a frozen worker is noticed only when the tunnel heartbeat gives up "
+    "(no pong 5 s after the last frame + 2.5 s): no step deadline",
+)
+def test_a_frozen_worker_is_detected_within_3_s(frozen):
+    assert frozen.detect is not None and frozen.detect <= DETECT_BOUND, f"detected after {frozen.detect} s"
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="issue 14: frames of an old epoch are not counted (no late-frame metric)"
+)
+def test_late_frames_of_a_thawed_worker_are_dropped_and_counted(frozen):
+    assert re.search(r"^molink_late_frames(_total)? \d", frozen.extra["metrics"], re.M), "no late-frame counter"
+
+
+# --------------------------------------------------------------------------- a cut tunnel
+
+
+@pytest.fixture(scope="module")
+def cut(ckpt, logs) -> Outcome:
+    async def fault(g: LocalGroup) -> None:
+        if g.cut(1) < 1:  # the tunnel (and any other connection of that worker)
+            raise RuntimeError("no connection to cut")
+        await asyncio.sleep(1.0)  # the link stays down a moment: reconnects are refused
+        g.reconnect(1)
+
+    return run(spare_scenario(ckpt, logs / "cut", fault), 400)
+
+
+def test_a_tunnel_cut_at_a_proxy_mid_stream_with_a_spare_loses_and_repeats_no_token(cut):
+    assert_identical(cut)
+    assert cut.detect is not None and cut.detect <= DETECT_BOUND, cut.detect
+    assert cut.reformed, "the cut worker did not reconnect and rejoin"
+
+
+# --------------------------------------------------------------------------- no spare
+
+
+@pytest.fixture(scope="module")
+def no_spare(ckpt, logs) -> dict:
+    """2 workers, both needed (the master serves with 2): kill -9 one while 4 greedy streams
+    run; record what clients see (today: new requests get 503, running streams wait)."""
+
+    async def main() -> dict:
+        async with LocalGroup(str(ckpt), 2, 2, logs / "nospare", link_delay_ms=20, startup_timeout=STARTUP) as g:
+            health = HealthLog(g)
+            health.start()
+            live: list[StreamRecord] = []
+            task = asyncio.create_task(run_workload(g.api, g.model_id, JOBS[0:8:2], 4, 120, live))
+            try:
+                await until(lambda: len(live) == 4 and all(len(r.tokens) >= 5 for r in live), 60, "5 tokens each")
+                epoch, at = (await health_now(g))["epoch"], time.monotonic()
+                await g.kill(1)
+                await until(lambda: health.first_epoch_after(at, epoch, time.monotonic()) is not None, 30, "detection")
+                detect = (health.first_epoch_after(at, epoch, time.monotonic()) or at) - at
+                body = {"model": g.model_id, "prompt": "a new request", "max_tokens": 4}
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http,
+                    http.post(f"http://{g.api}/v1/completions", json=body) as r,
+                ):
+                    new = {"status": r.status, "retry_after": r.headers.get("Retry-After"), "body": await r.json()}
+                await asyncio.sleep(max(0.0, at + detect + 1.0 - time.monotonic()))
+                ended = [(r.ended_at is not None and r.ended_at - at <= detect + 1.0, r.error) for r in live]
+                return {"detect": detect, "new_request": new, "ended_in_time": ended}
+            finally:
+                task.cancel()  # today the running streams wait with no bound
+                await asyncio.gather(task, return_exceptions=True)
+                await health.stop()
+
+    return run(main(), 300)
+
+
+def test_without_a_spare_a_new_request_gets_a_clean_503(no_spare):
+    new = no_spare["new_request"]
+    assert no_spare["detect"] <= DETECT_BOUND
+    assert new["status"] == 503, new
+    assert new["body"]["error"]["type"] == "service_unavailable", new
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 14: a group that cannot serve keeps running requests waiting, unbounded",
+)
+def test_without_a_spare_running_streams_end_with_an_error_within_detect_plus_1_s(no_spare):
+    assert all(ok and err for ok, err in no_spare["ended_in_time"]), no_spare["ended_in_time"]
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="issue 14: the 503 of a group that cannot serve has no Retry-After"
+)
+def test_without_a_spare_the_503_says_when_to_retry(no_spare):
+    assert no_spare["new_request"]["retry_after"] is not None
+
+
+# --------------------------------------------------------------------------- client disconnect
+
+
+def _kv_entries() -> int:
+    """KV caches held by the workers of this process (in-process group: observable)."""
+    from worker_core.kv_cache import KVStore
+
+    return sum(len(o) for o in gc.get_objects() if isinstance(o, KVStore))
+
+
+def test_a_client_that_disconnects_mid_stream_or_queued_frees_every_stage_within_2_s(ckpt):
+    """In process (the only place a worker's KV is observable today): two stages, one
+    request admitted at a time; a client leaves mid-stream, another leaves while queued."""
+
+    async def main() -> tuple[int, float, int, float]:
+        opts = [{"link_delay_ms": 20.0} for _ in range(2)]
+        async with Cluster(ckpt, workers=2, min_workers=2, max_running=1, worker_options=opts) as c:
+            await until(lambda: _kv_entries() == 0, 10, "no KV before the request (the profile's is freed)")
+            body = {
+                "model": c.master.model_id,
+                "prompt": "one two three",
+                "max_tokens": 200,
+                "stream": True,
+                "ignore_eos": True,
+                "temperature": 0,
+            }
+            async with aiohttp.ClientSession() as http:
+                resp = await http.post(f"{c.base_url}/v1/completions", json=body)
+                seen = 0
+                async for raw in resp.content:
+                    seen += raw.startswith(b"data: {")
+                    if seen >= 5:
+                        break
+                queued = await http.post(f"{c.base_url}/v1/completions", json=body)
+                await until(lambda: len(c.engine.waiting) == 1, 10, "the second request queued")
+                held = _kv_entries()
+                queued.close()  # leaves while queued
+                t0 = time.monotonic()
+                await until(lambda: not c.engine.waiting, 10, "the queued request gone")
+                queued_gone = time.monotonic() - t0
+                resp.close()  # leaves mid-stream
+                t0 = time.monotonic()
+                await until(lambda: _kv_entries() == 0 and not c.engine.running, 10, "KV freed on every stage")
+                freed = time.monotonic() - t0
+            return held, queued_gone, len(c.engine.running), freed
+
+    held, queued_gone, running, freed = run(main(), 180)
+    assert held >= 2  # the running request had a cache on both stages (so the check can fail)
+    assert queued_gone <= 2.0 and running == 0
+    assert freed <= 2.0, f"KV freed after {freed:.2f} s"
+
+
+# --------------------------------------------------------------------------- molink chaos
+
+
+def test_molink_chaos_on_a_tiny_model_exits_0_with_sane_json(ckpt, tmp_path):
+    out = tmp_path / "chaos.json"
+    small = "--workers 3 --requests 30 --concurrency 6 --fault-count 3 --freeze-seconds 3 --cut-seconds 1 "
+    small += "--fault-gap 1 --link-delay-ms 10 --prompt-words 4,40 --max-tokens 8,48"
+    cmd = [sys.executable, "-m", "app.cli", "chaos", "--model", str(ckpt), *shlex.split(small)]
+    cmd += ["--log-dir", str(tmp_path / "logs"), "--out", str(out)]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=480)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "tokens duplicated" in p.stdout and "detect p50/p95/max" in p.stdout
+    r = json.loads(out.read_text())
+    ff, fr = r["fault_free_run"], r["faulty_run"]
+    assert ff["completed"] == 30 and ff["failed"] == 0  # the reference run is whole
+    assert fr["requests"] == 30 and fr["completed"] + fr["failed"] == 30 and fr["compared"] == 30
+    for key in ("streams_differing", "tokens_lost", "tokens_duplicated", "tokens_wrong"):
+        assert isinstance(fr[key], int) and fr[key] >= 0
+    assert 1 <= len(r["faults"]) <= 3
+    assert {f["kind"] for f in r["faults"]} <= {"kill", "freeze", "cut"}
+    for f in r["faults"]:
+        assert f["at"] >= 0 and f["affected"] >= 0 and (f["detect"] is None or f["detect"] >= 0)
+    assert set(r["summary"]["all"]["detect"]) == {"p50", "p95", "max", "n"}
+    assert r["summary"]["all"]["faults"] == len(r["faults"])
+    assert r["caches_left_on_workers"] is None and "not observable" in r["caches_left_on_workers_note"]
+    rss = r["master_rss_bytes"]
+    assert all(isinstance(v, int) and v > 10 * 2**20 for v in rss.values()), rss
+    assert r["command"].startswith("molink chaos --model")
+    assert len(r["placement"]) == 3 and all(layers for layers in r["placement"].values())
+    assert not _engine_children(ckpt)  # every process it started is gone
+
+
+def _engine_children(ckpt: Path) -> list[int]:
+    """Live `molink master|worker` processes of a chaos group on ``ckpt`` (none may outlive it)."""
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        ours = str(ckpt) in cmd or any(c.startswith("chaos-") for c in cmd)
+        if "app.cli" in cmd and "--supervised" in cmd and ours:
+            mine.append(proc.pid)
+    return mine

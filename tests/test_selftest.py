@@ -1,0 +1,84 @@
+"""`molink selftest` from the source checkout: two worker processes vs one process, exit codes."""
+
+import io
+import os
+import subprocess
+import sys
+
+from app import selftest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(tmp_path):
+    """The user's folders moved under tmp_path: the default model is converted into a throwaway cache."""
+    env = dict(os.environ)
+    for var, sub in (
+        ("HOME", "home"),
+        ("XDG_CACHE_HOME", "cache"),
+        ("XDG_DATA_HOME", "data"),
+        ("XDG_CONFIG_HOME", "config"),
+    ):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        env[var] = str(tmp_path / sub)
+    return env
+
+
+def test_selftest_splits_the_default_model_over_two_workers_and_matches_one_process(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "selftest"],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for key in ("molink:", "python:", "torch: 2.13.0", "transformers:", "device: cpu"):
+        assert any(line.startswith(key) for line in lines), key
+    stages = [line for line in lines if line.startswith("stage ")]
+    assert (
+        len(stages) == 2 and stages[0].startswith("stage 0: selftest-") and stages[1].startswith("stage 1: selftest-")
+    )
+    assert stages[0].endswith("(cpu) layers [0, 15)") and stages[1].endswith("(cpu) layers [15, 30)")
+    assert {s.split()[2] for s in stages} == {"selftest-1", "selftest-2"}  # both worker processes serve
+    pipeline = next(line for line in lines if line.startswith("pipeline (2 worker processes):"))
+    single = next(line for line in lines if line.startswith("one process (transformers):"))
+    assert pipeline.split(":", 1)[1].strip() == single.split(":", 1)[1].strip()
+    assert pipeline.count(",") >= 7  # 8 token ids
+    assert lines[-1].startswith("OK")
+    assert (tmp_path / "cache" / "molink" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+
+
+def test_a_device_that_does_not_exist_fails_with_one_line_and_exit_1(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "selftest", "--device", "cuda:7"],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1
+    assert out.stdout.splitlines()[-1].startswith("selftest failed: DeviceError: device 'cuda:7' not available")
+    assert "OK" not in out.stdout.splitlines()
+
+
+def test_tokens_that_differ_from_the_single_process_run_fail(monkeypatch, tmp_path):
+    """The comparison itself: a pipeline answer one token off is a failure (exit 1), not OK."""
+    from worker_core import default_model
+
+    monkeypatch.setattr(default_model, "_models_dir", lambda root: tmp_path / "models")
+    real = selftest.reference_tokens
+
+    def one_off(folder, prompt, tokens, device):
+        ids = real(folder, prompt, tokens, device)
+        return ids[:-1] + [ids[-1] + 1]
+
+    monkeypatch.setattr(selftest, "reference_tokens", one_off)
+    buf = io.StringIO()
+    assert selftest.run_selftest(selftest.SelftestOptions(device="cpu"), buf) == 1
+    lines = buf.getvalue().splitlines()
+    assert lines[-1] == "selftest failed: the pipeline's 8 greedy tokens differ from the single-process run"
+    assert not any(line.startswith("OK") for line in lines)

@@ -1,0 +1,29 @@
+"""The worker's one typed configuration; defaults documented beside each field.
+
+Contract: built once per process (by the command line, the app or a test) and read by
+:func:`worker_core.worker.serve`; nothing in ``worker_core`` reads ``os.environ``.  Light to
+import (no torch): the command line takes its defaults from here.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    master: str  # "host:port" of the master's tunnel endpoint
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    name: str = field(default_factory=socket.gethostname)
+    reconnect: bool = True  # dial again after the tunnel drops
+    heartbeat: float = 5.0  # seconds between pings; a dead master is noticed within ~2x this
+    retry_seconds: float = 1.0  # first reconnect delay, doubled up to 30 s
+    link_delay_ms: float = 0.0  # emulated one-way delay per direction (measurement only)
+    link_mbps: float | None = None  # emulated bandwidth per direction in Mbit/s (None: unlimited)
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    memory_limit: int | None = None  # bytes offered to the group (None: all that is free)
+    tls: ssl.SSLContext | None = None  # paired group: mutual TLS pinned to the master (None: plain, loopback only)
+    weights_dir: Path | None = None  # cache of weights the master delivers (None: the user cache)
