@@ -28,6 +28,9 @@ def plain(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:300]
 
 
+_RUNNING: set[QThread] = set()
+
+
 class Background(QThread):
     done = Signal(object)
     failed = Signal(str)
@@ -39,7 +42,12 @@ class Background(QThread):
         parent=None,  # noqa: ANN001 - a QObject
         describe: Callable[[BaseException], str] = plain,
     ) -> None:
-        super().__init__(parent)
+        # never owned by the dialog that starts it: closing a dialog while its exchange runs must
+        # not destroy a running QThread (Qt aborts the process); the thread keeps itself alive
+        # in _RUNNING until it has finished, and its signals to a closed dialog go nowhere
+        super().__init__(None)
+        _RUNNING.add(self)
+        self.finished.connect(lambda: _RUNNING.discard(self))
         self._make = make_coro
         self._timeout = timeout
         self._describe = describe
