@@ -34,7 +34,7 @@ system-packages:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pyright
+	$(VENV)/bin/pyright --project pyproject.toml
 
 serve: $(STAMP)
 	$(VENV)/bin/molink demo --serve

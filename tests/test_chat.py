@@ -236,7 +236,9 @@ class FakeMaster:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append((dict(self.headers), body))
+                fake.requests.append(
+                    ({k.lower(): v for k, v in self.headers.items()}, body)
+                )  # names are case-insensitive
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
@@ -444,7 +446,7 @@ def test_markdown_is_rendered_and_the_key_is_sent(qtbot, fake):
     lists = [b.text() for b in _blocks(doc) if b.textList() is not None]
     assert lists == ["one", "two"]
     headers, body = fake.requests[-1]
-    assert headers["Authorization"] == "Bearer sekret" and body["model"] == "fake"
+    assert headers["authorization"] == "Bearer sekret" and body["model"] == "fake"
     assert body["messages"] == [{"role": "user", "content": "show me *markdown*"}]
 
 
