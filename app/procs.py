@@ -12,6 +12,7 @@ console window from flashing on Windows (0 elsewhere).  ``start_local_workers`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -51,27 +52,43 @@ def no_window_flags() -> int:
     return CREATE_NO_WINDOW if sys.platform == "win32" else 0
 
 
-def start_local_workers(address: str, names: list[str], *extra: str) -> list[subprocess.Popen]:
-    """Worker processes on this machine's CPU dialling the plain loopback master at ``address``
-    (demo, benchmark), output discarded; ``extra`` are more ``molink worker`` arguments."""
-    return [
-        subprocess.Popen(
-            engine_command("worker", "--master", address, "--device", "cpu", "--name", name, *extra),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=engine_env(),
-            creationflags=no_window_flags(),
-        )
-        for name in names
-    ]
+def start_local_workers(
+    address: str, names: list[str], *extra: str, device: str = "cpu", log: Path | None = None
+) -> list[subprocess.Popen]:
+    """Supervised worker processes on this machine dialling the plain loopback master at
+    ``address`` (demo, benchmark, selftest); their output goes to ``log`` (appended) or is
+    discarded; ``extra`` are more ``molink worker`` arguments.  Stop them with
+    :func:`stop_processes`."""
+    procs = []
+    for name in names:
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps its own handle
+        try:
+            procs.append(
+                subprocess.Popen(
+                    engine_command(
+                        "worker", "--master", address, "--device", device, "--name", name, "--supervised", *extra
+                    ),
+                    stdin=subprocess.PIPE,  # the control channel: closing it asks the worker to stop
+                    stdout=out,
+                    stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                    env=engine_env(),
+                    creationflags=no_window_flags(),
+                )
+            )
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+    return procs
 
 
 def stop_processes(procs: list[subprocess.Popen], grace: float = STOP_GRACE) -> None:
-    """Terminate ``procs``, wait up to ``grace`` seconds in all, kill what is left (blocking)."""
+    """Ask ``procs`` to stop through their control channel (stdin closed: EOF means stop, see
+    :mod:`worker_core.control`), wait up to ``grace`` seconds in all, then end what is left hard
+    (blocking).  No POSIX signal is sent first: Windows has none."""
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
+        if p.stdin is not None and not p.stdin.closed:
+            with contextlib.suppress(OSError):
+                p.stdin.close()
     deadline = time.monotonic() + grace
     for p in procs:
         try:

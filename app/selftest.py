@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .procs import engine_command, engine_env, no_window_flags, stop_processes
+from .procs import start_local_workers, stop_processes
 
 QUESTION = "What is the capital of France?"
 WORKERS = 2
@@ -69,19 +69,6 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "os": f"{platform.system()} {platform.release()} {platform.machine()}",
     }
-
-
-def _start_worker(address: str, device: str, name: str, log_file: Path) -> subprocess.Popen:
-    cmd = engine_command("worker", "--master", address, "--device", device, "--name", name)
-    with open(log_file, "wb") as log:  # the child keeps its own handle
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=engine_env(),
-            creationflags=no_window_flags(),
-        )
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -141,7 +128,7 @@ async def _pipeline_tokens(
     log_files = [logs / f"worker-{i + 1}.log" for i in range(WORKERS)]
     try:
         for i, log_file in enumerate(log_files):
-            procs.append(_start_worker(master.address, opts.device, f"selftest-{i + 1}", log_file))
+            procs += start_local_workers(master.address, [f"selftest-{i + 1}"], device=opts.device, log=log_file)
         say(f"started {WORKERS} worker processes; waiting for the group (at most {opts.startup_timeout:.0f} s)")
         deadline = time.monotonic() + opts.startup_timeout
         while not (master.group.serving and len(master.group.stages) == WORKERS):
