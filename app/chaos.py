@@ -10,7 +10,7 @@ fault-free, once while faults are injected one at a time (``kill``: ``kill -9`` 
 and start it again at once; ``freeze``: stop it for ``freeze_seconds`` then let it run on;
 ``cut``: reset its tunnel at the proxy and refuse new connections for ``cut_seconds``).
 It prints a table, writes JSON to ``options.out`` and returns 0 (with ``check``: 1 when any
-request failed, lost, repeated or changed a token).  Every wait is bounded; every process and
+request failed, lost, repeated or changed a token, or a worker kept a cache).  Every wait is bounded; every process and
 proxy it started is stopped when it returns, whichever way it returns.
 
 The pieces are public for tests: :class:`LocalGroup` (the processes, proxies and faults),
@@ -36,15 +36,17 @@ Definitions (the same words in the table and the JSON)
   (it failed) counts as not recovered.
 * pause (per fault): the longest gap between two tokens (or sending and the first token) of
   a stream open at the fault, among the gaps that end after the fault and start before the
-  group re-formed.  A stall can outlast "recover": a token already past the faulty stage
-  arrives at once, and the rejoin of the worker causes a second re-plan and replay.
-* re-formed: from the fault to the moment ``/health`` again shows every worker holding
-  layers (the restarted, thawed or reconnected worker rejoined).
-* epoch changes per fault: re-plans between the fault and the re-formed group (each one
+  worker rejoined.  A stall can outlast "recover": a token already past the faulty stage
+  arrives at once while the others wait for the re-plan and replay.
+* rejoined: from the fault to the moment ``/health`` again shows the group serving with every
+  worker connected (the restarted, thawed or reconnected worker is back; it takes layers once
+  the running requests end, so a returning worker does not make them replay a second time).
+* epoch changes per fault: re-plans between the fault and the rejoin (each one
   drops every stage's KV and replays the running requests).
 * longest pause: the longest gap between two tokens of one stream.
-* caches left on workers: a worker reports no KV count to anyone today (its ``stats`` events
-  carry steps and tokens only, and it has no endpoint), so this is ``null`` with a note.
+* caches left on workers: the requests each worker holds a KV cache for once everything
+  ended and the group re-formed (every worker holding layers), from each worker's own ``stats``
+  event (``kv_requests``).
 """
 
 from __future__ import annotations
@@ -81,10 +83,7 @@ EVENT_PREFIX = "@molink "  # worker_core.control.EVENT_PREFIX (not imported: no 
 HEALTH_INTERVAL = 0.1  # seconds between /health samples
 STOP_TIMEOUT = 20.0  # seconds a child may take to stop after the stop command
 EXIT_TIMEOUT = 10.0  # seconds a killed child may take to be reaped
-CACHES_NOTE = (
-    "not observable from outside the worker processes today: a worker reports no KV cache count "
-    "(its stats events carry steps and tokens only; it has no endpoint)"
-)
+STATS_WAIT = 10.0  # seconds to wait for two fresh stats events from every worker (they come every 2 s)
 WORDS = (  # noqa: SIM905 (one readable sentence)
     "the quick brown fox jumps over a lazy dog while seven friends share their graphics cards to serve "
     "one large model across slow home links and every worker dials out to the master that schedules "
@@ -109,7 +108,7 @@ class ChaosOptions:
     seed: int = 0
     faults: tuple[FaultKind, ...] = (FaultKind.KILL, FaultKind.FREEZE, FaultKind.CUT)
     fault_count: int = 6  # faults at most (kinds in a seeded random order, equally often)
-    fault_gap: float = 3.0  # seconds the re-formed group serves before the next fault
+    fault_gap: float = 3.0  # seconds the group serves after a rejoin before the next fault
     freeze_seconds: float = 10.0
     cut_seconds: float = 2.0  # new connections refused this long after a cut
     cut_mode: CutMode = CutMode.RST
@@ -120,11 +119,11 @@ class ChaosOptions:
     threads: int = 1  # torch threads per worker
     memory_limit_gb: float | None = None  # memory each worker offers (None: all free)
     startup_timeout: float = 600.0  # seconds for the group to form
-    settle_timeout: float = 180.0  # seconds the group may take to re-form after a fault
+    settle_timeout: float = 180.0  # seconds the group may take to serve with every worker again after a fault
     request_timeout: float = 300.0  # seconds one stream may take; beyond, it counts as hung (failed)
     out: Path = Path("chaos.json")
     log_dir: Path | None = None  # children's stderr (None: a temporary folder, removed)
-    check: bool = False  # exit 1 unless every request completed identical to the fault-free run
+    check: bool = False  # exit 1 unless every request completed identical to the fault-free run, no cache left
 
     def validate(self) -> None:
         if self.workers < 2:
@@ -332,10 +331,7 @@ class LocalGroup:
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        args = ["master", "--model", self.model, "--port", "0", "--min-workers", str(self.min_workers)]
-        self.master = Child(args, self.log_dir / "master.log")
-        ev = await self.master.wait_event("listening", self.startup_timeout)
-        self.api, self.model_id = ev["api"], ev["model"]
+        await self._start_master(0)
         host, port = self.api.rsplit(":", 1)
         for i in range(self.n):
             proxy = TcpProxy(host, int(port))
@@ -343,6 +339,19 @@ class LocalGroup:
             self.proxies.append(proxy)
             self.restart(i)
         await self.wait_whole(self.startup_timeout)
+
+    async def _start_master(self, port: int) -> None:
+        args = ["master", "--model", self.model, "--port", str(port), "--min-workers", str(self.min_workers)]
+        self.master = Child(args, self.log_dir / "master.log")
+        ev = await self.master.wait_event("listening", self.startup_timeout)
+        self.api, self.model_id = ev["api"], ev["model"]
+
+    async def restart_master(self) -> None:
+        """kill -9 the master and start a new one on the same port (the workers are not told)."""
+        if self.master is None:
+            raise RuntimeError("the master was never started")
+        await self.master.kill_hard()
+        await self._start_master(int(self.api.rsplit(":", 1)[1]))
 
     def restart(self, i: int) -> Child:
         """Start worker ``i`` (again), dialling through its proxy."""
@@ -398,6 +407,18 @@ class LocalGroup:
         workers = h.get("workers", [])
         return len(workers) == n and len({w["name"] for w in workers}) == n and all(w["layers"] for w in workers)
 
+    async def wait_rejoined(self, timeout: float) -> dict:
+        """Wait (bounded) until the group serves with all ``n`` workers connected (holding layers
+        or standing by)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = await self.health()
+            if h is not None and h.get("status") == "ok" and len({w["name"] for w in h.get("workers", [])}) == self.n:
+                return h
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the group did not serve with {self.n} workers within {timeout:.0f} s: {h}")
+            await asyncio.sleep(0.1)
+
     async def wait_whole(self, timeout: float) -> dict:
         """Wait (bounded) until every worker holds layers, unchanged for half a second."""
         deadline = time.monotonic() + timeout
@@ -418,6 +439,23 @@ class LocalGroup:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the group did not form with {self.n} workers within {timeout:.0f} s: {h}")
             await asyncio.sleep(0.1)
+
+    async def worker_caches(self, timeout: float) -> dict[str, int | None]:
+        """Requests each worker holds a KV cache for now: the ``kv_requests`` of its second
+        ``stats`` event after this call (one interval later: a pipeline's start-up profile or a
+        ``Free`` on its way has settled), None for a worker that sent fewer within ``timeout``."""
+        since, deadline = time.monotonic(), time.monotonic() + timeout
+        out: dict[str, int | None] = {}
+        for i, child in enumerate(self.workers):
+            if child is None:
+                continue
+            fresh: list[dict] = []
+            while len(fresh) < 2 and time.monotonic() < deadline:
+                fresh = [e for t, e in list(child.events) if t > since and e.get("event") == "stats"]
+                if len(fresh) < 2:
+                    await asyncio.sleep(0.1)
+            out[self.name(i)] = int(fresh[1].get("kv_requests", -1)) if len(fresh) >= 2 else None
+        return out
 
     def master_rss(self) -> int | None:
         """The master process's resident memory in bytes (None if unreadable)."""
@@ -565,11 +603,12 @@ async def run_workload(
 
 
 class HealthLog:
-    """Samples /health every HEALTH_INTERVAL; keeps the changes of (epoch, status, workers with layers)."""
+    """Samples /health every HEALTH_INTERVAL; keeps the changes of (epoch, status, workers with
+    layers, names of the connected workers)."""
 
     def __init__(self, group: LocalGroup) -> None:
         self.group = group
-        self.changes: list[tuple[float, int, str, int]] = []  # (time, epoch, status, workers holding layers)
+        self.changes: list[tuple[float, int, str, int, frozenset[str]]] = []  # (time, epoch, status, holding, names)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -585,7 +624,8 @@ class HealthLog:
         while True:
             h = await self.group.health()
             if h is not None:
-                now = (h["epoch"], h["status"], sum(1 for w in h["workers"] if w["layers"]))
+                names = frozenset(w["name"] for w in h["workers"])
+                now = (h["epoch"], h["status"], sum(1 for w in h["workers"] if w["layers"]), names)
                 if now != last:
                     self.changes.append((time.monotonic(), *now))
                     last = now
@@ -597,6 +637,11 @@ class HealthLog:
 
     def first_epoch_after(self, t: float, epoch: int, until: float) -> float | None:
         return next((c[0] for c in self.changes if t <= c[0] <= until and c[1] > epoch), None)
+
+    def first_noticed(self, t: float, epoch: int, worker: str, until: float) -> float | None:
+        """The first sample in ``[t, until]`` showing the master noticed a fault of ``worker``:
+        a new epoch, or the worker no longer connected (a worker standing by changes no epoch)."""
+        return next((c[0] for c in self.changes if t <= c[0] <= until and (c[1] > epoch or worker not in c[4])), None)
 
     def epochs_between(self, t0: float, t1: float) -> int:
         return len({c[1] for c in self.changes if t0 <= c[0] <= t1} - {self.epoch_at(t0)})
@@ -612,7 +657,7 @@ class FaultRecord:
     at: float  # time.monotonic of the fault
     epoch_before: int
     ended_at: float | None = None  # thawed / reconnected / restarted
-    reformed_at: float | None = None  # every worker holds layers again
+    rejoined_at: float | None = None  # serving, every worker connected again
     detect: float | None = None  # seconds
     recover: float | None = None  # seconds; None: no affected stream, or one never recovered
     pause: float | None = None  # seconds: the longest token gap of an affected stream around the fault
@@ -657,14 +702,14 @@ async def inject_faults(
             group.reconnect(i)
         rec.ended_at = time.monotonic()
         try:
-            await group.wait_whole(opts.settle_timeout)
-            rec.reformed_at = time.monotonic()
+            await group.wait_rejoined(opts.settle_timeout)
+            rec.rejoined_at = time.monotonic()
         except TimeoutError as e:
-            rec.problem = f"the group did not re-form: {e}"
+            rec.problem = f"the worker did not rejoin: {e}"
             print(f"  {rec.problem}", flush=True)
             return
-        if not await _streams_moved(live, rec.at, rec.reformed_at, opts.settle_timeout):
-            rec.problem = f"streams open at the fault did not move within {opts.settle_timeout:.0f} s of re-forming"
+        if not await _streams_moved(live, rec.at, rec.rejoined_at, opts.settle_timeout):
+            rec.problem = f"streams open at the fault did not move within {opts.settle_timeout:.0f} s of the rejoin"
             print(f"  {rec.problem}", flush=True)
             return
         if await _wait_or_done(done, opts.fault_gap):
@@ -740,12 +785,12 @@ def percentiles(xs: list[float]) -> dict[str, float | None]:
 def score_faults(faults: list[FaultRecord], streams: list[StreamRecord], health: HealthLog, end: float) -> None:
     for k, f in enumerate(faults):
         until = faults[k + 1].at if k + 1 < len(faults) else end
-        seen = health.first_epoch_after(f.at, f.epoch_before, until)
+        seen = health.first_noticed(f.at, f.epoch_before, f.worker, until)
         f.detect = None if seen is None else round(seen - f.at, 3)
-        f.epoch_changes = health.epochs_between(f.at, f.reformed_at or until)
+        f.epoch_changes = health.epochs_between(f.at, f.rejoined_at or until)
         open_then = [s for s in streams if s.sent_at < f.at and (s.ended_at is None or s.ended_at > f.at)]
         waits, pauses = [], []
-        window_end = f.reformed_at or until
+        window_end = f.rejoined_at or until
         for s in open_then:
             nxt = next((t for t in s.times if t > f.at), None)
             if nxt is None:
@@ -862,6 +907,7 @@ async def run_chaos(opts: ChaosOptions) -> int:
     print(f"wrote {opts.out}")
     s = report["faulty_run"]
     clean = s["failed"] == 0 and s["streams_differing"] == 0 and s["tokens_lost"] == 0 and s["tokens_duplicated"] == 0
+    clean = clean and all(n == 0 for n in report["caches_left_on_workers"].values())
     return 0 if clean or not opts.check else 1
 
 
@@ -916,6 +962,7 @@ async def _measure(opts: ChaosOptions, log_dir: Path) -> dict | None:
         except TimeoutError:
             settled = False
         rss_after = group.master_rss()
+        caches = await group.worker_caches(STATS_WAIT)
     finally:
         await health.stop()
         await group.close()
@@ -937,9 +984,8 @@ async def _measure(opts: ChaosOptions, log_dir: Path) -> dict | None:
         "faulty_run": {**describe_run(faulty), **score_run(reference, faulty)},
         "faults": [_fault_row(f, start) for f in faults],
         "summary": _summary(faults),
-        "group_reformed_at_end": settled,
-        "caches_left_on_workers": None,
-        "caches_left_on_workers_note": CACHES_NOTE,
+        "group_rejoined_at_end": settled,
+        "caches_left_on_workers": caches,
         "master_rss_bytes": {"before": rss_before, "after_fault_free_run": rss_middle, "after_faulty_run": rss_after},
         "master_log": count_log(log_dir / "master.log"),
     }
@@ -948,13 +994,13 @@ async def _measure(opts: ChaosOptions, log_dir: Path) -> dict | None:
 _DEFINITIONS = {
     "detect": "seconds from the fault to the first /health sample with a higher epoch",
     "recover": "seconds from the fault until every stream open at the fault received its next token",
-    "reformed": "seconds from the fault until /health shows every worker holding layers again",
+    "rejoined": "seconds from the fault until /health shows the group serving with every worker connected",
     "tokens_lost": "fault-free tokens missing from completed streams (alignment)",
     "tokens_duplicated": "extra tokens in completed streams that repeat the stream's earlier tokens",
     "streams_differing": "requests whose received tokens differ from the fault-free run's",
     "longest_pause": "longest gap between two tokens of one stream (from sending, for the first)",
     "pause": "per fault: the longest token gap of a stream open at the fault, among gaps ending after the fault "
-    "and starting before the group re-formed",
+    "and starting before the worker rejoined",
 }
 
 
@@ -972,7 +1018,7 @@ def _fault_row(f: FaultRecord, start: float) -> dict:
     row.update(
         at=round(f.at - start, 3),
         ended_at=None if f.ended_at is None else round(f.ended_at - f.at, 3),
-        reformed_at=None if f.reformed_at is None else round(f.reformed_at - f.at, 3),
+        rejoined_at=None if f.rejoined_at is None else round(f.rejoined_at - f.at, 3),
     )
     return row
 
@@ -986,7 +1032,7 @@ def _summary(faults: list[FaultRecord]) -> dict:
             "recover": percentiles([f.recover for f in fs if f.recover is not None]),
             "pause": percentiles([f.pause for f in fs if f.pause is not None]),
             "not_recovered": sum(f.unrecovered for f in fs),
-            "reformed": percentiles([f.reformed_at - f.at for f in fs if f.reformed_at is not None]),
+            "rejoined": percentiles([f.rejoined_at - f.at for f in fs if f.rejoined_at is not None]),
             "epoch_changes": sum(f.epoch_changes for f in fs),
         }
 
@@ -1033,10 +1079,10 @@ def format_table(report: dict) -> str:
         f"{'tokens wrong (other differences)':<34}{fr['tokens_wrong']:>14}",
         "",
         f"{'faults':<8}{'n':>3}{'detect p50/p95/max':>22}{'recover p50/p95/max':>24}{'pause max':>11}"
-        f"{'re-formed max':>15}{'epochs':>8}",
+        f"{'rejoined max':>15}{'epochs':>8}",
     ]
     for name, b in report["summary"].items():
-        d, r, f = b["detect"], b["recover"], b["reformed"]
+        d, r, f = b["detect"], b["recover"], b["rejoined"]
         det = f"{_fmt(d['p50'], '')}/{_fmt(d['p95'], '')}/{_fmt(d['max'])}"
         rec = f"{_fmt(r['p50'], '')}/{_fmt(r['p95'], '')}/{_fmt(r['max'])}"
         cells = f"{det:>22}{rec:>24}{_fmt(b['pause']['max']):>11}{_fmt(f['max']):>15}{b['epoch_changes']:>8}"
@@ -1047,6 +1093,9 @@ def format_table(report: dict) -> str:
         "",
         f"master RSS: {mb(rss['before'])} before, {mb(rss['after_fault_free_run'])} after the fault-free run, "
         f"{mb(rss['after_faulty_run'])} after the faulty run",
-        f"caches left on workers: {CACHES_NOTE}",
+        "caches left on workers (requests with a KV cache, at the end): "
+        + ", ".join(
+            f"{name} {n if n is not None else 'no report'}" for name, n in report["caches_left_on_workers"].items()
+        ),
     ]
     return "\n".join(lines)

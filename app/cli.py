@@ -35,6 +35,7 @@ from worker_core.config import WorkerConfig
 from .bench import BenchOptions
 from .chaos import ChaosOptions
 from .demo import DemoOptions
+from .evaluate import EvalOptions
 
 if TYPE_CHECKING:
     from worker_core.control import Control, Events
@@ -112,6 +113,21 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     gc.add_argument("--data-dir", default=None, help="folder for the group's state (default: the user data folder)")
     gc.set_defaults(func=_group_create)
+    for parser in (m, gc):
+        parser.add_argument(
+            "--quantize",
+            choices=("none", "int8", "int4"),
+            default=MasterConfig.quantize,
+            help="how every worker stores its decoder layers: none (the compute dtype), int8 or int4 "
+            "(bitsandbytes; embeddings and LM head stay in the compute dtype; default %(default)s)",
+        )
+        parser.add_argument(
+            "--capacity-wait",
+            type=float,
+            default=MasterConfig.capacity_wait,
+            help="seconds requests wait for a group that cannot serve (a needed member left) before they end "
+            "with 503 and Retry-After (default %(default)s)",
+        )
     for verb, text, func in (
         ("code", "print a fresh pairing code", _group_code),
         ("members", "list the group's members", _group_members),
@@ -224,6 +240,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=str(BenchOptions().out), help="folder for bench.json and the plots")
     b.set_defaults(func=_bench, quiet=True)
 
+    ev = sub.add_parser(
+        "eval", help="quality per precision through 3 local stages: perplexity, greedy agreement, memory, speed"
+    )
+    ev.add_argument("--model", default=EvalOptions.model, help="checkpoint folder, hub id, or 'default'")
+    ev.add_argument(
+        "--precisions", default=",".join(EvalOptions.precisions), help="comma list of none,int8,int4 (default all)"
+    )
+    ev.add_argument("--workers", type=int, default=EvalOptions.workers, help="local stages (default %(default)s)")
+    ev.add_argument("--quick", action="store_true", help="8 prompts x 16 tokens and 2,048 text tokens")
+    ev.add_argument("--out", default=str(EvalOptions().out), help="JSON file of the results (default %(default)s)")
+    ev.set_defaults(func=_eval, quiet=True)
+
     ch = sub.add_parser("chaos", help="fault tolerance, measured: a local group under worker kills, freezes, link cuts")
     ch.add_argument("--model", default=ChaosOptions.model, help="checkpoint folder, hub id, or 'default'")
     ch.add_argument("--workers", type=int, default=ChaosOptions.workers, help="worker processes (default %(default)s)")
@@ -246,6 +274,17 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--log-dir", default=None, help="keep the children's logs here (default: a temporary folder)")
     ch.add_argument("--check", action="store_true", help="exit 1 unless every stream matches the fault-free run")
     ch.set_defaults(func=_chaos, quiet=True)
+
+    lt = sub.add_parser(
+        "loadtest", help="the master alone under many concurrent streams (fake stages), or placement timing"
+    )
+    lt.add_argument("--streams", type=int, default=1000, help="concurrent streams (default %(default)s)")
+    lt.add_argument("--tokens", type=int, default=32, help="tokens per stream (default %(default)s)")
+    lt.add_argument("--stages", type=int, default=1, help="fake stages in the pipeline (default %(default)s)")
+    lt.add_argument("--model", default="default", help="the master's model: tokenizer and dimensions only")
+    lt.add_argument("--placement", action="store_true", help="time placement of 8, 16, 32 and 64 members instead")
+    lt.add_argument("--out", default=None, help="also write the results to this JSON file")
+    lt.set_defaults(func=_loadtest, quiet=True)
     return p
 
 
@@ -308,6 +347,8 @@ def _master(args: argparse.Namespace, sup: Supervision) -> int:
         host=args.host,
         port=args.port,
         min_workers=args.min_workers,
+        capacity_wait=args.capacity_wait,
+        quantize=args.quantize,
         api_key=key,
         allowed_hosts=tuple(args.allow_host),
     )
@@ -322,6 +363,8 @@ def _group_create(args: argparse.Namespace, sup: Supervision) -> int:
         model=args.model,
         port=args.api_port,
         min_workers=args.min_workers,
+        capacity_wait=args.capacity_wait,
+        quantize=args.quantize,
         data_dir=str(group.data_dir(args.data_dir)),
         group_host=args.host,
         group_port=args.port,
@@ -502,6 +545,42 @@ def _bench(args: argparse.Namespace, sup: Supervision) -> int:
         out=Path(args.out),
     )
     return _run(lambda: run_bench(bopts))
+
+
+def _eval(args: argparse.Namespace, sup: Supervision) -> int:
+    from worker_core.wire import QUANTIZE_CHOICES
+
+    from .evaluate import run_eval
+
+    precisions = tuple(x for x in args.precisions.split(",") if x)
+    bad = [x for x in precisions if x not in QUANTIZE_CHOICES]
+    if bad or not precisions:
+        raise ValueError(f"unknown precision {', '.join(bad) or '(none given)'}; use {', '.join(QUANTIZE_CHOICES)}")
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    opts = EvalOptions(
+        model=args.model, precisions=precisions, workers=args.workers, quick=args.quick, out=Path(args.out)
+    )
+    return _run(lambda: run_eval(opts))
+
+
+def _loadtest(args: argparse.Namespace, sup: Supervision) -> int:
+    import json
+
+    from .loadtest import LoadOptions, placement_times, print_report, run_load
+
+    async def main() -> int:
+        if args.placement:
+            result: dict = {"placement": await asyncio.to_thread(placement_times)}
+        else:
+            opts = LoadOptions(model=args.model, streams=args.streams, tokens=args.tokens, stages=args.stages)
+            result = {"load": await run_load(opts)}
+        print_report(result)
+        if args.out:
+            await asyncio.to_thread(Path(args.out).write_text, json.dumps(result, indent=2))
+        return 0
+
+    return _run(main)
 
 
 def _chaos(args: argparse.Namespace, sup: Supervision) -> int:

@@ -119,8 +119,13 @@ def describe_worker(w: dict) -> str:
         if w.get("rtt_ms")
         else "not measured"
     )
+    stored = (
+        f" at {w['precision']}, {w['weight_bytes'] / 1e9:.2f} GB of weights"
+        if w.get("precision") and w.get("weight_bytes")
+        else ""
+    )
     layers = (
-        f"layers [{w['layers'][0]}, {w['layers'][1]})"
+        f"layers [{w['layers'][0]}, {w['layers'][1]}){stored}"
         if w.get("layers")
         else f"no layers ({w.get('standby') or 'not placed yet'})"
     )

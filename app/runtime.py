@@ -28,7 +28,9 @@ Contract
 * :func:`runtime_python` is the Python of the default runtime when it is ``READY``, else
   :class:`RuntimeNotReady` (the tray shows :mod:`app.desktop.runtime_dialog`, the launcher builds it
   on the console).  ``python -m app.runtime status|install|remove`` (``molink runtime ...`` in an
-  installed app) is the command line.
+  installed app) is the command line; every state it reports comes with what to do (:data:`NEXT`),
+  ``status`` also imports the engine in a ready runtime (exit 1 when that fails), and ``install
+  --repair`` (:meth:`Runtime.repair`) rebuilds a runtime marked ready that no longer imports.
 
 No torch, no Qt: the frozen tray imports this module.
 """
@@ -48,9 +50,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .procs import no_window_flags
 from .runtime_locks import BACKEND, Choice, Lock, LockError, RuntimeProblem, choose_backend, os_tag
@@ -67,6 +69,12 @@ STEP_TIMEOUT = {  # seconds a step may take at most (a CUDA torch is several GB 
     "molink": 600.0,
     "verify": 600.0,
 }
+STEP_TITLE = {  # what each step does, as the start of its failure's first line
+    "venv": "Making the Python environment",
+    "packages": "Downloading and installing PyTorch and the engine's packages",
+    "molink": "Installing MoLink's engine",
+    "verify": "Checking the engine",
+}
 PROGRESS_SPAN = {  # the share of the progress bar each step fills
     "clear": (0.0, 0.02),
     "venv": (0.02, 0.08),
@@ -79,7 +87,12 @@ Progress = Callable[[float | None, str], None]
 
 
 class RuntimeBuildError(RuntimeProblem):
-    """A step of the build failed (the message names it and ends with uv's last words)."""
+    """A step of the build failed: the first line names the step and the reason (uv's own ``error:``
+    line where it printed one), the lines after it are the tail of the output."""
+
+
+class EngineImportError(RuntimeBuildError):
+    """The runtime's Python exists but cannot import the engine (a broken environment, not a network problem)."""
 
 
 class Cancelled(RuntimeProblem):
@@ -87,11 +100,8 @@ class Cancelled(RuntimeProblem):
 
 
 class RuntimeNotReady(RuntimeProblem):
-    def __init__(self, state: "State", root: Path) -> None:
-        super().__init__(
-            f"the MoLink engine runtime in {root} is {state.value}: install it with `molink runtime install` "
-            "or from the app"
-        )
+    def __init__(self, state: State, root: Path) -> None:
+        super().__init__(f"the MoLink engine runtime in {root} is {state.value}: {NEXT[state]}")
         self.state = state
 
 
@@ -113,7 +123,7 @@ class Bundle:
     wheel: Path | None  # the molink wheel (None: the locks already carry the engine, tests only)
 
     @classmethod
-    def default(cls) -> "Bundle":
+    def default(cls) -> Bundle:
         """The frozen app's ``runtime/`` folder; from a source checkout, ``build/runtime`` and the uv of this Python."""
         meipass = getattr(sys, "_MEIPASS", None)
         if getattr(sys, "frozen", False) and meipass:
@@ -121,7 +131,7 @@ class Bundle:
         return cls.at(Path(__file__).resolve().parent.parent / "build" / "runtime")
 
     @classmethod
-    def at(cls, folder: Path) -> "Bundle":
+    def at(cls, folder: Path) -> Bundle:
         """``folder/uv`` (else the source checkout's uv), ``folder/locks/*.lock``, ``folder/molink-*.whl``."""
         uv = folder / ("uv.exe" if sys.platform == "win32" else "uv")
         return cls(uv if uv.exists() else source_uv(), folder / "locks", _one_wheel(folder))
@@ -222,6 +232,16 @@ class Step(enum.Enum):
     VERIFY = "verify"  # import torch, transformers and the engine in the runtime; then the marker
 
 
+NEXT: dict[State, str] = {  # what the user does about each state (status, errors)
+    State.MISSING: "build it with `molink runtime install` (the app builds it at its first Share)",
+    State.PARTIAL: "finish it with `molink runtime install` (it resumes where it stopped)",
+    State.OUTDATED: "update it with `molink runtime install` (downloads only what changed)",
+    State.BROKEN: "rebuild it with `molink runtime install` (downloads are kept)",
+    State.WHEEL_CHANGED: "update it with `molink runtime install` (takes seconds)",
+    State.READY: "nothing to do",
+}
+REPAIR = "repair it with `molink runtime install --repair` (downloads are kept)"
+
 _FULL = (Step.VENV, Step.PACKAGES, Step.MOLINK, Step.VERIFY)
 PLAN: dict[State, tuple[Step, ...]] = {
     State.MISSING: _FULL,
@@ -246,7 +266,7 @@ class Marker:
     format: int = FORMAT
 
     @classmethod
-    def parse(cls, text: str) -> "Marker | None":
+    def parse(cls, text: str) -> Marker | None:
         try:
             d = json.loads(text)
             m = cls(**{k: d[k] for k in cls.__dataclass_fields__})
@@ -276,7 +296,7 @@ class Runtime:
         self._gpus = gpus or _nvml_gpus
 
     @classmethod
-    def default(cls) -> "Runtime":
+    def default(cls) -> Runtime:
         return cls(default_root(), Bundle.default())
 
     # ------------------------------------------------------------------ paths
@@ -364,14 +384,34 @@ class Runtime:
                 progress(1.0, f"engine runtime ready ({lock.backend})")
                 return self.python
             progress(0.0, f"engine runtime {state.value}: building the {lock.backend} runtime in {self.root}")
+            if backend is None and self.marker() is None:  # the machine chose: say why (GPU, driver or none)
+                progress(None, self.choose().reason)
             try:
                 self._run_plan(PLAN[state], lock, progress, cancel)
-            except RuntimeBuildError:
+            except EngineImportError:
                 if state is not State.PARTIAL:
                     raise
+                # the environment an interrupted build left is unusable (a download failing again is not
+                # a reason: that keeps the environment and fails, to be resumed later)
                 progress(None, "the interrupted runtime cannot be completed: starting again from scratch")
                 self._run_plan(PLAN[State.BROKEN], lock, progress, cancel)
             return self.python
+
+    def repair(
+        self, progress: Progress | None = None, cancel: threading.Event | None = None, backend: str | None = None
+    ) -> Path:
+        """:meth:`ensure`, after checking that a runtime marked ready still imports the engine: one that
+        does not (files deleted or quarantined since it was built) loses its marker and is rebuilt."""
+        progress = progress or (lambda f, line: log.info("%s", line))
+        self.root.mkdir(parents=True, exist_ok=True)
+        with _BuildLock(self.root / BUILD_LOCK):
+            if self.marker() is not None and self.python.exists():
+                try:
+                    self.verify(cancel)
+                except EngineImportError as e:
+                    progress(None, f"the installed runtime is broken ({str(e).splitlines()[0]}): rebuilding it")
+                    (self.root / MARKER).unlink(missing_ok=True)  # now OUTDATED: cleared and built again
+        return self.ensure(progress, cancel, backend)
 
     def _run_plan(self, steps: Sequence[Step], lock: Lock, progress: Progress, cancel: threading.Event) -> None:
         (self.root / MARKER).unlink(missing_ok=True)
@@ -382,12 +422,12 @@ class Runtime:
             getattr(self, f"_step_{step.value}")(lock, _Span(progress, *PROGRESS_SPAN[step.value]), cancel)
         (self.root / BUILDING).unlink(missing_ok=True)
 
-    def _step_clear(self, lock: Lock, progress: "_Span", cancel: threading.Event) -> None:
+    def _step_clear(self, lock: Lock, progress: _Span, cancel: threading.Event) -> None:
         progress(0.0, "removing the old engine runtime (downloads are kept)")
         _rmtree(self.venv)
         progress(1.0, "old runtime removed")
 
-    def _step_venv(self, lock: Lock, progress: "_Span", cancel: threading.Event) -> None:
+    def _step_venv(self, lock: Lock, progress: _Span, cancel: threading.Event) -> None:
         need = BACKEND[lock.backend].min_free_gb
         free = shutil.disk_usage(self.root).free / 1e9
         if free < need:
@@ -414,14 +454,14 @@ class Runtime:
         if not self.python.exists():
             raise RuntimeBuildError(f"uv made no Python at {self.python}")
 
-    def _step_packages(self, lock: Lock, progress: "_Span", cancel: threading.Event) -> None:
+    def _step_packages(self, lock: Lock, progress: _Span, cancel: threading.Event) -> None:
         progress(0.0, f"installing torch and the engine's packages ({lock.backend}; the first time downloads them)")
         cmd = [*self._pip("install"), "--require-hashes", "--no-deps", "--index-strategy", "unsafe-best-match"]
         if lock.torch_backend:
             cmd += ["--torch-backend", lock.torch_backend]
         self._uv([*cmd, "-r", str(lock.path)], "packages", progress, cancel, _DownloadMeter())
 
-    def _step_molink(self, lock: Lock, progress: "_Span", cancel: threading.Event) -> None:
+    def _step_molink(self, lock: Lock, progress: _Span, cancel: threading.Event) -> None:
         if self.bundle.wheel is None:
             progress(1.0, "no MoLink wheel shipped (the lock carries the engine)")
             return
@@ -429,7 +469,7 @@ class Runtime:
         cmd = [*self._pip("install"), "--no-deps", "--reinstall-package", "molink", str(self.bundle.wheel)]
         self._uv(cmd, "molink", progress, cancel)
 
-    def _step_verify(self, lock: Lock, progress: "_Span", cancel: threading.Event) -> None:
+    def _step_verify(self, lock: Lock, progress: _Span, cancel: threading.Event) -> None:
         progress(0.0, "checking the runtime: importing torch, transformers and the engine")
         info = self.verify(cancel)
         cuda = (
@@ -475,7 +515,10 @@ class Runtime:
                     break
                 if code == 0 and isinstance(info, dict):
                     return info
-        raise RuntimeBuildError("the runtime's Python cannot import the engine:\n" + "\n".join(lines[-8:]))
+        raise EngineImportError(
+            f"{STEP_TITLE['verify']} failed: the runtime's Python cannot import the engine ({_reason(lines)})\n"
+            + "\n".join(lines[-8:])
+        )
 
     def remove(self) -> None:
         """Delete the runtime, its downloads and its Pythons (the user's groups and models stay)."""
@@ -501,9 +544,9 @@ class Runtime:
         self,
         cmd: list[str],
         step: str,
-        progress: "_Span",
+        progress: _Span,
         cancel: threading.Event,
-        meter: "_DownloadMeter | None" = None,
+        meter: _DownloadMeter | None = None,
     ) -> None:
         def on_line(line: str) -> None:
             progress(meter.feed(line) if meter else None, line)
@@ -511,7 +554,9 @@ class Runtime:
         env = child_env({"UV_PYTHON_INSTALL_DIR": str(self.pythons)})
         code, lines = _run(cmd, STEP_TIMEOUT[step], cancel, on_line, env)
         if code != 0:
-            raise RuntimeBuildError(f"{step}: uv exited with code {code}:\n" + "\n".join(lines[-12:]))
+            raise RuntimeBuildError(
+                f"{STEP_TITLE[step]} failed: {_reason(lines)} (uv exit code {code})\n" + "\n".join(lines[-12:])
+            )
         progress(1.0, f"{step}: done")
 
 
@@ -563,6 +608,15 @@ class _DownloadMeter:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _reason(lines: list[str]) -> str:
+    """The line of a child's output that says why it failed: uv's first ``error:`` line (without the
+    prefix), else the last line (for a Python traceback, the exception)."""
+    for line in lines:
+        if line.startswith("error:"):
+            return line.removeprefix("error:").strip()
+    return lines[-1].strip() if lines else "no output"
+
+
 def _run(
     cmd: list[str], timeout: float, cancel: threading.Event, on_line: Callable[[str], None], env: dict[str, str]
 ) -> tuple[int, list[str]]:
@@ -662,7 +716,7 @@ class _BuildLock:
         self.path, self.wait = path, wait
         self.fd: int | None = None
 
-    def __enter__(self) -> "_BuildLock":
+    def __enter__(self) -> _BuildLock:
         deadline = time.monotonic() + self.wait
         while True:
             try:
@@ -740,6 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument(
         "--backend", default=None, help="cpu, cu130, ... (default: the installed one, else chosen from the GPU)"
     )
+    i.add_argument(
+        "--repair", action="store_true", help="first check that an installed runtime imports; rebuild it if not"
+    )
     sub.add_parser("remove", help="delete the runtime and its downloads")
     sub.add_parser("path", help="print the runtime's Python when it is ready")
     args = p.parse_args(argv)
@@ -753,12 +810,24 @@ def main(argv: list[str] | None = None) -> int:
             choice = rt.choose()
             print(f"this machine: {choice.backend} ({choice.reason})")
             lock = rt.lock_for()
-            print(f"state: {rt.state(lock).value} ({lock.backend}, lock {lock.sha256[:12]})")
+            state = rt.state(lock)
+            print(f"state: {state.value} ({lock.backend}, lock {lock.sha256[:12]})")
             if m is not None:
                 print(f"installed: {m.backend}, Python {m.python}, torch {m.torch}, CUDA {m.cuda or '-'}")
+            if state is not State.READY:
+                print(f"next: {NEXT[state]}")
+                return 0
+            try:
+                info = rt.verify()
+            except RuntimeBuildError as e:
+                print(f"check: FAILED: {str(e).splitlines()[0].removeprefix(STEP_TITLE['verify'] + ' failed: ')}")
+                print(f"next: {REPAIR}")
+                return 1
+            print(f"check: the engine imports (torch {info['torch']}, transformers {info['transformers']})")
             return 0
         if args.cmd == "install":
-            print(rt.ensure(console_progress(sys.stdout), backend=args.backend))
+            build = rt.repair if args.repair else rt.ensure
+            print(build(console_progress(sys.stdout), backend=args.backend))
             return 0
         if args.cmd == "remove":
             rt.remove()

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 LOCK_MAGIC = "# molink runtime lock v1"
 
@@ -111,7 +111,7 @@ class Lock:
     torch_backend: str | None  # uv --torch-backend for the PyTorch packages (None: the lock's own index lines)
 
     @classmethod
-    def parse(cls, path: Path) -> "Lock":
+    def parse(cls, path: Path) -> Lock:
         try:
             data = path.read_bytes()
         except OSError as e:

@@ -11,7 +11,8 @@ pipeline, stops the group, runs the same checkpoint in this one process with tra
 (same device and dtype as the workers), and compares the two token lists.  Equal: it prints
 ``OK`` and returns 0.  Anything else (a worker that exits, no group within
 ``options.startup_timeout``, tokens that differ, an exception) prints one line
-``selftest failed: ...`` (with the tail of a worker's log where there is one) and returns 1.
+``selftest failed: ...`` (with the tail of a worker's log where there is one; for a package of the
+engine that cannot be imported, how to repair the environment) and returns 1.
 Every process it started is stopped when it returns, whichever way it returns.
 
 It runs wherever the engine is installed: a source checkout (``python -m app.cli selftest``)
@@ -27,13 +28,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Any, TextIO
 
 from .procs import start_local_workers, stop_processes
 
 QUESTION = "What is the capital of France?"
+REPAIR_HINT = (
+    "the engine's packages are incomplete: in an installed MoLink run `molink runtime install --repair`, "
+    "from a source checkout reinstall its dependencies"
+)
 WORKERS = 2
 
 
@@ -101,7 +107,8 @@ def reference_tokens(folder: Path, prompt: list[int], tokens: int, device: str) 
     from worker_core.device import pick
 
     dev = pick(device)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dev.dtype).to(dev.device).eval()
+    loaded: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dev.dtype)  # transformers' stubs lose .to()
+    model = loaded.to(dev.device).eval()
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt], device=dev.device),
@@ -181,6 +188,9 @@ def run_selftest(opts: SelftestOptions, out: TextIO | None = None) -> int:
             raise SelftestFailed(f"the pipeline's {opts.tokens} greedy tokens differ from the single-process run")
     except SelftestFailed as e:
         say(f"selftest failed: {e}")
+        return 1
+    except ImportError as e:  # a package of the engine is missing: the environment is broken, not the engine
+        say(f"selftest failed: {type(e).__name__}: {e}; {REPAIR_HINT}")
         return 1
     except Exception as e:  # noqa: BLE001 - any failure is one line and exit 1
         say(f"selftest failed: {type(e).__name__}: {e}")

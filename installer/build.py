@@ -25,8 +25,11 @@ import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 from pathlib import Path
+
+if sys.version_info < (3, 11):
+    sys.exit("installer/build.py needs Python 3.11 or newer (tomllib)")
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,6 +48,7 @@ ENGINE_MODULES = (
     "triton",
     "matplotlib",
     "huggingface_hub",
+    "bitsandbytes",
 )
 SOURCES = ("pyproject.toml", "README.md", "app", "worker_core", "master_core", "assets")  # what the wheel is built from
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

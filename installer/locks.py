@@ -28,10 +28,13 @@ import json
 import shutil
 import subprocess
 import sys
-import tomllib
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+if sys.version_info < (3, 11):
+    sys.exit("installer/locks.py needs Python 3.11 or newer (tomllib)")
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -261,7 +264,7 @@ def sizes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="installer/locks.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="installer/locks.py", description=(__doc__ or "").split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("release")
     r.add_argument("--targets", default=",".join(TARGETS))

@@ -186,7 +186,12 @@ class Api:
         g = self.engine.group
         if not g.serving and (len(g.live_links()) < self.engine.config.min_workers or not g.state.building):
             # no pipeline and none being built (a re-plan in progress queues the request instead)
-            raise ApiError(503, f"the group cannot serve now: {g.problem or 'no pipeline'}", "service_unavailable")
+            raise ApiError(
+                503,
+                f"the group cannot serve now: {g.problem or 'no pipeline'}",
+                "service_unavailable",
+                retry_after=self.engine.config.retry_after,
+            )
         vocab = g.dims.vocab_size
         if any(t >= vocab for t in prompt):
             raise ApiError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
@@ -199,7 +204,9 @@ class Api:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body: CompletionBody = await self._parse(request, CompletionBody)
-        prompt = body.prompt if isinstance(body.prompt, list) else self.engine.tokenizer(body.prompt)["input_ids"]
+        prompt = body.prompt
+        if not isinstance(prompt, list):  # tokenizing a body of up to 4 MiB: off the event loop
+            prompt = (await asyncio.to_thread(self.engine.tokenizer, prompt))["input_ids"]
         reqs = self._submit_n(list(prompt), self._params(body, body.max_tokens, body.logprobs), body.n or 1)
         return await self._respond(request, reqs, body, f"cmpl-{uuid.uuid4().hex}", chat=False)
 
@@ -209,10 +216,12 @@ class Api:
             {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
         ]
         try:
-            text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = await asyncio.to_thread(  # template and tokenizer run off the event loop (bodies up to 4 MiB)
+                self.engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False
+            )
         except Exception as e:  # template errors (e.g. roles the template refuses)
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
-        prompt = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = (await asyncio.to_thread(self.engine.tokenizer, text, add_special_tokens=False))["input_ids"]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         reqs = self._submit_n(list(prompt), self._params(body, max_tokens, logprobs), body.n or 1)
@@ -269,18 +278,18 @@ class Api:
         texts: list[list[str]] = [[] for _ in reqs]
         lps: list[list[dict]] = [[] for _ in reqs]
         reasons: list[str] = ["" for _ in reqs]  # every choice ends with one FinishEvent
-        failed: str | None = None
+        failed: FinishEvent | None = None
         async for i, ev in self._events(reqs):
             if isinstance(ev, FinishEvent):
                 reasons[i] = ev.reason
                 if ev.reason == "error" and failed is None:
-                    failed = ev.error
+                    failed = ev
                 continue
             texts[i].append(ev.text)
             if ev.logprob is not None and ev.token_id >= 0:
                 lps[i].append(self._logprob_entry(ev))
-        if failed is not None or "error" in reasons:
-            raise ApiError(503, f"the request failed in the pipeline: {failed}", "service_unavailable")
+        if failed is not None:
+            raise _failure(failed)
         choices = []
         for i, r in enumerate(reqs):
             text, reason = "".join(texts[i]), reasons[i]
@@ -340,11 +349,11 @@ class Api:
                             "finish_reason": None,
                         }
                     )
-            error = None
+            error: FinishEvent | None = None
             async for i, ev in self._events(reqs):
                 if isinstance(ev, FinishEvent):
                     if ev.reason == "error":
-                        error = ev.error
+                        error = error or ev
                         continue
                     final: dict = {"index": i, "finish_reason": ev.reason, "logprobs": None}
                     final.update({"delta": {}} if chat else {"text": ""})
@@ -372,15 +381,7 @@ class Api:
                         }
                     )
             if error is not None:
-                err = {
-                    "error": {
-                        "message": f"the request failed in the pipeline: {error}",
-                        "type": "service_unavailable",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-                await resp.write(f"data: {json.dumps(err)}\n\n".encode())
+                await resp.write(f"data: {json.dumps(_failure(error).body())}\n\n".encode())
             elif include_usage:
                 await send(None, self._usage(reqs))
             await resp.write(b"data: [DONE]\n\n")
@@ -388,6 +389,14 @@ class Api:
         except ConnectionError:
             log.info("client left during a streamed request; cancelled")
         return resp
+
+
+def _failure(ev: FinishEvent) -> ApiError:
+    """The 503 of a request that ended with an error: the group could not serve it (then with
+    Retry-After and the code ``group_unavailable``), or its steps kept failing."""
+    if ev.retry_after is not None:
+        return ApiError(503, str(ev.error), "service_unavailable", code="group_unavailable", retry_after=ev.retry_after)
+    return ApiError(503, f"the request failed in the pipeline: {ev.error}", "service_unavailable")
 
 
 def _legacy_logprobs(entries: list[dict]) -> dict:

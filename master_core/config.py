@@ -32,8 +32,12 @@ class MasterConfig:
     policy: str = "full"  # scheduling policy: full | no-chunking | fixed-microbatches | single-microbatch
     microbatches: int | None = None  # force this many micro-batches in flight (None: the policy decides)
     assign_timeout: float = 900.0  # seconds a worker may take to load its layers
-    heartbeat: float = 5.0  # seconds between tunnel pings
     step_retries: int = 3  # times a request is replayed after a failed step before it fails
+    # how every worker stores its decoder layers: none (the compute dtype), int8 or int4
+    # (bitsandbytes; worker_core.quantize); embeddings and LM head stay in the compute dtype
+    quantize: str = "none"
+    capacity_wait: float = 0.0  # seconds requests wait for a group that cannot serve before a 503 ends them
+    retry_after: int = 10  # seconds a 503 of a group that cannot serve tells clients to wait (Retry-After)
     # a paired group (``molink group create``): state lives in data_dir; workers pair, then
     # open mutually authenticated TLS tunnels on group_host:group_port and receive their
     # weights from the master.  None: plain tunnels on the API port, loopback only (tests).
@@ -52,6 +56,10 @@ class MasterConfig:
                 f"binding {self.host} exposes the API beyond this machine: give --api-key, "
                 "or store a key with `molink api-key --new`"
             )
+        from worker_core.wire import QUANTIZE_CHOICES
+
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"unknown --quantize {self.quantize!r}; use {', '.join(QUANTIZE_CHOICES)}")
         from .scheduler import POLICIES
 
         if self.policy not in POLICIES:
@@ -66,6 +74,8 @@ class MasterConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.capacity_wait < 0 or self.retry_after < 1:
+            raise ValueError("capacity_wait must be >= 0 and retry_after >= 1")
 
 
 def is_loopback(host: str) -> bool:

@@ -20,6 +20,14 @@ request when every stage's KV budget holds its prompt plus one token for each ru
 request; a running request that outgrows the budget preempts the youngest, which is
 recomputed later.  When ``run()`` is cancelled it cancels and awaits its lanes.
 
+A group that cannot serve (too few members, or they cannot hold the model; not while a
+pipeline is being built) keeps requests at most ``capacity_wait`` seconds: then every running
+and queued request ends with an error event carrying ``retry_after`` (the API's 503 and
+``Retry-After``); tokens already streamed stay valid.  At every epoch change the requests'
+caches are freed on the stages that were serving, and a relay of the old epoch stops before
+its next hop, so no stage keeps a cache for a pipeline that is gone.  Results of an old epoch
+are dropped and counted (``stale_results``).
+
 Nothing per request outlives it: ``running`` and the text streams drop a request when it
 finishes (``held()`` counts what is held, for tests and diagnostics).
 """
@@ -27,7 +35,6 @@ finishes (``held()`` counts what is held, for tests and diagnostics).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -85,6 +92,8 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.preemptions = 0
+        self.stale_results = 0  # results of a pipeline (epoch) replaced while they were computed
+        self._unservable_since: float | None = None  # when the group last stopped being able to serve
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
         self._finish_hooks: list[Callable[[dict], None]] = []
         group.on_reset(self._on_reset)
@@ -138,7 +147,9 @@ class Engine:
             return
         self._finish(req, RequestState.CANCELLED, "cancelled")
 
-    def _finish(self, req: Request, state: RequestState, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, req: Request, state: RequestState, reason: str, error: str | None = None, retry_after: int | None = None
+    ) -> None:
         if req.finished:
             return
         if req.state is RequestState.QUEUED and req in self.waiting:
@@ -150,7 +161,7 @@ class Engine:
         tail = text.flush() if text is not None else ""
         if tail:
             req.events.put_nowait(TokenEvent(-1, tail))
-        req.events.put_nowait(FinishEvent(reason, error))
+        req.events.put_nowait(FinishEvent(reason, error, retry_after))
         if req.id in self.running:
             del self.running[req.id]
             if req.in_flight == 0:
@@ -173,8 +184,13 @@ class Engine:
         for link in self.group.stages:
             link.free(ids)
 
-    def _on_reset(self) -> None:
-        """Epoch change: every stage's KV is gone; replay running requests from their tokens."""
+    def _on_reset(self, previous: list[WorkerLink]) -> None:
+        """Epoch change: free the running requests' caches on the stages that were serving (the
+        live ones among them keep no cache for a pipeline that is gone); replay them from their
+        tokens on the next pipeline."""
+        ids = [*self.running, PROFILE_REQUEST_ID]
+        for link in previous:
+            link.free(ids)
         for req in self.running.values():
             req.computed = req.scheduled = 0
         self._profiled.clear()  # the new pipeline is profiled before it serves
@@ -247,6 +263,7 @@ class Engine:
                 if self.group.serving and profiled != self.group.epoch:
                     profiled = self.group.epoch
                     await self._profile()
+                self._check_capacity(self.clock())
                 for i in range(self.policy.max_microbatches):
                     t = lanes.get(i)
                     if t is not None and t.done() and not t.cancelled() and t.exception() is not None:
@@ -259,6 +276,21 @@ class Engine:
                 t.cancel()
             await asyncio.gather(*lanes.values(), return_exceptions=True)
 
+    def _check_capacity(self, now: float) -> None:
+        """End every request with a 503-type error once the group has been unable to serve
+        (and is not building a pipeline) for ``capacity_wait`` seconds."""
+        g = self.group
+        if g.serving or g.state.building:
+            self._unservable_since = None
+            return
+        if self._unservable_since is None:
+            self._unservable_since = now
+        if now - self._unservable_since < self.config.capacity_wait or not (self.running or self.waiting):
+            return
+        why = f"the group cannot serve now: {g.problem or 'no pipeline'}"
+        for req in [*self.running.values(), *self.waiting]:
+            self._finish(req, RequestState.FAILED, "error", why, self.config.retry_after)
+
     async def _profile(self) -> None:
         """Start-up profile: a few steps of different sizes give the cost model its first fit."""
         epoch, stages = self.group.epoch, list(self.group.stages)
@@ -268,11 +300,11 @@ class Engine:
                 n = max(1, min(n, self.config.max_batch_tokens, self.group.kv_tokens // 2))
                 chunk = Chunk(rid, 0, n, True)
                 await self._relay(stages, epoch, [chunk], {rid: [1] * n})
-            for link in stages:
-                link.free([rid])
         except (LinkGone, StepFailed, ProtocolError) as e:
             log.warning("start-up profile failed: %s", e)
         finally:
+            for link in stages:  # whatever happened: no stage keeps the profile's cache
+                link.free([rid])
             self._profiled.set()
 
     async def _lane(self, index: int) -> None:
@@ -301,6 +333,9 @@ class Engine:
                 logits = await self._relay(stages, epoch, chunks, tokens)
             except (LinkGone, StepFailed, ProtocolError) as e:
                 failure = e
+            except Exception as e:  # a bug in the relay: these requests replay (then fail), the lane lives
+                log.exception("relay of a micro-batch failed")
+                failure = e
             finally:
                 for r in reqs:
                     r.in_flight -= 1
@@ -322,8 +357,13 @@ class Engine:
     async def _nap(self, seconds: float) -> None:
         """Sleep until something changes (a step ends, a request arrives) or ``seconds`` pass."""
         self._wake.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a cancellation that
+        # arrives as the wake-up does, and a cancelled lane would then nap on forever
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=seconds)
+        finally:
+            waiter.cancel()
 
     def _plan(self, costs: CostSnapshot | None, slots: int) -> list[Chunk]:
         cands = [Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight) for r in self.running.values()]
@@ -341,6 +381,8 @@ class Engine:
         dims = self.group.dims
         row = logits_row_width(self.config.logits_topk, dims.vocab_size)
         for i, link in enumerate(stages):
+            if self.group.epoch != epoch:  # replaced meanwhile: its caches are freed, make no new ones
+                raise LinkGone(f"the pipeline of epoch {epoch} was replaced")
             result = await link.call(Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk))
             x = result.tensor  # hidden [T, hidden] or logits [n, row]
             last = i == len(stages) - 1
@@ -353,6 +395,7 @@ class Engine:
 
     def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor) -> None:
         if self.group.epoch != epoch:
+            self.stale_results += 1
             return  # computed on a pipeline that no longer exists; the requests are replayed
         row = 0
         now = self.clock()

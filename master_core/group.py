@@ -13,10 +13,16 @@ moves are the table ``_MOVES``)::
 
 Whenever membership changes it re-plans (unless a newcomer would only stand by: then the
 running pipeline is left alone): the state becomes PLACING, ``stages`` empties, ``epoch``
-goes up and listeners registered with ``on_reset`` are called (the engine then replays
-running requests: all KV caches are gone).  With fewer than ``min_workers`` placeable links
-it is WAITING.  Otherwise it plans the pipeline order and layer ranges from each member's
-offered memory, measured speed and announced link
+goes up and listeners registered with ``on_reset`` are called with the stages that were
+serving (the engine frees its requests' caches there, and replays them on the next pipeline).
+A newcomer that would change a serving pipeline while requests run waits (at most
+``JOIN_REPLAN_WAIT``) for them to end first: a join never costs running requests a replay
+unless the group is busy that long.  A link dropped as hung (``WorkerLink.on_gone``) leaves
+like a closed one; ``late_frames`` counts what dropped links sent after.
+
+With fewer than ``min_workers`` placeable links it is WAITING.  Otherwise it plans the
+pipeline order and layer ranges from each member's offered memory, measured speed and
+announced link
 (:func:`~master_core.placement.planner_members`, :func:`~master_core.placement.plan_pipeline`);
 a plan that cannot hold the model is CANNOT_PLACE.  Then LOADING: each chosen worker gets its
 ``Assign`` (KV budget sized from the real parameter counts of its range, see
@@ -47,6 +53,7 @@ from enum import Enum
 from typing import Any
 
 from worker_core.control import FINISH_TIMEOUT
+from worker_core.precision import Precision
 from worker_core.weights import manifest_digest
 from worker_core.wire import Assign, itemsize
 
@@ -54,8 +61,6 @@ from .config import MasterConfig
 from .link import LinkGone, LinkState, StepFailed, WorkerLink
 from .model_dims import ModelDims
 from .placement import (
-    KV_RESERVE_TOKENS,
-    ModelShape,
     PlacementError,
     kv_token_budget,
     plan_pipeline,
@@ -66,6 +71,7 @@ from .weight_source import WeightSource
 log = logging.getLogger("molink.group")
 
 DRAIN_POLL = 0.05  # seconds between checks whether a finishing worker's requests have ended
+JOIN_REPLAN_WAIT = 120.0  # seconds a newcomer waits for running requests to end before the re-plan it needs
 
 
 class GroupState(Enum):
@@ -98,12 +104,21 @@ class _Placement:
     standby: dict[str, str]
 
 
-def stage_kv_tokens(dims: ModelDims, free_memory: int, dtype: str, start: int, end: int, cap: int) -> int:
+def stage_kv_tokens(
+    dims: ModelDims,
+    free_memory: int,
+    dtype: str,
+    start: int,
+    end: int,
+    cap: int,
+    precision: Precision = Precision.NONE,
+) -> int:
     """KV budget (tokens) of a worker offering ``free_memory`` bytes and computing in ``dtype``
     when it serves layers ``[start, end)``: its real weight bytes first (every parameter of its
-    layers, embeddings or head; MoE experts included), half the rest for KV."""
-    weights = dims.stage_params(start, end) * itemsize(dtype)
-    return kv_token_budget(free_memory, weights, dims.kv_bytes_per_token * (end - start), cap)
+    layers at the group's ``precision``, embeddings or head; MoE experts included), half the
+    rest for KV at ``dtype``."""
+    weights = dims.stage_bytes(start, end, precision, itemsize(dtype))
+    return kv_token_budget(free_memory, weights, dims.kv_bytes(itemsize(dtype)) * (end - start), cap)
 
 
 class Group:
@@ -118,7 +133,7 @@ class Group:
         self.state = GroupState.WAITING
         self.problem: str | None = f"waiting for {config.min_workers} worker(s)"
         self._serving = asyncio.Event()  # set exactly while SERVING
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[list[WorkerLink]], None]] = []
         self._replan_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # re-plans and drains, awaited by stop()
         self.closing = False  # shutting down: departures are expected then
@@ -127,6 +142,8 @@ class Group:
         self._planned: tuple[tuple[WorkerLink, ...], _Placement] | None = None  # the last plan, for its links
         self.running_requests: Callable[[], set[int]] = set  # ids of the requests running now (set by the master)
         self.finish_timeout = FINISH_TIMEOUT  # seconds a finishing worker is kept for its running requests
+        self.late_frames = 0  # frames read from links after they were dropped as hung
+        self._join_pending = False  # a re-plan for a newcomer waits for the running requests to end
 
     # ------------------------------------------------------------------ state
     def move(self, to: GroupState, problem: str | None = None) -> None:
@@ -175,7 +192,8 @@ class Group:
             "hub": self.weights.hub,
         }
 
-    def on_reset(self, listener: Callable[[], None]) -> None:
+    def on_reset(self, listener: Callable[[list[WorkerLink]], None]) -> None:
+        """Call ``listener(previous_stages)`` at every epoch change."""
         self._listeners.append(listener)
 
     def live_links(self) -> list[WorkerLink]:
@@ -188,6 +206,8 @@ class Group:
     # ------------------------------------------------------------------ membership
     def add(self, link: WorkerLink) -> None:
         link.on_leave = self.leave
+        link.on_gone = self.remove
+        link.on_late = self._count_late
         self.links.append(link)
         log.info(
             "worker %s joined from %s (%s, %.1f GB free)",
@@ -199,7 +219,29 @@ class Group:
         if self._plan_unchanged():
             log.info("the pipeline stays as it is: %s stands by (%s)", link.name, self.standby.get(link.name))
             return
+        if self.serving and self.running_requests():
+            if not self._join_pending:
+                self._join_pending = True
+                log.info("%s joins the pipeline once the running requests end", link.name)
+                self._spawn(self._replan_when_idle(), "re-planning for a newcomer")
+            return
         self._schedule_replan()
+
+    def _count_late(self) -> None:
+        self.late_frames += 1
+
+    async def _replan_when_idle(self) -> None:
+        """Re-plan for newcomers once no request runs (or ``JOIN_REPLAN_WAIT`` passed), if the
+        pipeline still serves and a plan with them would still change it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JOIN_REPLAN_WAIT
+        try:
+            while self.serving and self.running_requests() and loop.time() < deadline:
+                await asyncio.sleep(DRAIN_POLL)
+        finally:
+            self._join_pending = False
+        if self.serving and not self._plan_unchanged():
+            self._schedule_replan()
 
     def _plan_unchanged(self) -> bool:
         """Serving, and a plan with the current members would keep every stage and range (the
@@ -272,10 +314,10 @@ class Group:
 
     def _invalidate(self) -> None:
         self.move(GroupState.PLACING, "placing the model on the members")
-        self.stages = []
+        previous, self.stages = self.stages, []
         self.epoch += 1
         for listener in self._listeners:
-            listener()
+            listener(previous)
 
     async def _replan(self) -> None:
         async with self._replan_lock:
@@ -288,8 +330,8 @@ class Group:
                     self.move(GroupState.WAITING, why)
                     return
                 epoch = self.epoch
-                try:
-                    placement = self._place(live)
+                try:  # polynomial (milliseconds at 64 members), still CPU work: off the event loop
+                    placement = await asyncio.to_thread(self._place, live)
                 except PlacementError as e:
                     self.move(GroupState.CANNOT_PLACE, f"the group cannot hold the model: {e}")
                     log.error("cannot place the model: %s", e)
@@ -309,7 +351,13 @@ class Group:
                         log.exception("cannot prepare the weights of layers [%d, %d)", a, b)
                         return
                     kv = stage_kv_tokens(
-                        self.dims, link.hello.free_memory, link.hello.dtype, a, b, self.config.max_kv_tokens
+                        self.dims,
+                        link.hello.free_memory,
+                        link.hello.dtype,
+                        a,
+                        b,
+                        self.config.max_kv_tokens,
+                        Precision(self.config.quantize),
                     )
                     assignments.append(
                         Assign(
@@ -319,6 +367,7 @@ class Group:
                             num_layers=self.dims.num_layers,
                             max_batch_tokens=self.config.max_batch_tokens,
                             kv_tokens=kv,
+                            quantize=self.config.quantize,
                             **fields,
                         )
                     )
@@ -342,6 +391,11 @@ class Group:
                 if bad:
                     self.move(GroupState.CANNOT_PLACE, f"worker {bad[0].name} loaded a different model")
                     return
+                full = [link for (link, rng), r in zip(chosen, readies) if not self._stored_as_asked(link, rng, r)]
+                if full:  # a worker that ignores Assign.quantize (older than the field) overfills its memory
+                    why = f"worker {full[0].name} did not store its layers at --quantize {self.config.quantize}"
+                    self.move(GroupState.CANNOT_PLACE, f"{why} (update MoLink on it)")
+                    return
                 self.stages = [link for link, _ in chosen]
                 self.kv_tokens = min(asg.kv_tokens for asg in assignments)
                 self.move(GroupState.SERVING)
@@ -353,6 +407,18 @@ class Group:
                 )
                 return
 
+    def _stored_as_asked(self, link: WorkerLink, rng: tuple[int, int], ready: Any) -> bool:
+        """False when a quantized group's worker reports its layers at (about) full precision."""
+        precision = Precision(self.config.quantize)
+        if precision is Precision.NONE:
+            return True
+        size, (a, b) = itemsize(link.hello.dtype), rng
+        outer = self.dims.stage_bytes(a, b, precision, size) - sum(
+            self.dims.layer_bytes(i, precision, size) for i in range(a, b)
+        )  # embeddings and head: never quantized
+        full_layers = self.dims.stage_bytes(a, b, Precision.NONE, size) - outer
+        return ready.weight_bytes - outer < 0.9 * full_layers
+
     def _place(self, live: list[WorkerLink]) -> _Placement:
         """Pipeline order and ranges from each member's memory, measured speed and link.
         A link's announcement never changes, so a plan is remembered for its set of links
@@ -361,15 +427,18 @@ class Group:
             return self._planned[1]
         dims = self.dims
         size = max(itemsize(link.hello.dtype) for link in live)
-        shape = ModelShape(
-            num_layers=dims.num_layers,
-            layer_bytes=dims.largest_layer_params * size,
-            first_bytes=dims.embed_params * size,
-            last_bytes=dims.head_params * size,
-            kv_bytes_per_layer=dims.kv_bytes_per_token * KV_RESERVE_TOKENS,
-        )
+        precision = Precision(self.config.quantize)
         members = planner_members([link.hello for link in live], dims.largest_layer_params, dims.hidden_size, size)
-        plan = plan_pipeline(shape, members)
+        try:
+            plan = plan_pipeline(dims.shape(precision, size), members)
+        except PlacementError as e:  # say at which precision it would fit
+            fit = dims.lightest_fit(members, size)
+            hint = (
+                f"at --quantize {fit.value} it would fit"
+                if fit is not None
+                else "it does not fit even at --quantize int4"
+            )
+            raise PlacementError(f"{e} (at --quantize {precision.value}; {hint})") from e
         standby = {}
         for m, link in zip(members, live):
             if m.name not in plan.order:
@@ -405,6 +474,8 @@ class Group:
                     "link_mbps": round(h.link_mbps, 1),
                     "state": link.state.value,
                     "layers": [a.layer_start, a.layer_end] if a else None,
+                    "precision": a.quantize if a else None,  # how its layers are stored (none, int8, int4)
+                    "weight_bytes": link.ready.weight_bytes if a and link.ready else None,  # as the worker reports
                     "stage": self.stages.index(link) if link in self.stages else None,
                     "standby": self.standby.get(link.name) if link not in self.stages else None,
                     "steps": link.steps,

@@ -18,15 +18,27 @@ is chosen by the caller from what happened (:class:`~worker_core.wire.CloseCode`
 the reason's text.  Every task a link starts is kept and awaited by ``wait_closed()``.  A
 ``Failure`` naming a step fails that step's caller with :class:`StepFailed`.  Measured per
 link: compute seconds of the last steps, the round trip beyond compute, and bytes each way.
+
+Liveness (the master's own; aiohttp's tunnel heartbeat is off): ``run_reader`` also pings the
+worker every ``PING_INTERVAL`` and judges the link by the rule of :meth:`WorkerLink.hung`:
+silent (no frame at all, not even a pong) longer than ``SILENT_LIMIT`` (longer while it loads
+an assignment), or a step unanswered past its deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x``
+the step's cost predicted from this link's measurements)).  A hung link is *dropped*
+(:meth:`WorkerLink.drop`): GONE at once (its waiters fail with :class:`LinkGone`, ``on_gone``
+tells the group) while its tunnel stays open, so that frames a frozen worker sends when it
+wakes are read, dropped and counted (``on_late``); the tunnel closes ``WAKE_DRAIN``
+after the worker speaks again (it then reconnects as a new member) or after ``DROPPED_LINGER``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import Enum
 
 from aiohttp import WSMsgType, web
@@ -54,6 +66,22 @@ from .weight_source import WeightSource
 
 MAX_FETCHES = 32  # weight chunk requests one worker may have open at once
 
+# Liveness rule (see the module docstring and WorkerLink.hung).  A live worker answers pings from
+# its event loop while its stage computes on another thread, so a worker silent for seconds is
+# stopped (SIGSTOP, a closed laptop lid), its loop is stuck, or the path to it is gone.
+PING_INTERVAL = 0.5  # seconds between the master's pings on a tunnel (also the judging tick)
+SILENT_LIMIT = 2.0  # seconds of silence after which a link is hung (serving, standing by or idle alike)
+LOADING_SILENT_LIMIT = 15.0  # the same while it loads an assignment (weight files may stall its loop)
+# A stage that hangs while its loop lives (a stuck driver) is rarer than a frozen process and a
+# slow step must not be mistaken for it: a CPU shared with other work, a first prefill larger than
+# anything measured, can take several times the prediction.  Hence a generous floor and factor.
+STEP_DEADLINE_FLOOR = 10.0  # seconds: a step's deadline is never shorter than this
+STEP_DEADLINE_FACTOR = 8.0  # ... and otherwise this many times its predicted cost (compute + transfer)
+UNMEASURED_STEP_DEADLINE = 30.0  # seconds: a step's deadline before this link's costs are measured
+LOOP_LAG_GRACE = 0.5  # seconds a tick may come late: later means the master's own loop stalled; not judged
+WAKE_DRAIN = 1.0  # seconds a dropped worker that speaks again is read (late frames counted) before closing
+DROPPED_LINGER = 60.0  # seconds a dropped worker that stays silent keeps its tunnel
+
 log = logging.getLogger("molink.link")
 
 
@@ -80,6 +108,15 @@ class StepFailed(Exception):
     """The worker refused or failed one step; the tunnel stays up."""
 
 
+@dataclass
+class _Pending:
+    """A step sent and not answered: its caller's future, when it went out, its deadline."""
+
+    future: asyncio.Future
+    sent_at: float
+    deadline: float  # seconds without any answer from this link after which the step is late
+
+
 class WorkerLink:
     def __init__(
         self,
@@ -101,10 +138,15 @@ class WorkerLink:
         self.max_frame_bytes = max_frame_bytes
         self.state = LinkState.CONNECTING
         self.on_leave: Callable[[WorkerLink, bool], None] | None = None  # the group's handler of a Leave
+        self.on_gone: Callable[[WorkerLink], None] | None = None  # told when the link is dropped as hung
+        self.on_late: Callable[[], None] | None = None  # told of each frame read after the link is gone
         self.assignment: Assign | None = None
         self.ready: Ready | None = None
         self.gone_reason: str | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._heard_at = time.monotonic()  # the last frame of any kind from the worker (pongs too)
+        self._answered_at = 0.0  # the last Result or Failure of a step
+        self._woke_at: float | None = None  # dropped as hung, then heard from again
         self._ready_waiter: asyncio.Future | None = None
         self._send_lock = asyncio.Lock()
         self._frees: list[int] = []  # request ids to free before the next step
@@ -168,9 +210,20 @@ class WorkerLink:
             self.move(LinkState.READY)
         return ready
 
+    def step_deadline(self, tokens: int, nbytes: int) -> float:
+        """Seconds a step of ``tokens`` tokens and ``nbytes`` bytes may go unanswered: scaled from
+        this link's measured costs (``UNMEASURED_STEP_DEADLINE`` until they are known)."""
+        compute, link = self.stage_cost.predict(tokens), self.link_cost.estimate()
+        if compute is None or link is None:
+            return UNMEASURED_STEP_DEADLINE
+        rtt, bandwidth = link
+        return max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR * (compute + rtt + nbytes / bandwidth))
+
     async def call(self, step: Step) -> Result:
         fut = asyncio.get_running_loop().create_future()
-        self._pending[step.step_id] = fut
+        tokens = sum(s.length for s in step.segments)
+        deadline = self.step_deadline(tokens, step.tensor.numel() * step.tensor.element_size())
+        self._pending[step.step_id] = _Pending(fut, time.monotonic(), deadline)
         t0 = time.perf_counter()
         try:
             sent = await self._send(step)
@@ -181,7 +234,7 @@ class WorkerLink:
         moved = sent + result.tensor.numel() * result.tensor.element_size()
         self.steps += 1
         self.compute_seconds.append(result.compute_seconds)
-        self.stage_cost.observe(sum(s.length for s in step.segments), result.compute_seconds)
+        self.stage_cost.observe(tokens, result.compute_seconds)
         self.link_cost.observe(moved, network)
         self.compute_total += result.compute_seconds
         self.step_bytes_total += moved
@@ -213,7 +266,9 @@ class WorkerLink:
     # ------------------------------------------------------------------ receiving
     def _dispatch(self, msg: object) -> None:
         if self.state is LinkState.GONE:
-            return  # closing: frames still in flight (a late Result) concern nobody
+            if self.on_late is not None:  # closing, or dropped as hung: frames of a pipeline that is gone
+                self.on_late()
+            return
         if isinstance(msg, Leave):
             log.info("worker %s asks to leave%s", self.name, " once the running requests end" if msg.finish else "")
             if self.on_leave is not None:
@@ -221,11 +276,12 @@ class WorkerLink:
             else:
                 self.close_with("left the group")
         elif isinstance(msg, Result):
-            fut = self._pending.get(msg.step_id)
-            if fut is None:
+            pending = self._pending.get(msg.step_id)
+            if pending is None:
                 raise ProtocolError(f"result for unknown step {msg.step_id}")
-            if not fut.done():
-                fut.set_result(msg)
+            self._answered_at = time.monotonic()
+            if not pending.future.done():
+                pending.future.set_result(msg)
         elif isinstance(msg, Ready):
             waiter = self._ready_waiter
             if waiter is None or self.assignment is None or msg.epoch != self.assignment.epoch:
@@ -245,7 +301,10 @@ class WorkerLink:
             self._fetches.add(task)
             task.add_done_callback(self._fetches.discard)
         elif isinstance(msg, Failure):
-            fut = self._pending.get(msg.step_id)
+            pending = self._pending.get(msg.step_id)
+            fut = pending.future if pending is not None else None
+            if fut is not None:
+                self._answered_at = time.monotonic()
             if fut is not None and not fut.done():
                 fut.set_exception(StepFailed(f"{self.name}: {msg.message}"))
             elif self._ready_waiter is not None and not self._ready_waiter.done():
@@ -272,8 +331,17 @@ class WorkerLink:
             pass
 
     async def run_reader(self) -> None:
+        """Read frames until the tunnel ends, answering the worker's pings and judging the
+        link's liveness meanwhile (the tunnel's WebSocket has autoping and heartbeat off)."""
+        watch = self._spawn(self._watch())
         try:
             async for frame in self.ws:
+                self._heard(time.monotonic())
+                if frame.type is WSMsgType.PING:
+                    self._spawn(self._quietly(self.ws.pong(frame.data)))
+                    continue
+                if frame.type is WSMsgType.PONG:
+                    continue
                 if frame.type != WSMsgType.BINARY:
                     if frame.type in (WSMsgType.ERROR, WSMsgType.CLOSE, WSMsgType.CLOSING):
                         break
@@ -288,20 +356,97 @@ class WorkerLink:
             self.close_with(f"connection lost: {type(e).__name__}")
             if isinstance(e, asyncio.CancelledError):
                 raise
+        finally:
+            watch.cancel()
+
+    def _heard(self, now: float) -> None:
+        self._heard_at = now
+        if self.state is LinkState.GONE and self._woke_at is None and not self.ws.closed:
+            self._woke_at = now
+            log.warning("worker %s, dropped as unresponsive, speaks again: its late frames are dropped", self.name)
+
+    def hung(self, now: float) -> str | None:
+        """The liveness rule: why this link counts as hung at ``now`` (monotonic), or None.
+        Hung: silent longer than ``SILENT_LIMIT`` (``LOADING_SILENT_LIMIT`` while it loads an
+        assignment), or its oldest step unanswered (no Result or Failure from it since that
+        step went out) past the step's deadline."""
+        loading = self._ready_waiter is not None and not self._ready_waiter.done()
+        limit = LOADING_SILENT_LIMIT if loading else SILENT_LIMIT
+        silent = now - self._heard_at
+        if silent > limit:
+            return f"silent for {silent:.1f} s (limit {limit:.1f} s)"
+        if self._pending:
+            step_id, oldest = min(self._pending.items(), key=lambda kv: kv[1].sent_at)
+            waited = now - max(oldest.sent_at, self._answered_at)
+            if waited > oldest.deadline:
+                return f"step {step_id} unanswered for {waited:.1f} s (deadline {oldest.deadline:.1f} s)"
+        return None
+
+    async def _watch(self) -> None:
+        """Ping every ``PING_INTERVAL`` and drop the link once :meth:`hung` says so.  A tick that
+        comes late by more than ``LOOP_LAG_GRACE`` means this process stalled (frames may be
+        waiting unread): nothing is judged on it and the clocks restart."""
+        loop = asyncio.get_running_loop()
+        ping: asyncio.Task | None = None
+        tick = loop.time()
+        while self.state is not LinkState.GONE:
+            await asyncio.sleep(PING_INTERVAL)
+            now, late = time.monotonic(), loop.time() - tick > PING_INTERVAL + LOOP_LAG_GRACE
+            tick = loop.time()
+            if late:
+                self._heard_at = self._answered_at = now
+                continue
+            why = self.hung(now)
+            if why is not None:
+                self.drop(f"unresponsive: {why}")
+                return
+            if ping is None or ping.done():
+                ping = self._spawn(self._quietly(self.ws.ping()))
+
+    def drop(self, reason: str) -> None:
+        """A hung link: GONE now (waiters fail with :class:`LinkGone`; ``on_gone`` tells the
+        group, which re-plans), the tunnel kept open a while to count late frames."""
+        if self.state is LinkState.GONE:
+            return
+        log.warning("worker %s dropped: %s", self.name, reason)
+        self._end(reason)
+        self._spawn(self._linger())
+        if self.on_gone is not None:
+            self.on_gone(self)
+
+    async def _linger(self) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + DROPPED_LINGER
+        while self._woke_at is None and loop.time() < until and not self.ws.closed:
+            await asyncio.sleep(PING_INTERVAL)
+        if self._woke_at is not None:
+            await asyncio.sleep(WAKE_DRAIN)
+        if not self.ws.closed:
+            await self._quietly(self.ws.close(code=CloseCode.NORMAL, message=b"dropped as unresponsive; rejoin"))
+
+    @staticmethod
+    async def _quietly(coro: Awaitable[object]) -> None:
+        """Await a ping, pong or close whose failure only means the tunnel is ending."""
+        with contextlib.suppress(ConnectionError, RuntimeError, asyncio.TimeoutError):
+            await coro
 
     def close_with(self, reason: str, code: CloseCode = CloseCode.NORMAL) -> None:
         """End this link (GONE): fail everything waiting on it with :class:`LinkGone` and close
         the WebSocket with ``code`` (``PROTOCOL_ERROR`` when the worker broke the protocol)."""
         if self.state is LinkState.GONE:
             return
-        self.move(LinkState.GONE)
-        self.gone_reason = reason
+        self._end(reason)
         if not self.ws.closed:
             self._spawn(self.ws.close(code=code, message=reason.encode()[:120]))
+
+    def _end(self, reason: str) -> None:
+        """GONE: everything waiting on this link fails with :class:`LinkGone`."""
+        self.move(LinkState.GONE)
+        self.gone_reason = reason
         err = LinkGone(f"worker {self.name}: {reason}")
-        for fut in list(self._pending.values()):
-            if not fut.done():
-                fut.set_exception(err)
+        for pending in list(self._pending.values()):
+            if not pending.future.done():
+                pending.future.set_exception(err)
         if self._ready_waiter is not None and not self._ready_waiter.done():
             self._ready_waiter.set_exception(err)
         for task in list(self._fetches):

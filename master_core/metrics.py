@@ -33,6 +33,11 @@ class _EngineCollector:
         yield GaugeMetricFamily("molink_workers", "Connected workers", value=len(g.links))
         yield GaugeMetricFamily("molink_pipeline_stages", "Stages of the serving pipeline", value=len(g.stages))
         yield GaugeMetricFamily("molink_serving", "1 when the group serves", value=1 if g.serving else 0)
+        yield CounterMetricFamily(
+            "molink_late_frames",
+            "Frames of a replaced pipeline dropped: results of an old epoch, frames of workers dropped as unresponsive",
+            value=g.late_frames + e.stale_results,
+        )
 
 
 class Metrics:

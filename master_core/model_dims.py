@@ -12,6 +12,16 @@ start and passes the record to the group, the engine and the API.
 Sizes are counted from what the checkpoint really holds: ``stage_params(start, end)`` is the
 parameters a stage serving layers ``[start, end)`` loads (its layers, plus the embeddings on
 the first stage and the head on the last), so mixture-of-experts layers count every expert.
+``stage_bytes(start, end, precision, itemsize)`` is the same stage in bytes: its decoder layers
+at the group's precision (``none``: the compute dtype's ``itemsize`` per parameter; ``int8``
+about 1 byte plus a float32 scale per row; ``int4`` about 0.52 byte with its block statistics,
+see :func:`worker_core.precision.bytes_per_param`; norms are counted as quantized too, a
+rounding error of well under 1%), the embeddings and head at ``itemsize`` (they are never
+quantized).  ``kv_bytes(itemsize)`` is K and V of one token in one layer at the compute dtype.
+``shape(precision, itemsize)`` is the planner's :class:`~master_core.placement.ModelShape` in those
+bytes, and ``lightest_fit(members, itemsize)`` the first precision (none, int8, int4) at which
+the planner can place the model on ``members`` (None: not even int4), for the error that says
+what would fit.
 """
 
 from __future__ import annotations
@@ -20,6 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from worker_core.precision import Precision, bytes_per_param
+
+from .placement import KV_RESERVE_TOKENS, Member, ModelShape, PlacementError, plan_pipeline
 
 DEFAULT_CONTEXT = 2048  # tokens, for configs that name no maximum position
 
@@ -76,3 +90,43 @@ class ModelDims:
         first = self.embed_params if start == 0 else 0
         last = self.head_params if end == self.num_layers else 0
         return sum(self.layer_params[start:end]) + first + last
+
+    def layer_bytes(self, index: int, precision: Precision, itemsize: int) -> int:
+        """Bytes decoder layer ``index`` takes at ``precision`` (``itemsize``: compute dtype)."""
+        return int(self.layer_params[index] * bytes_per_param(precision, itemsize, self.hidden_size))
+
+    def largest_layer_bytes(self, precision: Precision, itemsize: int) -> int:
+        return max((self.layer_bytes(i, precision, itemsize) for i in range(self.num_layers)), default=0)
+
+    def stage_bytes(self, start: int, end: int, precision: Precision, itemsize: int) -> int:
+        """Weight bytes a stage serving layers ``[start, end)`` holds: its layers at
+        ``precision``, the embeddings (first stage) and head (last stage) at ``itemsize``."""
+        first = self.embed_params if start == 0 else 0
+        last = self.head_params if end == self.num_layers else 0
+        layers = sum(self.layer_bytes(i, precision, itemsize) for i in range(start, end))
+        return layers + (first + last) * itemsize
+
+    def kv_bytes(self, itemsize: int) -> int:
+        """K and V of one token in one layer when the stage computes with ``itemsize``-byte elements."""
+        return self.kv_bytes_per_token // 4 * itemsize
+
+    def shape(self, precision: Precision, itemsize: int) -> ModelShape:
+        """The model as the planner sees it: every layer at the largest layer's bytes at
+        ``precision``, embeddings and head at ``itemsize``, KV reserve at ``itemsize``."""
+        return ModelShape(
+            num_layers=self.num_layers,
+            layer_bytes=self.largest_layer_bytes(precision, itemsize),
+            first_bytes=self.embed_params * itemsize,
+            last_bytes=self.head_params * itemsize,
+            kv_bytes_per_layer=self.kv_bytes(itemsize) * KV_RESERVE_TOKENS,
+        )
+
+    def lightest_fit(self, members: Sequence[Member], itemsize: int) -> Precision | None:
+        """The first of none, int8, int4 at which ``members`` can hold the model (None: none)."""
+        for precision in Precision:
+            try:
+                plan_pipeline(self.shape(precision, itemsize), members)
+            except PlacementError:
+                continue
+            return precision
+        return None

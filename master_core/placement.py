@@ -2,7 +2,7 @@
 
 Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV cache size
 in tokens.  ``planner_members`` turns what the workers announced (memory offered, measured
-speed, measured link) into planner planner members timed on a reference step.
+speed, measured link) into planner members timed on a reference step.
 
 ``plan_pipeline(shape, members)``: given each member's memory, measured speed and link, it
 picks the pipeline order and contiguous ranges that minimise the busiest resource (so maximise
@@ -17,19 +17,36 @@ used member's link time.  A link's time does not depend on how many layers sit b
 (the activations are the same size), so a slow link never changes how many layers a member
 gets; it decides whether the member is worth using: a member whose link is slower than what
 the others reach without it is left out when memory allows.
+
+How it plans (exact, polynomial).  Under this model a stage's time depends only on its own
+member and layer count, never on its neighbours, and the order matters only through which
+member is first (it also holds the embeddings) and which is last (the head); the middle
+members may stand in any order.  So whether a time limit ``T`` is reachable is decided in
+O(n): every member takes what ``T`` and its memory allow, and the first and last stages go
+to the two members that lose the fewest layers to the embeddings and the head.  The best
+``T`` is one of at most n * (layers + 1) values (a member's link time, or c layers at a
+member's speed), so a binary search over them finds the exact optimum in
+O(n * layers * log(n * layers)); no permutation is ever enumerated.  Then every member that
+can take a layer within that time takes part, and the layers are spread to make the slowest
+compute stage as fast as possible.  (Were a hop's time to depend on the pair of neighbours,
+as with direct stage-to-stage links, ordering would become a bottleneck travelling-salesman
+problem, NP-hard in general; this model does not have that term.)
 """
 
 from __future__ import annotations
 
-import itertools
+import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-BISECTION_STEPS = 60  # halvings of the bottleneck-time interval: below float resolution of any start
-TIME_SLACK = 1e-9  # seconds: rounding slack when a time limit is compared with layer counts or plans
-LINK_SLACK = 1e-12  # seconds: rounding slack when a member's link time is compared with the limit
+TIME_SLACK = (
+    1e-9  # layers: rounding slack when a time limit is divided by a time per layer (c * t / t may land below c)
+)
+LINK_SLACK = (
+    1e-12  # seconds: rounding slack when a member's link time is compared with a limit taken from the same floats
+)
 REF_ROWS = 32  # the reference step the planner times: one micro-batch of 32 rows
 LINK_NOISE = 0.010  # seconds: link times closer than this to the group's best count as equal
 KV_RESERVE_TOKENS = 2048  # KV room every stage must have beside its weights, in tokens
@@ -80,70 +97,134 @@ def _stage_bytes(shape: ModelShape, layers: int, first: bool, last: bool) -> int
     )
 
 
-def _max_layers(shape: ModelShape, m: Member, limit: float, first: bool, last: bool) -> int:
-    """Most layers ``m`` can take within time ``limit`` and its memory, at that position."""
-    per = shape.layer_bytes + shape.kv_bytes_per_layer
-    room = m.memory - (shape.first_bytes if first else 0) - (shape.last_bytes if last else 0)
-    by_mem = room // per if room >= 0 else -1
-    if m.link_seconds > limit + LINK_SLACK:
-        return 0  # its link alone is slower than the limit: it cannot be a stage
-    by_time = math.floor(limit / m.seconds_per_layer + TIME_SLACK) if m.seconds_per_layer > 0 else shape.num_layers
-    return max(0, min(shape.num_layers, by_mem, by_time))
+@dataclass(frozen=True)
+class _Room:
+    """Most layers a member's memory holds at each position (time not counted)."""
+
+    first: int  # with the embeddings
+    middle: int
+    last: int  # with the head
+    alone: int  # with both: the whole pipeline on one member
+
+    def at(self, first: bool, last: bool) -> int:
+        if first and last:
+            return self.alone
+        return self.first if first else self.last if last else self.middle
 
 
-def _fits_order(shape: ModelShape, members: Sequence[Member], limit: float) -> list[int] | None:
-    """Greedy: each member in turn takes as many layers as time ``limit`` and its memory
-    allow (members may be left out); None when the layers do not all fit."""
-    left = shape.num_layers
-    counts: list[int] = []
-    for m in members:
-        first = not any(counts)
-        if _max_layers(shape, m, limit, first, True) >= left:
-            counts.append(left)  # it can finish the model: it is the last stage
-            return counts + [0] * (len(members) - len(counts))
-        take = min(_max_layers(shape, m, limit, first, False), left - 1)
-        counts.append(take)
-        left -= take
-    return None
+def _room(shape: ModelShape, m: Member) -> _Room:
+    per = shape.layer_bytes + shape.kv_bytes_per_layer  # bytes one layer takes, weights and KV reserve
+
+    def fit(extra: int) -> int:
+        left = m.memory - extra
+        if left < 0:
+            return 0
+        return shape.num_layers if per <= 0 else min(shape.num_layers, left // per)
+
+    return _Room(fit(shape.first_bytes), fit(0), fit(shape.last_bytes), fit(shape.first_bytes + shape.last_bytes))
 
 
-def _spread_over_all(shape: ModelShape, members: Sequence[Member], limit: float) -> list[int] | None:
-    """Every member takes part (first is first, last is last): start from what each could take
-    within ``limit`` and give back the surplus from the slowest stages; None if impossible."""
-    n = len(members)
-    caps = [_max_layers(shape, m, limit, i == 0, i == n - 1) for i, m in enumerate(members)]
-    if min(caps) < 1 or sum(caps) < shape.num_layers or n > shape.num_layers:
+def _by_time(shape: ModelShape, m: Member, limit: float) -> int:
+    """Most layers ``m`` computes within ``limit`` seconds (its link counted apart)."""
+    if m.seconds_per_layer <= 0:
+        return shape.num_layers
+    return max(0, min(shape.num_layers, math.floor(limit / m.seconds_per_layer + TIME_SLACK)))
+
+
+def _link_ok(m: Member, limit: float) -> bool:
+    return m.link_seconds <= limit + LINK_SLACK
+
+
+def _ends(
+    shape: ModelShape, members: Sequence[Member], rooms: Sequence[_Room], limit: float, pool: Sequence[int], every: bool
+) -> tuple[int, int] | None:
+    """(first, last): the ends of a pipeline of two or more members of ``pool`` whose stages,
+    each within ``limit``, hold every layer, or None when there is none.  The middle members
+    may stand in any order, so only the ends matter: the two members that lose the fewest
+    layers to the embeddings and the head.  ``every``: all of ``pool`` must take a layer and
+    links are not counted (they were when ``pool`` was chosen); else members whose link is
+    slower than ``limit`` or who cannot take a layer are left out.  O(len(pool))."""
+    layers = shape.num_layers
+    if layers < 2:
         return None
-    counts = list(caps)
-    for _ in range(sum(caps) - shape.num_layers):
-        i = max((i for i in range(n) if counts[i] > 1), key=lambda i: counts[i] * members[i].seconds_per_layer)
-        counts[i] -= 1
+    total = 0  # layers the middle positions would hold
+    heads: list[tuple[int, int]] = []  # (layers lost by being first, -index)
+    tails: list[tuple[int, int]] = []
+    used = 0
+    for i in pool:
+        m, room = members[i], rooms[i]
+        t = _by_time(shape, m, limit) if every or _link_ok(m, limit) else 0
+        mid = min(t, room.middle)
+        if mid < 1:
+            if every:
+                return None
+            continue
+        used += 1
+        total += mid
+        if min(t, room.first) >= 1:
+            heads.append((min(t, room.first) - mid, -i))
+        if min(t, room.last) >= 1:
+            tails.append((min(t, room.last) - mid, -i))
+    if used < 2:
+        return None
+    best: tuple[int, int, int] | None = None  # (gain, -first, -last): most layers, then earliest members
+    for gh, nh in heapq.nlargest(2, heads):
+        for gt, nt in heapq.nlargest(2, tails):
+            if nh != nt and (best is None or (gh + gt, nh, nt) > best):
+                best = (gh + gt, nh, nt)
+    if best is None or total + best[0] < layers:
+        return None
+    return -best[1], -best[2]
+
+
+def _alone(shape: ModelShape, members: Sequence[Member], rooms: Sequence[_Room], limit: float) -> int | None:
+    """A member that holds the whole model by itself within ``limit`` (fastest, then earliest)."""
+    fits = [
+        (max(m.link_seconds, shape.num_layers * m.seconds_per_layer), i)
+        for i, (m, room) in enumerate(zip(members, rooms))
+        if _link_ok(m, limit) and min(_by_time(shape, m, limit), room.alone) >= shape.num_layers
+    ]
+    return min(fits)[1] if fits else None
+
+
+def _lowest(values: Sequence[float], ok: Callable[[float], bool]) -> float | None:
+    """Smallest of the sorted ``values`` for which the monotone ``ok`` holds (binary search)."""
+    if not values or not ok(values[-1]):
+        return None
+    lo, hi = -1, len(values) - 1  # ok(values[hi]) holds; every index <= lo fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(values[mid]):
+            hi = mid
+        else:
+            lo = mid
+    return values[hi]
+
+
+def _spread(shape: ModelShape, members: Sequence[Member], rooms: Sequence[_Room], order: Sequence[int]) -> list[int]:
+    """Layer counts for ``order`` (first and last fixed) making the slowest compute stage as
+    fast as possible: one layer each, then every further layer to the stage that would be
+    fastest with it (greedy is optimal for this min-max with per-stage caps)."""
+    n = len(order)
+    counts = [1] * n
+    caps = [rooms[i].at(k == 0, k == n - 1) for k, i in enumerate(order)]
+    heap = [((2 * members[i].seconds_per_layer), k) for k, i in enumerate(order) if caps[k] > 1]
+    heapq.heapify(heap)
+    for _ in range(shape.num_layers - n):
+        _, k = heapq.heappop(heap)  # callers checked that the caps hold every layer
+        counts[k] += 1
+        if counts[k] < caps[k]:
+            heapq.heappush(heap, ((counts[k] + 1) * members[order[k]].seconds_per_layer, k))
     return counts
 
 
-def _bottleneck(fill, shape: ModelShape, order: Sequence[Member]) -> tuple[float, list[int]] | None:
-    """Smallest time limit under which ``fill`` places every layer, and its counts."""
-    hi = max(max(m.link_seconds, shape.num_layers * m.seconds_per_layer) for m in order)
-    if fill(shape, order, hi) is None:
-        return None
-    lo = 0.0
-    for _ in range(BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        if fill(shape, order, mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    counts = fill(shape, order, hi)
-    if counts is None:
-        return None
-    return max(max(m.link_seconds, c * m.seconds_per_layer) for m, c in zip(order, counts) if c > 0), counts
-
-
-def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: int = 7) -> Plan:
+def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: int | None = None) -> Plan:
     """Choose the order and contiguous ranges that minimise the slowest stage's time
-    (maximise throughput).  Orders are tried exhaustively up to ``max_exhaustive`` members,
-    else fastest-first; for each order a binary search on the bottleneck time with a greedy
-    fill.  Raises :class:`PlacementError` saying what is missing when nothing fits."""
+    (maximise throughput), exactly, in polynomial time (see the module docstring); among
+    equally fast plans, the one with the most members taking part.  ``max_exhaustive`` is
+    accepted for old callers and ignored: no ordering is enumerated at any size.  Raises
+    :class:`PlacementError` saying what is missing when nothing fits."""
+    del max_exhaustive
     if not members:
         raise PlacementError("no members to place the model on")
     need = _stage_bytes(shape, shape.num_layers, True, True)
@@ -156,26 +237,21 @@ def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: 
     biggest = max(m.memory for m in members)
     if biggest < shape.layer_bytes + shape.kv_bytes_per_layer + max(shape.first_bytes, 0) and len(members) == 1:
         raise PlacementError("no member can hold even one layer")
-    orders: Iterable[Sequence[Member]]
-    if len(members) <= max_exhaustive:
-        orders = itertools.permutations(members)
-    else:
-        orders = [sorted(members, key=lambda m: m.seconds_per_layer)]
-    best: Plan | None = None
-    for order in orders:
-        # prefer every member taking part when that is as fast as leaving some out
-        for fill in (_spread_over_all, _fits_order):
-            found = _bottleneck(fill, shape, order)
-            if found is None:
-                continue
-            step, counts = found
-            if best is None or step < best.step_seconds - TIME_SLACK:
-                used = [(m, c) for m, c in zip(order, counts) if c > 0]
-                ranges, start = [], 0
-                for _, c in used:
-                    ranges.append((start, start + c))
-                    start += c
-                best = Plan(tuple(m.name for m, _ in used), tuple(ranges), step)
+    layers = shape.num_layers
+    rooms = [_room(shape, m) for m in members]
+    everyone = range(len(members))
+
+    def reachable(limit: float) -> bool:
+        return (
+            _ends(shape, members, rooms, limit, everyone, False) is not None
+            or _alone(shape, members, rooms, limit) is not None
+        )
+
+    # the bottleneck of any plan is a link time or c layers at some member's speed
+    limits = sorted(
+        {m.link_seconds for m in members} | {c * m.seconds_per_layer for m in members for c in range(1, layers + 1)}
+    )
+    best = _lowest(limits, reachable)
     if best is None:
         largest = max(members, key=lambda m: m.memory)
         raise PlacementError(
@@ -183,7 +259,35 @@ def plan_pipeline(shape: ModelShape, members: Sequence[Member], max_exhaustive: 
             f"({shape.last_bytes / 1e9:.1f} GB) with one layer need more than any member has free "
             f"(largest: {largest.name}, {largest.memory / 1e9:.1f} GB)"
         )
-    return best
+    ends = _ends(shape, members, rooms, best, everyone, False)
+    if ends is None:  # no pipeline of two reaches the best time: one member alone does
+        alone = _alone(shape, members, rooms, best)
+        m = members[alone if alone is not None else 0]
+        return Plan((m.name,), ((0, layers),), max(m.link_seconds, layers * m.seconds_per_layer))
+    # every member that can take a layer within the best time takes part (at most one per layer)
+    first, last = ends
+    able = [
+        i
+        for i in everyone
+        if i not in ends and _link_ok(members[i], best) and min(_by_time(shape, members[i], best), rooms[i].middle) >= 1
+    ]
+    able.sort(key=lambda i: (-min(_by_time(shape, members[i], best), rooms[i].middle), i))
+    pool = sorted([first, last, *able[: layers - 2]])
+    # then the slowest compute stage as fast as possible with all of them
+    compute = sorted({c * members[i].seconds_per_layer for i in pool for c in range(1, layers + 1)} | {best})
+    fastest = _lowest(
+        [x for x in compute if x <= best], lambda x: _ends(shape, members, rooms, x, pool, True) is not None
+    )
+    chosen = _ends(shape, members, rooms, best if fastest is None else fastest, pool, True)
+    first, last = chosen if chosen is not None else (first, last)
+    order = [first, *(i for i in pool if i not in (first, last)), last]
+    counts = _spread(shape, members, rooms, order)
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    step = max(max(members[i].link_seconds, c * members[i].seconds_per_layer) for i, c in zip(order, counts))
+    return Plan(tuple(members[i].name for i in order), tuple(ranges), step)
 
 
 # --------------------------------------------------------------------------- planner inputs

@@ -61,6 +61,7 @@ class TokenEvent:
 class FinishEvent:
     reason: str  # "stop" | "length" | "error" | "cancelled"
     error: str | None = None
+    retry_after: int | None = None  # "error" because the group cannot serve: seconds a client should wait
 
 
 @dataclass

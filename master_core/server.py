@@ -275,7 +275,8 @@ class Master:
         return await self._accept_tunnel(request, None)
 
     async def _accept_tunnel(self, request: web.Request, member: str | None) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=self.config.heartbeat)
+        # liveness is the link's own (pings it sends, pings it answers: master_core.link), not aiohttp's
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=None, autoping=False)
         await ws.prepare(request)
         peer = request.remote or "?"
         try:
@@ -308,17 +309,19 @@ class Master:
     async def stop(self) -> None:
         """Close tunnels and listeners; every task this master started is awaited."""
         await self.group.stop()
+        if self._engine_task:
+            self._engine_task.cancel()
+            await asyncio.gather(self._engine_task, return_exceptions=True)
+        # tunnels first: a listener's shutdown would otherwise wait for their handlers (aiohttp's
+        # shutdown timeout) while the workers, told nothing, keep a silent tunnel
+        links = list(self.group.links)
+        for link in links:
+            link.close_with("the master stopped")
         await self.dashboard.stop()
         if self._advertiser is not None:
             await self._advertiser.stop()
         if self.group_port is not None:
             await self.group_port.stop()
-        if self._engine_task:
-            self._engine_task.cancel()
-            await asyncio.gather(self._engine_task, return_exceptions=True)
-        links = list(self.group.links)
-        for link in links:
-            link.close_with("the master stopped")
         for link in links:
             await link.wait_closed()
         if self._runner:

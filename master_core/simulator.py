@@ -20,6 +20,12 @@ micro-batch's whole journey can be booked when it is planned.  Sampling is not m
 every request generates exactly its ``output_tokens``.  No clock, no I/O, no torch.  Besides
 the benchmark figures the result has ``steps`` and ``peak_kv_tokens`` (the most KV tokens the
 running requests held or had in flight at once: what every stage's cache had to hold).
+
+``cards_to_hold(dims, card_bytes, precision)`` is the other half of a modelled group: how many
+equal cards of ``card_bytes`` the planner needs to place a model (its layers at ``precision``,
+embeddings, head and the KV reserve at the compute dtype; :meth:`ModelDims.shape`), None when
+more than ``most`` would be needed.  ``LLAMA3_70B`` and friends are real models' dimensions
+for it (parameter counts from their published configurations).
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ import math
 from dataclasses import dataclass, field
 from typing import cast
 
+from worker_core.precision import Precision
+
 from .costs import CostSnapshot
+from .model_dims import ModelDims
+from .placement import Member, PlacementError, kv_token_budget, plan_pipeline
 from .scheduler import (
     Candidate,
     Chunk,
@@ -220,3 +230,57 @@ def _metrics(run: _Run) -> dict:
         busy.append(sum(pipe.busy_compute) / model.cores)
     extra = {"steps": run.steps, "peak_kv_tokens": run.peak_kv_tokens}
     return summarize([r.spec.arrival for r in run.reqs], [r.token_times for r in run.reqs], pipe.bytes, busy, extra)
+
+
+# --------------------------------------------------------------------------- which cards hold a model
+
+
+def _llama_like(layers: int, hidden: int, inter: int, kv_heads: int, vocab: int, experts: int = 1) -> ModelDims:
+    """A Llama-family decoder (grouped-query attention, head_dim 128, gated MLP; ``experts``
+    MLPs per layer for a mixture of experts) as the master would parse it."""
+    head_dim = 128
+    attn = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+    mlp = experts * 3 * hidden * inter + (hidden * experts if experts > 1 else 0)  # + the router
+    embed = vocab * hidden
+    return ModelDims(
+        num_layers=layers,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        max_positions=8192,
+        kv_bytes_per_token=2 * kv_heads * head_dim * 4,
+        layer_params=(attn + mlp + 2 * hidden,) * layers,
+        embed_params=embed,
+        head_params=embed + hidden,  # an untied head and the final norm
+    )
+
+
+LLAMA3_8B = _llama_like(32, 4096, 14336, 8, 128_256)
+MIXTRAL_8X7B = _llama_like(32, 4096, 14336, 8, 32_000, experts=8)
+LLAMA3_70B = _llama_like(80, 8192, 28672, 8, 128_256)
+
+
+def cards_to_hold(
+    dims: ModelDims, card_bytes: int, precision: Precision, itemsize: int = 2, most: int = 16
+) -> int | None:
+    """Fewest equal cards offering ``card_bytes`` each that hold the model (None: more than ``most``)."""
+    shape = dims.shape(precision, itemsize)
+    for n in range(1, most + 1):
+        try:
+            plan_pipeline(shape, [Member(str(i), card_bytes, 1.0) for i in range(n)])
+        except PlacementError:
+            continue
+        return n
+    return None
+
+
+def kv_tokens_on_cards(
+    dims: ModelDims, cards: int, card_bytes: int, precision: Precision, itemsize: int = 2, cap: int = 65536
+) -> int:
+    """KV budget (tokens) of the smallest stage when ``cards`` equal cards of ``card_bytes`` hold
+    the model at ``precision`` as the planner places it (what :class:`SimModel` ``kv_tokens``
+    is for a modelled group); raises :class:`PlacementError` when they cannot hold it."""
+    plan = plan_pipeline(dims.shape(precision, itemsize), [Member(str(i), card_bytes, 1.0) for i in range(cards)])
+    return min(
+        kv_token_budget(card_bytes, dims.stage_bytes(a, b, precision, itemsize), dims.kv_bytes(itemsize) * (b - a), cap)
+        for a, b in plan.ranges
+    )

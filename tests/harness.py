@@ -35,7 +35,7 @@ class Cluster:
     ) -> None:
         self.worker_options = worker_options or [{} for _ in range(workers)]
         master.setdefault("min_workers", workers)
-        self.config = MasterConfig(model=str(folder), port=0, heartbeat=2.0, **master)
+        self.config = MasterConfig(model=str(folder), port=0, **master)
         self.n = workers
         self.tasks: list[asyncio.Task] = []
 
@@ -85,7 +85,6 @@ def paired_config(folder: Path | str, data_dir: Path, group_port: int = 0, **kw:
         data_dir=str(data_dir),
         group_host="127.0.0.1",
         group_port=group_port,
-        heartbeat=2.0,
         **kw,
     )
 

@@ -267,7 +267,7 @@ def test_mdns_finds_the_group(ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_correctly(ckpt, tmp_path):
+def test_member_joining_mid_generation_waits_for_the_requests_then_gets_its_weights(ckpt, tmp_path):
     from harness import greedy
 
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
@@ -297,12 +297,17 @@ def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_corr
             gens = [asyncio.create_task(master.engine.generate(p, greedy(64))) for p in prompts]
             while master.engine.tokens_generated < 10:
                 await asyncio.sleep(0.01)
-            await member("bob")  # joins mid-generation: re-plan, bob fetches his layers, requests replay
+            await member("bob")  # joins mid-generation: the pipeline takes him in once the requests end
             while len(master.group.links) < 2:
                 await asyncio.sleep(0.005)
             assert not all(g.done() for g in gens), "the join came too late to test anything"
             results = await asyncio.wait_for(asyncio.gather(*gens), 120)
-            await asyncio.wait_for(master.group.wait_serving(), 60)
+            epoch_when_done = master.group.epoch
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(master.group.stages) < 2 or not master.group.serving:  # then he fetches his layers
+                assert asyncio.get_running_loop().time() < deadline, master.group.problem
+                await asyncio.sleep(0.05)
+            assert epoch_when_done == 1, "the join re-planned while requests ran (they would replay)"
             return [r[0] for r in results], [s.member for s in master.group.stages]
         finally:
             for t in tasks:
@@ -315,6 +320,47 @@ def test_member_joining_mid_generation_gets_its_weights_and_requests_finish_corr
     assert sorted(stages) == ["alice", "bob"] and list(
         (tmp_path / "bob" / "weights" / "tensors").rglob("*.safetensors")
     )
+
+
+def test_a_restarted_paired_master_is_rejoined_by_its_members_on_their_own(ckpt, tmp_path):
+    """The master stops and starts again from its data folder on the same group port: the
+    member, never touched, reconnects over mutual TLS (capped backoff with jitter), is known by
+    its pinned certificate, gets its layers again, and the group answers as before."""
+    from harness import greedy
+
+    port = _free_port()
+
+    async def main() -> tuple[list[int], list[int], list[str | None]]:
+        master = Master(paired_config(ckpt, tmp_path / "m", group_port=port, min_workers=1))
+        await master.start()
+        ident = load_or_create(tmp_path / "alice" / "identity", "alice")
+        joined = await join("127.0.0.1", port, master.new_code(), "alice", ident.cert_pem)
+        cfg = WorkerConfig(
+            master=f"127.0.0.1:{port}",
+            device="cpu",
+            tls=client_context(ident, joined.master_cert),
+            weights_dir=tmp_path / "alice" / "weights",
+        )
+        worker = asyncio.create_task(serve(cfg))
+        again = None
+        try:
+            await asyncio.wait_for(master.group.wait_serving(), 60)
+            before = (await master.engine.generate([5, 6, 7, 8], greedy(12)))[0]
+            await master.stop()
+            again = Master(paired_config(ckpt, tmp_path / "m", group_port=port, min_workers=1))
+            await again.start()
+            await asyncio.wait_for(again.group.wait_serving(), 60)
+            after = (await again.engine.generate([5, 6, 7, 8], greedy(12)))[0]
+            return before, after, [link.member for link in again.group.links]
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+            if again is not None:
+                await again.stop()
+
+    before, after, members = run(main(), 180)
+    assert after == before == reference_greedy(ckpt, [5, 6, 7, 8], 12)
+    assert members == ["alice"]
 
 
 # ---------------------------------------------------------------- the command line, end to end

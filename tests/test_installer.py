@@ -12,14 +12,14 @@ import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
 
+tomllib = pytest.importorskip("tomllib", reason="building the installer needs Python 3.11+ (tomllib)")
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-ENGINE = ("torch", "transformers", "safetensors", "tokenizers", "accelerate", "numpy")
+ENGINE = ("torch", "transformers", "safetensors", "tokenizers", "accelerate", "numpy", "bitsandbytes")
 
 pytestmark = [
     pytest.mark.slow,

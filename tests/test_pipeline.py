@@ -236,3 +236,26 @@ def test_a_long_run_leaves_nothing_behind(checkpoints):
     after, finished, preemptions = run(main())
     assert finished == 40 and preemptions > 0
     assert after == [({"running": 0, "waiting": 0, "text_streams": 0}, 0, 0)] * 5
+
+
+def test_an_unexpected_error_in_the_relay_costs_a_replay_not_the_request(checkpoints, references):
+    """A bug surfacing as an exception of any type inside a relay: the micro-batch's requests are
+    replayed and finish right (before, a type outside three left them unschedulable forever)."""
+
+    async def main():
+        async with Cluster(checkpoints["llama"], workers=2) as c:
+            relay, failures = c.engine._relay, []
+
+            async def flaky(*args, **kw):
+                if len(failures) < 2 and c.engine.tokens_generated >= 3:
+                    failures.append(1)
+                    raise KeyError("a bug")
+                return await relay(*args, **kw)
+
+            c.engine._relay = flaky  # type: ignore[method-assign]
+            out = await asyncio.wait_for(c.engine.generate(PROMPTS[0], greedy(24)), 60)
+            return out[0], len(failures), c.engine.held()
+
+    tokens, failed, held = run(main())
+    assert failed == 2 and tokens == references["llama"][0]
+    assert held == {"running": 0, "waiting": 0, "text_streams": 0}

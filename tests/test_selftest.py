@@ -82,3 +82,19 @@ def test_tokens_that_differ_from_the_single_process_run_fail(monkeypatch, tmp_pa
     lines = buf.getvalue().splitlines()
     assert lines[-1] == "selftest failed: the pipeline's 8 greedy tokens differ from the single-process run"
     assert not any(line.startswith("OK") for line in lines)
+
+
+def test_a_missing_engine_package_fails_with_how_to_repair_it(monkeypatch):
+    """A runtime whose torch was deleted or quarantined: one line that says how to repair it, exit 1."""
+
+    def no_torch() -> dict[str, str]:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(selftest, "versions", no_torch)
+    buf = io.StringIO()
+    assert selftest.run_selftest(selftest.SelftestOptions(device="cpu"), buf) == 1
+    assert buf.getvalue().splitlines() == [
+        "selftest failed: ModuleNotFoundError: No module named 'torch'; the engine's packages are incomplete: "
+        "in an installed MoLink run `molink runtime install --repair`, from a source checkout reinstall its "
+        "dependencies"
+    ]

@@ -96,3 +96,20 @@ def test_a_program_that_cannot_start_is_a_crash(qtbot, tmp_path):
     with qtbot.waitSignal(s.crashed, timeout=10000):
         s.start()
     assert "cannot start" in (tmp_path / "m.log").read_text()
+
+
+def test_a_long_running_child_log_is_rotated_while_it_runs(qtbot, tmp_path, monkeypatch):
+    """A chatty child over a long run: the log moves to NAME.1 whenever it passes the bound, so
+    the two files together never hold much more than twice it."""
+    import app.desktop.supervisor as sup
+
+    monkeypatch.setattr(sup, "LOG_ROTATE_BYTES", 20_000)
+    chatty = "import sys\nfor i in range(3000): print(f'line {i:05d} ' + 'x' * 40, flush=True)\n"
+    s = child(tmp_path, chatty, name="chatty")
+    current, rotated = tmp_path / "chatty.log", tmp_path / "chatty.log.1"
+    s.start()
+    qtbot.waitUntil(lambda: current.exists() and "exited with code 0" in current.read_text(), timeout=30000)
+    s.close()
+    assert rotated.exists() and current.exists()
+    assert rotated.stat().st_size <= 20_000 + 200 and current.stat().st_size <= 20_000 + 200
+    assert "line 02999" in current.read_text()  # the newest lines are kept

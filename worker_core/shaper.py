@@ -32,6 +32,11 @@ class LinkShaper:
         self._task: asyncio.Task | None = None
 
     @property
+    def backlog(self) -> int:
+        """Frames put and not delivered yet."""
+        return self._queue.qsize()
+
+    @property
     def passthrough(self) -> bool:
         return self.delay == 0 and self.rate is None
 

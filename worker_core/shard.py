@@ -19,6 +19,7 @@ import inspect
 import json
 import logging
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from . import checkpoint_keys
+from .quantize import Precision, module_bytes, quantize_layer
 
 log = logging.getLogger("molink.shard")
 
@@ -56,7 +58,8 @@ class Shard:
     lm_head: nn.Module | None  # last stage only
     device: torch.device
     dtype: torch.dtype
-    weight_bytes: int
+    weight_bytes: int  # bytes the stage's weights take (quantized layers at their stored size)
+    precision: Precision = Precision.NONE  # how the decoder layers are stored
 
     @functools.cached_property
     def layer_args(self) -> frozenset[str]:
@@ -152,6 +155,7 @@ class _Skeleton:
     head: nn.Module | None
     num_layers: int
     plan: dict[str, tuple[str, list[str]]]  # local parameter -> (how to build it, checkpoint keys)
+    layers_prefix: str  # local parameter names of decoder layer i start with f"{layers_prefix}{i}."
 
 
 def _skeleton(
@@ -225,7 +229,20 @@ def _skeleton(
             f"checkpoint {where} lacks {len(missing)} tensors of layers [{start}, {end}), e.g. {missing[:3]}"
         )
     return _Skeleton(
-        config, model, base, kept, windows, layer_types, embed, pos_embed, embed_norm, norm, head, num_layers, plan
+        config,
+        model,
+        base,
+        kept,
+        windows,
+        layer_types,
+        embed,
+        pos_embed,
+        embed_norm,
+        norm,
+        head,
+        num_layers,
+        plan,
+        f"{prefix}.{layers_attr}.",
     )
 
 
@@ -235,35 +252,80 @@ def needed_tensors(folder: Path, start: int, end: int) -> list[str]:
     return sorted({k for _, keys in sk.plan.values() for k in keys})
 
 
-def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: torch.dtype) -> Shard:
+def load_shard(
+    folder: Path,
+    start: int,
+    end: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    precision: Precision = Precision.NONE,
+) -> Shard:
     files = checkpoint_files(folder)
     sk = _skeleton(load_config(folder), files, start, end, dtype, folder)
     config, model, base, plan, num_layers = sk.config, sk.model, sk.base, sk.plan, sk.num_layers
     is_first, is_last = start == 0, end == num_layers
+    if precision is not Precision.NONE and getattr(config, "_experts_implementation", None) not in (None, "eager"):
+        config._experts_implementation = "eager"  # quantized experts are read one expert at a time
 
-    needed = sorted({k for _, keys in plan.values() for k in keys})
-    loaded: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key in needed:
-        by_file.setdefault(files[key], []).append(key)
-    for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+    # Parameters grouped by decoder layer (local index) and the rest (embeddings, norm, head):
+    # one layer is read, built, quantized and placed at a time, so the full-precision copy
+    # of only one layer exists at once.
+    layer_re = re.compile(rf"^{re.escape(sk.layers_prefix)}(\d+)\.(.*)$")
+    per_layer: dict[int, dict[str, tuple[str, list[str]]]] = {}
+    rest: dict[str, tuple[str, list[str]]] = {}
+    for local_name, how in plan.items():
+        m = layer_re.match(local_name)
+        if m:
+            per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = how
+        else:
+            rest[local_name] = how
+    weight_bytes = 0
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def read(keys: list[str]) -> list[torch.Tensor]:
+            out = []
             for key in keys:
-                loaded[key] = f.get_tensor(key)
-    state = {
-        local_name: checkpoint_keys.build(kind, [loaded[k] for k in keys]).to(device=device, dtype=dtype)
-        for local_name, (kind, keys) in plan.items()
-    }
-    del loaded
-    model.load_state_dict(state, strict=True, assign=True)
+                path = files[key]
+                if path not in handles:
+                    handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                out.append(handles[path].get_tensor(key))
+            return out
+
+        for local, layer in enumerate(sk.kept):
+            # full precision is built on the CPU; quantize_layer moves (and on CUDA quantizes) it
+            state = {
+                name: checkpoint_keys.build(kind, read(keys)).to(dtype=dtype)
+                for name, (kind, keys) in per_layer.get(local, {}).items()
+            }
+            layer.load_state_dict(state, strict=True, assign=True)
+            del state
+            quantize_layer(layer, precision, device, dtype)
+            weight_bytes += module_bytes(layer)
+        state = {
+            local_name: checkpoint_keys.build(kind, read(keys)).to(device=device, dtype=dtype)
+            for local_name, (kind, keys) in rest.items()
+        }
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ShardError(f"{type(model).__name__}: unexpected tensors {result.unexpected_keys[:5]}")
+    weight_bytes += sum(t.numel() * t.element_size() for t in state.values())
+    del state
 
     _materialize_buffers(model, device)
     rotary = getattr(base, "rotary_emb", None)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise ShardError(f"{type(model).__name__}: tensors left unloaded: {leftovers[:5]}")
-    weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    log.info("loaded layers [%d, %d) of %d from %s: %.1f MB", start, end, num_layers, folder, weight_bytes / 1e6)
+    log.info(
+        "loaded layers [%d, %d) of %d from %s at %s: %.1f MB",
+        start,
+        end,
+        num_layers,
+        folder,
+        precision.value,
+        weight_bytes / 1e6,
+    )
     return Shard(
         config=config,
         layer_start=start,
@@ -281,6 +343,7 @@ def load_shard(folder: Path, start: int, end: int, device: torch.device, dtype: 
         device=device,
         dtype=dtype,
         weight_bytes=weight_bytes,
+        precision=precision,
     )
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
 PROTOCOL_VERSION = 3  # 3: Leave
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
@@ -207,6 +208,9 @@ class Assign:
     # "owner/name@commit" when the model comes from the hub: the worker may read the
     # manifest's tensors from there (each spec's file and offset) before asking the master
     hub: str = ""
+    # how the worker stores its decoder layers: "none" (the compute dtype), "int8" or "int4"
+    # (worker_core.quantize); a master that does not send it means "none"
+    quantize: str = "none"
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,7 @@ def encode(msg: Message) -> bytes:
                     "kv_tokens",
                     "config_json",
                     "hub",
+                    "quantize",
                 )
             },
         )
@@ -546,7 +551,10 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             config_json=_str(h, "config_json", 1 << 20),
             manifest=_manifest(h),
             hub=_str(h, "hub", 512),
+            quantize=_str({"quantize": h.get("quantize", "none")}, "quantize", 8),
         )
+        if a.quantize not in QUANTIZE_CHOICES:
+            raise ProtocolError(f"'quantize' must be one of {', '.join(QUANTIZE_CHOICES)}")
         if a.hub and not HUB_REF.match(a.hub):
             raise ProtocolError("'hub' must be owner/name@<40-hex commit>")
         if not a.layer_start < a.layer_end <= a.num_layers:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +47,7 @@ from .config import WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, STATS_INTERVAL, Command, Control, Events, one_line
 from .hub_ranges import fetch_from_hub
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
+from .quantize import Precision
 from .shaper import LinkShaper
 from .shard import load_shard
 from .stage import StageRunner, StepRejected
@@ -74,6 +76,12 @@ from .wire import (
 log = logging.getLogger("molink.worker")
 
 CHUNK_TIMEOUT = 120.0  # seconds to wait for one weight chunk
+MAX_RETRY_SECONDS = 30.0  # the longest wait between two attempts to reach the master
+STABLE_TUNNEL = 10.0  # seconds a tunnel must last for the next reconnect to start quick again
+# frames from the master waiting to be executed (beside the one running): a master has at most its
+# micro-batch lanes' steps, coalesced Frees and MAX_FETCHES weight chunks out, far below this; more
+# is a broken master, and the tunnel closes as a protocol error rather than queueing without bound
+MAX_QUEUED_FRAMES = 256
 
 
 class _Run:
@@ -96,7 +104,14 @@ class _Run:
             now = loop.time()
             rate = (self.tokens - last_tokens) / max(now - last_t, 1e-9)
             last_t, last_tokens = now, self.tokens
-            self.events.emit("stats", steps=self.steps, tokens=self.tokens, tokens_per_s=round(rate, 2))
+            runner = self.session.runner if self.session is not None else None
+            self.events.emit(
+                "stats",
+                steps=self.steps,
+                tokens=self.tokens,
+                tokens_per_s=round(rate, 2),
+                kv_requests=len(runner.kv) if runner is not None else 0,
+            )
 
 
 class _Session:
@@ -183,7 +198,8 @@ class _Session:
         loop = asyncio.get_running_loop()
         if isinstance(msg, Assign):
             t0 = time.perf_counter()
-            key = (msg.model, msg.layer_start, msg.layer_end)
+            precision = Precision(msg.quantize)  # checked by wire.decode
+            key = (msg.model, msg.layer_start, msg.layer_end, precision)
             shard = self.shards.get(key)
             if shard is None:
                 self.runner = None
@@ -192,7 +208,14 @@ class _Session:
                     info = devices.pick(self.device)
                     folder = await self._resolve(msg)
                     shard = await loop.run_in_executor(
-                        self.executor, load_shard, folder, msg.layer_start, msg.layer_end, info.device, info.dtype
+                        self.executor,
+                        load_shard,
+                        folder,
+                        msg.layer_start,
+                        msg.layer_end,
+                        info.device,
+                        info.dtype,
+                        precision,
                     )
                 except Exception as e:  # tell the master why, instead of leaving it waiting
                     log.exception("cannot load layers [%d, %d)", msg.layer_start, msg.layer_end)
@@ -335,6 +358,8 @@ async def _connect_once(
                         reason = f"connection lost: {ws.exception() or frame.type.name.lower()}"
                         break
                     raise ProtocolError(f"unexpected {frame.type.name} frame")
+                if queue.qsize() + downlink.backlog >= MAX_QUEUED_FRAMES:
+                    raise ProtocolError(f"the master sent more than {MAX_QUEUED_FRAMES} frames ahead of this stage")
                 await downlink.put(frame.data)
             if runner_task.done() and not runner_task.cancelled() and (failed := runner_task.exception()):
                 raise failed
@@ -423,8 +448,11 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
 async def _dial(
     config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: _Run
 ) -> None:
-    """Dial, serve, and dial again after a drop (doubling the delay up to 30 s), until a leave
-    was asked for or, with ``reconnect=False``, after the first tunnel."""
+    """Dial, serve, and dial again after a drop, until a leave was asked for or, with
+    ``reconnect=False``, after the first tunnel.  Capped exponential backoff with jitter: the
+    n-th failed attempt in a row waits a random time in ``[d/2, d]``, ``d = retry_seconds x 2^n``
+    up to ``MAX_RETRY_SECONDS`` (so workers of a restarted master do not all dial at once); a
+    tunnel that lasted over ``STABLE_TUNNEL`` seconds starts the count again."""
     delay = config.retry_seconds
     while True:
         t0 = time.monotonic()
@@ -439,10 +467,10 @@ async def _dial(
                 run.events.emit("error", message=one_line(why))
         if run.leaving is not None or not config.reconnect:
             return
-        if time.monotonic() - t0 > 10:
+        if time.monotonic() - t0 > STABLE_TUNNEL:
             delay = config.retry_seconds
-        await asyncio.sleep(delay)
-        delay = min(30.0, delay * 2)
+        await asyncio.sleep(random.uniform(delay / 2, delay))
+        delay = min(MAX_RETRY_SECONDS, delay * 2)
 
 
 async def _obey(control: Control, run: _Run, dial: asyncio.Task) -> None:

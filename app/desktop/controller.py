@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import socket
+import sys
 import time
 from collections.abc import Callable
 
@@ -70,6 +71,17 @@ def gpu_summary() -> str:
         return "No NVIDIA GPU: shares the CPU"
 
 
+def engine_ready_default() -> bool:
+    """Whether engine children can start: from source (or an installed package) the engine is this
+    interpreter; an installed (frozen) app first makes its per-user engine runtime ready, showing
+    the progress dialog while it is built (:func:`app.desktop.runtime_dialog.ensure_runtime`)."""
+    if not getattr(sys, "frozen", False):
+        return True
+    from .runtime_dialog import ensure_runtime
+
+    return ensure_runtime(None)
+
+
 class Controller(QObject):
     changed = Signal()
     notify = Signal(str, str)  # title, message: for changes the user did not make
@@ -96,7 +108,8 @@ class Controller(QObject):
         self._probe_load = probe_load or (lambda pids: autopause.probe_gpu_load(pids))
         # asked before any engine child starts: an installed app builds its engine runtime
         # (a dialog) here; from source the engine is this interpreter
-        self.engine_ready: Callable[[], bool] = lambda: True
+        self.engine_ready: Callable[[], bool] = engine_ready_default
+        self._asking_engine = False  # engine_ready() runs (its dialog's event loop still runs timers)
         self.sharing = Sharing.OFF
         self._after_stop = Sharing.OFF  # where a stopping worker lands: OFF or PAUSED
         self.paused_until: float | None = None
@@ -190,12 +203,18 @@ class Controller(QObject):
             self.problem = "join or create a group first"
             self.changed.emit()
             return
-        if self.sharing not in (Sharing.OFF, Sharing.PAUSED, Sharing.PROBLEM):
+        if self.sharing not in (Sharing.OFF, Sharing.PAUSED, Sharing.PROBLEM) or self._asking_engine:
             return
-        if not self.engine_ready():
+        if not self._ask_engine():
             self.problem = "the engine runtime is not installed yet"
+            if self.sharing is Sharing.PAUSED:  # a pause that ended: not sharing, and no dialog at every tick
+                self.paused_until = None
+                self._auto_paused = False
+                self._land(Sharing.OFF)
             self.changed.emit()
             return
+        if self.sharing not in (Sharing.OFF, Sharing.PAUSED, Sharing.PROBLEM):
+            return  # the user changed it while the runtime was being built
         self.paused_until = None
         self._auto_paused = False
         self.problem = None
@@ -211,6 +230,14 @@ class Controller(QObject):
             self.worker.argv = self.worker_argv()  # settings may have changed
         self._set(Sharing.STARTING)
         self.worker.start()
+
+    def _ask_engine(self) -> bool:
+        """``engine_ready()``, never two at once (a timer or a menu could ask again while its dialog is open)."""
+        self._asking_engine = True
+        try:
+            return self.engine_ready()
+        finally:
+            self._asking_engine = False
 
     def _stop_worker(self, after: Sharing, cmd: str = "stop") -> None:
         """Leave the group gracefully, landing in ``after`` (OFF or PAUSED)."""
@@ -346,7 +373,10 @@ class Controller(QObject):
         if self.hosting():
             self.master_failed.emit("this PC already runs a group")
             return
-        if not self.engine_ready():
+        if self._asking_engine:
+            self.master_failed.emit("the engine runtime is being installed; try again when it is ready")
+            return
+        if not self._ask_engine():
             self.master_failed.emit("the engine runtime is not installed yet")
             return
         self._remember(model=model, group_name=name, group_port=port)

@@ -13,6 +13,7 @@ the dialogs and the chat window: each :class:`~app.desktop.state.Act` has one ha
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from . import icons, links
 from .controller import STOP_GRACE, Controller
 from .settings import Paths, Settings
 from .state import Act, Sharing
+from .supervisor import LOG_ROTATE_BYTES
 from .tray import MainWindow, TrayView
 
 Dialog = TypeVar("Dialog", bound=QWidget)
@@ -281,7 +283,9 @@ def _streams(logs_dir: Path) -> None:
 
 def _logging(logs_dir: Path) -> None:
     logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs_dir / "app.log", encoding="utf-8")
+    handler = logging.handlers.RotatingFileHandler(
+        logs_dir / "app.log", maxBytes=LOG_ROTATE_BYTES, backupCount=1, encoding="utf-8"
+    )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("molink")
     root.addHandler(handler)

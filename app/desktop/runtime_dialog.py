@@ -3,13 +3,15 @@
 Contract
 --------
 ``RuntimeDialog(runtime)`` is a modal dialog that runs ``runtime.ensure(progress, cancel, backend)``
-(:class:`app.runtime.Runtime`) in a :class:`QThread`, and shows its progress bar, the current line
-and the last lines of output.  **Cancel** sets the cancel event (the build stops within a fraction of
-a second; what was downloaded stays for the next attempt) and rejects the dialog once the build has
-stopped.  **Use CPU instead** (shown while a CUDA runtime is being built) cancels the build and starts
-the CPU one.  A failed build shows its one-sentence reason and offers **Retry**.  On success the
-dialog accepts itself.  :func:`ensure_runtime` returns at once when the runtime is ready, else shows
-the dialog and says whether the runtime is ready afterwards.
+(:class:`app.runtime.Runtime`, or anything with its :class:`Builder` methods) in a
+:class:`QThread`, and shows its progress bar, the current line and the last lines of output.
+**Cancel** sets the cancel event (the build stops within a fraction of a second; what was
+downloaded stays for the next attempt) and rejects the dialog once the build has stopped.  **Use
+CPU instead** (shown while a CUDA runtime is being built) cancels the build and starts the CPU one.
+A failed build shows its one-sentence reason (the step that failed and uv's own error) in red, the
+details below it, and offers **Retry** (it resumes from what was downloaded) and **Close**.  On
+success the dialog accepts itself.  :func:`ensure_runtime` returns at once when the runtime is
+ready, else shows the dialog and says whether the runtime is ready afterwards.
 
 No torch here, only :mod:`app.runtime` (uv and a Python child do the work).
 """
@@ -17,6 +19,8 @@ No torch here, only :mod:`app.runtime` (uv and a Python child do the work).
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Protocol
 
 from PySide6.QtCore import QThread, Signal
 from PySide6.QtWidgets import (
@@ -30,9 +34,25 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.runtime import Cancelled, Runtime, RuntimeProblem, State
+from app.runtime import Cancelled, Progress, Runtime, RuntimeProblem, State
+from app.runtime_locks import Lock
 
 LOG_LINES = 200  # lines of uv's output kept in the details box
+INTRO = (
+    "MoLink installs its engine (PyTorch and the model runtime) once for this user. "
+    "This downloads a few hundred MB (a few GB for an NVIDIA GPU)."
+)
+FAILED = "MoLink could not install its engine. Retry resumes from what was already downloaded."
+
+
+class Builder(Protocol):
+    """What the dialog uses of :class:`app.runtime.Runtime`."""
+
+    def lock_for(self, backend: str | None = None) -> Lock: ...
+
+    def state(self, lock: Lock) -> State: ...
+
+    def ensure(self, progress: Progress, cancel: threading.Event, backend: str | None) -> Path: ...
 
 
 class _Build(QThread):
@@ -41,7 +61,7 @@ class _Build(QThread):
     failed = Signal(str)  # one sentence
     cancelled = Signal()
 
-    def __init__(self, runtime: Runtime, backend: str | None) -> None:
+    def __init__(self, runtime: Builder, backend: str | None) -> None:
         super().__init__()
         self.runtime, self.backend = runtime, backend
         self.cancel = threading.Event()
@@ -60,7 +80,7 @@ class _Build(QThread):
 
 
 class RuntimeDialog(QDialog):
-    def __init__(self, runtime: Runtime, backend: str | None = None, parent: QWidget | None = None) -> None:
+    def __init__(self, runtime: Builder, backend: str | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.runtime = runtime
         self.backend = backend
@@ -71,10 +91,7 @@ class RuntimeDialog(QDialog):
         self._closing = False
         self.setWindowTitle("MoLink: installing the engine")
         self.setMinimumWidth(520)
-        self.headline = QLabel(
-            "MoLink installs its engine (PyTorch and the model runtime) once for this user. "
-            "This downloads a few hundred MB (a few GB for an NVIDIA GPU)."
-        )
+        self.headline = QLabel(INTRO)
         self.headline.setWordWrap(True)
         self.bar = QProgressBar()
         self.bar.setRange(0, 1000)
@@ -109,7 +126,9 @@ class RuntimeDialog(QDialog):
         if self._build is not None and self._build.isRunning():
             return
         self.error = None
+        self.headline.setText(INTRO)
         self.retry_button.hide()
+        self.cancel_button.setText("Cancel")
         self.cancel_button.setEnabled(True)
         self.line.setStyleSheet("")
         try:
@@ -140,6 +159,7 @@ class RuntimeDialog(QDialog):
     def _failed(self, why: str) -> None:
         self._wait()
         self.error = why
+        self.headline.setText(FAILED)
         self.line.setText(why.splitlines()[0] if why else "the engine could not be installed")
         self.line.setStyleSheet("color: #c62828;")
         self.details.appendPlainText(why)
@@ -189,8 +209,9 @@ class RuntimeDialog(QDialog):
         return super().exec()
 
 
-def ensure_runtime(parent: QWidget | None = None, runtime: Runtime | None = None) -> bool:
-    """True when the runtime is ready (at once, or after the dialog built it)."""
+def ensure_runtime(parent: QWidget | None = None, runtime: Builder | None = None) -> bool:
+    """True when the runtime is ready (at once, or after the dialog built it); False when the
+    user closed the dialog (cancelled, or gave up after a failure)."""
     runtime = runtime or Runtime.default()
     try:
         if runtime.state(runtime.lock_for()) is State.READY:

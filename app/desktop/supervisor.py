@@ -45,7 +45,7 @@ BACKOFF_FIRST = 2.0  # seconds before the first restart after a crash
 BACKOFF_MAX = 60.0  # seconds; the longest wait between restarts
 STABLE_AFTER = 60.0  # seconds of running that reset the backoff
 LAST_LINES = 200  # log lines kept for the error view
-LOG_ROTATE_BYTES = 5 * 1024 * 1024  # a log file above this is moved to NAME.1 at start
+LOG_ROTATE_BYTES = 5 * 1024 * 1024  # a log above this moves to NAME.1 (at start and while writing): <= 2x on disk
 
 
 _job: object | None = None  # the Windows job object of this process's children, made on first use
@@ -250,6 +250,9 @@ class Supervisor(QObject):
         if self._log_file is not None:
             with contextlib.suppress(OSError):
                 self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+                if self._log_file.tell() > LOG_ROTATE_BYTES:  # a long run: rotate now, not at the next start
+                    self.close()
+                    self._open_log()
 
     def close(self) -> None:
         if self._log_file is not None:

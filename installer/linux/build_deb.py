@@ -26,8 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+if sys.version_info < (3, 11):
+    sys.exit("installer/linux/build_deb.py needs Python 3.11 or newer (tomllib)")
+import tomllib
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -51,7 +54,7 @@ def _copy(src: Path, dest: Path, mode: int = 0o644) -> None:
 
 def _normalise(tree: Path) -> None:
     """0755 folders and executables, 0644 everything else (dpkg-deb keeps what it finds)."""
-    for dirpath, dirnames, filenames in os.walk(tree):
+    for dirpath, _dirnames, filenames in os.walk(tree):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             p = Path(dirpath) / name

@@ -1,0 +1,97 @@
+"""The master's liveness rule for a worker tunnel (``WorkerLink.hung``), checked on its clock.
+
+The rule itself decides when a frozen, hung or cut-off worker is dropped; the chaos tests
+(tests/test_chaos.py) show it end to end with real processes.  Here each clause is pinned to
+its constants, both sides of each bound, so a change of rule shows as a failing test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from harness import run
+
+from master_core import link as L
+from master_core.link import LinkState, WorkerLink, _Pending
+from worker_core.wire import Hello
+
+
+class _Ws:
+    closed = False
+
+
+def _link() -> WorkerLink:
+    hello = Hello("w", "cpu", "cpu", 10**10, 10**10, "float32")
+    return WorkerLink(_Ws(), hello, "127.0.0.1", 1 << 20)  # type: ignore[arg-type]
+
+
+def test_a_link_is_hung_after_silent_limit_seconds_or_the_longer_limit_while_loading():
+    async def main() -> None:
+        link = _link()
+        t = link._heard_at
+        assert link.hung(t + L.SILENT_LIMIT - 0.1) is None  # standing by: the short limit
+        why = link.hung(t + L.SILENT_LIMIT + 0.1)
+        assert why is not None and why.startswith("silent for")
+        link._ready_waiter = asyncio.get_running_loop().create_future()  # an Assign being loaded
+        assert link.hung(t + L.SILENT_LIMIT + 0.1) is None
+        assert link.hung(t + L.LOADING_SILENT_LIMIT + 0.1) is not None
+        link._ready_waiter.set_result(None)
+        link.move(LinkState.READY)
+        assert link.hung(t + L.SILENT_LIMIT + 0.1) is not None
+
+    run(main(), 10)
+
+
+def test_a_step_deadline_scales_with_the_measured_cost_and_has_a_floor():
+    link = _link()
+    assert link.step_deadline(64, 10_000) == L.UNMEASURED_STEP_DEADLINE
+    for tokens, seconds in ((1, 0.01), (64, 0.64)):  # 10 ms per token, no fixed cost
+        link.stage_cost.observe(tokens, seconds)
+    for nbytes, seconds in ((1000, 0.051), (1_001_000, 1.051)):  # 50 ms round trip, 1 MB/s
+        link.link_cost.observe(nbytes, seconds)
+    assert link.step_deadline(1, 0) == L.STEP_DEADLINE_FLOOR  # 8 x 0.06 s is below the floor
+    expected = L.STEP_DEADLINE_FACTOR * (0.64 + 0.05 + 1.0)  # above the floor
+    assert expected > L.STEP_DEADLINE_FLOOR
+    assert link.step_deadline(64, 1_000_000) == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_unanswered_step_is_late_after_its_deadline_counted_from_the_last_answer():
+    async def main() -> None:
+        link = _link()
+        link.move(LinkState.READY)
+        t = link._heard_at
+        fut = asyncio.get_running_loop().create_future()
+        link._pending[7] = _Pending(fut, sent_at=t, deadline=3.0)
+        # pongs keep coming (the loop lives, its stage does not): only the step clause can say hung
+        link._heard_at = t + 3.5
+        assert link.hung(t + 2.9) is None
+        why = link.hung(t + 3.1)
+        assert why is not None and "step 7" in why
+        link._answered_at = t + 2.0  # an answer to another step: the clock restarts there
+        assert link.hung(t + 4.9) is None
+        assert link.hung(t + 5.1) is not None
+
+    run(main(), 10)
+
+
+def test_a_dropped_link_fails_its_waiters_tells_the_group_and_counts_late_frames():
+    async def main() -> tuple[list[str], int, bool]:
+        link = _link()
+        link.move(LinkState.READY)
+        gone: list[str] = []
+        late = [0]
+        link.on_gone = lambda lk: gone.append(lk.name)
+        link.on_late = lambda: late.__setitem__(0, late[0] + 1)
+        fut = asyncio.get_running_loop().create_future()
+        link._pending[1] = _Pending(fut, sent_at=0.0, deadline=1.0)
+        link.drop("unresponsive: test")
+        link._dispatch(object())  # any frame after the drop is dropped and counted, never parsed
+        failed = fut.done() and isinstance(fut.exception(), L.LinkGone)
+        for task in list(link._tasks):  # the lingering close: not needed here
+            task.cancel()
+        await asyncio.gather(*link._tasks, return_exceptions=True)
+        return gone, late[0], failed
+
+    gone, late, failed = run(main(), 10)
+    assert gone == ["w"] and late == 1 and failed
