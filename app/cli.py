@@ -66,12 +66,6 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--host", default=MasterConfig.host, help="address to bind (default %(default)s)")
     m.add_argument("--port", type=int, default=MasterConfig.port, help="API and worker tunnels (default %(default)s)")
     m.add_argument(
-        "--min-workers",
-        type=int,
-        default=MasterConfig.min_workers,
-        help="serve once this many workers joined (default %(default)s)",
-    )
-    m.add_argument(
         "--api-key",
         default=None,
         help="API key; binding a non-loopback address needs one (else the stored key is used)",
@@ -104,16 +98,16 @@ def _parser() -> argparse.ArgumentParser:
         help="OpenAI-compatible API on 127.0.0.1 (default %(default)s)",
     )
     gc.add_argument("--name", default=MasterConfig.group_name, help="group name shown to joiners (default: host name)")
-    gc.add_argument(
-        "--min-workers",
-        type=int,
-        default=MasterConfig.min_workers,
-        help="serve once this many workers joined (default %(default)s)",
-    )
     gc.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     gc.add_argument("--data-dir", default=None, help="folder for the group's state (default: the user data folder)")
     gc.set_defaults(func=_group_create)
-    for parser in (m, gc):
+    for parser in (m, gc):  # what both kinds of master take
+        parser.add_argument(
+            "--min-workers",
+            type=int,
+            default=MasterConfig.min_workers,
+            help="serve once this many workers joined (default %(default)s)",
+        )
         parser.add_argument(
             "--quantize",
             choices=("none", "int8", "int4"),

@@ -302,10 +302,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _stop(proc: Any) -> None:
+    """Called after the shared ``stop`` event (the children's control channel) is set: wait up to
+    ``STOP_GRACE`` for the child to end by itself, only then end it hard."""
     proc.join(STOP_GRACE)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(STOP_GRACE)
     if proc.is_alive():
         proc.kill()
         proc.join(STOP_GRACE)
