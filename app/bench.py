@@ -250,26 +250,36 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
 # --------------------------------------------------------------------------- simulation
 
 
-def gpu_model(gpus: int, profile: str) -> SimModel:
-    """A 70B-class model (80 layers, hidden 8192, fp16 activations) on consumer GPUs.
+GPU_CARD_BYTES = 23 * 10**9  # a 24 GB card with 1 GB kept back
+GPU_MEMORY_BANDWIDTH = 900e9  # bytes/s of an RTX 3090/4090-class card
 
-    Per layer on an RTX 3090/4090-class card: a decode step is memory-bound, about 0.9 ms for
-    fp16 weights (0.86 GB at ~900 GB/s; 4 GPUs hold the model only at 4 bits: 0.25 ms), and
-    each extra token costs about 2 x 0.86 GFLOP at ~100 TFLOP/s effective, 8.6 us."""
+
+def gpu_model(gpus: int, profile: str) -> SimModel:
+    """Llama-3-70B (80 layers, hidden 8192, fp16 compute and activations) on 24 GB cards: at
+    fp16 weights when ``gpus`` cards hold them (8), else at the group precision ``int4``.
+
+    Per layer, a decode step is memory-bound: it reads the layer's weights at the quantized
+    size the planner counts (:meth:`ModelDims.layer_bytes`: 1.71 GB in fp16, 0.56 GB in int4
+    with its int8 value and down projections) at ~900 GB/s; each extra token costs about
+    2 x 0.86 GFLOP at ~100 TFLOP/s effective, 8.6 us.  The KV budget is the smallest stage's
+    room once the planner has placed the quantized weights (:func:`kv_tokens_on_cards`)."""
+    from master_core.simulator import LLAMA3_70B, kv_tokens_on_cards
+    from worker_core.precision import Precision
     from worker_core.wire import logits_row_width
 
     mbps, rtt = PROFILES[profile]
-    layers = 80 // gpus
-    fixed_per_layer = 0.0009 if gpus >= 8 else 0.00025
+    precision = Precision.NONE if gpus >= 8 else Precision.INT4
+    layers = LLAMA3_70B.num_layers // gpus
+    fixed_per_layer = LLAMA3_70B.layer_bytes(0, precision, 2) / GPU_MEMORY_BANDWIDTH
     costs = CostSnapshot(
         stage_fixed=(layers * fixed_per_layer,) * gpus,
         stage_per_token=(layers * 8.6e-6,) * gpus,
         link_rtt=(rtt,) * gpus,
         link_bandwidth=(mbps * 1e6 / 8,) * gpus,
-        hidden_bytes_per_token=8192 * 2,
-        logits_bytes_per_row=4 * logits_row_width(MasterConfig.logits_topk, 128_256),  # float32, Llama 3 vocabulary
+        hidden_bytes_per_token=LLAMA3_70B.hidden_size * 2,
+        logits_bytes_per_row=4 * logits_row_width(MasterConfig.logits_topk, LLAMA3_70B.vocab_size),  # float32
     )
-    return SimModel(costs, kv_tokens=200_000 // gpus * 4)
+    return SimModel(costs, kv_tokens=kv_tokens_on_cards(LLAMA3_70B, gpus, GPU_CARD_BYTES, precision))
 
 
 # --------------------------------------------------------------------------- report

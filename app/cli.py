@@ -509,6 +509,7 @@ def _probe(args: argparse.Namespace, sup: Supervision) -> int:
     ram = f"RAM {pr.ram_available / gib:.1f} of {pr.ram_total / gib:.1f} GiB available"
     print(f"CPU: {pr.cpu}, {pr.cpu_cores} cores; {ram}")
     print(f"compute: {pr.device} in {pr.dtype}, {pr.matmul_gflops:.1f} GFLOP/s measured (128x2048 @ 2048x2048)")
+    print(_layers_held_line(pr.offered, 4 if pr.dtype == "float32" else 2))
     if args.master or group_dir:
         where = args.master or "the group's master"
         link = f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"
@@ -516,6 +517,20 @@ def _probe(args: argparse.Namespace, sup: Supervision) -> int:
             link += f", {pr.bandwidth_mbps:.0f} Mbit/s download"
         print(f"link to {where}: {link}")
     return 0
+
+
+def _layers_held_line(offered: int, itemsize: int) -> str:
+    """What ``offered`` bytes hold of common models at each precision, in the planner's own bytes."""
+    from master_core.placement import layers_held
+    from master_core.simulator import REFERENCE_MODELS
+    from worker_core.precision import Precision
+
+    models = "; ".join(
+        f"{name} {' / '.join(str(layers_held(dims.shape(p, itemsize), offered)) for p in Precision)}"
+        f" of {dims.num_layers}"
+        for name, dims in REFERENCE_MODELS.items()
+    )
+    return f"offers {offered / 2**30:.1f} GiB; layers it would hold at none / int8 / int4: {models}"
 
 
 def _bench(args: argparse.Namespace, sup: Supervision) -> int:

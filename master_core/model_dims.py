@@ -15,6 +15,7 @@ the first stage and the head on the last), so mixture-of-experts layers count ev
 ``stage_bytes(start, end, precision, itemsize)`` is the same stage in bytes: its decoder layers
 at the group's precision (``none``: the compute dtype's ``itemsize`` per parameter; ``int8``
 about 1 byte plus a float32 scale per row; ``int4`` about 0.52 byte with its block statistics,
+and int8's figure for the value and down projections it keeps in int8 (``layer_kept_params``),
 see :func:`worker_core.precision.bytes_per_param`; norms are counted as quantized too, a
 rounding error of well under 1%), the embeddings and head at ``itemsize`` (they are never
 quantized).  ``kv_bytes(itemsize)`` is K and V of one token in one layer at the compute dtype.
@@ -48,10 +49,12 @@ class ModelDims:
     layer_params: tuple[int, ...]  # parameters of each decoder layer, from the checkpoint's headers
     embed_params: int  # input embeddings and other weights outside the layers (first stage)
     head_params: int  # LM head (the embeddings again when tied) and final norm (last stage)
+    layer_kept_params: tuple[int, ...] = ()  # of each layer's parameters, those int4 keeps in int8 (none if empty)
 
     @staticmethod
-    def parse(config: Any, counts: tuple[Sequence[int], int, int]) -> ModelDims:
-        """From a transformers config and ``(per-layer, embedding, head)`` parameter counts."""
+    def parse(config: Any, counts: tuple[Sequence[int], int, int, Sequence[int]]) -> ModelDims:
+        """From a transformers config and ``(per-layer, embedding, head, per-layer kept in int8)``
+        parameter counts."""
 
         def positive(name: str, value: object) -> int:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -62,7 +65,7 @@ class ModelDims:
         hidden = positive("hidden_size", getattr(config, "hidden_size", None))
         attention_heads = positive("num_attention_heads", getattr(config, "num_attention_heads", None))
         head_dim = getattr(config, "head_dim", None) or hidden // attention_heads
-        layers, embed, head = counts
+        layers, embed, head, kept = counts
         return ModelDims(
             num_layers=positive("num_hidden_layers", getattr(config, "num_hidden_layers", None)),
             hidden_size=hidden,
@@ -72,6 +75,7 @@ class ModelDims:
             layer_params=tuple(int(n) for n in layers),
             embed_params=int(embed),
             head_params=int(head),
+            layer_kept_params=tuple(int(n) for n in kept),
         )
 
     @staticmethod
@@ -93,7 +97,12 @@ class ModelDims:
 
     def layer_bytes(self, index: int, precision: Precision, itemsize: int) -> int:
         """Bytes decoder layer ``index`` takes at ``precision`` (``itemsize``: compute dtype)."""
-        return int(self.layer_params[index] * bytes_per_param(precision, itemsize, self.hidden_size))
+        kept = self.layer_kept_params[index] if self.layer_kept_params else 0
+        rest = self.layer_params[index] - kept
+        return int(
+            rest * bytes_per_param(precision, itemsize, self.hidden_size)
+            + kept * bytes_per_param(precision, itemsize, self.hidden_size, kept=True)
+        )
 
     def largest_layer_bytes(self, precision: Precision, itemsize: int) -> int:
         return max((self.layer_bytes(i, precision, itemsize) for i in range(self.num_layers)), default=0)

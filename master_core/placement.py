@@ -1,7 +1,8 @@
 """Place contiguous ranges of decoder layers on the members of a group.
 
 Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV cache size
-in tokens.  ``planner_members`` turns what the workers announced (memory offered, measured
+in tokens.  ``layers_held(shape, memory)`` is how many layers one member's memory holds.
+``planner_members`` turns what the workers announced (memory offered, measured
 speed, measured link) into planner members timed on a reference step.
 
 ``plan_pipeline(shape, members)``: given each member's memory, measured speed and link, it
@@ -122,6 +123,12 @@ def _room(shape: ModelShape, m: Member) -> _Room:
         return shape.num_layers if per <= 0 else min(shape.num_layers, left // per)
 
     return _Room(fit(shape.first_bytes), fit(0), fit(shape.last_bytes), fit(shape.first_bytes + shape.last_bytes))
+
+
+def layers_held(shape: ModelShape, memory: int) -> int:
+    """Most decoder layers (weights and KV reserve) a member offering ``memory`` bytes holds in
+    the middle of a pipeline (no embeddings, no head)."""
+    return _room(shape, Member("", memory, 1.0)).middle
 
 
 def _by_time(shape: ModelShape, m: Member, limit: float) -> int:

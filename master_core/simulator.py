@@ -251,12 +251,14 @@ def _llama_like(layers: int, hidden: int, inter: int, kv_heads: int, vocab: int,
         layer_params=(attn + mlp + 2 * hidden,) * layers,
         embed_params=embed,
         head_params=embed + hidden,  # an untied head and the final norm
+        layer_kept_params=(hidden * kv_heads * head_dim + experts * hidden * inter,) * layers,  # v and down
     )
 
 
 LLAMA3_8B = _llama_like(32, 4096, 14336, 8, 128_256)
 MIXTRAL_8X7B = _llama_like(32, 4096, 14336, 8, 32_000, experts=8)
 LLAMA3_70B = _llama_like(80, 8192, 28672, 8, 128_256)
+REFERENCE_MODELS = {"Llama-3-8B": LLAMA3_8B, "Mixtral-8x7B": MIXTRAL_8X7B, "Llama-3-70B": LLAMA3_70B}
 
 
 def cards_to_hold(

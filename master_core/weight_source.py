@@ -9,6 +9,9 @@ repository file holds the tensor and at what byte offset, so a worker may read i
 the tensors layers ``[start, end)`` need (see ``worker_core.shard.needed_tensors``), hashing
 each tensor once; hashes are remembered in ``hash_cache`` (a JSON file keyed by file path,
 size, modification time and tensor name), so a restart does not hash the model again.
+A GGUF model's folder (:mod:`worker_core.gguf_source`) is offered as the file's raw blocks:
+each spec's ``gguf_type`` names their GGML type, ``shape`` is the logical shape and ``nbytes``
+the blocks' length, so a worker receives the quantized bytes, never float32.
 ``read(sha256, offset, length)`` (blocking) returns ``(bytes, their sha256)`` of a tensor
 listed in an earlier manifest; an unknown hash or a range outside the tensor is a
 ``ValueError`` (the caller treats it as the peer's protocol error).
@@ -22,6 +25,7 @@ import logging
 import threading
 from pathlib import Path
 
+from worker_core import gguf_source
 from worker_core.shard import checkpoint_files, needed_tensors
 from worker_core.weights import read_locations
 from worker_core.wire import TensorSpec
@@ -35,13 +39,20 @@ class WeightSource:
         self.hash_cache = hash_cache
         self.hub = hub  # "owner/name@commit" when folder is a hub snapshot: specs then say where each tensor lies
         self.config_json = (folder / "config.json").read_text()
-        files = checkpoint_files(folder)
         self._where: dict[
             str, tuple[Path, str, tuple[int, ...], int, int]
         ] = {}  # name -> file, dtype, shape, begin, end
-        for path in sorted(set(files.values())):
-            for name, (dtype, shape, begin, end) in read_locations(path).items():
-                self._where[name] = (path, dtype, shape, begin, end)
+        self._gguf_types: dict[str, str] = {}  # name -> GGML type of its blocks (GGUF models only)
+        gguf = gguf_source.open_folder(folder)
+        if gguf is not None:
+            for name, t in gguf.tensors.items():
+                self._where[name] = (t.file, "U8", t.shape, t.offset, t.offset + t.nbytes)
+                self._gguf_types[name] = t.ggml_type
+        else:
+            files = checkpoint_files(folder)
+            for path in sorted(set(files.values())):
+                for name, (dtype, shape, begin, end) in read_locations(path).items():
+                    self._where[name] = (path, dtype, shape, begin, end)
         self._by_sha: dict[str, tuple[Path, int, int]] = {}  # sha -> file, begin, end
         self._lock = threading.Lock()
         self._hashes: dict[str, str] = {}
@@ -82,7 +93,8 @@ class WeightSource:
             for name in names:
                 path, dtype, shape, begin, stop = self._where[name]
                 where = {"file": path.relative_to(self.folder).as_posix(), "offset": begin} if self.hub else {}
-                spec = TensorSpec(name, dtype, shape, stop - begin, self._sha(name), **where)
+                gguf_type = self._gguf_types.get(name, "")
+                spec = TensorSpec(name, dtype, shape, stop - begin, self._sha(name), gguf_type=gguf_type, **where)
                 self._by_sha[spec.sha256] = (path, begin, stop)
                 specs.append(spec)
             if self.hash_cache is not None and len(self._hashes) != before:

@@ -172,15 +172,17 @@ def test_demo_serve_stops_every_process_on_sigterm():
 
 
 def test_any_gguf_file_is_a_model_source(tmp_path, monkeypatch):
-    from worker_core import model_source
+    from worker_core import gguf_source, model_source
 
     monkeypatch.setattr(default_model, "_models_dir", lambda root: tmp_path / "models")
     gguf = default_model._gguf_path()
     folder = model_source.resolve(str(gguf))
     assert folder.parent == tmp_path / "models" and (folder / MARKER).exists()
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        assert f.get_tensor("model.norm.weight").dtype == torch.float32
-    assert model_source.resolve(str(gguf)) == folder  # converted once
+    assert not list(folder.glob("*.safetensors"))  # a tensor table over the file, no weights
+    table = gguf_source.open_folder(folder)
+    assert table is not None and table.tensors["model.norm.weight"].ggml_type == "F32"
+    assert table.load("model.norm.weight").dtype == torch.float32
+    assert model_source.resolve(str(gguf)) == folder  # made once
     bad = tmp_path / "weights.bin"
     bad.write_bytes(b"\0" * 16)
     with pytest.raises(model_source.ModelSourceError, match="unsupported model file"):

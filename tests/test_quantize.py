@@ -66,7 +66,9 @@ def test_layer_bytes_shrink_and_the_master_counts_them(tiny, arch):
     full = load_shard(path, 1, 4, CPU, torch.float32)
     base = _layers_bytes(full)
     assert full.weight_bytes == base  # a middle stage holds only its layers
-    for precision, most in ((Precision.INT8, 0.3), (Precision.INT4, 0.2)):
+    # the issue's aims (0.3x, 0.2x) hold on the default model (below); on these 64-wide layers
+    # bitsandbytes' fixed code books per 4-bit matrix weigh a few per cent more
+    for precision, most in ((Precision.INT8, 0.3), (Precision.INT4, 0.22)):
         shard = load_shard(path, 1, 4, CPU, torch.float32, precision)
         assert shard.precision is precision
         real = _layers_bytes(shard)
@@ -77,6 +79,11 @@ def test_layer_bytes_shrink_and_the_master_counts_them(tiny, arch):
         q_proj: torch.nn.Module = layer.get_submodule("self_attn.q_proj")
         assert type(q_proj).__name__ == ("Linear8bitLt" if precision is Precision.INT8 else "Linear4bit")
         assert next(q_proj.parameters()).dtype in (torch.int8, torch.uint8)
+        # int4 keeps the value and down projections in int8 (as Q4_K_M gives them more bits)
+        v_proj: torch.nn.Module = layer.get_submodule("self_attn.v_proj")
+        assert type(v_proj).__name__ == "Linear8bitLt"
+        if not arch.endswith("moe"):
+            assert type(layer.get_submodule("mlp.down_proj")).__name__ == "Linear8bitLt"
         if arch.endswith("moe"):
             assert isinstance(layer.get_submodule("mlp.experts").gate_up_proj, QuantizedExperts)
         # the master's estimate (model_dims) leaves out only bitsandbytes' fixed tables per
@@ -245,16 +252,32 @@ def test_cards_of_24_gb_hold_a_70b_model_at_4_bits_and_not_at_16():
     card = 23 * 10**9
     assert cards_to_hold(LLAMA3_70B, card, Precision.NONE) == 7  # 141 GB of fp16 weights
     assert cards_to_hold(LLAMA3_70B, card, Precision.INT8) == 4
-    assert cards_to_hold(LLAMA3_70B, card, Precision.INT4) == 2
+    assert cards_to_hold(LLAMA3_70B, card, Precision.INT4) == 3  # its value and down projections in int8
     four = [Member(str(i), card, 1.0) for i in range(4)]
     assert LLAMA3_70B.lightest_fit(four, 2) is Precision.INT8
-    assert LLAMA3_70B.lightest_fit(four[:2], 2) is Precision.INT4
-    assert LLAMA3_70B.lightest_fit(four[:1], 2) is None
-    # the simulator's 70B rows: 4 cards at 4 bits keep the KV cap, 8 at fp16 far less room
-    assert kv_tokens_on_cards(LLAMA3_70B, 4, card, Precision.INT4) == 65536
+    assert LLAMA3_70B.lightest_fit(four[:3], 2) is Precision.INT4
+    assert LLAMA3_70B.lightest_fit(four[:2], 2) is None
+    # the simulator's 70B rows: 4 cards at 4 bits near the KV cap, 8 at fp16 less room
+    assert 50_000 < kv_tokens_on_cards(LLAMA3_70B, 4, card, Precision.INT4) <= 65536
     assert 20_000 < kv_tokens_on_cards(LLAMA3_70B, 8, card, Precision.NONE) < 65536
     with pytest.raises(PlacementError, match="GB more"):
         kv_tokens_on_cards(LLAMA3_70B, 4, card, Precision.NONE)
+
+
+def test_probe_says_how_many_layers_of_common_models_this_machine_holds():
+    from app.cli import _layers_held_line
+    from master_core.placement import layers_held
+    from master_core.simulator import LLAMA3_70B
+
+    card = 23 * 10**9
+    held = [layers_held(LLAMA3_70B.shape(p, 2), card) for p in Precision]
+    assert held[0] < held[1] < held[2] < LLAMA3_70B.num_layers  # fp16 < int8 < int4, and not all of it
+    # consistent with the planner: two such cards cannot hold the 4-bit model (the embeddings and
+    # head take room at the ends), three can
+    assert 2 * held[2] <= LLAMA3_70B.num_layers <= 3 * held[2]
+    line = _layers_held_line(card, 2)
+    assert f"Llama-3-70B {held[0]} / {held[1]} / {held[2]} of 80" in line and "21.4 GiB" in line
+    assert "Llama-3-70B 0 / 0 / 0 of 80" in _layers_held_line(10**8, 2)
 
 
 def test_the_evaluation_text_ships_with_the_package_and_is_long_enough():

@@ -153,8 +153,8 @@ def test_model_dims_count_a_stage_from_the_checkpoint_and_refuse_a_config_withou
         num_key_value_heads=2,
         max_position_embeddings=None,
     )
-    d = ModelDims.parse(cfg, ([10, 20, 30], 7, 5))
+    d = ModelDims.parse(cfg, ([10, 20, 30], 7, 5, [2, 4, 6]))
     assert (d.max_positions, d.kv_bytes_per_token) == (2048, 2 * 2 * 16 * 4)  # head_dim 64 / 4
     assert (d.stage_params(0, 1), d.stage_params(1, 2), d.stage_params(1, 3), d.stage_params(0, 3)) == (17, 20, 55, 72)
     with pytest.raises(ValueError, match="hidden_size"):
-        ModelDims.parse(SimpleNamespace(num_hidden_layers=3, vocab_size=9, num_attention_heads=2), ([1], 1, 1))
+        ModelDims.parse(SimpleNamespace(num_hidden_layers=3, vocab_size=9, num_attention_heads=2), ([1], 1, 1, [0]))

@@ -67,6 +67,21 @@ MESSAGES = [
     Failure("boom", 7),
     Leave(False),
     Leave(True),
+    Assign(  # a GGUF model's tensors travel as their blocks: U8 bytes, GGML type, logical shape
+        3,
+        "d" * 64,
+        0,
+        10,
+        30,
+        512,
+        4096,
+        "{}",
+        (
+            TensorSpec("model.layers.0.mlp.up_proj.weight", "U8", (1536, 576), 1536 * 18 * 18, SHA, gguf_type="Q4_0"),
+            TensorSpec("model.norm.weight", "U8", (576,), 576 * 4, SHA, gguf_type="F32"),
+            TensorSpec("model.layers.0.mlp.down_proj.weight", "U8", (576, 1536), 576 * 6 * 210, SHA, gguf_type="Q6_K"),
+        ),
+    ),
 ]
 
 
@@ -106,6 +121,8 @@ def _step_header(**over):
 GOOD_PAYLOAD = torch.tensor([1, 2]).numpy().tobytes()
 HELLO = json.loads(encode(MESSAGES[1])[9:])  # valid headers, to spoil one field at a time
 ASSIGN = json.loads(encode(MESSAGES[4])[9:])
+GGUF_SPEC = {"name": "model.layers.0.self_attn.q_proj.weight", "dtype": "U8", "shape": [64, 64], "nbytes": 64 * 2 * 34}
+GGUF_SPEC["gguf_type"] = "Q8_0"
 
 BAD_FRAMES = {
     "empty": b"",
@@ -250,6 +267,23 @@ BAD_FRAMES = {
     "assign tensor offset negative": _frame(
         wire.Kind.ASSIGN, dict(ASSIGN, manifest=[dict(ASSIGN["manifest"][0], offset=-1)])
     ),
+    **{
+        f"assign gguf spec {why}": _frame(
+            wire.Kind.ASSIGN, dict(ASSIGN, hub="", manifest=[dict(GGUF_SPEC, sha256=SHA, **change)])
+        )
+        for why, change in {
+            "unknown type": {"gguf_type": "IQ2_XXS"},
+            "type not a string": {"gguf_type": 8},
+            "bytes short of the blocks": {"nbytes": 64 * 34 - 1},
+            "bytes beyond the blocks": {"nbytes": 64 * 34 + 34},
+            "row not whole blocks": {"shape": [2, 48], "nbytes": 34 * 3},
+            "not U8": {"dtype": "F32"},
+            "from a hub file": {"file": "model.gguf"},
+            "empty shape": {"shape": [], "nbytes": 0},
+            "zero dim": {"shape": [0, 64], "nbytes": 0},
+            "too many dims": {"shape": [1, 1, 1, 2, 32], "nbytes": 68},
+        }.items()
+    },
     "leave finish missing": _frame(wire.Kind.LEAVE, {}),
     "leave finish not bool": _frame(wire.Kind.LEAVE, {"finish": 1}),
     "leave finish string": _frame(wire.Kind.LEAVE, {"finish": "true"}),
@@ -267,6 +301,8 @@ def test_bad_frames_are_protocol_errors(name):
 def test_the_valid_headers_used_above_decode():
     assert decode(_frame(wire.Kind.HELLO, HELLO)) == MESSAGES[1]  # so each spoiled copy fails for its one defect
     assert decode(_frame(wire.Kind.ASSIGN, ASSIGN)) == MESSAGES[4]
+    gguf = decode(_frame(wire.Kind.ASSIGN, dict(ASSIGN, hub="", manifest=[dict(GGUF_SPEC, sha256=SHA)])))
+    assert isinstance(gguf, Assign) and gguf.manifest[0].gguf_type == "Q8_0" and gguf.manifest[0].shape == (64, 64)
 
 
 def test_frame_size_limit():

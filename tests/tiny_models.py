@@ -230,3 +230,125 @@ def reference_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> 
         pad_token_id=0,
     )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def make_tiny_gguf(
+    path: Path,
+    qtype: str,
+    *,
+    num_layers: int = 4,
+    seed: int = 0,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    tie_embeddings: bool = False,
+    raw_types: dict[str, str] | None = None,
+) -> Path:
+    """Write a random tiny llama as a GGUF file the way llama.cpp's converter would: q/k rows
+    permuted into its rotary layout, matrices as ``qtype`` blocks (``gguf.quants.quantize``),
+    1-D tensors (norms) as F32, the model's hyper-parameters under ``llama.*`` and the tokenizer
+    of the embedded default model's GGUF (``tokenizer.*`` keys copied), so the vocabulary is its
+    49152 tokens.  ``raw_types`` (GGUF name -> GGML type) writes those tensors as zero blocks of
+    a type ``gguf`` cannot quantize (e.g. an IQ type).  Same arguments, same file."""
+    import gguf
+    import numpy as np
+    import transformers
+
+    from worker_core.default_model import _gguf_path
+
+    source = gguf.GGUFReader(_gguf_path())
+    vocab = len(source.fields["tokenizer.ggml.tokens"].data)
+    head_dim = hidden_size // num_attention_heads
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie_embeddings,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model = transformers.LlamaForCausalLM(config).eval()
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # not all ones: the norms must really be read
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, num_layers)
+
+    def permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp's q/k permutation (HF -> GGUF)
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_block_count(num_layers)
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden_size)
+    writer.add_feed_forward_length(intermediate_size)
+    writer.add_head_count(num_attention_heads)
+    writer.add_head_count_kv(num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(vocab)
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    quant = gguf.GGMLQuantizationType[qtype]
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and tie_embeddings:
+            continue
+        base, _, suffix = name.rpartition(".")
+        gname = f"{names.get_name(base)}.{suffix}"
+        w = tensor.float().numpy()
+        if ".attn_q." in gname:
+            w = permute(w, num_attention_heads)
+        elif ".attn_k." in gname:
+            w = permute(w, num_key_value_heads)
+        if gname in (raw_types or {}):
+            raw = gguf.GGMLQuantizationType[(raw_types or {})[gname]]
+            block, size = gguf.GGML_QUANT_SIZES[raw]
+            zeros = np.zeros((*w.shape[:-1], w.shape[-1] // block * size), dtype=np.uint8)
+            writer.add_tensor(gname, zeros, raw_shape=zeros.shape, raw_dtype=raw)
+        elif w.ndim == 1 or quant == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
+        else:
+            q = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), quant)
+            writer.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _load_gguf(path: str) -> Callable:
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def reference_greedy_gguf(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """``reference_greedy`` of a GGUF file, as transformers loads it (dequantized, float32)."""
+    model = _load_gguf(str(path))
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt_ids) :].tolist()

@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("molink.default_model")
@@ -61,12 +62,12 @@ def _gguf_path() -> Path:
     return path
 
 
-def _is_complete(folder: Path, gguf: Path) -> bool:
+def _is_complete(folder: Path, gguf: Path, fmt: int | str = FORMAT_VERSION) -> bool:
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("format") == FORMAT_VERSION and marker.get("source_size") == gguf.stat().st_size
+    return marker.get("format") == fmt and marker.get("source_size") == gguf.stat().st_size
 
 
 def ensure_default_model(cache_root: Path | None = None) -> Path:
@@ -79,25 +80,31 @@ def gguf_model_dir(gguf: Path, cache_root: Path | None = None) -> Path:
     return _models_dir(cache_root) / f"gguf-{gguf.stem}-{st.st_size:x}"
 
 
-def ensure_converted(gguf: Path, final: Path) -> Path:
-    """Convert ``gguf`` once, atomically, into the safetensors folder ``final``."""
-    if _is_complete(final, gguf):
+def ensure_converted(
+    gguf: Path,
+    final: Path,
+    convert: Callable[[Path, Path], None] | None = None,
+    fmt: int | str = FORMAT_VERSION,
+) -> Path:
+    """Convert ``gguf`` once, atomically, into the folder ``final``: by default a float32
+    safetensors checkpoint; ``convert(gguf, new_folder)`` (with its own marker format ``fmt``)
+    makes another kind of folder with the same temporary-folder, marker and rename steps."""
+    convert = convert or _convert
+    if _is_complete(final, gguf, fmt):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(final.parent)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     try:
-        _convert(gguf, tmp)
-        (tmp / MARKER).write_text(
-            json.dumps({"format": FORMAT_VERSION, "source": gguf.name, "source_size": gguf.stat().st_size})
-        )
-        if final.exists() and not _is_complete(final, gguf):
+        convert(gguf, tmp)
+        (tmp / MARKER).write_text(json.dumps({"format": fmt, "source": gguf.name, "source_size": gguf.stat().st_size}))
+        if final.exists() and not _is_complete(final, gguf, fmt):
             shutil.rmtree(final, ignore_errors=True)  # incomplete or outdated: never used
         try:
             os.rename(tmp, final)
         except OSError:
-            if not _is_complete(final, gguf):  # not a lost race: a real failure
+            if not _is_complete(final, gguf, fmt):  # not a lost race: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,12 +30,23 @@ class Precision(str, Enum):
 
 PRECISIONS = tuple(p.value for p in Precision)
 
+# name components of the matrices ``int4`` keeps in int8: value projections and the MLP's down
+# projection under the names the transformers families use
+INT8_IN_INT4 = frozenset({"v_proj", "down_proj", "w2", "fc2", "dense_4h_to_h"})
 
-def bytes_per_param(precision: Precision, itemsize: int, in_features: int) -> float:
+
+def kept_in_int8(name: str) -> bool:
+    """Whether the module or tensor ``name`` (dotted; e.g. ``model.layers.3.mlp.down_proj.weight``)
+    is a matrix ``int4`` stores in int8."""
+    return not INT8_IN_INT4.isdisjoint(name.split("."))
+
+
+def bytes_per_param(precision: Precision, itemsize: int, in_features: int, kept: bool = False) -> float:
     """Bytes one weight of a quantizable matrix takes at ``precision`` (planning estimate):
     ``none`` the compute dtype's ``itemsize``; ``int8`` one byte plus a float32 row scale shared
-    by ``in_features`` weights; ``int4`` half a byte plus its share of the block statistics."""
-    if precision is Precision.INT8:
+    by ``in_features`` weights; ``int4`` half a byte plus its share of the block statistics, or
+    the ``int8`` figure for a matrix ``kept`` in int8 (see :func:`kept_in_int8`)."""
+    if precision is Precision.INT8 or (precision is Precision.INT4 and kept):
         return 1.0 + 4.0 / max(1, in_features)
     if precision is Precision.INT4:
         return 0.5 + INT4_STAT_BYTES

@@ -10,7 +10,9 @@ shape).  With ``master`` (``host:port`` of a plain loopback master), ``rtt_ms`` 
 of five HTTP round trips to its ``/health``.  With ``group`` (the data folder of a joined
 machine), the link is measured over the group's mutual-TLS port: ``rtt_ms`` the best of five
 empty ``/v1/probe`` round trips on one connection, ``bandwidth_mbps`` the download speed of
-``PROBE_BYTES`` from the master.
+``PROBE_BYTES`` from the master.  ``offered`` is the memory a worker here would offer the
+group (the device's free memory), from which ``molink probe`` tells how many layers of
+common models this machine would hold at each precision.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Probe:
     cpu_cores: int = 0
     device: str = "cpu"  # what a worker here would compute on
     dtype: str = "float32"
+    offered: int = 0  # bytes a worker here would offer the group (its device's free memory)
     matmul_gflops: float = 0.0
     rtt_ms: float | None = None
     bandwidth_mbps: float | None = None  # master -> this machine, Mbit/s (groups only)
@@ -146,6 +149,7 @@ def probe(device: str = "auto", master: str | None = None, group: Path | None = 
         cpu_cores=os.cpu_count() or 1,
         device=str(info.device),
         dtype=DTYPE_NAMES[info.dtype],
+        offered=info.free_memory,
         matmul_gflops=matmul_gflops(info),
         rtt_ms=rtt,
         bandwidth_mbps=mbps,

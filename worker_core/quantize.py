@@ -7,8 +7,9 @@ weights are loaded on the CPU in the compute ``dtype``:
 
 * every ``nn.Linear`` by the bitsandbytes module of that precision (``int8``:
   ``Linear8bitLt``, LLM.int8() with the usual outlier threshold of 6; ``int4``:
-  ``Linear4bit`` NF4, blocks of :data:`INT4_BLOCK`, double-quantized statistics), computing
-  in ``dtype``;
+  ``Linear4bit`` NF4, blocks of :data:`INT4_BLOCK`, double-quantized statistics, except the
+  value and down projections, which ``int4`` keeps in int8: see
+  :func:`worker_core.precision.kept_in_int8`), computing in ``dtype``;
 * every stacked mixture-of-experts weight (a 3-D parameter ``[experts, out, in]``, as the
   fused experts of transformers 5 hold them) by :class:`QuantizedExperts`, which stores each
   expert's matrix with the same bitsandbytes quantizers and gives the family's own forward
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .precision import INT4_BLOCK, PRECISIONS, Precision, bytes_per_param
+from .precision import INT4_BLOCK, PRECISIONS, Precision, bytes_per_param, kept_in_int8
 
 __all__ = [
     "INT4_BLOCK",
@@ -140,16 +141,20 @@ def quantize_layer(layer: nn.Module, precision: Precision, device: torch.device,
     if precision is Precision.NONE:
         layer.to(device)
         return
+
+    def of(name: str) -> Precision:
+        return Precision.INT8 if precision is Precision.INT4 and kept_in_int8(name) else precision
+
     swapped = 0
     for parent in list(layer.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, _quantized_linear(child, precision, device, dtype))
+                setattr(parent, name, _quantized_linear(child, of(name), device, dtype))
                 swapped += 1
         for name, p in list(parent.named_parameters(recurse=False)):
             if p.dim() == 3:  # stacked experts [experts, out, in]
                 del parent._parameters[name]
-                object.__setattr__(parent, name, QuantizedExperts(p.data, precision, device))
+                object.__setattr__(parent, name, QuantizedExperts(p.data, of(name), device))
                 swapped += 1
     if not swapped:
         raise QuantizeError(f"{type(layer).__name__} has no linear or expert weights to quantize")

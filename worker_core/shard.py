@@ -7,9 +7,12 @@ layers ``[start, end)`` (renumbered from 0, so each shard has its own cache indi
 embeddings when ``start == 0``, the final norm and LM head when ``end == num_layers``, and the
 rotary embedding.  The skeleton is built on the ``meta`` device and only the tensors of the
 range are read from the safetensors files (``safe_open``), so a stage's memory is its share of
-the checkpoint.  Tied embeddings (no ``lm_head.weight`` in the file) are read from the input
-embedding's tensor.  Any tensor the range needs but the checkpoint lacks is a clear
-:class:`ShardError`.  The model's own classes (from ``transformers``) do the maths.
+the checkpoint.  A GGUF model's folder (:mod:`worker_core.gguf_source`: a tensor table over a
+GGUF file or over delivered blocks) is read through the same seam (:func:`_tensor_reader`): each
+tensor of the range is read and dequantized alone, then cast and quantized like any other.
+Tied embeddings (no ``lm_head.weight`` in the file) are read from the input embedding's tensor.
+Any tensor the range needs but the checkpoint lacks is a clear :class:`ShardError`.  The model's
+own classes (from ``transformers``) do the maths.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import checkpoint_keys
+from . import checkpoint_keys, gguf_source
+from .precision import kept_in_int8
 from .quantize import Precision, module_bytes, quantize_layer
 
 log = logging.getLogger("molink.shard")
@@ -90,7 +94,11 @@ class Shard:
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Map every tensor name of a safetensors checkpoint (single file or sharded) to its file."""
+    """Map every tensor name of a safetensors checkpoint (single file or sharded), or of a GGUF
+    model's folder, to its file."""
+    gguf = _gguf(folder)
+    if gguf is not None:
+        return {name: t.file for name, t in gguf.tensors.items()}
     index = folder / INDEX_NAME
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -101,6 +109,30 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
         raise ShardError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} (found: {', '.join(found[:10]) or 'nothing'})")
     with safe_open(str(single), framework="pt") as f:
         return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open is no dict (no __iter__)
+
+
+def _gguf(folder: Path) -> gguf_source.GgufCheckpoint | None:
+    try:
+        return gguf_source.open_folder(folder)
+    except gguf_source.GgufError as e:
+        raise ShardError(str(e)) from None
+
+
+def _tensor_reader(folder: Path, files: dict[str, Path], stack: ExitStack) -> Any:  # Callable[[str], Tensor]
+    """``read(name)`` -> one checkpoint tensor on the CPU: from the safetensors files, or read and
+    dequantized (float32) from a GGUF model's blocks."""
+    gguf = _gguf(folder)
+    if gguf is not None:
+        return gguf.load
+    handles: dict[Path, Any] = {}
+
+    def read(key: str) -> torch.Tensor:
+        path = files[key]
+        if path not in handles:
+            handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        return handles[path].get_tensor(key)
+
+    return read
 
 
 def load_config(folder: Path) -> Any:  # a transformers PretrainedConfig
@@ -281,16 +313,10 @@ def load_shard(
             rest[local_name] = how
     weight_bytes = 0
     with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
+        read_one = _tensor_reader(folder, files, stack)
 
         def read(keys: list[str]) -> list[torch.Tensor]:
-            out = []
-            for key in keys:
-                path = files[key]
-                if path not in handles:
-                    handles[path] = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-                out.append(handles[path].get_tensor(key))
-            return out
+            return [read_one(key) for key in keys]
 
         for local, layer in enumerate(sk.kept):
             # full precision is built on the CPU; quantize_layer moves (and on CUDA quantizes) it
@@ -381,30 +407,39 @@ def _detach(model: nn.Module, dotted: str) -> None:
     setattr(parent, attr, None)
 
 
-def parameter_counts(folder: Path) -> tuple[list[int], int, int]:
-    """(parameters of each decoder layer, of the input embeddings, of the LM head) from the
-    checkpoint's headers only (no tensor is read).  A tied head counts as the embeddings."""
+def parameter_counts(folder: Path) -> tuple[list[int], int, int, list[int]]:
+    """(parameters of each decoder layer, of the input embeddings, of the LM head, of each decoder
+    layer's matrices that ``int4`` keeps in int8) from the checkpoint's headers only (no tensor is
+    read).  A tied head counts as the embeddings."""
     files = checkpoint_files(folder)
+    gguf = _gguf(folder)
     layer_re = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
     per_layer: dict[int, int] = {}
+    kept: dict[int, int] = {}
     embed = head = other = 0
     by_file: dict[Path, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
-            for name in names:
-                n = 1
-                for d in f.get_slice(name).get_shape():
-                    n *= d
-                m = layer_re.search(name)
-                if m:
-                    per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + n
-                elif "embed" in name or name.endswith(("wte.weight", "word_embeddings.weight")):
-                    embed += n
-                elif "lm_head" in name:
-                    head += n
-                else:
-                    other += n
+    shapes: dict[str, tuple[int, ...]] = {}
+    if gguf is not None:
+        shapes = {name: t.shape for name, t in gguf.tensors.items()}
+    else:
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in names})
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        m = layer_re.search(name)
+        if m:
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + n
+            kept[int(m.group(1))] = kept.get(int(m.group(1)), 0) + (n if kept_in_int8(name) else 0)
+        elif "embed" in name or name.endswith(("wte.weight", "word_embeddings.weight")):
+            embed += n
+        elif "lm_head" in name:
+            head += n
+        else:
+            other += n
     layers = [per_layer[i] for i in sorted(per_layer)]
-    return layers, embed + other, head or embed
+    return layers, embed + other, head or embed, [kept[i] for i in sorted(per_layer)]

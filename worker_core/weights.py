@@ -17,7 +17,10 @@ length) is asked for again (up to ``CHUNK_RETRIES`` times).  Chunks are written 
 file is checked against the tensor's hash before it is renamed into place (a mismatch removes
 it and raises :class:`WeightError`).  ``cache.folder(digest, config_json, specs)`` then writes
 a checkpoint folder (``config.json`` + ``model.safetensors.index.json`` pointing at the cached
-files) that :func:`worker_core.shard.load_shard` reads like any other.  ``cache.prune(specs)``
+files) that :func:`worker_core.shard.load_shard` reads like any other.  A GGUF model's tensors
+(specs with a ``gguf_type``) are kept as their raw blocks (a one-tensor U8 file whose metadata
+names the type and logical shape), and their folder also gets the tensor table of
+:mod:`worker_core.gguf_source`, so the shard dequantizes them as it reads them.  ``cache.prune(specs)``
 bounds the disk used: the assigned tensors plus at most as many bytes of recently used others.
 
 ``read_locations(path)`` parses a safetensors file's header (a local file, never network
@@ -35,6 +38,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from . import gguf_source
 from .wire import TensorSpec
 
 log = logging.getLogger("molink.weights")
@@ -71,9 +75,13 @@ def read_locations(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int
 
 
 def _header(spec: TensorSpec) -> bytes:
-    body = json.dumps(
-        {spec.name: {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [0, spec.nbytes]}}
-    ).encode()
+    if spec.gguf_type:  # raw GGUF blocks: bytes in the file, their type and logical shape in its metadata
+        entry = {"dtype": "U8", "shape": [spec.nbytes], "data_offsets": [0, spec.nbytes]}
+        meta = {"gguf_type": spec.gguf_type, "shape": json.dumps(list(spec.shape))}
+        body = json.dumps({"__metadata__": meta, spec.name: entry}).encode()
+    else:
+        entry = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [0, spec.nbytes]}
+        body = json.dumps({spec.name: entry}).encode()
     body += b" " * (-len(body) % 8)
     return struct.pack("<Q", len(body)) + body
 
@@ -271,6 +279,14 @@ class WeightCache:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(config_json)
         weight_map = {s.name: os.path.relpath(self.path(s), folder) for s in specs}
+        blocks = [s for s in specs if s.gguf_type]
+        if blocks:
+            if len(blocks) != len(specs):
+                raise WeightError("a manifest mixes GGUF blocks and safetensors tensors")
+            table = {s.name: (Path(weight_map[s.name]), len(_header(s)), s.nbytes, s.gguf_type, s.shape) for s in specs}
+            gguf_source.write_table(folder, config_json, table)
+        else:
+            (folder / gguf_source.SIDECAR).unlink(missing_ok=True)
         tmp = folder / "index.tmp"
         tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         tmp.replace(folder / "model.safetensors.index.json")

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 3  # 3: Leave
+PROTOCOL_VERSION = 4  # 3: Leave; 4: TensorSpec.gguf_type (GGUF blocks travel as they are)
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -70,6 +70,23 @@ HUB_REF = re.compile(f"^{HUB_REPO}@[0-9a-f]{{40}}$")
 SAFETENSORS_DTYPES = frozenset(
     {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
 )
+# GGML tensor types a GGUF model's tensors may travel as: name -> (elements per block, bytes per block);
+# the same numbers as ``gguf.GGML_QUANT_SIZES`` (worker_core.gguf_source checks they agree)
+GGUF_TYPES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q2_K": (256, 84),
+    "Q3_K": (256, 110),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _REPO_FILE = re.compile(r"^[\w.\-]+(/[\w.\-]+)*$")
 
@@ -131,12 +148,28 @@ class Hello:
     link_mbps: float = 0.0  # measured master -> worker bandwidth, Mbit/s (0: unknown)
 
 
+def gguf_nbytes(gguf_type: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of logical ``shape`` (torch order) takes stored as ``gguf_type`` blocks;
+    ValueError when the type is unknown or the rows do not split into whole blocks."""
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"GGUF tensor type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    block_elements, block_bytes = GGUF_TYPES[gguf_type]
+    if not shape or shape[-1] % block_elements:
+        raise ValueError(f"shape {list(shape)} does not split into whole {gguf_type} blocks of {block_elements}")
+    return math.prod(shape) // block_elements * block_bytes
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of a delivered layer range: an entry of an ``Assign`` manifest."""
+    """One tensor of a delivered layer range: an entry of an ``Assign`` manifest.
+
+    A tensor of a safetensors checkpoint travels as its bytes (``dtype``, ``shape``).  A tensor of
+    a GGUF model travels as the file's raw blocks: ``gguf_type`` names their GGML type (one of
+    ``GGUF_TYPES``), ``shape`` is the logical (dequantized, torch-order) shape, ``dtype`` is "U8"
+    and ``nbytes`` the blocks' length, which must be exactly what that type and shape take."""
 
     name: str
-    dtype: str  # safetensors dtype, e.g. "F32"
+    dtype: str  # safetensors dtype, e.g. "F32" ("U8" for GGUF blocks)
     shape: tuple[int, ...]
     nbytes: int
     sha256: str  # hex digest of the tensor's bytes
@@ -144,6 +177,7 @@ class TensorSpec:
     # ``[offset, offset + nbytes)`` of ``file``
     file: str = ""
     offset: int = 0
+    gguf_type: str = ""  # GGML type of the raw blocks ("" for a safetensors tensor), e.g. "Q4_0"
 
     def as_json(self) -> dict:
         out = {
@@ -153,7 +187,8 @@ class TensorSpec:
             "nbytes": self.nbytes,
             "sha256": self.sha256,
         }
-        return out | ({"file": self.file, "offset": self.offset} if self.file else {})
+        out |= {"file": self.file, "offset": self.offset} if self.file else {}
+        return out | ({"gguf_type": self.gguf_type} if self.gguf_type else {})
 
     @staticmethod
     def parse(raw: object) -> TensorSpec:
@@ -187,7 +222,19 @@ class TensorSpec:
             raise ValueError("bad tensor file: a relative path in the repository")
         if type(offset) is not int or not 0 <= offset <= 1 << 48:
             raise ValueError("bad tensor offset")
-        return TensorSpec(name, dtype, tuple(shape), nbytes, sha, file, offset)
+        gguf_type = raw.get("gguf_type", "")
+        if not isinstance(gguf_type, str):
+            raise ValueError("bad GGUF tensor type")
+        if gguf_type:
+            if gguf_type not in GGUF_TYPES:
+                raise ValueError(f"GGUF tensor type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+            if dtype != "U8" or file:
+                raise ValueError("GGUF blocks travel as U8 bytes from the master only")
+            if not 0 < len(shape) <= MAX_TENSOR_DIMS or any(d == 0 for d in shape):
+                raise ValueError(f"bad GGUF tensor shape {shape}")
+            if gguf_nbytes(gguf_type, tuple(shape)) != nbytes:
+                raise ValueError(f"{nbytes} bytes do not hold a {gguf_type} tensor of shape {shape}")
+        return TensorSpec(name, dtype, tuple(shape), nbytes, sha, file, offset, gguf_type)
 
 
 @dataclass(frozen=True)
