@@ -230,6 +230,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--single", action="store_true", help="one request at a time: 3 stages vs single-process transformers"
     )
+    b.add_argument(
+        "--burst", action="store_true", help="bursts of long prompts over short streams: gap p99/median per policy"
+    )
+    b.add_argument(
+        "--concurrent", type=int, default=0, help="N concurrent clients vs one process serving them as one batch"
+    )
     b.add_argument("--seed", type=int, default=BenchOptions.seed)
     b.add_argument("--out", default=str(BenchOptions().out), help="folder for bench.json and the plots")
     b.set_defaults(func=_bench, quiet=True)
@@ -551,6 +557,8 @@ def _bench(args: argparse.Namespace, sup: Supervision) -> int:
         seed=args.seed,
         simulate=args.simulate,
         single=args.single,
+        burst=args.burst,
+        concurrent=args.concurrent,
         out=Path(args.out),
     )
     return _run(lambda: run_bench(bopts))

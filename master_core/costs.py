@@ -2,9 +2,16 @@
 
 Contract: pure bookkeeping, fed by the relay with what really happened, read by the
 scheduler; nothing is assumed.  ``StageCost`` fits ``seconds = fixed + per_token * tokens``
-over the last observations (ordinary least squares; one size seen: a proportional model).
+(ordinary least squares; one size seen: a proportional model) through the fastest recent
+observation of each size class: stages that share a machine's cores slow each other's steps
+down, and that contention must not pass for a per-token cost (it made chunks ever smaller).
 ``LinkCost`` fits the time a step spends on a master<->worker link beyond the worker's
-compute, ``seconds = rtt + bytes / bandwidth``, from the same kind of observations.
+compute, ``seconds = rtt + bytes / bandwidth``, from the same kind of observations; that time
+also holds the wait behind other frames in the link's queues (queueing only adds), so the
+link is fitted through the fastest recent observation of each size class (sizes a factor 2
+apart), the lower envelope, not through the mean: a burst of large frames must not pass for
+a slow link or a long round trip.
+``shared_devices(hellos)`` tells from the workers' announcements which stages share a device.
 Before enough variety is seen, estimates are ``None``; a start-up profile (steps of several
 sizes) gives them their first values, and online refinement keeps them current.
 """
@@ -12,7 +19,12 @@ sizes) gives them their first values, and online refinement keeps them current.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the wire module imports torch; this one stays pure
+    from worker_core.wire import Hello
 
 
 class _LineFit:
@@ -39,9 +51,32 @@ class _LineFit:
         return a, b
 
 
-class StageCost:
+class _Envelope:
+    """The fastest recent observation of each size class (sizes a factor 2 apart), and the
+    line through them: waiting behind other work only adds time, so the fastest is the cost."""
+
+    PER_CLASS = 32  # recent observations kept per size class
+
     def __init__(self) -> None:
-        self._fit = _LineFit()
+        self._classes: dict[int, deque[tuple[float, float]]] = {}
+
+    def add(self, size: float, seconds: float) -> None:
+        key = max(0, int(size)).bit_length()
+        self._classes.setdefault(key, deque(maxlen=self.PER_CLASS)).append((float(size), float(seconds)))
+
+    def fit(self) -> tuple[float, float] | None:
+        line = _LineFit()
+        for points in self._classes.values():
+            line.add(*min(points, key=lambda p: p[1]))
+        return line.fit()
+
+
+class StageCost:
+    """A stage's forward time; the stages of one machine slow each other down (a step that
+    ran beside another stage's large step takes longer), so the fit is the envelope too."""
+
+    def __init__(self) -> None:
+        self._fit = _Envelope()
 
     def observe(self, tokens: int, seconds: float) -> None:
         self._fit.add(tokens, seconds)
@@ -57,7 +92,7 @@ class StageCost:
 
 class LinkCost:
     def __init__(self) -> None:
-        self._fit = _LineFit()
+        self._fit = _Envelope()
 
     def observe(self, nbytes: int, seconds: float) -> None:
         self._fit.add(nbytes, seconds)
@@ -81,7 +116,43 @@ class CostSnapshot:
     link_bandwidth: tuple[float, ...]
     hidden_bytes_per_token: int  # activation bytes per token between stages
     logits_bytes_per_row: int  # bytes of one logits row from the last stage
+    # the hardware the stages compute on: per stage, the index of its device (stages with the
+    # same index share it: several workers on one machine's CPU, one GPU serving two ranges),
+    # and per device index how many steps it runs side by side (a CPU's cores over a worker's
+    # threads; a GPU 1).  Empty: every stage has a device of its own.
+    devices: tuple[int, ...] = ()
+    device_slots: tuple[int, ...] = ()
 
     @property
     def stages(self) -> int:
         return len(self.stage_fixed)
+
+    def device_groups(self) -> list[tuple[tuple[int, ...], int]]:
+        """(the stages of one device, how many steps it runs at once), one entry per device."""
+        if len(self.devices) != self.stages:
+            return [((i,), 1) for i in range(self.stages)]
+        groups: dict[int, list[int]] = {}
+        for stage, device in enumerate(self.devices):
+            groups.setdefault(device, []).append(stage)
+        return [
+            (tuple(stages), max(1, self.device_slots[d] if d < len(self.device_slots) else 1))
+            for d, stages in groups.items()
+        ]
+
+
+def shared_devices(hellos: Sequence[Hello]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``CostSnapshot.devices`` and ``device_slots`` from the stages' announcements: workers
+    naming the same ``machine`` and device share one device (unnamed ones have their own); a
+    CPU runs ``cores // threads`` steps side by side (one when a worker uses every core), a
+    GPU one."""
+    index: dict[tuple[str, str], int] = {}
+    devices: list[int] = []
+    slots: list[int] = []
+    for i, h in enumerate(hellos):
+        key = (h.machine, h.device) if h.machine else (f"#{i}", h.device)
+        if key not in index:
+            index[key] = len(slots)
+            on_cpu = h.device == "cpu" and h.threads > 0
+            slots.append(max(1, h.cpu_cores // h.threads) if on_cpu else 1)
+        devices.append(index[key])
+    return tuple(devices), tuple(slots)

@@ -47,12 +47,22 @@ import torch
 from worker_core.wire import CloseCode, ProtocolError, Segment, Step, itemsize, logits_row_width
 
 from .config import MasterConfig
-from .costs import CostSnapshot
+from .costs import CostSnapshot, shared_devices
 from .group import Group
 from .link import LinkGone, StepFailed, WorkerLink
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import candidates, sample
-from .scheduler import Candidate, Chunk, KVView, Policy, admit_and_preempt, microbatch_count, next_microbatch, policy
+from .scheduler import (
+    Candidate,
+    Chunk,
+    KVView,
+    MicrobatchTuner,
+    Policy,
+    admit_and_preempt,
+    microbatch_count,
+    next_microbatch,
+    policy,
+)
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")
@@ -81,6 +91,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.policy: Policy = policy(config.policy, config.max_batch_tokens)
+        self.tuner = MicrobatchTuner(self.policy.max_microbatches)  # K from measured delivery (slots())
         self._texts: dict[int, TextStream] = {}  # request id -> its detokenizer, until it finishes
         self._request_ids = itertools.count(1)
         self._step_ids = itertools.count(1)
@@ -238,6 +249,7 @@ class Engine:
         if len(stage_known) < len(stages) or len(link_known) < len(stages):
             return None
         dims = self.group.dims
+        devices, slots = shared_devices([link.hello for link in stages])
         return CostSnapshot(
             stage_fixed=tuple(fixed for fixed, _ in stage_known),
             stage_per_token=tuple(per for _, per in stage_known),
@@ -245,13 +257,23 @@ class Engine:
             link_bandwidth=tuple(bw for _, bw in link_known),
             hidden_bytes_per_token=dims.hidden_size * itemsize(stages[0].hello.dtype),
             logits_bytes_per_row=4 * logits_row_width(self.config.logits_topk, dims.vocab_size),  # float32
+            devices=devices,
+            device_slots=slots,
         )
 
     def slots(self, costs: CostSnapshot | None) -> int:
-        """Micro-batches to keep in flight now (configured, or the scheduler's choice)."""
+        """Micro-batches to keep in flight now (configured, or the scheduler's choice: the cost
+        model's count, tuned by what micro-batches deliver once the costs are measured)."""
         if self.config.microbatches:
             return self.config.microbatches
-        return microbatch_count(self.policy, costs, max(1, len(self.group.stages)), len(self.running))
+        k = microbatch_count(self.policy, costs, max(1, len(self.group.stages)), len(self.running))
+        if not (self.policy.dynamic and self.policy.tune) or costs is None:
+            return k
+        return self.tuner.choose(k, self._tuning_key(), len(self.running))
+
+    def _tuning_key(self) -> tuple[int, int]:
+        """The load the tuner's measurements belong to: this pipeline, this many requests."""
+        return (self.group.epoch, len(self.running))
 
     async def run(self) -> None:
         """Keep one lane task per micro-batch slot alive until cancelled; profile each new
@@ -323,6 +345,7 @@ class Engine:
                 await self._nap(NOTHING_TO_DO_NAP)
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
+            key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length
                 r.in_flight += 1
@@ -343,7 +366,9 @@ class Engine:
                 if failure is not None or logits is None:
                     self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
                 else:
+                    before = self.tokens_generated
                     self._apply(epoch, chunks, logits)
+                    self.tuner.observe(self.clock(), key, slots, self.tokens_generated - before, prefill)
             except Exception as e:  # a bug must cost these requests, not the lane or anyone else
                 log.exception("micro-batch bookkeeping failed")
                 for r in reqs:
@@ -366,7 +391,9 @@ class Engine:
             waiter.cancel()
 
     def _plan(self, costs: CostSnapshot | None, slots: int) -> list[Chunk]:
-        cands = [Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight) for r in self.running.values()]
+        cands = [
+            Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight, r.computed) for r in self.running.values()
+        ]
         return next_microbatch(self.policy, costs, cands, slots)
 
     async def _relay(

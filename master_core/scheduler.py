@@ -5,16 +5,24 @@ Contract
 Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes the answer.
 
 * :func:`microbatch_count` — **dynamic micro-batching**: how many micro-batches to keep in
-  flight so that the bottleneck resource (a stage's compute or a link's bandwidth) never
+  flight so that the bottleneck resource (a device's compute or a link's bandwidth) never
   idles: the smallest K with ``K * bottleneck_time >= cycle_time`` for micro-batches of
   ``ceil(active / K)`` decode tokens, from measured costs (:mod:`master_core.costs`).
 * :func:`chunk_tokens` — **chunk-based prefill transmission**: the prefill tokens one
-  micro-batch may carry, chosen just in time so that the chunk's extra time on the slowest
-  resource fits in the gap before the next decode micro-batch needs it (``cycle / K`` minus
-  the decode work there).  It follows the measured bandwidth: slower links, smaller chunks.
+  micro-batch may carry, chosen just in time so that the chunk's extra time on each resource
+  fits in the gap before the next decode micro-batch needs it (``cycle / K`` minus the decode
+  work there).  It follows the measured bandwidth and compute: slower links or stages, smaller
+  chunks.  A resource is a link or a *device*: stages that share one (several workers on one
+  machine's cores, one GPU serving two ranges; ``CostSnapshot.devices``) are one resource
+  whose time is their work together, so a chunk on one of them is weighed against the decode
+  work of all.  With no request decoding, a micro-batch carries a whole step of prefill.
 * :func:`next_microbatch` — the engine's and the simulator's one call per micro-batch: its
-  share of the decode steps (:func:`microbatch_share`), its prefill budget
-  (:func:`chunk_tokens`), then :func:`plan_microbatch`.
+  share of the decode steps (:func:`microbatch_share`), its prefill (:func:`chunk_tokens`),
+  then :func:`plan_microbatch`.
+* :class:`MicrobatchTuner` — **micro-batches chosen by what they deliver**: the model above
+  knows which stages share a device but not how well they share it (cores, caches, memory
+  bandwidth), nor every cost of a step.  The tuner starts from the model's count and hill-climbs K online from the
+  tokens per second the engine reports (bounded, with hysteresis, per load).
 * :func:`plan_microbatch` — one micro-batch: every ready decode step first (a decode step
   never waits behind more than one prefill chunk), then prefill, oldest first, within the
   chunk budget; prefill always gets at least ``min_chunk`` tokens when it waits, so neither
@@ -30,6 +38,7 @@ Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes t
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -46,6 +55,7 @@ class Policy:
     min_chunk: int = 16  # prefill tokens a micro-batch always may carry when prefill waits
     default_chunk: int = 128  # before any cost is measured
     max_microbatches: int = 16
+    tune: bool = True  # with dynamic: hill-climb the micro-batch count from measured delivery
 
 
 POLICIES: dict[str, Policy] = {
@@ -69,6 +79,13 @@ class Candidate:
     total: int  # prompt + generated tokens
     order: int  # admission order, smaller is older
     in_flight: int = 0  # chunks of it in the pipeline now
+    computed: int | None = None  # tokens whose results are back (None: unknown)
+
+    @property
+    def decoding(self) -> bool:
+        """Its prompt is computed (or all but its last token): it is producing tokens."""
+        done = self.scheduled if self.computed is None else self.computed
+        return self.total - done <= 1
 
     @property
     def ready_decode(self) -> bool:
@@ -117,12 +134,24 @@ def _resource_times(c: CostSnapshot, tokens: int, logits_rows: int) -> tuple[lis
     return compute, link
 
 
+def _shared(per_stage: Sequence[float], stages: Sequence[int], slots: int) -> float:
+    """Busy seconds of a device whose ``stages`` need ``per_stage`` seconds each: they run
+    ``slots`` at a time, and no stage's own work is split (a step runs on one slot)."""
+    work = [per_stage[i] for i in stages]
+    return max(max(work), sum(work) / slots)
+
+
+def _device_times(c: CostSnapshot, compute: Sequence[float]) -> list[float]:
+    """Busy seconds of each device for a step whose stages compute for ``compute`` seconds."""
+    return [_shared(compute, stages, slots) for stages, slots in c.device_groups()]
+
+
 def cycle_time(c: CostSnapshot, tokens: int, logits_rows: int) -> tuple[float, float]:
     """(seconds for one micro-batch to go through the whole pipeline and back,
-    seconds it occupies the busiest single resource)."""
+    seconds it occupies the busiest single resource: a device, or a link)."""
     compute, link = _resource_times(c, tokens, logits_rows)
     cycle = sum(compute) + sum(link) + sum(c.link_rtt)
-    return cycle, max(compute + link)
+    return cycle, max(_device_times(c, compute) + link)
 
 
 def microbatch_count(p: Policy, costs: CostSnapshot | None, stages: int, active: int) -> int:
@@ -139,27 +168,44 @@ def microbatch_count(p: Policy, costs: CostSnapshot | None, stages: int, active:
     return limit
 
 
-def chunk_tokens(p: Policy, costs: CostSnapshot | None, decode_tokens: int, microbatches: int) -> int:
-    """Prefill tokens the next micro-batch may carry (beside ``decode_tokens`` decode steps)."""
+def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
+    """Seconds one more token of a step occupies ``stage``'s link (in and out: the relay)."""
+    inbound, outbound = step_bytes(c, stage, 1, 0)
+    bw = c.link_bandwidth[stage]
+    return (inbound + outbound) / bw if math.isfinite(bw) and bw > 0 else 0.0
+
+
+def _gap_tokens(c: CostSnapshot, decode_tokens: int, microbatches: int) -> float:
+    """Prefill tokens that fit in the gap before the next decode micro-batch needs the busiest
+    resource: ``cycle / K`` minus the decode work on it, over the per-token cost there."""
+    cycle, _ = cycle_time(c, max(1, decode_tokens), max(1, decode_tokens))
+    spacing = cycle / max(1, microbatches)
+    compute_d, link_d = _resource_times(c, decode_tokens, decode_tokens)
+    resources = list(zip(_device_times(c, compute_d), _device_times(c, c.stage_per_token)))
+    resources += [(link_d[i], _link_token_seconds(c, i)) for i in range(c.stages)]
+    best = math.inf
+    for busy, per in resources:
+        if per > 0:
+            best = min(best, max(0.0, spacing - busy) / per)
+    return best
+
+
+def chunk_tokens(
+    p: Policy, costs: CostSnapshot | None, decode_tokens: int, microbatches: int, *, decoding: int | None = None
+) -> int:
+    """Prefill tokens the next micro-batch may carry beside ``decode_tokens`` decode steps, with
+    ``microbatches`` in flight and ``decoding`` requests producing tokens (None: unknown, assume
+    some): what fits in the gap before the next decode micro-batch needs the busiest resource
+    (:func:`_gap_tokens`; a device shared by several stages counts their work together), at
+    least ``min_chunk`` (prefill never starves), at most the step's room.  With nobody decoding
+    no pace is at stake: a whole step."""
     room = max(0, p.max_batch_tokens - decode_tokens)
-    if not p.chunking:
+    if not p.chunking or decoding == 0:
         return room
     if costs is None:
         return min(room, p.default_chunk)
-    cycle, _ = cycle_time(costs, max(1, decode_tokens), max(1, decode_tokens))
-    spacing = cycle / max(1, microbatches)  # the next decode micro-batch needs a resource this soon
-    compute_d, link_d = _resource_times(costs, decode_tokens, decode_tokens)
-    per_token = []
-    for i in range(costs.stages):
-        bw = costs.link_bandwidth[i]
-        link_tok = (2 * costs.hidden_bytes_per_token) / bw if math.isfinite(bw) and bw > 0 else 0.0
-        per_token.append((costs.stage_per_token[i], link_tok))
-    best = room
-    for i in range(costs.stages):
-        for busy, per in ((compute_d[i], per_token[i][0]), (link_d[i], per_token[i][1])):
-            if per > 0:
-                best = min(best, int(max(0.0, spacing - busy) / per))
-    return max(min(p.min_chunk, room), min(best, room))
+    best = _gap_tokens(costs, decode_tokens, microbatches)
+    return max(min(p.min_chunk, room), min(room, int(min(best, room))))
 
 
 # --------------------------------------------------------------------------- one micro-batch
@@ -194,8 +240,146 @@ def next_microbatch(p: Policy, costs: CostSnapshot | None, candidates: Sequence[
     and the simulator both plan through this one function."""
     share = microbatch_share(len(candidates), slots)
     decodes = min(share, sum(1 for c in candidates if c.ready_decode))
-    prefill = chunk_tokens(p, costs, decodes, slots)
+    decoding = sum(1 for c in candidates if c.decoding)
+    prefill = chunk_tokens(p, costs, decodes, slots, decoding=decoding)
     return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
+
+
+# --------------------------------------------------------------------------- tuning K online
+
+
+class MicrobatchTuner:
+    """Micro-batches in flight chosen by what they deliver: a bounded hill-climb over K.
+
+    Pure (no clock, no I/O): the engine asks :meth:`choose` for K (giving the cost model's
+    count and the load) and reports every finished micro-batch to :meth:`observe` with its
+    own clock's time.  Per load (``key``, e.g. the pipeline's epoch and the number of running
+    requests) the tuner starts at the model's K, measures output tokens per second over
+    periods of at least ``period_steps`` micro-batches and ``min_period`` seconds (periods
+    where K or the load changed, or prefill rode along, are discarded: they measure something
+    else; so is the first period of a load, a transition), then probes a neighbour (K - 1
+    first: fewer, larger micro-batches), moves there when it delivers more than ``gain``
+    better, or, for a smaller K, when it delivers at least ``1 - tie`` as much (fewer steps
+    cost the master and the links less for the same delivery); it keeps climbing in that
+    direction, and after a failed probe stays ``hold`` periods (doubling, up to 8x, while probes
+    keep failing) before probing again.  A K's rate is the median of its last three periods
+    (measurements on a shared machine are noisy).  For a fixed load, more tokens per second is
+    also a shorter gap between a stream's tokens, so throughput is the one criterion.  The
+    best K found for a load is remembered and is where that load starts next time.  K stays
+    within [1, min(max_k, running requests)].
+    """
+
+    def __init__(
+        self,
+        max_k: int = 16,
+        period_steps: int = 12,
+        min_period: float = 1.5,
+        gain: float = 0.08,
+        tie: float = 0.03,
+        hold: int = 6,
+    ) -> None:
+        self.max_k, self.period_steps, self.min_period = max_k, period_steps, min_period
+        self.gain, self.tie, self.hold_periods = gain, tie, hold
+        self._warm = False  # the current load's first period (a transition) is done
+        self._failed = 0  # probes failed in a row at this load
+        self._key: object = None
+        self._cap = 1
+        self._home = 1
+        self._probe: int | None = None
+        self._direction = -1
+        self._hold = 0
+        self._rates: dict[int, deque[float]] = {}  # K -> last tokens/s measured at the current load
+        self._best: dict[object, int] = {}  # load -> best K found
+        self._start: float | None = None  # the current period: first completion's time
+        self._tokens = 0
+        self._steps = 0
+        self.moves = 0  # times K changed by measurement (diagnostics)
+
+    @property
+    def current(self) -> int:
+        return self._probe if self._probe is not None else self._home
+
+    def _clamp(self, k: int) -> int:
+        return max(1, min(self._cap, k))
+
+    def choose(self, model_k: int, key: object, active: int) -> int:
+        """K to keep in flight now, for the load ``key`` with ``active`` running requests."""
+        if key != self._key:
+            if self._key is not None:
+                self._best[self._key] = self._home
+            self._key = key
+            self._cap = max(1, min(self.max_k, active))
+            self._home = self._clamp(self._best.get(key, model_k))
+            self._probe, self._hold, self._rates, self._direction, self._warm = None, 0, {}, -1, False
+            self._failed = 0
+            self._restart()
+        elif not self._rates and key not in self._best and self._clamp(model_k) != self._home:
+            self._home = self._clamp(model_k)  # nothing measured yet: follow the model
+            self._restart()
+        return self.current
+
+    def _restart(self) -> None:
+        self._start, self._tokens, self._steps = None, 0, 0
+
+    def observe(self, now: float, key: object, k: int, tokens: int, prefill: bool) -> None:
+        """A micro-batch planned with ``k`` in flight under load ``key`` finished at ``now``
+        (seconds, any monotonic clock) and produced ``tokens`` output tokens."""
+        if key != self._key or k != self.current or prefill:
+            self._restart()  # it measures another K, another load, or prefill: start over
+            return
+        if self._start is None:
+            self._start = now  # tokens are counted from the next completion on
+            return
+        self._tokens += tokens
+        self._steps += 1
+        elapsed = now - self._start
+        if self._steps < max(self.period_steps, 2 * k) or elapsed < self.min_period:
+            return
+        rate = self._tokens / elapsed if elapsed > 0 else 0.0
+        self._restart()
+        self._decide(k, rate)
+
+    def _rate(self, k: int) -> float:
+        got = sorted(self._rates.get(k, ()))
+        return got[len(got) // 2] if got else 0.0
+
+    def _decide(self, k: int, rate: float) -> None:
+        if not self._warm:
+            self._warm = True  # the load's first period is a transition: not a measurement
+            return
+        self._rates.setdefault(k, deque(maxlen=3)).append(rate)
+        if self._probe is not None:
+            home, probe = self._rate(self._home), self._rate(self._probe)
+            if probe > home * (1 + self.gain) or (self._probe < self._home and probe >= home * (1 - self.tie)):
+                self._home = self._probe  # better: move, and keep climbing this way
+                self.moves += 1
+                self._failed = 0
+                nxt = self._home + self._direction
+                self._probe = nxt if 1 <= nxt <= self._cap else None
+                if self._probe is None:  # at the edge: the other side was just measured worse
+                    self._direction, self._hold = -self._direction, self.hold_periods
+            else:
+                self._probe = None  # not better: back home, try the other side after a while
+                self._direction = -self._direction
+                self._hold = min(8 * self.hold_periods, self.hold_periods << self._failed)
+                self._failed = min(self._failed + 1, 3)  # probes that keep failing come ever more rarely
+            return
+        if self._hold > 0:
+            self._hold -= 1
+            return
+        for direction in (self._direction, -self._direction):
+            nxt = self._home + direction
+            if 1 <= nxt <= self._cap:
+                self._direction, self._probe = direction, nxt
+                return
+
+    def describe(self) -> dict:
+        return {
+            "k": self.current,
+            "home": self._home,
+            "rates": {k: self._rate(k) for k in self._rates},
+            "moves": self.moves,
+        }
 
 
 # --------------------------------------------------------------------------- KV memory

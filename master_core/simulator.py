@@ -9,7 +9,8 @@ prefill tokens go in each micro-batch — are made by :mod:`master_core.schedule
 the engine makes them.  Only the physics is modelled:
 
 * stage i computes a step of n tokens in ``fixed_i + per_token_i * n`` seconds, one step at a
-  time (FIFO);
+  time (FIFO), on a slot of its device (``CostSnapshot.devices``: stages of one device share
+  its slots, e.g. several workers on one machine's cores);
 * the link between the master and stage i carries each direction FIFO at ``bandwidth_i``
   bytes/s, and adds ``rtt_i / 2`` one-way delay;
 * a micro-batch travels master -> stage 0 -> master -> stage 1 ... -> master (the relay);
@@ -59,7 +60,6 @@ class SimModel:
     kv_tokens: int  # KV budget of the smallest stage, tokens
     master_seconds: float = 0.002  # master work per step
     max_running: int = 64
-    cores: int | None = None  # CPU cores shared by all stages (None: every stage has its own device)
 
 
 @dataclass
@@ -88,7 +88,13 @@ class _Pipeline:
         self.stage_free = [0.0] * c.stages
         self.down_free = [0.0] * c.stages
         self.up_free = [0.0] * c.stages
-        self.cpu_free = [0.0] * (m.cores or 0)
+        # per device, when each of its slots is free next (stages of one device share them)
+        self.device_of = [0] * c.stages
+        self.slot_free: list[list[float]] = []
+        for d, (stages, slots) in enumerate(c.device_groups()):
+            for i in stages:
+                self.device_of[i] = d
+            self.slot_free.append([0.0] * slots)
         self.busy_compute = [0.0] * c.stages
         self.busy_down = [0.0] * c.stages  # each direction is its own FIFO resource
         self.busy_up = [0.0] * c.stages
@@ -112,10 +118,10 @@ class _Pipeline:
             arrive = self._send(self.down_free, self.busy_down, i, t, inbound)
             dur = c.stage_fixed[i] + c.stage_per_token[i] * tokens
             start = max(arrive, self.stage_free[i])
-            if self.cpu_free:  # stages share a few CPU cores: take the earliest free one
-                k = min(range(len(self.cpu_free)), key=lambda j: self.cpu_free[j])
-                start = max(start, self.cpu_free[k])
-                self.cpu_free[k] = start + dur
+            slots = self.slot_free[self.device_of[i]]  # the device's earliest free slot
+            k = min(range(len(slots)), key=slots.__getitem__)
+            start = max(start, slots[k])
+            slots[k] = start + dur
             self.stage_free[i] = start + dur
             self.busy_compute[i] += dur
             t = self._send(self.up_free, self.busy_up, i, start + dur, outbound)
@@ -192,7 +198,10 @@ class _Run:
         for lane in range(min(slots, len(self.lane_busy))):
             if self.lane_busy[lane]:
                 continue
-            cands = [Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight) for r in self.running.values()]
+            cands = [
+                Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight, r.computed)
+                for r in self.running.values()
+            ]
             plan = next_microbatch(self.policy, c, cands, slots)
             if not plan:
                 return
@@ -225,9 +234,11 @@ class _Run:
 
 def _metrics(run: _Run) -> dict:
     pipe, model = run.pipe, run.model
-    busy = pipe.busy_compute + pipe.busy_down + pipe.busy_up
-    if model.cores:
-        busy.append(sum(pipe.busy_compute) / model.cores)
+    devices = [
+        max(max(pipe.busy_compute[i] for i in stages), sum(pipe.busy_compute[i] for i in stages) / slots)
+        for stages, slots in model.costs.device_groups()
+    ]
+    busy = devices + pipe.busy_down + pipe.busy_up
     extra = {"steps": run.steps, "peak_kv_tokens": run.peak_kv_tokens}
     return summarize([r.spec.arrival for r in run.reqs], [r.token_times for r in run.reqs], pipe.bytes, busy, extra)
 

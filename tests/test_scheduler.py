@@ -1,6 +1,7 @@
 """The pure scheduler with fabricated costs: its promises, checked directly."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -9,12 +10,15 @@ from master_core.scheduler import (
     POLICIES,
     Candidate,
     KVView,
+    MicrobatchTuner,
     admit_and_preempt,
     chunk_tokens,
     microbatch_count,
     plan_microbatch,
     policy,
 )
+from master_core.simulator import SimModel, simulate
+from master_core.workload import make_workload
 
 HIDDEN = 8192 * 2  # a 70B-class model in fp16: bytes per token between stages
 
@@ -97,6 +101,25 @@ def test_chunk_size_follows_measured_bandwidth():
         decode_link = 8 * 2 * HIDDEN / c.link_bandwidth[0]
         assert n > p.min_chunk and n * 2 * HIDDEN / c.link_bandwidth[0] + decode_link <= cycle / 4
     assert chunk_tokens(policy("no-chunking", 4096), costs(), 8, 4) == 4096 - 8
+
+
+def test_a_shared_device_is_one_resource():
+    """Stages on one device (several workers on one machine, one GPU with two ranges) are one
+    resource: its busy time is their sum over its slots, so fewer micro-batches keep it busy
+    and less prefill fits ahead of a decode step."""
+    alone = costs(compute=0.05, mbps=1e6, rtt=0.0001)
+    shared = replace(alone, devices=(0, 0, 0, 0), device_slots=(1,))
+    two = replace(alone, devices=(0, 0, 0, 0), device_slots=(2,))
+    k = [microbatch_count(POLICIES["full"], c, 4, 16) for c in (alone, two, shared)]
+    assert k[0] > k[1] > k[2] and k[2] <= 2  # one slot: a second micro-batch only covers the links
+    p = policy("full", 4096)
+    chunks = [chunk_tokens(p, c, 4, 2) for c in (alone, shared)]
+    assert chunks[0] > chunks[1]
+    # the simulator books the same: on one slot the stages never overlap
+    wl = make_workload(20, 2.0, seed=3)
+    runs = (("a", alone), ("s", shared))
+    r = {n: simulate(SimModel(c, kv_tokens=100_000), wl, policy("full", 1024)) for n, c in runs}
+    assert r["s"]["output_tokens_per_s"] < r["a"]["output_tokens_per_s"]
 
 
 def test_chunk_floor_and_cap():
@@ -199,7 +222,90 @@ def test_cost_fits_recover_fabricated_lines():
     for t in (1, 16, 64, 256, 1, 16):
         s.observe(t, 0.005 + 0.0001 * t)
         k.observe(t * 1000, 0.02 + t * 1000 / 12.5e6)
-    a, b = s.estimate()
+    est = s.estimate()
+    assert est is not None
+    a, b = est
     assert a == pytest.approx(0.005, rel=1e-6) and b == pytest.approx(0.0001, rel=1e-6)
-    rtt, bw = k.estimate()
+    est = k.estimate()
+    assert est is not None
+    rtt, bw = est
     assert rtt == pytest.approx(0.02, rel=1e-6) and bw == pytest.approx(12.5e6, rel=1e-6)
+
+
+def test_link_fit_sees_through_queueing_delay():
+    """Frames that waited behind others (queueing only adds) must not pass for a slow link: the
+    fit goes through the fastest observation of each size class."""
+    rng = random.Random(5)
+    k = LinkCost()
+    for _ in range(400):
+        nbytes = rng.choice([5_000, 40_000, 150_000, 600_000, 2_400_000])
+        wait = rng.choice([0.0, 0.0, rng.uniform(0, 2.0)])  # a third of the frames queued up to 2 s
+        k.observe(nbytes, 0.04 + nbytes / 2.5e6 + wait + rng.uniform(0, 0.002))
+    est = k.estimate()
+    assert est is not None
+    rtt, bw = est
+    assert rtt == pytest.approx(0.04, abs=0.003) and bw == pytest.approx(2.5e6, rel=0.05)
+
+
+def _drive(tuner: MicrobatchTuner, rate_of, model_k: int, active: int, seconds: float, key=("e", 8), noise=0.0):
+    """Feed ``tuner`` the completions a pipeline delivering ``rate_of(k)`` tokens/s would
+    report (one micro-batch of ``active / k`` tokens at a time per lane), for ``seconds``."""
+    rng = random.Random(7)
+    now, ks = 0.0, []
+    while now < seconds:
+        k = tuner.choose(model_k, key, active)
+        ks.append(k)
+        tokens = max(1, active // k)
+        rate = rate_of(k) * (1 + rng.uniform(-noise, noise))
+        now += tokens / rate
+        tuner.observe(now, key, k, tokens, False)
+    return ks
+
+
+def test_tuner_finds_fewer_microbatches_where_stages_share_hardware():
+    """Shared cores: a step costs the same at batch 1 and 3, so K micro-batches deliver 1/K as
+    much; starting from the model's K = 3 the tuner climbs down to 1 and stays there."""
+    t = MicrobatchTuner(max_k=16)
+    ks = _drive(t, lambda k: 60.0 / k, model_k=3, active=8, seconds=120, noise=0.03)
+    assert ks[0] == 3 and t.choose(3, ("e", 8), 8) in (1, 2)  # home 1, or a short probe of 2
+    tail = ks[len(ks) // 2 :]
+    assert sum(1 for k in tail if k == 1) > 0.9 * len(tail)  # probes are short and rare
+    assert all(1 <= k <= 8 for k in ks)
+
+
+def test_tuner_keeps_the_gain_of_independent_stages():
+    """Independent stages: throughput grows up to K = 4 and is flat beyond; the tuner starts at 2,
+    climbs to 4 and does not wander off to 5 or more within the hysteresis."""
+    t = MicrobatchTuner(max_k=16)
+    ks = _drive(t, lambda k: 20.0 * min(k, 4), model_k=2, active=16, seconds=200, noise=0.02)
+    tail = ks[len(ks) // 2 :]
+    assert sum(1 for k in tail if k == 4) > 0.8 * len(tail) and max(tail) <= 5
+
+
+def test_tuner_ignores_other_loads_and_prefill_and_remembers_the_best():
+    t = MicrobatchTuner(max_k=16, period_steps=4, min_period=0.5)
+    assert t.choose(3, "a", 8) == 3
+    for i in range(200):  # periods with prefill, or planned at another K, measure nothing
+        t.observe(i * 0.1, "a", 3, 8, prefill=True)
+        t.observe(i * 0.1 + 0.05, "a", 2, 8, prefill=False)
+    assert t.choose(3, "a", 8) == 3 and t.moves == 0
+    _drive(t, lambda k: 60.0 / k, model_k=3, active=8, seconds=60, key="a")
+    assert t.choose(3, "a", 8) == 1
+    assert t.choose(3, "b", 2) == 2  # another load starts from the model's K, capped by its requests
+    assert t.choose(3, "a", 8) == 1  # and coming back, the best K found for this load
+
+
+def test_stage_fit_is_not_inflated_by_contention():
+    """Steps that ran beside another stage's large step took longer (shared cores); the fit
+    keeps the stage's own cost, so chunk sizes do not shrink as contention is observed."""
+    rng = random.Random(6)
+    s = StageCost()
+    for t in (1, 16, 64):  # the start-up profile, uncontended
+        s.observe(t, 0.030 + 0.0006 * t)
+    for _ in range(1000):  # decode steps and small chunks, often slowed by a neighbour
+        t = rng.choice([1, 2, 3, 4, 20, 30])
+        s.observe(t, (0.030 + 0.0006 * t) * rng.choice([1.0, 1.0, rng.uniform(1.0, 4.0)]))
+    est = s.estimate()
+    assert est is not None
+    fixed, per = est
+    assert fixed == pytest.approx(0.030, rel=0.05) and per == pytest.approx(0.0006, rel=0.1)

@@ -18,10 +18,13 @@ common models this machine would hold at each precision.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import socket
 import ssl
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,7 +58,8 @@ class Probe:
 
 def device_facts(info: devices.DeviceInfo) -> dict:
     """What a worker announces besides its memory and speed: compute capability and driver of
-    its CUDA device (empty on a CPU or without NVML), system RAM and CPU cores."""
+    its CUDA device (empty on a CPU or without NVML), system RAM and CPU cores, which device it
+    computes on (:func:`compute_device_id`) and with how many CPU threads."""
     gpu = None
     if info.device.type == "cuda":
         gpu = next((g for g in nvidia_gpus() if g.index == (info.device.index or 0)), None)
@@ -64,7 +68,17 @@ def device_facts(info: devices.DeviceInfo) -> dict:
         "driver": gpu.driver if gpu else "",
         "ram_total": psutil.virtual_memory().total,
         "cpu_cores": os.cpu_count() or 1,
+        "machine": compute_device_id(info),
+        "threads": torch.get_num_threads() if info.device.type == "cpu" else 0,
     }
+
+
+def compute_device_id(info: devices.DeviceInfo) -> str:
+    """An opaque id of the device a worker computes on: equal for two workers on the same device
+    of the same machine (they share its compute), different otherwise.  Made of the machine's
+    network hardware address and host name and the device, hashed (nothing readable leaves)."""
+    raw = f"{uuid.getnode():x}|{socket.gethostname()}|{info.device}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def matmul_gflops(info: devices.DeviceInfo, seconds: float = 0.3) -> float:

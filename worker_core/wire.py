@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 4  # 3: Leave; 4: TensorSpec.gguf_type (GGUF blocks travel as they are)
+PROTOCOL_VERSION = 5  # 3: Leave; 4: TensorSpec.gguf_type (GGUF blocks); 5: Hello.machine and Hello.threads
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -146,6 +146,11 @@ class Hello:
     cpu_cores: int = 0
     rtt_ms: float = 0.0  # measured round trip to the master just before this tunnel (0: unknown)
     link_mbps: float = 0.0  # measured master -> worker bandwidth, Mbit/s (0: unknown)
+    # the hardware it computes on, for the scheduler: an opaque id equal for workers on the same
+    # device of the same machine (they share it), and the torch CPU threads it computes with
+    # (0 on a GPU)
+    machine: str = ""
+    threads: int = 0
 
 
 def gguf_nbytes(gguf_type: str, shape: tuple[int, ...]) -> int:
@@ -585,6 +590,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             cpu_cores=_int(h, "cpu_cores", 0, 1 << 16),
             rtt_ms=_float(h, "rtt_ms"),
             link_mbps=_float(h, "link_mbps"),
+            machine=_str(h, "machine", 64),
+            threads=_int(h, "threads", 0, 1 << 16),
         )
     if kind is Kind.ASSIGN:
         a = Assign(
