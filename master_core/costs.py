@@ -27,48 +27,43 @@ if TYPE_CHECKING:  # the wire module imports torch; this one stays pure
     from worker_core.wire import Hello
 
 
-class _LineFit:
-    """y = a + b x over a sliding window of observations."""
-
-    def __init__(self, window: int = 256) -> None:
-        self.points: deque[tuple[float, float]] = deque(maxlen=window)
-
-    def add(self, x: float, y: float) -> None:
-        self.points.append((float(x), float(y)))
-
-    def fit(self) -> tuple[float, float] | None:
-        n = len(self.points)
-        if n == 0:
-            return None
-        mx = sum(p[0] for p in self.points) / n
-        my = sum(p[1] for p in self.points) / n
-        sxx = sum((p[0] - mx) ** 2 for p in self.points)
-        if sxx <= 1e-12 * max(1.0, mx * mx):  # one size only: proportional through the origin
-            return (0.0, my / mx) if mx > 0 else (my, 0.0)
-        b = sum((p[0] - mx) * (p[1] - my) for p in self.points) / sxx
-        b = max(b, 0.0)
-        a = max(0.0, my - b * mx)
-        return a, b
+def _line(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least-squares ``y = a + b x`` (a, b >= 0) through ``points``; one size only: proportional."""
+    n = len(points)
+    if n == 0:
+        return None
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    if sxx <= 1e-12 * max(1.0, mx * mx):  # one size only: proportional through the origin
+        return (0.0, my / mx) if mx > 0 else (my, 0.0)
+    b = max(0.0, sum((p[0] - mx) * (p[1] - my) for p in points) / sxx)
+    return max(0.0, my - b * mx), b
 
 
 class _Envelope:
     """The fastest recent observation of each size class (sizes a factor 2 apart), and the
-    line through them: waiting behind other work only adds time, so the fastest is the cost."""
+    line through them: waiting behind other work only adds time, so the fastest is the cost.
+    The line is computed again only after a new observation (the engine asks once per
+    micro-batch and lane, far more often than steps end)."""
 
     PER_CLASS = 32  # recent observations kept per size class
 
     def __init__(self) -> None:
         self._classes: dict[int, deque[tuple[float, float]]] = {}
+        self._line: tuple[float, float] | None = None
+        self._stale = False
 
     def add(self, size: float, seconds: float) -> None:
         key = max(0, int(size)).bit_length()
         self._classes.setdefault(key, deque(maxlen=self.PER_CLASS)).append((float(size), float(seconds)))
+        self._stale = True
 
     def fit(self) -> tuple[float, float] | None:
-        line = _LineFit()
-        for points in self._classes.values():
-            line.add(*min(points, key=lambda p: p[1]))
-        return line.fit()
+        if self._stale:
+            self._line = _line([min(points, key=lambda p: p[1]) for points in self._classes.values()])
+            self._stale = False
+        return self._line
 
 
 class StageCost:

@@ -96,7 +96,8 @@ class Engine:
         self._request_ids = itertools.count(1)
         self._step_ids = itertools.count(1)
         self._admitted = 0
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
+        self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
         self.clock = time.monotonic
         # counters for /health and the dashboard
@@ -150,6 +151,7 @@ class Engine:
         self._texts[req.id] = TextStream(self.tokenizer, params.stop)
         self.waiting.append(req)
         self._wake.set()
+        self._load.set()
         log.info("request %d queued: %d prompt tokens, max_tokens %d", req.id, len(prompt), params.max_tokens)
         return req
 
@@ -206,6 +208,7 @@ class Engine:
             req.computed = req.scheduled = 0
         self._profiled.clear()  # the new pipeline is profiled before it serves
         self._wake.set()
+        self._load.set()
 
     def _admit(self) -> None:
         """Admission control and preemption (decided by the scheduler, done here)."""
@@ -236,6 +239,7 @@ class Engine:
         """Switch the scheduling policy (benchmarks compare policies on one live group)."""
         self.policy = p
         self._wake.set()
+        self._load.set()
 
     def costs(self) -> CostSnapshot | None:
         """The measured costs of the current pipeline, or None before they are known."""
@@ -336,7 +340,7 @@ class Engine:
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
             if index >= slots and index > 0:
-                await self._nap(IDLE_LANE_NAP)  # this lane is not needed now
+                await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
             self._admit()
             epoch, stages = self.group.epoch, list(self.group.stages)
@@ -379,12 +383,14 @@ class Engine:
                     self._free_everywhere(done)
                 self._wake.set()
 
-    async def _nap(self, seconds: float) -> None:
-        """Sleep until something changes (a step ends, a request arrives) or ``seconds`` pass."""
-        self._wake.clear()
+    async def _nap(self, seconds: float, event: asyncio.Event | None = None) -> None:
+        """Sleep until ``event`` is set (default: something changes, a step ends or a request
+        arrives) or ``seconds`` pass."""
+        event = event or self._wake
+        event.clear()
         # asyncio.wait, not wait_for: on Python < 3.12 wait_for can swallow a cancellation that
         # arrives as the wake-up does, and a cancelled lane would then nap on forever
-        waiter = asyncio.ensure_future(self._wake.wait())
+        waiter = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait({waiter}, timeout=seconds)
         finally:
