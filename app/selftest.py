@@ -23,6 +23,7 @@ there), because the workers are started with this interpreter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import platform
 import subprocess
 import sys
@@ -85,18 +86,22 @@ def _tail(path: Path, lines: int = 8) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def _prompt(folder: Path) -> list[int]:
+@functools.lru_cache(maxsize=2)
+def _tokenizer(folder: Path) -> Any:
+    """The checkpoint's tokenizer, read once per run (the prompt and both answers use it)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _prompt(folder: Path) -> list[int]:
+    tok = _tokenizer(folder)
     text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def _decode(folder: Path, ids: list[int]) -> str:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder).decode(ids)
+    return _tokenizer(folder).decode(ids)
 
 
 def reference_tokens(folder: Path, prompt: list[int], tokens: int, device: str) -> list[int]:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from app import selftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,15 +26,25 @@ def _env(tmp_path):
     return env
 
 
-def test_selftest_splits_the_default_model_over_two_workers_and_matches_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """`molink selftest` run once in a fresh user (empty cache): the run the tests below share.  It converts the
+    default model into that user's cache; the in-process comparison test reuses that folder instead of
+    converting it again (the conversion itself is tested here and in test_default_model.py)."""
+    home = tmp_path_factory.mktemp("selftest-user")
     out = subprocess.run(
         [sys.executable, "-m", "app.cli", "selftest"],
         cwd=ROOT,
-        env=_env(tmp_path),
+        env=_env(home),
         capture_output=True,
         text=True,
         timeout=900,
     )
+    return out, home
+
+
+def test_selftest_splits_the_default_model_over_two_workers_and_matches_one_process(first_run):
+    out, tmp_path = first_run
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     for key in ("molink:", "python:", "torch: 2.13.0", "transformers:", "device: cpu"):
@@ -65,11 +77,15 @@ def test_a_device_that_does_not_exist_fails_with_one_line_and_exit_1(tmp_path):
     assert "OK" not in out.stdout.splitlines()
 
 
-def test_tokens_that_differ_from_the_single_process_run_fail(monkeypatch, tmp_path):
+def test_tokens_that_differ_from_the_single_process_run_fail(monkeypatch, first_run):
     """The comparison itself: a pipeline answer one token off is a failure (exit 1), not OK."""
     from worker_core import default_model
 
-    monkeypatch.setattr(default_model, "_models_dir", lambda root: tmp_path / "models")
+    _, home = first_run
+    models = home / "cache" / "molink" / "models"
+    converted = models / default_model.DEFAULT_MODEL_NAME / default_model.MARKER
+    assert converted.is_file(), "the shared `molink selftest` run did not convert the default model (see its test)"
+    monkeypatch.setattr(default_model, "_models_dir", lambda root: models)
     real = selftest.reference_tokens
 
     def one_off(folder, prompt, tokens, device):

@@ -64,7 +64,9 @@ def run(model: str = "default", root: Path | None = None, out=None) -> int:  # n
         for line in controller.snapshot().last_log[-5:]:
             say(f"  {line}")
         result["code"] = 1
-        desk.quit()
+        # on the next turn of the loop: called from a child's `crashed` signal, the child still counts as
+        # running until its handlers return, and quitting now would wait out QUIT_DEADLINE_MS for it
+        QTimer.singleShot(0, desk.quit)
 
     say("menu:")
     for text in action_texts(menu(controller.snapshot(), time.time())):
