@@ -15,7 +15,11 @@ Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes t
   chunks.  A resource is a link or a *device*: stages that share one (several workers on one
   machine's cores, one GPU serving two ranges; ``CostSnapshot.devices``) are one resource
   whose time is their work together, so a chunk on one of them is weighed against the decode
-  work of all.  With no request decoding, a micro-batch carries a whole step of prefill.
+  work of all.  Where the gaps are small (a compute-bound device, every step paying a fixed
+  cost) the chunk may instead lengthen the trip of the micro-batch carrying it by
+  ``decode_stall`` decode cycles (its tokens through every stage and link): whichever allows
+  more, so prefill keeps moving in chunks worth their step's fixed cost.  With no request
+  decoding, a micro-batch carries a whole step of prefill.
 * :func:`next_microbatch` — the engine's and the simulator's one call per micro-batch: its
   share of the decode steps (:func:`microbatch_share`), its prefill (:func:`chunk_tokens`),
   then :func:`plan_microbatch`.
@@ -55,6 +59,7 @@ class Policy:
     min_chunk: int = 16  # prefill tokens a micro-batch always may carry when prefill waits
     default_chunk: int = 128  # before any cost is measured
     max_microbatches: int = 16
+    decode_stall: float = 0.4  # a chunk may lengthen its micro-batch's trip by this many decode cycles
     tune: bool = True  # with dynamic: hill-climb the micro-batch count from measured delivery
 
 
@@ -196,16 +201,27 @@ def chunk_tokens(
     """Prefill tokens the next micro-batch may carry beside ``decode_tokens`` decode steps, with
     ``microbatches`` in flight and ``decoding`` requests producing tokens (None: unknown, assume
     some): what fits in the gap before the next decode micro-batch needs the busiest resource
-    (:func:`_gap_tokens`; a device shared by several stages counts their work together), at
-    least ``min_chunk`` (prefill never starves), at most the step's room.  With nobody decoding
-    no pace is at stake: a whole step."""
+    (:func:`_gap_tokens`; a device shared by several stages counts their work together) or what
+    lengthens this micro-batch's trip by ``decode_stall`` decode cycles (:func:`_stall_tokens`),
+    whichever is more; at least ``min_chunk`` (prefill never starves), at most the step's room.
+    With nobody decoding no pace is at stake: a whole step."""
     room = max(0, p.max_batch_tokens - decode_tokens)
     if not p.chunking or decoding == 0:
         return room
     if costs is None:
         return min(room, p.default_chunk)
-    best = _gap_tokens(costs, decode_tokens, microbatches)
+    best = max(_gap_tokens(costs, decode_tokens, microbatches), _stall_tokens(p, costs, decode_tokens))
     return max(min(p.min_chunk, room), min(room, int(min(best, room))))
+
+
+def _stall_tokens(p: Policy, costs: CostSnapshot, decode_tokens: int) -> float:
+    """Prefill tokens whose trip through every resource (each stage's compute, each link in and
+    out) takes ``decode_stall`` decode cycles: the most a chunk may lengthen the micro-batch that
+    carries it, whatever the gaps."""
+    d = max(1, decode_tokens)
+    cycle, _ = cycle_time(costs, d, d)
+    per = sum(costs.stage_per_token) + sum(_link_token_seconds(costs, i) for i in range(costs.stages))
+    return p.decode_stall * cycle / per if per > 0 else math.inf
 
 
 # --------------------------------------------------------------------------- one micro-batch

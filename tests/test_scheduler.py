@@ -92,14 +92,20 @@ def test_chunk_size_follows_measured_bandwidth():
     p = policy("full", 4096)
     sizes = [chunk_tokens(p, costs(mbps=m), decode_tokens=8, microbatches=4) for m in (20, 100, 1000)]
     assert sizes[0] < sizes[1] < sizes[2]
-    # above the floor, the chunk fits in the gap before the next decode micro-batch needs the
-    # busiest link: its transfer plus the decode traffic there take at most cycle / K
+    gaps_only = replace(p, decode_stall=0.0)
     for m in (100, 1000):
         c = costs(mbps=m)
-        n = chunk_tokens(p, c, 8, 4)
         cycle, _ = _by_hand(4, 8, mbps=m)
-        decode_link = 8 * 2 * HIDDEN / c.link_bandwidth[0]
-        assert n > p.min_chunk and n * 2 * HIDDEN / c.link_bandwidth[0] + decode_link <= cycle / 4
+        bw = c.link_bandwidth[0]
+        # the gap rule: above the floor, the chunk fits in the gap before the next decode
+        # micro-batch needs the busiest link: its transfer plus the decode traffic there take at
+        # most cycle / K
+        gap = chunk_tokens(gaps_only, c, 8, 4)
+        assert gap > p.min_chunk and gap * 2 * HIDDEN / bw + 8 * 2 * HIDDEN / bw <= cycle / 4
+        # the stall rule: a chunk may also lengthen its own micro-batch's trip by one decode
+        # cycle (its tokens through every stage and every link, in and out), whichever is more
+        trip = 4 * 0.0002 + ((8 + HIDDEN) + 2 * 2 * HIDDEN + HIDDEN) / bw  # seconds per prefill token
+        assert chunk_tokens(p, c, 8, 4) == max(gap, int(p.decode_stall * cycle / trip))
     assert chunk_tokens(policy("no-chunking", 4096), costs(), 8, 4) == 4096 - 8
 
 
