@@ -23,6 +23,7 @@ import json
 import os
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,8 +119,11 @@ async def _run_policy(
     return summarize(arrivals, times, moved, busy), outputs
 
 
-async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRequest]) -> dict:
-    from master_core.request import SamplingParams
+@contextlib.asynccontextmanager
+async def _shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master]:
+    """A master in this process and ``opts.workers`` local worker processes (one torch thread
+    each) whose tunnels are shaped to ``profile``, serving and profiled (at most 600 s);
+    stopped, workers included, whatever happens."""
     from master_core.server import Master
 
     mbps, rtt = PROFILES[profile]
@@ -136,6 +140,17 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"workers did not come up: {master.group.problem}")
             await asyncio.sleep(0.2)
+        yield master
+    finally:
+        await master.stop()
+        await asyncio.to_thread(stop_processes, procs)
+
+
+async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRequest]) -> dict:
+    from master_core.request import SamplingParams
+
+    mbps, rtt = PROFILES[profile]
+    async with _shaped_group(opts, profile) as master:
         vocab = master.dims.vocab_size
         prompts = _prompts(workload, vocab, opts.seed)
         await master.engine.generate(
@@ -150,7 +165,7 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         identical = all(o == first for o in outputs.values())
         costs = master.engine.costs()
         calibration = (
-            calibrate(costs, master.group.kv_tokens, workload, results, cfg.max_batch_tokens) if costs else None
+            calibrate(costs, master.group.kv_tokens, workload, results, opts.max_batch_tokens) if costs else None
         )
         return {
             "profile": profile,
@@ -161,9 +176,6 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
             "measured_costs": costs.__dict__ if costs else None,
             "calibration": calibration,
         }
-    finally:
-        await master.stop()
-        await asyncio.to_thread(stop_processes, procs)
 
 
 def calibrate(
@@ -305,22 +317,9 @@ async def _run_burst(master: Master, name: str, shape: BurstShape, vocab: int, s
 
 async def _burst_profile(opts: BenchOptions, profile: str, shape: BurstShape) -> dict:
     from master_core.request import SamplingParams
-    from master_core.server import Master
 
     mbps, rtt = PROFILES[profile]
-    cfg = MasterConfig(
-        model=opts.model, port=0, min_workers=opts.workers, max_batch_tokens=opts.max_batch_tokens, max_running=64
-    )
-    master = Master(cfg)
-    await master.start()
-    shaping = ("--threads", "1", "--link-delay-ms", str(rtt * 1000 / 2), "--link-mbps", str(mbps))
-    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)], *shaping)
-    try:
-        deadline = time.monotonic() + 600
-        while not (master.group.serving and master.engine.profiled):
-            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"workers did not come up: {master.group.problem}")
-            await asyncio.sleep(0.2)
+    async with _shaped_group(opts, profile) as master:
         vocab = master.dims.vocab_size
         await master.engine.generate([1000 + i for i in range(16)], SamplingParams(max_tokens=4, temperature=0))
         results, outputs = {}, {}
@@ -347,9 +346,6 @@ async def _burst_profile(opts: BenchOptions, profile: str, shape: BurstShape) ->
             "tokens_identical": identical,
             "measured_costs": costs.__dict__ if costs else None,
         }
-    finally:
-        await master.stop()
-        await asyncio.to_thread(stop_processes, procs)
 
 
 def _burst_table(report: list[dict]) -> str:

@@ -218,8 +218,7 @@ def _load(path: str) -> Callable:
 
 
 @torch.inference_mode()
-def reference_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    model = _load(str(path))
+def _greedy(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     out = model.generate(
         torch.tensor([prompt_ids]),
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
@@ -230,6 +229,10 @@ def reference_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> 
         pad_token_id=0,
     )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def reference_greedy(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    return _greedy(_load(str(path)), prompt_ids, max_new_tokens)
 
 
 def make_tiny_gguf(
@@ -338,17 +341,6 @@ def _load_gguf(path: str) -> Callable:
     return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
 
 
-@torch.inference_mode()
 def reference_greedy_gguf(path: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """``reference_greedy`` of a GGUF file, as transformers loads it (dequantized, float32)."""
-    model = _load_gguf(str(path))
-    out = model.generate(
-        torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt_ids) :].tolist()
+    return _greedy(_load_gguf(str(path)), prompt_ids, max_new_tokens)
