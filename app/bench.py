@@ -520,9 +520,10 @@ GPU_CARD_BYTES = 23 * 10**9  # a 24 GB card with 1 GB kept back
 GPU_MEMORY_BANDWIDTH = 900e9  # bytes/s of an RTX 3090/4090-class card
 
 
-def gpu_model(gpus: int, profile: str) -> SimModel:
+def gpu_model(gpus: int, profile: str, direct: bool = False) -> SimModel:
     """Llama-3-70B (80 layers, hidden 8192, fp16 compute and activations) on 24 GB cards: at
     fp16 weights when ``gpus`` cards hold them (8), else at the group precision ``int4``.
+    ``direct``: every hop between stages goes straight from card to card, not through the master.
 
     Per layer, a decode step is memory-bound: it reads the layer's weights at the quantized
     size the planner counts (:meth:`ModelDims.layer_bytes`: 1.71 GB in fp16, 0.56 GB in int4
@@ -545,7 +546,8 @@ def gpu_model(gpus: int, profile: str) -> SimModel:
         hidden_bytes_per_token=LLAMA3_70B.hidden_size * 2,
         logits_bytes_per_row=4 * logits_row_width(MasterConfig.logits_topk, LLAMA3_70B.vocab_size),  # float32
     )
-    return SimModel(costs, kv_tokens=kv_tokens_on_cards(LLAMA3_70B, gpus, GPU_CARD_BYTES, precision))
+    kv_tokens = kv_tokens_on_cards(LLAMA3_70B, gpus, GPU_CARD_BYTES, precision)
+    return SimModel(costs, kv_tokens=kv_tokens, direct=(True,) * (gpus - 1) if direct else ())
 
 
 # --------------------------------------------------------------------------- report
@@ -664,8 +666,17 @@ async def run_bench(opts: BenchOptions) -> int:
                     name: simulate(gpu_model(gpus, profile), workload, policy(name, opts.max_batch_tokens))
                     for name in opts.policies
                 }
-                report["simulated"].append({"gpus": gpus, "profile": profile, "policies": res})
+                # the full policy side by side: every hop relayed through the master vs every hop direct
+                full = policy("full", opts.max_batch_tokens)
+                relayed = res.get("full") or simulate(gpu_model(gpus, profile), workload, full)
+                direct = simulate(gpu_model(gpus, profile, direct=True), workload, full)
+                report["simulated"].append({"gpus": gpus, "profile": profile, "policies": res, "direct": direct})
                 rows += [(f"{gpus}gpu/{profile}", n, r) for n, r in res.items()]
+                print(
+                    f"{gpus}gpu/{profile} full, relayed vs direct hops: "
+                    f"{relayed['output_tokens_per_s']:.1f} vs {direct['output_tokens_per_s']:.1f} tok/s, "
+                    f"TPOT p50 {relayed['tpot_p50'] * 1000:.0f} vs {direct['tpot_p50'] * 1000:.0f} ms"
+                )
         _plot(
             rows,
             opts.out / "bench-simulated.png",

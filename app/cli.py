@@ -166,6 +166,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--threads", type=int, default=WorkerConfig.threads, help="torch CPU threads for this worker")
     w.add_argument("--memory-limit", type=float, default=None, help="GB of memory to offer (default: all that is free)")
+    w.add_argument(
+        "--no-direct",
+        dest="direct",
+        action="store_false",
+        help="open no hop listener: every activation to and from this worker goes through the master",
+    )
+    w.add_argument("--hop-port", type=int, default=WorkerConfig.hop_port, help="port of the hop listener (0: any)")
+    w.add_argument(
+        "--hop-host",
+        default=WorkerConfig.hop_host,
+        help="host or address the other stages should dial for direct hops (default: what the master sees)",
+    )
     w.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     w.set_defaults(func=_worker)
 
@@ -441,7 +453,7 @@ def _worker(args: argparse.Namespace, sup: Supervision) -> int:
     from worker_core.worker import serve
 
     device.pick(args.device)  # fail fast on a device that does not exist
-    tls, master, folder, name = None, args.master, None, args.name
+    tls, identity, master, folder, name = None, None, args.master, None, args.name
     if master is None:
         from worker_core.identity import client_context, load_or_create
         from worker_core.pairing import JoinedGroup, PairingError
@@ -460,6 +472,10 @@ def _worker(args: argparse.Namespace, sup: Supervision) -> int:
     wcfg = WorkerConfig(
         master=master,
         tls=tls,
+        identity=identity,
+        direct=args.direct,
+        hop_port=args.hop_port,
+        hop_host=args.hop_host,
         weights_dir=folder / "weights" if folder else None,
         device=args.device,
         link_delay_ms=args.link_delay_ms,

@@ -10,8 +10,9 @@ engine owns its ids (requests and steps are numbered per engine, from 1).
 
 ``Engine.run()`` keeps ``slots`` micro-batch lanes busy (one per stage unless configured):
 each lane asks the scheduler (:func:`~master_core.scheduler.next_microbatch`, the same call
-the simulator makes) for a micro-batch of requests not already in flight, relays it stage by
-stage through the tunnels (the master forwards activations from stage i to i+1), samples the
+the simulator makes) for a micro-batch of requests not already in flight, sends it through
+the stages (straight from stage i to i+1 where the group's hop is direct, else relayed by the
+master through the tunnels, see :mod:`master_core.routes`), samples the
 last stage's logits, and folds the results back.  New requests join at the next step;
 finished ones leave.  When the group changes epoch (a worker left or joined) every running
 request is replayed from its tokens, so clients see no error; a request whose steps keep
@@ -100,6 +101,7 @@ class Engine:
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
         self.clock = time.monotonic
+        self.direct = True  # use the group's direct hops (off: relay every hop; benchmarks compare both)
         # counters for /health and the dashboard
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -325,7 +327,7 @@ class Engine:
             for n in PROFILE_SIZES:
                 n = max(1, min(n, self.config.max_batch_tokens, self.group.kv_tokens // 2))
                 chunk = Chunk(rid, 0, n, True)
-                await self._relay(stages, epoch, [chunk], {rid: [1] * n})
+                await self._relay(stages, epoch, [chunk], {rid: [1] * n}, direct=False)  # measures every link
         except (LinkGone, StepFailed, ProtocolError) as e:
             log.warning("start-up profile failed: %s", e)
         finally:
@@ -403,8 +405,17 @@ class Engine:
         return next_microbatch(self.policy, costs, cands, slots)
 
     async def _relay(
-        self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], tokens: dict[int, list[int]]
+        self,
+        stages: list[WorkerLink],
+        epoch: int,
+        chunks: list[Chunk],
+        tokens: dict[int, list[int]],
+        direct: bool = True,
     ) -> torch.Tensor:
+        """One micro-batch through the pipeline: the token ids to the first stage, the last
+        stage's logits back.  In between, each run of stages joined by direct hops takes the
+        step from its first stage to its last without the master (``Step.forward``); every other
+        hop is relayed here.  A run that ends early (its hop went down) continues relayed."""
         segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
         ids: list[int] = []
         for c in chunks:
@@ -413,17 +424,27 @@ class Engine:
         total = len(ids)
         dims = self.group.dims
         row = logits_row_width(self.config.logits_topk, dims.vocab_size)
-        for i, link in enumerate(stages):
+        hops = self.group.hops if direct and self.direct else []
+        i = 0
+        while i < len(stages):
             if self.group.epoch != epoch:  # replaced meanwhile: its caches are freed, make no new ones
                 raise LinkGone(f"the pipeline of epoch {epoch} was replaced")
-            result = await link.call(Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk))
+            end = i
+            while end < len(hops) and hops[end].direct:
+                end += 1
+            step = Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk, forward=end > i)
+            link, result = await stages[i].call(step, tuple(stages[i + 1 : end + 1]))
+            at = stages.index(link)
+            if at < end:
+                self.group.hop_lost(epoch, at, f"{link.name} could not send on directly")
             x = result.tensor  # hidden [T, hidden] or logits [n, row]
-            last = i == len(stages) - 1
+            last = at == len(stages) - 1
             expect = (sum(c.want_logits for c in chunks), row) if last else (total, dims.hidden_size)
             if tuple(x.shape) != expect or not x.is_floating_point():
                 why = f"returned a tensor of shape {list(x.shape)} {x.dtype}, expected {list(expect)}"
                 link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
                 raise ProtocolError(f"worker {link.name} {why}")
+            i = at + 1
         return x
 
     def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor) -> None:

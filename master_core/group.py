@@ -66,6 +66,7 @@ from .placement import (
     plan_pipeline,
     planner_members,
 )
+from .routes import Hop, route_pipeline
 from .weight_source import WeightSource
 
 log = logging.getLogger("molink.group")
@@ -130,6 +131,8 @@ class Group:
         self.stages: list[WorkerLink] = []
         self.epoch = 0
         self.kv_tokens = 0  # smallest KV budget over the stages, in tokens
+        self.hops: list[Hop] = []  # hop i: stage i -> stage i+1 of the current pipeline, direct or relayed
+        self.paired = False  # set in a paired group: direct hops need both stages' pinned certificates
         self.state = GroupState.WAITING
         self.problem: str | None = f"waiting for {config.min_workers} worker(s)"
         self._serving = asyncio.Event()  # set exactly while SERVING
@@ -314,7 +317,7 @@ class Group:
 
     def _invalidate(self) -> None:
         self.move(GroupState.PLACING, "placing the model on the members")
-        previous, self.stages = self.stages, []
+        previous, self.stages, self.hops = self.stages, [], []
         self.epoch += 1
         for listener in self._listeners:
             listener(previous)
@@ -396,14 +399,22 @@ class Group:
                     why = f"worker {full[0].name} did not store its layers at --quantize {self.config.quantize}"
                     self.move(GroupState.CANNOT_PLACE, f"{why} (update MoLink on it)")
                     return
-                self.stages = [link for link, _ in chosen]
+                stages = [link for link, _ in chosen]
+                try:
+                    hops = await route_pipeline(stages, epoch, self.paired)
+                except (LinkGone, asyncio.TimeoutError) as e:
+                    hops = [Hop(False, reason=f"routing failed: {e or type(e).__name__}")] * (len(stages) - 1)
+                if self.epoch != epoch:  # membership changed while routing
+                    continue
+                self.stages, self.hops = stages, hops
                 self.kv_tokens = min(asg.kv_tokens for asg in assignments)
                 self.move(GroupState.SERVING)
                 log.info(
-                    "serving epoch %d on %d stage(s): %s",
+                    "serving epoch %d on %d stage(s): %s; hops: %s",
                     epoch,
                     len(self.stages),
                     ", ".join(f"{link.name}[{a}:{b})" for link, (a, b) in chosen),
+                    "; ".join(h.describe() for h in hops) or "none",
                 )
                 return
 
@@ -477,11 +488,23 @@ class Group:
                     "precision": a.quantize if a else None,  # how its layers are stored (none, int8, int4)
                     "weight_bytes": link.ready.weight_bytes if a and link.ready else None,  # as the worker reports
                     "stage": self.stages.index(link) if link in self.stages else None,
+                    "next_hop": self._next_hop(link),
                     "standby": self.standby.get(link.name) if link not in self.stages else None,
                     "steps": link.steps,
                 }
             )
         return out
+
+    def _next_hop(self, link: WorkerLink) -> str | None:
+        """How ``link``'s output reaches the next stage, for people (None: not a stage, or the last)."""
+        i = self.stages.index(link) if link in self.stages else -1
+        return self.hops[i].describe() if 0 <= i < len(self.hops) else None
+
+    def hop_lost(self, epoch: int, index: int, why: str) -> None:
+        """Hop ``index`` of ``epoch``, direct until now, went down: relayed from now on."""
+        if epoch == self.epoch and 0 <= index < len(self.hops) and self.hops[index].direct:
+            self.hops[index] = Hop(False, reason=why)
+            log.warning("hop %d (%s -> next stage) relayed from now on: %s", index, self.stages[index].name, why)
 
 
 def _log_failure(task: asyncio.Task, what: str) -> None:

@@ -9,8 +9,10 @@ is the only way to change it and refuses any other transition.  DRAINING: the wo
 to leave once the running requests end (``Leave(finish=True)``); it keeps serving the current
 pipeline but no new placement may choose it.  A ``Leave`` from the worker is handed to
 ``on_leave(link, finish)`` (set by the group; without one the link closes at once).  ``assign``
-sends an ``Assign`` and waits for the matching ``Ready``; ``call`` sends a ``Step`` and waits
-for its ``Result``.  ``run_reader`` reads frames until the tunnel ends: a malformed frame or
+sends an ``Assign`` and waits for the matching ``Ready``; ``route`` sends a ``Route`` and waits
+for the ``Routed``; ``call`` sends a ``Step`` and waits for its ``Result`` (from this stage, or,
+for a step forwarded over direct hops, from the stage that ends its journey).
+``run_reader`` reads frames until the tunnel ends: a malformed frame or
 an unexpected message is a :class:`~worker_core.wire.ProtocolError`, which closes this link
 (with a log line) and fails everything waiting on it with :class:`LinkGone`; nothing else in
 the process is affected.  ``close_with(reason, code)`` ends a link; the WebSocket close code
@@ -56,6 +58,8 @@ from worker_core.wire import (
     ProtocolError,
     Ready,
     Result,
+    Route,
+    Routed,
     Step,
     decode,
     encode,
@@ -65,6 +69,7 @@ from .costs import LinkCost, StageCost
 from .weight_source import WeightSource
 
 MAX_FETCHES = 32  # weight chunk requests one worker may have open at once
+ABANDONED_KEPT = 1024  # step ids given up on whose late results a link still recognises
 
 # Liveness rule (see the module docstring and WorkerLink.hung).  A live worker answers pings from
 # its event loop while its stage computes on another thread, so a worker silent for seconds is
@@ -132,6 +137,8 @@ class WorkerLink:
         self.name = hello.name
         self.weights = weights  # paired groups: this worker may fetch the weights of its assignment
         self.member: str | None = None  # paired groups: the member this tunnel authenticated as
+        self.cert = ""  # paired groups: that member's pinned certificate (PEM), for direct hops
+        self._route_waiter: asyncio.Future | None = None
         self._fetches: set[asyncio.Task] = set()  # weight chunks being served
         self._tasks: set[asyncio.Task] = set()  # every task this link started, awaited by wait_closed()
         self.weight_bytes_sent = 0
@@ -144,6 +151,9 @@ class WorkerLink:
         self.ready: Ready | None = None
         self.gone_reason: str | None = None
         self._pending: dict[int, _Pending] = {}
+        # steps given up on (a stage of their run failed or left) that may still come back from
+        # this stage over direct hops: their results are dropped, not a protocol error
+        self._abandoned: deque[int] = deque(maxlen=ABANDONED_KEPT)
         self._heard_at = time.monotonic()  # the last frame of any kind from the worker (pongs too)
         self._answered_at = 0.0  # the last Result or Failure of a step
         self._woke_at: float | None = None  # dropped as hung, then heard from again
@@ -210,6 +220,12 @@ class WorkerLink:
             self.move(LinkState.READY)
         return ready
 
+    async def route(self, route: Route, timeout: float) -> Routed:
+        """Send a ``Route`` and wait (at most ``timeout``) for the worker's ``Routed``."""
+        self._route_waiter = asyncio.get_running_loop().create_future()
+        await self._send(route)
+        return await asyncio.wait_for(self._route_waiter, timeout)
+
     def step_deadline(self, tokens: int, nbytes: int) -> float:
         """Seconds a step of ``tokens`` tokens and ``nbytes`` bytes may go unanswered: scaled from
         this link's measured costs (``UNMEASURED_STEP_DEADLINE`` until they are known)."""
@@ -219,26 +235,43 @@ class WorkerLink:
         rtt, bandwidth = link
         return max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR * (compute + rtt + nbytes / bandwidth))
 
-    async def call(self, step: Step) -> Result:
+    async def call(self, step: Step, onward: tuple[WorkerLink, ...] = ()) -> tuple[WorkerLink, Result]:
+        """Send ``step`` to this stage and wait for its ``Result``: (the link that answered, the
+        result).  ``onward``: the stages after this one the step may travel to over direct hops
+        (``step.forward``); the result comes from whichever of them ends the journey, and a
+        ``Failure`` from any of them fails the call.  Each stage's compute is measured from the
+        result's trail; the link's network cost only from a step that came straight back."""
         fut = asyncio.get_running_loop().create_future()
         tokens = sum(s.length for s in step.segments)
-        deadline = self.step_deadline(tokens, step.tensor.numel() * step.tensor.element_size())
-        self._pending[step.step_id] = _Pending(fut, time.monotonic(), deadline)
+        nbytes = step.tensor.numel() * step.tensor.element_size()
+        deadline = sum(link.step_deadline(tokens, nbytes) for link in (self, *onward))
+        pending = _Pending(fut, time.monotonic(), deadline)
+        run = (self, *onward)
+        for link in run:
+            link._pending[step.step_id] = pending
         t0 = time.perf_counter()
         try:
             sent = await self._send(step)
-            result: Result = await fut
+            answered, result = await fut
+        except BaseException:
+            for link in onward and run:  # still travelling: any stage of its run may yet answer
+                link._abandoned.append(step.step_id)
+            raise
         finally:
-            self._pending.pop(step.step_id, None)
-        network = max(0.0, time.perf_counter() - t0 - result.worker_seconds)
-        moved = sent + result.tensor.numel() * result.tensor.element_size()
-        self.steps += 1
-        self.compute_seconds.append(result.compute_seconds)
-        self.stage_cost.observe(tokens, result.compute_seconds)
-        self.link_cost.observe(moved, network)
-        self.compute_total += result.compute_seconds
-        self.step_bytes_total += moved
-        return result
+            for link in run:
+                link._pending.pop(step.step_id, None)
+        computes = (*result.trail, result.compute_seconds)
+        for link, compute in zip(run, computes):
+            link.steps += 1
+            link.compute_seconds.append(compute)
+            link.stage_cost.observe(tokens, compute)
+            link.compute_total += compute
+        back = result.tensor.numel() * result.tensor.element_size()
+        if answered is self:
+            self.link_cost.observe(sent + back, max(0.0, time.perf_counter() - t0 - result.worker_seconds))
+        self.step_bytes_total += sent
+        answered.step_bytes_total += back
+        return answered, result
 
     def free(self, request_ids: list[int]) -> None:
         """Drop these requests' KV caches on the worker.  The ``Free`` frame goes out before any
@@ -277,15 +310,24 @@ class WorkerLink:
                 self.close_with("left the group")
         elif isinstance(msg, Result):
             pending = self._pending.get(msg.step_id)
+            if pending is None and msg.step_id in self._abandoned:
+                log.info("worker %s: result of step %d, given up on, dropped", self.name, msg.step_id)
+                return
             if pending is None:
                 raise ProtocolError(f"result for unknown step {msg.step_id}")
             self._answered_at = time.monotonic()
             if not pending.future.done():
-                pending.future.set_result(msg)
+                pending.future.set_result((self, msg))
         elif isinstance(msg, Ready):
             waiter = self._ready_waiter
             if waiter is None or self.assignment is None or msg.epoch != self.assignment.epoch:
                 raise ProtocolError(f"unexpected Ready for epoch {msg.epoch}")
+            if not waiter.done():
+                waiter.set_result(msg)
+        elif isinstance(msg, Routed):
+            waiter = self._route_waiter
+            if waiter is None or self.assignment is None or msg.epoch != self.assignment.epoch:
+                raise ProtocolError(f"unexpected Routed for epoch {msg.epoch}")
             if not waiter.done():
                 waiter.set_result(msg)
         elif isinstance(msg, Fetch):
@@ -447,8 +489,9 @@ class WorkerLink:
         for pending in list(self._pending.values()):
             if not pending.future.done():
                 pending.future.set_exception(err)
-        if self._ready_waiter is not None and not self._ready_waiter.done():
-            self._ready_waiter.set_exception(err)
+        for waiter in (self._ready_waiter, self._route_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(err)
         for task in list(self._fetches):
             task.cancel()
 

@@ -192,6 +192,7 @@ class Master:
         self.invitations = Invitations()
         hub = model_source.hub_ref(cfg.model, folder)
         self.group.weights = await asyncio.to_thread(WeightSource, folder, data_dir / "hashes.json", hub)
+        self.group.paired = True
         self.group_port = GroupPort(identity, self.members, self.invitations, self._accept_tunnel)
         await self.group_port.start(cfg.group_host, cfg.group_port)
         self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)
@@ -294,6 +295,9 @@ class Master:
             hello = dataclasses.replace(hello, name=member)  # the group knows it by its member name
         link = WorkerLink(ws, hello, peer, self.max_frame, self.group.weights)
         link.member = member
+        if member is not None:  # paired: its certificate pins it on direct hops too
+            known = next((m for m in self.members.members() if m.name == member), None)
+            link.cert = known.cert if known is not None else ""
         self.group.add(link)
         try:
             await link.run_reader()

@@ -13,12 +13,21 @@ the engine makes them.  Only the physics is modelled:
   its slots, e.g. several workers on one machine's cores);
 * the link between the master and stage i carries each direction FIFO at ``bandwidth_i``
   bytes/s, and adds ``rtt_i / 2`` one-way delay;
-* a micro-batch travels master -> stage 0 -> master -> stage 1 ... -> master (the relay);
-  the master adds ``master_seconds`` per step (sampling, bookkeeping).
+* a micro-batch leaves the master over link 0's down direction and its logits come back over
+  the last link's up direction; each hop between stages i and i+1 is either relayed (up link i
+  to the master, then down link i+1: two crossings) or direct (``SimModel.direct[i]``): stage i
+  sends straight to stage i+1 on its own up link (the same FIFO at ``bandwidth_i``: a machine's
+  uplink carries everything it sends) with one ``rtt_i / 2`` delay (every two machines are half
+  a round trip apart), touching neither the master nor stage i+1's link; ``direct=()`` means
+  every hop relayed;
+* the master adds ``master_seconds`` once per step, when the logits are back (sampling,
+  bookkeeping), whatever the hops; relaying a hop costs it no modelled time.  The scheduler
+  sees the same ``CostSnapshot`` either way: it is not told which hops go direct.
 
 Because every resource is FIFO and micro-batches enter in the order they are planned, a
 micro-batch's whole journey can be booked when it is planned.  Sampling is not modelled:
-every request generates exactly its ``output_tokens``.  No clock, no I/O, no torch.  Besides
+every request generates exactly its ``output_tokens``.  No clock, no I/O, no torch.  The bytes
+figure counts every link crossing (a relayed hop twice, a direct one once).  Besides
 the benchmark figures the result has ``steps`` and ``peak_kv_tokens`` (the most KV tokens the
 running requests held or had in flight at once: what every stage's cache had to hold).
 
@@ -60,6 +69,17 @@ class SimModel:
     kv_tokens: int  # KV budget of the smallest stage, tokens
     master_seconds: float = 0.002  # master work per step
     max_running: int = 64
+    # per hop i -> i+1 (stages - 1 of them): True when stage i sends straight to stage i+1; () all relayed
+    direct: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.direct and len(self.direct) != self.costs.stages - 1:
+            hops = self.costs.stages - 1
+            raise ValueError(f"direct names {len(self.direct)} hops; {self.costs.stages} stages have {hops}")
+
+    def hop_direct(self, i: int) -> bool:
+        """Whether the hop from stage ``i`` to stage ``i + 1`` goes direct (not through the master)."""
+        return bool(self.direct) and self.direct[i]
 
 
 @dataclass
@@ -113,9 +133,8 @@ class _Pipeline:
     def journey(self, t: float, tokens: int, logits_rows: int) -> float:
         """Book one micro-batch leaving the master at ``t``; return when its result is back."""
         c = self.m.costs
+        arrive = self._send(self.down_free, self.busy_down, 0, t, step_bytes(c, 0, tokens, logits_rows)[0])
         for i in range(c.stages):
-            inbound, outbound = step_bytes(c, i, tokens, logits_rows)
-            arrive = self._send(self.down_free, self.busy_down, i, t, inbound)
             dur = c.stage_fixed[i] + c.stage_per_token[i] * tokens
             start = max(arrive, self.stage_free[i])
             slots = self.slot_free[self.device_of[i]]  # the device's earliest free slot
@@ -124,7 +143,11 @@ class _Pipeline:
             slots[k] = start + dur
             self.stage_free[i] = start + dur
             self.busy_compute[i] += dur
-            t = self._send(self.up_free, self.busy_up, i, start + dur, outbound)
+            # stage i's up link carries its output: to the master, or straight to stage i + 1 on a direct hop
+            t = self._send(self.up_free, self.busy_up, i, start + dur, step_bytes(c, i, tokens, logits_rows)[1])
+            if i + 1 < c.stages:
+                relayed_in = step_bytes(c, i + 1, tokens, logits_rows)[0]
+                arrive = t if self.m.hop_direct(i) else self._send(self.down_free, self.busy_down, i + 1, t, relayed_in)
         return t + self.m.master_seconds
 
 

@@ -3,12 +3,13 @@
 import asyncio
 import time
 
+import pytest
 from harness import run
 
 from master_core.costs import CostSnapshot
-from master_core.scheduler import policy
+from master_core.scheduler import policy, step_bytes
 from master_core.simulator import SimModel, simulate
-from master_core.workload import make_workload, percentile, summarize
+from master_core.workload import BenchRequest, make_workload, percentile, summarize
 from worker_core.shaper import LinkShaper
 
 
@@ -89,3 +90,73 @@ def test_summary_and_percentiles():
     s = summarize([0.0, 1.0], [[0.5, 0.6, 0.7], [1.5, 2.0]], 5000, [1.0, 2.5])
     assert s["output_tokens"] == 5 and s["seconds"] == 2.0 and s["ttft_p50"] == 0.5
     assert s["pipeline_bound_tokens_per_s"] == 2.0 and s["bytes_per_output_token"] == 1000
+
+
+# --------------------------------------------------------------------------- direct stage-to-stage hops
+
+
+def wan3(direct: tuple[bool, ...] = ()) -> SimModel:
+    """3 stages over a wan-like link (80 ms round trip, 20 Mbit/s), a few ms of compute per step."""
+    c = CostSnapshot((0.004,) * 3, (2e-5,) * 3, (0.08,) * 3, (20e6 / 8,) * 3, 16384, 516)
+    return SimModel(c, kv_tokens=100_000, direct=direct)
+
+
+ONE_STREAM = [BenchRequest(0.0, 16, 40)]  # one request: every gap between its tokens is one journey
+SATURATED = make_workload(150, 20.0, seed=0)  # arrives within seconds; serving it takes minutes
+
+
+def test_all_hops_relayed_is_todays_simulator():
+    wl = make_workload(60, 4.0, seed=5)
+    for name in ("full", "single-microbatch"):
+        for m in (wan3(), model(20, 0.04)):
+            relayed = SimModel(m.costs, m.kv_tokens, direct=(False,) * (m.costs.stages - 1))
+            assert simulate(relayed, wl, policy(name, 1024)) == simulate(m, wl, policy(name, 1024))
+    with pytest.raises(ValueError):
+        wan3(direct=(True,))  # 3 stages have 2 hops
+
+
+def saved_bounds(m: SimModel, direct: tuple[bool, ...]) -> tuple[float, float]:
+    """Per decode token, (the one-way delays the direct hops save, those plus the relay's
+    serialisation on the down link they skip): a direct hop i -> i+1 drops the crossing over
+    down link i+1."""
+    c = m.costs
+    hops = [i for i, d in enumerate(direct) if d]
+    delays = sum(c.link_rtt[i + 1] / 2 for i in hops)
+    wire = sum(step_bytes(c, i + 1, 1, 1)[0] / c.link_bandwidth[i + 1] for i in hops)
+    return delays, delays + wire
+
+
+def test_direct_hops_cut_one_streams_time_per_token():
+    m = wan3()
+    relayed = simulate(m, ONE_STREAM, policy("full", 1024))
+    everything = (True,) * (m.costs.stages - 1)
+    direct = simulate(wan3(everything), ONE_STREAM, policy("full", 1024))
+    saved = relayed["tpot_p50"] - direct["tpot_p50"]
+    delays, at_most = saved_bounds(m, everything)
+    assert delays > 0.05  # two hops of 40 ms: the model's figures, not this test's
+    assert 0.8 * delays <= saved <= at_most + 1e-9
+    assert direct["tpot_p99"] < relayed["tpot_p99"] and direct["ttft_p50"] < relayed["ttft_p50"]
+    # the master's links carry less: a direct hop crosses one link, a relayed one two
+    assert direct["bytes_per_output_token"] < relayed["bytes_per_output_token"]
+
+
+@pytest.mark.parametrize("name", ["full", "single-microbatch"])
+def test_direct_hops_never_lower_saturated_throughput(name: str):
+    relayed = simulate(wan3(), SATURATED, policy(name, 1024))
+    assert relayed["seconds"] > 10 * SATURATED[-1].arrival  # saturated: a queue builds up
+    direct = simulate(wan3((True, True)), SATURATED, policy(name, 1024))
+    assert direct["output_tokens"] == relayed["output_tokens"] == sum(w.output_tokens for w in SATURATED)
+    assert direct["output_tokens_per_s"] >= relayed["output_tokens_per_s"]
+
+
+def test_one_direct_hop_lies_between():
+    full = policy("full", 1024)
+    relayed = simulate(wan3(), ONE_STREAM, full)
+    direct = simulate(wan3((True, True)), ONE_STREAM, full)
+    for mixed in ((True, False), (False, True)):
+        one = simulate(wan3(mixed), ONE_STREAM, full)
+        assert direct["tpot_p50"] < one["tpot_p50"] < relayed["tpot_p50"]
+        delays, at_most = saved_bounds(wan3(), mixed)
+        assert 0.8 * delays <= relayed["tpot_p50"] - one["tpot_p50"] <= at_most + 1e-9
+    busy = {d: simulate(wan3(d), SATURATED, full)["output_tokens_per_s"] for d in ((), (True, False), (True, True))}
+    assert busy[()] <= busy[(True, False)] <= busy[(True, True)]

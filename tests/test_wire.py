@@ -18,6 +18,8 @@ from worker_core.wire import (
     ProtocolError,
     Ready,
     Result,
+    Route,
+    Routed,
     Segment,
     Step,
     TensorSpec,
@@ -67,6 +69,11 @@ MESSAGES = [
     Failure("boom", 7),
     Leave(False),
     Leave(True),
+    Route(4, "ab" * 16, "-----BEGIN CERTIFICATE-----", "192.168.1.20:7001", "", "cd" * 16),
+    Route(4, next_address="[fe80::1]:7001", next_token="ef" * 16),
+    Route(4),
+    Routed(4, True, 3.5),
+    Routed(4, False, reason="10.0.0.3:7001: no answer within 3 s"),
     Assign(  # a GGUF model's tensors travel as their blocks: U8 bytes, GGML type, logical shape
         3,
         "d" * 64,
@@ -100,6 +107,10 @@ def test_tensor_messages_round_trip(dtype):
     ids = torch.tensor([1, 2, 3, 4])
     r = decode(encode(Result(5, 2, 0.25, 0.5, ids)))
     assert isinstance(r, Result) and torch.equal(r.tensor, ids) and r.compute_seconds == 0.25
+    onward = decode(encode(Step(5, 2, segs, x, 8, forward=True, trail=(0.01, 0.02))))
+    assert isinstance(onward, Step) and onward.forward and onward.trail == (0.01, 0.02) and onward.topk == 8
+    back = decode(encode(Result(5, 2, 0.25, 0.5, ids, (0.01, 0.02))))
+    assert isinstance(back, Result) and back.trail == (0.01, 0.02)
 
 
 def _frame(kind, header, payload=b"", version=wire.PROTOCOL_VERSION, magic=b"MLK"):
@@ -289,6 +300,25 @@ BAD_FRAMES = {
     "leave finish string": _frame(wire.Kind.LEAVE, {"finish": "true"}),
     "leave with payload": _frame(wire.Kind.LEAVE, {"finish": True}, b"x"),
     "deep json": _frame(wire.Kind.FREE, b"[" * 100000 + b"]" * 100000),
+}
+
+
+ROUTE = {"epoch": 1, "accept_token": "", "accept_cert": "", "next_address": "", "next_cert": "", "next_token": ""}
+BAD_FRAMES |= {
+    "route token not hex": _frame(wire.Kind.ROUTE, ROUTE | {"accept_token": "secret!" * 8}),
+    "route token too short": _frame(wire.Kind.ROUTE, ROUTE | {"next_token": "ab"}),
+    "route next without token": _frame(wire.Kind.ROUTE, ROUTE | {"next_address": "10.0.0.2:7001"}),
+    "route address without port": _frame(wire.Kind.ROUTE, ROUTE | {"next_address": "10.0.0.2", "next_token": "a" * 32}),
+    "route address with a path": _frame(
+        wire.Kind.ROUTE, ROUTE | {"next_address": "evil.example/x:80", "next_token": "a" * 32}
+    ),
+    "route cert too long": _frame(wire.Kind.ROUTE, ROUTE | {"accept_cert": "x" * (wire.MAX_CERT_CHARS + 1)}),
+    "routed direct not bool": _frame(wire.Kind.ROUTED, {"epoch": 1, "direct": 1, "connect_ms": 0, "reason": ""}),
+    "step forward not bool": _frame(wire.Kind.STEP, _step_header(forward="yes"), GOOD_PAYLOAD),
+    "step trail negative": _frame(wire.Kind.STEP, _step_header(trail=[0.1, -1.0]), GOOD_PAYLOAD),
+    "step trail not list": _frame(wire.Kind.STEP, _step_header(trail=0.1), GOOD_PAYLOAD),
+    "hello hop host with a path": _frame(wire.Kind.HELLO, HELLO | {"hop_host": "a/b"}),
+    "hello hop port too big": _frame(wire.Kind.HELLO, HELLO | {"hop_port": 70000}),
 }
 
 

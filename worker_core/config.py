@@ -12,6 +12,8 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .identity import Identity
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -27,3 +29,10 @@ class WorkerConfig:
     memory_limit: int | None = None  # bytes offered to the group (None: all that is free)
     tls: ssl.SSLContext | None = None  # paired group: mutual TLS pinned to the master (None: plain, loopback only)
     weights_dir: Path | None = None  # cache of weights the master delivers (None: the user cache)
+    identity: Identity | None = None  # paired group: this machine's certificate, presented on direct hops
+    # direct hops (worker_core.hops): listen for the previous stage and dial the next one where the
+    # master finds it reachable; off: every activation goes through the master
+    direct: bool = True
+    hop_bind: str = ""  # address the hop listener binds ("": 0.0.0.0 in a paired group, else 127.0.0.1)
+    hop_port: int = 0  # its port (0: any free one)
+    hop_host: str = ""  # host the other stages should dial ("": the address the master sees)

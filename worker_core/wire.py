@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 5  # 3: Leave; 4: TensorSpec.gguf_type (GGUF blocks); 5: Hello.machine and Hello.threads
+PROTOCOL_VERSION = 6  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -124,6 +124,8 @@ class Kind(IntEnum):
     FETCH = 8
     CHUNK = 9
     LEAVE = 10
+    ROUTE = 11
+    ROUTED = 12
 
 
 # --------------------------------------------------------------------------- messages
@@ -151,6 +153,10 @@ class Hello:
     # (0 on a GPU)
     machine: str = ""
     threads: int = 0
+    # direct hops: the port of this worker's hop listener (0: none) and the host others should
+    # dial ("": the address the master sees this tunnel come from)
+    hop_port: int = 0
+    hop_host: str = ""
 
 
 def gguf_nbytes(gguf_type: str, shape: tuple[int, ...]) -> int:
@@ -288,15 +294,21 @@ class Segment:
 
 @dataclass(frozen=True)
 class Step:
-    """master -> worker: run these segments.  tensor: token ids [T] int64 on the first stage,
-    hidden states [T, hidden] elsewhere (T = sum of segment lengths).  ``topk`` > 0 asks the
-    last stage for only the k largest logits of each row (see :class:`Result`)."""
+    """master -> worker (or stage i -> stage i+1 over a direct hop): run these segments.
+    tensor: token ids [T] int64 on the first stage, hidden states [T, hidden] elsewhere (T = sum
+    of segment lengths).  ``topk`` > 0 asks the last stage for only the k largest logits of each
+    row (see :class:`Result`).  ``forward``: send the output on to the next stage over this
+    stage's direct hop, when it has one, as a ``Step`` of the same id (else return a ``Result``
+    to the master); ``trail``: compute seconds of the stages this step already went through
+    since it left the master."""
 
     step_id: int
     epoch: int
     segments: tuple[Segment, ...]
     tensor: torch.Tensor = field(compare=False)
     topk: int = 0
+    forward: bool = False
+    trail: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -311,6 +323,7 @@ class Result:
     compute_seconds: float  # the forward itself
     worker_seconds: float  # from the step's arrival at the worker to its result (queue + compute)
     tensor: torch.Tensor = field(compare=False)
+    trail: tuple[float, ...] = ()  # compute seconds of the earlier stages of a forwarded step, in order
 
 
 @dataclass(frozen=True)
@@ -357,7 +370,39 @@ class Leave:
     finish: bool
 
 
-Message = Hello | Assign | Ready | Step | Result | Free | Failure | Fetch | Chunk | Leave
+@dataclass(frozen=True)
+class Route:
+    """master -> worker, once a pipeline of ``epoch`` is loaded: this stage's direct hops.
+    ``accept_token``: the secret the previous stage presents when it dials this worker's hop
+    listener ("": accept none), with ``accept_cert`` the PEM certificate it must present (paired
+    groups; "" in a plain group).  ``next_address`` ("host:port", "": relay the next hop through
+    the master), ``next_cert`` and ``next_token``: how to dial the next stage.  Each Route
+    replaces the last; the worker answers ``Routed``."""
+
+    epoch: int
+    accept_token: str = ""
+    accept_cert: str = ""
+    next_address: str = ""
+    next_cert: str = ""
+    next_token: str = ""
+
+
+@dataclass(frozen=True)
+class Routed:
+    """worker -> master: the outcome of a ``Route``: whether the hop to the next stage is direct
+    (dialled and open), the handshake's duration, and why not when it is not."""
+
+    epoch: int
+    direct: bool
+    connect_ms: float = 0.0
+    reason: str = ""
+
+
+Message = Hello | Assign | Ready | Step | Result | Free | Failure | Fetch | Chunk | Leave | Route | Routed
+
+MAX_CERT_CHARS = 16 * 1024  # a PEM certificate in a Route
+_TOKEN = re.compile(r"^([0-9a-f]{32,128})?$")
+_ADDRESS = re.compile(r"^([A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$")
 
 
 # --------------------------------------------------------------------------- field parsing
@@ -398,6 +443,14 @@ def _dtype_name(h: dict[str, Any], key: str) -> str:
     return v
 
 
+def _host(h: dict[str, Any], key: str) -> str:
+    """A host name or IP address a peer may be dialled at ("" allowed)."""
+    v = _str(h, key, 253)
+    if v and not _ADDRESS.match(f"[{v}]:1" if ":" in v else f"{v}:1"):
+        raise ProtocolError(f"field {key!r} is not a host name or address: {v!r}")
+    return v
+
+
 def _sha(h: dict[str, Any], key: str) -> str:
     v = h.get(key)
     if type(v) is not str or len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
@@ -435,6 +488,13 @@ def _segments(h: dict[str, Any]) -> tuple[Segment, ...]:
         seen.add(seg.request_id)
         out.append(seg)
     return tuple(out)
+
+
+def _trail(h: dict[str, Any]) -> tuple[float, ...]:
+    raw = h.get("trail", [])
+    if type(raw) is not list or len(raw) > 1024:
+        raise ProtocolError("'trail' must be a list of at most 1024 seconds")
+    return tuple(_float({"t": v}, "t") for v in raw)
 
 
 def _tensor_from(h: dict[str, Any], payload: memoryview) -> torch.Tensor:
@@ -509,7 +569,15 @@ def encode(msg: Message) -> bytes:
         ]
         kind, h = (
             Kind.STEP,
-            {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs, "topk": msg.topk, "tensor": spec},
+            {
+                "step_id": msg.step_id,
+                "epoch": msg.epoch,
+                "segments": segs,
+                "topk": msg.topk,
+                "tensor": spec,
+                "forward": msg.forward,
+                "trail": list(msg.trail),
+            },
         )
     elif isinstance(msg, Result):
         spec, payload = _tensor_bytes(msg.tensor)
@@ -521,6 +589,7 @@ def encode(msg: Message) -> bytes:
                 "compute_seconds": msg.compute_seconds,
                 "worker_seconds": msg.worker_seconds,
                 "tensor": spec,
+                "trail": list(msg.trail),
             },
         )
     elif isinstance(msg, Free):
@@ -537,6 +606,10 @@ def encode(msg: Message) -> bytes:
         )
     elif isinstance(msg, Leave):
         kind, h = Kind.LEAVE, {"finish": msg.finish}
+    elif isinstance(msg, Route):
+        kind, h = Kind.ROUTE, {f.name: getattr(msg, f.name) for f in dataclasses.fields(Route)}
+    elif isinstance(msg, Routed):
+        kind, h = Kind.ROUTED, {f.name: getattr(msg, f.name) for f in dataclasses.fields(Routed)}
     else:
         raise TypeError(f"not a wire message: {type(msg).__name__}")
     header = json.dumps(h, separators=(",", ":")).encode()
@@ -592,6 +665,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             link_mbps=_float(h, "link_mbps"),
             machine=_str(h, "machine", 64),
             threads=_int(h, "threads", 0, 1 << 16),
+            hop_port=_int(h, "hop_port", 0, 65535),
+            hop_host=_host(h, "hop_host"),
         )
     if kind is Kind.ASSIGN:
         a = Assign(
@@ -630,6 +705,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             segments=segments,
             tensor=_tensor_from(h, payload),
             topk=_int(h, "topk", 0, MAX_TOPK),
+            forward=_bool({"forward": h.get("forward", False)}, "forward"),
+            trail=_trail(h),
         )
     if kind is Kind.RESULT:
         return Result(
@@ -638,6 +715,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             compute_seconds=_float(h, "compute_seconds"),
             worker_seconds=_float(h, "worker_seconds"),
             tensor=_tensor_from(h, payload),
+            trail=_trail(h),
         )
     if kind is Kind.FREE:
         ids = h.get("request_ids")
@@ -657,6 +735,27 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         )
     if kind is Kind.LEAVE:
         return Leave(finish=_bool(h, "finish"))
+    if kind is Kind.ROUTE:
+        route = Route(
+            epoch=_int(h, "epoch"),
+            accept_token=_str(h, "accept_token"),
+            accept_cert=_str(h, "accept_cert", MAX_CERT_CHARS),
+            next_address=_str(h, "next_address", 260),
+            next_cert=_str(h, "next_cert", MAX_CERT_CHARS),
+            next_token=_str(h, "next_token"),
+        )
+        if not (_TOKEN.match(route.accept_token) and _TOKEN.match(route.next_token)):
+            raise ProtocolError("hop tokens must be 32..128 lower-case hex digits")
+        if route.next_address and (not _ADDRESS.match(route.next_address) or not route.next_token):
+            raise ProtocolError(f"bad next hop {route.next_address!r}: host:port with a token")
+        return route
+    if kind is Kind.ROUTED:
+        return Routed(
+            epoch=_int(h, "epoch"),
+            direct=_bool(h, "direct"),
+            connect_ms=_float(h, "connect_ms"),
+            reason=_str(h, "reason", 512),
+        )
     return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
 
 

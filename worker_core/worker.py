@@ -21,6 +21,13 @@ only an ``Assign`` or a weight ``Chunk`` fits, then the pipeline's own bound
 The loaded shard is kept across reconnects when the next assignment
 is the same model and range (its KV caches are dropped: the master replays).
 
+Direct hops (``config.direct``, see :mod:`worker_core.hops`): the worker listens for the previous
+stage and announces the port in its ``Hello``; a ``Route`` from the master says who may dial in
+and where the next stage listens; the worker dials it (bounded) and answers ``Routed``.  A
+``Step`` marked ``forward`` is then sent on to the next stage instead of back to the master (its
+``Result`` goes to the master when the hop is down: the master relays it).  Steps arriving over
+the hop join the same in-order queue as the master's.
+
 In a paired group (``tls`` set) the tunnel is ``wss://`` with this machine's certificate,
 trusting only the pinned master certificate, and an ``Assign`` with a manifest is served from
 weights the master delivers (``Fetch``/``Chunk``, see :mod:`worker_core.weights`), cached in
@@ -45,6 +52,8 @@ from . import device as devices
 from . import model_source
 from .config import WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, STATS_INTERVAL, Command, Control, Events, one_line
+from .hops import HopListener, HopUnreachable, NextHop
+from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .quantize import Precision
@@ -67,6 +76,8 @@ from .wire import (
     ProtocolError,
     Ready,
     Result,
+    Route,
+    Routed,
     Step,
     decode,
     encode,
@@ -87,8 +98,9 @@ MAX_QUEUED_FRAMES = 256
 class _Run:
     """What outlives one tunnel: events, work counters, the live session, the leave."""
 
-    def __init__(self, events: Events) -> None:
+    def __init__(self, events: Events, hops: HopListener | None = None) -> None:
         self.events = events
+        self.hops = hops  # the hop listener (direct hops on), kept across tunnels
         self.steps = 0  # steps this process computed
         self.tokens = 0  # rows (tokens) of those steps
         self.session: _Session | None = None  # the tunnel that is up (Hello sent), if any
@@ -126,8 +138,11 @@ class _Session:
         uplink: LinkShaper,
         weights: WeightCache,
         run: _Run,
+        config: WorkerConfig,
     ) -> None:
         self.run = run
+        self.config = config
+        self.next_hop: NextHop | None = None  # the direct hop to the next stage, if the master routed one
         self.ws = ws
         self.weights = weights
         self._chunks: dict[tuple[str, int], asyncio.Future] = {}
@@ -197,6 +212,7 @@ class _Session:
     async def handle(self, msg: object, arrived: float) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(msg, Assign):
+            await self.close_hop()  # a new pipeline: the master routes it once it is loaded
             t0 = time.perf_counter()
             precision = Precision(msg.quantize)  # checked by wire.decode
             key = (msg.model, msg.layer_start, msg.layer_end, precision)
@@ -235,6 +251,8 @@ class _Session:
             )
             layers = [msg.layer_start, msg.layer_end]
             self.run.events.emit("serving", layers=layers, num_layers=msg.num_layers, epoch=msg.epoch)
+        elif isinstance(msg, Route):
+            await self.send(await self._route(msg))
         elif isinstance(msg, Step):
             if self.runner is None or msg.epoch != self.epoch:
                 await self.send(
@@ -253,9 +271,14 @@ class _Session:
                 return
             self.run.steps += 1
             self.run.tokens += sum(seg.length for seg in msg.segments)
-            await self.send(
-                Result(msg.step_id, msg.epoch, runner.last_compute_seconds, time.perf_counter() - arrived, out)
-            )
+            compute = runner.last_compute_seconds
+            result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
+            hop = self.next_hop
+            if msg.forward and hop is not None and hop.epoch == msg.epoch:
+                onward = Step(msg.step_id, msg.epoch, msg.segments, out, msg.topk, True, (*msg.trail, compute))
+                await hop.send(onward, lambda: self.send(result))
+            else:
+                await self.send(result)
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)
@@ -263,6 +286,40 @@ class _Session:
             log.warning("master reports: %s", msg.message)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
+
+    async def _route(self, msg: Route) -> Routed:
+        """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,
+        bounded); the answer says whether that hop is direct."""
+        hops = self.run.hops
+        await self.close_hop()
+        if hops is None:
+            return Routed(msg.epoch, False, reason="direct hops are off on this worker")
+        hops.accept(msg.epoch, msg.accept_token, msg.accept_cert)
+        if not msg.next_address:
+            return Routed(msg.epoch, False, reason="no next hop")
+        cfg = self.config
+        rate = cfg.link_mbps * 1e6 / 8 if cfg.link_mbps else None
+        try:
+            hop, seconds = await dial_next(
+                msg.next_address,
+                msg.epoch,
+                msg.next_token,
+                msg.next_cert,
+                cfg.identity if cfg.tls is not None else None,
+                cfg.link_delay_ms / 1000.0,
+                rate,
+            )
+        except HopUnreachable as e:
+            log.info("next stage not reachable directly, relaying through the master: %s", e)
+            return Routed(msg.epoch, False, reason=str(e)[:500])
+        self.next_hop = hop
+        log.info("direct hop to the next stage at %s (%.1f ms)", msg.next_address, seconds * 1000)
+        return Routed(msg.epoch, True, seconds * 1000)
+
+    async def close_hop(self) -> None:
+        hop, self.next_hop = self.next_hop, None
+        if hop is not None:
+            await hop.close()
 
 
 async def _link(config: WorkerConfig) -> tuple[float, float]:
@@ -301,8 +358,14 @@ async def _connect_once(
         delay = config.link_delay_ms / 1000.0
         rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
         uplink = LinkShaper(delay, rate, ws.send_bytes)
-        session = _Session(ws, executor, shards, config.device, uplink, weights, run)
+        session = _Session(ws, executor, shards, config.device, uplink, weights, run, config)
         queue: asyncio.Queue = asyncio.Queue()
+
+        def hopped(step: Step) -> None:  # a step the previous stage sent straight here
+            if queue.qsize() >= MAX_QUEUED_FRAMES:
+                log.error("the previous stage sent more than %d steps ahead of this one: dropped", MAX_QUEUED_FRAMES)
+                return
+            queue.put_nowait((step, time.perf_counter()))
 
         async def arrive(data: bytes) -> None:
             try:
@@ -345,6 +408,8 @@ async def _connect_once(
                 )
             )
             run.session = session
+            if run.hops is not None:
+                run.hops.sink = hopped
             runner_task = asyncio.create_task(execute())
             stats_task = asyncio.create_task(run.report_stats()) if run.events.enabled else None
             while True:
@@ -372,10 +437,14 @@ async def _connect_once(
             raise
         finally:
             run.session = None
+            if run.hops is not None:
+                run.hops.sink = None
+                run.hops.accept(-1, "", "")
             tasks = [t for t in (runner_task, stats_task) if t is not None]
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await session.close_hop()
             uplink.close()
             downlink.close()
             run.events.emit("disconnected", reason=one_line(reason))
@@ -406,13 +475,16 @@ def _dtype_name(info: devices.DeviceInfo) -> str:
 
 
 async def serve(config: WorkerConfig, control: Control | None = None, events: Events | None = None) -> None:
-    run = _Run(events or Events())
+    # paired: hops are mutual TLS with this machine's identity (none known: no hops); plain: loopback tests
+    can_hop = config.direct and (config.tls is None or config.identity is not None)
+    hops = HopListener(config.identity if config.tls is not None else None) if can_hop else None
+    run = _Run(events or Events(), hops)
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-stage")
-    dial: asyncio.Task | None = None
+    dial_task: asyncio.Task | None = None
     obey: asyncio.Task | None = None
     try:
         shards: dict = {}
@@ -422,26 +494,31 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
             gflops=await asyncio.get_running_loop().run_in_executor(executor, matmul_gflops, info, 0.2),
         )
         weights = WeightCache(config.weights_dir or _default_weights_dir())
+        if hops is not None:
+            await hops.start(config.hop_bind or ("0.0.0.0" if config.tls is not None else "127.0.0.1"), config.hop_port)
+            facts |= {"hop_port": hops.port, "hop_host": config.hop_host}
         if config.tls is None:
             log.warning(
                 "UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; "
                 "for loopback tests only",
                 config.master,
             )
-        dial = asyncio.create_task(_dial(config, executor, shards, facts, weights, run))
+        dial_task = asyncio.create_task(_dial(config, executor, shards, facts, weights, run))
         if control is not None:
-            obey = asyncio.create_task(_obey(control, run, dial))
-        await asyncio.wait([dial])  # ends by itself (no reconnect, or after a leave) or cancelled by _obey
-        if not dial.cancelled() and (failed := dial.exception()) is not None:
+            obey = asyncio.create_task(_obey(control, run, dial_task))
+        await asyncio.wait([dial_task])  # ends by itself (no reconnect, or after a leave) or cancelled by _obey
+        if not dial_task.cancelled() and (failed := dial_task.exception()) is not None:
             raise failed
         if run.leaving is not None:
             log.info("left the group")
             run.events.emit("left")
     finally:
-        for t in (obey, dial):
+        for t in (obey, dial_task):
             if t is not None and not t.done():
                 t.cancel()
                 await asyncio.gather(t, return_exceptions=True)
+        if hops is not None:
+            await hops.stop()
         executor.shutdown(wait=False, cancel_futures=True)
 
 

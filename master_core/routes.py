@@ -1,0 +1,93 @@
+"""Which hops of a pipeline go direct, decided when the pipeline is built.
+
+Contract
+--------
+``await route_pipeline(stages, epoch)`` runs once every stage of a new pipeline has answered
+``Ready``, and returns one :class:`Hop` per hop (stage i -> stage i+1): direct, or relayed
+through the master with the reason.  A hop is tried when stage i+1 announced a hop listener
+(``Hello.hop_port``) and, in a paired group, both stages' pinned certificates are known; its
+address is the host stage i+1 announced, else the address the master sees its tunnel come
+from.  Two rounds of ``Route`` messages, each answered within ``ROUTE_TIMEOUT``: first every
+stage learns whom to accept (a fresh secret per hop, and the previous stage's certificate),
+then every stage with a candidate next hop dials it and says whether it got through
+(``Routed``).  Reachability is what the dial measured, so a stage behind NAT, a firewall or a
+wrong announced address is simply relayed.  A stage that does not answer in time costs only
+its hop (relayed); a link that is gone raises :class:`~master_core.link.LinkGone` (the group
+re-plans anyway).  The master keeps the first input and the last logits in every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+
+from worker_core.wire import Route
+
+from .link import WorkerLink
+
+ROUTE_TIMEOUT = 10.0  # seconds a stage may take to answer a Route (its dial is bounded at 3 s)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Stage i -> stage i+1 of the current pipeline."""
+
+    direct: bool
+    connect_ms: float = 0.0  # the direct hop's handshake as stage i measured it
+    reason: str = ""  # why it is relayed
+
+    def describe(self) -> str:
+        """For people: "direct (4 ms)" or "relayed: <why>"."""
+        return f"direct ({self.connect_ms:.0f} ms handshake)" if self.direct else f"relayed: {self.reason}"
+
+
+def hop_address(link: WorkerLink) -> str:
+    """Where the other stages dial ``link``'s hop listener ("" when it has none)."""
+    hello = link.hello
+    if not hello.hop_port:
+        return ""
+    host = hello.hop_host or link.peer.split("%")[0]
+    if not host or host == "?":
+        return ""
+    return f"[{host}]:{hello.hop_port}" if ":" in host else f"{host}:{hello.hop_port}"
+
+
+async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> list[Hop]:
+    n = len(stages)
+    if n < 2:
+        return []
+    addresses = [hop_address(link) for link in stages]
+    why_not: list[str] = []
+    for i in range(n - 1):
+        a, b = stages[i], stages[i + 1]
+        if not a.hello.hop_port:
+            why_not.append(f"{a.name} has direct hops off")
+        elif not addresses[i + 1]:
+            why_not.append(f"{b.name} has direct hops off")
+        elif paired and not (a.cert and b.cert):
+            why_not.append("no pinned certificate for one of the two")
+        else:
+            why_not.append("")
+    tokens = [secrets.token_hex(16) if not why else "" for why in why_not]
+
+    def accept(i: int) -> dict[str, str]:
+        if i == 0 or not tokens[i - 1]:
+            return {}
+        return {"accept_token": tokens[i - 1], "accept_cert": stages[i - 1].cert}
+
+    await asyncio.gather(*(link.route(Route(epoch, **accept(i)), ROUTE_TIMEOUT) for i, link in enumerate(stages)))
+
+    async def dial(i: int) -> Hop:
+        if why_not[i]:
+            return Hop(False, reason=why_not[i])
+        route = Route(
+            epoch, **accept(i), next_address=addresses[i + 1], next_cert=stages[i + 1].cert, next_token=tokens[i]
+        )
+        try:
+            routed = await stages[i].route(route, ROUTE_TIMEOUT)
+        except asyncio.TimeoutError:
+            return Hop(False, reason=f"{stages[i].name} did not answer the route in {ROUTE_TIMEOUT:.0f} s")
+        return Hop(True, routed.connect_ms) if routed.direct else Hop(False, reason=routed.reason)
+
+    return list(await asyncio.gather(*(dial(i) for i in range(n - 1))))

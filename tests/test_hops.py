@@ -1,0 +1,220 @@
+"""Direct stage-to-stage hops: same tokens as transformers direct or relayed, the relay as the
+fallback for every hop that cannot be direct (decided at plan time, or lost while serving),
+and a hop listener that lets in only the previous stage (token, pinned certificate, epoch)."""
+
+import asyncio
+import gc
+
+import aiohttp
+import pytest
+import torch
+from harness import Cluster, greedy, paired_config, run
+from tiny_models import make_tiny_checkpoint, reference_greedy
+
+from master_core.server import Master
+from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
+from worker_core.identity import client_context, load_or_create
+from worker_core.pairing import join
+from worker_core.wire import Free, Segment, Step, encode
+from worker_core.worker import WorkerConfig, serve
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("hops") / "llama", num_layers=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def want(ckpt):
+    return [reference_greedy(ckpt, p, NEW) for p in PROMPTS]
+
+
+def _master_bytes(master: Master) -> int:
+    return sum(link.bytes_sent + link.bytes_received for link in master.group.stages)
+
+
+def test_direct_and_relayed_pipelines_give_transformers_tokens_and_direct_spares_the_master(ckpt, want):
+    async def main():
+        async with Cluster(ckpt, workers=3) as c:
+            g = c.master.group
+            start = g.epoch
+            assert len(g.hops) == 2 and all(h.direct for h in g.hops), [h.describe() for h in g.hops]
+            shown = [m["next_hop"] for m in sorted(g.describe(), key=lambda m: m["stage"])]
+            assert shown[0].startswith("direct") and shown[1].startswith("direct") and shown[2] is None
+            while not c.engine.profiled:  # the start-up profile is relayed: it measures every link
+                await asyncio.sleep(0.01)
+            out, spent = {}, {}
+            for mode in (True, False, True):  # direct, relayed, direct again (same group, same caches)
+                c.engine.direct = mode
+                before, tokens = _master_bytes(c.master), c.engine.tokens_generated
+                got = await asyncio.gather(*(c.engine.generate(p, greedy(NEW)) for p in PROMPTS))
+                out.setdefault(mode, []).append([r[0] for r in got])
+                spent.setdefault(mode, []).append(
+                    (_master_bytes(c.master) - before) / (c.engine.tokens_generated - tokens)
+                )
+            assert all(h.direct for h in g.hops), "a hop fell back to the relay without a cause"
+            return out, spent, g.epoch - start
+
+    out, spent, epoch = run(main())
+    assert out[True] == [want, want] and out[False] == [want]
+    assert epoch == 0
+    # relayed, each token's hidden states cross the master twice per inner hop; direct, never
+    assert max(spent[True]) <= 0.5 * spent[False][0], spent
+
+
+def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay_identical(ckpt, want):
+    # w2 announces an address where nothing listens (a NAT), w3 listens for no hops at all
+    options = [{}, {}, {"hop_host": "127.0.0.2"}, {"direct": False}]
+
+    async def main():
+        async with Cluster(ckpt, workers=4, worker_options=options) as c:
+            g = c.master.group
+            names = [s.name for s in g.stages]
+            hops = list(g.hops)
+            got = await asyncio.gather(*(c.engine.generate(p, greedy(NEW)) for p in PROMPTS))
+            return names, hops, [r[0] for r in got]
+
+    names, hops, got = run(main())
+    assert got == want
+    assert len(hops) == 3
+    for i, hop in enumerate(hops):
+        a, b = names[i], names[i + 1]
+        if a == "w3" or b == "w3":
+            assert not hop.direct and "w3 has direct hops off" in hop.reason
+        elif b == "w2":  # measured at plan time: the dial to 127.0.0.2 finds nobody
+            assert not hop.direct and "127.0.0.2" in hop.reason, hop.reason
+        else:
+            assert hop.direct, hop.reason
+    assert any(h.direct for h in hops) and not all(h.direct for h in hops)
+
+
+def test_a_hop_lost_while_serving_falls_back_to_the_relay_without_a_replay(ckpt):
+    prompts = [list(range(30, 40)), list(range(50, 53))]
+    long_want = [reference_greedy(ckpt, p, 96) for p in prompts]
+
+    async def main():
+        async with Cluster(ckpt, workers=3) as c:
+            g = c.master.group
+            start = g.epoch
+            assert all(h.direct for h in g.hops)
+            gens = [asyncio.create_task(c.engine.generate(p, greedy(96))) for p in prompts]
+            while c.engine.tokens_generated < 20:
+                await asyncio.sleep(0.005)
+            assert not any(t.done() for t in gens), "generation ended before the hop could break"
+            hops = [o for o in gc.get_objects() if type(o) is NextHop and o.down is None]
+            assert len(hops) == 2
+            await hops[0]._ws.close()  # the path between two stages breaks mid-generation
+            got = await asyncio.wait_for(asyncio.gather(*gens), 120)
+            return [r[0] for r in got], list(g.hops), g.epoch - start, c.engine.stale_results
+
+    got, hops, epoch, stale = run(main())
+    assert got == long_want
+    assert epoch == 0 and stale == 0, "the fallback re-planned or replayed"
+    assert sum(not h.direct for h in hops) == 1, [h.describe() for h in hops]
+    assert "could not send on directly" in next(h.reason for h in hops if not h.direct)
+
+
+def test_paired_members_hop_directly_over_pinned_mutual_tls(ckpt, want, tmp_path):
+    async def main():
+        master = Master(paired_config(ckpt, tmp_path / "m", min_workers=2))
+        await master.start()
+        port = master.group_port.port
+        tasks = []
+        try:
+            for name in ("alice", "bob"):
+                ident = load_or_create(tmp_path / name / "identity", name)
+                joined = await join("127.0.0.1", port, master.new_code(), name, ident.cert_pem)
+                cfg = WorkerConfig(
+                    master=f"127.0.0.1:{port}",
+                    device="cpu",
+                    tls=client_context(ident, joined.master_cert),
+                    identity=ident,
+                    hop_bind="127.0.0.1",
+                    reconnect=False,
+                    weights_dir=tmp_path / name / "weights",
+                )
+                tasks.append(asyncio.create_task(serve(cfg)))
+            await asyncio.wait_for(master.group.wait_serving(), 120)
+            hops = list(master.group.hops)
+            got = await asyncio.gather(*(master.engine.generate(p, greedy(NEW)) for p in PROMPTS))
+            return hops, [r[0] for r in got]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await master.stop()
+
+    hops, got = run(main(), 240)
+    assert len(hops) == 1 and hops[0].direct, hops[0].describe()
+    assert got == want
+
+
+def test_a_hop_listener_lets_in_only_the_previous_stage_of_the_current_epoch(tmp_path):
+    me, prev, stranger = (load_or_create(tmp_path / n, n) for n in ("me", "prev", "stranger"))
+    token = "ab" * 16
+    step = Step(9, 1, (Segment(1, 0, 2, False),), torch.zeros(2, 8))
+
+    async def main():
+        listener = HopListener(me)
+        got: list[Step] = []
+        listener.sink = got.append
+        await listener.start("127.0.0.1")
+        address = f"127.0.0.1:{listener.port}"
+        outcomes = {}
+        try:
+            try:
+                await dial(address, 1, token, me.cert_pem, prev)
+            except HopUnreachable as e:
+                outcomes["before any route"] = str(e)
+            listener.accept(1, token, prev.cert_pem)
+            for name, args in {
+                "wrong token": (address, 1, "cd" * 16, me.cert_pem, prev),
+                "stranger's certificate": (address, 1, token, me.cert_pem, stranger),
+                "listener not the pinned one": (address, 1, token, stranger.cert_pem, prev),
+            }.items():
+                try:
+                    hop, _ = await dial(*args)
+                    await hop.close()
+                except HopUnreachable as e:
+                    outcomes[name] = str(e)
+            hop, _ = await dial(address, 1, token, me.cert_pem, prev)
+            fallbacks: list[int] = []
+
+            async def relayed() -> None:
+                fallbacks.append(1)
+
+            await hop.send(step, relayed)
+            for _ in range(200):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            # a frame that is not a Step of this epoch closes the hop (a protocol error)
+            await hop._ws.send_bytes(encode(Free((1,))))
+            for _ in range(200):
+                if hop.down is not None:
+                    break
+                await asyncio.sleep(0.01)
+            await hop.send(step, relayed)  # down: goes back to the master instead
+            down = hop.down
+            await hop.close()
+            # a plain (tokenless) WebSocket client gets 403, not a hop
+            async with aiohttp.ClientSession() as http:
+                with pytest.raises(aiohttp.ClientError):
+                    await http.ws_connect(f"https://{address}/v1/hop", ssl=False, headers={TOKEN_HEADER: token})
+            return outcomes, got, fallbacks, down
+        finally:
+            await listener.stop()
+
+    outcomes, got, fallbacks, down = run(main(), 60)
+    assert set(outcomes) == {
+        "before any route",
+        "wrong token",
+        "stranger's certificate",
+        "listener not the pinned one",
+    }, outcomes
+    assert "refused" in outcomes["wrong token"]
+    assert len(got) == 1 and got[0].step_id == 9 and torch.equal(got[0].tensor, step.tensor)
+    assert fallbacks == [1] and down is not None

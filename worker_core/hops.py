@@ -1,0 +1,277 @@
+"""Direct stage-to-stage hops: a worker's hop listener and its dialled link to the next stage.
+
+Contract
+--------
+A pipeline's activations normally cross the master twice per stage (the relay).  Where stage i
+can reach stage i+1, the master tells both (wire ``Route``) and stage i sends its output
+straight on, as a ``Step`` of the same id, over a WebSocket it dials to stage i+1's listener.
+
+* :class:`HopListener` is one per worker process (its port outlives tunnels and epochs; the
+  worker announces it in ``Hello.hop_port``).  :meth:`HopListener.accept` sets who may dial in
+  for an epoch: the secret token (header ``X-MoLink-Hop``) and, in a paired group, the exact
+  certificate the previous stage must present in the TLS 1.3 handshake (mutual TLS, pinned like
+  every other link of the group: its trust store is that certificate alone).  A dial with a
+  wrong token, a wrong or missing certificate, or for no epoch gets 403; connections of an
+  earlier epoch are closed when a new one is accepted.  Every frame read is decoded with the
+  session's bound and must be a ``Step`` of the accepted epoch, or the hop closes as a protocol
+  error (the tunnel to the master is not affected).  Accepted steps go to ``sink``, the current
+  session's in-order queue; with no session they are dropped.
+* :func:`dial` opens the hop to the next stage (bounded by ``CONNECT_TIMEOUT``) and returns a
+  :class:`NextHop`, or raises :class:`HopUnreachable` with the reason.  :meth:`NextHop.send`
+  queues a step through a :class:`~worker_core.shaper.LinkShaper` (the worker's emulated uplink:
+  every pair of machines is ``delay`` apart one way); when the hop is down, or goes down before
+  a queued step leaves, that step's ``fallback`` runs instead (the worker returns its output to
+  the master, which relays it: nothing is lost).  A hop that went down stays down for its epoch.
+* In a plain (unpaired) group the listener and the dial are plain ``ws://`` with the token only:
+  loopback tests and the local demo, like the plain tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from .identity import Identity, client_context, der_fingerprint, fingerprint
+from .shaper import LinkShaper
+from .wire import MAX_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
+
+log = logging.getLogger("molink.hops")
+
+HOP_PATH = "/v1/hop"
+TOKEN_HEADER = "X-MoLink-Hop"
+CONNECT_TIMEOUT = 3.0  # seconds to open a hop (TCP, TLS, WebSocket); longer counts as unreachable
+MAX_INBOUND = 4  # hop connections one listener keeps open at once
+SEND_TIMEOUT = 30.0  # seconds one frame may take to leave on a hop before it counts as down
+
+
+class HopUnreachable(Exception):
+    """The next stage's hop listener cannot be reached or refused us."""
+
+
+@dataclass(frozen=True)
+class _Accept:
+    epoch: int
+    token: str
+    fingerprint: str  # of the certificate the dialler must present ("" in a plain group)
+
+
+class HopListener:
+    def __init__(self, identity: Identity | None) -> None:
+        self.identity = identity
+        self.port = 0
+        self.sink: Callable[[Step], None] | None = None  # the current session's queue
+        self.max_frame: int = MAX_FRAME_BYTES  # the current session's bound on frames
+        self._accept: _Accept | None = None
+        self._context: ssl.SSLContext | None = None  # paired: pinned to the accepted dialler
+        self._runner: web.AppRunner | None = None
+        self._open: dict[web.WebSocketResponse, int] = {}  # inbound hop -> its epoch
+
+    async def start(self, host: str, port: int = 0) -> None:
+        app = web.Application(client_max_size=1024)
+        app.add_routes([web.get(HOP_PATH, self._hop)])
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        base: ssl.SSLContext | None = None
+        if self.identity is not None:
+            base = _server_context(self.identity, None)
+            base.sni_callback = self._switch
+        site = web.TCPSite(self._runner, host, port, ssl_context=base)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("hop listener on %s:%d (%s)", host, self.port, "mutual TLS" if base else "plain, loopback only")
+
+    async def stop(self) -> None:
+        for ws in list(self._open):
+            await ws.close(code=CloseCode.NORMAL, message=b"worker stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _switch(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        if self._context is not None:
+            sslobj.context = self._context
+
+    def accept(self, epoch: int, token: str, cert_pem: str) -> None:
+        """From now on accept the dialler of ``epoch`` holding ``token`` (and, paired, the
+        certificate ``cert_pem``); an empty token accepts nobody.  Older hops close."""
+        if not token or (self.identity is not None and not cert_pem):
+            self._accept, self._context = None, None
+        else:
+            fp = fingerprint(cert_pem) if self.identity is not None else ""
+            self._accept = _Accept(epoch, token, fp)
+            self._context = _server_context(self.identity, cert_pem) if self.identity is not None else None
+        for ws, at in list(self._open.items()):
+            if self._accept is None or at != self._accept.epoch:
+                asyncio.ensure_future(ws.close(code=CloseCode.NORMAL, message=b"new pipeline"))
+
+    def _allowed(self, request: web.Request) -> _Accept | None:
+        acc = self._accept
+        if acc is None or len(self._open) >= MAX_INBOUND:
+            return None
+        token = request.headers.get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(token.encode(), acc.token.encode()):
+            return None
+        if self.identity is not None:
+            sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
+            der = sslobj.getpeercert(binary_form=True) if sslobj else None
+            if not der or not hmac.compare_digest(der_fingerprint(der), acc.fingerprint):
+                return None
+        return acc
+
+    async def _hop(self, request: web.Request) -> web.StreamResponse:
+        acc = self._allowed(request)
+        if acc is None:
+            log.warning("hop from %s refused: not the previous stage of the current pipeline", request.remote)
+            raise web.HTTPForbidden(text="not the previous stage of this pipeline")
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, compress=False, heartbeat=None)
+        await ws.prepare(request)
+        self._open[ws] = acc.epoch
+        log.info("hop from %s open (epoch %d)", request.remote, acc.epoch)
+        try:
+            async for frame in ws:
+                if frame.type is not WSMsgType.BINARY:
+                    raise ProtocolError(f"unexpected {frame.type.name} frame on a hop")
+                msg = decode(frame.data, self.max_frame)
+                if not isinstance(msg, Step) or msg.epoch != acc.epoch:
+                    raise ProtocolError(f"a hop carries steps of epoch {acc.epoch} only, got {type(msg).__name__}")
+                if self.sink is not None:
+                    self.sink(msg)
+        except ProtocolError as e:
+            log.error("hop from %s sent a bad frame, closing it: %s", request.remote, e)
+            await ws.close(code=CloseCode.PROTOCOL_ERROR, message=b"protocol error")
+        finally:
+            self._open.pop(ws, None)
+        return ws
+
+
+class NextHop:
+    """An open hop to the next stage (see the module docstring)."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        ws: aiohttp.ClientWebSocketResponse[bool],
+        epoch: int,
+        delay: float,
+        rate: float | None,
+    ) -> None:
+        self.epoch = epoch
+        self._http, self._ws = http, ws
+        self._fallbacks: deque[Callable[[], Awaitable[None]]] = deque()
+        self._shaper = LinkShaper(delay, rate, self._deliver)
+        self.down: str | None = None  # why the hop is down, or None while it is up
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        """A hop carries nothing back: read only to notice that it closed."""
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError, asyncio.CancelledError):
+            async for _ in self._ws:
+                pass
+        self._went_down("closed by the next stage")
+
+    def _went_down(self, why: str) -> None:
+        if self.down is None:
+            self.down = why
+            log.warning("direct hop to the next stage is down (%s): relaying through the master", why)
+
+    async def send(self, step: Step, fallback: Callable[[], Awaitable[None]]) -> None:
+        """Send ``step`` on; if it cannot leave (hop down now or before its turn), run
+        ``fallback`` instead."""
+        if self.down is not None:
+            await fallback()
+            return
+        self._fallbacks.append(fallback)
+        await self._shaper.put(encode(step))
+
+    async def _deliver(self, frame: bytes) -> None:
+        fallback = self._fallbacks.popleft()
+        if self.down is None:
+            try:
+                await asyncio.wait_for(self._ws.send_bytes(frame), SEND_TIMEOUT)
+                return
+            except (ConnectionError, RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                self._went_down(f"send failed: {e or type(e).__name__}")
+        await fallback()
+
+    async def close(self) -> None:
+        self._went_down("closed")
+        self._shaper.close()
+        while self._fallbacks:  # steps still waiting on the emulated link go through the master
+            await self._fallbacks.popleft()()
+        self._reader.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._ws.close(), 2.0)
+        await self._http.close()
+
+
+async def dial(
+    address: str,
+    epoch: int,
+    token: str,
+    cert_pem: str,
+    identity: Identity | None,
+    delay: float = 0.0,
+    rate: float | None = None,
+) -> tuple[NextHop, float]:
+    """Open the hop to the next stage at ``address`` ("host:port"): (the hop, seconds the
+    handshake took).  Paired (``identity`` given): TLS 1.3 with this machine's certificate,
+    accepting only ``cert_pem``.  HopUnreachable on any failure within ``CONNECT_TIMEOUT``."""
+    from .pairing import TUNNEL_SNI
+
+    context: ssl.SSLContext | bool = False  # False: plain ws:// (aiohttp's "no TLS")
+    if identity is not None:
+        if not cert_pem:
+            raise HopUnreachable("no certificate to pin the next stage to")
+        context = client_context(identity, cert_pem)
+    url = f"{'wss' if identity is not None else 'ws'}://{address}{HOP_PATH}"
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
+    t0 = time.perf_counter()
+    try:
+        ws = await asyncio.wait_for(
+            http.ws_connect(
+                url,
+                max_msg_size=1024,
+                compress=0,
+                heartbeat=None,
+                headers={TOKEN_HEADER: token},
+                ssl=context,
+                server_hostname=TUNNEL_SNI if identity is not None else None,
+            ),
+            CONNECT_TIMEOUT,
+        )
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+        await http.close()
+        raise HopUnreachable(f"{address}: {_say(e)}") from None
+    return NextHop(http, ws, epoch, delay, rate), time.perf_counter() - t0
+
+
+def _say(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:.0f} s"
+    if isinstance(e, aiohttp.WSServerHandshakeError) and e.status == 403:
+        return "refused (not the pipeline's previous stage)"
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return "its certificate is not the member's"
+    return str(e) or type(e).__name__
+
+
+def _server_context(identity: Identity, cert_pem: str | None) -> ssl.SSLContext:
+    """TLS 1.3 server context presenting ``identity``; requires the client to present exactly
+    ``cert_pem`` (None: a base context that only serves to switch from)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(identity.cert_path, identity.key_path)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if cert_pem:
+        ctx.load_verify_locations(cadata=cert_pem)
+    return ctx
