@@ -119,7 +119,7 @@ class Dashboard:
         e, g = self.engine, self.engine.group
         members = g.describe()
         pipeline = []
-        for link in g.stages:
+        for i, link in enumerate(g.stages):
             a = link.assignment
             compute = mean(link.compute_seconds) if link.compute_seconds else None
             net = link.link_cost.estimate()  # (rtt seconds, bytes/s) fitted from real steps
@@ -130,6 +130,8 @@ class Dashboard:
                     "compute_ms": compute * 1e3 if compute is not None else None,
                     "rtt_ms": net[0] * 1e3 if net else None,
                     "mbps": net[1] * 8 / 1e6 if net and net[1] != float("inf") else None,
+                    # how this stage's input arrives: from the master, over a direct hop, or relayed
+                    "hop_in": None if i == 0 or i > len(g.hops) else g.hops[i - 1].describe(),
                 }
             )
         queue = [

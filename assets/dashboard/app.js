@@ -50,8 +50,11 @@ function render(s) {
   if (s.pipeline.length) {
     pipe.append(el("div", { class: "stage master" }, el("div", { class: "name" }, "master"), el("div", { class: "muted" }, "tokens in, logits out")));
     s.pipeline.forEach((p, i) => {
-      pipe.append(el("div", { class: "link" }, el("span", { class: "arrow" }, "⟶"),
-        el("span", {}, `${fmt(p.rtt_ms)} ms RTT`), el("span", {}, `${fmt(p.mbps)} Mbit/s`)));
+      const direct = p.hop_in && p.hop_in.startsWith("direct");
+      pipe.append(el("div", { class: "link" + (direct ? " direct" : ""), title: p.hop_in || "from the master" },
+        el("span", { class: "arrow" }, direct ? "⇢" : "⟶"),
+        el("span", {}, p.hop_in ? (direct ? "direct hop" : "via master") : "from master"),
+        ...(direct ? [] : [el("span", {}, `${fmt(p.rtt_ms)} ms RTT`), el("span", {}, `${fmt(p.mbps)} Mbit/s`)])));
       pipe.append(el("div", { class: "stage", "data-stage": i },
         el("div", { class: "name" }, p.name),
         el("div", { class: "layers" }, `layers ${p.layers[0]}–${p.layers[1] - 1}`),
@@ -66,7 +69,8 @@ function render(s) {
     el("td", {}, gb(m.free_memory)), el("td", {}, `${fmt(m.gflops)} GFLOP/s`),
     el("td", {}, m.rtt_ms ? `${fmt(m.rtt_ms)} ms${m.link_mbps ? ` · ${fmt(m.link_mbps)} Mbit/s` : ""}` : "–"),
     el("td", {}, m.state), el("td", { title: m.standby || "" }, m.layers ? `[${m.layers[0]}, ${m.layers[1]})` : (m.standby ? "standby" : "–")),
-    el("td", {}, m.weight_bytes ? `${gb(m.weight_bytes)} (${m.precision})` : "–"), el("td", {}, m.steps))));
+    el("td", {}, m.weight_bytes ? `${gb(m.weight_bytes)} (${m.precision})` : "–"), el("td", {}, m.steps),
+    el("td", {}, m.next_hop || "–"))));
 
   const series = s.series;
   drawChart($("chart-tps"), series.map((p) => p.tokens_per_s), "#60a5fa");
