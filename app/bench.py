@@ -12,7 +12,9 @@ costs drive the simulator on the same workload, and the calibration error is rep
 arrive within seconds (:class:`BurstShape`); per (profile, policy) the streams' inter-token
 gap p50, p99 and their ratio, side by side on one live group.  ``--concurrent N``: N greedy
 clients at once through 3 local stages vs single-process transformers serving the N as one
-batch (one torch thread per process), aggregate tokens/s.
+batch (one torch thread per process), aggregate tokens/s.  ``--hops``: one stream at a time,
+direct stage-to-stage hops against every hop relayed through the master
+(:mod:`app.bench_hops`).  ``--simulate`` also runs ``full`` with every hop direct beside it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class BenchOptions:
     single: bool = False  # one request at a time vs single-process transformers
     burst: bool = False  # bursts of long prompts over short decode streams: gap p99/median per policy
     concurrent: int = 0  # N concurrent greedy clients vs one process serving them as one batch
+    hops: bool = False  # one stream at a time, direct hops vs every hop relayed, per profile
     out: Path = field(default_factory=lambda: Path("bench-results"))
     model: str = "default"
     workers: int = 3
@@ -632,6 +635,14 @@ async def run_bench(opts: BenchOptions) -> int:
             print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
         print(f"wrote {opts.out / 'burst.json'}")
         return 0
+    if opts.hops:
+        from .bench_hops import hops_profile, hops_table
+
+        report["hops"] = [await hops_profile(opts, profile) for profile in opts.profiles]
+        (opts.out / "hops.json").write_text(json.dumps(report, indent=2, default=float))
+        print(hops_table(report["hops"]))
+        print(f"wrote {opts.out / 'hops.json'}")
+        return 0
     if opts.concurrent:
         res = await concurrent_clients(opts, opts.concurrent)
         (opts.out / "concurrent.json").write_text(json.dumps(res, indent=2, default=float))
@@ -705,31 +716,3 @@ async def run_bench(opts: BenchOptions) -> int:
             print(f"  simulator error vs real, {name}: {errs}")
     print(f"wrote {opts.out / name} and plots in {opts.out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m app.bench --burst|--concurrent N [--profiles wan,slow] [--policies ...]``
-    (the scenarios ``molink bench`` does not expose yet)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m app.bench")
-    ap.add_argument("--burst", action="store_true")
-    ap.add_argument("--concurrent", type=int, default=0)
-    ap.add_argument("--profiles", default="wan,slow")
-    ap.add_argument("--policies", default="full,no-chunking")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench-results")
-    a = ap.parse_args(argv)
-    opts = BenchOptions(
-        profiles=tuple(x for x in a.profiles.split(",") if x),
-        policies=tuple(x for x in a.policies.split(",") if x),
-        seed=a.seed,
-        burst=a.burst,
-        concurrent=a.concurrent,
-        out=Path(a.out),
-    )
-    return asyncio.run(run_bench(opts))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

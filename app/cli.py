@@ -172,7 +172,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="open no hop listener: every activation to and from this worker goes through the master",
     )
-    w.add_argument("--hop-port", type=int, default=WorkerConfig.hop_port, help="port of the hop listener (0: any)")
+    w.add_argument(
+        "--hop-port",
+        type=int,
+        default=WorkerConfig.hop_port,
+        help="port of the hop listener (default: 7734 in a paired group when free, else any)",
+    )
     w.add_argument(
         "--hop-host",
         default=WorkerConfig.hop_host,
@@ -247,6 +252,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--concurrent", type=int, default=0, help="N concurrent clients vs one process serving them as one batch"
+    )
+    b.add_argument(
+        "--hops", action="store_true", help="one stream at a time: direct stage-to-stage hops vs every hop relayed"
     )
     b.add_argument("--seed", type=int, default=BenchOptions.seed)
     b.add_argument("--out", default=str(BenchOptions().out), help="folder for bench.json and the plots")
@@ -575,6 +583,7 @@ def _bench(args: argparse.Namespace, sup: Supervision) -> int:
         single=args.single,
         burst=args.burst,
         concurrent=args.concurrent,
+        hops=args.hops,
         out=Path(args.out),
     )
     return _run(lambda: run_bench(bopts))

@@ -174,7 +174,7 @@ async def _perplexity_pass(master: Any, tokens: list[int], windows: int, length:
             segments = tuple(Segment(ids[w], pos, 1, True) for w in range(windows))
             x = torch.tensor([s[pos] for s in seqs], dtype=torch.int64)  # [windows]
             for link in stages:
-                result = await asyncio.wait_for(link.call(Step(next(step_ids), epoch, segments, x, 0)), STEP_TIMEOUT)
+                _, result = await asyncio.wait_for(link.call(Step(next(step_ids), epoch, segments, x, 0)), STEP_TIMEOUT)
                 x = result.tensor  # hidden [windows, hidden], then logits [windows, vocab]
             logp = torch.log_softmax(x.float(), dim=-1)
             target = torch.tensor([s[pos + 1] for s in seqs], dtype=torch.int64)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .identity import Identity
 
+HOP_PORT = 7734  # a paired worker's hop listener, when free: one port a firewall rule can name
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -34,5 +36,5 @@ class WorkerConfig:
     # master finds it reachable; off: every activation goes through the master
     direct: bool = True
     hop_bind: str = ""  # address the hop listener binds ("": 0.0.0.0 in a paired group, else 127.0.0.1)
-    hop_port: int = 0  # its port (0: any free one)
+    hop_port: int | None = None  # its port (None: HOP_PORT in a paired group, else any free one; 0: any)
     hop_host: str = ""  # host the other stages should dial ("": the address the master sees)

@@ -178,10 +178,11 @@ class NextHop:
                 pass
         self._went_down("closed by the next stage")
 
-    def _went_down(self, why: str) -> None:
+    def _went_down(self, why: str, closing: bool = False) -> None:
         if self.down is None:
             self.down = why
-            log.warning("direct hop to the next stage is down (%s): relaying through the master", why)
+            if not closing:
+                log.warning("direct hop to the next stage is down (%s): relaying through the master", why)
 
     async def send(self, step: Step, fallback: Callable[[], Awaitable[None]]) -> None:
         """Send ``step`` on; if it cannot leave (hop down now or before its turn), run
@@ -203,7 +204,7 @@ class NextHop:
         await fallback()
 
     async def close(self) -> None:
-        self._went_down("closed")
+        self._went_down("closed", closing=True)
         self._shaper.close()
         while self._fallbacks:  # steps still waiting on the emulated link go through the master
             await self._fallbacks.popleft()()

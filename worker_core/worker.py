@@ -50,7 +50,7 @@ import aiohttp
 
 from . import device as devices
 from . import model_source
-from .config import WorkerConfig
+from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, STATS_INTERVAL, Command, Control, Events, one_line
 from .hops import HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
@@ -451,6 +451,21 @@ async def _connect_once(
         return reason
 
 
+async def _start_hops(hops: HopListener, config: WorkerConfig) -> None:
+    """Bind the hop listener: all interfaces in a paired group (other members dial it), loopback
+    in a plain one; on ``HOP_PORT`` in a paired group when it is free, else on any port."""
+    paired = config.tls is not None
+    host = config.hop_bind or ("0.0.0.0" if paired else "127.0.0.1")
+    port = config.hop_port if config.hop_port is not None else (HOP_PORT if paired else 0)
+    try:
+        await hops.start(host, port)
+    except OSError as e:
+        if config.hop_port is not None:
+            raise
+        log.warning("hop port %d is taken (%s): listening on another one", port, e)
+        await hops.start(host, 0)
+
+
 def _tls_hint(config: WorkerConfig, e: BaseException) -> str:
     if config.tls is None:
         return ""
@@ -495,7 +510,7 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
         )
         weights = WeightCache(config.weights_dir or _default_weights_dir())
         if hops is not None:
-            await hops.start(config.hop_bind or ("0.0.0.0" if config.tls is not None else "127.0.0.1"), config.hop_port)
+            await _start_hops(hops, config)
             facts |= {"hop_port": hops.port, "hop_host": config.hop_host}
         if config.tls is None:
             log.warning(
