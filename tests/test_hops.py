@@ -88,7 +88,9 @@ def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay
             assert not hop.direct and "127.0.0.2" in hop.reason, hop.reason
         else:
             assert hop.direct, hop.reason
-    assert any(h.direct for h in hops) and not all(h.direct for h in hops)
+    # the placement decides the order; whenever it leaves a pair of ordinary stages side by side, that hop is direct
+    possible = any(names[i] != "w3" and names[i + 1] not in ("w2", "w3") for i in range(3))
+    assert any(h.direct for h in hops) == possible and not all(h.direct for h in hops)
 
 
 def test_a_hop_lost_while_serving_falls_back_to_the_relay_without_a_replay(ckpt):
