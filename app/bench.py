@@ -548,9 +548,10 @@ def gpu_model(gpus: int, profile: str, direct: bool = False) -> SimModel:
         link_bandwidth=(mbps * 1e6 / 8,) * gpus,
         hidden_bytes_per_token=LLAMA3_70B.hidden_size * 2,
         logits_bytes_per_row=4 * logits_row_width(MasterConfig.logits_topk, LLAMA3_70B.vocab_size),  # float32
+        direct=(True,) * (gpus - 1) if direct else (),
     )
     kv_tokens = kv_tokens_on_cards(LLAMA3_70B, gpus, GPU_CARD_BYTES, precision)
-    return SimModel(costs, kv_tokens=kv_tokens, direct=(True,) * (gpus - 1) if direct else ())
+    return SimModel(costs, kv_tokens=kv_tokens)
 
 
 # --------------------------------------------------------------------------- report

@@ -117,10 +117,22 @@ class CostSnapshot:
     # threads; a GPU 1).  Empty: every stage has a device of its own.
     devices: tuple[int, ...] = ()
     device_slots: tuple[int, ...] = ()
+    # per hop i -> i+1 (stages - 1 of them): True when stage i sends straight to stage i+1 over its
+    # own link (one crossing, rtt_i / 2), False when the master relays it (up link i, then down link
+    # i+1: two crossings).  Empty: every hop relayed.
+    direct: tuple[bool, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.direct and len(self.direct) != self.stages - 1:
+            raise ValueError(f"direct names {len(self.direct)} hops; {self.stages} stages have {self.stages - 1}")
 
     @property
     def stages(self) -> int:
         return len(self.stage_fixed)
+
+    def direct_into(self, stage: int) -> bool:
+        """Does ``stage``'s input come straight from the previous stage (not over its own link)?"""
+        return 0 < stage <= len(self.direct) and self.direct[stage - 1]
 
     def device_groups(self) -> list[tuple[tuple[int, ...], int]]:
         """(the stages of one device, how many steps it runs at once), one entry per device."""

@@ -128,15 +128,25 @@ def step_bytes(c: CostSnapshot, stage: int, tokens: int, logits_rows: int) -> tu
     return inbound, outbound
 
 
+def _link_seconds(c: CostSnapshot, stage: int, tokens: int, logits_rows: int) -> float:
+    """Seconds a step occupies ``stage``'s link: its output, and its input unless that came over
+    a direct hop (then it crossed the previous stage's link only)."""
+    inbound, outbound = step_bytes(c, stage, tokens, logits_rows)
+    bw = c.link_bandwidth[stage]
+    moved = outbound + (0 if c.direct_into(stage) else inbound)
+    return moved / bw if math.isfinite(bw) and bw > 0 else 0.0
+
+
 def _resource_times(c: CostSnapshot, tokens: int, logits_rows: int) -> tuple[list[float], list[float]]:
     """Per stage: compute seconds and link-occupancy seconds of one step of ``tokens``."""
     compute = [c.stage_fixed[i] + c.stage_per_token[i] * tokens for i in range(c.stages)]
-    link = []
-    for i in range(c.stages):
-        inbound, outbound = step_bytes(c, i, tokens, logits_rows)
-        bw = c.link_bandwidth[i]
-        link.append((inbound + outbound) / bw if math.isfinite(bw) and bw > 0 else 0.0)
-    return compute, link
+    return compute, [_link_seconds(c, i, tokens, logits_rows) for i in range(c.stages)]
+
+
+def _delays(c: CostSnapshot) -> float:
+    """One-way delays of a micro-batch's trip: each link's round trip, less the down half of
+    every stage fed over a direct hop."""
+    return sum(c.link_rtt) - sum(c.link_rtt[i] / 2 for i in range(c.stages) if c.direct_into(i))
 
 
 def _shared(per_stage: Sequence[float], stages: Sequence[int], slots: int) -> float:
@@ -155,7 +165,7 @@ def cycle_time(c: CostSnapshot, tokens: int, logits_rows: int) -> tuple[float, f
     """(seconds for one micro-batch to go through the whole pipeline and back,
     seconds it occupies the busiest single resource: a device, or a link)."""
     compute, link = _resource_times(c, tokens, logits_rows)
-    cycle = sum(compute) + sum(link) + sum(c.link_rtt)
+    cycle = sum(compute) + sum(link) + _delays(c)
     return cycle, max(_device_times(c, compute) + link)
 
 
@@ -174,10 +184,8 @@ def microbatch_count(p: Policy, costs: CostSnapshot | None, stages: int, active:
 
 
 def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
-    """Seconds one more token of a step occupies ``stage``'s link (in and out: the relay)."""
-    inbound, outbound = step_bytes(c, stage, 1, 0)
-    bw = c.link_bandwidth[stage]
-    return (inbound + outbound) / bw if math.isfinite(bw) and bw > 0 else 0.0
+    """Seconds one more token of a step occupies ``stage``'s link."""
+    return _link_seconds(c, stage, 1, 0)
 
 
 def _gap_tokens(c: CostSnapshot, decode_tokens: int, microbatches: int) -> float:

@@ -15,14 +15,13 @@ the engine makes them.  Only the physics is modelled:
   bytes/s, and adds ``rtt_i / 2`` one-way delay;
 * a micro-batch leaves the master over link 0's down direction and its logits come back over
   the last link's up direction; each hop between stages i and i+1 is either relayed (up link i
-  to the master, then down link i+1: two crossings) or direct (``SimModel.direct[i]``): stage i
+  to the master, then down link i+1: two crossings) or direct (``CostSnapshot.direct[i]``): stage i
   sends straight to stage i+1 on its own up link (the same FIFO at ``bandwidth_i``: a machine's
   uplink carries everything it sends) with one ``rtt_i / 2`` delay (every two machines are half
   a round trip apart), touching neither the master nor stage i+1's link; ``direct=()`` means
-  every hop relayed;
+  every hop relayed (the scheduler plans with the same snapshot, so it knows which hops are direct);
 * the master adds ``master_seconds`` once per step, when the logits are back (sampling,
-  bookkeeping), whatever the hops; relaying a hop costs it no modelled time.  The scheduler
-  sees the same ``CostSnapshot`` either way: it is not told which hops go direct.
+  bookkeeping), whatever the hops; relaying a hop costs it no modelled time.
 
 Because every resource is FIFO and micro-batches enter in the order they are planned, a
 micro-batch's whole journey can be booked when it is planned.  Sampling is not modelled:
@@ -69,17 +68,6 @@ class SimModel:
     kv_tokens: int  # KV budget of the smallest stage, tokens
     master_seconds: float = 0.002  # master work per step
     max_running: int = 64
-    # per hop i -> i+1 (stages - 1 of them): True when stage i sends straight to stage i+1; () all relayed
-    direct: tuple[bool, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.direct and len(self.direct) != self.costs.stages - 1:
-            hops = self.costs.stages - 1
-            raise ValueError(f"direct names {len(self.direct)} hops; {self.costs.stages} stages have {hops}")
-
-    def hop_direct(self, i: int) -> bool:
-        """Whether the hop from stage ``i`` to stage ``i + 1`` goes direct (not through the master)."""
-        return bool(self.direct) and self.direct[i]
 
 
 @dataclass
@@ -147,7 +135,7 @@ class _Pipeline:
             t = self._send(self.up_free, self.busy_up, i, start + dur, step_bytes(c, i, tokens, logits_rows)[1])
             if i + 1 < c.stages:
                 relayed_in = step_bytes(c, i + 1, tokens, logits_rows)[0]
-                arrive = t if self.m.hop_direct(i) else self._send(self.down_free, self.busy_down, i + 1, t, relayed_in)
+                arrive = t if c.direct_into(i + 1) else self._send(self.down_free, self.busy_down, i + 1, t, relayed_in)
         return t + self.m.master_seconds
 
 

@@ -315,3 +315,22 @@ def test_stage_fit_is_not_inflated_by_contention():
     assert est is not None
     fixed, per = est
     assert fixed == pytest.approx(0.030, rel=0.05) and per == pytest.approx(0.0006, rel=0.1)
+
+
+def test_direct_hops_shorten_the_modelled_trip_and_spare_the_receivers_links():
+    from master_core.scheduler import cycle_time, step_bytes
+
+    relayed = CostSnapshot((0.01,) * 3, (1e-4,) * 3, (0.08, 0.06, 0.04), (2.5e6,) * 3, 2304, 516)
+    direct = replace(relayed, direct=(True, False))
+    tokens = 8
+    (c_relay, _), (c_direct, _) = cycle_time(relayed, tokens, tokens), cycle_time(direct, tokens, tokens)
+    # stage 1 is fed over a direct hop: its down delay (half its round trip) and its inbound bytes drop
+    inbound = step_bytes(relayed, 1, tokens, tokens)[0] / relayed.link_bandwidth[1]
+    assert c_relay - c_direct == pytest.approx(0.06 / 2 + inbound)
+    assert not direct.direct_into(0) and direct.direct_into(1) and not direct.direct_into(2)
+    with pytest.raises(ValueError):
+        replace(relayed, direct=(True,))  # 3 stages have 2 hops
+    # here the direct hop frees more link time than the shorter trip takes from the gap: chunks do not shrink
+    assert chunk_tokens(policy("full", 1024), direct, 4, 2, decoding=4) >= chunk_tokens(
+        policy("full", 1024), relayed, 4, 2, decoding=4
+    )

@@ -1,6 +1,7 @@
 """The link shaper keeps its delay and rate; the simulator runs the real scheduler sensibly."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -97,8 +98,8 @@ def test_summary_and_percentiles():
 
 def wan3(direct: tuple[bool, ...] = ()) -> SimModel:
     """3 stages over a wan-like link (80 ms round trip, 20 Mbit/s), a few ms of compute per step."""
-    c = CostSnapshot((0.004,) * 3, (2e-5,) * 3, (0.08,) * 3, (20e6 / 8,) * 3, 16384, 516)
-    return SimModel(c, kv_tokens=100_000, direct=direct)
+    c = CostSnapshot((0.004,) * 3, (2e-5,) * 3, (0.08,) * 3, (20e6 / 8,) * 3, 16384, 516, direct=direct)
+    return SimModel(c, kv_tokens=100_000)
 
 
 ONE_STREAM = [BenchRequest(0.0, 16, 40)]  # one request: every gap between its tokens is one journey
@@ -109,7 +110,7 @@ def test_all_hops_relayed_is_todays_simulator():
     wl = make_workload(60, 4.0, seed=5)
     for name in ("full", "single-microbatch"):
         for m in (wan3(), model(20, 0.04)):
-            relayed = SimModel(m.costs, m.kv_tokens, direct=(False,) * (m.costs.stages - 1))
+            relayed = SimModel(dataclasses.replace(m.costs, direct=(False,) * (m.costs.stages - 1)), m.kv_tokens)
             assert simulate(relayed, wl, policy(name, 1024)) == simulate(m, wl, policy(name, 1024))
     with pytest.raises(ValueError):
         wan3(direct=(True,))  # 3 stages have 2 hops
