@@ -13,9 +13,11 @@ It prints a table, writes JSON to ``options.out`` and returns 0 (with ``check``:
 request failed, lost, repeated or changed a token, or a worker kept a cache).  Every wait is bounded; every process and
 proxy it started is stopped when it returns, whichever way it returns.
 
-The pieces are public for tests: :class:`LocalGroup` (the processes, proxies and faults),
-:func:`run_workload` / :func:`stream_one` (streams as a client sees them), :class:`HealthLog`
-(epoch changes seen on ``/health``) and :func:`compare` (one stream against the fault-free one).
+The pieces are public for tests: :class:`~app.chaos_group.LocalGroup` (the processes, proxies
+and faults) and :class:`~app.chaos_group.HealthLog` (epoch changes seen on ``/health``) in
+:mod:`app.chaos_group`; :func:`run_workload` / :func:`stream_one` (streams as a client sees
+them) here; :func:`~app.chaos_score.compare` (one stream against the fault-free one) and the
+scoring in :mod:`app.chaos_score`.
 
 Definitions (the same words in the table and the JSON)
 ------------------------------------------------------
@@ -54,48 +56,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import difflib
 import json
-import math
 import os
 import platform
 import random
-import re
 import shlex
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .procctl import freeze, kill_hard, thaw
-from .tcp_proxy import CutMode, TcpProxy
+from .chaos_group import STATS_WAIT, FaultKind, HealthLog, LocalGroup
+from .chaos_score import (
+    DEFINITIONS,
+    FaultRecord,
+    StreamRecord,
+    count_log,
+    describe_run,
+    fault_row,
+    fault_summary,
+    format_table,
+    score_faults,
+    score_run,
+)
+from .tcp_proxy import CutMode
 
-REPO = Path(__file__).resolve().parent.parent
-EVENT_PREFIX = "@molink "  # worker_core.control.EVENT_PREFIX (not imported: no torch in this process's path)
-HEALTH_INTERVAL = 0.1  # seconds between /health samples
-STOP_TIMEOUT = 20.0  # seconds a child may take to stop after the stop command
-EXIT_TIMEOUT = 10.0  # seconds a killed child may take to be reaped
-STATS_WAIT = 10.0  # seconds to wait for two fresh stats events from every worker (they come every 2 s)
 WORDS = (  # noqa: SIM905 (one readable sentence)
     "the quick brown fox jumps over a lazy dog while seven friends share their graphics cards to serve "
     "one large model across slow home links and every worker dials out to the master that schedules "
     "batches relays activations and streams tokens back to people asking questions about rivers "
     "mountains history music cooking physics gardens and the weather tomorrow morning"
 ).split()
-
-
-class FaultKind(Enum):
-    KILL = "kill"  # kill -9, then start the worker again at once
-    FREEZE = "freeze"  # SIGSTOP for freeze_seconds, then SIGCONT
-    CUT = "cut"  # reset the tunnel at the proxy; refuse new connections for cut_seconds
 
 
 @dataclass(frozen=True)
@@ -183,306 +178,6 @@ def options_from_args(args: argparse.Namespace) -> ChaosOptions:
     return opts
 
 
-# --------------------------------------------------------------------------- child processes
-
-
-class Child:
-    """One ``python -m app.cli ... --supervised`` process: ``@molink`` events from stdout (read by
-    a thread, timestamped, the last 1000 kept), stderr to a log file, commands on stdin."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.args = args
-        self.log = log
-        self._stderr = open(log, "ab")  # noqa: SIM115 (closed in reap)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args, "--supervised"],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
-        self.events: deque[tuple[float, dict]] = deque(maxlen=1000)
-        self.frozen = False
-        threading.Thread(target=self._read, name="molink-chaos-events", daemon=True).start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read(self) -> None:
-        stdout = self.proc.stdout
-        if stdout is None:
-            return
-        for raw in stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if line.startswith(EVENT_PREFIX):
-                with contextlib.suppress(json.JSONDecodeError):
-                    self.events.append((time.monotonic(), json.loads(line[len(EVENT_PREFIX) :])))
-
-    async def wait_event(self, name: str, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for _, e in list(self.events):
-                if e.get("event") == name:
-                    return e
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.args[0]} exited with code {self.proc.returncode} (log: {self.log})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {name!r} event from {self.args[0]} within {timeout:.0f} s (log: {self.log})")
-            await asyncio.sleep(0.05)
-
-    def command(self, cmd: str) -> None:
-        stdin = self.proc.stdin
-        with contextlib.suppress(OSError, ValueError):  # gone, or stdin already closed
-            if stdin is not None:
-                stdin.write(json.dumps({"cmd": cmd}).encode() + b"\n")
-                stdin.flush()
-
-    async def kill_hard(self) -> None:
-        """kill -9 and reap (bounded)."""
-        if self.proc.poll() is None:
-            kill_hard(self.pid)
-        await self.reap(EXIT_TIMEOUT)
-
-    def freeze(self) -> None:
-        freeze(self.pid)
-        self.frozen = True
-
-    def thaw(self) -> None:
-        if self.frozen and self.proc.poll() is None:
-            thaw(self.pid)
-        self.frozen = False
-
-    async def stop(self) -> None:
-        """Graceful stop (command, then EOF); kill -9 after STOP_TIMEOUT."""
-        self.thaw()
-        if self.proc.poll() is None:
-            self.command("stop")
-            with contextlib.suppress(OSError):
-                if self.proc.stdin is not None:
-                    self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(self.proc.wait), STOP_TIMEOUT)
-            except asyncio.TimeoutError:
-                kill_hard(self.pid)
-        await self.reap(EXIT_TIMEOUT)
-
-    async def reap(self, timeout: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError, subprocess.TimeoutExpired):
-            await asyncio.wait_for(asyncio.to_thread(self.proc.wait, timeout), timeout + 1)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError, ValueError):
-                if stream is not None:
-                    stream.close()
-        self._stderr.close()
-
-
-class LocalGroup:
-    """A master and N workers on 127.0.0.1, each worker behind its own TCP proxy.
-
-    ``async with LocalGroup(...) as g:`` starts them and waits (bounded) until every worker
-    holds layers; leaving stops everything.  Faults: :meth:`kill` (and :meth:`restart`),
-    :meth:`freeze`/:meth:`thaw`, :meth:`cut`.  ``health()`` is the master's ``/health``."""
-
-    def __init__(
-        self,
-        model: str,
-        workers: int,
-        min_workers: int,
-        log_dir: Path,
-        *,
-        threads: int = 1,
-        link_delay_ms: float = 0.0,
-        memory_limit_gb: float | None = None,
-        startup_timeout: float = 600.0,
-    ) -> None:
-        self.model = model
-        self.n = workers
-        self.min_workers = min_workers
-        self.log_dir = log_dir
-        self.threads = threads
-        self.link_delay_ms = link_delay_ms
-        self.memory_limit_gb = memory_limit_gb
-        self.startup_timeout = startup_timeout
-        self.master: Child | None = None
-        self.workers: list[Child | None] = [None] * workers
-        self.proxies: list[TcpProxy] = []
-        self.api = ""
-        self.model_id = ""
-        self._http: aiohttp.ClientSession | None = None
-
-    @staticmethod
-    def name(i: int) -> str:
-        return f"chaos-{i}"
-
-    async def __aenter__(self) -> LocalGroup:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        await self._start_master(0)
-        host, port = self.api.rsplit(":", 1)
-        for i in range(self.n):
-            proxy = TcpProxy(host, int(port))
-            await proxy.start()
-            self.proxies.append(proxy)
-            self.restart(i)
-        await self.wait_whole(self.startup_timeout)
-
-    async def _start_master(self, port: int) -> None:
-        args = ["master", "--model", self.model, "--port", str(port), "--min-workers", str(self.min_workers)]
-        self.master = Child(args, self.log_dir / "master.log")
-        ev = await self.master.wait_event("listening", self.startup_timeout)
-        self.api, self.model_id = ev["api"], ev["model"]
-
-    async def restart_master(self) -> None:
-        """kill -9 the master and start a new one on the same port (the workers are not told)."""
-        if self.master is None:
-            raise RuntimeError("the master was never started")
-        await self.master.kill_hard()
-        await self._start_master(int(self.api.rsplit(":", 1)[1]))
-
-    def restart(self, i: int) -> Child:
-        """Start worker ``i`` (again), dialling through its proxy."""
-        args = ["worker", "--master", self.proxies[i].address, "--device", "cpu", "--name", self.name(i)]
-        args += ["--threads", str(self.threads)]
-        if self.link_delay_ms:
-            args += ["--link-delay-ms", str(self.link_delay_ms)]
-        if self.memory_limit_gb:
-            args += ["--memory-limit", str(self.memory_limit_gb)]
-        child = Child(args, self.log_dir / f"{self.name(i)}.log")
-        self.workers[i] = child
-        return child
-
-    def worker(self, i: int) -> Child:
-        child = self.workers[i]
-        if child is None:
-            raise RuntimeError(f"worker {i} was never started")
-        return child
-
-    async def kill(self, i: int) -> None:
-        await self.worker(i).kill_hard()
-
-    def freeze(self, i: int) -> None:
-        self.worker(i).freeze()
-
-    def thaw(self, i: int) -> None:
-        self.worker(i).thaw()
-
-    def cut(self, i: int, mode: CutMode = CutMode.RST, refuse: bool = True) -> int:
-        """Cut worker ``i``'s tunnel now; with ``refuse``, new connections are reset until :meth:`reconnect`."""
-        if refuse:
-            self.proxies[i].refuse()
-        return self.proxies[i].cut(mode)
-
-    def reconnect(self, i: int) -> None:
-        self.proxies[i].accept()
-
-    async def health(self) -> dict | None:
-        """The master's /health body (200 or 503), or None when it does not answer."""
-        if self._http is None:
-            return None
-        try:
-            async with self._http.get(f"http://{self.api}/health") as r:
-                return await r.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, ValueError):
-            return None
-
-    @staticmethod
-    def whole(h: dict, n: int) -> bool:
-        """Serving with ``n`` distinct workers, each holding layers."""
-        if h.get("status") != "ok":
-            return False
-        workers = h.get("workers", [])
-        return len(workers) == n and len({w["name"] for w in workers}) == n and all(w["layers"] for w in workers)
-
-    async def wait_rejoined(self, timeout: float) -> dict:
-        """Wait (bounded) until the group serves with all ``n`` workers connected (holding layers
-        or standing by)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            h = await self.health()
-            if h is not None and h.get("status") == "ok" and len({w["name"] for w in h.get("workers", [])}) == self.n:
-                return h
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the group did not serve with {self.n} workers within {timeout:.0f} s: {h}")
-            await asyncio.sleep(0.1)
-
-    async def wait_whole(self, timeout: float) -> dict:
-        """Wait (bounded) until every worker holds layers, unchanged for half a second."""
-        deadline = time.monotonic() + timeout
-        stable_since, epoch = None, None
-        while True:
-            h = await self.health()
-            if h is not None and self.whole(h, self.n):
-                if epoch != h["epoch"]:
-                    stable_since, epoch = time.monotonic(), h["epoch"]
-                elif stable_since is not None and time.monotonic() - stable_since >= 0.5:
-                    return h
-            else:
-                stable_since = epoch = None
-            if self.master is not None and self.master.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the master exited with code {self.master.proc.returncode} (log: {self.master.log})"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the group did not form with {self.n} workers within {timeout:.0f} s: {h}")
-            await asyncio.sleep(0.1)
-
-    async def worker_caches(self, timeout: float) -> dict[str, int | None]:
-        """Requests each worker holds a KV cache for now: the ``kv_requests`` of its second
-        ``stats`` event after this call (one interval later: a pipeline's start-up profile or a
-        ``Free`` on its way has settled), None for a worker that sent fewer within ``timeout``."""
-        since, deadline = time.monotonic(), time.monotonic() + timeout
-        out: dict[str, int | None] = {}
-        for i, child in enumerate(self.workers):
-            if child is None:
-                continue
-            fresh: list[dict] = []
-            while len(fresh) < 2 and time.monotonic() < deadline:
-                fresh = [e for t, e in list(child.events) if t > since and e.get("event") == "stats"]
-                if len(fresh) < 2:
-                    await asyncio.sleep(0.1)
-            out[self.name(i)] = int(fresh[1].get("kv_requests", -1)) if len(fresh) >= 2 else None
-        return out
-
-    def master_rss(self) -> int | None:
-        """The master process's resident memory in bytes (None if unreadable)."""
-        if self.master is None:
-            return None
-        try:
-            import psutil
-
-            return int(psutil.Process(self.master.pid).memory_info().rss)
-        except Exception:  # gone, or no permission: no figure rather than a wrong one
-            return None
-
-    async def close(self) -> None:
-        """Stop every worker and the master (thawed first; bounded), then the proxies."""
-        await asyncio.gather(*(w.stop() for w in self.workers if w is not None), return_exceptions=True)
-        if self.master is not None:
-            await self.master.stop()
-        for p in self.proxies:
-            await p.close()
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-
-
-# --------------------------------------------------------------------------- workload and streams
-
-
 @dataclass(frozen=True)
 class Job:
     index: int
@@ -490,25 +185,6 @@ class Job:
     max_tokens: int
     temperature: float  # 0: greedy
     seed: int | None
-
-
-@dataclass
-class StreamRecord:
-    index: int
-    sent_at: float = 0.0  # seconds (time.monotonic)
-    tokens: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)  # arrival of each token
-    finish: str | None = None
-    error: str | None = None
-    ended_at: float | None = None
-
-    @property
-    def completed(self) -> bool:
-        return self.finish is not None and self.error is None
-
-    def longest_pause(self) -> float:
-        stamps = [self.sent_at, *self.times]
-        return max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0)
 
 
 def make_workload(opts: ChaosOptions) -> list[Job]:
@@ -602,71 +278,6 @@ async def run_workload(
         return list(await asyncio.gather(*(one(j, r) for j, r in zip(jobs, records))))
 
 
-class HealthLog:
-    """Samples /health every HEALTH_INTERVAL; keeps the changes of (epoch, status, workers with
-    layers, names of the connected workers)."""
-
-    def __init__(self, group: LocalGroup) -> None:
-        self.group = group
-        self.changes: list[tuple[float, int, str, int, frozenset[str]]] = []  # (time, epoch, status, holding, names)
-        self._task: asyncio.Task | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._poll())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _poll(self) -> None:
-        last = None
-        while True:
-            h = await self.group.health()
-            if h is not None:
-                names = frozenset(w["name"] for w in h["workers"])
-                now = (h["epoch"], h["status"], sum(1 for w in h["workers"] if w["layers"]), names)
-                if now != last:
-                    self.changes.append((time.monotonic(), *now))
-                    last = now
-            await asyncio.sleep(HEALTH_INTERVAL)
-
-    def epoch_at(self, t: float) -> int:
-        before = [c for c in self.changes if c[0] <= t]
-        return before[-1][1] if before else 0
-
-    def first_epoch_after(self, t: float, epoch: int, until: float) -> float | None:
-        return next((c[0] for c in self.changes if t <= c[0] <= until and c[1] > epoch), None)
-
-    def first_noticed(self, t: float, epoch: int, worker: str, until: float) -> float | None:
-        """The first sample in ``[t, until]`` showing the master noticed a fault of ``worker``:
-        a new epoch, or the worker no longer connected (a worker standing by changes no epoch)."""
-        return next((c[0] for c in self.changes if t <= c[0] <= until and (c[1] > epoch or worker not in c[4])), None)
-
-    def epochs_between(self, t0: float, t1: float) -> int:
-        return len({c[1] for c in self.changes if t0 <= c[0] <= t1} - {self.epoch_at(t0)})
-
-
-# --------------------------------------------------------------------------- faults
-
-
-@dataclass
-class FaultRecord:
-    kind: str
-    worker: str
-    at: float  # time.monotonic of the fault
-    epoch_before: int
-    ended_at: float | None = None  # thawed / reconnected / restarted
-    rejoined_at: float | None = None  # serving, every worker connected again
-    detect: float | None = None  # seconds
-    recover: float | None = None  # seconds; None: no affected stream, or one never recovered
-    pause: float | None = None  # seconds: the longest token gap of an affected stream around the fault
-    affected: int = 0
-    unrecovered: int = 0
-    epoch_changes: int = 0
-    problem: str | None = None
-
-
 async def inject_faults(
     group: LocalGroup,
     opts: ChaosOptions,
@@ -731,160 +342,6 @@ async def _wait_or_done(done: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(done.wait(), seconds)
     return done.is_set()
-
-
-# --------------------------------------------------------------------------- analysis
-
-
-@dataclass(frozen=True)
-class Diff:
-    identical: bool
-    lost: int
-    duplicated: int
-    wrong: int
-    first_divergence: int | None
-
-
-def compare(reference: list[str], got: list[str]) -> Diff:
-    """Align a stream's tokens with the fault-free ones (see the module docstring)."""
-    if got == reference:
-        return Diff(True, 0, 0, 0, None)
-    lost = duplicated = wrong = 0
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, reference, got, autojunk=False).get_opcodes():
-        if tag == "delete":
-            lost += i2 - i1
-        elif tag == "insert":
-            if _repeats(got[j1:j2], got[:j1]):
-                duplicated += j2 - j1
-            else:
-                wrong += j2 - j1
-        elif tag == "replace":
-            lost += i2 - i1
-            wrong += j2 - j1
-    first = next((k for k, (a, b) in enumerate(zip(reference, got)) if a != b), min(len(reference), len(got)))
-    return Diff(False, lost, duplicated, wrong, first)
-
-
-def _repeats(block: list[str], before: list[str]) -> bool:
-    n = len(block)
-    return any(before[k : k + n] == block for k in range(len(before) - n + 1))
-
-
-def percentiles(xs: list[float]) -> dict[str, float | None]:
-    """p50, p95 (nearest rank) and max; None for an empty list."""
-    s = sorted(xs)
-    if not s:
-        return {"p50": None, "p95": None, "max": None, "n": 0}
-
-    def rank(p: float) -> float:
-        return round(s[max(0, math.ceil(p / 100 * len(s)) - 1)], 3)
-
-    return {"p50": rank(50), "p95": rank(95), "max": round(s[-1], 3), "n": len(s)}
-
-
-def score_faults(faults: list[FaultRecord], streams: list[StreamRecord], health: HealthLog, end: float) -> None:
-    for k, f in enumerate(faults):
-        until = faults[k + 1].at if k + 1 < len(faults) else end
-        seen = health.first_noticed(f.at, f.epoch_before, f.worker, until)
-        f.detect = None if seen is None else round(seen - f.at, 3)
-        f.epoch_changes = health.epochs_between(f.at, f.rejoined_at or until)
-        open_then = [s for s in streams if s.sent_at < f.at and (s.ended_at is None or s.ended_at > f.at)]
-        waits, pauses = [], []
-        window_end = f.rejoined_at or until
-        for s in open_then:
-            nxt = next((t for t in s.times if t > f.at), None)
-            if nxt is None:
-                if s.completed:
-                    continue  # every token was out before the fault; only the end was on its way
-                f.affected += 1
-                f.unrecovered += 1
-                continue
-            f.affected += 1
-            waits.append(nxt - f.at)
-            stamps = [s.sent_at, *s.times]
-            pauses += [b - a for a, b in zip(stamps, stamps[1:]) if b > f.at and a <= window_end]
-        f.recover = round(max(waits), 3) if waits and not f.unrecovered else None
-        f.pause = round(max(pauses), 3) if pauses else None
-
-
-def score_run(reference: list[StreamRecord], run: list[StreamRecord]) -> dict:
-    completed = [r for r in run if r.completed]
-    totals = {"lost": 0, "duplicated": 0, "wrong": 0, "undelivered": 0}
-    differ, details = 0, []
-    for ref, got in zip(reference, run):
-        if not ref.completed:
-            continue  # nothing to compare with
-        if got.completed:
-            d = compare(ref.tokens, got.tokens)
-        else:
-            d = compare(ref.tokens[: len(got.tokens)], got.tokens)
-            totals["undelivered"] += max(0, len(ref.tokens) - len(got.tokens))
-        totals["lost"] += d.lost
-        totals["duplicated"] += d.duplicated
-        totals["wrong"] += d.wrong
-        if not d.identical or not got.completed:
-            differ += not d.identical
-            details.append(
-                {
-                    "index": got.index,
-                    "completed": got.completed,
-                    "error": got.error,
-                    "tokens_expected": len(ref.tokens),
-                    "tokens_received": len(got.tokens),
-                    "identical_prefix": d.identical,
-                    "first_divergence": d.first_divergence,
-                    "lost": d.lost,
-                    "duplicated": d.duplicated,
-                    "wrong": d.wrong,
-                }
-            )
-    return {
-        "requests": len(run),
-        "completed": len(completed),
-        "failed": len(run) - len(completed),
-        "compared": sum(1 for r in reference if r.completed),
-        "streams_differing": differ,
-        "tokens_lost": totals["lost"],
-        "tokens_duplicated": totals["duplicated"],
-        "tokens_wrong": totals["wrong"],
-        "tokens_undelivered_by_failed": totals["undelivered"],
-        "tokens_received": sum(len(r.tokens) for r in run),
-        "errors": sorted({(r.error or "")[:120] for r in run if r.error}),
-        "details": details[:50],
-    }
-
-
-def describe_run(run: list[StreamRecord]) -> dict:
-    t0 = min(r.sent_at for r in run)
-    t1 = max(r.ended_at or r.sent_at for r in run)
-    tokens = sum(len(r.tokens) for r in run)
-    return {
-        "seconds": round(t1 - t0, 2),
-        "tokens": tokens,
-        "tokens_per_s": round(tokens / max(t1 - t0, 1e-9), 2),
-        "longest_pause": round(max(r.longest_pause() for r in run), 3),
-        "completed": sum(r.completed for r in run),
-        "failed": sum(not r.completed for r in run),
-    }
-
-
-_LOG_PATTERNS = {
-    "epochs_served": re.compile(r"serving epoch \d+"),
-    "steps_failed": re.compile(r"step failed"),
-    "requests_failed": re.compile(r"request \d+ failed"),
-    "lanes_crashed": re.compile(r"lane \d+ crashed"),
-    "workers_left": re.compile(r"worker \S+ left:"),
-}
-
-
-def count_log(path: Path) -> dict[str, int]:
-    """How often the master logged each of a few events (its INFO log)."""
-    counts = dict.fromkeys(_LOG_PATTERNS, 0)
-    with contextlib.suppress(OSError), open(path, errors="replace") as f:
-        for line in f:
-            for name, pattern in _LOG_PATTERNS.items():
-                counts[name] += bool(pattern.search(line))
-    return counts
 
 
 # --------------------------------------------------------------------------- the tool
@@ -979,29 +436,16 @@ async def _measure(opts: ChaosOptions, log_dir: Path) -> dict | None:
         },
         "model": group.model_id,
         "placement": layers,
-        "definitions": dict(_DEFINITIONS),
+        "definitions": dict(DEFINITIONS),
         "fault_free_run": describe_run(reference),
         "faulty_run": {**describe_run(faulty), **score_run(reference, faulty)},
-        "faults": [_fault_row(f, start) for f in faults],
-        "summary": _summary(faults),
+        "faults": [fault_row(f, start) for f in faults],
+        "summary": fault_summary(faults),
         "group_rejoined_at_end": settled,
         "caches_left_on_workers": caches,
         "master_rss_bytes": {"before": rss_before, "after_fault_free_run": rss_middle, "after_faulty_run": rss_after},
         "master_log": count_log(log_dir / "master.log"),
     }
-
-
-_DEFINITIONS = {
-    "detect": "seconds from the fault to the first /health sample with a higher epoch",
-    "recover": "seconds from the fault until every stream open at the fault received its next token",
-    "rejoined": "seconds from the fault until /health shows the group serving with every worker connected",
-    "tokens_lost": "fault-free tokens missing from completed streams (alignment)",
-    "tokens_duplicated": "extra tokens in completed streams that repeat the stream's earlier tokens",
-    "streams_differing": "requests whose received tokens differ from the fault-free run's",
-    "longest_pause": "longest gap between two tokens of one stream (from sending, for the first)",
-    "pause": "per fault: the longest token gap of a stream open at the fault, among gaps ending after the fault "
-    "and starting before the worker rejoined",
-}
 
 
 def _load_average() -> list[float] | None:
@@ -1012,38 +456,6 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _fault_row(f: FaultRecord, start: float) -> dict:
-    """A fault as JSON: times in seconds, ``at`` from the start of the faulty run, the rest from the fault."""
-    row = asdict(f)
-    row.update(
-        at=round(f.at - start, 3),
-        ended_at=None if f.ended_at is None else round(f.ended_at - f.at, 3),
-        rejoined_at=None if f.rejoined_at is None else round(f.rejoined_at - f.at, 3),
-    )
-    return row
-
-
-def _summary(faults: list[FaultRecord]) -> dict:
-    def block(fs: list[FaultRecord]) -> dict:
-        return {
-            "faults": len(fs),
-            "detect": percentiles([f.detect for f in fs if f.detect is not None]),
-            "not_detected": sum(f.detect is None for f in fs),
-            "recover": percentiles([f.recover for f in fs if f.recover is not None]),
-            "pause": percentiles([f.pause for f in fs if f.pause is not None]),
-            "not_recovered": sum(f.unrecovered for f in fs),
-            "rejoined": percentiles([f.rejoined_at - f.at for f in fs if f.rejoined_at is not None]),
-            "epoch_changes": sum(f.epoch_changes for f in fs),
-        }
-
-    out = {"all": block(faults)}
-    for kind in FaultKind:
-        fs = [f for f in faults if f.kind == kind.value]
-        if fs:
-            out[kind.value] = block(fs)
-    return out
-
-
 def _config(opts: ChaosOptions) -> dict:
     d = asdict(opts)
     d["faults"] = [k.value for k in opts.faults]
@@ -1052,50 +464,3 @@ def _config(opts: ChaosOptions) -> dict:
     for k in ("out", "log_dir"):
         d[k] = None if d[k] is None else str(d[k])
     return d
-
-
-def _fmt(x: float | None, unit: str = " s") -> str:
-    return "-" if x is None else f"{x:.2f}{unit}"
-
-
-def format_table(report: dict) -> str:
-    ff, fr = report["fault_free_run"], report["faulty_run"]
-    rss, cfg = report["master_rss_bytes"], report["config"]
-    mb = lambda b: "-" if b is None else f"{b / 2**20:.0f} MiB"  # noqa: E731
-    lines = [
-        f"molink chaos: {report['model']}, {cfg['workers']} workers (serving with >= {cfg['min_workers']}), "
-        f"{fr['requests']} requests x 2 runs, {cfg['concurrency']} at once",
-        "",
-        f"{'':<34}{'fault-free':>14}{'with faults':>14}",
-        f"{'requests completed':<34}{ff['completed']:>14}{fr['completed']:>14}",
-        f"{'requests failed':<34}{ff['failed']:>14}{fr['failed']:>14}",
-        f"{'tokens received':<34}{ff['tokens']:>14}{fr['tokens_received']:>14}",
-        f"{'run time':<34}{_fmt(ff['seconds']):>14}{_fmt(fr['seconds']):>14}",
-        f"{'longest pause in a stream':<34}{_fmt(ff['longest_pause']):>14}{_fmt(fr['longest_pause']):>14}",
-        "",
-        f"{'streams differing from fault-free':<34}{fr['streams_differing']:>14}",
-        f"{'tokens lost':<34}{fr['tokens_lost']:>14}",
-        f"{'tokens duplicated':<34}{fr['tokens_duplicated']:>14}",
-        f"{'tokens wrong (other differences)':<34}{fr['tokens_wrong']:>14}",
-        "",
-        f"{'faults':<8}{'n':>3}{'detect p50/p95/max':>22}{'recover p50/p95/max':>24}{'pause max':>11}"
-        f"{'rejoined max':>15}{'epochs':>8}",
-    ]
-    for name, b in report["summary"].items():
-        d, r, f = b["detect"], b["recover"], b["rejoined"]
-        det = f"{_fmt(d['p50'], '')}/{_fmt(d['p95'], '')}/{_fmt(d['max'])}"
-        rec = f"{_fmt(r['p50'], '')}/{_fmt(r['p95'], '')}/{_fmt(r['max'])}"
-        cells = f"{det:>22}{rec:>24}{_fmt(b['pause']['max']):>11}{_fmt(f['max']):>15}{b['epoch_changes']:>8}"
-        lines.append(f"{name:<8}{b['faults']:>3}{cells}")
-        if b["not_detected"] or b["not_recovered"]:
-            lines.append(f"{'':<14}not detected: {b['not_detected']}, streams never recovered: {b['not_recovered']}")
-    lines += [
-        "",
-        f"master RSS: {mb(rss['before'])} before, {mb(rss['after_fault_free_run'])} after the fault-free run, "
-        f"{mb(rss['after_faulty_run'])} after the faulty run",
-        "caches left on workers (requests with a KV cache, at the end): "
-        + ", ".join(
-            f"{name} {n if n is not None else 'no report'}" for name, n in report["caches_left_on_workers"].items()
-        ),
-    ]
-    return "\n".join(lines)
