@@ -2,18 +2,21 @@
 
 Contract
 --------
-``await route_pipeline(stages, epoch)`` runs once every stage of a new pipeline has answered
-``Ready``, and returns one :class:`Hop` per hop (stage i -> stage i+1): direct, or relayed
-through the master with the reason.  A hop is tried when stage i+1 announced a hop listener
-(``Hello.hop_port``) and, in a paired group, both stages' pinned certificates are known; its
-address is the host stage i+1 announced, else the address the master sees its tunnel come
-from.  Two rounds of ``Route`` messages, each answered within ``ROUTE_TIMEOUT``: first every
-stage learns whom to accept (a fresh secret per hop, and the previous stage's certificate),
-then every stage with a candidate next hop dials it and says whether it got through
-(``Routed``).  Reachability is what the dial measured, so a stage behind NAT, a firewall or a
-wrong announced address is simply relayed.  A stage that does not answer in time costs only
-its hop (relayed); a link that is gone raises :class:`~master_core.link.LinkGone` (the group
-re-plans anyway).  The master keeps the first input and the last logits in every case.
+``await route_pipeline(stages, epoch, paired)`` runs once every stage of a new pipeline has
+answered ``Ready``, and returns one :class:`Hop` per hop (stage i -> stage i+1): direct, or
+relayed through the master with the reason.  A hop is tried when stage i+1 announced a hop
+listener (``Hello.hop_port``) and, in a paired group, both stages' pinned certificates are
+known.  Its address (:func:`hop_address`): the host stage i+1 announced; else, when both
+stages' tunnels come from one address (one home behind one NAT), the LAN address stage i+1's
+tunnel leaves from; else the address the master sees its tunnel come from.
+
+Two rounds of ``Route`` messages, each answered within ``ROUTE_TIMEOUT``: first every stage
+learns whom to accept (a fresh secret per hop, and the previous stage's certificate), then
+every stage with a candidate next hop dials it and says whether it got through (``Routed``).
+Reachability is what the dial measured, so a stage behind NAT, a firewall or a wrong announced
+address is simply relayed.  A stage that does not answer in time costs only its hop
+(relayed); a link that is gone raises :class:`~master_core.link.LinkGone` (the group re-plans
+anyway).  The master keeps the first input and the last logits in every case.
 """
 
 from __future__ import annotations
@@ -42,12 +45,16 @@ class Hop:
         return f"direct ({self.connect_ms:.0f} ms handshake)" if self.direct else f"relayed: {self.reason}"
 
 
-def hop_address(link: WorkerLink) -> str:
-    """Where the other stages dial ``link``'s hop listener ("" when it has none)."""
+def hop_address(link: WorkerLink, dialer: WorkerLink) -> str:
+    """Where ``dialer`` dials ``link``'s hop listener ("" when it has none): the host ``link``
+    announced; else, when both tunnels come from one address (one machine, or one home behind
+    one NAT), the LAN address ``link``'s tunnel leaves from; else the address the master sees."""
     hello = link.hello
     if not hello.hop_port:
         return ""
-    host = hello.hop_host or link.peer.split("%")[0]
+    seen = link.peer.split("%")[0]
+    same_place = hello.hop_lan and seen == dialer.peer.split("%")[0]
+    host = hello.hop_host or (hello.hop_lan if same_place else seen)
     if not host or host == "?":
         return ""
     return f"[{host}]:{hello.hop_port}" if ":" in host else f"{host}:{hello.hop_port}"
@@ -57,7 +64,7 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
     n = len(stages)
     if n < 2:
         return []
-    addresses = [hop_address(link) for link in stages]
+    addresses = ["", *(hop_address(stages[i + 1], stages[i]) for i in range(n - 1))]
     why_not: list[str] = []
     for i in range(n - 1):
         a, b = stages[i], stages[i + 1]

@@ -220,3 +220,21 @@ def test_a_hop_listener_lets_in_only_the_previous_stage_of_the_current_epoch(tmp
     assert "refused" in outcomes["wrong token"]
     assert len(got) == 1 and got[0].step_id == 9 and torch.equal(got[0].tensor, step.tensor)
     assert fallbacks == [1] and down is not None
+
+
+def test_the_master_dials_a_hop_at_the_announced_host_the_lan_address_or_the_address_it_sees():
+    from master_core.link import WorkerLink
+    from master_core.routes import hop_address
+    from worker_core.wire import Hello
+
+    def link(peer: str, **hello) -> WorkerLink:
+        return WorkerLink(None, Hello("w", "cpu", "cpu", 1, 1, "float32", **hello), peer, 1 << 20)  # type: ignore[arg-type]
+
+    home_a = link("203.0.113.5", hop_port=7734, hop_lan="192.168.1.20")
+    home_a2 = link("203.0.113.5", hop_port=7734, hop_lan="192.168.1.21")
+    home_b = link("198.51.100.7", hop_port=7734, hop_lan="10.0.0.4")
+    assert hop_address(home_a, home_a2) == "192.168.1.20:7734"  # same home: its LAN address
+    assert hop_address(home_a, home_b) == "203.0.113.5:7734"  # elsewhere: the address the master sees
+    assert hop_address(link("203.0.113.5", hop_port=7000, hop_host="me.example.org"), home_a2) == "me.example.org:7000"
+    assert hop_address(link("2001:db8::1", hop_port=7734), home_b) == "[2001:db8::1]:7734"
+    assert hop_address(link("203.0.113.5"), home_a) == ""  # no listener

@@ -43,7 +43,7 @@ from aiohttp import WSMsgType, web
 
 from .identity import Identity, client_context, der_fingerprint, fingerprint
 from .shaper import LinkShaper
-from .wire import MAX_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
+from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
 
 log = logging.getLogger("molink.hops")
 
@@ -70,11 +70,12 @@ class HopListener:
         self.identity = identity
         self.port = 0
         self.sink: Callable[[Step], None] | None = None  # the current session's queue
-        self.max_frame: int = MAX_FRAME_BYTES  # the current session's bound on frames
+        self.max_frame: int = UNASSIGNED_FRAME_BYTES  # the serving range's bound on a step (set on Assign)
         self._accept: _Accept | None = None
         self._context: ssl.SSLContext | None = None  # paired: pinned to the accepted dialler
         self._runner: web.AppRunner | None = None
         self._open: dict[web.WebSocketResponse, int] = {}  # inbound hop -> its epoch
+        self._closing: set[asyncio.Task] = set()  # closes of hops of an earlier epoch, awaited by stop()
 
     async def start(self, host: str, port: int = 0) -> None:
         app = web.Application(client_max_size=1024)
@@ -93,6 +94,7 @@ class HopListener:
     async def stop(self) -> None:
         for ws in list(self._open):
             await ws.close(code=CloseCode.NORMAL, message=b"worker stopping")
+        await asyncio.gather(*self._closing, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -111,7 +113,9 @@ class HopListener:
             self._context = _server_context(self.identity, cert_pem) if self.identity is not None else None
         for ws, at in list(self._open.items()):
             if self._accept is None or at != self._accept.epoch:
-                asyncio.ensure_future(ws.close(code=CloseCode.NORMAL, message=b"new pipeline"))
+                task = asyncio.ensure_future(ws.close(code=CloseCode.NORMAL, message=b"new pipeline"))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def _allowed(self, request: web.Request) -> _Accept | None:
         acc = self._accept
@@ -132,7 +136,7 @@ class HopListener:
         if acc is None:
             log.warning("hop from %s refused: not the previous stage of the current pipeline", request.remote)
             raise web.HTTPForbidden(text="not the previous stage of this pipeline")
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME_BYTES, compress=False, heartbeat=None)
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=None)
         await ws.prepare(request)
         self._open[ws] = acc.epoch
         log.info("hop from %s open (epoch %d)", request.remote, acc.epoch)

@@ -157,6 +157,7 @@ class Hello:
     # dial ("": the address the master sees this tunnel come from)
     hop_port: int = 0
     hop_host: str = ""
+    hop_lan: str = ""  # the local address this tunnel leaves from (behind a NAT: the LAN address)
 
 
 def gguf_nbytes(gguf_type: str, shape: tuple[int, ...]) -> int:
@@ -667,6 +668,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             threads=_int(h, "threads", 0, 1 << 16),
             hop_port=_int(h, "hop_port", 0, 65535),
             hop_host=_host(h, "hop_host"),
+            hop_lan=_host(h, "hop_lan"),
         )
     if kind is Kind.ASSIGN:
         a = Assign(

@@ -243,6 +243,8 @@ class _Session:
             self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
+            if self.run.hops is not None:  # steps over a hop are bounded like the master's
+                self.run.hops.max_frame = self.max_frame
             await self.send(
                 Ready(msg.epoch, shard.hidden_size, shard.vocab_size, time.perf_counter() - t0, shard.weight_bytes)
             )
@@ -404,6 +406,7 @@ async def _connect_once(
                     _dtype_name(info),
                     rtt_ms=rtt,
                     link_mbps=mbps,
+                    hop_lan=_local_address(ws) if run.hops is not None else "",
                     **facts,
                 )
             )
@@ -449,6 +452,14 @@ async def _connect_once(
             downlink.close()
             run.events.emit("disconnected", reason=one_line(reason))
         return reason
+
+
+def _local_address(ws: aiohttp.ClientWebSocketResponse[bool]) -> str:
+    """The address this machine's end of the tunnel has: behind a NAT, its LAN address, where
+    a stage on the same LAN can dial its hop listener ("" when unknown)."""
+    sock = ws.get_extra_info("sockname")
+    host = sock[0] if isinstance(sock, tuple) and sock else ""
+    return host.split("%")[0] if isinstance(host, str) else ""
 
 
 async def _start_hops(hops: HopListener, config: WorkerConfig) -> None:
