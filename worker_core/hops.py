@@ -21,7 +21,9 @@ straight on, as a ``Step`` of the same id, over a WebSocket it dials to stage i+
   queues a step through a :class:`~worker_core.shaper.LinkShaper` (the worker's emulated uplink:
   every pair of machines is ``delay`` apart one way); when the hop is down, or goes down before
   a queued step leaves, that step's ``fallback`` runs instead (the worker returns its output to
-  the master, which relays it: nothing is lost).  A hop that went down stays down for its epoch.
+  the master, which relays it: nothing is lost).  Both ends ping every ``HEARTBEAT`` seconds, so
+  a path that dies quietly (a NAT that forgot an idle mapping) goes down before a step is sent
+  into it.  A hop that went down stays down for its epoch.
 * In a plain (unpaired) group the listener and the dial are plain ``ws://`` with the token only:
   loopback tests and the local demo, like the plain tunnel.
 """
@@ -52,6 +54,7 @@ TOKEN_HEADER = "X-MoLink-Hop"
 CONNECT_TIMEOUT = 3.0  # seconds to open a hop (TCP, TLS, WebSocket); longer counts as unreachable
 MAX_INBOUND = 4  # hop connections one listener keeps open at once
 SEND_TIMEOUT = 30.0  # seconds one frame may take to leave on a hop before it counts as down
+HEARTBEAT = 5.0  # seconds between the dialler's pings: a path that died quietly (a NAT forgot it) goes down
 
 
 class HopUnreachable(Exception):
@@ -136,7 +139,7 @@ class HopListener:
         if acc is None:
             log.warning("hop from %s refused: not the previous stage of the current pipeline", request.remote)
             raise web.HTTPForbidden(text="not the previous stage of this pipeline")
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=None)
+        ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=HEARTBEAT)
         await ws.prepare(request)
         self._open[ws] = acc.epoch
         log.info("hop from %s open (epoch %d)", request.remote, acc.epoch)
@@ -246,7 +249,7 @@ async def dial(
                 url,
                 max_msg_size=1024,
                 compress=0,
-                heartbeat=None,
+                heartbeat=HEARTBEAT,
                 headers={TOKEN_HEADER: token},
                 ssl=context,
                 server_hostname=TUNNEL_SNI if identity is not None else None,
