@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from worker_core.wire import CloseCode, ProtocolError, Segment, Step, itemsize, logits_row_width
+from worker_core.wire import CloseCode, ProtocolError, Result, Segment, Step, itemsize, logits_row_width
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
@@ -434,7 +434,7 @@ class Engine:
             while end < len(hops) and hops[end].direct:
                 end += 1
             step = Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk, forward=end > i)
-            link, result = await stages[i].call(step, tuple(stages[i + 1 : end + 1]))
+            link, result = await self._call(stages, epoch, step, i, end)
             at = stages.index(link)
             if at < end:
                 self.group.hop_lost(epoch, at, f"{link.name} could not send on directly")
@@ -447,6 +447,28 @@ class Engine:
                 raise ProtocolError(f"worker {link.name} {why}")
             i = at + 1
         return x
+
+    async def _call(
+        self, stages: list[WorkerLink], epoch: int, step: Step, first: int, last: int
+    ) -> tuple[WorkerLink, Result]:
+        """Send ``step`` to stage ``first``; over direct hops it may travel on to stage ``last``.
+        A step forwarded over direct hops that gets no answer within the longest deadline of one
+        of its stages is taken for lost on a hop that died quietly: those hops are relayed from
+        now on and the step fails (its requests replay on the same pipeline), before any
+        stage's own deadline could drop a worker that did nothing wrong."""
+        onward = tuple(stages[first + 1 : last + 1])
+        call = stages[first].call(step, onward)
+        if not onward:
+            return await call
+        tokens = sum(seg.length for seg in step.segments)
+        nbytes = step.tensor.numel() * step.tensor.element_size()
+        limit = max(link.step_deadline(tokens, nbytes) for link in stages[first : last + 1])
+        try:
+            return await asyncio.wait_for(call, limit)
+        except asyncio.TimeoutError:
+            for hop in range(first, last):
+                self.group.hop_lost(epoch, hop, f"a step sent over it got no answer in {limit:.0f} s")
+            raise StepFailed(f"step {step.step_id} got no answer over direct hops in {limit:.0f} s") from None
 
     def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor) -> None:
         if self.group.epoch != epoch:

@@ -238,3 +238,37 @@ def test_the_master_dials_a_hop_at_the_announced_host_the_lan_address_or_the_add
     assert hop_address(link("203.0.113.5", hop_port=7000, hop_host="me.example.org"), home_a2) == "me.example.org:7000"
     assert hop_address(link("2001:db8::1", hop_port=7734), home_b) == "[2001:db8::1]:7734"
     assert hop_address(link("203.0.113.5"), home_a) == ""  # no listener
+
+
+def test_a_step_lost_on_a_hop_that_died_quietly_is_replayed_relayed_and_no_worker_is_dropped(ckpt, monkeypatch):
+    import master_core.link
+
+    monkeypatch.setattr(master_core.link, "STEP_DEADLINE_FLOOR", 1.5)  # steps here take milliseconds
+    prompts = [list(range(30, 40)), list(range(50, 53))]
+    long_want = [reference_greedy(ckpt, p, 96) for p in prompts]
+
+    async def main():
+        async with Cluster(ckpt, workers=3) as c:
+            g = c.master.group
+            start, links = g.epoch, len(g.links)
+            while not c.engine.profiled:
+                await asyncio.sleep(0.01)
+            gens = [asyncio.create_task(c.engine.generate(p, greedy(96))) for p in prompts]
+            while c.engine.tokens_generated < 20:
+                await asyncio.sleep(0.005)
+            assert not any(t.done() for t in gens), "generation ended before the hop could die"
+            hops = [o for o in gc.get_objects() if type(o) is NextHop and o.down is None]
+            assert len(hops) == 2
+
+            async def black_hole(frame: bytes) -> None:  # the path swallows frames; the socket looks fine
+                return None
+
+            hops[0]._ws.send_bytes = black_hole  # type: ignore[method-assign]
+            got = await asyncio.wait_for(asyncio.gather(*gens), 120)
+            return [r[0] for r in got], list(g.hops), g.epoch - start, len(g.links) - links
+
+    got, hops, epochs, links = run(main())
+    assert got == long_want
+    assert epochs == 0 and links == 0, "a worker was dropped for a hop's fault"
+    relayed = [h for h in hops if not h.direct]
+    assert relayed and all("got no answer" in h.reason for h in relayed), [h.describe() for h in hops]
