@@ -9,12 +9,11 @@ their greedy tokens are compared (they must be identical).  After each profile t
 costs drive the simulator on the same workload, and the calibration error is reported.
 ``--simulate``: the same table for a modelled 70B-class model on 4 and 8 consumer GPUs.
 ``--burst``: short greedy decode streams run while several prompts of 1,000-2,000 tokens
-arrive within seconds (:class:`BurstShape`); per (profile, policy) the streams' inter-token
-gap p50, p99 and their ratio, side by side on one live group.  ``--concurrent N``: N greedy
-clients at once through 3 local stages vs single-process transformers serving the N as one
-batch (one torch thread per process), aggregate tokens/s.  ``--hops``: one stream at a time,
-direct stage-to-stage hops against every hop relayed through the master
-(:mod:`app.bench_hops`).  ``--simulate`` also runs ``full`` with every hop direct beside it.
+arrive within seconds; per (profile, policy) the streams' inter-token gap p50, p99 and their
+ratio, side by side on one live group (:mod:`app.bench_burst`).  ``--concurrent N`` and
+``--single``: MoLink's local stages against one transformers process (:mod:`app.bench_local`).
+``--hops``: one stream at a time, direct stage-to-stage hops against every hop relayed through
+the master (:mod:`app.bench_hops`).  ``--simulate`` also runs ``full`` with every hop direct beside it.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from master_core.config import MasterConfig
 from master_core.costs import CostSnapshot
@@ -123,7 +122,7 @@ async def _run_policy(
 
 
 @contextlib.asynccontextmanager
-async def _shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master]:
+async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master]:
     """A master in this process and ``opts.workers`` local worker processes (one torch thread
     each) whose tunnels are shaped to ``profile``, serving and profiled (at most 600 s);
     stopped, workers included, whatever happens."""
@@ -153,7 +152,7 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
     from master_core.request import SamplingParams
 
     mbps, rtt = PROFILES[profile]
-    async with _shaped_group(opts, profile) as master:
+    async with shaped_group(opts, profile) as master:
         vocab = master.dims.vocab_size
         prompts = _prompts(workload, vocab, opts.seed)
         await master.engine.generate(
@@ -197,323 +196,6 @@ def calibrate(
             if r.get(k)
         }
     return out
-
-
-# --------------------------------------------------------------------------- bursts
-
-
-@dataclass(frozen=True)
-class BurstShape:
-    """Short greedy streams decoding while long prompts arrive in a burst (seconds, tokens)."""
-
-    streams: int = 4
-    stream_prompt: int = 16
-    burst_prompts: tuple[int, ...] = (1200, 2000, 1500, 1000)
-    burst_start: float = 4.0  # after the streams started
-    burst_spacing: float = 1.0  # between the burst's arrivals
-    burst_output: int = 4
-    tail: float = 3.0  # the streams keep decoding this long after the last burst request finished
-    limit: float = 150.0  # a run never lasts longer (the streams are cancelled)
-
-
-def gap_figures(token_times: list[list[float]]) -> dict:
-    """p50, p99 and p99/p50 of the gaps between consecutive tokens of each stream."""
-    from master_core.workload import percentile
-
-    gaps = [b - a for t in token_times for a, b in zip(t, t[1:])]
-    p50, p99 = percentile(gaps, 50), percentile(gaps, 99)
-    return {
-        "gaps": len(gaps),
-        "gap_p50": p50,
-        "gap_p99": p99,
-        "gap_max": max(gaps) if gaps else None,
-        "gap_ratio": (p99 / p50) if p50 and p99 else None,
-    }
-
-
-async def _run_burst(master: Master, name: str, shape: BurstShape, vocab: int, seed: int) -> tuple[dict, list]:
-    from master_core.request import FinishEvent, SamplingParams
-
-    engine = master.engine
-    engine.set_policy(policy(name, master.config.max_batch_tokens))
-    rng = random.Random(seed)
-    lo = min(1000, vocab // 4)
-    short = [[rng.randrange(lo, vocab) for _ in range(shape.stream_prompt)] for _ in range(shape.streams)]
-    long = [[rng.randrange(lo, vocab) for _ in range(n)] for n in shape.burst_prompts]
-    room = min(master.dims.max_positions - shape.stream_prompt - 1, master.group.kv_tokens // 16, 1500)
-    greedy_long = SamplingParams(max_tokens=room, temperature=0.0, ignore_eos=True)
-    t0 = time.monotonic()
-    streams = [engine.submit(p, greedy_long) for p in short]
-    stream_times: list[list[float]] = [[] for _ in streams]
-    stream_out: list[list[int]] = [[] for _ in streams]
-    burst_done = asyncio.Event()
-    burst_ttft: list[float] = [0.0] * len(long)
-    burst_out: list[list[int]] = [[] for _ in long]
-
-    async def stream(i: int) -> None:
-        req = streams[i]
-        while True:
-            ev = await req.events.get()
-            if isinstance(ev, FinishEvent):
-                break
-            stream_times[i].append(time.monotonic())
-        stream_out[i] = list(req.output)
-
-    async def burst(i: int) -> None:
-        await asyncio.sleep(max(0.0, t0 + shape.burst_start + i * shape.burst_spacing - time.monotonic()))
-        arrived = time.monotonic()
-        req = engine.submit(long[i], SamplingParams(max_tokens=shape.burst_output, temperature=0.0, ignore_eos=True))
-        first = None
-        while True:
-            ev = await req.events.get()
-            if isinstance(ev, FinishEvent):
-                if ev.reason == "error":
-                    raise RuntimeError(f"request failed: {ev.error}")
-                break
-            first = first or time.monotonic()
-        burst_ttft[i] = (first or time.monotonic()) - arrived
-        burst_out[i] = list(req.output)
-
-    async def bursts() -> None:
-        try:
-            await asyncio.gather(*(burst(i) for i in range(len(long))))
-        finally:
-            burst_done.set()
-
-    readers = [asyncio.create_task(stream(i)) for i in range(len(streams))]
-    burster = asyncio.create_task(bursts())
-    try:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(burst_done.wait(), shape.limit)
-        burst_end = time.monotonic()
-        await asyncio.sleep(shape.tail)
-    finally:
-        for req in streams:
-            engine.cancel(req)
-        await asyncio.wait(readers, timeout=10)
-        if not burster.done():
-            burster.cancel()
-    complete = burster.done() and not burster.cancelled() and burster.exception() is None
-    if burster.done() and not burster.cancelled() and burster.exception() is not None:
-        raise burster.exception()  # type: ignore[misc]
-    end = max(t[-1] for t in stream_times if t)
-    tokens = sum(len(t) for t in stream_times)
-    out = gap_figures(stream_times)
-    calm = gap_figures([[x for x in t if x <= t0 + shape.burst_start] for t in stream_times])
-    out.update(
-        {
-            "gap_p50_before_burst": calm["gap_p50"],  # the streams' own pace, no long prompt around
-            "gap_p99_over_calm_p50": (out["gap_p99"] / calm["gap_p50"]) if calm["gap_p50"] else None,
-            "burst_complete": complete,
-            "burst_seconds": burst_end - (t0 + shape.burst_start),  # first long arrival -> last one done
-            "burst_ttft_max": max(burst_ttft),
-            "burst_ttft_mean": sum(burst_ttft) / len(burst_ttft),
-            "stream_tokens": tokens,
-            "stream_tokens_per_s": tokens / (end - t0),
-            "stream_token_times": [[round(x - t0, 4) for x in t] for t in stream_times],
-            "microbatches_end": engine.slots(engine.costs()),
-        }
-    )
-    # greedy outputs compared across policies: streams cut at the shortest stream, bursts whole
-    return out, [stream_out, burst_out]
-
-
-async def _burst_profile(opts: BenchOptions, profile: str, shape: BurstShape) -> dict:
-    from master_core.request import SamplingParams
-
-    mbps, rtt = PROFILES[profile]
-    async with _shaped_group(opts, profile) as master:
-        vocab = master.dims.vocab_size
-        await master.engine.generate([1000 + i for i in range(16)], SamplingParams(max_tokens=4, temperature=0))
-        results, outputs = {}, {}
-        for name in opts.policies:
-            results[name], outputs[name] = await _run_burst(master, name, shape, vocab, opts.seed)
-            r = results[name]
-            print(
-                f"  {profile}/{name}: gap p50 {r['gap_p50'] * 1000:.0f} ms, p99 {r['gap_p99'] * 1000:.0f} ms, "
-                f"ratio {r['gap_ratio']:.2f}, p99 / calm p50 {r['gap_p99_over_calm_p50'] or 0:.2f}, "
-                f"burst done in {r['burst_seconds']:.1f} s",
-                flush=True,
-            )
-        first = next(iter(outputs.values()))
-        cut = min(len(s) for o in outputs.values() for s in o[0])
-        identical = all(
-            o[1] == first[1] and [s[:cut] for s in o[0]] == [s[:cut] for s in first[0]] for o in outputs.values()
-        )
-        costs = master.engine.costs()
-        return {
-            "profile": profile,
-            "mbps": mbps,
-            "rtt_s": rtt,
-            "policies": results,
-            "tokens_identical": identical,
-            "measured_costs": costs.__dict__ if costs else None,
-        }
-
-
-def _burst_table(report: list[dict]) -> str:
-    head = (
-        f"{'profile':<9}{'policy':<14}{'calm p50':>9}{'gap p50':>9}{'gap p99':>9}{'ratio':>7}{'gap max':>9}"
-        f"{'burst s':>9}{'TTFT max':>10}{'stream tok/s':>14}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in report:
-        for name, f in r["policies"].items():
-            lines.append(
-                f"{r['profile']:<9}{name:<14}{(f['gap_p50_before_burst'] or 0) * 1000:>7.0f}ms"
-                f"{f['gap_p50'] * 1000:>7.0f}ms{f['gap_p99'] * 1000:>7.0f}ms"
-                f"{f['gap_ratio']:>7.2f}{f['gap_max'] * 1000:>7.0f}ms{f['burst_seconds']:>9.1f}"
-                f"{f['burst_ttft_max']:>9.1f}s{f['stream_tokens_per_s']:>14.2f}"
-            )
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- concurrent clients
-
-
-async def concurrent_clients(opts: BenchOptions, clients: int, new_tokens: int = 64, prompt: int = 16) -> dict:
-    """``clients`` greedy requests at once through the local pipeline (unshaped tunnels, one
-    torch thread per worker), twice (the second run is measured: the first lets the engine
-    tune its micro-batch count), against single-process transformers generating the same
-    prompts as one batch with one torch thread; aggregate output tokens/s of each."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from master_core.request import FinishEvent, SamplingParams
-    from master_core.server import Master
-    from worker_core import model_source
-
-    folder = model_source.resolve(opts.model)
-    rng = random.Random(opts.seed)
-    prompts = [[rng.randrange(1000, 40000) for _ in range(prompt)] for _ in range(clients)]
-
-    def hf_run() -> dict:
-        torch.set_num_threads(1)
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        batch = torch.tensor(prompts)
-        with torch.inference_mode():
-            model.generate(batch, max_new_tokens=4, do_sample=False)  # warm-up
-            t0 = time.perf_counter()
-            model.generate(batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            total = time.perf_counter() - t0
-        return {"seconds": total, "tokens_per_s": clients * new_tokens / total}
-
-    hf = await asyncio.to_thread(hf_run)
-    master = Master(MasterConfig(model=opts.model, port=0, min_workers=opts.workers))
-    await master.start()
-    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)], "--threads", "1")
-    runs: list[dict] = []
-    try:
-        while not (master.group.serving and master.engine.profiled):
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a worker exited")
-            await asyncio.sleep(0.2)
-        engine = master.engine
-        greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-
-        async def one(p: list[int]) -> tuple[int, float]:
-            req = engine.submit(p, greedy)
-            last = time.perf_counter()
-            while not isinstance(await req.events.get(), FinishEvent):
-                last = time.perf_counter()
-            return len(req.output), last
-
-        for _ in range(2):
-            t0 = time.perf_counter()
-            done = await asyncio.gather(*(one(p) for p in prompts))
-            seconds = max(t for _, t in done) - t0
-            runs.append(
-                {
-                    "seconds": seconds,
-                    "tokens_per_s": sum(n for n, _ in done) / seconds,
-                    "microbatches_end": engine.slots(engine.costs()),
-                }
-            )
-        tuner = getattr(engine, "tuner", None)
-        tuned = tuner.describe() if tuner is not None and hasattr(tuner, "describe") else None
-    finally:
-        await master.stop()
-        await asyncio.to_thread(stop_processes, procs)
-    return {
-        "clients": clients,
-        "new_tokens": new_tokens,
-        "prompt_tokens": prompt,
-        "transformers_one_batch": hf,
-        "molink_runs": runs,
-        "tuner": tuned,
-        "ratio": runs[-1]["tokens_per_s"] / hf["tokens_per_s"],
-    }
-
-
-# --------------------------------------------------------------------------- one request
-
-
-async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: int = 500) -> dict:
-    """One request at a time: decode tokens/s and TTFT of a ``long_prompt``-token prompt, for
-    the 3-stage pipeline (unshaped local tunnels) and single-process transformers, same run."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from master_core.request import FinishEvent, SamplingParams
-    from master_core.server import Master
-    from worker_core import model_source
-
-    folder = model_source.resolve(opts.model)
-    rng = random.Random(opts.seed)
-    short = [rng.randrange(1000, 40000) for _ in range(16)]
-    long = [rng.randrange(1000, 40000) for _ in range(long_prompt)]
-
-    def hf_run() -> dict:
-        # Any: transformers types generate()'s self as a protocol its own auto models do not meet
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        with torch.inference_mode():
-            model.generate(torch.tensor([short]), max_new_tokens=4, do_sample=False)  # warm-up
-            t0 = time.perf_counter()
-            model.generate(torch.tensor([short]), max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            one = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(torch.tensor([short]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            total = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(torch.tensor([long]), max_new_tokens=1, do_sample=False)
-            ttft = time.perf_counter() - t0
-        return {"decode_tokens_per_s": (new_tokens - 1) / (total - one), "ttft_long_s": ttft}
-
-    hf = await asyncio.to_thread(hf_run)
-    master = Master(MasterConfig(model=opts.model, port=0, min_workers=opts.workers))
-    await master.start()
-    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)])
-    try:
-        while not (master.group.serving and master.engine.profiled):
-            if any(p.poll() is not None for p in procs):
-                raise RuntimeError("a worker exited")
-            await asyncio.sleep(0.2)
-        greedy = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        await master.engine.generate(short, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        req = master.engine.submit(short, greedy)
-        times = []
-        while not isinstance(await req.events.get(), FinishEvent):
-            times.append(time.perf_counter())
-        t0 = time.perf_counter()
-        req = master.engine.submit(long, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-        while not isinstance(await req.events.get(), FinishEvent):
-            pass
-        ttft = time.perf_counter() - t0
-        ours = {
-            "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]),
-            "ttft_long_s": ttft,
-            "stages": len(master.group.stages),
-        }
-    finally:
-        await master.stop()
-        await asyncio.to_thread(stop_processes, procs)
-    return {
-        "new_tokens": new_tokens,
-        "long_prompt_tokens": long_prompt,
-        "transformers": hf,
-        "molink": ours,
-        "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
-    }
 
 
 # --------------------------------------------------------------------------- simulation
@@ -627,11 +309,13 @@ async def run_bench(opts: BenchOptions) -> int:
     }
     rows: list[tuple[str, str, dict]] = []
     if opts.burst:
+        from .bench_burst import BurstShape, burst_profile, burst_table
+
         report["burst"] = []
         for profile in opts.profiles:
-            report["burst"].append(await _burst_profile(opts, profile, BurstShape()))
+            report["burst"].append(await burst_profile(opts, profile, BurstShape()))
         (opts.out / "burst.json").write_text(json.dumps(report, indent=2, default=float))
-        print(_burst_table(report["burst"]))
+        print(burst_table(report["burst"]))
         for r in report["burst"]:
             print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
         print(f"wrote {opts.out / 'burst.json'}")
@@ -645,6 +329,8 @@ async def run_bench(opts: BenchOptions) -> int:
         print(f"wrote {opts.out / 'hops.json'}")
         return 0
     if opts.concurrent:
+        from .bench_local import concurrent_clients
+
         res = await concurrent_clients(opts, opts.concurrent)
         (opts.out / "concurrent.json").write_text(json.dumps(res, indent=2, default=float))
         hf = res["transformers_one_batch"]
@@ -657,6 +343,8 @@ async def run_bench(opts: BenchOptions) -> int:
         print(f"ratio (run 2 / transformers): {res['ratio']:.2f}; tuner: {res['tuner']}")
         return 0
     if opts.single:
+        from .bench_local import single_request
+
         res = await single_request(opts)
         (opts.out / "single.json").write_text(json.dumps(res, indent=2))
         hf, ours = res["transformers"], res["molink"]

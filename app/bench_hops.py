@@ -52,10 +52,10 @@ async def _stream(master: Master, prompt: list[int]) -> tuple[list[int], float, 
 
 
 async def hops_profile(opts: BenchOptions, profile: str) -> dict:
-    from .bench import PROFILES, _shaped_group
+    from .bench import PROFILES, shaped_group
 
     mbps, rtt = PROFILES[profile]
-    async with _shaped_group(opts, profile) as master:
+    async with shaped_group(opts, profile) as master:
         engine, group = master.engine, master.group
         hops = [h.describe() for h in group.hops]
         prompt = [1000 + 7 * i for i in range(PROMPT_TOKENS)]
