@@ -20,9 +20,9 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QFont, QGuiApplication
 from PySide6.QtWidgets import QDialogButtonBox
 
-from app.desktop.chat import (
+from app.desktop.chat import ChatWindow
+from app.desktop.chat_text import (
     ChatTarget,
-    ChatWindow,
     Chunk,
     HealthView,
     TokenMeter,

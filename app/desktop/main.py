@@ -200,7 +200,7 @@ class Desktop(QObject):
         return d
 
     def chat_target(self):  # noqa: ANN201 - ChatTarget | None
-        from .chat import ChatTarget
+        from .chat_text import ChatTarget
 
         remote = self.c.settings.chat_master.strip()
         if remote:
