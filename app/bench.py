@@ -347,15 +347,14 @@ async def run_bench(opts: BenchOptions) -> int:
 
         res = await single_request(opts)
         (opts.out / "single.json").write_text(json.dumps(res, indent=2))
-        hf, ours = res["transformers"], res["molink"]
-        print(
-            f"decode tokens/s, one request: molink {ours['stages']} stages {ours['decode_tokens_per_s']:.1f}, "
-            f"transformers one process {hf['decode_tokens_per_s']:.1f} (ratio {res['decode_ratio']:.2f})"
-        )
-        print(
-            f"time to first token, {res['long_prompt_tokens']}-token prompt: molink {ours['ttft_long_s']:.2f} s, "
-            f"transformers {hf['ttft_long_s']:.2f} s"
-        )
+        for r in res["runs"]:
+            hf, ours = r["transformers"], r["molink"]
+            print(
+                f"threads per process {r['threads']}: decode tokens/s, one request: molink {ours['stages']} stages "
+                f"{ours['decode_tokens_per_s']:.1f}, transformers one process {hf['decode_tokens_per_s']:.1f} "
+                f"(ratio {r['decode_ratio']:.2f}); first token of a {res['long_prompt_tokens']}-token prompt: "
+                f"{ours['ttft_long_s']:.2f} s vs {hf['ttft_long_s']:.2f} s ({r['ttft_ratio']:.2f}x)"
+            )
         return 0
     if opts.simulate:
         workload = make_workload(opts.requests, opts.rate, opts.seed)

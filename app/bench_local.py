@@ -105,7 +105,20 @@ async def concurrent_clients(opts: BenchOptions, clients: int, new_tokens: int =
 
 async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: int = 500) -> dict:
     """One request at a time: decode tokens/s and TTFT of a ``long_prompt``-token prompt, for
-    the 3-stage pipeline (unshaped local tunnels) and single-process transformers, same run."""
+    the 3-stage pipeline (unshaped local tunnels) and single-process transformers, side by side
+    in one run at two thread settings: torch's default in every process, and one thread per
+    process (the issue's comparison: on a 2-core machine three stages with default threads
+    contend for the cores)."""
+    rng = random.Random(opts.seed)
+    short = [rng.randrange(1000, 40000) for _ in range(16)]
+    long = [rng.randrange(1000, 40000) for _ in range(long_prompt)]
+    runs = [await _single_run(opts, short, long, new_tokens, threads) for threads in (None, 1)]
+    return {"new_tokens": new_tokens, "long_prompt_tokens": long_prompt, "runs": runs}
+
+
+async def _single_run(
+    opts: BenchOptions, short: list[int], long: list[int], new_tokens: int, threads: int | None
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -114,30 +127,36 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
     from worker_core import model_source
 
     folder = model_source.resolve(opts.model)
-    rng = random.Random(opts.seed)
-    short = [rng.randrange(1000, 40000) for _ in range(16)]
-    long = [rng.randrange(1000, 40000) for _ in range(long_prompt)]
 
     def hf_run() -> dict:
-        # Any: transformers types generate()'s self as a protocol its own auto models do not meet
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        with torch.inference_mode():
-            model.generate(torch.tensor([short]), max_new_tokens=4, do_sample=False)  # warm-up
-            t0 = time.perf_counter()
-            model.generate(torch.tensor([short]), max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            one = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(torch.tensor([short]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            total = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(torch.tensor([long]), max_new_tokens=1, do_sample=False)
-            ttft = time.perf_counter() - t0
-        return {"decode_tokens_per_s": (new_tokens - 1) / (total - one), "ttft_long_s": ttft}
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            # Any: transformers types generate()'s self as a protocol its own auto models do not meet
+            model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            with torch.inference_mode():
+                model.generate(torch.tensor([short]), max_new_tokens=4, do_sample=False)  # warm-up
+                t0 = time.perf_counter()
+                model.generate(torch.tensor([short]), max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                one = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model.generate(
+                    torch.tensor([short]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+                )
+                total = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                model.generate(torch.tensor([long]), max_new_tokens=1, do_sample=False)
+                ttft = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(before)
+        decode = (new_tokens - 1) / (total - one)
+        return {"decode_tokens_per_s": decode, "ttft_long_s": ttft, "threads": threads or before}
 
     hf = await asyncio.to_thread(hf_run)
     master = Master(MasterConfig(model=opts.model, port=0, min_workers=opts.workers))
     await master.start()
-    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)])
+    extra = ("--threads", str(threads)) if threads else ()
+    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)], *extra)
     try:
         while not (master.group.serving and master.engine.profiled):
             if any(p.poll() is not None for p in procs):
@@ -163,9 +182,9 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
         await master.stop()
         await asyncio.to_thread(stop_processes, procs)
     return {
-        "new_tokens": new_tokens,
-        "long_prompt_tokens": long_prompt,
+        "threads": "default" if threads is None else threads,
         "transformers": hf,
         "molink": ours,
         "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+        "ttft_ratio": ours["ttft_long_s"] / hf["ttft_long_s"],
     }
