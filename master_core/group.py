@@ -132,7 +132,6 @@ class Group:
         self.epoch = 0
         self.kv_tokens = 0  # smallest KV budget over the stages, in tokens
         self.hops: list[Hop] = []  # hop i: stage i -> stage i+1 of the current pipeline, direct or relayed
-        self.paired = False  # set in a paired group: direct hops need both stages' pinned certificates
         self.state = GroupState.WAITING
         self.problem: str | None = f"waiting for {config.min_workers} worker(s)"
         self._serving = asyncio.Event()  # set exactly while SERVING
@@ -160,6 +159,12 @@ class Group:
             self._serving.set()
         else:
             self._serving.clear()
+
+    @property
+    def paired(self) -> bool:
+        """A paired group (its members get their weights from us): direct hops need both stages'
+        pinned certificates."""
+        return self.weights is not None
 
     @property
     def serving(self) -> bool:

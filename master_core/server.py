@@ -192,7 +192,6 @@ class Master:
         self.invitations = Invitations()
         hub = model_source.hub_ref(cfg.model, folder)
         self.group.weights = await asyncio.to_thread(WeightSource, folder, data_dir / "hashes.json", hub)
-        self.group.paired = True
         self.group_port = GroupPort(identity, self.members, self.invitations, self._accept_tunnel)
         await self.group_port.start(cfg.group_host, cfg.group_port)
         self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)

@@ -4,7 +4,8 @@
 on a free port and N worker tasks (``worker_core.worker.serve``) that dial it over real
 WebSockets, waits (bounded) until the pipeline serves, and stops everything on exit.
 ``run(coro)`` runs a coroutine with an overall time bound; ``paired_config`` is the
-configuration of a paired group's master on loopback; ``greedy`` the sampling of a
+configuration of a paired group's master on loopback, ``join_member`` pairs a member with it
+and gives its worker's configuration; ``greedy`` the sampling of a
 comparison with transformers.
 """
 
@@ -85,6 +86,27 @@ def paired_config(folder: Path | str, data_dir: Path, group_port: int = 0, **kw:
         data_dir=str(data_dir),
         group_host="127.0.0.1",
         group_port=group_port,
+        **kw,
+    )
+
+
+async def join_member(master: Master, folder: Path, name: str, **kw: Any) -> WorkerConfig:
+    """Pair ``name`` (its identity kept in ``folder / name``) with ``master``'s group and return
+    the configuration of its worker, as ``molink worker`` builds it after ``molink join``: the
+    tunnel pinned to the master, this identity for direct hops (listening on loopback)."""
+    from worker_core.identity import client_context, load_or_create
+    from worker_core.pairing import join
+
+    port = master.group_port.port
+    ident = load_or_create(folder / name / "identity", name)
+    joined = await join("127.0.0.1", port, master.new_code(), name, ident.cert_pem)
+    return WorkerConfig(
+        master=f"127.0.0.1:{port}",
+        device="cpu",
+        tls=client_context(ident, joined.master_cert),
+        identity=ident,
+        hop_bind="127.0.0.1",
+        weights_dir=folder / name / "weights",
         **kw,
     )
 

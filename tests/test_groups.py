@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import paired_config, run
+from harness import join_member, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.invitations import MAX_FAILURES, TTL, Invitations, InvitationState
@@ -276,20 +276,11 @@ def test_member_joining_mid_generation_waits_for_the_requests_then_gets_its_weig
     async def main():
         master = Master(paired_config(ckpt, tmp_path / "m", min_workers=1))
         await master.start()
-        port = master.group_port.port
         tasks = []
         try:
 
             async def member(name: str) -> None:
-                ident = load_or_create(tmp_path / name / "identity", name)
-                joined = await join("127.0.0.1", port, master.new_code(), name, ident.cert_pem)
-                cfg = WorkerConfig(
-                    master=f"127.0.0.1:{port}",
-                    device="cpu",
-                    tls=client_context(ident, joined.master_cert),
-                    reconnect=False,
-                    weights_dir=tmp_path / name / "weights",
-                )
+                cfg = await join_member(master, tmp_path, name, reconnect=False)
                 tasks.append(asyncio.create_task(serve(cfg)))
 
             await member("alice")
@@ -333,14 +324,7 @@ def test_a_restarted_paired_master_is_rejoined_by_its_members_on_their_own(ckpt,
     async def main() -> tuple[list[int], list[int], list[str | None]]:
         master = Master(paired_config(ckpt, tmp_path / "m", group_port=port, min_workers=1))
         await master.start()
-        ident = load_or_create(tmp_path / "alice" / "identity", "alice")
-        joined = await join("127.0.0.1", port, master.new_code(), "alice", ident.cert_pem)
-        cfg = WorkerConfig(
-            master=f"127.0.0.1:{port}",
-            device="cpu",
-            tls=client_context(ident, joined.master_cert),
-            weights_dir=tmp_path / "alice" / "weights",
-        )
+        cfg = await join_member(master, tmp_path, "alice")
         worker = asyncio.create_task(serve(cfg))
         again = None
         try:

@@ -8,15 +8,14 @@ import gc
 import aiohttp
 import pytest
 import torch
-from harness import Cluster, greedy, paired_config, run
+from harness import Cluster, greedy, join_member, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.server import Master
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
-from worker_core.identity import client_context, load_or_create
-from worker_core.pairing import join
+from worker_core.identity import load_or_create
 from worker_core.wire import Free, Segment, Step, encode
-from worker_core.worker import WorkerConfig, serve
+from worker_core.worker import serve
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
 NEW = 24
@@ -93,27 +92,40 @@ def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay
     assert any(h.direct for h in hops) == possible and not all(h.direct for h in hops)
 
 
-def test_a_hop_lost_while_serving_falls_back_to_the_relay_without_a_replay(ckpt):
-    prompts = [list(range(30, 40)), list(range(50, 53))]
-    long_want = [reference_greedy(ckpt, p, 96) for p in prompts]
+LONG_PROMPTS = [list(range(30, 40)), list(range(50, 53))]
+
+
+def _break_a_hop_mid_generation(ckpt, breaks) -> tuple[list[list[int]], list, int, int, int]:
+    """3 direct stages; once 20 tokens are out, ``await breaks(hop)`` on one live direct hop, then
+    let both long answers finish: (tokens, hops at the end, epoch changes, workers lost, stale
+    results)."""
 
     async def main():
         async with Cluster(ckpt, workers=3) as c:
             g = c.master.group
-            start = g.epoch
+            start, links = g.epoch, len(g.links)
             assert all(h.direct for h in g.hops)
-            gens = [asyncio.create_task(c.engine.generate(p, greedy(96))) for p in prompts]
+            while not c.engine.profiled:
+                await asyncio.sleep(0.01)
+            gens = [asyncio.create_task(c.engine.generate(p, greedy(96))) for p in LONG_PROMPTS]
             while c.engine.tokens_generated < 20:
                 await asyncio.sleep(0.005)
             assert not any(t.done() for t in gens), "generation ended before the hop could break"
             hops = [o for o in gc.get_objects() if type(o) is NextHop and o.down is None]
             assert len(hops) == 2
-            await hops[0]._ws.close()  # the path between two stages breaks mid-generation
+            await breaks(hops[0])
             got = await asyncio.wait_for(asyncio.gather(*gens), 120)
-            return [r[0] for r in got], list(g.hops), g.epoch - start, c.engine.stale_results
+            return [r[0] for r in got], list(g.hops), g.epoch - start, links - len(g.links), c.engine.stale_results
 
-    got, hops, epoch, stale = run(main())
-    assert got == long_want
+    return run(main())
+
+
+def test_a_hop_lost_while_serving_falls_back_to_the_relay_without_a_replay(ckpt):
+    async def close(hop: NextHop) -> None:  # the path between two stages breaks mid-generation
+        await hop._ws.close()
+
+    got, hops, epoch, _, stale = _break_a_hop_mid_generation(ckpt, close)
+    assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epoch == 0 and stale == 0, "the fallback re-planned or replayed"
     assert sum(not h.direct for h in hops) == 1, [h.describe() for h in hops]
     assert "could not send on directly" in next(h.reason for h in hops if not h.direct)
@@ -123,21 +135,10 @@ def test_paired_members_hop_directly_over_pinned_mutual_tls(ckpt, want, tmp_path
     async def main():
         master = Master(paired_config(ckpt, tmp_path / "m", min_workers=2))
         await master.start()
-        port = master.group_port.port
         tasks = []
         try:
             for name in ("alice", "bob"):
-                ident = load_or_create(tmp_path / name / "identity", name)
-                joined = await join("127.0.0.1", port, master.new_code(), name, ident.cert_pem)
-                cfg = WorkerConfig(
-                    master=f"127.0.0.1:{port}",
-                    device="cpu",
-                    tls=client_context(ident, joined.master_cert),
-                    identity=ident,
-                    hop_bind="127.0.0.1",
-                    reconnect=False,
-                    weights_dir=tmp_path / name / "weights",
-                )
+                cfg = await join_member(master, tmp_path, name, reconnect=False)
                 tasks.append(asyncio.create_task(serve(cfg)))
             await asyncio.wait_for(master.group.wait_serving(), 120)
             hops = list(master.group.hops)
@@ -244,31 +245,15 @@ def test_a_step_lost_on_a_hop_that_died_quietly_is_replayed_relayed_and_no_worke
     import master_core.link
 
     monkeypatch.setattr(master_core.link, "STEP_DEADLINE_FLOOR", 1.5)  # steps here take milliseconds
-    prompts = [list(range(30, 40)), list(range(50, 53))]
-    long_want = [reference_greedy(ckpt, p, 96) for p in prompts]
 
-    async def main():
-        async with Cluster(ckpt, workers=3) as c:
-            g = c.master.group
-            start, links = g.epoch, len(g.links)
-            while not c.engine.profiled:
-                await asyncio.sleep(0.01)
-            gens = [asyncio.create_task(c.engine.generate(p, greedy(96))) for p in prompts]
-            while c.engine.tokens_generated < 20:
-                await asyncio.sleep(0.005)
-            assert not any(t.done() for t in gens), "generation ended before the hop could die"
-            hops = [o for o in gc.get_objects() if type(o) is NextHop and o.down is None]
-            assert len(hops) == 2
+    async def black_hole(hop: NextHop) -> None:  # the path swallows frames; the socket looks fine
+        async def swallow(frame: bytes) -> None:
+            return None
 
-            async def black_hole(frame: bytes) -> None:  # the path swallows frames; the socket looks fine
-                return None
+        hop._ws.send_bytes = swallow  # type: ignore[method-assign]
 
-            hops[0]._ws.send_bytes = black_hole  # type: ignore[method-assign]
-            got = await asyncio.wait_for(asyncio.gather(*gens), 120)
-            return [r[0] for r in got], list(g.hops), g.epoch - start, len(g.links) - links
-
-    got, hops, epochs, links = run(main())
-    assert got == long_want
+    got, hops, epochs, links, _ = _break_a_hop_mid_generation(ckpt, black_hole)
+    assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epochs == 0 and links == 0, "a worker was dropped for a hop's fault"
     relayed = [h for h in hops if not h.direct]
     assert relayed and all("got no answer" in h.reason for h in relayed), [h.describe() for h in hops]

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from .identity import Identity, client_context, der_fingerprint, fingerprint
+from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
 from .shaper import LinkShaper
 from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
 
@@ -87,7 +87,7 @@ class HopListener:
         await self._runner.setup()
         base: ssl.SSLContext | None = None
         if self.identity is not None:
-            base = _server_context(self.identity, None)
+            base = server_context(self.identity, [], required=True)  # refuses all: each handshake switches
             base.sni_callback = self._switch
         site = web.TCPSite(self._runner, host, port, ssl_context=base)
         await site.start()
@@ -113,7 +113,9 @@ class HopListener:
         else:
             fp = fingerprint(cert_pem) if self.identity is not None else ""
             self._accept = _Accept(epoch, token, fp)
-            self._context = _server_context(self.identity, cert_pem) if self.identity is not None else None
+            self._context = (
+                server_context(self.identity, [cert_pem], required=True) if self.identity is not None else None
+            )
         for ws, at in list(self._open.items()):
             if self._accept is None or at != self._accept.epoch:
                 task = asyncio.ensure_future(ws.close(code=CloseCode.NORMAL, message=b"new pipeline"))
@@ -270,16 +272,3 @@ def _say(e: BaseException) -> str:
     if isinstance(e, aiohttp.ClientConnectorCertificateError):
         return "its certificate is not the member's"
     return str(e) or type(e).__name__
-
-
-def _server_context(identity: Identity, cert_pem: str | None) -> ssl.SSLContext:
-    """TLS 1.3 server context presenting ``identity``; requires the client to present exactly
-    ``cert_pem`` (None: a base context that only serves to switch from)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(identity.cert_path, identity.key_path)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    if cert_pem:
-        ctx.load_verify_locations(cadata=cert_pem)
-    return ctx

@@ -134,13 +134,14 @@ def pairing_client_context() -> ssl.SSLContext:
     return ctx
 
 
-def server_context(identity: Identity, member_pems: list[str]) -> ssl.SSLContext:
+def server_context(identity: Identity, member_pems: list[str], required: bool = False) -> ssl.SSLContext:
+    """TLS 1.3 server presenting ``identity``, accepting a client certificate only if it is one of
+    ``member_pems``.  ``required`` False (the group port): a client may send none, and may then
+    only pair (enforced per request by the server); True (a direct hop): it must send one."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(identity.cert_path, identity.key_path)
-    # OPTIONAL: a client certificate, when sent, must be a member's or the handshake fails;
-    # a client that sends none may only pair (enforced per request by the server).
-    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if member_pems:
         ctx.load_verify_locations(cadata="".join(member_pems))
