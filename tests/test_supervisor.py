@@ -91,6 +91,26 @@ def test_a_crash_is_reported_with_its_last_lines_and_restarted_with_backoff(qtbo
     assert len(crashes) == n
 
 
+def test_a_crash_handler_sees_the_restart_pending_and_can_cancel_it(qtbot, tmp_path, monkeypatch):
+    # the tray stops a worker that died while leaving from inside `crashed`: no restart may follow
+    monkeypatch.setattr(sup, "BACKOFF_FIRST", 0.2)
+    s = child(tmp_path, CRASHER, restart=True)
+    seen, stops, crashes = [], [], []
+    s.stopped.connect(stops.append)
+
+    def on_crash(code, lines):
+        crashes.append(code)
+        seen.append((s.state, s.running()))
+        s.stop()
+
+    s.crashed.connect(on_crash)
+    s.start()
+    qtbot.waitUntil(lambda: bool(stops), timeout=10000)
+    assert seen == [(ChildState.WAITING, False)] and stops == [0]
+    qtbot.wait(600)  # three backoffs: a restart would have crashed again by now
+    assert crashes == [3] and s.state is ChildState.IDLE
+
+
 def test_a_program_that_cannot_start_is_a_crash(qtbot, tmp_path):
     s = Supervisor("missing", [str(tmp_path / "no-such-program")], tmp_path / "m.log", restart=False)
     with qtbot.waitSignal(s.crashed, timeout=10000):

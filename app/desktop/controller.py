@@ -322,8 +322,9 @@ class Controller(QObject):
             self._set(Sharing.PROBLEM)
         elif self.sharing in (Sharing.FINISHING, Sharing.STOPPING):  # it died while leaving: it has left
             if self.worker is not None:
-                self.worker.stop()  # no restart
-            self._land(self._after_stop)
+                self.worker.stop()  # cancels the scheduled restart; its `stopped` may land the state first
+            if self.sharing in (Sharing.FINISHING, Sharing.STOPPING):
+                self._land(self._after_stop)
             self._maybe_quit()
             return
         self.notify.emit("MoLink: the worker stopped", self.problem)

@@ -324,11 +324,7 @@ def run_app(app: QApplication, paths: Paths, instance, link: str | None, backgro
     from .settings import load
 
     settings: Settings = load(paths)
-    controller = Controller(paths, settings)
-    if getattr(sys, "frozen", False):  # the installed app: engine children run from the per-user runtime
-        from .runtime_dialog import ensure_runtime
-
-        controller.engine_ready = lambda: ensure_runtime(None)
+    controller = Controller(paths, settings)  # frozen: engine children run from the per-user runtime
     secrets = SecretStore(paths.config_dir)
     autostart = for_this_os([*_app_command(), "--background"])
     desk = Desktop(controller, secrets, autostart)

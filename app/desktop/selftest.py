@@ -64,8 +64,7 @@ def run(model: str = "default", root: Path | None = None, out=None) -> int:  # n
         for line in controller.snapshot().last_log[-5:]:
             say(f"  {line}")
         result["code"] = 1
-        # on the next turn of the loop: called from a child's `crashed` signal, the child still counts as
-        # running until its handlers return, and quitting now would wait out QUIT_DEADLINE_MS for it
+        # on the next turn of the loop, not from inside the child's `crashed` handler that called us
         QTimer.singleShot(0, desk.quit)
 
     say("menu:")

@@ -70,6 +70,14 @@ class ChildState(Enum):
     WAITING = "waiting"  # crashed; a restart is scheduled
 
 
+_ALLOWED: dict[ChildState, frozenset[ChildState]] = {
+    ChildState.IDLE: frozenset({ChildState.RUNNING}),
+    ChildState.RUNNING: frozenset({ChildState.STOPPING, ChildState.WAITING, ChildState.IDLE}),
+    ChildState.STOPPING: frozenset({ChildState.IDLE}),
+    ChildState.WAITING: frozenset({ChildState.RUNNING, ChildState.IDLE}),
+}
+
+
 class Supervisor(QObject):
     engine_event = Signal(dict)  # one parsed @molink event line
     crashed = Signal(int, list)  # exit code, last lines
@@ -99,6 +107,12 @@ class Supervisor(QObject):
         self._restart_timer.timeout.connect(self._start_process)
         self._log_file = None
 
+    def _move(self, to: ChildState) -> None:
+        """The only place the state changes; a move ``_ALLOWED`` does not list is a bug."""
+        if to not in _ALLOWED[self.state]:
+            raise RuntimeError(f"{self.name}: supervisor cannot go from {self.state.value} to {to.value}")
+        self.state = to
+
     # ------------------------------------------------------------------ control
     def start(self) -> None:
         if self.state in (ChildState.RUNNING, ChildState.STOPPING):
@@ -124,12 +138,12 @@ class Supervisor(QObject):
         after ``grace`` seconds.  A scheduled restart is cancelled."""
         self._restart_timer.stop()
         if self.state is ChildState.WAITING:
-            self.state = ChildState.IDLE
+            self._move(ChildState.IDLE)
             self.stopped.emit(0)
             return
         if self._proc is None or self.state is not ChildState.RUNNING:
             return
-        self.state = ChildState.STOPPING
+        self._move(ChildState.STOPPING)
         self.send(cmd)
         if cmd == "stop":
             self._proc.closeWriteChannel()  # EOF: stop even if the line was not read
@@ -163,7 +177,7 @@ class Supervisor(QObject):
         proc.finished.connect(self._finished)
         proc.errorOccurred.connect(self._error)
         self._proc = proc
-        self.state = ChildState.RUNNING
+        self._move(ChildState.RUNNING)
         self._started_at = time.monotonic()
         self._write_log(f"--- starting {self.name}: {' '.join(self.argv[1:])}")
         proc.start(self.argv[0], self.argv[1:])
@@ -209,18 +223,19 @@ class Supervisor(QObject):
         asked = self.state is ChildState.STOPPING
         self._write_log(f"--- {self.name} exited with code {code}")
         if asked:
-            self.state = ChildState.IDLE
+            self._move(ChildState.IDLE)
             self.stopped.emit(int(code))
             return
         if time.monotonic() - self._started_at > STABLE_AFTER:
             self._backoff = BACKOFF_FIRST
-        self.crashed.emit(int(code), self.last_lines())
+        # the state is settled before anyone hears of the crash: a handler sees WAITING or IDLE
         if self.restart:
-            self.state = ChildState.WAITING
+            self._move(ChildState.WAITING)
             self._restart_timer.start(int(self._backoff * 1000))
             self._backoff = min(BACKOFF_MAX, self._backoff * 2)
         else:
-            self.state = ChildState.IDLE
+            self._move(ChildState.IDLE)
+        self.crashed.emit(int(code), self.last_lines())
 
     def _hard_stop(self) -> None:
         if self._proc is not None and self._proc.state() != QProcess.ProcessState.NotRunning:
