@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
 from master_core.config import MasterConfig
 
+from .bench_chain import chain_decode
 from .procs import start_local_workers, stop_processes
 
 if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
@@ -108,7 +110,9 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
     the 3-stage pipeline (unshaped local tunnels) and single-process transformers, side by side
     in one run at two thread settings: torch's default in every process, and one thread per
     process (the issue's comparison: on a 2-core machine three stages with default threads
-    contend for the cores)."""
+    contend for the cores).  Each setting also decodes through the same layer ranges as bare
+    processes in a pipe chain (:mod:`app.bench_chain`): the floor of any multi-process pipeline
+    on this machine, so the gap splits into what the cut costs and what the serving costs."""
     rng = random.Random(opts.seed)
     short = [rng.randrange(1000, 40000) for _ in range(16)]
     long = [rng.randrange(1000, 40000) for _ in range(long_prompt)]
@@ -168,23 +172,31 @@ async def _single_run(
         times = []
         while not isinstance(await req.events.get(), FinishEvent):
             times.append(time.perf_counter())
+        stages = master.group.stages
+        computes = [round(1000 * statistics.median(list(s.compute_seconds)[-48:]), 2) for s in stages]
         t0 = time.perf_counter()
         req = master.engine.submit(long, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         while not isinstance(await req.events.get(), FinishEvent):
             pass
         ttft = time.perf_counter() - t0
+        cuts = [(s.assignment.layer_start, s.assignment.layer_end) for s in stages if s.assignment is not None]
         ours = {
             "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]),
             "ttft_long_s": ttft,
-            "stages": len(master.group.stages),
+            "stages": len(stages),
+            "layers": cuts,
+            "stage_compute_ms": computes,  # per decode step, as the workers measured
         }
     finally:
         await master.stop()
         await asyncio.to_thread(stop_processes, procs)
+    chain = await asyncio.to_thread(chain_decode, folder, cuts, threads or 0, short, new_tokens)
     return {
         "threads": "default" if threads is None else threads,
         "transformers": hf,
         "molink": ours,
+        "process_chain": chain,
         "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+        "chain_decode_ratio": chain["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
         "ttft_ratio": ours["ttft_long_s"] / hf["ttft_long_s"],
     }
