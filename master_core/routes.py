@@ -6,7 +6,8 @@ Contract
 answered ``Ready``, and returns one :class:`Hop` per hop (stage i -> stage i+1): direct, or
 relayed through the master with the reason.  A hop is tried when stage i+1 announced a hop
 listener (``Hello.hop_port``) and, in a paired group, both stages' pinned certificates are
-known.  Its address (:func:`hop_address`): the host stage i+1 announced; else, when both
+known; stage i answers whether it dials at all (a worker may only dial: no inbound port, so no
+firewall prompt on Windows; or have direct hops off).  Its address (:func:`hop_address`): the host stage i+1 announced; else, when both
 stages' tunnels come from one address (one home behind one NAT), the LAN address stage i+1's
 tunnel leaves from; else the address the master sees its tunnel come from.
 
@@ -68,10 +69,8 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
     why_not: list[str] = []
     for i in range(n - 1):
         a, b = stages[i], stages[i + 1]
-        if not a.hello.hop_port:
-            why_not.append(f"{a.name} has direct hops off")
-        elif not addresses[i + 1]:
-            why_not.append(f"{b.name} has direct hops off")
+        if not addresses[i + 1]:
+            why_not.append(f"{b.name} takes no inbound hops (direct hops off, or it only dials)")
         elif paired and not (a.cert and b.cert):
             why_not.append("no pinned certificate for one of the two")
         else:
@@ -95,6 +94,6 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
             routed = await stages[i].route(route, ROUTE_TIMEOUT)
         except asyncio.TimeoutError:
             return Hop(False, reason=f"{stages[i].name} did not answer the route in {ROUTE_TIMEOUT:.0f} s")
-        return Hop(True, routed.connect_ms) if routed.direct else Hop(False, reason=routed.reason)
+        return Hop(True, routed.connect_ms) if routed.direct else Hop(False, reason=f"{stages[i].name}: {routed.reason}")
 
     return list(await asyncio.gather(*(dial(i) for i in range(n - 1))))

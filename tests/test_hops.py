@@ -81,8 +81,10 @@ def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay
     assert len(hops) == 3
     for i, hop in enumerate(hops):
         a, b = names[i], names[i + 1]
-        if a == "w3" or b == "w3":
-            assert not hop.direct and "w3 has direct hops off" in hop.reason
+        if b == "w3":
+            assert not hop.direct and "w3 takes no inbound hops" in hop.reason, hop.reason
+        elif a == "w3":
+            assert not hop.direct and "w3: direct hops are off" in hop.reason, hop.reason
         elif b == "w2":  # measured at plan time: the dial to 127.0.0.2 finds nobody
             assert not hop.direct and "127.0.0.2" in hop.reason, hop.reason
         else:
@@ -90,6 +92,26 @@ def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay
     # the placement decides the order; whenever it leaves a pair of ordinary stages side by side, that hop is direct
     possible = any(names[i] != "w3" and names[i + 1] not in ("w2", "w3") for i in range(3))
     assert any(h.direct for h in hops) == possible and not all(h.direct for h in hops)
+
+
+def test_a_worker_that_only_dials_hops_onward_directly_and_is_fed_through_the_relay(ckpt, want):
+    # w2 opens no port (the Windows app's worker: no firewall prompt) but still dials its next stage
+    options = [{}, {}, {"hop_listen": False}]
+
+    async def main():
+        async with Cluster(ckpt, workers=3, worker_options=options) as c:
+            g = c.master.group
+            w2 = next(s for s in g.stages if s.name == "w2")
+            names, hops = [s.name for s in g.stages], list(g.hops)
+            got = await asyncio.gather(*(c.engine.generate(p, greedy(NEW)) for p in PROMPTS))
+            return w2.hello.hop_port, names, hops, [r[0] for r in got]
+
+    port, names, hops, got = run(main())
+    assert got == want and port == 0
+    # equal workers: the placement keeps w0 and w1 at the ends, so w2 both takes a hop and dials one
+    assert names[1] == "w2", f"the test needs w2 in the middle; the placement chose {names}"
+    assert not hops[0].direct and "w2 takes no inbound hops" in hops[0].reason, hops[0].reason
+    assert hops[1].direct, hops[1].reason
 
 
 LONG_PROMPTS = [list(range(30, 40)), list(range(50, 53))]

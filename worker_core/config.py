@@ -35,6 +35,9 @@ class WorkerConfig:
     # direct hops (worker_core.hops): listen for the previous stage and dial the next one where the
     # master finds it reachable; off: every activation goes through the master
     direct: bool = True
+    # with direct hops, also listen (False: dial the next stage only, no inbound port: no firewall
+    # prompt on Windows; the hop into this stage is relayed)
+    hop_listen: bool = True
     hop_bind: str = ""  # address the hop listener binds ("": 0.0.0.0 in a paired group, else 127.0.0.1)
     hop_port: int | None = None  # its port (None: HOP_PORT in a paired group, else any free one; 0: any)
     hop_host: str = ""  # host the other stages should dial ("": the address the master sees)

@@ -22,7 +22,8 @@ The loaded shard is kept across reconnects when the next assignment
 is the same model and range (its KV caches are dropped: the master replays).
 
 Direct hops (``config.direct``, see :mod:`worker_core.hops`): the worker listens for the previous
-stage and announces the port in its ``Hello``; a ``Route`` from the master says who may dial in
+stage and announces the port in its ``Hello`` (unless ``config.hop_listen`` is off: then it only
+dials, and announces no port); a ``Route`` from the master says who may dial in
 and where the next stage listens; the worker dials it (bounded) and answers ``Routed``.  A
 ``Step`` marked ``forward`` is then sent on to the next stage instead of back to the master (its
 ``Result`` goes to the master when the hop is down: the master relays it).  Steps arriving over
@@ -98,9 +99,10 @@ MAX_QUEUED_FRAMES = 256
 class _Run:
     """What outlives one tunnel: events, work counters, the live session, the leave."""
 
-    def __init__(self, events: Events, hops: HopListener | None = None) -> None:
+    def __init__(self, events: Events, hops: HopListener | None = None, dials: bool = False) -> None:
         self.events = events
-        self.hops = hops  # the hop listener (direct hops on), kept across tunnels
+        self.hops = hops  # the hop listener (direct hops on and listening), kept across tunnels
+        self.dials = dials  # direct hops on: dial the next stage when the master routes one
         self.steps = 0  # steps this process computed
         self.tokens = 0  # rows (tokens) of those steps
         self.session: _Session | None = None  # the tunnel that is up (Hello sent), if any
@@ -294,9 +296,10 @@ class _Session:
         bounded); the answer says whether that hop is direct."""
         hops = self.run.hops
         await self.close_hop()
-        if hops is None:
+        if hops is not None:
+            hops.accept(msg.epoch, msg.accept_token, msg.accept_cert)
+        if not self.run.dials:
             return Routed(msg.epoch, False, reason="direct hops are off on this worker")
-        hops.accept(msg.epoch, msg.accept_token, msg.accept_cert)
         if not msg.next_address:
             return Routed(msg.epoch, False, reason="no next hop")
         cfg = self.config
@@ -503,8 +506,9 @@ def _dtype_name(info: devices.DeviceInfo) -> str:
 async def serve(config: WorkerConfig, control: Control | None = None, events: Events | None = None) -> None:
     # paired: hops are mutual TLS with this machine's identity (none known: no hops); plain: loopback tests
     can_hop = config.direct and (config.tls is None or config.identity is not None)
-    hops = HopListener(config.identity if config.tls is not None else None) if can_hop else None
-    run = _Run(events or Events(), hops)
+    listens = can_hop and config.hop_listen
+    hops = HopListener(config.identity if config.tls is not None else None) if listens else None
+    run = _Run(events or Events(), hops, can_hop)
     if config.threads:
         import torch
 
