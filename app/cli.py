@@ -2,10 +2,14 @@
 
 Contract: ``main(argv)`` parses arguments into the process's typed config and runs one
 subcommand; it returns the exit code.  A bad argument or an unusable setting prints one
-line to stderr and exits 2 (no traceback); Ctrl-C or SIGTERM stops cleanly with 0.  Each
-subcommand is one function (``set_defaults(func=...)``) taking the parsed arguments and,
-for supervised processes, the control channel; engine modules are imported only inside the
-subcommand that needs them.  Defaults are not written here: they come from their owners
+line to stderr and exits 2 (no traceback); Ctrl-C or SIGTERM stops cleanly with 0.  This
+module is the parser and its dispatch (``set_defaults(func=...)``); each subcommand is one
+:data:`Command` in :mod:`app.cli_group` (master, group, join, api-key), :mod:`app.cli_worker`
+(worker, probe) or :mod:`app.cli_tools` (bench, eval, loadtest, chaos, demo, selftest),
+taking the parsed arguments and, for supervised processes, the control channel, and
+returning its exit code or the coroutine function (:data:`Run`) that :func:`main` runs until
+it ends, Ctrl-C or SIGTERM; engine modules are imported only inside the subcommand that
+needs them.  Defaults are not written here: they come from their owners
 (:class:`~master_core.config.MasterConfig`, :class:`~worker_core.config.WorkerConfig`,
 :class:`~app.demo.DemoOptions`, :class:`~app.bench.BenchOptions`).
 
@@ -20,18 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from master_core.config import MasterConfig
 from worker_core.config import WorkerConfig
 
+from . import cli_group, cli_tools, cli_worker
 from .bench import BenchOptions
 from .chaos import ChaosOptions
 from .demo import DemoOptions
@@ -51,7 +54,8 @@ class Supervision:
     events: Events | None = None
 
 
-Command = Callable[[argparse.Namespace, Supervision], int]
+Run = Callable[[], Awaitable[int | None]]  # a subcommand's coroutine function: its result is the exit code
+Command = Callable[[argparse.Namespace, Supervision], "int | Run"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,11 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--allow-host", action="append", default=[], help="extra Host name the API and dashboard answer to")
     m.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
-    m.set_defaults(func=_master)
+    m.set_defaults(func=cli_group.master)
 
     k = sub.add_parser("api-key", help="print the stored API key, or make a new one with --new")
     k.add_argument("--new", action="store_true", help="create and store a new key")
-    k.set_defaults(func=_api_key)
+    k.set_defaults(func=cli_group.api_key)
 
     g = sub.add_parser("group", help="a paired group: create it, hand out pairing codes, list or remove members")
     gsub = g.add_subparsers(dest="group_command", required=True)
@@ -100,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--name", default=MasterConfig.group_name, help="group name shown to joiners (default: host name)")
     gc.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     gc.add_argument("--data-dir", default=None, help="folder for the group's state (default: the user data folder)")
-    gc.set_defaults(func=_group_create)
+    gc.set_defaults(func=cli_group.group_create)
     for parser in (m, gc):  # what both kinds of master take
         parser.add_argument(
             "--min-workers",
@@ -123,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
             "with 503 and Retry-After (default %(default)s)",
         )
     for verb, text, func in (
-        ("code", "print a fresh pairing code", _group_code),
-        ("members", "list the group's members", _group_members),
+        ("code", "print a fresh pairing code", cli_group.group_code),
+        ("members", "list the group's members", cli_group.group_members),
     ):
         v = gsub.add_parser(verb, help=text)
         v.add_argument("--data-dir", default=None, help="the group's folder (default: the user data folder)")
@@ -132,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     gr = gsub.add_parser("remove", help="revoke a member at once")
     gr.add_argument("member", help="member name, as `molink group members` shows it")
     gr.add_argument("--data-dir", default=None, help="the group's folder")
-    gr.set_defaults(func=_group_remove, quiet=True)
+    gr.set_defaults(func=cli_group.group_remove, quiet=True)
 
     j = sub.add_parser("join", help="pair this machine with a group using the code its owner read to you")
     j.add_argument("code", help="the pairing code, e.g. 47-8203-1956")
@@ -143,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for this machine's identity and membership (default: the user data folder)",
     )
     j.add_argument("--name", default=None, help="name to show the group (default: host name)")
-    j.set_defaults(func=_join, quiet=True)
+    j.set_defaults(func=cli_group.join, quiet=True)
 
     w = sub.add_parser("worker", help="serve the layers the master assigns, over a tunnel dialled out to it")
     w.add_argument(
@@ -184,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
         help="host or address the other stages should dial for direct hops (default: what the master sees)",
     )
     w.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
-    w.set_defaults(func=_worker)
+    w.set_defaults(func=cli_worker.worker)
 
     a = sub.add_parser("app", help="the MoLink desktop app: a tray icon that shares this PC's GPU and hosts groups")
     a.add_argument("--selftest", action="store_true", help="start, check the app's parts and exit (0: all good)")
@@ -205,13 +209,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--max-tokens", type=int, default=DemoOptions.max_tokens, help="answer length limit (default %(default)s)"
     )
-    d.set_defaults(func=_demo, quiet=True)
+    d.set_defaults(func=cli_tools.demo, quiet=True)
 
     st = sub.add_parser(
         "selftest", help="split the default model over 2 local workers, check 8 greedy tokens against one process"
     )
     st.add_argument("--device", default=WorkerConfig.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
-    st.set_defaults(func=_selftest)
+    st.set_defaults(func=cli_tools.selftest)
 
     pr = sub.add_parser(
         "probe", help="show what this machine can offer: GPUs, memory, CPU, measured speed, link to a master"
@@ -224,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a joined machine's folder: measure the link to its group's master (RTT, bandwidth)",
     )
     pr.add_argument("--json", action="store_true", help="print JSON")
-    pr.set_defaults(func=_probe)
+    pr.set_defaults(func=cli_worker.probe)
 
     b = sub.add_parser(
         "bench", help="compare scheduling policies on emulated links (or --simulate a 70B model on GPUs)"
@@ -258,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--seed", type=int, default=BenchOptions.seed)
     b.add_argument("--out", default=str(BenchOptions().out), help="folder for bench.json and the plots")
-    b.set_defaults(func=_bench, quiet=True)
+    b.set_defaults(func=cli_tools.bench, quiet=True)
 
     ev = sub.add_parser(
         "eval", help="quality per precision through 3 local stages: perplexity, greedy agreement, memory, speed"
@@ -270,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=EvalOptions.workers, help="local stages (default %(default)s)")
     ev.add_argument("--quick", action="store_true", help="8 prompts x 16 tokens and 2,048 text tokens")
     ev.add_argument("--out", default=str(EvalOptions().out), help="JSON file of the results (default %(default)s)")
-    ev.set_defaults(func=_eval, quiet=True)
+    ev.set_defaults(func=cli_tools.evaluate, quiet=True)
 
     ch = sub.add_parser("chaos", help="fault tolerance, measured: a local group under worker kills, freezes, link cuts")
     ch.add_argument("--model", default=ChaosOptions.model, help="checkpoint folder, hub id, or 'default'")
@@ -293,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--out", default=str(ChaosOptions.out), help="JSON report (default %(default)s)")
     ch.add_argument("--log-dir", default=None, help="keep the children's logs here (default: a temporary folder)")
     ch.add_argument("--check", action="store_true", help="exit 1 unless every stream matches the fault-free run")
-    ch.set_defaults(func=_chaos, quiet=True)
+    ch.set_defaults(func=cli_tools.chaos, quiet=True)
 
     lt = sub.add_parser(
         "loadtest", help="the master alone under many concurrent streams (fake stages), or placement timing"
@@ -304,11 +308,11 @@ def _parser() -> argparse.ArgumentParser:
     lt.add_argument("--model", default="default", help="the master's model: tokenizer and dimensions only")
     lt.add_argument("--placement", action="store_true", help="time placement of 8, 16, 32 and 64 members instead")
     lt.add_argument("--out", default=None, help="also write the results to this JSON file")
-    lt.set_defaults(func=_loadtest, quiet=True)
+    lt.set_defaults(func=cli_tools.loadtest, quiet=True)
     return p
 
 
-def _run(coro_fn: Callable[[], Awaitable[int | None]], events: Events | None = None) -> int:
+def _run(coro_fn: Run, events: Events | None = None) -> int:
     """Run a coroutine until it ends, Ctrl-C, or SIGTERM; return its exit code.  A failure
     the user should see is also an ``error`` event when supervised."""
 
@@ -335,12 +339,6 @@ def _run(coro_fn: Callable[[], Awaitable[int | None]], events: Events | None = N
         return 0
 
 
-def _config_dir() -> Path:
-    import platformdirs
-
-    return platformdirs.user_config_path("molink")
-
-
 def _supervise(args: argparse.Namespace) -> Supervision:
     """Supervised: the control channel on stdin, events on the real stdout, and every other
     write to stdout sent to stderr (stdout then carries events only)."""
@@ -351,306 +349,6 @@ def _supervise(args: argparse.Namespace) -> Supervision:
     events = Events(sys.stdout)
     sys.stdout = sys.stderr
     return Supervision(Control(), events)
-
-
-# --------------------------------------------------------------------------- subcommands
-
-
-def _master(args: argparse.Namespace, sup: Supervision) -> int:
-    from master_core.config import is_loopback
-    from master_core.secrets_store import load_api_key
-    from master_core.server import run_master
-
-    key = args.api_key or (None if is_loopback(args.host) else load_api_key(_config_dir()))
-    cfg = MasterConfig(
-        model=args.model,
-        host=args.host,
-        port=args.port,
-        min_workers=args.min_workers,
-        capacity_wait=args.capacity_wait,
-        quantize=args.quantize,
-        api_key=key,
-        allowed_hosts=tuple(args.allow_host),
-    )
-    cfg.validate()
-    return _run(lambda: run_master(cfg, control=sup.control, events=sup.events), sup.events)
-
-
-def _group_create(args: argparse.Namespace, sup: Supervision) -> int:
-    from . import group
-
-    cfg = MasterConfig(
-        model=args.model,
-        port=args.api_port,
-        min_workers=args.min_workers,
-        capacity_wait=args.capacity_wait,
-        quantize=args.quantize,
-        data_dir=str(group.data_dir(args.data_dir)),
-        group_host=args.host,
-        group_port=args.port,
-        group_name=args.name,
-    )
-    cfg.validate()
-    return _run(lambda: group.create(cfg, sup.control, sup.events), sup.events)
-
-
-def _admin(args: argparse.Namespace, show: Callable[[Path], None]) -> int:
-    """Run one admin call against the group master of ``--data-dir``; its failure is one line."""
-    from . import group
-
-    try:
-        show(group.data_dir(args.data_dir))
-    except group.GroupCommandError as e:
-        print(f"molink: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _group_code(args: argparse.Namespace, sup: Supervision) -> int:
-    from . import group
-
-    def show(folder: Path) -> None:
-        answer = group.admin(folder, "POST", "/admin/code")
-        print(f"Pairing code: {answer['code']}")
-        print(f"  (single use, valid {int(answer['expires_in']) // 60} minutes)")
-
-    return _admin(args, show)
-
-
-def _group_members(args: argparse.Namespace, sup: Supervision) -> int:
-    from . import group
-
-    def show(folder: Path) -> None:
-        info = group.admin(folder, "GET", "/admin/members")
-        print(f"group {info['group']!r}: {len(info['members'])} member(s)")
-        for m in info["members"]:
-            online = "connected" if m["connected"] else "offline"
-            print(f"  {m['name']:<24} {online:<10} certificate {m['fingerprint'][:16]}")
-            if m.get("worker"):
-                print(f"    {group.describe_worker(m['worker'])}")
-
-    return _admin(args, show)
-
-
-def _group_remove(args: argparse.Namespace, sup: Supervision) -> int:
-    from . import group
-
-    def show(folder: Path) -> None:
-        group.admin(folder, "DELETE", f"/admin/members/{args.member}")
-        print(f"removed {args.member}: its certificate is no longer accepted")
-
-    return _admin(args, show)
-
-
-def _join(args: argparse.Namespace, sup: Supervision) -> int:
-    from . import group
-
-    async def joining() -> int:
-        try:
-            print(await group.join(args.code, args.master, group.data_dir(args.data_dir), args.name))
-            return 0
-        except group.GroupCommandError as e:
-            print(f"molink: cannot join: {e}", file=sys.stderr)
-            return 1
-
-    return _run(joining)
-
-
-def _worker(args: argparse.Namespace, sup: Supervision) -> int:
-    from worker_core import device
-    from worker_core.worker import serve
-
-    device.pick(args.device)  # fail fast on a device that does not exist
-    tls, identity, master, folder, name = None, None, args.master, None, args.name
-    if master is None:
-        from worker_core.identity import client_context, load_or_create
-        from worker_core.pairing import JoinedGroup, PairingError
-
-        from .group import data_dir
-
-        folder = data_dir(args.data_dir)
-        try:
-            joined = JoinedGroup.load(folder)
-        except PairingError as e:
-            raise ValueError(str(e)) from None
-        identity = load_or_create(folder / "identity", joined.name)
-        tls = client_context(identity, joined.master_cert)
-        master = joined.master_address
-        name = name or joined.name
-    wcfg = WorkerConfig(
-        master=master,
-        tls=tls,
-        identity=identity,
-        direct=args.direct,
-        hop_port=args.hop_port,
-        hop_host=args.hop_host,
-        weights_dir=folder / "weights" if folder else None,
-        device=args.device,
-        link_delay_ms=args.link_delay_ms,
-        link_mbps=args.link_mbps,
-        threads=args.threads,
-        memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
-    )
-    if name:
-        wcfg = dataclasses.replace(wcfg, name=name)
-    return _run(lambda: serve(wcfg, sup.control, sup.events), sup.events)
-
-
-def _api_key(args: argparse.Namespace, sup: Supervision) -> int:
-    from master_core.secrets_store import create_api_key, load_api_key
-
-    if args.new:
-        key, where = create_api_key(_config_dir())
-        print(f"{key}\n(stored in {where})")
-        return 0
-    key = load_api_key(_config_dir())
-    if key is None:
-        print("molink: no API key stored; make one with `molink api-key --new`", file=sys.stderr)
-        return 1
-    print(key)
-    return 0
-
-
-def _probe(args: argparse.Namespace, sup: Supervision) -> int:
-    import json
-
-    from worker_core.probe import probe
-
-    group_dir = None
-    if args.master is None:
-        from worker_core.pairing import MEMBERSHIP_FILE
-
-        from .group import data_dir
-
-        candidate = data_dir(args.data_dir)
-        group_dir = candidate if (candidate / MEMBERSHIP_FILE).exists() else None
-    pr = probe(args.device, args.master, group_dir)
-    if args.json:
-        print(json.dumps(pr.as_dict(), indent=2))
-        return 0
-    gib = 2**30
-    for g in pr.gpus:
-        print(
-            f"GPU {g.index}: {g.name}, {g.free_memory / gib:.1f} of {g.total_memory / gib:.1f} GiB free, "
-            f"compute {g.compute_capability}, driver {g.driver}"
-        )
-    if not pr.gpus:
-        print("GPU: none found (no NVIDIA driver): a worker here computes on the CPU")
-    ram = f"RAM {pr.ram_available / gib:.1f} of {pr.ram_total / gib:.1f} GiB available"
-    print(f"CPU: {pr.cpu}, {pr.cpu_cores} cores; {ram}")
-    print(f"compute: {pr.device} in {pr.dtype}, {pr.matmul_gflops:.1f} GFLOP/s measured (128x2048 @ 2048x2048)")
-    print(_layers_held_line(pr.offered, 4 if pr.dtype == "float32" else 2))
-    if args.master or group_dir:
-        where = args.master or "the group's master"
-        link = f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"
-        if pr.bandwidth_mbps is not None:
-            link += f", {pr.bandwidth_mbps:.0f} Mbit/s download"
-        print(f"link to {where}: {link}")
-    return 0
-
-
-def _layers_held_line(offered: int, itemsize: int) -> str:
-    """What ``offered`` bytes hold of common models at each precision, in the planner's own bytes."""
-    from master_core.placement import layers_held
-    from master_core.simulator import REFERENCE_MODELS
-    from worker_core.precision import Precision
-
-    models = "; ".join(
-        f"{name} {' / '.join(str(layers_held(dims.shape(p, itemsize), offered)) for p in Precision)}"
-        f" of {dims.num_layers}"
-        for name, dims in REFERENCE_MODELS.items()
-    )
-    return f"offers {offered / 2**30:.1f} GiB; layers it would hold at none / int8 / int4: {models}"
-
-
-def _bench(args: argparse.Namespace, sup: Supervision) -> int:
-    from master_core.scheduler import POLICIES
-
-    from .bench import PROFILES, SIMULATED_RATE, SIMULATED_REQUESTS, run_bench
-
-    profiles = tuple(x for x in args.profiles.split(",") if x)
-    policies = tuple(x for x in args.policies.split(",") if x)
-    bad = [x for x in profiles if x not in PROFILES] + [x for x in policies if x not in POLICIES]
-    if bad:
-        raise ValueError(f"unknown profile or policy: {', '.join(bad)}")
-    bopts = BenchOptions(
-        profiles=profiles,
-        policies=policies,
-        requests=args.requests or (SIMULATED_REQUESTS if args.simulate else BenchOptions.requests),
-        rate=args.rate or (SIMULATED_RATE if args.simulate else BenchOptions.rate),
-        seed=args.seed,
-        simulate=args.simulate,
-        single=args.single,
-        burst=args.burst,
-        concurrent=args.concurrent,
-        hops=args.hops,
-        out=Path(args.out),
-    )
-    return _run(lambda: run_bench(bopts))
-
-
-def _eval(args: argparse.Namespace, sup: Supervision) -> int:
-    from worker_core.wire import QUANTIZE_CHOICES
-
-    from .evaluate import run_eval
-
-    precisions = tuple(x for x in args.precisions.split(",") if x)
-    bad = [x for x in precisions if x not in QUANTIZE_CHOICES]
-    if bad or not precisions:
-        raise ValueError(f"unknown precision {', '.join(bad) or '(none given)'}; use {', '.join(QUANTIZE_CHOICES)}")
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    opts = EvalOptions(
-        model=args.model, precisions=precisions, workers=args.workers, quick=args.quick, out=Path(args.out)
-    )
-    return _run(lambda: run_eval(opts))
-
-
-def _loadtest(args: argparse.Namespace, sup: Supervision) -> int:
-    import json
-
-    from .loadtest import LoadOptions, placement_times, print_report, run_load
-
-    async def main() -> int:
-        if args.placement:
-            result: dict = {"placement": await asyncio.to_thread(placement_times)}
-        else:
-            opts = LoadOptions(model=args.model, streams=args.streams, tokens=args.tokens, stages=args.stages)
-            result = {"load": await run_load(opts)}
-        print_report(result)
-        if args.out:
-            await asyncio.to_thread(Path(args.out).write_text, json.dumps(result, indent=2))
-        return 0
-
-    return _run(main)
-
-
-def _chaos(args: argparse.Namespace, sup: Supervision) -> int:
-    from .chaos import options_from_args, run_chaos
-
-    opts = options_from_args(args)
-    return _run(lambda: run_chaos(opts))
-
-
-def _demo(args: argparse.Namespace, sup: Supervision) -> int:
-    from .demo import run_demo
-
-    opts = DemoOptions(
-        serve=args.serve,
-        port=args.port,
-        workers=args.workers,
-        model=args.model,
-        question=args.question,
-        max_tokens=args.max_tokens,
-    )
-    return _run(lambda: run_demo(opts))
-
-
-def _selftest(args: argparse.Namespace, sup: Supervision) -> int:
-    from .selftest import SelftestOptions, run_selftest
-
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # it prints its own story
-    return run_selftest(SelftestOptions(device=args.device))
 
 
 def _app(args: argparse.Namespace, sup: Supervision) -> int:
@@ -666,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     func: Command = args.func
     if func is _app:  # Qt: no engine logging, no control channel
-        return func(args, Supervision())
+        return _app(args, Supervision())
     sup = _supervise(args)
     logging.basicConfig(
         # the demo, benchmark, join and admin verbs print their own story: their log is warnings unless -v
@@ -675,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return func(args, sup)
+        outcome = func(args, sup)
+        return outcome if isinstance(outcome, int) else _run(outcome, sup.events)
     except ValueError as e:  # config and device errors carry one clear line
         print(f"molink: {e}", file=sys.stderr)
         if sup.events is not None:

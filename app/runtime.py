@@ -9,7 +9,7 @@ Contract
 --------
 * The lock files and the choice of backend (CPU or a CUDA build, from NVML's driver version and the
   GPUs' compute capability) are :mod:`app.runtime_locks`.
-* :class:`Runtime` (a root folder + a :class:`Bundle` of uv, locks and wheel) knows its
+* :class:`Runtime` (a root folder + a :class:`~app.runtime_bundle.Bundle` of uv, locks and wheel) knows its
   :class:`State` (:meth:`Runtime.state`), and :meth:`Runtime.ensure` makes it ``READY`` by running
   the :class:`Step` list that :data:`PLAN` gives for that state - the transitions live there and
   nowhere else.  Building is resumable: uv's cache (inside the root) keeps every finished download,
@@ -24,7 +24,9 @@ Contract
   line that does not move the bar.  ``cancel`` (a :class:`threading.Event`) stops a build within a
   fraction of a second (:class:`Cancelled`); what finished stays for the next attempt.
 * Every child (uv, the verifying Python) runs with a time bound, without a console window on
-  Windows, and with the library path the frozen app was started with.
+  Windows, and with the library path the frozen app was started with
+  (:func:`app.runtime_bundle.child_env`).  One builder works on a root at a time, across
+  processes (:class:`app.runtime_files.PidLock` on ``build.lock``).
 * :func:`runtime_python` is the Python of the default runtime when it is ``READY``, else
   :class:`RuntimeNotReady` (the tray shows :mod:`app.desktop.runtime_dialog`, the launcher builds it
   on the console).  ``python -m app.runtime status|install|remove`` (``molink runtime ...`` in an
@@ -39,10 +41,8 @@ from __future__ import annotations
 
 import argparse
 import enum
-import hashlib
 import json
 import logging
-import os
 import queue
 import re
 import shutil
@@ -55,6 +55,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .procs import no_window_flags
+from .runtime_bundle import Bundle, child_env
+from .runtime_files import PidLock, read_json, remove_tree, write_json
 from .runtime_locks import BACKEND, Choice, Lock, LockError, RuntimeProblem, choose_backend, os_tag
 
 log = logging.getLogger("molink.runtime")
@@ -103,115 +105,6 @@ class RuntimeNotReady(RuntimeProblem):
     def __init__(self, state: State, root: Path) -> None:
         super().__init__(f"the MoLink engine runtime in {root} is {state.value}: {NEXT[state]}")
         self.state = state
-
-
-# ---------------------------------------------------------------------------------------------- the bundle
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """What the installed app ships for building runtimes."""
-
-    uv: Path
-    locks_dir: Path
-    wheel: Path | None  # the molink wheel (None: the locks already carry the engine, tests only)
-
-    @classmethod
-    def default(cls) -> Bundle:
-        """The frozen app's ``runtime/`` folder; from a source checkout, ``build/runtime`` and the uv of this Python."""
-        meipass = getattr(sys, "_MEIPASS", None)
-        if getattr(sys, "frozen", False) and meipass:
-            return cls.at(Path(meipass) / "runtime")
-        return cls.at(Path(__file__).resolve().parent.parent / "build" / "runtime")
-
-    @classmethod
-    def at(cls, folder: Path) -> Bundle:
-        """``folder/uv`` (else the source checkout's uv), ``folder/locks/*.lock``, ``folder/molink-*.whl``."""
-        uv = folder / ("uv.exe" if sys.platform == "win32" else "uv")
-        return cls(uv if uv.exists() else source_uv(), folder / "locks", _one_wheel(folder))
-
-    def locks(self, os_name: str | None = None) -> dict[str, Lock]:
-        """Backend name -> lock, for this OS; files that do not parse are logged and left out."""
-        os_name = os_name or os_tag()
-        out: dict[str, Lock] = {}
-        for path in sorted(self.locks_dir.glob("*.lock")) if self.locks_dir.is_dir() else []:
-            try:
-                lock = Lock.parse(path)
-            except LockError as e:
-                log.warning("%s", e)
-                continue
-            if lock.os == os_name:
-                out[lock.backend] = lock
-        return out
-
-    def wheel_sha256(self) -> str | None:
-        return _wheel_hash(self.wheel) if self.wheel else None
-
-
-_WHEEL_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _wheel_hash(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _WHEEL_HASHES:
-        _WHEEL_HASHES[key] = _sha256(path)
-    return _WHEEL_HASHES[key]
-
-
-def _one_wheel(folder: Path) -> Path | None:
-    wheels = sorted(folder.glob("molink-*.whl")) if folder.is_dir() else []
-    return wheels[-1] if wheels else None
-
-
-def source_uv() -> Path:
-    """uv for a source checkout: the ``uv`` package's binary, else the one on PATH."""
-    try:
-        import uv  # type: ignore[import-not-found]
-
-        return Path(uv.find_uv_bin())
-    except (ImportError, FileNotFoundError):
-        found = shutil.which("uv")
-        return Path(found) if found else Path("uv")
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for uv and the runtime's Python: without the frozen app's library path.
-
-    PyInstaller's bootloader points ``LD_LIBRARY_PATH`` at the bundle and keeps the original in
-    ``LD_LIBRARY_PATH_ORIG``; a child that inherited it would load the bundle's libraries."""
-    env = dict(os.environ)
-    for var in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH"):
-        orig = env.pop(var + "_ORIG", None)
-        if getattr(sys, "frozen", False):
-            if orig is not None:
-                env[var] = orig
-            else:
-                env.pop(var, None)
-    env.pop("VIRTUAL_ENV", None)  # uv must target the runtime, never an activated venv
-    env.pop("PYTHONHOME", None)
-    env.pop("PYTHONPATH", None)
-    env["NO_COLOR"] = "1"
-    env["PYTHONIOENCODING"] = "utf-8"
-    env.update(extra or {})
-    return env
-
-
-def scrub_library_path() -> None:
-    """For a frozen app's entry point: every child it starts from now on gets :func:`child_env`'s
-    library path (the loader of this process read its own at startup and keeps it)."""
-    env = child_env()
-    for var in ("LD_LIBRARY_PATH", "LD_LIBRARY_PATH_ORIG", "DYLD_LIBRARY_PATH", "DYLD_LIBRARY_PATH_ORIG"):
-        if var in env:
-            os.environ[var] = env[var]
-        else:
-            os.environ.pop(var, None)
 
 
 # ---------------------------------------------------------------------------------------------- state and plan
@@ -350,7 +243,7 @@ class Runtime:
         if m is None:
             if not self.venv.exists():
                 return State.MISSING
-            building = _read_json(self.root / BUILDING)
+            building = read_json(self.root / BUILDING)
             if has_python and building.get("lock_sha256") == lock.sha256:
                 return State.PARTIAL
             return State.OUTDATED if has_python else State.BROKEN
@@ -415,7 +308,7 @@ class Runtime:
 
     def _run_plan(self, steps: Sequence[Step], lock: Lock, progress: Progress, cancel: threading.Event) -> None:
         (self.root / MARKER).unlink(missing_ok=True)
-        _write_json(self.root / BUILDING, {"lock_sha256": lock.sha256, "backend": lock.backend, "started": time.time()})
+        write_json(self.root / BUILDING, {"lock_sha256": lock.sha256, "backend": lock.backend, "started": time.time()})
         for step in steps:
             if cancel.is_set():
                 raise Cancelled("cancelled")
@@ -424,7 +317,7 @@ class Runtime:
 
     def _step_clear(self, lock: Lock, progress: _Span, cancel: threading.Event) -> None:
         progress(0.0, "removing the old engine runtime (downloads are kept)")
-        _rmtree(self.venv)
+        remove_tree(self.venv)
         progress(1.0, "old runtime removed")
 
     def _step_venv(self, lock: Lock, progress: _Span, cancel: threading.Event) -> None:
@@ -437,7 +330,7 @@ class Runtime:
         if self.python.exists() and (self.venv / "pyvenv.cfg").exists():
             progress(1.0, "Python environment already there")
             return
-        _rmtree(self.venv)
+        remove_tree(self.venv)
         progress(0.0, f"making the Python environment (Python {lock.python})")
         cmd = [
             str(self.bundle.uv),
@@ -489,7 +382,7 @@ class Runtime:
             bool(info["cuda_available"]),
             time.time(),
         )
-        _write_json(self.root / MARKER, asdict(marker))
+        write_json(self.root / MARKER, asdict(marker))
         progress(
             1.0,
             f"engine runtime ready: Python {info['python']}, torch {info['torch']} ({cuda}), "
@@ -524,7 +417,7 @@ class Runtime:
         """Delete the runtime, its downloads and its Pythons (the user's groups and models stay)."""
         with _BuildLock(self.root / BUILD_LOCK):
             for sub in (self.venv, self.cache, self.pythons):
-                _rmtree(sub)
+                remove_tree(sub)
             for name in (MARKER, BUILDING):
                 (self.root / name).unlink(missing_ok=True)
 
@@ -670,32 +563,12 @@ def _run(
         reader.join(timeout=5)
 
 
-def _rmtree(path: Path) -> None:
-    if not path.exists():
-        return
+class _BuildLock(PidLock):
+    """One builder per runtime folder across processes (the lock file is ``BUILD_LOCK`` in the root);
+    one that waited too long gets :class:`RuntimeBuildError`."""
 
-    def writable(func, p, _exc):  # noqa: ANN001 - Windows marks some files read-only
-        os.chmod(p, 0o700)
-        func(p)
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=writable)
-    else:
-        shutil.rmtree(path, onerror=writable)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    def busy(self) -> Exception:
+        return RuntimeBuildError(f"another MoLink process is building the engine runtime ({self.path})")
 
 
 def _nvml_gpus() -> list:
@@ -706,52 +579,6 @@ def _nvml_gpus() -> list:
     except Exception as e:  # noqa: BLE001 - a broken NVML is "no GPU"
         log.warning("NVML: %s", e)
         return []
-
-
-class _BuildLock:
-    """One builder per runtime folder across processes: an exclusive file holding the builder's pid.
-    A lock file whose process is gone is taken over."""
-
-    def __init__(self, path: Path, wait: float = 5.0) -> None:
-        self.path, self.wait = path, wait
-        self.fd: int | None = None
-
-    def __enter__(self) -> _BuildLock:
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                os.write(self.fd, str(os.getpid()).encode())
-                return self
-            except FileExistsError:
-                if not _holder_alive(self.path):
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if time.monotonic() > deadline:
-                    raise RuntimeBuildError(
-                        f"another MoLink process is building the engine runtime ({self.path})"
-                    ) from None
-                time.sleep(0.2)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.path.unlink(missing_ok=True)
-
-
-def _holder_alive(path: Path) -> bool:
-    try:
-        pid = int(path.read_text().strip())
-    except (OSError, ValueError):
-        return True  # being written this instant: look again after a moment
-    if pid == os.getpid():
-        return True  # another thread of this process
-    try:
-        import psutil
-
-        return psutil.pid_exists(pid)
-    except ImportError:
-        return True
 
 
 # ---------------------------------------------------------------------------------------------- entry points

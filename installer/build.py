@@ -70,7 +70,7 @@ def mb(n: int) -> str:
 
 
 def stage_runtime(locks: str, work: Path) -> None:
-    from app.runtime import source_uv
+    from app.runtime_bundle import source_uv
 
     runtime = work / "runtime"
     for d in (runtime, work / "src"):

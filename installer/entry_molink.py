@@ -18,7 +18,7 @@ LOCAL = ("app", "-h", "--help")
 
 
 def main() -> int:
-    from app.runtime import scrub_library_path
+    from app.runtime_bundle import scrub_library_path
 
     scrub_library_path()
     argv = sys.argv[1:]
@@ -30,7 +30,8 @@ def main() -> int:
         from app.runtime import main as runtime_main
 
         return runtime_main(argv[1:])
-    from app.runtime import RuntimeProblem, child_env, ensure_console
+    from app.runtime import RuntimeProblem, ensure_console
+    from app.runtime_bundle import child_env
 
     try:
         python = ensure_console()

@@ -4,7 +4,7 @@ Contract: ``molink-tray [--background] [molink://link]`` is ``molink app ...`` (
 ``molink-tray --quit`` asks a running tray of this user to quit (its single-instance channel) and
 waits, at most ``QUIT_WAIT`` seconds, until it has stopped its engine children and released its
 lock; exit 0 when no tray runs any more, 1 otherwise.  The installers call it before replacing or
-removing files.  Engine children never inherit the frozen app's library path (:func:`app.runtime.child_env`).
+removing files.  Engine children never inherit the frozen app's library path (:func:`app.runtime_bundle.child_env`).
 """
 
 import multiprocessing
@@ -41,7 +41,7 @@ def quit_running() -> int:
 
 
 def main() -> int:
-    from app.runtime import scrub_library_path
+    from app.runtime_bundle import scrub_library_path
 
     scrub_library_path()
     argv = sys.argv[1:]

@@ -71,7 +71,7 @@ TARGETS = {
 
 
 def uv_bin() -> str:
-    from app.runtime import source_uv
+    from app.runtime_bundle import source_uv
 
     return str(source_uv())
 

@@ -6,11 +6,11 @@ import stat
 import sys
 import types
 
-from app import cli
+from app import cli, cli_group
 
 
 def test_non_loopback_bind_without_key_is_refused(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_config_dir", lambda: tmp_path)
+    monkeypatch.setattr(cli_group, "_config_dir", lambda: tmp_path)
     monkeypatch.setattr("master_core.secrets_store._keyring", lambda: None)
     assert cli.main(["master", "--host", "0.0.0.0", "--port", "0"]) == 2
     err = capsys.readouterr().err
@@ -18,7 +18,7 @@ def test_non_loopback_bind_without_key_is_refused(capsys, tmp_path, monkeypatch)
 
 
 def test_api_key_is_created_stored_0600_and_read_back(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "_config_dir", lambda: tmp_path)
+    monkeypatch.setattr(cli_group, "_config_dir", lambda: tmp_path)
     monkeypatch.setattr("master_core.secrets_store._keyring", lambda: None)  # no OS keyring: the file fallback
     assert cli.main(["api-key"]) == 1
     assert cli.main(["api-key", "--new"]) == 0

@@ -265,7 +265,7 @@ def test_cards_of_24_gb_hold_a_70b_model_at_4_bits_and_not_at_16():
 
 
 def test_probe_says_how_many_layers_of_common_models_this_machine_holds():
-    from app.cli import _layers_held_line
+    from app.cli_worker import _layers_held_line
     from master_core.placement import layers_held
     from master_core.simulator import LLAMA3_70B
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from app import runtime as rtm
-from app.runtime import Bundle, Cancelled, Runtime, RuntimeBuildError, RuntimeNotReady, State
+from app import runtime_bundle
+from app.runtime import Cancelled, Runtime, RuntimeBuildError, RuntimeNotReady, State
+from app.runtime_bundle import Bundle
 from app.runtime_locks import Lock, LockError, choose_backend, header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -467,10 +469,10 @@ def test_the_frozen_apps_library_path_is_not_inherited_by_children(monkeypatch):
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/molink/_internal")
     monkeypatch.setenv("LD_LIBRARY_PATH_ORIG", "/usr/local/lib")
     monkeypatch.setenv("VIRTUAL_ENV", "/somewhere/.venv")
-    env = rtm.child_env()
+    env = runtime_bundle.child_env()
     assert env["LD_LIBRARY_PATH"] == "/usr/local/lib" and "LD_LIBRARY_PATH_ORIG" not in env and "VIRTUAL_ENV" not in env
     monkeypatch.delenv("LD_LIBRARY_PATH_ORIG")
-    assert "LD_LIBRARY_PATH" not in rtm.child_env()
+    assert "LD_LIBRARY_PATH" not in runtime_bundle.child_env()
 
 
 # ---------------------------------------------------------------------------------------------- the dialog
@@ -579,7 +581,7 @@ def test_a_real_runtime_built_with_uv_from_this_machines_wheels_runs_the_engine(
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env=rtm.child_env(),
+        env=runtime_bundle.child_env(),
     )
     assert out.returncode == 0 and "selftest" in out.stdout
     where = subprocess.run(
@@ -588,7 +590,7 @@ def test_a_real_runtime_built_with_uv_from_this_machines_wheels_runs_the_engine(
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env=rtm.child_env(),
+        env=runtime_bundle.child_env(),
     )
     app_file, assets = where.stdout.split()
     assert str(rt.venv) in app_file and (Path(assets) / "dashboard" / "index.html").is_file()
