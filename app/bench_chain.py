@@ -66,17 +66,17 @@ def chain_decode(
             p.start()
             pipes.append(ours)
             procs.append(p)
-        for conn in pipes:
-            if _recv(conn, timeout) != b"ready":
+        for conn, p in zip(pipes, procs):
+            if _recv(conn, p, timeout) != b"ready":
                 raise RuntimeError("a chain stage did not start")
 
         def through(start: int, x: Any) -> Any:
-            for conn in pipes:
+            for conn, p in zip(pipes, procs):
                 meta = {"dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape)}
                 conn.send_bytes(json.dumps({**meta, "start": start, "length": int(x.shape[0])}).encode())
                 conn.send_bytes(x.numpy().tobytes())
-                head = json.loads(_recv(conn, timeout))
-                x = torch.frombuffer(bytearray(_recv(conn, timeout)), dtype=getattr(torch, head["dtype"]))
+                head = json.loads(_recv(conn, p, timeout))
+                x = torch.frombuffer(bytearray(_recv(conn, p, timeout)), dtype=getattr(torch, head["dtype"]))
                 x = x.reshape(head["shape"])
             return x
 
@@ -87,7 +87,7 @@ def chain_decode(
             stamps.append(time.perf_counter())
         for conn in pipes:
             conn.send_bytes(b"")
-        computes = [json.loads(_recv(conn, timeout)) for conn in pipes]
+        computes = [json.loads(_recv(conn, p, timeout)) for conn, p in zip(pipes, procs)]
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -104,7 +104,12 @@ def chain_decode(
     }
 
 
-def _recv(conn: Connection, timeout: float) -> bytes:
-    if not conn.poll(timeout):
-        raise TimeoutError(f"a chain stage sent nothing for {timeout:.0f} s")
+def _recv(conn: Connection, proc: Any, timeout: float) -> bytes:
+    """The next frame from one stage; an error as soon as that stage's process is gone, or after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not conn.poll(0.2):
+        if not proc.is_alive():
+            raise RuntimeError(f"a chain stage exited with code {proc.exitcode}")
+        if time.monotonic() > end:
+            raise TimeoutError(f"a chain stage sent nothing for {timeout:.0f} s")
     return conn.recv_bytes()

@@ -110,9 +110,10 @@ async def single_request(opts: BenchOptions, new_tokens: int = 64, long_prompt: 
     the 3-stage pipeline (unshaped local tunnels) and single-process transformers, side by side
     in one run at two thread settings: torch's default in every process, and one thread per
     process (the issue's comparison: on a 2-core machine three stages with default threads
-    contend for the cores).  Each setting also decodes through the same layer ranges as bare
-    processes in a pipe chain (:mod:`app.bench_chain`): the floor of any multi-process pipeline
-    on this machine, so the gap splits into what the cut costs and what the serving costs."""
+    contend for the cores).  Each setting also decodes with MoLink's stage code alone
+    (:mod:`app.bench_chain`, no serving machinery): every layer in one process, then the same
+    layer ranges as MoLink's as bare processes in a pipe chain, the floor of any multi-process
+    pipeline on this machine; so the gap splits into the stage code, the cut, and the serving."""
     rng = random.Random(opts.seed)
     short = [rng.randrange(1000, 40000) for _ in range(16)]
     long = [rng.randrange(1000, 40000) for _ in range(long_prompt)]
@@ -190,13 +191,17 @@ async def _single_run(
     finally:
         await master.stop()
         await asyncio.to_thread(stop_processes, procs)
+    # MoLink's stage code in one process over every layer, then cut as MoLink cut it
+    whole = await asyncio.to_thread(chain_decode, folder, [(cuts[0][0], cuts[-1][1])], threads or 0, short, new_tokens)
     chain = await asyncio.to_thread(chain_decode, folder, cuts, threads or 0, short, new_tokens)
     return {
         "threads": "default" if threads is None else threads,
         "transformers": hf,
         "molink": ours,
+        "one_process_stage": whole,
         "process_chain": chain,
         "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+        "one_process_stage_decode_ratio": whole["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
         "chain_decode_ratio": chain["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
         "ttft_ratio": ours["ttft_long_s"] / hf["ttft_long_s"],
     }
