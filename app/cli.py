@@ -174,7 +174,14 @@ def _parser() -> argparse.ArgumentParser:
         "--no-direct",
         dest="direct",
         action="store_false",
-        help="open no hop listener: every activation to and from this worker goes through the master",
+        help="no direct hops: every activation to and from this worker goes through the master",
+    )
+    w.add_argument(
+        "--dial-only",
+        dest="hop_listen",
+        action="store_false",
+        help="direct hops: dial the next stage but open no listener (no inbound port; the hop into this worker "
+        "is relayed)",
     )
     w.add_argument(
         "--hop-port",

@@ -48,6 +48,7 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
         tls=tls,
         identity=identity,
         direct=args.direct,
+        hop_listen=args.hop_listen,
         hop_port=args.hop_port,
         hop_host=args.hop_host,
         weights_dir=folder / "weights" if folder else None,

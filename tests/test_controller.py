@@ -190,3 +190,15 @@ def test_no_engine_child_starts_before_the_runtime_is_ready(qtbot, make):
     c.master_failed.connect(failed.append)
     c.create_group("default", "g", 7733)
     assert failed == ["the engine runtime is not installed yet"] and c.master is None
+
+
+@pytest.mark.parametrize("platform", ["linux", "win32"])
+def test_the_worker_command_line_parses_and_dials_hops_only_on_windows(make, monkeypatch, platform):
+    from app.cli import _parser
+
+    c = make()
+    monkeypatch.setattr(sys, "platform", platform)
+    argv = c.worker_argv()[2:]  # after the interpreter and the script: molink's own arguments
+    args = _parser().parse_args(argv)
+    # Windows: no listener (its firewall would prompt), but the worker still dials its next stage
+    assert args.direct and args.hop_listen is (platform != "win32"), argv

@@ -189,8 +189,8 @@ class Controller(QObject):
         args = ["worker", "--data-dir", str(self.paths.worker_dir), "--device", self.settings.device, "--supervised"]
         if self.settings.memory_limit_gb:
             args += ["--memory-limit", f"{self.settings.memory_limit_gb:g}"]
-        if sys.platform == "win32":  # a listening worker would raise the firewall prompt: only dial out there
-            args.append("--no-direct")
+        if sys.platform == "win32":  # a listening worker would raise the firewall prompt: dial out only
+            args.append("--dial-only")
         return self._argv(*args)
 
     def set_sharing(self, on: bool) -> None:
