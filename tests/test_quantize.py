@@ -389,9 +389,9 @@ async def _refused(path, quantize: str, memory_limit: int | None) -> str | None:
 def test_a_worker_that_ignores_the_precision_is_refused(tiny, monkeypatch):
     """A worker older than Assign.quantize loads full precision: the group says so instead of
     overfilling that member's memory."""
-    import worker_core.worker
+    import worker_core.session
 
-    monkeypatch.setattr(worker_core.worker, "Precision", lambda _text: Precision.NONE)
+    monkeypatch.setattr(worker_core.session, "Precision", lambda _text: Precision.NONE)
     problem = run(_refused(tiny["llama"], "int4", None), timeout=120)
     assert problem is not None and "did not store its layers at --quantize int4" in problem
     monkeypatch.undo()

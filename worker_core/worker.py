@@ -19,7 +19,8 @@ worker then reconnects.  So does a frame larger than the model allows: until a r
 only an ``Assign`` or a weight ``Chunk`` fits, then the pipeline's own bound
 (:func:`~worker_core.wire.worker_frame_bound`, as the master bounds the worker's frames).
 The loaded shard is kept across reconnects when the next assignment
-is the same model and range (its KV caches are dropped: the master replays).
+is the same model and range (its KV caches are dropped: the master replays).  What each frame
+does is :class:`worker_core.session.Session`'s; this module dials, reads, queues and obeys.
 
 Direct hops (``config.direct``, see :mod:`worker_core.hops`): the worker listens for the previous
 stage and announces the port in its ``Hello`` (unless ``config.hop_listen`` is off: then it only
@@ -50,281 +51,32 @@ from pathlib import Path
 import aiohttp
 
 from . import device as devices
-from . import model_source
 from .config import HOP_PORT, WorkerConfig
-from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, STATS_INTERVAL, Command, Control, Events, one_line
-from .hops import HopListener, HopUnreachable, NextHop
-from .hops import dial as dial_next
-from .hub_ranges import fetch_from_hub
+from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
+from .hops import HopListener
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
-from .quantize import Precision
+from .session import Run, Session
 from .shaper import LinkShaper
-from .shard import load_shard
-from .stage import StageRunner, StepRejected
 from .weights import WeightCache
 from .wire import (
     DTYPE_NAMES,
     MAX_FRAME_BYTES,
-    UNASSIGNED_FRAME_BYTES,
-    Assign,
     Chunk,
-    Failure,
-    Fetch,
-    Free,
     Hello,
     Leave,
-    Message,
     ProtocolError,
-    Ready,
-    Result,
-    Route,
-    Routed,
     Step,
     decode,
-    encode,
-    worker_frame_bound,
 )
 
 log = logging.getLogger("molink.worker")
 
-CHUNK_TIMEOUT = 120.0  # seconds to wait for one weight chunk
 MAX_RETRY_SECONDS = 30.0  # the longest wait between two attempts to reach the master
 STABLE_TUNNEL = 10.0  # seconds a tunnel must last for the next reconnect to start quick again
 # frames from the master waiting to be executed (beside the one running): a master has at most its
 # micro-batch lanes' steps, coalesced Frees and MAX_FETCHES weight chunks out, far below this; more
 # is a broken master, and the tunnel closes as a protocol error rather than queueing without bound
 MAX_QUEUED_FRAMES = 256
-
-
-class _Run:
-    """What outlives one tunnel: events, work counters, the live session, the leave."""
-
-    def __init__(self, events: Events, hops: HopListener | None = None, dials: bool = False) -> None:
-        self.events = events
-        self.hops = hops  # the hop listener (direct hops on and listening), kept across tunnels
-        self.dials = dials  # direct hops on: dial the next stage when the master routes one
-        self.steps = 0  # steps this process computed
-        self.tokens = 0  # rows (tokens) of those steps
-        self.session: _Session | None = None  # the tunnel that is up (Hello sent), if any
-        self.connected = False  # the current dial attempt reached the master
-        self.leaving: Command | None = None  # a leave was asked for: never dial again
-
-    async def report_stats(self) -> None:
-        """A ``stats`` event every STATS_INTERVAL seconds (until cancelled)."""
-        loop = asyncio.get_running_loop()
-        last_t, last_tokens = loop.time(), self.tokens
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            now = loop.time()
-            rate = (self.tokens - last_tokens) / max(now - last_t, 1e-9)
-            last_t, last_tokens = now, self.tokens
-            runner = self.session.runner if self.session is not None else None
-            self.events.emit(
-                "stats",
-                steps=self.steps,
-                tokens=self.tokens,
-                tokens_per_s=round(rate, 2),
-                kv_requests=len(runner.kv) if runner is not None else 0,
-            )
-
-
-class _Session:
-    """State of one tunnel connection."""
-
-    def __init__(
-        self,
-        ws: aiohttp.ClientWebSocketResponse[bool],
-        executor: ThreadPoolExecutor,
-        shards: dict,
-        device: str,
-        uplink: LinkShaper,
-        weights: WeightCache,
-        run: _Run,
-        config: WorkerConfig,
-    ) -> None:
-        self.run = run
-        self.config = config
-        self.next_hop: NextHop | None = None  # the direct hop to the next stage, if the master routed one
-        self.ws = ws
-        self.weights = weights
-        self._chunks: dict[tuple[str, int], asyncio.Future] = {}
-        self.uplink = uplink
-        self.executor = executor
-        self.shards = shards  # (model, start, end) -> Shard, kept across reconnects
-        self.device = device
-        self.runner: StageRunner | None = None
-        self.epoch = -1
-        # frames accepted from the master: an Assign or a weight Chunk until a range is served, then
-        # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
-        self.max_frame = UNASSIGNED_FRAME_BYTES
-
-    async def send(self, msg: Message) -> None:
-        await self.uplink.put(encode(msg))
-
-    async def request_chunk(self, sha256: str, offset: int, length: int) -> tuple[bytes, str]:
-        """One chunk from the master.  Tensors with equal bytes (e.g. norm weights of ones)
-        share a hash: a request already open for the same bytes is awaited, not sent again."""
-        key = (sha256, offset)
-        fut = self._chunks.get(key)
-        owner = fut is None
-        if fut is None:
-            fut = self._chunks[key] = asyncio.get_running_loop().create_future()
-        try:
-            if owner:
-                await self.send(Fetch(sha256, offset, length))
-            chunk: Chunk = await asyncio.wait_for(asyncio.shield(fut), CHUNK_TIMEOUT)
-            return chunk.data, chunk.chunk_sha256
-        finally:
-            if owner:
-                self._chunks.pop(key, None)
-
-    def on_chunk(self, chunk: Chunk) -> None:
-        fut = self._chunks.get((chunk.sha256, chunk.offset))
-        if fut is None or fut.done():
-            log.debug("late or unasked weight chunk ignored")
-            return
-        fut.set_result(chunk)
-
-    async def _resolve(self, msg: Assign) -> Path:
-        """The checkpoint folder for an assignment: delivered weights, or the model source."""
-        if not msg.manifest:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, model_source.resolve, msg.model)
-        specs = list(msg.manifest)
-        if msg.hub:  # spare the master's uplink: read what the hub can give first
-            await fetch_from_hub(self.weights, specs, msg.hub)
-        missing = self.weights.missing(specs)
-        if missing:
-            total = sum(s.nbytes for s in missing)
-            log.info(
-                "fetching %d tensors (%.1f MB) of layers [%d, %d) from the master",
-                len(missing),
-                total / 1e6,
-                msg.layer_start,
-                msg.layer_end,
-            )
-            t0 = time.perf_counter()
-            received = await self.weights.fetch(specs, self.request_chunk)
-            dt = time.perf_counter() - t0
-            log.info(
-                "weights received: %.1f MB in %.2f s (%.1f MB/s)", received / 1e6, dt, received / 1e6 / max(dt, 1e-9)
-            )
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.weights.prune, specs)
-        return self.weights.folder(msg.model, msg.config_json, specs)
-
-    async def handle(self, msg: object, arrived: float) -> None:
-        loop = asyncio.get_running_loop()
-        if isinstance(msg, Assign):
-            await self.close_hop()  # a new pipeline: the master routes it once it is loaded
-            t0 = time.perf_counter()
-            precision = Precision(msg.quantize)  # checked by wire.decode
-            key = (msg.model, msg.layer_start, msg.layer_end, precision)
-            shard = self.shards.get(key)
-            if shard is None:
-                self.runner = None
-                self.shards.clear()  # one shard at a time: free the old range first
-                try:
-                    info = devices.pick(self.device)
-                    folder = await self._resolve(msg)
-                    shard = await loop.run_in_executor(
-                        self.executor,
-                        load_shard,
-                        folder,
-                        msg.layer_start,
-                        msg.layer_end,
-                        info.device,
-                        info.dtype,
-                        precision,
-                    )
-                except Exception as e:  # tell the master why, instead of leaving it waiting
-                    log.exception("cannot load layers [%d, %d)", msg.layer_start, msg.layer_end)
-                    why = f"cannot load layers [{msg.layer_start}, {msg.layer_end}): {type(e).__name__}: {e}"
-                    self.run.events.emit("error", message=one_line(why))
-                    await self.send(Failure(why[:4000]))
-                    return
-                self.shards[key] = shard
-            self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
-            self.epoch = msg.epoch
-            self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
-            if self.run.hops is not None:  # steps over a hop are bounded like the master's
-                self.run.hops.max_frame = self.max_frame
-            await self.send(
-                Ready(msg.epoch, shard.hidden_size, shard.vocab_size, time.perf_counter() - t0, shard.weight_bytes)
-            )
-            log.info(
-                "serving layers [%d, %d) of %d (epoch %d)", msg.layer_start, msg.layer_end, msg.num_layers, msg.epoch
-            )
-            layers = [msg.layer_start, msg.layer_end]
-            self.run.events.emit("serving", layers=layers, num_layers=msg.num_layers, epoch=msg.epoch)
-        elif isinstance(msg, Route):
-            await self.send(await self._route(msg))
-        elif isinstance(msg, Step):
-            if self.runner is None or msg.epoch != self.epoch:
-                await self.send(
-                    Failure(f"step of epoch {msg.epoch} but this worker serves epoch {self.epoch}", msg.step_id)
-                )
-                return
-            runner = self.runner
-            try:
-                out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk)
-            except StepRejected as e:
-                await self.send(Failure(str(e), msg.step_id))
-                return
-            except Exception as e:  # compute failure (e.g. out of memory): report, keep serving
-                log.exception("step %d failed", msg.step_id)
-                await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
-                return
-            self.run.steps += 1
-            self.run.tokens += sum(seg.length for seg in msg.segments)
-            compute = runner.last_compute_seconds
-            result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
-            hop = self.next_hop
-            if msg.forward and hop is not None and hop.epoch == msg.epoch:
-                onward = Step(msg.step_id, msg.epoch, msg.segments, out, msg.topk, True, (*msg.trail, compute))
-                await hop.send(onward, lambda: self.send(result))
-            else:
-                await self.send(result)
-        elif isinstance(msg, Free):
-            if self.runner is not None:
-                self.runner.free(msg.request_ids)
-        elif isinstance(msg, Failure):
-            log.warning("master reports: %s", msg.message)
-        else:
-            raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
-
-    async def _route(self, msg: Route) -> Routed:
-        """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,
-        bounded); the answer says whether that hop is direct."""
-        hops = self.run.hops
-        await self.close_hop()
-        if hops is not None:
-            hops.accept(msg.epoch, msg.accept_token, msg.accept_cert)
-        if not self.run.dials:
-            return Routed(msg.epoch, False, reason="direct hops are off on this worker")
-        if not msg.next_address:
-            return Routed(msg.epoch, False, reason="no next hop")
-        cfg = self.config
-        rate = cfg.link_mbps * 1e6 / 8 if cfg.link_mbps else None
-        try:
-            hop, seconds = await dial_next(
-                msg.next_address,
-                msg.epoch,
-                msg.next_token,
-                msg.next_cert,
-                cfg.identity if cfg.tls is not None else None,
-                cfg.link_delay_ms / 1000.0,
-                rate,
-            )
-        except HopUnreachable as e:
-            log.info("next stage not reachable directly, relaying through the master: %s", e)
-            return Routed(msg.epoch, False, reason=str(e)[:500])
-        self.next_hop = hop
-        log.info("direct hop to the next stage at %s (%.1f ms)", msg.next_address, seconds * 1000)
-        return Routed(msg.epoch, True, seconds * 1000)
-
-    async def close_hop(self) -> None:
-        hop, self.next_hop = self.next_hop, None
-        if hop is not None:
-            await hop.close()
 
 
 async def _link(config: WorkerConfig) -> tuple[float, float]:
@@ -340,7 +92,7 @@ async def _link(config: WorkerConfig) -> tuple[float, float]:
 
 
 async def _connect_once(
-    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: _Run
+    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: Run
 ) -> str:
     """One tunnel, from dialling to its end; returns why it ended."""
     run.events.emit("connecting", master=config.master)
@@ -363,7 +115,7 @@ async def _connect_once(
         delay = config.link_delay_ms / 1000.0
         rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
         uplink = LinkShaper(delay, rate, ws.send_bytes)
-        session = _Session(ws, executor, shards, config.device, uplink, weights, run, config)
+        session = Session(ws, executor, shards, config.device, uplink, weights, run, config)
         queue: asyncio.Queue = asyncio.Queue()
 
         def hopped(step: Step) -> None:  # a step the previous stage sent straight here
@@ -508,7 +260,7 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
     can_hop = config.direct and (config.tls is None or config.identity is not None)
     listens = can_hop and config.hop_listen
     hops = HopListener(config.identity if config.tls is not None else None) if listens else None
-    run = _Run(events or Events(), hops, can_hop)
+    run = Run(events or Events(), hops, can_hop)
     if config.threads:
         import torch
 
@@ -553,7 +305,7 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
 
 
 async def _dial(
-    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: _Run
+    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: Run
 ) -> None:
     """Dial, serve, and dial again after a drop, until a leave was asked for or, with
     ``reconnect=False``, after the first tunnel.  Capped exponential backoff with jitter: the
@@ -580,7 +332,7 @@ async def _dial(
         delay = min(MAX_RETRY_SECONDS, delay * 2)
 
 
-async def _obey(control: Control, run: _Run, dial: asyncio.Task) -> None:
+async def _obey(control: Control, run: Run, dial: asyncio.Task) -> None:
     """Carry out control commands.  Connected: send ``Leave`` and give the master a bounded
     time to close the tunnel (``dial`` then ends by itself); past the bound, or not connected,
     cancel ``dial``.  A ``stop`` after a ``finish`` leaves at once."""

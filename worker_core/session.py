@@ -1,0 +1,293 @@
+"""One tunnel to the master as the worker serves it, and what outlives the tunnels.
+
+Contract
+--------
+* :class:`Run` is what outlives one tunnel: the events sink, the hop listener (if this worker
+  listens) and whether it dials hops, work counters, the live session and a requested leave.
+  ``report_stats()`` emits a ``stats`` event every ``STATS_INTERVAL`` seconds until cancelled.
+* :class:`Session` is the state of one tunnel.  ``handle(msg, arrived)`` applies one frame from
+  the master (or a ``Step`` from the previous stage's hop), in order, and answers on the
+  tunnel: ``Assign`` loads the range (delivered weights, the hub, or the model folder; a
+  failure is reported as a ``Failure``, not raised) and answers ``Ready``; ``Route`` accepts
+  the previous stage and dials the next (bounded) and answers ``Routed``; ``Step`` runs on the
+  stage executor and answers ``Result``, or goes on over the direct hop when marked
+  ``forward`` (its ``Result`` to the master when that hop is down); ``Free`` drops caches.
+  Anything else is a :class:`~worker_core.wire.ProtocolError`.  ``request_chunk``/``on_chunk``
+  fetch weight chunks from the master, each bounded by ``CHUNK_TIMEOUT``.
+* Dialling, reconnecting and the control channel live in :mod:`worker_core.worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+
+from . import device as devices
+from . import model_source
+from .config import WorkerConfig
+from .control import STATS_INTERVAL, Command, Events, one_line
+from .hops import HopListener, HopUnreachable, NextHop
+from .hops import dial as dial_next
+from .hub_ranges import fetch_from_hub
+from .quantize import Precision
+from .shaper import LinkShaper
+from .shard import load_shard
+from .stage import StageRunner, StepRejected
+from .weights import WeightCache
+from .wire import (
+    UNASSIGNED_FRAME_BYTES,
+    Assign,
+    Chunk,
+    Failure,
+    Fetch,
+    Free,
+    Message,
+    ProtocolError,
+    Ready,
+    Result,
+    Route,
+    Routed,
+    Step,
+    encode,
+    worker_frame_bound,
+)
+
+log = logging.getLogger("molink.worker")
+
+CHUNK_TIMEOUT = 120.0  # seconds to wait for one weight chunk
+
+
+class Run:
+    """What outlives one tunnel: events, work counters, the live session, the leave."""
+
+    def __init__(self, events: Events, hops: HopListener | None = None, dials: bool = False) -> None:
+        self.events = events
+        self.hops = hops  # the hop listener (direct hops on and listening), kept across tunnels
+        self.dials = dials  # direct hops on: dial the next stage when the master routes one
+        self.steps = 0  # steps this process computed
+        self.tokens = 0  # rows (tokens) of those steps
+        self.session: Session | None = None  # the tunnel that is up (Hello sent), if any
+        self.connected = False  # the current dial attempt reached the master
+        self.leaving: Command | None = None  # a leave was asked for: never dial again
+
+    async def report_stats(self) -> None:
+        """A ``stats`` event every STATS_INTERVAL seconds (until cancelled)."""
+        loop = asyncio.get_running_loop()
+        last_t, last_tokens = loop.time(), self.tokens
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            now = loop.time()
+            rate = (self.tokens - last_tokens) / max(now - last_t, 1e-9)
+            last_t, last_tokens = now, self.tokens
+            runner = self.session.runner if self.session is not None else None
+            self.events.emit(
+                "stats",
+                steps=self.steps,
+                tokens=self.tokens,
+                tokens_per_s=round(rate, 2),
+                kv_requests=len(runner.kv) if runner is not None else 0,
+            )
+
+
+class Session:
+    """State of one tunnel connection."""
+
+    def __init__(
+        self,
+        ws: aiohttp.ClientWebSocketResponse[bool],
+        executor: ThreadPoolExecutor,
+        shards: dict,
+        device: str,
+        uplink: LinkShaper,
+        weights: WeightCache,
+        run: Run,
+        config: WorkerConfig,
+    ) -> None:
+        self.run = run
+        self.config = config
+        self.next_hop: NextHop | None = None  # the direct hop to the next stage, if the master routed one
+        self.ws = ws
+        self.weights = weights
+        self._chunks: dict[tuple[str, int], asyncio.Future] = {}
+        self.uplink = uplink
+        self.executor = executor
+        self.shards = shards  # (model, start, end) -> Shard, kept across reconnects
+        self.device = device
+        self.runner: StageRunner | None = None
+        self.epoch = -1
+        # frames accepted from the master: an Assign or a weight Chunk until a range is served, then
+        # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
+        self.max_frame = UNASSIGNED_FRAME_BYTES
+
+    async def send(self, msg: Message) -> None:
+        await self.uplink.put(encode(msg))
+
+    async def request_chunk(self, sha256: str, offset: int, length: int) -> tuple[bytes, str]:
+        """One chunk from the master.  Tensors with equal bytes (e.g. norm weights of ones)
+        share a hash: a request already open for the same bytes is awaited, not sent again."""
+        key = (sha256, offset)
+        fut = self._chunks.get(key)
+        owner = fut is None
+        if fut is None:
+            fut = self._chunks[key] = asyncio.get_running_loop().create_future()
+        try:
+            if owner:
+                await self.send(Fetch(sha256, offset, length))
+            chunk: Chunk = await asyncio.wait_for(asyncio.shield(fut), CHUNK_TIMEOUT)
+            return chunk.data, chunk.chunk_sha256
+        finally:
+            if owner:
+                self._chunks.pop(key, None)
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        fut = self._chunks.get((chunk.sha256, chunk.offset))
+        if fut is None or fut.done():
+            log.debug("late or unasked weight chunk ignored")
+            return
+        fut.set_result(chunk)
+
+    async def _resolve(self, msg: Assign) -> Path:
+        """The checkpoint folder for an assignment: delivered weights, or the model source."""
+        if not msg.manifest:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, model_source.resolve, msg.model)
+        specs = list(msg.manifest)
+        if msg.hub:  # spare the master's uplink: read what the hub can give first
+            await fetch_from_hub(self.weights, specs, msg.hub)
+        missing = self.weights.missing(specs)
+        if missing:
+            total = sum(s.nbytes for s in missing)
+            log.info(
+                "fetching %d tensors (%.1f MB) of layers [%d, %d) from the master",
+                len(missing),
+                total / 1e6,
+                msg.layer_start,
+                msg.layer_end,
+            )
+            t0 = time.perf_counter()
+            received = await self.weights.fetch(specs, self.request_chunk)
+            dt = time.perf_counter() - t0
+            log.info(
+                "weights received: %.1f MB in %.2f s (%.1f MB/s)", received / 1e6, dt, received / 1e6 / max(dt, 1e-9)
+            )
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.weights.prune, specs)
+        return self.weights.folder(msg.model, msg.config_json, specs)
+
+    async def handle(self, msg: object, arrived: float) -> None:
+        loop = asyncio.get_running_loop()
+        if isinstance(msg, Assign):
+            await self.close_hop()  # a new pipeline: the master routes it once it is loaded
+            t0 = time.perf_counter()
+            precision = Precision(msg.quantize)  # checked by wire.decode
+            key = (msg.model, msg.layer_start, msg.layer_end, precision)
+            shard = self.shards.get(key)
+            if shard is None:
+                self.runner = None
+                self.shards.clear()  # one shard at a time: free the old range first
+                try:
+                    info = devices.pick(self.device)
+                    folder = await self._resolve(msg)
+                    shard = await loop.run_in_executor(
+                        self.executor,
+                        load_shard,
+                        folder,
+                        msg.layer_start,
+                        msg.layer_end,
+                        info.device,
+                        info.dtype,
+                        precision,
+                    )
+                except Exception as e:  # tell the master why, instead of leaving it waiting
+                    log.exception("cannot load layers [%d, %d)", msg.layer_start, msg.layer_end)
+                    why = f"cannot load layers [{msg.layer_start}, {msg.layer_end}): {type(e).__name__}: {e}"
+                    self.run.events.emit("error", message=one_line(why))
+                    await self.send(Failure(why[:4000]))
+                    return
+                self.shards[key] = shard
+            self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
+            self.epoch = msg.epoch
+            self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
+            if self.run.hops is not None:  # steps over a hop are bounded like the master's
+                self.run.hops.max_frame = self.max_frame
+            await self.send(
+                Ready(msg.epoch, shard.hidden_size, shard.vocab_size, time.perf_counter() - t0, shard.weight_bytes)
+            )
+            log.info(
+                "serving layers [%d, %d) of %d (epoch %d)", msg.layer_start, msg.layer_end, msg.num_layers, msg.epoch
+            )
+            layers = [msg.layer_start, msg.layer_end]
+            self.run.events.emit("serving", layers=layers, num_layers=msg.num_layers, epoch=msg.epoch)
+        elif isinstance(msg, Route):
+            await self.send(await self._route(msg))
+        elif isinstance(msg, Step):
+            if self.runner is None or msg.epoch != self.epoch:
+                await self.send(
+                    Failure(f"step of epoch {msg.epoch} but this worker serves epoch {self.epoch}", msg.step_id)
+                )
+                return
+            runner = self.runner
+            try:
+                out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk)
+            except StepRejected as e:
+                await self.send(Failure(str(e), msg.step_id))
+                return
+            except Exception as e:  # compute failure (e.g. out of memory): report, keep serving
+                log.exception("step %d failed", msg.step_id)
+                await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
+                return
+            self.run.steps += 1
+            self.run.tokens += sum(seg.length for seg in msg.segments)
+            compute = runner.last_compute_seconds
+            result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
+            hop = self.next_hop
+            if msg.forward and hop is not None and hop.epoch == msg.epoch:
+                onward = Step(msg.step_id, msg.epoch, msg.segments, out, msg.topk, True, (*msg.trail, compute))
+                await hop.send(onward, lambda: self.send(result))
+            else:
+                await self.send(result)
+        elif isinstance(msg, Free):
+            if self.runner is not None:
+                self.runner.free(msg.request_ids)
+        elif isinstance(msg, Failure):
+            log.warning("master reports: %s", msg.message)
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
+
+    async def _route(self, msg: Route) -> Routed:
+        """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,
+        bounded); the answer says whether that hop is direct."""
+        hops = self.run.hops
+        await self.close_hop()
+        if hops is not None:
+            hops.accept(msg.epoch, msg.accept_token, msg.accept_cert)
+        if not self.run.dials:
+            return Routed(msg.epoch, False, reason="direct hops are off on this worker")
+        if not msg.next_address:
+            return Routed(msg.epoch, False, reason="no next hop")
+        cfg = self.config
+        rate = cfg.link_mbps * 1e6 / 8 if cfg.link_mbps else None
+        try:
+            hop, seconds = await dial_next(
+                msg.next_address,
+                msg.epoch,
+                msg.next_token,
+                msg.next_cert,
+                cfg.identity if cfg.tls is not None else None,
+                cfg.link_delay_ms / 1000.0,
+                rate,
+            )
+        except HopUnreachable as e:
+            log.info("next stage not reachable directly, relaying through the master: %s", e)
+            return Routed(msg.epoch, False, reason=str(e)[:500])
+        self.next_hop = hop
+        log.info("direct hop to the next stage at %s (%.1f ms)", msg.next_address, seconds * 1000)
+        return Routed(msg.epoch, True, seconds * 1000)
+
+    async def close_hop(self) -> None:
+        hop, self.next_hop = self.next_hop, None
+        if hop is not None:
+            await hop.close()
