@@ -94,13 +94,23 @@ def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay
     assert any(h.direct for h in hops) == possible and not all(h.direct for h in hops)
 
 
-def test_a_worker_that_only_dials_hops_onward_directly_and_is_fed_through_the_relay(ckpt, want):
+def test_a_worker_that_only_dials_hops_onward_directly_and_is_fed_through_the_relay(ckpt, want, monkeypatch):
     # w2 opens no port (the Windows app's worker: no firewall prompt) but still dials its next stage
-    options = [{}, {}, {"hop_listen": False}]
+    import worker_core.worker
+
+    # equal measured speed and memory, joined one after the other: the placement's order is then its
+    # tie-break (join order), not the noise of a 0.2 s matmul or of who dialled first
+    monkeypatch.setattr(worker_core.worker, "matmul_gflops", lambda info, seconds: 50.0)
+    same = {"memory_limit": 4 << 30}
 
     async def main():
-        async with Cluster(ckpt, workers=3, worker_options=options) as c:
+        async with Cluster(ckpt, workers=0, min_workers=3) as c:
             g = c.master.group
+            for i, extra in enumerate([{}, {}, {"hop_listen": False}]):
+                c.add_worker(f"w{i}", **same, **extra)
+                while len(g.links) <= i:
+                    await asyncio.sleep(0.01)
+            await c.settled(3)
             w2 = next(s for s in g.stages if s.name == "w2")
             names, hops = [s.name for s in g.stages], list(g.hops)
             got = await asyncio.gather(*(c.engine.generate(p, greedy(NEW)) for p in PROMPTS))
@@ -108,7 +118,7 @@ def test_a_worker_that_only_dials_hops_onward_directly_and_is_fed_through_the_re
 
     port, names, hops, got = run(main())
     assert got == want and port == 0
-    # equal workers: the placement keeps w0 and w1 at the ends, so w2 both takes a hop and dials one
+    # equal members: the first and the second to join take the ends, the third the middle
     assert names[1] == "w2", f"the test needs w2 in the middle; the placement chose {names}"
     assert not hops[0].direct and "w2 takes no inbound hops" in hops[0].reason, hops[0].reason
     assert hops[1].direct, hops[1].reason
