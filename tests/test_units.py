@@ -158,3 +158,30 @@ def test_model_dims_count_a_stage_from_the_checkpoint_and_refuse_a_config_withou
     assert (d.stage_params(0, 1), d.stage_params(1, 2), d.stage_params(1, 3), d.stage_params(0, 3)) == (17, 20, 55, 72)
     with pytest.raises(ValueError, match="hidden_size"):
         ModelDims.parse(SimpleNamespace(num_hidden_layers=3, vocab_size=9, num_attention_heads=2), ([1], 1, 1, [0]))
+
+
+def test_ending_a_loop_that_swallowed_its_cancellation():
+    # Python 3.11's wait_for can swallow a cancel; the worker's step loop then carried on forever
+    import asyncio
+
+    from worker_core.worker import _end_tasks
+
+    async def main() -> tuple[int, bool]:
+        swallowed = 0
+
+        async def loop() -> None:
+            nonlocal swallowed
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if swallowed:
+                        raise
+                    swallowed += 1  # the first cancel is lost, as in the race
+
+        t = asyncio.create_task(loop())
+        await asyncio.sleep(0)
+        await asyncio.wait_for(_end_tasks([t], bound=5.0), 10)
+        return swallowed, t.cancelled()
+
+    assert asyncio.run(main()) == (1, True)
