@@ -7,9 +7,10 @@ answered ``Ready``, and returns one :class:`Hop` per hop (stage i -> stage i+1):
 relayed through the master with the reason.  A hop is tried when stage i+1 announced a hop
 listener (``Hello.hop_port``) and, in a paired group, both stages' pinned certificates are
 known; stage i answers whether it dials at all (a worker may only dial: no inbound port, so no
-firewall prompt on Windows; or have direct hops off).  Its address (:func:`hop_address`): the host stage i+1 announced; else, when both
-stages' tunnels come from one address (one home behind one NAT), the LAN address stage i+1's
-tunnel leaves from; else the address the master sees its tunnel come from.
+firewall prompt on Windows; or have direct hops off).  Its address (:func:`hop_address`): the
+host stage i+1 announced; else, when both stages' tunnels come from one address (one home
+behind one NAT), the LAN address stage i+1's tunnel leaves from; else the address the master
+sees its tunnel come from.
 
 Two rounds of ``Route`` messages, each answered within ``ROUTE_TIMEOUT``: first every stage
 learns whom to accept (a fresh secret per hop, and the previous stage's certificate), then
@@ -94,6 +95,8 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
             routed = await stages[i].route(route, ROUTE_TIMEOUT)
         except asyncio.TimeoutError:
             return Hop(False, reason=f"{stages[i].name} did not answer the route in {ROUTE_TIMEOUT:.0f} s")
-        return Hop(True, routed.connect_ms) if routed.direct else Hop(False, reason=f"{stages[i].name}: {routed.reason}")
+        return (
+            Hop(True, routed.connect_ms) if routed.direct else Hop(False, reason=f"{stages[i].name}: {routed.reason}")
+        )
 
     return list(await asyncio.gather(*(dial(i) for i in range(n - 1))))
