@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker_core.tasks import end_tasks
+
 from .engine import Engine, RequestRejected
 from .errors import ApiError
 from .request import FinishEvent, Request, SamplingParams, TokenEvent
@@ -259,9 +261,7 @@ class Api:
                 left -= isinstance(ev, FinishEvent)
                 yield i, ev
         finally:
-            for t in pumps:
-                t.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await end_tasks(pumps)
 
     async def _respond(
         self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from worker_core.tasks import end_tasks
 from worker_core.wire import CloseCode, ProtocolError, Result, Segment, Step, itemsize, logits_row_width
 
 from .config import MasterConfig
@@ -301,9 +302,7 @@ class Engine:
                         lanes[i] = asyncio.create_task(self._lane(i))
                 await asyncio.sleep(LANE_SUPERVISION)
         finally:
-            for t in lanes.values():
-                t.cancel()
-            await asyncio.gather(*lanes.values(), return_exceptions=True)
+            await end_tasks(lanes.values())  # lanes await wait_for: a single cancel can be swallowed
 
     def _check_capacity(self, now: float) -> None:
         """End every request with a 503-type error once the group has been unable to serve

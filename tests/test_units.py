@@ -164,7 +164,7 @@ def test_ending_a_loop_that_swallowed_its_cancellation():
     # Python 3.11's wait_for can swallow a cancel; the worker's step loop then carried on forever
     import asyncio
 
-    from worker_core.worker import _end_tasks
+    from worker_core.tasks import end_tasks
 
     async def main() -> tuple[int, bool]:
         swallowed = 0
@@ -181,7 +181,7 @@ def test_ending_a_loop_that_swallowed_its_cancellation():
 
         t = asyncio.create_task(loop())
         await asyncio.sleep(0)
-        await asyncio.wait_for(_end_tasks([t], bound=5.0), 10)
+        await asyncio.wait_for(end_tasks([t], bound=5.0), 10)
         return swallowed, t.cancelled()
 
     assert asyncio.run(main()) == (1, True)

@@ -57,6 +57,7 @@ from .hops import HopListener
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .session import Run, Session
 from .shaper import LinkShaper
+from .tasks import end_tasks
 from .weights import WeightCache
 from .wire import (
     DTYPE_NAMES,
@@ -198,29 +199,12 @@ async def _connect_once(
             if run.hops is not None:
                 run.hops.sink = None
                 run.hops.accept(-1, "", "")
-            await _end_tasks([t for t in (runner_task, stats_task) if t is not None])
+            await end_tasks(t for t in (runner_task, stats_task) if t is not None)
             await session.close_hop()
             uplink.close()
             downlink.close()
             run.events.emit("disconnected", reason=one_line(reason))
         return reason
-
-
-async def _end_tasks(tasks: list[asyncio.Task], bound: float = 5.0) -> None:
-    """Cancel ``tasks`` (loops with nothing to clean up) and wait until they end, cancelling again
-    any that carried on: on Python 3.11 ``asyncio.wait_for`` swallows a cancellation that lands as
-    its inner await completes (a hop send as the tunnel closed did; the step loop then waited on its
-    queue for good, and a leaving worker hung until its leave timed out).  Those still running
-    after ``bound`` seconds are left behind, with a warning."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + bound
-    pending = {t for t in tasks if not t.done()}
-    while pending and loop.time() < end:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-    if pending:
-        log.warning("%d task(s) did not end within %.0f s of being cancelled", len(pending), bound)
 
 
 def _local_address(ws: aiohttp.ClientWebSocketResponse[bool]) -> str:
