@@ -226,7 +226,7 @@ def test_a_long_run_leaves_nothing_behind(checkpoints):
 
     async def main():
         # a small KV budget: some of each wave's requests are preempted and recomputed
-        async with Cluster(path, workers=2, max_kv_tokens=150, max_batch_tokens=32) as c:
+        async with Cluster(path, workers=2, max_kv_tokens=100, max_batch_tokens=32) as c:
             after = []
             for i in range(5):
                 await wave(c, i)
