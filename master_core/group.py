@@ -54,6 +54,7 @@ from typing import Any
 
 from worker_core.control import FINISH_TIMEOUT
 from worker_core.precision import Precision
+from worker_core.tasks import end_tasks
 from worker_core.weights import manifest_digest
 from worker_core.wire import Assign, itemsize
 
@@ -175,12 +176,9 @@ class Group:
         await self._serving.wait()
 
     async def stop(self) -> None:
-        """Shutdown: no more re-plans; cancel and await every task the group started."""
+        """Shutdown: no more re-plans; cancel and await (bounded) every task the group started."""
         self.closing = True
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await end_tasks(list(self._tasks))
 
     def _spawn(self, coro: Awaitable[None], what: str) -> None:
         task = asyncio.ensure_future(coro)

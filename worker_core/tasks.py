@@ -2,9 +2,9 @@
 
 Contract: ``await end_tasks(tasks, bound)`` cancels every task in ``tasks`` and waits until all
 have ended, cancelling again any task that carried on; tasks still running after ``bound``
-seconds are left behind with a warning.  For loops that have nothing to clean up (a step loop,
-an engine lane, an event pump): a task whose own teardown must run once, uninterrupted, wants a
-single ``cancel()`` instead.
+seconds are left behind with a warning.  For tasks that have nothing to clean up (a step loop,
+an engine lane, an event pump, a re-plan): a task whose own teardown must run once,
+uninterrupted, wants a single ``cancel()`` instead.
 
 Why again: on Python 3.11 ``asyncio.wait_for`` swallows a cancellation that lands just as its
 inner await completes (fixed in 3.12), and a loop around it then runs on; a single ``cancel()``
