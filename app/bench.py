@@ -151,7 +151,7 @@ async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master
 async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRequest]) -> dict:
     from master_core.request import SamplingParams
 
-    mbps, rtt = PROFILES[profile]
+    mbps = PROFILES[profile][0]
     async with shaped_group(opts, profile) as master:
         vocab = master.dims.vocab_size
         prompts = _prompts(workload, vocab, opts.seed)
@@ -169,15 +169,22 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         calibration = (
             calibrate(costs, master.group.kv_tokens, workload, results, opts.max_batch_tokens) if costs else None
         )
-        return {
-            "profile": profile,
-            "mbps": mbps,
-            "rtt_s": rtt,
-            "policies": results,
-            "tokens_identical": identical,
-            "measured_costs": costs.__dict__ if costs else None,
-            "calibration": calibration,
-        }
+        return {**profile_report(master, profile, results, identical), "calibration": calibration}
+
+
+def profile_report(master: Master, profile: str, results: dict, identical: bool) -> dict:
+    """The part of a shaped profile's report every real bench shares: the link, each policy's
+    results, whether the policies' tokens agree, and the costs the engine measured."""
+    mbps, rtt = PROFILES[profile]
+    costs = master.engine.costs()
+    return {
+        "profile": profile,
+        "mbps": mbps,
+        "rtt_s": rtt,
+        "policies": results,
+        "tokens_identical": identical,
+        "measured_costs": costs.__dict__ if costs else None,
+    }
 
 
 def calibrate(

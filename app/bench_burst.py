@@ -21,7 +21,7 @@ from master_core.scheduler import policy
 if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
     from master_core.server import Master
 
-from .bench import PROFILES, BenchOptions, shaped_group
+from .bench import BenchOptions, profile_report, shaped_group
 
 # --------------------------------------------------------------------------- bursts
 
@@ -145,7 +145,6 @@ async def _run_burst(master: Master, name: str, shape: BurstShape, vocab: int, s
 async def burst_profile(opts: BenchOptions, profile: str, shape: BurstShape) -> dict:
     from master_core.request import SamplingParams
 
-    mbps, rtt = PROFILES[profile]
     async with shaped_group(opts, profile) as master:
         vocab = master.dims.vocab_size
         await master.engine.generate([1000 + i for i in range(16)], SamplingParams(max_tokens=4, temperature=0))
@@ -164,15 +163,7 @@ async def burst_profile(opts: BenchOptions, profile: str, shape: BurstShape) -> 
         identical = all(
             o[1] == first[1] and [s[:cut] for s in o[0]] == [s[:cut] for s in first[0]] for o in outputs.values()
         )
-        costs = master.engine.costs()
-        return {
-            "profile": profile,
-            "mbps": mbps,
-            "rtt_s": rtt,
-            "policies": results,
-            "tokens_identical": identical,
-            "measured_costs": costs.__dict__ if costs else None,
-        }
+        return profile_report(master, profile, results, identical)
 
 
 def burst_table(report: list[dict]) -> str:
