@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app import runtime as rtm
-from app import runtime_bundle
+from app import runtime_bundle, runtime_console
 from app.runtime import Cancelled, Runtime, RuntimeBuildError, RuntimeNotReady, State
 from app.runtime_bundle import Bundle
 from app.runtime_locks import Lock, LockError, choose_backend, header
@@ -365,7 +365,7 @@ def test_a_resumed_build_starts_from_scratch_only_when_its_environment_cannot_im
 
 def _cli(f: Fake, capsys, *args: str) -> tuple[int, list[str]]:
     """``molink runtime ARGS`` on the fake's runtime and bundle: exit code and stdout lines."""
-    code = rtm.main(["--root", str(f.rt.root), "--bundle", str(f.dir), *args])
+    code = runtime_console.main(["--root", str(f.rt.root), "--bundle", str(f.dir), *args])
     return code, capsys.readouterr().out.splitlines()
 
 
