@@ -349,7 +349,9 @@ class WorkerLink:
                 self._answered_at = time.monotonic()
             if fut is not None and not fut.done():
                 fut.set_exception(StepFailed(f"{self.name}: {msg.message}"))
-            elif self._ready_waiter is not None and not self._ready_waiter.done():
+            elif msg.step_id < 0 and self._ready_waiter is not None and not self._ready_waiter.done():
+                # a load failure names no step; one that does is a late step (e.g. forwarded over a hop
+                # before a replay freed its cache), not the assignment failing
                 self._ready_waiter.set_exception(StepFailed(f"{self.name}: {msg.message}"))
             else:
                 log.warning("worker %s reports: %s", self.name, msg.message)
