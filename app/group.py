@@ -129,7 +129,7 @@ def describe_worker(w: dict) -> str:
         if w.get("layers")
         else f"no layers ({w.get('standby') or 'not placed yet'})"
     )
-    hop = f"; next stage {w['next_hop']}" if w.get("next_hop") else ""
+    hop = f"; hop on: {w['next_hop']}" if w.get("next_hop") else ""
     return (
         f"{w['device_name']} ({w['device']}{gpu}), {w['free_memory'] / 1e9:.1f} GB offered, "
         f"{w['gflops']:.0f} GFLOP/s, RAM {w['ram_total'] / 1e9:.0f} GB, {w['cpu_cores']} cores; link {link}; {layers}"

@@ -40,7 +40,8 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from worker_core.wire import CloseCode, ProtocolError, Result, Segment, Step, it
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
 from .group import Group
-from .link import LinkGone, StepFailed, WorkerLink
+from .link import Expected, LinkGone, StepFailed, WorkerLink
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import candidates, sample
 from .scheduler import (
@@ -74,6 +75,7 @@ PROFILE_SIZES = (1, 16, 64, 1, 16, 64)  # tokens of the start-up profile's steps
 LANE_SUPERVISION = 0.2  # seconds between checks that every lane task is alive
 IDLE_LANE_NAP = 0.5  # seconds a lane beyond the current micro-batch count sleeps before looking again
 NOTHING_TO_DO_NAP = 1.0  # seconds a lane with nothing to send waits for a wake-up at most
+LOOP_STEPS = 8  # steps a last stage may feed back on its own after one the master sent (Engine._loop_steps)
 
 
 class RequestRejected(Exception):
@@ -103,10 +105,14 @@ class Engine:
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
         self.clock = time.monotonic
         self.direct = True  # use the group's direct hops (off: relay every hop; benchmarks compare both)
+        self.loop_back = True  # let the last stage feed greedy tokens straight back (benchmarks compare)
+        self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
+        self._looping_lanes = 0  # lanes whose micro-batch loops back now
         # counters for /health and the dashboard
         self.tokens_generated = 0
         self.requests_finished = 0
         self.preemptions = 0
+        self.looped_steps = 0  # steps the last stage fed back to the first without the master
         self.stale_results = 0  # results of a pipeline (epoch) replaced while they were computed
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
@@ -209,6 +215,8 @@ class Engine:
             link.free(ids)
         for req in self.running.values():
             req.computed = req.scheduled = 0
+        for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
+            exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
         self._wake.set()
         self._load.set()
@@ -217,7 +225,7 @@ class Engine:
         """Admission control and preemption (decided by the scheduler, done here)."""
         if not self.group.serving:
             return
-        running = [KVView(r.id, len(r.tokens), r.order, r.in_flight > 0) for r in self.running.values()]
+        running = [KVView(r.id, _kv_held(r), r.order, r.in_flight > 0) for r in self.running.values()]
         waiting = [(r.id, len(r.tokens)) for r in self.waiting]
         admit, preempt = admit_and_preempt(running, waiting, self.group.kv_tokens, self.config.max_running)
         for rid in preempt:
@@ -352,38 +360,100 @@ class Engine:
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
+            loop = self._loop_steps(chunks, reqs, slots)
             for c, r in zip(chunks, reqs):
-                r.scheduled = c.start + c.length
+                r.scheduled = c.start + c.length + loop
                 r.in_flight += 1
-            failure: Exception | None = None
-            logits = None
+            looped: list[Expected] = []
+            awaited = 0
+            self._looping_lanes += bool(loop)
             try:
                 tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
-                logits = await self._relay(stages, epoch, chunks, tokens)
-            except (LinkGone, StepFailed, ProtocolError) as e:
-                failure = e
-            except Exception as e:  # a bug in the relay: these requests replay (then fail), the lane lives
-                log.exception("relay of a micro-batch failed")
-                failure = e
+                journey = self._relay(stages, epoch, chunks, tokens, loop=loop)
+                looped, _ = await self._step(epoch, chunks, reqs, key, slots, prefill, journey) or ([], 0)
+                self._looping.update(looped)
+                for exp in looped:  # the last stage feeds its greedy tokens straight back
+                    awaited += 1
+                    batch = [Chunk(c.request_id, c.start + c.length + awaited - 1, 1, True) for c in chunks]
+                    journey = self._await_looped(stages, epoch, batch, exp)
+                    outcome = await self._step(epoch, batch, reqs, key, slots, False, journey)
+                    if outcome is None:
+                        break
+                    self.looped_steps += 1
+                    if outcome[1] > 1:  # a hop went down on its way: relayed from there, nothing loops back
+                        break
             finally:
+                self._looping_lanes -= bool(loop)
+                for exp in looped[awaited:]:  # not awaited: a step failed, or the lane was cancelled
+                    exp.abandon()
+                self._looping.difference_update(looped)
                 for r in reqs:
                     r.in_flight -= 1
-            try:
-                if failure is not None or logits is None:
-                    self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
-                else:
-                    before = self.tokens_generated
-                    self._apply(epoch, chunks, logits)
-                    self.tuner.observe(self.clock(), key, slots, self.tokens_generated - before, prefill)
-            except Exception as e:  # a bug must cost these requests, not the lane or anyone else
-                log.exception("micro-batch bookkeeping failed")
-                for r in reqs:
-                    self._finish(r, RequestState.FAILED, "error", f"internal error: {type(e).__name__}")
-            finally:
                 done = [r.id for r in reqs if r.id not in self.running and r.in_flight == 0]
                 if done and self.group.epoch == epoch:
                     self._free_everywhere(done)
                 self._wake.set()
+
+    async def _step(
+        self,
+        epoch: int,
+        chunks: list[Chunk],
+        reqs: list[Request],
+        key: tuple[int, int],
+        slots: int,
+        prefill: bool,
+        journey: Awaitable[tuple[torch.Tensor, list[Expected], int]],
+    ) -> tuple[list[Expected], int] | None:
+        """Await one micro-batch step's journey and fold its logits in.  Returns the steps the
+        last stage loops back after it and the legs the journey took, or None when it failed
+        (its requests replay; what it would have looped back is given up)."""
+        failure: Exception | None = None
+        logits, looped, legs = None, [], 0
+        try:
+            logits, looped, legs = await journey
+        except (LinkGone, StepFailed, ProtocolError) as e:
+            failure = e
+        except Exception as e:  # a bug in the relay: these requests replay (then fail), the lane lives
+            log.exception("relay of a micro-batch failed")
+            failure = e
+        try:
+            if failure is not None or logits is None:
+                self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
+                return None
+            before = self.tokens_generated
+            self._apply(epoch, chunks, logits)
+            self.tuner.observe(self.clock(), key, slots, self.tokens_generated - before, prefill)
+        except Exception as e:  # a bug must cost these requests, not the lane or anyone else
+            log.exception("micro-batch bookkeeping failed")
+            for r in reqs:
+                self._finish(r, RequestState.FAILED, "error", f"internal error: {type(e).__name__}")
+            for exp in looped:
+                exp.abandon()
+            return None
+        return looped, legs
+
+    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request], slots: int) -> int:
+        """How many steps after this one the last stage may feed back to the first on its own
+        (``Step.loop``), skipping the master's two crossings per token: only where every hop and
+        the loop-back are direct, every request of the micro-batch samples greedily with nothing
+        that changes the argmax and gets a new token from this step, and a lane stays
+        master-driven (arrivals and prefills join within a step).  Bounded by each request's
+        ``max_tokens`` and context, and by the KV the running requests leave free."""
+        g = self.group
+        if not (self.loop_back and self.direct and g.loop_back.direct and all(h.direct for h in g.hops)):
+            return 0
+        if self._looping_lanes + 1 >= max(2, slots) or self.policy.max_microbatches < 2:
+            return 0
+        n = LOOP_STEPS
+        for c, r in zip(chunks, reqs):
+            p = r.params
+            if p.temperature != 0 or p.presence_penalty or p.frequency_penalty:
+                return 0
+            if not c.want_logits or c.start + c.length != len(r.tokens):
+                return 0
+            n = min(n, p.max_tokens - len(r.output) - 1, self.context_length - len(r.tokens) - 1)
+        held = sum(_kv_held(r) + 1 for r in self.running.values())
+        return max(0, min(n, (g.kv_tokens - held) // max(1, len(chunks))))
 
     async def _nap(self, seconds: float, event: asyncio.Event | None = None) -> None:
         """Sleep until ``event`` is set (default: something changes, a step ends or a request
@@ -411,41 +481,104 @@ class Engine:
         chunks: list[Chunk],
         tokens: dict[int, list[int]],
         direct: bool = True,
-    ) -> torch.Tensor:
+        loop: int = 0,
+        arrived: Coroutine[Any, Any, tuple[WorkerLink, Result]] | None = None,
+    ) -> tuple[torch.Tensor, list[Expected], int]:
         """One micro-batch through the pipeline: the token ids to the first stage, the last
         stage's logits back.  In between, each run of stages joined by direct hops takes the
         step from its first stage to its last without the master (``Step.forward``); every other
-        hop is relayed here.  A run that ends early (its hop went down) continues relayed."""
+        hop is relayed here.  A run that ends early (its hop went down) continues relayed.
+        ``loop``: the step asks the last stage to feed back that many steps on its own, when it
+        travels there in one run; they are returned, registered and not yet awaited.
+        ``arrived``: the first run is a step already travelling (looped back), awaited here.
+        Returns (logits, the looped steps, the runs the journey took: 1 when it went through)."""
         segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
         ids: list[int] = []
         for c in chunks:
             ids.extend(tokens[c.request_id])
         x = torch.tensor(ids, dtype=torch.int64)  # [T]
-        total = len(ids)
+        total = sum(c.length for c in chunks)
         dims = self.group.dims
         row = logits_row_width(self.config.logits_topk, dims.vocab_size)
         hops = self.group.hops if direct and self.direct else []
-        i = 0
-        while i < len(stages):
-            if self.group.epoch != epoch:  # replaced meanwhile: its caches are freed, make no new ones
-                raise LinkGone(f"the pipeline of epoch {epoch} was replaced")
-            end = i
-            while end < len(hops) and hops[end].direct:
-                end += 1
-            step = Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk, forward=end > i)
-            link, result = await self._call(stages, epoch, step, i, end)
-            at = stages.index(link)
-            if at < end:
-                self.group.hop_lost(epoch, at, f"{link.name} could not send on directly")
-            x = result.tensor  # hidden [T, hidden] or logits [n, row]
-            last = at == len(stages) - 1
-            expect = (sum(c.want_logits for c in chunks), row) if last else (total, dims.hidden_size)
-            if tuple(x.shape) != expect or not x.is_floating_point():
-                why = f"returned a tensor of shape {list(x.shape)} {x.dtype}, expected {list(expect)}"
-                link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
-                raise ProtocolError(f"worker {link.name} {why}")
-            i = at + 1
-        return x
+        looped: list[Expected] = []
+        i = legs = 0
+        try:
+            while i < len(stages):
+                if self.group.epoch != epoch:  # replaced meanwhile: its caches are freed, make no new ones
+                    raise LinkGone(f"the pipeline of epoch {epoch} was replaced")
+                end = i
+                while end < len(hops) and hops[end].direct:
+                    end += 1
+                if arrived is not None:
+                    link, result = await arrived
+                    arrived = None
+                else:
+                    whole = i == 0 and end == len(stages) - 1
+                    step = Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk, end > i)
+                    if loop and whole:
+                        step = replace(step, loop=loop)
+                        looped = self._expect_looped(stages, step)
+                    link, result = await self._call(stages, epoch, step, i, end)
+                legs += 1
+                at = stages.index(link)
+                if at < end:
+                    self.group.hop_lost(epoch, at, f"{link.name} could not send on directly")
+                    for exp in looped:  # the step never reached the last stage: nothing loops back
+                        exp.abandon()
+                    looped = []
+                x = result.tensor  # hidden [T, hidden] or logits [n, row]
+                last = at == len(stages) - 1
+                expect = (sum(c.want_logits for c in chunks), row) if last else (total, dims.hidden_size)
+                if tuple(x.shape) != expect or not x.is_floating_point():
+                    why = f"returned a tensor of shape {list(x.shape)} {x.dtype}, expected {list(expect)}"
+                    link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
+                    raise ProtocolError(f"worker {link.name} {why}")
+                i = at + 1
+        except BaseException:
+            for exp in looped:
+                exp.abandon()
+            raise
+        return x, looped, legs
+
+    def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
+        """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their
+        ids follow its id: taken from the counter here, before anything else can take one)."""
+        rows = len(step.segments)
+        looped = []
+        for _ in range(step.loop):
+            step_id = next(self._step_ids)
+            looped.append(stages[0].expect(step_id, tuple(stages[1:]), rows, 8 * rows))
+        return looped
+
+    async def _await_looped(
+        self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], exp: Expected
+    ) -> tuple[torch.Tensor, list[Expected], int]:
+        """The journey of a step the last stage fed back: awaited from the first stage on, like
+        a step sent over every direct hop (relayed on from wherever it stopped).  No answer
+        within the longest deadline of a stage: taken for lost on a hop that died quietly (every
+        hop and the loop-back are relayed from now on)."""
+        exp.start()
+        limit = max(link.step_deadline(exp.tokens, 8 * exp.tokens) for link in stages)
+
+        async def arrival() -> tuple[WorkerLink, Result]:
+            try:
+                return await asyncio.wait_for(exp.result(), limit)
+            except asyncio.TimeoutError:
+                self.group.loop_back_lost(epoch, f"a step fed back over it got no answer in {limit:.0f} s")
+                for hop in range(len(stages) - 1):
+                    self.group.hop_lost(epoch, hop, f"a looped step got no answer in {limit:.0f} s")
+                raise StepFailed(f"looped step {exp.step_id} got no answer in {limit:.0f} s") from None
+
+        arrived = arrival()
+        try:  # no token ids: the first run was sent by the last stage
+            return await self._relay(stages, epoch, chunks, {c.request_id: [] for c in chunks}, arrived=arrived)
+        except StepFailed as e:  # refused (its hop is down) or failed on its way: the master drives again
+            self.group.loop_back_lost(epoch, str(e))
+            raise
+        finally:
+            arrived.close()  # not awaited when the pipeline was replaced first; else a no-op
+            exp.abandon()  # a no-op once its result came
 
     async def _call(
         self, stages: list[WorkerLink], epoch: int, step: Step, first: int, last: int
@@ -538,3 +671,8 @@ class Engine:
                     raise RuntimeError(ev.error)
                 return req.output, "".join(text), ev.reason
             text.append(ev.text)
+
+
+def _kv_held(r: Request) -> int:
+    """KV tokens a running request holds or has in flight (a loop-back runs ahead of its tokens)."""
+    return max(len(r.tokens), r.scheduled)

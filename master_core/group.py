@@ -67,7 +67,7 @@ from .placement import (
     plan_pipeline,
     planner_members,
 )
-from .routes import Hop, route_pipeline
+from .routes import NO_LOOP_BACK, Hop, route_pipeline
 from .weight_source import WeightSource
 
 log = logging.getLogger("molink.group")
@@ -133,6 +133,7 @@ class Group:
         self.epoch = 0
         self.kv_tokens = 0  # smallest KV budget over the stages, in tokens
         self.hops: list[Hop] = []  # hop i: stage i -> stage i+1 of the current pipeline, direct or relayed
+        self.loop_back = NO_LOOP_BACK  # last stage -> first stage: greedy tokens go straight back when direct
         self.state = GroupState.WAITING
         self.problem: str | None = f"waiting for {config.min_workers} worker(s)"
         self._serving = asyncio.Event()  # set exactly while SERVING
@@ -320,7 +321,7 @@ class Group:
 
     def _invalidate(self) -> None:
         self.move(GroupState.PLACING, "placing the model on the members")
-        previous, self.stages, self.hops = self.stages, [], []
+        previous, self.stages, self.hops, self.loop_back = self.stages, [], [], NO_LOOP_BACK
         self.epoch += 1
         for listener in self._listeners:
             listener(previous)
@@ -404,12 +405,13 @@ class Group:
                     return
                 stages = [link for link, _ in chosen]
                 try:
-                    hops = await route_pipeline(stages, epoch, self.paired)
+                    hops, loop_back = await route_pipeline(stages, epoch, self.paired)
                 except (LinkGone, asyncio.TimeoutError) as e:
-                    hops = [Hop(False, reason=f"routing failed: {e or type(e).__name__}")] * (len(stages) - 1)
+                    loop_back = Hop(False, reason=f"routing failed: {e or type(e).__name__}")
+                    hops = [loop_back] * (len(stages) - 1)
                 if self.epoch != epoch:  # membership changed while routing
                     continue
-                self.stages, self.hops = stages, hops
+                self.stages, self.hops, self.loop_back = stages, hops, loop_back
                 self.kv_tokens = min(asg.kv_tokens for asg in assignments)
                 self.move(GroupState.SERVING)
                 log.info(
@@ -501,6 +503,8 @@ class Group:
     def _next_hop(self, link: WorkerLink) -> str | None:
         """How ``link``'s output reaches the next stage, for people (None: not a stage, or the last)."""
         i = self.stages.index(link) if link in self.stages else -1
+        if len(self.stages) > 1 and i == len(self.stages) - 1:
+            return f"back to the first stage: {self.loop_back.describe()}"
         return self.hops[i].describe() if 0 <= i < len(self.hops) else None
 
     def hop_lost(self, epoch: int, index: int, why: str) -> None:
@@ -508,6 +512,12 @@ class Group:
         if epoch == self.epoch and 0 <= index < len(self.hops) and self.hops[index].direct:
             self.hops[index] = Hop(False, reason=why)
             log.warning("hop %d (%s -> next stage) relayed from now on: %s", index, self.stages[index].name, why)
+
+    def loop_back_lost(self, epoch: int, why: str) -> None:
+        """The loop-back hop of ``epoch`` went down: the master drives every step from now on."""
+        if epoch == self.epoch and self.loop_back.direct:
+            self.loop_back = Hop(False, reason=why)
+            log.warning("loop-back hop (last stage -> first) given up: %s", why)
 
 
 def _log_failure(task: asyncio.Task, what: str) -> None:

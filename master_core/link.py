@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -120,6 +121,80 @@ class _Pending:
     future: asyncio.Future
     sent_at: float
     deadline: float  # seconds without any answer from this link after which the step is late
+
+
+def _register(step_id: int, run: tuple[WorkerLink, ...], tokens: int, nbytes: int, sent_at: float) -> _Pending:
+    """One pending entry for a step on every stage of its run (any of them may answer it)."""
+    deadline = sum(link.step_deadline(tokens, nbytes) for link in run)
+    pending = _Pending(asyncio.get_running_loop().create_future(), sent_at, deadline)
+    for link in run:
+        link._pending[step_id] = pending
+    return pending
+
+
+def _account(run: tuple[WorkerLink, ...], tokens: int, result: Result) -> None:
+    """Each stage's compute for a step, from its result's trail."""
+    computes = (*result.trail, result.compute_seconds)
+    for link, compute in zip(run, computes):
+        link.steps += 1
+        link.compute_seconds.append(compute)
+        link.stage_cost.observe(tokens, compute)
+        link.compute_total += compute
+
+
+class Expected:
+    """A step the master did not send but awaits (fed back by the last stage, ``Step.loop``)."""
+
+    def __init__(self, step_id: int, run: tuple[WorkerLink, ...], tokens: int, pending: _Pending) -> None:
+        self.step_id = step_id
+        self.run = run
+        self.tokens = tokens
+        self._pending = pending
+        self._settled = False  # its result was taken
+
+    @property
+    def future(self) -> asyncio.Future:
+        return self._pending.future
+
+    def start(self) -> None:
+        """The step exists now (its predecessor's result came): its deadline clock starts."""
+        self._pending.sent_at = time.monotonic()
+
+    async def result(self) -> tuple[WorkerLink, Result]:
+        """(the link that answered, the result), like :meth:`WorkerLink.call`."""
+        try:
+            answered, result = await self._pending.future
+        except BaseException:
+            self.abandon()
+            raise
+        self._forget()
+        self._settled = True
+        _account(self.run, self.tokens, result)
+        answered.step_bytes_total += result.tensor.numel() * result.tensor.element_size()
+        return answered, result
+
+    def fail(self, error: Exception) -> None:
+        """Its waiter gets ``error`` now (the pipeline it travels on is gone)."""
+        if not self._pending.future.done():
+            self._pending.future.set_exception(error)
+
+    def abandon(self) -> None:
+        """Not awaited any more: a late result of it is dropped, not a protocol error.  A no-op
+        once its result was taken."""
+        if self._settled:
+            return
+        fut = self._pending.future
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()  # retrieved: no "never retrieved" warning for an error nobody awaits
+        for link in self.run:
+            link._abandoned.append(self.step_id)
+        self._forget()
+
+    def _forget(self) -> None:
+        for link in self.run:
+            link._pending.pop(self.step_id, None)
 
 
 class WorkerLink:
@@ -241,18 +316,14 @@ class WorkerLink:
         (``step.forward``); the result comes from whichever of them ends the journey, and a
         ``Failure`` from any of them fails the call.  Each stage's compute is measured from the
         result's trail; the link's network cost only from a step that came straight back."""
-        fut = asyncio.get_running_loop().create_future()
         tokens = sum(s.length for s in step.segments)
         nbytes = step.tensor.numel() * step.tensor.element_size()
-        deadline = sum(link.step_deadline(tokens, nbytes) for link in (self, *onward))
-        pending = _Pending(fut, time.monotonic(), deadline)
         run = (self, *onward)
-        for link in run:
-            link._pending[step.step_id] = pending
+        pending = _register(step.step_id, run, tokens, nbytes, time.monotonic())
         t0 = time.perf_counter()
         try:
             sent = await self._send(step)
-            answered, result = await fut
+            answered, result = await pending.future
         except BaseException:
             for link in onward and run:  # still travelling: any stage of its run may yet answer
                 link._abandoned.append(step.step_id)
@@ -260,18 +331,20 @@ class WorkerLink:
         finally:
             for link in run:
                 link._pending.pop(step.step_id, None)
-        computes = (*result.trail, result.compute_seconds)
-        for link, compute in zip(run, computes):
-            link.steps += 1
-            link.compute_seconds.append(compute)
-            link.stage_cost.observe(tokens, compute)
-            link.compute_total += compute
+        _account(run, tokens, result)
         back = result.tensor.numel() * result.tensor.element_size()
         if answered is self:
             self.link_cost.observe(sent + back, max(0.0, time.perf_counter() - t0 - result.worker_seconds))
         self.step_bytes_total += sent
         answered.step_bytes_total += back
         return answered, result
+
+    def expect(self, step_id: int, onward: tuple[WorkerLink, ...], tokens: int, nbytes: int) -> Expected:
+        """Register step ``step_id``, which the last stage will send into this stage over the
+        loop-back hop (``Step.loop``) and which travels on like a step sent with ``onward``: its
+        result (or a ``Failure``) is then recognised.  Its deadline runs from ``Expected.start``."""
+        run = (self, *onward)
+        return Expected(step_id, run, tokens, _register(step_id, run, tokens, nbytes, math.inf))
 
     def free(self, request_ids: list[int]) -> None:
         """Drop these requests' KV caches on the worker.  The ``Free`` frame goes out before any

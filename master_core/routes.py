@@ -4,7 +4,9 @@ Contract
 --------
 ``await route_pipeline(stages, epoch, paired)`` runs once every stage of a new pipeline has
 answered ``Ready``, and returns one :class:`Hop` per hop (stage i -> stage i+1): direct, or
-relayed through the master with the reason.  A hop is tried when stage i+1 announced a hop
+relayed through the master with the reason; and the loop-back hop (last stage -> first stage,
+routed the same way: it carries greedy tokens straight back, ``Step.loop``; not direct: the
+master drives every step).  A hop is tried when stage i+1 announced a hop
 listener (``Hello.hop_port``) and, in a paired group, both stages' pinned certificates are
 known; stage i answers whether it dials at all (a worker may only dial: no inbound port, so no
 firewall prompt on Windows; or have direct hops off).  Its address (:func:`hop_address`): the
@@ -47,6 +49,9 @@ class Hop:
         return f"direct ({self.connect_ms:.0f} ms handshake)" if self.direct else f"relayed: {self.reason}"
 
 
+NO_LOOP_BACK = Hop(False, reason="no pipeline")
+
+
 def hop_address(link: WorkerLink, dialer: WorkerLink) -> str:
     """Where ``dialer`` dials ``link``'s hop listener ("" when it has none): the host ``link``
     announced; else, when both tunnels come from one address (one machine, or one home behind
@@ -62,15 +67,17 @@ def hop_address(link: WorkerLink, dialer: WorkerLink) -> str:
     return f"[{host}]:{hello.hop_port}" if ":" in host else f"{host}:{hello.hop_port}"
 
 
-async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> list[Hop]:
+async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> tuple[list[Hop], Hop]:
+    """(hop i: stage i -> stage i+1, for every i; the loop-back: last stage -> first stage)."""
     n = len(stages)
     if n < 2:
-        return []
-    addresses = ["", *(hop_address(stages[i + 1], stages[i]) for i in range(n - 1))]
+        return [], Hop(False, reason="one stage: its own tokens need no hop")
+    nxt = [(i + 1) % n for i in range(n)]  # hop i goes to stage nxt[i]; hop n-1 is the loop-back
+    addresses = [hop_address(stages[nxt[i]], stages[i]) for i in range(n)]
     why_not: list[str] = []
-    for i in range(n - 1):
-        a, b = stages[i], stages[i + 1]
-        if not addresses[i + 1]:
+    for i in range(n):
+        a, b = stages[i], stages[nxt[i]]
+        if not addresses[i]:
             why_not.append(f"{b.name} takes no inbound hops (direct hops off, or it only dials)")
         elif paired and not (a.cert and b.cert):
             why_not.append("no pinned certificate for one of the two")
@@ -79,18 +86,18 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
     tokens = [secrets.token_hex(16) if not why else "" for why in why_not]
 
     def accept(i: int) -> dict[str, str]:
-        if i == 0 or not tokens[i - 1]:
+        before = (i - 1) % n  # the stage that dials stage i (the last one dials the first)
+        if not tokens[before]:
             return {}
-        return {"accept_token": tokens[i - 1], "accept_cert": stages[i - 1].cert}
+        return {"accept_token": tokens[before], "accept_cert": stages[before].cert}
 
     await asyncio.gather(*(link.route(Route(epoch, **accept(i)), ROUTE_TIMEOUT) for i, link in enumerate(stages)))
 
     async def dial(i: int) -> Hop:
         if why_not[i]:
             return Hop(False, reason=why_not[i])
-        route = Route(
-            epoch, **accept(i), next_address=addresses[i + 1], next_cert=stages[i + 1].cert, next_token=tokens[i]
-        )
+        b = stages[nxt[i]]
+        route = Route(epoch, **accept(i), next_address=addresses[i], next_cert=b.cert, next_token=tokens[i])
         try:
             routed = await stages[i].route(route, ROUTE_TIMEOUT)
         except asyncio.TimeoutError:
@@ -99,4 +106,5 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
             Hop(True, routed.connect_ms) if routed.direct else Hop(False, reason=f"{stages[i].name}: {routed.reason}")
         )
 
-    return list(await asyncio.gather(*(dial(i) for i in range(n - 1))))
+    hops = list(await asyncio.gather(*(dial(i) for i in range(n))))
+    return hops[:-1], hops[-1]

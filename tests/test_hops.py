@@ -41,27 +41,35 @@ def test_direct_and_relayed_pipelines_give_transformers_tokens_and_direct_spares
             g = c.master.group
             start = g.epoch
             assert len(g.hops) == 2 and all(h.direct for h in g.hops), [h.describe() for h in g.hops]
+            assert g.loop_back.direct, g.loop_back.describe()
             shown = [m["next_hop"] for m in sorted(g.describe(), key=lambda m: m["stage"])]
-            assert shown[0].startswith("direct") and shown[1].startswith("direct") and shown[2] is None
+            assert shown[0].startswith("direct") and shown[1].startswith("direct")
+            assert shown[2].startswith("back to the first stage: direct")
             while not c.engine.profiled:  # the start-up profile is relayed: it measures every link
                 await asyncio.sleep(0.01)
-            out, spent = {}, {}
-            for mode in (True, False, True):  # direct, relayed, direct again (same group, same caches)
-                c.engine.direct = mode
-                before, tokens = _master_bytes(c.master), c.engine.tokens_generated
+            out, spent, looped = {}, {}, {}
+            # (direct hops, loop-back): both, relayed, direct only, both again (same group, same caches)
+            for mode in ((True, True), (False, False), (True, False), (True, True)):
+                c.engine.direct, c.engine.loop_back = mode
+                before, tokens, loops = _master_bytes(c.master), c.engine.tokens_generated, c.engine.looped_steps
                 got = await asyncio.gather(*(c.engine.generate(p, greedy(NEW)) for p in PROMPTS))
                 out.setdefault(mode, []).append([r[0] for r in got])
                 spent.setdefault(mode, []).append(
                     (_master_bytes(c.master) - before) / (c.engine.tokens_generated - tokens)
                 )
+                looped.setdefault(mode, []).append(c.engine.looped_steps - loops)
             assert all(h.direct for h in g.hops), "a hop fell back to the relay without a cause"
-            return out, spent, g.epoch - start
+            assert g.loop_back.direct, "the loop-back fell back without a cause"
+            assert all(link.pending == 0 for link in g.stages), "a fed-back step left an entry behind"
+            return out, spent, looped, g.epoch - start
 
-    out, spent, epoch = run(main())
-    assert out[True] == [want, want] and out[False] == [want]
+    out, spent, looped, epoch = run(main())
+    assert out[(True, True)] == [want, want] and out[(False, False)] == [want] and out[(True, False)] == [want]
     assert epoch == 0
+    # fed back without the master only where the loop-back is on
+    assert looped[(False, False)] == [0] and looped[(True, False)] == [0] and min(looped[(True, True)]) > 0, looped
     # relayed, each token's hidden states cross the master twice per inner hop; direct, never
-    assert max(spent[True]) <= 0.5 * spent[False][0], spent
+    assert max(spent[(True, True)] + spent[(True, False)]) <= 0.5 * spent[(False, False)][0], spent
 
 
 def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay_identical(ckpt, want):
@@ -127,27 +135,31 @@ def test_a_worker_that_only_dials_hops_onward_directly_and_is_fed_through_the_re
 LONG_PROMPTS = [list(range(30, 40)), list(range(50, 53))]
 
 
-def _break_a_hop_mid_generation(ckpt, breaks) -> tuple[list[list[int]], list, int, int, int]:
-    """3 direct stages; once 20 tokens are out, ``await breaks(hop)`` on one live direct hop, then
-    let both long answers finish: (tokens, hops at the end, epoch changes, workers lost, stale
-    results)."""
+def _break_a_hop_mid_generation(ckpt, breaks, loop_back: bool = False) -> tuple[list[list[int]], list, int, int, int]:
+    """3 direct stages; once 20 tokens are out, ``await breaks(hop)`` on one live direct hop (an
+    inner one, or with ``loop_back`` the last stage's hop back to the first), then let both long
+    answers finish: (tokens, hops at the end and the loop-back, epoch changes, workers lost,
+    stale results)."""
 
     async def main():
         async with Cluster(ckpt, workers=3) as c:
             g = c.master.group
             start, links = g.epoch, len(g.links)
-            assert all(h.direct for h in g.hops)
+            assert all(h.direct for h in g.hops) and g.loop_back.direct
+            c.engine.loop_back = loop_back
             while not c.engine.profiled:
                 await asyncio.sleep(0.01)
             gens = [asyncio.create_task(c.engine.generate(p, greedy(96))) for p in LONG_PROMPTS]
             while c.engine.tokens_generated < 20:
                 await asyncio.sleep(0.005)
             assert not any(t.done() for t in gens), "generation ended before the hop could break"
+            first = g.stages[0].hello.hop_port  # the loop-back dials the first stage's listener
             hops = [o for o in gc.get_objects() if type(o) is NextHop and o.down is None]
-            assert len(hops) == 2
-            await breaks(hops[0])
+            assert len(hops) == 3
+            await breaks(next(h for h in hops if (h._ws._response.url.port == first) == loop_back))
             got = await asyncio.wait_for(asyncio.gather(*gens), 120)
-            return [r[0] for r in got], list(g.hops), g.epoch - start, links - len(g.links), c.engine.stale_results
+            hops_then = [*g.hops, g.loop_back]
+            return [r[0] for r in got], hops_then, g.epoch - start, links - len(g.links), c.engine.stale_results
 
     return run(main())
 
@@ -159,8 +171,19 @@ def test_a_hop_lost_while_serving_falls_back_to_the_relay_without_a_replay(ckpt)
     got, hops, epoch, _, stale = _break_a_hop_mid_generation(ckpt, close)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epoch == 0 and stale == 0, "the fallback re-planned or replayed"
-    assert sum(not h.direct for h in hops) == 1, [h.describe() for h in hops]
+    assert sum(not h.direct for h in hops[:2]) == 1 and hops[2].direct, [h.describe() for h in hops]
     assert "could not send on directly" in next(h.reason for h in hops if not h.direct)
+
+
+def test_a_loop_back_lost_while_serving_hands_the_steps_back_to_the_master(ckpt):
+    async def close(hop: NextHop) -> None:  # the path from the last stage back to the first breaks
+        await hop._ws.close()
+
+    got, hops, epoch, _, _ = _break_a_hop_mid_generation(ckpt, close, loop_back=True)
+    assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
+    assert epoch == 0, "a lost loop-back re-planned the group"
+    assert all(h.direct for h in hops[:2]), [h.describe() for h in hops]
+    assert not hops[2].direct and "cannot loop back" in hops[2].reason, hops[2].describe()
 
 
 def test_paired_members_hop_directly_over_pinned_mutual_tls(ckpt, want, tmp_path):

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
+import torch
 
 from . import device as devices
 from . import model_source
@@ -52,8 +53,10 @@ from .wire import (
     Result,
     Route,
     Routed,
+    Segment,
     Step,
     encode,
+    greedy_ids,
     worker_frame_bound,
 )
 
@@ -244,8 +247,14 @@ class Session:
             compute = runner.last_compute_seconds
             result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
             hop = self.next_hop
-            if msg.forward and hop is not None and hop.epoch == msg.epoch:
-                onward = Step(msg.step_id, msg.epoch, msg.segments, out, msg.topk, True, (*msg.trail, compute))
+            if runner.shard.is_last:
+                if msg.loop:
+                    await self._loop_back(msg, out, runner.shard.vocab_size)
+                await self.send(result)
+            elif msg.forward and hop is not None and hop.epoch == msg.epoch:
+                onward = Step(
+                    msg.step_id, msg.epoch, msg.segments, out, msg.topk, True, (*msg.trail, compute), msg.loop
+                )
                 await hop.send(onward, lambda: self.send(result))
             else:
                 await self.send(result)
@@ -256,6 +265,25 @@ class Session:
             log.warning("master reports: %s", msg.message)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
+
+    async def _loop_back(self, msg: Step, rows: torch.Tensor, vocab_size: int) -> None:
+        """The last stage feeds its greedy tokens straight back to the first stage as the next
+        step (``Step.loop``); the master expects that step and is told at once when it cannot go."""
+        nxt = msg.step_id + 1
+        hop = self.next_hop
+
+        async def refuse(why: str) -> None:
+            await self.send(Failure(f"step {nxt} cannot loop back: {why}", nxt))
+
+        if not all(seg.want_logits for seg in msg.segments):
+            await refuse("a segment wants no logits")
+        elif hop is None or hop.epoch != msg.epoch:
+            await refuse("no loop-back hop to the first stage")
+        else:
+            segments = tuple(Segment(seg.request_id, seg.start + seg.length, 1, True) for seg in msg.segments)
+            tokens = greedy_ids(rows, msg.topk, vocab_size)
+            step = Step(nxt, msg.epoch, segments, tokens, msg.topk, forward=True, loop=msg.loop - 1)
+            await hop.send(step, lambda: refuse("the loop-back hop is down"))
 
     async def _route(self, msg: Route) -> Routed:
         """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,

@@ -53,6 +53,7 @@ MAX_NAME_CHARS = 128
 MAX_POSITION = 1 << 24  # tokens; no real context is longer
 MAX_ID = (1 << 63) - 1
 MAX_TOPK = 4096  # logits per row a last stage may be asked for
+MAX_LOOP = 256  # steps a last stage may feed back to the first stage on its own (Step.loop)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -101,6 +102,15 @@ class CloseCode(IntEnum):
 def itemsize(dtype: str) -> int:
     """Bytes per element of a compute dtype named as in ``DTYPES`` (e.g. ``Hello.dtype``)."""
     return DTYPES[dtype].itemsize
+
+
+def greedy_ids(rows: torch.Tensor, topk: int, vocab_size: int) -> torch.Tensor:
+    """Each row's most likely token id [n] int64, from the last stage's output rows (see
+    :class:`Result`): the first of equal maxima, as the master's greedy sampling picks it."""
+    if rows.shape[-1] == logits_row_width(topk, vocab_size) and 0 < topk < vocab_size:
+        best = rows[:, 1 : 1 + topk].argmax(dim=-1, keepdim=True)
+        return rows[:, 1 + topk :].gather(1, best).squeeze(1).long()
+    return rows.argmax(dim=-1).long()
 
 
 def logits_row_width(topk: int, vocab_size: int) -> int:
@@ -301,7 +311,11 @@ class Step:
     row (see :class:`Result`).  ``forward``: send the output on to the next stage over this
     stage's direct hop, when it has one, as a ``Step`` of the same id (else return a ``Result``
     to the master); ``trail``: compute seconds of the stages this step already went through
-    since it left the master."""
+    since it left the master.  ``loop`` (at most ``MAX_LOOP``), read by the last stage only:
+    after returning its ``Result``, feed each row's greedy token (:func:`greedy_ids`) back to
+    the first stage over the loop-back hop as step ``step_id + 1`` (each segment continuing
+    with one token, ``forward`` set, ``loop - 1``); every segment must want logits.  When it
+    cannot, it answers that next step with a ``Failure``."""
 
     step_id: int
     epoch: int
@@ -310,6 +324,7 @@ class Step:
     topk: int = 0
     forward: bool = False
     trail: tuple[float, ...] = ()
+    loop: int = 0
 
 
 @dataclass(frozen=True)
@@ -578,6 +593,7 @@ def encode(msg: Message) -> bytes:
                 "tensor": spec,
                 "forward": msg.forward,
                 "trail": list(msg.trail),
+                "loop": msg.loop,
             },
         )
     elif isinstance(msg, Result):
@@ -709,6 +725,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             topk=_int(h, "topk", 0, MAX_TOPK),
             forward=_bool({"forward": h.get("forward", False)}, "forward"),
             trail=_trail(h),
+            loop=_int({"loop": h.get("loop", 0)}, "loop", 0, MAX_LOOP),
         )
     if kind is Kind.RESULT:
         return Result(
