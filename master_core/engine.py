@@ -349,7 +349,7 @@ class Engine:
             await self._profiled.wait()
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
-            if index >= slots and index > 0:
+            if index >= slots + self._looping_lanes and index > 0:  # a looping lane needs no slot
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
             self._admit()
@@ -360,7 +360,7 @@ class Engine:
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
-            loop = self._loop_steps(chunks, reqs, slots)
+            loop = self._loop_steps(chunks, reqs)
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length + loop
                 r.in_flight += 1
@@ -382,6 +382,8 @@ class Engine:
                     self.looped_steps += 1
                     if outcome[1] > 1:  # a hop went down on its way: relayed from there, nothing loops back
                         break
+                    if not any(r.id in self.running for r in reqs):  # all ended (stop, cancel): free them now;
+                        break  # a step still looping then finds no cache on some stage and goes no further
             finally:
                 self._looping_lanes -= bool(loop)
                 for exp in looped[awaited:]:  # not awaited: a step failed, or the lane was cancelled
@@ -432,17 +434,18 @@ class Engine:
             return None
         return looped, legs
 
-    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request], slots: int) -> int:
+    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
         (``Step.loop``), skipping the master's two crossings per token: only where every hop and
         the loop-back are direct, every request of the micro-batch samples greedily with nothing
-        that changes the argmax and gets a new token from this step, and a lane stays
-        master-driven (arrivals and prefills join within a step).  Bounded by each request's
+        that changes the argmax and gets a new token from this step, and a lane is left for the
+        master (a looping lane takes no slot: another lane admits arrivals and prefills them
+        meanwhile).  Bounded by each request's
         ``max_tokens`` and context, and by the KV the running requests leave free."""
         g = self.group
         if not (self.loop_back and self.direct and g.loop_back.direct and all(h.direct for h in g.hops)):
             return 0
-        if self._looping_lanes + 1 >= max(2, slots) or self.policy.max_microbatches < 2:
+        if self._looping_lanes + 1 >= self.policy.max_microbatches:
             return 0
         n = LOOP_STEPS
         for c, r in zip(chunks, reqs):

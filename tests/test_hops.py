@@ -11,6 +11,7 @@ import torch
 from harness import Cluster, greedy, join_member, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
+from master_core.engine import LOOP_STEPS
 from master_core.server import Master
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
 from worker_core.identity import load_or_create
@@ -312,3 +313,29 @@ def test_a_step_lost_on_a_hop_that_died_quietly_is_replayed_relayed_and_no_worke
     assert epochs == 0 and links == 0, "a worker was dropped for a hop's fault"
     relayed = [h for h in hops if not h.direct]
     assert relayed and all("got no answer" in h.reason for h in relayed), [h.describe() for h in hops]
+
+
+def test_a_request_arriving_while_the_last_stage_loops_back_is_served_at_once(ckpt):
+    """A looping micro-batch takes no lane slot: another lane admits and serves an arrival while
+    the loop runs (it would otherwise wait for up to LOOP_STEPS of the running stream's steps)."""
+
+    async def main():
+        async with Cluster(ckpt, workers=3) as c:
+            while not c.engine.profiled:
+                await asyncio.sleep(0.01)
+            long = c.engine.submit([5, 6, 7], greedy(400))
+            waits = []
+            for _ in range(4):
+                while len(long.output) < 20 + 40 * len(waits):
+                    await asyncio.sleep(0.001)
+                before = len(long.output)
+                short = c.engine.submit([40 + len(waits), 41], greedy(1))
+                await asyncio.wait_for(short.events.get(), 30)
+                waits.append(len(long.output) - before)
+            looped = c.engine.looped_steps
+            c.engine.cancel(long)
+            return waits, looped
+
+    waits, looped = run(main())
+    assert looped > 0
+    assert max(waits) <= 4, f"arrivals waited {waits} tokens of the looping stream (a loop is {LOOP_STEPS} steps)"

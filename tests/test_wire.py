@@ -111,6 +111,26 @@ def test_tensor_messages_round_trip(dtype):
     assert isinstance(onward, Step) and onward.forward and onward.trail == (0.01, 0.02) and onward.topk == 8
     back = decode(encode(Result(5, 2, 0.25, 0.5, ids, (0.01, 0.02))))
     assert isinstance(back, Result) and back.trail == (0.01, 0.02)
+    looped = decode(encode(Step(5, 2, segs, x, 8, forward=True, loop=7)))
+    assert isinstance(looped, Step) and looped.loop == 7 and decode(encode(Step(5, 2, segs, x))).loop == 0
+
+
+def test_the_last_stage_picks_the_greedy_token_the_master_would():
+    from master_core.request import SamplingParams
+    from master_core.sampling import candidates, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: whichever the row lists first, on both sides
+    k = 8
+    values, ids = torch.topk(logits, k, dim=-1)
+    packed = torch.cat([torch.logsumexp(logits, -1, keepdim=True), values, ids.float()], dim=-1)
+    greedy = SamplingParams(temperature=0.0)
+    for rows, topk in ((packed, k), (logits, 0)):
+        got = wire.greedy_ids(rows, topk, 50)
+        want = [sample(*candidates(row, topk), greedy, torch.Generator(), []).token_id for row in rows]
+        assert got.dtype == torch.int64 and got.tolist() == want  # the same rows give the same choice
+        assert all(float(logits[i, t]) == float(logits[i].max()) for i, t in enumerate(want))
 
 
 def _frame(kind, header, payload=b"", version=wire.PROTOCOL_VERSION, magic=b"MLK"):
@@ -317,6 +337,9 @@ BAD_FRAMES |= {
     "step forward not bool": _frame(wire.Kind.STEP, _step_header(forward="yes"), GOOD_PAYLOAD),
     "step trail negative": _frame(wire.Kind.STEP, _step_header(trail=[0.1, -1.0]), GOOD_PAYLOAD),
     "step trail not list": _frame(wire.Kind.STEP, _step_header(trail=0.1), GOOD_PAYLOAD),
+    "step loop negative": _frame(wire.Kind.STEP, _step_header(loop=-1), GOOD_PAYLOAD),
+    "step loop too long": _frame(wire.Kind.STEP, _step_header(loop=wire.MAX_LOOP + 1), GOOD_PAYLOAD),
+    "step loop not int": _frame(wire.Kind.STEP, _step_header(loop=True), GOOD_PAYLOAD),
     "hello hop host with a path": _frame(wire.Kind.HELLO, HELLO | {"hop_host": "a/b"}),
     "hello hop port too big": _frame(wire.Kind.HELLO, HELLO | {"hop_port": 70000}),
 }
