@@ -153,6 +153,8 @@ class Dashboard:
                 "epoch": g.epoch,
                 "members": members,
                 "pipeline": pipeline,
+                # the last stage feeding greedy tokens straight back to the first (Step.loop)
+                "loop_back": g.loop_back.describe() if len(g.stages) > 1 else None,
                 "series": list(self.series),
                 "queue": queue,
                 "errors": list(self.errors.items)[::-1],

@@ -60,6 +60,12 @@ function render(s) {
         el("div", { class: "layers" }, `layers ${p.layers[0]}–${p.layers[1] - 1}`),
         el("div", { class: "muted" }, `${fmt(p.compute_ms)} ms / step`)));
     });
+    if (s.loop_back) {
+      const back = s.loop_back.startsWith("direct");
+      pipe.append(el("div", { class: "link" + (back ? " direct" : ""), title: "last stage → first stage: " + s.loop_back },
+        el("span", { class: "arrow" }, "↩"),
+        el("span", {}, back ? "greedy tokens loop back" : "master drives each step")));
+    }
   } else pipe.append(el("p", { class: "muted" }, "no stages yet"));
 
   const mb = $("members").tBodies[0];
