@@ -5,7 +5,7 @@ process, ``opts.workers`` worker processes on the default model, every worker's 
 at the profile's one-way delay and rate: its tunnel both ways, and its direct hop to the next
 stage on the sending side, so every pair of machines is the same distance apart) and runs one
 greedy stream at a time, alternating the engine between three modes (``ROUNDS`` rounds of each,
-same prompt): direct hops with the loop-back (the last stage feeds greedy tokens straight back
+same prompt): direct hops with the loop-back (the last stage draws the next tokens and feeds them straight back
 to the first, ``Step.loop``), direct hops with the master sending every step, and relaying every
 hop through the master.  Per mode it reports the median
 single-stream TPOT over the rounds and the master's bytes per generated token (every frame on

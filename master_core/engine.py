@@ -41,20 +41,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from worker_core.sampling import candidates, token_generator
 from worker_core.tasks import end_tasks
-from worker_core.wire import CloseCode, ProtocolError, Result, Segment, Step, itemsize, logits_row_width
+from worker_core.wire import CloseCode, Draw, ProtocolError, Result, Segment, Step, itemsize, logits_row_width
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
 from .group import Group
 from .link import Expected, LinkGone, StepFailed, WorkerLink
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
-from .sampling import candidates, sample
+from .sampling import chosen, sample
 from .scheduler import (
     Candidate,
     Chunk,
@@ -76,6 +77,18 @@ LANE_SUPERVISION = 0.2  # seconds between checks that every lane task is alive
 IDLE_LANE_NAP = 0.5  # seconds a lane beyond the current micro-batch count sleeps before looking again
 NOTHING_TO_DO_NAP = 1.0  # seconds a lane with nothing to send waits for a wake-up at most
 LOOP_STEPS = 8  # steps a last stage may feed back on its own after one the master sent (Engine._loop_steps)
+
+
+@dataclass(frozen=True)
+class Journey:
+    """A step's way through the pipeline: the last stage's rows, the tokens it drew and fed back
+    (one per row; none when the master draws), the steps it loops back next (registered, not yet
+    awaited) and the runs it took (1: it went through without the master)."""
+
+    logits: torch.Tensor
+    tokens: tuple[int, ...]
+    looped: list[Expected]
+    legs: int
 
 
 class RequestRejected(Exception):
@@ -105,7 +118,7 @@ class Engine:
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
         self.clock = time.monotonic
         self.direct = True  # use the group's direct hops (off: relay every hop; benchmarks compare both)
-        self.loop_back = True  # let the last stage feed greedy tokens straight back (benchmarks compare)
+        self.loop_back = True  # let the last stage feed its drawn tokens straight back (benchmarks compare)
         self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
         self._looping_lanes = 0  # lanes whose micro-batch loops back now
         # counters for /health and the dashboard
@@ -369,18 +382,20 @@ class Engine:
             self._looping_lanes += bool(loop)
             try:
                 tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
-                journey = self._relay(stages, epoch, chunks, tokens, loop=loop)
-                looped, _ = await self._step(epoch, chunks, reqs, key, slots, prefill, journey) or ([], 0)
+                draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
+                journey = self._relay(stages, epoch, chunks, tokens, loop=loop, draws=draws)
+                went = await self._step(epoch, chunks, reqs, key, slots, prefill, journey)
+                looped = went.looped if went is not None else []
                 self._looping.update(looped)
-                for exp in looped:  # the last stage feeds its greedy tokens straight back
+                for exp in looped:  # the last stage feeds the tokens it drew straight back
                     awaited += 1
                     batch = [Chunk(c.request_id, c.start + c.length + awaited - 1, 1, True) for c in chunks]
                     journey = self._await_looped(stages, epoch, batch, exp)
-                    outcome = await self._step(epoch, batch, reqs, key, slots, False, journey)
-                    if outcome is None:
+                    went = await self._step(epoch, batch, reqs, key, slots, False, journey)
+                    if went is None:
                         break
                     self.looped_steps += 1
-                    if outcome[1] > 1:  # a hop went down on its way: relayed from there, nothing loops back
+                    if went.legs > 1:  # a hop went down on its way: relayed from there, nothing loops back
                         break
                     if not any(r.id in self.running for r in reqs):  # all ended (stop, cancel): free them now;
                         break  # a step still looping then finds no cache on some stage and goes no further
@@ -404,44 +419,45 @@ class Engine:
         key: tuple[int, int],
         slots: int,
         prefill: bool,
-        journey: Awaitable[tuple[torch.Tensor, list[Expected], int]],
-    ) -> tuple[list[Expected], int] | None:
-        """Await one micro-batch step's journey and fold its logits in.  Returns the steps the
-        last stage loops back after it and the legs the journey took, or None when it failed
-        (its requests replay; what it would have looped back is given up)."""
+        journey: Awaitable[Journey],
+    ) -> Journey | None:
+        """Await one micro-batch step's journey and fold its logits in (and the tokens the last
+        stage drew, when it fed them back).  Returns the journey, or None when it failed (its
+        requests replay; what it would have looped back is given up)."""
         failure: Exception | None = None
-        logits, looped, legs = None, [], 0
+        went: Journey | None = None
         try:
-            logits, looped, legs = await journey
+            went = await journey
         except (LinkGone, StepFailed, ProtocolError) as e:
             failure = e
         except Exception as e:  # a bug in the relay: these requests replay (then fail), the lane lives
             log.exception("relay of a micro-batch failed")
             failure = e
         try:
-            if failure is not None or logits is None:
+            if failure is not None or went is None:
                 self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
                 return None
             before = self.tokens_generated
-            self._apply(epoch, chunks, logits)
+            self._apply(epoch, chunks, went.logits, went.tokens)
             self.tuner.observe(self.clock(), key, slots, self.tokens_generated - before, prefill)
         except Exception as e:  # a bug must cost these requests, not the lane or anyone else
             log.exception("micro-batch bookkeeping failed")
             for r in reqs:
                 self._finish(r, RequestState.FAILED, "error", f"internal error: {type(e).__name__}")
-            for exp in looped:
+            for exp in went.looped if went is not None else []:
                 exp.abandon()
             return None
-        return looped, legs
+        return went
 
     def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
-        (``Step.loop``), skipping the master's two crossings per token: only where every hop and
-        the loop-back are direct, every request of the micro-batch samples greedily with nothing
-        that changes the argmax and gets a new token from this step, and a lane is left for the
-        master (a looping lane takes no slot: another lane admits arrivals and prefills them
-        meanwhile).  Bounded by each request's
-        ``max_tokens`` and context, and by the KV the running requests leave free."""
+        (``Step.loop``, drawing each token as the master would: ``wire.Draw``), skipping the
+        master's two crossings per token: only where every hop and the loop-back are direct,
+        no request of the micro-batch has presence or frequency penalties (they need the output,
+        which the last stage does not see), each gets a new token from this step, and a lane is
+        left for the master (a looping lane takes no slot: another lane admits arrivals and
+        prefills them meanwhile).  Bounded by each request's ``max_tokens`` and context, and by
+        the KV the running requests leave free."""
         g = self.group
         if not (self.loop_back and self.direct and g.loop_back.direct and all(h.direct for h in g.hops)):
             return 0
@@ -450,7 +466,7 @@ class Engine:
         n = LOOP_STEPS
         for c, r in zip(chunks, reqs):
             p = r.params
-            if p.temperature != 0 or p.presence_penalty or p.frequency_penalty:
+            if p.presence_penalty or p.frequency_penalty:  # the last stage does not see the output
                 return 0
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
@@ -485,8 +501,9 @@ class Engine:
         tokens: dict[int, list[int]],
         direct: bool = True,
         loop: int = 0,
+        draws: tuple[Draw, ...] = (),
         arrived: Coroutine[Any, Any, tuple[WorkerLink, Result]] | None = None,
-    ) -> tuple[torch.Tensor, list[Expected], int]:
+    ) -> Journey:
         """One micro-batch through the pipeline: the token ids to the first stage, the last
         stage's logits back.  In between, each run of stages joined by direct hops takes the
         step from its first stage to its last without the master (``Step.forward``); every other
@@ -505,6 +522,7 @@ class Engine:
         row = logits_row_width(self.config.logits_topk, dims.vocab_size)
         hops = self.group.hops if direct and self.direct else []
         looped: list[Expected] = []
+        drawn: tuple[int, ...] = ()
         i = legs = 0
         try:
             while i < len(stages):
@@ -520,7 +538,7 @@ class Engine:
                     whole = i == 0 and end == len(stages) - 1
                     step = Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk, end > i)
                     if loop and whole:
-                        step = replace(step, loop=loop)
+                        step = replace(step, loop=loop, draws=draws)
                         looped = self._expect_looped(stages, step)
                     link, result = await self._call(stages, epoch, step, i, end)
                 legs += 1
@@ -533,6 +551,11 @@ class Engine:
                 x = result.tensor  # hidden [T, hidden] or logits [n, row]
                 last = at == len(stages) - 1
                 expect = (sum(c.want_logits for c in chunks), row) if last else (total, dims.hidden_size)
+                drawn = result.tokens
+                if drawn and (not last or len(drawn) != expect[0] or max(drawn) >= dims.vocab_size):
+                    why = f"named {len(drawn)} drawn tokens for {expect[0]} rows"
+                    link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
+                    raise ProtocolError(f"worker {link.name} {why}")
                 if tuple(x.shape) != expect or not x.is_floating_point():
                     why = f"returned a tensor of shape {list(x.shape)} {x.dtype}, expected {list(expect)}"
                     link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
@@ -542,7 +565,7 @@ class Engine:
             for exp in looped:
                 exp.abandon()
             raise
-        return x, looped, legs
+        return Journey(x, drawn, looped, legs)
 
     def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
         """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their
@@ -554,9 +577,7 @@ class Engine:
             looped.append(stages[0].expect(step_id, tuple(stages[1:]), rows, 8 * rows))
         return looped
 
-    async def _await_looped(
-        self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], exp: Expected
-    ) -> tuple[torch.Tensor, list[Expected], int]:
+    async def _await_looped(self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], exp: Expected) -> Journey:
         """The journey of a step the last stage fed back: awaited from the first stage on, like
         a step sent over every direct hop (relayed on from wherever it stopped).  No answer
         within the longest deadline of a stage: taken for lost on a hop that died quietly (every
@@ -605,7 +626,9 @@ class Engine:
                 self.group.hop_lost(epoch, hop, f"a step sent over it got no answer in {limit:.0f} s")
             raise StepFailed(f"step {step.step_id} got no answer over direct hops in {limit:.0f} s") from None
 
-    def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor) -> None:
+    def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor, drawn: tuple[int, ...] = ()) -> None:
+        """Fold a step's logits in: each finished row gives its request a token, drawn here, or
+        the one the last stage drew and fed back (``drawn``, one per row)."""
         if self.group.epoch != epoch:
             self.stale_results += 1
             return  # computed on a pipeline that no longer exists; the requests are replayed
@@ -623,7 +646,11 @@ class Engine:
                 continue
             try:
                 values, ids, lse = candidates(logits[row - 1], self.config.logits_topk)
-                s = sample(values, ids, lse, req.params, req.generator, req.output)
+                if drawn:
+                    s = chosen(values, ids, lse, drawn[row - 1], req.params)
+                else:
+                    generator = token_generator(req.seed, len(req.tokens))
+                    s = sample(values, ids, lse, req.params, generator, req.output)
                 req.tokens.append(s.token_id)
                 self.tokens_generated += 1
                 if req.first_token_at is None:

@@ -133,7 +133,7 @@ class Group:
         self.epoch = 0
         self.kv_tokens = 0  # smallest KV budget over the stages, in tokens
         self.hops: list[Hop] = []  # hop i: stage i -> stage i+1 of the current pipeline, direct or relayed
-        self.loop_back = NO_LOOP_BACK  # last stage -> first stage: greedy tokens go straight back when direct
+        self.loop_back = NO_LOOP_BACK  # last stage -> first stage: drawn tokens go straight back when direct
         self.state = GroupState.WAITING
         self.problem: str | None = f"waiting for {config.min_workers} worker(s)"
         self._serving = asyncio.Event()  # set exactly while SERVING

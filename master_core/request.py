@@ -14,10 +14,9 @@ Its ``id`` is given by the engine that owns it.  Knows nothing about I/O.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass, field
 from enum import Enum
-
-import torch
 
 
 class RequestState(Enum):
@@ -32,6 +31,7 @@ _ALLOWED = {
     RequestState.QUEUED: {RequestState.RUNNING, RequestState.FAILED, RequestState.CANCELLED},
     RequestState.RUNNING: {RequestState.QUEUED, RequestState.DONE, RequestState.FAILED, RequestState.CANCELLED},
 }
+SEED_MASK = (1 << 64) - 1
 FINAL = frozenset({RequestState.DONE, RequestState.FAILED, RequestState.CANCELLED})
 
 
@@ -78,17 +78,15 @@ class Request:
     finish_reason: str | None = None
     retries: int = 0
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    seed: int = 0  # of its draws (the client's seed, else random): see worker_core.sampling.token_generator
     arrival: float = 0.0  # seconds (engine clock)
     first_token_at: float | None = None
     finished_at: float | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
-        if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed)
-        else:
-            self.generator.seed()
+        given = self.params.seed
+        self.seed = (given if given is not None else secrets.randbits(64)) & SEED_MASK
 
     @property
     def output(self) -> list[int]:

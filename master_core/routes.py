@@ -5,7 +5,7 @@ Contract
 ``await route_pipeline(stages, epoch, paired)`` runs once every stage of a new pipeline has
 answered ``Ready``, and returns one :class:`Hop` per hop (stage i -> stage i+1): direct, or
 relayed through the master with the reason; and the loop-back hop (last stage -> first stage,
-routed the same way: it carries greedy tokens straight back, ``Step.loop``; not direct: the
+routed the same way: it carries the drawn tokens straight back, ``Step.loop``; not direct: the
 master drives every step).  A hop is tried when stage i+1 announced a hop
 listener (``Hello.hop_port``) and, in a paired group, both stages' pinned certificates are
 known; stage i answers whether it dials at all (a worker may only dial: no inbound port, so no

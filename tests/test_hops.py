@@ -12,6 +12,7 @@ from harness import Cluster, greedy, join_member, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.engine import LOOP_STEPS
+from master_core.request import SamplingParams
 from master_core.server import Master
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
 from worker_core.identity import load_or_create
@@ -339,3 +340,27 @@ def test_a_request_arriving_while_the_last_stage_loops_back_is_served_at_once(ck
     waits, looped = run(main())
     assert looped > 0
     assert max(waits) <= 4, f"arrivals waited {waits} tokens of the looping stream (a loop is {LOOP_STEPS} steps)"
+
+
+def test_sampled_requests_loop_back_too_and_draw_what_the_master_would(ckpt, want):
+    """The last stage draws sampled tokens with the request's seed, position by position, as the
+    master does: the same seeded requests give the same tokens with the loop-back on and off."""
+    params = [SamplingParams(max_tokens=NEW, temperature=0.9, top_p=0.9, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+
+    async def main():
+        async with Cluster(ckpt, workers=3) as c:
+            while not c.engine.profiled:
+                await asyncio.sleep(0.01)
+            out, looped = [], []
+            for on in (True, False, True):
+                c.engine.loop_back = on
+                before = c.engine.looped_steps
+                got = await asyncio.gather(*(c.engine.generate(p, sp) for p, sp in zip(PROMPTS, params)))
+                out.append([r[0] for r in got])
+                looped.append(c.engine.looped_steps - before)
+            return out, looped
+
+    out, looped = run(main())
+    assert out[0] == out[1] == out[2], "the loop-back drew other tokens than the master"
+    assert looped[0] > 0 and looped[1] == 0 and looped[2] > 0, looped
+    assert out[0] != want, "these tokens are not sampled"

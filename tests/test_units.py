@@ -5,10 +5,10 @@ import torch
 
 from master_core.placement import kv_token_budget
 from master_core.request import Request, RequestState, SamplingParams
-from master_core.sampling import candidates
 from master_core.sampling import sample as sample_row
 from master_core.scheduler import Candidate, Chunk, microbatch_share, plan_microbatch
 from master_core.text import TextStream
+from worker_core.sampling import candidates
 
 
 def test_kv_budget():

@@ -111,13 +111,19 @@ def test_tensor_messages_round_trip(dtype):
     assert isinstance(onward, Step) and onward.forward and onward.trail == (0.01, 0.02) and onward.topk == 8
     back = decode(encode(Result(5, 2, 0.25, 0.5, ids, (0.01, 0.02))))
     assert isinstance(back, Result) and back.trail == (0.01, 0.02)
-    looped = decode(encode(Step(5, 2, segs, x, 8, forward=True, loop=7)))
-    assert isinstance(looped, Step) and looped.loop == 7 and decode(encode(Step(5, 2, segs, x))).loop == 0
+    draws = (wire.Draw(0.0, 1.0, 0), wire.Draw(0.7, 0.9, (1 << 64) - 1))
+    looped = decode(encode(Step(5, 2, segs, x, 8, forward=True, loop=7, draws=draws)))
+    assert isinstance(looped, Step) and looped.loop == 7 and looped.draws == draws
+    plain = decode(encode(Step(5, 2, segs, x)))
+    assert isinstance(plain, Step) and plain.loop == 0 and plain.draws == ()
+    drawn = decode(encode(Result(5, 2, 0.25, 0.5, ids, tokens=(3, 0))))
+    assert isinstance(drawn, Result) and drawn.tokens == (3, 0)
 
 
-def test_the_last_stage_picks_the_greedy_token_the_master_would():
+def test_the_last_stage_draws_the_token_the_master_would():
     from master_core.request import SamplingParams
-    from master_core.sampling import candidates, sample
+    from master_core.sampling import sample
+    from worker_core.sampling import candidates, draw, token_generator
 
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
@@ -125,12 +131,18 @@ def test_the_last_stage_picks_the_greedy_token_the_master_would():
     k = 8
     values, ids = torch.topk(logits, k, dim=-1)
     packed = torch.cat([torch.logsumexp(logits, -1, keepdim=True), values, ids.float()], dim=-1)
-    greedy = SamplingParams(temperature=0.0)
-    for rows, topk in ((packed, k), (logits, 0)):
-        got = wire.greedy_ids(rows, topk, 50)
-        want = [sample(*candidates(row, topk), greedy, torch.Generator(), []).token_id for row in rows]
-        assert got.dtype == torch.int64 and got.tolist() == want  # the same rows give the same choice
-        assert all(float(logits[i, t]) == float(logits[i].max()) for i, t in enumerate(want))
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_p=0.8)):
+        for rows, topk in ((packed, k), (logits, 0)):
+            for position, row in enumerate(rows):
+                v, i, lse = candidates(row, topk)
+                stage = draw(v, i, params.temperature, params.top_p, token_generator(1234, position))
+                master = sample(v, i, lse, params, token_generator(1234, position), []).token_id
+                assert stage == master
+                if params.temperature == 0:
+                    assert float(logits[position, stage]) == float(logits[position].max())
+    # the same seed and position draw the same token; other positions draw from fresh streams
+    g = [torch.rand(4, generator=token_generator(7, p)).tolist() for p in (5, 5, 6)]
+    assert g[0] == g[1] != g[2]
 
 
 def _frame(kind, header, payload=b"", version=wire.PROTOCOL_VERSION, magic=b"MLK"):
@@ -144,6 +156,7 @@ def _step_header(**over):
         "epoch": 0,
         "segments": [{"request_id": 1, "start": 0, "length": 2, "want_logits": True}],
         "tensor": {"dtype": "int64", "shape": [2]},
+        "topk": 0,
     }
     h.update(over)
     return h
@@ -337,9 +350,21 @@ BAD_FRAMES |= {
     "step forward not bool": _frame(wire.Kind.STEP, _step_header(forward="yes"), GOOD_PAYLOAD),
     "step trail negative": _frame(wire.Kind.STEP, _step_header(trail=[0.1, -1.0]), GOOD_PAYLOAD),
     "step trail not list": _frame(wire.Kind.STEP, _step_header(trail=0.1), GOOD_PAYLOAD),
-    "step loop negative": _frame(wire.Kind.STEP, _step_header(loop=-1), GOOD_PAYLOAD),
-    "step loop too long": _frame(wire.Kind.STEP, _step_header(loop=wire.MAX_LOOP + 1), GOOD_PAYLOAD),
-    "step loop not int": _frame(wire.Kind.STEP, _step_header(loop=True), GOOD_PAYLOAD),
+    "step loop negative": _frame(wire.Kind.STEP, _step_header(loop=-1, draws=[[0, 1, 0]]), GOOD_PAYLOAD),
+    "step loop too long": _frame(wire.Kind.STEP, _step_header(loop=wire.MAX_LOOP + 1, draws=[[0, 1, 0]]), GOOD_PAYLOAD),
+    "step loop not int": _frame(wire.Kind.STEP, _step_header(loop=True, draws=[[0, 1, 0]]), GOOD_PAYLOAD),
+    "step loop without draws": _frame(wire.Kind.STEP, _step_header(loop=2), GOOD_PAYLOAD),
+    "step draws without loop": _frame(wire.Kind.STEP, _step_header(draws=[[0, 1, 0]]), GOOD_PAYLOAD),
+    "step draw top_p zero": _frame(wire.Kind.STEP, _step_header(loop=1, draws=[[0.5, 0, 0]]), GOOD_PAYLOAD),
+    "step draw hot": _frame(wire.Kind.STEP, _step_header(loop=1, draws=[[1000.0, 1, 0]]), GOOD_PAYLOAD),
+    "step draw negative seed": _frame(wire.Kind.STEP, _step_header(loop=1, draws=[[0, 1, -1]]), GOOD_PAYLOAD),
+    "step draw not a triple": _frame(wire.Kind.STEP, _step_header(loop=1, draws=[[0, 1]]), GOOD_PAYLOAD),
+    "result tokens negative": _frame(
+        wire.Kind.RESULT,
+        {"step_id": 1, "epoch": 0, "compute_seconds": 0, "worker_seconds": 0, "tokens": [-1]}
+        | {"tensor": {"dtype": "int64", "shape": [2]}},
+        GOOD_PAYLOAD,
+    ),
     "hello hop host with a path": _frame(wire.Kind.HELLO, HELLO | {"hop_host": "a/b"}),
     "hello hop port too big": _frame(wire.Kind.HELLO, HELLO | {"hop_port": 70000}),
 }
@@ -352,6 +377,11 @@ def test_bad_frames_are_protocol_errors(name):
 
 
 def test_the_valid_headers_used_above_decode():
+    assert isinstance(decode(_frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD)), Step)
+    looping = decode(_frame(wire.Kind.STEP, _step_header(loop=1, draws=[[0.5, 1, 3]]), GOOD_PAYLOAD))
+    assert isinstance(looping, Step) and looping.draws == (wire.Draw(0.5, 1.0, 3),)
+    result = {"step_id": 1, "epoch": 0, "compute_seconds": 0, "worker_seconds": 0, "tokens": [1]}
+    assert decode(_frame(wire.Kind.RESULT, result | {"tensor": {"dtype": "int64", "shape": [2]}}, GOOD_PAYLOAD))
     assert decode(_frame(wire.Kind.HELLO, HELLO)) == MESSAGES[1]  # so each spoiled copy fails for its one defect
     assert decode(_frame(wire.Kind.ASSIGN, ASSIGN)) == MESSAGES[4]
     gguf = decode(_frame(wire.Kind.ASSIGN, dict(ASSIGN, hub="", manifest=[dict(GGUF_SPEC, sha256=SHA)])))

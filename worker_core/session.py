@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -36,6 +37,7 @@ from .hops import HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
 from .quantize import Precision
+from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
 from .shard import load_shard
 from .stage import StageRunner, StepRejected
@@ -56,7 +58,6 @@ from .wire import (
     Segment,
     Step,
     encode,
-    greedy_ids,
     worker_frame_bound,
 )
 
@@ -249,12 +250,10 @@ class Session:
             hop = self.next_hop
             if runner.shard.is_last:
                 if msg.loop:
-                    await self._loop_back(msg, out, runner.shard.vocab_size)
+                    result = replace(result, tokens=await self._loop_back(msg, out))
                 await self.send(result)
             elif msg.forward and hop is not None and hop.epoch == msg.epoch:
-                onward = Step(
-                    msg.step_id, msg.epoch, msg.segments, out, msg.topk, True, (*msg.trail, compute), msg.loop
-                )
+                onward = replace(msg, tensor=out, forward=True, trail=(*msg.trail, compute))
                 await hop.send(onward, lambda: self.send(result))
             else:
                 await self.send(result)
@@ -266,24 +265,33 @@ class Session:
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
 
-    async def _loop_back(self, msg: Step, rows: torch.Tensor, vocab_size: int) -> None:
-        """The last stage feeds its greedy tokens straight back to the first stage as the next
-        step (``Step.loop``); the master expects that step and is told at once when it cannot go."""
+    async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[int, ...]:
+        """The last stage draws each segment's next token and feeds them straight back to the
+        first stage as the next step (``Step.loop``); returns them for its ``Result`` (none when
+        it cannot loop back: the master, which expects that step, is told at once)."""
         nxt = msg.step_id + 1
         hop = self.next_hop
 
         async def refuse(why: str) -> None:
             await self.send(Failure(f"step {nxt} cannot loop back: {why}", nxt))
 
-        if not all(seg.want_logits for seg in msg.segments):
-            await refuse("a segment wants no logits")
-        elif hop is None or hop.epoch != msg.epoch:
+        if not all(seg.want_logits for seg in msg.segments) or len(msg.draws) != len(msg.segments):
+            await refuse("a segment wants no logits, or has no draw")
+            return ()
+        if hop is None or hop.epoch != msg.epoch:
             await refuse("no loop-back hop to the first stage")
-        else:
-            segments = tuple(Segment(seg.request_id, seg.start + seg.length, 1, True) for seg in msg.segments)
-            tokens = greedy_ids(rows, msg.topk, vocab_size)
-            step = Step(nxt, msg.epoch, segments, tokens, msg.topk, forward=True, loop=msg.loop - 1)
-            await hop.send(step, lambda: refuse("the loop-back hop is down"))
+            return ()
+        tokens = []
+        for seg, d, row in zip(msg.segments, msg.draws, rows):
+            values, ids, _ = candidates(row, msg.topk)
+            position = seg.start + seg.length  # where the drawn token goes
+            tokens.append(draw(values, ids, d.temperature, d.top_p, token_generator(d.seed, position)))
+        segments = tuple(Segment(seg.request_id, seg.start + seg.length, 1, True) for seg in msg.segments)
+        x = torch.tensor(tokens, dtype=torch.int64)
+        more = msg.loop - 1  # the last of them draws nothing: the master does
+        step = Step(nxt, msg.epoch, segments, x, msg.topk, forward=True, loop=more, draws=msg.draws if more else ())
+        await hop.send(step, lambda: refuse("the loop-back hop is down"))
+        return tuple(tokens)
 
     async def _route(self, msg: Route) -> Routed:
         """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,

@@ -54,6 +54,7 @@ MAX_POSITION = 1 << 24  # tokens; no real context is longer
 MAX_ID = (1 << 63) - 1
 MAX_TOPK = 4096  # logits per row a last stage may be asked for
 MAX_LOOP = 256  # steps a last stage may feed back to the first stage on its own (Step.loop)
+MAX_TEMPERATURE = 100.0  # a Draw's temperature at most
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -102,15 +103,6 @@ class CloseCode(IntEnum):
 def itemsize(dtype: str) -> int:
     """Bytes per element of a compute dtype named as in ``DTYPES`` (e.g. ``Hello.dtype``)."""
     return DTYPES[dtype].itemsize
-
-
-def greedy_ids(rows: torch.Tensor, topk: int, vocab_size: int) -> torch.Tensor:
-    """Each row's most likely token id [n] int64, from the last stage's output rows (see
-    :class:`Result`): the first of equal maxima, as the master's greedy sampling picks it."""
-    if rows.shape[-1] == logits_row_width(topk, vocab_size) and 0 < topk < vocab_size:
-        best = rows[:, 1 : 1 + topk].argmax(dim=-1, keepdim=True)
-        return rows[:, 1 + topk :].gather(1, best).squeeze(1).long()
-    return rows.argmax(dim=-1).long()
 
 
 def logits_row_width(topk: int, vocab_size: int) -> int:
@@ -304,6 +296,16 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Draw:
+    """How a last stage draws one segment's next token (``Step.loop``): at ``temperature`` 0 the
+    argmax, else from the nucleus ``top_p`` with the request's ``seed``."""
+
+    temperature: float
+    top_p: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class Step:
     """master -> worker (or stage i -> stage i+1 over a direct hop): run these segments.
     tensor: token ids [T] int64 on the first stage, hidden states [T, hidden] elsewhere (T = sum
@@ -312,10 +314,11 @@ class Step:
     stage's direct hop, when it has one, as a ``Step`` of the same id (else return a ``Result``
     to the master); ``trail``: compute seconds of the stages this step already went through
     since it left the master.  ``loop`` (at most ``MAX_LOOP``), read by the last stage only:
-    after returning its ``Result``, feed each row's greedy token (:func:`greedy_ids`) back to
-    the first stage over the loop-back hop as step ``step_id + 1`` (each segment continuing
-    with one token, ``forward`` set, ``loop - 1``); every segment must want logits.  When it
-    cannot, it answers that next step with a ``Failure``."""
+    draw each segment's next token as its ``draws`` entry says (one per segment, present iff
+    ``loop`` > 0; :mod:`worker_core.sampling`), name them in the ``Result`` (``tokens``) and
+    feed them back to the first stage over the loop-back hop as step ``step_id + 1`` (each
+    segment continuing with one token, ``forward`` set, ``loop - 1``); every segment must
+    want logits.  When it cannot, it answers that next step with a ``Failure``."""
 
     step_id: int
     epoch: int
@@ -325,6 +328,7 @@ class Step:
     forward: bool = False
     trail: tuple[float, ...] = ()
     loop: int = 0
+    draws: tuple[Draw, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -340,6 +344,7 @@ class Result:
     worker_seconds: float  # from the step's arrival at the worker to its result (queue + compute)
     tensor: torch.Tensor = field(compare=False)
     trail: tuple[float, ...] = ()  # compute seconds of the earlier stages of a forwarded step, in order
+    tokens: tuple[int, ...] = ()  # the tokens a last stage drew and fed back, one per row (Step.loop)
 
 
 @dataclass(frozen=True)
@@ -506,6 +511,28 @@ def _segments(h: dict[str, Any]) -> tuple[Segment, ...]:
     return tuple(out)
 
 
+def _draws(h: dict[str, Any]) -> tuple[Draw, ...]:
+    raw = h.get("draws", [])
+    if type(raw) is not list or len(raw) > MAX_SEGMENTS:
+        raise ProtocolError(f"'draws' must be a list of at most {MAX_SEGMENTS} entries")
+    out = []
+    for d in raw:
+        if type(d) is not list or len(d) != 3:
+            raise ProtocolError("a draw is [temperature, top_p, seed]")
+        temperature, top_p = _float({"temperature": d[0]}, "temperature"), _float({"top_p": d[1]}, "top_p")
+        if temperature > MAX_TEMPERATURE or not 0 < top_p <= 1:
+            raise ProtocolError(f"a draw needs temperature in [0, {MAX_TEMPERATURE}] and top_p in (0, 1]")
+        out.append(Draw(temperature, top_p, _int({"seed": d[2]}, "seed", 0, (1 << 64) - 1)))
+    return tuple(out)
+
+
+def _tokens(h: dict[str, Any]) -> tuple[int, ...]:
+    raw = h.get("tokens", [])
+    if type(raw) is not list or len(raw) > MAX_SEGMENTS or any(type(t) is not int or not 0 <= t < 1 << 24 for t in raw):
+        raise ProtocolError(f"'tokens' must be a list of at most {MAX_SEGMENTS} token ids")
+    return tuple(raw)
+
+
 def _trail(h: dict[str, Any]) -> tuple[float, ...]:
     raw = h.get("trail", [])
     if type(raw) is not list or len(raw) > 1024:
@@ -594,6 +621,7 @@ def encode(msg: Message) -> bytes:
                 "forward": msg.forward,
                 "trail": list(msg.trail),
                 "loop": msg.loop,
+                "draws": [[d.temperature, d.top_p, d.seed] for d in msg.draws],
             },
         )
     elif isinstance(msg, Result):
@@ -607,6 +635,7 @@ def encode(msg: Message) -> bytes:
                 "worker_seconds": msg.worker_seconds,
                 "tensor": spec,
                 "trail": list(msg.trail),
+                "tokens": list(msg.tokens),
             },
         )
     elif isinstance(msg, Free):
@@ -717,6 +746,10 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         )
     if kind is Kind.STEP:
         segments = _segments(h)
+        loop = _int({"loop": h.get("loop", 0)}, "loop", 0, MAX_LOOP)
+        draws = _draws(h)
+        if len(draws) != (len(segments) if loop else 0):
+            raise ProtocolError("a looping step has one draw per segment, any other step none")
         return Step(
             step_id=_int(h, "step_id"),
             epoch=_int(h, "epoch"),
@@ -725,7 +758,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             topk=_int(h, "topk", 0, MAX_TOPK),
             forward=_bool({"forward": h.get("forward", False)}, "forward"),
             trail=_trail(h),
-            loop=_int({"loop": h.get("loop", 0)}, "loop", 0, MAX_LOOP),
+            loop=loop,
+            draws=draws,
         )
     if kind is Kind.RESULT:
         return Result(
@@ -735,6 +769,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             worker_seconds=_float(h, "worker_seconds"),
             tensor=_tensor_from(h, payload),
             trail=_trail(h),
+            tokens=_tokens(h),
         )
     if kind is Kind.FREE:
         ids = h.get("request_ids")

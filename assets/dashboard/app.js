@@ -64,7 +64,7 @@ function render(s) {
       const back = s.loop_back.startsWith("direct");
       pipe.append(el("div", { class: "link" + (back ? " direct" : ""), title: "last stage → first stage: " + s.loop_back },
         el("span", { class: "arrow" }, "↩"),
-        el("span", {}, back ? "greedy tokens loop back" : "master drives each step")));
+        el("span", {}, back ? "tokens loop back" : "master drives each step")));
     }
   } else pipe.append(el("p", { class: "muted" }, "no stages yet"));
 
