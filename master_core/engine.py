@@ -508,10 +508,10 @@ class Engine:
         stage's logits back.  In between, each run of stages joined by direct hops takes the
         step from its first stage to its last without the master (``Step.forward``); every other
         hop is relayed here.  A run that ends early (its hop went down) continues relayed.
-        ``loop``: the step asks the last stage to feed back that many steps on its own, when it
-        travels there in one run; they are returned, registered and not yet awaited.
-        ``arrived``: the first run is a step already travelling (looped back), awaited here.
-        Returns (logits, the looped steps, the runs the journey took: 1 when it went through)."""
+        ``loop``: the step asks the last stage to feed back that many steps on its own (drawing
+        their tokens by ``draws``, one per chunk), when it travels there in one run; they are
+        returned in the :class:`Journey`, registered and not yet awaited.  ``arrived``: the
+        first run is a step already travelling (fed back), awaited here."""
         segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
         ids: list[int] = []
         for c in chunks:
