@@ -125,7 +125,8 @@ async def _run_policy(
 async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master]:
     """A master in this process and ``opts.workers`` local worker processes (one torch thread
     each) whose tunnels are shaped to ``profile``, serving and profiled (at most 600 s);
-    stopped, workers included, whatever happens."""
+    stopped, workers included, whatever happens.  The workers' output is appended to
+    ``workers.log`` in ``opts.out``."""
     from master_core.server import Master
 
     mbps, rtt = PROFILES[profile]
@@ -135,7 +136,9 @@ async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master
     master = Master(cfg)
     await master.start()
     shaping = ("--threads", "1", "--link-delay-ms", str(rtt * 1000 / 2), "--link-mbps", str(mbps))
-    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)], *shaping)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    log = opts.out / "workers.log"  # what the stages said, for reading after a surprising run
+    procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)], *shaping, log=log)
     try:
         deadline = time.monotonic() + 600
         while not (master.group.serving and master.engine.profiled):
