@@ -11,10 +11,12 @@ engine owns its ids (requests and steps are numbered per engine, from 1).
 ``Engine.run()`` keeps ``slots`` micro-batch lanes busy (one per stage unless configured):
 each lane asks the scheduler (:func:`~master_core.scheduler.next_microbatch`, the same call
 the simulator makes) for a micro-batch of requests not already in flight, sends it through
-the stages (straight from stage i to i+1 where the group's hop is direct, else relayed by the
-master through the tunnels, see :mod:`master_core.routes`), samples the
-last stage's logits, and folds the results back.  New requests join at the next step;
-finished ones leave.  When the group changes epoch (a worker left or joined) every running
+the stages (:mod:`master_core.journey`: straight from stage i to i+1 where the group's hop is
+direct, else relayed by the master through the tunnels, see :mod:`master_core.routes`), samples
+the last stage's logits, and folds the results back.  Where every hop and the loop-back are
+direct, the last stage draws the next tokens itself and feeds them straight back for up to
+``LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
+New requests join at the next step; finished ones leave.  When the group changes epoch (a worker left or joined) every running
 request is replayed from its tokens, so clients see no error; a request whose steps keep
 failing fails alone.  Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a
 request when every stage's KV budget holds its prompt plus one token for each running
@@ -40,19 +42,19 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
 from worker_core.sampling import candidates, token_generator
 from worker_core.tasks import end_tasks
-from worker_core.wire import CloseCode, Draw, ProtocolError, Result, Segment, Step, itemsize, logits_row_width
+from worker_core.wire import Draw, ProtocolError, itemsize, logits_row_width
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
 from .group import Group
+from .journey import Journey, Relay
 from .link import Expected, LinkGone, StepFailed, WorkerLink
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import chosen, sample
@@ -79,18 +81,6 @@ NOTHING_TO_DO_NAP = 1.0  # seconds a lane with nothing to send waits for a wake-
 LOOP_STEPS = 8  # steps a last stage may feed back on its own after one the master sent (Engine._loop_steps)
 
 
-@dataclass(frozen=True)
-class Journey:
-    """A step's way through the pipeline: the last stage's rows, the tokens it drew and fed back
-    (one per row; none when the master draws), the steps it loops back next (registered, not yet
-    awaited) and the runs it took (1: it went through without the master)."""
-
-    logits: torch.Tensor
-    tokens: tuple[int, ...]
-    looped: list[Expected]
-    legs: int
-
-
 class RequestRejected(Exception):
     def __init__(self, status: int, message: str, code: str = "invalid_request_error") -> None:
         super().__init__(message)
@@ -111,7 +101,7 @@ class Engine:
         self.tuner = MicrobatchTuner(self.policy.max_microbatches)  # K from measured delivery (slots())
         self._texts: dict[int, TextStream] = {}  # request id -> its detokenizer, until it finishes
         self._request_ids = itertools.count(1)
-        self._step_ids = itertools.count(1)
+        self.relay = Relay(group, config.logits_topk)  # numbers the steps and takes them through the pipeline
         self._admitted = 0
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
@@ -348,7 +338,7 @@ class Engine:
             for n in PROFILE_SIZES:
                 n = max(1, min(n, self.config.max_batch_tokens, self.group.kv_tokens // 2))
                 chunk = Chunk(rid, 0, n, True)
-                await self._relay(stages, epoch, [chunk], {rid: [1] * n}, direct=False)  # measures every link
+                await self.relay.send(stages, epoch, [chunk], {rid: [1] * n}, direct=False)  # measures every link
         except (LinkGone, StepFailed, ProtocolError) as e:
             log.warning("start-up profile failed: %s", e)
         finally:
@@ -383,14 +373,14 @@ class Engine:
             try:
                 tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
                 draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
-                journey = self._relay(stages, epoch, chunks, tokens, loop=loop, draws=draws)
+                journey = self.relay.send(stages, epoch, chunks, tokens, self.direct, loop, draws)
                 went = await self._step(epoch, chunks, reqs, key, slots, prefill, journey)
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
                 for exp in looped:  # the last stage feeds the tokens it drew straight back
                     awaited += 1
                     batch = [Chunk(c.request_id, c.start + c.length + awaited - 1, 1, True) for c in chunks]
-                    journey = self._await_looped(stages, epoch, batch, exp)
+                    journey = self.relay.looped(stages, epoch, batch, exp)
                     went = await self._step(epoch, batch, reqs, key, slots, False, journey)
                     if went is None:
                         break
@@ -492,139 +482,6 @@ class Engine:
             Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight, r.computed) for r in self.running.values()
         ]
         return next_microbatch(self.policy, costs, cands, slots)
-
-    async def _relay(
-        self,
-        stages: list[WorkerLink],
-        epoch: int,
-        chunks: list[Chunk],
-        tokens: dict[int, list[int]],
-        direct: bool = True,
-        loop: int = 0,
-        draws: tuple[Draw, ...] = (),
-        arrived: Coroutine[Any, Any, tuple[WorkerLink, Result]] | None = None,
-    ) -> Journey:
-        """One micro-batch through the pipeline: the token ids to the first stage, the last
-        stage's logits back.  In between, each run of stages joined by direct hops takes the
-        step from its first stage to its last without the master (``Step.forward``); every other
-        hop is relayed here.  A run that ends early (its hop went down) continues relayed.
-        ``loop``: the step asks the last stage to feed back that many steps on its own (drawing
-        their tokens by ``draws``, one per chunk), when it travels there in one run; they are
-        returned in the :class:`Journey`, registered and not yet awaited.  ``arrived``: the
-        first run is a step already travelling (fed back), awaited here."""
-        segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
-        ids: list[int] = []
-        for c in chunks:
-            ids.extend(tokens[c.request_id])
-        x = torch.tensor(ids, dtype=torch.int64)  # [T]
-        total = sum(c.length for c in chunks)
-        dims = self.group.dims
-        row = logits_row_width(self.config.logits_topk, dims.vocab_size)
-        hops = self.group.hops if direct and self.direct else []
-        looped: list[Expected] = []
-        drawn: tuple[int, ...] = ()
-        i = legs = 0
-        try:
-            while i < len(stages):
-                if self.group.epoch != epoch:  # replaced meanwhile: its caches are freed, make no new ones
-                    raise LinkGone(f"the pipeline of epoch {epoch} was replaced")
-                end = i
-                while end < len(hops) and hops[end].direct:
-                    end += 1
-                if arrived is not None:
-                    link, result = await arrived
-                    arrived = None
-                else:
-                    whole = i == 0 and end == len(stages) - 1
-                    step = Step(next(self._step_ids), epoch, segments, x, self.config.logits_topk, end > i)
-                    if loop and whole:
-                        step = replace(step, loop=loop, draws=draws)
-                        looped = self._expect_looped(stages, step)
-                    link, result = await self._call(stages, epoch, step, i, end)
-                legs += 1
-                at = stages.index(link)
-                if at < end:
-                    self.group.hop_lost(epoch, at, f"{link.name} could not send on directly")
-                    for exp in looped:  # the step never reached the last stage: nothing loops back
-                        exp.abandon()
-                    looped = []
-                x = result.tensor  # hidden [T, hidden] or logits [n, row]
-                last = at == len(stages) - 1
-                expect = (sum(c.want_logits for c in chunks), row) if last else (total, dims.hidden_size)
-                drawn = result.tokens
-                if drawn and (not last or len(drawn) != expect[0] or max(drawn) >= dims.vocab_size):
-                    why = f"named {len(drawn)} drawn tokens for {expect[0]} rows"
-                    link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
-                    raise ProtocolError(f"worker {link.name} {why}")
-                if tuple(x.shape) != expect or not x.is_floating_point():
-                    why = f"returned a tensor of shape {list(x.shape)} {x.dtype}, expected {list(expect)}"
-                    link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
-                    raise ProtocolError(f"worker {link.name} {why}")
-                i = at + 1
-        except BaseException:
-            for exp in looped:
-                exp.abandon()
-            raise
-        return Journey(x, drawn, looped, legs)
-
-    def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
-        """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their
-        ids follow its id: taken from the counter here, before anything else can take one)."""
-        rows = len(step.segments)
-        looped = []
-        for _ in range(step.loop):
-            step_id = next(self._step_ids)
-            looped.append(stages[0].expect(step_id, tuple(stages[1:]), rows, 8 * rows))
-        return looped
-
-    async def _await_looped(self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], exp: Expected) -> Journey:
-        """The journey of a step the last stage fed back: awaited from the first stage on, like
-        a step sent over every direct hop (relayed on from wherever it stopped).  No answer
-        within the longest deadline of a stage: taken for lost on a hop that died quietly (every
-        hop and the loop-back are relayed from now on)."""
-        exp.start()
-        limit = max(link.step_deadline(exp.tokens, 8 * exp.tokens) for link in stages)
-
-        async def arrival() -> tuple[WorkerLink, Result]:
-            try:
-                return await asyncio.wait_for(exp.result(), limit)
-            except asyncio.TimeoutError:
-                self.group.loop_back_lost(epoch, f"a step fed back over it got no answer in {limit:.0f} s")
-                for hop in range(len(stages) - 1):
-                    self.group.hop_lost(epoch, hop, f"a looped step got no answer in {limit:.0f} s")
-                raise StepFailed(f"looped step {exp.step_id} got no answer in {limit:.0f} s") from None
-
-        arrived = arrival()
-        try:  # no token ids: the first run was sent by the last stage
-            return await self._relay(stages, epoch, chunks, {c.request_id: [] for c in chunks}, arrived=arrived)
-        except StepFailed as e:  # refused (its hop is down) or failed on its way: the master drives again
-            self.group.loop_back_lost(epoch, str(e))
-            raise
-        finally:
-            arrived.close()  # not awaited when the pipeline was replaced first; else a no-op
-            exp.abandon()  # a no-op once its result came
-
-    async def _call(
-        self, stages: list[WorkerLink], epoch: int, step: Step, first: int, last: int
-    ) -> tuple[WorkerLink, Result]:
-        """Send ``step`` to stage ``first``; over direct hops it may travel on to stage ``last``.
-        A step forwarded over direct hops that gets no answer within the longest deadline of one
-        of its stages is taken for lost on a hop that died quietly: those hops are relayed from
-        now on and the step fails (its requests replay on the same pipeline), before any
-        stage's own deadline could drop a worker that did nothing wrong."""
-        onward = tuple(stages[first + 1 : last + 1])
-        call = stages[first].call(step, onward)
-        if not onward:
-            return await call
-        tokens = sum(seg.length for seg in step.segments)
-        nbytes = step.tensor.numel() * step.tensor.element_size()
-        limit = max(link.step_deadline(tokens, nbytes) for link in stages[first : last + 1])
-        try:
-            return await asyncio.wait_for(call, limit)
-        except asyncio.TimeoutError:
-            for hop in range(first, last):
-                self.group.hop_lost(epoch, hop, f"a step sent over it got no answer in {limit:.0f} s")
-            raise StepFailed(f"step {step.step_id} got no answer over direct hops in {limit:.0f} s") from None
 
     def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor, drawn: tuple[int, ...] = ()) -> None:
         """Fold a step's logits in: each finished row gives its request a token, drawn here, or
