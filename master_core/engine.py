@@ -16,9 +16,11 @@ direct, else relayed by the master through the tunnels, see :mod:`master_core.ro
 the last stage's logits, and folds the results back.  Where every hop and the loop-back are
 direct, the last stage draws the next tokens itself and feeds them straight back for up to
 ``LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
-New requests join at the next step; finished ones leave.  When the group changes epoch (a worker left or joined) every running
-request is replayed from its tokens, so clients see no error; a request whose steps keep
-failing fails alone.  Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a
+New requests join at the next step; finished ones leave.  When the group changes epoch (a
+worker left or joined) every running request is replayed from its tokens, so clients see no
+error; a request whose steps keep failing fails alone.  A request computed from scratch (a
+replay, a preemption) gets a fresh KV id on the stages (``Request.kv_id``): steps of the old
+one still on their way can only miss.  Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a
 request when every stage's KV budget holds its prompt plus one token for each running
 request; a running request that outgrows the budget preempts the youngest, which is
 recomputed later.  When ``run()`` is cancelled it cancels and awaits its lanes.
@@ -103,6 +105,7 @@ class Engine:
         self._request_ids = itertools.count(1)
         self.relay = Relay(group, config.logits_topk)  # numbers the steps and takes them through the pipeline
         self._admitted = 0
+        self._kv_ids = itertools.count(1)  # ids of requests' KV caches on the stages (Request.kv_id)
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
@@ -190,7 +193,7 @@ class Engine:
         if req.id in self.running:
             del self.running[req.id]
             if req.in_flight == 0:
-                self._free_everywhere([req.id])
+                self._free_everywhere([req.kv_id, *req.stale_kv])
         self.requests_finished += 1
         n = len(req.output)
         if req.first_token_at is not None:
@@ -209,15 +212,27 @@ class Engine:
         for link in self.group.stages:
             link.free(ids)
 
+    def _restart(self, req: Request) -> None:
+        """Compute ``req`` from scratch under a fresh KV id: a step of the old one still on its
+        way (fed back by the last stage, or slow past its deadline) can then only miss its cache
+        on a stage, never land in the new one.  The old id is freed once none of its steps is out."""
+        if req.kv_id:
+            req.stale_kv.append(req.kv_id)
+        req.kv_id = next(self._kv_ids)
+        req.computed = req.scheduled = 0
+
     def _on_reset(self, previous: list[WorkerLink]) -> None:
         """Epoch change: free the running requests' caches on the stages that were serving (the
         live ones among them keep no cache for a pipeline that is gone); replay them from their
         tokens on the next pipeline."""
-        ids = [*self.running, PROFILE_REQUEST_ID]
+        ids = [PROFILE_REQUEST_ID]
+        for req in self.running.values():
+            ids += [req.kv_id, *req.stale_kv]
+            req.stale_kv.clear()
+            req.kv_id = 0  # nothing of it is left on the stages now: no stale id to keep
+            self._restart(req)
         for link in previous:
             link.free(ids)
-        for req in self.running.values():
-            req.computed = req.scheduled = 0
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
@@ -234,16 +249,20 @@ class Engine:
         for rid in preempt:
             req = self.running.pop(rid)
             req.move(RequestState.QUEUED)
-            req.computed = req.scheduled = 0
+            self._free_everywhere([req.kv_id, *req.stale_kv])  # preempted only with none of its steps out
+            req.stale_kv.clear()
+            req.kv_id = 0
+            self._restart(req)
             self.waiting.appendleft(req)
             self.preemptions += 1
-            self._free_everywhere([rid])
             log.info("request %d preempted (KV budget %d tokens); it will be recomputed", rid, self.group.kv_tokens)
         by_id = {r.id: r for r in self.waiting}
         for rid in admit:
             req = by_id[rid]
             self.waiting.remove(req)
             req.move(RequestState.RUNNING)
+            if not req.kv_id:
+                self._restart(req)
             self.running[req.id] = req
             req.order = self._admitted
             self._admitted += 1
@@ -371,9 +390,10 @@ class Engine:
             awaited = 0
             self._looping_lanes += bool(loop)
             try:
-                tokens = {c.request_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
+                sent = [Chunk(r.kv_id, c.start, c.length, c.want_logits) for c, r in zip(chunks, reqs)]
+                tokens = {r.kv_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
                 draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
-                journey = self.relay.send(stages, epoch, chunks, tokens, self.direct, loop, draws)
+                journey = self.relay.send(stages, epoch, sent, tokens, self.direct, loop, draws)
                 went = await self._step(epoch, chunks, reqs, key, slots, prefill, journey)
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
@@ -396,7 +416,15 @@ class Engine:
                 self._looping.difference_update(looped)
                 for r in reqs:
                     r.in_flight -= 1
-                done = [r.id for r in reqs if r.id not in self.running and r.in_flight == 0]
+                done = []
+                for r in reqs:
+                    if r.in_flight == 0 and r.id not in self.running:
+                        done += [r.kv_id, *r.stale_kv]
+                    elif r.in_flight == 0:
+                        done += r.stale_kv
+                    else:
+                        continue
+                    r.stale_kv.clear()
                 if done and self.group.epoch == epoch:
                     self._free_everywhere(done)
                 self._wake.set()
@@ -543,8 +571,7 @@ class Engine:
             if req.retries > self.config.step_retries:
                 self._finish(req, RequestState.FAILED, "error", f"pipeline step failed {req.retries} times: {error}")
             else:
-                # replay from scratch once its other chunks are out: start=0 resets the stages' caches
-                req.computed = req.scheduled = 0
+                self._restart(req)  # replay from scratch, once its other chunks are out
 
     # ------------------------------------------------------------------ helpers
     async def generate(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:

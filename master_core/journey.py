@@ -144,7 +144,7 @@ class Relay:
         within the longest deadline of a stage: taken for lost on a hop that died quietly (every
         hop and the loop-back are relayed from now on)."""
         exp.start()
-        limit = max(link.step_deadline(exp.tokens, 8 * exp.tokens) for link in stages)
+        limit = max(link.step_deadline(link.queued_tokens(), 8 * exp.tokens) for link in stages)  # it is queued
 
         async def arrival() -> tuple[WorkerLink, Result]:
             try:
@@ -179,7 +179,8 @@ class Relay:
             return await call
         tokens = sum(seg.length for seg in step.segments)
         nbytes = step.tensor.numel() * step.tensor.element_size()
-        limit = max(link.step_deadline(tokens, nbytes) for link in stages[first : last + 1])
+        # it may wait behind every step already on its way through a stage (a burst of long prompts)
+        limit = max(link.step_deadline(link.queued_tokens() + tokens, nbytes) for link in stages[first : last + 1])
         try:
             return await asyncio.wait_for(call, limit)
         except asyncio.TimeoutError:

@@ -121,12 +121,13 @@ class _Pending:
     future: asyncio.Future
     sent_at: float
     deadline: float  # seconds without any answer from this link after which the step is late
+    tokens: int = 0  # rows of the step: work it puts on each stage of its run
 
 
 def _register(step_id: int, run: tuple[WorkerLink, ...], tokens: int, nbytes: int, sent_at: float) -> _Pending:
     """One pending entry for a step on every stage of its run (any of them may answer it)."""
     deadline = sum(link.step_deadline(tokens, nbytes) for link in run)
-    pending = _Pending(asyncio.get_running_loop().create_future(), sent_at, deadline)
+    pending = _Pending(asyncio.get_running_loop().create_future(), sent_at, deadline, tokens)
     for link in run:
         link._pending[step_id] = pending
     return pending
@@ -300,6 +301,11 @@ class WorkerLink:
         self._route_waiter = asyncio.get_running_loop().create_future()
         await self._send(route)
         return await asyncio.wait_for(self._route_waiter, timeout)
+
+    def queued_tokens(self) -> int:
+        """Tokens of the steps on their way through this stage now (sent, or fed back and
+        started): work a new step may wait behind."""
+        return sum(p.tokens for p in self._pending.values() if p.sent_at != math.inf)
 
     def step_deadline(self, tokens: int, nbytes: int) -> float:
         """Seconds a step of ``tokens`` tokens and ``nbytes`` bytes may go unanswered: scaled from

@@ -79,6 +79,8 @@ class Request:
     retries: int = 0
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     seed: int = 0  # of its draws (the client's seed, else random): see worker_core.sampling.token_generator
+    kv_id: int = 0  # the id its KV cache has on the stages: a fresh one each time it is computed from scratch
+    stale_kv: list[int] = field(default_factory=list)  # earlier ids, freed once none of its steps is out
     arrival: float = 0.0  # seconds (engine clock)
     first_token_at: float | None = None
     finished_at: float | None = None

@@ -244,7 +244,7 @@ def test_an_unexpected_error_in_the_relay_costs_a_replay_not_the_request(checkpo
 
     async def main():
         async with Cluster(checkpoints["llama"], workers=2) as c:
-            relay, failures = c.engine._relay, []
+            relay, failures = c.engine.relay.send, []
 
             async def flaky(*args, **kw):
                 if len(failures) < 2 and c.engine.tokens_generated >= 3:
@@ -252,7 +252,7 @@ def test_an_unexpected_error_in_the_relay_costs_a_replay_not_the_request(checkpo
                     raise KeyError("a bug")
                 return await relay(*args, **kw)
 
-            c.engine._relay = flaky  # type: ignore[method-assign]
+            c.engine.relay.send = flaky  # type: ignore[method-assign]
             out = await asyncio.wait_for(c.engine.generate(PROMPTS[0], greedy(24)), 60)
             return out[0], len(failures), c.engine.held()
 
