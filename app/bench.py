@@ -60,6 +60,7 @@ class BenchOptions:
     burst: bool = False  # bursts of long prompts over short decode streams: gap p99/median per policy
     concurrent: int = 0  # N concurrent greedy clients vs one process serving them as one batch
     hops: bool = False  # one stream at a time, direct hops vs every hop relayed, per profile
+    loop_back: bool = True  # the real benches' groups let the last stage feed tokens back (off: compare)
     out: Path = field(default_factory=lambda: Path("bench-results"))
     model: str = "default"
     workers: int = 3
@@ -141,6 +142,7 @@ async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master
     procs = start_local_workers(master.address, [f"stage-{i}" for i in range(opts.workers)], *shaping, log=log)
     try:
         deadline = time.monotonic() + 600
+        master.engine.loop_back = opts.loop_back
         while not (master.group.serving and master.engine.profiled):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"workers did not come up: {master.group.problem}")

@@ -267,6 +267,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--hops", action="store_true", help="one stream at a time: direct stage-to-stage hops vs every hop relayed"
     )
+    b.add_argument(
+        "--no-loop-back",
+        action="store_true",
+        help="the master sends every step (the last stage feeds no tokens back); to compare runs",
+    )
     b.add_argument("--seed", type=int, default=BenchOptions.seed)
     b.add_argument("--out", default=str(BenchOptions().out), help="folder for bench.json and the plots")
     b.set_defaults(func=cli_tools.bench, quiet=True)

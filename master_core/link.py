@@ -432,6 +432,8 @@ class WorkerLink:
                 # a load failure names no step; one that does is a late step (e.g. forwarded over a hop
                 # before a replay freed its cache), not the assignment failing
                 self._ready_waiter.set_exception(StepFailed(f"{self.name}: {msg.message}"))
+            elif msg.step_id in self._abandoned:  # e.g. a fed-back step of requests that ended meanwhile
+                log.info("worker %s, on a step given up on: %s", self.name, msg.message)
             else:
                 log.warning("worker %s reports: %s", self.name, msg.message)
         else:
