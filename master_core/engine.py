@@ -193,7 +193,7 @@ class Engine:
         if req.id in self.running:
             del self.running[req.id]
             if req.in_flight == 0:
-                self._free_everywhere([req.kv_id, *req.stale_kv])
+                self._free_everywhere(self._release(req))
         self.requests_finished += 1
         n = len(req.output)
         if req.first_token_at is not None:
@@ -212,6 +212,16 @@ class Engine:
         for link in self.group.stages:
             link.free(ids)
 
+    @staticmethod
+    def _release(req: Request, stale_only: bool = False) -> list[int]:
+        """The KV ids of ``req`` the stages may drop now (none of its steps is out): its stale
+        ones and, unless ``stale_only`` (it runs on), its current one, which it then no longer has."""
+        ids, req.stale_kv = req.stale_kv, []
+        if not stale_only and req.kv_id:
+            ids.append(req.kv_id)
+            req.kv_id = 0
+        return ids
+
     def _restart(self, req: Request) -> None:
         """Compute ``req`` from scratch under a fresh KV id: a step of the old one still on its
         way (fed back by the last stage, or slow past its deadline) can then only miss its cache
@@ -227,9 +237,7 @@ class Engine:
         tokens on the next pipeline."""
         ids = [PROFILE_REQUEST_ID]
         for req in self.running.values():
-            ids += [req.kv_id, *req.stale_kv]
-            req.stale_kv.clear()
-            req.kv_id = 0  # nothing of it is left on the stages now: no stale id to keep
+            ids += self._release(req)  # nothing of it is left on those stages now
             self._restart(req)
         for link in previous:
             link.free(ids)
@@ -249,9 +257,7 @@ class Engine:
         for rid in preempt:
             req = self.running.pop(rid)
             req.move(RequestState.QUEUED)
-            self._free_everywhere([req.kv_id, *req.stale_kv])  # preempted only with none of its steps out
-            req.stale_kv.clear()
-            req.kv_id = 0
+            self._free_everywhere(self._release(req))  # preempted only with none of its steps out
             self._restart(req)
             self.waiting.appendleft(req)
             self.preemptions += 1
@@ -416,15 +422,7 @@ class Engine:
                 self._looping.difference_update(looped)
                 for r in reqs:
                     r.in_flight -= 1
-                done = []
-                for r in reqs:
-                    if r.in_flight == 0 and r.id not in self.running:
-                        done += [r.kv_id, *r.stale_kv]
-                    elif r.in_flight == 0:
-                        done += r.stale_kv
-                    else:
-                        continue
-                    r.stale_kv.clear()
+                done = [i for r in reqs if r.in_flight == 0 for i in self._release(r, r.id in self.running)]
                 if done and self.group.epoch == epoch:
                     self._free_everywhere(done)
                 self._wake.set()

@@ -18,6 +18,8 @@ import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 
+from worker_core.sampling import SEED_MASK
+
 
 class RequestState(Enum):
     QUEUED = "queued"
@@ -31,7 +33,6 @@ _ALLOWED = {
     RequestState.QUEUED: {RequestState.RUNNING, RequestState.FAILED, RequestState.CANCELLED},
     RequestState.RUNNING: {RequestState.QUEUED, RequestState.DONE, RequestState.FAILED, RequestState.CANCELLED},
 }
-SEED_MASK = (1 << 64) - 1
 FINAL = frozenset({RequestState.DONE, RequestState.FAILED, RequestState.CANCELLED})
 
 

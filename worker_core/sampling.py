@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 
 _MIX = 0x9E3779B97F4A7C15  # an odd 64-bit constant: neighbouring positions get unrelated seeds
-_MASK = (1 << 64) - 1
+SEED_MASK = (1 << 64) - 1  # seeds are taken modulo 2**64
 
 
 def token_generator(seed: int, position: int) -> torch.Generator:
     """The generator for the token at ``position`` of a request seeded with ``seed``."""
-    return torch.Generator().manual_seed((seed ^ (position * _MIX)) & _MASK)
+    return torch.Generator().manual_seed((seed ^ (position * _MIX)) & SEED_MASK)
 
 
 def candidates(row: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, float]:
