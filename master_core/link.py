@@ -153,10 +153,6 @@ class Expected:
         self._pending = pending
         self._settled = False  # its result was taken
 
-    @property
-    def future(self) -> asyncio.Future:
-        return self._pending.future
-
     def start(self) -> None:
         """The step exists now (its predecessor's result came): its deadline clock starts."""
         self._pending.sent_at = time.monotonic()
