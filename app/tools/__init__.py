@@ -1,0 +1,1 @@
+"""Developer tools: demo, self-test, evaluation, load test, benchmarks, chaos, the network lab."""

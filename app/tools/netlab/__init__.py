@@ -1,0 +1,1 @@
+"""The network lab: homes, routers, NATs and shaped links in network namespaces (Linux, root)."""
