@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     gr.set_defaults(func=cli_group.group_remove, quiet=True)
 
     j = sub.add_parser("join", help="pair this machine with a group using the code its owner read to you")
-    j.add_argument("code", help="the pairing code, e.g. 47-8203-1956")
+    j.add_argument("code", help="the pairing code, e.g. 47-8203-1956, or the molink://join link")
     j.add_argument("--master", default=None, help="HOST:PORT of the group port (default: found on the LAN by mDNS)")
     j.add_argument(
         "--data-dir",

@@ -4,6 +4,9 @@ every test here is skipped, saying why."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +16,7 @@ import pytest
 
 from app.tools.netlab.lab import Lab, labs, unavailable
 
+ROOT = Path(__file__).resolve().parents[1]
 REASON = unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
@@ -145,3 +149,135 @@ def test_carrier_grade_nat_refuses_mapping():
         proc.wait(20)
         time.sleep(0.1)
         assert "dnat" not in lab.ruleset("r-c")
+
+
+# ---------------------------------------------------------------- groups across homes
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("ckpt"), num_layers=4)
+
+
+def _molink(lab: Lab, host: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return lab.spawn(host, [sys.executable, "-m", "app.cli", *args], stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT))  # fmt: skip
+
+
+def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float, seen: list[str]) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"no {prefix!r} line; output:\n{''.join(seen)}")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+ASK = (
+    "import json,sys,urllib.request\n"
+    "api=sys.argv[1]\n"
+    "with urllib.request.urlopen(api+'/v1/models',timeout=10) as r: model=json.loads(r.read())['data'][0]['id']\n"
+    "body={'model':model,'messages':[{'role':'user','content':'hello there'}],'max_tokens':6,'temperature':0,"
+    "'ignore_eos':True}\n"
+    "req=urllib.request.Request(api+'/v1/chat/completions',data=json.dumps(body).encode(),"
+    "headers={'Content-Type':'application/json'})\n"
+    "with urllib.request.urlopen(req,timeout=120) as r: print(json.dumps(json.loads(r.read())['choices'][0]))\n"
+)
+HEALTH = (
+    "import sys,time,urllib.request,urllib.error\n"
+    "deadline=time.monotonic()+float(sys.argv[2])\n"
+    "while time.monotonic()<deadline:\n"
+    "    try:\n"
+    "        urllib.request.urlopen(sys.argv[1]+'/health',timeout=5); print('serving'); break\n"
+    "    except (urllib.error.URLError, OSError): time.sleep(0.5)\n"
+    "else: sys.exit(1)\n"
+)
+
+
+@pytest.mark.slow
+def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
+    """Master in home a (router with miniupnpd), friend in home b: the join link is all the friend
+    has; the group port is mapped on a's router while the group runs and unmapped after; the
+    answer's tokens equal single-process transformers'."""
+    from tiny_models import reference_greedy
+    from transformers import AutoTokenizer
+
+    with Lab.up("tjoin", "upnp", mbps=50, delay_ms=20) as lab:
+        seen: list[str] = []
+        procs: list[subprocess.Popen] = []
+        try:
+            master = _molink(lab, "a", "group", "create", "--model", str(ckpt), "--port", "7733", "--api-port",
+                             "8000", "--data-dir", str(tmp_path / "master"), "--name", "lab")  # fmt: skip
+            procs.append(master)
+            _wait_line(master, "Pairing code:", 120, seen)
+            link = _wait_line(master, "Join link:", 30, seen).split()[-1]
+            reach = _wait_line(master, "  (", 30, seen)
+            wan = lab.wan_address("a")
+            assert f"master={wan}%3A7733" in link or f"master={wan}:7733" in link, link
+            assert "friends anywhere" in reach, reach
+            assert f"dnat ip to {lab.address('a')}:7733" in lab.ruleset("r-a")  # mapped on the router
+
+            joined = lab.run("b", [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(tmp_path / "w"),
+                                   "--name", "friend"], timeout=120, check=False)  # fmt: skip
+            assert joined.returncode == 0, joined.stderr + "".join(seen)
+            membership = json.loads((tmp_path / "w" / "membership.json").read_text())
+            assert membership["master_host"] == wan  # reached through the mapped port, not the LAN address
+            kinds = {c["kind"] for c in membership["candidates"]}
+            assert kinds == {"lan", "mapped"}, membership["candidates"]
+
+            worker = _molink(lab, "b", "worker", "--data-dir", str(tmp_path / "w"), "--device", "cpu",
+                             "--threads", "1")  # fmt: skip
+            procs.append(worker)
+            up = lab.run("a", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200, check=False)
+            assert up.returncode == 0, "the group never served"
+            asked = lab.run("a", [sys.executable, "-c", ASK, "http://127.0.0.1:8000"], timeout=150)
+            answer = json.loads(asked.stdout)["message"]["content"]
+            tok = AutoTokenizer.from_pretrained(ckpt)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=True
+            )
+            prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+            assert answer == tok.decode(reference_greedy(ckpt, list(prompt), 6), skip_special_tokens=True)
+            assert f"dnat ip to {lab.address('a')}:7733" in lab.ruleset("r-a")  # still mapped while serving
+        finally:
+            _stop(procs)
+        assert "dnat" not in lab.ruleset("r-a")  # the master removed its mapping when it stopped
+
+
+@pytest.mark.slow
+def test_two_hosts_on_one_lan_find_each_other_by_mdns(ckpt, tmp_path):
+    with Lab.up("tmdns", "lan") as lab:
+        seen: list[str] = []
+        procs: list[subprocess.Popen] = []
+        try:
+            master = _molink(lab, "a", "group", "create", "--model", str(ckpt), "--port", "7733", "--api-port",
+                             "8000", "--data-dir", str(tmp_path / "master"), "--name", "lan")  # fmt: skip
+            procs.append(master)
+            code = _wait_line(master, "Pairing code:", 120, seen).split()[-1]
+            joined = lab.run("a2", [sys.executable, "-m", "app.cli", "join", code, "--data-dir", str(tmp_path / "w")],
+                             timeout=120, check=False)  # fmt: skip
+            assert joined.returncode == 0, joined.stderr
+            assert "Joined group 'lan'" in joined.stdout
+            membership = json.loads((tmp_path / "w" / "membership.json").read_text())
+            assert membership["master_host"] == lab.address("a")  # found by mDNS on the LAN
+        finally:
+            _stop(procs)
