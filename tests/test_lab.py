@@ -281,3 +281,36 @@ def test_two_hosts_on_one_lan_find_each_other_by_mdns(ckpt, tmp_path):
             assert membership["master_host"] == lab.address("a")  # found by mDNS on the LAN
         finally:
             _stop(procs)
+
+
+def test_real_router_conflict_718_moves_to_another_port():
+    """Another host of the home holds external port 9000 (UPnP); ours gets error 718 from
+    miniupnpd and maps another external port, which reaches us from outside."""
+    with Lab.up("t718", "upnp") as lab:
+        holder = lab.spawn("a2", [sys.executable, "-c", MAP, "9000", "upnp"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+        ours = None
+        try:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline().split()[1:3] == [lab.wan_address("a"), "9000"]
+            ours = lab.spawn("a", [sys.executable, "-c", MAP, "9000", "upnp"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+            assert ours.stdout is not None and ours.stdin is not None
+            line = ours.stdout.readline().split()
+            assert line[1] == lab.wan_address("a") and line[2] not in ("9000", "None"), line
+            rules = lab.ruleset("r-a")
+            assert f"dnat ip to {lab.address('a2')}:9000" in rules and f"dnat ip to {lab.address('a')}:9000" in rules
+            echo = lab.spawn("a", [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+            client = ECHO_CLIENT.replace("9000", line[2])
+            done = lab.run("pub", [sys.executable, "-c", client, lab.wan_address("a")], check=False, timeout=20)
+            echo.kill()
+            echo.wait(5)
+            assert done.returncode == 0, done.stderr
+        finally:
+            for p in (holder, ours):
+                if p is not None and p.stdin is not None:
+                    p.stdin.write("\n")
+                    p.stdin.flush()
+                    p.wait(20)
+        assert "dnat" not in lab.ruleset("r-a")
