@@ -45,6 +45,9 @@ class MasterConfig:
     group_host: str = "0.0.0.0"  # address of the group port (tunnels and pairing)
     group_port: int = 7733  # 0 picks a free port (tests)
     group_name: str = ""  # shown to joiners (default: this machine's host name)
+    # ask the home router to map the group port (UPnP IGD, NAT-PMP, PCP: master_core.reach);
+    # never for a loopback group_host
+    port_mapping: bool = True
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.group_port <= 65535:

@@ -11,7 +11,9 @@ Contract
 * ``/v1/tunnel``: worker tunnels.  The handshake itself accepts only the current members'
   certificates (each new handshake is switched to ``members.tls_context``, so a removed
   member's next handshake fails); a client without a certificate is refused with 403.
-  ``accept_tunnel(request, member_name)`` then runs the tunnel.
+  ``accept_tunnel(request, member_name)`` then runs the tunnel.  ``candidates()`` (JSON
+  objects of :class:`worker_core.candidates.Candidate`) is sealed into each welcome: the joiner
+  learns every address of this port under the PAKE key.
 * ``/v1/probe?bytes=N``: members time their link (round trip, download bandwidth).
 
 Every pairing outcome is logged without the code.  ``start(host, port)`` binds;
@@ -58,11 +60,13 @@ class GroupPort:
         members: Members,
         invitations: Invitations,
         accept_tunnel: Callable[[web.Request, str], Awaitable[web.StreamResponse]],
+        candidates: Callable[[], list[dict]] | None = None,
     ) -> None:
         self.identity = identity
         self.members = members
         self.invitations = invitations
         self.accept_tunnel = accept_tunnel
+        self.candidates = candidates or list  # where this port can be reached, sealed into each welcome
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._pairing_ctx = server_context(identity, [])  # no client certificate accepted
@@ -158,7 +162,14 @@ class GroupPort:
             await ws.send_json(
                 {
                     "type": "welcome",
-                    "sealed": session.seal({"group": self.members.group, "cert": self.identity.cert_pem, "name": name}),
+                    "sealed": session.seal(
+                        {
+                            "group": self.members.group,
+                            "cert": self.identity.cert_pem,
+                            "name": name,
+                            "candidates": self.candidates(),
+                        }
+                    ),
                 }
             )
             log.info("pairing from %s succeeded: member %s", peer, name)

@@ -110,6 +110,7 @@ class Master:
 
         self.admin_token = secrets.token_urlsafe(24)  # new every launch
         self.group_port = None
+        self.reach = None  # master_core.reach.Reach of a paired group: its candidates and port mapping
         self._advertiser = None
         self._policy: GuardPolicy | None = None
         app = web.Application(
@@ -192,8 +193,19 @@ class Master:
         self.invitations = Invitations()
         hub = model_source.hub_ref(cfg.model, folder)
         self.group.weights = await asyncio.to_thread(WeightSource, folder, data_dir / "hashes.json", hub)
-        self.group_port = GroupPort(identity, self.members, self.invitations, self._accept_tunnel)
+        from .reach import Reach
+
+        self.group_port = GroupPort(
+            identity,
+            self.members,
+            self.invitations,
+            self._accept_tunnel,
+            candidates=lambda: [c.to_json() for c in self.reach.candidates()] if self.reach else [],
+        )
         await self.group_port.start(cfg.group_host, cfg.group_port)
+        self.reach = Reach(self.group_port.port, cfg.group_host, cfg.port_mapping)
+        await self.reach.start()
+        log.info("%s", self.reach.summary())
         self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)
         await self._advertiser.start()
         log.info(
@@ -239,7 +251,16 @@ class Master:
             from .invitations import TTL, TooManyCodes
 
             try:
-                return web.json_response({"code": self.new_code(), "expires_in": int(TTL)})
+                reach = self.reach
+                return web.json_response(
+                    {
+                        "code": self.new_code(),
+                        "expires_in": int(TTL),
+                        "group": self.members.group,
+                        "candidates": [c.to_text() for c in reach.candidates()] if reach else [],
+                        "reach": reach.summary() if reach else "",
+                    }
+                )
             except TooManyCodes as e:
                 return ApiError(429, str(e), "rate_limit_error").response()
 
@@ -325,6 +346,8 @@ class Master:
             await self._advertiser.stop()
         if self.group_port is not None:
             await self.group_port.stop()
+        if self.reach is not None:
+            await self.reach.stop()  # the router forgets the mapping
         for link in links:
             await link.wait_closed()
         if self._runner:

@@ -20,6 +20,9 @@ HOP_PORT = 7734  # a paired worker's hop listener, when free: one port a firewal
 @dataclass(frozen=True)
 class WorkerConfig:
     master: str  # "host:port" of the master's tunnel endpoint
+    # a paired group: every address of the master's group port (Candidate.to_text(),
+    # worker_core.candidates); each tunnel dial races them and uses the first whose pinned TLS checks
+    candidates: tuple[str, ...] = ()
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     name: str = field(default_factory=socket.gethostname)
     reconnect: bool = True  # dial again after the tunnel drops

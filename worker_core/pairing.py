@@ -15,7 +15,9 @@ TLS without client certificate):
 3. joiner -> master ``{"type": "confirm", "confirm", "sealed"}``: sealed = this machine's
    name and certificate
 4. master -> joiner ``{"type": "welcome", "sealed"}``: sealed = the group's name, the
-   master's certificate and the member name given; or ``{"type": "error", "reason", "code"}``
+   master's certificate, the member name given and (newer masters) ``candidates``: every
+   address of the group port (:mod:`worker_core.candidates`), so the PAKE authenticates them;
+   or ``{"type": "error", "reason", "code"}``
 
 ``reason`` is a sentence for people; ``code`` names the failure for programs (``unknown_code``,
 ``wrong_code``, ``malformed`` or ``refused``; see :func:`refusal`).  Every failure on either side
@@ -43,6 +45,9 @@ import ssl
 from dataclasses import asdict, dataclass
 from hashlib import sha256
 from pathlib import Path
+
+from .address import format_address
+from .candidates import parse_candidate_text, parse_candidates
 
 PAIRING_VERSION = 1
 PAIR_SNI = "molink-pair"  # TLS server name selecting the pairing context on the group port
@@ -223,17 +228,21 @@ class JoinedGroup:
     master_host: str
     master_port: int
     master_cert: str  # PEM, pinned
+    # every address of the master's group port it sealed into the welcome (Candidate.to_text();
+    # worker_core.candidates), raced by the worker; empty from an older master
+    candidates: tuple[str, ...] = ()
 
     @property
     def master_address(self) -> str:
         """``host:port`` of the master, an IPv6 host in brackets (for URLs)."""
-        host = f"[{self.master_host}]" if ":" in self.master_host else self.master_host
-        return f"{host}:{self.master_port}"
+        return format_address(self.master_host, self.master_port)
 
     def save(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         tmp = data_dir / (MEMBERSHIP_FILE + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
+        raw = asdict(self)
+        raw["candidates"] = [c.to_json() for c in parse_candidate_text(",".join(self.candidates))]
+        tmp.write_text(json.dumps(raw, indent=2))
         tmp.replace(data_dir / MEMBERSHIP_FILE)
 
     @staticmethod
@@ -247,12 +256,13 @@ class JoinedGroup:
                 master_host=str(raw["master_host"]),
                 master_port=int(raw["master_port"]),
                 master_cert=str(raw["master_cert"]),
+                candidates=tuple(c.to_text() for c in parse_candidates(raw.get("candidates", []))),
             )
         except FileNotFoundError:
             raise NotJoined(
                 f"this machine has not joined a group ({path} is missing): run `molink join CODE`"
             ) from None
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:  # BadAddress is a ValueError
             raise NotJoined(f"{path} is damaged ({type(e).__name__}); join again with a fresh code") from None
 
 
@@ -281,7 +291,7 @@ async def join(
 
     nameplate, normalised = parse_code(code)
     session = PairingSession(normalised, master=False)
-    url = f"wss://{host}:{port}/v1/pair"
+    url = f"wss://{format_address(host, port)}/v1/pair"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http,
@@ -314,11 +324,14 @@ async def join(
         group, name = welcome["group"], welcome["name"]
         if not isinstance(group, str) or not isinstance(name, str):
             raise ValueError("names must be strings")
+        candidates = tuple(c.to_text() for c in parse_candidates(welcome.get("candidates", [])))
     except (ValueError, KeyError) as e:
         raise Malformed(f"the master sent a malformed welcome: {e}") from None
     if fingerprint(master_cert) != seen:
         raise Impostor("the TLS certificate does not match the paired master (someone is interfering)")
-    return JoinedGroup(group=group, name=name, master_host=host, master_port=port, master_cert=master_cert)
+    return JoinedGroup(
+        group=group, name=name, master_host=host, master_port=port, master_cert=master_cert, candidates=candidates
+    )
 
 
 def _pairing_ssl() -> ssl.SSLContext:

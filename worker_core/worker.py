@@ -42,6 +42,7 @@ with a warning.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -51,6 +52,8 @@ from pathlib import Path
 import aiohttp
 
 from . import device as devices
+from .address import parse_address
+from .candidates import DIAL_TIMEOUT
 from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
 from .hops import HopListener
@@ -92,10 +95,43 @@ async def _link(config: WorkerConfig) -> tuple[float, float]:
     return rtt, mbps or 0.0
 
 
+async def pick_master(config: WorkerConfig) -> str:
+    """The master's address to dial: its candidates raced (happy eyeballs) up to a pinned TLS
+    handshake, so only the winner carries the tunnel and its Hello; ``config.master`` (the address
+    paired with) when none answers, for the dial to fail with its own error."""
+    from .candidates import Candidate, Kind, NoPath, is_public, parse_candidate_text, race
+    from .pairing import TUNNEL_SNI
+
+    try:
+        listed = parse_candidate_text(",".join(config.candidates))
+        host, port = parse_address(config.master)
+        listed.append(Candidate(Kind.MAPPED if is_public(host) else Kind.LAN, host, port))
+    except ValueError:
+        return config.master
+
+    async def handshake(c: Candidate) -> asyncio.StreamWriter:
+        _reader, writer = await asyncio.open_connection(
+            c.host, c.port, ssl=config.tls, server_hostname=TUNNEL_SNI, ssl_handshake_timeout=DIAL_TIMEOUT
+        )
+        return writer
+
+    try:
+        chosen, writer = await race(listed, handshake, discard=lambda w: w.close())
+    except NoPath as e:
+        log.warning("no address of the master answered (%s); dialling %s", e, config.master)
+        return config.master
+    writer.close()
+    if chosen.address != config.master:
+        log.info("reaching the master at %s (%s)", chosen.address, chosen.kind.value)
+    return chosen.address
+
+
 async def _connect_once(
     config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: Run
 ) -> str:
     """One tunnel, from dialling to its end; returns why it ended."""
+    if config.candidates and config.tls is not None:
+        config = dataclasses.replace(config, master=await pick_master(config))
     run.events.emit("connecting", master=config.master)
     info = devices.pick(config.device)
     offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)

@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     gr.set_defaults(func=cli_group.group_remove, quiet=True)
 
     j = sub.add_parser("join", help="pair this machine with a group using the code its owner read to you")
-    j.add_argument("code", help="the pairing code, e.g. 47-8203-1956")
+    j.add_argument("code", help="the pairing code, e.g. 47-8203-1956, or the molink://join link")
     j.add_argument("--master", default=None, help="HOST:PORT of the group port (default: found on the LAN by mDNS)")
     j.add_argument(
         "--data-dir",
@@ -312,6 +312,10 @@ def _parser() -> argparse.ArgumentParser:
     lt.add_argument("--placement", action="store_true", help="time placement of 8, 16, 32 and 64 members instead")
     lt.add_argument("--out", default=None, help="also write the results to this JSON file")
     lt.set_defaults(func=cli_tools.loadtest, quiet=True)
+
+    from .tools.netlab.command import add_parser as add_lab  # the network lab (molink lab up/run/down)
+
+    add_lab(sub)
     return p
 
 

@@ -100,6 +100,9 @@ def group_code(args: argparse.Namespace, sup: Supervision) -> int:
     def show(folder: Path) -> None:
         answer = group.admin(folder, "POST", "/admin/code")
         print(f"Pairing code: {answer['code']}")
+        if answer.get("candidates"):
+            print(f"Join link: {group.invitation_link(answer['code'], answer.get('group'), answer['candidates'])}")
+            print(f"  ({answer.get('reach')})")
         print(f"  (single use, valid {int(answer['expires_in']) // 60} minutes)")
 
     return _admin(args, show)

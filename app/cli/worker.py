@@ -28,6 +28,7 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
 
     device.pick(args.device)  # fail fast on a device that does not exist
     tls, identity, master, folder, name = None, None, args.master, None, args.name
+    candidates: tuple[str, ...] = ()
     if master is None:
         from app.group.client import data_dir
         from worker_core.identity import client_context, load_or_create
@@ -41,9 +42,11 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
         identity = load_or_create(folder / "identity", joined.name)
         tls = client_context(identity, joined.master_cert)
         master = joined.master_address
+        candidates = joined.candidates
         name = name or joined.name
     wcfg = WorkerConfig(
         master=master,
+        candidates=candidates,
         tls=tls,
         identity=identity,
         direct=args.direct,

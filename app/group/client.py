@@ -75,9 +75,15 @@ async def create(cfg: MasterConfig, control: Control | None = None, events: Even
             f"Group port {cfg.group_host}:{gp.port if gp else '?'}; API {api}; dashboard {master.dashboard_url}",
             flush=True,
         )
-        print(f"Pairing code: {master.new_code()}", flush=True)
+        code = master.new_code()
+        reach = master.reach
+        print(f"Pairing code: {code}", flush=True)
+        if reach is not None:
+            texts = [c.to_text() for c in reach.candidates()]
+            print(f"Join link: {invitation_link(code, master.members.group, texts)}", flush=True)
+            print(f"  ({reach.summary()})", flush=True)
         print(
-            f"  (single use, valid {TTL / 60:.0f} minutes; on another machine: molink join CODE; "
+            f"  (single use, valid {TTL / 60:.0f} minutes; on another machine: molink join CODE or LINK; "
             "another code: molink group code)",
             flush=True,
         )
@@ -86,6 +92,20 @@ async def create(cfg: MasterConfig, control: Control | None = None, events: Even
         events.emit("stopping")
         await master.stop()
     return 0
+
+
+def invitation_link(code: str, group: str | None, candidates: list[str]) -> str:
+    """The ``molink://join`` link of ``code``: ``master=`` is the address a friend elsewhere can
+    dial when there is one (a mapped port), else the first LAN address (what old clients read);
+    ``via=`` lists every candidate."""
+    from worker_core.candidates import Kind, ordered, parse_candidate_text
+
+    from .desktop.links import JoinLink, build_link
+
+    via = ordered(parse_candidate_text(",".join(candidates)))
+    outside = [c for c in via if c.kind in (Kind.MAPPED, Kind.IPV6)]
+    first = (outside or via or [None])[0]
+    return build_link(JoinLink(code=code, master=first.address if first else None, group=group or None, via=tuple(via)))
 
 
 def admin(folder: Path, method: str, path: str) -> dict:
@@ -152,17 +172,33 @@ async def join(code: str, master: str | None, folder: Path, name: str | None) ->
 
 
 async def pair_with_group(code: str, master: str | None, folder: Path, name: str | None) -> JoinedGroup:
-    """Pair with the master at ``master`` (HOST:PORT) or, when None, each master found on the
-    LAN by mDNS in turn; return the membership (not yet saved).  This machine's identity is
-    made in ``folder`` on first use.  Raises :class:`BadAddress`, :class:`NoGroupFound`, or the
+    """Pair with the master at ``master`` (HOST:PORT), or at the addresses of a join link given
+    as ``code`` (raced: the first to complete a TLS handshake carries the one pairing exchange,
+    so racing burns no attempt), or, when neither, each master found on the LAN by mDNS in
+    turn; return the membership (not yet saved).  This machine's identity is made in ``folder``
+    on first use.  Raises :class:`BadAddress`, :class:`NoGroupFound`, or the
     :class:`~worker_core.pairing.PairingError` subclass of the last failure (an unreachable
     address moves on to the master's next address, an unknown code to the next master)."""
     from worker_core.identity import load_or_create
     from worker_core.pairing import UnknownCode, Unreachable, parse_code
     from worker_core.pairing import join as pair
 
+    via: list = []
+    if code.strip().lower().startswith("molink:"):
+        from .desktop.links import parse_link
+
+        try:
+            link = parse_link(code)
+        except ValueError as e:
+            raise BadAddress(str(e)) from None
+        code, via = link.code, list(link.via)
+        if link.master and not master and not via:
+            master = link.master
     parse_code(code)
     identity = await asyncio.to_thread(load_or_create, folder / "identity", name or socket.gethostname())
+    if via and not master:
+        chosen = await _race_pairing(via)
+        return await pair(chosen.host, chosen.port, code, name or socket.gethostname(), identity.cert_pem)
     if master:
         host, port = _host_port(master)
         candidates = [([host], port, "")]
@@ -185,8 +221,31 @@ async def pair_with_group(code: str, master: str | None, folder: Path, name: str
     raise last if last is not None else NoGroupFound("no master answered")
 
 
+async def _race_pairing(via: list):  # -> Candidate
+    """The first candidate whose TLS handshake (pairing context) completes; nothing is sent on it
+    (the pairing exchange then runs on one connection only)."""
+    from worker_core.candidates import NoPath, race
+    from worker_core.identity import pairing_client_context
+    from worker_core.pairing import PAIR_SNI, Unreachable
+
+    ctx = pairing_client_context()
+
+    async def handshake(c):  # noqa: ANN001, ANN202 - Candidate -> StreamWriter
+        _r, writer = await asyncio.open_connection(c.host, c.port, ssl=ctx, server_hostname=PAIR_SNI)
+        return writer
+
+    try:
+        chosen, writer = await race(via, handshake, discard=lambda w: w.close())
+    except NoPath as e:
+        raise Unreachable(f"cannot reach the group's master: {e}"[:300]) from None
+    writer.close()
+    return chosen
+
+
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadAddress(f"--master must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    from worker_core.address import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError:
+        raise BadAddress(f"--master must be HOST:PORT ([v6]:PORT for IPv6), got {text!r}") from None

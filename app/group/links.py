@@ -2,7 +2,9 @@
 
 Contract
 --------
-``molink://join?code=NN-NNNN-NNNN&master=HOST:PORT&group=NAME``; ``master`` and ``group`` are optional.
+``molink://join?code=NN-NNNN-NNNN&master=HOST:PORT&group=NAME&via=CANDIDATES``; all but ``code`` optional.
+``master`` stays the one address old clients read; ``via`` lists every candidate address of the
+master (``kind~host:port[~v]``, comma separated: :func:`worker_core.candidates.parse_candidate_text`).
 
 * :class:`JoinLink` is the parsed, checked link.  Constructing one checks and normalises every field
   (the code through :func:`worker_core.pairing.parse_code`, so ``4782031956`` becomes ``47-8203-1956``;
@@ -25,6 +27,7 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
+from worker_core.candidates import Candidate, parse_candidate_text
 from worker_core.pairing import PairingError, parse_code
 
 SCHEME = "molink"
@@ -39,6 +42,7 @@ class JoinLink:
     code: str  # normalised "NN-NNNN-NNNN"
     master: str | None = None  # "host:port" ("[v6]:port" for IPv6) of the group's master, if known
     group: str | None = None  # the group's display name, if known
+    via: tuple[Candidate, ...] = ()  # every address the master listed (LAN, mapped, IPv6, relay)
 
     def __post_init__(self) -> None:
         try:
@@ -130,14 +134,20 @@ def parse_link(url: str) -> JoinLink:
         seen[key] = value
     if not seen.get("code"):
         raise ValueError("This link has no pairing code.")
-    return JoinLink(code=seen["code"], master=seen.get("master") or None, group=seen.get("group") or None)
+    try:
+        via = tuple(parse_candidate_text(seen.get("via") or ""))
+    except ValueError as e:
+        raise ValueError(f"The link's addresses are not valid: {e}.") from None
+    return JoinLink(code=seen["code"], master=seen.get("master") or None, group=seen.get("group") or None, via=via)
 
 
 def build_link(link: JoinLink) -> str:
-    """``molink://join?code=…[&master=…][&group=…]``, every value percent-encoded."""
+    """``molink://join?code=…[&master=…][&group=…][&via=…]``, every value percent-encoded."""
     pairs = [("code", link.code)]
     if link.master is not None:
         pairs.append(("master", link.master))
     if link.group is not None:
         pairs.append(("group", link.group))
-    return f"{SCHEME}://{ACTION}?" + urlencode(pairs, quote_via=quote, safe=":[]")
+    if link.via:
+        pairs.append(("via", ",".join(c.to_text() for c in link.via)))
+    return f"{SCHEME}://{ACTION}?" + urlencode(pairs, quote_via=quote, safe=":[]~,")

@@ -1,0 +1,107 @@
+"""Where the master's group port can be reached from: its candidates, and who can therefore join.
+
+Contract
+--------
+``Reach(port, host, map_port=True)``: ``await start()`` lists the LAN addresses of the group
+port (every local IPv4 address that is not loopback or link-local, when bound to all; else the
+bound one) and its global IPv6 addresses (when the port listens on IPv6 too), and, with
+``map_port``, asks the home router for a mapping (:class:`worker_core.portmap.PortMapper`): the
+mapped external address is a candidate only once the router confirmed it and only when it is
+public (a private or 100.64/10 "external" address means another NAT: nobody outside can dial
+it).  ``candidates()`` is the current list (LAN first); ``summary()`` says in one sentence who
+can join and why; ``await stop()`` removes the mapping.  A mapping that changes (renewal gave
+another port, the router restarted) changes ``candidates()`` at once.  Loopback-bound masters
+(tests) map nothing and list only their address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from worker_core.candidates import Candidate, Kind
+
+log = logging.getLogger("molink.reach")
+
+ALL = ("0.0.0.0", "::", "")
+
+
+def local_addresses() -> tuple[list[str], list[str]]:
+    """(IPv4 LAN addresses, global IPv6 addresses) of this machine."""
+    import ifaddr
+
+    v4: list[str] = []
+    v6: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                addr = ipaddress.IPv4Address(ip.ip)
+                if not addr.is_loopback and not addr.is_link_local:
+                    v4.append(str(addr))
+            else:
+                addr6 = ipaddress.IPv6Address(ip.ip[0])
+                if addr6.is_global:
+                    v6.append(addr6.compressed)
+    return v4, v6
+
+
+class Reach:
+    def __init__(self, port: int, host: str = "0.0.0.0", map_port: bool = True) -> None:
+        self.port = port
+        self.host = host
+        self.map_port = map_port and not _loopback(host)
+        self.mapper = None  # worker_core.portmap.PortMapper while mapping
+        self._lan: list[Candidate] = []
+        self.failure = ""
+
+    async def start(self) -> None:
+        import asyncio
+
+        if self.host in ALL:
+            v4, v6 = await asyncio.to_thread(local_addresses)
+            self._lan = [Candidate(Kind.LAN, a, self.port) for a in v4]
+            if self.host == "::":
+                self._lan += [Candidate(Kind.IPV6, a, self.port) for a in v6]
+        else:
+            kind = Kind.IPV6 if ":" in self.host and ipaddress.ip_address(self.host).is_global else Kind.LAN
+            self._lan = [Candidate(kind, self.host, self.port)]
+        if self.map_port:
+            from worker_core.portmap import PortMapper
+
+            self.mapper = PortMapper(self.port)
+            await self.mapper.start()
+            self.failure = self.mapper.failure
+
+    async def stop(self) -> None:
+        if self.mapper is not None:
+            await self.mapper.stop()
+
+    def mapped(self) -> Candidate | None:
+        m = self.mapper.mapping if self.mapper is not None else None
+        if m is None or not m.reachable:
+            return None
+        return Candidate(Kind.MAPPED, m.external_host, m.external_port)
+
+    def candidates(self) -> list[Candidate]:
+        mapped = self.mapped()
+        return [*self._lan, *([mapped] if mapped else [])]
+
+    def summary(self) -> str:
+        mapped = self.mapped()
+        if mapped is not None:
+            return f"friends anywhere can join: port {mapped.port} mapped on your router ({mapped.address})"
+        m = self.mapper.mapping if self.mapper is not None else None
+        if m is not None:
+            why = f"your router's own address {m.external_host} is behind another NAT (carrier-grade NAT?)"
+        elif not self.map_port:
+            why = "the group port is not mapped on a router (loopback or mapping off)"
+        else:
+            why = f"your router mapped no port ({self.failure or 'no answer'})"
+        return f"only this network can join, because {why}"
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,218 @@
+"""Port mapping against fake routers on 127.0.0.1: NAT-PMP and PCP answers good, bad and nonsensical;
+renewal at half the lease, removal on stop, the external address checked.  (The real router,
+miniupnpd, is in tests/test_lab.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from worker_core.address import BadAddress, format_address, parse_address
+from worker_core.candidates import Candidate, Kind, NoPath, parse_candidate_text, race
+from worker_core.portmap import PortMapper, natpmp, pcp
+from worker_core.portmap.errors import Nonsense, Refused
+
+
+def sync(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> None:
+        asyncio.run(asyncio.wait_for(fn(*args, **kw), 30))
+
+    return run
+
+
+class FakeRouter(asyncio.DatagramProtocol):
+    """Answers NAT-PMP and PCP on 127.0.0.1 as ``mode`` says; records every request."""
+
+    def __init__(self, mode: str, external: str = "25.1.2.3", lifetime: int = 3600) -> None:
+        self.mode = mode
+        self.external = external
+        self.lifetime = lifetime
+        self.requests: list[bytes] = []
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.requests.append(data)
+        answer = self.answer(data)
+        if answer is not None and self.transport is not None:
+            self.transport.sendto(answer, addr)
+
+    def answer(self, data: bytes) -> bytes | None:
+        if self.mode == "garbage":
+            return b"\x07\x07\x07"
+        if self.mode == "silent":
+            return None
+        if data[0] == 2:  # PCP
+            if self.mode == "natpmp-only":
+                return struct.pack("!BBHI", 0, 0x80 | data[1], 1, 0)  # NAT-PMP: unsupported version
+            nonce, internal, suggested = data[24:36], *struct.unpack_from("!HH", data, 40)
+            lifetime = struct.unpack_from("!I", data, 4)[0]
+            if self.mode == "pcp-refuse":
+                return struct.pack("!BBBBII", 2, 0x81, 0, 8, 0, 0) + bytes(12) + bytes(36)
+            if self.mode == "pcp-wrong-port":
+                internal += 1
+            ext = ipaddress.IPv6Address(f"::ffff:{self.external}").packed
+            head = struct.pack("!BBBBII", 2, 0x81, 0, 0, min(lifetime, self.lifetime), 1) + bytes(12)
+            return head + nonce + struct.pack("!B3xHH", 6, internal, suggested or internal) + ext
+        if data[1] == 0:  # NAT-PMP external address
+            return struct.pack("!BBHI", 0, 128, 0, 1) + ipaddress.IPv4Address(self.external).packed
+        if data[1] == 2:
+            _, _, _, internal, suggested, lifetime = struct.unpack("!BBHHHI", data)
+            if self.mode == "natpmp-refuse":
+                return struct.pack("!BBHIHHI", 0, 130, 2, 1, internal, 0, 0)
+            return struct.pack("!BBHIHHI", 0, 130, 0, 1, internal, suggested, min(lifetime, self.lifetime))
+        return None
+
+
+async def _router(mode: str, **kw: object) -> tuple[FakeRouter, int, asyncio.DatagramTransport]:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: FakeRouter(mode, **kw),  # type: ignore[arg-type]
+        local_addr=("127.0.0.1", 0),
+    )
+    return proto, transport.get_extra_info("sockname")[1], transport
+
+
+def _mapper(port: int, **kw: object) -> PortMapper:
+    return PortMapper(7733, gateway="127.0.0.1", udp_port=port, protocols=("pcp", "nat-pmp"), **kw)  # type: ignore[arg-type]
+
+
+@sync
+async def test_pcp_maps_renews_at_half_lease_and_removes_on_stop() -> None:
+    router, port, transport = await _router("good", lifetime=2)
+    try:
+        mapper = _mapper(port)
+        m = await mapper.start()
+        assert m is not None and m.protocol == "pcp" and m.external_host == "25.1.2.3" and m.external_port == 7733
+        assert m.lifetime == 2 and m.reachable
+        pcp_requests = lambda: [r for r in router.requests if r[0] == 2]  # noqa: E731
+        first = len(pcp_requests())
+        await asyncio.sleep(1.6)  # renewal at half of 2 s
+        assert len(pcp_requests()) > first
+        await mapper.stop()
+        last = pcp_requests()[-1]
+        assert struct.unpack_from("!I", last, 4)[0] == 0  # lifetime 0: delete
+    finally:
+        transport.close()
+
+
+@sync
+async def test_natpmp_router_without_pcp() -> None:
+    router, port, transport = await _router("natpmp-only")
+    try:
+        mapper = _mapper(port)
+        m = await mapper.start()
+        assert m is not None and m.protocol == "nat-pmp" and m.external_host == "25.1.2.3"
+        await mapper.stop()
+        assert router.requests[-1][1] == 2 and struct.unpack("!I", router.requests[-1][-4:])[0] == 0
+    finally:
+        transport.close()
+
+
+@sync
+async def test_private_external_address_is_not_reachable() -> None:
+    _router_, port, transport = await _router("good", external="100.64.3.4")
+    try:
+        mapper = _mapper(port)
+        m = await mapper.start()
+        assert m is not None and not m.reachable  # another NAT in front of the router
+        await mapper.stop()
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        ("garbage", "malformed"),
+        ("silent", "no answer"),
+        ("pcp-refuse", "NO_RESOURCES"),
+        ("pcp-wrong-port", "answer for protocol 6 port 7734"),
+    ],
+)
+@sync
+async def test_bad_routers_fail_clearly(mode: str, words: str) -> None:
+    _r, port, transport = await _router(mode)
+    try:
+        mapper = PortMapper(7733, gateway="127.0.0.1", udp_port=port, protocols=("pcp",))
+        assert await mapper.start() is None
+        assert words.lower() in mapper.failure.lower()
+        await mapper.stop()  # nothing to remove: returns at once
+    finally:
+        transport.close()
+
+
+@sync
+async def test_natpmp_refusal_carries_its_code() -> None:
+    _r, port, transport = await _router("natpmp-refuse")
+    try:
+        with pytest.raises(Refused) as e:
+            await natpmp.map_tcp("127.0.0.1", 7733, 7733, 60, port=port)
+        assert e.value.code == 2
+    finally:
+        transport.close()
+
+
+def test_pcp_answer_checks() -> None:
+    nonce = bytes(range(12))
+    good = FakeRouter("good").answer(pcp.request("192.168.1.5", 7733, 7733, 60, nonce))
+    assert good is not None
+    assert pcp.parse(good, 7733, nonce) == pcp.Lease("25.1.2.3", 7733, 60)
+    assert pcp.parse(good, 7733, bytes(12)) is None  # another nonce: not ours
+    with pytest.raises(Nonsense):
+        pcp.parse(good[:40], 7733, nonce)
+    with pytest.raises(Nonsense):
+        pcp.parse(good, 7734, nonce)
+
+
+def test_one_address_parser() -> None:
+    assert parse_address("192.168.1.20:7733") == ("192.168.1.20", 7733)
+    assert parse_address("[2001:db8::5]:7733") == ("2001:db8::5", 7733)
+    assert parse_address("[fe80::1%eth0]:1") == ("fe80::1%eth0", 1)
+    assert parse_address("Host.Example:80") == ("host.example", 80)
+    for bad in ("2001:db8::5:7733", "host", "host:0", "host:65536", "[::1]", "a b:1", "[nothost]:5", "1.2.3.999:1"):
+        with pytest.raises(BadAddress):
+            parse_address(bad)
+    assert format_address("2001:db8::5", 7733) == "[2001:db8::5]:7733"
+    assert format_address("10.0.0.1", 1) == "10.0.0.1:1"
+
+
+def test_candidate_text_round_trip() -> None:
+    cs = [Candidate(Kind.LAN, "192.168.1.2", 7733), Candidate(Kind.MAPPED, "25.0.0.10", 40000, True),
+          Candidate(Kind.IPV6, "2a0f::5", 7733)]  # fmt: skip
+    assert parse_candidate_text(",".join(c.to_text() for c in cs)) == cs
+    for bad in ("lan", "moon~1.2.3.4:5", "lan~1.2.3.4", "lan~1.2.3.4:5~x"):
+        with pytest.raises(ValueError):
+            parse_candidate_text(bad)
+
+
+@sync
+async def test_race_prefers_lan_and_discards_losers() -> None:
+    lan = Candidate(Kind.LAN, "192.168.1.2", 1)
+    mapped = Candidate(Kind.MAPPED, "25.0.0.1", 2)
+    relay = Candidate(Kind.RELAY, "25.0.0.9", 3)
+    closed: list[str] = []
+
+    async def dial(c: Candidate) -> str:
+        if c is lan:
+            raise ConnectionRefusedError("no route")
+        await asyncio.sleep(0.05)
+        return c.kind.value
+
+    got, result = await race([relay, mapped, lan], dial, discard=closed.append, stagger=0.1)
+    assert got == mapped and result == "mapped"  # the LAN failed at once; direct starts before the relay
+    got, _ = await race([relay, mapped], dial, discard=closed.append, stagger=0.01)
+    assert got == mapped  # the first started and done wins; the relay, still dialling, is cancelled
+    assert closed == []
+    with pytest.raises(NoPath) as e:
+        await race([lan], dial)
+    assert "no route" in str(e.value)

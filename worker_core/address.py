@@ -1,0 +1,76 @@
+"""``HOST:PORT``: the one parser and formatter of addresses (IPv6 in brackets) for the whole code.
+
+Contract
+--------
+``parse_address(text)`` -> ``(host, port)``: ``host`` is a DNS name (letters, digits, ``-``
+and ``.``, lower-cased), an IPv4 address, or an IPv6 address written in brackets (``[::1]:7733``;
+a link-local zone ``[fe80::1%eth0]:7733`` is kept, since it is needed to dial one); the
+host comes back without brackets, the port is 1-65535.  Anything else raises
+:class:`BadAddress` (a ``ValueError``) saying what an address looks like.
+``format_address(host, port)`` is its inverse (brackets around any host with a ``:``), also for
+URLs: ``f"wss://{format_address(h, p)}/v1/tunnel"``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_ZONE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+
+
+class BadAddress(ValueError):
+    """Not a HOST:PORT address."""
+
+
+def check_host(host: str) -> str:
+    """The host, normalised (IP addresses compressed, names lower-cased), or :class:`BadAddress`."""
+    bad = BadAddress(f"not a host name or IP address: {host[:80]!r}")
+    if not isinstance(host, str) or not host or len(host) > 253 or not host.isascii():
+        raise bad
+    if ":" in host:
+        addr, _, zone = host.partition("%")
+        try:
+            ip = ipaddress.IPv6Address(addr)
+        except ValueError:
+            raise bad from None
+        if zone and not _ZONE.fullmatch(zone):
+            raise bad
+        return ip.compressed + (f"%{zone}" if zone else "")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise bad from None
+    name = host.lower().rstrip(".")
+    if not name or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise bad
+    return name
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    bad = BadAddress(f"an address looks like 192.168.1.20:7733 or [2001:db8::5]:7733, not {str(text)[:80]!r}")
+    if not isinstance(text, str):
+        raise bad
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise bad
+        if ":" not in host:
+            raise bad
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise bad  # a bare IPv6 address: the port cannot be told from the address
+    if not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+        raise bad
+    try:
+        return check_host(host), int(port)
+    except BadAddress:
+        raise bad from None
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,230 @@
+"""Port mapping on the home router: UPnP IGD, NAT-PMP and PCP tried together; renewed; removed on stop.
+
+Contract
+--------
+``PortMapper(internal_port)``: ``await start()`` asks the router for a TCP mapping of
+``internal_port`` by all three protocols at once (PCP MAP, a NAT-PMP external address probe,
+an SSDP search for a UPnP IGD; each bounded by a few seconds) and keeps the first that works,
+in the order PCP, NAT-PMP, UPnP (the others are left alone: at most one mapping is made).  It
+returns the :class:`Mapping` (the external address and port the router confirmed, the lease
+and the protocol) or None; ``failure`` then says why in one line per protocol.  A mapping whose
+external address is not public (private, 100.64.0.0/10 carrier space, ...) means another NAT
+sits behind the router: ``Mapping.reachable`` is False and it must not be offered as a
+candidate.  While mapped, a task renews the lease at half its lifetime (a permanent lease,
+lifetime 0, needs none); when renewal fails it maps again from scratch (backing off), and
+``on_change(mapping | None)`` hears every change.  ``await stop()`` cancels renewal and removes
+the mapping (bounded: a router that is gone cannot hold the caller).
+
+The protocols are :mod:`.pcp`, :mod:`.natpmp` and :mod:`.upnp`; their failures are
+:mod:`.errors`.  ``gateway`` (default: the default route's) and ``udp_port`` (5351) are for
+tests, as is ``protocols`` (a subset of ``("pcp", "nat-pmp", "upnp")``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import natpmp, pcp
+from .errors import NoAnswer, PortMapError
+from .gateway import default_gateway, local_address
+
+log = logging.getLogger("molink.portmap")
+
+LEASE = 3600  # seconds asked for; renewed at half
+RETRY = 30.0  # seconds before mapping again after a failed renewal (doubling, at most RETRY_MAX)
+RETRY_MAX = 600.0
+STOP_TIMEOUT = 3.0  # seconds stop() may spend removing the mapping
+PROTOCOLS = ("pcp", "nat-pmp", "upnp")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    protocol: str  # pcp | nat-pmp | upnp
+    internal_port: int
+    external_host: str
+    external_port: int
+    lifetime: int  # seconds granted; 0: permanent
+
+    @property
+    def reachable(self) -> bool:
+        """The external address is on the internet (not another NAT's inside)."""
+        from ..candidates import is_public
+
+        return is_public(self.external_host)
+
+    def describe(self) -> str:
+        return f"{self.external_host}:{self.external_port} -> :{self.internal_port} by {self.protocol}" + (
+            f", {self.lifetime} s lease" if self.lifetime else ", permanent"
+        )
+
+
+class PortMapper:
+    def __init__(
+        self,
+        internal_port: int,
+        gateway: str | None = None,
+        on_change: Callable[[Mapping | None], object] | None = None,
+        udp_port: int = natpmp.PORT,
+        protocols: tuple[str, ...] = PROTOCOLS,
+        lease: int = LEASE,
+        upnp_timeout: int = 2,
+    ) -> None:
+        self.internal_port = internal_port
+        self.gateway = gateway
+        self.on_change = on_change
+        self.udp_port = udp_port
+        self.protocols = protocols
+        self.lease = lease
+        self.upnp_timeout = upnp_timeout
+        self.mapping: Mapping | None = None
+        self.failure = ""
+        self._nonce = secrets.token_bytes(12)
+        self._igd = None  # upnp.Igd while mapped by UPnP
+        self._client = ""  # this host's LAN address, as the router sees it
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Mapping | None:
+        self.mapping = await self._map()
+        if self.mapping is not None:
+            log.info("port mapped: %s", self.mapping.describe())
+            if not self.mapping.reachable:
+                log.warning(
+                    "the router's external address %s is not public: another NAT is in front of it "
+                    "(carrier-grade NAT?); friends outside cannot dial it",
+                    self.mapping.external_host,
+                )
+            self._task = asyncio.ensure_future(self._renew_loop())
+        else:
+            log.info("no port mapping: %s", self.failure)
+        return self.mapping
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        mapping, self.mapping = self.mapping, None
+        if mapping is None:
+            return
+        try:
+            await asyncio.wait_for(self._unmap(mapping), STOP_TIMEOUT)
+            log.info("port mapping removed: %s", mapping.describe())
+        except (PortMapError, asyncio.TimeoutError, OSError) as e:
+            log.warning("could not remove the port mapping %s: %s", mapping.describe(), e)
+
+    # ------------------------------------------------------------------ mapping
+
+    async def _map(self, suggested: int | None = None) -> Mapping | None:
+        gateway = self.gateway or await asyncio.to_thread(default_gateway)
+        if gateway is None:
+            self.failure = "no default gateway (no router to ask)"
+            return None
+        self._client = local_address(gateway) or ""
+        external = suggested or self.internal_port
+        attempts = {
+            "pcp": self._pcp(gateway, external),
+            "nat-pmp": self._natpmp_probe(gateway),
+            "upnp": self._upnp_find(),
+        }
+        names = [p for p in PROTOCOLS if p in self.protocols]
+        tasks = {p: asyncio.ensure_future(attempts.pop(p)) for p in names}
+        for coro in attempts.values():
+            coro.close()
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        outcome = dict(zip(names, results, strict=True))
+        failures = []
+        for name in names:  # preference order: the first that answered makes the one mapping
+            got = outcome[name]
+            if isinstance(got, BaseException):
+                failures.append(f"{name}: {got}")
+                continue
+            try:
+                if name == "pcp":
+                    return got  # type: ignore[return-value]
+                if name == "nat-pmp":
+                    lease = await natpmp.map_tcp(gateway, self.internal_port, external, self.lease, port=self.udp_port)
+                    return Mapping("nat-pmp", self.internal_port, str(got), lease.external_port, lease.lifetime)
+                return await self._upnp_map(got, external)  # type: ignore[arg-type]
+            except (PortMapError, OSError) as e:
+                failures.append(f"{name}: {e}")
+        self.failure = "; ".join(failures)
+        return None
+
+    async def _pcp(self, gateway: str, external: int) -> Mapping:
+        if not self._client:
+            raise NoAnswer("no local address towards the gateway")
+        lease = await pcp.map_tcp(
+            gateway, self._client, self.internal_port, external, self.lease, self._nonce, port=self.udp_port
+        )
+        return Mapping("pcp", self.internal_port, lease.external_host, lease.external_port, lease.lifetime)
+
+    async def _natpmp_probe(self, gateway: str) -> str:
+        return await natpmp.external_address(gateway, port=self.udp_port)
+
+    async def _upnp_find(self) -> object:
+        from .upnp import Igd, find_igd
+
+        return await Igd.open(await find_igd(self.upnp_timeout, self._client or None))
+
+    async def _upnp_map(self, igd: object, external: int) -> Mapping:
+        from .upnp import Igd
+
+        assert isinstance(igd, Igd)  # noqa: S101 - what _upnp_find returns
+        host = await igd.external_address()
+        port, lease = await igd.add(self._client, self.internal_port, external, self.lease)
+        self._igd = igd
+        return Mapping("upnp", self.internal_port, host, port, lease)
+
+    async def _renew(self, m: Mapping) -> Mapping:
+        gateway = self.gateway or await asyncio.to_thread(default_gateway) or ""
+        if m.protocol == "pcp":
+            return await self._pcp(gateway, m.external_port)
+        if m.protocol == "nat-pmp":
+            host = await natpmp.external_address(gateway, port=self.udp_port)
+            lease = await natpmp.map_tcp(gateway, self.internal_port, m.external_port, self.lease, port=self.udp_port)
+            return Mapping("nat-pmp", self.internal_port, host, lease.external_port, lease.lifetime)
+        if self._igd is None:
+            raise PortMapError("UPnP: the router is gone")
+        return await self._upnp_map(self._igd, m.external_port)
+
+    async def _unmap(self, m: Mapping) -> None:
+        gateway = self.gateway or await asyncio.to_thread(default_gateway) or ""
+        if m.protocol == "pcp":
+            await pcp.map_tcp(gateway, self._client, self.internal_port, 0, 0, self._nonce, port=self.udp_port, tries=2)
+        elif m.protocol == "nat-pmp":
+            await natpmp.map_tcp(gateway, self.internal_port, 0, 0, port=self.udp_port, tries=2)
+        elif self._igd is not None:
+            await self._igd.delete(m.external_port)  # type: ignore[attr-defined]
+
+    async def _renew_loop(self) -> None:
+        retry = RETRY
+        while True:
+            m = self.mapping
+            if m is None:
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX)
+                fresh = await self._map()
+            elif m.lifetime == 0:
+                return  # permanent: nothing to renew
+            else:
+                await asyncio.sleep(max(1.0, m.lifetime / 2))
+                try:
+                    fresh = await self._renew(m)
+                except (PortMapError, OSError) as e:
+                    log.warning("renewing the port mapping failed (%s): mapping again", e)
+                    fresh = await self._map(m.external_port)
+            if fresh is not None:
+                retry = RETRY
+            if fresh != self.mapping:
+                log.info("port mapping now: %s", fresh.describe() if fresh else f"none ({self.failure})")
+                self.mapping = fresh
+                if self.on_change is not None:
+                    self.on_change(fresh)
