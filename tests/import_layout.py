@@ -33,6 +33,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
         "app.tools",
         "app.tools.bench",
         "app.tools.chaos",
+        "app.tools.netlab",
         "app.group",
         "app.proc",
         "app.runtime",

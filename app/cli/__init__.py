@@ -313,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     lt.add_argument("--out", default=None, help="also write the results to this JSON file")
     lt.set_defaults(func=cli_tools.loadtest, quiet=True)
 
-    from .tools.netlab.command import add_parser as add_lab  # the network lab (molink lab up/run/down)
+    from app.tools.netlab.command import add_parser as add_lab  # the network lab (molink lab up/run/down)
 
     add_lab(sub)
     return p

@@ -100,7 +100,7 @@ def invitation_link(code: str, group: str | None, candidates: list[str]) -> str:
     ``via=`` lists every candidate."""
     from worker_core.candidates import Kind, ordered, parse_candidate_text
 
-    from .desktop.links import JoinLink, build_link
+    from .links import JoinLink, build_link
 
     via = ordered(parse_candidate_text(",".join(candidates)))
     outside = [c for c in via if c.kind in (Kind.MAPPED, Kind.IPV6)]
@@ -185,7 +185,7 @@ async def pair_with_group(code: str, master: str | None, folder: Path, name: str
 
     via: list = []
     if code.strip().lower().startswith("molink:"):
-        from .desktop.links import parse_link
+        from .links import parse_link
 
         try:
             link = parse_link(code)
