@@ -45,6 +45,9 @@ class MasterConfig:
     group_host: str = "0.0.0.0"  # address of the group port (tunnels and pairing)
     group_port: int = 7733  # 0 picks a free port (tests)
     group_name: str = ""  # shown to joiners (default: this machine's host name)
+    # HOST:PORT of a relay (``molink relay``) the group registers at, so members and joiners who
+    # cannot reach the group port reach it through the relay ("": none); paired groups only
+    relay: str = ""
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.group_port <= 65535:
@@ -74,6 +77,12 @@ class MasterConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.relay:
+            from worker_core.bridge_wire import split_address
+
+            split_address(self.relay)
+            if self.data_dir is None:
+                raise ValueError("--relay needs a paired group (molink group create): a relay keeps its mutual TLS")
         if self.capacity_wait < 0 or self.retry_after < 1:
             raise ValueError("capacity_wait must be >= 0 and retry_after >= 1")
 

@@ -223,6 +223,7 @@ class JoinedGroup:
     master_host: str
     master_port: int
     master_cert: str  # PEM, pinned
+    relay: str = ""  # HOST:PORT of the group's relay, as the master sealed it in the welcome ("": none)
 
     @property
     def master_address(self) -> str:
@@ -247,6 +248,7 @@ class JoinedGroup:
                 master_host=str(raw["master_host"]),
                 master_port=int(raw["master_port"]),
                 master_cert=str(raw["master_cert"]),
+                relay=str(raw.get("relay", "")),
             )
         except FileNotFoundError:
             raise NotJoined(
@@ -311,14 +313,20 @@ async def join(
         if not isinstance(cert, str):
             raise ValueError("no certificate")
         master_cert = check_cert_pem(cert)
-        group, name = welcome["group"], welcome["name"]
+        group, name, relay = welcome["group"], welcome["name"], welcome.get("relay", "")
         if not isinstance(group, str) or not isinstance(name, str):
             raise ValueError("names must be strings")
+        if not isinstance(relay, str):
+            raise ValueError("the relay must be HOST:PORT")
+        if relay:
+            from .bridge_wire import split_address
+
+            split_address(relay)
     except (ValueError, KeyError) as e:
         raise Malformed(f"the master sent a malformed welcome: {e}") from None
     if fingerprint(master_cert) != seen:
         raise Impostor("the TLS certificate does not match the paired master (someone is interfering)")
-    return JoinedGroup(group=group, name=name, master_host=host, master_port=port, master_cert=master_cert)
+    return JoinedGroup(group=group, name=name, master_host=host, master_port=port, master_cert=master_cert, relay=relay)
 
 
 def _pairing_ssl() -> ssl.SSLContext:
