@@ -28,6 +28,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -236,4 +237,9 @@ class BridgeHost:
                 sock.close()
             return
         self.relayed += 1
-        await self.hand_over(sock, f"{BRIDGED}{self.relay}#{self.relayed}")
+        label = f"{BRIDGED}{self.relay}#{self.relayed}"
+        try:
+            await self.hand_over(sock, label)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:  # e.g. a dialer that is no member: refused
+            log.warning("relayed connection %s ended in its handshake: %s", label, e or type(e).__name__)
+            sock.close()
