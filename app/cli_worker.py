@@ -100,7 +100,7 @@ def relay(args: argparse.Namespace, sup: Supervision) -> Run:
     from worker_core.bridge_server import BridgeLimits, BridgeServer
     from worker_core.bridge_wire import split_address
 
-    host, port = split_address(args.listen)
+    host, port = split_address(args.listen, listen=True)
     limits = BridgeLimits()
     if args.max_connections is not None:
         limits = dataclasses.replace(limits, max_connections=args.max_connections)

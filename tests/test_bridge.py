@@ -40,6 +40,7 @@ from worker_core.bridge_wire import (
 )
 from worker_core.identity import load_or_create
 
+_ECHOES: set[asyncio.Task] = set()
 FAST = BridgeLimits(preamble_timeout=1.0, answer_timeout=1.0, idle_timeout=2.0, half_open_timeout=1.0)
 
 
@@ -55,7 +56,9 @@ async def _echo(sock: socket.socket, label: str) -> None:
         finally:
             writer.close()
 
-    asyncio.get_running_loop().create_task(serve())
+    task = asyncio.get_running_loop().create_task(serve())
+    _ECHOES.add(task)  # held: a pending task nobody references may be collected
+    task.add_done_callback(_ECHOES.discard)
 
 
 async def _roundtrip(relay: str, group: str, payload: bytes = b"hello through the relay") -> bytes:
@@ -372,3 +375,18 @@ def test_a_restarted_relay_is_registered_at_again_on_its_own(tmp_path):
             await st.still_serving()
 
     run(main(), 60)
+
+
+def test_relay_settings_are_checked_before_anything_starts():
+    from master_core.config import MasterConfig
+    from worker_core.bridge_wire import split_address
+
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        MasterConfig(relay="relay.example", data_dir="/tmp/x").validate()
+    with pytest.raises(ValueError, match="paired group"):
+        MasterConfig(relay="relay.example:7735").validate()
+    MasterConfig(relay="relay.example:7735", data_dir="/tmp/x").validate()
+    assert split_address("[::1]:7735") == ("::1", 7735) and split_address("0.0.0.0:0", listen=True)[1] == 0
+    for bad in ("x:0", "x:70000", ":1", "a b:1", "x"):
+        with pytest.raises(ValueError):
+            split_address(bad)

@@ -203,6 +203,8 @@ class BridgeServer:
                 )
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass  # the peer left: nothing to tell
+        except asyncio.CancelledError:
+            pass  # stop(): this handler's task is the relay's own, and it ends here
         finally:
             self._open -= 1
             self._per_ip[ip] -= 1

@@ -260,10 +260,12 @@ def unb64(text: str) -> bytes:
         raise Malformed("signature: not base64") from None
 
 
-def split_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 in brackets) of a relay, or ``ValueError`` with one line."""
+def split_address(text: str, listen: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets) of a relay, or ``ValueError`` with one line; a port of 0
+    (any free one) only where ``listen``."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/ @"):
+    low = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not low <= int(port) < 65536 or any(c in host for c in "/ @"):
         raise ValueError(f"a relay address is HOST:PORT, got {text!r}")
     return host, int(port)

@@ -93,6 +93,7 @@ async def _main(sessions: list[int], rates: list[float], seconds: float) -> dict
     from worker_core.identity import load_or_create
 
     counted = [0]
+    sinks: set[asyncio.Task] = set()  # referenced: a pending task nobody holds may be collected
 
     async def sink(sock: socket.socket, label: str) -> None:
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -102,7 +103,9 @@ async def _main(sessions: list[int], rates: list[float], seconds: float) -> dict
                 counted[0] += len(data)
             writer.close()
 
-        asyncio.get_running_loop().create_task(drain())
+        task = asyncio.get_running_loop().create_task(drain())
+        sinks.add(task)
+        task.add_done_callback(sinks.discard)
 
     results = []
     idle_rss = {}
