@@ -82,6 +82,8 @@ async def create(cfg: MasterConfig, control: Control | None = None, events: Even
             "another code: molink group code)",
             flush=True,
         )
+        if cfg.relay:
+            print(f"  from another network: molink join CODE --relay {cfg.relay}", flush=True)
         await serve_until_stopped(control)
     finally:
         events.emit("stopping")

@@ -135,6 +135,68 @@ def test_members_join_by_code_and_serve_through_the_relay_which_sees_only_tls(tm
     assert total > 100_000, total  # the weights went through it too
 
 
+def test_a_group_served_through_a_relay_heals_when_the_relay_restarts(tmp_path):
+    """The relay stops while a member serves through it: the tunnel breaks, the master keeps
+    re-registering and the worker keeps redialling (both on their own); once a relay listens
+    again on the same address the group serves again, same tokens."""
+    from app.group import pair_through_relay
+
+    ckpt = make_tiny_checkpoint("llama", tmp_path / "ckpt", num_layers=2)
+    prompt = [9, 8, 7, 6, 5]
+    want = reference_greedy(ckpt, prompt, 8)
+
+    async def main():
+        relay = BridgeServer()
+        await relay.start("127.0.0.1", 0)
+        port = relay.port
+        address = f"127.0.0.1:{port}"
+        master = Master(paired_config(ckpt, tmp_path / "m", min_workers=1, relay=address))
+        await master.start()
+        task, forwarder = None, None
+        try:
+            assert master.bridge is not None
+            while master.bridge.state is not BridgeState.REGISTERED:
+                await asyncio.sleep(0.02)
+            joined = await pair_through_relay(master.new_code(), address, tmp_path / "w", "w")
+            ident = load_or_create(tmp_path / "w" / "identity", "w")
+            forwarder = BridgeForwarder(address, group=fingerprint(joined.master_cert))
+            await forwarder.start()
+            cfg = WorkerConfig(
+                master=forwarder.address,
+                device="cpu",
+                name="w",
+                tls=client_context(ident, joined.master_cert),
+                identity=ident,
+                hop_bind="127.0.0.1",
+                weights_dir=tmp_path / "w" / "weights",
+            )
+            task = asyncio.create_task(serve(cfg))
+            await asyncio.wait_for(master.group.wait_serving(), 120)
+            before = (await master.engine.generate(prompt, greedy(8)))[0]
+            await relay.stop()
+            deadline = time.monotonic() + 30
+            while master.group.links:  # the tunnel went down with the relay
+                assert time.monotonic() < deadline, "the tunnel outlived the relay"
+                await asyncio.sleep(0.05)
+            relay = BridgeServer()
+            await relay.start("127.0.0.1", port)
+            await asyncio.wait_for(master.group.wait_serving(), 120)
+            after = (await master.engine.generate(prompt, greedy(8)))[0]
+            return before, after, master.bridge.registrations
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await master.stop()
+            if forwarder is not None:
+                await forwarder.stop()
+            await relay.stop()
+
+    before, after, registrations = run(main(), 240)
+    assert before == after == want
+    assert registrations == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
