@@ -48,6 +48,9 @@ class MasterConfig:
     # ask the home router to map the group port (UPnP IGD, NAT-PMP, PCP: master_core.reach);
     # never for a loopback group_host
     port_mapping: bool = True
+    # HOST:PORT of a relay (``molink relay``) the group registers at, so members and joiners who
+    # cannot reach the group port reach it through the relay ("": none); paired groups only
+    relay: str = ""
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.group_port <= 65535:
@@ -77,6 +80,12 @@ class MasterConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.relay:
+            from worker_core.bridge_wire import split_address
+
+            split_address(self.relay)
+            if self.data_dir is None:
+                raise ValueError("--relay needs a paired group (molink group create): a relay keeps its mutual TLS")
         if self.capacity_wait < 0 or self.retry_after < 1:
             raise ValueError("capacity_wait must be >= 0 and retry_after >= 1")
 

@@ -18,6 +18,12 @@ Contract
 
 Every pairing outcome is logged without the code.  ``start(host, port)`` binds;
 ``port`` tells the bound port; ``stop()`` closes the listener.
+
+``accept_bridged(sock, label)`` serves a connection a relay spliced to this master (see
+:mod:`master_core.bridge_host`) exactly as an accepted one: same TLS contexts, same routes.
+``peer(request)`` names who a request came from: the relayed connection's ``label`` (never the
+relay's address, which every relayed member shares), else the socket's peer address.
+``relay`` (``HOST:PORT``, or "") is sealed into the pairing welcome, so members learn it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -68,7 +75,9 @@ class GroupPort:
         self.accept_tunnel = accept_tunnel
         self.candidates = candidates or list  # where this port can be reached, sealed into each welcome
         self.port = 0
+        self.relay = ""
         self._runner: web.AppRunner | None = None
+        self._bridged: dict[tuple, tuple[socket.socket, str]] = {}  # (sockname, peername) -> (socket, label)
         self._pairing_ctx = server_context(identity, [])  # no client certificate accepted
         self._base = server_context(identity, [])
         self._base.sni_callback = self._switch
@@ -92,12 +101,30 @@ class GroupPort:
         if self._runner:
             await self._runner.cleanup()
 
+    async def accept_bridged(self, sock: socket.socket, label: str) -> None:
+        """Serve ``sock`` (a relay's data connection, at the dialer's first TLS byte)."""
+        if self._runner is None or self._runner.server is None:
+            sock.close()
+            return
+        self._bridged = {k: v for k, v in self._bridged.items() if v[0].fileno() != -1}  # closed ones go
+        self._bridged[(sock.getsockname(), sock.getpeername())] = (sock, label)
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(self._runner.server, sock, ssl=self._base)
+
+    def peer(self, request: web.Request) -> str:
+        transport = request.transport
+        if transport is not None and self._bridged:
+            found = self._bridged.get((transport.get_extra_info("sockname"), transport.get_extra_info("peername")))
+            if found is not None:
+                return found[1]
+        return request.remote or "?"
+
     def _member(self, request: web.Request) -> str:
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = sslobj.getpeercert(binary_form=True) if sslobj else None
         member = self.members.member_for(der_fingerprint(der)) if der else None
         if member is None:
-            log.warning("%s from %s refused: no member certificate", request.path, request.remote)
+            log.warning("%s from %s refused: no member certificate", request.path, self.peer(request))
             raise web.HTTPForbidden(text="pair this machine first (molink join CODE)")
         return member.name
 
@@ -125,7 +152,7 @@ class GroupPort:
     async def _pair(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=64 * 1024, heartbeat=None)
         await ws.prepare(request)
-        peer = request.remote or "?"
+        peer = self.peer(request)
         nameplate: str | None = None
         succeeded = False
         try:
@@ -169,6 +196,7 @@ class GroupPort:
                             "name": name,
                             "candidates": self.candidates(),
                         }
+                        | ({"relay": self.relay} if self.relay else {})
                     ),
                 }
             )

@@ -95,6 +95,10 @@ class Invitations:
         if inv is not None and inv.state is InvitationState.OPEN and inv.attempts >= MAX_FAILURES:
             inv.state = InvitationState.BURNED
 
+    def nameplates(self) -> list[str]:
+        """Every nameplate known (open, or retired but remembered): a relay routes them here."""
+        return list(self._by_nameplate)
+
     def state(self, nameplate: str) -> InvitationState | None:
         inv = self._by_nameplate.get(nameplate)
         return inv.state if inv else None

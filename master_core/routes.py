@@ -12,7 +12,8 @@ known; stage i answers whether it dials at all (a worker may only dial: no inbou
 firewall prompt on Windows; or have direct hops off).  Its address (:func:`hop_address`): the
 host stage i+1 announced; else, when both stages' tunnels come from one address (one home
 behind one NAT), the LAN address stage i+1's tunnel leaves from; else the address the master
-sees its tunnel come from.
+sees its tunnel come from (for a tunnel through a relay it sees no address: only an announced
+host is dialled).
 
 Two rounds of ``Route`` messages, each answered within ``ROUTE_TIMEOUT``: first every stage
 learns whom to accept (a fresh secret per hop, and the previous stage's certificate), then
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 from worker_core.wire import Route
 
+from .bridge_host import is_bridged
 from .link import WorkerLink
 
 ROUTE_TIMEOUT = 10.0  # seconds a stage may take to answer a Route (its dial is bounded at 3 s)
@@ -59,8 +61,9 @@ def hop_address(link: WorkerLink, dialer: WorkerLink) -> str:
     hello = link.hello
     if not hello.hop_port:
         return ""
-    seen = link.peer.split("%")[0]
-    same_place = hello.hop_lan and seen == dialer.peer.split("%")[0]
+    # a relayed tunnel's peer is a label, not an address: where that member is is unknown
+    seen = "" if is_bridged(link.peer) else link.peer.split("%")[0]
+    same_place = hello.hop_lan and seen and seen == dialer.peer.split("%")[0]
     host = hello.hop_host or (hello.hop_lan if same_place else seen)
     if not host or host == "?":
         return ""

@@ -111,6 +111,7 @@ class Master:
         self.admin_token = secrets.token_urlsafe(24)  # new every launch
         self.group_port = None
         self.reach = None  # master_core.reach.Reach of a paired group: its candidates and port mapping
+        self.bridge = None
         self._advertiser = None
         self._policy: GuardPolicy | None = None
         app = web.Application(
@@ -206,6 +207,12 @@ class Master:
         self.reach = Reach(self.group_port.port, cfg.group_host, cfg.port_mapping)
         await self.reach.start()
         log.info("%s", self.reach.summary())
+        if cfg.relay:
+            from .bridge_host import BridgeHost
+
+            self.group_port.relay = cfg.relay
+            self.bridge = BridgeHost(cfg.relay, identity, self.invitations.nameplates, self.group_port.accept_bridged)
+            await self.bridge.start()
         self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)
         await self._advertiser.start()
         log.info(
@@ -236,7 +243,10 @@ class Master:
     def new_code(self) -> str:
         import time
 
-        return self.invitations.issue(time.monotonic())
+        code = self.invitations.issue(time.monotonic())
+        if self.bridge is not None:
+            self.bridge.changed()  # the relay learns the nameplate: the code alone finds this group
+        return code
 
     def remove_member(self, name: str) -> bool:
         if not self.members.remove(name):
@@ -299,7 +309,7 @@ class Master:
         # liveness is the link's own (pings it sends, pings it answers: master_core.link), not aiohttp's
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=None, autoping=False)
         await ws.prepare(request)
-        peer = request.remote or "?"
+        peer = self.group_port.peer(request) if self.group_port is not None else request.remote or "?"
         try:
             frame = await ws.receive(timeout=HELLO_TIMEOUT)
             if frame.type != WSMsgType.BINARY:
@@ -342,6 +352,8 @@ class Master:
         for link in links:
             link.close_with("the master stopped")
         await self.dashboard.stop()
+        if self.bridge is not None:
+            await self.bridge.stop()
         if self._advertiser is not None:
             await self._advertiser.stop()
         if self.group_port is not None:

@@ -231,6 +231,7 @@ class JoinedGroup:
     # every address of the master's group port it sealed into the welcome (Candidate.to_text();
     # worker_core.candidates), raced by the worker; empty from an older master
     candidates: tuple[str, ...] = ()
+    relay: str = ""  # HOST:PORT of the group's relay, as the master sealed it in the welcome ("": none)
 
     @property
     def master_address(self) -> str:
@@ -257,6 +258,7 @@ class JoinedGroup:
                 master_port=int(raw["master_port"]),
                 master_cert=str(raw["master_cert"]),
                 candidates=tuple(c.to_text() for c in parse_candidates(raw.get("candidates", []))),
+                relay=str(raw.get("relay", "")),
             )
         except FileNotFoundError:
             raise NotJoined(
@@ -321,16 +323,28 @@ async def join(
         if not isinstance(cert, str):
             raise ValueError("no certificate")
         master_cert = check_cert_pem(cert)
-        group, name = welcome["group"], welcome["name"]
+        group, name, relay = welcome["group"], welcome["name"], welcome.get("relay", "")
         if not isinstance(group, str) or not isinstance(name, str):
             raise ValueError("names must be strings")
         candidates = tuple(c.to_text() for c in parse_candidates(welcome.get("candidates", [])))
+        if not isinstance(relay, str):
+            raise ValueError("the relay must be HOST:PORT")
+        if relay:
+            from .bridge_wire import split_address
+
+            split_address(relay)
     except (ValueError, KeyError) as e:
         raise Malformed(f"the master sent a malformed welcome: {e}") from None
     if fingerprint(master_cert) != seen:
         raise Impostor("the TLS certificate does not match the paired master (someone is interfering)")
     return JoinedGroup(
-        group=group, name=name, master_host=host, master_port=port, master_cert=master_cert, candidates=candidates
+        group=group,
+        name=name,
+        master_host=host,
+        master_port=port,
+        master_cert=master_cert,
+        candidates=candidates,
+        relay=relay,
     )
 
 

@@ -5,7 +5,7 @@ subcommand; it returns the exit code.  A bad argument or an unusable setting pri
 line to stderr and exits 2 (no traceback); Ctrl-C or SIGTERM stops cleanly with 0.  This
 module is the parser and its dispatch (``set_defaults(func=...)``); each subcommand is one
 :data:`~app.cli.command.Command` in :mod:`app.cli.group` (master, group, join, api-key),
-:mod:`app.cli.worker` (worker, probe) or :mod:`app.cli.tools` (bench, eval, loadtest, chaos,
+:mod:`app.cli.worker` (worker, probe, relay) or :mod:`app.cli.tools` (bench, eval, loadtest, chaos,
 demo, selftest),
 taking the parsed arguments and, for supervised processes, the control channel, and
 returning its exit code or the coroutine function (:data:`~app.cli.command.Run`) that :func:`main` runs until
@@ -111,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
             "(bitsandbytes; embeddings and LM head stay in the compute dtype; default %(default)s)",
         )
         parser.add_argument(
+            "--relay",
+            default=MasterConfig.relay,
+            metavar="HOST:PORT",
+            help="register the group at this relay (molink relay), so machines that cannot reach the group port "
+            "join and serve through it; paired groups only",
+        )
+        parser.add_argument(
             "--capacity-wait",
             type=float,
             default=MasterConfig.capacity_wait,
@@ -136,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir",
         default=None,
         help="folder for this machine's identity and membership (default: the user data folder)",
+    )
+    j.add_argument(
+        "--relay",
+        default=None,
+        metavar="HOST:PORT",
+        help="find the group through this relay by the code alone (when its master is not on this network)",
     )
     j.add_argument("--name", default=None, help="name to show the group (default: host name)")
     j.set_defaults(func=cli_group.join, quiet=True)
@@ -185,8 +198,29 @@ def _parser() -> argparse.ArgumentParser:
         default=WorkerConfig.hop_host,
         help="host or address the other stages should dial for direct hops (default: what the master sees)",
     )
+    w.add_argument(
+        "--relay",
+        default=None,
+        metavar="HOST:PORT",
+        help="reach the master through this relay when its group port does not answer (default: the relay the "
+        "group named when this machine joined)",
+    )
+    w.add_argument(
+        "--via-relay", action="store_true", help="always reach the master through the relay (measurement, tests)"
+    )
     w.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     w.set_defaults(func=cli_worker.worker)
+
+    r = sub.add_parser(
+        "relay", help="run a relay: splices members' connections to masters that registered here (no model, no torch)"
+    )
+    r.add_argument(
+        "--listen", default="0.0.0.0:7735", metavar="HOST:PORT", help="address to listen on (default %(default)s)"
+    )
+    r.add_argument("--max-connections", type=int, default=None, help="open connections at most (default 1024)")
+    r.add_argument("--session-mbps", type=float, default=None, help="Mbit/s per direction of one session (default 100)")
+    r.add_argument("--total-mbps", type=float, default=None, help="Mbit/s over all sessions (default 1000)")
+    r.set_defaults(func=cli_worker.relay)
 
     a = sub.add_parser("app", help="the MoLink desktop app: a tray icon that shares this PC's GPU and hosts groups")
     a.add_argument("--selftest", action="store_true", help="start, check the app's parts and exit (0: all good)")

@@ -44,6 +44,7 @@ def master(args: argparse.Namespace, sup: Supervision) -> Run:
         quantize=args.quantize,
         api_key=key,
         allowed_hosts=tuple(args.allow_host),
+        relay=args.relay or "",
     )
     cfg.validate()
     return lambda: run_master(cfg, control=sup.control, events=sup.events)
@@ -77,6 +78,7 @@ def group_create(args: argparse.Namespace, sup: Supervision) -> Run:
         group_host=args.host,
         group_port=args.port,
         group_name=args.name,
+        relay=args.relay or "",
     )
     cfg.validate()
     return lambda: group.create(cfg, sup.control, sup.events)
@@ -138,7 +140,7 @@ def join(args: argparse.Namespace, sup: Supervision) -> Run:
 
     async def joining() -> int:
         try:
-            print(await group.join(args.code, args.master, group.data_dir(args.data_dir), args.name))
+            print(await group.join(args.code, args.master, group.data_dir(args.data_dir), args.name, args.relay))
             return 0
         except group.GroupCommandError as e:
             print(f"molink: cannot join: {e}", file=sys.stderr)

@@ -1,11 +1,15 @@
-"""The machine verbs of `molink`: ``worker`` (serve the layers the master assigns) and ``probe``.
+"""The machine verbs of `molink`: ``worker`` (serve the layers the master assigns), ``probe`` and
+``relay`` (splice members' connections to registered masters: :mod:`worker_core.bridge_server`).
 
 Contract: each command takes the parsed arguments (:func:`app.cli._parser`) and the control
 channel (:class:`app.cli.command.Supervision`) and returns its exit code, or the coroutine function
 that :func:`app.cli.main` runs until it ends, Ctrl-C or SIGTERM.  ``worker`` turns its
 arguments and, for a paired machine, the joined group's folder (membership, identity, pinned
 master certificate) into a :class:`~worker_core.config.WorkerConfig`; an unknown device or a
-folder that joined no group raises ``ValueError`` before anything starts.  ``probe`` prints
+folder that joined no group raises ``ValueError`` before anything starts.  A group with a relay
+(``--relay``, else the one the group named at joining): the worker dials the master directly
+when its group port accepts a TCP connection within ``DIRECT_TIMEOUT``, else (or with
+``--via-relay``) through a local forwarder to the relay (:mod:`worker_core.bridge_dial`).  ``probe`` prints
 what this machine offers (or ``--json``) and exits 0.  Torch and the engine are imported only
 inside the command.
 """
@@ -21,6 +25,8 @@ from worker_core.config import WorkerConfig
 if TYPE_CHECKING:
     from .command import Run, Supervision
 
+DIRECT_TIMEOUT = 3.0  # seconds the master's group port has to accept a TCP connection before the relay is used
+
 
 def worker(args: argparse.Namespace, sup: Supervision) -> Run:
     from worker_core import device
@@ -29,6 +35,7 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
     device.pick(args.device)  # fail fast on a device that does not exist
     tls, identity, master, folder, name = None, None, args.master, None, args.name
     candidates: tuple[str, ...] = ()
+    relay, group = "", ""
     if master is None:
         from app.group.client import data_dir
         from worker_core.identity import client_context, load_or_create
@@ -41,9 +48,12 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
             raise ValueError(str(e)) from None
         identity = load_or_create(folder / "identity", joined.name)
         tls = client_context(identity, joined.master_cert)
-        master = joined.master_address
+        master = joined.master_address if joined.master_host else ""
         candidates = joined.candidates
         name = name or joined.name
+        relay, group = args.relay or joined.relay, identity_fingerprint(joined.master_cert)
+        if not master and not relay:
+            raise ValueError(f"the membership in {folder} names no master address and no relay: join again")
     wcfg = WorkerConfig(
         master=master,
         candidates=candidates,
@@ -62,7 +72,59 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
     )
     if name:
         wcfg = dataclasses.replace(wcfg, name=name)
-    return lambda: serve(wcfg, sup.control, sup.events)
+    if not relay:
+        if args.via_relay:
+            raise ValueError("--via-relay needs a relay (--relay HOST:PORT, or a group that names one)")
+        return lambda: serve(wcfg, sup.control, sup.events)
+
+    async def through_relay() -> None:
+        from worker_core.bridge_dial import BridgeForwarder, reachable
+        from worker_core.bridge_wire import split_address
+
+        if master and not args.via_relay and await reachable(*split_address(master), DIRECT_TIMEOUT):
+            await serve(wcfg, sup.control, sup.events)
+            return
+        async with BridgeForwarder(relay, group=group) as forwarder:
+            print(f"reaching the master through relay {relay}", flush=True)
+            await serve(dataclasses.replace(wcfg, master=forwarder.address, candidates=()), sup.control, sup.events)
+
+    return through_relay
+
+
+def identity_fingerprint(pem: str) -> str:
+    from worker_core.identity import fingerprint
+
+    return fingerprint(pem)
+
+
+def relay(args: argparse.Namespace, sup: Supervision) -> Run:
+    """``molink relay``: run a relay until stopped (no model, no torch)."""
+    from worker_core.bridge_server import BridgeLimits, BridgeServer
+    from worker_core.bridge_wire import split_address
+
+    host, port = split_address(args.listen, listen=True)
+    limits = BridgeLimits()
+    if args.max_connections is not None:
+        limits = dataclasses.replace(limits, max_connections=args.max_connections)
+    if args.session_mbps is not None:
+        limits = dataclasses.replace(limits, session_rate=args.session_mbps * 1e6 / 8)
+    if args.total_mbps is not None:
+        limits = dataclasses.replace(limits, global_rate=args.total_mbps * 1e6 / 8)
+    if limits.max_connections < 1 or limits.session_rate <= 0 or limits.global_rate <= 0:
+        raise ValueError("relay limits must be positive")
+
+    async def serving() -> None:
+        import asyncio
+
+        server = BridgeServer(limits)
+        await server.start(host, port)
+        print(f"relay listening on {host}:{server.port}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    return serving
 
 
 def probe(args: argparse.Namespace, sup: Supervision) -> int:

@@ -10,7 +10,8 @@ it also emits the ``listening`` event, and ``stopping`` when it stops).  ``admin
 path)`` calls the running master's admin API with the token it wrote to ``admin.json``.
 ``join(code, master, data_dir, name)`` pairs this machine (:func:`pair_with_group`, whose
 failures are typed: :class:`BadAddress`, :class:`NoGroupFound`, a
-:class:`~worker_core.pairing.PairingError` subclass) and saves the membership.  Every failure
+:class:`~worker_core.pairing.PairingError` subclass), or through a relay by the code alone
+(:func:`pair_through_relay`), and saves the membership.  Every failure
 of ``admin`` and ``join`` is a :class:`GroupCommandError` with one line for the user.
 """
 
@@ -87,6 +88,8 @@ async def create(cfg: MasterConfig, control: Control | None = None, events: Even
             "another code: molink group code)",
             flush=True,
         )
+        if cfg.relay:
+            print(f"  from another network: molink join CODE --relay {cfg.relay}", flush=True)
         await serve_until_stopped(control)
     finally:
         events.emit("stopping")
@@ -157,18 +160,50 @@ def describe_worker(w: dict) -> str:
     )
 
 
-async def join(code: str, master: str | None, folder: Path, name: str | None) -> str:
-    """Pair (see :func:`pair_with_group`) and save the membership; every failure is a
-    :class:`GroupCommandError` carrying the pairing error's message."""
+async def join(code: str, master: str | None, folder: Path, name: str | None, relay: str | None = None) -> str:
+    """Pair (see :func:`pair_with_group`, or :func:`pair_through_relay` when ``relay`` is given and
+    ``master`` is not) and save the membership; every failure is a :class:`GroupCommandError`
+    carrying the pairing error's message."""
     try:
-        joined = await pair_with_group(code, master, folder, name)
+        if relay and not master:
+            joined = await pair_through_relay(code, relay, folder, name)
+        else:
+            joined = await pair_with_group(code, master, folder, name)
     except PairingError as e:
         raise GroupCommandError(str(e)) from e
     joined.save(folder)
+    where = f"master {joined.master_address}" if joined.master_host else f"through relay {joined.relay}"
     return (
-        f"Joined group {joined.group!r} as {joined.name!r} (master {joined.master_address}). "
+        f"Joined group {joined.group!r} as {joined.name!r} ({where}). "
         f"Share your GPU with: molink worker --data-dir {folder}"
     )
+
+
+async def pair_through_relay(code: str, relay: str, folder: Path, name: str | None) -> JoinedGroup:
+    """Pair with the group whose open code this is, found at ``relay`` by the code's nameplate
+    (the PAKE authenticates the master as over a direct connection).  The membership knows no
+    direct address of the master (``master_host`` empty): its worker goes through the relay."""
+    import dataclasses
+
+    from worker_core.bridge_dial import BridgeForwarder
+    from worker_core.identity import load_or_create
+    from worker_core.pairing import Unreachable, parse_code
+    from worker_core.pairing import join as pair
+
+    nameplate, _ = parse_code(code)
+    try:
+        forwarder = BridgeForwarder(relay, nameplate=nameplate)
+    except ValueError as e:
+        raise BadAddress(str(e)) from None
+    identity = await asyncio.to_thread(load_or_create, folder / "identity", name or socket.gethostname())
+    async with forwarder:
+        try:
+            joined = await pair("127.0.0.1", forwarder.port, code, name or socket.gethostname(), identity.cert_pem)
+        except Unreachable:
+            if forwarder.last_error:  # the relay's own reason says more than a closed local connection
+                raise Unreachable(f"cannot pair through relay {relay}: {forwarder.last_error}") from None
+            raise
+    return dataclasses.replace(joined, master_host="", master_port=0, relay=joined.relay or relay)
 
 
 async def pair_with_group(code: str, master: str | None, folder: Path, name: str | None) -> JoinedGroup:
