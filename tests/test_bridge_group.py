@@ -58,7 +58,7 @@ def test_tls_record_check_refuses_plain_bytes():
 
 
 def test_members_join_by_code_and_serve_through_the_relay_which_sees_only_tls(tmp_path):
-    from app.group import pair_through_relay
+    from app.group.client import pair_through_relay
 
     ckpt = make_tiny_checkpoint("llama", tmp_path / "ckpt", num_layers=4)
     prompt = [41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]
@@ -139,7 +139,7 @@ def test_a_group_served_through_a_relay_heals_when_the_relay_restarts(tmp_path):
     """The relay stops while a member serves through it: the tunnel breaks, the master keeps
     re-registering and the worker keeps redialling (both on their own); once a relay listens
     again on the same address the group serves again, same tokens."""
-    from app.group import pair_through_relay
+    from app.group.client import pair_through_relay
 
     ckpt = make_tiny_checkpoint("llama", tmp_path / "ckpt", num_layers=2)
     prompt = [9, 8, 7, 6, 5]
