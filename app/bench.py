@@ -41,7 +41,12 @@ if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
     from master_core.server import Master
 
 # name -> (Mbit/s, round-trip seconds); each direction gets half the round trip as delay
-PROFILES: dict[str, tuple[float, float]] = {"lan": (1000.0, 0.0005), "wan": (100.0, 0.020), "slow": (20.0, 0.040)}
+PROFILES: dict[str, tuple[float, float]] = {
+    "lan": (1000.0, 0.0005),
+    "wan": (100.0, 0.020),
+    "slow": (20.0, 0.040),
+    "home": (20.0, 0.080),  # issue 26's bursty run: 20 Mbit/s, 80 ms round trip
+}
 
 
 SIMULATED_REQUESTS = 400  # the simulator's default workload: many more requests than a real run
@@ -65,6 +70,9 @@ class BenchOptions:
     model: str = "default"
     workers: int = 3
     max_batch_tokens: int = 1024
+    burst_prompts: tuple[int, ...] = ()  # --burst: the long prompts' lengths (empty: BurstShape's)
+    burst_spacing: float = 0.0  # --burst: seconds between their arrivals (0: BurstShape's)
+    burst_streams: int = 0  # --burst: short streams (0: BurstShape's)
 
 
 def _progress(total: int, desc: str):  # -> tqdm
@@ -321,11 +329,11 @@ async def run_bench(opts: BenchOptions) -> int:
     }
     rows: list[tuple[str, str, dict]] = []
     if opts.burst:
-        from .bench_burst import BurstShape, burst_profile, burst_table
+        from .bench_burst import burst_profile, burst_shape, burst_table
 
         report["burst"] = []
         for profile in opts.profiles:
-            report["burst"].append(await burst_profile(opts, profile, BurstShape()))
+            report["burst"].append(await burst_profile(opts, profile, burst_shape(opts)))
         (opts.out / "burst.json").write_text(json.dumps(report, indent=2, default=float))
         print(burst_table(report["burst"]))
         for r in report["burst"]:
