@@ -188,9 +188,7 @@ async def _run_burst(master: Master, name: str, shape: BurstShape, vocab: int, s
             "burst_prompt_tokens_per_s": prompt_tokens / max(1e-9, burst_end - start),
             "burst_ttft": burst_ttft,
             "stalls": stall_report(stream_times, steps),
-            "steps": [
-                {**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps
-            ],
+            "steps": [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps],
             "burst_complete": complete,
             "burst_seconds": burst_end - (t0 + shape.burst_start),  # first long arrival -> last one done
             "burst_ttft_max": max(burst_ttft),

@@ -590,7 +590,13 @@ class Engine:
 
 
 def _timeline(
-    began: float, ended: float, chunks: list[Chunk], went: Journey | None, failure: Exception | None, waiting: int, running: int
+    began: float,
+    ended: float,
+    chunks: list[Chunk],
+    went: Journey | None,
+    failure: Exception | None,
+    waiting: int,
+    running: int,
 ) -> dict:
     """One step's record for :attr:`Engine.on_step`: when it went and came back, what it carried,
     each stage's compute, the queue wait of the stages that ended its runs, the load."""

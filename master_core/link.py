@@ -23,9 +23,12 @@ link: compute seconds of the last steps, the round trip beyond compute, and byte
 
 Liveness (the master's own; aiohttp's tunnel heartbeat is off): ``run_reader`` also pings the
 worker every ``PING_INTERVAL`` and judges the link by the rule of :meth:`WorkerLink.hung`:
-silent (no frame at all, not even a pong) longer than ``SILENT_LIMIT`` (longer while it loads
-an assignment), or a step unanswered past its deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x``
-the step's cost predicted from this link's measurements)).  A hung link is *dropped*
+silent (no byte at all, not even of a frame still arriving, nor a pong; the server tells the
+link of bytes through :meth:`WorkerLink.heard_bytes`, see :mod:`master_core.metering`, so a
+healthy worker whose large frame takes seconds on a slow link is heard all the while) longer
+than ``SILENT_LIMIT`` (longer while it loads an assignment), or a step unanswered past its
+deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x`` the step's cost predicted from
+this link's measurements)).  A hung link is *dropped*
 (:meth:`WorkerLink.drop`): GONE at once (its waiters fail with :class:`LinkGone`, ``on_gone``
 tells the group) while its tunnel stays open, so that frames a frozen worker sends when it
 wakes are read, dropped and counted (``on_late``); the tunnel closes ``WAKE_DRAIN``
@@ -485,6 +488,10 @@ class WorkerLink:
         if self.state is LinkState.GONE and self._woke_at is None and not self.ws.closed:
             self._woke_at = now
             log.warning("worker %s, dropped as unresponsive, speaks again: its late frames are dropped", self.name)
+
+    def heard_bytes(self) -> None:
+        """Bytes of the worker arrived (a frame may still be incomplete): it is not silent."""
+        self._heard(time.monotonic())
 
     def hung(self, now: float) -> str | None:
         """The liveness rule: why this link counts as hung at ``now`` (monotonic), or None.
