@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from master_core.scheduler import policy
@@ -99,7 +101,9 @@ def gap_figures(token_times: list[list[float]]) -> dict:
     }
 
 
-async def _run_burst(master: Master, name: str, shape: BurstShape, vocab: int, seed: int) -> tuple[dict, list]:
+async def _run_burst(
+    master: Master, name: str, shape: BurstShape, vocab: int, seed: int, dump: Path
+) -> tuple[dict, list]:
     from master_core.request import FinishEvent, SamplingParams
 
     engine = master.engine
@@ -164,6 +168,8 @@ async def _run_burst(master: Master, name: str, shape: BurstShape, vocab: int, s
         if not burster.done():
             burster.cancel()
         engine.on_step = None
+        # every step's timeline, also when the run failed (what stalled it)
+        dump.write_text(json.dumps([{**x, "began": x["began"] - t0, "ended": x["ended"] - t0} for x in steps]))
     complete = burster.done() and not burster.cancelled() and burster.exception() is None
     if burster.done() and not burster.cancelled() and burster.exception() is not None:
         raise burster.exception()  # type: ignore[misc]
@@ -211,7 +217,8 @@ async def burst_profile(opts: BenchOptions, profile: str, shape: BurstShape) -> 
         await master.engine.generate([1000 + i for i in range(16)], SamplingParams(max_tokens=4, temperature=0))
         results, outputs = {}, {}
         for name in opts.policies:
-            results[name], outputs[name] = await _run_burst(master, name, shape, vocab, opts.seed)
+            dump = opts.out / f"steps-{profile}-{name}.json"
+            results[name], outputs[name] = await _run_burst(master, name, shape, vocab, opts.seed, dump)
             r = results[name]
             print(
                 f"  {profile}/{name}: calm p50 {(r['gap_p50_before_burst'] or 0) * 1000:.0f} ms, burst p99 "

@@ -28,7 +28,8 @@ link of bytes through :meth:`WorkerLink.heard_bytes`, see :mod:`master_core.mete
 healthy worker whose large frame takes seconds on a slow link is heard all the while) longer
 than ``SILENT_LIMIT`` (longer while it loads an assignment), or a step unanswered past its
 deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x`` the step's cost predicted from
-this link's measurements)).  A hung link is *dropped*
+this link's measurements, its compute scaled by the stage's recent slowdown, so a busy machine
+is not a hung one: :meth:`~master_core.costs.StageCost.slowdown`)).  A hung link is *dropped*
 (:meth:`WorkerLink.drop`): GONE at once (its waiters fail with :class:`LinkGone`, ``on_gone``
 tells the group) while its tunnel stays open, so that frames a frozen worker sends when it
 wakes are read, dropped and counted (``on_late``); the tunnel closes ``WAKE_DRAIN``
@@ -313,6 +314,7 @@ class WorkerLink:
         if compute is None or link is None:
             return UNMEASURED_STEP_DEADLINE
         rtt, bandwidth = link
+        compute *= self.stage_cost.slowdown()  # a machine busier than when the fit was made is not a hung stage
         return max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR * (compute + rtt + nbytes / bandwidth))
 
     async def call(self, step: Step, onward: tuple[WorkerLink, ...] = ()) -> tuple[WorkerLink, Result]:
