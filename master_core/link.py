@@ -129,8 +129,10 @@ class _Pending:
 
 
 def _register(step_id: int, run: tuple[WorkerLink, ...], tokens: int, nbytes: int, sent_at: float) -> _Pending:
-    """One pending entry for a step on every stage of its run (any of them may answer it)."""
-    deadline = sum(link.step_deadline(tokens, nbytes) for link in run)
+    """One pending entry for a step on every stage of its run (any of them may answer it).  Its
+    deadline counts the work queued ahead of it on each stage (a decode step behind a long
+    prompt's chunk waits for that chunk's compute at every stage)."""
+    deadline = sum(link.step_deadline(link.queued_tokens() + tokens, nbytes) for link in run)
     pending = _Pending(asyncio.get_running_loop().create_future(), sent_at, deadline, tokens)
     for link in run:
         link._pending[step_id] = pending
