@@ -121,7 +121,7 @@ async def _run_burst(
     stream_times: list[list[float]] = [[] for _ in streams]
     stream_out: list[list[int]] = [[] for _ in streams]
     burst_done = asyncio.Event()
-    burst_ttft: list[float] = [0.0] * len(long)
+    burst_ttft: list[float | None] = [None] * len(long)  # None: not answered within the run
     burst_out: list[list[int]] = [[] for _ in long]
 
     async def stream(i: int) -> None:
@@ -182,7 +182,8 @@ async def _run_burst(
     from master_core.workload import percentile
 
     p99_burst = percentile(during, 99) if during else None
-    prompt_tokens = sum(shape.burst_prompts)
+    done = [t for t in burst_ttft if t is not None]
+    prompt_tokens = sum(n for n, t in zip(shape.burst_prompts, burst_ttft) if t is not None)  # answered ones
     out.update(
         {
             "gap_p50_before_burst": calm["gap_p50"],  # the streams' own pace, no long prompt around
@@ -197,8 +198,10 @@ async def _run_burst(
             "steps": [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps],
             "burst_complete": complete,
             "burst_seconds": burst_end - (t0 + shape.burst_start),  # first long arrival -> last one done
-            "burst_ttft_max": max(burst_ttft),
-            "burst_ttft_mean": sum(burst_ttft) / len(burst_ttft),
+            "burst_prompts_answered": len(done),
+            # unanswered prompts count as the whole run (a lower bound on their TTFT)
+            "burst_ttft_max": max(t if t is not None else burst_end - start for t in burst_ttft),
+            "burst_ttft_mean": sum(done) / len(done) if done else None,
             "stream_tokens": tokens,
             "stream_tokens_per_s": tokens / (end - t0),
             "stream_token_times": [[round(x - t0, 4) for x in t] for t in stream_times],
@@ -223,7 +226,8 @@ async def burst_profile(opts: BenchOptions, profile: str, shape: BurstShape) -> 
             print(
                 f"  {profile}/{name}: calm p50 {(r['gap_p50_before_burst'] or 0) * 1000:.0f} ms, burst p99 "
                 f"{(r['burst_gap_p99'] or 0) * 1000:.0f} ms, ratio {r['burst_gap_p99_over_calm_p50'] or 0:.2f}; "
-                f"TTFT max {r['burst_ttft_max']:.1f} s, prompt {r['burst_prompt_tokens_per_s']:.0f} tok/s, "
+                f"TTFT max {r['burst_ttft_max']:.1f} s ({r['burst_prompts_answered']} of "
+                f"{len(shape.burst_prompts)} answered), prompt {r['burst_prompt_tokens_per_s']:.0f} tok/s, "
                 f"burst done in {r['burst_seconds']:.1f} s",
                 flush=True,
             )
