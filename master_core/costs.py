@@ -11,6 +11,8 @@ also holds the wait behind other frames in the link's queues (queueing only adds
 link is fitted through the fastest recent observation of each size class (sizes a factor 2
 apart), the lower envelope, not through the mean: a burst of large frames must not pass for
 a slow link or a long round trip.
+``StageCost.slowdown()`` says how much slower than that envelope the stage runs now (the
+worst of its last steps, at least 1): deadlines scale by it, the scheduler's plans do not.
 ``shared_devices(hellos)`` tells from the workers' announcements which stages share a device.
 Before enough variety is seen, estimates are ``None``; a start-up profile (steps of several
 sizes) gives them their first values, and online refinement keeps them current.
@@ -25,6 +27,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the wire module imports torch; this one stays pure
     from worker_core.wire import Hello
+
+SLOWDOWN_WINDOW = 16  # recent steps whose observed/predicted compute give a stage's slowdown
 
 
 def _line(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
@@ -72,9 +76,22 @@ class StageCost:
 
     def __init__(self) -> None:
         self._fit = _Envelope()
+        self._slow: deque[float] = deque(maxlen=SLOWDOWN_WINDOW)  # observed / predicted, recent steps
 
     def observe(self, tokens: int, seconds: float) -> None:
+        predicted = self.predict(tokens)
+        if predicted is not None and predicted > 0:
+            self._slow.append(seconds / predicted)
         self._fit.add(tokens, seconds)
+
+    def slowdown(self) -> float:
+        """How much slower than the fit this stage computes now (at least 1): the largest ratio
+        of observed over predicted seconds (the prediction made before the step was added to
+        the fit) among its last ``SLOWDOWN_WINDOW`` steps.  The fit follows the fastest
+        observations (and takes a size seen only under load as that size's cost), so on a
+        machine whose other work grows it lags behind; a deadline scaled by this does not take
+        a busy stage for a hung one."""
+        return max(1.0, *self._slow) if self._slow else 1.0
 
     def estimate(self) -> tuple[float, float] | None:
         """(fixed seconds per step, seconds per token)."""

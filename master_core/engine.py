@@ -123,6 +123,7 @@ class Engine:
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
         self._finish_hooks: list[Callable[[dict], None]] = []
+        self.on_step: Callable[[dict], None] | None = None  # told of every step's timeline (benchmarks)
         group.on_reset(self._on_reset)
 
     def on_finish(self, hook: Callable[[dict], None]) -> None:
@@ -442,6 +443,7 @@ class Engine:
         requests replay; what it would have looped back is given up)."""
         failure: Exception | None = None
         went: Journey | None = None
+        began = self.clock()
         try:
             went = await journey
         except (LinkGone, StepFailed, ProtocolError) as e:
@@ -449,6 +451,8 @@ class Engine:
         except Exception as e:  # a bug in the relay: these requests replay (then fail), the lane lives
             log.exception("relay of a micro-batch failed")
             failure = e
+        if self.on_step is not None:
+            self.on_step(_timeline(began, self.clock(), chunks, went, failure, len(self.waiting), len(self.running)))
         try:
             if failure is not None or went is None:
                 self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
@@ -583,6 +587,31 @@ class Engine:
                     raise RuntimeError(ev.error)
                 return req.output, "".join(text), ev.reason
             text.append(ev.text)
+
+
+def _timeline(
+    began: float,
+    ended: float,
+    chunks: list[Chunk],
+    went: Journey | None,
+    failure: Exception | None,
+    waiting: int,
+    running: int,
+) -> dict:
+    """One step's record for :attr:`Engine.on_step`: when it went and came back, what it carried,
+    each stage's compute, the queue wait of the stages that ended its runs, the load."""
+    return {
+        "began": began,
+        "ended": ended,
+        "decodes": sum(1 for c in chunks if c.length == 1),
+        "prefill_tokens": sum(c.length for c in chunks if c.length > 1),
+        "computes": list(went.computes) if went is not None else [],
+        "queued": went.queued if went is not None else 0.0,
+        "legs": went.legs if went is not None else 0,
+        "failed": None if failure is None else f"{type(failure).__name__}: {failure}"[:200],
+        "waiting": waiting,
+        "running": running,
+    }
 
 
 def _kv_held(r: Request) -> int:

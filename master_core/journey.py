@@ -40,12 +40,16 @@ from .scheduler import Chunk
 class Journey:
     """A step's way through the pipeline: the last stage's rows, the tokens it drew and fed back
     (one per row; none when the master draws), the steps it loops back next (registered, not yet
-    awaited) and the runs it took (1: it went through without the master)."""
+    awaited) and the runs it took (1: it went through without the master).  For timelines:
+    each stage's compute seconds in order, and the seconds it waited in the queue of the stage
+    that ended each run (its ``worker_seconds`` beyond its compute)."""
 
     logits: torch.Tensor
     tokens: tuple[int, ...]
     looped: list[Expected]
     legs: int
+    computes: tuple[float, ...] = ()
+    queued: float = 0.0
 
 
 class Relay:
@@ -84,6 +88,8 @@ class Relay:
         hops = self.group.hops if direct else []
         looped: list[Expected] = []
         drawn: tuple[int, ...] = ()
+        computes: list[float] = []
+        queued = 0.0
         i = legs = 0
         try:
             while i < len(stages):
@@ -103,6 +109,8 @@ class Relay:
                         looped = self._expect_looped(stages, step)
                     link, result = await self._call(stages, epoch, step, i, end)
                 legs += 1
+                computes += [*result.trail, result.compute_seconds]
+                queued += max(0.0, result.worker_seconds - result.compute_seconds)
                 at = stages.index(link)
                 if at < end:
                     self.group.hop_lost(epoch, at, f"{link.name} could not send on directly")
@@ -126,7 +134,7 @@ class Relay:
             for exp in looped:
                 exp.abandon()
             raise
-        return Journey(x, drawn, looped, legs)
+        return Journey(x, drawn, looped, legs, tuple(computes), queued)
 
     def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
         """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their

@@ -23,9 +23,13 @@ link: compute seconds of the last steps, the round trip beyond compute, and byte
 
 Liveness (the master's own; aiohttp's tunnel heartbeat is off): ``run_reader`` also pings the
 worker every ``PING_INTERVAL`` and judges the link by the rule of :meth:`WorkerLink.hung`:
-silent (no frame at all, not even a pong) longer than ``SILENT_LIMIT`` (longer while it loads
-an assignment), or a step unanswered past its deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x``
-the step's cost predicted from this link's measurements)).  A hung link is *dropped*
+silent (no byte at all, not even of a frame still arriving, nor a pong; the server tells the
+link of bytes through :meth:`WorkerLink.heard_bytes`, see :mod:`master_core.metering`, so a
+healthy worker whose large frame takes seconds on a slow link is heard all the while) longer
+than ``SILENT_LIMIT`` (longer while it loads an assignment), or a step unanswered past its
+deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x`` the step's cost predicted from
+this link's measurements, its compute scaled by the stage's recent slowdown, so a busy machine
+is not a hung one: :meth:`~master_core.costs.StageCost.slowdown`)).  A hung link is *dropped*
 (:meth:`WorkerLink.drop`): GONE at once (its waiters fail with :class:`LinkGone`, ``on_gone``
 tells the group) while its tunnel stays open, so that frames a frozen worker sends when it
 wakes are read, dropped and counted (``on_late``); the tunnel closes ``WAKE_DRAIN``
@@ -125,8 +129,10 @@ class _Pending:
 
 
 def _register(step_id: int, run: tuple[WorkerLink, ...], tokens: int, nbytes: int, sent_at: float) -> _Pending:
-    """One pending entry for a step on every stage of its run (any of them may answer it)."""
-    deadline = sum(link.step_deadline(tokens, nbytes) for link in run)
+    """One pending entry for a step on every stage of its run (any of them may answer it).  Its
+    deadline counts the work queued ahead of it on each stage (a decode step behind a long
+    prompt's chunk waits for that chunk's compute at every stage)."""
+    deadline = sum(link.step_deadline(link.queued_tokens() + tokens, nbytes) for link in run)
     pending = _Pending(asyncio.get_running_loop().create_future(), sent_at, deadline, tokens)
     for link in run:
         link._pending[step_id] = pending
@@ -310,6 +316,7 @@ class WorkerLink:
         if compute is None or link is None:
             return UNMEASURED_STEP_DEADLINE
         rtt, bandwidth = link
+        compute *= self.stage_cost.slowdown()  # a machine busier than when the fit was made is not a hung stage
         return max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR * (compute + rtt + nbytes / bandwidth))
 
     async def call(self, step: Step, onward: tuple[WorkerLink, ...] = ()) -> tuple[WorkerLink, Result]:
@@ -485,6 +492,10 @@ class WorkerLink:
         if self.state is LinkState.GONE and self._woke_at is None and not self.ws.closed:
             self._woke_at = now
             log.warning("worker %s, dropped as unresponsive, speaks again: its late frames are dropped", self.name)
+
+    def heard_bytes(self) -> None:
+        """Bytes of the worker arrived (a frame may still be incomplete): it is not silent."""
+        self._heard(time.monotonic())
 
     def hung(self, now: float) -> str | None:
         """The liveness rule: why this link counts as hung at ``now`` (monotonic), or None.

@@ -93,6 +93,12 @@ class Candidate:
         return self.total - done <= 1
 
     @property
+    def paced(self) -> bool:
+        """A stream whose pace is at stake: producing tokens, or its whole prompt handed to the
+        pipeline (it produces tokens as soon as that comes back)."""
+        return self.decoding or self.total - self.scheduled <= 1
+
+    @property
     def ready_decode(self) -> bool:
         """One token left to send and nothing of it in flight: its next step is a decode step."""
         return self.total - self.scheduled == 1 and self.in_flight == 0
@@ -264,7 +270,9 @@ def next_microbatch(p: Policy, costs: CostSnapshot | None, candidates: Sequence[
     and the simulator both plan through this one function."""
     share = microbatch_share(len(candidates), slots)
     decodes = min(share, sum(1 for c in candidates if c.ready_decode))
-    decoding = sum(1 for c in candidates if c.decoding)
+    # a stream whose prompt is on its way counts: a whole step of prefill sent now would be
+    # ahead of its first decode step at every stage
+    decoding = sum(1 for c in candidates if c.paced)
     prefill = chunk_tokens(p, costs, decodes, slots, decoding=decoding)
     return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
 

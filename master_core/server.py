@@ -48,6 +48,7 @@ from .engine import Engine
 from .errors import ApiError
 from .group import Group
 from .link import WorkerLink
+from .metering import on_bytes
 from .metrics import Metrics
 from .model_dims import ModelDims
 from .security import GuardPolicy, guard_middleware
@@ -309,6 +310,9 @@ class Master:
         # liveness is the link's own (pings it sends, pings it answers: master_core.link), not aiohttp's
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=None, autoping=False)
         await ws.prepare(request)
+        link: WorkerLink | None = None
+        # heard while a large frame is still arriving (liveness counts bytes, not complete frames)
+        on_bytes(request, lambda: link.heard_bytes() if link is not None else None)
         peer = self.group_port.peer(request) if self.group_port is not None else request.remote or "?"
         try:
             frame = await ws.receive(timeout=HELLO_TIMEOUT)

@@ -95,3 +95,27 @@ def test_a_dropped_link_fails_its_waiters_tells_the_group_and_counts_late_frames
 
     gone, late, failed = run(main(), 10)
     assert gone == ["w"] and late == 1 and failed
+
+
+def test_a_busy_stage_gets_longer_deadlines_but_a_healthy_one_keeps_its_own():
+    """The fit follows the fastest observations; when the machine gets busy (other work on its
+    cores) each step takes several times the prediction, and the deadline grows with that
+    slowdown instead of dropping a healthy, merely slow, worker.  A stage that stops answering
+    reports no steps, so its slowdown (and deadline) stays where it was."""
+    busy, healthy = _link(), _link()
+    for link in (busy, healthy):
+        for tokens, seconds in ((1, 0.01), (64, 0.64), (1, 0.01), (64, 0.64)):
+            link.stage_cost.observe(tokens, seconds)
+        for nbytes, seconds in ((1000, 0.051), (1_001_000, 1.051)):
+            link.link_cost.observe(nbytes, seconds)
+    before = healthy.step_deadline(1024, 1_000_000)
+    assert before == pytest.approx(L.STEP_DEADLINE_FACTOR * (10.24 + 0.05 + 1.0), rel=0.05)
+    for _ in range(12):  # the same steps now take 12 times as long
+        busy.stage_cost.observe(16, 0.16 * 12)
+        healthy.stage_cost.observe(16, 0.16)
+    assert healthy.stage_cost.slowdown() == pytest.approx(1.0)
+    assert healthy.step_deadline(1024, 1_000_000) == pytest.approx(before, rel=0.05)
+    assert busy.stage_cost.slowdown() > 8
+    takes = 12 * 10.24 + 1.05  # a 1024-token step on the busy stage really takes this long
+    assert before < takes  # the unscaled deadline would drop this healthy, busy worker
+    assert busy.step_deadline(1024, 1_000_000) > 1.4 * takes

@@ -9,11 +9,13 @@ from master_core.costs import CostSnapshot, LinkCost, StageCost
 from master_core.scheduler import (
     POLICIES,
     Candidate,
+    Chunk,
     KVView,
     MicrobatchTuner,
     admit_and_preempt,
     chunk_tokens,
     microbatch_count,
+    next_microbatch,
     plan_microbatch,
     policy,
 )
@@ -334,3 +336,27 @@ def test_direct_hops_shorten_the_modelled_trip_and_spare_the_receivers_links():
     assert chunk_tokens(policy("full", 1024), direct, 4, 2, decoding=4) >= chunk_tokens(
         policy("full", 1024), relayed, 4, 2, decoding=4
     )
+
+
+def test_a_long_prompt_is_chunked_while_short_streams_prompts_are_in_flight():
+    """Streams whose prompts are on their way (nothing decoded yet) are about to decode: a long
+    prompt arriving then must not go as one whole step ahead of their first decode steps (the
+    bursty run: a 600-token step took 31 s on a busy machine with 4 decode steps behind it)."""
+    costs = CostSnapshot(
+        stage_fixed=(0.02,) * 3,
+        stage_per_token=(0.0005,) * 3,
+        link_rtt=(0.08,) * 3,
+        link_bandwidth=(2.5e6,) * 3,
+        hidden_bytes_per_token=2304,
+        logits_bytes_per_row=4 * 41,
+    )
+    p = policy("full", 1024)
+    streams = [Candidate(i, 16, 16, i, in_flight=1, computed=0) for i in range(4)]  # prompts in flight
+    long = Candidate(9, 0, 600, 9)
+    chunks = next_microbatch(p, costs, [*streams, long], 2)
+    assert [c.request_id for c in chunks] == [9]
+    assert chunks[0].length < 600
+    assert chunks[0].length == chunk_tokens(p, costs, 0, 2, decoding=4)
+    # with nobody about to decode, the whole prompt goes in one step, as before
+    alone = next_microbatch(p, costs, [long], 2)
+    assert alone == [Chunk(9, 0, 600, True)]

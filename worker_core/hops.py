@@ -18,9 +18,11 @@ straight on, as a ``Step`` of the same id, over a WebSocket it dials to stage i+
   session's in-order queue; with no session they are dropped.
 * :func:`dial` opens the hop to the next stage (bounded by ``CONNECT_TIMEOUT``) and returns a
   :class:`NextHop`, or raises :class:`HopUnreachable` with the reason.  :meth:`NextHop.send`
-  queues a step through a :class:`~worker_core.shaper.LinkShaper` (the worker's emulated uplink:
-  every pair of machines is ``delay`` apart one way); when the hop is down, or goes down before
-  a queued step leaves, that step's ``fallback`` runs instead (the worker returns its output to
+  queues a step (never waiting for the link: :mod:`worker_core.outbox`, urgent ones, decode
+  steps, before prefill still queued, one frame on the link at a time) through a
+  :class:`~worker_core.shaper.LinkShaper` (the worker's emulated uplink: every pair of machines
+  is ``delay`` apart one way); when the hop is down, or goes down before a queued step leaves,
+  that step's ``fallback`` runs instead (the worker returns its output to
   the master, which relays it: nothing is lost).  Both ends ping every ``HEARTBEAT`` seconds, so
   a path that dies quietly (a NAT that forgot an idle mapping) goes down before a step is sent
   into it.  A hop that went down stays down for its epoch.
@@ -44,6 +46,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
+from .outbox import Outbox
 from .shaper import LinkShaper
 from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
 
@@ -177,6 +180,7 @@ class NextHop:
         self._http, self._ws = http, ws
         self._fallbacks: deque[Callable[[], Awaitable[None]]] = deque()
         self._shaper = LinkShaper(delay, rate, self._deliver)
+        self._outbox: Outbox[tuple[Step, Callable[[], Awaitable[None]]]] = Outbox(self._ship)
         self.down: str | None = None  # why the hop is down, or None while it is up
         self._reader = asyncio.ensure_future(self._read())
 
@@ -193,14 +197,22 @@ class NextHop:
             if not closing:
                 log.warning("direct hop to the next stage is down (%s): relaying through the master", why)
 
-    async def send(self, step: Step, fallback: Callable[[], Awaitable[None]]) -> None:
-        """Send ``step`` on; if it cannot leave (hop down now or before its turn), run
-        ``fallback`` instead."""
+    async def send(self, step: Step, fallback: Callable[[], Awaitable[None]], urgent: bool = False) -> None:
+        """Send ``step`` on (``urgent``: before every step queued without urgency); if it cannot
+        leave (hop down now or before its turn), run ``fallback`` instead."""
+        if self.down is not None:
+            await fallback()
+            return
+        self._outbox.put((step, fallback), urgent)
+
+    async def _ship(self, item: tuple[Step, Callable[[], Awaitable[None]]]) -> None:
+        step, fallback = item
         if self.down is not None:
             await fallback()
             return
         self._fallbacks.append(fallback)
         await self._shaper.put(encode(step))
+        await self._shaper.drained()
 
     async def _deliver(self, frame: bytes) -> None:
         fallback = self._fallbacks.popleft()
@@ -214,7 +226,9 @@ class NextHop:
 
     async def close(self) -> None:
         self._went_down("closed", closing=True)
+        queued = await self._outbox.close()
         self._shaper.close()
+        self._fallbacks.extend(fallback for _, fallback in queued)
         while self._fallbacks:  # steps still waiting on the emulated link go through the master
             await self._fallbacks.popleft()()
         self._reader.cancel()

@@ -12,6 +12,9 @@ Contract
   the previous stage and dials the next (bounded) and answers ``Routed``; ``Step`` runs on the
   stage executor and answers ``Result``, or goes on over the direct hop when marked
   ``forward`` (its ``Result`` to the master when that hop is down); ``Free`` drops caches.
+  Outputs leave through outboxes (:mod:`worker_core.outbox`: off the execute loop, which goes on
+  computing while they upload): a decode step's (``urgent``, as :mod:`worker_core.inbox` judged
+  it on arrival) before any prefill output still queued, on the tunnel and on the direct hop.
   Anything else is a :class:`~worker_core.wire.ProtocolError`.  ``request_chunk``/``on_chunk``
   fetch weight chunks from the master, each bounded by ``CHUNK_TIMEOUT``.
 * Dialling, reconnecting and the control channel live in :mod:`worker_core.worker`.
@@ -36,6 +39,7 @@ from .control import STATS_INTERVAL, Command, Events, one_line
 from .hops import HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
+from .outbox import Outbox
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
@@ -127,9 +131,35 @@ class Session:
         # frames accepted from the master: an Assign or a weight Chunk until a range is served, then
         # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
         self.max_frame = UNASSIGNED_FRAME_BYTES
+        self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship)
+
+    async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
+        frame, sent = item
+        try:
+            await self.uplink.put(frame)
+            await self.uplink.drained()  # one frame on the link at a time: what waits keeps its priority
+        except BaseException as e:
+            if sent is not None and not sent.done():
+                sent.set_exception(e if isinstance(e, Exception) else ConnectionError("tunnel closing"))
+            raise
+        if sent is not None and not sent.done():
+            sent.set_result(None)
+
+    def post(self, msg: Message, urgent: bool = False) -> None:
+        """Queue ``msg`` for the master and go on (a step's output: see the module docstring)."""
+        self.outbox.put((encode(msg), None), urgent)
 
     async def send(self, msg: Message) -> None:
-        await self.uplink.put(encode(msg))
+        """Queue ``msg`` for the master and wait until it has left."""
+        sent = asyncio.get_running_loop().create_future()
+        self.outbox.put((encode(msg), sent))
+        await sent
+
+    async def close(self) -> None:
+        """Stop sending: outputs not sent yet are dropped (the tunnel is ending)."""
+        for _, sent in await self.outbox.close():
+            if sent is not None and not sent.done():
+                sent.set_exception(ConnectionError("the tunnel closed"))
 
     async def request_chunk(self, sha256: str, offset: int, length: int) -> tuple[bytes, str]:
         """One chunk from the master.  Tensors with equal bytes (e.g. norm weights of ones)
@@ -181,7 +211,7 @@ class Session:
         await asyncio.get_running_loop().run_in_executor(self.executor, self.weights.prune, specs)
         return self.weights.folder(msg.model, msg.config_json, specs)
 
-    async def handle(self, msg: object, arrived: float) -> None:
+    async def handle(self, msg: object, arrived: float, urgent: bool = False) -> None:
         loop = asyncio.get_running_loop()
         if isinstance(msg, Assign):
             await self.close_hop()  # a new pipeline: the master routes it once it is loaded
@@ -251,12 +281,16 @@ class Session:
             if runner.shard.is_last:
                 if msg.loop:
                     result = replace(result, tokens=await self._loop_back(msg, out))
-                await self.send(result)
+                self.post(result, urgent)
             elif msg.forward and hop is not None and hop.epoch == msg.epoch:
                 onward = replace(msg, tensor=out, forward=True, trail=(*msg.trail, compute))
-                await hop.send(onward, lambda: self.send(result))
+
+                async def relayed() -> None:  # the hop went down: the master takes it on
+                    self.post(result, urgent)
+
+                await hop.send(onward, relayed, urgent)
             else:
-                await self.send(result)
+                self.post(result, urgent)
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)
@@ -290,7 +324,7 @@ class Session:
         x = torch.tensor(tokens, dtype=torch.int64)
         more = msg.loop - 1  # the last of them draws nothing: the master does
         step = Step(nxt, msg.epoch, segments, x, msg.topk, forward=True, loop=more, draws=msg.draws if more else ())
-        await hop.send(step, lambda: refuse("the loop-back hop is down"))
+        await hop.send(step, lambda: refuse("the loop-back hop is down"), urgent=True)  # a decode step
         return tuple(tokens)
 
     async def _route(self, msg: Route) -> Routed:

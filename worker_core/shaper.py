@@ -9,7 +9,9 @@ leave in order through ``deliver`` (an async callable) no earlier than
 
 so a large frame occupies the link for its serialisation time and everything behind it
 waits, as on a real slow uplink.  ``rate`` None means unlimited, ``delay`` 0 none; with
-both off frames pass straight through.  ``close()`` stops the delivery task.
+both off frames pass straight through.  ``await drained()`` returns once the link has
+serialised what it was given (a sender that waits for it keeps its own queue, and so its
+own order, instead of the link's).  ``close()`` stops the delivery task.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ class LinkShaper:
         self._queue.put_nowait((departure + self.delay, frame))
         if self._task is None:
             self._task = loop.create_task(self._run())
+
+    async def drained(self) -> None:
+        """Return once every frame put so far has left (serialised; its delay may still run)."""
+        if self.rate is None:
+            return
+        wait = self._free_at - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -57,6 +57,7 @@ from .candidates import DIAL_TIMEOUT
 from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
 from .hops import HopListener
+from .inbox import Inbox
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .session import Run, Session
 from .shaper import LinkShaper
@@ -66,6 +67,7 @@ from .wire import (
     DTYPE_NAMES,
     MAX_FRAME_BYTES,
     Chunk,
+    Failure,
     Hello,
     Leave,
     ProtocolError,
@@ -153,13 +155,14 @@ async def _connect_once(
         rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
         uplink = LinkShaper(delay, rate, ws.send_bytes)
         session = Session(ws, executor, shards, config.device, uplink, weights, run, config)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Inbox(lambda: session.runner.kv.length if session.runner is not None else None)  # decodes first
 
         def hopped(step: Step) -> None:  # a step the previous stage sent straight here
-            if queue.qsize() >= MAX_QUEUED_FRAMES:
-                log.error("the previous stage sent more than %d steps ahead of this one: dropped", MAX_QUEUED_FRAMES)
+            if queue.qsize() >= MAX_QUEUED_FRAMES:  # the master is told at once, instead of waiting out a deadline
+                log.error("the previous stage sent more than %d steps ahead of this one: refused", MAX_QUEUED_FRAMES)
+                session.post(Failure(f"stage queue full ({MAX_QUEUED_FRAMES} frames): step refused", step.step_id))
                 return
-            queue.put_nowait((step, time.perf_counter()))
+            queue.put_nowait(step, time.perf_counter())
 
         async def arrive(data: bytes) -> None:
             try:
@@ -169,17 +172,17 @@ async def _connect_once(
             if isinstance(msg, Chunk):  # weights arrive while an Assign is being handled
                 session.on_chunk(msg)
             else:
-                queue.put_nowait((msg, time.perf_counter()))
+                queue.put_nowait(msg, time.perf_counter())
 
         downlink = LinkShaper(delay, rate, arrive)
 
         async def execute() -> None:
             while True:
-                msg, arrived = await queue.get()
+                msg, arrived, urgent = await queue.get()
                 try:
                     if isinstance(msg, ProtocolError):
                         raise msg
-                    await session.handle(msg, arrived)
+                    await session.handle(msg, arrived, urgent)
                 except ProtocolError as e:
                     log.error("protocol error from the master, closing the tunnel: %s", e)
                     await ws.close(code=1002, message=b"protocol error")
@@ -237,6 +240,7 @@ async def _connect_once(
                 run.hops.accept(-1, "", "")
             await end_tasks(t for t in (runner_task, stats_task) if t is not None)
             await session.close_hop()
+            await session.close()
             uplink.close()
             downlink.close()
             run.events.emit("disconnected", reason=one_line(reason))

@@ -271,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--profiles",
         default=",".join(BenchOptions.profiles),
-        help="link profiles: lan (1 Gbit/s, 0.5 ms), wan (100 Mbit/s, 20 ms), slow (20 Mbit/s, 40 ms)",
+        help="link profiles: lan (1 Gbit/s, 0.5 ms), wan (100 Mbit/s, 20 ms), slow (20 Mbit/s, 40 ms), "
+        "home (20 Mbit/s, 80 ms)",
     )
     b.add_argument(
         "--policies", default=",".join(BenchOptions.policies), help="scheduling policies to compare (default: all)"
@@ -286,6 +287,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--burst", action="store_true", help="bursts of long prompts over short streams: gap p99/median per policy"
     )
+    b.add_argument("--burst-prompts", default="", help="--burst: the long prompts' lengths, e.g. 1300,1300,1300")
+    b.add_argument("--burst-spacing", type=float, default=0.0, help="--burst: seconds between their arrivals")
+    b.add_argument("--burst-streams", type=int, default=0, help="--burst: short greedy streams decoding meanwhile")
     b.add_argument(
         "--concurrent", type=int, default=0, help="N concurrent clients vs one process serving them as one batch"
     )

@@ -48,6 +48,9 @@ def bench(args: argparse.Namespace, sup: Supervision) -> Run:
         hops=args.hops,
         loop_back=not args.no_loop_back,
         out=Path(args.out),
+        burst_prompts=tuple(int(x) for x in args.burst_prompts.split(",") if x),
+        burst_spacing=args.burst_spacing,
+        burst_streams=args.burst_streams,
     )
     return lambda: run_bench(bopts)
 

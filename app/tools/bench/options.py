@@ -15,7 +15,12 @@ from pathlib import Path
 from master_core.scheduler import POLICIES
 
 # name -> (Mbit/s, round-trip seconds); each direction gets half the round trip as delay
-PROFILES: dict[str, tuple[float, float]] = {"lan": (1000.0, 0.0005), "wan": (100.0, 0.020), "slow": (20.0, 0.040)}
+PROFILES: dict[str, tuple[float, float]] = {
+    "lan": (1000.0, 0.0005),
+    "wan": (100.0, 0.020),
+    "slow": (20.0, 0.040),
+    "home": (20.0, 0.080),  # issue 26's bursty run: 20 Mbit/s, 80 ms round trip
+}
 
 
 SIMULATED_REQUESTS = 400  # the simulator's default workload: many more requests than a real run
@@ -39,3 +44,6 @@ class BenchOptions:
     model: str = "default"
     workers: int = 3
     max_batch_tokens: int = 1024
+    burst_prompts: tuple[int, ...] = ()  # --burst: the long prompts' lengths (empty: BurstShape's)
+    burst_spacing: float = 0.0  # --burst: seconds between their arrivals (0: BurstShape's)
+    burst_streams: int = 0  # --burst: short streams (0: BurstShape's)

@@ -247,11 +247,11 @@ async def run_bench(opts: BenchOptions) -> int:
     }
     rows: list[tuple[str, str, dict]] = []
     if opts.burst:
-        from .burst import BurstShape, burst_profile, burst_table
+        from .burst import burst_profile, burst_shape, burst_table
 
         report["burst"] = []
         for profile in opts.profiles:
-            report["burst"].append(await burst_profile(opts, profile, BurstShape()))
+            report["burst"].append(await burst_profile(opts, profile, burst_shape(opts)))
         (opts.out / "burst.json").write_text(json.dumps(report, indent=2, default=float))
         print(burst_table(report["burst"]))
         for r in report["burst"]:

@@ -1,0 +1,48 @@
+"""The burst bench's figures from fabricated token times and step timelines (no group runs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.tools.bench.burst import BurstShape, burst_shape, gap_figures, stall_report
+from app.tools.bench.options import BenchOptions
+
+
+def _step(began: float, ended: float, decodes: int, prefill: int, computes: list[float], queued: float) -> dict:
+    return {
+        "began": began,
+        "ended": ended,
+        "decodes": decodes,
+        "prefill_tokens": prefill,
+        "computes": computes,
+        "queued": queued,
+        "legs": 1,
+        "failed": None,
+        "waiting": 0,
+        "running": 2,
+    }
+
+
+def test_the_longest_gap_is_traced_to_the_step_that_ended_it_and_the_prefill_beside_it():
+    times = [[0.0, 0.2, 0.4, 2.4, 2.6]]  # one 2 s gap ending at 2.4
+    steps = [
+        _step(0.0, 0.2, 1, 0, [0.05, 0.05], 0.0),
+        _step(0.3, 2.3, 0, 512, [0.9, 0.9], 0.0),  # a prompt chunk beside the slow decode step
+        _step(0.4, 2.4, 1, 0, [0.05, 0.05], 1.5),  # the decode step that ended the gap
+        _step(2.4, 2.6, 1, 0, [0.05, 0.05], 0.0),
+    ]
+    worst = stall_report(times, steps, worst=1)[0]
+    assert worst["gap"] == pytest.approx(2.0)
+    assert worst["step_seconds"] == pytest.approx(2.0)
+    assert worst["compute"] == pytest.approx(0.1)
+    assert worst["queued_last"] == pytest.approx(1.5)
+    assert worst["rest"] == pytest.approx(0.4)
+    assert worst["prefill_beside"] == 512 and worst["prefill_with_it"] == 0
+
+
+def test_gap_figures_and_the_burst_shape_from_options():
+    f = gap_figures([[0.0, 0.1, 0.2, 0.3], [0.0, 0.1, 1.1]])
+    assert f["gaps"] == 5 and f["gap_max"] == pytest.approx(1.0)
+    shape = burst_shape(BenchOptions(burst_prompts=(1300, 1300, 1300), burst_spacing=1.5, burst_streams=2))
+    assert (shape.streams, shape.burst_prompts, shape.burst_spacing) == (2, (1300, 1300, 1300), 1.5)
+    assert burst_shape(BenchOptions()) == BurstShape()

@@ -1,0 +1,127 @@
+"""Decode frames never wait behind prefill bytes: the worker's inbox and its outboxes.
+
+Fabricated steps only: which message leaves first, and that nothing whose order matters
+(a prompt's chunks, a Free, an Assign) is ever overtaken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from harness import run
+
+from worker_core.inbox import Inbox, urgent
+from worker_core.outbox import Outbox
+from worker_core.shaper import LinkShaper
+from worker_core.wire import Free, Segment, Step
+
+
+def _step(step_id: int, *segs: tuple[int, int, int]) -> Step:
+    segments = tuple(Segment(rid, start, length, True) for rid, start, length in segs)
+    total = sum(s.length for s in segments)
+    return Step(step_id, 1, segments, torch.zeros(total, dtype=torch.int64))
+
+
+def test_a_decode_step_is_urgent_only_when_it_continues_a_cache_held_exactly_up_to_it():
+    held = {7: 40, 8: 12}.get
+
+    def h(rid: int) -> int:
+        return held(rid) or 0
+
+    assert urgent(_step(1, (7, 40, 1), (8, 12, 1)), h)  # two decodes continuing their caches
+    assert not urgent(_step(1, (7, 40, 1), (9, 0, 64)), h)  # carries a prefill chunk: keeps its order
+    assert not urgent(_step(1, (7, 41, 1)), h)  # a token ahead of the cache: something it needs is queued
+    assert not urgent(_step(1, (9, 0, 1)), h)  # a one-token prompt starts a cache: in order
+    assert not urgent(_step(1, (7, 40, 1)), None)  # no stage served yet
+    assert not urgent(Free((7,)), h)
+
+
+def test_the_inbox_serves_decode_steps_first_and_keeps_everything_else_in_arrival_order():
+    async def main() -> list[tuple[int | str, bool]]:
+        held = {1: 10, 2: 20}
+        inbox = Inbox(lambda: lambda rid: held.get(rid, 0))
+        inbox.put_nowait(_step(101, (3, 0, 512)), 0.0)  # a prompt's first chunk
+        inbox.put_nowait(_step(102, (3, 512, 300)), 0.0)  # its second: must follow the first
+        inbox.put_nowait(Free((4,)), 0.0)
+        inbox.put_nowait(_step(103, (1, 10, 1), (2, 20, 1)), 0.0)  # decodes: go first
+        inbox.put_nowait(_step(104, (5, 0, 200), (1, 10, 1)), 0.0)  # mixed: in order
+        inbox.put_nowait(_step(105, (2, 20, 1)), 0.0)
+        out = []
+        while inbox.qsize():
+            msg, _, hurry = await inbox.get()
+            out.append((msg.step_id if isinstance(msg, Step) else "free", hurry))
+        assert inbox.overtakes == 2
+        return out
+
+    assert run(main(), 10) == [(103, True), (105, True), (101, False), (102, False), ("free", False), (104, False)]
+
+
+def test_an_inbox_get_waits_for_a_message():
+    async def main() -> tuple[object, float, bool]:
+        inbox = Inbox(lambda: None)
+        getter = asyncio.ensure_future(inbox.get())
+        await asyncio.sleep(0.05)
+        assert not getter.done()
+        inbox.put_nowait("x", 1.5)
+        return await asyncio.wait_for(getter, 1)
+
+    assert run(main(), 10) == ("x", 1.5, False)
+
+
+def test_an_outbox_never_blocks_its_caller_and_sends_urgent_items_before_queued_ones():
+    """On a 1 MB/s link, three 200 kB prefill outputs are queued; a decode output put after them
+    leaves after the first (already on the link), not after all three: it waits about 0.2 s,
+    not 0.6 s.  The caller's put returns at once (the stage goes on computing)."""
+
+    async def main() -> tuple[list[str], dict[str, float], float]:
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        arrived: dict[str, float] = {}
+
+        async def deliver(frame: bytes) -> None:
+            name = frame[:8].decode().strip()
+            order.append(name)
+            arrived[name] = loop.time()
+
+        shaper = LinkShaper(0.0, 1_000_000, deliver)
+
+        async def ship(frame: bytes) -> None:
+            await shaper.put(frame)
+            await shaper.drained()
+
+        box: Outbox[bytes] = Outbox(ship)
+        t0 = loop.time()
+        for i in range(3):
+            box.put(f"prefill{i}".encode().ljust(200_000, b"."))
+        await asyncio.sleep(0.01)  # the first is on the link now
+        box.put(b"decode".ljust(8, b" ") + b"x" * 100, urgent=True)
+        put_took = loop.time() - t0
+        await box.flush(5)
+        await asyncio.sleep(0.05)
+        left = await box.close()
+        shaper.close()
+        assert not left
+        return order, {k: v - t0 for k, v in arrived.items()}, put_took
+
+    order, at, put_took = run(main(), 20)
+    assert put_took < 0.05
+    assert order == ["prefill0", "decode", "prefill1", "prefill2"]
+    assert at["decode"] < 0.35 and at["prefill2"] > 0.55
+
+
+def test_a_closed_outbox_returns_what_it_never_sent_urgent_first():
+    async def main() -> list[str]:
+        gate = asyncio.Event()
+
+        async def ship(item: str) -> None:
+            await gate.wait()  # the link never drains
+
+        box: Outbox[str] = Outbox(ship)
+        box.put("a")
+        await asyncio.sleep(0.05)  # "a" is being shipped (lost with the link), the rest wait
+        box.put("b")
+        box.put("u", urgent=True)
+        return await box.close()
+
+    assert run(main(), 10) == ["u", "b"]

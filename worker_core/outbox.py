@@ -1,0 +1,92 @@
+"""Sends off the execute loop, one at a time, urgent ones first.
+
+Contract
+--------
+``Outbox(ship)`` owns one task that hands queued items to ``ship`` (an async callable: it
+returns once the item has left, e.g. its frame went onto the link and the link drained it).
+``put(item, urgent)`` never waits: the stage goes on computing while its previous output
+uploads.  Urgent items (decode steps and their results) leave before every item queued
+without urgency, each class in its order, so a decode frame waits behind at most the one
+frame on the link now, never behind a queue of prefill chunks: the bytes of prefill in flight
+on a link are at most one frame beyond the socket's buffers.  A ``ship`` that raises is
+logged and the next item goes (the tunnel's reader notices a dead connection).  ``close()``
+stops the task and returns the items never shipped, in the order they would have left (the
+caller may send them another way).  ``backlog``: items queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+log = logging.getLogger("molink.worker")
+
+
+class Outbox(Generic[T]):
+    def __init__(self, ship: Callable[[T], Awaitable[None]]) -> None:
+        self._ship = ship
+        self._urgent: deque[T] = deque()
+        self._rest: deque[T] = deque()
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._shipping = False  # an item is being shipped now
+        self.overtakes = 0  # urgent items that left before something queued earlier (diagnostics)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._urgent) + len(self._rest)
+
+    def put(self, item: T, urgent: bool = False) -> None:
+        if self._closed:
+            raise RuntimeError("outbox closed")
+        if urgent:
+            if self._rest:
+                self.overtakes += 1
+            self._urgent.append(item)
+        else:
+            self._rest.append(item)
+        self._ready.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            while not (self._urgent or self._rest):
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._urgent.popleft() if self._urgent else self._rest.popleft()
+            self._shipping = True
+            try:
+                await self._ship(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the connection is going: its reader ends the tunnel
+                log.warning("send failed: %s", e or type(e).__name__)
+            finally:
+                self._shipping = False
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until everything queued has been shipped."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while (self.backlog or self._shipping) and loop.time() < until:
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> list[T]:
+        """Stop shipping; the items never shipped, urgent ones first."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        left = [*self._urgent, *self._rest]
+        self._urgent.clear()
+        self._rest.clear()
+        return left
