@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default="lan,mapped")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still take the lab down (finally, atexit)
     friends = {"lan": "a2", "mapped": "b"}
     results: dict = {"mbps": args.mbps, "delay_ms_one_way": args.delay_ms, "model": args.model, "paths": {}}
     with Lab.up("jbench", "upnp", mbps=args.mbps, delay_ms=args.delay_ms) as lab:
