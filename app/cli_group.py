@@ -77,6 +77,7 @@ def group_create(args: argparse.Namespace, sup: Supervision) -> Run:
         group_host=args.host,
         group_port=args.port,
         group_name=args.name,
+        port_mapping=args.port_mapping,
     )
     cfg.validate()
     return lambda: group.create(cfg, sup.control, sup.events)
