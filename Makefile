@@ -31,11 +31,13 @@ test-fast: system-packages lint
 system-packages:
 	.ci/system-packages
 
-# ruff (lint rules and formatting) and pyright (basic) as configured in pyproject.toml
+# ruff (lint rules and formatting), pyright (basic) as configured in pyproject.toml, and the import
+# drawing of app/, master_core/, worker_core/: no circles, no arrow a room may not draw (docs/layout.md)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright --project pyproject.toml
+	$(PY) tests/import_layout.py
 
 serve: $(STAMP)
 	$(VENV)/bin/molink demo --serve

@@ -18,7 +18,7 @@ from PySide6.QtWidgets import QApplication
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.desktop.controller import Controller  # noqa: E402
-from app.desktop.main import Desktop  # noqa: E402
+from app.desktop.desktop import Desktop  # noqa: E402
 from app.desktop.selftest import _free_port  # noqa: E402
 from app.desktop.settings import Paths, Settings  # noqa: E402
 from app.desktop.state import Sharing  # noqa: E402

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # third-party packages only the engine uses.  (Our own engine modules, e.g. master_core.server, are frozen
-# as dead code: app.cli names them in its engine branches, which the frozen app never runs; without torch
-# they could not even be imported.)
+# as dead code: app.cli's command modules name them in their engine branches, which the frozen app never
+# runs; without torch they could not even be imported.)
 ENGINE_MODULES = (
     "torch",
     "transformers",
@@ -70,7 +70,7 @@ def mb(n: int) -> str:
 
 
 def stage_runtime(locks: str, work: Path) -> None:
-    from app.runtime_bundle import source_uv
+    from app.runtime.bundle import source_uv
 
     runtime = work / "runtime"
     for d in (runtime, work / "src"):

@@ -1,7 +1,7 @@
 """`molink` in an installed (frozen) MoLink: the console launcher.
 
 Contract: ``molink app ...`` runs the tray app in this process (no torch here); ``molink runtime
-status|install|remove`` manages the engine runtime (:mod:`app.runtime_console`); ``molink`` with no
+status|install|remove`` manages the engine runtime (:mod:`app.runtime.console`); ``molink`` with no
 argument or ``-h`` prints the help; every other subcommand (``master``, ``worker``, ``selftest``,
 ``demo``, ``group``, ``join``, ...) is the engine's: the per-user runtime is made ready first
 (built on the console on first use) and the command runs there as ``<runtime python> -m app.cli
@@ -18,7 +18,7 @@ LOCAL = ("app", "-h", "--help")
 
 
 def main() -> int:
-    from app.runtime_bundle import scrub_library_path
+    from app.runtime.bundle import scrub_library_path
 
     scrub_library_path()
     argv = sys.argv[1:]
@@ -27,12 +27,12 @@ def main() -> int:
 
         return cli_main(argv or ["--help"])
     if argv[0] == "runtime":
-        from app.runtime_console import main as runtime_main
+        from app.runtime.console import main as runtime_main
 
         return runtime_main(argv[1:])
-    from app.runtime import RuntimeProblem
-    from app.runtime_bundle import child_env
-    from app.runtime_console import ensure_console
+    from app.runtime.bundle import child_env
+    from app.runtime.console import ensure_console
+    from app.runtime.locks import RuntimeProblem
 
     try:
         python = ensure_console()

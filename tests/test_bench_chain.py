@@ -3,7 +3,7 @@
 import pytest
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
-from app.bench_chain import chain_decode
+from app.tools.bench.chain import chain_decode
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 from harness import paired_config, run
 from tiny_models import make_tiny_checkpoint
 
-from app.desktop.links import JoinLink, build_link, parse_link
-from app.group import invitation_link, pair_with_group
+from app.group.client import invitation_link, pair_with_group
+from app.group.links import JoinLink, build_link, parse_link
 from master_core.server import Master
 from worker_core.candidates import Candidate, Kind
 from worker_core.config import WorkerConfig

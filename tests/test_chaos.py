@@ -1,7 +1,7 @@
 """Fault tolerance with real processes (issue 14): kill -9, freeze and cut a worker mid-stream.
 
 Each scenario starts a real `molink master` and `molink worker` processes on 127.0.0.1 (tiny
-checkpoint, every worker behind its own TCP proxy: :class:`app.chaos_group.LocalGroup`), runs 8
+checkpoint, every worker behind its own TCP proxy: :class:`app.tools.chaos.group.LocalGroup`), runs 8
 concurrent streams (4 greedy, 4 seeded) once fault-free and once with the fault, and compares
 the tokens each client received: identical, detected within 3 s, late frames dropped and
 counted, one re-plan per fault.  Without a spare: running streams end with an error event and
@@ -31,11 +31,11 @@ import pytest
 from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
-from app.chaos import Job, run_workload
-from app.chaos_group import HealthLog, LocalGroup
-from app.chaos_score import StreamRecord
-from app.procctl import freeze, kill_hard, thaw
-from app.tcp_proxy import CutMode, TcpProxy
+from app.tools.chaos.group import HealthLog, LocalGroup
+from app.tools.chaos.run import Job, run_workload
+from app.tools.chaos.score import StreamRecord
+from app.tools.netlab.procctl import freeze, kill_hard, thaw
+from app.tools.netlab.tcp_proxy import CutMode, TcpProxy
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP = 180.0  # seconds for a group of fresh processes on a busy 2-core machine

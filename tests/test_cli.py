@@ -6,7 +6,8 @@ import stat
 import sys
 import types
 
-from app import cli, cli_group
+from app import cli
+from app.cli import group as cli_group
 
 
 def test_non_loopback_bind_without_key_is_refused(capsys, tmp_path, monkeypatch):

@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from app.desktop import autopause
 from app.desktop.controller import Controller
 from app.desktop.settings import Paths, Settings, load
 from app.desktop.state import Act, Sharing, menu
+from app.desktop.system import autopause
 from worker_core.pairing import JoinedGroup
 
 FAKE_WORKER = textwrap.dedent(

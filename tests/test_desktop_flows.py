@@ -17,7 +17,7 @@ pytest.importorskip("pytestqt")
 from tiny_models import make_tiny_checkpoint
 
 from app.desktop.controller import Controller
-from app.desktop.main import Desktop
+from app.desktop.desktop import Desktop
 from app.desktop.settings import Paths, Settings
 from app.desktop.state import Act, Sharing
 
@@ -80,7 +80,7 @@ def _create(qtbot, d: Desktop, ckpt, share: bool = True) -> dict:
 
 
 def _pair_spare(code: str, port: int, folder) -> None:
-    from app.group import pair_with_group
+    from app.group.client import pair_with_group
 
     joined = asyncio.run(pair_with_group(code, f"127.0.0.1:{port}", folder, "spare"))
     joined.save(folder)

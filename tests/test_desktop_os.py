@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from app.desktop import _windows_autostart as winauto
-from app.desktop import _windows_fullscreen as winfull
-from app.desktop import autopause, autostart, links, secrets, settings
-from app.desktop.autopause import AutoPause, Decision, GpuLoad
+from app.desktop import settings
 from app.desktop.settings import Paths, Settings
+from app.desktop.system import _windows_autostart as winauto
+from app.desktop.system import _windows_fullscreen as winfull
+from app.desktop.system import autopause, autostart, secrets
+from app.desktop.system.autopause import AutoPause, Decision, GpuLoad
+from app.group import links
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -585,11 +587,12 @@ def test_probe_uses_gpus_module():
 def test_desktop_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import app.desktop.settings, app.desktop.secrets, app.desktop.autostart, app.desktop._windows_autostart\n"
-        "import app.desktop.single_instance, app.desktop.links, app.desktop.autopause\n"
-        "import app.desktop._windows_fullscreen\n"
+        "import app.desktop.settings, app.desktop.system.secrets, app.desktop.system.autostart\n"
+        "import app.desktop.system._windows_autostart, app.desktop.system.autostart_base\n"
+        "import app.desktop.system.single_instance, app.group.links, app.desktop.system.autopause\n"
+        "import app.desktop.system._windows_fullscreen\n"
         "import app.desktop.icons, worker_core.gpus\n"
-        "worker_core.gpus.list_gpus(); app.desktop.autopause.probe_gpu_load(set())\n"
+        "worker_core.gpus.list_gpus(); app.desktop.system.autopause.probe_gpu_load(set())\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "print('heavy:', bad)\n"
     )
@@ -764,7 +767,7 @@ def test_windows_command_line_quoting():
 
 
 def test_windows_job_object_with_a_fake_kernel32():
-    from app.desktop._windows_job import JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, ChildJob
+    from app.desktop.system._windows_job import JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, ChildJob
 
     class K32:
         def __init__(self, assign_ok=True):

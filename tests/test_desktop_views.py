@@ -11,7 +11,7 @@ pytest.importorskip("pytestqt")
 from PySide6.QtWidgets import QMenu
 
 from app.desktop.controller import Controller
-from app.desktop.main import Desktop
+from app.desktop.desktop import Desktop
 from app.desktop.settings import Paths, Settings
 from app.desktop.state import Act, Sharing, TrayState, menu
 from app.desktop.tray import MainWindow, TrayView, fill_menu
@@ -126,8 +126,8 @@ def test_desktop_routes_commands_without_a_group(qtbot, tmp_path):
 
 def test_the_tray_process_imports_no_torch():
     code = (
-        "import sys, app.cli, app.desktop.main, app.desktop.controller, app.desktop.dialogs, app.desktop.tray, "
-        "app.desktop.selftest, app.desktop.supervisor\n"
+        "import sys, app.cli, app.desktop.main, app.desktop.desktop, app.desktop.controller, app.desktop.dialogs, "
+        "app.desktop.tray, app.desktop.selftest, app.desktop.supervisor\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -176,7 +176,7 @@ def test_quit_from_a_second_launch_ends_the_app_even_with_the_window_open(tmp_pa
         "from PySide6.QtWidgets import QApplication\n"
         "from PySide6.QtCore import QTimer\n"
         "from app.desktop.controller import Controller\n"
-        "from app.desktop.main import Desktop\n"
+        "from app.desktop.desktop import Desktop\n"
         "from app.desktop.settings import Paths, Settings\n"
         "app = QApplication([])\n"
         f"c = Controller(Paths.under(Path({str(tmp_path)!r})), Settings(), gpu='x', probe_load=lambda p: None)\n"
@@ -212,7 +212,7 @@ def test_first_run_welcome_leads_to_join_or_create_and_is_shown_once(qtbot, tmp_
 
 def test_pairing_failures_become_sentences_by_their_type():
     from app.desktop.dialogs import _friendly
-    from app.group import BadAddress, GroupCommandError, NoGroupFound
+    from app.group.client import BadAddress, GroupCommandError, NoGroupFound
     from worker_core.pairing import Malformed, Refused, UnknownCode, Unreachable, WrongCode
 
     # the message text is never what decides: each type says the same whatever its words

@@ -8,7 +8,7 @@ The installed app is simulated: ``sys.frozen`` is set, and ``Runtime.default()``
 runtime's import check and otherwise runs a fake worker that records how it was started and speaks
 the control protocol.  Everything else is the real code path: the tray's Share action, the
 controller's default ``engine_ready`` (``ensure_runtime``), the dialog, ``Runtime.ensure`` with its
-subprocesses, ``app.procs.engine_command`` and the Supervisor.
+subprocesses, ``app.proc.spawn.engine_command`` and the Supervisor.
 """
 
 import json
@@ -27,13 +27,13 @@ from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 from test_runtime import PROBE_JSON, Fake, posix_only
 
-from app import runtime as rtm
 from app.desktop.controller import Controller
-from app.desktop.main import Desktop
+from app.desktop.desktop import Desktop
 from app.desktop.runtime_dialog import RuntimeDialog
 from app.desktop.settings import Paths, Settings, load
 from app.desktop.state import Act, Sharing
-from app.runtime import MARKER, RuntimeNotReady, State
+from app.runtime import build as rtm
+from app.runtime.build import MARKER, RuntimeNotReady, State
 from worker_core.pairing import JoinedGroup
 
 pytestmark = posix_only

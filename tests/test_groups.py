@@ -157,7 +157,7 @@ def test_joining_by_lan_discovery_skips_unreachable_addresses_and_other_groups(c
     """``pair_with_group`` decides by the failure's type: an unreachable address moves on to the
     master's next address, an unknown code (another group's master) to the next master."""
     import worker_core.discovery
-    from app.group import NoGroupFound, pair_with_group
+    from app.group.client import NoGroupFound, pair_with_group
 
     async def main():
         ours, theirs = Master(paired_config(ckpt, tmp_path / "ours")), Master(paired_config(ckpt, tmp_path / "theirs"))

@@ -93,7 +93,9 @@ def test_deb_builds_installs_runs_its_selftests_upgrades_and_removes_cleanly(tmp
     assert not [p for p in internal.rglob("*") if p.is_dir() and p.name in ENGINE], "engine packages were frozen"
     frozen = set((work / "pyinstaller" / "modules.txt").read_text().split())
     assert not {m for m in frozen if m.split(".")[0].split("/")[0] in ENGINE}
-    assert {"app.desktop.main", "app.runtime", "app.cli"} <= frozen and any("QtWidgets" in m for m in frozen)
+    assert {"app.desktop.main", "app.desktop.desktop", "app.runtime.build", "app.cli"} <= frozen and any(
+        "QtWidgets" in m for m in frozen
+    )
     assert not [p for p in internal.rglob("*") if "QtWebEngine" in p.name]
     assert os.access(internal / "runtime" / "uv", os.X_OK) and list((internal / "runtime").glob("molink-*.whl"))
     assert {p.name for p in (internal / "runtime" / "locks").glob("*.lock")} >= {"local-linux-cpu.lock"}

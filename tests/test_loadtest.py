@@ -3,7 +3,7 @@
 from harness import run
 from tiny_models import make_tiny_checkpoint
 
-from app.loadtest import LoadOptions, placement_times, run_load
+from app.tools.loadtest import LoadOptions, placement_times, run_load
 
 
 def test_load_tool_streams_through_the_real_api_with_fake_stages(tmp_path):

@@ -265,7 +265,7 @@ def test_cards_of_24_gb_hold_a_70b_model_at_4_bits_and_not_at_16():
 
 
 def test_probe_says_how_many_layers_of_common_models_this_machine_holds():
-    from app.cli_worker import _layers_held_line
+    from app.cli.worker import _layers_held_line
     from master_core.placement import layers_held
     from master_core.simulator import LLAMA3_70B
 
@@ -283,7 +283,7 @@ def test_probe_says_how_many_layers_of_common_models_this_machine_holds():
 def test_the_evaluation_text_ships_with_the_package_and_is_long_enough():
     from transformers import AutoTokenizer
 
-    from app.evaluate import EvalOptions, eval_text
+    from app.tools.evaluate import EvalOptions, eval_text
     from worker_core.default_model import ensure_default_model
 
     text = eval_text()
@@ -294,7 +294,7 @@ def test_the_evaluation_text_ships_with_the_package_and_is_long_enough():
 
 
 def test_agreement_and_table():
-    from app.evaluate import agreement, table
+    from app.tools.evaluate import agreement, table
 
     assert agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 9], [4, 0, 6]]) == 4 / 6
     row = {
@@ -316,7 +316,7 @@ def test_perplexity_through_the_pipeline_equals_transformers(tiny):
     perplexity transformers computes over the same windows in one process."""
     from transformers import AutoModelForCausalLM
 
-    from app.evaluate import perplexity
+    from app.tools.evaluate import perplexity
 
     path = tiny["llama"]
     tokens = [(37 * i + 11) % 380 + 3 for i in range(4 * 40)]

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from app import runtime as rtm
-from app import runtime_bundle, runtime_console
-from app.runtime import Cancelled, Runtime, RuntimeBuildError, RuntimeNotReady, State
-from app.runtime_bundle import Bundle
-from app.runtime_locks import Lock, LockError, choose_backend, header
+from app.runtime import build as rtm
+from app.runtime import bundle as runtime_bundle
+from app.runtime import console as runtime_console
+from app.runtime.build import Cancelled, Runtime, RuntimeBuildError, RuntimeNotReady, State
+from app.runtime.bundle import Bundle
+from app.runtime.locks import Lock, LockError, choose_backend, header
 
 ROOT = Path(__file__).resolve().parent.parent
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="the fake uv and fake Python are POSIX scripts")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from app import selftest
+from app.tools import selftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

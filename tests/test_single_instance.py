@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.desktop.single_instance import SingleInstance, default_name
+from app.desktop.system.single_instance import SingleInstance, default_name
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0  # seconds: bound on every wait for a child (2 shared cores, Qt start-up)
@@ -23,7 +23,7 @@ CHILD = r"""
 import sys
 from pathlib import Path
 from PySide6.QtCore import QCoreApplication, QTimer
-from app.desktop.single_instance import SingleInstance
+from app.desktop.system.single_instance import SingleInstance
 
 name, lock_dir, *messages = sys.argv[1:]
 app = QCoreApplication([])

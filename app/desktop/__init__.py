@@ -10,11 +10,13 @@ Modules (one concept each):
 * ``state``: the sharing state machine and the tray menu as data (pure).
 * ``supervisor``: one supervised child process (QProcess): control channel, events, backoff.
 * ``controller``: the app's logic: settings, the worker and master children, group actions.
+* ``desktop``: the controller wired to the tray or window, the dialogs and the chat window.
 * ``tray``: the tray icon and menu, or the main window where the desktop has no tray.
-* ``dialogs``: create a group, join a group, settings.
-* ``chat``/``sse``: the chat window and its streaming client.
-* ``settings``, ``secrets``, ``autostart``, ``single_instance``, ``links``, ``autopause``,
-  ``icons``: settings file, keyring, start at login, one instance, ``molink://`` links,
-  pausing while the GPU is busy, icons.
-* ``main``: ``molink app`` and ``molink app --selftest``.
+* ``dialogs``, ``runtime_dialog``, ``background``: create a group, join a group, settings; the
+  engine runtime's progress; a group command off the GUI thread.
+* ``chat``/``chat_text``/``sse``: the chat window, its text, and its streaming client.
+* ``settings``, ``icons``: settings file, icons.
+* ``system/``: start at login, one instance, keyring, pausing while the GPU is busy, Windows
+  job objects (no widgets); ``molink://`` links are :mod:`app.group.links`.
+* ``main``: ``molink app`` and ``molink app --selftest`` (:mod:`app.desktop.selftest`).
 """

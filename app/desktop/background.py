@@ -5,7 +5,7 @@ Contract: ``Background(make_coro, timeout, describe=...)`` is a ``QThread`` that
 ``done(result)`` or ``failed(one sentence)`` on the Qt thread (queued signals).  Exceptions
 never escape: ``describe(exception)`` makes the sentence, chosen by the exception's type (a
 timeout arrives as a ``TimeoutError`` saying how long it waited).  The default,
-:func:`plain`, gives a :class:`~app.group.GroupCommandError`'s or a
+:func:`plain`, gives a :class:`~app.group.client.GroupCommandError`'s or a
 :class:`~worker_core.pairing.PairingError`'s message (meant for people), anything else its
 type and text.
 """
@@ -20,7 +20,7 @@ from PySide6.QtCore import QThread, Signal
 
 
 def plain(e: BaseException) -> str:
-    from app.group import GroupCommandError
+    from app.group.client import GroupCommandError
     from worker_core.pairing import PairingError
 
     if isinstance(e, (GroupCommandError, PairingError, TimeoutError)):

@@ -32,13 +32,14 @@ from collections.abc import Callable
 from PySide6.QtCore import QByteArray, QObject, QTimer, QUrl, Signal
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequest
 
-from app.procs import engine_command
+from app.group import links
+from app.proc.spawn import engine_command
 from worker_core.control import FINISH_TIMEOUT, LEAVE_TIMEOUT
 
-from . import autopause, links
 from .settings import Paths, Settings, save
 from .state import Sharing, TrayState, move
 from .supervisor import Supervisor
+from .system import autopause
 
 log = logging.getLogger("molink.app")
 

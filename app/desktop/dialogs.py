@@ -35,11 +35,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.group.links import JoinLink
 from master_core.invitations import TTL
 
 from .background import Background, plain
 from .controller import Controller
-from .links import JoinLink
 
 PAIR_TIMEOUT = 40.0  # seconds for discovery plus one pairing exchange
 BROWSE_SECONDS = 3.0  # how long the LAN is listened to for masters
@@ -264,7 +264,7 @@ class CreateGroupDialog(QDialog):
         port = info.get("group_port")
 
         def got_code(code_info: dict) -> None:
-            from app.group import pair_with_group
+            from app.group.client import pair_with_group
 
             folder, name = self.c.paths.worker_dir, socket.gethostname()
             self._self_join = Background(
@@ -430,7 +430,7 @@ class JoinDialog(QDialog):
         self.error.clear()
         self.join_button.setEnabled(False)
         self.status.setText("Pairing…")
-        from app.group import pair_with_group
+        from app.group.client import pair_with_group
 
         address = self.address.text().strip() or None
         folder, name = self.c.paths.worker_dir, self.name.text().strip() or socket.gethostname()
@@ -473,7 +473,7 @@ def _offer(limit_gb: float) -> str:
 
 def _friendly(e: BaseException) -> str:
     """A pairing failure as one sentence for people, not for the command line (by its type)."""
-    from app.group import BadAddress, NoGroupFound
+    from app.group.client import BadAddress, NoGroupFound
     from worker_core.pairing import Refused, UnknownCode, Unreachable, WrongCode
 
     if isinstance(e, WrongCode):

@@ -3,7 +3,7 @@
 Contract
 --------
 ``RuntimeDialog(runtime)`` is a modal dialog that runs ``runtime.ensure(progress, cancel, backend)``
-(:class:`app.runtime.Runtime`, or anything with its :class:`Builder` methods) in a
+(:class:`app.runtime.build.Runtime`, or anything with its :class:`Builder` methods) in a
 :class:`QThread`, and shows its progress bar, the current line and the last lines of output.
 **Cancel** sets the cancel event (the build stops within a fraction of a second; what was
 downloaded stays for the next attempt) and rejects the dialog once the build has stopped.  **Use
@@ -13,7 +13,7 @@ details below it, and offers **Retry** (it resumes from what was downloaded) and
 success the dialog accepts itself.  :func:`ensure_runtime` returns at once when the runtime is
 ready, else shows the dialog and says whether the runtime is ready afterwards.
 
-No torch here, only :mod:`app.runtime` (uv and a Python child do the work).
+No torch here, only :mod:`app.runtime.build` (uv and a Python child do the work).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.runtime import Cancelled, Progress, Runtime, RuntimeProblem, State
-from app.runtime_locks import Lock
+from app.runtime.build import Cancelled, Progress, Runtime, RuntimeProblem, State
+from app.runtime.locks import Lock
 
 LOG_LINES = 200  # lines of uv's output kept in the details box
 INTRO = (
@@ -46,7 +46,7 @@ FAILED = "MoLink could not install its engine. Retry resumes from what was alrea
 
 
 class Builder(Protocol):
-    """What the dialog uses of :class:`app.runtime.Runtime`."""
+    """What the dialog uses of :class:`app.runtime.build.Runtime`."""
 
     def lock_for(self, backend: str | None = None) -> Lock: ...
 

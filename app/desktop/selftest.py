@@ -39,7 +39,7 @@ def run(model: str = "default", root: Path | None = None, out=None) -> int:  # n
     from PySide6.QtWidgets import QApplication
 
     from .controller import Controller
-    from .main import Desktop
+    from .desktop import Desktop
     from .settings import Paths, Settings
     from .state import Sharing, action_texts, menu
 

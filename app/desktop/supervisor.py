@@ -17,7 +17,7 @@ see :mod:`worker_core.control` for the protocol) with :class:`QProcess`:
   ``restart=True``, the child is started again after a backoff doubling from
   ``BACKOFF_FIRST`` to ``BACKOFF_MAX`` seconds (reset after ``STABLE_AFTER`` seconds of running).
 * ``stopped(code)`` is emitted when a child that was asked to stop has exited.
-* On Windows each child is put in a kill-on-close Job Object (:mod:`._windows_job`), so it
+* On Windows each child is put in a kill-on-close Job Object (:mod:`app.desktop.system._windows_job`), so it
   cannot outlive a tray that crashed; elsewhere the closed stdin of a dead parent stops it.
 
 Qt objects only; everything happens on the Qt event loop, nothing blocks.
@@ -36,7 +36,8 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
-from app.procs import engine_env, no_window_flags
+from app.proc.spawn import engine_env
+from app.runtime.process import no_window_flags
 
 log = logging.getLogger("molink.app.supervisor")
 
@@ -56,7 +57,7 @@ def _add_to_job(pid: int) -> None:
     if sys.platform != "win32":
         return
     if _job is None:
-        from ._windows_job import child_job
+        from .system._windows_job import child_job
 
         _job = child_job() or False
     if _job:

@@ -1,0 +1,116 @@
+"""The machine verbs of `molink`: ``worker`` (serve the layers the master assigns) and ``probe``.
+
+Contract: each command takes the parsed arguments (:func:`app.cli._parser`) and the control
+channel (:class:`app.cli.command.Supervision`) and returns its exit code, or the coroutine function
+that :func:`app.cli.main` runs until it ends, Ctrl-C or SIGTERM.  ``worker`` turns its
+arguments and, for a paired machine, the joined group's folder (membership, identity, pinned
+master certificate) into a :class:`~worker_core.config.WorkerConfig`; an unknown device or a
+folder that joined no group raises ``ValueError`` before anything starts.  ``probe`` prints
+what this machine offers (or ``--json``) and exits 0.  Torch and the engine are imported only
+inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import TYPE_CHECKING
+
+from worker_core.config import WorkerConfig
+
+if TYPE_CHECKING:
+    from .command import Run, Supervision
+
+
+def worker(args: argparse.Namespace, sup: Supervision) -> Run:
+    from worker_core import device
+    from worker_core.worker import serve
+
+    device.pick(args.device)  # fail fast on a device that does not exist
+    tls, identity, master, folder, name = None, None, args.master, None, args.name
+    candidates: tuple[str, ...] = ()
+    if master is None:
+        from app.group.client import data_dir
+        from worker_core.identity import client_context, load_or_create
+        from worker_core.pairing import JoinedGroup, PairingError
+
+        folder = data_dir(args.data_dir)
+        try:
+            joined = JoinedGroup.load(folder)
+        except PairingError as e:
+            raise ValueError(str(e)) from None
+        identity = load_or_create(folder / "identity", joined.name)
+        tls = client_context(identity, joined.master_cert)
+        master = joined.master_address
+        candidates = joined.candidates
+        name = name or joined.name
+    wcfg = WorkerConfig(
+        master=master,
+        candidates=candidates,
+        tls=tls,
+        identity=identity,
+        direct=args.direct,
+        hop_listen=args.hop_listen,
+        hop_port=args.hop_port,
+        hop_host=args.hop_host,
+        weights_dir=folder / "weights" if folder else None,
+        device=args.device,
+        link_delay_ms=args.link_delay_ms,
+        link_mbps=args.link_mbps,
+        threads=args.threads,
+        memory_limit=int(args.memory_limit * 1e9) if args.memory_limit else None,
+    )
+    if name:
+        wcfg = dataclasses.replace(wcfg, name=name)
+    return lambda: serve(wcfg, sup.control, sup.events)
+
+
+def probe(args: argparse.Namespace, sup: Supervision) -> int:
+    import json
+
+    from worker_core.probe import probe as measure
+
+    group_dir = None
+    if args.master is None:
+        from app.group.client import data_dir
+        from worker_core.pairing import MEMBERSHIP_FILE
+
+        candidate = data_dir(args.data_dir)
+        group_dir = candidate if (candidate / MEMBERSHIP_FILE).exists() else None
+    pr = measure(args.device, args.master, group_dir)
+    if args.json:
+        print(json.dumps(pr.as_dict(), indent=2))
+        return 0
+    gib = 2**30
+    for g in pr.gpus:
+        print(
+            f"GPU {g.index}: {g.name}, {g.free_memory / gib:.1f} of {g.total_memory / gib:.1f} GiB free, "
+            f"compute {g.compute_capability}, driver {g.driver}"
+        )
+    if not pr.gpus:
+        print("GPU: none found (no NVIDIA driver): a worker here computes on the CPU")
+    ram = f"RAM {pr.ram_available / gib:.1f} of {pr.ram_total / gib:.1f} GiB available"
+    print(f"CPU: {pr.cpu}, {pr.cpu_cores} cores; {ram}")
+    print(f"compute: {pr.device} in {pr.dtype}, {pr.matmul_gflops:.1f} GFLOP/s measured (128x2048 @ 2048x2048)")
+    print(_layers_held_line(pr.offered, 4 if pr.dtype == "float32" else 2))
+    if args.master or group_dir:
+        where = args.master or "the group's master"
+        link = f"{pr.rtt_ms:.1f} ms round trip" if pr.rtt_ms is not None else "unreachable"
+        if pr.bandwidth_mbps is not None:
+            link += f", {pr.bandwidth_mbps:.0f} Mbit/s download"
+        print(f"link to {where}: {link}")
+    return 0
+
+
+def _layers_held_line(offered: int, itemsize: int) -> str:
+    """What ``offered`` bytes hold of common models at each precision, in the planner's own bytes."""
+    from master_core.placement import layers_held
+    from master_core.simulator import REFERENCE_MODELS
+    from worker_core.precision import Precision
+
+    models = "; ".join(
+        f"{name} {' / '.join(str(layers_held(dims.shape(p, itemsize), offered)) for p in Precision)}"
+        f" of {dims.num_layers}"
+        for name, dims in REFERENCE_MODELS.items()
+    )
+    return f"offers {offered / 2**30:.1f} GiB; layers it would hold at none / int8 / int4: {models}"

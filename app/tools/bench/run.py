@@ -1,0 +1,352 @@
+"""`molink bench`: scheduling policies side by side, on a real local group or in simulation.
+
+Contract: ``run_bench(options)`` runs every (link profile, policy) pair of ``options`` on the
+same seeded Poisson workload and writes ``bench.json`` and PNG plots into ``options.out``;
+it prints one table.  Real mode: a master in this process and 3 worker processes on the
+default model, each worker's tunnel shaped to the profile (delay line + token bucket in user
+space, both directions); the policies run one after another on the same live group, and
+their greedy tokens are compared (they must be identical).  After each profile the measured
+costs drive the simulator on the same workload, and the calibration error is reported.
+``--simulate``: the same table for a modelled 70B-class model on 4 and 8 consumer GPUs.
+``--burst``: short greedy decode streams run while several prompts of 1,000-2,000 tokens
+arrive within seconds; per (profile, policy) the streams' inter-token gap p50, p99 and their
+ratio, side by side on one live group (:mod:`app.tools.bench.burst`).  ``--concurrent N`` and
+``--single``: MoLink's local stages against one transformers process (:mod:`app.tools.bench.local`).
+``--hops``: one stream at a time, direct stage-to-stage hops against every hop relayed through
+the master (:mod:`app.tools.bench.hops`).  ``--simulate`` also runs ``full`` with every hop direct beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from master_core.config import MasterConfig
+from master_core.costs import CostSnapshot
+from master_core.scheduler import policy
+from master_core.simulator import SimModel, simulate
+from master_core.workload import BenchRequest, WorkloadShape, make_workload, summarize
+
+from .common import profile_report, shaped_group
+from .options import PROFILES, BenchOptions
+
+if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
+    from master_core.server import Master
+
+
+def _progress(total: int, desc: str):  # -> tqdm
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", leave=False, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def _prompts(workload: list[BenchRequest], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    lo = min(1000, vocab // 4)  # stay clear of special tokens at the start of the vocabulary
+    return [[rng.randrange(lo, vocab) for _ in range(w.prompt_tokens)] for w in workload]
+
+
+async def _run_policy(
+    master: Master, name: str, workload: list[BenchRequest], prompts: list[list[int]], mbps: float, bar
+) -> tuple[dict, list[list[int]]]:
+    from master_core.request import FinishEvent, SamplingParams
+
+    engine = master.engine
+    engine.set_policy(policy(name, master.config.max_batch_tokens))
+    links = list(master.group.stages)
+    before = [(k.compute_total, k.step_bytes_total, k.bytes_sent, k.bytes_received) for k in links]
+    t0 = time.monotonic()
+    arrivals: list[float] = [0.0] * len(workload)
+    times: list[list[float]] = [[] for _ in workload]
+    outputs: list[list[int]] = [[] for _ in workload]
+
+    async def one(i: int, w: BenchRequest) -> None:
+        await asyncio.sleep(max(0.0, t0 + w.arrival - time.monotonic()))
+        arrivals[i] = time.monotonic()
+        req = engine.submit(prompts[i], SamplingParams(max_tokens=w.output_tokens, temperature=0.0, ignore_eos=True))
+        while True:
+            ev = await req.events.get()
+            if isinstance(ev, FinishEvent):
+                if ev.reason == "error":
+                    raise RuntimeError(f"request failed: {ev.error}")
+                break
+            times[i].append(time.monotonic())
+        outputs[i] = req.output
+        bar.update(1)
+
+    await asyncio.gather(*(one(i, w) for i, w in enumerate(workload)))
+    compute = [k.compute_total - b[0] for k, b in zip(links, before)]
+    moved = sum(k.step_bytes_total - b[1] for k, b in zip(links, before))
+    busy = list(compute)
+    for k, b in zip(links, before):  # each link direction at the emulated rate
+        busy.append((k.bytes_sent - b[2]) * 8 / (mbps * 1e6))
+        busy.append((k.bytes_received - b[3]) * 8 / (mbps * 1e6))
+    cores = os.cpu_count() or 1
+    busy.append(sum(compute) / cores)  # the stages share this machine's cores
+    return summarize(arrivals, times, moved, busy), outputs
+
+
+async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRequest]) -> dict:
+    from master_core.request import SamplingParams
+
+    mbps = PROFILES[profile][0]
+    async with shaped_group(opts, profile) as master:
+        vocab = master.dims.vocab_size
+        prompts = _prompts(workload, vocab, opts.seed)
+        await master.engine.generate(
+            prompts[0][:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        )  # warm-up
+        results, outputs = {}, {}
+        for name in opts.policies:
+            bar = _progress(len(workload), f"{profile}/{name}")
+            results[name], outputs[name] = await _run_policy(master, name, workload, prompts, mbps, bar)
+            bar.close()
+        first = next(iter(outputs.values()))
+        identical = all(o == first for o in outputs.values())
+        costs = master.engine.costs()
+        calibration = (
+            calibrate(costs, master.group.kv_tokens, workload, results, opts.max_batch_tokens) if costs else None
+        )
+        return {**profile_report(master, profile, results, identical), "calibration": calibration}
+
+
+def calibrate(
+    costs: CostSnapshot, kv_tokens: int, workload: list[BenchRequest], real: dict[str, dict], max_batch_tokens: int
+) -> dict:
+    """Simulate every policy with the costs measured in the real run, on the same workload,
+    and report the simulator's error against the real figures.  The measured stage times
+    already include the CPU contention between the local stages, so cores are not modelled
+    again."""
+    out: dict = {}
+    for name, r in real.items():
+        sim = simulate(SimModel(costs, kv_tokens), workload, policy(name, max_batch_tokens))
+        out[name] = {
+            k: {"real": r[k], "simulated": sim[k], "error": (sim[k] - r[k]) / r[k]}
+            for k in ("output_tokens_per_s", "ttft_p50", "tpot_p50")
+            if r.get(k)
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+GPU_CARD_BYTES = 23 * 10**9  # a 24 GB card with 1 GB kept back
+GPU_MEMORY_BANDWIDTH = 900e9  # bytes/s of an RTX 3090/4090-class card
+
+
+def gpu_model(gpus: int, profile: str, direct: bool = False) -> SimModel:
+    """Llama-3-70B (80 layers, hidden 8192, fp16 compute and activations) on 24 GB cards: at
+    fp16 weights when ``gpus`` cards hold them (8), else at the group precision ``int4``.
+    ``direct``: every hop between stages goes straight from card to card, not through the master.
+
+    Per layer, a decode step is memory-bound: it reads the layer's weights at the quantized
+    size the planner counts (:meth:`ModelDims.layer_bytes`: 1.71 GB in fp16, 0.56 GB in int4
+    with its int8 value and down projections) at ~900 GB/s; each extra token costs about
+    2 x 0.86 GFLOP at ~100 TFLOP/s effective, 8.6 us.  The KV budget is the smallest stage's
+    room once the planner has placed the quantized weights (:func:`kv_tokens_on_cards`)."""
+    from master_core.simulator import LLAMA3_70B, kv_tokens_on_cards
+    from worker_core.precision import Precision
+    from worker_core.wire import logits_row_width
+
+    mbps, rtt = PROFILES[profile]
+    precision = Precision.NONE if gpus >= 8 else Precision.INT4
+    layers = LLAMA3_70B.num_layers // gpus
+    fixed_per_layer = LLAMA3_70B.layer_bytes(0, precision, 2) / GPU_MEMORY_BANDWIDTH
+    costs = CostSnapshot(
+        stage_fixed=(layers * fixed_per_layer,) * gpus,
+        stage_per_token=(layers * 8.6e-6,) * gpus,
+        link_rtt=(rtt,) * gpus,
+        link_bandwidth=(mbps * 1e6 / 8,) * gpus,
+        hidden_bytes_per_token=LLAMA3_70B.hidden_size * 2,
+        logits_bytes_per_row=4 * logits_row_width(MasterConfig.logits_topk, LLAMA3_70B.vocab_size),  # float32
+        direct=(True,) * (gpus - 1) if direct else (),
+    )
+    kv_tokens = kv_tokens_on_cards(LLAMA3_70B, gpus, GPU_CARD_BYTES, precision)
+    return SimModel(costs, kv_tokens=kv_tokens)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _table(rows: list[tuple[str, str, dict]]) -> str:
+    head = (
+        f"{'setup':<16}{'policy':<20}{'tok/s':>8}{'req/s':>7}{'TTFT p50':>10}{'TTFT p99':>10}"
+        f"{'TPOT p50':>10}{'TPOT p99':>10}{'B/tok':>9}{'bound':>8}{'frac':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for setup, name, r in rows:
+
+        def ms(v):
+            return f"{v * 1000:.0f}ms" if v is not None else "-"
+
+        bound = r.get("pipeline_bound_tokens_per_s")
+        lines.append(
+            f"{setup:<16}{name:<20}{r['output_tokens_per_s']:>8.1f}{r['requests_per_s']:>7.2f}"
+            f"{r['ttft_p50']:>9.2f}s{r['ttft_p99']:>9.2f}s{ms(r['tpot_p50']):>10}{ms(r['tpot_p99']):>10}"
+            f"{r['bytes_per_output_token']:>9.0f}{(bound or 0):>8.1f}{r.get('fraction_of_bound', 0):>6.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[tuple[str, str, dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = list(dict.fromkeys(s for s, _, _ in rows))
+    names = list(dict.fromkeys(n for _, n, _ in rows))
+    metrics = [("output_tokens_per_s", "output tokens/s"), ("tpot_p99", "TPOT p99 (s)"), ("ttft_p50", "TTFT p50 (s)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    width = 0.8 / len(names)
+    for ax, (key, label) in zip(axes, metrics):
+        for j, n in enumerate(names):
+            vals = [next((r[key] or 0) for s, nn, r in rows if s == setup and nn == n) for setup in setups]
+            ax.bar([i + j * width for i in range(len(setups))], vals, width, label=n)
+        if key == "output_tokens_per_s":
+            for i, setup in enumerate(setups):
+                b = (
+                    next(r.get("pipeline_bound_tokens_per_s") for s, nn, r in rows if s == setup and nn == "full")
+                    if any(s == setup and nn == "full" for s, nn, _ in rows)
+                    else None
+                )
+                if b:
+                    ax.hlines(
+                        b,
+                        i - width / 2,
+                        i + 0.8 - width / 2,
+                        colors="k",
+                        linestyles="dashed",
+                        label="pipeline bound (full)" if i == 0 else None,
+                    )
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(setups))], setups)
+        ax.set_title(label)
+        if key != "output_tokens_per_s":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+async def run_bench(opts: BenchOptions) -> int:
+    opts.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.__dict__.items()},
+        "created": time.time(),
+    }
+    rows: list[tuple[str, str, dict]] = []
+    if opts.burst:
+        from .burst import BurstShape, burst_profile, burst_table
+
+        report["burst"] = []
+        for profile in opts.profiles:
+            report["burst"].append(await burst_profile(opts, profile, BurstShape()))
+        (opts.out / "burst.json").write_text(json.dumps(report, indent=2, default=float))
+        print(burst_table(report["burst"]))
+        for r in report["burst"]:
+            print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
+        print(f"wrote {opts.out / 'burst.json'}")
+        return 0
+    if opts.hops:
+        from .hops import hops_profile, hops_table
+
+        report["hops"] = [await hops_profile(opts, profile) for profile in opts.profiles]
+        (opts.out / "hops.json").write_text(json.dumps(report, indent=2, default=float))
+        print(hops_table(report["hops"]))
+        print(f"wrote {opts.out / 'hops.json'}")
+        return 0
+    if opts.concurrent:
+        from .local import concurrent_clients
+
+        res = await concurrent_clients(opts, opts.concurrent)
+        (opts.out / "concurrent.json").write_text(json.dumps(res, indent=2, default=float))
+        hf = res["transformers_one_batch"]
+        for i, r in enumerate(res["molink_runs"]):
+            print(
+                f"{res['clients']} clients, run {i + 1}: molink {opts.workers} stages {r['tokens_per_s']:.1f} tok/s "
+                f"(micro-batches at the end: {r['microbatches_end']})"
+            )
+        print(f"transformers, one process, one batch of {res['clients']}: {hf['tokens_per_s']:.1f} tok/s")
+        print(f"ratio (run 2 / transformers): {res['ratio']:.2f}; tuner: {res['tuner']}")
+        return 0
+    if opts.single:
+        from .local import single_request
+
+        res = await single_request(opts)
+        (opts.out / "single.json").write_text(json.dumps(res, indent=2))
+        for r in res["runs"]:
+            hf, ours = r["transformers"], r["molink"]
+            print(
+                f"threads per process {r['threads']}: decode tokens/s, one request: molink {ours['stages']} stages "
+                f"{ours['decode_tokens_per_s']:.1f}, transformers one process {hf['decode_tokens_per_s']:.1f} "
+                f"(ratio {r['decode_ratio']:.2f}); first token of a {res['long_prompt_tokens']}-token prompt: "
+                f"{ours['ttft_long_s']:.2f} s vs {hf['ttft_long_s']:.2f} s ({r['ttft_ratio']:.2f}x)"
+            )
+            whole, chain = r["one_process_stage"], r["process_chain"]
+            print(
+                f"  molink's stage code, every layer in one process: {whole['decode_tokens_per_s']:.1f} tok/s "
+                f"(ratio {r['one_process_stage_decode_ratio']:.2f}); the layer ranges {ours['layers']} as bare "
+                f"processes in a pipe chain: {chain['decode_tokens_per_s']:.1f} tok/s (ratio "
+                f"{r['chain_decode_ratio']:.2f}); stage compute per token, ms: chain {chain['stage_compute_ms']}, "
+                f"molink {ours['stage_compute_ms']}"
+            )
+        return 0
+    if opts.simulate:
+        workload = make_workload(opts.requests, opts.rate, opts.seed)
+        report["simulated"] = []
+        for gpus in (4, 8):
+            for profile in opts.profiles:
+                res = {
+                    name: simulate(gpu_model(gpus, profile), workload, policy(name, opts.max_batch_tokens))
+                    for name in opts.policies
+                }
+                # the full policy side by side: every hop relayed through the master vs every hop direct
+                full = policy("full", opts.max_batch_tokens)
+                relayed = res.get("full") or simulate(gpu_model(gpus, profile), workload, full)
+                direct = simulate(gpu_model(gpus, profile, direct=True), workload, full)
+                report["simulated"].append({"gpus": gpus, "profile": profile, "policies": res, "direct": direct})
+                rows += [(f"{gpus}gpu/{profile}", n, r) for n, r in res.items()]
+                print(
+                    f"{gpus}gpu/{profile} full, relayed vs direct hops: "
+                    f"{relayed['output_tokens_per_s']:.1f} vs {direct['output_tokens_per_s']:.1f} tok/s, "
+                    f"TPOT p50 {relayed['tpot_p50'] * 1000:.0f} vs {direct['tpot_p50'] * 1000:.0f} ms"
+                )
+        _plot(
+            rows,
+            opts.out / "bench-simulated.png",
+            f"simulated 70B-class model, {opts.requests} requests at {opts.rate}/s",
+        )
+        name = "bench-simulated.json"
+    else:
+        workload = make_workload(opts.requests, opts.rate, opts.seed, WorkloadShape())
+        report["real"] = []
+        for profile in opts.profiles:
+            res = await _real_profile(opts, profile, workload)
+            report["real"].append(res)
+            rows += [(profile, n, r) for n, r in res["policies"].items()]
+        _plot(
+            rows,
+            opts.out / "bench.png",
+            f"SmolLM2-135M, {opts.workers} CPU stages, {opts.requests} requests at {opts.rate}/s",
+        )
+        name = "bench.json"
+    (opts.out / name).write_text(json.dumps(report, indent=2, default=float))
+    print(_table(rows))
+    for r in report.get("real", []):
+        print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
+        for name, figures in (r["calibration"] or {}).items():
+            errs = ", ".join(f"{k} {v['error']:+.0%}" for k, v in figures.items())
+            print(f"  simulator error vs real, {name}: {errs}")
+    print(f"wrote {opts.out / name} and plots in {opts.out}")
+    return 0
