@@ -20,12 +20,13 @@ demo: $(STAMP)
 	$(VENV)/bin/molink demo
 
 # the system packages the tests use (installed when root on Debian/Ubuntu, else named), lint
-# (seconds), then the whole suite; `make test-fast` leaves out the tests marked slow
+# (seconds), then the whole suite (-rs: every skipped test says why, e.g. the network lab without root);
+# `make test-fast` leaves out the tests marked slow
 test: system-packages lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-fast: system-packages lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 system-packages:
 	.ci/system-packages

@@ -216,3 +216,129 @@ async def test_race_prefers_lan_and_discards_losers() -> None:
     with pytest.raises(NoPath) as e:
         await race([lan], dial)
     assert "no route" in str(e.value)
+
+
+# ---------------------------------------------------------------- a fake UPnP IGD (HTTP + SOAP)
+
+DESC = """<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0"><specVersion><major>1</major><minor>0</minor></specVersion>
+<device><deviceType>urn:schemas-upnp-org:device:InternetGatewayDevice:1</deviceType><friendlyName>fake</friendlyName>
+<manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:00000000-0000-0000-0000-000000000001</UDN>
+<serviceList><service><serviceType>urn:schemas-upnp-org:service:WANIPConnection:1</serviceType>
+<serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId><SCPDURL>/scpd.xml</SCPDURL>
+<controlURL>/ctl</controlURL><eventSubURL>/evt</eventSubURL></service></serviceList></device></root>"""
+
+_ARGS = {
+    "AddPortMapping": [("NewRemoteHost", "in", "RemoteHost"), ("NewExternalPort", "in", "ExternalPort"),
+                       ("NewProtocol", "in", "PortMappingProtocol"), ("NewInternalPort", "in", "InternalPort"),
+                       ("NewInternalClient", "in", "InternalClient"), ("NewEnabled", "in", "PortMappingEnabled"),
+                       ("NewPortMappingDescription", "in", "PortMappingDescription"),
+                       ("NewLeaseDuration", "in", "PortMappingLeaseDuration")],
+    "DeletePortMapping": [("NewRemoteHost", "in", "RemoteHost"), ("NewExternalPort", "in", "ExternalPort"),
+                          ("NewProtocol", "in", "PortMappingProtocol")],
+    "GetExternalIPAddress": [("NewExternalIPAddress", "out", "ExternalIPAddress")],
+}  # fmt: skip
+_VARS = {
+    "RemoteHost": "string", "ExternalPort": "ui2", "PortMappingProtocol": "string", "InternalPort": "ui2",
+    "InternalClient": "string", "PortMappingEnabled": "boolean", "PortMappingDescription": "string",
+    "PortMappingLeaseDuration": "ui4", "ExternalIPAddress": "string",
+}  # fmt: skip
+SCPD = (
+    '<?xml version="1.0"?><scpd xmlns="urn:schemas-upnp-org:service-1-0">'
+    "<specVersion><major>1</major><minor>0</minor></specVersion><actionList>"
+    + "".join(
+        f"<action><name>{name}</name><argumentList>"
+        + "".join(
+            f"<argument><name>{a}</name><direction>{d}</direction><relatedStateVariable>{v}</relatedStateVariable>"
+            "</argument>"
+            for a, d, v in args
+        )
+        + "</argumentList></action>"
+        for name, args in _ARGS.items()
+    )
+    + "</actionList><serviceStateTable>"
+    + "".join(
+        f'<stateVariable sendEvents="no"><name>{n}</name><dataType>{t}</dataType></stateVariable>'
+        for n, t in _VARS.items()
+    )
+    + "</serviceStateTable></scpd>"
+)
+ENVELOPE = (
+    '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+    's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>{}</s:Body></s:Envelope>'
+)
+
+
+def _fault(code: int, text: str) -> str:
+    return ENVELOPE.format(
+        "<s:Fault><faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail>"
+        '<UPnPError xmlns="urn:schemas-upnp-org:control-1-0">'
+        f"<errorCode>{code}</errorCode><errorDescription>{text}</errorDescription></UPnPError></detail></s:Fault>"
+    )
+
+
+async def _fake_igd(external: str, calls: list[tuple[str, str]]):  # -> (runner, url)
+    from aiohttp import web
+
+    service = "urn:schemas-upnp-org:service:WANIPConnection:1"
+
+    async def control(request: web.Request) -> web.Response:
+        action = request.headers.get("SOAPACTION", "").strip('"').split("#")[-1]
+        body = await request.text()
+        calls.append((action, body))
+        if action == "GetExternalIPAddress":
+            answer = f'<u:{action}Response xmlns:u="{service}"><NewExternalIPAddress>{external}</NewExternalIPAddress>'
+            return web.Response(text=ENVELOPE.format(answer + f"</u:{action}Response>"), content_type="text/xml")
+        if action == "AddPortMapping" and "<NewLeaseDuration>0</NewLeaseDuration>" not in body:
+            return web.Response(status=500, text=_fault(725, "OnlyPermanentLeasesSupported"), content_type="text/xml")
+        return web.Response(
+            text=ENVELOPE.format(f'<u:{action}Response xmlns:u="{service}"></u:{action}Response>'),
+            content_type="text/xml",
+        )
+
+    async def desc(_request: web.Request) -> web.Response:
+        return web.Response(text=DESC, content_type="text/xml")
+
+    async def scpd(_request: web.Request) -> web.Response:
+        return web.Response(text=SCPD, content_type="text/xml")
+
+    app = web.Application()
+    app.add_routes([web.get("/desc.xml", desc), web.get("/scpd.xml", scpd), web.post("/ctl", control)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/desc.xml"
+
+
+@sync
+async def test_upnp_only_permanent_leases_725_asks_again_with_lease_0() -> None:
+    from worker_core.portmap.upnp import Igd
+
+    calls: list[tuple[str, str]] = []
+    runner, url = await _fake_igd("25.1.2.3", calls)
+    try:
+        igd = await Igd.open(url)
+        assert await igd.external_address() == "25.1.2.3"
+        port, lease = await igd.add("192.168.1.5", 7733, 7733, 3600)
+        assert (port, lease) == (7733, 0)  # permanent: the caller still removes it on stop
+        adds = [body for action, body in calls if action == "AddPortMapping"]
+        assert len(adds) == 2 and "<NewLeaseDuration>3600</NewLeaseDuration>" in adds[0]
+        await igd.delete(7733)
+        assert calls[-1][0] == "DeletePortMapping"
+    finally:
+        await runner.cleanup()
+
+
+@sync
+async def test_upnp_nonsense_external_address_is_a_clear_failure() -> None:
+    from worker_core.portmap.upnp import Igd
+
+    runner, url = await _fake_igd("not-an-address", [])
+    try:
+        igd = await Igd.open(url)
+        with pytest.raises(Nonsense, match="external address is 'not-an-address'"):
+            await igd.external_address()
+    finally:
+        await runner.cleanup()

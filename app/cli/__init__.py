@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         help="OpenAI-compatible API on 127.0.0.1 (default %(default)s)",
     )
     gc.add_argument("--name", default=MasterConfig.group_name, help="group name shown to joiners (default: host name)")
+    gc.add_argument(
+        "--no-port-mapping",
+        dest="port_mapping",
+        action="store_false",
+        help="do not ask the home router to map the group port (UPnP, NAT-PMP, PCP)",
+    )
     gc.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     gc.add_argument("--data-dir", default=None, help="folder for the group's state (default: the user data folder)")
     gc.set_defaults(func=cli_group.group_create)

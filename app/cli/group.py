@@ -79,6 +79,7 @@ def group_create(args: argparse.Namespace, sup: Supervision) -> Run:
         group_port=args.port,
         group_name=args.name,
         relay=args.relay or "",
+        port_mapping=args.port_mapping,
     )
     cfg.validate()
     return lambda: group.create(cfg, sup.control, sup.events)
