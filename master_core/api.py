@@ -41,7 +41,7 @@ from .tools import (
     check_tools,
     parameters_of,
     parse_calls,
-    render_messages,
+    render_prompt,
     tool_format,
 )
 
@@ -322,14 +322,9 @@ class Api:
             raise ApiError(400, str(e), param=e.param) from None
         tools = body.tools or []
         grammar = await self._tools_grammar(body) or await self._response_grammar(body)
-        messages, template_tools = render_messages(messages, tools, self.tool_format)
         try:
             text = await asyncio.to_thread(  # template and tokenizer run off the event loop (bodies up to 4 MiB)
-                self.engine.tokenizer.apply_chat_template,
-                messages,
-                tools=template_tools,
-                add_generation_prompt=True,
-                tokenize=False,
+                render_prompt, self.engine.tokenizer, messages, tools, self.tool_format
             )
         except Exception as e:  # template errors (e.g. roles the template refuses)
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None

@@ -14,7 +14,8 @@ calls tools:
   same blocks inside the assistant's text and tool results as ``<tool_response>`` blocks in a
   user turn; the calls the model writes are parsed like ``TAGGED`` ones.
 
-:func:`render_messages` applies that to template dicts (see :mod:`master_core.messages`).
+:func:`render_messages` applies that to template dicts (see :mod:`master_core.messages`) and
+:func:`render_prompt` renders them with the tokenizer's template.
 :func:`calls_grammar` is the Lark grammar of the calls a ``required`` or named choice allows
 (one call, or several when ``parallel_tool_calls``), each call's arguments valid under its
 function's ``parameters`` schema (llguidance's ``%json``; objects that list their properties
@@ -169,6 +170,12 @@ def closed(schema: Any) -> Any:
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[ToolDef], fmt: ToolFormat) -> str:
+    """The prompt text of template dicts with ``tools`` (CPU work: call it off the event loop)."""
+    rendered, template_tools = render_messages(messages, tools, fmt)
+    return tokenizer.apply_chat_template(rendered, tools=template_tools, add_generation_prompt=True, tokenize=False)
 
 
 def _call_schema(tool: ToolDef) -> dict[str, Any]:
