@@ -1,0 +1,1 @@
+"""Developer tools (benchmarks, evaluation, load tests) over the two cores."""

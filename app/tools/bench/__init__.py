@@ -1,0 +1,1 @@
+"""Benchmarks: each writes what it measured, with its configuration, side by side."""
