@@ -28,7 +28,22 @@ from worker_core.tasks import end_tasks
 
 from .engine import Engine, RequestRejected
 from .errors import ApiError
+from .grammar import Grammar, GrammarError, Grammars, Spec, schema_spec, text_spec
+from .messages import Message, MessageError, template_messages
 from .request import FinishEvent, Request, SamplingParams, TokenEvent
+from .tools import (
+    Call,
+    CallStream,
+    ToolChoice,
+    ToolDef,
+    ToolError,
+    calls_grammar,
+    check_tools,
+    parameters_of,
+    parse_calls,
+    render_prompt,
+    tool_format,
+)
 
 log = logging.getLogger("molink.api")
 
@@ -40,6 +55,20 @@ StopField = (
     | Annotated[str, Field(max_length=256)]
     | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)]
 )
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Annotated[str, Field(max_length=100_000)] | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # always enforced
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Common(BaseModel):
@@ -58,26 +87,35 @@ class _Common(BaseModel):
     n: Annotated[int, Field(ge=1, le=8)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False  # extension (as in vLLM): generate exactly max_tokens
+    response_format: ResponseFormat | None = None
+    # sent by common clients and harmless to ignore here (README: "The API")
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # refused unless empty (they would change the output and are not implemented)
+    logit_bias: dict[str, Any] | None = None
 
 
 class CompletionBody(_Common):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: Literal[False] = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Annotated[str, Field(max_length=10_000_000)]
-    name: Annotated[str, Field(max_length=64)] | None = None
+    regex: str | None = None  # extension: the output matches this regular expression
+    grammar: str | None = None  # extension: the output is a sentence of this Lark grammar (llguidance)
 
 
 class ChatBody(_Common):
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    messages: Annotated[list[Message], Field(min_length=1, max_length=1024)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: str | None = None  # ignored: the models served here do not reason apart
+    modalities: list[Literal["text"]] | None = None  # only text
 
 
 Body = TypeVar("Body", bound=_Common)
@@ -91,6 +129,8 @@ class Api:
         self.engine = engine
         self.model_id = model_id
         self.created = int(time.time())
+        self.grammars = Grammars(engine.tokenizer, engine.group.dims.vocab_size, engine.eos_ids)
+        self.tool_format = tool_format(getattr(engine.tokenizer, "chat_template", None))
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -153,7 +193,41 @@ class Api:
             )
         return body
 
-    def _params(self, body: _Common, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    async def _compile(self, spec: Spec, param: str) -> Grammar:
+        try:
+            return await self.grammars.compile(spec)
+        except GrammarError as e:
+            raise ApiError(400, f"{param}: {e}", param=param, code="invalid_grammar") from None
+
+    async def _response_grammar(self, body: _Common) -> Grammar | None:
+        """The grammar of ``response_format`` (and, on completions, of ``regex`` / ``grammar``)."""
+        specs: list[tuple[str, Spec]] = []
+        try:
+            rf = body.response_format
+            if rf is not None and rf.type == "json_object":
+                specs.append(("response_format", Spec("json_object")))
+            elif rf is not None and rf.type == "json_schema":
+                if rf.json_schema is None or rf.json_schema.schema_ is None:
+                    raise ApiError(400, "response_format.json_schema.schema is required", param="response_format")
+                specs.append(("response_format.json_schema.schema", schema_spec(rf.json_schema.schema_)))
+            if isinstance(body, CompletionBody):
+                if body.regex is not None:
+                    specs.append(("regex", text_spec("regex", body.regex)))
+                if body.grammar is not None:
+                    specs.append(("grammar", text_spec("lark", body.grammar)))
+        except GrammarError as e:
+            param = specs[-1][0] if specs else "response_format"
+            raise ApiError(400, f"{param}: {e}", param=param, code="invalid_grammar") from None
+        if len(specs) > 1:
+            names = ", ".join(p.split(".")[0] for p, _ in specs)
+            raise ApiError(400, f"give one of {names}, not several", param=specs[1][0])
+        return await self._compile(specs[0][1], specs[0][0]) if specs else None
+
+    def _params(
+        self, body: _Common, max_tokens: int | None, logprobs: int | None, grammar: Grammar | None = None
+    ) -> SamplingParams:
+        if body.logit_bias:
+            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
         cfg = self.engine.config
         mt = max_tokens if max_tokens is not None else cfg.default_max_tokens
         if mt > cfg.max_tokens_limit:
@@ -169,6 +243,7 @@ class Api:
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             logprobs=logprobs,
+            grammar=grammar,
         )
 
     def _submit_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[Request]:
@@ -209,25 +284,56 @@ class Api:
         prompt = body.prompt
         if not isinstance(prompt, list):  # tokenizing a body of up to 4 MiB: off the event loop
             prompt = (await asyncio.to_thread(self.engine.tokenizer, prompt))["input_ids"]
-        reqs = self._submit_n(list(prompt), self._params(body, body.max_tokens, body.logprobs), body.n or 1)
+        grammar = await self._response_grammar(body)
+        params = self._params(body, body.max_tokens, body.logprobs, grammar)
+        reqs = self._submit_n(list(prompt), params, body.n or 1)
         return await self._respond(request, reqs, body, f"cmpl-{uuid.uuid4().hex}", chat=False)
+
+    async def _tools_grammar(self, body: ChatBody) -> Grammar | None:
+        """Check the tools (every ``parameters`` schema compiles) and give the grammar of the
+        calls a ``required`` or named ``tool_choice`` asks for."""
+        tools, choice = body.tools or [], body.tool_choice
+        try:
+            check_tools(tools, choice)
+        except ToolError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        for i, t in enumerate(tools):
+            param = f"tools.{i}.function.parameters"
+            try:
+                spec = schema_spec(parameters_of(t))
+            except GrammarError as e:
+                raise ApiError(400, f"{param}: {e}", param=param, code="invalid_grammar") from None
+            await self._compile(spec, param)
+        if not tools or choice is None or choice in ("none", "auto"):
+            return None
+        if body.response_format is not None and body.response_format.type != "text":
+            raise ApiError(400, "response_format cannot be combined with a required tool call", param="tool_choice")
+        try:
+            spec = text_spec("lark", calls_grammar(tools, choice, body.parallel_tool_calls, self.tool_format))
+        except GrammarError as e:
+            raise ApiError(400, f"tools: {e}", param="tools", code="invalid_grammar") from None
+        return await self._compile(spec, "tools")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body: ChatBody = await self._parse(request, ChatBody)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
-        ]
+        try:
+            messages = template_messages(body.messages)
+        except MessageError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        tools = body.tools or []
+        grammar = await self._tools_grammar(body) or await self._response_grammar(body)
         try:
             text = await asyncio.to_thread(  # template and tokenizer run off the event loop (bodies up to 4 MiB)
-                self.engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False
+                render_prompt, self.engine.tokenizer, messages, tools, self.tool_format
             )
         except Exception as e:  # template errors (e.g. roles the template refuses)
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
         prompt = (await asyncio.to_thread(self.engine.tokenizer, text, add_special_tokens=False))["input_ids"]
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = self._submit_n(list(prompt), self._params(body, max_tokens, logprobs), body.n or 1)
-        return await self._respond(request, reqs, body, f"chatcmpl-{uuid.uuid4().hex}", chat=True)
+        reqs = self._submit_n(list(prompt), self._params(body, max_tokens, logprobs, grammar), body.n or 1)
+        calling = tools if tools and body.tool_choice != "none" else []
+        return await self._respond(request, reqs, body, f"chatcmpl-{uuid.uuid4().hex}", chat=True, tools=calling)
 
     # ------------------------------------------------------------------ responses
     def _usage(self, reqs: list[Request]) -> dict:
@@ -264,17 +370,23 @@ class Api:
             await end_tasks(pumps)
 
     async def _respond(
-        self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool
+        self,
+        request: web.Request,
+        reqs: list[Request],
+        body: _Common,
+        rid: str,
+        chat: bool,
+        tools: list[ToolDef] | None = None,
     ) -> web.StreamResponse:
         try:
             if body.stream:
-                return await self._stream(request, reqs, body, rid, chat)
-            return await self._collect(reqs, rid, chat)
+                return await self._stream(request, reqs, body, rid, chat, tools or [])
+            return await self._collect(reqs, rid, chat, tools or [])
         finally:
             for r in reqs:
                 self.engine.cancel(r)  # no-op when finished; frees the KV cache if the client left
 
-    async def _collect(self, reqs: list[Request], rid: str, chat: bool) -> web.Response:
+    async def _collect(self, reqs: list[Request], rid: str, chat: bool, tools: list[ToolDef]) -> web.Response:
         texts: list[list[str]] = [[] for _ in reqs]
         lps: list[list[dict]] = [[] for _ in reqs]
         reasons: list[str] = ["" for _ in reqs]  # every choice ends with one FinishEvent
@@ -295,14 +407,14 @@ class Api:
             text, reason = "".join(texts[i]), reasons[i]
             if chat:
                 lp: Any = {"content": lps[i]} if r.params.logprobs is not None else None
-                choices.append(
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": lp,
-                        "finish_reason": reason,
-                    }
-                )
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if tools:
+                    content, calls = parse_calls(text, tools)
+                    if calls:
+                        message = {"role": "assistant", "content": content.strip() or None}
+                        message["tool_calls"] = [c.message() for c in calls]
+                        reason = "tool_calls" if reason == "stop" else reason
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
             else:
                 lp = _legacy_logprobs(lps[i]) if r.params.logprobs is not None else None
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
@@ -318,7 +430,7 @@ class Api:
         )
 
     async def _stream(
-        self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool
+        self, request: web.Request, reqs: list[Request], body: _Common, rid: str, chat: bool, tools: list[ToolDef]
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -350,19 +462,26 @@ class Api:
                         }
                     )
             error: FinishEvent | None = None
+            splits = [CallStream(tools) for _ in reqs] if tools else []
             async for i, ev in self._events(reqs):
                 if isinstance(ev, FinishEvent):
                     if ev.reason == "error":
                         error = error or ev
                         continue
-                    final: dict = {"index": i, "finish_reason": ev.reason, "logprobs": None}
+                    reason = ev.reason
+                    if splits:
+                        await self._send_split(send, i, splits[i], splits[i].flush())
+                        reason = "tool_calls" if splits[i].calls and reason == "stop" else reason
+                    final: dict = {"index": i, "finish_reason": reason, "logprobs": None}
                     final.update({"delta": {}} if chat else {"text": ""})
                     await send(final)
                     continue
                 if not ev.text and ev.logprob is None:
                     continue
                 lp = self._logprob_entry(ev) if ev.logprob is not None and ev.token_id >= 0 else None
-                if chat:
+                if splits:
+                    await self._send_split(send, i, splits[i], splits[i].feed(ev.text), lp)
+                elif chat:
                     await send(
                         {
                             "index": i,
@@ -389,6 +508,29 @@ class Api:
         except ConnectionError:
             log.info("client left during a streamed request; cancelled")
         return resp
+
+    @staticmethod
+    async def _send_split(
+        send: Any, i: int, split: CallStream, events: list[tuple[str, Any]], lp: dict | None = None
+    ) -> None:
+        """Streamed chat deltas of one choice that may call tools: text as ``content``, each
+        complete call as OpenAI sends it (id, type and name first, then the arguments)."""
+        lps = {"content": [lp]} if lp else None
+        for kind, value in events:
+            if kind == "text":
+                delta: dict = {"content": value}
+                await send({"index": i, "delta": delta, "logprobs": lps, "finish_reason": None})
+                lps = None
+                continue
+            call: Call = value
+            k = call.index
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            await send({"index": i, "delta": {"tool_calls": [head]}, "logprobs": lps, "finish_reason": None})
+            lps = None
+            args = {"index": k, "function": {"arguments": call.arguments}}
+            await send({"index": i, "delta": {"tool_calls": [args]}, "logprobs": None, "finish_reason": None})
+        if lps:  # a token that completed nothing yet still reports its logprob
+            await send({"index": i, "delta": {}, "logprobs": lps, "finish_reason": None})
 
 
 def _failure(ev: FinishEvent) -> ApiError:

@@ -400,15 +400,16 @@ class Engine:
                 sent = [Chunk(r.kv_id, c.start, c.length, c.want_logits) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
                 draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
-                journey = self.relay.send(stages, epoch, sent, tokens, self.direct, loop, draws)
-                went = await self._step(epoch, chunks, reqs, key, slots, prefill, journey)
+                topk = self._topk(reqs)
+                journey = self.relay.send(stages, epoch, sent, tokens, self.direct, loop, draws, topk=topk)
+                went = await self._step(epoch, chunks, reqs, key, slots, prefill, journey, topk)
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
                 for exp in looped:  # the last stage feeds the tokens it drew straight back
                     awaited += 1
                     batch = [Chunk(c.request_id, c.start + c.length + awaited - 1, 1, True) for c in chunks]
                     journey = self.relay.looped(stages, epoch, batch, exp)
-                    went = await self._step(epoch, batch, reqs, key, slots, False, journey)
+                    went = await self._step(epoch, batch, reqs, key, slots, False, journey, topk)
                     if went is None:
                         break
                     self.looped_steps += 1
@@ -437,6 +438,7 @@ class Engine:
         slots: int,
         prefill: bool,
         journey: Awaitable[Journey],
+        topk: int,
     ) -> Journey | None:
         """Await one micro-batch step's journey and fold its logits in (and the tokens the last
         stage drew, when it fed them back).  Returns the journey, or None when it failed (its
@@ -458,7 +460,7 @@ class Engine:
                 self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
                 return None
             before = self.tokens_generated
-            self._apply(epoch, chunks, went.logits, went.tokens)
+            self._apply(epoch, chunks, went.logits, went.tokens, topk)
             self.tuner.observe(self.clock(), key, slots, self.tokens_generated - before, prefill)
         except Exception as e:  # a bug must cost these requests, not the lane or anyone else
             log.exception("micro-batch bookkeeping failed")
@@ -468,6 +470,11 @@ class Engine:
                 exp.abandon()
             return None
         return went
+
+    def _topk(self, reqs: list[Request]) -> int:
+        """The logits a step asks of the last stage: the configured top-k, or whole rows when a
+        request of the micro-batch is constrained (its grammar may allow none of the top k)."""
+        return 0 if any(r.constraint is not None for r in reqs) else self.config.logits_topk
 
     def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
@@ -487,6 +494,8 @@ class Engine:
         for c, r in zip(chunks, reqs):
             p = r.params
             if p.presence_penalty or p.frequency_penalty:  # the last stage does not see the output
+                return 0
+            if r.constraint is not None:  # constrained requests are master-driven: the grammar lives here
                 return 0
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
@@ -513,9 +522,15 @@ class Engine:
         ]
         return next_microbatch(self.policy, costs, cands, slots)
 
-    def _apply(self, epoch: int, chunks: list[Chunk], logits: torch.Tensor, drawn: tuple[int, ...] = ()) -> None:
-        """Fold a step's logits in: each finished row gives its request a token, drawn here, or
-        the one the last stage drew and fed back (``drawn``, one per row)."""
+    def _apply(
+        self, epoch: int, chunks: list[Chunk], logits: torch.Tensor, drawn: tuple[int, ...] = (), topk: int = -1
+    ) -> None:
+        """Fold a step's logits in: each finished row gives its request a token, drawn here
+        (within its grammar, if it has one), or the one the last stage drew and fed back
+        (``drawn``, one per row).  ``topk``: of the step's rows (-1: the configured one); whole
+        rows of unconstrained requests are cut to the configured top-k here, as the last stage
+        would have, so a request's tokens do not depend on whom it was batched with."""
+        topk = self.config.logits_topk if topk < 0 else topk
         if self.group.epoch != epoch:
             self.stale_results += 1
             return  # computed on a pipeline that no longer exists; the requests are replayed
@@ -532,12 +547,18 @@ class Engine:
             if not c.want_logits or req.computed < len(req.tokens):
                 continue
             try:
-                values, ids, lse = candidates(logits[row - 1], self.config.logits_topk)
+                values, ids, lse = candidates(logits[row - 1], topk)
+                if req.constraint is not None:
+                    values = _constrained(values, req.constraint.allowed(ids))
+                elif topk != self.config.logits_topk:
+                    values, ids = _top(values, ids, self.config.logits_topk)
                 if drawn:
                     s = chosen(values, ids, lse, drawn[row - 1], req.params)
                 else:
                     generator = token_generator(req.seed, len(req.tokens))
                     s = sample(values, ids, lse, req.params, generator, req.output)
+                if req.constraint is not None and s.token_id not in self.eos_ids:
+                    req.constraint.advance(s.token_id)
                 req.tokens.append(s.token_id)
                 self.tokens_generated += 1
                 if req.first_token_at is None:
@@ -612,6 +633,21 @@ def _timeline(
         "waiting": waiting,
         "running": running,
     }
+
+
+def _constrained(values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Candidate logits [k] with every token the grammar does not allow at -inf."""
+    if not bool(allowed.any()):
+        raise RuntimeError("the grammar allows no candidate token")
+    return values.masked_fill(~allowed, float("-inf"))
+
+
+def _top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of candidate logits [n] and their ids, as the last stage packs them."""
+    if not 0 < k < values.shape[0]:
+        return values, ids
+    v, i = torch.topk(values, k)
+    return v, ids[i]
 
 
 def _kv_held(r: Request) -> int:

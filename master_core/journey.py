@@ -68,6 +68,7 @@ class Relay:
         loop: int = 0,
         draws: tuple[Draw, ...] = (),
         arrived: Coroutine[Any, Any, tuple[WorkerLink, Result]] | None = None,
+        topk: int | None = None,
     ) -> Journey:
         """One micro-batch through the pipeline: the token ids to the first stage, the last
         stage's logits back.  In between, each run of stages joined by direct hops takes the
@@ -76,7 +77,9 @@ class Relay:
         ``loop``: the step asks the last stage to feed back that many steps on its own (drawing
         their tokens by ``draws``, one per chunk), when it travels there in one run; they are
         returned in the :class:`Journey`, registered and not yet awaited.  ``arrived``: the
-        first run is a step already travelling (fed back), awaited here."""
+        first run is a step already travelling (fed back), awaited here.  ``topk``: of the
+        last stage's rows for this step (None: the relay's; 0: whole rows)."""
+        topk = self.topk if topk is None else topk
         segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
         ids: list[int] = []
         for c in chunks:
@@ -84,7 +87,7 @@ class Relay:
         x = torch.tensor(ids, dtype=torch.int64)  # [T]
         total = sum(c.length for c in chunks)
         dims = self.group.dims
-        row = logits_row_width(self.topk, dims.vocab_size)
+        row = logits_row_width(topk, dims.vocab_size)
         hops = self.group.hops if direct else []
         looped: list[Expected] = []
         drawn: tuple[int, ...] = ()
@@ -103,7 +106,7 @@ class Relay:
                     arrived = None
                 else:
                     whole = i == 0 and end == len(stages) - 1
-                    step = Step(next(self._step_ids), epoch, segments, x, self.topk, end > i)
+                    step = Step(next(self._step_ids), epoch, segments, x, topk, end > i)
                     if loop and whole:
                         step = replace(step, loop=loop, draws=draws)
                         looped = self._expect_looped(stages, step)

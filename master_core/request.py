@@ -17,8 +17,12 @@ import asyncio
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from worker_core.sampling import SEED_MASK
+
+if TYPE_CHECKING:
+    from .grammar import Constraint, Grammar
 
 
 class RequestState(Enum):
@@ -48,6 +52,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the top N
+    grammar: Grammar | None = None  # constrained decoding: every token drawn is one the grammar allows
 
 
 @dataclass
@@ -85,9 +90,12 @@ class Request:
     arrival: float = 0.0  # seconds (engine clock)
     first_token_at: float | None = None
     finished_at: float | None = None
+    constraint: Constraint | None = None  # its grammar's state (params.grammar), advanced by each token
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
+        if self.params.grammar is not None:
+            self.constraint = self.params.grammar.matcher()
         given = self.params.seed
         self.seed = (given if given is not None else secrets.randbits(64)) & SEED_MASK
 

@@ -3,7 +3,8 @@
 Contract: ``make_tiny_checkpoint(arch, path, num_layers=4, seed=0, tie_embeddings=False,
 sharded=False, config=None)`` writes a complete checkpoint folder (config, generation config,
 safetensors weights — one file, or several with an index when ``sharded`` — and a byte-level
-BPE tokenizer trained offline with ``tokenizers``, with a chat template) that transformers
+BPE tokenizer trained offline with ``tokenizers``, with a chat template: the families of
+``TOOL_FAMILIES`` get their tool format, ``TOOL_TEMPLATE``) that transformers
 loads with no network; ``config`` overrides fields of the family's config (e.g. more experts).
 The same arguments give the same files.  ``reference_greedy(path, prompt, n)`` is the
 single-process transformers answer: exactly ``n`` greedy new tokens (EOS does not stop it; the
@@ -135,6 +136,31 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
 )
 
+# The tool format of the Qwen 2.5/3 (Hermes) family, written for the tiny tokenizer: tools listed
+# in the system turn, calls as <tool_call> JSON blocks, results as <tool_response> blocks.  Without
+# tools it renders exactly as CHAT_TEMPLATE does.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|bos|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\nYou may call one or more functions. Their signatures are in <tools></tools>:\n<tools>\n"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n"
+    "For each call, return a JSON object with the function name and arguments in <tool_call></tool_call> tags:\n"
+    '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|eos|>\n'
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' and loop.first and tools %}"
+    "{% elif m['role'] == 'tool' %}<|bos|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response><|eos|>\n"
+    "{% elif m['role'] == 'assistant' and m.tool_calls %}<|bos|>assistant\n{{ m['content'] or '' }}"
+    "{% for c in m.tool_calls %}\n<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>'
+    "{% endfor %}<|eos|>\n"
+    "{% else %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+TOOL_FAMILIES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # their real models define this tool format
+
 _WORDS = (  # noqa: SIM905 - a sentence reads better than a list of words
     "the a group of friends pools their graphics cards to serve one large model over slow home links "
     "every machine runs a worker that dials out to the master which schedules batches and streams tokens "
@@ -161,7 +187,7 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def _save_tokenizer(path: Path) -> int:
+def _save_tokenizer(path: Path, chat_template: str = CHAT_TEMPLATE) -> int:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -171,7 +197,7 @@ def _save_tokenizer(path: Path) -> int:
         eos_token="<|eos|>",
         pad_token="<|pad|>",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(path)
     return len(fast)
 
@@ -193,7 +219,7 @@ def make_tiny_checkpoint(
     cfg_name, model_name, extra = _FAMILIES[arch]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab = _save_tokenizer(path)
+    vocab = _save_tokenizer(path, TOOL_TEMPLATE if arch in TOOL_FAMILIES else CHAT_TEMPLATE)
     config = getattr(transformers, cfg_name)(
         vocab_size=vocab,
         num_hidden_layers=num_layers,
