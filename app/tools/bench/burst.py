@@ -118,9 +118,10 @@ async def _run_burst(master: Master, name: str, shape: BurstShape, vocab: int, s
         await asyncio.wait(readers, timeout=10)
         if not burster.done():
             burster.cancel()
-    complete = burster.done() and not burster.cancelled() and burster.exception() is None
-    if burster.done() and not burster.cancelled() and burster.exception() is not None:
-        raise burster.exception()  # type: ignore[misc]
+    failure = burster.exception() if burster.done() and not burster.cancelled() else None
+    if failure is not None:
+        raise failure
+    complete = burster.done() and not burster.cancelled()
     end = max(t[-1] for t in stream_times if t)
     tokens = sum(len(t) for t in stream_times)
     out = gap_figures(stream_times)
