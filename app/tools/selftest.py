@@ -5,7 +5,7 @@ Contract
 ``run_selftest(options, out)`` prints the versions (molink, Python, torch, transformers), the
 device, then: prepares the embedded default model (converted once into the user cache), starts a
 master in this process on 127.0.0.1 (a port chosen at run time) and two worker processes
-(``molink worker``, started the way every frontend starts the engine: :func:`app.procs.engine_command`)
+(``molink worker``, started the way every frontend starts the engine: :func:`app.proc.spawn.engine_command`)
 that split the model's layers between them, generates ``tokens`` tokens greedily through the
 pipeline, stops the group, runs the same checkpoint in this one process with transformers
 (same device and dtype as the workers), and compares the two token lists.  Equal: it prints
