@@ -21,7 +21,8 @@ demo: $(STAMP)
 
 # the system packages the tests use (installed when root on Debian/Ubuntu, else named), lint
 # (seconds), then the whole suite (-rs: every skipped test says why, e.g. the network lab without root);
-# `make test-fast` leaves out the tests marked slow
+# `make test-fast` leaves out the tests marked slow.  Every target the READMEs name brings its own system
+# packages (.ci/system-packages SET).
 test: system-packages lint
 	$(PY) -m pytest -q -rs
 
@@ -29,14 +30,19 @@ test-fast: system-packages lint
 	$(PY) -m pytest -q -rs -m "not slow"
 
 system-packages:
-	.ci/system-packages
+	.ci/system-packages test
 
-# ruff (lint rules and formatting), pyright (basic) as configured in pyproject.toml, and the import
-# drawing of app/, master_core/, worker_core/: no circles, no arrow a room may not draw (docs/layout.md)
+# ruff (lint rules and formatting), pyright (basic) as configured in pyproject.toml, pyright again with
+# the Windows platform over the code that has Windows branches (WINDOWS_CODE: it cannot run here;
+# tests/test_layout.py checks the list covers it), and the import drawing of app/, master_core/,
+# worker_core/: no circles, no arrow a room may not draw (docs/layout.md)
+WINDOWS_CODE := app/desktop app/runtime app/proc app/tools/netlab/procctl.py app/tools/netlab/tcp_proxy.py
 lint: $(STAMP)
+	.ci/system-packages lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright --project pyproject.toml
+	$(VENV)/bin/pyright --project pyproject.toml --pythonplatform Windows $(WINDOWS_CODE)
 	$(PY) tests/import_layout.py
 
 serve: $(STAMP)
@@ -48,6 +54,7 @@ serve: $(STAMP)
 # installer/locks has it, else one made from this machine's pip indexes; see installer/build.py).
 LOCKS ?= auto
 installer: $(STAMP)
+	.ci/system-packages --required installer
 	$(PY) installer/build.py --locks $(LOCKS)
 
 # Release lock files (needs PyPI and download.pytorch.org); the Windows workflow runs this too.

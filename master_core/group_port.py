@@ -94,8 +94,7 @@ class GroupPort:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self._base)
         await site.start()
-        # the bound port (0 picks one) is known only to the private server: aiohttp has no API for it
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]  # the bound port (0 picks one); the runner has this one site
 
     async def stop(self) -> None:
         if self._runner:

@@ -137,8 +137,7 @@ class Master:
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port)
         await site.start()
-        # the bound port (0 picks one) is known only to the private server: aiohttp has no API for it
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]  # the bound port (0 picks one); the runner has this one site
         # the guard needs the real port, known only now (port 0 picks one)
         self._policy = GuardPolicy.build(
             cfg.host, self.port, cfg.allowed_hosts, cfg.api_key, self.dashboard_token, self.admin_token

@@ -36,6 +36,9 @@ class Child:
     """One `python -m app.cli ... --supervised` process: events from stdout (timestamped),
     stderr to a file, commands to stdin.  Every wait is bounded."""
 
+    info: dict  # a master's `listening` event (set by the fixture that starts it)
+    api: str  # that master's API address
+
     def __init__(self, args: list[str], log: Path) -> None:
         self.log = log
         self._stderr = open(log, "wb")  # noqa: SIM115 - the child's stderr until stop() closes it
@@ -151,8 +154,8 @@ def master(ckpt, logs):
     m = Child(["master", "--model", str(ckpt), "--port", "0", "--min-workers", "1"], logs / "master.log")
     try:
         _, ev = m.wait_event("listening", STARTUP)
-        m.info = ev  # type: ignore[attr-defined]
-        m.api = ev["api"]  # type: ignore[attr-defined]
+        m.info = ev
+        m.api = ev["api"]
         yield m
     finally:
         m.kill()

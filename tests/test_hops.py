@@ -286,6 +286,7 @@ def test_the_master_dials_a_hop_at_the_announced_host_the_lan_address_or_the_add
     from worker_core.wire import Hello
 
     def link(peer: str, **hello) -> WorkerLink:
+        # no tunnel (None): the test reads the link's hop addresses only, nothing is ever sent on it
         return WorkerLink(None, Hello("w", "cpu", "cpu", 1, 1, "float32", **hello), peer, 1 << 20)  # type: ignore[arg-type]
 
     home_a = link("203.0.113.5", hop_port=7734, hop_lan="192.168.1.20")
@@ -307,7 +308,7 @@ def test_a_step_lost_on_a_hop_that_died_quietly_is_replayed_relayed_and_no_worke
         async def swallow(frame: bytes) -> None:
             return None
 
-        hop._ws.send_bytes = swallow  # type: ignore[method-assign]
+        hop._ws.send_bytes = swallow  # type: ignore[method-assign]  # the test drops the hop's frames on purpose
 
     got, hops, epochs, links, _ = _break_a_hop_mid_generation(ckpt, black_hole)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]

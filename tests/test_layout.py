@@ -86,3 +86,24 @@ def test_the_parser_starts_without_the_heavy_tools():
     code = f"import sys, app.cli; app.cli._parser(); print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+WINDOWS_MARKS = ("win32", "winreg", "windll", "WinDLL", "msvcrt", 'os.name == "nt"')
+
+
+def test_every_module_with_windows_branches_is_checked_for_windows():
+    """`make lint` runs pyright with the Windows platform over WINDOWS_CODE: it must hold every
+    module that has a Windows branch (the code that cannot run here)."""
+    makefile = (layout.ROOT / "Makefile").read_text()
+    line = next(x for x in makefile.splitlines() if x.startswith("WINDOWS_CODE :="))
+    checked = line.split(":=", 1)[1].split()
+    assert checked and all((layout.ROOT / p).exists() for p in checked), checked
+    windows = [
+        p.relative_to(layout.ROOT).as_posix()
+        for pkg in layout.PACKAGES
+        for p in sorted((layout.ROOT / pkg).rglob("*.py"))
+        if any(mark in p.read_text(encoding="utf-8") for mark in WINDOWS_MARKS)
+    ]
+    assert "app/tools/netlab/procctl.py" in windows and "app/desktop/system/_windows_job.py" in windows
+    missed = [p for p in windows if not any(p == c or p.startswith(c.rstrip("/") + "/") for c in checked)]
+    assert missed == [], f"add these to WINDOWS_CODE in the Makefile: {missed}"

@@ -23,7 +23,7 @@ class _Ws:
 
 def _link() -> WorkerLink:
     hello = Hello("w", "cpu", "cpu", 10**10, 10**10, "float32")
-    return WorkerLink(_Ws(), hello, "127.0.0.1", 1 << 20)  # type: ignore[arg-type]
+    return WorkerLink(_Ws(), hello, "127.0.0.1", 1 << 20)  # type: ignore[arg-type]  # _Ws fakes the websocket
 
 
 def test_a_link_is_hung_after_silent_limit_seconds_or_the_longer_limit_while_loading():

@@ -252,7 +252,7 @@ def test_an_unexpected_error_in_the_relay_costs_a_replay_not_the_request(checkpo
                     raise KeyError("a bug")
                 return await relay(*args, **kw)
 
-            c.engine.relay.send = flaky  # type: ignore[method-assign]
+            c.engine.relay.send = flaky  # type: ignore[method-assign]  # a relay that fails once, on purpose
             out = await asyncio.wait_for(c.engine.generate(PROMPTS[0], greedy(24)), 60)
             return out[0], len(failures), c.engine.held()
 

@@ -66,7 +66,8 @@ class Child:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
+        assert self.proc.stdout is not None  # started with stdout=PIPE
+        for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
 
     def expect(self, text: str) -> None:

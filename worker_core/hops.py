@@ -94,7 +94,7 @@ class HopListener:
             base.sni_callback = self._switch
         site = web.TCPSite(self._runner, host, port, ssl_context=base)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]  # the bound port (0 picks one)
         log.info("hop listener on %s:%d (%s)", host, self.port, "mutual TLS" if base else "plain, loopback only")
 
     async def stop(self) -> None:

@@ -23,70 +23,39 @@ the answer being re-rendered as Markdown at most ``RENDER_HZ`` times a second.
   box and the conversation stays usable.
 
 The request body, the reading of a stream chunk, error sentences, ``/health`` and the tokens/s
-maths are pure functions in :mod:`.chat_text`; the SSE framing is :mod:`.sse`.
+maths are pure functions in :mod:`.chat_text`; the SSE framing is :mod:`.sse`; the streamed
+answer and the window's phases are :mod:`.chat_stream`; the transcript, the input box and the
+change-master dialog are :mod:`.chat_view`.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import (
-    QCloseEvent,
-    QColor,
-    QFont,
-    QGuiApplication,
-    QHideEvent,
-    QImage,
-    QKeyEvent,
-    QShowEvent,
-    QTextBlockFormat,
-    QTextCharFormat,
-    QTextCursor,
-    QTextDocument,
-)
+from PySide6.QtGui import QCloseEvent, QGuiApplication, QHideEvent, QShowEvent
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkProxy, QNetworkReply, QNetworkRequest
-from PySide6.QtWidgets import (
-    QDialog,
-    QDialogButtonBox,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QMenu,
-    QPlainTextEdit,
-    QPushButton,
-    QTextBrowser,
-    QToolButton,
-    QVBoxLayout,
-    QWidget,
-)
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QMenu, QPushButton, QToolButton, QVBoxLayout, QWidget
 
+from .chat_stream import Answer, Phase, move, network_why
 from .chat_text import (
     DEFAULT_MAX_TOKENS,
-    MAX_ERROR_BODY,
     ChatTarget,
     HealthView,
     Role,
-    TokenMeter,
     Turn,
     chat_body,
     error_sentence,
     parse_health,
-    parse_target,
-    read_chunk,
     sentence,
     status_text,
     transcript_markdown,
     unreachable_sentence,
 )
-from .sse import DataEvent, DoneEvent, ErrorEvent, SseParser
+from .chat_view import InputBox, TargetDialog, Transcript
 
 log = logging.getLogger("molink.chat")
 
@@ -94,109 +63,6 @@ HEALTH_PERIOD_MS = 2000  # /health poll period while the window is visible
 HEALTH_TIMEOUT_MS = 5000  # bound on one /health or /v1/models request
 STREAM_IDLE_TIMEOUT_MS = 300_000  # a chat reply that sends no byte for this long fails (queued requests wait)
 RENDER_HZ = 20  # re-renders of the answer being written, per second at most
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"
-    CONNECTING = "connecting"  # asking /v1/models for the model name before the first turn
-    STREAMING = "streaming"
-
-
-_MOVES: dict[Phase, set[Phase]] = {
-    Phase.IDLE: {Phase.CONNECTING, Phase.STREAMING},
-    Phase.CONNECTING: {Phase.STREAMING, Phase.IDLE},
-    Phase.STREAMING: {Phase.IDLE},
-}
-
-
-@dataclass
-class _Answer:
-    """The answer being streamed."""
-
-    reply: QNetworkReply | None = None
-    parser: SseParser = field(default_factory=SseParser)
-    text: list[str] = field(default_factory=list)
-    meter: TokenMeter = field(default_factory=TokenMeter)
-    done: bool = False  # [DONE] arrived
-    error: str | None = None  # the stream said it failed, or could not be read
-    error_body: bytearray = field(default_factory=bytearray)
-    stopping: bool = False
-
-
-# =========================================================================== the window
-
-_NETWORK_WHY = {
-    QNetworkReply.NetworkError.ConnectionRefusedError: "connection refused",
-    QNetworkReply.NetworkError.HostNotFoundError: "unknown host",
-    QNetworkReply.NetworkError.TimeoutError: "no answer in time",
-    QNetworkReply.NetworkError.OperationCanceledError: "no answer in time",
-    QNetworkReply.NetworkError.RemoteHostClosedError: "the master closed the connection",
-    QNetworkReply.NetworkError.SslHandshakeFailedError: "the TLS handshake failed",
-    QNetworkReply.NetworkError.NetworkSessionFailedError: "no network",
-}
-
-
-class _InputBox(QPlainTextEdit):
-    """Enter sends, Shift+Enter is a new line."""
-
-    submitted = Signal()
-
-    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
-        shift = event.modifiers() & Qt.KeyboardModifier.ShiftModifier
-        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and not shift:
-            self.submitted.emit()
-            return
-        super().keyPressEvent(event)
-
-
-class _Transcript(QTextBrowser):
-    """The conversation view; it loads no resources: an answer's ``![](file:///...)`` reads no file.
-
-    (A null answer would let QTextDocument fall back to reading local files, so images get a
-    blank 1x1 image and anything else an empty text.)
-    """
-
-    def loadResource(self, kind: int, name: QUrl) -> Any:  # noqa: N802 - Qt override
-        if kind == QTextDocument.ResourceType.ImageResource.value:
-            blank = QImage(1, 1, QImage.Format.Format_ARGB32)
-            blank.fill(0)
-            return blank
-        return ""
-
-
-class TargetDialog(QDialog):
-    """Type another master's address and API key; ``chosen(ChatTarget)`` on OK."""
-
-    chosen = Signal(object)
-
-    def __init__(self, current: ChatTarget | None, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setWindowTitle("Chat with another master")
-        self.address = QLineEdit(current.base_url if current else "")
-        self.address.setPlaceholderText("192.168.1.20:8000")
-        self.api_key = QLineEdit(current.api_key or "" if current else "")
-        self.api_key.setEchoMode(QLineEdit.EchoMode.Password)
-        self.api_key.setPlaceholderText("none (a master on this PC needs none)")
-        self.error = QLabel()
-        self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #c62828;")
-        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
-        self.buttons.accepted.connect(self._ok)
-        self.buttons.rejected.connect(self.reject)
-        form = QFormLayout(self)
-        form.addRow("Master address", self.address)
-        form.addRow("API key", self.api_key)
-        form.addRow(self.error)
-        form.addRow(self.buttons)
-
-    def _ok(self) -> None:
-        try:
-            target = parse_target(self.address.text(), self.api_key.text())
-        except ValueError as e:
-            self.error.setText(str(e))
-            return
-        self.chosen.emit(target)
-        self.accept()
 
 
 class ChatWindow(QWidget):
@@ -216,13 +82,12 @@ class ChatWindow(QWidget):
         self._target: ChatTarget | None = None
         self._history: list[Turn] = []
         self._phase = Phase.IDLE
-        self._answer: _Answer | None = None
+        self._answer: Answer | None = None
         self._model: str | None = None
         self._health: HealthView | None = None  # None: not known yet
         self._health_reply: QNetworkReply | None = None
         self._models_reply: QNetworkReply | None = None
         self._rate: float | None = None
-        self._answer_pos = 0  # document position where the current answer's text starts
         self._net = QNetworkAccessManager(self)
         self._build()
         self._poll = QTimer(self)
@@ -244,7 +109,7 @@ class ChatWindow(QWidget):
         top.addWidget(self.target_label, 1)
         top.addWidget(self.change_button)
 
-        self.transcript = _Transcript()
+        self.transcript = Transcript()
         self.transcript.setOpenExternalLinks(True)
         self.transcript.setPlaceholderText("Ask the group anything. Enter sends, Shift+Enter starts a new line.")
 
@@ -259,7 +124,7 @@ class ChatWindow(QWidget):
         self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.error_label.hide()
 
-        self.input = _InputBox()
+        self.input = InputBox()
         self.input.setPlaceholderText("Message the group")
         self.input.setFixedHeight(80)
         self.input.submitted.connect(self._send_clicked)
@@ -466,7 +331,7 @@ class ChatWindow(QWidget):
         body = chat_body(self._model, self._history, self.max_tokens, self.extra_body)
         self.last_request_body = body
         self._move(Phase.STREAMING)
-        answer = _Answer()
+        answer = Answer()
         self._answer = answer
         self._rate = None
         self._append_turn("assistant", "")
@@ -481,7 +346,7 @@ class ChatWindow(QWidget):
         chars = sum(len(t.content) for t in self._history)
         log.info("chat turn sent: %d messages, %d characters", len(self._history), chars)
 
-    def _read(self, answer: _Answer) -> None:
+    def _read(self, answer: Answer) -> None:
         reply = answer.reply
         if reply is None or answer is not self._answer or answer.stopping or answer.error is not None:
             return
@@ -490,34 +355,20 @@ class ChatWindow(QWidget):
             return
         status = reply.attribute(QNetworkRequest.Attribute.HttpStatusCodeAttribute)
         if status != 200:
-            room = MAX_ERROR_BODY - len(answer.error_body)
-            answer.error_body += data[: max(room, 0)]
+            answer.keep_error_body(data)
             return
-        for event in answer.parser.feed(data):
-            if isinstance(event, DoneEvent):
-                answer.done = True
-            elif isinstance(event, ErrorEvent):
-                answer.error = sentence(f"The master sent a stream the chat cannot read: {event.message}")
-            elif isinstance(event, DataEvent):
-                chunk = read_chunk(event.data)
-                if chunk.error:
-                    answer.error = chunk.error
-                if chunk.completion_tokens is not None:
-                    answer.meter.final_tokens = chunk.completion_tokens
-                if chunk.text:
-                    answer.text.append(chunk.text)
-                    answer.meter.token(time.monotonic())
-                    self.token_received.emit(chunk.text)
-                    if answer is not self._answer or answer.stopping:  # a slot stopped it
-                        return
-            if answer.error is not None:
-                reply.abort()  # finished follows: _finish reports the error
+        for piece in answer.pieces(data):
+            self.token_received.emit(piece)
+            if answer is not self._answer or answer.stopping:  # a slot stopped it
                 return
+        if answer.error is not None:
+            reply.abort()  # finished follows: _finish reports the error
+            return
         self._rate = answer.meter.rate()
         if not self._render_timer.isActive():
             self._render_timer.start()
 
-    def _reply_finished(self, answer: _Answer) -> None:
+    def _reply_finished(self, answer: Answer) -> None:
         if answer is self._answer:
             self._read(answer)  # the last bytes (no-op when stopping or failed)
             if answer is self._answer:
@@ -525,7 +376,7 @@ class ChatWindow(QWidget):
         if answer.reply is not None:
             answer.reply.deleteLater()
 
-    def _finish(self, answer: _Answer) -> None:
+    def _finish(self, answer: Answer) -> None:
         """The reply ended (stopped, failed, or complete): decide which, once."""
         self._answer = None
         reply = answer.reply
@@ -560,74 +411,24 @@ class ChatWindow(QWidget):
 
     # ------------------------------------------------------------------ rendering
     def _append_turn(self, role: Role, text: str) -> None:
-        doc = self.transcript.document()
-        cursor = QTextCursor(doc)
-        cursor.movePosition(QTextCursor.MoveOperation.End)
-        if not doc.isEmpty():
-            cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
-            cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
-        header = QTextCharFormat()
-        header.setFontWeight(QFont.Weight.Bold)
-        header.setForeground(QColor("#1565c0" if role == "user" else "#2e7d32"))
-        cursor.insertText("You" if role == "user" else "Assistant", header)
-        cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
-        if role == "user":
-            quote = QTextBlockFormat()
-            quote.setLeftMargin(12)
-            cursor.setBlockFormat(quote)
-            cursor.insertText(text, QTextCharFormat())  # what the user typed, shown as typed
-        else:
-            self._answer_pos = cursor.position()
-            cursor.insertText("…", QTextCharFormat())
-        self._scroll_to_end()
+        self.transcript.append_turn(role, text)
 
     def _render_answer(self, text: str | None = None, note: str | None = None) -> None:
-        """Re-render the answer being written (from its start to the end of the document) as Markdown."""
-        answer = self._answer
+        """Re-render the answer being written (``text``: the current answer's so far) and the status."""
         if text is None:
-            if answer is None:
+            if self._answer is None:
                 return
-            text = "".join(answer.text)
-        bar = self.transcript.verticalScrollBar()
-        at_end = bar.value() >= bar.maximum() - 4
-        cursor = QTextCursor(self.transcript.document())
-        cursor.setPosition(self._answer_pos)
-        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
-        cursor.removeSelectedText()
-        cursor.setBlockFormat(QTextBlockFormat())
-        cursor.setCharFormat(QTextCharFormat())
-        if text:
-            cursor.insertMarkdown(text)
-        elif note is None:
-            cursor.insertText("…")
-        if note:
-            grey = QTextCharFormat()
-            grey.setForeground(QColor("#757575"))
-            grey.setFontItalic(True)
-            cursor.movePosition(QTextCursor.MoveOperation.End)
-            if text:
-                cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
-            cursor.insertText(note, grey)
+            text = "".join(self._answer.text)
+        self.transcript.render_answer(text, note)
         self._update_status()
-        if at_end:
-            self._scroll_to_end()
 
     def _render_all(self) -> None:
-        self.transcript.clear()
-        for turn in self._history:
-            self._append_turn(turn.role, turn.content)
-            if turn.role == "assistant":
-                self._render_answer(turn.content)
-
-    def _scroll_to_end(self) -> None:
-        bar = self.transcript.verticalScrollBar()
-        bar.setValue(bar.maximum())
+        self.transcript.render_all(self._history)
+        self._update_status()
 
     # ------------------------------------------------------------------ state
     def _move(self, to: Phase) -> None:
-        if to not in _MOVES[self._phase]:
-            raise RuntimeError(f"chat window: no move from {self._phase.value} to {to.value}")
-        self._phase = to
+        self._phase = move(self._phase, to)
         self._update_controls()
 
     def _update_controls(self) -> None:
@@ -686,7 +487,7 @@ class ChatWindow(QWidget):
 
     @staticmethod
     def _why(reply: QNetworkReply) -> str:
-        return _NETWORK_WHY.get(reply.error(), reply.errorString())
+        return network_why(reply)
 
     # ------------------------------------------------------------------ window events
     def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt override

@@ -33,11 +33,15 @@ import time
 from collections import deque
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
 from app.proc.spawn import engine_env
 from app.runtime.process import no_window_flags
+
+if TYPE_CHECKING:
+    from .system._windows_job import ChildJob
 
 log = logging.getLogger("molink.app.supervisor")
 
@@ -49,7 +53,7 @@ LAST_LINES = 200  # log lines kept for the error view
 LOG_ROTATE_BYTES = 5 * 1024 * 1024  # a log above this moves to NAME.1 (at start and while writing): <= 2x on disk
 
 
-_job: object | None = None  # the Windows job object of this process's children, made on first use
+_job: ChildJob | Literal[False] | None = None  # the Windows job object of this process's children, made on first use
 
 
 def _add_to_job(pid: int) -> None:
@@ -61,7 +65,7 @@ def _add_to_job(pid: int) -> None:
 
         _job = child_job() or False
     if _job:
-        _job.add(pid)  # type: ignore[union-attr]
+        _job.add(pid)
 
 
 class ChildState(Enum):
@@ -171,6 +175,7 @@ class Supervisor(QObject):
             def modifier(args, flags=flags):  # noqa: ANN001 - QProcess.CreateProcessArguments
                 args.flags |= flags
 
+            # Windows-only Qt API: the PySide6 stubs pyright reads (made on Linux) lack it, so it stays unchecked
             proc.setCreateProcessArgumentsModifier(modifier)  # type: ignore[attr-defined]
         proc.readyReadStandardOutput.connect(lambda: self._read(QProcess.ProcessChannel.StandardOutput))
         proc.readyReadStandardError.connect(lambda: self._read(QProcess.ProcessChannel.StandardError))

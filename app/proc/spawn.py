@@ -57,7 +57,7 @@ def start_local_workers(
     :func:`stop_processes`."""
     procs = []
     for name in names:
-        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps its own handle
+        out = open(log, "ab") if log else None  # noqa: SIM115 - the child keeps its own handle
         try:
             procs.append(
                 subprocess.Popen(
@@ -65,15 +65,15 @@ def start_local_workers(
                         "worker", "--master", address, "--device", device, "--name", name, "--supervised", *extra
                     ),
                     stdin=subprocess.PIPE,  # the control channel: closing it asks the worker to stop
-                    stdout=out,
+                    stdout=out if out is not None else subprocess.DEVNULL,
                     stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
                     env=engine_env(),
                     creationflags=no_window_flags(),
                 )
             )
         finally:
-            if log:
-                out.close()  # type: ignore[union-attr]
+            if out is not None:
+                out.close()
     return procs
 
 

@@ -95,7 +95,7 @@ def _one_wheel(folder: Path) -> Path | None:
 def source_uv() -> Path:
     """uv for a source checkout: the ``uv`` package's binary, else the one on PATH."""
     try:
-        import uv  # type: ignore[import-not-found]
+        import uv
 
         return Path(uv.find_uv_bin())
     except (ImportError, FileNotFoundError):

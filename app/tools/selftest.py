@@ -154,8 +154,8 @@ async def _pipeline_tokens(
                 )
             await asyncio.sleep(0.2)
         for i, link in enumerate(master.group.stages):
-            a = link.assignment
-            where = f"layers [{a.layer_start}, {a.layer_end})"  # type: ignore[union-attr]
+            a = link.assignment  # every stage of a serving group holds an assignment
+            where = f"layers [{a.layer_start}, {a.layer_end})" if a is not None else "no layers"
             say(f"stage {i}: {link.name} ({link.hello.device}) {where}")
         params = SamplingParams(max_tokens=opts.tokens, temperature=0.0, ignore_eos=True)
         ids, _text, _reason = await asyncio.wait_for(master.engine.generate(prompt, params), opts.generate_timeout)

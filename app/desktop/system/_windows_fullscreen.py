@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 from typing import Any
 
 log = logging.getLogger("molink.fullscreen")
@@ -27,10 +28,16 @@ QUNS_APP = 7  # a Windows Store app runs fullscreen (not a game signal)
 FULLSCREEN_STATES = frozenset({QUNS_BUSY, QUNS_RUNNING_D3D_FULL_SCREEN, QUNS_PRESENTATION_MODE})
 
 
+def _shell32() -> Any:
+    if sys.platform != "win32":
+        raise OSError("shell32 is Windows only")
+    return ctypes.windll.shell32
+
+
 def notification_state(shell32: Any | None = None) -> int | None:
     """The QUERY_USER_NOTIFICATION_STATE value, or None if it cannot be read."""
     try:
-        lib = shell32 if shell32 is not None else ctypes.windll.shell32  # type: ignore[attr-defined]  # Windows only
+        lib = shell32 if shell32 is not None else _shell32()
         state = ctypes.c_int(0)
         hr = lib.SHQueryUserNotificationState(ctypes.byref(state))
         if hr != 0:  # S_OK

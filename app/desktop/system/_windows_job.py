@@ -63,9 +63,15 @@ class _ExtendedLimits(ctypes.Structure):
     ]
 
 
+def _kernel32() -> Any:
+    if sys.platform != "win32":
+        raise OSError("job objects are Windows only")
+    return ctypes.windll.kernel32
+
+
 class ChildJob:
     def __init__(self, kernel32: Any = None) -> None:
-        self.k32 = kernel32 if kernel32 is not None else ctypes.windll.kernel32  # type: ignore[attr-defined]
+        self.k32 = kernel32 if kernel32 is not None else _kernel32()
         self.handle = self.k32.CreateJobObjectW(None, None)
         if not self.handle:
             log.warning("cannot create a job object for the engine processes")

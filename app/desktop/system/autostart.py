@@ -77,19 +77,20 @@ def parse_exec(value: str) -> list[str]:
     """The argument list of an ``Exec=`` value as written by :func:`exec_line` (inverse, for tests and checks)."""
     text = _unescape_string(value)
     args: list[str] = []
-    cur: list[str] | None = None
+    cur: list[str] | None = None  # the argument being read (None: between arguments)
     i, quoted = 0, False
     while i < len(text):
         ch = text[i]
         if quoted:
+            assert cur is not None  # an opening quote starts an argument
             if ch == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPED_IN_QUOTES:
-                cur.append(text[i + 1])  # type: ignore[union-attr]
+                cur.append(text[i + 1])
                 i += 2
                 continue
             if ch == '"':
                 quoted = False
             else:
-                cur.append(ch)  # type: ignore[union-attr]
+                cur.append(ch)
         elif ch == '"':
             quoted, cur = True, cur if cur is not None else []
         elif ch == " ":

@@ -171,9 +171,10 @@ async def _run_burst(
         engine.on_step = None
         # every step's timeline, also when the run failed (what stalled it)
         dump.write_text(json.dumps([{**x, "began": x["began"] - t0, "ended": x["ended"] - t0} for x in steps]))
-    complete = burster.done() and not burster.cancelled() and burster.exception() is None
-    if burster.done() and not burster.cancelled() and burster.exception() is not None:
-        raise burster.exception()  # type: ignore[misc]
+    failure = burster.exception() if burster.done() and not burster.cancelled() else None
+    if failure is not None:
+        raise failure
+    complete = burster.done() and not burster.cancelled()
     end = max(t[-1] for t in stream_times if t)
     tokens = sum(len(t) for t in stream_times)
     out = gap_figures(stream_times)

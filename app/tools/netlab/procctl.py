@@ -17,10 +17,10 @@ the request (they do not wait for the effect; the caller waits, bounded, for wha
   ``NtResumeProcess``.
 
 A process that no longer exists raises :class:`ProcessLookupError` on every OS.  The Windows
-paths are isolated in ``_windows_*`` functions (ctypes only, imported lazily); they are not
-exercised by the tests, which run on Linux.  This module is for tests and ``molink chaos``:
-the app stops its children through the control channel (:mod:`worker_core.control`), never
-through these.
+paths are isolated in ``_windows_*`` functions (ctypes only, defined on Windows only); they are
+not exercised by the tests, which run on Linux, but pyright checks them for Windows.  This
+module is for tests and ``molink chaos``: the app stops its children through the control
+channel (:mod:`worker_core.control`), never through these.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-
-_WINDOWS = sys.platform == "win32"
 
 # Windows access rights (winnt.h)
 _PROCESS_TERMINATE = 0x0001
@@ -39,7 +37,7 @@ _ERROR_INVALID_PARAMETER = 87  # OpenProcess on a pid that does not exist
 
 def kill_hard(pid: int) -> None:
     """End ``pid`` at once, with no clean-up in the process (SIGKILL / TerminateProcess)."""
-    if _WINDOWS:
+    if sys.platform == "win32":
         _windows_terminate(pid)
     else:
         os.kill(pid, signal.SIGKILL)
@@ -47,7 +45,7 @@ def kill_hard(pid: int) -> None:
 
 def freeze(pid: int) -> None:
     """Stop every thread of ``pid`` where it stands; sockets stay open (SIGSTOP / NtSuspendProcess)."""
-    if _WINDOWS:
+    if sys.platform == "win32":
         _windows_suspend(pid, resume=False)
     else:
         os.kill(pid, signal.SIGSTOP)
@@ -55,59 +53,51 @@ def freeze(pid: int) -> None:
 
 def thaw(pid: int) -> None:
     """Let a frozen ``pid`` run on from where it stood (SIGCONT / NtResumeProcess)."""
-    if _WINDOWS:
+    if sys.platform == "win32":
         _windows_suspend(pid, resume=True)
     else:
         os.kill(pid, signal.SIGCONT)
 
 
 # --------------------------------------------------------------------------- Windows (untested here)
+# Defined on Windows only: pyright checks them with the Windows platform (make lint), where ctypes has
+# WinDLL, get_last_error and WinError; on POSIX the block is unreachable and the signals are used.
 
-
-def _windows_open(pid: int, access: int) -> int:
+if sys.platform == "win32":
     import ctypes
 
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-    kernel32.OpenProcess.restype = ctypes.c_void_p
-    handle = kernel32.OpenProcess(access, False, pid)
-    if not handle:
-        err = ctypes.get_last_error()  # type: ignore[attr-defined]
-        if err == _ERROR_INVALID_PARAMETER:
-            raise ProcessLookupError(f"no process {pid}")
-        raise ctypes.WinError(err)  # type: ignore[attr-defined]
-    return handle
+    def _windows_open(pid: int, access: int) -> int:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = ctypes.c_void_p
+        handle = kernel32.OpenProcess(access, False, pid)
+        if not handle:
+            err = ctypes.get_last_error()
+            if err == _ERROR_INVALID_PARAMETER:
+                raise ProcessLookupError(f"no process {pid}")
+            raise ctypes.WinError(err)
+        return handle
 
+    def _windows_close(handle: int) -> None:
+        ctypes.WinDLL("kernel32").CloseHandle(ctypes.c_void_p(handle))
 
-def _windows_close(handle: int) -> None:
-    import ctypes
+    def _windows_terminate(pid: int) -> None:
+        handle = _windows_open(pid, _PROCESS_TERMINATE)
+        try:
+            kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+            if not kernel32.TerminateProcess(ctypes.c_void_p(handle), 1):
+                raise ctypes.WinError(ctypes.get_last_error())
+        finally:
+            _windows_close(handle)
 
-    ctypes.WinDLL("kernel32").CloseHandle(ctypes.c_void_p(handle))  # type: ignore[attr-defined]
-
-
-def _windows_terminate(pid: int) -> None:
-    import ctypes
-
-    handle = _windows_open(pid, _PROCESS_TERMINATE)
-    try:
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-        if not kernel32.TerminateProcess(ctypes.c_void_p(handle), 1):
-            raise ctypes.WinError(ctypes.get_last_error())  # type: ignore[attr-defined]
-    finally:
-        _windows_close(handle)
-
-
-def _windows_suspend(pid: int, resume: bool) -> None:
-    import ctypes
-
-    handle = _windows_open(pid, _PROCESS_SUSPEND_RESUME)
-    try:
-        ntdll = ctypes.WinDLL("ntdll")  # type: ignore[attr-defined]
-        call = ntdll.NtResumeProcess if resume else ntdll.NtSuspendProcess
-        call.restype = ctypes.c_long  # NTSTATUS
-        status = call(ctypes.c_void_p(handle))
-        if status < 0:
-            raise OSError(
-                f"{'NtResumeProcess' if resume else 'NtSuspendProcess'} failed: NTSTATUS {status & 0xFFFFFFFF:#010x}"
-            )
-    finally:
-        _windows_close(handle)
+    def _windows_suspend(pid: int, resume: bool) -> None:
+        handle = _windows_open(pid, _PROCESS_SUSPEND_RESUME)
+        try:
+            ntdll = ctypes.WinDLL("ntdll")
+            call = ntdll.NtResumeProcess if resume else ntdll.NtSuspendProcess
+            call.restype = ctypes.c_long  # NTSTATUS
+            status = call(ctypes.c_void_p(handle))
+            if status < 0:
+                name = "NtResumeProcess" if resume else "NtSuspendProcess"
+                raise OSError(f"{name} failed: NTSTATUS {status & 0xFFFFFFFF:#010x}")
+        finally:
+            _windows_close(handle)
