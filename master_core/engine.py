@@ -45,6 +45,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -120,6 +121,7 @@ class Engine:
         self.preemptions = 0
         self.looped_steps = 0  # steps the last stage fed back to the first without the master
         self.stale_results = 0  # results of a pipeline (epoch) replaced while they were computed
+        self.replays = 0  # requests computed again from scratch because a step of theirs failed
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
         self._finish_hooks: list[Callable[[dict], None]] = []
@@ -394,6 +396,7 @@ class Engine:
                 r.in_flight += 1
             looped: list[Expected] = []
             awaited = 0
+            kv_ids = {r.id: r.kv_id for r in reqs}  # a request restarted meanwhile has another
             self._looping_lanes += bool(loop)
             try:
                 sent = [Chunk(r.kv_id, c.start, c.length, c.want_logits) for c, r in zip(chunks, reqs)]
@@ -405,8 +408,11 @@ class Engine:
                 self._looping.update(looped)
                 for exp in looped:  # the last stage feeds the tokens it drew straight back
                     awaited += 1
+                    # the engine folds results in by request id; the stages know the KV ids the step
+                    # was sent under (a continuation relayed from a broken hop names them)
                     batch = [Chunk(c.request_id, c.start + c.length + awaited - 1, 1, True) for c in chunks]
-                    journey = self.relay.looped(stages, epoch, batch, exp)
+                    on_stages = [replace(b, request_id=s.request_id) for b, s in zip(batch, sent)]
+                    journey = self.relay.looped(stages, epoch, on_stages, exp)
                     went = await self._step(epoch, batch, reqs, key, slots, False, journey)
                     if went is None:
                         break
@@ -422,6 +428,8 @@ class Engine:
                 self._looping.difference_update(looped)
                 for r in reqs:
                     r.in_flight -= 1
+                    if loop and not r.in_flight and r.id in self.running and r.kv_id == kv_ids[r.id]:
+                        r.scheduled = min(r.scheduled, r.computed)  # fed-back steps given up on: sent again
                 done = [i for r in reqs if r.in_flight == 0 for i in self._release(r, r.id in self.running)]
                 if done and self.group.epoch == epoch:
                     self._free_everywhere(done)
@@ -569,6 +577,7 @@ class Engine:
             if req.retries > self.config.step_retries:
                 self._finish(req, RequestState.FAILED, "error", f"pipeline step failed {req.retries} times: {error}")
             else:
+                self.replays += 1
                 self._restart(req)  # replay from scratch, once its other chunks are out
 
     # ------------------------------------------------------------------ helpers
