@@ -60,6 +60,7 @@ class BenchOptions:
     burst: bool = False  # bursts of long prompts over short decode streams: gap p99/median per policy
     concurrent: int = 0  # N concurrent greedy clients vs one process serving them as one batch
     hops: bool = False  # one stream at a time, direct hops vs every hop relayed, per profile
+    chat: bool = False  # a 5-turn conversation with and without prefix caching (app.tools.bench.chat)
     loop_back: bool = True  # the real benches' groups let the last stage feed tokens back (off: compare)
     out: Path = field(default_factory=lambda: Path("bench-results"))
     model: str = "default"
@@ -331,6 +332,14 @@ async def run_bench(opts: BenchOptions) -> int:
         for r in report["burst"]:
             print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
         print(f"wrote {opts.out / 'burst.json'}")
+        return 0
+    if opts.chat:
+        from .tools.bench.chat import chat_profile, chat_table
+
+        report["chat"] = [await chat_profile(opts, profile) for profile in opts.profiles]
+        (opts.out / "chat.json").write_text(json.dumps(report, indent=2, default=float))
+        print(chat_table(report["chat"]))
+        print(f"wrote {opts.out / 'chat.json'}")
         return 0
     if opts.hops:
         from .bench_hops import hops_profile, hops_table

@@ -47,6 +47,7 @@ def bench(args: argparse.Namespace, sup: Supervision) -> Run:
         burst=args.burst,
         concurrent=args.concurrent,
         hops=args.hops,
+        chat=args.chat,
         loop_back=not args.no_loop_back,
         out=Path(args.out),
     )

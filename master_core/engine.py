@@ -276,6 +276,15 @@ class Engine:
                 self._drops.extend(ids)
                 self._free_everywhere(ids)
 
+    def forget_idle_prefixes(self) -> int:
+        """Evict every cached prefix no running request uses (benchmarks start each mode cold);
+        returns how many."""
+        ids = self.prefix.evict(1 << 62)
+        if ids:
+            self._drops.extend(ids)
+            self._free_everywhere(ids)
+        return len(ids)
+
     def _prefill_need(self, req: Request) -> int:
         """KV tokens a waiting request takes when admitted now: its tokens beyond the cached
         prefix it would start from, plus that prefix's own tokens when nothing holds it yet

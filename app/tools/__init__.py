@@ -1,0 +1,1 @@
+"""Developer tools over the cores: benchmarks, load tests, evaluation."""

@@ -1,0 +1,1 @@
+"""`molink bench` modes, one module each."""
