@@ -338,7 +338,13 @@ class Api:
     # ------------------------------------------------------------------ responses
     def _usage(self, reqs: list[Request]) -> dict:
         p, c = len(reqs[0].prompt), sum(len(r.output) for r in reqs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        cached = reqs[0].cached_tokens  # prompt tokens reused from the prefix cache (OpenAI's field)
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     def _logprob_entry(self, ev: TokenEvent) -> dict:
         tok = self.engine.tokenizer.convert_ids_to_tokens(ev.token_id) if ev.token_id >= 0 else ""

@@ -29,6 +29,7 @@ class MasterConfig:
     default_max_tokens: int = 256  # when a request does not say
     max_body_bytes: int = 4 * 1024 * 1024  # larger HTTP bodies get 413
     max_kv_tokens: int = 65536  # KV cache cap per stage, in tokens
+    prefix_cache: bool = True  # keep ended requests' KV on the stages and reuse cached prompt prefixes
     policy: str = "full"  # scheduling policy: full | no-chunking | fixed-microbatches | single-microbatch
     microbatches: int | None = None  # force this many micro-batches in flight (None: the policy decides)
     assign_timeout: float = 900.0  # seconds a worker may take to load its layers

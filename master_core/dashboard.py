@@ -158,7 +158,12 @@ class Dashboard:
                 "series": list(self.series),
                 "queue": queue,
                 "errors": list(self.errors.items)[::-1],
-                "totals": {"tokens": e.tokens_generated, "requests": e.requests_finished},
+                "totals": {
+                    "tokens": e.tokens_generated,
+                    "requests": e.requests_finished,
+                    # prompt tokens of ended requests reused from the prefix cache (0..1; None before any)
+                    "cache_hit_rate": e.cached_tokens_total / e.prompt_tokens_total if e.prompt_tokens_total else None,
+                },
             },
             headers={"Cache-Control": "no-store"},
         )

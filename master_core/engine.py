@@ -45,6 +45,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from .costs import CostSnapshot, shared_devices
 from .group import Group
 from .journey import Journey, Relay
 from .link import Expected, LinkGone, StepFailed, WorkerLink
+from .prefix_cache import PrefixCache
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import chosen, sample
 from .scheduler import (
@@ -106,6 +108,9 @@ class Engine:
         self.relay = Relay(group, config.logits_topk)  # numbers the steps and takes them through the pipeline
         self._admitted = 0
         self._kv_ids = itertools.count(1)  # ids of requests' KV caches on the stages (Request.kv_id)
+        self.prefix = PrefixCache(f"model={config.model}")  # the KV caches ended requests left on the stages
+        self.prefix_caching = config.prefix_cache  # keep and reuse them (benchmarks compare with and without)
+        self._drops: list[int] = []  # KV ids evicted from the prefix cache, dropped by the next step (Step.drop)
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
@@ -120,6 +125,9 @@ class Engine:
         self.preemptions = 0
         self.looped_steps = 0  # steps the last stage fed back to the first without the master
         self.stale_results = 0  # results of a pipeline (epoch) replaced while they were computed
+        self.replays = 0  # requests computed again from scratch because a step of theirs failed
+        self.prompt_tokens_total = 0  # prompt tokens of the requests that ended
+        self.cached_tokens_total = 0  # of those, the ones reused from the prefix cache
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
         self._finish_hooks: list[Callable[[dict], None]] = []
@@ -196,6 +204,8 @@ class Engine:
             if req.in_flight == 0:
                 self._free_everywhere(self._release(req))
         self.requests_finished += 1
+        self.prompt_tokens_total += len(req.prompt)
+        self.cached_tokens_total += req.cached_tokens
         n = len(req.output)
         if req.first_token_at is not None:
             record = {
@@ -213,31 +223,88 @@ class Engine:
         for link in self.group.stages:
             link.free(ids)
 
-    @staticmethod
-    def _release(req: Request, stale_only: bool = False) -> list[int]:
+    def _release(self, req: Request, stale_only: bool = False) -> list[int]:
         """The KV ids of ``req`` the stages may drop now (none of its steps is out): its stale
-        ones and, unless ``stale_only`` (it runs on), its current one, which it then no longer has."""
+        ones and, unless ``stale_only`` (it runs on), its current one, which it then no longer
+        has.  A request that ended well or was preempted leaves its current one to the prefix
+        cache instead (kept on the stages, unless it would add no block of its own)."""
         ids, req.stale_kv = req.stale_kv, []
-        if not stale_only and req.kv_id:
+        if stale_only or not req.kv_id:
+            return ids
+        kept = None
+        if self.prefix_caching and req.state in _KEEPABLE and req.computed > req.base_len:
+            held = _kv_own(req)  # what its stages hold of their own (a loop may have run ahead of computed)
+            kept = self.prefix.retain(req.kv_id, req.tokens[: req.computed], held, req.prefix, req.base_len)
+        if kept is None:
             ids.append(req.kv_id)
-            req.kv_id = 0
+            if req.prefix is not None:
+                self.prefix.release(req.prefix)
+        req.kv_id, req.prefix, req.base_len = 0, None, 0
         return ids
 
     def _restart(self, req: Request) -> None:
         """Compute ``req`` from scratch under a fresh KV id: a step of the old one still on its
         way (fed back by the last stage, or slow past its deadline) can then only miss its cache
-        on a stage, never land in the new one.  The old id is freed once none of its steps is out."""
+        on a stage, never land in the new one.  The old id is freed once none of its steps is out.
+        "From scratch" starts after the longest cached prefix of its tokens (all but the last),
+        which the stages share instead of computing again (not after two failed steps: the
+        prefix may be what fails)."""
         if req.kv_id:
             req.stale_kv.append(req.kv_id)
+        if req.prefix is not None:
+            self.prefix.release(req.prefix)
         req.kv_id = next(self._kv_ids)
-        req.computed = req.scheduled = 0
+        req.kv_gen += 1
+        req.prefix, req.base_len = None, 0
+        hit = self.prefix.lookup(req.tokens) if self.prefix_caching and req.retries < 2 else None
+        if hit is not None:
+            self.prefix.acquire(hit.entry)
+            req.prefix, req.base_len = hit.entry, hit.length
+        req.computed = req.scheduled = req.base_len
+        if req.first_token_at is None:
+            req.cached_tokens = min(req.base_len, len(req.prompt))
+
+    def _fit_cache(self, extra: int = 0) -> None:
+        """Evict idle cached prefixes (least recently used first) until the running requests'
+        KV, one more token each, ``extra`` tokens and the cache fit every stage's budget.  The
+        stages drop them with the next step (``Step.drop``: it can overtake a ``Free`` on a
+        direct hop) and by ``Free``."""
+        used = sum(_kv_own(r) + 1 for r in self.running.values()) + self.prefix.held_tokens + extra
+        over = used - self.group.kv_tokens
+        if over > 0:
+            ids = self.prefix.evict(over)
+            if ids:
+                self._drops.extend(ids)
+                self._free_everywhere(ids)
+
+    def forget_idle_prefixes(self) -> int:
+        """Evict every cached prefix no running request uses (benchmarks start each mode cold);
+        returns how many."""
+        ids = self.prefix.evict(1 << 62)
+        if ids:
+            self._drops.extend(ids)
+            self._free_everywhere(ids)
+        return len(ids)
+
+    def _prefill_need(self, req: Request) -> int:
+        """KV tokens a waiting request takes when admitted now: its tokens beyond the cached
+        prefix it would start from, plus that prefix's own tokens when nothing holds it yet
+        (admitting it makes them unevictable)."""
+        if not self.prefix_caching or req.kv_id:
+            return len(req.tokens)
+        hit = self.prefix.lookup(req.tokens, count=False)
+        if hit is None:
+            return len(req.tokens)
+        return len(req.tokens) - hit.length + (hit.entry.held if hit.entry.refs == 0 else 0)
 
     def _on_reset(self, previous: list[WorkerLink]) -> None:
         """Epoch change: free the running requests' caches on the stages that were serving (the
         live ones among them keep no cache for a pipeline that is gone); replay them from their
         tokens on the next pipeline."""
-        ids = [PROFILE_REQUEST_ID]
+        ids = [PROFILE_REQUEST_ID, *self.prefix.clear()]  # the cached prefixes go with their stages
+        self._drops.clear()
         for req in self.running.values():
+            req.prefix = None  # forgotten with the rest of the cache
             ids += self._release(req)  # nothing of it is left on those stages now
             self._restart(req)
         for link in previous:
@@ -252,14 +319,15 @@ class Engine:
         """Admission control and preemption (decided by the scheduler, done here)."""
         if not self.group.serving:
             return
-        running = [KVView(r.id, _kv_held(r), r.order, r.in_flight > 0) for r in self.running.values()]
-        waiting = [(r.id, len(r.tokens)) for r in self.waiting]
-        admit, preempt = admit_and_preempt(running, waiting, self.group.kv_tokens, self.config.max_running)
+        # what running requests hold of their own, and the cached prefixes they use, cannot be evicted
+        running = [KVView(r.id, _kv_own(r), r.order, r.in_flight > 0) for r in self.running.values()]
+        waiting = [(r.id, self._prefill_need(r)) for r in self.waiting]
+        pinned = self.prefix.held_tokens - self.prefix.evictable_tokens
+        admit, preempt = admit_and_preempt(running, waiting, self.group.kv_tokens - pinned, self.config.max_running)
         for rid in preempt:
             req = self.running.pop(rid)
             req.move(RequestState.QUEUED)
-            self._free_everywhere(self._release(req))  # preempted only with none of its steps out
-            self._restart(req)
+            self._free_everywhere(self._release(req))  # preempted only with none of its steps out; kept cached
             self.waiting.appendleft(req)
             self.preemptions += 1
             log.info("request %d preempted (KV budget %d tokens); it will be recomputed", rid, self.group.kv_tokens)
@@ -273,6 +341,7 @@ class Engine:
             self.running[req.id] = req
             req.order = self._admitted
             self._admitted += 1
+        self._fit_cache()
 
     # ------------------------------------------------------------------ the loop
     def set_policy(self, p: Policy) -> None:
@@ -395,20 +464,30 @@ class Engine:
                 r.in_flight += 1
             looped: list[Expected] = []
             awaited = 0
+            kv_ids = {r.id: r.kv_id for r in reqs}  # a request restarted meanwhile has another
             self._looping_lanes += bool(loop)
             try:
                 sent = [Chunk(r.kv_id, c.start, c.length, c.want_logits) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
                 draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
                 topk = self._topk(reqs)
-                journey = self.relay.send(stages, epoch, sent, tokens, self.direct, loop, draws, topk=topk)
+                marks = {r.kv_id: (r.kv_gen, _base(r, c.start)) for c, r in zip(chunks, reqs)}
+                drop, self._drops = tuple(self._drops), []
+                journey = self.relay.send(
+                    stages, epoch, sent, tokens, self.direct, loop, draws, topk=topk, marks=marks, drop=drop
+                )
                 went = await self._step(epoch, chunks, reqs, key, slots, prefill, journey, topk)
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
                 for exp in looped:  # the last stage feeds the tokens it drew straight back
                     awaited += 1
+                    # the engine folds results in by request id; the stages know the KV ids the step
+                    # was sent under (a continuation relayed from a broken hop names them)
                     batch = [Chunk(c.request_id, c.start + c.length + awaited - 1, 1, True) for c in chunks]
-                    journey = self.relay.looped(stages, epoch, batch, exp)
+                    on_stages = [replace(b, request_id=s.request_id) for b, s in zip(batch, sent)]
+                    journey = self.relay.looped(
+                        stages, epoch, on_stages, exp, {k: (g, 0) for k, (g, _) in marks.items()}
+                    )
                     went = await self._step(epoch, batch, reqs, key, slots, False, journey, topk)
                     if went is None:
                         break
@@ -424,6 +503,10 @@ class Engine:
                 self._looping.difference_update(looped)
                 for r in reqs:
                     r.in_flight -= 1
+                    given_up = loop and not r.in_flight and r.scheduled > r.computed  # fed-back steps
+                    if given_up and r.id in self.running and r.kv_id == kv_ids[r.id]:
+                        r.scheduled = r.computed  # sent again; any of them still on its way is refused
+                        r.kv_gen += 1  # by the stages (a newer generation)
                 done = [i for r in reqs if r.in_flight == 0 for i in self._release(r, r.id in self.running)]
                 if done and self.group.epoch == epoch:
                     self._free_everywhere(done)
@@ -500,8 +583,12 @@ class Engine:
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
             n = min(n, p.max_tokens - len(r.output) - 1, self.context_length - len(r.tokens) - 1)
-        held = sum(_kv_held(r) + 1 for r in self.running.values())
-        return max(0, min(n, (g.kv_tokens - held) // max(1, len(chunks))))
+        held = sum(_kv_own(r) + 1 for r in self.running.values())
+        held += self.prefix.held_tokens - self.prefix.evictable_tokens
+        n = max(0, min(n, (g.kv_tokens - held) // max(1, len(chunks))))
+        if n:
+            self._fit_cache(n * len(chunks))  # room for the tokens it runs ahead, evicting idle prefixes
+        return n
 
     async def _nap(self, seconds: float, event: asyncio.Event | None = None) -> None:
         """Sleep until ``event`` is set (default: something changes, a step ends or a request
@@ -594,6 +681,7 @@ class Engine:
             if req.retries > self.config.step_retries:
                 self._finish(req, RequestState.FAILED, "error", f"pipeline step failed {req.retries} times: {error}")
             else:
+                self.replays += 1
                 self._restart(req)  # replay from scratch, once its other chunks are out
 
     # ------------------------------------------------------------------ helpers
@@ -650,6 +738,15 @@ def _top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return v, ids[i]
 
 
-def _kv_held(r: Request) -> int:
-    """KV tokens a running request holds or has in flight (a loop-back runs ahead of its tokens)."""
-    return max(len(r.tokens), r.scheduled)
+_KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QUEUED})  # QUEUED: preempted
+
+
+def _kv_own(r: Request) -> int:
+    """KV tokens a request holds or has in flight of its own on each stage (a loop-back runs
+    ahead of its tokens; the cached prefix it starts from is counted once, in the cache)."""
+    return max(len(r.tokens), r.scheduled) - r.base_len
+
+
+def _base(r: Request, start: int) -> int:
+    """The cached prefix a segment of ``r`` at ``start`` tells the stages to start from."""
+    return r.prefix.kv_id if r.prefix is not None and start == r.base_len else 0

@@ -69,6 +69,8 @@ class Relay:
         draws: tuple[Draw, ...] = (),
         arrived: Coroutine[Any, Any, tuple[WorkerLink, Result]] | None = None,
         topk: int | None = None,
+        marks: dict[int, tuple[int, int]] | None = None,
+        drop: tuple[int, ...] = (),
     ) -> Journey:
         """One micro-batch through the pipeline: the token ids to the first stage, the last
         stage's logits back.  In between, each run of stages joined by direct hops takes the
@@ -78,9 +80,14 @@ class Relay:
         their tokens by ``draws``, one per chunk), when it travels there in one run; they are
         returned in the :class:`Journey`, registered and not yet awaited.  ``arrived``: the
         first run is a step already travelling (fed back), awaited here.  ``topk``: of the
-        last stage's rows for this step (None: the relay's; 0: whole rows)."""
+        last stage's rows for this step (None: the relay's; 0: whole rows).  ``marks``: KV id ->
+        (generation, cached prefix it starts from, or 0) of its segment (``wire.Segment``);
+        ``drop``: KV ids every stage frees before the step runs (``Step.drop``)."""
         topk = self.topk if topk is None else topk
-        segments = tuple(Segment(c.request_id, c.start, c.length, c.want_logits) for c in chunks)
+        marks = marks or {}
+        segments = tuple(
+            Segment(c.request_id, c.start, c.length, c.want_logits, *marks.get(c.request_id, (0, 0))) for c in chunks
+        )
         ids: list[int] = []
         for c in chunks:
             ids.extend(tokens[c.request_id])
@@ -106,7 +113,7 @@ class Relay:
                     arrived = None
                 else:
                     whole = i == 0 and end == len(stages) - 1
-                    step = Step(next(self._step_ids), epoch, segments, x, topk, end > i)
+                    step = Step(next(self._step_ids), epoch, segments, x, topk, end > i, drop=drop)
                     if loop and whole:
                         step = replace(step, loop=loop, draws=draws)
                         looped = self._expect_looped(stages, step)
@@ -149,7 +156,14 @@ class Relay:
             looped.append(stages[0].expect(step_id, tuple(stages[1:]), rows, 8 * rows))
         return looped
 
-    async def looped(self, stages: list[WorkerLink], epoch: int, chunks: list[Chunk], exp: Expected) -> Journey:
+    async def looped(
+        self,
+        stages: list[WorkerLink],
+        epoch: int,
+        chunks: list[Chunk],
+        exp: Expected,
+        marks: dict[int, tuple[int, int]] | None = None,
+    ) -> Journey:
         """The journey of a step the last stage fed back: awaited from the first stage on, like
         a step sent over every direct hop (relayed on from wherever it stopped).  No answer
         within the longest deadline of a stage: taken for lost on a hop that died quietly (every
@@ -168,7 +182,8 @@ class Relay:
 
         arrived = arrival()
         try:  # no token ids: the first run was sent by the last stage
-            return await self.send(stages, epoch, chunks, {c.request_id: [] for c in chunks}, arrived=arrived)
+            empty: dict[int, list[int]] = {c.request_id: [] for c in chunks}
+            return await self.send(stages, epoch, chunks, empty, arrived=arrived, marks=marks)
         except StepFailed as e:  # refused (its hop is down) or failed on its way: the master drives again
             self.group.loop_back_lost(epoch, str(e))
             raise

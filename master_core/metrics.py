@@ -34,6 +34,14 @@ class _EngineCollector:
         yield GaugeMetricFamily("molink_pipeline_stages", "Stages of the serving pipeline", value=len(g.stages))
         yield GaugeMetricFamily("molink_serving", "1 when the group serves", value=1 if g.serving else 0)
         yield CounterMetricFamily(
+            "molink_prompt_tokens", "Prompt tokens of the requests that ended", value=e.prompt_tokens_total
+        )
+        yield CounterMetricFamily(
+            "molink_cached_prompt_tokens",
+            "Of those, the tokens reused from the prefix cache (not computed again)",
+            value=e.cached_tokens_total,
+        )
+        yield CounterMetricFamily(
             "molink_late_frames",
             "Frames of a replaced pipeline dropped: results of an old epoch, frames of workers dropped as unresponsive",
             value=g.late_frames + e.stale_results,

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from worker_core.sampling import SEED_MASK
 
+from .prefix_cache import Entry
+
 if TYPE_CHECKING:
     from .grammar import Constraint, Grammar
 
@@ -87,6 +89,10 @@ class Request:
     seed: int = 0  # of its draws (the client's seed, else random): see worker_core.sampling.token_generator
     kv_id: int = 0  # the id its KV cache has on the stages: a fresh one each time it is computed from scratch
     stale_kv: list[int] = field(default_factory=list)  # earlier ids, freed once none of its steps is out
+    kv_gen: int = 0  # generation of its KV id (wire.Segment.generation): raised when steps in flight are given up
+    prefix: Entry | None = None  # the cached prefix its KV id starts from (master_core.prefix_cache)
+    base_len: int = 0  # tokens of that prefix it uses (its computation starts there)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache for the computation that answered
     arrival: float = 0.0  # seconds (engine clock)
     first_token_at: float | None = None
     finished_at: float | None = None

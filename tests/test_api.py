@@ -97,7 +97,12 @@ def test_completions_match_reference_streaming_and_not(ckpt):
                 data = await r.json()
             assert data["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True)
             assert data["choices"][0]["finish_reason"] == "length"
-            assert data["usage"] == {"prompt_tokens": 6, "completion_tokens": 12, "total_tokens": 18}
+            assert data["usage"] == {
+                "prompt_tokens": 6,
+                "completion_tokens": 12,
+                "total_tokens": 18,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            }
             pieces, final = [], None
             async with http.post(f"{c.base_url}/v1/completions", json=body | {"stream": True}) as r:
                 assert r.headers["Content-Type"].startswith("text/event-stream")

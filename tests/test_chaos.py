@@ -428,7 +428,9 @@ def test_a_client_that_disconnects_mid_stream_or_queued_frees_every_stage_within
 
     async def main() -> tuple[int, float, int, float]:
         opts = [{"link_delay_ms": 20.0} for _ in range(2)]
-        async with Cluster(ckpt, workers=2, min_workers=2, max_running=1, worker_options=opts) as c:
+        # no prefix cache: an ended request's KV would stay on the stages as a cached prefix, on purpose
+        cluster = Cluster(ckpt, workers=2, min_workers=2, max_running=1, worker_options=opts, prefix_cache=False)
+        async with cluster as c:
             await until(lambda: _kv_entries() == 0, 10, "no KV before the request (the profile's is freed)")
             body = {
                 "model": c.master.model_id,

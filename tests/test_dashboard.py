@@ -86,6 +86,8 @@ def test_dashboard_in_chromium_shows_members_and_layers(tmp_path):
     assert png.exists() and png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "molink_generated_tokens_total 144.0" in metrics
     assert "molink_pipeline_stages 3.0" in metrics
+    assert "molink_cached_prompt_tokens_total" in metrics and "molink_prompt_tokens_total" in metrics
+    assert "prompt cache " in dom  # the share of prompt tokens reused from the prefix cache
     assert "molink_time_to_first_token_seconds_count 12.0" in metrics
 
 

@@ -137,11 +137,14 @@ def test_a_worker_that_only_dials_hops_onward_directly_and_is_fed_through_the_re
 LONG_PROMPTS = [list(range(30, 40)), list(range(50, 53))]
 
 
-def _break_a_hop_mid_generation(ckpt, breaks, loop_back: bool = False) -> tuple[list[list[int]], list, int, int, int]:
+def _break_a_hop_mid_generation(
+    ckpt, breaks, loop_back: bool = False, inner: bool = True, shift: int = 0
+) -> tuple[list[list[int]], list, int, int, int, int]:
     """3 direct stages; once 20 tokens are out, ``await breaks(hop)`` on one live direct hop (an
-    inner one, or with ``loop_back`` the last stage's hop back to the first), then let both long
-    answers finish: (tokens, hops at the end and the loop-back, epoch changes, workers lost,
-    stale results)."""
+    inner one, or else the last stage's hop back to the first; ``loop_back``: the last stage
+    feeds its tokens back meanwhile), then let both long answers finish: (tokens, hops at the
+    end and the loop-back, epoch changes, workers lost, stale results, steps replayed).
+    ``shift`` requests are submitted and cancelled first, so request ids and KV ids differ."""
 
     async def main():
         async with Cluster(ckpt, workers=3) as c:
@@ -151,6 +154,8 @@ def _break_a_hop_mid_generation(ckpt, breaks, loop_back: bool = False) -> tuple[
             c.engine.loop_back = loop_back
             while not c.engine.profiled:
                 await asyncio.sleep(0.01)
+            for _ in range(shift):  # cancelled while queued: they take a request id, never a KV id
+                c.engine.cancel(c.engine.submit([1, 2], greedy(1)))
             gens = [asyncio.create_task(c.engine.generate(p, greedy(96))) for p in LONG_PROMPTS]
             while c.engine.tokens_generated < 20:
                 await asyncio.sleep(0.005)
@@ -158,10 +163,11 @@ def _break_a_hop_mid_generation(ckpt, breaks, loop_back: bool = False) -> tuple[
             first = g.stages[0].hello.hop_port  # the loop-back dials the first stage's listener
             hops = [o for o in gc.get_objects() if type(o) is NextHop and o.down is None]
             assert len(hops) == 3
-            await breaks(next(h for h in hops if (h._ws._response.url.port == first) == loop_back))
+            await breaks(next(h for h in hops if (h._ws._response.url.port == first) != inner))
             got = await asyncio.wait_for(asyncio.gather(*gens), 120)
             hops_then = [*g.hops, g.loop_back]
-            return [r[0] for r in got], hops_then, g.epoch - start, links - len(g.links), c.engine.stale_results
+            e = c.engine
+            return [r[0] for r in got], hops_then, g.epoch - start, links - len(g.links), e.stale_results, e.replays
 
     return run(main())
 
@@ -170,18 +176,32 @@ def test_a_hop_lost_while_serving_falls_back_to_the_relay_without_a_replay(ckpt)
     async def close(hop: NextHop) -> None:  # the path between two stages breaks mid-generation
         await hop._ws.close()
 
-    got, hops, epoch, _, stale = _break_a_hop_mid_generation(ckpt, close)
+    got, hops, epoch, _, stale, replays = _break_a_hop_mid_generation(ckpt, close)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
-    assert epoch == 0 and stale == 0, "the fallback re-planned or replayed"
+    assert epoch == 0 and stale == 0 and replays == 0, "the fallback re-planned or replayed"
     assert sum(not h.direct for h in hops[:2]) == 1 and hops[2].direct, [h.describe() for h in hops]
     assert "could not send on directly" in next(h.reason for h in hops if not h.direct)
+
+
+def test_an_inner_hop_lost_under_the_loop_back_continues_each_request_under_its_kv_id(ckpt):
+    """A fed-back step that stops at a broken inner hop is continued by the master relayed: its
+    segments must name the requests' KV ids (here not their request ids), or the next stage
+    misses them (a replay) or, worse, writes into another request's cache."""
+
+    async def close(hop: NextHop) -> None:
+        await hop._ws.close()
+
+    got, hops, epoch, _, stale, replays = _break_a_hop_mid_generation(ckpt, close, loop_back=True, shift=5)
+    assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
+    assert epoch == 0 and stale == 0 and replays == 0, (epoch, stale, replays)
+    assert sum(not h.direct for h in hops[:2]) == 1, [h.describe() for h in hops]
 
 
 def test_a_loop_back_lost_while_serving_hands_the_steps_back_to_the_master(ckpt):
     async def close(hop: NextHop) -> None:  # the path from the last stage back to the first breaks
         await hop._ws.close()
 
-    got, hops, epoch, _, _ = _break_a_hop_mid_generation(ckpt, close, loop_back=True)
+    got, hops, epoch, _, _, _ = _break_a_hop_mid_generation(ckpt, close, loop_back=True, inner=False)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epoch == 0, "a lost loop-back re-planned the group"
     assert all(h.direct for h in hops[:2]), [h.describe() for h in hops]
@@ -310,7 +330,7 @@ def test_a_step_lost_on_a_hop_that_died_quietly_is_replayed_relayed_and_no_worke
 
         hop._ws.send_bytes = swallow  # type: ignore[method-assign]  # the test drops the hop's frames on purpose
 
-    got, hops, epochs, links, _ = _break_a_hop_mid_generation(ckpt, black_hole)
+    got, hops, epochs, links, _, _ = _break_a_hop_mid_generation(ckpt, black_hole)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epochs == 0 and links == 0, "a worker was dropped for a hop's fault"
     relayed = [h for h in hops if not h.direct]

@@ -5,6 +5,9 @@ Contract
 * :class:`KVStore` owns, for every live request, one key and one value buffer per local layer
   (``[kv_heads, capacity, head_dim]``, grown by doubling).  It knows the committed length of
   each request and the total number of cached tokens, which never exceeds ``budget_tokens``.
+  A request may start from a cached prefix: the first tokens of another request's cache (the
+  master's prefix cache decides which, :mod:`master_core.prefix_cache`), shared, not copied,
+  counted once (for the cache that holds it), and never written again (``shared_upto``).
 * :class:`PackedCache` is built for one step.  The step's tokens of all its segments are
   packed into one sequence of T tokens (batch size 1); transformers' attention modules call
   :meth:`PackedCache.update` once per layer with the new keys/values ``[1, kv_heads, T, d]``.
@@ -28,34 +31,60 @@ import torch
 
 @dataclass
 class RequestKV:
-    """KV buffers of one request on this stage."""
+    """KV buffers of one request on this stage: its own positions ``[base_len, length)``, and
+    before them, when it started from a cached prefix, the first ``base_len`` positions of
+    ``base`` (shared, read only: ``base`` never writes below ``shared_upto`` again)."""
 
-    length: int = 0  # committed tokens
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [kv_heads, cap, d]
+    length: int = 0  # committed tokens, the shared prefix included
+    generation: int = 0  # of its KV id (wire.Segment.generation)
+    base: RequestKV | None = None
+    base_len: int = 0
+    shared_upto: int = 0  # its leading tokens other requests use as their prefix
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [kv_heads, cap, d], from base_len on
     values: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def own(self) -> int:
+        """Tokens it holds itself (counted in the budget; the shared prefix is its base's)."""
+        return max(0, self.length - self.base_len)
+
+    def prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, n) (n <= committed length): [kv_heads, n, d]."""
+        if n <= self.base_len and self.base is not None:
+            return self.base.prefix(layer, n)
+        k, v = self.keys[layer][:, : n - self.base_len], self.values[layer][:, : n - self.base_len]
+        if self.base is None or not self.base_len:
+            return k, v
+        bk, bv = self.base.prefix(layer, self.base_len)
+        return torch.cat([bk, k], dim=1), torch.cat([bv, v], dim=1)
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v ([kv_heads, n, d]) at positions [start, start+n); return views of
-        positions [0, start+n)."""
-        end = start + k.shape[1]
+        """Write k, v ([kv_heads, n, d]) at positions [start, start+n) (start >= base_len); return
+        the keys and values of positions [0, start+n)."""
+        local = start - self.base_len  # index in its own buffers
+        end = local + k.shape[1]
         old_k, old_v = self.keys.get(layer), self.values.get(layer)  # both or neither
         if old_k is None or old_v is None or old_k.shape[1] < end:
             cap = max(16, end, 2 * (old_k.shape[1] if old_k is not None else 0))
             kb = k.new_empty((k.shape[0], cap, k.shape[2]))
             vb = v.new_empty((v.shape[0], cap, v.shape[2]))
-            if old_k is not None and old_v is not None and start:
-                kb[:, :start] = old_k[:, :start]
-                vb[:, :start] = old_v[:, :start]
+            if old_k is not None and old_v is not None and local:
+                kb[:, :local] = old_k[:, :local]
+                vb[:, :local] = old_v[:, :local]
             self.keys[layer], self.values[layer] = kb, vb
         else:
             kb, vb = old_k, old_v
-        kb[:, start:end] = k
-        vb[:, start:end] = v
-        return kb[:, :end], vb[:, :end]
+        kb[:, local:end] = k
+        vb[:, local:end] = v
+        if self.base is None or not self.base_len:
+            return kb[:, :end], vb[:, :end]
+        bk, bv = self.base.prefix(layer, self.base_len)
+        return torch.cat([bk, kb[:, :end]], dim=1), torch.cat([bv, vb[:, :end]], dim=1)
 
 
 class KVStore:
-    """All requests' caches on one stage, within a token budget."""
+    """All requests' caches on one stage, within a token budget (a shared prefix counts once:
+    for the cache that holds it)."""
 
     def __init__(self, budget_tokens: int) -> None:
         self.budget_tokens = budget_tokens
@@ -65,9 +94,12 @@ class KVStore:
         r = self._requests.get(request_id)
         return r.length if r is not None else 0
 
+    def get(self, request_id: int) -> RequestKV | None:
+        return self._requests.get(request_id)
+
     @property
     def used_tokens(self) -> int:
-        return sum(r.length for r in self._requests.values())
+        return sum(r.own for r in self._requests.values())
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -76,6 +108,17 @@ class KVStore:
         r = self._requests.get(request_id)
         if r is None:
             r = self._requests[request_id] = RequestKV()
+        return r
+
+    def start(self, request_id: int, generation: int, base: int = 0, base_len: int = 0) -> RequestKV:
+        """A new cache for ``request_id`` (replacing any it had) of ``generation``; with ``base``
+        its first ``base_len`` tokens are that cache's (which keeps them unwritten from now on)."""
+        prefix = self._requests[base] if base else None
+        if prefix is not None:
+            prefix.shared_upto = max(prefix.shared_upto, base_len)
+        r = self._requests[request_id] = RequestKV(
+            length=base_len if prefix else 0, generation=generation, base=prefix, base_len=base_len if prefix else 0
+        )
         return r
 
     def free(self, request_ids: tuple[int, ...] | list[int]) -> None:

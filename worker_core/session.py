@@ -59,7 +59,6 @@ from .wire import (
     Result,
     Route,
     Routed,
-    Segment,
     Step,
     encode,
     worker_frame_bound,
@@ -265,7 +264,9 @@ class Session:
                 return
             runner = self.runner
             try:
-                out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk)
+                out = await loop.run_in_executor(
+                    self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop
+                )
             except StepRejected as e:
                 await self.send(Failure(str(e), msg.step_id))
                 return
@@ -320,7 +321,9 @@ class Session:
             values, ids, _ = candidates(row, msg.topk)
             position = seg.start + seg.length  # where the drawn token goes
             tokens.append(draw(values, ids, d.temperature, d.top_p, token_generator(d.seed, position)))
-        segments = tuple(Segment(seg.request_id, seg.start + seg.length, 1, True) for seg in msg.segments)
+        segments = tuple(
+            replace(seg, start=seg.start + seg.length, length=1, want_logits=True, base=0) for seg in msg.segments
+        )
         x = torch.tensor(tokens, dtype=torch.int64)
         more = msg.loop - 1  # the last of them draws nothing: the master does
         step = Step(nxt, msg.epoch, segments, x, msg.topk, forward=True, loop=more, draws=msg.draws if more else ())

@@ -12,11 +12,16 @@ each request attending only to its own KV cache (see :mod:`worker_core.kv_cache`
   ``[segments wanting logits, vocab]`` (the last token of each such segment), or with
   ``topk`` = k only the packed top-k rows ``[n, 1 + 2k]`` (see ``wire.Result``).
 
-Every segment must continue its request exactly where the stage's cache ends
-(``start == cached length``); a request starting at 0 replaces any old cache of that id.
-Checks run before any state changes; a rejected step raises :class:`StepRejected` and
-leaves all caches as they were.  ``free`` drops requests' caches.  Not thread-safe: one
-caller runs steps in order.
+A segment starting at 0, or from a cached prefix (``Segment.base``: the first ``start``
+tokens of another cache here, shared), replaces any old cache of its id and starts the
+generation it names (never an older one than the stage holds).  Any other segment must
+start within its cache (``0 < start <= cached``: truncate there, then write; never below a
+prefix other requests share) and name the generation the stage holds or a newer one (which
+it then holds): the master moves a KV id to a newer generation when it gives up on steps in
+flight, so a late step of a journey it gave up on is refused, never written.  Checks run before any state changes; a
+rejected step raises :class:`StepRejected` and leaves all caches as they were.  ``free`` drops
+requests' caches (``run``'s ``drop`` first, before the checks).  Not thread-safe: one caller
+runs steps in order.
 """
 
 from __future__ import annotations
@@ -63,13 +68,34 @@ class StageRunner:
             if not bool(torch.isfinite(tensor).all()):
                 raise StepRejected("hidden states contain NaN or infinity")
         added = 0
+        ids = {s.request_id for s in segments}
         for s in segments:
-            have = self.kv.length(s.request_id)
-            if s.start != 0 and s.start != have:
+            r = self.kv.get(s.request_id)
+            name = f"request {s.request_id}"
+            if s.base or s.start == 0:  # a new cache (from a cached prefix, or from nothing)
+                if r is not None and s.generation < r.generation:
+                    raise StepRejected(
+                        f"{name}: a late step of generation {s.generation} (this stage holds {r.generation})"
+                    )
+                if s.base:
+                    b = self.kv.get(s.base)
+                    if b is None or b.length < s.start or s.base in ids:
+                        held = "nothing" if b is None else f"{b.length} tokens"
+                        raise StepRejected(
+                            f"{name}: its cached prefix {s.base} ({s.start} tokens) is not here ({held})"
+                        )
+                added += s.length - (r.own if r is not None else 0)
+                continue
+            have = r.length if r is not None else 0
+            if r is None or s.start > have:
+                raise StepRejected(f"{name}: step starts at {s.start} but this stage holds {have} tokens")
+            if s.generation < r.generation:
                 raise StepRejected(
-                    f"request {s.request_id}: step starts at {s.start} but this stage holds {have} tokens"
+                    f"{name}: a late step of generation {s.generation} (this stage holds {r.generation})"
                 )
-            added += s.start + s.length - (have if s.start else 0)
+            if s.start < max(r.base_len, r.shared_upto):
+                raise StepRejected(f"{name}: step at {s.start} would write over a prefix other requests share")
+            added += s.start + s.length - r.base_len - r.own  # from a start below its length: truncate, then write
         if self.kv.used_tokens + added > self.kv.budget_tokens:
             in_use, budget = self.kv.used_tokens, self.kv.budget_tokens
             raise StepRejected(f"KV budget of {budget} tokens exceeded (in use {in_use}, step adds {added})")
@@ -77,13 +103,19 @@ class StageRunner:
 
     # ----------------------------------------------------------------- the step
     @torch.inference_mode()
-    def run(self, segments: tuple[Segment, ...], tensor: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    def run(
+        self, segments: tuple[Segment, ...], tensor: torch.Tensor, topk: int = 0, drop: tuple[int, ...] = ()
+    ) -> torch.Tensor:
         t0 = time.perf_counter()
         sh = self.shard
+        if drop:
+            self.kv.free(drop)
         self._check(segments, tensor)
         for s in segments:
-            if s.start == 0:
-                self.kv.free([s.request_id])
+            if s.start == 0 or s.base:
+                self.kv.start(s.request_id, s.generation, s.base, s.start)
+            else:  # a newer generation from a start within the cache: steps of older ones are late from now on
+                self.kv.get_or_create(s.request_id).generation = s.generation
         packed, offset = [], 0
         for s in segments:
             packed.append(PackedSegment(self.kv.get_or_create(s.request_id), s.start, offset, s.length))

@@ -289,10 +289,17 @@ class Ready:
 class Segment:
     """Tokens ``[start, start + length)`` of one request inside a step."""
 
-    request_id: int
+    request_id: int  # the request's KV id on the stages
     start: int  # position of the first token of this segment
     length: int
     want_logits: bool  # last stage: return logits of the segment's last token
+    # the KV id's generation: a segment at 0 (or with ``base``) starts generation ``generation``
+    # (never an older one than the stage holds); any other must name the generation the stage
+    # holds, so a late step of a journey given up on is refused, never written
+    generation: int = 0
+    # nonzero: the request is new here and its first ``start`` tokens are those of the cached KV id
+    # ``base`` (a prefix held on every stage, shared, never written again); needs ``start`` > 0
+    base: int = 0
 
 
 @dataclass(frozen=True)
@@ -318,7 +325,9 @@ class Step:
     ``loop`` > 0; :mod:`worker_core.sampling`), name them in the ``Result`` (``tokens``) and
     feed them back to the first stage over the loop-back hop as step ``step_id + 1`` (each
     segment continuing with one token, ``forward`` set, ``loop - 1``); every segment must
-    want logits.  When it cannot, it answers that next step with a ``Failure``."""
+    want logits.  When it cannot, it answers that next step with a ``Failure``.  ``drop``: KV
+    ids to free first, carried in the step itself (a ``Free`` over the tunnel can reach a stage
+    after a step that came over a direct hop and needs the room)."""
 
     step_id: int
     epoch: int
@@ -329,6 +338,7 @@ class Step:
     trail: tuple[float, ...] = ()
     loop: int = 0
     draws: tuple[Draw, ...] = ()
+    drop: tuple[int, ...] = ()  # KV ids every stage it reaches frees before it runs (the master evicted them)
 
 
 @dataclass(frozen=True)
@@ -503,12 +513,37 @@ def _segments(h: dict[str, Any]) -> tuple[Segment, ...]:
             start=_int(s, "start", 0, MAX_POSITION),
             length=_int(s, "length", 1, MAX_POSITION),
             want_logits=_bool(s, "want_logits"),
+            generation=_int({"generation": s.get("generation", 0)}, "generation"),
+            base=_int({"base": s.get("base", 0)}, "base"),
         )
+        if seg.base and (seg.start == 0 or seg.base == seg.request_id):
+            raise ProtocolError(f"request {seg.request_id}: a cached prefix needs start > 0 and another KV id")
         if seg.request_id in seen:
             raise ProtocolError(f"request {seg.request_id} appears twice in one step")
         seen.add(seg.request_id)
         out.append(seg)
     return tuple(out)
+
+
+def _ids(h: dict[str, Any], key: str) -> tuple[int, ...]:
+    ids = h.get(key)
+    if type(ids) is not list or len(ids) > 1 << 16 or any(type(i) is not int or not 0 <= i <= MAX_ID for i in ids):
+        raise ProtocolError(f"{key!r} must be a list of non-negative integers")
+    return tuple(ids)
+
+
+def _segment_json(s: Segment) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "request_id": s.request_id,
+        "start": s.start,
+        "length": s.length,
+        "want_logits": s.want_logits,
+    }
+    if s.generation:
+        out["generation"] = s.generation
+    if s.base:
+        out["base"] = s.base
+    return out
 
 
 def _draws(h: dict[str, Any]) -> tuple[Draw, ...]:
@@ -606,10 +641,7 @@ def encode(msg: Message) -> bytes:
         )
     elif isinstance(msg, Step):
         spec, payload = _tensor_bytes(msg.tensor)
-        segs = [
-            {"request_id": s.request_id, "start": s.start, "length": s.length, "want_logits": s.want_logits}
-            for s in msg.segments
-        ]
+        segs = [_segment_json(s) for s in msg.segments]
         kind, h = (
             Kind.STEP,
             {
@@ -624,6 +656,8 @@ def encode(msg: Message) -> bytes:
                 "draws": [[d.temperature, d.top_p, d.seed] for d in msg.draws],
             },
         )
+        if msg.drop:
+            h["drop"] = list(msg.drop)
     elif isinstance(msg, Result):
         spec, payload = _tensor_bytes(msg.tensor)
         kind, h = (
@@ -760,6 +794,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             trail=_trail(h),
             loop=loop,
             draws=draws,
+            drop=_ids({"drop": h.get("drop", [])}, "drop"),
         )
     if kind is Kind.RESULT:
         return Result(
@@ -772,10 +807,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             tokens=_tokens(h),
         )
     if kind is Kind.FREE:
-        ids = h.get("request_ids")
-        if type(ids) is not list or len(ids) > 1 << 16 or any(type(i) is not int or not 0 <= i <= MAX_ID for i in ids):
-            raise ProtocolError("'request_ids' must be a list of non-negative integers")
-        return Free(request_ids=tuple(ids))
+        return Free(request_ids=_ids(h, "request_ids"))
     if kind is Kind.FETCH:
         return Fetch(sha256=_sha(h, "sha256"), offset=_int(h, "offset"), length=_int(h, "length", 1, MAX_CHUNK_BYTES))
     if kind is Kind.CHUNK:

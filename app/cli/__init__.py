@@ -303,6 +303,11 @@ def _parser() -> argparse.ArgumentParser:
         "--hops", action="store_true", help="one stream at a time: direct stage-to-stage hops vs every hop relayed"
     )
     b.add_argument(
+        "--chat",
+        action="store_true",
+        help="a 5-turn conversation (a pasted document): TTFT with and without prefix caching",
+    )
+    b.add_argument(
         "--no-loop-back",
         action="store_true",
         help="the master sends every step (the last stage feeds no tokens back); to compare runs",

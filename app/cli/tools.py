@@ -46,6 +46,7 @@ def bench(args: argparse.Namespace, sup: Supervision) -> Run:
         burst=args.burst,
         concurrent=args.concurrent,
         hops=args.hops,
+        chat=args.chat,
         loop_back=not args.no_loop_back,
         out=Path(args.out),
         burst_prompts=tuple(int(x) for x in args.burst_prompts.split(",") if x),

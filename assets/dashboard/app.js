@@ -43,7 +43,9 @@ function render(s) {
   st.textContent = s.status + " · epoch " + s.epoch;
   st.className = "badge " + (s.status === "serving" ? "ok" : "bad");
   $("problem").textContent = s.problem || "";
-  $("totals").textContent = `${s.totals.tokens} tokens · ${s.totals.requests} requests`;
+  const hits = s.totals.cache_hit_rate;
+  const cached = hits === null || hits === undefined ? "" : ` · prompt cache ${Math.round(hits * 100)}%`;
+  $("totals").textContent = `${s.totals.tokens} tokens · ${s.totals.requests} requests${cached}`;
 
   const pipe = $("pipeline");
   pipe.replaceChildren();

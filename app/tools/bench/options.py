@@ -44,6 +44,7 @@ class BenchOptions:
     model: str = "default"
     workers: int = 3
     max_batch_tokens: int = 1024
+    chat: bool = False  # a 5-turn conversation with and without prefix caching (app.tools.bench.chat)
     burst_prompts: tuple[int, ...] = ()  # --burst: the long prompts' lengths (empty: BurstShape's)
     burst_spacing: float = 0.0  # --burst: seconds between their arrivals (0: BurstShape's)
     burst_streams: int = 0  # --burst: short streams (0: BurstShape's)

@@ -258,6 +258,14 @@ async def run_bench(opts: BenchOptions) -> int:
             print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
         print(f"wrote {opts.out / 'burst.json'}")
         return 0
+    if opts.chat:
+        from .chat import chat_profile, chat_table
+
+        report["chat"] = [await chat_profile(opts, profile) for profile in opts.profiles]
+        (opts.out / "chat.json").write_text(json.dumps(report, indent=2, default=float))
+        print(chat_table(report["chat"]))
+        print(f"wrote {opts.out / 'chat.json'}")
+        return 0
     if opts.hops:
         from .hops import hops_profile, hops_table
 

@@ -1,0 +1,204 @@
+"""Prefix caching across stages (master_core.prefix_cache, the engine's use of it): the block
+table itself, and conversations whose later turns reuse the cached history give exactly the
+tokens transformers gives for the whole prompt, for every family, under eviction pressure and
+across a re-plan; the API reports the reused tokens."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from harness import Cluster, greedy, run
+from tiny_models import ARCHITECTURES, make_tiny_checkpoint, reference_greedy
+
+from master_core.prefix_cache import PrefixCache
+
+NEW = 8
+BUDGET = 240  # KV tokens per stage in the eviction test: about three conversations' worth
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_lookup_finds_the_longest_cached_run_of_whole_blocks_and_leaves_the_last_token():
+    c = PrefixCache("m", block=4)
+    a = c.retain(1, list(range(10)), held=10, base=None, base_len=0)  # blocks [0,4) [4,8)
+    assert a is not None and c.held_tokens == 10
+    hit = c.lookup([*range(10), 99])
+    assert hit is not None and hit.entry is a and hit.length == 8
+    hit = c.lookup(list(range(8)))  # 8 tokens: the last one is computed, so one block
+    assert hit is not None and hit.length == 4
+    assert c.lookup([0, 1, 2, 9, 4, 5, 6, 7, 8]) is None  # the first block differs
+    assert PrefixCache("other model", block=4).lookup(list(range(10))) is None
+    # a turn that started from entry 1 at 8 holds only its own blocks, and answers for them
+    c.acquire(a)
+    b = c.retain(2, [*range(8), 20, 21, 22, 23, 24], held=5, base=a, base_len=8)
+    assert b is not None and c.held_tokens == 15
+    hit = c.lookup([*range(8), 20, 21, 22, 23, 24, 25])
+    assert hit is not None and hit.entry is b and hit.length == 12
+    assert c.retain(3, [1, 2], held=2, base=None, base_len=0) is None  # no whole block: nothing to keep
+
+
+def test_only_unreferenced_entries_are_evicted_least_recently_used_first():
+    c = PrefixCache("m", block=4)
+    e1 = c.retain(1, list(range(8)), 8, None, 0)
+    e2 = c.retain(2, list(range(100, 108)), 8, None, 0)
+    e3 = c.retain(3, list(range(200, 208)), 8, None, 0)
+    assert e1 and e2 and e3
+    c.acquire(e1)  # in use: never evicted
+    c.acquire(e2)
+    c.release(e2)  # used more recently than e3
+    assert c.evict(1) == [3]
+    assert c.evict(100) == [2]  # all it can: e1 is in use
+    assert c.lookup([*range(8), 1]) is not None and c.lookup([*range(100, 108), 1]) is None
+    c.release(e1)
+    assert c.evict(1) == [1] and len(c) == 0 and c.evicted == 3
+    # a base referenced by a later turn is kept until that turn goes
+    a = c.retain(4, list(range(8)), 8, None, 0)
+    assert a is not None
+    c.acquire(a)
+    b = c.retain(5, [*range(8), 1, 2, 3, 4], 4, a, 8)
+    assert b is not None and c.evict(1) == [5] and c.evict(1) == [4]
+    assert c.clear() == [] and c.held_tokens == 0
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _conversation(first: list[int], turns: int, seed: int) -> list[list[int]]:
+    """New user tokens per turn (the history is prompt + answer of the turn before)."""
+    return [first] + [[(seed * 31 + 7 * t + k) % 250 + 3 for k in range(9 + 5 * t)] for t in range(1, turns)]
+
+
+async def _chat(c: Cluster, parts: list[list[int]], new: int = NEW) -> list[tuple[list[int], list[int], int]]:
+    """Each turn: (its prompt, its answer, prompt tokens reused from the cache)."""
+    history: list[int] = []
+    out = []
+    for part in parts:
+        prompt = history + part
+        req = c.engine.submit(prompt, greedy(new))
+        while not req.finished:
+            await asyncio.sleep(0.01)
+        assert req.finish_reason == "length", req.finish_reason
+        out.append((prompt, list(req.output), req.cached_tokens))
+        history = prompt + req.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("prefix") / "llama", num_layers=4, seed=11)
+
+
+def test_a_conversation_reuses_its_history_and_answers_as_transformers_with_and_without(llama):
+    parts = _conversation(list(range(3, 43)), 4, 1)
+
+    async def main():
+        async with Cluster(llama, workers=3) as c:
+            cached = await _chat(c, parts)
+            c.engine.prefix_caching = False
+            plain = await _chat(c, parts)
+            return cached, plain, c.engine.prefix.held_tokens, c.master.group.kv_tokens
+
+    cached, plain, held, budget = run(main())
+    for (prompt, answer, _), (p2, a2, reused) in zip(cached, plain):
+        assert answer == reference_greedy(llama, prompt, NEW) == a2 and p2 == prompt and reused == 0
+    reused = [r for _, _, r in cached]
+    assert reused[0] == 0 and all(r > 0 for r in reused[1:]), reused
+    # a turn reuses all of its history but the partial last block and the last answer token
+    for (prompt, _, r), (before, answer, _) in zip(cached[1:], cached):
+        history = len(before) + len(answer) - 1
+        assert r == history // 16 * 16 and r <= len(prompt) - 1, (r, history, len(prompt))
+    assert 0 < held <= budget
+
+
+def test_eviction_under_pressure_never_serves_an_overwritten_prefix(llama):
+    """Many conversations through a small KV budget: cached prefixes are evicted all the time
+    (and their ids' memory reused for others); every answer is still transformers'."""
+    convs = [_conversation([(11 * i + k) % 250 + 3 for k in range(20 + 3 * i)], 3, i) for i in range(6)]
+
+    async def main():
+        async with Cluster(llama, workers=2, max_kv_tokens=BUDGET, max_batch_tokens=32) as c:
+            got = await asyncio.gather(*(_chat(c, parts) for parts in convs))
+            return got, c.engine.prefix.evicted, c.engine.preemptions, c.engine.prefix.held_tokens
+
+    got, evicted, preemptions, held = run(main(), 600)
+    assert evicted > 0, "the test needs evictions"
+    for turns in got:
+        for prompt, answer, _ in turns:
+            assert answer == reference_greedy(llama, prompt, NEW)
+    assert sum(r > 0 for turns in got for _, _, r in turns) > 0, "no turn reused a prefix"
+    assert held <= BUDGET
+
+
+def test_a_re_plan_mid_conversation_forgets_the_cache_and_answers_stay_identical(llama):
+    parts = _conversation(list(range(50, 90)), 4, 2)
+
+    async def main():
+        async with Cluster(llama, workers=3, min_workers=2) as c:
+            first = await _chat(c, parts[:2])
+            epoch = c.master.group.epoch
+            c.tasks[1].cancel()  # a worker disappears: a new pipeline on two stages
+            while c.master.group.epoch == epoch or not c.master.group.serving:
+                await asyncio.sleep(0.02)
+            assert len(c.engine.prefix) == 0
+            history = first[-1][0] + first[-1][1]
+            rest = await _chat(c, [history + parts[2], parts[3]])
+            return first + rest
+
+    turns = run(main())
+    for prompt, answer, _ in turns:
+        assert answer == reference_greedy(llama, prompt, NEW)
+    reused = [r for _, _, r in turns]
+    assert reused[1] > 0 and reused[2] == 0 and reused[3] > 0, reused  # the new pipeline starts cold
+
+
+def test_the_api_reports_cached_prompt_tokens_streamed_and_not(llama):
+    user = " ".join(["friends pool their cards to serve one model over slow links"] * 4)
+
+    async def main():
+        async with Cluster(llama, workers=2) as c, aiohttp.ClientSession() as http:
+            messages = [{"role": "user", "content": user}]
+            body = {"model": c.master.model_id, "messages": messages, "max_tokens": 6, "temperature": 0}
+            async with http.post(f"{c.base_url}/v1/chat/completions", json=body) as r:
+                one = await r.json()
+            messages += [one["choices"][0]["message"], {"role": "user", "content": "and again " + user}]
+            body = {**body, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+            usage = None
+            async with http.post(f"{c.base_url}/v1/chat/completions", json=body) as r:
+                async for line in r.content:
+                    text = line.decode().strip()
+                    if text.startswith("data: {"):
+                        usage = json.loads(text[6:]).get("usage") or usage
+            completion = {"model": c.master.model_id, "prompt": "x " + user, "max_tokens": 2, "temperature": 0}
+            async with http.post(f"{c.base_url}/v1/completions", json=completion) as r:
+                cold = await r.json()
+            async with http.post(f"{c.base_url}/v1/completions", json=completion) as r:
+                warm = await r.json()
+            return one["usage"], usage, cold["usage"], warm["usage"]
+
+    one, two, cold, warm = run(main())
+    assert one["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert two is not None and 16 <= two["prompt_tokens_details"]["cached_tokens"] < two["prompt_tokens"]
+    # the whole first turn's prompt is history now (but its partial last block)
+    assert two["prompt_tokens_details"]["cached_tokens"] >= one["prompt_tokens"] // 16 * 16
+    assert cold["prompt_tokens_details"]["cached_tokens"] == 0
+    assert warm["prompt_tokens_details"]["cached_tokens"] == (warm["prompt_tokens"] - 1) // 16 * 16
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_family_answers_a_cached_history_as_transformers(tmp_path, arch):
+    """Turn 2 starts from turn 1's cached 48 or more tokens (past the 32-token sliding windows of
+    the Gemma families; MoE routing is per token, so cached or not the same experts run)."""
+    path = make_tiny_checkpoint(arch, tmp_path / arch, num_layers=4, seed=7)
+    parts = _conversation(list(range(10, 60)), 2, 3)
+
+    async def main():
+        async with Cluster(path, workers=3) as c:
+            return await _chat(c, parts)
+
+    turns = run(main())
+    for prompt, answer, _ in turns:
+        assert answer == reference_greedy(path, prompt, NEW)
+    assert turns[1][2] >= 48, turns[1][2]
