@@ -30,6 +30,7 @@ import logging
 import socket
 
 from .bridge_wire import BridgeError, Dial, Error, Ok, encode, read_frame, split_address
+from .tasks import end_tasks
 
 log = logging.getLogger("molink.bridge")
 
@@ -116,10 +117,7 @@ class BridgeForwarder:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        await end_tasks(list(self._tasks))  # cancelled until they end, bounded (5 s)
 
     async def __aenter__(self) -> BridgeForwarder:
         await self.start()

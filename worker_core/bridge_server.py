@@ -62,6 +62,7 @@ from .bridge_wire import (
     read_frame,
     unb64,
 )
+from .tasks import end_tasks
 
 log = logging.getLogger("molink.relay")
 
@@ -147,10 +148,7 @@ class BridgeServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        await end_tasks(list(self._tasks))  # cancelled until they end, bounded (5 s)
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
