@@ -415,11 +415,22 @@ def test_workers_rejoin_a_restarted_master_on_their_own(ckpt, logs):
 # --------------------------------------------------------------------------- client disconnect
 
 
-def _kv_entries() -> int:
-    """KV caches held by the workers of this process (in-process group: observable)."""
+def _kv_stores() -> list:
+    """Every KV store alive in this process, after a collection (an earlier test's in-process
+    workers may still be alive, holding their prefix cache's entries: they are not this test's)."""
     from worker_core.kv_cache import KVStore
 
-    return sum(len(o) for o in gc.get_objects() if isinstance(o, KVStore))
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, KVStore)]
+
+
+def _kv_entries(old: list | None = None) -> int:
+    """KV caches held by the workers of this process (in-process group: observable), leaving out
+    the stores in ``old`` (those alive before this test's group started)."""
+    from worker_core.kv_cache import KVStore
+
+    old_ids = {id(o) for o in old or []}
+    return sum(len(o) for o in gc.get_objects() if isinstance(o, KVStore) and id(o) not in old_ids)
 
 
 def test_a_client_that_disconnects_mid_stream_or_queued_frees_every_stage_within_2_s(ckpt):
@@ -430,8 +441,9 @@ def test_a_client_that_disconnects_mid_stream_or_queued_frees_every_stage_within
         opts = [{"link_delay_ms": 20.0} for _ in range(2)]
         # no prefix cache: an ended request's KV would stay on the stages as a cached prefix, on purpose
         cluster = Cluster(ckpt, workers=2, min_workers=2, max_running=1, worker_options=opts, prefix_cache=False)
+        old = _kv_stores()  # held (so their ids stay theirs) and left out of every count below
         async with cluster as c:
-            await until(lambda: _kv_entries() == 0, 10, "no KV before the request (the profile's is freed)")
+            await until(lambda: _kv_entries(old) == 0, 10, "no KV before the request (the profile's is freed)")
             body = {
                 "model": c.master.model_id,
                 "prompt": "one two three",
@@ -449,14 +461,14 @@ def test_a_client_that_disconnects_mid_stream_or_queued_frees_every_stage_within
                         break
                 queued = await http.post(f"{c.base_url}/v1/completions", json=body)
                 await until(lambda: len(c.engine.waiting) == 1, 10, "the second request queued")
-                held = _kv_entries()
+                held = _kv_entries(old)
                 queued.close()  # leaves while queued
                 t0 = time.monotonic()
                 await until(lambda: not c.engine.waiting, 10, "the queued request gone")
                 queued_gone = time.monotonic() - t0
                 resp.close()  # leaves mid-stream
                 t0 = time.monotonic()
-                await until(lambda: _kv_entries() == 0 and not c.engine.running, 10, "KV freed on every stage")
+                await until(lambda: _kv_entries(old) == 0 and not c.engine.running, 10, "KV freed on every stage")
                 freed = time.monotonic() - t0
             return held, queued_gone, len(c.engine.running), freed
 
