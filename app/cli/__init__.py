@@ -15,7 +15,7 @@ needs them.  Defaults are not written here: they come from their owners
 :class:`~app.tools.demo.DemoOptions`, :class:`~app.tools.bench.options.BenchOptions`; light
 modules: ``molink`` starts without the simulator, aiohttp or the chaos harness).
 
-``--supervised`` (``worker``, ``master``, ``group create``): the process is run by the MoLink
+``--supervised`` (``worker``, ``master``, ``group create``, ``relay``): the process is run by the MoLink
 app: commands on stdin, ``@molink`` events on stdout, and nothing else on stdout (prints go
 to stderr); the protocol is :mod:`worker_core.control`.  ``app`` starts the tray app
 (:mod:`app.desktop.main`, imported only then).
@@ -226,6 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-connections", type=int, default=None, help="open connections at most (default 1024)")
     r.add_argument("--session-mbps", type=float, default=None, help="Mbit/s per direction of one session (default 100)")
     r.add_argument("--total-mbps", type=float, default=None, help="Mbit/s over all sessions (default 1000)")
+    r.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     r.set_defaults(func=cli_worker.relay)
 
     a = sub.add_parser("app", help="the MoLink desktop app: a tray icon that shares this PC's GPU and hosts groups")

@@ -120,7 +120,10 @@ def relay(args: argparse.Namespace, sup: Supervision) -> Run:
         await server.start(host, port)
         print(f"relay listening on {host}:{server.port}", flush=True)
         try:
-            await asyncio.Event().wait()
+            if sup.control is not None:  # supervised: until the control channel says stop (or closes)
+                await sup.control.next()
+            else:
+                await asyncio.Event().wait()
         finally:
             await server.stop()
 

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from app.proc.spawn import stop_processes
+
 CHUNK = 64 * 1024
 
 
@@ -117,8 +119,8 @@ async def _main(sessions: list[int], rates: list[float], seconds: float) -> dict
             per_session = rate if rate else 100000.0
             proc = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "relay", "--listen", relay, "--session-mbps", str(per_session),
-                 "--total-mbps", "1000000"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                 "--total-mbps", "1000000", "--supervised"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )  # fmt: skip
             try:
                 assert proc.stdout is not None
@@ -138,8 +140,7 @@ async def _main(sessions: list[int], rates: list[float], seconds: float) -> dict
                     print(json.dumps(row), flush=True)
                 await host.stop()
             finally:
-                proc.terminate()
-                proc.wait(10)
+                stop_processes([proc])  # the control channel first, a hard end only after the grace
     return {
         "what": "molink relay on loopback: one-way bytes pushed through N relayed sessions for a fixed time",
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform},
@@ -163,7 +164,10 @@ async def _tokens(model: str, tokens: int, repeats: int) -> dict:
     port = _free_port()
     relay = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "relay", "--listen", relay], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "app.cli", "relay", "--listen", relay, "--supervised"],
+        stdin=subprocess.PIPE,  # the control channel: closing it asks the relay to stop
+        stdout=subprocess.PIPE,
+        text=True,
     )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,8 +217,7 @@ async def _tokens(model: str, tokens: int, repeats: int) -> dict:
                     await asyncio.sleep(0.05)
         finally:
             await master.stop()
-            proc.terminate()
-            proc.wait(10)
+            stop_processes([proc])
     return {
         "what": f"one stream, {tokens} greedy tokens after an 8-token prompt, one local worker: direct vs relayed",
         "model": model,
