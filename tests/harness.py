@@ -6,7 +6,8 @@ WebSockets, waits (bounded) until the pipeline serves, and stops everything on e
 ``run(coro)`` runs a coroutine with an overall time bound; ``paired_config`` is the
 configuration of a paired group's master on loopback, ``join_member`` pairs a member with it
 and gives its worker's configuration; ``greedy`` the sampling of a
-comparison with transformers.
+comparison with transformers; ``conversation`` and ``chat`` run a multi-turn conversation
+whose later turns reuse the cached history.
 """
 
 from __future__ import annotations
@@ -116,3 +117,23 @@ def greedy(max_tokens: int, **kw: Any):
     from master_core.request import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def conversation(first: list[int], turns: int, seed: int) -> list[list[int]]:
+    """New user tokens per turn (the history is prompt + answer of the turn before)."""
+    return [first] + [[(seed * 31 + 7 * t + k) % 250 + 3 for k in range(9 + 5 * t)] for t in range(1, turns)]
+
+
+async def chat(c: Cluster, parts: list[list[int]], new: int = 8) -> list[tuple[list[int], list[int], int]]:
+    """Each turn: (its prompt, its answer, prompt tokens reused from the cache)."""
+    history: list[int] = []
+    out = []
+    for part in parts:
+        prompt = history + part
+        req = c.engine.submit(prompt, greedy(new))
+        while not req.finished:
+            await asyncio.sleep(0.01)
+        assert req.finish_reason == "length", req.finish_reason
+        out.append((prompt, list(req.output), req.cached_tokens))
+        history = prompt + req.output
+    return out

@@ -1,15 +1,16 @@
 """Prefix caching across stages (master_core.prefix_cache, the engine's use of it): the block
 table itself, and conversations whose later turns reuse the cached history give exactly the
-tokens transformers gives for the whole prompt, for every family, under eviction pressure and
-across a re-plan; the API reports the reused tokens."""
+tokens transformers gives for the whole prompt, under eviction pressure and across a re-plan;
+the API reports the reused tokens.  Every family's cached history is checked in
+test_architectures (on the same three-stage group as its other checks)."""
 
 import asyncio
 import json
 
 import aiohttp
 import pytest
-from harness import Cluster, greedy, run
-from tiny_models import ARCHITECTURES, make_tiny_checkpoint, reference_greedy
+from harness import Cluster, chat, conversation, greedy, run
+from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.prefix_cache import PrefixCache
 
@@ -65,39 +66,19 @@ def test_only_unreferenced_entries_are_evicted_least_recently_used_first():
 # --------------------------------------------------------------------------- the engine
 
 
-def _conversation(first: list[int], turns: int, seed: int) -> list[list[int]]:
-    """New user tokens per turn (the history is prompt + answer of the turn before)."""
-    return [first] + [[(seed * 31 + 7 * t + k) % 250 + 3 for k in range(9 + 5 * t)] for t in range(1, turns)]
-
-
-async def _chat(c: Cluster, parts: list[list[int]], new: int = NEW) -> list[tuple[list[int], list[int], int]]:
-    """Each turn: (its prompt, its answer, prompt tokens reused from the cache)."""
-    history: list[int] = []
-    out = []
-    for part in parts:
-        prompt = history + part
-        req = c.engine.submit(prompt, greedy(new))
-        while not req.finished:
-            await asyncio.sleep(0.01)
-        assert req.finish_reason == "length", req.finish_reason
-        out.append((prompt, list(req.output), req.cached_tokens))
-        history = prompt + req.output
-    return out
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return make_tiny_checkpoint("llama", tmp_path_factory.mktemp("prefix") / "llama", num_layers=4, seed=11)
 
 
 def test_a_conversation_reuses_its_history_and_answers_as_transformers_with_and_without(llama):
-    parts = _conversation(list(range(3, 43)), 4, 1)
+    parts = conversation(list(range(3, 43)), 4, 1)
 
     async def main():
         async with Cluster(llama, workers=3) as c:
-            cached = await _chat(c, parts)
+            cached = await chat(c, parts)
             c.engine.prefix_caching = False
-            plain = await _chat(c, parts)
+            plain = await chat(c, parts)
             return cached, plain, c.engine.prefix.held_tokens, c.master.group.kv_tokens
 
     cached, plain, held, budget = run(main())
@@ -115,7 +96,7 @@ def test_a_conversation_reuses_its_history_and_answers_as_transformers_with_and_
 def test_eviction_under_pressure_never_serves_an_overwritten_prefix(llama):
     """Many conversations through a small KV budget: cached prefixes are evicted all the time
     (and their ids' memory reused for others); every answer is still transformers'."""
-    convs = [_conversation([(11 * i + k) % 250 + 3 for k in range(20 + 3 * i)], 3, i) for i in range(6)]
+    convs = [conversation([(11 * i + k) % 250 + 3 for k in range(20 + 3 * i)], 3, i) for i in range(6)]
 
     async def main():
         async with Cluster(llama, workers=2, max_kv_tokens=BUDGET, max_batch_tokens=32) as c:
@@ -132,18 +113,18 @@ def test_eviction_under_pressure_never_serves_an_overwritten_prefix(llama):
 
 
 def test_a_re_plan_mid_conversation_forgets_the_cache_and_answers_stay_identical(llama):
-    parts = _conversation(list(range(50, 90)), 4, 2)
+    parts = conversation(list(range(50, 90)), 4, 2)
 
     async def main():
         async with Cluster(llama, workers=3, min_workers=2) as c:
-            first = await _chat(c, parts[:2])
+            first = await chat(c, parts[:2])
             epoch = c.master.group.epoch
             c.tasks[1].cancel()  # a worker disappears: a new pipeline on two stages
             while c.master.group.epoch == epoch or not c.master.group.serving:
                 await asyncio.sleep(0.02)
             assert len(c.engine.prefix) == 0
             history = first[-1][0] + first[-1][1]
-            rest = await _chat(c, [history + parts[2], parts[3]])
+            rest = await chat(c, [history + parts[2], parts[3]])
             return first + rest
 
     turns = run(main())
@@ -184,21 +165,3 @@ def test_the_api_reports_cached_prompt_tokens_streamed_and_not(llama):
     assert two["prompt_tokens_details"]["cached_tokens"] >= one["prompt_tokens"] // 16 * 16
     assert cold["prompt_tokens_details"]["cached_tokens"] == 0
     assert warm["prompt_tokens_details"]["cached_tokens"] == (warm["prompt_tokens"] - 1) // 16 * 16
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_family_answers_a_cached_history_as_transformers(tmp_path, arch):
-    """Turn 2 starts from turn 1's cached 48 or more tokens (past the 32-token sliding windows of
-    the Gemma families; MoE routing is per token, so cached or not the same experts run)."""
-    path = make_tiny_checkpoint(arch, tmp_path / arch, num_layers=4, seed=7)
-    parts = _conversation(list(range(10, 60)), 2, 3)
-
-    async def main():
-        async with Cluster(path, workers=3) as c:
-            return await _chat(c, parts)
-
-    turns = run(main())
-    for prompt, answer, _ in turns:
-        assert answer == reference_greedy(path, prompt, NEW)
-    assert turns[1][2] >= 48, turns[1][2]
