@@ -1,6 +1,6 @@
 """Model coverage: every supported family, split across 3 stages with concurrent requests and
-with a cached conversation history, gives exactly single-process transformers' greedy tokens.  The README's coverage table is
-generated from the lists here and checked by this file."""
+with a cached conversation history, gives exactly single-process transformers' greedy tokens.
+The README's coverage table is generated from the lists here and checked by this file."""
 
 import asyncio
 import re

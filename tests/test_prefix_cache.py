@@ -9,7 +9,7 @@ import json
 
 import aiohttp
 import pytest
-from harness import Cluster, chat, conversation, greedy, run
+from harness import Cluster, chat, conversation, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.prefix_cache import PrefixCache
@@ -100,7 +100,7 @@ def test_eviction_under_pressure_never_serves_an_overwritten_prefix(llama):
 
     async def main():
         async with Cluster(llama, workers=2, max_kv_tokens=BUDGET, max_batch_tokens=32) as c:
-            got = await asyncio.gather(*(_chat(c, parts) for parts in convs))
+            got = await asyncio.gather(*(chat(c, parts) for parts in convs))
             return got, c.engine.prefix.evicted, c.engine.preemptions, c.engine.prefix.held_tokens
 
     got, evicted, preemptions, held = run(main(), 600)
