@@ -234,9 +234,10 @@ def parse_calls(text: str, tools: list[ToolDef]) -> tuple[str, list[Call]]:
     valid call of a given tool stays in the text."""
     stream = CallStream(tools)
     parts = [stream.feed(text), stream.flush()]
-    content = "".join(p for kind, p in (x for part in parts for x in part) if kind == "text")
-    calls = [p for part in parts for kind, p in part if kind == "call"]
-    return content, calls  # type: ignore[return-value]
+    pieces = [x for part in parts for x in part]
+    content = "".join(p for kind, p in pieces if kind == "text")
+    calls = [p for kind, p in pieces if kind == "call" and isinstance(p, Call)]
+    return content, calls
 
 
 class CallStream:

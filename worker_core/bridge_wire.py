@@ -173,7 +173,8 @@ def parse(obj: object) -> Message:
     """The typed message of a decoded JSON body, or :class:`Malformed`."""
     if not isinstance(obj, dict):
         raise Malformed("a frame body is a JSON object")
-    kind = _TYPES.get(obj.get("type"))  # type: ignore[arg-type]
+    name = obj.get("type")
+    kind = _TYPES.get(name) if isinstance(name, str) else None
     if kind is None:
         raise Malformed(f"unknown frame type {str(obj.get('type'))[:32]!r}")
     if kind is Register:
@@ -201,7 +202,7 @@ def parse(obj: object) -> Message:
 
 def encode(msg: Message) -> bytes:
     body: dict[str, object] = {"type": type(msg).__name__.lower()}
-    for f in fields(msg):  # type: ignore[arg-type]
+    for f in fields(msg):
         value = getattr(msg, f.name)
         body[f.name] = list(value) if isinstance(value, tuple) else value
     raw = json.dumps(body, separators=(",", ":")).encode()

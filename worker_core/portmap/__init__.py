@@ -28,10 +28,14 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import natpmp, pcp
 from .errors import NoAnswer, PortMapError
 from .gateway import default_gateway, local_address
+
+if TYPE_CHECKING:
+    from .upnp import Igd
 
 log = logging.getLogger("molink.portmap")
 
@@ -84,7 +88,7 @@ class PortMapper:
         self.mapping: Mapping | None = None
         self.failure = ""
         self._nonce = secrets.token_bytes(12)
-        self._igd = None  # upnp.Igd while mapped by UPnP
+        self._igd: Igd | None = None  # while mapped by UPnP
         self._client = ""  # this host's LAN address, as the router sees it
         self._task: asyncio.Task | None = None
 
@@ -147,12 +151,12 @@ class PortMapper:
                 failures.append(f"{name}: {got}")
                 continue
             try:
-                if name == "pcp":
-                    return got  # type: ignore[return-value]
+                if isinstance(got, Mapping):  # PCP answers with the mapping itself
+                    return got
                 if name == "nat-pmp":
                     lease = await natpmp.map_tcp(gateway, self.internal_port, external, self.lease, port=self.udp_port)
                     return Mapping("nat-pmp", self.internal_port, str(got), lease.external_port, lease.lifetime)
-                return await self._upnp_map(got, external)  # type: ignore[arg-type]
+                return await self._upnp_map(got, external)
             except (PortMapError, OSError) as e:
                 failures.append(f"{name}: {e}")
         self.failure = "; ".join(failures)
@@ -202,7 +206,7 @@ class PortMapper:
         elif m.protocol == "nat-pmp":
             await natpmp.map_tcp(gateway, self.internal_port, 0, 0, port=self.udp_port, tries=2)
         elif self._igd is not None:
-            await self._igd.delete(m.external_port)  # type: ignore[attr-defined]
+            await self._igd.delete(m.external_port)
 
     async def _renew_loop(self) -> None:
         retry = RETRY

@@ -65,7 +65,7 @@ async def find_igd(timeout: int = 2, source: str | None = None) -> str:
             found.set_result(str(headers["location"]))
 
     async def search(target: str) -> None:
-        await async_search(on_response, timeout=timeout, search_target=target, source=(source, 0) if source else None)  # type: ignore[arg-type]
+        await async_search(on_response, timeout=timeout, search_target=target, source=(source, 0) if source else None)
 
     searches = asyncio.gather(*(search(t) for t in DEVICES), return_exceptions=True)
     try:

@@ -161,6 +161,7 @@ def _llguidance(tok: Any, vocab: int) -> dict[str, Any]:
 
 
 def _xgrammar(tok: Any, vocab: int) -> dict[str, Any]:
+    # compared only where it is installed (not a dependency): no stubs to check against
     import xgrammar as xgr  # type: ignore[import-not-found]
 
     t = time.perf_counter()
@@ -191,6 +192,7 @@ def _xgrammar(tok: Any, vocab: int) -> dict[str, Any]:
 
 
 def _outlines(tok: Any, vocab: int) -> dict[str, Any]:
+    # compared only where it is installed (not a dependency): no stubs to check against
     import outlines_core as oc  # type: ignore[import-not-found]
     import torch
     from outlines_core.json_schema import build_regex_from_schema  # type: ignore[import-not-found]

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .topology import NAME, TOPOLOGIES, Node, Topology, lan_prefix, plan
 
@@ -201,9 +202,9 @@ class Lab:
     def argv(self, node: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(node), *argv]
 
-    def spawn(self, node: str, argv: list[str], **popen: object) -> subprocess.Popen:
+    def spawn(self, node: str, argv: list[str], **popen: Any) -> subprocess.Popen:
         """Start ``argv`` in ``node``'s namespace (the caller stops it; ``down`` kills what is left)."""
-        return subprocess.Popen(self.argv(node, argv), **popen)  # type: ignore[call-overload]
+        return subprocess.Popen(self.argv(node, argv), **popen)
 
     def run(self, node: str, argv: list[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(self.argv(node, argv), capture_output=True, text=True, timeout=timeout)
