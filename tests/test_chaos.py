@@ -1,13 +1,14 @@
 """Fault tolerance with real processes (issue 14): kill -9, freeze and cut a worker mid-stream.
 
-Each scenario starts a real `molink master` and `molink worker` processes on 127.0.0.1 (tiny
-checkpoint, every worker behind its own TCP proxy: :class:`app.tools.chaos.group.LocalGroup`), runs 8
-concurrent streams (4 greedy, 4 seeded) once fault-free and once with the fault, and compares
-the tokens each client received: identical, detected within 3 s, late frames dropped and
-counted, one re-plan per fault.  Without a spare: running streams end with an error event and
-new requests get 503 with Retry-After.  A restarted master is rejoined by its workers on their
-own.  Plus the helpers themselves (process control, the proxy) and `molink chaos` end to end
-on a small workload.
+One group of real `molink master` and `molink worker` processes on 127.0.0.1 (tiny checkpoint,
+every worker behind its own TCP proxy: :class:`app.tools.chaos.group.LocalGroup`) runs 8
+concurrent streams (4 greedy, 4 seeded) once fault-free, then lives through one fault after
+another (freeze, cut, silent path, master restart, kill -9 with a spare, kill without one),
+and each faulty run's tokens are compared with the fault-free run's: identical, detected within
+3 s, late frames dropped and counted, one re-plan per fault.  Without a spare: running streams
+end with an error event and new requests get 503 with Retry-After.  A restarted master is
+rejoined by its workers on their own.  Plus the helpers themselves (process control, the
+proxy), the KV freed after a client leaves, and `molink chaos` end to end on a small workload.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -36,6 +38,8 @@ from app.tools.chaos.run import Job, run_workload
 from app.tools.chaos.score import StreamRecord
 from app.tools.netlab.procctl import freeze, kill_hard, thaw
 from app.tools.netlab.tcp_proxy import CutMode, TcpProxy
+
+pytestmark = pytest.mark.timeout(1500)  # the first test to ask for the story runs every scenario
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP = 180.0  # seconds for a group of fresh processes on a busy 2-core machine
@@ -87,50 +91,59 @@ class Outcome:
     extra: dict = field(default_factory=dict)
 
 
-async def spare_scenario(
-    ckpt: Path, log_dir: Path, fault: Callable[[LocalGroup], Awaitable[None]], comes_back: bool = True
+async def stage_worker(g: LocalGroup, last: bool = False) -> int:
+    """The index of a worker holding layers now (the last stage's with ``last``): a fault on the
+    spare would not touch the streams, and after a re-plan any worker may be the spare."""
+    workers = [w for w in (await health_now(g))["workers"] if w["stage"] is not None]
+    if not workers:
+        raise RuntimeError("no worker holds layers")
+    pick = max(workers, key=lambda w: w["stage"]) if last else min(workers, key=lambda w: w["stage"])
+    return int(pick["name"].rsplit("-", 1)[1])
+
+
+async def fault_run(
+    g: LocalGroup,
+    reference: list[StreamRecord],
+    fault: Callable[[LocalGroup], Awaitable[None]],
+    comes_back: bool = True,
 ) -> Outcome:
-    """3 workers, the master serves with 2 (a spare): fault-free run, then the same 8 streams
-    with ``fault`` applied (to worker 1, or the one it picks) once every stream has 5 tokens; with
+    """The 8 streams again, with ``fault`` applied once every stream has 5 tokens; with
     ``comes_back``, then wait (bounded) for the whole group to hold layers again."""
-    async with LocalGroup(str(ckpt), 3, 2, log_dir, link_delay_ms=20, startup_timeout=STARTUP) as g:
-        reference = await run_workload(g.api, g.model_id, JOBS, STREAMS, 120)
-        await g.wait_whole(60)
-        health = HealthLog(g)
-        health.start()
-        live: list[StreamRecord] = []
-        task = asyncio.create_task(run_workload(g.api, g.model_id, JOBS, STREAMS, 120, live))
-        try:
-            await until(lambda: len(live) == STREAMS and all(len(r.tokens) >= 5 for r in live), 60, "5 tokens each")
-            epoch, at = (await health_now(g))["epoch"], time.monotonic()
-            tokens_at_fault = [len(r.tokens) for r in live]
-            await fault(g)
-            faulty = await asyncio.wait_for(task, 150)
-            streams_ended = time.monotonic()
-            reformed = False
-            if comes_back:
-                with contextlib.suppress(TimeoutError):
-                    await g.wait_whole(90)
-                    reformed = True
-            async with aiohttp.ClientSession() as http, http.get(f"http://{g.api}/metrics") as r:
-                metrics = await r.text()
-        finally:
-            task.cancel()  # a no-op once it ended
-            await asyncio.gather(task, return_exceptions=True)
-            await health.stop()
-        detect = health.first_epoch_after(at, epoch, time.monotonic())
-        return Outcome(
-            reference,
-            faulty,
-            tokens_at_fault,
-            None if detect is None else detect - at,
-            reformed,
-            {
-                "metrics": metrics,
-                "changes": health.changes,
-                "replans_during_streams": health.epochs_between(at, streams_ended),
-            },
-        )
+    health = HealthLog(g)
+    health.start()
+    live: list[StreamRecord] = []
+    task = asyncio.create_task(run_workload(g.api, g.model_id, JOBS, STREAMS, 120, live))
+    try:
+        await until(lambda: len(live) == STREAMS and all(len(r.tokens) >= 5 for r in live), 60, "5 tokens each")
+        epoch, at = (await health_now(g))["epoch"], time.monotonic()
+        tokens_at_fault = [len(r.tokens) for r in live]
+        await fault(g)
+        faulty = await asyncio.wait_for(task, 150)
+        streams_ended = time.monotonic()
+        reformed = False
+        if comes_back:
+            with contextlib.suppress(TimeoutError):
+                await g.wait_whole(90)
+                reformed = True
+        async with aiohttp.ClientSession() as http, http.get(f"http://{g.api}/metrics") as r:
+            metrics = await r.text()
+    finally:
+        task.cancel()  # a no-op once it ended
+        await asyncio.gather(task, return_exceptions=True)
+        await health.stop()
+    detect = health.first_epoch_after(at, epoch, time.monotonic())
+    return Outcome(
+        reference,
+        faulty,
+        tokens_at_fault,
+        None if detect is None else detect - at,
+        reformed,
+        {
+            "metrics": metrics,
+            "changes": health.changes,
+            "replans_during_streams": health.epochs_between(at, streams_ended),
+        },
+    )
 
 
 def assert_identical(o: Outcome) -> None:
@@ -234,15 +247,159 @@ def test_tcp_proxy_forwards_cuts_refuses_blackholes_and_closes():
     assert up == len(b"hello") + len(b"again") and down == up
 
 
-# --------------------------------------------------------------------------- kill -9 with a spare
+# --------------------------------------------------------------------------- the faults, on one group
+#
+# One group of real processes (3 workers, the master serves with 2: a spare) lives through every
+# fault in turn, each a scenario that leaves it whole again: a freeze, a cut tunnel, a path gone
+# silent, a restarted master; then kill -9 with the spare (the group serves on the other two),
+# and last a kill without a spare.  Each faulty run is compared with the one fault-free run.
+
+
+async def freeze_last_stage(g: LocalGroup) -> None:
+    # the last stage: its answers go to the master (an earlier stage's go on over a direct hop,
+    # which the new pipeline has closed), so the master has late frames of it to drop and count
+    i = await stage_worker(g, last=True)
+    g.freeze(i)
+    await asyncio.sleep(FREEZE_SECONDS)
+    g.thaw(i)
+
+
+async def cut_a_tunnel(g: LocalGroup) -> None:
+    i = await stage_worker(g)
+    if g.cut(i) < 1:  # the tunnel (and any other connection of that worker)
+        raise RuntimeError("no connection to cut")
+    await asyncio.sleep(1.0)  # the link stays down a moment: reconnects are refused
+    g.reconnect(i)
+
+
+async def blackhole_a_path(g: LocalGroup) -> None:
+    """The path goes silent with no reset (Wi-Fi gone, a router dropping the flow): bytes are
+    dropped both ways while both sockets stay open."""
+    if g.proxies[await stage_worker(g)].blackhole() < 1:
+        raise RuntimeError("no connection to blackhole")
+
+
+async def kill_a_stage(g: LocalGroup) -> None:
+    await g.kill(await stage_worker(g))
+
+
+async def restart_the_master(g: LocalGroup) -> dict:
+    """kill -9 the master and start it again on the same port: nobody touches the workers; they
+    reconnect (capped backoff with jitter), the group re-forms, and a greedy stream gives the
+    same tokens as before the restart."""
+    (before,) = await run_workload(g.api, g.model_id, JOBS[:1], 1, 60)
+    pids = [g.worker(i).pid for i in range(3)]
+    await g.restart_master()
+    t0 = time.monotonic()
+    await g.wait_whole(90)
+    rejoined = time.monotonic() - t0
+    (after,) = await run_workload(g.api, g.model_id, JOBS[:1], 1, 60)
+    return {
+        "before": before,
+        "after": after,
+        "rejoined": rejoined,
+        "same_processes": pids == [g.worker(i).pid for i in range(3)],
+    }
+
+
+async def kill_without_a_spare(g: LocalGroup) -> dict:
+    """The two workers left are both needed: kill -9 one while 4 greedy streams run; record what
+    clients see (new requests: 503; running streams: an error event)."""
+    deadline = time.monotonic() + 60
+    while not ((h := await g.health()) and h.get("status") == "ok"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the group does not serve on the workers left: {h}")
+        await asyncio.sleep(0.1)
+    health = HealthLog(g)
+    health.start()
+    live: list[StreamRecord] = []
+    task = asyncio.create_task(run_workload(g.api, g.model_id, JOBS[0:8:2], 4, 120, live))
+    try:
+        await until(lambda: len(live) == 4 and all(len(r.tokens) >= 5 for r in live), 60, "5 tokens each")
+        epoch, at = (await health_now(g))["epoch"], time.monotonic()
+        await kill_a_stage(g)
+        await until(lambda: health.first_epoch_after(at, epoch, time.monotonic()) is not None, 30, "detection")
+        detect = (health.first_epoch_after(at, epoch, time.monotonic()) or at) - at
+        body = {"model": g.model_id, "prompt": "a new request", "max_tokens": 4}
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http,
+            http.post(f"http://{g.api}/v1/completions", json=body) as r,
+        ):
+            new = {"status": r.status, "retry_after": r.headers.get("Retry-After"), "body": await r.json()}
+        await asyncio.sleep(max(0.0, at + detect + 1.0 - time.monotonic()))
+        ended = [(r.ended_at is not None and r.ended_at - at <= detect + 1.0, r.error) for r in live]
+        return {"detect": detect, "new_request": new, "ended_in_time": ended}
+    finally:
+        task.cancel()  # a no-op once they ended
+        await asyncio.gather(task, return_exceptions=True)
+        await health.stop()
 
 
 @pytest.fixture(scope="module")
-def killed(ckpt, logs) -> Outcome:
-    async def fault(g: LocalGroup) -> None:
-        await g.kill(1)
+def story(ckpt, logs) -> dict[str, object]:
+    """Each scenario's outcome, or the exception it ended with (a scenario after a failed one is
+    not run: the group is not known to be whole)."""
 
-    return run(spare_scenario(ckpt, logs / "kill", fault, comes_back=False), 400)
+    async def main() -> dict[str, object]:
+        out: dict[str, object] = {}
+        async with LocalGroup(str(ckpt), 3, 2, logs / "story", link_delay_ms=20, startup_timeout=STARTUP) as g:
+            reference = await run_workload(g.api, g.model_id, JOBS, STREAMS, 120)
+            await g.wait_whole(60)
+            scenarios: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("frozen", lambda: fault_run(g, reference, freeze_last_stage)),
+                ("cut", lambda: fault_run(g, reference, cut_a_tunnel)),
+                ("blackholed", lambda: fault_run(g, reference, blackhole_a_path)),
+                ("restart", lambda: restart_the_master(g)),
+                ("killed", lambda: fault_run(g, reference, kill_a_stage, comes_back=False)),
+                ("no_spare", lambda: kill_without_a_spare(g)),
+            ]
+            failed = ""
+            for name, scenario in scenarios:
+                if failed:
+                    out[name] = RuntimeError(f"not run: the {failed} scenario failed before it")
+                    continue
+                try:
+                    out[name] = got = await scenario()
+                except Exception as e:  # recorded for its tests; the group may be broken: stop here
+                    out[name], failed = e, name
+                    continue
+                if isinstance(got, Outcome) and name != "killed" and not got.reformed:
+                    failed = name  # its own tests say so; the next fault would land on a group not whole
+        return out
+
+    return run(main(), 1200)
+
+
+def outcome(story: dict[str, object], name: str) -> Any:
+    got = story[name]
+    if isinstance(got, BaseException):
+        raise RuntimeError(f"the {name} scenario did not run through: {got!r}") from got
+    return got
+
+
+@pytest.fixture(scope="module")
+def killed(story) -> Outcome:
+    return outcome(story, "killed")
+
+
+@pytest.fixture(scope="module")
+def frozen(story) -> Outcome:
+    return outcome(story, "frozen")
+
+
+@pytest.fixture(scope="module")
+def cut(story) -> Outcome:
+    return outcome(story, "cut")
+
+
+@pytest.fixture(scope="module")
+def blackholed(story) -> Outcome:
+    return outcome(story, "blackholed")
+
+
+@pytest.fixture(scope="module")
+def no_spare(story) -> dict:
+    return outcome(story, "no_spare")
 
 
 def test_kill_9_of_a_worker_mid_stream_with_a_spare_loses_and_repeats_no_token(ckpt, killed):
@@ -251,24 +408,6 @@ def test_kill_9_of_a_worker_mid_stream_with_a_spare_loses_and_repeats_no_token(c
         if job.temperature == 0:
             assert ref.tokens == transformers_tokens(ckpt, job), f"stream {job.index}"
     assert killed.detect is not None and killed.detect <= DETECT_BOUND, killed.detect
-
-
-# --------------------------------------------------------------------------- SIGSTOP 10 s, SIGCONT
-
-
-@pytest.fixture(scope="module")
-def frozen(ckpt, logs) -> Outcome:
-    async def fault(g: LocalGroup) -> None:
-        # the last stage: its answers go to the master (an earlier stage's go on over a direct hop,
-        # which the new pipeline has closed), so the master has late frames of it to drop and count
-        workers = (await health_now(g))["workers"]
-        last = max((w for w in workers if w["stage"] is not None), key=lambda w: w["stage"])
-        i = int(last["name"].rsplit("-", 1)[1])
-        g.freeze(i)
-        await asyncio.sleep(FREEZE_SECONDS)
-        g.thaw(i)
-
-    return run(spare_scenario(ckpt, logs / "freeze", fault), 400)
 
 
 def test_sigstop_10_s_then_sigcont_mid_stream_with_a_spare_loses_and_repeats_no_token(frozen):
@@ -296,79 +435,16 @@ def test_late_frames_of_a_thawed_worker_are_dropped_and_counted(frozen):
     assert float(found.group(1)) >= 1, found.group(0)
 
 
-# --------------------------------------------------------------------------- a cut tunnel
-
-
-@pytest.fixture(scope="module")
-def cut(ckpt, logs) -> Outcome:
-    async def fault(g: LocalGroup) -> None:
-        if g.cut(1) < 1:  # the tunnel (and any other connection of that worker)
-            raise RuntimeError("no connection to cut")
-        await asyncio.sleep(1.0)  # the link stays down a moment: reconnects are refused
-        g.reconnect(1)
-
-    return run(spare_scenario(ckpt, logs / "cut", fault), 400)
-
-
 def test_a_tunnel_cut_at_a_proxy_mid_stream_with_a_spare_loses_and_repeats_no_token(cut):
     assert_identical(cut)
     assert cut.detect is not None and cut.detect <= DETECT_BOUND, cut.detect
     assert cut.reformed, "the cut worker did not reconnect and rejoin"
 
 
-@pytest.fixture(scope="module")
-def blackholed(ckpt, logs) -> Outcome:
-    """The path goes silent with no reset (Wi-Fi gone, a router dropping the flow): bytes are
-    dropped both ways while both sockets stay open."""
-
-    async def fault(g: LocalGroup) -> None:
-        if g.proxies[1].blackhole() < 1:
-            raise RuntimeError("no connection to blackhole")
-
-    return run(spare_scenario(ckpt, logs / "blackhole", fault), 400)
-
-
 def test_a_link_gone_silent_mid_stream_with_a_spare_is_detected_within_3_s_and_loses_no_token(blackholed):
     assert_identical(blackholed)
     assert blackholed.detect is not None and blackholed.detect <= DETECT_BOUND, blackholed.detect
     assert blackholed.reformed, "the worker did not notice, reconnect and rejoin"
-
-
-# --------------------------------------------------------------------------- no spare
-
-
-@pytest.fixture(scope="module")
-def no_spare(ckpt, logs) -> dict:
-    """2 workers, both needed (the master serves with 2): kill -9 one while 4 greedy streams
-    run; record what clients see (new requests: 503; running streams: an error event)."""
-
-    async def main() -> dict:
-        async with LocalGroup(str(ckpt), 2, 2, logs / "nospare", link_delay_ms=20, startup_timeout=STARTUP) as g:
-            health = HealthLog(g)
-            health.start()
-            live: list[StreamRecord] = []
-            task = asyncio.create_task(run_workload(g.api, g.model_id, JOBS[0:8:2], 4, 120, live))
-            try:
-                await until(lambda: len(live) == 4 and all(len(r.tokens) >= 5 for r in live), 60, "5 tokens each")
-                epoch, at = (await health_now(g))["epoch"], time.monotonic()
-                await g.kill(1)
-                await until(lambda: health.first_epoch_after(at, epoch, time.monotonic()) is not None, 30, "detection")
-                detect = (health.first_epoch_after(at, epoch, time.monotonic()) or at) - at
-                body = {"model": g.model_id, "prompt": "a new request", "max_tokens": 4}
-                async with (
-                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http,
-                    http.post(f"http://{g.api}/v1/completions", json=body) as r,
-                ):
-                    new = {"status": r.status, "retry_after": r.headers.get("Retry-After"), "body": await r.json()}
-                await asyncio.sleep(max(0.0, at + detect + 1.0 - time.monotonic()))
-                ended = [(r.ended_at is not None and r.ended_at - at <= detect + 1.0, r.error) for r in live]
-                return {"detect": detect, "new_request": new, "ended_in_time": ended}
-            finally:
-                task.cancel()  # a no-op once they ended
-                await asyncio.gather(task, return_exceptions=True)
-                await health.stop()
-
-    return run(main(), 300)
 
 
 def test_without_a_spare_a_new_request_gets_a_clean_503(no_spare):
@@ -386,30 +462,13 @@ def test_without_a_spare_the_503_says_when_to_retry(no_spare):
     assert no_spare["new_request"]["retry_after"] == "10"  # MasterConfig.retry_after
 
 
-# --------------------------------------------------------------------------- master restart
-
-
-def test_workers_rejoin_a_restarted_master_on_their_own(ckpt, logs):
-    """kill -9 the master and start it again on the same port: nobody touches the workers; they
-    reconnect (capped backoff with jitter), the group re-forms, and a greedy stream gives the
-    same tokens as before the restart."""
-
-    async def main() -> tuple[StreamRecord, StreamRecord, float]:
-        async with LocalGroup(str(ckpt), 2, 2, logs / "restart", startup_timeout=STARTUP) as g:
-            (before,) = await run_workload(g.api, g.model_id, JOBS[:1], 1, 60)
-            pids = [g.worker(i).pid for i in range(2)]
-            await g.restart_master()
-            t0 = time.monotonic()
-            await g.wait_whole(90)
-            rejoined = time.monotonic() - t0
-            (after,) = await run_workload(g.api, g.model_id, JOBS[:1], 1, 60)
-            assert [g.worker(i).pid for i in range(2)] == pids  # the same processes, never restarted
-            return before, after, rejoined
-
-    before, after, rejoined = run(main(), 400)
+def test_workers_rejoin_a_restarted_master_on_their_own(story):
+    got = outcome(story, "restart")
+    before, after = got["before"], got["after"]
+    assert got["same_processes"]  # the same processes, never restarted
     assert before.completed and after.completed, (before.error, after.error)
     assert after.tokens == before.tokens
-    assert rejoined < 90
+    assert got["rejoined"] < 90
 
 
 # --------------------------------------------------------------------------- client disconnect
