@@ -85,12 +85,21 @@ def test_interrupted_conversion_never_looks_complete(tmp_path, monkeypatch):
         ensure_default_model(tmp_path)
     final = default_model_dir(tmp_path)
     assert not final.exists() and not calls[0].exists()
-    # a final folder without the marker (e.g. copied by hand, or an old crash) is redone
+    # a final folder without the marker (e.g. copied by hand, or an old crash) is redone (by a
+    # stand-in conversion: the real one is checked above, on the module's converted copy)
     final.mkdir(parents=True)
     (final / "config.json").write_text("{}")
-    monkeypatch.undo()
+
+    def converts(gguf, out):
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"converted")
+
+    monkeypatch.setattr(default_model, "_convert", converts)
     folder = ensure_default_model(tmp_path)
-    assert (folder / MARKER).exists() and (folder / "model.safetensors").exists()
+    assert folder == final and len(calls) == 2 and not calls[1].exists()  # made aside, then renamed
+    assert (folder / MARKER).exists() and (folder / "model.safetensors").read_bytes() == b"converted"
+    assert not (folder / "config.json").exists()  # the stale folder was replaced, not merged
 
 
 def test_default_model_three_stages_matches_transformers():
