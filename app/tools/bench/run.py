@@ -14,7 +14,8 @@ ratio, side by side on one live group (:mod:`app.tools.bench.burst`).  ``--concu
 ``--single``: MoLink's local stages against one transformers process (:mod:`app.tools.bench.local`).
 ``--hops``: one stream at a time, direct stage-to-stage hops against every hop relayed through
 the master (:mod:`app.tools.bench.hops`).  ``--speculative``: copy, edit, summarize and open chat,
-decode tokens/s with and without prompt-lookup speculation (:mod:`app.tools.bench.speculative`).  ``--simulate`` also runs ``full`` with every hop direct beside it.
+decode tokens/s with and without prompt-lookup speculation (:mod:`app.tools.bench.speculative`).
+``--simulate`` also runs ``full`` with every hop direct beside it.
 """
 
 from __future__ import annotations
