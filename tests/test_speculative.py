@@ -236,6 +236,7 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
             stopped_off = await _generate(c, COPY, greedy(new, stop=(stop,)))
             e.speculative = True
             held = e.held()
+            assert e.replays == 0  # no step was refused by a stage (positions, generations, KV budget)
             e.forget_idle_prefixes()
             await asyncio.sleep(0.3)  # Free crosses the tunnels
             left = sum(len(s) for s in mine)
@@ -271,3 +272,35 @@ def test_other_families_speculate_token_identical(tmp_path, arch, seed):
     tokens, accepted = run(main())
     assert tokens == reference_greedy(path, COPY, new)
     assert accepted > 0
+
+
+def test_drafts_fit_a_tight_kv_budget_rejected_ones_counted(llama):
+    """Three copy requests at once through a KV budget that does not hold them all (preemption,
+    drafts limited by the room left): no stage ever refuses a step (a refusal would replay the
+    request) and every answer is still transformers'."""
+    new = 40
+    prompts = [COPY[i:] for i in range(3)]
+
+    async def main():
+        async with Cluster(llama, workers=2, speculative=True, max_kv_tokens=200) as c:
+            got = await asyncio.gather(*(_generate(c, p, greedy(new)) for p in prompts))
+            return [t for t, _, _ in got], c.engine.replays, c.engine.accepted_tokens, c.engine.preemptions
+
+    got, replays, accepted, preemptions = run(main())
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == reference_greedy(llama, prompt, new)
+    assert replays == 0 and accepted > 0
+    assert preemptions > 0, "the test needs a budget that does not hold them all"
+
+
+def test_rejected_drafts_kv_is_counted_until_the_next_step_overwrites_it():
+    from master_core.engine import _kv_own
+    from master_core.request import Request
+
+    r = Request(1, prompt=list(range(10)), params=SamplingParams(max_tokens=20))
+    r.tokens += [5, 6]  # 12 tokens; its last step wrote positions up to 16 (drafts), 2 of them accepted
+    r.computed = r.scheduled = 11
+    r.written = 16
+    assert _kv_own(r) == 16  # the stages hold 16 positions until the next step truncates them
+    r.written = 12  # that step started at 11 and wrote one token
+    assert _kv_own(r) == 12

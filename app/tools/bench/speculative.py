@@ -36,7 +36,8 @@ TASK_TIMEOUT = 900.0  # seconds one answer may take at most
 PASSAGE = (
     "Pooling consumer graphics cards lets a group of friends serve a language model that none of "
     "them could hold alone. Each machine keeps a contiguous range of layers, and the activations "
-    "travel from one machine to the next over ordinary home links."
+    "travel from one machine to the next over ordinary home links. A step that crosses a slow link "
+    "costs far more than the computation it carries."
 )
 CODE = """def mean(values):
     count = 0
@@ -47,7 +48,7 @@ CODE = """def mean(values):
     return total / count
 """
 TASKS: dict[str, tuple[str, str]] = {  # name -> (kind, user message)
-    "copy": ("grounded", f"Repeat the following passage word for word, and nothing else:\n\n{PASSAGE}"),
+    "copy": ("grounded", f"Copy this text exactly:\n\n{PASSAGE}"),
     "edit": (
         "grounded",
         f"Rename the variable `count` to `n` in this Python function and give back the whole function:\n\n{CODE}",
