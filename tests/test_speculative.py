@@ -230,6 +230,7 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
             text = got[1]
             stop = text[len(text) // 2 : len(text) // 2 + 3]
             stopped = await _generate(c, COPY, greedy(new, stop=(stop,)))
+            looped_on = e.looped_steps
             e.speculative = False
             trips_on = e.draft_trips
             off = [await _generate(c, COPY, p) for p in (seeded, loose)]
@@ -237,6 +238,8 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
             e.speculative = True
             held = e.held()
             assert e.replays == 0  # no step was refused by a stage (positions, generations, KV budget)
+            # where nothing was found to draft for a few steps, requests looped back as without speculation
+            assert looped_on > 0
             e.forget_idle_prefixes()
             await asyncio.sleep(0.3)  # Free crosses the tunnels
             left = sum(len(s) for s in mine)
