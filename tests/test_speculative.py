@@ -96,6 +96,9 @@ def test_drafts_stay_within_max_tokens_context_step_and_kv():
     assert plan_drafts([c], [r], 2, 100, 512)[0][0].rows == 3  # the step's token budget
     assert plan_drafts([c], [r], 100, 1, 512)[0][0].rows == 2  # the KV room
     assert plan_drafts([c], [r], 100, 100, len(tokens) + 3)[0][0].rows == 3  # the context
+    r.constraint = object()  # a grammar's state would have to follow every draft: no drafts
+    assert plan_drafts([c], [r], 100, 100, 512) == ([c], 0)
+    r.constraint = None
     prefill = Chunk(1, 0, len(tokens), True)  # a prefill carries no drafts
     assert plan_drafts([prefill], [r], 100, 100, 512) == ([prefill], 0) and r.spec.pending == ()
 
