@@ -30,6 +30,9 @@ class MasterConfig:
     max_body_bytes: int = 4 * 1024 * 1024  # larger HTTP bodies get 413
     max_kv_tokens: int = 65536  # KV cache cap per stage, in tokens
     prefix_cache: bool = True  # keep ended requests' KV on the stages and reuse cached prompt prefixes
+    # draft tokens from each request's own tokens (prompt lookup) and verify them in one step
+    # (master_core.speculation); off by default: it pays on slow links and text that repeats its prompt
+    speculative: bool = False
     policy: str = "full"  # scheduling policy: full | no-chunking | fixed-microbatches | single-microbatch
     microbatches: int | None = None  # force this many micro-batches in flight (None: the policy decides)
     assign_timeout: float = 900.0  # seconds a worker may take to load its layers

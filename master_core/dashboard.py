@@ -163,6 +163,8 @@ class Dashboard:
                     "requests": e.requests_finished,
                     # prompt tokens of ended requests reused from the prefix cache (0..1; None before any)
                     "cache_hit_rate": e.cached_tokens_total / e.prompt_tokens_total if e.prompt_tokens_total else None,
+                    # speculative decoding: drafts accepted of those sent (0..1; None before any)
+                    "draft_acceptance": e.accepted_tokens / e.drafted_tokens if e.drafted_tokens else None,
                 },
             },
             headers={"Cache-Control": "no-store"},

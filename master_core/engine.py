@@ -69,10 +69,12 @@ from .scheduler import (
     MicrobatchTuner,
     Policy,
     admit_and_preempt,
+    cycle_time,
     microbatch_count,
     next_microbatch,
     policy,
 )
+from .speculation import Speculator, inputs, plan_drafts, verify
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")
@@ -117,6 +119,10 @@ class Engine:
         self.clock = time.monotonic
         self.direct = True  # use the group's direct hops (off: relay every hop; benchmarks compare both)
         self.loop_back = True  # let the last stage feed its drawn tokens straight back (benchmarks compare)
+        self.speculative = config.speculative  # draft tokens by prompt lookup (master_core.speculation)
+        self.draft_trips = 0  # steps that carried drafts
+        self.drafted_tokens = 0  # drafts sent
+        self.accepted_tokens = 0  # of those, accepted
         self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
         self._looping_lanes = 0  # lanes whose micro-batch loops back now
         # counters for /health and the dashboard
@@ -261,6 +267,9 @@ class Engine:
             self.prefix.acquire(hit.entry)
             req.prefix, req.base_len = hit.entry, hit.length
         req.computed = req.scheduled = req.base_len
+        req.written = 0
+        if req.spec is not None:
+            req.spec.pending = ()
         if req.first_token_at is None:
             req.cached_tokens = min(req.base_len, len(req.prompt))
 
@@ -458,17 +467,20 @@ class Engine:
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
+            if self.speculative:
+                chunks = self._draft(chunks, reqs)
             loop = self._loop_steps(chunks, reqs)
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length + loop
+                r.written = c.start + c.length
                 r.in_flight += 1
             looped: list[Expected] = []
             awaited = 0
             kv_ids = {r.id: r.kv_id for r in reqs}  # a request restarted meanwhile has another
             self._looping_lanes += bool(loop)
             try:
-                sent = [Chunk(r.kv_id, c.start, c.length, c.want_logits) for c, r in zip(chunks, reqs)]
-                tokens = {r.kv_id: r.tokens[c.start : c.start + c.length] for c, r in zip(chunks, reqs)}
+                sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
+                tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
                 draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
                 topk = self._topk(reqs)
                 marks = {r.kv_id: (r.kv_gen, _base(r, c.start)) for c, r in zip(chunks, reqs)}
@@ -559,6 +571,21 @@ class Engine:
         request of the micro-batch is constrained (its grammar may allow none of the top k)."""
         return 0 if any(r.constraint is not None for r in reqs) else self.config.logits_topk
 
+    def _draft(self, chunks: list[Chunk], reqs: list[Request]) -> list[Chunk]:
+        """The micro-batch with drafts added to its decode steps (:mod:`master_core.speculation`),
+        within the step's token budget and the KV every stage has free (evicting idle cached
+        prefixes for them)."""
+        for r in reqs:
+            if r.spec is None:
+                r.spec = Speculator()
+        held = sum(_kv_own(r) + 1 for r in self.running.values())
+        held += self.prefix.held_tokens - self.prefix.evictable_tokens
+        step_room = self.config.max_batch_tokens - sum(c.length for c in chunks)
+        out, added = plan_drafts(chunks, reqs, step_room, self.group.kv_tokens - held, self.context_length)
+        if added:
+            self._fit_cache(added)
+        return out
+
     def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
         (``Step.loop``, drawing each token as the master would: ``wire.Draw``), skipping the
@@ -572,6 +599,8 @@ class Engine:
         if not (self.loop_back and self.direct and g.loop_back.direct and all(h.direct for h in g.hops)):
             return 0
         if self._looping_lanes + 1 >= self.policy.max_microbatches:
+            return 0
+        if any(r.spec is not None and r.spec.drafting for r in reqs):  # its steps verify drafts here
             return 0
         n = LOOP_STEPS
         for c, r in zip(chunks, reqs):
@@ -625,35 +654,64 @@ class Engine:
         now = self.clock()
         for c in chunks:
             req = self.running.get(c.request_id)
-            if c.want_logits:
-                row += 1
+            first, row = row, row + c.logit_rows
             if req is None or req.finished or req.scheduled < c.start + c.length:
                 continue  # gone, or reset for a replay meanwhile
-            req.computed = max(req.computed, c.start + c.length)
             req.retries = 0
+            if c.rows > 1:  # drafts to verify: the request goes on from the first one rejected
+                self._verify(req, c, logits[first:row], topk, now)
+                continue
+            req.computed = max(req.computed, c.start + c.length)
             if not c.want_logits or req.computed < len(req.tokens):
                 continue
-            try:
-                values, ids, lse = candidates(logits[row - 1], topk)
-                if req.constraint is not None:
-                    values = _constrained(values, req.constraint.allowed(ids))
-                elif topk != self.config.logits_topk:
-                    values, ids = _top(values, ids, self.config.logits_topk)
-                if drawn:
-                    s = chosen(values, ids, lse, drawn[row - 1], req.params)
-                else:
-                    generator = token_generator(req.seed, len(req.tokens))
-                    s = sample(values, ids, lse, req.params, generator, req.output)
-                if req.constraint is not None and s.token_id not in self.eos_ids:
-                    req.constraint.advance(s.token_id)
-                req.tokens.append(s.token_id)
-                self.tokens_generated += 1
-                if req.first_token_at is None:
-                    req.first_token_at = now
-                self._emit(req, s.token_id, s.logprob, s.top_logprobs)
-            except Exception as e:  # a bug costs this request only
-                log.exception("request %d: sampling or streaming failed", req.id)
-                self._finish(req, RequestState.FAILED, "error", f"internal error: {type(e).__name__}")
+            self._take(req, logits[row - 1], topk, drawn[row - 1] if drawn else None, now)
+
+    def _take(self, req: Request, row: torch.Tensor, topk: int, drawn: int | None, now: float) -> int | None:
+        """Give ``req`` its next token from one row of logits: drawn here (within its grammar,
+        if it has one), or ``drawn`` by the last stage.  Returns it, or None when the request
+        ended before or with it (or failed)."""
+        try:
+            values, ids, lse = candidates(row, topk)
+            if req.constraint is not None:
+                values = _constrained(values, req.constraint.allowed(ids))
+            elif topk != self.config.logits_topk:
+                values, ids = _top(values, ids, self.config.logits_topk)
+            if drawn is not None:
+                s = chosen(values, ids, lse, drawn, req.params)
+            else:
+                generator = token_generator(req.seed, len(req.tokens))
+                s = sample(values, ids, lse, req.params, generator, req.output)
+            if req.constraint is not None and s.token_id not in self.eos_ids:
+                req.constraint.advance(s.token_id)
+            req.tokens.append(s.token_id)
+            self.tokens_generated += 1
+            if req.first_token_at is None:
+                req.first_token_at = now
+            self._emit(req, s.token_id, s.logprob, s.top_logprobs)
+        except Exception as e:  # a bug costs this request only
+            log.exception("request %d: sampling or streaming failed", req.id)
+            self._finish(req, RequestState.FAILED, "error", f"internal error: {type(e).__name__}")
+            return None
+        return None if req.finished else s.token_id
+
+    def _verify(self, req: Request, c: Chunk, rows: torch.Tensor, topk: int, now: float) -> None:
+        """Fold a speculative step in (:mod:`master_core.speculation`): row j draws the token at
+        ``len(tokens)``, kept while it equals draft j; the KV is valid up to the last accepted
+        draft, and the next step starts there (the stages truncate the rest)."""
+        spec = req.spec
+        drafts = spec.pending if spec is not None else ()
+        if spec is None or len(drafts) + 1 != c.rows or c.start + 1 != len(req.tokens):
+            self._finish(req, RequestState.FAILED, "error", "internal error: a speculative step lost its drafts")
+            return
+        spec.pending = ()
+        accepted = verify(drafts, lambda j: self._take(req, rows[j], topk, None, now))
+        req.computed = c.start + 1 + accepted
+        req.scheduled = req.computed
+        costs = self.costs()
+        spec.observe(len(drafts), accepted, (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None)
+        self.draft_trips += 1
+        self.drafted_tokens += len(drafts)
+        self.accepted_tokens += accepted
 
     def _emit(self, req: Request, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
         p = req.params
@@ -712,8 +770,9 @@ def _timeline(
     return {
         "began": began,
         "ended": ended,
-        "decodes": sum(1 for c in chunks if c.length == 1),
-        "prefill_tokens": sum(c.length for c in chunks if c.length > 1),
+        "decodes": sum(1 for c in chunks if c.length == 1 or c.rows > 1),
+        "prefill_tokens": sum(c.length for c in chunks if c.length > 1 and c.rows == 1),
+        "drafts": sum(c.rows - 1 for c in chunks),
         "computes": list(went.computes) if went is not None else [],
         "queued": went.queued if went is not None else 0.0,
         "legs": went.legs if went is not None else 0,
@@ -743,8 +802,9 @@ _KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.Q
 
 def _kv_own(r: Request) -> int:
     """KV tokens a request holds or has in flight of its own on each stage (a loop-back runs
-    ahead of its tokens; the cached prefix it starts from is counted once, in the cache)."""
-    return max(len(r.tokens), r.scheduled) - r.base_len
+    ahead of its tokens, rejected drafts stay until its next step; the cached prefix it starts
+    from is counted once, in the cache)."""
+    return max(len(r.tokens), r.scheduled, r.written) - r.base_len
 
 
 def _base(r: Request, start: int) -> int:

@@ -86,7 +86,8 @@ class Relay:
         topk = self.topk if topk is None else topk
         marks = marks or {}
         segments = tuple(
-            Segment(c.request_id, c.start, c.length, c.want_logits, *marks.get(c.request_id, (0, 0))) for c in chunks
+            Segment(c.request_id, c.start, c.length, c.want_logits, *marks.get(c.request_id, (0, 0)), rows=c.rows)
+            for c in chunks
         )
         ids: list[int] = []
         for c in chunks:
@@ -129,7 +130,7 @@ class Relay:
                     looped = []
                 x = result.tensor  # hidden [T, hidden] or logits [n, row]
                 last = at == len(stages) - 1
-                expect = (sum(c.want_logits for c in chunks), row) if last else (total, dims.hidden_size)
+                expect = (sum(c.logit_rows for c in chunks), row) if last else (total, dims.hidden_size)
                 drawn = result.tokens
                 if drawn and (not last or len(drawn) != expect[0] or max(drawn) >= dims.vocab_size):
                     why = f"named {len(drawn)} drawn tokens for {expect[0]} rows"

@@ -42,6 +42,12 @@ class _EngineCollector:
             value=e.cached_tokens_total,
         )
         yield CounterMetricFamily(
+            "molink_drafted_tokens", "Tokens drafted by prompt lookup and sent to be verified", value=e.drafted_tokens
+        )
+        yield CounterMetricFamily(
+            "molink_accepted_draft_tokens", "Of those, the ones accepted", value=e.accepted_tokens
+        )
+        yield CounterMetricFamily(
             "molink_late_frames",
             "Frames of a replaced pipeline dropped: results of an old epoch, frames of workers dropped as unresponsive",
             value=g.late_frames + e.stale_results,

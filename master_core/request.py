@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from worker_core.sampling import SEED_MASK
 
 from .prefix_cache import Entry
+from .speculation import Speculator
 
 if TYPE_CHECKING:
     from .grammar import Constraint, Grammar
@@ -97,6 +98,8 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     constraint: Constraint | None = None  # its grammar's state (params.grammar), advanced by each token
+    spec: Speculator | None = None  # its drafting state when the engine speculates (master_core.speculation)
+    written: int = 0  # end of the last segment sent under its KV id: what the stages may hold (rejected drafts)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

@@ -117,6 +117,11 @@ class Chunk:
     start: int  # first position of this chunk
     length: int
     want_logits: bool  # the chunk reaches the end of the request's tokens: sample after it
+    rows: int = 1  # with want_logits: logits of its last ``rows`` tokens (drafts to verify: master_core.speculation)
+
+    @property
+    def logit_rows(self) -> int:
+        return self.rows if self.want_logits else 0
 
 
 # --------------------------------------------------------------------------- timing model

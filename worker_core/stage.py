@@ -9,7 +9,7 @@ each request attending only to its own KV cache (see :mod:`worker_core.kv_cache`
 
 * input: token ids ``[T] int64`` on the first stage, hidden states ``[T, hidden]`` elsewhere.
 * output: hidden states ``[T, hidden]``, or on the last stage float32 logits
-  ``[segments wanting logits, vocab]`` (the last token of each such segment), or with
+  ``[rows wanted, vocab]`` (the last ``Segment.logit_rows`` tokens of each segment), or with
   ``topk`` = k only the packed top-k rows ``[n, 1 + 2k]`` (see ``wire.Result``).
 
 A segment starting at 0, or from a cached prefix (``Segment.base``: the first ``start``
@@ -171,8 +171,7 @@ class StageRunner:
             ends, end = [], 0
             for s in segments:
                 end += s.length
-                if s.want_logits:
-                    ends.append(end - 1)
+                ends.extend(range(end - s.logit_rows, end))  # its last rows (drafts verified: several)
             rows = hidden[torch.tensor(ends, dtype=torch.long, device=sh.device)]
             result = sh.lm_head(sh.norm(rows)).float()  # [n, vocab]
             result = _finish_logits(sh.config, result)

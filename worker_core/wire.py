@@ -300,6 +300,14 @@ class Segment:
     # nonzero: the request is new here and its first ``start`` tokens are those of the cached KV id
     # ``base`` (a prefix held on every stage, shared, never written again); needs ``start`` > 0
     base: int = 0
+    # with ``want_logits``: the logits of the segment's last ``rows`` tokens (1 <= rows <= length),
+    # in order: a speculative step verifies drafted tokens (master_core.speculation); else 1
+    rows: int = 1
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits the last stage returns for this segment."""
+        return self.rows if self.want_logits else 0
 
 
 @dataclass(frozen=True)
@@ -344,7 +352,8 @@ class Step:
 @dataclass(frozen=True)
 class Result:
     """worker -> master: output of ``step_id``.  tensor: hidden [T, hidden] or, on the last
-    stage, for the n segments wanting logits: logits [n, vocab] float32, or with ``topk`` = k
+    stage, for the n rows the segments want (``Segment.logit_rows``, in segment order): logits
+    [n, vocab] float32, or with ``topk`` = k
     the packed rows [n, 1 + 2k] float32 = (logsumexp of the full row, the k largest logits in
     descending order, their token ids as exact integers)."""
 
@@ -515,7 +524,13 @@ def _segments(h: dict[str, Any]) -> tuple[Segment, ...]:
             want_logits=_bool(s, "want_logits"),
             generation=_int({"generation": s.get("generation", 0)}, "generation"),
             base=_int({"base": s.get("base", 0)}, "base"),
+            rows=_int({"rows": s.get("rows", 1)}, "rows", 1, MAX_POSITION),
         )
+        if not 1 <= seg.rows <= seg.length or (seg.rows > 1 and not seg.want_logits):
+            raise ProtocolError(
+                f"request {seg.request_id}: 'rows' ({seg.rows}) must be in [1, length {seg.length}], "
+                "and above 1 only with want_logits"
+            )
         if seg.base and (seg.start == 0 or seg.base == seg.request_id):
             raise ProtocolError(f"request {seg.request_id}: a cached prefix needs start > 0 and another KV id")
         if seg.request_id in seen:
@@ -543,6 +558,8 @@ def _segment_json(s: Segment) -> dict[str, Any]:
         out["generation"] = s.generation
     if s.base:
         out["base"] = s.base
+    if s.rows != 1:
+        out["rows"] = s.rows
     return out
 
 
@@ -784,6 +801,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         draws = _draws(h)
         if len(draws) != (len(segments) if loop else 0):
             raise ProtocolError("a looping step has one draw per segment, any other step none")
+        if loop and any(seg.rows != 1 for seg in segments):
+            raise ProtocolError("a looping step wants one row of logits per segment")
         return Step(
             step_id=_int(h, "step_id"),
             epoch=_int(h, "epoch"),

@@ -124,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
             "join and serve through it; paired groups only",
         )
         parser.add_argument(
+            "--speculative",
+            action="store_true",
+            default=MasterConfig.speculative,
+            help="draft tokens from each request's own text (prompt lookup) and verify several per trip through "
+            "the pipeline: faster on slow links for answers that repeat their prompt (copy, edit, summarize); "
+            "greedy and seeded output unchanged",
+        )
+        parser.add_argument(
             "--capacity-wait",
             type=float,
             default=MasterConfig.capacity_wait,
@@ -307,6 +315,11 @@ def _parser() -> argparse.ArgumentParser:
         "--chat",
         action="store_true",
         help="a 5-turn conversation (a pasted document): TTFT with and without prefix caching",
+    )
+    b.add_argument(
+        "--speculative",
+        action="store_true",
+        help="copy, edit, summarize and open chat: decode tokens/s with and without prompt-lookup speculation",
     )
     b.add_argument(
         "--no-loop-back",

@@ -47,6 +47,7 @@ def bench(args: argparse.Namespace, sup: Supervision) -> Run:
         concurrent=args.concurrent,
         hops=args.hops,
         chat=args.chat,
+        speculative=args.speculative,
         loop_back=not args.no_loop_back,
         out=Path(args.out),
         burst_prompts=tuple(int(x) for x in args.burst_prompts.split(",") if x),

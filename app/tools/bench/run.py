@@ -13,7 +13,9 @@ arrive within seconds; per (profile, policy) the streams' inter-token gap p50, p
 ratio, side by side on one live group (:mod:`app.tools.bench.burst`).  ``--concurrent N`` and
 ``--single``: MoLink's local stages against one transformers process (:mod:`app.tools.bench.local`).
 ``--hops``: one stream at a time, direct stage-to-stage hops against every hop relayed through
-the master (:mod:`app.tools.bench.hops`).  ``--simulate`` also runs ``full`` with every hop direct beside it.
+the master (:mod:`app.tools.bench.hops`).  ``--speculative``: copy, edit, summarize and open chat,
+decode tokens/s with and without prompt-lookup speculation (:mod:`app.tools.bench.speculative`).
+``--simulate`` also runs ``full`` with every hop direct beside it.
 """
 
 from __future__ import annotations
@@ -265,6 +267,15 @@ async def run_bench(opts: BenchOptions) -> int:
         (opts.out / "chat.json").write_text(json.dumps(report, indent=2, default=float))
         print(chat_table(report["chat"]))
         print(f"wrote {opts.out / 'chat.json'}")
+        return 0
+    if opts.speculative:
+        from .speculative import local_copy, speculative_profile, speculative_table
+
+        report["speculative"] = [await speculative_profile(opts, profile) for profile in opts.profiles]
+        report["local_copy"] = await local_copy(opts)
+        (opts.out / "speculative.json").write_text(json.dumps(report, indent=2, default=float))
+        print(speculative_table(report["speculative"], report["local_copy"]))
+        print(f"wrote {opts.out / 'speculative.json'}")
         return 0
     if opts.hops:
         from .hops import hops_profile, hops_table

@@ -1,0 +1,209 @@
+"""`molink bench --speculative`: decode speed with and without prompt-lookup speculation, on one live group.
+
+Contract: ``speculative_profile(opts, profile)`` starts a shaped local group (the master in this
+process, ``opts.workers`` worker processes on ``opts.model``, every link emulated at the
+profile's delay and rate, as the other real benches do) and runs every task of ``TASKS`` one
+request at a time, greedy, up to ``ANSWER_TOKENS`` tokens, first with speculation off (the
+engine as configured by default: the loop-back on where hops are direct), then on
+(:mod:`master_core.speculation`).  Tasks grounded in their prompt (copy a passage, edit a
+piece of code, summarize a text; the text is given in the prompt) and open-ended chat.  Per
+task and mode it reports the decode tokens/s (tokens after the first over the time after the
+first), the trips the request's decode took (pipeline steps that carried it), tokens per trip,
+drafts sent and accepted per trip, and the bytes each hop carried per generated token (hidden
+states of every row sent, drafts included); per task whether both modes gave identical
+tokens and the speed-up.  ``local_copy(opts)`` decodes the copy task in one transformers
+process with no links at all (the ceiling a group is compared with).  ``speculative_table``
+prints it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from master_core.request import FinishEvent, SamplingParams
+
+if TYPE_CHECKING:
+    from master_core.server import Master
+
+    from .options import BenchOptions
+
+ANSWER_TOKENS = 64  # max_tokens of every answer (greedy): short, for a CPU run
+TASK_TIMEOUT = 900.0  # seconds one answer may take at most
+
+PASSAGE = (
+    "Pooling consumer graphics cards lets a group of friends serve a language model that none of "
+    "them could hold alone. Each machine keeps a contiguous range of layers, and the activations "
+    "travel from one machine to the next over ordinary home links. A step that crosses a slow link "
+    "costs far more than the computation it carries."
+)
+CODE = """def mean(values):
+    count = 0
+    total = 0.0
+    for v in values:
+        total += v
+        count += 1
+    return total / count
+"""
+TASKS: dict[str, tuple[str, str]] = {  # name -> (kind, user message)
+    "copy": ("grounded", f"Copy this text exactly:\n\n{PASSAGE}"),
+    "edit": (
+        "grounded",
+        f"Rename the variable `count` to `n` in this Python function and give back the whole function:\n\n{CODE}",
+    ),
+    "summarize": ("grounded", "Summarize this text in a few sentences:\n\n{wonderland}"),
+    "chat": ("open", "What do you like most about autumn? Tell me in a few sentences."),
+}
+WONDERLAND_CHARS = 1400  # of the package's public-domain text, for the summary task
+MODES = {"off": False, "speculative": True}
+
+
+def _messages(task: str) -> list[dict]:
+    text = TASKS[task][1]
+    if "{wonderland}" in text:
+        doc = resources.files("app.tools").joinpath("data/wonderland.txt").read_text(encoding="utf-8")
+        text = text.format(wonderland=doc[:WONDERLAND_CHARS].strip())
+    return [{"role": "user", "content": text}]
+
+
+def _prompt(tokenizer: Any, task: str) -> list[int]:
+    text = tokenizer.apply_chat_template(_messages(task), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
+    """One greedy answer, alone on the group: its figures and tokens."""
+    engine = master.engine
+    steps: list[dict] = []
+    engine.on_step = steps.append
+    drafted, accepted, trips = engine.drafted_tokens, engine.accepted_tokens, engine.draft_trips
+    try:
+        req = engine.submit(list(prompt), SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0))
+        times: list[float] = []
+        while True:
+            ev = await asyncio.wait_for(req.events.get(), TASK_TIMEOUT)
+            if isinstance(ev, FinishEvent):
+                if ev.reason == "error":
+                    raise RuntimeError(ev.error)
+                break
+            if ev.token_id >= 0:
+                times.append(time.perf_counter())
+    finally:
+        engine.on_step = None
+    decode = [s for s in steps if s["decodes"] and not s["prefill_tokens"]]  # its steps after the first token
+    rows = sum(s["decodes"] + s.get("drafts", 0) for s in decode)
+    n = len(req.output)
+    return {
+        "tokens": list(req.output),
+        "answer_tokens": n,
+        "decode_tokens_per_s": (n - 1) / (times[-1] - times[0]) if n > 1 else float("nan"),
+        "trips": len(decode),
+        "tokens_per_trip": (n - 1) / len(decode) if decode else float("nan"),
+        "drafts_per_trip": (engine.drafted_tokens - drafted) / max(1, engine.draft_trips - trips),
+        "accepted_per_trip": (engine.accepted_tokens - accepted) / max(1, engine.draft_trips - trips),
+        "draft_trips": engine.draft_trips - trips,
+        "bytes_per_hop_per_token": rows * hidden_bytes / max(1, n - 1),
+    }
+
+
+async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
+    from worker_core.wire import itemsize
+
+    from .common import shaped_group
+    from .options import PROFILES
+
+    mbps, rtt = PROFILES[profile]
+    async with shaped_group(opts, profile) as master:
+        engine = master.engine
+        warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        await engine.generate([1000 + 7 * i for i in range(16)], warm)  # first steps through fresh stages are slow
+        hidden_bytes = master.group.dims.hidden_size * itemsize(master.group.stages[0].hello.dtype)
+        tasks: dict[str, dict] = {}
+        for task, (kind, _) in TASKS.items():
+            prompt = await asyncio.to_thread(_prompt, engine.tokenizer, task)
+            modes = {}
+            for mode, on in MODES.items():
+                engine.speculative = on
+                engine.forget_idle_prefixes()  # both modes start with no cached prompt
+                modes[mode] = await _answer(master, prompt, hidden_bytes)
+            engine.speculative = False
+            same = modes["off"].pop("tokens") == modes["speculative"].pop("tokens")
+            speed = modes["speculative"]["decode_tokens_per_s"] / modes["off"]["decode_tokens_per_s"]
+            tasks[task] = {
+                "kind": kind,
+                "prompt_tokens": len(prompt),
+                "modes": modes,
+                "tokens_identical": same,
+                "speedup": speed,
+            }
+        loop_back = master.group.loop_back.direct
+    return {
+        "profile": profile,
+        "mbps": mbps,
+        "rtt_s": rtt,
+        "stages": opts.workers,
+        "model": opts.model,
+        "answer_tokens_max": ANSWER_TOKENS,
+        "loop_back_direct": loop_back,
+        "tasks": tasks,
+    }
+
+
+async def local_copy(opts: BenchOptions) -> dict:
+    """The copy task in one transformers process (torch's default threads), no links: greedy
+    decode tokens/s after the first token, measured as (n - 1) / (time(n) - time(1))."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker_core import model_source
+
+    folder = model_source.resolve(opts.model)
+
+    def run() -> dict:
+        tok = AutoTokenizer.from_pretrained(folder)
+        prompt = _prompt(tok, "copy")
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        x = torch.tensor([prompt])
+        with torch.inference_mode():
+            model.generate(x, max_new_tokens=4, do_sample=False)  # warm-up
+            t0 = time.perf_counter()
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            one = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(x, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+            total = time.perf_counter() - t0
+        n = out.shape[1] - x.shape[1]
+        return {"answer_tokens": n, "decode_tokens_per_s": (n - 1) / max(total - one, 1e-9)}
+
+    return await asyncio.to_thread(run)
+
+
+def speculative_table(rows: list[dict], local: dict | None) -> str:
+    lines = [
+        "| profile | task | tokens | tok/s off | tok/s spec | speed-up | tokens/trip off | tokens/trip spec "
+        "| drafts/trip | accepted/trip | KB/hop/token off | KB/hop/token spec | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for task, t in r["tasks"].items():
+            off, on = t["modes"]["off"], t["modes"]["speculative"]
+            lines.append(
+                f"| {r['profile']} | {task} ({t['kind']}) | {on['answer_tokens']} | "
+                f"{off['decode_tokens_per_s']:.1f} | {on['decode_tokens_per_s']:.1f} | {t['speedup']:.2f}x | "
+                f"{off['tokens_per_trip']:.2f} | {on['tokens_per_trip']:.2f} | {on['drafts_per_trip']:.2f} | "
+                f"{on['accepted_per_trip']:.2f} | {off['bytes_per_hop_per_token'] / 1e3:.2f} | "
+                f"{on['bytes_per_hop_per_token'] / 1e3:.2f} | {t['tokens_identical']} |"
+            )
+    if local is not None:
+        lines.append("")
+        lines.append(
+            f"one transformers process, no links, copy task: {local['decode_tokens_per_s']:.1f} tok/s "
+            f"({local['answer_tokens']} tokens)"
+        )
+        for r in rows:
+            on = r["tasks"]["copy"]["modes"]["speculative"]
+            ratio = on["decode_tokens_per_s"] / local["decode_tokens_per_s"]
+            lines.append(f"{r['profile']}: copy with speculation / one local process: {ratio:.2f}x")
+    return "\n".join(lines)

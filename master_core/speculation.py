@@ -1,0 +1,247 @@
+"""Speculative decoding with prompt lookup, driven by the master.
+
+Contract
+--------
+A decoding request may send, with its next token, up to ``k`` drafted tokens in the same
+segment (positions ``L-1 .. L-1+k`` for a request of ``L`` tokens) and ask the last stage for
+the logits of every one of those rows (``wire.Segment.rows``).  The master then verifies them
+(:func:`verify`): row ``j`` gives the token at position ``L+j`` drawn exactly as a plain decode
+step would draw it (the same sampler, penalties over the output so far, the request's seeded
+generator for that position: :func:`worker_core.sampling.token_generator`); draft ``j`` is
+accepted when that token equals it, and the first token that differs (or the bonus token after
+the last draft) ends the step.  So greedy output is token-identical to a run without drafts,
+and a seeded sampled request gives bit-identical tokens too.  For a prompt-lookup draft (a
+point mass on token ``x``) this is exact rejection sampling with coupled randomness: the draft
+is accepted with probability ``p(x)``, and on rejection the token is drawn from ``p`` with ``x``
+removed, renormalized (the draw that did not hit ``x``).  KV written for rejected drafts stays
+on the stages until the request's next step, which starts at the first unaccepted position:
+the stages' fence (``0 < start <= cached``) truncates it there.
+
+* :class:`PromptLookup` drafts from the request's own tokens (prompt + output, no model): the
+  tokens that followed the latest earlier occurrence of the longest trailing n-gram
+  (``MAX_NGRAM`` down to ``MIN_NGRAM`` tokens), from an index updated as tokens arrive.
+* :class:`Speculator` is one request's drafting state: its lookup, the per-token acceptance
+  rate it measured (decayed counts), its ``k`` (:func:`choose_k`: most expected tokens per
+  second of a trip, from the acceptance rate and the measured time of a trip of ``1 + k``
+  tokens), switched off (``k`` = 0) where drafting does not pay, re-probed every
+  ``REPROBE`` steps.
+* :func:`plan_drafts` turns the decode chunks of a micro-batch into speculative ones, within
+  the request's ``max_tokens`` and context, the step's token budget and the free KV room.
+* :func:`inputs` is a chunk's token ids (its drafts appended).
+* A request that drafts (:attr:`Speculator.drafting`) does not loop back: the engine gives the
+  loop-back to micro-batches none of whose requests drafts (drafting switched off, or nothing
+  found to draft for ``MISSES`` steps in a row), and looks for drafts again after each loop.
+
+Not done here: constrained (grammar) requests never draft (their next token depends on the
+grammar's state after each draft); the loop-back (the last stage feeding tokens straight back)
+does not run for a micro-batch that carries drafts.  Pure: no I/O, no clock; torch only in
+:func:`verify`'s callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from .scheduler import Chunk
+
+MAX_NGRAM = 3  # longest trailing n-gram looked up
+MIN_NGRAM = 2  # shortest (a single token matches too often in open text to be worth a draft)
+K_START = 4  # drafts a request begins with
+K_MAX = 8  # drafts per step at most
+REPROBE = 16  # decode steps with drafting switched off before it tries again
+DECAY = 0.8  # weight of the older observations of the acceptance rate at each new one
+PROBE_K = 2  # drafts of a re-probe
+MISSES = 4  # decode steps in a row with nothing to draft before the request may loop back again
+
+
+class PromptLookup:
+    """An n-gram index over one request's tokens: n-gram -> the position after its latest
+    occurrence that has a token after it (the trailing n-gram itself is never its own match)."""
+
+    def __init__(self) -> None:
+        self._index: dict[tuple[int, ...], int] = {}
+        self._seen = 0  # tokens indexed so far
+
+    def _update(self, tokens: Sequence[int]) -> None:
+        # every n-gram ending at position i - 1 gets a continuation once token i exists
+        for i in range(max(1, self._seen), len(tokens)):
+            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+                if i - n >= 0:
+                    self._index[tuple(tokens[i - n : i])] = i
+        self._seen = max(self._seen, len(tokens))
+
+    def draft(self, tokens: Sequence[int], k: int) -> tuple[int, ...]:
+        """Up to ``k`` tokens that may follow ``tokens`` (empty: no earlier match)."""
+        if k <= 0:
+            return ()
+        if len(tokens) < self._seen:  # the request was cut back (never in practice): index again
+            self._index.clear()
+            self._seen = 0
+        self._update(tokens)
+        for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
+            if len(tokens) < n:
+                continue
+            at = self._index.get(tuple(tokens[len(tokens) - n :]))
+            if at is not None:
+                return tuple(tokens[at : at + k])
+        return ()
+
+
+def choose_k(alpha: float, trip: Callable[[int], float], k_max: int = K_MAX) -> int:
+    """The number of drafts with the most expected tokens per second of a trip: ``1 + alpha
+    + ... + alpha**k`` tokens (each draft accepted with probability ``alpha`` once the ones
+    before it were) in ``trip(1 + k)`` seconds.  0: drafting does not pay."""
+    best, best_rate = 0, 1.0 / max(trip(1), 1e-9)
+    expected = 1.0
+    for k in range(1, k_max + 1):
+        expected += alpha**k
+        rate = expected / max(trip(1 + k), 1e-9)
+        if rate > best_rate * 1.02:  # a 2% margin: a draft must pay for itself
+            best, best_rate = k, rate
+    return best
+
+
+def _flat_trip(tokens: int) -> float:
+    """A trip's time before any is measured: mostly fixed, a little more per token."""
+    return 1.0 + 0.05 * tokens
+
+
+@dataclass
+class Speculator:
+    """One request's drafting state (see the module docstring)."""
+
+    lookup: PromptLookup = field(default_factory=PromptLookup)
+    k: int = K_START
+    accepted: float = 0.0  # decayed count of drafts accepted
+    tried: float = 0.0  # decayed count of drafts verified (accepted, or the first rejected)
+    idle: int = 0  # decode steps since drafting was switched off
+    pending: tuple[int, ...] = ()  # the drafts of the step in flight
+    trips: int = 0  # steps that carried drafts
+    drafted: int = 0  # drafts sent
+    hits: int = 0  # drafts accepted
+    misses: int = 0  # decode steps in a row that found nothing to draft
+
+    @property
+    def drafting(self) -> bool:
+        """It drafts now: its decode steps go through the master (which verifies), not around
+        the loop-back (whose fed-back steps carry no drafts).  Not while drafting is switched
+        off, nor after ``MISSES`` steps in a row found nothing to draft."""
+        return self.k > 0 and self.misses < MISSES
+
+    @property
+    def alpha(self) -> float:
+        """Measured probability that a draft is accepted, given the ones before it were
+        (the prior: one accepted of two)."""
+        return (self.accepted + 1.0) / (self.tried + 2.0)
+
+    def budget(self) -> int:
+        """Drafts to try on the next decode step (a re-probe when switched off long enough)."""
+        if self.k:
+            return self.k
+        self.idle += 1
+        return PROBE_K if self.idle >= REPROBE else 0
+
+    def observe(self, drafted: int, accepted: int, trip: Callable[[int], float] | None) -> None:
+        """A step verified ``drafted`` drafts and accepted the first ``accepted``: update the
+        acceptance rate and choose ``k`` again."""
+        self.trips += 1
+        self.drafted += drafted
+        self.hits += accepted
+        self.accepted = self.accepted * DECAY + accepted
+        self.tried = self.tried * DECAY + accepted + (1 if accepted < drafted else 0)
+        self.k = choose_k(self.alpha, trip or _flat_trip)
+        self.idle = 0
+
+
+class _Params(Protocol):
+    @property
+    def max_tokens(self) -> int: ...
+
+
+class Drafting(Protocol):
+    """What drafting reads of a request (:class:`master_core.request.Request`)."""
+
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def output(self) -> list[int]: ...
+    @property
+    def params(self) -> _Params: ...
+    @property
+    def constraint(self) -> object | None: ...
+    @property
+    def spec(self) -> Speculator | None: ...
+
+
+def eligible(chunk: Chunk, req: Drafting) -> bool:
+    """A decode step of a request that may carry drafts: its one next token, nothing else of
+    it in the step, no grammar (its state would have to follow every draft)."""
+    return (
+        req.spec is not None
+        and chunk.length == 1
+        and chunk.want_logits
+        and chunk.start + 1 == len(req.tokens)
+        and req.constraint is None
+    )
+
+
+def plan_drafts(
+    chunks: Sequence[Chunk], reqs: Sequence[Drafting], step_room: int, kv_room: int, context: int
+) -> tuple[list[Chunk], int]:
+    """The micro-batch's chunks with drafts added to its decode steps (``Chunk.rows`` = 1 +
+    drafts; each request's ``spec.pending`` holds its drafts), and the KV tokens they add.
+    ``step_room``: tokens the step may still carry (``max_batch_tokens`` less its chunks);
+    ``kv_room``: KV tokens free on every stage beyond one per running request; ``context``:
+    the model's positions.  Drafts never run past ``max_tokens`` or the context."""
+    out: list[Chunk] = []
+    added = 0
+    for c, r in zip(chunks, reqs):
+        spec = r.spec
+        if spec is not None:
+            spec.pending = ()
+        if spec is None or not eligible(c, r):
+            out.append(c)
+            continue
+        cap = min(
+            spec.budget(),
+            r.params.max_tokens - len(r.output) - 1,  # the bonus token is one more
+            context - len(r.tokens) - 1,
+            step_room,
+            kv_room,
+        )
+        drafts = spec.lookup.draft(r.tokens, cap) if cap > 0 else ()
+        spec.misses = 0 if drafts else spec.misses + 1
+        if not drafts:
+            out.append(c)
+            continue
+        spec.pending = drafts
+        n = len(drafts)
+        step_room -= n
+        kv_room -= n
+        added += n
+        out.append(replace(c, length=1 + n, rows=1 + n))
+    return out, added
+
+
+def inputs(req: Drafting, chunk: Chunk) -> list[int]:
+    """The token ids of ``chunk`` of ``req``: its tokens, and the drafts of a speculative one."""
+    if chunk.rows > 1 and req.spec is not None:
+        return [*req.tokens[chunk.start : chunk.start + 1], *req.spec.pending]
+    return req.tokens[chunk.start : chunk.start + chunk.length]
+
+
+def verify(drafts: Sequence[int], take: Callable[[int], int | None]) -> int:
+    """Take the tokens of a speculative step's rows in order, ``take(j)`` drawing row ``j``'s
+    token exactly as a plain decode step would (and handing it to the request; None: the
+    request ended with it, or before).  Stops after the first token that is not the draft
+    it follows, or after the bonus token of the last row.  Returns how many drafts were
+    accepted (the step's KV is valid up to and including the last accepted draft)."""
+    accepted = 0
+    for j in range(len(drafts) + 1):
+        token = take(j)
+        if token is None or j == len(drafts) or token != drafts[j]:
+            break
+        accepted += 1
+    return accepted
