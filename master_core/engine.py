@@ -50,7 +50,6 @@ from typing import Any
 
 import torch
 
-from worker_core.sampling import candidates, token_generator
 from worker_core.tasks import end_tasks
 from worker_core.wire import Draw, ProtocolError, itemsize, logits_row_width
 
@@ -61,7 +60,7 @@ from .journey import Journey, Relay
 from .link import Expected, LinkGone, StepFailed, WorkerLink
 from .prefix_cache import PrefixCache
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
-from .sampling import chosen, sample
+from .sampling import next_token
 from .scheduler import (
     Candidate,
     Chunk,
@@ -578,13 +577,18 @@ class Engine:
         for r in reqs:
             if r.spec is None:
                 r.spec = Speculator()
-        held = sum(_kv_own(r) + 1 for r in self.running.values())
-        held += self.prefix.held_tokens - self.prefix.evictable_tokens
         step_room = self.config.max_batch_tokens - sum(c.length for c in chunks)
-        out, added = plan_drafts(chunks, reqs, step_room, self.group.kv_tokens - held, self.context_length)
+        out, added = plan_drafts(chunks, reqs, step_room, self._kv_room(), self.context_length)
         if added:
             self._fit_cache(added)
         return out
+
+    def _kv_room(self) -> int:
+        """KV tokens every stage could still give a step's extra positions (run-ahead loop-back
+        steps, drafts): the budget less what running requests hold (one more token each) and
+        the cached prefixes that cannot be evicted."""
+        held = sum(_kv_own(r) + 1 for r in self.running.values())
+        return self.group.kv_tokens - held - (self.prefix.held_tokens - self.prefix.evictable_tokens)
 
     def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
@@ -612,9 +616,7 @@ class Engine:
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
             n = min(n, p.max_tokens - len(r.output) - 1, self.context_length - len(r.tokens) - 1)
-        held = sum(_kv_own(r) + 1 for r in self.running.values())
-        held += self.prefix.held_tokens - self.prefix.evictable_tokens
-        n = max(0, min(n, (g.kv_tokens - held) // max(1, len(chunks))))
+        n = max(0, min(n, self._kv_room() // max(1, len(chunks))))
         if n:
             self._fit_cache(n * len(chunks))  # room for the tokens it runs ahead, evicting idle prefixes
         return n
@@ -671,16 +673,9 @@ class Engine:
         if it has one), or ``drawn`` by the last stage.  Returns it, or None when the request
         ended before or with it (or failed)."""
         try:
-            values, ids, lse = candidates(row, topk)
-            if req.constraint is not None:
-                values = _constrained(values, req.constraint.allowed(ids))
-            elif topk != self.config.logits_topk:
-                values, ids = _top(values, ids, self.config.logits_topk)
-            if drawn is not None:
-                s = chosen(values, ids, lse, drawn, req.params)
-            else:
-                generator = token_generator(req.seed, len(req.tokens))
-                s = sample(values, ids, lse, req.params, generator, req.output)
+            s = next_token(
+                row, topk, self.config.logits_topk, req.params, req.constraint, drawn, req.seed, req.tokens, req.output
+            )
             if req.constraint is not None and s.token_id not in self.eos_ids:
                 req.constraint.advance(s.token_id)
             req.tokens.append(s.token_id)
@@ -780,21 +775,6 @@ def _timeline(
         "waiting": waiting,
         "running": running,
     }
-
-
-def _constrained(values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Candidate logits [k] with every token the grammar does not allow at -inf."""
-    if not bool(allowed.any()):
-        raise RuntimeError("the grammar allows no candidate token")
-    return values.masked_fill(~allowed, float("-inf"))
-
-
-def _top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of candidate logits [n] and their ids, as the last stage packs them."""
-    if not 0 < k < values.shape[0]:
-        return values, ids
-    v, i = torch.topk(values, k)
-    return v, ids[i]
 
 
 _KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QUEUED})  # QUEUED: preempted

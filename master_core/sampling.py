@@ -5,7 +5,10 @@ into candidate logits, their token ids and the log-sum-exp of the full row.  :fu
 then applies presence/frequency penalties over ``previous`` (the tokens generated so far) and
 draws with :func:`worker_core.sampling.draw` (argmax at ``temperature == 0``, else the nucleus,
 from ``generator``: a seeded request is reproducible); :func:`chosen` describes a token drawn
-elsewhere (fed back by the last stage).  With top-k rows the draw is over the k most likely
+elsewhere (fed back by the last stage).  :func:`next_token` is the whole way from one row a
+step brought back to a request's next token: unpacked, masked by the request's grammar (if it
+has one), cut to the configured top-k (as the last stage would have cut it), then drawn or,
+when the last stage drew it, described.  With top-k rows the draw is over the k most likely
 tokens only (the tail beyond them is dropped); greedy choices are exact either way.
 Log-probabilities are the model's own (``logit - logsumexp``, before penalties and
 temperature), exact for every reported token.  Pure torch on CPU; no state of its own.
@@ -14,12 +17,16 @@ temperature), exact for every reported token.  Pure torch on CPU; no state of it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from worker_core.sampling import draw
+from worker_core.sampling import candidates, draw, token_generator
 
 from .request import SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar import Constraint
 
 
 @dataclass(frozen=True)
@@ -59,3 +66,43 @@ def chosen(values: torch.Tensor, ids: torch.Tensor, lse: float, token: int, para
         vals, idx = torch.topk(values, min(params.logprobs, values.shape[0]))
         top = [(int(ids[i]), float(v) - lse) for i, v in zip(idx, vals)]
     return Sampled(token, float(values[j]) - lse, top)
+
+
+def next_token(
+    row: torch.Tensor,
+    topk: int,
+    keep: int,
+    params: SamplingParams,
+    constraint: Constraint | None,
+    drawn: int | None,
+    seed: int,
+    tokens: list[int],
+    output: list[int],
+) -> Sampled:
+    """A request's next token from ``row`` (packed as the step asked: ``topk``, 0 for whole
+    rows): masked by ``constraint``; else cut to ``keep`` (the configured top-k), so a request's
+    tokens do not depend on whom it was batched with; ``drawn`` by the last stage, or drawn here
+    from the request's ``seed`` at position ``len(tokens)`` with penalties over ``output``."""
+    values, ids, lse = candidates(row, topk)
+    if constraint is not None:
+        values = masked(values, constraint.allowed(ids))
+    elif topk != keep:
+        values, ids = top(values, ids, keep)
+    if drawn is not None:
+        return chosen(values, ids, lse, drawn, params)
+    return sample(values, ids, lse, params, token_generator(seed, len(tokens)), output)
+
+
+def masked(values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Candidate logits [k] with every token the grammar does not allow at -inf."""
+    if not bool(allowed.any()):
+        raise RuntimeError("the grammar allows no candidate token")
+    return values.masked_fill(~allowed, float("-inf"))
+
+
+def top(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of candidate logits [n] and their ids, as the last stage packs them."""
+    if not 0 < k < values.shape[0]:
+        return values, ids
+    v, i = torch.topk(values, k)
+    return v, ids[i]

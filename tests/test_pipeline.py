@@ -160,9 +160,9 @@ def test_policies_give_identical_tokens(checkpoints, references):
 
 
 def test_an_internal_error_fails_only_its_request(checkpoints, references, monkeypatch):
-    import master_core.engine as engine_mod
+    import master_core.sampling as sampling_mod
 
-    real_sample = engine_mod.sample
+    real_sample = sampling_mod.sample
     poisoned = {}
 
     def flaky(values, ids, lse, params, generator, previous):
@@ -170,7 +170,7 @@ def test_an_internal_error_fails_only_its_request(checkpoints, references, monke
             raise RuntimeError("boom")
         return real_sample(values, ids, lse, params, generator, previous)
 
-    monkeypatch.setattr(engine_mod, "sample", flaky)
+    monkeypatch.setattr(sampling_mod, "sample", flaky)
 
     async def main():
         async with Cluster(checkpoints["llama"], workers=2) as c:
