@@ -196,8 +196,8 @@ def test_every_precision_through_three_stages_on_the_default_model():
     for precision in PRECISIONS:
 
         async def main(q=precision):
-            async with Cluster("default", workers=3, quantize=q) as c:
-                return [(await c.engine.generate(p, greedy(32)))[0] for p in prompts]
+            async with Cluster("default", workers=3, quantize=q) as c:  # the four side by side
+                return [r[0] for r in await asyncio.gather(*(c.engine.generate(p, greedy(32)) for p in prompts))]
 
         got[precision] = run(main(), timeout=600)
     assert got["none"] == refs
