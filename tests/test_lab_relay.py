@@ -199,7 +199,8 @@ def _ask(lab: Lab, host: str, ckpt: Path) -> tuple[str, str, list[int]]:
 @pytest.mark.slow
 def test_master_behind_carrier_nat_serves_a_friend_through_the_relay_which_sees_tls_only(relaylab, ckpt, tmp_path):
     """Master on c (behind its router and a carrier-grade NAT: nothing can be mapped), a friend on
-    b joins with the code and the relay, serves through the relay; tokens equal single-process
+    b joins with the join link alone (its LAN candidate fails, the relay candidate wins the race)
+    and serves through the relay (the worker's race picks it again); tokens equal single-process
     transformers'; a capture on the relay's host shows only preamble frames and TLS records."""
     from test_lab import HEALTH
 
@@ -211,13 +212,15 @@ def test_master_behind_carrier_nat_serves_a_friend_through_the_relay_which_sees_
         master = Proc(lab, "c", ["group", "create", "--model", str(ckpt), "--port", "7733", "--api-port", "8000",
                                  "--data-dir", str(tmp_path / "m"), "--name", "far", "--relay", relay])  # fmt: skip
         procs.append(master)
-        code = master.wait_for(lambda line: line.startswith("Pairing code:"), 120).split()[-1]
+        master.wait_for(lambda line: line.startswith("Pairing code:"), 120)
+        link = master.wait_for(lambda line: line.startswith("Join link:"), 30).split()[-1]
         reach = master.wait_for(lambda line: "can join" in line, 30)
-        assert "only this network can join" in reach, reach  # nothing mapped behind the carrier's NAT
+        assert f"friends anywhere can join through relay {relay}" in reach, reach  # nothing mapped behind the CGNAT
+        assert f"relay~{relay}" in link and "mapped~" not in link, link
         master.wait_for(lambda line: "registered at relay" in line, 30)
 
-        joined = lab.run("b", [sys.executable, "-m", "app.cli", "join", code, "--relay", relay, "--data-dir",
-                               str(tmp_path / "w"), "--name", "friend"], timeout=120, check=False)  # fmt: skip
+        joined = lab.run("b", [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(tmp_path / "w"),
+                               "--name", "friend"], timeout=120, check=False)  # fmt: skip
         assert joined.returncode == 0, joined.stderr + master.output()
         assert f"through relay {relay}" in joined.stdout, joined.stdout
         membership = json.loads((tmp_path / "w" / "membership.json").read_text())
