@@ -105,7 +105,7 @@ class _Relay:
     @staticmethod
     def between(a: dict, b: dict) -> dict:
         took = b["t"] - a["t"]
-        relayed_mbit = (b["rx"] - a["rx"]) * 8 / 1e6 / 2  # in from both sides = each relayed byte once per side
+        relayed_mbit = (b["rx"] - a["rx"]) * 8 / 1e6  # each relayed byte comes in once (and goes out once)
         cpu = b["cpu"] - a["cpu"]
         rate = relayed_mbit / took if took else 0.0
         return {
