@@ -8,7 +8,10 @@ bound one) and its global IPv6 addresses (when the port listens on IPv6 too), an
 ``map_port``, asks the home router for a mapping (:class:`worker_core.portmap.PortMapper`): the
 mapped external address is a candidate only once the router confirmed it and only when it is
 public (a private or 100.64/10 "external" address means another NAT: nobody outside can dial
-it).  ``candidates()`` is the current list (LAN first); ``summary()`` says in one sentence who
+it).  With ``relay`` (``HOST:PORT`` of the relay the group registers at) the relay is a
+candidate too (kind ``relay``, last: members race it after the direct ones; a relay candidate is
+dialled by the group's fingerprint or the code's nameplate, never as the master itself).
+``candidates()`` is the current list (LAN first); ``summary()`` says in one sentence who
 can join and why; ``await stop()`` removes the mapping.  A mapping that changes (renewal gave
 another port, the router restarted) changes ``candidates()`` at once.  Loopback-bound masters
 (tests) map nothing and list only their address.
@@ -46,8 +49,11 @@ def local_addresses() -> tuple[list[str], list[str]]:
 
 
 class Reach:
-    def __init__(self, port: int, host: str = "0.0.0.0", map_port: bool = True) -> None:
+    def __init__(self, port: int, host: str = "0.0.0.0", map_port: bool = True, relay: str = "") -> None:
+        from worker_core.address import parse_address
+
         self.port = port
+        self.relay = Candidate(Kind.RELAY, *parse_address(relay)) if relay else None
         self.host = host
         self.map_port = map_port and not _loopback(host)
         self.mapper = None  # worker_core.portmap.PortMapper while mapping
@@ -84,7 +90,7 @@ class Reach:
 
     def candidates(self) -> list[Candidate]:
         mapped = self.mapped()
-        return [*self._lan, *([mapped] if mapped else [])]
+        return [*self._lan, *([mapped] if mapped else []), *([self.relay] if self.relay else [])]
 
     def summary(self) -> str:
         mapped = self.mapped()
@@ -97,6 +103,8 @@ class Reach:
             why = "the group port is not mapped on a router (loopback or mapping off)"
         else:
             why = f"your router mapped no port ({self.failure or 'no answer'})"
+        if self.relay is not None:
+            return f"friends anywhere can join through relay {self.relay.address} (no direct way in: {why})"
         return f"only this network can join, because {why}"
 
 

@@ -204,7 +204,7 @@ class Master:
             candidates=lambda: [c.to_json() for c in self.reach.candidates()] if self.reach else [],
         )
         await self.group_port.start(cfg.group_host, cfg.group_port)
-        self.reach = Reach(self.group_port.port, cfg.group_host, cfg.port_mapping)
+        self.reach = Reach(self.group_port.port, cfg.group_host, cfg.port_mapping, relay=cfg.relay)
         await self.reach.start()
         log.info("%s", self.reach.summary())
         if cfg.relay:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 from harness import paired_config, run
@@ -86,5 +87,131 @@ def test_welcome_seals_candidates_and_a_link_joins_past_dead_addresses(ckpt, tmp
             assert await asyncio.wait_for(pick_master(other), 30) == f"127.0.0.1:{port}"  # none checks: given back
         finally:
             await master.stop()
+
+    run(scenario(), 120)
+
+
+# ---------------------------------------------------------------- the relay as a candidate
+
+
+def _timed_race(plan: dict[Candidate, float | None], **kw: float) -> tuple[Candidate, list[tuple[Candidate, float]]]:
+    """Race ``plan`` (candidate -> seconds until its dial succeeds; None: it fails at once; inf:
+    it never answers); returns the winner and when each dial started."""
+    from worker_core.candidates import race
+
+    started: list[tuple[Candidate, float]] = []
+
+    async def scenario() -> Candidate:
+        t0 = asyncio.get_running_loop().time()
+
+        async def dial(c: Candidate) -> Candidate:
+            started.append((c, asyncio.get_running_loop().time() - t0))
+            wait = plan[c]
+            if wait is None:
+                raise ConnectionRefusedError("refused")
+            await asyncio.sleep(wait)
+            return c
+
+        chosen, _ = await race(list(plan), dial, **kw)
+        return chosen
+
+    return run(scenario(), 30), started
+
+
+LAN = Candidate(Kind.LAN, "192.168.1.5", 7733)
+MAPPED = Candidate(Kind.MAPPED, "25.0.0.10", 7733)
+RELAY = Candidate(Kind.RELAY, "25.0.0.100", 7735)
+
+
+def test_a_direct_path_that_answers_wins_over_a_faster_relay():
+    chosen, started = _timed_race({RELAY: 0.0, MAPPED: 0.3, LAN: None}, relay_delay=1.0)
+    assert chosen == MAPPED
+    assert [c for c, _ in started] == [LAN, MAPPED]  # the relay was never dialled: the direct path won first
+
+
+def test_the_relay_starts_at_once_when_every_direct_path_failed():
+    chosen, started = _timed_race({RELAY: 0.0, MAPPED: None, LAN: None}, relay_delay=1.0)
+    assert chosen == RELAY
+    assert [c for c, _ in started] == [LAN, MAPPED, RELAY] and started[-1][1] < 0.5, started
+
+
+def test_the_relay_starts_after_its_delay_when_a_direct_path_hangs():
+    chosen, started = _timed_race({RELAY: 0.0, MAPPED: float("inf"), LAN: None}, relay_delay=0.6, timeout=10.0)
+    assert chosen == RELAY
+    assert [c for c, _ in started] == [LAN, MAPPED, RELAY] and 0.55 < started[-1][1] < 1.5, started
+
+
+def test_the_link_carries_the_relay_but_never_names_it_the_master():
+    link = invitation_link("47-8203-1956", "g", ["relay~25.0.0.100:7735", "lan~192.168.11.10:7733"])
+    parsed = parse_link(link)
+    assert parsed.master == "192.168.11.10:7733"  # old clients dial a direct address, never the relay
+    assert [c.kind for c in parsed.via] == [Kind.LAN, Kind.RELAY]
+    assert "via=lan~192.168.11.10:7733,relay~25.0.0.100:7735" in link
+    only = parse_link(invitation_link("47-8203-1956", "g", ["relay~relay.example:7735"]))
+    assert only.master is None and [c.kind for c in only.via] == [Kind.RELAY]
+
+
+def test_a_link_with_a_relay_pairs_and_serves_through_it_when_nothing_direct_answers(ckpt, tmp_path):
+    """The master registers at a relay: its candidates (sealed in the welcome, printed in the link)
+    name the relay; a joiner whose direct candidates are dead pairs through the relay by the link
+    alone (one pairing attempt), and the worker's race picks the relay (by the group's fingerprint)
+    when no direct address answers, the direct address when it does."""
+    from master_core.bridge_host import BridgeState
+    from worker_core.bridge_server import BridgeServer
+    from worker_core.identity import fingerprint
+    from worker_core.worker import pick_path
+
+    async def scenario() -> None:
+        relay = BridgeServer()
+        await relay.start("127.0.0.1", 0)
+        address = f"127.0.0.1:{relay.port}"
+        master = Master(paired_config(ckpt, tmp_path / "m", relay=address))
+        await master.start()
+        try:
+            assert master.reach is not None and master.bridge is not None
+            port = master.group_port.port
+            assert [c.to_text() for c in master.reach.candidates()] == [f"lan~127.0.0.1:{port}", f"relay~{address}"]
+            assert f"through relay {address}" in master.reach.summary()
+            deadline = time.monotonic() + 20
+            while master.bridge.state is not BridgeState.REGISTERED:
+                assert time.monotonic() < deadline, master.bridge.last_error
+                await asyncio.sleep(0.02)
+            code = master.new_code()
+            link = build_link(
+                JoinLink(
+                    code=code,
+                    via=(
+                        Candidate(Kind.LAN, "127.0.0.1", _dead_port()),
+                        Candidate(Kind.RELAY, "127.0.0.1", relay.port),
+                    ),
+                )
+            )
+            joined = await pair_with_group(link, None, tmp_path / "w", "alice")
+            assert joined.master_host == "" and joined.relay == address  # paired through the relay
+            assert f"relay~{address}" in joined.candidates  # sealed in the welcome too
+            assert master.invitations._by_nameplate[code.split("-")[0]].attempts == 1  # one pairing attempt
+            ident = load_or_create(tmp_path / "w" / "identity", "alice")
+            tls, group = client_context(ident, joined.master_cert), fingerprint(joined.master_cert)
+            dead = WorkerConfig(
+                master="", candidates=(f"lan~127.0.0.1:{_dead_port()}", f"relay~{address}"), tls=tls, group=group
+            )
+            chosen = await pick_path(dead)
+            assert chosen is not None and chosen.kind is Kind.RELAY  # its pinned TLS checked through the splice
+            live = WorkerConfig(
+                master="", candidates=(f"lan~127.0.0.1:{port}", f"relay~{address}"), tls=tls, group=group
+            )
+            chosen = await pick_path(live)
+            assert chosen is not None and chosen.kind is Kind.LAN
+            stranger = load_or_create(tmp_path / "x" / "identity", "x")
+            wrong = WorkerConfig(
+                master="",
+                candidates=(f"relay~{address}",),
+                tls=client_context(stranger, stranger.cert_pem),
+                group=group,
+            )
+            assert await pick_path(wrong) is None  # through the relay too, a master that fails the pin is refused
+        finally:
+            await master.stop()
+            await relay.stop()
 
     run(scenario(), 120)

@@ -17,9 +17,12 @@ fail) and is kept in ``last_error``.  The tunnel dial, the probe and the pairing
 through it: TLS server name and pinning do not depend on the host dialled.
 ``stop()`` closes the listener and every joined connection.
 
-``await reachable(host, port, timeout)`` says whether a TCP connection opens at all (the
-plain "direct first, else the relay" choice; the lead's candidate racing may replace it).
-Standard library only.
+``await open_bridged_tls(relay, ssl, server_hostname, group=..., nameplate=...)`` is the same
+dial with a TLS client handshake run over the splice (the preamble is read straight off the
+socket, never past its frame, so the TLS starts at the master's first byte): what a racing
+dialer (:func:`worker_core.worker.pick_path`, the pairing race of :mod:`app.group.client`)
+needs to check the master's pin through the relay.  A tunnel whose race the relay won then goes
+through a :class:`BridgeForwarder`.  Standard library only.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
+from collections.abc import Awaitable, Callable
 
-from .bridge_wire import BridgeError, Dial, Error, Ok, encode, read_frame, split_address
+from .bridge_wire import BridgeError, Dial, Error, Ok, encode, read_frame, sock_reader, split_address
 from .tasks import end_tasks
 
 log = logging.getLogger("molink.bridge")
@@ -60,14 +65,7 @@ async def open_bridged(
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             writer.write(encode(Dial(group=group, nameplate=nameplate)))
             await writer.drain()
-            try:
-                answer = await read_frame(reader.readexactly)
-            except BridgeError as e:
-                raise BridgeRefused(e.code, f"unreadable answer: {e}") from None
-            if isinstance(answer, Error):
-                raise BridgeRefused(answer.code, answer.reason)
-            if not isinstance(answer, Ok):
-                raise BridgeRefused("malformed", f"expected ok, got {type(answer).__name__.lower()}")
+            await _answered(reader.readexactly)
             return reader, writer
         except BaseException:
             writer.close()
@@ -76,13 +74,45 @@ async def open_bridged(
     return await asyncio.wait_for(dial(), timeout)
 
 
-async def reachable(host: str, port: int, timeout: float) -> bool:
+async def _answered(recv_exactly: Callable[[int], Awaitable[bytes]]) -> None:
+    """The relay's answer to a dial: returns on ``Ok``, else :class:`BridgeRefused`."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
+        answer = await read_frame(recv_exactly)
+    except BridgeError as e:
+        raise BridgeRefused(e.code, f"unreadable answer: {e}") from None
+    if isinstance(answer, Error):
+        raise BridgeRefused(answer.code, answer.reason)
+    if not isinstance(answer, Ok):
+        raise BridgeRefused("malformed", f"expected ok, got {type(answer).__name__.lower()}")
+
+
+async def open_bridged_tls(
+    relay: str,
+    tls: ssl.SSLContext,
+    server_hostname: str,
+    group: str = "",
+    nameplate: str = "",
+    timeout: float = DIAL_TIMEOUT,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = split_address(relay)
+    loop = asyncio.get_running_loop()
+
+    async def dial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        family, kind, proto, _name, address = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, encode(Dial(group=group, nameplate=nameplate)))
+            await _answered(sock_reader(sock))
+            return await asyncio.open_connection(sock=sock, ssl=tls, server_hostname=server_hostname, limit=CHUNK)
+        except BaseException:
+            sock.close()
+            raise
+
+    return await asyncio.wait_for(dial(), timeout)
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

@@ -12,7 +12,10 @@ as text (``kind~host:port`` or ``kind~host:port~v``, comma separated: :meth:`to_
 
 ``await race(candidates, dial, ...)`` tries them in preference order (LAN, then direct (IPv6,
 mapped), then relay; verified before unverified), starting the next one ``stagger`` seconds
-after the previous (at once when it fails), each bounded by ``timeout``; it returns
+after the previous (at once when it fails), each bounded by ``timeout``.  A relay candidate waits
+longer: ``relay_delay`` seconds after the last start, or until no direct dial is left running
+(all failed), so a direct path that answers within ``relay_delay`` wins over a relay that might
+answer sooner (the relay costs its uplink twice and a copy).  It returns
 ``(candidate, result)`` of the first ``dial`` that succeeds (a fingerprint check belongs in
 ``dial``: a TLS handshake that pins the peer), cancels the rest and hands every other success
 to ``discard`` (close it), or raises :class:`NoPath` listing why each failed.  ``dial(candidate)``
@@ -35,6 +38,7 @@ from .address import BadAddress, check_host, format_address, parse_address
 MAX_CANDIDATES = 16
 STAGGER = 0.25  # seconds between starting two dials (RFC 8305 suggests 250 ms)
 DIAL_TIMEOUT = 5.0  # seconds one candidate may take for TCP and TLS
+RELAY_DELAY = 1.0  # seconds a relay candidate waits for the direct ones (unless they all failed first)
 
 
 class Kind(enum.Enum):
@@ -146,22 +150,33 @@ async def race(
     discard: Callable[[T], object] | None = None,
     stagger: float = STAGGER,
     timeout: float = DIAL_TIMEOUT,
+    relay_delay: float = RELAY_DELAY,
 ) -> tuple[Candidate, T]:
     order = ordered(candidates)
     if not order:
         raise NoPath("no address to try")
+    loop = asyncio.get_running_loop()
     failures: list[str] = []
     running: dict[asyncio.Task, Candidate] = {}
     winner: tuple[Candidate, T] | None = None
     pending = list(order)
+    last_start = -float("inf")
+    failed = False  # a dial failed since the last start: the next direct one starts at once
+
+    def gap(c: Candidate) -> float:
+        return relay_delay if c.kind is Kind.RELAY else stagger
+
     try:
         while pending or running:
             if pending:
-                c = pending.pop(0)
-                running[asyncio.ensure_future(asyncio.wait_for(dial(c), timeout))] = c
-            done, _ = await asyncio.wait(
-                running, timeout=stagger if pending else None, return_when=asyncio.FIRST_COMPLETED
-            )
+                nxt = pending[0]
+                now = loop.time()
+                if not running or now - last_start >= gap(nxt) or (failed and nxt.kind is not Kind.RELAY):
+                    pending.pop(0)
+                    running[asyncio.ensure_future(asyncio.wait_for(dial(nxt), timeout))] = nxt
+                    last_start, failed = now, False
+            wait = max(0.0, last_start + gap(pending[0]) - loop.time()) if pending else None
+            done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 c = running.pop(task)
                 exc = task.exception()
@@ -171,6 +186,7 @@ async def race(
                     elif discard is not None:
                         discard(task.result())
                 else:
+                    failed = True
                     failures.append(f"{c.kind.value} {c.address}: {type(exc).__name__} {exc}"[:200])
             if winner is not None:
                 return winner

@@ -23,6 +23,8 @@ class WorkerConfig:
     # a paired group: every address of the master's group port (Candidate.to_text(),
     # worker_core.candidates); each tunnel dial races them and uses the first whose pinned TLS checks
     candidates: tuple[str, ...] = ()
+    # the master's certificate fingerprint: a ``relay`` candidate is dialled through the relay by it
+    group: str = ""
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     name: str = field(default_factory=socket.gethostname)
     reconnect: bool = True  # dial again after the tunnel drops

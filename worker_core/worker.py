@@ -97,21 +97,31 @@ async def _link(config: WorkerConfig) -> tuple[float, float]:
     return rtt, mbps or 0.0
 
 
-async def pick_master(config: WorkerConfig) -> str:
-    """The master's address to dial: its candidates raced (happy eyeballs) up to a pinned TLS
-    handshake, so only the winner carries the tunnel and its Hello; ``config.master`` (the address
-    paired with) when none answers, for the dial to fail with its own error."""
+async def pick_path(config: WorkerConfig):  # -> Candidate | None
+    """The way to the master: its candidates (and ``config.master``, the address paired with)
+    raced (happy eyeballs: LAN, then direct, then relay) up to a TLS handshake pinned to the
+    master, so only the winner carries the tunnel and its Hello.  A ``relay`` candidate is dialled
+    through the relay by ``config.group`` (the master's fingerprint) and its TLS runs over the
+    splice.  None when none answers (or nothing can be parsed)."""
+    from .bridge_dial import open_bridged_tls
     from .candidates import Candidate, Kind, NoPath, is_public, parse_candidate_text, race
     from .pairing import TUNNEL_SNI
 
     try:
         listed = parse_candidate_text(",".join(config.candidates))
-        host, port = parse_address(config.master)
-        listed.append(Candidate(Kind.MAPPED if is_public(host) else Kind.LAN, host, port))
+        if config.master:
+            host, port = parse_address(config.master)
+            listed.append(Candidate(Kind.MAPPED if is_public(host) else Kind.LAN, host, port))
     except ValueError:
-        return config.master
+        return None
+    if not config.group:
+        listed = [c for c in listed if c.kind is not Kind.RELAY]
 
     async def handshake(c: Candidate) -> asyncio.StreamWriter:
+        if c.kind is Kind.RELAY:
+            assert config.tls is not None  # noqa: S101 - only paired workers race (see _connect_once)
+            _reader, writer = await open_bridged_tls(c.address, config.tls, TUNNEL_SNI, group=config.group)
+            return writer
         _reader, writer = await asyncio.open_connection(
             c.host, c.port, ssl=config.tls, server_hostname=TUNNEL_SNI, ssl_handshake_timeout=DIAL_TIMEOUT
         )
@@ -120,20 +130,53 @@ async def pick_master(config: WorkerConfig) -> str:
     try:
         chosen, writer = await race(listed, handshake, discard=lambda w: w.close())
     except NoPath as e:
-        log.warning("no address of the master answered (%s); dialling %s", e, config.master)
-        return config.master
+        log.warning("no address of the master answered (%s)", e)
+        return None
     writer.close()
     if chosen.address != config.master:
         log.info("reaching the master at %s (%s)", chosen.address, chosen.kind.value)
-    return chosen.address
+    return chosen
+
+
+async def pick_master(config: WorkerConfig) -> str:
+    """The direct address :func:`pick_path` chose (``config.master`` when none answered or the
+    winner is a relay: a relay is no address to dial as the master)."""
+    from .candidates import Kind
+
+    chosen = await pick_path(config)
+    return chosen.address if chosen is not None and chosen.kind is not Kind.RELAY else config.master
 
 
 async def _connect_once(
     config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: Run
 ) -> str:
-    """One tunnel, from dialling to its end; returns why it ended."""
-    if config.candidates and config.tls is not None:
-        config = dataclasses.replace(config, master=await pick_master(config))
+    """One tunnel, from choosing the path (:func:`pick_path`, each time: a better path that
+    appeared, or a relay that restarted, is taken at the next dial) to its end; returns why it
+    ended.  A relay that wins is reached through a local :class:`~.bridge_dial.BridgeForwarder`
+    for this tunnel's life (the probe and the tunnel dial it unchanged)."""
+    from .candidates import Kind
+
+    if not (config.candidates and config.tls is not None):
+        return await _tunnel(config, executor, shards, facts, weights, run)
+    chosen = await pick_path(config)
+    if chosen is None:
+        if not config.master:
+            raise ConnectionError("no address of the master and no relay answered")
+        return await _tunnel(config, executor, shards, facts, weights, run)
+    if chosen.kind is not Kind.RELAY:
+        return await _tunnel(dataclasses.replace(config, master=chosen.address), executor, shards, facts, weights, run)
+    from .bridge_dial import BridgeForwarder
+
+    async with BridgeForwarder(chosen.address, group=config.group) as forwarder:
+        log.info("reaching the master through relay %s", chosen.address)
+        relayed = dataclasses.replace(config, master=forwarder.address)
+        return await _tunnel(relayed, executor, shards, facts, weights, run)
+
+
+async def _tunnel(
+    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: Run
+) -> str:
+    """One tunnel to ``config.master``, from dialling to its end; returns why it ended."""
     run.events.emit("connecting", master=config.master)
     info = devices.pick(config.device)
     offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)

@@ -7,9 +7,9 @@ that :func:`app.cli.main` runs until it ends, Ctrl-C or SIGTERM.  ``worker`` tur
 arguments and, for a paired machine, the joined group's folder (membership, identity, pinned
 master certificate) into a :class:`~worker_core.config.WorkerConfig`; an unknown device or a
 folder that joined no group raises ``ValueError`` before anything starts.  A group with a relay
-(``--relay``, else the one the group named at joining): the worker dials the master directly
-when its group port accepts a TCP connection within ``DIRECT_TIMEOUT``, else (or with
-``--via-relay``) through a local forwarder to the relay (:mod:`worker_core.bridge_dial`).  ``probe`` prints
+(``--relay``, else the one the group named at joining): the relay is one more candidate of the
+master, raced after the direct ones at every dial (:func:`worker_core.worker.pick_path`: LAN,
+then direct, then relay); with ``--via-relay`` it is the only one.  ``probe`` prints
 what this machine offers (or ``--json``) and exits 0.  Torch and the engine are imported only
 inside the command.
 """
@@ -24,8 +24,6 @@ from worker_core.config import WorkerConfig
 
 if TYPE_CHECKING:
     from .command import Run, Supervision
-
-DIRECT_TIMEOUT = 3.0  # seconds the master's group port has to accept a TCP connection before the relay is used
 
 
 def worker(args: argparse.Namespace, sup: Supervision) -> Run:
@@ -72,23 +70,18 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
     )
     if name:
         wcfg = dataclasses.replace(wcfg, name=name)
-    if not relay:
-        if args.via_relay:
-            raise ValueError("--via-relay needs a relay (--relay HOST:PORT, or a group that names one)")
-        return lambda: serve(wcfg, sup.control, sup.events)
+    if args.via_relay and not relay:
+        raise ValueError("--via-relay needs a relay (--relay HOST:PORT, or a group that names one)")
+    if relay:
+        from worker_core.address import parse_address
+        from worker_core.candidates import Candidate, Kind
 
-    async def through_relay() -> None:
-        from worker_core.bridge_dial import BridgeForwarder, reachable
-        from worker_core.bridge_wire import split_address
-
-        if master and not args.via_relay and await reachable(*split_address(master), DIRECT_TIMEOUT):
-            await serve(wcfg, sup.control, sup.events)
-            return
-        async with BridgeForwarder(relay, group=group) as forwarder:
-            print(f"reaching the master through relay {relay}", flush=True)
-            await serve(dataclasses.replace(wcfg, master=forwarder.address, candidates=()), sup.control, sup.events)
-
-    return through_relay
+        via = Candidate(Kind.RELAY, *parse_address(relay)).to_text()
+        others = () if args.via_relay else tuple(c for c in candidates if not c.startswith("relay~"))
+        wcfg = dataclasses.replace(
+            wcfg, master="" if args.via_relay else master, candidates=(*others, via), group=group
+        )
+    return lambda: serve(wcfg, sup.control, sup.events)
 
 
 def identity_fingerprint(pem: str) -> str:

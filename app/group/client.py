@@ -99,15 +99,16 @@ async def create(cfg: MasterConfig, control: Control | None = None, events: Even
 
 def invitation_link(code: str, group: str | None, candidates: list[str]) -> str:
     """The ``molink://join`` link of ``code``: ``master=`` is the address a friend elsewhere can
-    dial when there is one (a mapped port), else the first LAN address (what old clients read);
-    ``via=`` lists every candidate."""
+    dial when there is one (a mapped port), else the first LAN address (what old clients read;
+    never the relay); ``via=`` lists every candidate, the relay among them."""
     from worker_core.candidates import Kind, ordered, parse_candidate_text
 
     from .links import JoinLink, build_link
 
     via = ordered(parse_candidate_text(",".join(candidates)))
     outside = [c for c in via if c.kind in (Kind.MAPPED, Kind.IPV6)]
-    first = (outside or via or [None])[0]
+    direct = [c for c in via if c.kind is not Kind.RELAY]  # a relay is never dialled as the master itself
+    first = (outside or direct or [None])[0]
     return build_link(JoinLink(code=code, master=first.address if first else None, group=group or None, via=tuple(via)))
 
 
@@ -165,10 +166,10 @@ async def join(code: str, master: str | None, folder: Path, name: str | None, re
     ``master`` is not) and save the membership; every failure is a :class:`GroupCommandError`
     carrying the pairing error's message."""
     try:
-        if relay and not master:
+        if relay and not master and not code.strip().lower().startswith("molink:"):
             joined = await pair_through_relay(code, relay, folder, name)
         else:
-            joined = await pair_with_group(code, master, folder, name)
+            joined = await pair_with_group(code, master, folder, name, relay)
     except PairingError as e:
         raise GroupCommandError(str(e)) from e
     joined.save(folder)
@@ -206,10 +207,14 @@ async def pair_through_relay(code: str, relay: str, folder: Path, name: str | No
     return dataclasses.replace(joined, master_host="", master_port=0, relay=joined.relay or relay)
 
 
-async def pair_with_group(code: str, master: str | None, folder: Path, name: str | None) -> JoinedGroup:
+async def pair_with_group(
+    code: str, master: str | None, folder: Path, name: str | None, relay: str | None = None
+) -> JoinedGroup:
     """Pair with the master at ``master`` (HOST:PORT), or at the addresses of a join link given
     as ``code`` (raced: the first to complete a TLS handshake carries the one pairing exchange,
-    so racing burns no attempt), or, when neither, each master found on the LAN by mDNS in
+    so racing burns no attempt; a ``relay`` candidate, or ``relay`` given beside a link, is
+    dialled through the relay by the code's nameplate and, when it wins, the pairing runs
+    through it: :func:`pair_through_relay`), or, when neither, each master found on the LAN by mDNS in
     turn; return the membership (not yet saved).  This machine's identity is made in ``folder``
     on first use.  Raises :class:`BadAddress`, :class:`NoGroupFound`, or the
     :class:`~worker_core.pairing.PairingError` subclass of the last failure (an unreachable
@@ -229,10 +234,21 @@ async def pair_with_group(code: str, master: str | None, folder: Path, name: str
         code, via = link.code, list(link.via)
         if link.master and not master and not via:
             master = link.master
-    parse_code(code)
+    nameplate, code = parse_code(code)
+    if via and relay:
+        from worker_core.candidates import Candidate, Kind
+
+        try:
+            via.append(Candidate(Kind.RELAY, *_host_port(relay)))
+        except ValueError as e:
+            raise BadAddress(f"--relay: {e}") from None
     identity = await asyncio.to_thread(load_or_create, folder / "identity", name or socket.gethostname())
     if via and not master:
-        chosen = await _race_pairing(via)
+        from worker_core.candidates import Kind
+
+        chosen = await _race_pairing(via, nameplate)
+        if chosen.kind is Kind.RELAY:
+            return await pair_through_relay(code, chosen.address, folder, name)
         return await pair(chosen.host, chosen.port, code, name or socket.gethostname(), identity.cert_pem)
     if master:
         host, port = _host_port(master)
@@ -256,16 +272,21 @@ async def pair_with_group(code: str, master: str | None, folder: Path, name: str
     raise last if last is not None else NoGroupFound("no master answered")
 
 
-async def _race_pairing(via: list):  # -> Candidate
+async def _race_pairing(via: list, nameplate: str):  # -> Candidate
     """The first candidate whose TLS handshake (pairing context) completes; nothing is sent on it
-    (the pairing exchange then runs on one connection only)."""
-    from worker_core.candidates import NoPath, race
+    (the pairing exchange then runs on one connection only).  A relay candidate is dialled
+    through the relay by ``nameplate`` (the code's first two digits), its TLS over the splice."""
+    from worker_core.bridge_dial import open_bridged_tls
+    from worker_core.candidates import DIAL_TIMEOUT, Kind, NoPath, race
     from worker_core.identity import pairing_client_context
     from worker_core.pairing import PAIR_SNI, Unreachable
 
     ctx = pairing_client_context()
 
     async def handshake(c):  # noqa: ANN001, ANN202 - Candidate -> StreamWriter
+        if c.kind is Kind.RELAY:
+            _r, writer = await open_bridged_tls(c.address, ctx, PAIR_SNI, nameplate=nameplate, timeout=DIAL_TIMEOUT)
+            return writer
         _r, writer = await asyncio.open_connection(c.host, c.port, ssl=ctx, server_hostname=PAIR_SNI)
         return writer
 
