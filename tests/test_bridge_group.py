@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -213,17 +215,34 @@ def _molink(*args: str) -> subprocess.Popen:
     )
 
 
+_OUTPUTS: dict[int, queue.Queue[str]] = {}  # each child's output lines, read by its own thread
+
+
 def _line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
+    """The first line of ``proc``'s output holding ``prefix``, waited for at most ``timeout``
+    seconds (a thread per process reads its output into a queue: a silent child cannot block)."""
+    lines = _OUTPUTS.get(proc.pid)
+    if lines is None:
+        lines = _OUTPUTS[proc.pid] = queue.Queue()
+
+        def pump(out=proc.stdout, q=lines) -> None:
+            for line in out or ():
+                q.put(line)
+            q.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
     deadline, seen = time.monotonic() + timeout, []
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
         if not line:
             break
         seen.append(line)
         if prefix in line:  # a log line starts with its time
             return line
-    raise AssertionError(f"no {prefix!r} line; output:\n{''.join(seen)}")
+    raise AssertionError(f"no {prefix!r} line within {timeout} s; output:\n{''.join(seen)}")
 
 
 @pytest.mark.slow
