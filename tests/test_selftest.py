@@ -2,8 +2,10 @@
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,20 +28,39 @@ def _env(tmp_path):
     return env
 
 
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src`` copied to ``dst`` as hard links where the file system allows (else copies)."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    """`molink selftest` run once in a fresh user (empty cache): the run the tests below share.  It converts the
-    default model into that user's cache; the in-process comparison test reuses that folder instead of
-    converting it again (the conversion itself is tested here and in test_default_model.py)."""
+    """`molink selftest` run once in a fresh user whose cache already holds the converted default
+    model (linked from this machine's; the conversion is tested in test_default_model.py and, on
+    a fresh user, by the installer's end-to-end test): the run the tests below share."""
+    from worker_core.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
     home = tmp_path_factory.mktemp("selftest-user")
+    env = _env(home)
+    weights = home / "cache" / "molink" / "models" / DEFAULT_MODEL_NAME / "model.safetensors"
+    _link_tree(ensure_default_model(), weights.parent)
+    before = weights.stat().st_ino
     out = subprocess.run(
         [sys.executable, "-m", "app.cli", "selftest"],
         cwd=ROOT,
-        env=_env(home),
+        env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
+    assert weights.stat().st_ino == before, "the selftest converted the default model again"
     return out, home
 
 
@@ -60,7 +81,6 @@ def test_selftest_splits_the_default_model_over_two_workers_and_matches_one_proc
     assert pipeline.split(":", 1)[1].strip() == single.split(":", 1)[1].strip()
     assert pipeline.count(",") >= 7  # 8 token ids
     assert lines[-1].startswith("OK")
-    assert (tmp_path / "cache" / "molink" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
 
 
 def test_a_device_that_does_not_exist_fails_with_one_line_and_exit_1(tmp_path):
@@ -84,7 +104,7 @@ def test_tokens_that_differ_from_the_single_process_run_fail(monkeypatch, first_
     _, home = first_run
     models = home / "cache" / "molink" / "models"
     converted = models / default_model.DEFAULT_MODEL_NAME / default_model.MARKER
-    assert converted.is_file(), "the shared `molink selftest` run did not convert the default model (see its test)"
+    assert converted.is_file(), "the shared `molink selftest` user has no converted default model"
     monkeypatch.setattr(default_model, "_models_dir", lambda root: models)
     real = selftest.reference_tokens
 
