@@ -18,7 +18,7 @@ from worker_core.candidates import Candidate, Kind
 from worker_core.config import WorkerConfig
 from worker_core.identity import client_context, load_or_create
 from worker_core.pairing import JoinedGroup
-from worker_core.worker import pick_master
+from worker_core.worker import pick_path
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +77,15 @@ def test_welcome_seals_candidates_and_a_link_joins_past_dead_addresses(ckpt, tmp
                 candidates=(f"lan~127.0.0.1:{_dead_port()}", f"mapped~127.0.0.1:{port}"),
                 tls=client_context(ident, joined.master_cert),
             )
-            assert await pick_master(cfg) == f"127.0.0.1:{port}"  # the one whose pinned TLS checks
+            chosen = await pick_path(cfg)
+            assert chosen is not None and chosen.address == f"127.0.0.1:{port}"  # the one whose pinned TLS checks
             stranger = load_or_create(tmp_path / "x" / "identity", "x")
             other = WorkerConfig(
                 master=f"127.0.0.1:{port}",
                 candidates=(f"lan~127.0.0.1:{port}",),
                 tls=client_context(stranger, stranger.cert_pem),  # pins another certificate
             )
-            assert await asyncio.wait_for(pick_master(other), 30) == f"127.0.0.1:{port}"  # none checks: given back
+            assert await asyncio.wait_for(pick_path(other), 30) is None  # none checks: the dial fails on its own
         finally:
             await master.stop()
 

@@ -53,7 +53,7 @@ import aiohttp
 
 from . import device as devices
 from .address import parse_address
-from .candidates import DIAL_TIMEOUT
+from .candidates import DIAL_TIMEOUT, Candidate, Kind, NoPath, is_public, parse_candidate_text, race
 from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
 from .hops import HopListener
@@ -97,14 +97,13 @@ async def _link(config: WorkerConfig) -> tuple[float, float]:
     return rtt, mbps or 0.0
 
 
-async def pick_path(config: WorkerConfig):  # -> Candidate | None
+async def pick_path(config: WorkerConfig) -> Candidate | None:
     """The way to the master: its candidates (and ``config.master``, the address paired with)
     raced (happy eyeballs: LAN, then direct, then relay) up to a TLS handshake pinned to the
     master, so only the winner carries the tunnel and its Hello.  A ``relay`` candidate is dialled
     through the relay by ``config.group`` (the master's fingerprint) and its TLS runs over the
     splice.  None when none answers (or nothing can be parsed)."""
     from .bridge_dial import open_bridged_tls
-    from .candidates import Candidate, Kind, NoPath, is_public, parse_candidate_text, race
     from .pairing import TUNNEL_SNI
 
     try:
@@ -138,15 +137,6 @@ async def pick_path(config: WorkerConfig):  # -> Candidate | None
     return chosen
 
 
-async def pick_master(config: WorkerConfig) -> str:
-    """The direct address :func:`pick_path` chose (``config.master`` when none answered or the
-    winner is a relay: a relay is no address to dial as the master)."""
-    from .candidates import Kind
-
-    chosen = await pick_path(config)
-    return chosen.address if chosen is not None and chosen.kind is not Kind.RELAY else config.master
-
-
 async def _connect_once(
     config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: Run
 ) -> str:
@@ -154,8 +144,6 @@ async def _connect_once(
     appeared, or a relay that restarted, is taken at the next dial) to its end; returns why it
     ended.  A relay that wins is reached through a local :class:`~.bridge_dial.BridgeForwarder`
     for this tunnel's life (the probe and the tunnel dial it unchanged)."""
-    from .candidates import Kind
-
     if not (config.candidates and config.tls is not None):
         return await _tunnel(config, executor, shards, facts, weights, run)
     chosen = await pick_path(config)
