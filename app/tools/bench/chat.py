@@ -96,8 +96,6 @@ async def chat_profile(opts: BenchOptions, profile: str) -> dict:
     mbps, rtt = PROFILES[profile]
     async with shaped_group(opts, profile) as master:
         engine = master.engine
-        warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        await engine.generate([1000 + 7 * i for i in range(16)], warm)  # first steps through fresh stages are slow
         doc = await asyncio.to_thread(document, engine.tokenizer)
         modes: dict[str, list[dict]] = {}
         for mode, caching in MODES.items():

@@ -21,14 +21,18 @@ from master_core.config import MasterConfig
 from .options import PROFILES, BenchOptions
 
 if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
+    from master_core.request import Request
     from master_core.server import Master
+
+TOKEN_TIMEOUT = 300.0  # seconds a bench waits for a request's next event at most
 
 
 @contextlib.asynccontextmanager
 async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master]:
     """A master in this process and ``opts.workers`` local worker processes (one torch thread
-    each) whose tunnels are shaped to ``profile``, serving and profiled (at most 600 s);
-    stopped, workers included, whatever happens.  The workers' output is appended to
+    each) whose tunnels are shaped to ``profile``, serving, profiled (at most 600 s) and warmed
+    up by one short request (the first steps through fresh stages are slow); stopped, workers
+    included, whatever happens.  The workers' output is appended to
     ``workers.log`` in ``opts.out``."""
     from master_core.server import Master
 
@@ -49,10 +53,30 @@ async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"workers did not come up: {master.group.problem}")
             await asyncio.sleep(0.2)
+        from master_core.request import SamplingParams
+
+        warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        await asyncio.wait_for(master.engine.generate([1000 + 7 * i for i in range(16)], warm), TOKEN_TIMEOUT)
         yield master
     finally:
         await master.stop()
         await asyncio.to_thread(stop_processes, procs)
+
+
+async def token_times(req: Request, timeout: float = TOKEN_TIMEOUT) -> list[float]:
+    """When each token of ``req`` arrived (``time.perf_counter``), to its end; raises on an error
+    end, or when no event comes within ``timeout`` seconds."""
+    from master_core.request import FinishEvent
+
+    times: list[float] = []
+    while True:
+        ev = await asyncio.wait_for(req.events.get(), timeout)
+        if isinstance(ev, FinishEvent):
+            if ev.reason == "error":
+                raise RuntimeError(ev.error)
+            return times
+        if ev.token_id >= 0:
+            times.append(time.perf_counter())
 
 
 def profile_report(master: Master, profile: str, results: dict, identical: bool) -> dict:

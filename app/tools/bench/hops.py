@@ -16,10 +16,11 @@ tokens were identical across modes.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import TYPE_CHECKING
 
-from master_core.request import FinishEvent, SamplingParams
+from master_core.request import SamplingParams
+
+from .common import shaped_group, token_times
 
 if TYPE_CHECKING:
     from master_core.server import Master
@@ -45,21 +46,12 @@ async def _stream(master: Master, prompt: list[int]) -> tuple[list[int], float, 
     engine = master.engine
     before = _master_bytes(master)
     req = engine.submit(prompt, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
-    times: list[float] = []
-    while True:
-        ev = await req.events.get()
-        if isinstance(ev, FinishEvent):
-            if ev.reason == "error":
-                raise RuntimeError(ev.error)
-            break
-        if ev.token_id >= 0:
-            times.append(time.perf_counter())
+    times = await token_times(req)
     spent = _master_bytes(master) - before
     return req.output, (times[-1] - times[0]) / max(1, len(times) - 1), spent / max(1, len(req.output))
 
 
 async def hops_profile(opts: BenchOptions, profile: str) -> dict:
-    from .common import shaped_group
     from .options import PROFILES
 
     mbps, rtt = PROFILES[profile]
@@ -67,7 +59,6 @@ async def hops_profile(opts: BenchOptions, profile: str) -> dict:
         engine, group = master.engine, master.group
         hops = [h.describe() for h in group.hops] + [f"loop-back: {group.loop_back.describe()}"]
         prompt = [1000 + 7 * i for i in range(PROMPT_TOKENS)]
-        await _stream(master, prompt[:8])  # warm-up: first steps through fresh stages are slow
         runs: dict[str, list[tuple[list[int], float, float]]] = {mode: [] for mode in MODES}
         for _ in range(ROUNDS):
             for mode, (direct, loop_back) in MODES.items():

@@ -23,7 +23,9 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from master_core.request import FinishEvent, SamplingParams
+from master_core.request import SamplingParams
+
+from .common import shaped_group, token_times
 
 if TYPE_CHECKING:
     from master_core.server import Master
@@ -81,15 +83,7 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
     drafted, accepted, trips = engine.drafted_tokens, engine.accepted_tokens, engine.draft_trips
     try:
         req = engine.submit(list(prompt), SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0))
-        times: list[float] = []
-        while True:
-            ev = await asyncio.wait_for(req.events.get(), TASK_TIMEOUT)
-            if isinstance(ev, FinishEvent):
-                if ev.reason == "error":
-                    raise RuntimeError(ev.error)
-                break
-            if ev.token_id >= 0:
-                times.append(time.perf_counter())
+        times = await token_times(req, TASK_TIMEOUT)
     finally:
         engine.on_step = None
     decode = [s for s in steps if s["decodes"] and not s["prefill_tokens"]]  # its steps after the first token
@@ -111,14 +105,11 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
 async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
     from worker_core.wire import itemsize
 
-    from .common import shaped_group
     from .options import PROFILES
 
     mbps, rtt = PROFILES[profile]
     async with shaped_group(opts, profile) as master:
         engine = master.engine
-        warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        await engine.generate([1000 + 7 * i for i in range(16)], warm)  # first steps through fresh stages are slow
         hidden_bytes = master.group.dims.hidden_size * itemsize(master.group.stages[0].hello.dtype)
         tasks: dict[str, dict] = {}
         for task, (kind, _) in TASKS.items():
