@@ -318,7 +318,9 @@ def test_leave_round_trips_and_a_bad_leave_is_a_protocol_error():
 
 
 @pytest.mark.slow
-def test_worker_events_from_connecting_to_stats(spawn, master):
+def test_a_workers_life_events_bad_command_lines_ignored_and_stop_leaves_the_only_stage(spawn, master):
+    """One worker process, from dialling to leaving: its events up to stats, then bad command
+    lines that change nothing, then stop."""
     assert master.info["api"].startswith("127.0.0.1:") and int(master.info["api"].split(":")[1]) > 0
     assert "token=" in master.info["dashboard"]
     assert master.info["group_port"] is None and master.info["admin_token"] is None and master.info["group"] is None
@@ -332,24 +334,16 @@ def test_worker_events_from_connecting_to_stats(spawn, master):
     _, ev = w.wait_event("stats", 30, where=lambda e: e["steps"] > 0)
     assert ev["tokens"] > 0 and ev["tokens_per_s"] >= 0
     assert w.other_stdout == []  # supervised stdout carries events only
-    w.command("stop")
-    w.wait_event("left", 30)
-    assert w.wait_exit(30) == 0
-    wait_health(master.api, lambda h: h["workers"] == [], 30, "no workers")
 
-
-@pytest.mark.slow
-def test_bad_command_lines_are_ignored_then_stop_leaves_the_only_stage(spawn, master):
-    w = start_worker(spawn, master, "beta")
-    w.wait_event("serving", STARTUP)
     for line in ("not json", '{"cmd": "dance"}', '["stop"]', '{"cmd": 5}', "{"):
         w.send(line)
     # still alive and still working: a stats event after the bad lines, the master still has it
     mark = len(w.events)
     w.wait_event("stats", 30, after=mark)
     assert w.proc.poll() is None
-    assert [x["name"] for x in health(master.api)["workers"]] == ["beta"]
+    assert [x["name"] for x in health(master.api)["workers"]] == ["alpha"]
     assert "malformed command line" in w.tail(200)
+
     t_stop = time.monotonic()
     w.command("stop")
     _, ev = w.wait_event("disconnected", 30)
