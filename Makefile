@@ -22,12 +22,15 @@ demo: $(STAMP)
 # the system packages the tests use (installed when root on Debian/Ubuntu, else named), lint
 # (seconds), then the whole suite (-rs: every skipped test says why, e.g. the network lab without root);
 # `make test-fast` leaves out the tests marked slow.  Every target the READMEs name brings its own system
-# packages (.ci/system-packages SET).
+# packages (.ci/system-packages SET).  Two pytest workers, a test file each at a time (--dist loadfile: a
+# module's shared fixtures are made once), the slowest files first (tests/conftest.py): much of the suite
+# waits on links, processes and timeouts rather than the CPU.
+PYTEST = $(PY) -m pytest -q -rs -n 2 --dist loadfile
 test: system-packages lint
-	$(PY) -m pytest -q -rs
+	$(PYTEST)
 
 test-fast: system-packages lint
-	$(PY) -m pytest -q -rs -m "not slow"
+	$(PYTEST) -m "not slow"
 
 system-packages:
 	.ci/system-packages test
