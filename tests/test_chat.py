@@ -73,6 +73,9 @@ def test_read_chunk():
     assert read_chunk({"choices": [{"delta": {"content": "hi"}, "finish_reason": None}]}) == Chunk("hi")
     assert read_chunk({"choices": [{"delta": {}, "finish_reason": "length"}]}) == Chunk(finish_reason="length")
     assert read_chunk({"choices": [], "usage": {"completion_tokens": 7}}).completion_tokens == 7
+    usage = {"prompt_tokens": 40, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 32}}
+    assert read_chunk({"choices": [], "usage": usage}) == Chunk(completion_tokens=7, prompt_tokens=40, cached_tokens=32)
+    assert read_chunk({"usage": {"prompt_tokens": True, "prompt_tokens_details": {"cached_tokens": -1}}}) == Chunk()
     err = read_chunk({"error": {"message": "stage 1 died\nbadly", "type": "service_unavailable"}})
     assert err.error == "The group failed while answering: stage 1 died badly."
     assert read_chunk({"choices": "nonsense", "usage": 3}) == Chunk()
