@@ -44,6 +44,7 @@ from .tools import (
     render_prompt,
     tool_format,
 )
+from .turn_ids import TurnIds
 
 log = logging.getLogger("molink.api")
 
@@ -131,6 +132,7 @@ class Api:
         self.created = int(time.time())
         self.grammars = Grammars(engine.tokenizer, engine.group.dims.vocab_size, engine.eos_ids)
         self.tool_format = tool_format(getattr(engine.tokenizer, "chat_template", None))
+        self.turn_ids = TurnIds()  # earlier answers' generated ids: a conversation's prompt keeps its prefix
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -328,12 +330,26 @@ class Api:
             )
         except Exception as e:  # template errors (e.g. roles the template refuses)
             raise ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
-        prompt = (await asyncio.to_thread(self.engine.tokenizer, text, add_special_tokens=False))["input_ids"]
+        prompt = await asyncio.to_thread(self.turn_ids.ids, text, self._tokenize)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         reqs = self._submit_n(list(prompt), self._params(body, max_tokens, logprobs, grammar), body.n or 1)
         calling = tools if tools and body.tool_choice != "none" else []
-        return await self._respond(request, reqs, body, f"chatcmpl-{uuid.uuid4().hex}", chat=True, tools=calling)
+        resp = await self._respond(request, reqs, body, f"chatcmpl-{uuid.uuid4().hex}", chat=True, tools=calling)
+        if len(reqs) == 1 and not calling and reqs[0].finish_reason in ("stop", "length"):
+            await asyncio.to_thread(self._remember, text, reqs[0])
+        return resp
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _remember(self, text: str, req: Request) -> None:
+        """Keep this answer's ids for the conversation's next turn (master_core.turn_ids)."""
+        out = list(req.output)
+        while out and out[-1] in self.engine.eos_ids:
+            out.pop()
+        answer = self.engine.tokenizer.decode(out, skip_special_tokens=False)
+        self.turn_ids.remember(text, req.prompt, answer, out)
 
     # ------------------------------------------------------------------ responses
     def _usage(self, reqs: list[Request]) -> dict:

@@ -73,6 +73,9 @@ def test_read_chunk():
     assert read_chunk({"choices": [{"delta": {"content": "hi"}, "finish_reason": None}]}) == Chunk("hi")
     assert read_chunk({"choices": [{"delta": {}, "finish_reason": "length"}]}) == Chunk(finish_reason="length")
     assert read_chunk({"choices": [], "usage": {"completion_tokens": 7}}).completion_tokens == 7
+    usage = {"prompt_tokens": 40, "completion_tokens": 7, "prompt_tokens_details": {"cached_tokens": 32}}
+    assert read_chunk({"choices": [], "usage": usage}) == Chunk(completion_tokens=7, prompt_tokens=40, cached_tokens=32)
+    assert read_chunk({"usage": {"prompt_tokens": True, "prompt_tokens_details": {"cached_tokens": -1}}}) == Chunk()
     err = read_chunk({"error": {"message": "stage 1 died\nbadly", "type": "service_unavailable"}})
     assert err.error == "The group failed while answering: stage 1 died badly."
     assert read_chunk({"choices": "nonsense", "usage": 3}) == Chunk()
@@ -553,3 +556,30 @@ def test_change_dialog_sets_the_target_and_emits_it(qtbot, fake):
     assert sig.args[0] == ChatTarget(fake.url, "k2") and w.target == ChatTarget(fake.url, "k2")
     assert w.target_label.text() == f"Connected to: {fake.url} (with API key)"
     qtbot.waitUntil(w.send_button.isEnabled, timeout=10_000)
+
+
+@pytest.mark.slow
+def test_each_turn_reuses_the_previous_turns_prompt_and_answer_from_the_prefix_cache(qtbot, master):
+    """What the window sends turn after turn renders to a prompt that starts with the previous turn's
+    prompt and answer tokens, so the group's prefix cache reuses all of it but the last partial
+    block (the answer's last token is sampled, never computed, so it is not cached either)."""
+    block = 16  # master_core.prefix_cache.BLOCK_TOKENS
+    w = make_window(qtbot, ChatTarget(master.url))
+    w.max_tokens = 24
+    w.extra_body = {"temperature": 0, "ignore_eos": True}
+    usages: list[tuple[int, int]] = []
+    for question in ("  stages hold ranges of layers\n", "and the master\ttalks to the first", "last turn"):
+        ask_and_wait(qtbot, w, question)
+        assert w.last_usage is not None
+        usages.append(w.last_usage)
+    for (prompt, _), (_, cached) in zip(usages, usages[1:]):
+        held = prompt + w.max_tokens - 1  # positions with KV on the stages after the previous turn
+        assert cached >= held // block * block, (usages, held)
+    # the check can fail: the same conversation with its first question altered reuses nothing of it
+    assert w.last_request_body is not None
+    messages = [dict(m) for m in w.last_request_body["messages"]]
+    messages[0]["content"] = "Q: " + messages[0]["content"]
+    body = {"model": master.model, "messages": messages, "max_tokens": 1, "temperature": 0}
+    status, data = http_json(master.url + "/v1/chat/completions", body)
+    assert status == 200, data
+    assert data["usage"]["prompt_tokens_details"]["cached_tokens"] < block

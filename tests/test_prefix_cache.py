@@ -165,3 +165,25 @@ def test_the_api_reports_cached_prompt_tokens_streamed_and_not(llama):
     assert two["prompt_tokens_details"]["cached_tokens"] >= one["prompt_tokens"] // 16 * 16
     assert cold["prompt_tokens_details"]["cached_tokens"] == 0
     assert warm["prompt_tokens_details"]["cached_tokens"] == (warm["prompt_tokens"] - 1) // 16 * 16
+
+
+def test_turn_ids_give_a_remembered_answers_generated_ids_then_tokenize_the_rest():
+    from master_core.turn_ids import TurnIds
+
+    def tokenize(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    t = TurnIds(max_entries=2, max_chars=40)
+    assert t.ids("ab", tokenize) == [97, 98] and t.hits == 0
+    t.remember("<p>", [1, 2], "xy", [7])  # "xy" was generated as one token
+    assert t.ids("<p>xy!", tokenize) == [1, 2, 7, 33] and t.hits == 1
+    assert t.ids("<p>xz!", tokenize) == tokenize("<p>xz!")  # the answer was changed: no match
+    assert t.ids("<p>xy", tokenize) == tokenize("<p>xy")  # only a strict prefix is replaced
+    t.remember("<p>xy!", [1, 2, 7, 33], "z", [9])  # the next turn: the longest match wins
+    assert t.ids("<p>xy!z.", tokenize) == [1, 2, 7, 33, 9, 46]
+    t.remember("q", [5], "r", [6])  # a third entry drops the least recently used
+    assert len(t) == 2 and t.ids("<p>xy!", tokenize) == tokenize("<p>xy!")
+    t.remember("s" * 30, [1], "t" * 20, [2])  # more characters than are kept in all: not kept
+    assert len(t) == 2
+    t.remember("s" * 30, [1], "t" * 9, [2])  # 39 characters: the older entries make room
+    assert len(t) == 1 and t.ids("s" * 30 + "t" * 9 + "u", tokenize) == [1, 2, 117]

@@ -21,6 +21,10 @@ the answer being re-rendered as Markdown at most ``RENDER_HZ`` times a second.
 * Every failure (HTTP error with OpenAI's error body, unreachable master, a stream ending in an
   error or cut off) is one sentence in the window; the failed question goes back to the input
   box and the conversation stays usable.
+* Every turn sends the history as it was sent and answered (the user's text as sent, the answer
+  as streamed, never re-formatted), so each prompt starts with the previous turn's prompt and
+  answer and the group's prefix cache reuses them; ``last_usage`` is the last complete answer's
+  (prompt tokens, cached tokens) from the stream's usage chunk.
 
 The request body, the reading of a stream chunk, error sentences, ``/health`` and the tokens/s
 maths are pure functions in :mod:`.chat_text`; the SSE framing is :mod:`.sse`; the streamed
@@ -79,6 +83,7 @@ class ChatWindow(QWidget):
         self.max_tokens = DEFAULT_MAX_TOKENS
         self.extra_body: dict[str, Any] = {}  # more request fields (tests: temperature, ignore_eos)
         self.last_request_body: dict | None = None
+        self.last_usage: tuple[int, int] | None = None  # the last complete answer's (prompt, cached) tokens
         self._target: ChatTarget | None = None
         self._history: list[Turn] = []
         self._phase = Phase.IDLE
@@ -330,6 +335,7 @@ class ChatWindow(QWidget):
             raise RuntimeError("chat window: a turn was sent without a target or a model")
         body = chat_body(self._model, self._history, self.max_tokens, self.extra_body)
         self.last_request_body = body
+        self.last_usage = None
         self._move(Phase.STREAMING)
         answer = Answer()
         self._answer = answer
@@ -405,6 +411,8 @@ class ChatWindow(QWidget):
             self._fail(why)
             return
         self._rate = answer.meter.rate()
+        if answer.prompt_tokens is not None and answer.cached_tokens is not None:
+            self.last_usage = (answer.prompt_tokens, answer.cached_tokens)
         self._history.append(Turn("assistant", text))
         self._render_answer(text)
         self.answer_finished.emit(text)

@@ -62,6 +62,8 @@ class Answer:
     error: str | None = None  # the stream said it failed, or could not be read
     error_body: bytearray = field(default_factory=bytearray)
     stopping: bool = False
+    prompt_tokens: int | None = None  # the usage chunk's: the prompt's tokens ...
+    cached_tokens: int | None = None  # ... and how many of them the group's prefix cache held
 
     def keep_error_body(self, data: bytes) -> None:
         room = MAX_ERROR_BODY - len(self.error_body)
@@ -80,6 +82,10 @@ class Answer:
                     self.error = chunk.error
                 if chunk.completion_tokens is not None:
                     self.meter.final_tokens = chunk.completion_tokens
+                if chunk.prompt_tokens is not None:
+                    self.prompt_tokens = chunk.prompt_tokens
+                if chunk.cached_tokens is not None:
+                    self.cached_tokens = chunk.cached_tokens
                 if chunk.text:
                     self.text.append(chunk.text)
                     self.meter.token(time.monotonic())

@@ -84,6 +84,8 @@ class Chunk:
     finish_reason: str | None = None
     completion_tokens: int | None = None  # from the final usage chunk
     error: str | None = None  # one sentence
+    prompt_tokens: int | None = None  # from the final usage chunk
+    cached_tokens: int | None = None  # prompt tokens the group reused from its prefix cache (usage chunk)
 
 
 def read_chunk(data: dict) -> Chunk:
@@ -103,8 +105,20 @@ def read_chunk(data: dict) -> Chunk:
         if isinstance(choice.get("finish_reason"), str):
             finish = choice["finish_reason"]
     usage = data.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return Chunk(text=text, finish_reason=finish, completion_tokens=tokens if isinstance(tokens, int) else None)
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    return Chunk(
+        text=text,
+        finish_reason=finish,
+        completion_tokens=_count(usage.get("completion_tokens")),
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        cached_tokens=_count(details.get("cached_tokens")),
+    )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def sentence(text: str, limit: int = 300) -> str:
