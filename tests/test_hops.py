@@ -307,7 +307,7 @@ def test_the_master_dials_a_hop_at_the_announced_host_the_lan_address_or_the_add
 
     def link(peer: str, **hello) -> WorkerLink:
         # no tunnel (None): the test reads the link's hop addresses only, nothing is ever sent on it
-        return WorkerLink(None, Hello("w", "cpu", "cpu", 1, 1, "float32", **hello), peer, 1 << 20)  # type: ignore[arg-type]
+        return WorkerLink(None, Hello("w", "cpu", "cpu", 1, 1, "float32", **hello), peer, 1 << 20)
 
     home_a = link("203.0.113.5", hop_port=7734, hop_lan="192.168.1.20")
     home_a2 = link("203.0.113.5", hop_port=7734, hop_lan="192.168.1.21")

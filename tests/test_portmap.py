@@ -38,7 +38,7 @@ class FakeRouter(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         self.requests.append(data)
@@ -76,14 +76,14 @@ class FakeRouter(asyncio.DatagramProtocol):
 async def _router(mode: str, **kw: object) -> tuple[FakeRouter, int, asyncio.DatagramTransport]:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: FakeRouter(mode, **kw),  # type: ignore[arg-type]
+        lambda: FakeRouter(mode, **kw),
         local_addr=("127.0.0.1", 0),
     )
     return proto, transport.get_extra_info("sockname")[1], transport
 
 
 def _mapper(port: int, **kw: object) -> PortMapper:
-    return PortMapper(7733, gateway="127.0.0.1", udp_port=port, protocols=("pcp", "nat-pmp"), **kw)  # type: ignore[arg-type]
+    return PortMapper(7733, gateway="127.0.0.1", udp_port=port, protocols=("pcp", "nat-pmp"), **kw)
 
 
 @sync
@@ -308,7 +308,7 @@ async def _fake_igd(external: str, calls: list[tuple[str, str]]):  # -> (runner,
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]
     return runner, f"http://127.0.0.1:{port}/desc.xml"
 
 

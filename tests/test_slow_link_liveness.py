@@ -116,7 +116,7 @@ async def _scenario(metered: bool) -> tuple[str, object]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]
     proxy, proxy_tasks = await _shaped_proxy(port)
     done = asyncio.Event()
     worker = asyncio.create_task(_slow_worker(proxy.sockets[0].getsockname()[1], done))

@@ -40,9 +40,9 @@ def test_langchain_agent_with_tools_and_structured_output(ckpt):
             llm = ChatOpenAI(
                 model=c.master.model_id,
                 base_url=c.base_url + "/v1",
-                api_key=KEY,  # type: ignore[arg-type]
+                api_key=KEY,
                 temperature=0,
-                max_tokens=300,  # type: ignore[call-arg]
+                max_tokens=300,
                 max_retries=0,
             )
             tools = {"get_weather": get_weather}
@@ -68,7 +68,7 @@ def test_langchain_agent_with_tools_and_structured_output(ckpt):
             merged = chunks[0]
             for ch in chunks[1:]:
                 merged = merged + ch
-            assert merged.tool_calls and merged.tool_calls[0]["args"] == ran[0]  # type: ignore[attr-defined]
+            assert merged.tool_calls and merged.tool_calls[0]["args"] == ran[0]
             # structured output
             structured = llm.with_structured_output(Answer)
             out = await structured.ainvoke([HumanMessage("Is it warm in Lima?")])
