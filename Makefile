@@ -23,9 +23,10 @@ demo: $(STAMP)
 # (seconds), then the whole suite (-rs: every skipped test says why, e.g. the network lab without root);
 # `make test-fast` leaves out the tests marked slow.  Every target the READMEs name brings its own system
 # packages (.ci/system-packages SET).  Two pytest workers, a test file each at a time (--dist loadfile: a
-# module's shared fixtures are made once), the slowest files first (tests/conftest.py): much of the suite
-# waits on links, processes and timeouts rather than the CPU.
-PYTEST = $(PY) -m pytest -q -rs -n 2 --dist loadfile
+# module's shared fixtures are made once), the slowest files first (tests/conftest.py; --no-loadscope-reorder,
+# else xdist hands out the files with the most tests first and the 7-minute installer test last): much
+# of the suite waits on links, processes and timeouts rather than the CPU.
+PYTEST = $(PY) -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder
 test: system-packages lint
 	$(PYTEST)
 
