@@ -43,7 +43,9 @@ class Advertiser:
                 f"{label}.{SERVICE}",
                 port=self.port,
                 properties={"v": TXT_VERSION, "group": self.group[:60]},
-                server=f"{host.split('.')[0]}-molink.local.",
+                # One host name per announcement: two masters on one machine (or one on 127.0.0.1
+                # beside one on every interface) must not pool their address records.
+                server=f"{host.split('.')[0][:40]}-{self.port}-molink.local.",
                 addresses=None,
                 parsed_addresses=_local_addresses() if self.host in ALL_INTERFACES else [self.host],
             )

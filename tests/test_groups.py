@@ -250,16 +250,24 @@ def test_only_members_complete_the_handshake_removal_is_immediate_and_master_is_
 
 
 def test_mdns_finds_the_group(ckpt, tmp_path):
+    """The announcement carries the bound address only, even beside another group announced
+    from this machine with another address (CI once saw the two pool their address records)."""
+    from master_core.announce import Advertiser
     from worker_core.discovery import browse
 
     async def main():
         master = Master(paired_config(ckpt, tmp_path / "m", group_name="mdns-test-group"))
         await master.start()
+        neighbour = Advertiser(master.group_port.port + 1, "mdns-neighbour-group", "192.0.2.7")
+        await neighbour.start()
         try:
             found = await browse(3.0)
             mine = [f for f in found if f[2] == "mdns-test-group"]
             assert mine and mine[0][0] == ["127.0.0.1"] and mine[0][1] == master.group_port.port
+            theirs = [f for f in found if f[2] == "mdns-neighbour-group"]
+            assert theirs and theirs[0][0] == ["192.0.2.7"]
         finally:
+            await neighbour.stop()
             await master.stop()
         assert not [f for f in await browse(2.0) if f[2] == "mdns-test-group"]  # withdrawn on stop
 
