@@ -102,11 +102,70 @@ def test_interrupted_conversion_never_looks_complete(tmp_path, monkeypatch):
     assert not (folder / "config.json").exists()  # the stale folder was replaced, not merged
 
 
-def test_default_model_three_stages_matches_transformers():
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+
+
+async def _tool_flow(c: Cluster) -> tuple[dict, str]:
+    """The agent loop on the embedded model (its template has no tool format: the generic one):
+    a required call with valid arguments, streamed and not, then the tool's result and an answer."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=c.base_url + "/v1", api_key="sk-default-tools", max_retries=0)
+    try:
+        msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+        ask = dict(
+            model=c.master.model_id,
+            messages=msgs,
+            tools=[WEATHER],
+            tool_choice="required",
+            parallel_tool_calls=False,  # with more allowed, this small model calls again until max_tokens
+            temperature=0,
+        )
+        r = await client.chat.completions.create(**ask, max_tokens=120)
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls" and ch.message.tool_calls and len(ch.message.tool_calls) == 1, ch
+        assert not (ch.message.content or "").strip(), ch
+        call = ch.message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and set(args) == {"city", "unit"}, args
+        assert isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit")
+        streamed = [x async for x in await client.chat.completions.create(**ask, max_tokens=120, stream=True)]
+        pieces = [tc for x in streamed for chx in x.choices for tc in chx.delta.tool_calls or [] if tc.index == 0]
+        assert json.loads("".join(tc.function.arguments or "" for tc in pieces if tc.function)) == args
+        follow = [
+            *msgs,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})},
+        ]
+        r2 = await client.chat.completions.create(
+            model=c.master.model_id, messages=follow, tools=[WEATHER], max_tokens=40, temperature=0
+        )
+        answer = r2.choices[0]
+        assert answer.finish_reason in ("stop", "length", "tool_calls"), answer
+        return args, answer.message.content or ""
+    finally:
+        await client.close()
+
+
+def test_default_model_three_stages_matches_transformers_and_runs_a_tool_loop():
     folder = ensure_default_model()
     from transformers import AutoTokenizer
 
+    from master_core.tools import ToolFormat, tool_format
+
     tok = AutoTokenizer.from_pretrained(folder)
+    assert tool_format(tok.chat_template) is ToolFormat.GENERIC
     text = tok.apply_chat_template(
         [{"role": "user", "content": "Name three colours of the rainbow."}], add_generation_prompt=True, tokenize=False
     )
@@ -114,11 +173,16 @@ def test_default_model_three_stages_matches_transformers():
     ref = reference_greedy(folder, prompt, 32)
 
     async def main():
-        async with Cluster("default", workers=3) as c:
+        async with Cluster("default", workers=3, api_key="sk-default-tools") as c:
             assert [s.assignment.layer_end - s.assignment.layer_start for s in c.master.group.stages] == [10, 10, 10]
-            return (await c.engine.generate(prompt, greedy(32)))[0]
+            tokens = (await c.engine.generate(prompt, greedy(32)))[0]
+            args, answer = await _tool_flow(c)
+            assert c.engine.held() == {"running": 0, "waiting": 0, "text_streams": 0}
+            return tokens, args, answer
 
-    assert run(main()) == ref
+    tokens, args, answer = run(main())
+    assert tokens == ref
+    print(f"embedded model's tool call: {args}; its answer after the result: {answer!r}")
 
 
 def _free_port() -> int:
