@@ -7,12 +7,18 @@ WebSockets, waits (bounded) until the pipeline serves, and stops everything on e
 configuration of a paired group's master on loopback, ``join_member`` pairs a member with it
 and gives its worker's configuration; ``greedy`` the sampling of a
 comparison with transformers; ``conversation`` and ``chat`` run a multi-turn conversation
-whose later turns reuse the cached history.
+whose later turns reuse the cached history.  ``output_line(proc, prefix, timeout)`` waits,
+bounded, for a line of a child process's output (a thread reads each child's output to its end,
+so a chatty child never blocks on a full pipe); ``output_seen(proc)`` is what it printed so far.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import subprocess
+import threading
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +28,44 @@ from master_core.server import Master
 from worker_core.worker import WorkerConfig, serve
 
 T = TypeVar("T")
+
+
+_OUTPUTS: dict[int, tuple[queue.Queue[str], list[str]]] = {}  # a child's unread lines, and every line read
+
+
+def output_line(proc: subprocess.Popen, prefix: str, timeout: float, *, at_start: bool = False) -> str:
+    """The next line of ``proc``'s output (text, one pipe) holding ``prefix`` (beginning with it
+    when ``at_start``), waited for at most ``timeout`` seconds; an AssertionError with the
+    output so far otherwise."""
+    if proc.pid not in _OUTPUTS:
+        lines: queue.Queue[str] = queue.Queue()
+        _OUTPUTS[proc.pid] = (lines, [])
+
+        def pump(out=proc.stdout, q=lines) -> None:
+            for line in out or ():
+                q.put(line)
+            q.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
+    lines, seen = _OUTPUTS[proc.pid]
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if not line:
+            lines.put("")  # the end stays the end for the next call
+            break
+        seen.append(line)
+        if line.startswith(prefix) if at_start else prefix in line:
+            return line
+    raise AssertionError(f"no {prefix!r} line within {timeout} s; output:\n{output_seen(proc)}")
+
+
+def output_seen(proc: subprocess.Popen) -> str:
+    """Every line :func:`output_line` has read of ``proc``'s output."""
+    return "".join(_OUTPUTS[proc.pid][1]) if proc.pid in _OUTPUTS else ""
 
 
 def run(coro: Awaitable[T], timeout: float = 300.0) -> T:

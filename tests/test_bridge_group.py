@@ -7,19 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from harness import greedy, paired_config, run
+from harness import greedy, output_line, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.bridge_host import BridgeState
@@ -215,36 +213,6 @@ def _molink(*args: str) -> subprocess.Popen:
     )
 
 
-_OUTPUTS: dict[int, queue.Queue[str]] = {}  # each child's output lines, read by its own thread
-
-
-def _line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
-    """The first line of ``proc``'s output holding ``prefix``, waited for at most ``timeout``
-    seconds (a thread per process reads its output into a queue: a silent child cannot block)."""
-    lines = _OUTPUTS.get(proc.pid)
-    if lines is None:
-        lines = _OUTPUTS[proc.pid] = queue.Queue()
-
-        def pump(out=proc.stdout, q=lines) -> None:
-            for line in out or ():
-                q.put(line)
-            q.put("")
-
-        threading.Thread(target=pump, daemon=True).start()
-    deadline, seen = time.monotonic() + timeout, []
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if not line:
-            break
-        seen.append(line)
-        if prefix in line:  # a log line starts with its time
-            return line
-    raise AssertionError(f"no {prefix!r} line within {timeout} s; output:\n{''.join(seen)}")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess there: no clean exit to check")
 def test_the_command_line_through_a_relay_relay_create_join_by_code_worker_answer(tmp_path):
@@ -257,7 +225,7 @@ def test_the_command_line_through_a_relay_relay_create_join_by_code_worker_answe
     procs = []
     try:
         procs.append(_molink("relay", "--listen", relay))
-        _line(procs[-1], "relay listening on", 60)
+        output_line(procs[-1], "relay listening on", 60)
         master_dir = tmp_path / "master"
         procs.append(
             _molink(
@@ -265,7 +233,7 @@ def test_the_command_line_through_a_relay_relay_create_join_by_code_worker_answe
                 "--api-port", str(api_port), "--data-dir", str(master_dir), "--relay", relay, "--name", "far",
             )
         )  # fmt: skip
-        code = _line(procs[-1], "Pairing code:", 120).split()[-1]
+        code = output_line(procs[-1], "Pairing code:", 120).split()[-1]
         joined = subprocess.run(
             [sys.executable, "-m", "app.cli", "join", code, "--relay", relay, "--data-dir", str(tmp_path / "w")],
             capture_output=True,
@@ -283,7 +251,7 @@ def test_the_command_line_through_a_relay_relay_create_join_by_code_worker_answe
         procs.append(
             _molink("worker", "--data-dir", str(tmp_path / "w"), "--device", "cpu", "--threads", "1", "--via-relay")
         )
-        _line(procs[-1], "reaching the master through relay", 60)
+        output_line(procs[-1], "reaching the master through relay", 60)
         api = f"http://127.0.0.1:{api_port}"
         deadline = time.monotonic() + 120
         while True:

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import join_member, paired_config, run
+from harness import join_member, output_line, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.invitations import MAX_FAILURES, TTL, Invitations, InvitationState
@@ -376,19 +376,6 @@ def _molink(*args: str, **kw) -> subprocess.Popen:
     )
 
 
-def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith(prefix):
-            return line
-    raise AssertionError(f"no {prefix!r} line; output:\n{''.join(seen)}")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM is TerminateProcess there: no clean exit to check")
 def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
@@ -415,7 +402,7 @@ def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
             "e2e-group",
         )
         procs.append(master)
-        code = _wait_line(master, "Pairing code:", 120).split()[-1]
+        code = output_line(master, "Pairing code:", 120, at_start=True).split()[-1]
         # the first machine finds the master by mDNS, the second is told where it is
         first = subprocess.run(
             [sys.executable, "-m", "app.cli", "join", code, "--data-dir", str(tmp_path / "w1"), "--name", "alice"],

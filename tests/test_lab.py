@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import output_line, output_seen
 
 from app.tools.netlab.lab import Lab, labs, unavailable
 
@@ -167,19 +168,6 @@ def _molink(lab: Lab, host: str, *args: str) -> subprocess.Popen:
                      stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT))  # fmt: skip
 
 
-def _wait_line(proc: subprocess.Popen, prefix: str, timeout: float, seen: list[str]) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if line.startswith(prefix):
-            return line.strip()
-    raise AssertionError(f"no {prefix!r} line; output:\n{''.join(seen)}")
-
-
 def _stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -222,15 +210,14 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
     from transformers import AutoTokenizer
 
     with Lab.up("tjoin", "upnp", mbps=50, delay_ms=20) as lab:
-        seen: list[str] = []
         procs: list[subprocess.Popen] = []
         try:
             master = _molink(lab, "a", "group", "create", "--model", str(ckpt), "--port", "7733", "--api-port",
                              "8000", "--data-dir", str(tmp_path / "master"), "--name", "lab")  # fmt: skip
             procs.append(master)
-            _wait_line(master, "Pairing code:", 120, seen)
-            link = _wait_line(master, "Join link:", 30, seen).split()[-1]
-            reach = _wait_line(master, "  (", 30, seen)
+            output_line(master, "Pairing code:", 120, at_start=True)
+            link = output_line(master, "Join link:", 30, at_start=True).split()[-1]
+            reach = output_line(master, "  (", 30, at_start=True)
             wan = lab.wan_address("a")
             assert f"master={wan}%3A7733" in link or f"master={wan}:7733" in link, link
             assert "friends anywhere" in reach, reach
@@ -238,7 +225,7 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
 
             joined = lab.run("b", [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(tmp_path / "w"),
                                    "--name", "friend"], timeout=120, check=False)  # fmt: skip
-            assert joined.returncode == 0, joined.stderr + "".join(seen)
+            assert joined.returncode == 0, joined.stderr + output_seen(master)
             membership = json.loads((tmp_path / "w" / "membership.json").read_text())
             assert membership["master_host"] == wan  # reached through the mapped port, not the LAN address
             kinds = {c["kind"] for c in membership["candidates"]}
@@ -266,13 +253,12 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
 @pytest.mark.slow
 def test_two_hosts_on_one_lan_find_each_other_by_mdns(ckpt, tmp_path):
     with Lab.up("tmdns", "lan") as lab:
-        seen: list[str] = []
         procs: list[subprocess.Popen] = []
         try:
             master = _molink(lab, "a", "group", "create", "--model", str(ckpt), "--port", "7733", "--api-port",
                              "8000", "--data-dir", str(tmp_path / "master"), "--name", "lan")  # fmt: skip
             procs.append(master)
-            code = _wait_line(master, "Pairing code:", 120, seen).split()[-1]
+            code = output_line(master, "Pairing code:", 120, at_start=True).split()[-1]
             joined = lab.run("a2", [sys.executable, "-m", "app.cli", "join", code, "--data-dir", str(tmp_path / "w")],
                              timeout=120, check=False)  # fmt: skip
             assert joined.returncode == 0, joined.stderr
