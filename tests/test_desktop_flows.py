@@ -50,7 +50,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture
 def desk(qtbot, tmp_path):
-    c = Controller(Paths.under(tmp_path / "me"), Settings(), gpu="test", probe_load=lambda pids: None)
+    c = Controller(
+        Paths.under(tmp_path / "me"), Settings(group_host="127.0.0.1"), gpu="test", probe_load=lambda pids: None
+    )  # a hosted group listens on loopback only in tests
     d = Desktop(c, use_tray=False, confirm=lambda q: True, exit_app=lambda: None)
     yield d
     # every child stops through its control channel, bounded
@@ -221,7 +223,7 @@ def test_create_on_a_port_in_use_is_one_sentence(qtbot, desk, ckpt):
     import socket
 
     with socket.socket() as busy:
-        busy.bind(("0.0.0.0", 0))
+        busy.bind(("127.0.0.1", 0))
         busy.listen()
         dlg = desk.open_create()
         qtbot.addWidget(dlg)

@@ -389,6 +389,8 @@ class Controller(QObject):
             "create",
             "--model",
             model,
+            "--host",
+            self.settings.group_host,
             "--port",
             str(port),
             "--api-port",

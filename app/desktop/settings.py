@@ -17,6 +17,7 @@ No Qt here; the file I/O is small and synchronous (the caller decides which thre
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -47,6 +48,8 @@ class Settings:
     model: str = "default"  # last model chosen when creating a group
     group_name: str = ""  # last group name chosen when creating a group
     group_port: int = MasterConfig.group_port  # TCP port of a group hosted on this PC
+    # address a hosted group listens on: every interface, or one (a VPN's, 127.0.0.1 in tests)
+    group_host: str = MasterConfig.group_host
     chat_master: str = ""  # host:port of a remote master for the chat window; "" = this PC's master
     paused_until: float | None = None  # epoch seconds the pause ends; math.inf = until the user resumes
     first_run_done: bool = False  # the first-run wizard was completed
@@ -101,6 +104,14 @@ def _is_number(v: object) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_address(v: str) -> bool:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _check(name: str, v: object) -> Any:  # the type of the field ``name``
     """The value of field ``name`` as read from JSON, or _BadSettings."""
     if name in ("share_on_start", "auto_pause", "start_at_login", "first_run_done"):
@@ -114,6 +125,9 @@ def _check(name: str, v: object) -> Any:  # the type of the field ``name``
             return None
         if _is_number(v) and math.isfinite(v) and v > 0:
             return float(v)
+    elif name == "group_host":
+        if isinstance(v, str) and _is_address(v):
+            return v
     elif name == "group_port":
         if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535:
             return v
