@@ -18,12 +18,17 @@ direct, the last stage draws the next tokens itself and feeds them straight back
 ``LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
 New requests join at the next step; finished ones leave.  When the group changes epoch (a
 worker left or joined) every running request is replayed from its tokens, so clients see no
-error; a request whose steps keep failing fails alone.  A request computed from scratch (a
-replay, a preemption) gets a fresh KV id on the stages (``Request.kv_id``): steps of the old
-one still on their way can only miss.  Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a
-request when every stage's KV budget holds its prompt plus one token for each running
-request; a running request that outgrows the budget preempts the youngest, which is
-recomputed later.  When ``run()`` is cancelled it cancels and awaits its lanes.
+error; a request whose steps keep failing fails alone.  A step given up on for want of an
+answer (:class:`~master_core.link.StepLate`: the stages are alive) costs only what was in
+flight: its requests go on from what every stage holds (``Request.computed``) under a newer
+generation of their KV ids, which the stages hold to refuse the late step should it still come
+(:mod:`worker_core.stage`); results of a generation given up on are not folded in.  A request
+computed from scratch (a stage lost, a step refused, a preemption) gets a fresh KV id on the
+stages (``Request.kv_id``): steps of the old one still on their way can only miss.
+Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a request when every
+stage's KV budget holds its prompt plus one token for each running request; a running request
+that outgrows the budget preempts the youngest, which is recomputed later.  When ``run()``
+is cancelled it cancels and awaits its lanes.
 
 A group that cannot serve (too few members, or they cannot hold the model; not while a
 pipeline is being built) keeps requests at most ``capacity_wait`` seconds: then every running
@@ -57,7 +62,7 @@ from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
 from .group import Group
 from .journey import Journey, Relay
-from .link import Expected, LinkGone, StepFailed, WorkerLink
+from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
 from .prefix_cache import PrefixCache
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
@@ -131,6 +136,8 @@ class Engine:
         self.looped_steps = 0  # steps the last stage fed back to the first without the master
         self.stale_results = 0  # results of a pipeline (epoch) replaced while they were computed
         self.replays = 0  # requests computed again from scratch because a step of theirs failed
+        self.resumed = 0  # requests that went on from what every stage holds after a step given up on
+        self.recomputed_tokens = 0  # positions sent again after a failed step, a reset or a preemption
         self.prompt_tokens_total = 0  # prompt tokens of the requests that ended
         self.cached_tokens_total = 0  # of those, the ones reused from the prefix cache
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
@@ -265,12 +272,27 @@ class Engine:
         if hit is not None:
             self.prefix.acquire(hit.entry)
             req.prefix, req.base_len = hit.entry, hit.length
+        self.recomputed_tokens += max(0, req.scheduled - req.base_len)
         req.computed = req.scheduled = req.base_len
         req.written = 0
         if req.spec is not None:
             req.spec.pending = ()
         if req.first_token_at is None:
             req.cached_tokens = min(req.base_len, len(req.prompt))
+
+    def _resume(self, req: Request) -> None:
+        """Go on from what every stage holds (``computed``) after a step of ``req`` was given up
+        on with its stages alive: only what was in flight is sent again, under a newer
+        generation of its KV id.  A stage the late step reaches first writes there what the
+        new step writes again (the same tokens at the same positions; the new step starts
+        within its cache and truncates it there); one the new step reaches first refuses the
+        late one.  Its other steps still out are not folded in (their generation is older)."""
+        self.recomputed_tokens += req.scheduled - req.computed
+        req.scheduled = req.computed
+        req.kv_gen += 1
+        if req.spec is not None:
+            req.spec.pending = ()
+        self.resumed += 1
 
     def _fit_cache(self, extra: int = 0) -> None:
         """Evict idle cached prefixes (least recently used first) until the running requests'
@@ -476,6 +498,7 @@ class Engine:
             looped: list[Expected] = []
             awaited = 0
             kv_ids = {r.id: r.kv_id for r in reqs}  # a request restarted meanwhile has another
+            gens = {r.id: r.kv_gen for r in reqs}  # one resumed or restarted meanwhile has a newer one
             self._looping_lanes += bool(loop)
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
@@ -487,7 +510,7 @@ class Engine:
                 journey = self.relay.send(
                     stages, epoch, sent, tokens, self.direct, loop, draws, topk=topk, marks=marks, drop=drop
                 )
-                went = await self._step(epoch, chunks, reqs, key, slots, prefill, journey, topk)
+                went = await self._step(epoch, chunks, reqs, gens, key, slots, prefill, journey, topk)
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
                 for exp in looped:  # the last stage feeds the tokens it drew straight back
@@ -499,7 +522,7 @@ class Engine:
                     journey = self.relay.looped(
                         stages, epoch, on_stages, exp, {k: (g, 0) for k, (g, _) in marks.items()}
                     )
-                    went = await self._step(epoch, batch, reqs, key, slots, False, journey, topk)
+                    went = await self._step(epoch, batch, reqs, gens, key, slots, False, journey, topk)
                     if went is None:
                         break
                     self.looped_steps += 1
@@ -528,6 +551,7 @@ class Engine:
         epoch: int,
         chunks: list[Chunk],
         reqs: list[Request],
+        gens: dict[int, int],
         key: tuple[int, int],
         slots: int,
         prefill: bool,
@@ -535,8 +559,9 @@ class Engine:
         topk: int,
     ) -> Journey | None:
         """Await one micro-batch step's journey and fold its logits in (and the tokens the last
-        stage drew, when it fed them back).  Returns the journey, or None when it failed (its
-        requests replay; what it would have looped back is given up)."""
+        stage drew, when it fed them back).  ``gens``: request id -> the generation of its KV id
+        the step was sent under.  Returns the journey, or None when it failed (its requests
+        resume or replay; what it would have looped back is given up)."""
         failure: Exception | None = None
         went: Journey | None = None
         began = self.clock()
@@ -551,10 +576,10 @@ class Engine:
             self.on_step(_timeline(began, self.clock(), chunks, went, failure, len(self.waiting), len(self.running)))
         try:
             if failure is not None or went is None:
-                self._step_failed(epoch, chunks, failure or RuntimeError("no result"))
+                self._step_failed(epoch, chunks, gens, failure or RuntimeError("no result"))
                 return None
             before = self.tokens_generated
-            self._apply(epoch, chunks, went.logits, went.tokens, topk)
+            self._apply(epoch, chunks, went.logits, went.tokens, topk, gens)
             self.tuner.observe(self.clock(), key, slots, self.tokens_generated - before, prefill)
         except Exception as e:  # a bug must cost these requests, not the lane or anyone else
             log.exception("micro-batch bookkeeping failed")
@@ -641,13 +666,21 @@ class Engine:
         return next_microbatch(self.policy, costs, cands, slots)
 
     def _apply(
-        self, epoch: int, chunks: list[Chunk], logits: torch.Tensor, drawn: tuple[int, ...] = (), topk: int = -1
+        self,
+        epoch: int,
+        chunks: list[Chunk],
+        logits: torch.Tensor,
+        drawn: tuple[int, ...] = (),
+        topk: int = -1,
+        gens: dict[int, int] | None = None,
     ) -> None:
         """Fold a step's logits in: each finished row gives its request a token, drawn here
         (within its grammar, if it has one), or the one the last stage drew and fed back
         (``drawn``, one per row).  ``topk``: of the step's rows (-1: the configured one); whole
         rows of unconstrained requests are cut to the configured top-k here, as the last stage
-        would have, so a request's tokens do not depend on whom it was batched with."""
+        would have, so a request's tokens do not depend on whom it was batched with.  ``gens``:
+        the generation each request's KV id had when the step went; a request resumed or
+        restarted since takes nothing from it."""
         topk = self.config.logits_topk if topk < 0 else topk
         if self.group.epoch != epoch:
             self.stale_results += 1
@@ -659,6 +692,8 @@ class Engine:
             first, row = row, row + c.logit_rows
             if req is None or req.finished or req.scheduled < c.start + c.length:
                 continue  # gone, or reset for a replay meanwhile
+            if gens is not None and gens.get(req.id) != req.kv_gen:
+                continue  # sent under a generation given up on since
             req.retries = 0
             if c.rows > 1:  # drafts to verify: the request goes on from the first one rejected
                 self._verify(req, c, logits[first:row], topk, now)
@@ -722,17 +757,23 @@ class Engine:
         elif len(req.output) >= p.max_tokens or len(req.tokens) >= self.context_length:
             self._finish(req, RequestState.DONE, "length")
 
-    def _step_failed(self, epoch: int, chunks: list[Chunk], error: Exception) -> None:
-        log.warning("step failed (%s); replaying %d request(s)", error, len(chunks))
+    def _step_failed(self, epoch: int, chunks: list[Chunk], gens: dict[int, int], error: Exception) -> None:
+        """A step failed: its requests go on from what every stage holds when it was only given
+        up on (:class:`StepLate`), else from scratch (a stage refused it or is gone: its cache
+        cannot be trusted); a request whose steps keep failing fails."""
+        late = isinstance(error, StepLate)
+        log.warning("step failed (%s); %s %d request(s)", error, "resuming" if late else "replaying", len(chunks))
         if self.group.epoch != epoch:
             return  # the reset already scheduled a replay
         for c in chunks:
             req = self.running.get(c.request_id)
-            if req is None:
-                continue
+            if req is None or gens.get(req.id) != req.kv_gen:
+                continue  # gone, or resumed or restarted already (another of its steps failed first)
             req.retries += 1
             if req.retries > self.config.step_retries:
                 self._finish(req, RequestState.FAILED, "error", f"pipeline step failed {req.retries} times: {error}")
+            elif late:
+                self._resume(req)
             else:
                 self.replays += 1
                 self._restart(req)  # replay from scratch, once its other chunks are out

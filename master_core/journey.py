@@ -15,8 +15,9 @@ forwarded over direct hops or fed back that gets no answer within the longest de
 stages is taken for lost on a hop that died quietly: those hops (and the loop-back) are relayed
 from now on and the step fails, before any stage's own deadline could drop a worker that did
 nothing wrong.  Raises :class:`~master_core.link.LinkGone` (the pipeline was replaced, a link is
-gone), :class:`~master_core.link.StepFailed`, or ``ProtocolError`` (a worker answered with the
-wrong shape; its link is closed).
+gone), :class:`~master_core.link.StepFailed` (:class:`~master_core.link.StepLate` when it was
+given up on for want of an answer: the stages live on and keep their caches), or
+``ProtocolError`` (a worker answered with the wrong shape; its link is closed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from worker_core.wire import CloseCode, Draw, ProtocolError, Result, Segment, Step, logits_row_width
 
 from .group import Group
-from .link import Expected, LinkGone, StepFailed, WorkerLink
+from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
 from .scheduler import Chunk
 
 
@@ -179,7 +180,7 @@ class Relay:
                 self.group.loop_back_lost(epoch, f"a step fed back over it got no answer in {limit:.0f} s")
                 for hop in range(len(stages) - 1):
                     self.group.hop_lost(epoch, hop, f"a looped step got no answer in {limit:.0f} s")
-                raise StepFailed(f"looped step {exp.step_id} got no answer in {limit:.0f} s") from None
+                raise StepLate(f"looped step {exp.step_id} got no answer in {limit:.0f} s") from None
 
         arrived = arrival()
         try:  # no token ids: the first run was sent by the last stage
@@ -213,4 +214,4 @@ class Relay:
         except asyncio.TimeoutError:
             for hop in range(first, last):
                 self.group.hop_lost(epoch, hop, f"a step sent over it got no answer in {limit:.0f} s")
-            raise StepFailed(f"step {step.step_id} got no answer over direct hops in {limit:.0f} s") from None
+            raise StepLate(f"step {step.step_id} got no answer over direct hops in {limit:.0f} s") from None

@@ -118,6 +118,13 @@ class StepFailed(Exception):
     """The worker refused or failed one step; the tunnel stays up."""
 
 
+class StepLate(StepFailed):
+    """A step got no answer in time and was given up on, the stages alive: each holds what it
+    held before the step (a stage that computes it late writes the same keys and values, or
+    refuses it once a newer generation of its KV ids reached it), so its requests may go on
+    from what every stage holds (``Request.computed``) instead of from token 0."""
+
+
 @dataclass
 class _Pending:
     """A step sent and not answered: its caller's future, when it went out, its deadline."""
