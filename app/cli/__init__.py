@@ -132,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
             "greedy and seeded output unchanged",
         )
         parser.add_argument(
+            "--draft-model",
+            default=MasterConfig.draft_model,
+            metavar="PATH",
+            help="with speculation (implied): a local folder of a small model sharing the served model's "
+            "tokenizer (the same family) drafts on this machine where prompt lookup finds nothing",
+        )
+        parser.add_argument(
             "--capacity-wait",
             type=float,
             default=MasterConfig.capacity_wait,
