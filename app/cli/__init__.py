@@ -329,6 +329,13 @@ def _parser() -> argparse.ArgumentParser:
         help="copy, edit, summarize and open chat: decode tokens/s with and without prompt-lookup speculation",
     )
     b.add_argument(
+        "--draft-model",
+        default=BenchOptions.draft_model,
+        metavar="PATH|self|first:N",
+        help="with --speculative, also draft with this model where prompt lookup finds nothing: a folder, "
+        "self (the served model drafts for itself: an upper bound) or first:N (its first N layers)",
+    )
+    b.add_argument(
         "--no-loop-back",
         action="store_true",
         help="the master sends every step (the last stage feeds no tokens back); to compare runs",
