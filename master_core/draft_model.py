@@ -28,7 +28,9 @@ Each request has its own KV cache (a transformers ``DynamicCache``) and the toke
 a new call feeds only what changed since the last one, cropping the cache back to the longest
 common prefix first (the rejected drafts, or a replay from scratch); a cache that cannot be
 cropped (sliding window past its size) is rebuilt.  :meth:`DraftModel.free` drops a request's
-cache when it ends; at most ``max_sessions`` are kept (the least recently used goes first).
+cache when it ends; at most ``max_sessions`` caches of ``MAX_CACHED_TOKENS`` tokens in all are
+kept (the least recently used goes first; a request whose cache went is fed again from its
+start at its next draft).
 
 All model work runs in one worker thread, never on the event loop; ``propose`` waits at most
 ``timeout`` seconds and then drafts nothing (verification never needs a draft).  The session
@@ -55,6 +57,7 @@ log = logging.getLogger("molink.draft")
 
 DRAFT_TIMEOUT = 30.0  # seconds a micro-batch waits for its drafts at most (a long first prefill included)
 MAX_SESSIONS = 64  # per-request caches kept at most (least recently used dropped first)
+MAX_CACHED_TOKENS = 32768  # tokens of KV over all those caches at most (a 135M draft: about 45 KB per token)
 
 
 @dataclass
@@ -108,10 +111,13 @@ def load_draft_model(folder: str, served_tokenizer: Any, served_vocab_size: int,
 class DraftModel:
     """A loaded draft model and its per-request caches (see the module docstring)."""
 
-    def __init__(self, model: Any, vocab_limit: int, max_sessions: int = MAX_SESSIONS) -> None:
+    def __init__(
+        self, model: Any, vocab_limit: int, max_sessions: int = MAX_SESSIONS, max_tokens: int = MAX_CACHED_TOKENS
+    ) -> None:
         self.model = model
         self.vocab_limit = vocab_limit  # draft ids at or past it cannot be verified: a draft stops there
         self.max_sessions = max(1, max_sessions)
+        self.max_tokens = max(1, max_tokens)
         self._sessions: dict[int, _Session] = {}
         self._busy: set[int] = set()  # keys a forward pass works on now (their session is out of the table)
         self._dropped: set[int] = set()  # keys freed while busy: their session is not put back
@@ -180,7 +186,10 @@ class DraftModel:
                 self._dropped.discard(key)
                 return
             self._sessions[key] = session
-            while len(self._sessions) > self.max_sessions:
+            while len(self._sessions) > 1 and (
+                len(self._sessions) > self.max_sessions
+                or sum(len(s.fed) for s in self._sessions.values()) > self.max_tokens
+            ):
                 oldest = min(self._sessions, key=lambda s: self._sessions[s].used)
                 del self._sessions[oldest]
 

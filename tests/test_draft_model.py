@@ -86,15 +86,20 @@ def test_the_drafter_drafts_its_models_greedy_continuation_crops_frees_and_is_bo
         d.free(4)
         d.free(5)
         d.free(99)  # never seen: nothing happens
-        return want, first, tokens, again, fed_once, all_kept, held, bounded, d.held()
+        d.max_tokens = len(PROMPT) + 5  # and no more cached tokens than that in all
+        await d.propose([(6, PROMPT, 2)])
+        await d.propose([(7, PROMPT, 2)])
+        by_tokens = d.held()
+        d.free(7)
+        return want, first, tokens, again, fed_once, all_kept, held, bounded, by_tokens, d.held()
 
-    want, first, tokens, again, fed_once, all_kept, held, bounded, left = run(main())
+    want, first, tokens, again, fed_once, all_kept, held, bounded, by_tokens, left = run(main())
     d.close()
     assert first == tuple(want[:4])
     assert again == tuple(reference_greedy(draft, tokens, 3))
     assert fed_once == 3  # not the whole prompt again
     assert all_kept == tuple(want[4:8])
-    assert held == 2 and bounded == 2 and left == 0
+    assert held == 2 and bounded == 2 and by_tokens == 1 and left == 0
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused_at_start(pair, tmp_path):
@@ -138,6 +143,10 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             assert e.speculative and e.drafter is not None  # --draft-model implies speculation
             got = await e.generate(PROMPT, greedy(new))
             counts = (e.model_draft_trips, e.model_drafted_tokens, e.model_accepted_tokens)
+            from prometheus_client import generate_latest
+
+            scraped = generate_latest(c.master.metrics.registry).decode()
+            assert f"molink_model_accepted_draft_tokens_total {float(counts[2])}" in scraped
             batch = await asyncio.gather(*(e.generate(PROMPT[i:], greedy(new)) for i in range(1, 3)))
             on = await e.generate(PROMPT, seeded)
             e.speculative = False
