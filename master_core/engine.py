@@ -606,13 +606,10 @@ class Engine:
                 r.in_flight += 1
             try:
                 made = await self.drafter.propose([(reqs[i].id, reqs[i].tokens, caps[i] or 0) for i in wanted])
-            finally:
+            finally:  # cancelled too: what ended meanwhile is freed here (its _finish left it to this step)
                 for r in reqs:
                     r.in_flight -= 1
-            for i, drafts in zip(wanted, made):
-                proposals[i], by_model[i] = drafts, bool(drafts)
-            keep = [i for i, r in enumerate(reqs) if r.id in self.running and _draft_mark(r) == before[i]]
-            if len(keep) < len(reqs):
+                keep = [i for i, r in enumerate(reqs) if r.id in self.running and _draft_mark(r) == before[i]]
                 gone = [r for i, r in enumerate(reqs) if i not in keep]
                 done = [k for r in gone if r.in_flight == 0 for k in self._release(r, r.id in self.running)]
                 if done and self.group.epoch == epoch:
@@ -620,9 +617,13 @@ class Engine:
                 for r in gone:
                     if r.spec is not None:
                         r.spec.pending = ()
+                if gone:
+                    self._wake.set()
+            for i, drafts in zip(wanted, made):
+                proposals[i], by_model[i] = drafts, bool(drafts)
+            if gone:
                 chunks, reqs = [chunks[i] for i in keep], [reqs[i] for i in keep]
                 proposals, by_model = [proposals[i] for i in keep], [by_model[i] for i in keep]
-                self._wake.set()
             kv_room = self._kv_room()  # others may have taken some meanwhile
         out, added = apply_drafts(chunks, reqs, proposals, step_room, kv_room, by_model)
         if added:

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -152,13 +153,32 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             e.speculative = False
             off = await e.generate(PROMPT, seeded)
             e.speculative = True
+            # a request cancelled while the draft model works for it: its step does not go, its
+            # caches (stages and draft model) are freed all the same
+            slow, d = e.drafter._draft_one, e.drafter
+
+            def slowly(*a):
+                time.sleep(0.4)
+                return slow(*a)
+
+            d._draft_one = slowly
+            req = e.submit(PROMPT, greedy(new))
+            for _ in range(200):
+                if d._busy:
+                    break
+                await asyncio.sleep(0.01)
+            busy = bool(d._busy)
+            e.cancel(req)
+            await asyncio.sleep(0.6)
+            d._draft_one = slow
             held = e.held()
             replays = e.replays
             e.forget_idle_prefixes()
             await asyncio.sleep(0.3)  # Free crosses the tunnels
-            return got, counts, batch, on, off, held, replays, sum(len(s) for s in mine)
+            return got, counts, batch, on, off, held, replays, sum(len(s) for s in mine), busy
 
-    got, (trips, drafted, accepted), batch, on, off, held, replays, left = run(main())
+    got, (trips, drafted, accepted), batch, on, off, held, replays, left, busy = run(main())
+    assert busy  # the cancel came while it drafted
     assert len(got[0]) == new and got[0] == reference_greedy(target, PROMPT, new)
     assert trips > 0 and 0 < accepted < drafted, (trips, drafted, accepted)  # accepted and rejected ones
     for i, (tokens, _, _) in enumerate(batch, start=1):
