@@ -124,6 +124,7 @@ class DraftModel:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-draft")
         self.forward_passes = 0  # draft-model forward calls (diagnostics)
+        self.seconds = 0.0  # time its thread spent drafting (diagnostics, benchmarks)
         # transformers renamed the cache argument (past_key_values -> cache) within 5.x
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -163,6 +164,7 @@ class DraftModel:
 
     # ------------------------------------------------------------------ the worker thread
     def _draft_all(self, jobs: list[tuple[int, tuple[int, ...], int]]) -> list[tuple[int, ...]]:
+        began = time.perf_counter()
         out = []
         for key, tokens, k in jobs:
             try:
@@ -171,6 +173,7 @@ class DraftModel:
                 log.exception("draft model failed for a request; it drafts nothing this step")
                 self.free(key)
                 out.append(())
+        self.seconds += time.perf_counter() - began
         return out
 
     def _take(self, key: int) -> _Session | None:

@@ -187,3 +187,39 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
     assert replays == 0
     assert held == {"running": 0, "waiting": 0, "text_streams": 0, "draft_caches": 0}
     assert left == 0  # every stage freed every request's cache, rejected drafts included
+
+
+def test_the_bench_builds_a_first_layers_draft_and_prints_its_table(pair, tmp_path):
+    from app.tools.bench.options import BenchOptions
+    from app.tools.bench.speculative import draft_folder, draft_table
+
+    target, _ = pair
+    opts = BenchOptions(model=str(target), draft_model="first:2", out=tmp_path)
+    folder = draft_folder(opts)
+    tok = load_tokenizer(target)
+    d = load_draft_model(folder, tok, len(tok), 1)  # the same vocabulary: accepted
+    assert len(d.model.model.layers) == 2
+    d.close()
+    assert draft_folder(BenchOptions(model=str(target), draft_model="self")) == str(target)
+    with pytest.raises(ValueError, match="has 3 layers"):
+        draft_folder(BenchOptions(model=str(target), draft_model="first:3", out=tmp_path / "x"))
+    mode = {"decode_tokens_per_s": 2.0, "tokens_per_trip": 3.0, "draft_trips": 5, "model_draft_trips": 4}
+    mode |= {"model_drafts_per_trip": 6.0, "model_accepted_per_trip": 2.5, "draft_seconds": 1.0, "decode_seconds": 9}
+    row = {
+        "profile": "wan",
+        "draft_model": "first:2",
+        "tasks": {
+            "copy": {
+                "kind": "grounded",
+                "modes": {"off": {"decode_tokens_per_s": 1.0}, "draft": mode},
+                "draft_speedup": 2.0,
+                "tokens_identical": True,
+            }
+        },
+    }
+    table = draft_table([row])
+    assert (
+        "| wan | first:2 | copy (grounded) | 1.0 | 2.0 | 2.00x | 3.00 | 4 | 6.00 | 2.50 | 1 | 1.0 / 9.0 | True |"
+        in table
+    )
+    assert draft_table([{"profile": "wan", "draft_model": "", "tasks": {}}]) == ""

@@ -85,6 +85,7 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
     engine.on_step = steps.append
     drafted, accepted, trips = engine.drafted_tokens, engine.accepted_tokens, engine.draft_trips
     m_drafted, m_accepted, m_trips = engine.model_drafted_tokens, engine.model_accepted_tokens, engine.model_draft_trips
+    m_seconds = engine.drafter.seconds if engine.drafter is not None else 0.0
     try:
         req = engine.submit(list(prompt), SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0))
         times = await token_times(req, TASK_TIMEOUT)
@@ -106,6 +107,8 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
         "model_drafts_per_trip": (engine.model_drafted_tokens - m_drafted) / max(1, engine.model_draft_trips - m_trips),
         "model_accepted_per_trip": (engine.model_accepted_tokens - m_accepted)
         / max(1, engine.model_draft_trips - m_trips),
+        "draft_seconds": (engine.drafter.seconds - m_seconds) if engine.drafter is not None else 0.0,
+        "decode_seconds": times[-1] - times[0] if n > 1 else 0.0,
         "bytes_per_hop_per_token": rows * hidden_bytes / max(1, n - 1),
     }
 
@@ -255,8 +258,8 @@ def draft_table(rows: list[dict]) -> str:
     """The draft-model mode against no drafts: per profile and task (empty without one)."""
     lines = [
         "| profile | draft model | task | tok/s off | tok/s draft | speed-up | tokens/trip | model trips "
-        "| model drafts/trip | model accepted/trip | lookup trips | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model drafts/trip | model accepted/trip | lookup trips | drafting s / decode s | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for task, t in r["tasks"].items():
@@ -267,6 +270,7 @@ def draft_table(rows: list[dict]) -> str:
                 f"| {r['profile']} | {r['draft_model']} | {task} ({t['kind']}) | {off['decode_tokens_per_s']:.1f} | "
                 f"{d['decode_tokens_per_s']:.1f} | {t['draft_speedup']:.2f}x | {d['tokens_per_trip']:.2f} | "
                 f"{d['model_draft_trips']} | {d['model_drafts_per_trip']:.2f} | {d['model_accepted_per_trip']:.2f} | "
-                f"{d['draft_trips'] - d['model_draft_trips']} | {t['tokens_identical']} |"
+                f"{d['draft_trips'] - d['model_draft_trips']} | {d['draft_seconds']:.1f} / {d['decode_seconds']:.1f} | "
+                f"{t['tokens_identical']} |"
             )
     return "\n".join(lines) if len(lines) > 2 else ""
