@@ -32,6 +32,11 @@ cache when it ends; at most ``max_sessions`` caches of ``MAX_CACHED_TOKENS`` tok
 kept (the least recently used goes first; a request whose cache went is fed again from its
 start at its next draft).
 
+:attr:`DraftModel.token_seconds` is the measured cost of one drafted token, which the engine
+adds to a trip's time when it chooses ``k`` after the model's drafts
+(:meth:`master_core.speculation.Speculator.observe`): drafting switches itself off where the
+draft model costs more than the trips it saves.
+
 All model work runs in one worker thread, never on the event loop; ``propose`` waits at most
 ``timeout`` seconds and then drafts nothing (verification never needs a draft).  The session
 table is guarded by a lock held only for dict operations, so ``free`` never waits for a forward
@@ -125,6 +130,7 @@ class DraftModel:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-draft")
         self.forward_passes = 0  # draft-model forward calls (diagnostics)
         self.seconds = 0.0  # time its thread spent drafting (diagnostics, benchmarks)
+        self.token_seconds = 0.0  # seconds one drafted token costs (a one-token pass; decayed average)
         # transformers renamed the cache argument (past_key_values -> cache) within 5.x
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -206,7 +212,11 @@ class DraftModel:
             session = self._rewind(session, tokens)
             feed = list(tokens[len(session.fed) :])  # at least the last token (_rewind keeps it out)
             for _ in range(k):
+                began = time.perf_counter()
                 logits = self._forward(session, feed)  # [vocab] of the last position fed
+                if len(feed) == 1:
+                    took = time.perf_counter() - began
+                    self.token_seconds = took if not self.token_seconds else 0.8 * self.token_seconds + 0.2 * took
                 token = int(torch.argmax(logits))
                 if token >= self.vocab_limit:
                     break

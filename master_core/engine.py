@@ -750,7 +750,10 @@ class Engine:
         req.computed = c.start + 1 + accepted
         req.scheduled = req.computed
         costs = self.costs()
-        spec.observe(len(drafts), accepted, (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None)
+        # the model's drafts cost its time too: (n - 1) tokens drafted one after another
+        per_draft = self.drafter.token_seconds if spec.by_model and self.drafter is not None else 0.0
+        trip = (lambda n: cycle_time(costs, n, n)[0] + (n - 1) * per_draft) if costs is not None else None
+        spec.observe(len(drafts), accepted, trip)
         self.draft_trips += 1
         self.drafted_tokens += len(drafts)
         self.accepted_tokens += accepted

@@ -101,6 +101,7 @@ def test_the_drafter_drafts_its_models_greedy_continuation_crops_frees_and_is_bo
     assert fed_once == 3  # not the whole prompt again
     assert all_kept == tuple(want[4:8])
     assert held == 2 and bounded == 2 and by_tokens == 1 and left == 0
+    assert d.token_seconds > 0  # measured: adaptive k counts the model's time
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused_at_start(pair, tmp_path):
@@ -223,3 +224,14 @@ def test_the_bench_builds_a_first_layers_draft_and_prints_its_table(pair, tmp_pa
         in table
     )
     assert draft_table([{"profile": "wan", "draft_model": "", "tasks": {}}]) == ""
+
+
+def test_k_counts_the_draft_models_time():
+    """The engine adds the draft model's time per drafted token to a trip's (Engine._verify):
+    where drafting costs more than the trips it saves, drafting switches itself off."""
+    from master_core.speculation import choose_k
+
+    wan = lambda n: 0.1 + 0.001 * n  # noqa: E731  a trip: links, hardly any compute
+    assert choose_k(0.5, wan) > 0
+    assert choose_k(0.5, lambda n: wan(n) + (n - 1) * 0.002) > 0  # a cheap draft model still pays
+    assert choose_k(0.5, lambda n: wan(n) + (n - 1) * 0.2) == 0  # one costing two trips a token does not
