@@ -33,9 +33,10 @@ kept (the least recently used goes first; a request whose cache went is fed agai
 start at its next draft).
 
 :attr:`DraftModel.token_seconds` is the measured cost of one drafted token, which the engine
-adds to a trip's time when it chooses ``k`` after the model's drafts
-(:meth:`master_core.speculation.Speculator.observe`): drafting switches itself off where the
-draft model costs more than the trips it saves.
+adds to a trip's time when it chooses the draft model's ``k`` after the model's drafts
+(:meth:`master_core.speculation.Speculator.observe`, ``model_k``): the draft model switches
+itself off where it costs more than the trips it saves, while prompt lookup (free) keeps its
+own ``k``.
 
 All model work runs in one worker thread, never on the event loop; ``propose`` waits at most
 ``timeout`` seconds and then drafts nothing (verification never needs a draft).  The session

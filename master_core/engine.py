@@ -597,6 +597,11 @@ class Engine:
         kv_room = self._kv_room()
         caps = draft_caps(chunks, reqs, step_room, kv_room, self.context_length)
         proposals = lookup_drafts(reqs, caps)
+        if self.drafter is not None:  # where lookup found nothing, and the draft model pays
+            for i, (cap, p) in enumerate(zip(caps, proposals)):
+                spec = reqs[i].spec
+                if cap and not p and spec is not None:
+                    caps[i] = min(cap, spec.model_budget())
         wanted = [i for i, (cap, p) in enumerate(zip(caps, proposals)) if cap and not p] if self.drafter else []
         by_model = [False] * len(chunks)
         if self.drafter is not None and wanted:
@@ -751,9 +756,9 @@ class Engine:
         req.scheduled = req.computed
         costs = self.costs()
         # the model's drafts cost its time too: (n - 1) tokens drafted one after another
-        per_draft = self.drafter.token_seconds if spec.by_model and self.drafter is not None else 0.0
-        trip = (lambda n: cycle_time(costs, n, n)[0] + (n - 1) * per_draft) if costs is not None else None
-        spec.observe(len(drafts), accepted, trip)
+        per_draft = self.drafter.token_seconds if spec.by_model and self.drafter is not None else None
+        trip = (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None
+        spec.observe(len(drafts), accepted, trip, per_draft if trip is not None else None)
         self.draft_trips += 1
         self.drafted_tokens += len(drafts)
         self.accepted_tokens += accepted

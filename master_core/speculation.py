@@ -129,6 +129,8 @@ class Speculator:
     hits: int = 0  # drafts accepted
     misses: int = 0  # decode steps in a row that found nothing to draft
     by_model: bool = False  # the pending drafts are the draft model's (master_core.draft_model), not lookup's
+    model_k: int = K_START  # the draft model's drafts per step (its time counted: observe's draft_cost)
+    model_idle: int = 0  # steps the draft model was not asked since it was switched off
 
     @property
     def drafting(self) -> bool:
@@ -150,16 +152,32 @@ class Speculator:
         self.idle += 1
         return PROBE_K if self.idle >= REPROBE else 0
 
-    def observe(self, drafted: int, accepted: int, trip: Callable[[int], float] | None) -> None:
+    def observe(
+        self, drafted: int, accepted: int, trip: Callable[[int], float] | None, draft_cost: float | None = None
+    ) -> None:
         """A step verified ``drafted`` drafts and accepted the first ``accepted``: update the
-        acceptance rate and choose ``k`` again."""
+        acceptance rate and choose ``k`` again.  ``draft_cost``: the drafts were a draft model's,
+        each costing that many seconds: ``model_k`` is chosen with that cost added to the trip
+        (prompt lookup's ``k``, free drafts, without it)."""
         self.trips += 1
         self.drafted += drafted
         self.hits += accepted
         self.accepted = self.accepted * DECAY + accepted
         self.tried = self.tried * DECAY + accepted + (1 if accepted < drafted else 0)
-        self.k = choose_k(self.alpha, trip or _flat_trip)
+        base = trip or _flat_trip
+        self.k = choose_k(self.alpha, base)
         self.idle = 0
+        if draft_cost is not None:
+            self.model_k = min(self.k, choose_k(self.alpha, lambda n: base(n) + (n - 1) * draft_cost))
+            self.model_idle = 0
+
+    def model_budget(self) -> int:
+        """Drafts the draft model may make on this step (0: it does not pay now; a re-probe
+        after ``REPROBE`` steps without it).  Asked only where prompt lookup found nothing."""
+        if self.model_k:
+            return self.model_k
+        self.model_idle += 1
+        return PROBE_K if self.model_idle >= REPROBE else 0
 
 
 class _Params(Protocol):

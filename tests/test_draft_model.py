@@ -22,6 +22,7 @@ from master_core.config import MasterConfig
 from master_core.draft_model import DraftModel, check_vocab, load_draft_model
 from master_core.request import SamplingParams
 from master_core.server import Master, load_tokenizer
+from master_core.speculation import PROBE_K, REPROBE, Speculator
 from worker_core.kv_cache import KVStore
 
 # a prompt without a repeated bigram: prompt lookup has nothing to draft at first
@@ -235,3 +236,9 @@ def test_k_counts_the_draft_models_time():
     assert choose_k(0.5, wan) > 0
     assert choose_k(0.5, lambda n: wan(n) + (n - 1) * 0.002) > 0  # a cheap draft model still pays
     assert choose_k(0.5, lambda n: wan(n) + (n - 1) * 0.2) == 0  # one costing two trips a token does not
+    s = Speculator()
+    s.observe(4, 4, wan, draft_cost=0.2)  # all accepted, but each cost two trips
+    assert s.model_k == 0 and s.k > 0  # the model is off; prompt lookup (free) still drafts
+    assert [s.model_budget() for _ in range(REPROBE)][-1] == PROBE_K  # and the model is probed again later
+    s.observe(2, 2, wan, draft_cost=0.0005)
+    assert s.model_k > 0
