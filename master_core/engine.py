@@ -60,6 +60,7 @@ from worker_core.wire import Draw, ProtocolError, itemsize, logits_row_width
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
+from .draft_model import DraftModel
 from .group import Group
 from .journey import Journey, Relay
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
@@ -78,7 +79,7 @@ from .scheduler import (
     next_microbatch,
     policy,
 )
-from .speculation import Speculator, inputs, plan_drafts, verify
+from .speculation import Speculator, apply_drafts, draft_caps, inputs, lookup_drafts, verify
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")
@@ -99,7 +100,9 @@ class RequestRejected(Exception):
 
 
 class Engine:
-    def __init__(self, config: MasterConfig, group: Group, tokenizer: Any, eos_ids: set[int]) -> None:
+    def __init__(
+        self, config: MasterConfig, group: Group, tokenizer: Any, eos_ids: set[int], drafter: DraftModel | None = None
+    ) -> None:
         self.config = config
         self.group = group
         self.tokenizer = tokenizer
@@ -123,7 +126,11 @@ class Engine:
         self.clock = time.monotonic
         self.direct = True  # use the group's direct hops (off: relay every hop; benchmarks compare both)
         self.loop_back = True  # let the last stage feed its drawn tokens straight back (benchmarks compare)
-        self.speculative = config.speculative  # draft tokens by prompt lookup (master_core.speculation)
+        self.speculative = config.speculative or drafter is not None  # draft tokens (master_core.speculation)
+        self.drafter = drafter  # a draft model for what prompt lookup finds nothing for (master_core.draft_model)
+        self.model_draft_trips = 0  # of the steps that carried drafts, those the draft model made
+        self.model_drafted_tokens = 0
+        self.model_accepted_tokens = 0
         self.draft_trips = 0  # steps that carried drafts
         self.drafted_tokens = 0  # drafts sent
         self.accepted_tokens = 0  # of those, accepted
@@ -157,7 +164,10 @@ class Engine:
 
     def held(self) -> dict[str, int]:
         """Entries per request the engine holds now: all zero when no request is alive."""
-        return {"running": len(self.running), "waiting": len(self.waiting), "text_streams": len(self._texts)}
+        held = {"running": len(self.running), "waiting": len(self.waiting), "text_streams": len(self._texts)}
+        if self.drafter is not None:
+            held["draft_caches"] = self.drafter.held()
+        return held
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
@@ -215,6 +225,8 @@ class Engine:
             del self.running[req.id]
             if req.in_flight == 0:
                 self._free_everywhere(self._release(req))
+        if self.drafter is not None:
+            self.drafter.free(req.id)
         self.requests_finished += 1
         self.prompt_tokens_total += len(req.prompt)
         self.cached_tokens_total += req.cached_tokens
@@ -481,15 +493,17 @@ class Engine:
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
             self._admit()
-            epoch, stages = self.group.epoch, list(self.group.stages)
             chunks = self._plan(costs, slots)
-            if not chunks or not stages:
+            if not chunks or not self.group.stages:
                 await self._nap(NOTHING_TO_DO_NAP)
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
             if self.speculative:
-                chunks = self._draft(chunks, reqs)
+                chunks, reqs = await self._draft(chunks, reqs)
+                if not chunks:
+                    continue
+            epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
             loop = self._loop_steps(chunks, reqs)
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length + loop
@@ -595,18 +609,56 @@ class Engine:
         request of the micro-batch is constrained (its grammar may allow none of the top k)."""
         return 0 if any(r.constraint is not None for r in reqs) else self.config.logits_topk
 
-    def _draft(self, chunks: list[Chunk], reqs: list[Request]) -> list[Chunk]:
+    async def _draft(self, chunks: list[Chunk], reqs: list[Request]) -> tuple[list[Chunk], list[Request]]:
         """The micro-batch with drafts added to its decode steps (:mod:`master_core.speculation`),
         within the step's token budget and the KV every stage has free (evicting idle cached
-        prefixes for them)."""
+        prefixes for them): prompt lookup's, else the draft model's.  While the draft model
+        works (in its thread) the requests count as in flight, so no other lane takes them; a
+        request that ended, was restarted or moved meanwhile leaves the micro-batch."""
         for r in reqs:
             if r.spec is None:
                 r.spec = Speculator()
         step_room = self.config.max_batch_tokens - sum(c.length for c in chunks)
-        out, added = plan_drafts(chunks, reqs, step_room, self._kv_room(), self.context_length)
+        kv_room = self._kv_room()
+        caps = draft_caps(chunks, reqs, step_room, kv_room, self.context_length)
+        proposals = lookup_drafts(reqs, caps)
+        if self.drafter is not None:  # where lookup found nothing, and the draft model pays
+            for i, (cap, p) in enumerate(zip(caps, proposals)):
+                spec = reqs[i].spec
+                if cap and not p and spec is not None:
+                    caps[i] = min(cap, spec.model_budget())
+        wanted = [i for i, (cap, p) in enumerate(zip(caps, proposals)) if cap and not p] if self.drafter else []
+        by_model = [False] * len(chunks)
+        if self.drafter is not None and wanted:
+            epoch = self.group.epoch
+            before = [_draft_mark(r) for r in reqs]
+            for r in reqs:
+                r.in_flight += 1
+            try:
+                made = await self.drafter.propose([(reqs[i].id, reqs[i].tokens, caps[i] or 0) for i in wanted])
+            finally:  # cancelled too: what ended meanwhile is freed here (its _finish left it to this step)
+                for r in reqs:
+                    r.in_flight -= 1
+                keep = [i for i, r in enumerate(reqs) if r.id in self.running and _draft_mark(r) == before[i]]
+                gone = [r for i, r in enumerate(reqs) if i not in keep]
+                done = [k for r in gone if r.in_flight == 0 for k in self._release(r, r.id in self.running)]
+                if done and self.group.epoch == epoch:
+                    self._free_everywhere(done)
+                for r in gone:
+                    if r.spec is not None:
+                        r.spec.pending = ()
+                if gone:
+                    self._wake.set()
+            for i, drafts in zip(wanted, made):
+                proposals[i], by_model[i] = drafts, bool(drafts)
+            if gone:
+                chunks, reqs = [chunks[i] for i in keep], [reqs[i] for i in keep]
+                proposals, by_model = [proposals[i] for i in keep], [by_model[i] for i in keep]
+            kv_room = self._kv_room()  # others may have taken some meanwhile
+        out, added = apply_drafts(chunks, reqs, proposals, step_room, kv_room, by_model)
         if added:
             self._fit_cache(added)
-        return out
+        return out, reqs
 
     def _kv_room(self) -> int:
         """KV tokens every stage could still give a step's extra positions (run-ahead loop-back
@@ -738,10 +790,17 @@ class Engine:
         req.computed = c.start + 1 + accepted
         req.scheduled = req.computed
         costs = self.costs()
-        spec.observe(len(drafts), accepted, (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None)
+        # the model's drafts cost its time too: (n - 1) tokens drafted one after another
+        per_draft = self.drafter.token_seconds if spec.by_model and self.drafter is not None else None
+        trip = (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None
+        spec.observe(len(drafts), accepted, trip, per_draft if trip is not None else None)
         self.draft_trips += 1
         self.drafted_tokens += len(drafts)
         self.accepted_tokens += accepted
+        if spec.by_model:
+            self.model_draft_trips += 1
+            self.model_drafted_tokens += len(drafts)
+            self.model_accepted_tokens += accepted
 
     def _emit(self, req: Request, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
         p = req.params
@@ -826,6 +885,11 @@ def _kv_own(r: Request) -> int:
     ahead of its tokens, rejected drafts stay until its next step; the cached prefix it starts
     from is counted once, in the cache)."""
     return max(len(r.tokens), r.scheduled, r.written) - r.base_len
+
+
+def _draft_mark(r: Request) -> tuple[int, int, int, int, bool]:
+    """What must not change while a request waits for its drafts for its step to still go."""
+    return (r.kv_id, r.kv_gen, r.scheduled, len(r.tokens), r.finished)
 
 
 def _base(r: Request, start: int) -> int:

@@ -42,10 +42,18 @@ class _EngineCollector:
             value=e.cached_tokens_total,
         )
         yield CounterMetricFamily(
-            "molink_drafted_tokens", "Tokens drafted by prompt lookup and sent to be verified", value=e.drafted_tokens
+            "molink_drafted_tokens",
+            "Tokens drafted (prompt lookup, or the draft model) and sent to be verified",
+            value=e.drafted_tokens,
         )
         yield CounterMetricFamily(
             "molink_accepted_draft_tokens", "Of those, the ones accepted", value=e.accepted_tokens
+        )
+        yield CounterMetricFamily(
+            "molink_model_drafted_tokens", "Of the drafted tokens, the draft model's", value=e.model_drafted_tokens
+        )
+        yield CounterMetricFamily(
+            "molink_model_accepted_draft_tokens", "Of those, the ones accepted", value=e.model_accepted_tokens
         )
         yield CounterMetricFamily(
             "molink_late_frames",

@@ -44,6 +44,7 @@ from worker_core.wire import CloseCode, Hello, ProtocolError, decode, frame_boun
 from .api import Api, error_middleware
 from .config import MasterConfig, is_loopback
 from .dashboard import Dashboard
+from .draft_model import DraftModel
 from .engine import Engine
 from .errors import ApiError
 from .group import Group
@@ -97,11 +98,18 @@ class Master:
         self.model_id = model_source.display_name(cfg.model, folder)
         self.dims = await asyncio.to_thread(ModelDims.load, folder)  # parsed once, passed everywhere
         self.tokenizer = await asyncio.to_thread(load_tokenizer, folder)
+        self.drafter: DraftModel | None = None
+        if cfg.draft_model:  # checked against the served tokenizer before its weights are read
+            from .draft_model import load_draft_model
+
+            self.drafter = await asyncio.to_thread(
+                load_draft_model, cfg.draft_model, self.tokenizer, self.dims.vocab_size, cfg.max_running
+            )
         # workers resolve the same source themselves: the default model from their own package,
         # a folder by path (same machine or shared disk), a hub id from the hub.
         ref = cfg.model if cfg.model == model_source.DEFAULT else str(folder)
         self.group = Group(cfg, ref, self.dims)
-        self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer))
+        self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), self.drafter)
         self.group.running_requests = lambda: set(self.engine.running)  # a finishing worker waits for these
         self.max_frame = frame_bound(cfg.max_batch_tokens, self.dims.hidden_size, self.dims.vocab_size)
         self.api = Api(self.engine, self.model_id)
@@ -367,6 +375,9 @@ class Master:
             await link.wait_closed()
         if self._runner:
             await self._runner.cleanup()
+        drafter = getattr(self, "drafter", None)  # not there when start() failed early
+        if drafter is not None:
+            drafter.close()
 
 
 async def run_master(

@@ -1,4 +1,4 @@
-"""Speculative decoding with prompt lookup, driven by the master.
+"""Speculative decoding with prompt lookup (and optionally a draft model), driven by the master.
 
 Contract
 --------
@@ -26,7 +26,13 @@ the stages' fence (``0 < start <= cached``) truncates it there.
   tokens), switched off (``k`` = 0) where drafting does not pay, re-probed every
   ``REPROBE`` steps.
 * :func:`plan_drafts` turns the decode chunks of a micro-batch into speculative ones, within
-  the request's ``max_tokens`` and context, the step's token budget and the free KV room.
+  the request's ``max_tokens`` and context, the step's token budget and the free KV room; in
+  three steps the engine also uses with a draft model: :func:`draft_caps` (how many each may
+  carry), the drafts (:func:`lookup_drafts`; the engine asks :mod:`master_core.draft_model` for
+  those lookup found nothing for), :func:`apply_drafts`.
+* With a draft model (``--draft-model``) prompt lookup still goes first: a request drafts from
+  its own tokens where they have a match (free, and long where the text is copied), else the
+  draft model drafts greedily (a point mass too, so :func:`verify` stays exact).
 * :func:`inputs` is a chunk's token ids (its drafts appended).
 * A request that drafts (:attr:`Speculator.drafting`) does not loop back: the engine gives the
   loop-back to micro-batches none of whose requests drafts (drafting switched off, or nothing
@@ -122,6 +128,9 @@ class Speculator:
     drafted: int = 0  # drafts sent
     hits: int = 0  # drafts accepted
     misses: int = 0  # decode steps in a row that found nothing to draft
+    by_model: bool = False  # the pending drafts are the draft model's (master_core.draft_model), not lookup's
+    model_k: int = K_START  # the draft model's drafts per step (its time counted: observe's draft_cost)
+    model_idle: int = 0  # steps the draft model was not asked since it was switched off
 
     @property
     def drafting(self) -> bool:
@@ -143,16 +152,32 @@ class Speculator:
         self.idle += 1
         return PROBE_K if self.idle >= REPROBE else 0
 
-    def observe(self, drafted: int, accepted: int, trip: Callable[[int], float] | None) -> None:
+    def observe(
+        self, drafted: int, accepted: int, trip: Callable[[int], float] | None, draft_cost: float | None = None
+    ) -> None:
         """A step verified ``drafted`` drafts and accepted the first ``accepted``: update the
-        acceptance rate and choose ``k`` again."""
+        acceptance rate and choose ``k`` again.  ``draft_cost``: the drafts were a draft model's,
+        each costing that many seconds: ``model_k`` is chosen with that cost added to the trip
+        (prompt lookup's ``k``, free drafts, without it)."""
         self.trips += 1
         self.drafted += drafted
         self.hits += accepted
         self.accepted = self.accepted * DECAY + accepted
         self.tried = self.tried * DECAY + accepted + (1 if accepted < drafted else 0)
-        self.k = choose_k(self.alpha, trip or _flat_trip)
+        base = trip or _flat_trip
+        self.k = choose_k(self.alpha, base)
         self.idle = 0
+        if draft_cost is not None:
+            self.model_k = min(self.k, choose_k(self.alpha, lambda n: base(n) + (n - 1) * draft_cost))
+            self.model_idle = 0
+
+    def model_budget(self) -> int:
+        """Drafts the draft model may make on this step (0: it does not pay now; a re-probe
+        after ``REPROBE`` steps without it).  Asked only where prompt lookup found nothing."""
+        if self.model_k:
+            return self.model_k
+        self.model_idle += 1
+        return PROBE_K if self.model_idle >= REPROBE else 0
 
 
 class _Params(Protocol):
@@ -187,42 +212,87 @@ def eligible(chunk: Chunk, req: Drafting) -> bool:
     )
 
 
-def plan_drafts(
+def draft_caps(
     chunks: Sequence[Chunk], reqs: Sequence[Drafting], step_room: int, kv_room: int, context: int
-) -> tuple[list[Chunk], int]:
-    """The micro-batch's chunks with drafts added to its decode steps (``Chunk.rows`` = 1 +
-    drafts; each request's ``spec.pending`` holds its drafts), and the KV tokens they add.
-    ``step_room``: tokens the step may still carry (``max_batch_tokens`` less its chunks);
-    ``kv_room``: KV tokens free on every stage beyond one per running request; ``context``:
-    the model's positions.  Drafts never run past ``max_tokens`` or the context."""
-    out: list[Chunk] = []
-    added = 0
+) -> list[int | None]:
+    """Per chunk, the drafts it may carry at most (None: it may carry none, not a decode step
+    that may draft): the request's budget (:meth:`Speculator.budget`, called once per step),
+    within its ``max_tokens`` and the context, and each of ``step_room`` and ``kv_room`` (shared
+    by the micro-batch: :func:`apply_drafts` cuts them in order).  Clears every ``pending``."""
+    caps: list[int | None] = []
     for c, r in zip(chunks, reqs):
         spec = r.spec
         if spec is not None:
             spec.pending = ()
         if spec is None or not eligible(c, r):
+            caps.append(None)
+            continue
+        caps.append(
+            max(
+                0,
+                min(
+                    spec.budget(),
+                    r.params.max_tokens - len(r.output) - 1,  # the bonus token is one more
+                    context - len(r.tokens) - 1,
+                    step_room,
+                    kv_room,
+                ),
+            )
+        )
+    return caps
+
+
+def apply_drafts(
+    chunks: Sequence[Chunk],
+    reqs: Sequence[Drafting],
+    proposals: Sequence[tuple[int, ...] | None],
+    step_room: int,
+    kv_room: int,
+    by_model: Sequence[bool] = (),
+) -> tuple[list[Chunk], int]:
+    """The micro-batch's chunks with ``proposals`` (per chunk; None: not a drafting decode step)
+    added to its decode steps (``Chunk.rows`` = 1 + drafts; each request's ``spec.pending``
+    holds its drafts, ``spec.by_model`` whether the draft model made them), cut in order to the
+    step's token budget ``step_room`` (``max_batch_tokens`` less its chunks) and ``kv_room`` (KV
+    tokens free on every stage beyond one per running request); and the KV tokens they add."""
+    out: list[Chunk] = []
+    added = 0
+    for i, (c, r, proposal) in enumerate(zip(chunks, reqs, proposals)):
+        spec = r.spec
+        if spec is None or proposal is None:
             out.append(c)
             continue
-        cap = min(
-            spec.budget(),
-            r.params.max_tokens - len(r.output) - 1,  # the bonus token is one more
-            context - len(r.tokens) - 1,
-            step_room,
-            kv_room,
-        )
-        drafts = spec.lookup.draft(r.tokens, cap) if cap > 0 else ()
+        drafts = proposal[: max(0, min(step_room, kv_room))]
         spec.misses = 0 if drafts else spec.misses + 1
         if not drafts:
             out.append(c)
             continue
         spec.pending = drafts
+        spec.by_model = bool(by_model[i]) if i < len(by_model) else False
         n = len(drafts)
         step_room -= n
         kv_room -= n
         added += n
         out.append(replace(c, length=1 + n, rows=1 + n))
     return out, added
+
+
+def lookup_drafts(reqs: Sequence[Drafting], caps: Sequence[int | None]) -> list[tuple[int, ...] | None]:
+    """Prompt lookup's drafts for each chunk of :func:`draft_caps` (None where it has no cap)."""
+    return [
+        None if cap is None or r.spec is None else (r.spec.lookup.draft(r.tokens, cap) if cap > 0 else ())
+        for r, cap in zip(reqs, caps)
+    ]
+
+
+def plan_drafts(
+    chunks: Sequence[Chunk], reqs: Sequence[Drafting], step_room: int, kv_room: int, context: int
+) -> tuple[list[Chunk], int]:
+    """The micro-batch's chunks with prompt lookup's drafts added to its decode steps
+    (:func:`draft_caps`, :func:`lookup_drafts`, :func:`apply_drafts`: no draft model), and
+    the KV tokens they add.  Drafts never run past ``max_tokens`` or the context."""
+    caps = draft_caps(chunks, reqs, step_room, kv_room, context)
+    return apply_drafts(chunks, reqs, lookup_drafts(reqs, caps), step_room, kv_room)
 
 
 def inputs(req: Drafting, chunk: Chunk) -> list[int]:

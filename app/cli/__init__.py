@@ -132,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
             "greedy and seeded output unchanged",
         )
         parser.add_argument(
+            "--draft-model",
+            default=MasterConfig.draft_model,
+            metavar="PATH",
+            help="with speculation (implied): a local folder of a small model sharing the served model's "
+            "tokenizer (the same family) drafts on this machine where prompt lookup finds nothing",
+        )
+        parser.add_argument(
             "--capacity-wait",
             type=float,
             default=MasterConfig.capacity_wait,
@@ -320,6 +327,13 @@ def _parser() -> argparse.ArgumentParser:
         "--speculative",
         action="store_true",
         help="copy, edit, summarize and open chat: decode tokens/s with and without prompt-lookup speculation",
+    )
+    b.add_argument(
+        "--draft-model",
+        default=BenchOptions.draft_model,
+        metavar="PATH|self|first:N",
+        help="with --speculative, also draft with this model where prompt lookup finds nothing: a folder, "
+        "self (the served model drafts for itself: an upper bound) or first:N (its first N layers)",
     )
     b.add_argument(
         "--no-loop-back",

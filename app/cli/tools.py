@@ -48,6 +48,7 @@ def bench(args: argparse.Namespace, sup: Supervision) -> Run:
         hops=args.hops,
         chat=args.chat,
         speculative=args.speculative,
+        draft_model=args.draft_model,
         loop_back=not args.no_loop_back,
         out=Path(args.out),
         burst_prompts=tuple(int(x) for x in args.burst_prompts.split(",") if x),

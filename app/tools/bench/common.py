@@ -28,17 +28,22 @@ TOKEN_TIMEOUT = 300.0  # seconds a bench waits for a request's next event at mos
 
 
 @contextlib.asynccontextmanager
-async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master]:
+async def shaped_group(opts: BenchOptions, profile: str, draft_model: str = "") -> AsyncIterator[Master]:
     """A master in this process and ``opts.workers`` local worker processes (one torch thread
     each) whose tunnels are shaped to ``profile``, serving, profiled (at most 600 s) and warmed
     up by one short request (the first steps through fresh stages are slow); stopped, workers
     included, whatever happens.  The workers' output is appended to
-    ``workers.log`` in ``opts.out``."""
+    ``workers.log`` in ``opts.out``.  ``draft_model``: a folder the master drafts with."""
     from master_core.server import Master
 
     mbps, rtt = PROFILES[profile]
     cfg = MasterConfig(
-        model=opts.model, port=0, min_workers=opts.workers, max_batch_tokens=opts.max_batch_tokens, max_running=64
+        model=opts.model,
+        port=0,
+        min_workers=opts.workers,
+        max_batch_tokens=opts.max_batch_tokens,
+        max_running=64,
+        draft_model=draft_model,
     )
     master = Master(cfg)
     await master.start()
@@ -49,6 +54,7 @@ async def shaped_group(opts: BenchOptions, profile: str) -> AsyncIterator[Master
     try:
         deadline = time.monotonic() + 600
         master.engine.loop_back = opts.loop_back
+        master.engine.speculative = False  # a draft model implies speculation: the benches turn it on themselves
         while not (master.group.serving and master.engine.profiled):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"workers did not come up: {master.group.problem}")

@@ -46,6 +46,9 @@ class BenchOptions:
     max_batch_tokens: int = 1024
     chat: bool = False  # a 5-turn conversation with and without prefix caching (app.tools.bench.chat)
     speculative: bool = False  # grounded and open tasks with and without speculation (app.tools.bench.speculative)
+    # --speculative: also a draft model (a folder; "self": the served model drafts for itself, an upper
+    # bound; "first:N": the served model's first N decoder layers); "": prompt lookup only
+    draft_model: str = ""
     burst_prompts: tuple[int, ...] = ()  # --burst: the long prompts' lengths (empty: BurstShape's)
     burst_spacing: float = 0.0  # --burst: seconds between their arrivals (0: BurstShape's)
     burst_streams: int = 0  # --burst: short streams (0: BurstShape's)

@@ -269,12 +269,14 @@ async def run_bench(opts: BenchOptions) -> int:
         print(f"wrote {opts.out / 'chat.json'}")
         return 0
     if opts.speculative:
-        from .speculative import local_copy, speculative_profile, speculative_table
+        from .speculative import draft_table, local_copy, speculative_profile, speculative_table
 
         report["speculative"] = [await speculative_profile(opts, profile) for profile in opts.profiles]
         report["local_copy"] = await local_copy(opts)
         (opts.out / "speculative.json").write_text(json.dumps(report, indent=2, default=float))
         print(speculative_table(report["speculative"], report["local_copy"]))
+        if opts.draft_model:
+            print(draft_table(report["speculative"]))
         print(f"wrote {opts.out / 'speculative.json'}")
         return 0
     if opts.hops:

@@ -11,9 +11,12 @@ task and mode it reports the decode tokens/s (tokens after the first over the ti
 first), the trips the request's decode took (pipeline steps that carried it), tokens per trip,
 drafts sent and accepted per trip, and the bytes each hop carried per generated token (hidden
 states of every row sent, drafts included); per task whether both modes gave identical
-tokens and the speed-up.  ``local_copy(opts)`` decodes the copy task in one transformers
-process with no links at all (the ceiling a group is compared with).  ``speculative_table``
-prints it all.
+tokens and the speed-up.  With ``opts.draft_model`` (:func:`draft_folder`: a folder, ``self``
+or ``first:N``) a third mode drafts with that model where prompt lookup finds nothing
+(:mod:`master_core.draft_model`), and reports the trips that carried the model's drafts and
+the model's drafts sent and accepted per such trip (``draft_table``).  ``local_copy(opts)``
+decodes the copy task in one transformers process with no links at all (the ceiling a group
+is compared with).  ``speculative_table`` prints it all.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ TASKS: dict[str, tuple[str, str]] = {  # name -> (kind, user message)
     "chat": ("open", "What do you like most about autumn? Tell me in a few sentences."),
 }
 WONDERLAND_CHARS = 1400  # of the package's public-domain text, for the summary task
-MODES = {"off": False, "speculative": True}
+MODES = ("off", "speculative", "draft")  # no drafts; prompt lookup; lookup, else the draft model
 
 
 def _messages(task: str) -> list[dict]:
@@ -81,6 +84,8 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
     steps: list[dict] = []
     engine.on_step = steps.append
     drafted, accepted, trips = engine.drafted_tokens, engine.accepted_tokens, engine.draft_trips
+    m_drafted, m_accepted, m_trips = engine.model_drafted_tokens, engine.model_accepted_tokens, engine.model_draft_trips
+    m_seconds = engine.drafter.seconds if engine.drafter is not None else 0.0
     try:
         req = engine.submit(list(prompt), SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0))
         times = await token_times(req, TASK_TIMEOUT)
@@ -98,8 +103,50 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
         "drafts_per_trip": (engine.drafted_tokens - drafted) / max(1, engine.draft_trips - trips),
         "accepted_per_trip": (engine.accepted_tokens - accepted) / max(1, engine.draft_trips - trips),
         "draft_trips": engine.draft_trips - trips,
+        "model_draft_trips": engine.model_draft_trips - m_trips,
+        "model_drafts_per_trip": (engine.model_drafted_tokens - m_drafted) / max(1, engine.model_draft_trips - m_trips),
+        "model_accepted_per_trip": (engine.model_accepted_tokens - m_accepted)
+        / max(1, engine.model_draft_trips - m_trips),
+        "draft_seconds": (engine.drafter.seconds - m_seconds) if engine.drafter is not None else 0.0,
+        "decode_seconds": times[-1] - times[0] if n > 1 else 0.0,
         "bytes_per_hop_per_token": rows * hidden_bytes / max(1, n - 1),
     }
+
+
+def draft_folder(opts: BenchOptions) -> str:
+    """The folder of ``opts.draft_model`` ("": none): a folder as given; ``self``: the served
+    model's own folder (it drafts for itself: every draft it would accept, an upper bound on
+    acceptance, not a real pairing); ``first:N``: the served model's first N decoder layers
+    with its final norm and head, written once under ``opts.out`` (a weak same-family draft:
+    no early-exit training).  Blocking."""
+    spec = opts.draft_model
+    if not spec:
+        return ""
+    from worker_core import model_source
+
+    if spec == "self":
+        return str(model_source.resolve(opts.model))
+    if not spec.startswith("first:"):
+        return spec
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    layers = int(spec.split(":", 1)[1])
+    folder = model_source.resolve(opts.model)
+    out = opts.out / f"draft-first-{layers}"
+    if not (out / "config.json").is_file():
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        if not 0 < layers < len(model.model.layers):
+            raise ValueError(f"--draft-model first:{layers}: the model has {len(model.model.layers)} layers")
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        model.save_pretrained(out)
+        for f in folder.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(f, out / f.name)
+    return str(out)
 
 
 async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
@@ -108,27 +155,32 @@ async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
     from .options import PROFILES
 
     mbps, rtt = PROFILES[profile]
-    async with shaped_group(opts, profile) as master:
+    drafts_with = await asyncio.to_thread(draft_folder, opts)
+    async with shaped_group(opts, profile, drafts_with) as master:
         engine = master.engine
+        drafter = engine.drafter
         hidden_bytes = master.group.dims.hidden_size * itemsize(master.group.stages[0].hello.dtype)
         tasks: dict[str, dict] = {}
         for task, (kind, _) in TASKS.items():
             prompt = await asyncio.to_thread(_prompt, engine.tokenizer, task)
             modes = {}
-            for mode, on in MODES.items():
-                engine.speculative = on
-                engine.forget_idle_prefixes()  # both modes start with no cached prompt
+            for mode in MODES if drafter is not None else MODES[:2]:
+                engine.speculative = mode != "off"
+                engine.drafter = drafter if mode == "draft" else None
+                engine.forget_idle_prefixes()  # every mode starts with no cached prompt
                 modes[mode] = await _answer(master, prompt, hidden_bytes)
-            engine.speculative = False
-            same = modes["off"].pop("tokens") == modes["speculative"].pop("tokens")
-            speed = modes["speculative"]["decode_tokens_per_s"] / modes["off"]["decode_tokens_per_s"]
+            engine.speculative, engine.drafter = False, drafter
+            answers = [m.pop("tokens") for m in modes.values()]
+            off = modes["off"]["decode_tokens_per_s"]
             tasks[task] = {
                 "kind": kind,
                 "prompt_tokens": len(prompt),
                 "modes": modes,
-                "tokens_identical": same,
-                "speedup": speed,
+                "tokens_identical": all(a == answers[0] for a in answers),
+                "speedup": modes["speculative"]["decode_tokens_per_s"] / off,
             }
+            if "draft" in modes:
+                tasks[task]["draft_speedup"] = modes["draft"]["decode_tokens_per_s"] / off
         loop_back = master.group.loop_back.direct
     return {
         "profile": profile,
@@ -136,6 +188,8 @@ async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
         "rtt_s": rtt,
         "stages": opts.workers,
         "model": opts.model,
+        "draft_model": opts.draft_model,
+        "draft_folder": drafts_with,
         "answer_tokens_max": ANSWER_TOKENS,
         "loop_back_direct": loop_back,
         "tasks": tasks,
@@ -198,3 +252,25 @@ def speculative_table(rows: list[dict], local: dict | None) -> str:
             ratio = on["decode_tokens_per_s"] / local["decode_tokens_per_s"]
             lines.append(f"{r['profile']}: copy with speculation / one local process: {ratio:.2f}x")
     return "\n".join(lines)
+
+
+def draft_table(rows: list[dict]) -> str:
+    """The draft-model mode against no drafts: per profile and task (empty without one)."""
+    lines = [
+        "| profile | draft model | task | tok/s off | tok/s draft | speed-up | tokens/trip | model trips "
+        "| model drafts/trip | model accepted/trip | lookup trips | drafting s / decode s | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for task, t in r["tasks"].items():
+            if "draft" not in t["modes"]:
+                continue
+            off, d = t["modes"]["off"], t["modes"]["draft"]
+            lines.append(
+                f"| {r['profile']} | {r['draft_model']} | {task} ({t['kind']}) | {off['decode_tokens_per_s']:.1f} | "
+                f"{d['decode_tokens_per_s']:.1f} | {t['draft_speedup']:.2f}x | {d['tokens_per_trip']:.2f} | "
+                f"{d['model_draft_trips']} | {d['model_drafts_per_trip']:.2f} | {d['model_accepted_per_trip']:.2f} | "
+                f"{d['draft_trips'] - d['model_draft_trips']} | {d['draft_seconds']:.1f} / {d['decode_seconds']:.1f} | "
+                f"{t['tokens_identical']} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""

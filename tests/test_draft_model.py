@@ -1,0 +1,244 @@
+"""Speculative decoding with a draft model (``--draft-model``, master_core.draft_model): a tiny
+same-family pair built here (the target: a 3-layer tiny llama whose last layer adds little; the
+draft: the target without that layer, so it agrees often but not always).  The drafter on its
+own (greedy drafts equal to the draft model's own greedy continuation, its cache cropped after a
+rejection, freed, bounded); through a 3-stage group, greedy output is transformers' token for
+token with the draft model's drafts accepted and rejected, seeded sampled output is the same with
+and without drafting, and nothing (stage KV, draft caches) outlives the requests; a draft model
+whose vocabulary differs is refused at start with a clear error."""
+
+import asyncio
+import gc
+import json
+import shutil
+import time
+
+import pytest
+import torch
+from harness import Cluster, greedy, run
+from tiny_models import make_tiny_checkpoint, reference_greedy
+
+from master_core.config import MasterConfig
+from master_core.draft_model import DraftModel, check_vocab, load_draft_model
+from master_core.request import SamplingParams
+from master_core.server import Master, load_tokenizer
+from master_core.speculation import PROBE_K, REPROBE, Speculator
+from worker_core.kv_cache import KVStore
+
+# a prompt without a repeated bigram: prompt lookup has nothing to draft at first
+PROMPT = [(13 * i + 5) % 150 + 20 for i in range(30)]
+LAST_LAYER_SCALE = 0.5  # the target's last layer, weakened: the draft agrees with it about 40% of the time
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(target folder, draft folder): the draft is the target less its last decoder layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("draftpair")
+    target = make_tiny_checkpoint(
+        "llama", root / "target", num_layers=3, seed=4, tie_embeddings=True, config={"initializer_range": 0.12}
+    )
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    last = model.model.layers[2]
+    with torch.no_grad():
+        last.self_attn.o_proj.weight.mul_(LAST_LAYER_SCALE)
+        last.mlp.down_proj.weight.mul_(LAST_LAYER_SCALE)
+    model.save_pretrained(target)
+    cfg = AutoConfig.from_pretrained(target)
+    cfg.num_hidden_layers = 2
+    small = AutoModelForCausalLM.from_config(cfg)
+    missing, unexpected = small.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if ".layers.2." not in k}, strict=False
+    )
+    assert not missing and not unexpected
+    draft = root / "draft"
+    small.save_pretrained(draft)
+    for f in target.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, draft / f.name)
+    return target, draft
+
+
+def _drafter(pair, sessions: int = 4) -> DraftModel:
+    target, draft = pair
+    tok = load_tokenizer(target)
+    return load_draft_model(str(draft), tok, len(tok), sessions)
+
+
+def test_the_drafter_drafts_its_models_greedy_continuation_crops_frees_and_is_bounded(pair):
+    _, draft = pair
+    d = _drafter(pair, sessions=2)
+
+    async def main():
+        want = reference_greedy(draft, PROMPT, 12)
+        first = (await d.propose([(1, PROMPT, 4)]))[0]
+        passes = d.forward_passes
+        # two drafts accepted, then a correction (not what the draft model said): its cache is cut
+        # back to the accepted ones and it drafts on from the correction
+        wrong = (want[2] + 1) % 300
+        tokens = [*PROMPT, *want[:2], wrong]
+        again = (await d.propose([(1, tokens, 3)]))[0]
+        fed_once = d.forward_passes - passes  # one pass for the correction, then one per draft but the last
+        all_kept = (await d.propose([(2, [*PROMPT, *want[:4]], 4)]))[0]
+        held = d.held()
+        for key in (3, 4, 5):  # more requests than it keeps: the least recently used go
+            await d.propose([(key, PROMPT[:10], 1)])
+        bounded = d.held()
+        d.free(4)
+        d.free(5)
+        d.free(99)  # never seen: nothing happens
+        d.max_tokens = len(PROMPT) + 5  # and no more cached tokens than that in all
+        await d.propose([(6, PROMPT, 2)])
+        await d.propose([(7, PROMPT, 2)])
+        by_tokens = d.held()
+        d.free(7)
+        return want, first, tokens, again, fed_once, all_kept, held, bounded, by_tokens, d.held()
+
+    want, first, tokens, again, fed_once, all_kept, held, bounded, by_tokens, left = run(main())
+    d.close()
+    assert first == tuple(want[:4])
+    assert again == tuple(reference_greedy(draft, tokens, 3))
+    assert fed_once == 3  # not the whole prompt again
+    assert all_kept == tuple(want[4:8])
+    assert held == 2 and bounded == 2 and by_tokens == 1 and left == 0
+    assert d.token_seconds > 0  # measured: adaptive k counts the model's time
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused_at_start(pair, tmp_path):
+    target, draft = pair
+    other = tmp_path / "other"
+    shutil.copytree(draft, other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]  # two tokens swap their ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+
+    async def start(path: str) -> str:
+        m = Master(MasterConfig(model=str(target), port=0, speculative=True, draft_model=path))
+        with pytest.raises(ValueError) as e:
+            await m.start()  # refused before anything listens or runs: nothing to stop
+        return str(e.value)
+
+    why = run(start(str(other)))
+    assert "vocabulary differs from the served model's" in why and str(other) in why
+    assert "not a local model folder" in run(start(str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="vocab_size 10"):
+        check_vocab({"a": 0, "b": 11}, {"a": 0, "b": 11}, 10, "x")
+
+
+def _stores() -> list:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, KVStore)]
+
+
+def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees_everything(pair):
+    target, draft = pair
+    new = 32
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, seed=5, ignore_eos=True)
+
+    async def main():
+        old = {id(s) for s in _stores()}
+        async with Cluster(target, workers=3, draft_model=str(draft)) as c:
+            mine = [s for s in _stores() if id(s) not in old]
+            e = c.engine
+            assert e.speculative and e.drafter is not None  # --draft-model implies speculation
+            got = await e.generate(PROMPT, greedy(new))
+            counts = (e.model_draft_trips, e.model_drafted_tokens, e.model_accepted_tokens)
+            from prometheus_client import generate_latest
+
+            scraped = generate_latest(c.master.metrics.registry).decode()
+            assert f"molink_model_accepted_draft_tokens_total {float(counts[2])}" in scraped
+            batch = await asyncio.gather(*(e.generate(PROMPT[i:], greedy(new)) for i in range(1, 3)))
+            on = await e.generate(PROMPT, seeded)
+            e.speculative = False
+            off = await e.generate(PROMPT, seeded)
+            e.speculative = True
+            # a request cancelled while the draft model works for it: its step does not go, its
+            # caches (stages and draft model) are freed all the same
+            slow, d = e.drafter._draft_one, e.drafter
+
+            def slowly(*a):
+                time.sleep(0.4)
+                return slow(*a)
+
+            d._draft_one = slowly
+            req = e.submit(PROMPT, greedy(new))
+            for _ in range(200):
+                if d._busy:
+                    break
+                await asyncio.sleep(0.01)
+            busy = bool(d._busy)
+            e.cancel(req)
+            await asyncio.sleep(0.6)
+            d._draft_one = slow
+            held = e.held()
+            replays = e.replays
+            e.forget_idle_prefixes()
+            await asyncio.sleep(0.3)  # Free crosses the tunnels
+            return got, counts, batch, on, off, held, replays, sum(len(s) for s in mine), busy
+
+    got, (trips, drafted, accepted), batch, on, off, held, replays, left, busy = run(main())
+    assert busy  # the cancel came while it drafted
+    assert len(got[0]) == new and got[0] == reference_greedy(target, PROMPT, new)
+    assert trips > 0 and 0 < accepted < drafted, (trips, drafted, accepted)  # accepted and rejected ones
+    for i, (tokens, _, _) in enumerate(batch, start=1):
+        assert tokens == reference_greedy(target, PROMPT[i:], new)
+    assert on[0] == off[0]  # seeded sampling: the same tokens with and without drafting
+    assert replays == 0
+    assert held == {"running": 0, "waiting": 0, "text_streams": 0, "draft_caches": 0}
+    assert left == 0  # every stage freed every request's cache, rejected drafts included
+
+
+def test_the_bench_builds_a_first_layers_draft_and_prints_its_table(pair, tmp_path):
+    from app.tools.bench.options import BenchOptions
+    from app.tools.bench.speculative import draft_folder, draft_table
+
+    target, _ = pair
+    opts = BenchOptions(model=str(target), draft_model="first:2", out=tmp_path)
+    folder = draft_folder(opts)
+    tok = load_tokenizer(target)
+    d = load_draft_model(folder, tok, len(tok), 1)  # the same vocabulary: accepted
+    assert len(d.model.model.layers) == 2
+    d.close()
+    assert draft_folder(BenchOptions(model=str(target), draft_model="self")) == str(target)
+    with pytest.raises(ValueError, match="has 3 layers"):
+        draft_folder(BenchOptions(model=str(target), draft_model="first:3", out=tmp_path / "x"))
+    mode = {"decode_tokens_per_s": 2.0, "tokens_per_trip": 3.0, "draft_trips": 5, "model_draft_trips": 4}
+    mode |= {"model_drafts_per_trip": 6.0, "model_accepted_per_trip": 2.5, "draft_seconds": 1.0, "decode_seconds": 9}
+    row = {
+        "profile": "wan",
+        "draft_model": "first:2",
+        "tasks": {
+            "copy": {
+                "kind": "grounded",
+                "modes": {"off": {"decode_tokens_per_s": 1.0}, "draft": mode},
+                "draft_speedup": 2.0,
+                "tokens_identical": True,
+            }
+        },
+    }
+    table = draft_table([row])
+    assert (
+        "| wan | first:2 | copy (grounded) | 1.0 | 2.0 | 2.00x | 3.00 | 4 | 6.00 | 2.50 | 1 | 1.0 / 9.0 | True |"
+        in table
+    )
+    assert draft_table([{"profile": "wan", "draft_model": "", "tasks": {}}]) == ""
+
+
+def test_k_counts_the_draft_models_time():
+    """The engine adds the draft model's time per drafted token to a trip's (Engine._verify):
+    where drafting costs more than the trips it saves, drafting switches itself off."""
+    from master_core.speculation import choose_k
+
+    wan = lambda n: 0.1 + 0.001 * n  # noqa: E731  a trip: links, hardly any compute
+    assert choose_k(0.5, wan) > 0
+    assert choose_k(0.5, lambda n: wan(n) + (n - 1) * 0.002) > 0  # a cheap draft model still pays
+    assert choose_k(0.5, lambda n: wan(n) + (n - 1) * 0.2) == 0  # one costing two trips a token does not
+    s = Speculator()
+    s.observe(4, 4, wan, draft_cost=0.2)  # all accepted, but each cost two trips
+    assert s.model_k == 0 and s.k > 0  # the model is off; prompt lookup (free) still drafts
+    assert [s.model_budget() for _ in range(REPROBE)][-1] == PROBE_K  # and the model is probed again later
+    s.observe(2, 2, wan, draft_cost=0.0005)
+    assert s.model_k > 0
