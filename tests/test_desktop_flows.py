@@ -191,10 +191,16 @@ def test_sharing_off_mid_answer_with_a_spare_keeps_the_answer_identical(qtbot, d
         qtbot.waitUntil(lambda: len(pieces) >= 10, timeout=WAIT)
         assert not done.is_set()
         desk.handle(Act.SHARE)  # this PC stops sharing mid-answer
-        qtbot.waitUntil(lambda: c.sharing is Sharing.OFF, timeout=WAIT)
+
+        def moved() -> bool:  # the master let this PC's worker go and re-planned onto the spare
+            health = _get(api + "/health")
+            return health["epoch"] > epoch and len(health["workers"]) == 1
+
+        qtbot.waitUntil(moved, timeout=WAIT)
         times["left"] = time.monotonic()
+        qtbot.waitUntil(lambda: c.sharing is Sharing.OFF, timeout=WAIT)  # and its process ended
         qtbot.waitUntil(done.is_set, timeout=WAIT)
-        assert times["left"] < times["done"], "the worker left while the answer was still streaming"
+        assert times["left"] < times["done"], "the group moved to the spare only after the answer ended"
         health = _get(api + "/health")
         assert health["epoch"] > epoch and len(health["workers"]) == 1  # re-planned onto the spare
         assert mine, "this PC's worker served a stage"
