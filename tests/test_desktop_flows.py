@@ -94,7 +94,10 @@ def test_create_then_join_with_wrong_and_right_code_and_the_toggle(qtbot, desk, 
     info, panel = made["info"], made["dialog"].code_panel
     assert info["group"] == "test-group" and info["group_port"]
     assert panel.link.text().startswith("molink://join?code=") and "Valid for" in panel.expiry.text()
+    # the master's own measure of who can join, and its candidates in the link (loopback here: this network only)
+    assert "Who can join: only this network can join" in panel.reach.text(), panel.reach.text()
     assert f"port {info['group_port']}" in panel.reach.text()
+    assert f"via=lan~127.0.0.1:{info['group_port']}" in panel.link.text(), panel.link.text()
     assert c.snapshot().hosting and c.snapshot().sharing is Sharing.OFF
 
     # a wrong code: one sentence, nothing saved

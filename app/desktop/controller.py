@@ -33,6 +33,7 @@ from PySide6.QtCore import QByteArray, QObject, QTimer, QUrl, Signal
 from PySide6.QtNetwork import QNetworkAccessManager, QNetworkReply, QNetworkRequest
 
 from app.group import links
+from app.group.client import invitation_link
 from app.proc.spawn import engine_command
 from worker_core.control import FINISH_TIMEOUT, LEAVE_TIMEOUT
 
@@ -474,11 +475,16 @@ class Controller(QObject):
                 info = self.master_info or {}
                 port = info.get("group_port")
                 host = _lan_address()
-                link = links.build_link(
-                    links.JoinLink(
-                        code=body["code"], master=f"{host}:{port}" if port else None, group=info.get("group")
+                candidates = body.get("candidates")
+                if isinstance(candidates, list) and candidates and all(isinstance(x, str) for x in candidates):
+                    # every address the master measured it can be reached at (LAN, mapped, IPv6, relay)
+                    link = invitation_link(body["code"], info.get("group"), candidates)
+                else:
+                    link = links.build_link(
+                        links.JoinLink(
+                            code=body["code"], master=f"{host}:{port}" if port else None, group=info.get("group")
+                        )
                     )
-                )
                 full = {**body, "link": link, "group": info.get("group"), "group_port": port, "host": host}
                 on_code(full) if on_code is not None else self.code_ready.emit(full)
             else:

@@ -123,11 +123,17 @@ class PairingCodePanel(QWidget):
             self.fingerprint.setText(
                 f"This group's fingerprint: {grouped_fingerprint(master_fingerprint)} (a joining friend sees the same)."
             )
-        self.reach.setText(
-            f"Friends on this network find the group by itself. Friends elsewhere need to reach this PC's group port: "
-            f"forward TCP port {port} on your router to this PC ({host}) and allow it in the firewall, then they join "
-            f"with your public address and port {port} in the address field (HOST:{port})."
+        reach = info.get("reach")
+        forward = (
+            f"Friends elsewhere need to reach this PC's group port: forward TCP port {port} on your router to this PC "
+            f"({host}) and allow it in the firewall, then they join with your public address and port {port} in the "
+            f"address field (HOST:{port})."
         )
+        if isinstance(reach, str) and reach:  # what the master measured: a mapped port, a relay, or why not
+            anywhere = reach.startswith("friends anywhere")
+            self.reach.setText(f"Who can join: {reach}." + ("" if anywhere else " " + forward))
+        else:
+            self.reach.setText("Friends on this network find the group by itself. " + forward)
 
     def show_error(self, text: str) -> None:
         self.error.setText(text)
