@@ -11,7 +11,7 @@ capture with drops cannot prove anything about the bytes it missed; callers chec
 ``read_pcap(path)`` reads a classic pcap file (Ethernet, IPv4; either byte order, micro- or
 nanosecond stamps) and rebuilds each TCP direction's byte stream from sequence numbers (a
 retransmission lands on the bytes it repeats; overlaps keep the first copy): a :class:`Stream`
-per ``(src, sport, dst, dport)`` with its ``data``, whether its SYN and FIN were seen and
+per ``(src, sport, dst, dport)`` with its ``data``, whether its SYN, FIN and RST were seen and
 ``gaps`` (bytes never captured between the first and last seen).  ``connections(streams,
 port)`` pairs the two directions of each connection to ``port``: ``(to_port, from_port)``.
 Standard library only; nothing of the captured bytes is interpreted here.
@@ -47,6 +47,7 @@ class Stream:
     dport: int
     syn: bool = False
     fin: bool = False
+    rst: bool = False  # the connection was reset from this side (a socket closed with unread data)
     gaps: int = 0
     data: bytes = b""
     _isn: int | None = None
@@ -59,6 +60,8 @@ class Stream:
             return
         if flags & 0x01:
             self.fin = True
+        if flags & 0x04:
+            self.rst = True
         if payload and self._isn is not None:
             at = (seq - self._isn - 1) % (1 << 32)
             if len(payload) > len(self._pieces.get(at, b"")):
