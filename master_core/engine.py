@@ -387,8 +387,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def set_policy(self, p: Policy) -> None:
-        """Switch the scheduling policy (benchmarks compare policies on one live group)."""
+        """Switch the scheduling policy (benchmarks and tests compare policies on one live group)
+        and start it cold: every cached prefix no running request uses is forgotten, or the
+        prompts an earlier policy computed would be served to the next one from the cache."""
         self.policy = p
+        self.forget_idle_prefixes()
         self._wake.set()
         self._load.set()
 

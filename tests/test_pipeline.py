@@ -150,9 +150,11 @@ def test_policies_give_identical_tokens(checkpoints, references):
         out = {}
         async with Cluster(checkpoints["qwen2"], workers=3, max_batch_tokens=64) as c:
             for name in POLICIES:
-                c.engine.set_policy(policy(name, 64))
+                reused = c.engine.cached_tokens_total
+                c.engine.set_policy(policy(name, 64))  # starts cold: the prompts are computed again
                 res = await asyncio.gather(*(c.engine.generate(p, greedy(24)) for p in PROMPTS))
                 out[name] = [r[0] for r in res]
+                assert c.engine.cached_tokens_total == reused, name
         return out
 
     for name, tokens in run(main()).items():
