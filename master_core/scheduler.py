@@ -59,8 +59,10 @@ class Policy:
     min_chunk: int = 16  # prefill tokens a micro-batch always may carry when prefill waits
     default_chunk: int = 128  # before any cost is measured
     max_microbatches: int = 16
-    decode_stall: float = 0.4  # a chunk may lengthen its micro-batch's trip by this many decode cycles
+    decode_stall: float = float(__import__("os").environ.get("MOLINK_STALL", "0.4"))  # a chunk may lengthen its micro-batch's trip by this many decode cycles
     tune: bool = True  # with dynamic: hill-climb the micro-batch count from measured delivery
+    # while streams decode, at most this many micro-batches carry prefill at once (0: no limit)
+    prefill_lanes: int = int(__import__("os").environ.get("MOLINK_PLANES", "1"))
 
 
 POLICIES: dict[str, Policy] = {
@@ -240,6 +242,8 @@ def _stall_tokens(p: Policy, costs: CostSnapshot, decode_tokens: int) -> float:
     d = max(1, decode_tokens)
     cycle, _ = cycle_time(costs, d, d)
     per = sum(costs.stage_per_token) + sum(_link_token_seconds(costs, i) for i in range(costs.stages))
+    if __import__("os").environ.get("MOLINK_PER") == "max":
+        per = max(list(costs.stage_per_token) + [_link_token_seconds(costs, i) for i in range(costs.stages)])
     return p.decode_stall * cycle / per if per > 0 else math.inf
 
 
@@ -269,15 +273,21 @@ def microbatch_share(active: int, slots: int) -> int:
     return max(1, math.ceil(active / max(1, slots)))
 
 
-def next_microbatch(p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate], slots: int) -> list[Chunk]:
-    """The next micro-batch of ``slots`` in flight over the running requests ``candidates``:
-    its share of the ready decode steps, then prefill within :func:`chunk_tokens`.  The engine
-    and the simulator both plan through this one function."""
+def next_microbatch(
+    p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate], slots: int, prefilling: int = 0
+) -> list[Chunk]:
+    """The next micro-batch of ``slots`` in flight over the running requests ``candidates``,
+    ``prefilling`` of the micro-batches in flight carrying prefill: its share of the ready
+    decode steps, then prefill within :func:`chunk_tokens`, unless streams decode and
+    ``p.prefill_lanes`` micro-batches already carry prefill.  The engine and the simulator both
+    plan through this one function."""
     share = microbatch_share(len(candidates), slots)
     decodes = min(share, sum(1 for c in candidates if c.ready_decode))
     # a stream whose prompt is on its way counts: a whole step of prefill sent now would be
     # ahead of its first decode step at every stage
     decoding = sum(1 for c in candidates if c.paced)
+    if decoding and p.chunking and p.prefill_lanes and prefilling >= p.prefill_lanes:
+        return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=0, min_chunk=0)
     prefill = chunk_tokens(p, costs, decodes, slots, decoding=decoding)
     return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
 

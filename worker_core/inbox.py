@@ -54,6 +54,11 @@ class Inbox:
             self._rest.append((msg, arrived, False))
         self._ready.set()
 
+    def pop_urgent(self) -> tuple[object, float, bool] | None:
+        """The oldest urgent message, if one waits (a long step computed in slices lets them
+        run between its slices)."""
+        return self._urgent.popleft() if self._urgent else None
+
     async def get(self) -> tuple[object, float, bool]:
         while not (self._urgent or self._rest):
             self._ready.clear()

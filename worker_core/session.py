@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +45,7 @@ from .quantize import Precision
 from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
 from .shard import load_shard
+from .slices import SliceClock, slice_step
 from .stage import StageRunner, StepRejected
 from .weights import WeightCache
 from .wire import (
@@ -131,6 +133,9 @@ class Session:
         # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
         self.max_frame = UNASSIGNED_FRAME_BYTES
         self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship)
+        # runs the decode steps queued meanwhile, between two slices of a long step (None: none)
+        self.between: Callable[[], Awaitable[None]] | None = None
+        self.slice_clock = SliceClock()  # measured per served range (reset by Assign)
 
     async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
         frame, sent = item
@@ -242,6 +247,7 @@ class Session:
                     return
                 self.shards[key] = shard
             self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
+            self.slice_clock = SliceClock()
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
             if self.run.hops is not None:  # steps over a hop are bounded like the master's
@@ -264,9 +270,7 @@ class Session:
                 return
             runner = self.runner
             try:
-                out = await loop.run_in_executor(
-                    self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop
-                )
+                out, compute = await self._compute(runner, msg, urgent)
             except StepRejected as e:
                 await self.send(Failure(str(e), msg.step_id))
                 return
@@ -276,7 +280,6 @@ class Session:
                 return
             self.run.steps += 1
             self.run.tokens += sum(seg.length for seg in msg.segments)
-            compute = runner.last_compute_seconds
             result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
             hop = self.next_hop
             if runner.shard.is_last:
@@ -299,6 +302,28 @@ class Session:
             log.warning("master reports: %s", msg.message)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
+
+    async def _compute(self, runner: StageRunner, msg: Step, urgent: bool) -> tuple[torch.Tensor, float]:
+        """Run ``msg`` on the stage executor: whole, or (a long step, when decode steps may be
+        waiting) in slices with the decode steps queued meanwhile run between them
+        (:mod:`worker_core.slices`).  Returns its output and its compute seconds (the slices'
+        alone).  A step rejected by the stage's checks changes nothing (checked whole first)."""
+        loop = asyncio.get_running_loop()
+        parts = [(msg.segments, msg.tensor)]
+        if not urgent and self.between is not None:
+            parts = slice_step(msg.segments, msg.tensor, self.slice_clock.limit())
+        drop = msg.drop
+        if len(parts) > 1:  # its drops first, then the whole step's checks
+            await loop.run_in_executor(self.executor, runner.check, msg.segments, msg.tensor, drop)
+            drop = ()
+        outs, compute = [], 0.0
+        for i, (segments, tensor) in enumerate(parts):
+            if i and self.between is not None:
+                await self.between()
+            outs.append(await loop.run_in_executor(self.executor, runner.run, segments, tensor, msg.topk, drop))
+            compute += runner.last_compute_seconds
+            self.slice_clock.observe(sum(seg.length for seg in segments), runner.last_compute_seconds)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), compute
 
     async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[int, ...]:
         """The last stage draws each segment's next token and feeds them straight back to the

@@ -101,6 +101,13 @@ class StageRunner:
             raise StepRejected(f"KV budget of {budget} tokens exceeded (in use {in_use}, step adds {added})")
         return total
 
+    def check(self, segments: tuple[Segment, ...], tensor: torch.Tensor, drop: tuple[int, ...] = ()) -> None:
+        """``run``'s drops and checks without the compute: a step computed in slices
+        (:mod:`worker_core.slices`) is checked whole first, so a rejected one changes no cache."""
+        if drop:
+            self.kv.free(drop)
+        self._check(segments, tensor)
+
     # ----------------------------------------------------------------- the step
     @torch.inference_mode()
     def run(
