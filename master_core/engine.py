@@ -426,8 +426,6 @@ class Engine:
         model's count, tuned by what micro-batches deliver once the costs are measured)."""
         if self.config.microbatches:
             return self.config.microbatches
-        if __import__("os").environ.get("MOLINK_K"):
-            return int(__import__("os").environ["MOLINK_K"])
         k = microbatch_count(self.policy, costs, max(1, len(self.group.stages)), len(self.running))
         if not (self.policy.dynamic and self.policy.tune) or costs is None:
             return k

@@ -48,6 +48,8 @@ from dataclasses import dataclass, replace
 
 from .costs import CostSnapshot
 
+K_GAIN = 0.05  # a micro-batch more in flight must shorten the predicted token period by this much
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -59,10 +61,11 @@ class Policy:
     min_chunk: int = 16  # prefill tokens a micro-batch always may carry when prefill waits
     default_chunk: int = 128  # before any cost is measured
     max_microbatches: int = 16
-    decode_stall: float = float(__import__("os").environ.get("MOLINK_STALL", "0.4"))  # a chunk may lengthen its micro-batch's trip by this many decode cycles
+    decode_stall: float = 0.4  # a chunk may lengthen its micro-batch's trip by this many decode cycles
     tune: bool = True  # with dynamic: hill-climb the micro-batch count from measured delivery
-    # while streams decode, at most this many micro-batches carry prefill at once (0: no limit)
-    prefill_lanes: int = int(__import__("os").environ.get("MOLINK_PLANES", "1"))
+    # while streams decode: the compute a micro-batch of prefill alone carries on the slowest
+    # stage (the stages compute it in slices, decode steps between them)
+    prefill_step_seconds: float = 0.125
 
 
 POLICIES: dict[str, Policy] = {
@@ -188,12 +191,14 @@ def microbatch_count(p: Policy, costs: CostSnapshot | None, stages: int, active:
     if costs is None or costs.stages != stages:
         return max(1, min(stages, max(1, active)))
     limit = max(1, min(p.max_microbatches, active))
+    best, best_period = 1, math.inf
     for k in range(1, limit + 1):
         b = math.ceil(max(1, active) / k)
         cycle, bottleneck = cycle_time(costs, b, b)
-        if k * bottleneck >= cycle:
-            return k
-    return limit
+        period = max(cycle, k * bottleneck)  # each request's next token, K micro-batches sharing the bottleneck
+        if period < best_period * (1 - K_GAIN):
+            best, best_period = k, period
+    return best
 
 
 def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
@@ -242,8 +247,6 @@ def _stall_tokens(p: Policy, costs: CostSnapshot, decode_tokens: int) -> float:
     d = max(1, decode_tokens)
     cycle, _ = cycle_time(costs, d, d)
     per = sum(costs.stage_per_token) + sum(_link_token_seconds(costs, i) for i in range(costs.stages))
-    if __import__("os").environ.get("MOLINK_PER") == "max":
-        per = max(list(costs.stage_per_token) + [_link_token_seconds(costs, i) for i in range(costs.stages)])
     return p.decode_stall * cycle / per if per > 0 else math.inf
 
 
@@ -273,21 +276,53 @@ def microbatch_share(active: int, slots: int) -> int:
     return max(1, math.ceil(active / max(1, slots)))
 
 
+def prefill_step_tokens(p: Policy, costs: CostSnapshot) -> int:
+    """Tokens of a micro-batch of prefill alone: about ``p.prefill_step_seconds`` of compute on
+    the slowest stage per token, within the step's cap and at least ``p.min_chunk``."""
+    per = max(costs.stage_per_token)
+    tokens = p.prefill_step_seconds / per if per > 0 else math.inf
+    return max(p.min_chunk, int(min(tokens, p.max_batch_tokens)))
+
+
+def prefill_lanes(costs: CostSnapshot, tokens: int) -> int:
+    """Micro-batches of ``tokens`` of prefill alone to keep in flight: the fewest that keep the
+    bottleneck resource busy for a whole trip (``L * bottleneck >= cycle``), at most one per
+    stage and link crossing."""
+    cycle, bottleneck = cycle_time(costs, tokens, 1)
+    if bottleneck <= 0:
+        return 1
+    return max(1, min(2 * costs.stages, math.ceil(cycle / bottleneck)))
+
+
 def next_microbatch(
     p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate], slots: int, prefilling: int = 0
 ) -> list[Chunk]:
-    """The next micro-batch of ``slots`` in flight over the running requests ``candidates``,
-    ``prefilling`` of the micro-batches in flight carrying prefill: its share of the ready
-    decode steps, then prefill within :func:`chunk_tokens`, unless streams decode and
-    ``p.prefill_lanes`` micro-batches already carry prefill.  The engine and the simulator both
+    """The next micro-batch of ``slots`` in flight over the running requests ``candidates``, of
+    which ``prefilling`` micro-batches carry prefill now: its share of the ready decode steps,
+    then prefill within :func:`chunk_tokens`.
+
+    While streams decode and prompts wait (with chunking and measured costs), prefill travels
+    apart: once a micro-batch carrying prefill is in flight, the ready decode steps go together
+    in one micro-batch without prefill, and a micro-batch with no decode step ready carries
+    prefill alone (:func:`prefill_step_tokens`; at most ``p.prefill_lanes`` in flight).  Each
+    stage computes such a step in slices and serves the decode steps that come meanwhile between
+    them (:mod:`worker_core.slices`), so a stream waits for a slice, not for a prompt, and its
+    steps pay the fixed cost of a step once for all streams.  The engine and the simulator both
     plan through this one function."""
-    share = microbatch_share(len(candidates), slots)
-    decodes = min(share, sum(1 for c in candidates if c.ready_decode))
+    ready = sum(1 for c in candidates if c.ready_decode)
     # a stream whose prompt is on its way counts: a whole step of prefill sent now would be
     # ahead of its first decode step at every stage
     decoding = sum(1 for c in candidates if c.paced)
-    if decoding and p.chunking and p.prefill_lanes and prefilling >= p.prefill_lanes:
-        return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=0, min_chunk=0)
+    apart = p.chunking and decoding > 0 and costs is not None and any(c.waiting_prefill for c in candidates)
+    if apart and ready and prefilling:
+        return plan_microbatch(candidates, max_decodes=ready, prefill_tokens=0, min_chunk=0)
+    if apart and not ready:
+        assert costs is not None
+        tokens = prefill_step_tokens(p, costs)
+        if prefilling >= prefill_lanes(costs, tokens):
+            return []
+        return plan_microbatch(candidates, max_decodes=0, prefill_tokens=tokens)
+    decodes = min(microbatch_share(len(candidates), slots), ready)
     prefill = chunk_tokens(p, costs, decodes, slots, decoding=decoding)
     return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
 

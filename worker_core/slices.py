@@ -31,7 +31,7 @@ import torch
 
 from .wire import Segment
 
-SLICE_SECONDS = float(__import__("os").environ.get("MOLINK_SLICE", "0.05"))  # about the compute of one slice: what a decode step waits for at most
+SLICE_SECONDS = 0.05  # about the compute of one slice: what a decode step waits for at most
 MIN_SLICE = 16  # rows: smaller slices would pay a step's fixed cost for too little
 MEASURED_FROM = 32  # tokens: a step this long or longer tells the per-token cost
 
