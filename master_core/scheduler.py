@@ -64,8 +64,8 @@ class Policy:
     decode_stall: float = 0.4  # a chunk may lengthen its micro-batch's trip by this many decode cycles
     tune: bool = True  # with dynamic: hill-climb the micro-batch count from measured delivery
     # while streams decode: the compute a micro-batch of prefill alone carries on the slowest
-    # stage (the stages compute it in slices, decode steps between them)
-    prefill_step_seconds: float = 0.125
+    # stage (the stages pause it between layers for the decode steps waiting)
+    prefill_step_seconds: float = 0.25
 
 
 POLICIES: dict[str, Policy] = {
@@ -304,10 +304,10 @@ def next_microbatch(
     While streams decode and prompts wait (with chunking and measured costs), prefill travels
     apart: once a micro-batch carrying prefill is in flight, the ready decode steps go together
     in one micro-batch without prefill, and a micro-batch with no decode step ready carries
-    prefill alone (:func:`prefill_step_tokens`; at most ``p.prefill_lanes`` in flight).  Each
-    stage computes such a step in slices and serves the decode steps that come meanwhile between
-    them (:mod:`worker_core.slices`), so a stream waits for a slice, not for a prompt, and its
-    steps pay the fixed cost of a step once for all streams.  The engine and the simulator both
+    prefill alone (:func:`prefill_step_tokens`; at most :func:`prefill_lanes` in flight).  Each
+    stage pauses such a step between layers and serves the decode steps waiting
+    (:mod:`worker_core.interleave`), so a stream waits for a few layers, not for a prompt, and
+    its steps pay the fixed cost of a step once for all streams.  The engine and the simulator
     plan through this one function."""
     ready = sum(1 for c in candidates if c.ready_decode)
     # a stream whose prompt is on its way counts: a whole step of prefill sent now would be

@@ -55,8 +55,8 @@ class Inbox:
         self._ready.set()
 
     def pop_urgent(self) -> tuple[object, float, bool] | None:
-        """The oldest urgent message, if one waits (a long step computed in slices lets them
-        run between its slices)."""
+        """The oldest urgent message, if one waits (a longer step pauses between its layers for
+        them)."""
         return self._urgent.popleft() if self._urgent else None
 
     async def get(self) -> tuple[object, float, bool]:

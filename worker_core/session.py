@@ -40,12 +40,12 @@ from .control import STATS_INTERVAL, Command, Events, one_line
 from .hops import HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
+from .interleave import LayerClock
 from .outbox import Outbox
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
 from .shard import load_shard
-from .slices import SliceClock, slice_step
 from .stage import StageRunner, StepRejected
 from .weights import WeightCache
 from .wire import (
@@ -133,9 +133,9 @@ class Session:
         # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
         self.max_frame = UNASSIGNED_FRAME_BYTES
         self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship)
-        # runs the decode steps queued meanwhile, between two slices of a long step (None: none)
+        # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
-        self.slice_clock = SliceClock()  # measured per served range (reset by Assign)
+        self.layer_clock = LayerClock()  # measured per served range (reset by Assign)
 
     async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
         frame, sent = item
@@ -247,7 +247,7 @@ class Session:
                     return
                 self.shards[key] = shard
             self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
-            self.slice_clock = SliceClock()
+            self.layer_clock = LayerClock()
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
             if self.run.hops is not None:  # steps over a hop are bounded like the master's
@@ -304,26 +304,25 @@ class Session:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
 
     async def _compute(self, runner: StageRunner, msg: Step, urgent: bool) -> tuple[torch.Tensor, float]:
-        """Run ``msg`` on the stage executor: whole, or (a long step, when decode steps may be
-        waiting) in slices with the decode steps queued meanwhile run between them
-        (:mod:`worker_core.slices`).  Returns its output and its compute seconds (the slices'
-        alone).  A step rejected by the stage's checks changes nothing (checked whole first)."""
+        """Run ``msg`` on the stage executor and return its output and compute seconds.  A decode
+        step (``urgent``) runs whole; any other step runs a few layers at a time
+        (:class:`~worker_core.stage.StepRun`), and the decode steps that arrive meanwhile run
+        between them (``between``), so they wait for a few layers of a prefill chunk, not for
+        all of it: without that they would follow the chunk from stage to stage."""
         loop = asyncio.get_running_loop()
-        parts = [(msg.segments, msg.tensor)]
-        if not urgent and self.between is not None:
-            parts = slice_step(msg.segments, msg.tensor, self.slice_clock.limit())
-        drop = msg.drop
-        if len(parts) > 1:  # its drops first, then the whole step's checks
-            await loop.run_in_executor(self.executor, runner.check, msg.segments, msg.tensor, drop)
-            drop = ()
-        outs, compute = [], 0.0
-        for i, (segments, tensor) in enumerate(parts):
-            if i and self.between is not None:
+        if urgent or self.between is None:
+            out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop)
+            return out, runner.last_compute_seconds
+        step = await loop.run_in_executor(self.executor, runner.begin, msg.segments, msg.tensor, msg.topk, msg.drop)
+        try:
+            layers = self.layer_clock.layers(sum(seg.length for seg in msg.segments), len(runner.shard.layers))
+            while not await loop.run_in_executor(self.executor, step.advance, layers):
                 await self.between()
-            outs.append(await loop.run_in_executor(self.executor, runner.run, segments, tensor, msg.topk, drop))
-            compute += runner.last_compute_seconds
-            self.slice_clock.observe(sum(seg.length for seg in segments), runner.last_compute_seconds)
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)), compute
+        finally:
+            step.close()  # abandoned when cancelled or failed: nothing committed
+        assert step.result is not None
+        self.layer_clock.observe(sum(seg.length for seg in msg.segments), len(runner.shard.layers), step.seconds)
+        return step.result, step.seconds
 
     async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[int, ...]:
         """The last stage draws each segment's next token and feeds them straight back to the
