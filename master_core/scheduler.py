@@ -5,9 +5,12 @@ Contract
 Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes the answer.
 
 * :func:`microbatch_count` — **dynamic micro-batching**: how many micro-batches to keep in
-  flight so that the bottleneck resource (a device's compute or a link's bandwidth) never
-  idles: the smallest K with ``K * bottleneck_time >= cycle_time`` for micro-batches of
-  ``ceil(active / K)`` decode tokens, from measured costs (:mod:`master_core.costs`).
+  flight, from measured costs (:mod:`master_core.costs`): the fewest whose token period
+  (:func:`token_period`: ``max(cycle_time, K * bottleneck_time)`` for micro-batches of
+  ``ceil(active / K)`` decode tokens) is within ``K_GAIN`` of the best.  More micro-batches
+  keep the bottleneck resource (a device's compute or a link's bandwidth) busier, but each
+  pays a step's fixed costs: where those dominate (small decode steps on a CPU) one
+  micro-batch of every stream is as fast as several and leaves the cores to prefill.
 * :func:`chunk_tokens` — **chunk-based prefill transmission**: the prefill tokens one
   micro-batch may carry, chosen just in time so that the chunk's extra time on each resource
   fits in the gap before the next decode micro-batch needs it (``cycle / K`` minus the decode
@@ -48,7 +51,7 @@ from dataclasses import dataclass, replace
 
 from .costs import CostSnapshot
 
-K_GAIN = 0.05  # a micro-batch more in flight must shorten the predicted token period by this much
+K_GAIN = 0.05  # the fewest micro-batches whose token period is within this much of the best
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Policy:
     # while streams decode: the compute a micro-batch of prefill alone carries on the slowest
     # stage (the stages pause it between layers for the decode steps waiting)
     prefill_step_seconds: float = 0.25
+    prefill_link_seconds: float = 0.1  # and its output on the slowest link
 
 
 POLICIES: dict[str, Policy] = {
@@ -191,14 +195,19 @@ def microbatch_count(p: Policy, costs: CostSnapshot | None, stages: int, active:
     if costs is None or costs.stages != stages:
         return max(1, min(stages, max(1, active)))
     limit = max(1, min(p.max_microbatches, active))
-    best, best_period = 1, math.inf
-    for k in range(1, limit + 1):
-        b = math.ceil(max(1, active) / k)
-        cycle, bottleneck = cycle_time(costs, b, b)
-        period = max(cycle, k * bottleneck)  # each request's next token, K micro-batches sharing the bottleneck
-        if period < best_period * (1 - K_GAIN):
-            best, best_period = k, period
-    return best
+    periods = [token_period(costs, k, active) for k in range(1, limit + 1)]
+    best = min(periods)
+    return next(k for k, t in enumerate(periods, 1) if t <= best * (1 + K_GAIN))
+
+
+def token_period(c: CostSnapshot, k: int, active: int) -> float:
+    """Seconds between two tokens of every request when ``active`` decode steps travel in ``k``
+    micro-batches: a trip around the pipeline, or ``k`` turns of the busiest resource when they
+    queue there, whichever is longer.  Each micro-batch pays every step's fixed costs, so more
+    of them is not always faster."""
+    b = math.ceil(max(1, active) / k)
+    cycle, bottleneck = cycle_time(c, b, b)
+    return max(cycle, k * bottleneck)
 
 
 def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
@@ -278,9 +287,15 @@ def microbatch_share(active: int, slots: int) -> int:
 
 def prefill_step_tokens(p: Policy, costs: CostSnapshot) -> int:
     """Tokens of a micro-batch of prefill alone: about ``p.prefill_step_seconds`` of compute on
-    the slowest stage per token, within the step's cap and at least ``p.min_chunk``."""
+    the slowest stage, and its output on the slowest link for at most ``p.prefill_link_seconds``
+    (a decode step's output can wait behind a frame on its way, not inside it), within the
+    step's cap and at least ``p.min_chunk``."""
     per = max(costs.stage_per_token)
-    tokens = p.prefill_step_seconds / per if per > 0 else math.inf
+    link = max(_link_token_seconds(costs, i) for i in range(costs.stages))
+    tokens = min(
+        p.prefill_step_seconds / per if per > 0 else math.inf,
+        p.prefill_link_seconds / link if link > 0 else math.inf,
+    )
     return max(p.min_chunk, int(min(tokens, p.max_batch_tokens)))
 
 
