@@ -136,6 +136,7 @@ class Engine:
         self.accepted_tokens = 0  # of those, accepted
         self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
         self._looping_lanes = 0  # lanes whose micro-batch loops back now
+        self._prefilling_lanes = 0  # lanes whose micro-batch carries prefill now
         # counters for /health and the dashboard
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -517,6 +518,7 @@ class Engine:
             kv_ids = {r.id: r.kv_id for r in reqs}  # a request restarted meanwhile has another
             gens = {r.id: r.kv_gen for r in reqs}  # one resumed or restarted meanwhile has a newer one
             self._looping_lanes += bool(loop)
+            self._prefilling_lanes += prefill
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
@@ -549,6 +551,7 @@ class Engine:
                         break  # a step still looping then finds no cache on some stage and goes no further
             finally:
                 self._looping_lanes -= bool(loop)
+                self._prefilling_lanes -= prefill
                 for exp in looped[awaited:]:  # not awaited: a step failed, or the lane was cancelled
                     exp.abandon()
                 self._looping.difference_update(looped)
@@ -718,7 +721,7 @@ class Engine:
         cands = [
             Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight, r.computed) for r in self.running.values()
         ]
-        return next_microbatch(self.policy, costs, cands, slots)
+        return next_microbatch(self.policy, costs, cands, slots, prefilling=self._prefilling_lanes)
 
     def _apply(
         self,

@@ -5,9 +5,12 @@ Contract
 Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes the answer.
 
 * :func:`microbatch_count` — **dynamic micro-batching**: how many micro-batches to keep in
-  flight so that the bottleneck resource (a device's compute or a link's bandwidth) never
-  idles: the smallest K with ``K * bottleneck_time >= cycle_time`` for micro-batches of
-  ``ceil(active / K)`` decode tokens, from measured costs (:mod:`master_core.costs`).
+  flight, from measured costs (:mod:`master_core.costs`): the fewest whose token period
+  (:func:`token_period`: ``max(cycle_time, K * bottleneck_time)`` for micro-batches of
+  ``ceil(active / K)`` decode tokens) is within ``K_GAIN`` of the best.  More micro-batches
+  keep the bottleneck resource (a device's compute or a link's bandwidth) busier, but each
+  pays a step's fixed costs: where those dominate (small decode steps on a CPU) one
+  micro-batch of every stream is as fast as several and leaves the cores to prefill.
 * :func:`chunk_tokens` — **chunk-based prefill transmission**: the prefill tokens one
   micro-batch may carry, chosen just in time so that the chunk's extra time on each resource
   fits in the gap before the next decode micro-batch needs it (``cycle / K`` minus the decode
@@ -48,6 +51,8 @@ from dataclasses import dataclass, replace
 
 from .costs import CostSnapshot
 
+K_GAIN = 0.05  # the fewest micro-batches whose token period is within this much of the best
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -61,6 +66,10 @@ class Policy:
     max_microbatches: int = 16
     decode_stall: float = 0.4  # a chunk may lengthen its micro-batch's trip by this many decode cycles
     tune: bool = True  # with dynamic: hill-climb the micro-batch count from measured delivery
+    # while streams decode: the compute a micro-batch of prefill alone carries on the slowest
+    # stage (the stages pause it between layers for the decode steps waiting)
+    prefill_step_seconds: float = 0.25
+    prefill_link_seconds: float = 0.1  # and its output on the slowest link
 
 
 POLICIES: dict[str, Policy] = {
@@ -186,12 +195,19 @@ def microbatch_count(p: Policy, costs: CostSnapshot | None, stages: int, active:
     if costs is None or costs.stages != stages:
         return max(1, min(stages, max(1, active)))
     limit = max(1, min(p.max_microbatches, active))
-    for k in range(1, limit + 1):
-        b = math.ceil(max(1, active) / k)
-        cycle, bottleneck = cycle_time(costs, b, b)
-        if k * bottleneck >= cycle:
-            return k
-    return limit
+    periods = [token_period(costs, k, active) for k in range(1, limit + 1)]
+    best = min(periods)
+    return next(k for k, t in enumerate(periods, 1) if t <= best * (1 + K_GAIN))
+
+
+def token_period(c: CostSnapshot, k: int, active: int) -> float:
+    """Seconds between two tokens of every request when ``active`` decode steps travel in ``k``
+    micro-batches: a trip around the pipeline, or ``k`` turns of the busiest resource when they
+    queue there, whichever is longer.  Each micro-batch pays every step's fixed costs, so more
+    of them is not always faster."""
+    b = math.ceil(max(1, active) / k)
+    cycle, bottleneck = cycle_time(c, b, b)
+    return max(cycle, k * bottleneck)
 
 
 def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
@@ -269,15 +285,59 @@ def microbatch_share(active: int, slots: int) -> int:
     return max(1, math.ceil(active / max(1, slots)))
 
 
-def next_microbatch(p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate], slots: int) -> list[Chunk]:
-    """The next micro-batch of ``slots`` in flight over the running requests ``candidates``:
-    its share of the ready decode steps, then prefill within :func:`chunk_tokens`.  The engine
-    and the simulator both plan through this one function."""
-    share = microbatch_share(len(candidates), slots)
-    decodes = min(share, sum(1 for c in candidates if c.ready_decode))
+def prefill_step_tokens(p: Policy, costs: CostSnapshot) -> int:
+    """Tokens of a micro-batch of prefill alone: about ``p.prefill_step_seconds`` of compute on
+    the slowest stage, and its output on the slowest link for at most ``p.prefill_link_seconds``
+    (a decode step's output can wait behind a frame on its way, not inside it), within the
+    step's cap and at least ``p.min_chunk``."""
+    per = max(costs.stage_per_token)
+    link = max(_link_token_seconds(costs, i) for i in range(costs.stages))
+    tokens = min(
+        p.prefill_step_seconds / per if per > 0 else math.inf,
+        p.prefill_link_seconds / link if link > 0 else math.inf,
+    )
+    return max(p.min_chunk, int(min(tokens, p.max_batch_tokens)))
+
+
+def prefill_lanes(costs: CostSnapshot, tokens: int) -> int:
+    """Micro-batches of ``tokens`` of prefill alone to keep in flight: the fewest that keep the
+    bottleneck resource busy for a whole trip (``L * bottleneck >= cycle``), at most one per
+    stage and link crossing."""
+    cycle, bottleneck = cycle_time(costs, tokens, 1)
+    if bottleneck <= 0:
+        return 1
+    return max(1, min(2 * costs.stages, math.ceil(cycle / bottleneck)))
+
+
+def next_microbatch(
+    p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate], slots: int, prefilling: int = 0
+) -> list[Chunk]:
+    """The next micro-batch of ``slots`` in flight over the running requests ``candidates``, of
+    which ``prefilling`` micro-batches carry prefill now: its share of the ready decode steps,
+    then prefill within :func:`chunk_tokens`.
+
+    While streams decode and prompts wait (with chunking and measured costs), prefill travels
+    apart: once a micro-batch carrying prefill is in flight, the ready decode steps go together
+    in one micro-batch without prefill, and a micro-batch with no decode step ready carries
+    prefill alone (:func:`prefill_step_tokens`; at most :func:`prefill_lanes` in flight).  Each
+    stage pauses such a step between layers and serves the decode steps waiting
+    (:mod:`worker_core.interleave`), so a stream waits for a few layers, not for a prompt, and
+    its steps pay the fixed cost of a step once for all streams.  The engine and the simulator
+    plan through this one function."""
+    ready = sum(1 for c in candidates if c.ready_decode)
     # a stream whose prompt is on its way counts: a whole step of prefill sent now would be
     # ahead of its first decode step at every stage
     decoding = sum(1 for c in candidates if c.paced)
+    apart = p.chunking and decoding > 0 and costs is not None and any(c.waiting_prefill for c in candidates)
+    if apart and ready and prefilling:
+        return plan_microbatch(candidates, max_decodes=ready, prefill_tokens=0, min_chunk=0)
+    if apart and not ready:
+        assert costs is not None
+        tokens = prefill_step_tokens(p, costs)
+        if prefilling >= prefill_lanes(costs, tokens):
+            return []
+        return plan_microbatch(candidates, max_decodes=0, prefill_tokens=tokens)
+    decodes = min(microbatch_share(len(candidates), slots), ready)
     prefill = chunk_tokens(p, costs, decodes, slots, decoding=decoding)
     return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
 

@@ -7,6 +7,7 @@ import pytest
 
 from master_core.costs import CostSnapshot, LinkCost, StageCost
 from master_core.scheduler import (
+    K_GAIN,
     POLICIES,
     Candidate,
     Chunk,
@@ -14,10 +15,13 @@ from master_core.scheduler import (
     MicrobatchTuner,
     admit_and_preempt,
     chunk_tokens,
+    cycle_time,
     microbatch_count,
     next_microbatch,
     plan_microbatch,
     policy,
+    prefill_lanes,
+    prefill_step_tokens,
 )
 from master_core.simulator import SimModel, simulate
 from master_core.workload import make_workload
@@ -55,20 +59,18 @@ def _by_hand(stages: int, rows: int, compute=0.010, per_token=0.0002, rtt=0.040,
 @pytest.mark.parametrize("stages", [2, 4, 8])
 @pytest.mark.parametrize("active", [1, 3, 16, 64])
 @pytest.mark.parametrize("rtt", [0.0005, 0.02, 0.04])
-def test_enough_microbatches_that_no_stage_idles(stages, active, rtt):
-    """K micro-batches keep the busiest resource busy when K of them take at least one
-    micro-batch's trip around the pipeline; the scheduler picks the smallest such K (within
-    the cap and the requests there are), checked against the timing written out by hand."""
-    want = None
+def test_microbatches_by_token_period(stages, active, rtt):
+    """K micro-batches of ceil(active / K) decode steps give every request a token each
+    max(trip, K turns of the busiest resource); the scheduler picks the fewest K within K_GAIN
+    of the best such period (within the cap and the requests there are), checked against the
+    timing written out by hand."""
     cap = min(POLICIES["full"].max_microbatches, active)
+    periods = []
     for k in range(1, cap + 1):
-        rows = -(-active // k)
-        cycle, busiest = _by_hand(stages, rows, rtt=rtt)
-        if k * busiest >= cycle:
-            want = k
-            break
-    got = microbatch_count(POLICIES["full"], costs(stages=stages, rtt=rtt), stages, active)
-    assert got == (want or cap)
+        cycle, busiest = _by_hand(stages, -(-active // k), rtt=rtt)
+        periods.append(max(cycle, k * busiest))
+    want = next(k for k, t in enumerate(periods, 1) if t <= min(periods) * (1 + K_GAIN))
+    assert microbatch_count(POLICIES["full"], costs(stages=stages, rtt=rtt), stages, active) == want
 
 
 def test_microbatch_count_by_hand():
@@ -76,12 +78,24 @@ def test_microbatch_count_by_hand():
     # K = 4: 16 rows each; a stage computes 0.010 + 16 * 0.0002 = 0.0132 s; the middle links carry
     # 2 * 16 * 16384 B = 524288 B = 0.0419 s (the busiest); the first 16 * (8 + 16384) B = 0.0210 s,
     # the last 16 * (16384 + 516) B = 0.0216 s; cycle = 4 * 0.0132 + 0.1264 + 4 * 0.0005 = 0.1813 s
-    # > 4 * 0.0419 = 0.1678 s: the busiest link would idle.  K = 5: 13 rows; stage 0.0126 s, middle
-    # links 0.0341 s, cycle 4 * 0.0126 + 0.1028 + 0.002 = 0.1552 s <= 5 * 0.0341 = 0.1704 s.
+    # > 4 * 0.0419 = 0.1678 s: period 0.1813 s.  K = 5: 13 rows; stage 0.0126 s, middle links
+    # 0.0341 s, cycle 4 * 0.0126 + 0.1028 + 0.002 = 0.1552 s < 5 * 0.0341 = 0.1704 s: period
+    # 0.1704 s.  K = 6: 11 rows, middle links 0.0288 s: 6 * 0.0288 = 0.1730 s.  K = 5 is the best,
+    # and K = 4 is 6% slower: 5.
     assert microbatch_count(POLICIES["full"], costs(stages=4, rtt=0.0005), 4, 64) == 5
-    # the same over 40 ms round trips: even 16 micro-batches of 4 rows (busiest 0.0108 s, cycle
-    # 0.2348 s) cannot cover the waiting, so the cap holds
-    assert microbatch_count(POLICIES["full"], costs(stages=4, rtt=0.040), 4, 64) == 16
+    # over 40 ms round trips the trip dominates (0.16 s of delays): K = 16 (4 rows) is the best,
+    # 0.2348 s; K = 13 (5 rows) takes 0.2435 s, within 5% of it, K = 12 (6 rows) 0.2522 s, not
+    assert microbatch_count(POLICIES["full"], costs(stages=4, rtt=0.040), 4, 64) == 13
+
+
+def test_one_microbatch_where_fixed_costs_dominate():
+    """Four streams on three stages sharing one machine's two cores, each step all fixed cost
+    (25 ms a stage, nothing per row): four one-row micro-batches would queue at the cores
+    (4 * 37.5 ms > a 135 ms trip), one of four rows takes the same trip: one."""
+    c = replace(
+        costs(stages=3, compute=0.025, per_token=0.0, mbps=1e6, rtt=0.020), devices=(0, 0, 0), device_slots=(2,)
+    )
+    assert microbatch_count(POLICIES["full"], c, 3, 4) == 1
 
 
 def test_fixed_policies_do_not_adapt():
@@ -115,12 +129,14 @@ def test_a_shared_device_is_one_resource():
     """Stages on one device (several workers on one machine, one GPU with two ranges) are one
     resource: its busy time is their sum over its slots, so fewer micro-batches keep it busy
     and less prefill fits ahead of a decode step."""
-    alone = costs(compute=0.05, mbps=1e6, rtt=0.0001)
+    alone = costs(compute=0.01, per_token=0.005, mbps=1e6, rtt=0.0001)  # rows cost: K > 1 pays
     shared = replace(alone, devices=(0, 0, 0, 0), device_slots=(1,))
     two = replace(alone, devices=(0, 0, 0, 0), device_slots=(2,))
     k = [microbatch_count(POLICIES["full"], c, 4, 16) for c in (alone, two, shared)]
     assert k[0] > k[1] > k[2] and k[2] <= 2  # one slot: a second micro-batch only covers the links
     p = policy("full", 4096)
+    alone = costs(compute=0.05, mbps=1e6, rtt=0.0001)
+    shared = replace(alone, devices=(0, 0, 0, 0), device_slots=(1,))
     chunks = [chunk_tokens(p, c, 4, 2) for c in (alone, shared)]
     assert chunks[0] > chunks[1]
     # the simulator books the same: on one slot the stages never overlap
@@ -356,7 +372,38 @@ def test_a_long_prompt_is_chunked_while_short_streams_prompts_are_in_flight():
     chunks = next_microbatch(p, costs, [*streams, long], 2)
     assert [c.request_id for c in chunks] == [9]
     assert chunks[0].length < 600
-    assert chunks[0].length == chunk_tokens(p, costs, 0, 2, decoding=4)
+    # its output on the slowest link (2 * 2304 B a token, relayed, at 2.5 MB/s) for 0.1 s: 54 tokens,
+    # fewer than 0.25 s of compute (500)
+    assert chunks[0].length == prefill_step_tokens(p, costs) == int(p.prefill_link_seconds * 2.5e6 / (2 * 2304))
     # with nobody about to decode, the whole prompt goes in one step, as before
     alone = next_microbatch(p, costs, [long], 2)
     assert alone == [Chunk(9, 0, 600, True)]
+
+
+def test_prefill_travels_apart_from_decode_while_streams_decode():
+    """Streams decoding and a prompt waiting: the first micro-batch (no prefill in flight yet)
+    carries its share of decode steps and a chunk, as before; once prefill is in flight, the
+    ready decode steps go together without prefill; a micro-batch with no decode step ready
+    carries prefill alone, of prefill_step_tokens, as long as fewer than prefill_lanes of
+    those are in flight; and with nothing decoding the prompt goes whole."""
+    c = costs(stages=3, compute=0.02, per_token=0.001, mbps=1000.0, rtt=0.02)
+    p = policy("full", 1024)
+    ready = [Candidate(i, 20, 21, i, computed=20) for i in range(4)]  # decoding, next step ready
+    long = Candidate(9, 0, 900, 9)
+    first = next_microbatch(p, c, [*ready, long], 2, prefilling=0)
+    assert [x.request_id for x in first] == [0, 1, 2, 9]  # ceil(5 running / 2) decode steps, then a chunk
+    assert first[-1].length == chunk_tokens(p, c, 3, 2, decoding=4)
+    together = next_microbatch(p, c, [*ready, long], 2, prefilling=1)
+    assert [(x.request_id, x.length) for x in together] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    looping = [Candidate(i, 21, 21, i, in_flight=1, computed=20) for i in range(4)]  # their steps on their way
+    tokens = prefill_step_tokens(p, c)
+    assert tokens == int(p.prefill_step_seconds / 0.001)  # 0.25 s of compute; the links carry it in 0.07 s
+    lanes = prefill_lanes(c, tokens)
+    assert lanes >= 1
+    alone = next_microbatch(p, c, [*looping, long], 2, prefilling=lanes - 1)
+    assert [(x.request_id, x.length) for x in alone] == [(9, tokens)]
+    assert next_microbatch(p, c, [*looping, long], 2, prefilling=lanes) == []
+    # prefill lanes keep the bottleneck busy for a whole trip: L * bottleneck >= cycle
+    cycle, bottleneck = cycle_time(c, tokens, 1)
+    assert lanes * bottleneck >= cycle > (lanes - 1) * bottleneck
+    assert next_microbatch(p, c, [long], 2) == [Chunk(9, 0, 900, True)]

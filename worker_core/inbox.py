@@ -54,6 +54,11 @@ class Inbox:
             self._rest.append((msg, arrived, False))
         self._ready.set()
 
+    def pop_urgent(self) -> tuple[object, float, bool] | None:
+        """The oldest urgent message, if one waits (a longer step pauses between its layers for
+        them)."""
+        return self._urgent.popleft() if self._urgent else None
+
     async def get(self) -> tuple[object, float, bool]:
         while not (self._urgent or self._rest):
             self._ready.clear()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from .control import STATS_INTERVAL, Command, Events, one_line
 from .hops import HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
+from .interleave import LayerClock
 from .outbox import Outbox
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
@@ -131,6 +133,9 @@ class Session:
         # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
         self.max_frame = UNASSIGNED_FRAME_BYTES
         self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship)
+        # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
+        self.between: Callable[[], Awaitable[None]] | None = None
+        self.layer_clock = LayerClock()  # measured per served range (reset by Assign)
 
     async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
         frame, sent = item
@@ -242,6 +247,7 @@ class Session:
                     return
                 self.shards[key] = shard
             self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
+            self.layer_clock = LayerClock()
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
             if self.run.hops is not None:  # steps over a hop are bounded like the master's
@@ -264,9 +270,7 @@ class Session:
                 return
             runner = self.runner
             try:
-                out = await loop.run_in_executor(
-                    self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop
-                )
+                out, compute = await self._compute(runner, msg, urgent)
             except StepRejected as e:
                 await self.send(Failure(str(e), msg.step_id))
                 return
@@ -276,7 +280,6 @@ class Session:
                 return
             self.run.steps += 1
             self.run.tokens += sum(seg.length for seg in msg.segments)
-            compute = runner.last_compute_seconds
             result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
             hop = self.next_hop
             if runner.shard.is_last:
@@ -299,6 +302,27 @@ class Session:
             log.warning("master reports: %s", msg.message)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
+
+    async def _compute(self, runner: StageRunner, msg: Step, urgent: bool) -> tuple[torch.Tensor, float]:
+        """Run ``msg`` on the stage executor and return its output and compute seconds.  A decode
+        step (``urgent``) runs whole; any other step runs a few layers at a time
+        (:class:`~worker_core.stage.StepRun`), and the decode steps that arrive meanwhile run
+        between them (``between``), so they wait for a few layers of a prefill chunk, not for
+        all of it: without that they would follow the chunk from stage to stage."""
+        loop = asyncio.get_running_loop()
+        if urgent or self.between is None:
+            out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop)
+            return out, runner.last_compute_seconds
+        step = await loop.run_in_executor(self.executor, runner.begin, msg.segments, msg.tensor, msg.topk, msg.drop)
+        try:
+            layers = self.layer_clock.layers(sum(seg.length for seg in msg.segments), len(runner.shard.layers))
+            while not await loop.run_in_executor(self.executor, step.advance, layers):
+                await self.between()
+        finally:
+            step.close()  # abandoned when cancelled or failed: nothing committed
+        assert step.result is not None
+        self.layer_clock.observe(sum(seg.length for seg in msg.segments), len(runner.shard.layers), step.seconds)
+        return step.result, step.seconds
 
     async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[int, ...]:
         """The last stage draws each segment's next token and feeds them straight back to the

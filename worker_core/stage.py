@@ -45,7 +45,8 @@ class StageRunner:
         self.shard = shard
         self.kv = KVStore(kv_tokens)
         self.max_batch_tokens = max_batch_tokens
-        self.last_compute_seconds = 0.0
+        self.last_compute_seconds = 0.0  # of the step that last ran layers
+        self._open: list[StepRun] = []  # steps begun and not finished (StepRun)
 
     # ----------------------------------------------------------------- checks
     def _check(self, segments: tuple[Segment, ...], tensor: torch.Tensor) -> int:
@@ -69,6 +70,9 @@ class StageRunner:
                 raise StepRejected("hidden states contain NaN or infinity")
         added = 0
         ids = {s.request_id for s in segments}
+        for step in self._open:
+            if busy := ids & step.ids:
+                raise StepRejected(f"request {min(busy)} is being computed by another step")
         for s in segments:
             r = self.kv.get(s.request_id)
             name = f"request {s.request_id}"
@@ -96,98 +100,165 @@ class StageRunner:
             if s.start < max(r.base_len, r.shared_upto):
                 raise StepRejected(f"{name}: step at {s.start} would write over a prefix other requests share")
             added += s.start + s.length - r.base_len - r.own  # from a start below its length: truncate, then write
-        if self.kv.used_tokens + added > self.kv.budget_tokens:
-            in_use, budget = self.kv.used_tokens, self.kv.budget_tokens
+        in_use = self.kv.used_tokens + sum(step.added for step in self._open)  # open steps' tokens count
+        if in_use + added > self.kv.budget_tokens:
+            budget = self.kv.budget_tokens
             raise StepRejected(f"KV budget of {budget} tokens exceeded (in use {in_use}, step adds {added})")
-        return total
+        return added
 
     # ----------------------------------------------------------------- the step
-    @torch.inference_mode()
     def run(
         self, segments: tuple[Segment, ...], tensor: torch.Tensor, topk: int = 0, drop: tuple[int, ...] = ()
     ) -> torch.Tensor:
+        """One step, whole: its output (see the module docstring)."""
+        step = self.begin(segments, tensor, topk, drop)
+        while not step.advance(len(self.shard.layers)):
+            pass
+        assert step.result is not None
+        return step.result
+
+    @torch.inference_mode()
+    def begin(
+        self, segments: tuple[Segment, ...], tensor: torch.Tensor, topk: int = 0, drop: tuple[int, ...] = ()
+    ) -> StepRun:
+        """Drops, checks and sets up one step; :meth:`StepRun.advance` then runs its layers.  While
+        it is open (begun, not finished or closed), other steps may run, except on its requests
+        (refused), and its tokens count in the KV budget."""
         t0 = time.perf_counter()
-        sh = self.shard
         if drop:
             self.kv.free(drop)
-        self._check(segments, tensor)
+        added = self._check(segments, tensor)
         for s in segments:
             if s.start == 0 or s.base:
                 self.kv.start(s.request_id, s.generation, s.base, s.start)
             else:  # a newer generation from a start within the cache: steps of older ones are late from now on
                 self.kv.get_or_create(s.request_id).generation = s.generation
+        step = StepRun(self, segments, tensor, topk, added)
+        step.seconds += time.perf_counter() - t0
+        self._open.append(step)
+        return step
+
+    def free(self, request_ids: tuple[int, ...]) -> None:
+        self.kv.free(request_ids)
+
+
+class StepRun:
+    """One step of a :class:`StageRunner`, run a few layers at a time (:meth:`advance`), so that
+    its stage can run other steps (decode steps of other requests) between its layers.  Its
+    writes go to its requests' buffers beyond their committed lengths and are committed when
+    the last layer ran; :meth:`close` abandons it (nothing committed)."""
+
+    def __init__(
+        self, runner: StageRunner, segments: tuple[Segment, ...], tensor: torch.Tensor, topk: int, added: int
+    ) -> None:
+        sh = runner.shard
+        self.runner, self.segments, self.topk, self.added = runner, segments, topk, added
+        self.ids = {s.request_id for s in segments}
+        self.result: torch.Tensor | None = None
+        self.seconds = 0.0  # compute so far, pauses excluded
+        self.layer = 0
         packed, offset = [], 0
         for s in segments:
-            packed.append(PackedSegment(self.kv.get_or_create(s.request_id), s.start, offset, s.length))
+            packed.append(PackedSegment(runner.kv.get_or_create(s.request_id), s.start, offset, s.length))
             offset += s.length
-        cache = PackedCache(packed)
-
+        self.cache = PackedCache(packed)
         x = tensor.to(sh.device)
-        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
+        self.positions = (
+            torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
+        )
         if sh.is_first:
             if sh.embed is None:
                 raise RuntimeError("a first stage without input embeddings")  # load_shard always gives them
             hidden = sh.embed(x).unsqueeze(0)  # [1, T, hidden]
             if sh.pos_embed is not None:  # learned absolute positions (GPT-2)
-                hidden = hidden + sh.pos_embed(positions)
+                hidden = hidden + sh.pos_embed(self.positions)
             if sh.embed_norm is not None:  # Bloom
                 hidden = sh.embed_norm(hidden)
         else:
             hidden = x.to(sh.dtype).unsqueeze(0)
-        starts, lengths = [s.start for s in segments], [s.length for s in segments]
-        extra: dict[str, object] = {}
+        self.hidden = hidden
+        self.starts, self.lengths = [s.start for s in segments], [s.length for s in segments]
+        self.extra: dict[str, object] = {}
         if "alibi" in sh.layer_args:  # Bloom, Falcon-ALiBi: a per-head bias on key positions
-            extra["alibi"] = packed_alibi(sh.config, starts, lengths, sh.dtype, sh.device)
-        cache_arg = "layer_past" if "layer_past" in sh.layer_args and "cache" not in sh.layer_args else "cache"
-        masks: dict[int | None, torch.Tensor] = {}
-        pos_embs: dict[str | None, object] = {}
-        for layer, window, kind in zip(sh.layers, sh.windows, sh.layer_types):
-            if window not in masks:
-                masks[window] = packed_mask(starts, lengths, window, sh.dtype, sh.device)
-            if kind not in pos_embs:  # Gemma 3: local and global layers rotate differently
-                pos_embs[kind] = (
-                    None
-                    if sh.rotary is None
-                    else (
-                        sh.rotary(hidden, positions, kind) if sh.rotary_per_layer_type else sh.rotary(hidden, positions)
-                    )
-                )
-            out = layer(
-                hidden,
-                attention_mask=masks[window],
-                position_ids=positions,
-                use_cache=True,
-                position_embeddings=pos_embs[kind],
-                **{cache_arg: cache},
-                **extra,
-            )
-            hidden = out[0] if isinstance(out, tuple) else out
-        cache.commit()
+            self.extra["alibi"] = packed_alibi(sh.config, self.starts, self.lengths, sh.dtype, sh.device)
+        self.cache_arg = "layer_past" if "layer_past" in sh.layer_args and "cache" not in sh.layer_args else "cache"
+        self.masks: dict[int | None, torch.Tensor] = {}
+        self.pos_embs: dict[str | None, object] = {}
 
-        hidden = hidden[0]  # [T, hidden]
+    @torch.inference_mode()
+    def advance(self, layers: int = 1) -> bool:
+        """Run up to ``layers`` more layers (the last one also commits and computes the output,
+        ``result``); True when the step is finished.  A failure closes the step and raises."""
+        t0 = time.perf_counter()
+        try:
+            sh = self.runner.shard
+            end = min(len(sh.layers), self.layer + max(1, layers))
+            while self.layer < end:
+                i = self.layer
+                layer, window, kind = sh.layers[i], sh.windows[i], sh.layer_types[i]
+                if window not in self.masks:
+                    self.masks[window] = packed_mask(self.starts, self.lengths, window, sh.dtype, sh.device)
+                if kind not in self.pos_embs:  # Gemma 3: local and global layers rotate differently
+                    self.pos_embs[kind] = (
+                        None
+                        if sh.rotary is None
+                        else (
+                            sh.rotary(self.hidden, self.positions, kind)
+                            if sh.rotary_per_layer_type
+                            else sh.rotary(self.hidden, self.positions)
+                        )
+                    )
+                out = layer(
+                    self.hidden,
+                    attention_mask=self.masks[window],
+                    position_ids=self.positions,
+                    use_cache=True,
+                    position_embeddings=self.pos_embs[kind],
+                    **{self.cache_arg: self.cache},
+                    **self.extra,
+                )
+                self.hidden = out[0] if isinstance(out, tuple) else out
+                self.layer += 1
+            if self.layer < len(sh.layers):
+                return False
+            self.cache.commit()
+            self.result = self._output()
+            self.close()
+            return True
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.runner.last_compute_seconds = self.seconds
+
+    def close(self) -> None:
+        """No longer open: finished, failed or abandoned."""
+        if self in self.runner._open:
+            self.runner._open.remove(self)
+
+    def _output(self) -> torch.Tensor:
+        sh = self.runner.shard
+        hidden = self.hidden[0]  # [T, hidden]
         if sh.is_last:
             if sh.lm_head is None or sh.norm is None:
                 raise RuntimeError("a last stage without its final norm and LM head")  # load_shard gives both
             ends, end = [], 0
-            for s in segments:
+            for s in self.segments:
                 end += s.length
                 ends.extend(range(end - s.logit_rows, end))  # its last rows (drafts verified: several)
             rows = hidden[torch.tensor(ends, dtype=torch.long, device=sh.device)]
             result = sh.lm_head(sh.norm(rows)).float()  # [n, vocab]
             result = _finish_logits(sh.config, result)
-            if 0 < topk < result.shape[-1]:
-                values, ids = torch.topk(result, topk, dim=-1)  # [n, k] descending
+            if 0 < self.topk < result.shape[-1]:
+                values, ids = torch.topk(result, self.topk, dim=-1)  # [n, k] descending
                 lse = torch.logsumexp(result, dim=-1, keepdim=True)  # [n, 1]
                 result = torch.cat([lse, values, ids.float()], dim=-1)  # [n, 1 + 2k]
         else:
             result = hidden
         if sh.device.type == "cuda":
             torch.cuda.synchronize(sh.device)
-        self.last_compute_seconds = time.perf_counter() - t0
         return result.cpu()
-
-    def free(self, request_ids: tuple[int, ...]) -> None:
-        self.kv.free(request_ids)
 
 
 def _finish_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:

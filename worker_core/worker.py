@@ -207,6 +207,12 @@ async def _tunnel(
 
         downlink = LinkShaper(delay, rate, arrive)
 
+        async def between() -> None:  # decode steps queued while a longer step pauses between its layers
+            while (item := queue.pop_urgent()) is not None:
+                await session.handle(*item)
+
+        session.between = between
+
         async def execute() -> None:
             while True:
                 msg, arrived, urgent = await queue.get()
