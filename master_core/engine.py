@@ -145,6 +145,7 @@ class Engine:
         self.stale_results = 0  # results of a pipeline (epoch) replaced while they were computed
         self.replays = 0  # requests computed again from scratch because a step of theirs failed
         self.resumed = 0  # requests that went on from what every stage holds after a step given up on
+        self.reset_restarts = 0  # running requests restarted from their tokens by an epoch change
         self.recomputed_tokens = 0  # positions sent again after a failed step, a reset or a preemption
         self.prompt_tokens_total = 0  # prompt tokens of the requests that ended
         self.cached_tokens_total = 0  # of those, the ones reused from the prefix cache
@@ -350,6 +351,7 @@ class Engine:
             req.prefix = None  # forgotten with the rest of the cache
             ids += self._release(req)  # nothing of it is left on those stages now
             self._restart(req)
+            self.reset_restarts += 1
         for link in previous:
             link.free(ids)
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
