@@ -10,7 +10,8 @@ Contract
   tunnel: ``Assign`` loads the range (delivered weights, the hub, or the model folder; a
   failure is reported as a ``Failure``, not raised) and answers ``Ready``; ``Route`` accepts
   the previous stage and dials the next (bounded) and answers ``Routed``; ``Step`` runs on the
-  stage executor and answers ``Result``, or goes on over the direct hop when marked
+  stage executor (any step but a decode step paused between layers for the decode steps
+  waiting, :mod:`worker_core.interleave`) and answers ``Result``, or goes on over the direct hop when marked
   ``forward`` (its ``Result`` to the master when that hop is down); ``Free`` drops caches.
   Outputs leave through outboxes (:mod:`worker_core.outbox`: off the execute loop, which goes on
   computing while they upload): a decode step's (``urgent``, as :mod:`worker_core.inbox` judged
@@ -313,15 +314,16 @@ class Session:
         if urgent or self.between is None:
             out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop)
             return out, runner.last_compute_seconds
+        tokens, total = sum(seg.length for seg in msg.segments), len(runner.shard.layers)
         step = await loop.run_in_executor(self.executor, runner.begin, msg.segments, msg.tensor, msg.topk, msg.drop)
         try:
-            layers = self.layer_clock.layers(sum(seg.length for seg in msg.segments), len(runner.shard.layers))
+            layers = self.layer_clock.layers(tokens, total)
             while not await loop.run_in_executor(self.executor, step.advance, layers):
                 await self.between()
         finally:
             step.close()  # abandoned when cancelled or failed: nothing committed
         assert step.result is not None
-        self.layer_clock.observe(sum(seg.length for seg in msg.segments), len(runner.shard.layers), step.seconds)
+        self.layer_clock.observe(tokens, total, step.seconds)
         return step.result, step.seconds
 
     async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[int, ...]:

@@ -22,6 +22,11 @@ flight, so a late step of a journey it gave up on is refused, never written.  Ch
 rejected step raises :class:`StepRejected` and leaves all caches as they were.  ``free`` drops
 requests' caches (``run``'s ``drop`` first, before the checks).  Not thread-safe: one caller
 runs steps in order.
+
+``begin`` checks and sets up a step without running it; its :class:`StepRun` then runs a few
+layers per ``advance``, and other steps may run between them (:mod:`worker_core.interleave`):
+not on its requests (refused while it is open), and with its tokens counted in the budget.
+Its lengths are committed after its last layer, so a step abandoned (``close``) commits nothing.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class StageRunner:
         self.shard = shard
         self.kv = KVStore(kv_tokens)
         self.max_batch_tokens = max_batch_tokens
-        self.last_compute_seconds = 0.0  # of the step that last ran layers
+        self.last_compute_seconds = 0.0  # of the last step ``run`` ran whole
         self._open: list[StepRun] = []  # steps begun and not finished (StepRun)
 
     # ----------------------------------------------------------------- checks
@@ -112,8 +117,8 @@ class StageRunner:
     ) -> torch.Tensor:
         """One step, whole: its output (see the module docstring)."""
         step = self.begin(segments, tensor, topk, drop)
-        while not step.advance(len(self.shard.layers)):
-            pass
+        step.advance(len(self.shard.layers))
+        self.last_compute_seconds = step.seconds
         assert step.result is not None
         return step.result
 
@@ -230,7 +235,6 @@ class StepRun:
             raise
         finally:
             self.seconds += time.perf_counter() - t0
-            self.runner.last_compute_seconds = self.seconds
 
     def close(self) -> None:
         """No longer open: finished, failed or abandoned."""
