@@ -40,7 +40,7 @@ def test_a_decode_step_is_urgent_only_when_it_continues_a_cache_held_exactly_up_
 def test_the_inbox_serves_decode_steps_first_and_keeps_everything_else_in_arrival_order():
     async def main() -> list[tuple[int | str, bool]]:
         held = {1: 10, 2: 20}
-        inbox = Inbox(lambda: lambda rid: held.get(rid, 0))
+        inbox = Inbox(lambda: lambda rid: held.get(rid, 0), clock=lambda: 0.0)  # nobody waits long here
         inbox.put_nowait(_step(101, (3, 0, 512)), 0.0)  # a prompt's first chunk
         inbox.put_nowait(_step(102, (3, 512, 300)), 0.0)  # its second: must follow the first
         inbox.put_nowait(Free((4,)), 0.0)
@@ -55,6 +55,51 @@ def test_the_inbox_serves_decode_steps_first_and_keeps_everything_else_in_arriva
         return out
 
     assert run(main(), 10) == [(103, True), (105, True), (101, False), (102, False), ("free", False), (104, False)]
+
+
+def test_a_prompts_chunk_waits_behind_decode_steps_at_most_its_patience():
+    """Decode steps that keep coming (streams looping back on a busy stage) must not hold a
+    prompt's chunk back for ever: once it has waited ``patience``, it goes first."""
+
+    async def main() -> list[int]:
+        held = {1: 10}
+        now = [0.0]
+        inbox = Inbox(lambda: lambda rid: held.get(rid, 0), clock=lambda: now[0], patience=0.5)
+        inbox.put_nowait(_step(201, (3, 0, 107)), 0.0)  # a prompt's chunk
+        inbox.put_nowait(_step(202, (3, 107, 107)), 0.1)  # its next one
+        out = []
+        for t in (0.0, 0.2, 0.4, 0.6, 0.7):  # a decode step arrives, the stage takes the next message
+            now[0] = t
+            inbox.put_nowait(_step(300 + int(t * 10), (1, 10, 1)), t)
+            msg, _, _ = await inbox.get()
+            assert isinstance(msg, Step)
+            out.append(msg.step_id)
+        assert inbox.impatient == 2
+        return out
+
+    # decode steps first until the chunk has waited 0.5 s; then both chunks (in their order),
+    # the second having waited 0.6 s by then
+    assert run(main(), 10) == [300, 302, 304, 201, 202]
+
+
+def test_a_pause_serves_the_decode_steps_queued_then_not_those_that_keep_arriving():
+    async def main() -> tuple[list[int], int]:
+        held = {1: 10}
+        inbox = Inbox(lambda: lambda rid: held.get(rid, 0))
+        for i in range(3):
+            inbox.put_nowait(_step(400 + i, (1, 10, 1)), 0.0)
+        served: list[int] = []
+
+        async def handle(msg: object, arrived: float, hurry: bool) -> None:
+            assert isinstance(msg, Step) and hurry
+            served.append(msg.step_id)
+            inbox.put_nowait(_step(500 + len(served), (1, 10, 1)), 0.0)  # another one arrives meanwhile
+
+        n = await asyncio.wait_for(inbox.serve_urgent(handle), 5)
+        return served, n
+
+    served, n = run(main(), 10)
+    assert served == [400, 401, 402] and n == 3  # the paused step goes on; 501-503 wait for the next pause
 
 
 def test_an_inbox_get_waits_for_a_message():

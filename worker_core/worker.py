@@ -208,8 +208,7 @@ async def _tunnel(
         downlink = LinkShaper(delay, rate, arrive)
 
         async def between() -> None:  # decode steps queued while a longer step pauses between its layers
-            while (item := queue.pop_urgent()) is not None:
-                await session.handle(*item)
+            await queue.serve_urgent(session.handle)
 
         session.between = between
 
