@@ -138,6 +138,10 @@ class CostSnapshot:
     # own link (one crossing, rtt_i / 2), False when the master relays it (up link i, then down link
     # i+1: two crossings).  Empty: every hop relayed.
     direct: tuple[bool, ...] = ()
+    # decode steps loop back: the last stage draws their tokens and sends the next step straight
+    # to the first stage over its own link (half its round trip, a few bytes a token); the master
+    # only reads the results (``Engine._loop_steps``, at most ``LOOP_STEPS`` steps in a row)
+    loop_back: bool = False
 
     def __post_init__(self) -> None:
         if self.direct and len(self.direct) != self.stages - 1:

@@ -15,7 +15,7 @@ the stages (:mod:`master_core.journey`: straight from stage i to i+1 where the g
 direct, else relayed by the master through the tunnels, see :mod:`master_core.routes`), samples
 the last stage's logits, and folds the results back.  Where every hop and the loop-back are
 direct, the last stage draws the next tokens itself and feeds them straight back for up to
-``LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
+``scheduler.LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
 New requests join at the next step; finished ones leave.  When the group changes epoch (a
 worker left or joined) every running request is replayed from its tokens, so clients see no
 error; a request whose steps keep failing fails alone.  A step given up on for want of an
@@ -75,6 +75,8 @@ from .scheduler import (
     Policy,
     admit_and_preempt,
     cycle_time,
+    lanes_open,
+    loop_steps,
     microbatch_count,
     next_microbatch,
     policy,
@@ -89,7 +91,6 @@ PROFILE_SIZES = (1, 16, 64, 1, 16, 64)  # tokens of the start-up profile's steps
 LANE_SUPERVISION = 0.2  # seconds between checks that every lane task is alive
 IDLE_LANE_NAP = 0.5  # seconds a lane beyond the current micro-batch count sleeps before looking again
 NOTHING_TO_DO_NAP = 1.0  # seconds a lane with nothing to send waits for a wake-up at most
-LOOP_STEPS = 8  # steps a last stage may feed back on its own after one the master sent (Engine._loop_steps)
 
 
 class RequestRejected(Exception):
@@ -421,6 +422,7 @@ class Engine:
             devices=devices,
             device_slots=slots,
             direct=tuple(h.direct for h in self.group.hops) if self.direct else (),
+            loop_back=self._loops(),
         )
 
     def slots(self, costs: CostSnapshot | None) -> int:
@@ -495,7 +497,7 @@ class Engine:
             await self._profiled.wait()
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
-            if index >= slots + self._looping_lanes and index > 0:  # a looping lane needs no slot
+            if index >= lanes_open(slots, self._looping_lanes) and index > 0:
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
             self._admit()
@@ -510,7 +512,7 @@ class Engine:
                 if not chunks:
                     continue
             epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
-            loop = self._loop_steps(chunks, reqs)
+            loop = self._loop_steps(chunks, reqs, slots)
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length + loop
                 r.written = c.start + c.length
@@ -675,23 +677,19 @@ class Engine:
         held = sum(_kv_own(r) + 1 for r in self.running.values())
         return self.group.kv_tokens - held - (self.prefix.held_tokens - self.prefix.evictable_tokens)
 
-    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
+    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request], slots: int) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
         (``Step.loop``, drawing each token as the master would: ``wire.Draw``), skipping the
         master's two crossings per token: only where every hop and the loop-back are direct,
         no request of the micro-batch has presence or frequency penalties (they need the output,
         which the last stage does not see), each gets a new token from this step, and a lane is
-        left for the master (a looping lane takes no slot: another lane admits arrivals and
-        prefills them meanwhile).  Bounded by each request's ``max_tokens`` and context, and by
-        the KV the running requests leave free."""
-        g = self.group
-        if not (self.loop_back and self.direct and g.loop_back.direct and all(h.direct for h in g.hops)):
-            return 0
-        if self._looping_lanes + 1 >= self.policy.max_microbatches:
+        left for the master (at most ``slots`` lanes loop; the one beyond them admits arrivals
+        and prefills them meanwhile: :func:`~master_core.scheduler.lanes_open`).  Bounded by each
+        request's ``max_tokens`` and context, and by the KV the running requests leave free."""
+        if not self._loops():
             return 0
         if any(r.spec is not None and r.spec.drafting for r in reqs):  # its steps verify drafts here
             return 0
-        n = LOOP_STEPS
         for c, r in zip(chunks, reqs):
             p = r.params
             if p.presence_penalty or p.frequency_penalty:  # the last stage does not see the output
@@ -700,11 +698,16 @@ class Engine:
                 return 0
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
-            n = min(n, p.max_tokens - len(r.output) - 1, self.context_length - len(r.tokens) - 1)
-        n = max(0, min(n, self._kv_room() // max(1, len(chunks))))
+        left = [min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens)) for r in reqs]
+        n = min(loop_steps(slots, self._looping_lanes, left), self._kv_room() // max(1, len(chunks)))
         if n:
             self._fit_cache(n * len(chunks))  # room for the tokens it runs ahead, evicting idle prefixes
         return n
+
+    def _loops(self) -> bool:
+        """Does the pipeline loop back (every hop and the loop-back direct, and allowed)?"""
+        g = self.group
+        return self.loop_back and self.direct and g.loop_back.direct and all(h.direct for h in g.hops)
 
     async def _nap(self, seconds: float, event: asyncio.Event | None = None) -> None:
         """Sleep until ``event`` is set (default: something changes, a step ends or a request

@@ -36,6 +36,10 @@ Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes t
   side starves.  A long prompt may have several chunks in flight (they travel in order).
 * :func:`step_bytes` — the byte model of one step on each stage's link (shared with the
   simulator).
+* :func:`loop_steps` — how many steps a decode micro-batch runs on its own once sent, where
+  the last stage feeds its drawn tokens straight back (``CostSnapshot.loop_back``); the cost
+  model counts the crossings such a step makes (:func:`cycle_time` with ``looped``): the
+  master's two are skipped, the loop-back hop is paid.
 * :func:`admit_and_preempt` — KV admission control: admit waiting requests while every
   stage's KV budget holds their prompt plus one decode token for each running request; when
   running requests outgrow the budget, preempt the youngest (their caches are dropped and
@@ -52,6 +56,7 @@ from dataclasses import dataclass, replace
 from .costs import CostSnapshot
 
 K_GAIN = 0.05  # the fewest micro-batches whose token period is within this much of the best
+LOOP_STEPS = 8  # steps a last stage may feed back on its own after one the master sent (:func:`loop_steps`)
 
 
 @dataclass(frozen=True)
@@ -148,25 +153,35 @@ def step_bytes(c: CostSnapshot, stage: int, tokens: int, logits_rows: int) -> tu
     return inbound, outbound
 
 
-def _link_seconds(c: CostSnapshot, stage: int, tokens: int, logits_rows: int) -> float:
+def _link_seconds(c: CostSnapshot, stage: int, tokens: int, logits_rows: int, looped: bool = False) -> float:
     """Seconds a step occupies ``stage``'s link: its output, and its input unless that came over
-    a direct hop (then it crossed the previous stage's link only)."""
+    a direct hop (then it crossed the previous stage's link only).  A ``looped`` step's input
+    came over the last stage's link, which also carries its drawn tokens back to the first stage
+    (besides the result to the master)."""
     inbound, outbound = step_bytes(c, stage, tokens, logits_rows)
+    if looped and stage == 0:
+        inbound = 0
+    if looped and stage == c.stages - 1:
+        outbound += tokens * TOKEN_ID_BYTES
     bw = c.link_bandwidth[stage]
     moved = outbound + (0 if c.direct_into(stage) else inbound)
     return moved / bw if math.isfinite(bw) and bw > 0 else 0.0
 
 
-def _resource_times(c: CostSnapshot, tokens: int, logits_rows: int) -> tuple[list[float], list[float]]:
+def _resource_times(
+    c: CostSnapshot, tokens: int, logits_rows: int, looped: bool = False
+) -> tuple[list[float], list[float]]:
     """Per stage: compute seconds and link-occupancy seconds of one step of ``tokens``."""
     compute = [c.stage_fixed[i] + c.stage_per_token[i] * tokens for i in range(c.stages)]
-    return compute, [_link_seconds(c, i, tokens, logits_rows) for i in range(c.stages)]
+    return compute, [_link_seconds(c, i, tokens, logits_rows, looped) for i in range(c.stages)]
 
 
-def _delays(c: CostSnapshot) -> float:
+def _delays(c: CostSnapshot, looped: bool = False) -> float:
     """One-way delays of a micro-batch's trip: each link's round trip, less the down half of
-    every stage fed over a direct hop."""
-    return sum(c.link_rtt) - sum(c.link_rtt[i] / 2 for i in range(c.stages) if c.direct_into(i))
+    every stage fed over a direct hop, and of the first stage when a ``looped`` step came
+    straight from the last (whose up half, the loop-back hop, it paid instead of the master's)."""
+    fed = sum(c.link_rtt[i] / 2 for i in range(c.stages) if c.direct_into(i) or (looped and i == 0))
+    return sum(c.link_rtt) - fed
 
 
 def _shared(per_stage: Sequence[float], stages: Sequence[int], slots: int) -> float:
@@ -181,11 +196,14 @@ def _device_times(c: CostSnapshot, compute: Sequence[float]) -> list[float]:
     return [_shared(compute, stages, slots) for stages, slots in c.device_groups()]
 
 
-def cycle_time(c: CostSnapshot, tokens: int, logits_rows: int) -> tuple[float, float]:
+def cycle_time(c: CostSnapshot, tokens: int, logits_rows: int, looped: bool = False) -> tuple[float, float]:
     """(seconds for one micro-batch to go through the whole pipeline and back,
-    seconds it occupies the busiest single resource: a device, or a link)."""
-    compute, link = _resource_times(c, tokens, logits_rows)
-    cycle = sum(compute) + sum(link) + _delays(c)
+    seconds it occupies the busiest single resource: a device, or a link).  ``looped``: a
+    decode step fed back by the last stage (only where ``c.loop_back``): from the last stage
+    straight to the first, the master not crossed."""
+    looped = looped and c.loop_back
+    compute, link = _resource_times(c, tokens, logits_rows, looped)
+    cycle = sum(compute) + sum(link) + _delays(c, looped)
     return cycle, max(_device_times(c, compute) + link)
 
 
@@ -206,7 +224,7 @@ def token_period(c: CostSnapshot, k: int, active: int) -> float:
     queue there, whichever is longer.  Each micro-batch pays every step's fixed costs, so more
     of them is not always faster."""
     b = math.ceil(max(1, active) / k)
-    cycle, bottleneck = cycle_time(c, b, b)
+    cycle, bottleneck = cycle_time(c, b, b, looped=True)
     return max(cycle, k * bottleneck)
 
 
@@ -218,9 +236,9 @@ def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
 def _gap_tokens(c: CostSnapshot, decode_tokens: int, microbatches: int) -> float:
     """Prefill tokens that fit in the gap before the next decode micro-batch needs the busiest
     resource: ``cycle / K`` minus the decode work on it, over the per-token cost there."""
-    cycle, _ = cycle_time(c, max(1, decode_tokens), max(1, decode_tokens))
+    cycle, _ = cycle_time(c, max(1, decode_tokens), max(1, decode_tokens), looped=True)
     spacing = cycle / max(1, microbatches)
-    compute_d, link_d = _resource_times(c, decode_tokens, decode_tokens)
+    compute_d, link_d = _resource_times(c, decode_tokens, decode_tokens, c.loop_back)
     resources = list(zip(_device_times(c, compute_d), _device_times(c, c.stage_per_token)))
     resources += [(link_d[i], _link_token_seconds(c, i)) for i in range(c.stages)]
     best = math.inf
@@ -254,7 +272,7 @@ def _stall_tokens(p: Policy, costs: CostSnapshot, decode_tokens: int) -> float:
     out) takes ``decode_stall`` decode cycles: the most a chunk may lengthen the micro-batch that
     carries it, whatever the gaps."""
     d = max(1, decode_tokens)
-    cycle, _ = cycle_time(costs, d, d)
+    cycle, _ = cycle_time(costs, d, d, looped=True)
     per = sum(costs.stage_per_token) + sum(_link_token_seconds(costs, i) for i in range(costs.stages))
     return p.decode_stall * cycle / per if per > 0 else math.inf
 
@@ -340,6 +358,24 @@ def next_microbatch(
     decodes = min(microbatch_share(len(candidates), slots), ready)
     prefill = chunk_tokens(p, costs, decodes, slots, decoding=decoding)
     return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
+
+
+def loop_steps(slots: int, looping: int, left: Sequence[int]) -> int:
+    """Steps after this one that the last stage may feed back on its own (where the pipeline
+    loops back) for a micro-batch whose requests may each still take ``left`` tokens, this
+    step's included: at most ``LOOP_STEPS``, and none once ``slots`` lanes loop (the lane beyond
+    them, :func:`lanes_open`, is the master's: it admits arrivals and prefills them)."""
+    if looping >= slots or not left:
+        return 0
+    return max(0, min(LOOP_STEPS, *(n - 1 for n in left)))
+
+
+def lanes_open(slots: int, looping: int) -> int:
+    """Lanes that may plan a micro-batch: the ``slots``, and one more while any lane loops, so
+    that an arrival need not wait for a loop to end.  No more: each lane's micro-batch pays a
+    step's fixed cost on every stage, and a lane per request (each looping on its own) kept
+    compute-bound stages busy with one-row decode steps while prompts starved."""
+    return slots + (1 if looping else 0)
 
 
 # --------------------------------------------------------------------------- tuning K online

@@ -21,7 +21,20 @@ the engine makes them.  Only the physics is modelled:
   a round trip apart), touching neither the master nor stage i+1's link; ``direct=()`` means
   every hop relayed (the scheduler plans with the same snapshot, so it knows which hops are direct);
 * the master adds ``master_seconds`` once per step, when the logits are back (sampling,
-  bookkeeping), whatever the hops; relaying a hop costs it no modelled time.
+  bookkeeping), whatever the hops; relaying a hop costs it no modelled time;
+* where the pipeline loops back (``CostSnapshot.loop_back``), a micro-batch whose every row
+  wants logits at the end of its request goes on for :func:`~master_core.scheduler.loop_steps`
+  more steps on its own, as the engine's: the last stage sends each step's drawn tokens to the
+  master and the next step straight to the first stage (both on its own up link, half its
+  round trip away); the master is not crossed between them, and each fed-back step books the
+  stages and links it uses when it reaches the first stage.  While lanes loop, one lane more
+  than the slots may plan (:func:`~master_core.scheduler.lanes_open`, the engine's rule).
+
+Decisions are the scheduler's, with the same inputs as the engine's: the micro-batches
+carrying prefill in flight (``prefilling``), the lanes looping.  Not modelled: a stage pausing
+a prefill step between its layers for the decode steps that arrive (every stage here runs
+its steps whole, in the order they were booked), the micro-batch tuner (the cost model's K
+is used as it is), and preemption by KV pressure mid-loop.
 
 Because every resource is FIFO and micro-batches enter in the order they are planned, a
 micro-batch's whole journey can be booked when it is planned.  Sampling is not modelled:
@@ -42,6 +55,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import cast
 
 from worker_core.precision import Precision
@@ -50,11 +64,14 @@ from .costs import CostSnapshot
 from .model_dims import ModelDims
 from .placement import Member, PlacementError, kv_token_budget, plan_pipeline
 from .scheduler import (
+    TOKEN_ID_BYTES,
     Candidate,
     Chunk,
     KVView,
     Policy,
     admit_and_preempt,
+    lanes_open,
+    loop_steps,
     microbatch_count,
     next_microbatch,
     step_bytes,
@@ -68,6 +85,12 @@ class SimModel:
     kv_tokens: int  # KV budget of the smallest stage, tokens
     master_seconds: float = 0.002  # master work per step
     max_running: int = 64
+
+
+class _Event(Enum):
+    ARRIVE = "a request arrives"
+    FED = "a step fed back by the last stage reaches the first"
+    DONE = "a step's result is back at the master"
 
 
 @dataclass
@@ -118,10 +141,32 @@ class _Pipeline:
         self.bytes += nbytes
         return start + dur + c.link_rtt[i] / 2
 
-    def journey(self, t: float, tokens: int, logits_rows: int) -> float:
-        """Book one micro-batch leaving the master at ``t``; return when its result is back."""
+    def journey(self, t: float, tokens: int, logits_rows: int, feeds_back: bool = False) -> tuple[float, float]:
+        """Book one micro-batch leaving the master at ``t``; return when its result is back at
+        the master, and (``feeds_back``) when the step its last stage feeds back reaches the
+        first stage (else ``inf``)."""
         c = self.m.costs
         arrive = self._send(self.down_free, self.busy_down, 0, t, step_bytes(c, 0, tokens, logits_rows)[0])
+        return self.fed(arrive, tokens, logits_rows, feeds_back)
+
+    def fed(self, arrive: float, tokens: int, logits_rows: int, feeds_back: bool) -> tuple[float, float]:
+        """Book one step reaching the first stage at ``arrive`` through the pipeline, as
+        :meth:`journey` (booked when it arrives, so steps fed back queue among the others by
+        their arrival)."""
+        c = self.m.costs
+        last = c.stages - 1
+        done = self._through(arrive, tokens, logits_rows)
+        nxt = math.inf
+        if feeds_back:  # the drawn tokens go straight back to the first stage, before the result
+            nxt = self._send(self.up_free, self.busy_up, last, done, tokens * TOKEN_ID_BYTES)
+        back = self._send(self.up_free, self.busy_up, last, done, step_bytes(c, last, tokens, logits_rows)[1])
+        return back + self.m.master_seconds, nxt
+
+    def _through(self, arrive: float, tokens: int, logits_rows: int) -> float:
+        """Book one step arriving at the first stage at ``arrive`` through every stage (and
+        the hops between them); return when the last stage has computed it."""
+        c = self.m.costs
+        t = arrive
         for i in range(c.stages):
             dur = c.stage_fixed[i] + c.stage_per_token[i] * tokens
             start = max(arrive, self.stage_free[i])
@@ -131,12 +176,13 @@ class _Pipeline:
             slots[k] = start + dur
             self.stage_free[i] = start + dur
             self.busy_compute[i] += dur
-            # stage i's up link carries its output: to the master, or straight to stage i + 1 on a direct hop
-            t = self._send(self.up_free, self.busy_up, i, start + dur, step_bytes(c, i, tokens, logits_rows)[1])
+            t = start + dur
             if i + 1 < c.stages:
+                # stage i's up link carries its output: to the master, or straight to stage i + 1 on a direct hop
+                t = self._send(self.up_free, self.busy_up, i, t, step_bytes(c, i, tokens, logits_rows)[1])
                 relayed_in = step_bytes(c, i + 1, tokens, logits_rows)[0]
                 arrive = t if c.direct_into(i + 1) else self._send(self.down_free, self.busy_down, i + 1, t, relayed_in)
-        return t + self.m.master_seconds
+        return t
 
 
 def simulate(model: SimModel, workload: list[BenchRequest], policy: Policy) -> dict:
@@ -156,31 +202,43 @@ class _Run:
         self.waiting: list[_Req] = []
         self.running: dict[int, _Req] = {}
         self.pipe = _Pipeline(model)
-        self.events: list[tuple[float, int, str, object]] = []
+        self.events: list[tuple[float, int, _Event, object]] = []
         self.seq = 0
         stages = model.costs.stages
         self.lane_busy = [False] * (
             policy.max_microbatches if policy.dynamic else max(1, policy.fixed_microbatches or stages)
         )
         self.admitted = 0
+        self.prefilling = 0  # lanes whose micro-batch carries prefill
+        self.looping = 0  # lanes whose micro-batch loops back
         self.steps = 0
         self.peak_kv_tokens = 0  # most KV tokens the running requests held (or had in flight) at once
         for r in self.reqs:
-            self._push(r.spec.arrival, "arrive", r)
+            self._push(r.spec.arrival, _Event.ARRIVE, r)
 
-    def _push(self, t: float, kind: str, payload: object) -> None:
+    def _push(self, t: float, kind: _Event, payload: object) -> None:
         heapq.heappush(self.events, (t, self.seq, kind, payload))
         self.seq += 1
 
     def until_done(self) -> None:
         while self.events:
             now, _, kind, payload = heapq.heappop(self.events)
-            if kind == "arrive":
+            if kind is _Event.ARRIVE:
                 self.waiting.append(cast(_Req, payload))
+            elif kind is _Event.FED:  # a step its last stage fed back reaches the first stage: book its trip
+                lane, plan, k, loop = cast(tuple[int, list[Chunk], int, int], payload)
+                self._book(now, lane, plan, k, loop)
+                continue  # nothing new for the scheduler
             else:
-                lane, plan = cast(tuple[int, list[Chunk]], payload)
-                self.lane_busy[lane] = False
-                self._complete(now, plan)
+                lane, plan, k, loop = cast(tuple[int, list[Chunk], int, int], payload)
+                self._complete(now, plan, k)
+                if k == loop:  # the lane's last step: it is free again
+                    self.lane_busy[lane] = False
+                    self.prefilling -= any(ch.length > 1 for ch in plan)
+                    self.looping -= bool(loop)
+                    for ch in plan:
+                        if ch.request_id in self.running:
+                            self.running[ch.request_id].in_flight -= 1
             self._try_lanes(now)
         if self.running or self.waiting:
             raise RuntimeError(
@@ -206,35 +264,54 @@ class _Run:
         self._admit()
         c = self.model.costs
         slots = microbatch_count(self.policy, c, c.stages, len(self.running))
-        for lane in range(min(slots, len(self.lane_busy))):
-            if self.lane_busy[lane]:
+        for lane in range(len(self.lane_busy)):
+            if self.lane_busy[lane] or (lane >= lanes_open(slots, self.looping) and lane > 0):
                 continue
             cands = [
                 Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight, r.computed)
                 for r in self.running.values()
             ]
-            plan = next_microbatch(self.policy, c, cands, slots)
+            plan = next_microbatch(self.policy, c, cands, slots, prefilling=self.prefilling)
             if not plan:
                 return
-            for ch in plan:
-                r = self.running[ch.request_id]
-                r.scheduled = ch.start + ch.length
+            reqs = [self.running[ch.request_id] for ch in plan]
+            ends = all(ch.want_logits and ch.start + ch.length == r.tokens for ch, r in zip(plan, reqs))
+            left = [r.spec.output_tokens - r.generated for r in reqs]
+            loop = loop_steps(slots, self.looping, left) if c.loop_back and ends else 0
+            for ch, r in zip(plan, reqs):
+                r.scheduled = ch.start + ch.length + loop
                 r.in_flight += 1
             self.peak_kv_tokens = max(self.peak_kv_tokens, sum(r.scheduled for r in self.running.values()))
-            back = self.pipe.journey(t, sum(ch.length for ch in plan), sum(ch.want_logits for ch in plan))
             self.lane_busy[lane] = True
-            self.steps += 1
-            self._push(back, "done", (lane, plan))
+            self.prefilling += any(ch.length > 1 for ch in plan)
+            self.looping += bool(loop)
+            self._book(t, lane, plan, 0, loop)
 
-    def _complete(self, t: float, plan: list[Chunk]) -> None:
+    def _book(self, t: float, lane: int, plan: list[Chunk], k: int, loop: int) -> None:
+        """Book the ``k``-th step of a micro-batch: sent by the master at ``t`` (k = 0), or fed
+        back by its last stage and reaching the first stage at ``t``."""
+        tokens, rows = sum(ch.length for ch in plan), sum(ch.want_logits for ch in plan)
+        if k == 0:
+            back, nxt = self.pipe.journey(t, tokens, rows, loop > 0)
+        else:
+            tokens = rows = len(plan)  # a fed-back step: one token of each request
+            back, nxt = self.pipe.fed(t, tokens, rows, k < loop)
+        self.steps += 1
+        self._push(back, _Event.DONE, (lane, plan, k, loop))
+        if k < loop:
+            self._push(nxt, _Event.FED, (lane, plan, k + 1, loop))
+
+    def _complete(self, t: float, plan: list[Chunk], k: int) -> None:
+        """Fold in the ``k``-th step of a micro-batch (0: the one the master sent; then the
+        steps its last stage fed back, one token further each)."""
         for ch in plan:
             r = self.running.get(ch.request_id)
             if r is None:
                 continue
-            r.in_flight -= 1
-            if r.scheduled < ch.start + ch.length:
+            end = ch.start + ch.length + k
+            if r.scheduled < end:
                 continue  # preempted meanwhile
-            r.computed = max(r.computed, ch.start + ch.length)
+            r.computed = max(r.computed, end)
             if ch.want_logits and r.computed == r.tokens:
                 r.tokens += 1
                 r.token_times.append(t)

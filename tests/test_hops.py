@@ -11,8 +11,8 @@ import torch
 from harness import Cluster, greedy, join_member, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
-from master_core.engine import LOOP_STEPS
 from master_core.request import SamplingParams
+from master_core.scheduler import LOOP_STEPS
 from master_core.server import Master
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
 from worker_core.identity import load_or_create

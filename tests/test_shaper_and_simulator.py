@@ -8,7 +8,7 @@ import pytest
 from harness import run
 
 from master_core.costs import CostSnapshot
-from master_core.scheduler import policy, step_bytes
+from master_core.scheduler import cycle_time, lanes_open, loop_steps, policy, step_bytes, token_period
 from master_core.simulator import SimModel, simulate
 from master_core.workload import BenchRequest, make_workload, percentile, summarize
 from worker_core.shaper import LinkShaper
@@ -161,3 +161,60 @@ def test_one_direct_hop_lies_between():
         assert 0.8 * delays <= relayed["tpot_p50"] - one["tpot_p50"] <= at_most + 1e-9
     busy = {d: simulate(wan3(d), SATURATED, full)["output_tokens_per_s"] for d in ((), (True, False), (True, True))}
     assert busy[()] <= busy[(True, False)] <= busy[(True, True)]
+
+
+# --------------------------------------------------------------------------- the loop-back
+
+
+def loop3(loop_back: bool) -> SimModel:
+    """3 stages of 10 ms a step on links of 80 ms round trip and no bandwidth limit, every hop
+    direct: by hand, a trip from the master costs 3 x 10 ms + 4 half round trips + the master's
+    2 ms = 192 ms; a step fed back by the last stage 3 x 10 ms + 3 half round trips = 150 ms."""
+    inf = float("inf")
+    c = CostSnapshot(
+        (0.01,) * 3, (0.0,) * 3, (0.08,) * 3, (inf,) * 3, 2304, 516, direct=(True, True), loop_back=loop_back
+    )
+    return SimModel(c, kv_tokens=100_000)
+
+
+def test_the_loop_back_skips_the_masters_crossings_by_hand():
+    one = [BenchRequest(0.0, 16, 9)]
+    full = policy("full", 1024)
+    looped, driven = simulate(loop3(True), one, full), simulate(loop3(False), one, full)
+    assert looped["output_tokens"] == driven["output_tokens"] == 9
+    assert looped["ttft_p50"] == pytest.approx(0.192) and driven["ttft_p50"] == pytest.approx(0.192)
+    assert driven["tpot_p50"] == pytest.approx(0.192) and driven["tpot_p99"] == pytest.approx(0.192)
+    # the prompt's step runs 8 more steps on its own (scheduler.LOOP_STEPS; 9 tokens in all)
+    assert looped["tpot_p50"] == pytest.approx(0.150) and looped["tpot_p99"] == pytest.approx(0.150)
+    assert looped["steps"] == driven["steps"] == 9
+    # the scheduler's cost model counts the same crossings
+    c = loop3(True).costs
+    assert cycle_time(c, 1, 1, looped=True)[0] == pytest.approx(0.150)
+    assert cycle_time(c, 1, 1)[0] == pytest.approx(0.190)  # from the master (its 2 ms are not the model's)
+    assert token_period(c, 1, 1) == pytest.approx(0.150)
+    assert token_period(loop3(False).costs, 1, 1) == pytest.approx(0.190)
+
+
+def test_a_looping_request_loops_at_most_loop_steps_then_the_master_sends_again():
+    one = [BenchRequest(0.0, 16, 20)]  # 1 + 8 fed back, then the master: 1 + 8, then 1 + 1
+    looped = simulate(loop3(True), one, policy("full", 1024))
+    assert looped["output_tokens"] == 20 and looped["steps"] == 20
+    # 17 gaps of a fed-back step, 2 of a step the master sent after the last one came back
+    assert looped["tpot_p50"] == pytest.approx(0.150)
+    assert looped["tpot_p99"] == pytest.approx(0.192)  # the last one's result back, then a trip from the master
+    assert loop_steps(1, 0, [20, 3]) == 2  # the shortest request bounds the loop
+    assert loop_steps(2, 2, [20]) == 0  # as many lanes loop as there are slots: this one is the master's
+    assert lanes_open(2, 0) == 2 and lanes_open(2, 1) == lanes_open(2, 2) == 3
+
+
+def test_the_loop_back_speeds_up_streams_and_costs_saturated_throughput_little():
+    """A looping micro-batch keeps its requests for its steps (no one joins it meanwhile), so
+    under saturation it may batch a little worse; below it, each token skips the master."""
+    full = policy("full", 1024)
+    m = wan3((True, True))
+    looping = SimModel(dataclasses.replace(m.costs, loop_back=True), m.kv_tokens)
+    driven, looped = simulate(m, SATURATED, full), simulate(looping, SATURATED, full)
+    assert looped["output_tokens"] == driven["output_tokens"] == sum(w.output_tokens for w in SATURATED)
+    assert looped["output_tokens_per_s"] >= 0.98 * driven["output_tokens_per_s"]
+    light = make_workload(30, 0.5, seed=3)
+    assert simulate(looping, light, full)["tpot_p50"] < 0.9 * simulate(m, light, full)["tpot_p50"]

@@ -21,6 +21,7 @@ decode tokens/s with and without prompt-lookup speculation (:mod:`app.tools.benc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -117,7 +118,8 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         calibration = (
             calibrate(costs, master.group.kv_tokens, workload, results, opts.max_batch_tokens) if costs else None
         )
-        return {**profile_report(master, profile, results, identical), "calibration": calibration}
+        report = profile_report(master, profile, results, identical)
+        return {**report, "calibration": calibration, "costs": dataclasses.asdict(costs) if costs else None}
 
 
 def calibrate(
@@ -132,7 +134,7 @@ def calibrate(
         sim = simulate(SimModel(costs, kv_tokens), workload, policy(name, max_batch_tokens))
         out[name] = {
             k: {"real": r[k], "simulated": sim[k], "error": (sim[k] - r[k]) / r[k]}
-            for k in ("output_tokens_per_s", "ttft_p50", "tpot_p50")
+            for k in ("output_tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
             if r.get(k)
         }
     return out
