@@ -512,7 +512,7 @@ class Engine:
                 if not chunks:
                     continue
             epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
-            loop = self._loop_steps(chunks, reqs, slots)
+            loop = self._loop_steps(chunks, reqs)
             for c, r in zip(chunks, reqs):
                 r.scheduled = c.start + c.length + loop
                 r.written = c.start + c.length
@@ -677,15 +677,15 @@ class Engine:
         held = sum(_kv_own(r) + 1 for r in self.running.values())
         return self.group.kv_tokens - held - (self.prefix.held_tokens - self.prefix.evictable_tokens)
 
-    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request], slots: int) -> int:
+    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
         (``Step.loop``, drawing each token as the master would: ``wire.Draw``), skipping the
         master's two crossings per token: only where every hop and the loop-back are direct,
         no request of the micro-batch has presence or frequency penalties (they need the output,
         which the last stage does not see), each gets a new token from this step, and a lane is
-        left for the master (at most ``slots`` lanes loop; the one beyond them admits arrivals
-        and prefills them meanwhile: :func:`~master_core.scheduler.lanes_open`).  Bounded by each
-        request's ``max_tokens`` and context, and by the KV the running requests leave free."""
+        left for the master (a looping lane takes no slot, :func:`~master_core.scheduler.lanes_open`:
+        another lane admits arrivals and prefills them meanwhile).  Bounded by each request's
+        ``max_tokens`` and context, and by the KV the running requests leave free."""
         if not self._loops():
             return 0
         if any(r.spec is not None and r.spec.drafting for r in reqs):  # its steps verify drafts here
@@ -699,7 +699,7 @@ class Engine:
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
         left = [min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens)) for r in reqs]
-        n = min(loop_steps(slots, self._looping_lanes, left), self._kv_room() // max(1, len(chunks)))
+        n = min(loop_steps(self.policy, self._looping_lanes, left), self._kv_room() // max(1, len(chunks)))
         if n:
             self._fit_cache(n * len(chunks))  # room for the tokens it runs ahead, evicting idle prefixes
         return n

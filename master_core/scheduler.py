@@ -360,22 +360,20 @@ def next_microbatch(
     return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
 
 
-def loop_steps(slots: int, looping: int, left: Sequence[int]) -> int:
+def loop_steps(p: Policy, looping: int, left: Sequence[int]) -> int:
     """Steps after this one that the last stage may feed back on its own (where the pipeline
     loops back) for a micro-batch whose requests may each still take ``left`` tokens, this
-    step's included: at most ``LOOP_STEPS``, and none once ``slots`` lanes loop (the lane beyond
-    them, :func:`lanes_open`, is the master's: it admits arrivals and prefills them)."""
-    if looping >= slots or not left:
+    step's included: at most ``LOOP_STEPS``, and none while ``looping`` lanes already loop and
+    only one would be left for the master (it admits arrivals and prefills them meanwhile)."""
+    if looping + 1 >= p.max_microbatches or not left:
         return 0
     return max(0, min(LOOP_STEPS, *(n - 1 for n in left)))
 
 
 def lanes_open(slots: int, looping: int) -> int:
-    """Lanes that may plan a micro-batch: the ``slots``, and one more while any lane loops, so
-    that an arrival need not wait for a loop to end.  No more: each lane's micro-batch pays a
-    step's fixed cost on every stage, and a lane per request (each looping on its own) kept
-    compute-bound stages busy with one-row decode steps while prompts starved."""
-    return slots + (1 if looping else 0)
+    """Lanes that may plan a micro-batch: the ``slots``, and one more for each lane that loops
+    (a looping lane needs no slot: the master admits arrivals and prefills them meanwhile)."""
+    return slots + looping
 
 
 # --------------------------------------------------------------------------- tuning K online

@@ -27,8 +27,8 @@ the engine makes them.  Only the physics is modelled:
   more steps on its own, as the engine's: the last stage sends each step's drawn tokens to the
   master and the next step straight to the first stage (both on its own up link, half its
   round trip away); the master is not crossed between them, and each fed-back step books the
-  stages and links it uses when it reaches the first stage.  While lanes loop, one lane more
-  than the slots may plan (:func:`~master_core.scheduler.lanes_open`, the engine's rule).
+  stages and links it uses when it reaches the first stage.  A looping lane needs no slot
+  (:func:`~master_core.scheduler.lanes_open`, the engine's rule).
 
 Decisions are the scheduler's, with the same inputs as the engine's: the micro-batches
 carrying prefill in flight (``prefilling``), the lanes looping.  Not modelled: a stage pausing
@@ -277,7 +277,7 @@ class _Run:
             reqs = [self.running[ch.request_id] for ch in plan]
             ends = all(ch.want_logits and ch.start + ch.length == r.tokens for ch, r in zip(plan, reqs))
             left = [r.spec.output_tokens - r.generated for r in reqs]
-            loop = loop_steps(slots, self.looping, left) if c.loop_back and ends else 0
+            loop = loop_steps(self.policy, self.looping, left) if c.loop_back and ends else 0
             for ch, r in zip(plan, reqs):
                 r.scheduled = ch.start + ch.length + loop
                 r.in_flight += 1

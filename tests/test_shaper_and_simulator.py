@@ -202,9 +202,10 @@ def test_a_looping_request_loops_at_most_loop_steps_then_the_master_sends_again(
     # 17 gaps of a fed-back step, 2 of a step the master sent after the last one came back
     assert looped["tpot_p50"] == pytest.approx(0.150)
     assert looped["tpot_p99"] == pytest.approx(0.192)  # the last one's result back, then a trip from the master
-    assert loop_steps(1, 0, [20, 3]) == 2  # the shortest request bounds the loop
-    assert loop_steps(2, 2, [20]) == 0  # as many lanes loop as there are slots: this one is the master's
-    assert lanes_open(2, 0) == 2 and lanes_open(2, 1) == lanes_open(2, 2) == 3
+    full = policy("full", 1024)
+    assert loop_steps(full, 0, [20, 3]) == 2  # the shortest request bounds the loop
+    assert loop_steps(full, full.max_microbatches - 1, [20]) == 0  # the last lane is the master's
+    assert lanes_open(2, 0) == 2 and lanes_open(2, 3) == 5  # a looping lane needs no slot
 
 
 def test_the_loop_back_speeds_up_streams_and_costs_saturated_throughput_little():
