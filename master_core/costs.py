@@ -2,11 +2,8 @@
 
 Contract: pure bookkeeping, fed by the relay with what really happened, read by the
 scheduler; nothing is assumed.  ``StageCost`` fits ``seconds = fixed + per_token * tokens``
-(least squares on the relative error, so that a one-token decode step is predicted as well
-as a prompt's chunk of a thousand: on a CPU a step's cost grows faster than linearly with its
-tokens, and an ordinary fit, led by the largest steps, put ``fixed`` at 0 and predicted a
-decode step at a tenth of its cost; one size seen: a proportional model) through the fastest
-recent observation of each size class: stages that share a machine's cores slow each other's steps
+(ordinary least squares; one size seen: a proportional model) through the fastest recent
+observation of each size class: stages that share a machine's cores slow each other's steps
 down, and that contention must not pass for a per-token cost (it made chunks ever smaller).
 ``LinkCost`` fits the time a step spends on a master<->worker link beyond the worker's
 compute, ``seconds = rtt + bytes / bandwidth``, from the same kind of observations; that time
@@ -35,19 +32,16 @@ SLOWDOWN_WINDOW = 16  # recent steps whose observed/predicted compute give a sta
 
 
 def _line(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
-    """``y = a + b x`` (a, b >= 0) through ``points`` by least squares on the relative error
-    (weights ``1 / y**2``: each point counts by how far off it is in proportion, whatever its
-    size); one size only: proportional."""
-    if not points:
+    """Least-squares ``y = a + b x`` (a, b >= 0) through ``points``; one size only: proportional."""
+    n = len(points)
+    if n == 0:
         return None
-    w = [1.0 / (y * y) if y > 0 else 1.0 for _, y in points]
-    total = sum(w)
-    mx = sum(wi * x for wi, (x, _) in zip(w, points)) / total
-    my = sum(wi * y for wi, (_, y) in zip(w, points)) / total
-    sxx = sum(wi * (x - mx) ** 2 for wi, (x, _) in zip(w, points))
-    if sxx <= 1e-12 * total * max(1.0, mx * mx):  # one size only: proportional through the origin
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    if sxx <= 1e-12 * max(1.0, mx * mx):  # one size only: proportional through the origin
         return (0.0, my / mx) if mx > 0 else (my, 0.0)
-    b = max(0.0, sum(wi * (x - mx) * (y - my) for wi, (x, y) in zip(w, points)) / sxx)
+    b = max(0.0, sum((p[0] - mx) * (p[1] - my) for p in points) / sxx)
     return max(0.0, my - b * mx), b
 
 

@@ -256,23 +256,6 @@ def test_cost_fits_recover_fabricated_lines():
     assert rtt == pytest.approx(0.02, rel=1e-6) and bw == pytest.approx(12.5e6, rel=1e-6)
 
 
-def test_a_stage_fit_predicts_small_steps_where_cost_grows_faster_than_linearly():
-    """On a CPU a step of n tokens costs about fixed + per * n + c * n**2 (attention); the fit
-    must still predict a one-token decode step (the scheduler's K and chunk budgets rest on
-    it): an ordinary least-squares fit through sizes 1..1024 put its intercept at 0 and
-    predicted a twelfth of a decode step's cost."""
-    s = StageCost()
-
-    def truth(n: int) -> float:
-        return 0.015 + 0.001 * n + 3e-7 * n * n
-
-    for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-        s.observe(n, truth(n))
-    for n in (1, 2, 4, 64, 256):
-        assert s.predict(n) == pytest.approx(truth(n), rel=0.08)
-    assert s.predict(1024) == pytest.approx(truth(1024), rel=0.2)
-
-
 def test_link_fit_sees_through_queueing_delay():
     """Frames that waited behind others (queueing only adds) must not pass for a slow link: the
     fit goes through the fastest observation of each size class."""
