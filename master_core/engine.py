@@ -699,7 +699,7 @@ class Engine:
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
         left = [min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens)) for r in reqs]
-        n = min(loop_steps(self.policy, self._looping_lanes, left), self._kv_room() // max(1, len(chunks)))
+        n = max(0, min(loop_steps(self.policy, self._looping_lanes, left), self._kv_room() // max(1, len(chunks))))
         if n:
             self._fit_cache(n * len(chunks))  # room for the tokens it runs ahead, evicting idle prefixes
         return n

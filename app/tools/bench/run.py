@@ -150,7 +150,9 @@ GPU_MEMORY_BANDWIDTH = 900e9  # bytes/s of an RTX 3090/4090-class card
 def gpu_model(gpus: int, profile: str, direct: bool = False) -> SimModel:
     """Llama-3-70B (80 layers, hidden 8192, fp16 compute and activations) on 24 GB cards: at
     fp16 weights when ``gpus`` cards hold them (8), else at the group precision ``int4``.
-    ``direct``: every hop between stages goes straight from card to card, not through the master.
+    ``direct``: every hop between stages goes straight from card to card, not through the
+    master, and the last card feeds decode steps straight back to the first (the loop-back,
+    as the engine does where every hop is direct).
 
     Per layer, a decode step is memory-bound: it reads the layer's weights at the quantized
     size the planner counts (:meth:`ModelDims.layer_bytes`: 1.71 GB in fp16, 0.56 GB in int4
@@ -173,6 +175,7 @@ def gpu_model(gpus: int, profile: str, direct: bool = False) -> SimModel:
         hidden_bytes_per_token=LLAMA3_70B.hidden_size * 2,
         logits_bytes_per_row=4 * logits_row_width(MasterConfig.logits_topk, LLAMA3_70B.vocab_size),  # float32
         direct=(True,) * (gpus - 1) if direct else (),
+        loop_back=direct,
     )
     kv_tokens = kv_tokens_on_cards(LLAMA3_70B, gpus, GPU_CARD_BYTES, precision)
     return SimModel(costs, kv_tokens=kv_tokens)
