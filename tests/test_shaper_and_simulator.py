@@ -210,12 +210,14 @@ def test_a_looping_request_loops_at_most_loop_steps_then_the_master_sends_again(
 
 def test_the_loop_back_speeds_up_streams_and_costs_saturated_throughput_little():
     """A looping micro-batch keeps its requests for its steps (no one joins it meanwhile), so
-    under saturation it may batch a little worse; below it, each token skips the master."""
+    under saturation it may batch a little worse (0.94 of the master-driven rate when written;
+    before prefill rode along on such stages the driven run starved prompts and was the slower);
+    below it, each token skips the master."""
     full = policy("full", 1024)
     m = wan3((True, True))
     looping = SimModel(dataclasses.replace(m.costs, loop_back=True), m.kv_tokens)
     driven, looped = simulate(m, SATURATED, full), simulate(looping, SATURATED, full)
     assert looped["output_tokens"] == driven["output_tokens"] == sum(w.output_tokens for w in SATURATED)
-    assert looped["output_tokens_per_s"] >= 0.98 * driven["output_tokens_per_s"]
+    assert looped["output_tokens_per_s"] >= 0.92 * driven["output_tokens_per_s"]
     light = make_workload(30, 0.5, seed=3)
     assert simulate(looping, light, full)["tpot_p50"] < 0.9 * simulate(m, light, full)["tpot_p50"]
