@@ -348,13 +348,13 @@ def next_microbatch(
     then prefill within :func:`chunk_tokens`.
 
     While streams decode and prompts wait (with chunking and measured costs, where
-    :func:`prefill_apart_pays`), prefill travels apart: once a micro-batch carrying prefill is
-    in flight, the ready decode steps go together in one micro-batch without prefill, and a micro-batch with no decode step ready carries
-    prefill alone (:func:`prefill_step_tokens`; at most :func:`prefill_lanes` in flight).  Each
-    stage pauses such a step between layers and serves the decode steps waiting
-    (:mod:`worker_core.interleave`), so a stream waits for a few layers, not for a prompt, and
-    its steps pay the fixed cost of a step once for all streams.  The engine and the simulator
-    plan through this one function."""
+    :func:`prefill_apart_pays`), prefill travels apart: once a micro-batch carrying prefill is in
+    flight, the ready decode steps go together in one micro-batch without prefill, and a micro-batch
+    with no decode step ready carries prefill alone (:func:`prefill_step_tokens`; at most
+    :func:`prefill_lanes` in flight). Each stage pauses such a step between layers and serves the
+    decode steps waiting (:mod:`worker_core.interleave`), so a stream waits for a few layers, not
+    for a prompt, and its steps pay the fixed cost of a step once for all streams. The engine and
+    the simulator plan through this one function."""
     ready = sum(1 for c in candidates if c.ready_decode)
     # a stream whose prompt is on its way counts: a whole step of prefill sent now would be
     # ahead of its first decode step at every stage
