@@ -60,6 +60,7 @@ from worker_core.wire import Assign, itemsize
 
 from .config import MasterConfig
 from .link import LinkGone, LinkState, StepFailed, WorkerLink
+from .member_path import member_path
 from .model_dims import ModelDims
 from .placement import (
     PlacementError,
@@ -478,6 +479,7 @@ class Group:
                 {
                     "name": link.name,
                     "peer": link.peer,
+                    "path": member_path(link.peer).value,  # how its tunnel reaches this master
                     "device": h.device,
                     "device_name": h.device_name,
                     "free_memory": h.free_memory,

@@ -80,6 +80,8 @@ def test_dashboard_in_chromium_shows_members_and_layers(tmp_path):
         assert f"[{a}, {b})" in dom  # members table
         assert f"layers {a}–{b - 1}" in dom  # pipeline picture
     assert "serving" in dom and "disconnected" not in dom
+    # each member's path to the master (all three tunnels come from 127.0.0.1 here)
+    assert dom.count('reaches the master; the round trip and bandwidth it measured">this PC') == 3, dom
     assert dom.count("<span>direct hop</span>") == 2  # both inner hops of the pipeline picture go stage to stage
     assert "<span>tokens loop back</span>" in dom  # and the last stage feeds the first directly
     assert sum(bool(m["next_hop"]) and m["next_hop"].startswith("direct") for m in members) == 2

@@ -491,9 +491,11 @@ def test_create_join_join_serve_and_answer_a_chat(ckpt, tmp_path):
             timeout=30,
         )
         assert "alice" in members.stdout and "bob" in members.stdout and members.stdout.count("connected") == 2
-        # what each worker announced: its device and speed, and the link it measured before dialling
+        # what each worker announced: its device and speed, and the link it measured before dialling;
+        # the path is the master's reading of where its tunnel comes from (loopback here)
         announced = re.findall(
-            r"GFLOP/s, RAM \d+ GB, \d+ cores; link ([\d.]+) ms, (\d+) Mbit/s; layers \[(\d+), (\d+)\)", members.stdout
+            r"GFLOP/s, RAM \d+ GB, \d+ cores; link this PC, ([\d.]+) ms, (\d+) Mbit/s; layers \[(\d+), (\d+)\)",
+            members.stdout,
         )
         assert len(announced) == 2, members.stdout
         assert all(float(rtt) > 0 and int(mbps) > 1 for rtt, mbps, _, _ in announced)

@@ -245,6 +245,9 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
             prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
             assert answer == tok.decode(reference_greedy(ckpt, list(prompt), 6), skip_special_tokens=True)
             assert f"dnat ip to {lab.address('a')}:7733" in lab.ruleset("r-a")  # still mapped while serving
+            members = lab.run("a", [sys.executable, "-m", "app.cli", "group", "members", "--data-dir",
+                                    str(tmp_path / "master")], timeout=30)  # fmt: skip
+            assert "; link direct, " in members.stdout, members.stdout  # from b's router's address, not a LAN one
         finally:
             _stop(procs)
         assert "dnat" not in lab.ruleset("r-a")  # the master removed its mapping when it stopped

@@ -234,6 +234,9 @@ def test_master_behind_carrier_nat_serves_a_friend_through_the_relay_which_sees_
         worker.wait_for(lambda line: f"through relay {relay}" in line, 5)
         answer, want, prompt = _ask(lab, "c", ckpt)
         assert answer == want
+        members = lab.run("c", [sys.executable, "-m", "app.cli", "group", "members", "--data-dir", str(tmp_path / "m")],
+                          timeout=30)  # fmt: skip
+        assert "; link relayed, " in members.stdout, members.stdout
     finally:
         for p in reversed(procs):
             p.stop()

@@ -14,6 +14,7 @@ from app.desktop.state import (
     TrayState,
     action_texts,
     icon_kind,
+    member_line,
     menu,
     move,
     status_line,
@@ -112,6 +113,24 @@ def test_menu_when_hosting():
     assert icon_kind(s) is IconKind.SHARING
     starting = actions(menu(TrayState(hosting=True), NOW))
     assert not starting[Act.SHOW_CODE].enabled and not starting[Act.OPEN_DASHBOARD].enabled
+    assert not any(t.startswith("Members") for t in action_texts(menu(s, NOW)))  # none connected: no submenu
+
+
+def test_hosting_menu_lists_each_members_path():
+    rows = [
+        {"name": "alice", "path": "LAN", "rtt_ms": 1.4, "link_mbps": 940.2, "layers": [0, 12]},
+        {"name": "friend", "path": "relayed", "rtt_ms": 61.0, "link_mbps": 18.6, "layers": [12, 24]},
+        {"name": "new", "path": "direct"},  # not measured or placed yet
+    ]
+    lines = tuple(member_line(w) for w in rows)
+    assert lines == (
+        "alice: LAN, 1 ms, 940 Mbit/s, layers 0–11",
+        "friend: relayed, 61 ms, 19 Mbit/s, layers 12–23",
+        "new: direct",
+    )
+    s = TrayState(hosting=True, hosted_group="Friends", master_ready=True, members_online=3, members=lines)
+    texts = action_texts(menu(s, NOW))
+    assert "Members (3 connected) ▸ friend: relayed, 61 ms, 19 Mbit/s, layers 12–23" in texts
 
 
 def test_problem_state_shows_why_and_keeps_the_toggle_on():

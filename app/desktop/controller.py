@@ -38,7 +38,7 @@ from app.proc.spawn import engine_command
 from worker_core.control import FINISH_TIMEOUT, LEAVE_TIMEOUT
 
 from .settings import Paths, Settings, save
-from .state import Sharing, TrayState, move
+from .state import Sharing, TrayState, member_line, move
 from .supervisor import Supervisor
 from .system import autopause
 
@@ -173,6 +173,7 @@ class Controller(QObject):
             group_serving=h.get("status") == "ok",
             members_online=online,
             members_total=members_total,
+            members=tuple(member_line(w) for w in workers) if self.hosting() else (),
             layers=self.layers,
             num_layers=self.num_layers,
             tokens_per_s=self.group_tps if self.hosting() else self.worker_tps,

@@ -119,6 +119,7 @@ class TrayState:
     group_serving: bool = False  # the local master's pipeline serves
     members_online: int | None = None
     members_total: int | None = None
+    members: tuple[str, ...] = ()  # hosting: a line per connected member (:func:`member_line`)
     layers: tuple[int, int] | None = None  # the range this PC serves
     num_layers: int | None = None
     tokens_per_s: float | None = None
@@ -126,6 +127,21 @@ class TrayState:
     pause_warning: bool = False  # an automatic pause is coming (the GPU is busy): offer "Keep sharing"
     api_address: str | None = None  # "127.0.0.1:8000" of the local master
     last_log: tuple[str, ...] = field(default_factory=tuple)  # a crashed child's last lines
+
+
+def member_line(w: dict) -> str:
+    """A connected member for people, from a row of the master's ``describe()``: its name, how
+    its tunnel reaches this PC (LAN, direct, IPv6, relayed), the round trip and bandwidth it
+    measured, and its layers."""
+    parts = [w.get("path") or "path unknown"]
+    if w.get("rtt_ms"):
+        parts.append(f"{w['rtt_ms']:.0f} ms")
+    if w.get("link_mbps"):
+        parts.append(f"{w['link_mbps']:.0f} Mbit/s")
+    layers = w.get("layers")
+    if layers:
+        parts.append(f"layers {layers[0]}–{layers[1] - 1}")
+    return f"{w.get('name', '?')}: {', '.join(parts)}"
 
 
 def _until(ts: float | None, now: float) -> str:
@@ -234,6 +250,13 @@ def menu(s: TrayState, now: float) -> list[Item]:
         Separator(),
     ]
     if s.hosting:
+        if s.members:
+            items.append(
+                Submenu(
+                    f"Members ({len(s.members)} connected)",
+                    tuple(Action(Act.STATUS, line, enabled=False) for line in s.members),
+                )
+            )
         items += [
             Action(Act.SHOW_CODE, "Show a pairing code…", enabled=s.master_ready),
             Action(Act.STOP_GROUP, "Stop the group on this PC"),

@@ -138,11 +138,12 @@ def admin(folder: Path, method: str, path: str) -> dict:
 def describe_worker(w: dict) -> str:
     """One line of what a connected worker announced (a row of the master's ``describe()``)."""
     gpu = f", compute {w['compute_capability']}, driver {w['driver']}" if w.get("compute_capability") else ""
-    link = (
+    measured = (
         f"{w['rtt_ms']:.1f} ms" + (f", {w['link_mbps']:.0f} Mbit/s" if w.get("link_mbps") else "")
         if w.get("rtt_ms")
         else "not measured"
     )
+    link = f"{w['path']}, {measured}" if w.get("path") else measured
     stored = (
         f" at {w['precision']}, {w['weight_bytes'] / 1e9:.2f} GB of weights"
         if w.get("precision") and w.get("weight_bytes")

@@ -75,7 +75,8 @@ function render(s) {
     el("td", {}, m.name),
     el("td", {}, `${m.device_name} (${m.device}${m.compute_capability ? `, compute ${m.compute_capability}, driver ${m.driver}` : ""})`),
     el("td", {}, gb(m.free_memory)), el("td", {}, `${fmt(m.gflops)} GFLOP/s`),
-    el("td", {}, m.rtt_ms ? `${fmt(m.rtt_ms)} ms${m.link_mbps ? ` · ${fmt(m.link_mbps)} Mbit/s` : ""}` : "–"),
+    el("td", { title: "how its tunnel reaches the master; the round trip and bandwidth it measured" },
+      [m.path, m.rtt_ms ? `${fmt(m.rtt_ms)} ms` : "", m.link_mbps ? `${fmt(m.link_mbps)} Mbit/s` : ""].filter(Boolean).join(" · ") || "–"),
     el("td", {}, m.state), el("td", { title: m.standby || "" }, m.layers ? `[${m.layers[0]}, ${m.layers[1]})` : (m.standby ? "standby" : "–")),
     el("td", {}, m.weight_bytes ? `${gb(m.weight_bytes)} (${m.precision})` : "–"), el("td", {}, m.steps),
     el("td", {}, m.next_hop || "–"))));
