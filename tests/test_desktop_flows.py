@@ -20,6 +20,7 @@ from app.desktop.controller import Controller
 from app.desktop.desktop import Desktop
 from app.desktop.settings import Paths, Settings
 from app.desktop.state import Act, Sharing
+from app.group.links import JoinLink, parse_link
 
 pytestmark = pytest.mark.slow  # the app with real engine children
 
@@ -110,9 +111,13 @@ def test_create_then_join_with_wrong_and_right_code_and_the_toggle(qtbot, desk, 
     join.join()
     qtbot.waitUntil(lambda: join.error.text() != "", timeout=WAIT)
     assert join.error.text().startswith("That code is not right") and c.joined() is None
-    # the right code: the group's name and the master's fingerprint are shown before sharing starts
+    # the right code, from the join link alone (no address typed: the link's candidates are raced):
+    # the group's name and the master's fingerprint are shown before sharing starts
     # (the wrong try counted against this code but did not burn it)
-    join.code.setText(good)
+    via = parse_link(panel.link.text()).via
+    join = desk.open_join(JoinLink(code=good, via=via))  # as a molink:// link opened from a chat would
+    qtbot.addWidget(join)
+    assert join.code.text() == good and join.address.text() == ""
     join.join()
     qtbot.waitUntil(lambda: join.stack.currentIndex() == 1, timeout=WAIT)
     assert "“test-group”" in join.confirm_text.text() and "fingerprint" in join.confirm_text.text()
@@ -123,6 +128,7 @@ def test_create_then_join_with_wrong_and_right_code_and_the_toggle(qtbot, desk, 
     assert s.layers == (0, 4) and s.num_layers == 4
     qtbot.waitUntil(lambda: c.snapshot().group_serving and c.snapshot().members_online == 1, timeout=WAIT)
     assert c.snapshot().members_total == 1
+    assert c.snapshot().members[0].split(": ")[1].startswith("this PC"), c.snapshot().members  # the Members submenu
     pid = c.worker.pid()
     assert pid
 

@@ -228,3 +228,19 @@ def test_pairing_failures_become_sentences_by_their_type():
     assert _friendly(Malformed("sealed pairing message does not open")) == "Sealed pairing message does not open"
     assert _friendly(GroupCommandError("no master answered")) == "No master answered"
     assert _friendly(OSError("disk full")) == "OSError: disk full"
+
+
+def test_the_join_dialog_pairs_with_a_links_every_address():
+    from app.desktop.dialogs import pairing_target
+    from app.group.links import JoinLink, build_link, parse_link
+
+    url = "molink://join?code=4782031956&master=25.0.0.10:7733&via=lan~192.168.10.10:7733,relay~25.0.0.100:7735"
+    link = parse_link(url)
+    assert pairing_target("47-8203-1956", "", link) == (build_link(link), None)  # the candidates are raced
+    assert pairing_target("47-8203-1956", "25.0.0.10:7733", link) == (build_link(link), None)  # as filled in
+    assert pairing_target("47-8203-1956", "10.1.1.1:7733", link) == ("47-8203-1956", "10.1.1.1:7733")  # typed
+    assert pairing_target("11-1111-1111", "", link) == ("11-1111-1111", None)  # another code: the LAN
+    assert pairing_target(f"  {url} ", "", None) == (url, None)  # a link pasted into the code field
+    old = JoinLink(code="47-8203-1956", master="192.168.1.20:7733")  # a link without candidates
+    assert pairing_target("47-8203-1956", "192.168.1.20:7733", old) == ("47-8203-1956", "192.168.1.20:7733")
+    assert pairing_target("47-8203-1956", "", None) == ("47-8203-1956", None)

@@ -188,6 +188,9 @@ class Desktop(QObject):
     def open_join(self, link: links.JoinLink | None):  # noqa: ANN201
         from .dialogs import JoinDialog
 
+        old = self.dialogs.get("join")
+        if link is not None and old is not None and old.isVisible():
+            old.close()  # a link opened now fills a new dialog, not the one already open
         d = self._dialog("join", lambda: JoinDialog(self.c, link))
         if link is None:
             d.look_for_masters()

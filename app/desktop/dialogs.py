@@ -35,7 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.group.links import JoinLink
+from app.group.links import JoinLink, build_link, parse_link
 from master_core.invitations import TTL
 
 from .background import Background, plain
@@ -326,8 +326,24 @@ class ShowCodeDialog(QDialog):
         self.panel.show_code(info, fp)
 
 
+def pairing_target(code: str, address: str, link: JoinLink | None) -> tuple[str, str | None]:
+    """What the join dialog pairs with: (a code or a whole join link, a HOST:PORT or None).
+
+    A link pasted into the code field goes whole (every address it lists is raced).  A dialog
+    opened from a link whose code is still in the field pairs with that link (its LAN, mapped,
+    IPv6 and relay addresses raced), unless the user typed another address; else the code,
+    with the address typed (None: a group found on this network)."""
+    code, address = code.strip(), address.strip()
+    if code.lower().startswith("molink:"):
+        return code, address or None
+    if link is not None and code == link.code and (not address or address == link.master):
+        return (build_link(link), None) if link.via else (code, link.master)
+    return code, address or None
+
+
 class JoinDialog(QDialog):
-    """Pair with a group (code; a master found on the LAN or an address), confirm, share."""
+    """Pair with a group (a code or a join link; a master found on the LAN or an address),
+    confirm, share."""
 
     joined = Signal(object)  # JoinedGroup, once the user started sharing
 
@@ -335,8 +351,9 @@ class JoinDialog(QDialog):
         super().__init__(parent)
         self.setWindowTitle("Join a group")
         self.c = controller
+        self.link = link
         self.code = QLineEdit(link.code if link else "")
-        self.code.setPlaceholderText("47-8203-1956")
+        self.code.setPlaceholderText("47-8203-1956, or the molink://join link")
         self.found = QListWidget()
         self.found.setMaximumHeight(90)
         self.refresh = QPushButton("Look again")
@@ -362,9 +379,16 @@ class JoinDialog(QDialog):
         page1 = QWidget()
         form = QFormLayout(page1)
         form.addRow(
-            _note("Ask the group's owner for a pairing code (they find it in their MoLink menu: Show a pairing code).")
+            _note(
+                "Ask the group's owner for a pairing code or its join link (they find both in their MoLink "
+                "menu: Show a pairing code)."
+            )
         )
         form.addRow("Pairing code", self.code)
+        if link is not None and link.via:
+            ways = sorted({c.kind.value for c in link.via})
+            listed = f"The link lists {len(link.via)} ways to reach the group ({', '.join(ways)}): all are tried."
+            form.addRow(_note(listed))
         lan = QHBoxLayout()
         lan.addWidget(self.found)
         lan.addWidget(self.refresh)
@@ -427,10 +451,13 @@ class JoinDialog(QDialog):
     def join(self) -> None:
         from worker_core.pairing import PairingError, parse_code
 
-        code = self.code.text().strip()
+        code, address = pairing_target(self.code.text(), self.address.text(), self.link)
         try:
-            parse_code(code)
-        except PairingError as e:
+            if code.lower().startswith("molink:"):
+                parse_link(code)
+            else:
+                parse_code(code)
+        except (PairingError, ValueError) as e:
             self.error.setText(str(e))
             return
         self.error.clear()
@@ -438,7 +465,6 @@ class JoinDialog(QDialog):
         self.status.setText("Pairing…")
         from app.group.client import pair_with_group
 
-        address = self.address.text().strip() or None
         folder, name = self.c.paths.worker_dir, self.name.text().strip() or socket.gethostname()
         self._pairing = Background(
             lambda: pair_with_group(code, address, folder, name), PAIR_TIMEOUT, self, describe=_friendly
