@@ -7,8 +7,9 @@ clear line for an inconsistent configuration.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
+
+from worker_core.address import is_loopback
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,3 @@ class MasterConfig:
                 raise ValueError("--relay needs a paired group (molink group create): a relay keeps its mutual TLS")
         if self.capacity_wait < 0 or self.retry_after < 1:
             raise ValueError("capacity_wait must be >= 0 and retry_after >= 1")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

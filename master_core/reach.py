@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
+from worker_core.address import is_loopback
 from worker_core.candidates import Candidate, Kind
 
 log = logging.getLogger("molink.reach")
@@ -55,7 +56,7 @@ class Reach:
         self.port = port
         self.relay = Candidate(Kind.RELAY, *parse_address(relay)) if relay else None
         self.host = host
-        self.map_port = map_port and not _loopback(host)
+        self.map_port = map_port and not is_loopback(host)
         self.mapper = None  # worker_core.portmap.PortMapper while mapping
         self._lan: list[Candidate] = []
         self.failure = ""
@@ -106,10 +107,3 @@ class Reach:
         if self.relay is not None:
             return f"friends anywhere can join through relay {self.relay.address} (no direct way in: {why})"
         return f"only this network can join, because {why}"
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

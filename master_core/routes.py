@@ -11,13 +11,15 @@ listener (``Hello.hop_port``) and, in a paired group, both stages' pinned certif
 known; stage i answers whether it dials at all (a worker may only dial: no inbound port, so no
 firewall prompt on Windows; or have direct hops off).  Its address (:func:`hop_address`): the
 host stage i+1 announced; else, when both stages' tunnels come from one address (one home
-behind one NAT), the LAN address stage i+1's tunnel leaves from; else the address the master
-sees its tunnel come from (for a tunnel through a relay it sees no address: only an announced
-host is dialled).
+behind one NAT), the LAN address stage i+1's tunnel leaves from; else where its home router
+maps its hop port, if it does; else the address the master sees its tunnel come from (for a
+tunnel through a relay it sees no address: only an announced host or a mapping is dialled).
 
 Two rounds of ``Route`` messages, each answered within ``ROUTE_TIMEOUT``: first every stage
-learns whom to accept (a fresh secret per hop, and the previous stage's certificate), then
-every stage with a candidate next hop dials it and says whether it got through (``Routed``).
+learns whom to accept (a fresh secret per hop, and the previous stage's certificate) and
+answers where its home router maps its hop port, if it does (``Routed.mapped``: then a stage in
+another home dials that), then every stage with a candidate next hop dials it and says whether
+it got through (``Routed``).
 Reachability is what the dial measured, so a stage behind NAT, a firewall or a wrong announced
 address is simply relayed.  A stage that does not answer in time costs only its hop
 (relayed); a link that is gone raises :class:`~master_core.link.LinkGone` (the group re-plans
@@ -54,16 +56,20 @@ class Hop:
 NO_LOOP_BACK = Hop(False, reason="no pipeline")
 
 
-def hop_address(link: WorkerLink, dialer: WorkerLink) -> str:
+def hop_address(link: WorkerLink, dialer: WorkerLink, mapped: str = "") -> str:
     """Where ``dialer`` dials ``link``'s hop listener ("" when it has none): the host ``link``
     announced; else, when both tunnels come from one address (one machine, or one home behind
-    one NAT), the LAN address ``link``'s tunnel leaves from; else the address the master sees."""
+    one NAT), the LAN address ``link``'s tunnel leaves from; else ``mapped``, where ``link``'s
+    home router forwards to its hop listener (``Routed.mapped``); else the address the master
+    sees."""
     hello = link.hello
     if not hello.hop_port:
         return ""
     # a relayed tunnel's peer is a label, not an address: where that member is is unknown
     seen = "" if is_bridged(link.peer) else link.peer.split("%")[0]
     same_place = hello.hop_lan and seen and seen == dialer.peer.split("%")[0]
+    if mapped and not hello.hop_host and not same_place:
+        return mapped
     host = hello.hop_host or (hello.hop_lan if same_place else seen)
     if not host or host == "?":
         return ""
@@ -76,11 +82,10 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
     if n < 2:
         return [], Hop(False, reason="one stage: its own tokens need no hop")
     nxt = [(i + 1) % n for i in range(n)]  # hop i goes to stage nxt[i]; hop n-1 is the loop-back
-    addresses = [hop_address(stages[nxt[i]], stages[i]) for i in range(n)]
     why_not: list[str] = []
     for i in range(n):
         a, b = stages[i], stages[nxt[i]]
-        if not addresses[i]:
+        if not b.hello.hop_port:
             why_not.append(f"{b.name} takes no inbound hops (direct hops off, or it only dials)")
         elif paired and not (a.cert and b.cert):
             why_not.append("no pinned certificate for one of the two")
@@ -94,7 +99,15 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
             return {}
         return {"accept_token": tokens[before], "accept_cert": stages[before].cert}
 
-    await asyncio.gather(*(link.route(Route(epoch, **accept(i)), ROUTE_TIMEOUT) for i, link in enumerate(stages)))
+    async def first(i: int) -> str:
+        """Stage i learns whom to accept; its answer says where its router maps its hop port."""
+        return (await stages[i].route(Route(epoch, **accept(i)), ROUTE_TIMEOUT)).mapped
+
+    mapped = await asyncio.gather(*(first(i) for i in range(n)))
+    addresses = [hop_address(stages[nxt[i]], stages[i], mapped[nxt[i]]) for i in range(n)]
+    for i in range(n):
+        if not why_not[i] and not addresses[i]:
+            why_not[i] = f"no address to dial {stages[nxt[i]].name} at (it came through a relay and announced none)"
 
     async def dial(i: int) -> Hop:
         if why_not[i]:

@@ -38,11 +38,12 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from worker_core import model_source
+from worker_core.address import is_loopback
 from worker_core.control import Control, Events
 from worker_core.wire import CloseCode, Hello, ProtocolError, decode, frame_bound
 
 from .api import Api, error_middleware
-from .config import MasterConfig, is_loopback
+from .config import MasterConfig
 from .dashboard import Dashboard
 from .draft_model import DraftModel
 from .engine import Engine

@@ -300,7 +300,7 @@ def test_a_hop_listener_lets_in_only_the_previous_stage_of_the_current_epoch(tmp
     assert fallbacks == [1] and down is not None
 
 
-def test_the_master_dials_a_hop_at_the_announced_host_the_lan_address_or_the_address_it_sees():
+def test_the_master_dials_a_hop_at_the_announced_host_the_lan_address_the_mapping_or_the_address_it_sees():
     from master_core.link import WorkerLink
     from master_core.routes import hop_address
     from worker_core.wire import Hello
@@ -317,6 +317,11 @@ def test_the_master_dials_a_hop_at_the_announced_host_the_lan_address_or_the_add
     assert hop_address(link("203.0.113.5", hop_port=7000, hop_host="me.example.org"), home_a2) == "me.example.org:7000"
     assert hop_address(link("2001:db8::1", hop_port=7734), home_b) == "[2001:db8::1]:7734"
     assert hop_address(link("203.0.113.5"), home_a) == ""  # no listener
+    # where its home router maps the hop port (Routed.mapped): dialled from another home, not from the same one
+    assert hop_address(home_a, home_b, "203.0.113.5:40001") == "203.0.113.5:40001"
+    assert hop_address(home_a, home_a2, "203.0.113.5:40001") == "192.168.1.20:7734"
+    relayed = link("bridge:25.0.0.100:7735#2", hop_port=7734, hop_lan="192.168.1.30")  # no address seen
+    assert hop_address(relayed, home_b) == "" and hop_address(relayed, home_b, "25.0.0.12:7734") == "25.0.0.12:7734"
 
 
 def test_a_step_lost_on_a_hop_that_died_quietly_is_replayed_relayed_and_no_worker_is_dropped(ckpt, monkeypatch):

@@ -190,6 +190,27 @@ ASK = (
     "headers={'Content-Type':'application/json'})\n"
     "with urllib.request.urlopen(req,timeout=120) as r: print(json.dumps(json.loads(r.read())['choices'][0]))\n"
 )
+WORKERS = (  # the master's members as /health describes them (stage, next hop)
+    "import json,sys,urllib.request\n"
+    "with urllib.request.urlopen(sys.argv[1]+'/health',timeout=10) as r:\n"
+    "    print(json.dumps(json.loads(r.read())['workers']))\n"
+)
+
+
+def _answers_as_transformers(lab: Lab, host: str, ckpt) -> None:
+    """A greedy chat answer from the master on ``host`` equals single-process transformers'."""
+    from tiny_models import reference_greedy
+    from transformers import AutoTokenizer
+
+    asked = lab.run(host, [sys.executable, "-c", ASK, "http://127.0.0.1:8000"], timeout=150)
+    answer = json.loads(asked.stdout)["message"]["content"]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    chat = [{"role": "user", "content": "hello there"}]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    assert answer == tok.decode(reference_greedy(ckpt, list(prompt), 6), skip_special_tokens=True)
+
+
 HEALTH = (
     "import sys,time,urllib.request,urllib.error\n"
     "deadline=time.monotonic()+float(sys.argv[2])\n"
@@ -206,9 +227,6 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
     """Master in home a (router with miniupnpd), friend in home b: the join link is all the friend
     has; the group port is mapped on a's router while the group runs and unmapped after; the
     answer's tokens equal single-process transformers'."""
-    from tiny_models import reference_greedy
-    from transformers import AutoTokenizer
-
     with Lab.up("tjoin", "upnp", mbps=50, delay_ms=20) as lab:
         procs: list[subprocess.Popen] = []
         try:
@@ -236,14 +254,7 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
             procs.append(worker)
             up = lab.run("a", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200, check=False)
             assert up.returncode == 0, "the group never served"
-            asked = lab.run("a", [sys.executable, "-c", ASK, "http://127.0.0.1:8000"], timeout=150)
-            answer = json.loads(asked.stdout)["message"]["content"]
-            tok = AutoTokenizer.from_pretrained(ckpt)
-            prompt = tok.apply_chat_template(
-                [{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=True
-            )
-            prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
-            assert answer == tok.decode(reference_greedy(ckpt, list(prompt), 6), skip_special_tokens=True)
+            _answers_as_transformers(lab, "a", ckpt)
             assert f"dnat ip to {lab.address('a')}:7733" in lab.ruleset("r-a")  # still mapped while serving
             members = lab.run("a", [sys.executable, "-m", "app.cli", "group", "members", "--data-dir",
                                     str(tmp_path / "master")], timeout=30)  # fmt: skip
@@ -251,6 +262,50 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
         finally:
             _stop(procs)
         assert "dnat" not in lab.ruleset("r-a")  # the master removed its mapping when it stopped
+
+
+@pytest.mark.slow
+def test_stages_in_different_homes_hop_directly_where_the_router_maps_and_relayed_where_not(ckpt, tmp_path):
+    """Master on a public host, one worker in each of three homes: a and d behind routers with
+    miniupnpd, b behind one without.  Each worker maps its hop port on its router and tells the
+    master (Routed.mapped): every hop into a stage in a or d goes direct (the dialler in another
+    home dials the mapping), every hop into b is relayed through the master (nothing maps it);
+    the answer's tokens equal single-process transformers'; the hop mappings are gone after."""
+    homes = {"wa": "a", "wd": "d", "wb": "b"}
+    with Lab.up("thops", "hops") as lab:
+        procs: list[subprocess.Popen] = []
+        try:
+            master = _molink(lab, "pub", "group", "create", "--model", str(ckpt), "--port", "7733", "--api-port",
+                             "8000", "--data-dir", str(tmp_path / "m"), "--name", "hops", "--min-workers", "3",
+                             "--no-port-mapping")  # fmt: skip
+            procs.append(master)
+            output_line(master, "Pairing code:", 120, at_start=True)
+            for name, home in homes.items():
+                code = lab.run("pub", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir",
+                                       str(tmp_path / "m")], timeout=60)  # fmt: skip
+                link = next(x for x in code.stdout.splitlines() if x.startswith("Join link:")).split()[-1]
+                joined = lab.run(home, [sys.executable, "-m", "app.cli", "join", link, "--data-dir",
+                                        str(tmp_path / name), "--name", name], timeout=120, check=False)  # fmt: skip
+                assert joined.returncode == 0, joined.stderr + output_seen(master)
+                procs.append(_molink(lab, home, "worker", "--data-dir", str(tmp_path / name), "--device", "cpu",
+                                     "--threads", "1"))  # fmt: skip
+            up = lab.run("pub", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200,
+                         check=False)  # fmt: skip
+            assert up.returncode == 0, "the group never served:\n" + output_seen(master)
+            state = json.loads(lab.run("pub", [sys.executable, "-c", WORKERS, "http://127.0.0.1:8000"]).stdout)
+            stages = sorted((w for w in state if w["stage"] is not None), key=lambda w: w["stage"])
+            assert len(stages) == 3, state
+            for i, w in enumerate(stages):
+                into = stages[(i + 1) % 3]  # the last stage's hop is the loop-back into the first
+                mapped = homes[into["name"]] in ("a", "d")
+                assert w["next_hop"] and ("direct (" in w["next_hop"]) == mapped, (w["name"], into["name"], state)
+            for router in ("r-a", "r-d"):
+                assert ":7734" in lab.ruleset(router), lab.ruleset(router)  # the workers' hop ports, mapped
+            _answers_as_transformers(lab, "pub", ckpt)
+        finally:
+            _stop(procs)
+        for router in ("r-a", "r-d"):
+            assert ":7734" not in lab.ruleset(router)  # each worker removed its mapping when it stopped
 
 
 @pytest.mark.slow

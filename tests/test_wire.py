@@ -74,6 +74,7 @@ MESSAGES = [
     Route(4),
     Routed(4, True, 3.5),
     Routed(4, False, reason="10.0.0.3:7001: no answer within 3 s"),
+    Routed(4, False, reason="no next hop", mapped="25.0.0.11:7734"),
     Assign(  # a GGUF model's tensors travel as their blocks: U8 bytes, GGML type, logical shape
         3,
         "d" * 64,
@@ -337,6 +338,7 @@ BAD_FRAMES = {
 
 
 ROUTE = {"epoch": 1, "accept_token": "", "accept_cert": "", "next_address": "", "next_cert": "", "next_token": ""}
+ROUTED = {"epoch": 1, "direct": False, "connect_ms": 0, "reason": ""}
 BAD_FRAMES |= {
     "route token not hex": _frame(wire.Kind.ROUTE, ROUTE | {"accept_token": "secret!" * 8}),
     "route token too short": _frame(wire.Kind.ROUTE, ROUTE | {"next_token": "ab"}),
@@ -347,6 +349,9 @@ BAD_FRAMES |= {
     ),
     "route cert too long": _frame(wire.Kind.ROUTE, ROUTE | {"accept_cert": "x" * (wire.MAX_CERT_CHARS + 1)}),
     "routed direct not bool": _frame(wire.Kind.ROUTED, {"epoch": 1, "direct": 1, "connect_ms": 0, "reason": ""}),
+    "routed mapped without port": _frame(wire.Kind.ROUTED, ROUTED | {"mapped": "25.0.0.11"}),
+    "routed mapped with a path": _frame(wire.Kind.ROUTED, ROUTED | {"mapped": "evil.example/x:80"}),
+    "routed mapped not a string": _frame(wire.Kind.ROUTED, ROUTED | {"mapped": 7734}),
     "step forward not bool": _frame(wire.Kind.STEP, _step_header(forward="yes"), GOOD_PAYLOAD),
     "step trail negative": _frame(wire.Kind.STEP, _step_header(trail=[0.1, -1.0]), GOOD_PAYLOAD),
     "step trail not list": _frame(wire.Kind.STEP, _step_header(trail=0.1), GOOD_PAYLOAD),
@@ -377,6 +382,8 @@ def test_bad_frames_are_protocol_errors(name):
 
 
 def test_the_valid_headers_used_above_decode():
+    assert decode(_frame(wire.Kind.ROUTED, ROUTED)) == Routed(1, False)  # a worker that maps nothing says nothing
+    assert decode(_frame(wire.Kind.ROUTED, ROUTED | {"mapped": "[2a0f:ff00::5]:7734"})).mapped == "[2a0f:ff00::5]:7734"
     assert isinstance(decode(_frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD)), Step)
     looping = decode(_frame(wire.Kind.STEP, _step_header(loop=1, draws=[[0.5, 1, 3]]), GOOD_PAYLOAD))
     assert isinstance(looping, Step) and looping.draws == (wire.Draw(0.5, 1.0, 3),)

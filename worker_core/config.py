@@ -46,3 +46,6 @@ class WorkerConfig:
     hop_bind: str = ""  # address the hop listener binds ("": 0.0.0.0 in a paired group, else 127.0.0.1)
     hop_port: int | None = None  # its port (None: HOP_PORT in a paired group, else any free one; 0: any)
     hop_host: str = ""  # host the other stages should dial ("": the address the master sees)
+    # in a paired group, with a listener on every interface and no ``hop_host``: ask the home
+    # router to map the hop port (UPnP, NAT-PMP, PCP), so a stage in another home can dial it
+    port_mapping: bool = True

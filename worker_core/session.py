@@ -84,6 +84,9 @@ class Run:
         self.session: Session | None = None  # the tunnel that is up (Hello sent), if any
         self.connected = False  # the current dial attempt reached the master
         self.leaving: Command | None = None  # a leave was asked for: never dial again
+        # "host:port" where the home router forwards to the hop listener from outside (a mapping
+        # it confirmed, public), or "": told to the master in every ``Routed``
+        self.mapped = ""
 
     async def report_stats(self) -> None:
         """A ``stats`` event every STATS_INTERVAL seconds (until cancelled)."""
@@ -359,14 +362,14 @@ class Session:
     async def _route(self, msg: Route) -> Routed:
         """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,
         bounded); the answer says whether that hop is direct."""
-        hops = self.run.hops
+        hops, mapped = self.run.hops, self.run.mapped
         await self.close_hop()
         if hops is not None:
             hops.accept(msg.epoch, msg.accept_token, msg.accept_cert)
         if not self.run.dials:
-            return Routed(msg.epoch, False, reason="direct hops are off on this worker")
+            return Routed(msg.epoch, False, reason="direct hops are off on this worker", mapped=mapped)
         if not msg.next_address:
-            return Routed(msg.epoch, False, reason="no next hop")
+            return Routed(msg.epoch, False, reason="no next hop", mapped=mapped)
         cfg = self.config
         rate = cfg.link_mbps * 1e6 / 8 if cfg.link_mbps else None
         try:
@@ -381,10 +384,10 @@ class Session:
             )
         except HopUnreachable as e:
             log.info("next stage not reachable directly, relaying through the master: %s", e)
-            return Routed(msg.epoch, False, reason=str(e)[:500])
+            return Routed(msg.epoch, False, reason=str(e)[:500], mapped=mapped)
         self.next_hop = hop
         log.info("direct hop to the next stage at %s (%.1f ms)", msg.next_address, seconds * 1000)
-        return Routed(msg.epoch, True, seconds * 1000)
+        return Routed(msg.epoch, True, seconds * 1000, mapped=mapped)
 
     async def close_hop(self) -> None:
         hop, self.next_hop = self.next_hop, None

@@ -430,12 +430,16 @@ class Route:
 @dataclass(frozen=True)
 class Routed:
     """worker -> master: the outcome of a ``Route``: whether the hop to the next stage is direct
-    (dialled and open), the handshake's duration, and why not when it is not."""
+    (dialled and open), the handshake's duration, and why not when it is not; and ``mapped``
+    ("host:port", or ""): where this worker's home router forwards to its hop listener from
+    outside (a port mapping the router confirmed, with a public address), so that a stage in
+    another home can dial it."""
 
     epoch: int
     direct: bool
     connect_ms: float = 0.0
     reason: str = ""
+    mapped: str = ""
 
 
 Message = Hello | Assign | Ready | Step | Result | Free | Failure | Fetch | Chunk | Leave | Route | Routed
@@ -855,12 +859,16 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             raise ProtocolError(f"bad next hop {route.next_address!r}: host:port with a token")
         return route
     if kind is Kind.ROUTED:
-        return Routed(
+        routed = Routed(
             epoch=_int(h, "epoch"),
             direct=_bool(h, "direct"),
             connect_ms=_float(h, "connect_ms"),
             reason=_str(h, "reason", 512),
+            mapped=_str(h, "mapped", 300) if "mapped" in h else "",
         )
+        if routed.mapped and not _ADDRESS.match(routed.mapped):
+            raise ProtocolError(f"bad mapped hop address {routed.mapped!r}: host:port")
+        return routed
     return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
 
 

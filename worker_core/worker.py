@@ -52,12 +52,13 @@ from pathlib import Path
 import aiohttp
 
 from . import device as devices
-from .address import parse_address
+from .address import is_loopback, parse_address
 from .candidates import DIAL_TIMEOUT, Candidate, Kind, NoPath, is_public, parse_candidate_text, race
 from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
 from .hops import HopListener
 from .inbox import Inbox
+from .portmap import Mapping, PortMapper
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .session import Run, Session
 from .shaper import LinkShaper
@@ -306,6 +307,43 @@ async def _start_hops(hops: HopListener, config: WorkerConfig) -> None:
         await hops.start(host, 0)
 
 
+class _HopMapping:
+    """The hop port mapped on the home router while the worker runs: ``run.mapped`` follows the
+    mapping the router confirmed (public external address only; "" otherwise)."""
+
+    def __init__(self, port: int, run: Run) -> None:
+        self.run = run
+        self.mapper = PortMapper(port, on_change=self._changed)
+        self.task = asyncio.ensure_future(self._start())
+
+    async def _start(self) -> None:
+        self._changed(await self.mapper.start())
+
+    def _changed(self, m: Mapping | None) -> None:
+        if m is None or not m.reachable:
+            self.run.mapped = ""
+            return
+        host = f"[{m.external_host}]" if ":" in m.external_host else m.external_host
+        self.run.mapped = f"{host}:{m.external_port}"
+        log.info("hop port mapped on the router: stages elsewhere dial %s", self.run.mapped)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.mapper.stop()
+
+
+def _hop_mapper(hops: HopListener, config: WorkerConfig, run: Run) -> _HopMapping | None:
+    """Map the hop port where a stage in another home could need it: a paired group whose
+    master is not on this machine, a listener on every interface, no host announced by hand,
+    mapping not turned off."""
+    everywhere = not config.hop_bind or config.hop_bind in ("0.0.0.0", "::")
+    master_here = bool(config.master) and is_loopback(parse_address(config.master)[0])
+    if config.tls is None or not everywhere or config.hop_host or not config.port_mapping or master_here:
+        return None
+    return _HopMapping(hops.port, run)
+
+
 def _tls_hint(config: WorkerConfig, e: BaseException) -> str:
     if config.tls is None:
         return ""
@@ -342,6 +380,7 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="molink-stage")
     dial_task: asyncio.Task | None = None
     obey: asyncio.Task | None = None
+    mapper: _HopMapping | None = None
     try:
         shards: dict = {}
         info = devices.pick(config.device)
@@ -353,6 +392,7 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
         if hops is not None:
             await _start_hops(hops, config)
             facts |= {"hop_port": hops.port, "hop_host": config.hop_host}
+            mapper = _hop_mapper(hops, config, run)
         if config.tls is None:
             log.warning(
                 "UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; "
@@ -373,6 +413,8 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
             if t is not None and not t.done():
                 t.cancel()
                 await asyncio.gather(t, return_exceptions=True)
+        if mapper is not None:
+            await mapper.stop()  # bounded: a router that is gone cannot hold the exit
         if hops is not None:
             await hops.stop()
         executor.shutdown(wait=False, cancel_futures=True)

@@ -220,6 +220,12 @@ def _parser() -> argparse.ArgumentParser:
         help="host or address the other stages should dial for direct hops (default: what the master sees)",
     )
     w.add_argument(
+        "--no-port-mapping",
+        dest="port_mapping",
+        action="store_false",
+        help="do not ask the home router to map the hop port (UPnP, NAT-PMP, PCP)",
+    )
+    w.add_argument(
         "--relay",
         default=None,
         metavar="HOST:PORT",

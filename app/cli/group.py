@@ -30,9 +30,9 @@ def _config_dir() -> Path:
 
 
 def master(args: argparse.Namespace, sup: Supervision) -> Run:
-    from master_core.config import is_loopback
     from master_core.secrets_store import load_api_key
     from master_core.server import run_master
+    from worker_core.address import is_loopback
 
     key = args.api_key or (None if is_loopback(args.host) else load_api_key(_config_dir()))
     cfg = MasterConfig(

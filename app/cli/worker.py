@@ -61,6 +61,7 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
         hop_listen=args.hop_listen,
         hop_port=args.hop_port,
         hop_host=args.hop_host,
+        port_mapping=args.port_mapping,
         weights_dir=folder / "weights" if folder else None,
         device=args.device,
         link_delay_ms=args.link_delay_ms,

@@ -73,6 +73,11 @@ TOPOLOGIES: dict[str, Topology] = {
         ("pub",),
         "home v with global IPv6 behind a stateful firewall (and IPv4 NAT); home b; pub (dual stack)",
     ),
+    "hops": Topology(
+        (Home("a", ("a",), upnp=True), Home("d", ("d",), upnp=True), Home("b", ("b",))),
+        ("pub",),
+        "homes a and d behind routers with miniupnpd, home b behind one without; pub",
+    ),
     "lan": Topology((Home("a", ("a", "a2"), internet=False),), (), "two hosts a, a2 on one LAN, nothing else"),
     "all": Topology(
         (
