@@ -126,6 +126,7 @@ def test_create_then_join_with_wrong_and_right_code_and_the_toggle(qtbot, desk, 
     qtbot.waitUntil(lambda: c.sharing is Sharing.SHARING, timeout=WAIT)
     s = c.snapshot()
     assert s.layers == (0, 4) and s.num_layers == 4
+    assert s.path == "this PC"  # the worker's "connected" event: it dialled the master's loopback candidate
     qtbot.waitUntil(lambda: c.snapshot().group_serving and c.snapshot().members_online == 1, timeout=WAIT)
     assert c.snapshot().members_total == 1
     assert c.snapshot().members[0].split(": ")[1].startswith("this PC"), c.snapshot().members  # the Members submenu

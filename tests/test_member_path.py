@@ -1,8 +1,10 @@
-"""A member's path as the master reads it from where the tunnel came from."""
+"""A member's path as the master reads it from where the tunnel came from, and as the worker
+names the way it dialled (the same words: the tray shows the one, the host's tray the other)."""
 
 import pytest
 
 from master_core.member_path import MemberPath, member_path
+from worker_core.worker import path_to
 
 
 @pytest.mark.parametrize(
@@ -27,3 +29,19 @@ from master_core.member_path import MemberPath, member_path
 )
 def test_member_path(peer, path):
     assert member_path(peer) is path
+
+
+@pytest.mark.parametrize(
+    ("master", "path"),
+    [
+        ("127.0.0.1:7733", "this PC"),
+        ("192.168.1.20:7733", "LAN"),
+        ("[fe80::1%eth0]:7733", "LAN"),
+        ("25.0.0.10:7733", "direct"),
+        ("[2a0f:ff00::10]:7733", "IPv6"),
+        ("pc.example.org:7733", "direct"),  # a name: where it leads is not known
+    ],
+)
+def test_the_workers_own_path(master, path):
+    assert path_to(master) == path
+    assert path in {p.value for p in MemberPath}

@@ -18,6 +18,7 @@ from app.desktop.state import (
     menu,
     move,
     status_line,
+    tooltip,
 )
 
 NOW = 1_800_000_000.0
@@ -145,3 +146,11 @@ def test_action_texts_flatten_submenus():
     texts = action_texts(menu(TrayState(joined_group="g"), NOW))
     assert "Pause sharing ▸ For 1 hour" in texts and "Pause sharing ▸ Until I resume" in texts
     assert texts[-1] == "Quit MoLink"
+
+
+def test_a_sharing_pc_shows_how_it_reaches_the_group():
+    s = TrayState(sharing=Sharing.SHARING, joined_group="g", path="relayed through 25.0.0.100:7735")
+    assert "Reaches the group: relayed through 25.0.0.100:7735" in action_texts(menu(s, NOW))
+    assert "Reaches the group: relayed through 25.0.0.100:7735" in tooltip(s, NOW)
+    off = TrayState(joined_group="g", path="LAN")  # not sharing: no path is current
+    assert not any(t.startswith("Reaches the group") for t in action_texts(menu(off, NOW)))

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import random
 import time
@@ -146,26 +147,48 @@ async def _connect_once(
     ended.  A relay that wins is reached through a local :class:`~.bridge_dial.BridgeForwarder`
     for this tunnel's life (the probe and the tunnel dial it unchanged)."""
     if not (config.candidates and config.tls is not None):
-        return await _tunnel(config, executor, shards, facts, weights, run)
+        return await _tunnel(config, executor, shards, facts, weights, run, path_to(config.master))
     chosen = await pick_path(config)
     if chosen is None:
         if not config.master:
             raise ConnectionError("no address of the master and no relay answered")
-        return await _tunnel(config, executor, shards, facts, weights, run)
+        return await _tunnel(config, executor, shards, facts, weights, run, path_to(config.master))
     if chosen.kind is not Kind.RELAY:
-        return await _tunnel(dataclasses.replace(config, master=chosen.address), executor, shards, facts, weights, run)
+        direct = dataclasses.replace(config, master=chosen.address)
+        return await _tunnel(direct, executor, shards, facts, weights, run, path_to(chosen.address))
     from .bridge_dial import BridgeForwarder
 
     async with BridgeForwarder(chosen.address, group=config.group) as forwarder:
         log.info("reaching the master through relay %s", chosen.address)
         relayed = dataclasses.replace(config, master=forwarder.address)
-        return await _tunnel(relayed, executor, shards, facts, weights, run)
+        return await _tunnel(relayed, executor, shards, facts, weights, run, f"relayed through {chosen.address}")
+
+
+def path_to(master: str) -> str:
+    """How a tunnel to ``master`` (HOST:PORT) goes, for people: "this PC", "LAN", "IPv6" or
+    "direct" (the same words the master uses for its members)."""
+    try:
+        ip = ipaddress.ip_address(parse_address(master)[0].split("%")[0])
+    except ValueError:
+        return "direct"  # a host name: where it leads is not known here
+    if ip.is_loopback:
+        return "this PC"
+    if not ip.is_global:
+        return "LAN"
+    return "IPv6" if ip.version == 6 else "direct"
 
 
 async def _tunnel(
-    config: WorkerConfig, executor: ThreadPoolExecutor, shards: dict, facts: dict, weights: WeightCache, run: Run
+    config: WorkerConfig,
+    executor: ThreadPoolExecutor,
+    shards: dict,
+    facts: dict,
+    weights: WeightCache,
+    run: Run,
+    path: str,
 ) -> str:
-    """One tunnel to ``config.master``, from dialling to its end; returns why it ended."""
+    """One tunnel to ``config.master``, from dialling to its end, reported (the ``connected``
+    event) as going by ``path``; returns why it ended."""
     run.events.emit("connecting", master=config.master)
     info = devices.pick(config.device)
     offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)
@@ -182,7 +205,7 @@ async def _tunnel(
     ):
         log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
         run.connected = True
-        run.events.emit("connected", master=config.master)
+        run.events.emit("connected", master=config.master, path=path)
         delay = config.link_delay_ms / 1000.0
         rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
         uplink = LinkShaper(delay, rate, ws.send_bytes)

@@ -117,6 +117,7 @@ class Controller(QObject):
         self.paused_until: float | None = None
         self._auto_paused = False
         self.layers: tuple[int, int] | None = None
+        self.worker_path: str | None = None  # how the worker's tunnel reaches the master (its "connected" event)
         self.num_layers: int | None = None
         self.worker_tps: float | None = None
         self.problem: str | None = None
@@ -175,6 +176,7 @@ class Controller(QObject):
             members_total=members_total,
             members=tuple(member_line(w) for w in workers) if self.hosting() else (),
             layers=self.layers,
+            path=self.worker_path,
             num_layers=self.num_layers,
             tokens_per_s=self.group_tps if self.hosting() else self.worker_tps,
             problem=self.problem if self.sharing is Sharing.PROBLEM else self.master_problem,
@@ -223,7 +225,7 @@ class Controller(QObject):
         self.paused_until = None
         self._auto_paused = False
         self.problem = None
-        self.layers = None
+        self.layers = self.worker_path = None
         self.worker_tps = None
         self._remember(paused_until=None, share_on_start=True)
         if self.worker is None:
@@ -262,7 +264,7 @@ class Controller(QObject):
 
     def _land(self, after: Sharing) -> None:
         self.sharing = move(self.sharing, after)
-        self.layers = None
+        self.layers = self.worker_path = None
         self.worker_tps = None
         paused = after is Sharing.PAUSED
         self._remember(share_on_start=paused, paused_until=self.paused_until if paused else None)
@@ -304,11 +306,13 @@ class Controller(QObject):
             self.worker_tps = float(tps) if isinstance(tps, (int, float)) else None
             self.changed.emit()
         elif kind in ("connected", "connecting"):
+            path = ev.get("path")
+            self.worker_path = str(path)[:120] if kind == "connected" and isinstance(path, str) else None
             if self.sharing is Sharing.PROBLEM:
                 self.problem = None
                 self._set(Sharing.STARTING)
         elif kind == "disconnected":
-            self.layers = None
+            self.layers = self.worker_path = None
             if self.sharing is Sharing.SHARING:
                 self._set(Sharing.STARTING)
         elif kind == "error":
@@ -320,7 +324,7 @@ class Controller(QObject):
     def _worker_crashed(self, code: int, lines: list) -> None:
         self.last_log = [str(x) for x in lines][-10:]
         self.problem = f"the worker stopped unexpectedly (exit code {code}); restarting"
-        self.layers = None
+        self.layers = self.worker_path = None
         if self.sharing in (Sharing.STARTING, Sharing.SHARING):
             self._set(Sharing.PROBLEM)
         elif self.sharing in (Sharing.FINISHING, Sharing.STOPPING):  # it died while leaving: it has left

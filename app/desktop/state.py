@@ -121,6 +121,7 @@ class TrayState:
     members_total: int | None = None
     members: tuple[str, ...] = ()  # hosting: a line per connected member (:func:`member_line`)
     layers: tuple[int, int] | None = None  # the range this PC serves
+    path: str | None = None  # sharing: how this PC's tunnel reaches the master ("LAN", "relayed through R", ...)
     num_layers: int | None = None
     tokens_per_s: float | None = None
     problem: str | None = None  # one sentence
@@ -189,6 +190,8 @@ def tooltip(s: TrayState, now: float) -> str:
     lines = ["MoLink", status_line(s, now)]
     if s.gpu:
         lines.append(s.gpu)
+    if s.path and s.sharing in (Sharing.SHARING, Sharing.FINISHING):
+        lines.append(f"Reaches the group: {s.path}")
     if s.hosting:
         lines.append("This PC runs the group" + (" (serving)" if s.group_serving else ""))
     return "\n".join(lines)
@@ -218,6 +221,8 @@ def menu(s: TrayState, now: float) -> list[Item]:
     ]
     if s.gpu:
         items.append(Action(Act.STATUS, s.gpu, enabled=False))
+    if s.path and s.sharing in (Sharing.SHARING, Sharing.FINISHING):
+        items.append(Action(Act.STATUS, f"Reaches the group: {s.path}", enabled=False))
     items += [
         Separator(),
         Action(Act.SHARE, share_text, enabled=can_share(s) and not leaving, checked=active or leaving),
