@@ -78,6 +78,7 @@ def test_settings_defaults_and_round_trip(tmp_path):
         chat_master="10.0.0.2:8000",
         paused_until=math.inf,
         first_run_done=True,
+        firewall_port=7733,
     )
     settings.save(paths, custom)
     assert settings.load(paths) == custom
@@ -95,6 +96,7 @@ def test_settings_defaults_and_round_trip(tmp_path):
         b'{"share_on_start": "yes"}',
         b'{"group_port": 70000}',
         b'{"group_port": true}',
+        b'{"firewall_port": 0}',
         b'{"group_host": "my-pc.local"}',
         b'{"memory_limit_gb": -1}',
         b'{"memory_limit_gb": NaN}',

@@ -244,3 +244,19 @@ def test_the_join_dialog_pairs_with_a_links_every_address():
     old = JoinLink(code="47-8203-1956", master="192.168.1.20:7733")  # a link without candidates
     assert pairing_target("47-8203-1956", "192.168.1.20:7733", old) == ("47-8203-1956", "192.168.1.20:7733")
     assert pairing_target("47-8203-1956", "", None) == ("47-8203-1956", None)
+
+
+def test_windows_asks_once_per_group_port_to_open_the_firewall(qtbot, tmp_path):
+    asked: list[str] = []
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
+    d = Desktop(c, use_tray=False, confirm=lambda q: asked.append(q) or False, exit_app=lambda: None)
+    qtbot.addWidget(d.window)
+    d.offer_firewall_rule({"group_port": 7733}, platform="linux")
+    assert asked == [] and c.settings.firewall_port is None
+    d.offer_firewall_rule({"group_port": 7733}, platform="win32")  # declined: remembered, no rule
+    assert len(asked) == 1 and "TCP port 7733" in asked[0] and c.settings.firewall_port == 7733
+    d.offer_firewall_rule({"group_port": 7733}, platform="win32")
+    assert len(asked) == 1  # never asked twice for one port
+    from app.desktop.settings import load
+
+    assert load(c.paths).firewall_port == 7733  # kept across launches

@@ -227,7 +227,7 @@ class Controller(QObject):
         self.problem = None
         self.layers = self.worker_path = None
         self.worker_tps = None
-        self._remember(paused_until=None, share_on_start=True)
+        self.remember(paused_until=None, share_on_start=True)
         if self.worker is None:
             self.worker = Supervisor("worker", self.worker_argv(), self.paths.logs_dir / "worker.log", parent=self)
             self.worker.engine_event.connect(self._worker_event)
@@ -267,7 +267,7 @@ class Controller(QObject):
         self.layers = self.worker_path = None
         self.worker_tps = None
         paused = after is Sharing.PAUSED
-        self._remember(share_on_start=paused, paused_until=self.paused_until if paused else None)
+        self.remember(share_on_start=paused, paused_until=self.paused_until if paused else None)
         self.changed.emit()
 
     def pause(self, seconds: float | None, auto: bool = False) -> None:
@@ -369,7 +369,7 @@ class Controller(QObject):
         elif decision is autopause.Decision.RESUME and self.sharing is Sharing.PAUSED and self._auto_paused:
             self._start_worker()
 
-    def _remember(self, **changes: object) -> None:
+    def remember(self, **changes: object) -> None:
         for k, v in changes.items():
             setattr(self.settings, k, v)
         try:
@@ -389,7 +389,7 @@ class Controller(QObject):
         if not self._ask_engine():
             self.master_failed.emit("the engine runtime is not installed yet")
             return
-        self._remember(model=model, group_name=name, group_port=port)
+        self.remember(model=model, group_name=name, group_port=port)
         args = [
             "group",
             "create",
@@ -529,7 +529,7 @@ class Controller(QObject):
             self._stop_worker(Sharing.OFF)
         self.paths.worker_dir.mkdir(parents=True, exist_ok=True)
         joined.save(self.paths.worker_dir)
-        self._remember(memory_limit_gb=memory_limit_gb)
+        self.remember(memory_limit_gb=memory_limit_gb)
         self.changed.emit()
         if share:
             self._start_worker()
@@ -541,7 +541,7 @@ class Controller(QObject):
         if self.worker is not None and self.worker.running():
             share_again = self.sharing in (Sharing.STARTING, Sharing.SHARING, Sharing.PROBLEM)
             self._stop_worker(Sharing.OFF)
-            self._remember(share_on_start=share_again)
+            self.remember(share_on_start=share_again)
         if self.master is not None and self.master.running():
             self.master.stop("stop", STOP_GRACE)
         self._maybe_quit()

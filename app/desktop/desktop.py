@@ -10,7 +10,9 @@ one at start, :mod:`app.desktop.selftest` makes one offscreen.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from typing import TypeVar, cast
 
@@ -20,6 +22,7 @@ from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon, QWidge
 
 from app.group import links
 
+from .background import Background
 from .controller import STOP_GRACE, Controller
 from .state import Act, Sharing
 from .tray import MainWindow, TrayView
@@ -71,9 +74,33 @@ class Desktop(QObject):
         controller.changed.connect(self._refresh)
         controller.notify.connect(self._notify)
         controller.quit_ready.connect(self._quit_now)
+        controller.master_ready.connect(self.offer_firewall_rule)
         self.dialogs: dict[str, QWidget] = {}
         self.chat = None  # ChatWindow, made on first use
         self._quitting = False
+
+    def offer_firewall_rule(self, info: dict, platform: str = sys.platform) -> None:
+        """Windows: once per group port, ask to let friends reach it through the firewall, and add
+        the rule off the Qt thread (one UAC prompt); the answer is remembered either way."""
+        from .system import firewall
+
+        port = info.get("group_port")
+        if not firewall.wanted(platform, port, self.c.settings.firewall_port, self.c.settings.group_host):
+            return
+        assert isinstance(port, int)  # noqa: S101 - wanted() checked it
+        self.c.remember(firewall_port=port)
+        if not self.confirm(firewall.QUESTION.format(port=port)):
+            return
+
+        async def add() -> str:
+            return await asyncio.to_thread(firewall.add_rule, port)
+
+        self._firewall = Background(add, firewall.ELEVATED_TIMEOUT + 10, self)
+        self._firewall.done.connect(
+            lambda why: self._notify("MoLink", why or f"Windows Firewall now lets friends reach port {port}.")
+        )
+        self._firewall.failed.connect(lambda why: self._notify("MoLink: the firewall rule was not added", why))
+        self._firewall.start()
 
     def _late_tray(self) -> None:
         if self.tray is not None or not QSystemTrayIcon.isSystemTrayAvailable():

@@ -53,6 +53,7 @@ class Settings:
     chat_master: str = ""  # host:port of a remote master for the chat window; "" = this PC's master
     paused_until: float | None = None  # epoch seconds the pause ends; math.inf = until the user resumes
     first_run_done: bool = False  # the first-run wizard was completed
+    firewall_port: int | None = None  # Windows: the group port last offered a firewall rule (asked once)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ def _check(name: str, v: object) -> Any:  # the type of the field ``name``
     elif name == "group_host":
         if isinstance(v, str) and _is_address(v):
             return v
-    elif name == "group_port":
+    elif name in ("group_port", "firewall_port"):
+        if v is None and name == "firewall_port":
+            return None
         if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535:
             return v
     elif name == "paused_until":

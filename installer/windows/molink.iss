@@ -86,6 +86,7 @@ const
   RunKey = 'Software\Microsoft\Windows\CurrentVersion\Run';
   ApprovedKey = 'Software\Microsoft\Windows\CurrentVersion\Explorer\StartupApproved\Run';
   EnvKey = 'Environment';
+  AppKey = 'Software\MoLink';
   UninstallKey = 'Software\Microsoft\Windows\CurrentVersion\Uninstall\{6F3E2A94-1C5B-4E7D-9A38-2B7C5D1E8F40}_is1';
 
 function IsUpgrade: Boolean;
@@ -161,6 +162,8 @@ end;
 procedure CurUninstallStepChanged(CurUninstallStep: TUninstallStep);
 var
   Data: String;
+  Port: Cardinal;
+  Code: Integer;
 begin
   if CurUninstallStep = usUninstall then
   begin
@@ -168,6 +171,15 @@ begin
     { start at login, whoever turned it on (setup or the app's settings) }
     RegDeleteValue(HKCU, RunKey, 'MoLink');
     RegDeleteValue(HKCU, ApprovedKey, 'MoLink');
+    { the firewall rule, only when the app added one (app/desktop/system/firewall.py records its port):
+      removing it needs the same one elevation that adding it did }
+    if RegQueryDWordValue(HKCU, AppKey, 'FirewallRulePort', Port) then
+    begin
+      ShellExec('runas', ExpandConstant('{sys}\netsh.exe'), 'advfirewall firewall delete rule name="MoLink group port"',
+        '', SW_HIDE, ewWaitUntilTerminated, Code);
+      RegDeleteValue(HKCU, AppKey, 'FirewallRulePort');
+      RegDeleteKeyIfEmpty(HKCU, AppKey);
+    end;
   end;
   if CurUninstallStep = usPostUninstall then
   begin
