@@ -18,6 +18,11 @@ again on :meth:`changed` (and checked at every ping), so the pairing code alone 
 group at the relay.  A lost or refused control connection is dialled again after a backoff
 (0.5 s doubling to ``MAX_BACKOFF``, with jitter): a relay that restarts heals on its own.
 ``state`` is a :class:`BridgeState`; ``last_error`` says why the last attempt failed.
+
+``mapped_port()`` (0: none) is the port the home router maps to this master's group port: at
+each registration, and whenever it changes, the relay is asked to check it from outside
+(``Check``); ``on_checked(port, reachable, why)`` hears the answer (reachable: this master's own
+certificate answered there).
 ``stop()`` ends the task and every dial-back in progress.
 """
 
@@ -38,6 +43,8 @@ from worker_core.bridge_wire import (
     BridgeError,
     Call,
     Challenge,
+    Check,
+    Checked,
     Error,
     Nameplates,
     Ok,
@@ -93,8 +100,12 @@ class BridgeHost:
         identity: Identity,
         nameplates: Callable[[], list[str]],
         hand_over: Callable[[socket.socket, str], Awaitable[None]],
+        mapped_port: Callable[[], int] = lambda: 0,
+        on_checked: Callable[[int, bool, str], object] = lambda port, ok, why: None,
     ) -> None:
         self.relay = relay
+        self.mapped_port = mapped_port
+        self.on_checked = on_checked
         self.host, self.port = split_address(relay)
         self.identity = identity
         self.nameplates = nameplates
@@ -177,7 +188,10 @@ class BridgeHost:
             self._to(BridgeState.REGISTERED)
             self.registrations += 1
             log.info("registered at relay %s (group %s)", self.relay, self.identity.fingerprint[:16])
-            pinger = asyncio.create_task(self._ping(writer, sent))
+            asked = self.mapped_port()
+            if asked:
+                writer.write(encode(Check(asked)))  # is the mapped port reachable from outside?
+            pinger = asyncio.create_task(self._ping(writer, sent, asked))
             try:
                 while True:
                     msg = await read_frame(reader.readexactly)
@@ -185,6 +199,8 @@ class BridgeHost:
                         task = asyncio.create_task(self._dial_back(msg))
                         self._calls.add(task)
                         task.add_done_callback(self._calls.discard)
+                    elif isinstance(msg, Checked):
+                        self._checked(msg)
                     elif isinstance(msg, Error):
                         raise BridgeError(f"{msg.reason} ({msg.code})")
                     elif not isinstance(msg, Pong):
@@ -195,7 +211,7 @@ class BridgeHost:
         finally:
             writer.close()
 
-    async def _ping(self, writer: asyncio.StreamWriter, sent: list[str]) -> None:
+    async def _ping(self, writer: asyncio.StreamWriter, sent: list[str], asked: int) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), PING_INTERVAL)
@@ -204,8 +220,19 @@ class BridgeHost:
             if now != sent:
                 writer.write(encode(Nameplates(tuple(now))))
                 sent = now
+            port = self.mapped_port()
+            if port and port != asked:  # the mapping moved: check the new port
+                writer.write(encode(Check(port)))
+                asked = port
             writer.write(encode(Ping()))
             await writer.drain()
+
+    def _checked(self, msg: Checked) -> None:
+        """The relay's answer to a ``Check``: reachable when this master's certificate answered."""
+        ok = msg.fingerprint == self.identity.fingerprint
+        why = "" if ok else (msg.reason or "another certificate answered there")
+        log.info("relay %s checked port %d from outside: %s", self.relay, msg.port, "reachable" if ok else why)
+        self.on_checked(msg.port, ok, why)
 
     @staticmethod
     async def _answer(reader: asyncio.StreamReader) -> object:

@@ -11,10 +11,12 @@ public (a private or 100.64/10 "external" address means another NAT: nobody outs
 it).  With ``relay`` (``HOST:PORT`` of the relay the group registers at) the relay is a
 candidate too (kind ``relay``, last: members race it after the direct ones; a relay candidate is
 dialled by the group's fingerprint or the code's nameplate, never as the master itself).
-``candidates()`` is the current list (LAN first); ``summary()`` says in one sentence who
-can join and why; ``await stop()`` removes the mapping.  A mapping that changes (renewal gave
-another port, the router restarted) changes ``candidates()`` at once.  Loopback-bound masters
-(tests) map nothing and list only their address.
+``candidates()`` is the current list (LAN first); ``summary()`` says in one sentence who can join
+and why; where the relay checked the mapped port from outside (``checked``, from
+:class:`~master_core.bridge_host.BridgeHost`), the mapped candidate is ``verified`` when this
+master answered there, and the summary says what the check found; ``await stop()`` removes the
+mapping. A mapping that changes (renewal gave another port, the router restarted) changes
+``candidates()`` at once. Loopback-bound masters (tests) map nothing and list only their address.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Reach:
         self.mapper = None  # worker_core.portmap.PortMapper while mapping
         self._lan: list[Candidate] = []
         self.failure = ""
+        self._check: tuple[int, bool, str] | None = None  # (port, reachable, why) as the relay found it
 
     async def start(self) -> None:
         import asyncio
@@ -83,11 +86,26 @@ class Reach:
         if self.mapper is not None:
             await self.mapper.stop()
 
+    def mapped_port(self) -> int:
+        """The external port of a public mapping (0: none): what the relay is asked to check."""
+        m = self.mapper.mapping if self.mapper is not None else None
+        return m.external_port if m is not None and m.reachable else 0
+
+    def checked(self, port: int, reachable: bool, why: str) -> None:
+        """The relay dialled the mapped ``port`` from outside: whether this master answered."""
+        self._check = (port, reachable, why)
+
+    def _checked_now(self, port: int) -> tuple[bool, str] | None:
+        if self._check is None or self._check[0] != port:
+            return None  # not checked, or an older mapping was
+        return self._check[1], self._check[2]
+
     def mapped(self) -> Candidate | None:
         m = self.mapper.mapping if self.mapper is not None else None
         if m is None or not m.reachable:
             return None
-        return Candidate(Kind.MAPPED, m.external_host, m.external_port)
+        check = self._checked_now(m.external_port)
+        return Candidate(Kind.MAPPED, m.external_host, m.external_port, verified=bool(check and check[0]))
 
     def candidates(self) -> list[Candidate]:
         mapped = self.mapped()
@@ -96,7 +114,16 @@ class Reach:
     def summary(self) -> str:
         mapped = self.mapped()
         if mapped is not None:
-            return f"friends anywhere can join: port {mapped.port} mapped on your router ({mapped.address})"
+            said = f"friends anywhere can join: port {mapped.port} mapped on your router ({mapped.address}"
+            check = self._checked_now(mapped.port)
+            if check is not None and self.relay is not None:
+                ok, why = check
+                said += (
+                    f"; checked from outside by relay {self.relay.address}"
+                    if ok
+                    else (f"; but relay {self.relay.address} could not reach it from outside: {why}")
+                )
+            return said + ")"
         m = self.mapper.mapping if self.mapper is not None else None
         if m is not None:
             why = f"your router's own address {m.external_host} is behind another NAT (carrier-grade NAT?)"

@@ -220,7 +220,20 @@ class Master:
             from .bridge_host import BridgeHost
 
             self.group_port.relay = cfg.relay
-            self.bridge = BridgeHost(cfg.relay, identity, self.invitations.nameplates, self.group_port.accept_bridged)
+            reach = self.reach
+
+            def checked(port: int, ok: bool, why: str) -> None:
+                reach.checked(port, ok, why)
+                log.info("%s", reach.summary())
+
+            self.bridge = BridgeHost(
+                cfg.relay,
+                identity,
+                self.invitations.nameplates,
+                self.group_port.accept_bridged,
+                mapped_port=reach.mapped_port,
+                on_checked=checked,
+            )
             await self.bridge.start()
         self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)
         await self._advertiser.start()

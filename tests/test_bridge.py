@@ -19,11 +19,14 @@ from master_core.bridge_host import BridgeHost, BridgeState
 from worker_core.bridge_dial import BridgeForwarder, BridgeRefused, open_bridged
 from worker_core.bridge_server import BridgeLimits, BridgeServer
 from worker_core.bridge_wire import (
+    CHECK_SNI,
     HEADER,
     MAGIC,
     Accept,
     Call,
     Challenge,
+    Check,
+    Checked,
     Dial,
     Error,
     Malformed,
@@ -390,3 +393,86 @@ def test_relay_settings_are_checked_before_anything_starts():
     for bad in ("x:0", "x:70000", ":1", "a b:1", "x"):
         with pytest.raises(ValueError):
             split_address(bad)
+
+
+# ---------------------------------------------------------------- checking a mapped port from outside
+
+
+async def _tls_server(identity) -> asyncio.Server:
+    """A TLS listener on loopback presenting ``identity``'s certificate (the group port's stand-in)."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(identity.cert_path, identity.key_path)
+
+    async def answer(reader, writer):
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0, ssl=ctx)
+
+
+def test_the_relay_checks_a_masters_mapped_port_from_outside_once_per_interval(tmp_path):
+    """The relay dials the master's own address (here loopback) at the asked port and says whose
+    certificate answered: the master's own (reachable), a stranger's, or nothing; a second check
+    within the interval is refused; bad Check frames are malformed."""
+    assert parse({"type": "check", "port": 7733}) == Check(7733)
+    assert parse({"type": "checked", "port": 7733, "fingerprint": "ab" * 32}) == Checked(7733, "ab" * 32)
+    for bad in (
+        {"type": "check", "port": 0},
+        {"type": "check", "port": "7733"},
+        {"type": "checked", "port": 1, "fingerprint": "x"},
+    ):
+        with pytest.raises(Malformed):
+            parse(bad)
+    from worker_core.pairing import PAIR_SNI
+
+    assert CHECK_SNI == PAIR_SNI  # the group port answers it without a client certificate
+
+    async def main():
+        identity = load_or_create(tmp_path / "master", "master")
+        stranger = load_or_create(tmp_path / "stranger", "stranger")
+        own, other = await _tls_server(identity), await _tls_server(stranger)
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        ports = {
+            "own": own.sockets[0].getsockname()[1],
+            "other": other.sockets[0].getsockname()[1],
+            "closed": closed.getsockname()[1],
+        }
+        server = BridgeServer(BridgeLimits(check_interval=0.5))
+        await server.start("127.0.0.1", 0)
+        heard: list[tuple[int, bool, str]] = []
+        asked = ["own"]
+        host = BridgeHost(
+            f"127.0.0.1:{server.port}",
+            identity,
+            lambda: [],
+            _echo,
+            mapped_port=lambda: ports[asked[0]],
+            on_checked=lambda port, ok, why: heard.append((port, ok, why)),
+        )
+        await host.start()
+        try:
+            await _until(lambda: len(heard) == 1)
+            assert heard[0] == (ports["own"], True, "")
+            for name, why in (("other", "another certificate"), ("closed", "ConnectionRefusedError")):
+                await asyncio.sleep(0.6)  # past the relay's interval
+                asked[0] = name
+                host.changed()  # the mapping moved: the next ping asks again
+                before = len(heard)
+                await _until(lambda: len(heard) == before + 1)  # noqa: B023 - awaited here, in this iteration
+                port, ok, said = heard[-1]
+                assert port == ports[name] and not ok and why in said, heard[-1]
+            assert server.stats()["checks"] == 3
+            # a second check within the interval: no dial, a reason
+            group = server.groups[identity.fingerprint]
+            answer = await server._check(group, group.writer, ports["own"])
+            assert answer == Checked(ports["own"], "", "one check per 0.5 s") and server.stats()["checks"] == 3
+        finally:
+            await host.stop()
+            await server.stop()
+            for s in (own, other):
+                s.close()
+            closed.close()
+
+    run(main(), 60)

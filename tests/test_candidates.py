@@ -216,3 +216,30 @@ def test_a_link_with_a_relay_pairs_and_serves_through_it_when_nothing_direct_ans
             await relay.stop()
 
     run(scenario(), 120)
+
+
+def test_a_mapped_port_the_relay_reached_from_outside_is_a_verified_candidate():
+    """The mapping alone is a candidate; the relay's check marks it verified (``~v`` in the
+    link, tried first among its kind) and the summary says what the check found."""
+    from types import SimpleNamespace
+
+    from master_core.reach import Reach
+    from worker_core.candidates import Kind
+    from worker_core.portmap import Mapping
+
+    reach = Reach(7733, "0.0.0.0", map_port=False, relay="25.0.0.100:7735")
+    reach.mapper = SimpleNamespace(mapping=Mapping("upnp", 7733, "25.0.0.10", 7733, 3600))
+    assert reach.mapped_port() == 7733
+    mapped = reach.mapped()
+    assert mapped is not None and mapped.kind is Kind.MAPPED and not mapped.verified
+    assert reach.summary() == "friends anywhere can join: port 7733 mapped on your router (25.0.0.10:7733)"
+    reach.checked(7733, True, "")
+    assert reach.mapped().to_text() == "mapped~25.0.0.10:7733~v"
+    assert reach.summary().endswith("(25.0.0.10:7733; checked from outside by relay 25.0.0.100:7735)")
+    reach.checked(7733, False, "ConnectionRefusedError: refused")
+    assert not reach.mapped().verified
+    assert "relay 25.0.0.100:7735 could not reach it from outside: ConnectionRefusedError" in reach.summary()
+    reach.checked(40000, True, "")  # a check of an older mapping says nothing of this one
+    assert not reach.mapped().verified and "checked" not in reach.summary()
+    reach.mapper = SimpleNamespace(mapping=Mapping("upnp", 7733, "100.64.0.5", 7733, 3600))  # behind a carrier NAT
+    assert reach.mapped_port() == 0 and reach.mapped() is None

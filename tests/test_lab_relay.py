@@ -258,3 +258,23 @@ def test_master_behind_carrier_nat_serves_a_friend_through_the_relay_which_sees_
     seen = check_relayed(conns, plain)
     assert seen["control"] >= 1 and seen["dial"] >= 3 and seen["accept"] == seen["dial"], seen  # pair, probe, tunnel
     assert seen["tls_bytes"] > 4 * len(layer), seen  # the four layers' weights went through it
+
+
+@pytest.mark.slow
+def test_the_relay_checks_a_mapped_port_from_outside_and_the_link_marks_it_verified(relaylab, ckpt, tmp_path):
+    """Master on b (its router maps the group port) registered at the relay: the relay dials the
+    mapped address from the internet, b's master answers with its own certificate, so the master
+    says so and its join link marks the mapped candidate verified (``~v``)."""
+    lab, relay = relaylab
+    wan = lab.wan_address("b")
+    master = Proc(lab, "b", ["group", "create", "--model", str(ckpt), "--port", "7733", "--api-port", "8000",
+                             "--data-dir", str(tmp_path / "m"), "--name", "near", "--relay", relay])  # fmt: skip
+    try:
+        master.wait_for(lambda line: line.startswith("Pairing code:"), 120)
+        said = master.wait_for(lambda line: "checked from outside by relay" in line, 30)
+        assert f"port 7733 mapped on your router ({wan}:7733; checked from outside by relay {relay})" in said, said
+        code = lab.run("b", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir", str(tmp_path / "m")])
+        link = next(x for x in code.stdout.splitlines() if x.startswith("Join link:")).split()[-1]
+        assert f"mapped~{wan}:7733~v" in link, link
+    finally:
+        master.stop()

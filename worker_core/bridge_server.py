@@ -23,7 +23,9 @@ or expired session key, a malformed, oversize or wrong-version preamble, no prea
 not answer.  Spliced sessions are rate-limited per direction (``session_rate``) and together
 (``global_rate``), closed after ``idle_timeout`` without a byte, and, once one side ended
 (half-close is passed on), closed ``half_open_timeout`` later.  A control connection silent
-for ``control_timeout`` is dropped (the master pings).
+for ``control_timeout`` is dropped (the master pings).  A registered master may ask the relay to
+check its port from outside (``Check``): the relay dials only the master's own address, once per
+``check_interval``, bounded by ``check_timeout``, and says whose certificate answered.
 
 ``tap(session, direction, data)``, when given, sees every spliced chunk ("up": dialer to
 master): for tests and measurement only.  ``stats()`` counts groups, sessions and bytes.
@@ -35,6 +37,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import secrets
 import ssl
 import time
@@ -43,10 +46,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .bridge_wire import (
+    CHECK_SNI,
     Accept,
     BridgeError,
     Call,
     Challenge,
+    Check,
+    Checked,
     Dial,
     Error,
     Message,
@@ -83,6 +89,8 @@ class BridgeLimits:
     idle_timeout: float = 300.0  # seconds a spliced session may carry no byte
     half_open_timeout: float = 30.0  # seconds a session lives on after one side ended
     control_timeout: float = 45.0  # seconds a master's control connection may stay silent
+    check_interval: float = 10.0  # seconds between two reachability checks of one group's port
+    check_timeout: float = 5.0  # seconds a check may take (connect and TLS handshake)
 
 
 class Bucket:
@@ -108,6 +116,7 @@ class _Group:
     writer: asyncio.StreamWriter  # the control connection
     nameplates: frozenset[str] = frozenset()
     sessions: int = 0
+    checked_at: float = -math.inf  # monotonic time of the last reachability check
 
 
 @dataclass
@@ -137,6 +146,7 @@ class BridgeServer:
         self._tasks: set[asyncio.Task] = set()
         self.bytes_spliced = 0
         self.sessions_spliced = 0
+        self.checks = 0  # reachability checks made (Check)
         self.refused: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -160,6 +170,7 @@ class BridgeServer:
             "open_connections": self._open,
             "sessions_spliced": self.sessions_spliced,
             "bytes_spliced": self.bytes_spliced,
+            "checks": self.checks,
             "refused": dict(self.refused),
         }
 
@@ -267,6 +278,8 @@ class BridgeServer:
                     await self._send(writer, Pong())
                 elif isinstance(msg, Nameplates):
                     group.nameplates = frozenset(msg.nameplates)
+                elif isinstance(msg, Check):
+                    await self._send(writer, await self._check(group, writer, msg.port))
                 else:
                     await self._refuse(writer, "malformed", f"unexpected {type(msg).__name__.lower()} on control")
                     return
@@ -274,6 +287,32 @@ class BridgeServer:
             if self.groups.get(reg.group) is group:
                 del self.groups[reg.group]
                 log.info("group %s unregistered", reg.group[:16])
+
+    async def _check(self, group: _Group, writer: asyncio.StreamWriter, port: int) -> Checked:
+        """Dial the master's own address (where its control connection comes from) at ``port``,
+        TLS without checking, and say whose certificate answered; one check per
+        ``check_interval`` per group, each bounded by ``check_timeout``."""
+        now = time.monotonic()
+        if now - group.checked_at < self.limits.check_interval:
+            return Checked(port, "", f"one check per {self.limits.check_interval:g} s")
+        group.checked_at = now
+        self.checks += 1
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE  # whose certificate it is, is the answer
+        try:
+            _, w = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=tls, server_hostname=CHECK_SNI), self.limits.check_timeout
+            )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+            return Checked(port, "", f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__)
+        try:
+            der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            w.close()
+        log.info("group %s: port %d checked from here", group.fingerprint[:16], port)
+        return Checked(port, hashlib.sha256(der).hexdigest() if der else "", "" if der else "no certificate")
 
     # ------------------------------------------------------------------ dialers
     def _find(self, dial: Dial) -> _Group | str:

@@ -25,6 +25,12 @@ Who sends what (every first frame within the relay's preamble timeout):
   then the spliced bytes (the dialer's TLS ClientHello is the first).
 * the master's data connection for a call: ``Accept(session)`` -> ``Ok``, then the spliced bytes.
 * any refusal: ``Error(code, reason)``, then the relay closes.
+* on the control connection, ``Check(port)`` from the master: the relay dials the address the
+  control connection comes from at ``port`` (nothing else: it is no port scanner for anyone),
+  makes a TLS handshake there (server name :data:`CHECK_SNI`, no certificate checked) and answers
+  ``Checked(port, fingerprint, reason)``: the SHA-256 fingerprint of the certificate that
+  answered ("" with the reason when nothing did).  So a master learns, from outside its home,
+  whether its mapped port reaches it.
 
 ``read_frame(recv_exactly)`` reads one frame through a callable that returns exactly ``n``
 bytes (a stream's ``readexactly`` or :func:`sock_reader`'s, which never reads past the frame,
@@ -54,6 +60,7 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 _NAMEPLATE = re.compile(r"[1-9][0-9]")
 
 PROOF_LABEL = b"molink-bridge-register/1\x00"
+CHECK_SNI = "molink-pair"  # the group port's pairing server name (worker_core.pairing.PAIR_SNI): no client certificate
 
 
 class BridgeError(Exception):
@@ -115,6 +122,18 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class Check:
+    port: int  # dial the control connection's own address at this port
+
+
+@dataclass(frozen=True)
+class Checked:
+    port: int
+    fingerprint: str  # SHA-256 of the certificate that answered there, 64 hex digits; "": nothing did
+    reason: str = ""  # why not, when nothing did
+
+
+@dataclass(frozen=True)
 class Dial:
     group: str = ""  # fingerprint, or
     nameplate: str = ""  # a pairing code's first two digits
@@ -142,10 +161,40 @@ class Error:
     reason: str
 
 
-Message = Register | Challenge | Proof | Registered | Nameplates | Ping | Pong | Dial | Call | Accept | Ok | Error
+Message = (
+    Register
+    | Challenge
+    | Proof
+    | Registered
+    | Nameplates
+    | Ping
+    | Pong
+    | Check
+    | Checked
+    | Dial
+    | Call
+    | Accept
+    | Ok
+    | Error
+)
 _TYPES: dict[str, type] = {
     c.__name__.lower(): c
-    for c in (Register, Challenge, Proof, Registered, Nameplates, Ping, Pong, Dial, Call, Accept, Ok, Error)
+    for c in (
+        Register,
+        Challenge,
+        Proof,
+        Registered,
+        Nameplates,
+        Ping,
+        Pong,
+        Check,
+        Checked,
+        Dial,
+        Call,
+        Accept,
+        Ok,
+        Error,
+    )
 }
 
 
@@ -169,6 +218,13 @@ def _nameplates(obj: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
+def _port(obj: dict) -> int:
+    value = obj.get("port")
+    if type(value) is not int or not 0 < value < 65536:
+        raise Malformed("port: an integer 1..65535 is required")
+    return value
+
+
 def parse(obj: object) -> Message:
     """The typed message of a decoded JSON body, or :class:`Malformed`."""
     if not isinstance(obj, dict):
@@ -185,6 +241,11 @@ def parse(obj: object) -> Message:
         return Proof(_text(obj, "signature", 1024))
     if kind is Nameplates:
         return Nameplates(_nameplates(obj))
+    if kind is Check:
+        return Check(_port(obj))
+    if kind is Checked:
+        fingerprint = _text(obj, "fingerprint", 64, _HEX64, required=False)
+        return Checked(_port(obj), fingerprint, _text(obj, "reason", 300, required=False))
     if kind is Dial:
         group = _text(obj, "group", 64, _HEX64, required=False)
         nameplate = _text(obj, "nameplate", 2, _NAMEPLATE, required=False)
