@@ -260,3 +260,42 @@ def test_windows_asks_once_per_group_port_to_open_the_firewall(qtbot, tmp_path):
     from app.desktop.settings import load
 
     assert load(c.paths).firewall_port == 7733  # kept across launches
+
+
+QUIT_WHILE_LOOKING = """
+import asyncio, sys
+from PySide6.QtWidgets import QApplication
+from app.desktop.background import Background
+app = QApplication([])
+b = Background(lambda: asyncio.sleep(60), 120)  # a LAN look-up or a pairing still under way
+b.start()
+sys.exit(0)  # the user quits: the process must end cleanly, not abort
+"""
+
+
+def test_background_work_reports_on_the_qt_thread_and_never_holds_up_quitting(qtbot):
+    import asyncio
+    import os
+    import threading
+
+    from app.desktop.background import Background
+
+    seen: list = []
+
+    async def answer() -> int:
+        await asyncio.sleep(0.05)
+        return 42
+
+    b = Background(answer, 10)
+    b.done.connect(lambda r: seen.append((r, threading.current_thread() is threading.main_thread())))
+    b.start()
+    qtbot.waitUntil(lambda: bool(seen), timeout=5000)
+    assert seen == [(42, True)]
+    late = Background(lambda: asyncio.sleep(5), 0.1)
+    late.failed.connect(lambda why: seen.append(why))
+    late.start()
+    qtbot.waitUntil(lambda: len(seen) == 2, timeout=5000)
+    assert seen[1] == "no answer within 0 seconds"
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    done = subprocess.run([sys.executable, "-c", QUIT_WHILE_LOOKING], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])  # a QThread here aborted: 134

@@ -95,7 +95,7 @@ class Desktop(QObject):
         async def add() -> str:
             return await asyncio.to_thread(firewall.add_rule, port)
 
-        self._firewall = Background(add, firewall.ELEVATED_TIMEOUT + 10, self)
+        self._firewall = Background(add, firewall.ELEVATED_TIMEOUT + 10)
         self._firewall.done.connect(
             lambda why: self._notify("MoLink", why or f"Windows Firewall now lets friends reach port {port}.")
         )

@@ -274,7 +274,7 @@ class CreateGroupDialog(QDialog):
 
             folder, name = self.c.paths.worker_dir, socket.gethostname()
             self._self_join = Background(
-                lambda: pair_with_group(code_info["code"], f"127.0.0.1:{port}", folder, name), PAIR_TIMEOUT, self
+                lambda: pair_with_group(code_info["code"], f"127.0.0.1:{port}", folder, name), PAIR_TIMEOUT
             )
             self._self_join.done.connect(self._joined_own)
             self._self_join.failed.connect(
@@ -425,7 +425,7 @@ class JoinDialog(QDialog):
         self.found.clear()
         self.found.addItem("Looking…")
         self.refresh.setEnabled(False)
-        self._browse = Background(lambda: browse(BROWSE_SECONDS), BROWSE_SECONDS + 10, self)
+        self._browse = Background(lambda: browse(BROWSE_SECONDS), BROWSE_SECONDS + 10)
         self._browse.done.connect(self._masters)
         self._browse.failed.connect(
             lambda why: (self.found.clear(), self.found.addItem(f"Cannot look: {why}"), self.refresh.setEnabled(True))
@@ -467,7 +467,7 @@ class JoinDialog(QDialog):
 
         folder, name = self.c.paths.worker_dir, self.name.text().strip() or socket.gethostname()
         self._pairing = Background(
-            lambda: pair_with_group(code, address, folder, name), PAIR_TIMEOUT, self, describe=_friendly
+            lambda: pair_with_group(code, address, folder, name), PAIR_TIMEOUT, describe=_friendly
         )
         self._pairing.done.connect(self._paired)
         self._pairing.failed.connect(self._failed)
