@@ -79,6 +79,7 @@ def test_settings_defaults_and_round_trip(tmp_path):
         paused_until=math.inf,
         first_run_done=True,
         firewall_port=7733,
+        relay="relay.example.net:7735",
     )
     settings.save(paths, custom)
     assert settings.load(paths) == custom
@@ -97,6 +98,7 @@ def test_settings_defaults_and_round_trip(tmp_path):
         b'{"group_port": 70000}',
         b'{"group_port": true}',
         b'{"firewall_port": 0}',
+        b'{"relay": "no port here"}',
         b'{"group_host": "my-pc.local"}',
         b'{"memory_limit_gb": -1}',
         b'{"memory_limit_gb": NaN}',

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -297,5 +298,70 @@ def test_background_work_reports_on_the_qt_thread_and_never_holds_up_quitting(qt
     qtbot.waitUntil(lambda: len(seen) == 2, timeout=5000)
     assert seen[1] == "no answer within 0 seconds"
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
-    done = subprocess.run([sys.executable, "-c", QUIT_WHILE_LOOKING], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", QUIT_WHILE_LOOKING], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, (done.returncode, done.stderr[-500:])  # a QThread here aborted: 134
+
+
+def test_create_and_join_dialogs_take_a_relay(qtbot, tmp_path, monkeypatch):
+    """A group created with a relay registers there (``--relay``); the join dialog finds a
+    group through a relay by the code alone; a bad address is one sentence, nothing starts; the
+    relay is remembered for next time."""
+    from app.desktop.dialogs import CreateGroupDialog, JoinDialog
+
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
+    started: list = []
+    monkeypatch.setattr(c, "create_group", lambda *a: started.append(a))
+    create = CreateGroupDialog(c)
+    qtbot.addWidget(create)
+    create.relay.setText("no port")
+    create.create()
+    assert started == [] and "HOST:PORT" in create.error.text()
+    create.relay.setText("relay.example.net:7735")
+    create.create()
+    assert started and started[0][-1] == "relay.example.net:7735"
+
+    paired: list = []
+
+    async def fake_pair(code, address, folder, name, relay):
+        paired.append((code, address, relay))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("app.group.client.pair", fake_pair)
+    join = JoinDialog(c)
+    qtbot.addWidget(join)
+    join.code.setText("47-8203-1956")
+    join.relay.setText("nope")
+    join.join()
+    assert paired == [] and "HOST:PORT" in join.error.text() and join.join_button.isEnabled()
+    join.relay.setText("relay.example.net:7735")
+    join.join()
+    qtbot.waitUntil(lambda: bool(paired) and join.join_button.isEnabled(), timeout=5000)
+    assert paired == [("47-8203-1956", None, "relay.example.net:7735")]  # by the code alone, at the relay
+    assert c.settings.relay == "relay.example.net:7735"
+    assert JoinDialog(c).relay.text() == "relay.example.net:7735"  # remembered
+
+
+def test_create_group_passes_the_relay_to_the_master(tmp_path, monkeypatch):
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
+    monkeypatch.setattr(c, "_ask_engine", lambda: True)
+    argv: list = []
+
+    class FakeSupervisor:
+        def __init__(self, name, args, *a, **k):
+            argv.extend(args)
+            self.engine_event = self.crashed = self.stopped = SimpleNamespace(connect=lambda f: None)
+
+        def start(self):
+            pass
+
+        def running(self):
+            return False
+
+    monkeypatch.setattr("app.desktop.controller.Supervisor", FakeSupervisor)
+    c.create_group("default", "g", 7733, "relay.example.net:7735")
+    assert argv[argv.index("--relay") + 1] == "relay.example.net:7735"
+    argv.clear()
+    c.create_group("default", "g", 7733)
+    assert "--relay" not in argv

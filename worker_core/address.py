@@ -84,3 +84,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_address(text: str) -> bool:
+    """Whether ``text`` is a HOST:PORT :func:`parse_address` takes."""
+    try:
+        parse_address(text)
+    except BadAddress:
+        return False
+    return True

@@ -378,8 +378,9 @@ class Controller(QObject):
             log.warning("cannot save settings: %s", e)
 
     # ------------------------------------------------------------------ hosting a group
-    def create_group(self, model: str, name: str, port: int) -> None:
-        """Start ``molink group create`` on this PC; ``master_ready`` or ``master_failed`` follows."""
+    def create_group(self, model: str, name: str, port: int, relay: str = "") -> None:
+        """Start ``molink group create`` on this PC (registered at ``relay``, HOST:PORT, when
+        given); ``master_ready`` or ``master_failed`` follows."""
         if self.hosting():
             self.master_failed.emit("this PC already runs a group")
             return
@@ -389,7 +390,7 @@ class Controller(QObject):
         if not self._ask_engine():
             self.master_failed.emit("the engine runtime is not installed yet")
             return
-        self.remember(model=model, group_name=name, group_port=port)
+        self.remember(model=model, group_name=name, group_port=port, relay=relay)
         args = [
             "group",
             "create",
@@ -407,6 +408,8 @@ class Controller(QObject):
         ]
         if name:
             args += ["--name", name]
+        if relay:
+            args += ["--relay", relay]
         self.master_info = None
         self.master_problem = None
         self.master = Supervisor(

@@ -168,6 +168,8 @@ class CreateGroupDialog(QDialog):
         self.port = QSpinBox()
         self.port.setRange(1024, 65535)
         self.port.setValue(s.group_port)
+        self.relay = QLineEdit(s.relay)
+        self.relay.setPlaceholderText("optional: HOST:PORT of a relay (molink relay) friends reach when this PC is not")
         self.share_too = QCheckBox("Also share this PC's GPU with the group")
         self.share_too.setChecked(True)
         self.create_button = QPushButton("Create group")
@@ -206,6 +208,7 @@ class CreateGroupDialog(QDialog):
         fields = QFormLayout()
         fields.addRow("Group name", self.name)
         fields.addRow("Group port", self.port)
+        fields.addRow("Relay", self.relay)
         form.addLayout(fields)
         form.addWidget(self.share_too)
         form.addWidget(self.status)
@@ -242,12 +245,18 @@ class CreateGroupDialog(QDialog):
         if not model:
             self.error.setText("Choose a model: a folder or .gguf file, or a Hugging Face id.")
             return
+        relay = self.relay.text().strip()
+        from worker_core.address import is_address
+
+        if relay and not is_address(relay):
+            self.error.setText("The relay's address looks like relay.example.net:7735 (HOST:PORT).")
+            return
         self.error.clear()
         self.create_button.setEnabled(False)
         self.status.setText(
             "Starting the group… (the first start converts or downloads the model and can take minutes)"
         )
-        self.c.create_group(model, self.name.text().strip(), self.port.value())
+        self.c.create_group(model, self.name.text().strip(), self.port.value(), relay)
 
     def _failed(self, reason: str) -> None:
         self.create_button.setEnabled(True)
@@ -359,6 +368,8 @@ class JoinDialog(QDialog):
         self.refresh = QPushButton("Look again")
         self.address = QLineEdit(link.master if link and link.master else "")
         self.address.setPlaceholderText("HOST:PORT (leave empty to use a group found on this network)")
+        self.relay = QLineEdit(controller.settings.relay)
+        self.relay.setPlaceholderText("optional: HOST:PORT of the group's relay (finds the group by the code alone)")
         self.name = QLineEdit(socket.gethostname())
         self.memory = QDoubleSpinBox()
         self.memory.setRange(0, 4096)
@@ -394,6 +405,7 @@ class JoinDialog(QDialog):
         lan.addWidget(self.refresh)
         form.addRow("Groups on this network", lan)
         form.addRow("Or the master's address", self.address)
+        form.addRow("Or through a relay", self.relay)
         form.addRow("This PC's name", self.name)
         form.addRow("Offer at most", self.memory)
         form.addRow(self.status)
@@ -460,14 +472,20 @@ class JoinDialog(QDialog):
         except (PairingError, ValueError) as e:
             self.error.setText(str(e))
             return
+        from app.group.client import pair
+        from worker_core.address import is_address
+
+        relay = self.relay.text().strip()
+        if relay and not is_address(relay):
+            self.error.setText("The relay's address looks like relay.example.net:7735 (HOST:PORT).")
+            return
         self.error.clear()
         self.join_button.setEnabled(False)
         self.status.setText("Pairing…")
-        from app.group.client import pair_with_group
-
+        self.c.remember(relay=relay)
         folder, name = self.c.paths.worker_dir, self.name.text().strip() or socket.gethostname()
         self._pairing = Background(
-            lambda: pair_with_group(code, address, folder, name), PAIR_TIMEOUT, describe=_friendly
+            lambda: pair(code, address, folder, name, relay or None), PAIR_TIMEOUT, describe=_friendly
         )
         self._pairing.done.connect(self._paired)
         self._pairing.failed.connect(self._failed)

@@ -54,6 +54,7 @@ class Settings:
     paused_until: float | None = None  # epoch seconds the pause ends; math.inf = until the user resumes
     first_run_done: bool = False  # the first-run wizard was completed
     firewall_port: int | None = None  # Windows: the group port last offered a firewall rule (asked once)
+    relay: str = ""  # HOST:PORT of a relay (molink relay) a hosted group registers at and joining uses; "" = none
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,11 @@ def _check(name: str, v: object) -> Any:  # the type of the field ``name``
             return None
         if _is_number(v) and math.isfinite(v) and v > 0:
             return float(v)
+    elif name == "relay":
+        from worker_core.address import is_address
+
+        if isinstance(v, str) and (not v or is_address(v)):
+            return v
     elif name == "group_host":
         if isinstance(v, str) and _is_address(v):
             return v

@@ -167,10 +167,7 @@ async def join(code: str, master: str | None, folder: Path, name: str | None, re
     ``master`` is not) and save the membership; every failure is a :class:`GroupCommandError`
     carrying the pairing error's message."""
     try:
-        if relay and not master and not code.strip().lower().startswith("molink:"):
-            joined = await pair_through_relay(code, relay, folder, name)
-        else:
-            joined = await pair_with_group(code, master, folder, name, relay)
+        joined = await pair(code, master, folder, name, relay)
     except PairingError as e:
         raise GroupCommandError(str(e)) from e
     joined.save(folder)
@@ -179,6 +176,15 @@ async def join(code: str, master: str | None, folder: Path, name: str | None, re
         f"Joined group {joined.group!r} as {joined.name!r} ({where}). "
         f"Share your GPU with: molink worker --data-dir {folder}"
     )
+
+
+async def pair(code: str, master: str | None, folder: Path, name: str | None, relay: str | None = None) -> JoinedGroup:
+    """The membership of a pairing (not yet saved): by the code's nameplate at ``relay`` when a
+    relay is given for a plain code and no ``master`` (:func:`pair_through_relay`), else
+    :func:`pair_with_group` (a link's addresses raced, the relay among them; ``master``; or the LAN)."""
+    if relay and not master and not code.strip().lower().startswith("molink:"):
+        return await pair_through_relay(code, relay, folder, name)
+    return await pair_with_group(code, master, folder, name, relay)
 
 
 async def pair_through_relay(code: str, relay: str, folder: Path, name: str | None) -> JoinedGroup:
