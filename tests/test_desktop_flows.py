@@ -252,3 +252,24 @@ def test_create_on_a_port_in_use_is_one_sentence(qtbot, desk, ckpt):
     assert text.startswith("Cannot start the group: ") and "in use" in text.lower() and "Traceback" not in text
     assert "\n" not in text and dlg.create_button.isEnabled()
     assert not desk.c.snapshot().hosting
+
+
+def test_this_pc_offers_a_relay_from_the_menu(qtbot, desk):
+    """The menu's relay toggle starts a supervised `molink relay` child (here on loopback, any
+    port), shows its port, and stops it; the choice is remembered for the next start."""
+    import socket
+
+    c = desk.c
+    c.settings.relay_port = 0  # any free port in tests
+    desk.handle(Act.RELAY)
+    qtbot.waitUntil(lambda: c.snapshot().relay_port is not None, timeout=WAIT)
+    s = c.snapshot()
+    assert s.relaying and c.settings.run_relay
+    with socket.create_connection(("127.0.0.1", s.relay_port), timeout=5):
+        pass  # it listens
+    from app.desktop.state import action_texts, menu
+
+    assert f"Relay for groups on this PC (port {s.relay_port})" in action_texts(menu(s, 0.0))
+    desk.handle(Act.RELAY)
+    qtbot.waitUntil(lambda: not c.snapshot().relaying, timeout=WAIT)
+    assert c.relay is None and not c.settings.run_relay

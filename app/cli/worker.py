@@ -113,6 +113,8 @@ def relay(args: argparse.Namespace, sup: Supervision) -> Run:
         server = BridgeServer(limits)
         await server.start(host, port)
         print(f"relay listening on {host}:{server.port}", flush=True)
+        if sup.events is not None:
+            sup.events.emit("listening", host=host, port=server.port)
         try:
             if sup.control is not None:  # supervised: until the control channel says stop (or closes)
                 await sup.control.next()

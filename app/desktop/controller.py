@@ -124,6 +124,8 @@ class Controller(QObject):
         self.last_log: list[str] = []
         self.worker: Supervisor | None = None
         self.master: Supervisor | None = None
+        self.relay: Supervisor | None = None  # this PC's `molink relay`, while the user offers one
+        self.relay_port: int | None = None  # where it listens, once it said so
         self.master_info: dict | None = None  # the master's "listening" event
         self.health: dict | None = None
         self.members: dict | None = None
@@ -182,6 +184,8 @@ class Controller(QObject):
             problem=self.problem if self.sharing is Sharing.PROBLEM else self.master_problem,
             pause_warning=self.settings.auto_pause and self.policy.warning,
             api_address=api,
+            relaying=self.relay is not None,
+            relay_port=self.relay_port,
             last_log=tuple(self.last_log),
         )
 
@@ -421,6 +425,38 @@ class Controller(QObject):
         self.master.start()
         self.changed.emit()
 
+    # ------------------------------------------------------------------ a relay on this PC
+    def set_relaying(self, on: bool) -> None:
+        """Offer (or stop offering) this PC as a relay for groups that register at it: a
+        supervised ``molink relay`` child on the address a hosted group would listen on
+        (``settings.group_host``: every interface, unless set), port ``settings.relay_port``;
+        restarted if it crashes; remembered for the next start."""
+        if on and self.relay is None and (self._asking_engine or not self._ask_engine()):
+            return  # `molink relay` runs from the engine runtime, which is not installed yet
+        self.remember(run_relay=on)
+        if on and self.relay is None:
+            from worker_core.address import format_address
+
+            listen = format_address(self.settings.group_host or "0.0.0.0", self.settings.relay_port)
+            args = ["relay", "--listen", listen, "--supervised"]
+            self.relay = Supervisor("relay", self._argv(*args), self.paths.logs_dir / "relay.log", parent=self)
+            self.relay.engine_event.connect(self._relay_event)
+            self.relay.stopped.connect(self._relay_stopped)
+            self.relay.start()
+        elif not on and self.relay is not None:
+            self.relay.stop("stop", STOP_GRACE)
+        self.changed.emit()
+
+    def _relay_event(self, ev: dict) -> None:
+        if ev.get("event") == "listening" and isinstance(ev.get("port"), int):
+            self.relay_port = ev["port"]
+            self.changed.emit()
+
+    def _relay_stopped(self, code: int) -> None:
+        self.relay, self.relay_port = None, None
+        self.changed.emit()
+        self._maybe_quit()
+
     def stop_group(self) -> None:
         if self.master is not None:
             self.master.stop("stop", STOP_GRACE)
@@ -547,12 +583,14 @@ class Controller(QObject):
             self.remember(share_on_start=share_again)
         if self.master is not None and self.master.running():
             self.master.stop("stop", STOP_GRACE)
+        if self.relay is not None and self.relay.running():
+            self.relay.stop("stop", STOP_GRACE)
         self._maybe_quit()
 
     def _maybe_quit(self) -> None:
         if not self._quitting:
             return
-        if any(s is not None and s.running() for s in (self.worker, self.master)):
+        if any(s is not None and s.running() for s in (self.worker, self.master, self.relay)):
             return
         self._quitting = False
         self.quit_ready.emit()

@@ -169,6 +169,8 @@ class Desktop(QObject):
             from .dialogs import SettingsDialog
 
             self._dialog("settings", lambda: SettingsDialog(c, self.secrets, self.autostart))
+        elif act is Act.RELAY:
+            c.set_relaying(not s.relaying)
         elif act is Act.OPEN_LOGS:
             c.paths.logs_dir.mkdir(parents=True, exist_ok=True)
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(c.paths.logs_dir)))

@@ -90,6 +90,8 @@ def run_app(app: QApplication, paths: Paths, instance, link: str | None, backgro
         controller.set_sharing(True)
     elif not background and not settings.first_run_done:
         desk.welcome()
+    if settings.run_relay:
+        controller.set_relaying(True)
     if secrets.warning:
         desk._notify("MoLink", secrets.warning)
     return app.exec()

@@ -55,6 +55,8 @@ class Settings:
     first_run_done: bool = False  # the first-run wizard was completed
     firewall_port: int | None = None  # Windows: the group port last offered a firewall rule (asked once)
     relay: str = ""  # HOST:PORT of a relay (molink relay) a hosted group registers at and joining uses; "" = none
+    run_relay: bool = False  # this PC offers a relay (molink relay) for groups; started again at launch
+    relay_port: int = 7735  # the port that relay listens on
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def _is_address(v: str) -> bool:
 
 def _check(name: str, v: object) -> Any:  # the type of the field ``name``
     """The value of field ``name`` as read from JSON, or _BadSettings."""
-    if name in ("share_on_start", "auto_pause", "start_at_login", "first_run_done"):
+    if name in ("share_on_start", "auto_pause", "start_at_login", "first_run_done", "run_relay"):
         if isinstance(v, bool):
             return v
     elif name in ("device", "model", "group_name", "chat_master"):
@@ -135,7 +137,7 @@ def _check(name: str, v: object) -> Any:  # the type of the field ``name``
     elif name == "group_host":
         if isinstance(v, str) and _is_address(v):
             return v
-    elif name in ("group_port", "firewall_port"):
+    elif name in ("group_port", "firewall_port", "relay_port"):
         if v is None and name == "firewall_port":
             return None
         if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535:

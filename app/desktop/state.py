@@ -81,6 +81,7 @@ class Act(Enum):
     COPY_API = "copy-api"
     SETTINGS = "settings"
     OPEN_LOGS = "open-logs"
+    RELAY = "relay"
     QUIT = "quit"
 
 
@@ -127,6 +128,8 @@ class TrayState:
     problem: str | None = None  # one sentence
     pause_warning: bool = False  # an automatic pause is coming (the GPU is busy): offer "Keep sharing"
     api_address: str | None = None  # "127.0.0.1:8000" of the local master
+    relaying: bool = False  # this PC runs a relay (molink relay) for groups that register at it
+    relay_port: int | None = None  # the port it listens on, once it does
     last_log: tuple[str, ...] = field(default_factory=tuple)  # a crashed child's last lines
 
 
@@ -268,8 +271,10 @@ def menu(s: TrayState, now: float) -> list[Item]:
         ]
     else:
         items.append(Action(Act.CREATE_GROUP, "Create a group on this PC…"))
+    relay_text = "Relay for groups on this PC" + (f" (port {s.relay_port})" if s.relaying and s.relay_port else "")
     items += [
         Action(Act.JOIN_GROUP, "Join a group…"),
+        Action(Act.RELAY, relay_text, checked=s.relaying),
         Separator(),
         Action(Act.SETTINGS, "Settings…"),
         Action(Act.OPEN_LOGS, "Open logs folder"),
