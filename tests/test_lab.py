@@ -358,3 +358,28 @@ def test_real_router_conflict_718_moves_to_another_port():
                     p.stdin.flush()
                     p.wait(20)
         assert "dnat" not in lab.ruleset("r-a")
+
+
+DIAL_UNKNOWN = (  # dial a relay for a group nobody registered: it answers with an error frame
+    "import socket,sys\nfrom worker_core.bridge_wire import Dial,encode\n"
+    "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
+    "s.sendall(encode(Dial(group='ab'*32)))\nprint(s.recv(400)[7:].decode(errors='replace'))\n"
+)
+
+
+def test_a_relay_on_a_home_pc_maps_its_port_and_is_reached_from_outside():
+    """`molink relay --map-port` on host a (router with miniupnpd): the router maps the relay's
+    port, someone on the internet reaches the relay through it (and is refused by it: no such
+    group), and the mapping is gone when the relay stops."""
+    with Lab.up("trmap", "upnp") as lab:
+        relay = _molink(lab, "a", "relay", "--listen", "0.0.0.0:7735", "--map-port")
+        try:
+            said = output_line(relay, "relay reachable from outside at", 60, at_start=True)
+            outside = f"{lab.wan_address('a')}:7735"
+            assert said.strip().endswith(f"at {outside} (mapped on your router)"), said
+            answer = lab.run("pub", [sys.executable, "-c", DIAL_UNKNOWN, lab.wan_address("a"), "7735"], timeout=30)
+            assert "unknown_group" in answer.stdout, answer.stdout + answer.stderr
+            assert f"dnat ip to {lab.address('a')}:7735" in lab.ruleset("r-a")
+        finally:
+            _stop([relay])
+        assert ":7735" not in lab.ruleset("r-a")

@@ -154,3 +154,13 @@ def test_a_sharing_pc_shows_how_it_reaches_the_group():
     assert "Reaches the group: relayed through 25.0.0.100:7735" in tooltip(s, NOW)
     off = TrayState(joined_group="g", path="LAN")  # not sharing: no path is current
     assert not any(t.startswith("Reaches the group") for t in action_texts(menu(off, NOW)))
+
+
+def test_the_relay_toggle_says_where_friends_reach_it():
+    off = action_texts(menu(TrayState(), NOW))
+    assert "Relay for groups on this PC" in off
+    s = TrayState(relaying=True, relay_port=7735)
+    assert "Relay for groups on this PC (port 7735)" in action_texts(menu(s, NOW))
+    mapped = TrayState(relaying=True, relay_port=7735, relay_outside="25.0.0.10:7735")
+    assert "Relay for groups on this PC (friends use 25.0.0.10:7735)" in action_texts(menu(mapped, NOW))
+    assert actions(menu(mapped, NOW))[Act.RELAY].checked is True

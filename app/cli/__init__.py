@@ -247,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-connections", type=int, default=None, help="open connections at most (default 1024)")
     r.add_argument("--session-mbps", type=float, default=None, help="Mbit/s per direction of one session (default 100)")
     r.add_argument("--total-mbps", type=float, default=None, help="Mbit/s over all sessions (default 1000)")
+    r.add_argument(
+        "--map-port",
+        action="store_true",
+        help="ask the home router to map the relay's port (UPnP, NAT-PMP, PCP): a member's PC behind a router",
+    )
     r.add_argument("--supervised", action="store_true", help=SUPERVISED_HELP)
     r.set_defaults(func=cli_worker.relay)
 

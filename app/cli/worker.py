@@ -113,14 +113,29 @@ def relay(args: argparse.Namespace, sup: Supervision) -> Run:
         server = BridgeServer(limits)
         await server.start(host, port)
         print(f"relay listening on {host}:{server.port}", flush=True)
+        mapper, outside = None, ""
+        if args.map_port:
+            from worker_core.address import format_address
+            from worker_core.portmap import PortMapper
+
+            mapper = PortMapper(server.port)
+            m = await mapper.start()
+            if m is not None and m.reachable:
+                outside = format_address(m.external_host, m.external_port)
+                print(f"relay reachable from outside at {outside} (mapped on your router)", flush=True)
+            else:
+                why = f"the router's address {m.external_host} is behind another NAT" if m else mapper.failure
+                print(f"relay port not mapped: {why or 'no answer'}", flush=True)
         if sup.events is not None:
-            sup.events.emit("listening", host=host, port=server.port)
+            sup.events.emit("listening", host=host, port=server.port, outside=outside)
         try:
             if sup.control is not None:  # supervised: until the control channel says stop (or closes)
                 await sup.control.next()
             else:
                 await asyncio.Event().wait()
         finally:
+            if mapper is not None:
+                await mapper.stop()  # the router forgets the mapping (bounded)
             await server.stop()
 
     return serving

@@ -126,6 +126,7 @@ class Controller(QObject):
         self.master: Supervisor | None = None
         self.relay: Supervisor | None = None  # this PC's `molink relay`, while the user offers one
         self.relay_port: int | None = None  # where it listens, once it said so
+        self.relay_outside: str | None = None  # HOST:PORT its router maps to it, if it does
         self.master_info: dict | None = None  # the master's "listening" event
         self.health: dict | None = None
         self.members: dict | None = None
@@ -186,6 +187,7 @@ class Controller(QObject):
             api_address=api,
             relaying=self.relay is not None,
             relay_port=self.relay_port,
+            relay_outside=self.relay_outside,
             last_log=tuple(self.last_log),
         )
 
@@ -435,10 +437,12 @@ class Controller(QObject):
             return  # `molink relay` runs from the engine runtime, which is not installed yet
         self.remember(run_relay=on)
         if on and self.relay is None:
-            from worker_core.address import format_address
+            from worker_core.address import format_address, is_loopback
 
             listen = format_address(self.settings.group_host or "0.0.0.0", self.settings.relay_port)
             args = ["relay", "--listen", listen, "--supervised"]
+            if not is_loopback(self.settings.group_host):
+                args.append("--map-port")  # a PC at home: its router forwards the relay's port
             self.relay = Supervisor("relay", self._argv(*args), self.paths.logs_dir / "relay.log", parent=self)
             self.relay.engine_event.connect(self._relay_event)
             self.relay.stopped.connect(self._relay_stopped)
@@ -450,10 +454,12 @@ class Controller(QObject):
     def _relay_event(self, ev: dict) -> None:
         if ev.get("event") == "listening" and isinstance(ev.get("port"), int):
             self.relay_port = ev["port"]
+            outside = ev.get("outside")
+            self.relay_outside = outside[:300] if isinstance(outside, str) and outside else None
             self.changed.emit()
 
     def _relay_stopped(self, code: int) -> None:
-        self.relay, self.relay_port = None, None
+        self.relay, self.relay_port, self.relay_outside = None, None, None
         self.changed.emit()
         self._maybe_quit()
 

@@ -130,6 +130,7 @@ class TrayState:
     api_address: str | None = None  # "127.0.0.1:8000" of the local master
     relaying: bool = False  # this PC runs a relay (molink relay) for groups that register at it
     relay_port: int | None = None  # the port it listens on, once it does
+    relay_outside: str | None = None  # HOST:PORT friends outside reach it at (its router's mapping), if known
     last_log: tuple[str, ...] = field(default_factory=tuple)  # a crashed child's last lines
 
 
@@ -271,7 +272,9 @@ def menu(s: TrayState, now: float) -> list[Item]:
         ]
     else:
         items.append(Action(Act.CREATE_GROUP, "Create a group on this PC…"))
-    relay_text = "Relay for groups on this PC" + (f" (port {s.relay_port})" if s.relaying and s.relay_port else "")
+    relay_text = "Relay for groups on this PC"
+    if s.relaying and s.relay_port:
+        relay_text += f" (friends use {s.relay_outside})" if s.relay_outside else f" (port {s.relay_port})"
     items += [
         Action(Act.JOIN_GROUP, "Join a group…"),
         Action(Act.RELAY, relay_text, checked=s.relaying),
