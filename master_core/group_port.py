@@ -16,8 +16,9 @@ Contract
   learns every address of this port under the PAKE key.
 * ``/v1/probe?bytes=N``: members time their link (round trip, download bandwidth).
 
-Every pairing outcome is logged without the code.  ``start(host, port)`` binds;
-``port`` tells the bound port; ``stop()`` closes the listener.
+Every pairing outcome is logged without the code.  ``start(host, port)`` binds (``"::"``: IPv4
+and IPv6 on one port, IPv4 alone where the machine has no IPv6); ``port`` tells the bound port;
+``stop()`` closes the listeners.
 
 ``accept_bridged(sock, label)`` serves a connection a relay spliced to this master (see
 :mod:`master_core.bridge_host`) exactly as an accepted one: same TLS contexts, same routes.
@@ -92,9 +93,17 @@ class GroupPort:
         )
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self._base)
+        # "::" is both families on one port (asyncio makes an IPv6 listener IPv6-only): IPv4
+        # first (it picks the port when 0), then IPv6 on the same port where this machine has it
+        first = "0.0.0.0" if host == "::" else host
+        site = web.TCPSite(self._runner, first, port, ssl_context=self._base)
         await site.start()
-        self.port = self._runner.addresses[0][1]  # the bound port (0 picks one); the runner has this one site
+        self.port = self._runner.addresses[0][1]  # the bound port (0 picks one)
+        if host == "::":
+            try:
+                await web.TCPSite(self._runner, "::", self.port, ssl_context=self._base).start()
+            except OSError as e:  # no IPv6 here: IPv4 only
+                log.warning("group port on IPv4 only: IPv6 port %d unavailable (%s)", self.port, e)
 
     async def stop(self) -> None:
         if self._runner:

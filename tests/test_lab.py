@@ -383,3 +383,31 @@ def test_a_relay_on_a_home_pc_maps_its_port_and_is_reached_from_outside():
         finally:
             _stop([relay])
         assert ":7735" not in lab.ruleset("r-a")
+
+
+TLS_HELLO = (  # a TLS handshake with the group port's pairing name; prints the certificate's fingerprint
+    "import hashlib,socket,ssl,sys\nctx=ssl.create_default_context();ctx.check_hostname=False;"
+    "ctx.verify_mode=ssl.CERT_NONE\n"
+    "with socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5) as s:\n"
+    "    with ctx.wrap_socket(s,server_hostname='molink-pair') as t:\n"
+    "        print(hashlib.sha256(t.getpeercert(binary_form=True)).hexdigest())\n"
+)
+
+
+def test_a_group_port_on_both_families_answers_ipv4_and_ipv6(ckpt, tmp_path):
+    """`group create --host ::` listens on IPv4 and IPv6 at once (asyncio alone would make it
+    IPv6-only): a host behind an IPv4 NAT and the IPv6 home both complete a TLS handshake with
+    the same master, and the join link lists its global IPv6 address."""
+    with Lab.up("tdual", "ipv6") as lab:
+        master = _molink(lab, "pub", "group", "create", "--model", str(ckpt), "--host", "::", "--port", "7733",
+                         "--api-port", "8000", "--data-dir", str(tmp_path / "m"), "--name", "dual",
+                         "--no-port-mapping")  # fmt: skip
+        try:
+            link = output_line(master, "Join link:", 120, at_start=True)
+            v6 = lab.address6("pub")
+            assert v6 and f"ipv6~[{v6}]:7733" in link, link
+            over4 = lab.run("b", [sys.executable, "-c", TLS_HELLO, lab.address("pub"), "7733"], timeout=30)
+            over6 = lab.run("v", [sys.executable, "-c", TLS_HELLO, v6, "7733"], timeout=30)
+            assert over4.stdout.strip() == over6.stdout.strip() and len(over4.stdout.strip()) == 64
+        finally:
+            _stop([master])

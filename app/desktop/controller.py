@@ -439,7 +439,8 @@ class Controller(QObject):
         if on and self.relay is None:
             from worker_core.address import format_address, is_loopback
 
-            listen = format_address(self.settings.group_host or "0.0.0.0", self.settings.relay_port)
+            host = self.settings.group_host if self.settings.group_host not in ("", "::") else "0.0.0.0"
+            listen = format_address(host, self.settings.relay_port)
             args = ["relay", "--listen", listen, "--supervised"]
             if not is_loopback(self.settings.group_host):
                 args.append("--map-port")  # a PC at home: its router forwards the relay's port
