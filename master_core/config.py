@@ -50,7 +50,7 @@ class MasterConfig:
     # open mutually authenticated TLS tunnels on group_host:group_port and receive their
     # weights from the master.  None: plain tunnels on the API port, loopback only (tests).
     data_dir: str | None = None
-    group_host: str = "0.0.0.0"  # address of the group port (tunnels and pairing)
+    group_host: str = "::"  # address of the group port (tunnels and pairing); "::": every interface, IPv4 and IPv6
     group_port: int = 7733  # 0 picks a free port (tests)
     group_name: str = ""  # shown to joiners (default: this machine's host name)
     # ask the home router to map the group port (UPnP IGD, NAT-PMP, PCP: master_core.reach);
