@@ -38,7 +38,7 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from worker_core import model_source
-from worker_core.address import is_loopback
+from worker_core.address import format_address, is_loopback
 from worker_core.control import Control, Events
 from worker_core.wire import CloseCode, Hello, ProtocolError, decode, frame_bound
 
@@ -238,10 +238,9 @@ class Master:
         self._advertiser = Advertiser(self.group_port.port, self.members.group, cfg.group_host)
         await self._advertiser.start()
         log.info(
-            "group %r: pairing and mutual-TLS tunnels on %s:%d (%d member(s))",
+            "group %r: pairing and mutual-TLS tunnels on %s (%d member(s))",
             self.members.group,
-            cfg.group_host,
-            self.group_port.port,
+            format_address(cfg.group_host, self.group_port.port),
             len(self.members.members()),
         )
 

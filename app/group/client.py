@@ -59,6 +59,7 @@ def data_dir(arg: str | None) -> Path:
 async def create(cfg: MasterConfig, control: Control | None = None, events: Events | None = None) -> int:
     from master_core.invitations import TTL
     from master_core.server import Master, serve_until_stopped
+    from worker_core.address import format_address
     from worker_core.control import Events
 
     events = events or Events()
@@ -73,7 +74,8 @@ async def create(cfg: MasterConfig, control: Control | None = None, events: Even
         )
         api = f"http://{cfg.host}:{master.port}/v1"
         print(
-            f"Group port {cfg.group_host}:{gp.port if gp else '?'}; API {api}; dashboard {master.dashboard_url}",
+            f"Group port {format_address(cfg.group_host, gp.port) if gp else '?'}; API {api}; "
+            f"dashboard {master.dashboard_url}",
             flush=True,
         )
         code = master.new_code()
