@@ -88,8 +88,8 @@ class Reach:
 
     def mapped_port(self) -> int:
         """The external port of a public mapping (0: none): what the relay is asked to check."""
-        m = self.mapper.mapping if self.mapper is not None else None
-        return m.external_port if m is not None and m.reachable else 0
+        mapped = self.mapped()
+        return mapped.port if mapped is not None else 0
 
     def checked(self, port: int, reachable: bool, why: str) -> None:
         """The relay dialled the mapped ``port`` from outside: whether this master answered."""
@@ -118,10 +118,11 @@ class Reach:
             check = self._checked_now(mapped.port)
             if check is not None and self.relay is not None:
                 ok, why = check
+                relay = self.relay.address
                 said += (
-                    f"; checked from outside by relay {self.relay.address}"
+                    f"; checked from outside by relay {relay}"
                     if ok
-                    else (f"; but relay {self.relay.address} could not reach it from outside: {why}")
+                    else f"; but relay {relay} could not reach it from outside: {why}"
                 )
             return said + ")"
         m = self.mapper.mapping if self.mapper is not None else None

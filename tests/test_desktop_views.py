@@ -212,7 +212,7 @@ def test_first_run_welcome_leads_to_join_or_create_and_is_shown_once(qtbot, tmp_
 
 
 def test_pairing_failures_become_sentences_by_their_type():
-    from app.desktop.dialogs import _friendly
+    from app.desktop.join_dialog import _friendly
     from app.group.client import BadAddress, GroupCommandError, NoGroupFound
     from worker_core.pairing import Malformed, Refused, UnknownCode, Unreachable, WrongCode
 
@@ -232,7 +232,7 @@ def test_pairing_failures_become_sentences_by_their_type():
 
 
 def test_the_join_dialog_pairs_with_a_links_every_address():
-    from app.desktop.dialogs import pairing_target
+    from app.desktop.join_dialog import pairing_target
     from app.group.links import JoinLink, build_link, parse_link
 
     url = "molink://join?code=4782031956&master=25.0.0.10:7733&via=lan~192.168.10.10:7733,relay~25.0.0.100:7735"
@@ -308,7 +308,8 @@ def test_create_and_join_dialogs_take_a_relay(qtbot, tmp_path, monkeypatch):
     """A group created with a relay registers there (``--relay``); the join dialog finds a
     group through a relay by the code alone; a bad address is one sentence, nothing starts; the
     relay is remembered for next time."""
-    from app.desktop.dialogs import CreateGroupDialog, JoinDialog
+    from app.desktop.dialogs import CreateGroupDialog
+    from app.desktop.join_dialog import JoinDialog
 
     c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
     started: list = []

@@ -8,13 +8,16 @@ a link-local zone ``[fe80::1%eth0]:7733`` is kept, since it is needed to dial on
 host comes back without brackets, the port is 1-65535.  Anything else raises
 :class:`BadAddress` (a ``ValueError``) saying what an address looks like.
 ``format_address(host, port)`` is its inverse (brackets around any host with a ``:``), also for
-URLs: ``f"wss://{format_address(h, p)}/v1/tunnel"``.
+URLs: ``f"wss://{format_address(h, p)}/v1/tunnel"``.  ``is_address``, ``is_loopback``: checks
+of a ``HOST:PORT`` and of a host.  ``address_path(host)`` names the kind of path to or from a
+host (:class:`MemberPath`: this PC, LAN, direct, IPv6), for people, on both sides of a tunnel.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from enum import Enum
 
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _ZONE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
@@ -93,3 +96,34 @@ def is_address(text: str) -> bool:
     except BadAddress:
         return False
     return True
+
+
+class MemberPath(Enum):
+    """How a tunnel between a member and its master goes, for people (both sides use these words)."""
+
+    THIS_PC = "this PC"
+    LAN = "LAN"
+    DIRECT = "direct"  # across the internet over IPv4 (a mapped port, or a public address)
+    IPV6 = "IPv6"  # across the internet over IPv6
+    RELAYED = "relayed"
+    UNKNOWN = "unknown"
+
+
+_CARRIER_NAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+def address_path(host: str) -> MemberPath:
+    """The path to or from ``host`` (an address, with an optional ``%scope``): loopback, a private
+    or link-local address (a LAN; a carrier-grade NAT's shared range is not one), a public IPv4
+    or IPv6 address; ``UNKNOWN`` for anything that is no address."""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return MemberPath.UNKNOWN
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return MemberPath.THIS_PC
+    if ip.is_link_local or (ip.is_private and ip not in _CARRIER_NAT):
+        return MemberPath.LAN
+    return MemberPath.IPV6 if isinstance(ip, ipaddress.IPv6Address) else MemberPath.DIRECT

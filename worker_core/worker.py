@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import random
 import time
@@ -53,7 +52,7 @@ from pathlib import Path
 import aiohttp
 
 from . import device as devices
-from .address import is_loopback, parse_address
+from .address import MemberPath, address_path, format_address, is_loopback, parse_address
 from .candidates import DIAL_TIMEOUT, Candidate, Kind, NoPath, is_public, parse_candidate_text, race
 from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
@@ -166,16 +165,12 @@ async def _connect_once(
 
 def path_to(master: str) -> str:
     """How a tunnel to ``master`` (HOST:PORT) goes, for people: "this PC", "LAN", "IPv6" or
-    "direct" (the same words the master uses for its members)."""
+    "direct" (:func:`~.address.address_path`: the words the master uses for its members)."""
     try:
-        ip = ipaddress.ip_address(parse_address(master)[0].split("%")[0])
+        path = address_path(parse_address(master)[0])
     except ValueError:
-        return "direct"  # a host name: where it leads is not known here
-    if ip.is_loopback:
-        return "this PC"
-    if not ip.is_global:
-        return "LAN"
-    return "IPv6" if ip.version == 6 else "direct"
+        return MemberPath.DIRECT.value
+    return (MemberPath.DIRECT if path is MemberPath.UNKNOWN else path).value  # a host name: not known here
 
 
 async def _tunnel(
@@ -346,8 +341,7 @@ class _HopMapping:
         if m is None or not m.reachable:
             self.run.mapped = ""
             return
-        host = f"[{m.external_host}]" if ":" in m.external_host else m.external_host
-        self.run.mapped = f"{host}:{m.external_port}"
+        self.run.mapped = format_address(m.external_host, m.external_port)
         log.info("hop port mapped on the router: stages elsewhere dial %s", self.run.mapped)
 
     async def stop(self) -> None:

@@ -215,7 +215,7 @@ class Desktop(QObject):
         return self._dialog("create", lambda: CreateGroupDialog(self.c))
 
     def open_join(self, link: links.JoinLink | None):  # noqa: ANN201
-        from .dialogs import JoinDialog
+        from .join_dialog import JoinDialog
 
         old = self.dialogs.get("join")
         if link is not None and old is not None and old.isVisible():
