@@ -18,7 +18,11 @@ direct, the last stage draws the next tokens itself and feeds them straight back
 ``scheduler.LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
 New requests join at the next step; finished ones leave.  When the group changes epoch (a
 worker left or joined) every running request is replayed from its tokens, so clients see no
-error; a request whose steps keep failing fails alone.  A step given up on for want of an
+error; when a standby member only takes over a lost stage's range (the group's repair), the
+other stages keep their caches, the new stage alone computes what they hold, from the inputs
+the stage before it kept (:mod:`master_core.rebuild`), and the requests go on where they were
+(those that started from a cached prefix are replayed).  A request whose steps keep failing
+fails alone.  A step given up on for want of an
 answer (:class:`~master_core.link.StepLate`: the stages are alive) costs only what was in
 flight: its requests go on from what every stage holds (``Request.computed``) under a newer
 generation of their KV ids, which the stages hold to refuse the late step should it still come
@@ -50,7 +54,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,6 +69,7 @@ from .group import Group
 from .journey import Journey, Relay
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
 from .prefix_cache import PrefixCache
+from .rebuild import Lost, rebuild_stage
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
 from .scheduler import (
@@ -147,6 +152,9 @@ class Engine:
         self.replays = 0  # requests computed again from scratch because a step of theirs failed
         self.resumed = 0  # requests that went on from what every stage holds after a step given up on
         self.reset_restarts = 0  # running requests restarted from their tokens by an epoch change
+        self.rebuilt_requests = 0  # running requests kept through the loss of a stage (only it rebuilt)
+        self.rebuilt_tokens = 0  # positions computed on replacement stages for them
+        self._repairing: _Repairing | None = None  # a stage being replaced: what the others kept
         self.recomputed_tokens = 0  # positions sent again after a failed step, a reset or a preemption
         self.prompt_tokens_total = 0  # prompt tokens of the requests that ended
         self.cached_tokens_total = 0  # of those, the ones reused from the prefix cache
@@ -247,6 +255,8 @@ class Engine:
         log.info("request %d %s (%s): %d tokens", req.id, state.value, reason, n)
 
     def _free_everywhere(self, ids: list[int]) -> None:
+        if not self.group.stages and self._repairing is not None:  # between pipelines: its survivors hold them
+            self._repairing.free_later += ids
         for link in self.group.stages:
             link.free(ids)
 
@@ -259,7 +269,8 @@ class Engine:
         if stale_only or not req.kv_id:
             return ids
         kept = None
-        if self.prefix_caching and req.state in _KEEPABLE and req.computed > req.base_len:
+        rebuilding = self._repairing is not None and req.id in self._repairing.kept  # not on the new stage yet
+        if self.prefix_caching and req.state in _KEEPABLE and req.computed > req.base_len and not rebuilding:
             held = _kv_own(req)  # what its stages hold of their own (a loop may have run ahead of computed)
             kept = self.prefix.retain(req.kv_id, req.tokens[: req.computed], held, req.prefix, req.base_len)
         if kept is None:
@@ -342,18 +353,32 @@ class Engine:
             return len(req.tokens)
         return len(req.tokens) - hit.length + (hit.entry.held if hit.entry.refs == 0 else 0)
 
-    def _on_reset(self, previous: list[WorkerLink]) -> None:
+    def _on_reset(self, previous: list[WorkerLink], lost: int | None) -> None:
         """Epoch change: free the running requests' caches on the stages that were serving (the
         live ones among them keep no cache for a pipeline that is gone); replay them from their
-        tokens on the next pipeline."""
+        tokens on the next pipeline.  When only stage ``lost`` is being replaced, the others keep
+        the caches of the requests that started from no cached prefix: those go on from what
+        every stage holds once the new stage is rebuilt (:meth:`_rebuild_lost`)."""
         ids = [PROFILE_REQUEST_ID, *self.prefix.clear()]  # the cached prefixes go with their stages
         self._drops.clear()
+        holders = list(previous)
+        pending, self._repairing = self._repairing, None
+        if pending is not None:  # a repair given up before it served: what it kept goes too
+            holders += [link for link in pending.survivors if link not in holders]
+        kept: dict[int, int] = {}
         for req in self.running.values():
+            if lost is not None and req.kv_id and req.prefix is None and not req.base_len:
+                ids += self._release(req, stale_only=True)
+                kept[req.id] = req.kv_id
+                self._resume(req)  # from what every stage holds: the new one once rebuilt
+                continue
             req.prefix = None  # forgotten with the rest of the cache
             ids += self._release(req)  # nothing of it is left on those stages now
             self._restart(req)
             self.reset_restarts += 1
-        for link in previous:
+        if lost is not None:
+            self._repairing = _Repairing(lost, [link for i, link in enumerate(previous) if i != lost], kept)
+        for link in holders:
             link.free(ids)
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
@@ -448,6 +473,7 @@ class Engine:
             while True:
                 if self.group.serving and profiled != self.group.epoch:
                     profiled = self.group.epoch
+                    await self._rebuild_lost()
                     await self._profile()
                 self._check_capacity(self.clock())
                 for i in range(self.policy.max_microbatches):
@@ -474,6 +500,49 @@ class Engine:
         why = f"the group cannot serve now: {g.problem or 'no pipeline'}"
         for req in [*self.running.values(), *self.waiting]:
             self._finish(req, RequestState.FAILED, "error", why, self.config.retry_after)
+
+    async def _rebuild_lost(self) -> None:
+        """After a repair (one stage replaced, :meth:`_on_reset`): compute on the new stage only
+        the positions every other stage kept (:mod:`master_core.rebuild`); the requests then go
+        on where they were.  If that fails they are computed from scratch."""
+        rep, self._repairing = self._repairing, None
+        if rep is None:
+            return
+        stages, epoch = list(self.group.stages), self.group.epoch
+        for link in stages:
+            link.free(rep.free_later)
+        reqs = [r for rid, kv in rep.kept.items() if (r := self.running.get(rid)) is not None and r.kv_id == kv]
+        work = [Lost(r.kv_id, r.kv_gen, r.computed, r.tokens) for r in reqs]
+        t0 = self.clock()
+        try:
+            if not 0 <= rep.lost < len(stages) or [x for i, x in enumerate(stages) if i != rep.lost] != rep.survivors:
+                raise LinkGone("the pipeline is not the repaired one")
+            rebuilt = await rebuild_stage(
+                stages,
+                epoch,
+                rep.lost,
+                work,
+                self.relay.step_ids,
+                self.config.max_batch_tokens,
+                self.group.dims.hidden_size,
+            )
+        except (LinkGone, StepFailed, ProtocolError) as e:
+            log.warning("rebuilding stage %d failed (%s); %d request(s) computed from scratch", rep.lost, e, len(reqs))
+            for r in reqs:
+                if r.id in self.running and self.group.epoch == epoch:
+                    self.replays += 1
+                    self._restart(r)
+                    self._free_everywhere(self._release(r, stale_only=True))
+            return
+        self.rebuilt_requests += len(reqs)
+        self.rebuilt_tokens += rebuilt
+        log.info(
+            "stage %d rebuilt in %.2f s: %d position(s) of %d request(s); the other stages kept their caches",
+            rep.lost,
+            self.clock() - t0,
+            rebuilt,
+            len(reqs),
+        )
 
     async def _profile(self) -> None:
         """Start-up profile: a few steps of different sizes give the cost model its first fit."""
@@ -832,9 +901,10 @@ class Engine:
         up on (:class:`StepLate`), else from scratch (a stage refused it or is gone: its cache
         cannot be trusted); a request whose steps keep failing fails."""
         late = isinstance(error, StepLate)
+        if self.group.epoch != epoch:  # the reset decided already how its requests go on
+            log.info("a step of a replaced pipeline failed (%s)", error)
+            return
         log.warning("step failed (%s); %s %d request(s)", error, "resuming" if late else "replaying", len(chunks))
-        if self.group.epoch != epoch:
-            return  # the reset already scheduled a replay
         for c in chunks:
             req = self.running.get(c.request_id)
             if req is None or gens.get(req.id) != req.kv_gen:
@@ -886,6 +956,18 @@ def _timeline(
         "waiting": waiting,
         "running": running,
     }
+
+
+@dataclass
+class _Repairing:
+    """One stage (``lost``) being replaced while ``survivors`` (the others, in order) keep their
+    caches: the running requests kept there (request id -> KV id), and the KV ids to free on
+    the new pipeline once it serves (requests that ended meanwhile)."""
+
+    lost: int
+    survivors: list[WorkerLink]
+    kept: dict[int, int]
+    free_later: list[int] = field(default_factory=list)
 
 
 _KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QUEUED})  # QUEUED: preempted

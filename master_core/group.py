@@ -12,9 +12,13 @@ moves are the table ``_MOVES``)::
                   +-- any membership change (SERVING, LOADING, WAITING, CANNOT_PLACE)
 
 Whenever membership changes it re-plans (unless a newcomer would only stand by: then the
-running pipeline is left alone): the state becomes PLACING, ``stages`` empties, ``epoch``
+running pipeline is left alone).  A serving stage lost while a standby member can hold its
+range is *repaired*: that member takes the range and every other stage keeps its range and its
+caches (the engine rebuilds only the new stage, :mod:`master_core.rebuild`); otherwise the whole
+pipeline is planned again.  Either way the state becomes PLACING, ``stages`` empties, ``epoch``
 goes up and listeners registered with ``on_reset`` are called with the stages that were
-serving (the engine frees its requests' caches there, and replays them on the next pipeline).
+serving and the index of the stage being replaced, if any (the engine frees its requests'
+caches there and replays them on the next pipeline, or keeps them and rebuilds one stage).
 A newcomer that would change a serving pipeline while requests run waits (at most
 ``JOIN_REPLAN_WAIT``) for them to end first: a join never costs running requests a replay
 unless the group is busy that long.  A link dropped as hung (``WorkerLink.on_gone``) leaves
@@ -67,6 +71,7 @@ from .placement import (
     kv_token_budget,
     plan_pipeline,
     planner_members,
+    replacement,
 )
 from .routes import NO_LOOP_BACK, Hop, route_pipeline
 from .weight_source import WeightSource
@@ -107,6 +112,14 @@ class _Placement:
     standby: dict[str, str]
 
 
+@dataclass(frozen=True)
+class _Repair:
+    """The serving pipeline with stage ``index`` given to a standby member, every other stage as it was."""
+
+    index: int
+    placement: _Placement
+
+
 def stage_kv_tokens(
     dims: ModelDims,
     free_memory: int,
@@ -119,9 +132,12 @@ def stage_kv_tokens(
     """KV budget (tokens) of a worker offering ``free_memory`` bytes and computing in ``dtype``
     when it serves layers ``[start, end)``: its real weight bytes first (every parameter of its
     layers at the group's ``precision``, embeddings or head; MoE experts included), half the
-    rest for KV at ``dtype``."""
-    weights = dims.stage_bytes(start, end, precision, itemsize(dtype))
-    return kv_token_budget(free_memory, weights, dims.kv_bytes(itemsize(dtype)) * (end - start), cap)
+    rest for KV at ``dtype``.  A token costs its KV on every layer and, on any stage but the
+    last, the output row it keeps for a rebuild of the next stage (``wire.Recall``)."""
+    size = itemsize(dtype)
+    return kv_token_budget(
+        free_memory, dims.stage_bytes(start, end, precision, size), dims.token_bytes(start, end, size), cap
+    )
 
 
 class Group:
@@ -138,7 +154,7 @@ class Group:
         self.state = GroupState.WAITING
         self.problem: str | None = f"waiting for {config.min_workers} worker(s)"
         self._serving = asyncio.Event()  # set exactly while SERVING
-        self._listeners: list[Callable[[list[WorkerLink]], None]] = []
+        self._listeners: list[Callable[[list[WorkerLink], int | None], None]] = []
         self._replan_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # re-plans and drains, awaited by stop()
         self.closing = False  # shutting down: departures are expected then
@@ -148,6 +164,8 @@ class Group:
         self.running_requests: Callable[[], set[int]] = set  # ids of the requests running now (set by the master)
         self.finish_timeout = FINISH_TIMEOUT  # seconds a finishing worker is kept for its running requests
         self.late_frames = 0  # frames read from links after they were dropped as hung
+        self._repair: _Repair | None = None  # the next re-plan keeps all stages but one (see _invalidate)
+        self.repairs = 0  # pipelines served again by replacing one lost stage
         self._join_pending = False  # a re-plan for a newcomer waits for the running requests to end
 
     # ------------------------------------------------------------------ state
@@ -200,8 +218,10 @@ class Group:
             "hub": self.weights.hub,
         }
 
-    def on_reset(self, listener: Callable[[list[WorkerLink]], None]) -> None:
-        """Call ``listener(previous_stages)`` at every epoch change."""
+    def on_reset(self, listener: Callable[[list[WorkerLink], int | None], None]) -> None:
+        """Call ``listener(previous_stages, lost)`` at every epoch change: ``lost`` is the index
+        of the one stage a standby member is taking over (the other stages keep their ranges
+        and caches), or None when the whole pipeline is planned again."""
         self._listeners.append(listener)
 
     def live_links(self) -> list[WorkerLink]:
@@ -313,19 +333,54 @@ class Group:
                 return
             log.warning("worker %s left: %s", link.name, link.gone_reason)
             if link in self.stages or not self.serving:
-                self._schedule_replan()
+                self._schedule_replan(self._repair_for(link))
 
     # ------------------------------------------------------------------ planning
-    def _schedule_replan(self) -> None:
-        self._invalidate()
+    def _repair_for(self, lost: WorkerLink) -> _Repair | None:
+        """A plan that keeps every stage of the serving pipeline but ``lost`` and gives its range
+        to the standby member best placed to take it (:func:`~master_core.placement.replacement`),
+        or None (not serving, another stage is not placeable, or no standby member holds it)."""
+        if not self.serving or lost not in self.stages or lost.assignment is None:
+            return None
+        kept = [s for s in self.stages if s is not lost]
+        if any(not s.placeable or s.assignment is None for s in kept):
+            return None
+        spares = [link for link in self.placeable_links() if link not in self.stages]
+        if not spares:
+            return None
+        a, b = lost.assignment.layer_start, lost.assignment.layer_end
+        size = max(itemsize(link.hello.dtype) for link in [*kept, *spares])
+        members = planner_members(
+            [x.hello for x in spares], self.dims.largest_layer_params, self.dims.hidden_size, size
+        )
+        pick = replacement(self.dims.shape(Precision(self.config.quantize), size), members, a, b)
+        if pick is None:
+            return None
+        index = self.stages.index(lost)
+        chosen = []
+        for i, stage in enumerate(self.stages):
+            asg = stage.assignment
+            if asg is not None:
+                chosen.append((spares[pick] if i == index else stage, (asg.layer_start, asg.layer_end)))
+        standby = {x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]}
+        return _Repair(index, _Placement(tuple(chosen), standby))
+
+    def _schedule_replan(self, repair: _Repair | None = None) -> None:
+        self._invalidate(repair)
         self._spawn(self._replan(), "re-planning")
 
-    def _invalidate(self) -> None:
+    def _invalidate(self, repair: _Repair | None = None) -> None:
+        """A new epoch, no pipeline: the listeners learn which stages served and, for a repair,
+        which one is being replaced; the next ``_replan`` uses ``repair`` if its links still can."""
         self.move(GroupState.PLACING, "placing the model on the members")
         previous, self.stages, self.hops, self.loop_back = self.stages, [], [], NO_LOOP_BACK
         self.epoch += 1
+        self._repair = repair
+        if repair is not None:
+            name = repair.placement.chosen[repair.index][0].name
+            log.warning("stage %d is replaced by %s; the other stages keep their layers and caches", repair.index, name)
         for listener in self._listeners:
-            listener(previous)
+            listener(previous, repair.index if repair is not None else None)
 
     async def _replan(self) -> None:
         async with self._replan_lock:
@@ -338,8 +393,16 @@ class Group:
                     self.move(GroupState.WAITING, why)
                     return
                 epoch = self.epoch
+                repair, self._repair = self._repair, None
                 try:  # polynomial (milliseconds at 64 members), still CPU work: off the event loop
-                    placement = await asyncio.to_thread(self._place, live)
+                    if repair is not None and all(link in live for link, _ in repair.placement.chosen):
+                        placement = repair.placement
+                        self.repairs += 1
+                    else:
+                        if repair is not None:  # a link of it went meanwhile: plan the whole pipeline
+                            self._invalidate()
+                            epoch = self.epoch
+                        placement = await asyncio.to_thread(self._place, live)
                 except PlacementError as e:
                     self.move(GroupState.CANNOT_PLACE, f"the group cannot hold the model: {e}")
                     log.error("cannot place the model: %s", e)

@@ -2,7 +2,7 @@
 
 Contract
 --------
-``Relay(group, topk)`` numbers the steps of one engine (from 1) and takes them through the
+``Relay(group, topk)`` numbers the steps of one engine (from 1, ``step_ids``) and takes them through the
 group's current pipeline.  ``await relay.send(stages, epoch, chunks, tokens, direct, loop,
 draws)`` sends the chunks' token ids to the first stage and returns a :class:`Journey` with the
 last stage's rows (top-``topk`` packed when ``topk`` > 0): each run of stages joined by direct
@@ -57,7 +57,7 @@ class Relay:
     def __init__(self, group: Group, topk: int) -> None:
         self.group = group
         self.topk = topk
-        self._step_ids = itertools.count(1)
+        self.step_ids = itertools.count(1)
 
     async def send(
         self,
@@ -115,7 +115,7 @@ class Relay:
                     arrived = None
                 else:
                     whole = i == 0 and end == len(stages) - 1
-                    step = Step(next(self._step_ids), epoch, segments, x, topk, end > i, drop=drop)
+                    step = Step(next(self.step_ids), epoch, segments, x, topk, end > i, drop=drop)
                     if loop and whole:
                         step = replace(step, loop=loop, draws=draws)
                         looped = self._expect_looped(stages, step)
@@ -154,7 +154,7 @@ class Relay:
         rows = len(step.segments)
         looped = []
         for _ in range(step.loop):
-            step_id = next(self._step_ids)
+            step_id = next(self.step_ids)
             looped.append(stages[0].expect(step_id, tuple(stages[1:]), rows, 8 * rows))
         return looped
 

@@ -11,7 +11,8 @@ pipeline but no new placement may choose it.  A ``Leave`` from the worker is han
 ``on_leave(link, finish)`` (set by the group; without one the link closes at once).  ``assign``
 sends an ``Assign`` and waits for the matching ``Ready``; ``route`` sends a ``Route`` and waits
 for the ``Routed``; ``call`` sends a ``Step`` and waits for its ``Result`` (from this stage, or,
-for a step forwarded over direct hops, from the stage that ends its journey).
+for a step forwarded over direct hops, from the stage that ends its journey); ``recall`` sends a
+``Recall`` and returns the rows the stage kept.
 ``run_reader`` reads frames until the tunnel ends: a malformed frame or
 an unexpected message is a :class:`~worker_core.wire.ProtocolError`, which closes this link
 (with a log line) and fails everything waiting on it with :class:`LinkGone`; nothing else in
@@ -48,6 +49,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
 from aiohttp import WSMsgType, web
 
 from worker_core.wire import (
@@ -62,6 +64,7 @@ from worker_core.wire import (
     Message,
     ProtocolError,
     Ready,
+    Recall,
     Result,
     Route,
     Routed,
@@ -354,6 +357,22 @@ class WorkerLink:
         self.step_bytes_total += sent
         answered.step_bytes_total += back
         return answered, result
+
+    async def recall(self, recall: Recall) -> torch.Tensor:
+        """Send a ``Recall`` and return the rows this stage kept for its segments (bounded like a
+        step of as many tokens: a stage that does not answer in time is dropped as hung)."""
+        tokens = sum(s.length for s in recall.segments)
+        pending = _register(recall.step_id, (self,), tokens, 0, time.monotonic())
+        try:
+            await self._send(recall)
+            _, result = await pending.future
+        except BaseException:
+            self._abandoned.append(recall.step_id)
+            raise
+        finally:
+            self._pending.pop(recall.step_id, None)
+        self.step_bytes_total += result.tensor.numel() * result.tensor.element_size()
+        return result.tensor
 
     def expect(self, step_id: int, onward: tuple[WorkerLink, ...], tokens: int, nbytes: int) -> Expected:
         """Register step ``step_id``, which the last stage will send into this stage over the

@@ -2,6 +2,7 @@
 
 Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV cache size
 in tokens.  ``layers_held(shape, memory)`` is how many layers one member's memory holds.
+``replacement`` picks the member that takes over one lost stage's range as it is.
 ``planner_members`` turns what the workers announced (memory offered, measured
 speed, measured link) into planner members timed on a reference step.
 
@@ -129,6 +130,18 @@ def layers_held(shape: ModelShape, memory: int) -> int:
     """Most decoder layers (weights and KV reserve) a member offering ``memory`` bytes holds in
     the middle of a pipeline (no embeddings, no head)."""
     return _room(shape, Member("", memory, 1.0)).middle
+
+
+def replacement(shape: ModelShape, members: Sequence[Member], start: int, end: int) -> int | None:
+    """Index of the member best placed to take over the stage of layers ``[start, end)`` as it
+    is (the other stages keep theirs, :mod:`master_core.rebuild`): among those whose memory
+    holds it (with the embeddings when it starts at 0, the head when it ends the model), the
+    one whose compute or link would be the smaller bottleneck; None when none holds it."""
+    first, last = start == 0, end == shape.num_layers
+    fits = [i for i, m in enumerate(members) if _room(shape, m).at(first, last) >= end - start]
+    if not fits:
+        return None
+    return min(fits, key=lambda i: max((end - start) * members[i].seconds_per_layer, members[i].link_seconds))
 
 
 def _by_time(shape: ModelShape, m: Member, limit: float) -> int:

@@ -103,3 +103,32 @@ def test_wire_carries_generation_base_and_drop_and_checks_them():
     ):
         with pytest.raises(ProtocolError):
             decode(encode(bad))
+
+
+def test_a_stage_keeps_what_it_sent_on_and_gives_it_back_for_a_rebuild(tmp_path):
+    """A stage that is not the last keeps its output rows (truncated and rewritten like its KV,
+    shared with a cached prefix) and ``recall`` returns exactly them; the next stage rebuilt
+    from them computes what it computed from the original rows."""
+    path = make_tiny_checkpoint("llama", tmp_path / "llama", num_layers=2, seed=5)
+    first = StageRunner(load_shard(path, 0, 1, CPU, torch.float32), 1024, 256)
+    last = load_shard(path, 1, 2, CPU, torch.float32)
+    out = first.run((Segment(1, 0, len(A), False, 1),), torch.tensor(A))
+    assert torch.equal(first.recall((Segment(1, 0, len(A), False),)), out)
+    again = first.run((Segment(1, 4, 3, False, 2),), torch.tensor([50, 51, 52]))  # truncated at 4, rewritten
+    got = first.recall((Segment(1, 2, 5, False),))
+    assert torch.equal(got[:2], out[2:4]) and torch.equal(got[2:], again)
+    shared = first.run((Segment(2, 4, 2, False, 1, base=1),), torch.tensor([60, 61]))  # starts from 1's prefix
+    both = first.recall((Segment(2, 0, 6, False), Segment(1, 0, 1, False)))
+    assert torch.equal(both[:4], out[:4]) and torch.equal(both[4:6], shared) and torch.equal(both[6:], out[:1])
+    with pytest.raises(StepRejected, match="cannot recall"):
+        first.recall((Segment(1, 0, 8, False),))  # it holds 7
+    with pytest.raises(StepRejected, match="cannot recall"):
+        first.recall((Segment(9, 0, 1, False),))
+    with pytest.raises(StepRejected, match="last stage"):
+        StageRunner(last, 1024, 256).recall((Segment(1, 0, 1, False),))
+    # the next stage, rebuilt from the recalled rows, gives the logits it gave from the originals
+    sent = first.run((Segment(3, 0, len(A), False, 1),), torch.tensor(A))
+    original, rebuilt = StageRunner(last, 1024, 256), StageRunner(last, 1024, 256)
+    a = original.run((Segment(3, 0, len(A), True, 1),), sent)
+    b = rebuilt.run((Segment(3, 0, len(A), True, 1),), first.recall((Segment(3, 0, len(A), False),)))
+    assert torch.equal(a, b)

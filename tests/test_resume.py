@@ -88,3 +88,75 @@ def test_a_step_given_up_on_goes_on_from_what_every_stage_holds(ckpt, want, monk
     # ran ahead), never a prompt: a restart from 0 sends 41 + 48 prompt tokens and the outputs
     assert 0 < recomputed <= len(PROMPTS) * 9, recomputed
     assert left == [0, 0, 0] and held == {"running": 0, "waiting": 0, "text_streams": 0}, (left, held)
+
+
+@pytest.mark.parametrize("lost", [0, 1, 2], ids=["first", "middle", "last"])
+def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckpt, want, lost):
+    """A stage dies mid-generation with a member standing by: the spare takes its layers, only
+    its positions are computed (from the token ids, or from what the stage before it kept), the
+    other stages keep their caches (the same KV ids, the same cache objects) and the tokens are
+    transformers'."""
+
+    async def main():
+        async with Cluster(ckpt, workers=3) as c:
+            g, e = c.master.group, c.engine
+            c.add_worker("spare", link_delay_ms=20)  # a slower link: it stands by
+            while not (len(g.links) == 4 and "spare" in g.standby and g.serving):
+                await asyncio.sleep(0.02)
+            while not e.profiled:
+                await asyncio.sleep(0.01)
+            gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
+            while e.tokens_generated < 12:
+                await asyncio.sleep(0.005)
+            survivors = [s.name for i, s in enumerate(g.stages) if i != lost]
+            kv_ids = {r.id: r.kv_id for r in e.running.values()}
+            caches = {
+                (id(s.runner), k): s.runner.kv.get(k)
+                for s in _sessions()
+                for k in kv_ids.values()
+                if s.runner.kv.get(k)
+            }
+            c.tasks[int(g.stages[lost].name[1:])].cancel()  # that worker is gone
+            while not (g.serving and g.stages and g.stages[lost].name == "spare"):
+                await asyncio.sleep(0.005)
+            while e.rebuilt_requests == 0 and e.replays == 0:
+                await asyncio.sleep(0.005)
+            still = {key: s.runner.kv.get(key[1]) for s in _sessions() for key in caches if key[0] == id(s.runner)}
+            same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
+            got = await asyncio.wait_for(asyncio.gather(*gens), 60)
+            names = [s.name for s in g.stages]
+            counts = (g.repairs, e.rebuilt_requests, e.reset_restarts, e.replays, e.rebuilt_tokens)
+            kept = sum(still.get(k) is v for k, v in caches.items())
+            return [r[0] for r in got], names, survivors, counts, same_ids, kept, len(still)
+
+    got, names, survivors, counts, same_ids, kept, alive = run(main())
+    repairs, rebuilt, restarts, replays, positions = counts
+    assert got == want
+    assert names[lost] == "spare" and [n for i, n in enumerate(names) if i != lost] == survivors
+    assert (repairs, rebuilt, restarts, replays) == (1, 2, 0, 0), counts
+    assert same_ids, "a request was given a new KV id: it was computed again from scratch"
+    assert alive == 4 and kept == 4, "the surviving stages' cache objects were replaced"  # 2 stages x 2 requests
+    assert 89 <= positions <= 89 + 2 * NEW, positions  # the prompts and what was generated, on the spare only
+
+
+def test_a_rebuild_packs_each_requests_positions_in_order_within_the_step_budget():
+    from master_core.rebuild import Lost, pack
+
+    steps = pack([Lost(1, 2, 70, []), Lost(2, 1, 0, []), Lost(3, 5, 20, [])], 32)
+    assert [sum(s.length for s in step) for step in steps] == [32, 32, 26]
+    spans = [(s.request_id, s.start, s.length, s.generation) for step in steps for s in step]
+    assert spans == [(1, 0, 32, 2), (1, 32, 32, 2), (1, 64, 6, 2), (3, 0, 20, 5)]
+    assert all(len({s.request_id for s in step}) == len(step) for step in steps)
+    assert not any(s.want_logits for step in steps for s in step)
+
+
+def test_the_replacement_is_the_fastest_standby_member_that_holds_the_range():
+    from master_core.placement import Member, ModelShape, replacement
+
+    shape = ModelShape(num_layers=8, layer_bytes=100, first_bytes=500, last_bytes=500, kv_bytes_per_layer=10)
+    slow, fast, small = Member("slow", 10_000, 2.0), Member("fast", 10_000, 1.0), Member("small", 500, 0.1)
+    far = Member("far", 10_000, 0.1, link_seconds=5.0)
+    assert replacement(shape, [slow, fast, small, far], 2, 5) == 2  # 330 bytes: every one holds it
+    assert replacement(shape, [slow, fast, small, far], 0, 3) == 1  # with the embeddings: not "small"
+    assert replacement(shape, [slow, small], 5, 8) == 0  # with the head
+    assert replacement(shape, [small], 0, 8) is None

@@ -17,6 +17,7 @@ from worker_core.wire import (
     Leave,
     ProtocolError,
     Ready,
+    Recall,
     Result,
     Route,
     Routed,
@@ -73,6 +74,7 @@ MESSAGES = [
     Route(4, next_address="[fe80::1]:7001", next_token="ef" * 16),
     Route(4),
     Routed(4, True, 3.5),
+    Recall(9, 4, (Segment(11, 0, 48, False, 2), Segment(12, 16, 5, False))),
     Routed(4, False, reason="10.0.0.3:7001: no answer within 3 s"),
     Routed(4, False, reason="no next hop", mapped="25.0.0.11:7734"),
     Assign(  # a GGUF model's tensors travel as their blocks: U8 bytes, GGML type, logical shape
@@ -329,6 +331,17 @@ BAD_FRAMES = {
             "too many dims": {"shape": [1, 1, 1, 2, 32], "nbytes": 68},
         }.items()
     },
+    "recall no segments": _frame(wire.Kind.RECALL, {"step_id": 1, "epoch": 1, "segments": []}),
+    "recall same request twice": _frame(
+        wire.Kind.RECALL,
+        {"step_id": 1, "epoch": 1, "segments": [{"request_id": 3, "start": 0, "length": 4, "want_logits": False}] * 2},
+    ),
+    "recall with payload": _frame(
+        wire.Kind.RECALL,
+        {"step_id": 1, "epoch": 1, "segments": [{"request_id": 3, "start": 0, "length": 4, "want_logits": False}]},
+        b"x",
+    ),
+    "recall negative step": _frame(wire.Kind.RECALL, {"step_id": -1, "epoch": 1, "segments": []}),
     "leave finish missing": _frame(wire.Kind.LEAVE, {}),
     "leave finish not bool": _frame(wire.Kind.LEAVE, {"finish": 1}),
     "leave finish string": _frame(wire.Kind.LEAVE, {"finish": "true"}),

@@ -18,6 +18,11 @@ Contract
 * Lengths are committed only by :meth:`PackedCache.commit` after every layer ran, so a step
   that fails midway leaves the committed state as it was (its partial writes lie beyond the
   committed lengths and are overwritten next time).
+* A stage that is not the last also keeps, per request, the hidden states it sent on (its
+  *tape*, ``RequestKV.keep`` / :meth:`RequestKV.rows`, one row per position, beside the KV and
+  counted in the same budget): if the next stage is lost, the master recalls them
+  (``wire.Recall``) to rebuild that stage's KV without computing this one or any before it
+  again.  A prefix shared from ``base`` shares its tape rows as well.
 * Knows nothing about models, the network or the master.
 """
 
@@ -42,6 +47,39 @@ class RequestKV:
     shared_upto: int = 0  # its leading tokens other requests use as their prefix
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [kv_heads, cap, d], from base_len on
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    tape: torch.Tensor | None = None  # [cap, hidden]: the output rows it sent on, from base_len on
+
+    def keep(self, start: int, rows: torch.Tensor) -> None:
+        """Keep the output rows ``[start, start + n)`` (``rows``: [n, hidden]; start >= base_len)."""
+        local = start - self.base_len
+        end = local + rows.shape[0]
+        tape = self.tape
+        if tape is None or tape.shape[0] < end or tape.shape[1] != rows.shape[1]:
+            grown = rows.new_empty((max(16, end, 2 * (tape.shape[0] if tape is not None else 0)), rows.shape[1]))
+            if tape is not None and local and tape.shape[1] == rows.shape[1]:
+                grown[:local] = tape[:local]
+            tape = self.tape = grown
+        tape[local:end] = rows
+
+    def rows(self, start: int, end: int) -> torch.Tensor | None:
+        """The kept output rows of positions ``[start, end)`` (end <= committed length), or None
+        where any of them was never kept."""
+        if end <= start:
+            return None
+        parts = []
+        if start < self.base_len:
+            if self.base is None:
+                return None
+            below = self.base.rows(start, min(end, self.base_len))
+            if below is None:
+                return None
+            parts.append(below)
+            start = self.base_len
+        if start < end:
+            if self.tape is None or end - self.base_len > self.tape.shape[0]:
+                return None
+            parts.append(self.tape[start - self.base_len : end - self.base_len])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
     def own(self) -> int:

@@ -8,7 +8,9 @@ Contract
 * :class:`Session` is the state of one tunnel.  ``handle(msg, arrived)`` applies one frame from
   the master (or a ``Step`` from the previous stage's hop), in order, and answers on the
   tunnel: ``Assign`` loads the range (delivered weights, the hub, or the model folder; a
-  failure is reported as a ``Failure``, not raised) and answers ``Ready``; ``Route`` accepts
+  failure is reported as a ``Failure``, not raised) and answers ``Ready`` (the same range with
+  the same budgets again keeps the stage and its caches: another stage was replaced);
+  ``Recall`` answers a ``Result`` with the outputs the stage kept for a rebuild of the next; ``Route`` accepts
   the previous stage and dials the next (bounded) and answers ``Routed``; ``Step`` runs on the
   stage executor (any step but a decode step paused between layers for the decode steps
   waiting, :mod:`worker_core.interleave`) and answers ``Result``, or goes on over the direct hop when marked
@@ -59,6 +61,7 @@ from .wire import (
     Message,
     ProtocolError,
     Ready,
+    Recall,
     Result,
     Route,
     Routed,
@@ -250,7 +253,18 @@ class Session:
                     await self.send(Failure(why[:4000]))
                     return
                 self.shards[key] = shard
-            self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
+            kept = self.runner
+            if (
+                kept is None
+                or kept.shard is not shard
+                or (kept.kv.budget_tokens, kept.max_batch_tokens)
+                != (
+                    msg.kv_tokens,
+                    msg.max_batch_tokens,
+                )
+            ):
+                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
+            # else: the same range again (another stage was replaced): its caches stay for the master
             self.layer_clock = LayerClock()
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
@@ -299,6 +313,18 @@ class Session:
                 await hop.send(onward, relayed, urgent)
             else:
                 self.post(result, urgent)
+        elif isinstance(msg, Recall):
+            if self.runner is None or msg.epoch != self.epoch:
+                await self.send(
+                    Failure(f"recall of epoch {msg.epoch} but this worker serves {self.epoch}", msg.step_id)
+                )
+                return
+            try:
+                rows = await loop.run_in_executor(self.executor, self.runner.recall, msg.segments)
+            except StepRejected as e:
+                await self.send(Failure(str(e), msg.step_id))
+                return
+            self.post(Result(msg.step_id, msg.epoch, 0.0, time.perf_counter() - arrived, rows), urgent)
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)

@@ -27,6 +27,9 @@ runs steps in order.
 layers per ``advance``, and other steps may run between them (:mod:`worker_core.interleave`):
 not on its requests (refused while it is open), and with its tokens counted in the budget.
 Its lengths are committed after its last layer, so a step abandoned (``close``) commits nothing.
+
+Every stage but the last keeps the rows it sends on (:mod:`worker_core.kv_cache`'s tape);
+``recall`` gives them back for a rebuild of the next stage.
 """
 
 from __future__ import annotations
@@ -146,6 +149,25 @@ class StageRunner:
     def free(self, request_ids: tuple[int, ...]) -> None:
         self.kv.free(request_ids)
 
+    def recall(self, segments: tuple[Segment, ...]) -> torch.Tensor:
+        """The output rows this stage sent on for each segment's positions, packed in segment
+        order ([T, hidden]; ``wire.Recall``): what the next stage needs to rebuild its KV.
+        Raises :class:`StepRejected` when this is the last stage or a segment reaches beyond
+        what its cache holds."""
+        if self.shard.is_last:
+            raise StepRejected("the last stage keeps no outputs to recall")
+        rows = []
+        for s in segments:
+            r = self.kv.get(s.request_id)
+            got = r.rows(s.start, s.start + s.length) if r is not None and s.start + s.length <= r.length else None
+            if got is None:
+                held = 0 if r is None else r.length
+                raise StepRejected(
+                    f"request {s.request_id}: cannot recall [{s.start}, {s.start + s.length}), this stage holds {held}"
+                )
+            rows.append(got)
+        return torch.cat(rows).cpu()
+
 
 class StepRun:
     """One step of a :class:`StageRunner`, run a few layers at a time (:meth:`advance`), so that
@@ -260,6 +282,10 @@ class StepRun:
                 result = torch.cat([lse, values, ids.float()], dim=-1)  # [n, 1 + 2k]
         else:
             result = hidden
+            offset = 0
+            for s, p in zip(self.segments, self.cache.segments):  # kept for a rebuild of the next stage
+                p.request.keep(s.start, hidden[offset : offset + s.length])
+                offset += s.length
         if sh.device.type == "cuda":
             torch.cuda.synchronize(sh.device)
         return result.cpu()

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 6  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops
+PROTOCOL_VERSION = 7  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -128,6 +128,7 @@ class Kind(IntEnum):
     LEAVE = 10
     ROUTE = 11
     ROUTED = 12
+    RECALL = 13
 
 
 # --------------------------------------------------------------------------- messages
@@ -367,6 +368,19 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Recall:
+    """master -> worker (any stage but the last): send back, as the ``Result`` of ``step_id``
+    (``compute_seconds`` 0, tensor [T, hidden] packed in segment order), the hidden states this
+    stage sent on for each segment's positions, as it keeps them for its requests' caches.
+    The master rebuilds a replaced next stage's KV from them (:mod:`master_core.rebuild`).
+    Only ``request_id``, ``start`` and ``length`` of a segment are read."""
+
+    step_id: int
+    epoch: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
 class Free:
     """master -> worker: drop the KV cache of these requests (unknown ids are ignored)."""
 
@@ -442,7 +456,7 @@ class Routed:
     mapped: str = ""
 
 
-Message = Hello | Assign | Ready | Step | Result | Free | Failure | Fetch | Chunk | Leave | Route | Routed
+Message = Hello | Assign | Ready | Step | Result | Recall | Free | Failure | Fetch | Chunk | Leave | Route | Routed
 
 MAX_CERT_CHARS = 16 * 1024  # a PEM certificate in a Route
 _TOKEN = re.compile(r"^([0-9a-f]{32,128})?$")
@@ -693,6 +707,9 @@ def encode(msg: Message) -> bytes:
                 "tokens": list(msg.tokens),
             },
         )
+    elif isinstance(msg, Recall):
+        segs = [_segment_json(s) for s in msg.segments]
+        kind, h = Kind.RECALL, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs}
     elif isinstance(msg, Free):
         kind, h = Kind.FREE, {"request_ids": list(msg.request_ids)}
     elif isinstance(msg, Failure):
@@ -829,6 +846,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             trail=_trail(h),
             tokens=_tokens(h),
         )
+    if kind is Kind.RECALL:
+        return Recall(step_id=_int(h, "step_id"), epoch=_int(h, "epoch"), segments=_segments(h))
     if kind is Kind.FREE:
         return Free(request_ids=_ids(h, "request_ids"))
     if kind is Kind.FETCH:

@@ -1,0 +1,91 @@
+"""Rebuild the KV of one replaced stage from what the stage before it kept.
+
+Contract
+--------
+When one stage of a serving pipeline is lost and a standby member takes over exactly its layer
+range (:class:`~master_core.group.Group`), every other stage still holds its requests' caches.
+``await rebuild_stage(stages, epoch, index, work, step_ids, max_tokens, hidden_size)`` fills the new stage
+``stages[index]`` with the positions ``[0, upto)`` of each :class:`Lost` request, under the KV id
+and generation it names, and computes nothing anywhere else: its inputs are the token ids
+(``index`` 0, sent from here) or the hidden states ``stages[index - 1]`` kept when it sent them
+on (``wire.Recall``).  The work goes in steps of at most ``max_tokens`` tokens, a request's
+positions in order and in as few steps as fit; the new stage's outputs are dropped (the stages
+after it hold those positions already).  Returns the positions rebuilt.
+
+Raises what :meth:`~master_core.link.WorkerLink.call` raises (``LinkGone``, ``StepFailed``) or
+``ProtocolError`` when a stage answers with the wrong shape; nothing is retried here (the
+engine then computes the requests from scratch).  Every wait is bounded by the links' step
+deadlines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker_core.wire import CloseCode, ProtocolError, Recall, Segment, Step
+
+from .link import WorkerLink
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A request whose cache the new stage must hold: KV id, generation, positions ``[0, upto)``
+    and its token ids (at least ``upto`` of them)."""
+
+    kv_id: int
+    generation: int
+    upto: int
+    tokens: Sequence[int]
+
+
+def pack(work: Sequence[Lost], max_tokens: int) -> list[tuple[Segment, ...]]:
+    """The rebuild's steps: each request's positions in order, split where a step is full, at
+    most ``max_tokens`` tokens a step, a request at most once per step."""
+    steps: list[tuple[Segment, ...]] = []
+    current: list[Segment] = []
+    room = max_tokens
+    for lost in work:
+        at = 0
+        while at < lost.upto:
+            n = min(room, lost.upto - at)
+            current.append(Segment(lost.kv_id, at, n, False, lost.generation))
+            at += n
+            room -= n
+            if room == 0:
+                steps.append(tuple(current))
+                current, room = [], max_tokens
+    if current:
+        steps.append(tuple(current))
+    return steps
+
+
+async def rebuild_stage(
+    stages: Sequence[WorkerLink],
+    epoch: int,
+    index: int,
+    work: Sequence[Lost],
+    step_ids: Iterator[int],
+    max_tokens: int,
+    hidden_size: int,
+) -> int:
+    target = stages[index]
+    by_id = {lost.kv_id: lost for lost in work}
+    rebuilt = 0
+    for segments in pack([w for w in work if w.upto > 0], max_tokens):
+        total = sum(s.length for s in segments)
+        if index == 0:
+            ids = [t for s in segments for t in by_id[s.request_id].tokens[s.start : s.start + s.length]]
+            x = torch.tensor(ids, dtype=torch.int64)
+        else:
+            source = stages[index - 1]
+            x = await source.recall(Recall(next(step_ids), epoch, segments))
+            if tuple(x.shape) != (total, hidden_size) or not x.is_floating_point():
+                why = f"recalled a tensor of shape {list(x.shape)} {x.dtype} for {total} positions"
+                source.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
+                raise ProtocolError(f"worker {source.name} {why}")
+        await target.call(Step(next(step_ids), epoch, segments, x))
+        rebuilt += total
+    return rebuilt
