@@ -15,7 +15,9 @@ Whenever membership changes it re-plans (unless a newcomer would only stand by: 
 running pipeline is left alone).  A serving stage lost while a standby member can hold its
 range is *repaired*: that member takes the range and every other stage keeps its range and its
 caches (the engine rebuilds only the new stage, :mod:`master_core.rebuild`); otherwise the whole
-pipeline is planned again.  Either way the state becomes PLACING, ``stages`` empties, ``epoch``
+pipeline is planned again.  A standby member whose memory holds the whole model loads it while
+it waits (an ``Assign`` of every layer that no pipeline uses), so a repair takes its range from
+memory; such a member is preferred.  Either way the state becomes PLACING, ``stages`` empties, ``epoch``
 goes up and listeners registered with ``on_reset`` are called with the stages that were
 serving and the index of the stage being replaced, if any (the engine frees its requests'
 caches there and replays them on the next pipeline, or keeps them and rebuilds one stage).
@@ -63,7 +65,7 @@ from worker_core.weights import manifest_digest
 from worker_core.wire import Assign, itemsize
 
 from .config import MasterConfig
-from .link import LinkGone, LinkState, StepFailed, WorkerLink
+from .link import LinkGone, LinkState, StepFailed, Superseded, WorkerLink
 from .member_path import member_path
 from .model_dims import ModelDims
 from .placement import (
@@ -166,6 +168,7 @@ class Group:
         self.late_frames = 0  # frames read from links after they were dropped as hung
         self._repair: _Repair | None = None  # the next re-plan keeps all stages but one (see _invalidate)
         self.repairs = 0  # pipelines served again by replacing one lost stage
+        self._warming: set[WorkerLink] = set()  # standby members loading the whole model now
         self._join_pending = False  # a re-plan for a newcomer waits for the running requests to end
 
     # ------------------------------------------------------------------ state
@@ -246,6 +249,7 @@ class Group:
         )
         if self._plan_unchanged():
             log.info("the pipeline stays as it is: %s stands by (%s)", link.name, self.standby.get(link.name))
+            self._warm_standby()
             return
         if self.serving and self.running_requests():
             if not self._join_pending:
@@ -346,6 +350,8 @@ class Group:
         if any(not s.placeable or s.assignment is None for s in kept):
             return None
         spares = [link for link in self.placeable_links() if link not in self.stages]
+        warm = [x for x in spares if self._holds_whole_model(x)]
+        spares = warm or spares  # one with the whole model loaded takes the range from memory
         if not spares:
             return None
         a, b = lost.assignment.layer_start, lost.assignment.layer_end
@@ -415,33 +421,12 @@ class Group:
                 assignments = []
                 for link, (a, b) in chosen:
                     try:
-                        fields = {"model": self.model_ref, **await self._delivery(a, b)}
+                        assignments.append(await self._assignment(link, a, b, epoch))
                     except Exception as e:  # an unreadable checkpoint: nothing a re-plan can fix
                         why = f"cannot prepare the weights of layers [{a}, {b}): {type(e).__name__}: {e}"
                         self.move(GroupState.CANNOT_PLACE, why)
                         log.exception("cannot prepare the weights of layers [%d, %d)", a, b)
                         return
-                    kv = stage_kv_tokens(
-                        self.dims,
-                        link.hello.free_memory,
-                        link.hello.dtype,
-                        a,
-                        b,
-                        self.config.max_kv_tokens,
-                        Precision(self.config.quantize),
-                    )
-                    assignments.append(
-                        Assign(
-                            epoch=epoch,
-                            layer_start=a,
-                            layer_end=b,
-                            num_layers=self.dims.num_layers,
-                            max_batch_tokens=self.config.max_batch_tokens,
-                            kv_tokens=kv,
-                            quantize=self.config.quantize,
-                            **fields,
-                        )
-                    )
                 try:
                     readies = await asyncio.gather(
                         *(link.assign(asg, self.config.assign_timeout) for (link, _), asg in zip(chosen, assignments))
@@ -478,6 +463,7 @@ class Group:
                 self.stages, self.hops, self.loop_back = stages, hops, loop_back
                 self.kv_tokens = min(asg.kv_tokens for asg in assignments)
                 self.move(GroupState.SERVING)
+                self._warm_standby()
                 log.info(
                     "serving epoch %d on %d stage(s): %s; hops: %s",
                     epoch,
@@ -486,6 +472,55 @@ class Group:
                     "; ".join(h.describe() for h in hops) or "none",
                 )
                 return
+
+    async def _assignment(self, link: WorkerLink, a: int, b: int, epoch: int) -> Assign:
+        """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory)."""
+        fields = {"model": self.model_ref, **await self._delivery(a, b)}
+        precision = Precision(self.config.quantize)
+        kv = stage_kv_tokens(
+            self.dims, link.hello.free_memory, link.hello.dtype, a, b, self.config.max_kv_tokens, precision
+        )
+        return Assign(
+            epoch=epoch,
+            layer_start=a,
+            layer_end=b,
+            num_layers=self.dims.num_layers,
+            max_batch_tokens=self.config.max_batch_tokens,
+            kv_tokens=kv,
+            quantize=self.config.quantize,
+            **fields,
+        )
+
+    def _warm_standby(self) -> None:
+        """Each standby member that holds the whole model and has not loaded it loads it now
+        (an ``Assign`` of every layer, served by no pipeline): if a stage is lost, the member
+        that takes its range over takes those layers from memory (``worker_core.shard.carve``)
+        instead of reading them, and the repair is that much shorter."""
+        n = self.dims.num_layers
+        size = max((itemsize(link.hello.dtype) for link in self.links), default=4)
+        shape = self.dims.shape(Precision(self.config.quantize), size)
+        for link in self.placeable_links():
+            if link in self.stages or link.loading or link in self._warming or self._holds_whole_model(link):
+                continue
+            member = planner_members([link.hello], self.dims.largest_layer_params, self.dims.hidden_size, size)
+            if replacement(shape, member, 0, n) is not None:
+                self._warming.add(link)
+                self._spawn(self._warm(link), f"loading the whole model on {link.name}")
+
+    def _holds_whole_model(self, link: WorkerLink) -> bool:
+        asg = link.assignment
+        return asg is not None and not link.loading and (asg.layer_start, asg.layer_end) == (0, self.dims.num_layers)
+
+    async def _warm(self, link: WorkerLink) -> None:
+        try:
+            await link.assign(
+                await self._assignment(link, 0, self.dims.num_layers, self.epoch), self.config.assign_timeout
+            )
+            log.info("%s stands by with the whole model loaded", link.name)
+        except (LinkGone, StepFailed, asyncio.TimeoutError, Superseded) as e:
+            log.info("%s stands by without the model loaded: %s", link.name, e or type(e).__name__)
+        finally:
+            self._warming.discard(link)
 
     def _stored_as_asked(self, link: WorkerLink, rng: tuple[int, int], ready: Any) -> bool:
         """False when a quantized group's worker reports its layers at (about) full precision."""

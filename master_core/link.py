@@ -27,7 +27,9 @@ worker every ``PING_INTERVAL`` and judges the link by the rule of :meth:`WorkerL
 silent (no byte at all, not even of a frame still arriving, nor a pong; the server tells the
 link of bytes through :meth:`WorkerLink.heard_bytes`, see :mod:`master_core.metering`, so a
 healthy worker whose large frame takes seconds on a slow link is heard all the while) longer
-than ``SILENT_LIMIT`` (longer while it loads an assignment), or a step unanswered past its
+than ``SILENT_LIMIT`` (longer while it loads an assignment); its pongs' pulses
+(:func:`~worker_core.wire.pulse`) showing one compute call running ``STUCK_LIMIT`` beyond its
+predicted time while it has steps (a stuck compute behind a live loop); or a step unanswered past its
 deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x`` the step's cost predicted from
 this link's measurements, its compute scaled by the stage's recent slowdown, so a busy machine
 is not a hung one: :meth:`~master_core.costs.StageCost.slowdown`)).  A hung link is *dropped*
@@ -71,6 +73,7 @@ from worker_core.wire import (
     Step,
     decode,
     encode,
+    read_pulse,
 )
 
 from .costs import LinkCost, StageCost
@@ -91,6 +94,11 @@ LOADING_SILENT_LIMIT = 15.0  # the same while it loads an assignment (weight fil
 STEP_DEADLINE_FLOOR = 10.0  # seconds: a step's deadline is never shorter than this
 STEP_DEADLINE_FACTOR = 8.0  # ... and otherwise this many times its predicted cost (compute + transfer)
 UNMEASURED_STEP_DEADLINE = 30.0  # seconds: a step's deadline before this link's costs are measured
+# A stage whose loop answers pings but whose compute is stuck (a hung driver): its pongs carry its
+# compute progress (wire.pulse).  A compute call is a few layers sized to take about 20 ms
+# (worker_core.interleave) or a whole decode step, so one that runs this much beyond its predicted
+# time (scaled by the stage's slowdown: a busy machine still finishes its calls) is stuck.
+STUCK_LIMIT = 3.0  # seconds
 LOOP_LAG_GRACE = 0.5  # seconds a tick may come late: later means the master's own loop stalled; not judged
 WAKE_DRAIN = 1.0  # seconds a dropped worker that speaks again is read (late frames counted) before closing
 DROPPED_LINGER = 60.0  # seconds a dropped worker that stays silent keeps its tunnel
@@ -119,6 +127,10 @@ class LinkGone(Exception):
 
 class StepFailed(Exception):
     """The worker refused or failed one step; the tunnel stays up."""
+
+
+class Superseded(Exception):
+    """An assignment still loading was replaced by a newer one before its ``Ready``."""
 
 
 class StepLate(StepFailed):
@@ -244,6 +256,8 @@ class WorkerLink:
         self._abandoned: deque[int] = deque(maxlen=ABANDONED_KEPT)
         self._heard_at = time.monotonic()  # the last frame of any kind from the worker (pongs too)
         self._answered_at = 0.0  # the last Result or Failure of a step
+        self._progress = -1  # the stage's compute calls finished, as its last pulse said (wire.pulse)
+        self._stuck_since: float | None = None  # since when its pulses say one compute call runs, unfinished
         self._woke_at: float | None = None  # dropped as hung, then heard from again
         self._ready_waiter: asyncio.Future | None = None
         self._send_lock = asyncio.Lock()
@@ -300,6 +314,8 @@ class WorkerLink:
             raise LinkGone(f"worker {self.name} is {self.state.value}: {self.gone_reason or 'leaving'}")
         self.move(LinkState.CONNECTING)
         self.assignment = assignment
+        if self._ready_waiter is not None and not self._ready_waiter.done():  # the worker loads it, then this one
+            self._ready_waiter.set_exception(Superseded(f"epoch {assignment.epoch} was assigned meanwhile"))
         self._ready_waiter = asyncio.get_running_loop().create_future()
         await self._send(assignment)
         ready = await asyncio.wait_for(self._ready_waiter, timeout)
@@ -313,6 +329,11 @@ class WorkerLink:
         self._route_waiter = asyncio.get_running_loop().create_future()
         await self._send(route)
         return await asyncio.wait_for(self._route_waiter, timeout)
+
+    @property
+    def loading(self) -> bool:
+        """An ``Assign`` was sent and its ``Ready`` has not come."""
+        return self._ready_waiter is not None and not self._ready_waiter.done()
 
     def queued_tokens(self) -> int:
         """Tokens of the steps on their way through this stage now (sent, or fed back and
@@ -428,6 +449,9 @@ class WorkerLink:
                 pending.future.set_result((self, msg))
         elif isinstance(msg, Ready):
             waiter = self._ready_waiter
+            if self.assignment is not None and msg.epoch < self.assignment.epoch:
+                log.info("worker %s: Ready of a superseded assignment (epoch %d) dropped", self.name, msg.epoch)
+                return
             if waiter is None or self.assignment is None or msg.epoch != self.assignment.epoch:
                 raise ProtocolError(f"unexpected Ready for epoch {msg.epoch}")
             if not waiter.done():
@@ -495,6 +519,7 @@ class WorkerLink:
                     self._spawn(self._quietly(self.ws.pong(frame.data)))
                     continue
                 if frame.type is WSMsgType.PONG:
+                    self._pulse(frame.data, time.monotonic())
                     continue
                 if frame.type != WSMsgType.BINARY:
                     if frame.type in (WSMsgType.ERROR, WSMsgType.CLOSE, WSMsgType.CLOSING):
@@ -523,16 +548,39 @@ class WorkerLink:
         """Bytes of the worker arrived (a frame may still be incomplete): it is not silent."""
         self._heard(time.monotonic())
 
+    def _pulse(self, data: bytes, now: float) -> None:
+        """A pong's pulse: while the stage's pulses show the same compute call running, it is
+        stuck since the first of them."""
+        pulse = read_pulse(data)
+        if pulse is None or not pulse[1]:
+            self._stuck_since = None
+        elif pulse[0] != self._progress or self._stuck_since is None:
+            self._stuck_since = now
+        if pulse is not None:
+            self._progress = pulse[0]
+
+    def stuck_limit(self) -> float:
+        """Seconds one compute call may run before the stage counts as stuck: ``STUCK_LIMIT``
+        beyond the predicted compute of the largest step it has (scaled by its slowdown)."""
+        tokens = max((p.tokens for p in self._pending.values()), default=1)
+        compute = self.stage_cost.predict(tokens)
+        if compute is None:
+            return STUCK_LIMIT + UNMEASURED_STEP_DEADLINE
+        return STUCK_LIMIT + compute * self.stage_cost.slowdown()
+
     def hung(self, now: float) -> str | None:
         """The liveness rule: why this link counts as hung at ``now`` (monotonic), or None.
         Hung: silent longer than ``SILENT_LIMIT`` (``LOADING_SILENT_LIMIT`` while it loads an
-        assignment), or its oldest step unanswered (no Result or Failure from it since that
+        assignment), its pulses showing one compute call running past :meth:`stuck_limit` while
+        it has steps, or its oldest step unanswered (no Result or Failure from it since that
         step went out) past the step's deadline."""
         loading = self._ready_waiter is not None and not self._ready_waiter.done()
         limit = LOADING_SILENT_LIMIT if loading else SILENT_LIMIT
         silent = now - self._heard_at
         if silent > limit:
             return f"silent for {silent:.1f} s (limit {limit:.1f} s)"
+        if self._pending and self._stuck_since is not None and now - self._stuck_since > self.stuck_limit():
+            return f"computing without progress for {now - self._stuck_since:.1f} s (limit {self.stuck_limit():.1f} s)"
         if self._pending:
             step_id, oldest = min(self._pending.items(), key=lambda kv: kv[1].sent_at)
             waited = now - max(oldest.sent_at, self._answered_at)
@@ -553,6 +601,8 @@ class WorkerLink:
             tick = loop.time()
             if late:
                 self._heard_at = self._answered_at = now
+                if self._stuck_since is not None:
+                    self._stuck_since = now
                 continue
             why = self.hung(now)
             if why is not None:
@@ -590,10 +640,10 @@ class WorkerLink:
 
     def close_with(self, reason: str, code: CloseCode = CloseCode.NORMAL) -> None:
         """End this link (GONE): fail everything waiting on it with :class:`LinkGone` and close
-        the WebSocket with ``code`` (``PROTOCOL_ERROR`` when the worker broke the protocol)."""
-        if self.state is LinkState.GONE:
-            return
-        self._end(reason)
+        the WebSocket with ``code`` (``PROTOCOL_ERROR`` when the worker broke the protocol).  A
+        link dropped as hung, its tunnel still open to count late frames, closes it now."""
+        if self.state is not LinkState.GONE:
+            self._end(reason)
         if not self.ws.closed:
             self._spawn(self.ws.close(code=code, message=reason.encode()[:120]))
 

@@ -91,6 +91,7 @@ class Master:
         self._runner: web.AppRunner | None = None
         self._engine_task: asyncio.Task | None = None
         self._handlers: set[asyncio.Task] = set()
+        self._tunnels: set[WorkerLink] = set()  # every worker tunnel open now (dropped links too)
 
     async def start(self) -> None:
         cfg = self.config
@@ -353,9 +354,11 @@ class Master:
             known = next((m for m in self.members.members() if m.name == member), None)
             link.cert = known.cert if known is not None else ""
         self.group.add(link)
+        self._tunnels.add(link)
         try:
             await link.run_reader()
         finally:
+            self._tunnels.discard(link)
             link.close_with(link.gone_reason or "tunnel closed")
             self.group.remove(link)
             await link.wait_closed()
@@ -372,7 +375,7 @@ class Master:
             await asyncio.gather(self._engine_task, return_exceptions=True)
         # tunnels first: a listener's shutdown would otherwise wait for their handlers (aiohttp's
         # shutdown timeout) while the workers, told nothing, keep a silent tunnel
-        links = list(self.group.links)
+        links = list(self._tunnels)  # members, and links dropped as hung whose tunnels linger
         for link in links:
             link.close_with("the master stopped")
         await self.dashboard.stop()

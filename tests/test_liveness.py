@@ -119,3 +119,43 @@ def test_a_busy_stage_gets_longer_deadlines_but_a_healthy_one_keeps_its_own():
     takes = 12 * 10.24 + 1.05  # a 1024-token step on the busy stage really takes this long
     assert before < takes  # the unscaled deadline would drop this healthy, busy worker
     assert busy.step_deadline(1024, 1_000_000) > 1.4 * takes
+
+
+def test_a_stage_whose_compute_call_runs_past_its_predicted_time_plus_the_stuck_limit_is_hung():
+    """Pulses (the pongs' payload) tell a stage computing slowly, whose calls still finish, from
+    one whose compute call never ends while its loop answers pings."""
+    from worker_core.wire import pulse, read_pulse
+
+    assert read_pulse(pulse(7, True)) == (7, True) and read_pulse(pulse(8, False)) == (8, False)
+    assert read_pulse(b"") is None and read_pulse(b"\x00" * 8 + b"\x02") is None
+
+    async def main() -> None:
+        link = _link()
+        fut = asyncio.get_running_loop().create_future()
+        link._pending[1] = _Pending(fut, 0.0, 1e9, 16)  # a step out (its own deadline far away)
+        for tokens, seconds in ((1, 0.01), (64, 0.64)):  # 10 ms per token
+            link.stage_cost.observe(tokens, seconds)
+        limit = L.STUCK_LIMIT + 0.16  # the step's 16 tokens predicted at 0.16 s
+        assert link.stuck_limit() == pytest.approx(limit)
+        t = 1000.0
+        link._pulse(pulse(5, True), t)  # a compute call starts
+        for dt in (0.5, 1.0, limit - 0.1):
+            link._heard_at = t + dt
+            link._pulse(pulse(5, True), t + dt)  # the same call, still running
+            assert link.hung(t + dt) is None
+        link._heard_at = t + limit + 0.1
+        why = link.hung(t + limit + 0.1)
+        assert why is not None and why.startswith("computing without progress")
+        # calls that finish keep it alive however slow the stage is; an idle stage is not judged
+        for i, dt in enumerate((1.0, 2.5, 4.0, 5.5, 7.0)):
+            link._heard_at = t + dt
+            link._pulse(pulse(6 + i, True), t + dt)
+            assert link.hung(t + dt) is None
+        link._pulse(pulse(20, False), t + 10)
+        link._heard_at = t + 30
+        assert link.hung(t + 30) is None
+        link._pulse(b"", t + 31)  # a worker without a stage yet says nothing of its compute
+        assert link._stuck_since is None
+        fut.cancel()
+
+    run(main(), 10)

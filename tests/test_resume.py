@@ -160,3 +160,52 @@ def test_the_replacement_is_the_fastest_standby_member_that_holds_the_range():
     assert replacement(shape, [slow, fast, small, far], 0, 3) == 1  # with the embeddings: not "small"
     assert replacement(shape, [slow, small], 5, 8) == 0  # with the head
     assert replacement(shape, [small], 0, 8) is None
+
+
+def test_a_stage_whose_compute_hangs_while_its_loop_lives_is_dropped_within_the_stuck_limit(ckpt, want):
+    """The middle stage's compute blocks inside a layer (a stuck driver) while its event loop
+    answers pings: its pulses show no progress, the master drops it within ``STUCK_LIMIT``
+    beyond the step's predicted time (not the 10 s step deadline), the spare takes its layers
+    and the streams end with transformers' tokens."""
+    from master_core import link as L
+
+    release, stuck_at = threading.Event(), []
+
+    async def main():
+        async with Cluster(ckpt, workers=3) as c:
+            g, e = c.master.group, c.engine
+            c.add_worker("spare", link_delay_ms=20)
+            while not (len(g.links) == 4 and "spare" in g.standby and g.serving):
+                await asyncio.sleep(0.02)
+            while not e.profiled:
+                await asyncio.sleep(0.01)
+            middle = g.stages[1]
+            layer = next(s for s in _sessions() if not s.runner.shard.is_first and not s.runner.shard.is_last)
+            layer = layer.runner.shard.layers[0]
+            plain = layer.forward
+
+            def forward(*args, **kw):  # on the stage's compute thread
+                if not stuck_at:
+                    stuck_at.append(time.monotonic())
+                    release.wait(30)  # stuck until the test ends
+                return plain(*args, **kw)
+
+            gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
+            while e.tokens_generated < 12:
+                await asyncio.sleep(0.005)
+            layer.forward = forward
+            while middle.state is not L.LinkState.GONE:
+                await asyncio.sleep(0.01)
+            dropped = time.monotonic() - stuck_at[0]
+            got = await asyncio.wait_for(asyncio.gather(*gens), 60)
+            release.set()
+            return [r[0] for r in got], dropped, middle.gone_reason, g.repairs, [s.name for s in g.stages]
+
+    try:
+        got, dropped, why, repairs, names = run(main())
+    finally:
+        release.set()
+    assert got == want
+    assert "computing without progress" in why, why
+    assert dropped < L.STUCK_LIMIT + 1.5, dropped  # the pulse every 0.5 s, a decode step's few ms
+    assert repairs == 1 and names[1] == "spare"

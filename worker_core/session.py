@@ -48,7 +48,7 @@ from .outbox import Outbox
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
-from .shard import load_shard
+from .shard import Shard, carve, load_shard
 from .stage import StageRunner, StepRejected
 from .weights import WeightCache
 from .wire import (
@@ -67,6 +67,7 @@ from .wire import (
     Routed,
     Step,
     encode,
+    pulse,
     worker_frame_bound,
 )
 
@@ -132,7 +133,7 @@ class Session:
         self._chunks: dict[tuple[str, int], asyncio.Future] = {}
         self.uplink = uplink
         self.executor = executor
-        self.shards = shards  # (model, start, end) -> Shard, kept across reconnects
+        self.shards = shards  # (weights source, start, end, precision) -> Shard, kept across reconnects
         self.device = device
         self.runner: StageRunner | None = None
         self.epoch = -1
@@ -228,8 +229,13 @@ class Session:
             await self.close_hop()  # a new pipeline: the master routes it once it is loaded
             t0 = time.perf_counter()
             precision = Precision(msg.quantize)  # checked by wire.decode
-            key = (msg.model, msg.layer_start, msg.layer_end, precision)
+            key = (_source(msg), msg.layer_start, msg.layer_end, precision)
             shard = self.shards.get(key)
+            if shard is None and (whole := self._whole(key)) is not None:  # a standby's whole model
+                shard = carve(whole, msg.layer_start, msg.layer_end)
+                self.shards.clear()  # the layers it does not serve are freed
+                self.shards[key] = shard
+                log.info("took layers [%d, %d) from the whole model kept loaded", msg.layer_start, msg.layer_end)
             if shard is None:
                 self.runner = None
                 self.shards.clear()  # one shard at a time: free the old range first
@@ -333,6 +339,21 @@ class Session:
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
 
+    def _whole(self, key: tuple) -> Shard | None:
+        """A loaded shard of the whole model (same checkpoint, same precision) that holds the
+        range of ``key``, or None."""
+        source, _, _, precision = key
+        for (have, _, _, p), shard in self.shards.items():
+            same = have >= source if isinstance(have, frozenset) and isinstance(source, frozenset) else have == source
+            if same and p is precision and shard.layer_start == 0 and shard.layer_end == shard.num_layers:
+                return shard
+        return None
+
+    def pulse(self) -> bytes:
+        """The payload of a pong to the master: the stage's compute progress (wire.pulse)."""
+        runner = self.runner
+        return b"" if runner is None else pulse(runner.progress, runner.computing)
+
     async def _compute(self, runner: StageRunner, msg: Step, urgent: bool) -> tuple[torch.Tensor, float]:
         """Run ``msg`` on the stage executor and return its output and compute seconds.  A decode
         step (``urgent``) runs whole; any other step runs a few layers at a time
@@ -419,3 +440,9 @@ class Session:
         hop, self.next_hop = self.next_hop, None
         if hop is not None:
             await hop.close()
+
+
+def _source(msg: Assign) -> frozenset[str] | str:
+    """What an assignment's weights are, whatever its range: the tensors delivered (their
+    hashes; a range of the same checkpoint names a subset of the whole's) or the model ref."""
+    return frozenset(spec.sha256 for spec in msg.manifest) if msg.manifest else msg.model

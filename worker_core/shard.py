@@ -373,6 +373,39 @@ def load_shard(
     )
 
 
+def carve(whole: Shard, start: int, end: int) -> Shard:
+    """The stage of layers ``[start, end)`` taken from a loaded shard of the whole model (a
+    standby member's, see :meth:`master_core.group.Group`): its modules shared, nothing read
+    again.  Raises :class:`ShardError` unless ``whole`` holds every layer."""
+    if whole.layer_start != 0 or whole.layer_end != whole.num_layers or not 0 <= start < end <= whole.num_layers:
+        raise ShardError(
+            f"cannot take layers [{start}, {end}) from a shard of [{whole.layer_start}, {whole.layer_end})"
+        )
+    first, last = start == 0, end == whole.num_layers
+    layers = nn.ModuleList(whole.layers[start:end])
+    kept = [m for m in (whole.embed, whole.pos_embed, whole.embed_norm) if first and m is not None]
+    kept += [m for m in (whole.norm, whole.lm_head) if last and m is not None]
+    return Shard(
+        config=whole.config,
+        layer_start=start,
+        layer_end=end,
+        num_layers=whole.num_layers,
+        embed=whole.embed if first else None,
+        pos_embed=whole.pos_embed if first else None,
+        embed_norm=whole.embed_norm if first else None,
+        layers=layers,
+        windows=whole.windows[start:end],
+        layer_types=whole.layer_types[start:end],
+        rotary=whole.rotary,
+        norm=whole.norm if last else None,
+        lm_head=whole.lm_head if last else None,
+        device=whole.device,
+        dtype=whole.dtype,
+        weight_bytes=sum(module_bytes(m) for m in [*layers, *kept]),
+        precision=whole.precision,
+    )
+
+
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
     """Give the non-persistent buffers (rotary frequencies, embedding scales ...) their values.
 

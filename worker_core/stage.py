@@ -54,6 +54,8 @@ class StageRunner:
         self.kv = KVStore(kv_tokens)
         self.max_batch_tokens = max_batch_tokens
         self.last_compute_seconds = 0.0  # of the last step ``run`` ran whole
+        self.progress = 0  # compute calls (StepRun.advance) finished: read by the tunnel's pongs
+        self.computing = False  # one runs now
         self._open: list[StepRun] = []  # steps begun and not finished (StepRun)
 
     # ----------------------------------------------------------------- checks
@@ -217,6 +219,7 @@ class StepRun:
         """Run up to ``layers`` more layers (the last one also commits and computes the output,
         ``result``); True when the step is finished.  A failure closes the step and raises."""
         t0 = time.perf_counter()
+        self.runner.computing = True
         try:
             sh = self.runner.shard
             end = min(len(sh.layers), self.layer + max(1, layers))
@@ -257,6 +260,8 @@ class StepRun:
             raise
         finally:
             self.seconds += time.perf_counter() - t0
+            self.runner.progress += 1
+            self.runner.computing = False
 
     def close(self) -> None:
         """No longer open: finished, failed or abandoned."""

@@ -18,6 +18,10 @@ Contract
 * :func:`encode` is its inverse.  ``decode(encode(m)) == m`` for every valid message.
 * Semantic checks that need state (is this request id known? is this the right hidden size?)
   belong to the receiver, which also answers with :class:`ProtocolError`.
+* A worker answers the master's WebSocket pings with a *pulse* as the pong's payload
+  (:func:`pulse`, :func:`read_pulse`): how many compute calls its stage has finished and
+  whether one is running now, so the master tells a stage that computes slowly from one whose
+  compute is stuck while its event loop still answers.
 * The protocol's own vocabulary lives here too, so both sides share one definition: the
   manifest entry :class:`TensorSpec`, the hub snapshot syntax ``HUB_REF``, tunnel close codes
   (:class:`CloseCode`), dtype sizes (:func:`itemsize`), the logits row of a ``Result``
@@ -889,6 +893,23 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             raise ProtocolError(f"bad mapped hop address {routed.mapped!r}: host:port")
         return routed
     return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
+
+
+_PULSE = struct.Struct(">QB")  # compute calls finished (mod 2**64), one running now (0/1)
+
+
+def pulse(progress: int, computing: bool) -> bytes:
+    """A pong's payload: the stage's finished compute calls and whether one runs now."""
+    return _PULSE.pack(progress % (1 << 64), int(computing))
+
+
+def read_pulse(data: bytes) -> tuple[int, bool] | None:
+    """``(progress, computing)`` from a pong's payload, or None when it carries none (a worker
+    with no stage yet) or something else (never an error: a pong is only a sign of life)."""
+    if len(data) != _PULSE.size:
+        return None
+    progress, computing = _PULSE.unpack(data)
+    return (progress, computing == 1) if computing in (0, 1) else None
 
 
 def frame_bound(max_batch_tokens: int, hidden_size: int, vocab_size: int, element_bytes: int = 4) -> int:

@@ -196,7 +196,9 @@ async def _tunnel(
         url, tls = f"ws://{config.master}/v1/tunnel", {}
     async with (
         aiohttp.ClientSession() as http,
-        http.ws_connect(url, max_msg_size=MAX_FRAME_BYTES, compress=0, heartbeat=config.heartbeat, **tls) as ws,
+        http.ws_connect(
+            url, max_msg_size=MAX_FRAME_BYTES, compress=0, heartbeat=config.heartbeat, autoping=False, **tls
+        ) as ws,
     ):
         log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
         run.connected = True
@@ -267,6 +269,11 @@ async def _tunnel(
             stats_task = asyncio.create_task(run.report_stats()) if run.events.enabled else None
             while True:
                 frame = await ws.receive()
+                if frame.type is aiohttp.WSMsgType.PING:  # answered with the stage's pulse (wire.pulse)
+                    await ws.pong(session.pulse())
+                    continue
+                if frame.type is aiohttp.WSMsgType.PONG:
+                    continue
                 if frame.type != aiohttp.WSMsgType.BINARY:
                     if frame.type is aiohttp.WSMsgType.CLOSE:
                         why = frame.extra if isinstance(frame.extra, str) and frame.extra else ""
