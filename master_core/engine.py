@@ -469,12 +469,18 @@ class Engine:
         pipeline.  Cancelled: cancel every lane and wait for them."""
         lanes: dict[int, asyncio.Task] = {}
         profiled = -1
+        background: set[asyncio.Task] = set()
         try:
             while True:
                 if self.group.serving and profiled != self.group.epoch:
                     profiled = self.group.epoch
-                    await self._rebuild_lost()
-                    await self._profile()
+                    if await self._rebuild_lost():  # the other stages' costs are known: serve at once
+                        self._profiled.set()
+                        task = asyncio.create_task(self._profile())  # the new stage's costs, while serving
+                        background.add(task)
+                        task.add_done_callback(background.discard)
+                    else:
+                        await self._profile()
                 self._check_capacity(self.clock())
                 for i in range(self.policy.max_microbatches):
                     t = lanes.get(i)
@@ -484,7 +490,7 @@ class Engine:
                         lanes[i] = asyncio.create_task(self._lane(i))
                 await asyncio.sleep(LANE_SUPERVISION)
         finally:
-            await end_tasks(lanes.values())  # lanes await wait_for: a single cancel can be swallowed
+            await end_tasks([*lanes.values(), *background])  # lanes await wait_for: a single cancel can be swallowed
 
     def _check_capacity(self, now: float) -> None:
         """End every request with a 503-type error once the group has been unable to serve
@@ -501,13 +507,14 @@ class Engine:
         for req in [*self.running.values(), *self.waiting]:
             self._finish(req, RequestState.FAILED, "error", why, self.config.retry_after)
 
-    async def _rebuild_lost(self) -> None:
+    async def _rebuild_lost(self) -> bool:
         """After a repair (one stage replaced, :meth:`_on_reset`): compute on the new stage only
         the positions every other stage kept (:mod:`master_core.rebuild`); the requests then go
-        on where they were.  If that fails they are computed from scratch."""
+        on where they were.  If that fails they are computed from scratch.  True when a repaired
+        pipeline was rebuilt (it then serves before its start-up profile ends)."""
         rep, self._repairing = self._repairing, None
         if rep is None:
-            return
+            return False
         stages, epoch = list(self.group.stages), self.group.epoch
         for link in stages:
             link.free(rep.free_later)
@@ -533,7 +540,7 @@ class Engine:
                     self.replays += 1
                     self._restart(r)
                     self._free_everywhere(self._release(r, stale_only=True))
-            return
+            return False
         self.rebuilt_requests += len(reqs)
         self.rebuilt_tokens += rebuilt
         log.info(
@@ -543,11 +550,13 @@ class Engine:
             rebuilt,
             len(reqs),
         )
+        return True
 
     async def _profile(self) -> None:
         """Start-up profile: a few steps of different sizes give the cost model its first fit."""
         epoch, stages = self.group.epoch, list(self.group.stages)
         rid = PROFILE_REQUEST_ID
+        t0 = self.clock()
         try:
             for n in PROFILE_SIZES:
                 n = max(1, min(n, self.config.max_batch_tokens, self.group.kv_tokens // 2))
@@ -558,7 +567,9 @@ class Engine:
         finally:
             for link in stages:  # whatever happened: no stage keeps the profile's cache
                 link.free([rid])
-            self._profiled.set()
+            if self.group.epoch == epoch:  # not for a pipeline that replaced this one meanwhile
+                self._profiled.set()
+            log.info("pipeline of epoch %d profiled in %.2f s", epoch, self.clock() - t0)
 
     async def _lane(self, index: int) -> None:
         while True:

@@ -256,6 +256,7 @@ class Group:
                 self._join_pending = True
                 log.info("%s joins the pipeline once the running requests end", link.name)
                 self._spawn(self._replan_when_idle(), "re-planning for a newcomer")
+            self._warm_standby()  # meanwhile it stands by, and may replace a lost stage
             return
         self._schedule_replan()
 

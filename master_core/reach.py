@@ -13,8 +13,9 @@ candidate too (kind ``relay``, last: members race it after the direct ones; a re
 dialled by the group's fingerprint or the code's nameplate, never as the master itself).
 ``candidates()`` is the current list (LAN first); ``summary()`` says in one sentence who can join
 and why; where the relay checked the mapped port from outside (``checked``, from
-:class:`~master_core.bridge_host.BridgeHost`), the mapped candidate is ``verified`` when this
-master answered there, and the summary says what the check found; ``await stop()`` removes the
+:class:`~master_core.bridge_host.BridgeHost`), or a member's tunnel came from the internet to
+the mapped address (``member_came``), the mapped candidate is ``verified`` when this master
+answered there, and the summary says what the check found and who made it; ``await stop()`` removes the
 mapping. A mapping that changes (renewal gave another port, the router restarted) changes
 ``candidates()`` at once. Loopback-bound masters (tests) map nothing and list only their address.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from worker_core.address import is_loopback
+from worker_core.address import MemberPath, is_loopback
 from worker_core.candidates import Candidate, Kind
 
 log = logging.getLogger("molink.reach")
@@ -62,7 +63,7 @@ class Reach:
         self.mapper = None  # worker_core.portmap.PortMapper while mapping
         self._lan: list[Candidate] = []
         self.failure = ""
-        self._check: tuple[int, bool, str] | None = None  # (port, reachable, why) as the relay found it
+        self._check: tuple[int, bool, str, str] | None = None  # (port, reachable, why, checked by whom)
 
     async def start(self) -> None:
         import asyncio
@@ -93,12 +94,24 @@ class Reach:
 
     def checked(self, port: int, reachable: bool, why: str) -> None:
         """The relay dialled the mapped ``port`` from outside: whether this master answered."""
-        self._check = (port, reachable, why)
+        relay = self.relay.address if self.relay is not None else "?"
+        self._check = (port, reachable, why, f"relay {relay}")
 
-    def _checked_now(self, port: int) -> tuple[bool, str] | None:
+    def member_came(self, dialled: str, member: str, path: MemberPath) -> bool:
+        """Member ``member``'s tunnel, which dialled ``dialled``, arrived along ``path``: if it
+        dialled the mapped address from the internet (not through this router's NAT loopback,
+        which proves nothing), the mapping is checked from outside.  True when that was news."""
+        mapped = self.mapped()
+        if mapped is None or path is not MemberPath.DIRECT or dialled != mapped.address:
+            return False
+        known = self._checked_now(mapped.port)
+        self._check = (mapped.port, True, "", f"member {member}")
+        return known is None or not known[0]
+
+    def _checked_now(self, port: int) -> tuple[bool, str, str] | None:
         if self._check is None or self._check[0] != port:
             return None  # not checked, or an older mapping was
-        return self._check[1], self._check[2]
+        return self._check[1], self._check[2], self._check[3]
 
     def mapped(self) -> Candidate | None:
         m = self.mapper.mapping if self.mapper is not None else None
@@ -116,13 +129,10 @@ class Reach:
         if mapped is not None:
             said = f"friends anywhere can join: port {mapped.port} mapped on your router ({mapped.address}"
             check = self._checked_now(mapped.port)
-            if check is not None and self.relay is not None:
-                ok, why = check
-                relay = self.relay.address
+            if check is not None:
+                ok, why, by = check
                 said += (
-                    f"; checked from outside by relay {relay}"
-                    if ok
-                    else f"; but relay {relay} could not reach it from outside: {why}"
+                    f"; checked from outside by {by}" if ok else f"; but {by} could not reach it from outside: {why}"
                 )
             return said + ")"
         m = self.mapper.mapping if self.mapper is not None else None

@@ -50,6 +50,7 @@ from .engine import Engine
 from .errors import ApiError
 from .group import Group
 from .link import WorkerLink
+from .member_path import member_path
 from .metering import on_bytes
 from .metrics import Metrics
 from .model_dims import ModelDims
@@ -348,6 +349,8 @@ class Master:
             return ws
         if member is not None:
             hello = dataclasses.replace(hello, name=member)  # the group knows it by its member name
+            if self.reach is not None and self.reach.member_came(hello.dialled, member, member_path(peer)):
+                log.info("%s", self.reach.summary())
         link = WorkerLink(ws, hello, peer, self.max_frame, self.group.weights)
         link.member = member
         if member is not None:  # paired: its certificate pins it on direct hops too

@@ -239,6 +239,16 @@ def test_a_mapped_port_the_relay_reached_from_outside_is_a_verified_candidate():
     reach.checked(7733, False, "ConnectionRefusedError: refused")
     assert not reach.mapped().verified
     assert "relay 25.0.0.100:7735 could not reach it from outside: ConnectionRefusedError" in reach.summary()
+    # a member whose tunnel came from the internet to the mapped address checked it too; one through
+    # the router's own NAT loopback (from the LAN), or to another address, did not
+    from worker_core.address import MemberPath
+
+    assert not reach.member_came("25.0.0.10:7733", "sofa", MemberPath.LAN)
+    assert not reach.member_came("192.168.1.2:7733", "far", MemberPath.DIRECT)
+    assert not reach.mapped().verified
+    assert reach.member_came("25.0.0.10:7733", "far", MemberPath.DIRECT)
+    assert reach.mapped().verified and reach.summary().endswith("(25.0.0.10:7733; checked from outside by member far)")
+    assert not reach.member_came("25.0.0.10:7733", "far", MemberPath.DIRECT)  # not news any more
     reach.checked(40000, True, "")  # a check of an older mapping says nothing of this one
     assert not reach.mapped().verified and "checked" not in reach.summary()
     reach.mapper = SimpleNamespace(mapping=Mapping("upnp", 7733, "100.64.0.5", 7733, 3600))  # behind a carrier NAT

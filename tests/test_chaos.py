@@ -562,6 +562,7 @@ def test_molink_chaos_on_a_tiny_model_exits_0_with_sane_json(ckpt, tmp_path):
     assert set(r["summary"]["all"]["detect"]) == {"p50", "p95", "max", "n"}
     assert r["summary"]["all"]["faults"] == len(r["faults"])
     assert r["caches_left_on_workers"] == {f"chaos-{i}": 0 for i in range(3)}  # nothing leaked, all reported
+    assert r["cached_prefixes"] == 0
     rss = r["master_rss_bytes"]
     assert all(isinstance(v, int) and v > 10 * 2**20 for v in rss.values()), rss
     assert r["command"].startswith("molink chaos --model")

@@ -226,7 +226,8 @@ HEALTH = (
 def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
     """Master in home a (router with miniupnpd), friend in home b: the join link is all the friend
     has; the group port is mapped on a's router while the group runs and unmapped after; the
-    answer's tokens equal single-process transformers'."""
+    friend's tunnel through the mapping marks it checked from outside; the answer's tokens
+    equal single-process transformers'."""
     with Lab.up("tjoin", "upnp", mbps=50, delay_ms=20) as lab:
         procs: list[subprocess.Popen] = []
         try:
@@ -259,6 +260,9 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
             members = lab.run("a", [sys.executable, "-m", "app.cli", "group", "members", "--data-dir",
                                     str(tmp_path / "master")], timeout=30)  # fmt: skip
             assert "; link direct, " in members.stdout, members.stdout  # from b's router's address, not a LAN one
+            # the friend's tunnel came from the internet to the mapped port: checked from outside
+            said = output_line(master, "checked from outside by member friend", 30)
+            assert f"({wan}:7733; checked from outside by member friend)" in said, said
         finally:
             _stop(procs)
         assert "dnat" not in lab.ruleset("r-a")  # the master removed its mapping when it stopped

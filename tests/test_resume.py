@@ -103,6 +103,9 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             c.add_worker("spare", link_delay_ms=20)  # a slower link: it stands by
             while not (len(g.links) == 4 and "spare" in g.standby and g.serving):
                 await asyncio.sleep(0.02)
+            spare = next(x for x in g.links if x.name == "spare")
+            while not (spare.assignment and (spare.assignment.layer_start, spare.assignment.layer_end) == (0, 6)):
+                await asyncio.sleep(0.02)  # it loads the whole model while it stands by
             while not e.profiled:
                 await asyncio.sleep(0.01)
             gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
@@ -209,3 +212,30 @@ def test_a_stage_whose_compute_hangs_while_its_loop_lives_is_dropped_within_the_
     assert "computing without progress" in why, why
     assert dropped < L.STUCK_LIMIT + 1.5, dropped  # the pulse every 0.5 s, a decode step's few ms
     assert repairs == 1 and names[1] == "spare"
+
+
+def test_ranges_carved_from_the_whole_model_compute_what_loaded_ranges_do(ckpt):
+    """A standby member's whole model, carved into the ranges of a pipeline (what a repair
+    takes from memory), gives the logits of the ranges loaded on their own."""
+    import torch
+
+    from worker_core.shard import ShardError, carve, load_shard
+    from worker_core.stage import StageRunner
+    from worker_core.wire import Segment
+
+    cpu = torch.device("cpu")
+    whole = load_shard(ckpt, 0, 6, cpu, torch.float32)
+    seg = (Segment(1, 0, len(PROMPTS[0]), True, 1),)
+    outs = []
+    for shards in (
+        [load_shard(ckpt, a, b, cpu, torch.float32) for a, b in ((0, 2), (2, 5), (5, 6))],
+        [carve(whole, a, b) for a, b in ((0, 2), (2, 5), (5, 6))],
+    ):
+        x = torch.tensor(PROMPTS[0])
+        for shard in shards:
+            x = StageRunner(shard, 1024, 256).run(seg, x)
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1])
+    assert carve(whole, 2, 5).embed is None and carve(whole, 5, 6).lm_head is not None
+    with pytest.raises(ShardError):
+        carve(load_shard(ckpt, 0, 3, cpu, torch.float32), 0, 2)  # not the whole model

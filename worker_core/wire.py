@@ -165,6 +165,7 @@ class Hello:
     hop_port: int = 0
     hop_host: str = ""
     hop_lan: str = ""  # the local address this tunnel leaves from (behind a NAT: the LAN address)
+    dialled: str = ""  # "host:port" this tunnel dialled (a master's candidate), "" when not said
 
 
 def gguf_nbytes(gguf_type: str, shape: tuple[int, ...]) -> int:
@@ -513,6 +514,14 @@ def _host(h: dict[str, Any], key: str) -> str:
     return v
 
 
+def _dialled(h: dict[str, Any]) -> str:
+    """``Hello.dialled``: "" or host:port (absent in an older worker's Hello)."""
+    v = _str(h, "dialled", 260) if "dialled" in h else ""
+    if v and not _ADDRESS.match(v):
+        raise ProtocolError(f"field 'dialled' is not host:port: {v!r}")
+    return v
+
+
 def _sha(h: dict[str, Any], key: str) -> str:
     v = h.get(key)
     if type(v) is not str or len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
@@ -790,6 +799,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             hop_port=_int(h, "hop_port", 0, 65535),
             hop_host=_host(h, "hop_host"),
             hop_lan=_host(h, "hop_lan"),
+            dialled=_dialled(h),
         )
     if kind is Kind.ASSIGN:
         a = Assign(

@@ -259,6 +259,7 @@ async def _tunnel(
                     rtt_ms=rtt,
                     link_mbps=mbps,
                     hop_lan=_local_address(ws) if run.hops is not None else "",
+                    dialled=config.master,
                     **facts,
                 )
             )

@@ -299,6 +299,7 @@ def format_table(report: dict) -> str:
         "caches left on workers (requests with a KV cache, at the end): "
         + ", ".join(
             f"{name} {n if n is not None else 'no report'}" for name, n in report["caches_left_on_workers"].items()
-        ),
+        )
+        + f" (the master keeps {report.get('cached_prefixes', 0)} of them on every stage as cached prefixes)",
     ]
     return "\n".join(lines)
