@@ -130,16 +130,18 @@ def stage_kv_tokens(
     end: int,
     cap: int,
     precision: Precision = Precision.NONE,
+    device: str = "cpu",
 ) -> int:
-    """KV budget (tokens) of a worker offering ``free_memory`` bytes and computing in ``dtype``
-    when it serves layers ``[start, end)``: its real weight bytes first (every parameter of its
-    layers at the group's ``precision``, embeddings or head; MoE experts included), half the
-    rest for KV at ``dtype``.  A token costs its KV on every layer and, on any stage but the
-    last, the output row it keeps for a rebuild of the next stage (``wire.Recall``)."""
+    """KV budget (tokens) of a worker offering ``free_memory`` bytes of ``device`` and computing
+    in ``dtype`` when it serves layers ``[start, end)``: its real weight bytes first (every
+    parameter of its layers at the group's ``precision``, embeddings or head; MoE experts
+    included), half the rest for KV at ``dtype``.  A token costs its KV on every layer and, on a
+    CPU, on any stage but the last, the output row it keeps for a rebuild of the next stage
+    (``wire.Recall``; a GPU keeps those in host memory)."""
     size = itemsize(dtype)
-    return kv_token_budget(
-        free_memory, dims.stage_bytes(start, end, precision, size), dims.token_bytes(start, end, size), cap
-    )
+    tape = not device.startswith("cuda")
+    weights = dims.stage_bytes(start, end, precision, size)
+    return kv_token_budget(free_memory, weights, dims.token_bytes(start, end, size, tape), cap)
 
 
 class Group:
@@ -478,9 +480,8 @@ class Group:
         """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory)."""
         fields = {"model": self.model_ref, **await self._delivery(a, b)}
         precision = Precision(self.config.quantize)
-        kv = stage_kv_tokens(
-            self.dims, link.hello.free_memory, link.hello.dtype, a, b, self.config.max_kv_tokens, precision
-        )
+        h = link.hello
+        kv = stage_kv_tokens(self.dims, h.free_memory, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
         return Assign(
             epoch=epoch,
             layer_start=a,

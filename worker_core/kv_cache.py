@@ -19,10 +19,11 @@ Contract
   that fails midway leaves the committed state as it was (its partial writes lie beyond the
   committed lengths and are overwritten next time).
 * A stage that is not the last also keeps, per request, the hidden states it sent on (its
-  *tape*, ``RequestKV.keep`` / :meth:`RequestKV.rows`, one row per position, beside the KV and
-  counted in the same budget): if the next stage is lost, the master recalls them
-  (``wire.Recall``) to rebuild that stage's KV without computing this one or any before it
-  again.  A prefix shared from ``base`` shares its tape rows as well.
+  *tape*, ``RequestKV.keep`` / :meth:`RequestKV.rows`, one row per position, in host memory;
+  on a CPU stage that is the KV's memory, and the master counts it in the KV budget): if the
+  next stage is lost, the master recalls them (``wire.Recall``) to rebuild that stage's KV
+  without computing this one or any before it again.  A prefix shared from ``base`` shares its
+  tape rows as well.
 * Knows nothing about models, the network or the master.
 """
 

@@ -287,13 +287,15 @@ class StepRun:
                 result = torch.cat([lse, values, ids.float()], dim=-1)  # [n, 1 + 2k]
         else:
             result = hidden
-            offset = 0
-            for s, p in zip(self.segments, self.cache.segments):  # kept for a rebuild of the next stage
-                p.request.keep(s.start, hidden[offset : offset + s.length])
-                offset += s.length
         if sh.device.type == "cuda":
             torch.cuda.synchronize(sh.device)
-        return result.cpu()
+        out = result.cpu()
+        if not sh.is_last:  # kept for a rebuild of the next stage, in host memory (not a GPU's)
+            offset = 0
+            for s, p in zip(self.segments, self.cache.segments):
+                p.request.keep(s.start, out[offset : offset + s.length])
+                offset += s.length
+        return out
 
 
 def _finish_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
