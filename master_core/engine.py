@@ -450,6 +450,16 @@ class Engine:
             loop_back=self._loops(),
         )
 
+    def replay_seconds(self) -> float | None:
+        """About how long recomputing every running request's positions on the current pipeline
+        would take (what a re-plan costs them), from the measured costs; None before they are
+        known."""
+        costs = self.costs()
+        if costs is None:
+            return None
+        positions = sum(r.computed for r in self.running.values())
+        return positions * sum(costs.stage_per_token) + len(self.running) * sum(costs.stage_fixed)
+
     def slots(self, costs: CostSnapshot | None) -> int:
         """Micro-batches to keep in flight now (configured, or the scheduler's choice: the cost
         model's count, tuned by what micro-batches deliver once the costs are measured)."""

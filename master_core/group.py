@@ -21,10 +21,11 @@ memory; such a member is preferred.  Either way the state becomes PLACING, ``sta
 goes up and listeners registered with ``on_reset`` are called with the stages that were
 serving and the index of the stage being replaced, if any (the engine frees its requests'
 caches there and replays them on the next pipeline, or keeps them and rebuilds one stage).
-A newcomer that would change a serving pipeline while requests run waits (at most
-``JOIN_REPLAN_WAIT``) for them to end first: a join never costs running requests a replay
-unless the group is busy that long.  A link dropped as hung (``WorkerLink.on_gone``) leaves
-like a closed one; ``late_frames`` counts what dropped links sent after.
+A newcomer that would change a serving pipeline while requests run waits for them to end
+first: a join never costs running requests a replay unless the group is busy longer than
+``JOIN_REPLAN_WAIT``, and then only once that replay is cheap (``JOIN_REPLAY_BUDGET``, from
+``replay_cost``, set by the master) or ``JOIN_REPLAN_LIMIT`` passed.  A link dropped as hung
+(``WorkerLink.on_gone``) leaves like a closed one; ``late_frames`` counts what dropped links sent after.
 
 With fewer than ``min_workers`` placeable links it is WAITING.  Otherwise it plans the
 pipeline order and layer ranges from each member's offered memory, measured speed and
@@ -81,7 +82,9 @@ from .weight_source import WeightSource
 log = logging.getLogger("molink.group")
 
 DRAIN_POLL = 0.05  # seconds between checks whether a finishing worker's requests have ended
-JOIN_REPLAN_WAIT = 120.0  # seconds a newcomer waits for running requests to end before the re-plan it needs
+JOIN_REPLAN_WAIT = 120.0  # seconds a newcomer waits for running requests to end before the re-plan it needs ...
+JOIN_REPLAY_BUDGET = 2.0  # ... then it goes once replaying the running requests would cost at most this (s) ...
+JOIN_REPLAN_LIMIT = 600.0  # ... or once it waited this long
 
 
 class GroupState(Enum):
@@ -166,6 +169,7 @@ class Group:
         self.standby: dict[str, str] = {}  # live members the last plan left out -> why
         self._planned: tuple[tuple[WorkerLink, ...], _Placement] | None = None  # the last plan, for its links
         self.running_requests: Callable[[], set[int]] = set  # ids of the requests running now (set by the master)
+        self.replay_cost: Callable[[], float | None] = lambda: None  # seconds to recompute them (set by the master)
         self.finish_timeout = FINISH_TIMEOUT  # seconds a finishing worker is kept for its running requests
         self.late_frames = 0  # frames read from links after they were dropped as hung
         self._repair: _Repair | None = None  # the next re-plan keeps all stages but one (see _invalidate)
@@ -266,12 +270,22 @@ class Group:
         self.late_frames += 1
 
     async def _replan_when_idle(self) -> None:
-        """Re-plan for newcomers once no request runs (or ``JOIN_REPLAN_WAIT`` passed), if the
-        pipeline still serves and a plan with them would still change it."""
+        """Re-plan for newcomers once no request runs, if the pipeline still serves and a plan
+        with them would still change it.  Past ``JOIN_REPLAN_WAIT`` it goes as soon as replaying
+        the running requests would cost at most ``JOIN_REPLAY_BUDGET`` seconds (``replay_cost``,
+        None: unknown, go), and past ``JOIN_REPLAN_LIMIT`` whatever it costs: a re-plan under
+        load recomputes every running request on every stage, a stall of every stream."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + JOIN_REPLAN_WAIT
+        began = loop.time()
         try:
-            while self.serving and self.running_requests() and loop.time() < deadline:
+            while self.serving and self.running_requests():
+                waited = loop.time() - began
+                if waited >= JOIN_REPLAN_LIMIT:
+                    break
+                if waited >= JOIN_REPLAN_WAIT:
+                    cost = self.replay_cost()
+                    if cost is None or cost <= JOIN_REPLAY_BUDGET:
+                        break
                 await asyncio.sleep(DRAIN_POLL)
         finally:
             self._join_pending = False

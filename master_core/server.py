@@ -114,6 +114,7 @@ class Master:
         self.group = Group(cfg, ref, self.dims)
         self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), self.drafter)
         self.group.running_requests = lambda: set(self.engine.running)  # a finishing worker waits for these
+        self.group.replay_cost = self.engine.replay_seconds  # a newcomer's re-plan waits until it is cheap
         self.max_frame = frame_bound(cfg.max_batch_tokens, self.dims.hidden_size, self.dims.vocab_size)
         self.api = Api(self.engine, self.model_id)
         self.dashboard = Dashboard(self.engine, self.model_id, ASSETS / "dashboard")

@@ -113,13 +113,15 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
                 await asyncio.sleep(0.005)
             survivors = [s.name for i, s in enumerate(g.stages) if i != lost]
             kv_ids = {r.id: r.kv_id for r in e.running.values()}
+            kept_ranges = {(x.assignment.layer_start, x.assignment.layer_end) for x in g.stages if x.assignment}
+            kept_ranges.discard((g.stages[lost].assignment.layer_start, g.stages[lost].assignment.layer_end))
+            holders = [s for s in _sessions() if (s.runner.shard.layer_start, s.runner.shard.layer_end) in kept_ranges]
             caches = {
-                (id(s.runner), k): s.runner.kv.get(k)
-                for s in _sessions()
-                for k in kv_ids.values()
-                if s.runner.kv.get(k)
+                (id(s.runner), k): s.runner.kv.get(k) for s in holders for k in kv_ids.values() if s.runner.kv.get(k)
             }
-            c.tasks[int(g.stages[lost].name[1:])].cancel()  # that worker is gone
+            gone = g.stages[lost]
+            gone.close_with("lost (the test)")  # the master sees it go at once, as a kill's reset shows it
+            c.tasks[int(gone.name[1:])].cancel()  # and the worker stops
             while not (g.serving and g.stages and g.stages[lost].name == "spare"):
                 await asyncio.sleep(0.005)
             while e.rebuilt_requests == 0 and e.replays == 0:
@@ -239,3 +241,38 @@ def test_ranges_carved_from_the_whole_model_compute_what_loaded_ranges_do(ckpt):
     assert carve(whole, 2, 5).embed is None and carve(whole, 5, 6).lm_head is not None
     with pytest.raises(ShardError):
         carve(load_shard(ckpt, 0, 3, cpu, torch.float32), 0, 2)  # not the whole model
+
+
+def test_a_newcomer_re_plans_a_busy_group_only_once_the_replay_it_causes_is_cheap(ckpt, monkeypatch):
+    """A worker that would change the pipeline joins when no request runs; past the join wait
+    it goes only once replaying the running requests would be cheap (or after the hard limit),
+    not into the middle of long requests: a re-plan recomputes them on every stage."""
+    import master_core.group as G
+
+    monkeypatch.setattr(G, "JOIN_REPLAN_WAIT", 0.3)
+
+    async def main():
+        async with Cluster(ckpt, workers=2) as c:
+            g, e = c.master.group, c.engine
+            cost = [100.0]  # seconds the replay would take, as the master would estimate it
+            g.replay_cost = lambda: cost[0]
+            long = asyncio.create_task(e.generate(PROMPTS[0], greedy(400)))
+            while e.tokens_generated < 5:
+                await asyncio.sleep(0.005)
+            epoch = g.epoch
+            c.add_worker("w2")
+            while len(g.links) < 3:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1.0)  # past the join wait, the replay still dear
+            waited = (g.epoch == epoch, not long.done())
+            cost[0] = 0.5  # now cheap: the newcomer goes, the request still running
+            while g.epoch == epoch:
+                await asyncio.sleep(0.01)
+            went_while_running = not long.done()
+            got = (await long)[0]
+            return waited, went_while_running, got, len(g.stages)
+
+    waited, went_while_running, got, stages = run(main())
+    assert waited == (True, True), "the newcomer re-planned into a long request although the replay was dear"
+    assert went_while_running and stages == 3
+    assert got == reference_greedy(ckpt, PROMPTS[0], 400)
