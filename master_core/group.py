@@ -380,11 +380,10 @@ class Group:
         if pick is None:
             return None
         index = self.stages.index(lost)
-        chosen = []
-        for i, stage in enumerate(self.stages):
-            asg = stage.assignment
-            if asg is not None:
-                chosen.append((spares[pick] if i == index else stage, (asg.layer_start, asg.layer_end)))
+        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in self.stages if s.assignment is not None]
+        chosen = [
+            (spares[pick] if i == index else stage, rng) for i, (stage, rng) in enumerate(zip(self.stages, ranges))
+        ]
         standby = {x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]}
         return _Repair(index, _Placement(tuple(chosen), standby))
 

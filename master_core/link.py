@@ -359,18 +359,9 @@ class WorkerLink:
         tokens = sum(s.length for s in step.segments)
         nbytes = step.tensor.numel() * step.tensor.element_size()
         run = (self, *onward)
-        pending = _register(step.step_id, run, tokens, nbytes, time.monotonic())
         t0 = time.perf_counter()
-        try:
-            sent = await self._send(step)
-            answered, result = await pending.future
-        except BaseException:
-            for link in onward and run:  # still travelling: any stage of its run may yet answer
-                link._abandoned.append(step.step_id)
-            raise
-        finally:
-            for link in run:
-                link._pending.pop(step.step_id, None)
+        # still travelling when given up on: any stage of its run may yet answer
+        sent, answered, result = await self._exchange(step, run, tokens, nbytes, onward and run)
         _account(run, tokens, result)
         back = result.tensor.numel() * result.tensor.element_size()
         if answered is self:
@@ -383,17 +374,29 @@ class WorkerLink:
         """Send a ``Recall`` and return the rows this stage kept for its segments (bounded like a
         step of as many tokens: a stage that does not answer in time is dropped as hung)."""
         tokens = sum(s.length for s in recall.segments)
-        pending = _register(recall.step_id, (self,), tokens, 0, time.monotonic())
-        try:
-            await self._send(recall)
-            _, result = await pending.future
-        except BaseException:
-            self._abandoned.append(recall.step_id)
-            raise
-        finally:
-            self._pending.pop(recall.step_id, None)
+        _, _, result = await self._exchange(recall, (self,), tokens, 0, (self,))
         self.step_bytes_total += result.tensor.numel() * result.tensor.element_size()
         return result.tensor
+
+    async def _exchange(
+        self, msg: Step | Recall, run: tuple[WorkerLink, ...], tokens: int, nbytes: int, abandon: tuple[WorkerLink, ...]
+    ) -> tuple[int, WorkerLink, Result]:
+        """Send ``msg`` (registered as pending on every link of ``run``, with the deadline of a
+        step of ``tokens`` tokens and ``nbytes`` bytes) and await its ``Result``: (bytes sent,
+        the link that answered, the result).  Given up on (cancelled, failed): the links of
+        ``abandon`` recognise a late answer to it."""
+        pending = _register(msg.step_id, run, tokens, nbytes, time.monotonic())
+        try:
+            sent = await self._send(msg)
+            answered, result = await pending.future
+        except BaseException:
+            for link in abandon:
+                link._abandoned.append(msg.step_id)
+            raise
+        finally:
+            for link in run:
+                link._pending.pop(msg.step_id, None)
+        return sent, answered, result
 
     def expect(self, step_id: int, onward: tuple[WorkerLink, ...], tokens: int, nbytes: int) -> Expected:
         """Register step ``step_id``, which the last stage will send into this stage over the
