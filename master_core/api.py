@@ -160,7 +160,7 @@ class Api:
             "running": len(self.engine.running),
             "queued": len(self.engine.waiting),
             "tokens_generated": self.engine.tokens_generated,
-            "cached_prefixes": len(self.engine.prefix),  # ended requests' caches kept on every stage for reuse
+            "cached_prefixes": len(self.engine.kv.prefix),  # ended requests' caches kept on every stage for reuse
         }
         return web.json_response(body, status=200 if g.serving else 503)
 

@@ -29,6 +29,8 @@ generation of their KV ids, which the stages hold to refuse the late step should
 (:mod:`worker_core.stage`); results of a generation given up on are not folded in.  A request
 computed from scratch (a stage lost, a step refused, a preemption) gets a fresh KV id on the
 stages (``Request.kv_id``): steps of the old one still on their way can only miss.
+:mod:`master_core.kv_ledger` hands out, retires and frees those ids and keeps the cached
+prefixes; the engine tells it when.
 Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a request when every
 stage's KV budget holds its prompt plus one token for each running request; a running request
 that outgrows the budget preempts the youngest, which is recomputed later.  When ``run()``
@@ -54,7 +56,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -67,8 +69,8 @@ from .costs import CostSnapshot, shared_devices
 from .draft_model import DraftModel
 from .group import Group
 from .journey import Journey, Relay
+from .kv_ledger import KVLedger, base, own
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
-from .prefix_cache import PrefixCache
 from .rebuild import Lost, rebuild_stage
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
@@ -122,10 +124,7 @@ class Engine:
         self._request_ids = itertools.count(1)
         self.relay = Relay(group, config.logits_topk)  # numbers the steps and takes them through the pipeline
         self._admitted = 0
-        self._kv_ids = itertools.count(1)  # ids of requests' KV caches on the stages (Request.kv_id)
-        self.prefix = PrefixCache(f"model={config.model}")  # the KV caches ended requests left on the stages
-        self.prefix_caching = config.prefix_cache  # keep and reuse them (benchmarks compare with and without)
-        self._drops: list[int] = []  # KV ids evicted from the prefix cache, dropped by the next step (Step.drop)
+        self.kv = KVLedger(group, f"model={config.model}", config.prefix_cache)  # KV ids, cached prefixes
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
@@ -150,12 +149,8 @@ class Engine:
         self.looped_steps = 0  # steps the last stage fed back to the first without the master
         self.stale_results = 0  # results of a pipeline (epoch) replaced while they were computed
         self.replays = 0  # requests computed again from scratch because a step of theirs failed
-        self.resumed = 0  # requests that went on from what every stage holds after a step given up on
-        self.reset_restarts = 0  # running requests restarted from their tokens by an epoch change
         self.rebuilt_requests = 0  # running requests kept through the loss of a stage (only it rebuilt)
         self.rebuilt_tokens = 0  # positions computed on replacement stages for them
-        self._repairing: _Repairing | None = None  # a stage being replaced: what the others kept
-        self.recomputed_tokens = 0  # positions sent again after a failed step, a reset or a preemption
         self.prompt_tokens_total = 0  # prompt tokens of the requests that ended
         self.cached_tokens_total = 0  # of those, the ones reused from the prefix cache
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
@@ -235,7 +230,7 @@ class Engine:
         if req.id in self.running:
             del self.running[req.id]
             if req.in_flight == 0:
-                self._free_everywhere(self._release(req))
+                self.kv.free_everywhere(self.kv.release(req))
         if self.drafter is not None:
             self.drafter.free(req.id)
         self.requests_finished += 1
@@ -254,132 +249,12 @@ class Engine:
                 hook(record)
         log.info("request %d %s (%s): %d tokens", req.id, state.value, reason, n)
 
-    def _free_everywhere(self, ids: list[int]) -> None:
-        if not self.group.stages and self._repairing is not None:  # between pipelines: its survivors hold them
-            self._repairing.free_later += ids
-        for link in self.group.stages:
-            link.free(ids)
-
-    def _release(self, req: Request, stale_only: bool = False) -> list[int]:
-        """The KV ids of ``req`` the stages may drop now (none of its steps is out): its stale
-        ones and, unless ``stale_only`` (it runs on), its current one, which it then no longer
-        has.  A request that ended well or was preempted leaves its current one to the prefix
-        cache instead (kept on the stages, unless it would add no block of its own)."""
-        ids, req.stale_kv = req.stale_kv, []
-        if stale_only or not req.kv_id:
-            return ids
-        kept = None
-        rebuilding = self._repairing is not None and req.id in self._repairing.kept  # not on the new stage yet
-        if self.prefix_caching and req.state in _KEEPABLE and req.computed > req.base_len and not rebuilding:
-            held = _kv_own(req)  # what its stages hold of their own (a loop may have run ahead of computed)
-            kept = self.prefix.retain(req.kv_id, req.tokens[: req.computed], held, req.prefix, req.base_len)
-        if kept is None:
-            ids.append(req.kv_id)
-            if req.prefix is not None:
-                self.prefix.release(req.prefix)
-        req.kv_id, req.prefix, req.base_len = 0, None, 0
-        return ids
-
-    def _restart(self, req: Request) -> None:
-        """Compute ``req`` from scratch under a fresh KV id: a step of the old one still on its
-        way (fed back by the last stage, or slow past its deadline) can then only miss its cache
-        on a stage, never land in the new one.  The old id is freed once none of its steps is out.
-        "From scratch" starts after the longest cached prefix of its tokens (all but the last),
-        which the stages share instead of computing again (not after two failed steps: the
-        prefix may be what fails)."""
-        if req.kv_id:
-            req.stale_kv.append(req.kv_id)
-        if req.prefix is not None:
-            self.prefix.release(req.prefix)
-        req.kv_id = next(self._kv_ids)
-        req.kv_gen += 1
-        req.prefix, req.base_len = None, 0
-        hit = self.prefix.lookup(req.tokens) if self.prefix_caching and req.retries < 2 else None
-        if hit is not None:
-            self.prefix.acquire(hit.entry)
-            req.prefix, req.base_len = hit.entry, hit.length
-        self.recomputed_tokens += max(0, req.scheduled - req.base_len)
-        req.computed = req.scheduled = req.base_len
-        req.written = 0
-        if req.spec is not None:
-            req.spec.pending = ()
-        if req.first_token_at is None:
-            req.cached_tokens = min(req.base_len, len(req.prompt))
-
-    def _resume(self, req: Request) -> None:
-        """Go on from what every stage holds (``computed``) after a step of ``req`` was given up
-        on with its stages alive: only what was in flight is sent again, under a newer
-        generation of its KV id.  A stage the late step reaches first writes there what the
-        new step writes again (the same tokens at the same positions; the new step starts
-        within its cache and truncates it there); one the new step reaches first refuses the
-        late one.  Its other steps still out are not folded in (their generation is older)."""
-        self.recomputed_tokens += req.scheduled - req.computed
-        req.scheduled = req.computed
-        req.kv_gen += 1
-        if req.spec is not None:
-            req.spec.pending = ()
-        self.resumed += 1
-
-    def _fit_cache(self, extra: int = 0) -> None:
-        """Evict idle cached prefixes (least recently used first) until the running requests'
-        KV, one more token each, ``extra`` tokens and the cache fit every stage's budget.  The
-        stages drop them with the next step (``Step.drop``: it can overtake a ``Free`` on a
-        direct hop) and by ``Free``."""
-        used = sum(_kv_own(r) + 1 for r in self.running.values()) + self.prefix.held_tokens + extra
-        over = used - self.group.kv_tokens
-        if over > 0:
-            ids = self.prefix.evict(over)
-            if ids:
-                self._drops.extend(ids)
-                self._free_everywhere(ids)
-
-    def forget_idle_prefixes(self) -> int:
-        """Evict every cached prefix no running request uses (benchmarks start each mode cold);
-        returns how many."""
-        ids = self.prefix.evict(1 << 62)
-        if ids:
-            self._drops.extend(ids)
-            self._free_everywhere(ids)
-        return len(ids)
-
-    def _prefill_need(self, req: Request) -> int:
-        """KV tokens a waiting request takes when admitted now: its tokens beyond the cached
-        prefix it would start from, plus that prefix's own tokens when nothing holds it yet
-        (admitting it makes them unevictable)."""
-        if not self.prefix_caching or req.kv_id:
-            return len(req.tokens)
-        hit = self.prefix.lookup(req.tokens, count=False)
-        if hit is None:
-            return len(req.tokens)
-        return len(req.tokens) - hit.length + (hit.entry.held if hit.entry.refs == 0 else 0)
-
     def _on_reset(self, previous: list[WorkerLink], lost: int | None) -> None:
-        """Epoch change: free the running requests' caches on the stages that were serving (the
-        live ones among them keep no cache for a pipeline that is gone); replay them from their
-        tokens on the next pipeline.  When only stage ``lost`` is being replaced, the others keep
-        the caches of the requests that started from no cached prefix: those go on from what
-        every stage holds once the new stage is rebuilt (:meth:`_rebuild_lost`)."""
-        ids = [PROFILE_REQUEST_ID, *self.prefix.clear()]  # the cached prefixes go with their stages
-        self._drops.clear()
-        holders = list(previous)
-        pending, self._repairing = self._repairing, None
-        if pending is not None:  # a repair given up before it served: what it kept goes too
-            holders += [link for link in pending.survivors if link not in holders]
-        kept: dict[int, int] = {}
-        for req in self.running.values():
-            if lost is not None and req.kv_id and req.prefix is None and not req.base_len:
-                ids += self._release(req, stale_only=True)
-                kept[req.id] = req.kv_id
-                self._resume(req)  # from what every stage holds: the new one once rebuilt
-                continue
-            req.prefix = None  # forgotten with the rest of the cache
-            ids += self._release(req)  # nothing of it is left on those stages now
-            self._restart(req)
-            self.reset_restarts += 1
-        if lost is not None:
-            self._repairing = _Repairing(lost, [link for i, link in enumerate(previous) if i != lost], kept)
-        for link in holders:
-            link.free(ids)
+        """Epoch change: the requests' caches are freed on the stages that were serving and the
+        requests replayed from their tokens on the next pipeline, or, when only stage ``lost``
+        is being replaced, kept by the others (:meth:`KVLedger.reset`) and rebuilt on the new
+        stage before they go on (:meth:`_rebuild_lost`)."""
+        self.kv.reset(self.running.values(), previous, lost, PROFILE_REQUEST_ID)
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
@@ -391,14 +266,14 @@ class Engine:
         if not self.group.serving:
             return
         # what running requests hold of their own, and the cached prefixes they use, cannot be evicted
-        running = [KVView(r.id, _kv_own(r), r.order, r.in_flight > 0) for r in self.running.values()]
-        waiting = [(r.id, self._prefill_need(r)) for r in self.waiting]
-        pinned = self.prefix.held_tokens - self.prefix.evictable_tokens
+        running = [KVView(r.id, own(r), r.order, r.in_flight > 0) for r in self.running.values()]
+        waiting = [(r.id, self.kv.prefill_need(r)) for r in self.waiting]
+        pinned = self.kv.pinned()
         admit, preempt = admit_and_preempt(running, waiting, self.group.kv_tokens - pinned, self.config.max_running)
         for rid in preempt:
             req = self.running.pop(rid)
             req.move(RequestState.QUEUED)
-            self._free_everywhere(self._release(req))  # preempted only with none of its steps out; kept cached
+            self.kv.free_everywhere(self.kv.release(req))  # preempted only with none of its steps out; kept cached
             self.waiting.appendleft(req)
             self.preemptions += 1
             log.info("request %d preempted (KV budget %d tokens); it will be recomputed", rid, self.group.kv_tokens)
@@ -408,11 +283,11 @@ class Engine:
             self.waiting.remove(req)
             req.move(RequestState.RUNNING)
             if not req.kv_id:
-                self._restart(req)
+                self.kv.restart(req)
             self.running[req.id] = req
             req.order = self._admitted
             self._admitted += 1
-        self._fit_cache()
+        self.kv.fit(self.running.values())
 
     # ------------------------------------------------------------------ the loop
     def set_policy(self, p: Policy) -> None:
@@ -420,7 +295,7 @@ class Engine:
         and start it cold: every cached prefix no running request uses is forgotten, or the
         prompts an earlier policy computed would be served to the next one from the cache."""
         self.policy = p
-        self.forget_idle_prefixes()
+        self.kv.forget_idle()
         self._wake.set()
         self._load.set()
 
@@ -522,7 +397,7 @@ class Engine:
         the positions every other stage kept (:mod:`master_core.rebuild`); the requests then go
         on where they were.  If that fails they are computed from scratch.  True when a repaired
         pipeline was rebuilt (it then serves before its start-up profile ends)."""
-        rep, self._repairing = self._repairing, None
+        rep, self.kv.repairing = self.kv.repairing, None
         if rep is None:
             return False
         stages, epoch = list(self.group.stages), self.group.epoch
@@ -548,8 +423,8 @@ class Engine:
             for r in reqs:
                 if r.id in self.running and self.group.epoch == epoch:
                     self.replays += 1
-                    self._restart(r)
-                    self._free_everywhere(self._release(r, stale_only=True))
+                    self.kv.restart(r)
+                    self.kv.free_everywhere(self.kv.release(r, stale_only=True))
             return False
         self.rebuilt_requests += len(reqs)
         self.rebuilt_tokens += rebuilt
@@ -618,8 +493,8 @@ class Engine:
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
                 draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
                 topk = self._topk(reqs)
-                marks = {r.kv_id: (r.kv_gen, _base(r, c.start)) for c, r in zip(chunks, reqs)}
-                drop, self._drops = tuple(self._drops), []
+                marks = {r.kv_id: (r.kv_gen, base(r, c.start)) for c, r in zip(chunks, reqs)}
+                drop = self.kv.take_drops()
                 journey = self.relay.send(
                     stages, epoch, sent, tokens, self.direct, loop, draws, topk=topk, marks=marks, drop=drop
                 )
@@ -655,9 +530,9 @@ class Engine:
                     if given_up and r.id in self.running and r.kv_id == kv_ids[r.id]:
                         r.scheduled = r.computed  # sent again; any of them still on its way is refused
                         r.kv_gen += 1  # by the stages (a newer generation)
-                done = [i for r in reqs if r.in_flight == 0 for i in self._release(r, r.id in self.running)]
+                done = [i for r in reqs if r.in_flight == 0 for i in self.kv.release(r, r.id in self.running)]
                 if done and self.group.epoch == epoch:
-                    self._free_everywhere(done)
+                    self.kv.free_everywhere(done)
                 self._wake.set()
 
     async def _step(
@@ -719,7 +594,7 @@ class Engine:
             if r.spec is None:
                 r.spec = Speculator()
         step_room = self.config.max_batch_tokens - sum(c.length for c in chunks)
-        kv_room = self._kv_room()
+        kv_room = self.kv.room(self.running.values())
         caps = draft_caps(chunks, reqs, step_room, kv_room, self.context_length)
         proposals = lookup_drafts(reqs, caps)
         if self.drafter is not None:  # where lookup found nothing, and the draft model pays
@@ -741,9 +616,9 @@ class Engine:
                     r.in_flight -= 1
                 keep = [i for i, r in enumerate(reqs) if r.id in self.running and _draft_mark(r) == before[i]]
                 gone = [r for i, r in enumerate(reqs) if i not in keep]
-                done = [k for r in gone if r.in_flight == 0 for k in self._release(r, r.id in self.running)]
+                done = [k for r in gone if r.in_flight == 0 for k in self.kv.release(r, r.id in self.running)]
                 if done and self.group.epoch == epoch:
-                    self._free_everywhere(done)
+                    self.kv.free_everywhere(done)
                 for r in gone:
                     if r.spec is not None:
                         r.spec.pending = ()
@@ -754,18 +629,11 @@ class Engine:
             if gone:
                 chunks, reqs = [chunks[i] for i in keep], [reqs[i] for i in keep]
                 proposals, by_model = [proposals[i] for i in keep], [by_model[i] for i in keep]
-            kv_room = self._kv_room()  # others may have taken some meanwhile
+            kv_room = self.kv.room(self.running.values())  # others may have taken some meanwhile
         out, added = apply_drafts(chunks, reqs, proposals, step_room, kv_room, by_model)
         if added:
-            self._fit_cache(added)
+            self.kv.fit(self.running.values(), added)
         return out, reqs
-
-    def _kv_room(self) -> int:
-        """KV tokens every stage could still give a step's extra positions (run-ahead loop-back
-        steps, drafts): the budget less what running requests hold (one more token each) and
-        the cached prefixes that cannot be evicted."""
-        held = sum(_kv_own(r) + 1 for r in self.running.values())
-        return self.group.kv_tokens - held - (self.prefix.held_tokens - self.prefix.evictable_tokens)
 
     def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
         """How many steps after this one the last stage may feed back to the first on its own
@@ -789,9 +657,10 @@ class Engine:
             if not c.want_logits or c.start + c.length != len(r.tokens):
                 return 0
         left = [min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens)) for r in reqs]
-        n = max(0, min(loop_steps(self.policy, self._looping_lanes, left), self._kv_room() // max(1, len(chunks))))
-        if n:
-            self._fit_cache(n * len(chunks))  # room for the tokens it runs ahead, evicting idle prefixes
+        room = self.kv.room(self.running.values()) // max(1, len(chunks))
+        n = max(0, min(loop_steps(self.policy, self._looping_lanes, left), room))
+        if n:  # room for the tokens it runs ahead, evicting idle prefixes
+            self.kv.fit(self.running.values(), n * len(chunks))
         return n
 
     def _loops(self) -> bool:
@@ -934,10 +803,10 @@ class Engine:
             if req.retries > self.config.step_retries:
                 self._finish(req, RequestState.FAILED, "error", f"pipeline step failed {req.retries} times: {error}")
             elif late:
-                self._resume(req)
+                self.kv.resume(req)
             else:
                 self.replays += 1
-                self._restart(req)  # replay from scratch, once its other chunks are out
+                self.kv.restart(req)  # replay from scratch, once its other chunks are out
 
     # ------------------------------------------------------------------ helpers
     async def generate(self, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
@@ -979,33 +848,6 @@ def _timeline(
     }
 
 
-@dataclass
-class _Repairing:
-    """One stage (``lost``) being replaced while ``survivors`` (the others, in order) keep their
-    caches: the running requests kept there (request id -> KV id), and the KV ids to free on
-    the new pipeline once it serves (requests that ended meanwhile)."""
-
-    lost: int
-    survivors: list[WorkerLink]
-    kept: dict[int, int]
-    free_later: list[int] = field(default_factory=list)
-
-
-_KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QUEUED})  # QUEUED: preempted
-
-
-def _kv_own(r: Request) -> int:
-    """KV tokens a request holds or has in flight of its own on each stage (a loop-back runs
-    ahead of its tokens, rejected drafts stay until its next step; the cached prefix it starts
-    from is counted once, in the cache)."""
-    return max(len(r.tokens), r.scheduled, r.written) - r.base_len
-
-
 def _draft_mark(r: Request) -> tuple[int, int, int, int, bool]:
     """What must not change while a request waits for its drafts for its step to still go."""
     return (r.kv_id, r.kv_gen, r.scheduled, len(r.tokens), r.finished)
-
-
-def _base(r: Request, start: int) -> int:
-    """The cached prefix a segment of ``r`` at ``start`` tells the stages to start from."""
-    return r.prefix.kv_id if r.prefix is not None and start == r.base_len else 0

@@ -175,7 +175,7 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             d._draft_one = slow
             held = e.held()
             replays = e.replays
-            e.forget_idle_prefixes()
+            e.kv.forget_idle()
             await asyncio.sleep(0.3)  # Free crosses the tunnels
             return got, counts, batch, on, off, held, replays, sum(len(s) for s in mine), busy
 

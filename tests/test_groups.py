@@ -309,7 +309,7 @@ def test_member_joining_mid_generation_waits_for_the_requests_then_gets_its_weig
             # not while the requests ran: none was restarted by the epoch change (the group's epoch
             # read when the requests' tasks resume can already be the new one: the re-plan may
             # come as soon as the engine ends the last request)
-            assert master.engine.reset_restarts == 0, "the join re-planned while requests ran (they replayed)"
+            assert master.engine.kv.reset_restarts == 0, "the join re-planned while requests ran (they replayed)"
             return [r[0] for r in results], [s.member for s in master.group.stages]
         finally:
             for t in tasks:

@@ -216,8 +216,8 @@ def test_a_long_run_leaves_nothing_behind(checkpoints):
         while True:
             held = c.engine.held()
             pending = sum(link.pending for link in c.master.group.stages)
-            kv = kv_entries() - 2 * len(c.engine.prefix)  # each of 2 stages holds every cached prefix
-            fits = c.engine.prefix.held_tokens <= c.master.group.kv_tokens
+            kv = kv_entries() - 2 * len(c.engine.kv.prefix)  # each of 2 stages holds every cached prefix
+            fits = c.engine.kv.prefix.held_tokens <= c.master.group.kv_tokens
             if (not any(held.values()) and pending == 0 and kv == 0) or loop.time() > deadline:
                 return held, pending, kv, fits
             await asyncio.sleep(0.05)

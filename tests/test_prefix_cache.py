@@ -77,9 +77,9 @@ def test_a_conversation_reuses_its_history_and_answers_as_transformers_with_and_
     async def main():
         async with Cluster(llama, workers=3) as c:
             cached = await chat(c, parts)
-            c.engine.prefix_caching = False
+            c.engine.kv.caching = False
             plain = await chat(c, parts)
-            return cached, plain, c.engine.prefix.held_tokens, c.master.group.kv_tokens
+            return cached, plain, c.engine.kv.prefix.held_tokens, c.master.group.kv_tokens
 
     cached, plain, held, budget = run(main())
     for (prompt, answer, _), (p2, a2, reused) in zip(cached, plain):
@@ -101,7 +101,7 @@ def test_eviction_under_pressure_never_serves_an_overwritten_prefix(llama):
     async def main():
         async with Cluster(llama, workers=2, max_kv_tokens=BUDGET, max_batch_tokens=32) as c:
             got = await asyncio.gather(*(chat(c, parts) for parts in convs))
-            return got, c.engine.prefix.evicted, c.engine.preemptions, c.engine.prefix.held_tokens
+            return got, c.engine.kv.prefix.evicted, c.engine.preemptions, c.engine.kv.prefix.held_tokens
 
     got, evicted, preemptions, held = run(main(), 600)
     assert evicted > 0, "the test needs evictions"
@@ -122,7 +122,7 @@ def test_a_re_plan_mid_conversation_forgets_the_cache_and_answers_stay_identical
             c.tasks[1].cancel()  # a worker disappears: a new pipeline on two stages
             while c.master.group.epoch == epoch or not c.master.group.serving:
                 await asyncio.sleep(0.02)
-            assert len(c.engine.prefix) == 0
+            assert len(c.engine.kv.prefix) == 0
             history = first[-1][0] + first[-1][1]
             rest = await chat(c, [history + parts[2], parts[3]])
             return first + rest

@@ -72,8 +72,8 @@ def test_a_step_given_up_on_goes_on_from_what_every_stage_holds(ckpt, want, monk
             armed.set()
             got = await asyncio.wait_for(asyncio.gather(*gens), 60)
             assert not armed.is_set(), "the middle stage never stalled"
-            counts = (g.epoch - start, links - len(g.links), e.resumed, e.replays, e.recomputed_tokens)
-            e.forget_idle_prefixes()  # the ended requests' caches were kept for reuse: drop them
+            counts = (g.epoch - start, links - len(g.links), e.kv.resumed, e.replays, e.kv.recomputed_tokens)
+            e.kv.forget_idle()  # the ended requests' caches were kept for reuse: drop them
             deadline = time.monotonic() + 5
             while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
@@ -130,7 +130,7 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
             got = await asyncio.wait_for(asyncio.gather(*gens), 60)
             names = [s.name for s in g.stages]
-            counts = (g.repairs, e.rebuilt_requests, e.reset_restarts, e.replays, e.rebuilt_tokens)
+            counts = (g.repairs, e.rebuilt_requests, e.kv.reset_restarts, e.replays, e.rebuilt_tokens)
             kept = sum(still.get(k) is v for k, v in caches.items())
             return [r[0] for r in got], names, survivors, counts, same_ids, kept, len(still)
 

@@ -243,7 +243,7 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
             assert e.replays == 0  # no step was refused by a stage (positions, generations, KV budget)
             # where nothing was found to draft for a few steps, requests looped back as without speculation
             assert looped_on > 0
-            e.forget_idle_prefixes()
+            e.kv.forget_idle()
             await asyncio.sleep(0.3)  # Free crosses the tunnels
             left = sum(len(s) for s in mine)
             assert drafted > accepted, (drafted, accepted)  # some were rejected: the stages rolled back
@@ -300,13 +300,13 @@ def test_drafts_fit_a_tight_kv_budget_rejected_ones_counted(llama):
 
 
 def test_rejected_drafts_kv_is_counted_until_the_next_step_overwrites_it():
-    from master_core.engine import _kv_own
+    from master_core.kv_ledger import own
     from master_core.request import Request
 
     r = Request(1, prompt=list(range(10)), params=SamplingParams(max_tokens=20))
     r.tokens += [5, 6]  # 12 tokens; its last step wrote positions up to 16 (drafts), 2 of them accepted
     r.computed = r.scheduled = 11
     r.written = 16
-    assert _kv_own(r) == 16  # the stages hold 16 positions until the next step truncates them
+    assert own(r) == 16  # the stages hold 16 positions until the next step truncates them
     r.written = 12  # that step started at 11 and wrote one token
-    assert _kv_own(r) == 12
+    assert own(r) == 12

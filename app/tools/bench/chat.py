@@ -99,10 +99,10 @@ async def chat_profile(opts: BenchOptions, profile: str) -> dict:
         doc = await asyncio.to_thread(document, engine.tokenizer)
         modes: dict[str, list[dict]] = {}
         for mode, caching in MODES.items():
-            engine.prefix_caching = caching
-            engine.forget_idle_prefixes()  # each mode starts cold
+            engine.kv.caching = caching
+            engine.kv.forget_idle()  # each mode starts cold
             modes[mode] = await _conversation(master, doc)
-        engine.prefix_caching = True
+        engine.kv.caching = True
         hit_rate = engine.cached_tokens_total / max(1, engine.prompt_tokens_total)
     off, on = modes["no prefix cache"], modes["prefix cache"]
     tokens_identical = [t["tokens"] for t in off] == [t["tokens"] for t in on]

@@ -167,7 +167,7 @@ async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
             for mode in MODES if drafter is not None else MODES[:2]:
                 engine.speculative = mode != "off"
                 engine.drafter = drafter if mode == "draft" else None
-                engine.forget_idle_prefixes()  # every mode starts with no cached prompt
+                engine.kv.forget_idle()  # every mode starts with no cached prompt
                 modes[mode] = await _answer(master, prompt, hidden_bytes)
             engine.speculative, engine.drafter = False, drafter
             answers = [m.pop("tokens") for m in modes.values()]
