@@ -23,16 +23,14 @@ the reason's text.  Every task a link starts is kept and awaited by ``wait_close
 link: compute seconds of the last steps, the round trip beyond compute, and bytes each way.
 
 Liveness (the master's own; aiohttp's tunnel heartbeat is off): ``run_reader`` also pings the
-worker every ``PING_INTERVAL`` and judges the link by the rule of :meth:`WorkerLink.hung`:
-silent (no byte at all, not even of a frame still arriving, nor a pong; the server tells the
-link of bytes through :meth:`WorkerLink.heard_bytes`, see :mod:`master_core.metering`, so a
-healthy worker whose large frame takes seconds on a slow link is heard all the while) longer
-than ``SILENT_LIMIT`` (longer while it loads an assignment); its pongs' pulses
-(:func:`~worker_core.wire.pulse`) showing one compute call running ``STUCK_LIMIT`` beyond its
-predicted time while it has steps (a stuck compute behind a live loop); or a step unanswered past its
-deadline (``max(STEP_DEADLINE_FLOOR, STEP_DEADLINE_FACTOR x`` the step's cost predicted from
-this link's measurements, its compute scaled by the stage's recent slowdown, so a busy machine
-is not a hung one: :meth:`~master_core.costs.StageCost.slowdown`)).  A hung link is *dropped*
+worker every ``PING_INTERVAL`` and judges the link by the rule of :mod:`master_core.liveness`
+(silence beyond the link's own pace, a stuck compute behind a live loop, a step unanswered past
+its deadline).  The server tells the link of bytes through :meth:`WorkerLink.heard_bytes` (see
+:mod:`master_core.metering`), so a healthy worker whose large frame takes seconds on a slow
+link is heard all the while.  A step's deadline is ``max(STEP_DEADLINE_FLOOR,
+STEP_DEADLINE_FACTOR x`` the step's cost predicted from this link's measurements, its compute
+scaled by the stage's recent slowdown, so a busy machine is not a hung one:
+:meth:`~master_core.costs.StageCost.slowdown`).  A hung link is *dropped*
 (:meth:`WorkerLink.drop`): GONE at once (its waiters fail with :class:`LinkGone`, ``on_gone``
 tells the group) while its tunnel stays open, so that frames a frozen worker sends when it
 wakes are read, dropped and counted (``on_late``); the tunnel closes ``WAKE_DRAIN``
@@ -73,32 +71,22 @@ from worker_core.wire import (
     Step,
     decode,
     encode,
-    read_pulse,
 )
 
 from .costs import LinkCost, StageCost
+from .liveness import PING_INTERVAL, Liveness
 from .weight_source import WeightSource
 
 MAX_FETCHES = 32  # weight chunk requests one worker may have open at once
 ABANDONED_KEPT = 1024  # step ids given up on whose late results a link still recognises
 
-# Liveness rule (see the module docstring and WorkerLink.hung).  A live worker answers pings from
-# its event loop while its stage computes on another thread, so a worker silent for seconds is
-# stopped (SIGSTOP, a closed laptop lid), its loop is stuck, or the path to it is gone.
-PING_INTERVAL = 0.5  # seconds between the master's pings on a tunnel (also the judging tick)
-SILENT_LIMIT = 2.0  # seconds of silence after which a link is hung (serving, standing by or idle alike)
-LOADING_SILENT_LIMIT = 15.0  # the same while it loads an assignment (weight files may stall its loop)
-# A stage that hangs while its loop lives (a stuck driver) is rarer than a frozen process and a
-# slow step must not be mistaken for it: a CPU shared with other work, a first prefill larger than
-# anything measured, can take several times the prediction.  Hence a generous floor and factor.
+# Step deadlines (the third clause of the liveness rule, master_core.liveness).  A stage that hangs
+# while its loop lives is rarer than a frozen process and a slow step must not be mistaken for it:
+# a CPU shared with other work, a first prefill larger than anything measured, can take several
+# times the prediction.  Hence a generous floor and factor.
 STEP_DEADLINE_FLOOR = 10.0  # seconds: a step's deadline is never shorter than this
 STEP_DEADLINE_FACTOR = 8.0  # ... and otherwise this many times its predicted cost (compute + transfer)
 UNMEASURED_STEP_DEADLINE = 30.0  # seconds: a step's deadline before this link's costs are measured
-# A stage whose loop answers pings but whose compute is stuck (a hung driver): its pongs carry its
-# compute progress (wire.pulse).  A compute call is a few layers sized to take about 20 ms
-# (worker_core.interleave) or a whole decode step, so one that runs this much beyond its predicted
-# time (scaled by the stage's slowdown: a busy machine still finishes its calls) is stuck.
-STUCK_LIMIT = 3.0  # seconds
 LOOP_LAG_GRACE = 0.5  # seconds a tick may come late: later means the master's own loop stalled; not judged
 WAKE_DRAIN = 1.0  # seconds a dropped worker that speaks again is read (late frames counted) before closing
 DROPPED_LINGER = 60.0  # seconds a dropped worker that stays silent keeps its tunnel
@@ -254,10 +242,7 @@ class WorkerLink:
         # steps given up on (a stage of their run failed or left) that may still come back from
         # this stage over direct hops: their results are dropped, not a protocol error
         self._abandoned: deque[int] = deque(maxlen=ABANDONED_KEPT)
-        self._heard_at = time.monotonic()  # the last frame of any kind from the worker (pongs too)
-        self._answered_at = 0.0  # the last Result or Failure of a step
-        self._progress = -1  # the stage's compute calls finished, as its last pulse said (wire.pulse)
-        self._stuck_since: float | None = None  # since when its pulses say one compute call runs, unfinished
+        self.alive = Liveness(time.monotonic())  # what was heard of the worker, and the rule (master_core.liveness)
         self._woke_at: float | None = None  # dropped as hung, then heard from again
         self._ready_waiter: asyncio.Future | None = None
         self._send_lock = asyncio.Lock()
@@ -447,7 +432,7 @@ class WorkerLink:
                 return
             if pending is None:
                 raise ProtocolError(f"result for unknown step {msg.step_id}")
-            self._answered_at = time.monotonic()
+            self.alive.answered(time.monotonic())
             if not pending.future.done():
                 pending.future.set_result((self, msg))
         elif isinstance(msg, Ready):
@@ -481,7 +466,7 @@ class WorkerLink:
             pending = self._pending.get(msg.step_id)
             fut = pending.future if pending is not None else None
             if fut is not None:
-                self._answered_at = time.monotonic()
+                self.alive.answered(time.monotonic())
             if fut is not None and not fut.done():
                 fut.set_exception(StepFailed(f"{self.name}: {msg.message}"))
             elif msg.step_id < 0 and self._ready_waiter is not None and not self._ready_waiter.done():
@@ -522,7 +507,7 @@ class WorkerLink:
                     self._spawn(self._quietly(self.ws.pong(frame.data)))
                     continue
                 if frame.type is WSMsgType.PONG:
-                    self._pulse(frame.data, time.monotonic())
+                    self.alive.pulse(frame.data, time.monotonic())
                     continue
                 if frame.type != WSMsgType.BINARY:
                     if frame.type in (WSMsgType.ERROR, WSMsgType.CLOSE, WSMsgType.CLOSING):
@@ -542,7 +527,7 @@ class WorkerLink:
             watch.cancel()
 
     def _heard(self, now: float) -> None:
-        self._heard_at = now
+        self.alive.heard(now, alive=not self.loading and self.state is not LinkState.GONE)
         if self.state is LinkState.GONE and self._woke_at is None and not self.ws.closed:
             self._woke_at = now
             log.warning("worker %s, dropped as unresponsive, speaks again: its late frames are dropped", self.name)
@@ -551,45 +536,10 @@ class WorkerLink:
         """Bytes of the worker arrived (a frame may still be incomplete): it is not silent."""
         self._heard(time.monotonic())
 
-    def _pulse(self, data: bytes, now: float) -> None:
-        """A pong's pulse: while the stage's pulses show the same compute call running, it is
-        stuck since the first of them."""
-        pulse = read_pulse(data)
-        if pulse is None or not pulse[1]:
-            self._stuck_since = None
-        elif pulse[0] != self._progress or self._stuck_since is None:
-            self._stuck_since = now
-        if pulse is not None:
-            self._progress = pulse[0]
-
-    def stuck_limit(self) -> float:
-        """Seconds one compute call may run before the stage counts as stuck: ``STUCK_LIMIT``
-        beyond the predicted compute of the largest step it has (scaled by its slowdown)."""
-        tokens = max((p.tokens for p in self._pending.values()), default=1)
-        compute = self.stage_cost.predict(tokens)
-        if compute is None:
-            return STUCK_LIMIT + UNMEASURED_STEP_DEADLINE
-        return STUCK_LIMIT + compute * self.stage_cost.slowdown()
-
     def hung(self, now: float) -> str | None:
-        """The liveness rule: why this link counts as hung at ``now`` (monotonic), or None.
-        Hung: silent longer than ``SILENT_LIMIT`` (``LOADING_SILENT_LIMIT`` while it loads an
-        assignment), its pulses showing one compute call running past :meth:`stuck_limit` while
-        it has steps, or its oldest step unanswered (no Result or Failure from it since that
-        step went out) past the step's deadline."""
-        loading = self._ready_waiter is not None and not self._ready_waiter.done()
-        limit = LOADING_SILENT_LIMIT if loading else SILENT_LIMIT
-        silent = now - self._heard_at
-        if silent > limit:
-            return f"silent for {silent:.1f} s (limit {limit:.1f} s)"
-        if self._pending and self._stuck_since is not None and now - self._stuck_since > self.stuck_limit():
-            return f"computing without progress for {now - self._stuck_since:.1f} s (limit {self.stuck_limit():.1f} s)"
-        if self._pending:
-            step_id, oldest = min(self._pending.items(), key=lambda kv: kv[1].sent_at)
-            waited = now - max(oldest.sent_at, self._answered_at)
-            if waited > oldest.deadline:
-                return f"step {step_id} unanswered for {waited:.1f} s (deadline {oldest.deadline:.1f} s)"
-        return None
+        """Why this link counts as hung at ``now`` (monotonic), or None: the rule of
+        :mod:`master_core.liveness`."""
+        return self.alive.hung(now, self.loading, self._pending, self.stage_cost)
 
     async def _watch(self) -> None:
         """Ping every ``PING_INTERVAL`` and drop the link once :meth:`hung` says so.  A tick that
@@ -603,9 +553,7 @@ class WorkerLink:
             now, late = time.monotonic(), loop.time() - tick > PING_INTERVAL + LOOP_LAG_GRACE
             tick = loop.time()
             if late:
-                self._heard_at = self._answered_at = now
-                if self._stuck_since is not None:
-                    self._stuck_since = now
+                self.alive.stalled(now)
                 continue
             why = self.hung(now)
             if why is not None:

@@ -1,4 +1,4 @@
-"""The master's liveness rule for a worker tunnel (``WorkerLink.hung``), checked on its clock.
+"""The master's liveness rule for a worker tunnel (``the rule of master_core.liveness``), checked on its clock.
 
 The rule itself decides when a frozen, hung or cut-off worker is dropped; the chaos tests
 (tests/test_chaos.py) show it end to end with real processes.  Here each clause is pinned to
@@ -13,6 +13,8 @@ import pytest
 from harness import run
 
 from master_core import link as L
+from master_core import liveness as LV
+from master_core.costs import StageCost
 from master_core.link import LinkState, WorkerLink, _Pending
 from worker_core.wire import Hello
 
@@ -29,16 +31,16 @@ def _link() -> WorkerLink:
 def test_a_link_is_hung_after_silent_limit_seconds_or_the_longer_limit_while_loading():
     async def main() -> None:
         link = _link()
-        t = link._heard_at
-        assert link.hung(t + L.SILENT_LIMIT - 0.1) is None  # standing by: the short limit
-        why = link.hung(t + L.SILENT_LIMIT + 0.1)
+        t = link.alive.heard_at
+        assert link.hung(t + LV.SILENT_LIMIT - 0.1) is None  # standing by: the short limit
+        why = link.hung(t + LV.SILENT_LIMIT + 0.1)
         assert why is not None and why.startswith("silent for")
         link._ready_waiter = asyncio.get_running_loop().create_future()  # an Assign being loaded
-        assert link.hung(t + L.SILENT_LIMIT + 0.1) is None
-        assert link.hung(t + L.LOADING_SILENT_LIMIT + 0.1) is not None
+        assert link.hung(t + LV.SILENT_LIMIT + 0.1) is None
+        assert link.hung(t + LV.LOADING_SILENT_LIMIT + 0.1) is not None
         link._ready_waiter.set_result(None)
         link.move(LinkState.READY)
-        assert link.hung(t + L.SILENT_LIMIT + 0.1) is not None
+        assert link.hung(t + LV.SILENT_LIMIT + 0.1) is not None
 
     run(main(), 10)
 
@@ -60,15 +62,15 @@ def test_an_unanswered_step_is_late_after_its_deadline_counted_from_the_last_ans
     async def main() -> None:
         link = _link()
         link.move(LinkState.READY)
-        t = link._heard_at
+        t = link.alive.heard_at
         fut = asyncio.get_running_loop().create_future()
         link._pending[7] = _Pending(fut, sent_at=t, deadline=3.0)
         # pongs keep coming (the loop lives, its stage does not): only the step clause can say hung
-        link._heard_at = t + 3.5
+        link.alive.heard_at = t + 3.5
         assert link.hung(t + 2.9) is None
         why = link.hung(t + 3.1)
         assert why is not None and "step 7" in why
-        link._answered_at = t + 2.0  # an answer to another step: the clock restarts there
+        link.alive.answered_at = t + 2.0  # an answer to another step: the clock restarts there
         assert link.hung(t + 4.9) is None
         assert link.hung(t + 5.1) is not None
 
@@ -135,27 +137,71 @@ def test_a_stage_whose_compute_call_runs_past_its_predicted_time_plus_the_stuck_
         link._pending[1] = _Pending(fut, 0.0, 1e9, 16)  # a step out (its own deadline far away)
         for tokens, seconds in ((1, 0.01), (64, 0.64)):  # 10 ms per token
             link.stage_cost.observe(tokens, seconds)
-        limit = L.STUCK_LIMIT + 0.16  # the step's 16 tokens predicted at 0.16 s
-        assert link.stuck_limit() == pytest.approx(limit)
+        limit = LV.STUCK_LIMIT + 0.16  # the step's 16 tokens predicted at 0.16 s
+        assert link.alive.stuck_limit(link._pending, link.stage_cost) == pytest.approx(limit)
         t = 1000.0
-        link._pulse(pulse(5, True), t)  # a compute call starts
+        link.alive.pulse(pulse(5, True), t)  # a compute call starts
         for dt in (0.5, 1.0, limit - 0.1):
-            link._heard_at = t + dt
-            link._pulse(pulse(5, True), t + dt)  # the same call, still running
+            link.alive.heard_at = t + dt
+            link.alive.pulse(pulse(5, True), t + dt)  # the same call, still running
             assert link.hung(t + dt) is None
-        link._heard_at = t + limit + 0.1
+        link.alive.heard_at = t + limit + 0.1
         why = link.hung(t + limit + 0.1)
         assert why is not None and why.startswith("computing without progress")
         # calls that finish keep it alive however slow the stage is; an idle stage is not judged
         for i, dt in enumerate((1.0, 2.5, 4.0, 5.5, 7.0)):
-            link._heard_at = t + dt
-            link._pulse(pulse(6 + i, True), t + dt)
+            link.alive.heard_at = t + dt
+            link.alive.pulse(pulse(6 + i, True), t + dt)
             assert link.hung(t + dt) is None
-        link._pulse(pulse(20, False), t + 10)
-        link._heard_at = t + 30
+        link.alive.pulse(pulse(20, False), t + 10)
+        link.alive.heard_at = t + 30
         assert link.hung(t + 30) is None
-        link._pulse(b"", t + 31)  # a worker without a stage yet says nothing of its compute
-        assert link._stuck_since is None
+        link.alive.pulse(b"", t + 31)  # a worker without a stage yet says nothing of its compute
+        assert link.alive.stuck_since is None
         fut.cancel()
 
     run(main(), 10)
+
+
+def _paced(alive: LV.Liveness, start: float, until: float, every: float) -> float:
+    """Hear the worker every ``every`` seconds from ``start`` to ``until``; the last time heard."""
+    t = start
+    while t + every <= until:
+        t += every
+        alive.heard(t)
+    return t
+
+
+def test_the_silent_limit_follows_the_pace_the_link_showed_alive_within_its_floor_and_ceiling():
+    """A live worker's longest silence is about a ping interval plus its pong's delay; the link
+    is hung after SILENT_MARGIN times the longest of the last SILENCE_WINDOW seconds, never
+    sooner than SILENT_FLOOR nor later than SILENT_LIMIT (also before it showed its pace)."""
+    stall = LV.Liveness(0.0)
+    t = _paced(stall, 0.0, LV.SILENCE_LEARNING - 1, 0.3)
+    assert stall.silent_limit(t, False) == LV.SILENT_LIMIT  # not yet learnt
+    t = _paced(stall, t, 20.0, 0.3)
+    assert stall.silent_limit(t, False) == LV.SILENT_FLOOR  # 2.5 x 0.3 s is below the floor
+    assert stall.hung(t + LV.SILENT_FLOOR - 0.05, False, {}, StageCost()) is None
+    why = stall.hung(t + LV.SILENT_FLOOR + 0.05, False, {}, StageCost())
+    assert why is not None and why.startswith("silent for")
+    assert stall.silent_limit(t, True) == LV.LOADING_SILENT_LIMIT
+
+    busy = LV.Liveness(0.0)
+    t = _paced(busy, 0.0, 20.0, 0.3)
+    t += 0.7
+    busy.heard(t)  # a pong delayed by a busy machine: its own limit rises
+    t = _paced(busy, t, t + 5, 0.3)
+    assert busy.silent_limit(t, False) == pytest.approx(LV.SILENT_MARGIN * 0.7)
+    assert busy.hung(t + 1.5, False, {}, StageCost()) is None  # would have been hung at the floor
+    t = _paced(busy, t, t + LV.SILENCE_WINDOW, 0.3)
+    assert busy.silent_limit(t, False) == LV.SILENT_FLOOR  # forgotten after the window
+
+    slow = LV.Liveness(0.0)
+    t = _paced(slow, 0.0, 30.0, 1.2)
+    assert slow.silent_limit(t, False) == LV.SILENT_LIMIT  # 2.5 x 1.2 s is above the ceiling
+
+    loading = LV.Liveness(0.0)
+    t = _paced(loading, 0.0, 20.0, 0.3)
+    t += 10.0
+    loading.heard(t, alive=False)  # silent while it loaded an assignment: not its pace
+    assert loading.silent_limit(t, False) == LV.SILENT_FLOOR

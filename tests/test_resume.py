@@ -172,7 +172,8 @@ def test_a_stage_whose_compute_hangs_while_its_loop_lives_is_dropped_within_the_
     answers pings: its pulses show no progress, the master drops it within ``STUCK_LIMIT``
     beyond the step's predicted time (not the 10 s step deadline), the spare takes its layers
     and the streams end with transformers' tokens."""
-    from master_core import link as L
+    from master_core import liveness as L
+    from master_core.link import LinkState
 
     release, stuck_at = threading.Event(), []
 
@@ -199,7 +200,7 @@ def test_a_stage_whose_compute_hangs_while_its_loop_lives_is_dropped_within_the_
             while e.tokens_generated < 12:
                 await asyncio.sleep(0.005)
             layer.forward = forward
-            while middle.state is not L.LinkState.GONE:
+            while middle.state is not LinkState.GONE:
                 await asyncio.sleep(0.01)
             dropped = time.monotonic() - stuck_at[0]
             got = await asyncio.wait_for(asyncio.gather(*gens), 60)
@@ -212,7 +213,7 @@ def test_a_stage_whose_compute_hangs_while_its_loop_lives_is_dropped_within_the_
         release.set()
     assert got == want
     assert "computing without progress" in why, why
-    assert dropped < L.STUCK_LIMIT + 1.5, dropped  # the pulse every 0.5 s, a decode step's few ms
+    assert dropped < L.STUCK_LIMIT + 1.5, dropped  # a pulse every PING_INTERVAL, a decode step's few ms
     assert repairs == 1 and names[1] == "spare"
 
 

@@ -19,7 +19,7 @@ import torch
 from aiohttp import WSMsgType, web
 from harness import run
 
-from master_core import link as L
+from master_core import liveness as L
 from master_core.link import LinkGone, LinkState, WorkerLink
 from master_core.metering import on_bytes
 from worker_core.shaper import LinkShaper

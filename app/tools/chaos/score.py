@@ -52,6 +52,7 @@ class FaultRecord:
     detect: float | None = None  # seconds
     recover: float | None = None  # seconds; None: no affected stream, or one never recovered
     pause: float | None = None  # seconds: the longest token gap of an affected stream around the fault
+    pause_from: float | None = None  # seconds from the fault to that gap's start (< 0: it began before the fault)
     affected: int = 0
     unrecovered: int = 0
     epoch_changes: int = 0
@@ -127,9 +128,11 @@ def score_faults(faults: list[FaultRecord], streams: list[StreamRecord], health:
             f.affected += 1
             waits.append(nxt - f.at)
             stamps = [s.sent_at, *s.times]
-            pauses += [b - a for a, b in zip(stamps, stamps[1:]) if b > f.at and a <= window_end]
+            pauses += [(b - a, a - f.at) for a, b in zip(stamps, stamps[1:]) if b > f.at and a <= window_end]
         f.recover = round(max(waits), 3) if waits and not f.unrecovered else None
-        f.pause = round(max(pauses), 3) if pauses else None
+        if pauses:
+            longest, began = max(pauses)
+            f.pause, f.pause_from = round(longest, 3), round(began, 3)
 
 
 def score_run(reference: list[StreamRecord], run: list[StreamRecord]) -> dict:
@@ -222,6 +225,8 @@ DEFINITIONS = {
     "longest_pause": "longest gap between two tokens of one stream (from sending, for the first)",
     "pause": "per fault: the longest token gap of a stream open at the fault, among gaps ending after the fault "
     "and starting before the worker rejoined",
+    "pause_from": "per fault: seconds from the fault to the start of that longest gap (negative: before the fault; "
+    "a gap that starts seconds after the fault belongs to the worker's return, not to its loss)",
 }
 
 
