@@ -128,6 +128,12 @@ class StepLate(StepFailed):
     from what every stage holds (``Request.computed``) instead of from token 0."""
 
 
+class StepUnsent(StepLate):
+    """The last stage could not feed a step back (``Failure.unsent``: its loop-back hop is
+    down, or the step could not loop): like a late step, every stage holds what it held
+    before it, so its requests go on from there."""
+
+
 @dataclass
 class _Pending:
     """A step sent and not answered: its caller's future, when it went out, its deadline."""
@@ -468,7 +474,7 @@ class WorkerLink:
             if fut is not None:
                 self.alive.answered(time.monotonic())
             if fut is not None and not fut.done():
-                fut.set_exception(StepFailed(f"{self.name}: {msg.message}"))
+                fut.set_exception((StepUnsent if msg.unsent else StepFailed)(f"{self.name}: {msg.message}"))
             elif msg.step_id < 0 and self._ready_waiter is not None and not self._ready_waiter.done():
                 # a load failure names no step; one that does is a late step (e.g. forwarded over a hop
                 # before a replay freed its cache), not the assignment failing

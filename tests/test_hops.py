@@ -167,7 +167,15 @@ def _break_a_hop_mid_generation(
             got = await asyncio.wait_for(asyncio.gather(*gens), 120)
             hops_then = [*g.hops, g.loop_back]
             e = c.engine
-            return [r[0] for r in got], hops_then, g.epoch - start, links - len(g.links), e.stale_results, e.replays
+            return (
+                [r[0] for r in got],
+                hops_then,
+                g.epoch - start,
+                links - len(g.links),
+                e.stale_results,
+                e.replays,
+                e.kv.resumed,
+            )
 
     return run(main())
 
@@ -176,7 +184,7 @@ def test_a_hop_lost_while_serving_falls_back_to_the_relay_without_a_replay(ckpt)
     async def close(hop: NextHop) -> None:  # the path between two stages breaks mid-generation
         await hop._ws.close()
 
-    got, hops, epoch, _, stale, replays = _break_a_hop_mid_generation(ckpt, close)
+    got, hops, epoch, _, stale, replays, _ = _break_a_hop_mid_generation(ckpt, close)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epoch == 0 and stale == 0 and replays == 0, "the fallback re-planned or replayed"
     assert sum(not h.direct for h in hops[:2]) == 1 and hops[2].direct, [h.describe() for h in hops]
@@ -191,7 +199,7 @@ def test_an_inner_hop_lost_under_the_loop_back_continues_each_request_under_its_
     async def close(hop: NextHop) -> None:
         await hop._ws.close()
 
-    got, hops, epoch, _, stale, replays = _break_a_hop_mid_generation(ckpt, close, loop_back=True, shift=5)
+    got, hops, epoch, _, stale, replays, _ = _break_a_hop_mid_generation(ckpt, close, loop_back=True, shift=5)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epoch == 0 and stale == 0 and replays == 0, (epoch, stale, replays)
     assert sum(not h.direct for h in hops[:2]) == 1, [h.describe() for h in hops]
@@ -201,9 +209,12 @@ def test_a_loop_back_lost_while_serving_hands_the_steps_back_to_the_master(ckpt)
     async def close(hop: NextHop) -> None:  # the path from the last stage back to the first breaks
         await hop._ws.close()
 
-    got, hops, epoch, _, _, _ = _break_a_hop_mid_generation(ckpt, close, loop_back=True, inner=False)
+    got, hops, epoch, _, _, replays, resumed = _break_a_hop_mid_generation(ckpt, close, loop_back=True, inner=False)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epoch == 0, "a lost loop-back re-planned the group"
+    # the step the last stage could not feed back ran nowhere: its requests go on from what
+    # every stage holds, not from token 0
+    assert replays == 0 and resumed > 0, (replays, resumed)
     assert all(h.direct for h in hops[:2]), [h.describe() for h in hops]
     assert not hops[2].direct and "cannot loop back" in hops[2].reason, hops[2].describe()
 
@@ -335,7 +346,7 @@ def test_a_step_lost_on_a_hop_that_died_quietly_is_replayed_relayed_and_no_worke
 
         hop._ws.send_bytes = swallow  # type: ignore[method-assign]  # the test drops the hop's frames on purpose
 
-    got, hops, epochs, links, _, _ = _break_a_hop_mid_generation(ckpt, black_hole)
+    got, hops, epochs, links, _, _, _ = _break_a_hop_mid_generation(ckpt, black_hole)
     assert got == [reference_greedy(ckpt, p, 96) for p in LONG_PROMPTS]
     assert epochs == 0 and links == 0, "a worker was dropped for a hop's fault"
     relayed = [h for h in hops if not h.direct]

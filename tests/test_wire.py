@@ -68,6 +68,7 @@ MESSAGES = [
     Ready(3, 576, 49152, 1.5, 123456),
     Free((1, 2, 3)),
     Failure("boom", 7),
+    Failure("step 8 cannot loop back: the loop-back hop is down", 8, unsent=True),
     Leave(False),
     Leave(True),
     Route(4, "ab" * 16, "-----BEGIN CERTIFICATE-----", "192.168.1.20:7001", "", "cd" * 16),
@@ -383,6 +384,7 @@ BAD_FRAMES |= {
         | {"tensor": {"dtype": "int64", "shape": [2]}},
         GOOD_PAYLOAD,
     ),
+    "failure unsent not bool": _frame(wire.Kind.FAILURE, {"message": "x", "step_id": 1, "unsent": 1}),
     "hello hop host with a path": _frame(wire.Kind.HELLO, HELLO | {"hop_host": "a/b"}),
     "hello hop port too big": _frame(wire.Kind.HELLO, HELLO | {"hop_port": 70000}),
 }
@@ -398,6 +400,7 @@ def test_the_valid_headers_used_above_decode():
     assert decode(_frame(wire.Kind.ROUTED, ROUTED)) == Routed(1, False)  # a worker that maps nothing says nothing
     assert decode(_frame(wire.Kind.ROUTED, ROUTED | {"mapped": "[2a0f:ff00::5]:7734"})).mapped == "[2a0f:ff00::5]:7734"
     assert isinstance(decode(_frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD)), Step)
+    assert decode(_frame(wire.Kind.FAILURE, {"message": "x", "step_id": 1})) == Failure("x", 1)  # an older worker's
     looping = decode(_frame(wire.Kind.STEP, _step_header(loop=1, draws=[[0.5, 1, 3]]), GOOD_PAYLOAD))
     assert isinstance(looping, Step) and looping.draws == (wire.Draw(0.5, 1.0, 3),)
     result = {"step_id": 1, "epoch": 0, "compute_seconds": 0, "worker_seconds": 0, "tokens": [1]}

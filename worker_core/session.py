@@ -384,7 +384,7 @@ class Session:
         hop = self.next_hop
 
         async def refuse(why: str) -> None:
-            await self.send(Failure(f"step {nxt} cannot loop back: {why}", nxt))
+            await self.send(Failure(f"step {nxt} cannot loop back: {why}", nxt, unsent=True))
 
         if not all(seg.want_logits for seg in msg.segments) or len(msg.draws) != len(msg.segments):
             await refuse("a segment wants no logits, or has no draw")

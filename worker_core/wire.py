@@ -398,6 +398,10 @@ class Failure:
 
     message: str
     step_id: int = -1
+    # the last stage could not feed step ``step_id`` back (``Step.loop``): no stage computed it
+    # on its account, so every stage holds what it held before it (a copy that got through
+    # before the hop went down writes what a resend writes); absent in older frames
+    unsent: bool = False
 
 
 @dataclass(frozen=True)
@@ -727,6 +731,8 @@ def encode(msg: Message) -> bytes:
         kind, h = Kind.FREE, {"request_ids": list(msg.request_ids)}
     elif isinstance(msg, Failure):
         kind, h = Kind.FAILURE, {"message": msg.message, "step_id": msg.step_id}
+        if msg.unsent:
+            h["unsent"] = True
     elif isinstance(msg, Fetch):
         kind, h = Kind.FETCH, {"sha256": msg.sha256, "offset": msg.offset, "length": msg.length}
     elif isinstance(msg, Chunk):
@@ -902,7 +908,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         if routed.mapped and not _ADDRESS.match(routed.mapped):
             raise ProtocolError(f"bad mapped hop address {routed.mapped!r}: host:port")
         return routed
-    return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1))
+    unsent = _bool(h, "unsent") if "unsent" in h else False
+    return Failure(message=_str(h, "message", 4096), step_id=_int(h, "step_id", -1), unsent=unsent)
 
 
 _PULSE = struct.Struct(">QB")  # compute calls finished (mod 2**64), one running now (0/1)
