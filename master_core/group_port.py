@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import WSMsgType, web
 
 from worker_core.identity import Identity, check_cert_pem, der_fingerprint, server_context
+from worker_core.listen import bind, families
 from worker_core.pairing import (
     PAIR_SNI,
     PAIRING_VERSION,
@@ -93,17 +94,7 @@ class GroupPort:
         )
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        # "::" is both families on one port (asyncio makes an IPv6 listener IPv6-only): IPv4
-        # first (it picks the port when 0), then IPv6 on the same port where this machine has it
-        first = "0.0.0.0" if host == "::" else host
-        site = web.TCPSite(self._runner, first, port, ssl_context=self._base)
-        await site.start()
-        self.port = self._runner.addresses[0][1]  # the bound port (0 picks one)
-        if host == "::":
-            try:
-                await web.TCPSite(self._runner, "::", self.port, ssl_context=self._base).start()
-            except OSError as e:  # no IPv6 here: IPv4 only
-                log.warning("group port on IPv4 only: IPv6 port %d unavailable (%s)", self.port, e)
+        self.port = await bind(self._runner, families(host), port, self._base, "group port")
 
     async def stop(self) -> None:
         if self._runner:

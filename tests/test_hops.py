@@ -8,6 +8,7 @@ import gc
 import aiohttp
 import pytest
 import torch
+from aiohttp import web
 from harness import Cluster, greedy, join_member, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
@@ -401,3 +402,60 @@ def test_sampled_requests_loop_back_too_and_draw_what_the_master_would(ckpt, wan
     assert out[0] == out[1] == out[2], "the loop-back drew other tokens than the master"
     assert looped[0] > 0 and looped[1] == 0 and looped[2] > 0, looped
     assert out[0] != want, "these tokens are not sampled"
+
+
+def test_a_listener_binds_both_families_on_one_port_and_a_hop_dials_it_over_ipv6(tmp_path):
+    """``"::"`` is IPv4 and IPv6 on one port (asyncio alone makes an IPv6 listener IPv6-only):
+    the shared binding (:mod:`worker_core.listen`, used by the group port and the hop
+    listeners) starts one site per family on the port the first got.  Loopback here (servers in
+    tests bind loopback only); the lab test binds ``::`` across real network stacks.  A paired
+    hop listener then takes a hop dialled at an IPv6 address in brackets."""
+    from worker_core.listen import bind, families
+
+    assert families("::") == ("0.0.0.0", "::") and families("10.0.0.2") == ("10.0.0.2",)
+    me, prev = (load_or_create(tmp_path / n, n) for n in ("me", "prev"))
+    token = "ab" * 16
+    step = Step(9, 1, (Segment(1, 0, 2, False),), torch.zeros(2, 8))
+
+    async def both() -> tuple[int, list[str]]:
+        async def hello(_: web.Request) -> web.Response:
+            return web.Response(text="hi")
+
+        app = web.Application()
+        app.add_routes([web.get("/", hello)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            port = await bind(runner, ("127.0.0.1", "::1"), 0, None, "test listener")
+            async with aiohttp.ClientSession() as http:
+                said = [await (await http.get(f"http://{h}:{port}/")).text() for h in ("127.0.0.1", "[::1]")]
+            return port, said
+        finally:
+            await runner.cleanup()
+
+    async def hop_over_ipv6() -> list[Step]:
+        listener = HopListener(me)
+        got: list[Step] = []
+        listener.sink = got.append
+        await listener.start("::1")
+        try:
+            listener.accept(1, token, prev.cert_pem)
+            hop, _ = await dial(f"[::1]:{listener.port}", 1, token, me.cert_pem, prev)
+
+            async def relayed() -> None:
+                raise AssertionError("the hop went down")
+
+            await hop.send(step, relayed)
+            for _ in range(200):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            await hop.close()
+            return got
+        finally:
+            await listener.stop()
+
+    port, said = run(both(), 30)
+    assert port > 0 and said == ["hi", "hi"]
+    got = run(hop_over_ipv6(), 30)
+    assert len(got) == 1 and got[0].step_id == 9

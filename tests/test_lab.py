@@ -268,6 +268,18 @@ def test_friend_in_another_home_joins_with_the_link_alone(ckpt, tmp_path):
         assert "dnat" not in lab.ruleset("r-a")  # the master removed its mapping when it stopped
 
 
+def _join_and_work(lab: Lab, master: subprocess.Popen, tmp_path, name: str, host: str, *args: str) -> subprocess.Popen:
+    """Join the group of the master on ``pub`` (data in ``tmp_path / "m"``) from ``host`` with
+    a fresh link, as member ``name``, and start its worker (``args`` added)."""
+    code = lab.run("pub", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir", str(tmp_path / "m")],
+                   timeout=60)  # fmt: skip
+    link = next(x for x in code.stdout.splitlines() if x.startswith("Join link:")).split()[-1]
+    joined = lab.run(host, [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(tmp_path / name),
+                            "--name", name], timeout=120, check=False)  # fmt: skip
+    assert joined.returncode == 0, joined.stderr + output_seen(master)
+    return _molink(lab, host, "worker", "--data-dir", str(tmp_path / name), "--device", "cpu", "--threads", "1", *args)
+
+
 @pytest.mark.slow
 def test_stages_in_different_homes_hop_directly_where_the_router_maps_and_relayed_where_not(ckpt, tmp_path):
     """Master on a public host, one worker in each of three homes: a and d behind routers with
@@ -285,14 +297,7 @@ def test_stages_in_different_homes_hop_directly_where_the_router_maps_and_relaye
             procs.append(master)
             output_line(master, "Pairing code:", 120, at_start=True)
             for name, home in homes.items():
-                code = lab.run("pub", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir",
-                                       str(tmp_path / "m")], timeout=60)  # fmt: skip
-                link = next(x for x in code.stdout.splitlines() if x.startswith("Join link:")).split()[-1]
-                joined = lab.run(home, [sys.executable, "-m", "app.cli", "join", link, "--data-dir",
-                                        str(tmp_path / name), "--name", name], timeout=120, check=False)  # fmt: skip
-                assert joined.returncode == 0, joined.stderr + output_seen(master)
-                procs.append(_molink(lab, home, "worker", "--data-dir", str(tmp_path / name), "--device", "cpu",
-                                     "--threads", "1"))  # fmt: skip
+                procs.append(_join_and_work(lab, master, tmp_path, name, home))
             up = lab.run("pub", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200,
                          check=False)  # fmt: skip
             assert up.returncode == 0, "the group never served:\n" + output_seen(master)
@@ -415,3 +420,37 @@ def test_a_group_port_on_both_families_answers_ipv4_and_ipv6(ckpt, tmp_path):
             assert over4.stdout.strip() == over6.stdout.strip() and len(over4.stdout.strip()) == 64
         finally:
             _stop([master])
+
+
+@pytest.mark.slow
+def test_a_stage_on_ipv6_takes_its_hop_over_ipv6(ckpt, tmp_path):
+    """A worker's hop listener is on both families (``::``): a worker on a dual-stack public
+    host announces its global IPv6 address for hops (``--hop-host``), and the stage before it,
+    in the IPv6 home, dials it there directly.  The hop into the IPv6 home is relayed (its
+    router's stateful firewall drops what comes in; no pinhole is asked for).  Tokens equal
+    single-process transformers'."""
+    with Lab.up("thop6", "ipv6") as lab:
+        procs: list[subprocess.Popen] = []
+        try:
+            master = _molink(lab, "pub", "group", "create", "--model", str(ckpt), "--host", "::", "--port", "7733",
+                             "--api-port", "8000", "--data-dir", str(tmp_path / "m"), "--name", "six",
+                             "--min-workers", "2", "--no-port-mapping")  # fmt: skip
+            procs.append(master)
+            output_line(master, "Pairing code:", 120, at_start=True)
+            v6 = lab.address6("pub2")
+            assert v6
+            for name, host, extra in (("w6", "pub2", ["--hop-host", v6]), ("wv", "v", [])):
+                procs.append(_join_and_work(lab, master, tmp_path, name, host, "--no-port-mapping", *extra))
+            up = lab.run("pub", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200,
+                         check=False)  # fmt: skip
+            assert up.returncode == 0, "the group never served:\n" + output_seen(master)
+            state = json.loads(lab.run("pub", [sys.executable, "-c", WORKERS, "http://127.0.0.1:8000"]).stdout)
+            stages = sorted((w for w in state if w["stage"] is not None), key=lambda w: w["stage"])
+            assert [w["name"] for w in stages] in (["w6", "wv"], ["wv", "w6"]), state
+            into_w6 = next(w for w in stages if w["name"] == "wv")  # its next hop (or loop-back) is into w6
+            into_wv = next(w for w in stages if w["name"] == "w6")
+            assert into_w6["next_hop"] and "direct (" in into_w6["next_hop"], state
+            assert into_wv["next_hop"] and "direct (" not in into_wv["next_hop"], state
+            _answers_as_transformers(lab, "pub", ckpt)
+        finally:
+            _stop(procs)

@@ -43,7 +43,7 @@ class WorkerConfig:
     # with direct hops, also listen (False: dial the next stage only, no inbound port: no firewall
     # prompt on Windows; the hop into this stage is relayed)
     hop_listen: bool = True
-    hop_bind: str = ""  # address the hop listener binds ("": 0.0.0.0 in a paired group, else 127.0.0.1)
+    hop_bind: str = ""  # address the hop listener binds ("": "::", IPv4 and IPv6, in a paired group, else 127.0.0.1)
     hop_port: int | None = None  # its port (None: HOP_PORT in a paired group, else any free one; 0: any)
     hop_host: str = ""  # host the other stages should dial ("": the address the master sees)
     # in a paired group, with a listener on every interface and no ``hop_host``: ask the home

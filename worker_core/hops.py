@@ -46,6 +46,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 
 from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
+from .listen import bind, families
 from .outbox import Outbox
 from .shaper import LinkShaper
 from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
@@ -92,10 +93,9 @@ class HopListener:
         if self.identity is not None:
             base = server_context(self.identity, [], required=True)  # refuses all: each handshake switches
             base.sni_callback = self._switch
-        site = web.TCPSite(self._runner, host, port, ssl_context=base)
-        await site.start()
-        self.port = self._runner.addresses[0][1]  # the bound port (0 picks one)
-        log.info("hop listener on %s:%d (%s)", host, self.port, "mutual TLS" if base else "plain, loopback only")
+        self.port = await bind(self._runner, families(host), port, base, "hop listener")
+        how = "mutual TLS" if base else "plain, loopback only"
+        log.info("hop listener on %s port %d (%s)", " and ".join(families(host)), self.port, how)
 
     async def stop(self) -> None:
         for ws in list(self._open):

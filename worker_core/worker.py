@@ -58,6 +58,7 @@ from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
 from .hops import HopListener
 from .inbox import Inbox
+from .listen import EVERY_INTERFACE
 from .portmap import Mapping, PortMapper
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .session import Run, Session
@@ -322,7 +323,7 @@ async def _start_hops(hops: HopListener, config: WorkerConfig) -> None:
     """Bind the hop listener: all interfaces in a paired group (other members dial it), loopback
     in a plain one; on ``HOP_PORT`` in a paired group when it is free, else on any port."""
     paired = config.tls is not None
-    host = config.hop_bind or ("0.0.0.0" if paired else "127.0.0.1")
+    host = config.hop_bind or (EVERY_INTERFACE if paired else "127.0.0.1")
     port = config.hop_port if config.hop_port is not None else (HOP_PORT if paired else 0)
     try:
         await hops.start(host, port)

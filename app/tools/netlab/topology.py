@@ -70,8 +70,8 @@ TOPOLOGIES: dict[str, Topology] = {
     ),
     "ipv6": Topology(
         (Home("v", ("v",), ipv6=True), Home("b", ("b",))),
-        ("pub",),
-        "home v with global IPv6 behind a stateful firewall (and IPv4 NAT); home b; pub (dual stack)",
+        ("pub", "pub2"),
+        "home v with global IPv6 behind a stateful firewall (and IPv4 NAT); home b; pub and pub2 (dual stack)",
     ),
     "hops": Topology(
         (Home("a", ("a",), upnp=True), Home("d", ("d",), upnp=True), Home("b", ("b",))),
