@@ -62,7 +62,7 @@ from typing import Any
 import torch
 
 from worker_core.tasks import end_tasks
-from worker_core.wire import Draw, ProtocolError, itemsize, logits_row_width
+from worker_core.wire import MAX_DRAFTS, Draw, ProtocolError, itemsize, logits_row_width
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
@@ -137,6 +137,7 @@ class Engine:
         self.model_drafted_tokens = 0
         self.model_accepted_tokens = 0
         self.draft_trips = 0  # steps that carried drafts
+        self.loop_draft_trips = 0  # of those, the ones the last stage drafted inside the loop-back
         self.drafted_tokens = 0  # drafts sent
         self.accepted_tokens = 0  # of those, accepted
         self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
@@ -472,15 +473,15 @@ class Engine:
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
-            if self.speculative:
+            loop, ks, reserve = self._loop_steps(chunks, reqs)  # ks: drafts the last stage may make in it
+            if self.speculative and not loop:  # the master drafts (and verifies) this step
                 chunks, reqs = await self._draft(chunks, reqs)
                 if not chunks:
                     continue
             epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
-            loop = self._loop_steps(chunks, reqs)
-            for c, r in zip(chunks, reqs):
+            for i, (c, r) in enumerate(zip(chunks, reqs)):
                 r.scheduled = c.start + c.length + loop
-                r.written = c.start + c.length
+                r.written = c.start + c.length + (reserve[i] if loop else 0)
                 r.in_flight += 1
             looped: list[Expected] = []
             awaited = 0
@@ -491,7 +492,7 @@ class Engine:
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
-                draws = tuple(Draw(r.params.temperature, r.params.top_p, r.seed) for r in reqs) if loop else ()
+                draws = tuple(self._draw(r, k) for r, k in zip(reqs, ks)) if loop else ()
                 topk = self._topk(reqs)
                 marks = {r.kv_id: (r.kv_gen, base(r, c.start)) for c, r in zip(chunks, reqs)}
                 drop = self.kv.take_drops()
@@ -501,11 +502,14 @@ class Engine:
                 went = await self._step(epoch, chunks, reqs, gens, key, slots, prefill, journey, topk)
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
+                batch, carried = chunks, [()] * len(chunks)
                 for exp in looped:  # the last stage feeds the tokens it drew straight back
                     awaited += 1
+                    assert went is not None
                     # the engine folds results in by request id; the stages know the KV ids the step
                     # was sent under (a continuation relayed from a broken hop names them)
-                    batch = [Chunk(c.request_id, c.start + c.length + awaited - 1, 1, True) for c in chunks]
+                    live = [r.id in self.running and r.kv_gen == gens[r.id] for r in reqs]
+                    batch, carried = _fed_back(batch, carried, went, reqs, live)
                     on_stages = [replace(b, request_id=s.request_id) for b, s in zip(batch, sent)]
                     journey = self.relay.looped(
                         stages, epoch, on_stages, exp, {k: (g, 0) for k, (g, _) in marks.items()}
@@ -635,7 +639,7 @@ class Engine:
             self.kv.fit(self.running.values(), added)
         return out, reqs
 
-    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> int:
+    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> tuple[int, list[int], list[int]]:
         """How many steps after this one the last stage may feed back to the first on its own
         (``Step.loop``, drawing each token as the master would: ``wire.Draw``), skipping the
         master's two crossings per token: only where every hop and the loop-back are direct,
@@ -643,25 +647,55 @@ class Engine:
         which the last stage does not see), each gets a new token from this step, and a lane is
         left for the master (a looping lane takes no slot, :func:`~master_core.scheduler.lanes_open`:
         another lane admits arrivals and prefills them meanwhile).  Bounded by each request's
-        ``max_tokens`` and context, and by the KV the running requests leave free."""
+        ``max_tokens`` and context, and by the KV the running requests leave free.  With
+        speculation by prompt lookup the last stage drafts inside the loop: per request, the
+        drafts it may make per step (its :class:`~master_core.speculation.Speculator`'s budget, cut
+        to the free KV); and per request the KV positions the loop may write beyond this step
+        (reserved here).  (0, [], []) when it does not loop."""
         if not self._loops():
-            return 0
-        if any(r.spec is not None and r.spec.drafting for r in reqs):  # its steps verify drafts here
-            return 0
+            return 0, [], []
+        if self.speculative and self.drafter is not None and any(r.spec is None or r.spec.drafting for r in reqs):
+            return 0, [], []  # the draft model drafts on the master: its steps are verified here
         for c, r in zip(chunks, reqs):
             p = r.params
             if p.presence_penalty or p.frequency_penalty:  # the last stage does not see the output
-                return 0
+                return 0, [], []
             if r.constraint is not None:  # constrained requests are master-driven: the grammar lives here
-                return 0
-            if not c.want_logits or c.start + c.length != len(r.tokens):
-                return 0
+                return 0, [], []
+            if not c.want_logits or c.rows != 1 or c.start + c.length != len(r.tokens):
+                return 0, [], []
         left = [min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens)) for r in reqs]
-        room = self.kv.room(self.running.values()) // max(1, len(chunks))
-        n = max(0, min(loop_steps(self.policy, self._looping_lanes, left), room))
-        if n:  # room for the tokens it runs ahead, evicting idle prefixes
-            self.kv.fit(self.running.values(), n * len(chunks))
-        return n
+        room = self.kv.room(self.running.values())
+        n = max(0, min(loop_steps(self.policy, self._looping_lanes, left), room // max(1, len(chunks))))
+        if not n:
+            return 0, [], []
+        ks = [self._loop_k(r) for r in reqs]
+
+        def reserve() -> list[int]:  # positions each may write: a token per step, drafts beyond
+            return [min(lf, n * (1 + k)) + k for lf, k in zip(left, ks)]
+
+        while sum(reserve()) > room and any(ks):
+            ks[ks.index(max(ks))] -= 1
+        self.kv.fit(self.running.values(), sum(reserve()))  # evicting idle prefixes for it
+        return n, ks, reserve()
+
+    def _loop_k(self, r: Request) -> int:
+        """Drafts the last stage may make per fed-back step of ``r`` (0: none): speculation by
+        prompt lookup on (no draft model: that one drafts on the master), at the request's
+        budget (:meth:`~master_core.speculation.Speculator.budget`)."""
+        if not self.speculative or self.drafter is not None:
+            return 0
+        if r.spec is None:
+            r.spec = Speculator()
+        return min(r.spec.budget(), MAX_DRAFTS)
+
+    def _draw(self, r: Request, k: int) -> Draw:
+        """How the last stage draws ``r``'s tokens in a loop (``k`` drafts per step at most)."""
+        p = r.params
+        if not k:
+            return Draw(p.temperature, p.top_p, r.seed)
+        left = min(p.max_tokens - len(r.output), self.context_length - len(r.tokens))
+        return Draw(p.temperature, p.top_p, r.seed, k, left, tuple(r.tokens))
 
     def _loops(self) -> bool:
         """Does the pipeline loop back (every hop and the loop-back direct, and allowed)?"""
@@ -718,7 +752,7 @@ class Engine:
                 continue  # sent under a generation given up on since
             req.retries = 0
             if c.rows > 1:  # drafts to verify: the request goes on from the first one rejected
-                self._verify(req, c, logits[first:row], topk, now)
+                self._verify(req, c, logits[first:row], topk, now, drawn[first:row] if drawn else ())
                 continue
             req.computed = max(req.computed, c.start + c.length)
             if not c.want_logits or req.computed < len(req.tokens):
@@ -746,17 +780,20 @@ class Engine:
             return None
         return None if req.finished else s.token_id
 
-    def _verify(self, req: Request, c: Chunk, rows: torch.Tensor, topk: int, now: float) -> None:
+    def _verify(
+        self, req: Request, c: Chunk, rows: torch.Tensor, topk: int, now: float, drawn: tuple[int, ...] = ()
+    ) -> None:
         """Fold a speculative step in (:mod:`master_core.speculation`): row j draws the token at
-        ``len(tokens)``, kept while it equals draft j; the KV is valid up to the last accepted
-        draft, and the next step starts there (the stages truncate the rest)."""
+        ``len(tokens)`` (or takes the one the last stage drew, ``drawn[j]``, inside the loop-back),
+        kept while it equals draft j; the KV is valid up to the last accepted draft, and the next
+        step starts there (the stages truncate the rest)."""
         spec = req.spec
         drafts = spec.pending if spec is not None else ()
         if spec is None or len(drafts) + 1 != c.rows or c.start + 1 != len(req.tokens):
             self._finish(req, RequestState.FAILED, "error", "internal error: a speculative step lost its drafts")
             return
         spec.pending = ()
-        accepted = verify(drafts, lambda j: self._take(req, rows[j], topk, None, now))
+        accepted = verify(drafts, lambda j: self._take(req, rows[j], topk, drawn[j] if drawn else None, now))
         req.computed = c.start + 1 + accepted
         req.scheduled = req.computed
         costs = self.costs()
@@ -765,6 +802,7 @@ class Engine:
         trip = (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None
         spec.observe(len(drafts), accepted, trip, per_draft if trip is not None else None)
         self.draft_trips += 1
+        self.loop_draft_trips += bool(drawn)
         self.drafted_tokens += len(drafts)
         self.accepted_tokens += accepted
         if spec.by_model:
@@ -851,3 +889,31 @@ def _timeline(
 def _draft_mark(r: Request) -> tuple[int, int, int, int, bool]:
     """What must not change while a request waits for its drafts for its step to still go."""
     return (r.kv_id, r.kv_gen, r.scheduled, len(r.tokens), r.finished)
+
+
+def _fed_back(
+    chunks: list[Chunk], carried: list[tuple[int, ...]], went: Journey, reqs: list[Request], live: list[bool]
+) -> tuple[list[Chunk], list[tuple[int, ...]]]:
+    """The chunks of the step the last stage fed back after ``chunks`` (which carried the drafts
+    ``carried``), from what it named in ``went``: each row's drawn token, and the drafts it sent
+    on (:meth:`worker_core.session.Session._loop_back`).  Each continues from its first token
+    that is not the draft it follows (or after its last draft), with the new drafts after it;
+    a request still running on the same KV generation (``live``) keeps those drafts to verify
+    (``Speculator.pending``) and counts them as scheduled."""
+    out, drafts, row = [], [], 0
+    for i, (c, r) in enumerate(zip(chunks, reqs)):
+        drawn, before = went.tokens[row : row + c.rows], carried[i]
+        row += c.rows
+        taken = 1
+        while taken <= len(before) and drawn[taken - 1] == before[taken - 1]:
+            taken += 1
+        ahead = went.drafts[i] if went.drafts else ()
+        nxt = Chunk(c.request_id, c.start + c.length - c.rows + taken, 1 + len(ahead), True, 1 + len(ahead))
+        out.append(nxt)
+        drafts.append(ahead)
+        if not live[i]:
+            continue
+        if ahead and r.spec is not None:
+            r.spec.pending, r.spec.by_model = ahead, False
+        r.scheduled = max(r.scheduled, nxt.start + nxt.length)
+    return out, drafts

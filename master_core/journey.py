@@ -51,6 +51,7 @@ class Journey:
     legs: int
     computes: tuple[float, ...] = ()
     queued: float = 0.0
+    drafts: tuple[tuple[int, ...], ...] = ()  # per chunk, the drafts the last stage sent on with the next step
 
 
 class Relay:
@@ -100,6 +101,7 @@ class Relay:
         hops = self.group.hops if direct else []
         looped: list[Expected] = []
         drawn: tuple[int, ...] = ()
+        drafts: tuple[tuple[int, ...], ...] = ()
         computes: list[float] = []
         queued = 0.0
         i = legs = 0
@@ -132,9 +134,15 @@ class Relay:
                 x = result.tensor  # hidden [T, hidden] or logits [n, row]
                 last = at == len(stages) - 1
                 expect = (sum(c.logit_rows for c in chunks), row) if last else (total, dims.hidden_size)
-                drawn = result.tokens
+                drawn, drafts = result.tokens, result.drafts
                 if drawn and (not last or len(drawn) != expect[0] or max(drawn) >= dims.vocab_size):
                     why = f"named {len(drawn)} drawn tokens for {expect[0]} rows"
+                    link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
+                    raise ProtocolError(f"worker {link.name} {why}")
+                if drafts and (
+                    not drawn or len(drafts) != len(chunks) or max(max(d, default=0) for d in drafts) >= dims.vocab_size
+                ):
+                    why = f"named drafts for {len(drafts)} of {len(chunks)} segments"
                     link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
                     raise ProtocolError(f"worker {link.name} {why}")
                 if tuple(x.shape) != expect or not x.is_floating_point():
@@ -146,7 +154,7 @@ class Relay:
             for exp in looped:
                 exp.abandon()
             raise
-        return Journey(x, drawn, looped, legs, tuple(computes), queued)
+        return Journey(x, drawn, looped, legs, tuple(computes), queued, drafts)
 
     def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
         """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their

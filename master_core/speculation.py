@@ -1,4 +1,4 @@
-"""Speculative decoding with prompt lookup (and optionally a draft model), driven by the master.
+"""Speculative decoding with prompt lookup (and optionally a draft model): the master's side.
 
 Contract
 --------
@@ -17,9 +17,17 @@ removed, renormalized (the draw that did not hit ``x``).  KV written for rejecte
 on the stages until the request's next step, which starts at the first unaccepted position:
 the stages' fence (``0 < start <= cached``) truncates it there.
 
-* :class:`PromptLookup` drafts from the request's own tokens (prompt + output, no model): the
-  tokens that followed the latest earlier occurrence of the longest trailing n-gram
-  (``MAX_NGRAM`` down to ``MIN_NGRAM`` tokens), from an index updated as tokens arrive.
+* :class:`~worker_core.lookup.PromptLookup` drafts from the request's own tokens (prompt +
+  output, no model): the tokens that followed the latest earlier occurrence of the longest
+  trailing n-gram, from an index updated as tokens arrive.
+* **Inside the loop-back** (every hop and the loop-back direct, no draft model): the last
+  stage drafts.  The engine gives each request of a looping micro-batch its budget ``k``
+  (:meth:`Speculator.budget`) and its tokens (``wire.Draw``); the last stage draws every row,
+  keeps the drafts that match, drafts the next ones by prompt lookup and feeds them straight
+  back with the next token (:meth:`worker_core.session.Session._loop_back`), so a drafting
+  request crosses no master on its way.  The master reads each fed-back step's chunks from
+  the result before it (the drafts it names) and verifies every step as here (:func:`verify`,
+  on the tokens the last stage drew: the same draws, so the same decisions).
 * :class:`Speculator` is one request's drafting state: its lookup, the per-token acceptance
   rate it measured (decayed counts), its ``k`` (:func:`choose_k`: most expected tokens per
   second of a trip, from the acceptance rate and the measured time of a trip of ``1 + k``
@@ -34,14 +42,15 @@ the stages' fence (``0 < start <= cached``) truncates it there.
   its own tokens where they have a match (free, and long where the text is copied), else the
   draft model drafts greedily (a point mass too, so :func:`verify` stays exact).
 * :func:`inputs` is a chunk's token ids (its drafts appended).
-* A request that drafts (:attr:`Speculator.drafting`) does not loop back: the engine gives the
-  loop-back to micro-batches none of whose requests drafts (drafting switched off, or nothing
-  found to draft for ``MISSES`` steps in a row), and looks for drafts again after each loop.
+* Where the master drafts (the pipeline does not loop back, or a draft model drafts), a request
+  that drafts (:attr:`Speculator.drafting`) does not loop back: with a draft model the engine
+  gives the loop-back to micro-batches none of whose requests drafts (drafting switched off,
+  or nothing found to draft for ``MISSES`` steps in a row), and looks for drafts again after
+  each loop.
 
 Not done here: constrained (grammar) requests never draft (their next token depends on the
-grammar's state after each draft); the loop-back (the last stage feeding tokens straight back)
-does not run for a micro-batch that carries drafts.  Pure: no I/O, no clock; torch only in
-:func:`verify`'s callback.
+grammar's state after each draft); the draft model does not draft inside the loop-back (it
+runs on the master).  Pure: no I/O, no clock; torch only in :func:`verify`'s callback.
 """
 
 from __future__ import annotations
@@ -50,49 +59,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from worker_core.lookup import PromptLookup
+
 from .scheduler import Chunk
 
-MAX_NGRAM = 3  # longest trailing n-gram looked up
-MIN_NGRAM = 2  # shortest (a single token matches too often in open text to be worth a draft)
 K_START = 4  # drafts a request begins with
 K_MAX = 8  # drafts per step at most
 REPROBE = 16  # decode steps with drafting switched off before it tries again
 DECAY = 0.8  # weight of the older observations of the acceptance rate at each new one
 PROBE_K = 2  # drafts of a re-probe
 MISSES = 4  # decode steps in a row with nothing to draft before the request may loop back again
-
-
-class PromptLookup:
-    """An n-gram index over one request's tokens: n-gram -> the position after its latest
-    occurrence that has a token after it (the trailing n-gram itself is never its own match)."""
-
-    def __init__(self) -> None:
-        self._index: dict[tuple[int, ...], int] = {}
-        self._seen = 0  # tokens indexed so far
-
-    def _update(self, tokens: Sequence[int]) -> None:
-        # every n-gram ending at position i - 1 gets a continuation once token i exists
-        for i in range(max(1, self._seen), len(tokens)):
-            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
-                if i - n >= 0:
-                    self._index[tuple(tokens[i - n : i])] = i
-        self._seen = max(self._seen, len(tokens))
-
-    def draft(self, tokens: Sequence[int], k: int) -> tuple[int, ...]:
-        """Up to ``k`` tokens that may follow ``tokens`` (empty: no earlier match)."""
-        if k <= 0:
-            return ()
-        if len(tokens) < self._seen:  # the request was cut back (never in practice): index again
-            self._index.clear()
-            self._seen = 0
-        self._update(tokens)
-        for n in range(MAX_NGRAM, MIN_NGRAM - 1, -1):
-            if len(tokens) < n:
-                continue
-            at = self._index.get(tuple(tokens[len(tokens) - n :]))
-            if at is not None:
-                return tuple(tokens[at : at + k])
-        return ()
 
 
 def choose_k(alpha: float, trip: Callable[[int], float], k_max: int = K_MAX) -> int:

@@ -21,13 +21,13 @@ from master_core.speculation import (
     K_MAX,
     PROBE_K,
     REPROBE,
-    PromptLookup,
     Speculator,
     choose_k,
     plan_drafts,
     verify,
 )
 from worker_core.kv_cache import KVStore
+from worker_core.lookup import PromptLookup
 from worker_core.sampling import token_generator
 from worker_core.wire import ProtocolError, Segment, Step, decode, encode
 
@@ -214,7 +214,12 @@ def _stores() -> list:
     return [o for o in gc.get_objects() if isinstance(o, KVStore)]
 
 
-def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_frees_everything(llama):
+@pytest.mark.parametrize("loop_back", [True, False], ids=["drafts-in-the-loop-back", "drafts-on-the-master"])
+def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_frees_everything(llama, loop_back):
+    """Where the pipeline loops back the last stage drafts (prompt lookup over the tokens the
+    master sent and those it drew) and feeds the drafts straight back; else the master drafts
+    and verifies every step.  Either way: greedy tokens are transformers', seeded sampled ones
+    those without speculation, max_tokens and stop strings hold, every cache is freed."""
     new = 40
     want = reference_greedy(llama, COPY, new)
     seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True, presence_penalty=0.4)
@@ -225,6 +230,7 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
         async with Cluster(llama, workers=2, speculative=True) as c:
             mine = [s for s in _stores() if id(s) not in old]
             e = c.engine
+            e.loop_back = loop_back
             got = await _generate(c, COPY, greedy(new))
             accepted, trips, drafted = e.accepted_tokens, e.draft_trips, e.drafted_tokens
             batch = await asyncio.gather(*(_generate(c, COPY[i:], greedy(new)) for i in range(3)))
@@ -233,7 +239,7 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
             text = got[1]
             stop = text[len(text) // 2 : len(text) // 2 + 3]
             stopped = await _generate(c, COPY, greedy(new, stop=(stop,)))
-            looped_on = e.looped_steps
+            looped_on, in_loop = e.looped_steps, e.loop_draft_trips
             e.speculative = False
             trips_on = e.draft_trips
             off = [await _generate(c, COPY, p) for p in (seeded, loose)]
@@ -241,8 +247,10 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
             e.speculative = True
             held = e.held()
             assert e.replays == 0  # no step was refused by a stage (positions, generations, KV budget)
-            # where nothing was found to draft for a few steps, requests looped back as without speculation
-            assert looped_on > 0
+            if loop_back:  # the last stage drafted: drafts crossed no master on their way
+                assert looped_on > 0 and in_loop > 0, (looped_on, in_loop)
+            else:
+                assert looped_on == 0 and in_loop == 0
             e.kv.forget_idle()
             await asyncio.sleep(0.3)  # Free crosses the tunnels
             left = sum(len(s) for s in mine)

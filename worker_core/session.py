@@ -44,6 +44,7 @@ from .hops import HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
 from .interleave import LayerClock
+from .lookup import Histories
 from .outbox import Outbox
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
@@ -144,6 +145,7 @@ class Session:
         # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
         self.layer_clock = LayerClock()  # measured per served range (reset by Assign)
+        self.histories = Histories()  # a last stage drafting inside the loop-back: the requests' tokens
 
     async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
         frame, sent = item
@@ -308,7 +310,8 @@ class Session:
             hop = self.next_hop
             if runner.shard.is_last:
                 if msg.loop:
-                    result = replace(result, tokens=await self._loop_back(msg, out))
+                    drawn, drafts = await self._loop_back(msg, out)
+                    result = replace(result, tokens=drawn, drafts=drafts)
                 self.post(result, urgent)
             elif msg.forward and hop is not None and hop.epoch == msg.epoch:
                 onward = replace(msg, tensor=out, forward=True, trail=(*msg.trail, compute))
@@ -334,6 +337,7 @@ class Session:
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)
+            self.histories.forget(msg.request_ids)
         elif isinstance(msg, Failure):
             log.warning("master reports: %s", msg.message)
         else:
@@ -376,10 +380,14 @@ class Session:
         self.layer_clock.observe(tokens, total, step.seconds)
         return step.result, step.seconds
 
-    async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[int, ...]:
-        """The last stage draws each segment's next token and feeds them straight back to the
-        first stage as the next step (``Step.loop``); returns them for its ``Result`` (none when
-        it cannot loop back: the master, which expects that step, is told at once)."""
+    async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+        """The last stage draws each segment's tokens and feeds the next ones straight back to
+        the first stage as the next step (``Step.loop``): one token per row (drawn for the
+        position it goes to), accepted while they match the drafts the segment carried
+        (``Draw.drafts``); the last accepted (or the first that differs) continues the segment,
+        with up to ``Draw.k`` drafts of prompt lookup after it (:class:`~worker_core.lookup.Histories`).
+        Returns (every row's token, each segment's drafts in the next step) for its ``Result``;
+        ((), ()) when it cannot loop back (the master, which expects that step, is told at once)."""
         nxt = msg.step_id + 1
         hop = self.next_hop
 
@@ -388,23 +396,46 @@ class Session:
 
         if not all(seg.want_logits for seg in msg.segments) or len(msg.draws) != len(msg.segments):
             await refuse("a segment wants no logits, or has no draw")
-            return ()
+            return (), ()
         if hop is None or hop.epoch != msg.epoch:
             await refuse("no loop-back hop to the first stage")
-            return ()
-        tokens = []
-        for seg, d, row in zip(msg.segments, msg.draws, rows):
-            values, ids, _ = candidates(row, msg.topk)
-            position = seg.start + seg.length  # where the drawn token goes
-            tokens.append(draw(values, ids, d.temperature, d.top_p, token_generator(d.seed, position)))
-        segments = tuple(
-            replace(seg, start=seg.start + seg.length, length=1, want_logits=True, base=0) for seg in msg.segments
+            return (), ()
+        more = msg.loop - 1  # steps the last stage feeds back after the next one
+        drawn: list[int] = []
+        segments, inputs, draws, drafts = [], [], [], []
+        row = 0
+        for seg, d in zip(msg.segments, msg.draws):
+            first = seg.start + seg.length - seg.rows  # the position of the segment's first row's input
+            if d.history:
+                self.histories.start(seg.request_id, d.history)
+            tokens = []
+            for j in range(seg.rows):
+                values, ids, _ = candidates(rows[row + j], msg.topk)
+                tokens.append(draw(values, ids, d.temperature, d.top_p, token_generator(d.seed, first + j + 1)))
+            row += seg.rows
+            drawn += tokens
+            taken = 1  # the first row's token, then one more per draft it matched
+            while taken <= len(d.drafts) and tokens[taken - 1] == d.drafts[taken - 1]:
+                taken += 1
+            self.histories.extend(seg.request_id, tokens[:taken])
+            left = d.left - taken
+            # the next step's drafts leave a token for every step after it
+            ahead = self.histories.draft(seg.request_id, min(d.k, left - 1 - more)) if d.k else ()
+            start = first + taken
+            segments.append(
+                replace(seg, start=start, length=1 + len(ahead), want_logits=True, base=0, rows=1 + len(ahead))
+            )
+            inputs += [tokens[taken - 1], *ahead]
+            draws.append(replace(d, left=left, history=(), drafts=ahead))
+            drafts.append(ahead)
+        if not more:  # the next step is the master's to draw: nothing more to draft here
+            self.histories.forget([seg.request_id for seg in msg.segments])
+        x = torch.tensor(inputs, dtype=torch.int64)
+        step = Step(
+            nxt, msg.epoch, tuple(segments), x, msg.topk, forward=True, loop=more, draws=tuple(draws) if more else ()
         )
-        x = torch.tensor(tokens, dtype=torch.int64)
-        more = msg.loop - 1  # the last of them draws nothing: the master does
-        step = Step(nxt, msg.epoch, segments, x, msg.topk, forward=True, loop=more, draws=msg.draws if more else ())
         await hop.send(step, lambda: refuse("the loop-back hop is down"), urgent=True)  # a decode step
-        return tuple(tokens)
+        return tuple(drawn), tuple(drafts) if any(drafts) else ()
 
     async def _route(self, msg: Route) -> Routed:
         """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,

@@ -36,7 +36,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
 
@@ -59,6 +59,9 @@ MAX_ID = (1 << 63) - 1
 MAX_TOPK = 4096  # logits per row a last stage may be asked for
 MAX_LOOP = 256  # steps a last stage may feed back to the first stage on its own (Step.loop)
 MAX_TEMPERATURE = 100.0  # a Draw's temperature at most
+MAX_DRAFTS = 16  # tokens a last stage may draft for one segment of a fed-back step (Draw.k)
+MAX_HISTORY = 1 << 20  # tokens of a request a Draw may carry for drafting (Draw.history)
+MAX_TOKEN_ID = (1 << 24) - 1
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -318,12 +321,27 @@ class Segment:
 
 @dataclass(frozen=True)
 class Draw:
-    """How a last stage draws one segment's next token (``Step.loop``): at ``temperature`` 0 the
-    argmax, else from the nucleus ``top_p`` with the request's ``seed``."""
+    """How a last stage draws one segment's tokens (``Step.loop``): at ``temperature`` 0 the
+    argmax, else from the nucleus ``top_p`` with the request's ``seed``, each row's token with
+    the generator of the position it goes to (:func:`worker_core.sampling.token_generator`).
+
+    Drafting inside the loop-back (``k`` > 0): the last stage drafts up to ``k`` tokens by
+    prompt lookup (:mod:`worker_core.lookup`) over ``history`` (the request's tokens, carried
+    by the step the master sent) and what it drew since, and sends them with the next token in
+    the fed-back step (its segment then wants ``1 + len(drafts)`` rows, ``drafts`` naming them).
+    A draft is accepted while each row's drawn token equals it; the first that differs (or the
+    token after the last draft) ends that segment's step, and the next step starts there (the
+    stages' fence truncates the rest).  ``left``: tokens the request may still take from this
+    step on: the drafts of a fed-back step leave at least one token for every step after it,
+    so the loop never runs past ``max_tokens`` or the context."""
 
     temperature: float
     top_p: float
     seed: int
+    k: int = 0
+    left: int = 0
+    history: tuple[int, ...] = ()
+    drafts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -335,11 +353,12 @@ class Step:
     stage's direct hop, when it has one, as a ``Step`` of the same id (else return a ``Result``
     to the master); ``trail``: compute seconds of the stages this step already went through
     since it left the master.  ``loop`` (at most ``MAX_LOOP``), read by the last stage only:
-    draw each segment's next token as its ``draws`` entry says (one per segment, present iff
-    ``loop`` > 0; :mod:`worker_core.sampling`), name them in the ``Result`` (``tokens``) and
-    feed them back to the first stage over the loop-back hop as step ``step_id + 1`` (each
-    segment continuing with one token, ``forward`` set, ``loop - 1``); every segment must
-    want logits.  When it cannot, it answers that next step with a ``Failure``.  ``drop``: KV
+    draw each segment's tokens as its ``draws`` entry says (one per segment, present iff
+    ``loop`` > 0; :mod:`worker_core.sampling`), name them in the ``Result`` (``tokens``, one
+    per row; ``drafts``, what it drafted) and feed the next step back to the first stage over
+    the loop-back hop as step ``step_id + 1`` (each segment continuing with one token and the
+    drafts the last stage made, :class:`Draw`; ``forward`` set, ``loop - 1``); every segment
+    must want logits.  When it cannot, it answers that next step with a ``Failure``.  ``drop``: KV
     ids to free first, carried in the step itself (a ``Free`` over the tunnel can reach a stage
     after a step that came over a direct hop and needs the room)."""
 
@@ -370,6 +389,8 @@ class Result:
     tensor: torch.Tensor = field(compare=False)
     trail: tuple[float, ...] = ()  # compute seconds of the earlier stages of a forwarded step, in order
     tokens: tuple[int, ...] = ()  # the tokens a last stage drew and fed back, one per row (Step.loop)
+    # drafting in the loop-back (Draw.k): per segment, the drafts the fed-back step carries
+    drafts: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -598,26 +619,50 @@ def _segment_json(s: Segment) -> dict[str, Any]:
     return out
 
 
+def _draw_json(d: Draw) -> list:
+    plain = [d.temperature, d.top_p, d.seed]
+    return plain if not (d.k or d.drafts) else [*plain, d.k, d.left, list(d.history), list(d.drafts)]
+
+
 def _draws(h: dict[str, Any]) -> tuple[Draw, ...]:
     raw = h.get("draws", [])
     if type(raw) is not list or len(raw) > MAX_SEGMENTS:
         raise ProtocolError(f"'draws' must be a list of at most {MAX_SEGMENTS} entries")
     out = []
     for d in raw:
-        if type(d) is not list or len(d) != 3:
-            raise ProtocolError("a draw is [temperature, top_p, seed]")
+        if type(d) is not list or len(d) not in (3, 7):
+            raise ProtocolError("a draw is [temperature, top_p, seed] (and k, left, history, drafts)")
         temperature, top_p = _float({"temperature": d[0]}, "temperature"), _float({"top_p": d[1]}, "top_p")
         if temperature > MAX_TEMPERATURE or not 0 < top_p <= 1:
             raise ProtocolError(f"a draw needs temperature in [0, {MAX_TEMPERATURE}] and top_p in (0, 1]")
-        out.append(Draw(temperature, top_p, _int({"seed": d[2]}, "seed", 0, (1 << 64) - 1)))
+        draw = Draw(temperature, top_p, _int({"seed": d[2]}, "seed", 0, (1 << 64) - 1))
+        if len(d) == 7:
+            draw = replace(
+                draw,
+                k=_int({"k": d[3]}, "k", 0, MAX_DRAFTS),
+                left=_int({"left": d[4]}, "left", 0, MAX_POSITION),
+                history=_token_list(d[5], "a draw's history", MAX_HISTORY),
+                drafts=_token_list(d[6], "a draw's drafts", MAX_DRAFTS),
+            )
+        out.append(draw)
     return tuple(out)
 
 
-def _tokens(h: dict[str, Any]) -> tuple[int, ...]:
-    raw = h.get("tokens", [])
-    if type(raw) is not list or len(raw) > MAX_SEGMENTS or any(type(t) is not int or not 0 <= t < 1 << 24 for t in raw):
-        raise ProtocolError(f"'tokens' must be a list of at most {MAX_SEGMENTS} token ids")
+def _token_list(raw: object, what: str, most: int) -> tuple[int, ...]:
+    if type(raw) is not list or len(raw) > most or any(type(t) is not int or not 0 <= t <= MAX_TOKEN_ID for t in raw):
+        raise ProtocolError(f"{what} must be a list of at most {most} token ids")
     return tuple(raw)
+
+
+def _tokens(h: dict[str, Any]) -> tuple[int, ...]:
+    return _token_list(h.get("tokens", []), "'tokens'", MAX_SEGMENTS * (1 + MAX_DRAFTS))
+
+
+def _result_drafts(h: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    raw = h.get("drafts", [])
+    if type(raw) is not list or len(raw) > MAX_SEGMENTS:
+        raise ProtocolError(f"'drafts' must be a list of at most {MAX_SEGMENTS} lists")
+    return tuple(_token_list(d, "a segment's drafts", MAX_DRAFTS) for d in raw)
 
 
 def _trail(h: dict[str, Any]) -> tuple[float, ...]:
@@ -705,7 +750,7 @@ def encode(msg: Message) -> bytes:
                 "forward": msg.forward,
                 "trail": list(msg.trail),
                 "loop": msg.loop,
-                "draws": [[d.temperature, d.top_p, d.seed] for d in msg.draws],
+                "draws": [_draw_json(d) for d in msg.draws],
             },
         )
         if msg.drop:
@@ -724,6 +769,8 @@ def encode(msg: Message) -> bytes:
                 "tokens": list(msg.tokens),
             },
         )
+        if msg.drafts:
+            h["drafts"] = [list(d) for d in msg.drafts]
     elif isinstance(msg, Recall):
         segs = [_segment_json(s) for s in msg.segments]
         kind, h = Kind.RECALL, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs}
@@ -842,8 +889,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         draws = _draws(h)
         if len(draws) != (len(segments) if loop else 0):
             raise ProtocolError("a looping step has one draw per segment, any other step none")
-        if loop and any(seg.rows != 1 for seg in segments):
-            raise ProtocolError("a looping step wants one row of logits per segment")
+        if loop and any(seg.rows != 1 + len(d.drafts) for seg, d in zip(segments, draws)):
+            raise ProtocolError("a looping step wants one row of logits per segment and per draft it carries")
         return Step(
             step_id=_int(h, "step_id"),
             epoch=_int(h, "epoch"),
@@ -865,6 +912,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             tensor=_tensor_from(h, payload),
             trail=_trail(h),
             tokens=_tokens(h),
+            drafts=_result_drafts(h),
         )
     if kind is Kind.RECALL:
         return Recall(step_id=_int(h, "step_id"), epoch=_int(h, "epoch"), segments=_segments(h))
