@@ -131,6 +131,7 @@ class Engine:
         self.clock = time.monotonic
         self.direct = True  # use the group's direct hops (off: relay every hop; benchmarks compare both)
         self.loop_back = True  # let the last stage feed its drawn tokens straight back (benchmarks compare)
+        self.loop_drafts = True  # ... and draft inside the loop-back (off: the master drafts; benchmarks compare)
         self.speculative = config.speculative or drafter is not None  # draft tokens (master_core.speculation)
         self.drafter = drafter  # a draft model for what prompt lookup finds nothing for (master_core.draft_model)
         self.model_draft_trips = 0  # of the steps that carried drafts, those the draft model made
@@ -654,8 +655,9 @@ class Engine:
         (reserved here).  (0, [], []) when it does not loop."""
         if not self._loops():
             return 0, [], []
-        if self.speculative and self.drafter is not None and any(r.spec is None or r.spec.drafting for r in reqs):
-            return 0, [], []  # the draft model drafts on the master: its steps are verified here
+        on_master = self.drafter is not None or not self.loop_drafts
+        if self.speculative and on_master and any(r.spec is None or r.spec.drafting for r in reqs):
+            return 0, [], []  # the master drafts (the draft model runs here): its steps are verified here
         for c, r in zip(chunks, reqs):
             p = r.params
             if p.presence_penalty or p.frequency_penalty:  # the last stage does not see the output
@@ -683,7 +685,7 @@ class Engine:
         """Drafts the last stage may make per fed-back step of ``r`` (0: none): speculation by
         prompt lookup on (no draft model: that one drafts on the master), at the request's
         budget (:meth:`~master_core.speculation.Speculator.budget`)."""
-        if not self.speculative or self.drafter is not None:
+        if not self.speculative or self.drafter is not None or not self.loop_drafts:
             return 0
         if r.spec is None:
             r.spec = Speculator()

@@ -4,8 +4,10 @@ Contract: ``speculative_profile(opts, profile)`` starts a shaped local group (th
 process, ``opts.workers`` worker processes on ``opts.model``, every link emulated at the
 profile's delay and rate, as the other real benches do) and runs every task of ``TASKS`` one
 request at a time, greedy, up to ``ANSWER_TOKENS`` tokens, first with speculation off (the
-engine as configured by default: the loop-back on where hops are direct), then on
-(:mod:`master_core.speculation`).  Tasks grounded in their prompt (copy a passage, edit a
+engine as configured by default: the loop-back on where hops are direct), then on with the
+master drafting (``master``: a drafting request goes through the master every step), then on
+as the engine runs it by default (``speculative``: where the pipeline loops back, the last
+stage drafts inside the loop-back; :mod:`master_core.speculation`).  Tasks grounded in their prompt (copy a passage, edit a
 piece of code, summarize a text; the text is given in the prompt) and open-ended chat.  Per
 task and mode it reports the decode tokens/s (tokens after the first over the time after the
 first), the trips the request's decode took (pipeline steps that carried it), tokens per trip,
@@ -62,7 +64,9 @@ TASKS: dict[str, tuple[str, str]] = {  # name -> (kind, user message)
     "chat": ("open", "What do you like most about autumn? Tell me in a few sentences."),
 }
 WONDERLAND_CHARS = 1400  # of the package's public-domain text, for the summary task
-MODES = ("off", "speculative", "draft")  # no drafts; prompt lookup; lookup, else the draft model
+# no drafts; prompt lookup drafted by the master; drafted by the last stage inside the loop-back (the
+# engine's default); lookup, else the draft model (on the master)
+MODES = ("off", "master", "speculative", "draft")
 
 
 def _messages(task: str) -> list[dict]:
@@ -84,6 +88,7 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
     steps: list[dict] = []
     engine.on_step = steps.append
     drafted, accepted, trips = engine.drafted_tokens, engine.accepted_tokens, engine.draft_trips
+    in_loop = engine.loop_draft_trips
     m_drafted, m_accepted, m_trips = engine.model_drafted_tokens, engine.model_accepted_tokens, engine.model_draft_trips
     m_seconds = engine.drafter.seconds if engine.drafter is not None else 0.0
     try:
@@ -103,6 +108,7 @@ async def _answer(master: Master, prompt: list[int], hidden_bytes: int) -> dict:
         "drafts_per_trip": (engine.drafted_tokens - drafted) / max(1, engine.draft_trips - trips),
         "accepted_per_trip": (engine.accepted_tokens - accepted) / max(1, engine.draft_trips - trips),
         "draft_trips": engine.draft_trips - trips,
+        "loop_draft_trips": engine.loop_draft_trips - in_loop,
         "model_draft_trips": engine.model_draft_trips - m_trips,
         "model_drafts_per_trip": (engine.model_drafted_tokens - m_drafted) / max(1, engine.model_draft_trips - m_trips),
         "model_accepted_per_trip": (engine.model_accepted_tokens - m_accepted)
@@ -164,12 +170,13 @@ async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
         for task, (kind, _) in TASKS.items():
             prompt = await asyncio.to_thread(_prompt, engine.tokenizer, task)
             modes = {}
-            for mode in MODES if drafter is not None else MODES[:2]:
+            for mode in MODES if drafter is not None else MODES[:3]:
                 engine.speculative = mode != "off"
                 engine.drafter = drafter if mode == "draft" else None
+                engine.loop_drafts = mode != "master"
                 engine.kv.forget_idle()  # every mode starts with no cached prompt
                 modes[mode] = await _answer(master, prompt, hidden_bytes)
-            engine.speculative, engine.drafter = False, drafter
+            engine.speculative, engine.drafter, engine.loop_drafts = False, drafter, True
             answers = [m.pop("tokens") for m in modes.values()]
             off = modes["off"]["decode_tokens_per_s"]
             tasks[task] = {
@@ -178,6 +185,7 @@ async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
                 "modes": modes,
                 "tokens_identical": all(a == answers[0] for a in answers),
                 "speedup": modes["speculative"]["decode_tokens_per_s"] / off,
+                "master_speedup": modes["master"]["decode_tokens_per_s"] / off,
             }
             if "draft" in modes:
                 tasks[task]["draft_speedup"] = modes["draft"]["decode_tokens_per_s"] / off
@@ -227,18 +235,22 @@ async def local_copy(opts: BenchOptions) -> dict:
 
 def speculative_table(rows: list[dict], local: dict | None) -> str:
     lines = [
-        "| profile | task | tokens | tok/s off | tok/s spec | speed-up | tokens/trip off | tokens/trip spec "
-        "| drafts/trip | accepted/trip | KB/hop/token off | KB/hop/token spec | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| profile | task | tokens | tok/s off | tok/s spec (master) | speed-up | tok/s spec (loop-back) | speed-up "
+        "| tokens/trip off | tokens/trip spec | drafts/trip | accepted/trip | trips drafted in the loop-back "
+        "| KB/hop/token off | KB/hop/token spec | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for task, t in r["tasks"].items():
-            off, on = t["modes"]["off"], t["modes"]["speculative"]
+            off, master, on = t["modes"]["off"], t["modes"]["master"], t["modes"]["speculative"]
             lines.append(
                 f"| {r['profile']} | {task} ({t['kind']}) | {on['answer_tokens']} | "
-                f"{off['decode_tokens_per_s']:.1f} | {on['decode_tokens_per_s']:.1f} | {t['speedup']:.2f}x | "
+                f"{off['decode_tokens_per_s']:.1f} | {master['decode_tokens_per_s']:.1f} | "
+                f"{t['master_speedup']:.2f}x | "
+                f"{on['decode_tokens_per_s']:.1f} | {t['speedup']:.2f}x | "
                 f"{off['tokens_per_trip']:.2f} | {on['tokens_per_trip']:.2f} | {on['drafts_per_trip']:.2f} | "
-                f"{on['accepted_per_trip']:.2f} | {off['bytes_per_hop_per_token'] / 1e3:.2f} | "
+                f"{on['accepted_per_trip']:.2f} | {on['loop_draft_trips']} of {on['draft_trips']} | "
+                f"{off['bytes_per_hop_per_token'] / 1e3:.2f} | "
                 f"{on['bytes_per_hop_per_token'] / 1e3:.2f} | {t['tokens_identical']} |"
             )
     if local is not None:
