@@ -7,8 +7,8 @@ request at a time, greedy, up to ``ANSWER_TOKENS`` tokens, first with speculatio
 engine as configured by default: the loop-back on where hops are direct), then on with the
 master drafting (``master``: a drafting request goes through the master every step), then on
 as the engine runs it by default (``speculative``: where the pipeline loops back, the last
-stage drafts inside the loop-back; :mod:`master_core.speculation`).  Tasks grounded in their prompt (copy a passage, edit a
-piece of code, summarize a text; the text is given in the prompt) and open-ended chat.  Per
+stage drafts inside the loop-back; :mod:`master_core.speculation`).  Tasks grounded in their
+prompt (copy a passage, edit a piece of code, summarize a text; the text is given in the prompt) and open-ended chat.  Per
 task and mode it reports the decode tokens/s (tokens after the first over the time after the
 first), the trips the request's decode took (pipeline steps that carried it), tokens per trip,
 drafts sent and accepted per trip, and the bytes each hop carried per generated token (hidden
