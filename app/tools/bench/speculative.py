@@ -5,20 +5,20 @@ process, ``opts.workers`` worker processes on ``opts.model``, every link emulate
 profile's delay and rate, as the other real benches do) and runs every task of ``TASKS`` one
 request at a time, greedy, up to ``ANSWER_TOKENS`` tokens, first with speculation off (the
 engine as configured by default: the loop-back on where hops are direct), then on with the
-master drafting (``master``: a drafting request goes through the master every step), then on
-as the engine runs it by default (``speculative``: where the pipeline loops back, the last
-stage drafts inside the loop-back; :mod:`master_core.speculation`).  Tasks grounded in their
-prompt (copy a passage, edit a piece of code, summarize a text; the text is given in the prompt) and open-ended chat.  Per
-task and mode it reports the decode tokens/s (tokens after the first over the time after the
-first), the trips the request's decode took (pipeline steps that carried it), tokens per trip,
-drafts sent and accepted per trip, and the bytes each hop carried per generated token (hidden
-states of every row sent, drafts included); per task whether both modes gave identical
-tokens and the speed-up.  With ``opts.draft_model`` (:func:`draft_folder`: a folder, ``self``
-or ``first:N``) a third mode drafts with that model where prompt lookup finds nothing
-(:mod:`master_core.draft_model`), and reports the trips that carried the model's drafts and
-the model's drafts sent and accepted per such trip (``draft_table``).  ``local_copy(opts)``
-decodes the copy task in one transformers process with no links at all (the ceiling a group
-is compared with).  ``speculative_table`` prints it all.
+master drafting (``master``: a drafting request goes through the master every step), then on as
+the engine runs it by default (``speculative``: where the pipeline loops back, the last stage
+drafts inside the loop-back; :mod:`master_core.speculation`). Tasks grounded in their prompt
+(copy a passage, edit a piece of code, summarize a text; the text is given in the prompt) and
+open-ended chat. Per task and mode it reports the decode tokens/s (tokens after the first over
+the time after the first), the trips the request's decode took (pipeline steps that carried it),
+tokens per trip, drafts sent and accepted per trip, and the bytes each hop carried per generated
+token (hidden states of every row sent, drafts included); per task whether both modes gave
+identical tokens and the speed-ups. With ``opts.draft_model`` (:func:`draft_folder`: a folder,
+``self`` or ``first:N``) a fourth mode drafts with that model where prompt lookup finds nothing
+(:mod:`master_core.draft_model`), and reports the trips that carried the model's drafts and the
+model's drafts sent and accepted per such trip (``draft_table``). ``local_copy(opts)`` decodes
+the copy task in one transformers process with no links at all (the ceiling a group is compared
+with). ``speculative_table`` prints it all.
 """
 
 from __future__ import annotations
