@@ -804,7 +804,7 @@ class Engine:
         trip = (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None
         spec.observe(len(drafts), accepted, trip, per_draft if trip is not None else None)
         self.draft_trips += 1
-        self.loop_draft_trips += bool(drawn)
+        self.loop_draft_trips += spec.in_loop
         self.drafted_tokens += len(drafts)
         self.accepted_tokens += accepted
         if spec.by_model:
@@ -916,6 +916,6 @@ def _fed_back(
         if not live[i]:
             continue
         if ahead and r.spec is not None:
-            r.spec.pending, r.spec.by_model = ahead, False
+            r.spec.pending, r.spec.by_model, r.spec.in_loop = ahead, False, True
         r.scheduled = max(r.scheduled, nxt.start + nxt.length)
     return out, drafts

@@ -105,6 +105,7 @@ class Speculator:
     hits: int = 0  # drafts accepted
     misses: int = 0  # decode steps in a row that found nothing to draft
     by_model: bool = False  # the pending drafts are the draft model's (master_core.draft_model), not lookup's
+    in_loop: bool = False  # the pending drafts were made by the last stage inside the loop-back
     model_k: int = K_START  # the draft model's drafts per step (its time counted: observe's draft_cost)
     model_idle: int = 0  # steps the draft model was not asked since it was switched off
 
@@ -243,7 +244,7 @@ def apply_drafts(
         if not drafts:
             out.append(c)
             continue
-        spec.pending = drafts
+        spec.pending, spec.in_loop = drafts, False
         spec.by_model = bool(by_model[i]) if i < len(by_model) else False
         n = len(drafts)
         step_room -= n
