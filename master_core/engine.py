@@ -88,7 +88,7 @@ from .scheduler import (
     next_microbatch,
     policy,
 )
-from .speculation import Speculator, apply_drafts, draft_caps, inputs, lookup_drafts, verify
+from .speculation import Speculator, apply_drafts, draft_caps, eligible, inputs, lookup_drafts, verify
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")
@@ -479,6 +479,8 @@ class Engine:
                 chunks, reqs = await self._draft(chunks, reqs)
                 if not chunks:
                     continue
+            elif any(ks):  # the loop's first step drafts too, from the same lookup, here
+                chunks = self._first_drafts(chunks, reqs, ks, loop)
             epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
             for i, (c, r) in enumerate(zip(chunks, reqs)):
                 r.scheduled = c.start + c.length + loop
@@ -493,7 +495,8 @@ class Engine:
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
-                draws = tuple(self._draw(r, k) for r, k in zip(reqs, ks)) if loop else ()
+                draws = tuple(self._draw(r, c, k) for c, r, k in zip(chunks, reqs, ks)) if loop else ()
+                carried = [_pending(c, r) for c, r in zip(chunks, reqs)]  # the drafts the first step carries
                 topk = self._topk(reqs)
                 marks = {r.kv_id: (r.kv_gen, base(r, c.start)) for c, r in zip(chunks, reqs)}
                 drop = self.kv.take_drops()
@@ -503,7 +506,7 @@ class Engine:
                 went = await self._step(epoch, chunks, reqs, gens, key, slots, prefill, journey, topk)
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
-                batch, carried = chunks, [()] * len(chunks)
+                batch = chunks
                 for exp in looped:  # the last stage feeds the tokens it drew straight back
                     awaited += 1
                     assert went is not None
@@ -673,8 +676,8 @@ class Engine:
             return 0, [], []
         ks = [self._loop_k(r) for r in reqs]
 
-        def reserve() -> list[int]:  # positions each may write: a token per step, drafts beyond
-            return [min(lf, n * (1 + k)) + k for lf, k in zip(left, ks)]
+        def reserve() -> list[int]:  # positions each may write: up to 1 + k per step, drafts beyond
+            return [min(lf, (n + 1) * (1 + k)) + k for lf, k in zip(left, ks)]
 
         while sum(reserve()) > room and any(ks):
             ks[ks.index(max(ks))] -= 1
@@ -691,13 +694,28 @@ class Engine:
             r.spec = Speculator()
         return min(r.spec.budget(), MAX_DRAFTS)
 
-    def _draw(self, r: Request, k: int) -> Draw:
-        """How the last stage draws ``r``'s tokens in a loop (``k`` drafts per step at most)."""
+    def _draw(self, r: Request, c: Chunk, k: int) -> Draw:
+        """How the last stage draws ``r``'s tokens in a loop (``k`` drafts per step at most;
+        ``c``, the loop's first step, may carry drafts of its own)."""
         p = r.params
         if not k:
             return Draw(p.temperature, p.top_p, r.seed)
         left = min(p.max_tokens - len(r.output), self.context_length - len(r.tokens))
-        return Draw(p.temperature, p.top_p, r.seed, k, left, tuple(r.tokens))
+        return Draw(p.temperature, p.top_p, r.seed, k, left, tuple(r.tokens), _pending(c, r))
+
+    def _first_drafts(self, chunks: list[Chunk], reqs: list[Request], ks: list[int], loop: int) -> list[Chunk]:
+        """The first step of a loop with its drafts (prompt lookup, here): up to each request's
+        ``k``, leaving a token for each of the ``loop`` steps after it, within the step's token
+        budget (the KV the loop may write is reserved already)."""
+        proposals: list[tuple[int, ...] | None] = []
+        for c, r, k in zip(chunks, reqs, ks):
+            left = min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens))
+            cap = min(k, left - 1 - loop)
+            ok = r.spec is not None and cap > 0 and eligible(c, r)  # a decode step (not a prompt's last chunk)
+            proposals.append(r.spec.lookup.draft(r.tokens, cap) if ok and r.spec is not None else None)
+        room = self.config.max_batch_tokens - sum(c.length for c in chunks)
+        out, _ = apply_drafts(chunks, reqs, proposals, room, room)
+        return out
 
     def _loops(self) -> bool:
         """Does the pipeline loop back (every hop and the loop-back direct, and allowed)?"""
@@ -919,3 +937,8 @@ def _fed_back(
             r.spec.pending, r.spec.by_model, r.spec.in_loop = ahead, False, True
         r.scheduled = max(r.scheduled, nxt.start + nxt.length)
     return out, drafts
+
+
+def _pending(c: Chunk, r: Request) -> tuple[int, ...]:
+    """The drafts chunk ``c`` of ``r`` carries (its rows beyond the first)."""
+    return r.spec.pending if c.rows > 1 and r.spec is not None else ()
