@@ -924,8 +924,8 @@ def _fed_back(
     for i, (c, r) in enumerate(zip(chunks, reqs)):
         drawn, before = went.tokens[row : row + c.rows], carried[i]
         row += c.rows
-        taken = 1
-        while taken <= len(before) and drawn[taken - 1] == before[taken - 1]:
+        taken = 1  # no tokens named: the last stage could not loop back (that step fails unsent)
+        while taken <= min(len(before), len(drawn) - 1) and drawn[taken - 1] == before[taken - 1]:
             taken += 1
         ahead = went.drafts[i] if went.drafts else ()
         nxt = Chunk(c.request_id, c.start + c.length - c.rows + taken, 1 + len(ahead), True, 1 + len(ahead))
