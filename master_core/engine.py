@@ -30,7 +30,8 @@ generation of their KV ids, which the stages hold to refuse the late step should
 computed from scratch (a stage lost, a step refused, a preemption) gets a fresh KV id on the
 stages (``Request.kv_id``): steps of the old one still on their way can only miss.
 :mod:`master_core.kv_ledger` hands out, retires and frees those ids and keeps the cached
-prefixes; the engine tells it when.
+prefixes; the engine tells it when.  With speculation where the pipeline loops back, the last
+stage drafts inside the loop (:mod:`master_core.loop_drafts`).
 Admission (:func:`~master_core.scheduler.admit_and_preempt`) admits a request when every
 stage's KV budget holds its prompt plus one token for each running request; a running request
 that outgrows the budget preempts the youngest, which is recomputed later.  When ``run()``
@@ -62,7 +63,7 @@ from typing import Any
 import torch
 
 from worker_core.tasks import end_tasks
-from worker_core.wire import MAX_DRAFTS, Draw, ProtocolError, itemsize, logits_row_width
+from worker_core.wire import MAX_DRAFTS, ProtocolError, itemsize, logits_row_width
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
@@ -71,6 +72,7 @@ from .group import Group
 from .journey import Journey, Relay
 from .kv_ledger import KVLedger, base, own
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
+from .loop_drafts import fed_back, first_drafts, loop_draw, pending
 from .rebuild import Lost, rebuild_stage
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
@@ -88,7 +90,7 @@ from .scheduler import (
     next_microbatch,
     policy,
 )
-from .speculation import Speculator, apply_drafts, draft_caps, eligible, inputs, lookup_drafts, verify
+from .speculation import Speculator, apply_drafts, draft_caps, inputs, lookup_drafts, verify
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")
@@ -480,7 +482,7 @@ class Engine:
                 if not chunks:
                     continue
             elif any(ks):  # the loop's first step drafts too, from the same lookup, here
-                chunks = self._first_drafts(chunks, reqs, ks, loop)
+                chunks = first_drafts(chunks, reqs, ks, loop, self.context_length, self.config.max_batch_tokens)
             epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
             for i, (c, r) in enumerate(zip(chunks, reqs)):
                 r.scheduled = c.start + c.length + loop
@@ -495,8 +497,10 @@ class Engine:
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
-                draws = tuple(self._draw(r, c, k) for c, r, k in zip(chunks, reqs, ks)) if loop else ()
-                carried = [_pending(c, r) for c, r in zip(chunks, reqs)]  # the drafts the first step carries
+                draws = (
+                    tuple(loop_draw(r, c, k, self.context_length) for c, r, k in zip(chunks, reqs, ks)) if loop else ()
+                )
+                carried = [pending(c, r) for c, r in zip(chunks, reqs)]  # the drafts the first step carries
                 topk = self._topk(reqs)
                 marks = {r.kv_id: (r.kv_gen, base(r, c.start)) for c, r in zip(chunks, reqs)}
                 drop = self.kv.take_drops()
@@ -513,7 +517,7 @@ class Engine:
                     # the engine folds results in by request id; the stages know the KV ids the step
                     # was sent under (a continuation relayed from a broken hop names them)
                     live = [r.id in self.running and r.kv_gen == gens[r.id] for r in reqs]
-                    batch, carried = _fed_back(batch, carried, went, reqs, live)
+                    batch, carried = fed_back(batch, carried, went, reqs, live)
                     on_stages = [replace(b, request_id=s.request_id) for b, s in zip(batch, sent)]
                     journey = self.relay.looped(
                         stages, epoch, on_stages, exp, {k: (g, 0) for k, (g, _) in marks.items()}
@@ -693,29 +697,6 @@ class Engine:
         if r.spec is None:
             r.spec = Speculator()
         return min(r.spec.budget(), MAX_DRAFTS)
-
-    def _draw(self, r: Request, c: Chunk, k: int) -> Draw:
-        """How the last stage draws ``r``'s tokens in a loop (``k`` drafts per step at most;
-        ``c``, the loop's first step, may carry drafts of its own)."""
-        p = r.params
-        if not k:
-            return Draw(p.temperature, p.top_p, r.seed)
-        left = min(p.max_tokens - len(r.output), self.context_length - len(r.tokens))
-        return Draw(p.temperature, p.top_p, r.seed, k, left, tuple(r.tokens), _pending(c, r))
-
-    def _first_drafts(self, chunks: list[Chunk], reqs: list[Request], ks: list[int], loop: int) -> list[Chunk]:
-        """The first step of a loop with its drafts (prompt lookup, here): up to each request's
-        ``k``, leaving a token for each of the ``loop`` steps after it, within the step's token
-        budget (the KV the loop may write is reserved already)."""
-        proposals: list[tuple[int, ...] | None] = []
-        for c, r, k in zip(chunks, reqs, ks):
-            left = min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens))
-            cap = min(k, left - 1 - loop)
-            ok = r.spec is not None and cap > 0 and eligible(c, r)  # a decode step (not a prompt's last chunk)
-            proposals.append(r.spec.lookup.draft(r.tokens, cap) if ok and r.spec is not None else None)
-        room = self.config.max_batch_tokens - sum(c.length for c in chunks)
-        out, _ = apply_drafts(chunks, reqs, proposals, room, room)
-        return out
 
     def _loops(self) -> bool:
         """Does the pipeline loop back (every hop and the loop-back direct, and allowed)?"""
@@ -909,36 +890,3 @@ def _timeline(
 def _draft_mark(r: Request) -> tuple[int, int, int, int, bool]:
     """What must not change while a request waits for its drafts for its step to still go."""
     return (r.kv_id, r.kv_gen, r.scheduled, len(r.tokens), r.finished)
-
-
-def _fed_back(
-    chunks: list[Chunk], carried: list[tuple[int, ...]], went: Journey, reqs: list[Request], live: list[bool]
-) -> tuple[list[Chunk], list[tuple[int, ...]]]:
-    """The chunks of the step the last stage fed back after ``chunks`` (which carried the drafts
-    ``carried``), from what it named in ``went``: each row's drawn token, and the drafts it sent
-    on (:meth:`worker_core.session.Session._loop_back`).  Each continues from its first token
-    that is not the draft it follows (or after its last draft), with the new drafts after it;
-    a request still running on the same KV generation (``live``) keeps those drafts to verify
-    (``Speculator.pending``) and counts them as scheduled."""
-    out, drafts, row = [], [], 0
-    for i, (c, r) in enumerate(zip(chunks, reqs)):
-        drawn, before = went.tokens[row : row + c.rows], carried[i]
-        row += c.rows
-        taken = 1  # no tokens named: the last stage could not loop back (that step fails unsent)
-        while taken <= min(len(before), len(drawn) - 1) and drawn[taken - 1] == before[taken - 1]:
-            taken += 1
-        ahead = went.drafts[i] if went.drafts else ()
-        nxt = Chunk(c.request_id, c.start + c.length - c.rows + taken, 1 + len(ahead), True, 1 + len(ahead))
-        out.append(nxt)
-        drafts.append(ahead)
-        if not live[i]:
-            continue
-        if ahead and r.spec is not None:
-            r.spec.pending, r.spec.by_model, r.spec.in_loop = ahead, False, True
-        r.scheduled = max(r.scheduled, nxt.start + nxt.length)
-    return out, drafts
-
-
-def _pending(c: Chunk, r: Request) -> tuple[int, ...]:
-    """The drafts chunk ``c`` of ``r`` carries (its rows beyond the first)."""
-    return r.spec.pending if c.rows > 1 and r.spec is not None else ()

@@ -327,8 +327,8 @@ def test_a_fed_back_step_continues_each_segment_after_its_last_accepted_draft():
     token, the drafts that step carried and the ones the last stage sent on."""
     import torch
 
-    from master_core.engine import _fed_back
     from master_core.journey import Journey
+    from master_core.loop_drafts import fed_back
     from master_core.request import Request
     from master_core.scheduler import Chunk
 
@@ -339,11 +339,11 @@ def test_a_fed_back_step_continues_each_segment_after_its_last_accepted_draft():
     chunks = [Chunk(1, 10, 4, True, 4), Chunk(2, 20, 1, True)]
     carried = [(7, 8, 9), ()]
     went = Journey(torch.zeros(5, 3), (7, 8, 5, 6, 4), [], 1, drafts=((11, 12), ()))
-    out, drafts = _fed_back(chunks, carried, went, reqs, [True, True])
+    out, drafts = fed_back(chunks, carried, went, reqs, [True, True])
     # 7 and 8 accepted, 5 drawn instead of 9: request 1 goes on at 13 with (5, 11, 12)
     assert out == [Chunk(1, 13, 3, True, 3), Chunk(2, 21, 1, True)]
     assert drafts == [(11, 12), ()]
     assert reqs[0].spec.pending == (11, 12) and reqs[0].spec.in_loop and reqs[0].scheduled == 16
     # a result naming no tokens (the last stage could not loop back): no draft is read as taken
-    out, _ = _fed_back(chunks, carried, Journey(torch.zeros(5, 3), (), [], 1), reqs, [False, False])
+    out, _ = fed_back(chunks, carried, Journey(torch.zeros(5, 3), (), [], 1), reqs, [False, False])
     assert out[0].start == 11
