@@ -678,7 +678,7 @@ class Engine:
         n = max(0, min(loop_steps(self.policy, self._looping_lanes, left), room // max(1, len(chunks))))
         if not n:
             return 0, [], []
-        ks = [self._loop_k(r) for r in reqs]
+        ks = [self._loop_k(r, n) for r in reqs]
 
         def reserve() -> list[int]:  # positions each may write: up to 1 + k per step, drafts beyond
             return [min(lf, (n + 1) * (1 + k)) + k for lf, k in zip(left, ks)]
@@ -688,15 +688,19 @@ class Engine:
         self.kv.fit(self.running.values(), sum(reserve()))  # evicting idle prefixes for it
         return n, ks, reserve()
 
-    def _loop_k(self, r: Request) -> int:
+    def _loop_k(self, r: Request, steps: int) -> int:
         """Drafts the last stage may make per fed-back step of ``r`` (0: none): speculation by
         prompt lookup on (no draft model: that one drafts on the master), at the request's
-        budget (:meth:`~master_core.speculation.Speculator.budget`)."""
+        budget (:meth:`~master_core.speculation.Speculator.budget`).  With drafting switched
+        off, the loop's ``steps`` count towards its re-probe as the steps they are."""
         if not self.speculative or self.drafter is not None or not self.loop_drafts:
             return 0
         if r.spec is None:
             r.spec = Speculator()
-        return min(r.spec.budget(), MAX_DRAFTS)
+        k = r.spec.budget()
+        if not r.spec.k:
+            r.spec.idle += steps
+        return min(k, MAX_DRAFTS)
 
     def _loops(self) -> bool:
         """Does the pipeline loop back (every hop and the loop-back direct, and allowed)?"""

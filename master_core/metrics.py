@@ -50,6 +50,14 @@ class _EngineCollector:
             "molink_accepted_draft_tokens", "Of those, the ones accepted", value=e.accepted_tokens
         )
         yield CounterMetricFamily(
+            "molink_draft_trips", "Pipeline trips that carried drafts to verify", value=e.draft_trips
+        )
+        yield CounterMetricFamily(
+            "molink_loop_draft_trips",
+            "Of those, the ones the last stage drafted inside the loop-back (no master crossed)",
+            value=e.loop_draft_trips,
+        )
+        yield CounterMetricFamily(
             "molink_model_drafted_tokens", "Of the drafted tokens, the draft model's", value=e.model_drafted_tokens
         )
         yield CounterMetricFamily(

@@ -241,6 +241,11 @@ def test_a_group_speculates_greedy_identical_sampled_identical_stops_hold_and_fr
             stopped = await _generate(c, COPY, greedy(new, stop=(stop,)))
             looped_on, in_loop = e.looped_steps, e.loop_draft_trips
             rolled_back = e.drafted_tokens > e.accepted_tokens
+            from prometheus_client import generate_latest
+
+            scraped = generate_latest(c.master.metrics.registry).decode()
+            assert f"molink_loop_draft_trips_total {float(in_loop)}" in scraped
+            assert f"molink_draft_trips_total {float(e.draft_trips)}" in scraped
             e.speculative = False
             trips_on = e.draft_trips
             off = [await _generate(c, COPY, p) for p in (seeded, loose)]
