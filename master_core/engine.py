@@ -476,11 +476,16 @@ class Engine:
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
-            loop, ks, reserve = self._loop_steps(chunks, reqs)  # ks: drafts the last stage may make in it
+            # the master drafts (a draft model runs here, or the loop-back does not draft): every
+            # step first, as drafting decides whether it loops; else a loop drafts on its own
+            on_master = self.speculative and (self.drafter is not None or not self.loop_drafts)
+            loop, ks, reserve = (0, [], []) if on_master else self._loop_steps(chunks, reqs)
             if self.speculative and not loop:  # the master drafts (and verifies) this step
                 chunks, reqs = await self._draft(chunks, reqs)
                 if not chunks:
                     continue
+                if on_master:
+                    loop, ks, reserve = self._loop_steps(chunks, reqs)
             elif any(ks):  # the loop's first step drafts too, from the same lookup, here
                 chunks = first_drafts(chunks, reqs, ks, loop, self.context_length, self.config.max_batch_tokens)
             epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
@@ -663,8 +668,8 @@ class Engine:
         if not self._loops():
             return 0, [], []
         on_master = self.drafter is not None or not self.loop_drafts
-        if self.speculative and on_master and any(r.spec is None or r.spec.drafting for r in reqs):
-            return 0, [], []  # the master drafts (the draft model runs here): its steps are verified here
+        if self.speculative and on_master and any(r.spec is not None and r.spec.drafting for r in reqs):
+            return 0, [], []  # the master drafts (its lookup or draft model): its steps are verified here
         for c, r in zip(chunks, reqs):
             p = r.params
             if p.presence_penalty or p.frequency_penalty:  # the last stage does not see the output

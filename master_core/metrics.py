@@ -24,50 +24,47 @@ class _EngineCollector:
 
     def collect(self) -> Iterator[Metric]:
         e, g = self.engine, self.engine.group
-        yield CounterMetricFamily("molink_generated_tokens", "Tokens generated", value=e.tokens_generated)
-        yield CounterMetricFamily(
-            "molink_finished_requests", "Requests finished (any reason)", value=e.requests_finished
+        counters = (
+            ("molink_generated_tokens", "Tokens generated", e.tokens_generated),
+            ("molink_finished_requests", "Requests finished (any reason)", e.requests_finished),
+            ("molink_prompt_tokens", "Prompt tokens of the requests that ended", e.prompt_tokens_total),
+            (
+                "molink_cached_prompt_tokens",
+                "Of those, the tokens reused from the prefix cache (not computed again)",
+                e.cached_tokens_total,
+            ),
+            (
+                "molink_drafted_tokens",
+                "Tokens drafted (prompt lookup, or the draft model) and sent to be verified",
+                e.drafted_tokens,
+            ),
+            ("molink_accepted_draft_tokens", "Of those, the ones accepted", e.accepted_tokens),
+            ("molink_draft_trips", "Pipeline trips that carried drafts to verify", e.draft_trips),
+            (
+                "molink_loop_draft_trips",
+                "Of those, the ones the last stage drafted inside the loop-back (no master crossed)",
+                e.loop_draft_trips,
+            ),
+            ("molink_model_drafted_tokens", "Of the drafted tokens, the draft model's", e.model_drafted_tokens),
+            ("molink_model_accepted_draft_tokens", "Of those, the ones accepted", e.model_accepted_tokens),
+            (
+                "molink_late_frames",
+                "Frames of a replaced pipeline dropped: results of an old epoch, frames of workers dropped as "
+                "unresponsive",
+                g.late_frames + e.stale_results,
+            ),
         )
-        yield GaugeMetricFamily("molink_running_requests", "Requests being generated", value=len(e.running))
-        yield GaugeMetricFamily("molink_queued_requests", "Requests waiting for admission", value=len(e.waiting))
-        yield GaugeMetricFamily("molink_workers", "Connected workers", value=len(g.links))
-        yield GaugeMetricFamily("molink_pipeline_stages", "Stages of the serving pipeline", value=len(g.stages))
-        yield GaugeMetricFamily("molink_serving", "1 when the group serves", value=1 if g.serving else 0)
-        yield CounterMetricFamily(
-            "molink_prompt_tokens", "Prompt tokens of the requests that ended", value=e.prompt_tokens_total
+        gauges = (
+            ("molink_running_requests", "Requests being generated", len(e.running)),
+            ("molink_queued_requests", "Requests waiting for admission", len(e.waiting)),
+            ("molink_workers", "Connected workers", len(g.links)),
+            ("molink_pipeline_stages", "Stages of the serving pipeline", len(g.stages)),
+            ("molink_serving", "1 when the group serves", 1 if g.serving else 0),
         )
-        yield CounterMetricFamily(
-            "molink_cached_prompt_tokens",
-            "Of those, the tokens reused from the prefix cache (not computed again)",
-            value=e.cached_tokens_total,
-        )
-        yield CounterMetricFamily(
-            "molink_drafted_tokens",
-            "Tokens drafted (prompt lookup, or the draft model) and sent to be verified",
-            value=e.drafted_tokens,
-        )
-        yield CounterMetricFamily(
-            "molink_accepted_draft_tokens", "Of those, the ones accepted", value=e.accepted_tokens
-        )
-        yield CounterMetricFamily(
-            "molink_draft_trips", "Pipeline trips that carried drafts to verify", value=e.draft_trips
-        )
-        yield CounterMetricFamily(
-            "molink_loop_draft_trips",
-            "Of those, the ones the last stage drafted inside the loop-back (no master crossed)",
-            value=e.loop_draft_trips,
-        )
-        yield CounterMetricFamily(
-            "molink_model_drafted_tokens", "Of the drafted tokens, the draft model's", value=e.model_drafted_tokens
-        )
-        yield CounterMetricFamily(
-            "molink_model_accepted_draft_tokens", "Of those, the ones accepted", value=e.model_accepted_tokens
-        )
-        yield CounterMetricFamily(
-            "molink_late_frames",
-            "Frames of a replaced pipeline dropped: results of an old epoch, frames of workers dropped as unresponsive",
-            value=g.late_frames + e.stale_results,
-        )
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
 
 
 class Metrics:
