@@ -72,7 +72,7 @@ from .group import Group
 from .journey import Journey, Relay
 from .kv_ledger import KVLedger, base, own
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
-from .loop_drafts import fed_back, first_drafts, loop_draw, pending
+from .loop_drafts import HISTORY_TOKENS, fed_back, first_drafts, loop_draw, pending
 from .rebuild import Lost, rebuild_stage
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
@@ -502,9 +502,9 @@ class Engine:
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
-                draws = (
-                    tuple(loop_draw(r, c, k, self.context_length) for c, r, k in zip(chunks, reqs, ks)) if loop else ()
-                )
+                history = HISTORY_TOKENS // max(1, sum(1 for k in ks if k))  # shared by those that draft
+                draws = tuple(loop_draw(r, c, k, self.context_length, history) for c, r, k in zip(chunks, reqs, ks))
+                draws = draws if loop else ()
                 carried = [pending(c, r) for c, r in zip(chunks, reqs)]  # the drafts the first step carries
                 topk = self._topk(reqs)
                 marks = {r.kv_id: (r.kv_gen, base(r, c.start)) for c, r in zip(chunks, reqs)}

@@ -8,7 +8,9 @@ steps loop and each request's draft budget (:meth:`master_core.engine.Engine._lo
 The pure pieces are here:
 
 * :func:`loop_draw`: the ``wire.Draw`` of a request for the loop (its budget, the tokens it may
-  still take, its tokens for the last stage's prompt lookup, the drafts its first step carries);
+  still take, the last of its tokens for the last stage's prompt lookup: ``HISTORY_TOKENS``
+  shared by the micro-batch, so the step's header stays within ``wire.MAX_HEADER_BYTES``; the
+  drafts its first step carries);
 * :func:`first_drafts`: the loop's first step drafts too, by the master's prompt lookup (decode
   steps only, leaving a token for every step after it, within the step's token budget);
 * :func:`fed_back`: the chunks of the step the last stage fed back, read from the result before
@@ -26,6 +28,10 @@ from .request import Request
 from .scheduler import Chunk
 from .speculation import apply_drafts, eligible
 
+# tokens of history one loop's first step carries in all (its requests share them): at 8 digits
+# and a comma each in the header's JSON, well within wire.MAX_HEADER_BYTES (tests/test_speculative.py)
+HISTORY_TOKENS = 16_384
+
 
 def pending(c: Chunk, r: Request) -> tuple[int, ...]:
     """The drafts chunk ``c`` of ``r`` carries (its rows beyond the first)."""
@@ -37,13 +43,15 @@ def _left(r: Request, context: int) -> int:
     return min(r.params.max_tokens - len(r.output), context - len(r.tokens))
 
 
-def loop_draw(r: Request, c: Chunk, k: int, context: int) -> Draw:
+def loop_draw(r: Request, c: Chunk, k: int, context: int, history: int) -> Draw:
     """How the last stage draws ``r``'s tokens in a loop (``k`` drafts per step at most; ``c``,
-    the loop's first step, may carry drafts of its own)."""
+    the loop's first step, may carry drafts of its own; the last ``history`` of its tokens to
+    draft from)."""
     p = r.params
     if not k:
         return Draw(p.temperature, p.top_p, r.seed)
-    return Draw(p.temperature, p.top_p, r.seed, k, _left(r, context), tuple(r.tokens), pending(c, r))
+    tail = tuple(r.tokens[-history:]) if history > 0 else ()
+    return Draw(p.temperature, p.top_p, r.seed, k, _left(r, context), tail, pending(c, r))
 
 
 def first_drafts(

@@ -352,3 +352,27 @@ def test_a_fed_back_step_continues_each_segment_after_its_last_accepted_draft():
     # a result naming no tokens (the last stage could not loop back): no draft is read as taken
     out, _ = fed_back(chunks, carried, Journey(torch.zeros(5, 3), (), [], 1), reqs, [False, False])
     assert out[0].start == 11
+
+
+def test_a_loops_first_step_carries_a_bounded_history_that_fits_its_header():
+    """The last stage drafts from the tokens the loop's first step carries: the last of each
+    request's tokens, ``HISTORY_TOKENS`` shared by the micro-batch, so that even a micro-batch
+    of long conversations makes a step the wire accepts (its header is bounded)."""
+    import torch
+
+    from master_core.loop_drafts import HISTORY_TOKENS, loop_draw
+    from master_core.request import Request
+    from master_core.scheduler import Chunk
+    from worker_core.wire import MAX_TOKEN_ID
+
+    reqs = [Request(i, prompt=[MAX_TOKEN_ID] * 20_000, params=SamplingParams(max_tokens=64)) for i in range(8)]
+    for r in reqs:
+        r.spec = Speculator()
+        r.tokens[-1] = 7  # the last token is the newest
+    share = HISTORY_TOKENS // len(reqs)
+    draws = tuple(loop_draw(r, Chunk(r.id, 19_999, 1, True), 4, 32_768, share) for r in reqs)
+    assert all(len(d.history) == share and d.history[-1] == 7 and d.k == 4 and d.left == 64 for d in draws)
+    segments = tuple(Segment(r.id, 19_999, 1, True) for r in reqs)
+    step = Step(3, 1, segments, torch.zeros(8, dtype=torch.int64), loop=8, draws=draws)
+    assert decode(encode(step)).draws == draws  # within the header's bound, every token kept
+    assert loop_draw(reqs[0], Chunk(0, 19_999, 1, True), 0, 32_768, share).history == ()  # no drafts: no history
