@@ -376,3 +376,18 @@ def test_a_loops_first_step_carries_a_bounded_history_that_fits_its_header():
     step = Step(3, 1, segments, torch.zeros(8, dtype=torch.int64), loop=8, draws=draws)
     assert decode(encode(step)).draws == draws  # within the header's bound, every token kept
     assert loop_draw(reqs[0], Chunk(0, 19_999, 1, True), 0, 32_768, share).history == ()  # no drafts: no history
+
+
+def test_a_last_stage_keeps_the_histories_it_drafts_from_within_a_bound():
+    from worker_core.lookup import Histories
+
+    h = Histories(limit=2)
+    h.start(1, [5, 6, 7, 9, 5, 6])
+    assert h.draft(1, 3) == (7, 9, 5)  # what followed the latest earlier "5 6"
+    h.extend(1, [7, 9])  # drawn since: the tail "6 7 9" occurred before, followed by "5 6 7"
+    assert h.draft(1, 3) == (5, 6, 7)
+    h.start(2, [1, 2])
+    h.start(3, [1, 2])  # a third: the oldest (1) is forgotten
+    assert len(h) == 2 and h.draft(1, 3) == () and h.draft(9, 3) == ()
+    h.forget([2, 3])
+    assert len(h) == 0

@@ -57,7 +57,7 @@ class Histories:
     every token the stage draws, forgotten when the loop ends or the request is freed.  At most
     ``limit`` requests (the oldest is forgotten first: it then drafts nothing)."""
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, limit: int = 256) -> None:
         self.limit = limit
         self._by_id: dict[int, tuple[list[int], PromptLookup]] = {}
 
