@@ -157,13 +157,15 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             e.speculative = True
             # a request cancelled while the draft model works for it: its step does not go, its
             # caches (stages and draft model) are freed all the same
-            slow, d = e.drafter._draft_one, e.drafter
+            d = e.drafter
+            take = d._take
 
-            def slowly(*a):
+            def slowly(key):  # on the drafting thread: the request's session is taken (busy) for 0.4 s
+                session = take(key)
                 time.sleep(0.4)
-                return slow(*a)
+                return session
 
-            d._draft_one = slowly
+            d._take = slowly
             req = e.submit(PROMPT, greedy(new))
             for _ in range(200):
                 if d._busy:
@@ -172,7 +174,7 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             busy = bool(d._busy)
             e.cancel(req)
             await asyncio.sleep(0.6)
-            d._draft_one = slow
+            d._take = take
             held = e.held()
             replays = e.replays
             e.kv.forget_idle()
