@@ -809,7 +809,8 @@ class Engine:
         costs = self.costs()
         # the model's drafts cost its time too: (n - 1) tokens drafted one after another
         per_draft = self.drafter.token_seconds if spec.by_model and self.drafter is not None else None
-        trip = (lambda n: cycle_time(costs, n, n)[0]) if costs is not None else None
+        looped = spec.in_loop  # a trip inside the loop-back crosses no master
+        trip = (lambda n: cycle_time(costs, n, n, looped)[0]) if costs is not None else None
         spec.observe(len(drafts), accepted, trip, per_draft if trip is not None else None)
         self.draft_trips += 1
         self.loop_draft_trips += spec.in_loop
