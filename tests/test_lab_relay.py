@@ -157,11 +157,17 @@ def check_relayed(conns: list[tuple[Stream, Stream | None]], plain: list[bytes])
     return seen
 
 
+# a connection not yet closed both ways (a relay that closed first waits in fin-wait for the peer's FIN)
+_OPEN_STATES = ("established", "syn-recv", "fin-wait-1", "fin-wait-2", "close-wait", "last-ack", "closing")
+
+
 def _relay_idle(lab: Lab, timeout: float) -> None:
-    """Wait (bounded) until no TCP connection to the relay's port is open on pub."""
+    """Wait (bounded) until no TCP connection to the relay's port on pub is open either way (so
+    the capture has seen both FINs, or a reset, of every one)."""
     deadline = time.monotonic() + timeout
+    states = [arg for state in _OPEN_STATES for arg in ("state", state)]
     while time.monotonic() < deadline:
-        ss = lab.run("pub", ["ss", "-tnH", "state", "established", f"( sport = :{RELAY_PORT} )"], check=False)
+        ss = lab.run("pub", ["ss", "-tnH", *states, f"( sport = :{RELAY_PORT} )"], check=False)
         if not ss.stdout.strip():
             return
         time.sleep(0.1)
