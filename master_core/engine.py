@@ -478,7 +478,7 @@ class Engine:
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
             # the master drafts (a draft model runs here, or the loop-back does not draft): every
             # step first, as drafting decides whether it loops; else a loop drafts on its own
-            on_master = self.speculative and (self.drafter is not None or not self.loop_drafts)
+            on_master = self.speculative and not self._drafts_in_loop
             loop, ks, reserve = (0, [], []) if on_master else self._loop_steps(chunks, reqs)
             if self.speculative and not loop:  # the master drafts (and verifies) this step
                 chunks, reqs = await self._draft(chunks, reqs)
@@ -504,7 +504,6 @@ class Engine:
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
                 history = HISTORY_TOKENS // max(1, sum(1 for k in ks if k))  # shared by those that draft
                 draws = tuple(loop_draw(r, c, k, self.context_length, history) for c, r, k in zip(chunks, reqs, ks))
-                draws = draws if loop else ()
                 carried = [pending(c, r) for c, r in zip(chunks, reqs)]  # the drafts the first step carries
                 topk = self._topk(reqs)
                 marks = {r.kv_id: (r.kv_gen, base(r, c.start)) for c, r in zip(chunks, reqs)}
@@ -667,8 +666,7 @@ class Engine:
         (reserved here).  (0, [], []) when it does not loop."""
         if not self._loops():
             return 0, [], []
-        on_master = self.drafter is not None or not self.loop_drafts
-        if self.speculative and on_master and any(r.spec is not None and r.spec.drafting for r in reqs):
+        if self.speculative and not self._drafts_in_loop and any(r.spec is not None and r.spec.drafting for r in reqs):
             return 0, [], []  # the master drafts (its lookup or draft model): its steps are verified here
         for c, r in zip(chunks, reqs):
             p = r.params
@@ -698,7 +696,7 @@ class Engine:
         prompt lookup on (no draft model: that one drafts on the master), at the request's
         budget (:meth:`~master_core.speculation.Speculator.budget`).  With drafting switched
         off, the loop's ``steps`` count towards its re-probe as the steps they are."""
-        if not self.speculative or self.drafter is not None or not self.loop_drafts:
+        if not (self.speculative and self._drafts_in_loop):
             return 0
         if r.spec is None:
             r.spec = Speculator()
@@ -706,6 +704,12 @@ class Engine:
         if not r.spec.k:
             r.spec.idle += steps
         return min(k, MAX_DRAFTS)
+
+    @property
+    def _drafts_in_loop(self) -> bool:
+        """Speculation drafts inside the loop-back where it loops (prompt lookup on the last
+        stage), not on the master (a draft model runs there; benchmarks may turn it off)."""
+        return self.drafter is None and self.loop_drafts
 
     def _loops(self) -> bool:
         """Does the pipeline loop back (every hop and the loop-back direct, and allowed)?"""

@@ -164,8 +164,7 @@ class KVLedger:
         """KV tokens every stage could still give a step's extra positions (run-ahead loop-back
         steps, drafts): the budget less what ``running`` requests hold (one more token each)
         and the cached prefixes that cannot be evicted."""
-        held = sum(own(r) + 1 for r in running)
-        return self.group.kv_tokens - held - (self.prefix.held_tokens - self.prefix.evictable_tokens)
+        return self.group.kv_tokens - sum(own(r) + 1 for r in running) - self.pinned()
 
     def pinned(self) -> int:
         """Tokens of cached prefixes that running requests use (they cannot be evicted)."""
