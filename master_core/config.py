@@ -35,7 +35,7 @@ class MasterConfig:
     # (master_core.speculation); off by default: it pays on slow links and text that repeats its prompt
     speculative: bool = False
     # a local folder of a small causal LM sharing the served model's tokenizer: it drafts greedily on
-    # the master where prompt lookup finds nothing (master_core.draft_model); implies speculative
+    # the master where prompt lookup finds nothing (worker_core.draft_model); implies speculative
     draft_model: str = ""
     policy: str = "full"  # scheduling policy: full | no-chunking | fixed-microbatches | single-microbatch
     microbatches: int | None = None  # force this many micro-batches in flight (None: the policy decides)

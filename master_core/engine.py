@@ -62,12 +62,12 @@ from typing import Any
 
 import torch
 
+from worker_core.draft_model import DraftModel
 from worker_core.tasks import end_tasks
 from worker_core.wire import MAX_DRAFTS, ProtocolError, itemsize, logits_row_width
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
-from .draft_model import DraftModel
 from .group import Group
 from .journey import Journey, Relay
 from .kv_ledger import KVLedger, base, own
@@ -135,7 +135,7 @@ class Engine:
         self.loop_back = True  # let the last stage feed its drawn tokens straight back (benchmarks compare)
         self.loop_drafts = True  # ... and draft inside the loop-back (off: the master drafts; benchmarks compare)
         self.speculative = config.speculative or drafter is not None  # draft tokens (master_core.speculation)
-        self.drafter = drafter  # a draft model for what prompt lookup finds nothing for (master_core.draft_model)
+        self.drafter = drafter  # a draft model for what prompt lookup finds nothing for (worker_core.draft_model)
         self.model_draft_trips = 0  # of the steps that carried drafts, those the draft model made
         self.model_drafted_tokens = 0
         self.model_accepted_tokens = 0
@@ -503,7 +503,11 @@ class Engine:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
                 history = HISTORY_TOKENS // max(1, sum(1 for k in ks if k))  # shared by those that draft
-                draws = tuple(loop_draw(r, c, k, self.context_length, history) for c, r, k in zip(chunks, reqs, ks))
+                by_model = [self._loop_model_k(r, k) for r, k in zip(reqs, ks)]
+                draws = tuple(
+                    loop_draw(r, c, k, self.context_length, history, mk)
+                    for c, r, k, mk in zip(chunks, reqs, ks, by_model)
+                )
                 carried = [pending(c, r) for c, r in zip(chunks, reqs)]  # the drafts the first step carries
                 topk = self._topk(reqs)
                 marks = {r.kv_id: (r.kv_gen, base(r, c.start)) for c, r in zip(chunks, reqs)}
@@ -692,10 +696,10 @@ class Engine:
         return n, ks, reserve()
 
     def _loop_k(self, r: Request, steps: int) -> int:
-        """Drafts the last stage may make per fed-back step of ``r`` (0: none): speculation by
-        prompt lookup on (no draft model: that one drafts on the master), at the request's
-        budget (:meth:`~master_core.speculation.Speculator.budget`).  With drafting switched
-        off, the loop's ``steps`` count towards its re-probe as the steps they are."""
+        """Drafts the last stage may make per fed-back step of ``r`` (0: none): speculation
+        drafting inside the loop-back, at the request's budget
+        (:meth:`~master_core.speculation.Speculator.budget`).  With drafting switched off, the
+        loop's ``steps`` count towards its re-probe as the steps they are."""
         if not (self.speculative and self._drafts_in_loop):
             return 0
         if r.spec is None:
@@ -705,11 +709,27 @@ class Engine:
             r.spec.idle += steps
         return min(k, MAX_DRAFTS)
 
+    def _loop_model_k(self, r: Request, k: int) -> int:
+        """Of ``r``'s ``k`` drafts per fed-back step, those the last stage's draft model may make
+        where its prompt lookup finds nothing (its own budget:
+        :meth:`~master_core.speculation.Speculator.model_budget`); 0 without one."""
+        if not k or not self._stage_draft_seconds or r.spec is None:
+            return 0
+        return min(k, r.spec.model_budget())
+
+    @property
+    def _stage_draft_seconds(self) -> float:
+        """Seconds a drafted token costs the last stage's draft model (0: it holds none)."""
+        stages = self.group.stages
+        ready = stages[-1].ready if stages else None
+        return ready.draft_seconds if ready is not None and self.drafter is not None else 0.0
+
     @property
     def _drafts_in_loop(self) -> bool:
-        """Speculation drafts inside the loop-back where it loops (prompt lookup on the last
-        stage), not on the master (a draft model runs there; benchmarks may turn it off)."""
-        return self.drafter is None and self.loop_drafts
+        """Speculation drafts inside the loop-back where it loops (the last stage's prompt
+        lookup, and its copy of the draft model where the master has one), not on the master
+        (while the last stage holds no draft model the master's drafts; benchmarks may turn it off)."""
+        return self.loop_drafts and (self.drafter is None or self._stage_draft_seconds > 0)
 
     def _loops(self) -> bool:
         """Does the pipeline loop back (every hop and the loop-back direct, and allowed)?"""
@@ -812,8 +832,9 @@ class Engine:
         req.scheduled = req.computed
         costs = self.costs()
         # the model's drafts cost its time too: (n - 1) tokens drafted one after another
-        per_draft = self.drafter.token_seconds if spec.by_model and self.drafter is not None else None
         looped = spec.in_loop  # a trip inside the loop-back crosses no master
+        made_by = self._stage_draft_seconds if looped else self.drafter.token_seconds if self.drafter else 0.0
+        per_draft = made_by if spec.by_model and made_by else None
         trip = (lambda n: cycle_time(costs, n, n, looped)[0]) if costs is not None else None
         spec.observe(len(drafts), accepted, trip, per_draft if trip is not None else None)
         self.draft_trips += 1

@@ -66,6 +66,7 @@ from worker_core.weights import manifest_digest
 from worker_core.wire import Assign, itemsize
 
 from .config import MasterConfig
+from .draft_offer import DraftOffer
 from .link import LinkGone, LinkState, StepFailed, Superseded, WorkerLink
 from .member_path import member_path
 from .model_dims import ModelDims
@@ -166,6 +167,8 @@ class Group:
         self._tasks: set[asyncio.Task] = set()  # re-plans and drains, awaited by stop()
         self.closing = False  # shutting down: departures are expected then
         self.weights: WeightSource | None = None  # set in a paired group: workers get weights from us
+        self.draft: DraftOffer | None = None  # the master's draft model: the last stage holds it too
+        self.draft_weights: WeightSource | None = None  # its tensors, in a paired group
         self.standby: dict[str, str] = {}  # live members the last plan left out -> why
         self._planned: tuple[tuple[WorkerLink, ...], _Placement] | None = None  # the last plan, for its links
         self.running_requests: Callable[[], set[int]] = set  # ids of the requests running now (set by the master)
@@ -492,9 +495,13 @@ class Group:
     async def _assignment(self, link: WorkerLink, a: int, b: int, epoch: int) -> Assign:
         """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory)."""
         fields = {"model": self.model_ref, **await self._delivery(a, b)}
+        draft = self.draft if b == self.dims.num_layers else None  # the last stage holds it too
+        if draft is not None:
+            fields |= draft.fields()
         precision = Precision(self.config.quantize)
         h = link.hello
-        kv = stage_kv_tokens(self.dims, h.free_memory, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
+        free = max(0, h.free_memory - (draft.nbytes if draft is not None else 0))
+        kv = stage_kv_tokens(self.dims, free, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
         return Assign(
             epoch=epoch,
             layer_start=a,

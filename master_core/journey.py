@@ -52,6 +52,7 @@ class Journey:
     computes: tuple[float, ...] = ()
     queued: float = 0.0
     drafts: tuple[tuple[int, ...], ...] = ()  # per chunk, the drafts the last stage sent on with the next step
+    by_model: tuple[bool, ...] = ()  # per chunk: those drafts are the last stage's draft model's (empty: none)
 
 
 class Relay:
@@ -102,6 +103,7 @@ class Relay:
         looped: list[Expected] = []
         drawn: tuple[int, ...] = ()
         drafts: tuple[tuple[int, ...], ...] = ()
+        by_model: tuple[bool, ...] = ()
         computes: list[float] = []
         queued = 0.0
         i = legs = 0
@@ -134,7 +136,7 @@ class Relay:
                 x = result.tensor  # hidden [T, hidden] or logits [n, row]
                 last = at == len(stages) - 1
                 expect = (sum(c.logit_rows for c in chunks), row) if last else (total, dims.hidden_size)
-                drawn, drafts = result.tokens, result.drafts
+                drawn, drafts, by_model = result.tokens, result.drafts, result.by_model
                 if drawn and (not last or len(drawn) != expect[0] or max(drawn) >= dims.vocab_size):
                     why = f"named {len(drawn)} drawn tokens for {expect[0]} rows"
                     link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
@@ -143,6 +145,10 @@ class Relay:
                     not drawn or len(drafts) != len(chunks) or max(max(d, default=0) for d in drafts) >= dims.vocab_size
                 ):
                     why = f"named drafts for {len(drafts)} of {len(chunks)} segments"
+                    link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
+                    raise ProtocolError(f"worker {link.name} {why}")
+                if by_model and (not drafts or len(by_model) != len(chunks)):
+                    why = f"named the draft model's drafts for {len(by_model)} of {len(chunks)} segments"
                     link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
                     raise ProtocolError(f"worker {link.name} {why}")
                 if tuple(x.shape) != expect or not x.is_floating_point():
@@ -154,7 +160,7 @@ class Relay:
             for exp in looped:
                 exp.abandon()
             raise
-        return Journey(x, drawn, looped, legs, tuple(computes), queued, drafts)
+        return Journey(x, drawn, looped, legs, tuple(computes), queued, drafts, by_model)
 
     def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
         """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their

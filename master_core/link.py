@@ -224,12 +224,14 @@ class WorkerLink:
         peer: str,
         max_frame_bytes: int,
         weights: WeightSource | None = None,
+        draft_weights: WeightSource | None = None,
     ) -> None:
         self.ws = ws
         self.hello = hello
         self.peer = peer
         self.name = hello.name
         self.weights = weights  # paired groups: this worker may fetch the weights of its assignment
+        self.draft_weights = draft_weights  # ... and of the draft model its assignment names
         self.member: str | None = None  # paired groups: the member this tunnel authenticated as
         self.cert = ""  # paired groups: that member's pinned certificate (PEM), for direct hops
         self._route_waiter: asyncio.Future | None = None
@@ -457,15 +459,18 @@ class WorkerLink:
             if not waiter.done():
                 waiter.set_result(msg)
         elif isinstance(msg, Fetch):
-            if (
-                self.weights is None
-                or self.assignment is None
-                or not any(t.sha256 == msg.sha256 for t in self.assignment.manifest)
-            ):
+            asg = self.assignment
+            if asg is not None and any(t.sha256 == msg.sha256 for t in asg.manifest):
+                source = self.weights
+            elif asg is not None and any(t.sha256 == msg.sha256 for t in asg.draft_manifest):
+                source = self.draft_weights
+            else:
+                source = None
+            if source is None:
                 raise ProtocolError("Fetch of a tensor outside this worker's assignment")
             if len(self._fetches) >= MAX_FETCHES:
                 raise ProtocolError(f"more than {MAX_FETCHES} weight chunks asked for at once")
-            task = self._spawn(self._serve_chunk(msg))
+            task = self._spawn(self._serve_chunk(msg, source))
             self._fetches.add(task)
             task.add_done_callback(self._fetches.discard)
         elif isinstance(msg, Failure):
@@ -486,10 +491,7 @@ class WorkerLink:
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from a worker")
 
-    async def _serve_chunk(self, msg: Fetch) -> None:
-        weights = self.weights
-        if weights is None:  # checked by _dispatch
-            return
+    async def _serve_chunk(self, msg: Fetch, weights: WeightSource) -> None:
         try:
             data, sha = await asyncio.to_thread(weights.read, msg.sha256, msg.offset, msg.length)
         except (ValueError, OSError) as e:

@@ -43,15 +43,15 @@ def _left(r: Request, context: int) -> int:
     return min(r.params.max_tokens - len(r.output), context - len(r.tokens))
 
 
-def loop_draw(r: Request, c: Chunk, k: int, context: int, history: int) -> Draw:
-    """How the last stage draws ``r``'s tokens in a loop (``k`` drafts per step at most; ``c``,
-    the loop's first step, may carry drafts of its own; the last ``history`` of its tokens to
-    draft from)."""
+def loop_draw(r: Request, c: Chunk, k: int, context: int, history: int, model_k: int = 0) -> Draw:
+    """How the last stage draws ``r``'s tokens in a loop (``k`` drafts per step at most, of
+    which ``model_k`` its draft model's where prompt lookup finds nothing; ``c``, the loop's first
+    step, may carry drafts of its own; the last ``history`` of its tokens to draft from)."""
     p = r.params
     if not k:
         return Draw(p.temperature, p.top_p, r.seed)
     tail = tuple(r.tokens[-history:]) if history > 0 else ()
-    return Draw(p.temperature, p.top_p, r.seed, k, _left(r, context), tail, pending(c, r))
+    return Draw(p.temperature, p.top_p, r.seed, k, _left(r, context), tail, pending(c, r), min(model_k, k))
 
 
 def first_drafts(
@@ -93,6 +93,7 @@ def fed_back(
         if not live[i]:
             continue
         if ahead and r.spec is not None:
-            r.spec.pending, r.spec.by_model, r.spec.in_loop = ahead, False, True
+            r.spec.pending, r.spec.in_loop = ahead, True
+            r.spec.by_model = bool(went.by_model[i]) if went.by_model else False
         r.scheduled = max(r.scheduled, nxt.start + nxt.length)
     return out, drafts

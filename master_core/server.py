@@ -40,12 +40,13 @@ from aiohttp import WSMsgType, web
 from worker_core import model_source
 from worker_core.address import format_address, is_loopback
 from worker_core.control import Control, Events
+from worker_core.draft_model import DraftModel
 from worker_core.wire import CloseCode, Hello, ProtocolError, decode, frame_bound
 
 from .api import Api, error_middleware
 from .config import MasterConfig
 from .dashboard import Dashboard
-from .draft_model import DraftModel
+from .draft_offer import offer_draft
 from .engine import Engine
 from .errors import ApiError
 from .group import Group
@@ -103,7 +104,7 @@ class Master:
         self.tokenizer = await asyncio.to_thread(load_tokenizer, folder)
         self.drafter: DraftModel | None = None
         if cfg.draft_model:  # checked against the served tokenizer before its weights are read
-            from .draft_model import load_draft_model
+            from worker_core.draft_model import load_draft_model
 
             self.drafter = await asyncio.to_thread(
                 load_draft_model, cfg.draft_model, self.tokenizer, self.dims.vocab_size, cfg.max_running
@@ -112,6 +113,8 @@ class Master:
         # a folder by path (same machine or shared disk), a hub id from the hub.
         ref = cfg.model if cfg.model == model_source.DEFAULT else str(folder)
         self.group = Group(cfg, ref, self.dims)
+        if self.drafter is not None:  # a local group: the last stage reads the folder (paired: see below)
+            self.group.draft = await asyncio.to_thread(offer_draft, Path(cfg.draft_model).expanduser(), None)
         self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), self.drafter)
         self.group.running_requests = lambda: set(self.engine.running)  # a finishing worker waits for these
         self.group.replay_cost = self.engine.replay_seconds  # a newcomer's re-plan waits until it is cheap
@@ -206,6 +209,10 @@ class Master:
         self.invitations = Invitations()
         hub = model_source.hub_ref(cfg.model, folder)
         self.group.weights = await asyncio.to_thread(WeightSource, folder, data_dir / "hashes.json", hub)
+        if cfg.draft_model:  # the last stage gets the draft model's tensors from us too
+            draft = Path(cfg.draft_model).expanduser()
+            self.group.draft_weights = await asyncio.to_thread(WeightSource, draft, data_dir / "hashes.json")
+            self.group.draft = await asyncio.to_thread(offer_draft, draft, self.group.draft_weights)
         from .reach import Reach
 
         self.group_port = GroupPort(
@@ -352,7 +359,7 @@ class Master:
             hello = dataclasses.replace(hello, name=member)  # the group knows it by its member name
             if self.reach is not None and self.reach.member_came(hello.dialled, member, member_path(peer)):
                 log.info("%s", self.reach.summary())
-        link = WorkerLink(ws, hello, peer, self.max_frame, self.group.weights)
+        link = WorkerLink(ws, hello, peer, self.max_frame, self.group.weights, self.group.draft_weights)
         link.member = member
         if member is not None:  # paired: its certificate pins it on direct hops too
             known = next((m for m in self.members.members() if m.name == member), None)

@@ -36,7 +36,7 @@ the stages' fence (``0 < start <= cached``) truncates it there.
 * :func:`plan_drafts` turns the decode chunks of a micro-batch into speculative ones, within
   the request's ``max_tokens`` and context, the step's token budget and the free KV room; in
   three steps the engine also uses with a draft model: :func:`draft_caps` (how many each may
-  carry), the drafts (:func:`lookup_drafts`; the engine asks :mod:`master_core.draft_model` for
+  carry), the drafts (:func:`lookup_drafts`; the engine asks :mod:`worker_core.draft_model` for
   those lookup found nothing for), :func:`apply_drafts`.
 * With a draft model (``--draft-model``) prompt lookup still goes first: a request drafts from
   its own tokens where they have a match (free, and long where the text is copied), else the
@@ -104,7 +104,7 @@ class Speculator:
     drafted: int = 0  # drafts sent
     hits: int = 0  # drafts accepted
     misses: int = 0  # decode steps in a row that found nothing to draft
-    by_model: bool = False  # the pending drafts are the draft model's (master_core.draft_model), not lookup's
+    by_model: bool = False  # the pending drafts are the draft model's (worker_core.draft_model), not lookup's
     in_loop: bool = False  # the pending drafts were made by the last stage inside the loop-back
     model_k: int = K_START  # the draft model's drafts per step (its time counted: observe's draft_cost)
     model_idle: int = 0  # steps the draft model was not asked since it was switched off

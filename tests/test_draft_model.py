@@ -1,4 +1,4 @@
-"""Speculative decoding with a draft model (``--draft-model``, master_core.draft_model): a tiny
+"""Speculative decoding with a draft model (``--draft-model``, worker_core.draft_model): a tiny
 same-family pair built here (the target: a 3-layer tiny llama whose last layer adds little; the
 draft: the target without that layer, so it agrees often but not always).  The drafter on its
 own (greedy drafts equal to the draft model's own greedy continuation, its cache cropped after a
@@ -19,10 +19,10 @@ from harness import Cluster, greedy, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.config import MasterConfig
-from master_core.draft_model import DraftModel, check_vocab, load_draft_model
 from master_core.request import SamplingParams
 from master_core.server import Master, load_tokenizer
 from master_core.speculation import PROBE_K, REPROBE, Speculator
+from worker_core.draft_model import DraftModel, check_vocab, load_draft_model
 from worker_core.kv_cache import KVStore
 
 # a prompt without a repeated bigram: prompt lookup has nothing to draft at first
@@ -133,19 +133,33 @@ def _stores() -> list:
     return [o for o in gc.get_objects() if isinstance(o, KVStore)]
 
 
-def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees_everything(pair):
+def _draft_models() -> list:
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, DraftModel)]
+
+
+@pytest.mark.parametrize("in_loop", [True, False], ids=["last-stage-drafts", "master-drafts"])
+def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees_everything(pair, in_loop):
+    """With the loop-back drafting (every hop direct) the last stage holds the draft model too
+    and drafts with it inside the loop; with it off (or relayed hops) the master drafts."""
     target, draft = pair
     new = 32
     seeded = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, seed=5, ignore_eos=True)
 
     async def main():
         old = {id(s) for s in _stores()}
+        old_drafters = {id(d) for d in _draft_models()}
         async with Cluster(target, workers=3, draft_model=str(draft)) as c:
             mine = [s for s in _stores() if id(s) not in old]
             e = c.engine
+            e.loop_drafts = in_loop
             assert e.speculative and e.drafter is not None  # --draft-model implies speculation
+            stage_drafters = [d for d in _draft_models() if d is not e.drafter and id(d) not in old_drafters]
+            assert len(stage_drafters) == 1  # the last stage's copy (in this process: the workers' too)
+            ready = c.master.group.stages[-1].ready
+            assert ready is not None and ready.draft_seconds > 0
             got = await e.generate(PROMPT, greedy(new))
-            counts = (e.model_draft_trips, e.model_drafted_tokens, e.model_accepted_tokens)
+            counts = (e.model_draft_trips, e.model_drafted_tokens, e.model_accepted_tokens, e.loop_draft_trips)
             from prometheus_client import generate_latest
 
             scraped = generate_latest(c.master.metrics.registry).decode()
@@ -156,8 +170,8 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             off = await e.generate(PROMPT, seeded)
             e.speculative = True
             # a request cancelled while the draft model works for it: its step does not go, its
-            # caches (stages and draft model) are freed all the same
-            d = e.drafter
+            # caches (stages and draft models) are freed all the same
+            d = stage_drafters[0] if in_loop else e.drafter
             take = d._take
 
             def slowly(key):  # on the drafting thread: the request's session is taken (busy) for 0.4 s
@@ -175,22 +189,33 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             e.cancel(req)
             await asyncio.sleep(0.6)
             d._take = take
+            for _ in range(500):  # in the loop-back its lane ends once the step in flight is back
+                if not req.in_flight:
+                    break
+                await asyncio.sleep(0.01)
             held = e.held()
             replays = e.replays
             e.kv.forget_idle()
             await asyncio.sleep(0.3)  # Free crosses the tunnels
-            return got, counts, batch, on, off, held, replays, sum(len(s) for s in mine), busy
+            caches = stage_drafters[0].held()
+            return got, counts, batch, on, off, held, replays, sum(len(s) for s in mine), busy, caches
 
-    got, (trips, drafted, accepted), batch, on, off, held, replays, left, busy = run(main())
+    got, counts, batch, on, off, held, replays, left, busy, stage_caches = run(main())
+    trips, drafted, accepted, in_loop_trips = counts
     assert busy  # the cancel came while it drafted
     assert len(got[0]) == new and got[0] == reference_greedy(target, PROMPT, new)
-    assert trips > 0 and 0 < accepted < drafted, (trips, drafted, accepted)  # accepted and rejected ones
+    assert trips > 0 and 0 < accepted < drafted, counts  # accepted and rejected ones
+    if in_loop:  # the model's drafts came from inside the loop-back, not from the master
+        assert in_loop_trips >= trips, counts
+    else:
+        assert in_loop_trips == 0, counts
     for i, (tokens, _, _) in enumerate(batch, start=1):
         assert tokens == reference_greedy(target, PROMPT[i:], new)
     assert on[0] == off[0]  # seeded sampling: the same tokens with and without drafting
     assert replays == 0
     assert held == {"running": 0, "waiting": 0, "text_streams": 0, "draft_caches": 0}
     assert left == 0  # every stage freed every request's cache, rejected drafts included
+    assert stage_caches == 0  # and the last stage's draft model every request's
 
 
 def test_the_bench_builds_a_first_layers_draft_and_prints_its_table(pair, tmp_path):
@@ -215,16 +240,21 @@ def test_the_bench_builds_a_first_layers_draft_and_prints_its_table(pair, tmp_pa
         "tasks": {
             "copy": {
                 "kind": "grounded",
-                "modes": {"off": {"decode_tokens_per_s": 1.0}, "draft": mode},
+                "modes": {"off": {"decode_tokens_per_s": 1.0}, "draft": mode, "draft-master": mode},
                 "draft_speedup": 2.0,
+                "draft-master_speedup": 2.0,
                 "tokens_identical": True,
             }
         },
     }
     table = draft_table([row])
     assert (
-        "| wan | first:2 | copy (grounded) | 1.0 | 2.0 | 2.00x | 3.00 | 4 | 6.00 | 2.50 | 1 | 1.0 / 9.0 | True |"
-        in table
+        "| wan | first:2 | copy (grounded) | last stage | 1.0 | 2.0 | 2.00x | 3.00 | 4 | 6.00 | 2.50 | 1 | n/a / 9.0 "
+        "| True |" in table
+    )
+    assert (
+        "| wan | first:2 | copy (grounded) | master | 1.0 | 2.0 | 2.00x | 3.00 | 4 | 6.00 | 2.50 | 1 | 1.0 / 9.0 "
+        "| True |" in table
     )
     assert draft_table([{"profile": "wan", "draft_model": "", "tasks": {}}]) == ""
 
@@ -244,3 +274,46 @@ def test_k_counts_the_draft_models_time():
     assert [s.model_budget() for _ in range(REPROBE)][-1] == PROBE_K  # and the model is probed again later
     s.observe(2, 2, wan, draft_cost=0.0005)
     assert s.model_k > 0
+
+
+def test_a_paired_groups_last_stage_gets_the_draft_model_from_the_master_and_drafts_with_it(pair, tmp_path):
+    """In a paired group the members read no model folder: the last stage's Assign names the
+    draft model's config and tensors, which it fetches from the master by hash like its range's,
+    then drafts with it inside the loop-back; its memory is taken from that stage's KV budget."""
+    from harness import join_member, paired_config
+
+    from worker_core.worker import serve
+
+    target, draft = pair
+    new = 24
+
+    async def main():
+        master = Master(paired_config(target, tmp_path / "m", min_workers=2, draft_model=str(draft)))
+        await master.start()
+        tasks = []
+        try:
+            for name in ("alice", "bob"):
+                cfg = await join_member(master, tmp_path, name, reconnect=False)
+                tasks.append(asyncio.create_task(serve(cfg)))
+            await asyncio.wait_for(master.group.wait_serving(), 120)
+            g, e = master.group, master.engine
+            last = g.stages[-1]
+            asg = last.assignment
+            first_asg = g.stages[0].assignment
+            got = await e.generate(PROMPT, greedy(new))
+            cached = " ".join(f.name for f in (tmp_path / last.name / "weights").rglob("*.safetensors"))
+            return asg, first_asg, last.ready, got, (e.model_draft_trips, e.loop_draft_trips), g.draft, cached
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await master.stop()
+
+    asg, first_asg, ready, got, (model_trips, loop_trips), offer, cached = run(main(), 240)
+    assert asg is not None and first_asg is not None and ready is not None and offer is not None
+    assert asg.draft_model == offer.model and asg.draft_manifest and not first_asg.draft_model
+    assert {s.name for s in asg.draft_manifest} >= {"model.embed_tokens.weight", "model.norm.weight"}
+    assert ready.draft_seconds > 0  # loaded from what the master delivered
+    assert all(s.sha256 in cached for s in asg.draft_manifest)  # its tensors, in the member's store
+    assert got[0] == reference_greedy(target, PROMPT, new)
+    assert model_trips > 0 and loop_trips >= model_trips

@@ -66,6 +66,20 @@ MESSAGES = [
     Fetch(SHA, 1 << 20, 1 << 20),
     Chunk(SHA, 0, "cd" * 32, b"\x00\x01weights"),
     Ready(3, 576, 49152, 1.5, 123456),
+    Ready(3, 576, 49152, 1.5, 123456, draft_seconds=0.004),  # it holds the draft model its Assign named
+    Assign(  # the last range, with the draft model the loop-back drafts with
+        3,
+        "d" * 64,
+        20,
+        30,
+        30,
+        512,
+        4096,
+        draft_model="e" * 64,
+        draft_config_json='{"b": 2}',
+        draft_manifest=(TensorSpec("model.embed_tokens.weight", "F32", (8, 4), 128, SHA),),
+    ),
+    Assign(3, "/models/x", 20, 30, 30, 512, 4096, draft_model="/models/small"),
     Free((1, 2, 3)),
     Failure("boom", 7),
     Failure("step 8 cannot loop back: the loop-back hop is down", 8, unsent=True),
@@ -122,6 +136,12 @@ def test_tensor_messages_round_trip(dtype):
     assert isinstance(plain, Step) and plain.loop == 0 and plain.draws == ()
     drawn = decode(encode(Result(5, 2, 0.25, 0.5, ids, tokens=(3, 0))))
     assert isinstance(drawn, Result) and drawn.tokens == (3, 0)
+    drafting = (wire.Draw(0.0, 1.0, 0, 4, 30, (1, 2, 3), (7,), model_k=2), wire.Draw(0.0, 1.0, 0, 4, 9, (), (5,)))
+    twice = (Segment(1, 0, 2, True, rows=2), Segment(9, 40, 2, True, rows=2))
+    looped = decode(encode(Step(5, 2, twice, ids, 8, forward=True, loop=3, draws=drafting)))
+    assert isinstance(looped, Step) and looped.draws == drafting
+    by_model = decode(encode(Result(5, 2, 0.25, 0.5, ids, tokens=(3, 0), drafts=((4,), ()), by_model=(True, False))))
+    assert isinstance(by_model, Result) and by_model.by_model == (True, False)
 
 
 def test_the_last_stage_draws_the_token_the_master_would():
@@ -381,6 +401,26 @@ BAD_FRAMES |= {
     "result tokens negative": _frame(
         wire.Kind.RESULT,
         {"step_id": 1, "epoch": 0, "compute_seconds": 0, "worker_seconds": 0, "tokens": [-1]}
+        | {"tensor": {"dtype": "int64", "shape": [2]}},
+        GOOD_PAYLOAD,
+    ),
+    "assign draft model before the last layer": _frame(wire.Kind.ASSIGN, dict(ASSIGN, draft_model="/models/small")),
+    "assign draft manifest entry bad": _frame(
+        wire.Kind.ASSIGN,
+        dict(ASSIGN, layer_end=30, draft_model="e" * 64, draft_manifest=[dict(ASSIGN["manifest"][0], nbytes=-1)]),
+    ),
+    "ready draft seconds negative": _frame(
+        wire.Kind.READY,
+        {"epoch": 1, "hidden_size": 8, "vocab_size": 8, "load_seconds": 0, "weight_bytes": 0, "draft_seconds": -1},
+    ),
+    "step draw model k too big": _frame(
+        wire.Kind.STEP,
+        _step_header(loop=1, draws=[[0, 1, 0, 4, 9, [], [], wire.MAX_DRAFTS + 1]]),
+        GOOD_PAYLOAD,
+    ),
+    "result by model not bool": _frame(
+        wire.Kind.RESULT,
+        {"step_id": 1, "epoch": 0, "compute_seconds": 0, "worker_seconds": 0, "tokens": [1], "by_model": [1]}
         | {"tensor": {"dtype": "int64", "shape": [2]}},
         GOOD_PAYLOAD,
     ),

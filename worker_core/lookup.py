@@ -77,6 +77,14 @@ class Histories:
         held = self._by_id.get(kv_id)
         return held[1].draft(held[0], k) if held is not None and k > 0 else ()
 
+    def tokens(self, kv_id: int) -> list[int]:
+        """The request's tokens held (empty when it is not held)."""
+        held = self._by_id.get(kv_id)
+        return held[0] if held is not None else []
+
+    def ids(self) -> list[int]:
+        return list(self._by_id)
+
     def forget(self, kv_ids: Sequence[int]) -> None:
         for kv_id in kv_ids:
             self._by_id.pop(kv_id, None)

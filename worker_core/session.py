@@ -40,11 +40,12 @@ from . import device as devices
 from . import model_source
 from .config import WorkerConfig
 from .control import STATS_INTERVAL, Command, Events, one_line
+from .draft_model import MAX_SESSIONS, DraftModel, open_draft_model
+from .drafting import LoopDrafts
 from .hops import HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
 from .interleave import LayerClock
-from .lookup import Histories
 from .outbox import Outbox
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
@@ -67,6 +68,7 @@ from .wire import (
     Route,
     Routed,
     Step,
+    TensorSpec,
     encode,
     pulse,
     worker_frame_bound,
@@ -145,7 +147,7 @@ class Session:
         # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
         self.layer_clock = LayerClock()  # measured per served range (reset by Assign)
-        self.histories = Histories()  # a last stage drafting inside the loop-back: the requests' tokens
+        self.drafts = LoopDrafts()  # a last stage drafting inside the loop-back (lookup, a draft model)
 
     async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
         frame, sent = item
@@ -171,6 +173,7 @@ class Session:
 
     async def close(self) -> None:
         """Stop sending: outputs not sent yet are dropped (the tunnel is ending)."""
+        self.drafts.close()
         for _, sent in await self.outbox.close():
             if sent is not None and not sent.done():
                 sent.set_exception(ConnectionError("the tunnel closed"))
@@ -199,31 +202,41 @@ class Session:
             return
         fut.set_result(chunk)
 
-    async def _resolve(self, msg: Assign) -> Path:
-        """The checkpoint folder for an assignment: delivered weights, or the model source."""
-        if not msg.manifest:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, model_source.resolve, msg.model)
-        specs = list(msg.manifest)
-        if msg.hub:  # spare the master's uplink: read what the hub can give first
-            await fetch_from_hub(self.weights, specs, msg.hub)
+    async def _resolve(self, model: str, config_json: str, specs: list[TensorSpec], hub: str, what: str) -> Path:
+        """A checkpoint folder: the model source named ``model``, or the delivered tensors
+        ``specs`` (fetched where missing: from the hub first, then from the master)."""
+        if not specs:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, model_source.resolve, model)
+        if hub:  # spare the master's uplink: read what the hub can give first
+            await fetch_from_hub(self.weights, specs, hub)
         missing = self.weights.missing(specs)
         if missing:
             total = sum(s.nbytes for s in missing)
-            log.info(
-                "fetching %d tensors (%.1f MB) of layers [%d, %d) from the master",
-                len(missing),
-                total / 1e6,
-                msg.layer_start,
-                msg.layer_end,
-            )
+            log.info("fetching %d tensors (%.1f MB) of %s from the master", len(missing), total / 1e6, what)
             t0 = time.perf_counter()
             received = await self.weights.fetch(specs, self.request_chunk)
             dt = time.perf_counter() - t0
             log.info(
                 "weights received: %.1f MB in %.2f s (%.1f MB/s)", received / 1e6, dt, received / 1e6 / max(dt, 1e-9)
             )
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.weights.prune, specs)
-        return self.weights.folder(msg.model, msg.config_json, specs)
+        return self.weights.folder(model, config_json, specs)
+
+    async def _hold_draft(self, msg: Assign, vocab_size: int) -> float:
+        """Hold the Assign's draft model (none: drop it); the seconds one drafted token costs
+        (0: none held)."""
+        if not msg.draft_model:
+            self.drafts.drop()
+            return 0.0
+        specs = list(msg.draft_manifest)
+
+        async def load() -> DraftModel:
+            folder = await self._resolve(msg.draft_model, msg.draft_config_json, specs, "", "the draft model")
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, open_draft_model, folder, vocab_size, MAX_SESSIONS
+            )
+
+        key = frozenset(s.sha256 for s in specs) if specs else msg.draft_model
+        return await self.drafts.hold(key, load)
 
     async def handle(self, msg: object, arrived: float, urgent: bool = False) -> None:
         loop = asyncio.get_running_loop()
@@ -243,7 +256,12 @@ class Session:
                 self.shards.clear()  # one shard at a time: free the old range first
                 try:
                     info = devices.pick(self.device)
-                    folder = await self._resolve(msg)
+                    specs = list(msg.manifest)
+                    what = f"layers [{msg.layer_start}, {msg.layer_end})"
+                    folder = await self._resolve(msg.model, msg.config_json, specs, msg.hub, what)
+                    if specs:  # the draft model's tensors are kept too
+                        keep = specs + list(msg.draft_manifest)
+                        await loop.run_in_executor(self.executor, self.weights.prune, keep)
                     shard = await loop.run_in_executor(
                         self.executor,
                         load_shard,
@@ -273,13 +291,21 @@ class Session:
             ):
                 self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
             # else: the same range again (another stage was replaced): its caches stay for the master
+            draft_seconds = await self._hold_draft(msg, shard.vocab_size)
             self.layer_clock = LayerClock()
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
             if self.run.hops is not None:  # steps over a hop are bounded like the master's
                 self.run.hops.max_frame = self.max_frame
             await self.send(
-                Ready(msg.epoch, shard.hidden_size, shard.vocab_size, time.perf_counter() - t0, shard.weight_bytes)
+                Ready(
+                    msg.epoch,
+                    shard.hidden_size,
+                    shard.vocab_size,
+                    time.perf_counter() - t0,
+                    shard.weight_bytes,
+                    draft_seconds,
+                )
             )
             log.info(
                 "serving layers [%d, %d) of %d (epoch %d)", msg.layer_start, msg.layer_end, msg.num_layers, msg.epoch
@@ -295,6 +321,8 @@ class Session:
                 )
                 return
             runner = self.runner
+            if msg.drop:  # the stage frees them before it runs (StageRunner): so do the drafts
+                self.drafts.free(msg.drop)
             try:
                 out, compute = await self._compute(runner, msg, urgent)
             except StepRejected as e:
@@ -310,8 +338,8 @@ class Session:
             hop = self.next_hop
             if runner.shard.is_last:
                 if msg.loop:
-                    drawn, drafts = await self._loop_back(msg, out)
-                    result = replace(result, tokens=drawn, drafts=drafts)
+                    drawn, drafts, by_model = await self._loop_back(msg, out)
+                    result = replace(result, tokens=drawn, drafts=drafts, by_model=by_model)
                 self.post(result, urgent)
             elif msg.forward and hop is not None and hop.epoch == msg.epoch:
                 onward = replace(msg, tensor=out, forward=True, trail=(*msg.trail, compute))
@@ -337,7 +365,7 @@ class Session:
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)
-            self.histories.forget(msg.request_ids)
+            self.drafts.free(msg.request_ids)
         elif isinstance(msg, Failure):
             log.warning("master reports: %s", msg.message)
         else:
@@ -380,14 +408,18 @@ class Session:
         self.layer_clock.observe(tokens, total, step.seconds)
         return step.result, step.seconds
 
-    async def _loop_back(self, msg: Step, rows: torch.Tensor) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    async def _loop_back(
+        self, msg: Step, rows: torch.Tensor
+    ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[bool, ...]]:
         """The last stage draws each segment's tokens and feeds the next ones straight back to
         the first stage as the next step (``Step.loop``): one token per row (drawn for the
         position it goes to), accepted while they match the drafts the segment carried
         (``Draw.drafts``); the last accepted (or the first that differs) continues the segment,
-        with up to ``Draw.k`` drafts of prompt lookup after it (:class:`~worker_core.lookup.Histories`).
-        Returns (every row's token, each segment's drafts in the next step) for its ``Result``;
-        ((), ()) when it cannot loop back (the master, which expects that step, is told at once)."""
+        with up to ``Draw.k`` drafts of prompt lookup after it, or where lookup finds nothing up
+        to ``Draw.model_k`` of the draft model (:class:`~worker_core.drafting.LoopDrafts`).
+        Returns (every row's token, each segment's drafts in the next step, whether the draft
+        model made them) for its ``Result``; empty when it cannot loop back (the master, which
+        expects that step, is told at once)."""
         nxt = msg.step_id + 1
         hop = self.next_hop
 
@@ -396,18 +428,19 @@ class Session:
 
         if not all(seg.want_logits for seg in msg.segments) or len(msg.draws) != len(msg.segments):
             await refuse("a segment wants no logits, or has no draw")
-            return (), ()
+            return (), (), ()
         if hop is None or hop.epoch != msg.epoch:
             await refuse("no loop-back hop to the first stage")
-            return (), ()
+            return (), (), ()
         more = msg.loop - 1  # steps the last stage feeds back after the next one
+        histories = self.drafts.histories
         drawn: list[int] = []
-        segments, inputs, draws, drafts = [], [], [], []
+        taken_by, jobs = [], []
         row = 0
         for seg, d in zip(msg.segments, msg.draws):
             first = seg.start + seg.length - seg.rows  # the position of the segment's first row's input
             if d.history:
-                self.histories.start(seg.request_id, d.history)
+                histories.start(seg.request_id, d.history)
             tokens = []
             for j in range(seg.rows):
                 values, ids, _ = candidates(rows[row + j], msg.topk)
@@ -417,25 +450,28 @@ class Session:
             taken = 1  # the first row's token, then one more per draft it matched
             while taken <= len(d.drafts) and tokens[taken - 1] == d.drafts[taken - 1]:
                 taken += 1
-            self.histories.extend(seg.request_id, tokens[:taken])
-            left = d.left - taken
-            # the next step's drafts leave a token for every step after it
-            ahead = self.histories.draft(seg.request_id, min(d.k, left - 1 - more)) if d.k else ()
-            start = first + taken
+            histories.extend(seg.request_id, tokens[:taken])
+            taken_by.append((first + taken, tokens[taken - 1], d.left - taken))
+            cap = d.left - taken - 1 - more  # the next step's drafts leave a token for every step after it
+            jobs.append((seg.request_id, min(d.k, cap), min(d.model_k, cap)))
+        made = await self.drafts.draft(jobs) if any(k or mk for _, k, mk in jobs) else [((), False)] * len(jobs)
+        if not more:  # the next step is the master's to draw: nothing more to draft here
+            histories.forget([seg.request_id for seg in msg.segments])
+        segments, inputs, draws = [], [], []
+        for seg, d, (start, token, left), (ahead, _) in zip(msg.segments, msg.draws, taken_by, made):
             segments.append(
                 replace(seg, start=start, length=1 + len(ahead), want_logits=True, base=0, rows=1 + len(ahead))
             )
-            inputs += [tokens[taken - 1], *ahead]
+            inputs += [token, *ahead]
             draws.append(replace(d, left=left, history=(), drafts=ahead))
-            drafts.append(ahead)
-        if not more:  # the next step is the master's to draw: nothing more to draft here
-            self.histories.forget([seg.request_id for seg in msg.segments])
         x = torch.tensor(inputs, dtype=torch.int64)
         step = Step(
             nxt, msg.epoch, tuple(segments), x, msg.topk, forward=True, loop=more, draws=tuple(draws) if more else ()
         )
         await hop.send(step, lambda: refuse("the loop-back hop is down"), urgent=True)  # a decode step
-        return tuple(drawn), tuple(drafts) if any(drafts) else ()
+        drafts = tuple(ahead for ahead, _ in made)
+        by_model = tuple(m for _, m in made)
+        return tuple(drawn), drafts if any(drafts) else (), by_model if any(by_model) else ()
 
     async def _route(self, msg: Route) -> Routed:
         """Apply a ``Route``: who may dial in, and the hop to the next stage (dialled now,

@@ -135,6 +135,15 @@ def _tensor_reader(folder: Path, files: dict[str, Path], stack: ExitStack) -> An
     return read
 
 
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``folder``, by name, on the CPU (a whole small model:
+    a draft model's; stages read their range a layer at a time instead)."""
+    files = checkpoint_files(folder)
+    with ExitStack() as stack:
+        read = _tensor_reader(folder, files, stack)
+        return {name: read(name) for name in files}
+
+
 def load_config(folder: Path) -> Any:  # a transformers PretrainedConfig
     from transformers import AutoConfig
 

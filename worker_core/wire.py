@@ -281,6 +281,13 @@ class Assign:
     # how the worker stores its decoder layers: "none" (the compute dtype), "int8" or "int4"
     # (worker_core.quantize); a master that does not send it means "none"
     quantize: str = "none"
+    # a range ending at the last layer, where the loop-back drafts: the draft model to hold too
+    # (worker_core.draft_model), as ``model``, ``config_json`` and ``manifest`` name the range's
+    # weights (a folder, or a digest with the draft's config and every tensor it needs); "" none.
+    # A draft that fails to load costs only the drafts (Ready.draft_seconds stays 0)
+    draft_model: str = ""
+    draft_config_json: str = ""
+    draft_manifest: tuple[TensorSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -292,6 +299,7 @@ class Ready:
     vocab_size: int
     load_seconds: float
     weight_bytes: int
+    draft_seconds: float = 0.0  # > 0: the Assign's draft model is loaded; seconds a drafted token costs
 
 
 @dataclass(frozen=True)
@@ -342,6 +350,9 @@ class Draw:
     left: int = 0
     history: tuple[int, ...] = ()
     drafts: tuple[int, ...] = ()
+    # drafts the stage's draft model (Assign.draft_model) may make where prompt lookup finds
+    # nothing (0: it is not asked)
+    model_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -391,6 +402,7 @@ class Result:
     tokens: tuple[int, ...] = ()  # the tokens a last stage drew and fed back, one per row (Step.loop)
     # drafting in the loop-back (Draw.k): per segment, the drafts the fed-back step carries
     drafts: tuple[tuple[int, ...], ...] = ()
+    by_model: tuple[bool, ...] = ()  # per segment: its drafts are the draft model's (empty: none are)
 
 
 @dataclass(frozen=True)
@@ -554,10 +566,10 @@ def _sha(h: dict[str, Any], key: str) -> str:
     return v
 
 
-def _manifest(h: dict[str, Any]) -> tuple[TensorSpec, ...]:
-    raw = h.get("manifest", [])
+def _manifest(h: dict[str, Any], key: str = "manifest") -> tuple[TensorSpec, ...]:
+    raw = h.get(key, [])
     if type(raw) is not list or len(raw) > 1 << 18:
-        raise ProtocolError("'manifest' must be a list of tensor specs")
+        raise ProtocolError(f"{key!r} must be a list of tensor specs")
     try:
         return tuple(TensorSpec.parse(x) for x in raw)
     except ValueError as e:
@@ -621,7 +633,10 @@ def _segment_json(s: Segment) -> dict[str, Any]:
 
 def _draw_json(d: Draw) -> list:
     plain = [d.temperature, d.top_p, d.seed]
-    return plain if not (d.k or d.drafts) else [*plain, d.k, d.left, list(d.history), list(d.drafts)]
+    if not (d.k or d.drafts):
+        return plain
+    drafting = [*plain, d.k, d.left, list(d.history), list(d.drafts)]
+    return [*drafting, d.model_k] if d.model_k else drafting
 
 
 def _draws(h: dict[str, Any]) -> tuple[Draw, ...]:
@@ -630,19 +645,20 @@ def _draws(h: dict[str, Any]) -> tuple[Draw, ...]:
         raise ProtocolError(f"'draws' must be a list of at most {MAX_SEGMENTS} entries")
     out = []
     for d in raw:
-        if type(d) is not list or len(d) not in (3, 7):
-            raise ProtocolError("a draw is [temperature, top_p, seed] (and k, left, history, drafts)")
+        if type(d) is not list or len(d) not in (3, 7, 8):
+            raise ProtocolError("a draw is [temperature, top_p, seed] (and k, left, history, drafts, model_k)")
         temperature, top_p = _float({"temperature": d[0]}, "temperature"), _float({"top_p": d[1]}, "top_p")
         if temperature > MAX_TEMPERATURE or not 0 < top_p <= 1:
             raise ProtocolError(f"a draw needs temperature in [0, {MAX_TEMPERATURE}] and top_p in (0, 1]")
         draw = Draw(temperature, top_p, _int({"seed": d[2]}, "seed", 0, (1 << 64) - 1))
-        if len(d) == 7:
+        if len(d) >= 7:
             draw = replace(
                 draw,
                 k=_int({"k": d[3]}, "k", 0, MAX_DRAFTS),
                 left=_int({"left": d[4]}, "left", 0, MAX_POSITION),
                 history=_token_list(d[5], "a draw's history", MAX_HISTORY),
                 drafts=_token_list(d[6], "a draw's drafts", MAX_DRAFTS),
+                model_k=_int({"model_k": d[7]}, "model_k", 0, MAX_DRAFTS) if len(d) == 8 else 0,
             )
         out.append(draw)
     return tuple(out)
@@ -663,6 +679,13 @@ def _result_drafts(h: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
     if type(raw) is not list or len(raw) > MAX_SEGMENTS:
         raise ProtocolError(f"'drafts' must be a list of at most {MAX_SEGMENTS} lists")
     return tuple(_token_list(d, "a segment's drafts", MAX_DRAFTS) for d in raw)
+
+
+def _by_model(h: dict[str, Any]) -> tuple[bool, ...]:
+    raw = h.get("by_model", [])
+    if type(raw) is not list or len(raw) > MAX_SEGMENTS or any(type(b) is not bool for b in raw):
+        raise ProtocolError(f"'by_model' must be a list of at most {MAX_SEGMENTS} booleans")
+    return tuple(raw)
 
 
 def _trail(h: dict[str, Any]) -> tuple[float, ...]:
@@ -731,11 +754,16 @@ def encode(msg: Message) -> bytes:
             },
         )
         h["manifest"] = [s.as_json() for s in msg.manifest]
+        if msg.draft_model:
+            h["draft_model"], h["draft_config_json"] = msg.draft_model, msg.draft_config_json
+            h["draft_manifest"] = [s.as_json() for s in msg.draft_manifest]
     elif isinstance(msg, Ready):
         kind, h = (
             Kind.READY,
             {k: getattr(msg, k) for k in ("epoch", "hidden_size", "vocab_size", "load_seconds", "weight_bytes")},
         )
+        if msg.draft_seconds:
+            h["draft_seconds"] = msg.draft_seconds
     elif isinstance(msg, Step):
         spec, payload = _tensor_bytes(msg.tensor)
         segs = [_segment_json(s) for s in msg.segments]
@@ -771,6 +799,8 @@ def encode(msg: Message) -> bytes:
         )
         if msg.drafts:
             h["drafts"] = [list(d) for d in msg.drafts]
+        if msg.by_model:
+            h["by_model"] = list(msg.by_model)
     elif isinstance(msg, Recall):
         segs = [_segment_json(s) for s in msg.segments]
         kind, h = Kind.RECALL, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs}
@@ -867,7 +897,12 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             manifest=_manifest(h),
             hub=_str(h, "hub", 512),
             quantize=_str({"quantize": h.get("quantize", "none")}, "quantize", 8),
+            draft_model=_str({"draft_model": h.get("draft_model", "")}, "draft_model", 4096),
+            draft_config_json=_str({"c": h.get("draft_config_json", "")}, "c", 1 << 20),
+            draft_manifest=_manifest(h, "draft_manifest"),
         )
+        if a.draft_model and a.layer_end != a.num_layers:
+            raise ProtocolError("only a range ending at the last layer holds a draft model")
         if a.quantize not in QUANTIZE_CHOICES:
             raise ProtocolError(f"'quantize' must be one of {', '.join(QUANTIZE_CHOICES)}")
         if a.hub and not HUB_REF.match(a.hub):
@@ -882,6 +917,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             vocab_size=_int(h, "vocab_size", 1, 1 << 24),
             load_seconds=_float(h, "load_seconds"),
             weight_bytes=_int(h, "weight_bytes"),
+            draft_seconds=_float({"draft_seconds": h.get("draft_seconds", 0.0)}, "draft_seconds"),
         )
     if kind is Kind.STEP:
         segments = _segments(h)
@@ -913,6 +949,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             trail=_trail(h),
             tokens=_tokens(h),
             drafts=_result_drafts(h),
+            by_model=_by_model(h),
         )
     if kind is Kind.RECALL:
         return Recall(step_id=_int(h, "step_id"), epoch=_int(h, "epoch"), segments=_segments(h))

@@ -14,9 +14,12 @@ the time after the first), the trips the request's decode took (pipeline steps t
 tokens per trip, drafts sent and accepted per trip, and the bytes each hop carried per generated
 token (hidden states of every row sent, drafts included); per task whether both modes gave
 identical tokens and the speed-ups. With ``opts.draft_model`` (:func:`draft_folder`: a folder,
-``self`` or ``first:N``) a fourth mode drafts with that model where prompt lookup finds nothing
-(:mod:`master_core.draft_model`), and reports the trips that carried the model's drafts and the
-model's drafts sent and accepted per such trip (``draft_table``). ``local_copy(opts)`` decodes
+``self`` or ``first:N``) two more modes draft with that model where prompt lookup finds nothing
+(:mod:`worker_core.draft_model`): ``draft``, the last stage's copy inside the loop-back (the
+engine's default), and ``draft-master``, the master's (the loop-back off), side by side; each
+reports the trips that carried the model's drafts and the model's drafts sent and accepted per
+such trip (``draft_table``; the drafting seconds only where the master drafts: the last stage's
+are spent in its own process). ``local_copy(opts)`` decodes
 the copy task in one transformers process with no links at all (the ceiling a group is compared
 with). ``speculative_table`` prints it all.
 """
@@ -65,8 +68,8 @@ TASKS: dict[str, tuple[str, str]] = {  # name -> (kind, user message)
 }
 WONDERLAND_CHARS = 1400  # of the package's public-domain text, for the summary task
 # no drafts; prompt lookup drafted by the master; drafted by the last stage inside the loop-back (the
-# engine's default); lookup, else the draft model (on the master)
-MODES = ("off", "master", "speculative", "draft")
+# engine's default); lookup, else the draft model: the last stage's inside the loop-back, the master's
+MODES = ("off", "master", "speculative", "draft", "draft-master")
 
 
 def _messages(task: str) -> list[dict]:
@@ -172,8 +175,8 @@ async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
             modes = {}
             for mode in MODES if drafter is not None else MODES[:3]:
                 engine.speculative = mode != "off"
-                engine.drafter = drafter if mode == "draft" else None
-                engine.loop_drafts = mode != "master"
+                engine.drafter = drafter if mode.startswith("draft") else None
+                engine.loop_drafts = mode not in ("master", "draft-master")
                 engine.kv.forget_idle()  # every mode starts with no cached prompt
                 modes[mode] = await _answer(master, prompt, hidden_bytes)
             engine.speculative, engine.drafter, engine.loop_drafts = False, drafter, True
@@ -187,8 +190,9 @@ async def speculative_profile(opts: BenchOptions, profile: str) -> dict:
                 "speedup": modes["speculative"]["decode_tokens_per_s"] / off,
                 "master_speedup": modes["master"]["decode_tokens_per_s"] / off,
             }
-            if "draft" in modes:
-                tasks[task]["draft_speedup"] = modes["draft"]["decode_tokens_per_s"] / off
+            for mode in ("draft", "draft-master"):
+                if mode in modes:
+                    tasks[task][f"{mode}_speedup"] = modes[mode]["decode_tokens_per_s"] / off
         loop_back = master.group.loop_back.direct
     return {
         "profile": profile,
@@ -267,22 +271,26 @@ def speculative_table(rows: list[dict], local: dict | None) -> str:
 
 
 def draft_table(rows: list[dict]) -> str:
-    """The draft-model mode against no drafts: per profile and task (empty without one)."""
+    """The draft-model modes against no drafts: per profile, task and where the model drafts
+    (empty without one)."""
     lines = [
-        "| profile | draft model | task | tok/s off | tok/s draft | speed-up | tokens/trip | model trips "
+        "| profile | draft model | task | drafts on | tok/s off | tok/s draft | speed-up | tokens/trip | model trips "
         "| model drafts/trip | model accepted/trip | lookup trips | drafting s / decode s | identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for task, t in r["tasks"].items():
-            if "draft" not in t["modes"]:
-                continue
-            off, d = t["modes"]["off"], t["modes"]["draft"]
-            lines.append(
-                f"| {r['profile']} | {r['draft_model']} | {task} ({t['kind']}) | {off['decode_tokens_per_s']:.1f} | "
-                f"{d['decode_tokens_per_s']:.1f} | {t['draft_speedup']:.2f}x | {d['tokens_per_trip']:.2f} | "
-                f"{d['model_draft_trips']} | {d['model_drafts_per_trip']:.2f} | {d['model_accepted_per_trip']:.2f} | "
-                f"{d['draft_trips'] - d['model_draft_trips']} | {d['draft_seconds']:.1f} / {d['decode_seconds']:.1f} | "
-                f"{t['tokens_identical']} |"
-            )
+            for mode, where in (("draft", "last stage"), ("draft-master", "master")):
+                if mode not in t["modes"]:
+                    continue
+                off, d = t["modes"]["off"], t["modes"][mode]
+                spent = f"{d['draft_seconds']:.1f}" if mode == "draft-master" else "n/a"
+                speedup = t[f"{mode}_speedup"]
+                lines.append(
+                    f"| {r['profile']} | {r['draft_model']} | {task} ({t['kind']}) | {where} | "
+                    f"{off['decode_tokens_per_s']:.1f} | {d['decode_tokens_per_s']:.1f} | {speedup:.2f}x | "
+                    f"{d['tokens_per_trip']:.2f} | {d['model_draft_trips']} | {d['model_drafts_per_trip']:.2f} | "
+                    f"{d['model_accepted_per_trip']:.2f} | {d['draft_trips'] - d['model_draft_trips']} | "
+                    f"{spent} / {d['decode_seconds']:.1f} | {t['tokens_identical']} |"
+                )
     return "\n".join(lines) if len(lines) > 2 else ""

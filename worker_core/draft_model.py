@@ -1,4 +1,5 @@
-"""A small draft model for speculative decoding (``--draft-model``), run on the master.
+"""A small draft model for speculative decoding (``--draft-model``): on the master, and on the
+last stage where it drafts inside the loop-back.
 
 Contract
 --------
@@ -7,7 +8,8 @@ served model's tokenizer (a same-family pair: SmolLM2-135M for SmolLM2-1.7B, Qwe
 Qwen2.5-7B, ...) and refuses, with one clear ``ValueError`` line and before any weight is read,
 a folder that is missing, has no tokenizer, or whose vocabulary (token -> id) differs from the
 served model's, or whose embeddings do not cover it.  Token ids are only meaningful between
-the two models when the vocabularies are the same.
+the two models when the vocabularies are the same.  :func:`open_draft_model` loads a folder the
+master checked already (a last stage: the weights the master delivered, no tokenizer).
 
 :meth:`DraftModel.propose` drafts, for each request of a micro-batch, up to ``k`` tokens that
 may follow its tokens: **greedy** (the draft model's most likely token, one at a time), so a
@@ -17,12 +19,12 @@ sampling; drawing drafts from the draft model's own distribution would need the 
 ``min(1, p/q)`` rule, which is not implemented on purpose.  A draft stops early at a token the
 served model's logits cannot hold (an id past its vocabulary).
 
-Why on the master: in the master-driven design the master draws and verifies every token of a
-drafting request (:mod:`master_core.speculation`; such a request does not loop back), so the
-master is where the accepted tokens are known first and where the next draft can start at once;
-drafting on the last stage would need the accepted tokens sent back to it, a second source of
-truth for a request's tokens.  The draft model is small (a tenth of the served model or less)
-and runs on the master's CPU, in float32.
+Where it runs: the master drafts for the steps it drives (it draws and verifies every token of
+such a request: :mod:`master_core.speculation`); where the loop-back drafts, the last stage
+holds a copy too (``wire.Assign.draft_model``) and drafts with it where its prompt lookup finds
+nothing (:meth:`worker_core.session.Session._loop_back`), so a loop's next step carries the
+model's drafts without a trip to the master.  The model is small (a tenth of the served model
+or less) and runs on the CPU, in float32.
 
 Each request has its own KV cache (a transformers ``DynamicCache``) and the tokens it holds:
 a new call feeds only what changed since the last one, cropping the cache back to the longest
@@ -98,7 +100,7 @@ def check_vocab(draft_vocab: dict[str, int], served_vocab: dict[str, int], draft
 def load_draft_model(folder: str, served_tokenizer: Any, served_vocab_size: int, max_sessions: int) -> DraftModel:
     """Check ``folder`` against the served model's tokenizer, then load it (blocking: call it
     off the event loop).  Raises ``ValueError`` for a folder that is not a usable draft model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
@@ -109,9 +111,32 @@ def load_draft_model(folder: str, served_tokenizer: Any, served_vocab_size: int,
         raise ValueError(f"--draft-model {folder}: no tokenizer to check it against the served model ({e})") from e
     config = AutoConfig.from_pretrained(path)
     check_vocab(tokenizer.get_vocab(), served_tokenizer.get_vocab(), int(config.vocab_size), folder)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return open_draft_model(path, served_vocab_size, max_sessions)
+
+
+def open_draft_model(folder: Path, served_vocab_size: int, max_sessions: int) -> DraftModel:
+    """Load the draft model in ``folder`` (checked against the served model already; blocking:
+    call it off the event loop).  Its tensors are read by name wherever the folder's index puts
+    them (a worker's delivered weights live in a shared tensor store beside the folder, which
+    ``from_pretrained`` refuses); a tensor missing that no other one stands for (tied
+    embeddings) is a ``ValueError``."""
+    from transformers import AutoModelForCausalLM
+
+    from .shard import load_config, read_checkpoint
+
+    config = load_config(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    state = read_checkpoint(folder)
+    missing, _ = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.tie_weights()
+    params = model.state_dict()
+    loaded = {params[k].data_ptr() for k in params if k in state}
+    unfilled = [k for k in missing if params[k].data_ptr() not in loaded]
+    if unfilled:
+        raise ValueError(f"the draft model in {folder} has no tensor for {', '.join(unfilled[:3])}")
+    model.eval()
     log.info("draft model %s: %d parameters", folder, sum(p.numel() for p in model.parameters()))
-    return DraftModel(model, min(served_vocab_size, int(config.vocab_size)), max_sessions)
+    return DraftModel(model, min(served_vocab_size, int(model.config.vocab_size)), max_sessions)
 
 
 class DraftModel:
