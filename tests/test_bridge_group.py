@@ -197,6 +197,90 @@ def test_a_group_served_through_a_relay_heals_when_the_relay_restarts(tmp_path):
     assert registrations == 2
 
 
+def test_a_relayed_worker_moves_its_tunnel_to_a_direct_path_once_one_answers(tmp_path, monkeypatch):
+    """A member whose only way to the master answering is the relay serves through it; once a
+    direct address of its invitation answers (here a port that starts forwarding to the
+    master's group port, as a mapping the router makes later would), the worker, idle, moves its
+    tunnel there by itself: the group serves again over the direct path, same tokens.  While a
+    request runs it does not move."""
+    import io
+
+    from app.group.client import pair_through_relay
+    from app.tools.netlab.tcp_proxy import TcpProxy
+    from worker_core import worker as worker_module
+    from worker_core.control import EVENT_PREFIX, Events
+
+    monkeypatch.setattr(worker_module, "BETTER_PATH_EVERY", 0.2)
+    monkeypatch.setattr(worker_module, "BETTER_PATH_IDLE", 1.0)
+    ckpt = make_tiny_checkpoint("llama", tmp_path / "ckpt", num_layers=2)
+    prompt = [9, 8, 7, 6, 5]
+    want = reference_greedy(ckpt, prompt, 8)
+    stream = io.StringIO()
+
+    def paths() -> list[str]:
+        lines = [
+            json.loads(x[len(EVENT_PREFIX) :]) for x in stream.getvalue().splitlines() if x.startswith(EVENT_PREFIX)
+        ]
+        return [e["path"] for e in lines if e["event"] == "connected"]
+
+    async def main():
+        relay = BridgeServer()
+        await relay.start("127.0.0.1", 0)
+        address = f"127.0.0.1:{relay.port}"
+        master = Master(paired_config(ckpt, tmp_path / "m", min_workers=1, relay=address))
+        await master.start()
+        task, proxy = None, None
+        try:
+            assert master.bridge is not None and master.group_port is not None
+            while master.bridge.state is not BridgeState.REGISTERED:
+                await asyncio.sleep(0.02)
+            joined = await pair_through_relay(master.new_code(), address, tmp_path / "w", "w")
+            ident = load_or_create(tmp_path / "w" / "identity", "w")
+            direct = _free_port()  # nothing answers there yet
+            cfg = WorkerConfig(
+                master="",
+                candidates=(f"relay~{address}", f"mapped~127.0.0.1:{direct}"),
+                group=fingerprint(joined.master_cert),
+                device="cpu",
+                name="w",
+                tls=client_context(ident, joined.master_cert),
+                identity=ident,
+                hop_bind="127.0.0.1",
+                weights_dir=tmp_path / "w" / "weights",
+                retry_seconds=0.2,
+            )
+            task = asyncio.create_task(serve(cfg, events=Events(stream)))
+            await asyncio.wait_for(master.group.wait_serving(), 120)
+            before = (await master.engine.generate(prompt, greedy(8)))[0]
+            relayed_first = paths()
+            proxy = TcpProxy("127.0.0.1", master.group_port.port, listen_port=direct)
+            await proxy.start()
+            # a request in flight holds the tunnel where it is
+            slow = asyncio.ensure_future(master.engine.generate(prompt, greedy(8)))
+            during = (await slow)[0]
+            assert len(paths()) == 1  # not moved while it ran (nor within BETTER_PATH_IDLE of its last step)
+            deadline = time.monotonic() + 60
+            while len(paths()) < 2 or not master.group.serving:
+                assert time.monotonic() < deadline, f"the tunnel did not move: {paths()}"
+                await asyncio.sleep(0.05)
+            after = (await master.engine.generate(prompt, greedy(8)))[0]
+            return before, during, after, relayed_first, paths(), proxy.accepted
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            await master.stop()
+            if proxy is not None:
+                await proxy.close()
+            await relay.stop()
+
+    before, during, after, first, seen, accepted = run(main(), 240)
+    assert before == during == after == want
+    assert first == [f"relayed through 127.0.0.1:{first[0].rsplit(':', 1)[1]}"]
+    assert len(seen) == 2 and not seen[1].startswith("relayed"), seen
+    assert accepted >= 1  # the tunnel (and the handshakes that found the path) went through the new port
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

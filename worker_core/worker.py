@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,6 +82,8 @@ log = logging.getLogger("molink.worker")
 
 MAX_RETRY_SECONDS = 30.0  # the longest wait between two attempts to reach the master
 STABLE_TUNNEL = 10.0  # seconds a tunnel must last for the next reconnect to start quick again
+BETTER_PATH_EVERY = 30.0  # seconds between two looks for a direct path while the tunnel is relayed
+BETTER_PATH_IDLE = 10.0  # seconds without a step before a relayed tunnel moves to a direct path
 # frames from the master waiting to be executed (beside the one running): a master has at most its
 # micro-batch lanes' steps, coalesced Frees and MAX_FETCHES weight chunks out, far below this; more
 # is a broken master, and the tunnel closes as a protocol error rather than queueing without bound
@@ -99,12 +102,12 @@ async def _link(config: WorkerConfig) -> tuple[float, float]:
     return rtt, mbps or 0.0
 
 
-async def pick_path(config: WorkerConfig) -> Candidate | None:
+async def pick_path(config: WorkerConfig, relay: bool = True) -> Candidate | None:
     """The way to the master: its candidates (and ``config.master``, the address paired with)
     raced (happy eyeballs: LAN, then direct, then relay) up to a TLS handshake pinned to the
     master, so only the winner carries the tunnel and its Hello.  A ``relay`` candidate is dialled
     through the relay by ``config.group`` (the master's fingerprint) and its TLS runs over the
-    splice.  None when none answers (or nothing can be parsed)."""
+    splice (``relay`` False: none is tried).  None when none answers (or nothing can be parsed)."""
     from .bridge_dial import open_bridged_tls
     from .pairing import TUNNEL_SNI
 
@@ -115,7 +118,7 @@ async def pick_path(config: WorkerConfig) -> Candidate | None:
             listed.append(Candidate(Kind.MAPPED if is_public(host) else Kind.LAN, host, port))
     except ValueError:
         return None
-    if not config.group:
+    if not (config.group and relay):
         listed = [c for c in listed if c.kind is not Kind.RELAY]
 
     async def handshake(c: Candidate) -> asyncio.StreamWriter:
@@ -130,8 +133,8 @@ async def pick_path(config: WorkerConfig) -> Candidate | None:
 
     try:
         chosen, writer = await race(listed, handshake, discard=lambda w: w.close())
-    except NoPath as e:
-        log.warning("no address of the master answered (%s)", e)
+    except NoPath as e:  # a look for a better path than the relay finding none is no news
+        log.log(logging.WARNING if relay else logging.DEBUG, "no address of the master answered (%s)", e)
         return None
     writer.close()
     if chosen.address != config.master:
@@ -145,7 +148,9 @@ async def _connect_once(
     """One tunnel, from choosing the path (:func:`pick_path`, each time: a better path that
     appeared, or a relay that restarted, is taken at the next dial) to its end; returns why it
     ended.  A relay that wins is reached through a local :class:`~.bridge_dial.BridgeForwarder`
-    for this tunnel's life (the probe and the tunnel dial it unchanged)."""
+    for this tunnel's life (the probe and the tunnel dial it unchanged); while it carries the
+    tunnel, :func:`_better_path` looks for a direct one, and the tunnel moves there (it ends; the
+    next dial takes the direct path) once one answers while no step has run for a while."""
     if not (config.candidates and config.tls is not None):
         return await _tunnel(config, executor, shards, facts, weights, run, path_to(config.master))
     chosen = await pick_path(config)
@@ -161,7 +166,31 @@ async def _connect_once(
     async with BridgeForwarder(chosen.address, group=config.group) as forwarder:
         log.info("reaching the master through relay %s", chosen.address)
         relayed = dataclasses.replace(config, master=forwarder.address)
-        return await _tunnel(relayed, executor, shards, facts, weights, run, f"relayed through {chosen.address}")
+        path = f"relayed through {chosen.address}"
+        return await _tunnel(relayed, executor, shards, facts, weights, run, path, lambda: _better_path(config, run))
+
+
+async def _better_path(config: WorkerConfig, run: Run) -> str:
+    """Return (why) once a direct way to the master answers its pinned handshake while the
+    worker is idle (no step for ``BETTER_PATH_IDLE`` seconds: moving costs the group a re-plan
+    and the stage's caches, so never mid-stream); looks every ``BETTER_PATH_EVERY`` seconds
+    (each look bounded by the race's own timeouts).  Runs until cancelled otherwise."""
+    steps, quiet_since = run.steps, time.monotonic()
+    while True:
+        await asyncio.sleep(BETTER_PATH_EVERY)
+        now = time.monotonic()
+        if run.steps != steps:
+            steps, quiet_since = run.steps, now
+        if now - quiet_since < BETTER_PATH_IDLE:
+            continue
+        chosen = await pick_path(config, relay=False)
+        if chosen is not None and run.steps == steps:
+            log.info(
+                "a direct path to the master answers (%s, %s): moving the tunnel off the relay",
+                chosen.kind.value,
+                chosen.address,
+            )
+            return f"moving to a direct path ({chosen.kind.value} {chosen.address})"
 
 
 def path_to(master: str) -> str:
@@ -182,9 +211,11 @@ async def _tunnel(
     weights: WeightCache,
     run: Run,
     path: str,
+    watch: Callable[[], Awaitable[str]] | None = None,
 ) -> str:
     """One tunnel to ``config.master``, from dialling to its end, reported (the ``connected``
-    event) as going by ``path``; returns why it ended."""
+    event) as going by ``path``; returns why it ended.  ``watch``, run beside it once connected,
+    ends the tunnel (closed as going away) when it returns, with its return as the reason."""
     run.events.emit("connecting", master=config.master)
     info = devices.pick(config.device)
     offered = info.free_memory if config.memory_limit is None else min(info.free_memory, config.memory_limit)
@@ -247,7 +278,14 @@ async def _tunnel(
                     return
 
         reason = "tunnel closed"
-        runner_task = stats_task = None
+        runner_task = stats_task = watch_task = None
+        moved = ""
+
+        async def watching(watch: Callable[[], Awaitable[str]]) -> None:
+            nonlocal moved
+            moved = await watch()
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"moving to a better path")
+
         try:
             await session.send(
                 Hello(
@@ -269,6 +307,7 @@ async def _tunnel(
                 run.hops.sink = hopped
             runner_task = asyncio.create_task(execute())
             stats_task = asyncio.create_task(run.report_stats()) if run.events.enabled else None
+            watch_task = asyncio.create_task(watching(watch)) if watch is not None else None
             while True:
                 frame = await ws.receive()
                 if frame.type is aiohttp.WSMsgType.PING:  # answered with the stage's pulse (wire.pulse)
@@ -290,6 +329,7 @@ async def _tunnel(
                 await downlink.put(frame.data)
             if runner_task.done() and not runner_task.cancelled() and (failed := runner_task.exception()):
                 raise failed
+            reason = moved or reason
         except ProtocolError as e:
             log.error("protocol error from the master, closing the tunnel: %s", e)
             reason = f"protocol error: {e}"
@@ -302,7 +342,7 @@ async def _tunnel(
             if run.hops is not None:
                 run.hops.sink = None
                 run.hops.accept(-1, "", "")
-            await end_tasks(t for t in (runner_task, stats_task) if t is not None)
+            await end_tasks(t for t in (runner_task, stats_task, watch_task) if t is not None)
             await session.close_hop()
             await session.close()
             uplink.close()
