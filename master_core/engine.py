@@ -141,6 +141,7 @@ class Engine:
         self.model_accepted_tokens = 0
         self.draft_trips = 0  # steps that carried drafts
         self.loop_draft_trips = 0  # of those, the ones the last stage drafted inside the loop-back
+        self._stage_draft_cost: tuple[WorkerLink | None, float] = (None, 0.0)  # the last stage's draft model, measured
         self.drafted_tokens = 0  # drafts sent
         self.accepted_tokens = 0  # of those, accepted
         self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
@@ -526,6 +527,8 @@ class Engine:
                     # was sent under (a continuation relayed from a broken hop names them)
                     live = [r.id in self.running and r.kv_gen == gens[r.id] for r in reqs]
                     batch, carried = fed_back(batch, carried, went, reqs, live)
+                    if went.draft_seconds:  # the last stage's running measure of its draft model
+                        self._stage_draft_cost = (stages[-1], went.draft_seconds)
                     on_stages = [replace(b, request_id=s.request_id) for b, s in zip(batch, sent)]
                     journey = self.relay.looped(
                         stages, epoch, on_stages, exp, {k: (g, 0) for k, (g, _) in marks.items()}
@@ -719,10 +722,14 @@ class Engine:
 
     @property
     def _stage_draft_seconds(self) -> float:
-        """Seconds a drafted token costs the last stage's draft model (0: it holds none)."""
+        """Seconds a drafted token costs the last stage's draft model (0: it holds none): as it
+        last measured them while drafting, else as its warm-up did (``Ready.draft_seconds``)."""
         stages = self.group.stages
         ready = stages[-1].ready if stages else None
-        return ready.draft_seconds if ready is not None and self.drafter is not None else 0.0
+        if ready is None or self.drafter is None or not ready.draft_seconds:
+            return 0.0
+        link, cost = self._stage_draft_cost
+        return cost if link is stages[-1] else ready.draft_seconds
 
     @property
     def _drafts_in_loop(self) -> bool:

@@ -53,6 +53,7 @@ class Journey:
     queued: float = 0.0
     drafts: tuple[tuple[int, ...], ...] = ()  # per chunk, the drafts the last stage sent on with the next step
     by_model: tuple[bool, ...] = ()  # per chunk: those drafts are the last stage's draft model's (empty: none)
+    draft_seconds: float = 0.0  # with by_model: what a drafted token costs that model now, as the stage measured
 
 
 class Relay:
@@ -104,6 +105,7 @@ class Relay:
         drawn: tuple[int, ...] = ()
         drafts: tuple[tuple[int, ...], ...] = ()
         by_model: tuple[bool, ...] = ()
+        draft_seconds = 0.0
         computes: list[float] = []
         queued = 0.0
         i = legs = 0
@@ -137,6 +139,7 @@ class Relay:
                 last = at == len(stages) - 1
                 expect = (sum(c.logit_rows for c in chunks), row) if last else (total, dims.hidden_size)
                 drawn, drafts, by_model = result.tokens, result.drafts, result.by_model
+                draft_seconds = result.draft_seconds
                 if drawn and (not last or len(drawn) != expect[0] or max(drawn) >= dims.vocab_size):
                     why = f"named {len(drawn)} drawn tokens for {expect[0]} rows"
                     link.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
@@ -160,7 +163,7 @@ class Relay:
             for exp in looped:
                 exp.abandon()
             raise
-        return Journey(x, drawn, looped, legs, tuple(computes), queued, drafts, by_model)
+        return Journey(x, drawn, looped, legs, tuple(computes), queued, drafts, by_model, draft_seconds)
 
     def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
         """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their

@@ -160,6 +160,8 @@ def test_a_group_with_a_draft_model_is_greedy_identical_accepts_drafts_and_frees
             assert ready is not None and ready.draft_seconds > 0
             got = await e.generate(PROMPT, greedy(new))
             counts = (e.model_draft_trips, e.model_drafted_tokens, e.model_accepted_tokens, e.loop_draft_trips)
+            measured = e._stage_draft_cost  # the last stage's running measure of its model, from its results
+            assert (measured[0] is c.master.group.stages[-1] and measured[1] > 0) == in_loop, measured
             from prometheus_client import generate_latest
 
             scraped = generate_latest(c.master.metrics.registry).decode()

@@ -140,8 +140,9 @@ def test_tensor_messages_round_trip(dtype):
     twice = (Segment(1, 0, 2, True, rows=2), Segment(9, 40, 2, True, rows=2))
     looped = decode(encode(Step(5, 2, twice, ids, 8, forward=True, loop=3, draws=drafting)))
     assert isinstance(looped, Step) and looped.draws == drafting
-    by_model = decode(encode(Result(5, 2, 0.25, 0.5, ids, tokens=(3, 0), drafts=((4,), ()), by_model=(True, False))))
-    assert isinstance(by_model, Result) and by_model.by_model == (True, False)
+    made = Result(5, 2, 0.25, 0.5, ids, tokens=(3, 0), drafts=((4,), ()), by_model=(True, False), draft_seconds=0.01)
+    by_model = decode(encode(made))
+    assert isinstance(by_model, Result) and by_model.by_model == (True, False) and by_model.draft_seconds == 0.01
 
 
 def test_the_last_stage_draws_the_token_the_master_would():

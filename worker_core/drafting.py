@@ -56,6 +56,11 @@ class LoopDrafts:
             self.model, self._key = model, key
         return max(self.model.token_seconds, 1e-6)
 
+    @property
+    def token_seconds(self) -> float:
+        """What one drafted token costs the held draft model now (its running measure; 0: none)."""
+        return self.model.token_seconds if self.model is not None else 0.0
+
     def drop(self) -> None:
         """Hold no draft model (its caches and thread go)."""
         model, self.model, self._key = self.model, None, None

@@ -339,7 +339,8 @@ class Session:
             if runner.shard.is_last:
                 if msg.loop:
                     drawn, drafts, by_model = await self._loop_back(msg, out)
-                    result = replace(result, tokens=drawn, drafts=drafts, by_model=by_model)
+                    cost = self.drafts.token_seconds if by_model else 0.0
+                    result = replace(result, tokens=drawn, drafts=drafts, by_model=by_model, draft_seconds=cost)
                 self.post(result, urgent)
             elif msg.forward and hop is not None and hop.epoch == msg.epoch:
                 onward = replace(msg, tensor=out, forward=True, trail=(*msg.trail, compute))

@@ -403,6 +403,7 @@ class Result:
     # drafting in the loop-back (Draw.k): per segment, the drafts the fed-back step carries
     drafts: tuple[tuple[int, ...], ...] = ()
     by_model: tuple[bool, ...] = ()  # per segment: its drafts are the draft model's (empty: none are)
+    draft_seconds: float = 0.0  # with by_model: what a drafted token costs that draft model now (its running measure)
 
 
 @dataclass(frozen=True)
@@ -801,6 +802,8 @@ def encode(msg: Message) -> bytes:
             h["drafts"] = [list(d) for d in msg.drafts]
         if msg.by_model:
             h["by_model"] = list(msg.by_model)
+        if msg.draft_seconds:
+            h["draft_seconds"] = msg.draft_seconds
     elif isinstance(msg, Recall):
         segs = [_segment_json(s) for s in msg.segments]
         kind, h = Kind.RECALL, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs}
@@ -950,6 +953,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             tokens=_tokens(h),
             drafts=_result_drafts(h),
             by_model=_by_model(h),
+            draft_seconds=_float({"draft_seconds": h.get("draft_seconds", 0.0)}, "draft_seconds"),
         )
     if kind is Kind.RECALL:
         return Recall(step_id=_int(h, "step_id"), epoch=_int(h, "epoch"), segments=_segments(h))
