@@ -63,6 +63,10 @@ class _Envelope:
         self._classes.setdefault(key, deque(maxlen=self.PER_CLASS)).append((float(size), float(seconds)))
         self._stale = True
 
+    def points(self) -> tuple[tuple[float, float], ...]:
+        """The fastest recent observation of each size class, smallest size first."""
+        return tuple(sorted(min(points, key=lambda p: p[1]) for points in self._classes.values()))
+
     def fit(self) -> tuple[float, float] | None:
         if self._stale:
             self._line = _line([min(points, key=lambda p: p[1]) for points in self._classes.values()])
@@ -100,6 +104,36 @@ class StageCost:
     def predict(self, tokens: int) -> float | None:
         f = self._fit.fit()
         return None if f is None else f[0] + f[1] * tokens
+
+    def curve(self) -> tuple[tuple[float, float], ...]:
+        """The envelope itself: (tokens, seconds) of the fastest recent step of each size class,
+        smallest first.  The line through it (:meth:`estimate`, what the scheduler plans with)
+        is led by the largest steps; on a CPU a step's cost grows faster than linearly in its
+        tokens and a one-row step pays a fixed cost the line does not see (measured: 15 ms
+        against 1.5 ms predicted), so what a step really costs is read from here
+        (:func:`curve_seconds`; the simulator's physics)."""
+        return self._fit.points()
+
+
+def curve_seconds(curve: Sequence[tuple[float, float]], tokens: float) -> float:
+    """Seconds of a step of ``tokens`` read from a measured ``curve`` (:meth:`StageCost.curve`):
+    linear between its points, never less than at a smaller size (waiting only adds, so a
+    larger step is never cheaper), flat below the first point and along the last segment's
+    slope beyond the last (the mean slope when that one is flat)."""
+    if not curve:
+        raise ValueError("an empty curve")
+    pts: list[tuple[float, float]] = []
+    for x, y in sorted(curve):
+        pts.append((x, max(y, pts[-1][1]) if pts else y))  # never cheaper than a smaller step
+    if tokens <= pts[0][0] or len(pts) == 1:
+        x0, y0 = pts[0]
+        return y0 if tokens <= x0 else y0 * tokens / x0
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if tokens <= x1:
+            return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0) if x1 > x0 else y1
+    (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    slope = (y1 - y0) / (x1 - x0) if x1 > x0 and y1 > y0 else (y1 - pts[0][1]) / max(1e-9, x1 - pts[0][0])
+    return y1 + slope * (tokens - x1)
 
 
 class LinkCost:

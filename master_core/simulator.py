@@ -4,44 +4,29 @@ Contract
 --------
 ``simulate(model, workload, policy)`` replays a workload (:mod:`master_core.workload`)
 against a modelled pipeline and returns the same metrics the real benchmark reports.  The
-decisions — admission and preemption, micro-batches in flight, which requests and how many
-prefill tokens go in each micro-batch — are made by :mod:`master_core.scheduler`, exactly as
-the engine makes them.  Only the physics is modelled:
+decisions — admission and preemption, micro-batches in flight (the cost model's count, tuned
+online by :class:`~master_core.scheduler.MicrobatchTuner` from what the steps deliver, as the
+engine's), which requests and how many prefill tokens go in each micro-batch, how many steps a
+micro-batch loops back — are made by :mod:`master_core.scheduler`, exactly as the engine makes
+them, with the same inputs: the micro-batches carrying prefill in flight (``prefilling``), the
+lanes looping.  The physics is event-driven (:mod:`master_core.sim_pipeline`): each stage a
+server with the worker's inbox (decode steps first, a waiting step first after its patience)
+that pauses a longer step between its layers for the decode steps queued
+(``SimModel.stage_layers``), on a device whose cores its stages share; each link direction one
+frame at a time, a stage's own sends decode-first; a hop direct or relayed through the master
+(``CostSnapshot.direct``); the loop-back (``CostSnapshot.loop_back``): a micro-batch whose
+every row wants logits at the end of its request runs :func:`~master_core.scheduler.loop_steps`
+more steps on its own, each fed by the last stage straight to the first (a looping lane needs
+no slot, :func:`~master_core.scheduler.lanes_open`).  A step's compute is read from the cost
+line the scheduler plans with, or from the stages' measured curves (``SimModel.stage_curves``:
+the real engine plans with the line while its stages compute at the curve's cost).  The master
+adds ``master_seconds`` once per step, when the logits are back.
 
-* stage i computes a step of n tokens in ``fixed_i + per_token_i * n`` seconds, one step at a
-  time (FIFO), on a slot of its device (``CostSnapshot.devices``: stages of one device share
-  its slots, e.g. several workers on one machine's cores);
-* the link between the master and stage i carries each direction FIFO at ``bandwidth_i``
-  bytes/s, and adds ``rtt_i / 2`` one-way delay;
-* a micro-batch leaves the master over link 0's down direction and its logits come back over
-  the last link's up direction; each hop between stages i and i+1 is either relayed (up link i
-  to the master, then down link i+1: two crossings) or direct (``CostSnapshot.direct[i]``): stage i
-  sends straight to stage i+1 on its own up link (the same FIFO at ``bandwidth_i``: a machine's
-  uplink carries everything it sends) with one ``rtt_i / 2`` delay (every two machines are half
-  a round trip apart), touching neither the master nor stage i+1's link; ``direct=()`` means
-  every hop relayed (the scheduler plans with the same snapshot, so it knows which hops are direct);
-* the master adds ``master_seconds`` once per step, when the logits are back (sampling,
-  bookkeeping), whatever the hops; relaying a hop costs it no modelled time;
-* where the pipeline loops back (``CostSnapshot.loop_back``), a micro-batch whose every row
-  wants logits at the end of its request goes on for :func:`~master_core.scheduler.loop_steps`
-  more steps on its own, as the engine's: the last stage sends each step's drawn tokens to the
-  master and the next step straight to the first stage (both on its own up link, half its
-  round trip away); the master is not crossed between them, and each fed-back step books the
-  stages and links it uses when it reaches the first stage.  A looping lane needs no slot
-  (:func:`~master_core.scheduler.lanes_open`, the engine's rule).
-
-Decisions are the scheduler's, with the same inputs as the engine's: the micro-batches
-carrying prefill in flight (``prefilling``), the lanes looping.  Not modelled: a stage pausing
-a prefill step between its layers for the decode steps that arrive (every stage here runs
-its steps whole, in the order they were booked), the micro-batch tuner (the cost model's K
-is used as it is), and preemption by KV pressure mid-loop.
-
-Because every resource is FIFO and micro-batches enter in the order they are planned, a
-micro-batch's whole journey can be booked when it is planned.  Sampling is not modelled:
-every request generates exactly its ``output_tokens``.  No clock, no I/O, no torch.  The bytes
-figure counts every link crossing (a relayed hop twice, a direct one once).  Besides
-the benchmark figures the result has ``steps`` and ``peak_kv_tokens`` (the most KV tokens the
-running requests held or had in flight at once: what every stage's cache had to hold).
+Not modelled: preemption by KV pressure mid-loop, sampling (every request generates exactly its
+``output_tokens``), speculation.  No wall clock, no I/O, no torch.  The bytes figure counts
+every link crossing (a relayed hop twice, a direct one once).  Besides the benchmark figures
+the result has ``steps`` and ``peak_kv_tokens`` (the most KV tokens the running requests held
+or had in flight at once: what every stage's cache had to hold).
 
 ``cards_to_hold(dims, card_bytes, precision)`` is the other half of a modelled group: how many
 equal cards of ``card_bytes`` the planner needs to place a model (its layers at ``precision``,
@@ -52,10 +37,7 @@ for it (parameter counts from their published configurations).
 
 from __future__ import annotations
 
-import heapq
-import math
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from worker_core.precision import Precision
@@ -64,18 +46,18 @@ from .costs import CostSnapshot
 from .model_dims import ModelDims
 from .placement import Member, PlacementError, kv_token_budget, plan_pipeline
 from .scheduler import (
-    TOKEN_ID_BYTES,
     Candidate,
     Chunk,
     KVView,
+    MicrobatchTuner,
     Policy,
     admit_and_preempt,
     lanes_open,
     loop_steps,
     microbatch_count,
     next_microbatch,
-    step_bytes,
 )
+from .sim_pipeline import Clock, Pipeline, SimStep
 from .workload import BenchRequest, summarize
 
 
@@ -85,12 +67,17 @@ class SimModel:
     kv_tokens: int  # KV budget of the smallest stage, tokens
     master_seconds: float = 0.002  # master work per step
     max_running: int = 64
-
-
-class _Event(Enum):
-    ARRIVE = "a request arrives"
-    FED = "a step fed back by the last stage reaches the first"
-    DONE = "a step's result is back at the master"
+    # decoder layers per stage: a stage pauses a longer step between them for the decode steps
+    # waiting (worker_core.interleave); empty: every step runs whole
+    stage_layers: tuple[int, ...] = ()
+    # per stage, measured (tokens, seconds) points a step's compute is read from (StageCost.curve);
+    # empty: the cost line.  The scheduler decides with the line either way, as the engine does
+    stage_curves: tuple[tuple[tuple[float, float], ...], ...] = ()
+    # per device (CostSnapshot.device_groups order), cores busy with other work on average: the
+    # stages share what is left (a machine's other processes; measured by the real bench)
+    device_busy: tuple[float, ...] = ()
+    # CPU seconds a stage's process spends on a step beyond its compute, on its device
+    step_overhead: float = 0.0
 
 
 @dataclass
@@ -110,79 +97,16 @@ class _Req:
         return self.tokens - self.spec.prompt_tokens
 
 
-class _Pipeline:
-    """Resource bookings of stages and links (times in seconds)."""
+@dataclass(frozen=True)
+class _Trip:
+    """Which micro-batch a step belongs to, and which of its steps it is."""
 
-    def __init__(self, m: SimModel) -> None:
-        self.m = m
-        c = m.costs
-        self.stage_free = [0.0] * c.stages
-        self.down_free = [0.0] * c.stages
-        self.up_free = [0.0] * c.stages
-        # per device, when each of its slots is free next (stages of one device share them)
-        self.device_of = [0] * c.stages
-        self.slot_free: list[list[float]] = []
-        for d, (stages, slots) in enumerate(c.device_groups()):
-            for i in stages:
-                self.device_of[i] = d
-            self.slot_free.append([0.0] * slots)
-        self.busy_compute = [0.0] * c.stages
-        self.busy_down = [0.0] * c.stages  # each direction is its own FIFO resource
-        self.busy_up = [0.0] * c.stages
-        self.bytes = 0
-
-    def _send(self, free: list[float], busy: list[float], i: int, t: float, nbytes: int) -> float:
-        c = self.m.costs
-        bw = c.link_bandwidth[i]
-        dur = nbytes / bw if math.isfinite(bw) and bw > 0 else 0.0
-        start = max(t, free[i])
-        free[i] = start + dur
-        busy[i] += dur
-        self.bytes += nbytes
-        return start + dur + c.link_rtt[i] / 2
-
-    def journey(self, t: float, tokens: int, logits_rows: int, feeds_back: bool = False) -> tuple[float, float]:
-        """Book one micro-batch leaving the master at ``t``; return when its result is back at
-        the master, and (``feeds_back``) when the step its last stage feeds back reaches the
-        first stage (else ``inf``)."""
-        c = self.m.costs
-        arrive = self._send(self.down_free, self.busy_down, 0, t, step_bytes(c, 0, tokens, logits_rows)[0])
-        return self.fed(arrive, tokens, logits_rows, feeds_back)
-
-    def fed(self, arrive: float, tokens: int, logits_rows: int, feeds_back: bool) -> tuple[float, float]:
-        """Book one step reaching the first stage at ``arrive`` through the pipeline, as
-        :meth:`journey` (booked when it arrives, so steps fed back queue among the others by
-        their arrival)."""
-        c = self.m.costs
-        last = c.stages - 1
-        done = self._through(arrive, tokens, logits_rows)
-        nxt = math.inf
-        if feeds_back:  # the drawn tokens go straight back to the first stage, before the result
-            nxt = self._send(self.up_free, self.busy_up, last, done, tokens * TOKEN_ID_BYTES)
-        back = self._send(self.up_free, self.busy_up, last, done, step_bytes(c, last, tokens, logits_rows)[1])
-        return back + self.m.master_seconds, nxt
-
-    def _through(self, arrive: float, tokens: int, logits_rows: int) -> float:
-        """Book one step arriving at the first stage at ``arrive`` through every stage (and
-        the hops between them); return when the last stage has computed it."""
-        c = self.m.costs
-        t = arrive
-        for i in range(c.stages):
-            dur = c.stage_fixed[i] + c.stage_per_token[i] * tokens
-            start = max(arrive, self.stage_free[i])
-            slots = self.slot_free[self.device_of[i]]  # the device's earliest free slot
-            k = min(range(len(slots)), key=slots.__getitem__)
-            start = max(start, slots[k])
-            slots[k] = start + dur
-            self.stage_free[i] = start + dur
-            self.busy_compute[i] += dur
-            t = start + dur
-            if i + 1 < c.stages:
-                # stage i's up link carries its output: to the master, or straight to stage i + 1 on a direct hop
-                t = self._send(self.up_free, self.busy_up, i, t, step_bytes(c, i, tokens, logits_rows)[1])
-                relayed_in = step_bytes(c, i + 1, tokens, logits_rows)[0]
-                arrive = t if c.direct_into(i + 1) else self._send(self.down_free, self.busy_down, i + 1, t, relayed_in)
-        return t
+    lane: int
+    plan: list[Chunk]
+    k: int  # 0: the step the master sent; then the steps its last stage fed back
+    loop: int  # steps fed back after the first
+    key: tuple[int, int]  # the load it was planned under (the tuner's), and the micro-batches then
+    slots: int
 
 
 def simulate(model: SimModel, workload: list[BenchRequest], policy: Policy) -> dict:
@@ -192,8 +116,9 @@ def simulate(model: SimModel, workload: list[BenchRequest], policy: Policy) -> d
 
 
 class _Run:
-    """One simulation: the event queue (arrivals, micro-batch returns) and the requests' states.
-    Decisions are the scheduler's (``admit_and_preempt``, ``microbatch_count``, ``next_microbatch``)."""
+    """One simulation: arrivals and micro-batch returns on the event clock, and the requests'
+    states.  Decisions are the scheduler's (``admit_and_preempt``, ``microbatch_count``,
+    ``next_microbatch``, ``loop_steps``); the physics is :class:`~master_core.sim_pipeline.Pipeline`'s."""
 
     def __init__(self, model: SimModel, workload: list[BenchRequest], policy: Policy) -> None:
         self.model = model
@@ -201,9 +126,18 @@ class _Run:
         self.reqs = [_Req(spec=w, index=i, tokens=w.prompt_tokens) for i, w in enumerate(workload)]
         self.waiting: list[_Req] = []
         self.running: dict[int, _Req] = {}
-        self.pipe = _Pipeline(model)
-        self.events: list[tuple[float, int, _Event, object]] = []
-        self.seq = 0
+        self.clock = Clock()
+        self.pipe = Pipeline(
+            model.costs,
+            self.clock,
+            self._back,
+            self._feed,
+            model.stage_layers,
+            model.master_seconds,
+            model.stage_curves,
+            model.device_busy,
+            model.step_overhead,
+        )
         stages = model.costs.stages
         self.lane_busy = [False] * (
             policy.max_microbatches if policy.dynamic else max(1, policy.fixed_microbatches or stages)
@@ -212,38 +146,46 @@ class _Run:
         self.prefilling = 0  # lanes whose micro-batch carries prefill
         self.looping = 0  # lanes whose micro-batch loops back
         self.steps = 0
+        self.generated = 0  # output tokens so far (what the tuner measures)
+        self.tuner = MicrobatchTuner(policy.max_microbatches)  # as the engine's
         self.peak_kv_tokens = 0  # most KV tokens the running requests held (or had in flight) at once
         for r in self.reqs:
-            self._push(r.spec.arrival, _Event.ARRIVE, r)
-
-    def _push(self, t: float, kind: _Event, payload: object) -> None:
-        heapq.heappush(self.events, (t, self.seq, kind, payload))
-        self.seq += 1
+            self.clock.at(r.spec.arrival, lambda r=r: self._arrive(r))
 
     def until_done(self) -> None:
-        while self.events:
-            now, _, kind, payload = heapq.heappop(self.events)
-            if kind is _Event.ARRIVE:
-                self.waiting.append(cast(_Req, payload))
-            elif kind is _Event.FED:  # a step its last stage fed back reaches the first stage: book its trip
-                lane, plan, k, loop = cast(tuple[int, list[Chunk], int, int], payload)
-                self._book(now, lane, plan, k, loop)
-                continue  # nothing new for the scheduler
-            else:
-                lane, plan, k, loop = cast(tuple[int, list[Chunk], int, int], payload)
-                self._complete(now, plan, k)
-                if k == loop:  # the lane's last step: it is free again
-                    self.lane_busy[lane] = False
-                    self.prefilling -= any(ch.length > 1 for ch in plan)
-                    self.looping -= bool(loop)
-                    for ch in plan:
-                        if ch.request_id in self.running:
-                            self.running[ch.request_id].in_flight -= 1
-            self._try_lanes(now)
+        self.clock.run()
         if self.running or self.waiting:
             raise RuntimeError(
                 f"simulation ended with {len(self.running)} running and {len(self.waiting)} waiting requests"
             )
+
+    def _arrive(self, r: _Req) -> None:
+        self.waiting.append(r)
+        self._try_lanes(self.clock.now)
+
+    def _back(self, step: SimStep) -> None:
+        """A step's result is back at the master: fold it in, free its lane after its last step."""
+        trip = cast(_Trip, step.payload)
+        before = self.generated
+        self._complete(self.clock.now, trip.plan, trip.k)
+        prefill = trip.k == 0 and any(ch.length > 1 for ch in trip.plan)
+        self.tuner.observe(self.clock.now, trip.key, trip.slots, self.generated - before, prefill)
+        if trip.k == trip.loop:  # the lane's last step: it is free again
+            self.lane_busy[trip.lane] = False
+            self.prefilling -= any(ch.length > 1 for ch in trip.plan)
+            self.looping -= bool(trip.loop)
+            for ch in trip.plan:
+                if ch.request_id in self.running:
+                    self.running[ch.request_id].in_flight -= 1
+        self._try_lanes(self.clock.now)
+
+    def _feed(self, step: SimStep) -> SimStep:
+        """The step the last stage feeds back after ``step``: one token of each request."""
+        trip = cast(_Trip, step.payload)
+        k = trip.k + 1
+        self.steps += 1
+        n = len(trip.plan)
+        return SimStep(n, n, True, k < trip.loop, replace(trip, k=k))
 
     def _admit(self) -> None:
         views = [KVView(r.index, r.tokens, r.order, r.in_flight > 0) for r in self.running.values()]
@@ -264,6 +206,9 @@ class _Run:
         self._admit()
         c = self.model.costs
         slots = microbatch_count(self.policy, c, c.stages, len(self.running))
+        key = (0, len(self.running))  # the engine's tuning key: (epoch, running requests)
+        if self.policy.dynamic and self.policy.tune:  # as Engine.slots: the model's K, tuned by delivery
+            slots = self.tuner.choose(slots, key, len(self.running))
         for lane in range(len(self.lane_busy)):
             if self.lane_busy[lane] or (lane >= lanes_open(slots, self.looping) and lane > 0):
                 continue
@@ -285,21 +230,10 @@ class _Run:
             self.lane_busy[lane] = True
             self.prefilling += any(ch.length > 1 for ch in plan)
             self.looping += bool(loop)
-            self._book(t, lane, plan, 0, loop)
-
-    def _book(self, t: float, lane: int, plan: list[Chunk], k: int, loop: int) -> None:
-        """Book the ``k``-th step of a micro-batch: sent by the master at ``t`` (k = 0), or fed
-        back by its last stage and reaching the first stage at ``t``."""
-        tokens, rows = sum(ch.length for ch in plan), sum(ch.want_logits for ch in plan)
-        if k == 0:
-            back, nxt = self.pipe.journey(t, tokens, rows, loop > 0)
-        else:
-            tokens = rows = len(plan)  # a fed-back step: one token of each request
-            back, nxt = self.pipe.fed(t, tokens, rows, k < loop)
-        self.steps += 1
-        self._push(back, _Event.DONE, (lane, plan, k, loop))
-        if k < loop:
-            self._push(nxt, _Event.FED, (lane, plan, k + 1, loop))
+            tokens, rows = sum(ch.length for ch in plan), sum(ch.want_logits for ch in plan)
+            decode = all(ch.length == 1 and ch.start > 0 for ch in plan)  # the stages serve it first
+            self.steps += 1
+            self.pipe.send(SimStep(tokens, rows, decode, loop > 0, _Trip(lane, plan, 0, loop, key, slots)))
 
     def _complete(self, t: float, plan: list[Chunk], k: int) -> None:
         """Fold in the ``k``-th step of a micro-batch (0: the one the master sent; then the
@@ -314,6 +248,7 @@ class _Run:
             r.computed = max(r.computed, end)
             if ch.want_logits and r.computed == r.tokens:
                 r.tokens += 1
+                self.generated += 1
                 r.token_times.append(t)
                 if r.generated >= r.spec.output_tokens:
                     r.done_at = t

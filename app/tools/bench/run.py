@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from master_core.config import MasterConfig
-from master_core.costs import CostSnapshot
+from master_core.costs import CostSnapshot, curve_seconds
 from master_core.scheduler import policy
 from master_core.simulator import SimModel, simulate
 from master_core.workload import BenchRequest, WorkloadShape, make_workload, summarize
@@ -70,6 +70,9 @@ async def _run_policy(
     arrivals: list[float] = [0.0] * len(workload)
     times: list[list[float]] = [[] for _ in workload]
     outputs: list[list[int]] = [[] for _ in workload]
+    steps: list[dict] = []  # every step's timeline (the calibration compares the simulator's steps with them)
+    engine.on_step = steps.append
+    cpu_before = _cpu_seconds()
 
     async def one(i: int, w: BenchRequest) -> None:
         await asyncio.sleep(max(0.0, t0 + w.arrival - time.monotonic()))
@@ -85,7 +88,10 @@ async def _run_policy(
         outputs[i] = req.output
         bar.update(1)
 
-    await asyncio.gather(*(one(i, w) for i, w in enumerate(workload)))
+    try:
+        await asyncio.gather(*(one(i, w) for i, w in enumerate(workload)))
+    finally:
+        engine.on_step = None
     compute = [k.compute_total - b[0] for k, b in zip(links, before)]
     moved = sum(k.step_bytes_total - b[1] for k, b in zip(links, before))
     busy = list(compute)
@@ -94,7 +100,34 @@ async def _run_policy(
         busy.append((k.bytes_received - b[3]) * 8 / (mbps * 1e6))
     cores = os.cpu_count() or 1
     busy.append(sum(compute) / cores)  # the stages share this machine's cores
-    return summarize(arrivals, times, moved, busy), outputs
+    cpu = {k: v - cpu_before[k] for k, v in _cpu_seconds().items()}
+    timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
+    return {**summarize(arrivals, times, moved, busy), "cpu_seconds": cpu, "steps": timeline}, outputs
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far: by this process (the master), by its children (the workers),
+    and by the whole machine (busy, of all cores); and the wall clock.  Where the machine's
+    cores went during a run, beyond the stages' compute."""
+    import psutil
+
+    me = psutil.Process()
+    children = 0.0
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        children += t.user + t.system
+    mine = me.cpu_times()
+    machine = psutil.cpu_times()
+    busy = ("user", "nice", "system", "irq", "softirq", "steal")  # guest time is counted in user
+    return {
+        "master": mine.user + mine.system,
+        "workers": children,
+        "machine_busy": sum(getattr(machine, k, 0.0) for k in busy),
+        "wall": time.monotonic(),
+    }
 
 
 async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRequest]) -> dict:
@@ -115,28 +148,83 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         first = next(iter(outputs.values()))
         identical = all(o == first for o in outputs.values())
         costs = master.engine.costs()
+        layers = stage_layers(master)
+        curves = tuple(link.stage_cost.curve() for link in master.group.stages)
+        kv_tokens = master.group.kv_tokens
         calibration = (
-            calibrate(costs, master.group.kv_tokens, workload, results, opts.max_batch_tokens) if costs else None
+            calibrate(costs, kv_tokens, workload, results, opts.max_batch_tokens, layers, curves) if costs else None
         )
         report = profile_report(master, profile, results, identical)
-        return {**report, "calibration": calibration, "costs": dataclasses.asdict(costs) if costs else None}
+        return {
+            **report,
+            "calibration": calibration,
+            "costs": dataclasses.asdict(costs) if costs else None,
+            "kv_tokens": kv_tokens,
+            "stage_layers": layers,
+            "stage_curves": curves,
+        }
+
+
+def stage_layers(master: Master) -> tuple[int, ...]:
+    """Decoder layers each stage serves, in pipeline order (what a stage pauses between)."""
+    return tuple(
+        s.assignment.layer_end - s.assignment.layer_start for s in master.group.stages if s.assignment is not None
+    )
+
+
+def cpu_load(real: dict, curves: tuple[tuple[tuple[float, float], ...], ...], costs: CostSnapshot) -> dict:
+    """What else used the machine's cores during a real run, as :class:`SimModel` fields: the
+    cores kept busy on average by anything but the workers' processes (the master, and whatever
+    else ran: ``device_busy``), and the CPU seconds a worker spent per step beyond its compute
+    as the measured curves price it (receiving, encoding, sending: ``step_overhead``).  From the
+    run's CPU accounting (:func:`_cpu_seconds`) and step timelines; nothing when either is
+    missing or the stages are not all on this machine's one device."""
+    cpu, steps = real.get("cpu_seconds"), [s for s in real.get("steps", ()) if s["computes"] and not s["failed"]]
+    if not cpu or not cpu.get("wall") or not steps or len(costs.device_groups()) != 1 or len(curves) != costs.stages:
+        return {}
+    stage_steps = sum(len(s["computes"]) for s in steps)
+    priced = sum(
+        curve_seconds(curves[i], s["decodes"] + s["prefill_tokens"] + s["drafts"])
+        for s in steps
+        for i in range(min(len(s["computes"]), costs.stages))
+    )
+    return {
+        "device_busy": (max(0.0, cpu["machine_busy"] - cpu["workers"]) / cpu["wall"],),
+        "step_overhead": max(0.0, cpu["workers"] - priced) / stage_steps,
+    }
 
 
 def calibrate(
-    costs: CostSnapshot, kv_tokens: int, workload: list[BenchRequest], real: dict[str, dict], max_batch_tokens: int
+    costs: CostSnapshot,
+    kv_tokens: int,
+    workload: list[BenchRequest],
+    real: dict[str, dict],
+    max_batch_tokens: int,
+    layers: tuple[int, ...] = (),
+    curves: tuple[tuple[tuple[float, float], ...], ...] = (),
 ) -> dict:
-    """Simulate every policy with the costs measured in the real run, on the same workload,
-    and report the simulator's error against the real figures.  The measured stage times
-    already include the CPU contention between the local stages, so cores are not modelled
-    again."""
+    """Simulate every policy with the costs measured in the real run, on the same workload, and
+    report the simulator's error against the real figures.  The scheduler decides with the
+    measured cost line, as the engine did; the stages compute at what their measured ``curves``
+    say (the fastest recent step of each size), pause between their ``layers``, and share the
+    machine's cores (``costs.devices``) with the other work measured during the run
+    (:func:`cpu_load`)."""
     out: dict = {}
     for name, r in real.items():
-        sim = simulate(SimModel(costs, kv_tokens), workload, policy(name, max_batch_tokens))
+        model = SimModel(
+            costs,
+            kv_tokens,
+            stage_layers=layers if len(layers) == costs.stages else (),
+            stage_curves=curves if len(curves) == costs.stages and all(curves) else (),
+            **cpu_load(r, curves, costs),
+        )
+        sim = simulate(model, workload, policy(name, max_batch_tokens))
         out[name] = {
             k: {"real": r[k], "simulated": sim[k], "error": (sim[k] - r[k]) / r[k]}
             for k in ("output_tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
             if r.get(k)
         }
+        out[name]["model"] = {"device_busy": model.device_busy, "step_overhead": model.step_overhead}
     return out
 
 
@@ -371,8 +459,10 @@ async def run_bench(opts: BenchOptions) -> int:
     print(_table(rows))
     for r in report.get("real", []):
         print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
-        for name, figures in (r["calibration"] or {}).items():
-            errs = ", ".join(f"{k} {v['error']:+.0%}" for k, v in figures.items())
-            print(f"  simulator error vs real, {name}: {errs}")
+        for pol, figures in (r["calibration"] or {}).items():
+            errs = ", ".join(f"{k} {v['error']:+.0%}" for k, v in figures.items() if k != "model")
+            load = figures.get("model", {})
+            busy, over = load.get("device_busy") or (0.0,), load.get("step_overhead", 0.0)
+            print(f"  simulator error vs real, {pol}: {errs} (other cores {busy[0]:.2f}, {over * 1000:.1f} ms a step)")
     print(f"wrote {opts.out / name} and plots in {opts.out}")
     return 0
