@@ -78,7 +78,8 @@ def test_settings_defaults_and_round_trip(tmp_path):
         chat_master="10.0.0.2:8000",
         paused_until=math.inf,
         first_run_done=True,
-        firewall_port=7733,
+        firewall_ports=[7733, 7735],
+        firewall_allowed=True,
         relay="relay.example.net:7735",
     )
     settings.save(paths, custom)
@@ -97,7 +98,9 @@ def test_settings_defaults_and_round_trip(tmp_path):
         b'{"share_on_start": "yes"}',
         b'{"group_port": 70000}',
         b'{"group_port": true}',
-        b'{"firewall_port": 0}',
+        b'{"firewall_ports": [0]}',
+        b'{"firewall_ports": 7733}',
+        b'{"firewall_allowed": "yes"}',
         b'{"relay": "no port here"}',
         b'{"group_host": "my-pc.local"}',
         b'{"memory_limit_gb": -1}',

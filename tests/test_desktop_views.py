@@ -247,20 +247,41 @@ def test_the_join_dialog_pairs_with_a_links_every_address():
     assert pairing_target("47-8203-1956", "", None) == ("47-8203-1956", None)
 
 
-def test_windows_asks_once_per_group_port_to_open_the_firewall(qtbot, tmp_path):
+def test_windows_firewall_asked_once_for_the_apps_ports_and_rewritten_when_one_is_added(qtbot, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from app.desktop.system import firewall
+
+    written: list[list[int]] = []
+    monkeypatch.setattr(firewall, "write_rule", lambda ports: written.append(sorted(ports)) or "")
     asked: list[str] = []
+    answer = [False]
     c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
-    d = Desktop(c, use_tray=False, confirm=lambda q: asked.append(q) or False, exit_app=lambda: None)
+    d = Desktop(c, use_tray=False, confirm=lambda q: asked.append(q) or answer[0], exit_app=lambda: None)
     qtbot.addWidget(d.window)
-    d.offer_firewall_rule({"group_port": 7733}, platform="linux")
-    assert asked == [] and c.settings.firewall_port is None
-    d.offer_firewall_rule({"group_port": 7733}, platform="win32")  # declined: remembered, no rule
-    assert len(asked) == 1 and "TCP port 7733" in asked[0] and c.settings.firewall_port == 7733
-    d.offer_firewall_rule({"group_port": 7733}, platform="win32")
+    monkeypatch.setattr(c, "hosting", lambda: True)
+    c.master_info = {"group_port": 7733}
+    d.offer_firewall_rule(platform="linux")
+    assert asked == [] and c.settings.firewall_ports == [] and c.settings.firewall_allowed is None
+    d.offer_firewall_rule(platform="win32")  # declined: remembered, no rule
+    assert len(asked) == 1 and "TCP port 7733" in asked[0] and c.settings.firewall_ports == [7733]
+    assert c.settings.firewall_allowed is False and written == []
+    d.offer_firewall_rule(platform="win32")
     assert len(asked) == 1  # never asked twice for one port
+    c.relay, c.relay_port = SimpleNamespace(running=lambda: False), 7735  # this PC runs a relay: a new port asks
+    answer[0] = True
+    d.offer_firewall_rule(platform="win32")
+    assert len(asked) == 2 and "TCP ports 7733 and 7735" in asked[1]
+    qtbot.waitUntil(lambda: written == [[7733, 7735]], timeout=5000)
+    c.master_info = {"group_port": 7800}  # allowed before: the rule is rewritten without asking
+    d.offer_firewall_rule(platform="win32")
+    assert len(asked) == 2
+    qtbot.waitUntil(lambda: written[-1] == [7735, 7800], timeout=5000)
     from app.desktop.settings import load
 
-    assert load(c.paths).firewall_port == 7733  # kept across launches
+    kept = load(c.paths)  # kept across launches
+    assert kept.firewall_ports == [7733, 7735, 7800] and kept.firewall_allowed is True
+    c.relay = None
 
 
 QUIT_WHILE_LOOKING = """

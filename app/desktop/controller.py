@@ -90,6 +90,7 @@ class Controller(QObject):
     code_ready = Signal(dict)  # {"code", "expires_in", "link", "group", "group_port"}
     code_failed = Signal(str)
     master_ready = Signal(dict)  # the master's "listening" event
+    relay_ready = Signal(int)  # the port the relay this PC runs listens on
     master_failed = Signal(str)  # one sentence (create-group dialog)
     quit_ready = Signal()
 
@@ -457,6 +458,7 @@ class Controller(QObject):
             self.relay_port = ev["port"]
             outside = ev.get("outside")
             self.relay_outside = outside[:300] if isinstance(outside, str) and outside else None
+            self.relay_ready.emit(self.relay_port)
             self.changed.emit()
 
     def _relay_stopped(self, code: int) -> None:

@@ -74,32 +74,43 @@ class Desktop(QObject):
         controller.changed.connect(self._refresh)
         controller.notify.connect(self._notify)
         controller.quit_ready.connect(self._quit_now)
-        controller.master_ready.connect(self.offer_firewall_rule)
+        controller.master_ready.connect(lambda _info: self.offer_firewall_rule())
+        controller.relay_ready.connect(lambda _port: self.offer_firewall_rule())
         self.dialogs: dict[str, QWidget] = {}
         self.chat = None  # ChatWindow, made on first use
         self._quitting = False
 
-    def offer_firewall_rule(self, info: dict, platform: str = sys.platform) -> None:
-        """Windows: once per group port, ask to let friends reach it through the firewall, and add
-        the rule off the Qt thread (one UAC prompt); the answer is remembered either way."""
+    def offer_firewall_rule(self, platform: str = sys.platform) -> None:
+        """Windows: when this PC listens on a port of the app's that was never asked about (the
+        group port, the relay's), ask to let friends reach them through the firewall (or, allowed
+        before, just rewrite the rule) and write the rule off the Qt thread (one UAC prompt); the
+        ports asked about and the answer are remembered either way."""
         from .system import firewall
 
-        port = info.get("group_port")
-        if not firewall.wanted(platform, port, self.c.settings.firewall_port, self.c.settings.group_host):
-            return
-        assert isinstance(port, int)  # noqa: S101 - wanted() checked it
-        self.c.remember(firewall_port=port)
-        if not self.confirm(firewall.QUESTION.format(port=port)):
-            return
-
-        async def add() -> str:
-            return await asyncio.to_thread(firewall.add_rule, port)
-
-        self._firewall = Background(add, firewall.ELEVATED_TIMEOUT + 10)
-        self._firewall.done.connect(
-            lambda why: self._notify("MoLink", why or f"Windows Firewall now lets friends reach port {port}.")
+        hosted = self.c.master_info if self.c.hosting() else None
+        needed = firewall.inbound_ports(
+            self.c.settings.group_host, (hosted or {}).get("group_port"), self.c.relay_port if self.c.relay else None
         )
-        self._firewall.failed.connect(lambda why: self._notify("MoLink: the firewall rule was not added", why))
+        action = firewall.decide(platform, needed, self.c.settings.firewall_ports, self.c.settings.firewall_allowed)
+        if action is firewall.Action.NONE:
+            return
+        ports = sorted({*needed, *self.c.settings.firewall_ports})[-firewall.MAX_PORTS :]
+        if action is firewall.Action.ASK:
+            allowed = self.confirm(firewall.question(needed))
+            self.c.remember(firewall_ports=ports, firewall_allowed=allowed)
+            if not allowed:
+                return
+        else:
+            self.c.remember(firewall_ports=ports)
+
+        async def write() -> str:
+            return await asyncio.to_thread(firewall.write_rule, needed)
+
+        self._firewall = Background(write, firewall.ELEVATED_TIMEOUT + 10)
+        self._firewall.done.connect(
+            lambda why: self._notify("MoLink", why or firewall.UPDATED.format(ports=firewall.describe(needed)))
+        )
+        self._firewall.failed.connect(lambda why: self._notify("MoLink: the firewall rule was not written", why))
         self._firewall.start()
 
     def _late_tray(self) -> None:

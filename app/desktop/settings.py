@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -53,7 +53,10 @@ class Settings:
     chat_master: str = ""  # host:port of a remote master for the chat window; "" = this PC's master
     paused_until: float | None = None  # epoch seconds the pause ends; math.inf = until the user resumes
     first_run_done: bool = False  # the first-run wizard was completed
-    firewall_port: int | None = None  # Windows: the group port last offered a firewall rule (asked once)
+    # Windows: the app's inbound ports last asked about for the firewall rule, whatever the answer (a new one asks
+    # again), and the answer: None never asked, True allowed (later changes rewrite the rule unasked), False declined
+    firewall_ports: list[int] = field(default_factory=list)
+    firewall_allowed: bool | None = None
     relay: str = ""  # HOST:PORT of a relay (molink relay) a hosted group registers at and joining uses; "" = none
     run_relay: bool = False  # this PC offers a relay (molink relay) for groups; started again at launch
     relay_port: int = 7735  # the port that relay listens on
@@ -137,10 +140,14 @@ def _check(name: str, v: object) -> Any:  # the type of the field ``name``
     elif name == "group_host":
         if isinstance(v, str) and _is_address(v):
             return v
-    elif name in ("group_port", "firewall_port", "relay_port"):
-        if v is None and name == "firewall_port":
-            return None
-        if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535:
+    elif name in ("group_port", "relay_port"):
+        if _is_port(v):
+            return v
+    elif name == "firewall_ports":
+        if isinstance(v, list) and len(v) <= 8 and all(_is_port(p) for p in v):
+            return sorted(set(v))
+    elif name == "firewall_allowed":
+        if v is None or isinstance(v, bool):
             return v
     elif name == "paused_until":
         if v is None:
@@ -148,6 +155,10 @@ def _check(name: str, v: object) -> Any:  # the type of the field ``name``
         if _is_number(v) and not math.isnan(v) and v >= 0:  # +inf = until resumed
             return float(v)
     raise _BadSettings(f"{name} has a bad value {v!r}")
+
+
+def _is_port(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
 
 
 def _parse(text: str) -> Settings:

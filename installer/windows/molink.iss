@@ -162,6 +162,7 @@ end;
 procedure CurUninstallStepChanged(CurUninstallStep: TUninstallStep);
 var
   Data: String;
+  Ports: String;
   Port: Cardinal;
   Code: Integer;
 begin
@@ -171,12 +172,15 @@ begin
     { start at login, whoever turned it on (setup or the app's settings) }
     RegDeleteValue(HKCU, RunKey, 'MoLink');
     RegDeleteValue(HKCU, ApprovedKey, 'MoLink');
-    { the firewall rule, only when the app added one (app/desktop/system/firewall.py records its port):
-      removing it needs the same one elevation that adding it did }
-    if RegQueryDWordValue(HKCU, AppKey, 'FirewallRulePort', Port) then
+    { the firewall rule, only when the app wrote one (app/desktop/system/firewall.py records its ports; older
+      versions recorded one port as a DWORD under another name and named the rule "MoLink group port"):
+      removing both names takes the same one elevation that writing the rule did }
+    if RegQueryStringValue(HKCU, AppKey, 'FirewallRulePorts', Ports) or
+       RegQueryDWordValue(HKCU, AppKey, 'FirewallRulePort', Port) then
     begin
-      ShellExec('runas', ExpandConstant('{sys}\netsh.exe'), 'advfirewall firewall delete rule name="MoLink group port"',
-        '', SW_HIDE, ewWaitUntilTerminated, Code);
+      ShellExec('runas', ExpandConstant('{cmd}'), '/c netsh advfirewall firewall delete rule name="MoLink" & ' +
+        'netsh advfirewall firewall delete rule name="MoLink group port"', '', SW_HIDE, ewWaitUntilTerminated, Code);
+      RegDeleteValue(HKCU, AppKey, 'FirewallRulePorts');
       RegDeleteValue(HKCU, AppKey, 'FirewallRulePort');
       RegDeleteKeyIfEmpty(HKCU, AppKey);
     end;
