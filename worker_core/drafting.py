@@ -17,12 +17,16 @@ tokens that changed) and go with ``free`` (the master's ``Free``) or ``drop``.
 
 ``await hold(key, load)`` keeps the draft model of ``key`` (``load()`` it when another or none
 is held; a failed load is logged and holds none) and returns the seconds one drafted token
-costs, measured on a warm-up draft (0: none held).  ``close`` drops everything.
+costs, measured on a warm-up draft (0: none held).  :attr:`token_seconds` is what a drafted
+token costs the step that waits for it: the wall time of the model's calls per token they
+drafted (a running average: the model's passes compete with the stage for the cores), the
+warm-up's until it drafted.  ``close`` drops everything.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 from .draft_model import DraftModel
@@ -31,6 +35,7 @@ from .lookup import Histories
 log = logging.getLogger("molink.worker")
 
 MODEL_TIMEOUT = 2.0  # seconds a fed-back step waits for the draft model's drafts at most
+COST_DECAY = 0.8  # weight of the earlier calls in the running cost of a drafted token
 _WARM_UP = (1, 2, 3, 4)  # tokens of the warm-up draft that measures a drafted token's cost
 _WARM_KEY = -1  # its cache key (KV ids are never negative)
 
@@ -42,6 +47,7 @@ class LoopDrafts:
         self.histories = Histories()
         self.model: DraftModel | None = None
         self._key: Hashable | None = None  # what the held draft model is (Assign's draft source)
+        self._waited = 0.0  # running wall seconds per drafted token (0: not measured yet)
 
     async def hold(self, key: Hashable, load: Callable[[], Awaitable[DraftModel]]) -> float:
         if self.model is None or self._key != key:
@@ -53,13 +59,15 @@ class LoopDrafts:
             except Exception as e:  # drafts are optional: the stage serves without them
                 log.warning("the draft model could not be loaded; the loop-back drafts by prompt lookup only: %s", e)
                 return 0.0
-            self.model, self._key = model, key
+            self.model, self._key, self._waited = model, key, 0.0
         return max(self.model.token_seconds, 1e-6)
 
     @property
     def token_seconds(self) -> float:
-        """What one drafted token costs the held draft model now (its running measure; 0: none)."""
-        return self.model.token_seconds if self.model is not None else 0.0
+        """What one drafted token costs the step waiting for it (0: no model held)."""
+        if self.model is None:
+            return 0.0
+        return self._waited or max(self.model.token_seconds, 1e-6)
 
     def drop(self) -> None:
         """Hold no draft model (its caches and thread go)."""
@@ -75,7 +83,10 @@ class LoopDrafts:
         asks = [a for a in asks if a[1]]  # a request whose history is not held drafts nothing
         if model is None or not asks:
             return out
+        began = time.perf_counter()
         made = await model.propose(asks, MODEL_TIMEOUT)
+        per = (time.perf_counter() - began) / max(1, sum(len(d) for d in made))
+        self._waited = per if not self._waited else COST_DECAY * self._waited + (1 - COST_DECAY) * per
         by_id = {kv_id: drafts for (kv_id, _, _), drafts in zip(asks, made)}
         for i in wanted:
             drafts = by_id.get(jobs[i][0], ())

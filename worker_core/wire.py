@@ -403,7 +403,7 @@ class Result:
     # drafting in the loop-back (Draw.k): per segment, the drafts the fed-back step carries
     drafts: tuple[tuple[int, ...], ...] = ()
     by_model: tuple[bool, ...] = ()  # per segment: its drafts are the draft model's (empty: none are)
-    draft_seconds: float = 0.0  # with by_model: what a drafted token costs that draft model now (its running measure)
+    draft_seconds: float = 0.0  # with by_model: what a drafted token costs the step waiting for it (a running measure)
 
 
 @dataclass(frozen=True)
