@@ -266,7 +266,7 @@ def gpu_model(gpus: int, profile: str, direct: bool = False) -> SimModel:
         loop_back=direct,
     )
     kv_tokens = kv_tokens_on_cards(LLAMA3_70B, gpus, GPU_CARD_BYTES, precision)
-    return SimModel(costs, kv_tokens=kv_tokens)
+    return SimModel(costs, kv_tokens=kv_tokens, stage_layers=(layers,) * gpus)  # pausing as the workers do
 
 
 # --------------------------------------------------------------------------- report
