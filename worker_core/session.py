@@ -417,7 +417,8 @@ class Session:
         position it goes to), accepted while they match the drafts the segment carried
         (``Draw.drafts``); the last accepted (or the first that differs) continues the segment,
         with up to ``Draw.k`` drafts of prompt lookup after it, or where lookup finds nothing up
-        to ``Draw.model_k`` of the draft model (:class:`~worker_core.drafting.LoopDrafts`).
+        to ``Draw.model_k`` of the draft model (:class:`~worker_core.drafting.LoopDrafts`; halved
+        for the rest of the loop after a step whose drafts were all rejected).
         Returns (every row's token, each segment's drafts in the next step, whether the draft
         model made them) for its ``Result``; empty when it cannot loop back (the master, which
         expects that step, is told at once)."""
@@ -452,19 +453,22 @@ class Session:
             while taken <= len(d.drafts) and tokens[taken - 1] == d.drafts[taken - 1]:
                 taken += 1
             histories.extend(seg.request_id, tokens[:taken])
-            taken_by.append((first + taken, tokens[taken - 1], d.left - taken))
+            # the draft model's budget halves for the rest of the loop after drafts all rejected
+            # (the master chooses it again for the next loop, from every step's acceptance)
+            model_k = d.model_k // 2 if d.drafts and taken == 1 else d.model_k
+            taken_by.append((first + taken, tokens[taken - 1], d.left - taken, model_k))
             cap = d.left - taken - 1 - more  # the next step's drafts leave a token for every step after it
-            jobs.append((seg.request_id, min(d.k, cap), min(d.model_k, cap)))
+            jobs.append((seg.request_id, min(d.k, cap), min(model_k, cap)))
         made = await self.drafts.draft(jobs) if any(k or mk for _, k, mk in jobs) else [((), False)] * len(jobs)
         if not more:  # the next step is the master's to draw: nothing more to draft here
             histories.forget([seg.request_id for seg in msg.segments])
         segments, inputs, draws = [], [], []
-        for seg, d, (start, token, left), (ahead, _) in zip(msg.segments, msg.draws, taken_by, made):
+        for seg, d, (start, token, left, model_k), (ahead, _) in zip(msg.segments, msg.draws, taken_by, made):
             segments.append(
                 replace(seg, start=start, length=1 + len(ahead), want_logits=True, base=0, rows=1 + len(ahead))
             )
             inputs += [token, *ahead]
-            draws.append(replace(d, left=left, history=(), drafts=ahead))
+            draws.append(replace(d, left=left, history=(), drafts=ahead, model_k=model_k))
         x = torch.tensor(inputs, dtype=torch.int64)
         step = Step(
             nxt, msg.epoch, tuple(segments), x, msg.topk, forward=True, loop=more, draws=tuple(draws) if more else ()
