@@ -18,12 +18,21 @@ the mapped address (``member_came``), the mapped candidate is ``verified`` when 
 answered there, and the summary says what the check found and who made it; ``await stop()`` removes the
 mapping. A mapping that changes (renewal gave another port, the router restarted) changes
 ``candidates()`` at once. Loopback-bound masters (tests) map nothing and list only their address.
+
+IPv6: where the group port listens on IPv6 (``::`` or a global IPv6 host) and ``map_port``, the
+router is also asked for an inbound pinhole in its firewall (:class:`worker_core.portmap.pinhole.
+Pinholer`, at the same time as the mapping).  The pinholed address is an ``ipv6`` candidate (in
+place of the plain one of that address), ``verified`` once a member's tunnel dialled it and came
+from a global IPv6 address outside this machine's /64 (``member_came`` with the ``peer``: the
+pinhole then let someone in); ``summary()`` says it was opened or why not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+from collections.abc import Awaitable
 
 from worker_core.address import MemberPath, is_loopback
 from worker_core.candidates import Candidate, Kind
@@ -61,13 +70,13 @@ class Reach:
         self.host = host
         self.map_port = map_port and not is_loopback(host)
         self.mapper = None  # worker_core.portmap.PortMapper while mapping
+        self.pinholer = None  # worker_core.portmap.pinhole.Pinholer while asking for an IPv6 pinhole
         self._lan: list[Candidate] = []
         self.failure = ""
+        self._pinhole_checked: tuple[str, str] | None = None  # (member, address) it came in through
         self._check: tuple[int, bool, str, str] | None = None  # (port, reachable, why, checked by whom)
 
     async def start(self) -> None:
-        import asyncio
-
         if self.host in ALL:
             v4, v6 = await asyncio.to_thread(local_addresses)
             self._lan = [Candidate(Kind.LAN, a, self.port) for a in v4]
@@ -78,14 +87,26 @@ class Reach:
             self._lan = [Candidate(kind, self.host, self.port)]
         if self.map_port:
             from worker_core.portmap import PortMapper
+            from worker_core.portmap.pinhole import Pinholer
 
             self.mapper = PortMapper(self.port)
-            await self.mapper.start()
+            starts: list[Awaitable[object]] = [self.mapper.start()]
+            if self.host == "::" or (":" in self.host and ipaddress.ip_address(self.host).is_global):
+                self.pinholer = Pinholer(self.port, address=None if self.host == "::" else self.host)
+                starts.append(self.pinholer.start())
+            await asyncio.gather(*starts)
             self.failure = self.mapper.failure
 
     async def stop(self) -> None:
-        if self.mapper is not None:
-            await self.mapper.stop()
+        await asyncio.gather(*(k.stop() for k in (self.mapper, self.pinholer) if k is not None))
+
+    def pinhole(self) -> Candidate | None:
+        """The IPv6 address the router's firewall lets in to the group port, or None."""
+        hole = self.pinholer.current if self.pinholer is not None else None
+        if hole is None:
+            return None
+        verified = self._pinhole_checked is not None and self._pinhole_checked[1] == hole.host
+        return Candidate(Kind.IPV6, hole.host, hole.port, verified=verified)
 
     def mapped_port(self) -> int:
         """The external port of a public mapping (0: none): what the relay is asked to check."""
@@ -97,10 +118,17 @@ class Reach:
         relay = self.relay.address if self.relay is not None else "?"
         self._check = (port, reachable, why, f"relay {relay}")
 
-    def member_came(self, dialled: str, member: str, path: MemberPath) -> bool:
-        """Member ``member``'s tunnel, which dialled ``dialled``, arrived along ``path``: if it
-        dialled the mapped address from the internet (not through this router's NAT loopback,
-        which proves nothing), the mapping is checked from outside.  True when that was news."""
+    def member_came(self, dialled: str, member: str, path: MemberPath, peer: str = "") -> bool:
+        """Member ``member``'s tunnel, which dialled ``dialled``, arrived along ``path`` (from
+        ``peer``, when known): if it dialled the mapped address from the internet (not through
+        this router's NAT loopback, which proves nothing), the mapping is checked from outside;
+        if it dialled the pinholed IPv6 address from a global address outside this machine's /64
+        (so through the router's firewall), the pinhole is.  True when that was news."""
+        hole = self.pinhole()
+        if hole is not None and path is MemberPath.IPV6 and dialled == hole.address and _outside(peer, hole.host):
+            news = not hole.verified
+            self._pinhole_checked = (member, hole.host)
+            return news
         mapped = self.mapped()
         if mapped is None or path is not MemberPath.DIRECT or dialled != mapped.address:
             return False
@@ -121,11 +149,23 @@ class Reach:
         return Candidate(Kind.MAPPED, m.external_host, m.external_port, verified=bool(check and check[0]))
 
     def candidates(self) -> list[Candidate]:
-        mapped = self.mapped()
-        return [*self._lan, *([mapped] if mapped else []), *([self.relay] if self.relay else [])]
+        mapped, hole = self.mapped(), self.pinhole()
+        lan = [c for c in self._lan if hole is None or (c.host, c.port) != (hole.host, hole.port)]
+        extra = [c for c in (hole, mapped, self.relay) if c is not None]
+        return [*lan, *extra]
+
+    def _pinhole_said(self, hole: Candidate | None) -> str:
+        """What the IPv6 pinhole adds to the summary ("" when none was asked for)."""
+        if hole is not None:
+            checked = self._pinhole_checked
+            by = f"; checked from outside by member {checked[0]}" if hole.verified and checked else ""
+            return f"pinhole opened on your router for {hole.address}{by}"
+        if self.pinholer is not None and self.pinholer.asked_for:  # (a machine without IPv6 asked nothing)
+            return f"no IPv6 pinhole ({self.pinholer.failure or 'no answer'})"
+        return ""
 
     def summary(self) -> str:
-        mapped = self.mapped()
+        mapped, hole = self.mapped(), self.pinhole()
         if mapped is not None:
             said = f"friends anywhere can join: port {mapped.port} mapped on your router ({mapped.address}"
             check = self._checked_now(mapped.port)
@@ -134,7 +174,8 @@ class Reach:
                 said += (
                     f"; checked from outside by {by}" if ok else f"; but {by} could not reach it from outside: {why}"
                 )
-            return said + ")"
+            six = self._pinhole_said(hole)
+            return said + (f"; IPv6: {six}" if hole is not None else f"; {six}" if six else "") + ")"
         m = self.mapper.mapping if self.mapper is not None else None
         if m is not None:
             why = f"your router's own address {m.external_host} is behind another NAT (carrier-grade NAT?)"
@@ -142,6 +183,18 @@ class Reach:
             why = "the group port is not mapped on a router (loopback or mapping off)"
         else:
             why = f"your router mapped no port ({self.failure or 'no answer'})"
+        if hole is not None:
+            others = f"; others through relay {self.relay.address}" if self.relay is not None else ""
+            return f"friends anywhere with IPv6 can join: {self._pinhole_said(hole)} (no IPv4 way in: {why}{others})"
         if self.relay is not None:
             return f"friends anywhere can join through relay {self.relay.address} (no direct way in: {why})"
         return f"only this network can join, because {why}"
+
+
+def _outside(peer: str, own: str) -> bool:
+    """``peer`` is a global IPv6 address outside ``own``'s /64 (so it came through the router)."""
+    try:
+        ip = ipaddress.IPv6Address(peer.split("%")[0])
+    except ValueError:
+        return False
+    return ip.is_global and ip not in ipaddress.IPv6Network(f"{own}/64", strict=False)

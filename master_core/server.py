@@ -357,7 +357,7 @@ class Master:
             return ws
         if member is not None:
             hello = dataclasses.replace(hello, name=member)  # the group knows it by its member name
-            if self.reach is not None and self.reach.member_came(hello.dialled, member, member_path(peer)):
+            if self.reach is not None and self.reach.member_came(hello.dialled, member, member_path(peer), peer):
                 log.info("%s", self.reach.summary())
         link = WorkerLink(ws, hello, peer, self.max_frame, self.group.weights, self.group.draft_weights)
         link.member = member

@@ -253,3 +253,44 @@ def test_a_mapped_port_the_relay_reached_from_outside_is_a_verified_candidate():
     assert not reach.mapped().verified and "checked" not in reach.summary()
     reach.mapper = SimpleNamespace(mapping=Mapping("upnp", 7733, "100.64.0.5", 7733, 3600))  # behind a carrier NAT
     assert reach.mapped_port() == 0 and reach.mapped() is None
+
+
+def test_a_pinholed_ipv6_address_is_a_candidate_verified_by_a_member_from_outside():
+    """The IPv6 pinhole's address replaces the plain IPv6 candidate of that address; a member's
+    tunnel that dialled it from a global IPv6 address outside this machine's /64 (so through
+    the router's firewall) verifies it; one from inside the /64, or to another address, does not."""
+    from types import SimpleNamespace
+
+    from master_core.reach import Reach
+    from worker_core.address import MemberPath
+    from worker_core.portmap import Mapping
+    from worker_core.portmap.pinhole import Pinhole
+
+    reach = Reach(7733, "::", map_port=False)
+    own = "2a0f:ff00:0:10::10"
+    reach._lan = [Candidate(Kind.LAN, "192.168.10.10", 7733), Candidate(Kind.IPV6, own, 7733)]
+    reach.pinholer = SimpleNamespace(current=Pinhole("upnp", own, 7733, 3600, 3), failure="")
+    reach.mapper = SimpleNamespace(mapping=None)
+    hole = Candidate(Kind.IPV6, own, 7733)
+    assert reach.candidates() == [reach._lan[0], hole]
+    assert reach.summary().startswith(
+        f"friends anywhere with IPv6 can join: pinhole opened on your router for [{own}]:7733"
+    )
+    dialled = f"[{own}]:7733"
+    assert not reach.member_came(dialled, "home", MemberPath.IPV6, peer="2a0f:ff00:0:10::11")  # same /64: the LAN
+    assert not reach.member_came("[2a0f:ff00:0:10::99]:7733", "far", MemberPath.IPV6, peer="2a0f:ff00::101")
+    assert not reach.member_came(dialled, "far", MemberPath.IPV6)  # where it came from is not known
+    assert reach.pinhole() == hole
+    assert reach.member_came(dialled, "far", MemberPath.IPV6, peer="2a0f:ff00::101")
+    assert reach.candidates()[-1].to_text() == f"ipv6~{dialled}~v"
+    assert "checked from outside by member far" in reach.summary()
+    assert not reach.member_came(dialled, "far", MemberPath.IPV6, peer="2a0f:ff00::101")  # not news any more
+    reach.pinholer = SimpleNamespace(current=None, failure="upnp: UPnP: ... error 606", asked_for=own)
+    assert reach.candidates() == reach._lan  # closed: the plain candidate again
+    reach.mapper = SimpleNamespace(mapping=Mapping("upnp", 7733, "25.0.0.10", 7733, 3600))
+    assert reach.summary() == (
+        "friends anywhere can join: port 7733 mapped on your router (25.0.0.10:7733; "
+        "no IPv6 pinhole (upnp: UPnP: ... error 606))"
+    )
+    reach.pinholer = SimpleNamespace(current=None, failure="this machine has no global IPv6 address", asked_for="")
+    assert reach.summary() == "friends anywhere can join: port 7733 mapped on your router (25.0.0.10:7733)"

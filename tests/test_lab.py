@@ -427,30 +427,106 @@ def test_a_stage_on_ipv6_takes_its_hop_over_ipv6(ckpt, tmp_path):
     """A worker's hop listener is on both families (``::``): a worker on a dual-stack public
     host announces its global IPv6 address for hops (``--hop-host``), and the stage before it,
     in the IPv6 home, dials it there directly.  The hop into the IPv6 home is relayed (its
-    router's stateful firewall drops what comes in; no pinhole is asked for).  Tokens equal
-    single-process transformers'."""
+    router's stateful firewall drops what comes in, and this router opens no pinholes: see
+    the ``pinhole`` topology's tests below).  Tokens equal single-process transformers'."""
     with Lab.up("thop6", "ipv6") as lab:
         procs: list[subprocess.Popen] = []
         try:
-            master = _molink(lab, "pub", "group", "create", "--model", str(ckpt), "--host", "::", "--port", "7733",
-                             "--api-port", "8000", "--data-dir", str(tmp_path / "m"), "--name", "six",
-                             "--min-workers", "2", "--no-port-mapping")  # fmt: skip
-            procs.append(master)
-            output_line(master, "Pairing code:", 120, at_start=True)
-            v6 = lab.address6("pub2")
-            assert v6
-            for name, host, extra in (("w6", "pub2", ["--hop-host", v6]), ("wv", "v", [])):
-                procs.append(_join_and_work(lab, master, tmp_path, name, host, "--no-port-mapping", *extra))
-            up = lab.run("pub", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200,
-                         check=False)  # fmt: skip
-            assert up.returncode == 0, "the group never served:\n" + output_seen(master)
-            state = json.loads(lab.run("pub", [sys.executable, "-c", WORKERS, "http://127.0.0.1:8000"]).stdout)
-            stages = sorted((w for w in state if w["stage"] is not None), key=lambda w: w["stage"])
-            assert [w["name"] for w in stages] in (["w6", "wv"], ["wv", "w6"]), state
+            stages = _six_hop_group(lab, ckpt, tmp_path, procs, "wv", "v", "--no-port-mapping")
             into_w6 = next(w for w in stages if w["name"] == "wv")  # its next hop (or loop-back) is into w6
             into_wv = next(w for w in stages if w["name"] == "w6")
-            assert into_w6["next_hop"] and "direct (" in into_w6["next_hop"], state
-            assert into_wv["next_hop"] and "direct (" not in into_wv["next_hop"], state
+            assert into_w6["next_hop"] and "direct (" in into_w6["next_hop"], stages
+            assert into_wv["next_hop"] and "direct (" not in into_wv["next_hop"], stages
             _answers_as_transformers(lab, "pub", ckpt)
         finally:
             _stop(procs)
+
+
+def _six_hop_group(lab: Lab, ckpt, tmp_path, procs: list[subprocess.Popen], name: str, host: str, *args: str) -> list:
+    """A group served by two stages: w6 on the dual-stack public host pub2, announcing its IPv6
+    address for hops, and ``name`` on ``host`` (``args`` added); the master on pub.  Returns
+    the two stages as /health describes them, once the group serves (its processes in ``procs``)."""
+    master = _molink(lab, "pub", "group", "create", "--model", str(ckpt), "--host", "::", "--port", "7733",
+                     "--api-port", "8000", "--data-dir", str(tmp_path / "m"), "--name", "six",
+                     "--min-workers", "2", "--no-port-mapping")  # fmt: skip
+    procs.append(master)
+    output_line(master, "Pairing code:", 120, at_start=True)
+    v6 = lab.address6("pub2")
+    assert v6
+    procs.append(_join_and_work(lab, master, tmp_path, "w6", "pub2", "--no-port-mapping", "--hop-host", v6))
+    procs.append(_join_and_work(lab, master, tmp_path, name, host, *args))
+    up = lab.run("pub", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200, check=False)
+    assert up.returncode == 0, "the group never served:\n" + output_seen(master)
+    state = json.loads(lab.run("pub", [sys.executable, "-c", WORKERS, "http://127.0.0.1:8000"]).stdout)
+    stages = sorted((w for w in state if w["stage"] is not None), key=lambda w: w["stage"])
+    assert [w["name"] for w in stages] in (["w6", name], [name, "w6"]), state
+    return stages
+
+
+def _pinhole_rule(lab: Lab, router: str, host: str, port: int) -> bool:
+    """miniupnpd's pinhole for ``[host]:port`` is in ``router``'s ruleset (its forward chain
+    `miniupnpd`; nft prints the IPv6 destination as raw bytes)."""
+    import ipaddress
+
+    raw = "0x" + ipaddress.IPv6Address(host).packed.hex()
+    return any(f"th dport {port} " in line and raw in line for line in lab.ruleset(router).splitlines())
+
+
+def test_an_ipv6_home_router_opens_a_pinhole_for_the_group_port(ckpt, tmp_path):
+    """Master in home v (IPv6 behind a stateful firewall; its router's miniupnpd opens pinholes).
+    Without port mapping, a TLS handshake from pub to the master's IPv6 address is dropped by
+    the router.  With it, the master asks for a pinhole: the rule is in the router's ruleset
+    while the group runs, the link and the summary name it, and pub completes a TLS handshake
+    with the master's certificate over IPv6, directly; after the master stops the rule is gone
+    and pub is blocked again."""
+    with Lab.up("tpin", "pinhole") as lab:
+        v6 = lab.address6("v")
+        assert v6
+        create = ["group", "create", "--model", str(ckpt), "--host", "::", "--port", "7733", "--api-port", "8000",
+                  "--name", "pin"]  # fmt: skip
+        closed = _molink(lab, "v", *create, "--data-dir", str(tmp_path / "m0"), "--no-port-mapping")
+        try:
+            output_line(closed, "Join link:", 120, at_start=True)
+            blocked = lab.run("pub", [sys.executable, "-c", TLS_HELLO, v6, "7733"], timeout=30, check=False)
+            assert blocked.returncode != 0 and "timed out" in blocked.stderr, blocked.stdout + blocked.stderr
+        finally:
+            _stop([closed])
+        master = _molink(lab, "v", *create, "--data-dir", str(tmp_path / "m"))
+        try:
+            link = output_line(master, "Join link:", 120, at_start=True)
+            reach = output_line(master, "  (", 30, at_start=True)
+            assert f"ipv6~[{v6}]:7733" in link and f"mapped~{lab.wan_address('v')}:7733" in link, link
+            assert f"IPv6: pinhole opened on your router for [{v6}]:7733" in reach, reach
+            assert _pinhole_rule(lab, "r-v", v6, 7733), lab.ruleset("r-v")
+            mine = lab.run("v", [sys.executable, "-c", TLS_HELLO, "::1", "7733"], timeout=30).stdout.strip()
+            over6 = lab.run("pub", [sys.executable, "-c", TLS_HELLO, v6, "7733"], timeout=30, check=False)
+            assert over6.returncode == 0 and over6.stdout.strip() == mine, over6.stderr
+        finally:
+            _stop([master])
+        assert not _pinhole_rule(lab, "r-v", v6, 7733), lab.ruleset("r-v")  # removed when the master stopped
+        again = lab.run("pub", [sys.executable, "-c", TLS_HELLO, v6, "7733"], timeout=30, check=False)
+        assert again.returncode != 0
+
+
+@pytest.mark.slow
+def test_a_stage_behind_an_ipv6_firewall_takes_its_hop_through_a_pinhole(ckpt, tmp_path):
+    """Home w's router opens IPv6 pinholes and maps no IPv4 port.  Its worker asks for a pinhole
+    to its hop port and answers its route with it (``Routed.mapped`` = ``[v6]:7734``); the stage
+    before it, on the dual-stack public host pub2, dials it there: the hop into w is direct (in
+    the ``ipv6`` topology, without a pinhole, the same hop is relayed: the test above); the
+    pinhole rule is in w's router's ruleset while the group serves and gone after; tokens equal
+    single-process transformers'."""
+    with Lab.up("thpin", "pinhole") as lab:
+        procs: list[subprocess.Popen] = []
+        w6 = lab.address6("w")
+        assert w6
+        try:
+            stages = _six_hop_group(lab, ckpt, tmp_path, procs, "ww", "w")  # maps its hop port: a pinhole only
+            into_ww = next(w for w in stages if w["name"] == "w6")  # its next hop (or loop-back) is into ww
+            assert into_ww["next_hop"] and "direct (" in into_ww["next_hop"], stages
+            assert _pinhole_rule(lab, "r-w", w6, 7734), lab.ruleset("r-w")
+            assert "dnat" not in lab.ruleset("r-w")  # no IPv4 mapping: the hop came through the pinhole
+            _answers_as_transformers(lab, "pub", ckpt)
+        finally:
+            _stop(procs)
+        assert not _pinhole_rule(lab, "r-w", w6, 7734), lab.ruleset("r-w")

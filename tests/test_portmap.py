@@ -17,6 +17,7 @@ from worker_core.address import BadAddress, format_address, parse_address
 from worker_core.candidates import Candidate, Kind, NoPath, parse_candidate_text, race
 from worker_core.portmap import PortMapper, natpmp, pcp
 from worker_core.portmap.errors import Nonsense, Refused
+from worker_core.portmap.pinhole import Pinholer
 
 
 def sync(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -54,13 +55,20 @@ class FakeRouter(asyncio.DatagramProtocol):
         if data[0] == 2:  # PCP
             if self.mode == "natpmp-only":
                 return struct.pack("!BBHI", 0, 0x80 | data[1], 1, 0)  # NAT-PMP: unsupported version
+            if data[1] == 0:  # ANNOUNCE: the common header alone
+                return struct.pack("!BBBBII", 2, 0x80, 0, 0, 0, 1) + bytes(12)
             nonce, internal, suggested = data[24:36], *struct.unpack_from("!HH", data, 40)
             lifetime = struct.unpack_from("!I", data, 4)[0]
-            if self.mode == "pcp-refuse":
-                return struct.pack("!BBBBII", 2, 0x81, 0, 8, 0, 0) + bytes(12) + bytes(36)
+            if self.mode == "pcp-refuse" or (self.mode == "pcp-refuse-delete" and lifetime == 0):
+                code = 2 if self.mode == "pcp-refuse-delete" else 8  # NOT_AUTHORIZED, NO_RESOURCES
+                return struct.pack("!BBBBII", 2, 0x81, 0, code, 0, 0) + bytes(12) + bytes(36)
             if self.mode == "pcp-wrong-port":
                 internal += 1
-            ext = ipaddress.IPv6Address(f"::ffff:{self.external}").packed
+            client = ipaddress.IPv6Address(data[8:24])
+            # an IPv6 client's pinhole opens its own address (RFC 6887 section 11); IPv4 is NATed
+            ext = (
+                client.packed if client.ipv4_mapped is None else ipaddress.IPv6Address(f"::ffff:{self.external}").packed
+            )
             head = struct.pack("!BBBBII", 2, 0x81, 0, 0, min(lifetime, self.lifetime), 1) + bytes(12)
             return head + nonce + struct.pack("!B3xHH", 6, internal, suggested or internal) + ext
         if data[1] == 0:  # NAT-PMP external address
@@ -243,26 +251,33 @@ _VARS = {
     "InternalClient": "string", "PortMappingEnabled": "boolean", "PortMappingDescription": "string",
     "PortMappingLeaseDuration": "ui4", "ExternalIPAddress": "string",
 }  # fmt: skip
-SCPD = (
-    '<?xml version="1.0"?><scpd xmlns="urn:schemas-upnp-org:service-1-0">'
-    "<specVersion><major>1</major><minor>0</minor></specVersion><actionList>"
-    + "".join(
-        f"<action><name>{name}</name><argumentList>"
+
+
+def _scpd(actions: dict[str, list[tuple[str, str, str]]], variables: dict[str, str]) -> str:
+    """A service description with ``actions`` (argument, direction, state variable) and their variables."""
+    return (
+        '<?xml version="1.0"?><scpd xmlns="urn:schemas-upnp-org:service-1-0">'
+        "<specVersion><major>1</major><minor>0</minor></specVersion><actionList>"
         + "".join(
-            f"<argument><name>{a}</name><direction>{d}</direction><relatedStateVariable>{v}</relatedStateVariable>"
-            "</argument>"
-            for a, d, v in args
+            f"<action><name>{name}</name><argumentList>"
+            + "".join(
+                f"<argument><name>{a}</name><direction>{d}</direction>"
+                f"<relatedStateVariable>{v}</relatedStateVariable></argument>"
+                for a, d, v in args
+            )
+            + "</argumentList></action>"
+            for name, args in actions.items()
         )
-        + "</argumentList></action>"
-        for name, args in _ARGS.items()
+        + "</actionList><serviceStateTable>"
+        + "".join(
+            f'<stateVariable sendEvents="no"><name>{n}</name><dataType>{t}</dataType></stateVariable>'
+            for n, t in variables.items()
+        )
+        + "</serviceStateTable></scpd>"
     )
-    + "</actionList><serviceStateTable>"
-    + "".join(
-        f'<stateVariable sendEvents="no"><name>{n}</name><dataType>{t}</dataType></stateVariable>'
-        for n, t in _VARS.items()
-    )
-    + "</serviceStateTable></scpd>"
-)
+
+
+SCPD = _scpd(_ARGS, _VARS)
 ENVELOPE = (
     '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
     's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>{}</s:Body></s:Envelope>'
@@ -341,4 +356,230 @@ async def test_upnp_nonsense_external_address_is_a_clear_failure() -> None:
         with pytest.raises(Nonsense, match="external address is 'not-an-address'"):
             await igd.external_address()
     finally:
+        await runner.cleanup()
+
+
+# ---------------------------------------------------------------- IPv6 pinholes: PCP over IPv6, UPnP IGDv2 firewall
+
+CLIENT6 = "2001:db8:5::10"  # the machine's global IPv6 address the pinhole is for (documentation range)
+
+
+def test_pcp_ipv6_map_and_announce_encoding() -> None:
+    """RFC 6887: the client's IPv6 address as it is (not IPv4-mapped), the suggested external
+    address all zeros (``::``), and ANNOUNCE is the 24-byte common header with opcode 0."""
+    nonce = bytes(range(12))
+    req = pcp.request(CLIENT6, 7733, 7733, 120, nonce)
+    assert len(req) == 60 and req[:4] == bytes([2, 1, 0, 0]) and struct.unpack_from("!I", req, 4)[0] == 120
+    assert req[8:24] == ipaddress.IPv6Address(CLIENT6).packed
+    assert req[24:36] == nonce and req[36] == 6 and struct.unpack_from("!HH", req, 40) == (7733, 7733)
+    assert req[44:60] == bytes(16)  # IPv6: "::", not ::ffff:0.0.0.0
+    v4 = pcp.request("192.168.1.5", 7733, 7733, 120, nonce)
+    assert v4[8:24] == ipaddress.IPv6Address("::ffff:192.168.1.5").packed
+    assert v4[44:60] == ipaddress.IPv6Address("::ffff:0.0.0.0").packed
+    ann = pcp.announce_request(CLIENT6)
+    assert len(ann) == 24 and ann[:8] == bytes([2, 0, 0, 0, 0, 0, 0, 0]) and ann[8:] == req[8:24]
+    answer = FakeRouter("good").answer(req)
+    assert answer is not None and pcp.parse(answer, 7733, nonce) == pcp.Lease(CLIENT6, 7733, 120)
+
+
+def _pcp_pinholer(port: int, **kw: Any) -> Pinholer:
+    return Pinholer(7733, address=CLIENT6, gateway="127.0.0.1", udp_port=port, protocols=("pcp",), **kw)
+
+
+@sync
+async def test_pcp_pinhole_opens_renews_at_half_lease_and_closes_on_stop() -> None:
+    router, port, transport = await _router("good", lifetime=2)
+    try:
+        holer = _pcp_pinholer(port)
+        hole = await holer.start()
+        assert hole is not None and (hole.protocol, hole.host, hole.port, hole.lifetime) == ("pcp", CLIENT6, 7733, 2)
+        assert router.requests[0][1] == 0  # ANNOUNCE first: a probe that opens nothing
+        maps = lambda: [r for r in router.requests if r[1] == 1]  # noqa: E731
+        assert len(maps()) == 1 and maps()[0][8:24] == ipaddress.IPv6Address(CLIENT6).packed
+        await asyncio.sleep(1.6)  # renewal at half of 2 s: the same MAP again
+        assert len(maps()) >= 2 and maps()[-1][24:36] == maps()[0][24:36]
+        await holer.stop()
+        assert struct.unpack_from("!I", maps()[-1], 4)[0] == 0  # lifetime 0: closed
+        assert holer.current is None
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize(("mode", "words"), [("pcp-refuse", "NO_RESOURCES"), ("silent", "no answer"),
+                                             ("garbage", "malformed")])  # fmt: skip
+@sync
+async def test_pcp_pinhole_refused_or_nonsense_is_a_clear_failure(mode: str, words: str) -> None:
+    _r, port, transport = await _router(mode)
+    try:
+        holer = _pcp_pinholer(port)
+        assert await holer.start() is None
+        assert holer.failure.startswith("pcp: ") and words.lower() in holer.failure.lower(), holer.failure
+        await holer.stop()
+    finally:
+        transport.close()
+
+
+@sync
+async def test_pcp_pinhole_whose_delete_is_refused_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """miniupnpd 2.3.1 refuses the delete (NOT_AUTHORIZED) once it renewed the pinhole: stop()
+    says so and when the pinhole closes by itself, and returns."""
+    _r, port, transport = await _router("pcp-refuse-delete")
+    try:
+        holer = _pcp_pinholer(port)
+        assert await holer.start() is not None
+        with caplog.at_level("WARNING", logger="molink.portmap"):
+            await holer.stop()
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert "NOT_AUTHORIZED" in said and "closes when its lease ends" in said, said
+    finally:
+        transport.close()
+
+
+@sync
+async def test_no_global_ipv6_address_opens_nothing() -> None:
+    holer = Pinholer(7733, address=None, gateway="127.0.0.1", protocols=("pcp",))
+    import worker_core.portmap.pinhole as pinhole
+
+    real = pinhole.global_address
+    pinhole.global_address = lambda: None  # a machine with IPv4 only
+    try:
+        assert await holer.start() is None
+        assert holer.failure == "this machine has no global IPv6 address (nothing to open)"
+    finally:
+        pinhole.global_address = real
+
+
+FW = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
+DESC2 = """<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0"><specVersion><major>1</major><minor>0</minor></specVersion>
+<device><deviceType>urn:schemas-upnp-org:device:InternetGatewayDevice:2</deviceType><friendlyName>fake</friendlyName>
+<manufacturer>t</manufacturer><modelName>t</modelName><UDN>uuid:00000000-0000-0000-0000-000000000002</UDN>
+<serviceList><service><serviceType>{service}</serviceType>
+<serviceId>urn:upnp-org:serviceId:X1</serviceId><SCPDURL>/scpd.xml</SCPDURL>
+<controlURL>/ctl</controlURL><eventSubURL>/evt</eventSubURL></service></serviceList></device></root>"""
+_FW_ARGS = {
+    "GetFirewallStatus": [("FirewallEnabled", "out", "FirewallEnabled"),
+                          ("InboundPinholeAllowed", "out", "InboundPinholeAllowed")],
+    "AddPinhole": [("RemoteHost", "in", "RemoteHost"), ("RemotePort", "in", "RemotePort"),
+                   ("InternalClient", "in", "InternalClient"), ("InternalPort", "in", "InternalPort"),
+                   ("Protocol", "in", "Protocol"), ("LeaseTime", "in", "LeaseTime"),
+                   ("UniqueID", "out", "UniqueID")],
+    "UpdatePinhole": [("UniqueID", "in", "UniqueID"), ("NewLeaseTime", "in", "LeaseTime")],
+    "DeletePinhole": [("UniqueID", "in", "UniqueID")],
+}  # fmt: skip
+_FW_VARS = {
+    "FirewallEnabled": "boolean", "InboundPinholeAllowed": "boolean", "RemoteHost": "string", "RemotePort": "ui2",
+    "InternalClient": "string", "InternalPort": "ui2", "Protocol": "ui2", "LeaseTime": "ui4", "UniqueID": "ui2",
+}  # fmt: skip
+
+
+async def _fake_firewall(calls: list[tuple[str, str]], faults: dict[str, int] | None = None, allowed: str = "1",
+                         service: str = FW, uid: str = "7"):  # fmt: skip  # -> (runner, url)
+    """An IGDv2 with a WANIPv6FirewallControl (or ``service``) on 127.0.0.1; ``faults``: action -> UPnP error."""
+    from aiohttp import web
+
+    async def control(request: web.Request) -> web.Response:
+        action = request.headers.get("SOAPACTION", "").strip('"').split("#")[-1]
+        calls.append((action, await request.text()))
+        if faults and action in faults:
+            return web.Response(status=500, text=_fault(faults[action], "Nope"), content_type="text/xml")
+        out = {
+            "GetFirewallStatus": "<FirewallEnabled>1</FirewallEnabled>"
+            f"<InboundPinholeAllowed>{allowed}</InboundPinholeAllowed>",
+            "AddPinhole": f"<UniqueID>{uid}</UniqueID>",
+        }.get(action, "")  # fmt: skip
+        body = f'<u:{action}Response xmlns:u="{FW}">{out}</u:{action}Response>'
+        return web.Response(text=ENVELOPE.format(body), content_type="text/xml")
+
+    async def desc(_request: web.Request) -> web.Response:
+        return web.Response(text=DESC2.format(service=service), content_type="text/xml")
+
+    async def scpd(_request: web.Request) -> web.Response:
+        return web.Response(text=_scpd(_FW_ARGS, _FW_VARS) if service == FW else SCPD, content_type="text/xml")
+
+    app = web.Application()
+    app.add_routes([web.get("/desc.xml", desc), web.get("/scpd.xml", scpd), web.post("/ctl", control)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/desc.xml"
+
+
+@sync
+async def test_upnp_pinhole_add_update_at_half_lease_delete_on_stop() -> None:
+    calls: list[tuple[str, str]] = []
+    runner, url = await _fake_firewall(calls)
+    try:
+        holer = Pinholer(7733, address=CLIENT6, location=url, protocols=("upnp",), lease=2)
+        hole = await holer.start()
+        assert hole is not None and (hole.protocol, hole.host, hole.port, hole.uid) == ("upnp", CLIENT6, 7733, 7)
+        assert [a for a, _ in calls] == ["GetFirewallStatus", "AddPinhole"]
+        add = calls[1][1]
+        for field in (f"<InternalClient>{CLIENT6}</InternalClient>", "<InternalPort>7733</InternalPort>",
+                      "<Protocol>6</Protocol>", "<LeaseTime>2</LeaseTime>", "<RemotePort>0</RemotePort>"):  # fmt: skip
+            assert field in add, add
+        await asyncio.sleep(1.6)  # renewal at half of 2 s, by its UniqueID
+        assert calls[-1][0] == "UpdatePinhole" and "<UniqueID>7</UniqueID>" in calls[-1][1]
+        await holer.stop()
+        assert calls[-1][0] == "DeletePinhole" and "<UniqueID>7</UniqueID>" in calls[-1][1]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("kw", "words"),
+    [
+        ({"faults": {"AddPinhole": 606}}, "error 606 (Nope): action not authorized"),
+        ({"faults": {"GetFirewallStatus": 702}}, "error 702 (Nope): the router's IPv6 firewall is disabled"),
+        ({"allowed": "0"}, "the router does not allow inbound pinholes"),
+        ({"service": "urn:schemas-upnp-org:service:WANIPConnection:1"}, "no IPv6 firewall control"),
+        ({"uid": "pinhole"}, "makes no sense"),  # a UniqueID that is no number
+    ],
+)
+@sync
+async def test_upnp_pinhole_refusals_are_clear_failures(kw: dict[str, Any], words: str) -> None:
+    calls: list[tuple[str, str]] = []
+    runner, url = await _fake_firewall(calls, **kw)
+    try:
+        holer = Pinholer(7733, address=CLIENT6, location=url, protocols=("upnp",))
+        assert await holer.start() is None
+        assert holer.failure.startswith("upnp: UPnP: ") and words in holer.failure, holer.failure
+        await holer.stop()  # nothing opened: nothing to remove
+    finally:
+        await runner.cleanup()
+
+
+@sync
+async def test_upnp_renewal_704_opens_the_pinhole_again() -> None:
+    """The router lost the pinhole (704 NoSuchEntry on UpdatePinhole): it is opened again."""
+    calls: list[tuple[str, str]] = []
+    runner, url = await _fake_firewall(calls, faults={"UpdatePinhole": 704})
+    try:
+        changes: list[object] = []
+        holer = Pinholer(7733, address=CLIENT6, location=url, protocols=("upnp",), lease=2, on_change=changes.append)
+        assert await holer.start() is not None
+        await asyncio.sleep(1.6)
+        assert [a for a, _ in calls][2:5] == ["UpdatePinhole", "GetFirewallStatus", "AddPinhole"], calls
+        assert holer.current is not None and changes == []  # the same pinhole again: no change to hear
+        await holer.stop()
+    finally:
+        await runner.cleanup()
+
+
+@sync
+async def test_both_answer_upnp_opens_the_one_pinhole() -> None:
+    """UPnP and PCP probed together; UPnP (a UniqueID to renew and delete by) opens the pinhole
+    and PCP is only asked ANNOUNCE: one pinhole, not two."""
+    calls: list[tuple[str, str]] = []
+    runner, url = await _fake_firewall(calls)
+    router, port, transport = await _router("good")
+    try:
+        holer = Pinholer(7733, address=CLIENT6, location=url, gateway="127.0.0.1", udp_port=port)
+        hole = await holer.start()
+        assert hole is not None and hole.protocol == "upnp"
+        assert [r[1] for r in router.requests] == [0]  # ANNOUNCE only, no MAP
+        await holer.stop()
+    finally:
+        transport.close()
         await runner.cleanup()

@@ -60,7 +60,8 @@ from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, on
 from .hops import HopListener
 from .inbox import Inbox
 from .listen import EVERY_INTERFACE
-from .portmap import Mapping, PortMapper
+from .portmap import PortMapper
+from .portmap.pinhole import Pinholer
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .session import Run, Session
 from .shaper import LinkShaper
@@ -375,28 +376,38 @@ async def _start_hops(hops: HopListener, config: WorkerConfig) -> None:
 
 
 class _HopMapping:
-    """The hop port mapped on the home router while the worker runs: ``run.mapped`` follows the
-    mapping the router confirmed (public external address only; "" otherwise)."""
+    """The hop port mapped on the home router while the worker runs, and an IPv6 pinhole to it
+    where the listener is on IPv6: ``run.mapped`` follows the mapping the router confirmed
+    (public external address only), else the pinholed ``[address]:port``; "" with neither.  One
+    address goes to the master (``Routed.mapped``): the IPv4 mapping, which every dialler can
+    reach, before the pinhole, which only an IPv6 one can."""
 
-    def __init__(self, port: int, run: Run) -> None:
+    def __init__(self, port: int, run: Run, ipv6: bool) -> None:
         self.run = run
-        self.mapper = PortMapper(port, on_change=self._changed)
+        self.mapper = PortMapper(port, on_change=lambda _m: self._changed())
+        self.pinholer = Pinholer(port, on_change=lambda _h: self._changed()) if ipv6 else None
         self.task = asyncio.ensure_future(self._start())
 
     async def _start(self) -> None:
-        self._changed(await self.mapper.start())
+        await asyncio.gather(*(k.start() for k in (self.mapper, self.pinholer) if k is not None))
+        self._changed()
 
-    def _changed(self, m: Mapping | None) -> None:
-        if m is None or not m.reachable:
+    def _changed(self) -> None:
+        m = self.mapper.mapping
+        hole = self.pinholer.current if self.pinholer is not None else None
+        if m is not None and m.reachable:
+            self.run.mapped = format_address(m.external_host, m.external_port)
+        elif hole is not None:
+            self.run.mapped = format_address(hole.host, hole.port)
+        else:
             self.run.mapped = ""
             return
-        self.run.mapped = format_address(m.external_host, m.external_port)
-        log.info("hop port mapped on the router: stages elsewhere dial %s", self.run.mapped)
+        log.info("hop port open on the router: stages elsewhere dial %s", self.run.mapped)
 
     async def stop(self) -> None:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-        await self.mapper.stop()
+        await asyncio.gather(*(k.stop() for k in (self.mapper, self.pinholer) if k is not None))
 
 
 def _hop_mapper(hops: HopListener, config: WorkerConfig, run: Run) -> _HopMapping | None:
@@ -407,7 +418,7 @@ def _hop_mapper(hops: HopListener, config: WorkerConfig, run: Run) -> _HopMappin
     master_here = bool(config.master) and is_loopback(parse_address(config.master)[0])
     if config.tls is None or not everywhere or config.hop_host or not config.port_mapping or master_here:
         return None
-    return _HopMapping(hops.port, run)
+    return _HopMapping(hops.port, run, ipv6=(config.hop_bind or EVERY_INTERFACE) == "::")
 
 
 def _tls_hint(config: WorkerConfig, e: BaseException) -> str:

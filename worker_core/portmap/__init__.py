@@ -10,10 +10,10 @@ returns the :class:`Mapping` (the external address and port the router confirmed
 and the protocol) or None; ``failure`` then says why in one line per protocol.  A mapping whose
 external address is not public (private, 100.64.0.0/10 carrier space, ...) means another NAT
 sits behind the router: ``Mapping.reachable`` is False and it must not be offered as a
-candidate.  While mapped, a task renews the lease at half its lifetime (a permanent lease,
-lifetime 0, needs none); when renewal fails it maps again from scratch (backing off), and
-``on_change(mapping | None)`` hears every change.  ``await stop()`` cancels renewal and removes
-the mapping (bounded: a router that is gone cannot hold the caller).
+candidate.  Renewal at half the lease, mapping again when it fails, ``on_change(mapping |
+None)`` and the bounded ``await stop()`` are :class:`~worker_core.portmap.lease.Keeper`'s;
+``mapping`` is the current one.  IPv6 pinholes (the firewall, not the NAT) are
+:class:`~worker_core.portmap.pinhole.Pinholer`, the same shape.
 
 The protocols are :mod:`.pcp`, :mod:`.natpmp` and :mod:`.upnp`; their failures are
 :mod:`.errors`.  ``gateway`` (default: the default route's) and ``udp_port`` (5351) are for
@@ -23,9 +23,7 @@ tests, as is ``protocols`` (a subset of ``("pcp", "nat-pmp", "upnp")``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING
 from . import natpmp, pcp
 from .errors import NoAnswer, PortMapError
 from .gateway import default_gateway, local_address
+from .lease import Keeper
 
 if TYPE_CHECKING:
     from .upnp import Igd
@@ -40,9 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("molink.portmap")
 
 LEASE = 3600  # seconds asked for; renewed at half
-RETRY = 30.0  # seconds before mapping again after a failed renewal (doubling, at most RETRY_MAX)
-RETRY_MAX = 600.0
-STOP_TIMEOUT = 3.0  # seconds stop() may spend removing the mapping
 PROTOCOLS = ("pcp", "nat-pmp", "upnp")
 
 
@@ -67,7 +63,9 @@ class Mapping:
         )
 
 
-class PortMapper:
+class PortMapper(Keeper[Mapping]):
+    what = "port mapping"
+
     def __init__(
         self,
         internal_port: int,
@@ -78,89 +76,47 @@ class PortMapper:
         lease: int = LEASE,
         upnp_timeout: int = 2,
     ) -> None:
-        self.internal_port = internal_port
+        super().__init__(internal_port, on_change, protocols, lease, udp_port, upnp_timeout)
         self.gateway = gateway
-        self.on_change = on_change
-        self.udp_port = udp_port
-        self.protocols = protocols
-        self.lease = lease
-        self.upnp_timeout = upnp_timeout
-        self.mapping: Mapping | None = None
-        self.failure = ""
-        self._nonce = secrets.token_bytes(12)
         self._igd: Igd | None = None  # while mapped by UPnP
         self._client = ""  # this host's LAN address, as the router sees it
-        self._task: asyncio.Task | None = None
 
-    # ------------------------------------------------------------------ lifecycle
+    @property
+    def mapping(self) -> Mapping | None:
+        return self.current
 
-    async def start(self) -> Mapping | None:
-        self.mapping = await self._map()
-        if self.mapping is not None:
-            log.info("port mapped: %s", self.mapping.describe())
-            if not self.mapping.reachable:
-                log.warning(
-                    "the router's external address %s is not public: another NAT is in front of it "
-                    "(carrier-grade NAT?); friends outside cannot dial it",
-                    self.mapping.external_host,
-                )
-            self._task = asyncio.ensure_future(self._renew_loop())
-        else:
-            log.info("no port mapping: %s", self.failure)
-        return self.mapping
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-        mapping, self.mapping = self.mapping, None
-        if mapping is None:
-            return
-        try:
-            await asyncio.wait_for(self._unmap(mapping), STOP_TIMEOUT)
-            log.info("port mapping removed: %s", mapping.describe())
-        except (PortMapError, asyncio.TimeoutError, OSError) as e:
-            log.warning("could not remove the port mapping %s: %s", mapping.describe(), e)
+    def _made(self, lease: Mapping) -> None:
+        if not lease.reachable:
+            log.warning(
+                "the router's external address %s is not public: another NAT is in front of it "
+                "(carrier-grade NAT?); friends outside cannot dial it",
+                lease.external_host,
+            )
 
     # ------------------------------------------------------------------ mapping
 
-    async def _map(self, suggested: int | None = None) -> Mapping | None:
+    async def _make(self, previous: Mapping | None) -> Mapping | None:
         gateway = self.gateway or await asyncio.to_thread(default_gateway)
         if gateway is None:
             self.failure = "no default gateway (no router to ask)"
             return None
         self._client = local_address(gateway) or ""
-        external = suggested or self.internal_port
-        attempts = {
+        external = previous.external_port if previous is not None else self.internal_port
+        probes = {
             "pcp": self._pcp(gateway, external),
             "nat-pmp": self._natpmp_probe(gateway),
             "upnp": self._upnp_find(),
         }
-        names = [p for p in PROTOCOLS if p in self.protocols]
-        tasks = {p: asyncio.ensure_future(attempts.pop(p)) for p in names}
-        for coro in attempts.values():
-            coro.close()
-        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
-        outcome = dict(zip(names, results, strict=True))
-        failures = []
-        for name in names:  # preference order: the first that answered makes the one mapping
-            got = outcome[name]
-            if isinstance(got, BaseException):
-                failures.append(f"{name}: {got}")
-                continue
-            try:
-                if isinstance(got, Mapping):  # PCP answers with the mapping itself
-                    return got
-                if name == "nat-pmp":
-                    lease = await natpmp.map_tcp(gateway, self.internal_port, external, self.lease, port=self.udp_port)
-                    return Mapping("nat-pmp", self.internal_port, str(got), lease.external_port, lease.lifetime)
-                return await self._upnp_map(got, external)
-            except (PortMapError, OSError) as e:
-                failures.append(f"{name}: {e}")
-        self.failure = "; ".join(failures)
-        return None
+
+        async def make(name: str, got: object) -> Mapping:
+            if isinstance(got, Mapping):  # PCP answers with the mapping itself
+                return got
+            if name == "nat-pmp":
+                lease = await natpmp.map_tcp(gateway, self.internal_port, external, self.lease, port=self.udp_port)
+                return Mapping("nat-pmp", self.internal_port, str(got), lease.external_port, lease.lifetime)
+            return await self._upnp_map(got, external)
+
+        return await self._first(PROTOCOLS, probes, make)
 
     async def _pcp(self, gateway: str, external: int) -> Mapping:
         if not self._client:
@@ -199,7 +155,7 @@ class PortMapper:
             raise PortMapError("UPnP: the router is gone")
         return await self._upnp_map(self._igd, m.external_port)
 
-    async def _unmap(self, m: Mapping) -> None:
+    async def _remove(self, m: Mapping) -> None:
         gateway = self.gateway or await asyncio.to_thread(default_gateway) or ""
         if m.protocol == "pcp":
             await pcp.map_tcp(gateway, self._client, self.internal_port, 0, 0, self._nonce, port=self.udp_port, tries=2)
@@ -207,28 +163,3 @@ class PortMapper:
             await natpmp.map_tcp(gateway, self.internal_port, 0, 0, port=self.udp_port, tries=2)
         elif self._igd is not None:
             await self._igd.delete(m.external_port)
-
-    async def _renew_loop(self) -> None:
-        retry = RETRY
-        while True:
-            m = self.mapping
-            if m is None:
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX)
-                fresh = await self._map()
-            elif m.lifetime == 0:
-                return  # permanent: nothing to renew
-            else:
-                await asyncio.sleep(max(1.0, m.lifetime / 2))
-                try:
-                    fresh = await self._renew(m)
-                except (PortMapError, OSError) as e:
-                    log.warning("renewing the port mapping failed (%s): mapping again", e)
-                    fresh = await self._map(m.external_port)
-            if fresh is not None:
-                retry = RETRY
-            if fresh != self.mapping:
-                log.info("port mapping now: %s", fresh.describe() if fresh else f"none ({self.failure})")
-                self.mapping = fresh
-                if self.on_change is not None:
-                    self.on_change(fresh)

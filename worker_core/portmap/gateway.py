@@ -6,7 +6,10 @@ Contract
 ``/proc/net/route`` on Linux; elsewhere guessed as ``.1`` of this host's /24 towards the
 internet (most home routers; a wrong guess only makes NAT-PMP/PCP time out, and UPnP, which
 finds the router by multicast, still works).  ``local_address(towards)`` -> the source address
-the kernel would use to reach ``towards`` (no packet is sent).
+the kernel would use to reach ``towards`` (no packet is sent; a link-local ``towards`` carries its
+``%zone``).  ``default_gateway6()`` -> the IPv6 default route's next hop (``fe80::1%eth0`` for a
+link-local one) and its interface index, read from ``/proc/net/ipv6_route``; None elsewhere or
+without an IPv6 default route (the IPv6 pinhole then finds the router by SSDP alone).
 """
 
 from __future__ import annotations
@@ -23,6 +26,22 @@ def local_address(towards: str) -> str | None:
     with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as s:
         s.connect((towards, 5351))
         return s.getsockname()[0]
+    return None
+
+
+def default_gateway6() -> tuple[str, int] | None:
+    route = Path("/proc/net/ipv6_route")
+    with contextlib.suppress(OSError, ValueError):
+        for line in route.read_text().splitlines():
+            fields = line.split()
+            # destination, its prefix length, source, its length, next hop, metric, refs, use, flags, device
+            if len(fields) < 10 or fields[0] != "0" * 32 or fields[1] != "00" or not int(fields[8], 16) & 2:
+                continue
+            hop = ipaddress.IPv6Address(bytes.fromhex(fields[4]))
+            if hop.is_unspecified:
+                continue
+            index = socket.if_nametoindex(fields[9])
+            return (f"{hop.compressed}%{fields[9]}" if hop.is_link_local else hop.compressed), index
     return None
 
 

@@ -8,8 +8,14 @@ Contract
 is this host's address towards the gateway (the router checks it: ADDRESS_MISMATCH otherwise).
 Answers are checked (size, version, R bit, opcode, nonce, protocol, internal port); an error
 result raises :class:`~worker_core.portmap.errors.Refused` with its code, a broken answer
-:class:`~worker_core.portmap.errors.Nonsense`.  IPv4 only here (the address fields carry
-IPv4-mapped IPv6).  ``port`` overrides 5351 (tests).
+:class:`~worker_core.portmap.errors.Nonsense`.  Both families: an IPv4 ``client_ip`` asks the
+NAT for a mapping (address fields carry IPv4-mapped IPv6, the suggested external address is
+``::ffff:0.0.0.0``); an IPv6 one asks the router's firewall for a pinhole to that address
+(RFC 6887 §11: the "external" address the router answers is the client's own, the suggested one
+is ``::``), sent to the router's IPv6 address from ``client_ip`` itself (``source``: the router
+checks that the header's address is the packet's, ADDRESS_MISMATCH otherwise).
+``await announce(gateway)`` sends ANNOUNCE (RFC 6887 §14.1) and returns when a PCP server
+answers it with success: a probe that makes nothing.  ``port`` overrides 5351 (tests).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from .errors import Nonsense, Refused
 from .udp import PORT, exchange
 
 VERSION = 2
+OP_ANNOUNCE = 0
 OP_MAP = 1
 TCP = 6
 RESULTS = {
@@ -55,20 +62,26 @@ def _v6(address: str) -> bytes:
 
 def request(client_ip: str, internal_port: int, external_port: int, lifetime: int, nonce: bytes) -> bytes:
     header = struct.pack("!BBHI", VERSION, OP_MAP, 0, lifetime) + _v6(client_ip)
-    body = nonce + struct.pack("!B3xHH", TCP, internal_port, external_port) + _v6("0.0.0.0")
+    any_external = "::" if ipaddress.ip_address(client_ip.split("%")[0]).version == 6 else "0.0.0.0"
+    body = nonce + struct.pack("!B3xHH", TCP, internal_port, external_port) + _v6(any_external)
     return header + body
+
+
+def _result(data: bytes, opcode: int) -> int:
+    """The lifetime of an answer to ``opcode`` (success), after its common header is checked."""
+    if len(data) < 24 or data[0] != VERSION or data[1] != 0x80 | opcode:
+        raise Nonsense(f"PCP: malformed answer ({len(data)} bytes, starting {data[:2].hex()})")
+    result = data[3]
+    if result:
+        raise Refused(f"PCP: the router refused: {RESULTS.get(result, f'result {result}')}", result)
+    return struct.unpack_from("!I", data, 4)[0]
 
 
 def parse(data: bytes, internal_port: int, nonce: bytes, deleting: bool = False) -> Lease | None:
     """The lease in an answer; None for a datagram that is not ours (a NAT-PMP answer, another nonce)."""
     if len(data) >= 1 and data[0] == 0:
         return None  # NAT-PMP's version 0 on the shared port
-    if len(data) < 24 or data[0] != VERSION or data[1] != 0x80 | OP_MAP:
-        raise Nonsense(f"PCP: malformed answer ({len(data)} bytes, starting {data[:2].hex()})")
-    result = data[3]
-    (lifetime,) = struct.unpack_from("!I", data, 4)
-    if result:
-        raise Refused(f"PCP: the router refused: {RESULTS.get(result, f'result {result}')}", result)
+    lifetime = _result(data, OP_MAP)
     if len(data) < 60:
         raise Nonsense(f"PCP: MAP answer of {len(data)} bytes, expected 60")
     if data[24:36] != nonce:
@@ -93,6 +106,7 @@ async def map_tcp(
     nonce: bytes,
     port: int = PORT,
     tries: int = 3,
+    source: str | None = None,
 ) -> Lease:
     if len(nonce) != 12:
         raise ValueError("a PCP nonce is 12 bytes")
@@ -102,4 +116,19 @@ async def map_tcp(
         lambda data: parse(data, internal_port, nonce, deleting=lifetime == 0),
         tries=tries,
         port=port,
+        source=source,
     )
+
+
+def announce_request(client_ip: str) -> bytes:
+    return struct.pack("!BBHI", VERSION, OP_ANNOUNCE, 0, 0) + _v6(client_ip)
+
+
+async def announce(gateway: str, client_ip: str, port: int = PORT, tries: int = 2, source: str | None = None) -> None:
+    def accept(data: bytes) -> bool | None:
+        if len(data) >= 1 and data[0] == 0:
+            return None  # a NAT-PMP answer on the shared port
+        _result(data, OP_ANNOUNCE)
+        return True
+
+    await exchange(gateway, announce_request(client_ip), accept, tries=tries, port=port, source=source)

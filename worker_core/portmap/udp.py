@@ -6,7 +6,9 @@ Contract
 ``gateway:5351`` and waits for a datagram from that address that ``accept(data)`` takes (returns
 a value, not None); it resends after ``first_wait`` seconds, doubling each time (RFC 6886 /
 RFC 6887 retransmission, cut short: a home router answers within milliseconds or not at all),
-``tries`` sends in all, then raises :class:`NoAnswer`.  Datagrams from other addresses, and
+``tries`` sends in all, then raises :class:`NoAnswer`.  ``gateway`` may be IPv6 (a link-local
+one with its ``%zone``); ``source`` binds the sending address (an IPv6 pinhole is asked from the
+address it opens).  Datagrams from other addresses, and
 those ``accept`` rejects (None), are ignored; ``accept`` raising a
 :class:`~worker_core.portmap.errors.PortMapError` ends the exchange with it.
 """
@@ -14,6 +16,7 @@ those ``accept`` rejects (None), are ignored; ``accept`` raising a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -30,7 +33,7 @@ class _Receiver(asyncio.DatagramProtocol):
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        if addr[0] != self.gateway or self.done.done():
+        if not _same(addr[0], self.gateway) or self.done.done():
             return
         try:
             value = self.accept(data)
@@ -45,6 +48,14 @@ class _Receiver(asyncio.DatagramProtocol):
             self.done.set_exception(NoAnswer(f"{self.gateway}:{PORT} is closed ({exc})"))
 
 
+def _same(a: str, b: str) -> bool:
+    """One address however written (``::1`` / ``0::1``; a zone only on one side still matches)."""
+    try:
+        return ipaddress.ip_address(a.split("%")[0]) == ipaddress.ip_address(b.split("%")[0])
+    except ValueError:
+        return a == b
+
+
 async def exchange(
     gateway: str,
     request: bytes,
@@ -52,10 +63,11 @@ async def exchange(
     tries: int = 3,
     first_wait: float = 0.25,
     port: int = PORT,
+    source: str | None = None,
 ) -> T:
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: _Receiver(gateway, accept), remote_addr=(gateway, port)
+        lambda: _Receiver(gateway, accept), remote_addr=(gateway, port), local_addr=(source, 0) if source else None
     )
     try:
         wait = first_wait

@@ -10,7 +10,9 @@ addresses exist only inside it).  Routers NAT with nftables (``masquerade``, or 
 fully-random`` for a symmetric NAT), drop unsolicited inbound traffic (IPv4 and IPv6: a
 stateful firewall), and run miniupnpd when their home offers UPnP/NAT-PMP/PCP (its ``inet
 filter`` table and the chains ``miniupnpd``, ``prerouting_miniupnpd``, ``postrouting_miniupnpd``
-are made here, since Debian's ``nft_init.sh`` sources a helper it does not ship).  ``mbps``
+are made here, since Debian's ``nft_init.sh`` sources a helper it does not ship; in an IPv6 home
+the same miniupnpd opens IPv6 pinholes, as rules in that ``miniupnpd`` forward chain, e.g.
+``iif "wan0" th dport 7733 @nh,192,128 0x2a0f... accept``: the destination address as raw bytes).  ``mbps``
 shapes every internet link both ways with ``tbf``; ``delay_ms`` runs
 :mod:`app.tools.netlab.delay` on each router, which the router's nftables ``redirect`` hands
 every TCP connection leaving the home: ``delay_ms`` one way, each direction, for any program.
@@ -296,6 +298,11 @@ class Lab:
         if shutil.which("miniupnpd") is None:
             raise LabError("this topology needs miniupnpd (apt-get install miniupnpd-nftables)")
         lan = lan_prefix(node.index)
+        ipv6 = bool(node.home and node.home.ipv6)
+        # an IPv6 home: miniupnpd also opens pinholes (UPnP WANIPv6FirewallControl, PCP over IPv6).  No
+        # ipv6_listening_ip: given one, 2.3.1 binds its HTTP port to that IPv6 address alone, and IPv4
+        # control points (the port mappings) find no IGD; without, it listens on both families of br0
+        six = ["ipv6_disable=no", "ext_ifname6=wan0"]
         conf = STATE_DIR / self.name / f"{node.name}-miniupnpd.conf"
         conf.write_text(
             "\n".join(
@@ -305,7 +312,7 @@ class Lab:
                     f"http_port={UPNP_HTTP_PORT}",
                     "enable_natpmp=yes",
                     "enable_upnp=yes",
-                    "ipv6_disable=yes",
+                    *(six if ipv6 else ["ipv6_disable=yes"]),
                     "secure_mode=yes",
                     "system_uptime=yes",
                     "notify_interval=30",

@@ -21,7 +21,11 @@ network):
 NAT kinds: ``eim`` is Linux masquerade (a flow keeps its source port where it can: endpoint
 independent mapping, endpoint dependent filtering); ``symmetric`` is ``masquerade
 fully-random`` (a new random port per flow).  A home with ``upnp`` runs miniupnpd (UPnP IGD,
-NAT-PMP, PCP) on its router.  The last home router can be put behind a carrier (``cgnat``).
+NAT-PMP, PCP) on its router; when the home has IPv6 too, the same miniupnpd opens IPv6
+pinholes in its firewall (UPnP ``WANIPv6FirewallControl``, PCP MAP over IPv6).  A home router can
+be put behind a carrier (``cgnat``); an IPv6 home behind one has native IPv6 through the carrier
+(routed, not translated: ``2a0f:ff00:1:(10+i)::/64`` between carrier and router), as many ISPs
+give, so only a pinhole lets anyone in.
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ TOPOLOGIES: dict[str, Topology] = {
         (Home("v", ("v",), ipv6=True), Home("b", ("b",))),
         ("pub", "pub2"),
         "home v with global IPv6 behind a stateful firewall (and IPv4 NAT); home b; pub and pub2 (dual stack)",
+    ),
+    "pinhole": Topology(
+        (Home("v", ("v",), upnp=True, ipv6=True), Home("w", ("w",), upnp=True, ipv6=True, cgnat=True)),
+        ("pub", "pub2"),
+        "homes v and w with global IPv6 behind stateful firewalls whose routers (miniupnpd) open IPv6 pinholes "
+        "(UPnP WANIPv6FirewallControl, PCP); v's router also maps IPv4 ports, w's IPv4 is behind a carrier-grade "
+        "NAT (nothing maps) while its IPv6 is native; pub and pub2 (dual stack)",
     ),
     "hops": Topology(
         (Home("a", ("a",), upnp=True), Home("d", ("d",), upnp=True), Home("b", ("b",))),
@@ -185,11 +196,15 @@ def plan(topo: Topology) -> dict[str, Node]:
             carrier = Node(f"cg-{home.name}", "carrier", home, i, forward=True)
             nodes[carrier.name] = carrier
             cg = f"100.64.{10 + i}"
-            router.ifaces.append(Iface("wan0", carrier.name, "lan0", [f"{cg}.2/24"]))
-            carrier.ifaces.append(Iface("lan0", router.name, "wan0", [f"{cg}.1/24"]))
+            six = f"2a0f:ff00:1:{10 + i}"  # the carrier-router link's IPv6 (an IPv6 home: routed natively)
+            router.ifaces.append(Iface("wan0", carrier.name, "lan0", [f"{cg}.2/24", *([f"{six}::2/64"] * home.ipv6)]))
+            carrier.ifaces.append(Iface("lan0", router.name, "wan0", [f"{cg}.1/24", *([f"{six}::1/64"] * home.ipv6)]))
             router.routes.append(f"default via {cg}.1")
-            uplink(carrier, wan, None)
+            uplink(carrier, wan, f"2a0f:ff00::{10 + i}/64" if home.ipv6 else None)
             carrier.routes.append("default via 25.0.0.1")
+            if home.ipv6:
+                router.routes6.append(f"default via {six}::1")
+                carrier.routes6 += [f"{v6_lan(i)}::/64 via {six}::2", "default via 2a0f:ff00::1"]
         else:
             uplink(router, wan, f"2a0f:ff00::{10 + i}/64" if home.ipv6 else None)
             router.routes.append("default via 25.0.0.1")
