@@ -9,7 +9,8 @@ online by :class:`~master_core.scheduler.MicrobatchTuner` from what the steps de
 engine's), which requests and how many prefill tokens go in each micro-batch, how many steps a
 micro-batch loops back — are made by :mod:`master_core.scheduler`, exactly as the engine makes
 them, with the same inputs: the micro-batches carrying prefill in flight (``prefilling``), the
-lanes looping.  The physics is event-driven (:mod:`master_core.sim_pipeline`): each stage a
+lanes looping, and the costs (``SimModel.costs``, or as they moved during a real run:
+``SimModel.plan_costs``).  The physics is event-driven (:mod:`master_core.sim_pipeline`): each stage a
 server with the worker's inbox (decode steps first, a waiting step first after its patience)
 that pauses a longer step between its layers for the decode steps queued
 (``SimModel.stage_layers``), on a device whose cores its stages share; each link direction one
@@ -37,6 +38,7 @@ for it (parameter counts from their published configurations).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -78,6 +80,10 @@ class SimModel:
     device_busy: tuple[float, ...] = ()
     # CPU seconds a stage's process spends on a step beyond its compute, on its device
     step_overhead: float = 0.0
+    # (from this many seconds on, the costs the scheduler decides with), in time order: a real
+    # engine's fit moves during a run (a calibration replays it); empty: ``costs`` throughout.
+    # The physics uses ``costs`` either way
+    plan_costs: tuple[tuple[float, CostSnapshot], ...] = ()
 
 
 @dataclass
@@ -204,7 +210,7 @@ class _Run:
 
     def _try_lanes(self, t: float) -> None:
         self._admit()
-        c = self.model.costs
+        c = self._plan_costs(t)
         slots = microbatch_count(self.policy, c, c.stages, len(self.running))
         key = (0, len(self.running))  # the engine's tuning key: (epoch, running requests)
         if self.policy.dynamic and self.policy.tune:  # as Engine.slots: the model's K, tuned by delivery
@@ -234,6 +240,12 @@ class _Run:
             decode = all(ch.length == 1 and ch.start > 0 for ch in plan)  # the stages serve it first
             self.steps += 1
             self.pipe.send(SimStep(tokens, rows, decode, loop > 0, _Trip(lane, plan, 0, loop, key, slots)))
+
+    def _plan_costs(self, t: float) -> CostSnapshot:
+        """The costs the scheduler decides with at ``t`` (``SimModel.plan_costs``)."""
+        series = self.model.plan_costs
+        i = bisect.bisect_right(series, t, key=lambda e: e[0]) - 1
+        return series[i][1] if i >= 0 else self.model.costs
 
     def _complete(self, t: float, plan: list[Chunk], k: int) -> None:
         """Fold in the ``k``-th step of a micro-batch (0: the one the master sent; then the

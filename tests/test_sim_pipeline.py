@@ -175,3 +175,26 @@ def test_stage_cost_curve_is_the_fastest_step_of_each_size_class():
     assert cost.curve() == ((1, 0.015), (2, 0.024), (45, 0.051), (212, 0.222), (310, 0.355), (512, 0.70))
     assert (cost.predict(1) or 0.0) < 0.1 * 0.015
     assert curve_seconds(cost.curve(), 1) == 0.015
+
+
+def test_the_scheduler_decides_with_the_costs_of_the_time():
+    """A calibration replays the fit the engine planned with as it moved (``plan_costs``): a plan
+    snapshot without the loop-back from time 0 on makes the master send every step, as if the
+    pipeline did not loop, while the physics stays the model's."""
+    import dataclasses
+
+    from master_core.scheduler import policy
+    from master_core.simulator import SimModel, simulate
+    from master_core.workload import BenchRequest
+
+    inf = float("inf")
+    c = CostSnapshot((0.01,) * 3, (0.0,) * 3, (0.08,) * 3, (inf,) * 3, 2304, 516, direct=(True, True), loop_back=True)
+    one = [BenchRequest(0.0, 16, 9)]
+    full = policy("full", 1024)
+    looping = SimModel(c, kv_tokens=100_000)
+    driven = dataclasses.replace(looping, costs=dataclasses.replace(c, loop_back=False))
+    assert simulate(looping, one, full)["tpot_p50"] == pytest.approx(0.150)
+    replayed = dataclasses.replace(looping, plan_costs=((0.0, driven.costs),))
+    assert simulate(replayed, one, full) == simulate(driven, one, full)
+    later = dataclasses.replace(looping, plan_costs=((100.0, driven.costs),))  # from 100 s on: never here
+    assert simulate(later, one, full) == simulate(looping, one, full)

@@ -27,7 +27,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from master_core.config import MasterConfig
 from master_core.costs import CostSnapshot, curve_seconds
@@ -40,6 +40,9 @@ from .options import PROFILES, BenchOptions
 
 if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
     from master_core.server import Master
+
+
+COST_SAMPLE_SECONDS = 0.5  # how often a real run records the costs the engine plans with
 
 
 def _progress(total: int, desc: str):  # -> tqdm
@@ -73,6 +76,16 @@ async def _run_policy(
     steps: list[dict] = []  # every step's timeline (the calibration compares the simulator's steps with them)
     engine.on_step = steps.append
     cpu_before = _cpu_seconds()
+    fits: list[
+        tuple[float, dict]
+    ] = []  # the costs the engine planned with, as they moved (the calibration replays them)
+
+    async def watch_costs() -> None:
+        while True:
+            costs = engine.costs()
+            if costs is not None and (not fits or fits[-1][1] != dataclasses.asdict(costs)):
+                fits.append((round(time.monotonic() - t0, 3), dataclasses.asdict(costs)))
+            await asyncio.sleep(COST_SAMPLE_SECONDS)
 
     async def one(i: int, w: BenchRequest) -> None:
         await asyncio.sleep(max(0.0, t0 + w.arrival - time.monotonic()))
@@ -88,10 +101,12 @@ async def _run_policy(
         outputs[i] = req.output
         bar.update(1)
 
+    watcher = asyncio.create_task(watch_costs())
     try:
         await asyncio.gather(*(one(i, w) for i, w in enumerate(workload)))
     finally:
         engine.on_step = None
+        watcher.cancel()
     compute = [k.compute_total - b[0] for k, b in zip(links, before)]
     moved = sum(k.step_bytes_total - b[1] for k, b in zip(links, before))
     busy = list(compute)
@@ -102,7 +117,8 @@ async def _run_policy(
     busy.append(sum(compute) / cores)  # the stages share this machine's cores
     cpu = {k: v - cpu_before[k] for k, v in _cpu_seconds().items()}
     timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
-    return {**summarize(arrivals, times, moved, busy), "cpu_seconds": cpu, "steps": timeline}, outputs
+    figures = summarize(arrivals, times, moved, busy)
+    return {**figures, "cpu_seconds": cpu, "cost_series": fits, "steps": timeline}, outputs
 
 
 def _cpu_seconds() -> dict[str, float]:
@@ -172,6 +188,12 @@ def stage_layers(master: Master) -> tuple[int, ...]:
     )
 
 
+def snapshot(fields: dict) -> CostSnapshot:
+    """A :class:`CostSnapshot` from its ``dataclasses.asdict`` (as a report stores it)."""
+    typed: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return CostSnapshot(**typed)
+
+
 def cpu_load(real: dict, curves: tuple[tuple[tuple[float, float], ...], ...], costs: CostSnapshot) -> dict:
     """What else used the machine's cores during a real run, as :class:`SimModel` fields: the
     cores kept busy on average by anything but the workers' processes (the master, and whatever
@@ -217,6 +239,7 @@ def calibrate(
             stage_layers=layers if len(layers) == costs.stages else (),
             stage_curves=curves if len(curves) == costs.stages and all(curves) else (),
             **cpu_load(r, curves, costs),
+            plan_costs=tuple((t, snapshot(c)) for t, c in r.get("cost_series", ())),
         )
         sim = simulate(model, workload, policy(name, max_batch_tokens))
         out[name] = {
