@@ -509,6 +509,36 @@ def test_an_ipv6_home_router_opens_a_pinhole_for_the_group_port(ckpt, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_friend_with_ipv6_joins_through_the_pinhole_which_is_then_verified(ckpt, tmp_path):
+    """Master in home v (pinhole opened); a friend on the dual-stack public host pub joins with
+    the link alone and starts its worker: its tunnel takes the pinholed IPv6 address (tried
+    before the unverified IPv4 mapping of the same rank), and coming from outside the master's
+    /64 it marks the pinhole checked from outside."""
+    with Lab.up("tpinj", "pinhole") as lab:
+        v6 = lab.address6("v")
+        assert v6
+        procs: list[subprocess.Popen] = []
+        try:
+            master = _molink(lab, "v", "group", "create", "--model", str(ckpt), "--host", "::", "--port", "7733",
+                             "--api-port", "8000", "--data-dir", str(tmp_path / "m"), "--name", "pin")  # fmt: skip
+            procs.append(master)
+            link = output_line(master, "Join link:", 120, at_start=True).split()[-1]
+            joined = lab.run("pub", [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(tmp_path / "w"),
+                                     "--name", "friend"], timeout=120, check=False)  # fmt: skip
+            assert joined.returncode == 0, joined.stderr + output_seen(master)
+            procs.append(_molink(lab, "pub", "worker", "--data-dir", str(tmp_path / "w"), "--device", "cpu",
+                                 "--threads", "1", "--no-port-mapping"))  # fmt: skip
+            said = output_line(master, "checked from outside by member friend", 120)
+            assert f"IPv6: pinhole opened on your router for [{v6}]:7733; checked from outside by member friend" in said
+            members = lab.run("v", [sys.executable, "-m", "app.cli", "group", "members", "--data-dir",
+                                    str(tmp_path / "m")], timeout=30)  # fmt: skip
+            assert "; link IPv6, " in members.stdout, members.stdout
+        finally:
+            _stop(procs)
+        assert not _pinhole_rule(lab, "r-v", v6, 7733)
+
+
+@pytest.mark.slow
 def test_a_stage_behind_an_ipv6_firewall_takes_its_hop_through_a_pinhole(ckpt, tmp_path):
     """Home w's router opens IPv6 pinholes and maps no IPv4 port.  Its worker asks for a pinhole
     to its hop port and answers its route with it (``Routed.mapped`` = ``[v6]:7734``); the stage
