@@ -472,6 +472,54 @@ def _pinhole_rule(lab: Lab, router: str, host: str, port: int) -> bool:
     return any(f"th dport {port} " in line and raw in line for line in lab.ruleset(router).splitlines())
 
 
+PINHOLE = (
+    "import asyncio,sys\nfrom worker_core.portmap.pinhole import Pinholer\n"
+    "async def main():\n"
+    "    p=Pinholer(int(sys.argv[1]),protocols=tuple(sys.argv[2].split(',')),lease=120)\n"
+    "    h=await p.start()\n"
+    "    print('opened',h.protocol if h else None,h.host if h else None,flush=True)\n"
+    "    print('failure',p.failure,flush=True)\n"
+    "    sys.stdin.readline()\n"
+    "    await p.stop()\n"
+    "asyncio.run(main())\n"
+)
+ECHO6_SERVER = ECHO_SERVER.replace("socket.socket()", "socket.socket(socket.AF_INET6)").replace("'0.0.0.0'", "'::'")
+
+
+@pytest.mark.parametrize("protocols", ["upnp", "pcp", "upnp,pcp"])
+def test_real_router_opens_and_closes_an_ipv6_pinhole(protocols):
+    """miniupnpd with IPv6 firewall control: each protocol opens a pinhole (both at once: UPnP
+    does); the rule is in the router's ruleset, pub reaches the port over IPv6 (not before), and
+    the rule is gone after stop."""
+    with Lab.up("tpin6", "pinhole") as lab:
+        v6 = lab.address6("v")
+        assert v6
+        echo = lab.spawn("v", [sys.executable, "-c", ECHO6_SERVER], stdout=subprocess.PIPE, text=True)
+        proc = None
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+            before = lab.run("pub", [sys.executable, "-c", ECHO_CLIENT, v6], check=False, timeout=20)
+            assert before.returncode != 0  # the router's firewall drops it
+            proc = lab.spawn("v", [sys.executable, "-c", PINHOLE, "9000", protocols], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline().split()
+            assert line == ["opened", protocols.split(",")[0], v6], (line, proc.stdout.readline())
+            assert _pinhole_rule(lab, "r-v", v6, 9000), lab.ruleset("r-v")
+            done = lab.run("pub", [sys.executable, "-c", ECHO_CLIENT, v6], check=False, timeout=20)
+            assert done.returncode == 0, done.stderr
+            assert echo.stdout.readline().strip() == lab.address6("pub")  # straight from pub: no NAT on IPv6
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            proc.wait(20)
+        finally:
+            echo.kill()
+            echo.wait(5)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        assert not _pinhole_rule(lab, "r-v", v6, 9000), lab.ruleset("r-v")  # removed on stop
+
+
 def test_an_ipv6_home_router_opens_a_pinhole_for_the_group_port(ckpt, tmp_path):
     """Master in home v (IPv6 behind a stateful firewall; its router's miniupnpd opens pinholes).
     Without port mapping, a TLS handshake from pub to the master's IPv6 address is dropped by
