@@ -319,3 +319,59 @@ def test_a_paired_groups_last_stage_gets_the_draft_model_from_the_master_and_dra
     assert all(s.sha256 in cached for s in asg.draft_manifest)  # its tensors, in the member's store
     assert got[0] == reference_greedy(target, PROMPT, new)
     assert model_trips > 0 and loop_trips >= model_trips
+
+
+def test_a_last_stages_drafts_lookup_first_then_its_model_measured_and_freed(pair):
+    """worker_core.drafting.LoopDrafts: prompt lookup drafts where the history repeats itself; the
+    draft model (loaded once per key, its warm-up measured) only where lookup found nothing and
+    its budget allows, its drafts marked as its own and equal to its greedy continuation; the
+    cost of a drafted token becomes the wall time waited per token; free forgets both sides;
+    a load that fails holds no model and drafts by lookup only."""
+    from worker_core.draft_model import open_draft_model
+    from worker_core.drafting import LoopDrafts
+
+    _, draft = pair
+    repeated = [*PROMPT[:10], *PROMPT[:6]]  # its last 3 tokens occurred before: lookup drafts
+
+    async def main():
+        d = LoopDrafts()
+        loads = 0
+
+        async def load() -> DraftModel:
+            nonlocal loads
+            loads += 1
+            return await asyncio.to_thread(open_draft_model, draft, 384, 4)
+
+        warm = await d.hold("a", load)
+        again = await d.hold("a", load)  # the same key: kept, not loaded again
+        before = d.token_seconds
+        d.histories.start(1, PROMPT)
+        d.histories.start(2, repeated)
+        made = await d.draft([(1, 4, 3), (2, 4, 3), (3, 4, 3)])  # 3: no history held
+        none_by_model = await d.draft([(1, 4, 0)])
+        waited = d.token_seconds
+        held = d.model.held() if d.model else -1
+        d.free([1, 2])
+        after_free = (d.model.held() if d.model else -1, d.histories.tokens(1))
+
+        async def broken() -> DraftModel:
+            raise OSError("no such folder")
+
+        failed = await d.hold("b", broken)
+        d.histories.start(5, [*repeated, 99])  # no earlier occurrence of its tail: nothing without a model
+        d.histories.start(6, repeated)
+        by_lookup = await d.draft([(5, 4, 3), (6, 4, 3)])
+        d.close()
+        return warm, again, loads, before, made, none_by_model, waited, held, after_free, failed, d.model, by_lookup
+
+    warm, again, loads, before, made, none_by_model, waited, held, after_free, failed, model, by_lookup = run(main())
+    assert warm > 0 and again == warm and loads == 1 and before == warm
+    (m1, by1), (m2, by2), (m3, by3) = made
+    assert by1 and m1 == tuple(reference_greedy(draft, PROMPT, 3))  # the model's, for what lookup misses
+    assert not by2 and m2 == tuple(PROMPT[6:10])  # lookup's: what followed the earlier occurrence
+    assert m3 == () and not by3
+    assert none_by_model == [((), False)]  # no model budget: nothing
+    assert waited > 0 and held == 1
+    assert after_free == (0, [])
+    assert failed == 0.0 and model is None  # a failed load holds none (the old one was dropped)
+    assert by_lookup == [((), False), (tuple(PROMPT[6:10]), False)]  # and lookup drafts on
