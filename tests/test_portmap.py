@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import socket
 import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -583,3 +584,23 @@ async def test_both_answer_upnp_opens_the_one_pinhole() -> None:
     finally:
         transport.close()
         await runner.cleanup()
+
+
+def test_the_ipv6_default_router_is_read_from_the_routing_table(tmp_path) -> None:
+    from worker_core.portmap.gateway import default_gateway6
+    from worker_core.portmap.udp import _same
+
+    table = tmp_path / "ipv6_route"
+    zero = "0" * 32
+    lines = [
+        f"2a0fff00000000100000000000000000 40 {zero} 00 {zero} 00000100 00000001 00000000 00000001 lo",
+        f"{zero} 00 {zero} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 lo",
+    ]
+    table.write_text("\n".join(lines) + "\n")
+    assert default_gateway6(table) == ("fe80::1%lo", socket.if_nametoindex("lo"))  # link-local: with its zone
+    table.write_text(lines[1].replace("fe80", "2a0f") + "\n")
+    assert default_gateway6(table) == ("2a0f::1", socket.if_nametoindex("lo"))
+    table.write_text(lines[0] + "\n" + lines[1].replace("00000003 lo", "00000001 lo") + "\n")  # no RTF_GATEWAY
+    assert default_gateway6(table) is None
+    assert default_gateway6(tmp_path / "missing") is None
+    assert _same("fe80::1%eth0", "fe80::1") and _same("2a0f:0::1", "2a0f::1") and not _same("::1", "::2")

@@ -29,8 +29,7 @@ def local_address(towards: str) -> str | None:
     return None
 
 
-def default_gateway6() -> tuple[str, int] | None:
-    route = Path("/proc/net/ipv6_route")
+def default_gateway6(route: Path = Path("/proc/net/ipv6_route")) -> tuple[str, int] | None:
     with contextlib.suppress(OSError, ValueError):
         for line in route.read_text().splitlines():
             fields = line.split()
