@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -197,7 +196,7 @@ def _source(address: str, gateway: str) -> str | None:
     otherwise see the link-local source and refuse: ADDRESS_MISMATCH); None for a test's IPv4
     loopback router."""
     try:
-        family = socket.AF_INET6 if ipaddress.ip_address(gateway.split("%")[0]).version == 6 else socket.AF_INET
+        six = ipaddress.ip_address(gateway.split("%")[0]).version == 6
     except ValueError:
         return None
-    return address if family == socket.AF_INET6 else None
+    return address if six else None
