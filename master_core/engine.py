@@ -504,7 +504,7 @@ class Engine:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
                 history = HISTORY_TOKENS // max(1, sum(1 for k in ks if k))  # shared by those that draft
-                by_model = [self._loop_model_k(r, k) for r, k in zip(reqs, ks)]
+                by_model = [self._loop_model_k(r, k, loop) for r, k in zip(reqs, ks)]
                 draws = tuple(
                     loop_draw(r, c, k, self.context_length, history, mk)
                     for c, r, k, mk in zip(chunks, reqs, ks, by_model)
@@ -712,13 +712,17 @@ class Engine:
             r.spec.idle += steps
         return min(k, MAX_DRAFTS)
 
-    def _loop_model_k(self, r: Request, k: int) -> int:
+    def _loop_model_k(self, r: Request, k: int, steps: int) -> int:
         """Of ``r``'s ``k`` drafts per fed-back step, those the last stage's draft model may make
         where its prompt lookup finds nothing (its own budget:
-        :meth:`~master_core.speculation.Speculator.model_budget`); 0 without one."""
+        :meth:`~master_core.speculation.Speculator.model_budget`); 0 without one.  Switched off,
+        the loop's ``steps`` count towards its re-probe as the steps they are."""
         if not k or not self._stage_draft_seconds or r.spec is None:
             return 0
-        return min(k, r.spec.model_budget())
+        mk = r.spec.model_budget()
+        if not r.spec.model_k:
+            r.spec.model_idle += steps
+        return min(k, mk)
 
     @property
     def _stage_draft_seconds(self) -> float:
