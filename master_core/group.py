@@ -495,13 +495,18 @@ class Group:
     async def _assignment(self, link: WorkerLink, a: int, b: int, epoch: int) -> Assign:
         """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory)."""
         fields = {"model": self.model_ref, **await self._delivery(a, b)}
-        draft = self.draft if b == self.dims.num_layers else None  # the last stage holds it too
-        if draft is not None:
-            fields |= draft.fields()
         precision = Precision(self.config.quantize)
         h = link.hello
-        free = max(0, h.free_memory - (draft.nbytes if draft is not None else 0))
-        kv = stage_kv_tokens(self.dims, free, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
+        kv = stage_kv_tokens(self.dims, h.free_memory, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
+        draft = self.draft if b == self.dims.num_layers else None  # the last stage holds it too ...
+        if draft is not None:  # ... out of its KV budget, unless that would halve it (drafts are optional)
+            free = max(0, h.free_memory - draft.nbytes)
+            held = stage_kv_tokens(self.dims, free, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
+            if 2 * held >= kv:
+                fields |= draft.fields()
+                kv = held
+            else:
+                log.info("%s holds no draft model: it would take %d of its %d KV tokens", link.name, kv - held, kv)
         return Assign(
             epoch=epoch,
             layer_start=a,

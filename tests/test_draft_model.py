@@ -375,3 +375,40 @@ def test_a_last_stages_drafts_lookup_first_then_its_model_measured_and_freed(pai
     assert after_free == (0, [])
     assert failed == 0.0 and model is None  # a failed load holds none (the old one was dropped)
     assert by_lookup == [((), False), (tuple(PROMPT[6:10]), False)]  # and lookup drafts on
+
+
+def test_the_last_stage_holds_the_draft_model_out_of_its_kv_budget_unless_that_would_halve_it(pair):
+    """Group._assignment: only the range ending at the last layer names the draft model; its
+    float32 bytes come out of that stage's memory before its KV budget is set, and a stage whose
+    budget that would halve (or worse) gets no draft model (drafts are optional, KV is not)."""
+    from types import SimpleNamespace
+
+    from master_core.draft_offer import DraftOffer, offer_draft
+    from master_core.group import Group
+    from master_core.model_dims import ModelDims
+    from worker_core.wire import Hello
+
+    target, draft = pair
+    dims = ModelDims.load(target)
+    offer = offer_draft(draft, None)
+    assert offer.model == str(draft.resolve()) and offer.nbytes > 0
+    g = Group(MasterConfig(model=str(target), max_kv_tokens=1 << 20), str(target), dims)
+    n = dims.num_layers
+
+    def assign(free: int, a: int, b: int, with_offer: DraftOffer | None = offer):
+        g.draft = with_offer
+        link = SimpleNamespace(name="w", hello=Hello("w", "cpu", "cpu", free, free, "float32"))
+        return run(g._assignment(link, a, b, 1))  # type: ignore[arg-type]
+
+    roomy = 200 * offer.nbytes
+    plain, first, last = assign(roomy, n - 1, n, None), assign(roomy, 0, n - 1), assign(roomy, n - 1, n)
+    assert not first.draft_model and first.kv_tokens == assign(roomy, 0, n - 1, None).kv_tokens
+    assert last.draft_model == offer.model and 0 < plain.kv_tokens - last.kv_tokens < plain.kv_tokens // 2
+    from worker_core.precision import Precision
+
+    weights = dims.stage_bytes(n - 1, n, Precision.NONE, 4)
+    snug = weights + 3 * offer.nbytes  # the draft takes a third of what is left for KV: held
+    tight = weights + offer.nbytes * 3 // 2  # two thirds: not held
+    assert assign(snug, n - 1, n).draft_model == offer.model
+    assert not assign(tight, n - 1, n).draft_model
+    assert assign(tight, n - 1, n).kv_tokens == assign(tight, n - 1, n, None).kv_tokens
