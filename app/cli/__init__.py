@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
             default=MasterConfig.draft_model,
             metavar="PATH",
             help="with speculation (implied): a local folder of a small model sharing the served model's "
-            "tokenizer (the same family) drafts on this machine where prompt lookup finds nothing",
+            "tokenizer (the same family) drafts where prompt lookup finds nothing: on the last stage where the "
+            "pipeline loops back (it gets the model from this machine), else on this machine",
         )
         parser.add_argument(
             "--capacity-wait",
