@@ -30,7 +30,8 @@ What is modelled, and after which code:
   (``CostSnapshot.devices``): each of ``k`` runs at ``min(1, free / k)`` of its speed
   (processor sharing: one-thread worker processes on a machine's cores, as the OS schedules
   them), where ``free`` is ``slots`` less the cores other work keeps busy on it (``busy``, per
-  device: measured, e.g. the machine's other processes; none by default).
+  device: measured, e.g. the machine's other processes; none by default; or, for a single
+  device, as it varied: ``busy_series``, (from this time on, cores) in time order).
 * **A link direction** (:class:`_Link`) carries one frame at a time at the link's bandwidth and
   delivers it half the link's round trip later.  A stage's up link sends decode steps' frames
   (and their results) before others queued (the worker's outbox, :mod:`worker_core.outbox`),
@@ -100,6 +101,12 @@ class _Device:
         self._active: dict[int, list] = {}  # stage -> [work left at full speed (s), on_done]
         self._since = 0.0
         self._version = 0
+
+    def set_busy(self, busy: float) -> None:
+        """From now on other work keeps ``busy`` cores of this device busy."""
+        self._advance()
+        self.free = max(0.05 * self.slots, self.slots - busy)
+        self._schedule()
 
     def _rate(self) -> float:
         return min(1.0, self.free / len(self._active)) if self._active else 1.0
@@ -274,6 +281,7 @@ class Pipeline:
         curves: tuple[tuple[tuple[float, float], ...], ...] = (),
         busy: tuple[float, ...] = (),
         overhead: float = 0.0,
+        busy_series: tuple[tuple[float, float], ...] = (),
     ) -> None:
         c = self.costs = costs
         self.curves = curves
@@ -294,6 +302,8 @@ class Pipeline:
             for i in stages:
                 self.device_of[i] = d
             self.devices.append(_Device(clock, slots, busy[d] if d < len(busy) else 0.0))
+        for t, cores in busy_series:  # the other work as it varied (one device)
+            clock.at(t, lambda cores=cores: self.devices[0].set_busy(cores))
         self.busy_compute = [0.0] * c.stages
         self.stages = [_Stage(self, i, layers[i] if layers else 0) for i in range(c.stages)]
 

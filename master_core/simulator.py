@@ -78,6 +78,8 @@ class SimModel:
     # per device (CostSnapshot.device_groups order), cores busy with other work on average: the
     # stages share what is left (a machine's other processes; measured by the real bench)
     device_busy: tuple[float, ...] = ()
+    # or, where all stages share one device, as it varied: (from this time on, cores busy), in order
+    device_busy_series: tuple[tuple[float, float], ...] = ()
     # CPU seconds a stage's process spends on a step beyond its compute, on its device
     step_overhead: float = 0.0
     # (from this many seconds on, the costs the scheduler decides with), in time order: a real
@@ -143,6 +145,7 @@ class _Run:
             model.stage_curves,
             model.device_busy,
             model.step_overhead,
+            model.device_busy_series,
         )
         stages = model.costs.stages
         self.lane_busy = [False] * (

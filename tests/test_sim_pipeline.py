@@ -198,3 +198,14 @@ def test_the_scheduler_decides_with_the_costs_of_the_time():
     assert simulate(replayed, one, full) == simulate(driven, one, full)
     later = dataclasses.replace(looping, plan_costs=((100.0, driven.costs),))  # from 100 s on: never here
     assert simulate(later, one, full) == simulate(looping, one, full)
+
+
+def test_other_work_that_varies_changes_the_stages_share_when_it_does():
+    """``busy_series``: half the one core busy until 1 s, then none: 1 s of work ends at 1.5 s."""
+    c = CostSnapshot((0.0,), (0.0,), (0.0,), (INF,), 8, 8, devices=(0,), device_slots=(1,))
+    clock = Clock()
+    pipe = Pipeline(c, clock, lambda s: None, lambda s: s, busy_series=((0.0, 0.5), (1.0, 0.0)))
+    ended: list[float] = []
+    pipe.compute(0, 1.0, lambda: ended.append(clock.now))
+    clock.run()
+    assert ended == pytest.approx([1.5])

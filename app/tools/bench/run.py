@@ -76,15 +76,17 @@ async def _run_policy(
     steps: list[dict] = []  # every step's timeline (the calibration compares the simulator's steps with them)
     engine.on_step = steps.append
     cpu_before = _cpu_seconds()
-    fits: list[
-        tuple[float, dict]
-    ] = []  # the costs the engine planned with, as they moved (the calibration replays them)
+    fits: list[tuple[float, dict]] = []  # the costs the engine planned with, as they moved
+    others: list[tuple[float, float]] = []  # (time, CPU seconds used so far by all but the workers)
 
-    async def watch_costs() -> None:
+    async def watch_costs() -> None:  # what the calibration replays
         while True:
             costs = engine.costs()
+            now = round(time.monotonic() - t0, 3)
             if costs is not None and (not fits or fits[-1][1] != dataclasses.asdict(costs)):
-                fits.append((round(time.monotonic() - t0, 3), dataclasses.asdict(costs)))
+                fits.append((now, dataclasses.asdict(costs)))
+            cpu = _cpu_seconds()
+            others.append((now, cpu["machine_busy"] - cpu["workers"]))
             await asyncio.sleep(COST_SAMPLE_SECONDS)
 
     async def one(i: int, w: BenchRequest) -> None:
@@ -118,7 +120,8 @@ async def _run_policy(
     cpu = {k: v - cpu_before[k] for k, v in _cpu_seconds().items()}
     timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
     figures = summarize(arrivals, times, moved, busy)
-    return {**figures, "cpu_seconds": cpu, "cost_series": fits, "steps": timeline}, outputs
+    series = [(a[0], max(0.0, (b[1] - a[1]) / (b[0] - a[0]))) for a, b in zip(others, others[1:]) if b[0] > a[0]]
+    return {**figures, "cpu_seconds": cpu, "cost_series": fits, "other_cores": series, "steps": timeline}, outputs
 
 
 def _cpu_seconds() -> dict[str, float]:
@@ -198,7 +201,8 @@ def cpu_load(real: dict, curves: tuple[tuple[tuple[float, float], ...], ...], co
     """What else used the machine's cores during a real run, as :class:`SimModel` fields: the
     cores kept busy on average by anything but the workers' processes (the master, and whatever
     else ran: ``device_busy``), and the CPU seconds a worker spent per step beyond its compute
-    as the measured curves price it (receiving, encoding, sending: ``step_overhead``).  From the
+    as the measured curves price it (receiving, encoding, sending: ``step_overhead``); the
+    calibration also passes the other cores as they varied (``other_cores``, every 0.5 s).  From the
     run's CPU accounting (:func:`_cpu_seconds`) and step timelines; nothing when either is
     missing or the stages are not all on this machine's one device."""
     cpu, steps = real.get("cpu_seconds"), [s for s in real.get("steps", ()) if s["computes"] and not s["failed"]]
@@ -240,6 +244,9 @@ def calibrate(
             stage_curves=curves if len(curves) == costs.stages and all(curves) else (),
             **cpu_load(r, curves, costs),
             plan_costs=tuple((t, snapshot(c)) for t, c in r.get("cost_series", ())),
+            device_busy_series=tuple((t, c) for t, c in r.get("other_cores", ()))
+            if len(costs.device_groups()) == 1
+            else (),
         )
         sim = simulate(model, workload, policy(name, max_batch_tokens))
         out[name] = {
