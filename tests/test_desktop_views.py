@@ -387,3 +387,19 @@ def test_create_group_passes_the_relay_to_the_master(tmp_path, monkeypatch):
     argv.clear()
     c.create_group("default", "g", 7733)
     assert "--relay" not in argv
+
+
+def test_quitting_ends_once_and_leaves_no_deadline_running(qtbot, tmp_path):
+    """The app quits when its children stopped (quit_ready) or at the deadline, once: the
+    deadline is stopped when the children stop first, so it never fires later on windows that
+    were deleted meanwhile (it did, into the next test's event loop)."""
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
+    exits = []
+    d = Desktop(c, use_tray=False, confirm=lambda q: True, exit_app=lambda: exits.append(1))
+    qtbot.addWidget(d.window)
+    d.quit()  # nothing runs: the controller is ready to quit at once
+    qtbot.waitUntil(lambda: exits == [1], timeout=5000)
+    assert not d._deadline.isActive()
+    c.quit_ready.emit()  # a late second signal changes nothing
+    d._deadline.timeout.emit()
+    assert exits == [1]

@@ -79,6 +79,12 @@ class Desktop(QObject):
         self.dialogs: dict[str, QWidget] = {}
         self.chat = None  # ChatWindow, made on first use
         self._quitting = False
+        self._quit_done = False
+        # quit even if a child ignores its stop; owned here, stopped once the app quits (a timer left
+        # running would call _quit_now again, on windows deleted by then)
+        self._deadline = QTimer(self)
+        self._deadline.setSingleShot(True)
+        self._deadline.timeout.connect(self._quit_now)
 
     def offer_firewall_rule(self, platform: str = sys.platform) -> None:
         """Windows: when this PC listens on a port of the app's that was never asked about (the
@@ -294,10 +300,15 @@ class Desktop(QObject):
         if self._quitting:
             return
         self._quitting = True
-        QTimer.singleShot(QUIT_DEADLINE_MS, self._quit_now)
+        self._deadline.start(QUIT_DEADLINE_MS)
         self.c.quit()
 
     def _quit_now(self) -> None:
+        """Hide everything and leave the event loop, once (the children stopped, or the deadline)."""
+        self._deadline.stop()
+        if self._quit_done:
+            return
+        self._quit_done = True
         if self.tray is not None:
             self.tray.hide()
         if self.window is not None:
