@@ -51,7 +51,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
         "master_core",
         "worker_core",
     ),
-    "app.tools.bench": ("app.proc", "app.runtime", "master_core", "worker_core"),
+    "app.tools.bench": ("app.tools.netlab", "app.proc", "app.runtime", "master_core", "worker_core"),
     "app.tools.chaos": ("app.tools.netlab", "master_core", "worker_core"),
     "app.tools.netlab": (),
     "app.group": ("master_core", "worker_core"),
