@@ -607,4 +607,5 @@ def test_a_stage_behind_an_ipv6_firewall_takes_its_hop_through_a_pinhole(ckpt, t
             _answers_as_transformers(lab, "pub", ckpt)
         finally:
             _stop(procs)
-        assert not _pinhole_rule(lab, "r-w", w6, 7734), lab.ruleset("r-w")
+        said = procs[-1].stdout.read()[-3000:] if procs and procs[-1].stdout else ""  # ww's, ended
+        assert not _pinhole_rule(lab, "r-w", w6, 7734), lab.ruleset("r-w") + said
