@@ -37,30 +37,32 @@ from .speculative import ANSWER_TOKENS, TASKS, _messages
 
 HOSTS = ("a", "d", "pub")  # the members: the master's machine, another home whose router maps, a public host
 API = "http://127.0.0.1:8000"
-ASK_ALL = (
+ASK_ONE = (
     "import json,sys,time,urllib.request\n"
-    "api,tasks,most=sys.argv[1],json.load(open(sys.argv[2])),int(sys.argv[3])\n"
+    "api,messages,most=sys.argv[1],json.loads(sys.argv[2]),int(sys.argv[3])\n"
     "with urllib.request.urlopen(api+'/v1/models',timeout=10) as r: model=json.loads(r.read())['data'][0]['id']\n"
-    "out={}\n"
-    "for name,messages in tasks.items():\n"
-    "    body={'model':model,'messages':messages,'max_tokens':most,'temperature':0,'stream':True,\n"
-    "          'stream_options':{'include_usage':True}}\n"
-    "    req=urllib.request.Request(api+'/v1/chat/completions',data=json.dumps(body).encode(),\n"
-    "                               headers={'Content-Type':'application/json'})\n"
-    "    t0=time.monotonic(); times=[]; text=''; used=None\n"
-    "    with urllib.request.urlopen(req,timeout=900) as r:\n"
-    "        for raw in r:\n"
-    "            line=raw.decode().strip()\n"
-    "            if not line.startswith('data: ') or line=='data: [DONE]': continue\n"
-    "            ev=json.loads(line[6:])\n"
-    "            used=ev.get('usage') or used\n"
-    "            for ch in ev.get('choices',[]):\n"
-    "                piece=(ch.get('delta') or {}).get('content')\n"
-    "                if piece: times.append(time.monotonic()-t0); text+=piece\n"
-    "    n=used['completion_tokens'] if used else len(times)\n"
-    "    out[name]={'tokens':n,'ttft_s':times[0] if times else None,\n"
-    "               'decode_s':times[-1]-times[0] if len(times)>1 else 0.0,'text':text}\n"
-    "print(json.dumps(out))\n"
+    "body={'model':model,'messages':messages,'max_tokens':most,'temperature':0,'stream':True,\n"
+    "      'stream_options':{'include_usage':True}}\n"
+    "req=urllib.request.Request(api+'/v1/chat/completions',data=json.dumps(body).encode(),\n"
+    "                           headers={'Content-Type':'application/json'})\n"
+    "t0=time.monotonic(); times=[]; text=''; used=None\n"
+    "with urllib.request.urlopen(req,timeout=900) as r:\n"
+    "    for raw in r:\n"
+    "        line=raw.decode().strip()\n"
+    "        if not line.startswith('data: ') or line=='data: [DONE]': continue\n"
+    "        ev=json.loads(line[6:])\n"
+    "        used=ev.get('usage') or used\n"
+    "        for ch in ev.get('choices',[]):\n"
+    "            piece=(ch.get('delta') or {}).get('content')\n"
+    "            if piece: times.append(time.monotonic()-t0); text+=piece\n"
+    "n=used['completion_tokens'] if used else len(times)\n"
+    "print(json.dumps({'tokens':n,'ttft_s':times[0] if times else None,\n"
+    "                  'decode_s':times[-1]-times[0] if len(times)>1 else 0.0,'text':text}))\n"
+)
+COUNTERS = ("molink_draft_trips_total", "molink_drafted_tokens_total", "molink_accepted_draft_tokens_total",
+            "molink_loop_draft_trips_total")  # fmt: skip
+METRICS = (
+    "import sys,urllib.request\nprint(urllib.request.urlopen(sys.argv[1]+'/metrics',timeout=10).read().decode())\n"
 )
 
 
@@ -83,14 +85,33 @@ def _new_link(lab: Lab, work: Path) -> str:
     return next(line.split()[-1] for line in out.splitlines() if line.startswith("Join link:"))
 
 
-def _ask(lab: Lab, work: Path) -> dict:
-    tasks = work / "tasks.json"
-    if not tasks.exists():
-        tasks.write_text(json.dumps({name: _messages(name) for name in TASKS}))
-    out = lab.run("a", [sys.executable, "-c", ASK_ALL, API, str(tasks), str(ANSWER_TOKENS)], timeout=3600)
-    answers = json.loads(out.stdout)
-    for a in answers.values():
+def _counters(lab: Lab) -> dict[str, float]:
+    """The master's speculation counters (/metrics) and the bytes through ``pub``'s link."""
+    text = lab.run("a", [sys.executable, "-c", METRICS, API]).stdout
+    out = {
+        name: float(line.split()[-1]) for line in text.splitlines() for name in COUNTERS if line.startswith(name + " ")
+    }
+    stats = "/sys/class/net/wan0/statistics/"
+    rx, tx = lab.run("pub", ["cat", stats + "rx_bytes", stats + "tx_bytes"]).stdout.split()
+    return out | {"pub_bytes": float(rx) + float(tx)}
+
+
+def _ask(lab: Lab) -> dict:
+    """Every task once, one at a time: its figures, and what the counters moved by meanwhile."""
+    answers = {}
+    for name in TASKS:
+        before = _counters(lab)
+        argv = [sys.executable, "-c", ASK_ONE, API, json.dumps(_messages(name)), str(ANSWER_TOKENS)]
+        a = json.loads(lab.run("a", argv, timeout=900).stdout)
+        moved = {k: v - before.get(k, 0.0) for k, v in _counters(lab).items()}
+        trips = moved.get("molink_draft_trips_total", 0.0)
         a["decode_tokens_per_s"] = (a["tokens"] - 1) / a["decode_s"] if a["decode_s"] else None
+        a["draft_trips"] = int(trips)
+        a["loop_draft_trips"] = int(moved.get("molink_loop_draft_trips_total", 0.0))
+        a["drafts_per_trip"] = moved.get("molink_drafted_tokens_total", 0.0) / trips if trips else 0.0
+        a["accepted_per_trip"] = moved.get("molink_accepted_draft_tokens_total", 0.0) / trips if trips else 0.0
+        a["pub_link_bytes_per_token"] = moved["pub_bytes"] / max(1, a["tokens"])
+        answers[name] = a
     return answers
 
 
@@ -114,12 +135,12 @@ def measure(lab: Lab, model: str, work: Path) -> dict:
         _serving(lab, 1800)
         serving_after = time.monotonic() - t0
         members = _hops(lab, work)
-        modes = {"off": _ask(lab, work)}
+        modes = {"off": _ask(lab)}
         _stop([master])  # the same group again with speculation; the workers come back by themselves
         master, _ = _group(lab, model, work, speculative=True)
         procs.append(master)
         _serving(lab, 600)
-        modes["speculative"] = _ask(lab, work)
+        modes["speculative"] = _ask(lab)
         tasks = {}
         for name, (kind, _) in TASKS.items():
             off, on = modes["off"][name], modes["speculative"][name]
@@ -138,15 +159,19 @@ def measure(lab: Lab, model: str, work: Path) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| task | tokens | tok/s off | tok/s speculative | speed-up | TTFT off / spec (s) | identical |",
-        "|---|---|---|---|---|---|---|",
+        "| task | tokens | tok/s off | tok/s speculative | speed-up | TTFT off / spec (s) | drafts/trip "
+        "| accepted/trip | trips drafted in the loop-back | KB/token on pub's link off / spec | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in result["tasks"].items():
         off, on = t["off"], t["speculative"]
         lines.append(
             f"| {name} ({t['kind']}) | {on['tokens']} | {off['decode_tokens_per_s'] or 0:.1f} | "
             f"{on['decode_tokens_per_s'] or 0:.1f} | {t['speedup'] or 0:.2f}x | "
-            f"{off['ttft_s'] or 0:.2f} / {on['ttft_s'] or 0:.2f} | {t['identical']} |"
+            f"{off['ttft_s'] or 0:.2f} / {on['ttft_s'] or 0:.2f} | {on['drafts_per_trip']:.2f} | "
+            f"{on['accepted_per_trip']:.2f} | {on['loop_draft_trips']} of {on['draft_trips']} | "
+            f"{off['pub_link_bytes_per_token'] / 1e3:.1f} / {on['pub_link_bytes_per_token'] / 1e3:.1f} | "
+            f"{t['identical']} |"
         )
     return "\n".join(lines)
 
