@@ -141,7 +141,6 @@ class Engine:
         self.model_accepted_tokens = 0
         self.draft_trips = 0  # steps that carried drafts
         self.loop_draft_trips = 0  # of those, the ones the last stage drafted inside the loop-back
-        self._stage_draft_cost: tuple[WorkerLink | None, float] = (None, 0.0)  # the last stage's draft model, measured
         self.drafted_tokens = 0  # drafts sent
         self.accepted_tokens = 0  # of those, accepted
         self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
@@ -477,8 +476,8 @@ class Engine:
                 continue
             reqs = [self.running[c.request_id] for c in chunks]
             key, prefill = self._tuning_key(), any(c.length > 1 for c in chunks)
-            # the master drafts (a draft model runs here, or the loop-back does not draft): every
-            # step first, as drafting decides whether it loops; else a loop drafts on its own
+            # the master drafts (the loop-back does not draft, or the last stage holds no draft
+            # model yet): every step first, as drafting decides whether it loops; else a loop drafts
             on_master = self.speculative and not self._drafts_in_loop
             loop, ks, reserve = (0, [], []) if on_master else self._loop_steps(chunks, reqs)
             if self.speculative and not loop:  # the master drafts (and verifies) this step
@@ -528,7 +527,7 @@ class Engine:
                     live = [r.id in self.running and r.kv_gen == gens[r.id] for r in reqs]
                     batch, carried = fed_back(batch, carried, went, reqs, live)
                     if went.draft_seconds:  # the last stage's running measure of its draft model
-                        self._stage_draft_cost = (stages[-1], went.draft_seconds)
+                        stages[-1].draft_seconds = went.draft_seconds
                     on_stages = [replace(b, request_id=s.request_id) for b, s in zip(batch, sent)]
                     journey = self.relay.looped(
                         stages, epoch, on_stages, exp, {k: (g, 0) for k, (g, _) in marks.items()}
@@ -732,8 +731,7 @@ class Engine:
         ready = stages[-1].ready if stages else None
         if ready is None or self.drafter is None or not ready.draft_seconds:
             return 0.0
-        link, cost = self._stage_draft_cost
-        return cost if link is stages[-1] else ready.draft_seconds
+        return stages[-1].draft_seconds or ready.draft_seconds
 
     @property
     def _drafts_in_loop(self) -> bool:

@@ -232,6 +232,7 @@ class WorkerLink:
         self.name = hello.name
         self.weights = weights  # paired groups: this worker may fetch the weights of its assignment
         self.draft_weights = draft_weights  # ... and of the draft model its assignment names
+        self.draft_seconds = 0.0  # what a drafted token costs its draft model, as it last measured (Result)
         self.member: str | None = None  # paired groups: the member this tunnel authenticated as
         self.cert = ""  # paired groups: that member's pinned certificate (PEM), for direct hops
         self._route_waiter: asyncio.Future | None = None

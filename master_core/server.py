@@ -113,7 +113,7 @@ class Master:
         # a folder by path (same machine or shared disk), a hub id from the hub.
         ref = cfg.model if cfg.model == model_source.DEFAULT else str(folder)
         self.group = Group(cfg, ref, self.dims)
-        if self.drafter is not None:  # a local group: the last stage reads the folder (paired: see below)
+        if self.drafter is not None and cfg.data_dir is None:  # local: the last stage reads the folder
             self.group.draft = await asyncio.to_thread(offer_draft, Path(cfg.draft_model).expanduser(), None)
         self.engine = Engine(cfg, self.group, self.tokenizer, eos_token_ids(folder, self.tokenizer), self.drafter)
         self.group.running_requests = lambda: set(self.engine.running)  # a finishing worker waits for these
@@ -210,8 +210,8 @@ class Master:
         hub = model_source.hub_ref(cfg.model, folder)
         self.group.weights = await asyncio.to_thread(WeightSource, folder, data_dir / "hashes.json", hub)
         if cfg.draft_model:  # the last stage gets the draft model's tensors from us too
-            draft = Path(cfg.draft_model).expanduser()
-            self.group.draft_weights = await asyncio.to_thread(WeightSource, draft, data_dir / "hashes.json")
+            draft = Path(cfg.draft_model).expanduser()  # its hashes kept apart: each source rewrites its file whole
+            self.group.draft_weights = await asyncio.to_thread(WeightSource, draft, data_dir / "draft-hashes.json")
             self.group.draft = await asyncio.to_thread(offer_draft, draft, self.group.draft_weights)
         from .reach import Reach
 

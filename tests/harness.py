@@ -5,16 +5,18 @@ on a free port and N worker tasks (``worker_core.worker.serve``) that dial it ov
 WebSockets, waits (bounded) until the pipeline serves, and stops everything on exit.
 ``run(coro)`` runs a coroutine with an overall time bound; ``paired_config`` is the
 configuration of a paired group's master on loopback, ``join_member`` pairs a member with it
-and gives its worker's configuration; ``greedy`` the sampling of a
-comparison with transformers; ``conversation`` and ``chat`` run a multi-turn conversation
-whose later turns reuse the cached history.  ``output_line(proc, prefix, timeout)`` waits,
-bounded, for a line of a child process's output (a thread reads each child's output to its end,
-so a chatty child never blocks on a full pipe); ``output_seen(proc)`` is what it printed so far.
+and gives its worker's configuration, ``paired_group`` is such a group serving with its
+members; ``greedy`` the sampling of a comparison with transformers; ``conversation`` and
+``chat`` run a multi-turn conversation whose later turns reuse the cached history.
+``output_line(proc, prefix, timeout)`` waits, bounded, for a line of a child process's output
+(a thread reads each child's output to its end, so a chatty child never blocks on a full
+pipe); ``output_seen(proc)`` is what it printed so far.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import subprocess
 import threading
@@ -155,6 +157,27 @@ async def join_member(master: Master, folder: Path, name: str, **kw: Any) -> Wor
         weights_dir=folder / name / "weights",
         **kw,
     )
+
+
+@contextlib.asynccontextmanager
+async def paired_group(folder: Path | str, tmp_path: Path, names: tuple[str, ...] = ("alice", "bob"), **master: Any):
+    """A paired group's master on loopback (state in ``tmp_path / "m"``, ``master`` settings added)
+    with ``names`` paired and serving (:func:`join_member`), yielded once it serves; the workers
+    and the master stopped after."""
+    m = Master(paired_config(folder, tmp_path / "m", min_workers=len(names), **master))
+    await m.start()
+    tasks = []
+    try:
+        for name in names:
+            cfg = await join_member(m, tmp_path, name, reconnect=False)
+            tasks.append(asyncio.create_task(serve(cfg)))
+        await asyncio.wait_for(m.group.wait_serving(), 120)
+        yield m
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await m.stop()
 
 
 def greedy(max_tokens: int, **kw: Any):

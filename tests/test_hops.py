@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import torch
 from aiohttp import web
-from harness import Cluster, greedy, join_member, paired_config, run
+from harness import Cluster, greedy, paired_group, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.request import SamplingParams
@@ -18,7 +18,6 @@ from master_core.server import Master
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
 from worker_core.identity import load_or_create
 from worker_core.wire import Free, Segment, Step, encode
-from worker_core.worker import serve
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
 NEW = 24
@@ -222,22 +221,10 @@ def test_a_loop_back_lost_while_serving_hands_the_steps_back_to_the_master(ckpt)
 
 def test_paired_members_hop_directly_over_pinned_mutual_tls(ckpt, want, tmp_path):
     async def main():
-        master = Master(paired_config(ckpt, tmp_path / "m", min_workers=2))
-        await master.start()
-        tasks = []
-        try:
-            for name in ("alice", "bob"):
-                cfg = await join_member(master, tmp_path, name, reconnect=False)
-                tasks.append(asyncio.create_task(serve(cfg)))
-            await asyncio.wait_for(master.group.wait_serving(), 120)
+        async with paired_group(ckpt, tmp_path) as master:
             hops = list(master.group.hops)
             got = await asyncio.gather(*(master.engine.generate(p, greedy(NEW)) for p in PROMPTS))
             return hops, [r[0] for r in got]
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await master.stop()
 
     hops, got = run(main(), 240)
     assert len(hops) == 1 and hops[0].direct, hops[0].describe()

@@ -101,5 +101,5 @@ class LoopDrafts:
                 self.model.free(kv_id)
 
     def close(self) -> None:
-        self.histories.forget(list(self.histories.ids()))
+        self.histories = Histories()
         self.drop()

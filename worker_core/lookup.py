@@ -82,9 +82,6 @@ class Histories:
         held = self._by_id.get(kv_id)
         return held[0] if held is not None else []
 
-    def ids(self) -> list[int]:
-        return list(self._by_id)
-
     def forget(self, kv_ids: Sequence[int]) -> None:
         for kv_id in kv_ids:
             self._by_id.pop(kv_id, None)

@@ -459,7 +459,7 @@ class Session:
             taken_by.append((first + taken, tokens[taken - 1], d.left - taken, model_k))
             cap = d.left - taken - 1 - more  # the next step's drafts leave a token for every step after it
             jobs.append((seg.request_id, min(d.k, cap), min(model_k, cap)))
-        made = await self.drafts.draft(jobs) if any(k or mk for _, k, mk in jobs) else [((), False)] * len(jobs)
+        made = await self.drafts.draft(jobs)  # nothing to draft: no model call, nothing awaited
         if not more:  # the next step is the master's to draw: nothing more to draft here
             histories.forget([seg.request_id for seg in msg.segments])
         segments, inputs, draws = [], [], []
