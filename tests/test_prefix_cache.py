@@ -13,6 +13,7 @@ from harness import Cluster, chat, conversation, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.prefix_cache import PrefixCache
+from worker_core.kv_cache import KVStore, PackedCache, PackedSegment
 
 NEW = 8
 BUDGET = 240  # KV tokens per stage in the eviction test: about three conversations' worth
@@ -61,6 +62,37 @@ def test_only_unreferenced_entries_are_evicted_least_recently_used_first():
     b = c.retain(5, [*range(8), 1, 2, 3, 4], 4, a, 8)
     assert b is not None and c.evict(1) == [5] and c.evict(1) == [4]
     assert c.clear() == [] and c.held_tokens == 0
+
+
+def test_a_stage_joins_a_chain_of_shared_prefixes_with_every_position_in_place():
+    """Turns of a conversation each start from the one before (a chain of bases): a step of the
+    last turn attends over every position in order, the bases' and its own, and each piece is
+    read from the cache that holds it (nothing copied into the bases, nothing written below a
+    shared prefix)."""
+    import torch
+
+    store = KVStore(10_000)
+
+    def step(rid: int, start: int, n: int, base: int = 0, base_len: int = 0):
+        r = store.start(rid, 0, base, base_len) if base or start == 0 else store.get(rid)
+        assert r is not None
+        positions = torch.arange(start, start + n, dtype=torch.float32).view(1, 1, n, 1).expand(1, 2, n, 4)
+        k, v = PackedCache([PackedSegment(r, start, 0, n)]).update(positions, -positions, 0)
+        r.length = start + n
+        return k, v
+
+    step(1, 0, 40)  # turn 1 holds [0, 40)
+    step(2, 32, 20, base=1, base_len=32)  # turn 2: [0, 32) from turn 1, [32, 52) its own
+    step(3, 48, 10, base=2, base_len=48)  # turn 3: [0, 32) turn 1, [32, 48) turn 2, [48, 58) own
+    k, v = step(3, 58, 1)  # a decode step of turn 3
+    want = torch.arange(59, dtype=torch.float32)
+    assert torch.equal(k[0, 0, :, 0], want) and torch.equal(v[0, 1, :, 3], -want)
+    # the bases still hold exactly what they wrote (turn 1's positions 32-39 were never overwritten)
+    first = store.get(1)
+    assert first is not None
+    k1, _ = first.prefix(0, 40)
+    assert torch.equal(k1[0, :, 0], torch.arange(40, dtype=torch.float32))
+    assert store.used_tokens == 40 + 20 + 11  # a shared prefix counts once
 
 
 # --------------------------------------------------------------------------- the engine

@@ -88,14 +88,31 @@ class RequestKV:
         return max(0, self.length - self.base_len)
 
     def prefix(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, n) (n <= committed length): [kv_heads, n, d]."""
-        if n <= self.base_len and self.base is not None:
-            return self.base.prefix(layer, n)
-        k, v = self.keys[layer][:, : n - self.base_len], self.values[layer][:, : n - self.base_len]
-        if self.base is None or not self.base_len:
-            return k, v
-        bk, bv = self.base.prefix(layer, self.base_len)
-        return torch.cat([bk, k], dim=1), torch.cat([bv, v], dim=1)
+        """Keys and values of positions [0, n) (n <= committed length): [kv_heads, n, d].  A
+        chain of prefixes (a conversation's turns, each starting from the one before) is joined
+        in one copy, whatever its depth."""
+        ks, vs = self._pieces(layer, n)
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+    def _pieces(self, layer: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The slices of positions [0, n) along the chain of bases, in position order (views, no copy)."""
+        ks: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
+        r: RequestKV | None = self
+        while r is not None:
+            below = r.base_len if r.base is not None else 0
+            if n > below:
+                ks.append(r.keys[layer][:, : n - below])
+                vs.append(r.values[layer][:, : n - below])
+                n = below
+            if not n:
+                break
+            r = r.base
+        ks.reverse()
+        vs.reverse()
+        return ks, vs
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v ([kv_heads, n, d]) at positions [start, start+n) (start >= base_len); return
@@ -117,8 +134,7 @@ class RequestKV:
         vb[:, local:end] = v
         if self.base is None or not self.base_len:
             return kb[:, :end], vb[:, :end]
-        bk, bv = self.base.prefix(layer, self.base_len)
-        return torch.cat([bk, kb[:, :end]], dim=1), torch.cat([bv, vb[:, :end]], dim=1)
+        return self.prefix(layer, start + k.shape[1])
 
 
 class KVStore:
