@@ -325,7 +325,7 @@ class Engine:
             logits_bytes_per_row=4 * logits_row_width(self.config.logits_topk, dims.vocab_size),  # float32
             devices=devices,
             device_slots=slots,
-            direct=tuple(h.direct for h in self.group.hops) if self.direct else (),
+            direct=tuple(h.one_link for h in self.group.hops) if self.direct else (),
             loop_back=self._loops(),
         )
 

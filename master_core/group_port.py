@@ -21,7 +21,7 @@ and IPv6 on one port, IPv4 alone where the machine has no IPv6); ``port`` tells 
 ``stop()`` closes the listeners.
 
 ``accept_bridged(sock, label)`` serves a connection a relay spliced to this master (see
-:mod:`master_core.bridge_host`) exactly as an accepted one: same TLS contexts, same routes.
+:mod:`worker_core.bridge_host`) exactly as an accepted one: same TLS contexts, same routes.
 ``peer(request)`` names who a request came from: the relayed connection's ``label`` (never the
 relay's address, which every relayed member shares), else the socket's peer address.
 ``relay`` (``HOST:PORT``, or "") is sealed into the pairing welcome, so members learn it.

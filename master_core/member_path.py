@@ -4,7 +4,7 @@ IPv4 or IPv6, or a relay.
 Contract
 --------
 ``member_path(peer)`` classifies a link's ``peer`` (:attr:`WorkerLink.peer`: the address the
-tunnel came from, or a relayed connection's label, :func:`master_core.bridge_host.is_bridged`)
+tunnel came from, or a relayed connection's label, :func:`worker_core.bridge_host.is_bridged`)
 into a :class:`~worker_core.address.MemberPath`.  It is read from where the connection came
 from, not guessed from what the member announced: a friend's tunnel through a port mapped on
 this master's router comes from the friend's public address (``DIRECT``); one from the same
@@ -15,8 +15,7 @@ home, from a private address (``LAN``); the address rules are
 from __future__ import annotations
 
 from worker_core.address import MemberPath, address_path
-
-from .bridge_host import is_bridged
+from worker_core.bridge_host import is_bridged
 
 __all__ = ["MemberPath", "member_path"]
 

@@ -13,7 +13,7 @@ candidate too (kind ``relay``, last: members race it after the direct ones; a re
 dialled by the group's fingerprint or the code's nameplate, never as the master itself).
 ``candidates()`` is the current list (LAN first); ``summary()`` says in one sentence who can join
 and why; where the relay checked the mapped port from outside (``checked``, from
-:class:`~master_core.bridge_host.BridgeHost`), or a member's tunnel came from the internet to
+:class:`~worker_core.bridge_host.BridgeHost`), or a member's tunnel came from the internet to
 the mapped address (``member_came``), the mapped candidate is ``verified`` when this master
 answered there, and the summary says what the check found and who made it; ``await stop()`` removes the
 mapping. A mapping that changes (renewal gave another port, the router restarted) changes

@@ -14,6 +14,12 @@ host stage i+1 announced; else, when both stages' tunnels come from one address 
 behind one NAT), the LAN address stage i+1's tunnel leaves from; else where its home router
 maps its hop port, if it does; else the address the master sees its tunnel come from (for a
 tunnel through a relay it sees no address: only an announced host or a mapping is dialled).
+In a paired group, when stage i+1 registered its hop listener at a relay (``Hello.hop_relay``),
+the ``Route`` also names that relay (``Route.next_relay``): stage i dials the direct address
+first, and through the relay (by stage i+1's certificate fingerprint, TLS end to end) when it
+has none or it does not answer; the hop is then stage to stage (``Hop.through``), not through
+the master.  Such a hop crosses two links (stage i to the relay, the relay to stage i+1) as a
+hop through the master does, and the cost model counts it so (:attr:`Hop.one_link`).
 
 Two rounds of ``Route`` messages, each answered within ``ROUTE_TIMEOUT``: first every stage
 learns whom to accept (a fresh secret per hop, and the previous stage's certificate) and
@@ -32,12 +38,13 @@ import asyncio
 import secrets
 from dataclasses import dataclass
 
+from worker_core.bridge_host import is_bridged
 from worker_core.wire import Route
 
-from .bridge_host import is_bridged
 from .link import WorkerLink
 
-ROUTE_TIMEOUT = 10.0  # seconds a stage may take to answer a Route (its dial is bounded at 3 s)
+# seconds a stage may take to answer a Route (its dial: 3 s direct, then 6 s through a relay)
+ROUTE_TIMEOUT = 12.0
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,20 @@ class Hop:
     direct: bool
     connect_ms: float = 0.0  # the direct hop's handshake as stage i measured it
     reason: str = ""  # why it is relayed
+    through: str = ""  # the relay a direct hop crosses ("host:port"; "": straight to the next stage)
+
+    @property
+    def one_link(self) -> bool:
+        """Does the hop cross only stage i's own link (direct, not through a relay)?  A hop
+        through a relay, like one through the master, crosses two."""
+        return self.direct and not self.through
 
     def describe(self) -> str:
-        """For people: "direct (4 ms)" or "relayed: <why>"."""
-        return f"direct ({self.connect_ms:.0f} ms handshake)" if self.direct else f"relayed: {self.reason}"
+        """For people: "direct (4 ms)", "through relay R (40 ms)" or "relayed: <why>"."""
+        if not self.direct:
+            return f"relayed: {self.reason}"
+        how = f"through relay {self.through}" if self.through else "direct"
+        return f"{how} ({self.connect_ms:.0f} ms handshake)"
 
 
 NO_LOOP_BACK = Hop(False, reason="no pipeline")
@@ -105,22 +122,30 @@ async def route_pipeline(stages: list[WorkerLink], epoch: int, paired: bool) -> 
 
     mapped = await asyncio.gather(*(first(i) for i in range(n)))
     addresses = [hop_address(stages[nxt[i]], stages[i], mapped[nxt[i]]) for i in range(n)]
+    relays = [stages[nxt[i]].hello.hop_relay if paired else "" for i in range(n)]
     for i in range(n):
-        if not why_not[i] and not addresses[i]:
+        if not why_not[i] and not addresses[i] and not relays[i]:
             why_not[i] = f"no address to dial {stages[nxt[i]].name} at (it came through a relay and announced none)"
 
     async def dial(i: int) -> Hop:
         if why_not[i]:
             return Hop(False, reason=why_not[i])
         b = stages[nxt[i]]
-        route = Route(epoch, **accept(i), next_address=addresses[i], next_cert=b.cert, next_token=tokens[i])
+        route = Route(
+            epoch,
+            **accept(i),
+            next_address=addresses[i],
+            next_cert=b.cert,
+            next_token=tokens[i],
+            next_relay=relays[i],
+        )
         try:
             routed = await stages[i].route(route, ROUTE_TIMEOUT)
         except asyncio.TimeoutError:
             return Hop(False, reason=f"{stages[i].name} did not answer the route in {ROUTE_TIMEOUT:.0f} s")
-        return (
-            Hop(True, routed.connect_ms) if routed.direct else Hop(False, reason=f"{stages[i].name}: {routed.reason}")
-        )
+        if not routed.direct:
+            return Hop(False, reason=f"{stages[i].name}: {routed.reason}")
+        return Hop(True, routed.connect_ms, through=routed.through)
 
     hops = list(await asyncio.gather(*(dial(i) for i in range(n))))
     return hops[:-1], hops[-1]

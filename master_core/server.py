@@ -227,7 +227,7 @@ class Master:
         await self.reach.start()
         log.info("%s", self.reach.summary())
         if cfg.relay:
-            from .bridge_host import BridgeHost
+            from worker_core.bridge_host import BridgeHost
 
             self.group_port.relay = cfg.relay
             reach = self.reach

@@ -160,16 +160,22 @@ async def join_member(master: Master, folder: Path, name: str, **kw: Any) -> Wor
 
 
 @contextlib.asynccontextmanager
-async def paired_group(folder: Path | str, tmp_path: Path, names: tuple[str, ...] = ("alice", "bob"), **master: Any):
+async def paired_group(
+    folder: Path | str,
+    tmp_path: Path,
+    names: tuple[str, ...] = ("alice", "bob"),
+    worker: dict[str, Any] | None = None,
+    **master: Any,
+):
     """A paired group's master on loopback (state in ``tmp_path / "m"``, ``master`` settings added)
-    with ``names`` paired and serving (:func:`join_member`), yielded once it serves; the workers
-    and the master stopped after."""
+    with ``names`` paired and serving (:func:`join_member`, ``worker`` settings added to each),
+    yielded once it serves; the workers and the master stopped after."""
     m = Master(paired_config(folder, tmp_path / "m", min_workers=len(names), **master))
     await m.start()
     tasks = []
     try:
         for name in names:
-            cfg = await join_member(m, tmp_path, name, reconnect=False)
+            cfg = await join_member(m, tmp_path, name, reconnect=False, **(worker or {}))
             tasks.append(asyncio.create_task(serve(cfg)))
         await asyncio.wait_for(m.group.wait_serving(), 120)
         yield m

@@ -1,7 +1,7 @@
 """The relay (``molink relay``, worker_core.bridge_*): registration proved by the group's key,
 single-use expiring session keys, caps, timeouts and rates; every bad input refused with its
 reason while the good group keeps being served; a relay restart heals on its own.  Here the
-"master" is master_core.bridge_host.BridgeHost serving an echo over the relayed socket (the
+"master" is worker_core.bridge_host.BridgeHost serving an echo over the relayed socket (the
 real group through a relay is tests/test_bridge_group.py)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 import pytest
 from harness import run
 
-from master_core.bridge_host import BridgeHost, BridgeState
 from worker_core.bridge_dial import BridgeForwarder, BridgeRefused, open_bridged
+from worker_core.bridge_host import BridgeHost, BridgeState
 from worker_core.bridge_server import BridgeLimits, BridgeServer
 from worker_core.bridge_wire import (
     CHECK_SNI,

@@ -20,10 +20,10 @@ import pytest
 from harness import greedy, output_line, paired_config, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
-from master_core.bridge_host import BridgeState
 from master_core.routes import hop_address
 from master_core.server import Master
 from worker_core.bridge_dial import BridgeForwarder
+from worker_core.bridge_host import BridgeState
 from worker_core.bridge_server import BridgeServer
 from worker_core.identity import client_context, fingerprint, load_or_create
 from worker_core.worker import WorkerConfig, serve

@@ -157,7 +157,7 @@ def test_a_link_with_a_relay_pairs_and_serves_through_it_when_nothing_direct_ans
     name the relay; a joiner whose direct candidates are dead pairs through the relay by the link
     alone (one pairing attempt), and the worker's race picks the relay (by the group's fingerprint)
     when no direct address answers, the direct address when it does."""
-    from master_core.bridge_host import BridgeState
+    from worker_core.bridge_host import BridgeState
     from worker_core.bridge_server import BridgeServer
     from worker_core.identity import fingerprint
     from worker_core.worker import pick_path

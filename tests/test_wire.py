@@ -92,6 +92,10 @@ MESSAGES = [
     Recall(9, 4, (Segment(11, 0, 48, False, 2), Segment(12, 16, 5, False))),
     Routed(4, False, reason="10.0.0.3:7001: no answer within 3 s"),
     Routed(4, False, reason="no next hop", mapped="25.0.0.11:7734"),
+    # through a relay: the next stage registered its hop listener there, and the hop crosses it
+    Route(4, next_address="25.0.0.12:7734", next_cert="-----BEGIN", next_token="ef" * 16, next_relay="25.0.0.100:7735"),
+    Route(4, next_cert="-----BEGIN", next_token="ef" * 16, next_relay="[2a0f:ff00::100]:7735"),
+    Routed(4, True, 41.0, through="25.0.0.100:7735"),
     Assign(  # a GGUF model's tensors travel as their blocks: U8 bytes, GGML type, logical shape
         3,
         "d" * 64,
@@ -428,6 +432,18 @@ BAD_FRAMES |= {
     "failure unsent not bool": _frame(wire.Kind.FAILURE, {"message": "x", "step_id": 1, "unsent": 1}),
     "hello hop host with a path": _frame(wire.Kind.HELLO, HELLO | {"hop_host": "a/b"}),
     "hello hop port too big": _frame(wire.Kind.HELLO, HELLO | {"hop_port": 70000}),
+    "hello hop relay no port": _frame(wire.Kind.HELLO, HELLO | {"hop_relay": "25.0.0.100"}),
+    "hello hop relay not text": _frame(wire.Kind.HELLO, HELLO | {"hop_relay": 7735}),
+    "route next relay without a token": _frame(
+        wire.Kind.ROUTE, ROUTE | {"next_cert": "-----BEGIN", "next_relay": "25.0.0.100:7735"}
+    ),
+    "route next relay without the next certificate": _frame(
+        wire.Kind.ROUTE, ROUTE | {"next_token": "ef" * 16, "next_relay": "25.0.0.100:7735"}
+    ),
+    "route next relay with a path": _frame(
+        wire.Kind.ROUTE, ROUTE | {"next_cert": "x", "next_token": "ef" * 16, "next_relay": "a/b:7735"}
+    ),
+    "routed through not an address": _frame(wire.Kind.ROUTED, ROUTED | {"direct": True, "through": "relay"}),
 }
 
 
@@ -439,6 +455,8 @@ def test_bad_frames_are_protocol_errors(name):
 
 def test_the_valid_headers_used_above_decode():
     assert decode(_frame(wire.Kind.ROUTED, ROUTED)) == Routed(1, False)  # a worker that maps nothing says nothing
+    assert decode(_frame(wire.Kind.HELLO, HELLO)).hop_relay == ""  # an older worker's Hello: no relay named
+    assert decode(_frame(wire.Kind.ROUTE, ROUTE)) == Route(1)  # an older master's Route: no relay
     assert decode(_frame(wire.Kind.ROUTED, ROUTED | {"mapped": "[2a0f:ff00::5]:7734"})).mapped == "[2a0f:ff00::5]:7734"
     assert isinstance(decode(_frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD)), Step)
     assert decode(_frame(wire.Kind.FAILURE, {"message": "x", "step_id": 1})) == Failure("x", 1)  # an older worker's

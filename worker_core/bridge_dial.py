@@ -170,6 +170,9 @@ class BridgeForwarder:
                 return
             self.joined += 1
             await asyncio.gather(_pump(reader, far), _pump(far_reader, writer))
+        except asyncio.CancelledError:
+            pass  # stop(): this handler's task is the forwarder's own, and it ends here (Python 3.11's
+            # asyncio.streams reports a cancelled connection handler as an unhandled exception)
         finally:
             if far is not None:
                 far.close()

@@ -9,10 +9,11 @@ runs in its own small process (``molink relay``, no torch) or inside any reachab
 It speaks :mod:`worker_core.bridge_wire`.  A master registers its group over a control
 connection, proving possession of its certificate key (a signed fresh nonce); the group is
 keyed by that certificate's fingerprint, and a newer registration of the same group replaces
-the older one.  A dialer asks for a group (fingerprint, or the nameplate of an open pairing
-code); the relay sends the master a ``Call`` with a fresh session key (single use, expiring
-after ``answer_timeout``), the master dials back with ``Accept(key)``, both get ``Ok`` and the
-relay copies bytes between them until both ends are done.  It never parses what it copies:
+the older one (which is told ``replaced`` and closed).  A dialer asks for a group (fingerprint,
+or the nameplate of an open pairing code); the relay sends the master a ``Call`` with a fresh
+session key (single use, expiring after ``answer_timeout``), the master dials back with
+``Accept(key)``, both get ``Ok`` and the relay copies bytes between them until both ends are
+done.  It never parses what it copies:
 the group's pinned mutual TLS runs end to end, so it can neither join, read nor alter.
 
 Bad input gets an ``Error`` frame with a code and one line, then a close, and touches nothing
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 
 from .bridge_wire import (
     CHECK_SNI,
+    REPLACED,
     Accept,
     BridgeError,
     Call,
@@ -260,8 +262,10 @@ class BridgeServer:
         old = self.groups.get(reg.group)
         group = _Group(reg.group, writer, frozenset(reg.nameplates), old.sessions if old else 0)
         self.groups[reg.group] = group
-        if old is not None:
-            old.writer.close()  # the master reconnected: its older control connection is stale
+        if old is not None:  # the master reconnected (its older control connection is stale), or another process
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+                old.writer.write(encode(Error(REPLACED, "a newer registration of this certificate replaced this one")))
+            old.writer.close()
         await self._send(writer, Registered())
         log.info("group %s registered (%d nameplate(s))", reg.group[:16], len(reg.nameplates))
         try:

@@ -63,6 +63,9 @@ PROOF_LABEL = b"molink-bridge-register/1\x00"
 CHECK_SNI = "molink-pair"  # the group port's pairing server name (worker_core.pairing.PAIR_SNI): no client certificate
 
 
+REPLACED = "replaced"  # Error code: a newer registration of the same certificate took this one's place
+
+
 class BridgeError(Exception):
     """A preamble that cannot be used; ``code`` is the machine-readable reason."""
 

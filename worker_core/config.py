@@ -49,3 +49,7 @@ class WorkerConfig:
     # in a paired group, with a listener on every interface and no ``hop_host``: ask the home
     # router to map the hop port (UPnP, NAT-PMP, PCP), so a stage in another home can dial it
     port_mapping: bool = True
+    # the group's relay ("host:port", "": none), paired groups: the hop listener registers there
+    # under this member's own certificate fingerprint (whatever else reaches it), so the previous
+    # stage can reach it through the relay when no direct address answers (worker_core.hops)
+    relay: str = ""

@@ -26,6 +26,17 @@ straight on, as a ``Step`` of the same id, over a WebSocket it dials to stage i+
   the master, which relays it: nothing is lost).  Both ends ping every ``HEARTBEAT`` seconds, so
   a path that dies quietly (a NAT that forgot an idle mapping) goes down before a step is sent
   into it.  A hop that went down stays down for its epoch.
+* Through a relay (paired groups): a worker whose group has a relay registers its hop listener
+  there under its own certificate's fingerprint (:class:`~worker_core.bridge_host.BridgeHost`);
+  each call the relay splices to it is served by :meth:`HopListener.accept_bridged` with the
+  same TLS context, pinning and token check as a dial from anywhere.  :func:`dial` given a
+  ``relay`` tries the direct address first (when there is one) and, when that fails, asks the
+  relay for the next stage by the fingerprint of ``cert_pem`` (bounded by
+  ``RELAYED_CONNECT_TIMEOUT``): the WebSocket runs through a local
+  :class:`~worker_core.bridge_dial.BridgeForwarder` that the hop owns, the TLS end to end over
+  the relay's splice; ``NextHop.through`` names the relay ("" for a direct hop).  Everything
+  after the dial is the same hop: heartbeats, and the master's relaying when it goes down (a
+  relay that stops closes the splice, and so the hop).
 * In a plain (unpaired) group the listener and the dial are plain ``ws://`` with the token only:
   loopback tests and the local demo, like the plain tunnel.
 """
@@ -36,6 +47,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import socket
 import ssl
 import time
 from collections import deque
@@ -45,6 +57,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import WSMsgType, web
 
+from .bridge_dial import BridgeForwarder
 from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
 from .listen import bind, families
 from .outbox import Outbox
@@ -56,6 +69,8 @@ log = logging.getLogger("molink.hops")
 HOP_PATH = "/v1/hop"
 TOKEN_HEADER = "X-MoLink-Hop"
 CONNECT_TIMEOUT = 3.0  # seconds to open a hop (TCP, TLS, WebSocket); longer counts as unreachable
+# seconds to open one through a relay: the relay calls the next stage, which dials it back first
+RELAYED_CONNECT_TIMEOUT = 6.0
 MAX_INBOUND = 4  # hop connections one listener keeps open at once
 SEND_TIMEOUT = 30.0  # seconds one frame may take to leave on a hop before it counts as down
 HEARTBEAT = 5.0  # seconds between the dialler's pings: a path that died quietly (a NAT forgot it) goes down
@@ -80,6 +95,7 @@ class HopListener:
         self.max_frame: int = UNASSIGNED_FRAME_BYTES  # the serving range's bound on a step (set on Assign)
         self._accept: _Accept | None = None
         self._context: ssl.SSLContext | None = None  # paired: pinned to the accepted dialler
+        self._base: ssl.SSLContext | None = None  # paired: every handshake's first context (it switches)
         self._runner: web.AppRunner | None = None
         self._open: dict[web.WebSocketResponse, int] = {}  # inbound hop -> its epoch
         self._closing: set[asyncio.Task] = set()  # closes of hops of an earlier epoch, awaited by stop()
@@ -93,6 +109,7 @@ class HopListener:
         if self.identity is not None:
             base = server_context(self.identity, [], required=True)  # refuses all: each handshake switches
             base.sni_callback = self._switch
+        self._base = base
         self.port = await bind(self._runner, families(host), port, base, "hop listener")
         how = "mutual TLS" if base else "plain, loopback only"
         log.info("hop listener on %s port %d (%s)", " and ".join(families(host)), self.port, how)
@@ -103,6 +120,16 @@ class HopListener:
         await asyncio.gather(*self._closing, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def accept_bridged(self, sock: socket.socket, label: str) -> None:
+        """Serve ``sock`` (a relay's data connection, at the previous stage's first TLS byte) as a
+        dial from anywhere: the same TLS contexts, certificate pin and token check."""
+        if self._runner is None or self._runner.server is None or self._base is None:
+            sock.close()
+            return
+        log.info("hop connection through the relay (%s)", label)
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(self._runner.server, sock, ssl=self._base)
 
     def _switch(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
         if self._context is not None:
@@ -177,6 +204,8 @@ class NextHop:
         rate: float | None,
     ) -> None:
         self.epoch = epoch
+        self.through = ""  # the relay this hop crosses ("" direct)
+        self.forwarder: BridgeForwarder | None = None  # the local end of a relayed hop, stopped on close
         self._http, self._ws = http, ws
         self._fallbacks: deque[Callable[[], Awaitable[None]]] = deque()
         self._shaper = LinkShaper(delay, rate, self._deliver)
@@ -235,6 +264,8 @@ class NextHop:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._ws.close(), 2.0)
         await self._http.close()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
 
 
 async def dial(
@@ -245,19 +276,57 @@ async def dial(
     identity: Identity | None,
     delay: float = 0.0,
     rate: float | None = None,
+    relay: str = "",
 ) -> tuple[NextHop, float]:
-    """Open the hop to the next stage at ``address`` ("host:port"): (the hop, seconds the
-    handshake took).  Paired (``identity`` given): TLS 1.3 with this machine's certificate,
-    accepting only ``cert_pem``.  HopUnreachable on any failure within ``CONNECT_TIMEOUT``."""
+    """Open the hop to the next stage at ``address`` ("host:port", "" for none), else through
+    ``relay`` ("host:port", "" for none; paired groups only): (the hop, seconds the handshake
+    took).  Paired (``identity`` given): TLS 1.3 with this machine's certificate, accepting only
+    ``cert_pem``.  HopUnreachable, saying why each way failed, when neither opens within its
+    bound (``CONNECT_TIMEOUT``, then ``RELAYED_CONNECT_TIMEOUT``)."""
+    if identity is not None and not cert_pem:
+        raise HopUnreachable("no certificate to pin the next stage to")
+    why = []
+    if address:
+        try:
+            return await _open(address, epoch, token, cert_pem, identity, delay, rate, CONNECT_TIMEOUT)
+        except HopUnreachable as e:
+            if not relay or identity is None:
+                raise
+            why.append(str(e))
+    if not relay or identity is None:
+        raise HopUnreachable("no address and no relay to reach the next stage by")
+    forwarder = BridgeForwarder(relay, group=fingerprint(cert_pem))
+    await forwarder.start()
+    try:
+        hop, seconds = await _open(
+            forwarder.address, epoch, token, cert_pem, identity, delay, rate, RELAYED_CONNECT_TIMEOUT
+        )
+    except HopUnreachable as e:
+        await forwarder.stop()
+        why.append(f"through relay {relay}: {forwarder.last_error or str(e).split(': ', 1)[-1]}")
+        raise HopUnreachable("; ".join(why)) from None
+    hop.through, hop.forwarder = relay, forwarder
+    return hop, seconds
+
+
+async def _open(
+    address: str,
+    epoch: int,
+    token: str,
+    cert_pem: str,
+    identity: Identity | None,
+    delay: float,
+    rate: float | None,
+    timeout: float,
+) -> tuple[NextHop, float]:
+    """The hop's WebSocket to ``address`` within ``timeout`` seconds (see :func:`dial`)."""
     from .pairing import TUNNEL_SNI
 
     context: ssl.SSLContext | bool = False  # False: plain ws:// (aiohttp's "no TLS")
     if identity is not None:
-        if not cert_pem:
-            raise HopUnreachable("no certificate to pin the next stage to")
         context = client_context(identity, cert_pem)
     url = f"{'wss' if identity is not None else 'ws'}://{address}{HOP_PATH}"
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=timeout))
     t0 = time.perf_counter()
     try:
         ws = await asyncio.wait_for(
@@ -270,17 +339,17 @@ async def dial(
                 ssl=context,
                 server_hostname=TUNNEL_SNI if identity is not None else None,
             ),
-            CONNECT_TIMEOUT,
+            timeout,
         )
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
         await http.close()
-        raise HopUnreachable(f"{address}: {_say(e)}") from None
+        raise HopUnreachable(f"{address}: {_say(e, timeout)}") from None
     return NextHop(http, ws, epoch, delay, rate), time.perf_counter() - t0
 
 
-def _say(e: BaseException) -> str:
+def _say(e: BaseException, timeout: float) -> str:
     if isinstance(e, asyncio.TimeoutError):
-        return f"no answer within {CONNECT_TIMEOUT:.0f} s"
+        return f"no answer within {timeout:.0f} s"
     if isinstance(e, aiohttp.WSServerHandshakeError) and e.status == 403:
         return "refused (not the pipeline's previous stage)"
     if isinstance(e, aiohttp.ClientConnectorCertificateError):

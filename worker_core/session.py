@@ -487,7 +487,7 @@ class Session:
             hops.accept(msg.epoch, msg.accept_token, msg.accept_cert)
         if not self.run.dials:
             return Routed(msg.epoch, False, reason="direct hops are off on this worker", mapped=mapped)
-        if not msg.next_address:
+        if not (msg.next_address or msg.next_relay):
             return Routed(msg.epoch, False, reason="no next hop", mapped=mapped)
         cfg = self.config
         rate = cfg.link_mbps * 1e6 / 8 if cfg.link_mbps else None
@@ -500,13 +500,15 @@ class Session:
                 cfg.identity if cfg.tls is not None else None,
                 cfg.link_delay_ms / 1000.0,
                 rate,
+                msg.next_relay,
             )
         except HopUnreachable as e:
             log.info("next stage not reachable directly, relaying through the master: %s", e)
             return Routed(msg.epoch, False, reason=str(e)[:500], mapped=mapped)
         self.next_hop = hop
-        log.info("direct hop to the next stage at %s (%.1f ms)", msg.next_address, seconds * 1000)
-        return Routed(msg.epoch, True, seconds * 1000, mapped=mapped)
+        where = f"through relay {hop.through}" if hop.through else f"at {msg.next_address}"
+        log.info("direct hop to the next stage %s (%.1f ms)", where, seconds * 1000)
+        return Routed(msg.epoch, True, seconds * 1000, mapped=mapped, through=hop.through)
 
     async def close_hop(self) -> None:
         hop, self.next_hop = self.next_hop, None

@@ -169,6 +169,10 @@ class Hello:
     hop_host: str = ""
     hop_lan: str = ""  # the local address this tunnel leaves from (behind a NAT: the LAN address)
     dialled: str = ""  # "host:port" this tunnel dialled (a master's candidate), "" when not said
+    # "host:port" of the relay where this worker registers its hop listener under its own
+    # certificate's fingerprint (a paired group's relay), "" for none: the previous stage may
+    # reach it through there when no direct address answers (absent in an older worker's Hello)
+    hop_relay: str = ""
 
 
 def gguf_nbytes(gguf_type: str, shape: tuple[int, ...]) -> int:
@@ -482,6 +486,10 @@ class Route:
     next_address: str = ""
     next_cert: str = ""
     next_token: str = ""
+    # "host:port" of a relay where the next stage's hop listener is registered (by the fingerprint
+    # of ``next_cert``): dialled there when ``next_address`` is "" or does not answer ("": none;
+    # an older worker ignores it and relays that hop through the master)
+    next_relay: str = ""
 
 
 @dataclass(frozen=True)
@@ -497,6 +505,7 @@ class Routed:
     connect_ms: float = 0.0
     reason: str = ""
     mapped: str = ""
+    through: str = ""  # "host:port" of the relay the open hop crosses ("": direct, or no hop)
 
 
 Message = Hello | Assign | Ready | Step | Result | Recall | Free | Failure | Fetch | Chunk | Leave | Route | Routed
@@ -552,11 +561,11 @@ def _host(h: dict[str, Any], key: str) -> str:
     return v
 
 
-def _dialled(h: dict[str, Any]) -> str:
-    """``Hello.dialled``: "" or host:port (absent in an older worker's Hello)."""
-    v = _str(h, "dialled", 260) if "dialled" in h else ""
+def _optional_address(h: dict[str, Any], key: str) -> str:
+    """A "host:port" field added in version 7 or later, "" allowed (absent from an older peer's frame: "")."""
+    v = _str(h, key, 260) if key in h else ""
     if v and not _ADDRESS.match(v):
-        raise ProtocolError(f"field 'dialled' is not host:port: {v!r}")
+        raise ProtocolError(f"field {key!r} is not host:port: {v!r}")
     return v
 
 
@@ -885,7 +894,8 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             hop_port=_int(h, "hop_port", 0, 65535),
             hop_host=_host(h, "hop_host"),
             hop_lan=_host(h, "hop_lan"),
-            dialled=_dialled(h),
+            dialled=_optional_address(h, "dialled"),
+            hop_relay=_optional_address(h, "hop_relay"),
         )
     if kind is Kind.ASSIGN:
         a = Assign(
@@ -980,11 +990,14 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             next_address=_str(h, "next_address", 260),
             next_cert=_str(h, "next_cert", MAX_CERT_CHARS),
             next_token=_str(h, "next_token"),
+            next_relay=_optional_address(h, "next_relay"),
         )
         if not (_TOKEN.match(route.accept_token) and _TOKEN.match(route.next_token)):
             raise ProtocolError("hop tokens must be 32..128 lower-case hex digits")
         if route.next_address and (not _ADDRESS.match(route.next_address) or not route.next_token):
             raise ProtocolError(f"bad next hop {route.next_address!r}: host:port with a token")
+        if route.next_relay and not (route.next_token and route.next_cert):
+            raise ProtocolError("a next hop through a relay needs a token and the next stage's certificate")
         return route
     if kind is Kind.ROUTED:
         routed = Routed(
@@ -993,6 +1006,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             connect_ms=_float(h, "connect_ms"),
             reason=_str(h, "reason", 512),
             mapped=_str(h, "mapped", 300) if "mapped" in h else "",
+            through=_optional_address(h, "through"),
         )
         if routed.mapped and not _ADDRESS.match(routed.mapped):
             raise ProtocolError(f"bad mapped hop address {routed.mapped!r}: host:port")

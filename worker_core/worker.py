@@ -28,7 +28,13 @@ dials, and announces no port); a ``Route`` from the master says who may dial in
 and where the next stage listens; the worker dials it (bounded) and answers ``Routed``.  A
 ``Step`` marked ``forward`` is then sent on to the next stage instead of back to the master (its
 ``Result`` goes to the master when the hop is down: the master relays it).  Steps arriving over
-the hop join the same in-order queue as the master's.
+the hop join the same in-order queue as the master's.  With a relay (``config.relay``, paired
+groups) the hop listener also stays registered there under this member's own certificate
+(:class:`~worker_core.bridge_host.BridgeHost`, healing after a relay restart) and announces it
+(``Hello.hop_relay``), so the previous stage can reach it through the relay when no direct
+address answers.  It registers whether or not a direct way in exists: whether the previous
+stage can reach a mapped or announced address is known only by its dial, and the registration
+costs one idle connection (a ping every 15 s).
 
 In a paired group (``tls`` set) the tunnel is ``wss://`` with this machine's certificate,
 trusting only the pinned master certificate, and an ``Assign`` with a manifest is served from
@@ -54,6 +60,7 @@ import aiohttp
 
 from . import device as devices
 from .address import MemberPath, address_path, format_address, is_loopback, parse_address
+from .bridge_host import BridgeHost
 from .candidates import DIAL_TIMEOUT, Candidate, Kind, NoPath, is_public, parse_candidate_text, race
 from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
@@ -421,6 +428,17 @@ def _hop_mapper(hops: HopListener, config: WorkerConfig, run: Run) -> _HopMappin
     return _HopMapping(hops.port, run, ipv6=(config.hop_bind or EVERY_INTERFACE) == "::")
 
 
+async def _hop_bridge(hops: HopListener, config: WorkerConfig) -> BridgeHost | None:
+    """Keep the hop listener registered at the group's relay under this member's certificate
+    (paired groups with a relay), its calls served as hops (:meth:`HopListener.accept_bridged`)."""
+    if config.tls is None or config.identity is None or not config.relay:
+        return None
+    bridge = BridgeHost(config.relay, config.identity, list, hops.accept_bridged)
+    await bridge.start()
+    log.info("hop listener registering at relay %s (as %s)", config.relay, config.identity.fingerprint[:16])
+    return bridge
+
+
 def _tls_hint(config: WorkerConfig, e: BaseException) -> str:
     if config.tls is None:
         return ""
@@ -458,6 +476,7 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
     dial_task: asyncio.Task | None = None
     obey: asyncio.Task | None = None
     mapper: _HopMapping | None = None
+    hop_bridge: BridgeHost | None = None
     try:
         shards: dict = {}
         info = devices.pick(config.device)
@@ -470,6 +489,8 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
             await _start_hops(hops, config)
             facts |= {"hop_port": hops.port, "hop_host": config.hop_host}
             mapper = _hop_mapper(hops, config, run)
+            hop_bridge = await _hop_bridge(hops, config)
+            facts["hop_relay"] = hop_bridge.relay if hop_bridge is not None else ""
         if config.tls is None:
             log.warning(
                 "UNAUTHENTICATED plain tunnel to %s: anyone on the path can read and forge activations; "
@@ -492,6 +513,8 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
                 await asyncio.gather(t, return_exceptions=True)
         if mapper is not None:
             await mapper.stop()  # bounded: a router that is gone cannot hold the exit
+        if hop_bridge is not None:
+            await hop_bridge.stop()
         if hops is not None:
             await hops.stop()
         executor.shutdown(wait=False, cancel_futures=True)

@@ -9,7 +9,8 @@ master certificate) into a :class:`~worker_core.config.WorkerConfig`; an unknown
 folder that joined no group raises ``ValueError`` before anything starts.  A group with a relay
 (``--relay``, else the one the group named at joining): the relay is one more candidate of the
 master, raced after the direct ones at every dial (:func:`worker_core.worker.pick_path`: LAN,
-then direct, then relay); with ``--via-relay`` it is the only one.  ``probe`` prints
+then direct, then relay); with ``--via-relay`` it is the only one.  The worker's hop listener
+registers at that relay too (``WorkerConfig.relay``), so the previous stage can reach it there.  ``probe`` prints
 what this machine offers (or ``--json``) and exits 0.  Torch and the engine are imported only
 inside the command.
 """
@@ -80,7 +81,7 @@ def worker(args: argparse.Namespace, sup: Supervision) -> Run:
         via = Candidate(Kind.RELAY, *parse_address(relay)).to_text()
         others = () if args.via_relay else tuple(c for c in candidates if not c.startswith("relay~"))
         wcfg = dataclasses.replace(
-            wcfg, master="" if args.via_relay else master, candidates=(*others, via), group=group
+            wcfg, master="" if args.via_relay else master, candidates=(*others, via), group=group, relay=relay
         )
     return lambda: serve(wcfg, sup.control, sup.events)
 

@@ -4,7 +4,7 @@ Contract
 --------
 ``python -m app.tools.bench.relay [--sessions 1,8] [--rates 0,50,200] [--seconds 5] [--out F]``
 starts ``molink relay`` as its own process (so its CPU time and memory are its own: read from
-``/proc/PID``, Linux only), registers a stand-in master here (:class:`~master_core.bridge_host.
+``/proc/PID``, Linux only), registers a stand-in master here (:class:`~worker_core.bridge_host.
 BridgeHost` with a fresh identity, whose relayed sockets discard what they receive), and for
 each (sessions, rate) opens that many relayed sessions that each push bytes one way for
 ``seconds`` (rate 0: as fast as loopback goes; else Mbit/s per session, paced by the relay's
@@ -91,7 +91,7 @@ async def _one_run(relay: str, group: str, pid: int, sessions: int, seconds: flo
 
 
 async def _main(sessions: list[int], rates: list[float], seconds: float) -> dict:
-    from master_core.bridge_host import BridgeHost, BridgeState
+    from worker_core.bridge_host import BridgeHost, BridgeState
     from worker_core.identity import load_or_create
 
     counted = [0]

@@ -1,25 +1,30 @@
-"""The master's side of a relay: stay registered, and take the connections relayed to it.
+"""A listener's side of a relay: stay registered, and take the connections relayed to it.
 
 Contract
 --------
 ``BridgeHost(relay, identity, nameplates, hand_over)``: ``start()`` begins a task that keeps
 one outbound control connection to the relay at ``relay`` (``HOST:PORT``, see
-:mod:`worker_core.bridge_server`), registered for this group: the group is this master's
-certificate fingerprint, proven by signing the relay's nonce with the certificate's key.  On a
-``Call`` it dials the relay back with the call's session key and, once the relay answers
-``Ok``, gives the raw socket (positioned at the dialer's first TLS byte) to
-``hand_over(sock, label)``, which serves it like an accepted connection (the group port's
-TLS contexts: SNI switch and pinning unchanged).  ``label`` is ``"bridge:<relay>#<n>"``, never
-an address: a relayed member's identity is its certificate, and where it is comes from nowhere
-(see :func:`is_bridged`).
+:mod:`worker_core.bridge_server`), registered under ``identity``'s certificate fingerprint,
+proven by signing the relay's nonce with the certificate's key.  Two listeners use it: the
+master's group port (the group is the master's fingerprint, which members pin) and, in a paired
+group, a worker's hop listener (registered under the member's own fingerprint, which the
+previous stage pins: :mod:`worker_core.hops`).  On a ``Call`` it dials the relay back with the
+call's session key and, once the relay answers ``Ok``, gives the raw socket (positioned at the
+dialer's first TLS byte) to ``hand_over(sock, label)``, which serves it like an accepted
+connection (the listener's own TLS contexts: SNI switch and pinning unchanged).  ``label`` is
+``"bridge:<relay>#<n>"``, never an address: a relayed peer's identity is its certificate, and
+where it is comes from nowhere (see :func:`is_bridged`).
 
-``nameplates()`` lists the group's open pairing nameplates; they are sent at registration and
-again on :meth:`changed` (and checked at every ping), so the pairing code alone finds the
-group at the relay.  A lost or refused control connection is dialled again after a backoff
-(0.5 s doubling to ``MAX_BACKOFF``, with jitter): a relay that restarts heals on its own.
+``nameplates()`` lists the group's open pairing nameplates (a hop listener has none: ``list``);
+they are sent at registration and again on :meth:`changed` (and checked at every ping), so the
+pairing code alone finds the group at the relay.  A lost or refused control connection is dialled again after a backoff
+(0.5 s doubling to ``MAX_BACKOFF``, with jitter): a relay that restarts heals on its own.  A
+registration a newer one of the same certificate replaced (the relay says ``replaced``: another
+process holds this key, e.g. a restarted one whose predecessor still runs) waits
+``MAX_BACKOFF`` before registering again, so two such processes do not take turns every 0.5 s.
 ``state`` is a :class:`BridgeState`; ``last_error`` says why the last attempt failed.
 
-``mapped_port()`` (0: none) is the port the home router maps to this master's group port: at
+``mapped_port()`` (0: none) is the port the home router maps to the listener (the master's): at
 each registration, and whenever it changes, the relay is asked to check it from outside
 (``Check``); ``on_checked(port, reachable, why)`` hears the answer (reachable: this master's own
 certificate answered there).
@@ -39,6 +44,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from worker_core.bridge_wire import (
+    REPLACED,
     Accept,
     BridgeError,
     Call,
@@ -46,6 +52,7 @@ from worker_core.bridge_wire import (
     Check,
     Checked,
     Error,
+    Malformed,
     Nameplates,
     Ok,
     Ping,
@@ -165,9 +172,11 @@ class BridgeHost:
                 self.last_error = "the relay closed the control connection"
             except BridgeError as e:
                 self.last_error = f"the relay refused: {e}"
+                if e.code == REPLACED:  # another process holds this certificate's key: no tug of war
+                    backoff = MAX_BACKOFF
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
                 self.last_error = f"relay {self.relay} unreachable: {type(e).__name__}: {e}"
-            if self.state is BridgeState.REGISTERED:
+            if self.state is BridgeState.REGISTERED and backoff < MAX_BACKOFF:
                 backoff = 0.5  # it was up: come back quickly
             self._to(BridgeState.BACKING_OFF)
             log.warning("%s; registering again in %.1f s", self.last_error, backoff)
@@ -202,7 +211,7 @@ class BridgeHost:
                     elif isinstance(msg, Checked):
                         self._checked(msg)
                     elif isinstance(msg, Error):
-                        raise BridgeError(f"{msg.reason} ({msg.code})")
+                        raise Malformed(f"{msg.reason} ({msg.code})", code=msg.code)
                     elif not isinstance(msg, Pong):
                         raise BridgeError(f"unexpected {type(msg).__name__} on the control connection")
             finally:
