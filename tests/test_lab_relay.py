@@ -284,3 +284,69 @@ def test_the_relay_checks_a_mapped_port_from_outside_and_the_link_marks_it_verif
         assert f"mapped~{wan}:7733~v" in link, link
     finally:
         master.stop()
+
+
+@pytest.mark.slow
+def test_stages_behind_symmetric_nats_take_their_hop_through_the_relay_not_the_master(ckpt, tmp_path):
+    """Master and relay on pub; one worker in each of homes s and t, both behind symmetric NATs
+    whose routers map nothing: neither stage can dial the other (the dial to the other router's
+    address fails), so each hop goes through the relay, where each worker registered its hop
+    listener under its own certificate, and not through the master.  The tokens equal
+    single-process transformers'; a capture on the relay shows the hops' bytes crossing it as TLS
+    records only."""
+    from test_lab import HEALTH, WORKERS
+
+    with Lab.up("trhop", "symmetric2") as lab:
+        relay_proc = Proc(lab, "pub", ["relay", "--listen", f"0.0.0.0:{RELAY_PORT}"])
+        relay = f"{lab.address('pub')}:{RELAY_PORT}"
+        procs: list[Proc] = [relay_proc]
+        capture: Capture | None = None
+        try:
+            relay_proc.wait_for(lambda line: line.startswith("relay listening"), 60)
+            master = Proc(lab, "pub", ["group", "create", "--model", str(ckpt), "--port", "7733", "--api-port",
+                                       "8000", "--data-dir", str(tmp_path / "m"), "--name", "hops", "--min-workers",
+                                       "2", "--no-port-mapping", "--relay", relay])  # fmt: skip
+            procs.append(master)
+            master.wait_for(lambda line: line.startswith("Pairing code:"), 120)
+            master.wait_for(lambda line: "registered at relay" in line, 30)
+            # from here on every connection to the relay comes from the homes (the master's is local)
+            capture = Capture(lab, "pub", "wan0", RELAY_PORT, tmp_path / "relay.pcap")
+            capture.start()
+            workers = {}
+            for name, home in (("ws", "s"), ("wt", "t")):
+                code = lab.run("pub", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir",
+                                       str(tmp_path / "m")], timeout=60)  # fmt: skip
+                link = next(x for x in code.stdout.splitlines() if x.startswith("Join link:")).split()[-1]
+                joined = lab.run(home, [sys.executable, "-m", "app.cli", "join", link, "--data-dir",
+                                        str(tmp_path / name), "--name", name], timeout=120, check=False)  # fmt: skip
+                assert joined.returncode == 0, joined.stderr + master.output()
+                workers[name] = Proc(lab, home, ["worker", "--data-dir", str(tmp_path / name), "--device", "cpu",
+                                                 "--threads", "1"])  # fmt: skip
+                procs.append(workers[name])
+            up = lab.run("pub", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "180"], timeout=200,
+                         check=False)  # fmt: skip
+            assert up.returncode == 0, "the group never served:\n" + master.output()
+            state = json.loads(lab.run("pub", [sys.executable, "-c", WORKERS, "http://127.0.0.1:8000"]).stdout)
+            stages = sorted((w for w in state if w["stage"] is not None), key=lambda w: w["stage"])
+            assert len(stages) == 2, state
+            # the hop and the loop-back: each stage to the other, through the relay
+            for w in stages:
+                assert w["next_hop"] and f"through relay {relay} (" in w["next_hop"], (w["name"], state)
+            for w in workers.values():  # each first tried the other home's router, then the relay
+                w.wait_for(lambda line: f"direct hop to the next stage through relay {relay}" in line, 10)
+            answer, want, prompt = _ask(lab, "pub", ckpt)
+            assert answer == want
+        finally:
+            for p in reversed(procs):
+                p.stop()
+            _relay_idle(lab, 10)
+            streams = capture.stop() if capture is not None else []
+        assert capture is not None and capture.dropped == 0, "tcpdump dropped packets"
+        conns = connections(streams, RELAY_PORT)
+        # who dialled the relay: the two homes' routers (registrations, dials, dial-backs), never the master
+        assert {up.src for up, _ in conns} == {lab.wan_address("s"), lab.wan_address("t")}, {u.src for u, _ in conns}
+        plain = [struct.pack(f"<{len(prompt)}q", *prompt), b"/v1/hop", b"X-MoLink-Hop", b"websocket", b"Upgrade"]
+        seen = check_relayed(conns, plain)
+        # each worker's registration; the hop and the loop-back, each a dial and its dial-back
+        assert seen["control"] >= 2 and seen["dial"] >= 2 and seen["accept"] == seen["dial"], seen
+        assert seen["tls_bytes"] > 0, seen

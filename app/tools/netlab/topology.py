@@ -67,6 +67,11 @@ TOPOLOGIES: dict[str, Topology] = {
         ("pub",),
         "home a behind an endpoint-independent NAT, home b behind a symmetric NAT (fully-random); pub",
     ),
+    "symmetric2": Topology(
+        (Home("s", ("s",), nat="symmetric"), Home("t", ("t",), nat="symmetric")),
+        ("pub",),
+        "homes s and t each behind a symmetric NAT (fully-random), neither router maps ports; pub",
+    ),
     "cgnat": Topology(
         (Home("b", ("b",), upnp=True), Home("c", ("c",), upnp=True, cgnat=True)),
         ("pub",),
