@@ -47,6 +47,18 @@ def tls_records(stream: bytes) -> list[int]:
     return types
 
 
+async def tapped_relay(captured: dict[tuple[str, str], bytearray]) -> BridgeServer:
+    """A relay on 127.0.0.1 (started) that adds every byte it splices to ``captured``
+    ((session, "up" | "down") -> bytes)."""
+
+    def tap(session: str, direction: str, data: bytes) -> None:
+        captured.setdefault((session, direction), bytearray()).extend(data)
+
+    relay = BridgeServer(tap=tap)
+    await relay.start("127.0.0.1", 0)
+    return relay
+
+
 def test_tls_record_check_refuses_plain_bytes():
     assert tls_records(b"\x16\x03\x01\x00\x02ab\x17\x03\x03\x00\x01x") == [22, 23]
     for bad in (b"GET /v1/tunnel HTTP/1.1\r\n", b"\x17\x03\x03\x00\x09abc", b"MLBR\x01\x00\x02{}"):
@@ -65,12 +77,8 @@ def test_members_join_by_code_and_serve_through_the_relay_which_sees_only_tls(tm
     want = reference_greedy(ckpt, prompt, 12)
     captured: dict[tuple[str, str], bytearray] = {}
 
-    def tap(session: str, direction: str, data: bytes) -> None:
-        captured.setdefault((session, direction), bytearray()).extend(data)
-
     async def main():
-        relay = BridgeServer(tap=tap)
-        await relay.start("127.0.0.1", 0)
+        relay = await tapped_relay(captured)
         address = f"127.0.0.1:{relay.port}"
         master = Master(paired_config(ckpt, tmp_path / "m", min_workers=2, relay=address))
         await master.start()

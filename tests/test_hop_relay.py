@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 from harness import greedy, paired_group, run
-from test_bridge_group import tls_records
+from test_bridge_group import tapped_relay, tls_records
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from master_core.server import Master
@@ -58,12 +58,8 @@ def _master_bytes(master: Master) -> int:
 def test_members_behind_nats_hop_through_the_relay_which_sees_only_tls_and_tokens_stay_identical(ckpt, want, tmp_path):
     captured: dict[tuple[str, str], bytearray] = {}
 
-    def tap(session: str, direction: str, data: bytes) -> None:
-        captured.setdefault((session, direction), bytearray()).extend(data)
-
     async def main():
-        relay = BridgeServer(tap=tap)
-        await relay.start("127.0.0.1", 0)
+        relay = await tapped_relay(captured)
         address = f"127.0.0.1:{relay.port}"
         try:
             async with paired_group(ckpt, tmp_path, worker={"relay": address, **BEHIND_NAT}) as m:
