@@ -21,7 +21,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,6 +75,16 @@ def run(coro: Awaitable[T], timeout: float = 300.0) -> T:
         return await asyncio.wait_for(coro, timeout)
 
     return asyncio.run(bounded())
+
+
+async def until(done: Callable[[], bool], timeout: float, state: Callable[[], object], poll: float = 0.01) -> None:
+    """Wait until ``done()`` (polled every ``poll`` s), at most ``timeout`` s; past it, fail with
+    what ``state()`` says (a test's wait that cannot end says where it stood)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not done after {timeout:.0f} s: {state()}")
+        await asyncio.sleep(poll)
 
 
 class Cluster:

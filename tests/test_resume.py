@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from harness import Cluster, greedy, run
+from harness import Cluster, greedy, run, until
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from worker_core.session import Session
@@ -122,10 +122,14 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             gone = g.stages[lost]
             gone.close_with("lost (the test)")  # the master sees it go at once, as a kill's reset shows it
             c.tasks[int(gone.name[1:])].cancel()  # and the worker stops
-            while not (g.serving and g.stages and g.stages[lost].name == "spare"):
-                await asyncio.sleep(0.005)
-            while e.rebuilt_requests == 0 and e.replays == 0:
-                await asyncio.sleep(0.005)
+
+            def where() -> str:
+                stages = [(s.name, s.state.name) for s in g.stages]
+                links = [x.name for x in g.links]
+                return f"group {g.state.name} epoch {g.epoch} stages {stages} repairs {g.repairs} links {links}"
+
+            await until(lambda: bool(g.serving and g.stages and g.stages[lost].name == "spare"), 60, where, 0.005)
+            await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, where, 0.005)
             still = {key: s.runner.kv.get(key[1]) for s in _sessions() for key in caches if key[0] == id(s.runner)}
             same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
             got = await asyncio.wait_for(asyncio.gather(*gens), 60)
