@@ -296,7 +296,7 @@ def test_stages_behind_symmetric_nats_take_their_hop_through_the_relay_not_the_m
     records only."""
     from test_lab import HEALTH, WORKERS
 
-    with Lab.up("trhop", "symmetric2") as lab:
+    with Lab.up("trhop", "relayhops") as lab:
         relay_proc = Proc(lab, "pub", ["relay", "--listen", f"0.0.0.0:{RELAY_PORT}"])
         relay = f"{lab.address('pub')}:{RELAY_PORT}"
         procs: list[Proc] = [relay_proc]

@@ -67,10 +67,15 @@ TOPOLOGIES: dict[str, Topology] = {
         ("pub",),
         "home a behind an endpoint-independent NAT, home b behind a symmetric NAT (fully-random); pub",
     ),
-    "symmetric2": Topology(
-        (Home("s", ("s",), nat="symmetric"), Home("t", ("t",), nat="symmetric")),
+    "relayhops": Topology(
+        (
+            Home("s", ("s",), nat="symmetric"),
+            Home("t", ("t",), nat="symmetric"),
+            Home("c", ("c",), cgnat=True),
+        ),
         ("pub",),
-        "homes s and t each behind a symmetric NAT (fully-random), neither router maps ports; pub",
+        "homes s and t each behind a symmetric NAT (fully-random), home c behind its router behind a "
+        "carrier-grade NAT; no router maps ports; pub",
     ),
     "cgnat": Topology(
         (Home("b", ("b",), upnp=True), Home("c", ("c",), upnp=True, cgnat=True)),
