@@ -185,3 +185,29 @@ def test_ending_a_loop_that_swallowed_its_cancellation():
         return swallowed, t.cancelled()
 
     assert asyncio.run(main()) == (1, True)
+
+
+def test_a_cpu_stage_attends_with_grouped_heads_as_they_are_and_the_same_output(tmp_path, monkeypatch):
+    """worker_core.shard.grouped_attention_on: a packed step of a grouped-query model (2 key/value
+    heads for 4 query heads) on a CPU never copies the key/value heads per group (transformers'
+    repeat_kv), and its output is the one the copying path gives."""
+    import transformers.integrations.sdpa_attention as sdpa
+    from tiny_models import make_tiny_checkpoint
+
+    from worker_core.shard import FORCE_GQA, load_shard
+    from worker_core.stage import StageRunner
+    from worker_core.wire import Segment
+
+    folder = make_tiny_checkpoint("llama", tmp_path / "llama", num_layers=3, seed=3)
+    copies = []
+    real = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: copies.append(1) or real(*a))
+    monkeypatch.delenv(FORCE_GQA, raising=False)
+    shard = load_shard(folder, 0, 2, torch.device("cpu"), torch.float32)
+    ids = torch.arange(3, 40)
+    segments = (Segment(1, 0, 20, False), Segment(2, 0, 17, False))  # two requests packed: a mask
+    grouped = StageRunner(shard, 1000, 256).run(segments, ids)
+    assert not copies
+    monkeypatch.setenv(FORCE_GQA, "0")  # transformers' own choice: with a mask, copy the heads
+    copied = StageRunner(shard, 1000, 256).run(segments, ids)
+    assert grouped.shape == (37, 64) and copies and torch.allclose(grouped, copied, atol=1e-5)
