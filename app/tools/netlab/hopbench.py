@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .joinbench import HEALTH, _drain, _line, _molink, _stop, _streams
+from .joinbench import HEALTH, _drain, _line, _molink, _stop, _streams, report
 from .lab import Lab
 
 RELAY_PORT = 7735
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({way: results["ways"][way]}), file=sys.stderr, flush=True)
         finally:
             _stop([relay_proc])
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(results, args.out)
     return 0
 
 

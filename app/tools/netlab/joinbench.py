@@ -224,6 +224,14 @@ def measure(lab: Lab, model: str, friend: str, work: Path, relay: str = "", rela
         _stop(procs)
 
 
+def report(results: dict, out: str | None) -> None:
+    """Print ``results`` as JSON, and write it to ``out`` when given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="time from molink join to serving, per path, in the network lab")
     p.add_argument("--model", default="default")
@@ -257,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if relay is not None:
                 _stop([relay])
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report(results, args.out)
     return 0
 
 
