@@ -224,3 +224,39 @@ def test_a_hop_through_the_relay_reaches_only_the_registered_pinned_listener(tmp
     assert still_second
     assert down is None and fallbacks == [], (down, fallbacks)
     assert stats["sessions_spliced"] >= 6, stats
+
+
+def test_a_worker_holding_the_masters_certificate_keeps_its_hop_listener_off_the_relay(tmp_path):
+    """Registering it would replace the master's own registration (the group's fingerprint)."""
+    import dataclasses
+
+    from worker_core.identity import client_context
+    from worker_core.worker import WorkerConfig, _hop_bridge
+
+    ident = load_or_create(tmp_path / "m", "m")
+
+    async def main():
+        relay = BridgeServer()
+        await relay.start("127.0.0.1", 0)
+        listener = HopListener(ident)
+        await listener.start("127.0.0.1")
+        member = None
+        try:
+            cfg = WorkerConfig(
+                master="", tls=client_context(ident, ident.cert_pem), identity=ident,
+                relay=f"127.0.0.1:{relay.port}", group=ident.fingerprint,
+            )  # fmt: skip
+            same = await _hop_bridge(listener, cfg)
+            member = await _hop_bridge(listener, dataclasses.replace(cfg, group="ab" * 32))
+            assert member is not None
+            await _until(lambda: member.state is BridgeState.REGISTERED, what=member.last_error)
+            return same, set(relay.groups)
+        finally:
+            if member is not None:
+                await member.stop()
+            await listener.stop()
+            await relay.stop()
+
+    same, registered = run(main(), 60)
+    assert same is None
+    assert registered == {ident.fingerprint}  # the same listener as a member's: registered

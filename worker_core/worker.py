@@ -433,6 +433,9 @@ async def _hop_bridge(hops: HopListener, config: WorkerConfig) -> BridgeHost | N
     (paired groups with a relay), its calls served as hops (:meth:`HopListener.accept_bridged`)."""
     if config.tls is None or config.identity is None or not config.relay:
         return None
+    if config.identity.fingerprint == config.group:  # it would take the master's registration
+        log.warning("this worker holds the master's certificate: its hop listener stays off the relay")
+        return None
     bridge = BridgeHost(config.relay, config.identity, list, hops.accept_bridged)
     await bridge.start()
     log.info("hop listener registering at relay %s (as %s)", config.relay, config.identity.fingerprint[:16])
