@@ -332,7 +332,9 @@ def test_stages_behind_symmetric_nats_take_their_hop_through_the_relay_not_the_m
             # the hop and the loop-back: each stage to the other, through the relay
             for w in stages:
                 assert w["next_hop"] and f"through relay {relay} (" in w["next_hop"], (w["name"], state)
-            for w in workers.values():  # each first tried the other home's router, then the relay
+            for name, w in workers.items():  # each first tried the other home's router, then the relay
+                other = lab.wan_address("t" if name == "ws" else "s")
+                w.wait_for(lambda line, at=other: f"not reachable directly ({at}:7734: " in line, 10)
                 w.wait_for(lambda line: f"direct hop to the next stage through relay {relay}" in line, 10)
             answer, want, prompt = _ask(lab, "pub", ckpt)
             assert answer == want

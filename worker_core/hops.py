@@ -293,6 +293,7 @@ async def dial(
             if not relay or identity is None:
                 raise
             why.append(str(e))
+            log.info("next stage not reachable directly (%s): dialling it through relay %s", e, relay)
     if not relay or identity is None:
         raise HopUnreachable("no address and no relay to reach the next stage by")
     forwarder = BridgeForwarder(relay, group=fingerprint(cert_pem))
