@@ -118,7 +118,8 @@ class StepFailed(Exception):
 
 
 class Superseded(Exception):
-    """An assignment still loading was replaced by a newer one before its ``Ready``."""
+    """An assignment still loading was replaced by a newer one before its ``Ready``, or came while
+    a newer one was loading (then it is not sent)."""
 
 
 class StepLate(StepFailed):
@@ -306,6 +307,10 @@ class WorkerLink:
     async def assign(self, assignment: Assign, timeout: float) -> Ready:
         if not self.placeable:
             raise LinkGone(f"worker {self.name} is {self.state.value}: {self.gone_reason or 'leaving'}")
+        if self.loading and self.assignment is not None and assignment.epoch < self.assignment.epoch:
+            # an older plan never replaces a newer one in flight (a standby's whole-model load made
+            # for epoch E, sent after a repair gave the member a stage of epoch E+1)
+            raise Superseded(f"epoch {self.assignment.epoch} is being loaded, not {assignment.epoch}")
         self.move(LinkState.CONNECTING)
         self.assignment = assignment
         if self._ready_waiter is not None and not self._ready_waiter.done():  # the worker loads it, then this one

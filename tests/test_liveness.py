@@ -205,3 +205,35 @@ def test_the_silent_limit_follows_the_pace_the_link_showed_alive_within_its_floo
     t += 10.0
     loading.heard(t, alive=False)  # silent while it loaded an assignment: not its pace
     assert loading.silent_limit(t, False) == LV.SILENT_FLOOR
+
+
+def test_an_older_assignment_never_replaces_a_newer_one_in_flight():
+    """A standby's whole-model load made for epoch E may reach WorkerLink.assign after a repair
+    gave the member a stage of epoch E+1: it is refused (Superseded, nothing sent), and the
+    repair's assignment is the one the worker's Ready answers."""
+    from worker_core.wire import Assign, Ready
+
+    async def main() -> None:
+        link = _link()
+        sent: list[object] = []
+
+        async def send(msg: object) -> int:
+            sent.append(msg)
+            return 0
+
+        link._send = send  # type: ignore[method-assign]
+
+        def plan(epoch: int, end: int) -> Assign:
+            return Assign(
+                epoch=epoch, model="m", layer_start=0, layer_end=end, num_layers=30, max_batch_tokens=64, kv_tokens=100
+            )
+
+        repair = asyncio.create_task(link.assign(plan(6, 10), 5.0))
+        await asyncio.sleep(0)
+        with pytest.raises(L.Superseded):
+            await link.assign(plan(5, 30), 5.0)
+        assert [m.epoch for m in sent] == [6] and link.assignment is not None and link.assignment.epoch == 6  # type: ignore[attr-defined]
+        link._dispatch(Ready(6, 64, 384, 0.1, 1000))
+        assert (await asyncio.wait_for(repair, 1.0)).epoch == 6
+
+    run(main())
