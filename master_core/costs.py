@@ -176,6 +176,9 @@ class CostSnapshot:
     # to the first stage over its own link (half its round trip, a few bytes a token); the master
     # only reads the results (``Engine._loop_steps``, at most ``LOOP_STEPS`` steps in a row)
     loop_back: bool = False
+    # the loop-back goes through a relay (``routes.Hop.through``): it crosses the first stage's own
+    # link too, so a looped step pays that link's down half as a step from the master does
+    loop_back_relayed: bool = False
 
     def __post_init__(self) -> None:
         if self.direct and len(self.direct) != self.stages - 1:

@@ -327,6 +327,7 @@ class Engine:
             device_slots=slots,
             direct=tuple(h.one_link for h in self.group.hops) if self.direct else (),
             loop_back=self._loops(),
+            loop_back_relayed=bool(self.group.loop_back.through),
         )
 
     def replay_seconds(self) -> float | None:

@@ -180,8 +180,10 @@ def _resource_times(
 def _delays(c: CostSnapshot, looped: bool = False) -> float:
     """One-way delays of a micro-batch's trip: each link's round trip, less the down half of
     every stage fed over a direct hop, and of the first stage when a ``looped`` step came
-    straight from the last (whose up half, the loop-back hop, it paid instead of the master's)."""
-    fed = sum(c.link_rtt[i] / 2 for i in range(c.stages) if c.direct_into(i) or (looped and i == 0))
+    straight from the last (whose up half, the loop-back hop, it paid instead of the master's;
+    not through a relay: that crosses the first stage's link as well)."""
+    looped_in = looped and not c.loop_back_relayed
+    fed = sum(c.link_rtt[i] / 2 for i in range(c.stages) if c.direct_into(i) or (looped_in and i == 0))
     return sum(c.link_rtt) - fed
 
 

@@ -193,6 +193,9 @@ def test_the_loop_back_skips_the_masters_crossings_by_hand():
     assert cycle_time(c, 1, 1)[0] == pytest.approx(0.190)  # from the master (its 2 ms are not the model's)
     assert token_period(c, 1, 1) == pytest.approx(0.150)
     assert token_period(loop3(False).costs, 1, 1) == pytest.approx(0.190)
+    # a loop-back through a relay crosses the first stage's link too: its down half (40 ms) is paid
+    relayed = dataclasses.replace(c, loop_back_relayed=True)
+    assert cycle_time(relayed, 1, 1, looped=True)[0] == pytest.approx(0.190)
 
 
 def test_a_looping_request_loops_at_most_loop_steps_then_the_master_sends_again():
