@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from worker_core.bridge_wire import (
+from .bridge_wire import (
     REPLACED,
     Accept,
     BridgeError,
@@ -69,7 +69,7 @@ from worker_core.bridge_wire import (
 )
 
 if TYPE_CHECKING:
-    from worker_core.identity import Identity
+    from .identity import Identity
 
 log = logging.getLogger("molink.bridge")
 
