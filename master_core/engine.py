@@ -707,10 +707,7 @@ class Engine:
             return 0
         if r.spec is None:
             r.spec = Speculator()
-        k = r.spec.budget()
-        if not r.spec.k:
-            r.spec.idle += steps
-        return min(k, MAX_DRAFTS)
+        return min(r.spec.budget(1 + steps), MAX_DRAFTS)
 
     def _loop_model_k(self, r: Request, k: int, steps: int) -> int:
         """Of ``r``'s ``k`` drafts per fed-back step, those the last stage's draft model may make
@@ -719,10 +716,7 @@ class Engine:
         the loop's ``steps`` count towards its re-probe as the steps they are."""
         if not k or not self._stage_draft_seconds or r.spec is None:
             return 0
-        mk = r.spec.model_budget()
-        if not r.spec.model_k:
-            r.spec.model_idle += steps
-        return min(k, mk)
+        return min(k, r.spec.model_budget(1 + steps))
 
     @property
     def _stage_draft_seconds(self) -> float:

@@ -122,12 +122,16 @@ class Speculator:
         (the prior: one accepted of two)."""
         return (self.accepted + 1.0) / (self.tried + 2.0)
 
-    def budget(self) -> int:
-        """Drafts to try on the next decode step (a re-probe when switched off long enough)."""
+    def budget(self, steps: int = 1) -> int:
+        """Drafts to try on each of the next ``steps`` decode steps (a loop-back's: the master's
+        first and those fed back); a re-probe when switched off long enough, and then those
+        steps count towards the next one."""
         if self.k:
             return self.k
         self.idle += 1
-        return PROBE_K if self.idle >= REPROBE else 0
+        probe = self.idle >= REPROBE
+        self.idle += steps - 1
+        return PROBE_K if probe else 0
 
     def observe(
         self, drafted: int, accepted: int, trip: Callable[[int], float] | None, draft_cost: float | None = None
@@ -148,13 +152,16 @@ class Speculator:
             self.model_k = min(self.k, choose_k(self.alpha, lambda n: base(n) + (n - 1) * draft_cost))
             self.model_idle = 0
 
-    def model_budget(self) -> int:
-        """Drafts the draft model may make on this step (0: it does not pay now; a re-probe
-        after ``REPROBE`` steps without it).  Asked only where prompt lookup found nothing."""
+    def model_budget(self, steps: int = 1) -> int:
+        """Drafts the draft model may make on each of the next ``steps`` steps (0: it does not pay
+        now; a re-probe after ``REPROBE`` steps without it, as :meth:`budget` counts them).  Asked
+        only where prompt lookup found nothing."""
         if self.model_k:
             return self.model_k
         self.model_idle += 1
-        return PROBE_K if self.model_idle >= REPROBE else 0
+        probe = self.model_idle >= REPROBE
+        self.model_idle += steps - 1
+        return PROBE_K if probe else 0
 
 
 class _Params(Protocol):
