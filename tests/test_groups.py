@@ -296,10 +296,19 @@ def test_member_joining_mid_generation_waits_for_the_requests_then_gets_its_weig
             gens = [asyncio.create_task(master.engine.generate(p, greedy(64))) for p in prompts]
             while master.engine.tokens_generated < 10:
                 await asyncio.sleep(0.01)
-            await member("bob")  # joins mid-generation: the pipeline takes him in once the requests end
+            # a joining member's pairing can outlast those requests on a busy machine: overlapping
+            # holders keep the pipeline busy until his tunnel is up, however long that takes
+            holders = [master.engine.submit([3, 4], greedy(400))]
+            joining = asyncio.create_task(member("bob"))  # joins mid-generation: taken in once the requests end
             while len(master.group.links) < 2:
+                assert not joining.done() or joining.exception() is None, joining.exception()
+                if len(holders[-1].output) >= 200:
+                    holders.append(master.engine.submit([3, 4], greedy(400)))
                 await asyncio.sleep(0.005)
-            assert not all(g.done() for g in gens), "the join came too late to test anything"
+            await joining
+            assert not all(h.finished for h in holders), "the join came after the requests"
+            for h in holders:
+                master.engine.cancel(h)
             results = await asyncio.wait_for(asyncio.gather(*gens), 120)
             deadline = asyncio.get_running_loop().time() + 60
             while len(master.group.stages) < 2 or not master.group.serving:  # then he fetches his layers
