@@ -63,7 +63,7 @@ from worker_core.control import FINISH_TIMEOUT
 from worker_core.precision import Precision
 from worker_core.tasks import end_tasks
 from worker_core.weights import manifest_digest
-from worker_core.wire import Assign, itemsize
+from worker_core.wire import Assign, Routed, itemsize
 
 from .config import MasterConfig
 from .draft_offer import DraftOffer
@@ -248,6 +248,7 @@ class Group:
         link.on_leave = self.leave
         link.on_gone = self.remove
         link.on_late = self._count_late
+        link.on_moved = self.hop_moved
         self.links.append(link)
         log.info(
             "worker %s joined from %s (%s, %.1f GB free)",
@@ -639,6 +640,21 @@ class Group:
         if epoch == self.epoch and 0 <= index < len(self.hops) and self.hops[index].direct:
             self.hops[index] = Hop(False, reason=why)
             log.warning("hop %d (%s -> next stage) relayed from now on: %s", index, self.stages[index].name, why)
+
+    def hop_moved(self, link: WorkerLink, routed: Routed) -> None:
+        """``link``'s open hop of ``routed.epoch`` moved to another path by itself (off the
+        relay, onto its next stage's direct address): the hop is described and costed as such."""
+        if routed.epoch != self.epoch or link not in self.stages or not routed.direct:
+            return
+        i = self.stages.index(link)
+        hop = Hop(True, routed.connect_ms, through=routed.through)
+        if i == len(self.stages) - 1:
+            if len(self.stages) > 1 and self.loop_back.direct:
+                self.loop_back = hop
+                log.info("loop-back hop (last stage -> first) moved: %s", hop.describe())
+        elif self.hops[i].direct:
+            self.hops[i] = hop
+            log.info("hop %d (%s -> next stage) moved: %s", i, link.name, hop.describe())
 
     def loop_back_lost(self, epoch: int, why: str) -> None:
         """The loop-back hop of ``epoch`` went down: the master drives every step from now on."""

@@ -245,6 +245,7 @@ class WorkerLink:
         self.on_leave: Callable[[WorkerLink, bool], None] | None = None  # the group's handler of a Leave
         self.on_gone: Callable[[WorkerLink], None] | None = None  # told when the link is dropped as hung
         self.on_late: Callable[[], None] | None = None  # told of each frame read after the link is gone
+        self.on_moved: Callable[[WorkerLink, Routed], None] | None = None  # its hop moved path (``Routed.moved``)
         self.assignment: Assign | None = None
         self.ready: Ready | None = None
         self.gone_reason: str | None = None
@@ -462,7 +463,10 @@ class WorkerLink:
             waiter = self._route_waiter
             if waiter is None or self.assignment is None or msg.epoch != self.assignment.epoch:
                 raise ProtocolError(f"unexpected Routed for epoch {msg.epoch}")
-            if not waiter.done():
+            if msg.moved:  # its open hop found a better path by itself
+                if self.on_moved is not None:
+                    self.on_moved(self, msg)
+            elif not waiter.done():
                 waiter.set_result(msg)
         elif isinstance(msg, Fetch):
             asg = self.assignment

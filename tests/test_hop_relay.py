@@ -260,3 +260,52 @@ def test_a_worker_holding_the_masters_certificate_keeps_its_hop_listener_off_the
     same, registered = run(main(), 60)
     assert same is None
     assert registered == {ident.fingerprint}  # the same listener as a member's: registered
+
+
+def test_a_relayed_hop_moves_to_the_direct_path_once_one_answers_and_only_when_quiet(ckpt, want, tmp_path, monkeypatch):
+    """Members whose announced hop addresses answer nobody hop through the relay.  Once those
+    addresses answer (a port forwarding that opens later, as a router's mapping would), each
+    relayed hop moves onto its direct path by itself, not while steps cross it, and the master
+    describes and costs it as direct; tokens stay identical and the relay then carries nothing
+    but heartbeats."""
+    from app.tools.netlab.tcp_proxy import TcpProxy
+    from worker_core import session
+
+    monkeypatch.setattr(session, "DIRECT_RETRY", 0.2)
+    monkeypatch.setattr(session, "MOVE_QUIET", 1.5)
+
+    async def main():
+        relay = BridgeServer()
+        await relay.start("127.0.0.1", 0)
+        address = f"127.0.0.1:{relay.port}"
+        proxies: list[TcpProxy] = []
+        try:
+            async with paired_group(ckpt, tmp_path, worker={"relay": address, **BEHIND_NAT}) as m:
+                g = m.group
+                before = [h.describe() for h in (*g.hops, g.loop_back)]
+                first = [r[0] for r in await asyncio.gather(*(m.engine.generate(p, greedy(NEW)) for p in PROMPTS))]
+                for link in g.stages:  # the announced addresses start answering
+                    port = link.hello.hop_port
+                    proxies.append(TcpProxy("127.0.0.1", port, listen_port=port, listen_host="127.0.0.2"))
+                    await proxies[-1].start()
+                # steps keep crossing the relayed hops: they stay where they are meanwhile
+                busy = [r[0] for r in await asyncio.gather(*(m.engine.generate(p, greedy(48)) for p in PROMPTS))]
+                during = [h.describe() for h in (*g.hops, g.loop_back)]
+                await _until(lambda: not g.hops[0].through and not g.loop_back.through, 60, "the hops moved")
+                after = [h for h in (*g.hops, g.loop_back)]
+                spliced = relay.bytes_spliced
+                last = [r[0] for r in await asyncio.gather(*(m.engine.generate(p, greedy(NEW)) for p in PROMPTS))]
+                return before, first, busy, during, after, last, relay.bytes_spliced - spliced, proxies
+        finally:
+            for p in proxies:
+                await p.close()
+            await relay.stop()
+
+    before, first, busy, during, after, last, spliced, proxies = run(main(), 240)
+    assert all(d.startswith("through relay 127.0.0.1:") for d in before), before
+    assert during == before, during  # never while steps crossed them
+    assert all(h.direct and h.one_link for h in after), [h.describe() for h in after]
+    assert first == last == want
+    assert busy == [reference_greedy(ckpt, p, 48) for p in PROMPTS]
+    assert all(p.accepted >= 1 and p.bytes_up > 0 for p in proxies)
+    assert spliced < 4096, spliced  # the activations no longer cross the relay

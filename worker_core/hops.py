@@ -36,7 +36,9 @@ straight on, as a ``Step`` of the same id, over a WebSocket it dials to stage i+
   :class:`~worker_core.bridge_dial.BridgeForwarder` that the hop owns, the TLS end to end over
   the relay's splice; ``NextHop.through`` names the relay ("" for a direct hop).  Everything
   after the dial is the same hop: heartbeats, and the master's relaying when it goes down (a
-  relay that stops closes the splice, and so the hop).
+  relay that stops closes the splice, and so the hop).  The worker keeps trying the direct
+  address of a relayed hop (``DIRECT_RETRY``) and moves onto it once it opens and the relayed
+  hop is quiet (:meth:`NextHop.quiet_for`, ``MOVE_QUIET``).
 * In a plain (unpaired) group the listener and the dial are plain ``ws://`` with the token only:
   loopback tests and the local demo, like the plain tunnel.
 """
@@ -74,6 +76,10 @@ RELAYED_CONNECT_TIMEOUT = 6.0
 MAX_INBOUND = 4  # hop connections one listener keeps open at once
 SEND_TIMEOUT = 30.0  # seconds one frame may take to leave on a hop before it counts as down
 HEARTBEAT = 5.0  # seconds between the dialler's pings: a path that died quietly (a NAT forgot it) goes down
+DIRECT_RETRY = 30.0  # seconds between tries of a relayed hop's direct address (a mapping may come later)
+# seconds a relayed hop must have sent nothing before a direct one takes over: a hop's steps must
+# arrive in order, and what left the relayed one is through the relay by then
+MOVE_QUIET = 5.0
 
 
 class HopUnreachable(Exception):
@@ -211,7 +217,14 @@ class NextHop:
         self._shaper = LinkShaper(delay, rate, self._deliver)
         self._outbox: Outbox[tuple[Step, Callable[[], Awaitable[None]]]] = Outbox(self._ship)
         self.down: str | None = None  # why the hop is down, or None while it is up
+        self._last_sent = time.monotonic()  # when the last frame left (or the hop opened)
         self._reader = asyncio.ensure_future(self._read())
+
+    def quiet_for(self) -> float:
+        """Seconds since the last frame left; 0 while a step is queued or on its way out."""
+        if self._outbox.backlog or self._fallbacks:
+            return 0.0
+        return time.monotonic() - self._last_sent
 
     async def _read(self) -> None:
         """A hop carries nothing back: read only to notice that it closed."""
@@ -248,6 +261,7 @@ class NextHop:
         if self.down is None:
             try:
                 await asyncio.wait_for(self._ws.send_bytes(frame), SEND_TIMEOUT)
+                self._last_sent = time.monotonic()
                 return
             except (ConnectionError, RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
                 self._went_down(f"send failed: {e or type(e).__name__}")
@@ -345,6 +359,9 @@ async def _open(
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
         await http.close()
         raise HopUnreachable(f"{address}: {_say(e, timeout)}") from None
+    except asyncio.CancelledError:
+        await http.close()
+        raise
     return NextHop(http, ws, epoch, delay, rate), time.perf_counter() - t0
 
 

@@ -42,7 +42,7 @@ from .config import WorkerConfig
 from .control import STATS_INTERVAL, Command, Events, one_line
 from .draft_model import MAX_SESSIONS, DraftModel, open_draft_model
 from .drafting import LoopDrafts
-from .hops import HopListener, HopUnreachable, NextHop
+from .hops import DIRECT_RETRY, MOVE_QUIET, HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
 from .interleave import LayerClock
@@ -131,6 +131,7 @@ class Session:
         self.run = run
         self.config = config
         self.next_hop: NextHop | None = None  # the direct hop to the next stage, if the master routed one
+        self._mover: asyncio.Task | None = None  # a relayed next hop's tries of the direct path
         self.ws = ws
         self.weights = weights
         self._chunks: dict[tuple[str, int], asyncio.Future] = {}
@@ -473,6 +474,9 @@ class Session:
         step = Step(
             nxt, msg.epoch, tuple(segments), x, msg.topk, forward=True, loop=more, draws=tuple(draws) if more else ()
         )
+        now = self.next_hop
+        if now is not None and now.epoch == msg.epoch:
+            hop = now  # it may have moved off the relay while this drafted
         await hop.send(step, lambda: refuse("the loop-back hop is down"), urgent=True)  # a decode step
         drafts = tuple(ahead for ahead, _ in made)
         by_model = tuple(m for _, m in made)
@@ -489,28 +493,64 @@ class Session:
             return Routed(msg.epoch, False, reason="direct hops are off on this worker", mapped=mapped)
         if not (msg.next_address or msg.next_relay):
             return Routed(msg.epoch, False, reason="no next hop", mapped=mapped)
-        cfg = self.config
-        rate = cfg.link_mbps * 1e6 / 8 if cfg.link_mbps else None
         try:
-            hop, seconds = await dial_next(
-                msg.next_address,
-                msg.epoch,
-                msg.next_token,
-                msg.next_cert,
-                cfg.identity if cfg.tls is not None else None,
-                cfg.link_delay_ms / 1000.0,
-                rate,
-                msg.next_relay,
-            )
+            hop, seconds = await self._dial(msg, msg.next_relay)
         except HopUnreachable as e:
             log.info("next stage not reachable directly, relaying through the master: %s", e)
             return Routed(msg.epoch, False, reason=str(e)[:500], mapped=mapped)
         self.next_hop = hop
         where = f"through relay {hop.through}" if hop.through else f"at {msg.next_address}"
         log.info("direct hop to the next stage %s (%.1f ms)", where, seconds * 1000)
+        if hop.through and msg.next_address:
+            self._mover = asyncio.create_task(self._move_direct(msg, hop))
         return Routed(msg.epoch, True, seconds * 1000, mapped=mapped, through=hop.through)
 
+    async def _dial(self, msg: Route, relay: str) -> tuple[NextHop, float]:
+        cfg = self.config
+        rate = cfg.link_mbps * 1e6 / 8 if cfg.link_mbps else None
+        identity = cfg.identity if cfg.tls is not None else None
+        delay = cfg.link_delay_ms / 1000.0
+        return await dial_next(msg.next_address, msg.epoch, msg.next_token, msg.next_cert, identity, delay, rate, relay)
+
+    async def _move_direct(self, msg: Route, relayed: NextHop) -> None:
+        """While the hop to the next stage crosses the relay, try the next stage's direct
+        address every ``DIRECT_RETRY`` s (a port mapping or a firewall rule may come later).
+        Once it opens and the relayed hop has been quiet ``MOVE_QUIET`` s (a hop's steps must
+        arrive in order), the direct hop takes over, the relayed one closes, and the master is
+        told (``Routed.moved``).  A direct hop that opens while the relayed one stays busy for
+        ``DIRECT_RETRY`` s is closed and tried again later.  Ends when the hop is replaced,
+        goes down or the session closes it (cancelled)."""
+        while self.next_hop is relayed and relayed.down is None:
+            await asyncio.sleep(DIRECT_RETRY)
+            try:
+                direct, seconds = await self._dial(msg, "")
+            except HopUnreachable as e:
+                log.debug("the next stage is still not reachable directly: %s", e)
+                continue
+            try:
+                waited = 0.0
+                while self.next_hop is relayed and relayed.down is None and relayed.quiet_for() < MOVE_QUIET:
+                    if waited >= DIRECT_RETRY:
+                        break
+                    await asyncio.sleep(0.25)
+                    waited += 0.25
+            except asyncio.CancelledError:
+                await direct.close()
+                raise
+            if self.next_hop is not relayed or relayed.down is not None or relayed.quiet_for() < MOVE_QUIET:
+                await direct.close()
+                continue
+            self.next_hop = direct  # nothing awaited since the check: no step went out in between
+            await relayed.close()
+            log.info("the hop to the next stage moved off relay %s to %s", relayed.through, msg.next_address)
+            await self.send(Routed(msg.epoch, True, seconds * 1000, mapped=self.run.mapped, moved=True))
+            return
+
     async def close_hop(self) -> None:
+        mover, self._mover = self._mover, None
+        if mover is not None and mover is not asyncio.current_task():
+            mover.cancel()
+            await asyncio.gather(mover, return_exceptions=True)
         hop, self.next_hop = self.next_hop, None
         if hop is not None:
             await hop.close()

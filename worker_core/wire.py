@@ -506,6 +506,7 @@ class Routed:
     reason: str = ""
     mapped: str = ""
     through: str = ""  # "host:port" of the relay the open hop crosses ("": direct, or no hop)
+    moved: bool = False  # the epoch's open hop moved to this path by itself (not an answer to a Route)
 
 
 Message = Hello | Assign | Ready | Step | Result | Recall | Free | Failure | Fetch | Chunk | Leave | Route | Routed
@@ -1007,6 +1008,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             reason=_str(h, "reason", 512),
             mapped=_str(h, "mapped", 300) if "mapped" in h else "",
             through=_optional_address(h, "through"),
+            moved=_bool(h, "moved") if "moved" in h else False,
         )
         if routed.mapped and not _ADDRESS.match(routed.mapped):
             raise ProtocolError(f"bad mapped hop address {routed.mapped!r}: host:port")

@@ -2,11 +2,11 @@
 
 Contract
 --------
-``TcpProxy(target_host, target_port)`` listens on ``127.0.0.1`` (a port chosen at
-:meth:`TcpProxy.start`, or the one given) and joins every accepted connection to a new
-connection to the target, copying bytes both ways until either side closes.  It is put
-between a worker and the master so that a test can cut that worker's tunnel without touching
-either process:
+``TcpProxy(target_host, target_port)`` listens on ``listen_host`` (``127.0.0.1``, or another
+loopback address), at a port chosen at :meth:`TcpProxy.start` or the one given, and joins
+every accepted connection to a new connection to the target, copying bytes both ways until
+either side closes.  It is put between a worker and the master so that a test can cut that
+worker's tunnel without touching either process:
 
 * :meth:`cut` ends every current connection at once.  ``CutMode.RST`` (default) aborts both
   sockets with a TCP reset, as a NAT box or a crashed router would; ``CutMode.CLOSE`` closes
@@ -83,12 +83,14 @@ class TcpProxy:
         target_port: int,
         *,
         listen_port: int = 0,
+        listen_host: str = "127.0.0.1",
         max_connections: int = 64,
         connect_timeout: float = 5.0,
     ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.listen_port = listen_port
+        self.listen_host = listen_host  # a loopback address (127.0.0.0/8)
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout  # seconds
         self._server: asyncio.AbstractServer | None = None
@@ -103,14 +105,14 @@ class TcpProxy:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> int:
-        """Listen on 127.0.0.1; returns the port."""
-        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", self.listen_port)
+        """Listen on ``listen_host`` (loopback); returns the port."""
+        self._server = await asyncio.start_server(self._on_client, self.listen_host, self.listen_port)
         self.listen_port = self._server.sockets[0].getsockname()[1]
         return self.listen_port
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.listen_port}"
+        return f"{self.listen_host}:{self.listen_port}"
 
     @property
     def connections(self) -> int:
