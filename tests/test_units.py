@@ -211,3 +211,45 @@ def test_a_cpu_stage_attends_with_grouped_heads_as_they_are_and_the_same_output(
     monkeypatch.setenv(FORCE_GQA, "0")  # transformers' own choice: with a mask, copy the heads
     copied = StageRunner(shard, 1000, 256).run(segments, ids)
     assert grouped.shape == (37, 64) and copies and torch.allclose(grouped, copied, atol=1e-5)
+
+
+def test_a_cpu_stage_attends_each_segment_to_its_own_keys_with_the_packed_output(tmp_path, monkeypatch):
+    """worker_core.segment_attention: a CPU stage's packed step (a decode row, a prompt chunk
+    past cached positions, a fresh prompt; a sliding-window model among them) attends each
+    segment's rows to its own request's keys only: no attention call sees more keys than its
+    segment's positions, and the output is the packed block-diagonal attention's.  Layers that
+    attend to the keys as cached take them unjoined (split); DeepSeek's, which expand cached
+    latents first, are found out by the probe and cut along the packed layout instead."""
+    import transformers.integrations.sdpa_attention as sdpa
+    from tiny_models import make_tiny_checkpoint
+
+    from worker_core import segment_attention
+    from worker_core.shard import load_shard
+    from worker_core.stage import StageRunner
+    from worker_core.wire import Segment
+
+    widest = []
+    real = sdpa.sdpa_attention_forward
+    monkeypatch.setattr(
+        segment_attention,
+        "sdpa_attention_forward",
+        lambda m, q, k, *a, **kw: widest.append((q.shape[2], k.shape[2])) or real(m, q, k, *a, **kw),
+    )
+    # mistral: a sliding window of 32 (the chunk reaches past it)
+    for family, split in (("llama", True), ("mistral", True), ("deepseek_v2", False)):
+        folder = make_tiny_checkpoint(family, tmp_path / family, num_layers=3, seed=5)
+        shard = load_shard(folder, 0, 2, torch.device("cpu"), torch.float32)
+        assert shard.config._attn_implementation == segment_attention.SEGMENTS
+        StageRunner(shard, 10, 10)
+        assert shard.keys_as_cached is split, family
+        outs, calls = {}, {}
+        for impl in (segment_attention.SEGMENTS, "sdpa"):
+            shard.config._attn_implementation = impl
+            runner = StageRunner(shard, 4000, 512)
+            runner.run((Segment(1, 0, 30, False), Segment(2, 0, 40, False)), torch.arange(3, 73))
+            widest.clear()
+            step = (Segment(1, 30, 1, True), Segment(2, 40, 24, False), Segment(3, 0, 11, False))
+            outs[impl] = runner.run(step, torch.arange(5, 41))
+            calls[impl] = sorted(set(widest))
+        assert calls == {segment_attention.SEGMENTS: [(1, 31), (11, 11), (24, 64)], "sdpa": []}, calls
+        assert torch.allclose(outs[segment_attention.SEGMENTS], outs["sdpa"], atol=1e-5), family

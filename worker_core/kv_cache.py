@@ -14,7 +14,9 @@ Contract
   It appends each segment's slice to its request's buffers and returns the keys/values of all
   segments' requests, concatenated in segment order: ``[1, kv_heads, sum(L_i), d]`` with
   ``L_i = start_i + length_i``.  :func:`packed_mask` gives the matching block-diagonal causal
-  mask, so no token ever sees another request's keys.
+  mask, so no token ever sees another request's keys.  Split (CPU stages whose layers attend
+  to the keys as cached, :mod:`worker_core.segment_attention`), it joins nothing: each
+  segment's keys and values are attended where they are.
 * Lengths are committed only by :meth:`PackedCache.commit` after every layer ran, so a step
   that fails midway leaves the committed state as it was (its partial writes lie beyond the
   committed lengths and are overwritten next time).
@@ -192,8 +194,12 @@ class PackedSegment:
 class PackedCache:
     """The cache object handed to transformers' layers for one packed step."""
 
-    def __init__(self, segments: list[PackedSegment]) -> None:
+    def __init__(self, segments: list[PackedSegment], split: bool = False) -> None:
         self.segments = segments
+        # split (:mod:`worker_core.segment_attention`): ``update`` joins nothing; it keeps each
+        # segment's keys and values (views) in ``current`` beside the layer and what it returned
+        self.split = split
+        self.current: tuple[int, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None] = (-1, [], None)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -209,6 +215,9 @@ class PackedCache:
             )
             ks.append(k)
             vs.append(v)
+        if self.split:
+            self.current = (layer_idx, list(zip(ks, vs)), key_states)
+            return key_states, value_states
         if len(ks) == 1:
             return ks[0].unsqueeze(0), vs[0].unsqueeze(0)
         return torch.cat(ks, dim=1).unsqueeze(0), torch.cat(vs, dim=1).unsqueeze(0)

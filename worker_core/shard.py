@@ -35,6 +35,7 @@ from torch import nn
 from . import checkpoint_keys, gguf_source
 from .precision import kept_in_int8
 from .quantize import Precision, module_bytes, quantize_layer
+from .segment_attention import use_segment_attention
 
 log = logging.getLogger("molink.shard")
 
@@ -65,6 +66,9 @@ class Shard:
     dtype: torch.dtype
     weight_bytes: int  # bytes the stage's weights take (quantized layers at their stored size)
     precision: Precision = Precision.NONE  # how the decoder layers are stored
+    # do its layers attend to the keys their cache returns, untouched (None: not probed yet)?
+    # Then a CPU stage's packed steps join no keys (worker_core.segment_attention)
+    keys_as_cached: bool | None = None
 
     @functools.cached_property
     def layer_args(self) -> frozenset[str]:
@@ -367,6 +371,7 @@ def load_shard(
     del state
 
     _materialize_buffers(model, device)
+    use_segment_attention(config, device)
     rotary = getattr(base, "rotary_emb", None)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:

@@ -1,0 +1,136 @@
+"""Attention of a packed step one segment at a time (CPU stages).
+
+Contract
+--------
+A packed step (:mod:`worker_core.kv_cache`) holds several requests' rows, attended as one
+sequence: every row against the keys of *all* the step's requests, through a block-diagonal
+mask.  That work grows with the step's rows times all its keys, most of it masked: a step with
+a 256-row prompt chunk and eight decode rows computes scores of the chunk against the decode
+requests' keys and of each decode row against the chunk's, to throw them away.
+
+:func:`use_segment_attention` switches a shard's layers (CPU only: an accelerator prefers one
+large kernel to many small ones) to ``SEGMENTS``, the attention function registered here in
+transformers' ``AttentionInterface``.  While a packed step runs a layer (:func:`running`), each
+segment's rows attend to their own request's keys alone, through their own block of the step's
+mask (a view), with transformers' SDPA function (grouped heads, scaling and every keyword the
+layer passes handled as before), and the rows are joined in packed order: the packed
+attention's result without the masked blocks.
+
+Where a segment's keys come from:
+
+* split cache (:class:`~worker_core.kv_cache.PackedCache` ``split``): the views of each
+  request's positions ``[0, start + length)`` its cache kept for this layer, never joined.  The
+  keys the layer passes must be the very tensor the cache's update returned (``KeysChanged``
+  otherwise: a layer that transforms cached keys, e.g. DeepSeek's latent expansion, cannot be
+  split; :func:`keys_as_cached` probes a shard once);
+* otherwise: the layer's keys and values cut along the packed layout (each segment's
+  ``start + length`` positions in segment order), whatever the layer did to them after the
+  cache (views, no copy beyond the cache's join).
+
+Outside a packed step (nothing running on this thread), or a step of one segment, it is
+transformers' SDPA function with what it is given.  Keys of another length than the running
+step's layout raise ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .kv_cache import PackedCache
+
+SEGMENTS = "molink_segments"  # the attention implementation's name in transformers' registry
+
+_state = threading.local()  # .cache: the PackedCache of the step whose layer runs on this thread
+
+
+def segment_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    cache: PackedCache | None = getattr(_state, "cache", None)
+    if cache is None or (len(cache.segments) == 1 and not cache.split):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if cache.split:
+        layer, views, returned = cache.current
+        if key is not returned or layer != getattr(module, "layer_idx", layer):
+            raise KeysChanged(f"layer {getattr(module, 'layer_idx', '?')} attends to other keys than its cache's")
+    else:
+        keys = sum(s.start + s.length for s in cache.segments)
+        if key.shape[2] != keys or query.shape[2] != sum(s.length for s in cache.segments):
+            raise RuntimeError(f"{key.shape[2]} keys for a packed step laid out over {keys}")
+        views = []
+        k0 = 0
+        for seg in cache.segments:
+            end = k0 + seg.start + seg.length
+            views.append((key[0, :, k0:end], value[0, :, k0:end]))
+            k0 = end
+    outs = []
+    q0 = k0 = 0
+    for seg, (k, v) in zip(cache.segments, views):
+        n, total = seg.length, seg.start + seg.length
+        mask = attention_mask[:, :, q0 : q0 + n, k0 : k0 + total] if attention_mask is not None else None
+        if n == 1 and mask is not None and not mask.any():
+            mask = None  # a decode row that sees every key: the unmasked path (grouped heads folded)
+        out, _ = sdpa_attention_forward(
+            module,
+            query[:, :, q0 : q0 + n],
+            k.unsqueeze(0),
+            v.unsqueeze(0),
+            mask,
+            dropout,
+            scaling,
+            **kwargs,
+        )
+        outs.append(out)  # [1, n, heads, d]
+        q0 += n
+        k0 += total
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+
+
+class KeysChanged(RuntimeError):
+    """A layer attended to other keys than those its split cache returned."""
+
+
+AttentionInterface.register(SEGMENTS, segment_attention)
+
+
+def use_segment_attention(config: Any, device: torch.device) -> bool:
+    """Switch a CPU shard whose layers attend with SDPA to :func:`segment_attention` (the
+    shard's own config: its layers read the name at every call).  True when switched."""
+    if device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    config._attn_implementation = SEGMENTS
+    return True
+
+
+def keys_as_cached(step: Callable[[], object]) -> bool:
+    """Run ``step`` (a packed step of two segments on a split cache, on scratch buffers): True
+    when every layer attended to the keys as its cache returned them, False on ``KeysChanged``."""
+    try:
+        step()
+    except KeysChanged:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def running(cache: PackedCache) -> Iterator[None]:
+    """The packed step whose layers run on this thread now."""
+    _state.cache = cache
+    try:
+        yield
+    finally:
+        _state.cache = None
