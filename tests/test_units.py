@@ -240,8 +240,8 @@ def test_a_cpu_stage_attends_each_segment_to_its_own_keys_with_the_packed_output
         folder = make_tiny_checkpoint(family, tmp_path / family, num_layers=3, seed=5)
         shard = load_shard(folder, 0, 2, torch.device("cpu"), torch.float32)
         assert shard.config._attn_implementation == segment_attention.SEGMENTS
-        StageRunner(shard, 10, 10)
-        assert shard.keys_as_cached is split, family
+        probed = StageRunner(shard, 10, 10)
+        assert shard.keys_as_cached is split and len(probed.kv) == 0, family  # the probe wrote scratch buffers only
         outs, calls = {}, {}
         for impl in (segment_attention.SEGMENTS, "sdpa"):
             shard.config._attn_implementation = impl
@@ -253,3 +253,38 @@ def test_a_cpu_stage_attends_each_segment_to_its_own_keys_with_the_packed_output
             calls[impl] = sorted(set(widest))
         assert calls == {segment_attention.SEGMENTS: [(1, 31), (11, 11), (24, 64)], "sdpa": []}, calls
         assert torch.allclose(outs[segment_attention.SEGMENTS], outs["sdpa"], atol=1e-5), family
+
+
+def test_a_cpu_stage_attends_a_chain_of_cached_prefixes_in_pieces_with_the_joined_output(tmp_path, monkeypatch):
+    """worker_core.segment_attention: a request that starts from a chain of cached prefixes (a
+    conversation's turns, each from the one before) attends to them piece by piece, merged by
+    their log-sum-exp, never joined: a decode step and a chunk step of the third turn give the
+    joined path's output (a sliding-window model among them: its window cuts into the pieces)."""
+    from tiny_models import make_tiny_checkpoint
+
+    from worker_core import segment_attention
+    from worker_core.shard import load_shard
+    from worker_core.stage import StageRunner
+    from worker_core.wire import Segment
+
+    pieces = []
+    real = segment_attention._merged
+    monkeypatch.setattr(segment_attention, "_merged", lambda q, ks, *a: pieces.append(len(ks)) or real(q, ks, *a))
+    for family in ("llama", "mistral"):  # mistral: a window of 32, shorter than the history
+        folder = make_tiny_checkpoint(family, tmp_path / family, num_layers=3, seed=9)
+        shard = load_shard(folder, 0, 2, torch.device("cpu"), torch.float32)
+        StageRunner(shard, 10, 10)
+        outs = {}
+        for impl in (segment_attention.SEGMENTS, "sdpa"):
+            shard.config._attn_implementation = impl
+            runner = StageRunner(shard, 4000, 512)
+            runner.run((Segment(1, 0, 40, False),), torch.arange(3, 43))
+            runner.run((Segment(2, 32, 20, False, base=1),), torch.arange(50, 70))  # [0, 32) of turn 1
+            runner.run((Segment(3, 48, 10, False, base=2),), torch.arange(80, 90))  # [0, 48) of turn 2
+            pieces.clear()
+            decode = runner.run((Segment(3, 58, 1, True),), torch.tensor([91]))
+            chunk = runner.run((Segment(3, 59, 6, False),), torch.arange(92, 98))
+            outs[impl] = (decode, chunk, list(pieces))
+        merged, joined = outs[segment_attention.SEGMENTS], outs["sdpa"]
+        assert merged[2] == [3] * 4 and joined[2] == [], (family, merged[2])  # 3 pieces, 2 layers, 2 steps
+        assert torch.allclose(merged[0], joined[0], atol=1e-5) and torch.allclose(merged[1], joined[1], atol=1e-5)

@@ -93,12 +93,12 @@ class RequestKV:
         """Keys and values of positions [0, n) (n <= committed length): [kv_heads, n, d].  A
         chain of prefixes (a conversation's turns, each starting from the one before) is joined
         in one copy, whatever its depth."""
-        ks, vs = self._pieces(layer, n)
+        ks, vs = self.pieces(layer, n)
         if len(ks) == 1:
             return ks[0], vs[0]
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
-    def _pieces(self, layer: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def pieces(self, layer: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The slices of positions [0, n) along the chain of bases, in position order (views, no copy)."""
         ks: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []
@@ -119,6 +119,14 @@ class RequestKV:
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v ([kv_heads, n, d]) at positions [start, start+n) (start >= base_len); return
         the keys and values of positions [0, start+n)."""
+        kb, vb, end = self.store(layer, start, k, v)
+        if self.base is None or not self.base_len:
+            return kb[:, :end], vb[:, :end]
+        return self.prefix(layer, start + k.shape[1])
+
+    def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Write k, v at positions [start, start+n) (start >= base_len): (its own key and value
+        buffers of the layer, the end of the write in them)."""
         local = start - self.base_len  # index in its own buffers
         end = local + k.shape[1]
         old_k, old_v = self.keys.get(layer), self.values.get(layer)  # both or neither
@@ -134,9 +142,7 @@ class RequestKV:
             kb, vb = old_k, old_v
         kb[:, local:end] = k
         vb[:, local:end] = v
-        if self.base is None or not self.base_len:
-            return kb[:, :end], vb[:, :end]
-        return self.prefix(layer, start + k.shape[1])
+        return kb, vb, end
 
 
 class KVStore:
@@ -197,14 +203,27 @@ class PackedCache:
     def __init__(self, segments: list[PackedSegment], split: bool = False) -> None:
         self.segments = segments
         # split (:mod:`worker_core.segment_attention`): ``update`` joins nothing; it keeps each
-        # segment's keys and values (views) in ``current`` beside the layer and what it returned
+        # segment's keys and values in ``current`` (per segment the pieces of its chain of cached
+        # prefixes, in position order: views), beside the layer and the keys it returned
         self.split = split
-        self.current: tuple[int, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None] = (-1, [], None)
+        self.current: tuple[int, list[tuple[list[torch.Tensor], list[torch.Tensor]]], torch.Tensor | None] = (
+            -1,
+            [],
+            None,
+        )
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [1, kv_heads, T, d]
+        if self.split:
+            pieces = []
+            for s in self.segments:
+                rows = slice(s.offset, s.offset + s.length)
+                s.request.store(layer_idx, s.start, key_states[0, :, rows], value_states[0, :, rows])
+                pieces.append(s.request.pieces(layer_idx, s.start + s.length))
+            self.current = (layer_idx, pieces, key_states)
+            return key_states, value_states
         ks, vs = [], []
         for s in self.segments:
             k, v = s.request.write(
@@ -215,9 +234,6 @@ class PackedCache:
             )
             ks.append(k)
             vs.append(v)
-        if self.split:
-            self.current = (layer_idx, list(zip(ks, vs)), key_states)
-            return key_states, value_states
         if len(ks) == 1:
             return ks[0].unsqueeze(0), vs[0].unsqueeze(0)
         return torch.cat(ks, dim=1).unsqueeze(0), torch.cat(vs, dim=1).unsqueeze(0)

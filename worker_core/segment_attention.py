@@ -19,7 +19,10 @@ attention's result without the masked blocks.
 Where a segment's keys come from:
 
 * split cache (:class:`~worker_core.kv_cache.PackedCache` ``split``): the views of each
-  request's positions ``[0, start + length)`` its cache kept for this layer, never joined.  The
+  request's positions ``[0, start + length)`` its cache kept for this layer, never joined; a
+  request that starts from a chain of cached prefixes (a conversation's turns) gives them in
+  pieces, attended piece by piece and merged by their log-sum-exp (torch's CPU flash kernel
+  returns it), so no step copies a conversation's history.  The
   keys the layer passes must be the very tensor the cache's update returned (``KeysChanged``
   otherwise: a layer that transforms cached keys, e.g. DeepSeek's latent expansion, cannot be
   split; :func:`keys_as_cached` probes a shard once);
@@ -75,29 +78,56 @@ def segment_attention(
         k0 = 0
         for seg in cache.segments:
             end = k0 + seg.start + seg.length
-            views.append((key[0, :, k0:end], value[0, :, k0:end]))
+            views.append(([key[0, :, k0:end]], [value[0, :, k0:end]]))
             k0 = end
     outs = []
     q0 = k0 = 0
-    for seg, (k, v) in zip(cache.segments, views):
+    for seg, (ks, vs) in zip(cache.segments, views):
         n, total = seg.length, seg.start + seg.length
+        q = query[:, :, q0 : q0 + n]
         mask = attention_mask[:, :, q0 : q0 + n, k0 : k0 + total] if attention_mask is not None else None
-        if n == 1 and mask is not None and not mask.any():
-            mask = None  # a decode row that sees every key: the unmasked path (grouped heads folded)
-        out, _ = sdpa_attention_forward(
-            module,
-            query[:, :, q0 : q0 + n],
-            k.unsqueeze(0),
-            v.unsqueeze(0),
-            mask,
-            dropout,
-            scaling,
-            **kwargs,
-        )
-        outs.append(out)  # [1, n, heads, d]
+        if len(ks) > 1 and _FLASH is not None and not any(kwargs.get(x) is not None for x in UNMERGEABLE):
+            outs.append(_merged(q, ks, vs, mask, scaling))
+        else:
+            k, v = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=1), torch.cat(vs, dim=1))
+            if n == 1 and mask is not None and not mask.any():
+                mask = None  # a decode row that sees every key: the unmasked path (grouped heads folded)
+            out, _ = sdpa_attention_forward(module, q, k.unsqueeze(0), v.unsqueeze(0), mask, dropout, scaling, **kwargs)
+            outs.append(out)  # [1, n, heads, d]
         q0 += n
         k0 += total
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+
+
+# keywords of a layer's attention call that change the scores beyond a mask: such a layer's pieces
+# are joined and attended by transformers' function
+UNMERGEABLE = ("softcap", "s_aux", "position_bias")
+# torch's CPU flash kernel, which returns each row's log-sum-exp (a private op: where a torch lacks
+# it, pieces are joined)
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _merged(
+    q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], mask: torch.Tensor | None, scaling: float | None
+) -> torch.Tensor:
+    """Rows ``q`` ([1, heads, n, d]) attending to keys and values given in pieces along the
+    positions ([kv_heads, len_i, d] each, in order) under ``mask`` ([1, 1, n, sum len_i] or
+    None), without joining them: each piece attended on its own by torch's CPU flash kernel,
+    which gives the log-sum-exp of each row's scores, and the pieces' outputs weighed by the
+    softmax of those.  [1, n, heads, d], as transformers' attention functions return it."""
+    assert _FLASH is not None  # the caller checks
+    outs, lses = [], []
+    a = 0
+    for k, v in zip(ks, vs):
+        b = a + k.shape[1]
+        m = mask[..., a:b] if mask is not None else None
+        out, lse = _FLASH(q, k.unsqueeze(0), v.unsqueeze(0), 0.0, False, attn_mask=m, scale=scaling)
+        outs.append(out.float())
+        lses.append(lse.float())
+        a = b
+    weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # [pieces, 1, heads, n, 1]
+    joined = (torch.stack(outs) * weights).sum(dim=0)
+    return joined.to(q.dtype).transpose(1, 2)
 
 
 class KeysChanged(RuntimeError):

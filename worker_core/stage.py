@@ -208,16 +208,17 @@ class StepRun:
         self.seconds = 0.0  # compute so far, pauses excluded
         self.layer = 0
         packed, offset = [], 0
+        store = runner.kv if kv is None else kv  # (an empty store is falsy: it has a length)
         for s in segments:
-            packed.append(PackedSegment((kv or runner.kv).get_or_create(s.request_id), s.start, offset, s.length))
+            packed.append(PackedSegment(store.get_or_create(s.request_id), s.start, offset, s.length))
             offset += s.length
         # one segment at a time where the packed attention would waste most: several requests, one
         # with several rows (a prompt chunk, drafts); a step of single decode rows costs as little
-        # packed (measured: 8 rows over 300 keys each, 10 layers: 53 ms packed, 61 ms segmented)
-        self.split = (
-            getattr(sh.config, "_attn_implementation", None) == SEGMENTS
-            and len(segments) > 1
-            and any(s.length > 1 for s in segments)
+        # packed (measured: 8 rows over 300 keys each, 10 layers: 53 ms packed, 61 ms segmented).
+        # And wherever a request starts from cached prefixes: its history is then never joined
+        self.split = getattr(sh.config, "_attn_implementation", None) == SEGMENTS and (
+            (len(segments) > 1 and any(s.length > 1 for s in segments))
+            or (bool(sh.keys_as_cached) and any(p.request.base is not None for p in packed))
         )
         self.cache = PackedCache(packed, self.split and bool(sh.keys_as_cached) if split is None else split)
         x = tensor.to(sh.device)
