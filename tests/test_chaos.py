@@ -546,9 +546,10 @@ def test_molink_chaos_on_a_tiny_model_exits_0_with_sane_json(ckpt, tmp_path):
     small += "--fault-gap 1 --link-delay-ms 10 --prompt-words 4,40 --max-tokens 8,32"
     cmd = [sys.executable, "-m", "app.cli", "chaos", "--model", str(ckpt), *shlex.split(small)]
     cmd += ["--log-dir", str(tmp_path / "logs"), "--out", str(out)]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=480)
+    p, spawned = _run_watching_children(cmd, tmp_path, 480)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "tokens duplicated" in p.stdout and "detect p50/p95/max" in p.stdout
+    assert len(spawned) >= 4, spawned  # the master and 3 workers were seen (so the last check can fail)
     r = json.loads(out.read_text())
     ff, fr = r["fault_free_run"], r["faulty_run"]
     assert ff["completed"] == 16 and ff["failed"] == 0  # the reference run is whole
@@ -567,15 +568,29 @@ def test_molink_chaos_on_a_tiny_model_exits_0_with_sane_json(ckpt, tmp_path):
     assert all(isinstance(v, int) and v > 10 * 2**20 for v in rss.values()), rss
     assert r["command"].startswith("molink chaos --model")
     assert len(r["placement"]) == 3 and all(layers for layers in r["placement"].values())
-    assert not _engine_children(ckpt)  # every process it started is gone
+    alive = [c.pid for c in spawned if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, alive  # every process it started is gone
 
 
-def _engine_children(ckpt: Path) -> list[int]:
-    """Live `molink master|worker` processes of a chaos group on ``ckpt`` (none may outlive it)."""
-    mine = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        ours = str(ckpt) in cmd or any(c.startswith("chaos-") for c in cmd)
-        if "app.cli" in cmd and "--supervised" in cmd and ours:
-            mine.append(proc.pid)
-    return mine
+def _run_watching_children(
+    cmd: list[str], folder: Path, timeout: float
+) -> tuple[subprocess.CompletedProcess, list[psutil.Process]]:
+    """Run ``cmd`` to its end (killed after ``timeout`` s) and note every process it spawned
+    meanwhile (its own descendants only: other tests' groups on this machine are not counted)."""
+    seen: dict[int, psutil.Process] = {}
+    with open(folder / "stdout", "w+") as out, open(folder / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise TimeoutError(f"{cmd[:4]} did not end in {timeout} s")
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    seen.setdefault(child.pid, child)
+            time.sleep(0.1)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return done, list(seen.values())
