@@ -200,12 +200,12 @@ class PackedSegment:
 class PackedCache:
     """The cache object handed to transformers' layers for one packed step."""
 
-    def __init__(self, segments: list[PackedSegment], split: bool = False) -> None:
+    def __init__(self, segments: list[PackedSegment], unjoined: bool = False) -> None:
         self.segments = segments
-        # split (:mod:`worker_core.segment_attention`): ``update`` joins nothing; it keeps each
+        # unjoined (:mod:`worker_core.segment_attention`): ``update`` joins nothing; it keeps each
         # segment's keys and values in ``current`` (per segment the pieces of its chain of cached
         # prefixes, in position order: views), beside the layer and the keys it returned
-        self.split = split
+        self.unjoined = unjoined
         self.current: tuple[int, list[tuple[list[torch.Tensor], list[torch.Tensor]]], torch.Tensor | None] = (
             -1,
             [],
@@ -216,7 +216,7 @@ class PackedCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: [1, kv_heads, T, d]
-        if self.split:
+        if self.unjoined:
             pieces = []
             for s in self.segments:
                 rows = slice(s.offset, s.offset + s.length)

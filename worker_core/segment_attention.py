@@ -18,7 +18,7 @@ attention's result without the masked blocks.
 
 Where a segment's keys come from:
 
-* split cache (:class:`~worker_core.kv_cache.PackedCache` ``split``): the views of each
+* unjoined cache (:class:`~worker_core.kv_cache.PackedCache` ``unjoined``): the views of each
   request's positions ``[0, start + length)`` its cache kept for this layer, never joined; a
   request that starts from a chain of cached prefixes (a conversation's turns) gives them in
   pieces, attended piece by piece and merged by their log-sum-exp (torch's CPU flash kernel
@@ -64,9 +64,9 @@ def segment_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     cache: PackedCache | None = getattr(_state, "cache", None)
-    if cache is None or (len(cache.segments) == 1 and not cache.split):
+    if cache is None or (len(cache.segments) == 1 and not cache.unjoined):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if cache.split:
+    if cache.unjoined:
         layer, views, returned = cache.current
         if key is not returned or layer != getattr(module, "layer_idx", layer):
             raise KeysChanged(f"layer {getattr(module, 'layer_idx', '?')} attends to other keys than its cache's")
@@ -131,7 +131,7 @@ def _merged(
 
 
 class KeysChanged(RuntimeError):
-    """A layer attended to other keys than those its split cache returned."""
+    """A layer attended to other keys than those its unjoined cache returned."""
 
 
 AttentionInterface.register(SEGMENTS, segment_attention)
@@ -147,7 +147,7 @@ def use_segment_attention(config: Any, device: torch.device) -> bool:
 
 
 def keys_as_cached(step: Callable[[], object]) -> bool:
-    """Run ``step`` (a packed step of two segments on a split cache, on scratch buffers): True
+    """Run ``step`` (a packed step of two segments on an unjoined cache, on scratch buffers): True
     when every layer attended to the keys as its cache returned them, False on ``KeysChanged``."""
     try:
         step()

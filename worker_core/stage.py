@@ -64,12 +64,12 @@ class StageRunner:
 
     @torch.inference_mode()
     def _probe(self) -> None:
-        """A packed step of two segments (two rows and one) on a split cache and scratch buffers
+        """A packed step of two segments (two rows and one) on an unjoined cache and scratch buffers
         (see :func:`~worker_core.segment_attention.keys_as_cached`)."""
         sh = self.shard
         x = torch.zeros(3, dtype=torch.int64) if sh.is_first else torch.zeros(3, sh.hidden_size)
         scratch = KVStore(3)
-        step = StepRun(self, (Segment(1, 0, 2, False), Segment(2, 0, 1, False)), x, 0, 0, scratch, split=True)
+        step = StepRun(self, (Segment(1, 0, 2, False), Segment(2, 0, 1, False)), x, 0, 0, scratch, unjoined=True)
         step.advance(len(sh.layers))
 
     # ----------------------------------------------------------------- checks
@@ -199,7 +199,7 @@ class StepRun:
         topk: int,
         added: int,
         kv: KVStore | None = None,
-        split: bool | None = None,
+        unjoined: bool | None = None,
     ) -> None:
         sh = runner.shard
         self.runner, self.segments, self.topk, self.added = runner, segments, topk, added
@@ -220,7 +220,7 @@ class StepRun:
             (len(segments) > 1 and any(s.length > 1 for s in segments))
             or (bool(sh.keys_as_cached) and any(p.request.base is not None for p in packed))
         )
-        self.cache = PackedCache(packed, self.split and bool(sh.keys_as_cached) if split is None else split)
+        self.cache = PackedCache(packed, self.split and bool(sh.keys_as_cached) if unjoined is None else unjoined)
         x = tensor.to(sh.device)
         self.positions = (
             torch.cat([torch.arange(s.start, s.start + s.length) for s in segments]).to(sh.device).unsqueeze(0)
