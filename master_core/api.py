@@ -161,6 +161,7 @@ class Api:
             "queued": len(self.engine.waiting),
             "tokens_generated": self.engine.tokens_generated,
             "cached_prefixes": len(self.engine.kv.prefix),  # ended requests' caches kept on every stage for reuse
+            "standby_copy": self.engine.shadow.describe(),  # a standby member's copy of the caches (master_core.shadow)
         }
         return web.json_response(body, status=200 if g.serving else 503)
 

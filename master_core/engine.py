@@ -90,6 +90,7 @@ from .scheduler import (
     next_microbatch,
     policy,
 )
+from .shadow import Shadow
 from .speculation import Speculator, apply_drafts, draft_caps, inputs, lookup_drafts, verify
 from .text import TextStream
 
@@ -127,6 +128,7 @@ class Engine:
         self.relay = Relay(group, config.logits_topk)  # numbers the steps and takes them through the pipeline
         self._admitted = 0
         self.kv = KVLedger(group, f"model={config.model}", config.prefix_cache)  # KV ids, cached prefixes
+        self.shadow = Shadow(group, lambda: self.running.values(), self.relay.step_ids)  # a standby's copy
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
@@ -155,6 +157,7 @@ class Engine:
         self.replays = 0  # requests computed again from scratch because a step of theirs failed
         self.rebuilt_requests = 0  # running requests kept through the loss of a stage (only it rebuilt)
         self.rebuilt_tokens = 0  # positions computed on replacement stages for them
+        self.rebuilt_held = 0  # positions replacement stages held already (computed while standing by)
         self.prompt_tokens_total = 0  # prompt tokens of the requests that ended
         self.cached_tokens_total = 0  # of those, the ones reused from the prefix cache
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
@@ -259,6 +262,7 @@ class Engine:
         is being replaced, kept by the others (:meth:`KVLedger.reset`) and rebuilt on the new
         stage before they go on (:meth:`_rebuild_lost`)."""
         self.kv.reset(self.running.values(), previous, lost, PROFILE_REQUEST_ID)
+        self.shadow.handover(lost)
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
@@ -359,7 +363,9 @@ class Engine:
         pipeline.  Cancelled: cancel every lane and wait for them."""
         lanes: dict[int, asyncio.Task] = {}
         profiled = -1
-        background: set[asyncio.Task] = set()
+        shadow = asyncio.create_task(self.shadow.run())
+        background: set[asyncio.Task] = {shadow}
+        shadow.add_done_callback(background.discard)
         try:
             while True:
                 if self.group.serving and profiled != self.group.epoch:
@@ -409,7 +415,10 @@ class Engine:
         for link in stages:
             link.free(rep.free_later)
         reqs = [r for rid, kv in rep.kept.items() if (r := self.running.get(rid)) is not None and r.kv_id == kv]
-        work = [Lost(r.kv_id, r.kv_gen, r.computed, r.tokens) for r in reqs]
+        held = self.shadow.take(stages[rep.lost]) if 0 <= rep.lost < len(stages) else {}
+        if orphans := [kv for kv in held if kv not in {r.kv_id for r in reqs}]:
+            stages[rep.lost].free(orphans)  # copied while it stood by, of requests that ended since
+        work = [Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, min(held.get(r.kv_id, 0), r.computed)) for r in reqs]
         t0 = self.clock()
         try:
             if not 0 <= rep.lost < len(stages) or [x for i, x in enumerate(stages) if i != rep.lost] != rep.survivors:
@@ -433,12 +442,14 @@ class Engine:
             return False
         self.rebuilt_requests += len(reqs)
         self.rebuilt_tokens += rebuilt
+        self.rebuilt_held += sum(w.start for w in work)
         log.info(
-            "stage %d rebuilt in %.2f s: %d position(s) of %d request(s); the other stages kept their caches",
+            "stage %d rebuilt in %.2f s: %d position(s) of %d request(s), %d held already; the others kept theirs",
             rep.lost,
             self.clock() - t0,
             rebuilt,
             len(reqs),
+            sum(w.start for w in work),
         )
         return True
 

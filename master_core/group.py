@@ -135,17 +135,19 @@ def stage_kv_tokens(
     cap: int,
     precision: Precision = Precision.NONE,
     device: str = "cpu",
+    tapes: int = 0,
 ) -> int:
     """KV budget (tokens) of a worker offering ``free_memory`` bytes of ``device`` and computing
     in ``dtype`` when it serves layers ``[start, end)``: its real weight bytes first (every
     parameter of its layers at the group's ``precision``, embeddings or head; MoE experts
     included), half the rest for KV at ``dtype``.  A token costs its KV on every layer and, on a
     CPU, on any stage but the last, the output row it keeps for a rebuild of the next stage
-    (``wire.Recall``; a GPU keeps those in host memory)."""
+    (``wire.Recall``; a GPU keeps those in host memory), and the rows a standby keeps at
+    ``tapes`` stage ends (``Assign.tapes``)."""
     size = itemsize(dtype)
-    tape = not device.startswith("cuda")
+    rows = 0 if device.startswith("cuda") else tapes + (end < dims.num_layers)
     weights = dims.stage_bytes(start, end, precision, size)
-    return kv_token_budget(free_memory, weights, dims.token_bytes(start, end, size, tape), cap)
+    return kv_token_budget(free_memory, weights, dims.token_bytes(start, end, size, rows), cap)
 
 
 class Group:
@@ -372,7 +374,8 @@ class Group:
             return None
         spares = [link for link in self.placeable_links() if link not in self.stages]
         warm = [x for x in spares if self._holds_whole_model(x)]
-        spares = warm or spares  # one with the whole model loaded takes the range from memory
+        shadow = self.shadow_target()  # it holds the open requests' caches: it takes the range if it can
+        spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
         if not spares:
             return None
         a, b = lost.assignment.layer_start, lost.assignment.layer_end
@@ -380,7 +383,9 @@ class Group:
         members = planner_members(
             [x.hello for x in spares], self.dims.largest_layer_params, self.dims.hidden_size, size
         )
-        pick = replacement(self.dims.shape(Precision(self.config.quantize), size), members, a, b)
+        shape = self.dims.shape(Precision(self.config.quantize), size)
+        pick = 0 if shadow is not None and replacement(shape, members[:1], a, b) is not None else None
+        pick = replacement(shape, members, a, b) if pick is None else pick
         if pick is None:
             return None
         index = self.stages.index(lost)
@@ -493,12 +498,19 @@ class Group:
                 )
                 return
 
-    async def _assignment(self, link: WorkerLink, a: int, b: int, epoch: int) -> Assign:
-        """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory)."""
+    async def _assignment(self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False) -> Assign:
+        """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory);
+        ``standby``: the whole model of a standby member, keeping the rows at the serving
+        pipeline's stage ends (:meth:`stage_ends`)."""
         fields = {"model": self.model_ref, **await self._delivery(a, b)}
         precision = Precision(self.config.quantize)
         h = link.hello
-        kv = stage_kv_tokens(self.dims, h.free_memory, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
+        tapes = self.stage_ends() if standby else ()
+        kv = stage_kv_tokens(
+            self.dims, h.free_memory, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device, len(tapes)
+        )
+        if standby:
+            fields |= {"standby": True, "tapes": tapes}
         draft = self.draft if b == self.dims.num_layers else None  # the last stage holds it too ...
         if draft is not None:  # ... out of its KV budget, unless that would halve it (drafts are optional)
             free = max(0, h.free_memory - draft.nbytes)
@@ -519,16 +531,38 @@ class Group:
             **fields,
         )
 
+    def stage_ends(self) -> tuple[int, ...]:
+        """The layer ends of the serving pipeline's stages but the last (none while not serving)."""
+        return tuple(s.assignment.layer_end for s in self.stages[:-1] if s.assignment is not None)
+
+    def shadow_target(self) -> WorkerLink | None:
+        """The standby member that keeps a copy of the open requests' caches
+        (:mod:`master_core.shadow`): the first that holds the whole model and keeps the rows at
+        this pipeline's stage ends; None when none does (or the group is not serving)."""
+        if not self.serving:
+            return None
+        ends = self.stage_ends()
+        for link in self.placeable_links():
+            asg = link.assignment
+            if link not in self.stages and self._holds_whole_model(link) and asg is not None and asg.tapes == ends:
+                return link
+        return None
+
     def _warm_standby(self) -> None:
         """Each standby member that holds the whole model and has not loaded it loads it now
-        (an ``Assign`` of every layer, served by no pipeline): if a stage is lost, the member
-        that takes its range over takes those layers from memory (``worker_core.shard.carve``)
-        instead of reading them, and the repair is that much shorter."""
+        (an ``Assign`` of every layer, served by no pipeline, keeping the rows at the stage ends
+        of this pipeline): if a stage is lost, the member that takes its range over takes those
+        layers from memory (``worker_core.shard.carve``) instead of reading them, and the repair
+        is that much shorter; with the caches it computed meanwhile (:mod:`master_core.shadow`),
+        shorter still.  One loaded for another pipeline is told the new stage ends."""
         n = self.dims.num_layers
         size = max((itemsize(link.hello.dtype) for link in self.links), default=4)
         shape = self.dims.shape(Precision(self.config.quantize), size)
+        ends = self.stage_ends()
         for link in self.placeable_links():
-            if link in self.stages or link.loading or link in self._warming or self._holds_whole_model(link):
+            if link in self.stages or link.loading or link in self._warming:
+                continue
+            if self._holds_whole_model(link) and (link.assignment is None or link.assignment.tapes == ends):
                 continue
             member = planner_members([link.hello], self.dims.largest_layer_params, self.dims.hidden_size, size)
             if replacement(shape, member, 0, n) is not None:
@@ -542,7 +576,8 @@ class Group:
     async def _warm(self, link: WorkerLink) -> None:
         try:
             await link.assign(
-                await self._assignment(link, 0, self.dims.num_layers, self.epoch), self.config.assign_timeout
+                await self._assignment(link, 0, self.dims.num_layers, self.epoch, standby=True),
+                self.config.assign_timeout,
             )
             log.info("%s stands by with the whole model loaded", link.name)
         except (LinkGone, StepFailed, asyncio.TimeoutError, Superseded) as e:

@@ -250,6 +250,7 @@ class WorkerLink:
         self.ready: Ready | None = None
         self.gone_reason: str | None = None
         self._pending: dict[int, _Pending] = {}
+        self._background: dict[int, asyncio.Future[Result]] = {}  # standby steps nobody waits for (background)
         # steps given up on (a stage of their run failed or left) that may still come back from
         # this stage over direct hops: their results are dropped, not a protocol error
         self._abandoned: deque[int] = deque(maxlen=ABANDONED_KEPT)
@@ -370,6 +371,23 @@ class WorkerLink:
         answered.step_bytes_total += back
         return answered, result
 
+    async def background(self, step: Step, timeout: float) -> Result:
+        """Send ``step`` to this standby member and await its ``Result`` (at most ``timeout``
+        seconds; raises ``StepFailed``, ``LinkGone`` or ``TimeoutError``).  Work nobody waits for
+        (:mod:`master_core.shadow`), computed at the member's lowest priority: neither measured
+        nor judged by the liveness rule's step deadlines (its pings still are); a late answer
+        is dropped."""
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._background[step.step_id] = fut
+        try:
+            await self._send(step)
+            return await asyncio.wait_for(fut, timeout)
+        except BaseException:
+            self._abandoned.append(step.step_id)
+            raise
+        finally:
+            self._background.pop(step.step_id, None)
+
     async def recall(self, recall: Recall) -> torch.Tensor:
         """Send a ``Recall`` and return the rows this stage kept for its segments (bounded like a
         step of as many tokens: a stage that does not answer in time is dropped as hung)."""
@@ -440,6 +458,12 @@ class WorkerLink:
                 self.on_leave(self, msg.finish)
             else:
                 self.close_with("left the group")
+        elif isinstance(msg, Result) and (waiting := self._background.get(msg.step_id)) is not None:
+            if not waiting.done():
+                waiting.set_result(msg)
+        elif isinstance(msg, Failure) and (waiting := self._background.get(msg.step_id)) is not None:
+            if not waiting.done():
+                waiting.set_exception(StepFailed(f"{self.name}: {msg.message}"))
         elif isinstance(msg, Result):
             pending = self._pending.get(msg.step_id)
             if pending is None and msg.step_id in self._abandoned:
@@ -624,7 +648,7 @@ class WorkerLink:
         for pending in list(self._pending.values()):
             if not pending.future.done():
                 pending.future.set_exception(err)
-        for waiter in (self._ready_waiter, self._route_waiter):
+        for waiter in (self._ready_waiter, self._route_waiter, *self._background.values()):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(err)
         for task in list(self._fetches):

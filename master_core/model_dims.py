@@ -19,10 +19,10 @@ and int8's figure for the value and down projections it keeps in int8 (``layer_k
 see :func:`worker_core.precision.bytes_per_param`; norms are counted as quantized too, a
 rounding error of well under 1%), the embeddings and head at ``itemsize`` (they are never
 quantized).  ``kv_bytes(itemsize)`` is K and V of one token in one layer at the compute dtype;
-``token_bytes(start, end, itemsize, tape)`` what one cached token costs a stage of ``[start, end)``
-in the memory its KV is in (its KV on every layer and, with ``tape``, on any stage but the
-last, the output row it keeps for a rebuild of the next stage in host memory,
-:mod:`worker_core.kv_cache`: the same memory only on a CPU).
+``token_bytes(start, end, itemsize, rows)`` what one cached token costs a stage of ``[start, end)``
+in the memory its KV is in (its KV on every layer and ``rows`` hidden rows: the rows a stage
+keeps for a rebuild of the next one are in host memory, :mod:`worker_core.kv_cache`, the same
+memory only on a CPU).
 ``shape(precision, itemsize)`` is the planner's :class:`~master_core.placement.ModelShape` in those
 bytes, and ``lightest_fit(members, itemsize)`` the first precision (none, int8, int4) at which
 the planner can place the model on ``members`` (None: not even int4), for the error that says
@@ -123,11 +123,11 @@ class ModelDims:
         """K and V of one token in one layer when the stage computes with ``itemsize``-byte elements."""
         return self.kv_bytes_per_token // 4 * itemsize
 
-    def token_bytes(self, start: int, end: int, itemsize: int, tape: bool) -> int:
-        """Bytes one cached token takes on the stage of layers ``[start, end)`` (``tape``: its
-        kept output row counts too: the stage computes in host memory)."""
-        kept = self.hidden_size * itemsize if tape and end < self.num_layers else 0
-        return self.kv_bytes(itemsize) * (end - start) + kept
+    def token_bytes(self, start: int, end: int, itemsize: int, rows: int) -> int:
+        """Bytes one cached token takes on the stage of layers ``[start, end)`` with ``rows`` kept
+        hidden rows of it in the same memory (a CPU stage's tape: 1 on any stage but the last; a
+        standby's whole model: one per stage end it keeps, ``Assign.tapes``)."""
+        return self.kv_bytes(itemsize) * (end - start) + self.hidden_size * itemsize * rows
 
     def shape(self, precision: Precision, itemsize: int) -> ModelShape:
         """The model as the planner sees it: every layer at the largest layer's bytes at

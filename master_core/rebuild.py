@@ -5,8 +5,9 @@ Contract
 When one stage of a serving pipeline is lost and a standby member takes over exactly its layer
 range (:class:`~master_core.group.Group`), every other stage still holds its requests' caches.
 ``await rebuild_stage(stages, epoch, index, work, step_ids, max_tokens, hidden_size)`` fills the new stage
-``stages[index]`` with the positions ``[0, upto)`` of each :class:`Lost` request, under the KV id
-and generation it names, and computes nothing anywhere else: its inputs are the token ids
+``stages[index]`` with the positions ``[start, upto)`` of each :class:`Lost` request, under the KV id
+and generation it names (``start`` > 0: what the new stage computed while it stood by,
+:mod:`master_core.shadow`), and computes nothing anywhere else: its inputs are the token ids
 (``index`` 0, sent from here) or the hidden states ``stages[index - 1]`` kept when it sent them
 on (``wire.Recall``).  The work goes in steps of at most ``max_tokens`` tokens, a request's
 positions in order and in as few steps as fit; the new stage's outputs are dropped (the stages
@@ -33,12 +34,20 @@ from .link import WorkerLink
 @dataclass(frozen=True)
 class Lost:
     """A request whose cache the new stage must hold: KV id, generation, positions ``[0, upto)``
-    and its token ids (at least ``upto`` of them)."""
+    of which it lacks ``[start, upto)``, and its token ids (at least ``upto`` of them)."""
 
     kv_id: int
     generation: int
     upto: int
     tokens: Sequence[int]
+    start: int = 0
+
+
+def token_ids(segments: Sequence[Segment], work: Sequence[Lost]) -> torch.Tensor:
+    """The token ids of ``segments`` (steps of :func:`pack` over ``work``), packed: a first stage's input."""
+    by_id = {lost.kv_id: lost for lost in work}
+    ids = [t for s in segments for t in by_id[s.request_id].tokens[s.start : s.start + s.length]]
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def pack(work: Sequence[Lost], max_tokens: int) -> list[tuple[Segment, ...]]:
@@ -48,7 +57,7 @@ def pack(work: Sequence[Lost], max_tokens: int) -> list[tuple[Segment, ...]]:
     current: list[Segment] = []
     room = max_tokens
     for lost in work:
-        at = 0
+        at = lost.start
         while at < lost.upto:
             n = min(room, lost.upto - at)
             current.append(Segment(lost.kv_id, at, n, False, lost.generation))
@@ -72,13 +81,11 @@ async def rebuild_stage(
     hidden_size: int,
 ) -> int:
     target = stages[index]
-    by_id = {lost.kv_id: lost for lost in work}
     rebuilt = 0
-    for segments in pack([w for w in work if w.upto > 0], max_tokens):
+    for segments in pack([w for w in work if w.upto > w.start], max_tokens):
         total = sum(s.length for s in segments)
         if index == 0:
-            ids = [t for s in segments for t in by_id[s.request_id].tokens[s.start : s.start + s.length]]
-            x = torch.tensor(ids, dtype=torch.int64)
+            x = token_ids(segments, work)
         else:
             source = stages[index - 1]
             x = await source.recall(Recall(next(step_ids), epoch, segments))

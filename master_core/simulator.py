@@ -333,7 +333,7 @@ def kv_tokens_on_cards(
     plan = plan_pipeline(dims.shape(precision, itemsize), [Member(str(i), card_bytes, 1.0) for i in range(cards)])
     return min(
         kv_token_budget(
-            card_bytes, dims.stage_bytes(a, b, precision, itemsize), dims.token_bytes(a, b, itemsize, False), cap
+            card_bytes, dims.stage_bytes(a, b, precision, itemsize), dims.token_bytes(a, b, itemsize, 0), cap
         )
         for a, b in plan.ranges
     )

@@ -90,15 +90,26 @@ def test_a_step_given_up_on_goes_on_from_what_every_stage_holds(ckpt, want, monk
     assert left == [0, 0, 0] and held == {"running": 0, "waiting": 0, "text_streams": 0}, (left, held)
 
 
-@pytest.mark.parametrize("lost", [0, 1, 2], ids=["first", "middle", "last"])
-def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckpt, want, lost):
+@pytest.mark.parametrize(
+    ("lost", "copied"),
+    [(0, False), (1, False), (2, False), (0, True), (1, True), (2, True)],
+    ids=["first", "middle", "last", "first-copied", "middle-copied", "last-copied"],
+)
+def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckpt, want, lost, copied, monkeypatch):
     """A stage dies mid-generation with a member standing by: the spare takes its layers, only
     its positions are computed (from the token ids, or from what the stage before it kept), the
     other stages keep their caches (the same KV ids, the same cache objects) and the tokens are
-    transformers'."""
+    transformers'.  ``copied``: the spare had copied the prompts meanwhile
+    (:mod:`master_core.shadow`, the stages' links slowed so that it has the time): it keeps
+    those positions of the range and computes only the rest; else it copies nothing."""
+    from master_core.group import Group
+
+    slow = [{"link_delay_ms": 15} for _ in range(3)] if copied else None
+    if not copied:
+        monkeypatch.setattr(Group, "shadow_target", lambda self: None)
 
     async def main():
-        async with Cluster(ckpt, workers=3) as c:
+        async with Cluster(ckpt, workers=3, worker_options=slow) as c:
             g, e = c.master.group, c.engine
             c.add_worker("spare", link_delay_ms=20)  # a slower link: it stands by
             while not (len(g.links) == 4 and "spare" in g.standby and g.serving):
@@ -109,7 +120,8 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             while not e.profiled:
                 await asyncio.sleep(0.01)
             gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
-            while e.tokens_generated < 12:
+            while e.tokens_generated < 12 or (copied and e.shadow.copied < sum(map(len, PROMPTS))):
+                assert e.tokens_generated < len(PROMPTS) * NEW - 4, "the requests ended before the spare copied"
                 await asyncio.sleep(0.005)
             survivors = [s.name for i, s in enumerate(g.stages) if i != lost]
             kv_ids = {r.id: r.kv_id for r in e.running.values()}
@@ -136,16 +148,24 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             names = [s.name for s in g.stages]
             counts = (g.repairs, e.rebuilt_requests, e.kv.reset_restarts, e.replays, e.rebuilt_tokens)
             kept = sum(still.get(k) is v for k, v in caches.items())
-            return [r[0] for r in got], names, survivors, counts, same_ids, kept, len(still)
+            e.kv.forget_idle()
+            deadline = time.monotonic() + 5
+            while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            left = [len(s.runner.kv) for s in _sessions()]
+            return [r[0] for r in got], names, survivors, counts, same_ids, kept, len(still), e.rebuilt_held, left
 
-    got, names, survivors, counts, same_ids, kept, alive = run(main())
+    got, names, survivors, counts, same_ids, kept, alive, held, left = run(main())
     repairs, rebuilt, restarts, replays, positions = counts
     assert got == want
     assert names[lost] == "spare" and [n for i, n in enumerate(names) if i != lost] == survivors
     assert (repairs, rebuilt, restarts, replays) == (1, 2, 0, 0), counts
     assert same_ids, "a request was given a new KV id: it was computed again from scratch"
     assert alive == 4 and kept == 4, "the surviving stages' cache objects were replaced"  # 2 stages x 2 requests
-    assert 89 <= positions <= 89 + 2 * NEW, positions  # the prompts and what was generated, on the spare only
+    # the prompts and what was generated, on the spare only: computed at the repair, or before it, copying
+    assert 89 <= positions + held <= 89 + 2 * NEW, (positions, held)
+    assert held >= 89 if copied else held == 0, held
+    assert left == [0, 0, 0], left  # no cache left anywhere once the requests ended (the copy's neither)
 
 
 def test_a_rebuild_packs_each_requests_positions_in_order_within_the_step_budget():
@@ -246,6 +266,46 @@ def test_ranges_carved_from_the_whole_model_compute_what_loaded_ranges_do(ckpt):
     assert carve(whole, 2, 5).embed is None and carve(whole, 5, 6).lm_head is not None
     with pytest.raises(ShardError):
         carve(load_shard(ckpt, 0, 3, cpu, torch.float32), 0, 2)  # not the whole model
+
+
+def test_a_standby_copy_narrowed_to_a_range_holds_what_that_range_loaded_on_its_own_holds(ckpt):
+    """A standby's whole model computes two requests in steps of token ids (as ``master_core.shadow``
+    sends them), keeping the rows at the stage ends 2 and 5; narrowed to [2, 5) its caches and
+    the rows it recalls are those of the range loaded on its own after [0, 2), nothing else is
+    kept, and it goes on from there like that range."""
+    import torch
+
+    from worker_core.shard import carve, load_shard
+    from worker_core.stage import StageRunner
+    from worker_core.wire import Segment
+
+    cpu = torch.device("cpu")
+    whole = StageRunner(load_shard(ckpt, 0, 6, cpu, torch.float32), 4096, 256, tapes=(2, 5))
+    first, middle = (StageRunner(load_shard(ckpt, a, b, cpu, torch.float32), 4096, 256) for a, b in ((0, 2), (2, 5)))
+    a, b = PROMPTS
+    for segs in [  # in pieces, the two requests packed together, as the copy goes
+        (Segment(1, 0, 20, False, 1),),
+        (Segment(1, 20, 28, False, 1), Segment(2, 0, 30, False, 1)),
+        (Segment(2, 30, 11, False, 1),),
+    ]:
+        ids = torch.tensor([t for s in segs for t in (a if s.request_id == 1 else b)[s.start : s.start + s.length]])
+        whole.run(segs, ids)
+        middle.run(segs, first.run(segs, ids))
+    carried = whole.kv.narrowed(2, 5, 4096)
+    stage = StageRunner(carve(whole.shard, 2, 5), 4096, 256, kv=carried)
+    assert len(whole.kv) == 0 and len(carried) == 2
+    for rid, n in ((1, 48), (2, 41)):
+        mine, theirs = carried.get(rid), middle.kv.get(rid)
+        assert mine is not None and theirs is not None and mine.length == theirs.length == n
+        assert sorted(mine.keys) == [2, 3, 4] and sorted(mine.tapes) == [5]  # that range's layers, its own tape
+        for local, layer in enumerate((2, 3, 4)):
+            assert torch.allclose(mine.keys[layer][:, :n], theirs.keys[local][:, :n], atol=1e-5)
+            assert torch.allclose(mine.values[layer][:, :n], theirs.values[local][:, :n], atol=1e-5)
+    recall = (Segment(1, 0, 48, False), Segment(2, 5, 36, False))
+    assert torch.allclose(stage.recall(recall), middle.recall(recall), atol=1e-5)
+    nxt = (Segment(1, 48, 1, False, 2), Segment(2, 41, 1, False, 2))  # the next token, a newer generation
+    x = first.run(nxt, torch.tensor([5, 6]))
+    assert torch.allclose(stage.run(nxt, x), middle.run(nxt, x), atol=1e-5)
 
 
 def test_a_newcomer_re_plans_a_busy_group_only_once_the_replay_it_causes_is_cheap(ckpt, monkeypatch):

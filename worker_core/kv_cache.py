@@ -25,7 +25,9 @@ Contract
   on a CPU stage that is the KV's memory, and the master counts it in the KV budget): if the
   next stage is lost, the master recalls them (``wire.Recall``) to rebuild that stage's KV
   without computing this one or any before it again.  A prefix shared from ``base`` shares its
-  tape rows as well.
+  tape rows as well.  Tapes are keyed by the layer end the rows leave: a standby member's
+  whole model keeps one at each stage end of the serving pipeline, and :meth:`KVStore.narrowed`
+  hands the layers and the tape of one range to the stage it becomes.
 * Knows nothing about models, the network or the master.
 """
 
@@ -50,38 +52,40 @@ class RequestKV:
     shared_upto: int = 0  # its leading tokens other requests use as their prefix
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [kv_heads, cap, d], from base_len on
     values: dict[int, torch.Tensor] = field(default_factory=dict)
-    tape: torch.Tensor | None = None  # [cap, hidden]: the output rows it sent on, from base_len on
+    tapes: dict[int, torch.Tensor] = field(default_factory=dict)  # layer end -> [cap, hidden], from base_len on
 
-    def keep(self, start: int, rows: torch.Tensor) -> None:
-        """Keep the output rows ``[start, start + n)`` (``rows``: [n, hidden]; start >= base_len)."""
+    def keep(self, start: int, rows: torch.Tensor, at: int) -> None:
+        """Keep the rows ``[start, start + n)`` leaving layer end ``at`` (``rows``: [n, hidden];
+        start >= base_len)."""
         local = start - self.base_len
         end = local + rows.shape[0]
-        tape = self.tape
+        tape = self.tapes.get(at)
         if tape is None or tape.shape[0] < end or tape.shape[1] != rows.shape[1]:
             grown = rows.new_empty((max(16, end, 2 * (tape.shape[0] if tape is not None else 0)), rows.shape[1]))
             if tape is not None and local and tape.shape[1] == rows.shape[1]:
                 grown[:local] = tape[:local]
-            tape = self.tape = grown
+            tape = self.tapes[at] = grown
         tape[local:end] = rows
 
-    def rows(self, start: int, end: int) -> torch.Tensor | None:
-        """The kept output rows of positions ``[start, end)`` (end <= committed length), or None
-        where any of them was never kept."""
+    def rows(self, start: int, end: int, at: int) -> torch.Tensor | None:
+        """The kept rows of positions ``[start, end)`` (end <= committed length) leaving layer end
+        ``at``, or None where any of them was never kept."""
         if end <= start:
             return None
         parts = []
         if start < self.base_len:
             if self.base is None:
                 return None
-            below = self.base.rows(start, min(end, self.base_len))
+            below = self.base.rows(start, min(end, self.base_len), at)
             if below is None:
                 return None
             parts.append(below)
             start = self.base_len
         if start < end:
-            if self.tape is None or end - self.base_len > self.tape.shape[0]:
+            tape = self.tapes.get(at)
+            if tape is None or end - self.base_len > tape.shape[0]:
                 return None
-            parts.append(self.tape[start - self.base_len : end - self.base_len])
+            parts.append(tape[start - self.base_len : end - self.base_len])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
@@ -187,6 +191,23 @@ class KVStore:
     def free(self, request_ids: tuple[int, ...] | list[int]) -> None:
         for rid in request_ids:
             self._requests.pop(rid, None)
+
+    def narrowed(self, start: int, end: int, budget_tokens: int) -> KVStore:
+        """The caches of layers ``[start, end)`` as a store of ``budget_tokens`` for a stage of that
+        range (a standby member taking over a lost stage): each request's keys and values of those
+        layers and the rows it kept leaving layer ``end``, nothing copied; the rest is dropped.
+        Requests that start from a cached prefix are not carried (a standby holds none)."""
+        store = KVStore(budget_tokens)
+        for rid, r in self._requests.items():
+            if r.base is not None:
+                continue
+            r.keys = {i: k for i, k in r.keys.items() if start <= i < end}
+            r.values = {i: v for i, v in r.values.items() if start <= i < end}
+            r.tapes = {at: t for at, t in r.tapes.items() if at == end}
+            r.shared_upto = 0
+            store._requests[rid] = r
+        self._requests = {}
+        return store
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import torch
 
 from . import device as devices
 from . import model_source
+from .background import background_executor
 from .config import WorkerConfig
 from .control import STATS_INTERVAL, Command, Events, one_line
 from .draft_model import MAX_SESSIONS, DraftModel, open_draft_model
@@ -148,6 +149,7 @@ class Session:
         # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
         self.layer_clock = LayerClock()  # measured per served range (reset by Assign)
+        self.standby = False  # the range is a standby's (Assign.standby): its steps run in the background
         self.drafts = LoopDrafts()  # a last stage drafting inside the loop-back (lookup, a draft model)
 
     async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
@@ -247,8 +249,11 @@ class Session:
             precision = Precision(msg.quantize)  # checked by wire.decode
             key = (_source(msg), msg.layer_start, msg.layer_end, precision)
             shard = self.shards.get(key)
+            carried = None  # a standby's copy of the open requests' caches (master_core.shadow)
             if shard is None and (whole := self._whole(key)) is not None:  # a standby's whole model
                 shard = carve(whole, msg.layer_start, msg.layer_end)
+                if self.runner is not None and self.runner.shard is whole:
+                    carried = self.runner.kv.narrowed(msg.layer_start, msg.layer_end, msg.kv_tokens)
                 self.shards.clear()  # the layers it does not serve are freed
                 self.shards[key] = shard
                 log.info("took layers [%d, %d) from the whole model kept loaded", msg.layer_start, msg.layer_end)
@@ -281,7 +286,10 @@ class Session:
                     return
                 self.shards[key] = shard
             kept = self.runner
-            if (
+            if carried is not None:
+                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, carried)
+                log.info("kept the caches of %d request(s) computed while standing by", len(carried))
+            elif (
                 kept is None
                 or kept.shard is not shard
                 or (kept.kv.budget_tokens, kept.max_batch_tokens)
@@ -290,10 +298,12 @@ class Session:
                     msg.max_batch_tokens,
                 )
             ):
-                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens)
-            # else: the same range again (another stage was replaced): its caches stay for the master
+                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes)
+            else:  # the same range again (another stage was replaced): its caches stay for the master
+                kept.keep_tapes(msg.tapes)
             draft_seconds = await self._hold_draft(msg, shard.vocab_size)
             self.layer_clock = LayerClock()
+            self.standby = msg.standby
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
             if self.run.hops is not None:  # steps over a hop are bounded like the master's
@@ -395,6 +405,9 @@ class Session:
         between them (``between``), so they wait for a few layers of a prefill chunk, not for
         all of it: without that they would follow the chunk from stage to stage."""
         loop = asyncio.get_running_loop()
+        if self.standby:  # nobody waits for it: the CPU stages leave idle (worker_core.background)
+            out = await loop.run_in_executor(background_executor(), runner.run, msg.segments, msg.tensor, 0, msg.drop)
+            return out, runner.last_compute_seconds
         if urgent or self.between is None:
             out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop)
             return out, runner.last_compute_seconds

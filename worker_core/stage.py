@@ -29,7 +29,9 @@ not on its requests (refused while it is open), and with its tokens counted in t
 Its lengths are committed after its last layer, so a step abandoned (``close``) commits nothing.
 
 Every stage but the last keeps the rows it sends on (:mod:`worker_core.kv_cache`'s tape);
-``recall`` gives them back for a rebuild of the next stage.
+``recall`` gives them back for a rebuild of the next stage.  A standby member's whole model also
+keeps the rows leaving each layer end in ``tapes`` (the serving pipeline's stage ends), so the
+range it may take over later (``kv``: its caches narrowed, :meth:`KVStore.narrowed`) has them too.
 """
 
 from __future__ import annotations
@@ -51,9 +53,17 @@ class StepRejected(Exception):
 
 
 class StageRunner:
-    def __init__(self, shard: Shard, kv_tokens: int, max_batch_tokens: int) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        kv_tokens: int,
+        max_batch_tokens: int,
+        tapes: tuple[int, ...] = (),
+        kv: KVStore | None = None,
+    ) -> None:
         self.shard = shard
-        self.kv = KVStore(kv_tokens)
+        self.kv = KVStore(kv_tokens) if kv is None else kv  # ``kv``: a standby's caches, narrowed to this range
+        self.keep_tapes(tapes)
         self.max_batch_tokens = max_batch_tokens
         self.last_compute_seconds = 0.0  # of the last step ``run`` ran whole
         self.progress = 0  # compute calls (StepRun.advance) finished: read by the tunnel's pongs
@@ -61,6 +71,10 @@ class StageRunner:
         self._open: list[StepRun] = []  # steps begun and not finished (StepRun)
         if shard.keys_as_cached is None and getattr(shard.config, "_attn_implementation", None) == SEGMENTS:
             shard.keys_as_cached = keys_as_cached(self._probe)
+
+    def keep_tapes(self, tapes: tuple[int, ...]) -> None:
+        """Keep the rows leaving these layer ends inside the range too (a standby's: Assign.tapes)."""
+        self.tapes = frozenset(t for t in tapes if self.shard.layer_start < t < self.shard.layer_end)
 
     @torch.inference_mode()
     def _probe(self) -> None:
@@ -175,7 +189,8 @@ class StageRunner:
         rows = []
         for s in segments:
             r = self.kv.get(s.request_id)
-            got = r.rows(s.start, s.start + s.length) if r is not None and s.start + s.length <= r.length else None
+            end = s.start + s.length
+            got = r.rows(s.start, end, self.shard.layer_end) if r is not None and end <= r.length else None
             if got is None:
                 held = 0 if r is None else r.length
                 raise StepRejected(
@@ -280,6 +295,8 @@ class StepRun:
                     )
                 self.hidden = out[0] if isinstance(out, tuple) else out
                 self.layer += 1
+                if sh.layer_start + self.layer in self.runner.tapes:
+                    self._keep(self.hidden[0].cpu(), sh.layer_start + self.layer)
             if self.layer < len(sh.layers):
                 return False
             self.cache.commit()
@@ -322,11 +339,15 @@ class StepRun:
             torch.cuda.synchronize(sh.device)
         out = result.cpu()
         if not sh.is_last:  # kept for a rebuild of the next stage, in host memory (not a GPU's)
-            offset = 0
-            for s, p in zip(self.segments, self.cache.segments):
-                p.request.keep(s.start, out[offset : offset + s.length])
-                offset += s.length
+            self._keep(out, sh.layer_end)
         return out
+
+    def _keep(self, rows: torch.Tensor, at: int) -> None:
+        """Each segment's rows of ``rows`` ([T, hidden], host memory) into its tape at layer end ``at``."""
+        offset = 0
+        for s, p in zip(self.segments, self.cache.segments):
+            p.request.keep(s.start, rows[offset : offset + s.length], at)
+            offset += s.length
 
 
 def _finish_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:

@@ -271,6 +271,21 @@ class LocalGroup:
                 raise TimeoutError(f"the group did not serve with {self.n} workers within {timeout:.0f} s: {h}")
             await asyncio.sleep(0.1)
 
+    async def wait_copied(self, timeout: float) -> dict | None:
+        """Wait (bounded) until no member stands by, or the master's ``standby_copy`` (a standby
+        member's copy of the open requests' caches) lacks no position; returns that copy's last
+        state (None: no member copies)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = await self.health() or {}
+            copy = h.get("standby_copy")
+            standing = [w for w in h.get("workers", []) if w.get("stage") is None]
+            if h.get("status") == "ok" and (not standing or (copy is not None and copy["behind"] == 0)):
+                return copy
+            if time.monotonic() > deadline:
+                return copy
+            await asyncio.sleep(0.1)
+
     async def wait_whole(self, timeout: float) -> dict:
         """Wait (bounded) until every worker holds layers, unchanged for half a second."""
         deadline = time.monotonic() + timeout

@@ -41,6 +41,9 @@ Definitions (the same words in the table and the JSON)
   a stream open at the fault, among the gaps that end after the fault and start before the
   worker rejoined.  A stall can outlast "recover": a token already past the faulty stage
   arrives at once while the others wait for the re-plan and replay.
+* copy behind: where a member stands by, the tool waits (at most ``--settle-timeout``) before
+  each fault until that member's copy of the open requests' caches (``master_core.shadow``,
+  ``/health`` ``standby_copy``) lacks nothing, and records what it lacked at the fault.
 * rejoined: from the fault to the moment ``/health`` again shows the group serving with every
   worker connected (the restarted, thawed or reconnected worker is back; it takes layers once
   the running requests end, so a returning worker does not make them replay a second time).
@@ -205,16 +208,23 @@ async def inject_faults(
 ) -> None:
     """Faults one at a time while the workload (``live``) runs: each on a random worker, then wait
     (bounded) until the group is whole again, every stream open at the fault moved on after that
-    (so one fault's figures do not include the next fault), and ``fault_gap`` passed.  Stops
-    when ``done`` is set."""
+    (so one fault's figures do not include the next fault), and ``fault_gap`` passed; where a
+    member stands by, also until its copy of the caches caught up (bounded; what it still
+    lacked is recorded, ``copy_behind``).  Stops when ``done`` is set."""
     rng = random.Random(opts.seed + 1)
     kinds = [opts.faults[k % len(opts.faults)] for k in range(opts.fault_count)] if opts.faults else []
     rng.shuffle(kinds)
     if await _wait_or_done(done, opts.fault_gap):
         return
     for kind in kinds:
+        waited = time.monotonic()
+        copy = await group.wait_copied(opts.settle_timeout)
+        waited = time.monotonic() - waited
+        if done.is_set():
+            return
         i = rng.randrange(group.n)
         rec = FaultRecord(kind.value, group.name(i), time.monotonic(), health.epoch_at(time.monotonic()))
+        rec.copy_behind, rec.copy_wait = (copy or {}).get("behind"), round(waited, 3)
         out.append(rec)
         print(f"  fault {len(out)}: {kind.value} {rec.worker}", flush=True)
         if kind is FaultKind.KILL:

@@ -57,6 +57,10 @@ class FaultRecord:
     unrecovered: int = 0
     epoch_changes: int = 0
     problem: str | None = None
+    # positions of the open requests a standby member's copy of the caches lacked at the fault
+    # (master_core.shadow; None: no member copied); what a repair onto it must still compute
+    copy_behind: int | None = None
+    copy_wait: float | None = None  # seconds waited before the fault for that copy to catch up
 
 
 # --------------------------------------------------------------------------- analysis
@@ -227,6 +231,10 @@ DEFINITIONS = {
     "and starting before the worker rejoined",
     "pause_from": "per fault: seconds from the fault to the start of that longest gap (negative: before the fault; "
     "a gap that starts seconds after the fault belongs to the worker's return, not to its loss)",
+    "copy_behind": "per fault: positions of the open requests a standby member's copy of the caches lacked at the "
+    "fault (null: no member copied); a repair onto that member computes those",
+    "copy_wait": "per fault: seconds the tool waited before the fault (at most --settle-timeout) for a standby "
+    "member's copy to catch up, where a member stood by",
 }
 
 

@@ -1,0 +1,160 @@
+"""A standby member's copy of the open requests' caches, kept in the background.
+
+Contract
+--------
+A member that stands by with the whole model loaded (:meth:`~master_core.group.Group.shadow_target`:
+``Assign.standby``, keeping the rows at the serving pipeline's stage ends) is sent, as ``Step``s
+of token ids, every position of the running requests that every stage holds
+(``Request.computed``) and it does not, under each request's KV id and generation.  It computes
+them at its lowest priority (:mod:`worker_core.background`), so on a machine shared with stages
+it takes only what they leave idle, and is neither measured nor judged by step deadlines
+(:meth:`~master_core.link.WorkerLink.background`).  When a stage is lost, the group's repair
+gives its range to that member (it is preferred), which keeps the caches of the range it
+computed (``KVStore.narrowed``): the rebuild (:mod:`master_core.rebuild`) then computes only
+the positions it lacks, instead of every position of every open request.
+
+``await Shadow.run()`` keeps it up to date until cancelled: one step of at most ``STEP_TOKENS``
+tokens at a time, the oldest requests first; requests that start from a cached prefix are not
+copied (a repair replays them).  It holds at most the member's KV budget; KV ids that no
+running request uses any more are freed there.  ``handover(lost)`` is called at every epoch
+change (the engine's reset): the copy is given up (``lost`` None: freed on the member) or,
+for a repair, set aside; ``take(link)`` then gives the rebuild what ``link`` holds (KV id ->
+positions) and forgets it.  ``behind()`` is the positions it lacks now (None: no member
+copies); ``describe()`` says it for /health (``standby_copy``) and ``molink chaos``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from worker_core.wire import Step
+
+from .group import Group
+from .link import LinkGone, StepFailed, WorkerLink
+from .rebuild import Lost, pack, token_ids
+from .request import Request
+
+log = logging.getLogger(__name__)
+
+STEP_TOKENS = 128  # positions a step: small, so a starved standby answers its pings' pulses often
+IDLE = 0.2  # seconds between looks when there is nothing to copy
+STEP_TIMEOUT = 120.0  # seconds a background step may take (starved by the stages) before it is given up
+
+
+class Shadow:
+    def __init__(self, group: Group, running: Callable[[], Iterable[Request]], step_ids: Iterator[int]) -> None:
+        self.group = group
+        self._running = running
+        self._step_ids = step_ids
+        self._link: WorkerLink | None = None  # the member copying now, and the assignment it copies under
+        self._assignment: object = None
+        self._held: dict[int, int] = {}  # KV id -> positions it holds
+        self._round = 0  # bumped by ``handover``: a step of an older round is not counted
+        self._handed: tuple[WorkerLink, dict[int, int]] | None = None
+        self.copied = 0  # positions computed by standby members (for /metrics and tests)
+
+    def behind(self) -> int | None:
+        """Positions of the running requests the copying member lacks (None: none copies)."""
+        if self._link is None:
+            return None
+        return sum(max(0, r.computed - self._held.get(r.kv_id, 0)) for r in self._eligible())
+
+    def describe(self) -> dict | None:
+        """For /health: the member copying and the positions it lacks (None: none copies)."""
+        behind = self.behind()
+        if self._link is None or behind is None:
+            return None
+        return {"member": self._link.name, "behind": behind, "held": sum(self._held.values())}
+
+    def handover(self, lost: int | None) -> None:
+        """The pipeline changed: stop copying; keep what the member holds for ``take`` when only
+        stage ``lost`` is replaced (it may be the one taking the range), else free it there."""
+        self._round += 1
+        link, held = self._link, self._held
+        self._link, self._assignment, self._held = None, None, {}
+        if self._handed is not None:  # a repair given up before its rebuild
+            self._handed[0].free(list(self._handed[1]))
+            self._handed = None
+        if link is None or not held:
+            return
+        if lost is None:
+            link.free(list(held))
+        else:
+            self._handed = (link, held)
+
+    def take(self, link: WorkerLink) -> dict[int, int]:
+        """What ``link`` held when the pipeline was repaired (KV id -> positions), once; {} when
+        it copied nothing (another member took the range: what the copier held is freed)."""
+        handed, self._handed = self._handed, None
+        if handed is None:
+            return {}
+        if handed[0] is not link:
+            handed[0].free(list(handed[1]))
+            return {}
+        return handed[1]
+
+    def _eligible(self) -> list[Request]:
+        return sorted(
+            (r for r in self._running() if r.kv_id and r.prefix is None and not r.base_len), key=lambda r: r.order
+        )
+
+    def _follow(self) -> WorkerLink | None:
+        """The member to copy to now; a change of member or of its assignment starts over."""
+        link = self.group.shadow_target()
+        asg = link.assignment if link is not None else None
+        if link is not self._link or asg is not self._assignment:
+            if self._link is not None and self._held:
+                self._link.free(list(self._held))
+            self._link, self._assignment, self._held = link, asg, {}
+            if link is not None:
+                log.info("%s keeps a copy of the open requests' caches while it stands by", link.name)
+        return link
+
+    async def run(self) -> None:
+        while True:
+            if not await self._step():
+                await asyncio.sleep(IDLE)
+
+    async def _step(self) -> bool:
+        """Send the next step to the copying member and count it; False when there was none."""
+        link = self._follow() if self.group.serving else None
+        if link is None or link.assignment is None:
+            return False
+        reqs = self._eligible()
+        live = {r.kv_id for r in reqs}
+        stale = [kv for kv in self._held if kv not in live]
+        if stale:
+            link.free(stale)
+            for kv in stale:
+                del self._held[kv]
+        room = link.assignment.kv_tokens - sum(self._held.values())
+        work = []
+        for r in reqs:
+            have = min(self._held.get(r.kv_id, 0), r.computed)
+            if r.computed - have > room:
+                break  # the oldest first, within its budget
+            room -= r.computed - have
+            if r.computed > have:
+                work.append(Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, have))
+        steps = pack(work, STEP_TOKENS)
+        if not steps:
+            return False
+        segments, round_ = steps[0], self._round
+        step = Step(next(self._step_ids), link.assignment.epoch, segments, token_ids(segments, work))
+        try:
+            await link.background(step, STEP_TIMEOUT)
+        except (StepFailed, LinkGone, asyncio.TimeoutError) as e:
+            log.info("%s: a step of the copy failed (%s); those requests start over", link.name, e or "timed out")
+            if round_ == self._round and link is self._link:
+                failed = [s.request_id for s in segments]
+                link.free(failed)
+                for kv in failed:
+                    self._held.pop(kv, None)
+            return False
+        if round_ == self._round and link is self._link:
+            for s in segments:
+                self._held[s.request_id] = s.start + s.length
+            self.copied += sum(s.length for s in segments)
+        return True
