@@ -133,8 +133,7 @@ def check_relayed(conns: list[tuple[Stream, Stream | None]], plain: list[bytes])
     seen = {"control": 0, "dial": 0, "accept": 0, "tls_bytes": 0}
     for up, down in conns:
         assert up.syn and up.gaps == 0 and down is not None and down.gaps == 0, (up.src, up.sport)
-        ended = (up.fin and down.fin) or up.rst or down.rst  # closed both ways, or reset (a side quit unread)
-        assert ended, f"connection {up.src}:{up.sport} still open when the capture ended"
+        assert _ended(up, down), f"connection {up.src}:{up.sport} still open when the capture ended"
         for stream in (up, down):
             for p in plain:
                 assert p not in stream.data, f"plaintext {p[:16]!r} crossed the relay ({stream.src}:{stream.sport})"
@@ -157,20 +156,28 @@ def check_relayed(conns: list[tuple[Stream, Stream | None]], plain: list[bytes])
     return seen
 
 
-# a connection not yet closed both ways (a relay that closed first waits in fin-wait for the peer's FIN)
-_OPEN_STATES = ("established", "syn-recv", "fin-wait-1", "fin-wait-2", "close-wait", "last-ack", "closing")
+def _ended(up: Stream, down: Stream) -> bool:
+    """Closed both ways, or reset (a side quit with bytes unread)."""
+    return (up.fin and down.fin) or up.rst or down.rst
 
 
-def _relay_idle(lab: Lab, timeout: float) -> None:
-    """Wait (bounded) until no TCP connection to the relay's port on pub is open either way (so
-    the capture has seen both FINs, or a reset, of every one)."""
-    deadline = time.monotonic() + timeout
-    states = [arg for state in _OPEN_STATES for arg in ("state", state)]
-    while time.monotonic() < deadline:
-        ss = lab.run("pub", ["ss", "-tnH", *states, f"( sport = :{RELAY_PORT} )"], check=False)
-        if not ss.stdout.strip():
-            return
-        time.sleep(0.1)
+def _all_ended(streams: dict[tuple[str, int, str, int], Stream]) -> bool:
+    """``streams`` holds connections to the relay and every one has ended, each way without a
+    missing byte."""
+    conns = connections(streams, RELAY_PORT)
+    return bool(conns) and all(
+        down is not None and up.gaps == 0 and down.gaps == 0 and _ended(up, down) for up, down in conns
+    )
+
+
+def _stop_capture(capture: Capture, timeout: float = 15.0) -> dict[tuple[str, int, str, int], Stream]:
+    """Once the programs stopped: wait (bounded) until the capture itself holds the end of every
+    connection to the relay, then stop it.  A FIN reaches the pcap file a little after it crossed
+    (tcpdump is a process like any other, slower under load), and waiting on the relay host's
+    sockets (ss) instead let the capture stop with an end not yet written; a connection that
+    really stays open makes this wait time out, and check_relayed says so."""
+    capture.wait(_all_ended, timeout)
+    return capture.stop()
 
 
 def test_tls_and_frame_checks_refuse_plain_bytes():
@@ -185,6 +192,27 @@ def test_tls_and_frame_checks_refuse_plain_bytes():
     down = Stream("2.2.2.2", RELAY_PORT, "1.1.1.1", 5, syn=True, fin=True, data=encode(Ok()) + b"\x16\x03\x03\x00\x00")
     with pytest.raises(AssertionError):
         check_relayed([(up, down)], [])
+
+
+def test_the_capture_counts_bytes_missing_before_a_fin_and_leaves_out_a_record_still_being_written(tmp_path):
+    from app.tools.netlab.capture import read_pcap
+
+    def packet(seq: int, flags: int, payload: bytes = b"") -> bytes:
+        ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 0, 0, 64, 6, 0, bytes([1, 1, 1, 1]),
+                         bytes([2, 2, 2, 2]))  # fmt: skip
+        tcp = struct.pack(">HHIIBBHHH", 5, RELAY_PORT, seq, 0, 5 << 4, flags, 0, 0, 0)
+        frame = bytes(12) + b"\x08\x00" + ip + tcp + payload
+        return struct.pack("<IIII", 0, 0, len(frame), len(frame)) + frame
+
+    header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
+    # SYN at 99, bytes 0-3, bytes 4-7 never seen, FIN after byte 11: four bytes missing before the FIN
+    path = tmp_path / "p.pcap"
+    path.write_bytes(header + packet(99, 0x02) + packet(100, 0x10, b"abcd") + packet(108, 0x11, b"ijkl"))
+    (up,) = read_pcap(path).values()
+    assert up.syn and up.fin and up.gaps == 4 and up.data == b"abcd" + bytes(4) + b"ijkl"
+    path.write_bytes(header + packet(99, 0x02) + packet(100, 0x10, b"abcd") + packet(104, 0x11, b"efgh")[:-3])
+    (up,) = read_pcap(path).values()  # the FIN's record is cut short: not read
+    assert up.syn and not up.fin and up.gaps == 0 and up.data == b"abcd"
 
 
 def _ask(lab: Lab, host: str, ckpt: Path) -> tuple[str, str, list[int]]:
@@ -246,8 +274,7 @@ def test_master_behind_carrier_nat_serves_a_friend_through_the_relay_which_sees_
     finally:
         for p in reversed(procs):
             p.stop()
-        _relay_idle(lab, 10)  # the relay closed its side of every spliced connection
-        streams = capture.stop()
+        streams = _stop_capture(capture)
     assert capture.dropped == 0, f"tcpdump dropped {capture.dropped} packets"
     conns = connections(streams, RELAY_PORT)
     # who dialled the relay: home c's carrier and home b's router, never a LAN address
@@ -341,8 +368,7 @@ def test_stages_behind_symmetric_nats_take_their_hop_through_the_relay_not_the_m
         finally:
             for p in reversed(procs):
                 p.stop()
-            _relay_idle(lab, 10)
-            streams = capture.stop() if capture is not None else []
+            streams = _stop_capture(capture) if capture is not None else {}
         assert capture is not None and capture.dropped == 0, "tcpdump dropped packets"
         conns = connections(streams, RELAY_PORT)
         # who dialled the relay: the two homes' routers (registrations, dials, dial-backs), never the master

@@ -7,12 +7,19 @@ byte of every packet, to or from TCP ``port``) into a pcap file; ``start()`` ret
 listens (bounded), ``stop()`` ends it (SIGTERM, bounded, then killed) and returns
 :func:`read_pcap` of what it wrote, and ``dropped`` is what tcpdump said the kernel dropped (a
 capture with drops cannot prove anything about the bytes it missed; callers check it is 0).
+tcpdump runs in immediate mode and writes each packet as it arrives: without it libpcap hands
+packets over in blocks, one per second, and a SIGTERM ends tcpdump without reading the block in
+progress, so the last second's packets were lost without counting as dropped.  Even so a packet
+reaches the file a little after it crossed, so a caller that needs some packets in the capture
+waits for them there before ``stop()``: ``wait(until, timeout)`` polls (bounded) what tcpdump has
+written so far (``written()``) until ``until(streams)`` holds, and says whether it did.
 
 ``read_pcap(path)`` reads a classic pcap file (Ethernet, IPv4; either byte order, micro- or
 nanosecond stamps) and rebuilds each TCP direction's byte stream from sequence numbers (a
 retransmission lands on the bytes it repeats; overlaps keep the first copy): a :class:`Stream`
 per ``(src, sport, dst, dport)`` with its ``data``, whether its SYN, FIN and RST were seen and
-``gaps`` (bytes never captured between the first and last seen).  ``connections(streams,
+``gaps`` (bytes never captured between the first and the last seen, or the FIN); a last record
+cut short (a file still being written) is left out.  ``connections(streams,
 port)`` pairs the two directions of each connection to ``port``: ``(to_port, from_port)``.
 Standard library only; nothing of the captured bytes is interpreted here.
 """
@@ -27,12 +34,14 @@ import signal
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 START_TIMEOUT = 10.0  # seconds for tcpdump to say it listens
 STOP_TIMEOUT = 10.0  # seconds for it to flush and end after SIGTERM
+WAIT_POLL = 0.1  # seconds between two reads of the pcap file in Capture.wait
 
 
 class CaptureError(Exception):
@@ -51,6 +60,7 @@ class Stream:
     gaps: int = 0
     data: bytes = b""
     _isn: int | None = None
+    _fin_at: int | None = None  # the FIN's place in the stream: every byte before it was sent
     _pieces: dict[int, bytes] = field(default_factory=dict)
 
     def _add(self, seq: int, flags: int, payload: bytes) -> None:
@@ -60,6 +70,8 @@ class Stream:
             return
         if flags & 0x01:
             self.fin = True
+            if self._isn is not None:
+                self._fin_at = (seq - self._isn - 1 + len(payload)) % (1 << 32)
         if flags & 0x04:
             self.rst = True
         if payload and self._isn is not None:
@@ -76,6 +88,9 @@ class Stream:
                 out.extend(bytes(at - len(out)))  # a gap stays visible as its length, zero-filled
             if at + len(piece) > len(out):
                 out.extend(piece[len(out) - at :])
+        if self._fin_at is not None and self._fin_at > len(out):  # bytes sent before the FIN, never seen
+            self.gaps += self._fin_at - len(out)
+            out.extend(bytes(self._fin_at - len(out)))
         self.data = bytes(out)
         self._pieces.clear()
 
@@ -99,6 +114,8 @@ def read_pcap(path: str | Path) -> dict[tuple[str, int, str, int], Stream]:
     at = 24
     while at + record.size <= len(raw):
         _sec, _frac, incl, _orig = record.unpack_from(raw, at)
+        if at + record.size + incl > len(raw):
+            break  # cut short: tcpdump is still writing it (or was killed while it did)
         frame = raw[at + record.size : at + record.size + incl]
         at += record.size + incl
         _packet(frame, streams)
@@ -159,8 +176,8 @@ class Capture:
     def start(self) -> None:
         if shutil.which("tcpdump") is None:
             raise CaptureError("the capture needs tcpdump (apt-get install tcpdump)")
-        argv = ["tcpdump", "-i", self.iface, "-w", str(self.path), "-U", "-s", "0", "-B", "16384", "-n", "-Z", "root",
-                "tcp", "port", str(self.port)]  # fmt: skip
+        argv = ["tcpdump", "-i", self.iface, "-w", str(self.path), "-U", "--immediate-mode", "-s", "0", "-B", "16384",
+                "-n", "-Z", "root", "tcp", "port", str(self.port)]  # fmt: skip
         with open(self._log, "wb") as log:
             self.proc = subprocess.Popen(self.lab.argv(self.node, argv), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT
@@ -183,6 +200,24 @@ class Capture:
             self.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
+
+    def written(self) -> dict[tuple[str, int, str, int], Stream]:
+        """:func:`read_pcap` of what tcpdump has written so far ({} before its first packet)."""
+        try:
+            return read_pcap(self.path)
+        except (CaptureError, OSError):
+            return {}
+
+    def wait(self, until: Callable[[dict[tuple[str, int, str, int], Stream]], bool], timeout: float) -> bool:
+        """Poll :meth:`written` until ``until`` holds of it (True) or ``timeout`` seconds passed or
+        tcpdump ended (False)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if until(self.written()):
+                return True
+            if time.monotonic() >= deadline or self.proc is None or self.proc.poll() is not None:
+                return False
+            time.sleep(WAIT_POLL)
 
     def stop(self) -> dict[tuple[str, int, str, int], Stream]:
         self._end()
