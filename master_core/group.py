@@ -509,8 +509,8 @@ class Group:
         kv = stage_kv_tokens(
             self.dims, h.free_memory, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device, len(tapes)
         )
-        if standby:
-            fields |= {"standby": True, "tapes": tapes}
+        if tapes:
+            fields |= {"tapes": tapes}
         draft = self.draft if b == self.dims.num_layers else None  # the last stage holds it too ...
         if draft is not None:  # ... out of its KV budget, unless that would halve it (drafts are optional)
             free = max(0, h.free_memory - draft.nbytes)

@@ -374,9 +374,9 @@ class WorkerLink:
     async def background(self, step: Step, timeout: float) -> Result:
         """Send ``step`` to this standby member and await its ``Result`` (at most ``timeout``
         seconds; raises ``StepFailed``, ``LinkGone`` or ``TimeoutError``).  Work nobody waits for
-        (:mod:`master_core.shadow`), computed at the member's lowest priority: neither measured
-        nor judged by the liveness rule's step deadlines (its pings still are); a late answer
-        is dropped."""
+        (:mod:`master_core.shadow`): neither measured as the member's speed (it serves no stage:
+        on a machine shared with stages its pace is theirs to set) nor judged by the liveness
+        rule's step deadlines (its pings still are); a late answer is dropped."""
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._background[step.step_id] = fut
         try:

@@ -2,16 +2,17 @@
 
 Contract
 --------
-A member that stands by with the whole model loaded (:meth:`~master_core.group.Group.shadow_target`:
-``Assign.standby``, keeping the rows at the serving pipeline's stage ends) is sent, as ``Step``s
-of token ids, every position of the running requests that every stage holds
-(``Request.computed``) and it does not, under each request's KV id and generation.  It computes
-them at its lowest priority (:mod:`worker_core.background`), so on a machine shared with stages
-it takes only what they leave idle, and is neither measured nor judged by step deadlines
-(:meth:`~master_core.link.WorkerLink.background`).  When a stage is lost, the group's repair
-gives its range to that member (it is preferred), which keeps the caches of the range it
-computed (``KVStore.narrowed``): the rebuild (:mod:`master_core.rebuild`) then computes only
-the positions it lacks, instead of every position of every open request.
+A member that stands by with the whole model loaded (:meth:`~master_core.group.Group.shadow_target`,
+keeping the rows at the serving pipeline's stage ends, ``Assign.tapes``) is sent, as ``Step``s of
+token ids, every position of the running requests that every stage holds (``Request.computed``)
+and it does not, under each request's KV id and generation.  Nobody waits for those steps:
+they are neither measured as the member's speed nor judged by step deadlines
+(:meth:`~master_core.link.WorkerLink.background`).  A member with a device of its own computes
+them on it; members sharing a machine with stages (this project's test lab) share its CPU.
+When a stage is lost, the group's repair gives its range to that member (it is preferred),
+which keeps the caches of the range it computed (``KVStore.narrowed``): the rebuild
+(:mod:`master_core.rebuild`) then computes only the positions it lacks, instead of every
+position of every open request.
 
 ``await Shadow.run()`` keeps it up to date until cancelled: one step of at most ``STEP_TOKENS``
 tokens at a time, the oldest requests first; requests that start from a cached prefix are not
@@ -38,9 +39,10 @@ from .request import Request
 
 log = logging.getLogger(__name__)
 
-STEP_TOKENS = 128  # positions a step: small, so a starved standby answers its pings' pulses often
+# positions a step: small, because a repair's Assign waits on the member for the step it computes
+STEP_TOKENS = 64
 IDLE = 0.2  # seconds between looks when there is nothing to copy
-STEP_TIMEOUT = 120.0  # seconds a background step may take (starved by the stages) before it is given up
+STEP_TIMEOUT = 60.0  # seconds a step may take (on a machine shared with busy stages) before it is given up
 
 
 class Shadow:

@@ -80,8 +80,7 @@ MESSAGES = [
         draft_manifest=(TensorSpec("model.embed_tokens.weight", "F32", (8, 4), 128, SHA),),
     ),
     Assign(3, "/models/x", 20, 30, 30, 512, 4096, draft_model="/models/small"),
-    Assign(3, "/models/x", 0, 30, 30, 512, 4096, standby=True, tapes=(10, 20)),  # a standby keeping two stage ends
-    Assign(3, "/models/x", 0, 30, 30, 512, 4096, standby=True),  # standing by for a pipeline of one stage
+    Assign(3, "/models/x", 0, 30, 30, 512, 4096, tapes=(10, 20)),  # a standby keeping two stage ends
     Free((1, 2, 3)),
     Failure("boom", 7),
     Failure("step 8 cannot loop back: the loop-back hop is down", 8, unsent=True),
@@ -412,11 +411,10 @@ BAD_FRAMES |= {
         GOOD_PAYLOAD,
     ),
     "assign draft model before the last layer": _frame(wire.Kind.ASSIGN, dict(ASSIGN, draft_model="/models/small")),
-    "assign tapes of no standby": _frame(wire.Kind.ASSIGN, dict(ASSIGN, tapes=[5])),
-    "assign tapes outside the range": _frame(wire.Kind.ASSIGN, dict(ASSIGN, standby=True, tapes=[10])),
-    "assign tapes unsorted": _frame(wire.Kind.ASSIGN, dict(ASSIGN, standby=True, tapes=[7, 3])),
-    "assign tapes not ints": _frame(wire.Kind.ASSIGN, dict(ASSIGN, standby=True, tapes=["3"])),
-    "assign standby not bool": _frame(wire.Kind.ASSIGN, dict(ASSIGN, standby=1)),
+    "assign tapes at the range's end": _frame(wire.Kind.ASSIGN, dict(ASSIGN, tapes=[10])),
+    "assign tapes unsorted": _frame(wire.Kind.ASSIGN, dict(ASSIGN, tapes=[7, 3])),
+    "assign tapes not ints": _frame(wire.Kind.ASSIGN, dict(ASSIGN, tapes=["3"])),
+    "assign tapes not a list": _frame(wire.Kind.ASSIGN, dict(ASSIGN, tapes=3)),
     "assign draft manifest entry bad": _frame(
         wire.Kind.ASSIGN,
         dict(ASSIGN, layer_end=30, draft_model="e" * 64, draft_manifest=[dict(ASSIGN["manifest"][0], nbytes=-1)]),

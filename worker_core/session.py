@@ -38,7 +38,6 @@ import torch
 
 from . import device as devices
 from . import model_source
-from .background import background_executor
 from .config import WorkerConfig
 from .control import STATS_INTERVAL, Command, Events, one_line
 from .draft_model import MAX_SESSIONS, DraftModel, open_draft_model
@@ -149,7 +148,6 @@ class Session:
         # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
         self.layer_clock = LayerClock()  # measured per served range (reset by Assign)
-        self.standby = False  # the range is a standby's (Assign.standby): its steps run in the background
         self.drafts = LoopDrafts()  # a last stage drafting inside the loop-back (lookup, a draft model)
 
     async def _ship(self, item: tuple[bytes, asyncio.Future | None]) -> None:
@@ -303,7 +301,6 @@ class Session:
                 kept.keep_tapes(msg.tapes)
             draft_seconds = await self._hold_draft(msg, shard.vocab_size)
             self.layer_clock = LayerClock()
-            self.standby = msg.standby
             self.epoch = msg.epoch
             self.max_frame = worker_frame_bound(msg.max_batch_tokens, shard.hidden_size, shard.vocab_size)
             if self.run.hops is not None:  # steps over a hop are bounded like the master's
@@ -405,9 +402,6 @@ class Session:
         between them (``between``), so they wait for a few layers of a prefill chunk, not for
         all of it: without that they would follow the chunk from stage to stage."""
         loop = asyncio.get_running_loop()
-        if self.standby:  # nobody waits for it: the CPU stages leave idle (worker_core.background)
-            out = await loop.run_in_executor(background_executor(), runner.run, msg.segments, msg.tensor, 0, msg.drop)
-            return out, runner.last_compute_seconds
         if urgent or self.between is None:
             out = await loop.run_in_executor(self.executor, runner.run, msg.segments, msg.tensor, msg.topk, msg.drop)
             return out, runner.last_compute_seconds

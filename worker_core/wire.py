@@ -292,12 +292,10 @@ class Assign:
     draft_model: str = ""
     draft_config_json: str = ""
     draft_manifest: tuple[TensorSpec, ...] = ()
-    # a standby member's range (the whole model, served by no pipeline): it computes the steps the
-    # master sends it in the background (its ``Step``s build a copy of the open requests' KV, so
-    # that it holds their positions already if it takes over a lost stage's range) and keeps the
-    # hidden states leaving each layer end in ``tapes`` (the serving pipeline's stage ends), what
-    # a stage ending there keeps to rebuild the next one (``Recall``); absent in older frames
-    standby: bool = False
+    # layer ends inside the range where the hidden states leaving them are kept too, as a stage
+    # ending there keeps them to rebuild the next one (``Recall``): a standby member's whole model
+    # keeps the serving pipeline's stage ends, so that the copy of the open requests' caches it
+    # computes (master_core.shadow) serves whichever range it takes over; absent in older frames
     tapes: tuple[int, ...] = ()
 
 
@@ -779,8 +777,8 @@ def encode(msg: Message) -> bytes:
                 )
             },
         )
-        if msg.standby:
-            h["standby"], h["tapes"] = True, list(msg.tapes)
+        if msg.tapes:
+            h["tapes"] = list(msg.tapes)
         h["manifest"] = [s.as_json() for s in msg.manifest]
         if msg.draft_model:
             h["draft_model"], h["draft_config_json"] = msg.draft_model, msg.draft_config_json
@@ -931,11 +929,10 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             draft_model=_str({"draft_model": h.get("draft_model", "")}, "draft_model", 4096),
             draft_config_json=_str({"c": h.get("draft_config_json", "")}, "c", 1 << 20),
             draft_manifest=_manifest(h, "draft_manifest"),
-            standby=_bool({"standby": h.get("standby", False)}, "standby"),
             tapes=_tapes(h),
         )
-        if a.tapes and (not a.standby or not all(a.layer_start < t < a.layer_end for t in a.tapes)):
-            raise ProtocolError("'tapes' must be layer ends inside a standby member's range")
+        if not all(a.layer_start < t < a.layer_end for t in a.tapes):
+            raise ProtocolError("'tapes' must be layer ends inside the range")
         if a.draft_model and a.layer_end != a.num_layers:
             raise ProtocolError("only a range ending at the last layer holds a draft model")
         if a.quantize not in QUANTIZE_CHOICES:

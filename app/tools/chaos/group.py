@@ -30,6 +30,9 @@ from app.tools.netlab.tcp_proxy import CutMode, TcpProxy
 REPO = Path(__file__).resolve().parents[3]
 EVENT_PREFIX = "@molink "  # worker_core.control.EVENT_PREFIX (not imported: no torch in this process's path)
 HEALTH_INTERVAL = 0.1  # seconds between /health samples
+# a standby's copy of the caches counts as caught up lacking at most this many positions: one of its
+# steps (master_core.shadow.STEP_TOKENS); the streams add positions while it computes one
+COPY_CAUGHT_UP = 64
 STOP_TIMEOUT = 20.0  # seconds a child may take to stop after the stop command
 EXIT_TIMEOUT = 10.0  # seconds a killed child may take to be reaped
 STATS_WAIT = 10.0  # seconds to wait for two fresh stats events from every worker (they come every 2 s)
@@ -273,14 +276,14 @@ class LocalGroup:
 
     async def wait_copied(self, timeout: float) -> dict | None:
         """Wait (bounded) until no member stands by, or the master's ``standby_copy`` (a standby
-        member's copy of the open requests' caches) lacks no position; returns that copy's last
-        state (None: no member copies)."""
+        member's copy of the open requests' caches) lacks at most ``COPY_CAUGHT_UP`` positions;
+        returns that copy's last state (None: no member copies)."""
         deadline = time.monotonic() + timeout
         while True:
             h = await self.health() or {}
             copy = h.get("standby_copy")
             standing = [w for w in h.get("workers", []) if w.get("stage") is None]
-            if h.get("status") == "ok" and (not standing or (copy is not None and copy["behind"] == 0)):
+            if h.get("status") == "ok" and (not standing or (copy is not None and copy["behind"] <= COPY_CAUGHT_UP)):
                 return copy
             if time.monotonic() > deadline:
                 return copy

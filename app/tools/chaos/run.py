@@ -43,7 +43,8 @@ Definitions (the same words in the table and the JSON)
   arrives at once while the others wait for the re-plan and replay.
 * copy behind: where a member stands by, the tool waits (at most ``--settle-timeout``) before
   each fault until that member's copy of the open requests' caches (``master_core.shadow``,
-  ``/health`` ``standby_copy``) lacks nothing, and records what it lacked at the fault.
+  ``/health`` ``standby_copy``) lacks at most ``COPY_CAUGHT_UP`` positions, and records what
+  it lacked at the fault.
 * rejoined: from the fault to the moment ``/health`` again shows the group serving with every
   worker connected (the restarted, thawed or reconnected worker is back; it takes layers once
   the running requests end, so a returning worker does not make them replay a second time).
