@@ -15,7 +15,8 @@ which keeps the caches of the range it computed (``KVStore.narrowed``): the rebu
 position of every open request.
 
 ``await Shadow.run()`` keeps it up to date until cancelled: one step of at most ``STEP_TOKENS``
-tokens at a time, the oldest requests first; requests that start from a cached prefix are not
+tokens at a time, the oldest requests first, and less than a step only ``FOLLOW`` seconds after
+the last; requests that start from a cached prefix are not
 copied (a repair replays them).  It holds at most the member's KV budget; KV ids that no
 running request uses any more are freed there.  ``handover(lost)`` is called at every epoch
 change (the engine's reset): the copy is given up (``lost`` None: freed on the member) or,
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 # positions a step: small, because a repair's Assign waits on the member for the step it computes
 STEP_TOKENS = 64
 IDLE = 0.2  # seconds between looks when there is nothing to copy
+# seconds a copy that lacks less than a step waits for more: a step of several positions a request
+# costs less per position than one of single rows (the copy following 4 streams of 1,000+ tokens on
+# this CPU took 0.57 of a core a step at a time); a repair then computes at most those positions
+FOLLOW = 2.0
 STEP_TIMEOUT = 60.0  # seconds a step may take (on a machine shared with busy stages) before it is given up
 
 
@@ -56,6 +61,7 @@ class Shadow:
         self._round = 0  # bumped by ``handover``: a step of an older round is not counted
         self._handed: tuple[WorkerLink, dict[int, int]] | None = None
         self.copied = 0  # positions computed by standby members (for /metrics and tests)
+        self._last = 0.0  # when its last step went (event-loop time)
 
     def behind(self) -> int | None:
         """Positions of the running requests the copying member lacks (None: none copies)."""
@@ -141,8 +147,12 @@ class Shadow:
             if r.computed > have:
                 work.append(Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, have))
         steps = pack(work, STEP_TOKENS)
-        if not steps:
+        now = asyncio.get_running_loop().time()
+        if not steps or (
+            len(steps) == 1 and sum(s.length for s in steps[0]) < STEP_TOKENS and now < self._last + FOLLOW
+        ):
             return False
+        self._last = now
         segments, round_ = steps[0], self._round
         step = Step(next(self._step_ids), link.assignment.epoch, segments, token_ids(segments, work))
         try:

@@ -120,8 +120,10 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             while not e.profiled:
                 await asyncio.sleep(0.01)
             gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
+            deadline = time.monotonic() + 60
             while e.tokens_generated < 12 or (copied and e.shadow.copied < sum(map(len, PROMPTS))):
                 assert e.tokens_generated < len(PROMPTS) * NEW - 4, "the requests ended before the spare copied"
+                assert time.monotonic() < deadline, f"no copy within 60 s: {e.shadow.describe()}, {e.shadow.copied}"
                 await asyncio.sleep(0.005)
             survivors = [s.name for i, s in enumerate(g.stages) if i != lost]
             kv_ids = {r.id: r.kv_id for r in e.running.values()}
