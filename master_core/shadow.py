@@ -60,6 +60,7 @@ class Shadow:
         self._held: dict[int, int] = {}  # KV id -> positions it holds
         self._round = 0  # bumped by ``handover``: a step of an older round is not counted
         self._handed: tuple[WorkerLink, dict[int, int]] | None = None
+        self._sending: tuple[WorkerLink, dict[int, int]] | None = None  # the step out: its member, KV id -> start
         self.copied = 0  # positions computed by standby members (for /metrics and tests)
         self._last = 0.0  # when its last step went (event-loop time)
 
@@ -82,6 +83,13 @@ class Shadow:
         self._round += 1
         link, held = self._link, self._held
         self._link, self._assignment, self._held = None, None, {}
+        if self._sending is not None:  # it writes on the member whatever becomes of its result
+            sent_to, starts = self._sending
+            self._sending = None
+            if sent_to is link:  # what is sure: each of its KV ids holds the positions before the step
+                held = {**held, **{kv: min(start, held.get(kv, start)) for kv, start in starts.items()}}
+            else:
+                sent_to.free(list(starts))
         if self._handed is not None:  # a repair given up before its rebuild
             self._handed[0].free(list(self._handed[1]))
             self._handed = None
@@ -146,26 +154,28 @@ class Shadow:
             room -= r.computed - have
             if r.computed > have:
                 work.append(Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, have))
-        steps = pack(work, STEP_TOKENS)
+        size = min(STEP_TOKENS, link.assignment.max_batch_tokens)
+        steps = pack(work, size)
         now = asyncio.get_running_loop().time()
-        if not steps or (
-            len(steps) == 1 and sum(s.length for s in steps[0]) < STEP_TOKENS and now < self._last + FOLLOW
-        ):
+        if not steps or (len(steps) == 1 and sum(s.length for s in steps[0]) < size and now < self._last + FOLLOW):
             return False
         self._last = now
         segments, round_ = steps[0], self._round
         step = Step(next(self._step_ids), link.assignment.epoch, segments, token_ids(segments, work))
+        self._sending = (link, {s.request_id: s.start for s in segments})
         try:
             await link.background(step, STEP_TIMEOUT)
         except (StepFailed, LinkGone, asyncio.TimeoutError) as e:
             log.info("%s: a step of the copy failed (%s); those requests start over", link.name, e or "timed out")
             if round_ == self._round and link is self._link:
+                self._sending = None
                 failed = [s.request_id for s in segments]
                 link.free(failed)
                 for kv in failed:
                     self._held.pop(kv, None)
             return False
         if round_ == self._round and link is self._link:
+            self._sending = None
             for s in segments:
                 self._held[s.request_id] = s.start + s.length
             self.copied += sum(s.length for s in segments)

@@ -343,3 +343,29 @@ def test_a_newcomer_re_plans_a_busy_group_only_once_the_replay_it_causes_is_chea
     assert waited == (True, True), "the newcomer re-planned into a long request although the replay was dear"
     assert went_while_running and stages == 3
     assert got == reference_greedy(ckpt, PROMPTS[0], 400)
+
+
+def test_a_standby_copy_handed_over_mid_step_keeps_or_frees_what_that_step_wrote():
+    """The pipeline changes while a step of the copy is out (its result may never be read): a
+    repair gets its KV ids with the positions before it (so the rebuild starts there), a re-plan
+    frees them on the member with the rest; nothing it wrote is left unaccounted for."""
+    from master_core.shadow import Shadow
+
+    class Member:
+        def __init__(self) -> None:
+            self.freed: list[int] = []
+
+        def free(self, ids) -> None:
+            self.freed += list(ids)
+
+    for lost in (1, None):
+        member = Member()
+        shadow = Shadow(None, lambda: [], iter(range(1, 100)))  # type: ignore[arg-type]  # only handover/take here
+        shadow._link, shadow._held = member, {7: 48, 8: 16}  # type: ignore[assignment]
+        shadow._sending = (member, {8: 16, 9: 0})  # type: ignore[assignment]  # 8 goes on, 9 starts
+        shadow.handover(lost)
+        if lost is None:
+            assert sorted(member.freed) == [7, 8, 9] and shadow.take(member) == {}  # type: ignore[arg-type]
+        else:
+            assert member.freed == [] and shadow.take(member) == {7: 48, 8: 16, 9: 0}  # type: ignore[arg-type]
+        assert shadow.behind() is None
