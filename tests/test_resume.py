@@ -111,14 +111,22 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
     async def main():
         async with Cluster(ckpt, workers=3, worker_options=slow) as c:
             g, e = c.master.group, c.engine
-            c.add_worker("spare", link_delay_ms=20)  # a slower link: it stands by
-            while not (len(g.links) == 4 and "spare" in g.standby and g.serving):
-                await asyncio.sleep(0.02)
+            # a much slower link than the stages': it stands by (at 20 ms beside stages of 15 ms the
+            # planner sometimes gave it a stage)
+            c.add_worker("spare", link_delay_ms=80 if copied else 20)
+
+            def standing() -> str:
+                return f"group {g.state.name}, links {[x.name for x in g.links]}, standby {g.standby}"
+
+            await until(lambda: len(g.links) == 4 and "spare" in g.standby and g.serving, 60, standing)
             spare = next(x for x in g.links if x.name == "spare")
-            while not (spare.assignment and (spare.assignment.layer_start, spare.assignment.layer_end) == (0, 6)):
-                await asyncio.sleep(0.02)  # it loads the whole model while it stands by
-            while not e.profiled:
-                await asyncio.sleep(0.01)
+
+            def whole() -> bool:  # it loads the whole model while it stands by
+                a = spare.assignment
+                return a is not None and (a.layer_start, a.layer_end) == (0, 6)
+
+            await until(whole, 60, standing)
+            await until(lambda: e.profiled, 60, standing)
             gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
             deadline = time.monotonic() + 60
             while e.tokens_generated < 12 or (copied and e.shadow.copied < sum(map(len, PROMPTS))):
