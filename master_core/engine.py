@@ -416,9 +416,11 @@ class Engine:
             link.free(rep.free_later)
         reqs = [r for rid, kv in rep.kept.items() if (r := self.running.get(rid)) is not None and r.kv_id == kv]
         held = self.shadow.take(stages[rep.lost]) if 0 <= rep.lost < len(stages) else {}
-        if orphans := [kv for kv in held if kv not in {r.kv_id for r in reqs}]:
+        kept = {r.kv_id for r in reqs}
+        if orphans := [kv for kv in held if kv not in kept]:
             stages[rep.lost].free(orphans)  # copied while it stood by, of requests that ended since
         work = [Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, min(held.get(r.kv_id, 0), r.computed)) for r in reqs]
+        had = sum(w.start for w in work)
         t0 = self.clock()
         try:
             if not 0 <= rep.lost < len(stages) or [x for i, x in enumerate(stages) if i != rep.lost] != rep.survivors:
@@ -442,14 +444,14 @@ class Engine:
             return False
         self.rebuilt_requests += len(reqs)
         self.rebuilt_tokens += rebuilt
-        self.rebuilt_held += sum(w.start for w in work)
+        self.rebuilt_held += had
         log.info(
             "stage %d rebuilt in %.2f s: %d position(s) of %d request(s), %d held already; the others kept theirs",
             rep.lost,
             self.clock() - t0,
             rebuilt,
             len(reqs),
-            sum(w.start for w in work),
+            had,
         )
         return True
 

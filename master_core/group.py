@@ -384,8 +384,8 @@ class Group:
             [x.hello for x in spares], self.dims.largest_layer_params, self.dims.hidden_size, size
         )
         shape = self.dims.shape(Precision(self.config.quantize), size)
-        pick = 0 if shadow is not None and replacement(shape, members[:1], a, b) is not None else None
-        pick = replacement(shape, members, a, b) if pick is None else pick
+        copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
+        pick = 0 if copier_fits else replacement(shape, members, a, b)
         if pick is None:
             return None
         index = self.stages.index(lost)

@@ -31,7 +31,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
-from worker_core.wire import Step
+from worker_core.wire import Assign, Step
 
 from .group import Group
 from .link import LinkGone, StepFailed, WorkerLink
@@ -56,7 +56,7 @@ class Shadow:
         self._running = running
         self._step_ids = step_ids
         self._link: WorkerLink | None = None  # the member copying now, and the assignment it copies under
-        self._assignment: object = None
+        self._assignment: Assign | None = None
         self._held: dict[int, int] = {}  # KV id -> positions it holds
         self._round = 0  # bumped by ``handover``: a step of an older round is not counted
         self._handed: tuple[WorkerLink, dict[int, int]] | None = None
@@ -73,7 +73,7 @@ class Shadow:
     def describe(self) -> dict | None:
         """For /health: the member copying and the positions it lacks (None: none copies)."""
         behind = self.behind()
-        if self._link is None or behind is None:
+        if self._link is None or behind is None:  # (both or neither)
             return None
         return {"member": self._link.name, "behind": behind, "held": sum(self._held.values())}
 

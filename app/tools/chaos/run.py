@@ -218,9 +218,9 @@ async def inject_faults(
     if await _wait_or_done(done, opts.fault_gap):
         return
     for kind in kinds:
-        waited = time.monotonic()
+        t0 = time.monotonic()
         copy = await group.wait_copied(opts.settle_timeout)
-        waited = time.monotonic() - waited
+        waited = time.monotonic() - t0
         if done.is_set():
             return
         i = rng.randrange(group.n)
