@@ -18,10 +18,11 @@ direct, the last stage draws the next tokens itself and feeds them straight back
 ``scheduler.LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
 New requests join at the next step; finished ones leave.  When the group changes epoch (a
 worker left or joined) every running request is replayed from its tokens, so clients see no
-error; when a standby member only takes over a lost stage's range (the group's repair), the
-other stages keep their caches, the new stage alone computes what they hold, from the inputs
-the stage before it kept (:mod:`master_core.rebuild`), and the requests go on where they were
-(those that started from a cached prefix are replayed).  A request whose steps keep failing
+error; when a standby member only takes over a lost stage's range, or a neighbour of the lost
+stage takes its layers over beside its own (the group's repair), the other stages keep their
+caches, the new or widened stage alone computes what they hold of those layers, from the
+inputs kept (:mod:`master_core.rebuild`), and the requests go on where they were (those that
+started from a cached prefix are replayed).  A request whose steps keep failing
 fails alone.  A step given up on for want of an
 answer (:class:`~master_core.link.StepLate`: the stages are alive) costs only what was in
 flight: its requests go on from what every stage holds (``Request.computed``) under a newer
@@ -68,12 +69,12 @@ from worker_core.wire import MAX_DRAFTS, ProtocolError, itemsize, logits_row_wid
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
-from .group import Group
+from .group import Group, Rebuilt
 from .journey import Journey, Relay
 from .kv_ledger import KVLedger, base, own
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
 from .loop_drafts import HISTORY_TOKENS, fed_back, first_drafts, loop_draw, pending
-from .rebuild import Lost, rebuild_stage
+from .rebuild import Lost, fill_stage, rebuild_stage
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
 from .scheduler import (
@@ -256,13 +257,13 @@ class Engine:
                 hook(record)
         log.info("request %d %s (%s): %d tokens", req.id, state.value, reason, n)
 
-    def _on_reset(self, previous: list[WorkerLink], lost: int | None) -> None:
+    def _on_reset(self, previous: list[WorkerLink], rebuilt: Rebuilt | None) -> None:
         """Epoch change: the requests' caches are freed on the stages that were serving and the
-        requests replayed from their tokens on the next pipeline, or, when only stage ``lost``
-        is being replaced, kept by the others (:meth:`KVLedger.reset`) and rebuilt on the new
-        stage before they go on (:meth:`_rebuild_lost`)."""
-        self.kv.reset(self.running.values(), previous, lost, PROFILE_REQUEST_ID)
-        self.shadow.handover(lost)
+        requests replayed from their tokens on the next pipeline, or, when only one stage is
+        ``rebuilt`` (the group's repair), kept by the others (:meth:`KVLedger.reset`) and rebuilt
+        on that stage before they go on (:meth:`_rebuild_lost`)."""
+        self.kv.reset(self.running.values(), previous, rebuilt, PROFILE_REQUEST_ID)
+        self.shadow.handover(rebuilt.index if rebuilt is not None and rebuilt.layers is None else None)
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
@@ -404,38 +405,37 @@ class Engine:
             self._finish(req, RequestState.FAILED, "error", why, self.config.retry_after)
 
     async def _rebuild_lost(self) -> bool:
-        """After a repair (one stage replaced, :meth:`_on_reset`): compute on the new stage only
-        the positions every other stage kept (:mod:`master_core.rebuild`); the requests then go
-        on where they were.  If that fails they are computed from scratch.  True when a repaired
-        pipeline was rebuilt (it then serves before its start-up profile ends)."""
+        """After a repair (one stage replaced or widened, :meth:`_on_reset`): compute on that
+        stage only the positions every other stage kept (:mod:`master_core.rebuild`), of its
+        layers or of the layers it took over; the requests then go on where they were.  If that
+        fails they are computed from scratch.  True when a repaired pipeline was rebuilt (it then
+        serves before its start-up profile ends)."""
         rep, self.kv.repairing = self.kv.repairing, None
         if rep is None:
             return False
         stages, epoch = list(self.group.stages), self.group.epoch
+        index, layers = rep.rebuilt.index, rep.rebuilt.layers
         for link in stages:
             link.free(rep.free_later)
         reqs = [r for rid, kv in rep.kept.items() if (r := self.running.get(rid)) is not None and r.kv_id == kv]
-        held = self.shadow.take(stages[rep.lost]) if 0 <= rep.lost < len(stages) else {}
+        held = self.shadow.take(stages[index]) if 0 <= index < len(stages) and layers is None else {}
         kept = {r.kv_id for r in reqs}
         if orphans := [kv for kv in held if kv not in kept]:
-            stages[rep.lost].free(orphans)  # copied while it stood by, of requests that ended since
+            stages[index].free(orphans)  # copied while it stood by, of requests that ended since
         work = [Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, min(held.get(r.kv_id, 0), r.computed)) for r in reqs]
         had = sum(w.start for w in work)
         t0 = self.clock()
+        others = stages if layers is not None else [x for i, x in enumerate(stages) if i != index]
+        args = (self.relay.step_ids, self.config.max_batch_tokens, self.group.dims.hidden_size)
         try:
-            if not 0 <= rep.lost < len(stages) or [x for i, x in enumerate(stages) if i != rep.lost] != rep.survivors:
+            if not 0 <= index < len(stages) or others != rep.survivors:
                 raise LinkGone("the pipeline is not the repaired one")
-            rebuilt = await rebuild_stage(
-                stages,
-                epoch,
-                rep.lost,
-                work,
-                self.relay.step_ids,
-                self.config.max_batch_tokens,
-                self.group.dims.hidden_size,
-            )
+            if layers is None:
+                rebuilt = await rebuild_stage(stages, epoch, index, work, *args)
+            else:
+                rebuilt = await fill_stage(stages, epoch, index, layers, work, *args)
         except (LinkGone, StepFailed, ProtocolError) as e:
-            log.warning("rebuilding stage %d failed (%s); %d request(s) computed from scratch", rep.lost, e, len(reqs))
+            log.warning("rebuilding stage %d failed (%s); %d request(s) computed from scratch", index, e, len(reqs))
             for r in reqs:
                 if r.id in self.running and self.group.epoch == epoch:
                     self.replays += 1
@@ -445,9 +445,11 @@ class Engine:
         self.rebuilt_requests += len(reqs)
         self.rebuilt_tokens += rebuilt
         self.rebuilt_held += had
+        what = "" if layers is None else f" (layers [{layers[0]}, {layers[1]}) it took over)"
         log.info(
-            "stage %d rebuilt in %.2f s: %d position(s) of %d request(s), %d held already; the others kept theirs",
-            rep.lost,
+            "stage %d rebuilt%s in %.2f s: %d position(s) of %d request(s), %d held already; the others kept theirs",
+            index,
+            what,
             self.clock() - t0,
             rebuilt,
             len(reqs),

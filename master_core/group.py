@@ -14,13 +14,17 @@ moves are the table ``_MOVES``)::
 Whenever membership changes it re-plans (unless a newcomer would only stand by: then the
 running pipeline is left alone).  A serving stage lost while a standby member can hold its
 range is *repaired*: that member takes the range and every other stage keeps its range and its
-caches (the engine rebuilds only the new stage, :mod:`master_core.rebuild`); otherwise the whole
-pipeline is planned again.  A standby member whose memory holds the whole model loads it while
-it waits (an ``Assign`` of every layer that no pipeline uses), so a repair takes its range from
-memory; such a member is preferred.  Either way the state becomes PLACING, ``stages`` empties, ``epoch``
-goes up and listeners registered with ``on_reset`` are called with the stages that were
-serving and the index of the stage being replaced, if any (the engine frees its requests'
-caches there and replays them on the next pipeline, or keeps them and rebuilds one stage).
+caches (the engine rebuilds only the new stage, :mod:`master_core.rebuild`).  Where no standby
+member can, a neighbour of the lost stage whose memory holds both ranges takes the lost layers
+over beside its own (its ``Assign`` widens its range; it keeps its caches and computes only
+those layers', ``wire.Fill``): the pipeline has a stage fewer and every stage keeps its caches.
+Otherwise the whole pipeline is planned again.  A standby member whose memory holds the whole
+model loads it while it waits (an ``Assign`` of every layer that no pipeline uses), so a repair
+takes its range from memory; such a member is preferred.  Either way the state becomes PLACING,
+``stages`` empties, ``epoch`` goes up and listeners registered with ``on_reset`` are called
+with the stages that were serving and, for a repair, its :class:`Rebuilt` (the engine frees
+its requests' caches there and replays them on the next pipeline, or keeps them and rebuilds one
+stage).
 A newcomer that would change a serving pipeline while requests run waits for them to end
 first: a join never costs running requests a replay unless the group is busy longer than
 ``JOIN_REPLAN_WAIT``, and then only once that replay is cheap (``JOIN_REPLAY_BUDGET``, from
@@ -71,6 +75,7 @@ from .link import LinkGone, LinkState, StepFailed, Superseded, WorkerLink
 from .member_path import member_path
 from .model_dims import ModelDims
 from .placement import (
+    Member,
     PlacementError,
     kv_token_budget,
     plan_pipeline,
@@ -119,10 +124,22 @@ class _Placement:
 
 
 @dataclass(frozen=True)
-class _Repair:
-    """The serving pipeline with stage ``index`` given to a standby member, every other stage as it was."""
+class Rebuilt:
+    """What a repair leaves to rebuild: stage ``index`` of the new pipeline, where stage ``lost``
+    of the previous one was.  Without ``layers`` a standby member took over the lost range
+    whole; with them, a neighbour of the lost stage took over those layers beside its own, and
+    the new pipeline has one stage fewer.  Every other stage keeps its layers and caches."""
 
     index: int
+    lost: int
+    layers: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Repair:
+    """The serving pipeline but one stage, as ``rebuilt`` says, every other stage as it was."""
+
+    rebuilt: Rebuilt
     placement: _Placement
 
 
@@ -164,7 +181,7 @@ class Group:
         self.state = GroupState.WAITING
         self.problem: str | None = f"waiting for {config.min_workers} worker(s)"
         self._serving = asyncio.Event()  # set exactly while SERVING
-        self._listeners: list[Callable[[list[WorkerLink], int | None], None]] = []
+        self._listeners: list[Callable[[list[WorkerLink], Rebuilt | None], None]] = []
         self._replan_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # re-plans and drains, awaited by stop()
         self.closing = False  # shutting down: departures are expected then
@@ -232,7 +249,7 @@ class Group:
             "hub": self.weights.hub,
         }
 
-    def on_reset(self, listener: Callable[[list[WorkerLink], int | None], None]) -> None:
+    def on_reset(self, listener: Callable[[list[WorkerLink], Rebuilt | None], None]) -> None:
         """Call ``listener(previous_stages, lost)`` at every epoch change: ``lost`` is the index
         of the one stage a standby member is taking over (the other stages keep their ranges
         and caches), or None when the whole pipeline is planned again."""
@@ -364,9 +381,11 @@ class Group:
 
     # ------------------------------------------------------------------ planning
     def _repair_for(self, lost: WorkerLink) -> _Repair | None:
-        """A plan that keeps every stage of the serving pipeline but ``lost`` and gives its range
-        to the standby member best placed to take it (:func:`~master_core.placement.replacement`),
-        or None (not serving, another stage is not placeable, or no standby member holds it)."""
+        """A plan that keeps every stage of the serving pipeline but ``lost``: its range goes to
+        the standby member best placed to take it (:func:`~master_core.placement.replacement`;
+        the one copying the caches first), or, where none can, to the neighbour of ``lost`` whose
+        memory holds its own range and that one (the faster, if both can); None when not serving,
+        another stage is not placeable, or nobody holds it."""
         if not self.serving or lost not in self.stages or lost.assignment is None:
             return None
         kept = [s for s in self.stages if s is not lost]
@@ -376,25 +395,40 @@ class Group:
         warm = [x for x in spares if self._holds_whole_model(x)]
         shadow = self.shadow_target()  # it holds the open requests' caches: it takes the range if it can
         spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
-        if not spares:
-            return None
         a, b = lost.assignment.layer_start, lost.assignment.layer_end
-        size = max(itemsize(link.hello.dtype) for link in [*kept, *spares])
-        members = planner_members(
-            [x.hello for x in spares], self.dims.largest_layer_params, self.dims.hidden_size, size
-        )
+        size = max(itemsize(link.hello.dtype) for link in [*self.stages, *spares])
         shape = self.dims.shape(Precision(self.config.quantize), size)
-        copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
-        pick = 0 if copier_fits else replacement(shape, members, a, b)
-        if pick is None:
-            return None
         index = self.stages.index(lost)
         ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in self.stages if s.assignment is not None]
-        chosen = [
-            (spares[pick] if i == index else stage, rng) for i, (stage, rng) in enumerate(zip(self.stages, ranges))
-        ]
-        standby = {x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]}
-        return _Repair(index, _Placement(tuple(chosen), standby))
+        if spares:
+            members = self._members(spares, size)
+            copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
+            pick = 0 if copier_fits else replacement(shape, members, a, b)
+            if pick is not None:
+                chosen = [(spares[pick] if i == index else x, r) for i, (x, r) in enumerate(zip(self.stages, ranges))]
+                standby = {
+                    x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]
+                }
+                return _Repair(Rebuilt(index, index), _Placement(tuple(chosen), standby))
+        # a neighbour widens over the lost range: [its start, b) before it, [a, its end) after it
+        best = None
+        for j in (x for x in (index - 1, index + 1) if 0 <= x < len(self.stages)):
+            x, y = (ranges[j][0], b) if j < index else (a, ranges[j][1])
+            member = self._members([self.stages[j]], size)[0]
+            if replacement(shape, [member], x, y) is not None:
+                cost = (y - x) * member.seconds_per_layer
+                if best is None or cost < best[0]:
+                    best = (cost, j, (x, y))
+        if best is None:
+            return None
+        _, j, wide = best
+        chosen = [(x, wide if i == j else r) for i, (x, r) in enumerate(zip(self.stages, ranges)) if i != index]
+        standby = {x.name: "standing by: its memory does not hold the lost range" for x in spares}
+        return _Repair(Rebuilt(j if j < index else j - 1, index, (a, b)), _Placement(tuple(chosen), standby))
+
+    def _members(self, links: list[WorkerLink], size: int) -> list[Member]:
+        """The planner's view of ``links`` (memory, measured speed, link) at ``size`` bytes a value."""
+        return planner_members([x.hello for x in links], self.dims.largest_layer_params, self.dims.hidden_size, size)
 
     def _schedule_replan(self, repair: _Repair | None = None) -> None:
         self._invalidate(repair)
@@ -407,11 +441,24 @@ class Group:
         previous, self.stages, self.hops, self.loop_back = self.stages, [], [], NO_LOOP_BACK
         self.epoch += 1
         self._repair = repair
-        if repair is not None:
-            name = repair.placement.chosen[repair.index][0].name
-            log.warning("stage %d is replaced by %s; the other stages keep their layers and caches", repair.index, name)
+        rebuilt = repair.rebuilt if repair is not None else None
+        if repair is not None and rebuilt is not None:
+            link, (a, b) = repair.placement.chosen[rebuilt.index]
+            if rebuilt.layers is None:
+                why = "the other stages keep their layers and caches"
+                log.warning("stage %d is replaced by %s; %s", rebuilt.lost, link.name, why)
+            else:
+                log.warning(
+                    "stage %d is lost: %s takes over its layers [%d, %d) beside its own ([%d, %d) now); "
+                    "the other stages keep their layers and caches",
+                    rebuilt.lost,
+                    link.name,
+                    *rebuilt.layers,
+                    a,
+                    b,
+                )
         for listener in self._listeners:
-            listener(previous, repair.index if repair is not None else None)
+            listener(previous, rebuilt)
 
     async def _replan(self) -> None:
         async with self._replan_lock:
@@ -564,7 +611,7 @@ class Group:
                 continue
             if self._holds_whole_model(link) and (link.assignment is None or link.assignment.tapes == ends):
                 continue
-            member = planner_members([link.hello], self.dims.largest_layer_params, self.dims.hidden_size, size)
+            member = self._members([link], size)
             if replacement(shape, member, 0, n) is not None:
                 self._warming.add(link)
                 self._spawn(self._warm(link), f"loading the whole model on {link.name}")

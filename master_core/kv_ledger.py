@@ -19,7 +19,7 @@ those ids:
   running requests and the cache fit every stage's budget; evicted ids leave with the next
   step (:meth:`KVLedger.take_drops`, ``Step.drop``) and by ``Free``.
 * :meth:`KVLedger.reset` is the KV side of an epoch change: every cache on the old stages is
-  freed and the requests restart, except, when only stage ``lost`` is being replaced, those
+  freed and the requests restart, except, when only one stage is rebuilt (the group's repair), those
   that started from no cached prefix: their ids are kept (:class:`Repairing`) for the survivors,
   which hold their caches, and the requests resume once the new stage is rebuilt.
 
@@ -33,7 +33,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .group import Group
+from .group import Group, Rebuilt
 from .link import WorkerLink
 from .prefix_cache import PrefixCache
 from .request import Request, RequestState
@@ -43,11 +43,12 @@ KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QU
 
 @dataclass
 class Repairing:
-    """One stage (``lost``) being replaced while ``survivors`` (the others, in order) keep their
-    caches: the running requests kept there (request id -> KV id), and the KV ids to free on
-    the new pipeline once it serves (requests that ended meanwhile)."""
+    """One stage being rebuilt (``rebuilt``: which, and how) while ``survivors`` (the other stages
+    of the previous pipeline, in order) keep their caches: the running requests kept there
+    (request id -> KV id), and the KV ids to free on the new pipeline once it serves (requests
+    that ended meanwhile)."""
 
-    lost: int
+    rebuilt: Rebuilt
     survivors: list[WorkerLink]
     kept: dict[int, int]
     free_later: list[int] = field(default_factory=list)
@@ -181,11 +182,13 @@ class KVLedger:
             return len(req.tokens)
         return len(req.tokens) - hit.length + (hit.entry.held if hit.entry.refs == 0 else 0)
 
-    def reset(self, running: Iterable[Request], previous: list[WorkerLink], lost: int | None, always: int) -> None:
+    def reset(
+        self, running: Iterable[Request], previous: list[WorkerLink], rebuilt: Rebuilt | None, always: int
+    ) -> None:
         """The KV side of an epoch change: free the ``running`` requests' caches on the stages
         that were serving (``previous``; the live ones among them keep no cache for a pipeline
-        that is gone) and restart the requests from their tokens, except, when only stage
-        ``lost`` is being replaced, those that started from no cached prefix: the survivors
+        that is gone) and restart the requests from their tokens, except, when only one stage is
+        ``rebuilt`` (the group's repair), those that started from no cached prefix: the survivors
         keep their caches and they resume once the new stage is rebuilt (:attr:`repairing`).
         ``always``: an id freed on those stages whatever they held (the start-up profile's)."""
         ids = [always, *self.prefix.clear()]  # the cached prefixes go with their stages
@@ -196,7 +199,7 @@ class KVLedger:
             holders += [link for link in pending.survivors if link not in holders]
         kept: dict[int, int] = {}
         for req in running:
-            if lost is not None and req.kv_id and req.prefix is None and not req.base_len:
+            if rebuilt is not None and req.kv_id and req.prefix is None and not req.base_len:
                 ids += self.release(req, stale_only=True)
                 kept[req.id] = req.kv_id
                 self.resume(req)  # from what every stage holds: the new one once rebuilt
@@ -205,8 +208,8 @@ class KVLedger:
             ids += self.release(req)  # nothing of it is left on those stages now
             self.restart(req)
             self.reset_restarts += 1
-        if lost is not None:
-            self.repairing = Repairing(lost, [link for i, link in enumerate(previous) if i != lost], kept)
+        if rebuilt is not None:
+            self.repairing = Repairing(rebuilt, [x for i, x in enumerate(previous) if i != rebuilt.lost], kept)
         for link in holders:
             link.free(ids)
 

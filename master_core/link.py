@@ -12,7 +12,7 @@ pipeline but no new placement may choose it.  A ``Leave`` from the worker is han
 sends an ``Assign`` and waits for the matching ``Ready``; ``route`` sends a ``Route`` and waits
 for the ``Routed``; ``call`` sends a ``Step`` and waits for its ``Result`` (from this stage, or,
 for a step forwarded over direct hops, from the stage that ends its journey); ``recall`` sends a
-``Recall`` and returns the rows the stage kept.
+``Recall`` and returns the rows the stage kept; ``fill`` sends a ``Fill`` and awaits its answer.
 ``run_reader`` reads frames until the tunnel ends: a malformed frame or
 an unexpected message is a :class:`~worker_core.wire.ProtocolError`, which closes this link
 (with a log line) and fails everything waiting on it with :class:`LinkGone`; nothing else in
@@ -58,6 +58,7 @@ from worker_core.wire import (
     CloseCode,
     Failure,
     Fetch,
+    Fill,
     Free,
     Hello,
     Leave,
@@ -396,8 +397,21 @@ class WorkerLink:
         self.step_bytes_total += result.tensor.numel() * result.tensor.element_size()
         return result.tensor
 
+    async def fill(self, fill: Fill) -> None:
+        """Send a ``Fill`` and await its answer (bounded like a step of as many tokens on this
+        stage; not measured as its speed: it computes only some of its layers)."""
+        tokens = sum(s.length for s in fill.segments)
+        nbytes = fill.tensor.numel() * fill.tensor.element_size()
+        await self._exchange(fill, (self,), tokens, nbytes, (self,))
+        self.step_bytes_total += nbytes
+
     async def _exchange(
-        self, msg: Step | Recall, run: tuple[WorkerLink, ...], tokens: int, nbytes: int, abandon: tuple[WorkerLink, ...]
+        self,
+        msg: Step | Recall | Fill,
+        run: tuple[WorkerLink, ...],
+        tokens: int,
+        nbytes: int,
+        abandon: tuple[WorkerLink, ...],
     ) -> tuple[int, WorkerLink, Result]:
         """Send ``msg`` (registered as pending on every link of ``run``, with the deadline of a
         step of ``tokens`` tokens and ``nbytes`` bytes) and await its ``Result``: (bytes sent,

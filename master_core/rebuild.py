@@ -1,4 +1,4 @@
-"""Rebuild the KV of one replaced stage from what the stage before it kept.
+"""Rebuild the KV of one replaced or widened stage from what the stage before it (or itself) kept.
 
 Contract
 --------
@@ -17,6 +17,13 @@ Raises what :meth:`~master_core.link.WorkerLink.call` raises (``LinkGone``, ``St
 ``ProtocolError`` when a stage answers with the wrong shape; nothing is retried here (the
 engine then computes the requests from scratch).  Every wait is bounded by the links' step
 deadlines.
+
+``await fill_stage(stages, epoch, index, layers, work, step_ids, max_tokens, hidden_size)`` does
+the same for a stage that took over a lost neighbour's ``layers`` beside its own (the group's
+repair where no standby member holds the lost range): it computes only those layers' positions
+(``wire.Fill``), from the token ids (the layers start the model), from the rows the stage
+before kept (they start the stage), or from the rows the stage itself kept leaving its old end
+(they end it).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_core.wire import CloseCode, ProtocolError, Recall, Segment, Step
+from worker_core.wire import CloseCode, Fill, ProtocolError, Recall, Segment, Step
 
 from .link import WorkerLink
 
@@ -83,16 +90,54 @@ async def rebuild_stage(
     target = stages[index]
     rebuilt = 0
     for segments in pack([w for w in work if w.upto > w.start], max_tokens):
-        total = sum(s.length for s in segments)
-        if index == 0:
-            x = token_ids(segments, work)
-        else:
-            source = stages[index - 1]
-            x = await source.recall(Recall(next(step_ids), epoch, segments))
-            if tuple(x.shape) != (total, hidden_size) or not x.is_floating_point():
-                why = f"recalled a tensor of shape {list(x.shape)} {x.dtype} for {total} positions"
-                source.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
-                raise ProtocolError(f"worker {source.name} {why}")
+        x = await _inputs(stages, epoch, index, segments, work, step_ids, hidden_size)
         await target.call(Step(next(step_ids), epoch, segments, x))
-        rebuilt += total
+        rebuilt += sum(s.length for s in segments)
     return rebuilt
+
+
+async def fill_stage(
+    stages: Sequence[WorkerLink],
+    epoch: int,
+    index: int,
+    layers: tuple[int, int],
+    work: Sequence[Lost],
+    step_ids: Iterator[int],
+    max_tokens: int,
+    hidden_size: int,
+) -> int:
+    target = stages[index]
+    asg = target.assignment
+    own_rows = asg is not None and layers[0] > asg.layer_start  # they follow its own layers
+    filled = 0
+    for segments in pack([w for w in work if w.upto > w.start], max_tokens):
+        if own_rows:
+            x = torch.empty(0, hidden_size)
+        else:
+            x = await _inputs(stages, epoch, index, segments, work, step_ids, hidden_size)
+        await target.fill(Fill(next(step_ids), epoch, segments, *layers, x))
+        filled += sum(s.length for s in segments)
+    return filled
+
+
+async def _inputs(
+    stages: Sequence[WorkerLink],
+    epoch: int,
+    index: int,
+    segments: tuple[Segment, ...],
+    work: Sequence[Lost],
+    step_ids: Iterator[int],
+    hidden_size: int,
+) -> torch.Tensor:
+    """What enters stage ``index`` at ``segments``' positions: token ids, or the rows the stage
+    before it kept (checked: a wrong shape drops that stage)."""
+    if index == 0:
+        return token_ids(segments, work)
+    total = sum(s.length for s in segments)
+    source = stages[index - 1]
+    x = await source.recall(Recall(next(step_ids), epoch, segments))
+    if tuple(x.shape) != (total, hidden_size) or not x.is_floating_point():
+        why = f"recalled a tensor of shape {list(x.shape)} {x.dtype} for {total} positions"
+        source.close_with(f"protocol error: {why}", CloseCode.PROTOCOL_ERROR)
+        raise ProtocolError(f"worker {source.name} {why}")
+    return x

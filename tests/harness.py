@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import queue
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -71,8 +72,22 @@ def output_seen(proc: subprocess.Popen) -> str:
 
 
 def run(coro: Awaitable[T], timeout: float = 300.0) -> T:
+    """Run ``coro`` for at most ``timeout`` s; past it, print where every task of the loop waits
+    (a hang then says what it waited on) and fail with TimeoutError."""
+
     async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
+        main = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait({main}, timeout=timeout)
+        if main in done:
+            return main.result()
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                print(f"--- {task.get_name()}: {task.get_coro()!r}", file=sys.stderr)
+                task.print_stack(limit=12, file=sys.stderr)
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(main, 30)
+        raise TimeoutError(f"the test did not end within {timeout} s (every task's stack is printed above)")
 
     return asyncio.run(bounded())
 

@@ -275,7 +275,7 @@ def test_ranges_carved_from_the_whole_model_compute_what_loaded_ranges_do(ckpt):
     assert torch.equal(outs[0], outs[1])
     assert carve(whole, 2, 5).embed is None and carve(whole, 5, 6).lm_head is not None
     with pytest.raises(ShardError):
-        carve(load_shard(ckpt, 0, 3, cpu, torch.float32), 0, 2)  # not the whole model
+        carve(load_shard(ckpt, 0, 3, cpu, torch.float32), 2, 5)  # layers it does not hold
 
 
 def test_a_standby_copy_narrowed_to_a_range_holds_what_that_range_loaded_on_its_own_holds(ckpt):
@@ -377,3 +377,126 @@ def test_a_standby_copy_handed_over_mid_step_keeps_or_frees_what_that_step_wrote
         else:
             assert member.freed == [] and shadow.take(member) == {7: 48, 8: 16, 9: 0}  # type: ignore[arg-type]
         assert shadow.behind() is None
+
+
+@pytest.mark.parametrize("side", ["after", "before"])
+def test_a_stage_widened_over_its_lost_neighbours_layers_fills_them_and_goes_on_like_that_range(ckpt, side):
+    """[2, 4) keeps its caches and takes over [4, 6) ("after": it fills them from the rows it kept
+    leaving layer 4) or [0, 2) ("before": from the token ids): the filled layers' keys and values
+    equal those of that range loaded on its own, its own layers' caches are the same objects, and
+    its next step gives what the ranges give one after the other.  Until a request's positions
+    are all filled, its steps and a fill out of order are refused, changing nothing."""
+    import torch
+
+    from worker_core.shard import cache_index, join, load_shard
+    from worker_core.stage import StageRunner, StepRejected
+    from worker_core.wire import Segment
+
+    cpu = torch.device("cpu")
+    loaded = {r: load_shard(ckpt, *r, cpu, torch.float32) for r in ((0, 2), (2, 4), (4, 6))}
+    first, middle, last = (StageRunner(loaded[r], 4096, 256) for r in ((0, 2), (2, 4), (4, 6)))
+    twin = StageRunner(loaded[(2, 4)], 4096, 256)  # the middle's twin: its caches are not carried
+    a, b = PROMPTS
+    ids = {1: a, 2: b}
+    segs = (Segment(1, 0, 48, False, 1), Segment(2, 0, 41, False, 1))
+    x = first.run(segs, torch.tensor(a + b))
+    last.run(segs, middle.run(segs, x))
+    twin.run(segs, x)
+    own = {rid: middle.kv.get(rid) for rid in (1, 2)}
+    added = (4, 6) if side == "after" else (0, 2)
+    shard = join(middle.shard, load_shard(ckpt, *added, cpu, torch.float32))
+    wide = StageRunner(shard, 4096, 256, kv=middle.kv, missing=added)
+    assert (wide.shard.layer_start, wide.shard.layer_end) == ((2, 6) if side == "after" else (0, 4))
+    nxt = (Segment(1, 48, 1, False, 1), Segment(2, 41, 1, False, 1))
+    step_in = torch.tensor([5, 6]) if side == "before" else first.run(nxt, torch.tensor([5, 6]))
+    with pytest.raises(StepRejected, match="not computed yet"):
+        wide.run(nxt, step_in)
+    empty = torch.empty(0)
+
+    def given(rid: int, start: int, n: int) -> torch.Tensor:
+        return torch.tensor(ids[rid][start : start + n]) if side == "before" else empty
+
+    with pytest.raises(StepRejected, match="does not continue"):
+        wide.fill((Segment(1, 8, 8, False, 1),), given(1, 8, 8), *added)  # out of order
+    for fill in [(Segment(1, 0, 30, False, 1),), (Segment(1, 30, 18, False, 1), Segment(2, 0, 41, False, 1))]:
+        x = torch.cat([given(s.request_id, s.start, s.length) for s in fill]) if side == "before" else empty
+        wide.fill(fill, x, *added)
+    assert wide.missing is None and not wide.unfilled
+    neighbour = first if side == "before" else last
+    for rid, n in ((1, 48), (2, 41)):
+        mine, theirs = wide.kv.get(rid), neighbour.kv.get(rid)
+        assert mine is own[rid] and mine.length == n
+        for layer in range(*added):  # under the cache index the joined shard gave that layer
+            index = cache_index(wide.shard.layers[layer - wide.shard.layer_start])
+            local = layer - added[0]
+            assert torch.allclose(mine.keys[index][:, :n], theirs.keys[local][:, :n], atol=1e-5)
+            assert torch.allclose(mine.values[index][:, :n], theirs.values[local][:, :n], atol=1e-5)
+        assert sorted(mine.keys) == [0, 1, 2, 3]  # its own two layers' and the two filled
+        assert sorted(mine.tapes) == ([] if side == "after" else [4]), sorted(mine.tapes)
+    if side == "after":
+        assert torch.allclose(wide.run(nxt, step_in), last.run(nxt, twin.run(nxt, step_in)), atol=1e-4)
+    else:
+        recall = (Segment(1, 0, 48, False), Segment(2, 0, 41, False))
+        assert torch.allclose(wide.recall(recall), twin.recall(recall), atol=1e-5)
+        assert torch.allclose(wide.run(nxt, step_in), twin.run(nxt, first.run(nxt, step_in)), atol=1e-4)
+
+
+@pytest.mark.parametrize("lost", [0, 1, 2], ids=["first", "middle", "last"])
+def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_others_keep_their_caches(ckpt, want, lost):
+    """A stage dies mid-generation and no member stands by: a neighbour takes its layers over
+    beside its own (the pipeline has a stage fewer), computes only those layers' positions
+    (from the token ids, the rows the stage before it kept, or its own), every stage keeps its
+    caches (the same cache objects, the same KV ids) and the tokens are transformers'."""
+
+    async def main():
+        async with Cluster(ckpt, workers=3, min_workers=2) as c:
+            g, e = c.master.group, c.engine
+            await until(lambda: e.profiled, 60, lambda: f"group {g.state.name}")
+            gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
+            while e.tokens_generated < 12:
+                await asyncio.sleep(0.005)
+            before = [(s.name, s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment]
+            kv_ids = {r.id: r.kv_id for r in e.running.values()}
+            caches = {
+                (id(s), k): s.runner.kv.get(k)
+                for s in _sessions()
+                for k in kv_ids.values()
+                if s.runner.kv.get(k) and (s.runner.shard.layer_start, s.runner.shard.layer_end) != before[lost][1:]
+            }
+            gone = g.stages[lost]
+            gone.close_with("lost (the test)")
+            c.tasks[int(gone.name[1:])].cancel()
+
+            def where() -> str:
+                stages = [(s.name, s.state.name) for s in g.stages]
+                return f"group {g.state.name} epoch {g.epoch} stages {stages} repairs {g.repairs}"
+
+            await until(lambda: bool(g.serving and len(g.stages) == 2), 60, where, 0.005)
+            await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, where, 0.005)
+            after = [(s.name, s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment]
+            still = {key: s.runner.kv.get(key[1]) for s in _sessions() for key in caches if key[0] == id(s)}
+            same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
+            got = await asyncio.wait_for(asyncio.gather(*gens), 60)
+            counts = (g.repairs, e.rebuilt_requests, e.kv.reset_restarts, e.replays)
+            kept = sum(still.get(k) is v for k, v in caches.items())
+            positions = e.rebuilt_tokens
+            e.kv.forget_idle()
+            deadline = time.monotonic() + 5
+            while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            left = [len(s.runner.kv) for s in _sessions()]
+            return [r[0] for r in got], before, after, counts, same_ids, kept, positions, left
+
+    got, before, after, counts, same_ids, kept, positions, left = run(main())
+    assert got == want
+    ranges = [(a, b) for _, a, b in before]
+    assert ranges == [(0, 2), (2, 4), (4, 6)], before
+    widened = {0: (0, 4), 1: (0, 4), 2: (2, 6)}[lost]  # the neighbour before it when both could
+    assert sorted((a, b) for _, a, b in after) == sorted(
+        {widened, *(r for r in ranges if r[0] >= widened[1] or r[1] <= widened[0])}
+    ), after
+    assert counts == (1, 2, 0, 0), counts
+    assert same_ids, "a request was given a new KV id: it was computed again from scratch"
+    assert kept == 4, "the surviving stages' cache objects were replaced"  # 2 stages x 2 requests
+    assert 89 <= positions <= 89 + 2 * NEW, positions  # each request's positions once, on the widened stage only
+    assert left == [0, 0], left

@@ -148,6 +148,10 @@ def test_tensor_messages_round_trip(dtype):
     made = Result(5, 2, 0.25, 0.5, ids, tokens=(3, 0), drafts=((4,), ()), by_model=(True, False), draft_seconds=0.01)
     by_model = decode(encode(made))
     assert isinstance(by_model, Result) and by_model.by_model == (True, False) and by_model.draft_seconds == 0.01
+    for given in (x, ids, torch.empty(0, 8)):  # hidden rows, token ids, or none (the stage's own rows)
+        fill = decode(encode(wire.Fill(6, 2, segs, 4, 6, given)))
+        assert isinstance(fill, wire.Fill) and (fill.step_id, fill.epoch, fill.segments) == (6, 2, segs)
+        assert (fill.layer_start, fill.layer_end) == (4, 6) and torch.equal(fill.tensor, given)
 
 
 def test_the_last_stage_draws_the_token_the_master_would():
@@ -193,6 +197,7 @@ def _step_header(**over):
 
 
 GOOD_PAYLOAD = torch.tensor([1, 2]).numpy().tobytes()
+FILL_HEADER = {k: v for k, v in _step_header().items() if k != "topk"} | {"layers": [0, 2]}
 HELLO = json.loads(encode(MESSAGES[1])[9:])  # valid headers, to spoil one field at a time
 ASSIGN = json.loads(encode(MESSAGES[4])[9:])
 GGUF_SPEC = {"name": "model.layers.0.self_attn.q_proj.weight", "dtype": "U8", "shape": [64, 64], "nbytes": 64 * 2 * 34}
@@ -449,6 +454,11 @@ BAD_FRAMES |= {
         wire.Kind.ROUTE, ROUTE | {"next_cert": "x", "next_token": "ef" * 16, "next_relay": "a/b:7735"}
     ),
     "routed through not an address": _frame(wire.Kind.ROUTED, ROUTED | {"direct": True, "through": "relay"}),
+    "fill without layers": _frame(wire.Kind.FILL, FILL_HEADER | {"layers": None}, GOOD_PAYLOAD),
+    "fill inverted layers": _frame(wire.Kind.FILL, FILL_HEADER | {"layers": [4, 2]}, GOOD_PAYLOAD),
+    "fill layers not ints": _frame(wire.Kind.FILL, FILL_HEADER | {"layers": [0, 2.5]}, GOOD_PAYLOAD),
+    "fill three layers": _frame(wire.Kind.FILL, FILL_HEADER | {"layers": [0, 2, 4]}, GOOD_PAYLOAD),
+    "fill short payload": _frame(wire.Kind.FILL, FILL_HEADER, GOOD_PAYLOAD[:-1]),
 }
 
 
@@ -464,6 +474,7 @@ def test_the_valid_headers_used_above_decode():
     assert decode(_frame(wire.Kind.ROUTE, ROUTE)) == Route(1)  # an older master's Route: no relay
     assert decode(_frame(wire.Kind.ROUTED, ROUTED | {"mapped": "[2a0f:ff00::5]:7734"})).mapped == "[2a0f:ff00::5]:7734"
     assert isinstance(decode(_frame(wire.Kind.STEP, _step_header(), GOOD_PAYLOAD)), Step)
+    assert isinstance(decode(_frame(wire.Kind.FILL, FILL_HEADER, GOOD_PAYLOAD)), wire.Fill)
     assert decode(_frame(wire.Kind.FAILURE, {"message": "x", "step_id": 1})) == Failure("x", 1)  # an older worker's
     looping = decode(_frame(wire.Kind.STEP, _step_header(loop=1, draws=[[0.5, 1, 3]]), GOOD_PAYLOAD))
     assert isinstance(looping, Step) and looping.draws == (wire.Draw(0.5, 1.0, 3),)

@@ -171,6 +171,12 @@ class KVStore:
     def __len__(self) -> int:
         return len(self._requests)
 
+    def ids(self) -> list[int]:
+        return list(self._requests)
+
+    def requests(self) -> list[RequestKV]:
+        return list(self._requests.values())
+
     def get_or_create(self, request_id: int) -> RequestKV:
         r = self._requests.get(request_id)
         if r is None:

@@ -50,7 +50,7 @@ from .outbox import Outbox
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
-from .shard import Shard, carve, load_shard
+from .shard import Shard, carve, join, load_shard
 from .stage import StageRunner, StepRejected
 from .weights import WeightCache
 from .wire import (
@@ -59,6 +59,7 @@ from .wire import (
     Chunk,
     Failure,
     Fetch,
+    Fill,
     Free,
     Message,
     ProtocolError,
@@ -247,7 +248,8 @@ class Session:
             precision = Precision(msg.quantize)  # checked by wire.decode
             key = (_source(msg), msg.layer_start, msg.layer_end, precision)
             shard = self.shards.get(key)
-            carried = None  # a standby's copy of the open requests' caches (master_core.shadow)
+            carried = None  # a standby's copy of the open requests' caches (master_core.shadow), or ours
+            missing = None  # layers a widened range adds, which the carried caches lack
             if shard is None and (whole := self._whole(key)) is not None:  # a standby's whole model
                 shard = carve(whole, msg.layer_start, msg.layer_end)
                 if self.runner is not None and self.runner.shard is whole:
@@ -255,27 +257,35 @@ class Session:
                 self.shards.clear()  # the layers it does not serve are freed
                 self.shards[key] = shard
                 log.info("took layers [%d, %d) from the whole model kept loaded", msg.layer_start, msg.layer_end)
+            own = self.runner.shard if self.runner is not None else None
+            if shard is None and own is not None and (key[0], own.layer_start, own.layer_end, precision) in self.shards:
+                missing = _added(own.layer_start, own.layer_end, msg.layer_start, msg.layer_end)
             if shard is None:
-                self.runner = None
-                self.shards.clear()  # one shard at a time: free the old range first
+                if missing is None:
+                    self.runner = None
+                    self.shards.clear()  # one shard at a time: free the old range first
+                start, end = missing or (msg.layer_start, msg.layer_end)
                 try:
                     info = devices.pick(self.device)
                     specs = list(msg.manifest)
-                    what = f"layers [{msg.layer_start}, {msg.layer_end})"
+                    what = f"layers [{start}, {end})"
                     folder = await self._resolve(msg.model, msg.config_json, specs, msg.hub, what)
                     if specs:  # the draft model's tensors are kept too
                         keep = specs + list(msg.draft_manifest)
                         await loop.run_in_executor(self.executor, self.weights.prune, keep)
                     shard = await loop.run_in_executor(
-                        self.executor,
-                        load_shard,
-                        folder,
-                        msg.layer_start,
-                        msg.layer_end,
-                        info.device,
-                        info.dtype,
-                        precision,
+                        self.executor, load_shard, folder, start, end, info.device, info.dtype, precision
                     )
+                    if missing is not None and own is not None and self.runner is not None:  # joined to ours
+                        shard = join(own, shard)
+                        carried = self.runner.kv
+                        self.shards.clear()
+                        log.info(
+                            "took over layers [%d, %d) beside ours; kept the caches of %d request(s)",
+                            start,
+                            end,
+                            len(carried),
+                        )
                 except Exception as e:  # tell the master why, instead of leaving it waiting
                     log.exception("cannot load layers [%d, %d)", msg.layer_start, msg.layer_end)
                     why = f"cannot load layers [{msg.layer_start}, {msg.layer_end}): {type(e).__name__}: {e}"
@@ -285,8 +295,9 @@ class Session:
                 self.shards[key] = shard
             kept = self.runner
             if carried is not None:
-                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, carried)
-                log.info("kept the caches of %d request(s) computed while standing by", len(carried))
+                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, carried, missing)
+                if missing is None:
+                    log.info("kept the caches of %d request(s) computed while standing by", len(carried))
             elif (
                 kept is None
                 or kept.shard is not shard
@@ -371,6 +382,22 @@ class Session:
                 await self.send(Failure(str(e), msg.step_id))
                 return
             self.post(Result(msg.step_id, msg.epoch, 0.0, time.perf_counter() - arrived, rows), urgent)
+        elif isinstance(msg, Fill):
+            if self.runner is None or msg.epoch != self.epoch:
+                await self.send(Failure(f"fill of epoch {msg.epoch} but this worker serves {self.epoch}", msg.step_id))
+                return
+            runner, span = self.runner, (msg.layer_start, msg.layer_end)
+            try:
+                seconds = await loop.run_in_executor(self.executor, runner.fill, msg.segments, msg.tensor, *span)
+            except StepRejected as e:
+                await self.send(Failure(str(e), msg.step_id))
+                return
+            except Exception as e:  # compute failure (e.g. out of memory): report, keep serving
+                log.exception("fill %d failed", msg.step_id)
+                await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
+                return
+            empty = torch.empty(0, runner.shard.hidden_size)
+            self.post(Result(msg.step_id, msg.epoch, seconds, time.perf_counter() - arrived, empty))
         elif isinstance(msg, Free):
             if self.runner is not None:
                 self.runner.free(msg.request_ids)
@@ -561,6 +588,16 @@ class Session:
         hop, self.next_hop = self.next_hop, None
         if hop is not None:
             await hop.close()
+
+
+def _added(start: int, end: int, new_start: int, new_end: int) -> tuple[int, int] | None:
+    """The layers a range ``[new_start, new_end)`` adds to ``[start, end)`` on one side (a stage
+    taking over its lost neighbour's layers), or None when it is not such a widening."""
+    if new_start == start and new_end > end:
+        return end, new_end
+    if new_end == end and new_start < start:
+        return new_start, start
+    return None
 
 
 def _source(msg: Assign) -> frozenset[str] | str:

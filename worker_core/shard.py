@@ -407,15 +407,16 @@ def load_shard(
 
 
 def carve(whole: Shard, start: int, end: int) -> Shard:
-    """The stage of layers ``[start, end)`` taken from a loaded shard of the whole model (a
-    standby member's, see :meth:`master_core.group.Group`): its modules shared, nothing read
-    again.  Raises :class:`ShardError` unless ``whole`` holds every layer."""
-    if whole.layer_start != 0 or whole.layer_end != whole.num_layers or not 0 <= start < end <= whole.num_layers:
+    """The stage of layers ``[start, end)`` taken from a loaded shard that holds them (a standby
+    member's whole model, see :meth:`master_core.group.Group`; or the layers a stage took over
+    from a lost neighbour, which it computes apart at first): its modules shared, nothing read
+    again.  Raises :class:`ShardError` unless ``whole`` holds every layer of the range."""
+    if not whole.layer_start <= start < end <= whole.layer_end:
         raise ShardError(
             f"cannot take layers [{start}, {end}) from a shard of [{whole.layer_start}, {whole.layer_end})"
         )
     first, last = start == 0, end == whole.num_layers
-    layers = nn.ModuleList(whole.layers[start:end])
+    layers = nn.ModuleList(whole.layers[start - whole.layer_start : end - whole.layer_start])
     kept = [m for m in (whole.embed, whole.pos_embed, whole.embed_norm) if first and m is not None]
     kept += [m for m in (whole.norm, whole.lm_head) if last and m is not None]
     return Shard(
@@ -427,8 +428,8 @@ def carve(whole: Shard, start: int, end: int) -> Shard:
         pos_embed=whole.pos_embed if first else None,
         embed_norm=whole.embed_norm if first else None,
         layers=layers,
-        windows=whole.windows[start:end],
-        layer_types=whole.layer_types[start:end],
+        windows=whole.windows[start - whole.layer_start : end - whole.layer_start],
+        layer_types=whole.layer_types[start - whole.layer_start : end - whole.layer_start],
         rotary=whole.rotary,
         norm=whole.norm if last else None,
         lm_head=whole.lm_head if last else None,
@@ -436,6 +437,7 @@ def carve(whole: Shard, start: int, end: int) -> Shard:
         dtype=whole.dtype,
         weight_bytes=sum(module_bytes(m) for m in [*layers, *kept]),
         precision=whole.precision,
+        keys_as_cached=whole.keys_as_cached,
     )
 
 
@@ -509,3 +511,53 @@ def parameter_counts(folder: Path) -> tuple[list[int], int, int, list[int]]:
             other += n
     layers = [per_layer[i] for i in sorted(per_layer)]
     return layers, embed + other, head or embed, [kept[i] for i in sorted(per_layer)]
+
+
+def join(kept: Shard, added: Shard) -> Shard:
+    """The stage made of a loaded shard ``kept`` and an adjacent one ``added`` of the same model
+    (a stage taking over its lost neighbour's layers, see :meth:`master_core.group.Group`): their
+    modules shared, nothing read again.  The caches ``kept`` wrote stay valid: its layers keep
+    their cache indices (``layer_idx``) and ``added``'s layers are given unused ones.  Raises
+    :class:`ShardError` unless the two are adjacent."""
+    adjacent = kept.layer_end == added.layer_start or added.layer_end == kept.layer_start
+    if kept.num_layers != added.num_layers or not adjacent:
+        raise ShardError(
+            f"cannot join layers [{added.layer_start}, {added.layer_end}) to [{kept.layer_start}, {kept.layer_end})"
+        )
+    used = {cache_index(layer) for layer in kept.layers}
+    free = (i for i in range(kept.num_layers) if i not in used)
+    for layer in added.layers:
+        index = next(free)
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                setattr(m, "layer_idx", index)  # noqa: B010 - torch types Module.__setattr__ for tensors and modules
+    low, high = (kept, added) if added.layer_start == kept.layer_end else (added, kept)
+    return Shard(
+        config=low.config,
+        layer_start=low.layer_start,
+        layer_end=high.layer_end,
+        num_layers=low.num_layers,
+        embed=low.embed,
+        pos_embed=low.pos_embed,
+        embed_norm=low.embed_norm,
+        layers=nn.ModuleList([*low.layers, *high.layers]),
+        windows=[*low.windows, *high.windows],
+        layer_types=[*low.layer_types, *high.layer_types],
+        rotary=low.rotary if low.rotary is not None else high.rotary,
+        norm=high.norm,
+        lm_head=high.lm_head,
+        device=low.device,
+        dtype=low.dtype,
+        weight_bytes=low.weight_bytes + high.weight_bytes,
+        precision=low.precision,
+        keys_as_cached=low.keys_as_cached,
+    )
+
+
+def cache_index(layer: nn.Module) -> int | None:
+    """The index a decoder layer's attention writes its cache under (``layer_idx``)."""
+    for m in layer.modules():
+        index = getattr(m, "layer_idx", None)
+        if isinstance(index, int):
+            return index
+    return None

@@ -29,9 +29,15 @@ not on its requests (refused while it is open), and with its tokens counted in t
 Its lengths are committed after its last layer, so a step abandoned (``close``) commits nothing.
 
 Every stage but the last keeps the rows it sends on (:mod:`worker_core.kv_cache`'s tape);
-``recall`` gives them back for a rebuild of the next stage.  A standby member's whole model also
-keeps the rows leaving each layer end in ``tapes`` (the serving pipeline's stage ends), so the
-range it may take over later (``kv``: its caches narrowed, :meth:`KVStore.narrowed`) has them too.
+``recall`` gives them back for a rebuild of the next stage.  A stage widened over a lost
+neighbour's layers (``missing``: those layers, its caches ``kv`` carried from its own range)
+holds none of their positions at first: ``fill`` computes them for each request, in order,
+from the rows it kept leaving them or from the input given (a newer generation of the KV id
+is taken on, as a step's is); a step of such a request starting beyond the positions filled,
+or a recall beyond them, is refused, and one starting within them cuts every layer back there.
+A standby member's whole model also keeps the rows leaving each layer end in ``tapes`` (the
+serving pipeline's stage ends), so the range it may take over later (``kv``: its caches
+narrowed, :meth:`KVStore.narrowed`) has them too.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch
 
 from .kv_cache import KVStore, PackedCache, PackedSegment, packed_mask
 from .segment_attention import SEGMENTS, keys_as_cached, running
-from .shard import Shard
+from .shard import Shard, carve
 from .wire import Segment
 
 
@@ -60,9 +66,15 @@ class StageRunner:
         max_batch_tokens: int,
         tapes: tuple[int, ...] = (),
         kv: KVStore | None = None,
+        missing: tuple[int, int] | None = None,
     ) -> None:
         self.shard = shard
-        self.kv = KVStore(kv_tokens) if kv is None else kv  # ``kv``: a standby's caches, narrowed to this range
+        self.kv = KVStore(kv_tokens) if kv is None else kv  # ``kv``: carried caches (a standby's, narrowed)
+        self.kv.budget_tokens = kv_tokens
+        # layers of the range that the carried caches lack (taken over from a lost neighbour), and
+        # per request whose positions of them are not all computed yet, how many are (``fill``)
+        self.unfilled: dict[int, int] = dict.fromkeys(self.kv.ids(), 0) if missing is not None else {}
+        self.missing = missing if self.unfilled else None
         self.keep_tapes(tapes)
         self.max_batch_tokens = max_batch_tokens
         self.last_compute_seconds = 0.0  # of the last step ``run`` ran whole
@@ -87,11 +99,9 @@ class StageRunner:
         step.advance(len(sh.layers))
 
     # ----------------------------------------------------------------- checks
-    def _check(self, segments: tuple[Segment, ...], tensor: torch.Tensor) -> int:
-        sh = self.shard
-        total = sum(s.length for s in segments)
-        if total > self.max_batch_tokens:
-            raise StepRejected(f"step of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
+    @staticmethod
+    def _check_input(sh: Shard, tensor: torch.Tensor, total: int) -> None:
+        """``tensor`` is the input of ``total`` positions to the layers of ``sh``."""
         if sh.is_first:
             if tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.shape[0] != total:
                 raise StepRejected(
@@ -106,8 +116,21 @@ class StageRunner:
                 )
             if not bool(torch.isfinite(tensor).all()):
                 raise StepRejected("hidden states contain NaN or infinity")
+
+    def _check(self, segments: tuple[Segment, ...], tensor: torch.Tensor) -> int:
+        total = sum(s.length for s in segments)
+        if total > self.max_batch_tokens:
+            raise StepRejected(f"step of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
+        self._check_input(self.shard, tensor, total)
         added = 0
         ids = {s.request_id for s in segments}
+        for s in segments:
+            short = s.request_id in self.unfilled and 0 < s.start > self.unfilled[s.request_id] and not s.base
+            if s.base in self.unfilled or short:
+                missing = self.missing or (0, 0)
+                raise StepRejected(
+                    f"request {s.request_id}: layers [{missing[0]}, {missing[1]}) of its cache are not computed yet"
+                )
         for step in self._open:
             if busy := ids & step.ids:
                 raise StepRejected(f"request {min(busy)} is being computed by another step")
@@ -164,9 +187,10 @@ class StageRunner:
         (refused), and its tokens count in the KV budget."""
         t0 = time.perf_counter()
         if drop:
-            self.kv.free(drop)
+            self.free(drop)
         added = self._check(segments, tensor)
         for s in segments:
+            self._filled(s.request_id)  # a new cache, or one cut back to where every layer holds it
             if s.start == 0 or s.base:
                 self.kv.start(s.request_id, s.generation, s.base, s.start)
             else:  # a newer generation from a start within the cache: steps of older ones are late from now on
@@ -176,8 +200,62 @@ class StageRunner:
         self._open.append(step)
         return step
 
-    def free(self, request_ids: tuple[int, ...]) -> None:
+    def free(self, request_ids: tuple[int, ...] | list[int]) -> None:
         self.kv.free(request_ids)
+        for rid in request_ids:
+            self._filled(rid)
+
+    def _filled(self, request_id: int) -> None:
+        """``request_id`` lacks none of the missing layers' positions now (or is gone); once no
+        request does, nothing is missing, and rows kept leaving the old end are let go."""
+        if self.unfilled.pop(request_id, None) is None or self.unfilled or self.missing is None:
+            return
+        start, self.missing = self.missing[0], None
+        if start not in (self.shard.layer_start, self.shard.layer_end) and start not in self.tapes:
+            for r in self.kv.requests():
+                r.tapes.pop(start, None)
+
+    @torch.inference_mode()
+    def fill(self, segments: tuple[Segment, ...], tensor: torch.Tensor, start: int, end: int) -> float:
+        """Compute layers ``[start, end)`` (``missing``) of each segment's positions, which the
+        stage's other layers hold already, from ``tensor`` (token ids where ``start`` is 0, else
+        hidden states) or, empty, from the rows kept leaving ``start``; write no other layer,
+        commit no length.  Returns the compute seconds.  Raises :class:`StepRejected` (nothing
+        changed) for a fill of other layers, out of order or beyond what the stage holds."""
+        if self.missing != (start, end):
+            raise StepRejected(f"layers [{start}, {end}) are not missing here (missing: {self.missing})")
+        total = sum(s.length for s in segments)
+        if total > self.max_batch_tokens:
+            raise StepRejected(f"fill of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
+        if len({s.request_id for s in segments}) != len(segments) or any(s.length < 1 for s in segments):
+            raise StepRejected("a fill names a request twice, or no position of one")
+        rows = []
+        for s in segments:
+            r = self.kv.get(s.request_id)
+            at = self.unfilled.get(s.request_id)
+            if r is None or at != s.start or s.start + s.length > r.length or s.generation < r.generation:
+                held = "nothing" if r is None else f"{r.length} positions, generation {r.generation}"
+                raise StepRejected(
+                    f"request {s.request_id}: a fill of [{s.start}, {s.start + s.length}) generation {s.generation} "
+                    f"does not continue what it lacks ({at}) of what this stage holds ({held})"
+                )
+            if not tensor.numel():  # from the rows this stage kept leaving ``start``
+                kept = r.rows(s.start, s.start + s.length, start)
+                if kept is None:
+                    raise StepRejected(f"request {s.request_id}: no rows kept leaving layer {start}")
+                rows.append(kept)
+        part = carve(self.shard, start, end)
+        tensor = torch.cat(rows) if rows else tensor
+        self._check_input(part, tensor, total)
+        step = StepRun(self, segments, tensor, 0, 0, shard=part, fill=True)
+        step.advance(len(part.layers))
+        for s in segments:
+            self.kv.get_or_create(s.request_id).generation = s.generation  # steps of older ones are late now
+            if s.start + s.length == self.kv.length(s.request_id):
+                self._filled(s.request_id)
+            else:
+                self.unfilled[s.request_id] = s.start + s.length
+        return step.seconds
 
     def recall(self, segments: tuple[Segment, ...]) -> torch.Tensor:
         """The output rows this stage sent on for each segment's positions, packed in segment
@@ -190,9 +268,11 @@ class StageRunner:
         for s in segments:
             r = self.kv.get(s.request_id)
             end = s.start + s.length
-            got = r.rows(s.start, end, self.shard.layer_end) if r is not None and end <= r.length else None
+            held = 0 if r is None else r.length
+            if s.request_id in self.unfilled and self.missing is not None and self.missing[1] == self.shard.layer_end:
+                held = self.unfilled[s.request_id]  # the rows leaving the end come with the missing layers
+            got = r.rows(s.start, end, self.shard.layer_end) if r is not None and end <= held else None
             if got is None:
-                held = 0 if r is None else r.length
                 raise StepRejected(
                     f"request {s.request_id}: cannot recall [{s.start}, {s.start + s.length}), this stage holds {held}"
                 )
@@ -215,8 +295,11 @@ class StepRun:
         added: int,
         kv: KVStore | None = None,
         unjoined: bool | None = None,
+        shard: Shard | None = None,
+        fill: bool = False,
     ) -> None:
-        sh = runner.shard
+        sh = self.shard = runner.shard if shard is None else shard  # ``shard``: some of the runner's layers
+        self.fill = fill  # only those layers' keys and values of positions held already (StageRunner.fill)
         self.runner, self.segments, self.topk, self.added = runner, segments, topk, added
         self.ids = {s.request_id for s in segments}
         self.result: torch.Tensor | None = None
@@ -266,7 +349,7 @@ class StepRun:
         t0 = time.perf_counter()
         self.runner.computing = True
         try:
-            sh = self.runner.shard
+            sh = self.shard
             end = min(len(sh.layers), self.layer + max(1, layers))
             while self.layer < end:
                 i = self.layer
@@ -299,8 +382,13 @@ class StepRun:
                     self._keep(self.hidden[0].cpu(), sh.layer_start + self.layer)
             if self.layer < len(sh.layers):
                 return False
-            self.cache.commit()
-            self.result = self._output()
+            if self.fill:  # no length moves; the rows leaving the stage's end are kept as its steps keep them
+                if sh.layer_end == self.runner.shard.layer_end and not sh.is_last:
+                    self._keep(self.hidden[0].cpu(), sh.layer_end)
+                self.result = self.hidden[0][:0].cpu()
+            else:
+                self.cache.commit()
+                self.result = self._output()
             self.close()
             return True
         except BaseException:
@@ -317,7 +405,7 @@ class StepRun:
             self.runner._open.remove(self)
 
     def _output(self) -> torch.Tensor:
-        sh = self.runner.shard
+        sh = self.shard
         hidden = self.hidden[0]  # [T, hidden]
         if sh.is_last:
             if sh.lm_head is None or sh.norm is None:

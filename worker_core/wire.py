@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 8  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
-# 8: Assign.tapes (a standby keeps its copy of the caches for the range it takes, master_core.shadow), Routed.moved
+PROTOCOL_VERSION = 9  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
+# 8: Assign.tapes (a standby keeps its copy of the caches for the range it takes, master_core.shadow), Routed.moved;
+# 9: Fill (a stage that took over its lost neighbour's layers computes their caches)
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -58,6 +59,7 @@ MAX_NAME_CHARS = 128
 MAX_POSITION = 1 << 24  # tokens; no real context is longer
 MAX_ID = (1 << 63) - 1
 MAX_TOPK = 4096  # logits per row a last stage may be asked for
+MAX_LAYERS = 1 << 16  # decoder layers of a model
 MAX_LOOP = 256  # steps a last stage may feed back to the first stage on its own (Step.loop)
 MAX_TEMPERATURE = 100.0  # a Draw's temperature at most
 MAX_DRAFTS = 16  # tokens a last stage may draft for one segment of a fed-back step (Draw.k)
@@ -137,6 +139,7 @@ class Kind(IntEnum):
     ROUTE = 11
     ROUTED = 12
     RECALL = 13
+    FILL = 14
 
 
 # --------------------------------------------------------------------------- messages
@@ -430,6 +433,25 @@ class Recall:
 
 
 @dataclass(frozen=True)
+class Fill:
+    """master -> worker: this stage was given the layers ``[layer_start, layer_end)`` of a lost
+    neighbour on top of its own (an ``Assign`` widening its range keeps its caches): compute
+    those layers' keys and values for each segment's positions, which its own layers hold
+    already, from ``tensor`` (token ids [T] int64 when the layers start the model, else hidden
+    states [T, hidden]) or, with an empty ``tensor``, from the rows it kept leaving
+    ``layer_start`` (its old end).  Answered by a ``Result`` of ``step_id`` with an empty tensor.
+    A request's positions come in order, from 0, under its KV id's generation or a newer one; a
+    step of it starting beyond the positions filled is refused."""
+
+    step_id: int
+    epoch: int
+    segments: tuple[Segment, ...]
+    layer_start: int
+    layer_end: int
+    tensor: torch.Tensor = field(compare=False)
+
+
+@dataclass(frozen=True)
 class Free:
     """master -> worker: drop the KV cache of these requests (unknown ids are ignored)."""
 
@@ -515,7 +537,9 @@ class Routed:
     moved: bool = False  # the epoch's open hop moved to this path by itself (not an answer to a Route)
 
 
-Message = Hello | Assign | Ready | Step | Result | Recall | Free | Failure | Fetch | Chunk | Leave | Route | Routed
+Message = (
+    Hello | Assign | Ready | Step | Result | Recall | Fill | Free | Failure | Fetch | Chunk | Leave | Route | Routed
+)
 
 MAX_CERT_CHARS = 16 * 1024  # a PEM certificate in a Route
 _TOKEN = re.compile(r"^([0-9a-f]{32,128})?$")
@@ -833,6 +857,19 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Recall):
         segs = [_segment_json(s) for s in msg.segments]
         kind, h = Kind.RECALL, {"step_id": msg.step_id, "epoch": msg.epoch, "segments": segs}
+    elif isinstance(msg, Fill):
+        spec, payload = _tensor_bytes(msg.tensor)
+        segs = [_segment_json(s) for s in msg.segments]
+        kind, h = (
+            Kind.FILL,
+            {
+                "step_id": msg.step_id,
+                "epoch": msg.epoch,
+                "segments": segs,
+                "layers": [msg.layer_start, msg.layer_end],
+                "tensor": spec,
+            },
+        )
     elif isinstance(msg, Free):
         kind, h = Kind.FREE, {"request_ids": list(msg.request_ids)}
     elif isinstance(msg, Failure):
@@ -888,7 +925,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
     if type(h) is not dict:
         raise ProtocolError("header must be a JSON object")
     payload = view[_PREFIX.size + hlen :]
-    if kind not in (Kind.STEP, Kind.RESULT, Kind.CHUNK) and len(payload):
+    if kind not in (Kind.STEP, Kind.RESULT, Kind.CHUNK, Kind.FILL) and len(payload):
         raise ProtocolError(f"{kind.name} carries no payload")
 
     if kind is Kind.HELLO:
@@ -920,7 +957,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             model=_str(h, "model", 4096),
             layer_start=_int(h, "layer_start", 0, 1 << 16),
             layer_end=_int(h, "layer_end", 1, 1 << 16),
-            num_layers=_int(h, "num_layers", 1, 1 << 16),
+            num_layers=_int(h, "num_layers", 1, MAX_LAYERS),
             max_batch_tokens=_int(h, "max_batch_tokens", 1, MAX_POSITION),
             kv_tokens=_int(h, "kv_tokens", 1, MAX_ID),
             config_json=_str(h, "config_json", 1 << 20),
@@ -987,6 +1024,20 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         )
     if kind is Kind.RECALL:
         return Recall(step_id=_int(h, "step_id"), epoch=_int(h, "epoch"), segments=_segments(h))
+    if kind is Kind.FILL:
+        layers = h.get("layers")
+        if type(layers) is not list or len(layers) != 2 or any(type(x) is not int for x in layers):
+            raise ProtocolError("'layers' must be [start, end]")
+        if not 0 <= layers[0] < layers[1] <= MAX_LAYERS:
+            raise ProtocolError(f"bad layer range {layers!r}")
+        return Fill(
+            step_id=_int(h, "step_id"),
+            epoch=_int(h, "epoch"),
+            segments=_segments(h),
+            layer_start=layers[0],
+            layer_end=layers[1],
+            tensor=_tensor_from(h, payload),
+        )
     if kind is Kind.FREE:
         return Free(request_ids=_ids(h, "request_ids"))
     if kind is Kind.FETCH:
