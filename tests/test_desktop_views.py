@@ -325,6 +325,36 @@ def test_background_work_reports_on_the_qt_thread_and_never_holds_up_quitting(qt
     assert done.returncode == 0, (done.returncode, done.stderr[-500:])  # a QThread here aborted: 134
 
 
+def test_a_firewall_rule_written_after_the_window_is_gone_tells_nobody_and_raises_nothing(qtbot, tmp_path, monkeypatch):
+    """Quitting destroys the window while the firewall rule may still be written: its answer
+    comes to no view (it used to reach a deleted label and raise in the Qt thread)."""
+    import threading
+
+    from PySide6.QtCore import QCoreApplication, QEvent
+    from shiboken6 import isValid
+
+    from app.desktop.background import _RUNNING
+    from app.desktop.system import firewall
+
+    release = threading.Event()
+    monkeypatch.setattr(firewall, "write_rule", lambda ports: "" if release.wait(5) else "late")
+    c = Controller(Paths.under(tmp_path), Settings(), gpu="test", probe_load=lambda pids: None)
+    d = Desktop(c, use_tray=False, confirm=lambda q: True, exit_app=lambda: None)
+    monkeypatch.setattr(c, "hosting", lambda: True)
+    c.master_info = {"group_port": 7733}
+    d.offer_firewall_rule(platform="win32")  # asked, allowed: the rule is being written
+    window = d.window
+    assert window is not None
+    window.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not isValid(window)
+    with qtbot.captureExceptions() as errors:
+        release.set()
+        qtbot.waitUntil(lambda: d._firewall is not None and d._firewall not in _RUNNING, timeout=5000)
+        qtbot.wait(100)  # its answer delivered on the Qt thread
+    assert errors == []
+
+
 def test_create_and_join_dialogs_take_a_relay(qtbot, tmp_path, monkeypatch):
     """A group created with a relay registers there (``--relay``); the join dialog finds a
     group through a relay by the code alone; a bad address is one sentence, nothing starts; the

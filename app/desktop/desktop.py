@@ -19,6 +19,7 @@ from typing import TypeVar, cast
 from PySide6.QtCore import QObject, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon, QWidget
+from shiboken6 import isValid
 
 from app.group import links
 
@@ -141,8 +142,10 @@ class Desktop(QObject):
             self.window.refresh()
 
     def _notify(self, title: str, message: str) -> None:
+        """Tell the user through the tray or the window, if it still exists (background work,
+        e.g. the firewall rule, may answer after the view was destroyed on quitting)."""
         view = self.tray or self.window
-        if view is not None:
+        if view is not None and isValid(view):
             view.notify(title, message)
 
     # ------------------------------------------------------------------ commands
