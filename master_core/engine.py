@@ -422,8 +422,23 @@ class Engine:
         kept = {r.kv_id for r in reqs}
         if orphans := [kv for kv in held if kv not in kept]:
             stages[index].free(orphans)  # copied while it stood by, of requests that ended since
-        work = [Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, min(held.get(r.kv_id, 0), r.computed)) for r in reqs]
-        had = sum(w.start for w in work)
+        entries = [  # the cached prefixes they start from, each before those starting from it
+            Lost(e.kv_id, e.generation, len(e.tokens), e.tokens, e.base_len, e.base.kv_id if e.base else 0, e.base_len)
+            for e in rep.entries
+        ]
+        work = entries + [
+            Lost(
+                r.kv_id,
+                r.kv_gen,
+                r.computed,
+                r.tokens,
+                max(r.base_len, min(held.get(r.kv_id, 0), r.computed)),
+                r.prefix.kv_id if r.prefix else 0,
+                r.base_len,
+            )
+            for r in reqs
+        ]
+        had = sum(min(held.get(r.kv_id, 0), r.computed) for r in reqs)
         t0 = self.clock()
         others = stages if layers is not None else [x for i, x in enumerate(stages) if i != index]
         args = (self.relay.step_ids, self.config.max_batch_tokens, self.group.dims.hidden_size)
@@ -436,6 +451,8 @@ class Engine:
                 rebuilt = await fill_stage(stages, epoch, index, layers, work, *args)
         except (LinkGone, StepFailed, ProtocolError) as e:
             log.warning("rebuilding stage %d failed (%s); %d request(s) computed from scratch", index, e, len(reqs))
+            if self.group.epoch == epoch:  # the cached prefixes are not all on that stage
+                self.kv.free_everywhere(self.kv.prefix.clear())
             for r in reqs:
                 if r.id in self.running and self.group.epoch == epoch:
                     self.replays += 1

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .group import Group, Rebuilt
 from .link import WorkerLink
-from .prefix_cache import PrefixCache
+from .prefix_cache import Entry, PrefixCache
 from .request import Request, RequestState
 
 KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QUEUED})  # QUEUED: preempted
@@ -51,6 +51,7 @@ class Repairing:
     rebuilt: Rebuilt
     survivors: list[WorkerLink]
     kept: dict[int, int]
+    entries: list[Entry] = field(default_factory=list)  # cached prefixes they start from, each after its base
     free_later: list[int] = field(default_factory=list)
 
 
@@ -86,7 +87,7 @@ class KVLedger:
         rebuilding = self.repairing is not None and req.id in self.repairing.kept  # not on the new stage yet
         if self.caching and req.state in KEEPABLE and req.computed > req.base_len and not rebuilding:
             held = own(req)  # what its stages hold of their own (a loop may have run ahead of computed)
-            kept = self.prefix.retain(req.kv_id, req.tokens[: req.computed], held, req.prefix, req.base_len)
+            kept = self.prefix.retain(req.kv_id, req.tokens[: req.computed], held, req.prefix, req.base_len, req.kv_gen)
         if kept is None:
             ids.append(req.kv_id)
             if req.prefix is not None:
@@ -187,29 +188,38 @@ class KVLedger:
     ) -> None:
         """The KV side of an epoch change: free the ``running`` requests' caches on the stages
         that were serving (``previous``; the live ones among them keep no cache for a pipeline
-        that is gone) and restart the requests from their tokens, except, when only one stage is
-        ``rebuilt`` (the group's repair), those that started from no cached prefix: the survivors
-        keep their caches and they resume once the new stage is rebuilt (:attr:`repairing`).
+        that is gone) and restart the requests from their tokens, except when only one stage is
+        ``rebuilt`` (the group's repair): the survivors keep the running requests' caches and the
+        cached prefixes they start from (the others are forgotten), and the requests resume once
+        that stage is rebuilt (:attr:`repairing`).
         ``always``: an id freed on those stages whatever they held (the start-up profile's)."""
-        ids = [always, *self.prefix.clear()]  # the cached prefixes go with their stages
+        ids = [always]
         self._drops.clear()
         holders = list(previous)
         pending, self.repairing = self.repairing, None
         if pending is not None:  # a repair given up before it served: what it kept goes too
             holders += [link for link in pending.survivors if link not in holders]
+        running = list(running)
+        entries: list[Entry] = []
+        if rebuilt is None:
+            ids += self.prefix.clear()  # the cached prefixes go with their stages
+        else:  # those the running requests start from stay, and are rebuilt with them
+            entries, forgotten = self.prefix.keep_only([r.prefix for r in running if r.kv_id and r.prefix])
+            ids += forgotten
         kept: dict[int, int] = {}
         for req in running:
-            if rebuilt is not None and req.kv_id and req.prefix is None and not req.base_len:
+            if rebuilt is not None and req.kv_id:
                 ids += self.release(req, stale_only=True)
                 kept[req.id] = req.kv_id
-                self.resume(req)  # from what every stage holds: the new one once rebuilt
+                self.resume(req)  # from what every stage holds: the rebuilt one once rebuilt
                 continue
             req.prefix = None  # forgotten with the rest of the cache
             ids += self.release(req)  # nothing of it is left on those stages now
             self.restart(req)
             self.reset_restarts += 1
         if rebuilt is not None:
-            self.repairing = Repairing(rebuilt, [x for i, x in enumerate(previous) if i != rebuilt.lost], kept)
+            survivors = [x for i, x in enumerate(previous) if i != rebuilt.lost]
+            self.repairing = Repairing(rebuilt, survivors, kept, entries)
         for link in holders:
             link.free(ids)
 

@@ -47,6 +47,7 @@ class Entry:
     refs: int = 0
     used: int = 0  # tick of its last use (LRU)
     keys: list[bytes] = field(default_factory=list)  # the block keys it answers for
+    generation: int = 0  # of its KV id on the stages (wire.Segment.generation)
 
 
 @dataclass(frozen=True)
@@ -117,17 +118,19 @@ class PrefixCache:
     def release(self, entry: Entry) -> None:
         entry.refs = max(0, entry.refs - 1)
 
-    def retain(self, kv_id: int, tokens: Sequence[int], held: int, base: Entry | None, base_len: int) -> Entry | None:
-        """Keep the cache ``kv_id`` on the stages (its first ``len(tokens)`` positions are these
-        tokens; it holds ``held`` tokens of its own; it started from ``base`` at ``base_len``,
-        whose reference passes to the entry).  Returns the entry, or None when it would add no
+    def retain(
+        self, kv_id: int, tokens: Sequence[int], held: int, base: Entry | None, base_len: int, generation: int = 0
+    ) -> Entry | None:
+        """Keep the cache ``kv_id`` (of ``generation``) on the stages (its first ``len(tokens)``
+        positions are these tokens; it holds ``held`` tokens of its own; it started from ``base``
+        at ``base_len``, whose reference passes to the entry).  Returns the entry, or None when it would add no
         block of its own (the caller frees it, and releases ``base``)."""
         first = base_len // self.block  # blocks below base_len are the base's
         keys = list(self._keys(tokens))[first:]
         if not keys or kv_id in self._entries:
             return None
         self._tick += 1
-        e = Entry(kv_id, tuple(tokens), base, base_len, held, used=self._tick)
+        e = Entry(kv_id, tuple(tokens), base, base_len, held, used=self._tick, generation=generation)
         self._entries[kv_id] = e
         for i, key in enumerate(keys, start=first):
             if key not in self._blocks:  # the same prefix cached twice: the older keeps answering
@@ -160,9 +163,32 @@ class PrefixCache:
         if e.base is not None:
             self.release(e.base)
 
+    def keep_only(self, kept: Sequence[Entry]) -> tuple[list[Entry], list[int]]:
+        """Forget every entry but ``kept`` and those they start from (a stage rebuilt by a repair
+        computes only what running requests use): (the entries kept, each after the one it
+        starts from; the KV ids forgotten, which the stages must free)."""
+        chain: dict[int, Entry] = {}
+        for e in kept:
+            link: Entry | None = e
+            while link is not None and link.kv_id not in chain:
+                chain[link.kv_id] = link
+                link = link.base
+        gone = [e for e in self._entries.values() if e.kv_id not in chain]
+        for e in gone:
+            self._forget(e)
+        return sorted(chain.values(), key=_depth), [e.kv_id for e in gone]
+
     def clear(self) -> list[int]:
         """Forget every entry (the pipeline that held them is gone); returns their KV ids."""
         ids = list(self._entries)
         self._entries.clear()
         self._blocks.clear()
         return ids
+
+
+def _depth(e: Entry) -> int:
+    """How many entries ``e`` starts from, one after another."""
+    n, link = 0, e.base
+    while link is not None:
+        n, link = n + 1, link.base
+    return n

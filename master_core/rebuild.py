@@ -48,6 +48,8 @@ class Lost:
     upto: int
     tokens: Sequence[int]
     start: int = 0
+    base: int = 0  # its first ``base_len`` positions are this cached prefix's (rebuilt before it)
+    base_len: int = 0
 
 
 def token_ids(segments: Sequence[Segment], work: Sequence[Lost]) -> torch.Tensor:
@@ -57,17 +59,23 @@ def token_ids(segments: Sequence[Segment], work: Sequence[Lost]) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def pack(work: Sequence[Lost], max_tokens: int) -> list[tuple[Segment, ...]]:
+def pack(work: Sequence[Lost], max_tokens: int, bases: bool = True) -> list[tuple[Segment, ...]]:
     """The rebuild's steps: each request's positions in order, split where a step is full, at
-    most ``max_tokens`` tokens a step, a request at most once per step."""
+    most ``max_tokens`` tokens a step, a request at most once per step; with ``bases`` a
+    request's first segment at its cached prefix's end names that prefix (a new cache there).
+    A request starting from a prefix goes in a later step than that prefix's positions."""
     steps: list[tuple[Segment, ...]] = []
     current: list[Segment] = []
     room = max_tokens
     for lost in work:
         at = lost.start
+        if lost.base and current and any(s.request_id == lost.base for s in current):
+            steps.append(tuple(current))
+            current, room = [], max_tokens
         while at < lost.upto:
             n = min(room, lost.upto - at)
-            current.append(Segment(lost.kv_id, at, n, False, lost.generation))
+            base = lost.base if bases and lost.base and at == lost.base_len else 0
+            current.append(Segment(lost.kv_id, at, n, False, lost.generation, base))
             at += n
             room -= n
             if room == 0:
@@ -110,7 +118,7 @@ async def fill_stage(
     asg = target.assignment
     own_rows = asg is not None and layers[0] > asg.layer_start  # they follow its own layers
     filled = 0
-    for segments in pack([w for w in work if w.upto > w.start], max_tokens):
+    for segments in pack([w for w in work if w.upto > w.start], max_tokens, bases=False):
         if own_rows:
             x = torch.empty(0, hidden_size)
         else:

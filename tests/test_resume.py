@@ -500,3 +500,54 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
     assert kept == 4, "the surviving stages' cache objects were replaced"  # 2 stages x 2 requests
     assert 89 <= positions <= 89 + 2 * NEW, positions  # each request's positions once, on the widened stage only
     assert left == [0, 0], left
+
+
+@pytest.mark.parametrize("spare", [False, True], ids=["neighbour", "spare"])
+def test_conversation_turns_started_from_a_cached_prefix_survive_a_repair_with_their_prefix(ckpt, spare, monkeypatch):
+    """Two requests continue a conversation from its cached history (a prefix held on every
+    stage); the middle stage dies.  The repair keeps them and that prefix: the stage that takes
+    the layers (a neighbour widened, or a spare) computes the prefix's positions and then each
+    request's own, none starts again, and the tokens are transformers'."""
+    from master_core.group import Group
+
+    monkeypatch.setattr(Group, "shadow_target", lambda self: None)  # no copy: the spare computes it all
+    first = PROMPTS[0]
+
+    async def main():
+        async with Cluster(ckpt, workers=3, min_workers=2) as c:
+            g, e = c.master.group, c.engine
+            if spare:
+                c.add_worker("spare", link_delay_ms=20)
+                await until(lambda: len(g.links) == 4 and "spare" in g.standby and g.serving, 60, lambda: g.standby)
+            await until(lambda: e.profiled, 60, lambda: f"group {g.state.name}")
+            answer = (await e.generate(first, greedy(8)))[0]
+            history = first + answer
+            prompts = [history + list(range(140, 149)), history + list(range(160, 171))]
+            reqs = [e.submit(p, greedy(NEW)) for p in prompts]
+            while e.tokens_generated < 8 + 12:
+                await asyncio.sleep(0.005)
+            cached = [r.cached_tokens for r in reqs]
+            kv_ids = {r.id: r.kv_id for r in e.running.values()}
+            gone = g.stages[1]
+            gone.close_with("lost (the test)")
+            c.tasks[int(gone.name[1:])].cancel()
+
+            def where() -> str:
+                return f"group {g.state.name} epoch {g.epoch} stages {[s.name for s in g.stages]} repairs {g.repairs}"
+
+            await until(lambda: g.serving and g.repairs == 1, 60, where, 0.005)
+            await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, where, 0.005)
+            same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
+            while not all(r.finished for r in reqs):
+                await asyncio.sleep(0.01)
+            counts = (e.rebuilt_requests, e.kv.reset_restarts, e.replays)
+            return prompts, [list(r.output) for r in reqs], cached, counts, same_ids, e.rebuilt_tokens, len(g.stages)
+
+    prompts, got, cached, counts, same_ids, positions, stages = run(main())
+    assert got == [reference_greedy(ckpt, p, NEW) for p in prompts]
+    assert all(n >= 48 for n in cached), cached  # they started from the cached history
+    assert counts == (2, 0, 0), counts
+    assert same_ids, "a request was given a new KV id: it was computed again from scratch"
+    assert stages == (3 if spare else 2)
+    # the prefix's positions once, then each request's own: nowhere near the prompts twice over
+    assert 48 + sum(len(p) - 48 for p in prompts) <= positions < sum(map(len, prompts)) + 2 * NEW, positions

@@ -171,8 +171,8 @@ class KVStore:
     def __len__(self) -> int:
         return len(self._requests)
 
-    def ids(self) -> list[int]:
-        return list(self._requests)
+    def items(self) -> list[tuple[int, RequestKV]]:
+        return list(self._requests.items())
 
     def requests(self) -> list[RequestKV]:
         return list(self._requests.values())

@@ -73,7 +73,7 @@ class StageRunner:
         self.kv.budget_tokens = kv_tokens
         # layers of the range that the carried caches lack (taken over from a lost neighbour), and
         # per request whose positions of them are not all computed yet, how many are (``fill``)
-        self.unfilled: dict[int, int] = dict.fromkeys(self.kv.ids(), 0) if missing is not None else {}
+        self.unfilled = {rid: r.base_len for rid, r in self.kv.items()} if missing is not None else {}
         self.missing = missing if self.unfilled else None
         self.keep_tapes(tapes)
         self.max_batch_tokens = max_batch_tokens
@@ -126,7 +126,7 @@ class StageRunner:
         ids = {s.request_id for s in segments}
         for s in segments:
             short = s.request_id in self.unfilled and 0 < s.start > self.unfilled[s.request_id] and not s.base
-            if s.base in self.unfilled or short:
+            if (s.base and self.unfilled.get(s.base, s.start) < s.start) or short:
                 missing = self.missing or (0, 0)
                 raise StepRejected(
                     f"request {s.request_id}: layers [{missing[0]}, {missing[1]}) of its cache are not computed yet"
@@ -227,8 +227,8 @@ class StageRunner:
         total = sum(s.length for s in segments)
         if total > self.max_batch_tokens:
             raise StepRejected(f"fill of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
-        if len({s.request_id for s in segments}) != len(segments) or any(s.length < 1 for s in segments):
-            raise StepRejected("a fill names a request twice, or no position of one")
+        if len({s.request_id for s in segments}) != len(segments) or any(s.length < 1 or s.base for s in segments):
+            raise StepRejected("a fill names a request twice, no position of one, or a cached prefix")
         rows = []
         for s in segments:
             r = self.kv.get(s.request_id)
