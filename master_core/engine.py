@@ -74,7 +74,7 @@ from .journey import Journey, Relay
 from .kv_ledger import KVLedger, base, own
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
 from .loop_drafts import HISTORY_TOKENS, fed_back, first_drafts, loop_draw, pending
-from .rebuild import Lost, fill_stage, rebuild_stage
+from .rebuild import fill_stage, rebuild_stage, work_of
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
 from .scheduler import (
@@ -419,26 +419,11 @@ class Engine:
             link.free(rep.free_later)
         reqs = [r for rid, kv in rep.kept.items() if (r := self.running.get(rid)) is not None and r.kv_id == kv]
         held = self.shadow.take(stages[index]) if 0 <= index < len(stages) and layers is None else {}
-        kept = {r.kv_id for r in reqs}
+        work = work_of(reqs, held)  # the cached prefixes they start from first
+        kept = {w.kv_id for w in work}
         if orphans := [kv for kv in held if kv not in kept]:
             stages[index].free(orphans)  # copied while it stood by, of requests that ended since
-        entries = [  # the cached prefixes they start from, each before those starting from it
-            Lost(e.kv_id, e.generation, len(e.tokens), e.tokens, e.base_len, e.base.kv_id if e.base else 0, e.base_len)
-            for e in rep.entries
-        ]
-        work = entries + [
-            Lost(
-                r.kv_id,
-                r.kv_gen,
-                r.computed,
-                r.tokens,
-                max(r.base_len, min(held.get(r.kv_id, 0), r.computed)),
-                r.prefix.kv_id if r.prefix else 0,
-                r.base_len,
-            )
-            for r in reqs
-        ]
-        had = sum(min(held.get(r.kv_id, 0), r.computed) for r in reqs)
+        had = sum(w.start - w.base_len for w in work)
         t0 = self.clock()
         others = stages if layers is not None else [x for i, x in enumerate(stages) if i != index]
         args = (self.relay.step_ids, self.config.max_batch_tokens, self.group.dims.hidden_size)

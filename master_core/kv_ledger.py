@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .group import Group, Rebuilt
 from .link import WorkerLink
-from .prefix_cache import Entry, PrefixCache
+from .prefix_cache import PrefixCache
 from .request import Request, RequestState
 
 KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QUEUED})  # QUEUED: preempted
@@ -51,7 +51,6 @@ class Repairing:
     rebuilt: Rebuilt
     survivors: list[WorkerLink]
     kept: dict[int, int]
-    entries: list[Entry] = field(default_factory=list)  # cached prefixes they start from, each after its base
     free_later: list[int] = field(default_factory=list)
 
 
@@ -200,12 +199,10 @@ class KVLedger:
         if pending is not None:  # a repair given up before it served: what it kept goes too
             holders += [link for link in pending.survivors if link not in holders]
         running = list(running)
-        entries: list[Entry] = []
         if rebuilt is None:
             ids += self.prefix.clear()  # the cached prefixes go with their stages
         else:  # those the running requests start from stay, and are rebuilt with them
-            entries, forgotten = self.prefix.keep_only([r.prefix for r in running if r.kv_id and r.prefix])
-            ids += forgotten
+            ids += self.prefix.keep_only([r.prefix for r in running if r.kv_id and r.prefix])
         kept: dict[int, int] = {}
         for req in running:
             if rebuilt is not None and req.kv_id:
@@ -219,7 +216,7 @@ class KVLedger:
             self.reset_restarts += 1
         if rebuilt is not None:
             survivors = [x for i, x in enumerate(previous) if i != rebuilt.lost]
-            self.repairing = Repairing(rebuilt, survivors, kept, entries)
+            self.repairing = Repairing(rebuilt, survivors, kept)
         for link in holders:
             link.free(ids)
 

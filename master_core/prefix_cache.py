@@ -163,10 +163,10 @@ class PrefixCache:
         if e.base is not None:
             self.release(e.base)
 
-    def keep_only(self, kept: Sequence[Entry]) -> tuple[list[Entry], list[int]]:
+    def keep_only(self, kept: Sequence[Entry]) -> list[int]:
         """Forget every entry but ``kept`` and those they start from (a stage rebuilt by a repair
-        computes only what running requests use): (the entries kept, each after the one it
-        starts from; the KV ids forgotten, which the stages must free)."""
+        computes only what running requests use); returns the KV ids forgotten, which the stages
+        must free."""
         chain: dict[int, Entry] = {}
         for e in kept:
             link: Entry | None = e
@@ -176,7 +176,7 @@ class PrefixCache:
         gone = [e for e in self._entries.values() if e.kv_id not in chain]
         for e in gone:
             self._forget(e)
-        return sorted(chain.values(), key=_depth), [e.kv_id for e in gone]
+        return [e.kv_id for e in gone]
 
     def clear(self) -> list[int]:
         """Forget every entry (the pipeline that held them is gone); returns their KV ids."""
@@ -184,11 +184,3 @@ class PrefixCache:
         self._entries.clear()
         self._blocks.clear()
         return ids
-
-
-def _depth(e: Entry) -> int:
-    """How many entries ``e`` starts from, one after another."""
-    n, link = 0, e.base
-    while link is not None:
-        n, link = n + 1, link.base
-    return n

@@ -28,7 +28,7 @@ before kept (they start the stage), or from the rows the stage itself kept leavi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +36,8 @@ import torch
 from worker_core.wire import CloseCode, Fill, ProtocolError, Recall, Segment, Step
 
 from .link import WorkerLink
+from .prefix_cache import Entry
+from .request import Request
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,35 @@ class Lost:
     start: int = 0
     base: int = 0  # its first ``base_len`` positions are this cached prefix's (rebuilt before it)
     base_len: int = 0
+
+
+def work_of(requests: Iterable[Request], held: Mapping[int, int]) -> list[Lost]:
+    """What a stage must hold for ``requests``: first the cached prefixes they start from, each
+    before those starting from it and up to the longest part of it in use, then each request's
+    positions up to ``computed``; ``held``: positions of each KV id the stage holds already."""
+    reqs = list(requests)
+    need: dict[int, tuple[Entry, int]] = {}
+    for r in reqs:
+        e, upto = r.prefix, r.base_len
+        while e is not None and upto > need.get(e.kv_id, (e, 0))[1]:
+            need[e.kv_id] = (e, upto)
+            e, upto = e.base, e.base_len
+
+    def lost(kv: int, gen: int, upto: int, tokens: Sequence[int], base: Entry | None, base_len: int) -> Lost:
+        start = max(base_len, min(held.get(kv, 0), upto))
+        return Lost(kv, gen, upto, tokens, start, base.kv_id if base is not None else 0, base_len)
+
+    entries = sorted(need.values(), key=lambda x: _depth(x[0]))
+    return [lost(e.kv_id, e.generation, upto, e.tokens, e.base, e.base_len) for e, upto in entries] + [
+        lost(r.kv_id, r.kv_gen, r.computed, r.tokens, r.prefix, r.base_len) for r in reqs
+    ]
+
+
+def _depth(e: Entry) -> int:
+    n, link = 0, e.base
+    while link is not None:
+        n, link = n + 1, link.base
+    return n
 
 
 def token_ids(segments: Sequence[Segment], work: Sequence[Lost]) -> torch.Tensor:

@@ -5,10 +5,12 @@ Contract
 A member that stands by with the whole model loaded (:meth:`~master_core.group.Group.shadow_target`,
 keeping the rows at the serving pipeline's stage ends, ``Assign.tapes``) is sent, as ``Step``s of
 token ids, every position of the running requests that every stage holds (``Request.computed``)
-and it does not, under each request's KV id and generation.  Nobody waits for those steps:
-they are neither measured as the member's speed nor judged by step deadlines
-(:meth:`~master_core.link.WorkerLink.background`).  A member with a device of its own computes
-them on it; members sharing a machine with stages (this project's test lab) share its CPU.
+and it does not, under each request's KV id and generation, and before them the positions of the
+cached prefixes they start from that are in use (conversations:
+:func:`~master_core.rebuild.work_of`).  Nobody waits for those steps: they are neither measured
+as the member's speed nor judged by step deadlines (:meth:`~master_core.link.WorkerLink.background`).
+A member with a device of its own computes them on it; members sharing a machine with stages
+(this project's test lab) share its CPU.
 When a stage is lost, the group's repair gives its range to that member (it is preferred),
 which keeps the caches of the range it computed (``KVStore.narrowed``): the rebuild
 (:mod:`master_core.rebuild`) then computes only the positions it lacks, instead of every
@@ -16,9 +18,8 @@ position of every open request.
 
 ``await Shadow.run()`` keeps it up to date until cancelled: one step of at most ``STEP_TOKENS``
 tokens at a time, the oldest requests first, and less than a step only ``FOLLOW`` seconds after
-the last; requests that start from a cached prefix are not
-copied (a repair replays them).  It holds at most the member's KV budget; KV ids that no
-running request uses any more are freed there.  ``handover(lost)`` is called at every epoch
+the last.  It holds at most the member's KV budget; KV ids that no running request uses any
+more (nor starts from) are freed there.  ``handover(lost)`` is called at every epoch
 change (the engine's reset): the copy is given up (``lost`` None: freed on the member) or,
 for a repair, set aside; ``take(link)`` then gives the rebuild what ``link`` holds (KV id ->
 positions) and forgets it.  ``behind()`` is the positions it lacks now (None: no member
@@ -35,7 +36,7 @@ from worker_core.wire import Assign, Step
 
 from .group import Group
 from .link import LinkGone, StepFailed, WorkerLink
-from .rebuild import Lost, pack, token_ids
+from .rebuild import Lost, pack, token_ids, work_of
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Shadow:
         """Positions of the running requests the copying member lacks (None: none copies)."""
         if self._link is None:
             return None
-        return sum(max(0, r.computed - self._held.get(r.kv_id, 0)) for r in self._eligible())
+        return sum(w.upto - w.start for w in work_of(self._eligible(), self._held))
 
     def describe(self) -> dict | None:
         """For /health: the member copying and the positions it lacks (None: none copies)."""
@@ -112,9 +113,7 @@ class Shadow:
         return handed[1]
 
     def _eligible(self) -> list[Request]:
-        return sorted(
-            (r for r in self._running() if r.kv_id and r.prefix is None and not r.base_len), key=lambda r: r.order
-        )
+        return sorted((r for r in self._running() if r.kv_id), key=lambda r: r.order)
 
     def _follow(self) -> WorkerLink | None:
         """The member to copy to now; a change of member or of its assignment starts over."""
@@ -139,21 +138,19 @@ class Shadow:
         if link is None or link.assignment is None:
             return False
         reqs = self._eligible()
-        live = {r.kv_id for r in reqs}
+        live = {w.kv_id for w in work_of(reqs, self._held)}
         stale = [kv for kv in self._held if kv not in live]
         if stale:
             link.free(stale)
             for kv in stale:
                 del self._held[kv]
         room = link.assignment.kv_tokens - sum(self._held.values())
-        work = []
-        for r in reqs:
-            have = min(self._held.get(r.kv_id, 0), r.computed)
-            if r.computed - have > room:
-                break  # the oldest first, within its budget
-            room -= r.computed - have
-            if r.computed > have:
-                work.append(Lost(r.kv_id, r.kv_gen, r.computed, r.tokens, have))
+        work: list[Lost] = []
+        for n in range(1, len(reqs) + 1):  # the oldest first, within its budget
+            more = work_of(reqs[:n], self._held)
+            if sum(w.upto - w.start for w in more) > room:
+                break
+            work = more
         size = min(STEP_TOKENS, link.assignment.max_batch_tokens)
         steps = pack(work, size)
         now = asyncio.get_running_loop().time()
@@ -177,6 +174,6 @@ class Shadow:
         if round_ == self._round and link is self._link:
             self._sending = None
             for s in segments:
-                self._held[s.request_id] = s.start + s.length
+                self._held[s.request_id] = s.start + s.length  # (a prefix's own positions counted from 0)
             self.copied += sum(s.length for s in segments)
         return True

@@ -202,15 +202,12 @@ class KVStore:
         """The caches of layers ``[start, end)`` as a store of ``budget_tokens`` for a stage of that
         range (a standby member taking over a lost stage): each request's keys and values of those
         layers and the rows it kept leaving layer ``end``, nothing copied; the rest is dropped.
-        Requests that start from a cached prefix are not carried (a standby holds none)."""
+        Caches that start from a cached prefix keep starting from it (it is carried too)."""
         store = KVStore(budget_tokens)
         for rid, r in self._requests.items():
-            if r.base is not None:
-                continue
             r.keys = {i: k for i, k in r.keys.items() if start <= i < end}
             r.values = {i: v for i, v in r.values.items() if start <= i < end}
             r.tapes = {at: t for at, t in r.tapes.items() if at == end}
-            r.shared_upto = 0
             store._requests[rid] = r
         self._requests = {}
         return store
