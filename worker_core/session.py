@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import torch
@@ -75,6 +77,7 @@ from .wire import (
     worker_frame_bound,
 )
 
+T = TypeVar("T")
 log = logging.getLogger("molink.worker")
 
 CHUNK_TIMEOUT = 120.0  # seconds to wait for one weight chunk
@@ -387,8 +390,9 @@ class Session:
                 await self.send(Failure(f"fill of epoch {msg.epoch} but this worker serves {self.epoch}", msg.step_id))
                 return
             runner, span = self.runner, (msg.layer_start, msg.layer_end)
+            fill = every_core(runner.fill) if runner.shard.device.type == "cpu" else runner.fill
             try:
-                seconds = await loop.run_in_executor(self.executor, runner.fill, msg.segments, msg.tensor, *span)
+                seconds = await loop.run_in_executor(self.executor, fill, msg.segments, msg.tensor, *span)
             except StepRejected as e:
                 await self.send(Failure(str(e), msg.step_id))
                 return
@@ -588,6 +592,22 @@ class Session:
         hop, self.next_hop = self.next_hop, None
         if hop is not None:
             await hop.close()
+
+
+def every_core(work: Callable[..., T]) -> Callable[..., T]:
+    """``work`` run with torch's threads on every core of this machine, then as many as before:
+    a fill runs while every stage of the pipeline waits for it (a worker that shares the
+    machine with others is otherwise given fewer threads, ``WorkerConfig.threads``)."""
+
+    def run(*args: Any) -> T:
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(before, os.cpu_count() or 1))
+        try:
+            return work(*args)
+        finally:
+            torch.set_num_threads(before)
+
+    return run
 
 
 def _added(start: int, end: int, new_start: int, new_end: int) -> tuple[int, int] | None:
