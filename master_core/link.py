@@ -399,8 +399,14 @@ class WorkerLink:
 
     async def fill(self, fill: Fill) -> None:
         """Send a ``Fill`` and await its answer (bounded like a step of as many tokens on this
-        stage; not measured as its speed: it computes only some of its layers)."""
+        stage, scaled by the layers it fills over those the stage's costs were measured on; not
+        measured as its speed)."""
         tokens = sum(s.length for s in fill.segments)
+        asg = self.assignment
+        if asg is not None:
+            filled = fill.layer_end - fill.layer_start
+            measured = max(1, asg.layer_end - asg.layer_start - filled)  # its own range before it widened
+            tokens = math.ceil(tokens * max(1.0, filled / measured))
         nbytes = fill.tensor.numel() * fill.tensor.element_size()
         await self._exchange(fill, (self,), tokens, nbytes, (self,))
         self.step_bytes_total += nbytes

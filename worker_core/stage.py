@@ -227,8 +227,11 @@ class StageRunner:
         total = sum(s.length for s in segments)
         if total > self.max_batch_tokens:
             raise StepRejected(f"fill of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
-        if len({s.request_id for s in segments}) != len(segments) or any(s.length < 1 or s.base for s in segments):
+        ids = {s.request_id for s in segments}
+        if len(ids) != len(segments) or any(s.length < 1 or s.base for s in segments):
             raise StepRejected("a fill names a request twice, no position of one, or a cached prefix")
+        if any(ids & step.ids for step in self._open):
+            raise StepRejected("a request of this fill is being computed by a step")
         rows = []
         for s in segments:
             r = self.kv.get(s.request_id)
