@@ -7,6 +7,7 @@ Fabricated steps only: which message leaves first, and that nothing whose order 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import torch
 from harness import run
@@ -170,3 +171,36 @@ def test_a_closed_outbox_returns_what_it_never_sent_urgent_first():
         return await box.close()
 
     assert run(main(), 10) == ["u", "b"]
+
+
+def test_an_outbox_closes_even_where_its_ship_swallowed_the_cancellation_and_never_swallows_its_callers():
+    """Python 3.11's ``wait_for`` can swallow a cancellation that lands as its inner await ends
+    (:mod:`worker_core.tasks`): a ship that does so must not keep the outbox's task alive (its
+    ``close`` hung the worker's ``Assign`` for good, the loop then waiting for more), nor take
+    another item; and the caller's own cancellation, arriving while it closes, is not lost."""
+
+    async def main() -> tuple[list[str], bool]:
+        async def ship(item: str) -> None:
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed, as wait_for may
+                await asyncio.sleep(30)
+
+        box: Outbox[str] = Outbox(ship)
+        box.put("a")
+        await asyncio.sleep(0.05)  # "a" is being shipped
+        box.put("b")
+        left = await asyncio.wait_for(box.close(), 10)
+        again: Outbox[str] = Outbox(ship)
+        again.put("x")
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(again.close())
+        await asyncio.sleep(0)
+        closing.cancel()  # the caller is cancelled while the outbox ends
+        try:
+            await asyncio.wait_for(closing, 10)
+        except asyncio.CancelledError:
+            return left, True
+        return left, False
+
+    left, cancelled = run(main(), 30)
+    assert left == ["b"]  # never taken after the close: the caller may send it another way
+    assert cancelled, "the caller's cancellation was swallowed while the outbox closed"

@@ -11,17 +11,20 @@ frame on the link now, never behind a queue of prefill chunks: the bytes of pref
 on a link are at most one frame beyond the socket's buffers.  A ``ship`` that raises is
 logged and the next item goes (the tunnel's reader notices a dead connection).  ``close()``
 stops the task and returns the items never shipped, in the order they would have left (the
-caller may send them another way).  ``backlog``: items queued.
+caller may send them another way); it ends even where a ``ship`` swallowed the cancellation
+(Python 3.11's ``wait_for``, :mod:`worker_core.tasks`): once closed, the task takes no other
+item, and it is cancelled until it ends.  ``backlog``: items queued.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from .tasks import end_tasks
 
 T = TypeVar("T")
 
@@ -57,10 +60,11 @@ class Outbox(Generic[T]):
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while True:
-            while not (self._urgent or self._rest):
+        while not self._closed:
+            if not (self._urgent or self._rest):
                 self._ready.clear()
                 await self._ready.wait()
+                continue
             item = self._urgent.popleft() if self._urgent else self._rest.popleft()
             self._shipping = True
             try:
@@ -82,10 +86,9 @@ class Outbox(Generic[T]):
     async def close(self) -> list[T]:
         """Stop shipping; the items never shipped, urgent ones first."""
         self._closed = True
+        self._ready.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await end_tasks([self._task])
         left = [*self._urgent, *self._rest]
         self._urgent.clear()
         self._rest.clear()

@@ -25,12 +25,12 @@ by the ``protocols`` allowed (``udp_port``: NAT-PMP's and PCP's port, 5351 but i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..tasks import end_tasks
 from .errors import PortMapError
 from .udp import PORT
 
@@ -125,10 +125,8 @@ class Keeper(Generic[L]):
         return self.current
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        if self._task is not None:  # a renewal loop: cancelled until it ends (worker_core.tasks)
+            await end_tasks([self._task])
             self._task = None
         lease, self.current = self.current, None
         if lease is None:
