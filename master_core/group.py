@@ -81,6 +81,7 @@ from .placement import (
     plan_pipeline,
     planner_members,
     replacement,
+    widening,
 )
 from .routes import NO_LOOP_BACK, Hop, route_pipeline
 from .weight_source import WeightSource
@@ -410,18 +411,11 @@ class Group:
                     x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]
                 }
                 return _Repair(Rebuilt(index, index), _Placement(tuple(chosen), standby))
-        # a neighbour widens over the lost range: [its start, b) before it, [a, its end) after it
-        best = None
-        for j in (x for x in (index - 1, index + 1) if 0 <= x < len(self.stages)):
-            x, y = (ranges[j][0], b) if j < index else (a, ranges[j][1])
-            member = self._members([self.stages[j]], size)[0]
-            if replacement(shape, [member], x, y) is not None:
-                cost = (y - x) * member.seconds_per_layer
-                if best is None or cost < best[0]:
-                    best = (cost, j, (x, y))
-        if best is None:
+        near = {j: self._members([self.stages[j]], size)[0] for j in (index - 1, index + 1) if 0 <= j < len(ranges)}
+        widened = widening(shape, ranges, index, near)
+        if widened is None:
             return None
-        _, j, wide = best
+        j, wide = widened
         chosen = [(x, wide if i == j else r) for i, (x, r) in enumerate(zip(self.stages, ranges)) if i != index]
         standby = {x.name: "standing by: its memory does not hold the lost range" for x in spares}
         return _Repair(Rebuilt(j if j < index else j - 1, index, (a, b)), _Placement(tuple(chosen), standby))

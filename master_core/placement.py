@@ -144,6 +144,28 @@ def replacement(shape: ModelShape, members: Sequence[Member], start: int, end: i
     return min(fits, key=lambda i: max((end - start) * members[i].seconds_per_layer, members[i].link_seconds))
 
 
+def widening(
+    shape: ModelShape, ranges: Sequence[tuple[int, int]], lost: int, neighbours: dict[int, Member]
+) -> tuple[int, tuple[int, int]] | None:
+    """Where no standby member takes over stage ``lost`` of a pipeline of ``ranges``: the
+    neighbour (index into ``ranges``, one of ``neighbours``: ``lost - 1`` or ``lost + 1``) that
+    takes its layers over beside its own, and its widened range, or None when neither's memory
+    holds both ranges.  Of two that can, the one whose widened stage computes faster."""
+    a, b = ranges[lost]
+    best: tuple[float, int, tuple[int, int]] | None = None
+    for j in (lost - 1, lost + 1):
+        m = neighbours.get(j)
+        if m is None or not 0 <= j < len(ranges):
+            continue
+        wide = (ranges[j][0], b) if j < lost else (a, ranges[j][1])
+        if replacement(shape, [m], *wide) is None:
+            continue
+        cost = (wide[1] - wide[0]) * m.seconds_per_layer
+        if best is None or cost < best[0]:
+            best = (cost, j, wide)
+    return None if best is None else (best[1], best[2])
+
+
 def _by_time(shape: ModelShape, m: Member, limit: float) -> int:
     """Most layers ``m`` computes within ``limit`` seconds (its link counted apart)."""
     if m.seconds_per_layer <= 0:

@@ -201,6 +201,20 @@ def test_the_replacement_is_the_fastest_standby_member_that_holds_the_range():
     assert replacement(shape, [small], 0, 8) is None
 
 
+def test_without_a_spare_the_neighbour_whose_memory_holds_both_ranges_takes_the_lost_layers():
+    from master_core.placement import Member, ModelShape, widening
+
+    shape = ModelShape(num_layers=8, layer_bytes=100, first_bytes=500, last_bytes=500, kv_bytes_per_layer=10)
+    ranges = [(0, 3), (3, 5), (5, 8)]
+    big, fast, small = Member("big", 10_000, 2.0), Member("fast", 10_000, 1.0), Member("small", 300, 0.1)
+    assert widening(shape, ranges, 1, {0: big, 2: fast}) == (2, (3, 8))  # both hold 5 layers: the faster
+    assert widening(shape, ranges, 1, {0: fast, 2: big}) == (0, (0, 5))
+    assert widening(shape, ranges, 1, {0: small, 2: big}) == (2, (3, 8))  # "small" holds 3 layers, not 5
+    assert widening(shape, ranges, 0, {1: big}) == (1, (0, 5))  # with the embeddings
+    assert widening(shape, ranges, 2, {1: big}) == (1, (3, 8))  # with the head
+    assert widening(shape, ranges, 1, {0: small, 2: small}) is None  # nobody: the whole pipeline is planned again
+
+
 def test_a_stage_whose_compute_hangs_while_its_loop_lives_is_dropped_within_the_stuck_limit(ckpt, want):
     """The middle stage's compute blocks inside a layer (a stuck driver) while its event loop
     answers pings: its pulses show no progress, the master drops it within ``STUCK_LIMIT``
