@@ -36,7 +36,7 @@ from worker_core.wire import Assign, Step
 
 from .group import Group
 from .link import LinkGone, StepFailed, WorkerLink
-from .rebuild import Lost, pack, token_ids, work_of
+from .rebuild import pack, token_ids, work_of
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,14 @@ class Shadow:
             for kv in stale:
                 del self._held[kv]
         room = link.assignment.kv_tokens - sum(self._held.values())
-        work: list[Lost] = []
-        for n in range(1, len(reqs) + 1):  # the oldest first, within its budget
-            more = work_of(reqs[:n], self._held)
-            if sum(w.upto - w.start for w in more) > room:
-                break
-            work = more
+        lo, hi = 0, len(reqs)  # the oldest first, as many as its budget holds (what they need only grows)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if sum(w.upto - w.start for w in work_of(reqs[:mid], self._held)) <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        work = work_of(reqs[:lo], self._held)
         size = min(STEP_TOKENS, link.assignment.max_batch_tokens)
         steps = pack(work, size)
         now = asyncio.get_running_loop().time()
