@@ -21,8 +21,8 @@ worker left or joined) every running request is replayed from its tokens, so cli
 error; when a standby member only takes over a lost stage's range, or a neighbour of the lost
 stage takes its layers over beside its own (the group's repair), the other stages keep their
 caches, the new or widened stage alone computes what they hold of those layers, from the
-inputs kept (:mod:`master_core.rebuild`), and the requests go on where they were (those that
-started from a cached prefix are replayed).  A request whose steps keep failing
+inputs kept (:mod:`master_core.rebuild`; the cached prefixes requests start from first), and
+the requests go on where they were.  A request whose steps keep failing
 fails alone.  A step given up on for want of an
 answer (:class:`~master_core.link.StepLate`: the stages are alive) costs only what was in
 flight: its requests go on from what every stage holds (``Request.computed``) under a newer
@@ -74,7 +74,7 @@ from .journey import Journey, Relay
 from .kv_ledger import KVLedger, base, own
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
 from .loop_drafts import HISTORY_TOKENS, fed_back, first_drafts, loop_draw, pending
-from .rebuild import fill_stage, rebuild_stage, work_of
+from .rebuild import rebuild_stage, work_of
 from .request import FinishEvent, Request, RequestState, SamplingParams, TokenEvent
 from .sampling import next_token
 from .scheduler import (
@@ -430,10 +430,7 @@ class Engine:
         try:
             if not 0 <= index < len(stages) or others != rep.survivors:
                 raise LinkGone("the pipeline is not the repaired one")
-            if layers is None:
-                rebuilt = await rebuild_stage(stages, epoch, index, work, *args)
-            else:
-                rebuilt = await fill_stage(stages, epoch, index, layers, work, *args)
+            rebuilt = await rebuild_stage(stages, epoch, index, work, *args, layers)
         except (LinkGone, StepFailed, ProtocolError) as e:
             log.warning("rebuilding stage %d failed (%s); %d request(s) computed from scratch", index, e, len(reqs))
             if self.group.epoch == epoch:  # the cached prefixes are not all on that stage

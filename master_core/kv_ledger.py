@@ -19,9 +19,9 @@ those ids:
   running requests and the cache fit every stage's budget; evicted ids leave with the next
   step (:meth:`KVLedger.take_drops`, ``Step.drop``) and by ``Free``.
 * :meth:`KVLedger.reset` is the KV side of an epoch change: every cache on the old stages is
-  freed and the requests restart, except, when only one stage is rebuilt (the group's repair), those
-  that started from no cached prefix: their ids are kept (:class:`Repairing`) for the survivors,
-  which hold their caches, and the requests resume once the new stage is rebuilt.
+  freed and the requests restart, except when only one stage is rebuilt (the group's repair):
+  the running requests' ids and the cached prefixes they use are kept (:class:`Repairing`) for
+  the survivors, which hold their caches, and the requests resume once that stage is rebuilt.
 
 Requests' fields are mutated here; the engine owns the requests, their tokens and streams.
 No I/O beyond ``WorkerLink.free`` (a queued frame); no clock.

@@ -18,12 +18,11 @@ Raises what :meth:`~master_core.link.WorkerLink.call` raises (``LinkGone``, ``St
 engine then computes the requests from scratch).  Every wait is bounded by the links' step
 deadlines.
 
-``await fill_stage(stages, epoch, index, layers, work, step_ids, max_tokens, hidden_size)`` does
-the same for a stage that took over a lost neighbour's ``layers`` beside its own (the group's
-repair where no standby member holds the lost range): it computes only those layers' positions
-(``wire.Fill``), from the token ids (the layers start the model), from the rows the stage
-before kept (they start the stage), or from the rows the stage itself kept leaving its old end
-(they end it).
+With ``layers`` it does the same for a stage that took over a lost neighbour's ``layers``
+beside its own (the group's repair where no standby member holds the lost range): it computes
+only those layers' positions (``wire.Fill``), from the token ids (the layers start the model),
+from the rows the stage before kept (they start the stage), or from the rows the stage itself
+kept leaving its old end (they end it).
 """
 
 from __future__ import annotations
@@ -125,38 +124,23 @@ async def rebuild_stage(
     step_ids: Iterator[int],
     max_tokens: int,
     hidden_size: int,
-) -> int:
-    target = stages[index]
-    rebuilt = 0
-    for segments in pack([w for w in work if w.upto > w.start], max_tokens):
-        x = await _inputs(stages, epoch, index, segments, work, step_ids, hidden_size)
-        await target.call(Step(next(step_ids), epoch, segments, x))
-        rebuilt += sum(s.length for s in segments)
-    return rebuilt
-
-
-async def fill_stage(
-    stages: Sequence[WorkerLink],
-    epoch: int,
-    index: int,
-    layers: tuple[int, int],
-    work: Sequence[Lost],
-    step_ids: Iterator[int],
-    max_tokens: int,
-    hidden_size: int,
+    layers: tuple[int, int] | None = None,
 ) -> int:
     target = stages[index]
     asg = target.assignment
-    own_rows = asg is not None and layers[0] > asg.layer_start  # they follow its own layers
-    filled = 0
-    for segments in pack([w for w in work if w.upto > w.start], max_tokens, bases=False):
+    own_rows = layers is not None and asg is not None and layers[0] > asg.layer_start  # they follow its own
+    rebuilt = 0
+    for segments in pack([w for w in work if w.upto > w.start], max_tokens, bases=layers is None):
         if own_rows:
             x = torch.empty(0, hidden_size)
         else:
             x = await _inputs(stages, epoch, index, segments, work, step_ids, hidden_size)
-        await target.fill(Fill(next(step_ids), epoch, segments, *layers, x))
-        filled += sum(s.length for s in segments)
-    return filled
+        if layers is None:
+            await target.call(Step(next(step_ids), epoch, segments, x))
+        else:
+            await target.fill(Fill(next(step_ids), epoch, segments, *layers, x))
+        rebuilt += sum(s.length for s in segments)
+    return rebuilt
 
 
 async def _inputs(

@@ -174,9 +174,6 @@ class KVStore:
     def items(self) -> list[tuple[int, RequestKV]]:
         return list(self._requests.items())
 
-    def requests(self) -> list[RequestKV]:
-        return list(self._requests.values())
-
     def get_or_create(self, request_id: int) -> RequestKV:
         r = self._requests.get(request_id)
         if r is None:

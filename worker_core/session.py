@@ -337,23 +337,13 @@ class Session:
         elif isinstance(msg, Route):
             await self.send(await self._route(msg))
         elif isinstance(msg, Step):
-            if self.runner is None or msg.epoch != self.epoch:
-                await self.send(
-                    Failure(f"step of epoch {msg.epoch} but this worker serves epoch {self.epoch}", msg.step_id)
-                )
+            if (runner := await self._serving(msg, "step")) is None:
                 return
-            runner = self.runner
             if msg.drop:  # the stage frees them before it runs (StageRunner): so do the drafts
                 self.drafts.free(msg.drop)
-            try:
-                out, compute = await self._compute(runner, msg, urgent)
-            except StepRejected as e:
-                await self.send(Failure(str(e), msg.step_id))
+            if (done := await self._attempt(msg, self._compute(runner, msg, urgent))) is None:
                 return
-            except Exception as e:  # compute failure (e.g. out of memory): report, keep serving
-                log.exception("step %d failed", msg.step_id)
-                await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
-                return
+            out, compute = done
             self.run.steps += 1
             self.run.tokens += sum(seg.length for seg in msg.segments)
             result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
@@ -374,31 +364,18 @@ class Session:
             else:
                 self.post(result, urgent)
         elif isinstance(msg, Recall):
-            if self.runner is None or msg.epoch != self.epoch:
-                await self.send(
-                    Failure(f"recall of epoch {msg.epoch} but this worker serves {self.epoch}", msg.step_id)
-                )
+            if (runner := await self._serving(msg, "recall")) is None:
                 return
-            try:
-                rows = await loop.run_in_executor(self.executor, self.runner.recall, msg.segments)
-            except StepRejected as e:
-                await self.send(Failure(str(e), msg.step_id))
-                return
-            self.post(Result(msg.step_id, msg.epoch, 0.0, time.perf_counter() - arrived, rows), urgent)
+            rows = await self._attempt(msg, loop.run_in_executor(self.executor, runner.recall, msg.segments))
+            if rows is not None:
+                self.post(Result(msg.step_id, msg.epoch, 0.0, time.perf_counter() - arrived, rows), urgent)
         elif isinstance(msg, Fill):
-            if self.runner is None or msg.epoch != self.epoch:
-                await self.send(Failure(f"fill of epoch {msg.epoch} but this worker serves {self.epoch}", msg.step_id))
+            if (runner := await self._serving(msg, "fill")) is None:
                 return
-            runner, span = self.runner, (msg.layer_start, msg.layer_end)
             fill = every_core(runner.fill) if runner.shard.device.type == "cpu" else runner.fill
-            try:
-                seconds = await loop.run_in_executor(self.executor, fill, msg.segments, msg.tensor, *span)
-            except StepRejected as e:
-                await self.send(Failure(str(e), msg.step_id))
-                return
-            except Exception as e:  # compute failure (e.g. out of memory): report, keep serving
-                log.exception("fill %d failed", msg.step_id)
-                await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
+            work = loop.run_in_executor(self.executor, fill, msg.segments, msg.tensor, msg.layer_start, msg.layer_end)
+            seconds = await self._attempt(msg, work)
+            if seconds is None:
                 return
             empty = torch.empty(0, runner.shard.hidden_size)
             self.post(Result(msg.step_id, msg.epoch, seconds, time.perf_counter() - arrived, empty))
@@ -410,6 +387,26 @@ class Session:
             log.warning("master reports: %s", msg.message)
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} from the master")
+
+    async def _serving(self, msg: Step | Recall | Fill, what: str) -> StageRunner | None:
+        """The stage that serves ``msg``'s epoch, or None once the master is told it is not served."""
+        if self.runner is None or msg.epoch != self.epoch:
+            why = f"{what} of epoch {msg.epoch} but this worker serves epoch {self.epoch}"
+            await self.send(Failure(why, msg.step_id))
+            return None
+        return self.runner
+
+    async def _attempt(self, msg: Step | Recall | Fill, work: Awaitable[T]) -> T | None:
+        """``work``'s result, or None once the master is told why it failed: refused by the
+        stage, or a compute failure (e.g. out of memory; the worker keeps serving)."""
+        try:
+            return await work
+        except StepRejected as e:
+            await self.send(Failure(str(e), msg.step_id))
+        except Exception as e:
+            log.exception("%s %d failed", type(msg).__name__.lower(), msg.step_id)
+            await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
+        return None
 
     def _whole(self, key: tuple) -> Shard | None:
         """A loaded shard of the whole model (same checkpoint, same precision) that holds the

@@ -124,7 +124,7 @@ class StageRunner:
         self._check_input(self.shard, tensor, total)
         added = 0
         ids = {s.request_id for s in segments}
-        for s in segments:
+        for s in segments if self.unfilled else ():  # (a widened stage's, until it is filled)
             short = s.request_id in self.unfilled and 0 < s.start > self.unfilled[s.request_id] and not s.base
             if (s.base and self.unfilled.get(s.base, s.start) < s.start) or short:
                 missing = self.missing or (0, 0)
@@ -211,8 +211,8 @@ class StageRunner:
         if self.unfilled.pop(request_id, None) is None or self.unfilled or self.missing is None:
             return
         start, self.missing = self.missing[0], None
-        if start not in (self.shard.layer_start, self.shard.layer_end) and start not in self.tapes:
-            for r in self.kv.requests():
+        if start != self.shard.layer_start and start not in self.tapes:  # the old end, inside the range now
+            for _, r in self.kv.items():
                 r.tapes.pop(start, None)
 
     @torch.inference_mode()
