@@ -18,9 +18,9 @@ direct, the last stage draws the next tokens itself and feeds them straight back
 ``scheduler.LOOP_STEPS`` steps (:meth:`Engine._loop_steps`); the master takes each token from its result.
 New requests join at the next step; finished ones leave.  When the group changes epoch (a
 worker left or joined) every running request is replayed from its tokens, so clients see no
-error; when a standby member only takes over a lost stage's range, or a neighbour of the lost
-stage takes its layers over beside its own (the group's repair), the other stages keep their
-caches, the new or widened stage alone computes what they hold of those layers, from the
+error; when a standby member only takes over a lost stage's range, or the neighbours of the lost
+stage (one or both) take its layers over beside their own (the group's repair), the other
+stages keep their caches, the new or widened stages alone compute what they hold of those layers, from the
 inputs kept (:mod:`master_core.rebuild`; the cached prefixes requests start from first), and
 the requests go on where they were.  A request whose steps keep failing
 fails alone.  A step given up on for want of an
@@ -263,7 +263,7 @@ class Engine:
         ``rebuilt`` (the group's repair), kept by the others (:meth:`KVLedger.reset`) and rebuilt
         on that stage before they go on (:meth:`_rebuild_lost`)."""
         self.kv.reset(self.running.values(), previous, rebuilt, PROFILE_REQUEST_ID)
-        self.shadow.handover(rebuilt.index if rebuilt is not None and rebuilt.layers is None else None)
+        self.shadow.handover(rebuilt.index if rebuilt is not None else None)
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
@@ -405,34 +405,40 @@ class Engine:
             self._finish(req, RequestState.FAILED, "error", why, self.config.retry_after)
 
     async def _rebuild_lost(self) -> bool:
-        """After a repair (one stage replaced or widened, :meth:`_on_reset`): compute on that
-        stage only the positions every other stage kept (:mod:`master_core.rebuild`), of its
-        layers or of the layers it took over; the requests then go on where they were.  If that
-        fails they are computed from scratch.  True when a repaired pipeline was rebuilt (it then
-        serves before its start-up profile ends)."""
+        """After a repair (one stage replaced, or its layers taken over by one neighbour or both,
+        :meth:`_on_reset`): compute on those stages only the positions every other stage kept
+        (:mod:`master_core.rebuild`), of the replaced stage's layers or of the layers each
+        neighbour took over, in pipeline order (the second neighbour's input is what the first
+        computed); the requests then go on where they were.  If that fails they are computed from
+        scratch.  True when a repaired pipeline was rebuilt (it then serves before its start-up
+        profile ends)."""
         rep, self.kv.repairing = self.kv.repairing, None
         if rep is None:
             return False
-        stages, epoch = list(self.group.stages), self.group.epoch
-        index, layers = rep.rebuilt.index, rep.rebuilt.layers
+        stages, epoch, lost = list(self.group.stages), self.group.epoch, rep.rebuilt
+        jobs = [(w.index, w.layers) for w in lost.widened] if lost.index is None else [(lost.index, None)]
         for link in stages:
             link.free(rep.free_later)
         reqs = [r for rid, kv in rep.kept.items() if (r := self.running.get(rid)) is not None and r.kv_id == kv]
-        held = self.shadow.take(stages[index]) if 0 <= index < len(stages) and layers is None else {}
+        new = stages[lost.index] if lost.index is not None and 0 <= lost.index < len(stages) else None
+        held = self.shadow.take(new) if new is not None else {}
         work = work_of(reqs, held)  # the cached prefixes they start from first
         kept = {w.kv_id for w in work}
-        if orphans := [kv for kv in held if kv not in kept]:
-            stages[index].free(orphans)  # copied while it stood by, of requests that ended since
+        if new is not None and (orphans := [kv for kv in held if kv not in kept]):
+            new.free(orphans)  # copied while it stood by, of requests that ended since
         had = sum(w.start - w.base_len for w in work)
         t0 = self.clock()
-        others = stages if layers is not None else [x for i, x in enumerate(stages) if i != index]
+        others = [x for i, x in enumerate(stages) if i != lost.index]
         args = (self.relay.step_ids, self.config.max_batch_tokens, self.group.dims.hidden_size)
+        rebuilt = 0
         try:
-            if not 0 <= index < len(stages) or others != rep.survivors:
+            if not all(0 <= index < len(stages) for index, _ in jobs) or others != rep.survivors:
                 raise LinkGone("the pipeline is not the repaired one")
-            rebuilt = await rebuild_stage(stages, epoch, index, work, *args, layers)
+            for index, layers in jobs:
+                rebuilt += await rebuild_stage(stages, epoch, index, work, *args, layers)
         except (LinkGone, StepFailed, ProtocolError) as e:
-            log.warning("rebuilding stage %d failed (%s); %d request(s) computed from scratch", index, e, len(reqs))
+            where = ", ".join(str(index) for index, _ in jobs)
+            log.warning("rebuilding stage(s) %s failed (%s); %d request(s) computed from scratch", where, e, len(reqs))
             if self.group.epoch == epoch:  # the cached prefixes are not all on that stage
                 self.kv.free_everywhere(self.kv.prefix.clear())
             for r in reqs:
@@ -444,10 +450,11 @@ class Engine:
         self.rebuilt_requests += len(reqs)
         self.rebuilt_tokens += rebuilt
         self.rebuilt_held += had
-        what = "" if layers is None else f" (layers [{layers[0]}, {layers[1]}) it took over)"
+        what = ", ".join(
+            f"stage {i}" + ("" if ls is None else f" (layers [{ls[0]}, {ls[1]}) it took over)") for i, ls in jobs
+        )
         log.info(
-            "stage %d rebuilt%s in %.2f s: %d position(s) of %d request(s), %d held already; the others kept theirs",
-            index,
+            "%s rebuilt in %.2f s: %d position(s) of %d request(s), %d held already; the others kept theirs",
             what,
             self.clock() - t0,
             rebuilt,

@@ -17,7 +17,9 @@ range is *repaired*: that member takes the range and every other stage keeps its
 caches (the engine rebuilds only the new stage, :mod:`master_core.rebuild`).  Where no standby
 member can, a neighbour of the lost stage whose memory holds both ranges takes the lost layers
 over beside its own (its ``Assign`` widens its range; it keeps its caches and computes only
-those layers', ``wire.Fill``): the pipeline has a stage fewer and every stage keeps its caches.
+those layers', ``wire.Fill``), or, where neither's memory does, both neighbours split them
+(:func:`~master_core.placement.widening`): the pipeline has a stage fewer and every stage keeps
+its caches.
 Otherwise the whole pipeline is planned again.  A standby member whose memory holds the whole
 model loads it while it waits (an ``Assign`` of every layer that no pipeline uses), so a repair
 takes its range from memory; such a member is preferred.  Either way the state becomes PLACING,
@@ -125,15 +127,24 @@ class _Placement:
 
 
 @dataclass(frozen=True)
-class Rebuilt:
-    """What a repair leaves to rebuild: stage ``index`` of the new pipeline, where stage ``lost``
-    of the previous one was.  Without ``layers`` a standby member took over the lost range
-    whole; with them, a neighbour of the lost stage took over those layers beside its own, and
-    the new pipeline has one stage fewer.  Every other stage keeps its layers and caches."""
+class Widened:
+    """Stage ``index`` of the new pipeline took over ``layers`` of the lost stage beside its own."""
 
     index: int
+    layers: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What a repair leaves to rebuild where stage ``lost`` of the previous pipeline was: either
+    a standby member took over the lost range whole as stage ``index`` of the new pipeline, or
+    (``widened``, in pipeline order; ``index`` None) one neighbour of the lost stage or both took
+    its layers over beside their own, and the new pipeline has one stage fewer.  Every other
+    stage keeps its layers and caches."""
+
     lost: int
-    layers: tuple[int, int] | None = None
+    index: int | None = None
+    widened: tuple[Widened, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,19 @@ class _Repair:
 
     rebuilt: Rebuilt
     placement: _Placement
+
+    def describe(self) -> str:
+        """Who takes the lost range over (for the log)."""
+        chosen, r = self.placement.chosen, self.rebuilt
+        if r.index is not None:
+            who = f"{chosen[r.index][0].name} replaces it"
+        else:
+            who = "; ".join(
+                f"{chosen[w.index][0].name} takes over its layers [{w.layers[0]}, {w.layers[1]}) beside its own "
+                f"([{chosen[w.index][1][0]}, {chosen[w.index][1][1]}) now)"
+                for w in r.widened
+            )
+        return f"{who}; the other stages keep their layers and caches"
 
 
 def stage_kv_tokens(
@@ -384,8 +408,8 @@ class Group:
     def _repair_for(self, lost: WorkerLink) -> _Repair | None:
         """A plan that keeps every stage of the serving pipeline but ``lost``: its range goes to
         the standby member best placed to take it (:func:`~master_core.placement.replacement`;
-        the one copying the caches first), or, where none can, to the neighbour of ``lost`` whose
-        memory holds its own range and that one (the faster, if both can); None when not serving,
+        the one copying the caches first), or, where none can, to a neighbour of ``lost`` or both
+        beside their own ranges (:func:`~master_core.placement.widening`); None when not serving,
         another stage is not placeable, or nobody holds it."""
         if not self.serving or lost not in self.stages or lost.assignment is None:
             return None
@@ -415,10 +439,11 @@ class Group:
         widened = widening(shape, ranges, index, near)
         if widened is None:
             return None
-        j, wide = widened
-        chosen = [(x, wide if i == j else r) for i, (x, r) in enumerate(zip(self.stages, ranges)) if i != index]
+        wide = dict(widened)
+        chosen = [(x, wide.get(i, r)) for i, (x, r) in enumerate(zip(self.stages, ranges)) if i != index]
+        taken = tuple(Widened(j if j < index else j - 1, (max(a, lo), min(b, hi))) for j, (lo, hi) in widened)
         standby = {x.name: "standing by: its memory does not hold the lost range" for x in spares}
-        return _Repair(Rebuilt(j if j < index else j - 1, index, (a, b)), _Placement(tuple(chosen), standby))
+        return _Repair(Rebuilt(index, None, taken), _Placement(tuple(chosen), standby))
 
     def _members(self, links: list[WorkerLink], size: int) -> list[Member]:
         """The planner's view of ``links`` (memory, measured speed, link) at ``size`` bytes a value."""
@@ -436,21 +461,8 @@ class Group:
         self.epoch += 1
         self._repair = repair
         rebuilt = repair.rebuilt if repair is not None else None
-        if repair is not None and rebuilt is not None:
-            link, (a, b) = repair.placement.chosen[rebuilt.index]
-            if rebuilt.layers is None:
-                why = "the other stages keep their layers and caches"
-                log.warning("stage %d is replaced by %s; %s", rebuilt.lost, link.name, why)
-            else:
-                log.warning(
-                    "stage %d is lost: %s takes over its layers [%d, %d) beside its own ([%d, %d) now); "
-                    "the other stages keep their layers and caches",
-                    rebuilt.lost,
-                    link.name,
-                    *rebuilt.layers,
-                    a,
-                    b,
-                )
+        if repair is not None:
+            log.warning("stage %d is lost: %s", repair.rebuilt.lost, repair.describe())
         for listener in self._listeners:
             listener(previous, rebuilt)
 

@@ -2,7 +2,8 @@
 
 Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV cache size
 in tokens.  ``layers_held(shape, memory)`` is how many layers one member's memory holds.
-``replacement`` picks the member that takes over one lost stage's range as it is.
+``replacement`` picks the member that takes over one lost stage's range as it is;
+``widening`` the neighbour or two that take it over beside their own ranges where none can.
 ``planner_members`` turns what the workers announced (memory offered, measured
 speed, measured link) into planner members timed on a reference step.
 
@@ -146,24 +147,35 @@ def replacement(shape: ModelShape, members: Sequence[Member], start: int, end: i
 
 def widening(
     shape: ModelShape, ranges: Sequence[tuple[int, int]], lost: int, neighbours: dict[int, Member]
-) -> tuple[int, tuple[int, int]] | None:
+) -> tuple[tuple[int, tuple[int, int]], ...] | None:
     """Where no standby member takes over stage ``lost`` of a pipeline of ``ranges``: the
-    neighbour (index into ``ranges``, one of ``neighbours``: ``lost - 1`` or ``lost + 1``) that
-    takes its layers over beside its own, and its widened range, or None when neither's memory
-    holds both ranges.  Of two that can, the one whose widened stage computes faster."""
+    neighbours (indices into ``ranges``, of ``neighbours``: ``lost - 1``, ``lost + 1``) that take
+    its layers over beside their own, each with its widened range, in pipeline order.  One
+    neighbour where its memory holds its own range and the lost one (of two that can, the one
+    whose widened stage computes faster); else both, the lost range cut where the slower of the
+    two widened stages computes fastest and each memory holds its part; None when neither way
+    fits (the whole pipeline is then planned again)."""
     a, b = ranges[lost]
-    best: tuple[float, int, tuple[int, int]] | None = None
-    for j in (lost - 1, lost + 1):
-        m = neighbours.get(j)
-        if m is None or not 0 <= j < len(ranges):
-            continue
+    near = {j: m for j, m in neighbours.items() if j in (lost - 1, lost + 1) and 0 <= j < len(ranges)}
+
+    def fits(m: Member, r: tuple[int, int]) -> bool:
+        return replacement(shape, [m], *r) is not None
+
+    def seconds(m: Member, r: tuple[int, int]) -> float:
+        return (r[1] - r[0]) * m.seconds_per_layer
+
+    options: list[tuple[float, tuple[tuple[int, tuple[int, int]], ...]]] = []
+    for j, m in sorted(near.items()):
         wide = (ranges[j][0], b) if j < lost else (a, ranges[j][1])
-        if replacement(shape, [m], *wide) is None:
-            continue
-        cost = (wide[1] - wide[0]) * m.seconds_per_layer
-        if best is None or cost < best[0]:
-            best = (cost, j, wide)
-    return None if best is None else (best[1], best[2])
+        if fits(m, wide):
+            options.append((seconds(m, wide), ((j, wide),)))
+    if not options and len(near) == 2:
+        before, after = near[lost - 1], near[lost + 1]
+        for cut in range(a + 1, b):
+            lo, hi = (ranges[lost - 1][0], cut), (cut, ranges[lost + 1][1])
+            if fits(before, lo) and fits(after, hi):
+                options.append((max(seconds(before, lo), seconds(after, hi)), ((lost - 1, lo), (lost + 1, hi))))
+    return min(options, key=lambda o: o[0])[1] if options else None
 
 
 def _by_time(shape: ModelShape, m: Member, limit: float) -> int:

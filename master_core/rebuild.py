@@ -22,7 +22,8 @@ With ``layers`` it does the same for a stage that took over a lost neighbour's `
 beside its own (the group's repair where no standby member holds the lost range): it computes
 only those layers' positions (``wire.Fill``), from the token ids (the layers start the model),
 from the rows the stage before kept (they start the stage), or from the rows the stage itself
-kept leaving its old end (they end it).
+kept leaving its old end (they end it).  Where two neighbours split the lost layers, the one
+before fills first: the one after then recalls the rows leaving its new end.
 """
 
 from __future__ import annotations

@@ -207,12 +207,30 @@ def test_without_a_spare_the_neighbour_whose_memory_holds_both_ranges_takes_the_
     shape = ModelShape(num_layers=8, layer_bytes=100, first_bytes=500, last_bytes=500, kv_bytes_per_layer=10)
     ranges = [(0, 3), (3, 5), (5, 8)]
     big, fast, small = Member("big", 10_000, 2.0), Member("fast", 10_000, 1.0), Member("small", 300, 0.1)
-    assert widening(shape, ranges, 1, {0: big, 2: fast}) == (2, (3, 8))  # both hold 5 layers: the faster
-    assert widening(shape, ranges, 1, {0: fast, 2: big}) == (0, (0, 5))
-    assert widening(shape, ranges, 1, {0: small, 2: big}) == (2, (3, 8))  # "small" holds 3 layers, not 5
-    assert widening(shape, ranges, 0, {1: big}) == (1, (0, 5))  # with the embeddings
-    assert widening(shape, ranges, 2, {1: big}) == (1, (3, 8))  # with the head
+    assert widening(shape, ranges, 1, {0: big, 2: fast}) == ((2, (3, 8)),)  # both hold 5 layers: the faster
+    assert widening(shape, ranges, 1, {0: fast, 2: big}) == ((0, (0, 5)),)
+    assert widening(shape, ranges, 1, {0: small, 2: big}) == ((2, (3, 8)),)  # "small" holds 3 layers, not 5
+    assert widening(shape, ranges, 0, {1: big}) == ((1, (0, 5)),)  # with the embeddings
+    assert widening(shape, ranges, 2, {1: big}) == ((1, (3, 8)),)  # with the head
     assert widening(shape, ranges, 1, {0: small, 2: small}) is None  # nobody: the whole pipeline is planned again
+
+
+def test_where_neither_neighbour_holds_both_ranges_they_split_the_lost_one():
+    """Each neighbour takes the part of the lost range its memory holds; of the cuts that fit,
+    the one whose slower widened stage computes fastest."""
+    from master_core.placement import Member, ModelShape, widening
+
+    shape = ModelShape(num_layers=10, layer_bytes=100, first_bytes=500, last_bytes=500, kv_bytes_per_layer=0)
+    ranges = [(0, 3), (3, 7), (7, 10)]
+    five = 500 + 5 * 100  # five layers beside the embeddings or the head
+    a, b = Member("a", five, 1.0), Member("b", five, 1.0)
+    assert widening(shape, ranges, 1, {0: a, 2: b}) == ((0, (0, 5)), (2, (5, 10)))  # 5 and 5 layers
+    slow = Member("slow", 500 + 6 * 100, 3.0)  # holds 6 layers, computes 3x slower: takes 1 of the 4
+    assert widening(shape, ranges, 1, {0: slow, 2: Member("c", 500 + 6 * 100, 1.0)}) == ((0, (0, 4)), (2, (4, 10)))
+    four = Member("four", 500 + 4 * 100, 1.0)  # 4 + 4 < 3 + 4 + 3 layers: no cut fits
+    assert widening(shape, ranges, 1, {0: four, 2: four}) is None
+    assert widening(shape, ranges, 0, {1: a}) is None  # the first stage has one neighbour: no split
+    assert widening(shape, [(0, 5), (5, 10)], 1, {0: a}) is None
 
 
 def test_a_stage_whose_compute_hangs_while_its_loop_lives_is_dropped_within_the_stuck_limit(ckpt, want):
@@ -455,15 +473,27 @@ def test_a_stage_widened_over_its_lost_neighbours_layers_fills_them_and_goes_on_
         assert torch.allclose(wide.run(nxt, step_in), twin.run(nxt, first.run(nxt, step_in)), atol=1e-4)
 
 
-@pytest.mark.parametrize("lost", [0, 1, 2], ids=["first", "middle", "last"])
-def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_others_keep_their_caches(ckpt, want, lost):
+THREE_LAYERS = 98_560 + 3 * 672_256 + 1_000  # bytes: the tiny model's embeddings (or head) and 3 layers with
+# their KV reserve (ModelDims.shape of ``ckpt``): a member offering this holds 3 of the 6 layers, not 4
+
+
+@pytest.mark.parametrize(
+    ("lost", "split"), [(0, False), (1, False), (2, False), (1, True)], ids=["first", "middle", "last", "middle-split"]
+)
+def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_others_keep_their_caches(
+    ckpt, want, lost, split
+):
     """A stage dies mid-generation and no member stands by: a neighbour takes its layers over
     beside its own (the pipeline has a stage fewer), computes only those layers' positions
     (from the token ids, the rows the stage before it kept, or its own), every stage keeps its
-    caches (the same cache objects, the same KV ids) and the tokens are transformers'."""
+    caches (the same cache objects, the same KV ids) and the tokens are transformers'.
+    ``split``: each member's memory holds 3 of the 6 layers, so neither neighbour holds 4: the
+    one before takes the lost stage's first layer, the one after its second, and the second's
+    fill starts from what the first computed."""
+    memory = [{"memory_limit": THREE_LAYERS} for _ in range(3)] if split else None
 
     async def main():
-        async with Cluster(ckpt, workers=3, min_workers=2) as c:
+        async with Cluster(ckpt, workers=3, min_workers=2, worker_options=memory) as c:
             g, e = c.master.group, c.engine
             await until(lambda: e.profiled, 60, lambda: f"group {g.state.name}")
             gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
@@ -507,11 +537,14 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
     assert ranges == [(0, 2), (2, 4), (4, 6)], before
     # the neighbour after the first, before the last; either for the middle one (the faster)
     ways = {0: [[(0, 4), (4, 6)]], 1: [[(0, 4), (4, 6)], [(0, 2), (2, 6)]], 2: [[(0, 2), (2, 6)]]}[lost]
+    if split:
+        ways = [[(0, 3), (3, 6)]]
     assert sorted((a, b) for _, a, b in after) in ways, after
     assert counts == (1, 2, 0, 0), counts
     assert same_ids, "a request was given a new KV id: it was computed again from scratch"
     assert kept == 4, "the surviving stages' cache objects were replaced"  # 2 stages x 2 requests
-    assert 89 <= positions <= 89 + 2 * NEW, positions  # each request's positions once, on the widened stage only
+    # each request's positions once on the widened stage only (split: once on each of the two)
+    assert (2 if split else 1) * 89 <= positions <= (2 if split else 1) * (89 + 2 * NEW), positions
     assert left == [0, 0], left
 
 
