@@ -711,6 +711,8 @@ class Group:
                     "stage": self.stages.index(link) if link in self.stages else None,
                     "next_hop": self._next_hop(link),
                     "standby": self.standby.get(link.name) if link not in self.stages else None,
+                    # a standby member that holds (or is loading) the whole model: it copies the caches
+                    "whole_model": link not in self.stages and (self._holds_whole_model(link) or link in self._warming),
                     "steps": link.steps,
                 }
             )

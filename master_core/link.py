@@ -256,6 +256,7 @@ class WorkerLink:
         # this stage over direct hops: their results are dropped, not a protocol error
         self._abandoned: deque[int] = deque(maxlen=ABANDONED_KEPT)
         self.alive = Liveness(time.monotonic())  # what was heard of the worker, and the rule (master_core.liveness)
+        self._dropped = False  # judged hung (``drop``), the tunnel kept open a while: not closed
         self._woke_at: float | None = None  # dropped as hung, then heard from again
         self._ready_waiter: asyncio.Future | None = None
         self._send_lock = asyncio.Lock()
@@ -590,7 +591,7 @@ class WorkerLink:
 
     def _heard(self, now: float) -> None:
         self.alive.heard(now, alive=not self.loading and self.state is not LinkState.GONE)
-        if self.state is LinkState.GONE and self._woke_at is None and not self.ws.closed:
+        if self._dropped and self._woke_at is None and not self.ws.closed:
             self._woke_at = now
             log.warning("worker %s, dropped as unresponsive, speaks again: its late frames are dropped", self.name)
 
@@ -630,6 +631,7 @@ class WorkerLink:
         if self.state is LinkState.GONE:
             return
         log.warning("worker %s dropped: %s", self.name, reason)
+        self._dropped = True
         self._end(reason)
         self._spawn(self._linger())
         if self.on_gone is not None:

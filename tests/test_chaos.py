@@ -165,6 +165,33 @@ def transformers_tokens(ckpt: Path, job: Job) -> list[str]:
 # --------------------------------------------------------------------------- helpers under test
 
 
+def test_the_wait_for_a_standby_copy_ends_at_once_where_the_standby_cannot_hold_the_whole_model(tmp_path):
+    """Only a standby member holding the whole model copies the caches: one whose memory does not
+    hold it is not waited for (the tool waited the whole settle timeout before each fault); one
+    that does is, until its copy caught up."""
+
+    def body(whole: bool, behind: int | None) -> dict:
+        copy = None if behind is None else {"member": "chaos-3", "behind": behind, "held": 10}
+        workers = [{"stage": 0}, {"stage": None, "whole_model": whole}]
+        return {"status": "ok", "workers": workers, "standby_copy": copy}
+
+    async def main() -> tuple[float, dict | None, float, dict | None]:
+        g = LocalGroup("m", 2, 1, tmp_path)
+        answers = iter([body(False, None)])
+        g.health = lambda: asyncio.sleep(0, next(answers))  # type: ignore[method-assign]  # a fake /health
+        t0 = time.monotonic()
+        none = await g.wait_copied(5.0)
+        cold = time.monotonic() - t0
+        answers = iter([body(True, None), body(True, 500), body(True, 10)])
+        t0 = time.monotonic()
+        caught = await g.wait_copied(5.0)
+        return cold, none, time.monotonic() - t0, caught
+
+    cold, none, warm, caught = run(main(), 30)
+    assert none is None and cold < 1.0, cold
+    assert caught is not None and caught["behind"] == 10 and 0.15 < warm < 1.0, warm
+
+
 def test_procctl_freezes_thaws_and_kills_a_real_process():
     p = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"])
     try:

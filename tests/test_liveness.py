@@ -22,6 +22,9 @@ from worker_core.wire import Hello
 class _Ws:
     closed = False
 
+    async def close(self, **_: object) -> None:  # the tunnel closes later: not ``closed`` yet
+        pass
+
 
 def _link() -> WorkerLink:
     hello = Hello("w", "cpu", "cpu", 10**10, 10**10, "float32")
@@ -97,6 +100,29 @@ def test_a_dropped_link_fails_its_waiters_tells_the_group_and_counts_late_frames
 
     gone, late, failed = run(main(), 10)
     assert gone == ["w"] and late == 1 and failed
+
+
+def test_only_a_dropped_link_that_is_heard_again_counts_as_waking(caplog):
+    """A link closed for another reason (the master stopping, a protocol error) whose last bytes
+    arrive before its tunnel closes was not judged hung: no "speaks again" warning for it."""
+
+    async def main() -> tuple[float | None, float | None]:
+        closed, dropped = _link(), _link()
+        for link in (closed, dropped):
+            link.move(LinkState.READY)
+        closed.close_with("the master stopped")
+        dropped.drop("unresponsive: test")
+        for link in (closed, dropped):
+            link._heard(link.alive.heard_at + 1.0)
+        for link in (closed, dropped):
+            for task in list(link._tasks):
+                task.cancel()
+            await asyncio.gather(*link._tasks, return_exceptions=True)
+        return closed._woke_at, dropped._woke_at
+
+    closed, dropped = run(main(), 10)
+    assert closed is None and dropped is not None
+    assert caplog.text.count("speaks again") == 1
 
 
 def test_a_busy_stage_gets_longer_deadlines_but_a_healthy_one_keeps_its_own():

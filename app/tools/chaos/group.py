@@ -275,14 +275,15 @@ class LocalGroup:
             await asyncio.sleep(0.1)
 
     async def wait_copied(self, timeout: float) -> dict | None:
-        """Wait (bounded) until no member stands by, or the master's ``standby_copy`` (a standby
-        member's copy of the open requests' caches) lacks at most ``COPY_CAUGHT_UP`` positions;
-        returns that copy's last state (None: no member copies)."""
+        """Wait (bounded) until no member stands by with the whole model (one whose memory does
+        not hold it copies nothing), or the master's ``standby_copy`` (a standby member's copy
+        of the open requests' caches) lacks at most ``COPY_CAUGHT_UP`` positions; returns that
+        copy's last state (None: no member copies)."""
         deadline = time.monotonic() + timeout
         while True:
             h = await self.health() or {}
             copy = h.get("standby_copy")
-            standing = [w for w in h.get("workers", []) if w.get("stage") is None]
+            standing = [w for w in h.get("workers", []) if w.get("stage") is None and w.get("whole_model")]
             if h.get("status") == "ok" and (not standing or (copy is not None and copy["behind"] <= COPY_CAUGHT_UP)):
                 return copy
             if time.monotonic() > deadline:
