@@ -22,7 +22,9 @@ those layers', ``wire.Fill``), or, where neither's memory does, both neighbours 
 its caches.
 Otherwise the whole pipeline is planned again.  A standby member whose memory holds the whole
 model loads it while it waits (an ``Assign`` of every layer that no pipeline uses), so a repair
-takes its range from memory; such a member is preferred.  Either way the state becomes PLACING,
+takes its range from memory; such a member is preferred.  One whose memory does not hold the
+whole model loads one stage's range instead (the one no neighbour could take over), and a
+repair of that stage prefers it.  Either way the state becomes PLACING,
 ``stages`` empties, ``epoch`` goes up and listeners registered with ``on_reset`` are called
 with the stages that were serving and, for a repair, its :class:`Rebuilt` (the engine frees
 its requests' caches there and replays them on the next pipeline, or keeps them and rebuilds one
@@ -83,6 +85,7 @@ from .placement import (
     plan_pipeline,
     planner_members,
     replacement,
+    standby_range,
     widening,
 )
 from .routes import NO_LOOP_BACK, Hop, route_pipeline
@@ -221,7 +224,7 @@ class Group:
         self.late_frames = 0  # frames read from links after they were dropped as hung
         self._repair: _Repair | None = None  # the next re-plan keeps all stages but one (see _invalidate)
         self.repairs = 0  # pipelines served again by replacing one lost stage
-        self._warming: set[WorkerLink] = set()  # standby members loading the whole model now
+        self._warming: dict[WorkerLink, tuple[int, int]] = {}  # standby members loading layers now: which
         self._join_pending = False  # a re-plan for a newcomer waits for the running requests to end
 
     # ------------------------------------------------------------------ state
@@ -408,7 +411,8 @@ class Group:
     def _repair_for(self, lost: WorkerLink) -> _Repair | None:
         """A plan that keeps every stage of the serving pipeline but ``lost``: its range goes to
         the standby member best placed to take it (:func:`~master_core.placement.replacement`;
-        the one copying the caches first), or, where none can, to a neighbour of ``lost`` or both
+        the one copying the caches first, then those with the whole model or that range loaded),
+        or, where none can, to a neighbour of ``lost`` or both
         beside their own ranges (:func:`~master_core.placement.widening`); None when not serving,
         another stage is not placeable, or nobody holds it."""
         if not self.serving or lost not in self.stages or lost.assignment is None:
@@ -417,10 +421,11 @@ class Group:
         if any(not s.placeable or s.assignment is None for s in kept):
             return None
         spares = [link for link in self.placeable_links() if link not in self.stages]
-        warm = [x for x in spares if self._holds_whole_model(x)]
+        a, b = lost.assignment.layer_start, lost.assignment.layer_end
+        loaded = ((0, self.dims.num_layers), (a, b))  # the whole model, or this range: taken from memory
+        warm = [x for x in spares if x not in self._warming and self._kept_loaded(x) in loaded]
         shadow = self.shadow_target()  # it holds the open requests' caches: it takes the range if it can
         spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
-        a, b = lost.assignment.layer_start, lost.assignment.layer_end
         size = max(itemsize(link.hello.dtype) for link in [*self.stages, *spares])
         shape = self.dims.shape(Precision(self.config.quantize), size)
         index = self.stages.index(lost)
@@ -607,11 +612,15 @@ class Group:
         of this pipeline): if a stage is lost, the member that takes its range over takes those
         layers from memory (``worker_core.shard.carve``) instead of reading them, and the repair
         is that much shorter; with the caches it computed meanwhile (:mod:`master_core.shadow`),
-        shorter still.  One loaded for another pipeline is told the new stage ends."""
+        shorter still.  One loaded for another pipeline is told the new stage ends.  A standby
+        member whose memory does not hold the whole model loads one stage's range instead
+        (:func:`~master_core.placement.standby_range`), which a repair of that stage takes as it is."""
         n = self.dims.num_layers
         size = max((itemsize(link.hello.dtype) for link in self.links), default=4)
         shape = self.dims.shape(Precision(self.config.quantize), size)
         ends = self.stage_ends()
+        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in self.stages if s.assignment is not None]
+        serving = self._members(self.stages, size) if len(ranges) == len(self.stages) else []
         for link in self.placeable_links():
             if link in self.stages or link.loading or link in self._warming:
                 continue
@@ -619,24 +628,38 @@ class Group:
                 continue
             member = self._members([link], size)
             if replacement(shape, member, 0, n) is not None:
-                self._warming.add(link)
-                self._spawn(self._warm(link), f"loading the whole model on {link.name}")
+                self._warming[link] = (0, n)
+                self._spawn(self._warm(link, 0, n), f"loading the whole model on {link.name}")
+                continue
+            if not serving:
+                continue
+            others = [self._kept_loaded(x) for x in self.placeable_links() if x is not link and x not in self.stages]
+            i = standby_range(shape, ranges, serving, member[0], [j for j, r in enumerate(ranges) if r in others])
+            if i is not None and self._kept_loaded(link) != ranges[i]:
+                self._warming[link] = ranges[i]
+                self._spawn(self._warm(link, *ranges[i]), f"loading layers {ranges[i]} on {link.name}")
 
     def _holds_whole_model(self, link: WorkerLink) -> bool:
-        asg = link.assignment
-        return asg is not None and not link.loading and (asg.layer_start, asg.layer_end) == (0, self.dims.num_layers)
+        return link not in self._warming and self._kept_loaded(link) == (0, self.dims.num_layers)
 
-    async def _warm(self, link: WorkerLink) -> None:
+    def _kept_loaded(self, link: WorkerLink) -> tuple[int, int] | None:
+        """The layers a member has loaded (or is loading to stand by with), or None."""
+        if link in self._warming:
+            return self._warming[link]
+        asg = link.assignment
+        return None if asg is None or link.loading else (asg.layer_start, asg.layer_end)
+
+    async def _warm(self, link: WorkerLink, a: int, b: int) -> None:
+        whole = (a, b) == (0, self.dims.num_layers)
+        what = "the whole model" if whole else f"layers [{a}, {b})"
         try:
-            await link.assign(
-                await self._assignment(link, 0, self.dims.num_layers, self.epoch, standby=True),
-                self.config.assign_timeout,
-            )
-            log.info("%s stands by with the whole model loaded", link.name)
+            asg = await self._assignment(link, a, b, self.epoch, standby=whole)
+            await link.assign(asg, self.config.assign_timeout)
+            log.info("%s stands by with %s loaded", link.name, what)
         except (LinkGone, StepFailed, asyncio.TimeoutError, Superseded) as e:
-            log.info("%s stands by without the model loaded: %s", link.name, e or type(e).__name__)
+            log.info("%s stands by without %s loaded: %s", link.name, what, e or type(e).__name__)
         finally:
-            self._warming.discard(link)
+            self._warming.pop(link, None)
 
     def _stored_as_asked(self, link: WorkerLink, rng: tuple[int, int], ready: Any) -> bool:
         """False when a quantized group's worker reports its layers at (about) full precision."""
@@ -712,7 +735,7 @@ class Group:
                     "next_hop": self._next_hop(link),
                     "standby": self.standby.get(link.name) if link not in self.stages else None,
                     # a standby member that holds (or is loading) the whole model: it copies the caches
-                    "whole_model": link not in self.stages and (self._holds_whole_model(link) or link in self._warming),
+                    "whole_model": link not in self.stages and self._kept_loaded(link) == (0, self.dims.num_layers),
                     "steps": link.steps,
                 }
             )

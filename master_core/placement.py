@@ -3,7 +3,8 @@
 Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV cache size
 in tokens.  ``layers_held(shape, memory)`` is how many layers one member's memory holds.
 ``replacement`` picks the member that takes over one lost stage's range as it is;
-``widening`` the neighbour or two that take it over beside their own ranges where none can.
+``widening`` the neighbour or two that take it over beside their own ranges where none can;
+``standby_range`` the range a standby member too small for the whole model keeps loaded.
 ``planner_members`` turns what the workers announced (memory offered, measured
 speed, measured link) into planner members timed on a reference step.
 
@@ -176,6 +177,26 @@ def widening(
             if fits(before, lo) and fits(after, hi):
                 options.append((max(seconds(before, lo), seconds(after, hi)), ((lost - 1, lo), (lost + 1, hi))))
     return min(options, key=lambda o: o[0])[1] if options else None
+
+
+def standby_range(
+    shape: ModelShape, ranges: Sequence[tuple[int, int]], stages: Sequence[Member], m: Member, taken: Sequence[int] = ()
+) -> int | None:
+    """Which stage's range a standby member ``m`` whose memory does not hold the whole model
+    keeps loaded, so that a repair takes it from memory (index into ``ranges``; ``stages``: the
+    members serving them; ``taken``: ranges other standby members keep): of those its memory
+    holds, first those whose loss no neighbour could take over (:func:`widening`: the whole
+    pipeline would be planned again), then the most layers (the longest load); None when its
+    memory holds none."""
+    best: tuple[tuple[bool, int], int] | None = None
+    for i, r in enumerate(ranges):
+        if i in taken or replacement(shape, [m], *r) is None:
+            continue
+        near = {j: stages[j] for j in (i - 1, i + 1) if 0 <= j < len(ranges)}
+        key = (widening(shape, ranges, i, near) is None, r[1] - r[0])
+        if best is None or key > best[0]:
+            best = (key, i)
+    return None if best is None else best[1]
 
 
 def _by_time(shape: ModelShape, m: Member, limit: float) -> int:

@@ -548,6 +548,65 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
     assert left == [0, 0], left
 
 
+def test_a_standby_too_small_for_the_whole_model_keeps_the_range_no_neighbour_could_take():
+    from master_core.placement import Member, ModelShape, standby_range
+
+    shape = ModelShape(num_layers=10, layer_bytes=100, first_bytes=500, last_bytes=500, kv_bytes_per_layer=0)
+    ranges = [(0, 3), (3, 7), (7, 10)]
+    roomy, full = Member("roomy", 500 + 7 * 100, 1.0), Member("full", 500 + 3 * 100, 1.0)
+    four = Member("four", 500 + 4 * 100, 1.0)  # holds every range
+    # "full" holds 3 layers beside the embeddings or the head: no stage next to it is taken over
+    assert standby_range(shape, ranges, [full, full, full], four) == 1  # no loss can be: the longest range
+    # the middle stage's neighbours could take its 4 layers; the first and last stages' could not
+    assert standby_range(shape, ranges, [roomy, full, roomy], four) == 0
+    assert standby_range(shape, ranges, [roomy, full, roomy], four, taken=[0]) == 2
+    assert standby_range(shape, ranges, [full, full, full], Member("small", 3 * 100, 1.0)) is None  # 3 middle layers
+
+
+def test_a_lost_stage_is_taken_from_a_standby_that_kept_its_range_loaded(ckpt, want):
+    """No member's memory holds the whole model: the member standing by loads the range of a
+    stage whose loss no neighbour could take over (the first), and when that stage dies the
+    repair gives it that range as it is: its loaded layers (the same object), only the lost
+    stage's positions computed, the others' caches kept, transformers' tokens."""
+    memory = {"memory_limit": THREE_LAYERS}
+
+    async def main():
+        async with Cluster(ckpt, workers=3, min_workers=3, worker_options=[memory] * 3) as c:
+            g, e = c.master.group, c.engine
+            c.add_worker("spare", link_delay_ms=20, **memory)  # a slower link: it stands by
+
+            def where() -> str:
+                names = [(x.name, x.assignment and (x.assignment.layer_start, x.assignment.layer_end)) for x in g.links]
+                return f"group {g.state.name} epoch {g.epoch} stages {[s.name for s in g.stages]} links {names}"
+
+            def preloaded() -> bool:
+                spare = next((x for x in g.links if x.name == "spare"), None)
+                a = spare.assignment if spare is not None and not spare.loading else None
+                return g.serving and a is not None and (a.layer_start, a.layer_end) == (0, 2)
+
+            await until(preloaded, 60, where)
+            await until(lambda: e.profiled, 60, where)
+            held = next(s for s in _sessions() if s.config.name == "spare" and s.runner is not None).runner.shard
+            gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
+            while e.tokens_generated < 12:
+                await asyncio.sleep(0.005)
+            gone = g.stages[0]
+            gone.close_with("lost (the test)")
+            c.tasks[int(gone.name[1:])].cancel()
+            await until(lambda: bool(g.serving and g.stages and g.stages[0].name == "spare"), 60, where, 0.005)
+            await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, where, 0.005)
+            took = next(s for s in _sessions() if s.config.name == "spare").runner.shard
+            got = await asyncio.wait_for(asyncio.gather(*gens), 60)
+            counts = (g.repairs, e.rebuilt_requests, e.kv.reset_restarts, e.replays)
+            return [r[0] for r in got], took is held, counts, e.rebuilt_tokens
+
+    got, same, counts, positions = run(main())
+    assert got == want
+    assert same, "the spare loaded the range again instead of taking what it kept loaded"
+    assert counts == (1, 2, 0, 0), counts
+    assert 89 <= positions <= 89 + 2 * NEW, positions
+
+
 @pytest.mark.parametrize("spare", ["neighbour", "spare", "copied"])
 def test_conversation_turns_started_from_a_cached_prefix_survive_a_repair_with_their_prefix(ckpt, spare, monkeypatch):
     """Two requests continue a conversation from its cached history (a prefix held on every
