@@ -69,7 +69,7 @@ from worker_core.wire import MAX_DRAFTS, ProtocolError, itemsize, logits_row_wid
 
 from .config import MasterConfig
 from .costs import CostSnapshot, shared_devices
-from .group import Group, Rebuilt
+from .group import Group
 from .journey import Journey, Relay
 from .kv_ledger import KVLedger, base, own
 from .link import Expected, LinkGone, StepFailed, StepLate, WorkerLink
@@ -93,6 +93,7 @@ from .scheduler import (
 )
 from .shadow import Shadow
 from .speculation import Speculator, apply_drafts, draft_caps, inputs, lookup_drafts, verify
+from .standby import Rebuilt
 from .text import TextStream
 
 log = logging.getLogger("molink.engine")

@@ -13,22 +13,21 @@ moves are the table ``_MOVES``)::
 
 Whenever membership changes it re-plans (unless a newcomer would only stand by: then the
 running pipeline is left alone).  A serving stage lost while a standby member can hold its
-range is *repaired*: that member takes the range and every other stage keeps its range and its
-caches (the engine rebuilds only the new stage, :mod:`master_core.rebuild`).  Where no standby
-member can, a neighbour of the lost stage whose memory holds both ranges takes the lost layers
-over beside its own (its ``Assign`` widens its range; it keeps its caches and computes only
-those layers', ``wire.Fill``), or, where neither's memory does, both neighbours split them
-(:func:`~master_core.placement.widening`): the pipeline has a stage fewer and every stage keeps
-its caches.
-Otherwise the whole pipeline is planned again.  A standby member whose memory holds the whole
-model loads it while it waits (an ``Assign`` of every layer that no pipeline uses), so a repair
-takes its range from memory; such a member is preferred.  One whose memory does not hold the
-whole model loads one stage's range instead (the one no neighbour could take over), and a
-repair of that stage prefers it.  Either way the state becomes PLACING,
-``stages`` empties, ``epoch`` goes up and listeners registered with ``on_reset`` are called
-with the stages that were serving and, for a repair, its :class:`Rebuilt` (the engine frees
-its requests' caches there and replays them on the next pipeline, or keeps them and rebuilds one
-stage).
+range is *repaired* (:mod:`master_core.standby`): that member takes the range and every other
+stage keeps its range and its caches (the engine rebuilds only the new stage,
+:mod:`master_core.rebuild`).  Where no standby member can, a neighbour of the lost stage whose
+memory holds both ranges takes the lost layers over beside its own (its ``Assign`` widens its
+range; it keeps its caches and computes only those layers', ``wire.Fill``), or, where neither's
+memory does, both neighbours split them (:func:`~master_core.placement.widening`): the pipeline
+has a stage fewer and every stage keeps its caches.  Otherwise the whole pipeline is planned
+again.  A standby member whose memory holds the whole model loads it while it waits (an
+``Assign`` of every layer that no pipeline uses), so a repair takes its range from memory; such
+a member is preferred.  One whose memory does not hold the whole model loads one stage's range
+instead (the one no neighbour could take over), and a repair of that stage prefers it.  Either
+way the state becomes PLACING, ``stages`` empties, ``epoch`` goes up and listeners registered
+with ``on_reset`` are called with the stages that were serving and, for a repair, its
+:class:`~master_core.standby.Rebuilt` (the engine frees its requests' caches there and replays
+them on the next pipeline, or keeps them and rebuilds the stages the repair names).
 A newcomer that would change a serving pipeline while requests run waits for them to end
 first: a join never costs running requests a replay unless the group is busy longer than
 ``JOIN_REPLAN_WAIT``, and then only once that replay is cheap (``JOIN_REPLAY_BUDGET``, from
@@ -75,7 +74,7 @@ from worker_core.wire import Assign, Routed, itemsize
 
 from .config import MasterConfig
 from .draft_offer import DraftOffer
-from .link import LinkGone, LinkState, StepFailed, Superseded, WorkerLink
+from .link import LinkGone, LinkState, StepFailed, WorkerLink
 from .member_path import member_path
 from .model_dims import ModelDims
 from .placement import (
@@ -84,11 +83,9 @@ from .placement import (
     kv_token_budget,
     plan_pipeline,
     planner_members,
-    replacement,
-    standby_range,
-    widening,
 )
 from .routes import NO_LOOP_BACK, Hop, route_pipeline
+from .standby import Rebuilt, Repair, Standbys
 from .weight_source import WeightSource
 
 log = logging.getLogger("molink.group")
@@ -122,53 +119,11 @@ _MOVES: dict[GroupState, frozenset[GroupState]] = {
 
 
 @dataclass(frozen=True)
-class _Placement:
+class Placement:
     """A plan for one set of links: each chosen link's range, and why the others stand by."""
 
     chosen: tuple[tuple[WorkerLink, tuple[int, int]], ...]
     standby: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Widened:
-    """Stage ``index`` of the new pipeline took over ``layers`` of the lost stage beside its own."""
-
-    index: int
-    layers: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Rebuilt:
-    """What a repair leaves to rebuild where stage ``lost`` of the previous pipeline was: either
-    a standby member took over the lost range whole as stage ``index`` of the new pipeline, or
-    (``widened``, in pipeline order; ``index`` None) one neighbour of the lost stage or both took
-    its layers over beside their own, and the new pipeline has one stage fewer.  Every other
-    stage keeps its layers and caches."""
-
-    lost: int
-    index: int | None = None
-    widened: tuple[Widened, ...] = ()
-
-
-@dataclass(frozen=True)
-class _Repair:
-    """The serving pipeline but one stage, as ``rebuilt`` says, every other stage as it was."""
-
-    rebuilt: Rebuilt
-    placement: _Placement
-
-    def describe(self) -> str:
-        """Who takes the lost range over (for the log)."""
-        chosen, r = self.placement.chosen, self.rebuilt
-        if r.index is not None:
-            who = f"{chosen[r.index][0].name} replaces it"
-        else:
-            who = "; ".join(
-                f"{chosen[w.index][0].name} takes over its layers [{w.layers[0]}, {w.layers[1]}) beside its own "
-                f"([{chosen[w.index][1][0]}, {chosen[w.index][1][1]}) now)"
-                for w in r.widened
-            )
-        return f"{who}; the other stages keep their layers and caches"
 
 
 def stage_kv_tokens(
@@ -217,14 +172,14 @@ class Group:
         self.draft: DraftOffer | None = None  # the master's draft model: the last stage holds it too
         self.draft_weights: WeightSource | None = None  # its tensors, in a paired group
         self.standby: dict[str, str] = {}  # live members the last plan left out -> why
-        self._planned: tuple[tuple[WorkerLink, ...], _Placement] | None = None  # the last plan, for its links
+        self._planned: tuple[tuple[WorkerLink, ...], Placement] | None = None  # the last plan, for its links
         self.running_requests: Callable[[], set[int]] = set  # ids of the requests running now (set by the master)
         self.replay_cost: Callable[[], float | None] = lambda: None  # seconds to recompute them (set by the master)
         self.finish_timeout = FINISH_TIMEOUT  # seconds a finishing worker is kept for its running requests
         self.late_frames = 0  # frames read from links after they were dropped as hung
-        self._repair: _Repair | None = None  # the next re-plan keeps all stages but one (see _invalidate)
+        self._repair: Repair | None = None  # the next re-plan keeps all stages but one (see _invalidate)
         self.repairs = 0  # pipelines served again by replacing one lost stage
-        self._warming: dict[WorkerLink, tuple[int, int]] = {}  # standby members loading layers now: which
+        self.standbys = Standbys(self)  # what the members standing by keep loaded; a lost stage's repair
         self._join_pending = False  # a re-plan for a newcomer waits for the running requests to end
 
     # ------------------------------------------------------------------ state
@@ -259,7 +214,7 @@ class Group:
         self.closing = True
         await end_tasks(list(self._tasks))
 
-    def _spawn(self, coro: Awaitable[None], what: str) -> None:
+    def spawn(self, coro: Awaitable[None], what: str) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -306,14 +261,14 @@ class Group:
         )
         if self._plan_unchanged():
             log.info("the pipeline stays as it is: %s stands by (%s)", link.name, self.standby.get(link.name))
-            self._warm_standby()
+            self.standbys.warm()
             return
         if self.serving and self.running_requests():
             if not self._join_pending:
                 self._join_pending = True
                 log.info("%s joins the pipeline once the running requests end", link.name)
-                self._spawn(self._replan_when_idle(), "re-planning for a newcomer")
-            self._warm_standby()  # meanwhile it stands by, and may replace a lost stage
+                self.spawn(self._replan_when_idle(), "re-planning for a newcomer")
+            self.standbys.warm()  # meanwhile it stands by, and may replace a lost stage
             return
         self._schedule_replan()
 
@@ -373,7 +328,7 @@ class Group:
                     len(running),
                     self.finish_timeout,
                 )
-                self._spawn(self._drain(link, running), f"draining {link.name}")
+                self.spawn(self._drain(link, running), f"draining {link.name}")
                 return
         self._depart(link)
 
@@ -405,60 +360,18 @@ class Group:
                 return
             log.warning("worker %s left: %s", link.name, link.gone_reason)
             if link in self.stages or not self.serving:
-                self._schedule_replan(self._repair_for(link))
+                self._schedule_replan(self.standbys.repair_for(link))
 
     # ------------------------------------------------------------------ planning
-    def _repair_for(self, lost: WorkerLink) -> _Repair | None:
-        """A plan that keeps every stage of the serving pipeline but ``lost``: its range goes to
-        the standby member best placed to take it (:func:`~master_core.placement.replacement`;
-        the one copying the caches first, then those with the whole model or that range loaded),
-        or, where none can, to a neighbour of ``lost`` or both
-        beside their own ranges (:func:`~master_core.placement.widening`); None when not serving,
-        another stage is not placeable, or nobody holds it."""
-        if not self.serving or lost not in self.stages or lost.assignment is None:
-            return None
-        kept = [s for s in self.stages if s is not lost]
-        if any(not s.placeable or s.assignment is None for s in kept):
-            return None
-        spares = [link for link in self.placeable_links() if link not in self.stages]
-        a, b = lost.assignment.layer_start, lost.assignment.layer_end
-        loaded = ((0, self.dims.num_layers), (a, b))  # the whole model, or this range: taken from memory
-        warm = [x for x in spares if x not in self._warming and self._kept_loaded(x) in loaded]
-        shadow = self.shadow_target()  # it holds the open requests' caches: it takes the range if it can
-        spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
-        size = max(itemsize(link.hello.dtype) for link in [*self.stages, *spares])
-        shape = self.dims.shape(Precision(self.config.quantize), size)
-        index = self.stages.index(lost)
-        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in self.stages if s.assignment is not None]
-        if spares:
-            members = self._members(spares, size)
-            copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
-            pick = 0 if copier_fits else replacement(shape, members, a, b)
-            if pick is not None:
-                chosen = [(spares[pick] if i == index else x, r) for i, (x, r) in enumerate(zip(self.stages, ranges))]
-                standby = {
-                    x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]
-                }
-                return _Repair(Rebuilt(index, index), _Placement(tuple(chosen), standby))
-        near = {j: self._members([self.stages[j]], size)[0] for j in (index - 1, index + 1) if 0 <= j < len(ranges)}
-        widened = widening(shape, ranges, index, near)
-        if widened is None:
-            return None
-        wide = dict(widened)
-        chosen = [(x, wide.get(i, r)) for i, (x, r) in enumerate(zip(self.stages, ranges)) if i != index]
-        taken = tuple(Widened(j if j < index else j - 1, (max(a, lo), min(b, hi))) for j, (lo, hi) in widened)
-        standby = {x.name: "standing by: its memory does not hold the lost range" for x in spares}
-        return _Repair(Rebuilt(index, None, taken), _Placement(tuple(chosen), standby))
-
-    def _members(self, links: list[WorkerLink], size: int) -> list[Member]:
+    def members(self, links: list[WorkerLink], size: int) -> list[Member]:
         """The planner's view of ``links`` (memory, measured speed, link) at ``size`` bytes a value."""
         return planner_members([x.hello for x in links], self.dims.largest_layer_params, self.dims.hidden_size, size)
 
-    def _schedule_replan(self, repair: _Repair | None = None) -> None:
+    def _schedule_replan(self, repair: Repair | None = None) -> None:
         self._invalidate(repair)
-        self._spawn(self._replan(), "re-planning")
+        self.spawn(self._replan(), "re-planning")
 
-    def _invalidate(self, repair: _Repair | None = None) -> None:
+    def _invalidate(self, repair: Repair | None = None) -> None:
         """A new epoch, no pipeline: the listeners learn which stages served and, for a repair,
         which one is being replaced; the next ``_replan`` uses ``repair`` if its links still can."""
         self.move(GroupState.PLACING, "placing the model on the members")
@@ -484,8 +397,8 @@ class Group:
                 epoch = self.epoch
                 repair, self._repair = self._repair, None
                 try:  # polynomial (milliseconds at 64 members), still CPU work: off the event loop
-                    if repair is not None and all(link in live for link, _ in repair.placement.chosen):
-                        placement = repair.placement
+                    if repair is not None and all(link in live for link, _ in repair.chosen):
+                        placement = Placement(repair.chosen, repair.standby)
                         self.repairs += 1
                     else:
                         if repair is not None:  # a link of it went meanwhile: plan the whole pipeline
@@ -504,7 +417,7 @@ class Group:
                 assignments = []
                 for link, (a, b) in chosen:
                     try:
-                        assignments.append(await self._assignment(link, a, b, epoch))
+                        assignments.append(await self.assignment(link, a, b, epoch))
                     except Exception as e:  # an unreadable checkpoint: nothing a re-plan can fix
                         why = f"cannot prepare the weights of layers [{a}, {b}): {type(e).__name__}: {e}"
                         self.move(GroupState.CANNOT_PLACE, why)
@@ -546,7 +459,7 @@ class Group:
                 self.stages, self.hops, self.loop_back = stages, hops, loop_back
                 self.kv_tokens = min(asg.kv_tokens for asg in assignments)
                 self.move(GroupState.SERVING)
-                self._warm_standby()
+                self.standbys.warm()
                 log.info(
                     "serving epoch %d on %d stage(s): %s; hops: %s",
                     epoch,
@@ -556,7 +469,7 @@ class Group:
                 )
                 return
 
-    async def _assignment(self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False) -> Assign:
+    async def assignment(self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False) -> Assign:
         """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory);
         ``standby``: the whole model of a standby member, keeping the rows at the serving
         pipeline's stage ends (:meth:`stage_ends`)."""
@@ -589,77 +502,14 @@ class Group:
             **fields,
         )
 
+    def shadow_target(self) -> WorkerLink | None:
+        """The standby member that keeps a copy of the open requests' caches (:mod:`master_core.shadow`;
+        :meth:`~master_core.standby.Standbys.copier`), or None."""
+        return self.standbys.copier()
+
     def stage_ends(self) -> tuple[int, ...]:
         """The layer ends of the serving pipeline's stages but the last (none while not serving)."""
         return tuple(s.assignment.layer_end for s in self.stages[:-1] if s.assignment is not None)
-
-    def shadow_target(self) -> WorkerLink | None:
-        """The standby member that keeps a copy of the open requests' caches
-        (:mod:`master_core.shadow`): the first that holds the whole model and keeps the rows at
-        this pipeline's stage ends; None when none does (or the group is not serving)."""
-        if not self.serving:
-            return None
-        ends = self.stage_ends()
-        for link in self.placeable_links():
-            asg = link.assignment
-            if link not in self.stages and self._holds_whole_model(link) and asg is not None and asg.tapes == ends:
-                return link
-        return None
-
-    def _warm_standby(self) -> None:
-        """Each standby member that holds the whole model and has not loaded it loads it now
-        (an ``Assign`` of every layer, served by no pipeline, keeping the rows at the stage ends
-        of this pipeline): if a stage is lost, the member that takes its range over takes those
-        layers from memory (``worker_core.shard.carve``) instead of reading them, and the repair
-        is that much shorter; with the caches it computed meanwhile (:mod:`master_core.shadow`),
-        shorter still.  One loaded for another pipeline is told the new stage ends.  A standby
-        member whose memory does not hold the whole model loads one stage's range instead
-        (:func:`~master_core.placement.standby_range`), which a repair of that stage takes as it is."""
-        n = self.dims.num_layers
-        size = max((itemsize(link.hello.dtype) for link in self.links), default=4)
-        shape = self.dims.shape(Precision(self.config.quantize), size)
-        ends = self.stage_ends()
-        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in self.stages if s.assignment is not None]
-        serving = self._members(self.stages, size) if len(ranges) == len(self.stages) else []
-        for link in self.placeable_links():
-            if link in self.stages or link.loading or link in self._warming:
-                continue
-            if self._holds_whole_model(link) and (link.assignment is None or link.assignment.tapes == ends):
-                continue
-            member = self._members([link], size)
-            if replacement(shape, member, 0, n) is not None:
-                self._warming[link] = (0, n)
-                self._spawn(self._warm(link, 0, n), f"loading the whole model on {link.name}")
-                continue
-            if not serving:
-                continue
-            others = [self._kept_loaded(x) for x in self.placeable_links() if x is not link and x not in self.stages]
-            i = standby_range(shape, ranges, serving, member[0], [j for j, r in enumerate(ranges) if r in others])
-            if i is not None and self._kept_loaded(link) != ranges[i]:
-                self._warming[link] = ranges[i]
-                self._spawn(self._warm(link, *ranges[i]), f"loading layers {ranges[i]} on {link.name}")
-
-    def _holds_whole_model(self, link: WorkerLink) -> bool:
-        return link not in self._warming and self._kept_loaded(link) == (0, self.dims.num_layers)
-
-    def _kept_loaded(self, link: WorkerLink) -> tuple[int, int] | None:
-        """The layers a member has loaded (or is loading to stand by with), or None."""
-        if link in self._warming:
-            return self._warming[link]
-        asg = link.assignment
-        return None if asg is None or link.loading else (asg.layer_start, asg.layer_end)
-
-    async def _warm(self, link: WorkerLink, a: int, b: int) -> None:
-        whole = (a, b) == (0, self.dims.num_layers)
-        what = "the whole model" if whole else f"layers [{a}, {b})"
-        try:
-            asg = await self._assignment(link, a, b, self.epoch, standby=whole)
-            await link.assign(asg, self.config.assign_timeout)
-            log.info("%s stands by with %s loaded", link.name, what)
-        except (LinkGone, StepFailed, asyncio.TimeoutError, Superseded) as e:
-            log.info("%s stands by without %s loaded: %s", link.name, what, e or type(e).__name__)
-        finally:
-            self._warming.pop(link, None)
 
     def _stored_as_asked(self, link: WorkerLink, rng: tuple[int, int], ready: Any) -> bool:
         """False when a quantized group's worker reports its layers at (about) full precision."""
@@ -673,7 +523,7 @@ class Group:
         full_layers = self.dims.stage_bytes(a, b, Precision.NONE, size) - outer
         return ready.weight_bytes - outer < 0.9 * full_layers
 
-    def _place(self, live: list[WorkerLink]) -> _Placement:
+    def _place(self, live: list[WorkerLink]) -> Placement:
         """Pipeline order and ranges from each member's memory, measured speed and link.
         A link's announcement never changes, so a plan is remembered for its set of links
         (a join checks it, and the re-plan that may follow uses it).  No side effects."""
@@ -702,7 +552,7 @@ class Group:
                     if m.link_seconds > plan.step_seconds
                     else "the others hold the model as fast without it"
                 )
-        placement = _Placement(tuple((live[int(name)], rng) for name, rng in zip(plan.order, plan.ranges)), standby)
+        placement = Placement(tuple((live[int(name)], rng) for name, rng in zip(plan.order, plan.ranges)), standby)
         self._planned = (tuple(live), placement)
         return placement
 
@@ -735,7 +585,8 @@ class Group:
                     "next_hop": self._next_hop(link),
                     "standby": self.standby.get(link.name) if link not in self.stages else None,
                     # a standby member that holds (or is loading) the whole model: it copies the caches
-                    "whole_model": link not in self.stages and self._kept_loaded(link) == (0, self.dims.num_layers),
+                    "whole_model": link not in self.stages
+                    and self.standbys.kept_loaded(link) == (0, self.dims.num_layers),
                     "steps": link.steps,
                 }
             )

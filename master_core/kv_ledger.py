@@ -33,10 +33,11 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .group import Group, Rebuilt
+from .group import Group
 from .link import WorkerLink
 from .prefix_cache import PrefixCache
 from .request import Request, RequestState
+from .standby import Rebuilt
 
 KEEPABLE = frozenset({RequestState.DONE, RequestState.CANCELLED, RequestState.QUEUED})  # QUEUED: preempted
 

@@ -364,7 +364,7 @@ def test_a_last_stages_drafts_lookup_first_then_its_model_measured_and_freed(pai
 
 
 def test_the_last_stage_holds_the_draft_model_out_of_its_kv_budget_unless_that_would_halve_it(pair):
-    """Group._assignment: only the range ending at the last layer names the draft model; its
+    """Group.assignment: only the range ending at the last layer names the draft model; its
     float32 bytes come out of that stage's memory before its KV budget is set, and a stage whose
     budget that would halve (or worse) gets no draft model (drafts are optional, KV is not)."""
     from types import SimpleNamespace
@@ -384,7 +384,7 @@ def test_the_last_stage_holds_the_draft_model_out_of_its_kv_budget_unless_that_w
     def assign(free: int, a: int, b: int, with_offer: DraftOffer | None = offer):
         g.draft = with_offer
         link = SimpleNamespace(name="w", hello=Hello("w", "cpu", "cpu", free, free, "float32"))
-        return run(g._assignment(link, a, b, 1))  # type: ignore[arg-type]
+        return run(g.assignment(link, a, b, 1))  # type: ignore[arg-type]
 
     roomy = 200 * offer.nbytes
     plain, first, last = assign(roomy, n - 1, n, None), assign(roomy, 0, n - 1), assign(roomy, n - 1, n)

@@ -1,0 +1,225 @@
+"""The members of a group standing by: what each keeps loaded, and the repair of a lost stage.
+
+Contract
+--------
+``Standbys(group)`` belongs to one :class:`~master_core.group.Group` and reads its members,
+stages and model (:class:`Members`); it sends only ``Assign``s of layers no pipeline uses.
+
+* :meth:`Standbys.warm` (after each pipeline is built): a member standing by whose memory holds
+  the whole model loads it (keeping the rows at the stage ends, so it can copy the open
+  requests' caches: :mod:`master_core.shadow`; :meth:`Standbys.copier` names the member that
+  does); one whose memory does not loads one stage's range
+  (:func:`~master_core.placement.standby_range`).  :meth:`Standbys.kept_loaded` says what a
+  member holds or is loading.
+* :meth:`Standbys.repair_for` (a stage lost): a :class:`Repair` that keeps every other stage,
+  its range to the member standing by best placed to take it (the copier first, then those
+  holding the whole model or that range, then any whose memory holds it:
+  :func:`~master_core.placement.replacement`), or, where none can, to a neighbour of the lost
+  stage or both beside their own ranges (:func:`~master_core.placement.widening`); None when
+  nobody can (the whole pipeline is then planned again).  Its :class:`Rebuilt` says what the
+  engine rebuilds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker_core.precision import Precision
+from worker_core.wire import Assign, itemsize
+
+from .config import MasterConfig
+from .link import LinkGone, StepFailed, Superseded, WorkerLink
+from .model_dims import ModelDims
+from .placement import Member, replacement, standby_range, widening
+
+log = logging.getLogger("molink.group")
+
+
+@dataclass(frozen=True)
+class Widened:
+    """Stage ``index`` of the new pipeline took over ``layers`` of the lost stage beside its own."""
+
+    index: int
+    layers: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """What a repair leaves to rebuild where stage ``lost`` of the previous pipeline was: either
+    a standby member took over the lost range whole as stage ``index`` of the new pipeline, or
+    (``widened``, in pipeline order; ``index`` None) one neighbour of the lost stage or both took
+    its layers over beside their own, and the new pipeline has one stage fewer.  Every other
+    stage keeps its layers and caches."""
+
+    lost: int
+    index: int | None = None
+    widened: tuple[Widened, ...] = ()
+
+
+@dataclass(frozen=True)
+class Repair:
+    """The serving pipeline but one stage, as ``rebuilt`` says, every other stage as it was:
+    each chosen link's range, in pipeline order, and why the others stand by."""
+
+    rebuilt: Rebuilt
+    chosen: tuple[tuple[WorkerLink, tuple[int, int]], ...]
+    standby: dict[str, str]
+
+    def describe(self) -> str:
+        """Who takes the lost range over (for the log)."""
+        chosen, r = self.chosen, self.rebuilt
+        if r.index is not None:
+            who = f"{chosen[r.index][0].name} replaces it"
+        else:
+            who = "; ".join(
+                f"{chosen[w.index][0].name} takes over its layers [{w.layers[0]}, {w.layers[1]}) beside its own "
+                f"([{chosen[w.index][1][0]}, {chosen[w.index][1][1]}) now)"
+                for w in r.widened
+            )
+        return f"{who}; the other stages keep their layers and caches"
+
+
+class Members(Protocol):
+    """What :class:`Standbys` reads of its group (:class:`~master_core.group.Group`)."""
+
+    config: MasterConfig
+    dims: ModelDims
+    links: list[WorkerLink]
+    stages: list[WorkerLink]
+    epoch: int
+
+    @property
+    def serving(self) -> bool: ...
+
+    def placeable_links(self) -> list[WorkerLink]: ...
+
+    def stage_ends(self) -> tuple[int, ...]: ...
+
+    def shadow_target(self) -> WorkerLink | None: ...
+
+    def members(self, links: list[WorkerLink], size: int) -> list[Member]: ...
+
+    async def assignment(self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False) -> Assign: ...
+
+    def spawn(self, coro: Awaitable[None], what: str) -> None: ...
+
+
+class Standbys:
+    """See the module docstring."""
+
+    def __init__(self, group: Members) -> None:
+        self.group = group
+        self.warming: dict[WorkerLink, tuple[int, int]] = {}  # members loading layers to stand by with: which
+
+    def kept_loaded(self, link: WorkerLink) -> tuple[int, int] | None:
+        """The layers a member has loaded (or is loading to stand by with), or None."""
+        if link in self.warming:
+            return self.warming[link]
+        asg = link.assignment
+        return None if asg is None or link.loading else (asg.layer_start, asg.layer_end)
+
+    def holds_whole_model(self, link: WorkerLink) -> bool:
+        return link not in self.warming and self.kept_loaded(link) == (0, self.group.dims.num_layers)
+
+    def copier(self) -> WorkerLink | None:
+        """The standby member that keeps a copy of the open requests' caches
+        (:mod:`master_core.shadow`): the first that holds the whole model and keeps the rows at
+        the pipeline's stage ends; None when none does (or the group is not serving)."""
+        g = self.group
+        if not g.serving:
+            return None
+        ends = g.stage_ends()
+        for link in g.placeable_links():
+            asg = link.assignment
+            if link not in g.stages and self.holds_whole_model(link) and asg is not None and asg.tapes == ends:
+                return link
+        return None
+
+    def warm(self) -> None:
+        """Each standby member that holds the whole model and has not loaded it loads it now
+        (an ``Assign`` of every layer, served by no pipeline, keeping the rows at the stage ends
+        of this pipeline): if a stage is lost, the member that takes its range over takes those
+        layers from memory (``worker_core.shard.carve``) instead of reading them, and the repair
+        is that much shorter; with the caches it computed meanwhile (:mod:`master_core.shadow`),
+        shorter still.  One loaded for another pipeline is told the new stage ends.  A standby
+        member whose memory does not hold the whole model loads one stage's range instead
+        (:func:`~master_core.placement.standby_range`), which a repair of that stage takes as it is."""
+        g = self.group
+        n = g.dims.num_layers
+        size = max((itemsize(link.hello.dtype) for link in g.links), default=4)
+        shape = g.dims.shape(Precision(g.config.quantize), size)
+        ends = g.stage_ends()
+        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment is not None]
+        serving = g.members(g.stages, size) if len(ranges) == len(g.stages) else []
+        for link in g.placeable_links():
+            if link in g.stages or link.loading or link in self.warming:
+                continue
+            if self.holds_whole_model(link) and (link.assignment is None or link.assignment.tapes == ends):
+                continue
+            member = g.members([link], size)
+            if replacement(shape, member, 0, n) is not None:
+                self.warming[link] = (0, n)
+                g.spawn(self._load(link, 0, n), f"loading the whole model on {link.name}")
+                continue
+            if not serving:
+                continue
+            others = [self.kept_loaded(x) for x in g.placeable_links() if x is not link and x not in g.stages]
+            i = standby_range(shape, ranges, serving, member[0], [j for j, r in enumerate(ranges) if r in others])
+            if i is not None and self.kept_loaded(link) != ranges[i]:
+                self.warming[link] = ranges[i]
+                g.spawn(self._load(link, *ranges[i]), f"loading layers {ranges[i]} on {link.name}")
+
+    async def _load(self, link: WorkerLink, a: int, b: int) -> None:
+        g = self.group
+        whole = (a, b) == (0, g.dims.num_layers)
+        what = "the whole model" if whole else f"layers [{a}, {b})"
+        try:
+            asg = await g.assignment(link, a, b, g.epoch, standby=whole)
+            await link.assign(asg, g.config.assign_timeout)
+            log.info("%s stands by with %s loaded", link.name, what)
+        except (LinkGone, StepFailed, asyncio.TimeoutError, Superseded) as e:
+            log.info("%s stands by without %s loaded: %s", link.name, what, e or type(e).__name__)
+        finally:
+            self.warming.pop(link, None)
+
+    def repair_for(self, lost: WorkerLink) -> Repair | None:
+        """See the module docstring."""
+        g = self.group
+        if not g.serving or lost not in g.stages or lost.assignment is None:
+            return None
+        kept = [s for s in g.stages if s is not lost]
+        if any(not s.placeable or s.assignment is None for s in kept):
+            return None
+        spares = [link for link in g.placeable_links() if link not in g.stages]
+        a, b = lost.assignment.layer_start, lost.assignment.layer_end
+        loaded = ((0, g.dims.num_layers), (a, b))  # the whole model, or this range: taken from memory
+        warm = [x for x in spares if x not in self.warming and self.kept_loaded(x) in loaded]
+        shadow = g.shadow_target()  # it holds the open requests' caches: it takes the range if it can
+        spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
+        size = max(itemsize(link.hello.dtype) for link in [*g.stages, *spares])
+        shape = g.dims.shape(Precision(g.config.quantize), size)
+        index = g.stages.index(lost)
+        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment is not None]
+        if spares:
+            members = g.members(spares, size)
+            copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
+            pick = 0 if copier_fits else replacement(shape, members, a, b)
+            if pick is not None:
+                chosen = [(spares[pick] if i == index else x, r) for i, (x, r) in enumerate(zip(g.stages, ranges))]
+                standby = {
+                    x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]
+                }
+                return Repair(Rebuilt(index, index), tuple(chosen), standby)
+        near = {j: g.members([g.stages[j]], size)[0] for j in (index - 1, index + 1) if 0 <= j < len(ranges)}
+        widened = widening(shape, ranges, index, near)
+        if widened is None:
+            return None
+        wide = dict(widened)
+        chosen = [(x, wide.get(i, r)) for i, (x, r) in enumerate(zip(g.stages, ranges)) if i != index]
+        taken = tuple(Widened(j if j < index else j - 1, (max(a, lo), min(b, hi))) for j, (lo, hi) in widened)
+        standby = {x.name: "standing by: its memory does not hold the lost range" for x in spares}
+        return Repair(Rebuilt(index, None, taken), tuple(chosen), standby)
