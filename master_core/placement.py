@@ -150,7 +150,8 @@ def widening(
     shape: ModelShape, ranges: Sequence[tuple[int, int]], lost: int, neighbours: dict[int, Member]
 ) -> tuple[tuple[int, tuple[int, int]], ...] | None:
     """Where no standby member takes over stage ``lost`` of a pipeline of ``ranges``: the
-    neighbours (indices into ``ranges``, of ``neighbours``: ``lost - 1``, ``lost + 1``) that take
+    neighbours (indices into ``ranges``: ``lost - 1``, ``lost + 1``, of the members by stage in
+    ``neighbours``; any others there are not considered) that take
     its layers over beside their own, each with its widened range, in pipeline order.  One
     neighbour where its memory holds its own range and the lost one (of two that can, the one
     whose widened stage computes faster); else both, the lost range cut where the slower of the
@@ -189,11 +190,11 @@ def standby_range(
     pipeline would be planned again), then the most layers (the longest load); None when its
     memory holds none."""
     best: tuple[tuple[bool, int], int] | None = None
+    serving = dict(enumerate(stages))
     for i, r in enumerate(ranges):
         if i in taken or replacement(shape, [m], *r) is None:
             continue
-        near = {j: stages[j] for j in (i - 1, i + 1) if 0 <= j < len(ranges)}
-        key = (widening(shape, ranges, i, near) is None, r[1] - r[0])
+        key = (widening(shape, ranges, i, serving) is None, r[1] - r[0])
         if best is None or key > best[0]:
             best = (key, i)
     return None if best is None else best[1]

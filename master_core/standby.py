@@ -34,7 +34,7 @@ from worker_core.wire import Assign, itemsize
 from .config import MasterConfig
 from .link import LinkGone, StepFailed, Superseded, WorkerLink
 from .model_dims import ModelDims
-from .placement import Member, replacement, standby_range, widening
+from .placement import Member, ModelShape, replacement, standby_range, widening
 
 log = logging.getLogger("molink.group")
 
@@ -115,6 +115,15 @@ class Standbys:
         self.group = group
         self.warming: dict[WorkerLink, tuple[int, int]] = {}  # members loading layers to stand by with: which
 
+    def _shape(self, links: list[WorkerLink]) -> tuple[int, ModelShape]:
+        """Bytes a value of the widest dtype among ``links``, and the model's shape at that size."""
+        size = max((itemsize(link.hello.dtype) for link in links), default=4)
+        return size, self.group.dims.shape(Precision(self.group.config.quantize), size)
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        """The serving stages' layer ranges, in pipeline order."""
+        return [(s.assignment.layer_start, s.assignment.layer_end) for s in self.group.stages if s.assignment]
+
     def kept_loaded(self, link: WorkerLink) -> tuple[int, int] | None:
         """The layers a member has loaded (or is loading to stand by with), or None."""
         if link in self.warming:
@@ -150,10 +159,9 @@ class Standbys:
         (:func:`~master_core.placement.standby_range`), which a repair of that stage takes as it is."""
         g = self.group
         n = g.dims.num_layers
-        size = max((itemsize(link.hello.dtype) for link in g.links), default=4)
-        shape = g.dims.shape(Precision(g.config.quantize), size)
+        size, shape = self._shape(g.links)
         ends = g.stage_ends()
-        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment is not None]
+        ranges = self._ranges()
         serving = g.members(g.stages, size) if len(ranges) == len(g.stages) else []
         for link in g.placeable_links():
             if link in g.stages or link.loading or link in self.warming:
@@ -200,10 +208,8 @@ class Standbys:
         warm = [x for x in spares if x not in self.warming and self.kept_loaded(x) in loaded]
         shadow = g.shadow_target()  # it holds the open requests' caches: it takes the range if it can
         spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
-        size = max(itemsize(link.hello.dtype) for link in [*g.stages, *spares])
-        shape = g.dims.shape(Precision(g.config.quantize), size)
-        index = g.stages.index(lost)
-        ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment is not None]
+        size, shape = self._shape([*g.stages, *spares])
+        index, ranges = g.stages.index(lost), self._ranges()
         if spares:
             members = g.members(spares, size)
             copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
@@ -214,8 +220,7 @@ class Standbys:
                     x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]
                 }
                 return Repair(Rebuilt(index, index), tuple(chosen), standby)
-        near = {j: g.members([g.stages[j]], size)[0] for j in (index - 1, index + 1) if 0 <= j < len(ranges)}
-        widened = widening(shape, ranges, index, near)
+        widened = widening(shape, ranges, index, dict(enumerate(g.members(g.stages, size))))
         if widened is None:
             return None
         wide = dict(widened)
