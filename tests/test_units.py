@@ -187,6 +187,43 @@ def test_ending_a_loop_that_swallowed_its_cancellation():
     assert asyncio.run(main()) == (1, True)
 
 
+def test_a_stopped_worker_does_not_dial_again_when_a_tunnels_teardown_swallowed_the_stop(monkeypatch, tmp_path):
+    # CI, a lab run: SIGTERM reached a worker as its tunnel closed; the tunnel's teardown lost the
+    # cancel (3.11's wait_for) and the worker dialled the gone master until killed, its router's
+    # pinhole left open.  A stopped worker now never dials again.
+    import asyncio
+
+    from worker_core import worker as W
+    from worker_core.config import WorkerConfig
+
+    async def main() -> int:
+        dials = 0
+        dialling = asyncio.Event()
+
+        async def connect_once(*_: object) -> str:
+            nonlocal dials
+            dials += 1
+            dialling.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if dials > 1:
+                    raise
+                return "closed by the master"  # the first cancel is lost, as in the race
+            return "never"
+
+        monkeypatch.setattr(W, "_connect_once", connect_once)
+        config = WorkerConfig("127.0.0.1:1", device="cpu", retry_seconds=0.01, direct=False, weights_dir=tmp_path)
+        t = asyncio.create_task(W.serve(config))
+        await asyncio.wait_for(dialling.wait(), 30)
+        t.cancel()
+        await asyncio.wait([t], timeout=2.0)
+        assert t.done(), f"the worker dialled {dials} times after its stop"
+        return dials
+
+    assert asyncio.run(main()) == 1
+
+
 def test_a_cpu_stage_attends_with_grouped_heads_as_they_are_and_the_same_output(tmp_path, monkeypatch):
     """worker_core.shard.grouped_attention_on: a packed step of a grouped-query model (2 key/value
     heads for 4 query heads) on a CPU never copies the key/value heads per group (transformers'

@@ -510,6 +510,9 @@ async def serve(config: WorkerConfig, control: Control | None = None, events: Ev
             log.info("left the group")
             run.events.emit("left")
     finally:
+        # stopping: never dial again, even where a tunnel's teardown swallows the cancel below
+        # (Python 3.11's wait_for, worker_core.tasks); the dial loop checks this after each tunnel
+        run.leaving = run.leaving or Command.STOP
         for t in (obey, dial_task):  # one cancel each: the dial's own teardown is bounded and must run
             if t is not None and not t.done():
                 t.cancel()
