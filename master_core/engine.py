@@ -522,6 +522,7 @@ class Engine:
             gens = {r.id: r.kv_gen for r in reqs}  # one resumed or restarted meanwhile has a newer one
             self._looping_lanes += bool(loop)
             self._prefilling_lanes += prefill
+            counted = prefill  # counted among the lanes carrying prefill until its first step is back
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
                 tokens = {r.kv_id: inputs(r, c) for c, r in zip(chunks, reqs)}
@@ -539,6 +540,8 @@ class Engine:
                     stages, epoch, sent, tokens, self.direct, loop, draws, topk=topk, marks=marks, drop=drop
                 )
                 went = await self._step(epoch, chunks, reqs, gens, key, slots, prefill, journey, topk)
+                self._prefilling_lanes -= counted  # the steps it loops carry no prefill
+                counted = False
                 looped = went.looped if went is not None else []
                 self._looping.update(looped)
                 batch = chunks
@@ -565,7 +568,7 @@ class Engine:
                         break  # a step still looping then finds no cache on some stage and goes no further
             finally:
                 self._looping_lanes -= bool(loop)
-                self._prefilling_lanes -= prefill
+                self._prefilling_lanes -= counted
                 for exp in looped[awaited:]:  # not awaited: a step failed, or the lane was cancelled
                     exp.abandon()
                 self._looping.difference_update(looped)

@@ -179,9 +179,9 @@ class _Run:
         self._complete(self.clock.now, trip.plan, trip.k)
         prefill = trip.k == 0 and any(ch.length > 1 for ch in trip.plan)
         self.tuner.observe(self.clock.now, trip.key, trip.slots, self.generated - before, prefill)
+        self.prefilling -= prefill  # as the engine: from its first step back, a lane loops no prefill
         if trip.k == trip.loop:  # the lane's last step: it is free again
             self.lane_busy[trip.lane] = False
-            self.prefilling -= any(ch.length > 1 for ch in trip.plan)
             self.looping -= bool(trip.loop)
             for ch in trip.plan:
                 if ch.request_id in self.running:

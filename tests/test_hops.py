@@ -367,6 +367,30 @@ def test_a_request_arriving_while_the_last_stage_loops_back_is_served_at_once(ck
     assert max(waits) <= 4, f"arrivals waited {waits} tokens of the looping stream (a loop is {LOOP_STEPS} steps)"
 
 
+def test_a_lane_counts_as_prefill_until_its_prompts_step_is_back_not_through_its_loop(ckpt):
+    """The engine keeps at most ``prefill_lanes`` micro-batches carrying prefill in flight.  A
+    lane whose first step carried a prompt's last chunk and then loops back counts among them
+    while that step is on its way, and no longer once it is back: the steps it loops carry no
+    prefill (it held new prompt chunks back for its whole loop before)."""
+
+    async def main() -> list[tuple[int, int, int]]:
+        async with Cluster(ckpt, workers=3) as c:
+            while not c.engine.profiled:
+                await asyncio.sleep(0.01)
+            seen: list[tuple[int, int, int]] = []  # (tokens out, lanes carrying prefill, lanes looping)
+            req = c.engine.submit(PROMPTS[0], greedy(3 * LOOP_STEPS))
+            while not req.finished:
+                seen.append((len(req.output), c.engine._prefilling_lanes, c.engine._looping_lanes))
+                await asyncio.sleep(0.0005)
+            return seen
+
+    seen = run(main())
+    assert any(out == 0 and pre == 1 for out, pre, _ in seen), "the prompt's step was never counted as prefill"
+    looping = [pre for out, pre, loops in seen if out > 1 and loops]
+    assert looping, "no loop was seen"
+    assert not any(looping), f"a looping lane counted as prefill in {sum(looping)} of {len(looping)} looks"
+
+
 def test_sampled_requests_loop_back_too_and_draw_what_the_master_would(ckpt, want):
     """The last stage draws sampled tokens with the request's seed, position by position, as the
     master does: the same seeded requests give the same tokens with the loop-back on and off."""
