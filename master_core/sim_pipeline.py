@@ -18,9 +18,11 @@ What is modelled, and after which code:
   :data:`PATIENCE` seconds behind decode steps goes first.  A decode step runs whole.  Any other
   step runs a few layers at a time (:mod:`worker_core.interleave`: :class:`LayerClock` chooses
   the layers of a run from the stage's observed compute per token and layer, about
-  ``PAUSE_SECONDS`` a run); between two runs the stage serves the decode steps queued when the
-  run ended (``Inbox.serve_urgent``), each whole, and those arriving meanwhile wait for the next
-  pause.  ``layers`` gives each stage's layer count; empty, every step runs whole (no pauses).
+  ``PAUSE_SECONDS`` a run; it starts from the start-up profile's step and every size of the
+  stage's measured curve, as the worker's has seen those steps and keeps the fastest); between
+  two runs the stage serves the decode steps queued when the run ended (``Inbox.serve_urgent``),
+  each whole, and those arriving meanwhile wait for the next pause.  ``layers`` gives each
+  stage's layer count; empty, every step runs whole (no pauses).
   A step of ``n`` tokens costs ``fixed + per_token * n`` seconds of compute (``CostSnapshot``:
   the line the scheduler plans with), or, where ``curves`` are given, what the stage's measured
   curve says (:meth:`~master_core.costs.StageCost.curve`: the real engine plans with the line,
@@ -201,8 +203,10 @@ class _Stage:
         self.run_began = 0.0
         self.pause: deque[SimStep] = deque()  # decode steps this pause serves
         self.clock = LayerClock()
-        if layers:  # the start-up profile's steps measured it first
-            self.clock.observe(PROFILE_TOKENS, layers, pipe.seconds(index, PROFILE_TOKENS))
+        if layers:  # what the worker's clock has seen: the start-up profile, then the curve's sizes
+            sizes = {PROFILE_TOKENS, *(round(x) for x, _ in (pipe.curves[index] if pipe.curves else ()))}
+            for n in sorted(sizes):  # it keeps the fastest per token: big steps, whose fixed cost is shared
+                self.clock.observe(n, layers, pipe.seconds(index, n))
 
     def arrive(self, step: SimStep) -> None:
         if step.urgent:

@@ -82,6 +82,27 @@ def test_decode_steps_arriving_during_a_pause_wait_for_the_next_one():
     assert back["prefill"] == pytest.approx(0.045 + 0.010 + 0.0001)
 
 
+def test_the_layer_clock_starts_from_every_size_of_the_measured_curve():
+    """The worker's LayerClock keeps the fastest compute per token-layer it has seen, and a
+    stage's big steps are the cheapest per token (their fixed cost is shared).  Here, 40 layers:
+    the profile's 64-token step costs 0.02 ms a token-layer, the curve's 200- and 400-token steps
+    0.01 ms.  A 200-token prompt step then runs 20 ms / (0.01 ms x 200) = 10 layers a run, not
+    the 5 the profile's step alone gives, and a decode step arriving waits for those 10."""
+    c = CostSnapshot((0.0,), (0.001,), (0.0,), (INF,), 8, 8)
+    curve = ((64.0, 0.0512), (200.0, 0.08), (400.0, 0.16))
+    clock = Clock()
+    back: dict[str, float] = {}
+    pipe = Pipeline(
+        c, clock, lambda s: back.__setitem__(str(s.payload), clock.now), lambda s: s, (40,), curves=(curve,)
+    )
+    send_at(pipe, clock, 0.0, SimStep(200, 1, False, False, "prompt"))
+    send_at(pipe, clock, 0.0001, SimStep(1, 1, True, False, "decode"))
+    clock.run()
+    decode = curve_seconds(curve, 1)
+    assert back["decode"] == pytest.approx(0.020 + decode)  # 10 layers of 2 ms, then the decode step
+    assert back["prompt"] == pytest.approx(0.080 + decode)
+
+
 def test_a_step_waiting_behind_decode_steps_goes_first_after_patience():
     """Decode steps go first, but a step that has waited PATIENCE seconds behind them goes next
     (worker_core.inbox.Inbox.get)."""
