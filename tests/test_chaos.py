@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -33,7 +34,8 @@ import pytest
 from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
-from app.tools.chaos.group import HealthLog, LocalGroup
+from app.tools.chaos import group as chaos_group
+from app.tools.chaos.group import RESTART_NICENESS, Child, HealthLog, LocalGroup
 from app.tools.chaos.run import Job, run_workload
 from app.tools.chaos.score import StreamRecord
 from app.tools.netlab.procctl import freeze, kill_hard, thaw
@@ -190,6 +192,102 @@ def test_the_wait_for_a_standby_copy_ends_at_once_where_the_standby_cannot_hold_
     cold, none, warm, caught = run(main(), 30)
     assert none is None and cold < 1.0, cold
     assert caught is not None and caught["behind"] == 10 and 0.15 < warm < 1.0, warm
+
+
+# a trivial child for the niceness tests: 3 threads beside its main one, then it says so and sleeps
+THREADED = (
+    "import threading, time\n"
+    "for _ in range(3): threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+    'print(\'@molink {"event": "ready"}\', flush=True)\n'
+    "time.sleep(600)\n"
+)
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are listed in /proc (Linux)")
+
+
+def thread_niceness(pid: int) -> list[int]:
+    """The niceness of every thread of ``pid``: field 19 of each ``/proc/<pid>/task/<tid>/stat``."""
+    out = []
+    for stat in sorted(Path(f"/proc/{pid}/task").glob("*/stat")):
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: fields 3 on
+        out.append(int(fields[19 - 3]))
+    return out
+
+
+def threaded_child(tmp_path: Path, nice: int) -> Child:
+    child = Child(["threaded"], tmp_path / f"threaded-{nice}.log", nice=nice, argv=[sys.executable, "-c", THREADED])
+    run(child.wait_event("ready", 30), 40)
+    return child
+
+
+@needs_proc
+def test_a_restarted_child_runs_every_thread_at_nice_19_until_reniced_and_a_first_start_is_not_niced(tmp_path, capfd):
+    own = psutil.Process().nice()
+    first, again = threaded_child(tmp_path, 0), threaded_child(tmp_path, RESTART_NICENESS)
+    try:
+        assert thread_niceness(first.pid) == [own] * 4 and not first.niced  # its main thread and 3 more
+        assert thread_niceness(again.pid) == [min(19, own + RESTART_NICENESS)] * 4 and again.niced
+        done = again.renice(0)
+        said = capfd.readouterr().err
+        if os.geteuid() == 0:
+            assert done and said == "", said
+            assert thread_niceness(again.pid) == [0] * 4
+        else:  # lowering a niceness needs root: it says it could not, and carries on
+            assert not done and "could not set threaded" in said and "needs root" in said, said
+    finally:
+        run(first.kill_hard(), 30)
+        run(again.kill_hard(), 30)
+
+
+@needs_proc
+def test_a_child_that_may_not_be_reniced_says_so_and_runs_on(tmp_path, capfd, monkeypatch):
+    child = threaded_child(tmp_path, RESTART_NICENESS)
+    try:
+
+        def refuse(which: int, who: int, prio: int) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(os, "setpriority", refuse)  # as for a user without CAP_SYS_NICE
+        assert not child.renice(0)
+        said = capfd.readouterr().err
+        assert f"could not set threaded (pid {child.pid}) to niceness 0" in said and "needs root" in said, said
+        assert thread_niceness(child.pid) == [19] * 4  # untouched, still running
+        assert child.proc.poll() is None
+    finally:
+        run(child.kill_hard(), 30)
+    assert not child.renice(0)  # gone: says so, no exception
+    assert "could not set threaded" in capfd.readouterr().err
+
+
+def test_the_group_restarts_a_worker_niced_and_sets_it_back_once_the_group_has_it_again(tmp_path, monkeypatch):
+    """First starts are not niced; a start after a kill is, until a wait sees the group with it
+    again; then it is set back (once) to the tool's own niceness."""
+    made: list[Any] = []
+
+    class FakeChild:
+        def __init__(self, args: list[str], log: Path, *, nice: int = 0) -> None:
+            self.args, self.nice, self.niced, self.reniced = args, nice, bool(nice), []
+            made.append(self)
+
+        def renice(self, niceness: int) -> bool:
+            self.reniced.append(niceness)
+            return True
+
+    monkeypatch.setattr(chaos_group, "Child", FakeChild)
+    g = LocalGroup("m", 2, 1, tmp_path)
+    g.proxies = [TcpProxy("127.0.0.1", 1), TcpProxy("127.0.0.1", 2)]  # never started: only their address
+    g.restart(0)
+    g.restart(1)
+    assert [c.nice for c in made] == [0, 0]
+    g.restart(1)  # as after a kill
+    assert made[2].nice == RESTART_NICENESS and made[2].niced
+    both = {"status": "ok", "workers": [{"name": "chaos-0"}, {"name": "chaos-1"}]}
+    answers = iter([{"status": "ok", "workers": [{"name": "chaos-0"}]}, both, both])
+    g.health = lambda: asyncio.sleep(0, next(answers))  # type: ignore[method-assign]  # a fake /health
+    run(g.wait_rejoined(5), 10)
+    assert made[2].reniced == [psutil.Process().nice()] and not made[2].niced
+    assert made[0].reniced == made[1].reniced == []
+    run(g.wait_rejoined(5), 10)
+    assert made[2].reniced == [psutil.Process().nice()]  # once
 
 
 def test_procctl_freezes_thaws_and_kills_a_real_process():

@@ -4,9 +4,11 @@ Contract: :class:`LocalGroup` starts a master (``molink master --supervised``) a
 127.0.0.1, each dialling the master through its own
 :class:`~app.tools.netlab.tcp_proxy.TcpProxy`, waits (bounded) until every worker holds layers,
 injects the faults of :class:`~app.tools.chaos.options.FaultKind` on request and stops every
-process and proxy on exit.  :class:`Child` is one supervised child process and its
-event stream; :class:`HealthLog` samples the master's ``/health`` to tell when a fault was
-noticed and the group re-formed.  Every wait is bounded.
+process and proxy on exit.  A worker started again (after a ``kill``) runs under
+``nice -n RESTART_NICENESS`` until a wait sees the group whole or rejoined, then every thread of
+it is set back to this tool's own niceness (:meth:`Child.renice`).  :class:`Child` is one
+supervised child process and its event stream; :class:`HealthLog` samples the master's
+``/health`` to tell when a fault was noticed and the group re-formed.  Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ COPY_CAUGHT_UP = 64
 STOP_TIMEOUT = 20.0  # seconds a child may take to stop after the stop command
 EXIT_TIMEOUT = 10.0  # seconds a killed child may take to be reaped
 STATS_WAIT = 10.0  # seconds to wait for two fresh stats events from every worker (they come every 2 s)
+# A killed worker's restart stands for its own machine coming back, but here it shares the cores of
+# the members that survive: its imports and model load took the CPU they needed for the repair (a
+# kill's pause measured 4.65 s instead of about 1.4 s).  So it restarts at once, at the lowest CPU
+# priority, and is set back once it has rejoined.  A first start is not niced.
+RESTART_NICENESS = 19
+RENICE_PASSES = 5  # listings of a process's threads while renicing: a thread started meanwhile is caught
 
 
 # --------------------------------------------------------------------------- child processes
@@ -45,13 +53,20 @@ class Child:
     """One ``python -m app.cli ... --supervised`` process: ``@molink`` events from stdout (read by
     a thread, timestamped, the last 1000 kept), stderr to a log file, commands on stdin."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, *, nice: int = 0, argv: list[str] | None = None) -> None:
+        """``nice``: start under ``nice -n NICE`` (every thread inherits it; 0: not niced).
+        ``argv``: run this command line instead of ``python -m app.cli ARGS --supervised`` (tests)."""
         self.args = args
         self.log = log
+        command = argv or [sys.executable, "-m", "app.cli", *args, "--supervised"]
+        # POSIX `nice` only: Windows has none, and there the child runs at normal priority, as it always did
+        self.niced = bool(nice) and os.name == "posix"  # started niced and not yet set back (LocalGroup)
+        if self.niced:
+            command = ["nice", "-n", str(nice), *command]  # nice execs the command: the pid is the child's
         self._stderr = open(log, "ab")  # noqa: SIM115 (closed in reap)
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", *args, "--supervised"],
+            command,
             cwd=REPO,
             env=env,
             stdin=subprocess.PIPE,
@@ -100,6 +115,34 @@ class Child:
         if self.proc.poll() is None:
             kill_hard(self.pid)
         await self.reap(EXIT_TIMEOUT)
+
+    def renice(self, niceness: int) -> bool:
+        """Set every thread of the process (each one in ``/proc/<pid>/task/``) to ``niceness``.
+
+        The threads are listed again until a listing shows none not yet set (at most
+        ``RENICE_PASSES`` listings), so a thread started meanwhile is caught; one that ended
+        meanwhile is skipped.  True when done; False, with one line on stderr saying it could not
+        and why, when the process is gone, there is no ``/proc`` (not Linux), or the operating
+        system refused (lowering a niceness needs root or ``CAP_SYS_NICE``).  Never raises."""
+        done: set[int] = set()
+        try:
+            for _ in range(RENICE_PASSES):
+                tids = {int(t) for t in os.listdir(f"/proc/{self.pid}/task")} - done
+                if not tids:
+                    break
+                for tid in sorted(tids):
+                    with contextlib.suppress(ProcessLookupError):  # that thread ended meanwhile
+                        os.setpriority(os.PRIO_PROCESS, tid, niceness)
+                    done.add(tid)
+        except OSError as e:
+            why = " (lowering a niceness needs root or CAP_SYS_NICE)" if isinstance(e, PermissionError) else ""
+            print(
+                f"molink chaos: could not set {self.args[0]} (pid {self.pid}) to niceness {niceness}: {e}{why}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return False
+        return True
 
     def freeze(self) -> None:
         freeze(self.pid)
@@ -209,16 +252,27 @@ class LocalGroup:
         await self._start_master(int(self.api.rsplit(":", 1)[1]))
 
     def restart(self, i: int) -> Child:
-        """Start worker ``i`` (again), dialling through its proxy."""
+        """Start worker ``i``, dialling through its proxy; started again (it was started before),
+        under ``nice -n RESTART_NICENESS`` until a wait sees it back (:meth:`wait_rejoined`)."""
         args = ["worker", "--master", self.proxies[i].address, "--device", "cpu", "--name", self.name(i)]
         args += ["--threads", str(self.threads)]
         if self.link_delay_ms:
             args += ["--link-delay-ms", str(self.link_delay_ms)]
         if self.memory_limit_gb:
             args += ["--memory-limit", str(self.memory_limit_gb)]
-        child = Child(args, self.log_dir / f"{self.name(i)}.log")
+        again = self.workers[i] is not None
+        child = Child(args, self.log_dir / f"{self.name(i)}.log", nice=RESTART_NICENESS if again else 0)
         self.workers[i] = child
         return child
+
+    def _renice_back(self) -> None:
+        """Every worker still niced since its restart back at this tool's own niceness (0 unless
+        the tool itself was niced), every thread of it; one try each (a refusal is said once)."""
+        niced = [c for c in self.workers if c is not None and c.niced]
+        own = os.getpriority(os.PRIO_PROCESS, 0) if niced else 0  # niced: POSIX
+        for child in niced:
+            child.niced = False
+            child.renice(own)
 
     def worker(self, i: int) -> Child:
         child = self.workers[i]
@@ -264,11 +318,12 @@ class LocalGroup:
 
     async def wait_rejoined(self, timeout: float) -> dict:
         """Wait (bounded) until the group serves with all ``n`` workers connected (holding layers
-        or standing by)."""
+        or standing by); then a worker restarted under nice is set back (:meth:`Child.renice`)."""
         deadline = time.monotonic() + timeout
         while True:
             h = await self.health()
             if h is not None and h.get("status") == "ok" and len({w["name"] for w in h.get("workers", [])}) == self.n:
+                self._renice_back()
                 return h
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the group did not serve with {self.n} workers within {timeout:.0f} s: {h}")
@@ -291,7 +346,8 @@ class LocalGroup:
             await asyncio.sleep(0.1)
 
     async def wait_whole(self, timeout: float) -> dict:
-        """Wait (bounded) until every worker holds layers, unchanged for half a second."""
+        """Wait (bounded) until every worker holds layers, unchanged for half a second; then a
+        worker restarted under nice is set back (:meth:`Child.renice`)."""
         deadline = time.monotonic() + timeout
         stable_since, epoch = None, None
         while True:
@@ -300,6 +356,7 @@ class LocalGroup:
                 if epoch != h["epoch"]:
                     stable_since, epoch = time.monotonic(), h["epoch"]
                 elif stable_since is not None and time.monotonic() - stable_since >= 0.5:
+                    self._renice_back()
                     return h
             else:
                 stable_since = epoch = None

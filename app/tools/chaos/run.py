@@ -7,7 +7,9 @@ worker processes on 127.0.0.1, each dialling the master through its own
 :class:`~app.tools.netlab.tcp_proxy.TcpProxy`, waits (bounded) until every worker holds layers, then runs
 one fixed seeded workload twice over the streaming HTTP API, as a client sees it: once
 fault-free, once while faults are injected one at a time (``kill``: ``kill -9`` the worker
-and start it again at once; ``freeze``: stop it for ``freeze_seconds`` then let it run on;
+and start it again at once, at the lowest CPU priority until it has rejoined, so that on one
+machine its start does not take the cores the repair needs; ``freeze``: stop it for
+``freeze_seconds`` then let it run on;
 ``cut``: reset its tunnel at the proxy and refuse new connections for ``cut_seconds``).
 It prints a table, writes JSON to ``options.out`` and returns 0 (with ``check``: 1 when any
 request failed, lost, repeated or changed a token, or a worker kept a cache).  Every wait is bounded; every process and
