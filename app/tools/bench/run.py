@@ -6,7 +6,9 @@ it prints one table.  Real mode: a master in this process and 3 worker processes
 default model, each worker's tunnel shaped to the profile (delay line + token bucket in user
 space, both directions); the policies run one after another on the same live group, and
 their greedy tokens are compared (they must be identical).  After each profile the measured
-costs drive the simulator on the same workload, and the calibration error is reported.
+costs drive the simulator on the same workload, and the calibration error is reported.  Each
+real run's report holds, beside its percentiles, every request's time to first token
+(``ttfts``, in the workload's order) for comparing the simulator request by request.
 ``--simulate``: the same table for a modelled 70B-class model on 4 and 8 consumer GPUs.
 ``--burst``: short greedy decode streams run while several prompts of 1,000-2,000 tokens
 arrive within seconds; per (profile, policy) the streams' inter-token gap p50, p99 and their
@@ -99,7 +101,8 @@ async def _run_policy(
                 if ev.reason == "error":
                     raise RuntimeError(f"request failed: {ev.error}")
                 break
-            times[i].append(time.monotonic())
+            if ev.token_id >= 0:  # not the text held back until the end (a token_id -1 event before the finish)
+                times[i].append(time.monotonic())
         outputs[i] = req.output
         bar.update(1)
 
@@ -121,7 +124,16 @@ async def _run_policy(
     timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
     figures = summarize(arrivals, times, moved, busy)
     series = [(a[0], max(0.0, (b[1] - a[1]) / (b[0] - a[0]))) for a, b in zip(others, others[1:]) if b[0] > a[0]]
-    return {**figures, "cpu_seconds": cpu, "cost_series": fits, "other_cores": series, "steps": timeline}, outputs
+    extra = {"ttfts": request_ttfts(arrivals, times), "cpu_seconds": cpu, "cost_series": fits, "other_cores": series}
+    return {**figures, **extra, "steps": timeline}, outputs
+
+
+def request_ttfts(arrivals: list[float], token_times: list[list[float]]) -> list[float]:
+    """Each request's time to first token in seconds, in the workload's order (the order the
+    requests arrived and were submitted): from its submission (``arrivals[i]``) to its first
+    token (``token_times[i][0]``), the values whose percentiles :func:`summarize` reports as
+    ``ttft_p50`` and ``ttft_p99``.  Every request must have a token."""
+    return [t[0] - a for a, t in zip(arrivals, token_times)]
 
 
 def _cpu_seconds() -> dict[str, float]:

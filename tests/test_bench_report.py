@@ -1,0 +1,48 @@
+"""A real `molink bench` run's report (app.tools.bench.run): its figures, and each request's time
+to first token in the order the requests arrived, on a small in-process group of a tiny model."""
+
+from __future__ import annotations
+
+import statistics
+
+from harness import Cluster, run
+from tiny_models import make_tiny_checkpoint
+
+from app.tools.bench.run import _prompts, _run_policy
+from master_core.request import SamplingParams
+from master_core.workload import BenchRequest, percentile
+
+MAX_BATCH_TOKENS = 16  # small prefill chunks: the long prompt below takes many steps to its first token
+LONG = 2  # the request with the long prompt
+# one at a time (0.4 s apart, a few tokens each), so each request's first token waits only on its own prompt
+WORKLOAD = [BenchRequest(0.4 * i, 400 if i == LONG else 4, 4) for i in range(6)]
+
+
+class _Bar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_order(tmp_path):
+    folder = make_tiny_checkpoint("llama", tmp_path / "m", num_layers=4, seed=4)
+
+    async def main() -> dict:
+        async with Cluster(folder, workers=2, max_batch_tokens=MAX_BATCH_TOKENS) as c:
+            prompts = _prompts(WORKLOAD, c.master.dims.vocab_size, seed=0)
+            warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            await c.engine.generate(prompts[0], warm)  # as the bench does: fresh stages' first steps are slow
+            figures, outputs = await _run_policy(c.master, "full", WORKLOAD, prompts, 100.0, _Bar())
+            assert [len(o) for o in outputs] == [w.output_tokens for w in WORKLOAD]
+            return figures
+
+    r = run(main(), 240)
+    assert r["requests"] == len(WORKLOAD) and r["output_tokens"] == sum(w.output_tokens for w in WORKLOAD)
+    assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
+    ttfts = r["ttfts"]
+    assert len(ttfts) == len(WORKLOAD) and all(isinstance(t, float) and t > 0 for t in ttfts), ttfts
+    # the percentiles the report gives are those of these very values (nearest rank)
+    assert percentile(ttfts, 50) == r["ttft_p50"] and percentile(ttfts, 99) == r["ttft_p99"]
+    assert min(ttfts) <= r["ttft_p50"] <= r["ttft_p99"] <= max(ttfts)
+    # in the workload's (arrival) order: the long prompt's 25 chunks make its first token come late
+    # (about 10 times the others' here; a median, so one short request slowed by a busy machine does not matter)
+    assert ttfts[LONG] > 3 * statistics.median(t for i, t in enumerate(ttfts) if i != LONG), ttfts
