@@ -309,15 +309,15 @@ def microbatch_share(active: int, slots: int) -> int:
 def prefill_step_tokens(p: Policy, costs: CostSnapshot) -> int:
     """Tokens of a micro-batch of prefill alone: about ``p.prefill_step_seconds`` of compute on
     the slowest stage, and its output on the slowest link for at most ``p.prefill_link_seconds``
-    (a decode step's output can wait behind a frame on its way, not inside it), within the
-    step's cap and at least ``p.min_chunk``."""
+    (a decode step's output can wait behind a frame on its way, not inside it), at least
+    ``p.min_chunk``, within the step's cap."""
     per = max(costs.stage_per_token)
     link = max(_link_token_seconds(costs, i) for i in range(costs.stages))
     tokens = min(
         p.prefill_step_seconds / per if per > 0 else math.inf,
         p.prefill_link_seconds / link if link > 0 else math.inf,
     )
-    return max(p.min_chunk, int(min(tokens, p.max_batch_tokens)))
+    return min(p.max_batch_tokens, max(p.min_chunk, int(min(tokens, p.max_batch_tokens))))
 
 
 def prefill_lanes(costs: CostSnapshot, tokens: int) -> int:
@@ -368,17 +368,20 @@ def next_microbatch(
         and any(c.waiting_prefill for c in candidates)
         and prefill_apart_pays(p, costs)
     )
+    cap = p.max_batch_tokens  # no step exceeds it (the stages refuse one that does)
     if apart and ready and prefilling:
-        return plan_microbatch(candidates, max_decodes=ready, prefill_tokens=0, min_chunk=0)
+        return plan_microbatch(candidates, max_decodes=min(ready, cap), prefill_tokens=0, min_chunk=0)
     if apart and not ready:
         assert costs is not None
         tokens = prefill_step_tokens(p, costs)
         if prefilling >= prefill_lanes(costs, tokens):
             return []
         return plan_microbatch(candidates, max_decodes=0, prefill_tokens=tokens)
-    decodes = min(microbatch_share(len(candidates), slots), ready)
+    decodes = min(microbatch_share(len(candidates), slots), ready, cap)
     prefill = chunk_tokens(p, costs, decodes, slots, decoding=decoding)
-    return plan_microbatch(candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=p.min_chunk)
+    return plan_microbatch(
+        candidates, max_decodes=decodes, prefill_tokens=prefill, min_chunk=min(p.min_chunk, cap - decodes)
+    )
 
 
 def loop_steps(p: Policy, looping: int, left: Sequence[int]) -> int:

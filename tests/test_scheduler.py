@@ -186,6 +186,24 @@ def test_decode_never_waits_behind_more_than_one_chunk_and_prefill_never_starves
             assert c.want_logits == (c.start + c.length == src.total)
 
 
+def test_no_micro_batch_exceeds_the_step_cap_however_small():
+    """The stages refuse a step over ``max_batch_tokens``: whatever the cap (even below
+    ``min_chunk``), the streams and the prompts waiting, every policy's next micro-batch fits it
+    (a cap of 8 gave 16-token prefill steps, and 4 decode steps plus a 16-token chunk)."""
+    rng = random.Random(2)
+    c = costs(stages=3, compute=0.02, per_token=0.001, mbps=1000.0, rtt=0.02)
+    for _ in range(400):
+        cap = rng.choice([1, 4, 8, 15, 16, 40])
+        p = policy(rng.choice(list(POLICIES)), cap)
+        cands = []
+        for i in range(rng.randint(1, 30)):
+            total = rng.randint(2, 300)
+            sched = rng.choice([total - 1, 0, rng.randint(0, total - 1)])
+            cands.append(Candidate(i, sched, total, i, in_flight=rng.choice([0, 0, 1]) if sched > 0 else 0))
+        plan = next_microbatch(p, rng.choice([c, None]), cands, rng.randint(1, 4), prefilling=rng.randint(0, 2))
+        assert sum(x.length for x in plan) <= cap, (cap, p.name, plan)
+
+
 def test_kv_budget_is_never_exceeded():
     rng = random.Random(1)
     budget = 2000
