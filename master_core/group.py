@@ -22,8 +22,9 @@ memory does, both neighbours split them (:func:`~master_core.placement.widening`
 has a stage fewer and every stage keeps its caches.  Otherwise the whole pipeline is planned
 again.  A standby member whose memory holds the whole model loads it while it waits (an
 ``Assign`` of every layer that no pipeline uses), so a repair takes its range from memory; such
-a member is preferred.  One whose memory does not hold the whole model loads one stage's range
-instead (the one no neighbour could take over), and a repair of that stage prefers it.  Either
+a member is preferred.  One whose memory does not hold the whole model loads a span of
+consecutive stages' ranges instead (the most bytes of weights its memory holds:
+:func:`~master_core.placement.standby_range`), and a repair of a stage inside it prefers it.  Either
 way the state becomes PLACING, ``stages`` empties, ``epoch`` goes up and listeners registered
 with ``on_reset`` are called with the stages that were serving and, for a repair, its
 :class:`~master_core.standby.Rebuilt` (the engine frees its requests' caches there and replays

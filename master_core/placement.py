@@ -4,7 +4,8 @@ Contract: pure.  ``kv_token_budget`` turns memory left after weights into a KV c
 in tokens.  ``layers_held(shape, memory)`` is how many layers one member's memory holds.
 ``replacement`` picks the member that takes over one lost stage's range as it is;
 ``widening`` the neighbour or two that take it over beside their own ranges where none can;
-``standby_range`` the range a standby member too small for the whole model keeps loaded.
+``standby_range`` the span of consecutive stage ranges a standby member too small for the whole
+model keeps loaded.
 ``planner_members`` turns what the workers announced (memory offered, measured
 speed, measured link) into planner members timed on a reference step.
 
@@ -93,12 +94,13 @@ class Plan:
     step_seconds: float  # the bottleneck stage's time per reference step
 
 
+def _weight_bytes(shape: ModelShape, layers: int, first: bool, last: bool) -> int:
+    """Weights of a stage of ``layers`` layers (with the embeddings when ``first``, the head when ``last``)."""
+    return layers * shape.layer_bytes + (shape.first_bytes if first else 0) + (shape.last_bytes if last else 0)
+
+
 def _stage_bytes(shape: ModelShape, layers: int, first: bool, last: bool) -> int:
-    return (
-        layers * (shape.layer_bytes + shape.kv_bytes_per_layer)
-        + (shape.first_bytes if first else 0)
-        + (shape.last_bytes if last else 0)
-    )
+    return _weight_bytes(shape, layers, first, last) + layers * shape.kv_bytes_per_layer
 
 
 @dataclass(frozen=True)
@@ -181,22 +183,24 @@ def widening(
 
 
 def standby_range(
-    shape: ModelShape, ranges: Sequence[tuple[int, int]], stages: Sequence[Member], m: Member, taken: Sequence[int] = ()
-) -> int | None:
-    """Which stage's range a standby member ``m`` whose memory does not hold the whole model
-    keeps loaded, so that a repair takes it from memory (index into ``ranges``; ``stages``: the
-    members serving them; ``taken``: ranges other standby members keep): of those its memory
-    holds, first those whose loss no neighbour could take over (:func:`widening`: the whole
-    pipeline would be planned again), then the most layers (the longest load); None when its
-    memory holds none."""
-    best: tuple[tuple[bool, int], int] | None = None
-    serving = dict(enumerate(stages))
-    for i, r in enumerate(ranges):
-        if i in taken or replacement(shape, [m], *r) is None:
-            continue
-        key = (widening(shape, ranges, i, serving) is None, r[1] - r[0])
-        if best is None or key > best[0]:
-            best = (key, i)
+    shape: ModelShape, ranges: Sequence[tuple[int, int]], m: Member, taken: Sequence[tuple[int, int]] = ()
+) -> tuple[int, int] | None:
+    """The layers ``(start, end)`` a standby member ``m`` whose memory does not hold the whole
+    model keeps loaded, so that a repair of any stage inside them takes its layers from memory:
+    a span of one or more consecutive ``ranges`` (the serving stages', in pipeline order) that
+    its memory holds as a stage of that span (:func:`replacement`: with the embeddings when it
+    starts at layer 0, the head when it ends the model).  Of those, the one whose weights are the
+    most bytes (its layers', and the embeddings or head counted with it), the first of equals;
+    a span another standby member keeps (``taken``) is left to it.  None when its memory holds
+    no stage's range."""
+    best: tuple[int, tuple[int, int]] | None = None
+    for i, (start, _) in enumerate(ranges):
+        for _, end in ranges[i:]:
+            if replacement(shape, [m], start, end) is None:
+                break  # a longer span from the same start holds more
+            weights = _weight_bytes(shape, end - start, start == 0, end == shape.num_layers)
+            if (start, end) not in taken and (best is None or weights > best[0]):
+                best = (weights, (start, end))
     return None if best is None else best[1]
 
 

@@ -8,12 +8,12 @@ stages and model (:class:`Members`); it sends only ``Assign``s of layers no pipe
 * :meth:`Standbys.warm` (after each pipeline is built): a member standing by whose memory holds
   the whole model loads it (keeping the rows at the stage ends, so it can copy the open
   requests' caches: :mod:`master_core.shadow`; :meth:`Standbys.copier` names the member that
-  does); one whose memory does not loads one stage's range
-  (:func:`~master_core.placement.standby_range`).  :meth:`Standbys.kept_loaded` says what a
-  member holds or is loading.
+  does); one whose memory does not loads a span of consecutive stages' ranges, the most bytes
+  of weights its memory holds (:func:`~master_core.placement.standby_range`).
+  :meth:`Standbys.kept_loaded` says what a member holds or is loading.
 * :meth:`Standbys.repair_for` (a stage lost): a :class:`Repair` that keeps every other stage,
   its range to the member standing by best placed to take it (the copier first, then those
-  holding the whole model or that range, then any whose memory holds it:
+  whose kept layers contain that range, the whole model or a span, then any whose memory holds it:
   :func:`~master_core.placement.replacement`), or, where none can, to a neighbour of the lost
   stage or both beside their own ranges (:func:`~master_core.placement.widening`); None when
   nobody can (the whole pipeline is then planned again).  Its :class:`Rebuilt` says what the
@@ -155,14 +155,15 @@ class Standbys:
         layers from memory (``worker_core.shard.carve``) instead of reading them, and the repair
         is that much shorter; with the caches it computed meanwhile (:mod:`master_core.shadow`),
         shorter still.  One loaded for another pipeline is told the new stage ends.  A standby
-        member whose memory does not hold the whole model loads one stage's range instead
-        (:func:`~master_core.placement.standby_range`), which a repair of that stage takes as it is."""
+        member whose memory does not hold the whole model loads a span of consecutive stages'
+        ranges instead (:func:`~master_core.placement.standby_range`), out of which a repair of
+        any stage inside it takes that stage's layers (``worker_core.shard.carve``)."""
         g = self.group
         n = g.dims.num_layers
         size, shape = self._shape(g.links)
         ends = g.stage_ends()
         ranges = self._ranges()
-        serving = g.members(g.stages, size) if len(ranges) == len(g.stages) else []
+        serving = bool(ranges) and len(ranges) == len(g.stages)
         for link in g.placeable_links():
             if link in g.stages or link.loading or link in self.warming:
                 continue
@@ -175,11 +176,11 @@ class Standbys:
                 continue
             if not serving:
                 continue
-            others = [self.kept_loaded(x) for x in g.placeable_links() if x is not link and x not in g.stages]
-            i = standby_range(shape, ranges, serving, member[0], [j for j, r in enumerate(ranges) if r in others])
-            if i is not None and self.kept_loaded(link) != ranges[i]:
-                self.warming[link] = ranges[i]
-                g.spawn(self._load(link, *ranges[i]), f"loading layers {ranges[i]} on {link.name}")
+            others = (self.kept_loaded(x) for x in g.placeable_links() if x is not link and x not in g.stages)
+            span = standby_range(shape, ranges, member[0], [r for r in others if r is not None])
+            if span is not None and self.kept_loaded(link) != span:
+                self.warming[link] = span
+                g.spawn(self._load(link, *span), f"loading layers {span} on {link.name}")
 
     async def _load(self, link: WorkerLink, a: int, b: int) -> None:
         g = self.group
@@ -204,8 +205,7 @@ class Standbys:
             return None
         spares = [link for link in g.placeable_links() if link not in g.stages]
         a, b = lost.assignment.layer_start, lost.assignment.layer_end
-        loaded = ((0, g.dims.num_layers), (a, b))  # the whole model, or this range: taken from memory
-        warm = [x for x in spares if x not in self.warming and self.kept_loaded(x) in loaded]
+        warm = [x for x in spares if x not in self.warming and _contains(self.kept_loaded(x), a, b)]
         shadow = g.shadow_target()  # it holds the open requests' caches: it takes the range if it can
         spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
         size, shape = self._shape([*g.stages, *spares])
@@ -228,3 +228,9 @@ class Standbys:
         taken = tuple(Widened(j if j < index else j - 1, (max(a, lo), min(b, hi))) for j, (lo, hi) in widened)
         standby = {x.name: "standing by: its memory does not hold the lost range" for x in spares}
         return Repair(Rebuilt(index, None, taken), tuple(chosen), standby)
+
+
+def _contains(kept: tuple[int, int] | None, a: int, b: int) -> bool:
+    """Whether layers ``kept`` (a whole model, a span, or None) contain ``[a, b)``: the range is
+    then taken from memory (``worker_core.shard.carve``)."""
+    return kept is not None and kept[0] <= a and b <= kept[1]

@@ -548,32 +548,44 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
     assert left == [0, 0], left
 
 
-def test_a_standby_too_small_for_the_whole_model_keeps_the_range_no_neighbour_could_take():
+def test_a_standby_too_small_for_the_whole_model_keeps_the_span_of_stages_with_the_most_weights():
+    """The span of consecutive stage ranges its memory holds as a stage of that span (with the
+    embeddings or the head at an end of the model), of the most bytes of weights: not the most
+    layers, not a range a neighbour could not take over; the first of equals."""
     from master_core.placement import Member, ModelShape, standby_range
 
-    shape = ModelShape(num_layers=10, layer_bytes=100, first_bytes=500, last_bytes=500, kv_bytes_per_layer=0)
-    ranges = [(0, 3), (3, 7), (7, 10)]
-    roomy, full = Member("roomy", 500 + 7 * 100, 1.0), Member("full", 500 + 3 * 100, 1.0)
-    four = Member("four", 500 + 4 * 100, 1.0)  # holds every range
-    # "full" holds 3 layers beside the embeddings or the head: no stage next to it is taken over
-    assert standby_range(shape, ranges, [full, full, full], four) == 1  # no loss can be: the longest range
-    # the middle stage's neighbours could take its 4 layers; the first and last stages' could not
-    assert standby_range(shape, ranges, [roomy, full, roomy], four) == 0
-    assert standby_range(shape, ranges, [roomy, full, roomy], four, taken=[0]) == 2
-    assert standby_range(shape, ranges, [full, full, full], Member("small", 3 * 100, 1.0)) is None  # 3 middle layers
+    shape = ModelShape(num_layers=10, layer_bytes=100, first_bytes=500, last_bytes=500, kv_bytes_per_layer=10)
+    ranges = [(0, 3), (3, 5), (5, 8), (8, 10)]
+
+    def kept(memory: int, taken: list[tuple[int, int]] | None = None) -> tuple[int, int] | None:
+        return standby_range(shape, ranges, Member(str(memory), memory, 1.0), taken or [])
+
+    assert kept(5 * 110) == (3, 8)  # 5 middle layers: two stages' ranges, the most it holds
+    assert kept(500 + 2 * 110) == (8, 10)  # 2 layers and the head (700 bytes) before 5 middle layers (500)
+    assert kept(500 + 3 * 110) == (0, 3)  # 3 layers and the embeddings (800) before 2 and the head (700)
+    assert kept(500 + 5 * 110) == (0, 5)  # (0, 5) and (5, 10) weigh 1000 each: the first
+    assert kept(500 + 5 * 110, [(0, 5)]) == (5, 10)  # another standby member keeps (0, 5)
+    assert kept(500 + 7 * 110) == (3, 10)  # 7 layers and the head: 1200 bytes
+    assert kept(500 + 7 * 110 - 1) == (0, 5)  # one byte short of (3, 10) with its layers' KV reserve
+    assert kept(1000 + 10 * 110) == (0, 10)  # every stage
+    assert kept(2 * 110 - 1) is None  # not even the shortest stage's 2 layers
 
 
-def test_a_lost_stage_is_taken_from_a_standby_that_kept_its_range_loaded(ckpt, want):
-    """No member's memory holds the whole model: the member standing by loads the range of a
-    stage whose loss no neighbour could take over (the first), and when that stage dies the
-    repair gives it that range as it is: its loaded layers (the same object), only the lost
-    stage's positions computed, the others' caches kept, transformers' tokens."""
-    memory = {"memory_limit": THREE_LAYERS}
+FOUR_LAYERS = THREE_LAYERS + 672_256  # the embeddings (or head) and 4 of the 6 layers with their KV reserve
+
+
+def test_a_lost_stage_is_carved_out_of_the_span_a_standby_kept_loaded(ckpt, want):
+    """No member's memory holds the whole model; the member standing by holds 4 of the 6 layers
+    beside the embeddings or the head, so it keeps the first two stages' ranges loaded, [0, 4).
+    When the middle stage dies the repair gives it [2, 4), which it takes out of that span: the
+    same layer objects, nothing read, no embeddings kept; only the lost stage's positions are
+    computed, the others keep their caches, and the tokens are transformers'."""
+    three, four = {"memory_limit": THREE_LAYERS}, {"memory_limit": FOUR_LAYERS}
 
     async def main():
-        async with Cluster(ckpt, workers=3, min_workers=3, worker_options=[memory] * 3) as c:
+        async with Cluster(ckpt, workers=3, min_workers=3, worker_options=[three] * 3) as c:
             g, e = c.master.group, c.engine
-            c.add_worker("spare", link_delay_ms=20, **memory)  # a slower link: it stands by
+            c.add_worker("spare", link_delay_ms=20, **four)  # a slower link: it stands by
 
             def where() -> str:
                 names = [(x.name, x.assignment and (x.assignment.layer_start, x.assignment.layer_end)) for x in g.links]
@@ -582,29 +594,71 @@ def test_a_lost_stage_is_taken_from_a_standby_that_kept_its_range_loaded(ckpt, w
             def preloaded() -> bool:
                 spare = next((x for x in g.links if x.name == "spare"), None)
                 a = spare.assignment if spare is not None and not spare.loading else None
-                return g.serving and a is not None and (a.layer_start, a.layer_end) == (0, 2)
+                return g.serving and a is not None and (a.layer_start, a.layer_end) == (0, 4)
 
             await until(preloaded, 60, where)
             await until(lambda: e.profiled, 60, where)
-            held = next(s for s in _sessions() if s.config.name == "spare" and s.runner is not None).runner.shard
+            ranges = [(s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment]
+            held = next(s for s in _sessions() if s.config.name == "spare").runner.shard
             gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
             while e.tokens_generated < 12:
                 await asyncio.sleep(0.005)
-            gone = g.stages[0]
+            gone = g.stages[1]
             gone.close_with("lost (the test)")
             c.tasks[int(gone.name[1:])].cancel()
-            await until(lambda: bool(g.serving and g.stages and g.stages[0].name == "spare"), 60, where, 0.005)
+            await until(lambda: bool(g.serving and len(g.stages) == 3 and g.stages[1].name == "spare"), 60, where)
             await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, where, 0.005)
-            took = next(s for s in _sessions() if s.config.name == "spare").runner.shard
+            session = next(s for s in _sessions() if s.config.name == "spare")
+            took, loaded = session.runner.shard, list(session.shards.values())
             got = await asyncio.wait_for(asyncio.gather(*gens), 60)
             counts = (g.repairs, e.rebuilt_requests, e.kv.reset_restarts, e.replays)
-            return [r[0] for r in got], took is held, counts, e.rebuilt_tokens
+            return [r[0] for r in got], ranges, held, took, loaded, counts, e.rebuilt_tokens
 
-    got, same, counts, positions = run(main())
+    got, ranges, held, took, loaded, counts, positions = run(main())
     assert got == want
-    assert same, "the spare loaded the range again instead of taking what it kept loaded"
+    assert ranges == [(0, 2), (2, 4), (4, 6)], ranges
+    assert (took.layer_start, took.layer_end) == (2, 4)
+    assert [id(x) for x in took.layers] == [id(x) for x in held.layers[2:4]], "it read the layers again"
+    assert took.embed is None and loaded == [took], "the embeddings of the span stayed loaded"
     assert counts == (1, 2, 0, 0), counts
-    assert 89 <= positions <= 89 + 2 * NEW, positions
+    assert 89 <= positions <= 89 + 2 * NEW, positions  # the lost stage's positions, once
+
+
+def test_a_newcomers_re_plan_narrows_the_old_stages_out_of_the_layers_they_hold(ckpt, want):
+    """A third member joins a pipeline of two: each old member's new, narrower range is carved
+    out of its old one (the same layer objects, nothing read again, no caches carried), and the
+    tokens are transformers'."""
+
+    async def main():
+        async with Cluster(ckpt, workers=2) as c:
+            g, e = c.master.group, c.engine
+            await until(lambda: e.profiled, 60, lambda: f"group {g.state.name}")
+            before = {s.config.name: s.runner.shard for s in _sessions()}
+            first = (await e.generate(PROMPTS[0], greedy(NEW)))[0]
+            kept = {s.config.name: len(s.runner.kv) for s in _sessions()}  # its caches, kept for reuse
+            c.add_worker("w2")
+
+            def where() -> str:
+                names = [(x.name, x.assignment and (x.assignment.layer_start, x.assignment.layer_end)) for x in g.links]
+                return f"group {g.state.name} epoch {g.epoch} links {names}"
+
+            await until(lambda: g.serving and len(g.stages) == 3, 60, where)
+            after = {s.config.name: s.runner for s in _sessions()}
+            caches = {name: len(r.kv) for name, r in after.items()}
+            got = [(await e.generate(p, greedy(NEW)))[0] for p in PROMPTS]
+            return first, got, before, {name: r.shard for name, r in after.items()}, (kept, caches)
+
+    first, got, before, after, (kept, caches) = run(main())
+    assert [first, *got] == [want[0], *want]
+    assert sorted((s.layer_start, s.layer_end) for s in before.values()) == [(0, 3), (3, 6)]
+    assert sorted((s.layer_start, s.layer_end) for s in after.values()) == [(0, 2), (2, 4), (4, 6)]
+    for name, old in before.items():
+        new = after[name]
+        assert old.layer_start <= new.layer_start and new.layer_end <= old.layer_end, (name, old, new)
+        lo = new.layer_start - old.layer_start
+        assert [id(x) for x in new.layers] == [id(x) for x in old.layers[lo : lo + len(new.layers)]], name
+        assert (new.embed is old.embed) if new.layer_start == 0 else new.embed is None
+    assert kept == {"w0": 1, "w1": 1} and caches == {"w0": 0, "w1": 0, "w2": 0}, (kept, caches)  # none carried
 
 
 @pytest.mark.parametrize("spare", ["neighbour", "spare", "copied"])

@@ -9,7 +9,11 @@ Contract
   the master (or a ``Step`` from the previous stage's hop), in order, and answers on the
   tunnel: ``Assign`` loads the range (delivered weights, the hub, or the model folder; a
   failure is reported as a ``Failure``, not raised) and answers ``Ready`` (the same range with
-  the same budgets again keeps the stage and its caches: another stage was replaced);
+  the same budgets again keeps the stage and its caches: another stage was replaced).  A range
+  that a loaded shard of the same checkpoint and precision holds (a standby's whole model or
+  span, or this stage's old, wider range in a re-plan) is carved out of it, its layers shared,
+  nothing read; only a whole model's caches (a standby's copy, :mod:`master_core.shadow`) are
+  carried into it, a narrowed stage starts with none;
   ``Recall`` answers a ``Result`` with the outputs the stage kept for a rebuild of the next; ``Route`` accepts
   the previous stage and dials the next (bounded) and answers ``Routed``; ``Step`` runs on the
   stage executor (any step but a decode step paused between layers for the decode steps
@@ -253,13 +257,20 @@ class Session:
             shard = self.shards.get(key)
             carried = None  # a standby's copy of the open requests' caches (master_core.shadow), or ours
             missing = None  # layers a widened range adds, which the carried caches lack
-            if shard is None and (whole := self._whole(key)) is not None:  # a standby's whole model
-                shard = carve(whole, msg.layer_start, msg.layer_end)
-                if self.runner is not None and self.runner.shard is whole:
+            if shard is None and (held := self._holding(key)) is not None:  # a whole model, a span, our old range
+                shard = carve(held, msg.layer_start, msg.layer_end)
+                whole = held.layer_start == 0 and held.layer_end == held.num_layers
+                if whole and self.runner is not None and self.runner.shard is held:  # a standby's copy
                     carried = self.runner.kv.narrowed(msg.layer_start, msg.layer_end, msg.kv_tokens)
                 self.shards.clear()  # the layers it does not serve are freed
                 self.shards[key] = shard
-                log.info("took layers [%d, %d) from the whole model kept loaded", msg.layer_start, msg.layer_end)
+                log.info(
+                    "took layers [%d, %d) from the [%d, %d) kept loaded",
+                    msg.layer_start,
+                    msg.layer_end,
+                    held.layer_start,
+                    held.layer_end,
+                )
             own = self.runner.shard if self.runner is not None else None
             if shard is None and own is not None and (key[0], own.layer_start, own.layer_end, precision) in self.shards:
                 missing = _added(own.layer_start, own.layer_end, msg.layer_start, msg.layer_end)
@@ -408,13 +419,13 @@ class Session:
             await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
         return None
 
-    def _whole(self, key: tuple) -> Shard | None:
-        """A loaded shard of the whole model (same checkpoint, same precision) that holds the
-        range of ``key``, or None."""
-        source, _, _, precision = key
+    def _holding(self, key: tuple) -> Shard | None:
+        """A loaded shard of the same checkpoint and precision that holds every layer of the range
+        of ``key`` (a standby's whole model or span, or this stage's old, wider range), or None."""
+        source, start, end, precision = key
         for (have, _, _, p), shard in self.shards.items():
             same = have >= source if isinstance(have, frozenset) and isinstance(source, frozenset) else have == source
-            if same and p is precision and shard.layer_start == 0 and shard.layer_end == shard.num_layers:
+            if same and p is precision and shard.layer_start <= start and end <= shard.layer_end:
                 return shard
         return None
 

@@ -408,9 +408,10 @@ def load_shard(
 
 def carve(whole: Shard, start: int, end: int) -> Shard:
     """The stage of layers ``[start, end)`` taken from a loaded shard that holds them (a standby
-    member's whole model, see :meth:`master_core.group.Group`; or the layers a stage took over
-    from a lost neighbour, which it computes apart at first): its modules shared, nothing read
-    again.  Raises :class:`ShardError` unless ``whole`` holds every layer of the range."""
+    member's whole model or span, see :mod:`master_core.standby`; a stage's old, wider range in a
+    re-plan; or the layers a stage took over from a lost neighbour, which it computes apart at
+    first): its modules shared, nothing read again.  Raises :class:`ShardError` unless ``whole``
+    holds every layer of the range."""
     if not whole.layer_start <= start < end <= whole.layer_end:
         raise ShardError(
             f"cannot take layers [{start}, {end}) from a shard of [{whole.layer_start}, {whole.layer_end})"
