@@ -36,7 +36,8 @@ from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from app.tools.chaos import group as chaos_group
 from app.tools.chaos.group import RESTART_NICENESS, Child, HealthLog, LocalGroup
-from app.tools.chaos.run import Job, run_workload
+from app.tools.chaos.options import ChaosOptions, FaultKind
+from app.tools.chaos.run import Job, inject_faults, run_workload
 from app.tools.chaos.score import StreamRecord
 from app.tools.netlab.procctl import freeze, kill_hard, thaw
 from app.tools.netlab.tcp_proxy import CutMode, TcpProxy
@@ -288,6 +289,61 @@ def test_the_group_restarts_a_worker_niced_and_sets_it_back_once_the_group_has_i
     assert made[0].reniced == made[1].reniced == []
     run(g.wait_rejoined(5), 10)
     assert made[2].reniced == [psutil.Process().nice()]  # once
+
+
+def test_a_killed_workers_restart_is_set_back_once_the_streams_it_stopped_move_again():
+    """The restart runs niced only while the repair computes: the tool sets it back as soon as
+    every stream open at the kill has a token after it, before waiting for the rejoin (niced
+    until the rejoin, under a steady load it hardly ran: 80 s to rejoin, not 5)."""
+    calls: list[Any] = []
+    killed_at: list[float] = []
+    stream = StreamRecord(0, sent_at=time.monotonic() - 1.0, times=[time.monotonic() - 0.5])
+
+    class FakeGroup:
+        n = 1
+
+        def name(self, i: int) -> str:
+            return f"chaos-{i}"
+
+        async def wait_copied(self, timeout: float) -> None:
+            return None
+
+        async def kill(self, i: int) -> None:
+            killed_at.append(time.monotonic())
+            calls.append("kill")
+
+        def restart(self, i: int) -> None:
+            calls.append("restart")
+
+        def renice_restarted(self) -> None:
+            calls.append(("renice", stream.times[-1] > killed_at[0]))
+
+        async def wait_rejoined(self, timeout: float) -> dict:
+            calls.append("rejoined")
+            return {}
+
+    class FakeHealth:
+        def epoch_at(self, t: float) -> int:
+            return 1
+
+    async def main() -> None:
+        async def stream_moves() -> None:
+            while not killed_at:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the repair
+            stream.times.append(time.monotonic())
+            await asyncio.sleep(0.1)
+            stream.ended_at = time.monotonic()
+
+        mover = asyncio.create_task(stream_moves())
+        opts = ChaosOptions(faults=(FaultKind.KILL,), fault_count=1, fault_gap=0.0, settle_timeout=5.0)
+        out: list = []
+        await inject_faults(FakeGroup(), opts, asyncio.Event(), out, FakeHealth(), [stream])  # type: ignore[arg-type]  # fakes
+        await mover
+        assert len(out) == 1 and out[0].problem is None, out
+
+    run(main(), 20)
+    assert calls == ["kill", "restart", ("renice", True), "rejoined"], calls
 
 
 def test_procctl_freezes_thaws_and_kills_a_real_process():

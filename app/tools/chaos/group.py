@@ -5,8 +5,9 @@ Contract: :class:`LocalGroup` starts a master (``molink master --supervised``) a
 :class:`~app.tools.netlab.tcp_proxy.TcpProxy`, waits (bounded) until every worker holds layers,
 injects the faults of :class:`~app.tools.chaos.options.FaultKind` on request and stops every
 process and proxy on exit.  A worker started again (after a ``kill``) runs under
-``nice -n RESTART_NICENESS`` until a wait sees the group whole or rejoined, then every thread of
-it is set back to this tool's own niceness (:meth:`Child.renice`).  :class:`Child` is one
+``nice -n RESTART_NICENESS`` until :meth:`LocalGroup.renice_restarted` (the fault's streams moved
+on again, or a wait sees the group whole or rejoined), then every thread of it is set back to
+this tool's own niceness (:meth:`Child.renice`).  :class:`Child` is one
 supervised child process and its event stream; :class:`HealthLog` samples the master's
 ``/health`` to tell when a fault was noticed and the group re-formed.  Every wait is bounded.
 """
@@ -41,7 +42,9 @@ STATS_WAIT = 10.0  # seconds to wait for two fresh stats events from every worke
 # A killed worker's restart stands for its own machine coming back, but here it shares the cores of
 # the members that survive: its imports and model load took the CPU they needed for the repair (a
 # kill's pause measured 4.65 s instead of about 1.4 s).  So it restarts at once, at the lowest CPU
-# priority, and is set back once it has rejoined.  A first start is not niced.
+# priority, and is set back once the streams the kill stopped move again (the repair is done):
+# niced for longer, under a steady load it hardly ran (it rejoined after 80 s, not 5).  A first
+# start is not niced.
 RESTART_NICENESS = 19
 RENICE_PASSES = 5  # listings of a process's threads while renicing: a thread started meanwhile is caught
 
@@ -253,7 +256,7 @@ class LocalGroup:
 
     def restart(self, i: int) -> Child:
         """Start worker ``i``, dialling through its proxy; started again (it was started before),
-        under ``nice -n RESTART_NICENESS`` until a wait sees it back (:meth:`wait_rejoined`)."""
+        under ``nice -n RESTART_NICENESS`` until :meth:`renice_restarted`."""
         args = ["worker", "--master", self.proxies[i].address, "--device", "cpu", "--name", self.name(i)]
         args += ["--threads", str(self.threads)]
         if self.link_delay_ms:
@@ -265,7 +268,7 @@ class LocalGroup:
         self.workers[i] = child
         return child
 
-    def _renice_back(self) -> None:
+    def renice_restarted(self) -> None:
         """Every worker still niced since its restart back at this tool's own niceness (0 unless
         the tool itself was niced), every thread of it; one try each (a refusal is said once)."""
         niced = [c for c in self.workers if c is not None and c.niced]
@@ -323,7 +326,7 @@ class LocalGroup:
         while True:
             h = await self.health()
             if h is not None and h.get("status") == "ok" and len({w["name"] for w in h.get("workers", [])}) == self.n:
-                self._renice_back()
+                self.renice_restarted()
                 return h
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the group did not serve with {self.n} workers within {timeout:.0f} s: {h}")
@@ -356,7 +359,7 @@ class LocalGroup:
                 if epoch != h["epoch"]:
                     stable_since, epoch = time.monotonic(), h["epoch"]
                 elif stable_since is not None and time.monotonic() - stable_since >= 0.5:
-                    self._renice_back()
+                    self.renice_restarted()
                     return h
             else:
                 stable_since = epoch = None

@@ -7,8 +7,8 @@ worker processes on 127.0.0.1, each dialling the master through its own
 :class:`~app.tools.netlab.tcp_proxy.TcpProxy`, waits (bounded) until every worker holds layers, then runs
 one fixed seeded workload twice over the streaming HTTP API, as a client sees it: once
 fault-free, once while faults are injected one at a time (``kill``: ``kill -9`` the worker
-and start it again at once, at the lowest CPU priority until it has rejoined, so that on one
-machine its start does not take the cores the repair needs; ``freeze``: stop it for
+and start it again at once, at the lowest CPU priority until the streams it stopped move
+again, so that on one machine its start does not take the cores the repair needs; ``freeze``: stop it for
 ``freeze_seconds`` then let it run on;
 ``cut``: reset its tunnel at the proxy and refuse new connections for ``cut_seconds``).
 It prints a table, writes JSON to ``options.out`` and returns 0 (with ``check``: 1 when any
@@ -242,6 +242,9 @@ async def inject_faults(
             await asyncio.sleep(opts.cut_seconds)
             group.reconnect(i)
         rec.ended_at = time.monotonic()
+        if kind is FaultKind.KILL:  # its restart ran niced while the repair computed: now it may start
+            await _streams_moved(live, rec.at, rec.ended_at, opts.settle_timeout)
+            group.renice_restarted()
         try:
             await group.wait_rejoined(opts.settle_timeout)
             rec.rejoined_at = time.monotonic()
