@@ -85,7 +85,6 @@ from .scheduler import (
     Policy,
     admit_and_preempt,
     cycle_time,
-    lane_count,
     lanes_open,
     loop_steps,
     microbatch_count,
@@ -381,7 +380,7 @@ class Engine:
                     else:
                         await self._profile()
                 self._check_capacity(self.clock())
-                for i in range(lane_count(self.policy)):
+                for i in range(self.policy.max_microbatches):
                     t = lanes.get(i)
                     if t is not None and t.done() and not t.cancelled() and t.exception() is not None:
                         log.error("lane %d crashed: %r", i, t.exception())

@@ -400,15 +400,6 @@ def lanes_open(slots: int, looping: int) -> int:
     return slots + looping
 
 
-def lane_count(p: Policy) -> int:
-    """Lanes an engine keeps (each plans one micro-batch at a time): enough for
-    :func:`lanes_open` at its most, ``max_microbatches`` slots beside ``max_microbatches - 1``
-    lanes looping (:func:`loop_steps` starts no loop beyond).  With as many lanes as slots, lanes
-    looping took the master's slots: 15 looping of 16 left it one lane, and a prompt arriving
-    waited a whole trip of the decode step that lane carried."""
-    return 2 * p.max_microbatches - 1
-
-
 # --------------------------------------------------------------------------- tuning K online
 
 

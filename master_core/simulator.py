@@ -54,7 +54,6 @@ from .scheduler import (
     MicrobatchTuner,
     Policy,
     admit_and_preempt,
-    lane_count,
     lanes_open,
     loop_steps,
     microbatch_count,
@@ -148,7 +147,10 @@ class _Run:
             model.step_overhead,
             model.device_busy_series,
         )
-        self.lane_busy = [False] * lane_count(policy)  # as the engine's; lanes_open gates them
+        stages = model.costs.stages
+        self.lane_busy = [False] * (
+            policy.max_microbatches if policy.dynamic else max(1, policy.fixed_microbatches or stages)
+        )
         self.admitted = 0
         self.prefilling = 0  # lanes whose micro-batch carries prefill
         self.looping = 0  # lanes whose micro-batch loops back

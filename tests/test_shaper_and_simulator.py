@@ -8,7 +8,7 @@ import pytest
 from harness import run
 
 from master_core.costs import CostSnapshot
-from master_core.scheduler import cycle_time, lane_count, lanes_open, loop_steps, policy, step_bytes, token_period
+from master_core.scheduler import cycle_time, lanes_open, loop_steps, policy, step_bytes, token_period
 from master_core.simulator import SimModel, simulate
 from master_core.workload import BenchRequest, make_workload, percentile, summarize
 from worker_core.shaper import LinkShaper
@@ -209,32 +209,6 @@ def test_a_looping_request_loops_at_most_loop_steps_then_the_master_sends_again(
     assert loop_steps(full, 0, [20, 3]) == 2  # the shortest request bounds the loop
     assert loop_steps(full, full.max_microbatches - 1, [20]) == 0  # the last lane is the master's
     assert lanes_open(2, 0) == 2 and lanes_open(2, 3) == 5  # a looping lane needs no slot
-
-
-def test_lanes_that_loop_leave_the_master_its_slots(monkeypatch):
-    """A looping lane takes no slot (``lanes_open``), so an engine keeps lanes for its slots
-    beside the lanes looping (``lane_count``, the engine's and the simulator's alike): with at
-    most 3 micro-batches of its own and 2 lanes looping, up to 5 are in flight.  Before, the
-    lanes were as many as the slots, and looping lanes took the master's: a prompt arriving
-    waited a whole trip of the one lane left to it."""
-    from master_core import simulator as S
-
-    three = dataclasses.replace(policy("full", 1024), max_microbatches=3, tune=False)
-    most = 0
-    plan = S._Run._try_lanes
-
-    def watched(self: S._Run, t: float) -> None:
-        nonlocal most
-        plan(self, t)
-        most = max(most, sum(self.lane_busy))
-
-    monkeypatch.setattr(S._Run, "_try_lanes", watched)
-    inf = float("inf")  # 3 stages of 5 ms + 10 ms a row, direct hops of 80 ms round trip: K = 3 pays
-    c = CostSnapshot((0.005,) * 3, (0.01,) * 3, (0.08,) * 3, (inf,) * 3, 2304, 516, direct=(True, True), loop_back=True)
-    streams = [BenchRequest(0.01 * i, 16, 60) for i in range(8)] + [BenchRequest(1.0, 300, 4)]
-    out = simulate(SimModel(c, kv_tokens=100_000), streams, three)
-    assert out["output_tokens"] == sum(w.output_tokens for w in streams)
-    assert lane_count(three) == 5 and most == 5, most
 
 
 def test_the_loop_back_speeds_up_streams_and_costs_saturated_throughput_little():
