@@ -53,7 +53,8 @@ Definitions (the same words in the table and the JSON)
 * epoch changes per fault: re-plans between the fault and the rejoin (a repair, where a
   member standing by takes the lost stage's range, keeps the other stages' KV and rebuilds
   only that range; any other re-plan drops every stage's KV and replays the running requests).
-* longest pause: the longest gap between two tokens of one stream.
+* longest pause: the longest gap between two tokens of one stream (from its sending, for its
+  first token: a long prompt's wait for its first token counts too).
 * caches left on workers: the requests each worker holds a KV cache for once everything
   ended and the group re-formed (every worker holding layers), from each worker's own ``stats``
   event (``kv_requests``); beside them, the ended requests' caches the master keeps on every
