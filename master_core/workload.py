@@ -55,6 +55,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[k]
 
 
+def ttfts(arrivals: list[float], token_times: list[list[float]]) -> list[float]:
+    """Each request's time to first token in seconds, in the order given: from its arrival
+    (``arrivals[i]``) to its first token (``token_times[i][0]``), the values whose percentiles
+    :func:`summarize` reports as ``ttft_p50`` and ``ttft_p99``.  Every request must have a token."""
+    return [t[0] - a for a, t in zip(arrivals, token_times)]
+
+
 def summarize(
     arrivals: list[float],
     token_times: list[list[float]],
@@ -71,7 +78,7 @@ def summarize(
     start = min(arrivals)
     end = max(t[-1] for t in token_times)
     out_tokens = sum(len(t) for t in token_times)
-    ttft = [t[0] - a for a, t in zip(arrivals, token_times)]
+    ttft = ttfts(arrivals, token_times)
     gaps = [b - a for t in token_times for a, b in zip(t, t[1:])]
     bottleneck = max(busy) if busy else 0.0
     out = {

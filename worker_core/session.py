@@ -259,7 +259,7 @@ class Session:
             missing = None  # layers a widened range adds, which the carried caches lack
             if shard is None and (held := self._holding(key)) is not None:  # a whole model, a span, our old range
                 shard = carve(held, msg.layer_start, msg.layer_end)
-                whole = held.layer_start == 0 and held.layer_end == held.num_layers
+                whole = held.is_first and held.is_last
                 if whole and self.runner is not None and self.runner.shard is held:  # a standby's copy
                     carried = self.runner.kv.narrowed(msg.layer_start, msg.layer_end, msg.kv_tokens)
                 self.shards.clear()  # the layers it does not serve are freed

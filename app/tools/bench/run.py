@@ -35,7 +35,7 @@ from master_core.config import MasterConfig
 from master_core.costs import CostSnapshot, curve_seconds
 from master_core.scheduler import policy
 from master_core.simulator import SimModel, simulate
-from master_core.workload import BenchRequest, WorkloadShape, make_workload, summarize
+from master_core.workload import BenchRequest, WorkloadShape, make_workload, summarize, ttfts
 
 from .common import profile_report, shaped_group
 from .options import PROFILES, BenchOptions
@@ -124,16 +124,8 @@ async def _run_policy(
     timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
     figures = summarize(arrivals, times, moved, busy)
     series = [(a[0], max(0.0, (b[1] - a[1]) / (b[0] - a[0]))) for a, b in zip(others, others[1:]) if b[0] > a[0]]
-    extra = {"ttfts": request_ttfts(arrivals, times), "cpu_seconds": cpu, "cost_series": fits, "other_cores": series}
+    extra = {"ttfts": ttfts(arrivals, times), "cpu_seconds": cpu, "cost_series": fits, "other_cores": series}
     return {**figures, **extra, "steps": timeline}, outputs
-
-
-def request_ttfts(arrivals: list[float], token_times: list[list[float]]) -> list[float]:
-    """Each request's time to first token in seconds, in the workload's order (the order the
-    requests arrived and were submitted): from its submission (``arrivals[i]``) to its first
-    token (``token_times[i][0]``), the values whose percentiles :func:`summarize` reports as
-    ``ttft_p50`` and ``ttft_p99``.  Every request must have a token."""
-    return [t[0] - a for a, t in zip(arrivals, token_times)]
 
 
 def _cpu_seconds() -> dict[str, float]:
