@@ -68,6 +68,7 @@ from worker_core.tasks import end_tasks
 from worker_core.wire import MAX_DRAFTS, ProtocolError, itemsize, logits_row_width
 
 from .config import MasterConfig
+from .copies import Copies
 from .costs import CostSnapshot, shared_devices
 from .group import Group
 from .journey import Journey, Relay
@@ -131,6 +132,7 @@ class Engine:
         self._admitted = 0
         self.kv = KVLedger(group, f"model={config.model}", config.prefix_cache)  # KV ids, cached prefixes
         self.shadow = Shadow(group, lambda: self.running.values(), self.relay.step_ids)  # a standby's copy
+        self.copies = Copies(group, lambda: self.running.values(), self.relay.step_ids)  # the stages' copies
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
@@ -265,6 +267,7 @@ class Engine:
         on that stage before they go on (:meth:`_rebuild_lost`)."""
         self.kv.reset(self.running.values(), previous, rebuilt, PROFILE_REQUEST_ID)
         self.shadow.handover(rebuilt.index if rebuilt is not None else None)
+        self.copies.handover()
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
@@ -365,9 +368,9 @@ class Engine:
         pipeline.  Cancelled: cancel every lane and wait for them."""
         lanes: dict[int, asyncio.Task] = {}
         profiled = -1
-        shadow = asyncio.create_task(self.shadow.run())
-        background: set[asyncio.Task] = {shadow}
-        shadow.add_done_callback(background.discard)
+        background: set[asyncio.Task] = {asyncio.create_task(self.shadow.run()), asyncio.create_task(self.copies.run())}
+        for task in background:
+            task.add_done_callback(background.discard)
         try:
             while True:
                 if self.group.serving and profiled != self.group.epoch:
@@ -423,6 +426,8 @@ class Engine:
         reqs = [r for rid, kv in rep.kept.items() if (r := self.running.get(rid)) is not None and r.kv_id == kv]
         new = stages[lost.index] if lost.index is not None and 0 <= lost.index < len(stages) else None
         held = self.shadow.take(new) if new is not None else {}
+        if len(jobs) == 1 and (taken := jobs[0][1]) is not None and 0 <= jobs[0][0] < len(stages):
+            held = self.copies.take(stages[jobs[0][0]], taken)  # the layers it kept a copy of
         work = work_of(reqs, held)  # the cached prefixes they start from first
         kept = {w.kv_id for w in work}
         if new is not None and (orphans := [kv for kv in held if kv not in kept]):

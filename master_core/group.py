@@ -74,6 +74,7 @@ from worker_core.weights import manifest_digest
 from worker_core.wire import Assign, Routed, itemsize
 
 from .config import MasterConfig
+from .copies import copy_ends
 from .draft_offer import DraftOffer
 from .link import LinkGone, LinkState, StepFailed, WorkerLink
 from .member_path import member_path
@@ -405,6 +406,7 @@ class Group:
                         if repair is not None:  # a link of it went meanwhile: plan the whole pipeline
                             self._invalidate()
                             epoch = self.epoch
+                        repair = None
                         placement = await asyncio.to_thread(self._place, live)
                 except PlacementError as e:
                     self.move(GroupState.CANNOT_PLACE, f"the group cannot hold the model: {e}")
@@ -415,10 +417,11 @@ class Group:
                     log.info("%s stands by: %s", name, why)
                 chosen = placement.chosen
                 self.move(GroupState.LOADING, "loading layers on workers")
+                before = {x: x.assignment for x, _ in chosen if x.assignment is not None} if repair else None
                 assignments = []
-                for link, (a, b) in chosen:
+                for (link, (a, b)), copy_end in zip(chosen, copy_ends(self, chosen, before)):
                     try:
-                        assignments.append(await self.assignment(link, a, b, epoch))
+                        assignments.append(await self.assignment(link, a, b, epoch, copy_end=copy_end))
                     except Exception as e:  # an unreadable checkpoint: nothing a re-plan can fix
                         why = f"cannot prepare the weights of layers [{a}, {b}): {type(e).__name__}: {e}"
                         self.move(GroupState.CANNOT_PLACE, why)
@@ -444,7 +447,7 @@ class Group:
                 if bad:
                     self.move(GroupState.CANNOT_PLACE, f"worker {bad[0].name} loaded a different model")
                     return
-                full = [link for (link, rng), r in zip(chosen, readies) if not self._stored_as_asked(link, rng, r)]
+                full = [link for link, r in zip([x for x, _ in chosen], readies) if not self._stored_as_asked(link, r)]
                 if full:  # a worker that ignores Assign.quantize (older than the field) overfills its memory
                     why = f"worker {full[0].name} did not store its layers at --quantize {self.config.quantize}"
                     self.move(GroupState.CANNOT_PLACE, f"{why} (update MoLink on it)")
@@ -470,19 +473,33 @@ class Group:
                 )
                 return
 
-    async def assignment(self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False) -> Assign:
+    def kv_budget(self, link: WorkerLink, start: int, end: int, copy_end: int = 0, tapes: int = 0) -> int:
+        """``link``'s KV budget serving layers ``[start, end)``, with a copy of ``[end, copy_end)``
+        (:mod:`master_core.copies`: those layers' weights, and the rows kept at ``end`` too)."""
+        h = link.hello
+        precision = Precision(self.config.quantize)
+        cap = self.config.max_kv_tokens
+        span = copy_end or end
+        return stage_kv_tokens(
+            self.dims, h.free_memory, h.dtype, start, span, cap, precision, h.device, tapes + bool(copy_end)
+        )
+
+    async def assignment(
+        self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False, copy_end: int = 0
+    ) -> Assign:
         """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory);
         ``standby``: the whole model of a standby member, keeping the rows at the serving
-        pipeline's stage ends (:meth:`stage_ends`)."""
-        fields = {"model": self.model_ref, **await self._delivery(a, b)}
+        pipeline's stage ends (:meth:`stage_ends`); ``copy_end``: with a copy of the next stage's
+        layers ``[b, copy_end)`` (:mod:`master_core.copies`)."""
+        fields = {"model": self.model_ref, **await self._delivery(a, copy_end or b)}
         precision = Precision(self.config.quantize)
         h = link.hello
         tapes = self.stage_ends() if standby else ()
-        kv = stage_kv_tokens(
-            self.dims, h.free_memory, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device, len(tapes)
-        )
+        kv = self.kv_budget(link, a, b, copy_end, len(tapes))
         if tapes:
             fields |= {"tapes": tapes}
+        if copy_end:
+            fields |= {"copy_end": copy_end}
         draft = self.draft if b == self.dims.num_layers else None  # the last stage holds it too ...
         if draft is not None:  # ... out of its KV budget, unless that would halve it (drafts are optional)
             free = max(0, h.free_memory - draft.nbytes)
@@ -512,12 +529,14 @@ class Group:
         """The layer ends of the serving pipeline's stages but the last (none while not serving)."""
         return tuple(s.assignment.layer_end for s in self.stages[:-1] if s.assignment is not None)
 
-    def _stored_as_asked(self, link: WorkerLink, rng: tuple[int, int], ready: Any) -> bool:
-        """False when a quantized group's worker reports its layers at (about) full precision."""
+    def _stored_as_asked(self, link: WorkerLink, ready: Any) -> bool:
+        """False when a quantized group's worker reports its layers (and any copy) at (about) full
+        precision."""
         precision = Precision(self.config.quantize)
-        if precision is Precision.NONE:
+        asg = link.assignment
+        if precision is Precision.NONE or asg is None:
             return True
-        size, (a, b) = itemsize(link.hello.dtype), rng
+        size, a, b = itemsize(link.hello.dtype), asg.layer_start, asg.copy_end or asg.layer_end
         outer = self.dims.stage_bytes(a, b, precision, size) - sum(
             self.dims.layer_bytes(i, precision, size) for i in range(a, b)
         )  # embeddings and head: never quantized

@@ -373,7 +373,7 @@ class WorkerLink:
         answered.step_bytes_total += back
         return answered, result
 
-    async def background(self, step: Step, timeout: float) -> Result:
+    async def background(self, step: Step | Fill, timeout: float) -> Result:
         """Send ``step`` to this standby member and await its ``Result`` (at most ``timeout``
         seconds; raises ``StepFailed``, ``LinkGone`` or ``TimeoutError``).  Work nobody waits for
         (:mod:`master_core.shadow`): neither measured as the member's speed (it serves no stage:

@@ -12,7 +12,8 @@ stages and model (:class:`Members`); it sends only ``Assign``s of layers no pipe
   of weights its memory holds (:func:`~master_core.placement.standby_range`).
   :meth:`Standbys.kept_loaded` says what a member holds or is loading.
 * :meth:`Standbys.repair_for` (a stage lost): a :class:`Repair` that keeps every other stage,
-  its range to the member standing by best placed to take it (the copier first, then those
+  its range to the member standing by best placed to take it (the copier first, then the stage
+  before it where that keeps a copy of the range, :mod:`master_core.copies`, then those
   whose kept layers contain that range, the whole model or a span, then any whose memory holds it:
   :func:`~master_core.placement.replacement`), or, where none can, to a neighbour of the lost
   stage or both beside their own ranges (:func:`~master_core.placement.widening`); None when
@@ -210,17 +211,22 @@ class Standbys:
         spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
         size, shape = self._shape([*g.stages, *spares])
         index, ranges = g.stages.index(lost), self._ranges()
+        before = g.stages[index - 1].assignment if index > 0 else None
+        copied = before is not None and (before.layer_end, before.copy_end) == (a, b)  # master_core.copies
         if spares:
             members = g.members(spares, size)
             copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
-            pick = 0 if copier_fits else replacement(shape, members, a, b)
+            pick = 0 if copier_fits else None if copied else replacement(shape, members, a, b)
             if pick is not None:
                 chosen = [(spares[pick] if i == index else x, r) for i, (x, r) in enumerate(zip(g.stages, ranges))]
                 standby = {
                     x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]
                 }
                 return Repair(Rebuilt(index, index), tuple(chosen), standby)
-        widened = widening(shape, ranges, index, dict(enumerate(g.members(g.stages, size))))
+        if copied and before is not None:  # the stage before keeps the lost layers loaded, and their caches
+            widened: tuple[tuple[int, tuple[int, int]], ...] | None = ((index - 1, (before.layer_start, b)),)
+        else:
+            widened = widening(shape, ranges, index, dict(enumerate(g.members(g.stages, size))))
         if widened is None:
             return None
         wide = dict(widened)

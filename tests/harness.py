@@ -211,6 +211,14 @@ async def paired_group(
         await m.stop()
 
 
+def without_copies(monkeypatch: Any) -> None:
+    """No stage keeps a copy of the next stage's layers (master_core.copies), where a test
+    measures one stage's own layers or a repair that such a copy would take over."""
+    import master_core.group
+
+    monkeypatch.setattr(master_core.group, "copy_ends", lambda group, chosen, before: [0] * len(chosen))
+
+
 def greedy(max_tokens: int, **kw: Any):
     from master_core.request import SamplingParams
 

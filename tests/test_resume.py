@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from harness import Cluster, greedy, run, until
+from harness import Cluster, greedy, run, until, without_copies
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
 from worker_core.session import Session
@@ -105,8 +105,9 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
     from master_core.group import Group
 
     slow = [{"link_delay_ms": 15} for _ in range(3)] if copied else None
-    if not copied:
+    if not copied:  # nor does a stage keep a copy of the next one's layers (it would take the range)
         monkeypatch.setattr(Group, "shadow_target", lambda self: None)
+        without_copies(monkeypatch)
 
     async def main():
         async with Cluster(ckpt, workers=3, worker_options=slow) as c:
@@ -473,6 +474,53 @@ def test_a_stage_widened_over_its_lost_neighbours_layers_fills_them_and_goes_on_
         assert torch.allclose(wide.run(nxt, step_in), twin.run(nxt, first.run(nxt, step_in)), atol=1e-4)
 
 
+def test_a_stage_keeping_a_copy_of_the_next_stages_layers_serves_its_own_and_takes_the_copy_over(ckpt):
+    """[2, 6) loaded, serving [2, 4), its copy [4, 6) filled in the background from the rows its
+    steps kept leaving layer 4: its steps give what [2, 4) alone gives; a step that writes below
+    what the copy holds cuts the copy back there; once it takes the copy over, only the
+    positions the copy lacks are missing, and its next step gives what the two ranges give one
+    after the other."""
+    import torch
+
+    from worker_core.shard import load_shard
+    from worker_core.stage import StageRunner, StepRejected
+    from worker_core.wire import Segment
+
+    cpu = torch.device("cpu")
+    ranges = ((0, 2), (2, 4), (4, 6))
+    first, middle, last = (StageRunner(load_shard(ckpt, *r, cpu, torch.float32), 4096, 256) for r in ranges)
+    keeper = StageRunner(load_shard(ckpt, 2, 6, cpu, torch.float32), 4096, 256, serve_end=4)
+    assert (keeper.shard.layer_start, keeper.shard.layer_end) == (2, 4) and keeper.missing == (4, 6)
+    a, b = PROMPTS
+    segs = (Segment(1, 0, 48, False, 1), Segment(2, 0, 41, False, 1))
+    x = first.run(segs, torch.tensor(a + b))
+    mid = middle.run(segs, x)
+    assert torch.allclose(keeper.run(segs, x), mid, atol=1e-5)
+    last.run(segs, mid)
+    empty = torch.empty(0)
+    with pytest.raises(StepRejected, match="does not continue"):
+        keeper.fill((Segment(1, 8, 8, False, 1),), empty, 4, 6)  # beyond what the copy holds
+    keeper.fill((Segment(1, 0, 48, False, 1), Segment(2, 0, 30, False, 1)), empty, 4, 6)
+    keeper.fill((Segment(2, 20, 10, False, 1),), empty, 4, 6)  # again within what it holds: nothing lost
+    assert (keeper.copy_held(1), keeper.copy_held(2)) == (48, 30)
+    redo = (Segment(1, 40, 8, False, 1),)  # request 1's last 8 positions written again: its copy is cut back
+    again = first.run(redo, torch.tensor(a[40:]))
+    mid = middle.run(redo, again)
+    last.run(redo, mid)
+    assert torch.allclose(keeper.run(redo, again), mid, atol=1e-5)
+    assert keeper.copy_held(1) == 40
+    keeper.take_copy()
+    assert (keeper.shard.layer_start, keeper.shard.layer_end) == (2, 6) and keeper.copy is None
+    assert keeper.missing == (4, 6) and keeper.unfilled == {1: 40, 2: 30}
+    nxt = (Segment(1, 48, 1, False, 1), Segment(2, 41, 1, False, 1))
+    step_in = first.run(nxt, torch.tensor([5, 6]))
+    with pytest.raises(StepRejected, match="not computed yet"):
+        keeper.run(nxt, step_in)
+    keeper.fill((Segment(1, 40, 8, False, 1), Segment(2, 30, 11, False, 1)), empty, 4, 6)
+    assert keeper.missing is None and not keeper.unfilled
+    assert torch.allclose(keeper.run(nxt, step_in), last.run(nxt, middle.run(nxt, step_in)), atol=1e-4)
+
+
 THREE_LAYERS = 98_560 + 3 * 672_256 + 1_000  # bytes: the tiny model's embeddings (or head) and 3 layers with
 # their KV reserve (ModelDims.shape of ``ckpt``): a member offering this holds 3 of the 6 layers, not 4
 
@@ -545,6 +593,56 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
     assert kept == 4, "the surviving stages' cache objects were replaced"  # 2 stages x 2 requests
     # each request's positions once on the widened stage only (split: once on each of the two)
     assert (2 if split else 1) * 89 <= positions <= (2 if split else 1) * (89 + 2 * NEW), positions
+    assert left == [0, 0], left
+
+
+@pytest.mark.parametrize("lost", [1, 2], ids=["middle", "last"])
+def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_kept(ckpt, want, lost):
+    """No member stands by; every stage but the last keeps a copy of the next stage's layers
+    (master_core.copies), filled in the background.  Once the copies hold the prompts, a stage
+    dies: the stage before it serves both ranges, computes only the positions its copy lacked
+    (fewer than the prompts), every stage keeps its caches, and the tokens are transformers'."""
+    slow = [{"link_delay_ms": 15} for _ in range(3)]  # so that the copies catch up mid-generation
+
+    async def main():
+        async with Cluster(ckpt, workers=3, min_workers=2, worker_options=slow) as c:
+            g, e = c.master.group, c.engine
+            await until(lambda: e.profiled, 60, lambda: f"group {g.state.name}")
+            copies = [(s.assignment.layer_end, s.assignment.copy_end) for s in g.stages if s.assignment]
+            gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
+            holder = g.stages[lost - 1]
+
+            def caught_up() -> bool:
+                assert e.tokens_generated < len(PROMPTS) * NEW - 4, "the requests ended before the copies caught up"
+                return e.tokens_generated >= 8 and e.copies.behind().get(holder.name, 1) <= 8
+
+            await until(caught_up, 60, lambda: f"behind {e.copies.behind()}", 0.005)
+            kv_ids = {r.id: r.kv_id for r in e.running.values()}
+            gone = g.stages[lost]
+            gone.close_with("lost (the test)")
+            c.tasks[int(gone.name[1:])].cancel()
+            await until(lambda: bool(g.serving and len(g.stages) == 2), 60, lambda: f"group {g.state.name}", 0.005)
+            await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, lambda: "no rebuild", 0.005)
+            after = [(s.name, s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment]
+            same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
+            got = await asyncio.wait_for(asyncio.gather(*gens), 60)
+            counts = (g.repairs, e.rebuilt_requests, e.kv.reset_restarts, e.replays)
+            held, rebuilt = e.rebuilt_held, e.rebuilt_tokens
+            e.kv.forget_idle()
+            deadline = time.monotonic() + 5
+            while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            left = [len(s.runner.kv) for s in _sessions()]
+            return [r[0] for r in got], copies, holder.name, after, counts, same_ids, held, rebuilt, left
+
+    got, copies, holder, after, counts, same_ids, held, rebuilt, left = run(main())
+    assert got == want
+    assert copies == [(2, 4), (4, 6), (6, 0)], copies  # each stage but the last copies the next one
+    wide = (0, 4) if lost == 1 else (2, 6)
+    assert (holder, *wide) in after, after
+    assert counts == (1, 2, 0, 0), counts
+    assert same_ids, "a request was given a new KV id: it was computed again from scratch"
+    assert held >= 89 and rebuilt < 89, (held, rebuilt)  # the copy held the prompts: only the rest is computed
     assert left == [0, 0], left
 
 
@@ -673,6 +771,8 @@ def test_conversation_turns_started_from_a_cached_prefix_survive_a_repair_with_t
 
     if spare != "copied":
         monkeypatch.setattr(Group, "shadow_target", lambda self: None)  # no copy: the spare computes it all
+    if spare == "spare":  # nor does a stage keep a copy of the next one's layers (it would take the range)
+        without_copies(monkeypatch)
     slow = [{"link_delay_ms": 15} for _ in range(3)] if spare == "copied" else None
     first = PROMPTS[0]
 

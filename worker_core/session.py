@@ -253,12 +253,20 @@ class Session:
             await self.close_hop()  # a new pipeline: the master routes it once it is loaded
             t0 = time.perf_counter()
             precision = Precision(msg.quantize)  # checked by wire.decode
-            key = (_source(msg), msg.layer_start, msg.layer_end, precision)
+            span_end = msg.copy_end or msg.layer_end  # (the next stage's layers loaded too: a copy)
+            key = (_source(msg), msg.layer_start, span_end, precision)
             shard = self.shards.get(key)
+            runner = self.runner
+            copying = shard is None and runner is not None and runner.copy is not None and self._loaded_here(key)
+            if copying and runner and (runner.shard.layer_start, runner.shard.layer_end) == (msg.layer_start, span_end):
+                await loop.run_in_executor(self.executor, runner.drop_copy)  # the next stage changed
+                self.shards.clear()
+                self.shards[key] = runner.shard
+                shard = runner.shard
             carried = None  # a standby's copy of the open requests' caches (master_core.shadow), or ours
             missing = None  # layers a widened range adds, which the carried caches lack
             if shard is None and (held := self._holding(key)) is not None:  # a whole model, a span, our old range
-                shard = carve(held, msg.layer_start, msg.layer_end)
+                shard = carve(held, msg.layer_start, span_end)
                 whole = held.is_first and held.is_last
                 if whole and self.runner is not None and self.runner.shard is held:  # a standby's copy
                     carried = self.runner.kv.narrowed(msg.layer_start, msg.layer_end, msg.kv_tokens)
@@ -272,13 +280,13 @@ class Session:
                     held.layer_end,
                 )
             own = self.runner.shard if self.runner is not None else None
-            if shard is None and own is not None and (key[0], own.layer_start, own.layer_end, precision) in self.shards:
-                missing = _added(own.layer_start, own.layer_end, msg.layer_start, msg.layer_end)
+            if shard is None and own is not None and self._loaded_here(key):
+                missing = _added(own.layer_start, own.layer_end, msg.layer_start, span_end)
             if shard is None:
                 if missing is None:
                     self.runner = None
                     self.shards.clear()  # one shard at a time: free the old range first
-                start, end = missing or (msg.layer_start, msg.layer_end)
+                start, end = missing or (msg.layer_start, span_end)
                 try:
                     info = devices.pick(self.device)
                     specs = list(msg.manifest)
@@ -291,6 +299,7 @@ class Session:
                         self.executor, load_shard, folder, start, end, info.device, info.dtype, precision
                     )
                     if missing is not None and own is not None and self.runner is not None:  # joined to ours
+                        await loop.run_in_executor(self.executor, self.runner.drop_copy)  # (no use now)
                         shard = join(own, shard)
                         carried = self.runner.kv
                         self.shards.clear()
@@ -308,22 +317,31 @@ class Session:
                     return
                 self.shards[key] = shard
             kept = self.runner
+            serve_end = msg.layer_end if msg.copy_end else None
             if carried is not None:
-                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, carried, missing)
+                self.runner = StageRunner(
+                    shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, carried, missing, serve_end
+                )
                 if missing is None:
                     log.info("kept the caches of %d request(s) computed while standing by", len(carried))
             elif (
-                kept is None
-                or kept.shard is not shard
-                or (kept.kv.budget_tokens, kept.max_batch_tokens)
-                != (
-                    msg.kv_tokens,
-                    msg.max_batch_tokens,
+                kept is not None
+                and kept.loaded is shard
+                and kept.max_batch_tokens == msg.max_batch_tokens
+                and (
+                    (kept.shard.layer_end == msg.layer_end and (kept.copy is not None) == bool(msg.copy_end))
+                    or (kept.copy is not None and not msg.copy_end)
                 )
-            ):
-                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes)
-            else:  # the same range again (another stage was replaced): its caches stay for the master
+            ):  # the same range again (another stage was replaced), or the copy's taken over: caches stay
+                if kept.copy is not None and not msg.copy_end:
+                    await loop.run_in_executor(self.executor, kept.take_copy)  # (after any fill of it)
+                    log.info(
+                        "took over the layers kept as a copy; %d request(s) lack some positions", len(kept.unfilled)
+                    )
+                kept.kv.budget_tokens = msg.kv_tokens
                 kept.keep_tapes(msg.tapes)
+            else:
+                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, serve_end=serve_end)
             draft_seconds = await self._hold_draft(msg, shard.vocab_size)
             self.layer_clock = LayerClock()
             self.epoch = msg.epoch
@@ -383,7 +401,9 @@ class Session:
         elif isinstance(msg, Fill):
             if (runner := await self._serving(msg, "fill")) is None:
                 return
-            fill = every_core(runner.fill) if runner.shard.device.type == "cpu" else runner.fill
+            # a rebuild's fill runs while every stage waits for it; a copy's, in the background
+            waited = runner.copy is None and runner.shard.device.type == "cpu"
+            fill = every_core(runner.fill) if waited else runner.fill
             work = loop.run_in_executor(self.executor, fill, msg.segments, msg.tensor, msg.layer_start, msg.layer_end)
             seconds = await self._attempt(msg, work)
             if seconds is None:
@@ -418,6 +438,13 @@ class Session:
             log.exception("%s %d failed", type(msg).__name__.lower(), msg.step_id)
             await self.send(Failure(f"{type(e).__name__}: {e}", msg.step_id))
         return None
+
+    def _loaded_here(self, key: tuple) -> bool:
+        """Whether this stage's runner serves a shard loaded from ``key``'s checkpoint and precision."""
+        runner = self.runner
+        return runner is not None and any(
+            (have, p) == (key[0], key[3]) and shard is runner.loaded for (have, _, _, p), shard in self.shards.items()
+        )
 
     def _holding(self, key: tuple) -> Shard | None:
         """A loaded shard of the same checkpoint and precision that holds every layer of the range

@@ -38,6 +38,14 @@ or a recall beyond them, is refused, and one starting within them cuts every lay
 A standby member's whole model also keeps the rows leaving each layer end in ``tapes`` (the
 serving pipeline's stage ends), so the range it may take over later (``kv``: its caches
 narrowed, :meth:`KVStore.narrowed`) has them too.
+
+A stage that keeps a copy of the next stage's layers (``serve_end`` inside the loaded ``shard``:
+it serves ``[shard.layer_start, serve_end)``, and ``copy`` is ``[serve_end, shard.layer_end)``)
+computes its steps over the layers it serves only; ``fill`` computes the copy's keys and values
+in the background, from the rows its steps kept leaving ``serve_end``, at any start within what
+the copy holds (a step that writes below that cuts the copy back there).  ``take_copy`` then
+serves every loaded layer, as a stage widened over its lost neighbour whose caches are filled as
+far as the copy got: only the rest is missing.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ import torch
 
 from .kv_cache import KVStore, PackedCache, PackedSegment, packed_mask
 from .segment_attention import SEGMENTS, keys_as_cached, running
-from .shard import Shard, carve
+from .shard import Shard, cache_index, carve
 from .wire import Segment
 
 
@@ -67,14 +75,22 @@ class StageRunner:
         tapes: tuple[int, ...] = (),
         kv: KVStore | None = None,
         missing: tuple[int, int] | None = None,
+        serve_end: int | None = None,
     ) -> None:
-        self.shard = shard
+        self.loaded = shard  # every layer loaded; ``shard`` the ones served
+        copying = serve_end is not None and shard.layer_start < serve_end < shard.layer_end
+        self.shard = carve(shard, shard.layer_start, serve_end) if copying and serve_end else shard
+        # the next stage's layers, kept loaded with their caches filled in the background, or None
+        self.copy = carve(shard, self.shard.layer_end, shard.layer_end) if copying else None
         self.kv = KVStore(kv_tokens) if kv is None else kv  # ``kv``: carried caches (a standby's, narrowed)
         self.kv.budget_tokens = kv_tokens
-        # layers of the range that the carried caches lack (taken over from a lost neighbour), and
-        # per request whose positions of them are not all computed yet, how many are (``fill``)
+        # layers of the range that the carried caches lack (taken over from a lost neighbour, or
+        # the copy), and per request whose positions of them are not all computed yet, how many
+        # are (``fill``; a copy's request not named holds its cached prefix's length)
         self.unfilled = {rid: r.base_len for rid, r in self.kv.items()} if missing is not None else {}
         self.missing = missing if self.unfilled else None
+        if self.copy is not None:
+            self.missing = (self.copy.layer_start, self.copy.layer_end)
         self.keep_tapes(tapes)
         self.max_batch_tokens = max_batch_tokens
         self.last_compute_seconds = 0.0  # of the last step ``run`` ran whole
@@ -83,10 +99,40 @@ class StageRunner:
         self._open: list[StepRun] = []  # steps begun and not finished (StepRun)
         if shard.keys_as_cached is None and getattr(shard.config, "_attn_implementation", None) == SEGMENTS:
             shard.keys_as_cached = keys_as_cached(self._probe)
+        for part in (self.shard, self.copy):  # (carved before the probe)
+            if part is not None:
+                part.keys_as_cached = shard.keys_as_cached
 
     def keep_tapes(self, tapes: tuple[int, ...]) -> None:
         """Keep the rows leaving these layer ends inside the range too (a standby's: Assign.tapes)."""
         self.tapes = frozenset(t for t in tapes if self.shard.layer_start < t < self.shard.layer_end)
+
+    def copy_held(self, request_id: int) -> int:
+        """Positions of ``request_id`` the copy (or the missing layers) holds."""
+        r = self.kv.get(request_id)
+        held = self.unfilled.get(request_id, r.base_len if r is not None and self.copy is not None else None)
+        return (r.length if r is not None else 0) if held is None else held
+
+    def drop_copy(self) -> None:
+        """Keep serving the same layers without the copy: its caches are freed, its layers no
+        longer this runner's."""
+        if self.copy is None:
+            return
+        gone = {cache_index(layer) for layer in self.copy.layers}
+        for _, r in self.kv.items():
+            r.keys = {i: k for i, k in r.keys.items() if i not in gone}
+            r.values = {i: v for i, v in r.values.items() if i not in gone}
+            r.tapes.pop(self.copy.layer_end, None)
+        self.loaded, self.copy, self.missing, self.unfilled = self.shard, None, None, {}
+
+    def take_copy(self) -> None:
+        """Serve every loaded layer (the next stage was lost): the copy's layers are then missing
+        for the positions it did not reach, as for a stage widened over them (``fill``)."""
+        if self.copy is None:
+            return
+        self.unfilled = {rid: held for rid, r in self.kv.items() if (held := self.copy_held(rid)) < r.length}
+        self.shard, self.copy = self.loaded, None
+        self.missing = self.missing if self.unfilled else None
 
     @torch.inference_mode()
     def _probe(self) -> None:
@@ -124,7 +170,7 @@ class StageRunner:
         self._check_input(self.shard, tensor, total)
         added = 0
         ids = {s.request_id for s in segments}
-        for s in segments if self.unfilled else ():  # (a widened stage's, until it is filled)
+        for s in segments if self.unfilled and self.copy is None else ():  # (a widened stage's, until filled)
             short = s.request_id in self.unfilled and 0 < s.start > self.unfilled[s.request_id] and not s.base
             if (s.base and self.unfilled.get(s.base, s.start) < s.start) or short:
                 missing = self.missing or (0, 0)
@@ -190,7 +236,10 @@ class StageRunner:
             self.free(drop)
         added = self._check(segments, tensor)
         for s in segments:
-            self._filled(s.request_id)  # a new cache, or one cut back to where every layer holds it
+            if self.copy is not None:  # what it writes below the copy's end is copied again
+                self.unfilled[s.request_id] = s.start if s.base else min(self.copy_held(s.request_id), s.start)
+            else:
+                self._filled(s.request_id)  # a new cache, or one cut back to where every layer holds it
             if s.start == 0 or s.base:
                 self.kv.start(s.request_id, s.generation, s.base, s.start)
             else:  # a newer generation from a start within the cache: steps of older ones are late from now on
@@ -208,7 +257,7 @@ class StageRunner:
     def _filled(self, request_id: int) -> None:
         """``request_id`` lacks none of the missing layers' positions now (or is gone); once no
         request does, nothing is missing, and rows kept leaving the old end are let go."""
-        if self.unfilled.pop(request_id, None) is None or self.unfilled or self.missing is None:
+        if self.unfilled.pop(request_id, None) is None or self.unfilled or self.missing is None or self.copy:
             return
         start, self.missing = self.missing[0], None
         if start != self.shard.layer_start and start not in self.tapes:  # the old end, inside the range now
@@ -217,11 +266,12 @@ class StageRunner:
 
     @torch.inference_mode()
     def fill(self, segments: tuple[Segment, ...], tensor: torch.Tensor, start: int, end: int) -> float:
-        """Compute layers ``[start, end)`` (``missing``) of each segment's positions, which the
-        stage's other layers hold already, from ``tensor`` (token ids where ``start`` is 0, else
-        hidden states) or, empty, from the rows kept leaving ``start``; write no other layer,
-        commit no length.  Returns the compute seconds.  Raises :class:`StepRejected` (nothing
-        changed) for a fill of other layers, out of order or beyond what the stage holds."""
+        """Compute layers ``[start, end)`` (``missing``, or the copy) of each segment's positions,
+        which the stage's other layers hold already, from ``tensor`` (token ids where ``start``
+        is 0, else hidden states) or, empty, from the rows kept leaving ``start``; write no other
+        layer, commit no length.  A segment starts within what those layers hold (from there on
+        they are computed again).  Returns the compute seconds.  Raises :class:`StepRejected`
+        (nothing changed) for a fill of other layers, out of order or beyond what the stage holds."""
         if self.missing != (start, end):
             raise StepRejected(f"layers [{start}, {end}) are not missing here (missing: {self.missing})")
         total = sum(s.length for s in segments)
@@ -232,32 +282,39 @@ class StageRunner:
             raise StepRejected("a fill names a request twice, no position of one, or a cached prefix")
         if any(ids & step.ids for step in self._open):
             raise StepRejected("a request of this fill is being computed by a step")
-        rows = []
+        rows, ats = [], []
         for s in segments:
             r = self.kv.get(s.request_id)
-            at = self.unfilled.get(s.request_id)
-            if r is None or at != s.start or s.start + s.length > r.length or s.generation < r.generation:
+            at = self.copy_held(s.request_id) if self.copy is not None else self.unfilled.get(s.request_id)
+            ats.append(at or 0)
+            if r is None or at is None or s.start > at or s.start + s.length > r.length or s.generation < r.generation:
                 held = "nothing" if r is None else f"{r.length} positions, generation {r.generation}"
                 raise StepRejected(
                     f"request {s.request_id}: a fill of [{s.start}, {s.start + s.length}) generation {s.generation} "
                     f"does not continue what it lacks ({at}) of what this stage holds ({held})"
+                )
+            base = next((rid for rid, x in self.kv.items() if x is r.base), None) if r.base is not None else 0
+            if base is None or (base and self.copy_held(base) < r.base_len):
+                raise StepRejected(
+                    f"request {s.request_id}: layers [{start}, {end}) of its cached prefix are not filled"
                 )
             if not tensor.numel():  # from the rows this stage kept leaving ``start``
                 kept = r.rows(s.start, s.start + s.length, start)
                 if kept is None:
                     raise StepRejected(f"request {s.request_id}: no rows kept leaving layer {start}")
                 rows.append(kept)
-        part = carve(self.shard, start, end)
+        part = self.copy if self.copy is not None else carve(self.shard, start, end)
         tensor = torch.cat(rows) if rows else tensor
         self._check_input(part, tensor, total)
         step = StepRun(self, segments, tensor, 0, 0, shard=part, fill=True)
         step.advance(len(part.layers))
-        for s in segments:
+        for s, at in zip(segments, ats):
             self.kv.get_or_create(s.request_id).generation = s.generation  # steps of older ones are late now
-            if s.start + s.length == self.kv.length(s.request_id):
+            upto = max(s.start + s.length, at)
+            if upto == self.kv.length(s.request_id) and self.copy is None:
                 self._filled(s.request_id)
             else:
-                self.unfilled[s.request_id] = s.start + s.length
+                self.unfilled[s.request_id] = upto
         return step.seconds
 
     def recall(self, segments: tuple[Segment, ...]) -> torch.Tensor:
@@ -386,7 +443,7 @@ class StepRun:
             if self.layer < len(sh.layers):
                 return False
             if self.fill:  # no length moves; the rows leaving the stage's end are kept as its steps keep them
-                if sh.layer_end == self.runner.shard.layer_end and not sh.is_last:
+                if sh.layer_end == self.runner.loaded.layer_end and not sh.is_last:
                     self._keep(self.hidden[0].cpu(), sh.layer_end)
                 self.result = self.hidden[0][:0].cpu()
             else:

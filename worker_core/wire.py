@@ -43,9 +43,10 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 9  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
+PROTOCOL_VERSION = 10  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
 # 8: Assign.tapes (a standby keeps its copy of the caches for the range it takes, master_core.shadow), Routed.moved;
-# 9: Fill (a stage that took over its lost neighbour's layers computes their caches)
+# 9: Fill (a stage that took over its lost neighbour's layers computes their caches);
+# 10: Assign.copy_end (a stage keeps a copy of the next stage's layers and caches)
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -301,6 +302,11 @@ class Assign:
     # keeps the serving pipeline's stage ends, so that the copy of the open requests' caches it
     # computes (master_core.shadow) serves whichever range it takes over; absent in older frames
     tapes: tuple[int, ...] = ()
+    # > layer_end: the next stage's layers [layer_end, copy_end) are loaded too, unserved; the
+    # master fills their caches in the background (``Fill`` of those layers from the rows kept
+    # leaving layer_end) so that, were that stage lost, this one takes its layers over with them
+    # (an Assign of [layer_start, copy_end)); 0: none
+    copy_end: int = 0
 
 
 @dataclass(frozen=True)
@@ -804,6 +810,8 @@ def encode(msg: Message) -> bytes:
         )
         if msg.tapes:
             h["tapes"] = list(msg.tapes)
+        if msg.copy_end:
+            h["copy_end"] = msg.copy_end
         h["manifest"] = [s.as_json() for s in msg.manifest]
         if msg.draft_model:
             h["draft_model"], h["draft_config_json"] = msg.draft_model, msg.draft_config_json
@@ -968,9 +976,12 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             draft_config_json=_str({"c": h.get("draft_config_json", "")}, "c", 1 << 20),
             draft_manifest=_manifest(h, "draft_manifest"),
             tapes=_tapes(h),
+            copy_end=_int({"copy_end": h.get("copy_end", 0)}, "copy_end", 0, 1 << 16),
         )
         if not all(a.layer_start < t < a.layer_end for t in a.tapes):
             raise ProtocolError("'tapes' must be layer ends inside the range")
+        if a.copy_end and not a.layer_end < a.copy_end <= a.num_layers:
+            raise ProtocolError("'copy_end' must be after the range, at most the model's end")
         if a.draft_model and a.layer_end != a.num_layers:
             raise ProtocolError("only a range ending at the last layer holds a draft model")
         if a.quantize not in QUANTIZE_CHOICES:

@@ -335,14 +335,23 @@ class LocalGroup:
     async def wait_copied(self, timeout: float) -> dict | None:
         """Wait (bounded) until no member stands by with the whole model (one whose memory does
         not hold it copies nothing), or the master's ``standby_copy`` (a standby member's copy
-        of the open requests' caches) lacks at most ``COPY_CAUGHT_UP`` positions; returns that
-        copy's last state (None: no member copies)."""
+        of the open requests' caches) lacks at most ``COPY_CAUGHT_UP`` positions, and so does
+        each copy a stage keeps of the next (``stage_copies``); returns the standby's copy's
+        last state, or else the stage copies' (``behind``: the most one lacks; None: nobody copies)."""
         deadline = time.monotonic() + timeout
         while True:
             h = await self.health() or {}
             copy = h.get("standby_copy")
+            stages = h.get("stage_copies") or {}
+            if copy is None and stages:
+                copy = {"behind": max(stages.values()), "stages": stages}
             standing = [w for w in h.get("workers", []) if w.get("stage") is None and w.get("whole_model")]
-            if h.get("status") == "ok" and (not standing or (copy is not None and copy["behind"] <= COPY_CAUGHT_UP)):
+            caught = max(stages.values(), default=0) <= COPY_CAUGHT_UP
+            if (
+                h.get("status") == "ok"
+                and caught
+                and (not standing or (copy is not None and copy["behind"] <= COPY_CAUGHT_UP))
+            ):
                 return copy
             if time.monotonic() > deadline:
                 return copy

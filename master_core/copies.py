@@ -1,0 +1,188 @@
+"""Copies of a stage's layers and caches, kept by the stage before it.
+
+Contract
+--------
+A stage whose memory holds its own range and the next stage's, without its KV budget falling
+below the group's (the smallest over the stages; so a copy never costs the group a request it
+could serve), also loads the next stage's layers (``Assign.copy_end``, :func:`copy_ends`): it
+serves only its own, and the master fills the copy's caches in the background (``Fill`` of those
+layers from the rows the stage kept leaving its own end: no transfer, only compute).  When the
+next stage is lost, this stage takes its layers over (the repair prefers it,
+:meth:`~master_core.standby.Standbys.repair_for`) with their caches as far as the copy got, and
+the rebuild (:mod:`master_core.rebuild`) computes only the rest.  Without copies that rebuild
+computes the lost layers for every position in flight: on a busy group, seconds.  The last
+stage has no next stage: it is copied by nobody (a standby member's copy, :mod:`master_core.shadow`,
+covers every stage).
+
+``copy_ends(group, chosen, before)`` decides the copies of a pipeline about to be assigned: in a
+whole plan, where the memory allows; in a repair (``before``: each link's assignment before it),
+a stage keeps its copy only where its range and the next stage's range are as they were (its
+caches and the copy stay), and none is added (that would load layers while streams wait).
+
+``await Copies.run()`` keeps the copies up to date until cancelled, like the standby's copy: a
+``Fill`` of at most ``STEP_TOKENS`` positions at a time per copying stage, the oldest requests
+first, of the positions every stage holds (``Request.computed``), and less than a step only
+``FOLLOW`` seconds after the last.  Nobody waits for those steps (``WorkerLink.background``); the
+worker computes them without taking every core, and a stage is given at most ``DUTY`` of its
+time for them (after a step that computed ``c`` seconds, the next waits ``c * (1 / DUTY - 1)``):
+the streams' steps come first, so a burst of long prompts is copied over the seconds after it.
+A step refused (the stage wrote below what the copy held, or a step of that request was open) is
+tried again; refused twice, that request's copy starts over from its beginning.  A request's
+caches, and so its copy, are freed on the stage by the engine's ``Free``.  ``handover()`` is
+called at every epoch change: the copies' counts are set aside, and ``take(link, layers)``
+gives the rebuild what ``link`` held of ``layers`` (KV id -> positions; {} when it copied other
+layers or nothing) and forgets it.  ``behind()`` is, per copying stage, the positions it lacks
+(/health ``stage_copies``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+import torch
+
+from worker_core.wire import Assign, Fill
+
+from .link import LinkGone, StepFailed, WorkerLink
+from .model_dims import ModelDims
+from .rebuild import pack, work_of
+from .request import Request
+
+log = logging.getLogger(__name__)
+
+STEP_TOKENS = 64  # positions a step: small, because a serving step may queue behind it on the stage
+IDLE = 0.2  # seconds between looks when there is nothing to copy
+FOLLOW = 2.0  # seconds a copy that lacks less than a step waits for more (a step of several costs less a position)
+STEP_TIMEOUT = 60.0  # seconds a step may take on a busy stage before it is given up
+REFUSALS = 2  # refused steps of a request before its copy starts over
+DUTY = 0.25  # the most of a stage's compute time its copy takes
+
+
+class Copying(Protocol):
+    """What the copies need of the group (:class:`~master_core.group.Group`)."""
+
+    dims: ModelDims
+    stages: list[WorkerLink]
+
+    @property
+    def serving(self) -> bool: ...
+
+    def kv_budget(self, link: WorkerLink, start: int, end: int, copy_end: int = 0) -> int: ...
+
+
+def copy_ends(
+    group: Copying, chosen: Sequence[tuple[WorkerLink, tuple[int, int]]], before: dict[WorkerLink, Assign] | None
+) -> list[int]:
+    """``Assign.copy_end`` of each stage of ``chosen`` (0: no copy); see the module docstring."""
+    ranges = [rng for _, rng in chosen]
+    ends = [0] * len(chosen)
+    if before is not None:
+        for i, (link, (a, b)) in enumerate(chosen[:-1]):
+            old = before.get(link)
+            if old is not None and (old.layer_start, old.layer_end) == (a, b) and ranges[i + 1] == (b, old.copy_end):
+                ends[i] = old.copy_end
+        return ends
+    least = min(group.kv_budget(link, a, b) for link, (a, b) in chosen)
+    for i, (link, (a, b)) in enumerate(chosen[:-1]):
+        nxt = ranges[i + 1][1]
+        if group.kv_budget(link, a, b, nxt) >= least:
+            ends[i] = nxt
+    return ends
+
+
+class Copies:
+    def __init__(self, group: Copying, running: Callable[[], Iterable[Request]], step_ids: Iterator[int]) -> None:
+        self.group = group
+        self._running = running
+        self._step_ids = step_ids
+        # per copying stage, the assignment it copies under and KV id -> positions its copy holds
+        self._held: dict[WorkerLink, tuple[Assign, dict[int, int]]] = {}
+        self._refused: dict[tuple[WorkerLink, int], int] = {}  # (stage, KV id) -> refusals in a row
+        self._handed: dict[WorkerLink, tuple[Assign, dict[int, int]]] = {}
+        self._round = 0  # bumped by ``handover``: a step of an older round is not counted
+        self._last: dict[WorkerLink, float] = {}  # when each stage's last step went (event-loop time)
+        self._rest: dict[WorkerLink, float] = {}  # when each stage may be sent its next step (``DUTY``)
+        self.copied = 0  # positions computed for copies (for /metrics and tests)
+
+    def holders(self) -> list[tuple[WorkerLink, Assign]]:
+        """The serving stages that keep a copy of the next stage's layers, with their assignments."""
+        if not self.group.serving:
+            return []
+        return [(s, a) for s in self.group.stages if (a := s.assignment) is not None and a.copy_end > a.layer_end]
+
+    def behind(self) -> dict[str, int]:
+        """Per copying stage, the positions of the running requests its copy lacks."""
+        reqs = self._eligible()
+        return {
+            link.name: sum(w.upto - w.start for w in work_of(reqs, self._held.get(link, (asg, {}))[1]))
+            for link, asg in self.holders()
+        }
+
+    def handover(self) -> None:
+        """The pipeline changed: what each stage's copy holds is set aside for ``take``."""
+        self._round += 1
+        self._handed, self._held = self._held, {}
+        self._refused.clear()
+
+    def take(self, link: WorkerLink, layers: tuple[int, int]) -> dict[int, int]:
+        """What ``link``'s copy of ``layers`` held when the pipeline was repaired (KV id ->
+        positions), once; {} when it copied other layers or nothing."""
+        asg, held = self._handed.pop(link, (None, {}))
+        return dict(held) if asg is not None and (asg.layer_end, asg.copy_end) == layers else {}
+
+    def _eligible(self) -> list[Request]:
+        return sorted((r for r in self._running() if r.kv_id), key=lambda r: r.order)
+
+    async def run(self) -> None:
+        while True:
+            stepped = False
+            for link, asg in self.holders():
+                stepped |= await self._step(link, asg)
+            if not stepped:
+                await asyncio.sleep(IDLE)
+
+    async def _step(self, link: WorkerLink, asg: Assign) -> bool:
+        """Send the next step of ``link``'s copy and count it; False when there was none."""
+        mine = self._held.get(link)
+        if mine is None or mine[0] is not asg:  # a new assignment: the copy starts over there
+            mine = self._held[link] = (asg, {})
+        held = mine[1]
+        reqs = self._eligible()
+        work = [w for w in work_of(reqs, held) if w.upto > w.start]
+        live = {r.kv_id for r in reqs} | {w.kv_id for w in work}
+        for kv in [kv for kv in held if kv not in live]:
+            del held[kv]  # (its caches are freed with the request's)
+        size = min(STEP_TOKENS, asg.max_batch_tokens)
+        steps = pack(work, size, bases=False)
+        now = asyncio.get_running_loop().time()
+        if now < self._rest.get(link, 0.0):
+            return False
+        if not steps or (
+            len(steps) == 1 and sum(s.length for s in steps[0]) < size and now < self._last.get(link, 0) + FOLLOW
+        ):
+            return False
+        self._last[link] = now
+        segments, round_ = steps[0], self._round
+        fill = Fill(next(self._step_ids), asg.epoch, segments, asg.layer_end, asg.copy_end, torch.empty(0))
+        try:
+            result = await link.background(fill, STEP_TIMEOUT)
+        except (StepFailed, LinkGone, asyncio.TimeoutError) as e:
+            if round_ == self._round and not isinstance(e, LinkGone):
+                for s in segments:
+                    key = (link, s.request_id)
+                    self._refused[key] = self._refused.get(key, 0) + 1
+                    if self._refused[key] >= REFUSALS:
+                        log.info("%s: the copy of KV id %d starts over (%s)", link.name, s.request_id, e or "timed out")
+                        self._refused.pop(key)
+                        held.pop(s.request_id, None)
+            return False
+        self._rest[link] = asyncio.get_running_loop().time() + result.compute_seconds * (1 / DUTY - 1)
+        if round_ == self._round and self._held.get(link) is mine:
+            for s in segments:
+                held[s.request_id] = s.start + s.length
+                self._refused.pop((link, s.request_id), None)
+            self.copied += sum(s.length for s in segments)
+        return True
