@@ -151,8 +151,9 @@ class Copies:
             mine = self._held[link] = (asg, {})
         held = mine[1]
         reqs = self._eligible()
-        work = [w for w in work_of(reqs, held) if w.upto > w.start]
-        live = {r.kv_id for r in reqs} | {w.kv_id for w in work}
+        needed = work_of(reqs, held)  # (a cached prefix they start from, copied whole, is still needed)
+        work = [w for w in needed if w.upto > w.start]
+        live = {r.kv_id for r in reqs} | {w.kv_id for w in needed}
         for kv in [kv for kv in held if kv not in live]:
             del held[kv]  # (its caches are freed with the request's)
         size = min(STEP_TOKENS, asg.max_batch_tokens)

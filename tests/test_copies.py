@@ -1,0 +1,61 @@
+"""The master's side of the copies a stage keeps of the next stage's layers (master_core.copies):
+what it decides, and what it sends."""
+
+import asyncio
+from types import SimpleNamespace
+
+import torch
+
+from master_core import copies
+from master_core.copies import Copies, copy_ends
+from master_core.prefix_cache import Entry
+from worker_core.wire import Assign, Result
+
+
+def _assign(start: int, end: int, copy_end: int = 0) -> Assign:
+    return Assign(1, "m", start, end, 6, 64, 1000, copy_end=copy_end)
+
+
+class _Link:
+    def __init__(self, name: str, asg: Assign) -> None:
+        self.name, self.assignment, self.sent = name, asg, []
+
+    async def background(self, fill, timeout):
+        self.sent.append([(s.request_id, s.start, s.length) for s in fill.segments])
+        return Result(fill.step_id, fill.epoch, 0.0, 0.0, torch.empty(0))
+
+
+def test_a_copy_is_filled_once_a_cached_prefix_first_and_a_finished_prefix_is_not_copied_again(monkeypatch):
+    """A request starting from a cached prefix: the copy holds the prefix's positions, then the
+    request's own, in steps of at most 64; once it holds them all it sends nothing more (the
+    prefix, copied whole, is still counted as held, not copied again)."""
+    monkeypatch.setattr(copies, "FOLLOW", 0.0)
+    link = _Link("w0", _assign(0, 2, 4))
+    group = SimpleNamespace(serving=True, stages=[link, _Link("w1", _assign(2, 4))])
+    prefix = Entry(kv_id=7, tokens=tuple(range(100)), base=None, base_len=0, held=100)
+    req = SimpleNamespace(
+        kv_id=9, kv_gen=0, computed=130, tokens=list(range(130)), prefix=prefix, base_len=100, order=1
+    )
+    c = Copies(group, lambda: [req], iter(range(1, 100)))  # type: ignore[arg-type]
+
+    async def steps() -> list[bool]:
+        return [await c._step(link, link.assignment) for _ in range(6)]  # type: ignore[arg-type]
+
+    sent = asyncio.run(steps())
+    assert sent == [True, True, True, False, False, False], sent
+    assert link.sent == [[(7, 0, 64)], [(7, 64, 36)], [(9, 100, 30)]], link.sent
+    assert c.behind() == {"w0": 0} and c.copied == 130
+
+
+def test_each_stage_but_the_last_copies_the_next_where_its_budget_stays_the_groups():
+    """A whole plan: a stage copies the next one where its KV budget with the copy is at least
+    the smallest budget of the stages without copies.  A repair keeps a copy only where the
+    stage's range and the next one's are as they were, and adds none."""
+    budgets = {("a", 0, 2, 0): 100, ("a", 0, 2, 4): 60, ("b", 2, 4, 0): 50, ("b", 2, 4, 6): 40, ("c", 4, 6, 0): 80}
+    group = SimpleNamespace(kv_budget=lambda link, a, b, copy_end=0: budgets[(link, a, b, copy_end)])
+    plan = [("a", (0, 2)), ("b", (2, 4)), ("c", (4, 6))]
+    assert copy_ends(group, plan, None) == [4, 0, 0]  # type: ignore[arg-type]  # b's copy would cost it 10
+    before = {"a": _assign(0, 2, 4), "b": _assign(2, 4, 6)}
+    assert copy_ends(group, plan, before) == [4, 6, 0]  # type: ignore[arg-type]  # as they were
+    widened = [("a", (0, 2)), ("b", (2, 6))]  # c was lost: b took its layers over
+    assert copy_ends(group, widened, before) == [0, 0]  # type: ignore[arg-type]  # a's next range changed
