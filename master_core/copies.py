@@ -21,7 +21,8 @@ caches and the copy stay), and none is added (that would load layers while strea
 
 ``await Copies.run()`` keeps the copies up to date until cancelled, like the standby's copy: a
 ``Fill`` of at most ``STEP_TOKENS`` positions at a time per copying stage, the oldest requests
-first, of the positions every stage holds (``Request.computed``), and less than a step only
+first (and the cached prefixes they start from, whose copies are kept as long as they are
+cached: ``cached``), of the positions every stage holds (``Request.computed``), and less than a step only
 ``FOLLOW`` seconds after the last.  Nobody waits for those steps (``WorkerLink.background``); the
 worker computes them without taking every core, and a stage is given at most ``DUTY`` of its
 time for them (after a step that computed ``c`` seconds, the next waits ``c * (1 / DUTY - 1)``):
@@ -94,9 +95,16 @@ def copy_ends(
 
 
 class Copies:
-    def __init__(self, group: Copying, running: Callable[[], Iterable[Request]], step_ids: Iterator[int]) -> None:
+    def __init__(
+        self,
+        group: Copying,
+        running: Callable[[], Iterable[Request]],
+        step_ids: Iterator[int],
+        cached: Callable[[int], bool] = lambda kv_id: False,
+    ) -> None:
         self.group = group
         self._running = running
+        self._cached = cached  # whether a KV id is a cached prefix (kept on the stages, its copy too)
         self._step_ids = step_ids
         # per copying stage, the assignment it copies under and KV id -> positions its copy holds
         self._held: dict[WorkerLink, tuple[Assign, dict[int, int]]] = {}
@@ -154,7 +162,7 @@ class Copies:
         needed = work_of(reqs, held)  # (a cached prefix they start from, copied whole, is still needed)
         work = [w for w in needed if w.upto > w.start]
         live = {r.kv_id for r in reqs} | {w.kv_id for w in needed}
-        for kv in [kv for kv in held if kv not in live]:
+        for kv in [kv for kv in held if kv not in live and not self._cached(kv)]:
             del held[kv]  # (its caches are freed with the request's)
         size = min(STEP_TOKENS, asg.max_batch_tokens)
         steps = pack(work, size, bases=False)

@@ -132,7 +132,9 @@ class Engine:
         self._admitted = 0
         self.kv = KVLedger(group, f"model={config.model}", config.prefix_cache)  # KV ids, cached prefixes
         self.shadow = Shadow(group, lambda: self.running.values(), self.relay.step_ids)  # a standby's copy
-        self.copies = Copies(group, lambda: self.running.values(), self.relay.step_ids)  # the stages' copies
+        self.copies = Copies(  # the stages' copies of the next stages' layers
+            group, lambda: self.running.values(), self.relay.step_ids, lambda kv_id: kv_id in self.kv.prefix
+        )
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done

@@ -28,7 +28,8 @@ class _Link:
 def test_a_copy_is_filled_once_a_cached_prefix_first_and_a_finished_prefix_is_not_copied_again(monkeypatch):
     """A request starting from a cached prefix: the copy holds the prefix's positions, then the
     request's own, in steps of at most 64; once it holds them all it sends nothing more (the
-    prefix, copied whole, is still counted as held, not copied again)."""
+    prefix, copied whole, is still counted as held, not copied again).  Once the request ended,
+    its copy is still counted while its cache is a cached prefix."""
     monkeypatch.setattr(copies, "FOLLOW", 0.0)
     link = _Link("w0", _assign(0, 2, 4))
     group = SimpleNamespace(serving=True, stages=[link, _Link("w1", _assign(2, 4))])
@@ -36,7 +37,8 @@ def test_a_copy_is_filled_once_a_cached_prefix_first_and_a_finished_prefix_is_no
     req = SimpleNamespace(
         kv_id=9, kv_gen=0, computed=130, tokens=list(range(130)), prefix=prefix, base_len=100, order=1
     )
-    c = Copies(group, lambda: [req], iter(range(1, 100)))  # type: ignore[arg-type]
+    running = [req]
+    c = Copies(group, lambda: running, iter(range(1, 100)), lambda kv_id: kv_id == 9)  # type: ignore[arg-type]
 
     async def steps() -> list[bool]:
         return [await c._step(link, link.assignment) for _ in range(6)]  # type: ignore[arg-type]
@@ -45,6 +47,9 @@ def test_a_copy_is_filled_once_a_cached_prefix_first_and_a_finished_prefix_is_no
     assert sent == [True, True, True, False, False, False], sent
     assert link.sent == [[(7, 0, 64)], [(7, 64, 36)], [(9, 100, 30)]], link.sent
     assert c.behind() == {"w0": 0} and c.copied == 130
+    running.clear()  # the request ended; its cache is kept as a cached prefix (9), its prefix is not (7)
+    assert asyncio.run(steps()) == [False] * 6
+    assert c._held[link][1] == {9: 130}  # type: ignore[index]
 
 
 def test_each_stage_but_the_last_copies_the_next_where_its_budget_stays_the_groups():
