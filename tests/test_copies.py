@@ -35,7 +35,7 @@ def test_a_copy_is_filled_once_a_cached_prefix_first_and_a_finished_prefix_is_no
     group = SimpleNamespace(serving=True, stages=[link, _Link("w1", _assign(2, 4))])
     prefix = Entry(kv_id=7, tokens=tuple(range(100)), base=None, base_len=0, held=100)
     req = SimpleNamespace(
-        kv_id=9, kv_gen=0, computed=130, tokens=list(range(130)), prefix=prefix, base_len=100, order=1
+        kv_id=9, kv_gen=0, computed=130, tokens=list(range(130)), prompt=[0] * 120, prefix=prefix, base_len=100, order=1
     )
     running = [req]
     c = Copies(group, lambda: running, iter(range(1, 100)), lambda kv_id: kv_id == 9)  # type: ignore[arg-type]
@@ -64,3 +64,23 @@ def test_each_stage_but_the_last_copies_the_next_where_its_budget_stays_the_grou
     assert copy_ends(group, plan, before) == [4, 6, 0]  # type: ignore[arg-type]  # as they were
     widened = [("a", (0, 2)), ("b", (2, 6))]  # c was lost: b took its layers over
     assert copy_ends(group, widened, before) == [0, 0]  # type: ignore[arg-type]  # a's next range changed
+
+
+def test_while_a_prompt_is_computed_a_stage_is_sent_a_copy_step_only_now_and_then(monkeypatch):
+    """A request whose prompt is not all computed yet: the copy's steps wait ``PROMPTS_FIRST``
+    seconds after the last (the prompt's chunks and the streams' steps come first)."""
+    monkeypatch.setattr(copies, "FOLLOW", 0.0)
+    link = _Link("w0", _assign(0, 2, 4))
+    group = SimpleNamespace(serving=True, stages=[link, _Link("w1", _assign(2, 4))])
+    tokens = list(range(300))
+    req = SimpleNamespace(
+        kv_id=9, kv_gen=0, computed=200, tokens=tokens, prompt=tokens, prefix=None, base_len=0, order=1
+    )
+    c = Copies(group, lambda: [req], iter(range(1, 100)))  # type: ignore[arg-type]
+
+    async def steps() -> list[bool]:
+        return [await c._step(link, link.assignment) for _ in range(3)]  # type: ignore[arg-type]
+
+    assert asyncio.run(steps()) == [True, False, False]
+    req.computed = 300  # its prompt is computed: the copy goes on at once
+    assert asyncio.run(steps()) == [True, True, True]

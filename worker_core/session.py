@@ -358,8 +358,14 @@ class Session:
                     draft_seconds,
                 )
             )
+            copy = f", keeping a copy of the next stage's [{msg.layer_end}, {msg.copy_end})" if msg.copy_end else ""
             log.info(
-                "serving layers [%d, %d) of %d (epoch %d)", msg.layer_start, msg.layer_end, msg.num_layers, msg.epoch
+                "serving layers [%d, %d) of %d (epoch %d)%s",
+                msg.layer_start,
+                msg.layer_end,
+                msg.num_layers,
+                msg.epoch,
+                copy,
             )
             layers = [msg.layer_start, msg.layer_end]
             self.run.events.emit("serving", layers=layers, num_layers=msg.num_layers, epoch=msg.epoch)
