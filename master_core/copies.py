@@ -55,12 +55,14 @@ from .request import Request
 
 log = logging.getLogger(__name__)
 
-STEP_TOKENS = 64  # positions a step: small, because a serving step may queue behind it on the stage
+# positions a step: small, because a serving step may queue behind it on the stage (the calibration
+# bench's wan/full, at 64 a step and DUTY 0.25: 26.4 tokens/s; at 32 and 0.1: 29.3; no copies: 28.5)
+STEP_TOKENS = 32
 IDLE = 0.2  # seconds between looks when there is nothing to copy
 FOLLOW = 2.0  # seconds a copy that lacks less than a step waits for more (a step of several costs less a position)
 STEP_TIMEOUT = 60.0  # seconds a step may take on a busy stage before it is given up
 REFUSALS = 2  # refused steps of a request before its copy starts over
-DUTY = 0.25  # the most of a stage's compute time its copy takes
+DUTY = 0.1  # the most of a stage's compute time its copy takes
 # seconds between a stage's copy steps while a prompt is being computed: the prompt's chunks and the
 # streams' steps beside them come first (measured on this 2-core machine: the burst bench's p99 gap on
 # wan rose to 3.3x the calm pace with copy steps at DUTY during the burst)

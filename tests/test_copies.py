@@ -31,6 +31,7 @@ def test_a_copy_is_filled_once_a_cached_prefix_first_and_a_finished_prefix_is_no
     prefix, copied whole, is still counted as held, not copied again).  Once the request ended,
     its copy is still counted while its cache is a cached prefix."""
     monkeypatch.setattr(copies, "FOLLOW", 0.0)
+    monkeypatch.setattr(copies, "STEP_TOKENS", 64)
     link = _Link("w0", _assign(0, 2, 4))
     group = SimpleNamespace(serving=True, stages=[link, _Link("w1", _assign(2, 4))])
     prefix = Entry(kv_id=7, tokens=tuple(range(100)), base=None, base_len=0, held=100)
@@ -70,6 +71,7 @@ def test_while_a_prompt_is_computed_a_stage_is_sent_a_copy_step_only_now_and_the
     """A request whose prompt is not all computed yet: the copy's steps wait ``PROMPTS_FIRST``
     seconds after the last (the prompt's chunks and the streams' steps come first)."""
     monkeypatch.setattr(copies, "FOLLOW", 0.0)
+    monkeypatch.setattr(copies, "STEP_TOKENS", 64)
     link = _Link("w0", _assign(0, 2, 4))
     group = SimpleNamespace(serving=True, stages=[link, _Link("w1", _assign(2, 4))])
     tokens = list(range(300))
