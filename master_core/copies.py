@@ -49,7 +49,6 @@ import torch
 from worker_core.wire import Assign, Fill
 
 from .link import LinkGone, StepFailed, WorkerLink
-from .model_dims import ModelDims
 from .rebuild import pack, work_of
 from .request import Request
 
@@ -72,7 +71,6 @@ PROMPTS_FIRST = 5.0
 class Copying(Protocol):
     """What the copies need of the group (:class:`~master_core.group.Group`)."""
 
-    dims: ModelDims
     stages: list[WorkerLink]
 
     @property
@@ -120,7 +118,7 @@ class Copies:
         self._round = 0  # bumped by ``handover``: a step of an older round is not counted
         self._last: dict[WorkerLink, float] = {}  # when each stage's last step went (event-loop time)
         self._rest: dict[WorkerLink, float] = {}  # when each stage may be sent its next step (``DUTY``)
-        self.copied = 0  # positions computed for copies (for /metrics and tests)
+        self.copied = 0  # positions computed for copies (for tests)
 
     def holders(self) -> list[tuple[WorkerLink, Assign]]:
         """The serving stages that keep a copy of the next stage's layers, with their assignments."""
@@ -161,26 +159,24 @@ class Copies:
 
     async def _step(self, link: WorkerLink, asg: Assign) -> bool:
         """Send the next step of ``link``'s copy and count it; False when there was none."""
+        now = asyncio.get_running_loop().time()
+        if now < self._rest.get(link, 0.0):  # (checked before any work: the loop looks every IDLE seconds)
+            return False
+        reqs = self._eligible()
+        last = self._last.get(link, 0.0)
+        if any(r.computed < len(r.prompt) for r in reqs) and now < last + PROMPTS_FIRST:
+            return False
         mine = self._held.get(link)
         if mine is None or mine[0] is not asg:  # a new assignment: the copy starts over there
             mine = self._held[link] = (asg, {})
         held = mine[1]
-        reqs = self._eligible()
         needed = work_of(reqs, held)  # (a cached prefix they start from, copied whole, is still needed)
-        work = [w for w in needed if w.upto > w.start]
         live = {r.kv_id for r in reqs} | {w.kv_id for w in needed}
         for kv in [kv for kv in held if kv not in live and not self._cached(kv)]:
             del held[kv]  # (its caches are freed with the request's)
         size = min(STEP_TOKENS, asg.max_batch_tokens)
-        steps = pack(work, size, bases=False)
-        now = asyncio.get_running_loop().time()
-        if now < self._rest.get(link, 0.0):
-            return False
-        if any(r.computed < len(r.prompt) for r in reqs) and now < self._last.get(link, 0.0) + PROMPTS_FIRST:
-            return False
-        if not steps or (
-            len(steps) == 1 and sum(s.length for s in steps[0]) < size and now < self._last.get(link, 0) + FOLLOW
-        ):
+        steps = pack([w for w in needed if w.upto > w.start], size, bases=False)
+        if not steps or (len(steps) == 1 and sum(s.length for s in steps[0]) < size and now < last + FOLLOW):
             return False
         self._last[link] = now
         segments, round_ = steps[0], self._round

@@ -597,11 +597,14 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
 
 
 @pytest.mark.parametrize("lost", [1, 2], ids=["middle", "last"])
-def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_kept(ckpt, want, lost):
+def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_kept(ckpt, want, lost, monkeypatch):
     """No member stands by; every stage but the last keeps a copy of the next stage's layers
     (master_core.copies), filled in the background.  Once the copies hold the prompts, a stage
     dies: the stage before it serves both ranges, computes only the positions its copy lacked
     (fewer than the prompts), every stage keeps its caches, and the tokens are transformers'."""
+    import master_core.copies
+
+    monkeypatch.setattr(master_core.copies, "DUTY", 1.0)  # unpaced: a busy machine must not outrun the copies
     slow = [{"link_delay_ms": 15} for _ in range(3)]  # so that the copies catch up mid-generation
 
     async def main():
@@ -771,7 +774,7 @@ def test_conversation_turns_started_from_a_cached_prefix_survive_a_repair_with_t
 
     if spare != "copied":
         monkeypatch.setattr(Group, "shadow_target", lambda self: None)  # no copy: the spare computes it all
-    if spare == "spare":  # nor does a stage keep a copy of the next one's layers (it would take the range)
+    if spare != "copied":  # nor does a stage keep a copy of the next one's layers (it would take the range)
         without_copies(monkeypatch)
     slow = [{"link_delay_ms": 15} for _ in range(3)] if spare == "copied" else None
     first = PROMPTS[0]

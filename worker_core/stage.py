@@ -108,10 +108,14 @@ class StageRunner:
         self.tapes = frozenset(t for t in tapes if self.shard.layer_start < t < self.shard.layer_end)
 
     def copy_held(self, request_id: int) -> int:
-        """Positions of ``request_id`` the copy (or the missing layers) holds."""
+        """Positions of ``request_id`` the copy (or the missing layers) holds: as counted, else
+        none of its own (a copy's) or all (a widened stage's)."""
         r = self.kv.get(request_id)
-        held = self.unfilled.get(request_id, r.base_len if r is not None and self.copy is not None else None)
-        return (r.length if r is not None else 0) if held is None else held
+        if r is None:
+            return 0
+        if request_id in self.unfilled:
+            return self.unfilled[request_id]
+        return r.base_len if self.copy is not None else r.length
 
     def drop_copy(self) -> None:
         """Keep serving the same layers without the copy: its caches are freed, its layers no
