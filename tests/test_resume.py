@@ -529,7 +529,7 @@ THREE_LAYERS = 98_560 + 3 * 672_256 + 1_000  # bytes: the tiny model's embedding
     ("lost", "split"), [(0, False), (1, False), (2, False), (1, True)], ids=["first", "middle", "last", "middle-split"]
 )
 def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_others_keep_their_caches(
-    ckpt, want, lost, split
+    ckpt, want, lost, split, monkeypatch
 ):
     """A stage dies mid-generation and no member stands by: a neighbour takes its layers over
     beside its own (the pipeline has a stage fewer), computes only those layers' positions
@@ -538,6 +538,7 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
     ``split``: each member's memory holds 3 of the 6 layers, so neither neighbour holds 4: the
     one before takes the lost stage's first layer, the one after its second, and the second's
     fill starts from what the first computed."""
+    without_copies(monkeypatch)  # the neighbour computes every position (master_core.copies would hold some)
     memory = [{"memory_limit": THREE_LAYERS} for _ in range(3)] if split else None
 
     async def main():
