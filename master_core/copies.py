@@ -1,4 +1,4 @@
-"""Copies of a stage's layers and caches, kept by the stage before it.
+"""Copies of a stage's layers and caches, kept by the stage before it (the first stage's by the second).
 
 Contract
 --------
@@ -10,14 +10,17 @@ layers from the rows the stage kept leaving its own end: no transfer, only compu
 next stage is lost, this stage takes its layers over (the repair prefers it,
 :meth:`~master_core.standby.Standbys.repair_for`) with their caches as far as the copy got, and
 the rebuild (:mod:`master_core.rebuild`) computes only the rest.  Without copies that rebuild
-computes the lost layers for every position in flight: on a busy group, seconds.  The last
-stage has no next stage: it is copied by nobody (a standby member's copy, :mod:`master_core.shadow`,
-covers every stage).
+computes the lost layers for every position in flight: on a busy group, seconds.  The first
+stage has no stage before it: the second stage copies it too where its memory allows
+(``Assign.copy_first``), its caches filled from the token ids, which are sent with each ``Fill``
+(a few bytes a position), and takes it over the same way.  (A standby member's copy,
+:mod:`master_core.shadow`, covers every stage.)
 
-``copy_ends(group, chosen, before)`` decides the copies of a pipeline about to be assigned: in a
-whole plan, where the memory allows; in a repair (``before``: each link's assignment before it),
-a stage keeps its copy only where its range and the next stage's range are as they were (its
-caches and the copy stay), and none is added (that would load layers while streams wait).
+``copy_ends(group, chosen, before)`` decides the copies of a pipeline about to be assigned
+(:class:`Kept`): in a whole plan, where the memory allows; in a repair (``before``: each link's
+assignment before it), a stage keeps a copy only where its range and the copied stage's range
+are as they were (its caches and the copy stay), and none is added (that would load layers while
+streams wait).
 
 ``await Copies.run()`` keeps the copies up to date until cancelled, like the standby's copy: a
 ``Fill`` of at most ``STEP_TOKENS`` positions at a time per copying stage, the oldest requests
@@ -33,8 +36,8 @@ tried again; refused twice, that request's copy starts over from its beginning. 
 caches, and so its copy, are freed on the stage by the engine's ``Free``.  ``handover()`` is
 called at every epoch change: the copies' counts are set aside, and ``take(link, layers)``
 gives the rebuild what ``link`` held of ``layers`` (KV id -> positions; {} when it copied other
-layers or nothing) and forgets it.  ``behind()`` is, per copying stage, the positions it lacks
-(/health ``stage_copies``).
+layers or nothing) and forgets it.  ``behind()`` is, per copying stage, the positions its copies
+lack (/health ``stage_copies``).
 """
 
 from __future__ import annotations
@@ -42,14 +45,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from worker_core.wire import Assign, Fill
 
 from .link import LinkGone, StepFailed, WorkerLink
-from .rebuild import pack, work_of
+from .rebuild import pack, token_ids, work_of
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -76,27 +79,38 @@ class Copying(Protocol):
     @property
     def serving(self) -> bool: ...
 
-    def kv_budget(self, link: WorkerLink, start: int, end: int, copy_end: int = 0) -> int: ...
+    def kv_budget(self, link: WorkerLink, start: int, end: int, copy_end: int = 0, copy_first: bool = False) -> int: ...
+
+
+class Kept(NamedTuple):
+    """The copies one stage keeps: ``Assign.copy_end`` (0: none) and ``Assign.copy_first``."""
+
+    end: int = 0
+    first: bool = False
+
+
+NO_COPY = Kept()
 
 
 def copy_ends(
     group: Copying, chosen: Sequence[tuple[WorkerLink, tuple[int, int]]], before: dict[WorkerLink, Assign] | None
-) -> list[int]:
-    """``Assign.copy_end`` of each stage of ``chosen`` (0: no copy); see the module docstring."""
+) -> list[Kept]:
+    """The copies each stage of ``chosen`` keeps; see the module docstring."""
     ranges = [rng for _, rng in chosen]
-    ends = [0] * len(chosen)
+    kept = [Kept()] * len(chosen)
     if before is not None:
-        for i, (link, (a, b)) in enumerate(chosen[:-1]):
+        for i, (link, (a, b)) in enumerate(chosen):
             old = before.get(link)
-            if old is not None and (old.layer_start, old.layer_end) == (a, b) and ranges[i + 1] == (b, old.copy_end):
-                ends[i] = old.copy_end
-        return ends
+            if old is None or (old.layer_start, old.layer_end) != (a, b):
+                continue
+            end = old.copy_end if i + 1 < len(chosen) and ranges[i + 1] == (b, old.copy_end) else 0
+            kept[i] = Kept(end, old.copy_first and i == 1 and ranges[0] == (0, a))
+        return kept
     least = min(group.kv_budget(link, a, b) for link, (a, b) in chosen)
-    for i, (link, (a, b)) in enumerate(chosen[:-1]):
-        nxt = ranges[i + 1][1]
-        if group.kv_budget(link, a, b, nxt) >= least:
-            ends[i] = nxt
-    return ends
+    for i, (link, (a, b)) in enumerate(chosen):
+        end = ranges[i + 1][1] if i + 1 < len(chosen) and group.kv_budget(link, a, b, ranges[i + 1][1]) >= least else 0
+        kept[i] = Kept(end, i == 1 and group.kv_budget(link, a, b, end, True) >= least)
+    return kept
 
 
 class Copies:
@@ -111,28 +125,31 @@ class Copies:
         self._running = running
         self._cached = cached  # whether a KV id is a cached prefix (kept on the stages, its copy too)
         self._step_ids = step_ids
-        # per copying stage, the assignment it copies under and KV id -> positions its copy holds
-        self._held: dict[WorkerLink, tuple[Assign, dict[int, int]]] = {}
-        self._refused: dict[tuple[WorkerLink, int], int] = {}  # (stage, KV id) -> refusals in a row
-        self._handed: dict[WorkerLink, tuple[Assign, dict[int, int]]] = {}
+        # per copy (its stage, and whether it is of the first stage's layers), the assignment it
+        # copies under and KV id -> positions it holds
+        self._held: dict[tuple[WorkerLink, bool], tuple[Assign, dict[int, int]]] = {}
+        self._refused: dict[tuple[WorkerLink, bool, int], int] = {}  # (copy, KV id) -> refusals in a row
+        self._handed: dict[tuple[WorkerLink, bool], tuple[Assign, dict[int, int]]] = {}
         self._round = 0  # bumped by ``handover``: a step of an older round is not counted
         self._last: dict[WorkerLink, float] = {}  # when each stage's last step went (event-loop time)
         self._rest: dict[WorkerLink, float] = {}  # when each stage may be sent its next step (``DUTY``)
         self.copied = 0  # positions computed for copies (for tests)
 
-    def holders(self) -> list[tuple[WorkerLink, Assign]]:
-        """The serving stages that keep a copy of the next stage's layers, with their assignments."""
+    def holders(self) -> list[tuple[WorkerLink, Assign, bool]]:
+        """The serving stages' copies: each stage that keeps one, its assignment, and whether the
+        copy is of the first stage's layers (else of the next stage's)."""
         if not self.group.serving:
             return []
-        return [(s, a) for s in self.group.stages if (a := s.assignment) is not None and a.copy_end > a.layer_end]
+        stages = [(s, a) for s in self.group.stages if (a := s.assignment) is not None]
+        return [(s, a, first) for s, a in stages for first in (True, False) if (a.copy_first if first else a.copy_end)]
 
     def behind(self) -> dict[str, int]:
-        """Per copying stage, the positions of the running requests its copy lacks."""
-        reqs = self._eligible()
-        return {
-            link.name: sum(w.upto - w.start for w in work_of(reqs, self._held.get(link, (asg, {}))[1]))
-            for link, asg in self.holders()
-        }
+        """Per copying stage, the positions of the running requests its copies lack."""
+        reqs, lacking = self._eligible(), {}
+        for link, asg, first in self.holders():
+            held = self._held.get((link, first), (asg, {}))[1]
+            lacking[link.name] = lacking.get(link.name, 0) + sum(w.upto - w.start for w in work_of(reqs, held))
+        return lacking
 
     def handover(self) -> None:
         """The pipeline changed: what each stage's copy holds is set aside for ``take``."""
@@ -143,8 +160,11 @@ class Copies:
     def take(self, link: WorkerLink, layers: tuple[int, int]) -> dict[int, int]:
         """What ``link``'s copy of ``layers`` held when the pipeline was repaired (KV id ->
         positions), once; {} when it copied other layers or nothing."""
-        asg, held = self._handed.pop(link, (None, {}))
-        return dict(held) if asg is not None and (asg.layer_end, asg.copy_end) == layers else {}
+        return _of(self._handed.pop((link, layers[0] == 0), None), layers)
+
+    def holding(self, link: WorkerLink, layers: tuple[int, int]) -> dict[int, int]:
+        """What ``link``'s copy of ``layers`` holds now (KV id -> positions), as ``take``."""
+        return _of(self._held.get((link, layers[0] == 0)), layers)
 
     def _eligible(self) -> list[Request]:
         return sorted((r for r in self._running() if r.kv_id), key=lambda r: r.order)
@@ -152,13 +172,14 @@ class Copies:
     async def run(self) -> None:
         while True:
             stepped = False
-            for link, asg in self.holders():
-                stepped |= await self._step(link, asg)
+            for link, asg, first in self.holders():
+                stepped |= await self._step(link, asg, first)
             if not stepped:
                 await asyncio.sleep(IDLE)
 
-    async def _step(self, link: WorkerLink, asg: Assign) -> bool:
-        """Send the next step of ``link``'s copy and count it; False when there was none."""
+    async def _step(self, link: WorkerLink, asg: Assign, first: bool) -> bool:
+        """Send the next step of ``link``'s copy (of the first stage's layers, or the next
+        stage's) and count it; False when there was none."""
         now = asyncio.get_running_loop().time()
         if now < self._rest.get(link, 0.0):  # (checked before any work: the loop looks every IDLE seconds)
             return False
@@ -166,9 +187,9 @@ class Copies:
         last = self._last.get(link, 0.0)
         if any(r.computed < len(r.prompt) for r in reqs) and now < last + PROMPTS_FIRST:
             return False
-        mine = self._held.get(link)
+        mine = self._held.get((link, first))
         if mine is None or mine[0] is not asg:  # a new assignment: the copy starts over there
-            mine = self._held[link] = (asg, {})
+            mine = self._held[(link, first)] = (asg, {})
         held = mine[1]
         needed = work_of(reqs, held)  # (a cached prefix they start from, copied whole, is still needed)
         live = {r.kv_id for r in reqs} | {w.kv_id for w in needed}
@@ -180,13 +201,14 @@ class Copies:
             return False
         self._last[link] = now
         segments, round_ = steps[0], self._round
-        fill = Fill(next(self._step_ids), asg.epoch, segments, asg.layer_end, asg.copy_end, torch.empty(0))
+        x = token_ids(segments, needed) if first else torch.empty(0)  # (else the rows it kept)
+        fill = Fill(next(self._step_ids), asg.epoch, segments, *_layers(asg, first), x)
         try:
             result = await link.background(fill, STEP_TIMEOUT)
         except (StepFailed, LinkGone, asyncio.TimeoutError) as e:
             if round_ == self._round and not isinstance(e, LinkGone):
                 for s in segments:
-                    key = (link, s.request_id)
+                    key = (link, first, s.request_id)
                     self._refused[key] = self._refused.get(key, 0) + 1
                     if self._refused[key] >= REFUSALS:
                         log.info("%s: the copy of KV id %d starts over (%s)", link.name, s.request_id, e or "timed out")
@@ -194,9 +216,19 @@ class Copies:
                         held.pop(s.request_id, None)
             return False
         self._rest[link] = asyncio.get_running_loop().time() + result.compute_seconds * (1 / DUTY - 1)
-        if round_ == self._round and self._held.get(link) is mine:
+        if round_ == self._round and self._held.get((link, first)) is mine:
             for s in segments:
                 held[s.request_id] = s.start + s.length
-                self._refused.pop((link, s.request_id), None)
+                self._refused.pop((link, first, s.request_id), None)
             self.copied += sum(s.length for s in segments)
         return True
+
+
+def _of(copy: tuple[Assign, dict[int, int]] | None, layers: tuple[int, int]) -> dict[int, int]:
+    """A copy's counts, where it is of ``layers``."""
+    return dict(copy[1]) if copy is not None and _layers(copy[0], layers[0] == 0) == layers else {}
+
+
+def _layers(asg: Assign, first: bool) -> tuple[int, int]:
+    """The layers a copy holds: the first stage's, or the next stage's."""
+    return (0, asg.layer_start) if first else (asg.layer_end, asg.copy_end)

@@ -74,7 +74,7 @@ from worker_core.weights import manifest_digest
 from worker_core.wire import Assign, Routed, itemsize
 
 from .config import MasterConfig
-from .copies import copy_ends
+from .copies import NO_COPY, Kept, copy_ends
 from .draft_offer import DraftOffer
 from .link import LinkGone, LinkState, StepFailed, WorkerLink
 from .member_path import member_path
@@ -419,9 +419,9 @@ class Group:
                 self.move(GroupState.LOADING, "loading layers on workers")
                 before = {x: x.assignment for x, _ in chosen if x.assignment is not None} if repair else None
                 assignments = []
-                for (link, (a, b)), copy_end in zip(chosen, copy_ends(self, chosen, before)):
+                for (link, (a, b)), kept in zip(chosen, copy_ends(self, chosen, before)):
                     try:
-                        assignments.append(await self.assignment(link, a, b, epoch, copy_end=copy_end))
+                        assignments.append(await self.assignment(link, a, b, epoch, kept=kept))
                     except Exception as e:  # an unreadable checkpoint: nothing a re-plan can fix
                         why = f"cannot prepare the weights of layers [{a}, {b}): {type(e).__name__}: {e}"
                         self.move(GroupState.CANNOT_PLACE, why)
@@ -473,37 +473,43 @@ class Group:
                 )
                 return
 
-    def kv_budget(self, link: WorkerLink, start: int, end: int, copy_end: int = 0, tapes: int = 0) -> int:
+    def kv_budget(
+        self, link: WorkerLink, start: int, end: int, copy_end: int = 0, copy_first: bool = False, tapes: int = 0
+    ) -> int:
         """``link``'s KV budget serving layers ``[start, end)``, with a copy of ``[end, copy_end)``
-        (:mod:`master_core.copies`: those layers' weights, and the rows kept at ``end`` too)."""
-        h = link.hello
-        precision = Precision(self.config.quantize)
-        cap = self.config.max_kv_tokens
-        span = copy_end or end
+        (:mod:`master_core.copies`: those layers' weights, and the rows kept at ``end`` too) and
+        with ``copy_first`` one of ``[0, start)``."""
+        return self._kv_tokens(
+            link, link.hello.free_memory, 0 if copy_first else start, copy_end or end, tapes + bool(copy_end)
+        )
+
+    def _kv_tokens(self, link: WorkerLink, free: int, start: int, end: int, tapes: int) -> int:
+        h, precision = link.hello, Precision(self.config.quantize)
         return stage_kv_tokens(
-            self.dims, h.free_memory, h.dtype, start, span, cap, precision, h.device, tapes + bool(copy_end)
+            self.dims, free, h.dtype, start, end, self.config.max_kv_tokens, precision, h.device, tapes
         )
 
     async def assignment(
-        self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False, copy_end: int = 0
+        self, link: WorkerLink, a: int, b: int, epoch: int, standby: bool = False, kept: Kept = NO_COPY
     ) -> Assign:
         """The ``Assign`` of layers ``[a, b)`` for ``link`` (its KV budget from its memory);
         ``standby``: the whole model of a standby member, keeping the rows at the serving
-        pipeline's stage ends (:meth:`stage_ends`); ``copy_end``: with a copy of the next stage's
-        layers ``[b, copy_end)`` (:mod:`master_core.copies`)."""
-        fields = {"model": self.model_ref, **await self._delivery(a, copy_end or b)}
-        precision = Precision(self.config.quantize)
+        pipeline's stage ends (:meth:`stage_ends`); ``kept``: with copies of the next stage's
+        layers ``[b, kept.end)`` and of the first stage's (:mod:`master_core.copies`)."""
+        lo, hi = 0 if kept.first else a, kept.end or b  # the layers loaded
+        fields = {"model": self.model_ref, **await self._delivery(lo, hi)}
         h = link.hello
         tapes = self.stage_ends() if standby else ()
-        kv = self.kv_budget(link, a, b, copy_end, len(tapes))
+        kv = self.kv_budget(link, a, b, kept.end, kept.first, len(tapes))
         if tapes:
             fields |= {"tapes": tapes}
-        if copy_end:
-            fields |= {"copy_end": copy_end}
+        if kept.end:
+            fields |= {"copy_end": kept.end}
+        if kept.first:
+            fields |= {"copy_first": True}
         draft = self.draft if b == self.dims.num_layers else None  # the last stage holds it too ...
         if draft is not None:  # ... out of its KV budget, unless that would halve it (drafts are optional)
-            free = max(0, h.free_memory - draft.nbytes)
-            held = stage_kv_tokens(self.dims, free, h.dtype, a, b, self.config.max_kv_tokens, precision, h.device)
+            held = self._kv_tokens(link, max(0, h.free_memory - draft.nbytes), lo, hi, len(tapes))
             if 2 * held >= kv:
                 fields |= draft.fields()
                 kv = held
@@ -536,7 +542,7 @@ class Group:
         asg = link.assignment
         if precision is Precision.NONE or asg is None:
             return True
-        size, a, b = itemsize(link.hello.dtype), asg.layer_start, asg.copy_end or asg.layer_end
+        size, a, b = itemsize(link.hello.dtype), 0 if asg.copy_first else asg.layer_start, asg.copy_end or asg.layer_end
         outer = self.dims.stage_bytes(a, b, precision, size) - sum(
             self.dims.layer_bytes(i, precision, size) for i in range(a, b)
         )  # embeddings and head: never quantized

@@ -13,7 +13,8 @@ stages and model (:class:`Members`); it sends only ``Assign``s of layers no pipe
   :meth:`Standbys.kept_loaded` says what a member holds or is loading.
 * :meth:`Standbys.repair_for` (a stage lost): a :class:`Repair` that keeps every other stage,
   its range to the member standing by best placed to take it (the copier first, then the stage
-  before it where that keeps a copy of the range, :mod:`master_core.copies`, then those
+  before it, or for the first stage the second, where that keeps a copy of the range,
+  :mod:`master_core.copies`, then those
   whose kept layers contain that range, the whole model or a span, then any whose memory holds it:
   :func:`~master_core.placement.replacement`), or, where none can, to a neighbour of the lost
   stage or both beside their own ranges (:func:`~master_core.placement.widening`); None when
@@ -211,8 +212,13 @@ class Standbys:
         spares = [shadow, *(x for x in warm if x is not shadow)] if shadow is not None else warm or spares
         size, shape = self._shape([*g.stages, *spares])
         index, ranges = g.stages.index(lost), self._ranges()
-        before = g.stages[index - 1].assignment if index > 0 else None
-        copied = before is not None and (before.layer_end, before.copy_end) == (a, b)  # master_core.copies
+        # the neighbour that keeps a copy of the lost layers and their caches (master_core.copies):
+        # the stage before, or the second stage for the first
+        keeper = index + 1 if index == 0 else index - 1
+        near = g.stages[keeper].assignment if 0 <= keeper < len(g.stages) else None
+        copied = near is not None and (
+            (near.layer_end, near.copy_end) == (a, b) if index else near.copy_first and near.layer_start == b
+        )
         if spares:
             members = g.members(spares, size)
             copier_fits = shadow is not None and replacement(shape, members[:1], a, b) is not None
@@ -223,8 +229,9 @@ class Standbys:
                     x.name: "standing by after taking no stage in the repair" for x in spares if x is not spares[pick]
                 }
                 return Repair(Rebuilt(index, index), tuple(chosen), standby)
-        if copied and before is not None:  # the stage before keeps the lost layers loaded, and their caches
-            widened: tuple[tuple[int, tuple[int, int]], ...] | None = ((index - 1, (before.layer_start, b)),)
+        if copied and near is not None:  # the neighbour keeps the lost layers loaded, and their caches
+            span = (a, near.layer_end) if index == 0 else (near.layer_start, b)
+            widened: tuple[tuple[int, tuple[int, int]], ...] | None = ((keeper, span),)
         else:
             widened = widening(shape, ranges, index, dict(enumerate(g.members(g.stages, size))))
         if widened is None:

@@ -212,11 +212,12 @@ async def paired_group(
 
 
 def without_copies(monkeypatch: Any) -> None:
-    """No stage keeps a copy of the next stage's layers (master_core.copies), where a test
+    """No stage keeps a copy of another stage's layers (master_core.copies), where a test
     measures one stage's own layers or a repair that such a copy would take over."""
     import master_core.group
+    from master_core.copies import NO_COPY
 
-    monkeypatch.setattr(master_core.group, "copy_ends", lambda group, chosen, before: [0] * len(chosen))
+    monkeypatch.setattr(master_core.group, "copy_ends", lambda group, chosen, before: [NO_COPY] * len(chosen))
 
 
 def greedy(max_tokens: int, **kw: Any):

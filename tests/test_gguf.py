@@ -210,8 +210,8 @@ async def main():
     deadline = loop.time() + 400
     while not (m.group.serving and len(m.group.stages) == 3) and loop.time() < deadline:
         await asyncio.sleep(0.1)
-    held = {s.member: s.assignment for s in m.group.stages}  # each range, and any copy of the next one
-    ranges = {name: [a.layer_start, a.copy_end or a.layer_end] for name, a in held.items()}
+    held = {s.member: s.assignment for s in m.group.stages}  # each range, with any copies (master_core.copies)
+    ranges = {name: [0 if a.copy_first else a.layer_start, a.copy_end or a.layer_end] for name, a in held.items()}
     tokens = (await m.engine.generate([5, 6, 7, 8], greedy(4)))[0] if len(ranges) == 3 else []
     print(json.dumps({"ranges": ranges, "tokens": tokens, "problem": str(m.group.problem)}), flush=True)
     await loop.run_in_executor(None, sys.stdin.read)  # until the test closes our stdin
@@ -343,7 +343,8 @@ def test_peak_memory_of_master_and_workers_stays_near_what_each_holds(cache, tmp
             f"{(peak - base) / 1e6:.0f} MB over baseline, share {share / 1e6:.0f} MB in float32"
         )
         assert peak - base < 1.6 * share + 60e6, (peak, base, share)
-        assert peak - base < whole  # never the whole model in float32
+        if end - start < 24:  # (a stage with copies of both neighbours may hold every layer)
+            assert peak - base < whole  # never the whole model in float32
     started = hello["hwm"]
     print(
         f"master peak {master_peak / 1e6:.0f} MB: {(master_peak - base) / 1e6:.0f} MB over a baseline worker, "

@@ -521,6 +521,53 @@ def test_a_stage_keeping_a_copy_of_the_next_stages_layers_serves_its_own_and_tak
     assert torch.allclose(keeper.run(nxt, step_in), last.run(nxt, middle.run(nxt, step_in)), atol=1e-4)
 
 
+def test_the_second_stage_keeps_a_copy_of_the_first_from_the_token_ids_and_takes_it_over(ckpt):
+    """[0, 6) loaded, serving [2, 4), with copies of the first stage's [0, 2) and the next
+    stage's [4, 6): its steps give what [2, 4) alone gives; the first stage's copy is filled from
+    the token ids (never from rows it does not keep), is cut back by a step that writes below what
+    it holds; once the first stage's layers are taken over (``reshape`` to [0, 4)) the next
+    stage's copy is dropped, only the positions the copy lacks are missing, and the stage, now
+    first, gives from the token ids what the two ranges give one after the other."""
+    import torch
+
+    from worker_core.shard import load_shard
+    from worker_core.stage import StageRunner, StepRejected
+    from worker_core.wire import Segment
+
+    cpu = torch.device("cpu")
+    first, middle = (StageRunner(load_shard(ckpt, *r, cpu, torch.float32), 4096, 256) for r in ((0, 2), (2, 4)))
+    keeper = StageRunner(load_shard(ckpt, 0, 6, cpu, torch.float32), 4096, 256, serve_end=4, serve_start=2)
+    assert (keeper.shard.layer_start, keeper.shard.layer_end) == (2, 4) and keeper.serves(2, 4, 6, True)
+    assert keeper.copying(0, 2) and keeper.copying(4, 6) and not keeper.copying(2, 4)
+    a, b = PROMPTS
+    segs = (Segment(1, 0, 48, False, 1), Segment(2, 0, 41, False, 1))
+    x = first.run(segs, torch.tensor(a + b))
+    assert torch.allclose(keeper.run(segs, x), middle.run(segs, x), atol=1e-5)
+    with pytest.raises(StepRejected, match="no rows kept"):
+        keeper.fill((Segment(1, 0, 8, False, 1),), torch.empty(0), 0, 2)  # its input is the token ids
+    with pytest.raises(StepRejected, match="does not continue"):
+        keeper.fill((Segment(1, 8, 8, False, 1),), torch.tensor(a[8:16]), 0, 2)  # beyond what the copy holds
+    keeper.fill((Segment(1, 0, 48, False, 1), Segment(2, 0, 30, False, 1)), torch.tensor(a + b[:30]), 0, 2)
+    assert (keeper.held_first(1), keeper.held_first(2)) == (48, 30)
+    redo = (Segment(1, 40, 8, False, 1),)  # request 1's last 8 positions written again: its copy is cut back
+    again = first.run(redo, torch.tensor(a[40:]))
+    assert torch.allclose(keeper.run(redo, again), middle.run(redo, again), atol=1e-5)
+    assert keeper.held_first(1) == 40
+    assert not keeper.reshape(0, 6, 0, False)  # not a range its copies make: nothing taken over
+    assert keeper.serves(2, 4, 6, True)
+    assert keeper.reshape(0, 4, 0, False)
+    assert (keeper.loaded.layer_start, keeper.loaded.layer_end) == (0, 4) and keeper.shard.is_first
+    assert keeper.copy is None and keeper.first is None and len(keeper.kv.get(1).keys) == 4  # [4, 6)'s freed
+    assert keeper.missing == (0, 2) and keeper.unfilled == {1: 40, 2: 30}
+    nxt = (Segment(1, 48, 1, False, 1), Segment(2, 41, 1, False, 1))
+    with pytest.raises(StepRejected, match="not computed yet"):
+        keeper.run(nxt, torch.tensor([5, 6]))
+    keeper.fill((Segment(1, 40, 8, False, 1), Segment(2, 30, 11, False, 1)), torch.tensor(a[40:] + b[30:]), 0, 2)
+    assert keeper.missing is None and not keeper.unfilled
+    want = middle.run(nxt, first.run(nxt, torch.tensor([5, 6])))
+    assert torch.allclose(keeper.run(nxt, torch.tensor([5, 6])), want, atol=1e-4)
+
+
 THREE_LAYERS = 98_560 + 3 * 672_256 + 1_000  # bytes: the tiny model's embeddings (or head) and 3 layers with
 # their KV reserve (ModelDims.shape of ``ckpt``): a member offering this holds 3 of the 6 layers, not 4
 
@@ -597,11 +644,12 @@ def test_a_lost_stage_without_a_spare_is_taken_over_by_a_neighbour_and_the_other
     assert left == [0, 0], left
 
 
-@pytest.mark.parametrize("lost", [1, 2], ids=["middle", "last"])
+@pytest.mark.parametrize("lost", [0, 1, 2], ids=["first", "middle", "last"])
 def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_kept(ckpt, want, lost, monkeypatch):
-    """No member stands by; every stage but the last keeps a copy of the next stage's layers
-    (master_core.copies), filled in the background.  Once the copies hold the prompts, a stage
-    dies: the stage before it serves both ranges, computes only the positions its copy lacked
+    """No member stands by; every stage but the last keeps a copy of the next stage's layers,
+    and the second stage one of the first stage's too (master_core.copies), filled in the
+    background.  Once the copies hold the prompts, a stage dies: the stage before it (for the
+    first, the second stage) serves both ranges, computes only the positions its copy lacked
     (fewer than the prompts), every stage keeps its caches, and the tokens are transformers'."""
     import master_core.copies
 
@@ -612,13 +660,17 @@ def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_ke
         async with Cluster(ckpt, workers=3, min_workers=2, worker_options=slow) as c:
             g, e = c.master.group, c.engine
             await until(lambda: e.profiled, 60, lambda: f"group {g.state.name}")
-            copies = [(s.assignment.layer_end, s.assignment.copy_end) for s in g.stages if s.assignment]
+            copies = [(a.copy_first, a.layer_end, a.copy_end) for s in g.stages if (a := s.assignment)]
             gens = [asyncio.create_task(e.generate(p, greedy(NEW))) for p in PROMPTS]
-            holder = g.stages[lost - 1]
+            holder = g.stages[lost - 1 if lost else 1]
+            a, b = g.stages[lost].assignment.layer_start, g.stages[lost].assignment.layer_end
 
-            def caught_up() -> bool:
+            def caught_up() -> bool:  # the copy of the layers to be lost holds the prompts
                 assert e.tokens_generated < len(PROMPTS) * NEW - 4, "the requests ended before the copies caught up"
-                return e.tokens_generated >= 8 and e.copies.behind().get(holder.name, 1) <= 8
+                held = e.copies.holding(holder, (a, b))
+                return e.tokens_generated >= 8 and all(
+                    held.get(r.kv_id, 0) >= len(r.prompt) for r in e.running.values()
+                )
 
             await until(caught_up, 60, lambda: f"behind {e.copies.behind()}", 0.005)
             kv_ids = {r.id: r.kv_id for r in e.running.values()}
@@ -641,8 +693,9 @@ def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_ke
 
     got, copies, holder, after, counts, same_ids, held, rebuilt, left = run(main())
     assert got == want
-    assert copies == [(2, 4), (4, 6), (6, 0)], copies  # each stage but the last copies the next one
-    wide = (0, 4) if lost == 1 else (2, 6)
+    # each stage but the last copies the next one, and the second the first
+    assert copies == [(False, 2, 4), (True, 4, 6), (False, 6, 0)], copies
+    wide = (0, 4) if lost < 2 else (2, 6)
     assert (holder, *wide) in after, after
     assert counts == (1, 2, 0, 0), counts
     assert same_ids, "a request was given a new KV id: it was computed again from scratch"

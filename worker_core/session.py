@@ -253,20 +253,23 @@ class Session:
             await self.close_hop()  # a new pipeline: the master routes it once it is loaded
             t0 = time.perf_counter()
             precision = Precision(msg.quantize)  # checked by wire.decode
-            span_end = msg.copy_end or msg.layer_end  # (the next stage's layers loaded too: a copy)
-            key = (_source(msg), msg.layer_start, span_end, precision)
+            # (the next stage's layers loaded too, or the first stage's: copies)
+            span_start, span_end = 0 if msg.copy_first else msg.layer_start, msg.copy_end or msg.layer_end
+            key = (_source(msg), span_start, span_end, precision)
+            runner, fields = self.runner, (msg.layer_start, msg.layer_end, msg.copy_end, msg.copy_first)
+            if runner is not None and self._loaded_here(key):  # a copy taken over or dropped: caches kept
+                served = (runner.shard.layer_start, runner.shard.layer_end)
+                if await loop.run_in_executor(self.executor, runner.reshape, *fields):  # (after any fill)
+                    self.shards.clear()
+                    self.shards[key] = runner.loaded
+                    if served != (msg.layer_start, msg.layer_end):
+                        lack = len(runner.unfilled)
+                        log.info("took over the layers kept as a copy; %d request(s) lack some positions", lack)
             shard = self.shards.get(key)
-            runner = self.runner
-            copying = shard is None and runner is not None and runner.copy is not None and self._loaded_here(key)
-            if copying and runner and (runner.shard.layer_start, runner.shard.layer_end) == (msg.layer_start, span_end):
-                await loop.run_in_executor(self.executor, runner.drop_copy)  # the next stage changed
-                self.shards.clear()
-                self.shards[key] = runner.shard
-                shard = runner.shard
             carried = None  # a standby's copy of the open requests' caches (master_core.shadow), or ours
             missing = None  # layers a widened range adds, which the carried caches lack
             if shard is None and (held := self._holding(key)) is not None:  # a whole model, a span, our old range
-                shard = carve(held, msg.layer_start, span_end)
+                shard = carve(held, span_start, span_end)
                 whole = held.is_first and held.is_last
                 if whole and self.runner is not None and self.runner.shard is held:  # a standby's copy
                     carried = self.runner.kv.narrowed(msg.layer_start, msg.layer_end, msg.kv_tokens)
@@ -281,12 +284,12 @@ class Session:
                 )
             own = self.runner.shard if self.runner is not None else None
             if shard is None and own is not None and self._loaded_here(key):
-                missing = _added(own.layer_start, own.layer_end, msg.layer_start, span_end)
+                missing = _added(own.layer_start, own.layer_end, span_start, span_end)
             if shard is None:
                 if missing is None:
                     self.runner = None
                     self.shards.clear()  # one shard at a time: free the old range first
-                start, end = missing or (msg.layer_start, span_end)
+                start, end = missing or (span_start, span_end)
                 try:
                     info = devices.pick(self.device)
                     specs = list(msg.manifest)
@@ -299,7 +302,9 @@ class Session:
                         self.executor, load_shard, folder, start, end, info.device, info.dtype, precision
                     )
                     if missing is not None and own is not None and self.runner is not None:  # joined to ours
-                        await loop.run_in_executor(self.executor, self.runner.drop_copy)  # (no use now)
+                        await loop.run_in_executor(
+                            self.executor, self.runner.reshape, own.layer_start, own.layer_end, 0, False
+                        )
                         shard = join(own, shard)
                         carried = self.runner.kv
                         self.shards.clear()
@@ -328,20 +333,15 @@ class Session:
                 kept is not None
                 and kept.loaded is shard
                 and kept.max_batch_tokens == msg.max_batch_tokens
-                and (
-                    (kept.shard.layer_end == msg.layer_end and (kept.copy is not None) == bool(msg.copy_end))
-                    or (kept.copy is not None and not msg.copy_end)
-                )
-            ):  # the same range again (another stage was replaced), or the copy's taken over: caches stay
-                if kept.copy is not None and not msg.copy_end:
-                    await loop.run_in_executor(self.executor, kept.take_copy)  # (after any fill of it)
-                    log.info(
-                        "took over the layers kept as a copy; %d request(s) lack some positions", len(kept.unfilled)
-                    )
+                and kept.serves(*fields)
+            ):  # the same stage again (another stage was replaced), or a copy taken over: caches stay
                 kept.kv.budget_tokens = msg.kv_tokens
                 kept.keep_tapes(msg.tapes)
             else:
-                self.runner = StageRunner(shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, serve_end=serve_end)
+                serve_start = msg.layer_start if msg.copy_first else 0
+                self.runner = StageRunner(
+                    shard, msg.kv_tokens, msg.max_batch_tokens, msg.tapes, serve_end=serve_end, serve_start=serve_start
+                )
             draft_seconds = await self._hold_draft(msg, shard.vocab_size)
             self.layer_clock = LayerClock()
             self.epoch = msg.epoch
@@ -359,6 +359,7 @@ class Session:
                 )
             )
             copy = f", keeping a copy of the next stage's [{msg.layer_end}, {msg.copy_end})" if msg.copy_end else ""
+            copy += f", keeping a copy of the first stage's [0, {msg.layer_start})" if msg.copy_first else ""
             log.info(
                 "serving layers [%d, %d) of %d (epoch %d)%s",
                 msg.layer_start,
@@ -408,7 +409,7 @@ class Session:
             if (runner := await self._serving(msg, "fill")) is None:
                 return
             # a rebuild's fill runs while every stage waits for it; a copy's, in the background
-            waited = runner.copy is None and runner.shard.device.type == "cpu"
+            waited = not runner.copying(msg.layer_start, msg.layer_end) and runner.shard.device.type == "cpu"
             fill = every_core(runner.fill) if waited else runner.fill
             work = loop.run_in_executor(self.executor, fill, msg.segments, msg.tensor, msg.layer_start, msg.layer_end)
             seconds = await self._attempt(msg, work)

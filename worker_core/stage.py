@@ -45,7 +45,11 @@ computes its steps over the layers it serves only; ``fill`` computes the copy's 
 in the background, from the rows its steps kept leaving ``serve_end``, at any start within what
 the copy holds (a step that writes below that cuts the copy back there).  ``take_copy`` then
 serves every loaded layer, as a stage widened over its lost neighbour whose caches are filled as
-far as the copy got: only the rest is missing.
+far as the copy got: only the rest is missing.  The second stage may also keep a copy of the
+first stage's layers (``serve_start``: the loaded shard starts the model, and ``first`` is
+``[0, serve_start)``), filled the same way from the token ids (``first_held``), taken over by
+``take_first``.  ``reshape`` makes the runner the stage an ``Assign`` asks for where its copies
+allow it (one taken over, or dropped), its caches kept.
 """
 
 from __future__ import annotations
@@ -76,12 +80,19 @@ class StageRunner:
         kv: KVStore | None = None,
         missing: tuple[int, int] | None = None,
         serve_end: int | None = None,
+        serve_start: int = 0,
     ) -> None:
         self.loaded = shard  # every layer loaded; ``shard`` the ones served
-        copying = serve_end is not None and shard.layer_start < serve_end < shard.layer_end
-        self.shard = carve(shard, shard.layer_start, serve_end) if copying and serve_end else shard
+        low = serve_start if shard.layer_start == 0 < serve_start < shard.layer_end else shard.layer_start
+        copying = serve_end is not None and low < serve_end < shard.layer_end
+        high = serve_end if copying and serve_end else shard.layer_end
+        self.shard = carve(shard, low, high) if (low, high) != (shard.layer_start, shard.layer_end) else shard
         # the next stage's layers, kept loaded with their caches filled in the background, or None
-        self.copy = carve(shard, self.shard.layer_end, shard.layer_end) if copying else None
+        self.copy = carve(shard, high, shard.layer_end) if copying else None
+        # the first stage's layers, kept as a copy the same way (from the token ids), or None; and
+        # per request, the positions of them held (a request not named holds its cached prefix's length)
+        self.first = carve(shard, 0, low) if low > shard.layer_start else None
+        self.first_held: dict[int, int] = {}
         self.kv = KVStore(kv_tokens) if kv is None else kv  # ``kv``: carried caches (a standby's, narrowed)
         self.kv.budget_tokens = kv_tokens
         # layers of the range that the carried caches lack (taken over from a lost neighbour, or
@@ -99,7 +110,7 @@ class StageRunner:
         self._open: list[StepRun] = []  # steps begun and not finished (StepRun)
         if shard.keys_as_cached is None and getattr(shard.config, "_attn_implementation", None) == SEGMENTS:
             shard.keys_as_cached = keys_as_cached(self._probe)
-        for part in (self.shard, self.copy):  # (carved before the probe)
+        for part in (self.shard, self.copy, self.first):  # (carved before the probe)
             if part is not None:
                 part.keys_as_cached = shard.keys_as_cached
 
@@ -117,26 +128,85 @@ class StageRunner:
             return self.unfilled[request_id]
         return r.base_len if self.copy is not None else r.length
 
-    def drop_copy(self) -> None:
-        """Keep serving the same layers without the copy: its caches are freed, its layers no
-        longer this runner's."""
-        if self.copy is None:
-            return
-        gone = {cache_index(layer) for layer in self.copy.layers}
+    def held_first(self, request_id: int) -> int:
+        """Positions of ``request_id`` the copy of the first stage's layers holds."""
+        r = self.kv.get(request_id)
+        return 0 if r is None else self.first_held.get(request_id, r.base_len)
+
+    def serves(self, start: int, end: int, copy_end: int, copy_first: bool) -> bool:
+        """Whether this runner is the stage of ``Assign`` fields like these."""
+        copied = self.copy.layer_end if self.copy is not None else 0
+        return (self.shard.layer_start, self.shard.layer_end, copied) == (start, end, copy_end) and (
+            self.first is not None
+        ) == copy_first
+
+    def copying(self, start: int, end: int) -> bool:
+        """Whether layers ``[start, end)`` are a copy's (their fills are background work)."""
+        return any(p is not None and (p.layer_start, p.layer_end) == (start, end) for p in (self.copy, self.first))
+
+    def reshape(self, start: int, end: int, copy_end: int, copy_first: bool) -> bool:
+        """Become the stage of ``Assign`` fields like these from the layers loaded here, the caches
+        kept: a copy's layers taken over where the range grows over them (their stage was lost),
+        a copy not asked for dropped.  True when it then :meth:`serves` them; False (nothing
+        taken over) when the range is not this stage's or one of its copies' joined to it."""
+        if self.first is not None and (start, end) == (0, self.shard.layer_end):
+            self.take_first()
+        elif self.copy is not None and (start, end) == (self.shard.layer_start, self.copy.layer_end):
+            self.take_copy()
+        if (start, end) != (self.shard.layer_start, self.shard.layer_end):
+            return False
+        if not copy_first:
+            self.drop_first()
+        if not copy_end:
+            self.drop_copy()
+        return self.serves(start, end, copy_end, copy_first)
+
+    def _forget(self, part: Shard) -> None:
+        """Free every request's caches of ``part``'s layers."""
+        gone = {cache_index(layer) for layer in part.layers}
         for _, r in self.kv.items():
             r.keys = {i: k for i, k in r.keys.items() if i not in gone}
             r.values = {i: v for i, v in r.values.items() if i not in gone}
-            r.tapes.pop(self.copy.layer_end, None)
-        self.loaded, self.copy, self.missing, self.unfilled = self.shard, None, None, {}
 
-    def take_copy(self) -> None:
-        """Serve every loaded layer (the next stage was lost): the copy's layers are then missing
-        for the positions it did not reach, as for a stage widened over them (``fill``)."""
+    def drop_copy(self) -> None:
+        """Keep serving the same layers without the copy of the next stage's: its caches are
+        freed, its layers no longer this runner's."""
         if self.copy is None:
             return
+        self._forget(self.copy)
+        for _, r in self.kv.items():
+            r.tapes.pop(self.copy.layer_end, None)
+        self.loaded = carve(self.loaded, self.loaded.layer_start, self.shard.layer_end)
+        self.copy, self.missing, self.unfilled = None, None, {}
+
+    def drop_first(self) -> None:
+        """Keep serving the same layers without the copy of the first stage's (as ``drop_copy``)."""
+        if self.first is None:
+            return
+        self._forget(self.first)
+        self.loaded = carve(self.loaded, self.shard.layer_start, self.loaded.layer_end)
+        self.first, self.first_held = None, {}
+
+    def take_copy(self) -> None:
+        """Serve every loaded layer (the next stage was lost; a copy of the first stage's is
+        dropped): the copy's layers are then missing for the positions it did not reach, as for a
+        stage widened over them (``fill``)."""
+        if self.copy is None:
+            return
+        self.drop_first()
         self.unfilled = {rid: held for rid, r in self.kv.items() if (held := self.copy_held(rid)) < r.length}
         self.shard, self.copy = self.loaded, None
         self.missing = self.missing if self.unfilled else None
+
+    def take_first(self) -> None:
+        """Serve the first stage's layers too (it was lost; a copy of the next stage's is dropped),
+        as ``take_copy`` does the next stage's."""
+        if self.first is None:
+            return
+        self.drop_copy()
+        self.unfilled = {rid: held for rid, r in self.kv.items() if (held := self.held_first(rid)) < r.length}
+        self.missing = (0, self.first.layer_end) if self.unfilled else None
+        self.shard, self.first, self.first_held = self.loaded, None, {}
 
     @torch.inference_mode()
     def _probe(self) -> None:
@@ -240,6 +310,8 @@ class StageRunner:
             self.free(drop)
         added = self._check(segments, tensor)
         for s in segments:
+            if self.first is not None:  # (as the next stage's copy)
+                self.first_held[s.request_id] = s.start if s.base else min(self.held_first(s.request_id), s.start)
             if self.copy is not None:  # what it writes below the copy's end is copied again
                 self.unfilled[s.request_id] = s.start if s.base else min(self.copy_held(s.request_id), s.start)
             else:
@@ -257,6 +329,7 @@ class StageRunner:
         self.kv.free(request_ids)
         for rid in request_ids:
             self._filled(rid)
+            self.first_held.pop(rid, None)
 
     def _filled(self, request_id: int) -> None:
         """``request_id`` lacks none of the missing layers' positions now (or is gone); once no
@@ -270,14 +343,16 @@ class StageRunner:
 
     @torch.inference_mode()
     def fill(self, segments: tuple[Segment, ...], tensor: torch.Tensor, start: int, end: int) -> float:
-        """Compute layers ``[start, end)`` (``missing``, or the copy) of each segment's positions,
+        """Compute layers ``[start, end)`` (``missing``, or a copy's) of each segment's positions,
         which the stage's other layers hold already, from ``tensor`` (token ids where ``start``
         is 0, else hidden states) or, empty, from the rows kept leaving ``start``; write no other
         layer, commit no length.  A segment starts within what those layers hold (from there on
         they are computed again).  Returns the compute seconds.  Raises :class:`StepRejected`
         (nothing changed) for a fill of other layers, out of order or beyond what the stage holds."""
-        if self.missing != (start, end):
+        first = self.first is not None and (start, end) == (0, self.first.layer_end)
+        if self.missing != (start, end) and not first:
             raise StepRejected(f"layers [{start}, {end}) are not missing here (missing: {self.missing})")
+        held_of = self.held_first if first else self.copy_held
         total = sum(s.length for s in segments)
         if total > self.max_batch_tokens:
             raise StepRejected(f"fill of {total} tokens exceeds max_batch_tokens={self.max_batch_tokens}")
@@ -289,7 +364,7 @@ class StageRunner:
         rows, ats = [], []
         for s in segments:
             r = self.kv.get(s.request_id)
-            at = self.copy_held(s.request_id) if self.copy is not None else self.unfilled.get(s.request_id)
+            at = held_of(s.request_id) if first or self.copy is not None else self.unfilled.get(s.request_id)
             ats.append(at or 0)
             if r is None or at is None or s.start > at or s.start + s.length > r.length or s.generation < r.generation:
                 held = "nothing" if r is None else f"{r.length} positions, generation {r.generation}"
@@ -298,7 +373,7 @@ class StageRunner:
                     f"does not continue what it lacks ({at}) of what this stage holds ({held})"
                 )
             base = next((rid for rid, x in self.kv.items() if x is r.base), None) if r.base is not None else 0
-            if base is None or (base and self.copy_held(base) < r.base_len):
+            if base is None or (base and held_of(base) < r.base_len):
                 raise StepRejected(
                     f"request {s.request_id}: layers [{start}, {end}) of its cached prefix are not filled"
                 )
@@ -308,6 +383,8 @@ class StageRunner:
                     raise StepRejected(f"request {s.request_id}: no rows kept leaving layer {start}")
                 rows.append(kept)
         part = self.copy if self.copy is not None else carve(self.shard, start, end)
+        if first and self.first is not None:
+            part = self.first
         tensor = torch.cat(rows) if rows else tensor
         self._check_input(part, tensor, total)
         step = StepRun(self, segments, tensor, 0, 0, shard=part, fill=True)
@@ -315,7 +392,9 @@ class StageRunner:
         for s, at in zip(segments, ats):
             self.kv.get_or_create(s.request_id).generation = s.generation  # steps of older ones are late now
             upto = max(s.start + s.length, at)
-            if upto == self.kv.length(s.request_id) and self.copy is None:
+            if first:
+                self.first_held[s.request_id] = upto
+            elif upto == self.kv.length(s.request_id) and self.copy is None:
                 self._filled(s.request_id)
             else:
                 self.unfilled[s.request_id] = upto

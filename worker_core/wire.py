@@ -43,10 +43,11 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 10  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
+PROTOCOL_VERSION = 11  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
 # 8: Assign.tapes (a standby keeps its copy of the caches for the range it takes, master_core.shadow), Routed.moved;
 # 9: Fill (a stage that took over its lost neighbour's layers computes their caches);
-# 10: Assign.copy_end (a stage keeps a copy of the next stage's layers and caches)
+# 10: Assign.copy_end (a stage keeps a copy of the next stage's layers and caches);
+# 11: Assign.copy_first (the second stage keeps a copy of the first stage's too)
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -307,6 +308,10 @@ class Assign:
     # leaving layer_end) so that, were that stage lost, this one takes its layers over with them
     # (an Assign of [layer_start, copy_end)); 0: none
     copy_end: int = 0
+    # the first stage's layers [0, layer_start) are loaded too, unserved: the second stage keeps
+    # their caches as it keeps the next stage's (``Fill`` of those layers from the token ids), so
+    # that, were the first stage lost, it takes them over (an Assign of [0, layer_end))
+    copy_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -812,6 +817,8 @@ def encode(msg: Message) -> bytes:
             h["tapes"] = list(msg.tapes)
         if msg.copy_end:
             h["copy_end"] = msg.copy_end
+        if msg.copy_first:
+            h["copy_first"] = True
         h["manifest"] = [s.as_json() for s in msg.manifest]
         if msg.draft_model:
             h["draft_model"], h["draft_config_json"] = msg.draft_model, msg.draft_config_json
@@ -977,11 +984,14 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             draft_manifest=_manifest(h, "draft_manifest"),
             tapes=_tapes(h),
             copy_end=_int({"copy_end": h.get("copy_end", 0)}, "copy_end", 0, 1 << 16),
+            copy_first=_bool(h, "copy_first") if "copy_first" in h else False,
         )
         if not all(a.layer_start < t < a.layer_end for t in a.tapes):
             raise ProtocolError("'tapes' must be layer ends inside the range")
         if a.copy_end and not a.layer_end < a.copy_end <= a.num_layers:
             raise ProtocolError("'copy_end' must be after the range, at most the model's end")
+        if a.copy_first and not a.layer_start:
+            raise ProtocolError("'copy_first' needs a range after the first stage's")
         if a.draft_model and a.layer_end != a.num_layers:
             raise ProtocolError("only a range ending at the last layer holds a draft model")
         if a.quantize not in QUANTIZE_CHOICES:
