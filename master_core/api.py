@@ -162,7 +162,7 @@ class Api:
             "tokens_generated": self.engine.tokens_generated,
             "cached_prefixes": len(self.engine.kv.prefix),  # ended requests' caches kept on every stage for reuse
             "standby_copy": self.engine.shadow.describe(),  # a standby member's copy of the caches (master_core.shadow)
-            "stage_copies": self.engine.copies.behind(),  # per stage keeping a copy of the next: positions it lacks
+            "stage_copies": self.engine.copies.behind(),  # per copy a stage keeps: positions it lacks
         }
         return web.json_response(body, status=200 if g.serving else 503)
 

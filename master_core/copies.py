@@ -36,8 +36,9 @@ tried again; refused twice, that request's copy starts over from its beginning. 
 caches, and so its copy, are freed on the stage by the engine's ``Free``.  ``handover()`` is
 called at every epoch change: the copies' counts are set aside, and ``take(link, layers)``
 gives the rebuild what ``link`` held of ``layers`` (KV id -> positions; {} when it copied other
-layers or nothing) and forgets it.  ``behind()`` is, per copying stage, the positions its copies
-lack (/health ``stage_copies``).
+layers or nothing) and forgets it.  ``behind()`` is, per copy (``"<stage> [a, b)"``: the
+stage keeping it and the layers it holds), the positions it lacks (/health ``stage_copies``).
+A stage keeping two copies steps the one that stepped last, last.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Copies:
         self._handed: dict[tuple[WorkerLink, bool], tuple[Assign, dict[int, int]]] = {}
         self._round = 0  # bumped by ``handover``: a step of an older round is not counted
         self._last: dict[WorkerLink, float] = {}  # when each stage's last step went (event-loop time)
+        self._stepped: dict[tuple[WorkerLink, bool], float] = {}  # when each copy's last step went
         self._rest: dict[WorkerLink, float] = {}  # when each stage may be sent its next step (``DUTY``)
         self.copied = 0  # positions computed for copies (for tests)
 
@@ -144,11 +146,12 @@ class Copies:
         return [(s, a, first) for s, a in stages for first in (True, False) if (a.copy_first if first else a.copy_end)]
 
     def behind(self) -> dict[str, int]:
-        """Per copying stage, the positions of the running requests its copies lack."""
+        """Per copy, the positions of the running requests it lacks (see the module docstring)."""
         reqs, lacking = self._eligible(), {}
         for link, asg, first in self.holders():
             held = self._held.get((link, first), (asg, {}))[1]
-            lacking[link.name] = lacking.get(link.name, 0) + sum(w.upto - w.start for w in work_of(reqs, held))
+            a, b = _layers(asg, first)
+            lacking[f"{link.name} [{a}, {b})"] = sum(w.upto - w.start for w in work_of(reqs, held))
         return lacking
 
     def handover(self) -> None:
@@ -172,7 +175,7 @@ class Copies:
     async def run(self) -> None:
         while True:
             stepped = False
-            for link, asg, first in self.holders():
+            for link, asg, first in sorted(self.holders(), key=lambda h: self._stepped.get((h[0], h[2]), 0.0)):
                 stepped |= await self._step(link, asg, first)
             if not stepped:
                 await asyncio.sleep(IDLE)
@@ -199,7 +202,7 @@ class Copies:
         steps = pack([w for w in needed if w.upto > w.start], size, bases=False)
         if not steps or (len(steps) == 1 and sum(s.length for s in steps[0]) < size and now < last + FOLLOW):
             return False
-        self._last[link] = now
+        self._last[link] = self._stepped[(link, first)] = now
         segments, round_ = steps[0], self._round
         x = token_ids(segments, needed) if first else torch.empty(0)  # (else the rows it kept)
         fill = Fill(next(self._step_ids), asg.epoch, segments, *_layers(asg, first), x)

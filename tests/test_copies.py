@@ -48,7 +48,7 @@ def test_a_copy_is_filled_once_a_cached_prefix_first_and_a_finished_prefix_is_no
     sent = asyncio.run(steps())
     assert sent == [True, True, True, False, False, False], sent
     assert link.sent == [[(7, 0, 64)], [(7, 64, 36)], [(9, 100, 30)]], link.sent
-    assert c.behind() == {"w0": 0} and c.copied == 130
+    assert c.behind() == {"w0 [2, 4)": 0} and c.copied == 130
     running.clear()  # the request ended; its cache is kept as a cached prefix (9), its prefix is not (7)
     assert asyncio.run(steps()) == [False] * 6
     assert c._held[(link, False)][1] == {9: 130}  # type: ignore[index]
@@ -67,7 +67,7 @@ def test_the_second_stage_copies_the_first_from_the_token_ids_beside_its_copy_of
     )
     c = Copies(group, lambda: [req], iter(range(1, 100)))  # type: ignore[arg-type]
     assert [(x.name, first) for x, _, first in c.holders()] == [("w1", True), ("w1", False)]
-    assert c.behind() == {"w1": 80}
+    assert c.behind() == {"w1 [0, 2)": 40, "w1 [4, 6)": 40}
 
     async def steps() -> list[bool]:
         return [await c._step(link, link.assignment, first) for first in (True, True, False, False)]  # type: ignore[arg-type]
@@ -76,7 +76,7 @@ def test_the_second_stage_copies_the_first_from_the_token_ids_beside_its_copy_of
     assert [(f.layer_start, f.layer_end) for f in link.fills] == [(0, 2), (0, 2), (4, 6), (4, 6)]
     assert link.fills[0].tensor.tolist() == tokens[:32] and link.fills[1].tensor.tolist() == tokens[32:]
     assert link.fills[2].tensor.numel() == 0 and link.sent[2:] == [[(9, 0, 32)], [(9, 32, 8)]]
-    assert c.behind() == {"w1": 0}
+    assert c.behind() == {"w1 [0, 2)": 0, "w1 [4, 6)": 0}
     c.handover()
     assert c.take(link, (0, 2)) == {9: 40} and c.take(link, (4, 6)) == {9: 40}  # type: ignore[arg-type]
     assert c.take(link, (0, 2)) == {}  # type: ignore[arg-type]  # once

@@ -336,7 +336,7 @@ class LocalGroup:
         """Wait (bounded) until no member stands by with the whole model (one whose memory does
         not hold it copies nothing), or the master's ``standby_copy`` (a standby member's copy
         of the open requests' caches) lacks at most ``COPY_CAUGHT_UP`` positions, and so does
-        each copy a stage keeps of the next (``stage_copies``); returns the standby's copy's
+        each copy a stage keeps of another's layers (``stage_copies``); returns the standby's copy's
         last state, or else the stage copies' (``behind``: the most one lacks; None: nobody copies)."""
         deadline = time.monotonic() + timeout
         while True:
