@@ -346,6 +346,47 @@ def test_a_killed_workers_restart_is_set_back_once_the_streams_it_stopped_move_a
     assert calls == ["kill", "restart", ("renice", True), "rejoined"], calls
 
 
+def test_a_fault_with_stage_hits_the_worker_serving_that_stage_and_a_bad_stage_is_refused():
+    """``--stage N``: each fault goes to the worker /health names as serving stage N; a stage the
+    group does not serve with is a clear error."""
+    killed: list[int] = []
+
+    class FakeGroup:
+        n = 4
+
+        def name(self, i: int) -> str:
+            return f"chaos-{i}"
+
+        async def wait_copied(self, timeout: float) -> None:
+            return None
+
+        async def serving(self, stage: int) -> int | None:
+            return {0: 3, 1: 1, 2: 0}.get(stage)
+
+        async def kill(self, i: int) -> None:
+            killed.append(i)
+
+        def restart(self, i: int) -> None:
+            pass
+
+        def renice_restarted(self) -> None:
+            pass
+
+        async def wait_rejoined(self, timeout: float) -> dict:
+            return {}
+
+    class FakeHealth:
+        def epoch_at(self, t: float) -> int:
+            return 1
+
+    for stage in (0, 2):
+        opts = ChaosOptions(faults=(FaultKind.KILL,), fault_count=2, fault_gap=0.0, settle_timeout=1.0, stage=stage)
+        run(inject_faults(FakeGroup(), opts, asyncio.Event(), [], FakeHealth(), []), 20)  # type: ignore[arg-type]  # fakes
+    assert killed == [3, 3, 0, 0], killed
+    with pytest.raises(ValueError, match="--stage"):
+        ChaosOptions(workers=4, stage=3).validate()  # it serves with 3 (one may be lost): stages 0-2
+
+
 def test_procctl_freezes_thaws_and_kills_a_real_process():
     p = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.01)"])
     try:

@@ -386,6 +386,9 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--threads", type=int, default=ChaosOptions.threads, help="torch threads per worker")
     ch.add_argument("--memory-limit", type=float, default=None, help="GB each worker offers")
     ch.add_argument("--seed", type=int, default=ChaosOptions.seed)
+    ch.add_argument(
+        "--stage", type=int, default=None, help="fault the worker serving this stage (0: the first), not a random one"
+    )
     ch.add_argument("--out", default=str(ChaosOptions.out), help="JSON report (default %(default)s)")
     ch.add_argument("--log-dir", default=None, help="keep the children's logs here (default: a temporary folder)")
     ch.add_argument("--check", action="store_true", help="exit 1 unless every stream matches the fault-free run")

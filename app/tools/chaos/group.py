@@ -218,6 +218,12 @@ class LocalGroup:
     def name(i: int) -> str:
         return f"chaos-{i}"
 
+    async def serving(self, stage: int) -> int | None:
+        """The index of the worker serving ``stage`` now (/health), or None."""
+        h = await self.health() or {}
+        names = [w.get("name") for w in h.get("workers", []) if w.get("stage") == stage]
+        return next((i for i in range(self.n) if [self.name(i)] == names), None)
+
     async def __aenter__(self) -> LocalGroup:
         try:
             await self.start()

@@ -30,6 +30,7 @@ class ChaosOptions:
     requests: int = 200  # requests in the workload (run twice)
     concurrency: int = 8  # streams open at once
     seed: int = 0
+    stage: int | None = None  # fault the worker serving this stage (0: the first) at each fault; None: any worker
     faults: tuple[FaultKind, ...] = (FaultKind.KILL, FaultKind.FREEZE, FaultKind.CUT)
     fault_count: int = 6  # faults at most (kinds in a seeded random order, equally often)
     fault_gap: float = 3.0  # seconds the group serves after a rejoin before the next fault
@@ -59,6 +60,8 @@ class ChaosOptions:
         for lo, hi in (self.prompt_words, self.max_tokens):
             if not 1 <= lo <= hi:
                 raise ValueError(f"bad range {lo},{hi}: need 1 <= low <= high")
+        if self.stage is not None and not 0 <= self.stage < self.min_serving:
+            raise ValueError("--stage must name a stage the group serves with: 0 to --min-workers - 1")
         if self.freeze_seconds < 0 or self.cut_seconds < 0 or self.fault_gap < 0:
             raise ValueError("fault durations must not be negative")
 
@@ -88,6 +91,7 @@ def options_from_args(args: argparse.Namespace) -> ChaosOptions:
         requests=args.requests,
         concurrency=args.concurrency,
         seed=args.seed,
+        stage=args.stage,
         faults=kinds,
         fault_count=args.fault_count if kinds else 0,
         fault_gap=args.fault_gap,

@@ -226,7 +226,9 @@ async def inject_faults(
         waited = time.monotonic() - t0
         if done.is_set():
             return
-        i = rng.randrange(group.n)
+        i = rng.randrange(group.n)  # (drawn either way: the same seed draws the same faults)
+        if opts.stage is not None and (serving := await group.serving(opts.stage)) is not None:
+            i = serving
         rec = FaultRecord(kind.value, group.name(i), time.monotonic(), health.epoch_at(time.monotonic()))
         rec.copy_behind, rec.copy_wait = (copy or {}).get("behind"), round(waited, 3)
         out.append(rec)
