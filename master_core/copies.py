@@ -36,7 +36,8 @@ tried again; refused twice, that request's copy starts over from its beginning. 
 caches, and so its copy, are freed on the stage by the engine's ``Free``.  ``handover()`` is
 called at every epoch change: the copies' counts are set aside, and ``take(link, layers)``
 gives the rebuild what ``link`` held of ``layers`` (KV id -> positions; {} when it copied other
-layers or nothing) and forgets it.  ``behind()`` is, per copy (``"<stage> [a, b)"``: the
+layers or nothing) and forgets it; a stage whose range and copy stay as they were goes on from
+its counts (the worker kept those caches).  ``behind()`` is, per copy (``"<stage> [a, b)"``: the
 stage keeping it and the layers it holds), the positions it lacks (/health ``stage_copies``).
 A stage keeping two copies steps the one that stepped last, last.
 """
@@ -152,7 +153,7 @@ class Copies:
         """Per copy, the positions of the running requests it lacks (see the module docstring)."""
         reqs, lacking = self._eligible(), {}
         for link, asg, first in self.holders():
-            held = self._held.get((link, first), (asg, {}))[1]
+            held = self._mine(link, asg, first)[1]
             a, b = _layers(asg, first)
             lacking[f"{link.name} [{a}, {b})"] = sum(w.upto - w.start for w in work_of(reqs, held))
         return lacking
@@ -171,6 +172,16 @@ class Copies:
     def holding(self, link: WorkerLink, layers: tuple[int, int]) -> dict[int, int]:
         """What ``link``'s copy of ``layers`` holds now (KV id -> positions), as ``take``."""
         return _of(self._held.get((link, layers[0] == 0)), layers)
+
+    def _mine(self, link: WorkerLink, asg: Assign, first: bool) -> tuple[Assign, dict[int, int]]:
+        """The counts of ``link``'s copy under ``asg``: a new assignment's start over, unless the stage
+        and its copy stay as they were (the worker kept both caches)."""
+        mine = self._held.get((link, first))
+        if mine is None or mine[0] is not asg:
+            old = mine or self._handed.get((link, first))
+            kept = dict(old[1]) if old is not None and _same(old[0], asg, first) else {}
+            mine = self._held[(link, first)] = (asg, kept)
+        return mine
 
     def _eligible(self) -> list[Request]:
         return sorted((r for r in self._running() if r.kv_id), key=lambda r: r.order)
@@ -193,9 +204,7 @@ class Copies:
         last = self._last.get(link, 0.0)
         if any(r.computed < len(r.prompt) for r in reqs) and now < last + PROMPTS_FIRST:
             return False
-        mine = self._held.get((link, first))
-        if mine is None or mine[0] is not asg:  # a new assignment: the copy starts over there
-            mine = self._held[(link, first)] = (asg, {})
+        mine = self._mine(link, asg, first)
         held = mine[1]
         needed = work_of(reqs, held)  # (a cached prefix they start from, copied whole, is still needed)
         live = {r.kv_id for r in reqs} | {w.kv_id for w in needed}
@@ -233,6 +242,13 @@ class Copies:
 def _of(copy: tuple[Assign, dict[int, int]] | None, layers: tuple[int, int]) -> dict[int, int]:
     """A copy's counts, where it is of ``layers``."""
     return dict(copy[1]) if copy is not None and _layers(copy[0], layers[0] == 0) == layers else {}
+
+
+def _same(old: Assign, new: Assign, first: bool) -> bool:
+    """Whether a stage keeps the same range and the same copy under ``new`` as under ``old``."""
+    return (old.layer_start, old.layer_end) == (new.layer_start, new.layer_end) and _layers(old, first) == _layers(
+        new, first
+    )
 
 
 def _layers(asg: Assign, first: bool) -> tuple[int, int]:

@@ -77,9 +77,17 @@ def test_the_second_stage_copies_the_first_from_the_token_ids_beside_its_copy_of
     assert link.fills[0].tensor.tolist() == tokens[:32] and link.fills[1].tensor.tolist() == tokens[32:]
     assert link.fills[2].tensor.numel() == 0 and link.sent[2:] == [[(9, 0, 32)], [(9, 32, 8)]]
     assert c.behind() == {"w1 [0, 2)": 0, "w1 [4, 6)": 0}
+    c.handover()  # another stage was repaired: this one keeps its range and its copies, and their counts
+    link.assignment = _assign(2, 4, 6, copy_first=True)
+    assert c.behind() == {"w1 [0, 2)": 0, "w1 [4, 6)": 0}
+    assert asyncio.run(c._step(link, link.assignment, True)) is False  # type: ignore[arg-type]  # nothing to copy
     c.handover()
     assert c.take(link, (0, 2)) == {9: 40} and c.take(link, (4, 6)) == {9: 40}  # type: ignore[arg-type]
     assert c.take(link, (0, 2)) == {}  # type: ignore[arg-type]  # once
+    c.handover()  # its range changed: its copy starts over
+    link.assignment = _assign(2, 5, 0, copy_first=True)
+    assert asyncio.run(c._step(link, link.assignment, True)) is True  # type: ignore[arg-type]
+    assert c.behind() == {"w1 [0, 2)": 8} and link.sent[-1] == [(9, 0, 32)]
 
 
 def test_each_stage_but_the_last_copies_the_next_where_its_budget_stays_the_groups():
