@@ -566,6 +566,33 @@ def test_the_second_stage_keeps_a_copy_of_the_first_from_the_token_ids_and_takes
     assert keeper.missing is None and not keeper.unfilled
     want = middle.run(nxt, first.run(nxt, torch.tensor([5, 6])))
     assert torch.allclose(keeper.run(nxt, torch.tensor([5, 6])), want, atol=1e-4)
+    # the master's count of a copy may trail the worker's (a copy step answered after the repair): layers
+    # taken over from a copy that held every position still take a fill of positions it held
+    other = StageRunner(load_shard(ckpt, 0, 4, cpu, torch.float32), 4096, 256, serve_start=2)
+    seven = (Segment(7, 0, 48, False, 1),)
+    x = first.run(seven, torch.tensor(a))
+    assert torch.allclose(other.run(seven, x), middle.run(seven, x), atol=1e-5)
+    other.fill(seven, torch.tensor(a), 0, 2)
+    assert other.reshape(0, 4, 0, False) and other.missing == (0, 2) and not other.unfilled
+    other.fill((Segment(7, 40, 8, False, 1),), torch.tensor(a[40:]), 0, 2)
+    assert other.missing is None
+    step = (Segment(7, 48, 1, False, 1),)
+    want = middle.run(step, first.run(step, torch.tensor([9])))
+    assert torch.allclose(other.run(step, torch.tensor([9])), want, atol=1e-4)
+
+
+def test_an_assign_widens_a_stage_only_over_a_lost_neighbours_layers_never_for_its_copies():
+    """A stage of [0, 4) asked to serve [2, 4) with copies of [0, 2) and [4, 6) loads [0, 6), but
+    that is a new stage, not [0, 4) widened by [4, 6) (which served [0, 4) as the first stage)."""
+    from worker_core.session import _added
+    from worker_core.wire import Assign
+
+    def asg(a: int, b: int, copy_end: int = 0, copy_first: bool = False) -> Assign:
+        return Assign(1, "m", a, b, 6, 64, 1000, copy_end=copy_end, copy_first=copy_first)
+
+    assert _added(0, 4, asg(0, 6)) == (4, 6) and _added(2, 4, asg(0, 4)) == (0, 2)
+    assert _added(0, 4, asg(2, 4, 6, True)) is None and _added(2, 4, asg(2, 4, 6)) is None
+    assert _added(2, 4, asg(0, 4, copy_first=False)) == (0, 2) and _added(0, 2, asg(2, 4)) is None
 
 
 THREE_LAYERS = 98_560 + 3 * 672_256 + 1_000  # bytes: the tiny model's embeddings (or head) and 3 layers with
@@ -689,10 +716,18 @@ def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_ke
             while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             left = [len(s.runner.kv) for s in _sessions()]
-            return [r[0] for r in got], copies, holder.name, after, counts, same_ids, held, rebuilt, left
+            # a new member joins: the group is planned whole again, with copies, from what the
+            # members hold (a stage that took a copy over may become one that keeps copies)
+            epoch = g.epoch
+            c.add_worker("w3", link_delay_ms=15)
+            await until(lambda: g.serving and len(g.stages) == 3 and g.epoch > epoch, 60, lambda: g.state.name)
+            await until(lambda: e.profiled, 60, lambda: "not profiled")
+            again = await asyncio.wait_for(asyncio.gather(*(e.generate(p, greedy(NEW)) for p in PROMPTS)), 60)
+            got = [r[0] for r in got] + [r[0] for r in again]
+            return got, copies, holder.name, after, counts, same_ids, held, rebuilt, left
 
     got, copies, holder, after, counts, same_ids, held, rebuilt, left = run(main())
-    assert got == want
+    assert got == want + want
     # each stage but the last copies the next one, and the second the first
     assert copies == [(False, 2, 4), (True, 4, 6), (False, 6, 0)], copies
     wide = (0, 4) if lost < 2 else (2, 6)

@@ -284,7 +284,7 @@ class Session:
                 )
             own = self.runner.shard if self.runner is not None else None
             if shard is None and own is not None and self._loaded_here(key):
-                missing = _added(own.layer_start, own.layer_end, span_start, span_end)
+                missing = _added(own.layer_start, own.layer_end, msg)
             if shard is None:
                 if missing is None:
                     self.runner = None
@@ -652,9 +652,13 @@ def every_core(work: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def _added(start: int, end: int, new_start: int, new_end: int) -> tuple[int, int] | None:
-    """The layers a range ``[new_start, new_end)`` adds to ``[start, end)`` on one side (a stage
-    taking over its lost neighbour's layers), or None when it is not such a widening."""
+def _added(start: int, end: int, msg: Assign) -> tuple[int, int] | None:
+    """The layers ``msg`` adds to a stage's range ``[start, end)`` on one side (a stage taking over
+    its lost neighbour's layers, which a repair asks with no copies), or None when it is not such
+    a widening."""
+    if msg.copy_end or msg.copy_first:
+        return None
+    new_start, new_end = msg.layer_start, msg.layer_end
     if new_start == start and new_end > end:
         return end, new_end
     if new_end == end and new_start < start:

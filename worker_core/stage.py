@@ -195,8 +195,7 @@ class StageRunner:
             return
         self.drop_first()
         self.unfilled = {rid: held for rid, r in self.kv.items() if (held := self.copy_held(rid)) < r.length}
-        self.shard, self.copy = self.loaded, None
-        self.missing = self.missing if self.unfilled else None
+        self.shard, self.copy = self.loaded, None  # (``missing`` stays the copy's layers: see ``_filled``)
 
     def take_first(self) -> None:
         """Serve the first stage's layers too (it was lost; a copy of the next stage's is dropped),
@@ -205,7 +204,7 @@ class StageRunner:
             return
         self.drop_copy()
         self.unfilled = {rid: held for rid, r in self.kv.items() if (held := self.held_first(rid)) < r.length}
-        self.missing = (0, self.first.layer_end) if self.unfilled else None
+        self.missing = (0, self.first.layer_end)  # (until no request lacks them and a step or fill comes)
         self.shard, self.first, self.first_held = self.loaded, None, {}
 
     @torch.inference_mode()
@@ -333,8 +332,11 @@ class StageRunner:
 
     def _filled(self, request_id: int) -> None:
         """``request_id`` lacks none of the missing layers' positions now (or is gone); once no
-        request does, nothing is missing, and rows kept leaving the old end are let go."""
-        if self.unfilled.pop(request_id, None) is None or self.unfilled or self.missing is None or self.copy:
+        request does, nothing is missing, and rows kept leaving the old end are let go.  (Layers
+        taken over from a copy stay missing until then even where the copy held every position:
+        the master, whose count of a copy may trail the worker's, fills them again.)"""
+        self.unfilled.pop(request_id, None)
+        if self.unfilled or self.missing is None or self.copy:
             return
         start, self.missing = self.missing[0], None
         if start != self.shard.layer_start and start not in self.tapes:  # the old end, inside the range now
@@ -364,7 +366,10 @@ class StageRunner:
         rows, ats = [], []
         for s in segments:
             r = self.kv.get(s.request_id)
-            at = held_of(s.request_id) if first or self.copy is not None else self.unfilled.get(s.request_id)
+            if first or self.copy is not None:
+                at: int | None = held_of(s.request_id)
+            else:  # (a request not named lacks none of them)
+                at = self.unfilled.get(s.request_id, r.length if r is not None else None)
             ats.append(at or 0)
             if r is None or at is None or s.start > at or s.start + s.length > r.length or s.generation < r.generation:
                 held = "nothing" if r is None else f"{r.length} positions, generation {r.generation}"
@@ -382,9 +387,10 @@ class StageRunner:
                 if kept is None:
                     raise StepRejected(f"request {s.request_id}: no rows kept leaving layer {start}")
                 rows.append(kept)
-        part = self.copy if self.copy is not None else carve(self.shard, start, end)
         if first and self.first is not None:
             part = self.first
+        else:
+            part = self.copy if self.copy is not None else carve(self.shard, start, end)
         tensor = torch.cat(rows) if rows else tensor
         self._check_input(part, tensor, total)
         step = StepRun(self, segments, tensor, 0, 0, shard=part, fill=True)
