@@ -395,9 +395,9 @@ class StageRunner:
         self._check_input(part, tensor, total)
         step = StepRun(self, segments, tensor, 0, 0, shard=part, fill=True)
         step.advance(len(part.layers))
-        for s, at in zip(segments, ats):
+        for s, had in zip(segments, ats):
             self.kv.get_or_create(s.request_id).generation = s.generation  # steps of older ones are late now
-            upto = max(s.start + s.length, at)
+            upto = max(s.start + s.length, had)
             if first:
                 self.first_held[s.request_id] = upto
             elif upto == self.kv.length(s.request_id) and self.copy is None:
