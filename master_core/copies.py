@@ -102,7 +102,7 @@ def copy_ends(
 ) -> list[Kept]:
     """The copies each stage of ``chosen`` keeps; see the module docstring."""
     ranges = [rng for _, rng in chosen]
-    kept = [Kept()] * len(chosen)
+    kept = [NO_COPY] * len(chosen)
     if before is not None:
         for i, (link, (a, b)) in enumerate(chosen):
             old = before.get(link)

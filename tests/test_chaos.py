@@ -291,6 +291,38 @@ def test_the_group_restarts_a_worker_niced_and_sets_it_back_once_the_group_has_i
     assert made[2].reniced == [psutil.Process().nice()]  # once
 
 
+class _FakeGroup:
+    """The parts of :class:`LocalGroup` that ``inject_faults`` uses, doing nothing (tests override)."""
+
+    n = 1
+
+    def name(self, i: int) -> str:
+        return f"chaos-{i}"
+
+    async def wait_copied(self, timeout: float) -> None:
+        return None
+
+    async def serving(self, stage: int) -> int | None:
+        return None
+
+    async def kill(self, i: int) -> None:
+        pass
+
+    def restart(self, i: int) -> None:
+        pass
+
+    def renice_restarted(self) -> None:
+        pass
+
+    async def wait_rejoined(self, timeout: float) -> dict:
+        return {}
+
+
+class _FakeHealth:
+    def epoch_at(self, t: float) -> int:
+        return 1
+
+
 def test_a_killed_workers_restart_is_set_back_once_the_streams_it_stopped_move_again():
     """The restart runs niced only while the repair computes: the tool sets it back as soon as
     every stream open at the kill has a token after it, before waiting for the rejoin (niced
@@ -299,15 +331,7 @@ def test_a_killed_workers_restart_is_set_back_once_the_streams_it_stopped_move_a
     killed_at: list[float] = []
     stream = StreamRecord(0, sent_at=time.monotonic() - 1.0, times=[time.monotonic() - 0.5])
 
-    class FakeGroup:
-        n = 1
-
-        def name(self, i: int) -> str:
-            return f"chaos-{i}"
-
-        async def wait_copied(self, timeout: float) -> None:
-            return None
-
+    class FakeGroup(_FakeGroup):
         async def kill(self, i: int) -> None:
             killed_at.append(time.monotonic())
             calls.append("kill")
@@ -322,10 +346,6 @@ def test_a_killed_workers_restart_is_set_back_once_the_streams_it_stopped_move_a
             calls.append("rejoined")
             return {}
 
-    class FakeHealth:
-        def epoch_at(self, t: float) -> int:
-            return 1
-
     async def main() -> None:
         async def stream_moves() -> None:
             while not killed_at:
@@ -338,7 +358,7 @@ def test_a_killed_workers_restart_is_set_back_once_the_streams_it_stopped_move_a
         mover = asyncio.create_task(stream_moves())
         opts = ChaosOptions(faults=(FaultKind.KILL,), fault_count=1, fault_gap=0.0, settle_timeout=5.0)
         out: list = []
-        await inject_faults(FakeGroup(), opts, asyncio.Event(), out, FakeHealth(), [stream])  # type: ignore[arg-type]  # fakes
+        await inject_faults(FakeGroup(), opts, asyncio.Event(), out, _FakeHealth(), [stream])  # type: ignore[arg-type]  # fakes
         await mover
         assert len(out) == 1 and out[0].problem is None, out
 
@@ -351,14 +371,8 @@ def test_a_fault_with_stage_hits_the_worker_serving_that_stage_and_a_bad_stage_i
     group does not serve with is a clear error."""
     killed: list[int] = []
 
-    class FakeGroup:
+    class FakeGroup(_FakeGroup):
         n = 4
-
-        def name(self, i: int) -> str:
-            return f"chaos-{i}"
-
-        async def wait_copied(self, timeout: float) -> None:
-            return None
 
         async def serving(self, stage: int) -> int | None:
             return {0: 3, 1: 1, 2: 0}.get(stage)
@@ -366,22 +380,9 @@ def test_a_fault_with_stage_hits_the_worker_serving_that_stage_and_a_bad_stage_i
         async def kill(self, i: int) -> None:
             killed.append(i)
 
-        def restart(self, i: int) -> None:
-            pass
-
-        def renice_restarted(self) -> None:
-            pass
-
-        async def wait_rejoined(self, timeout: float) -> dict:
-            return {}
-
-    class FakeHealth:
-        def epoch_at(self, t: float) -> int:
-            return 1
-
     for stage in (0, 2):
         opts = ChaosOptions(faults=(FaultKind.KILL,), fault_count=2, fault_gap=0.0, settle_timeout=1.0, stage=stage)
-        run(inject_faults(FakeGroup(), opts, asyncio.Event(), [], FakeHealth(), []), 20)  # type: ignore[arg-type]  # fakes
+        run(inject_faults(FakeGroup(), opts, asyncio.Event(), [], _FakeHealth(), []), 20)  # type: ignore[arg-type]  # fakes
     assert killed == [3, 3, 0, 0], killed
     with pytest.raises(ValueError, match="--stage"):
         ChaosOptions(workers=4, stage=3).validate()  # it serves with 3 (one may be lost): stages 0-2
