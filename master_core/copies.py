@@ -38,7 +38,8 @@ called at every epoch change: the copies' counts are set aside, and ``take(link,
 gives the rebuild what ``link`` held of ``layers`` (KV id -> positions; {} when it copied other
 layers or nothing) and forgets it; a stage whose range and copy stay as they were goes on from
 its counts (the worker kept those caches).  ``behind()`` is, per copy (``"<stage> [a, b)"``: the
-stage keeping it and the layers it holds), the positions it lacks (/health ``stage_copies``).
+stage keeping it and the layers it holds), the positions it lacks (/health ``stage_copies``);
+``compute_seconds``, the workers' compute for the copies' steps so far.
 A stage keeping two copies steps the one that stepped last, last.
 """
 
@@ -140,6 +141,7 @@ class Copies:
         self._stepped: dict[tuple[WorkerLink, bool], float] = {}  # when each copy's last step went
         self._rest: dict[tuple[WorkerLink, bool], float] = {}  # when each copy may step again (``DUTY``)
         self.copied = 0  # positions computed for copies (for tests)
+        self.compute_seconds = 0.0  # the workers' compute for the copies' steps so far (the calibration bench)
 
     def holders(self) -> list[tuple[WorkerLink, Assign, bool]]:
         """The serving stages' copies: each stage that keeps one, its assignment, and whether the
@@ -231,6 +233,7 @@ class Copies:
                         held.pop(s.request_id, None)
             return False
         self._rest[(link, first)] = asyncio.get_running_loop().time() + result.compute_seconds * (1 / DUTY - 1)
+        self.compute_seconds += result.compute_seconds
         if round_ == self._round and self._held.get((link, first)) is mine:
             for s in segments:
                 held[s.request_id] = s.start + s.length

@@ -8,7 +8,8 @@ import statistics
 from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint
 
-from app.tools.bench.run import _prompts, _run_policy
+from app.tools.bench.run import _prompts, _run_policy, cpu_load
+from master_core.costs import CostSnapshot
 from master_core.request import SamplingParams
 from master_core.workload import BenchRequest, percentile
 
@@ -36,6 +37,7 @@ def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_ord
             return figures
 
     r = run(main(), 240)
+    assert 0 <= r["cpu_seconds"]["copies"] <= r["cpu_seconds"]["workers"] + 1.0  # (CPU accounting ticks coarsely)
     assert r["requests"] == len(WORKLOAD) and r["output_tokens"] == sum(w.output_tokens for w in WORKLOAD)
     assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
     ttfts = r["ttfts"]
@@ -46,3 +48,17 @@ def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_ord
     # in the workload's (arrival) order: the long prompt's 25 chunks make its first token come late
     # (about 10 times the others' here; a median, so one short request slowed by a busy machine does not matter)
     assert ttfts[LONG] > 3 * statistics.median(t for i, t in enumerate(ttfts) if i != LONG), ttfts
+
+
+def test_the_calibration_counts_the_copies_compute_as_load_beside_the_steps_not_as_each_steps_overhead():
+    """The stages' copies (master_core.copies) compute in the workers between their steps: the
+    simulator is given that CPU as cores kept busy (``device_busy``), not as time added to every
+    step (``step_overhead``), which made every simulated step slower by the copies' share."""
+    costs = CostSnapshot((0.01,) * 2, (0.001,) * 2, (0.02,) * 2, (1e7,) * 2, 64, 64, devices=(0, 0), device_slots=(2,))
+    curves = (((1.0, 0.01), (100.0, 0.1)),) * 2
+    steps = [{"computes": [0.01, 0.01], "failed": False, "decodes": 1, "prefill_tokens": 0, "drafts": 0}] * 100
+    cpu = {"master": 1.0, "workers": 8.0, "machine_busy": 9.0, "wall": 10.0}  # 200 steps priced at 2 s
+    before = cpu_load({"cpu_seconds": cpu, "steps": steps}, curves, costs)
+    assert before["device_busy"] == (0.1,) and abs(before["step_overhead"] - 6.0 / 200) < 1e-9  # (a report from before)
+    after = cpu_load({"cpu_seconds": {**cpu, "copies": 5.0}, "steps": steps}, curves, costs)
+    assert after["device_busy"] == (0.6,) and abs(after["step_overhead"] - 1.0 / 200) < 1e-9

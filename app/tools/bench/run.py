@@ -77,9 +77,10 @@ async def _run_policy(
     outputs: list[list[int]] = [[] for _ in workload]
     steps: list[dict] = []  # every step's timeline (the calibration compares the simulator's steps with them)
     engine.on_step = steps.append
-    cpu_before = _cpu_seconds()
+    cpu_before, copied_before = _cpu_seconds(), engine.copies.compute_seconds
     fits: list[tuple[float, dict]] = []  # the costs the engine planned with, as they moved
-    others: list[tuple[float, float]] = []  # (time, CPU seconds used so far by all but the workers)
+    # (time, CPU seconds used so far by all but the workers' steps: other processes, the master, the copies)
+    others: list[tuple[float, float]] = []
 
     async def watch_costs() -> None:  # what the calibration replays
         while True:
@@ -88,7 +89,7 @@ async def _run_policy(
             if costs is not None and (not fits or fits[-1][1] != dataclasses.asdict(costs)):
                 fits.append((now, dataclasses.asdict(costs)))
             cpu = _cpu_seconds()
-            others.append((now, cpu["machine_busy"] - cpu["workers"]))
+            others.append((now, cpu["machine_busy"] - cpu["workers"] + engine.copies.compute_seconds))
             await asyncio.sleep(COST_SAMPLE_SECONDS)
 
     async def one(i: int, w: BenchRequest) -> None:
@@ -121,6 +122,7 @@ async def _run_policy(
     cores = os.cpu_count() or 1
     busy.append(sum(compute) / cores)  # the stages share this machine's cores
     cpu = {k: v - cpu_before[k] for k, v in _cpu_seconds().items()}
+    cpu["copies"] = engine.copies.compute_seconds - copied_before  # of the workers' CPU
     timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
     figures = summarize(arrivals, times, moved, busy)
     series = [(a[0], max(0.0, (b[1] - a[1]) / (b[0] - a[0]))) for a, b in zip(others, others[1:]) if b[0] > a[0]]
@@ -203,8 +205,9 @@ def snapshot(fields: dict) -> CostSnapshot:
 
 def cpu_load(real: dict, curves: tuple[tuple[tuple[float, float], ...], ...], costs: CostSnapshot) -> dict:
     """What else used the machine's cores during a real run, as :class:`SimModel` fields: the
-    cores kept busy on average by anything but the workers' processes (the master, and whatever
-    else ran: ``device_busy``), and the CPU seconds a worker spent per step beyond its compute
+    cores kept busy on average by anything but the workers' steps (the master, whatever else ran,
+    and the workers' compute for the stages' copies, ``cpu_seconds["copies"]``, which runs beside
+    the steps: ``device_busy``), and the CPU seconds a worker spent per step beyond its compute
     as the measured curves price it (receiving, encoding, sending: ``step_overhead``); the
     calibration also passes the other cores as they varied (``other_cores``, every 0.5 s).  From the
     run's CPU accounting (:func:`_cpu_seconds`) and step timelines; nothing when either is
@@ -218,9 +221,10 @@ def cpu_load(real: dict, curves: tuple[tuple[tuple[float, float], ...], ...], co
         for s in steps
         for i in range(min(len(s["computes"]), costs.stages))
     )
+    copies = cpu.get("copies", 0.0)  # (a report from before the copies has none)
     return {
-        "device_busy": (max(0.0, cpu["machine_busy"] - cpu["workers"]) / cpu["wall"],),
-        "step_overhead": max(0.0, cpu["workers"] - priced) / stage_steps,
+        "device_busy": (max(0.0, cpu["machine_busy"] - cpu["workers"] + copies) / cpu["wall"],),
+        "step_overhead": max(0.0, cpu["workers"] - copies - priced) / stage_steps,
     }
 
 
