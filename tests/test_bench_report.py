@@ -8,7 +8,7 @@ import statistics
 from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint
 
-from app.tools.bench.run import _prompts, _run_policy, cpu_load
+from app.tools.bench.run import _prompts, _run_policy, busy_series, cpu_load
 from master_core.costs import CostSnapshot
 from master_core.request import SamplingParams
 from master_core.workload import BenchRequest, percentile
@@ -38,6 +38,7 @@ def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_ord
 
     r = run(main(), 240)
     assert 0 <= r["cpu_seconds"]["copies"] <= r["cpu_seconds"]["workers"] + 1.0  # (CPU accounting ticks coarsely)
+    assert [t for t, _ in r["copy_cores"]] == [t for t, _ in r["other_cores"]]  # sampled together
     assert r["requests"] == len(WORKLOAD) and r["output_tokens"] == sum(w.output_tokens for w in WORKLOAD)
     assert 0 < r["ttft_p50"] <= r["ttft_p99"] and 0 < r["tpot_p50"] <= r["tpot_p99"]
     ttfts = r["ttfts"]
@@ -62,3 +63,7 @@ def test_the_calibration_counts_the_copies_compute_as_load_beside_the_steps_not_
     assert before["device_busy"] == (0.1,) and abs(before["step_overhead"] - 6.0 / 200) < 1e-9  # (a report from before)
     after = cpu_load({"cpu_seconds": {**cpu, "copies": 5.0}, "steps": steps}, curves, costs)
     assert after["device_busy"] == (0.6,) and abs(after["step_overhead"] - 1.0 / 200) < 1e-9
+    # and as they varied: the copies' cores are added to the other work's, sample by sample
+    real = {"other_cores": [(0.0, 0.1), (0.5, 0.2)], "copy_cores": [(0.0, 0.0), (0.5, 0.5)]}
+    assert busy_series(real) == ((0.0, 0.1), (0.5, 0.7))
+    assert busy_series({"other_cores": real["other_cores"]}) == ((0.0, 0.1), (0.5, 0.2))

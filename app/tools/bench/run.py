@@ -79,8 +79,7 @@ async def _run_policy(
     engine.on_step = steps.append
     cpu_before, copied_before = _cpu_seconds(), engine.copies.compute_seconds
     fits: list[tuple[float, dict]] = []  # the costs the engine planned with, as they moved
-    # (time, CPU seconds used so far by all but the workers' steps: other processes, the master, the copies)
-    others: list[tuple[float, float]] = []
+    others: list[tuple[float, float, float]] = []  # (time, CPU seconds used so far by all but the workers, and by the copies)
 
     async def watch_costs() -> None:  # what the calibration replays
         while True:
@@ -89,7 +88,7 @@ async def _run_policy(
             if costs is not None and (not fits or fits[-1][1] != dataclasses.asdict(costs)):
                 fits.append((now, dataclasses.asdict(costs)))
             cpu = _cpu_seconds()
-            others.append((now, cpu["machine_busy"] - cpu["workers"] + engine.copies.compute_seconds))
+            others.append((now, cpu["machine_busy"] - cpu["workers"], engine.copies.compute_seconds))
             await asyncio.sleep(COST_SAMPLE_SECONDS)
 
     async def one(i: int, w: BenchRequest) -> None:
@@ -126,7 +125,9 @@ async def _run_policy(
     timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
     figures = summarize(arrivals, times, moved, busy)
     series = [(a[0], max(0.0, (b[1] - a[1]) / (b[0] - a[0]))) for a, b in zip(others, others[1:]) if b[0] > a[0]]
-    extra = {"ttfts": ttfts(arrivals, times), "cpu_seconds": cpu, "cost_series": fits, "other_cores": series}
+    copying = [(a[0], (b[2] - a[2]) / (b[0] - a[0])) for a, b in zip(others, others[1:]) if b[0] > a[0]]
+    extra = {"ttfts": ttfts(arrivals, times), "cpu_seconds": cpu, "cost_series": fits}
+    extra |= {"other_cores": series, "copy_cores": copying}
     return {**figures, **extra, "steps": timeline}, outputs
 
 
@@ -228,6 +229,14 @@ def cpu_load(real: dict, curves: tuple[tuple[tuple[float, float], ...], ...], co
     }
 
 
+def busy_series(real: dict) -> tuple[tuple[float, float], ...]:
+    """The cores kept busy beside the workers' steps as they varied during a real run (sampled
+    every ``COST_SAMPLE_SECONDS``): the machine's other work (``other_cores``) and the workers'
+    compute for the stages' copies (``copy_cores``; none in a report from before the copies)."""
+    copying = dict(real.get("copy_cores", ()))
+    return tuple((t, c + copying.get(t, 0.0)) for t, c in real.get("other_cores", ()))
+
+
 def calibrate(
     costs: CostSnapshot,
     kv_tokens: int,
@@ -252,9 +261,7 @@ def calibrate(
             stage_curves=curves if len(curves) == costs.stages and all(curves) else (),
             **cpu_load(r, curves, costs),
             plan_costs=tuple((t, snapshot(c)) for t, c in r.get("cost_series", ())),
-            device_busy_series=tuple((t, c) for t, c in r.get("other_cores", ()))
-            if len(costs.device_groups()) == 1
-            else (),
+            device_busy_series=busy_series(r) if len(costs.device_groups()) == 1 else (),
         )
         sim = simulate(model, workload, policy(name, max_batch_tokens))
         out[name] = {
