@@ -32,7 +32,11 @@ them on the next pipeline, or keeps them and rebuilds the stages the repair name
 A newcomer that would change a serving pipeline while requests run waits for them to end
 first: a join never costs running requests a replay unless the group is busy longer than
 ``JOIN_REPLAN_WAIT``, and then only once that replay is cheap (``JOIN_REPLAY_BUDGET``, from
-``replay_cost``, set by the master) or ``JOIN_REPLAN_LIMIT`` passed.  A link dropped as hung
+``replay_cost``, set by the master) or ``JOIN_REPLAN_LIMIT`` passed.  A repaired pipeline is
+planned whole again the same way (from ``REPAIR_SETTLE`` after the repair), once a whole plan
+would differ from it (a repair adds no
+copies, :mod:`~master_core.copies`, and a widened stage may be the slowest): a member lost for
+good leaves the group as well placed, and as well covered, as if it had never been there.  A link dropped as hung
 (``WorkerLink.on_gone``) leaves like a closed one; ``late_frames`` counts what dropped links sent after.
 
 With fewer than ``min_workers`` placeable links it is WAITING.  Otherwise it plans the
@@ -96,6 +100,9 @@ DRAIN_POLL = 0.05  # seconds between checks whether a finishing worker's request
 JOIN_REPLAN_WAIT = 120.0  # seconds a newcomer waits for running requests to end before the re-plan it needs ...
 JOIN_REPLAY_BUDGET = 2.0  # ... then it goes once replaying the running requests would cost at most this (s) ...
 JOIN_REPLAN_LIMIT = 600.0  # ... or once it waited this long
+# seconds after a repair before a re-plan of the repaired pipeline is considered: a member that dropped
+# out for a moment (an app restarted, a network blip) rejoins first, and the group is planned once
+REPAIR_SETTLE = 60.0
 
 
 class GroupState(Enum):
@@ -182,7 +189,7 @@ class Group:
         self._repair: Repair | None = None  # the next re-plan keeps all stages but one (see _invalidate)
         self.repairs = 0  # pipelines served again by replacing one lost stage
         self.standbys = Standbys(self)  # what the members standing by keep loaded; a lost stage's repair
-        self._join_pending = False  # a re-plan for a newcomer waits for the running requests to end
+        self._idle_pending = False  # a re-plan (a newcomer's, or after a repair) waits for the running requests to end
 
     # ------------------------------------------------------------------ state
     def move(self, to: GroupState, problem: str | None = None) -> None:
@@ -266,10 +273,8 @@ class Group:
             self.standbys.warm()
             return
         if self.serving and self.running_requests():
-            if not self._join_pending:
-                self._join_pending = True
-                log.info("%s joins the pipeline once the running requests end", link.name)
-                self.spawn(self._replan_when_idle(), "re-planning for a newcomer")
+            log.info("%s joins the pipeline once the running requests end", link.name)
+            self._when_idle("for a newcomer")
             self.standbys.warm()  # meanwhile it stands by, and may replace a lost stage
             return
         self._schedule_replan()
@@ -277,12 +282,26 @@ class Group:
     def _count_late(self) -> None:
         self.late_frames += 1
 
+    async def _settle(self) -> None:
+        """``REPAIR_SETTLE`` after a repair: plan the pipeline whole again once idle, if that changes it."""
+        await asyncio.sleep(REPAIR_SETTLE)
+        if self.serving:
+            self._when_idle("after a repair")
+
+    def _when_idle(self, why: str) -> None:
+        """Plan the pipeline whole again once no request runs (:meth:`_replan_when_idle`), unless
+        a re-plan already waits for that."""
+        if not self._idle_pending:
+            self._idle_pending = True
+            self.spawn(self._replan_when_idle(), f"re-planning {why}")
+
     async def _replan_when_idle(self) -> None:
-        """Re-plan for newcomers once no request runs, if the pipeline still serves and a plan
-        with them would still change it.  Past ``JOIN_REPLAN_WAIT`` it goes as soon as replaying
-        the running requests would cost at most ``JOIN_REPLAY_BUDGET`` seconds (``replay_cost``,
-        None: unknown, go), and past ``JOIN_REPLAN_LIMIT`` whatever it costs: a re-plan under
-        load recomputes every running request on every stage, a stall of every stream."""
+        """Re-plan once no request runs, if the pipeline still serves and a whole plan with the
+        members there are then would change it (a newcomer's place, a repaired pipeline's).  Past
+        ``JOIN_REPLAN_WAIT`` it goes as soon as replaying the running requests would cost at most
+        ``JOIN_REPLAY_BUDGET`` seconds (``replay_cost``, None: unknown, go), and past
+        ``JOIN_REPLAN_LIMIT`` whatever it costs: a re-plan under load recomputes every running
+        request on every stage, a stall of every stream."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         try:
@@ -296,21 +315,23 @@ class Group:
                         break
                 await asyncio.sleep(DRAIN_POLL)
         finally:
-            self._join_pending = False
+            self._idle_pending = False
         if self.serving and not self._plan_unchanged():
             self._schedule_replan()
 
     def _plan_unchanged(self) -> bool:
-        """Serving, and a plan with the current members would keep every stage and range (the
-        newcomer stands by): nothing needs to move."""
+        """Serving, and a whole plan with the current members would keep every stage, range and
+        copy (a newcomer stands by; a repaired pipeline is what a plan would make): nothing needs to move."""
         if not self.serving or not self.stages:
             return False
         try:
             placement = self._place(self.placeable_links())
         except PlacementError:
             return False
-        current = [(s, (s.assignment.layer_start, s.assignment.layer_end)) for s in self.stages if s.assignment]
-        if list(placement.chosen) != current:
+        held = [(s, a) for s in self.stages if (a := s.assignment) is not None]
+        if list(placement.chosen) != [(s, (a.layer_start, a.layer_end)) for s, a in held]:
+            return False
+        if copy_ends(self, placement.chosen, None) != [Kept(a.copy_end, a.copy_first) for _, a in held]:
             return False
         self.standby = placement.standby
         return True
@@ -464,6 +485,8 @@ class Group:
                 self.kv_tokens = min(asg.kv_tokens for asg in assignments)
                 self.move(GroupState.SERVING)
                 self.standbys.warm()
+                if repair is not None:  # (once idle, a whole plan is made if it would differ)
+                    self.spawn(self._settle(), "re-planning a repaired pipeline")
                 log.info(
                     "serving epoch %d on %d stage(s): %s; hops: %s",
                     epoch,

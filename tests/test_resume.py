@@ -679,8 +679,10 @@ def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_ke
     first, the second stage) serves both ranges, computes only the positions its copy lacked
     (fewer than the prompts), every stage keeps its caches, and the tokens are transformers'."""
     import master_core.copies
+    import master_core.group
 
     monkeypatch.setattr(master_core.copies, "DUTY", 1.0)  # unpaced: a busy machine must not outrun the copies
+    monkeypatch.setattr(master_core.group, "REPAIR_SETTLE", 0.5)  # (no member comes back here)
     slow = [{"link_delay_ms": 15} for _ in range(3)]  # so that the copies catch up mid-generation
 
     async def main():
@@ -705,17 +707,24 @@ def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_ke
             gone.close_with("lost (the test)")
             c.tasks[int(gone.name[1:])].cancel()
             await until(lambda: bool(g.serving and len(g.stages) == 2), 60, lambda: f"group {g.state.name}", 0.005)
+            repaired = g.epoch
             await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, lambda: "no rebuild", 0.005)
             after = [(s.name, s.assignment.layer_start, s.assignment.layer_end) for s in g.stages if s.assignment]
             same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
+            runners = [s.runner for s in _sessions()]  # the repaired stages (planned again once idle, below)
             got = await asyncio.wait_for(asyncio.gather(*gens), 60)
+            assert g.epoch == repaired, "the repaired pipeline was planned again while its requests ran"
             counts = (g.repairs, e.rebuilt_requests, e.kv.reset_restarts, e.replays)
             held, rebuilt = e.rebuilt_held, e.rebuilt_tokens
             e.kv.forget_idle()
             deadline = time.monotonic() + 5
-            while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
+            while any(len(r.kv) for r in runners) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            left = [len(s.runner.kv) for s in _sessions()]
+            left = [len(r.kv) for r in runners]
+            # no request runs: the two members are planned whole again, each keeping a copy of the
+            # other's layers (a repair adds none)
+            await until(lambda: g.serving and g.epoch > repaired, 60, lambda: f"group {g.state.name}")
+            idle = [(a.layer_start, a.layer_end, a.copy_end, a.copy_first) for s in g.stages if (a := s.assignment)]
             # a new member joins: the group is planned whole again, with copies, from what the
             # members hold (a stage that took a copy over may become one that keeps copies)
             epoch = g.epoch
@@ -724,10 +733,12 @@ def test_the_stage_before_a_lost_stage_takes_its_layers_over_from_the_copy_it_ke
             await until(lambda: e.profiled, 60, lambda: "not profiled")
             again = await asyncio.wait_for(asyncio.gather(*(e.generate(p, greedy(NEW)) for p in PROMPTS)), 60)
             got = [r[0] for r in got] + [r[0] for r in again]
-            return got, copies, holder.name, after, counts, same_ids, held, rebuilt, left
+            return got, copies, holder.name, after, counts, same_ids, held, rebuilt, left, idle
 
-    got, copies, holder, after, counts, same_ids, held, rebuilt, left = run(main())
+    got, copies, holder, after, counts, same_ids, held, rebuilt, left, idle = run(main())
     assert got == want + want
+    middle = idle[0][1]
+    assert idle == [(0, middle, 6, False), (middle, 6, 0, True)], idle
     # each stage but the last copies the next one, and the second the first
     assert copies == [(False, 2, 4), (True, 4, 6), (False, 6, 0)], copies
     wide = (0, 4) if lost < 2 else (2, 6)

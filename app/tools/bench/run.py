@@ -79,7 +79,8 @@ async def _run_policy(
     engine.on_step = steps.append
     cpu_before, copied_before = _cpu_seconds(), engine.copies.compute_seconds
     fits: list[tuple[float, dict]] = []  # the costs the engine planned with, as they moved
-    others: list[tuple[float, float, float]] = []  # (time, CPU seconds used so far by all but the workers, and by the copies)
+    # (time, CPU seconds used so far by all but the workers, and by the copies)
+    others: list[tuple[float, float, float]] = []
 
     async def watch_costs() -> None:  # what the calibration replays
         while True:
