@@ -38,7 +38,7 @@ from app.tools.chaos import group as chaos_group
 from app.tools.chaos.group import RESTART_NICENESS, Child, HealthLog, LocalGroup
 from app.tools.chaos.options import ChaosOptions, FaultKind
 from app.tools.chaos.run import Job, inject_faults, run_workload
-from app.tools.chaos.score import StreamRecord
+from app.tools.chaos.score import FaultRecord, StreamRecord, describe_run, score_faults
 from app.tools.netlab.procctl import freeze, kill_hard, thaw
 from app.tools.netlab.tcp_proxy import CutMode, TcpProxy
 
@@ -321,6 +321,30 @@ class _FakeGroup:
 class _FakeHealth:
     def epoch_at(self, t: float) -> int:
         return 1
+
+
+def test_a_pause_is_split_into_first_token_waits_and_gaps_between_tokens_and_a_faults_pause_says_which():
+    """The longest pause of a run is a stream's wait for its first token or a gap once it began
+    (a stream stopping); the report gives each, and a fault's pause says which it was."""
+
+    class Health:
+        changes: list = []
+
+        def first_noticed(self, *args: Any) -> None:
+            return None
+
+        def epochs_between(self, t0: float, t1: float) -> int:
+            return 0
+
+    waits = StreamRecord(0, sent_at=10.0, times=[12.5, 12.6, 12.7], finish="length")  # 2.5 s to its first token
+    stops = StreamRecord(1, sent_at=10.0, times=[10.2, 10.5, 12.0], finish="length")  # stopped 1.5 s
+    r = describe_run([waits, stops])
+    assert (r["longest_pause"], r["longest_first_token"], r["longest_gap_between_tokens"]) == (2.5, 2.5, 1.5)
+    both, one = FaultRecord("kill", "w0", 11.0, 1), FaultRecord("kill", "w0", 11.0, 1)
+    score_faults([both], [waits, stops], Health(), 20.0)  # type: ignore[arg-type]
+    assert (both.pause, both.pause_from, both.pause_first_token) == (2.5, -1.0, True)
+    score_faults([one], [stops], Health(), 20.0)  # type: ignore[arg-type]
+    assert (one.pause, one.pause_from, one.pause_first_token) == (1.5, -0.5, False)
 
 
 def test_a_killed_workers_restart_is_set_back_once_the_streams_it_stopped_move_again():
@@ -776,6 +800,8 @@ def test_molink_chaos_on_a_tiny_model_exits_0_with_sane_json(ckpt, tmp_path):
     r = json.loads(out.read_text())
     ff, fr = r["fault_free_run"], r["faulty_run"]
     assert ff["completed"] == 16 and ff["failed"] == 0  # the reference run is whole
+    for run_ in (ff, fr):
+        assert run_["longest_pause"] == max(run_["longest_first_token"], run_["longest_gap_between_tokens"]) > 0
     assert fr["requests"] == 16 and fr["completed"] + fr["failed"] == 16 and fr["compared"] == 16
     for key in ("streams_differing", "tokens_lost", "tokens_duplicated", "tokens_wrong"):
         assert isinstance(fr[key], int) and fr[key] >= 0

@@ -34,8 +34,15 @@ class StreamRecord:
         return self.finish is not None and self.error is None
 
     def longest_pause(self) -> float:
-        stamps = [self.sent_at, *self.times]
-        return max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0)
+        return max(self.first_token(), self.longest_gap())
+
+    def first_token(self) -> float:
+        """Seconds from sending to the first token (0 without one)."""
+        return self.times[0] - self.sent_at if self.times else 0.0
+
+    def longest_gap(self) -> float:
+        """The longest gap between two tokens (the stream stopping once it had begun)."""
+        return max((b - a for a, b in zip(self.times, self.times[1:])), default=0.0)
 
 
 # --------------------------------------------------------------------------- faults
@@ -53,6 +60,7 @@ class FaultRecord:
     recover: float | None = None  # seconds; None: no affected stream, or one never recovered
     pause: float | None = None  # seconds: the longest token gap of an affected stream around the fault
     pause_from: float | None = None  # seconds from the fault to that gap's start (< 0: it began before the fault)
+    pause_first_token: bool | None = None  # that gap was a stream's wait for its first token
     affected: int = 0
     unrecovered: int = 0
     epoch_changes: int = 0
@@ -132,11 +140,12 @@ def score_faults(faults: list[FaultRecord], streams: list[StreamRecord], health:
             f.affected += 1
             waits.append(nxt - f.at)
             stamps = [s.sent_at, *s.times]
-            pauses += [(b - a, a - f.at) for a, b in zip(stamps, stamps[1:]) if b > f.at and a <= window_end]
+            gaps = enumerate(zip(stamps, stamps[1:]))
+            pauses += [(b - a, a - f.at, i == 0) for i, (a, b) in gaps if b > f.at and a <= window_end]
         f.recover = round(max(waits), 3) if waits and not f.unrecovered else None
         if pauses:
-            longest, began = max(pauses)
-            f.pause, f.pause_from = round(longest, 3), round(began, 3)
+            longest, began, first = max(pauses)
+            f.pause, f.pause_from, f.pause_first_token = round(longest, 3), round(began, 3), first
 
 
 def score_run(reference: list[StreamRecord], run: list[StreamRecord]) -> dict:
@@ -195,6 +204,8 @@ def describe_run(run: list[StreamRecord]) -> dict:
         "tokens": tokens,
         "tokens_per_s": round(tokens / max(t1 - t0, 1e-9), 2),
         "longest_pause": round(max(r.longest_pause() for r in run), 3),
+        "longest_first_token": round(max(r.first_token() for r in run), 3),
+        "longest_gap_between_tokens": round(max(r.longest_gap() for r in run), 3),
         "completed": sum(r.completed for r in run),
         "failed": sum(not r.completed for r in run),
     }
@@ -227,10 +238,13 @@ DEFINITIONS = {
     "tokens_duplicated": "extra tokens in completed streams that repeat the stream's earlier tokens",
     "streams_differing": "requests whose received tokens differ from the fault-free run's",
     "longest_pause": "longest gap between two tokens of one stream (from sending, for the first)",
+    "longest_first_token": "longest wait of a stream for its first token, from sending (a part of longest_pause)",
+    "longest_gap_between_tokens": "longest gap between two tokens of one stream once it began (the other part)",
     "pause": "per fault: the longest token gap of a stream open at the fault, among gaps ending after the fault "
     "and starting before the worker rejoined",
     "pause_from": "per fault: seconds from the fault to the start of that longest gap (negative: before the fault; "
     "a gap that starts seconds after the fault belongs to the worker's return, not to its loss)",
+    "pause_first_token": "per fault: whether that longest gap was a stream's wait for its first token",
     "copy_behind": "per fault: positions of the open requests a standby member's copy of the caches lacked at the "
     "fault (null: no member copied); a repair onto that member computes those",
     "copy_wait": "per fault: seconds the tool waited before the fault (at most --settle-timeout) for a standby "
@@ -288,6 +302,9 @@ def format_table(report: dict) -> str:
         f"{'tokens received':<34}{ff['tokens']:>14}{fr['tokens_received']:>14}",
         f"{'run time':<34}{_fmt(ff['seconds']):>14}{_fmt(fr['seconds']):>14}",
         f"{'longest pause in a stream':<34}{_fmt(ff['longest_pause']):>14}{_fmt(fr['longest_pause']):>14}",
+        f"{'  of which, a first token':<34}{_fmt(ff['longest_first_token']):>14}{_fmt(fr['longest_first_token']):>14}",
+        f"{'  between two tokens':<34}{_fmt(ff['longest_gap_between_tokens']):>14}"
+        f"{_fmt(fr['longest_gap_between_tokens']):>14}",
         "",
         f"{'streams differing from fault-free':<34}{fr['streams_differing']:>14}",
         f"{'tokens lost':<34}{fr['tokens_lost']:>14}",
