@@ -55,7 +55,7 @@ import torch
 from worker_core.wire import Assign, Fill
 
 from .link import LinkGone, StepFailed, WorkerLink
-from .rebuild import pack, token_ids, work_of
+from .rebuild import first_step, token_ids, work_of
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -213,11 +213,11 @@ class Copies:
         for kv in [kv for kv in held if kv not in live and not self._cached(kv)]:
             del held[kv]  # (its caches are freed with the request's)
         size = min(STEP_TOKENS, asg.max_batch_tokens)
-        steps = pack([w for w in needed if w.upto > w.start], size, bases=False)
-        if not steps or (len(steps) == 1 and sum(s.length for s in steps[0]) < size and now < last + FOLLOW):
+        segments = first_step([w for w in needed if w.upto > w.start], size, now < last + FOLLOW, bases=False)
+        if segments is None:
             return False
         self._last[link] = self._stepped[(link, first)] = now
-        segments, round_ = steps[0], self._round
+        round_ = self._round
         x = token_ids(segments, needed) if first else torch.empty(0)  # (else the rows it kept)
         fill = Fill(next(self._step_ids), asg.epoch, segments, *_layers(asg, first), x)
         try:

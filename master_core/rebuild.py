@@ -117,6 +117,16 @@ def pack(work: Sequence[Lost], max_tokens: int, bases: bool = True) -> list[tupl
     return steps
 
 
+def first_step(work: Sequence[Lost], size: int, wait: bool, bases: bool = True) -> tuple[Segment, ...] | None:
+    """A background copy's next step (:func:`pack` of ``work`` in steps of ``size``): the first,
+    or None where there is none, or only one short of ``size`` while ``wait`` (more positions may
+    come: a step of several costs less a position)."""
+    steps = pack(work, size, bases)
+    if not steps or (len(steps) == 1 and sum(s.length for s in steps[0]) < size and wait):
+        return None
+    return steps[0]
+
+
 async def rebuild_stage(
     stages: Sequence[WorkerLink],
     epoch: int,

@@ -36,7 +36,7 @@ from worker_core.wire import Assign, Step
 
 from .group import Group
 from .link import LinkGone, StepFailed, WorkerLink
-from .rebuild import pack, token_ids, work_of
+from .rebuild import first_step, token_ids, work_of
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -154,12 +154,12 @@ class Shadow:
                 hi = mid - 1
         work = work_of(reqs[:lo], self._held)
         size = min(STEP_TOKENS, link.assignment.max_batch_tokens)
-        steps = pack(work, size)
         now = asyncio.get_running_loop().time()
-        if not steps or (len(steps) == 1 and sum(s.length for s in steps[0]) < size and now < self._last + FOLLOW):
+        segments = first_step(work, size, now < self._last + FOLLOW)
+        if segments is None:
             return False
         self._last = now
-        segments, round_ = steps[0], self._round
+        round_ = self._round
         step = Step(next(self._step_ids), link.assignment.epoch, segments, token_ids(segments, work))
         self._sending = (link, {s.request_id: s.start for s in segments})
         try:
