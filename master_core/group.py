@@ -34,10 +34,10 @@ first: a join never costs running requests a replay unless the group is busy lon
 ``JOIN_REPLAN_WAIT``, and then only once that replay is cheap (``JOIN_REPLAY_BUDGET``, from
 ``replay_cost``, set by the master) or ``JOIN_REPLAN_LIMIT`` passed.  A repaired pipeline is
 planned whole again the same way (from ``REPAIR_SETTLE`` after the repair), once a whole plan
-would differ from it (a repair adds no
-copies, :mod:`~master_core.copies`, and a widened stage may be the slowest): a member lost for
-good leaves the group as well placed, and as well covered, as if it had never been there.  A link dropped as hung
-(``WorkerLink.on_gone``) leaves like a closed one; ``late_frames`` counts what dropped links sent after.
+would differ from it (a repair adds no copies, :mod:`~master_core.copies`, and a widened stage
+may be the slowest): a member lost for good leaves the group as well placed, and as well
+covered, as if it had never been there.  A link dropped as hung (``WorkerLink.on_gone``) leaves
+like a closed one; ``late_frames`` counts what dropped links sent after.
 
 With fewer than ``min_workers`` placeable links it is WAITING.  Otherwise it plans the
 pipeline order and layer ranges from each member's offered memory, measured speed and

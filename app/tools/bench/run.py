@@ -125,11 +125,15 @@ async def _run_policy(
     cpu["copies"] = engine.copies.compute_seconds - copied_before  # of the workers' CPU
     timeline = [{**x, "began": round(x["began"] - t0, 4), "ended": round(x["ended"] - t0, 4)} for x in steps]
     figures = summarize(arrivals, times, moved, busy)
-    series = [(a[0], max(0.0, (b[1] - a[1]) / (b[0] - a[0]))) for a, b in zip(others, others[1:]) if b[0] > a[0]]
-    copying = [(a[0], (b[2] - a[2]) / (b[0] - a[0])) for a, b in zip(others, others[1:]) if b[0] > a[0]]
     extra = {"ttfts": ttfts(arrivals, times), "cpu_seconds": cpu, "cost_series": fits}
-    extra |= {"other_cores": series, "copy_cores": copying}
+    extra |= {"other_cores": _rates(others, 1), "copy_cores": _rates(others, 2)}
     return {**figures, **extra, "steps": timeline}, outputs
+
+
+def _rates(samples: list[tuple[float, float, float]], k: int) -> list[tuple[float, float]]:
+    """Per interval between two ``samples`` (time, then cumulative CPU seconds), the cores field ``k``
+    kept busy: (the interval's start, cores, at least 0)."""
+    return [(a[0], max(0.0, (b[k] - a[k]) / (b[0] - a[0]))) for a, b in zip(samples, samples[1:]) if b[0] > a[0]]
 
 
 def _cpu_seconds() -> dict[str, float]:
