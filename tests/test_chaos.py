@@ -340,6 +340,7 @@ def test_a_pause_is_split_into_first_token_waits_and_gaps_between_tokens_and_a_f
     stops = StreamRecord(1, sent_at=10.0, times=[10.2, 10.5, 12.0], finish="length")  # stopped 1.5 s
     r = describe_run([waits, stops])
     assert (r["longest_pause"], r["longest_first_token"], r["longest_gap_between_tokens"]) == (2.5, 2.5, 1.5)
+    assert r["first_token"] == {"p50": 0.2, "p95": 2.5, "max": 2.5, "n": 2}
     both, one = FaultRecord("kill", "w0", 11.0, 1), FaultRecord("kill", "w0", 11.0, 1)
     score_faults([both], [waits, stops], Health(), 20.0)  # type: ignore[arg-type]
     assert (both.pause, both.pause_from, both.pause_first_token) == (2.5, -1.0, True)

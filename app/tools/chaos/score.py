@@ -205,6 +205,7 @@ def describe_run(run: list[StreamRecord]) -> dict:
         "tokens_per_s": round(tokens / max(t1 - t0, 1e-9), 2),
         "longest_pause": round(max(r.longest_pause() for r in run), 3),
         "longest_first_token": round(max(r.first_token() for r in run), 3),
+        "first_token": percentiles([r.first_token() for r in run if r.times]),
         "longest_gap_between_tokens": round(max(r.longest_gap() for r in run), 3),
         "completed": sum(r.completed for r in run),
         "failed": sum(not r.completed for r in run),
@@ -239,6 +240,7 @@ DEFINITIONS = {
     "streams_differing": "requests whose received tokens differ from the fault-free run's",
     "longest_pause": "longest gap between two tokens of one stream (from sending, for the first)",
     "longest_first_token": "longest wait of a stream for its first token, from sending (a part of longest_pause)",
+    "first_token": "the streams' waits for their first token, from sending: p50, p95 (nearest rank), max, count",
     "longest_gap_between_tokens": "longest gap between two tokens of one stream once it began (the other part)",
     "pause": "per fault: the longest token gap of a stream open at the fault, among gaps ending after the fault "
     "and starting before the worker rejoined",
