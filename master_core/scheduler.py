@@ -75,7 +75,7 @@ class Policy:
     # while streams decode: the compute a micro-batch of prefill alone carries on the slowest
     # stage (the stages pause it between layers for the decode steps waiting)
     prefill_step_seconds: float = 0.25
-    prefill_link_seconds: float = 0.1  # and its output on the slowest link
+    prefill_link_seconds: float = 0.1  # and its output on the links, summed over them
 
 
 POLICIES: dict[str, Policy] = {
@@ -308,11 +308,12 @@ def microbatch_share(active: int, slots: int) -> int:
 
 def prefill_step_tokens(p: Policy, costs: CostSnapshot) -> int:
     """Tokens of a micro-batch of prefill alone: about ``p.prefill_step_seconds`` of compute on
-    the slowest stage, and its output on the slowest link for at most ``p.prefill_link_seconds``
-    (a decode step's output can wait behind a frame on its way, not inside it), at least
-    ``p.min_chunk``, within the step's cap."""
+    the slowest stage, and its output on the links for at most ``p.prefill_link_seconds`` summed
+    over them (a decode step's frame can wait behind one such frame on each link it crosses, not
+    inside it: on a pipeline of slow links the waits add up), at least ``p.min_chunk``, within the
+    step's cap."""
     per = max(costs.stage_per_token)
-    link = max(_link_token_seconds(costs, i) for i in range(costs.stages))
+    link = sum(_link_token_seconds(costs, i) for i in range(costs.stages))
     tokens = min(
         p.prefill_step_seconds / per if per > 0 else math.inf,
         p.prefill_link_seconds / link if link > 0 else math.inf,
