@@ -52,6 +52,7 @@ from enum import Enum
 import torch
 from aiohttp import WSMsgType, web
 
+from worker_core.pieces import Joiner
 from worker_core.wire import (
     Assign,
     Chunk,
@@ -242,6 +243,7 @@ class WorkerLink:
         self._tasks: set[asyncio.Task] = set()  # every task this link started, awaited by wait_closed()
         self.weight_bytes_sent = 0
         self.max_frame_bytes = max_frame_bytes
+        self._joiner = Joiner(max_frame_bytes)  # a worker sends longer frames in pieces (worker_core.pieces)
         self.state = LinkState.CONNECTING
         self.on_leave: Callable[[WorkerLink, bool], None] | None = None  # the group's handler of a Leave
         self.on_gone: Callable[[WorkerLink], None] | None = None  # told when the link is dropped as hung
@@ -577,7 +579,9 @@ class WorkerLink:
                         break
                     raise ProtocolError(f"unexpected {frame.type.name} frame")
                 self.bytes_received += len(frame.data)
-                self._dispatch(decode(frame.data, self.max_frame_bytes))
+                self._joiner.max_frame = self.max_frame_bytes
+                if (msg := self._joiner.feed(decode(frame.data, self.max_frame_bytes))) is not None:
+                    self._dispatch(msg)
             self.close_with("tunnel closed")
         except ProtocolError as e:
             log.error("worker %s (%s) sent a bad frame, dropping it: %s", self.name, self.peer, e)

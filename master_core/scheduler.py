@@ -75,7 +75,7 @@ class Policy:
     # while streams decode: the compute a micro-batch of prefill alone carries on the slowest
     # stage (the stages pause it between layers for the decode steps waiting)
     prefill_step_seconds: float = 0.25
-    prefill_link_seconds: float = 0.1  # and its output on the links, summed over them
+    prefill_link_seconds: float = 0.1  # and its frames sent whole (the master's), summed over the links
 
 
 POLICIES: dict[str, Policy] = {
@@ -236,6 +236,15 @@ def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
     return _link_seconds(c, stage, 1, 0)
 
 
+def _whole_token_seconds(c: CostSnapshot, stage: int) -> float:
+    """Seconds one more token of a step occupies ``stage``'s link in a frame sent whole: the
+    master's (``stage``'s input, unless a direct hop carries it)."""
+    inbound, _ = step_bytes(c, stage, 1, 0)
+    bw = c.link_bandwidth[stage]
+    whole = 0 if c.direct_into(stage) else inbound
+    return whole / bw if math.isfinite(bw) and bw > 0 else 0.0
+
+
 def _gap_tokens(c: CostSnapshot, decode_tokens: int, microbatches: int) -> float:
     """Prefill tokens that fit in the gap before the next decode micro-batch needs the busiest
     resource: ``cycle / K`` minus the decode work on it, over the per-token cost there."""
@@ -308,12 +317,19 @@ def microbatch_share(active: int, slots: int) -> int:
 
 def prefill_step_tokens(p: Policy, costs: CostSnapshot) -> int:
     """Tokens of a micro-batch of prefill alone: about ``p.prefill_step_seconds`` of compute on
-    the slowest stage, and its output on the links for at most ``p.prefill_link_seconds`` summed
-    over them (a decode step's frame can wait behind one such frame on each link it crosses, not
-    inside it: on a pipeline of slow links the waits add up), at least ``p.min_chunk``, within the
-    step's cap."""
+    the slowest stage, and the frames of it that go whole on the links for at most
+    ``p.prefill_link_seconds`` summed over them, at least ``p.min_chunk``, within the step's cap.
+    A decode step's frame can wait behind one such frame on each link it crosses: on a pipeline of
+    slow links the waits add up.  The workers send theirs in pieces (:mod:`worker_core.pieces`),
+    between which a decode step's frame goes: what goes whole is what the master sends a stage
+    (its input, unless it came over a direct hop)."""
+    return _prefill_tokens(p, costs, sum(_whole_token_seconds(costs, i) for i in range(costs.stages)))
+
+
+def _prefill_tokens(p: Policy, costs: CostSnapshot, link: float) -> int:
+    """Tokens of about ``p.prefill_step_seconds`` of compute on the slowest stage that take at most
+    ``p.prefill_link_seconds`` at ``link`` seconds a token, at least ``p.min_chunk``, within the cap."""
     per = max(costs.stage_per_token)
-    link = sum(_link_token_seconds(costs, i) for i in range(costs.stages))
     tokens = min(
         p.prefill_step_seconds / per if per > 0 else math.inf,
         p.prefill_link_seconds / link if link > 0 else math.inf,
@@ -338,9 +354,14 @@ def prefill_apart_pays(p: Policy, costs: CostSnapshot) -> bool:
     decode step would hold that step for the chunk's whole compute, while apart it is paused
     between layers; on a memory-bound one (a GPU reading its weights once a step) tokens ride
     along almost free, and a step of prefill alone would pay the whole fixed cost again for a
-    few dozen tokens (the simulated 70B groups: prompts waited 93 s instead of 0.9 s)."""
+    few dozen tokens (the simulated 70B groups: prompts waited 93 s instead of 0.9 s).  The step
+    it weighs is sized as it was when this rule was measured, its output whole on the slowest
+    link: since the workers' outputs go in pieces, a pipeline of direct hops sizes its steps by
+    compute alone (up to the cap), and on GPUs that made big steps of prefill alone pay, though
+    they still cost the simulated groups a tenth of their throughput against riding along."""
     i = max(range(costs.stages), key=lambda s: costs.stage_per_token[s])
-    return costs.stage_per_token[i] * prefill_step_tokens(p, costs) >= costs.stage_fixed[i]
+    slowest = max(_link_token_seconds(costs, s) for s in range(costs.stages))
+    return costs.stage_per_token[i] * _prefill_tokens(p, costs, slowest) >= costs.stage_fixed[i]
 
 
 def next_microbatch(

@@ -41,6 +41,7 @@ from worker_core import model_source
 from worker_core.address import format_address, is_loopback
 from worker_core.control import Control, Events
 from worker_core.draft_model import DraftModel
+from worker_core.pieces import Joiner
 from worker_core.wire import CloseCode, Hello, ProtocolError, decode, frame_bound
 
 from .api import Api, error_middleware
@@ -336,6 +337,16 @@ class Master:
     async def _plain_tunnel(self, request: web.Request) -> web.StreamResponse:
         return await self._accept_tunnel(request, None)
 
+    async def _first_message(self, ws: web.WebSocketResponse) -> object:
+        """A tunnel's first message (its frame may come in pieces, :mod:`worker_core.pieces`)."""
+        joiner = Joiner(self.max_frame)
+        while True:
+            frame = await ws.receive()
+            if frame.type != WSMsgType.BINARY:
+                raise ProtocolError(f"expected Hello, got a {frame.type.name} frame")
+            if (msg := joiner.feed(decode(frame.data, self.max_frame))) is not None:
+                return msg
+
     async def _accept_tunnel(self, request: web.Request, member: str | None) -> web.StreamResponse:
         # liveness is the link's own (pings it sends, pings it answers: master_core.link), not aiohttp's
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=None, autoping=False)
@@ -345,10 +356,7 @@ class Master:
         on_bytes(request, lambda: link.heard_bytes() if link is not None else None)
         peer = self.group_port.peer(request) if self.group_port is not None else request.remote or "?"
         try:
-            frame = await ws.receive(timeout=HELLO_TIMEOUT)
-            if frame.type != WSMsgType.BINARY:
-                raise ProtocolError(f"expected Hello, got a {frame.type.name} frame")
-            hello = decode(frame.data, self.max_frame)
+            hello = await asyncio.wait_for(self._first_message(ws), HELLO_TIMEOUT)
             if not isinstance(hello, Hello):
                 raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         except (ProtocolError, asyncio.TimeoutError) as e:

@@ -37,7 +37,9 @@ What is modelled, and after which code:
 * **A link direction** (:class:`_Link`) carries one frame at a time at the link's bandwidth and
   delivers it half the link's round trip later.  A stage's up link sends decode steps' frames
   (and their results) before others queued (the worker's outbox, :mod:`worker_core.outbox`),
-  never interrupting the frame on the link; a down link (the master's sends) is FIFO.  A hop
+  never interrupting the frame on the link, and sends the others in pieces of ``PART_BYTES``
+  (:mod:`worker_core.pieces`), so a decode step's frame waits for one piece; a down link (the
+  master's sends) is FIFO, frames whole.  A hop
   from stage i to i + 1 is direct (stage i's up link, ``rtt_i / 2``) or relayed (up link i to
   the master, then down link i + 1); the loop-back goes over the last stage's up link.
 
@@ -60,8 +62,13 @@ from worker_core.interleave import LayerClock
 from .costs import CostSnapshot, curve_seconds
 from .scheduler import TOKEN_ID_BYTES, step_bytes
 
+PART_BYTES = 16 * 1024  # worker_core.wire.PART_BYTES (a test checks they agree)
 PATIENCE = 0.5  # seconds; worker_core.inbox.PATIENCE (that module imports torch; a test checks they agree)
 PROFILE_TOKENS = 64  # the engine's start-up profile's largest step: what a stage's LayerClock first measures
+
+
+def _nothing() -> None:
+    """A piece before a frame's last arrived: the last one delivers the frame."""
 
 
 class Clock:
@@ -160,7 +167,15 @@ class _Link:
         self.bytes = 0
 
     def send(self, nbytes: int, urgent: bool, deliver: Callable[[], None]) -> None:
-        (self._urgent if urgent and self.priority else self._rest).append((nbytes, deliver))
+        if urgent and self.priority:
+            self._urgent.append((nbytes, deliver))
+        elif self.priority:  # in pieces: the last one delivers the frame
+            whole, left = divmod(nbytes, PART_BYTES)
+            sizes = [PART_BYTES] * whole + ([left] if left else [])
+            self._rest.extend((n, _nothing) for n in sizes[:-1])
+            self._rest.append((sizes[-1] if sizes else 0, deliver))
+        else:
+            self._rest.append((nbytes, deliver))
         if not self._busy:
             self._next()
 

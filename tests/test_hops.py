@@ -15,6 +15,7 @@ from tiny_models import make_tiny_checkpoint, reference_greedy
 from master_core.request import SamplingParams
 from master_core.scheduler import LOOP_STEPS
 from master_core.server import Master
+from worker_core import hops, pieces, session
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
 from worker_core.identity import load_or_create
 from worker_core.wire import Free, Segment, Step, encode
@@ -37,7 +38,20 @@ def _master_bytes(master: Master) -> int:
     return sum(link.bytes_sent + link.bytes_received for link in master.group.stages)
 
 
-def test_direct_and_relayed_pipelines_give_transformers_tokens_and_direct_spares_the_master(ckpt, want):
+def test_direct_and_relayed_pipelines_give_transformers_tokens_and_direct_spares_the_master(ckpt, want, monkeypatch):
+    # frames of more than 1 KiB go in pieces (worker_core.pieces): over the hops, to the master
+    monkeypatch.setattr(pieces, "PART_BYTES", 1024)
+    cut: list[int] = []
+    split = pieces.split
+
+    def counting(frame: bytes, size: int | None = None) -> list[bytes]:
+        out = split(frame, size)
+        cut.append(len(out))
+        return out
+
+    monkeypatch.setattr(hops, "split", counting)
+    monkeypatch.setattr(session, "split", counting)
+
     async def main():
         async with Cluster(ckpt, workers=3) as c:
             g = c.master.group
@@ -72,6 +86,7 @@ def test_direct_and_relayed_pipelines_give_transformers_tokens_and_direct_spares
     assert looped[(False, False)] == [0] and looped[(True, False)] == [0] and min(looped[(True, True)]) > 0, looped
     # relayed, each token's hidden states cross the master twice per inner hop; direct, never
     assert max(spent[(True, True)] + spent[(True, False)]) <= 0.5 * spent[(False, False)][0], spent
+    assert max(cut) > 1, "no frame went in pieces"
 
 
 def test_hops_that_cannot_be_direct_are_relayed_with_the_reason_and_answers_stay_identical(ckpt, want):

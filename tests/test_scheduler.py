@@ -378,7 +378,7 @@ def test_a_long_prompt_is_chunked_while_short_streams_prompts_are_in_flight():
     prompt arriving then must not go as one whole step ahead of their first decode steps (the
     bursty run: a 600-token step took 31 s on a busy machine with 4 decode steps behind it)."""
     costs = CostSnapshot(
-        stage_fixed=(0.01,) * 3,  # less than a prefill step's token work: prefill goes apart (CPU-like)
+        stage_fixed=(0.02,) * 3,
         stage_per_token=(0.0005,) * 3,
         link_rtt=(0.08,) * 3,
         link_bandwidth=(2.5e6,) * 3,
@@ -391,12 +391,12 @@ def test_a_long_prompt_is_chunked_while_short_streams_prompts_are_in_flight():
     chunks = next_microbatch(p, costs, [*streams, long], 2)
     assert [c.request_id for c in chunks] == [9]
     assert chunks[0].length < 600
-    # its output on the links, summed, for 0.1 s (relayed at 2.5 MB/s: the first stage's link carries
-    # 8 B of token id and 2304 B out a token, the second's 2304 B in and out, the last's 2304 B in):
-    # 27 tokens, fewer than 0.25 s of compute (500).  A decode step crosses every link, and can wait
-    # behind one such frame on each
-    per_token = (8 + 2304) + 2 * 2304 + 2304
-    assert chunks[0].length == prefill_step_tokens(p, costs) == int(p.prefill_link_seconds * 2.5e6 / per_token) == 27
+    # what the master sends whole (relayed, at 2.5 MB/s: 8 B of token id a token into the first stage,
+    # 2304 B into each other) for 0.1 s summed over the links: 54 tokens, fewer than 0.25 s of compute
+    # (500).  A decode step crosses every link, and can wait behind one such frame on each; the workers'
+    # frames go in pieces (worker_core.pieces), so their outputs do not count
+    whole = 8 + 2 * 2304
+    assert chunks[0].length == prefill_step_tokens(p, costs) == int(p.prefill_link_seconds * 2.5e6 / whole) == 54
     # with nobody about to decode, the whole prompt goes in one step, as before
     alone = next_microbatch(p, costs, [long], 2)
     assert alone == [Chunk(9, 0, 600, True)]
@@ -408,7 +408,7 @@ def test_prefill_travels_apart_from_decode_while_streams_decode():
     ready decode steps go together without prefill; a micro-batch with no decode step ready
     carries prefill alone, of prefill_step_tokens, as long as fewer than prefill_lanes of
     those are in flight; and with nothing decoding the prompt goes whole."""
-    c = costs(stages=3, compute=0.02, per_token=0.001, mbps=2000.0, rtt=0.02)
+    c = costs(stages=3, compute=0.02, per_token=0.001, mbps=1000.0, rtt=0.02)
     p = policy("full", 1024)
     ready = [Candidate(i, 20, 21, i, computed=20) for i in range(4)]  # decoding, next step ready
     long = Candidate(9, 0, 900, 9)
@@ -419,7 +419,7 @@ def test_prefill_travels_apart_from_decode_while_streams_decode():
     assert [(x.request_id, x.length) for x in together] == [(0, 1), (1, 1), (2, 1), (3, 1)]
     looping = [Candidate(i, 21, 21, i, in_flight=1, computed=20) for i in range(4)]  # their steps on their way
     tokens = prefill_step_tokens(p, c)
-    assert tokens == int(p.prefill_step_seconds / 0.001)  # 0.25 s of compute; the links, summed, carry it in 0.07 s
+    assert tokens == int(p.prefill_step_seconds / 0.001)  # 0.25 s of compute; the master's whole frames take 0.07 s
     lanes = prefill_lanes(c, tokens)
     assert lanes >= 1
     alone = next_microbatch(p, c, [*looping, long], 2, prefilling=lanes - 1)
@@ -434,7 +434,7 @@ def test_prefill_travels_apart_from_decode_while_streams_decode():
 def test_prefill_rides_with_decode_where_a_step_of_it_alone_would_pay_the_fixed_cost_again(monkeypatch):
     """Keeping prefill apart pays on compute-bound stages (a CPU: a chunk's tokens cost far more
     than a step's fixed cost), not on memory-bound ones (a GPU reads its weights once a step,
-    so the 38 tokens a wan link carries in 0.1 s cost a sixth of that): there a chunk rides in
+    so the 25 tokens the master's frames carry over wan links in 0.1 s cost a third of that): there a chunk rides in
     the decode steps.  Simulated on 4 modelled GPUs (20 int4 70B layers a card, 100 Mbit/s
     links) with prefill kept apart anyway, prompts waited most of the run."""
     p = policy("full", 1024)

@@ -118,6 +118,39 @@ def test_a_step_waiting_behind_decode_steps_goes_first_after_patience():
     assert back["d5"] == pytest.approx(0.6) and back["d6"] == pytest.approx(0.9)
 
 
+def test_a_decode_frame_waits_for_one_piece_of_a_longer_frame_on_a_stages_link():
+    """A stage's up link sends a frame queued without urgency in pieces (worker_core.pieces): a
+    decode step's frame put while a 160 KiB prefill output is on a 1 MiB/s link leaves after the
+    piece on the link (16 ms), not after the frame (156 ms); the prefill frame is delivered once,
+    when its last piece is through.  The master's down link sends frames whole."""
+    from master_core.sim_pipeline import PART_BYTES, _Link
+
+    def arrivals(priority: bool) -> dict[str, float]:
+        clock = Clock()
+        got: dict[str, float] = {}
+        link = _Link(clock, float(1 << 20), 0.0, priority)
+
+        def send(name: str, nbytes: int, urgent: bool) -> None:
+            link.send(nbytes, urgent, lambda: got.setdefault(name, clock.now))
+
+        clock.at(0.0, lambda: send("prefill", 10 * PART_BYTES, False))
+        clock.at(0.005, lambda: send("decode", 1024, True))
+        clock.run()
+        return got
+
+    up, down = arrivals(True), arrivals(False)
+    assert up["decode"] == pytest.approx(0.016 + 0.001, abs=2e-3) and up["prefill"] == pytest.approx(0.157, abs=2e-3)
+    assert down["prefill"] == pytest.approx(0.156, abs=2e-3) and down["decode"] == pytest.approx(0.157, abs=2e-3)
+
+
+def test_the_pieces_are_the_workers():
+    pytest.importorskip("torch")
+    from master_core.sim_pipeline import PART_BYTES
+    from worker_core.wire import PART_BYTES as WORKER_PART_BYTES
+
+    assert PART_BYTES == WORKER_PART_BYTES
+
+
 def test_patience_is_the_workers():
     pytest.importorskip("torch")
     from worker_core.inbox import PATIENCE as WORKER_PATIENCE

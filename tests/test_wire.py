@@ -15,6 +15,7 @@ from worker_core.wire import (
     Free,
     Hello,
     Leave,
+    Part,
     ProtocolError,
     Ready,
     Recall,
@@ -97,6 +98,7 @@ MESSAGES = [
     Route(4, next_address="25.0.0.12:7734", next_cert="-----BEGIN", next_token="ef" * 16, next_relay="25.0.0.100:7735"),
     Route(4, next_cert="-----BEGIN", next_token="ef" * 16, next_relay="[2a0f:ff00::100]:7735"),
     Routed(4, True, 41.0, through="25.0.0.100:7735"),
+    Part(b"MLK\x0c" + bytes(100), False),  # a piece of a longer frame (worker_core.pieces)
     Assign(  # a GGUF model's tensors travel as their blocks: U8 bytes, GGML type, logical shape
         3,
         "d" * 64,
@@ -400,6 +402,9 @@ BAD_FRAMES |= {
     "step forward not bool": _frame(wire.Kind.STEP, _step_header(forward="yes"), GOOD_PAYLOAD),
     "step trail negative": _frame(wire.Kind.STEP, _step_header(trail=[0.1, -1.0]), GOOD_PAYLOAD),
     "step trail not list": _frame(wire.Kind.STEP, _step_header(trail=0.1), GOOD_PAYLOAD),
+    "part empty": _frame(wire.Kind.PART, {"last": True}),
+    "part too long": _frame(wire.Kind.PART, {"last": True}, b"x" * (wire.PART_BYTES + 1)),
+    "part last not bool": _frame(wire.Kind.PART, {"last": 1}, b"x"),
     "step loop negative": _frame(wire.Kind.STEP, _step_header(loop=-1, draws=[[0, 1, 0]]), GOOD_PAYLOAD),
     "step loop too long": _frame(wire.Kind.STEP, _step_header(loop=wire.MAX_LOOP + 1, draws=[[0, 1, 0]]), GOOD_PAYLOAD),
     "step loop not int": _frame(wire.Kind.STEP, _step_header(loop=True, draws=[[0, 1, 0]]), GOOD_PAYLOAD),

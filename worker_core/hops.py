@@ -63,6 +63,7 @@ from .bridge_dial import BridgeForwarder
 from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
 from .listen import bind, families
 from .outbox import Outbox
+from .pieces import Joiner, split
 from .shaper import LinkShaper
 from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
 
@@ -181,11 +182,13 @@ class HopListener:
         await ws.prepare(request)
         self._open[ws] = acc.epoch
         log.info("hop from %s open (epoch %d)", request.remote, acc.epoch)
+        joiner = Joiner(self.max_frame)  # longer steps come in pieces (worker_core.pieces)
         try:
             async for frame in ws:
                 if frame.type is not WSMsgType.BINARY:
                     raise ProtocolError(f"unexpected {frame.type.name} frame on a hop")
-                msg = decode(frame.data, self.max_frame)
+                if (msg := joiner.feed(decode(frame.data, self.max_frame))) is None:
+                    continue
                 if not isinstance(msg, Step) or msg.epoch != acc.epoch:
                     raise ProtocolError(f"a hop carries steps of epoch {acc.epoch} only, got {type(msg).__name__}")
                 if self.sink is not None:
@@ -215,7 +218,7 @@ class NextHop:
         self._http, self._ws = http, ws
         self._fallbacks: deque[Callable[[], Awaitable[None]]] = deque()
         self._shaper = LinkShaper(delay, rate, self._deliver)
-        self._outbox: Outbox[tuple[Step, Callable[[], Awaitable[None]]]] = Outbox(self._ship)
+        self._outbox: Outbox[tuple[bytes, Callable[[], Awaitable[None]]]] = Outbox(self._ship, _in_pieces)
         self.down: str | None = None  # why the hop is down, or None while it is up
         self._last_sent = time.monotonic()  # when the last frame left (or the hop opened)
         self._reader = asyncio.ensure_future(self._read())
@@ -245,15 +248,15 @@ class NextHop:
         if self.down is not None:
             await fallback()
             return
-        self._outbox.put((step, fallback), urgent)
+        self._outbox.put((encode(step), fallback), urgent)
 
-    async def _ship(self, item: tuple[Step, Callable[[], Awaitable[None]]]) -> None:
-        step, fallback = item
+    async def _ship(self, item: tuple[bytes, Callable[[], Awaitable[None]]]) -> None:
+        frame, fallback = item
         if self.down is not None:
             await fallback()
             return
         self._fallbacks.append(fallback)
-        await self._shaper.put(encode(step))
+        await self._shaper.put(frame)
         await self._shaper.drained()
 
     async def _deliver(self, frame: bytes) -> None:
@@ -363,6 +366,18 @@ async def _open(
         await http.close()
         raise
     return NextHop(http, ws, epoch, delay, rate), time.perf_counter() - t0
+
+
+async def _nothing() -> None:
+    """The fallback of a piece before a frame's last: the last one's stands for the frame."""
+
+
+def _in_pieces(item: tuple[bytes, Callable[[], Awaitable[None]]]) -> list[tuple[bytes, Callable[[], Awaitable[None]]]]:
+    """A step's frame in pieces (:mod:`worker_core.pieces`): if the hop goes down before its last
+    piece left, the step's fallback runs once (the next stage drops the pieces it had)."""
+    frame, fallback = item
+    *first, last = split(frame)
+    return [*((p, _nothing) for p in first), (last, fallback)]
 
 
 def _say(e: BaseException, timeout: float) -> str:

@@ -14,6 +14,12 @@ stops the task and returns the items never shipped, in the order they would have
 caller may send them another way); it ends even where a ``ship`` swallowed the cancellation
 (Python 3.11's ``wait_for``, :mod:`worker_core.tasks`): once closed, the task takes no other
 item, and it is cancelled until it ends.  ``backlog``: items queued.
+
+``split`` (optional) cuts an item queued without urgency into the items that go in its place,
+in order, when its turn comes (:func:`worker_core.pieces.split`: a longer frame in pieces).
+Urgent items go between those pieces, whole, never split: so a decode frame waits behind at
+most one piece, and the pieces of one item are never mixed with another's.  ``close()``
+returns the pieces not shipped in that item's place.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ log = logging.getLogger("molink.worker")
 
 
 class Outbox(Generic[T]):
-    def __init__(self, ship: Callable[[T], Awaitable[None]]) -> None:
+    def __init__(self, ship: Callable[[T], Awaitable[None]], split: Callable[[T], list[T]] | None = None) -> None:
         self._ship = ship
+        self._split = split
         self._urgent: deque[T] = deque()
+        self._pieces: deque[T] = deque()  # the rest of the item being shipped in pieces
         self._rest: deque[T] = deque()
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -44,13 +52,13 @@ class Outbox(Generic[T]):
 
     @property
     def backlog(self) -> int:
-        return len(self._urgent) + len(self._rest)
+        return len(self._urgent) + len(self._pieces) + len(self._rest)
 
     def put(self, item: T, urgent: bool = False) -> None:
         if self._closed:
             raise RuntimeError("outbox closed")
         if urgent:
-            if self._rest:
+            if self._rest or self._pieces:
                 self.overtakes += 1
             self._urgent.append(item)
         else:
@@ -61,11 +69,17 @@ class Outbox(Generic[T]):
 
     async def _run(self) -> None:
         while not self._closed:
-            if not (self._urgent or self._rest):
+            if not self.backlog:
                 self._ready.clear()
                 await self._ready.wait()
                 continue
-            item = self._urgent.popleft() if self._urgent else self._rest.popleft()
+            if self._urgent:
+                item = self._urgent.popleft()
+            elif self._pieces:
+                item = self._pieces.popleft()
+            else:
+                item, *more = self._split(self._rest.popleft()) if self._split else [self._rest.popleft()]
+                self._pieces.extend(more)
             self._shipping = True
             try:
                 await self._ship(item)
@@ -89,7 +103,8 @@ class Outbox(Generic[T]):
         self._ready.set()
         if self._task is not None:
             await end_tasks([self._task])
-        left = [*self._urgent, *self._rest]
+        left = [*self._urgent, *self._pieces, *self._rest]
         self._urgent.clear()
+        self._pieces.clear()
         self._rest.clear()
         return left

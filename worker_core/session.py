@@ -53,6 +53,7 @@ from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
 from .interleave import LayerClock
 from .outbox import Outbox
+from .pieces import split
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
@@ -152,7 +153,7 @@ class Session:
         # frames accepted from the master: an Assign or a weight Chunk until a range is served, then
         # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
         self.max_frame = UNASSIGNED_FRAME_BYTES
-        self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship)
+        self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship, _in_pieces)
         # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
         self.layer_clock = LayerClock()  # measured per served range (reset by Assign)
@@ -634,6 +635,13 @@ class Session:
         hop, self.next_hop = self.next_hop, None
         if hop is not None:
             await hop.close()
+
+
+def _in_pieces(item: tuple[bytes, asyncio.Future | None]) -> list[tuple[bytes, asyncio.Future | None]]:
+    """A frame for the master in pieces (:mod:`worker_core.pieces`); its sender is told once the last left."""
+    frame, sent = item
+    *first, last = split(frame)
+    return [*((p, None) for p in first), (last, sent)]
 
 
 def every_core(work: Callable[..., T]) -> Callable[..., T]:

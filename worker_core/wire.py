@@ -43,11 +43,12 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 11  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
+PROTOCOL_VERSION = 12  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
 # 8: Assign.tapes (a standby keeps its copy of the caches for the range it takes, master_core.shadow), Routed.moved;
 # 9: Fill (a stage that took over its lost neighbour's layers computes their caches);
 # 10: Assign.copy_end (a stage keeps a copy of the next stage's layers and caches);
-# 11: Assign.copy_first (the second stage keeps a copy of the first stage's too)
+# 11: Assign.copy_first (the second stage keeps a copy of the first stage's too);
+# 12: Part (a longer frame sent in pieces, worker_core.pieces, so a decode step's frame goes between them)
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 
@@ -142,6 +143,7 @@ class Kind(IntEnum):
     ROUTED = 12
     RECALL = 13
     FILL = 14
+    PART = 15
 
 
 # --------------------------------------------------------------------------- messages
@@ -548,8 +550,33 @@ class Routed:
     moved: bool = False  # the epoch's open hop moved to this path by itself (not an answer to a Route)
 
 
+@dataclass(frozen=True)
+class Part:
+    """A piece of a longer frame (:mod:`worker_core.pieces` cuts and joins them): at most
+    ``PART_BYTES`` of it, in order; ``last`` on its final piece."""
+
+    data: bytes
+    last: bool
+
+
+PART_BYTES = 16 * 1024  # bytes of a frame in one Part
+
 Message = (
-    Hello | Assign | Ready | Step | Result | Recall | Fill | Free | Failure | Fetch | Chunk | Leave | Route | Routed
+    Hello
+    | Assign
+    | Ready
+    | Step
+    | Result
+    | Recall
+    | Fill
+    | Free
+    | Failure
+    | Fetch
+    | Chunk
+    | Leave
+    | Route
+    | Routed
+    | Part
 )
 
 MAX_CERT_CHARS = 16 * 1024  # a PEM certificate in a Route
@@ -901,6 +928,8 @@ def encode(msg: Message) -> bytes:
         )
     elif isinstance(msg, Leave):
         kind, h = Kind.LEAVE, {"finish": msg.finish}
+    elif isinstance(msg, Part):
+        kind, h, payload = Kind.PART, {"last": msg.last}, msg.data
     elif isinstance(msg, Route):
         kind, h = Kind.ROUTE, {f.name: getattr(msg, f.name) for f in dataclasses.fields(Route)}
     elif isinstance(msg, Routed):
@@ -940,7 +969,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
     if type(h) is not dict:
         raise ProtocolError("header must be a JSON object")
     payload = view[_PREFIX.size + hlen :]
-    if kind not in (Kind.STEP, Kind.RESULT, Kind.CHUNK, Kind.FILL) and len(payload):
+    if kind not in (Kind.STEP, Kind.RESULT, Kind.CHUNK, Kind.FILL, Kind.PART) and len(payload):
         raise ProtocolError(f"{kind.name} carries no payload")
 
     if kind is Kind.HELLO:
@@ -1074,6 +1103,10 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
         )
     if kind is Kind.LEAVE:
         return Leave(finish=_bool(h, "finish"))
+    if kind is Kind.PART:
+        if not 0 < len(payload) <= PART_BYTES:
+            raise ProtocolError(f"a part carries 1 to {PART_BYTES} bytes, not {len(payload)}")
+        return Part(bytes(payload), _bool(h, "last"))
     if kind is Kind.ROUTE:
         route = Route(
             epoch=_int(h, "epoch"),
