@@ -358,9 +358,12 @@ def test_a_newcomer_re_plans_a_busy_group_only_once_the_replay_it_causes_is_chea
     import master_core.group as G
 
     monkeypatch.setattr(G, "JOIN_REPLAN_WAIT", 0.3)
+    # 5 ms each way on every link, so the 400 tokens take seconds: on a quiet machine they took
+    # about as long as the waits below, and the request had ended before it could be overtaken
+    slow = {"link_delay_ms": 5.0}
 
     async def main():
-        async with Cluster(ckpt, workers=2) as c:
+        async with Cluster(ckpt, workers=2, worker_options=[slow, slow]) as c:
             g, e = c.master.group, c.engine
             cost = [100.0]  # seconds the replay would take, as the master would estimate it
             g.replay_cost = lambda: cost[0]
@@ -368,7 +371,7 @@ def test_a_newcomer_re_plans_a_busy_group_only_once_the_replay_it_causes_is_chea
             while e.tokens_generated < 5:
                 await asyncio.sleep(0.005)
             epoch = g.epoch
-            c.add_worker("w2")
+            c.add_worker("w2", **slow)
             while len(g.links) < 3:
                 await asyncio.sleep(0.01)
             await asyncio.sleep(1.0)  # past the join wait, the replay still dear
