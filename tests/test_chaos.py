@@ -341,6 +341,9 @@ def test_a_pause_is_split_into_first_token_waits_and_gaps_between_tokens_and_a_f
     r = describe_run([waits, stops])
     assert (r["longest_pause"], r["longest_first_token"], r["longest_gap_between_tokens"]) == (2.5, 2.5, 1.5)
     assert r["first_token"] == {"p50": 0.2, "p95": 2.5, "max": 2.5, "n": 2}
+    assert r["longest_gap_between_tokens_at"] == 0.5  # stops' gap began at 10.5, the run at 10.0
+    assert describe_run([waits, stops], start=9.0)["longest_gap_between_tokens_at"] == 1.5  # the faults' clock
+    assert describe_run([StreamRecord(2, sent_at=1.0, times=[1.5])])["longest_gap_between_tokens_at"] is None
     both, one = FaultRecord("kill", "w0", 11.0, 1), FaultRecord("kill", "w0", 11.0, 1)
     score_faults([both], [waits, stops], Health(), 20.0)  # type: ignore[arg-type]
     assert (both.pause, both.pause_from, both.pause_first_token) == (2.5, -1.0, True)

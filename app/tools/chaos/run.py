@@ -377,7 +377,7 @@ async def _measure(opts: ChaosOptions, log_dir: Path) -> dict | None:
         "placement": layers,
         "definitions": dict(DEFINITIONS),
         "fault_free_run": describe_run(reference),
-        "faulty_run": {**describe_run(faulty), **score_run(reference, faulty)},
+        "faulty_run": {**describe_run(faulty, start), **score_run(reference, faulty)},
         "faults": [fault_row(f, start) for f in faults],
         "summary": fault_summary(faults),
         "group_rejoined_at_end": settled,

@@ -42,7 +42,11 @@ class StreamRecord:
 
     def longest_gap(self) -> float:
         """The longest gap between two tokens (the stream stopping once it had begun)."""
-        return max((b - a for a, b in zip(self.times, self.times[1:])), default=0.0)
+        return self.longest_gap_from()[0]
+
+    def longest_gap_from(self) -> tuple[float, float | None]:
+        """(the longest gap between two tokens, when it began; None without such a gap)."""
+        return max(((b - a, a) for a, b in zip(self.times, self.times[1:])), default=(0.0, None))
 
 
 # --------------------------------------------------------------------------- faults
@@ -195,10 +199,13 @@ def score_run(reference: list[StreamRecord], run: list[StreamRecord]) -> dict:
     }
 
 
-def describe_run(run: list[StreamRecord]) -> dict:
+def describe_run(run: list[StreamRecord], start: float | None = None) -> dict:
+    """A run's figures; times ``_at`` in seconds from ``start`` (default: its first request), the
+    clock of the faults' ``at``."""
     t0 = min(r.sent_at for r in run)
     t1 = max(r.ended_at or r.sent_at for r in run)
     tokens = sum(len(r.tokens) for r in run)
+    gap, began = max((r.longest_gap_from() for r in run), key=lambda g: g[0])
     return {
         "seconds": round(t1 - t0, 2),
         "tokens": tokens,
@@ -206,7 +213,8 @@ def describe_run(run: list[StreamRecord]) -> dict:
         "longest_pause": round(max(r.longest_pause() for r in run), 3),
         "longest_first_token": round(max(r.first_token() for r in run), 3),
         "first_token": percentiles([r.first_token() for r in run if r.times]),
-        "longest_gap_between_tokens": round(max(r.longest_gap() for r in run), 3),
+        "longest_gap_between_tokens": round(gap, 3),
+        "longest_gap_between_tokens_at": None if began is None else round(began - (t0 if start is None else start), 3),
         "completed": sum(r.completed for r in run),
         "failed": sum(not r.completed for r in run),
     }
@@ -242,6 +250,7 @@ DEFINITIONS = {
     "longest_first_token": "longest wait of a stream for its first token, from sending (a part of longest_pause)",
     "first_token": "the streams' waits for their first token, from sending: p50, p95 (nearest rank), max, count",
     "longest_gap_between_tokens": "longest gap between two tokens of one stream once it began (the other part)",
+    "longest_gap_between_tokens_at": "seconds from the run's start (the faults' clock) to the start of that gap",
     "pause": "per fault: the longest token gap of a stream open at the fault, among gaps ending after the fault "
     "and starting before the worker rejoined",
     "pause_from": "per fault: seconds from the fault to the start of that longest gap (negative: before the fault; "
