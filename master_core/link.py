@@ -71,7 +71,6 @@ from worker_core.wire import (
     Route,
     Routed,
     Step,
-    decode,
     encode,
 )
 
@@ -243,7 +242,7 @@ class WorkerLink:
         self._tasks: set[asyncio.Task] = set()  # every task this link started, awaited by wait_closed()
         self.weight_bytes_sent = 0
         self.max_frame_bytes = max_frame_bytes
-        self._joiner = Joiner(max_frame_bytes)  # a worker sends longer frames in pieces (worker_core.pieces)
+        self._joiner = Joiner()  # a worker sends longer frames in pieces (worker_core.pieces)
         self.state = LinkState.CONNECTING
         self.on_leave: Callable[[WorkerLink, bool], None] | None = None  # the group's handler of a Leave
         self.on_gone: Callable[[WorkerLink], None] | None = None  # told when the link is dropped as hung
@@ -579,8 +578,7 @@ class WorkerLink:
                         break
                     raise ProtocolError(f"unexpected {frame.type.name} frame")
                 self.bytes_received += len(frame.data)
-                self._joiner.max_frame = self.max_frame_bytes
-                if (msg := self._joiner.feed(decode(frame.data, self.max_frame_bytes))) is not None:
+                if (msg := self._joiner.feed(frame.data, self.max_frame_bytes)) is not None:
                     self._dispatch(msg)
             self.close_with("tunnel closed")
         except ProtocolError as e:

@@ -164,9 +164,13 @@ def _link_seconds(c: CostSnapshot, stage: int, tokens: int, logits_rows: int, lo
         inbound = 0
     if looped and stage == c.stages - 1:
         outbound += tokens * TOKEN_ID_BYTES
+    return _on_link(c, stage, outbound + (0 if c.direct_into(stage) else inbound))
+
+
+def _on_link(c: CostSnapshot, stage: int, nbytes: int) -> float:
+    """Seconds ``nbytes`` occupy ``stage``'s link (none where its bandwidth is unlimited)."""
     bw = c.link_bandwidth[stage]
-    moved = outbound + (0 if c.direct_into(stage) else inbound)
-    return moved / bw if math.isfinite(bw) and bw > 0 else 0.0
+    return nbytes / bw if math.isfinite(bw) and bw > 0 else 0.0
 
 
 def _resource_times(
@@ -240,9 +244,7 @@ def _whole_token_seconds(c: CostSnapshot, stage: int) -> float:
     """Seconds one more token of a step occupies ``stage``'s link in a frame sent whole: the
     master's (``stage``'s input, unless a direct hop carries it)."""
     inbound, _ = step_bytes(c, stage, 1, 0)
-    bw = c.link_bandwidth[stage]
-    whole = 0 if c.direct_into(stage) else inbound
-    return whole / bw if math.isfinite(bw) and bw > 0 else 0.0
+    return _on_link(c, stage, 0 if c.direct_into(stage) else inbound)
 
 
 def _gap_tokens(c: CostSnapshot, decode_tokens: int, microbatches: int) -> float:

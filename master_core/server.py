@@ -42,7 +42,7 @@ from worker_core.address import format_address, is_loopback
 from worker_core.control import Control, Events
 from worker_core.draft_model import DraftModel
 from worker_core.pieces import Joiner
-from worker_core.wire import CloseCode, Hello, ProtocolError, decode, frame_bound
+from worker_core.wire import CloseCode, Hello, ProtocolError, frame_bound
 
 from .api import Api, error_middleware
 from .config import MasterConfig
@@ -339,12 +339,12 @@ class Master:
 
     async def _first_message(self, ws: web.WebSocketResponse) -> object:
         """A tunnel's first message (its frame may come in pieces, :mod:`worker_core.pieces`)."""
-        joiner = Joiner(self.max_frame)
+        joiner = Joiner()
         while True:
             frame = await ws.receive()
             if frame.type != WSMsgType.BINARY:
                 raise ProtocolError(f"expected Hello, got a {frame.type.name} frame")
-            if (msg := joiner.feed(decode(frame.data, self.max_frame))) is not None:
+            if (msg := joiner.feed(frame.data, self.max_frame)) is not None:
                 return msg
 
     async def _accept_tunnel(self, request: web.Request, member: str | None) -> web.StreamResponse:

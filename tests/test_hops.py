@@ -15,7 +15,7 @@ from tiny_models import make_tiny_checkpoint, reference_greedy
 from master_core.request import SamplingParams
 from master_core.scheduler import LOOP_STEPS
 from master_core.server import Master
-from worker_core import hops, pieces, session
+from worker_core import pieces
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
 from worker_core.identity import load_or_create
 from worker_core.wire import Free, Segment, Step, encode
@@ -49,8 +49,7 @@ def test_direct_and_relayed_pipelines_give_transformers_tokens_and_direct_spares
         cut.append(len(out))
         return out
 
-    monkeypatch.setattr(hops, "split", counting)
-    monkeypatch.setattr(session, "split", counting)
+    monkeypatch.setattr(pieces, "split", counting)  # what the tunnels' and hops' outboxes cut with
 
     async def main():
         async with Cluster(ckpt, workers=3) as c:

@@ -28,42 +28,43 @@ def test_a_long_frame_is_cut_into_pieces_and_joined_exactly_with_whole_frames_be
     assert len(pieces) == -(-len(frame) // wire.PART_BYTES) > 1
     parts = [decode(p) for p in pieces]
     assert all(isinstance(p, Part) for p in parts)
+    big = 1 << 28
     assert [p.last for p in parts] == [False] * (len(parts) - 1) + [True]
     assert all(len(p) <= wire.PART_BYTES + 64 for p in pieces)  # a piece's header is small
     short = encode(Free((5,)))
     assert split(short) == [short]  # a short frame goes whole
-    joiner = Joiner(1 << 28)
+    joiner = Joiner()
     got = []
-    for i, p in enumerate(parts):
-        got.append(joiner.feed(p))
+    for i, p in enumerate(pieces):
+        got.append(joiner.feed(p, big))
         if i == 2:  # a decode step's frame goes between the pieces
             assert joiner.pending > 0
-            assert joiner.feed(decode(short)) == Free((5,))
+            assert joiner.feed(short, big) == Free((5,))
     assert got[:-1] == [None] * (len(parts) - 1)
     whole = got[-1]
     assert isinstance(whole, Step) and whole == step and torch.equal(whole.tensor, step.tensor)
     assert joiner.pending == 0
     again = Result(3, 1, 0.5, 0.6, torch.randn(40, 576))  # the joiner goes on with the next frame
-    out = [joiner.feed(decode(p)) for p in split(encode(again))]
+    out = [joiner.feed(p, big) for p in split(encode(again))]
     assert out[-1] == again
 
 
 def test_bad_pieces_are_refused():
     frame = encode(_long_step())
-    pieces = [decode(p) for p in split(frame)]
+    pieces = split(frame)
     with pytest.raises(ProtocolError, match="exceeds the limit"):  # the frame in pieces is too long
-        small = Joiner(len(frame) - 1)
+        small = Joiner()
         for p in pieces:
-            small.feed(p)
-    nested = [decode(p) for p in split(b"".join(split(frame)[:2]), 4096)]  # pieces holding pieces
+            small.feed(p, len(frame) - 1)
+    nested = split(b"".join(split(frame)[:2]), 4096)  # pieces holding pieces
     with pytest.raises(ProtocolError):
-        joiner = Joiner(1 << 28)
+        joiner = Joiner()
         for p in nested:
-            joiner.feed(p)
-    torn = Joiner(1 << 28)  # a frame missing a middle piece does not decode
+            joiner.feed(p, 1 << 28)
+    torn = Joiner()  # a frame missing a middle piece does not decode
     with pytest.raises(ProtocolError):
         for p in pieces[:1] + pieces[2:]:
-            torn.feed(p)
+            torn.feed(p, 1 << 28)
 
 
 def test_a_decode_frame_goes_between_a_long_frames_pieces_on_a_slow_link():
@@ -73,12 +74,12 @@ def test_a_decode_frame_goes_between_a_long_frames_pieces_on_a_slow_link():
 
     async def main() -> tuple[list[object], dict[str, float]]:
         loop = asyncio.get_running_loop()
-        joiner = Joiner(1 << 28)
+        joiner = Joiner()
         got: list[object] = []
         arrived: dict[str, float] = {}
 
         async def deliver(frame: bytes) -> None:
-            msg = joiner.feed(decode(frame))
+            msg = joiner.feed(frame, 1 << 28)
             if msg is not None:
                 got.append(msg)
                 arrived[type(msg).__name__ + str(getattr(msg, "step_id", ""))] = loop.time()

@@ -63,9 +63,9 @@ from .bridge_dial import BridgeForwarder
 from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
 from .listen import bind, families
 from .outbox import Outbox
-from .pieces import Joiner, split
+from .pieces import Joiner, split_item
 from .shaper import LinkShaper
-from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, decode, encode
+from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, encode
 
 log = logging.getLogger("molink.hops")
 
@@ -182,12 +182,12 @@ class HopListener:
         await ws.prepare(request)
         self._open[ws] = acc.epoch
         log.info("hop from %s open (epoch %d)", request.remote, acc.epoch)
-        joiner = Joiner(self.max_frame)  # longer steps come in pieces (worker_core.pieces)
+        joiner = Joiner()  # longer steps come in pieces (worker_core.pieces)
         try:
             async for frame in ws:
                 if frame.type is not WSMsgType.BINARY:
                     raise ProtocolError(f"unexpected {frame.type.name} frame on a hop")
-                if (msg := joiner.feed(decode(frame.data, self.max_frame))) is None:
+                if (msg := joiner.feed(frame.data, self.max_frame)) is None:
                     continue
                 if not isinstance(msg, Step) or msg.epoch != acc.epoch:
                     raise ProtocolError(f"a hop carries steps of epoch {acc.epoch} only, got {type(msg).__name__}")
@@ -373,11 +373,9 @@ async def _nothing() -> None:
 
 
 def _in_pieces(item: tuple[bytes, Callable[[], Awaitable[None]]]) -> list[tuple[bytes, Callable[[], Awaitable[None]]]]:
-    """A step's frame in pieces (:mod:`worker_core.pieces`): if the hop goes down before its last
-    piece left, the step's fallback runs once (the next stage drops the pieces it had)."""
-    frame, fallback = item
-    *first, last = split(frame)
-    return [*((p, _nothing) for p in first), (last, fallback)]
+    """A step's frame in pieces: if the hop goes down before its last piece left, the step's
+    fallback runs once (the next stage drops the pieces it had)."""
+    return split_item(item, _nothing)
 
 
 def _say(e: BaseException, timeout: float) -> str:

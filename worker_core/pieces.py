@@ -12,11 +12,13 @@ decode frame waits for one piece.
   frames, each an encoded message of its own; a shorter frame is returned whole.  A sender
   sends one frame's pieces in order and a piece of no other frame between them (whole frames
   may go between them: :class:`~worker_core.outbox.Outbox` with ``split``).
-* :class:`Joiner` is the receiving end of one connection: ``feed(msg)`` takes each decoded
-  message; a ``Part`` is kept until its frame's last piece, and then the whole frame is decoded
-  and returned; any other message is returned as it is; ``None`` while a frame is incomplete.
-  A frame in pieces larger than ``max_frame``, or a piece of a piece, is a
-  :class:`~worker_core.wire.ProtocolError` (the connection closes, as for any bad frame).
+* :func:`split_item` does that for an outbox's item, a frame and what goes with it (a future to
+  resolve, a fallback to run): that goes with the last piece, ``filler`` with the others.
+* :class:`Joiner` is the receiving end of one connection: ``feed(frame, max_frame)`` decodes
+  each frame; a ``Part`` is kept until its frame's last piece, and then the whole frame is
+  decoded and returned; any other message is returned as it is; ``None`` while a frame is
+  incomplete.  A frame (whole or in pieces) larger than ``max_frame``, or a piece of a piece, is
+  a :class:`~worker_core.wire.ProtocolError` (the connection closes, as for any bad frame).
 
 Who cuts: a worker, for what it sends the master (its tunnel's outbox) and the next stage (a
 direct hop's).  The master sends its frames whole: where the pipeline is relayed, a step it
@@ -29,8 +31,12 @@ The emulated links (:mod:`worker_core.shaper`) pass one frame at a time, as the 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from . import wire
 from .wire import Message, Part, ProtocolError, decode, encode
+
+X = TypeVar("X")
 
 PART_BYTES = wire.PART_BYTES  # bytes of a frame in one piece (at most wire.PART_BYTES; tests make it smaller)
 
@@ -46,11 +52,17 @@ def split(frame: bytes, size: int | None = None) -> list[bytes]:
     return [encode(Part(bytes(view[i : i + size]), i + size >= len(frame))) for i in starts]
 
 
+def split_item(item: tuple[bytes, X], filler: X) -> list[tuple[bytes, X]]:
+    """An outbox's item (a frame, what goes with it) in pieces: that goes with the last one."""
+    frame, companion = item
+    *first, last = split(frame)
+    return [*((p, filler) for p in first), (last, companion)]
+
+
 class Joiner:
     """Joins the pieces arriving on one connection (see the module docstring)."""
 
-    def __init__(self, max_frame: int) -> None:
-        self.max_frame = max_frame
+    def __init__(self) -> None:
         self._parts: list[bytes] = []
         self._size = 0
 
@@ -59,19 +71,20 @@ class Joiner:
         """Bytes of a frame whose last piece has not arrived."""
         return self._size
 
-    def feed(self, msg: Message) -> Message | None:
+    def feed(self, frame: bytes, max_frame: int) -> Message | None:
+        msg = decode(frame, max_frame)
         if not isinstance(msg, Part):
             return msg
         self._size += len(msg.data)
-        if self._size > self.max_frame:
-            raise ProtocolError(f"a frame in pieces exceeds the limit of {self.max_frame} bytes")
+        if self._size > max_frame:
+            raise ProtocolError(f"a frame in pieces exceeds the limit of {max_frame} bytes")
         self._parts.append(msg.data)
         if not msg.last:
             return None
-        frame = b"".join(self._parts)
+        joined = b"".join(self._parts)
         self._parts.clear()
         self._size = 0
-        whole = decode(frame, self.max_frame)
+        whole = decode(joined, max_frame)
         if isinstance(whole, Part):
             raise ProtocolError("a frame in pieces holds a piece")
         return whole

@@ -53,7 +53,7 @@ from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
 from .interleave import LayerClock
 from .outbox import Outbox
-from .pieces import split
+from .pieces import split_item
 from .quantize import Precision
 from .sampling import candidates, draw, token_generator
 from .shaper import LinkShaper
@@ -639,9 +639,7 @@ class Session:
 
 def _in_pieces(item: tuple[bytes, asyncio.Future | None]) -> list[tuple[bytes, asyncio.Future | None]]:
     """A frame for the master in pieces (:mod:`worker_core.pieces`); its sender is told once the last left."""
-    frame, sent = item
-    *first, last = split(frame)
-    return [*((p, None) for p in first), (last, sent)]
+    return split_item(item, None)
 
 
 def every_core(work: Callable[..., T]) -> Callable[..., T]:
