@@ -509,13 +509,13 @@ class Engine:
             # the master drafts (the loop-back does not draft, or the last stage holds no draft
             # model yet): every step first, as drafting decides whether it loops; else a loop drafts
             on_master = self.speculative and not self._drafts_in_loop
-            loop, ks, reserve = (0, [], []) if on_master else self._loop_steps(chunks, reqs)
+            loop, ks, reserve = (0, [], []) if on_master else self._loop_steps(chunks, reqs, costs, slots)
             if self.speculative and not loop:  # the master drafts (and verifies) this step
                 chunks, reqs = await self._draft(chunks, reqs)
                 if not chunks:
                     continue
                 if on_master:
-                    loop, ks, reserve = self._loop_steps(chunks, reqs)
+                    loop, ks, reserve = self._loop_steps(chunks, reqs, costs, slots)
             elif any(ks):  # the loop's first step drafts too, from the same lookup, here
                 chunks = first_drafts(chunks, reqs, ks, loop, self.context_length, self.config.max_batch_tokens)
             epoch, stages = self.group.epoch, list(self.group.stages)  # after drafting: it may await
@@ -690,14 +690,19 @@ class Engine:
             self.kv.fit(self.running.values(), added)
         return out, reqs
 
-    def _loop_steps(self, chunks: list[Chunk], reqs: list[Request]) -> tuple[int, list[int], list[int]]:
+    def _loop_steps(
+        self, chunks: list[Chunk], reqs: list[Request], costs: CostSnapshot | None, slots: int
+    ) -> tuple[int, list[int], list[int]]:
         """How many steps after this one the last stage may feed back to the first on its own
         (``Step.loop``, drawing each token as the master would: ``wire.Draw``), skipping the
         master's two crossings per token: only where every hop and the loop-back are direct,
         no request of the micro-batch has presence or frequency penalties (they need the output,
         which the last stage does not see), each gets a new token from this step, and a lane is
         left for the master (a looping lane takes no slot, :func:`~master_core.scheduler.lanes_open`:
-        another lane admits arrivals and prefills them meanwhile).  Bounded by each request's
+        another lane admits arrivals and prefills them meanwhile), and, once the looping lanes fill
+        the ``slots``, another loop would not only wait for the busiest resource (the streams then
+        go together on the master's lanes, :func:`~master_core.scheduler.loop_steps`, with the
+        ``costs``).  Bounded by each request's
         ``max_tokens`` and context, and by the KV the running requests leave free.  With
         speculation by prompt lookup the last stage drafts inside the loop: per request, the
         drafts it may make per step (its :class:`~master_core.speculation.Speculator`'s budget, cut
@@ -717,7 +722,7 @@ class Engine:
                 return 0, [], []
         left = [min(r.params.max_tokens - len(r.output), self.context_length - len(r.tokens)) for r in reqs]
         room = self.kv.room(self.running.values())
-        n = max(0, min(loop_steps(self.policy, self._looping_lanes, left), room // max(1, len(chunks))))
+        n = max(0, min(loop_steps(self.policy, costs, self._looping_lanes, slots, left), room // max(1, len(chunks))))
         if not n:
             return 0, [], []
         ks = [self._loop_k(r, n) for r in reqs]

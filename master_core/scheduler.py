@@ -408,14 +408,29 @@ def next_microbatch(
     )
 
 
-def loop_steps(p: Policy, looping: int, left: Sequence[int]) -> int:
+def loop_steps(p: Policy, costs: CostSnapshot | None, looping: int, slots: int, left: Sequence[int]) -> int:
     """Steps after this one that the last stage may feed back on its own (where the pipeline
     loops back) for a micro-batch whose requests may each still take ``left`` tokens, this
-    step's included: at most ``LOOP_STEPS``, and none while ``looping`` lanes already loop and
-    only one would be left for the master (it admits arrivals and prefills them meanwhile)."""
+    step's included: at most ``LOOP_STEPS``.  None while ``looping`` lanes already loop and only
+    one would be left for the master (it admits arrivals and prefills them meanwhile); none
+    either once the looping lanes fill the ``slots`` and one more such micro-batch would only
+    wait for the busiest resource (:func:`_idle_room`).  A loop keeps its micro-batch as it
+    began (nobody joins it): streams that arrived one by one would each loop alone, as many
+    micro-batches as streams, each paying a step's fixed cost at every stage; back on the
+    master's lanes they go together."""
     if looping + 1 >= p.max_microbatches or not left:
         return 0
+    if looping >= slots and costs is not None and not _idle_room(costs, looping + 1, len(left)):
+        return 0
     return max(0, min(LOOP_STEPS, *(n - 1 for n in left)))
+
+
+def _idle_room(c: CostSnapshot, k: int, tokens: int) -> bool:
+    """Do ``k`` looped micro-batches of ``tokens`` decode steps leave the busiest resource (a
+    device, or a link) idle part of a trip (a latency-bound pipeline), so that the last of them
+    does not just queue behind the others?"""
+    cycle, bottleneck = cycle_time(c, tokens, tokens, looped=True)
+    return k * bottleneck < cycle
 
 
 def lanes_open(slots: int, looping: int) -> int:

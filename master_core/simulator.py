@@ -231,7 +231,7 @@ class _Run:
             reqs = [self.running[ch.request_id] for ch in plan]
             ends = all(ch.want_logits and ch.start + ch.length == r.tokens for ch, r in zip(plan, reqs))
             left = [r.spec.output_tokens - r.generated for r in reqs]
-            loop = loop_steps(self.policy, self.looping, left) if c.loop_back and ends else 0
+            loop = loop_steps(self.policy, c, self.looping, slots, left) if c.loop_back and ends else 0
             for ch, r in zip(plan, reqs):
                 r.scheduled = ch.start + ch.length + loop
                 r.in_flight += 1

@@ -206,9 +206,49 @@ def test_a_looping_request_loops_at_most_loop_steps_then_the_master_sends_again(
     assert looped["tpot_p50"] == pytest.approx(0.150)
     assert looped["tpot_p99"] == pytest.approx(0.192)  # the last one's result back, then a trip from the master
     full = policy("full", 1024)
-    assert loop_steps(full, 0, [20, 3]) == 2  # the shortest request bounds the loop
-    assert loop_steps(full, full.max_microbatches - 1, [20]) == 0  # the last lane is the master's
+    assert loop_steps(full, None, 0, 2, [20, 3]) == 2  # the shortest request bounds the loop
+    last = full.max_microbatches - 1
+    assert loop_steps(full, None, last, full.max_microbatches, [20]) == 0  # the last lane is the master's
     assert lanes_open(2, 0) == 2 and lanes_open(2, 3) == 5  # a looping lane needs no slot
+
+
+def one_cpu(stages: int = 4) -> SimModel:
+    """``stages`` stages on one CPU that runs 2 steps at once, 10 ms a step + 0.5 ms a token each,
+    2 ms round trips, every hop direct and the loop-back too: compute-bound."""
+    c = CostSnapshot(
+        (0.01,) * stages,
+        (0.0005,) * stages,
+        (0.002,) * stages,
+        (1e9,) * stages,
+        2304,
+        516,
+        devices=(0,) * stages,
+        device_slots=(2,),
+        direct=(True,) * (stages - 1),
+        loop_back=True,
+    )
+    return SimModel(c, kv_tokens=100_000)
+
+
+def test_streams_arriving_one_by_one_go_together_where_the_stages_share_a_cpu():
+    """A loop keeps its micro-batch as it began, so streams that arrive one by one would each
+    loop alone: 8 micro-batches of one stream, each paying every stage's fixed cost on the CPU
+    they share (every step carried one token: 320 steps, 46 tokens/s when written).  Once the
+    looping lanes fill the slots and the CPU, the others go back to the master and together."""
+    arriving = [BenchRequest(0.07 * i, 16, 40) for i in range(8)]
+    full = policy("full", 1024)
+    shared = simulate(one_cpu(), arriving, full)
+    assert shared["output_tokens"] == 320
+    assert shared["steps"] <= 0.6 * 320, shared["steps"]
+    assert shared["output_tokens_per_s"] >= 70, shared["output_tokens_per_s"]
+    c = one_cpu().costs
+    assert loop_steps(full, c, 1, 2, [20]) == 8  # the slots are not full
+    assert loop_steps(full, c, 2, 2, [20]) == 0  # full, and a third would queue at the CPU
+    # where the links, not the stages, are the bottleneck, another loop fills idle time: it loops
+    # (going back to the master would add its crossings to every token)
+    assert loop_steps(full, loop3(True).costs, 2, 2, [20]) == 8
+    alone = simulate(loop3(True), arriving, full)
+    assert alone["steps"] == alone["output_tokens"] == 320 and alone["tpot_p50"] <= 0.16
 
 
 def test_the_loop_back_speeds_up_streams_and_costs_saturated_throughput_little():

@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         # the demo, benchmark, join and admin verbs print their own story: their log is warnings unless -v
         level=logging.DEBUG if args.verbose else logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",  # steps take milliseconds
         datefmt="%H:%M:%S",
     )
     try:
