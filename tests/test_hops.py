@@ -4,6 +4,7 @@ and a hop listener that lets in only the previous stage (token, pinned certifica
 
 import asyncio
 import gc
+import socket
 
 import aiohttp
 import pytest
@@ -18,6 +19,7 @@ from master_core.server import Master
 from worker_core import pieces
 from worker_core.hops import TOKEN_HEADER, HopListener, HopUnreachable, NextHop, dial
 from worker_core.identity import load_or_create
+from worker_core.unsent import UNSENT_BYTES
 from worker_core.wire import Free, Segment, Step, encode
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 80))]
@@ -274,6 +276,8 @@ def test_a_hop_listener_lets_in_only_the_previous_stage_of_the_current_epoch(tmp
                 except HopUnreachable as e:
                     outcomes[name] = str(e)
             hop, _ = await dial(address, 1, token, me.cert_pem, prev)
+            sock = hop._ws.get_extra_info("socket")  # under TLS: the TCP socket it runs on
+            outcomes["unsent bytes kept"] = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
             fallbacks: list[int] = []
 
             async def relayed() -> None:
@@ -302,6 +306,8 @@ def test_a_hop_listener_lets_in_only_the_previous_stage_of_the_current_epoch(tmp
             await listener.stop()
 
     outcomes, got, fallbacks, down = run(main(), 60)
+    # the hop's kernel keeps few bytes unsent: a decode frame passes queued pieces (worker_core.unsent)
+    assert outcomes.pop("unsent bytes kept") == UNSENT_BYTES
     assert set(outcomes) == {
         "before any route",
         "wrong token",

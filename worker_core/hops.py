@@ -65,6 +65,7 @@ from .listen import bind, families
 from .outbox import Outbox
 from .pieces import Joiner, split_item
 from .shaper import LinkShaper
+from .unsent import keep_unsent_low
 from .wire import UNASSIGNED_FRAME_BYTES, CloseCode, ProtocolError, Step, encode
 
 log = logging.getLogger("molink.hops")
@@ -365,6 +366,7 @@ async def _open(
     except asyncio.CancelledError:
         await http.close()
         raise
+    keep_unsent_low(ws)  # the outbox orders what waits: let it wait there, not in the kernel
     return NextHop(http, ws, epoch, delay, rate), time.perf_counter() - t0
 
 

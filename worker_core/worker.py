@@ -73,6 +73,7 @@ from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
 from .session import Run, Session
 from .shaper import LinkShaper
 from .tasks import end_tasks
+from .unsent import keep_unsent_low
 from .weights import WeightCache
 from .wire import (
     DTYPE_NAMES,
@@ -241,6 +242,7 @@ async def _tunnel(
         ) as ws,
     ):
         log.info("connected to %s as %r on %s (%s)", config.master, config.name, info.device, info.name)
+        keep_unsent_low(ws)  # the outbox orders what waits: let it wait there, not in the kernel
         run.connected = True
         run.events.emit("connected", master=config.master, path=path)
         delay = config.link_delay_ms / 1000.0
