@@ -1,0 +1,159 @@
+"""A decode frame behind a prefill frame's pieces on a shaped link, with and without few unsent bytes.
+
+Contract
+--------
+``python -m app.tools.bench.unsent [--mbps 20] [--frame-kb 2048] [--repeats 5] [--out F]`` (root)
+builds the ``upnp`` topology with every internet link shaped (tbf, both ways; no delay proxy: its
+TCP would end at the router, and the sender's socket would never meet the shaped link) and runs a
+WebSocket receiver on ``pub``.  From host ``b`` (home b, behind its router's NAT) a sender opens one
+WebSocket per way and ``--repeats`` times queues a frame of ``--frame-kb`` KiB in a
+:class:`~worker_core.outbox.Outbox` that sends it in pieces of ``PART_BYTES`` (a stage's prefill
+output), waits ``AFTER`` seconds, queues a 64-byte frame as urgent (a decode step's) and times
+until the receiver's answer to it arrives (the answer crosses the idle way back: a few ms).  The
+ways: ``kernel`` (the socket as the OS makes it) and ``low``
+(:func:`worker_core.unsent.keep_unsent_low`).  It reports per way the urgent frame's waits and the
+big frame's seconds, as JSON on stdout (and in ``--out``).  Everything runs in the lab, which is
+removed at the end.  ``--role receive|send`` are its two halves, run inside the lab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from app.tools.netlab.joinbench import _line, _stop
+from app.tools.netlab.lab import Lab
+from worker_core.outbox import Outbox
+from worker_core.unsent import keep_unsent_low
+from worker_core.wire import PART_BYTES
+
+ROOT = Path(__file__).resolve().parents[3]
+PORT = 7790
+AFTER = 0.5  # seconds between queueing the big frame and the urgent one: the pieces are on their way
+PIECE, LAST, URGENT = b"p", b"l", b"u"  # a piece, a frame's last piece, an urgent frame
+WAYS = ("kernel", "low")
+
+
+async def receive(port: int) -> None:
+    """Answer an urgent frame at once with "u" and a big frame's last piece with "l"."""
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=1 << 20)
+        await ws.prepare(request)
+        async for msg in ws:
+            tag = msg.data[:1]
+            if tag in (URGENT, LAST):
+                await ws.send_str(tag.decode())
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    print("listening", flush=True)
+    await asyncio.Event().wait()
+
+
+def _pieces(frame: bytes) -> list[bytes]:
+    cut = [frame[i : i + PART_BYTES] for i in range(0, len(frame), PART_BYTES)]
+    return [PIECE + c for c in cut[:-1]] + [LAST + cut[-1]]
+
+
+async def send(url: str, low: bool, frame_kb: int, repeats: int) -> dict:
+    """One way's repeats: the urgent frame's waits (s) and the big frame's seconds."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=1 << 20) as ws:
+        set_low = keep_unsent_low(ws) if low else False
+        outbox: Outbox[bytes] = Outbox(ws.send_bytes, _pieces)
+        answers: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+
+        async def read() -> None:
+            async for msg in ws:
+                answers.put_nowait((msg.data, time.monotonic()))
+
+        reader = asyncio.ensure_future(read())
+        waits, whole = [], []
+        try:
+            for _ in range(repeats):
+                t0 = time.monotonic()
+                outbox.put(b"x" * (frame_kb * 1024))
+                await asyncio.sleep(AFTER)
+                t1 = time.monotonic()
+                outbox.put(URGENT + b"." * 63, urgent=True)
+                got: dict[str, float] = {}
+                while len(got) < 2:
+                    tag, at = await asyncio.wait_for(answers.get(), 120)
+                    got[tag] = at
+                waits.append(round(got["u"] - t1, 4))
+                whole.append(round(got["l"] - t0, 3))
+        finally:
+            reader.cancel()
+            await outbox.close()
+        return {"unsent_low": set_low, "urgent_wait_s": waits, "big_frame_s": whole}
+
+
+def measure(mbps: float, frame_kb: int, repeats: int) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    me = [sys.executable, "-m", "app.tools.bench.unsent"]
+    with Lab.up("unsent", "upnp", mbps=mbps) as lab:
+        receiver = lab.spawn("pub", [*me, "--role", "receive"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, cwd=str(ROOT))  # fmt: skip
+        try:
+            _line(receiver, "listening", 60)
+            url = f"http://{lab.address('pub')}:{PORT}/"
+            ways = {}
+            for way in WAYS:
+                argv = [*me, "--role", "send", "--url", url, "--way", way, "--frame-kb", str(frame_kb),
+                        "--repeats", str(repeats)]  # fmt: skip
+                done = subprocess.run(lab.argv("b", argv), capture_output=True, text=True, env=env, cwd=str(ROOT),
+                                      timeout=120 + repeats * 60)  # fmt: skip
+                if done.returncode != 0:
+                    raise RuntimeError(f"the sender failed: {done.stderr.strip()[-400:]}")
+                ways[way] = json.loads(done.stdout)
+        finally:
+            _stop([receiver])
+    for w in ways.values():
+        w["urgent_wait_median_s"] = round(statistics.median(w["urgent_wait_s"]), 4)
+    return {
+        "command": " ".join(["python -m app.tools.bench.unsent", *sys.argv[1:]]),
+        "config": {"mbps": mbps, "frame_kb": frame_kb, "repeats": repeats, "piece_bytes": PART_BYTES, "after_s": AFTER},
+        "ways": ways,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m app.tools.bench.unsent", description=__doc__.split("\n")[0])
+    ap.add_argument("--mbps", type=float, default=20.0)
+    ap.add_argument("--frame-kb", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--role", choices=("receive", "send"))
+    ap.add_argument("--url")
+    ap.add_argument("--way", choices=WAYS)
+    args = ap.parse_args(argv)
+    if args.role == "receive":
+        asyncio.run(receive(PORT))
+        return 0
+    if args.role == "send":
+        print(json.dumps(asyncio.run(send(args.url, args.way == "low", args.frame_kb, args.repeats))))
+        return 0
+    report = measure(args.mbps, args.frame_kb, args.repeats)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
