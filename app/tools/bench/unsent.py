@@ -44,8 +44,8 @@ PIECE, LAST, URGENT = b"p", b"l", b"u"  # a piece, a frame's last piece, an urge
 WAYS = ("kernel", "low")
 
 
-async def receive(port: int) -> None:
-    """Answer an urgent frame at once with "u" and a big frame's last piece with "l"."""
+async def serve(host: str, port: int) -> web.AppRunner:
+    """The receiver: answers an urgent frame at once with "u" and a big frame's last piece with "l"."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=1 << 20)
@@ -60,7 +60,12 @@ async def receive(port: int) -> None:
     app.router.add_get("/", handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", port).start()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def receive(port: int) -> None:
+    await serve("0.0.0.0", port)  # inside the lab: its addresses exist only there
     print("listening", flush=True)
     await asyncio.Event().wait()
 
