@@ -137,7 +137,7 @@ def measure(mbps: float, frame_kb: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m app.tools.bench.unsent", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m app.tools.bench.unsent", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--mbps", type=float, default=20.0)
     ap.add_argument("--frame-kb", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5)
