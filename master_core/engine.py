@@ -82,7 +82,6 @@ from .scheduler import (
     Candidate,
     Chunk,
     KVView,
-    MicrobatchTuner,
     Policy,
     admit_and_preempt,
     cycle_time,
@@ -96,6 +95,7 @@ from .shadow import Shadow
 from .speculation import Speculator, apply_drafts, draft_caps, inputs, lookup_drafts, verify
 from .standby import Rebuilt
 from .text import TextStream
+from .tuner import MicrobatchTuner
 
 log = logging.getLogger("molink.engine")
 

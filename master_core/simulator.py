@@ -5,7 +5,7 @@ Contract
 ``simulate(model, workload, policy)`` replays a workload (:mod:`master_core.workload`)
 against a modelled pipeline and returns the same metrics the real benchmark reports.  The
 decisions — admission and preemption, micro-batches in flight (the cost model's count, tuned
-online by :class:`~master_core.scheduler.MicrobatchTuner` from what the steps deliver, as the
+online by :class:`~master_core.tuner.MicrobatchTuner` from what the steps deliver, as the
 engine's), which requests and how many prefill tokens go in each micro-batch, how many steps a
 micro-batch loops back — are made by :mod:`master_core.scheduler`, exactly as the engine makes
 them, with the same inputs: the micro-batches carrying prefill in flight (``prefilling``), the
@@ -51,7 +51,6 @@ from .scheduler import (
     Candidate,
     Chunk,
     KVView,
-    MicrobatchTuner,
     Policy,
     admit_and_preempt,
     lanes_open,
@@ -60,6 +59,7 @@ from .scheduler import (
     next_microbatch,
 )
 from .sim_pipeline import Clock, Pipeline, SimStep
+from .tuner import MicrobatchTuner
 from .workload import BenchRequest, summarize
 
 

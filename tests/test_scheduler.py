@@ -12,7 +12,6 @@ from master_core.scheduler import (
     Candidate,
     Chunk,
     KVView,
-    MicrobatchTuner,
     admit_and_preempt,
     chunk_tokens,
     cycle_time,
@@ -25,6 +24,7 @@ from master_core.scheduler import (
     prefill_step_tokens,
 )
 from master_core.simulator import SimModel, simulate
+from master_core.tuner import MicrobatchTuner
 from master_core.workload import make_workload
 
 HIDDEN = 8192 * 2  # a 70B-class model in fp16: bytes per token between stages
