@@ -36,7 +36,8 @@ Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes t
 * :func:`step_bytes` — the byte model of one step on each stage's link (shared with the
   simulator).
 * :func:`loop_steps` — how many steps a decode micro-batch runs on its own once sent, where
-  the last stage feeds its drawn tokens straight back (``CostSnapshot.loop_back``); the cost
+  the last stage feeds its drawn tokens straight back (``CostSnapshot.loop_back``); once the
+  looping micro-batches fill the count, only where the busiest resource would idle; the cost
   model counts the crossings such a step makes (:func:`cycle_time` with ``looped``): the
   master's two are skipped, the loop-back hop is paid.
 * :func:`admit_and_preempt` — KV admission control: admit waiting requests while every
