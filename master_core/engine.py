@@ -138,6 +138,7 @@ class Engine:
         self._wake = asyncio.Event()  # a step ended or the load changed: busy lanes look again
         self._load = asyncio.Event()  # a request arrived, or the policy or pipeline changed: idle lanes look again
         self._profiled = asyncio.Event()  # the current pipeline's start-up profile is done
+        self._replaced = asyncio.Event()  # the pipeline was replaced (a new epoch): run() looks again
         self.clock = time.monotonic
         self.direct = True  # use the group's direct hops (off: relay every hop; benchmarks compare both)
         self.loop_back = True  # let the last stage feed its drawn tokens straight back (benchmarks compare)
@@ -273,6 +274,7 @@ class Engine:
         for exp in self._looping:  # steps fed back on the old pipeline: their lanes stop waiting now
             exp.fail(LinkGone("the pipeline was replaced"))
         self._profiled.clear()  # the new pipeline is profiled before it serves
+        self._replaced.set()
         self._wake.set()
         self._load.set()
 
@@ -367,7 +369,8 @@ class Engine:
 
     async def run(self) -> None:
         """Keep one lane task per micro-batch slot alive until cancelled; profile each new
-        pipeline.  Cancelled: cancel every lane and wait for them."""
+        pipeline, and rebuild a repaired one, as soon as it serves (the lanes wait for that; the
+        supervision's period is for the lanes alone).  Cancelled: cancel every lane and wait for them."""
         lanes: dict[int, asyncio.Task] = {}
         profiled = -1
         background: set[asyncio.Task] = {asyncio.create_task(self.shadow.run()), asyncio.create_task(self.copies.run())}
@@ -391,9 +394,23 @@ class Engine:
                         log.error("lane %d crashed: %r", i, t.exception())
                     if t is None or t.done():
                         lanes[i] = asyncio.create_task(self._lane(i))
-                await asyncio.sleep(LANE_SUPERVISION)
+                # no sooner than that, unless another pipeline serves: a repaired one's streams wait for its rebuild
+                waiter = asyncio.ensure_future(self._another_pipeline(profiled))
+                try:
+                    await asyncio.wait({waiter}, timeout=LANE_SUPERVISION)
+                finally:
+                    waiter.cancel()
         finally:
             await end_tasks([*lanes.values(), *background])  # lanes await wait_for: a single cancel can be swallowed
+
+    async def _another_pipeline(self, profiled: int) -> None:
+        """Return once the group serves a pipeline other than epoch ``profiled``'s."""
+        while not (self.group.serving and self.group.epoch != profiled):
+            if not self.group.serving:
+                await self.group.wait_serving()
+                continue
+            self._replaced.clear()  # serving epoch ``profiled``: wait for its replacement
+            await self._replaced.wait()
 
     def _check_capacity(self, now: float) -> None:
         """End every request with a 503-type error once the group has been unable to serve

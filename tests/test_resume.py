@@ -11,6 +11,7 @@ import pytest
 from harness import Cluster, greedy, run, until, without_copies
 from tiny_models import make_tiny_checkpoint, reference_greedy
 
+from master_core.engine import PROFILE_REQUEST_ID
 from worker_core.session import Session
 
 PROMPTS = [list(range(30, 78)), list(range(90, 131))]  # 48 and 41 tokens
@@ -108,10 +109,20 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
     if not copied:  # nor does a stage keep a copy of the next one's layers (it would take the range)
         monkeypatch.setattr(Group, "shadow_target", lambda self: None)
         without_copies(monkeypatch)
+    # the engine's supervision looks only this often: the rebuild must not wait for it
+    monkeypatch.setattr("master_core.engine.LANE_SUPERVISION", 30.0)
+    rebuilds: list[float] = []  # when the engine began each pipeline's rebuild (or found none to do)
 
     async def main():
         async with Cluster(ckpt, workers=3, worker_options=slow) as c:
             g, e = c.master.group, c.engine
+            rebuild = e._rebuild_lost
+
+            async def timed() -> bool:
+                rebuilds.append(time.monotonic())
+                return await rebuild()
+
+            e._rebuild_lost = timed
             # a much slower link than the stages': it stands by (at 20 ms beside stages of 15 ms the
             # planner sometimes gave it a stage)
             c.add_worker("spare", link_delay_ms=80 if copied else 20)
@@ -152,7 +163,9 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
                 return f"group {g.state.name} epoch {g.epoch} stages {stages} repairs {g.repairs} links {links}"
 
             await until(lambda: bool(g.serving and g.stages and g.stages[lost].name == "spare"), 60, where, 0.005)
+            served = time.monotonic()
             await until(lambda: e.rebuilt_requests > 0 or e.replays > 0, 60, where, 0.005)
+            waited = rebuilds[-1] - served  # from the repaired pipeline serving to its rebuild (within 5 ms)
             still = {key: s.runner.kv.get(key[1]) for s in _sessions() for key in caches if key[0] == id(s.runner)}
             same_ids = {r.id: r.kv_id for r in e.running.values()} == kv_ids
             got = await asyncio.wait_for(asyncio.gather(*gens), 60)
@@ -164,10 +177,12 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             left = [len(s.runner.kv) for s in _sessions()]
-            return [r[0] for r in got], names, survivors, counts, same_ids, kept, len(still), e.rebuilt_held, left
+            outs = [r[0] for r in got]
+            return outs, names, survivors, counts, same_ids, kept, len(still), e.rebuilt_held, left, waited
 
-    got, names, survivors, counts, same_ids, kept, alive, held, left = run(main())
+    got, names, survivors, counts, same_ids, kept, alive, held, left, waited = run(main())
     repairs, rebuilt, restarts, replays, positions = counts
+    assert waited < 0.5, f"the rebuild began {waited:.2f} s after the repaired pipeline served"
     assert got == want
     assert names[lost] == "spare" and [n for i, n in enumerate(names) if i != lost] == survivors
     assert (repairs, rebuilt, restarts, replays) == (1, 2, 0, 0), counts
@@ -848,7 +863,8 @@ def test_a_newcomers_re_plan_narrows_the_old_stages_out_of_the_layers_they_hold(
 
             await until(lambda: g.serving and len(g.stages) == 3, 60, where)
             after = {s.config.name: s.runner for s in _sessions()}
-            caches = {name: len(r.kv) for name, r in after.items()}
+            # (the new pipeline's start-up profile, which may be on its way already, is no carried cache)
+            caches = {name: sum(k != PROFILE_REQUEST_ID for k, _ in r.kv.items()) for name, r in after.items()}
             got = [(await e.generate(p, greedy(NEW)))[0] for p in PROMPTS]
             return first, got, before, {name: r.shard for name, r in after.items()}, (kept, caches)
 
