@@ -6,11 +6,12 @@ Contract
 builds the ``upnp`` topology with every internet link shaped (tbf, both ways; no delay proxy: its
 TCP would end at the router, and the sender's socket would never meet the shaped link) and runs a
 WebSocket receiver on ``pub``.  From host ``b`` (home b, behind its router's NAT) a sender opens one
-WebSocket per way and ``--repeats`` times queues a frame of ``--frame-kb`` KiB in a
-:class:`~worker_core.outbox.Outbox` that sends it in pieces of ``PART_BYTES`` (a stage's prefill
-output), waits ``AFTER`` seconds, queues a 64-byte frame as urgent (a decode step's) and times
-until the receiver's answer to it arrives (the answer crosses the idle way back: a few ms).  The
-ways: ``kernel`` (the socket as the OS makes it) and ``low``
+WebSocket per way and ``--repeats`` times queues a ``Result`` frame of ``--frame-kb`` KiB in a
+:class:`~worker_core.outbox.Outbox` that sends it as ``Part`` frames
+(:func:`~worker_core.pieces.split`: a stage's prefill output), waits ``AFTER`` seconds, queues a
+small ``Result`` as urgent (a decode step's) and times until the receiver (joining the pieces,
+:class:`~worker_core.pieces.Joiner`) has answered it (the answer crosses the idle way back: a few
+ms).  The ways: ``kernel`` (the socket as the OS makes it) and ``low``
 (:func:`worker_core.unsent.keep_unsent_low`).  It reports per way the urgent frame's waits and the
 big frame's seconds, as JSON on stdout (and in ``--out``).  Everything runs in the lab, which is
 removed at the end.  ``--role receive|send`` are its two halves, run inside the lab.
@@ -29,31 +30,34 @@ import time
 from pathlib import Path
 
 import aiohttp
+import torch
 from aiohttp import web
 
 from app.tools.netlab.joinbench import _line, _stop
 from app.tools.netlab.lab import Lab
 from worker_core.outbox import Outbox
+from worker_core.pieces import Joiner, split
 from worker_core.unsent import keep_unsent_low
-from worker_core.wire import PART_BYTES
+from worker_core.wire import PART_BYTES, Result, encode
 
 ROOT = Path(__file__).resolve().parents[3]
 PORT = 7790
 AFTER = 0.5  # seconds between queueing the big frame and the urgent one: the pieces are on their way
-PIECE, LAST, URGENT = b"p", b"l", b"u"  # a piece, a frame's last piece, an urgent frame
+BIG, URGENT = 1, 2  # the step ids of the big frame and of the urgent one
 WAYS = ("kernel", "low")
 
 
 async def serve(host: str, port: int) -> web.AppRunner:
-    """The receiver: answers an urgent frame at once with "u" and a big frame's last piece with "l"."""
+    """The receiver: joins the pieces as the master does (:class:`~worker_core.pieces.Joiner`) and
+    answers each whole frame at once with its step id."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=1 << 20)
         await ws.prepare(request)
+        joiner = Joiner()
         async for msg in ws:
-            tag = msg.data[:1]
-            if tag in (URGENT, LAST):
-                await ws.send_str(tag.decode())
+            if isinstance(whole := joiner.feed(msg.data, 1 << 30), Result):
+                await ws.send_str(str(whole.step_id))
         return ws
 
     app = web.Application()
@@ -70,37 +74,34 @@ async def receive(port: int) -> None:
     await asyncio.Event().wait()
 
 
-def _pieces(frame: bytes) -> list[bytes]:
-    cut = [frame[i : i + PART_BYTES] for i in range(0, len(frame), PART_BYTES)]
-    return [PIECE + c for c in cut[:-1]] + [LAST + cut[-1]]
-
-
 async def send(url: str, low: bool, frame_kb: int, repeats: int) -> dict:
     """One way's repeats: the urgent frame's waits (s) and the big frame's seconds."""
     async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=1 << 20) as ws:
         set_low = keep_unsent_low(ws) if low else False
-        outbox: Outbox[bytes] = Outbox(ws.send_bytes, _pieces)
-        answers: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+        outbox: Outbox[bytes] = Outbox(ws.send_bytes, split)  # as a stage's outbox: in pieces
+        answers: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
+        big = encode(Result(BIG, 1, 0.0, 0.0, torch.zeros(frame_kb * 256)))  # float32: frame_kb KiB
+        urgent = encode(Result(URGENT, 1, 0.0, 0.0, torch.zeros(4)))  # a decode step's result
 
         async def read() -> None:
             async for msg in ws:
-                answers.put_nowait((msg.data, time.monotonic()))
+                answers.put_nowait((int(msg.data), time.monotonic()))
 
         reader = asyncio.ensure_future(read())
         waits, whole = [], []
         try:
             for _ in range(repeats):
                 t0 = time.monotonic()
-                outbox.put(b"x" * (frame_kb * 1024))
+                outbox.put(big)
                 await asyncio.sleep(AFTER)
                 t1 = time.monotonic()
-                outbox.put(URGENT + b"." * 63, urgent=True)
-                got: dict[str, float] = {}
+                outbox.put(urgent, urgent=True)
+                got: dict[int, float] = {}
                 while len(got) < 2:
-                    tag, at = await asyncio.wait_for(answers.get(), 120)
-                    got[tag] = at
-                waits.append(round(got["u"] - t1, 4))
-                whole.append(round(got["l"] - t0, 3))
+                    step, at = await asyncio.wait_for(answers.get(), 120)
+                    got[step] = at
+                waits.append(round(got[URGENT] - t1, 4))
+                whole.append(round(got[BIG] - t0, 3))
         finally:
             reader.cancel()
             await outbox.close()
