@@ -52,7 +52,7 @@ from enum import Enum
 import torch
 from aiohttp import WSMsgType, web
 
-from worker_core.pieces import Joiner
+from worker_core.pieces import Joiner, split
 from worker_core.wire import (
     Assign,
     Chunk,
@@ -218,6 +218,16 @@ class Expected:
             link._pending.pop(self.step_id, None)
 
 
+def _passes(msg: Message) -> bool:
+    """May ``msg`` go before frames sent earlier that still wait or are on their way in pieces?
+    A decode step (each segment one token after some already computed) needs nothing the
+    master sends after its request's prefill, which ended before it; a ``Free`` only lowers
+    what the worker holds."""
+    if isinstance(msg, Free):
+        return True
+    return isinstance(msg, Step) and bool(msg.segments) and all(s.length == 1 and s.start > 0 for s in msg.segments)
+
+
 class WorkerLink:
     def __init__(
         self,
@@ -260,7 +270,8 @@ class WorkerLink:
         self._dropped = False  # judged hung (``drop``), the tunnel kept open a while: not closed
         self._woke_at: float | None = None  # dropped as hung, then heard from again
         self._ready_waiter: asyncio.Future | None = None
-        self._send_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()  # one frame, or one piece of a longer one, onto the tunnel at a time
+        self._in_order = asyncio.Lock()  # every frame but a decode step's or a Free: in order, whole or in pieces
         self._frees: list[int] = []  # request ids to free before the next step
         self._flush_task: asyncio.Task | None = None
         self.bytes_sent = 0
@@ -296,9 +307,29 @@ class WorkerLink:
 
     # ------------------------------------------------------------------ sending
     async def _send(self, msg: Message) -> int:
+        """Send ``msg`` (raises ``LinkGone``).  A decode step's frame and a ``Free`` go at once,
+        between the pieces of a longer frame on its way (:mod:`worker_core.pieces`: a relayed
+        prefill step's hidden states, a weight chunk, a ``Fill``); every other frame waits for
+        the one before it, so they keep their order."""
         if self.state is LinkState.GONE:
             raise LinkGone(f"worker {self.name} is gone: {self.gone_reason}")
         frame = encode(msg)
+        if _passes(msg):
+            await self._put(frame)
+        else:
+            # whole, even where the caller gives up meanwhile: a piece left out would spoil the next frame
+            await asyncio.shield(self._spawn(self._put_in_order(frame)))
+        self.bytes_sent += len(frame)
+        return len(frame)
+
+    async def _put_in_order(self, frame: bytes) -> None:
+        async with self._in_order:
+            for piece in split(frame):
+                await self._put(piece)
+
+    async def _put(self, frame: bytes) -> None:
+        if self.state is LinkState.GONE:
+            raise LinkGone(f"worker {self.name} is gone: {self.gone_reason}")
         async with self._send_lock:
             try:
                 await self._send_frees_locked()
@@ -306,8 +337,6 @@ class WorkerLink:
             except (ConnectionError, RuntimeError) as e:
                 self.close_with(f"send failed: {e}")
                 raise LinkGone(f"worker {self.name}: {e}") from None
-        self.bytes_sent += len(frame)
-        return len(frame)
 
     async def assign(self, assignment: Assign, timeout: float) -> Ready:
         if not self.placeable:

@@ -42,6 +42,7 @@ from worker_core.address import format_address, is_loopback
 from worker_core.control import Control, Events
 from worker_core.draft_model import DraftModel
 from worker_core.pieces import Joiner
+from worker_core.unsent import keep_unsent_low
 from worker_core.wire import CloseCode, Hello, ProtocolError, frame_bound
 
 from .api import Api, error_middleware
@@ -351,6 +352,7 @@ class Master:
         # liveness is the link's own (pings it sends, pings it answers: master_core.link), not aiohttp's
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, compress=False, heartbeat=None, autoping=False)
         await ws.prepare(request)
+        keep_unsent_low(ws)  # a decode step goes between a longer frame's pieces (link.py): not behind the kernel's
         link: WorkerLink | None = None
         # heard while a large frame is still arriving (liveness counts bytes, not complete frames)
         on_bytes(request, lambda: link.heard_bytes() if link is not None else None)

@@ -172,7 +172,13 @@ def test_preamble_frames_parse_typed_or_say_what_is_wrong():
 # ---------------------------------------------------------------- the relay
 
 
-def test_a_registered_group_is_reached_by_fingerprint_and_by_nameplate(tmp_path):
+def test_a_registered_group_is_reached_by_fingerprint_and_by_nameplate(tmp_path, monkeypatch):
+    import worker_core.bridge_server as relay_module
+
+    kept: list[bool] = []  # each spliced socket holds few unsent bytes (worker_core.unsent)
+    real = relay_module.keep_unsent_low
+    monkeypatch.setattr(relay_module, "keep_unsent_low", lambda t: kept.append(real(t)) or kept[-1])
+
     async def main():
         async with Stage(tmp_path) as st:
             await st.still_serving()
@@ -194,6 +200,7 @@ def test_a_registered_group_is_reached_by_fingerprint_and_by_nameplate(tmp_path)
                 assert await asyncio.wait_for(r.readexactly(9), 10) == b"forwarded"
                 w.close()
             assert st.host.relayed == 4 and st.server.stats()["sessions_spliced"] == 4
+            assert kept == [True] * 8  # both ends of each of the 4 sessions
 
     run(main(), 60)
 

@@ -33,6 +33,7 @@ from worker_core.pairing import (
     parse_code,
     refusal,
 )
+from worker_core.unsent import UNSENT_BYTES
 from worker_core.worker import WorkerConfig, serve
 
 
@@ -293,6 +294,9 @@ def test_member_joining_mid_generation_waits_for_the_requests_then_gets_its_weig
 
             await member("alice")
             await asyncio.wait_for(master.group.wait_serving(), 60)
+            # the master's end of a (TLS) tunnel keeps few bytes unsent too (worker_core.unsent)
+            (sock,) = [link.ws.get_extra_info("socket") for link in master.group.links]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == UNSENT_BYTES
             gens = [asyncio.create_task(master.engine.generate(p, greedy(64))) for p in prompts]
             while master.engine.tokens_generated < 10:
                 await asyncio.sleep(0.01)

@@ -125,3 +125,54 @@ def test_a_closed_outbox_returns_the_pieces_it_never_sent_in_order():
 
     sent, left = run(main(), 10)
     assert sent == [b"aa"] and left == [b"bb", b"cc", b"dd"]
+
+
+def test_the_masters_link_sends_a_decode_step_between_a_relayed_steps_pieces():
+    """The master relays a prefill step's hidden states (about 250 kB) to a stage over a slow
+    tunnel: a decode step sent meanwhile goes between its pieces, a second long step waits for
+    the first whole (pieces never mix), and a caller that gives up mid-frame does not cut it
+    short (the worker joins every frame exactly)."""
+    from master_core.link import LinkState, WorkerLink
+    from worker_core.wire import Hello
+
+    class SlowTunnel:  # a WebSocket whose link takes 2 ms per frame
+        closed = True  # nothing for close_with to close
+
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        async def send_bytes(self, frame: bytes) -> None:
+            self.frames.append(frame)
+            await asyncio.sleep(0.002)
+
+    async def main() -> tuple[list[bytes], list[Step]]:
+        ws = SlowTunnel()
+        link = WorkerLink(ws, Hello("w", "cpu", "cpu", 10**10, 10**10, "float32"), "127.0.0.1", 1 << 28)  # type: ignore[arg-type]
+        link.move(LinkState.READY)
+        first, second = _long_step(), Step(4, 1, (Segment(2, 0, 107, False),), torch.randn(107, 576))
+        decode_step = Step(5, 1, (Segment(7, 30, 1, True), Segment(8, 12, 1, True)), torch.randn(2, 576))
+        calls = [asyncio.create_task(link.call(first))]
+        await asyncio.sleep(0.02)  # a few of its pieces are out
+        calls.append(asyncio.create_task(link.call(second)))
+        await asyncio.sleep(0)
+        calls.append(asyncio.create_task(link.call(decode_step)))
+        await asyncio.sleep(0.005)
+        calls[0].cancel()  # its caller gives up: the frame still goes out whole
+        for _ in range(300):
+            if link.bytes_sent >= sum(len(encode(s)) for s in (first, second, decode_step)):
+                break
+            await asyncio.sleep(0.01)
+        for c in calls:
+            c.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        link.close_with("test over")
+        await link.wait_closed()
+        return ws.frames, [first, second, decode_step]
+
+    frames, (first, second, decode_step) = run(main(), 20)
+    joiner = Joiner()
+    got = [(i, m) for i, f in enumerate(frames) if (m := joiner.feed(f, 1 << 28)) is not None]
+    assert [m.step_id for _, m in got] == [5, 3, 4]  # type: ignore[attr-defined]
+    assert got[0][0] < 16  # the decode step waited one piece, not the first step's 16 pieces
+    for want, (_, m) in zip((decode_step, first, second), got):
+        assert m == want and torch.equal(m.tensor, want.tensor)  # type: ignore[attr-defined]

@@ -71,6 +71,7 @@ from .bridge_wire import (
     unb64,
 )
 from .tasks import end_tasks
+from .unsent import keep_unsent_low
 
 log = logging.getLogger("molink.relay")
 
@@ -412,6 +413,8 @@ class BridgeServer:
         """Copy a->b ("up") and b->a ("down") until both ended, or the session idles or stays
         half-open too long.  Each direction is rate-limited on its own and against the total."""
         self.sessions_spliced += 1
+        for w in (a_writer, b_writer):  # what waits to cross waits in the sender's outbox, in its order
+            keep_unsent_low(w.transport)
         limits = self.limits
         last = [time.monotonic()]
         ended: list[float] = []

@@ -22,9 +22,8 @@ import contextlib
 import socket
 from typing import Any
 
-from .wire import PART_BYTES
-
-UNSENT_BYTES = 2 * PART_BYTES  # two pieces: the kernel always has the next one to send
+UNSENT_BYTES = 32 * 1024  # two pieces (wire.PART_BYTES): the kernel always has the next one to send
+# (no import of wire here: the relay, molink relay, sets it too and runs without torch)
 _LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 
 

@@ -43,12 +43,13 @@ from typing import Any
 import torch
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")  # Assign.quantize (worker_core.quantize.Precision)
-PROTOCOL_VERSION = 12  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
+PROTOCOL_VERSION = 13  # 3: Leave; 4: TensorSpec.gguf_type; 5: Hello.machine, .threads; 6: direct hops; 7: Recall;
 # 8: Assign.tapes (a standby keeps its copy of the caches for the range it takes, master_core.shadow), Routed.moved;
 # 9: Fill (a stage that took over its lost neighbour's layers computes their caches);
 # 10: Assign.copy_end (a stage keeps a copy of the next stage's layers and caches);
 # 11: Assign.copy_first (the second stage keeps a copy of the first stage's too);
-# 12: Part (a longer frame sent in pieces, worker_core.pieces, so a decode step's frame goes between them)
+# 12: Part (a longer frame sent in pieces, worker_core.pieces, so a decode step's frame goes between them);
+# 13: the master sends in pieces too (a relayed step, a weight chunk, a Fill), master_core.link
 MAGIC = b"MLK"
 _PREFIX = struct.Struct(">3sBBI")  # magic, version, kind, header_len
 

@@ -67,6 +67,7 @@ from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, on
 from .hops import HopListener
 from .inbox import Inbox
 from .listen import EVERY_INTERFACE
+from .pieces import Joiner
 from .portmap import PortMapper
 from .portmap.pinhole import Pinholer
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
@@ -84,7 +85,6 @@ from .wire import (
     Leave,
     ProtocolError,
     Step,
-    decode,
 )
 
 log = logging.getLogger("molink.worker")
@@ -258,9 +258,13 @@ async def _tunnel(
                 return
             queue.put_nowait(step, time.perf_counter())
 
+        joiner = Joiner()  # the master sends longer frames in pieces too (worker_core.pieces)
+
         async def arrive(data: bytes) -> None:
+            msg: object
             try:
-                msg: object = decode(data, session.max_frame)
+                if (msg := joiner.feed(data, session.max_frame)) is None:
+                    return  # a piece: the frame is not whole yet
             except ProtocolError as e:
                 msg = e
             if isinstance(msg, Chunk):  # weights arrive while an Assign is being handled

@@ -123,6 +123,7 @@ async def _fake_stage(address: str, name: str, folder: Path, rows: _Rows, busy: 
     import torch
 
     from master_core.model_dims import ModelDims
+    from worker_core.pieces import Joiner
     from worker_core.wire import (
         MAX_FRAME_BYTES,
         Assign,
@@ -132,7 +133,6 @@ async def _fake_stage(address: str, name: str, folder: Path, rows: _Rows, busy: 
         Ready,
         Result,
         Step,
-        decode,
         encode,
     )
 
@@ -144,11 +144,13 @@ async def _fake_stage(address: str, name: str, folder: Path, rows: _Rows, busy: 
         http.ws_connect(f"ws://{address}/v1/tunnel", max_msg_size=MAX_FRAME_BYTES, compress=0, heartbeat=5.0) as ws,
     ):
         await ws.send_bytes(encode(Hello(name, "cpu", "fake stage", FAKE_MEMORY, FAKE_MEMORY, "float32")))
+        joiner = Joiner()
         async for frame in ws:
             if frame.type is not aiohttp.WSMsgType.BINARY:
                 break
             t0 = time.perf_counter()
-            msg = decode(frame.data, MAX_FRAME_BYTES)
+            if (msg := joiner.feed(frame.data, MAX_FRAME_BYTES)) is None:
+                continue  # a piece of a longer frame (worker_core.pieces)
             if isinstance(msg, Assign):
                 epoch, last = msg.epoch, msg.layer_end == msg.num_layers
                 await ws.send_bytes(encode(Ready(msg.epoch, dims.hidden_size, dims.vocab_size, 0.0, 0)))
