@@ -52,7 +52,7 @@ from enum import Enum
 import torch
 from aiohttp import WSMsgType, web
 
-from worker_core.pieces import Joiner, split
+from worker_core.pieces import Joiner, passes, split
 from worker_core.wire import (
     Assign,
     Chunk,
@@ -218,16 +218,6 @@ class Expected:
             link._pending.pop(self.step_id, None)
 
 
-def _passes(msg: Message) -> bool:
-    """May ``msg`` go before frames sent earlier that still wait or are on their way in pieces?
-    A decode step (each segment one token after some already computed) needs nothing the
-    master sends after its request's prefill, which ended before it; a ``Free`` only lowers
-    what the worker holds."""
-    if isinstance(msg, Free):
-        return True
-    return isinstance(msg, Step) and bool(msg.segments) and all(s.length == 1 and s.start > 0 for s in msg.segments)
-
-
 class WorkerLink:
     def __init__(
         self,
@@ -314,7 +304,7 @@ class WorkerLink:
         if self.state is LinkState.GONE:
             raise LinkGone(f"worker {self.name} is gone: {self.gone_reason}")
         frame = encode(msg)
-        if _passes(msg):
+        if passes(msg):
             await self._put(frame)
         else:
             # whole, even where the caller gives up meanwhile: a piece left out would spoil the next frame

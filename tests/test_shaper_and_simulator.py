@@ -39,6 +39,40 @@ def test_shaper_delay_and_rate():
     assert times[2] >= times[1]
 
 
+def test_a_shaper_lets_passing_frames_go_before_those_waiting_for_their_turn():
+    """A shaper of what the master sends (the worker's downlink) keeps the master's queue: a
+    frame that passes (a decode step's) goes after the piece on the link, not after the pieces
+    waiting behind it; every other frame keeps its order, and the delivery times stay physical."""
+
+    async def main(rule):
+        got: list[tuple[float, bytes]] = []
+
+        async def deliver(frame: bytes) -> None:
+            got.append((time.perf_counter(), frame[:1]))
+
+        shaper = LinkShaper(0.01, 1_000_000, deliver, rule)  # 10 ms, 1 MB/s: 20 ms a 20 kB piece
+        t0 = time.perf_counter()
+        for i in range(10):
+            await shaper.put(bytes([ord("a") + i]) * 20_000)  # 200 kB: 0.2 s on the link
+        await asyncio.sleep(0.03)  # the second piece is on the link
+        await shaper.put(b"!" * 100)
+        await shaper.put(b"z" * 100)  # does not pass: after the pieces
+        await shaper.drained()
+        while len(got) < 12:
+            await asyncio.sleep(0.005)
+        shaper.close()
+        return [(round(t - t0, 3), f) for t, f in got]
+
+    passing = run(main(lambda f: f.startswith(b"!")), timeout=10)
+    order = [f for _, f in passing]
+    assert order.index(b"!") <= 3 and order[-1] == b"z"  # after at most the piece on the link (and slack)
+    assert [f for f in order if f not in (b"!", b"z")] == [bytes([ord("a") + i]) for i in range(10)]
+    at = dict((f, t) for t, f in passing)
+    assert 0.03 <= at[b"!"] < 0.12 and at[b"j"] >= 0.2  # physics: no frame comes early
+    fifo = [f for _, f in run(main(None), timeout=10)]
+    assert fifo.index(b"!") == 10  # without the rule: behind the whole frame
+
+
 def test_shaper_off_is_a_passthrough():
     async def main():
         got = []

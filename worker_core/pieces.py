@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from . import wire
-from .wire import Message, Part, ProtocolError, decode, encode
+from .wire import Free, Kind, Message, Part, ProtocolError, Step, decode, encode
 
 X = TypeVar("X")
 
@@ -57,6 +57,27 @@ def split_item(item: tuple[bytes, X], filler: X) -> list[tuple[bytes, X]]:
     frame, companion = item
     *first, last = split(frame)
     return [*((p, filler) for p in first), (last, companion)]
+
+
+def passes(msg: Message) -> bool:
+    """May ``msg`` go before frames sent earlier on the same link that still wait, or are on
+    their way in pieces (the master's rule, :mod:`master_core.link`)?  A decode step (each
+    segment one token after some already computed) needs nothing sent after its request's
+    prefill, which ended before it; a ``Free`` only lowers what the worker holds."""
+    if isinstance(msg, Free):
+        return True
+    return isinstance(msg, Step) and bool(msg.segments) and all(s.length == 1 and s.start > 0 for s in msg.segments)
+
+
+def frame_passes(frame: bytes, max_frame: int) -> bool:
+    """:func:`passes` for an encoded frame (a piece never passes; a frame that does not decode
+    does not either: its reader will say what is wrong with it)."""
+    if len(frame) < 5 or frame[4] not in (Kind.STEP, Kind.FREE):  # the prefix: magic (3 bytes), version, kind
+        return False
+    try:
+        return passes(decode(frame, max_frame))
+    except ProtocolError:
+        return False
 
 
 class Joiner:

@@ -1,42 +1,59 @@
 """A user-space link shaper: delay line + token bucket, one per tunnel direction.
 
-Contract: ``LinkShaper(delay_s, rate_bytes_per_s)`` emulates a link of that one-way delay
-and bandwidth (this kernel has no ``netem``).  ``await put(frame)`` enqueues a frame; frames
-leave in order through ``deliver`` (an async callable) no earlier than
+Contract: ``LinkShaper(delay_s, rate_bytes_per_s, deliver, passes=None)`` emulates a link of that
+one-way delay and bandwidth (this kernel has no ``netem``).  ``await put(frame)`` hands it a
+frame; the link serialises one frame at a time, at ``rate``, and delivers each (``deliver``, an
+async callable) ``delay`` after its last byte left, in the order they left:
 
-    departure = max(arrival, previous departure) + len(frame) / rate
+    departure = max(its turn, previous departure) + len(frame) / rate
     delivery  = departure + delay
 
 so a large frame occupies the link for its serialisation time and everything behind it
-waits, as on a real slow uplink.  ``rate`` None means unlimited, ``delay`` 0 none; with
-both off frames pass straight through.  ``await drained()`` returns once the link has
-serialised what it was given (a sender that waits for it keeps its own queue, and so its
-own order, instead of the link's).  ``close()`` stops the delivery task.
+waits, as on a real slow link.  A frame's turn comes in the order frames were put, except that
+a frame for which ``passes(frame)`` is true goes before every frame still waiting for its turn
+(not before the one on the link now): the sender's own queue, where the sender orders what
+waits (the master lets a decode step's frame go between a longer frame's pieces,
+:mod:`master_core.link`).  A shaper of what arrives from the master (the worker's downlink) is
+given that rule, so the queue the master would keep on a real link is kept here in its order.
+``rate`` None means unlimited, ``delay`` 0 none; with both off frames pass straight through.
+``await drained()`` returns once the link has serialised what it was given (a sender that waits
+for it keeps its own queue, and so its own order, instead of the link's).  ``backlog``: frames
+put and not delivered yet.  ``close()`` stops the delivery tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 
 class LinkShaper:
     def __init__(
-        self, delay_s: float, rate_bytes_per_s: float | None, deliver: Callable[[bytes], Awaitable[None]]
+        self,
+        delay_s: float,
+        rate_bytes_per_s: float | None,
+        deliver: Callable[[bytes], Awaitable[None]],
+        passes: Callable[[bytes], bool] | None = None,
     ) -> None:
         if delay_s < 0 or (rate_bytes_per_s is not None and rate_bytes_per_s <= 0):
             raise ValueError("link delay must be >= 0 and rate > 0")
         self.delay = delay_s
         self.rate = rate_bytes_per_s
         self.deliver = deliver
-        self._queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-        self._free_at = 0.0  # loop time when the link has finished serialising what it holds
-        self._task: asyncio.Task | None = None
+        self._passes = passes
+        self._first: deque[bytes] = deque()  # waiting for their turn, before the rest
+        self._rest: deque[bytes] = deque()
+        self._waiting_bytes = 0
+        self._turn = asyncio.Event()
+        self._line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()  # left the sender: (delivery time, frame)
+        self._free_at = 0.0  # loop time when the link has finished serialising the frame on it
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def backlog(self) -> int:
         """Frames put and not delivered yet."""
-        return self._queue.qsize()
+        return len(self._first) + len(self._rest) + self._line.qsize()
 
     @property
     def passthrough(self) -> bool:
@@ -46,31 +63,48 @@ class LinkShaper:
         if self.passthrough:
             await self.deliver(frame)
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        departure = max(now, self._free_at) + (len(frame) / self.rate if self.rate else 0.0)
-        self._free_at = departure
-        self._queue.put_nowait((departure + self.delay, frame))
-        if self._task is None:
-            self._task = loop.create_task(self._run())
+        (self._first if self._passes is not None and self._passes(frame) else self._rest).append(frame)
+        self._waiting_bytes += len(frame)
+        self._turn.set()
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._serialise()), loop.create_task(self._run())]
 
     async def drained(self) -> None:
         """Return once every frame put so far has left (serialised; its delay may still run)."""
         if self.rate is None:
             return
-        wait = self._free_at - asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        wait = max(now, self._free_at) + self._waiting_bytes / self.rate - now
         if wait > 0:
             await asyncio.sleep(wait)
+
+    async def _serialise(self) -> None:
+        """One frame at a time onto the link, the passing ones first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self._first or self._rest):
+                self._turn.clear()
+                await self._turn.wait()
+                continue
+            frame = (self._first or self._rest).popleft()
+            self._waiting_bytes -= len(frame)
+            departure = max(loop.time(), self._free_at) + (len(frame) / self.rate if self.rate else 0.0)
+            self._free_at = departure
+            self._line.put_nowait((departure + self.delay, frame))
+            wait = departure - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the link is busy with it: the next one's turn comes after
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            at, frame = await self._queue.get()
+            at, frame = await self._line.get()
             wait = at - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
             await self.deliver(frame)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()

@@ -67,7 +67,7 @@ from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, on
 from .hops import HopListener
 from .inbox import Inbox
 from .listen import EVERY_INTERFACE
-from .pieces import Joiner
+from .pieces import Joiner, frame_passes
 from .portmap import PortMapper
 from .portmap.pinhole import Pinholer
 from .probe import WORKER_PROBE_BYTES, device_facts, matmul_gflops, measure_link
@@ -272,7 +272,8 @@ async def _tunnel(
             else:
                 queue.put_nowait(msg, time.perf_counter())
 
-        downlink = LinkShaper(delay, rate, arrive)
+        # what the master sends waits in its queue on a real link, where a decode step passes (pieces.passes)
+        downlink = LinkShaper(delay, rate, arrive, lambda frame: frame_passes(frame, session.max_frame))
 
         async def between() -> None:  # decode steps queued while a longer step pauses between its layers
             await queue.serve_urgent(session.handle)
