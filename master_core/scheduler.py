@@ -75,7 +75,7 @@ class Policy:
     # while streams decode: the compute a micro-batch of prefill alone carries on the slowest
     # stage (the stages pause it between layers for the decode steps waiting)
     prefill_step_seconds: float = 0.25
-    prefill_link_seconds: float = 0.1  # and its frames sent whole (the master's), summed over the links
+    prefill_link_seconds: float = 0.1  # and the frames the master relays of it, summed over the links
 
 
 POLICIES: dict[str, Policy] = {
@@ -319,12 +319,13 @@ def microbatch_share(active: int, slots: int) -> int:
 
 def prefill_step_tokens(p: Policy, costs: CostSnapshot) -> int:
     """Tokens of a micro-batch of prefill alone: about ``p.prefill_step_seconds`` of compute on
-    the slowest stage, and the frames of it that go whole on the links for at most
-    ``p.prefill_link_seconds`` summed over them, at least ``p.min_chunk``, within the step's cap.
-    A decode step's frame can wait behind one such frame on each link it crosses: on a pipeline of
-    slow links the waits add up.  The workers send theirs in pieces (:mod:`worker_core.pieces`),
-    between which a decode step's frame goes: what goes whole is what the master sends a stage
-    (its input, unless it came over a direct hop)."""
+    the slowest stage, and the frames the master relays of it (a stage's input, unless it came
+    over a direct hop) for at most ``p.prefill_link_seconds`` summed over the links, at least
+    ``p.min_chunk``, within the step's cap.  The bound was set while the master sent those
+    frames whole, a decode step's frame waiting behind one on each link.  Since it sends them in
+    pieces (:mod:`master_core.link`) that wait is gone, but bursts measured without the bound
+    were worse on every shaped profile (p99 gap over the calm pace 2.51 / 2.17 / 2.13 on
+    wan / slow / home against 2.29 / 1.99 / 1.97 with it, one run each, 2026-12-06), so it stays."""
     return _prefill_tokens(p, costs, sum(_whole_token_seconds(costs, i) for i in range(costs.stages)))
 
 

@@ -392,10 +392,9 @@ def test_a_long_prompt_is_chunked_while_short_streams_prompts_are_in_flight():
     chunks = next_microbatch(p, costs, [*streams, long], 2)
     assert [c.request_id for c in chunks] == [9]
     assert chunks[0].length < 600
-    # what the master sends whole (relayed, at 2.5 MB/s: 8 B of token id a token into the first stage,
-    # 2304 B into each other) for 0.1 s summed over the links: 54 tokens, fewer than 0.25 s of compute
-    # (500).  A decode step crosses every link, and can wait behind one such frame on each; the workers'
-    # frames go in pieces (worker_core.pieces), so their outputs do not count
+    # what the master relays (at 2.5 MB/s: 8 B of token id a token into the first stage, 2304 B into
+    # each other) for 0.1 s summed over the links: 54 tokens, fewer than 0.25 s of compute (500); the
+    # workers' outputs do not count
     whole = 8 + 2 * 2304
     assert chunks[0].length == prefill_step_tokens(p, costs) == int(p.prefill_link_seconds * 2.5e6 / whole) == 54
     # with nobody about to decode, the whole prompt goes in one step, as before
