@@ -12,7 +12,10 @@ WebSocket per way and ``--repeats`` times queues a ``Result`` frame of ``--frame
 small ``Result`` as urgent (a decode step's) and times until the receiver (joining the pieces,
 :class:`~worker_core.pieces.Joiner`) has answered it (the answer crosses the idle way back: a few
 ms).  The ways: ``kernel`` (the socket as the OS makes it) and ``low``
-(:func:`worker_core.unsent.keep_unsent_low`).  It reports per way the urgent frame's waits and the
+(:func:`worker_core.unsent.keep_unsent_low`), and ``master``: the master's own way of sending over
+a worker's tunnel (:class:`~master_core.link.WorkerLink`, few unsent bytes too), the big frame a
+relayed prefill ``Step`` (non-passing, in pieces), the urgent one a decode ``Step`` that passes
+(:func:`worker_core.pieces.passes`).  It reports per way the urgent frame's waits and the
 big frame's seconds, as JSON on stdout (and in ``--out``).  Everything runs in the lab, which is
 removed at the end.  ``--role receive|send`` are its two halves, run inside the lab.
 """
@@ -35,16 +38,17 @@ from aiohttp import web
 
 from app.tools.netlab.joinbench import _line, _stop
 from app.tools.netlab.lab import Lab
+from master_core.link import LinkState, WorkerLink
 from worker_core.outbox import Outbox
 from worker_core.pieces import Joiner, split
 from worker_core.unsent import keep_unsent_low
-from worker_core.wire import PART_BYTES, Result, encode
+from worker_core.wire import PART_BYTES, Hello, Result, Segment, Step, encode
 
 ROOT = Path(__file__).resolve().parents[3]
 PORT = 7790
 AFTER = 0.5  # seconds between queueing the big frame and the urgent one: the pieces are on their way
 BIG, URGENT = 1, 2  # the step ids of the big frame and of the urgent one
-WAYS = ("kernel", "low")
+WAYS = ("kernel", "low", "master")
 
 
 async def serve(host: str, port: int) -> web.AppRunner:
@@ -56,7 +60,7 @@ async def serve(host: str, port: int) -> web.AppRunner:
         await ws.prepare(request)
         joiner = Joiner()
         async for msg in ws:
-            if isinstance(whole := joiner.feed(msg.data, 1 << 30), Result):
+            if isinstance(whole := joiner.feed(msg.data, 1 << 30), (Result, Step)):
                 await ws.send_str(str(whole.step_id))
         return ws
 
@@ -74,14 +78,29 @@ async def receive(port: int) -> None:
     await asyncio.Event().wait()
 
 
-async def send(url: str, low: bool, frame_kb: int, repeats: int) -> dict:
+async def send(url: str, way: str, frame_kb: int, repeats: int) -> dict:
     """One way's repeats: the urgent frame's waits (s) and the big frame's seconds."""
     async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=1 << 20) as ws:
-        set_low = keep_unsent_low(ws) if low else False
-        outbox: Outbox[bytes] = Outbox(ws.send_bytes, split)  # as a stage's outbox: in pieces
+        set_low = keep_unsent_low(ws) if way != "kernel" else False
         answers: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
         big = encode(Result(BIG, 1, 0.0, 0.0, torch.zeros(frame_kb * 256)))  # float32: frame_kb KiB
         urgent = encode(Result(URGENT, 1, 0.0, 0.0, torch.zeros(4)))  # a decode step's result
+        outbox: Outbox[bytes] = Outbox(ws.send_bytes, split)  # as a stage's outbox: in pieces
+        sending: set[asyncio.Future] = set()
+        if way == "master":  # the master's end of a tunnel: its own order, in pieces (master_core.link)
+            link = WorkerLink(ws, Hello("lab", "cpu", "cpu", 1, 1, "float32"), "pub", 1 << 30)  # type: ignore[arg-type]
+            link.move(LinkState.READY)
+            rows = frame_kb * 256 // 576  # a relayed prefill step: float32 hidden states of 576 a token
+            steps = {
+                big: Step(BIG, 1, (Segment(1, 0, rows, False),), torch.zeros(rows, 576)),
+                urgent: Step(URGENT, 1, (Segment(2, 30, 1, True),), torch.zeros(1, 576)),  # a decode step
+            }
+
+        def put(item: bytes, urgent: bool) -> None:
+            if way == "master":
+                sending.add(asyncio.ensure_future(link._send(steps[item])))  # noqa: SLF001 (the master's own path)
+            else:
+                outbox.put(item, urgent)
 
         async def read() -> None:
             async for msg in ws:
@@ -92,10 +111,10 @@ async def send(url: str, low: bool, frame_kb: int, repeats: int) -> dict:
         try:
             for _ in range(repeats):
                 t0 = time.monotonic()
-                outbox.put(big)
+                put(big, False)
                 await asyncio.sleep(AFTER)
                 t1 = time.monotonic()
-                outbox.put(urgent, urgent=True)
+                put(urgent, True)
                 got: dict[int, float] = {}
                 while len(got) < 2:
                     step, at = await asyncio.wait_for(answers.get(), 120)
@@ -105,6 +124,10 @@ async def send(url: str, low: bool, frame_kb: int, repeats: int) -> dict:
         finally:
             reader.cancel()
             await outbox.close()
+            await asyncio.gather(*sending, return_exceptions=True)
+            if way == "master":
+                link.close_with("measured")
+                await link.wait_closed()
         return {"unsent_low": set_low, "urgent_wait_s": waits, "big_frame_s": whole}
 
 
@@ -151,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(receive(PORT))
         return 0
     if args.role == "send":
-        print(json.dumps(asyncio.run(send(args.url, args.way == "low", args.frame_kb, args.repeats))))
+        print(json.dumps(asyncio.run(send(args.url, args.way, args.frame_kb, args.repeats))))
         return 0
     report = measure(args.mbps, args.frame_kb, args.repeats)
     text = json.dumps(report, indent=2)
