@@ -72,7 +72,7 @@ def passes(msg: Message) -> bool:
 def frame_passes(frame: bytes, max_frame: int) -> bool:
     """:func:`passes` for an encoded frame (a piece never passes; a frame that does not decode
     does not either: its reader will say what is wrong with it)."""
-    if len(frame) < 5 or frame[4] not in (Kind.STEP, Kind.FREE):  # the prefix: magic (3 bytes), version, kind
+    if wire.frame_kind(frame) not in (Kind.STEP, Kind.FREE):
         return False
     try:
         return passes(decode(frame, max_frame))

@@ -943,6 +943,12 @@ def encode(msg: Message) -> bytes:
     return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind, len(header)) + header + payload
 
 
+def frame_kind(frame: bytes | bytearray | memoryview) -> int | None:
+    """The kind byte of ``frame``'s prefix, unchecked (None when shorter than the prefix): a look
+    at what a frame is without decoding it; :func:`decode` checks everything."""
+    return _PREFIX.unpack_from(frame)[2] if len(frame) >= _PREFIX.size else None
+
+
 def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRAME_BYTES) -> Message:
     """Parse and check one frame; raise :class:`ProtocolError` on any defect."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
