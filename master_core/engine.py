@@ -582,7 +582,7 @@ class Engine:
                     journey = self.relay.looped(
                         stages, epoch, on_stages, exp, {k: (g, 0) for k, (g, _) in marks.items()}
                     )
-                    went = await self._step(epoch, batch, reqs, gens, key, slots, False, journey, topk)
+                    went = await self._step(epoch, batch, reqs, gens, key, slots, False, journey, topk, awaited)
                     if went is None:
                         break
                     self.looped_steps += 1
@@ -618,11 +618,13 @@ class Engine:
         prefill: bool,
         journey: Awaitable[Journey],
         topk: int,
+        fed: int = 0,
     ) -> Journey | None:
         """Await one micro-batch step's journey and fold its logits in (and the tokens the last
         stage drew, when it fed them back).  ``gens``: request id -> the generation of its KV id
-        the step was sent under.  Returns the journey, or None when it failed (its requests
-        resume or replay; what it would have looped back is given up)."""
+        the step was sent under; ``fed``: which step of a loop-back this is (0: the master sent
+        it).  Returns the journey, or None when it failed (its requests resume or replay; what it
+        would have looped back is given up)."""
         failure: Exception | None = None
         went: Journey | None = None
         began = self.clock()
@@ -634,7 +636,8 @@ class Engine:
             log.exception("relay of a micro-batch failed")
             failure = e
         if self.on_step is not None:
-            self.on_step(_timeline(began, self.clock(), chunks, went, failure, len(self.waiting), len(self.running)))
+            load = (len(self.waiting), len(self.running), slots, self._looping_lanes, fed)
+            self.on_step(_timeline(began, self.clock(), chunks, went, failure, *load))
         try:
             if failure is not None or went is None:
                 self._step_failed(epoch, chunks, gens, failure or RuntimeError("no result"))
@@ -962,9 +965,14 @@ def _timeline(
     failure: Exception | None,
     waiting: int,
     running: int,
+    slots: int,
+    looping: int,
+    fed: int,
 ) -> dict:
     """One step's record for :attr:`Engine.on_step`: when it went and came back, what it carried,
-    each stage's compute, the queue wait of the stages that ended its runs, the load."""
+    each stage's compute, the queue wait of the stages that ended its runs, the load (requests
+    waiting and running, the micro-batches the lanes kept in flight, the lanes looping back) and
+    which step of its loop-back it was (0: the master sent it)."""
     return {
         "began": began,
         "ended": ended,
@@ -977,6 +985,9 @@ def _timeline(
         "failed": None if failure is None else f"{type(failure).__name__}: {failure}"[:200],
         "waiting": waiting,
         "running": running,
+        "slots": slots,
+        "looping": looping,
+        "fed": fed,
     }
 
 

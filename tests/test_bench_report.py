@@ -49,6 +49,11 @@ def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_ord
     # in the workload's (arrival) order: the long prompt's 25 chunks make its first token come late
     # (about 10 times the others' here; a median, so one short request slowed by a busy machine does not matter)
     assert ttfts[LONG] > 3 * statistics.median(t for i, t in enumerate(ttfts) if i != LONG), ttfts
+    # every step's record says the load it went under: micro-batches kept in flight, lanes
+    # looping back, and which step of its loop it was (a step carrying a prompt the master sent)
+    steps = r["steps"]
+    assert steps and all(s["slots"] >= 1 and s["looping"] >= 0 and s["fed"] >= 0 for s in steps), steps[:3]
+    assert all(s["fed"] == 0 for s in steps if s["prefill_tokens"]), [s for s in steps if s["prefill_tokens"]][:3]
 
 
 def test_the_calibration_counts_the_copies_compute_as_load_beside_the_steps_not_as_each_steps_overhead():
