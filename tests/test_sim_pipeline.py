@@ -210,10 +210,16 @@ def test_curve_seconds_reads_the_measured_envelope():
     assert curve_seconds(curve, 1) == pytest.approx(0.015)  # not 1.5 ms, as the line said
     assert curve_seconds(curve, 0.5) == pytest.approx(0.015)
     assert curve_seconds(curve, 23.5) == pytest.approx(0.037)
-    assert curve_seconds(curve, 312) == pytest.approx(0.220 + 100 * (0.170 / 167))  # the last slope on
-    # never cheaper for more tokens, whatever the observations
-    assert curve_seconds(((1, 0.02), (4, 0.01), (64, 0.08)), 4) == pytest.approx(0.02)
+    assert curve_seconds(curve, 312) == pytest.approx(0.220 + 100 * (0.170 / 167))  # the slope from 45 on
+    # a larger step measured faster bounds a smaller one: never cheaper for more tokens
+    assert curve_seconds(((1, 0.02), (4, 0.01), (64, 0.08)), 1) == pytest.approx(0.01)
+    assert curve_seconds(((1, 0.02), (4, 0.01), (64, 0.08)), 4) == pytest.approx(0.01)
     assert curve_seconds(((16, 0.016),), 32) == pytest.approx(0.032)
+    # measured on the slow bench (stage 1, 2026-12-06): the two largest points either side of a
+    # size class's boundary; their slope put the 353-token first chunk at 0.68 s (it took 0.36 s)
+    slow = ((1, 0.01), (16, 0.023), (33, 0.036), (64, 0.054), (247, 0.207), (261, 0.27))
+    assert curve_seconds(slow, 353) == pytest.approx(0.27 + 92 * (0.27 - 0.054) / (261 - 64))
+    assert 0.33 < curve_seconds(slow, 353) < 0.40
     with pytest.raises(ValueError):
         curve_seconds((), 1)
 
