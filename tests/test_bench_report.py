@@ -8,6 +8,7 @@ import statistics
 from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint
 
+from app.tools.bench.idle import idle_curves, physics_curves
 from app.tools.bench.run import _prompts, _run_policy, busy_series, cpu_load
 from master_core.costs import CostSnapshot
 from master_core.request import SamplingParams
@@ -32,6 +33,14 @@ def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_ord
             prompts = _prompts(WORKLOAD, c.master.dims.vocab_size, seed=0)
             warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
             await c.engine.generate(prompts[0], warm)  # as the bench does: fresh stages' first steps are slow
+            links = c.master.group.stages
+            curves, policy = [k.stage_cost.curve() for k in links], c.engine.policy
+            alone = _prompts([BenchRequest(0.0, n, 1) for n in (8, 16)], c.master.dims.vocab_size, seed=1)
+            idle = await idle_curves(c.master, alone)
+            # each stage measured each prompt as one step, and the master's costs are as they were
+            assert [[x for x, _ in p] for p in idle] == [[8.0, 16.0]] * len(links), idle
+            assert all(s > 0 for p in idle for _, s in p), idle
+            assert [k.stage_cost.curve() for k in links] == curves and c.engine.policy is policy
             figures, outputs = await _run_policy(c.master, "full", WORKLOAD, prompts, 100.0, _Bar())
             assert [len(o) for o in outputs] == [w.output_tokens for w in WORKLOAD]
             return figures
@@ -54,6 +63,17 @@ def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_ord
     steps = r["steps"]
     assert steps and all(s["slots"] >= 1 and s["looping"] >= 0 and s["fed"] >= 0 for s in steps), steps[:3]
     assert all(s["fed"] == 0 for s in steps if s["prefill_tokens"]), [s for s in steps if s["prefill_tokens"]][:3]
+
+
+def test_the_calibration_computes_longer_steps_at_what_they_cost_alone():
+    """Below the smallest size measured alone, a stage's curve as the run measured it; from there
+    on, the steps measured alone (the run's long steps all shared the cores with other stages)."""
+    curves = (((1.0, 0.01), (64.0, 0.06), (261.0, 0.29)), ((1.0, 0.02), (300.0, 0.4)))
+    idle = (((128.0, 0.11), (256.0, 0.22)), ())
+    assert physics_curves(curves, idle) == (
+        ((1.0, 0.01), (64.0, 0.06), (128.0, 0.11), (256.0, 0.22)),
+        ((1.0, 0.02), (300.0, 0.4)),  # nothing measured alone: the run's curve
+    )
 
 
 def test_the_calibration_counts_the_copies_compute_as_load_beside_the_steps_not_as_each_steps_overhead():

@@ -38,6 +38,7 @@ from master_core.simulator import SimModel, simulate
 from master_core.workload import BenchRequest, WorkloadShape, make_workload, summarize, ttfts
 
 from .common import profile_report, shaped_group
+from .idle import IDLE_SIZES, idle_curves, physics_curves
 from .options import PROFILES, BenchOptions
 
 if TYPE_CHECKING:  # the engine (torch) is imported only when a real run starts
@@ -171,6 +172,8 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         await master.engine.generate(
             prompts[0][:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         )  # warm-up
+        sizes = [BenchRequest(0.0, n, 1) for n in IDLE_SIZES if n <= opts.max_batch_tokens]
+        idle = await idle_curves(master, _prompts(sizes, vocab, opts.seed + 1))  # not the workload's prompts
         results, outputs = {}, {}
         for name in opts.policies:
             bar = _progress(len(workload), f"{profile}/{name}")
@@ -182,8 +185,9 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
         layers = stage_layers(master)
         curves = tuple(link.stage_cost.curve() for link in master.group.stages)
         kv_tokens = master.group.kv_tokens
+        physics = physics_curves(curves, idle) if len(idle) == len(curves) else curves
         calibration = (
-            calibrate(costs, kv_tokens, workload, results, opts.max_batch_tokens, layers, curves) if costs else None
+            calibrate(costs, kv_tokens, workload, results, opts.max_batch_tokens, layers, physics) if costs else None
         )
         report = profile_report(master, profile, results, identical)
         return {
@@ -193,6 +197,7 @@ async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRe
             "kv_tokens": kv_tokens,
             "stage_layers": layers,
             "stage_curves": curves,
+            "idle_curves": idle,
         }
 
 
@@ -256,7 +261,8 @@ def calibrate(
     measured cost line, as the engine did; the stages compute at what their measured ``curves``
     say (the fastest recent step of each size), pause between their ``layers``, and share the
     machine's cores (``costs.devices``) with the other work measured during the run
-    (:func:`cpu_load`)."""
+    (:func:`cpu_load`).  A real run passes as ``curves`` its stages' curves with the longer
+    steps' points measured alone (:func:`~app.tools.bench.idle.physics_curves`)."""
     out: dict = {}
     for name, r in real.items():
         model = SimModel(
