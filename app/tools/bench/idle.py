@@ -11,7 +11,7 @@ curve (:meth:`~master_core.costs.StageCost.curve`) has only the fastest of the s
 made, and a run makes few long steps, all while other stages compute beside them; the
 simulator, which shares the cores itself, then counted that sharing twice (calibration runs of
 2026-12-06: its steps of prefill alone computed at 1.17-1.39 times that curve, the real ones at
-0.94-1.29; its first chunks mostly came back late, by up to a third, and at 0.87 times the
+0.94-1.29; its first chunks mostly came back late, by up to half, and at 0.87 times the
 curve's long steps most came within a tenth).  The caller makes the prompts of fresh random
 tokens, so that no cached prefix serves them; each wants one token.  The master's measured
 costs are set back as they were (the engine plans the run that follows as it would have; what
@@ -42,12 +42,12 @@ async def idle_curves(master: Master, prompts: list[list[int]]) -> tuple[Curve, 
     engine = master.engine
     before, hook = engine.policy, engine.on_step
     records: list[dict] = []
-    engine.set_policy(policy("no-chunking", master.config.max_batch_tokens))
-    engine.on_step = records.append
     links = list(master.group.stages)
     saved = [(copy.deepcopy(k.stage_cost), copy.deepcopy(k.link_cost)) for k in links]
     points: list[list[tuple[float, float]]] = [[] for _ in links]
     try:
+        engine.set_policy(policy("no-chunking", master.config.max_batch_tokens))
+        engine.on_step = records.append
         for prompt in prompts:
             records.clear()
             n = len(prompt)
