@@ -35,11 +35,12 @@ What is modelled, and after which code:
   device: measured, e.g. the machine's other processes; none by default; or, for a single
   device, as it varied: ``busy_series``, (from this time on, cores) in time order).
 * **A link direction** (:class:`_Link`) carries one frame at a time at the link's bandwidth and
-  delivers it half the link's round trip later.  A stage's up link sends decode steps' frames
-  (and their results) before others queued (the worker's outbox, :mod:`worker_core.outbox`),
-  never interrupting the frame on the link, and sends the others in pieces of ``PART_BYTES``
-  (:mod:`worker_core.pieces`), so a decode step's frame waits for one piece; a down link (the
-  master's sends) is FIFO, frames whole.  A hop
+  delivers it half the link's round trip later.  Both directions send decode steps' frames
+  (and their results) before others queued, never interrupting the frame on the link, and send
+  the others in pieces of ``PART_BYTES``, so a decode step's frame waits for one piece: a
+  stage's up link as the worker's outbox (:mod:`worker_core.outbox`), a down link as the
+  master's sends (:mod:`master_core.link`, the rule :func:`worker_core.pieces.passes`, since
+  protocol 13; before, it sent frames whole in their order).  A hop
   from stage i to i + 1 is direct (stage i's up link, ``rtt_i / 2``) or relayed (up link i to
   the master, then down link i + 1); the loop-back goes over the last stage's up link.
 
@@ -153,13 +154,13 @@ class _Device:
 
 
 class _Link:
-    """One direction of a link: one frame at a time at ``bandwidth``, delivered ``delay`` later."""
+    """One direction of a link: one frame at a time at ``bandwidth``, delivered ``delay`` later;
+    urgent frames before the others queued, the others in pieces (see the module docstring)."""
 
-    def __init__(self, clock: Clock, bandwidth: float, delay: float, priority: bool) -> None:
+    def __init__(self, clock: Clock, bandwidth: float, delay: float) -> None:
         self.clock = clock
         self.bandwidth = bandwidth
         self.delay = delay
-        self.priority = priority  # urgent frames first (a worker's outbox); else FIFO
         self._urgent: deque[tuple[int, Callable[[], None]]] = deque()
         self._rest: deque[tuple[int, Callable[[], None]]] = deque()
         self._busy = False
@@ -167,15 +168,13 @@ class _Link:
         self.bytes = 0
 
     def send(self, nbytes: int, urgent: bool, deliver: Callable[[], None]) -> None:
-        if urgent and self.priority:
+        if urgent:
             self._urgent.append((nbytes, deliver))
-        elif self.priority:  # in pieces: the last one delivers the frame
+        else:  # in pieces: the last one delivers the frame
             whole, left = divmod(nbytes, PART_BYTES)
             sizes = [PART_BYTES] * whole + ([left] if left else [])
             self._rest.extend((n, _nothing) for n in sizes[:-1])
             self._rest.append((sizes[-1] if sizes else 0, deliver))
-        else:
-            self._rest.append((nbytes, deliver))
         if not self._busy:
             self._next()
 
@@ -313,8 +312,8 @@ class Pipeline:
             raise ValueError(f"layers names {len(layers)} stages; the costs have {c.stages}")
         if curves and (len(curves) != c.stages or not all(curves)):
             raise ValueError(f"curves names {len(curves)} stages (each needs points); the costs have {c.stages}")
-        self.down = [_Link(clock, c.link_bandwidth[i], c.link_rtt[i] / 2, False) for i in range(c.stages)]
-        self.up = [_Link(clock, c.link_bandwidth[i], c.link_rtt[i] / 2, True) for i in range(c.stages)]
+        self.down = [_Link(clock, c.link_bandwidth[i], c.link_rtt[i] / 2) for i in range(c.stages)]
+        self.up = [_Link(clock, c.link_bandwidth[i], c.link_rtt[i] / 2) for i in range(c.stages)]
         self.device_of = [0] * c.stages
         self.devices: list[_Device] = []
         for d, (stages, slots) in enumerate(c.device_groups()):

@@ -465,11 +465,13 @@ def test_prefill_rides_with_decode_where_a_step_of_it_alone_would_pay_the_fixed_
     assert on_gpu[-1].length == chunk_tokens(p, gpu, len(on_gpu) - 1, 2, decoding=4)
     assert [x.request_id for x in next_microbatch(p, cpu, [*ready, long], 2, prefilling=1)] == [0, 1, 2, 3]
 
-    wl = make_workload(30, 2.0, seed=5)  # saturating: TTFT p50 1.2 s vs 9.9 s, 49.2 vs 37.4 tok/s (min_chunk 32)
+    # saturating: TTFT p50 1.2 s vs 9.7 s, 49.1 vs 39.5 tok/s (min_chunk 32; 37.4 apart while the
+    # modelled master sent frames whole, not in pieces with decode steps passing)
+    wl = make_workload(30, 2.0, seed=5)
     model = SimModel(gpu, kv_tokens=100_000)
     ruled = simulate(model, wl, p)
     monkeypatch.setattr("master_core.scheduler.prefill_apart_pays", lambda *_: True)
     monkeypatch.setattr("master_core.scheduler.long_prompt", lambda p, c, x: x.waiting_prefill)  # every prompt
     apart = simulate(model, wl, p)
     assert ruled["ttft_p50"] * 5 < apart["ttft_p50"]
-    assert ruled["output_tokens_per_s"] > 1.25 * apart["output_tokens_per_s"]
+    assert ruled["output_tokens_per_s"] > 1.15 * apart["output_tokens_per_s"]

@@ -1,5 +1,5 @@
 """The simulator's physics (master_core.sim_pipeline): a stage's inbox and layer pauses as the
-worker's, devices shared by processor sharing, links with the outbox's priority; the measured
+worker's, devices shared by processor sharing, links with the senders' priority; the measured
 cost curve (master_core.costs.curve_seconds)."""
 
 from __future__ import annotations
@@ -118,29 +118,24 @@ def test_a_step_waiting_behind_decode_steps_goes_first_after_patience():
     assert back["d5"] == pytest.approx(0.6) and back["d6"] == pytest.approx(0.9)
 
 
-def test_a_decode_frame_waits_for_one_piece_of_a_longer_frame_on_a_stages_link():
-    """A stage's up link sends a frame queued without urgency in pieces (worker_core.pieces): a
-    decode step's frame put while a 160 KiB prefill output is on a 1 MiB/s link leaves after the
-    piece on the link (16 ms), not after the frame (156 ms); the prefill frame is delivered once,
-    when its last piece is through.  The master's down link sends frames whole."""
+def test_a_decode_frame_waits_for_one_piece_of_a_longer_frame_on_a_link():
+    """A link sends a frame queued without urgency in pieces (worker_core.pieces; a stage's
+    outbox, and the master's sends since protocol 13): a decode step's frame put while a 160 KiB
+    prefill output is on a 1 MiB/s link leaves after the piece on the link (16 ms), not after the
+    frame (156 ms); the prefill frame is delivered once, when its last piece is through."""
     from master_core.sim_pipeline import PART_BYTES, _Link
 
-    def arrivals(priority: bool) -> dict[str, float]:
-        clock = Clock()
-        got: dict[str, float] = {}
-        link = _Link(clock, float(1 << 20), 0.0, priority)
+    clock = Clock()
+    got: dict[str, float] = {}
+    link = _Link(clock, float(1 << 20), 0.0)
 
-        def send(name: str, nbytes: int, urgent: bool) -> None:
-            link.send(nbytes, urgent, lambda: got.setdefault(name, clock.now))
+    def send(name: str, nbytes: int, urgent: bool) -> None:
+        link.send(nbytes, urgent, lambda: got.setdefault(name, clock.now))
 
-        clock.at(0.0, lambda: send("prefill", 10 * PART_BYTES, False))
-        clock.at(0.005, lambda: send("decode", 1024, True))
-        clock.run()
-        return got
-
-    up, down = arrivals(True), arrivals(False)
-    assert up["decode"] == pytest.approx(0.016 + 0.001, abs=2e-3) and up["prefill"] == pytest.approx(0.157, abs=2e-3)
-    assert down["prefill"] == pytest.approx(0.156, abs=2e-3) and down["decode"] == pytest.approx(0.157, abs=2e-3)
+    clock.at(0.0, lambda: send("prefill", 10 * PART_BYTES, False))
+    clock.at(0.005, lambda: send("decode", 1024, True))
+    clock.run()
+    assert got["decode"] == pytest.approx(0.016 + 0.001, abs=2e-3) and got["prefill"] == pytest.approx(0.157, abs=2e-3)
 
 
 def test_the_pieces_are_the_workers():
@@ -198,11 +193,13 @@ def test_an_urgent_frame_overtakes_queued_ones_but_not_the_one_on_the_link():
     up.send(10, True, lambda: got.append(("urgent", clock.now)))
     clock.run()
     assert got == [("a", pytest.approx(1.0)), ("urgent", pytest.approx(1.01)), ("b", pytest.approx(2.01))]
-    # the master's down link keeps its order
-    pipe.down[0].send(1000, False, lambda: got.append(("c", clock.now)))
-    pipe.down[0].send(10, True, lambda: got.append(("d", clock.now)))
+    # the master's down link too (its sends in pieces, a decode step's passing: protocol 13)
+    down = pipe.down[0]
+    down.send(1000, False, lambda: got.append(("c", clock.now)))
+    down.send(1000, False, lambda: got.append(("d", clock.now)))
+    down.send(10, True, lambda: got.append(("e", clock.now)))
     clock.run()
-    assert [g[0] for g in got[-2:]] == ["c", "d"]
+    assert [g[0] for g in got[-3:]] == ["c", "e", "d"]
 
 
 def test_curve_seconds_reads_the_measured_envelope():
