@@ -176,3 +176,11 @@ def test_the_masters_link_sends_a_decode_step_between_a_relayed_steps_pieces():
     assert got[0][0] < 16  # the decode step waited one piece, not the first step's 16 pieces
     for want, (_, m) in zip((decode_step, first, second), got):
         assert m == want and torch.equal(m.tensor, want.tensor)  # type: ignore[attr-defined]
+
+
+def test_few_unsent_bytes_are_two_pieces():
+    """worker_core.unsent writes its bound as a number (the relay imports no torch, so not the
+    wire): two pieces, so the kernel always has the next one to send."""
+    from worker_core.unsent import UNSENT_BYTES
+
+    assert UNSENT_BYTES == 2 * wire.PART_BYTES

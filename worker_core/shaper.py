@@ -44,7 +44,6 @@ class LinkShaper:
         self._passes = passes
         self._first: deque[bytes] = deque()  # waiting for their turn, before the rest
         self._rest: deque[bytes] = deque()
-        self._waiting_bytes = 0
         self._turn = asyncio.Event()
         self._line: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()  # left the sender: (delivery time, frame)
         self._free_at = 0.0  # loop time when the link has finished serialising the frame on it
@@ -64,7 +63,6 @@ class LinkShaper:
             await self.deliver(frame)
             return
         (self._first if self._passes is not None and self._passes(frame) else self._rest).append(frame)
-        self._waiting_bytes += len(frame)
         self._turn.set()
         if not self._tasks:
             loop = asyncio.get_running_loop()
@@ -75,7 +73,8 @@ class LinkShaper:
         if self.rate is None:
             return
         now = asyncio.get_running_loop().time()
-        wait = max(now, self._free_at) + self._waiting_bytes / self.rate - now
+        waiting = sum(map(len, self._first)) + sum(map(len, self._rest))  # not on the link yet
+        wait = max(now, self._free_at) + waiting / self.rate - now
         if wait > 0:
             await asyncio.sleep(wait)
 
@@ -88,7 +87,6 @@ class LinkShaper:
                 await self._turn.wait()
                 continue
             frame = (self._first or self._rest).popleft()
-            self._waiting_bytes -= len(frame)
             departure = max(loop.time(), self._free_at) + (len(frame) / self.rate if self.rate else 0.0)
             self._free_at = departure
             self._line.put_nowait((departure + self.delay, frame))
