@@ -9,7 +9,7 @@ from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint
 
 from app.tools.bench.idle import idle_curves, physics_curves
-from app.tools.bench.run import _prompts, _run_policy, busy_series, cpu_load
+from app.tools.bench.run import _prompts, _run_policy, busy_series, cpu_load, median_calibration
 from master_core.costs import CostSnapshot
 from master_core.request import SamplingParams
 from master_core.workload import BenchRequest, percentile
@@ -92,3 +92,21 @@ def test_the_calibration_counts_the_copies_compute_as_load_beside_the_steps_not_
     real = {"other_cores": [(0.0, 0.1), (0.5, 0.2)], "copy_cores": [(0.0, 0.0), (0.5, 0.5)]}
     assert busy_series(real) == ((0.0, 0.1), (0.5, 0.7))
     assert busy_series({"other_cores": real["other_cores"]}) == ((0.0, 0.1), (0.5, 0.2))
+
+
+def test_the_calibration_over_repeated_runs_is_each_figures_median_error_and_the_real_figures_range():
+    def run(ttft_real: float, ttft_err: float, tps_err: float) -> dict:
+        return {
+            "full": {
+                "ttft_p50": {"real": ttft_real, "simulated": ttft_real * (1 + ttft_err), "error": ttft_err},
+                "output_tokens_per_s": {"real": 30.0, "simulated": 30.0 * (1 + tps_err), "error": tps_err},
+                "model": {"device_busy": (0.1,), "step_overhead": 0.001},
+            }
+        }
+
+    runs = [run(3.0, -0.4, 0.05), None, run(4.4, 0.1, -0.02), run(2.9, 0.08, 0.01)]  # one run not calibrated
+    m = median_calibration(runs)
+    assert set(m) == {"full"} and set(m["full"]) == {"ttft_p50", "output_tokens_per_s"}  # no "model"
+    assert m["full"]["ttft_p50"] == {"error": 0.08, "errors": [-0.4, 0.1, 0.08], "real_range": (2.9, 4.4)}
+    assert m["full"]["output_tokens_per_s"]["error"] == 0.01
+    assert median_calibration([run(3.0, 0.2, 0.0)])["full"]["ttft_p50"]["error"] == 0.2  # one run: its own

@@ -353,6 +353,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the master sends every step (the last stage feeds no tokens back); to compare runs",
     )
     b.add_argument("--seed", type=int, default=BenchOptions.seed)
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=BenchOptions.repeats,
+        help="real runs: each profile's workload again with the next seeds; reports the simulator's median error",
+    )
     b.add_argument("--out", default=str(BenchOptions().out), help="folder for bench.json and the plots")
     b.set_defaults(func=cli_tools.bench, quiet=True)
 

@@ -35,12 +35,15 @@ def bench(args: argparse.Namespace, sup: Supervision) -> Run:
     bad = [x for x in profiles if x not in PROFILES] + [x for x in policies if x not in POLICIES]
     if bad:
         raise ValueError(f"unknown profile or policy: {', '.join(bad)}")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
     bopts = BenchOptions(
         profiles=profiles,
         policies=policies,
         requests=args.requests or (SIMULATED_REQUESTS if args.simulate else BenchOptions.requests),
         rate=args.rate or (SIMULATED_RATE if args.simulate else BenchOptions.rate),
         seed=args.seed,
+        repeats=args.repeats,
         simulate=args.simulate,
         single=args.single,
         burst=args.burst,

@@ -34,6 +34,7 @@ class BenchOptions:
     requests: int = 24  # per run (SIMULATED_REQUESTS with simulate)
     rate: float = 2.0  # requests per second, Poisson (SIMULATED_RATE with simulate)
     seed: int = 0
+    repeats: int = 1  # real runs: the workload again with seeds seed+1, ...; the calibration's median error
     simulate: bool = False
     single: bool = False  # one request at a time vs single-process transformers
     burst: bool = False  # bursts of long prompts over short decode streams: gap p99/median per policy

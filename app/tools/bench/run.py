@@ -9,6 +9,8 @@ their greedy tokens are compared (they must be identical).  After each profile t
 costs drive the simulator on the same workload, and the calibration error is reported.  Each
 real run's report holds, beside its percentiles, every request's time to first token
 (``ttfts``, in the workload's order) for comparing the simulator request by request.
+``--repeats N``: each profile's group runs N workloads (seeds ``seed`` to ``seed + N - 1``), each
+calibrated, and the report gives each figure's median calibration error over them.
 ``--simulate``: the same table for a modelled 70B-class model on 4 and 8 consumer GPUs.
 ``--burst``: short greedy decode streams run while several prompts of 1,000-2,000 tokens
 arrive within seconds; per (profile, policy) the streams' inter-token gap p50, p99 and their
@@ -27,6 +29,7 @@ import dataclasses
 import json
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,43 +165,82 @@ def _cpu_seconds() -> dict[str, float]:
     }
 
 
-async def _real_profile(opts: BenchOptions, profile: str, workload: list[BenchRequest]) -> dict:
+async def _real_profile(opts: BenchOptions, profile: str, workloads: list[list[BenchRequest]]) -> dict:
+    """One profile's group runs each workload (``opts.policies`` one after another on each) and
+    each run is calibrated; the first run's figures and calibration are the report's
+    ``policies`` and ``calibration``, the later runs are ``repeats``, and ``calibration_median``
+    is each figure's median error over all runs (:func:`median_calibration`)."""
     from master_core.request import SamplingParams
 
     mbps = PROFILES[profile][0]
     async with shaped_group(opts, profile) as master:
         vocab = master.dims.vocab_size
-        prompts = _prompts(workload, vocab, opts.seed)
-        await master.engine.generate(
-            prompts[0][:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        )  # warm-up
+        warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        await master.engine.generate(_prompts(workloads[0], vocab, opts.seed)[0][:16], warm)  # warm-up
         sizes = [BenchRequest(0.0, n, 1) for n in IDLE_SIZES if n <= opts.max_batch_tokens]
         idle = await idle_curves(master, _prompts(sizes, vocab, opts.seed + 1))  # not the workload's prompts
-        results, outputs = {}, {}
-        for name in opts.policies:
-            bar = _progress(len(workload), f"{profile}/{name}")
-            results[name], outputs[name] = await _run_policy(master, name, workload, prompts, mbps, bar)
-            bar.close()
-        first = next(iter(outputs.values()))
-        identical = all(o == first for o in outputs.values())
-        costs = master.engine.costs()
         layers = stage_layers(master)
-        curves = tuple(link.stage_cost.curve() for link in master.group.stages)
-        kv_tokens = master.group.kv_tokens
-        physics = physics_curves(curves, idle) if len(idle) == len(curves) else curves
-        calibration = (
-            calibrate(costs, kv_tokens, workload, results, opts.max_batch_tokens, layers, physics) if costs else None
-        )
-        report = profile_report(master, profile, results, identical)
+        runs: list[dict] = []
+        for k, workload in enumerate(workloads):
+            prompts = _prompts(workload, vocab, opts.seed + k)
+            results, outputs = {}, {}
+            for name in opts.policies:
+                bar = _progress(len(workload), f"{profile}/{name}" + (f" #{k + 1}" if len(workloads) > 1 else ""))
+                results[name], outputs[name] = await _run_policy(master, name, workload, prompts, mbps, bar)
+                bar.close()
+            first = next(iter(outputs.values()))
+            costs = master.engine.costs()
+            curves = tuple(link.stage_cost.curve() for link in master.group.stages)
+            physics = physics_curves(curves, idle) if len(idle) == len(curves) else curves
+            calibration = (
+                calibrate(costs, master.group.kv_tokens, workload, results, opts.max_batch_tokens, layers, physics)
+                if costs
+                else None
+            )
+            runs.append(
+                {
+                    "seed": opts.seed + k,
+                    "policies": results,
+                    "tokens_identical": all(o == first for o in outputs.values()),
+                    "calibration": calibration,
+                    "stage_curves": curves,
+                }
+            )
+        costs = master.engine.costs()
+        report = profile_report(master, profile, runs[0]["policies"], all(r["tokens_identical"] for r in runs))
         return {
             **report,
-            "calibration": calibration,
+            "calibration": runs[0]["calibration"],
+            "repeats": runs[1:],
+            "calibration_median": median_calibration([r["calibration"] for r in runs]),
             "costs": dataclasses.asdict(costs) if costs else None,
-            "kv_tokens": kv_tokens,
+            "kv_tokens": master.group.kv_tokens,
             "stage_layers": layers,
-            "stage_curves": curves,
+            "stage_curves": runs[0]["stage_curves"],
             "idle_curves": idle,
         }
+
+
+def median_calibration(runs: list[dict | None]) -> dict:
+    """Each policy's figures over several calibrated runs of one profile (the same group, each
+    run its own seeded workload): per figure, the median of the runs' errors (``error``), each
+    run's error, and the real figure's lowest and highest (how far the real bench moved between
+    runs).  One run's error is too noisy to judge the simulator by: a run of 24 requests is one
+    backlog, its first tokens' waits their places in it.  Runs without a calibration are left out."""
+    done = [r for r in runs if r]
+    out: dict = {}
+    for name in dict.fromkeys(p for r in done for p in r):
+        figures = [r[name] for r in done if name in r]
+        out[name] = {}
+        for key in dict.fromkeys(k for f in figures for k in f if k != "model"):
+            rows = [f[key] for f in figures if key in f]
+            real = [x["real"] for x in rows]
+            out[name][key] = {
+                "error": statistics.median(x["error"] for x in rows),
+                "errors": [x["error"] for x in rows],
+                "real_range": (min(real), max(real)),
+            }
+    return out
 
 
 def stage_layers(master: Master) -> tuple[int, ...]:
@@ -499,12 +541,15 @@ async def run_bench(opts: BenchOptions) -> int:
         )
         name = "bench-simulated.json"
     else:
-        workload = make_workload(opts.requests, opts.rate, opts.seed, WorkloadShape())
+        seeds = range(opts.seed, opts.seed + opts.repeats)
+        workloads = [make_workload(opts.requests, opts.rate, seed, WorkloadShape()) for seed in seeds]
         report["real"] = []
         for profile in opts.profiles:
-            res = await _real_profile(opts, profile, workload)
+            res = await _real_profile(opts, profile, workloads)
             report["real"].append(res)
             rows += [(profile, n, r) for n, r in res["policies"].items()]
+            for k, again in enumerate(res["repeats"], 2):
+                rows += [(f"{profile} #{k}", n, r) for n, r in again["policies"].items()]
         _plot(
             rows,
             opts.out / "bench.png",
@@ -515,10 +560,19 @@ async def run_bench(opts: BenchOptions) -> int:
     print(_table(rows))
     for r in report.get("real", []):
         print(f"{r['profile']}: greedy tokens identical across policies: {r['tokens_identical']}")
-        for pol, figures in (r["calibration"] or {}).items():
-            errs = ", ".join(f"{k} {v['error']:+.0%}" for k, v in figures.items() if k != "model")
-            load = figures.get("model", {})
-            busy, over = load.get("device_busy") or (0.0,), load.get("step_overhead", 0.0)
-            print(f"  simulator error vs real, {pol}: {errs} (other cores {busy[0]:.2f}, {over * 1000:.1f} ms a step)")
+        for k, run in enumerate([r, *r["repeats"]], 1):
+            for pol, figures in (run["calibration"] or {}).items():
+                errs = ", ".join(f"{f} {v['error']:+.0%}" for f, v in figures.items() if f != "model")
+                load = figures.get("model", {})
+                busy, over = load.get("device_busy") or (0.0,), load.get("step_overhead", 0.0)
+                which = f" (run {k}, seed {opts.seed + k - 1})" if r["repeats"] else ""
+                print(
+                    f"  simulator error vs real, {pol}{which}: {errs} "
+                    f"(other cores {busy[0]:.2f}, {over * 1000:.1f} ms a step)"
+                )
+        if r["repeats"]:
+            for pol, figures in r["calibration_median"].items():
+                errs = ", ".join(f"{f} {v['error']:+.0%}" for f, v in figures.items())
+                print(f"  median error over {len(r['repeats']) + 1} runs, {pol}: {errs}")
     print(f"wrote {opts.out / name} and plots in {opts.out}")
     return 0
