@@ -203,17 +203,17 @@ async def _real_profile(opts: BenchOptions, profile: str, workloads: list[list[B
                     "policies": results,
                     "tokens_identical": all(o == first for o in outputs.values()),
                     "calibration": calibration,
+                    "costs": dataclasses.asdict(costs) if costs else None,  # what this run was calibrated with
                     "stage_curves": curves,
                 }
             )
-        costs = master.engine.costs()
         report = profile_report(master, profile, runs[0]["policies"], all(r["tokens_identical"] for r in runs))
         return {
             **report,
             "calibration": runs[0]["calibration"],
             "repeats": runs[1:],
             "calibration_median": median_calibration([r["calibration"] for r in runs]),
-            "costs": dataclasses.asdict(costs) if costs else None,
+            "costs": runs[0]["costs"],
             "kv_tokens": master.group.kv_tokens,
             "stage_layers": layers,
             "stage_curves": runs[0]["stage_curves"],
