@@ -970,7 +970,8 @@ def _timeline(
     fed: int,
 ) -> dict:
     """One step's record for :attr:`Engine.on_step`: when it went and came back, what it carried,
-    each stage's compute, the queue wait of the stages that ended its runs, the load (requests
+    each stage's compute and the seconds it held the step (from its arrival to handing it on),
+    the queue wait of the stages that ended its runs, the load (requests
     waiting and running, the micro-batches the lanes kept in flight, the lanes looping back) and
     which step of its loop-back it was (0: the master sent it)."""
     return {
@@ -980,6 +981,7 @@ def _timeline(
         "prefill_tokens": sum(c.length for c in chunks if c.length > 1 and c.rows == 1),
         "drafts": sum(c.rows - 1 for c in chunks),
         "computes": list(went.computes) if went is not None else [],
+        "held": list(went.held) if went is not None else [],
         "queued": went.queued if went is not None else 0.0,
         "legs": went.legs if went is not None else 0,
         "failed": None if failure is None else f"{type(failure).__name__}: {failure}"[:200],

@@ -43,7 +43,8 @@ class Journey:
     (one per row; none when the master draws), the steps it loops back next (registered, not yet
     awaited) and the runs it took (1: it went through without the master).  For timelines:
     each stage's compute seconds in order, and the seconds it waited in the queue of the stage
-    that ended each run (its ``worker_seconds`` beyond its compute)."""
+    that ended each run (its ``worker_seconds`` beyond its compute); ``held``: the seconds each
+    stage held it, from its arrival to handing it on (empty when a stage did not say)."""
 
     logits: torch.Tensor
     tokens: tuple[int, ...]
@@ -54,6 +55,7 @@ class Journey:
     drafts: tuple[tuple[int, ...], ...] = ()  # per chunk, the drafts the last stage sent on with the next step
     by_model: tuple[bool, ...] = ()  # per chunk: those drafts are the last stage's draft model's (empty: none)
     draft_seconds: float = 0.0  # with by_model: what a drafted token costs that model now, as the stage measured
+    held: tuple[float, ...] = ()
 
 
 class Relay:
@@ -107,6 +109,7 @@ class Relay:
         by_model: tuple[bool, ...] = ()
         draft_seconds = 0.0
         computes: list[float] = []
+        held: list[float] = []
         queued = 0.0
         i = legs = 0
         try:
@@ -128,6 +131,7 @@ class Relay:
                     link, result = await self._call(stages, epoch, step, i, end)
                 legs += 1
                 computes += [*result.trail, result.compute_seconds]
+                held += [*result.held, result.worker_seconds]
                 queued += max(0.0, result.worker_seconds - result.compute_seconds)
                 at = stages.index(link)
                 if at < end:
@@ -163,7 +167,19 @@ class Relay:
             for exp in looped:
                 exp.abandon()
             raise
-        return Journey(x, drawn, looped, legs, tuple(computes), queued, drafts, by_model, draft_seconds)
+        told = len(held) == len(computes)  # every stage said how long it held the step
+        return Journey(
+            x,
+            drawn,
+            looped,
+            legs,
+            tuple(computes),
+            queued,
+            drafts,
+            by_model,
+            draft_seconds,
+            tuple(held) if told else (),
+        )
 
     def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
         """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their

@@ -63,6 +63,12 @@ def test_a_real_runs_report_has_each_requests_time_to_first_token_in_arrival_ord
     steps = r["steps"]
     assert steps and all(s["slots"] >= 1 and s["looping"] >= 0 and s["fed"] >= 0 for s in steps), steps[:3]
     assert all(s["fed"] == 0 for s in steps if s["prefill_tokens"]), [s for s in steps if s["prefill_tokens"]][:3]
+    # and how long each stage held it, from its arrival to handing it on: at least its compute, and within
+    # the step's own record when the master sent it (a step fed back is on its way before the master awaits it)
+    for s in steps:
+        assert len(s["held"]) == len(s["computes"]) == 2, s
+        assert all(c <= h for c, h in zip(s["computes"], s["held"])), s
+        assert s["fed"] or sum(s["held"]) <= s["ended"] - s["began"], s
 
 
 def test_the_calibration_computes_longer_steps_at_what_they_cost_alone():

@@ -132,10 +132,11 @@ def test_tensor_messages_round_trip(dtype):
     ids = torch.tensor([1, 2, 3, 4])
     r = decode(encode(Result(5, 2, 0.25, 0.5, ids)))
     assert isinstance(r, Result) and torch.equal(r.tensor, ids) and r.compute_seconds == 0.25
-    onward = decode(encode(Step(5, 2, segs, x, 8, forward=True, trail=(0.01, 0.02))))
+    onward = decode(encode(Step(5, 2, segs, x, 8, forward=True, trail=(0.01, 0.02), held=(0.03, 0.5))))
     assert isinstance(onward, Step) and onward.forward and onward.trail == (0.01, 0.02) and onward.topk == 8
-    back = decode(encode(Result(5, 2, 0.25, 0.5, ids, (0.01, 0.02))))
-    assert isinstance(back, Result) and back.trail == (0.01, 0.02)
+    assert onward.held == (0.03, 0.5)
+    back = decode(encode(Result(5, 2, 0.25, 0.5, ids, (0.01, 0.02), held=(0.03, 0.5))))
+    assert isinstance(back, Result) and back.trail == (0.01, 0.02) and back.held == (0.03, 0.5)
     draws = (wire.Draw(0.0, 1.0, 0), wire.Draw(0.7, 0.9, (1 << 64) - 1))
     looped = decode(encode(Step(5, 2, segs, x, 8, forward=True, loop=7, draws=draws)))
     assert isinstance(looped, Step) and looped.loop == 7 and looped.draws == draws
@@ -402,6 +403,8 @@ BAD_FRAMES |= {
     "step forward not bool": _frame(wire.Kind.STEP, _step_header(forward="yes"), GOOD_PAYLOAD),
     "step trail negative": _frame(wire.Kind.STEP, _step_header(trail=[0.1, -1.0]), GOOD_PAYLOAD),
     "step trail not list": _frame(wire.Kind.STEP, _step_header(trail=0.1), GOOD_PAYLOAD),
+    "step held negative": _frame(wire.Kind.STEP, _step_header(held=[0.1, -1.0]), GOOD_PAYLOAD),
+    "step held too long": _frame(wire.Kind.STEP, _step_header(held=[0.1] * 1025), GOOD_PAYLOAD),
     "part empty": _frame(wire.Kind.PART, {"last": True}),
     "part too long": _frame(wire.Kind.PART, {"last": True}, b"x" * (wire.PART_BYTES + 1)),
     "part last not bool": _frame(wire.Kind.PART, {"last": 1}, b"x"),

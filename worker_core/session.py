@@ -383,7 +383,8 @@ class Session:
             out, compute = done
             self.run.steps += 1
             self.run.tokens += sum(seg.length for seg in msg.segments)
-            result = Result(msg.step_id, msg.epoch, compute, time.perf_counter() - arrived, out, msg.trail)
+            held = time.perf_counter() - arrived
+            result = Result(msg.step_id, msg.epoch, compute, held, out, msg.trail, held=msg.held)
             hop = self.next_hop
             if runner.shard.is_last:
                 if msg.loop:
@@ -392,7 +393,7 @@ class Session:
                     result = replace(result, tokens=drawn, drafts=drafts, by_model=by_model, draft_seconds=cost)
                 self.post(result, urgent)
             elif msg.forward and hop is not None and hop.epoch == msg.epoch:
-                onward = replace(msg, tensor=out, forward=True, trail=(*msg.trail, compute))
+                onward = replace(msg, tensor=out, forward=True, trail=(*msg.trail, compute), held=(*msg.held, held))
 
                 async def relayed() -> None:  # the hop went down: the master takes it on
                     self.post(result, urgent)

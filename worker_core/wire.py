@@ -390,7 +390,9 @@ class Step:
     row (see :class:`Result`).  ``forward``: send the output on to the next stage over this
     stage's direct hop, when it has one, as a ``Step`` of the same id (else return a ``Result``
     to the master); ``trail``: compute seconds of the stages this step already went through
-    since it left the master.  ``loop`` (at most ``MAX_LOOP``), read by the last stage only:
+    since it left the master, ``held``: the seconds each of them held it (from its arrival to
+    handing it on: queue, pauses and compute; empty from a stage that does not say).  ``loop``
+    (at most ``MAX_LOOP``), read by the last stage only:
     draw each segment's tokens as its ``draws`` entry says (one per segment, present iff
     ``loop`` > 0; :mod:`worker_core.sampling`), name them in the ``Result`` (``tokens``, one
     per row; ``drafts``, what it drafted) and feed the next step back to the first stage over
@@ -407,6 +409,7 @@ class Step:
     topk: int = 0
     forward: bool = False
     trail: tuple[float, ...] = ()
+    held: tuple[float, ...] = ()
     loop: int = 0
     draws: tuple[Draw, ...] = ()
     drop: tuple[int, ...] = ()  # KV ids every stage it reaches frees before it runs (the master evicted them)
@@ -426,6 +429,7 @@ class Result:
     worker_seconds: float  # from the step's arrival at the worker to its result (queue + compute)
     tensor: torch.Tensor = field(compare=False)
     trail: tuple[float, ...] = ()  # compute seconds of the earlier stages of a forwarded step, in order
+    held: tuple[float, ...] = ()  # the seconds each of those held it (Step.held)
     tokens: tuple[int, ...] = ()  # the tokens a last stage drew and fed back, one per row (Step.loop)
     # drafting in the loop-back (Draw.k): per segment, the drafts the fed-back step carries
     drafts: tuple[tuple[int, ...], ...] = ()
@@ -776,10 +780,10 @@ def _by_model(h: dict[str, Any]) -> tuple[bool, ...]:
     return tuple(raw)
 
 
-def _trail(h: dict[str, Any]) -> tuple[float, ...]:
-    raw = h.get("trail", [])
+def _trail(h: dict[str, Any], key: str = "trail") -> tuple[float, ...]:
+    raw = h.get(key, [])
     if type(raw) is not list or len(raw) > 1024:
-        raise ProtocolError("'trail' must be a list of at most 1024 seconds")
+        raise ProtocolError(f"{key!r} must be a list of at most 1024 seconds")
     return tuple(_float({"t": v}, "t") for v in raw)
 
 
@@ -871,6 +875,7 @@ def encode(msg: Message) -> bytes:
                 "tensor": spec,
                 "forward": msg.forward,
                 "trail": list(msg.trail),
+                "held": list(msg.held),
                 "loop": msg.loop,
                 "draws": [_draw_json(d) for d in msg.draws],
             },
@@ -888,6 +893,7 @@ def encode(msg: Message) -> bytes:
                 "worker_seconds": msg.worker_seconds,
                 "tensor": spec,
                 "trail": list(msg.trail),
+                "held": list(msg.held),
                 "tokens": list(msg.tokens),
             },
         )
@@ -1062,6 +1068,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             topk=_int(h, "topk", 0, MAX_TOPK),
             forward=_bool({"forward": h.get("forward", False)}, "forward"),
             trail=_trail(h),
+            held=_trail(h, "held"),
             loop=loop,
             draws=draws,
             drop=_ids({"drop": h.get("drop", [])}, "drop"),
@@ -1074,6 +1081,7 @@ def decode(frame: bytes | bytearray | memoryview, max_frame_bytes: int = MAX_FRA
             worker_seconds=_float(h, "worker_seconds"),
             tensor=_tensor_from(h, payload),
             trail=_trail(h),
+            held=_trail(h, "held"),
             tokens=_tokens(h),
             drafts=_result_drafts(h),
             by_model=_by_model(h),
