@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
 from harness import Cluster, run
 from tiny_models import make_tiny_checkpoint
 
@@ -116,3 +117,15 @@ def test_the_calibration_over_repeated_runs_is_each_figures_median_error_and_the
     assert m["full"]["ttft_p50"] == {"error": 0.08, "errors": [-0.4, 0.1, 0.08], "real_range": (2.9, 4.4)}
     assert m["full"]["output_tokens_per_s"]["error"] == 0.01
     assert median_calibration([run(3.0, 0.2, 0.0)])["full"]["ttft_p50"]["error"] == 0.2  # one run: its own
+
+
+def test_molink_bench_takes_its_repeats_and_refuses_fewer_than_one():
+    from app.cli import _parser
+    from app.cli.tools import bench
+
+    p = _parser()
+    assert p.parse_args(["bench"]).repeats == 1
+    args = p.parse_args(["bench", "--repeats", "3", "--profiles", "slow"])
+    assert callable(bench(args, None))  # type: ignore[arg-type]  # (the run is not started)
+    with pytest.raises(ValueError, match="repeats"):
+        bench(p.parse_args(["bench", "--repeats", "0"]), None)  # type: ignore[arg-type]
