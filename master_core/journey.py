@@ -168,18 +168,8 @@ class Relay:
                 exp.abandon()
             raise
         told = len(held) == len(computes)  # every stage said how long it held the step
-        return Journey(
-            x,
-            drawn,
-            looped,
-            legs,
-            tuple(computes),
-            queued,
-            drafts,
-            by_model,
-            draft_seconds,
-            tuple(held) if told else (),
-        )
+        went = Journey(x, drawn, looped, legs, tuple(computes), queued, drafts, by_model, draft_seconds)
+        return replace(went, held=tuple(held)) if told else went
 
     def _expect_looped(self, stages: list[WorkerLink], step: Step) -> list[Expected]:
         """Register the ``step.loop`` steps the last stage will feed back after ``step`` (their
