@@ -46,3 +46,22 @@ def test_gap_figures_and_the_burst_shape_from_options():
     shape = burst_shape(BenchOptions(burst_prompts=(1300, 1300, 1300), burst_spacing=1.5, burst_streams=2))
     assert (shape.streams, shape.burst_prompts, shape.burst_spacing) == (2, (1300, 1300, 1300), 1.5)
     assert burst_shape(BenchOptions()) == BurstShape()
+
+
+def test_the_lab_burst_judges_gaps_during_the_burst_against_the_calm_median():
+    """app.tools.netlab.burstlab's figures: gaps ending before the first long prompt was sent are
+    calm, those ending until the last answer are the burst's; a prompt never answered is None."""
+    from app.tools.netlab.burstlab import gaps_report
+
+    calm = [0.1 * k for k in range(11)]  # 10 gaps of 0.1 s up to t = 1.0
+    burst = [1.0 + 0.2 * k for k in range(1, 11)]  # 10 gaps of 0.2 s, t = 1.2 .. 3.0, one of 0.5 s after
+    one = [*calm, *burst, 3.5, 9.0]  # the gap ending at 9.0 is after the burst: not counted
+    r = gaps_report([one], sent=[1.05, 1.5], answers=[2.0, 3.5])
+    assert r["calm_gaps"] == 10 and abs(r["calm_p50_s"] - 0.1) < 1e-9
+    assert r["burst_gaps"] == 11 and abs(r["burst_p99_s"] - 0.5) < 1e-9 and abs(r["burst_p50_s"] - 0.2) < 1e-9
+    assert abs(r["burst_p99_over_calm_p50"] - 5.0) < 1e-6
+    assert [round(x, 6) for x in r["long_prompt_seconds"]] == [0.95, 2.0] and abs(r["burst_seconds"] - 2.45) < 1e-9
+    unanswered = gaps_report([one], sent=[1.05, 1.5], answers=[2.0, None])
+    # one never answered: the burst lasted to the end of the record (the gap of 5.5 s ending at 9.0 counts)
+    assert unanswered["long_prompt_seconds"][1] is None and unanswered["burst_gaps"] == 12
+    assert abs(unanswered["burst_p99_s"] - 5.5) < 1e-9

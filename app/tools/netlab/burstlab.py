@@ -1,0 +1,209 @@
+"""A burst of long prompts over streams, on a group whose stages sit in other homes (the network lab).
+
+Contract
+--------
+``python -m app.tools.netlab.burstlab [--model M] [--mbps 20] [--delay-ms 0] [--hops relayed,direct]
+[--streams 3] [--prompts 1300,1300,1300] [--spacing 1.5] [--calm 10] [--out F]`` (root) builds the
+``hops`` topology (homes a and d behind routers with miniupnpd, home b behind one without, every
+internet link shaped with tbf both ways, ``--delay-ms`` one way added to TCP leaving each home by
+the routers' delay proxies) and, per hop mode, runs a fresh group: the master on host ``a``
+(``molink group create``, serving once 2 workers joined), and friends on ``d`` and ``b`` who each
+run ``molink join LINK`` then ``molink worker`` (``relayed``: with ``--no-direct``, so every hop
+between the two stages goes through the master on a, and a's link carries every activation
+twice; ``direct``: the stages may dial each other).  When the group serves, a client on ``a``
+opens ``--streams`` greedy streams through the OpenAI API (``/v1/completions``, token-id prompts,
+SSE), and after ``--calm`` seconds sends the long prompts (random token ids, ``max_tokens`` 1)
+``--spacing`` seconds apart.  Per mode it reports, from each stream's token arrival times: the
+calm gap median (gaps before the first long prompt), the gaps' p50 and p99 while the burst lasts
+(from the first long prompt's arrival to the last one's answer), their ratio to the calm median
+(issue 26's headline, aim at most 2.5), each long prompt's time to its answer, and the pipeline
+the master last said it served (its stages and whether each hop between them is direct).  As JSON on
+stdout (and in ``--out``).  Everything runs in the lab, which is removed at the end, also on
+failure.
+
+The policy is the master's default (``full``); ``no-chunking`` is not compared here (the group CLI
+does not take a policy).  The lab's processes (master, workers, the routers' proxies, the client)
+share this machine's cores: a stage's compute is not a GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .joinbench import HEALTH, _drain, _line, _molink, _stop
+from .lab import Lab
+
+# The client, run on host a: streams and long prompts through the API; prints one JSON line.
+CLIENT = r"""
+import json, random, sys, threading, time, urllib.request
+api, streams, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+spacing, calm = float(sys.argv[4]), float(sys.argv[5])
+with urllib.request.urlopen(api + '/v1/models', timeout=10) as r:
+    model = json.loads(r.read())['data'][0]['id']
+times = [[] for _ in range(streams)]
+answers = [None] * len(prompts)
+sent = [None] * len(prompts)
+stop = threading.Event()
+def post(body, timeout):
+    req = urllib.request.Request(api + '/v1/completions', data=json.dumps(body).encode(),
+                                 headers={'Content-Type': 'application/json'})
+    return urllib.request.urlopen(req, timeout=timeout)
+def stream(i):
+    body = {'model': model, 'prompt': [1000 + 37 * i + k for k in range(12)], 'max_tokens': 4000,
+            'temperature': 0, 'ignore_eos': True, 'stream': True}
+    with post(body, 900) as r:
+        for line in r:
+            if stop.is_set():
+                return
+            if line.startswith(b'data: {'):
+                times[i].append(time.monotonic())
+def long(j, n):
+    rng = random.Random(j)
+    body = {'model': model, 'prompt': [rng.randrange(1000, 30000) for _ in range(n)], 'max_tokens': 1, 'temperature': 0}
+    sent[j] = time.monotonic()
+    with post(body, 900) as r:
+        json.loads(r.read())
+    answers[j] = time.monotonic()
+runners = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(streams)]
+for t in runners:
+    t.start()
+time.sleep(calm)
+longs = []
+for j, n in enumerate(prompts):
+    longs.append(threading.Thread(target=long, args=(j, n), daemon=True))
+    longs[-1].start()
+    time.sleep(spacing)
+for t in longs:
+    t.join(900)
+time.sleep(2.0)
+stop.set()
+print(json.dumps({'times': times, 'sent': sent, 'answers': answers}))
+"""
+
+
+def gaps_report(times: list[list[float]], sent: list[float], answers: list[float | None]) -> dict:
+    """The burst's figures from the streams' token arrival ``times``, the long prompts' ``sent``
+    times and their ``answers`` (None: never answered): the calm gap median (gaps ending before
+    the first long prompt was sent), the gaps' p50 and p99 during the burst (gaps ending between
+    the first long prompt's sending and the last answer; every later gap when one was never
+    answered), p99 over the calm median, and each long prompt's seconds to its answer."""
+    import statistics
+
+    start = min(sent)
+    done = [a for a in answers if a is not None]
+    end = max(done) if len(done) == len(answers) else float("inf")  # one never answered: the burst never ended
+    calm, burst = [], []
+    for ts in times:
+        for a, b in zip(ts, ts[1:]):
+            (calm if b < start else burst if b <= end else []).append(b - a)
+    calm_p50 = statistics.median(calm) if calm else None
+    p99 = _percentile(burst, 99)
+    return {
+        "calm_gaps": len(calm),
+        "calm_p50_s": calm_p50,
+        "burst_gaps": len(burst),
+        "burst_p50_s": _percentile(burst, 50),
+        "burst_p99_s": p99,
+        "burst_p99_over_calm_p50": p99 / calm_p50 if p99 is not None and calm_p50 else None,
+        "long_prompt_seconds": [None if a is None else a - s for s, a in zip(sent, answers)],
+        "burst_seconds": end - start,
+    }
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """Nearest rank, as the bench's ``master_core.workload.percentile`` (the lab imports nothing of
+    master_core: tests/import_layout.py)."""
+    import math
+
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def _keep(proc: subprocess.Popen, path: Path) -> None:
+    """Copy ``proc``'s output (its log) to ``path`` as it comes, so that a full pipe never blocks it."""
+    out = proc.stdout
+
+    def copy() -> None:
+        with path.open("w") as f:
+            for line in out or ():
+                f.write(line)
+                f.flush()  # read while it runs
+
+    threading.Thread(target=copy, daemon=True).start()
+
+
+def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespace) -> dict:
+    """One fresh group in ``mode`` (relayed: the workers dial no hops) and one burst on it."""
+    procs = []
+    log = work / "master.log"
+    try:
+        master = _molink(lab, "a", "group", "create", "--model", model, "--port", "7733", "--api-port", "8000",
+                         "--data-dir", str(work / "master"), "--name", "burst", "--min-workers", "2")  # fmt: skip
+        procs.append(master)
+        link = ""
+        for friend in ("d", "b"):
+            if not link:
+                link = _line(master, "Join link:", 300).split()[-1]
+                _keep(master, log)
+            lab.run(friend, [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(work / friend)],
+                    timeout=120)  # fmt: skip
+            worker = _molink(lab, friend, "worker", "--data-dir", str(work / friend), "--device", "cpu",
+                             *(["--no-direct"] if mode == "relayed" else []))  # fmt: skip
+            procs.append(worker)
+            _drain(worker)
+            if friend == "d":  # a pairing code is single use: a new one for the next friend
+                code = lab.run("a", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir",
+                                     str(work / "master")], timeout=60).stdout  # fmt: skip
+                link = next(x.split()[-1] for x in code.splitlines() if x.startswith("Join link:"))
+        lab.run("a", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "900"], timeout=920)
+        prompts = json.dumps(list(args.prompts))
+        out = lab.run("a", [sys.executable, "-c", CLIENT, "http://127.0.0.1:8000", str(args.streams), prompts,
+                            str(args.spacing), str(args.calm)], timeout=1800)  # fmt: skip
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        served = [x for x in log.read_text(errors="replace").splitlines() if "serving epoch" in x]
+        figures = gaps_report(got["times"], got["sent"], got["answers"])
+        return {"hops": mode, "pipeline": served[-1].split(": ", 1)[-1] if served else None, **figures}
+    finally:
+        _stop(procs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    p = argparse.ArgumentParser(description="a burst of long prompts over streams, stages in other homes (lab)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--mbps", type=float, default=20.0)
+    p.add_argument("--delay-ms", type=float, default=0.0, help="one way, added to TCP leaving each home")
+    p.add_argument("--hops", default="relayed,direct", help="relayed, direct (comma separated)")
+    p.add_argument("--streams", type=int, default=3)
+    p.add_argument("--prompts", default="1300,1300,1300", help="the long prompts' lengths in tokens")
+    p.add_argument("--spacing", type=float, default=1.5, help="seconds between the long prompts")
+    p.add_argument("--calm", type=float, default=10.0, help="seconds of streams before the first long prompt")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    args.prompts = tuple(int(x) for x in args.prompts.split(",") if x)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still take the lab down
+    results: dict = {"mbps": args.mbps, "delay_ms_one_way": args.delay_ms, "model": args.model}
+    results |= {"streams": args.streams, "prompts": list(args.prompts), "spacing_s": args.spacing, "runs": []}
+    with Lab.up("blab", "hops", mbps=args.mbps, delay_ms=args.delay_ms) as lab:
+        for mode in args.hops.split(","):
+            with tempfile.TemporaryDirectory() as work:
+                results["runs"].append(measure(lab, args.model, mode, Path(work), args))
+            print(json.dumps(results["runs"][-1]), file=sys.stderr, flush=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
