@@ -7,10 +7,11 @@ Contract
 ``hops`` topology (homes a and d behind routers with miniupnpd, home b behind one without, every
 internet link shaped with tbf both ways, ``--delay-ms`` one way added to TCP leaving each home by
 the routers' delay proxies) and, per hop mode, runs a fresh group: the master on host ``a``
-(``molink group create``, serving once 2 workers joined), and friends on ``d`` and ``b`` who each
-run ``molink join LINK`` then ``molink worker`` (``relayed``: with ``--no-direct``, so every hop
+(``molink group create``, serving once 2 workers joined), and two friends who each run ``molink
+join LINK`` then ``molink worker`` (``relayed``: ``d`` and ``b``, with ``--no-direct``, so the hop
 between the two stages goes through the master on a, and a's link carries every activation
-twice; ``direct``: the stages may dial each other).  When the group serves, a client on ``a``
+twice; ``direct``: ``d`` and ``a2``, on a's LAN, whose routers both map ports, so the stages dial
+each other).  When the group serves, a client on ``a``
 opens ``--streams`` greedy streams through the OpenAI API (``/v1/completions``, token-id prompts,
 SSE), and after ``--calm`` seconds sends the long prompts (random token ids, ``max_tokens`` 1)
 ``--spacing`` seconds apart.  Per mode it reports, from each stream's token arrival times: the
@@ -38,6 +39,11 @@ from pathlib import Path
 
 from .joinbench import HEALTH, _drain, _line, _molink, _stop
 from .lab import Lab
+
+# Who serves, per hop mode: "relayed", d and b with --no-direct (every hop through the master);
+# "direct", d and a2 (both homes' routers map ports, so whichever stage comes first can dial the
+# other; b's router maps nothing, so a hop into b would be relayed whatever the workers ask)
+FRIENDS = {"relayed": ("d", "b"), "direct": ("d", "a2")}
 
 # The client, run on host a: streams and long prompts through the API; prints one JSON line.
 CLIENT = r"""
@@ -149,7 +155,7 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
                          "--data-dir", str(work / "master"), "--name", "burst", "--min-workers", "2")  # fmt: skip
         procs.append(master)
         link = ""
-        for friend in ("d", "b"):
+        for friend in FRIENDS[mode]:
             if not link:
                 link = _line(master, "Join link:", 300).split()[-1]
                 _keep(master, log)
@@ -159,7 +165,7 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
                              *(["--no-direct"] if mode == "relayed" else []))  # fmt: skip
             procs.append(worker)
             _drain(worker)
-            if friend == "d":  # a pairing code is single use: a new one for the next friend
+            if friend == FRIENDS[mode][0]:  # a pairing code is single use: a new one for the next friend
                 code = lab.run("a", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir",
                                      str(work / "master")], timeout=60).stdout  # fmt: skip
                 link = next(x.split()[-1] for x in code.splitlines() if x.startswith("Join link:"))
@@ -190,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.prompts = tuple(int(x) for x in args.prompts.split(",") if x)
+    modes = [m for m in args.hops.split(",") if m]
+    if not modes or any(m not in FRIENDS for m in modes) or not args.prompts:
+        p.error(f"--hops takes {', '.join(FRIENDS)}; --prompts at least one length")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still take the lab down
     results: dict = {"mbps": args.mbps, "delay_ms_one_way": args.delay_ms, "model": args.model}
     results |= {"streams": args.streams, "prompts": list(args.prompts), "spacing_s": args.spacing, "runs": []}
     with Lab.up("blab", "hops", mbps=args.mbps, delay_ms=args.delay_ms) as lab:
-        for mode in args.hops.split(","):
+        for mode in modes:
             with tempfile.TemporaryDirectory() as work:
                 results["runs"].append(measure(lab, args.model, mode, Path(work), args))
             print(json.dumps(results["runs"][-1]), file=sys.stderr, flush=True)
