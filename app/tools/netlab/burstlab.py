@@ -10,8 +10,9 @@ the routers' delay proxies) and, per hop mode, runs a fresh group: the master on
 (``molink group create``, serving once 2 workers joined), and two friends who each run ``molink
 join LINK`` then ``molink worker`` (``relayed``: ``d`` and ``b``, with ``--no-direct``, so the hop
 between the two stages goes through the master on a, and a's link carries every activation
-twice; ``direct``: ``d`` and ``a2``, on a's LAN, whose routers both map ports, so the stages dial
-each other).  When the group serves, a client on ``a``
+twice; ``direct``: ``d`` and ``a`` itself, whose routers both map ports, so the stages dial
+each other; the planner may still place every layer on one of them, the other standing by:
+the report's ``pipeline`` says how many stages served and how each hop went).  When the group serves, a client on ``a``
 opens ``--streams`` greedy streams through the OpenAI API (``/v1/completions``, token-id prompts,
 SSE), and after ``--calm`` seconds sends the long prompts (random token ids, ``max_tokens`` 1)
 ``--spacing`` seconds apart.  Per mode it reports, from each stream's token arrival times: the
@@ -41,9 +42,10 @@ from .joinbench import HEALTH, _drain, _line, _molink, _stop
 from .lab import Lab
 
 # Who serves, per hop mode: "relayed", d and b with --no-direct (every hop through the master);
-# "direct", d and a2 (both homes' routers map ports, so whichever stage comes first can dial the
-# other; b's router maps nothing, so a hop into b would be relayed whatever the workers ask)
-FRIENDS = {"relayed": ("d", "b"), "direct": ("d", "a2")}
+# "direct", d and a (the master's own host, as a user who shares their GPU and runs the master:
+# both homes' routers map ports, so whichever stage comes first can dial the other; b's router
+# maps nothing, so a hop into b would be relayed whatever the workers ask)
+FRIENDS = {"relayed": ("d", "b"), "direct": ("d", "a")}
 
 # The client, run on host a: streams and long prompts through the API; prints one JSON line.
 CLIENT = r"""
