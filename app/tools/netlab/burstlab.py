@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from .joinbench import HEALTH, _drain, _line, _molink, _stop
@@ -142,19 +140,6 @@ def _percentile(values: list[float], q: float) -> float | None:
     return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
 
 
-def _keep(proc: subprocess.Popen, path: Path) -> None:
-    """Copy ``proc``'s output (its log) to ``path`` as it comes, so that a full pipe never blocks it."""
-    out = proc.stdout
-
-    def copy() -> None:
-        with path.open("w") as f:
-            for line in out or ():
-                f.write(line)
-                f.flush()  # read while it runs
-
-    threading.Thread(target=copy, daemon=True).start()
-
-
 def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespace) -> dict:
     """One fresh group in ``mode`` (relayed: the workers dial no hops) and one burst on it."""
     procs = []
@@ -167,7 +152,7 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
         for friend in FRIENDS[mode]:
             if not link:
                 link = _line(master, "Join link:", 300).split()[-1]
-                _keep(master, log)
+                _drain(master, keep=log)
             lab.run(friend, [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(work / friend)],
                     timeout=120)  # fmt: skip
             worker = _molink(lab, friend, "worker", "--data-dir", str(work / friend), "--device", "cpu",

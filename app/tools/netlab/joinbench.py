@@ -139,11 +139,23 @@ def _line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
     raise RuntimeError(f"the master printed no {prefix!r} line")
 
 
-def _drain(proc: subprocess.Popen) -> None:
-    """Keep reading ``proc``'s output (its log) so that a full pipe never blocks it."""
+def _drain(proc: subprocess.Popen, keep: Path | None = None) -> None:
+    """Keep reading ``proc``'s output (its log) so that a full pipe never blocks it; with ``keep``,
+    each line is written there as it comes (the file can be read while it runs)."""
     out = proc.stdout
-    if out is not None:
-        threading.Thread(target=lambda: all(True for _ in out), daemon=True).start()
+    if out is None:
+        return
+
+    def read() -> None:
+        if keep is None:
+            all(True for _ in out)
+            return
+        with keep.open("w") as f:
+            for line in out:
+                f.write(line)
+                f.flush()
+
+    threading.Thread(target=read, daemon=True).start()
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
