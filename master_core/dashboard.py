@@ -2,7 +2,9 @@
 
 Contract: ``Dashboard(engine, model_id, assets_dir)`` serves ``/dashboard`` (the page),
 ``/dashboard/static/{name}`` (its script and style; no CDN: machines are often offline) and
-``/dashboard/api/state`` (members, pipeline, time series, queue, recent errors).  ``start()``
+``/dashboard/api/state`` (members, pipeline, time series, queue, recent errors) and
+``/dashboard/api/steps`` (the engine's last step timelines, :attr:`Engine.steps`, with ``now`` on
+the same monotonic clock: where a slow stream's time went).  ``start()``
 samples the engine once a second into ten minutes of history; ``await stop()`` ends it.
 Recent errors come from one handler per process on the ``molink`` logger
 (:meth:`RecentErrors.installed`), never one per dashboard.  Access control (Host,
@@ -12,6 +14,7 @@ Origin, token) is :mod:`master_core.security`'s job.  Knows nothing about Qt.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -71,6 +74,7 @@ class Dashboard:
             web.get("/dashboard", self.page),
             web.get("/dashboard/static/{name}", self.static),
             web.get("/dashboard/api/state", self.state),
+            web.get("/dashboard/api/steps", self.steps),
         ]
 
     def start(self) -> None:
@@ -114,6 +118,11 @@ class Dashboard:
             raise web.HTTPNotFound()
         path = self.assets / name if name != "molink.svg" else self.assets.parent / name
         return web.FileResponse(path)
+
+    async def steps(self, request: web.Request) -> web.Response:
+        snapshot = {"now": self.engine.clock(), "steps": list(self.engine.steps)}  # records are never changed
+        body = await asyncio.to_thread(json.dumps, snapshot)  # up to a few MB: off the loop
+        return web.Response(text=body, content_type="application/json")
 
     async def state(self, request: web.Request) -> web.Response:
         e, g = self.engine, self.engine.group

@@ -103,6 +103,7 @@ PROFILE_REQUEST_ID = (1 << 62) + 1  # never a real request id
 PROFILE_SIZES = (1, 16, 64, 1, 16, 64)  # tokens of the start-up profile's steps: two fits of three sizes
 LANE_SUPERVISION = 0.2  # seconds between checks that every lane task is alive
 IDLE_LANE_NAP = 0.5  # seconds a lane beyond the current micro-batch count sleeps before looking again
+STEP_HISTORY = 4096  # step timelines kept for the dashboard's /dashboard/api/steps (a minute or more of steps)
 NOTHING_TO_DO_NAP = 1.0  # seconds a lane with nothing to send waits for a wake-up at most
 
 
@@ -170,6 +171,7 @@ class Engine:
         self._unservable_since: float | None = None  # when the group last stopped being able to serve
         self.recent: deque[dict] = deque(maxlen=256)  # finished requests: ttft, tpot, tokens
         self._finish_hooks: list[Callable[[dict], None]] = []
+        self.steps: deque[dict] = deque(maxlen=STEP_HISTORY)  # the last steps' timelines (the dashboard's)
         self.on_step: Callable[[dict], None] | None = None  # told of every step's timeline (benchmarks)
         group.on_reset(self._on_reset)
 
@@ -635,9 +637,10 @@ class Engine:
         except Exception as e:  # a bug in the relay: these requests replay (then fail), the lane lives
             log.exception("relay of a micro-batch failed")
             failure = e
+        load = (len(self.waiting), len(self.running), slots, self._looping_lanes, fed)
+        self.steps.append(_timeline(began, self.clock(), chunks, went, failure, *load))
         if self.on_step is not None:
-            load = (len(self.waiting), len(self.running), slots, self._looping_lanes, fed)
-            self.on_step(_timeline(began, self.clock(), chunks, went, failure, *load))
+            self.on_step(self.steps[-1])
         try:
             if failure is not None or went is None:
                 self._step_failed(epoch, chunks, gens, failure or RuntimeError("no result"))

@@ -110,6 +110,17 @@ def test_dashboard_refuses_without_token_or_with_foreign_host(tmp_path):
                     url.replace("/dashboard?", "/dashboard/api/state?"), headers={"Origin": "http://attacker.example"}
                 ) as r:
                     assert r.status == 403
+                # the step timelines: where a slow stream's time went (needs the token like the rest)
+                await c.engine.generate([5, 6, 7, 8], greedy(6))
+                steps_url = f"http://127.0.0.1:{c.master.port}/dashboard/api/steps"
+                async with http.get(steps_url) as r:
+                    assert r.status == 401
+                async with http.get(steps_url, headers={"X-MoLink-Token": c.master.dashboard_token}) as r:
+                    assert r.status == 200
+                    got = await r.json()
+            steps = got["steps"]
+            assert sum(s["prefill_tokens"] for s in steps) >= 4 and sum(s["decodes"] for s in steps) >= 5
+            assert all(s["began"] <= s["ended"] <= got["now"] and len(s["computes"]) == 1 for s in steps)
             return dom
 
     assert "dashboard needs the link" in run(main())

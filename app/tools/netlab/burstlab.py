@@ -3,7 +3,8 @@
 Contract
 --------
 ``python -m app.tools.netlab.burstlab [--model M] [--mbps 20] [--delay-ms 0] [--hops relayed,direct]
-[--streams 3] [--prompts 1300,1300,1300] [--spacing 1.5] [--calm 10] [--out F]`` (root) builds the
+[--streams 3] [--prompts 1300,1300,1300] [--spacing 1.5] [--calm 10] [--out F] [--steps PREFIX]`` (root)
+builds the
 ``hops`` topology (homes a and d behind routers with miniupnpd, home b behind one without, every
 internet link shaped with tbf both ways, ``--delay-ms`` one way added to TCP leaving each home by
 the routers' delay proxies) and, per hop mode, runs a fresh group: the master on host ``a``
@@ -20,7 +21,8 @@ calm gap median (gaps before the first long prompt), the gaps' p50 and p99 while
 (from the first long prompt's arrival to the last one's answer), their ratio to the calm median
 (issue 26's headline, aim at most 2.5), each long prompt's time to its answer, and the pipeline
 the master last said it served (its stages and whether each hop between them is direct).  As JSON on
-stdout (and in ``--out``).  Everything runs in the lab, which is removed at the end, also on
+stdout (and in ``--out``); with ``--steps``, each mode's token times and the master's step timelines
+(``/dashboard/api/steps``, on the client's monotonic clock: one kernel) in ``PREFIX.MODE.json``.  Everything runs in the lab, which is removed at the end, also on
 failure.
 
 The policy is the master's default (``full``); ``no-chunking`` is not compared here (the group CLI
@@ -52,7 +54,7 @@ WORKER_FLAGS = {"relayed": ("--no-direct",), "direct": ("--memory-limit", "0.5")
 CLIENT = r"""
 import json, random, sys, threading, time, urllib.request
 api, streams, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-spacing, calm = float(sys.argv[4]), float(sys.argv[5])
+spacing, calm, token = float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
 with urllib.request.urlopen(api + '/v1/models', timeout=10) as r:
     model = json.loads(r.read())['data'][0]['id']
 times = [[] for _ in range(streams)]
@@ -96,7 +98,10 @@ for t in longs:
     t.join(900)
 time.sleep(2.0)
 stop.set()
-print(json.dumps({'times': times, 'sent': sent, 'answers': answers, 'errors': errors}))
+req = urllib.request.Request(api + '/dashboard/api/steps', headers={'X-MoLink-Token': token})
+with urllib.request.urlopen(req, timeout=60) as r:  # the master's step timelines (same monotonic clock)
+    steps = json.loads(r.read())['steps']
+print(json.dumps({'times': times, 'sent': sent, 'answers': answers, 'errors': errors, 'steps': steps}))
 """
 
 
@@ -148,10 +153,10 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
         master = _molink(lab, "a", "group", "create", "--model", model, "--port", "7733", "--api-port", "8000",
                          "--data-dir", str(work / "master"), "--name", "burst", "--min-workers", "2")  # fmt: skip
         procs.append(master)
-        link = ""
+        link, before = "", []
         for friend in FRIENDS[mode]:
             if not link:
-                link = _line(master, "Join link:", 300).split()[-1]
+                link = _line(master, "Join link:", 300, seen=before).split()[-1]
                 _drain(master, keep=log)
             lab.run(friend, [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(work / friend)],
                     timeout=120)  # fmt: skip
@@ -165,12 +170,17 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
                 link = next(x.split()[-1] for x in code.splitlines() if x.startswith("Join link:"))
         lab.run("a", [sys.executable, "-c", HEALTH, "http://127.0.0.1:8000", "900"], timeout=920)
         prompts = json.dumps(list(args.prompts))
+        lines = before + log.read_text(errors="replace").splitlines()
+        token = next(x.split("token=")[-1].split()[0] for x in lines if "/dashboard?token=" in x)
         out = lab.run("a", [sys.executable, "-c", CLIENT, "http://127.0.0.1:8000", str(args.streams), prompts,
-                            str(args.spacing), str(args.calm)], timeout=1800)  # fmt: skip
+                            str(args.spacing), str(args.calm), token], timeout=1800)  # fmt: skip
         got = json.loads(out.stdout.strip().splitlines()[-1])
         served = [x for x in log.read_text(errors="replace").splitlines() if "serving epoch" in x]
         figures = gaps_report(got["times"], got["sent"], got["answers"])
         pipeline = served[-1].split(": ", 1)[-1] if served else None
+        if args.steps:  # the master's step timelines and the client's times, for looking into a run
+            keep = {k: got[k] for k in ("times", "sent", "answers", "steps")}
+            Path(f"{args.steps}.{mode}.json").write_text(json.dumps(keep))
         return {"hops": mode, "pipeline": pipeline, "stream_errors": got["errors"], **figures}
     finally:
         _stop(procs)
@@ -189,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spacing", type=float, default=1.5, help="seconds between the long prompts")
     p.add_argument("--calm", type=float, default=10.0, help="seconds of streams before the first long prompt")
     p.add_argument("--out", default=None)
+    p.add_argument("--steps", default=None, metavar="PREFIX",
+                   help="write each mode's step timelines and token times to PREFIX.MODE.json")  # fmt: skip
     args = p.parse_args(argv)
     args.prompts = tuple(int(x) for x in args.prompts.split(",") if x)
     modes = [m for m in args.hops.split(",") if m]

@@ -127,7 +127,8 @@ def _molink(lab: Lab, host: str, *args: str) -> subprocess.Popen:
                      stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT))  # fmt: skip
 
 
-def _line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
+def _line(proc: subprocess.Popen, prefix: str, timeout: float, seen: list[str] | None = None) -> str:
+    """The first line of ``proc``'s output starting with ``prefix``; the lines before it go to ``seen``."""
     assert proc.stdout is not None  # noqa: S101 - spawned with a pipe
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,6 +137,8 @@ def _line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
             break
         if line.startswith(prefix):
             return line.strip()
+        if seen is not None:
+            seen.append(line)
     raise RuntimeError(f"the master printed no {prefix!r} line")
 
 
