@@ -4,8 +4,7 @@ Contract
 --------
 ``python -m app.tools.netlab.burstlab [--model M] [--mbps 20] [--delay-ms 0] [--hops relayed,direct]
 [--streams 3] [--prompts 1300,1300,1300] [--spacing 1.5] [--calm 10] [--out F] [--steps PREFIX]`` (root)
-builds the
-``hops`` topology (homes a and d behind routers with miniupnpd, home b behind one without, every
+builds the ``hops`` topology (homes a and d behind routers with miniupnpd, home b behind one without, every
 internet link shaped with tbf both ways, ``--delay-ms`` one way added to TCP leaving each home by
 the routers' delay proxies) and, per hop mode, runs a fresh group: the master on host ``a``
 (``molink group create``, serving once 2 workers joined), and two friends who each run ``molink
@@ -22,8 +21,8 @@ calm gap median (gaps before the first long prompt), the gaps' p50 and p99 while
 (issue 26's headline, aim at most 2.5), each long prompt's time to its answer, and the pipeline
 the master last said it served (its stages and whether each hop between them is direct).  As JSON on
 stdout (and in ``--out``); with ``--steps``, each mode's token times and the master's step timelines
-(``/dashboard/api/steps``, on the client's monotonic clock: one kernel) in ``PREFIX.MODE.json``.  Everything runs in the lab, which is removed at the end, also on
-failure.
+(``/dashboard/api/steps``, on the client's monotonic clock: one kernel) in ``PREFIX.MODE.json``.
+Everything runs in the lab, which is removed at the end, also on failure.
 
 The policy is the master's default (``full``); ``no-chunking`` is not compared here (the group CLI
 does not take a policy).  The lab's processes (master, workers, the routers' proxies, the client)
