@@ -52,6 +52,8 @@ from enum import Enum
 import torch
 from aiohttp import WSMsgType, web
 
+from worker_core.inflight import room_of
+from worker_core.outbox import ROOM_POLL
 from worker_core.pieces import Joiner, passes, split
 from worker_core.wire import (
     Assign,
@@ -262,6 +264,7 @@ class WorkerLink:
         self._ready_waiter: asyncio.Future | None = None
         self._send_lock = asyncio.Lock()  # one frame, or one piece of a longer one, onto the tunnel at a time
         self._in_order = asyncio.Lock()  # every frame but a decode step's or a Free: in order, whole or in pieces
+        self._room = room_of(ws)  # pieces wait while the path's queue would grow (worker_core.inflight)
         self._frees: list[int] = []  # request ids to free before the next step
         self._flush_task: asyncio.Task | None = None
         self.bytes_sent = 0
@@ -315,6 +318,8 @@ class WorkerLink:
     async def _put_in_order(self, frame: bytes) -> None:
         async with self._in_order:
             for piece in split(frame):
+                while self._room is not None and not self._room():  # a decode step may go meanwhile
+                    await asyncio.sleep(ROOM_POLL)
                 await self._put(piece)
 
     async def _put(self, frame: bytes) -> None:

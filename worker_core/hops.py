@@ -61,6 +61,7 @@ from aiohttp import WSMsgType, web
 
 from .bridge_dial import BridgeForwarder
 from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
+from .inflight import room_of
 from .listen import bind, families
 from .outbox import Outbox
 from .pieces import Joiner, split_item
@@ -219,7 +220,7 @@ class NextHop:
         self._http, self._ws = http, ws
         self._fallbacks: deque[Callable[[], Awaitable[None]]] = deque()
         self._shaper = LinkShaper(delay, rate, self._deliver)
-        self._outbox: Outbox[tuple[bytes, Callable[[], Awaitable[None]]]] = Outbox(self._ship, _in_pieces)
+        self._outbox: Outbox[tuple[bytes, Callable[[], Awaitable[None]]]] = Outbox(self._ship, _in_pieces, room_of(ws))
         self.down: str | None = None  # why the hop is down, or None while it is up
         self._last_sent = time.monotonic()  # when the last frame left (or the hop opened)
         self._reader = asyncio.ensure_future(self._read())

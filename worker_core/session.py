@@ -51,6 +51,7 @@ from .drafting import LoopDrafts
 from .hops import DIRECT_RETRY, MOVE_QUIET, HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
+from .inflight import room_of
 from .interleave import LayerClock
 from .outbox import Outbox
 from .pieces import split_item
@@ -153,7 +154,7 @@ class Session:
         # frames accepted from the master: an Assign or a weight Chunk until a range is served, then
         # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
         self.max_frame = UNASSIGNED_FRAME_BYTES
-        self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship, _in_pieces)
+        self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship, _in_pieces, room_of(ws))
         # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
         self.layer_clock = LayerClock()  # measured per served range (reset by Assign)

@@ -1,0 +1,171 @@
+"""A link's bulk bytes in flight stay near what its path carries (worker_core.inflight), so a decode
+frame does not wait behind a prefill chunk's bytes in a router's queue: the gate alone, the
+outbox that asks it, and both over a real shaped link in the network lab (root)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import run
+
+from app.tools.netlab.lab import Lab, unavailable
+from app.tools.netlab.topology import Home, Topology
+from worker_core.inflight import FLOOR_BYTES, InFlight, gate, room_of
+from worker_core.outbox import Outbox
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Transport:
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str):
+        return self.sock if name == "socket" else None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is read on Linux only")
+def test_the_gate_reads_a_tcp_connection_and_opens_when_nothing_is_in_flight():
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        with socket.create_connection(srv.getsockname()) as c, srv.accept()[0] as peer:
+            g = InFlight(Transport(c))
+            assert g.measurable and g.room() and g.holds == 0
+            assert g.target(0.0) == FLOOR_BYTES  # nothing measured yet: the floor
+            c.sendall(b"x" * 100_000)
+            got = 0
+            while got < 100_000:
+                got += len(peer.recv(1 << 20))
+            assert g.room()  # all of it acknowledged: room again
+    assert g.room()  # a closed socket: unmeasurable, never holds anything back
+
+
+def test_no_gate_without_a_tcp_socket():
+    assert gate(None) is None and room_of(Transport(None)) is None
+    a, b = socket.socketpair()
+    with a, b:
+        assert gate(Transport(a)) is None  # a unix socket has no TCP_INFO of its own
+
+
+def test_the_outbox_holds_bulk_while_the_room_is_shut_and_lets_urgent_items_go():
+    async def main() -> list[str]:
+        shipped: list[str] = []
+        open_ = asyncio.Event()
+
+        async def ship(item: str) -> None:
+            shipped.append(item)
+
+        box: Outbox[str] = Outbox(ship, room=open_.is_set)
+        box.put("bulk1")
+        box.put("bulk2")
+        await asyncio.sleep(0.05)
+        assert shipped == []  # the room is shut: bulk waits
+        box.put("decode", urgent=True)
+        await asyncio.sleep(0.02)
+        assert shipped == ["decode"]  # an urgent item goes at once
+        open_.set()
+        await box.flush(2.0)
+        await box.close()
+        return shipped
+
+    assert run(main()) == ["decode", "bulk1", "bulk2"]
+
+
+# ---------------------------------------------------------------- over a real link (network lab)
+
+RECEIVER = r"""
+import json, socket, struct, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 9000)); s.listen()
+print("ready", flush=True)
+for _ in range(2):
+    c, _ = s.accept(); buf = bytearray(); late = []; bulk = 0; t0 = None
+    while True:
+        d = c.recv(1 << 20)
+        if not d:
+            break
+        buf += d
+        while len(buf) >= 13:
+            kind, sent, n = struct.unpack_from("!BdI", buf)
+            if len(buf) < 13 + n:
+                break
+            del buf[:13 + n]
+            if kind == 1:
+                late.append(time.monotonic() - sent)
+            else:
+                t0 = t0 or time.monotonic(); bulk += n; t1 = time.monotonic()
+    print(json.dumps({"late": late, "bulk_rate": bulk / max(1e-3, t1 - t0)}), flush=True)
+    c.close()
+"""
+
+# the sender: one connection with CUBIC (Windows' and most Linuxes' default), the kernel's unsent
+# bytes kept low as the links do; 6 MB of bulk in 16 KiB pieces queued at once, and a small
+# urgent frame every 50 ms, through an Outbox with the gate (argv[2] "gate") or without
+SENDER = r"""
+import asyncio, socket, struct, sys, time
+sys.path.insert(0, sys.argv[3])
+from worker_core.inflight import room_of
+from worker_core.outbox import Outbox
+from worker_core.unsent import keep_unsent_low
+
+async def main():
+    reader, writer = await asyncio.open_connection(sys.argv[1], 9000)
+    sock = writer.transport.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
+    keep_unsent_low(writer.transport)
+
+    async def ship(item):
+        kind, payload = item
+        writer.write(struct.pack("!BdI", kind, time.monotonic(), len(payload)) + payload)
+        await writer.drain()
+
+    box = Outbox(ship, room=room_of(writer.transport) if sys.argv[2] == "gate" else None)
+    for _ in range(384):
+        box.put((0, b"x" * 16384))
+    for _ in range(40):
+        await asyncio.sleep(0.05)
+        box.put((1, b"u" * 200), urgent=True)
+    await box.flush(30)
+    await box.close()
+    writer.close()
+    await writer.wait_closed()
+
+asyncio.run(main())
+"""
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+@pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+def test_a_decode_frame_waits_behind_little_of_a_prefill_on_a_shaped_link():
+    """Over a 20 Mbit/s uplink (tbf, a 200 ms queue like a home router's), without the gate a
+    CUBIC sender fills the router's queue and each urgent frame waits behind it; with the gate it
+    waits about ``QUEUE_SECONDS``, and the bulk bytes still cross at nearly the link's rate."""
+    if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
+        pytest.skip("this kernel has no CUBIC to send with")
+    topo = Topology((Home("a", ("a",)),), ("pub",), "one home and a public host")
+    with Lab.up("tinfl", topo, mbps=20) as lab:
+        rx = lab.spawn("pub", [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
+        try:
+            assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
+            got = {}
+            for mode in ("plain", "gate"):
+                lab.run("a", [sys.executable, "-c", SENDER, lab.address("pub"), mode, str(ROOT)], timeout=60)
+                got[mode] = json.loads(rx.stdout.readline())
+        finally:
+            rx.kill()
+            rx.wait(5)
+    plain, gated = (_percentile(got[m]["late"], 0.9) for m in ("plain", "gate"))
+    assert len(got["gate"]["late"]) == 40
+    assert plain > 0.08, got["plain"]  # the router's queue fills (CUBIC grows into it; 200 ms at most)
+    assert gated < 0.06 and gated < plain / 3, (gated, plain)
+    assert got["gate"]["bulk_rate"] > 0.8 * got["plain"]["bulk_rate"], got

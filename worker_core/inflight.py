@@ -1,0 +1,137 @@
+"""Keep a link's bytes in flight near what its path carries, so that the queue of the router on
+the way stays short and a decode frame never waits behind a prefill chunk's bytes there.
+
+Contract
+--------
+The senders put a decode step's frame before the pieces of a longer frame still queued
+(:mod:`worker_core.outbox`, :mod:`worker_core.pieces`) and keep the kernel's unsent bytes few
+(:mod:`worker_core.unsent`).  Bytes already sent are out of their hands: a TCP sender (CUBIC:
+Windows' and most Linux systems' default) grows its window until the slowest router on the
+path drops packets, so a home router's buffer (often 100 ms to seconds of data) fills with a
+prefill chunk's bytes and every decode frame behind them waits that long.
+
+``InFlight(transport)`` reads the connection's ``TCP_INFO`` (Linux) and tells a sender of bulk
+bytes when a piece may go (:meth:`InFlight.room`): while the bytes sent and not yet
+acknowledged, plus those the kernel holds unsent, are below ``rate * (min_rtt +
+QUEUE_SECONDS)``, at least ``FLOOR_BYTES``.  ``rate`` is what the path delivered while this
+gate held bytes back (the bytes acknowledged per second over a round trip or
+``SAMPLE_SECONDS``, the highest of the last ``RATE_SAMPLES`` such windows); ``min_rtt`` the
+kernel's lowest round trip.  At that size the path stays full (what is in flight covers a round
+trip at the rate it delivers) and its queue holds about ``QUEUE_SECONDS``: a path faster than
+measured shows it by delivering more in the next window, so the gate opens further each round
+trip.  Urgent frames (decode steps) never ask it.  A gate that held bytes back
+``MAX_HOLD_SECONDS`` lets one piece go (a link that delivers nothing is for its heartbeats to
+find).  Where ``TCP_INFO`` cannot be read (Windows, macOS, a test's in-memory transport, a
+closed socket) :meth:`room` is always True: the senders behave as without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+QUEUE_SECONDS = 0.015  # the queue a path's router may hold of ours: a decode frame waits about this
+FLOOR_BYTES = 32 * 1024  # never fewer in flight (two pieces, wire.PART_BYTES): a link is never starved
+SAMPLE_SECONDS = 0.05  # shortest window a delivery rate is measured over
+RATE_SAMPLES = 8  # the rate is the highest of the last this many held-back windows
+MAX_HOLD_SECONDS = 2.0  # a gate shut this long lets one piece through
+
+_INFO_BYTES = 232  # struct tcp_info up to tcpi_bytes_retrans (Linux 4.19+)
+# offsets in struct tcp_info (include/uapi/linux/tcp.h)
+_MIN_RTT, _NOTSENT, _ACKED, _SENT, _RETRANS = 148, 144, 120, 200, 208
+
+
+class InFlight:
+    """The gate of one TCP connection's bulk bytes (see the module docstring)."""
+
+    def __init__(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        ok = sys.platform.startswith("linux") and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._sock = sock if ok else None
+        self.rate = 0.0  # bytes/s the path delivered while the gate held bytes back
+        self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)
+        self._window: tuple[float, int] | None = None  # (start, bytes acknowledged then) of the window measured
+        self._held = False  # the gate held bytes back in the window being measured
+        self._shut_since: float | None = None
+        self.holds = 0  # times a piece was held back (diagnostics)
+
+    @property
+    def measurable(self) -> bool:
+        return self._sock is not None
+
+    def _info(self) -> tuple[int, int, float] | None:
+        """(bytes in flight, bytes unsent, min round trip seconds), or None."""
+        if self._sock is None:
+            return None
+        try:
+            raw = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_BYTES)
+        except OSError:  # closed, or not TCP after all
+            self._sock = None
+            return None
+        if len(raw) < _INFO_BYTES:  # a kernel older than 4.19: no byte counts
+            self._sock = None
+            return None
+        (notsent,) = struct.unpack_from("I", raw, _NOTSENT)
+        (min_rtt,) = struct.unpack_from("I", raw, _MIN_RTT)
+        (acked,) = struct.unpack_from("Q", raw, _ACKED)
+        sent, retrans = struct.unpack_from("QQ", raw, _SENT)
+        self._sample(acked, min_rtt / 1e6)
+        return max(0, sent - retrans - acked), notsent, min_rtt / 1e6
+
+    def _sample(self, acked: int, min_rtt: float) -> None:
+        now = time.monotonic()
+        if self._window is None:
+            self._window, self._held = (now, acked), False
+            return
+        start, before = self._window
+        if now - start < max(SAMPLE_SECONDS, min_rtt):
+            return
+        if self._held:  # the path, not the sender, set the pace in this window
+            self._rates.append((acked - before) / (now - start))
+            self.rate = max(self._rates)
+        self._window, self._held = (now, acked), False
+
+    def target(self, min_rtt: float) -> float:
+        """Bytes the gate lets be in flight and unsent."""
+        return max(FLOOR_BYTES, self.rate * (min_rtt + QUEUE_SECONDS))
+
+    def room(self) -> bool:
+        """May a piece of bulk bytes be written now?"""
+        info = self._info()
+        if info is None:
+            return True
+        flight, unsent, min_rtt = info
+        now = time.monotonic()
+        if flight + unsent < self.target(min_rtt):
+            self._shut_since = None
+            return True
+        self._held = True
+        if self._shut_since is None:
+            self._shut_since = now
+        elif now - self._shut_since >= MAX_HOLD_SECONDS:
+            self._shut_since = now
+            return True
+        self.holds += 1
+        return False
+
+
+def gate(transport: Any) -> InFlight | None:
+    """An :class:`InFlight` for ``transport`` (anything with ``get_extra_info``: an asyncio
+    transport, an aiohttp WebSocket) where it can measure, else None."""
+    with contextlib.suppress(Exception):
+        g = InFlight(transport)
+        if g.measurable:
+            return g
+    return None
+
+
+def room_of(transport: Any) -> Callable[[], bool] | None:
+    """:meth:`InFlight.room` of :func:`gate` (an :class:`~worker_core.outbox.Outbox`'s ``room``), or None."""
+    g = gate(transport)
+    return g.room if g is not None else None
