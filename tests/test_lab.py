@@ -78,6 +78,9 @@ def test_homes_nat_and_seal_and_down_removes_everything():
         assert "wan0" not in own and "br0" not in own
         pids = [int(p) for p in lab.state["pids"]]
         assert pids  # the delay proxies and miniupnpd
+        # every host's TCP is CUBIC (Windows' and most Linuxes' default), whatever this machine's own
+        cc = lab.run("b", ["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]).stdout.strip()
+        assert cc == "cubic" and lab.state["congestion"] == "cubic"
     assert "mlk-tnat-" not in _namespaces() and "tnat" not in labs()
     for pid in pids:
         assert not _alive(pid)

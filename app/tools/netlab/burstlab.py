@@ -2,11 +2,12 @@
 
 Contract
 --------
-``python -m app.tools.netlab.burstlab [--model M] [--mbps 20] [--delay-ms 0] [--hops relayed,direct]
-[--streams 3] [--prompts 1300,1300,1300] [--spacing 1.5] [--calm 10] [--out F] [--steps PREFIX]`` (root)
-builds the ``hops`` topology (homes a and d behind routers with miniupnpd, home b behind one without, every
-internet link shaped with tbf both ways, ``--delay-ms`` one way added to TCP leaving each home by
-the routers' delay proxies) and, per hop mode, runs a fresh group: the master on host ``a``
+``python -m app.tools.netlab.burstlab [--model M] [--mbps 20] [--delay-ms 0] [--congestion cubic]
+[--hops relayed,direct] [--streams 3] [--prompts 1300,1300,1300] [--spacing 1.5] [--calm 10] [--out F]
+[--steps PREFIX]`` (root) builds the ``hops`` topology (homes a and d behind routers with miniupnpd,
+home b behind one without, every internet link shaped with tbf both ways, ``--delay-ms`` one way
+added to TCP leaving each home by the routers' delay proxies, every host's TCP with
+``--congestion``) and, per hop mode, runs a fresh group: the master on host ``a``
 (``molink group create``, serving once 2 workers joined), and two friends who each run ``molink
 join LINK`` then ``molink worker`` (``relayed``: ``d`` and ``b``, with ``--no-direct``, so the hop
 between the two stages goes through the master on a, and a's link carries every activation
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--mbps", type=float, default=20.0)
     p.add_argument("--delay-ms", type=float, default=0.0, help="one way, added to TCP leaving each home")
+    p.add_argument("--congestion", default="cubic", help="every host's TCP congestion control (default %(default)s)")
     p.add_argument("--hops", default="relayed,direct", help="relayed, direct (comma separated)")
     p.add_argument("--streams", type=int, default=3)
     p.add_argument("--prompts", default="1300,1300,1300", help="the long prompts' lengths in tokens")
@@ -206,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     if not modes or any(m not in FRIENDS for m in modes) or not args.prompts:
         p.error(f"--hops takes {', '.join(FRIENDS)}; --prompts at least one length")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still take the lab down
-    results: dict = {"mbps": args.mbps, "delay_ms_one_way": args.delay_ms, "model": args.model}
+    results: dict = {"mbps": args.mbps, "delay_ms_one_way": args.delay_ms, "congestion": args.congestion}
+    results["model"] = args.model
     results |= {"streams": args.streams, "prompts": list(args.prompts), "spacing_s": args.spacing, "runs": []}
-    with Lab.up("blab", "hops", mbps=args.mbps, delay_ms=args.delay_ms) as lab:
+    with Lab.up("blab", "hops", mbps=args.mbps, delay_ms=args.delay_ms, congestion=args.congestion) as lab:
         for mode in modes:
             with tempfile.TemporaryDirectory() as work:
                 results["runs"].append(measure(lab, args.model, mode, Path(work), args))

@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--topology", default="upnp", help="one of `molink lab list` (default %(default)s)")
     up.add_argument("--mbps", type=float, default=None, help="shape every internet link to this rate, both ways")
     up.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay added to TCP leaving each home")
+    up.add_argument("--congestion", default="cubic", help="every host's TCP congestion control (default %(default)s)")
     up.set_defaults(func=_up, quiet=True)
     run = verbs.add_parser("run", help="run any program on a host of a lab: molink lab run NAME HOST -- CMD...")
     run.add_argument("name")
@@ -42,7 +43,9 @@ def _up(args: argparse.Namespace, _sup: object) -> int:
     from .lab import Lab, LabError
 
     try:
-        lab = Lab.up(args.name, args.topology, mbps=args.mbps, delay_ms=args.delay_ms, owner=False)
+        lab = Lab.up(
+            args.name, args.topology, mbps=args.mbps, delay_ms=args.delay_ms, owner=False, congestion=args.congestion
+        )
     except LabError as e:
         print(f"molink: lab: {e}", file=sys.stderr)
         return 1

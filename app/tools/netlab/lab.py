@@ -2,7 +2,7 @@
 
 Contract
 --------
-``Lab.up(name, topology, mbps=None, delay_ms=0)`` builds :func:`~app.tools.netlab.topology.plan`
+``Lab.up(name, topology, mbps=None, delay_ms=0, congestion="cubic")`` builds :func:`~app.tools.netlab.topology.plan`
 as one network namespace per node, named ``mlk-<name>-<node>`` (the ``mlk-`` prefix is the
 lab's alone), joined by veth pairs created straight inside the namespaces: no interface of the
 lab ever exists in the machine's own namespace, so the lab is sealed (no route out, its
@@ -16,6 +16,9 @@ the same miniupnpd opens IPv6 pinholes, as rules in that ``miniupnpd`` forward c
 shapes every internet link both ways with ``tbf``; ``delay_ms`` runs
 :mod:`app.tools.netlab.delay` on each router, which the router's nftables ``redirect`` hands
 every TCP connection leaving the home: ``delay_ms`` one way, each direction, for any program.
+``congestion`` is every namespace's TCP congestion control (``net.ipv4.tcp_congestion_control``;
+CUBIC by default, as on Windows and most Linux systems, whatever this machine's own default;
+None: the kernel's default for a new namespace).
 
 A state file per lab (``STATE_DIR/<name>.json``) lists its namespaces and processes as they are
 made, so :func:`down` (another process, ``molink lab down``) removes everything: every process
@@ -100,7 +103,13 @@ class Lab:
 
     @classmethod
     def up(
-        cls, name: str, topology: str | Topology, mbps: float | None = None, delay_ms: float = 0.0, owner: bool = True
+        cls,
+        name: str,
+        topology: str | Topology,
+        mbps: float | None = None,
+        delay_ms: float = 0.0,
+        owner: bool = True,
+        congestion: str | None = "cubic",
     ) -> Lab:
         """Build the lab; ``owner``: take it down at interpreter exit (False for ``molink lab up``)."""
         _check_name(name)
@@ -115,6 +124,9 @@ class Lab:
             topo, topo_name = topology, "custom"
         if mbps is not None and mbps <= 0 or delay_ms < 0:
             raise LabError("--mbps must be positive and --delay-ms at least 0")
+        known = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+        if congestion is not None and congestion not in known:
+            raise LabError(f"this kernel has no TCP congestion control {congestion!r} (it has {', '.join(known)})")
         if _state_file(name).exists():
             down(name)  # a lab of that name left over (a crashed run): replace it
         nodes = plan(topo)
@@ -126,6 +138,7 @@ class Lab:
             "topology": topo_name,
             "mbps": mbps,
             "delay_ms": delay_ms,
+            "congestion": congestion,
             "namespaces": {n: f"{PREFIX}-{name}-{n}" for n in nodes},
             "addresses": {n: node.address for n, node in nodes.items()},
             "addresses6": {n: node.address6 for n, node in nodes.items() if node.address6},
@@ -139,7 +152,7 @@ class Lab:
         if owner:
             atexit.register(lab.down)
         try:
-            lab._build(nodes, mbps, delay_ms)
+            lab._build(nodes, mbps, delay_ms, congestion)
         except BaseException:
             lab.down()
             raise
@@ -226,7 +239,7 @@ class Lab:
         path = "/proc/sys/" + key.replace(".", "/")
         self._ns(node, "sh", "-c", f"echo {value} > {path}")
 
-    def _build(self, nodes: dict[str, Node], mbps: float | None, delay_ms: float) -> None:
+    def _build(self, nodes: dict[str, Node], mbps: float | None, delay_ms: float, congestion: str | None) -> None:
         for n in nodes:
             ns = self.namespace(n)
             _sh("ip", "netns", "add", ns)
@@ -235,6 +248,8 @@ class Lab:
             self._ns(n, "ip", "link", "set", "lo", "up")
             for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
                 self._sysctl(n, key, "0")
+            if congestion is not None:
+                self._sysctl(n, "net.ipv4.tcp_congestion_control", congestion)
         done: set[tuple[str, str]] = set()
         for n, node in nodes.items():  # veth pairs, each made once, straight inside both namespaces
             for iface in node.ifaces:
