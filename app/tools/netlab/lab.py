@@ -18,7 +18,10 @@ shapes every internet link both ways with ``tbf``; ``delay_ms`` runs
 every TCP connection leaving the home: ``delay_ms`` one way, each direction, for any program.
 ``congestion`` is every namespace's TCP congestion control (``net.ipv4.tcp_congestion_control``;
 CUBIC by default, as on Windows and most Linux systems, whatever this machine's own default;
-None: the kernel's default for a new namespace).
+None: the kernel's default for a new namespace).  A namespace other than the machine's own may
+only choose one of the machine's ``tcp_allowed_congestion_control``: one not listed there is
+added for the lab's life and the list put back by :func:`down` (the one change outside the
+lab's namespaces; it lets unprivileged programs choose that algorithm too meanwhile).
 
 A state file per lab (``STATE_DIR/<name>.json``) lists its namespaces and processes as they are
 made, so :func:`down` (another process, ``molink lab down``) removes everything: every process
@@ -52,6 +55,8 @@ STATE_DIR = Path("/run/molink-netlab")
 DELAY_PORT = 3129  # the delay proxy's port on each router
 UPNP_HTTP_PORT = 5000  # miniupnpd's HTTP port on each router's LAN address
 COMMAND_TIMEOUT = 20.0  # seconds for one ip/nft/tc command
+AVAILABLE_CC = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
+ALLOWED_CC = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")  # the machine's: namespaces choose among them
 
 
 class LabError(Exception):
@@ -124,7 +129,7 @@ class Lab:
             topo, topo_name = topology, "custom"
         if mbps is not None and mbps <= 0 or delay_ms < 0:
             raise LabError("--mbps must be positive and --delay-ms at least 0")
-        known = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+        known = AVAILABLE_CC.read_text().split()
         if congestion is not None and congestion not in known:
             raise LabError(f"this kernel has no TCP congestion control {congestion!r} (it has {', '.join(known)})")
         if _state_file(name).exists():
@@ -139,6 +144,7 @@ class Lab:
             "mbps": mbps,
             "delay_ms": delay_ms,
             "congestion": congestion,
+            "allowed_before": None,  # the machine's tcp_allowed_congestion_control, when the lab widened it
             "namespaces": {n: f"{PREFIX}-{name}-{n}" for n in nodes},
             "addresses": {n: node.address for n, node in nodes.items()},
             "addresses6": {n: node.address6 for n, node in nodes.items() if node.address6},
@@ -240,6 +246,11 @@ class Lab:
         self._ns(node, "sh", "-c", f"echo {value} > {path}")
 
     def _build(self, nodes: dict[str, Node], mbps: float | None, delay_ms: float, congestion: str | None) -> None:
+        allowed = ALLOWED_CC.read_text().strip()
+        if congestion is not None and congestion not in allowed.split():
+            self.state["allowed_before"] = allowed
+            self._save()  # first: down() puts it back even if the write below is the last thing done
+            ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
         for n in nodes:
             ns = self.namespace(n)
             _sh("ip", "netns", "add", ns)
@@ -433,6 +444,9 @@ def down(name: str, state: dict | None = None) -> bool:
     _stop(pids)
     for ns in namespaces:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=COMMAND_TIMEOUT)
+    if state and state.get("allowed_before"):
+        with contextlib.suppress(OSError):
+            ALLOWED_CC.write_text(state["allowed_before"] + "\n")
     path.unlink(missing_ok=True)
     shutil.rmtree(STATE_DIR / name, ignore_errors=True)
     return bool(namespaces or state)
