@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from harness import run
 
 from app.tools.netlab.lab import Lab, unavailable
 from app.tools.netlab.topology import Home, Topology
-from worker_core.inflight import FLOOR_BYTES, InFlight, gate, room_of
+from worker_core import inflight
+from worker_core.inflight import FLOOR_BYTES, MAX_HOLD_SECONDS, RATE_SAMPLES, InFlight, gate, room_of
 from worker_core.outbox import Outbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,63 @@ def test_the_gate_reads_a_tcp_connection_and_opens_when_nothing_is_in_flight():
                 got += len(peer.recv(1 << 20))
             assert g.room()  # all of it acknowledged: room again
     assert g.room()  # a closed socket: unmeasurable, never holds anything back
+
+
+class FakeTcp:
+    """A TCP socket whose TCP_INFO says what the test sets (byte counts, min RTT)."""
+
+    family = socket.AF_INET
+
+    def __init__(self) -> None:
+        self.acked = self.flight = self.unsent = 0
+        self.min_rtt = 0.010
+
+    def getsockopt(self, level: int, name: int, size: int) -> bytes:
+        assert (level, name) == (socket.IPPROTO_TCP, socket.TCP_INFO)
+        raw = bytearray(size)
+        struct.pack_into("I", raw, 144, self.unsent)
+        struct.pack_into("I", raw, 148, int(self.min_rtt * 1e6))
+        struct.pack_into("Q", raw, 120, self.acked)
+        struct.pack_into("QQ", raw, 200, self.acked + self.flight, 0)  # bytes sent, of them retransmitted
+        return bytes(raw)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is read on Linux only")
+def test_the_gate_learns_the_paths_rate_and_holds_bulk_beyond_a_round_trip_of_it(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(inflight.time, "monotonic", lambda: clock[0])
+    tcp = FakeTcp()
+    g = InFlight(Transport(tcp))  # type: ignore[arg-type]
+    tcp.flight = 40_000
+    assert not g.room()  # nothing measured: at most FLOOR_BYTES (32 KiB) in flight
+    clock[0] += 0.06
+    tcp.acked, tcp.flight = 150_000, 40_000  # 150 kB acknowledged in 60 ms while held: 2.5 MB/s
+    assert g.room() and g.rate == pytest.approx(2.5e6)
+    # 2.5 MB/s x (10 ms + 15 ms) = 62.5 kB: in flight plus unsent must stay below it
+    tcp.flight, tcp.unsent = 50_000, 10_000
+    assert g.room()
+    tcp.unsent = 13_000
+    assert not g.room()
+    # a window in which the gate never held (the sender had little to send) does not lower the rate
+    clock[0] += 0.06
+    tcp.acked, tcp.flight, tcp.unsent = 160_000, 1_000, 0
+    assert g.room()
+    clock[0] += 0.06
+    tcp.acked += 3_000
+    assert g.room() and g.rate == pytest.approx(2.5e6)
+    # the path slows: held windows at 1 MB/s; the fast one leaves the max once RATE_SAMPLES pass
+    for i in range(RATE_SAMPLES + 1):
+        tcp.flight = 200_000
+        assert not g.room()
+        if i == RATE_SAMPLES - 2:  # six slow windows, the fast one and the one that ended held: eight
+            assert g.rate == pytest.approx(2.5e6)  # (an unheld window counted would have pushed it out)
+        clock[0] += 0.06
+        tcp.acked += 60_000
+    assert g.room() is False and g.rate == pytest.approx(1e6)
+    # shut MAX_HOLD_SECONDS in a row: one piece goes (a link delivering nothing is for its heartbeats)
+    clock[0] += MAX_HOLD_SECONDS
+    assert g.room()
+    assert not g.room()
 
 
 def test_no_gate_without_a_tcp_socket():
