@@ -65,3 +65,24 @@ def test_the_lab_burst_judges_gaps_during_the_burst_against_the_calm_median():
     # one never answered: the burst lasted to the end of the record (the gap of 5.5 s ending at 9.0 counts)
     assert unanswered["long_prompt_seconds"][1] is None and unanswered["burst_gaps"] == 12
     assert abs(unanswered["burst_p99_s"] - 5.5) < 1e-9
+
+
+def test_the_lab_burst_says_the_links_share_of_the_bursts_decode_steps():
+    """burstlab's ``burst_links``: a step's wall time minus every stage's hold, for the steps that
+    began during the burst and carried decode steps with every hold known."""
+    from app.tools.netlab.burstlab import links_share
+
+    def step(began: float, wall: float, decodes: int, held: list[float]) -> dict:
+        return {"began": began, "ended": began + wall, "decodes": decodes, "held": held}
+
+    steps = [
+        step(0.5, 0.3, 3, [0.1, 0.1]),  # before the burst: not counted
+        *(step(1.0 + 0.1 * k, 0.25, 3, [0.1, 0.1]) for k in range(9)),  # 0.05 s outside the stages
+        step(2.0, 0.5, 3, [0.1, 0.1]),  # 0.3 s: a decode frame behind a prompt's bytes
+        step(2.1, 1.0, 0, [0.4, 0.4]),  # prefill alone: not counted
+        step(2.2, 0.3, 3, []),  # a stage that did not say: not counted
+        step(5.0, 0.3, 3, [0.1, 0.1]),  # after the last answer: not counted
+    ]
+    got = links_share(steps, sent=[1.0, 1.5], answers=[2.5, 3.0])
+    assert got["steps"] == 10
+    assert abs(got["p50_s"] - 0.05) < 1e-9 and abs(got["p99_s"] - 0.3) < 1e-9

@@ -19,8 +19,10 @@ SSE), and after ``--calm`` seconds sends the long prompts (random token ids, ``m
 ``--spacing`` seconds apart.  Per mode it reports, from each stream's token arrival times: the
 calm gap median (gaps before the first long prompt), the gaps' p50 and p99 while the burst lasts
 (from the first long prompt's arrival to the last one's answer), their ratio to the calm median
-(issue 26's headline, aim at most 2.5), each long prompt's time to its answer, and the pipeline
-the master last said it served (its stages and whether each hop between them is direct).  As JSON on
+(issue 26's headline, aim at most 2.5), each long prompt's time to its answer, the pipeline
+the master last said it served (its stages and whether each hop between them is direct), and from
+the master's step timelines the links' share of the burst's decode steps (``burst_links``: wall
+time minus the stages' holds, p50 / p90 / p99).  As JSON on
 stdout (and in ``--out``); with ``--steps``, each mode's token times and the master's step timelines
 (``/dashboard/api/steps``, on the client's monotonic clock: one kernel) in ``PREFIX.MODE.json``.
 Everything runs in the lab, which is removed at the end, also on failure.
@@ -134,6 +136,19 @@ def gaps_report(times: list[list[float]], sent: list[float], answers: list[float
     }
 
 
+def links_share(steps: list[dict], sent: list[float], answers: list[float | None]) -> dict:
+    """Where the burst's decode steps spent their time outside the stages: for each step that began
+    during the burst (as :func:`gaps_report` bounds it), carried decode steps and has every stage's
+    hold (``held``: arrival to hand-on), its wall time minus those holds (the links, and the
+    master); the p50 / p90 / p99 of that and how many steps it covers."""
+    start = min(sent)
+    done = [a for a in answers if a is not None]
+    end = max(done) if len(done) == len(answers) else float("inf")
+    rest = [s["ended"] - s["began"] - sum(s["held"]) for s in steps
+            if start <= s["began"] <= end and s["decodes"] and s["held"]]  # fmt: skip
+    return {"steps": len(rest), **{f"p{q}_s": _percentile(rest, q) for q in (50, 90, 99)}}
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     """Nearest rank, as the bench's ``master_core.workload.percentile`` (the lab imports nothing of
     master_core: tests/import_layout.py)."""
@@ -181,7 +196,8 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
         if args.steps:  # the master's step timelines and the client's times, for looking into a run
             keep = {k: got[k] for k in ("times", "sent", "answers", "steps")}
             Path(f"{args.steps}.{mode}.json").write_text(json.dumps(keep))
-        return {"hops": mode, "pipeline": pipeline, "stream_errors": got["errors"], **figures}
+        links = links_share(got["steps"], got["sent"], got["answers"])
+        return {"hops": mode, "pipeline": pipeline, "stream_errors": got["errors"], **figures, "burst_links": links}
     finally:
         _stop(procs)
 
