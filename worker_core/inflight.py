@@ -54,8 +54,7 @@ class InFlight:
         sock = transport.get_extra_info("socket") if transport is not None else None
         ok = sys.platform.startswith("linux") and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         self._sock = sock if ok else None
-        self.rate = 0.0  # bytes/s the path delivered while the gate held bytes back
-        self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)
+        self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # bytes/s of the last held-back windows
         self._window: tuple[float, int] | None = None  # (start, bytes acknowledged then) of the window measured
         self._held = False  # the gate held bytes back in the window being measured
         self._shut_since: float | None = None
@@ -64,6 +63,11 @@ class InFlight:
     @property
     def measurable(self) -> bool:
         return self._sock is not None
+
+    @property
+    def rate(self) -> float:
+        """Bytes/s the path delivered while the gate held bytes back (the highest recent window; 0: none yet)."""
+        return max(self._rates, default=0.0)
 
     def _info(self) -> tuple[int, int, float] | None:
         """(bytes in flight, bytes unsent, min round trip seconds), or None."""
@@ -94,7 +98,6 @@ class InFlight:
             return
         if self._held:  # the path, not the sender, set the pace in this window
             self._rates.append((acked - before) / (now - start))
-            self.rate = max(self._rates)
         self._window, self._held = (now, acked), False
 
     def target(self, min_rtt: float) -> float:

@@ -115,9 +115,7 @@ def gaps_report(times: list[list[float]], sent: list[float], answers: list[float
     answered), p99 over the calm median, and each long prompt's seconds to its answer."""
     import statistics
 
-    start = min(sent)
-    done = [a for a in answers if a is not None]
-    end = max(done) if len(done) == len(answers) else float("inf")  # one never answered: the burst never ended
+    start, end = _burst(sent, answers)
     calm, burst = [], []
     for ts in times:
         for a, b in zip(ts, ts[1:]):
@@ -141,12 +139,17 @@ def links_share(steps: list[dict], sent: list[float], answers: list[float | None
     during the burst (as :func:`gaps_report` bounds it), carried decode steps and has every stage's
     hold (``held``: arrival to hand-on), its wall time minus those holds (the links, and the
     master); the p50 / p90 / p99 of that and how many steps it covers."""
-    start = min(sent)
-    done = [a for a in answers if a is not None]
-    end = max(done) if len(done) == len(answers) else float("inf")
+    start, end = _burst(sent, answers)
     rest = [s["ended"] - s["began"] - sum(s["held"]) for s in steps
             if start <= s["began"] <= end and s["decodes"] and s["held"]]  # fmt: skip
     return {"steps": len(rest), **{f"p{q}_s": _percentile(rest, q) for q in (50, 90, 99)}}
+
+
+def _burst(sent: list[float], answers: list[float | None]) -> tuple[float, float]:
+    """When the burst began (the first long prompt sent) and ended (the last answer; never, when one
+    was never answered)."""
+    done = [a for a in answers if a is not None]
+    return min(sent), max(done) if len(done) == len(answers) else float("inf")
 
 
 def _percentile(values: list[float], q: float) -> float | None:

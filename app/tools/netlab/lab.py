@@ -129,8 +129,7 @@ class Lab:
             topo, topo_name = topology, "custom"
         if mbps is not None and mbps <= 0 or delay_ms < 0:
             raise LabError("--mbps must be positive and --delay-ms at least 0")
-        known = AVAILABLE_CC.read_text().split()
-        if congestion is not None and congestion not in known:
+        if congestion is not None and congestion not in (known := AVAILABLE_CC.read_text().split()):
             raise LabError(f"this kernel has no TCP congestion control {congestion!r} (it has {', '.join(known)})")
         if _state_file(name).exists():
             down(name)  # a lab of that name left over (a crashed run): replace it
