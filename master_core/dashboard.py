@@ -4,7 +4,8 @@ Contract: ``Dashboard(engine, model_id, assets_dir)`` serves ``/dashboard`` (the
 ``/dashboard/static/{name}`` (its script and style; no CDN: machines are often offline) and
 ``/dashboard/api/state`` (members, pipeline, time series, queue, recent errors) and
 ``/dashboard/api/steps`` (the engine's last step timelines, :attr:`Engine.steps`, with ``now`` on
-the same monotonic clock: where a slow stream's time went).  ``start()``
+the same monotonic clock, and the cost model's current fit, ``costs``: where a slow stream's time
+went, and what the scheduler believed while it planned).  ``start()``
 samples the engine once a second into ten minutes of history; ``await stop()`` ends it.
 Recent errors come from one handler per process on the ``molink`` logger
 (:meth:`RecentErrors.installed`), never one per dashboard.  Access control (Host,
@@ -14,6 +15,7 @@ Origin, token) is :mod:`master_core.security`'s job.  Knows nothing about Qt.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -120,7 +122,12 @@ class Dashboard:
         return web.FileResponse(path)
 
     async def steps(self, request: web.Request) -> web.Response:
-        snapshot = {"now": self.engine.clock(), "steps": list(self.engine.steps)}  # records are never changed
+        costs = self.engine.costs()
+        snapshot = {
+            "now": self.engine.clock(),
+            "steps": list(self.engine.steps),  # records are never changed
+            "costs": None if costs is None else dataclasses.asdict(costs),
+        }
         body = await asyncio.to_thread(json.dumps, snapshot)  # up to a few MB: off the loop
         return web.Response(text=body, content_type="application/json")
 

@@ -84,7 +84,9 @@ from .scheduler import (
     KVView,
     Policy,
     admit_and_preempt,
+    apart_lane,
     cycle_time,
+    decode_lane,
     lanes_open,
     loop_steps,
     microbatch_count,
@@ -156,6 +158,7 @@ class Engine:
         self._looping: set[Expected] = set()  # steps the last stage feeds back, awaited by lanes
         self._looping_lanes = 0  # lanes whose micro-batch loops back now
         self._prefilling_lanes = 0  # lanes whose micro-batch carries prefill now
+        self._decode_lanes = 0  # lanes whose micro-batch carries decode steps and does not loop back
         # counters for /health and the dashboard
         self.tokens_generated = 0
         self.requests_finished = 0
@@ -515,10 +518,11 @@ class Engine:
             await self._profiled.wait()
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
-            if index >= lanes_open(slots, self._looping_lanes) and index > 0:
+            self._admit()  # first: an arrival admitted may open the lane for prefill apart
+            apart = apart_lane(self.policy, costs, self._candidates())
+            if index >= lanes_open(slots, self._looping_lanes, apart) and index > 0:
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
-            self._admit()
             chunks = self._plan(costs, slots)
             if not chunks or not self.group.stages:
                 await self._nap(NOTHING_TO_DO_NAP)
@@ -546,8 +550,10 @@ class Engine:
             awaited = 0
             kv_ids = {r.id: r.kv_id for r in reqs}  # a request restarted meanwhile has another
             gens = {r.id: r.kv_gen for r in reqs}  # one resumed or restarted meanwhile has a newer one
+            decoding = decode_lane(chunks, loop)
             self._looping_lanes += bool(loop)
             self._prefilling_lanes += prefill
+            self._decode_lanes += decoding
             counted = prefill  # counted among the lanes carrying prefill until its first step is back
             try:
                 sent = [replace(c, request_id=r.kv_id) for c, r in zip(chunks, reqs)]
@@ -595,6 +601,7 @@ class Engine:
             finally:
                 self._looping_lanes -= bool(loop)
                 self._prefilling_lanes -= counted
+                self._decode_lanes -= decoding
                 for exp in looped[awaited:]:  # not awaited: a step failed, or the lane was cancelled
                     exp.abandon()
                 self._looping.difference_update(looped)
@@ -813,11 +820,21 @@ class Engine:
         finally:
             waiter.cancel()
 
-    def _plan(self, costs: CostSnapshot | None, slots: int) -> list[Chunk]:
-        cands = [
+    def _candidates(self) -> list[Candidate]:
+        """The running requests as the scheduler sees them."""
+        return [
             Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight, r.computed) for r in self.running.values()
         ]
-        return next_microbatch(self.policy, costs, cands, slots, prefilling=self._prefilling_lanes)
+
+    def _plan(self, costs: CostSnapshot | None, slots: int) -> list[Chunk]:
+        return next_microbatch(
+            self.policy,
+            costs,
+            self._candidates(),
+            slots,
+            prefilling=self._prefilling_lanes,
+            decode_lanes=self._decode_lanes,
+        )
 
     def _apply(
         self,

@@ -368,26 +368,66 @@ def prefill_apart_pays(p: Policy, costs: CostSnapshot) -> bool:
 
 
 def long_prompt(p: Policy, costs: CostSnapshot, c: Candidate) -> bool:
-    """Is ``c`` a prompt (or a replay) waiting to be computed, longer in all than a step of
-    prefill alone's compute on the slowest stage (``p.prefill_step_seconds``)?  Only such a
-    prompt makes prefill travel apart (:func:`next_microbatch`)."""
-    return c.waiting_prefill and c.total > _prefill_tokens(p, costs, 0.0)
+    """Is ``c`` a prompt (or a replay) not computed yet (waiting, or its last chunks on their way),
+    longer in all than a step of prefill alone's compute on the slowest stage
+    (``p.prefill_step_seconds``)?  Only such a prompt makes prefill travel apart
+    (:func:`next_microbatch`), until its last chunk is back: were the decode steps shared out
+    over the slots while that chunk still held a lane, a stream's step found no slot left and
+    waited for it (emulated ``wan`` and ``slow`` without the loop-back: gaps of 1.4 and 1.6 s
+    as the burst's last prompt ended)."""
+    return not c.decoding and c.total > _prefill_tokens(p, costs, 0.0)
+
+
+def prefill_apart(p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate]) -> bool:
+    """Does prefill travel apart from decode now: with chunking and measured costs, while a stream
+    decodes (or its prompt is on its way) and a long prompt waits (:func:`long_prompt`), where
+    :func:`prefill_apart_pays`?"""
+    return (
+        p.chunking
+        and costs is not None
+        and any(c.paced for c in candidates)
+        and any(long_prompt(p, costs, c) for c in candidates)
+        and prefill_apart_pays(p, costs)
+    )
+
+
+def apart_lane(p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate]) -> bool:
+    """Does prefill alone get a lane beyond the slots (:func:`lanes_open`): while prefill travels
+    apart (:func:`prefill_apart`) where decode steps do not loop back?  There the decode steps
+    hold the master's lanes; where they loop back they leave them, and those carry the prefill
+    (one more lane there put a third step of prefill alone in flight on emulated ``wan`` and the
+    burst's p99 over the calm pace was 3.03, against 2.10-2.54 in the runs before)."""
+    return prefill_apart(p, costs, candidates) and costs is not None and not costs.loop_back
 
 
 def next_microbatch(
-    p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate], slots: int, prefilling: int = 0
+    p: Policy,
+    costs: CostSnapshot | None,
+    candidates: Sequence[Candidate],
+    slots: int,
+    prefilling: int = 0,
+    decode_lanes: int = 0,
 ) -> list[Chunk]:
     """The next micro-batch of ``slots`` in flight over the running requests ``candidates``, of
-    which ``prefilling`` micro-batches carry prefill now: its share of the ready decode steps,
+    which ``prefilling`` micro-batches carry prefill now and ``decode_lanes`` carry decode steps
+    (the master's, not those that loop back): its share of the ready decode steps,
     then prefill within :func:`chunk_tokens`.
 
     While streams decode and a long prompt waits (longer than a step of prefill alone's compute;
-    with chunking and measured costs, where :func:`prefill_apart_pays`), prefill travels apart:
-    once a micro-batch carrying prefill is in
-    flight, the ready decode steps go together in one micro-batch without prefill, and a micro-batch
-    with no decode step ready carries prefill alone (:func:`prefill_step_tokens`; at most
-    :func:`prefill_lanes` in flight). Each stage pauses such a step between layers and serves the
-    decode steps waiting (:mod:`worker_core.interleave`), so a stream waits for a few layers, not
+    with chunking and measured costs, where :func:`prefill_apart_pays`: :func:`prefill_apart`),
+    prefill travels apart: the ready decode steps go together in one micro-batch without prefill,
+    while fewer than ``slots`` such micro-batches are in flight; a micro-batch with no decode step
+    ready, or with the slots full, carries prefill alone (:func:`prefill_step_tokens`; at most
+    :func:`prefill_lanes` in flight), on the lane :func:`lanes_open` adds for it.  Decode steps
+    that find the slots full wait for the next decode micro-batch back, and go with its steps.
+    (A first decode micro-batch that took a chunk along while no prefill was in flight split the
+    streams over two lanes in the relayed lab, each finding decode steps ready, and prefill rode
+    in 32-token chunks in one of them: the prompts took twice as long and the gaps' p99 grew.
+    Without the slots' bound the streams, split over three micro-batches before the burst, kept
+    all the lanes open and no prefill went for 15 s at a time: emulated ``home`` without the
+    loop-back, the last prompt answered after 53 s.)
+    Each stage pauses such a step between layers and serves the decode steps waiting
+    (:mod:`worker_core.interleave`), so a stream waits for a few layers, not
     for a prompt, and its steps pay the fixed cost of a step once for all streams.  Short prompts
     ride in the decode steps' chunks instead: kept apart they travelled several together, a
     step that the stages pause for every decode step, and each waited for the whole of it (the
@@ -398,17 +438,11 @@ def next_microbatch(
     # a stream whose prompt is on its way counts: a whole step of prefill sent now would be
     # ahead of its first decode step at every stage
     decoding = sum(1 for c in candidates if c.paced)
-    apart = (
-        p.chunking
-        and decoding > 0
-        and costs is not None
-        and any(long_prompt(p, costs, c) for c in candidates)
-        and prefill_apart_pays(p, costs)
-    )
+    apart = prefill_apart(p, costs, candidates)
     cap = p.max_batch_tokens  # no step exceeds it (the stages refuse one that does)
-    if apart and ready and prefilling:
+    if apart and ready and decode_lanes < slots:
         return plan_microbatch(candidates, max_decodes=min(ready, cap), prefill_tokens=0, min_chunk=0)
-    if apart and not ready:
+    if apart:
         assert costs is not None
         tokens = prefill_step_tokens(p, costs)
         if prefilling >= prefill_lanes(costs, tokens):
@@ -446,10 +480,22 @@ def _idle_room(c: CostSnapshot, k: int, tokens: int) -> bool:
     return k * bottleneck < cycle
 
 
-def lanes_open(slots: int, looping: int) -> int:
-    """Lanes that may plan a micro-batch: the ``slots``, and one more for each lane that loops
-    (a looping lane needs no slot: the master admits arrivals and prefills them meanwhile)."""
-    return slots + looping
+def decode_lane(chunks: Sequence[Chunk], loop: int) -> bool:
+    """Does a micro-batch count among :func:`next_microbatch`'s ``decode_lanes``: it carries a
+    decode step (a drafted one too) and does not loop back (``loop`` steps)?"""
+    return not loop and any(c.length == 1 or c.rows > 1 for c in chunks)
+
+
+def lanes_open(slots: int, looping: int, apart: bool = False) -> int:
+    """Lanes that may plan a micro-batch: the ``slots``, one more for each lane that loops (a
+    looping lane needs no slot: the master admits arrivals and prefills them meanwhile), and one
+    more for prefill alone where ``apart`` (:func:`apart_lane`).  Without it, where no decode
+    step loops back, the decode lanes always found a decode step ready and a long prompt only
+    ever rode along in their steps (the relayed lab: 32 tokens in every step, each
+    decode step about twice its calm time, burst p99 over the calm pace 2.33-2.73; with it 2.28).
+    With a lane for each of :func:`prefill_lanes` instead of one, the relayed lab's prompts took
+    as long (20.7 s for the last against 21.2 s) and the p99 grew (2.58): its stages share two cores."""
+    return slots + looping + apart
 
 
 # --------------------------------------------------------------------------- KV memory

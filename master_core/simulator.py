@@ -53,6 +53,8 @@ from .scheduler import (
     KVView,
     Policy,
     admit_and_preempt,
+    apart_lane,
+    decode_lane,
     lanes_open,
     loop_steps,
     microbatch_count,
@@ -147,13 +149,11 @@ class _Run:
             model.step_overhead,
             model.device_busy_series,
         )
-        stages = model.costs.stages
-        self.lane_busy = [False] * (
-            policy.max_microbatches if policy.dynamic else max(1, policy.fixed_microbatches or stages)
-        )
+        self.lane_busy = [False] * policy.max_microbatches  # as the engine's lanes
         self.admitted = 0
         self.prefilling = 0  # lanes whose micro-batch carries prefill
         self.looping = 0  # lanes whose micro-batch loops back
+        self.decode_lanes = 0  # lanes whose micro-batch carries decode steps and does not loop back
         self.steps = 0
         self.generated = 0  # output tokens so far (what the tuner measures)
         self.tuner = MicrobatchTuner(policy.max_microbatches)  # as the engine's
@@ -183,6 +183,7 @@ class _Run:
         if trip.k == trip.loop:  # the lane's last step: it is free again
             self.lane_busy[trip.lane] = False
             self.looping -= bool(trip.loop)
+            self.decode_lanes -= decode_lane(trip.plan, trip.loop)
             for ch in trip.plan:
                 if ch.request_id in self.running:
                     self.running[ch.request_id].in_flight -= 1
@@ -219,13 +220,17 @@ class _Run:
         if self.policy.dynamic and self.policy.tune:  # as Engine.slots: the model's K, tuned by delivery
             slots = self.tuner.choose(slots, key, len(self.running))
         for lane in range(len(self.lane_busy)):
-            if self.lane_busy[lane] or (lane >= lanes_open(slots, self.looping) and lane > 0):
-                continue
             cands = [
                 Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight, r.computed)
                 for r in self.running.values()
             ]
-            plan = next_microbatch(self.policy, c, cands, slots, prefilling=self.prefilling)
+            if self.lane_busy[lane] or (
+                lane >= lanes_open(slots, self.looping, apart_lane(self.policy, c, cands)) and lane > 0
+            ):
+                continue
+            plan = next_microbatch(
+                self.policy, c, cands, slots, prefilling=self.prefilling, decode_lanes=self.decode_lanes
+            )
             if not plan:
                 return
             reqs = [self.running[ch.request_id] for ch in plan]
@@ -239,6 +244,7 @@ class _Run:
             self.lane_busy[lane] = True
             self.prefilling += any(ch.length > 1 for ch in plan)
             self.looping += bool(loop)
+            self.decode_lanes += decode_lane(plan, loop)
             tokens, rows = sum(ch.length for ch in plan), sum(ch.want_logits for ch in plan)
             decode = all(ch.length == 1 and ch.start > 0 for ch in plan)  # the stages serve it first
             self.steps += 1

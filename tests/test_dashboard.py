@@ -121,6 +121,8 @@ def test_dashboard_refuses_without_token_or_with_foreign_host(tmp_path):
             steps = got["steps"]
             assert sum(s["prefill_tokens"] for s in steps) >= 4 and sum(s["decodes"] for s in steps) >= 5
             assert all(s["began"] <= s["ended"] <= got["now"] and len(s["computes"]) == 1 for s in steps)
+            # and the cost model's fit the scheduler planned with (measured by the start-up profile)
+            assert len(got["costs"]["stage_per_token"]) == 1 and got["costs"]["hidden_bytes_per_token"] > 0
             return dom
 
     assert "dashboard needs the link" in run(main())

@@ -117,7 +117,7 @@ def test_simulator_respects_a_small_kv_budget():
     # the KV every stage had to hold at once stayed within the budget (preempting when needed) ...
     assert 0 < small["peak_kv_tokens"] <= 1200
     # ... although this load holds far more when the budget allows it (the check can fail)
-    assert simulate(m, wl, policy("full", 512))["peak_kv_tokens"] > 2 * 1200
+    assert simulate(m, wl, policy("full", 512))["peak_kv_tokens"] > 1.5 * 1200
 
 
 def test_summary_and_percentiles():

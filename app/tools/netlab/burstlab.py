@@ -24,7 +24,8 @@ the master last said it served (its stages and whether each hop between them is 
 the master's step timelines the links' share of the burst's decode steps (``burst_links``: wall
 time minus the stages' holds, p50 / p90 / p99).  As JSON on
 stdout (and in ``--out``); with ``--steps``, each mode's token times and the master's step timelines
-(``/dashboard/api/steps``, on the client's monotonic clock: one kernel) in ``PREFIX.MODE.json``.
+(``/dashboard/api/steps``, on the client's monotonic clock: one kernel) and the cost model's fit at
+the end in ``PREFIX.MODE.json``.
 Everything runs in the lab, which is removed at the end, also on failure.
 
 The policy is the master's default (``full``); ``no-chunking`` is not compared here (the group CLI
@@ -102,8 +103,9 @@ time.sleep(2.0)
 stop.set()
 req = urllib.request.Request(api + '/dashboard/api/steps', headers={'X-MoLink-Token': token})
 with urllib.request.urlopen(req, timeout=60) as r:  # the master's step timelines (same monotonic clock)
-    steps = json.loads(r.read())['steps']
-print(json.dumps({'times': times, 'sent': sent, 'answers': answers, 'errors': errors, 'steps': steps}))
+    got = json.loads(r.read())
+print(json.dumps({'times': times, 'sent': sent, 'answers': answers, 'errors': errors, 'steps': got['steps'],
+                  'costs': got['costs']}))
 """
 
 
@@ -197,7 +199,7 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
         figures = gaps_report(got["times"], got["sent"], got["answers"])
         pipeline = served[-1].split(": ", 1)[-1] if served else None
         if args.steps:  # the master's step timelines and the client's times, for looking into a run
-            keep = {k: got[k] for k in ("times", "sent", "answers", "steps")}
+            keep = {k: got[k] for k in ("times", "sent", "answers", "steps", "costs")}
             Path(f"{args.steps}.{mode}.json").write_text(json.dumps(keep))
         links = links_share(got["steps"], got["sent"], got["answers"])
         return {"hops": mode, "pipeline": pipeline, "stream_errors": got["errors"], **figures, "burst_links": links}
