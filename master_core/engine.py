@@ -520,7 +520,7 @@ class Engine:
             slots = self.slots(costs)
             self._admit()  # first: an arrival admitted may open the lane for prefill apart
             apart = apart_lane(self.policy, costs, self._candidates())
-            if index >= lanes_open(slots, self._looping_lanes, apart) and index > 0:
+            if index >= lanes_open(slots, self._looping_lanes, apart, self._prefilling_lanes) and index > 0:
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
             chunks = self._plan(costs, slots)

@@ -486,16 +486,20 @@ def decode_lane(chunks: Sequence[Chunk], loop: int) -> bool:
     return not loop and any(c.length == 1 or c.rows > 1 for c in chunks)
 
 
-def lanes_open(slots: int, looping: int, apart: bool = False) -> int:
+def lanes_open(slots: int, looping: int, apart: bool = False, prefilling: int = 0) -> int:
     """Lanes that may plan a micro-batch: the ``slots``, one more for each lane that loops (a
-    looping lane needs no slot: the master admits arrivals and prefills them meanwhile), and one
-    more for prefill alone where ``apart`` (:func:`apart_lane`).  Without it, where no decode
+    looping lane needs no slot: the master admits arrivals and prefills them meanwhile), and
+    where ``apart`` (:func:`apart_lane`) one more for prefill alone, or one for each of the
+    ``prefilling`` lanes that carry it now: such a lane takes no slot either.  (Counted in the
+    slots, when the slots shrank while three decode lanes were out, those that came back carried
+    prefill and the streams' steps found every open lane taken: a 1.2 s gap in the relayed lab.)
+    Without that lane, where no decode
     step loops back, the decode lanes always found a decode step ready and a long prompt only
     ever rode along in their steps (the relayed lab: 32 tokens in every step, each
     decode step about twice its calm time, burst p99 over the calm pace 2.33-2.73; with it 2.28).
     With a lane for each of :func:`prefill_lanes` instead of one, the relayed lab's prompts took
     as long (20.7 s for the last against 21.2 s) and the p99 grew (2.58): its stages share two cores."""
-    return slots + looping + apart
+    return slots + looping + (max(1, prefilling) if apart else 0)
 
 
 # --------------------------------------------------------------------------- KV memory

@@ -225,7 +225,7 @@ class _Run:
                 for r in self.running.values()
             ]
             if self.lane_busy[lane] or (
-                lane >= lanes_open(slots, self.looping, apart_lane(self.policy, c, cands)) and lane > 0
+                lane >= lanes_open(slots, self.looping, apart_lane(self.policy, c, cands), self.prefilling) and lane > 0
             ):
                 continue
             plan = next_microbatch(

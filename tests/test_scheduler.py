@@ -416,6 +416,7 @@ def test_prefill_travels_apart_from_decode_while_streams_decode():
     ready = [Candidate(i, 20, 21, i, computed=20) for i in range(4)]  # decoding, next step ready
     long = Candidate(9, 0, 900, 9)
     assert prefill_apart(p, c, [*ready, long]) and lanes_open(2, 0, True) == 3  # prefill alone has a lane
+    assert lanes_open(1, 0, True, prefilling=3) == 4 and lanes_open(1, 0, False, prefilling=3) == 1  # and no slot
     assert apart_lane(p, c, [*ready, long]) and not apart_lane(p, replace(c, loop_back=True), [*ready, long])
     assert not prefill_apart(p, c, [*ready, replace(long, total=200)])  # no long prompt
     assert not prefill_apart(p, c, [long]) and not prefill_apart(p, None, [*ready, long])  # none decodes; no costs
