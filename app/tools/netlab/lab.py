@@ -20,8 +20,11 @@ every TCP connection leaving the home: ``delay_ms`` one way, each direction, for
 CUBIC by default, as on Windows and most Linux systems, whatever this machine's own default;
 None: the kernel's default for a new namespace).  A namespace other than the machine's own may
 only choose one of the machine's ``tcp_allowed_congestion_control``: one not listed there is
-added for the lab's life and the list put back by :func:`down` (the one change outside the
-lab's namespaces; it lets unprivileged programs choose that algorithm too meanwhile).
+added while labs are up, and the list put back by the :func:`down` that leaves no lab namespace
+(the one change outside the labs' namespaces; it lets unprivileged programs choose that algorithm
+too meanwhile).  Labs up at once (the test suite's workers) share that change: one machine-wide
+lock covers widening the list and setting the namespaces' algorithm, and putting it back, so no
+lab's ``down`` narrows the list while another sets it (that failed once: "I/O error").
 
 A state file per lab (``STATE_DIR/<name>.json``) lists its namespaces and processes as they are
 made, so :func:`down` (another process, ``molink lab down``) removes everything: every process
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -45,6 +49,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,9 @@ UPNP_HTTP_PORT = 5000  # miniupnpd's HTTP port on each router's LAN address
 COMMAND_TIMEOUT = 20.0  # seconds for one ip/nft/tc command
 AVAILABLE_CC = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 ALLOWED_CC = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control")  # the machine's: namespaces choose among them
+CC_LOCK = STATE_DIR / "congestion.lock"  # held while a lab widens that list and sets its namespaces, or narrows it
+CC_BEFORE = STATE_DIR / "congestion-allowed-before"  # the list before the first lab widened it
+CC_LOCK_SECONDS = 60.0  # the most a lab waits for another's lock (held for a lab's namespaces: seconds)
 
 
 class LabError(Exception):
@@ -143,7 +151,6 @@ class Lab:
             "mbps": mbps,
             "delay_ms": delay_ms,
             "congestion": congestion,
-            "allowed_before": None,  # the machine's tcp_allowed_congestion_control, when the lab widened it
             "namespaces": {n: f"{PREFIX}-{name}-{n}" for n in nodes},
             "addresses": {n: node.address for n, node in nodes.items()},
             "addresses6": {n: node.address6 for n, node in nodes.items() if node.address6},
@@ -245,21 +252,22 @@ class Lab:
         self._ns(node, "sh", "-c", f"echo {value} > {path}")
 
     def _build(self, nodes: dict[str, Node], mbps: float | None, delay_ms: float, congestion: str | None) -> None:
-        allowed = ALLOWED_CC.read_text().strip()
-        if congestion is not None and congestion not in allowed.split():
-            self.state["allowed_before"] = allowed
-            self._save()  # first: down() puts it back even if the write below is the last thing done
-            ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
-        for n in nodes:
-            ns = self.namespace(n)
-            _sh("ip", "netns", "add", ns)
-            self.state["created"].append(ns)
-            self._save()
-            self._ns(n, "ip", "link", "set", "lo", "up")
-            for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
-                self._sysctl(n, key, "0")
-            if congestion is not None:
-                self._sysctl(n, "net.ipv4.tcp_congestion_control", congestion)
+        with _congestion_lock():
+            allowed = ALLOWED_CC.read_text().strip()
+            if congestion is not None and congestion not in allowed.split():
+                if not CC_BEFORE.exists():  # first: the last down() puts it back whatever happens next
+                    CC_BEFORE.write_text(allowed)
+                ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
+            for n in nodes:
+                ns = self.namespace(n)
+                _sh("ip", "netns", "add", ns)
+                self.state["created"].append(ns)
+                self._save()
+                self._ns(n, "ip", "link", "set", "lo", "up")
+                for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
+                    self._sysctl(n, key, "0")
+                if congestion is not None:
+                    self._sysctl(n, "net.ipv4.tcp_congestion_control", congestion)
         done: set[tuple[str, str]] = set()
         for n, node in nodes.items():  # veth pairs, each made once, straight inside both namespaces
             for iface in node.ifaces:
@@ -443,12 +451,44 @@ def down(name: str, state: dict | None = None) -> bool:
     _stop(pids)
     for ns in namespaces:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=COMMAND_TIMEOUT)
-    if state and state.get("allowed_before"):
-        with contextlib.suppress(OSError):
-            ALLOWED_CC.write_text(state["allowed_before"] + "\n")
+    with contextlib.suppress(OSError, LabError, subprocess.TimeoutExpired), _congestion_lock():
+        _narrow_congestion()
     path.unlink(missing_ok=True)
     shutil.rmtree(STATE_DIR / name, ignore_errors=True)
     return bool(namespaces or state)
+
+
+@contextlib.contextmanager
+def _congestion_lock() -> Iterator[None]:
+    """The machine-wide lock over ``tcp_allowed_congestion_control`` and the namespaces' choice
+    of it; waits at most ``CC_LOCK_SECONDS`` (LabError)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CC_LOCK, "a") as f:
+        deadline = time.monotonic() + CC_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(f"another lab held {CC_LOCK} for {CC_LOCK_SECONDS:.0f} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _narrow_congestion() -> None:
+    """Put the machine's ``tcp_allowed_congestion_control`` back as it was before the first lab
+    widened it, once no lab namespace is left (call with :func:`_congestion_lock` held)."""
+    if not CC_BEFORE.exists():
+        return
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT).stdout
+    if any(line.startswith(f"{PREFIX}-") for line in listed.splitlines()):
+        return  # another lab is up: the last one down puts it back
+    ALLOWED_CC.write_text(CC_BEFORE.read_text().strip() + "\n")
+    CC_BEFORE.unlink()
 
 
 def _stop(pids: set[int], grace: float = 3.0) -> None:
