@@ -519,11 +519,12 @@ class Engine:
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
             self._admit()  # first: an arrival admitted may open the lane for prefill apart
-            apart = apart_lane(self.policy, costs, self._candidates())
+            cands = self._candidates()
+            apart = apart_lane(self.policy, costs, cands)
             if index >= lanes_open(slots, self._looping_lanes, apart, self._prefilling_lanes) and index > 0:
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
-            chunks = self._plan(costs, slots)
+            chunks = self._plan(costs, slots, cands)
             if not chunks or not self.group.stages:
                 await self._nap(NOTHING_TO_DO_NAP)
                 continue
@@ -826,11 +827,11 @@ class Engine:
             Candidate(r.id, r.scheduled, len(r.tokens), r.order, r.in_flight, r.computed) for r in self.running.values()
         ]
 
-    def _plan(self, costs: CostSnapshot | None, slots: int) -> list[Chunk]:
+    def _plan(self, costs: CostSnapshot | None, slots: int, cands: list[Candidate]) -> list[Chunk]:
         return next_microbatch(
             self.policy,
             costs,
-            self._candidates(),
+            cands,
             slots,
             prefilling=self._prefilling_lanes,
             decode_lanes=self._decode_lanes,
