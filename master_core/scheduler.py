@@ -8,14 +8,16 @@ Pure: no I/O, no clock of its own, no torch.  The engine asks it, and executes t
   flight, from measured costs (:mod:`master_core.costs`): the fewest whose token period
   (:func:`token_period`: ``max(cycle_time, K * bottleneck_time)`` for micro-batches of
   ``ceil(active / K)`` decode tokens) is within ``K_GAIN`` of the best.  More micro-batches
-  keep the bottleneck resource (a device's compute or a link's bandwidth) busier, but each
+  keep the bottleneck resource (a device's compute or one direction of a link) busier, but each
   pays a step's fixed costs: where those dominate (small decode steps on a CPU) one
   micro-batch of every stream is as fast as several and leaves the cores to prefill.
 * :func:`chunk_tokens` — **chunk-based prefill transmission**: the prefill tokens one
   micro-batch may carry, chosen just in time so that the chunk's extra time on each resource
   fits in the gap before the next decode micro-batch needs it (``cycle / K`` minus the decode
   work there).  It follows the measured bandwidth and compute: slower links or stages, smaller
-  chunks.  A resource is a link or a *device*: stages that share one (several workers on one
+  chunks.  A resource is one direction of a link (a stage's input coming down, its output
+  going up: a connection carries both at once, and where the master relays a hop both carry
+  activations) or a *device*: stages that share one (several workers on one
   machine's cores, one GPU serving two ranges; ``CostSnapshot.devices``) are one resource
   whose time is their work together, so a chunk on one of them is weighed against the decode
   work of all.  Where the gaps are small (a compute-bound device, every step paying a fixed
@@ -154,17 +156,21 @@ def step_bytes(c: CostSnapshot, stage: int, tokens: int, logits_rows: int) -> tu
     return inbound, outbound
 
 
-def _link_seconds(c: CostSnapshot, stage: int, tokens: int, logits_rows: int, looped: bool = False) -> float:
-    """Seconds a step occupies ``stage``'s link: its output, and its input unless that came over
-    a direct hop (then it crossed the previous stage's link only).  A ``looped`` step's input
-    came over the last stage's link, which also carries its drawn tokens back to the first stage
-    (besides the result to the master)."""
+def _link_directions(
+    c: CostSnapshot, stage: int, tokens: int, logits_rows: int, looped: bool = False
+) -> tuple[float, float]:
+    """(seconds down, seconds up): how long a step occupies each direction of ``stage``'s link,
+    its input coming down unless a direct hop carried it (then it crossed the previous stage's
+    link only), its output going up.  A ``looped`` step's input came over the last stage's link,
+    which also carries its drawn tokens back to the first stage (besides the result to the
+    master).  The two directions are two resources (a TCP connection carries both at once);
+    a step's trip crosses them one after the other."""
     inbound, outbound = step_bytes(c, stage, tokens, logits_rows)
     if looped and stage == 0:
         inbound = 0
     if looped and stage == c.stages - 1:
         outbound += tokens * TOKEN_ID_BYTES
-    return _on_link(c, stage, outbound + (0 if c.direct_into(stage) else inbound))
+    return _on_link(c, stage, 0 if c.direct_into(stage) else inbound), _on_link(c, stage, outbound)
 
 
 def _on_link(c: CostSnapshot, stage: int, nbytes: int) -> float:
@@ -176,9 +182,10 @@ def _on_link(c: CostSnapshot, stage: int, nbytes: int) -> float:
 def _resource_times(
     c: CostSnapshot, tokens: int, logits_rows: int, looped: bool = False
 ) -> tuple[list[float], list[float]]:
-    """Per stage: compute seconds and link-occupancy seconds of one step of ``tokens``."""
+    """Of one step of ``tokens``: per stage its compute seconds, and per link direction (each
+    stage's down, then up) the seconds the step occupies it."""
     compute = [c.stage_fixed[i] + c.stage_per_token[i] * tokens for i in range(c.stages)]
-    return compute, [_link_seconds(c, i, tokens, logits_rows, looped) for i in range(c.stages)]
+    return compute, [t for i in range(c.stages) for t in _link_directions(c, i, tokens, logits_rows, looped)]
 
 
 def _delays(c: CostSnapshot, looped: bool = False) -> float:
@@ -205,7 +212,7 @@ def _device_times(c: CostSnapshot, compute: Sequence[float]) -> list[float]:
 
 def cycle_time(c: CostSnapshot, tokens: int, logits_rows: int, looped: bool = False) -> tuple[float, float]:
     """(seconds for one micro-batch to go through the whole pipeline and back,
-    seconds it occupies the busiest single resource: a device, or a link).  ``looped``: a
+    seconds it occupies the busiest single resource: a device, or a link direction).  ``looped``: a
     decode step fed back by the last stage (only where ``c.loop_back``): from the last stage
     straight to the first, the master not crossed."""
     looped = looped and c.loop_back
@@ -236,8 +243,8 @@ def token_period(c: CostSnapshot, k: int, active: int) -> float:
 
 
 def _link_token_seconds(c: CostSnapshot, stage: int) -> float:
-    """Seconds one more token of a step occupies ``stage``'s link."""
-    return _link_seconds(c, stage, 1, 0)
+    """Seconds one more token of a step spends crossing ``stage``'s link (both directions)."""
+    return sum(_link_directions(c, stage, 1, 0))
 
 
 def _whole_token_seconds(c: CostSnapshot, stage: int) -> float:
@@ -254,7 +261,8 @@ def _gap_tokens(c: CostSnapshot, decode_tokens: int, microbatches: int) -> float
     spacing = cycle / max(1, microbatches)
     compute_d, link_d = _resource_times(c, decode_tokens, decode_tokens, c.loop_back)
     resources = list(zip(_device_times(c, compute_d), _device_times(c, c.stage_per_token)))
-    resources += [(link_d[i], _link_token_seconds(c, i)) for i in range(c.stages)]
+    per_token = [t for i in range(c.stages) for t in _link_directions(c, i, 1, 0)]
+    resources += list(zip(link_d, per_token))
     best = math.inf
     for busy, per in resources:
         if per > 0:
