@@ -177,6 +177,12 @@ def test_a_lost_stage_is_rebuilt_on_a_spare_and_the_others_keep_their_caches(ckp
             while any(len(s.runner.kv) for s in _sessions()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             left = [len(s.runner.kv) for s in _sessions()]
+            if any(left):  # what is left, where, and what the master's ledger still knows of (a rare failure)
+                where = [
+                    (s.runner.shard.layer_start, s.runner.shard.layer_end, [k for k, _ in s.runner.kv.items()])
+                    for s in _sessions()
+                ]
+                left = [*left, where, kv_ids, e.kv.prefix.held_tokens, names]
             outs = [r[0] for r in got]
             return outs, names, survivors, counts, same_ids, kept, len(still), e.rebuilt_held, left, waited
 
