@@ -505,10 +505,10 @@ def test_prefill_rides_with_decode_where_a_step_of_it_alone_would_pay_the_fixed_
     assert [x.request_id for x in next_microbatch(p, cpu, [*ready, long], 2, prefilling=1)] == [0, 1, 2, 3]
 
     # saturating: TTFT p50 1.2 s vs 1.7 s, 49.8 vs 51.0 tok/s, but the gaps' p99 0.62 s vs 0.21 s
-    # (since each link direction is a resource of its own in the cost model, 2026-12-07: the
-    # relayed links' busiest resource halved, prefill alone gets more lanes; before, 1.2 s vs
-    # 5.0 s and 49.1 vs 45.3 tok/s; min_chunk 32; 9.7 s and 39.5 tok/s apart while prefill alone
-    # had no lanes beyond the decode slots, 37.4 while the modelled master sent frames whole)
+    # (since each direction of a link is a resource of its own in the cost model, 2026-12-07;
+    # before, 1.2 s vs 5.0 s and 49.1 vs 45.3 tok/s; min_chunk 32; 9.7 s and 39.5 tok/s apart while
+    # prefill alone had no lanes beyond the decode slots, 37.4 while the modelled master sent
+    # frames whole)
     wl = make_workload(30, 2.0, seed=5)
     model = SimModel(gpu, kv_tokens=100_000)
     ruled = simulate(model, wl, p)
@@ -522,9 +522,9 @@ def test_prefill_rides_with_decode_where_a_step_of_it_alone_would_pay_the_fixed_
 def test_a_relayed_pipeline_keeps_both_directions_of_its_links_busy_while_prompts_wait():
     """Where the master relays every hop, a worker's link carries activations both ways (its
     input down, its output up) and each direction is a resource of its own.  Counted as one, the
-    scheduler thought four micro-batches filled the links of 4 simulated 70B cards on ``slow``;
-    each direction was busy 0.56 of the time while prompts queued, and the run reached 0.57 of
-    its bound (0.85 with the directions apart; every hop direct: 0.97)."""
+    scheduler thought four micro-batches filled the links of 4 simulated 70B cards on ``slow``
+    and each direction idled while prompts queued: this workload reached 0.57 of its bound then,
+    0.85 with the directions apart."""
     from app.tools.bench.run import gpu_model
 
     run = simulate(gpu_model(4, "slow"), make_workload(120, 2.0, 0), policy("full", 1024))
