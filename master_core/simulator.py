@@ -220,13 +220,13 @@ class _Run:
         if self.policy.dynamic and self.policy.tune:  # as Engine.slots: the model's K, tuned by delivery
             slots = self.tuner.choose(slots, key, len(self.running))
         for lane in range(len(self.lane_busy)):
-            cands = [
+            if self.lane_busy[lane]:
+                continue
+            cands = [  # again for each lane planned: the one before changed what is scheduled
                 Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight, r.computed)
                 for r in self.running.values()
             ]
-            if self.lane_busy[lane] or (
-                lane >= lanes_open(slots, self.looping, apart_lane(self.policy, c, cands), self.prefilling) and lane > 0
-            ):
+            if lane >= lanes_open(slots, self.looping, apart_lane(self.policy, c, cands), self.prefilling) and lane > 0:
                 continue
             plan = next_microbatch(
                 self.policy, c, cands, slots, prefilling=self.prefilling, decode_lanes=self.decode_lanes
