@@ -59,6 +59,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -87,6 +88,7 @@ from .scheduler import (
     apart_lane,
     cycle_time,
     decode_lane,
+    lane_count,
     lanes_open,
     loop_steps,
     microbatch_count,
@@ -393,7 +395,7 @@ class Engine:
                     else:
                         await self._profile()
                 self._check_capacity(self.clock())
-                for i in range(self.policy.max_microbatches):
+                for i in range(lane_count(self.policy)):
                     t = lanes.get(i)
                     if t is not None and t.done() and not t.cancelled() and t.exception() is not None:
                         log.error("lane %d crashed: %r", i, t.exception())
@@ -519,9 +521,10 @@ class Engine:
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
             self._admit()  # first: an arrival admitted may open the lane for prefill apart
-            cands = self._candidates()
-            apart = apart_lane(self.policy, costs, cands)
-            if index >= lanes_open(slots, self._looping_lanes, apart, self._prefilling_lanes) and index > 0:
+            most = self.policy.max_microbatches  # the slots and the looping lanes together (lanes_open)
+            opened = partial(lanes_open, slots, self._looping_lanes, prefilling=self._prefilling_lanes, most=most)
+            cands = self._candidates() if index < opened(True) or index == 0 else []  # (beyond: closed either way)
+            if index >= opened(apart_lane(self.policy, costs, cands)) and index > 0:
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
             chunks = self._plan(costs, slots, cands)

@@ -361,29 +361,38 @@ def prefill_lanes(costs: CostSnapshot, tokens: int) -> int:
 def prefill_apart_pays(p: Policy, costs: CostSnapshot) -> bool:
     """Whether keeping prefill apart from decode pays: a micro-batch of prefill alone
     (:func:`prefill_step_tokens`) spends at least as long on its tokens as on the step's fixed
-    cost on the stage slowest per token.  On a compute-bound stage (a CPU) a chunk inside a
-    decode step would hold that step for the chunk's whole compute, while apart it is paused
-    between layers; on a memory-bound one (a GPU reading its weights once a step) tokens ride
-    along almost free, and a step of prefill alone would pay the whole fixed cost again for a
-    few dozen tokens (the simulated 70B groups: prompts waited 93 s instead of 0.9 s).  The step
+    cost on the stage slowest per token, its tokens counted at their compute there or at their
+    bytes on the busiest link the master relays a hop over, whichever is longer.  On a
+    compute-bound stage (a CPU) a chunk inside a decode step would hold that step for the
+    chunk's whole compute, while apart it is paused between layers; where the master relays, a
+    chunk holds the decode step that carries it for its bytes on every link it crosses (the
+    simulated 70B groups on ``slow``, 4 cards: the gaps' p99 4.1 s riding, 1.0 s apart, 2026-12-07);
+    on a memory-bound stage whose hops are direct (a GPU reading its weights once a step) tokens
+    ride along almost free, and a step of prefill alone would pay the whole fixed cost again for
+    a few dozen tokens (the simulated 70B groups: prompts waited 93 s instead of 0.9 s; with
+    direct hops on ``wan``, 8 cards, 5.5 s instead of 1.5 s as late as 2026-12-07).  The step
     it weighs is sized as it was when this rule was measured, its output whole on the slowest
     link: since the workers' outputs go in pieces, a pipeline of direct hops sizes its steps by
     compute alone (up to the cap), and on GPUs that made big steps of prefill alone pay, though
     they still cost the simulated groups a tenth of their throughput against riding along."""
     i = max(range(costs.stages), key=lambda s: costs.stage_per_token[s])
     slowest = max(_link_token_seconds(costs, s) for s in range(costs.stages))
-    return costs.stage_per_token[i] * _prefill_tokens(p, costs, slowest) >= costs.stage_fixed[i]
+    relayed = max(_whole_token_seconds(costs, s) for s in range(costs.stages))
+    return max(costs.stage_per_token[i], relayed) * _prefill_tokens(p, costs, slowest) >= costs.stage_fixed[i]
 
 
 def long_prompt(p: Policy, costs: CostSnapshot, c: Candidate) -> bool:
     """Is ``c`` a prompt (or a replay) not computed yet (waiting, or its last chunks on their way),
-    longer in all than a step of prefill alone's compute on the slowest stage
-    (``p.prefill_step_seconds``)?  Only such a prompt makes prefill travel apart
+    longer in all than a step of prefill alone (:func:`prefill_step_tokens`: its compute on the
+    slowest stage, ``p.prefill_step_seconds``, and the frames the master relays of it)?  (Its
+    compute alone, before 2026-12-07: where the master relays, a chunk riding in a decode step
+    holds it for the chunk's bytes on every link, and a 900-token prompt on a GPU was not long.)
+    Only such a prompt makes prefill travel apart
     (:func:`next_microbatch`), until its last chunk is back: were the decode steps shared out
     over the slots while that chunk still held a lane, a stream's step found no slot left and
     waited for it (emulated ``wan`` and ``slow`` without the loop-back: gaps of 1.4 and 1.6 s
     as the burst's last prompt ended)."""
-    return not c.decoding and c.total > _prefill_tokens(p, costs, 0.0)
+    return not c.decoding and c.total > prefill_step_tokens(p, costs)
 
 
 def prefill_apart(p: Policy, costs: CostSnapshot | None, candidates: Sequence[Candidate]) -> bool:
@@ -494,7 +503,16 @@ def decode_lane(chunks: Sequence[Chunk], loop: int) -> bool:
     return not loop and any(c.length == 1 or c.rows > 1 for c in chunks)
 
 
-def lanes_open(slots: int, looping: int, apart: bool = False, prefilling: int = 0) -> int:
+def lane_count(p: Policy) -> int:
+    """Lanes the master keeps (the engine's lane tasks, the simulator's): ``p.max_microbatches``
+    for the slots and the lanes looping back, and as many again for prefill alone
+    (:func:`lanes_open`).  With only ``max_microbatches`` in all, a pipeline whose slots reached
+    the cap had no lane left for prefill alone and its prompts waited (8 simulated cards, every
+    hop relayed, on ``slow``: TTFT p50 430-467 s with none or one such lane, 165 s with the room)."""
+    return 2 * p.max_microbatches
+
+
+def lanes_open(slots: int, looping: int, apart: bool = False, prefilling: int = 0, most: int = 0) -> int:
     """Lanes that may plan a micro-batch: the ``slots``, one more for each lane that loops (a
     looping lane needs no slot: the master admits arrivals and prefills them meanwhile), and
     where ``apart`` (:func:`apart_lane`) one more for prefill alone, or one for each of the
@@ -506,8 +524,12 @@ def lanes_open(slots: int, looping: int, apart: bool = False, prefilling: int = 
     ever rode along in their steps (the relayed lab: 32 tokens in every step, each
     decode step about twice its calm time, burst p99 over the calm pace 2.33-2.73; with it 2.28).
     With a lane for each of :func:`prefill_lanes` instead of one, the relayed lab's prompts took
-    as long (20.7 s for the last against 21.2 s) and the p99 grew (2.58): its stages share two cores."""
-    return slots + looping + (max(1, prefilling) if apart else 0)
+    as long (20.7 s for the last against 21.2 s) and the p99 grew (2.58): its stages share two cores.
+    The slots and the looping lanes together stay within ``most`` (``Policy.max_microbatches``; 0:
+    no bound), as when the master kept only that many lanes; prefill alone's lanes come on top
+    (:func:`lane_count`)."""
+    kept = min(slots + looping, most) if most > 0 else slots + looping
+    return kept + (max(1, prefilling) if apart else 0)
 
 
 # --------------------------------------------------------------------------- KV memory

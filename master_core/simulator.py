@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import cast
 
 from worker_core.precision import Precision
@@ -55,6 +56,7 @@ from .scheduler import (
     admit_and_preempt,
     apart_lane,
     decode_lane,
+    lane_count,
     lanes_open,
     loop_steps,
     microbatch_count,
@@ -149,7 +151,7 @@ class _Run:
             model.step_overhead,
             model.device_busy_series,
         )
-        self.lane_busy = [False] * policy.max_microbatches  # as the engine's lanes
+        self.lane_busy = [False] * lane_count(policy)  # as the engine's lanes
         self.admitted = 0
         self.prefilling = 0  # lanes whose micro-batch carries prefill
         self.looping = 0  # lanes whose micro-batch loops back
@@ -222,11 +224,16 @@ class _Run:
         for lane in range(len(self.lane_busy)):
             if self.lane_busy[lane]:
                 continue
+            opened = partial(
+                lanes_open, slots, self.looping, prefilling=self.prefilling, most=self.policy.max_microbatches
+            )
+            if lane >= opened(True) and lane > 0:
+                continue  # closed whatever the candidates (as the engine's lane)
             cands = [  # again for each lane planned: the one before changed what is scheduled
                 Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight, r.computed)
                 for r in self.running.values()
             ]
-            if lane >= lanes_open(slots, self.looping, apart_lane(self.policy, c, cands), self.prefilling) and lane > 0:
+            if lane >= opened(apart_lane(self.policy, c, cands)) and lane > 0:
                 continue
             plan = next_microbatch(
                 self.policy, c, cands, slots, prefilling=self.prefilling, decode_lanes=self.decode_lanes

@@ -16,6 +16,7 @@ from master_core.scheduler import (
     apart_lane,
     chunk_tokens,
     cycle_time,
+    lane_count,
     lanes_open,
     long_prompt,
     microbatch_count,
@@ -420,6 +421,10 @@ def test_prefill_travels_apart_from_decode_while_streams_decode():
     long = Candidate(9, 0, 900, 9)
     assert prefill_apart(p, c, [*ready, long]) and lanes_open(2, 0, True) == 3  # prefill alone has a lane
     assert lanes_open(1, 0, True, prefilling=3) == 4 and lanes_open(1, 0, False, prefilling=3) == 1  # and no slot
+    # the slots and the looping lanes stay within the cap; prefill alone's lanes come on top of it
+    most = p.max_microbatches
+    assert lanes_open(most, 5, False, most=most) == most and lanes_open(most, 5, True, 3, most=most) == most + 3
+    assert lane_count(p) >= most + 3
     assert apart_lane(p, c, [*ready, long]) and not apart_lane(p, replace(c, loop_back=True), [*ready, long])
     assert not prefill_apart(p, c, [*ready, replace(long, total=200)])  # no long prompt
     assert not prefill_apart(p, c, [long]) and not prefill_apart(p, None, [*ready, long])  # none decodes; no costs
@@ -487,36 +492,45 @@ def test_where_nothing_loops_back_prefill_alone_has_a_lane_of_its_own(monkeypatc
     assert starved["ttft_p99"] > 1.5 * run["ttft_p99"]  # 31.3 s: after the streams ended
 
 
-def test_prefill_rides_with_decode_where_a_step_of_it_alone_would_pay_the_fixed_cost_again(monkeypatch):
+def test_prefill_rides_with_decode_only_where_a_step_of_it_alone_would_pay_the_fixed_cost_again(monkeypatch):
     """Keeping prefill apart pays on compute-bound stages (a CPU: a chunk's tokens cost far more
-    than a step's fixed cost), not on memory-bound ones (a GPU reads its weights once a step,
-    so the 25 tokens the master's frames carry over wan links in 0.1 s cost a third of that): there a chunk rides in
-    the decode steps.  Simulated on 4 modelled GPUs (20 int4 70B layers a card, 100 Mbit/s
-    links) with prefill kept apart anyway, prompts waited most of the run."""
+    than a step's fixed cost) and where the master relays the hops (a chunk riding in a decode
+    step holds it for the chunk's bytes on each of the master's links: 16 KB a token, 1.3 ms on
+    100 Mbit/s, against a GPU step's fixed 12.4 ms), not on memory-bound stages whose hops are
+    direct (a GPU reads its weights once a step, so the 32 tokens of a step of prefill alone
+    cost half of that): there a chunk rides in the decode steps."""
     p = policy("full", 1024)
-    gpu = costs(stages=4, compute=0.0124, per_token=20 * 8.6e-6, rtt=0.02, mbps=100.0)
+    gpu = costs(stages=4, compute=0.0124, per_token=20 * 8.6e-6, rtt=0.02, mbps=100.0)  # every hop relayed
+    direct = replace(costs(stages=4, compute=0.0124, per_token=20 * 8.6e-6, rtt=0.04, mbps=20.0), direct=(True,) * 3)
     cpu = costs(stages=3, compute=0.008, per_token=0.0017, rtt=0.08, mbps=20.0)
-    assert not prefill_apart_pays(p, gpu) and prefill_apart_pays(p, cpu)
+    assert prefill_apart_pays(p, gpu) and prefill_apart_pays(p, cpu) and not prefill_apart_pays(p, direct)
     ready = [Candidate(i, 20, 21, i, computed=20) for i in range(4)]
     long = Candidate(9, 0, 900, 9)
-    on_gpu = next_microbatch(p, gpu, [*ready, long], 2, prefilling=1)
+    on_gpu = next_microbatch(p, direct, [*ready, long], 2, prefilling=1)
     assert [x.request_id for x in on_gpu][-1] == 9  # a chunk rides along though prefill is in flight
-    assert on_gpu[-1].length == chunk_tokens(p, gpu, len(on_gpu) - 1, 2, decoding=4)
+    assert on_gpu[-1].length == chunk_tokens(p, direct, len(on_gpu) - 1, 2, decoding=4)
+    # a prompt is long beyond a step of prefill alone: on the GPUs that step is bound by the
+    # master's links where it relays (38 tokens on 100 Mbit/s), by the compute or the cap elsewhere
+    assert long_prompt(p, gpu, long) and not long_prompt(p, direct, long)
+    assert [x.request_id for x in next_microbatch(p, gpu, [*ready, long], 2, prefilling=1)] == [0, 1, 2, 3]
     assert [x.request_id for x in next_microbatch(p, cpu, [*ready, long], 2, prefilling=1)] == [0, 1, 2, 3]
 
-    # saturating: TTFT p50 1.2 s vs 1.7 s, 49.8 vs 51.0 tok/s, but the gaps' p99 0.62 s vs 0.21 s
-    # (since each direction of a link is a resource of its own in the cost model, 2026-12-07;
-    # before, 1.2 s vs 5.0 s and 49.1 vs 45.3 tok/s; min_chunk 32; 9.7 s and 39.5 tok/s apart while
-    # prefill alone had no lanes beyond the decode slots, 37.4 while the modelled master sent
-    # frames whole)
+    # saturating, every prompt counted as long: relayed, apart (the rule) against riding: the
+    # gaps' p99 0.21 s vs 0.62 s, 51.0 vs 49.8 tok/s, TTFT p50 1.7 vs 1.2 s (2026-12-07; before,
+    # the rule weighed the compute alone and let these ride).  Direct, on 20 Mbit/s, riding (the
+    # rule) against apart: TTFT p50 23 s vs 50 s, 21.7 vs 19.4 tok/s, the gaps' p99 3.0 vs 0.3 s
     wl = make_workload(30, 2.0, seed=5)
-    model = SimModel(gpu, kv_tokens=100_000)
-    ruled = simulate(model, wl, p)
-    monkeypatch.setattr("master_core.scheduler.prefill_apart_pays", lambda *_: True)
     monkeypatch.setattr("master_core.scheduler.long_prompt", lambda p, c, x: x.waiting_prefill)  # every prompt
-    apart = simulate(model, wl, p)
-    assert ruled["ttft_p50"] * 1.3 < apart["ttft_p50"]
-    assert ruled["output_tokens_per_s"] > 0.95 * apart["output_tokens_per_s"]
+    relayed_ruled = simulate(SimModel(gpu, kv_tokens=100_000), wl, p)
+    direct_ruled = simulate(SimModel(replace(direct, loop_back=True), kv_tokens=100_000), wl, p)
+    monkeypatch.setattr("master_core.scheduler.prefill_apart_pays", lambda *_: False)
+    riding = simulate(SimModel(gpu, kv_tokens=100_000), wl, p)
+    assert relayed_ruled["tpot_p99"] * 2 < riding["tpot_p99"]
+    assert relayed_ruled["output_tokens_per_s"] > 0.98 * riding["output_tokens_per_s"]
+    monkeypatch.setattr("master_core.scheduler.prefill_apart_pays", lambda *_: True)
+    apart = simulate(SimModel(replace(direct, loop_back=True), kv_tokens=100_000), wl, p)
+    assert direct_ruled["ttft_p50"] * 1.5 < apart["ttft_p50"]
+    assert direct_ruled["output_tokens_per_s"] > 1.05 * apart["output_tokens_per_s"]
 
 
 def test_a_relayed_pipeline_keeps_both_directions_of_its_links_busy_while_prompts_wait():
