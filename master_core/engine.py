@@ -518,10 +518,13 @@ class Engine:
         while True:
             await self.group.wait_serving()
             await self._profiled.wait()
+            most = self.policy.max_microbatches  # the slots and the looping lanes together (lanes_open)
+            if index >= most + max(1, self._prefilling_lanes):  # beyond any lane lanes_open opens now
+                await self._nap(IDLE_LANE_NAP, self._load)
+                continue
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
             self._admit()  # first: an arrival admitted may open the lane for prefill apart
-            most = self.policy.max_microbatches  # the slots and the looping lanes together (lanes_open)
             opened = partial(lanes_open, slots, self._looping_lanes, prefilling=self._prefilling_lanes, most=most)
             cands = self._candidates() if index < opened(True) or index == 0 else []  # (beyond: closed either way)
             if index >= opened(apart_lane(self.policy, costs, cands)) and index > 0:

@@ -366,11 +366,11 @@ def prefill_apart_pays(p: Policy, costs: CostSnapshot) -> bool:
     compute-bound stage (a CPU) a chunk inside a decode step would hold that step for the
     chunk's whole compute, while apart it is paused between layers; where the master relays, a
     chunk holds the decode step that carries it for its bytes on every link it crosses (the
-    simulated 70B groups on ``slow``, 4 cards: the gaps' p99 4.1 s riding, 1.0 s apart, 2026-12-07);
+    simulated 70B groups on ``slow``, 4 relayed cards: the gaps' p99 4.1 s riding, 0.87 s apart);
     on a memory-bound stage whose hops are direct (a GPU reading its weights once a step) tokens
     ride along almost free, and a step of prefill alone would pay the whole fixed cost again for
-    a few dozen tokens (the simulated 70B groups: prompts waited 93 s instead of 0.9 s; with
-    direct hops on ``wan``, 8 cards, 5.5 s instead of 1.5 s as late as 2026-12-07).  The step
+    a few dozen tokens (the simulated 70B groups: prompts waited 93 s instead of 0.9 s; on 8 cards
+    with direct hops on ``wan``, forced apart, 5.5 s instead of 1.5 s at the median, 2026-12-07).  The step
     it weighs is sized as it was when this rule was measured, its output whole on the slowest
     link: since the workers' outputs go in pieces, a pipeline of direct hops sizes its steps by
     compute alone (up to the cap), and on GPUs that made big steps of prefill alone pay, though
@@ -508,7 +508,8 @@ def lane_count(p: Policy) -> int:
     for the slots and the lanes looping back, and as many again for prefill alone
     (:func:`lanes_open`).  With only ``max_microbatches`` in all, a pipeline whose slots reached
     the cap had no lane left for prefill alone and its prompts waited (8 simulated cards, every
-    hop relayed, on ``slow``: TTFT p50 430-467 s with none or one such lane, 165 s with the room)."""
+    hop relayed, on ``slow``, prefill apart, steps of at most 512 tokens: TTFT p50 430-467 s with
+    no such lane or one, 165 s with the room)."""
     return 2 * p.max_microbatches
 
 
