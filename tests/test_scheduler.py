@@ -510,7 +510,7 @@ def test_prefill_rides_with_decode_only_where_a_step_of_it_alone_would_pay_the_f
     assert [x.request_id for x in on_gpu][-1] == 9  # a chunk rides along though prefill is in flight
     assert on_gpu[-1].length == chunk_tokens(p, direct, len(on_gpu) - 1, 2, decoding=4)
     # a prompt is long beyond a step of prefill alone: on the GPUs that step is bound by the
-    # master's links where it relays (38 tokens on 100 Mbit/s), by the compute or the cap elsewhere
+    # master's links where it relays (32 tokens, the floor, on 100 Mbit/s), by the compute or the cap elsewhere
     assert long_prompt(p, gpu, long) and not long_prompt(p, direct, long)
     assert [x.request_id for x in next_microbatch(p, gpu, [*ready, long], 2, prefilling=1)] == [0, 1, 2, 3]
     assert [x.request_id for x in next_microbatch(p, cpu, [*ready, long], 2, prefilling=1)] == [0, 1, 2, 3]
