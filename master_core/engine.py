@@ -59,7 +59,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
 import torch
@@ -519,15 +518,15 @@ class Engine:
             await self.group.wait_serving()
             await self._profiled.wait()
             most = self.policy.max_microbatches  # the slots and the looping lanes together (lanes_open)
-            if index >= most + max(1, self._prefilling_lanes):  # beyond any lane lanes_open opens now
+            if index >= lanes_open(most, 0, True, self._prefilling_lanes, most):  # closed, whatever the slots
                 await self._nap(IDLE_LANE_NAP, self._load)
                 continue
             costs = self.costs()  # once per micro-batch: the count and the plan use the same fit
             slots = self.slots(costs)
             self._admit()  # first: an arrival admitted may open the lane for prefill apart
-            opened = partial(lanes_open, slots, self._looping_lanes, prefilling=self._prefilling_lanes, most=most)
-            cands = self._candidates() if index < opened(True) or index == 0 else []  # (beyond: closed either way)
-            if index >= opened(apart_lane(self.policy, costs, cands)) and index > 0:
+            cands = self._candidates()
+            apart = apart_lane(self.policy, costs, cands)
+            if index >= lanes_open(slots, self._looping_lanes, apart, self._prefilling_lanes, most) and index > 0:
                 await self._nap(IDLE_LANE_NAP, self._load)  # not needed now: steps ending do not concern it
                 continue
             chunks = self._plan(costs, slots, cands)

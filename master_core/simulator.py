@@ -228,7 +228,7 @@ class _Run:
                 lanes_open, slots, self.looping, prefilling=self.prefilling, most=self.policy.max_microbatches
             )
             if lane >= opened(True) and lane > 0:
-                continue  # closed whatever the candidates (as the engine's lane)
+                continue  # closed whatever the candidates: not worth building them
             cands = [  # again for each lane planned: the one before changed what is scheduled
                 Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight, r.computed)
                 for r in self.running.values()
