@@ -432,11 +432,18 @@ def next_microbatch(
 
     While streams decode and a long prompt waits (longer than a step of prefill alone's compute;
     with chunking and measured costs, where :func:`prefill_apart_pays`: :func:`prefill_apart`),
-    prefill travels apart: the ready decode steps go together in one micro-batch without prefill,
-    while fewer than ``slots`` such micro-batches are in flight; a micro-batch with no decode step
+    prefill travels apart: the ready decode steps go without prefill, at most the streams' share
+    of the slots (:func:`microbatch_share`) in one micro-batch, while fewer than ``slots`` such
+    micro-batches are in flight; a micro-batch with no decode step
     ready, or with the slots full, carries prefill alone (:func:`prefill_step_tokens`; at most
     :func:`prefill_lanes` in flight), on the lane :func:`lanes_open` adds for it.  Decode steps
     that find the slots full wait for the next decode micro-batch back, and go with its steps.
+    (Before 2026-12-07 every ready decode step went in that one micro-batch: two lanes back at
+    once merged and never split again, and one micro-batch came to carry most streams, its trip
+    as long as its bytes over every link.  8 simulated 70B cards the master relays on ``slow``,
+    64 requests running: decode micro-batches of up to 30-46 rows, trips' p50 3-4 s, 0.70 of the
+    bound, gaps' p50 / p99 1.3 / 4.8 s; at most their share: up to 3 rows, 0.6-0.8 s, 0.86 of
+    the bound, 0.7 / 0.8 s.)
     (A first decode micro-batch that took a chunk along while no prefill was in flight split the
     streams over two lanes in the relayed lab, each finding decode steps ready, and prefill rode
     in 32-token chunks in one of them: the prompts took twice as long and the gaps' p99 grew.
@@ -445,7 +452,7 @@ def next_microbatch(
     loop-back, the last prompt answered after 53 s.)
     Each stage pauses such a step between layers and serves the decode steps waiting
     (:mod:`worker_core.interleave`), so a stream waits for a few layers, not
-    for a prompt, and its steps pay the fixed cost of a step once for all streams.  Short prompts
+    for a prompt, and its steps pay the fixed cost of a step once for their share.  Short prompts
     ride in the decode steps' chunks instead: kept apart they travelled several together, a
     step that the stages pause for every decode step, and each waited for the whole of it (the
     docs workload's first tokens: p50 0.8 s, max 1.9 s; riding, 0.4 and 0.9 s).  A prompt
@@ -458,7 +465,8 @@ def next_microbatch(
     apart = prefill_apart(p, costs, candidates)
     cap = p.max_batch_tokens  # no step exceeds it (the stages refuse one that does)
     if apart and ready and decode_lanes < slots:
-        return plan_microbatch(candidates, max_decodes=min(ready, cap), prefill_tokens=0, min_chunk=0)
+        share = microbatch_share(decoding, slots)
+        return plan_microbatch(candidates, max_decodes=min(share, ready, cap), prefill_tokens=0, min_chunk=0)
     if apart:
         assert costs is not None
         tokens = prefill_step_tokens(p, costs)
