@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import cast
 
 from worker_core.precision import Precision
@@ -224,16 +223,15 @@ class _Run:
         for lane in range(len(self.lane_busy)):
             if self.lane_busy[lane]:
                 continue
-            opened = partial(
-                lanes_open, slots, self.looping, prefilling=self.prefilling, most=self.policy.max_microbatches
-            )
-            if lane >= opened(True) and lane > 0:
+            most = self.policy.max_microbatches
+            if lane > 0 and lane >= lanes_open(slots, self.looping, True, self.prefilling, most):
                 continue  # closed whatever the candidates: not worth building them
             cands = [  # again for each lane planned: the one before changed what is scheduled
                 Candidate(r.index, r.scheduled, r.tokens, r.order, r.in_flight, r.computed)
                 for r in self.running.values()
             ]
-            if lane >= opened(apart_lane(self.policy, c, cands)) and lane > 0:
+            apart = apart_lane(self.policy, c, cands)
+            if lane > 0 and lane >= lanes_open(slots, self.looping, apart, self.prefilling, most):
                 continue
             plan = next_microbatch(
                 self.policy, c, cands, slots, prefilling=self.prefilling, decode_lanes=self.decode_lanes
