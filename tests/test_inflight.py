@@ -17,6 +17,7 @@ from harness import run
 
 from app.tools.netlab.lab import Lab, unavailable
 from app.tools.netlab.topology import Home, Topology
+from app.tools.netlab.tunlink import B_ADDRESS, DelayLine
 from worker_core import inflight
 from worker_core.inflight import FLOOR_BYTES, MAX_HOLD_SECONDS, RATE_SAMPLES, InFlight, gate, room_of
 from worker_core.outbox import Outbox
@@ -74,6 +75,7 @@ def test_the_gate_learns_the_paths_rate_and_holds_bulk_beyond_a_round_trip_of_it
     monkeypatch.setattr(inflight.time, "monotonic", lambda: clock[0])
     tcp = FakeTcp()
     g = InFlight(Transport(tcp))  # type: ignore[arg-type]
+    g.probing = False  # past its start-up (the next test)
     tcp.flight = 40_000
     assert not g.room()  # nothing measured: at most FLOOR_BYTES (32 KiB) in flight
     clock[0] += 0.06
@@ -104,6 +106,35 @@ def test_the_gate_learns_the_paths_rate_and_holds_bulk_beyond_a_round_trip_of_it
     clock[0] += MAX_HOLD_SECONDS
     assert g.room()
     assert not g.room()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is read on Linux only")
+def test_the_gate_starts_by_doubling_each_round_trip_until_the_path_is_full(monkeypatch):
+    """A long round trip: the gate counts it twice while the path keeps up, so what it lets be in
+    flight about doubles each round trip; three held-back windows in a row that deliver less
+    than 1.25 times the best end that, and the round trip counts once."""
+    clock = [100.0]
+    monkeypatch.setattr(inflight.time, "monotonic", lambda: clock[0])
+    tcp = FakeTcp()
+    tcp.min_rtt = 0.200
+    g = InFlight(Transport(tcp))  # type: ignore[arg-type]
+    path = 2.5e6  # bytes/s the path carries (20 Mbit/s)
+    tcp.flight = 10**9  # the sender always has more than the gate allows: every window is held back
+    assert not g.room()
+    targets = []
+    while g.probing and len(targets) < 20:
+        target = g.target(tcp.min_rtt)  # what it lets be in flight this round trip
+        targets.append(target)
+        clock[0] += tcp.min_rtt  # the round trip delivers that, at most what the path carries
+        tcp.acked += int(min(target, path * tcp.min_rtt))
+        assert not g.room()  # the window ends: measured
+    assert targets[0] == FLOOR_BYTES
+    growth = [b / a for a, b in zip(targets, targets[1:]) if b <= path * tcp.min_rtt]
+    assert growth and all(x > 1.9 for x in growth), targets  # about doubling (by 1.075 without the probing)
+    # the path was full after about 4 round trips; three flat windows later the probing ended
+    assert not g.probing and len(targets) <= 9, targets
+    assert g.rate == pytest.approx(path, rel=0.01)
+    assert g.target(tcp.min_rtt) == pytest.approx(path * (tcp.min_rtt + inflight.QUEUE_SECONDS), rel=0.01)
 
 
 def test_no_gate_without_a_tcp_socket():
@@ -228,3 +259,48 @@ def test_a_decode_frame_waits_behind_little_of_a_prefill_on_a_shaped_link():
     assert plain > 0.08, got["plain"]  # the router's queue fills (CUBIC grows into it; 200 ms at most)
     assert gated < 0.06 and gated < plain / 3, (gated, plain)
     assert got["gate"]["bulk_rate"] > 0.8 * got["plain"]["bulk_rate"], got
+
+
+# one round trip over the line, then what the connection's own TCP_INFO says of it
+RTT_PROBE = r"""
+import socket, struct, sys
+if sys.argv[1] == "serve":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 9001)); s.listen()
+    print("ready", flush=True); c, _ = s.accept(); c.sendall(c.recv(16)); c.close()
+else:
+    c = socket.create_connection((sys.argv[2], 9001), timeout=10); c.sendall(b"ping"); c.recv(16)
+    print(struct.unpack_from("I", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232), 148)[0] / 1e6)
+"""
+
+
+@pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+def test_over_a_long_round_trip_the_gate_opens_in_a_few_round_trips_and_urgent_frames_still_pass():
+    """A 200 ms round trip inside the connection (a delay line of TUN devices; the lab's routers
+    end TCP at a proxy), 20 Mbit/s with a router's 200 ms queue: the gate's start-up probing lets
+    the 6 MB of bulk cross near the rate a plain CUBIC sender reaches (opening by 15 ms a round
+    trip instead, it crossed at 7 Mbit/s against 15.5), and the urgent frames wait no longer than
+    without the gate."""
+    if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
+        pytest.skip("this kernel has no CUBIC to send with")
+    with DelayLine("tdl", 0.100, 20) as line:
+        echo = line.spawn(line.b, [sys.executable, "-c", RTT_PROBE, "serve"], stdout=subprocess.PIPE, text=True)
+        rx = None
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+            rtt = float(line.run(line.a, [sys.executable, "-c", RTT_PROBE, "dial", B_ADDRESS], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout)  # fmt: skip
+            rx = line.spawn(line.b, [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
+            assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
+            got = {}
+            for mode in ("plain", "gate"):
+                line.run(line.a, [sys.executable, "-c", SENDER, B_ADDRESS, mode, str(ROOT)], timeout=120, check=True)
+                got[mode] = json.loads(rx.stdout.readline())
+        finally:
+            for proc in (echo, rx):
+                if proc is not None:
+                    proc.kill()
+                    proc.wait(5)
+    assert 0.19 < rtt < 0.3, rtt  # TCP itself sees the round trip
+    assert got["gate"]["bulk_rate"] > 0.8 * got["plain"]["bulk_rate"], got
+    plain, gated = (_percentile([x - 0.1 for x in got[m]["late"]], 0.9) for m in ("plain", "gate"))
+    assert len(got["gate"]["late"]) == 40 and gated <= plain + 0.02, (gated, plain)
