@@ -28,10 +28,10 @@ the path's queue may hold up to a round trip of ours.  (Measured 2026-12-07 thro
 of TUN devices, :mod:`app.tools.netlab.tunlink`, 6 MB of bulk with a small urgent frame every
 50 ms, CUBIC, two runs each: at 200 ms round trip on 20 Mbit/s the bulk crossed at 6.9-7.1 Mbit/s
 without the probing, 14.3 with it, 15.5 without the gate; on 50 Mbit/s 7.0-7.3, 20.4-20.7, 25.9;
-at 80 ms on 50 Mbit/s 23.9-24.1, 35.6, 38.9.  The urgent frames' p90 wait stayed below the
-ungated sender's, 0.11-0.16 s at 200 ms (0.15 without the gate: the connection's own start),
-0.02-0.04 s at 80 ms (0.01-0.02 without the probing, 0.044-0.047 without the gate); their median rose
-from 0-8 ms to 7-22 ms.)  Urgent frames (decode steps) never ask it.  A gate that held bytes back
+at 80 ms on 50 Mbit/s 23.9-24.1, 35.6, 38.9.  The urgent frames' p90 wait: at 200 ms 0.11-0.16 s
+with or without the probing, 0.15 without the gate (the connection's own start); at 80 ms
+0.02-0.04 s, 0.01-0.02 without the probing, 0.044-0.047 without the gate; their median rose from
+0-8 ms to 7-22 ms.)  Urgent frames (decode steps) never ask it.  A gate that held bytes back
 ``MAX_HOLD_SECONDS`` lets one piece go (a link that delivers nothing is for its heartbeats to
 find).  Where ``TCP_INFO`` cannot be read (Windows, macOS, a test's in-memory transport, a
 closed socket) :meth:`room` is always True: the senders behave as without it.
