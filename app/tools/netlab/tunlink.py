@@ -3,16 +3,18 @@ user space, so TCP sees the delay end to end.
 
 Contract
 --------
-``with DelayLine(prefix, delay_s, mbps) as line:`` makes two namespaces, ``line.a`` and ``line.b``
-(``<prefix>a``, ``<prefix>b``), joined by one point-to-point link: ``A_ADDRESS`` in ``a``,
+``with DelayLine(name, delay_s, mbps) as line:`` makes two namespaces, ``line.a`` and ``line.b``
+(a lab's names, ``mlk-<name>-a`` and ``-b``), joined by one point-to-point link: ``A_ADDRESS`` in ``a``,
 ``B_ADDRESS`` in ``b``.  Each side's egress is a TUN device limited by ``tbf`` to ``mbps`` with a
 200 ms queue (a home router's uplink); a thread in this process reads every IP packet each side
 sends and writes it to the other side ``delay_s`` seconds later, in order.  Nothing else is
 routed: the namespaces have no interface to the real network.  ``line.run(side, argv, **kw)``
 and ``line.spawn(side, argv, **kw)`` run a program in one of them (``subprocess.run`` /
-``Popen`` under ``ip netns exec``); the caller ends what it spawns.  Leaving the block stops the
-thread (bounded) and deletes both namespaces, whatever happened.  Root and Linux only (as the
-lab, :func:`~app.tools.netlab.lab.unavailable`).
+``Popen`` under ``ip netns exec``).  Leaving the block stops the thread (bounded), then
+:func:`~app.tools.netlab.lab.down` removes every process left in the namespaces and the
+namespaces, whatever happened (entering does so first, for what a killed run left; ``molink lab
+down <name>`` does it from outside).  Root and Linux only (as the lab,
+:func:`~app.tools.netlab.lab.unavailable`).
 
 Why: this kernel has no ``netem``, and the lab's delay (:mod:`app.tools.netlab.delay`) is a
 proxy that ends each TCP connection at the router, so a sender never sees the round trip; what
@@ -34,16 +36,14 @@ import time
 from collections import deque
 from typing import Any
 
+from .lab import PREFIX, _check_name, _sh, down
+
 A_ADDRESS, B_ADDRESS = "10.77.0.1", "10.77.0.2"
 QUEUE = "200ms"  # tbf's queue on each side's egress: a home router's buffer
 JOIN_SECONDS = 5.0  # bound on waiting for the copying thread to end
 _TUNSETIFF = 0x400454CA
 _IFF_TUN, _IFF_NO_PI = 0x0001, 0x1000
 _READS = 64  # packets read from one side before the other is served
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
 
 
 def _tun(name: str) -> int:
@@ -59,27 +59,27 @@ def _tun(name: str) -> int:
 class DelayLine:
     """Two namespaces joined by a delayed, rate-limited link (see the module docstring)."""
 
-    def __init__(self, prefix: str, delay_s: float, mbps: float) -> None:
-        self.a, self.b = f"{prefix}a", f"{prefix}b"
+    def __init__(self, name: str, delay_s: float, mbps: float) -> None:
+        self.name = _check_name(name)
+        self.a, self.b = f"{PREFIX}-{name}-a", f"{PREFIX}-{name}-b"
         self.delay, self.mbps = delay_s, mbps
         self.forwarded = 0  # packets copied (diagnostics)
         self._fds: list[int] = []
-        self._namespaces: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> DelayLine:
+        down(self.name)  # what a killed run of this name left
         try:
-            for ns, me, peer in ((self.a, A_ADDRESS, B_ADDRESS), (self.b, B_ADDRESS, A_ADDRESS)):
-                _ip("netns", "add", ns)
-                self._namespaces.append(ns)
-                _ip("-n", ns, "link", "set", "lo", "up")
-                dev = f"{ns}t"
-                self._fds.append(_tun(dev))  # made here, then moved: the descriptor follows the device
-                _ip("link", "set", dev, "netns", ns)
-                _ip("-n", ns, "addr", "add", me, "peer", peer, "dev", dev)
-                _ip("-n", ns, "link", "set", dev, "up")
-                _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+            for side, ns, me, peer in (("a", self.a, A_ADDRESS, B_ADDRESS), ("b", self.b, B_ADDRESS, A_ADDRESS)):
+                _sh("ip", "netns", "add", ns)
+                _sh("ip", "-n", ns, "link", "set", "lo", "up")
+                dev = f"{PREFIX}{self.name}{side}"  # made in this namespace (unique here), then moved
+                self._fds.append(_tun(dev))  # the descriptor follows the device
+                _sh("ip", "link", "set", dev, "netns", ns)
+                _sh("ip", "-n", ns, "addr", "add", me, "peer", peer, "dev", dev)
+                _sh("ip", "-n", ns, "link", "set", dev, "up")
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
                     f"{self.mbps}mbit", "burst", "32kbit", "latency", QUEUE)  # fmt: skip
             self._thread = threading.Thread(target=self._copy, name="delay-line", daemon=True)
             self._thread.start()
@@ -95,9 +95,7 @@ class DelayLine:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        for ns in self._namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        self._namespaces.clear()
+        down(self.name)
 
     def run(self, side: str, argv: list[str], **kw: Any) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", side, *argv], **kw)
