@@ -283,17 +283,16 @@ def test_over_a_long_round_trip_the_gate_opens_in_a_few_round_trips_and_urgent_f
     if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
         pytest.skip("this kernel has no CUBIC to send with")
     with DelayLine("tdl", 0.100, 20) as line:
-        echo = line.spawn(line.b, [sys.executable, "-c", RTT_PROBE, "serve"], stdout=subprocess.PIPE, text=True)
+        echo = line.spawn("b", [sys.executable, "-c", RTT_PROBE, "serve"], stdout=subprocess.PIPE, text=True)
         rx = None
         try:
             assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
-            rtt = float(line.run(line.a, [sys.executable, "-c", RTT_PROBE, "dial", B_ADDRESS], capture_output=True,
-                                 text=True, timeout=30, check=True).stdout)  # fmt: skip
-            rx = line.spawn(line.b, [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
+            rtt = float(line.run("a", [sys.executable, "-c", RTT_PROBE, "dial", B_ADDRESS], timeout=30).stdout)
+            rx = line.spawn("b", [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
             assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
             got = {}
             for mode in ("plain", "gate"):
-                line.run(line.a, [sys.executable, "-c", SENDER, B_ADDRESS, mode, str(ROOT)], timeout=120, check=True)
+                line.run("a", [sys.executable, "-c", SENDER, B_ADDRESS, mode, str(ROOT)], timeout=120)
                 got[mode] = json.loads(rx.stdout.readline())
         finally:
             for proc in (echo, rx):

@@ -2,7 +2,7 @@
 
 Contract
 --------
-``python -m app.tools.netlab.burstlab [--model M] [--mbps 20] [--delay-ms 0] [--congestion cubic]
+``python -m app.tools.netlab.burstlab [--model M] [--mbps 20] [--delay-ms 0] [--congestion cubic] [--line]
 [--hops relayed,direct] [--streams 3] [--prompts 1300,1300,1300] [--spacing 1.5] [--calm 10] [--out F]
 [--steps PREFIX]`` (root) builds the ``hops`` topology (homes a and d behind routers with miniupnpd,
 home b behind one without, every internet link shaped with tbf both ways, ``--delay-ms`` one way
@@ -26,6 +26,11 @@ time minus the stages' holds, p50 / p90 / p99).  As JSON on
 stdout (and in ``--out``); with ``--steps``, each mode's token times and the master's step timelines
 (``/dashboard/api/steps``, on the client's monotonic clock: one kernel) and the cost model's fit at
 the end in ``PREFIX.MODE.json``.
+With ``--line``, the homes are two, joined by a :class:`~app.tools.netlab.tunlink.DelayLine`
+(``--delay-ms`` one way and ``--mbps`` each way inside every TCP connection, so the senders see the
+round trip, as the in-flight gate reads it):
+the master and one stage on ``a``, the other stage on ``b``, each offering 0.5 GB; every step
+crosses the line twice in either hop mode.
 Everything runs in the lab, which is removed at the end, also on failure.
 
 The policy is the master's default (``full``); ``no-chunking`` is not compared here (the group CLI
@@ -42,7 +47,8 @@ import tempfile
 from pathlib import Path
 
 from .joinbench import HEALTH, _drain, _line, _molink, _stop
-from .lab import Lab
+from .lab import Hosts, Lab
+from .tunlink import DelayLine
 
 # Who serves, per hop mode: "relayed", d and b with --no-direct (every hop through the master);
 # "direct", d and a (the master's own host, as a user who shares their GPU and runs the master:
@@ -52,6 +58,10 @@ FRIENDS = {"relayed": ("d", "b"), "direct": ("d", "a")}
 # "direct": each offers 0.5 GB, less than the default model (0.54 GB of weights) and its cache, so the
 # planner splits it over both (with all it has free, a's worker took every layer and d stood by)
 WORKER_FLAGS = {"relayed": ("--no-direct",), "direct": ("--memory-limit", "0.5")}
+# With --line, two homes: a (the master and one stage) and b (the other stage); each stage offers
+# 0.5 GB so that the model is split between the homes, and every step crosses the line twice
+LINE_FRIENDS = {"relayed": ("a", "b"), "direct": ("a", "b")}
+LINE_FLAGS = {"relayed": ("--no-direct", "--memory-limit", "0.5"), "direct": ("--memory-limit", "0.5")}
 
 # The client, run on host a: streams and long prompts through the API; prints one JSON line.
 CLIENT = r"""
@@ -165,8 +175,9 @@ def _percentile(values: list[float], q: float) -> float | None:
     return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
 
 
-def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespace) -> dict:
+def measure(lab: Hosts, model: str, mode: str, work: Path, args: argparse.Namespace) -> dict:
     """One fresh group in ``mode`` (relayed: the workers dial no hops) and one burst on it."""
+    friends, flags = (LINE_FRIENDS[mode], LINE_FLAGS[mode]) if args.line else (FRIENDS[mode], WORKER_FLAGS[mode])
     procs = []
     log = work / "master.log"
     try:
@@ -174,17 +185,17 @@ def measure(lab: Lab, model: str, mode: str, work: Path, args: argparse.Namespac
                          "--data-dir", str(work / "master"), "--name", "burst", "--min-workers", "2")  # fmt: skip
         procs.append(master)
         link, before = "", []
-        for friend in FRIENDS[mode]:
+        for friend in friends:
             if not link:
                 link = _line(master, "Join link:", 300, seen=before).split()[-1]
                 _drain(master, keep=log)
             lab.run(friend, [sys.executable, "-m", "app.cli", "join", link, "--data-dir", str(work / friend)],
                     timeout=120)  # fmt: skip
             worker = _molink(lab, friend, "worker", "--data-dir", str(work / friend), "--device", "cpu",
-                             *WORKER_FLAGS[mode])  # fmt: skip
+                             *flags)  # fmt: skip
             procs.append(worker)
             _drain(worker)
-            if friend == FRIENDS[mode][0]:  # a pairing code is single use: a new one for the next friend
+            if friend == friends[0]:  # a pairing code is single use: a new one for the next friend
                 code = lab.run("a", [sys.executable, "-m", "app.cli", "group", "code", "--data-dir",
                                      str(work / "master")], timeout=60).stdout  # fmt: skip
                 link = next(x.split()[-1] for x in code.splitlines() if x.startswith("Join link:"))
@@ -215,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mbps", type=float, default=20.0)
     p.add_argument("--delay-ms", type=float, default=0.0, help="one way, added to TCP leaving each home")
     p.add_argument("--congestion", default="cubic", help="every host's TCP congestion control (default %(default)s)")
+    p.add_argument("--line", action="store_true",
+                   help="two homes joined by a delay line TCP sees end to end (--delay-ms one way, --mbps each "
+                        "way) instead of the lab's routers: the master and one stage on a, the other on b")  # fmt: skip
     p.add_argument("--hops", default="relayed,direct", help="relayed, direct (comma separated)")
     p.add_argument("--streams", type=int, default=3)
     p.add_argument("--prompts", default="1300,1300,1300", help="the long prompts' lengths in tokens")
@@ -230,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--hops takes {', '.join(FRIENDS)}; --prompts at least one length")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still take the lab down
     results: dict = {"mbps": args.mbps, "delay_ms_one_way": args.delay_ms, "congestion": args.congestion}
-    results["model"] = args.model
+    results |= {"model": args.model, "topology": "line" if args.line else "hops"}
     results |= {"streams": args.streams, "prompts": list(args.prompts), "spacing_s": args.spacing, "runs": []}
-    with Lab.up("blab", "hops", mbps=args.mbps, delay_ms=args.delay_ms, congestion=args.congestion) as lab:
+    homes = (DelayLine("bline", args.delay_ms / 1000, args.mbps, args.congestion) if args.line else
+             Lab.up("blab", "hops", mbps=args.mbps, delay_ms=args.delay_ms, congestion=args.congestion))  # fmt: skip
+    with homes as lab:
         for mode in modes:
             with tempfile.TemporaryDirectory() as work:
                 results["runs"].append(measure(lab, args.model, mode, Path(work), args))

@@ -40,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from .lab import Lab
+from .lab import Hosts, Lab
 
 ROOT = Path(__file__).resolve().parents[3]
 HEALTH = (
@@ -121,7 +121,7 @@ class _Relay:
         }
 
 
-def _molink(lab: Lab, host: str, *args: str) -> subprocess.Popen:
+def _molink(lab: Hosts, host: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return lab.spawn(host, [sys.executable, "-m", "app.cli", *args], stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT))  # fmt: skip

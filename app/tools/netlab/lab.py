@@ -106,7 +106,26 @@ def _check_name(name: str) -> str:
     return name
 
 
-class Lab:
+class Hosts:
+    """Programs run on named hosts, each a namespace; a subclass says how in :meth:`argv`."""
+
+    def argv(self, node: str, argv: list[str]) -> list[str]:
+        """``argv`` as run in ``node``'s namespace."""
+        raise NotImplementedError
+
+    def spawn(self, node: str, argv: list[str], **popen: Any) -> subprocess.Popen:
+        """Start ``argv`` in ``node``'s namespace (the caller stops it; ``down`` kills what is left)."""
+        return subprocess.Popen(self.argv(node, argv), **popen)
+
+    def run(self, node: str, argv: list[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
+        """``argv`` in ``node``'s namespace, its output captured as text; ``check``: a failure raises."""
+        done = subprocess.run(self.argv(node, argv), capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise LabError(f"{node}: `{' '.join(argv)}` failed ({done.returncode}): {done.stderr.strip()[:400]}")
+        return done
+
+
+class Lab(Hosts):
     def __init__(self, name: str, state: dict) -> None:
         self.name = name
         self.state = state  # {"topology", "namespaces": {node: ns}, "addresses": {node: ip}, "pids": [...]}
@@ -137,8 +156,8 @@ class Lab:
             topo, topo_name = topology, "custom"
         if mbps is not None and mbps <= 0 or delay_ms < 0:
             raise LabError("--mbps must be positive and --delay-ms at least 0")
-        if congestion is not None and congestion not in (known := AVAILABLE_CC.read_text().split()):
-            raise LabError(f"this kernel has no TCP congestion control {congestion!r} (it has {', '.join(known)})")
+        if congestion is not None:
+            _check_congestion(congestion)
         if _state_file(name).exists():
             down(name)  # a lab of that name left over (a crashed run): replace it
         nodes = plan(topo)
@@ -229,16 +248,6 @@ class Lab:
     def argv(self, node: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(node), *argv]
 
-    def spawn(self, node: str, argv: list[str], **popen: Any) -> subprocess.Popen:
-        """Start ``argv`` in ``node``'s namespace (the caller stops it; ``down`` kills what is left)."""
-        return subprocess.Popen(self.argv(node, argv), **popen)
-
-    def run(self, node: str, argv: list[str], timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run(self.argv(node, argv), capture_output=True, text=True, timeout=timeout)
-        if check and done.returncode != 0:
-            raise LabError(f"{node}: `{' '.join(argv)}` failed ({done.returncode}): {done.stderr.strip()[:400]}")
-        return done
-
     def ruleset(self, node: str) -> str:
         return _sh("ip", "netns", "exec", self.namespace(node), "nft", "list", "ruleset")
 
@@ -253,11 +262,8 @@ class Lab:
 
     def _build(self, nodes: dict[str, Node], mbps: float | None, delay_ms: float, congestion: str | None) -> None:
         with _congestion_lock():
-            allowed = ALLOWED_CC.read_text().strip()
-            if congestion is not None and congestion not in allowed.split():
-                if not CC_BEFORE.exists():  # first: the last down() puts it back whatever happens next
-                    CC_BEFORE.write_text(allowed)
-                ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
+            if congestion is not None:
+                _allow_congestion(congestion)
             for n in nodes:
                 ns = self.namespace(n)
                 _sh("ip", "netns", "add", ns)
@@ -477,6 +483,32 @@ def _congestion_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_congestion(congestion: str) -> None:
+    if congestion not in (known := AVAILABLE_CC.read_text().split()):
+        raise LabError(f"this kernel has no TCP congestion control {congestion!r} (it has {', '.join(known)})")
+
+
+def _allow_congestion(congestion: str) -> None:
+    """Let namespaces choose ``congestion``: add it to the machine's
+    ``tcp_allowed_congestion_control`` if missing (call with :func:`_congestion_lock` held; the
+    last :func:`down` puts the list back)."""
+    allowed = ALLOWED_CC.read_text().strip()
+    if congestion not in allowed.split():
+        if not CC_BEFORE.exists():  # first: the last down() puts it back whatever happens next
+            CC_BEFORE.write_text(allowed)
+        ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
+
+
+def set_congestion(namespaces: list[str], congestion: str) -> None:
+    """Each of ``namespaces`` (made already, so that no :func:`down` narrows the list meanwhile)
+    sends TCP with ``congestion`` (LabError if this kernel has none of that name)."""
+    _check_congestion(congestion)
+    with _congestion_lock():
+        _allow_congestion(congestion)
+        for ns in namespaces:
+            _sh("ip", "netns", "exec", ns, "sh", "-c", f"echo {congestion} > /proc/sys/net/ipv4/tcp_congestion_control")
 
 
 def _narrow_congestion() -> None:

@@ -3,14 +3,17 @@ user space, so TCP sees the delay end to end.
 
 Contract
 --------
-``with DelayLine(name, delay_s, mbps) as line:`` makes two namespaces, ``line.a`` and ``line.b``
+``with DelayLine(name, delay_s, mbps, congestion="cubic") as line:`` makes two namespaces, ``line.a`` and ``line.b``
 (a lab's names, ``mlk-<name>-a`` and ``-b``), joined by one point-to-point link: ``A_ADDRESS`` in ``a``,
 ``B_ADDRESS`` in ``b``.  Each side's egress is a TUN device limited by ``tbf`` to ``mbps`` with a
-200 ms queue (a home router's uplink); a thread in this process reads every IP packet each side
-sends and writes it to the other side ``delay_s`` seconds later, in order.  Nothing else is
-routed: the namespaces have no interface to the real network.  ``line.run(side, argv, **kw)``
-and ``line.spawn(side, argv, **kw)`` run a program in one of them (``subprocess.run`` /
-``Popen`` under ``ip netns exec``).  Leaving the block stops the thread (bounded), then
+200 ms queue (a home router's uplink), and TCP sent with ``congestion`` (as a lab's, see
+:func:`~app.tools.netlab.lab.set_congestion`; CUBIC is Windows' and Linux's default); a thread
+in this process reads every IP packet each side sends and writes it to the other side
+``delay_s`` seconds later, in order.  Nothing else is
+routed: the namespaces have no interface to the real network.  ``line.run(node, argv)`` and
+``line.spawn(node, argv, **popen)`` run a program on host ``"a"`` or ``"b"`` as a lab's
+:class:`~app.tools.netlab.lab.Hosts` (so a line stands where a lab's hosts are used, as in
+:mod:`app.tools.netlab.burstlab`).  Leaving the block stops the thread (bounded), then
 :func:`~app.tools.netlab.lab.down` removes every process left in the namespaces and the
 namespaces, whatever happened (entering does so first, for what a killed run left; ``molink lab
 down <name>`` does it from outside).  Root and Linux only (as the lab,
@@ -30,13 +33,11 @@ import fcntl
 import os
 import select
 import struct
-import subprocess
 import threading
 import time
 from collections import deque
-from typing import Any
 
-from .lab import PREFIX, _check_name, _sh, down
+from .lab import PREFIX, Hosts, LabError, _check_name, _sh, down, set_congestion
 
 A_ADDRESS, B_ADDRESS = "10.77.0.1", "10.77.0.2"
 QUEUE = "200ms"  # tbf's queue on each side's egress: a home router's buffer
@@ -56,11 +57,12 @@ def _tun(name: str) -> int:
     return fd
 
 
-class DelayLine:
+class DelayLine(Hosts):
     """Two namespaces joined by a delayed, rate-limited link (see the module docstring)."""
 
-    def __init__(self, name: str, delay_s: float, mbps: float) -> None:
+    def __init__(self, name: str, delay_s: float, mbps: float, congestion: str = "cubic") -> None:
         self.name = _check_name(name)
+        self.congestion = congestion
         self.a, self.b = f"{PREFIX}-{name}-a", f"{PREFIX}-{name}-b"
         self.delay, self.mbps = delay_s, mbps
         self.forwarded = 0  # packets copied (diagnostics)
@@ -81,6 +83,7 @@ class DelayLine:
                 _sh("ip", "-n", ns, "link", "set", dev, "up")
                 _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
                     f"{self.mbps}mbit", "burst", "32kbit", "latency", QUEUE)  # fmt: skip
+            set_congestion([self.a, self.b], self.congestion)
             self._thread = threading.Thread(target=self._copy, name="delay-line", daemon=True)
             self._thread.start()
         except BaseException:
@@ -97,11 +100,11 @@ class DelayLine:
         self._fds.clear()
         down(self.name)
 
-    def run(self, side: str, argv: list[str], **kw: Any) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", side, *argv], **kw)
-
-    def spawn(self, side: str, argv: list[str], **kw: Any) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", side, *argv], **kw)
+    def argv(self, node: str, argv: list[str]) -> list[str]:
+        """``argv`` run in host ``node`` ("a" or "b")."""
+        if node not in ("a", "b"):
+            raise LabError(f"a delay line has hosts a and b, not {node!r}")
+        return ["ip", "netns", "exec", self.a if node == "a" else self.b, *argv]
 
     def _copy(self) -> None:
         """Each side's packets to the other, ``delay`` later, in order (a constant delay: FIFO)."""
