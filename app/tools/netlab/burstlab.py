@@ -28,9 +28,9 @@ stdout (and in ``--out``); with ``--steps``, each mode's token times and the mas
 the end in ``PREFIX.MODE.json``.
 With ``--line``, the homes are two, joined by a :class:`~app.tools.netlab.tunlink.DelayLine`
 (``--delay-ms`` one way and ``--mbps`` each way inside every TCP connection, so the senders see the
-round trip, as the in-flight gate reads it):
-the master and one stage on ``a``, the other stage on ``b``, each offering 0.5 GB; every step
-crosses the line twice in either hop mode.
+round trip, as the in-flight gate reads it): the master and one stage on ``a``, the other stage on
+``b``, each offering 0.5 GB; every step crosses the line twice in either hop mode.  The line's
+copying thread runs in this process, on the same cores as the group.
 Everything runs in the lab, which is removed at the end, also on failure.
 
 The policy is the master's default (``full``); ``no-chunking`` is not compared here (the group CLI
@@ -60,7 +60,7 @@ FRIENDS = {"relayed": ("d", "b"), "direct": ("d", "a")}
 WORKER_FLAGS = {"relayed": ("--no-direct",), "direct": ("--memory-limit", "0.5")}
 # With --line, two homes: a (the master and one stage) and b (the other stage); each stage offers
 # 0.5 GB so that the model is split between the homes, and every step crosses the line twice
-LINE_FRIENDS = {"relayed": ("a", "b"), "direct": ("a", "b")}
+LINE_FRIENDS = ("a", "b")
 LINE_FLAGS = {"relayed": ("--no-direct", "--memory-limit", "0.5"), "direct": ("--memory-limit", "0.5")}
 
 # The client, run on host a: streams and long prompts through the API; prints one JSON line.
@@ -177,7 +177,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def measure(lab: Hosts, model: str, mode: str, work: Path, args: argparse.Namespace) -> dict:
     """One fresh group in ``mode`` (relayed: the workers dial no hops) and one burst on it."""
-    friends, flags = (LINE_FRIENDS[mode], LINE_FLAGS[mode]) if args.line else (FRIENDS[mode], WORKER_FLAGS[mode])
+    friends, flags = (LINE_FRIENDS, LINE_FLAGS[mode]) if args.line else (FRIENDS[mode], WORKER_FLAGS[mode])
     procs = []
     log = work / "master.log"
     try:
