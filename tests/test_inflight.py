@@ -261,7 +261,7 @@ def test_a_decode_frame_waits_behind_little_of_a_prefill_on_a_shaped_link():
     assert got["gate"]["bulk_rate"] > 0.8 * got["plain"]["bulk_rate"], got
 
 
-# one round trip over the line, then what the connection's own TCP_INFO says of it
+# one round trip over the line, then what the connection's own TCP_INFO says of it (the gate's layout)
 RTT_PROBE = r"""
 import socket, struct, sys
 if sys.argv[1] == "serve":
@@ -269,8 +269,8 @@ if sys.argv[1] == "serve":
     print("ready", flush=True); c, _ = s.accept(); c.sendall(c.recv(16)); c.close()
 else:
     c = socket.create_connection((sys.argv[2], 9001), timeout=10); c.sendall(b"ping"); c.recv(16)
-    print(struct.unpack_from("I", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232), 148)[0] / 1e6)
-"""
+    print(struct.unpack_from("I", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, INFO_BYTES), MIN_RTT)[0] / 1e6)
+""".replace("INFO_BYTES", str(inflight._INFO_BYTES)).replace("MIN_RTT", str(inflight._MIN_RTT))
 
 
 @pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")

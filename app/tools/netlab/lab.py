@@ -261,19 +261,16 @@ class Lab(Hosts):
         self._ns(node, "sh", "-c", f"echo {value} > {path}")
 
     def _build(self, nodes: dict[str, Node], mbps: float | None, delay_ms: float, congestion: str | None) -> None:
-        with _congestion_lock():
-            if congestion is not None:
-                _allow_congestion(congestion)
-            for n in nodes:
-                ns = self.namespace(n)
-                _sh("ip", "netns", "add", ns)
-                self.state["created"].append(ns)
-                self._save()
-                self._ns(n, "ip", "link", "set", "lo", "up")
-                for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
-                    self._sysctl(n, key, "0")
-                if congestion is not None:
-                    self._sysctl(n, "net.ipv4.tcp_congestion_control", congestion)
+        for n in nodes:
+            ns = self.namespace(n)
+            _sh("ip", "netns", "add", ns)
+            self.state["created"].append(ns)
+            self._save()
+            self._ns(n, "ip", "link", "set", "lo", "up")
+            for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
+                self._sysctl(n, key, "0")
+        if congestion is not None:
+            set_congestion([self.namespace(n) for n in nodes], congestion)
         done: set[tuple[str, str]] = set()
         for n, node in nodes.items():  # veth pairs, each made once, straight inside both namespaces
             for iface in node.ifaces:
@@ -490,23 +487,18 @@ def _check_congestion(congestion: str) -> None:
         raise LabError(f"this kernel has no TCP congestion control {congestion!r} (it has {', '.join(known)})")
 
 
-def _allow_congestion(congestion: str) -> None:
-    """Let namespaces choose ``congestion``: add it to the machine's
-    ``tcp_allowed_congestion_control`` if missing (call with :func:`_congestion_lock` held; the
-    last :func:`down` puts the list back)."""
-    allowed = ALLOWED_CC.read_text().strip()
-    if congestion not in allowed.split():
-        if not CC_BEFORE.exists():  # first: the last down() puts it back whatever happens next
-            CC_BEFORE.write_text(allowed)
-        ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
-
-
 def set_congestion(namespaces: list[str], congestion: str) -> None:
     """Each of ``namespaces`` (made already, so that no :func:`down` narrows the list meanwhile)
-    sends TCP with ``congestion`` (LabError if this kernel has none of that name)."""
+    sends TCP with ``congestion`` (LabError if this kernel has none of that name), added to the
+    machine's ``tcp_allowed_congestion_control`` if missing (the last :func:`down` puts the list
+    back)."""
     _check_congestion(congestion)
     with _congestion_lock():
-        _allow_congestion(congestion)
+        allowed = ALLOWED_CC.read_text().strip()
+        if congestion not in allowed.split():
+            if not CC_BEFORE.exists():  # first: the last down() puts it back whatever happens next
+                CC_BEFORE.write_text(allowed)
+            ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
         for ns in namespaces:
             _sh("ip", "netns", "exec", ns, "sh", "-c", f"echo {congestion} > /proc/sys/net/ipv4/tcp_congestion_control")
 

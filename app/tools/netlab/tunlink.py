@@ -9,8 +9,8 @@ Contract
 200 ms queue (a home router's uplink), and TCP sent with ``congestion`` (as a lab's, see
 :func:`~app.tools.netlab.lab.set_congestion`; CUBIC is Windows' and Linux's default); a thread
 in this process reads every IP packet each side sends and writes it to the other side
-``delay_s`` seconds later, in order.  Nothing else is
-routed: the namespaces have no interface to the real network.  ``line.run(node, argv)`` and
+``delay_s`` seconds later, in order.  Nothing else is routed: the namespaces have no interface
+to the real network.  ``line.run(node, argv)`` and
 ``line.spawn(node, argv, **popen)`` run a program on host ``"a"`` or ``"b"`` as a lab's
 :class:`~app.tools.netlab.lab.Hosts` (so a line stands where a lab's hosts are used, as in
 :mod:`app.tools.netlab.burstlab`).  Leaving the block stops the thread (bounded), then
