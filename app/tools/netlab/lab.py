@@ -257,8 +257,7 @@ class Lab(Hosts):
         return _sh("ip", "netns", "exec", self.namespace(node), *argv, stdin=stdin)
 
     def _sysctl(self, node: str, key: str, value: str) -> None:
-        path = "/proc/sys/" + key.replace(".", "/")
-        self._ns(node, "sh", "-c", f"echo {value} > {path}")
+        _sysctl(self.namespace(node), key, value)
 
     def _build(self, nodes: dict[str, Node], mbps: float | None, delay_ms: float, congestion: str | None) -> None:
         for n in nodes:
@@ -500,7 +499,12 @@ def set_congestion(namespaces: list[str], congestion: str) -> None:
                 CC_BEFORE.write_text(allowed)
             ALLOWED_CC.write_text(f"{allowed} {congestion}\n")
         for ns in namespaces:
-            _sh("ip", "netns", "exec", ns, "sh", "-c", f"echo {congestion} > /proc/sys/net/ipv4/tcp_congestion_control")
+            _sysctl(ns, "net.ipv4.tcp_congestion_control", congestion)
+
+
+def _sysctl(namespace: str, key: str, value: str) -> None:
+    """Set sysctl ``key`` (dotted) to ``value`` inside ``namespace``."""
+    _sh("ip", "netns", "exec", namespace, "sh", "-c", f"echo {value} > /proc/sys/{key.replace('.', '/')}")
 
 
 def _narrow_congestion() -> None:
