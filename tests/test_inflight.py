@@ -16,10 +16,11 @@ import pytest
 from harness import run
 
 from app.tools.netlab.lab import Lab, unavailable
-from app.tools.netlab.topology import Home, Topology
+from app.tools.netlab.topology import Home, Topology, plan
 from app.tools.netlab.tunlink import B_ADDRESS, DelayLine
-from worker_core import inflight
+from worker_core import inflight, intake
 from worker_core.inflight import FLOOR_BYTES, MAX_HOLD_SECONDS, RATE_SAMPLES, InFlight, gate, room_of
+from worker_core.intake import Intake
 from worker_core.outbox import Outbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,44 @@ def test_the_gate_starts_by_doubling_each_round_trip_until_the_path_is_full(monk
     assert not g.probing and len(targets) <= 9, targets
     assert g.rate == pytest.approx(path, rel=0.01)
     assert g.target(tcp.min_rtt) == pytest.approx(path * (tcp.min_rtt + inflight.QUEUE_SECONDS), rel=0.01)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is read on Linux only")
+def test_a_relays_leg_holds_about_a_round_trip_of_what_the_next_leg_carries(monkeypatch):
+    """Intake.bound sizes the receive buffer to twice the next leg's rate over this leg's round
+    trip (the kernel doubles what SO_RCVBUF asks), at least the floor; a small move is left
+    alone; a bound beyond what the system lets a program ask is not set while the kernel still
+    sizes the buffer itself, and is that most once it was set."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        with socket.create_connection(srv.getsockname()) as c, srv.accept()[0] as peer:
+            c.sendall(b"x")
+            peer.recv(1)
+            peer.sendall(b"y")
+            c.recv(1)  # a round trip measured on both sides (loopback: tens of microseconds)
+            rtt = inflight.min_round_trip(peer)
+            assert rtt is not None and 0 < rtt < 0.01
+            leg = Intake(Transport(peer))
+            kernel = peer.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            leg.bound(0.0)
+            assert leg.size is None and peer.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == kernel
+            leg.bound(1e5)  # 100 kB/s: 2 x 100 kB/s x (rtt + 15 ms) is below the floor
+            assert leg.size == intake.FLOOR_BYTES
+            assert peer.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * intake.FLOOR_BYTES
+            leg.bound(2.5e6)  # 20 Mbit/s: about 2 x 2.5 MB/s x 15 ms = 75 kB, within 25% of the floor
+            assert leg.size == intake.FLOOR_BYTES
+            leg.bound(12.5e6)  # 100 Mbit/s: about 375 kB
+            want = int(2 * 12.5e6 * (inflight.min_round_trip(peer) + inflight.QUEUE_SECONDS))
+            assert leg.size is not None and abs(leg.size - want) < 0.05 * want
+            assert peer.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * leg.size
+            monkeypatch.setattr(intake, "MOST_BYTES", 200_000)
+            leg.bound(1.25e8)  # beyond what may be asked, once bounded: the most
+            assert leg.size == 200_000
+            fresh = Intake(Transport(c))
+            fresh.bound(1.25e8)  # never bounded: left to the kernel
+            assert fresh.size is None
+    assert Intake(Transport(None)).size is None and inflight.min_round_trip(socket.socket(socket.AF_UNIX)) is None
 
 
 def test_no_gate_without_a_tcp_socket():
@@ -303,3 +342,76 @@ def test_over_a_long_round_trip_the_gate_opens_in_a_few_round_trips_and_urgent_f
     assert got["gate"]["bulk_rate"] > 0.8 * got["plain"]["bulk_rate"], got
     plain, gated = (_percentile([x - 0.1 for x in got[m]["late"]], 0.9) for m in ("plain", "gate"))
     assert len(got["gate"]["late"]) == 40 and gated <= plain + 0.02, (gated, plain)
+
+
+# the relay's splice (worker_core.bridge_server), one session: the sender's connection to the
+# receiver (argv[1]); argv[2] "plain" takes the relay's own gate away
+RELAY = r"""
+import asyncio, sys
+sys.path.insert(0, sys.argv[3])
+from worker_core import bridge_server
+from worker_core.bridge_server import BridgeLimits, BridgeServer
+
+if sys.argv[2] == "plain":
+    bridge_server.gate = lambda *_: None
+
+async def main():
+    server, done = BridgeServer(BridgeLimits()), asyncio.Event()
+
+    async def session(reader, writer):
+        far_reader, far_writer = await asyncio.open_connection(sys.argv[1], 9000, limit=bridge_server.GATED_CHUNK)
+        await server._splice("session", reader, writer, far_reader, far_writer)
+        done.set()
+
+    listening = await asyncio.start_server(session, "0.0.0.0", 9000, limit=bridge_server.GATED_CHUNK)
+    print("ready", flush=True)
+    await asyncio.wait_for(done.wait(), 120)
+    listening.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
+def test_a_relay_keeps_what_waits_in_the_senders_queue_whichever_leg_is_slowest():
+    """Sender, relay and receiver each on the lab's internet, 20 Mbit/s links but one at 10 (a
+    router's 200 ms queue).  The receiver's downlink slowest: the sender's gate sees only its leg
+    to the relay, so without a gate of its own the relay's CUBIC fills the receiver's queue, the
+    relay's kernel takes megabytes more from the sender, and every urgent frame waits behind
+    both; with it, the relay sends no more than the second leg carries and takes from the first
+    about a round trip of that (worker_core.intake).  The relay's downlink slowest (the sender's
+    own gate keeps that queue short): the relay's gate costs the urgent frames next to nothing.
+    The bulk crosses as fast in each."""
+    if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
+        pytest.skip("this kernel has no CUBIC to send with")
+    topo = Topology((), ("a", "relay", "b"), "a sender, a relay and a receiver on the internet")
+    nodes = plan(topo)
+    got: dict[tuple[str, str], dict] = {}
+    with Lab.up("trelay", topo, mbps=20) as lab:
+        for slowest, other in (("b", "relay"), ("relay", "b")):
+            for host, mbps in ((slowest, 10), (other, 20)):  # the internet's side of the host's link
+                lab.run("inet", ["tc", "qdisc", "change", "dev", nodes[host].ifaces[0].peer_name, "root", "tbf",
+                                 "rate", f"{mbps}mbit", "burst", "64kb", "latency", "200ms"])  # fmt: skip
+            rx = lab.spawn("b", [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
+            relays = []
+            try:
+                assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
+                for mode in ("plain", "gate"):
+                    relay = lab.spawn("relay", [sys.executable, "-c", RELAY, lab.address("b"), mode, str(ROOT)],
+                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+                    relays.append(relay)
+                    assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
+                    lab.run("a", [sys.executable, "-c", SENDER, lab.address("relay"), "gate", str(ROOT)], timeout=60)
+                    got[slowest, mode] = json.loads(rx.stdout.readline())
+                    assert relay.wait(10) == 0
+            finally:
+                for proc in (rx, *relays):
+                    proc.kill()
+                    proc.wait(5)
+    p90 = {key: _percentile(r["late"], 0.9) for key, r in got.items()}
+    assert all(len(r["late"]) == 40 for r in got.values())
+    assert p90["b", "plain"] > 0.4, p90  # the receiver's queue (200 ms) and the relay's buffers behind it
+    assert p90["b", "gate"] < 0.4 and p90["b", "gate"] < p90["b", "plain"] / 2, p90
+    assert p90["relay", "gate"] < p90["relay", "plain"] + 0.03, p90
+    for slowest in ("b", "relay"):
+        assert got[slowest, "gate"]["bulk_rate"] > 0.9 * got[slowest, "plain"]["bulk_rate"], got

@@ -28,6 +28,12 @@ for ``control_timeout`` is dropped (the master pings).  A registered master may 
 check its port from outside (``Check``): the relay dials only the master's own address, once per
 ``check_interval``, bounded by ``check_timeout``, and says whose certificate answered.
 
+Each direction of a splice is gated on the leg it writes to (:mod:`worker_core.inflight`, Linux:
+the relay reads on only while that leg's path has room, so a slow second leg's router queue does
+not fill), and once that gate has measured the leg's rate, what the relay takes from the other
+leg is bounded to about a round trip of it (:mod:`worker_core.intake`): what waits then waits
+in the sender's queue, where its decode frames pass its prefill pieces.
+
 ``tap(session, direction, data)``, when given, sees every spliced chunk ("up": dialer to
 master): for tests and measurement only.  ``stats()`` counts groups, sessions and bytes.
 """
@@ -70,12 +76,21 @@ from .bridge_wire import (
     read_frame,
     unb64,
 )
+from .inflight import gate
+from .intake import Intake
 from .tasks import end_tasks
 from .unsent import keep_unsent_low
 
 log = logging.getLogger("molink.relay")
 
 CHUNK = 64 * 1024  # bytes copied at once
+GATED_CHUNK = 16 * 1024  # bytes copied at once into a gated leg with little room (a piece: wire.PART_BYTES)
+ROOM_POLL = 0.002  # seconds between looks at a gated leg with no room
+# the queue a gated leg's router may hold: a byte the relay holds back delays every frame behind
+# it (decode ones too: it cannot read them), so it holds back only beyond a receiver's delayed
+# acknowledgement (40 ms on Linux); at the gate's 15 ms a relay whose first leg was the slowest
+# added 45 ms to its urgent frames' p90 (docs/benchmarks.md, 2026-12-07, night)
+RELAY_QUEUE_SECONDS = 0.05
 _SPENT_KEYS = 4096  # used or expired session keys remembered, to say why a key is refused
 
 
@@ -154,7 +169,7 @@ class BridgeServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=CHUNK)
+        self._server = await asyncio.start_server(self._handle, host, port, limit=GATED_CHUNK)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("relay listening on %s:%d", host, self.port)
 
@@ -420,10 +435,22 @@ class BridgeServer:
         ended: list[float] = []
         session = key[:8]
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str) -> None:
+        async def pump(
+            src: asyncio.StreamReader, src_writer: asyncio.StreamWriter, dst: asyncio.StreamWriter, direction: str
+        ) -> None:
             bucket = Bucket(limits.session_rate)
+            room = gate(dst.transport, RELAY_QUEUE_SECONDS)  # the next leg's path (worker_core.inflight)
+            intake = Intake(src_writer.transport)  # and what this leg may hold meanwhile (worker_core.intake)
             try:
-                while data := await src.read(CHUNK):
+                while True:
+                    if room is not None and not room.room():
+                        if not room.probing:  # its rate measured: this leg holds about a round trip of it
+                            intake.bound(room.rate)
+                        while not room.room():
+                            await asyncio.sleep(ROOM_POLL)
+                    size = CHUNK if room is None else min(CHUNK, max(GATED_CHUNK, room.spare))
+                    if not (data := await src.read(size)):
+                        break
                     last[0] = time.monotonic()
                     await bucket.take(len(data))
                     await self._global.take(len(data))
@@ -440,8 +467,8 @@ class BridgeServer:
                 ended.append(time.monotonic())
 
         pumps = [
-            asyncio.create_task(pump(a_reader, b_writer, "up")),
-            asyncio.create_task(pump(b_reader, a_writer, "down")),
+            asyncio.create_task(pump(a_reader, a_writer, b_writer, "up")),
+            asyncio.create_task(pump(b_reader, b_writer, a_writer, "down")),
         ]
         try:
             while not all(p.done() for p in pumps):

@@ -10,21 +10,22 @@ Windows' and most Linux systems' default) grows its window until the slowest rou
 path drops packets, so a home router's buffer (often 100 ms to seconds of data) fills with a
 prefill chunk's bytes and every decode frame behind them waits that long.
 
-``InFlight(transport)`` reads the connection's ``TCP_INFO`` (Linux) and tells a sender of bulk
-bytes when a piece may go (:meth:`InFlight.room`): while the bytes sent and not yet
-acknowledged, plus those the kernel holds unsent, are below ``rate * (min_rtt +
-QUEUE_SECONDS)``, at least ``FLOOR_BYTES``.  ``rate`` is what the path delivered while this
-gate held bytes back (the bytes acknowledged per second over a round trip or
-``SAMPLE_SECONDS``, the highest of the last ``RATE_SAMPLES`` such windows); ``min_rtt`` the
-kernel's lowest round trip.  At that size the path stays full (what is in flight covers a round
-trip at the rate it delivers) and its queue holds about ``QUEUE_SECONDS``: a path faster than
-measured shows it by delivering more in the next window, so the gate opens further each round
-trip.  That alone opens it by ``QUEUE_SECONDS / min_rtt`` a round trip, slowly where the round
-trip is long, so a connection starts by probing (``probing``, as TCP's slow start and BBR's
-start-up do): its round trip counted ``STARTUP_GAIN`` times, so the gate about doubles each
-round trip while the path keeps up, until ``FULL_WINDOWS`` held-back windows in a row deliver
-less than ``GROWTH`` times the best before them (the path is full); for that round trip or two
-the path's queue may hold up to a round trip of ours.  (Measured 2026-12-07 through a delay line
+``InFlight(transport, queue_seconds=QUEUE_SECONDS)`` reads the connection's ``TCP_INFO`` (Linux)
+and tells a sender of bulk bytes when a piece may go (:meth:`InFlight.room`; ``spare``: the
+bytes that may go at once, as of that look): while the bytes sent and not yet acknowledged, plus
+those the kernel holds unsent, are below ``rate * (min_rtt + queue_seconds)``, at least
+``FLOOR_BYTES``.  ``rate`` is what the path delivered while this gate held bytes back (the bytes
+acknowledged per second over a round trip or ``SAMPLE_SECONDS``, the highest of the last
+``RATE_SAMPLES`` such windows); ``min_rtt`` the kernel's lowest round trip.  At that size the
+path stays full (what is in flight covers a round trip at the rate it delivers) and its queue
+holds about ``queue_seconds``: a path faster than measured shows it by delivering more in the
+next window, so the gate opens further each round trip.  That alone opens it by
+``queue_seconds / min_rtt`` a round trip, slowly where the round trip is long, so a connection
+starts by probing (``probing``, as TCP's slow start and BBR's start-up do): its round trip
+counted ``STARTUP_GAIN`` times, so the gate about doubles each round trip while the path keeps
+up, until ``FULL_WINDOWS`` held-back windows in a row deliver less than ``GROWTH`` times the best
+before them (the path is full); for that round trip or two the path's queue may hold up to a
+round trip of ours.  (Measured 2026-12-07 through a delay line
 of TUN devices, :mod:`app.tools.netlab.tunlink`, 6 MB of bulk with a small urgent frame every
 50 ms, CUBIC, two runs each: at 200 ms round trip on 20 Mbit/s the bulk crossed at 6.9-7.1 Mbit/s
 without the probing, 14.3 with it, 15.5 without the gate; on 50 Mbit/s 7.0-7.3, 20.4-20.7, 25.9;
@@ -65,8 +66,9 @@ _MIN_RTT, _NOTSENT, _ACKED, _SENT, _RETRANS = 148, 144, 120, 200, 208
 class InFlight:
     """The gate of one TCP connection's bulk bytes (see the module docstring)."""
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, queue_seconds: float = QUEUE_SECONDS) -> None:
         sock = transport.get_extra_info("socket") if transport is not None else None
+        self.queue_seconds = queue_seconds  # the queue the path's router may hold of ours
         ok = sys.platform.startswith("linux") and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         self._sock = sock if ok else None
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # bytes/s of the last held-back windows
@@ -76,6 +78,7 @@ class InFlight:
         self.holds = 0  # times a piece was held back (diagnostics)
         self.probing = True  # the start-up: the gate about doubles each round trip while the path keeps up
         self._flat = 0  # held-back windows in a row that did not grow the rate by GROWTH
+        self.spare = 0  # bytes below the target at the last look (room): what may go at once
 
     @property
     def measurable(self) -> bool:
@@ -124,7 +127,7 @@ class InFlight:
     def target(self, min_rtt: float) -> float:
         """Bytes the gate lets be in flight and unsent."""
         gain = STARTUP_GAIN if self.probing else 1.0
-        return max(FLOOR_BYTES, self.rate * (gain * min_rtt + QUEUE_SECONDS))
+        return max(FLOOR_BYTES, self.rate * (gain * min_rtt + self.queue_seconds))
 
     def room(self) -> bool:
         """May a piece of bulk bytes be written now?"""
@@ -133,7 +136,8 @@ class InFlight:
             return True
         flight, unsent, min_rtt = info
         now = time.monotonic()
-        if flight + unsent < self.target(min_rtt):
+        self.spare = max(0, int(self.target(min_rtt)) - flight - unsent)
+        if self.spare > 0:
             self._shut_since = None
             return True
         self._held = True
@@ -146,11 +150,23 @@ class InFlight:
         return False
 
 
-def gate(transport: Any) -> InFlight | None:
+def min_round_trip(sock: Any) -> float | None:
+    """The lowest round trip the kernel measured on TCP socket ``sock``'s connection, in seconds
+    (0.0: none yet); None where ``TCP_INFO`` cannot be read (not Linux, not TCP, closed)."""
+    if not sys.platform.startswith("linux") or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_BYTES)
+    except OSError:
+        return None
+    return struct.unpack_from("I", raw, _MIN_RTT)[0] / 1e6 if len(raw) >= _MIN_RTT + 4 else None
+
+
+def gate(transport: Any, queue_seconds: float = QUEUE_SECONDS) -> InFlight | None:
     """An :class:`InFlight` for ``transport`` (anything with ``get_extra_info``: an asyncio
     transport, an aiohttp WebSocket) where it can measure, else None."""
     with contextlib.suppress(Exception):
-        g = InFlight(transport)
+        g = InFlight(transport, queue_seconds)
         if g.measurable:
             return g
     return None
