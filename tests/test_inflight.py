@@ -5,25 +5,21 @@ outbox that asks it, and both over a real shaped link in the network lab (root).
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from harness import run
 
-from app.tools.netlab.lab import Lab, unavailable
-from app.tools.netlab.topology import Home, Topology, plan
-from app.tools.netlab.tunlink import B_ADDRESS, DelayLine
+from app.tools.netlab import gateprobe
+from app.tools.netlab.gateprobe import percentile
+from app.tools.netlab.lab import unavailable
 from worker_core import inflight, intake
 from worker_core.inflight import FLOOR_BYTES, MAX_HOLD_SECONDS, RATE_SAMPLES, InFlight, gate, room_of
 from worker_core.intake import Intake
 from worker_core.outbox import Outbox
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Transport:
@@ -208,70 +204,16 @@ def test_the_outbox_holds_bulk_while_the_room_is_shut_and_lets_urgent_items_go()
 
 
 # ---------------------------------------------------------------- over a real link (network lab)
-
-RECEIVER = r"""
-import json, socket, struct, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 9000)); s.listen()
-print("ready", flush=True)
-for _ in range(2):
-    c, _ = s.accept(); buf = bytearray(); late = []; bulk = 0; t0 = None
-    while True:
-        d = c.recv(1 << 20)
-        if not d:
-            break
-        buf += d
-        while len(buf) >= 13:
-            kind, sent, n = struct.unpack_from("!BdI", buf)
-            if len(buf) < 13 + n:
-                break
-            del buf[:13 + n]
-            if kind == 1:
-                late.append(time.monotonic() - sent)
-            else:
-                t0 = t0 or time.monotonic(); bulk += n; t1 = time.monotonic()
-    print(json.dumps({"late": late, "bulk_rate": bulk / max(1e-3, t1 - t0)}), flush=True)
-    c.close()
-"""
-
-# the sender: one connection with CUBIC (Windows' and most Linuxes' default), the kernel's unsent
-# bytes kept low as the links do; 6 MB of bulk in 16 KiB pieces queued at once, and a small
-# urgent frame every 50 ms, through an Outbox with the gate (argv[2] "gate") or without
-SENDER = r"""
-import asyncio, socket, struct, sys, time
-sys.path.insert(0, sys.argv[3])
-from worker_core.inflight import room_of
-from worker_core.outbox import Outbox
-from worker_core.unsent import keep_unsent_low
-
-async def main():
-    reader, writer = await asyncio.open_connection(sys.argv[1], 9000)
-    sock = writer.transport.get_extra_info("socket")
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
-    keep_unsent_low(writer.transport)
-
-    async def ship(item):
-        kind, payload = item
-        writer.write(struct.pack("!BdI", kind, time.monotonic(), len(payload)) + payload)
-        await writer.drain()
-
-    box = Outbox(ship, room=room_of(writer.transport) if sys.argv[2] == "gate" else None)
-    for _ in range(384):
-        box.put((0, b"x" * 16384))
-    for _ in range(40):
-        await asyncio.sleep(0.05)
-        box.put((1, b"u" * 200), urgent=True)
-    await box.flush(30)
-    await box.close()
-    writer.close()
-    await writer.wait_closed()
-
-asyncio.run(main())
-"""
+# (the probes of app/tools/netlab/gateprobe.py, one round each)
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
+def _cubic() -> None:
+    if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
+        pytest.skip("this kernel has no CUBIC to send with")
+
+
+def _p90(figures: dict) -> float:
+    return percentile(figures["late"], 0.9)
 
 
 @pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
@@ -279,37 +221,13 @@ def test_a_decode_frame_waits_behind_little_of_a_prefill_on_a_shaped_link():
     """Over a 20 Mbit/s uplink (tbf, a 200 ms queue like a home router's), without the gate a
     CUBIC sender fills the router's queue and each urgent frame waits behind it; with the gate it
     waits about ``QUEUE_SECONDS``, and the bulk bytes still cross at nearly the link's rate."""
-    if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
-        pytest.skip("this kernel has no CUBIC to send with")
-    topo = Topology((Home("a", ("a",)),), ("pub",), "one home and a public host")
-    with Lab.up("tinfl", topo, mbps=20) as lab:
-        rx = lab.spawn("pub", [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
-        try:
-            assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
-            got = {}
-            for mode in ("plain", "gate"):
-                lab.run("a", [sys.executable, "-c", SENDER, lab.address("pub"), mode, str(ROOT)], timeout=60)
-                got[mode] = json.loads(rx.stdout.readline())
-        finally:
-            rx.kill()
-            rx.wait(5)
-    plain, gated = (_percentile(got[m]["late"], 0.9) for m in ("plain", "gate"))
-    assert len(got["gate"]["late"]) == 40
-    assert plain > 0.08, got["plain"]  # the router's queue fills (CUBIC grows into it; 200 ms at most)
-    assert gated < 0.06 and gated < plain / 3, (gated, plain)
-    assert got["gate"]["bulk_rate"] > 0.8 * got["plain"]["bulk_rate"], got
-
-
-# one round trip over the line, then what the connection's own TCP_INFO says of it (the gate's layout)
-RTT_PROBE = r"""
-import socket, struct, sys
-if sys.argv[1] == "serve":
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 9001)); s.listen()
-    print("ready", flush=True); c, _ = s.accept(); c.sendall(c.recv(16)); c.close()
-else:
-    c = socket.create_connection((sys.argv[2], 9001), timeout=10); c.sendall(b"ping"); c.recv(16)
-    print(struct.unpack_from("I", c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, INFO_BYTES), MIN_RTT)[0] / 1e6)
-""".replace("INFO_BYTES", str(inflight._INFO_BYTES)).replace("MIN_RTT", str(inflight._MIN_RTT))
+    _cubic()
+    got = gateprobe.router()
+    (plain,), (gated,) = got["plain"], got["gate"]
+    assert len(gated["late"]) == 40
+    assert _p90(plain) > 0.08, plain  # the router's queue fills (CUBIC grows into it; 200 ms at most)
+    assert _p90(gated) < 0.06 and _p90(gated) < _p90(plain) / 3, (_p90(gated), _p90(plain))
+    assert gated["bulk_rate"] > 0.8 * plain["bulk_rate"], got
 
 
 @pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
@@ -319,57 +237,13 @@ def test_over_a_long_round_trip_the_gate_opens_in_a_few_round_trips_and_urgent_f
     the 6 MB of bulk cross near the rate a plain CUBIC sender reaches (opening by 15 ms a round
     trip instead, it crossed at 7 Mbit/s against 15.5), and the urgent frames wait no longer than
     without the gate."""
-    if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
-        pytest.skip("this kernel has no CUBIC to send with")
-    with DelayLine("tdl", 0.100, 20) as line:
-        echo = line.spawn("b", [sys.executable, "-c", RTT_PROBE, "serve"], stdout=subprocess.PIPE, text=True)
-        rx = None
-        try:
-            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
-            rtt = float(line.run("a", [sys.executable, "-c", RTT_PROBE, "dial", B_ADDRESS], timeout=30).stdout)
-            rx = line.spawn("b", [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
-            assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
-            got = {}
-            for mode in ("plain", "gate"):
-                line.run("a", [sys.executable, "-c", SENDER, B_ADDRESS, mode, str(ROOT)], timeout=120)
-                got[mode] = json.loads(rx.stdout.readline())
-        finally:
-            for proc in (echo, rx):
-                if proc is not None:
-                    proc.kill()
-                    proc.wait(5)
-    assert 0.19 < rtt < 0.3, rtt  # TCP itself sees the round trip
-    assert got["gate"]["bulk_rate"] > 0.8 * got["plain"]["bulk_rate"], got
-    plain, gated = (_percentile([x - 0.1 for x in got[m]["late"]], 0.9) for m in ("plain", "gate"))
-    assert len(got["gate"]["late"]) == 40 and gated <= plain + 0.02, (gated, plain)
-
-
-# the relay's splice (worker_core.bridge_server), one session: the sender's connection to the
-# receiver (argv[1]); argv[2] "plain" takes the relay's own gate away
-RELAY = r"""
-import asyncio, sys
-sys.path.insert(0, sys.argv[3])
-from worker_core import bridge_server
-from worker_core.bridge_server import BridgeLimits, BridgeServer
-
-if sys.argv[2] == "plain":
-    bridge_server.gate = lambda *_: None
-
-async def main():
-    server, done = BridgeServer(BridgeLimits()), asyncio.Event()
-
-    async def session(reader, writer):
-        far_reader, far_writer = await asyncio.open_connection(sys.argv[1], 9000, limit=bridge_server.GATED_CHUNK)
-        await server._splice("session", reader, writer, far_reader, far_writer)
-        done.set()
-
-    listening = await asyncio.start_server(session, "0.0.0.0", 9000, limit=bridge_server.GATED_CHUNK)
-    print("ready", flush=True)
-    await asyncio.wait_for(done.wait(), 120)
-    listening.close()
-
-asyncio.run(main())
-"""
+    _cubic()
+    got = gateprobe.line(0.100, 20)
+    (plain,), (gated,) = got["plain"], got["gate"]
+    assert 0.19 < got["rtt"] < 0.3, got["rtt"]  # TCP itself sees the round trip
+    assert gated["bulk_rate"] > 0.8 * plain["bulk_rate"], got
+    # the waits include the line's one-way 100 ms
+    assert len(gated["late"]) == 40 and _p90(gated) <= _p90(plain) + 0.02, (_p90(gated), _p90(plain))
 
 
 @pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")
@@ -382,36 +256,12 @@ def test_a_relay_keeps_what_waits_in_the_senders_queue_whichever_leg_is_slowest(
     about a round trip of that (worker_core.intake).  The relay's downlink slowest (the sender's
     own gate keeps that queue short): the relay's gate costs the urgent frames next to nothing.
     The bulk crosses as fast in each."""
-    if b"cubic" not in Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_bytes():
-        pytest.skip("this kernel has no CUBIC to send with")
-    topo = Topology((), ("a", "relay", "b"), "a sender, a relay and a receiver on the internet")
-    nodes = plan(topo)
-    got: dict[tuple[str, str], dict] = {}
-    with Lab.up("trelay", topo, mbps=20) as lab:
-        for slowest, other in (("b", "relay"), ("relay", "b")):
-            for host, mbps in ((slowest, 10), (other, 20)):  # the internet's side of the host's link
-                lab.run("inet", ["tc", "qdisc", "change", "dev", nodes[host].ifaces[0].peer_name, "root", "tbf",
-                                 "rate", f"{mbps}mbit", "burst", "64kb", "latency", "200ms"])  # fmt: skip
-            rx = lab.spawn("b", [sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
-            relays = []
-            try:
-                assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
-                for mode in ("plain", "gate"):
-                    relay = lab.spawn("relay", [sys.executable, "-c", RELAY, lab.address("b"), mode, str(ROOT)],
-                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
-                    relays.append(relay)
-                    assert relay.stdout is not None and relay.stdout.readline().strip() == "ready"
-                    lab.run("a", [sys.executable, "-c", SENDER, lab.address("relay"), "gate", str(ROOT)], timeout=60)
-                    got[slowest, mode] = json.loads(rx.stdout.readline())
-                    assert relay.wait(10) == 0
-            finally:
-                for proc in (rx, *relays):
-                    proc.kill()
-                    proc.wait(5)
-    p90 = {key: _percentile(r["late"], 0.9) for key, r in got.items()}
-    assert all(len(r["late"]) == 40 for r in got.values())
+    _cubic()
+    got = gateprobe.relay()
+    p90 = {(slow, m): _p90(got[slow][m][0]) for slow in got for m in got[slow]}
+    assert all(len(got[slow][m][0]["late"]) == 40 for slow in got for m in got[slow])
     assert p90["b", "plain"] > 0.4, p90  # the receiver's queue (200 ms) and the relay's buffers behind it
     assert p90["b", "gate"] < 0.4 and p90["b", "gate"] < p90["b", "plain"] / 2, p90
     assert p90["relay", "gate"] < p90["relay", "plain"] + 0.03, p90
-    for slowest in ("b", "relay"):
-        assert got[slowest, "gate"]["bulk_rate"] > 0.9 * got[slowest, "plain"]["bulk_rate"], got
+    for slow in got:
+        assert got[slow]["gate"][0]["bulk_rate"] > 0.9 * got[slow]["plain"][0]["bulk_rate"], got

@@ -11,8 +11,8 @@ it grows on its own to megabytes: the sender's gate, which sees only its own leg
 bytes delivered and sends more, and a decode frame written after them waits at the relay for
 all of them.  (Measured 2026-12-07 in the network lab, a sender, a relay and a receiver on
 20 Mbit/s links, the receiver's downlink 10 Mbit/s with a router's 200 ms queue, 6 MB of bulk and
-a small urgent frame every 50 ms: the urgent frames' p90 wait 0.60-1.01 s ungated, 0.43-0.64 s
-with the relay's gate alone, the relay holding up to 1.5 MB unread, 0.22-0.25 s with this bound;
+a small urgent frame every 50 ms: the urgent frames' p90 wait 0.60-1.04 s ungated, 0.43-0.64 s
+with the relay's gate alone, the relay holding up to 1.5 MB unread, 0.21-0.25 s with this bound;
 the bulk at 9.6 Mbit/s in each.)
 
 ``Intake(transport)`` is the receiving side of one leg (an asyncio transport, anything with
