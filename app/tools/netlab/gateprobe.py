@@ -3,20 +3,25 @@ a minute where a whole group's burst (:mod:`app.tools.netlab.burstlab`) takes fo
 
 Contract
 --------
-``python -m app.tools.netlab.gateprobe {router,line,relay} [--rounds N] [--out F]`` (root, as
-the lab) runs one sender of bulk bytes and small urgent frames per mode, as the links send them:
-one TCP connection with CUBIC, the kernel's unsent bytes kept low
-(:func:`worker_core.unsent.keep_unsent_low`), an :class:`~worker_core.outbox.Outbox` holding 6 MB
-of bulk in 16 KiB pieces queued at once, and a 200-byte urgent frame every 50 ms (40 in all),
-with the gate (``gate``) or without (``plain``).  The receiver reports each urgent frame's wait
-(from its sending to its arrival; the two ends share this machine's clock) and the rate the bulk
-crossed at.
+``python -m app.tools.netlab.gateprobe {router,line,chunks,relay} [--rounds N] [--out F]`` (root,
+as the lab) runs one sender of bulk bytes and small urgent frames per mode, as the links send
+them: one TCP connection with CUBIC, the kernel's unsent bytes kept low
+(:func:`worker_core.unsent.keep_unsent_low`), an :class:`~worker_core.outbox.Outbox` holding a
+:class:`Load` (``ONE_BULK``: 6 MB of bulk in 16 KiB pieces queued at once, and a 200-byte urgent
+frame every 50 ms, 40 in all), with the gate (``gate``) or without (``plain``).  The receiver
+reports each urgent frame's wait (from its writing to its arrival; the two ends share this
+machine's clock), the rate the bulk crossed at, and each chunk's time from being queued to its
+last byte's arrival.
 
 * ``router``: one home's host sends to a public host through the home router's 20 Mbit/s uplink
   (``tbf``, a 200 ms queue) (:func:`router`).
 * ``line``: across a delay line of TUN devices (:class:`~app.tools.netlab.tunlink.DelayLine`,
   ``--delay-ms`` one way, default 100, ``--mbps``, default 20), so TCP sees the round trip; the
   waits reported include the line's one-way delay (:func:`line`).
+* ``chunks``: the line with the load ``CHUNKS``: a prefill step's activations (about 360 kB,
+  queued at once) every 1.5 s and a decode step's frame (7 kB) every 0.45 s, as a direct hop
+  carries them during a burst across 200 ms; the time each chunk took is reported beside the
+  urgent frames' waits.
 * ``relay``: a sender, a relay and a receiver on the lab's internet, every link 20 Mbit/s but the
   one ``--slowest`` names at 10 (``b``: the receiver's downlink, the relay's second leg;
   ``relay``: the relay's downlink, its first leg); the sender's outbox gated in both modes, the
@@ -35,6 +40,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,40 +53,43 @@ PORT = 9000
 MODES = ("plain", "gate")
 
 # the receiver: argv[1] connections, one after another; per connection a JSON line with each urgent
-# frame's wait and the bulk's bytes/s
+# frame's wait, the bulk's bytes/s and each chunk's time from being queued to its last byte here
 RECEIVER = r"""
 import json, socket, struct, sys, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", PORT)); s.listen()
 print("ready", flush=True)
 for _ in range(int(sys.argv[1])):
-    c, _ = s.accept(); buf = bytearray(); late = []; bulk = 0; t0 = t1 = None
+    c, _ = s.accept(); buf = bytearray(); late = []; chunks = {}; bulk = 0; t0 = t1 = None
     while True:
         d = c.recv(1 << 20)
         if not d:
             break
         buf += d
-        while len(buf) >= 13:
-            kind, sent, n = struct.unpack_from("!BdI", buf)
-            if len(buf) < 13 + n:
+        while len(buf) >= 17:
+            kind, sent, chunk, n = struct.unpack_from("!BdII", buf)
+            if len(buf) < 17 + n:
                 break
-            del buf[:13 + n]
+            del buf[:17 + n]
+            now = time.monotonic()
             if kind == 1:
-                late.append(time.monotonic() - sent)
+                late.append(now - sent)
             else:
-                t0 = t0 or time.monotonic(); bulk += n; t1 = time.monotonic()
+                t0 = t0 or now; bulk += n; t1 = now; chunks[chunk] = now - sent
     rate = bulk / max(1e-3, t1 - t0) if t0 is not None and t1 is not None else 0.0
-    print(json.dumps({"late": late, "bulk_rate": rate}), flush=True)
+    print(json.dumps({"late": late, "bulk_rate": rate, "chunks": list(chunks.values())}), flush=True)
     c.close()
 """.replace("PORT", str(PORT))
 
 # the sender: argv[1] the receiver's (or relay's) address, argv[2] "gate" or "plain", argv[3] the
-# repository (as the module docstring says)
+# repository, argv[4] the Load as JSON (as the module docstring says)
 SENDER = r"""
-import asyncio, socket, struct, sys, time
+import asyncio, json, socket, struct, sys, time
 sys.path.insert(0, sys.argv[3])
 from worker_core.inflight import room_of
 from worker_core.outbox import Outbox
 from worker_core.unsent import keep_unsent_low
+
+load = json.loads(sys.argv[4])
 
 async def main():
     reader, writer = await asyncio.open_connection(sys.argv[1], PORT)
@@ -89,23 +98,52 @@ async def main():
     keep_unsent_low(writer.transport)
 
     async def ship(item):
-        kind, payload = item
-        writer.write(struct.pack("!BdI", kind, time.monotonic(), len(payload)) + payload)
+        kind, queued, chunk, payload = item  # an urgent frame's wait counts from its writing
+        writer.write(struct.pack("!BdII", kind, queued or time.monotonic(), chunk, len(payload)) + payload)
         await writer.drain()
 
     box = Outbox(ship, room=room_of(writer.transport) if sys.argv[2] == "gate" else None)
-    for _ in range(384):
-        box.put((0, b"x" * 16384))
-    for _ in range(40):
-        await asyncio.sleep(0.05)
-        box.put((1, b"u" * 200), urgent=True)
-    await box.flush(30)
+
+    async def urgent():
+        for _ in range(load["urgents"]):
+            await asyncio.sleep(load["urgent_every"])
+            box.put((1, 0.0, 0, b"u" * load["urgent_bytes"]), urgent=True)
+
+    frames = asyncio.get_running_loop().create_task(urgent())
+    for chunk in range(load["chunks"]):
+        if chunk:
+            await asyncio.sleep(load["gap"])
+        queued = time.monotonic()
+        for _ in range(load["pieces"]):
+            box.put((0, queued, chunk, b"x" * 16384))
+    await frames
+    await box.flush(60)
     await box.close()
     writer.close()
     await writer.wait_closed()
 
 asyncio.run(main())
 """.replace("PORT", str(PORT))
+
+
+@dataclass(frozen=True)
+class Load:
+    """What a sender sends: ``chunks`` chunks of ``pieces`` 16 KiB pieces, ``gap`` seconds apart,
+    queued at once each, and ``urgents`` urgent frames of ``urgent_bytes``, one every
+    ``urgent_every`` seconds from the start."""
+
+    pieces: int
+    chunks: int
+    gap: float
+    urgent_bytes: int
+    urgent_every: float
+    urgents: int
+
+
+ONE_BULK = Load(pieces=384, chunks=1, gap=0.0, urgent_bytes=200, urgent_every=0.05, urgents=40)  # 6 MB at once
+# a prefill step's activations (about 360 kB) every 1.5 s and a decode step's (7 kB) every 0.45 s:
+# a direct hop's load in a burst across 200 ms (docs/benchmarks.md, 2026-12-07, evening)
+CHUNKS = Load(pieces=22, chunks=14, gap=1.5, urgent_bytes=7000, urgent_every=0.45, urgents=46)
 
 # the relay's splice for one session, from the sender to argv[1]; argv[2] "plain" takes its gate
 # away; its streams' buffers as the relay's (BridgeServer.start)
@@ -148,7 +186,7 @@ else:
     print(min_round_trip(c))
 """.replace("PORT", str(PORT))
 
-Figures = dict[str, Any]  # {"late": [seconds, ...], "bulk_rate": bytes/s}
+Figures = dict[str, Any]  # {"late": [seconds, ...], "bulk_rate": bytes/s, "chunks": [seconds, ...]}
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -173,6 +211,7 @@ def _sends(
     sender_modes: Sequence[str],
     relay: tuple[str, str] | None = None,
     relay_modes: Sequence[str] | None = None,
+    load: Load = ONE_BULK,
 ) -> list[Figures]:
     """One receiver on ``receiver``; per entry of ``sender_modes`` one sender run on ``sender`` to
     address ``to`` (through a relay program on ``relay[0]`` forwarding to ``relay[1]``, in that
@@ -189,7 +228,7 @@ def _sends(
                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
                 procs.append(forward)
                 _ready(forward, "relay")
-            hosts.run(sender, _python(SENDER, to, mode, str(ROOT)), timeout=120)
+            hosts.run(sender, _python(SENDER, to, mode, str(ROOT), json.dumps(asdict(load))), timeout=120)
             assert rx.stdout is not None
             out.append(json.loads(rx.stdout.readline()))
             if forward is not None and forward.wait(10) != 0:
@@ -212,9 +251,9 @@ def router(rounds: int = 1) -> dict[str, list[Figures]]:
     return got
 
 
-def line(delay_s: float = 0.1, mbps: float = 20.0, rounds: int = 1) -> dict[str, Any]:
-    """Per mode, one :data:`Figures` per round across a delay line; ``rtt``: the round trip TCP
-    itself measured on it (seconds)."""
+def line(delay_s: float = 0.1, mbps: float = 20.0, rounds: int = 1, load: Load = ONE_BULK) -> dict[str, Any]:
+    """Per mode, one :data:`Figures` per round of ``load`` across a delay line; ``rtt``: the
+    round trip TCP itself measured on it (seconds)."""
     got: dict[str, Any] = {m: [] for m in MODES}
     with DelayLine("gpline", delay_s, mbps) as dl:
         echo = dl.spawn("b", _python(RTT_PROBE, "serve", "", str(ROOT)), stdout=subprocess.PIPE, text=True)
@@ -224,7 +263,7 @@ def line(delay_s: float = 0.1, mbps: float = 20.0, rounds: int = 1) -> dict[str,
         finally:
             echo.kill()
             echo.wait(5)
-        figures = _sends(dl, "b", B_ADDRESS, "a", list(MODES) * rounds)
+        figures = _sends(dl, "b", B_ADDRESS, "a", list(MODES) * rounds, load=load)
     for i, f in enumerate(figures):
         got[MODES[i % 2]].append(f)
     return got
@@ -248,18 +287,22 @@ def relay(slowest: tuple[str, ...] = ("b", "relay"), rounds: int = 1) -> dict[st
     return got
 
 
-def _row(label: str, f: Figures) -> str:
-    late = f["late"]
-    waits = f"p50 {percentile(late, 0.5):6.3f} s  p90 {percentile(late, 0.9):6.3f} s"
-    return f"{label:<28} n {len(late):>2}  {waits}  bulk {f['bulk_rate'] * 8e-6:5.1f} Mbit/s"
+def _row(label: str, f: Figures, delay_s: float = 0.0, chunks: bool = False) -> str:
+    late = [x - delay_s for x in f["late"]]
+    waits = f"p50 {percentile(late, 0.5):6.3f} s  p90 {percentile(late, 0.9):6.3f} s  max {max(late, default=0):6.3f} s"
+    row = f"{label:<28} n {len(late):>2}  {waits}  bulk {f['bulk_rate'] * 8e-6:5.1f} Mbit/s"
+    if chunks:
+        each = f["chunks"]
+        row += f"  chunks p50 {percentile(each, 0.5):5.2f} s  max {max(each, default=0):5.2f} s (n {len(each)})"
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m app.tools.netlab.gateprobe", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("probe", choices=("router", "line", "relay"))
+    p.add_argument("probe", choices=("router", "line", "chunks", "relay"))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--delay-ms", type=float, default=100.0, help="line: one way")
-    p.add_argument("--mbps", type=float, default=20.0, help="line: the link's rate")
+    p.add_argument("--delay-ms", type=float, default=100.0, help="line, chunks: one way")
+    p.add_argument("--mbps", type=float, default=20.0, help="line, chunks: the link's rate")
     p.add_argument("--slowest", default="b,relay", help="relay: b, relay (comma separated)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -267,12 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(why)
     if args.rounds < 1:
         p.error("--rounds is at least 1")
+    delay_s = 0.0  # subtracted from the urgent frames' waits printed (a delay line's one way)
     if args.probe == "router":
         got: Any = router(args.rounds)
         rows = [(f"{m} round {i + 1}", f) for m in MODES for i, f in enumerate(got[m])]
-    elif args.probe == "line":
-        got = line(args.delay_ms / 1000, args.mbps, args.rounds)
-        print(f"TCP's round trip: {got['rtt']:.3f} s")
+    elif args.probe in ("line", "chunks"):
+        delay_s = args.delay_ms / 1000
+        got = line(delay_s, args.mbps, args.rounds, CHUNKS if args.probe == "chunks" else ONE_BULK)
+        print(f"TCP's round trip: {got['rtt']:.3f} s; urgent frames' waits beyond the line's {delay_s:.3f} s:")
         rows = [(f"{m} round {i + 1}", f) for m in MODES for i, f in enumerate(got[m])]
     else:
         slowest = tuple(s for s in args.slowest.split(",") if s)
@@ -281,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         got = relay(slowest, args.rounds)
         rows = [(f"slowest {s}, relay {m} {i + 1}", f) for s in got for m in MODES for i, f in enumerate(got[s][m])]
     for label, f in rows:
-        print(_row(label, f))
+        print(_row(label, f, delay_s, chunks=args.probe == "chunks"))
     if args.out:
         Path(args.out).write_text(json.dumps({"probe": args.probe, "figures": got}, indent=1))
     return 0
