@@ -5,7 +5,7 @@ Contract
 --------
 ``python -m app.tools.netlab.gateprobe {router,line,chunks,relay} [--rounds N] [--out F]`` (root,
 as the lab) runs one sender of bulk bytes and small urgent frames per mode, as the links send
-them: one TCP connection with CUBIC, the kernel's unsent bytes kept low
+them: one TCP connection with CUBIC (``--congestion``), the kernel's unsent bytes kept low
 (:func:`worker_core.unsent.keep_unsent_low`), an :class:`~worker_core.outbox.Outbox` holding a
 :class:`Load` (``ONE_BULK``: 6 MB of bulk in 16 KiB pieces queued at once, and a 200-byte urgent
 frame every 50 ms, 40 in all), with the gate (``gate``) or without (``plain``).  The receiver
@@ -81,7 +81,7 @@ for _ in range(int(sys.argv[1])):
 """.replace("PORT", str(PORT))
 
 # the sender: argv[1] the receiver's (or relay's) address, argv[2] "gate" or "plain", argv[3] the
-# repository, argv[4] the Load as JSON (as the module docstring says)
+# repository, argv[4] the Load as JSON, argv[5] its TCP congestion control (as the module docstring says)
 SENDER = r"""
 import asyncio, json, socket, struct, sys, time
 sys.path.insert(0, sys.argv[3])
@@ -94,7 +94,7 @@ load = json.loads(sys.argv[4])
 async def main():
     reader, writer = await asyncio.open_connection(sys.argv[1], PORT)
     sock = writer.transport.get_extra_info("socket")
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[5].encode())
     keep_unsent_low(writer.transport)
 
     async def ship(item):
@@ -212,6 +212,7 @@ def _sends(
     relay: tuple[str, str] | None = None,
     relay_modes: Sequence[str] | None = None,
     load: Load = ONE_BULK,
+    congestion: str = "cubic",
 ) -> list[Figures]:
     """One receiver on ``receiver``; per entry of ``sender_modes`` one sender run on ``sender`` to
     address ``to`` (through a relay program on ``relay[0]`` forwarding to ``relay[1]``, in that
@@ -228,7 +229,7 @@ def _sends(
                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
                 procs.append(forward)
                 _ready(forward, "relay")
-            hosts.run(sender, _python(SENDER, to, mode, str(ROOT), json.dumps(asdict(load))), timeout=120)
+            hosts.run(sender, _python(SENDER, to, mode, str(ROOT), json.dumps(asdict(load)), congestion), timeout=120)
             assert rx.stdout is not None
             out.append(json.loads(rx.stdout.readline()))
             if forward is not None and forward.wait(10) != 0:
@@ -240,18 +241,20 @@ def _sends(
     return out
 
 
-def router(rounds: int = 1) -> dict[str, list[Figures]]:
+def router(rounds: int = 1, congestion: str = "cubic") -> dict[str, list[Figures]]:
     """Per mode, one :data:`Figures` per round through a home router's 20 Mbit/s uplink."""
     topo = Topology((Home("a", ("a",)),), ("pub",), "one home and a public host")
     got: dict[str, list[Figures]] = {m: [] for m in MODES}
     with Lab.up("gprouter", topo, mbps=20) as lab:
-        figures = _sends(lab, "pub", lab.address("pub"), "a", list(MODES) * rounds)
+        figures = _sends(lab, "pub", lab.address("pub"), "a", list(MODES) * rounds, congestion=congestion)
     for i, f in enumerate(figures):
         got[MODES[i % 2]].append(f)
     return got
 
 
-def line(delay_s: float = 0.1, mbps: float = 20.0, rounds: int = 1, load: Load = ONE_BULK) -> dict[str, Any]:
+def line(
+    delay_s: float = 0.1, mbps: float = 20.0, rounds: int = 1, load: Load = ONE_BULK, congestion: str = "cubic"
+) -> dict[str, Any]:
     """Per mode, one :data:`Figures` per round of ``load`` across a delay line; ``rtt``: the
     round trip TCP itself measured on it (seconds)."""
     got: dict[str, Any] = {m: [] for m in MODES}
@@ -263,13 +266,15 @@ def line(delay_s: float = 0.1, mbps: float = 20.0, rounds: int = 1, load: Load =
         finally:
             echo.kill()
             echo.wait(5)
-        figures = _sends(dl, "b", B_ADDRESS, "a", list(MODES) * rounds, load=load)
+        figures = _sends(dl, "b", B_ADDRESS, "a", list(MODES) * rounds, load=load, congestion=congestion)
     for i, f in enumerate(figures):
         got[MODES[i % 2]].append(f)
     return got
 
 
-def relay(slowest: tuple[str, ...] = ("b", "relay"), rounds: int = 1) -> dict[str, dict[str, list[Figures]]]:
+def relay(
+    slowest: tuple[str, ...] = ("b", "relay"), rounds: int = 1, congestion: str = "cubic"
+) -> dict[str, dict[str, list[Figures]]]:
     """Per slowest link (``b``, ``relay``) and relay mode, one :data:`Figures` per round: a
     sender, a relay and a receiver on the lab's internet (see the module docstring)."""
     topo = Topology((), ("a", "relay", "b"), "a sender, a relay and a receiver on the internet")
@@ -282,7 +287,8 @@ def relay(slowest: tuple[str, ...] = ("b", "relay"), rounds: int = 1) -> dict[st
                 lab.run("inet", ["tc", "qdisc", "change", "dev", nodes[host].ifaces[0].peer_name, "root", "tbf",
                                  "rate", f"{mbps}mbit", "burst", "64kb", "latency", "200ms"])  # fmt: skip
             figures = _sends(lab, "b", lab.address("relay"), "a", ["gate"] * 2 * rounds,
-                             relay=("relay", lab.address("b")), relay_modes=list(MODES) * rounds)  # fmt: skip
+                             relay=("relay", lab.address("b")), relay_modes=list(MODES) * rounds,
+                             congestion=congestion)  # fmt: skip
             got[slow] = {m: figures[i::2] for i, m in enumerate(MODES)}
     return got
 
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=100.0, help="line, chunks: one way")
     p.add_argument("--mbps", type=float, default=20.0, help="line, chunks: the link's rate")
     p.add_argument("--slowest", default="b,relay", help="relay: b, relay (comma separated)")
+    p.add_argument("--congestion", default="cubic", help="the sender's TCP congestion control (default %(default)s)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if (why := unavailable()) is not None:
@@ -312,18 +319,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds is at least 1")
     delay_s = 0.0  # subtracted from the urgent frames' waits printed (a delay line's one way)
     if args.probe == "router":
-        got: Any = router(args.rounds)
+        got: Any = router(args.rounds, args.congestion)
         rows = [(f"{m} round {i + 1}", f) for m in MODES for i, f in enumerate(got[m])]
     elif args.probe in ("line", "chunks"):
         delay_s = args.delay_ms / 1000
-        got = line(delay_s, args.mbps, args.rounds, CHUNKS if args.probe == "chunks" else ONE_BULK)
+        got = line(delay_s, args.mbps, args.rounds, CHUNKS if args.probe == "chunks" else ONE_BULK, args.congestion)
         print(f"TCP's round trip: {got['rtt']:.3f} s; urgent frames' waits beyond the line's {delay_s:.3f} s:")
         rows = [(f"{m} round {i + 1}", f) for m in MODES for i, f in enumerate(got[m])]
     else:
         slowest = tuple(s for s in args.slowest.split(",") if s)
         if not slowest or set(slowest) - {"b", "relay"}:
             p.error("--slowest takes b, relay")
-        got = relay(slowest, args.rounds)
+        got = relay(slowest, args.rounds, args.congestion)
         rows = [(f"slowest {s}, relay {m} {i + 1}", f) for s in got for m in MODES for i, f in enumerate(got[s][m])]
     for label, f in rows:
         print(_row(label, f, delay_s, chunks=args.probe == "chunks"))
