@@ -78,6 +78,7 @@ from .bridge_wire import (
 )
 from .inflight import gate
 from .intake import Intake
+from .outbox import ROOM_POLL  # seconds between looks at a gated leg with no room, as the outboxes'
 from .tasks import end_tasks
 from .unsent import keep_unsent_low
 
@@ -85,7 +86,6 @@ log = logging.getLogger("molink.relay")
 
 CHUNK = 64 * 1024  # bytes copied at once
 GATED_CHUNK = 16 * 1024  # bytes copied at once into a gated leg with little room (a piece: wire.PART_BYTES)
-ROOM_POLL = 0.002  # seconds between looks at a gated leg with no room
 # the queue a gated leg's router may hold: a byte the relay holds back delays every frame behind
 # it (decode ones too: it cannot read them), so it holds back only beyond a receiver's delayed
 # acknowledgement (40 ms on Linux); at the gate's 15 ms a relay whose first leg was the slowest
