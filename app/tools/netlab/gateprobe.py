@@ -241,15 +241,17 @@ def _sends(
     return out
 
 
+def _by_mode(figures: list[Figures]) -> dict[str, list[Figures]]:
+    """Figures of runs made in the order of ``MODES``, round after round, per mode."""
+    return {m: figures[i :: len(MODES)] for i, m in enumerate(MODES)}
+
+
 def router(rounds: int = 1, congestion: str = "cubic") -> dict[str, list[Figures]]:
     """Per mode, one :data:`Figures` per round through a home router's 20 Mbit/s uplink."""
     topo = Topology((Home("a", ("a",)),), ("pub",), "one home and a public host")
-    got: dict[str, list[Figures]] = {m: [] for m in MODES}
     with Lab.up("gprouter", topo, mbps=20) as lab:
         figures = _sends(lab, "pub", lab.address("pub"), "a", list(MODES) * rounds, congestion=congestion)
-    for i, f in enumerate(figures):
-        got[MODES[i % 2]].append(f)
-    return got
+    return _by_mode(figures)
 
 
 def line(
@@ -257,7 +259,7 @@ def line(
 ) -> dict[str, Any]:
     """Per mode, one :data:`Figures` per round of ``load`` across a delay line; ``rtt``: the
     round trip TCP itself measured on it (seconds)."""
-    got: dict[str, Any] = {m: [] for m in MODES}
+    got: dict[str, Any] = {}
     with DelayLine("gpline", delay_s, mbps) as dl:
         echo = dl.spawn("b", _python(RTT_PROBE, "serve", "", str(ROOT)), stdout=subprocess.PIPE, text=True)
         try:
@@ -267,9 +269,7 @@ def line(
             echo.kill()
             echo.wait(5)
         figures = _sends(dl, "b", B_ADDRESS, "a", list(MODES) * rounds, load=load, congestion=congestion)
-    for i, f in enumerate(figures):
-        got[MODES[i % 2]].append(f)
-    return got
+    return got | _by_mode(figures)
 
 
 def relay(
@@ -289,7 +289,7 @@ def relay(
             figures = _sends(lab, "b", lab.address("relay"), "a", ["gate"] * 2 * rounds,
                              relay=("relay", lab.address("b")), relay_modes=list(MODES) * rounds,
                              congestion=congestion)  # fmt: skip
-            got[slow] = {m: figures[i::2] for i, m in enumerate(MODES)}
+            got[slow] = _by_mode(figures)
     return got
 
 
