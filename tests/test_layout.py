@@ -2,7 +2,8 @@
 
 The real graph has no circle and no arrow a room may not draw; the checker finds a circle, an
 arrow back up, a module in no room and lazy or TYPE_CHECKING imports in fabricated code, so a
-clean result means something.  And the `molink` parser starts without the heavy tools.
+clean result means something.  And the `molink` parser starts without the heavy tools, a master without
+transformers' model code.
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def test_fabricated_code_lazy_and_type_checking_imports_count(tmp_path: Path):
 def test_the_parser_starts_without_the_heavy_tools():
     heavy = ("aiohttp", "torch", "master_core.simulator", "app.tools.chaos.run", "app.tools.bench.run")
     code = f"import sys, app.cli; app.cli._parser(); print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_master_starts_without_transformers_model_code():
+    # the master builds no layers: transformers' modeling stack (about 3 s of CPU a start on this machine,
+    # paid by every master a test, the demo or a user starts) is the workers' (worker_core.shard imports
+    # segment_attention only where it builds layers)
+    heavy = ("transformers.modeling_utils", "worker_core.segment_attention")
+    code = f"import sys, master_core.group, master_core.api; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
 

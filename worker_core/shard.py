@@ -35,7 +35,6 @@ from torch import nn
 from . import checkpoint_keys, gguf_source
 from .precision import kept_in_int8
 from .quantize import Precision, module_bytes, quantize_layer
-from .segment_attention import use_segment_attention
 
 log = logging.getLogger("molink.shard")
 
@@ -371,6 +370,8 @@ def load_shard(
     del state
 
     _materialize_buffers(model, device)
+    from .segment_attention import use_segment_attention  # transformers' attention stack: only where layers are built
+
     use_segment_attention(config, device)
     rotary = getattr(base, "rotary_emb", None)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
