@@ -94,7 +94,7 @@ def test_a_master_starts_without_transformers_model_code():
     # paid by every master a test, the demo or a user starts) is the workers' (worker_core.shard imports
     # segment_attention only where it builds layers)
     heavy = ("transformers.modeling_utils", "worker_core.segment_attention")
-    code = f"import sys, master_core.group, master_core.api; print([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, master_core.server; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
 
