@@ -90,9 +90,9 @@ def test_the_parser_starts_without_the_heavy_tools():
 
 
 def test_a_master_starts_without_transformers_model_code():
-    # the master builds no layers: transformers' modeling stack (about 3 s of CPU a start on this machine,
-    # paid by every master a test, the demo or a user starts) is the workers' (worker_core.shard imports
-    # segment_attention only where it builds layers)
+    # the master builds no layers: transformers' modeling stack (about 3 s of CPU on this machine) is not
+    # part of its start (worker_core.shard imports segment_attention only where it builds layers); a master
+    # that delivers weights still loads it then, for needed_tensors' meta skeleton
     heavy = ("transformers.modeling_utils", "worker_core.segment_attention")
     code = f"import sys, master_core.server; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
