@@ -513,6 +513,8 @@ class WorkerLink:
         elif isinstance(msg, Result):
             pending = self._pending.get(msg.step_id)
             if pending is None and msg.step_id in self._abandoned:
+                # late, but computed: the stage makes progress (the steps queued behind it start now)
+                self.alive.answered(time.monotonic())
                 log.info("worker %s: result of step %d, given up on, dropped", self.name, msg.step_id)
                 return
             if pending is None:
@@ -565,6 +567,7 @@ class WorkerLink:
                 # before a replay freed its cache), not the assignment failing
                 self._ready_waiter.set_exception(StepFailed(f"{self.name}: {msg.message}"))
             elif msg.step_id in self._abandoned:  # e.g. a fed-back step of requests that ended meanwhile
+                self.alive.answered(time.monotonic())
                 log.info("worker %s, on a step given up on: %s", self.name, msg.message)
             else:
                 log.warning("worker %s reports: %s", self.name, msg.message)

@@ -19,8 +19,9 @@ a pong's payload, :func:`worker_core.wire.pulse`) and judged every ``PING_INTERV
 * **computing without progress**: its pulses show one compute call running
   :meth:`Liveness.stuck_limit` (``STUCK_LIMIT`` beyond the predicted compute of the largest step
   it has, scaled by the stage's slowdown) while it has steps: a stuck compute behind a live loop;
-* a step **unanswered** (no ``Result`` or ``Failure`` from this link since it went out) past
-  the step's deadline (set by the link from its measured costs).
+* a step **unanswered** (no ``Result`` or ``Failure`` from this link since it went out, a late
+  one of a step given up on included: the stage computed it, and the steps queued behind it
+  start only then) past the step's deadline (set by the link from its measured costs).
 
 :meth:`Liveness.stalled` restarts the clocks when the master's own loop stalled (frames may be
 waiting unread: nothing is judged on such a tick).  Pure: the caller passes the clock.

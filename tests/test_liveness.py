@@ -8,15 +8,17 @@ its constants, both sides of each bound, so a change of rule shows as a failing 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+import torch
 from harness import run
 
 from master_core import link as L
 from master_core import liveness as LV
 from master_core.costs import StageCost
 from master_core.link import LinkState, WorkerLink, _Pending
-from worker_core.wire import Hello
+from worker_core.wire import Failure, Hello, Result
 
 
 class _Ws:
@@ -78,6 +80,32 @@ def test_an_unanswered_step_is_late_after_its_deadline_counted_from_the_last_ans
         assert link.hung(t + 5.1) is not None
 
     run(main(), 10)
+
+
+def test_a_late_answer_to_a_step_given_up_on_restarts_the_clock_of_the_steps_behind_it():
+    """A stage that was only late (a step given up on, then sent again) computes the late step
+    before the new one: its late ``Result`` or ``Failure`` shows progress, and the new step's
+    deadline counts from it, not from when the new step went out."""
+
+    async def main() -> list[tuple[str | None, str | None]]:
+        seen = []
+        for late in (Result(5, 0, 0.1, 0.1, torch.zeros(1, 4)), Failure("its requests ended", step_id=5)):
+            link = _link()
+            link.move(LinkState.READY)
+            t = time.monotonic() - 2.0  # the new step went out 2 s ago; the late answer comes now
+            link._abandoned.append(5)
+            fut = asyncio.get_running_loop().create_future()
+            link._pending[6] = _Pending(fut, sent_at=t, deadline=3.0)
+            link.alive.heard_at = t + 5.0  # pongs keep coming
+            before = link.hung(t + 3.1)
+            link._dispatch(late)
+            seen.append((before, link.hung(t + 3.1)))
+            assert link.hung(t + 5.1) is not None  # and the new step has its own deadline from there
+        return seen
+
+    for before, after in run(main(), 10):
+        assert before is not None and "step 6" in before
+        assert after is None
 
 
 def test_a_dropped_link_fails_its_waiters_tells_the_group_and_counts_late_frames():
