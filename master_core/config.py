@@ -17,7 +17,7 @@ class MasterConfig:
     model: str = "default"  # checkpoint folder, hub id, or "default" (embedded SmolLM2-135M-Instruct)
     host: str = "127.0.0.1"  # API, dashboard and tunnel address; loopback unless an API key is set
     port: int = 8000  # 0 picks a free port (tests)
-    min_workers: int = 1  # serve once this many workers have joined
+    min_workers: int = 1  # serve only while at least this many workers are members (fewer: the group waits)
     api_key: str | None = None  # required for any non-loopback host; /v1/* then needs "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] = ()  # extra Host names the API and dashboard answer to (loopback always)
     body_timeout: float = 30.0  # seconds to receive a whole request body (slow-loris bodies get 408)

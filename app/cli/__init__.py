@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
             "--min-workers",
             type=int,
             default=MasterConfig.min_workers,
-            help="serve once this many workers joined (default %(default)s)",
+            help="serve only while at least this many workers are members (default %(default)s)",
         )
         parser.add_argument(
             "--quantize",
