@@ -5,11 +5,9 @@ outbox that asks it, and both over a real shaped link in the network lab (root).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import socket
 import struct
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -267,91 +265,3 @@ def test_a_relay_keeps_what_waits_in_the_senders_queue_whichever_leg_is_slowest(
     assert p90["relay", "gate"] < p90["relay", "plain"] + 0.03, p90
     for slow in got:
         assert got[slow]["gate"][0]["bulk_rate"] > 0.9 * got[slow]["plain"][0]["bulk_rate"], got
-
-
-def test_windows_tcp_info_v0_has_the_documented_layout_and_reads_as_counters():
-    """TCP_INFO_v0 (mstcpip.h) as SIO_TCP_INFO fills it, packed here at its documented offsets:
-    the structure reads it field for field, and acknowledged = sent once less in flight."""
-    from worker_core.tcp_info_windows import TcpInfoV0, from_v0
-
-    raw = struct.pack(
-        "<IIQB3xIIIIIIIQQIIIIIB3x",
-        4,  # State (established)
-        1460,  # Mss
-        123_456,  # ConnectionTimeMs
-        1,  # TimestampsEnabled
-        90_000,  # RttUs
-        80_000,  # MinRttUs
-        40_000,  # BytesInFlight
-        64_000,  # Cwnd
-        50_000,  # SndWnd
-        65_535,  # RcvWnd
-        131_072,  # RcvBuf
-        1_000_000,  # BytesOut
-        2_000,  # BytesIn
-        0,  # BytesReordered
-        10_000,  # BytesRetrans
-        3,  # FastRetrans
-        5,  # DupAcksIn
-        1,  # TimeoutEpisodes
-        0,  # SynRetrans
-    )
-    assert len(raw) == ctypes.sizeof(TcpInfoV0) == 88
-    info = TcpInfoV0.from_buffer_copy(raw)
-    assert (info.MinRttUs, info.BytesInFlight, info.Cwnd, info.BytesOut, info.SynRetrans) == (
-        80_000,
-        40_000,
-        64_000,
-        10**6,
-        0,
-    )
-    assert from_v0(info) == (40_000, 1_000_000 - 10_000 - 40_000, 0.08, 50_000)
-
-
-def test_where_the_stack_does_not_count_its_unsent_bytes_the_gate_keeps_within_its_window(monkeypatch):
-    """Windows' counters (no unsent count, the stack's window instead): a piece goes only while
-    fewer bytes are in flight than the window allows, however much the path's rate would allow."""
-    from worker_core.tcp_info import TcpCounters
-
-    clock = [100.0]
-    monkeypatch.setattr(inflight.time, "monotonic", lambda: clock[0])
-    now = {"c": TcpCounters(flight=0, unsent=None, acked=0, min_rtt=0.01, window=64_000)}
-    monkeypatch.setattr(inflight.tcp_info, "readable", lambda sock: True)
-    monkeypatch.setattr(inflight.tcp_info, "read", lambda sock: now["c"])
-    g = InFlight(Transport(object()))  # type: ignore[arg-type]  # its counters are the test's
-    g.probing = False
-    assert g.measurable and g.room() and g.spare == FLOOR_BYTES
-    now["c"] = TcpCounters(flight=40_000, unsent=None, acked=0, min_rtt=0.01, window=64_000)
-    assert not g.room()  # the floor (32 KiB) is in flight
-    clock[0] += 0.06
-    now["c"] = TcpCounters(flight=40_000, unsent=None, acked=600_000, min_rtt=0.01, window=64_000)
-    assert g.room() and g.rate == pytest.approx(1e7)  # 10 MB/s x 25 ms: 250 kB would be allowed ...
-    assert g.spare == 64_000 - 40_000  # ... but the stack may send only 24 kB more now
-    now["c"] = TcpCounters(flight=64_000, unsent=None, acked=600_000, min_rtt=0.01, window=64_000)
-    assert not g.room()
-    now["c"] = TcpCounters(flight=64_000, unsent=None, acked=600_000, min_rtt=0.01, window=200_000)
-    assert g.room() and g.spare == 200_000 - 64_000  # the window grew
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is read on Linux only")
-def test_linux_counters_of_a_real_connection_count_what_was_acknowledged():
-    from worker_core import tcp_info
-
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen()
-        with socket.create_connection(srv.getsockname()) as c, srv.accept()[0] as peer:
-            before = tcp_info.read(c)
-            c.sendall(b"x" * 100_000)
-            got = 0
-            while got < 100_000:
-                got += len(peer.recv(1 << 20))
-            for _ in range(100):  # the acknowledgement may trail the bytes by a moment
-                after = tcp_info.read(c)
-                if after is not None and after.flight == 0:
-                    break
-                time.sleep(0.01)
-    assert before is not None and after is not None
-    assert after.acked - before.acked == 100_000 and after.flight == 0 and after.unsent == 0
-    assert after.window is None and 0 < after.min_rtt < 1
-    assert tcp_info.read(c) is None  # closed
