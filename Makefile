@@ -40,7 +40,7 @@ system-packages:
 # the Windows platform over the code that has Windows branches (WINDOWS_CODE: it cannot run here;
 # tests/test_layout.py checks the list covers it), and the import drawing of app/, master_core/,
 # worker_core/: no circles, no arrow a room may not draw (docs/layout.md)
-WINDOWS_CODE := app/desktop app/runtime app/proc app/tools/netlab/procctl.py app/tools/netlab/tcp_proxy.py
+WINDOWS_CODE := app/desktop app/runtime app/proc app/tools/netlab/procctl.py app/tools/netlab/tcp_proxy.py worker_core/tcp_info.py worker_core/tcp_info_windows.py
 lint: $(STAMP)
 	.ci/system-packages lint
 	$(VENV)/bin/ruff check .

@@ -52,7 +52,7 @@ from enum import Enum
 import torch
 from aiohttp import WSMsgType, web
 
-from worker_core.inflight import room_of
+from worker_core.inflight import counted, gate
 from worker_core.outbox import ROOM_POLL
 from worker_core.pieces import Joiner, passes, split
 from worker_core.wire import (
@@ -264,7 +264,8 @@ class WorkerLink:
         self._ready_waiter: asyncio.Future | None = None
         self._send_lock = asyncio.Lock()  # one frame, or one piece of a longer one, onto the tunnel at a time
         self._in_order = asyncio.Lock()  # every frame but a decode step's or a Free: in order, whole or in pieces
-        self._room = room_of(ws)  # pieces wait while the path's queue would grow (worker_core.inflight)
+        self._gate = gate(ws)  # pieces wait while the path's queue would grow (worker_core.inflight)
+        self._out = counted(lambda data: self.ws.send_bytes(data), self._gate)  # every frame, told to the gate
         self._frees: list[int] = []  # request ids to free before the next step
         self._flush_task: asyncio.Task | None = None
         self.bytes_sent = 0
@@ -318,7 +319,7 @@ class WorkerLink:
     async def _put_in_order(self, frame: bytes) -> None:
         async with self._in_order:
             for piece in split(frame):
-                while self._room is not None and not self._room():  # a decode step may go meanwhile
+                while self._gate is not None and not self._gate.room():  # a decode step may go meanwhile
                     await asyncio.sleep(ROOM_POLL)
                 await self._put(piece)
 
@@ -328,7 +329,7 @@ class WorkerLink:
         async with self._send_lock:
             try:
                 await self._send_frees_locked()
-                await self.ws.send_bytes(frame)
+                await self._out(frame)
             except (ConnectionError, RuntimeError) as e:
                 self.close_with(f"send failed: {e}")
                 raise LinkGone(f"worker {self.name}: {e}") from None
@@ -488,7 +489,7 @@ class WorkerLink:
             return
         ids, self._frees = tuple(self._frees), []
         try:
-            await self.ws.send_bytes(encode(Free(ids)))
+            await self._out(encode(Free(ids)))
         except (ConnectionError, RuntimeError) as e:
             self.close_with(f"send failed: {e}")
 

@@ -5,9 +5,11 @@ outbox that asks it, and both over a real shaped link in the network lab (root).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from worker_core import inflight, intake
 from worker_core.inflight import FLOOR_BYTES, MAX_HOLD_SECONDS, RATE_SAMPLES, InFlight, gate, room_of
 from worker_core.intake import Intake
 from worker_core.outbox import Outbox
+from worker_core.unsent import UNSENT_BYTES
 
 
 class Transport:
@@ -173,7 +176,7 @@ def test_a_relays_leg_holds_about_a_round_trip_of_what_the_next_leg_carries(monk
 
 
 def test_no_gate_without_a_tcp_socket():
-    assert gate(None) is None and room_of(Transport(None)) is None
+    assert gate(None) is None and gate(Transport(None)) is None and room_of(None) is None
     a, b = socket.socketpair()
     with a, b:
         assert gate(Transport(a)) is None  # a unix socket has no TCP_INFO of its own
@@ -265,3 +268,94 @@ def test_a_relay_keeps_what_waits_in_the_senders_queue_whichever_leg_is_slowest(
     assert p90["relay", "gate"] < p90["relay", "plain"] + 0.03, p90
     for slow in got:
         assert got[slow]["gate"][0]["bulk_rate"] > 0.9 * got[slow]["plain"][0]["bulk_rate"], got
+
+
+def test_windows_tcp_info_v0_has_the_documented_layout_and_reads_as_counters():
+    """TCP_INFO_v0 (mstcpip.h) as SIO_TCP_INFO fills it, packed here at its documented offsets:
+    the structure reads it field for field; sent once = bytes out less bytes sent again, and
+    acknowledged = that less what is in flight."""
+    from worker_core.tcp_info_windows import TcpInfoV0, from_v0
+
+    raw = struct.pack(
+        "<IIQB3xIIIIIIIQQIIIIIB3x",
+        4,  # State (established)
+        1460,  # Mss
+        123_456,  # ConnectionTimeMs
+        1,  # TimestampsEnabled
+        90_000,  # RttUs
+        80_000,  # MinRttUs
+        40_000,  # BytesInFlight
+        64_000,  # Cwnd
+        50_000,  # SndWnd
+        65_535,  # RcvWnd
+        131_072,  # RcvBuf
+        1_000_000,  # BytesOut
+        2_000,  # BytesIn
+        0,  # BytesReordered
+        10_000,  # BytesRetrans
+        3,  # FastRetrans
+        5,  # DupAcksIn
+        1,  # TimeoutEpisodes
+        0,  # SynRetrans
+    )
+    assert len(raw) == ctypes.sizeof(TcpInfoV0) == 88
+    info = TcpInfoV0.from_buffer_copy(raw)
+    got = (info.MinRttUs, info.BytesInFlight, info.Cwnd, info.BytesOut, info.SynRetrans)
+    assert got == (80_000, 40_000, 64_000, 10**6, 0)
+    assert from_v0(info) == (40_000, 990_000 - 40_000, 0.08, 990_000)
+
+
+def test_where_the_os_does_not_count_unsent_bytes_the_gate_counts_what_it_was_handed(monkeypatch):
+    """Windows' counters (no unsent count): unsent = bytes handed to the connection less bytes it
+    sent, less the lowest that difference was (bytes sent that nobody counted: a handshake,
+    TLS records, pings), so a stack holding written bytes unsent shuts the gate as Linux's
+    count does, and bytes the count missed never make it read high."""
+    from worker_core.tcp_info import TcpCounters
+
+    clock = [100.0]
+    monkeypatch.setattr(inflight.time, "monotonic", lambda: clock[0])
+    now = {"c": TcpCounters(flight=0, unsent=None, acked=5_000, min_rtt=0.01, sent=5_000)}  # a handshake's bytes
+    monkeypatch.setattr(inflight.tcp_info, "readable", lambda sock: True)
+    monkeypatch.setattr(inflight.tcp_info, "read", lambda sock: now["c"])
+    g = InFlight(Transport(object()))  # type: ignore[arg-type]  # its counters are the test's
+    g.probing = False
+    assert g.measurable and g.room() and g.spare == FLOOR_BYTES  # nothing handed, nothing unsent
+    g.wrote(40_000)  # handed over; the stack sent 10 kB of it and holds the rest
+    now["c"] = TcpCounters(flight=10_000, unsent=None, acked=5_000, min_rtt=0.01, sent=15_000)
+    assert not g.room() and g.spare == 0  # 10 kB in flight + 30 kB unsent: beyond the floor (32 KiB)
+    now["c"] = TcpCounters(flight=12_000, unsent=None, acked=33_000, min_rtt=0.01, sent=45_000)
+    assert g.room() and g.spare == FLOOR_BYTES - 12_000  # all of it sent: only what is in flight counts
+    # 3 kB sent that nobody counted (TLS records, a ping): the difference falls, the gate follows
+    now["c"] = TcpCounters(flight=0, unsent=None, acked=48_000, min_rtt=0.01, sent=48_000)
+    assert g.room() and g.spare == FLOOR_BYTES
+    g.wrote(16_384)  # a piece the stack has not sent yet
+    assert g.room() and g.spare == FLOOR_BYTES - 16_384  # unsent, exactly: not less by the 3 kB
+    # no kernel keeps the unsent bytes few there (no TCP_NOTSENT_LOWAT): the gate does, whatever the path allows
+    g._rates.append(1e8)  # a path of 100 MB/s: its target is megabytes
+    assert g.target(0.01) > 10**6 and g.room()
+    g.wrote(20_000)
+    assert UNSENT_BYTES < 16_384 + 20_000 and not g.room()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_INFO is read on Linux only")
+def test_linux_counters_of_a_real_connection_count_what_was_sent_and_acknowledged():
+    from worker_core import tcp_info
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        with socket.create_connection(srv.getsockname()) as c, srv.accept()[0] as peer:
+            before = tcp_info.read(c)
+            c.sendall(b"x" * 100_000)
+            got = 0
+            while got < 100_000:
+                got += len(peer.recv(1 << 20))
+            for _ in range(100):  # the acknowledgement may trail the bytes by a moment
+                after = tcp_info.read(c)
+                if after is not None and after.flight == 0:
+                    break
+                time.sleep(0.01)
+    assert before is not None and after is not None
+    assert after.acked - before.acked == 100_000 == after.sent - before.sent
+    assert after.flight == 0 and after.unsent == 0 and 0 < after.min_rtt < 1
+    assert tcp_info.read(c) is None  # closed

@@ -457,6 +457,8 @@ class BridgeServer:
                     if self.tap is not None:
                         self.tap(session, direction, data)
                     self.bytes_spliced += len(data)
+                    if room is not None:
+                        room.wrote(len(data))
                     dst.write(data)
                     await dst.drain()
                 if dst.can_write_eof():

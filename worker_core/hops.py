@@ -61,7 +61,7 @@ from aiohttp import WSMsgType, web
 
 from .bridge_dial import BridgeForwarder
 from .identity import Identity, client_context, der_fingerprint, fingerprint, server_context
-from .inflight import room_of
+from .inflight import counted, gate, room_of
 from .listen import bind, families
 from .outbox import Outbox
 from .pieces import Joiner, split_item
@@ -220,7 +220,11 @@ class NextHop:
         self._http, self._ws = http, ws
         self._fallbacks: deque[Callable[[], Awaitable[None]]] = deque()
         self._shaper = LinkShaper(delay, rate, self._deliver)
-        self._outbox: Outbox[tuple[bytes, Callable[[], Awaitable[None]]]] = Outbox(self._ship, _in_pieces, room_of(ws))
+        self._gate = gate(ws)
+        self._out = counted(lambda data: self._ws.send_bytes(data), self._gate)  # every frame, told to the gate
+        self._outbox: Outbox[tuple[bytes, Callable[[], Awaitable[None]]]] = Outbox(
+            self._ship, _in_pieces, room_of(self._gate)
+        )
         self.down: str | None = None  # why the hop is down, or None while it is up
         self._last_sent = time.monotonic()  # when the last frame left (or the hop opened)
         self._reader = asyncio.ensure_future(self._read())
@@ -265,7 +269,7 @@ class NextHop:
         fallback = self._fallbacks.popleft()
         if self.down is None:
             try:
-                await asyncio.wait_for(self._ws.send_bytes(frame), SEND_TIMEOUT)
+                await asyncio.wait_for(self._out(frame), SEND_TIMEOUT)
                 self._last_sent = time.monotonic()
                 return
             except (ConnectionError, RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:

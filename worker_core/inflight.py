@@ -10,7 +10,7 @@ Windows' and most Linux systems' default) grows its window until the slowest rou
 path drops packets, so a home router's buffer (often 100 ms to seconds of data) fills with a
 prefill chunk's bytes and every decode frame behind them waits that long.
 
-``InFlight(transport, queue_seconds=QUEUE_SECONDS)`` reads the connection's ``TCP_INFO`` (Linux)
+``InFlight(transport, queue_seconds=QUEUE_SECONDS)`` reads the connection's TCP counters
 and tells a sender of bulk bytes when a piece may go (:meth:`InFlight.room`; ``spare``: the
 bytes that may go at once, as of that look): while the bytes sent and not yet acknowledged, plus
 those the kernel holds unsent, are below ``rate * (min_rtt + queue_seconds)``, at least
@@ -34,20 +34,33 @@ with or without the probing, 0.15 without the gate (the connection's own start);
 0.02-0.04 s, 0.01-0.02 without the probing, 0.044-0.047 without the gate; their median rose from
 0-8 ms to 7-22 ms.)  Urgent frames (decode steps) never ask it.  A gate that held bytes back
 ``MAX_HOLD_SECONDS`` lets one piece go (a link that delivers nothing is for its heartbeats to
-find).  Where ``TCP_INFO`` cannot be read (Windows, macOS, a test's in-memory transport, a
-closed socket) :meth:`room` is always True: the senders behave as without it.
+find).  The counters come from :mod:`worker_core.tcp_info` (Linux's ``TCP_INFO``, Windows'
+``SIO_TCP_INFO``).  Windows does not say how many bytes its stack holds unsent: there the
+senders tell the gate what they hand the connection (:meth:`InFlight.wrote`, every frame and
+piece, urgent ones too) and the unsent bytes are that count less the bytes the stack sent, less
+the lowest that difference has been (bytes sent that nobody counted: the TLS records' overhead,
+the WebSocket's pings and headers; at a quiet moment the difference is exactly those).  Where
+the count is left out it reads low, never high, so the gate errs towards letting bytes go.
+Such a stack has no ``TCP_NOTSENT_LOWAT`` either (:mod:`worker_core.unsent`): the gate holds
+bulk bytes there as well while ``UNSENT_BYTES`` of what it counted wait unsent, the bound Linux's
+kernel keeps (without it, emulated on Linux's TCP over 200 ms, the decode frames' p90 wait was
+0.15 s against 0.22 s ungated and 0.02-0.05 s with the kernel's bound).
+(A window in place of the count, tried first, did not help: emulated on Linux's TCP over 200 ms,
+the kernel held up to 335 kB unsent under a 239 kB window while 9 kB were in flight.)  Where the
+counters cannot be read (macOS, a test's in-memory transport, a closed socket) :meth:`room` is
+always True: the senders behave as without it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
-import struct
-import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from . import tcp_info
+from .unsent import UNSENT_BYTES
 
 QUEUE_SECONDS = 0.015  # the queue a path's router may hold of ours: a decode frame waits about this
 FLOOR_BYTES = 32 * 1024  # never fewer in flight (two pieces, wire.PART_BYTES): a link is never starved
@@ -58,10 +71,6 @@ STARTUP_GAIN = 2.0  # while probing, the round trip counts this many times in th
 GROWTH = 1.25  # a held-back window delivering this much more than the best before it: the path kept up
 FULL_WINDOWS = 3  # held-back windows in a row without such growth end the probing
 
-_INFO_BYTES = 232  # struct tcp_info up to tcpi_bytes_retrans (Linux 4.19+)
-# offsets in struct tcp_info (include/uapi/linux/tcp.h)
-_MIN_RTT, _NOTSENT, _ACKED, _SENT, _RETRANS = 148, 144, 120, 200, 208
-
 
 class InFlight:
     """The gate of one TCP connection's bulk bytes (see the module docstring)."""
@@ -69,8 +78,7 @@ class InFlight:
     def __init__(self, transport: Any, queue_seconds: float = QUEUE_SECONDS) -> None:
         sock = transport.get_extra_info("socket") if transport is not None else None
         self.queue_seconds = queue_seconds  # the queue the path's router may hold of ours
-        ok = sys.platform.startswith("linux") and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        self._sock = sock if ok else None
+        self._sock = sock if tcp_info.readable(sock) else None
         self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # bytes/s of the last held-back windows
         self._window: tuple[float, int] | None = None  # (start, bytes acknowledged then) of the window measured
         self._held = False  # the gate held bytes back in the window being measured
@@ -79,6 +87,8 @@ class InFlight:
         self.probing = True  # the start-up: the gate about doubles each round trip while the path keeps up
         self._flat = 0  # held-back windows in a row that did not grow the rate by GROWTH
         self.spare = 0  # bytes below the target at the last look (room): what may go at once
+        self.handed = 0  # bytes the senders handed the connection (wrote): the unsent count where the OS has none
+        self._uncounted: int | None = None  # the lowest (handed - sent) seen: bytes sent that nobody counted
 
     @property
     def measurable(self) -> bool:
@@ -89,24 +99,23 @@ class InFlight:
         """Bytes/s the path delivered while the gate held bytes back (the highest recent window; 0: none yet)."""
         return max(self._rates, default=0.0)
 
-    def _info(self) -> tuple[int, int, float] | None:
-        """(bytes in flight, bytes unsent, min round trip seconds), or None."""
-        if self._sock is None:
-            return None
-        try:
-            raw = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_BYTES)
-        except OSError:  # closed, or not TCP after all
+    def wrote(self, nbytes: int) -> None:
+        """The sender handed the connection ``nbytes`` more (any frame or piece)."""
+        self.handed += nbytes
+
+    def _info(self) -> tuple[int, int, float, bool] | None:
+        """(bytes in flight, bytes unsent, min round trip seconds, whether unsent is this gate's
+        own count), or None."""
+        c = tcp_info.read(self._sock) if self._sock is not None else None
+        if c is None:
             self._sock = None
             return None
-        if len(raw) < _INFO_BYTES:  # a kernel older than 4.19: no byte counts
-            self._sock = None
-            return None
-        (notsent,) = struct.unpack_from("I", raw, _NOTSENT)
-        (min_rtt,) = struct.unpack_from("I", raw, _MIN_RTT)
-        (acked,) = struct.unpack_from("Q", raw, _ACKED)
-        sent, retrans = struct.unpack_from("QQ", raw, _SENT)
-        self._sample(acked, min_rtt / 1e6)
-        return max(0, sent - retrans - acked), notsent, min_rtt / 1e6
+        self._sample(c.acked, c.min_rtt)
+        if c.unsent is not None:
+            return c.flight, c.unsent, c.min_rtt, False
+        gap = self.handed - c.sent
+        self._uncounted = gap if self._uncounted is None else min(self._uncounted, gap)
+        return c.flight, gap - self._uncounted, c.min_rtt, True
 
     def _sample(self, acked: int, min_rtt: float) -> None:
         now = time.monotonic()
@@ -134,9 +143,12 @@ class InFlight:
         info = self._info()
         if info is None:
             return True
-        flight, unsent, min_rtt = info
+        flight, unsent, min_rtt, counted = info
         now = time.monotonic()
-        self.spare = max(0, int(self.target(min_rtt)) - flight - unsent)
+        spare = int(self.target(min_rtt)) - flight - unsent
+        if counted:  # no kernel keeps its unsent bytes few (TCP_NOTSENT_LOWAT): the gate does
+            spare = min(spare, UNSENT_BYTES - unsent)
+        self.spare = max(0, spare)
         if self.spare > 0:
             self._shut_since = None
             return True
@@ -152,14 +164,9 @@ class InFlight:
 
 def min_round_trip(sock: Any) -> float | None:
     """The lowest round trip the kernel measured on TCP socket ``sock``'s connection, in seconds
-    (0.0: none yet); None where ``TCP_INFO`` cannot be read (not Linux, not TCP, closed)."""
-    if not sys.platform.startswith("linux") or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_BYTES)
-    except OSError:
-        return None
-    return struct.unpack_from("I", raw, _MIN_RTT)[0] / 1e6 if len(raw) >= _MIN_RTT + 4 else None
+    (0.0: none yet); None where its counters cannot be read (:mod:`worker_core.tcp_info`)."""
+    c = tcp_info.read(sock)
+    return c.min_rtt if c is not None else None
 
 
 def gate(transport: Any, queue_seconds: float = QUEUE_SECONDS) -> InFlight | None:
@@ -172,7 +179,17 @@ def gate(transport: Any, queue_seconds: float = QUEUE_SECONDS) -> InFlight | Non
     return None
 
 
-def room_of(transport: Any) -> Callable[[], bool] | None:
-    """:meth:`InFlight.room` of :func:`gate` (an :class:`~worker_core.outbox.Outbox`'s ``room``), or None."""
-    g = gate(transport)
+def room_of(g: InFlight | None) -> Callable[[], bool] | None:
+    """:meth:`InFlight.room` of ``g`` (an :class:`~worker_core.outbox.Outbox`'s ``room``), or None."""
     return g.room if g is not None else None
+
+
+def counted(send: Callable[[bytes], Awaitable[object]], g: InFlight | None) -> Callable[[bytes], Awaitable[None]]:
+    """``send`` (a connection's own: its bytes go onto it), telling ``g`` first what it hands over."""
+
+    async def sending(data: bytes) -> None:
+        if g is not None:
+            g.wrote(len(data))
+        await send(data)
+
+    return sending

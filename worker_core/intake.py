@@ -26,14 +26,16 @@ more and its gate, which learns a rate only while it holds bytes back, finds it.
 set again only when the bound moves by more than ``CHANGE``, and never beyond what the system
 lets a program ask (``net.core.rmem_max``, read once at import): a bound beyond it is not set
 at all while the kernel still sizes the buffer itself (its own sizing may go further), and set
-to that most where the buffer was bounded before.  Where ``TCP_INFO`` cannot be read
-(not Linux, a test's in-memory transport) ``bound`` does nothing.
+to that most where the buffer was bounded before.  Only on Linux (its ``SO_RCVBUF`` and
+``rmem_max`` are what this was measured with), and where the connection's counters can be read
+(not a test's in-memory transport): elsewhere ``bound`` does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,8 @@ class Intake:
 
     def __init__(self, transport: Any) -> None:
         sock = transport.get_extra_info("socket") if transport is not None else None
-        self._sock = sock if sock is not None and min_round_trip(sock) is not None else None
+        linux = sys.platform.startswith("linux")
+        self._sock = sock if linux and sock is not None and min_round_trip(sock) is not None else None
         self.size: int | None = None  # the receive buffer last set (None: the kernel's own)
 
     def bound(self, rate: float) -> None:

@@ -51,7 +51,7 @@ from .drafting import LoopDrafts
 from .hops import DIRECT_RETRY, MOVE_QUIET, HopListener, HopUnreachable, NextHop
 from .hops import dial as dial_next
 from .hub_ranges import fetch_from_hub
-from .inflight import room_of
+from .inflight import InFlight, room_of
 from .interleave import LayerClock
 from .outbox import Outbox
 from .pieces import split_item
@@ -137,6 +137,7 @@ class Session:
         weights: WeightCache,
         run: Run,
         config: WorkerConfig,
+        out_gate: InFlight | None = None,
     ) -> None:
         self.run = run
         self.config = config
@@ -154,7 +155,7 @@ class Session:
         # frames accepted from the master: an Assign or a weight Chunk until a range is served, then
         # also that pipeline's largest step or result (as the master bounds ours: wire.frame_bound)
         self.max_frame = UNASSIGNED_FRAME_BYTES
-        self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship, _in_pieces, room_of(ws))
+        self.outbox: Outbox[tuple[bytes, asyncio.Future | None]] = Outbox(self._ship, _in_pieces, room_of(out_gate))
         # runs the decode steps queued meanwhile, between the layers of a longer step (None: none)
         self.between: Callable[[], Awaitable[None]] | None = None
         self.layer_clock = LayerClock()  # measured per served range (reset by Assign)

@@ -66,6 +66,7 @@ from .config import HOP_PORT, WorkerConfig
 from .control import FINISH_TIMEOUT, LEAVE_TIMEOUT, Command, Control, Events, one_line
 from .hops import HopListener
 from .inbox import Inbox
+from .inflight import counted, gate
 from .listen import EVERY_INTERFACE
 from .pieces import Joiner, frame_passes
 from .portmap import PortMapper
@@ -247,8 +248,9 @@ async def _tunnel(
         run.events.emit("connected", master=config.master, path=path)
         delay = config.link_delay_ms / 1000.0
         rate = config.link_mbps * 1e6 / 8 if config.link_mbps else None
-        uplink = LinkShaper(delay, rate, ws.send_bytes)
-        session = Session(ws, executor, shards, config.device, uplink, weights, run, config)
+        out = gate(ws)  # the tunnel's in-flight gate, told of every frame handed to the tunnel
+        uplink = LinkShaper(delay, rate, counted(ws.send_bytes, out))
+        session = Session(ws, executor, shards, config.device, uplink, weights, run, config, out)
         queue = Inbox(lambda: session.runner.kv.length if session.runner is not None else None)  # decodes first
 
         def hopped(step: Step) -> None:  # a step the previous stage sent straight here

@@ -29,7 +29,12 @@ last byte's arrival.
   (``gate``) or without (``plain``) (:func:`relay`).
 
 Each round runs ``plain`` then ``gate``; it prints per round and mode the urgent frames' median
-and p90 wait and the bulk's Mbit/s, and writes every figure as JSON to ``--out``.  The tests of
+and p90 wait and the bulk's Mbit/s, and writes every figure as JSON to ``--out``.  ``line`` and
+``chunks`` with ``--windows`` also run two modes of a sender as on Windows, emulated on Linux's TCP
+(no Windows here): ``plain-stack``, the kernel's unsent bytes not kept low (Windows has no
+``TCP_NOTSENT_LOWAT``) and no gate; ``gate-count``, the same stack with the gate told what
+Windows' ``SIO_TCP_INFO`` tells (:mod:`worker_core.tcp_info`: no unsent count), so that it counts
+the unsent bytes from what the sender hands the connection (:meth:`~worker_core.inflight.InFlight.wrote`).  The tests of
 the gate (``tests/test_inflight.py``) call the same functions with one round.
 """
 
@@ -51,6 +56,7 @@ from .tunlink import B_ADDRESS, DelayLine
 ROOT = Path(__file__).resolve().parents[3]
 PORT = 9000
 MODES = ("plain", "gate")
+WINDOWS_MODES = ("plain-stack", "gate-count")  # a sender as on Windows (the module docstring)
 
 # the receiver: argv[1] connections, one after another; per connection a JSON line with each urgent
 # frame's wait, the bulk's bytes/s and each chunk's time from being queued to its last byte here
@@ -80,29 +86,44 @@ for _ in range(int(sys.argv[1])):
     c.close()
 """.replace("PORT", str(PORT))
 
-# the sender: argv[1] the receiver's (or relay's) address, argv[2] "gate" or "plain", argv[3] the
+# the sender: argv[1] the receiver's (or relay's) address, argv[2] its mode (MODES, WINDOWS_MODES), argv[3] the
 # repository, argv[4] the Load as JSON, argv[5] its TCP congestion control (as the module docstring says)
 SENDER = r"""
-import asyncio, json, socket, struct, sys, time
+import asyncio, dataclasses, json, socket, struct, sys, time
 sys.path.insert(0, sys.argv[3])
-from worker_core.inflight import room_of
+from worker_core import tcp_info
+from worker_core.inflight import gate, room_of
 from worker_core.outbox import Outbox
 from worker_core.unsent import keep_unsent_low
 
-load = json.loads(sys.argv[4])
+load, mode = json.loads(sys.argv[4]), sys.argv[2]
+if mode == "gate-count":  # what Windows tells: no count of the unsent bytes
+    linux_read = tcp_info.read
+
+    def as_windows(sock):
+        c = linux_read(sock)
+        return None if c is None else dataclasses.replace(c, unsent=None)
+
+    tcp_info.read = as_windows
 
 async def main():
     reader, writer = await asyncio.open_connection(sys.argv[1], PORT)
     sock = writer.transport.get_extra_info("socket")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[5].encode())
-    keep_unsent_low(writer.transport)
+    if mode in ("plain", "gate"):
+        keep_unsent_low(writer.transport)
+
+    g = gate(writer.transport) if mode.startswith("gate") else None
 
     async def ship(item):
         kind, queued, chunk, payload = item  # an urgent frame's wait counts from its writing
-        writer.write(struct.pack("!BdII", kind, queued or time.monotonic(), chunk, len(payload)) + payload)
+        data = struct.pack("!BdII", kind, queued or time.monotonic(), chunk, len(payload)) + payload
+        if g is not None:
+            g.wrote(len(data))
+        writer.write(data)
         await writer.drain()
 
-    box = Outbox(ship, room=room_of(writer.transport) if sys.argv[2] == "gate" else None)
+    box = Outbox(ship, room=room_of(g))
 
     async def urgent():
         for _ in range(load["urgents"]):
@@ -241,9 +262,9 @@ def _sends(
     return out
 
 
-def _by_mode(figures: list[Figures]) -> dict[str, list[Figures]]:
-    """Figures of runs made in the order of ``MODES``, round after round, per mode."""
-    return {m: figures[i :: len(MODES)] for i, m in enumerate(MODES)}
+def _by_mode(figures: list[Figures], modes: Sequence[str] = MODES) -> dict[str, list[Figures]]:
+    """Figures of runs made in the order of ``modes``, round after round, per mode."""
+    return {m: figures[i :: len(modes)] for i, m in enumerate(modes)}
 
 
 def router(rounds: int = 1, congestion: str = "cubic") -> dict[str, list[Figures]]:
@@ -255,10 +276,15 @@ def router(rounds: int = 1, congestion: str = "cubic") -> dict[str, list[Figures
 
 
 def line(
-    delay_s: float = 0.1, mbps: float = 20.0, rounds: int = 1, load: Load = ONE_BULK, congestion: str = "cubic"
+    delay_s: float = 0.1,
+    mbps: float = 20.0,
+    rounds: int = 1,
+    load: Load = ONE_BULK,
+    congestion: str = "cubic",
+    modes: Sequence[str] = MODES,
 ) -> dict[str, Any]:
-    """Per mode, one :data:`Figures` per round of ``load`` across a delay line; ``rtt``: the
-    round trip TCP itself measured on it (seconds)."""
+    """Per mode of ``modes``, one :data:`Figures` per round of ``load`` across a delay line;
+    ``rtt``: the round trip TCP itself measured on it (seconds)."""
     got: dict[str, Any] = {}
     with DelayLine("gpline", delay_s, mbps) as dl:
         echo = dl.spawn("b", _python(RTT_PROBE, "serve", "", str(ROOT)), stdout=subprocess.PIPE, text=True)
@@ -268,8 +294,8 @@ def line(
         finally:
             echo.kill()
             echo.wait(5)
-        figures = _sends(dl, "b", B_ADDRESS, "a", list(MODES) * rounds, load=load, congestion=congestion)
-    return got | _by_mode(figures)
+        figures = _sends(dl, "b", B_ADDRESS, "a", list(modes) * rounds, load=load, congestion=congestion)
+    return got | _by_mode(figures, modes)
 
 
 def relay(
@@ -311,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mbps", type=float, default=20.0, help="line, chunks: the link's rate")
     p.add_argument("--slowest", default="b,relay", help="relay: b, relay (comma separated)")
     p.add_argument("--congestion", default="cubic", help="the sender's TCP congestion control (default %(default)s)")
+    p.add_argument("--windows", action="store_true", help="line, chunks: also a sender as on Windows, emulated")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if (why := unavailable()) is not None:
@@ -323,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [(f"{m} round {i + 1}", f) for m in MODES for i, f in enumerate(got[m])]
     elif args.probe in ("line", "chunks"):
         delay_s = args.delay_ms / 1000
-        got = line(delay_s, args.mbps, args.rounds, CHUNKS if args.probe == "chunks" else ONE_BULK, args.congestion)
+        modes = MODES + WINDOWS_MODES if args.windows else MODES
+        load = CHUNKS if args.probe == "chunks" else ONE_BULK
+        got = line(delay_s, args.mbps, args.rounds, load, args.congestion, modes)
         print(f"TCP's round trip: {got['rtt']:.3f} s; urgent frames' waits beyond the line's {delay_s:.3f} s:")
-        rows = [(f"{m} round {i + 1}", f) for m in MODES for i, f in enumerate(got[m])]
+        rows = [(f"{m} round {i + 1}", f) for m in modes for i, f in enumerate(got[m])]
     else:
         slowest = tuple(s for s in args.slowest.split(",") if s)
         if not slowest or set(slowest) - {"b", "relay"}:
