@@ -513,14 +513,13 @@ class WorkerLink:
                 waiting.set_exception(StepFailed(f"{self.name}: {msg.message}"))
         elif isinstance(msg, Result):
             pending = self._pending.get(msg.step_id)
-            if pending is None and msg.step_id in self._abandoned:
-                # late, but computed: the stage makes progress (the steps queued behind it start now)
-                self.alive.answered(time.monotonic())
+            if pending is None and msg.step_id not in self._abandoned:
+                raise ProtocolError(f"result for unknown step {msg.step_id}")
+            # a late one of a step given up on too: computed, so the steps queued behind it start now
+            self.alive.answered(time.monotonic())
+            if pending is None:
                 log.info("worker %s: result of step %d, given up on, dropped", self.name, msg.step_id)
                 return
-            if pending is None:
-                raise ProtocolError(f"result for unknown step {msg.step_id}")
-            self.alive.answered(time.monotonic())
             if not pending.future.done():
                 pending.future.set_result((self, msg))
         elif isinstance(msg, Ready):
@@ -559,7 +558,7 @@ class WorkerLink:
         elif isinstance(msg, Failure):
             pending = self._pending.get(msg.step_id)
             fut = pending.future if pending is not None else None
-            if fut is not None:
+            if fut is not None or msg.step_id in self._abandoned:  # (as a Result's, above)
                 self.alive.answered(time.monotonic())
             if fut is not None and not fut.done():
                 fut.set_exception((StepUnsent if msg.unsent else StepFailed)(f"{self.name}: {msg.message}"))
@@ -568,7 +567,6 @@ class WorkerLink:
                 # before a replay freed its cache), not the assignment failing
                 self._ready_waiter.set_exception(StepFailed(f"{self.name}: {msg.message}"))
             elif msg.step_id in self._abandoned:  # e.g. a fed-back step of requests that ended meanwhile
-                self.alive.answered(time.monotonic())
                 log.info("worker %s, on a step given up on: %s", self.name, msg.message)
             else:
                 log.warning("worker %s reports: %s", self.name, msg.message)
